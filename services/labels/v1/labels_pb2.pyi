@@ -1,0 +1,161 @@
+import datetime
+
+from atlasflow.common.v1 import common_pb2 as _common_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class LabelSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LABEL_SOURCE_UNSPECIFIED: _ClassVar[LabelSource]
+    LABEL_SOURCE_AI: _ClassVar[LabelSource]
+    LABEL_SOURCE_RADIOLOGIST: _ClassVar[LabelSource]
+    LABEL_SOURCE_ORIGINAL: _ClassVar[LabelSource]
+LABEL_SOURCE_UNSPECIFIED: LabelSource
+LABEL_SOURCE_AI: LabelSource
+LABEL_SOURCE_RADIOLOGIST: LabelSource
+LABEL_SOURCE_ORIGINAL: LabelSource
+
+class Provenance(_message.Message):
+    __slots__ = ("source", "model_version", "job_id", "reviewer", "weights_trained")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    REVIEWER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_TRAINED_FIELD_NUMBER: _ClassVar[int]
+    source: LabelSource
+    model_version: str
+    job_id: str
+    reviewer: str
+    weights_trained: bool
+    def __init__(self, source: _Optional[_Union[LabelSource, str]] = ..., model_version: _Optional[str] = ..., job_id: _Optional[str] = ..., reviewer: _Optional[str] = ..., weights_trained: _Optional[bool] = ...) -> None: ...
+
+class LabelVersion(_message.Message):
+    __slots__ = ("version_id", "case_id", "parent_version_id", "label_map", "ct", "provenance", "organs", "create_time", "geometry")
+    VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_MAP_FIELD_NUMBER: _ClassVar[int]
+    CT_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    ORGANS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    GEOMETRY_FIELD_NUMBER: _ClassVar[int]
+    version_id: str
+    case_id: str
+    parent_version_id: str
+    label_map: _common_pb2.BlobRef
+    ct: _common_pb2.BlobRef
+    provenance: Provenance
+    organs: _containers.RepeatedScalarFieldContainer[_common_pb2.Organ]
+    create_time: _timestamp_pb2.Timestamp
+    geometry: _common_pb2.VolumeGeometry
+    def __init__(self, version_id: _Optional[str] = ..., case_id: _Optional[str] = ..., parent_version_id: _Optional[str] = ..., label_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., ct: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., geometry: _Optional[_Union[_common_pb2.VolumeGeometry, _Mapping]] = ...) -> None: ...
+
+class CreateLabelVersionRequest(_message.Message):
+    __slots__ = ("case_id", "expected_parent_version_id", "label_map", "ct", "provenance", "request_id")
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_PARENT_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_MAP_FIELD_NUMBER: _ClassVar[int]
+    CT_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    expected_parent_version_id: str
+    label_map: _common_pb2.BlobRef
+    ct: _common_pb2.BlobRef
+    provenance: Provenance
+    request_id: str
+    def __init__(self, case_id: _Optional[str] = ..., expected_parent_version_id: _Optional[str] = ..., label_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., ct: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class CreateLabelVersionResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: LabelVersion
+    def __init__(self, version: _Optional[_Union[LabelVersion, _Mapping]] = ...) -> None: ...
+
+class GetLabelVersionRequest(_message.Message):
+    __slots__ = ("version_id",)
+    VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    version_id: str
+    def __init__(self, version_id: _Optional[str] = ...) -> None: ...
+
+class GetLabelVersionResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: LabelVersion
+    def __init__(self, version: _Optional[_Union[LabelVersion, _Mapping]] = ...) -> None: ...
+
+class ListLabelVersionsRequest(_message.Message):
+    __slots__ = ("case_id", "page_size", "page_token")
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, case_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListLabelVersionsResponse(_message.Message):
+    __slots__ = ("versions", "next_page_token")
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[LabelVersion]
+    next_page_token: str
+    def __init__(self, versions: _Optional[_Iterable[_Union[LabelVersion, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ExportProgress(_message.Message):
+    __slots__ = ("cases_done", "cases_total")
+    CASES_DONE_FIELD_NUMBER: _ClassVar[int]
+    CASES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    cases_done: int
+    cases_total: int
+    def __init__(self, cases_done: _Optional[int] = ..., cases_total: _Optional[int] = ...) -> None: ...
+
+class ExportJob(_message.Message):
+    __slots__ = ("job_id", "state", "progress", "destination_uri", "error_reason", "create_time")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_URI_FIELD_NUMBER: _ClassVar[int]
+    ERROR_REASON_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    state: _common_pb2.OperationState
+    progress: ExportProgress
+    destination_uri: str
+    error_reason: str
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.OperationState, str]] = ..., progress: _Optional[_Union[ExportProgress, _Mapping]] = ..., destination_uri: _Optional[str] = ..., error_reason: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ExportDatasetRequest(_message.Message):
+    __slots__ = ("case_ids", "destination_uri")
+    CASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_URI_FIELD_NUMBER: _ClassVar[int]
+    case_ids: _containers.RepeatedScalarFieldContainer[str]
+    destination_uri: str
+    def __init__(self, case_ids: _Optional[_Iterable[str]] = ..., destination_uri: _Optional[str] = ...) -> None: ...
+
+class ExportDatasetResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: ExportJob
+    def __init__(self, job: _Optional[_Union[ExportJob, _Mapping]] = ...) -> None: ...
+
+class GetExportJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class GetExportJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: ExportJob
+    def __init__(self, job: _Optional[_Union[ExportJob, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""Ranking service: attention-based case priority and the review worklist."""

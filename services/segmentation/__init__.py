@@ -1,0 +1,1 @@
+"""Segmentation service: model ensemble on Triton, attention map, hand-offs."""
