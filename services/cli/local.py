@@ -1,0 +1,227 @@
+"""Local deployment on the embedded defaults: every service and Triton as a child process.
+
+State lives in one directory (default `.atlasflow/`): `data/<service>/` (SQLite), `blobs/`
+(content-addressed blob store shared by the services), `logs/<process>.log` (JSON lines),
+`run/processes.json` (pids) and `run/endpoints.json` (addresses). `up` returns when every
+process reports healthy (grpc.health.v1 SERVING; Triton model READY); `down` sends SIGTERM in
+reverse start order and waits, then SIGKILL after the grace period.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+DEFAULT_PORTS = {
+    "triton_http": 8000, "triton_grpc": 8001, "triton_metrics": 8002,
+    "ingest": 50051, "segmentation": 50052, "ranking": 50053, "labels": 50054,
+    "dicom": 11112,
+    "ingest_metrics": 9101, "segmentation_metrics": 9102, "ranking_metrics": 9103,
+    "labels_metrics": 9104,
+}
+START_ORDER = ["triton", "labels", "ranking", "segmentation", "ingest"]
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class LocalDeployment:
+    state_dir: Path
+    ports: dict[str, int]
+    ensemble: str = "abdomen-trio-v1"
+    quiet_period_s: float = 5.0
+
+    @classmethod
+    def create(cls, state_dir: Path, auto_ports: bool, **kw: object) -> LocalDeployment:
+        ports = dict(DEFAULT_PORTS)
+        if auto_ports:
+            ports = dict(zip(DEFAULT_PORTS, free_ports(len(DEFAULT_PORTS)), strict=True))
+        return cls(Path(state_dir).resolve(), ports, **kw)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, state_dir: Path) -> LocalDeployment:
+        doc = json.loads((Path(state_dir) / "run" / "endpoints.json").read_text())
+        return cls(Path(state_dir).resolve(), doc["ports"], doc["ensemble"], doc["quiet_period_s"])
+
+    # ------------------------------------------------------------------ addresses
+    def target(self, service: str) -> str:
+        return f"127.0.0.1:{self.ports[service]}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.state_dir / "blobs"
+
+    def endpoints(self) -> dict[str, str]:
+        return {
+            "ingest_grpc": self.target("ingest"), "ingest_dicom": self.target("dicom"),
+            "segmentation_grpc": self.target("segmentation"),
+            "ranking_grpc": self.target("ranking"), "labels_grpc": self.target("labels"),
+            "triton_grpc": self.target("triton_grpc"), "triton_http": self.target("triton_http"),
+        }
+
+    # ------------------------------------------------------------------ processes
+    def _env(self, name: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env["OTEL_SERVICE_NAME"] = f"atlasflow-{name}"
+        # Triton's Python-backend stub links against the system libpython (DESIGN.md).
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+        p = self.ports
+        common = {"DATA_DIR": str(self.state_dir / "data" / name),
+                  "BLOB_DIR": str(self.blob_dir)}
+        specific: dict[str, dict[str, object]] = {
+            "ingest": {"GRPC_PORT": p["ingest"], "DICOM_PORT": p["dicom"],
+                       "METRICS_PORT": p["ingest_metrics"],
+                       "QUIET_PERIOD_S": self.quiet_period_s,
+                       "SEGMENTATION_TARGET": self.target("segmentation")},
+            "segmentation": {"GRPC_PORT": p["segmentation"],
+                             "METRICS_PORT": p["segmentation_metrics"],
+                             "TRITON_URL": self.target("triton_grpc"), "ENSEMBLE": self.ensemble,
+                             "LABELS_TARGET": self.target("labels"),
+                             "RANKING_TARGET": self.target("ranking")},
+            "ranking": {"GRPC_PORT": p["ranking"], "METRICS_PORT": p["ranking_metrics"]},
+            "labels": {"GRPC_PORT": p["labels"], "METRICS_PORT": p["labels_metrics"]},
+        }
+        if name in specific:
+            prefix = f"ATLASFLOW_{name.upper()}_"
+            for k, v in {**common, **specific[name]}.items():
+                env[prefix + k] = str(v)
+        return env
+
+    def _command(self, name: str) -> list[str]:
+        if name == "triton":
+            return [sys.executable, "-m", "atlasflow.segmentation.triton_server",
+                    "--ensemble", self.ensemble,
+                    "--grpc-port", str(self.ports["triton_grpc"]),
+                    "--http-port", str(self.ports["triton_http"]),
+                    "--metrics-port", str(self.ports["triton_metrics"])]
+        return [sys.executable, "-m", "atlasflow.cli.main", "serve", name]
+
+    def start(self, names: list[str] | None = None) -> dict[str, int]:
+        run = self.state_dir / "run"
+        logs = self.state_dir / "logs"
+        run.mkdir(parents=True, exist_ok=True)
+        logs.mkdir(parents=True, exist_ok=True)
+        (run / "endpoints.json").write_text(json.dumps({
+            "ports": self.ports, "ensemble": self.ensemble,
+            "quiet_period_s": self.quiet_period_s, "endpoints": self.endpoints()}, indent=2))
+        pids = self.pids()
+        for name in names or START_ORDER:
+            if name in pids and _alive(pids[name]):
+                continue
+            log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+            proc = subprocess.Popen(self._command(name), env=self._env(name), stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=self.state_dir)
+            pids[name] = proc.pid
+            (run / "processes.json").write_text(json.dumps(pids, indent=2))
+        return pids
+
+    def pids(self) -> dict[str, int]:
+        f = self.state_dir / "run" / "processes.json"
+        return json.loads(f.read_text()) if f.exists() else {}
+
+    def wait_healthy(self, timeout_s: float = 300.0, names: list[str] | None = None) -> None:
+        deadline = time.monotonic() + timeout_s
+        for name in names or START_ORDER:
+            while not self.healthy(name):
+                pid = self.pids().get(name)
+                if pid is None or not _alive(pid):
+                    raise RuntimeError(f"{name} exited during start-up; see "
+                                       f"{self.state_dir / 'logs' / (name + '.log')}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} not healthy after {timeout_s:.0f} s; see "
+                                       f"{self.state_dir / 'logs' / (name + '.log')}")
+                time.sleep(0.5)
+
+    def healthy(self, name: str) -> bool:
+        if name == "triton":
+            import tritonclient.grpc as tgrpc
+
+            from atlasflow.segmentation.ensemble import triton_model_name
+            try:
+                client = tgrpc.InferenceServerClient(self.target("triton_grpc"))
+                return bool(client.is_model_ready(triton_model_name(self.ensemble)))
+            except Exception:  # noqa: BLE001
+                return False
+        try:
+            with grpc.insecure_channel(self.target(name)) as ch:
+                resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                            timeout=1.0)
+            return resp.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    def stop(self, grace_s: float = 20.0, names: list[str] | None = None) -> None:
+        pids = self.pids()
+        order = [n for n in reversed(START_ORDER) if n in pids and (names is None or n in names)]
+        for name in order:
+            _signal(pids[name], signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for name in order:
+            while _alive(pids[name]) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            # Also reaps what the process left in its group (e.g. tritonserver under PyTriton).
+            _signal(pids[name], signal.SIGKILL, group=True)
+            pids.pop(name)
+        f = self.state_dir / "run" / "processes.json"
+        if f.exists():
+            f.write_text(json.dumps(pids, indent=2))
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process (crash tests)."""
+        pids = self.pids()
+        _signal(pids[name], signal.SIGKILL, group=True)
+        while _alive(pids[name]):
+            time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        waited, _status = os.waitpid(pid, os.WNOHANG)
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie that is not our child still answers kill(0): check /proc
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _signal(pid: int, sig: int, group: bool = False) -> None:
+    try:
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

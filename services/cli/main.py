@@ -1,0 +1,107 @@
+"""The `atlasflow` command.
+
+    atlasflow serve {ingest,segmentation,ranking,labels,triton}   run one service (foreground)
+    atlasflow up [--state-dir DIR] [--auto-ports]                   start everything locally
+    atlasflow down [--state-dir DIR]                                stop it
+    atlasflow status [--state-dir DIR]                              health of each process
+    atlasflow demo [--out DIR]                                      the end-to-end demo
+    atlasflow send DIR [--target HOST:PORT] [--commit]              gRPC upload of DICOM files
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+SERVICES = ("ingest", "segmentation", "ranking", "labels", "triton")
+
+
+def _serve(name: str) -> None:
+    if name == "ingest":
+        from atlasflow.ingest.main import main
+    elif name == "segmentation":
+        from atlasflow.segmentation.main import main
+    elif name == "ranking":
+        from atlasflow.ranking.main import main
+    elif name == "labels":
+        from atlasflow.labels.main import main
+    else:
+        from atlasflow.segmentation.triton_server import main
+        sys.argv = [sys.argv[0], *sys.argv[3:]]
+    main()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atlasflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run one service in the foreground")
+    p.add_argument("service", choices=SERVICES)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    for name, help_ in (("up", "start all services and Triton locally"),
+                        ("down", "stop the local services"),
+                        ("status", "show the health of the local services")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--state-dir", type=Path, default=Path(".atlasflow"))
+        if name == "up":
+            p.add_argument("--auto-ports", action="store_true",
+                           help="pick free ports instead of the defaults (50051-50054, 11112, 8000-8002)")
+            p.add_argument("--quiet-period", type=float, default=5.0,
+                           help="seconds without new instances before a series is assembled")
+            p.add_argument("--timeout", type=float, default=300.0)
+    p = sub.add_parser("demo", help="end-to-end demo on the bundled CT")
+    p.add_argument("--out", type=Path, default=Path("atlasflow-demo"))
+    p.add_argument("--keep-running", action="store_true", help="leave the services up")
+    p = sub.add_parser("send", help="upload DICOM files over the gRPC streaming API")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--target", default="127.0.0.1:50051")
+    p.add_argument("--commit", action="store_true", help="commit the series after upload")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        _serve(args.service)
+        return 0
+    if args.command == "up":
+        from atlasflow.cli.local import LocalDeployment
+
+        dep = LocalDeployment.create(args.state_dir, args.auto_ports,
+                                     quiet_period_s=args.quiet_period)
+        dep.start()
+        dep.wait_healthy(args.timeout)
+        print(json.dumps(dep.endpoints(), indent=2))
+        return 0
+    if args.command in ("down", "status"):
+        from atlasflow.cli.local import START_ORDER, LocalDeployment
+
+        if not (args.state_dir / "run" / "endpoints.json").exists():
+            print(f"nothing running under {args.state_dir}", file=sys.stderr)
+            return 1 if args.command == "status" else 0
+        dep = LocalDeployment.load(args.state_dir)
+        if args.command == "down":
+            dep.stop()
+            return 0
+        ok = True
+        for name in START_ORDER:
+            healthy = dep.healthy(name)
+            ok &= healthy
+            print(f"{name:13s} {'SERVING' if healthy else 'DOWN'}")
+        return 0 if ok else 1
+    if args.command == "demo":
+        from atlasflow.cli.demo import run_demo
+
+        return run_demo(args.out, keep_running=args.keep_running)
+    if args.command == "send":
+        from atlasflow.cli.upload import send_directory
+
+        receipts = send_directory(args.directory, args.target, commit=args.commit)
+        print(f"{len(receipts)} instances durable")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""One function builds every atlasflow gRPC server; one function runs it until SIGTERM.
+
+`build_server` wires, in order: OpenTelemetry server spans (health checks filtered out), the
+RED-metrics + error-mapping interceptor, explicit message-size limits, the standard
+grpc.health.v1 service and server reflection. Servicers stay thin: they convert messages and
+call domain code; domain errors (`atlasflow.common.errors`) become a gRPC status with one
+`google.rpc.ErrorInfo` detail here, once. Unexpected exceptions become INTERNAL with a generic
+message: internals and stack traces never reach the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+from atlasflow.common.errors import AtlasflowError
+from atlasflow.common.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+PRINCIPAL_METADATA_KEY = "x-atlasflow-principal"
+
+
+def status_for(err: AtlasflowError) -> status_pb2.Status:
+    """google.rpc.Status with one ErrorInfo for a domain error."""
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=err.domain, metadata=err.metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return status_pb2.Status(
+        code=getattr(code_pb2, err.code), message=err.message, details=[detail]
+    )
+
+
+def error_info_of(exc: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """Client side: the ErrorInfo detail of a failed call, if it carries one."""
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+def principal_of(context: grpc.aio.ServicerContext) -> str:
+    """Caller identity from request metadata ('' if none); tokens replace this later."""
+    for key, value in context.invocation_metadata() or ():
+        if key == PRINCIPAL_METADATA_KEY:
+            return str(value)
+    return ""
+
+
+class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Maps domain errors to statuses and records RED metrics for every RPC."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith("/grpc.health.v1.") or method.startswith(
+            "/grpc.reflection."
+        ):
+            return handler
+        short = method.rsplit("/", 1)[-1]
+        metrics = self.metrics
+
+        def finish(t0: float, code: str) -> None:
+            metrics.observe_rpc(short, code, time.perf_counter() - t0)
+
+        async def handle_error(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+            if isinstance(exc, AtlasflowError):
+                log.warning("rpc failed", extra={"fields": {
+                    "rpc": short, "code": exc.code, "reason": exc.reason}})
+                await context.abort_with_status(rpc_status.to_status(status_for(exc)))
+            internal = AtlasflowError("INTERNAL", "internal error", domain="atlasflow")
+            log.error("rpc crashed", exc_info=exc, extra={"fields": {
+                "rpc": short, "exc_type": type(exc).__name__}})
+            await context.abort_with_status(rpc_status.to_status(status_for(internal)))
+
+        def code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
+            if isinstance(exc, AtlasflowError):
+                return exc.code
+            c = context.code()
+            if c is None:
+                return "OK" if exc is None else ("CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL")
+            return c.name if isinstance(c, grpc.StatusCode) else str(c)
+
+        def wrap_unary_response(behavior):  # unary_unary and stream_unary
+            async def wrapper(request_or_iterator, context):
+                t0 = time.perf_counter()
+                exc: BaseException | None = None
+                try:
+                    return await behavior(request_or_iterator, context)
+                except (AtlasflowError, Exception) as e:  # noqa: BLE001
+                    if isinstance(e, grpc.aio.AbortError):
+                        raise
+                    exc = e
+                    await handle_error(e, context)
+                finally:
+                    finish(t0, code_of(context, exc))
+            return wrapper
+
+        def wrap_stream_response(behavior):  # unary_stream and stream_stream
+            async def wrapper(request_or_iterator, context):
+                t0 = time.perf_counter()
+                exc: BaseException | None = None
+                try:
+                    async for item in behavior(request_or_iterator, context):
+                        yield item
+                except Exception as e:  # noqa: BLE001
+                    if isinstance(e, grpc.aio.AbortError):
+                        raise
+                    exc = e
+                    await handle_error(e, context)
+                finally:
+                    finish(t0, code_of(context, exc))
+            return wrapper
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                wrap_unary_response(handler.unary_unary), handler.request_deserializer,
+                handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                wrap_unary_response(handler.stream_unary), handler.request_deserializer,
+                handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                wrap_stream_response(handler.unary_stream), handler.request_deserializer,
+                handler.response_serializer)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                wrap_stream_response(handler.stream_stream), handler.request_deserializer,
+                handler.response_serializer)
+        return handler
+
+
+@dataclass
+class BuiltServer:
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    service_names: list[str]
+    on_stop: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        await self.set_serving(False)
+        await self.server.stop(grace)
+        for cb in reversed(self.on_stop):
+            res = cb()
+            if inspect.isawaitable(res):
+                await res
+
+
+def build_server(
+    *,
+    register: Callable[[grpc.aio.Server], Iterable[str]],
+    metrics: Metrics,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_message_bytes: int = 64 * 1024 * 1024,
+    tracer_provider: Any = None,
+) -> BuiltServer:
+    """Build (not start) a grpc.aio server. `register` adds servicers and returns the full
+    service names it registered (for health and reflection). Port 0 picks a free port."""
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(
+        interceptors=[
+            aio_server_interceptor(tracer_provider=tracer_provider,
+                                   filter_=filters.negate(filters.health_check())),
+            _ErrorAndMetricsInterceptor(metrics),
+        ],
+        options=options,
+    )
+    names = list(register(server))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC port {host}:{port}")
+    return BuiltServer(server, health_servicer, bound, names)
+
+
+async def run_until_signalled(built: BuiltServer, grace: float,
+                              ready: Callable[[BuiltServer], None] | None = None) -> None:
+    """Start, mark SERVING, wait for SIGTERM/SIGINT, then mark NOT_SERVING, stop with
+    `grace` seconds for in-flight RPCs, and run the on_stop callbacks (close resources)."""
+    await built.server.start()
+    await built.set_serving(True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready(built)
+    await stop.wait()
+    log.info("shutting down", extra={"fields": {"grace_s": grace}})
+    await built.stop(grace)

@@ -1,0 +1,198 @@
+"""Ingest gRPC servicer and the series assembler (transport + orchestration, no imaging math)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import timestamp_pb2
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from atlasflow.common.blobstore import BlobStore
+from atlasflow.common.errors import AtlasflowError, InvalidArgument
+from atlasflow.common.metrics import Metrics
+from atlasflow.common.nifti import to_nifti_bytes
+from atlasflow.common.outbox import OutboxRow
+from atlasflow.common.telemetry import context_from_traceparent, current_traceparent
+from atlasflow.common.v1 import common_pb2
+from atlasflow.ingest.assemble import assemble_series
+from atlasflow.ingest.dicom import parse_instance
+from atlasflow.ingest.scp import StoreScp
+from atlasflow.ingest.store import IngestStore, SeriesVersion
+from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+DOMAIN = "atlasflow.ingest"
+SEGMENT_TOPIC = "segmentation.SegmentSeries"
+MAX_INSTANCE_BYTES = 2 * 1024 * 1024 * 1024
+_STATE = {
+    "RECEIVING": ingest_pb2.SERIES_STATE_RECEIVING,
+    "ASSEMBLED": ingest_pb2.SERIES_STATE_ASSEMBLED,
+    "DISPATCHED": ingest_pb2.SERIES_STATE_DISPATCHED,
+    "FAILED": ingest_pb2.SERIES_STATE_FAILED,
+}
+
+
+def _ts(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def series_to_proto(sv: SeriesVersion) -> ingest_pb2.Series:
+    msg = ingest_pb2.Series(
+        series_id=sv.series_id, case_id=sv.case_id, version=sv.version, state=_STATE[sv.state],
+        instance_count=sv.instance_count, failure_reason=sv.failure_reason,
+        create_time=_ts(sv.create_time), update_time=_ts(sv.update_time),
+        trace_id=sv.traceparent.split("-")[1] if sv.traceparent.count("-") == 3 else "",
+    )
+    if sv.volume_digest:
+        msg.volume.CopyFrom(common_pb2.BlobRef(
+            digest=sv.volume_digest, size_bytes=sv.volume_size,
+            media_type="application/x-nifti+gzip"))
+    if sv.geometry:
+        msg.geometry.CopyFrom(common_pb2.VolumeGeometry(
+            shape=sv.geometry["shape"], affine=sv.geometry["affine"],
+            spacing_mm=sv.geometry["spacing_mm"]))
+    return msg
+
+
+class Assembler:
+    """Turns quiet (or committed) series versions into volumes and queues the hand-off."""
+
+    def __init__(self, store: IngestStore, blobs: BlobStore, metrics: Metrics,
+                 quiet_period_s: float) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.metrics = metrics
+        self.quiet_period_s = quiet_period_s
+        self.on_assembled = lambda: None
+
+    def assemble(self, sv: SeriesVersion) -> None:
+        """Blocking: run in a worker thread."""
+        token = otel_context.attach(context_from_traceparent(sv.traceparent))
+        try:
+            with tracer.start_as_current_span("ingest.assemble") as span:
+                span.set_attribute("atlasflow.series_id", sv.series_id)
+                span.set_attribute("atlasflow.series_version", sv.version)
+                try:
+                    datasets = [parse_instance(self.blobs.get(d))[0]
+                                for d in self.store.instance_digests(sv.series_id, sv.version)]
+                    volume = assemble_series(datasets)
+                except AtlasflowError as exc:
+                    log.warning("series assembly failed", extra={"fields": {
+                        "series_id": sv.series_id, "reason": exc.reason}})
+                    self.store.mark_failed(sv.series_id, sv.version, exc.reason)
+                    self.metrics.count("series_failed")
+                    return
+                del datasets
+                nifti = to_nifti_bytes(volume.array, volume.affine)
+                info = self.blobs.put(nifti)
+                spacing = [float(x) for x in (volume.affine[:3, :3] ** 2).sum(axis=0) ** 0.5]
+                geometry = {"shape": [int(s) for s in volume.array.shape],
+                            "affine": [float(x) for x in volume.affine.ravel()],
+                            "spacing_mm": spacing}
+                request = segmentation_pb2.SegmentSeriesRequest(
+                    case_id=sv.case_id, series_id=sv.series_id, series_version=sv.version,
+                    volume=common_pb2.BlobRef(digest=info.digest, size_bytes=info.size_bytes,
+                                              media_type="application/x-nifti+gzip"))
+                self.store.mark_assembled(sv.series_id, sv.version, info.digest, info.size_bytes,
+                                          geometry, SEGMENT_TOPIC, request.SerializeToString(),
+                                          current_traceparent())
+                for w in volume.warnings:
+                    log.warning("series assembled with warning", extra={"fields": {
+                        "series_id": sv.series_id, "warning": w}})
+                log.info("series assembled", extra={"fields": {
+                    "series_id": sv.series_id, "version": sv.version,
+                    "shape": geometry["shape"]}})
+                self.metrics.count("series_assembled")
+        finally:
+            otel_context.detach(token)
+        self.on_assembled()
+
+    async def run(self) -> None:
+        while True:
+            for sv in self.store.due_for_assembly(self.quiet_period_s):
+                await asyncio.to_thread(self.assemble, sv)
+            self.metrics.set_queue_depth("series_open", self.store.receiving_count())
+            await asyncio.sleep(0.5)
+
+
+def segmentation_handoff(store: IngestStore, stub: segmentation_pb2_grpc.SegmentationServiceStub):
+    async def deliver(row: OutboxRow) -> None:
+        request = segmentation_pb2.SegmentSeriesRequest.FromString(row.payload)
+        await stub.SegmentSeries(request, timeout=30)
+        store.mark_dispatched(request.series_id, request.series_version)
+    return deliver
+
+
+class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
+    def __init__(self, store: IngestStore, scp: StoreScp, assembler: Assembler) -> None:
+        self.store = store
+        self.scp = scp
+        self.assembler = assembler
+
+    async def UploadInstances(self, request_iterator: AsyncIterator[ingest_pb2.UploadInstancesRequest],
+                              context: grpc.aio.ServicerContext) -> ingest_pb2.UploadInstancesResponse:
+        receipts: list[ingest_pb2.InstanceReceipt] = []
+        current_ref: str | None = None
+        buf = bytearray()
+        async for msg in request_iterator:
+            if current_ref is not None and msg.client_ref != current_ref:
+                raise InvalidArgument("INCOMPLETE_INSTANCE",
+                                      "an instance's chunks ended without last_chunk",
+                                      domain=DOMAIN, metadata={"client_ref": current_ref[:200]})
+            current_ref = msg.client_ref
+            buf += msg.chunk
+            if len(buf) > MAX_INSTANCE_BYTES:
+                raise InvalidArgument("INSTANCE_TOO_LARGE", "instance exceeds the size limit",
+                                      domain=DOMAIN, metadata={"limit_bytes": str(MAX_INSTANCE_BYTES)})
+            if not msg.last_chunk:
+                continue
+            data = bytes(buf)
+            buf.clear()
+            ref, current_ref = current_ref, None
+            if hashlib.sha256(data).hexdigest() != msg.sha256.lower():
+                raise InvalidArgument("CHECKSUM_MISMATCH", "instance bytes do not match sha256",
+                                      domain=DOMAIN, metadata={"client_ref": ref[:200]})
+            receipt = await asyncio.to_thread(self._store, data, ref)
+            receipts.append(receipt)
+        if current_ref is not None:
+            raise InvalidArgument("INCOMPLETE_INSTANCE", "stream ended inside an instance",
+                                  domain=DOMAIN, metadata={"client_ref": current_ref[:200]})
+        return ingest_pb2.UploadInstancesResponse(receipts=receipts)
+
+    def _store(self, data: bytes, ref: str) -> ingest_pb2.InstanceReceipt:
+        _ds, info = parse_instance(data)  # raises InvalidArgument with ErrorInfo
+        with tracer.start_as_current_span("ingest.upload_instance"):
+            stored = self.store.store_instance(data, info.study_uid, info.series_uid,
+                                               info.sop_instance_uid, current_traceparent())
+        self.scp.metrics.count("instances_stored")
+        return ingest_pb2.InstanceReceipt(client_ref=ref, series_id=stored.series_id,
+                                          duplicate=stored.duplicate)
+
+    async def CommitSeries(self, request: ingest_pb2.CommitSeriesRequest,
+                           context: grpc.aio.ServicerContext) -> ingest_pb2.CommitSeriesResponse:
+        sv = self.store.get_series(request.series_id)
+        if sv.state == "RECEIVING":
+            await asyncio.to_thread(self.assembler.assemble, sv)
+        return ingest_pb2.CommitSeriesResponse(series=series_to_proto(
+            self.store.get_series(request.series_id)))
+
+    async def GetSeries(self, request: ingest_pb2.GetSeriesRequest,
+                        context: grpc.aio.ServicerContext) -> ingest_pb2.GetSeriesResponse:
+        return ingest_pb2.GetSeriesResponse(series=series_to_proto(
+            self.store.get_series(request.series_id)))
+
+    async def ListSeries(self, request: ingest_pb2.ListSeriesRequest,
+                         context: grpc.aio.ServicerContext) -> ingest_pb2.ListSeriesResponse:
+        items, token = self.store.list_series(request.page_size, request.page_token)
+        return ingest_pb2.ListSeriesResponse(series=[series_to_proto(s) for s in items],
+                                             next_page_token=token)

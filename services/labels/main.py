@@ -1,0 +1,64 @@
+"""`atlasflow serve labels`: label repository, export worker and the LabelService gRPC API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from atlasflow.common.blobstore import LocalBlobStore
+from atlasflow.common.metrics import Metrics
+from atlasflow.common.server import BuiltServer, build_server, run_until_signalled
+from atlasflow.common.settings import ServiceSettings
+from atlasflow.common.telemetry import setup_logging, setup_tracing, shutdown_tracing
+from atlasflow.labels.repository import SqliteLabelRepository
+from atlasflow.labels.service import Exporter, LabelServicer
+from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
+
+log = logging.getLogger(__name__)
+PREFIX = "ATLASFLOW_LABELS_"
+
+
+@dataclass(frozen=True)
+class LabelsSettings(ServiceSettings):
+    grpc_port: int = 50054
+
+
+async def amain(settings: LabelsSettings) -> None:
+    metrics = Metrics("labels")
+    metrics.serve(settings.metrics_port, settings.grpc_host)
+    blobs = LocalBlobStore(settings.blob_dir)
+    repo = SqliteLabelRepository(Path(settings.data_dir) / "labels.sqlite3")
+    exporter = Exporter(repo, blobs, metrics)
+
+    def register(server) -> list[str]:  # type: ignore[no-untyped-def]
+        labels_pb2_grpc.add_LabelServiceServicer_to_server(
+            LabelServicer(repo, blobs, exporter), server)
+        return [labels_pb2.DESCRIPTOR.services_by_name["LabelService"].full_name]
+
+    built = build_server(register=register, metrics=metrics, host=settings.grpc_host,
+                         port=settings.grpc_port, max_message_bytes=settings.max_message_bytes)
+    task = asyncio.create_task(exporter.run())
+
+    async def close() -> None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        repo.close()
+
+    built.on_stop.append(close)
+
+    def ready(b: BuiltServer) -> None:
+        log.info("labels ready", extra={"fields": {"grpc_port": b.port}})
+
+    await run_until_signalled(built, settings.shutdown_grace_s, ready)
+
+
+def main() -> None:
+    settings = LabelsSettings.from_env(PREFIX)
+    setup_logging("labels", settings.log_level)
+    setup_tracing("atlasflow-labels")
+    try:
+        asyncio.run(amain(settings))
+    finally:
+        shutdown_tracing()

@@ -1,0 +1,54 @@
+"""`atlasflow serve ranking`: the worklist store behind the RankingService gRPC API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from atlasflow.common.metrics import Metrics
+from atlasflow.common.server import BuiltServer, build_server, run_until_signalled
+from atlasflow.common.settings import ServiceSettings
+from atlasflow.common.telemetry import setup_logging, setup_tracing, shutdown_tracing
+from atlasflow.ranking.service import RankingServicer
+from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from atlasflow.ranking.worklist import SqliteWorklist
+
+log = logging.getLogger(__name__)
+PREFIX = "ATLASFLOW_RANKING_"
+
+
+@dataclass(frozen=True)
+class RankingSettings(ServiceSettings):
+    grpc_port: int = 50053
+
+
+async def amain(settings: RankingSettings) -> None:
+    metrics = Metrics("ranking")
+    metrics.serve(settings.metrics_port, settings.grpc_host)
+    worklist = SqliteWorklist(Path(settings.data_dir) / "ranking.sqlite3")
+
+    def register(server) -> list[str]:  # type: ignore[no-untyped-def]
+        ranking_pb2_grpc.add_RankingServiceServicer_to_server(
+            RankingServicer(worklist, metrics), server)
+        return [ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name]
+
+    built = build_server(register=register, metrics=metrics, host=settings.grpc_host,
+                         port=settings.grpc_port, max_message_bytes=settings.max_message_bytes)
+    built.on_stop.append(worklist.close)
+
+    def ready(b: BuiltServer) -> None:
+        log.info("ranking ready", extra={"fields": {"grpc_port": b.port}})
+
+    await run_until_signalled(built, settings.shutdown_grace_s, ready)
+
+
+def main() -> None:
+    settings = RankingSettings.from_env(PREFIX)
+    setup_logging("ranking", settings.log_level)
+    setup_tracing("atlasflow-ranking")
+    try:
+        asyncio.run(amain(settings))
+    finally:
+        shutdown_tracing()

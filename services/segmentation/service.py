@@ -1,0 +1,247 @@
+"""Segmentation gRPC servicer and the job worker (orchestration; the math is in pipeline.py
+and runs inside Triton)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import grpc
+import numpy as np
+from google.protobuf import timestamp_pb2
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from atlasflow.common.blobstore import BlobStore
+from atlasflow.common.errors import AtlasflowError, InvalidArgument, NotFound
+from atlasflow.common.metrics import Metrics
+from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
+from atlasflow.common.organs import ORGANS
+from atlasflow.common.telemetry import context_from_traceparent, current_traceparent
+from atlasflow.common.v1 import common_pb2
+from atlasflow.labels.v1 import labels_pb2
+from atlasflow.ranking.v1 import ranking_pb2
+from atlasflow.segmentation.jobs import Job, JobStore
+from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+DOMAIN = "atlasflow.segmentation"
+LABELS_TOPIC = "labels.CreateLabelVersion"
+RANKING_TOPIC = "ranking.SubmitAttention"
+NIFTI_GZ = "application/x-nifti+gzip"
+
+_STATE = {
+    "QUEUED": common_pb2.OPERATION_STATE_QUEUED,
+    "RUNNING": common_pb2.OPERATION_STATE_RUNNING,
+    "SUCCEEDED": common_pb2.OPERATION_STATE_SUCCEEDED,
+    "FAILED": common_pb2.OPERATION_STATE_FAILED,
+    "CANCELLED": common_pb2.OPERATION_STATE_CANCELLED,
+}
+_STAGE = {
+    "": segmentation_pb2.JOB_STAGE_UNSPECIFIED,
+    "LOADING": segmentation_pb2.JOB_STAGE_LOADING,
+    "INFERENCE": segmentation_pb2.JOB_STAGE_INFERENCE,
+    "POSTPROCESSING": segmentation_pb2.JOB_STAGE_POSTPROCESSING,
+    "HANDOFF": segmentation_pb2.JOB_STAGE_HANDOFF,
+}
+
+
+class Segmenter(Protocol):
+    def segment(self, volume_hu: np.ndarray, affine: np.ndarray,
+                labelled_organs: Any = ()) -> Any: ...
+
+
+def _ts(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _ref(digest: str, size: int) -> common_pb2.BlobRef:
+    return common_pb2.BlobRef(digest=digest, size_bytes=size, media_type=NIFTI_GZ)
+
+
+def organ_statistics(result: dict) -> list[segmentation_pb2.OrganStatistics]:
+    return [segmentation_pb2.OrganStatistics(
+        organ=o["organ"], volume_ml=o["volume_ml"], attention_ml=o["attention_ml"],
+        heatmap_ml=o["heatmap_ml"], component_count=o["component_count"])
+        for o in result.get("organs", [])]
+
+
+def job_to_proto(job: Job) -> segmentation_pb2.SegmentationJob:
+    msg = segmentation_pb2.SegmentationJob(
+        job_id=job.job_id, case_id=job.case_id, series_id=job.series_id,
+        series_version=job.series_version, ensemble_version=job.ensemble_version,
+        state=_STATE[job.state],
+        progress=segmentation_pb2.SegmentationProgress(stage=_STAGE[job.stage],
+                                                       fraction=job.fraction),
+        error_reason=job.error_reason, attempts=job.attempts,
+        create_time=_ts(job.create_time), update_time=_ts(job.update_time))
+    r = job.result
+    if job.state == "SUCCEEDED" and r:
+        msg.result.CopyFrom(segmentation_pb2.SegmentationResult(
+            label_map=_ref(r["label_map"], r["label_map_size"]),
+            heatmap=_ref(r["heatmap"], r["heatmap_size"]),
+            organs=organ_statistics(r), members=r.get("members", []),
+            weights_trained=r.get("weights_trained", False),
+            inference_seconds=r.get("inference_seconds", 0.0)))
+    return msg
+
+
+class Worker:
+    """Runs jobs one at a time in a thread: load -> Triton -> blobs -> result + hand-offs."""
+
+    def __init__(self, jobs: JobStore, blobs: BlobStore, segmenter: Segmenter, metrics: Metrics,
+                 *, members: list[str], max_attempts: int = 8, max_backoff_s: float = 60.0,
+                 on_handoff: Callable[[], None] = lambda: None) -> None:
+        self.jobs = jobs
+        self.blobs = blobs
+        self.segmenter = segmenter
+        self.metrics = metrics
+        self.members = members
+        self.max_attempts = max_attempts
+        self.max_backoff_s = max_backoff_s
+        self.on_handoff = on_handoff
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+
+    def run_forever(self) -> None:
+        while not self.stopping.is_set():
+            job = self.jobs.claim()
+            if job is None:
+                self.metrics.set_queue_depth("segmentation_jobs", self.jobs.queued_count())
+                self.wake.wait(1.0)
+                self.wake.clear()
+                continue
+            self.run_one(job)
+
+    def run_one(self, job: Job) -> None:
+        token = otel_context.attach(context_from_traceparent(job.traceparent))
+        try:
+            with tracer.start_as_current_span("segmentation.job") as span:
+                span.set_attribute("atlasflow.job_id", job.job_id)
+                span.set_attribute("atlasflow.series_id", job.series_id)
+                span.set_attribute("atlasflow.attempt", job.attempts)
+                try:
+                    self._run(job)
+                except AtlasflowError as exc:
+                    span.set_attribute("atlasflow.error_reason", exc.reason)
+                    if exc.code == "UNAVAILABLE" and job.attempts < self.max_attempts:
+                        delay = min(self.max_backoff_s, 2.0 ** job.attempts)
+                        log.warning("segmentation backend unavailable, job requeued", extra={
+                            "fields": {"job_id": job.job_id, "reason": exc.reason,
+                                       "retry_in_s": delay, "attempt": job.attempts}})
+                        self.jobs.retry_later(job.job_id, exc.reason, delay)
+                    else:
+                        log.error("segmentation job failed", extra={"fields": {
+                            "job_id": job.job_id, "reason": exc.reason}})
+                        self.jobs.fail(job.job_id, exc.reason)
+                        self.metrics.count("jobs_failed")
+                except Exception as exc:  # noqa: BLE001
+                    log.error("segmentation job crashed", exc_info=exc, extra={"fields": {
+                        "job_id": job.job_id, "exc_type": type(exc).__name__}})
+                    self.jobs.fail(job.job_id, "INTERNAL")
+                    self.metrics.count("jobs_failed")
+        finally:
+            otel_context.detach(token)
+
+    def _run(self, job: Job) -> None:
+        volume, affine = from_nifti_bytes(self.blobs.get(job.volume_digest))
+        if volume.ndim != 3:
+            raise InvalidArgument("INVALID_VOLUME", "volume must be 3-D", domain=DOMAIN)
+        volume = np.asarray(volume, dtype=np.int16)
+        self.jobs.progress(job.job_id, "INFERENCE", 0.1)
+        t0 = time.perf_counter()
+        out = self.segmenter.segment(volume, affine, job.labelled_organs)
+        seconds = time.perf_counter() - t0
+        self.jobs.progress(job.job_id, "POSTPROCESSING", 0.9)
+        if out.labels.shape != volume.shape or out.heatmap.shape != volume.shape:
+            raise InvalidArgument("INVALID_MODEL_OUTPUT", "model output is not on the CT grid",
+                                  domain=DOMAIN)
+        label_blob = self.blobs.put(to_nifti_bytes(out.labels.astype(np.uint8), affine))
+        heat_blob = self.blobs.put(to_nifti_bytes(out.heatmap.astype(np.uint8), affine))
+        organs = [{"organ": i, "volume_ml": float(out.organ_stats[i - 1, 0]),
+                   "attention_ml": float(out.organ_stats[i - 1, 1]),
+                   "heatmap_ml": float(out.organ_stats[i - 1, 2]),
+                   "component_count": int(out.organ_stats[i - 1, 3])} for i in ORGANS]
+        result = {"label_map": label_blob.digest, "label_map_size": label_blob.size_bytes,
+                  "heatmap": heat_blob.digest, "heatmap_size": heat_blob.size_bytes,
+                  "organs": organs, "members": self.members,
+                  "weights_trained": bool(out.weights_trained), "inference_seconds": seconds}
+        labels_req = labels_pb2.CreateLabelVersionRequest(
+            case_id=job.case_id, label_map=_ref(label_blob.digest, label_blob.size_bytes),
+            ct=_ref(job.volume_digest, job.volume_size),
+            provenance=labels_pb2.Provenance(
+                source=labels_pb2.LABEL_SOURCE_AI, model_version=job.ensemble_version,
+                job_id=job.job_id, weights_trained=bool(out.weights_trained)),
+            request_id=job.job_id)
+        ranking_req = ranking_pb2.SubmitAttentionRequest(
+            case_id=job.case_id, series_id=job.series_id, source_job_id=job.job_id,
+            organs=[ranking_pb2.OrganAttention(organ=o["organ"], attention_ml=o["attention_ml"],
+                                               heatmap_ml=o["heatmap_ml"], volume_ml=o["volume_ml"])
+                    for o in organs],
+            heatmap=_ref(heat_blob.digest, heat_blob.size_bytes),
+            labelled_organs=job.labelled_organs)
+        handed = self.jobs.succeed(job.job_id, result, [
+            (LABELS_TOPIC, f"{job.job_id}:labels", labels_req.SerializeToString()),
+            (RANKING_TOPIC, f"{job.job_id}:ranking", ranking_req.SerializeToString()),
+        ], current_traceparent())
+        log.info("segmentation job finished", extra={"fields": {
+            "job_id": job.job_id, "inference_s": round(seconds, 3), "handed_off": handed}})
+        self.metrics.count("jobs_succeeded")
+        if handed:
+            self.on_handoff()
+
+
+class SegmentationServicer(segmentation_pb2_grpc.SegmentationServiceServicer):
+    def __init__(self, jobs: JobStore, blobs: BlobStore, worker: Worker,
+                 ensembles: list[str]) -> None:
+        self.jobs = jobs
+        self.blobs = blobs
+        self.worker = worker
+        self.ensembles = ensembles
+
+    async def SegmentSeries(self, request: segmentation_pb2.SegmentSeriesRequest,
+                            context: grpc.aio.ServicerContext) -> segmentation_pb2.SegmentSeriesResponse:
+        if not request.case_id or not request.series_id or request.series_version < 1:
+            raise InvalidArgument("INVALID_REQUEST",
+                                  "case_id, series_id and series_version >= 1 are required",
+                                  domain=DOMAIN)
+        ensemble = request.ensemble_version or self.ensembles[0]
+        if ensemble not in self.ensembles:
+            raise InvalidArgument("UNKNOWN_ENSEMBLE", "unknown ensemble version", domain=DOMAIN,
+                                  metadata={"ensemble_version": ensemble[:100],
+                                            "known": ",".join(self.ensembles)})
+        if not self.blobs.exists(request.volume.digest):
+            raise NotFound("BLOB_NOT_FOUND", "volume blob not found", domain=DOMAIN,
+                           metadata={"digest": request.volume.digest[:80]})
+        organs = [int(o) for o in request.labelled_organs]
+        if any(o not in ORGANS for o in organs):
+            raise InvalidArgument("INVALID_ORGAN", "labelled_organs must be organ ids 1..9",
+                                  domain=DOMAIN)
+        job, created = self.jobs.submit(
+            case_id=request.case_id, series_id=request.series_id,
+            series_version=request.series_version, ensemble_version=ensemble,
+            volume_digest=request.volume.digest, volume_size=request.volume.size_bytes,
+            labelled_organs=organs, traceparent=current_traceparent())
+        if created:
+            self.worker.wake.set()
+        return segmentation_pb2.SegmentSeriesResponse(job=job_to_proto(job))
+
+    async def GetSegmentationJob(self, request, context):  # type: ignore[no-untyped-def]
+        return segmentation_pb2.GetSegmentationJobResponse(
+            job=job_to_proto(self.jobs.get(request.job_id)))
+
+    async def ListSegmentationJobs(self, request, context):  # type: ignore[no-untyped-def]
+        jobs, token = self.jobs.list(request.page_size, request.page_token, request.case_id)
+        return segmentation_pb2.ListSegmentationJobsResponse(
+            jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
+
+    async def CancelSegmentationJob(self, request, context):  # type: ignore[no-untyped-def]
+        return segmentation_pb2.CancelSegmentationJobResponse(
+            job=job_to_proto(self.jobs.cancel(request.job_id)))

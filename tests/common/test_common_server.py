@@ -1,0 +1,116 @@
+"""The shared server builder: health, reflection, ErrorInfo mapping, RED metrics, spans."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import generate_latest
+
+from atlasflow.common.errors import InvalidArgument
+from atlasflow.common.metrics import Metrics
+from atlasflow.common.server import build_server, error_info_of
+from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+
+
+class _Servicer(ranking_pb2_grpc.RankingServiceServicer):
+    async def GetWorklistItem(self, request, context):  # type: ignore[no-untyped-def]
+        if request.case_id == "bad":
+            raise InvalidArgument("BAD_CASE", "case id is bad", domain="atlasflow.ranking",
+                                  metadata={"case_id": "bad"})
+        if request.case_id == "boom":
+            raise RuntimeError("secret internal detail /etc/passwd")
+        return ranking_pb2.GetWorklistItemResponse(
+            item=ranking_pb2.WorklistItem(case_id=request.case_id, rank=1))
+
+
+@pytest.fixture()
+def running():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    metrics = Metrics("ranking")
+    loop = asyncio.new_event_loop()
+
+    def register(server):  # type: ignore[no-untyped-def]
+        ranking_pb2_grpc.add_RankingServiceServicer_to_server(_Servicer(), server)
+        return ["atlasflow.ranking.v1.RankingService"]
+
+    async def start():  # type: ignore[no-untyped-def]
+        built = build_server(register=register, metrics=metrics, port=0,
+                             max_message_bytes=1024, tracer_provider=provider)
+        await built.server.start()
+        await built.set_serving(True)
+        return built
+
+    built = loop.run_until_complete(start())
+    import threading
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    yield built, metrics, exporter
+    asyncio.run_coroutine_threadsafe(built.stop(0), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    t.join(5)
+
+
+def test_ok_error_info_internal_metrics_and_spans(running):  # type: ignore[no-untyped-def]
+    built, metrics, exporter = running
+    with grpc.insecure_channel(f"127.0.0.1:{built.port}") as ch:
+        stub = ranking_pb2_grpc.RankingServiceStub(ch)
+        assert stub.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id="c1")).item.rank == 1
+
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id="bad"))
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        info = error_info_of(bad.value)
+        assert info is not None
+        assert (info.reason, info.domain, dict(info.metadata)) == (
+            "BAD_CASE", "atlasflow.ranking", {"case_id": "bad"})
+
+        with pytest.raises(grpc.RpcError) as boom:
+            stub.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id="boom"))
+        assert boom.value.code() == grpc.StatusCode.INTERNAL
+        assert "passwd" not in (boom.value.details() or "")
+        assert error_info_of(boom.value).reason == "INTERNAL"
+
+        # message-size limit is explicit (1 KiB here)
+        with pytest.raises(grpc.RpcError) as big:
+            stub.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id="x" * 4096))
+        assert big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        health = health_pb2_grpc.HealthStub(ch)
+        for name in ("", "atlasflow.ranking.v1.RankingService"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == \
+                health_pb2.HealthCheckResponse.SERVING
+
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(refl.ServerReflectionInfo(iter([
+            reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in resp.list_services_response.service}
+        assert {"atlasflow.ranking.v1.RankingService", "grpc.health.v1.Health"} <= names
+
+    text = generate_latest(metrics.registry).decode()
+    assert 'atlasflow_rpc_requests_total{code="OK",method="GetWorklistItem",service="ranking"} 1.0' in text
+    assert 'code="INVALID_ARGUMENT"' in text and 'code="INTERNAL"' in text
+    assert "Check" not in text  # health checks are not counted as API traffic
+
+    spans = [s for s in exporter.get_finished_spans()]
+    span_names = {s.name for s in spans}
+    assert "/atlasflow.ranking.v1.RankingService/GetWorklistItem" in span_names
+    assert not any("grpc.health" in n for n in span_names)
+
+
+def test_graceful_stop_marks_not_serving(running):  # type: ignore[no-untyped-def]
+    built, _metrics, _exporter = running
+    loop_future = asyncio.run_coroutine_threadsafe(built.set_serving(False),
+                                                   built.server._loop)  # type: ignore[attr-defined]
+    loop_future.result(5)
+    with grpc.insecure_channel(f"127.0.0.1:{built.port}") as ch:
+        status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest()).status
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
