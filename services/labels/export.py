@@ -1,0 +1,190 @@
+"""Dataset export in the AbdomenAtlas-8K layout (no grpc).
+
+    <out_root>/manifest.json
+    <out_root>/<case>/ct.nii.gz                    the CT as stored (int16 HU), affine unchanged
+    <out_root>/<case>/combined_labels.nii.gz       uint8, ids 0..9, the CT's affine
+    <out_root>/<case>/segmentations/<organ>.nii.gz uint8 0/1 for ALL nine organs (even empty)
+
+A case directory is written into a temporary sibling and renamed into place, so a crash never
+leaves a half-written case and re-exporting a case replaces it whole (idempotent).
+`split_organs` is the array logic; `export_case` the I/O around it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from atlasflow.common.errors import InvalidArgument
+from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
+from atlasflow.common.organs import ORGANS
+from atlasflow.labels.repository import Provenance
+from atlasflow.labels.totalseg import totalseg_to_atlas  # noqa: F401  (re-exported)
+from atlasflow.labels.validate import validate_label_map
+
+DOMAIN = "atlasflow.labels"
+AI_MARKING = "AI-generated labels, research use"
+UNTRAINED_WARNING = ("labels from untrained models (demo weights): not anatomically meaningful, "
+                     "do not use for training or clinical work")
+LAYOUT = "AbdomenAtlas-8K v1.0"
+_CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def split_organs(combined: np.ndarray) -> dict[int, np.ndarray]:
+    """Per-organ binary masks of a combined label map.
+
+    combined: (X, Y, Z) integer label map, ids 0..9. Returns {organ id: (X, Y, Z) uint8 0/1}
+    for every id of `ORGANS` (all nine, empty masks included), mask == (combined == id).
+    """
+    return {oid: (combined == oid).astype(np.uint8) for oid in ORGANS}
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write(path: Path, data: bytes) -> dict[str, Any]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": _sha256(data), "size_bytes": len(data)}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def export_case(out_root: Path, case_name: str, ct_nifti: bytes, label_map_nifti: bytes,
+                provenance: Provenance, version_id: str, *,
+                organ_provenance: Mapping[int, Provenance] | None = None,
+                case_id: str = "") -> dict[str, Any]:
+    """Write one case in the AbdomenAtlas layout under `out_root/case_name`; return its
+    manifest entry.
+
+    ct_nifti: the CT blob's bytes (NIfTI, gzip or not; int16 HU expected), written as stored
+    (gzip-compressed if it was not). label_map_nifti: combined label map NIfTI on the CT grid,
+    ids 0..9. provenance: the version's provenance; `organ_provenance` overrides it per organ
+    id (label assembly from several sources). The entry lists the sha256 and size of every file,
+    per-organ provenance, voxel counts and volumes (ml), and `marking` =
+    "AI-generated labels, research use" when any organ's labels come from AI.
+
+    Raises InvalidArgument("INVALID_CASE_NAME") for a name that is not a plain directory
+    name, InvalidArgument("INVALID_LABEL_MAP") when the labels do not fit the CT.
+    """
+    if not _CASE_NAME.match(case_name) or case_name in (".", ".."):
+        raise InvalidArgument("INVALID_CASE_NAME",
+                              "case name must be 1-128 of [A-Za-z0-9._-], not starting with "
+                              "a dot or dash", domain=DOMAIN)
+    ct, ct_affine = from_nifti_bytes(ct_nifti)
+    labels, label_affine = from_nifti_bytes(label_map_nifti)
+    present = validate_label_map(labels, label_affine, ct.shape, ct_affine)
+    combined = np.asarray(labels).astype(np.uint8)
+    masks = split_organs(combined)
+
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_root, prefix=f".{case_name}.tmp-"))
+    files: dict[str, dict[str, Any]] = {}
+    try:
+        ct_bytes = ct_nifti if ct_nifti[:2] == b"\x1f\x8b" else gzip.compress(ct_nifti, 6, mtime=0)
+        files["ct.nii.gz"] = _write(tmp / "ct.nii.gz", ct_bytes)
+        files["combined_labels.nii.gz"] = _write(tmp / "combined_labels.nii.gz",
+                                                 to_nifti_bytes(combined, ct_affine))
+        for oid, mask in masks.items():
+            rel = f"segmentations/{ORGANS[oid]}.nii.gz"
+            files[rel] = _write(tmp / rel, to_nifti_bytes(mask, ct_affine))
+        _fsync_dir(tmp / "segmentations")
+        _fsync_dir(tmp)
+        final = out_root / case_name
+        if final.exists():
+            old = Path(tempfile.mkdtemp(dir=out_root, prefix=f".{case_name}.old-"))
+            os.replace(final, old / "case")
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(out_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    voxel_ml = float(abs(np.linalg.det(ct_affine[:3, :3]))) / 1000.0
+    organ_prov = dict(organ_provenance or {})
+    organs: dict[str, Any] = {}
+    for oid, mask in masks.items():
+        prov = organ_prov.get(oid, provenance)
+        voxels = int(mask.sum())
+        organs[ORGANS[oid]] = {
+            "label_id": oid,
+            "present": oid in present,
+            "voxels": voxels,
+            "volume_ml": round(voxels * voxel_ml, 3),
+            "provenance": prov.to_dict(),
+        }
+    effective = [organ_prov.get(oid, provenance) for oid in ORGANS]
+    any_ai = any(p.source == "ai" for p in effective)
+    any_untrained = any(p.source == "ai" and not p.weights_trained for p in effective)
+    entry: dict[str, Any] = {
+        "case": case_name,
+        "case_id": case_id,
+        "version_id": version_id,
+        "provenance": provenance.to_dict(),
+        "shape": [int(s) for s in ct.shape],
+        "spacing_mm": [round(float(s), 6) for s in np.linalg.norm(ct_affine[:3, :3], axis=0)],
+        "affine": [float(a) for a in np.asarray(ct_affine).ravel()],
+        "ct_dtype": str(ct.dtype),
+        "files": files,
+        "organs": organs,
+    }
+    if any_ai:
+        entry["marking"] = AI_MARKING
+    if any_untrained:
+        entry["warning"] = UNTRAINED_WARNING
+    return entry
+
+
+def write_manifest(out_root: Path, entries: Sequence[Mapping[str, Any]]) -> Path:
+    """Write `out_root/manifest.json` (atomically) listing `entries` sorted by case name.
+
+    Top-level keys: layout, organs ({id: name}), marking (when any case carries one), cases.
+    Returns the manifest's path.
+    """
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    cases = sorted((dict(e) for e in entries), key=lambda e: str(e.get("case", "")))
+    doc: dict[str, Any] = {
+        "layout": LAYOUT,
+        "organs": {str(k): v for k, v in ORGANS.items()},
+        "cases": cases,
+    }
+    if any("marking" in c for c in cases):
+        doc["marking"] = AI_MARKING
+    data = (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
+    fd, tmp = tempfile.mkstemp(dir=out_root, prefix=".manifest.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_root / "manifest.json")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(out_root)
+    return out_root / "manifest.json"

@@ -1,0 +1,318 @@
+"""Contract tests of LabelRepository (every implementation runs them) + the export-job table."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from atlasflow.common.blobstore import BlobInfo, digest_of
+from atlasflow.common.errors import (Aborted, FailedPrecondition, InvalidArgument, NotFound)
+from atlasflow.labels.repository import (LabelRepository, Provenance, SqliteLabelRepository)
+
+AFFINE = tuple(float(a) for a in np.diag([1.5, 1.5, 2.0, 1.0]).ravel())
+AI = Provenance("ai", model_version="trio-v1", job_id="job-1", weights_trained=False)
+RAD = Provenance("radiologist", reviewer="dr-a")
+
+
+def blob(tag: str) -> BlobInfo:
+    data = tag.encode()
+    return BlobInfo(digest_of(data), len(data))
+
+
+# One factory per implementation; each gets a path so that "restart" can reopen the same store.
+IMPLEMENTATIONS: dict[str, Callable[[Path], SqliteLabelRepository]] = {
+    "sqlite": lambda p: SqliteLabelRepository(p / "labels.sqlite"),
+}
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def factory(request, tmp_path):
+    made = []
+
+    def make():
+        repo = IMPLEMENTATIONS[request.param](tmp_path)
+        made.append(repo)
+        return repo
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def create(repo, case="case-1", tag="lm-1", req="req-1", parent="", prov=AI, organs=(5, 8)):
+    return repo.create_version(case, blob(tag), blob("ct-" + case), prov, req, parent,
+                               organs=organs, shape=(4, 5, 6), affine=AFFINE)
+
+
+def test_is_a_label_repository(factory):
+    assert isinstance(factory(), LabelRepository)
+
+
+def test_create_get_head(factory):
+    repo = factory()
+    v1 = create(repo)
+    assert v1.parent_version_id == "" and v1.case_id == "case-1"
+    assert v1.label_map_digest == blob("lm-1").digest and v1.label_map_size == 4
+    assert v1.ct_digest == blob("ct-case-1").digest
+    assert v1.provenance == AI and v1.organs == (5, 8) and v1.shape == (4, 5, 6)
+    assert v1.affine == AFFINE and v1.create_time.tzinfo is not None
+    v2 = create(repo, tag="lm-2", req="req-2", parent=v1.version_id, prov=RAD)
+    assert v2.parent_version_id == v1.version_id and v2.provenance == RAD
+    assert repo.get_version(v1.version_id) == v1
+    assert repo.head("case-1") == v2
+    assert repo.head("other") is None
+    with pytest.raises(NotFound) as e:
+        repo.get_version("nope")
+    assert e.value.reason == "VERSION_NOT_FOUND"
+
+
+@pytest.mark.parametrize("second", [
+    dict(),                                        # exact repeat
+    dict(after_other_write=True),                  # repeat after the head moved on
+    dict(restart=True),                            # repeat after a restart
+])
+def test_request_id_idempotent(factory, second):
+    repo = factory()
+    v1 = create(repo)
+    if second.get("after_other_write"):
+        create(repo, tag="lm-2", req="req-2")
+    if second.get("restart"):
+        repo.close()
+        repo = factory()
+    again = create(repo)
+    assert again == v1
+    versions, _ = repo.list_versions("case-1")
+    assert len(versions) == (2 if second.get("after_other_write") else 1)
+
+
+def test_request_id_reused_for_other_content(factory):
+    repo = factory()
+    create(repo)
+    with pytest.raises(InvalidArgument) as e:
+        create(repo, tag="something-else")
+    assert e.value.reason == "REQUEST_ID_REUSED"
+
+
+@pytest.mark.parametrize("parent", ["stale", "unknown-id", "head-of-other-case"])
+def test_parent_mismatch(factory, parent):
+    repo = factory()
+    v1 = create(repo)
+    v2 = create(repo, tag="lm-2", req="req-2", parent=v1.version_id)
+    other = create(repo, case="case-2", req="req-o")
+    expected = {"stale": v1.version_id, "unknown-id": "0" * 32,
+                "head-of-other-case": other.version_id}[parent]
+    with pytest.raises(Aborted) as e:
+        create(repo, tag="lm-3", req="req-3", parent=expected)
+    assert e.value.reason == "PARENT_MISMATCH"
+    assert e.value.metadata["head_version_id"] == v2.version_id
+    assert repo.head("case-1") == v2
+
+
+def test_parent_mismatch_on_empty_case(factory):
+    repo = factory()
+    with pytest.raises(Aborted) as e:
+        create(repo, parent="0" * 32)
+    assert e.value.reason == "PARENT_MISMATCH"
+    assert repo.head("case-1") is None
+
+
+def test_restart_keeps_everything(factory):
+    repo = factory()
+    v1 = create(repo)
+    v2 = create(repo, tag="lm-2", req="req-2", parent=v1.version_id, prov=RAD)
+    job = repo.create_export_job(["case-1"], "file:///tmp/out")
+    repo.update_export_job(job.job_id, state="RUNNING", cases_done=1)
+    repo.close()
+    repo = factory()
+    assert repo.get_version(v1.version_id) == v1
+    assert repo.head("case-1") == v2
+    assert [v.version_id for v in repo.history("case-1")] == [v1.version_id, v2.version_id]
+    got = repo.get_export_job(job.job_id)
+    assert (got.state, got.cases_done, got.cases_total) == ("RUNNING", 1, 1)
+
+
+@pytest.mark.parametrize("page_size,case", [(1, None), (3, None), (7, None), (50, None),
+                                            (2, "case-b"), (0, "case-a")])
+def test_pagination_no_loss_no_duplicates(factory, page_size, case):
+    repo = factory()
+    made = []
+    for i in range(17):
+        cid = "case-a" if i % 3 else "case-b"
+        made.append(create(repo, case=cid, tag=f"lm-{i}", req=f"req-{i}"))
+    want = [v.version_id for v in reversed(made) if case is None or v.case_id == case]
+    got, token, pages = [], "", 0
+    while True:
+        page, token = repo.list_versions(case, page_size, token)
+        assert len(page) <= (page_size or 50)
+        got += [v.version_id for v in page]
+        pages += 1
+        if not token:
+            break
+        if pages == 2:  # a write in the middle of paging neither duplicates nor skips
+            create(repo, case=case or "case-a", tag="late", req="late")
+    assert got == want
+
+
+def test_page_token_of_other_filter_rejected(factory):
+    repo = factory()
+    for i in range(3):
+        create(repo, tag=f"lm-{i}", req=f"req-{i}")
+    _, token = repo.list_versions("case-1", 1)
+    assert token
+    for bad_case, bad_token in [("case-2", token), (None, token), ("case-1", "garbage!")]:
+        with pytest.raises(InvalidArgument) as e:
+            repo.list_versions(bad_case, 1, bad_token)
+        assert e.value.reason == "INVALID_PAGE_TOKEN"
+    with pytest.raises(InvalidArgument) as e:
+        repo.list_versions("case-1", -1)
+    assert e.value.reason == "INVALID_PAGE_SIZE"
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    (dict(organs=(0,)), "INVALID_LABEL_MAP"),
+    (dict(organs=(10,)), "INVALID_LABEL_MAP"),
+    (dict(shape=(1, 2)), "INVALID_LABEL_MAP"),
+    (dict(affine=(1.0, 2.0)), "INVALID_LABEL_MAP"),
+    (dict(case_id=""), "INVALID_ARGUMENT"),
+    (dict(request_id=""), "INVALID_ARGUMENT"),
+])
+def test_bad_create_arguments(factory, kwargs, reason):
+    repo = factory()
+    args = dict(case_id="c", label_map=blob("l"), ct=blob("c"), provenance=AI, request_id="r",
+                organs=(1,), shape=(1, 1, 1), affine=AFFINE)
+    args.update(kwargs)
+    with pytest.raises(InvalidArgument) as e:
+        repo.create_version(**args)
+    assert e.value.reason == reason
+
+
+def test_provenance_source_checked():
+    with pytest.raises(InvalidArgument) as e:
+        Provenance("robot")
+    assert e.value.reason == "INVALID_PROVENANCE"
+
+
+def test_accepts_numpy_affine(factory):
+    repo = factory()
+    v = repo.create_version("c", blob("l"), blob("c"), AI, "r", organs=(), shape=(1, 1, 1),
+                            affine=np.diag([1.5, 1.5, 2.0, 1.0]))
+    assert v.affine == AFFINE
+
+
+@pytest.mark.parametrize("shared_instance", [False, True])
+def test_concurrent_writers_make_a_linear_history(factory, shared_instance):
+    """Writers read the head and append with expected_parent; losers retry. Result: one chain."""
+    n_threads, per_thread = 4, 5
+    shared = factory() if shared_instance else None
+    mismatches = []
+    errors = []
+
+    def writer(t: int) -> None:
+        repo = shared or factory()
+        try:
+            for i in range(per_thread):
+                while True:
+                    head = repo.head("case-x")
+                    try:
+                        repo.create_version("case-x", blob(f"{t}-{i}"), blob("ct"), AI,
+                                            f"req-{t}-{i}", head.version_id if head else "",
+                                            organs=(1,), shape=(1, 1, 1), affine=AFFINE)
+                        break
+                    except Aborted as e:
+                        assert e.reason == "PARENT_MISMATCH"
+                        mismatches.append(1)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    print('PARENT_MISMATCH retries:', len(mismatches))
+    repo = shared or factory()
+    chain = repo.history("case-x")
+    assert len(chain) == n_threads * per_thread
+    assert chain[0].parent_version_id == ""
+    for prev, nxt in zip(chain, chain[1:]):
+        assert nxt.parent_version_id == prev.version_id
+    assert repo.head("case-x") == chain[-1]
+    everything, _ = repo.list_versions("case-x", 1000)
+    assert len(everything) == len(chain)
+
+
+def test_database_refuses_a_fork(tmp_path):
+    """Even a raw INSERT cannot give one version two children (linear history by schema)."""
+    import sqlite3
+
+    repo = SqliteLabelRepository(tmp_path / "l.sqlite")
+    v1 = create(repo)
+    create(repo, tag="lm-2", req="req-2", parent=v1.version_id)
+    conn = sqlite3.connect(tmp_path / "l.sqlite")
+    row = conn.execute("SELECT * FROM label_versions WHERE version_id = ?",
+                       (v1.version_id,)).fetchone()
+    cols = [d[0] for d in conn.execute("SELECT * FROM label_versions").description]
+    values = dict(zip(cols, row))
+    values.update(seq=None, version_id="fork", parent_version_id=v1.version_id,
+                  request_id="fork")
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute(f"INSERT INTO label_versions({','.join(cols)}) VALUES "
+                     f"({','.join('?' * len(cols))})", [values[c] for c in cols])
+    conn.close()
+    repo.close()
+
+
+# ------------------------------------------------------------------ export jobs
+
+
+def test_export_job_lifecycle(factory):
+    repo = factory()
+    a = create(repo, case="a", req="ra")
+    b = create(repo, case="b", req="rb")
+    job = repo.create_export_job([], "file:///tmp/x")
+    assert job.state == "QUEUED" and job.cases_total == 2 and job.cases_done == 0
+    assert job.versions == (("a", a.version_id), ("b", b.version_id))
+    create(repo, case="a", tag="later", req="ra2")  # not part of the frozen job
+    assert repo.get_export_job(job.job_id).versions == job.versions
+    assert [j.job_id for j in repo.list_export_jobs(["QUEUED", "RUNNING"])] == [job.job_id]
+    repo.update_export_job(job.job_id, state="RUNNING")
+    repo.update_export_job(job.job_id, cases_done=1)
+    done = repo.update_export_job(job.job_id, state="SUCCEEDED", cases_done=2)
+    assert (done.state, done.cases_done) == ("SUCCEEDED", 2)
+    assert repo.list_export_jobs(["QUEUED", "RUNNING"]) == []
+    with pytest.raises(FailedPrecondition) as e:
+        repo.update_export_job(job.job_id, state="RUNNING")
+    assert e.value.reason == "INVALID_STATE_TRANSITION"
+
+
+@pytest.mark.parametrize("case_ids,exc,reason", [
+    (["missing"], NotFound, "CASE_NOT_FOUND"),
+    ([], FailedPrecondition, "NOTHING_TO_EXPORT"),
+])
+def test_export_job_errors(factory, case_ids, exc, reason):
+    repo = factory()
+    with pytest.raises(exc) as e:
+        repo.create_export_job(case_ids, "file:///tmp/x")
+    assert e.value.reason == reason
+
+
+def test_export_job_request_id_and_failure(factory):
+    repo = factory()
+    create(repo)
+    j1 = repo.create_export_job(["case-1", "case-1"], "file:///tmp/x", request_id="e1")
+    assert j1.cases_total == 1 and j1.case_ids == ("case-1",)
+    assert repo.create_export_job(["case-1"], "file:///tmp/x", request_id="e1") == j1
+    repo.update_export_job(j1.job_id, state="RUNNING")
+    with pytest.raises(InvalidArgument):
+        repo.update_export_job(j1.job_id, cases_done=5)
+    failed = repo.update_export_job(j1.job_id, state="FAILED", error_reason="BLOB_NOT_FOUND")
+    assert failed.error_reason == "BLOB_NOT_FOUND"
+    with pytest.raises(FailedPrecondition):  # terminal: not even progress changes
+        repo.update_export_job(j1.job_id, cases_done=0)
+    with pytest.raises(NotFound):
+        repo.get_export_job("nope")
