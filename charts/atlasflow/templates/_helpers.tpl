@@ -1,0 +1,293 @@
+{{/*
+Helpers of the atlasflow chart. Component-aware helpers take a dict:
+  (dict "ctx" $ "component" "ingest")
+where ctx is the root context and component one of ingest, segmentation, ranking, labels,
+triton (or "" for release-wide objects such as the ConfigMap).
+*/}}
+
+{{/* Chart name, overridable with nameOverride. */}}
+{{- define "atlasflow.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Fully qualified release name (prefix of every resource). Truncated at 63 characters because
+some Kubernetes name fields are limited to that (DNS-1123 labels).
+*/}}
+{{- define "atlasflow.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* chart label value: name-version. */}}
+{{- define "atlasflow.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Name of a component's resources: <fullname>-<component>. */}}
+{{- define "atlasflow.componentName" -}}
+{{- printf "%s-%s" (include "atlasflow.fullname" .ctx) .component | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Selector labels (immutable once deployed: never add version-like labels here). */}}
+{{- define "atlasflow.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "atlasflow.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+{{- if .component }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- end -}}
+
+{{/* Common labels of every object. */}}
+{{- define "atlasflow.labels" -}}
+helm.sh/chart: {{ include "atlasflow.chart" .ctx }}
+{{ include "atlasflow.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: atlasflow
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- end -}}
+
+{{/* ServiceAccount name. */}}
+{{- define "atlasflow.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "atlasflow.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Image reference of a component: [registry/]repository:tag, where the tag falls back to
+image.tag, then the chart's appVersion. "latest" is refused (values.schema.json refuses it too).
+*/}}
+{{- define "atlasflow.image" -}}
+{{- $img := index .ctx.Values .component "image" -}}
+{{- $registry := default .ctx.Values.global.imageRegistry $img.registry -}}
+{{- $tag := default .ctx.Chart.AppVersion (default .ctx.Values.image.tag $img.tag) | toString -}}
+{{- if eq $tag "latest" -}}
+{{- fail (printf "%s: the image tag must be a fixed version, not \"latest\"" .component) -}}
+{{- end -}}
+{{- if $registry -}}
+{{- printf "%s/%s:%s" $registry $img.repository $tag -}}
+{{- else -}}
+{{- printf "%s:%s" $img.repository $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Image pull policy of a component. */}}
+{{- define "atlasflow.imagePullPolicy" -}}
+{{- $img := index .ctx.Values .component "image" -}}
+{{- default .ctx.Values.image.pullPolicy $img.pullPolicy -}}
+{{- end -}}
+
+{{/*
+host:port of a component's Service, for the *_TARGET settings of the services that call it.
+  (dict "ctx" $ "component" "segmentation" "port" 50052)
+*/}}
+{{- define "atlasflow.target" -}}
+{{- printf "%s:%v" (include "atlasflow.componentName" .) .port -}}
+{{- end -}}
+
+{{/* Name of the ConfigMap of common settings. */}}
+{{- define "atlasflow.configMapName" -}}
+{{- printf "%s-config" (include "atlasflow.fullname" .) -}}
+{{- end -}}
+
+{{/*
+Pod annotations of an atlasflow service: the checksum of the common ConfigMap (a change rolls
+the pods), Prometheus scrape hints and the component's own podAnnotations.
+*/}}
+{{- define "atlasflow.podAnnotations" -}}
+{{- $values := index .ctx.Values .component -}}
+checksum/config: {{ include (print .ctx.Template.BasePath "/configmap.yaml") .ctx | sha256sum }}
+{{- if .ctx.Values.metrics.podAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .metricsPort | quote }}
+prometheus.io/path: {{ .metricsPath | default .ctx.Values.metrics.path | quote }}
+{{- end }}
+{{- with $values.podAnnotations }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Pod-level spec shared by every component: service account, security context, scheduling.
+*/}}
+{{- define "atlasflow.podSpecCommon" -}}
+{{- $values := index .ctx.Values .component -}}
+serviceAccountName: {{ include "atlasflow.serviceAccountName" .ctx }}
+automountServiceAccountToken: false
+enableServiceLinks: false
+securityContext:
+  {{- toYaml .ctx.Values.podSecurityContext | nindent 2 }}
+terminationGracePeriodSeconds: {{ $values.terminationGracePeriodSeconds }}
+{{- with .ctx.Values.global.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with $values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Hardened container security context. */}}
+{{- define "atlasflow.containerSecurityContext" -}}
+securityContext:
+  {{- toYaml .Values.containerSecurityContext | nindent 2 }}
+{{- end -}}
+
+{{/*
+Environment of every atlasflow container: Kubernetes identity through the downward API,
+OpenTelemetry service name and resource attributes. Common OTEL_* settings come from the
+ConfigMap (envFrom).
+*/}}
+{{- define "atlasflow.commonEnv" -}}
+- name: K8S_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+- name: K8S_POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: K8S_NODE_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: spec.nodeName
+- name: OTEL_SERVICE_NAME
+  value: atlasflow-{{ .component }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ include "atlasflow.otelResourceAttributes" . | quote }}
+# Read-only root filesystem: anything that wants a home or a cache writes under /tmp.
+- name: HOME
+  value: /tmp
+- name: XDG_CACHE_HOME
+  value: /tmp/.cache
+{{- end -}}
+
+{{/* OTEL_RESOURCE_ATTRIBUTES value ($(VAR) expands the downward-API variables above). */}}
+{{- define "atlasflow.otelResourceAttributes" -}}
+{{- $attrs := list "service.namespace=atlasflow" (printf "service.version=%s" .ctx.Chart.AppVersion) "k8s.namespace.name=$(K8S_NAMESPACE)" "k8s.pod.name=$(K8S_POD_NAME)" "k8s.node.name=$(K8S_NODE_NAME)" -}}
+{{- range $k, $v := .ctx.Values.otel.resourceAttributes -}}
+{{- $attrs = append $attrs (printf "%s=%v" $k $v) -}}
+{{- end -}}
+{{- join "," $attrs -}}
+{{- end -}}
+
+{{/*
+gRPC probes (grpc.health.v1, overall server health) of an atlasflow service.
+  (dict "ctx" $ "port" 50051)
+*/}}
+{{- define "atlasflow.grpcProbes" -}}
+{{- $p := .ctx.Values.probes -}}
+startupProbe:
+  grpc:
+    port: {{ .port }}
+  periodSeconds: {{ $p.startup.periodSeconds }}
+  timeoutSeconds: {{ $p.startup.timeoutSeconds }}
+  failureThreshold: {{ $p.startup.failureThreshold }}
+readinessProbe:
+  grpc:
+    port: {{ .port }}
+  periodSeconds: {{ $p.readiness.periodSeconds }}
+  timeoutSeconds: {{ $p.readiness.timeoutSeconds }}
+  failureThreshold: {{ $p.readiness.failureThreshold }}
+livenessProbe:
+  grpc:
+    port: {{ .port }}
+  periodSeconds: {{ $p.liveness.periodSeconds }}
+  timeoutSeconds: {{ $p.liveness.timeoutSeconds }}
+  failureThreshold: {{ $p.liveness.failureThreshold }}
+{{- end -}}
+
+{{/*
+A PersistentVolumeClaim (rendered only when persistence is enabled and no existingClaim is set).
+  (dict "ctx" $ "component" "ingest" "name" "<pvc name>" "persistence" <persistence values>)
+*/}}
+{{- define "atlasflow.pvc" -}}
+{{- if and .persistence.enabled (not .persistence.existingClaim) }}
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: {{ .name }}
+  namespace: {{ .ctx.Release.Namespace }}
+  labels:
+    {{- include "atlasflow.labels" . | nindent 4 }}
+  {{- with .persistence.annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  accessModes:
+    {{- toYaml .persistence.accessModes | nindent 4 }}
+  {{- /* "" -> global.storageClass -> omitted (cluster default); "-" -> "" (no dynamic provisioning) */}}
+  {{- $sc := default .ctx.Values.global.storageClass .persistence.storageClass }}
+  {{- if eq $sc "-" }}
+  storageClassName: ""
+  {{- else if $sc }}
+  storageClassName: {{ $sc | quote }}
+  {{- end }}
+  resources:
+    requests:
+      storage: {{ .persistence.size | quote }}
+{{- end }}
+{{- end -}}
+
+{{/*
+A pod volume backed by a PVC (the existing claim or the chart's) or, with persistence
+disabled, an emptyDir.
+  (dict "volume" "data" "claim" "<pvc name>" "persistence" <persistence values>)
+*/}}
+{{- define "atlasflow.pvcVolume" -}}
+- name: {{ .volume }}
+{{- if .persistence.enabled }}
+  persistentVolumeClaim:
+    claimName: {{ default .claim .persistence.existingClaim }}
+{{- else }}
+  emptyDir: {}
+{{- end }}
+{{- end -}}
+
+{{/* Name of the shared blobs PVC. */}}
+{{- define "atlasflow.blobsClaim" -}}
+{{- printf "%s-blobs" (include "atlasflow.fullname" .) -}}
+{{- end -}}
+
+{{/* Name of a component's data PVC: <fullname>-<component>-data. */}}
+{{- define "atlasflow.dataClaim" -}}
+{{- printf "%s-data" (include "atlasflow.componentName" .) -}}
+{{- end -}}
+
+{{/* /tmp emptyDir volume of a component. */}}
+{{- define "atlasflow.tmpVolume" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .sizeLimit }}
+{{- end -}}
+
+{{/* envFrom the common ConfigMap, shared by the atlasflow service containers. */}}
+{{- define "atlasflow.envFrom" -}}
+envFrom:
+  - configMapRef:
+      name: {{ include "atlasflow.configMapName" . }}
+{{- end -}}

@@ -1,0 +1,131 @@
+"""Static checks of the Dockerfiles in deploy/ (no container engine on this machine, so the
+images cannot be built here; see deploy/README.md).
+
+Each image must match the chart that runs it: entrypoint, exposed ports, non-root uid 10001,
+pinned base images, and build inputs that exist in the repository and pass the ignore file.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+VALUES = yaml.safe_load((REPO / "charts" / "atlasflow" / "values.yaml").read_text())
+SERVICES = ("ingest", "segmentation", "ranking", "labels")
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs of a Dockerfile, continuation lines joined and comment
+    lines dropped (as Docker's parser does)."""
+    out: list[tuple[str, str]] = []
+    buf = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        op, _, args = buf.partition(" ")
+        out.append((op.upper(), args.strip()))
+        buf = ""
+    assert not buf, f"{path}: dangling continuation"
+    return out
+
+
+def final_stage(ins: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    starts = [i for i, (op, _) in enumerate(ins) if op == "FROM"]
+    return ins[starts[-1]:]
+
+
+def build_args(ins: list[tuple[str, str]]) -> dict[str, str]:
+    return dict(a.split("=", 1) for op, a in ins if op == "ARG" and "=" in a)
+
+
+def chart_ports(component: str) -> set[int]:
+    v = VALUES[component]
+    if component == "triton":
+        return set(v["ports"].values())
+    ports = {v["grpc"]["port"], v["metrics"]["port"]}
+    if component == "ingest":
+        ports.add(v["dicom"]["port"])
+    return ports
+
+
+def ignored(patterns: list[str], rel: str) -> bool:
+    """Docker ignore semantics (last matching pattern wins, '!' re-includes, a directory
+    pattern covers its contents)."""
+    result = False
+    parts = rel.split("/")
+    for pat in patterns:
+        neg = pat.startswith("!")
+        pat = pat[1:] if neg else pat
+        pat = pat.rstrip("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(fnmatch.fnmatchcase(p, pat) or fnmatch.fnmatchcase(p, pat.replace("**/", "")) for p in prefixes):
+            result = not neg
+    return result
+
+
+@pytest.mark.parametrize("component", (*SERVICES, "triton"))
+def test_dockerfile_matches_chart(component: str) -> None:
+    path = DEPLOY / component / "Dockerfile"
+    ins = instructions(path)
+    args = build_args(ins)
+    final = final_stage(ins)
+
+    # base images pinned to a version, never latest
+    for op, a in ins:
+        if op == "FROM":
+            image = a.split()[0]
+            image = args.get(image.strip("${}"), image) if image.startswith("$") else image
+            if ":" not in image:  # a previous stage's name
+                continue
+            assert not image.endswith(":latest"), image
+    # non-root uid/gid 10001 in the final stage, set after the last RUN
+    users = [a for op, a in final if op == "USER"]
+    assert users and users[-1] == "10001:10001", users
+    last_run = max(i for i, (op, _) in enumerate(final) if op == "RUN")
+    last_user = max(i for i, (op, _) in enumerate(final) if op == "USER")
+    assert last_user > last_run
+    # entrypoint and ports agree with the chart
+    (entry,) = [json.loads(a) for op, a in final if op == "ENTRYPOINT"]
+    exposed = {int(p) for op, a in final if op == "EXPOSE" for p in a.split()}
+    assert exposed == chart_ports(component)
+    if component == "triton":
+        assert entry == ["tritonserver", f"--model-repository={VALUES['triton']['modelRepository']['path']}"]
+        assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:24\.\d\d-py3", args["TRITON_IMAGE"])
+        text = path.read_text()
+        assert "atlasflow triton-repo /models" in text
+        assert "COPY --from=models" in text
+    else:
+        assert entry == ["atlasflow", "serve", component]
+        assert re.fullmatch(r"python:3\.11-slim(-\w+)?", args["PYTHON_IMAGE"])
+
+
+@pytest.mark.parametrize("component", (*SERVICES, "triton"))
+def test_build_context_inputs_exist_and_are_not_ignored(component: str) -> None:
+    path = DEPLOY / component / "Dockerfile"
+    ignore = [ln.strip() for ln in (path.parent / "Dockerfile.dockerignore").read_text().splitlines()
+              if ln.strip() and not ln.startswith("#")]
+    sources = []
+    for op, a in instructions(path):
+        if op == "COPY" and "--from=" not in a:
+            words = [w for w in a.split() if not w.startswith("--")]
+            sources += words[:-1]
+    assert sources
+    for src in sources:
+        rel = src.rstrip("/")
+        assert (REPO / rel).exists(), f"{component}: COPY source {rel} is missing from the repository"
+        assert not ignored(ignore, rel), f"{component}: {rel} is excluded by Dockerfile.dockerignore"
+    assert ignored(ignore, ".venv/bin/python") and ignored(ignore, ".tools/helm")
+    # the wheel needs every package in pyproject's package-dir
+    assert "services/" in sources or "services" in sources
