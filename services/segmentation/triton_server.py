@@ -1,0 +1,199 @@
+"""Serve ensemble pipelines from a real Triton Inference Server (PyTriton, CPU or GPU).
+
+    python -m atlasflow.segmentation.triton_server --ensemble abdomen-trio-v1 \\
+        --grpc-port 8001 --http-port 8000 --metrics-port 8002 [--device cpu]
+
+One Triton model per ensemble version, named `triton_model_name(version)`
+(``abdomen-trio-v1`` -> ``abdomen_trio_v1``), ``batching=False``:
+
+inputs   ``volume`` int16 [-1, -1, -1] (X, Y, Z) HU; ``affine`` float64 [4, 4] voxel -> RAS mm;
+         ``labelled_organs`` uint8 [9] flags, flag k = organ id k+1.
+outputs  ``labels`` uint8 [-1, -1, -1]; ``heatmap`` uint8 [-1, -1, -1] (0..255 = 0..1);
+         ``organ_stats`` float64 [9, 4] (`pipeline.STATS_COLUMNS`); ``weights_trained`` uint8 [1].
+
+Request parameters ``traceparent``/``tracestate`` (W3C) are extracted with
+``opentelemetry.propagate`` and the pipeline runs in a span ``segmentation.pipeline`` of that
+context (SDK/exporter configuration is the caller's business: OTEL_* or the lead's setup).
+
+Domain errors are returned as a Triton error whose text starts with
+``ATLASFLOW_ERROR <CODE> <REASON>:`` so that `TritonSegmenter` maps them back.
+
+Environment: Triton's Python-backend stub links against the system libpython; the interpreter's
+``LIBDIR`` is prepended to ``LD_LIBRARY_PATH`` before Triton starts (the server subprocess
+inherits it), otherwise model loading fails with
+``'_thread.RLock' object has no attribute '_recursion_count'``.
+
+Message size: Triton's gRPC endpoint accepts messages up to 2 GiB - 1 (its built-in
+``MAX_GRPC_MESSAGE_SIZE``; PyTriton 0.7 exposes no setting), enough for a 512x512x600 int16 CT
+(~315 MB); the client raises its own limits (`TritonSegmenter(max_message_bytes=...)`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import sysconfig
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from atlasflow.common.errors import AtlasflowError
+from atlasflow.segmentation.ensemble import triton_model_name
+from atlasflow.segmentation.pipeline import EnsemblePipeline
+
+LOG = logging.getLogger("atlasflow.segmentation.triton_server")
+ERROR_PREFIX = "ATLASFLOW_ERROR"
+READY_LINE = "TRITON READY"
+
+
+def ensure_libpython_on_ld_path(environ: dict[str, str] | None = None) -> str:
+    """Prepend this interpreter's ``LIBDIR`` (system libpython) to ``LD_LIBRARY_PATH``; returns it."""
+    env = os.environ if environ is None else environ
+    libdir = str(sysconfig.get_config_var("LIBDIR") or "")
+    parts = [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p]
+    if libdir and libdir not in parts:
+        parts.insert(0, libdir)
+    env["LD_LIBRARY_PATH"] = ":".join(parts)
+    return env["LD_LIBRARY_PATH"]
+
+
+def make_infer_func(pipeline: EnsemblePipeline) -> Callable[[list[Any]], list[dict[str, np.ndarray]]]:
+    """PyTriton infer callable (list of `pytriton.proxy.types.Request` -> list of output dicts)."""
+    from opentelemetry import propagate, trace
+    from pytriton.exceptions import PyTritonBadParameterError
+
+    tracer = trace.get_tracer(__name__)
+    model_name = triton_model_name(pipeline.version)
+
+    def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
+        responses = []
+        for request in requests:
+            params = {k: str(v) for k, v in (request.parameters or {}).items() if k in ("traceparent", "tracestate")}
+            ctx = propagate.extract(params) if params else None
+            volume = request.data["volume"]
+            with tracer.start_as_current_span(
+                "segmentation.pipeline",
+                context=ctx,
+                attributes={
+                    "atlasflow.model_name": model_name,
+                    "atlasflow.ensemble_version": pipeline.version,
+                    "atlasflow.input_shape": list(volume.shape),
+                },
+            ) as span:
+                try:
+                    out = pipeline(volume, request.data["affine"], request.data["labelled_organs"])
+                except AtlasflowError as exc:
+                    span.set_attribute("atlasflow.error_reason", exc.reason)
+                    raise PyTritonBadParameterError(f"{ERROR_PREFIX} {exc.code} {exc.reason}: {exc.message}") from None
+                span.set_attribute("atlasflow.weights_trained", out.weights_trained)
+            responses.append(
+                {
+                    "labels": out.labels,
+                    "heatmap": out.heatmap,
+                    "organ_stats": out.organ_stats.astype(np.float64),
+                    "weights_trained": np.array([1 if out.weights_trained else 0], dtype=np.uint8),
+                }
+            )
+        return responses
+
+    return infer
+
+
+def bind_pipeline(triton: Any, pipeline: EnsemblePipeline) -> str:
+    """Bind one pipeline to a `pytriton.triton.Triton`; returns the Triton model name."""
+    from pytriton.model_config import ModelConfig, Tensor
+
+    name = triton_model_name(pipeline.version)
+    triton.bind(
+        model_name=name,
+        infer_func=make_infer_func(pipeline),
+        inputs=[
+            Tensor(name="volume", dtype=np.int16, shape=(-1, -1, -1)),
+            Tensor(name="affine", dtype=np.float64, shape=(4, 4)),
+            Tensor(name="labelled_organs", dtype=np.uint8, shape=(9,)),
+        ],
+        outputs=[
+            Tensor(name="labels", dtype=np.uint8, shape=(-1, -1, -1)),
+            Tensor(name="heatmap", dtype=np.uint8, shape=(-1, -1, -1)),
+            Tensor(name="organ_stats", dtype=np.float64, shape=(9, 4)),
+            Tensor(name="weights_trained", dtype=np.uint8, shape=(1,)),
+        ],
+        config=ModelConfig(batching=False),
+        strict=True,
+    )
+    return name
+
+
+def serve(
+    ensembles: Sequence[str],
+    *,
+    grpc_port: int,
+    http_port: int,
+    metrics_port: int,
+    device: str = "cpu",
+    stop_event: threading.Event | None = None,
+) -> None:
+    """Load the pipelines, start Triton, print READY_LINE, block until SIGTERM/SIGINT or
+    ``stop_event``, then stop Triton cleanly."""
+    from pytriton.triton import Triton, TritonConfig
+
+    ensure_libpython_on_ld_path()
+    stop = stop_event or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    t0 = time.perf_counter()
+    pipelines = [EnsemblePipeline(e, device=device) for e in ensembles]
+    t_models = time.perf_counter() - t0
+    config = TritonConfig(
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
+        exit_on_error=True,
+        strict_readiness=True,
+    )
+    triton = Triton(config=config)
+    try:
+        names = [bind_pipeline(triton, p) for p in pipelines]
+        triton.run()
+        print(
+            f"{READY_LINE} models={','.join(names)} grpc_port={grpc_port} "
+            f"load_s={t_models:.2f} startup_s={time.perf_counter() - t0:.2f}",
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            if not triton.is_alive():
+                LOG.error("Triton or its model proxy died")
+                break
+    finally:
+        triton.stop()
+        print("TRITON STOPPED", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ensemble", action="append", required=True, help="ensemble version or JSON path (repeatable)")
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    serve(
+        args.ensemble,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        device=args.device,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
