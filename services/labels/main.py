@@ -23,6 +23,9 @@ PREFIX = "ATLASFLOW_LABELS_"
 @dataclass(frozen=True)
 class LabelsSettings(ServiceSettings):
     grpc_port: int = 50054
+    # When set, exports may only be written inside this directory (the cluster mounts a
+    # volume here; the root filesystem is read-only). Empty: any absolute file:// path.
+    export_dir: str = ""
 
 
 async def amain(settings: LabelsSettings) -> None:
@@ -31,10 +34,11 @@ async def amain(settings: LabelsSettings) -> None:
     blobs = LocalBlobStore(settings.blob_dir)
     repo = SqliteLabelRepository(Path(settings.data_dir) / "labels.sqlite3")
     exporter = Exporter(repo, blobs, metrics)
+    export_root = Path(settings.export_dir).resolve() if settings.export_dir else None
 
     def register(server) -> list[str]:  # type: ignore[no-untyped-def]
         labels_pb2_grpc.add_LabelServiceServicer_to_server(
-            LabelServicer(repo, blobs, exporter), server)
+            LabelServicer(repo, blobs, exporter, export_root), server)
         return [labels_pb2.DESCRIPTOR.services_by_name["LabelService"].full_name]
 
     built = build_server(register=register, metrics=metrics, host=settings.grpc_host,

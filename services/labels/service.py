@@ -66,13 +66,19 @@ def export_to_proto(j: ExportJobRecord) -> labels_pb2.ExportJob:
         error_reason=j.error_reason, create_time=_ts(j.create_time))
 
 
-def destination_path(uri: str) -> Path:
+def destination_path(uri: str, export_root: Path | None = None) -> Path:
+    """The local directory of a file:// destination; inside `export_root` when one is set."""
     parsed = urlparse(uri)
     if parsed.scheme != "file" or parsed.netloc not in ("", "localhost") or not parsed.path:
         raise InvalidArgument("INVALID_DESTINATION",
                               "destination_uri must be file:///absolute/dir in this deployment",
                               domain=DOMAIN, metadata={"scheme": parsed.scheme[:20]})
-    return Path(unquote(parsed.path))
+    path = Path(unquote(parsed.path)).resolve()
+    if export_root is not None and not path.is_relative_to(export_root):
+        raise InvalidArgument("DESTINATION_NOT_ALLOWED",
+                              "destination must lie inside the service's export directory",
+                              domain=DOMAIN, metadata={"export_dir": str(export_root)})
+    return path
 
 
 class Exporter:
@@ -127,10 +133,12 @@ class Exporter:
 
 
 class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
-    def __init__(self, repo: SqliteLabelRepository, blobs: BlobStore, exporter: Exporter) -> None:
+    def __init__(self, repo: SqliteLabelRepository, blobs: BlobStore, exporter: Exporter,
+                 export_root: Path | None = None) -> None:
         self.repo = repo
         self.blobs = blobs
         self.exporter = exporter
+        self.export_root = export_root
 
     def _create(self, request: labels_pb2.CreateLabelVersionRequest) -> LabelVersionRecord:
         if not request.request_id:
@@ -169,7 +177,7 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
             versions=[version_to_proto(r) for r in records], next_page_token=token)
 
     async def ExportDataset(self, request, context):  # type: ignore[no-untyped-def]
-        destination_path(request.destination_uri)
+        destination_path(request.destination_uri, self.export_root)
         job = self.repo.create_export_job(list(request.case_ids), request.destination_uri)
         self.exporter.wake.set()
         return labels_pb2.ExportDatasetResponse(job=export_to_proto(job))
