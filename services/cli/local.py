@@ -17,7 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -51,6 +51,7 @@ class LocalDeployment:
     ports: dict[str, int]
     ensemble: str = "abdomen-trio-v1"
     quiet_period_s: float = 5.0
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def create(cls, state_dir: Path, auto_ports: bool, **kw: object) -> LocalDeployment:
@@ -82,7 +83,7 @@ class LocalDeployment:
 
     # ------------------------------------------------------------------ processes
     def _env(self, name: str) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {**os.environ, **self.extra_env}
         env["OTEL_SERVICE_NAME"] = f"atlasflow-{name}"
         # Triton's Python-backend stub links against the system libpython (DESIGN.md).
         libdir = sysconfig.get_config_var("LIBDIR") or ""

@@ -10,6 +10,7 @@ import json
 
 import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, client_interceptor
+from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 
 _RETRY_POLICY = json.dumps({
     "methodConfig": [{
@@ -45,4 +46,4 @@ def aio_channel(target: str, max_message_bytes: int = 64 * 1024 * 1024) -> grpc.
 def sync_channel(target: str, max_message_bytes: int = 64 * 1024 * 1024) -> grpc.Channel:
     """Blocking channel for the CLI, tests and the segmentation worker thread."""
     channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
-    return grpc.intercept_channel(channel, client_interceptor())
+    return intercept_channel(channel, client_interceptor())

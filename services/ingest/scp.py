@@ -25,7 +25,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from atlasflow.common.errors import AtlasflowError
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.telemetry import context_from_traceparent, current_traceparent
-from atlasflow.ingest.dicom import DICOM_STATUS, parse_instance
+from atlasflow.ingest.dicom import DICOM_STATUS, c_store_status, parse_instance
 from atlasflow.ingest.store import IngestStore
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class StoreScp:
             log.warning("instance rejected", extra={"fields": {
                 "source": source, "reason": exc.reason, "size_bytes": len(data)}})
             self.metrics.count("instances_rejected")
-            return DICOM_STATUS.get(exc.reason, STATUS_CANNOT_UNDERSTAND)
+            return c_store_status(exc)
         parent = self.store.series_traceparent(info.series_uid)
         token = otel_context.attach(context_from_traceparent(parent)) if parent else None
         try:
