@@ -7,7 +7,8 @@ injected both as gRPC headers (``headers=``) and as Triton request parameters
 
 Errors: Triton unreachable / timed out -> Unavailable(``TRITON_UNAVAILABLE``); model unknown or
 not ready -> FailedPrecondition(``TRITON_MODEL_NOT_READY``); a domain error raised in the server
-pipeline comes back as the same class and reason; a malformed response ->
+pipeline comes back as the same class and reason; any other server-side failure ->
+AtlasflowError(``TRITON_INFERENCE_FAILED``, gRPC INTERNAL); a malformed response ->
 DataLoss(``TRITON_BAD_RESPONSE``). Messages never carry the server's stack traces.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -47,12 +49,16 @@ class TritonSegmenter:
         *,
         timeout_s: float = 600,
         max_message_bytes: int = 1 << 30,
+        tracer_provider: Any | None = None,
     ) -> None:
+        """``url``: ``host:port`` of Triton's gRPC endpoint; ``timeout_s``: per-call deadline;
+        ``tracer_provider``: optional OpenTelemetry TracerProvider (default: the global one)."""
         import tritonclient.grpc as grpcclient
 
         self.url = _url_target(url)
         self.model_name = model_name
         self.timeout_s = float(timeout_s)
+        self._tracer_provider = tracer_provider
         self._client = grpcclient.InferenceServerClient(
             self.url,
             channel_args=[
@@ -89,13 +95,13 @@ class TritonSegmenter:
         if match:
             cls = _CODE_CLASSES.get(match.group(1), AtlasflowError)
             return cls(match.group(2), match.group(3), domain=DOMAIN, metadata=meta)
-        if "UNAVAILABLE" in status or "DEADLINE_EXCEEDED" in status or "Deadline" in text:
+        if any(s in status for s in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED")) or "Deadline" in text:
             return Unavailable("TRITON_UNAVAILABLE", "Triton inference server is unavailable", domain=DOMAIN, metadata=meta)
         if "NOT_FOUND" in status or "unknown model" in text or "not ready" in text.lower():
             return FailedPrecondition(
                 "TRITON_MODEL_NOT_READY", "model is not loaded in Triton", domain=DOMAIN, metadata=meta
             )
-        return DataLoss("TRITON_BAD_RESPONSE", "Triton inference failed", domain=DOMAIN, metadata=meta)
+        return AtlasflowError("TRITON_INFERENCE_FAILED", "Triton inference failed", domain=DOMAIN, metadata=meta)
 
     def segment(
         self,
@@ -125,7 +131,7 @@ class TritonSegmenter:
         inputs[1].set_data_from_numpy(aff)
         inputs[2].set_data_from_numpy(flags)
         outputs = [grpcclient.InferRequestedOutput(n) for n in ("labels", "heatmap", "organ_stats", "weights_trained")]
-        tracer = trace.get_tracer(__name__)
+        tracer = trace.get_tracer(__name__, tracer_provider=self._tracer_provider)
         with tracer.start_as_current_span(
             "triton.infer",
             kind=trace.SpanKind.CLIENT,

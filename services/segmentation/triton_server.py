@@ -63,12 +63,17 @@ def ensure_libpython_on_ld_path(environ: dict[str, str] | None = None) -> str:
     return env["LD_LIBRARY_PATH"]
 
 
-def make_infer_func(pipeline: EnsemblePipeline) -> Callable[[list[Any]], list[dict[str, np.ndarray]]]:
-    """PyTriton infer callable (list of `pytriton.proxy.types.Request` -> list of output dicts)."""
+def make_infer_func(
+    pipeline: EnsemblePipeline, tracer_provider: Any | None = None
+) -> Callable[[list[Any]], list[dict[str, np.ndarray]]]:
+    """PyTriton infer callable (list of `pytriton.proxy.types.Request` -> list of output dicts).
+
+    ``tracer_provider``: optional OpenTelemetry TracerProvider (default: the global one).
+    """
     from opentelemetry import propagate, trace
     from pytriton.exceptions import PyTritonBadParameterError
 
-    tracer = trace.get_tracer(__name__)
+    tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
     model_name = triton_model_name(pipeline.version)
 
     def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
@@ -185,6 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Process entry point: install the shared TracerProvider (OTLP export when OTEL_* is set).
+    from atlasflow.common.telemetry import setup_tracing
+
+    setup_tracing("atlasflow-triton")
     serve(
         args.ensemble,
         grpc_port=args.grpc_port,

@@ -1,0 +1,225 @@
+"""Real Triton Inference Server (PyTriton) serving the ensemble pipeline, called over gRPC.
+
+Starts `python -m atlasflow.segmentation.triton_server` as a subprocess on free ports (without
+LD_LIBRARY_PATH: the server must set it), segments the TotalSegmentator demo CT through
+TritonSegmenter and compares with the in-process EnsemblePipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from atlasflow.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from atlasflow.segmentation.pipeline import EnsemblePipeline
+from atlasflow.segmentation.triton_client import TritonSegmenter
+
+DEMO_CT = Path("/work/shared/data/totalsegmentator/tests/reference_files/example_ct.nii.gz")
+MODEL = "abdomen_trio_v1"
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    grpc_url: str
+    startup_s: float
+    lines: list[str] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    grpc_port, http_port, metrics_port = _free_ports(3)
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "atlasflow.segmentation.triton_server",
+            "--ensemble", "abdomen-trio-v1",
+            "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if line.startswith("TRITON READY"):
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + 240
+    while not ready.is_set() and proc.poll() is None and time.monotonic() < deadline:
+        ready.wait(0.2)
+    if not ready.is_set():
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("Triton did not become ready:\n" + "\n".join(lines[-40:]))
+    url = f"127.0.0.1:{grpc_port}"
+    with TritonSegmenter(url, MODEL) as probe:
+        while not probe.ready() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert probe.ready()
+    srv = Server(proc, url, time.perf_counter() - t0, lines)
+    print(f"\nTriton start-up (process start -> model ready): {srv.startup_s:.1f} s")
+    yield srv
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rc = proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("Triton server did not stop on SIGTERM")
+    time.sleep(0.5)
+    assert rc == 0, "\n".join(lines[-30:])
+    assert "TRITON STOPPED" in lines
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def test_tritonserver_inherits_libpython_dir(server: Server) -> None:
+    libdir = sysconfig.get_config_var("LIBDIR")
+    found = []
+    stack = [server.proc.pid]
+    while stack:
+        pid = stack.pop()
+        kids = _children(pid)
+        stack.extend(kids)
+        for kid in kids:
+            try:
+                if Path(f"/proc/{kid}/comm").read_text().strip() == "tritonserver":
+                    env = Path(f"/proc/{kid}/environ").read_bytes().split(b"\0")
+                    found.append(next((e.decode() for e in env if e.startswith(b"LD_LIBRARY_PATH=")), ""))
+            except OSError:
+                continue
+    assert found, "no tritonserver child process found"
+    assert all(libdir in e.split("=", 1)[1].split(":") for e in found), found
+
+
+def test_demo_ct_through_triton_equals_in_process(server: Server) -> None:
+    img = nib.load(str(DEMO_CT))
+    raw = np.asanyarray(img.dataobj)
+    assert raw.min() >= -32768 and raw.max() <= 32767
+    vol = raw.astype(np.int16)
+    affine = img.affine
+    assert vol.shape == (122, 101, 112)
+
+    with TritonSegmenter(server.grpc_url, MODEL) as client:
+        t0 = time.perf_counter()
+        remote = client.segment(vol, affine, labelled_organs=[5])
+        t_triton = time.perf_counter() - t0
+
+    pipeline = EnsemblePipeline("abdomen-trio-v1")
+    flags = np.zeros(9, dtype=np.uint8)
+    flags[4] = 1
+    t0 = time.perf_counter()
+    local = pipeline(vol, affine, flags)
+    t_local = time.perf_counter() - t0
+    print(
+        f"\ndemo CT {vol.shape}: Triton round trip {t_triton:.2f} s, in-process {t_local:.2f} s, "
+        f"ratio {t_triton / t_local:.2f}; in-process stages {({k: round(v, 2) for k, v in local.timings_s.items()})}"
+    )
+    assert remote.labels.shape == vol.shape and remote.heatmap.shape == vol.shape
+    assert local.labels.any()
+    np.testing.assert_array_equal(remote.labels, local.labels)
+    np.testing.assert_array_equal(remote.heatmap, local.heatmap)
+    np.testing.assert_allclose(remote.organ_stats, local.organ_stats, rtol=1e-12)
+    assert remote.weights_trained is local.weights_trained is False
+    assert np.all(remote.organ_stats[4, 1:3] == 0)  # liver flagged as labelled: no attention
+
+
+def test_client_span_and_trace_context_injection(server: Server) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    vol = np.full((40, 34, 26), -1000, dtype=np.int16)
+    vol[10:30, 8:26, 5:20] = 40
+    with TritonSegmenter(server.grpc_url, MODEL, tracer_provider=provider) as client:
+        sent: dict = {}
+        real_infer = client._client.infer
+
+        def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+            sent.update(kwargs)
+            return real_infer(*args, **kwargs)
+
+        client._client.infer = spy  # type: ignore[method-assign]
+        out = client.segment(vol, np.diag([3.0, 3.0, 3.0, 1.0]))
+    assert out.labels.shape == vol.shape
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "triton.infer"]
+    assert span.kind == trace.SpanKind.CLIENT
+    assert span.attributes["atlasflow.model_name"] == MODEL
+    assert tuple(span.attributes["atlasflow.input_shape"]) == vol.shape
+    expected = ["00", f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}"]
+    assert sent["headers"]["traceparent"].split("-")[:3] == expected
+    assert sent["parameters"]["traceparent"] == sent["headers"]["traceparent"]
+
+
+def test_server_side_domain_error_is_mapped(server: Server) -> None:
+    with TritonSegmenter(server.grpc_url, MODEL) as client:
+        with pytest.raises(InvalidArgument) as err:
+            client.segment(np.zeros((8, 8, 8), np.int16), np.zeros((4, 4)))
+    assert err.value.reason == "INVALID_AFFINE"
+    assert "Traceback" not in err.value.message
+
+
+def test_unknown_model_is_failed_precondition(server: Server) -> None:
+    with TritonSegmenter(server.grpc_url, "no_such_model") as client:
+        assert not client.ready()
+        with pytest.raises(FailedPrecondition) as err:
+            client.segment(np.zeros((8, 8, 8), np.int16), np.eye(4))
+    assert err.value.reason == "TRITON_MODEL_NOT_READY"
+
+
+def test_unreachable_triton_is_unavailable() -> None:
+    (port,) = _free_ports(1)
+    with TritonSegmenter(f"127.0.0.1:{port}", MODEL, timeout_s=5) as client:
+        assert not client.ready()
+        with pytest.raises(Unavailable) as err:
+            client.segment(np.zeros((8, 8, 8), np.int16), np.eye(4))
+    assert err.value.reason == "TRITON_UNAVAILABLE"
