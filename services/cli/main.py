@@ -6,6 +6,10 @@
     atlasflow status [--state-dir DIR]                              health of each process
     atlasflow demo [--out DIR]                                      the end-to-end demo
     atlasflow send DIR [--target HOST:PORT] [--commit]              gRPC upload of DICOM files
+    atlasflow convert DICOM_DIR OUT.nii.gz                          DICOM series -> NIfTI (HU, RAS)
+    atlasflow retrieve ...                                          C-FIND + C-MOVE from a PACS
+    atlasflow triton-repo OUT_DIR                                   Triton model repository for the cluster
+    atlasflow rank ROOT --out OUT [--mode reference|enhanced]       offline attention + priority
 """
 
 from __future__ import annotations
@@ -16,6 +20,15 @@ import sys
 from pathlib import Path
 
 SERVICES = ("ingest", "segmentation", "ranking", "labels", "triton")
+# Sub-commands implemented by a library module's own `main(argv) -> int` (its argparse owns
+# the options): `atlasflow <name> ...` == `python -m <module> ...`.
+DELEGATED = {
+    "convert": ("atlasflow.ingest.convert", "DICOM series -> NIfTI with HU and RAS affine"),
+    "retrieve": ("atlasflow.ingest.retrieve", "query/retrieve a study from a PACS (C-FIND + C-MOVE)"),
+    "triton-repo": ("atlasflow.segmentation.triton_repo",
+                    "write a Triton model repository (Python backend + weights)"),
+    "rank": ("atlasflow.ranking.offline", "offline attention maps + priority.csv"),
+}
 
 
 def _serve(name: str) -> None:
@@ -57,10 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", type=Path)
     p.add_argument("--target", default="127.0.0.1:50051")
     p.add_argument("--commit", action="store_true", help="commit the series after upload")
+    for name, (_module, help_) in DELEGATED.items():
+        sub.add_parser(name, help=help_, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        module = importlib.import_module(DELEGATED[argv[0]][0])
+        return int(module.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         _serve(args.service)

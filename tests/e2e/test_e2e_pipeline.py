@@ -33,6 +33,7 @@ from atlasflow.cli.upload import send_files
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.nifti import from_nifti_bytes
 from atlasflow.common.server import error_info_of
+from atlasflow.ingest.store import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
 from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
@@ -302,9 +303,12 @@ def test_killed_services_resume_the_study_after_restart(deployment, first_case, 
     # Labels goes down before the study arrives; segmentation is killed mid-inference.
     deployment.kill("labels")
     assert storescu(files, deployment.ports["dicom"]).returncode == 0
-    series = [s for s in series_of(deployment, 2) if s.series_id != first_case[0].series_id]
-    assert len(series) == 1
-    case_id = series[0].case_id
+    series_id = atlas_id("ser", dcmread(files[0]).SeriesInstanceUID)
+    deadline = time.monotonic() + 30
+    while not [s for s in series_of(deployment, 1) if s.series_id == series_id]:
+        assert time.monotonic() < deadline, "series not received"
+        time.sleep(0.3)
+    case_id = atlas_id("case", dcmread(files[0]).StudyInstanceUID)
     deadline = time.monotonic() + 60
     running = False
     while time.monotonic() < deadline and not running:
