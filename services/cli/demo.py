@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 
-from atlasflow.cli.demo_series import write_demo_series
+from atlasflow.cli.demo_series import DEFAULT_DEMO_NIFTI, write_demo_series
 from atlasflow.cli.local import LocalDeployment
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.nifti import from_nifti_bytes
@@ -30,7 +30,7 @@ from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
 from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 
-DEMO_CT = Path(__file__).parent / "data" / "example_ct.nii.gz"
+DEMO_CT = DEFAULT_DEMO_NIFTI
 SERIES_STATE = {v: k.removeprefix("SERIES_STATE_") for k, v in ingest_pb2.SeriesState.items()}
 OP_STATE = {v: k.removeprefix("OPERATION_STATE_") for k, v in common_pb2.OperationState.items()}
 STAGE = {v: k.removeprefix("JOB_STAGE_") for k, v in segmentation_pb2.JobStage.items()}

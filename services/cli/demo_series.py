@@ -57,7 +57,7 @@ DEMO_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:atlasflow:demo-series")
 DEFAULT_DEMO_NIFTI = Path(
     os.environ.get(
         "ATLASFLOW_DEMO_CT",
-        "/work/shared/data/totalsegmentator/tests/reference_files/example_ct.nii.gz",
+        str(Path(__file__).parent / "data" / "example_ct.nii.gz"),  # bundled, see data/README.md
     )
 )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from conftest import SHARED_DATA
+
 import re
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from atlasflow.cli.demo_series import SENTINEL_PATIENT_DATA, build_demo_datasets
 from atlasflow.ingest.assemble import assemble_series
 from atlasflow.ingest.dicom import parse_instance
 
-EXAMPLE_CT = Path("/work/shared/data/totalsegmentator/tests/reference_files/example_ct.nii.gz")
+EXAMPLE_CT = SHARED_DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
 DCM2NIIX = Path(sys.executable).parent / "dcm2niix"
 REPO = Path(__file__).resolve().parents[2]
 

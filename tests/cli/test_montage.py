@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from conftest import SHARED_DATA
+
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.organs import ORGAN_IDS
 from atlasflow.labels.totalseg import totalseg_to_atlas
 
-REF = Path("/work/shared/data/totalsegmentator/tests/reference_files")
+REF = SHARED_DATA / "totalsegmentator/tests/reference_files"
 LIVER = ORGAN_IDS["liver"]
 SPLEEN = ORGAN_IDS["spleen"]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from conftest import SHARED_DATA
+
 import copy
 import random
 import subprocess
@@ -18,7 +20,7 @@ from atlasflow.cli.demo_series import write_demo_series
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.ingest.assemble import Volume, assemble_series
 
-DATA = Path("/work/shared/data")
+DATA = SHARED_DATA
 EXAMPLE_CT = DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
 TS_DICOM = DATA / "totalsegmentator/tests/reference_files/example_ct_dicom"
 CT3 = DATA / "dcmqi/data/segmentations/ct-3slice"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from conftest import SHARED_DATA
+
 import gzip
 import io
 from pathlib import Path
@@ -21,7 +23,7 @@ from atlasflow.ingest.dicom import (
     validate_dataset,
 )
 
-DATA = Path("/work/shared/data")
+DATA = SHARED_DATA
 EXAMPLE_CT = DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
 TS_DICOM = DATA / "totalsegmentator/tests/reference_files/example_ct_dicom"
 CT3 = DATA / "dcmqi/data/segmentations/ct-3slice"

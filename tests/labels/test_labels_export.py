@@ -3,6 +3,8 @@ nine atlas organs), label-map validation and the TotalSegmentator mapping."""
 
 from __future__ import annotations
 
+from conftest import SHARED_DATA
+
 import gzip
 import hashlib
 import json
@@ -21,7 +23,7 @@ from atlasflow.labels.repository import Provenance
 from atlasflow.labels.totalseg import TOTALSEG_V2_TO_ATLAS
 from atlasflow.labels.validate import validate_label_map
 
-DATA = Path("/work/shared/data/totalsegmentator")
+DATA = SHARED_DATA / "totalsegmentator"
 REF = DATA / "tests/reference_files"
 AI = Provenance("ai", model_version="trio-v1", job_id="job-9", weights_trained=False)
 RAD = Provenance("radiologist", reviewer="dr-b")

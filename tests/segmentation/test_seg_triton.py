@@ -7,6 +7,8 @@ TritonSegmenter and compares with the in-process EnsemblePipeline.
 
 from __future__ import annotations
 
+from conftest import SHARED_DATA
+
 import os
 import signal
 import socket
@@ -31,7 +33,7 @@ from atlasflow.common.errors import FailedPrecondition, InvalidArgument, Unavail
 from atlasflow.segmentation.pipeline import EnsemblePipeline
 from atlasflow.segmentation.triton_client import TritonSegmenter
 
-DEMO_CT = Path("/work/shared/data/totalsegmentator/tests/reference_files/example_ct.nii.gz")
+DEMO_CT = SHARED_DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
 MODEL = "abdomen_trio_v1"
 
 
