@@ -10,6 +10,11 @@ want_test=0
 
 need_apt=()
 command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
+if [ $want_test = 1 ]; then
+  # Real peers for the tests: Orthanc (a PACS) and PostgreSQL 15 binaries (initdb, pg_ctl).
+  command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql-15)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "[bootstrap] apt-get install ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
