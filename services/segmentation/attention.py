@@ -25,27 +25,50 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 STD_THRESHOLD = 0.1
 ENTROPY_THRESHOLD = 0.05
 OPENING_ITERATIONS = 2
 
 
+def _shift_or(x: torch.Tensor, axis: int, erode: bool) -> torch.Tensor:
+    """One 3-voxel pass along ``axis``: OR (dilation) or AND (erosion) of the voxel and its two
+    neighbours; voxels outside the volume count as background."""
+    n = x.shape[axis]
+    out = x.clone()
+    if n == 1:
+        return out if not erode else torch.zeros_like(x)
+    lo = x.narrow(axis, 0, n - 1)
+    hi = x.narrow(axis, 1, n - 1)
+    if erode:
+        out.narrow(axis, 1, n - 1).logical_and_(lo)
+        out.narrow(axis, 0, n - 1).logical_and_(hi)
+        out.narrow(axis, 0, 1).zero_()
+        out.narrow(axis, n - 1, 1).zero_()
+    else:
+        out.narrow(axis, 1, n - 1).logical_or_(lo)
+        out.narrow(axis, 0, n - 1).logical_or_(hi)
+    return out
+
+
 def binary_erosion(mask: torch.Tensor, iterations: int = 1) -> torch.Tensor:
-    """Erode a bool ``(X, Y, Z)`` mask with a 3x3x3 cube, outside = background (scipy default)."""
-    x = mask.to(torch.float32)[None, None]
+    """Erode a bool ``(X, Y, Z)`` mask with a 3x3x3 cube, outside = background (scipy default).
+
+    The cube is separable: three 1-D passes on bool tensors (no float copies)."""
+    x = mask.to(torch.bool)
     for _ in range(iterations):
-        x = -F.max_pool3d(-F.pad(x, (1, 1, 1, 1, 1, 1), value=0.0), kernel_size=3, stride=1)
-    return x[0, 0] > 0.5
+        for axis in range(3):
+            x = _shift_or(x, axis, erode=True)
+    return x
 
 
 def binary_dilation(mask: torch.Tensor, iterations: int = 1) -> torch.Tensor:
-    """Dilate a bool ``(X, Y, Z)`` mask with a 3x3x3 cube (outside = background)."""
-    x = mask.to(torch.float32)[None, None]
+    """Dilate a bool ``(X, Y, Z)`` mask with a 3x3x3 cube (outside = background), separably."""
+    x = mask.to(torch.bool)
     for _ in range(iterations):
-        x = F.max_pool3d(x, kernel_size=3, stride=1, padding=1)
-    return x[0, 0] > 0.5
+        for axis in range(3):
+            x = _shift_or(x, axis, erode=False)
+    return x
 
 
 def binary_opening(mask: torch.Tensor, iterations: int = OPENING_ITERATIONS) -> torch.Tensor:
@@ -59,6 +82,21 @@ def voxel_entropy(p: torch.Tensor) -> torch.Tensor:
     """``-p ln p`` elementwise for probabilities in [0, 1] (0 where p == 0)."""
     p = p.to(torch.float32)
     return -p * torch.log(p.clamp_min(1e-12)) * (p > 0)
+
+
+def model_std(p: torch.Tensor) -> torch.Tensor:
+    """Population std over models of ``(M, X, Y, Z)`` float probabilities (``np.std(axis=0)``).
+
+    Accumulated model by model: a strided ``Tensor.std(dim=0)`` is ~20x slower on CPU."""
+    mean = torch.zeros_like(p[0])
+    for pm in p:
+        mean += pm
+    mean /= p.shape[0]
+    var = torch.zeros_like(mean)
+    for pm in p:
+        var.addcmul_(pm - mean, pm - mean)
+    var /= p.shape[0]
+    return var.sqrt_()
 
 
 @dataclass
@@ -97,8 +135,16 @@ def organ_attention(
     if p.ndim != 4:
         raise ValueError("probs must be (M, X, Y, Z)")
     overlap = overlap.to(device=p.device, dtype=torch.bool)
-    std = p.std(dim=0, unbiased=False) if p.shape[0] > 1 else torch.zeros_like(p[0])
-    entropy = voxel_entropy(p).mean(dim=0)
+    std = model_std(p)
+    entropy = torch.zeros_like(p[0])
+    if probs.dtype == torch.uint8:  # lookup table: same float32 values, ~3x faster than log
+        table = voxel_entropy(torch.arange(256, dtype=torch.float32, device=p.device) / 255.0)
+        for qm in probs:
+            entropy += table[qm.to(torch.int64)]
+    else:
+        for pm in p:
+            entropy += voxel_entropy(pm)
+    entropy /= p.shape[0]
     std_mask = binary_opening(std > std_threshold, opening_iterations)
     entropy_mask = binary_opening(entropy > entropy_threshold, opening_iterations)
     attention = std_mask | entropy_mask | overlap

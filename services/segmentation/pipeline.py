@@ -9,8 +9,9 @@ oblique) and spacing is accepted. Organ ids are AbdomenAtlas-8K 1..9
 Steps (DESIGN.md, "The method"):
 1. Reorient + resample in one step: the model grid is RAS-aligned, spans the input's
    bounding box at the member's ``target_spacing_mm``; the HU window [-175, 250] is scaled to
-   [0, 1] and sampled trilinearly (outside the input = 0, i.e. air). Signed-permutation
-   grids (pure reorientation at equal spacing) are handled exactly by flips/transposes.
+   [0, 1] and sampled trilinearly (outside the input = 0, i.e. air). Pure reorientation at
+   equal spacing is done exactly by flips/transposes; axis-aligned grids (any orientation,
+   any spacing) by three separable 1-D linear passes; oblique grids by ``grid_sample``.
 2. Per member: MONAI ``sliding_window_inference`` (Gaussian blending, the member's patch size,
    overlap, batch), then sigmoid per class (or softmax without background).
 3. Per organ, each member's probability is sampled back onto the native grid (trilinear) and
@@ -127,6 +128,36 @@ def _signed_permutation(m: np.ndarray, src_shape: tuple[int, ...], dst_shape: tu
     return plan
 
 
+def _axis_aligned(m: np.ndarray) -> list[int] | None:
+    """If dst voxel -> src voxel is a scaled axis permutation (no rotation/shear), return the
+    src axis of each dst axis; else None."""
+    r = m[:3, :3]
+    scale = np.abs(r).max()
+    nz = np.abs(r) > 1e-6 * scale
+    if not (np.all(nz.sum(axis=0) == 1) and np.all(nz.sum(axis=1) == 1)):
+        return None
+    return [int(np.nonzero(nz[:, j])[0][0]) for j in range(3)]
+
+
+def _lerp_axis(x: torch.Tensor, axis: int, coords: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of ``x`` along ``axis`` at float64 ``coords`` (voxel units), zeros
+    outside (grid_sample ``padding_mode='zeros'``, ``align_corners=True`` semantics)."""
+    n = x.shape[axis]
+    zshape = list(x.shape)
+    zshape[axis] = 1
+    z = torch.zeros(zshape, dtype=x.dtype, device=x.device)
+    xp = torch.cat([z, x, z, z], dim=axis)  # index i of x is i + 1 here
+    c = coords.clamp(-1.0, float(n))
+    i0 = torch.floor(c)
+    w = (c - i0).to(x.dtype)
+    idx0 = (i0 + 1).to(torch.int64)
+    a = xp.index_select(axis, idx0)
+    b = xp.index_select(axis, idx0 + 1)
+    wshape = [1] * x.ndim
+    wshape[axis] = -1
+    return torch.lerp(a, b, w.reshape(wshape))
+
+
 def resample(
     src: torch.Tensor,
     src_affine: np.ndarray,
@@ -144,6 +175,15 @@ def resample(
         out = src.permute(0, *(a + 1 for a, _ in plan))
         flips = [j + 1 for j, (_, flipped) in enumerate(plan) if flipped]
         return (out.flip(flips) if flips else out).contiguous()
+    axes = _axis_aligned(m)
+    if axes is not None:  # separable: three 1-D passes, exact at integer coordinates
+        out = src.to(torch.float32).permute(0, *(a + 1 for a in axes))
+        order = sorted(range(3), key=lambda j: dst_shape[j] / max(out.shape[j + 1], 1))
+        for j in order:
+            a = axes[j]
+            coords = torch.arange(dst_shape[j], dtype=torch.float64, device=src.device) * float(m[a, j]) + float(m[a, 3])
+            out = _lerp_axis(out, j + 1, coords)
+        return out.contiguous()
     c = src.shape[0]
     src5 = src[None].to(torch.float32)
     n = torch.tensor([max(s - 1, 1) for s in src.shape[1:]], dtype=torch.float64, device=src.device)

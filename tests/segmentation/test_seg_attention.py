@@ -109,3 +109,10 @@ def test_heatmap_combines_terms_and_normalises_to_one() -> None:
     raw = np.where(inside, std + ent, 0.0) + overlap
     np.testing.assert_allclose(att.heatmap.numpy(), raw / raw.max(), rtol=1e-5, atol=1e-6)
     assert float(att.heatmap.max()) == pytest.approx(1.0)
+
+
+def test_model_std_matches_numpy() -> None:
+    from atlasflow.segmentation.attention import model_std
+
+    p = np.random.default_rng(3).random((3, 9, 8, 7)).astype(np.float32)
+    np.testing.assert_allclose(model_std(torch.from_numpy(p)).numpy(), p.std(axis=0), rtol=1e-5, atol=1e-6)
