@@ -141,3 +141,23 @@ def test_garbage_and_missing_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(FailedPrecondition) as missing:
         load_member(_unet(checkpoint=tmp_path / "absent.pt"))
     assert missing.value.reason == "CHECKPOINT_NOT_FOUND"
+
+
+def test_ensemble_with_all_checkpoints_reports_trained_weights(tmp_path: Path) -> None:
+    from atlasflow.segmentation.pipeline import EnsemblePipeline
+
+    source = load_ensemble("abdomen-trio-v1")
+    raw = json.loads(Path(source.source).read_text())  # type: ignore[arg-type]
+    for member_raw, member in zip(raw["members"], source.members):
+        torch.save(load_member(dataclasses.replace(member, seed=member.seed + 1)).state_dict(), tmp_path / f"{member.name}.pt")
+        member_raw["checkpoint"] = f"{member.name}.pt"  # relative to the ensemble file
+    raw["version"] = "abdomen-trio-test"
+    path = tmp_path / "abdomen-trio-test.json"
+    path.write_text(json.dumps(raw))
+    pipeline = EnsemblePipeline(str(path))
+    assert pipeline.weights_trained and pipeline.config.model_name == "abdomen_trio_test"
+    untrained = EnsemblePipeline("abdomen-trio-v1")
+    assert not untrained.weights_trained
+    w_trained = next(iter(pipeline.members[0][1].parameters()))
+    w_seeded = next(iter(untrained.members[0][1].parameters()))
+    assert not torch.equal(w_trained, w_seeded)
