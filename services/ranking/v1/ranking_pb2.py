@@ -23,32 +23,85 @@ _sym_db = _symbol_database.Default()
 
 
 from atlasflow.common.v1 import common_pb2 as atlasflow_dot_common_dot_v1_dot_common__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"atlasflow/ranking/v1/ranking.proto\x12\x14\x61tlasflow.ranking.v1\x1a atlasflow/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"x\n\x0eOrganAttention\x12)\n\x05organ\x18\x01 \x01(\x0e\x32\x1a.atlasflow.common.v1.Organ\x12\x14\n\x0c\x61ttention_ml\x18\x02 \x01(\x01\x12\x12\n\nheatmap_ml\x18\x03 \x01(\x01\x12\x11\n\tvolume_ml\x18\x04 \x01(\x01\"\xff\x01\n\x0cWorklistItem\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x11\n\tseries_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x10\n\x08priority\x18\x04 \x01(\x01\x12\x34\n\x06organs\x18\x05 \x03(\x0b\x32$.atlasflow.ranking.v1.OrganAttention\x12-\n\x07heatmap\x18\x06 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRef\x12\x15\n\rsource_job_id\x18\x07 \x01(\t\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xed\x01\n\x16SubmitAttentionRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x11\n\tseries_id\x18\x02 \x01(\t\x12\x15\n\rsource_job_id\x18\x03 \x01(\t\x12\x34\n\x06organs\x18\x04 \x03(\x0b\x32$.atlasflow.ranking.v1.OrganAttention\x12-\n\x07heatmap\x18\x05 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRef\x12\x33\n\x0flabelled_organs\x18\x06 \x03(\x0e\x32\x1a.atlasflow.common.v1.Organ\"K\n\x17SubmitAttentionResponse\x12\x30\n\x04item\x18\x01 \x01(\x0b\x32\".atlasflow.ranking.v1.WorklistItem\"<\n\x13ListWorklistRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"v\n\x14ListWorklistResponse\x12\x31\n\x05items\x18\x01 \x03(\x0b\x32\".atlasflow.ranking.v1.WorklistItem\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\")\n\x16GetWorklistItemRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\"K\n\x17GetWorklistItemResponse\x12\x30\n\x04item\x18\x01 \x01(\x0b\x32\".atlasflow.ranking.v1.WorklistItem2\xd7\x02\n\x0eRankingService\x12n\n\x0fSubmitAttention\x12,.atlasflow.ranking.v1.SubmitAttentionRequest\x1a-.atlasflow.ranking.v1.SubmitAttentionResponse\x12\x65\n\x0cListWorklist\x12).atlasflow.ranking.v1.ListWorklistRequest\x1a*.atlasflow.ranking.v1.ListWorklistResponse\x12n\n\x0fGetWorklistItem\x12,.atlasflow.ranking.v1.GetWorklistItemRequest\x1a-.atlasflow.ranking.v1.GetWorklistItemResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"atlasflow/ranking/v1/ranking.proto\x12\x14\x61tlasflow.ranking.v1\x1a atlasflow/common/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"d\n\x08VoxelBox\x12\r\n\x05x_min\x18\x01 \x01(\x05\x12\r\n\x05y_min\x18\x02 \x01(\x05\x12\r\n\x05z_min\x18\x03 \x01(\x05\x12\r\n\x05x_max\x18\x04 \x01(\x05\x12\r\n\x05y_max\x18\x05 \x01(\x05\x12\r\n\x05z_max\x18\x06 \x01(\x05\"v\n\x08WorldBox\x12\x10\n\x08x_min_mm\x18\x01 \x01(\x01\x12\x10\n\x08y_min_mm\x18\x02 \x01(\x01\x12\x10\n\x08z_min_mm\x18\x03 \x01(\x01\x12\x10\n\x08x_max_mm\x18\x04 \x01(\x01\x12\x10\n\x08y_max_mm\x18\x05 \x01(\x01\x12\x10\n\x08z_max_mm\x18\x06 \x01(\x01\")\n\nSliceRange\x12\r\n\x05\x66irst\x18\x01 \x01(\x05\x12\x0c\n\x04last\x18\x02 \x01(\x05\"\xaa\x01\n\x10\x41ttentionPointer\x12\x31\n\tvoxel_box\x18\x01 \x01(\x0b\x32\x1e.atlasflow.ranking.v1.VoxelBox\x12\x31\n\tworld_box\x18\x02 \x01(\x0b\x32\x1e.atlasflow.ranking.v1.WorldBox\x12\x30\n\x06slices\x18\x03 \x01(\x0b\x32 .atlasflow.ranking.v1.SliceRange\"\xe0\x01\n\x0eOrganAttention\x12)\n\x05organ\x18\x01 \x01(\x0e\x32\x1a.atlasflow.common.v1.Organ\x12\x14\n\x0c\x61ttention_ml\x18\x02 \x01(\x01\x12\x12\n\nheatmap_ml\x18\x03 \x01(\x01\x12\x11\n\tvolume_ml\x18\x04 \x01(\x01\x12\x0f\n\x07reasons\x18\x05 \x03(\t\x12\x37\n\x07pointer\x18\x06 \x01(\x0b\x32&.atlasflow.ranking.v1.AttentionPointer\x12\x12\n\x05score\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x08\n\x06_score\"z\n\x05Lease\x12\x10\n\x08reviewer\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb3\x01\n\x06Review\x12\x34\n\x07outcome\x18\x01 \x01(\x0e\x32#.atlasflow.ranking.v1.ReviewOutcome\x12\x10\n\x08reviewer\x18\x02 \x01(\t\x12\x18\n\x10label_version_id\x18\x03 \x01(\t\x12\x31\n\rcomplete_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cround_number\x18\x05 \x01(\x05\"\xda\x03\n\x0cWorklistItem\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x11\n\tseries_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x10\n\x08priority\x18\x04 \x01(\x01\x12\x34\n\x06organs\x18\x05 \x03(\x0b\x32$.atlasflow.ranking.v1.OrganAttention\x12-\n\x07heatmap\x18\x06 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRef\x12\x15\n\rsource_job_id\x18\x07 \x01(\t\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x06status\x18\t \x01(\x0e\x32$.atlasflow.ranking.v1.WorklistStatus\x12\x14\n\x0cround_number\x18\n \x01(\x05\x12*\n\x05lease\x18\x0b \x01(\x0b\x32\x1b.atlasflow.ranking.v1.Lease\x12,\n\x06review\x18\x0c \x01(\x0b\x32\x1c.atlasflow.ranking.v1.Review\x12\x33\n\x0flabelled_organs\x18\r \x03(\x0e\x32\x1a.atlasflow.common.v1.Organ\"\xcf\x02\n\x05Round\x12\x14\n\x0cround_number\x18\x01 \x01(\x05\x12\x17\n\x0f\x62udget_fraction\x18\x02 \x01(\x01\x12\x17\n\x0f\x63\x61ndidate_count\x18\x03 \x01(\x05\x12\x12\n\ncase_count\x18\x04 \x01(\x05\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x05 \x01(\x05\x12\x15\n\rrevised_count\x18\x06 \x01(\x05\x12\x18\n\x10unreviewed_count\x18\x07 \x01(\x05\x12/\n\x05state\x18\x08 \x01(\x0e\x32 .atlasflow.ranking.v1.RoundState\x12\x0f\n\x07\x63reator\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nclose_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xed\x01\n\x16SubmitAttentionRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x11\n\tseries_id\x18\x02 \x01(\t\x12\x15\n\rsource_job_id\x18\x03 \x01(\t\x12\x34\n\x06organs\x18\x04 \x03(\x0b\x32$.atlasflow.ranking.v1.OrganAttention\x12-\n\x07heatmap\x18\x05 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRef\x12\x33\n\x0flabelled_organs\x18\x06 \x03(\x0e\x32\x1a.atlasflow.common.v1.Organ\"K\n\x17SubmitAttentionResponse\x12\x30\n\x04item\x18\x01 \x01(\x0b\x32\".atlasflow.ranking.v1.WorklistItem\"\xb6\x01\n\x13ListWorklistRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12*\n\x06organs\x18\x03 \x03(\x0e\x32\x1a.atlasflow.common.v1.Organ\x12\x14\n\x0cround_number\x18\x04 \x01(\x05\x12\x36\n\x08statuses\x18\x05 \x03(\x0e\x32$.atlasflow.ranking.v1.WorklistStatus\"v\n\x14ListWorklistResponse\x12\x31\n\x05items\x18\x01 \x03(\x0b\x32\".atlasflow.ranking.v1.WorklistItem\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\")\n\x16GetWorklistItemRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\"K\n\x17GetWorklistItemResponse\x12\x30\n\x04item\x18\x01 \x01(\x0b\x32\".atlasflow.ranking.v1.WorklistItem\"V\n\x10LeaseCaseRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x31\n\x0elease_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"E\n\x11LeaseCaseResponse\x12\x30\n\x04item\x18\x01 \x01(\x0b\x32\".atlasflow.ranking.v1.WorklistItem\"I\n\x14LeaseNextCaseRequest\x12\x31\n\x0elease_duration\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"I\n\x15LeaseNextCaseResponse\x12\x30\n\x04item\x18\x01 \x01(\x0b\x32\".atlasflow.ranking.v1.WorklistItem\"W\n\x11RenewLeaseRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x31\n\x0elease_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"F\n\x12RenewLeaseResponse\x12\x30\n\x04item\x18\x01 \x01(\x0b\x32\".atlasflow.ranking.v1.WorklistItem\"&\n\x13ReleaseLeaseRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\"H\n\x14ReleaseLeaseResponse\x12\x30\n\x04item\x18\x01 \x01(\x0b\x32\".atlasflow.ranking.v1.WorklistItem\"x\n\x15\x43ompleteReviewRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x34\n\x07outcome\x18\x02 \x01(\x0e\x32#.atlasflow.ranking.v1.ReviewOutcome\x12\x18\n\x10label_version_id\x18\x03 \x01(\t\"J\n\x16\x43ompleteReviewResponse\x12\x30\n\x04item\x18\x01 \x01(\x0b\x32\".atlasflow.ranking.v1.WorklistItem\"@\n\x11StartRoundRequest\x12\x17\n\x0f\x62udget_fraction\x18\x01 \x01(\x01\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"@\n\x12StartRoundResponse\x12*\n\x05round\x18\x01 \x01(\x0b\x32\x1b.atlasflow.ranking.v1.Round\"\'\n\x0fGetRoundRequest\x12\x14\n\x0cround_number\x18\x01 \x01(\x05\">\n\x10GetRoundResponse\x12*\n\x05round\x18\x01 \x01(\x0b\x32\x1b.atlasflow.ranking.v1.Round\":\n\x11ListRoundsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"n\n\x12ListRoundsResponse\x12+\n\x06rounds\x18\x01 \x03(\x0b\x32\x1b.atlasflow.ranking.v1.Round\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05*\xa5\x01\n\x0eWorklistStatus\x12\x1f\n\x1bWORKLIST_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17WORKLIST_STATUS_PENDING\x10\x01\x12\x1a\n\x16WORKLIST_STATUS_LEASED\x10\x02\x12\x1c\n\x18WORKLIST_STATUS_ACCEPTED\x10\x03\x12\x1b\n\x17WORKLIST_STATUS_REVISED\x10\x04*h\n\rReviewOutcome\x12\x1e\n\x1aREVIEW_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17REVIEW_OUTCOME_ACCEPTED\x10\x01\x12\x1a\n\x16REVIEW_OUTCOME_REVISED\x10\x02*W\n\nRoundState\x12\x1b\n\x17ROUND_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUND_STATE_OPEN\x10\x01\x12\x16\n\x12ROUND_STATE_CLOSED\x10\x02\x32\xf1\x08\n\x0eRankingService\x12n\n\x0fSubmitAttention\x12,.atlasflow.ranking.v1.SubmitAttentionRequest\x1a-.atlasflow.ranking.v1.SubmitAttentionResponse\x12\x65\n\x0cListWorklist\x12).atlasflow.ranking.v1.ListWorklistRequest\x1a*.atlasflow.ranking.v1.ListWorklistResponse\x12n\n\x0fGetWorklistItem\x12,.atlasflow.ranking.v1.GetWorklistItemRequest\x1a-.atlasflow.ranking.v1.GetWorklistItemResponse\x12\\\n\tLeaseCase\x12&.atlasflow.ranking.v1.LeaseCaseRequest\x1a\'.atlasflow.ranking.v1.LeaseCaseResponse\x12h\n\rLeaseNextCase\x12*.atlasflow.ranking.v1.LeaseNextCaseRequest\x1a+.atlasflow.ranking.v1.LeaseNextCaseResponse\x12_\n\nRenewLease\x12\'.atlasflow.ranking.v1.RenewLeaseRequest\x1a(.atlasflow.ranking.v1.RenewLeaseResponse\x12\x65\n\x0cReleaseLease\x12).atlasflow.ranking.v1.ReleaseLeaseRequest\x1a*.atlasflow.ranking.v1.ReleaseLeaseResponse\x12k\n\x0e\x43ompleteReview\x12+.atlasflow.ranking.v1.CompleteReviewRequest\x1a,.atlasflow.ranking.v1.CompleteReviewResponse\x12_\n\nStartRound\x12\'.atlasflow.ranking.v1.StartRoundRequest\x1a(.atlasflow.ranking.v1.StartRoundResponse\x12Y\n\x08GetRound\x12%.atlasflow.ranking.v1.GetRoundRequest\x1a&.atlasflow.ranking.v1.GetRoundResponse\x12_\n\nListRounds\x12\'.atlasflow.ranking.v1.ListRoundsRequest\x1a(.atlasflow.ranking.v1.ListRoundsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'atlasflow.ranking.v1.ranking_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ORGANATTENTION']._serialized_start=127
-  _globals['_ORGANATTENTION']._serialized_end=247
-  _globals['_WORKLISTITEM']._serialized_start=250
-  _globals['_WORKLISTITEM']._serialized_end=505
-  _globals['_SUBMITATTENTIONREQUEST']._serialized_start=508
-  _globals['_SUBMITATTENTIONREQUEST']._serialized_end=745
-  _globals['_SUBMITATTENTIONRESPONSE']._serialized_start=747
-  _globals['_SUBMITATTENTIONRESPONSE']._serialized_end=822
-  _globals['_LISTWORKLISTREQUEST']._serialized_start=824
-  _globals['_LISTWORKLISTREQUEST']._serialized_end=884
-  _globals['_LISTWORKLISTRESPONSE']._serialized_start=886
-  _globals['_LISTWORKLISTRESPONSE']._serialized_end=1004
-  _globals['_GETWORKLISTITEMREQUEST']._serialized_start=1006
-  _globals['_GETWORKLISTITEMREQUEST']._serialized_end=1047
-  _globals['_GETWORKLISTITEMRESPONSE']._serialized_start=1049
-  _globals['_GETWORKLISTITEMRESPONSE']._serialized_end=1124
-  _globals['_RANKINGSERVICE']._serialized_start=1127
-  _globals['_RANKINGSERVICE']._serialized_end=1470
+  _globals['_WORKLISTSTATUS']._serialized_start=3879
+  _globals['_WORKLISTSTATUS']._serialized_end=4044
+  _globals['_REVIEWOUTCOME']._serialized_start=4046
+  _globals['_REVIEWOUTCOME']._serialized_end=4150
+  _globals['_ROUNDSTATE']._serialized_start=4152
+  _globals['_ROUNDSTATE']._serialized_end=4239
+  _globals['_VOXELBOX']._serialized_start=159
+  _globals['_VOXELBOX']._serialized_end=259
+  _globals['_WORLDBOX']._serialized_start=261
+  _globals['_WORLDBOX']._serialized_end=379
+  _globals['_SLICERANGE']._serialized_start=381
+  _globals['_SLICERANGE']._serialized_end=422
+  _globals['_ATTENTIONPOINTER']._serialized_start=425
+  _globals['_ATTENTIONPOINTER']._serialized_end=595
+  _globals['_ORGANATTENTION']._serialized_start=598
+  _globals['_ORGANATTENTION']._serialized_end=822
+  _globals['_LEASE']._serialized_start=824
+  _globals['_LEASE']._serialized_end=946
+  _globals['_REVIEW']._serialized_start=949
+  _globals['_REVIEW']._serialized_end=1128
+  _globals['_WORKLISTITEM']._serialized_start=1131
+  _globals['_WORKLISTITEM']._serialized_end=1605
+  _globals['_ROUND']._serialized_start=1608
+  _globals['_ROUND']._serialized_end=1943
+  _globals['_SUBMITATTENTIONREQUEST']._serialized_start=1946
+  _globals['_SUBMITATTENTIONREQUEST']._serialized_end=2183
+  _globals['_SUBMITATTENTIONRESPONSE']._serialized_start=2185
+  _globals['_SUBMITATTENTIONRESPONSE']._serialized_end=2260
+  _globals['_LISTWORKLISTREQUEST']._serialized_start=2263
+  _globals['_LISTWORKLISTREQUEST']._serialized_end=2445
+  _globals['_LISTWORKLISTRESPONSE']._serialized_start=2447
+  _globals['_LISTWORKLISTRESPONSE']._serialized_end=2565
+  _globals['_GETWORKLISTITEMREQUEST']._serialized_start=2567
+  _globals['_GETWORKLISTITEMREQUEST']._serialized_end=2608
+  _globals['_GETWORKLISTITEMRESPONSE']._serialized_start=2610
+  _globals['_GETWORKLISTITEMRESPONSE']._serialized_end=2685
+  _globals['_LEASECASEREQUEST']._serialized_start=2687
+  _globals['_LEASECASEREQUEST']._serialized_end=2773
+  _globals['_LEASECASERESPONSE']._serialized_start=2775
+  _globals['_LEASECASERESPONSE']._serialized_end=2844
+  _globals['_LEASENEXTCASEREQUEST']._serialized_start=2846
+  _globals['_LEASENEXTCASEREQUEST']._serialized_end=2919
+  _globals['_LEASENEXTCASERESPONSE']._serialized_start=2921
+  _globals['_LEASENEXTCASERESPONSE']._serialized_end=2994
+  _globals['_RENEWLEASEREQUEST']._serialized_start=2996
+  _globals['_RENEWLEASEREQUEST']._serialized_end=3083
+  _globals['_RENEWLEASERESPONSE']._serialized_start=3085
+  _globals['_RENEWLEASERESPONSE']._serialized_end=3155
+  _globals['_RELEASELEASEREQUEST']._serialized_start=3157
+  _globals['_RELEASELEASEREQUEST']._serialized_end=3195
+  _globals['_RELEASELEASERESPONSE']._serialized_start=3197
+  _globals['_RELEASELEASERESPONSE']._serialized_end=3269
+  _globals['_COMPLETEREVIEWREQUEST']._serialized_start=3271
+  _globals['_COMPLETEREVIEWREQUEST']._serialized_end=3391
+  _globals['_COMPLETEREVIEWRESPONSE']._serialized_start=3393
+  _globals['_COMPLETEREVIEWRESPONSE']._serialized_end=3467
+  _globals['_STARTROUNDREQUEST']._serialized_start=3469
+  _globals['_STARTROUNDREQUEST']._serialized_end=3533
+  _globals['_STARTROUNDRESPONSE']._serialized_start=3535
+  _globals['_STARTROUNDRESPONSE']._serialized_end=3599
+  _globals['_GETROUNDREQUEST']._serialized_start=3601
+  _globals['_GETROUNDREQUEST']._serialized_end=3640
+  _globals['_GETROUNDRESPONSE']._serialized_start=3642
+  _globals['_GETROUNDRESPONSE']._serialized_end=3704
+  _globals['_LISTROUNDSREQUEST']._serialized_start=3706
+  _globals['_LISTROUNDSREQUEST']._serialized_end=3764
+  _globals['_LISTROUNDSRESPONSE']._serialized_start=3766
+  _globals['_LISTROUNDSRESPONSE']._serialized_end=3876
+  _globals['_RANKINGSERVICE']._serialized_start=4242
+  _globals['_RANKINGSERVICE']._serialized_end=5379
 # @@protoc_insertion_point(module_scope)

@@ -27,11 +27,24 @@ if _version_not_supported:
 
 class RankingServiceStub:
     """RankingService turns attention summaries into a ranked worklist of cases for radiologists:
-    case priority = total attention volume (ml) over the organs the source did not label; within
-    a case, organs are ordered by heatmap mass.
+    case priority = total attention volume (ml) over the organs the source did not label (or
+    the sum of the organs' `score` where the attention library sets one); within a case, organs
+    are ordered by heatmap mass.
 
-    Errors: google.rpc.ErrorInfo, domain "atlasflow.ranking", e.g. reason CASE_NOT_FOUND,
-    INVALID_ATTENTION.
+    Review workflow: a round (StartRound) selects the top budget_fraction of the unreviewed
+    cases by priority; a reviewer leases a case (LeaseNextCase or LeaseCase), may renew or
+    release the lease, and completes the review as accepted or revised (CompleteReview). A case
+    is leased by at most one reviewer at a time. The reviewer is the caller's principal, read
+    from the request metadata key `x-atlasflow-principal`; review RPCs without it fail with
+    UNAUTHENTICATED, reason PRINCIPAL_REQUIRED.
+
+    Errors: google.rpc.ErrorInfo, domain "atlasflow.ranking". Reasons: CASE_NOT_FOUND,
+    ROUND_NOT_FOUND, NO_CASE_AVAILABLE (NOT_FOUND); INVALID_ATTENTION, INVALID_ARGUMENT,
+    INVALID_FILTER, INVALID_PAGE_SIZE, INVALID_PAGE_TOKEN, INVALID_LEASE_DURATION,
+    INVALID_OUTCOME, INVALID_BUDGET (INVALID_ARGUMENT); PRINCIPAL_REQUIRED (UNAUTHENTICATED);
+    LEASE_HELD_BY_OTHER (FAILED_PRECONDITION when leasing, PERMISSION_DENIED when renewing,
+    releasing or completing another reviewer's lease); LEASE_EXPIRED, LEASE_REQUIRED,
+    CASE_ALREADY_REVIEWED, NO_OPEN_ROUND, NO_UNREVIEWED_CASES (FAILED_PRECONDITION).
     """
 
     def __init__(self, channel):
@@ -55,27 +68,82 @@ class RankingServiceStub:
                 request_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetWorklistItemRequest.SerializeToString,
                 response_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetWorklistItemResponse.FromString,
                 _registered_method=True)
+        self.LeaseCase = channel.unary_unary(
+                '/atlasflow.ranking.v1.RankingService/LeaseCase',
+                request_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.LeaseCaseRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.LeaseCaseResponse.FromString,
+                _registered_method=True)
+        self.LeaseNextCase = channel.unary_unary(
+                '/atlasflow.ranking.v1.RankingService/LeaseNextCase',
+                request_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.LeaseNextCaseRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.LeaseNextCaseResponse.FromString,
+                _registered_method=True)
+        self.RenewLease = channel.unary_unary(
+                '/atlasflow.ranking.v1.RankingService/RenewLease',
+                request_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.RenewLeaseRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.RenewLeaseResponse.FromString,
+                _registered_method=True)
+        self.ReleaseLease = channel.unary_unary(
+                '/atlasflow.ranking.v1.RankingService/ReleaseLease',
+                request_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.ReleaseLeaseRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.ReleaseLeaseResponse.FromString,
+                _registered_method=True)
+        self.CompleteReview = channel.unary_unary(
+                '/atlasflow.ranking.v1.RankingService/CompleteReview',
+                request_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.CompleteReviewRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.CompleteReviewResponse.FromString,
+                _registered_method=True)
+        self.StartRound = channel.unary_unary(
+                '/atlasflow.ranking.v1.RankingService/StartRound',
+                request_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.StartRoundRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.StartRoundResponse.FromString,
+                _registered_method=True)
+        self.GetRound = channel.unary_unary(
+                '/atlasflow.ranking.v1.RankingService/GetRound',
+                request_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetRoundRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetRoundResponse.FromString,
+                _registered_method=True)
+        self.ListRounds = channel.unary_unary(
+                '/atlasflow.ranking.v1.RankingService/ListRounds',
+                request_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.ListRoundsRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.ListRoundsResponse.FromString,
+                _registered_method=True)
 
 
 class RankingServiceServicer:
     """RankingService turns attention summaries into a ranked worklist of cases for radiologists:
-    case priority = total attention volume (ml) over the organs the source did not label; within
-    a case, organs are ordered by heatmap mass.
+    case priority = total attention volume (ml) over the organs the source did not label (or
+    the sum of the organs' `score` where the attention library sets one); within a case, organs
+    are ordered by heatmap mass.
 
-    Errors: google.rpc.ErrorInfo, domain "atlasflow.ranking", e.g. reason CASE_NOT_FOUND,
-    INVALID_ATTENTION.
+    Review workflow: a round (StartRound) selects the top budget_fraction of the unreviewed
+    cases by priority; a reviewer leases a case (LeaseNextCase or LeaseCase), may renew or
+    release the lease, and completes the review as accepted or revised (CompleteReview). A case
+    is leased by at most one reviewer at a time. The reviewer is the caller's principal, read
+    from the request metadata key `x-atlasflow-principal`; review RPCs without it fail with
+    UNAUTHENTICATED, reason PRINCIPAL_REQUIRED.
+
+    Errors: google.rpc.ErrorInfo, domain "atlasflow.ranking". Reasons: CASE_NOT_FOUND,
+    ROUND_NOT_FOUND, NO_CASE_AVAILABLE (NOT_FOUND); INVALID_ATTENTION, INVALID_ARGUMENT,
+    INVALID_FILTER, INVALID_PAGE_SIZE, INVALID_PAGE_TOKEN, INVALID_LEASE_DURATION,
+    INVALID_OUTCOME, INVALID_BUDGET (INVALID_ARGUMENT); PRINCIPAL_REQUIRED (UNAUTHENTICATED);
+    LEASE_HELD_BY_OTHER (FAILED_PRECONDITION when leasing, PERMISSION_DENIED when renewing,
+    releasing or completing another reviewer's lease); LEASE_EXPIRED, LEASE_REQUIRED,
+    CASE_ALREADY_REVIEWED, NO_OPEN_ROUND, NO_UNREVIEWED_CASES (FAILED_PRECONDITION).
     """
 
     def SubmitAttention(self, request, context):
         """Records (or replaces, idempotently by case_id + source_job_id) the attention summary of
-        one case and re-ranks it.
+        one case and re-ranks it. A case's review status, lease and round are kept: a case
+        already ACCEPTED or REVISED stays done, only its priority changes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListWorklist(self, request, context):
-        """Lists the worklist, highest priority first.
+        """Lists the worklist, highest priority first, optionally filtered by organ, round and
+        status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,6 +151,68 @@ class RankingServiceServicer:
 
     def GetWorklistItem(self, request, context):
         """Returns one case's worklist entry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaseCase(self, request, context):
+        """Leases one named, unreviewed case to the caller. Leasing a case the caller already
+        holds renews the lease.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaseNextCase(self, request, context):
+        """Leases the highest-priority PENDING case of the open round to the caller. If the caller
+        already holds an unexpired lease on an unreviewed case of the open round, that lease is
+        renewed and returned instead (a retried call never leaks a second lease).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewLease(self, request, context):
+        """Extends the caller's unexpired lease.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseLease(self, request, context):
+        """Gives the caller's lease back; the case becomes PENDING. Releasing a case that nobody
+        holds (or whose lease has expired) succeeds and changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteReview(self, request, context):
+        """Completes the review of a case the caller holds an unexpired lease on. A repeat of the
+        same completion by the same reviewer returns the case unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartRound(self, request, context):
+        """Starts a review round: selects the top ceil(budget_fraction x U) of the U unreviewed
+        cases by priority (ties: case_id ascending) and closes the previous round.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRound(self, request, context):
+        """Returns one round.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRounds(self, request, context):
+        """Lists rounds, newest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,6 +236,46 @@ def add_RankingServiceServicer_to_server(servicer, server):
                     request_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetWorklistItemRequest.FromString,
                     response_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetWorklistItemResponse.SerializeToString,
             ),
+            'LeaseCase': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseCase,
+                    request_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.LeaseCaseRequest.FromString,
+                    response_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.LeaseCaseResponse.SerializeToString,
+            ),
+            'LeaseNextCase': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseNextCase,
+                    request_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.LeaseNextCaseRequest.FromString,
+                    response_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.LeaseNextCaseResponse.SerializeToString,
+            ),
+            'RenewLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLease,
+                    request_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.RenewLeaseRequest.FromString,
+                    response_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.RenewLeaseResponse.SerializeToString,
+            ),
+            'ReleaseLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseLease,
+                    request_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.ReleaseLeaseRequest.FromString,
+                    response_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.ReleaseLeaseResponse.SerializeToString,
+            ),
+            'CompleteReview': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteReview,
+                    request_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.CompleteReviewRequest.FromString,
+                    response_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.CompleteReviewResponse.SerializeToString,
+            ),
+            'StartRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRound,
+                    request_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.StartRoundRequest.FromString,
+                    response_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.StartRoundResponse.SerializeToString,
+            ),
+            'GetRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRound,
+                    request_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetRoundRequest.FromString,
+                    response_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetRoundResponse.SerializeToString,
+            ),
+            'ListRounds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRounds,
+                    request_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.ListRoundsRequest.FromString,
+                    response_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.ListRoundsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'atlasflow.ranking.v1.RankingService', rpc_method_handlers)
@@ -116,11 +286,24 @@ def add_RankingServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class RankingService:
     """RankingService turns attention summaries into a ranked worklist of cases for radiologists:
-    case priority = total attention volume (ml) over the organs the source did not label; within
-    a case, organs are ordered by heatmap mass.
+    case priority = total attention volume (ml) over the organs the source did not label (or
+    the sum of the organs' `score` where the attention library sets one); within a case, organs
+    are ordered by heatmap mass.
 
-    Errors: google.rpc.ErrorInfo, domain "atlasflow.ranking", e.g. reason CASE_NOT_FOUND,
-    INVALID_ATTENTION.
+    Review workflow: a round (StartRound) selects the top budget_fraction of the unreviewed
+    cases by priority; a reviewer leases a case (LeaseNextCase or LeaseCase), may renew or
+    release the lease, and completes the review as accepted or revised (CompleteReview). A case
+    is leased by at most one reviewer at a time. The reviewer is the caller's principal, read
+    from the request metadata key `x-atlasflow-principal`; review RPCs without it fail with
+    UNAUTHENTICATED, reason PRINCIPAL_REQUIRED.
+
+    Errors: google.rpc.ErrorInfo, domain "atlasflow.ranking". Reasons: CASE_NOT_FOUND,
+    ROUND_NOT_FOUND, NO_CASE_AVAILABLE (NOT_FOUND); INVALID_ATTENTION, INVALID_ARGUMENT,
+    INVALID_FILTER, INVALID_PAGE_SIZE, INVALID_PAGE_TOKEN, INVALID_LEASE_DURATION,
+    INVALID_OUTCOME, INVALID_BUDGET (INVALID_ARGUMENT); PRINCIPAL_REQUIRED (UNAUTHENTICATED);
+    LEASE_HELD_BY_OTHER (FAILED_PRECONDITION when leasing, PERMISSION_DENIED when renewing,
+    releasing or completing another reviewer's lease); LEASE_EXPIRED, LEASE_REQUIRED,
+    CASE_ALREADY_REVIEWED, NO_OPEN_ROUND, NO_UNREVIEWED_CASES (FAILED_PRECONDITION).
     """
 
     @staticmethod
@@ -194,6 +377,222 @@ class RankingService:
             '/atlasflow.ranking.v1.RankingService/GetWorklistItem',
             atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetWorklistItemRequest.SerializeToString,
             atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetWorklistItemResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseCase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atlasflow.ranking.v1.RankingService/LeaseCase',
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.LeaseCaseRequest.SerializeToString,
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.LeaseCaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseNextCase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atlasflow.ranking.v1.RankingService/LeaseNextCase',
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.LeaseNextCaseRequest.SerializeToString,
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.LeaseNextCaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atlasflow.ranking.v1.RankingService/RenewLease',
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.RenewLeaseRequest.SerializeToString,
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.RenewLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atlasflow.ranking.v1.RankingService/ReleaseLease',
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.ReleaseLeaseRequest.SerializeToString,
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.ReleaseLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteReview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atlasflow.ranking.v1.RankingService/CompleteReview',
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.CompleteReviewRequest.SerializeToString,
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.CompleteReviewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atlasflow.ranking.v1.RankingService/StartRound',
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.StartRoundRequest.SerializeToString,
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.StartRoundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atlasflow.ranking.v1.RankingService/GetRound',
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetRoundRequest.SerializeToString,
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetRoundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRounds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atlasflow.ranking.v1.RankingService/ListRounds',
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.ListRoundsRequest.SerializeToString,
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.ListRoundsResponse.FromString,
             options,
             channel_credentials,
             insecure,
