@@ -12,7 +12,7 @@ from atlasflow.common.metrics import Metrics
 from atlasflow.common.server import BuiltServer, build_server, run_until_signalled
 from atlasflow.common.settings import ServiceSettings
 from atlasflow.common.telemetry import setup_logging, setup_tracing, shutdown_tracing
-from atlasflow.labels.repository import SqliteLabelRepository
+from atlasflow.labels.repository import open_repository
 from atlasflow.labels.service import Exporter, LabelServicer
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
 
@@ -26,13 +26,16 @@ class LabelsSettings(ServiceSettings):
     # When set, exports may only be written inside this directory (the cluster mounts a
     # volume here; the root filesystem is read-only). Empty: any absolute file:// path.
     export_dir: str = ""
+    # ATLASFLOW_LABELS_DATABASE_URL: empty = SQLite at <data_dir>/labels.sqlite3 (embedded);
+    # "postgresql://user@host:5432/db" = PostgreSQL (cluster). Migrations run on start.
+    database_url: str = ""
 
 
 async def amain(settings: LabelsSettings) -> None:
     metrics = Metrics("labels")
     metrics.serve(settings.metrics_port, settings.grpc_host)
     blobs = LocalBlobStore(settings.blob_dir)
-    repo = SqliteLabelRepository(Path(settings.data_dir) / "labels.sqlite3")
+    repo = open_repository(settings.database_url, settings.data_dir)
     exporter = Exporter(repo, blobs, metrics)
     export_root = Path(settings.export_dir).resolve() if settings.export_dir else None
 

@@ -1,33 +1,46 @@
-"""Immutable label versions with lineage and provenance, plus the export-job table (no grpc).
+"""Immutable label versions with lineage and provenance, export jobs and the audit trail (no grpc).
+
+Two backends implement one `LabelRepository` interface and pass one contract test suite
+(tests/labels/test_labels_repository.py): `SqliteLabelRepository` (embedded default) and
+`PostgresLabelRepository` (production, atlasflow.labels.postgres). Both share the SQL in
+`SqlLabelRepository`; a small `_Backend` adapter hides the driver (placeholders, transactions,
+per-case write locks, timestamps).
 
 Every label version of a case is an immutable row; a case's history is a single chain
 (first version -> ... -> head). The chain is enforced by the database itself: one root per
 case and at most one child per version (partial UNIQUE indexes), so even a buggy caller cannot
-fork the history. Writers take the write lock up front (`BEGIN IMMEDIATE`), read the head,
-check `expected_parent_version_id`, insert and move the head in one transaction.
+fork the history. Writers serialise per case (SQLite: `BEGIN IMMEDIATE`, the database write
+lock; PostgreSQL: a transaction-scoped advisory lock on the case id), read the head, check
+`expected_parent_version_id`, insert and move the head in one transaction.
+
+Per-organ provenance: every version records, for each of the nine organs, which source decided
+that organ's label and in which version (`OrganProvenance`); label assembly
+(atlasflow.labels.assembly) computes it, the repository stores it.
 
 Idempotency: `request_id` is UNIQUE. A repeat of a request (same request_id, same content)
 returns the version created the first time, also after a restart and also after other versions
 were appended since; the same request_id with different content is rejected
 (InvalidArgument("REQUEST_ID_REUSED")).
 
-Threading: one `SqliteLabelRepository` holds one connection and serialises its calls with a
-lock; several instances (threads, processes) on the same file are safe (see
-atlasflow.common.sqlite).
+Audit: `audit_records` is append-only (triggers refuse UPDATE and DELETE). Writes record their
+audit row in the same transaction as the write; reads record theirs via `record_audit`.
+
+Schema migrations are versioned (one list per backend, append-only) and run on open.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -54,7 +67,7 @@ _EXPORT_TRANSITIONS: dict[str, frozenset[str]] = {
 
 @dataclass(frozen=True)
 class Provenance:
-    """Where a label version came from.
+    """Where a label came from.
 
     source: "ai" (model ensemble), "radiologist" (drawn or revised by a human) or "original"
     (shipped with the source dataset). model_version / job_id for AI, reviewer (principal) for
@@ -78,6 +91,26 @@ class Provenance:
                 "job_id": self.job_id, "reviewer": self.reviewer,
                 "weights_trained": self.weights_trained}
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Provenance:
+        return cls(str(d["source"]), str(d.get("model_version", "")), str(d.get("job_id", "")),
+                   str(d.get("reviewer", "")), bool(d.get("weights_trained", False)))
+
+
+@dataclass(frozen=True)
+class OrganProvenance:
+    """Who decided one organ's label, and in which version.
+
+    version_id: the version whose write decided this organ ("" in a create call = the version
+    being created; records always carry the resolved id).
+    """
+
+    provenance: Provenance
+    version_id: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {**self.provenance.to_dict(), "version_id": self.version_id}
+
 
 @dataclass(frozen=True)
 class LabelVersionRecord:
@@ -86,7 +119,8 @@ class LabelVersionRecord:
     label_map_*: combined label map blob (NIfTI uint8, AbdomenAtlas ids, on the CT grid);
     ct_*: the CT volume blob. organs: ids present (non-empty), ascending. shape: (X, Y, Z)
     voxels. affine: 16 floats, row-major voxel-to-world RAS+ mm. parent_version_id: "" for the
-    first version of a case. create_time: UTC.
+    first version of a case. create_time: UTC. organ_provenance: organ id -> OrganProvenance
+    for all nine organs.
     """
 
     version_id: str
@@ -101,6 +135,7 @@ class LabelVersionRecord:
     shape: tuple[int, int, int]
     affine: tuple[float, ...]
     create_time: datetime
+    organ_provenance: Mapping[int, OrganProvenance] = field(default_factory=dict, compare=True)
 
 
 @dataclass(frozen=True)
@@ -123,6 +158,33 @@ class ExportJobRecord:
     case_ids: tuple[str, ...] = field(default=())
 
 
+@dataclass(frozen=True)
+class AuditEvent:
+    """What to record: who (principal), what (method = RPC name, case/version/job ids,
+    outcome "OK" or the error reason)."""
+
+    principal: str
+    method: str
+    case_id: str = ""
+    version_ids: tuple[str, ...] = ()
+    job_id: str = ""
+    outcome: str = "OK"
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """A stored audit row: the event plus its id and time (UTC)."""
+
+    record_id: str
+    time: datetime
+    principal: str
+    method: str
+    case_id: str
+    version_ids: tuple[str, ...]
+    job_id: str
+    outcome: str
+
+
 @runtime_checkable
 class LabelRepository(Protocol):
     """Storage interface of label versions; every implementation passes tests/labels' contract."""
@@ -131,7 +193,10 @@ class LabelRepository(Protocol):
                        provenance: Provenance, request_id: str,
                        expected_parent_version_id: str = "", *,
                        organs: Sequence[int] = (), shape: Sequence[int] = (0, 0, 0),
-                       affine: Sequence[float] | np.ndarray = ()) -> LabelVersionRecord: ...
+                       affine: Sequence[float] | np.ndarray = (),
+                       organ_provenance: Mapping[int, OrganProvenance] | None = None,
+                       request_fingerprint: str = "",
+                       audit: AuditEvent | None = None) -> LabelVersionRecord: ...
 
     def get_version(self, version_id: str) -> LabelVersionRecord: ...
 
@@ -140,6 +205,33 @@ class LabelRepository(Protocol):
 
     def head(self, case_id: str) -> LabelVersionRecord | None: ...
 
+    def version_for_request(self, request_id: str) -> tuple[LabelVersionRecord, str] | None: ...
+
+    def history(self, case_id: str) -> list[LabelVersionRecord]: ...
+
+    def case_ids(self) -> list[str]: ...
+
+    def create_export_job(self, case_ids: Sequence[str], destination_uri: str, *,
+                          request_id: str = "",
+                          audit: AuditEvent | None = None) -> ExportJobRecord: ...
+
+    def get_export_job(self, job_id: str) -> ExportJobRecord: ...
+
+    def update_export_job(self, job_id: str, *, state: str | None = None,
+                          cases_done: int | None = None,
+                          error_reason: str | None = None) -> ExportJobRecord: ...
+
+    def list_export_jobs(self, states: Sequence[str] = ()) -> list[ExportJobRecord]: ...
+
+    def record_audit(self, event: AuditEvent) -> AuditRecord: ...
+
+    def list_audit_records(self, case_id: str = "", principal: str = "", page_size: int = 0,
+                           page_token: str = "") -> tuple[list[AuditRecord], str]: ...
+
+    def close(self) -> None: ...
+
+
+# ------------------------------------------------------------------------------ SQLite schema
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -190,6 +282,28 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX export_jobs_by_state ON export_jobs(state, create_time);
     """,
+    # 2: per-organ provenance ('{}' on rows written before: the version's own provenance
+    # applies to every organ) and the append-only audit trail.
+    """
+    ALTER TABLE label_versions ADD COLUMN organ_provenance TEXT NOT NULL DEFAULT '{}';
+    CREATE TABLE audit_records (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        record_id TEXT NOT NULL UNIQUE,
+        time TEXT NOT NULL,
+        principal TEXT NOT NULL,
+        method TEXT NOT NULL,
+        case_id TEXT NOT NULL DEFAULT '',
+        version_ids TEXT NOT NULL DEFAULT '[]',
+        job_id TEXT NOT NULL DEFAULT '',
+        outcome TEXT NOT NULL
+    );
+    CREATE INDEX audit_records_by_case ON audit_records(case_id, seq);
+    CREATE INDEX audit_records_by_principal ON audit_records(principal, seq);
+    CREATE TRIGGER audit_records_no_update BEFORE UPDATE ON audit_records
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+    CREATE TRIGGER audit_records_no_delete BEFORE DELETE ON audit_records
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+    """,
 )
 
 
@@ -203,20 +317,94 @@ def _check_id(name: str, value: str) -> None:
                               domain=DOMAIN, metadata={"field": name})
 
 
-class SqliteLabelRepository:
-    """`LabelRepository` on an SQLite file (the embedded default)."""
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _dt(value: Any) -> datetime:
+    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+
+# ------------------------------------------------------------------------------ backends
+
+
+class _Tx(Protocol):
+    def one(self, sql: str, args: Sequence[Any] = ()) -> Mapping[str, Any] | None: ...
+    def all(self, sql: str, args: Sequence[Any] = ()) -> list[Mapping[str, Any]]: ...
+    def run(self, sql: str, args: Sequence[Any] = ()) -> None: ...
+
+
+class _Backend(Protocol):
+    """What SqlLabelRepository needs from a driver. SQL uses `?` placeholders."""
+
+    for_update: str            # " FOR UPDATE" where row locks exist, else ""
+    integrity_errors: tuple[type[BaseException], ...]
+
+    def write(self) -> contextlib.AbstractContextManager[_Tx]: ...
+    def read(self) -> contextlib.AbstractContextManager[_Tx]: ...
+    def lock_case(self, tx: _Tx, case_id: str) -> None: ...
+    def timestamp(self, dt: datetime) -> Any: ...
+    def close(self) -> None: ...
+
+
+class _SqliteTx:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def one(self, sql: str, args: Sequence[Any] = ()) -> Mapping[str, Any] | None:
+        return self.conn.execute(sql, tuple(args)).fetchone()
+
+    def all(self, sql: str, args: Sequence[Any] = ()) -> list[Mapping[str, Any]]:
+        return self.conn.execute(sql, tuple(args)).fetchall()
+
+    def run(self, sql: str, args: Sequence[Any] = ()) -> None:
+        self.conn.execute(sql, tuple(args))
+
+
+class _SqliteBackend:
+    """One connection serialised by a lock; `BEGIN IMMEDIATE` serialises writers across
+    connections and processes (atlasflow.common.sqlite)."""
+
+    for_update = ""
+    integrity_errors: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,)
 
     def __init__(self, path: str | Path) -> None:
-        self._conn = sq.connect(path)
-        self._lock = threading.RLock()
-        with self._lock:
-            sq.migrate(self._conn, MIGRATIONS)
+        self.conn = sq.connect(path)
+        self.lock = threading.RLock()
+        with self.lock:
+            sq.migrate(self.conn, MIGRATIONS)
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[_Tx]:
+        with self.lock, sq.transaction(self.conn):
+            yield _SqliteTx(self.conn)
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[_Tx]:
+        with self.lock:
+            yield _SqliteTx(self.conn)
+
+    def lock_case(self, tx: _Tx, case_id: str) -> None:
+        """Nothing to do: BEGIN IMMEDIATE already holds the database's write lock."""
+
+    def timestamp(self, dt: datetime) -> Any:
+        return dt.isoformat()
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        with self.lock:
+            self.conn.close()
 
-    def __enter__(self) -> SqliteLabelRepository:
+
+class SqlLabelRepository:
+    """`LabelRepository` over a `_Backend` (shared SQL of the SQLite and PostgreSQL stores)."""
+
+    def __init__(self, backend: _Backend) -> None:
+        self._db = backend
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> SqlLabelRepository:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -228,12 +416,19 @@ class SqliteLabelRepository:
                        provenance: Provenance, request_id: str,
                        expected_parent_version_id: str = "", *,
                        organs: Sequence[int] = (), shape: Sequence[int] = (0, 0, 0),
-                       affine: Sequence[float] | np.ndarray = ()) -> LabelVersionRecord:
+                       affine: Sequence[float] | np.ndarray = (),
+                       organ_provenance: Mapping[int, OrganProvenance] | None = None,
+                       request_fingerprint: str = "",
+                       audit: AuditEvent | None = None) -> LabelVersionRecord:
         """Append a version to `case_id`'s history; idempotent by `request_id`.
 
         organs: ids present in the label map (as returned by `validate_label_map`); shape:
         (X, Y, Z); affine: 16 floats row-major (or a (4, 4) array flattened). The caller
         validates the label map against the CT before calling (blobs are not read here).
+        organ_provenance: per organ id (missing organs: `provenance` of this version); an
+        empty version_id in it means "this version". request_fingerprint: the caller's hash of
+        the request (when the stored label map is derived, e.g. assembled); default: a hash
+        of the arguments. audit: recorded in the same transaction (version_ids filled in).
         Raises Aborted("PARENT_MISMATCH") when `expected_parent_version_id` is non-empty and is
         not the case's current head (another writer won; re-read the head and retry).
         """
@@ -250,58 +445,93 @@ class SqliteLabelRepository:
         if len(shape_t) != 3 or any(s < 0 for s in shape_t) or len(affine_t) not in (0, 16):
             raise InvalidArgument("INVALID_LABEL_MAP", "shape must be (X, Y, Z) and affine 16 "
                                   "values", domain=DOMAIN, metadata={"problem": "GEOMETRY"})
-        fingerprint = _fingerprint(case_id, label_map.digest, label_map.size_bytes, ct.digest,
-                                   ct.size_bytes, provenance.to_dict(),
-                                   expected_parent_version_id, organ_t, shape_t, affine_t)
-        with self._lock, sq.transaction(self._conn):
-            prior = self._conn.execute(
-                "SELECT * FROM label_versions WHERE request_id = ?", (request_id,)).fetchone()
+        organ_prov = dict(organ_provenance or {})
+        if any(o not in ORGANS for o in organ_prov):
+            raise InvalidArgument("INVALID_PROVENANCE", "organ provenance keys must lie in 1..9",
+                                  domain=DOMAIN)
+        fingerprint = request_fingerprint or _fingerprint(
+            case_id, label_map.digest, label_map.size_bytes, ct.digest, ct.size_bytes,
+            provenance.to_dict(), expected_parent_version_id, organ_t, shape_t, affine_t,
+            {str(k): v.to_dict() for k, v in sorted(organ_prov.items())})
+        for attempt in range(3):
+            try:
+                return self._insert_version(
+                    case_id, label_map, ct, provenance, request_id, expected_parent_version_id,
+                    organ_t, shape_t, affine_t, organ_prov, fingerprint, audit)
+            except self._db.integrity_errors:
+                # A concurrent writer of the same request_id (other case) or of the same case's
+                # first version committed between our read and our insert: re-read decides.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _insert_version(self, case_id: str, label_map: BlobInfo, ct: BlobInfo,
+                        provenance: Provenance, request_id: str, expected_parent: str,
+                        organ_t: tuple[int, ...], shape_t: tuple[int, ...],
+                        affine_t: tuple[float, ...], organ_prov: dict[int, OrganProvenance],
+                        fingerprint: str, audit: AuditEvent | None) -> LabelVersionRecord:
+        with self._db.write() as tx:
+            self._db.lock_case(tx, case_id)
+            prior = tx.one("SELECT * FROM label_versions WHERE request_id = ?", (request_id,))
             if prior is not None:
                 if prior["request_fingerprint"] != fingerprint:
                     raise InvalidArgument(
                         "REQUEST_ID_REUSED",
                         "request_id was already used for a different request", domain=DOMAIN)
-                return self._record(prior)
-            head_row = self._conn.execute(
-                "SELECT head_version_id, version_count FROM case_heads WHERE case_id = ?",
-                (case_id,)).fetchone()
+                record = self._record(prior)
+                if audit is not None:
+                    self._insert_audit(tx, _with_versions(audit, record.version_id))
+                return record
+            head_row = tx.one("SELECT head_version_id, version_count FROM case_heads"
+                              " WHERE case_id = ?" + self._db.for_update, (case_id,))
             head_id = head_row["head_version_id"] if head_row else ""
-            if expected_parent_version_id and expected_parent_version_id != head_id:
+            if expected_parent and expected_parent != head_id:
                 raise Aborted("PARENT_MISMATCH",
                               "expected_parent_version_id is not the case's current version",
                               domain=DOMAIN,
-                              metadata={"expected_parent_version_id": expected_parent_version_id,
+                              metadata={"expected_parent_version_id": expected_parent,
                                         "head_version_id": head_id})
             version_id = uuid.uuid4().hex
-            now = sq.utc_now()
-            self._conn.execute(
+            resolved = {
+                oid: OrganProvenance(op.provenance, op.version_id or version_id)
+                for oid, op in organ_prov.items()}
+            for oid in ORGANS:
+                resolved.setdefault(oid, OrganProvenance(provenance, version_id))
+            tx.run(
                 "INSERT INTO label_versions(version_id, case_id, parent_version_id,"
                 " label_map_digest, label_map_size, ct_digest, ct_size, source, model_version,"
                 " job_id, reviewer, weights_trained, organs, shape, affine, request_id,"
-                " request_fingerprint, create_time)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " request_fingerprint, create_time, organ_provenance)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (version_id, case_id, head_id or None, label_map.digest, label_map.size_bytes,
                  ct.digest, ct.size_bytes, provenance.source, provenance.model_version,
-                 provenance.job_id, provenance.reviewer, int(provenance.weights_trained),
+                 provenance.job_id, provenance.reviewer, bool(provenance.weights_trained),
                  json.dumps(organ_t), json.dumps(shape_t), json.dumps(affine_t), request_id,
-                 fingerprint, now.isoformat()))
+                 fingerprint, self._db.timestamp(sq.utc_now()),
+                 json.dumps({str(k): v.to_dict() for k, v in sorted(resolved.items())})))
             if head_row is None:
-                self._conn.execute(
-                    "INSERT INTO case_heads(case_id, head_version_id, version_count)"
-                    " VALUES (?, ?, 1)", (case_id, version_id))
+                tx.run("INSERT INTO case_heads(case_id, head_version_id, version_count)"
+                       " VALUES (?, ?, 1)", (case_id, version_id))
             else:
-                self._conn.execute(
-                    "UPDATE case_heads SET head_version_id = ?, version_count = version_count + 1"
-                    " WHERE case_id = ?", (version_id, case_id))
-            row = self._conn.execute("SELECT * FROM label_versions WHERE version_id = ?",
-                                     (version_id,)).fetchone()
+                tx.run("UPDATE case_heads SET head_version_id = ?,"
+                       " version_count = version_count + 1 WHERE case_id = ?",
+                       (version_id, case_id))
+            if audit is not None:
+                self._insert_audit(tx, _with_versions(audit, version_id))
+            row = tx.one("SELECT * FROM label_versions WHERE version_id = ?", (version_id,))
+            assert row is not None
             return self._record(row)
+
+    def version_for_request(self, request_id: str) -> tuple[LabelVersionRecord, str] | None:
+        """(version, request fingerprint) created by `request_id`, or None."""
+        with self._db.read() as tx:
+            row = tx.one("SELECT * FROM label_versions WHERE request_id = ?", (request_id,))
+        return None if row is None else (self._record(row), str(row["request_fingerprint"]))
 
     def get_version(self, version_id: str) -> LabelVersionRecord:
         """The version, or NotFound("VERSION_NOT_FOUND")."""
-        with self._lock:
-            row = self._conn.execute("SELECT * FROM label_versions WHERE version_id = ?",
-                                     (version_id,)).fetchone()
+        with self._db.read() as tx:
+            row = tx.one("SELECT * FROM label_versions WHERE version_id = ?", (version_id,))
         if row is None:
             raise NotFound("VERSION_NOT_FOUND", "label version not found", domain=DOMAIN,
                            metadata={"version_id": version_id[:80]})
@@ -309,10 +539,10 @@ class SqliteLabelRepository:
 
     def head(self, case_id: str) -> LabelVersionRecord | None:
         """The case's current (latest) version, or None when the case has none."""
-        with self._lock:
-            row = self._conn.execute(
+        with self._db.read() as tx:
+            row = tx.one(
                 "SELECT v.* FROM case_heads h JOIN label_versions v"
-                " ON v.version_id = h.head_version_id WHERE h.case_id = ?", (case_id,)).fetchone()
+                " ON v.version_id = h.head_version_id WHERE h.case_id = ?", (case_id,))
         return None if row is None else self._record(row)
 
     def list_versions(self, case_id: str | None = None, page_size: int = 0,
@@ -323,40 +553,47 @@ class SqliteLabelRepository:
         The cursor is the insertion sequence, so versions written while paging never cause a
         duplicate or a gap among the versions that existed when paging started.
         """
-        size = sq.clamp_page_size(page_size, domain=DOMAIN)
         scope = case_id or ""
-        cursor = sq.decode_page_token(page_token, "label_versions", scope=scope, domain=DOMAIN)
+        rows, token = self._page("label_versions", "label_versions",
+                                 [("case_id", scope)], page_size, page_token, scope)
+        return [self._record(r) for r in rows], token
+
+    def _page(self, table: str, kind: str, filters: Sequence[tuple[str, str]], page_size: int,
+              page_token: str, scope: str) -> tuple[list[Mapping[str, Any]], str]:
+        size = sq.clamp_page_size(page_size, domain=DOMAIN)
+        cursor = sq.decode_page_token(page_token, kind, scope=scope, domain=DOMAIN)
         before = None
         if cursor is not None:
             before = cursor.get("before")
             if not isinstance(before, int) or isinstance(before, bool):
                 raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not valid",
                                       domain=DOMAIN)
-        where, args = [], []
-        if scope:
-            where.append("case_id = ?")
-            args.append(scope)
+        where: list[str] = []
+        args: list[Any] = []
+        for column, value in filters:
+            if value:
+                where.append(f"{column} = ?")
+                args.append(value)
         if before is not None:
             where.append("seq < ?")
             args.append(before)
-        sql = "SELECT * FROM label_versions"
+        sql = f"SELECT * FROM {table}"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq DESC LIMIT ?"
         args.append(size + 1)
-        with self._lock:
-            rows = self._conn.execute(sql, args).fetchall()
+        with self._db.read() as tx:
+            rows = tx.all(sql, args)
         more = len(rows) > size
         rows = rows[:size]
-        token = (sq.encode_page_token("label_versions", {"before": rows[-1]["seq"]}, scope=scope)
+        token = (sq.encode_page_token(kind, {"before": int(rows[-1]["seq"])}, scope=scope)
                  if more else "")
-        return [self._record(r) for r in rows], token
+        return rows, token
 
     def history(self, case_id: str) -> list[LabelVersionRecord]:
         """The case's chain from its first version to its head (follows parent links)."""
-        with self._lock:
-            rows = self._conn.execute("SELECT * FROM label_versions WHERE case_id = ?",
-                                      (case_id,)).fetchall()
+        with self._db.read() as tx:
+            rows = tx.all("SELECT * FROM label_versions WHERE case_id = ?", (case_id,))
         by_parent = {r["parent_version_id"]: r for r in rows}
         chain, parent = [], None
         while parent in by_parent:
@@ -367,63 +604,66 @@ class SqliteLabelRepository:
 
     def case_ids(self) -> list[str]:
         """Every case with at least one version, ascending."""
-        with self._lock:
-            return [r[0] for r in self._conn.execute(
+        with self._db.read() as tx:
+            return [r["case_id"] for r in tx.all(
                 "SELECT case_id FROM case_heads ORDER BY case_id")]
 
     # ------------------------------------------------------------------ export jobs
 
     def create_export_job(self, case_ids: Sequence[str], destination_uri: str, *,
-                          request_id: str = "") -> ExportJobRecord:
+                          request_id: str = "",
+                          audit: AuditEvent | None = None) -> ExportJobRecord:
         """Queue an export of the head versions of `case_ids` (empty: every case).
 
         The heads are frozen now: versions written later are not exported by this job.
         Unknown case -> NotFound("CASE_NOT_FOUND"); no case at all -> FailedPrecondition
-        ("NOTHING_TO_EXPORT"). A non-empty `request_id` makes the call idempotent.
+        ("NOTHING_TO_EXPORT"). A non-empty `request_id` makes the call idempotent. `audit` is
+        recorded in the same transaction (job id and exported version ids filled in).
         """
         if not destination_uri:
             raise InvalidArgument("INVALID_ARGUMENT", "destination_uri is required",
                                   domain=DOMAIN, metadata={"field": "destination_uri"})
         wanted = list(dict.fromkeys(case_ids))
-        with self._lock, sq.transaction(self._conn):
+        with self._db.write() as tx:
             if request_id:
-                row = self._conn.execute("SELECT * FROM export_jobs WHERE request_id = ?",
-                                         (request_id,)).fetchone()
+                row = tx.one("SELECT * FROM export_jobs WHERE request_id = ?", (request_id,))
                 if row is not None:
                     return self._job(row)
             if wanted:
                 versions = []
                 for cid in wanted:
-                    head = self._conn.execute(
-                        "SELECT head_version_id FROM case_heads WHERE case_id = ?",
-                        (cid,)).fetchone()
+                    head = tx.one("SELECT head_version_id FROM case_heads WHERE case_id = ?",
+                                  (cid,))
                     if head is None:
                         raise NotFound("CASE_NOT_FOUND", "case has no label version",
                                        domain=DOMAIN, metadata={"case_id": cid[:80]})
-                    versions.append((cid, head[0]))
+                    versions.append((cid, head["head_version_id"]))
             else:
-                versions = [(r[0], r[1]) for r in self._conn.execute(
+                versions = [(r["case_id"], r["head_version_id"]) for r in tx.all(
                     "SELECT case_id, head_version_id FROM case_heads ORDER BY case_id")]
             if not versions:
                 raise FailedPrecondition("NOTHING_TO_EXPORT", "no case has a label version",
                                          domain=DOMAIN)
             job_id = uuid.uuid4().hex
-            now = sq.utc_now().isoformat()
-            self._conn.execute(
+            now = self._db.timestamp(sq.utc_now())
+            tx.run(
                 "INSERT INTO export_jobs(job_id, state, destination_uri, case_ids, versions,"
                 " cases_done, cases_total, error_reason, request_id, create_time, update_time)"
                 " VALUES (?, 'QUEUED', ?, ?, ?, 0, ?, '', ?, ?, ?)",
                 (job_id, destination_uri, json.dumps(wanted), json.dumps(versions),
                  len(versions), request_id or None, now, now))
-            row = self._conn.execute("SELECT * FROM export_jobs WHERE job_id = ?",
-                                     (job_id,)).fetchone()
+            if audit is not None:
+                self._insert_audit(tx, AuditEvent(
+                    audit.principal, audit.method, audit.case_id,
+                    tuple(v for _, v in versions), job_id, audit.outcome))
+            row = tx.one("SELECT * FROM export_jobs WHERE job_id = ?", (job_id,))
+            assert row is not None
             return self._job(row)
 
     def get_export_job(self, job_id: str) -> ExportJobRecord:
         """The job, or NotFound("EXPORT_JOB_NOT_FOUND")."""
-        with self._lock:
-            row = self._conn.execute("SELECT * FROM export_jobs WHERE job_id = ?",
-                                     (job_id,)).fetchone()
+        with self._db.read() as tx:
+            row = tx.one("SELECT * FROM export_jobs WHERE job_id = ?", (job_id,))
         if row is None:
             raise NotFound("EXPORT_JOB_NOT_FOUND", "export job not found", domain=DOMAIN,
                            metadata={"job_id": job_id[:80]})
@@ -435,9 +675,9 @@ class SqliteLabelRepository:
         """Move a job along QUEUED -> RUNNING -> SUCCEEDED | FAILED (| CANCELLED, RUNNING ->
         QUEUED on restart) and/or record progress. An illegal transition (e.g. out of a
         terminal state) raises FailedPrecondition("INVALID_STATE_TRANSITION")."""
-        with self._lock, sq.transaction(self._conn):
-            row = self._conn.execute("SELECT * FROM export_jobs WHERE job_id = ?",
-                                     (job_id,)).fetchone()
+        with self._db.write() as tx:
+            row = tx.one("SELECT * FROM export_jobs WHERE job_id = ?" + self._db.for_update,
+                         (job_id,))
             if row is None:
                 raise NotFound("EXPORT_JOB_NOT_FOUND", "export job not found", domain=DOMAIN,
                                metadata={"job_id": job_id[:80]})
@@ -455,55 +695,127 @@ class SqliteLabelRepository:
                 raise InvalidArgument("INVALID_ARGUMENT", "cases_done out of range",
                                       domain=DOMAIN)
             reason = row["error_reason"] if error_reason is None else error_reason
-            self._conn.execute(
-                "UPDATE export_jobs SET state = ?, cases_done = ?, error_reason = ?,"
-                " update_time = ? WHERE job_id = ?",
-                (new_state, done, reason, sq.utc_now().isoformat(), job_id))
-            row = self._conn.execute("SELECT * FROM export_jobs WHERE job_id = ?",
-                                     (job_id,)).fetchone()
+            tx.run("UPDATE export_jobs SET state = ?, cases_done = ?, error_reason = ?,"
+                   " update_time = ? WHERE job_id = ?",
+                   (new_state, done, reason, self._db.timestamp(sq.utc_now()), job_id))
+            row = tx.one("SELECT * FROM export_jobs WHERE job_id = ?", (job_id,))
+            assert row is not None
             return self._job(row)
 
     def list_export_jobs(self, states: Sequence[str] = ()) -> list[ExportJobRecord]:
         """Jobs in `states` (all when empty), oldest first: a restarted worker resumes the
         QUEUED and RUNNING ones."""
-        with self._lock:
+        with self._db.read() as tx:
             if states:
                 marks = ",".join("?" * len(states))
-                rows = self._conn.execute(
-                    f"SELECT * FROM export_jobs WHERE state IN ({marks})"
-                    " ORDER BY create_time, job_id", tuple(states)).fetchall()
+                rows = tx.all(f"SELECT * FROM export_jobs WHERE state IN ({marks})"
+                              " ORDER BY create_time, job_id", tuple(states))
             else:
-                rows = self._conn.execute(
-                    "SELECT * FROM export_jobs ORDER BY create_time, job_id").fetchall()
+                rows = tx.all("SELECT * FROM export_jobs ORDER BY create_time, job_id")
         return [self._job(r) for r in rows]
+
+    # ------------------------------------------------------------------ audit
+
+    def record_audit(self, event: AuditEvent) -> AuditRecord:
+        """Append one audit record (its own transaction) and return it."""
+        with self._db.write() as tx:
+            return self._insert_audit(tx, event)
+
+    def _insert_audit(self, tx: _Tx, event: AuditEvent) -> AuditRecord:
+        record = AuditRecord(uuid.uuid4().hex, sq.utc_now(), event.principal[:256],
+                             event.method[:128], event.case_id[:256],
+                             tuple(event.version_ids), event.job_id[:256], event.outcome[:128])
+        tx.run("INSERT INTO audit_records(record_id, time, principal, method, case_id,"
+               " version_ids, job_id, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+               (record.record_id, self._db.timestamp(record.time), record.principal,
+                record.method, record.case_id, json.dumps(list(record.version_ids)),
+                record.job_id, record.outcome))
+        return record
+
+    def list_audit_records(self, case_id: str = "", principal: str = "", page_size: int = 0,
+                           page_token: str = "") -> tuple[list[AuditRecord], str]:
+        """Audit records newest first, optionally only of one case and/or one principal.
+
+        page_size: 0 -> 50, max 1000; page tokens are bound to the filter."""
+        scope = json.dumps([case_id, principal])
+        rows, token = self._page("audit_records", "audit_records",
+                                 [("case_id", case_id), ("principal", principal)],
+                                 page_size, page_token, scope)
+        return [AuditRecord(r["record_id"], _dt(r["time"]), r["principal"], r["method"],
+                            r["case_id"], tuple(_json(r["version_ids"])), r["job_id"],
+                            r["outcome"]) for r in rows], token
 
     # ------------------------------------------------------------------ rows
 
     @staticmethod
-    def _record(row: sqlite3.Row) -> LabelVersionRecord:
-        shape = tuple(json.loads(row["shape"]))
+    def _record(row: Mapping[str, Any]) -> LabelVersionRecord:
+        shape = tuple(_json(row["shape"]))
+        provenance = Provenance(source=row["source"], model_version=row["model_version"],
+                                job_id=row["job_id"], reviewer=row["reviewer"],
+                                weights_trained=bool(row["weights_trained"]))
+        stored = _json(row["organ_provenance"]) or {}
+        organ_prov = {
+            oid: (OrganProvenance(Provenance.from_dict(stored[str(oid)]),
+                                  str(stored[str(oid)].get("version_id", "")))
+                  if str(oid) in stored else OrganProvenance(provenance, row["version_id"]))
+            for oid in ORGANS}
         return LabelVersionRecord(
             version_id=row["version_id"], case_id=row["case_id"],
             parent_version_id=row["parent_version_id"] or "",
-            label_map_digest=row["label_map_digest"], label_map_size=row["label_map_size"],
-            ct_digest=row["ct_digest"], ct_size=row["ct_size"],
-            provenance=Provenance(source=row["source"], model_version=row["model_version"],
-                                  job_id=row["job_id"], reviewer=row["reviewer"],
-                                  weights_trained=bool(row["weights_trained"])),
-            organs=tuple(json.loads(row["organs"])),
+            label_map_digest=row["label_map_digest"], label_map_size=int(row["label_map_size"]),
+            ct_digest=row["ct_digest"], ct_size=int(row["ct_size"]),
+            provenance=provenance,
+            organs=tuple(int(o) for o in _json(row["organs"])),
             shape=(int(shape[0]), int(shape[1]), int(shape[2])),
-            affine=tuple(float(a) for a in json.loads(row["affine"])),
-            create_time=datetime.fromisoformat(row["create_time"]),
+            affine=tuple(float(a) for a in _json(row["affine"])),
+            create_time=_dt(row["create_time"]),
+            organ_provenance=organ_prov,
         )
 
     @staticmethod
-    def _job(row: sqlite3.Row) -> ExportJobRecord:
+    def _job(row: Mapping[str, Any]) -> ExportJobRecord:
         return ExportJobRecord(
             job_id=row["job_id"], state=row["state"], destination_uri=row["destination_uri"],
-            versions=tuple((str(c), str(v)) for c, v in json.loads(row["versions"])),
-            cases_done=row["cases_done"], cases_total=row["cases_total"],
+            versions=tuple((str(c), str(v)) for c, v in _json(row["versions"])),
+            cases_done=int(row["cases_done"]), cases_total=int(row["cases_total"]),
             error_reason=row["error_reason"],
-            create_time=datetime.fromisoformat(row["create_time"]),
-            update_time=datetime.fromisoformat(row["update_time"]),
-            case_ids=tuple(json.loads(row["case_ids"])),
+            create_time=_dt(row["create_time"]),
+            update_time=_dt(row["update_time"]),
+            case_ids=tuple(_json(row["case_ids"])),
         )
+
+
+def _with_versions(event: AuditEvent, version_id: str) -> AuditEvent:
+    return AuditEvent(event.principal, event.method, event.case_id, (version_id,),
+                      event.job_id, event.outcome)
+
+
+class SqliteLabelRepository(SqlLabelRepository):
+    """`LabelRepository` on an SQLite file (the embedded default).
+
+    Threading: one instance holds one connection and serialises its calls with a lock;
+    several instances (threads, processes) on the same file are safe (atlasflow.common.sqlite).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(_SqliteBackend(path))
+
+    def __enter__(self) -> SqliteLabelRepository:
+        return self
+
+
+def open_repository(database_url: str, data_dir: str | Path) -> SqlLabelRepository:
+    """The repository a deployment is configured for.
+
+    database_url: "" -> SQLite at `<data_dir>/labels.sqlite3`; "postgresql://..." (or
+    "postgres://...") -> PostgreSQL. Anything else: InvalidArgument("INVALID_SETTING").
+    """
+    if not database_url:
+        return SqliteLabelRepository(Path(data_dir) / "labels.sqlite3")
+    if database_url.startswith(("postgresql://", "postgres://")):
+        from atlasflow.labels.postgres import PostgresLabelRepository
+
+        return PostgresLabelRepository(database_url)
+    raise InvalidArgument("INVALID_SETTING", "labels database URL must be empty (SQLite) or "
+                          "postgresql://...", domain=DOMAIN,
+                          metadata={"scheme": database_url.split(":", 1)[0][:20]})

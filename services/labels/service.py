@@ -17,7 +17,8 @@ from atlasflow.common.metrics import Metrics
 from atlasflow.common.nifti import from_nifti_bytes
 from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.export import export_case, write_manifest
-from atlasflow.labels.repository import ExportJobRecord, LabelVersionRecord, Provenance, SqliteLabelRepository
+from atlasflow.labels.repository import (ExportJobRecord, LabelRepository, LabelVersionRecord,
+                                         Provenance)
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
 from atlasflow.labels.validate import validate_label_map
 
@@ -85,7 +86,7 @@ class Exporter:
     """Runs export jobs one at a time; a restart resumes QUEUED/RUNNING ones from the start
     (case files are rewritten atomically, so a resumed export converges to the same bytes)."""
 
-    def __init__(self, repo: SqliteLabelRepository, blobs: BlobStore, metrics: Metrics) -> None:
+    def __init__(self, repo: LabelRepository, blobs: BlobStore, metrics: Metrics) -> None:
         self.repo = repo
         self.blobs = blobs
         self.metrics = metrics
@@ -133,7 +134,7 @@ class Exporter:
 
 
 class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
-    def __init__(self, repo: SqliteLabelRepository, blobs: BlobStore, exporter: Exporter,
+    def __init__(self, repo: LabelRepository, blobs: BlobStore, exporter: Exporter,
                  export_root: Path | None = None) -> None:
         self.repo = repo
         self.blobs = blobs

@@ -1,17 +1,21 @@
-"""Contract tests of LabelRepository (every implementation runs them) + the export-job table."""
+"""Contract tests of LabelRepository: every implementation (SQLite, PostgreSQL) runs them.
+
+Covers versions, lineage, idempotency, concurrency, pagination, export jobs, per-organ
+provenance, the audit trail and migrations.
+"""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from atlasflow.common.blobstore import BlobInfo, digest_of
 from atlasflow.common.errors import (Aborted, FailedPrecondition, InvalidArgument, NotFound)
-from atlasflow.labels.repository import (LabelRepository, Provenance, SqliteLabelRepository)
+from atlasflow.labels.postgres import PostgresLabelRepository
+from atlasflow.labels.repository import (AuditEvent, LabelRepository, OrganProvenance,
+                                         Provenance, SqliteLabelRepository, open_repository)
 
 AFFINE = tuple(float(a) for a in np.diag([1.5, 1.5, 2.0, 1.0]).ravel())
 AI = Provenance("ai", model_version="trio-v1", job_id="job-1", weights_trained=False)
@@ -23,21 +27,25 @@ def blob(tag: str) -> BlobInfo:
     return BlobInfo(digest_of(data), len(data))
 
 
-# One factory per implementation; each gets a path so that "restart" can reopen the same store.
-IMPLEMENTATIONS: dict[str, Callable[[Path], SqliteLabelRepository]] = {
-    "sqlite": lambda p: SqliteLabelRepository(p / "labels.sqlite"),
-}
-
-
-@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+@pytest.fixture(params=["sqlite", "postgres"])
 def factory(request, tmp_path):
+    """Callable opening the SAME store again on every call (a "restart" or another writer)."""
     made = []
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_database")()
+
+        def opener():
+            return PostgresLabelRepository(url)
+    else:
+        def opener():
+            return SqliteLabelRepository(tmp_path / "labels.sqlite")
 
     def make():
-        repo = IMPLEMENTATIONS[request.param](tmp_path)
+        repo = opener()
         made.append(repo)
         return repo
 
+    make.backend = request.param
     yield make
     for r in made:
         r.close()
@@ -316,3 +324,210 @@ def test_export_job_request_id_and_failure(factory):
         repo.update_export_job(j1.job_id, cases_done=0)
     with pytest.raises(NotFound):
         repo.get_export_job("nope")
+
+
+# ------------------------------------------------------------------ both backends, raw SQL
+
+
+def _raw(factory, tmp_path):
+    """(execute(sql, args) on a raw connection to the factory's store, backend's error type)."""
+    repo = factory()
+    if factory.backend == "sqlite":
+        import sqlite3
+
+        conn = sqlite3.connect(tmp_path / "labels.sqlite", isolation_level=None)
+        return repo, (lambda sql, args=(): conn.execute(sql, args).fetchall()), sqlite3.DatabaseError
+    import psycopg
+
+    conn = psycopg.connect(repo._db.url, autocommit=True)
+    return repo, (lambda sql, args=(): conn.execute(sql.replace("?", "%s"), args).fetchall()
+                  if conn.execute(sql.replace("?", "%s"), args).description else []), psycopg.Error
+
+
+def test_database_refuses_a_fork_on_every_backend(factory, tmp_path):
+    repo, sql, error = _raw(factory, tmp_path)
+    v1 = create(repo)
+    create(repo, tag="lm-2", req="req-2", parent=v1.version_id)
+    with pytest.raises(error):
+        sql("INSERT INTO label_versions(version_id, case_id, parent_version_id, label_map_digest,"
+            " label_map_size, ct_digest, ct_size, source, organs, shape, affine, request_id,"
+            " request_fingerprint, create_time) SELECT 'fork', case_id, parent_version_id,"
+            " label_map_digest, label_map_size, ct_digest, ct_size, source, organs, shape,"
+            " affine, 'fork', request_fingerprint, create_time FROM label_versions"
+            " WHERE parent_version_id = ?", (v1.version_id,))
+    with pytest.raises(error):  # a second root
+        sql("INSERT INTO label_versions(version_id, case_id, parent_version_id, label_map_digest,"
+            " label_map_size, ct_digest, ct_size, source, organs, shape, affine, request_id,"
+            " request_fingerprint, create_time) SELECT 'root2', case_id, NULL,"
+            " label_map_digest, label_map_size, ct_digest, ct_size, source, organs, shape,"
+            " affine, 'root2', request_fingerprint, create_time FROM label_versions"
+            " WHERE version_id = ?", (v1.version_id,))
+    assert len(repo.history("case-1")) == 2
+
+
+def test_migrations_are_versioned(factory, tmp_path):
+    repo, sql, _ = _raw(factory, tmp_path)
+    versions = [r[0] for r in sql("SELECT version FROM schema_migrations ORDER BY version")]
+    assert versions == [1, 2]
+    repo.close()
+    factory()  # reopening applies nothing twice
+    assert [r[0] for r in sql("SELECT version FROM schema_migrations ORDER BY version")] == [1, 2]
+
+
+def test_sqlite_v1_database_is_upgraded_in_place(tmp_path):
+    """A database written by the first schema keeps its versions; their organs get the
+    version's own provenance."""
+    from atlasflow.common import sqlite as sq
+    from atlasflow.labels.repository import MIGRATIONS
+
+    conn = sq.connect(tmp_path / "labels.sqlite")
+    sq.migrate(conn, MIGRATIONS[:1])
+    conn.execute(
+        "INSERT INTO label_versions(version_id, case_id, parent_version_id, label_map_digest,"
+        " label_map_size, ct_digest, ct_size, source, organs, shape, affine, request_id,"
+        " request_fingerprint, create_time) VALUES ('v1', 'c', NULL, ?, 4, ?, 4, 'ai', '[5]',"
+        " '[1, 1, 1]', '[]', 'r', 'f', '2024-01-01T00:00:00+00:00')",
+        (blob("a").digest, blob("b").digest))
+    conn.execute("INSERT INTO case_heads VALUES ('c', 'v1', 1)")
+    conn.close()
+    repo = SqliteLabelRepository(tmp_path / "labels.sqlite")
+    v = repo.get_version("v1")
+    assert v.organ_provenance[5] == OrganProvenance(Provenance("ai"), "v1")
+    assert repo.head("c") == v
+    repo.close()
+
+
+def test_organ_provenance_round_trip(factory):
+    repo = factory()
+    v1 = create(repo)
+    assert set(v1.organ_provenance) == set(range(1, 10))
+    assert all(op == OrganProvenance(AI, v1.version_id) for op in v1.organ_provenance.values())
+    orig = Provenance("original", model_version="totalseg-v2")
+    v2 = repo.create_version(
+        "case-1", blob("lm-2"), blob("ct-case-1"), RAD, "req-2", v1.version_id,
+        organs=(5, 8), shape=(4, 5, 6), affine=AFFINE,
+        organ_provenance={5: OrganProvenance(RAD), 8: OrganProvenance(orig, v1.version_id)})
+    assert v2.organ_provenance[5] == OrganProvenance(RAD, v2.version_id)
+    assert v2.organ_provenance[8] == OrganProvenance(orig, v1.version_id)
+    assert v2.organ_provenance[1] == OrganProvenance(RAD, v2.version_id)
+    repo.close()
+    assert factory().get_version(v2.version_id) == v2
+
+
+def test_request_fingerprint_overrides_content_hash(factory):
+    """Callers that derive the stored map (assembly) pass the hash of the REQUEST: a repeat
+    whose derived map differs still finds the first version."""
+    repo = factory()
+    v1 = repo.create_version("c", blob("assembled-1"), blob("ct"), AI, "r", organs=(1,),
+                             shape=(1, 1, 1), affine=AFFINE, request_fingerprint="req-hash")
+    again = repo.create_version("c", blob("assembled-2"), blob("ct"), AI, "r", organs=(1,),
+                                shape=(1, 1, 1), affine=AFFINE, request_fingerprint="req-hash")
+    assert again == v1
+    assert repo.version_for_request("r") == (v1, "req-hash")
+    assert repo.version_for_request("other") is None
+    with pytest.raises(InvalidArgument):
+        repo.create_version("c", blob("assembled-1"), blob("ct"), AI, "r", organs=(1,),
+                            shape=(1, 1, 1), affine=AFFINE, request_fingerprint="other-hash")
+
+
+def test_concurrent_first_versions_and_same_request(factory):
+    """Many writers race for a case's FIRST version (no head row to lock yet) and for one
+    request_id: one root, one version per request, never an error."""
+    results, errors = [], []
+
+    def writer(t: int) -> None:
+        repo = factory()
+        try:
+            results.append(repo.create_version(
+                "fresh", blob("same"), blob("ct"), AI, "same-request", organs=(1,),
+                shape=(1, 1, 1), affine=AFFINE))
+            repo.create_version("fresh", blob(f"own-{t}"), blob("ct"), AI, f"own-{t}",
+                                organs=(1,), shape=(1, 1, 1), affine=AFFINE)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert len({r.version_id for r in results}) == 1
+    repo = factory()
+    chain = repo.history("fresh")
+    assert len(chain) == 7 and chain[0].version_id == results[0].version_id
+
+
+# ------------------------------------------------------------------ audit
+
+
+def test_audit_written_with_the_version_and_listed(factory):
+    repo = factory()
+    v1 = repo.create_version("c1", blob("a"), blob("ct"), AI, "r1", organs=(1,),
+                             shape=(1, 1, 1), affine=AFFINE,
+                             audit=AuditEvent("svc-seg", "CreateLabelVersion", "c1"))
+    repo.record_audit(AuditEvent("dr-a", "GetLabelVersion", "c1", (v1.version_id,)))
+    repo.record_audit(AuditEvent("dr-b", "GetLabelVersion", "c2", ("x",), outcome="NOT_FOUND"))
+    job = repo.create_export_job(["c1"], "file:///tmp/x",
+                                 audit=AuditEvent("dr-a", "ExportDataset"))
+    records, token = repo.list_audit_records()
+    assert token == ""
+    assert [(r.principal, r.method, r.case_id, r.version_ids, r.job_id, r.outcome)
+            for r in records] == [
+        ("dr-a", "ExportDataset", "", (v1.version_id,), job.job_id, "OK"),
+        ("dr-b", "GetLabelVersion", "c2", ("x",), "", "NOT_FOUND"),
+        ("dr-a", "GetLabelVersion", "c1", (v1.version_id,), "", "OK"),
+        ("svc-seg", "CreateLabelVersion", "c1", (v1.version_id,), "", "OK"),
+    ]
+    assert all(r.time.tzinfo is not None for r in records)
+    assert records[0].time >= records[-1].time
+    assert [r.method for r in repo.list_audit_records(principal="dr-a")[0]] == [
+        "ExportDataset", "GetLabelVersion"]
+    assert [r.principal for r in repo.list_audit_records(case_id="c1")[0]] == ["dr-a", "svc-seg"]
+    got, token, pages = [], "", 0
+    while True:
+        page, token = repo.list_audit_records(page_size=1, page_token=token)
+        got += page
+        pages += 1
+        if not token:
+            break
+    assert got == records and pages == 4
+    _, t = repo.list_audit_records(principal="dr-a", page_size=1)
+    with pytest.raises(InvalidArgument) as e:
+        repo.list_audit_records(principal="dr-b", page_size=1, page_token=t)
+    assert e.value.reason == "INVALID_PAGE_TOKEN"
+
+
+def test_failed_write_leaves_no_audit_row_of_success(factory):
+    repo = factory()
+    create(repo)
+    with pytest.raises(Aborted):
+        repo.create_version("case-1", blob("x"), blob("ct"), AI, "r-x", "0" * 32, organs=(1,),
+                            shape=(1, 1, 1), affine=AFFINE,
+                            audit=AuditEvent("dr-a", "CreateLabelVersion", "case-1"))
+    assert repo.list_audit_records() == ([], "")
+
+
+def test_audit_is_append_only(factory, tmp_path):
+    repo, sql, error = _raw(factory, tmp_path)
+    repo.record_audit(AuditEvent("dr-a", "GetLabelVersion", "c1"))
+    with pytest.raises(error):
+        sql("UPDATE audit_records SET principal = 'someone-else'")
+    with pytest.raises(error):
+        sql("DELETE FROM audit_records")
+    assert [r.principal for r in repo.list_audit_records()[0]] == ["dr-a"]
+
+
+# ------------------------------------------------------------------ backend selection
+
+
+def test_open_repository_picks_the_backend(tmp_path, pg_database):
+    lite = open_repository("", tmp_path)
+    assert isinstance(lite, SqliteLabelRepository) and (tmp_path / "labels.sqlite3").exists()
+    lite.close()
+    pg = open_repository(pg_database(), tmp_path)
+    assert isinstance(pg, PostgresLabelRepository)
+    pg.close()
+    with pytest.raises(InvalidArgument) as e:
+        open_repository("mysql://x", tmp_path)
+    assert e.value.reason == "INVALID_SETTING"
