@@ -35,6 +35,7 @@ class IngestSettings(ServiceSettings):
     max_associations: int = 16
     max_pdu: int = 0
     quiet_period_s: float = 5.0
+    spool_segment_mb: int = 128   # zero-filled spool segments, 2 prepared ahead (store.py)
     segmentation_target: str = "127.0.0.1:50052"
 
 
@@ -42,7 +43,8 @@ async def amain(settings: IngestSettings) -> None:
     metrics = Metrics("ingest")
     metrics.serve(settings.metrics_port, settings.grpc_host)
     blobs = LocalBlobStore(settings.blob_dir)
-    store = IngestStore(Path(settings.data_dir), blobs)
+    store = IngestStore(Path(settings.data_dir), blobs,
+                        spool_segment_bytes=settings.spool_segment_mb * 1024 * 1024)
     assembler = Assembler(store, blobs, metrics, settings.quiet_period_s)
     scp = StoreScp(
         ScpConfig(settings.dicom_host, settings.dicom_port, settings.ae_title,

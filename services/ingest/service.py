@@ -52,6 +52,7 @@ def series_to_proto(sv: SeriesVersion) -> ingest_pb2.Series:
         instance_count=sv.instance_count, failure_reason=sv.failure_reason,
         create_time=_ts(sv.create_time), update_time=_ts(sv.update_time),
         trace_id=sv.traceparent.split("-")[1] if sv.traceparent.count("-") == 3 else "",
+        duplicate_count=sv.duplicate_count, conflict_count=sv.conflict_count,
     )
     if sv.volume_digest:
         msg.volume.CopyFrom(common_pb2.BlobRef(
@@ -119,6 +120,9 @@ class Assembler:
 
     async def run(self) -> None:
         while True:
+            # Spooled bytes -> blob store once reception is idle (keeps file creation, the
+            # slow part of a blob put, out of a C-STORE burst; see atlasflow.ingest.store).
+            await asyncio.to_thread(self.store.drain_if_idle, 1.0)
             for sv in self.store.due_for_assembly(self.quiet_period_s):
                 await asyncio.to_thread(self.assemble, sv)
             self.metrics.set_queue_depth("series_open", self.store.receiving_count())

@@ -12,22 +12,48 @@ explicit commit) it is ASSEMBLED into a volume and the segmentation hand-off is 
 outbox in the same transaction. An instance that arrives after assembly opens version + 1,
 which re-assembles with every instance of the series: never a silent change to a version.
 
-Duplicates: the same SOP Instance UID with the same bytes is stored once (reported duplicate);
-with different bytes the first is kept and the second is recorded in `instance_conflicts`.
+Duplicates: the same SOP Instance UID with the same bytes is stored once (reported duplicate,
+counted in the version's `duplicate_count`); with different bytes the first is kept and the
+second is recorded in `instance_conflicts` (counted in `conflict_count`); its bytes are kept too.
+
+Spool (the fast durable path)
+-----------------------------
+Creating a file is what costs on ext4: a blob put (temp file, fsync, rename, directory fsync)
+takes ~7.5 ms on this kind of machine, an append + fdatasync to an open file ~0.5 ms and a small
+SQLite WAL commit ~0.2 ms. So `store_instance` makes an instance durable in two steps, both
+before it returns:
+
+1. the bytes are appended to the open spool segment (`<data_dir>/spool/seg-<n>.log`) as one
+   record (header with the identity UIDs and the SHA-256 digest, the bytes, a CRC-32 of both)
+   and the segment is fdatasync'd;
+2. the row (or conflict row) that names the digest is committed (synchronous=FULL).
+
+The bytes move from the spool into the content-addressed blob store later (`drain`, called
+when reception is idle, before any read of instance digests and at start-up); a segment file is
+deleted only after every record in it is a durable blob. Start-up recovery replays every
+remaining segment: each complete record becomes a blob and, if its row never committed (a crash
+between steps 1 and 2: the instance was not acknowledged), its row. A torn last record (a crash
+inside step 1) is dropped: it was never acknowledged either. A corrupt record in the middle
+(media error) stops the replay of that segment, which is kept as ``*.corrupt`` for inspection.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import struct
 import threading
 import time
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from atlasflow.common import sqlite as db
-from atlasflow.common.blobstore import BlobStore
-from atlasflow.common.errors import NotFound
+from atlasflow.common.blobstore import BlobStore, digest_of
+from atlasflow.common.errors import DataLoss, NotFound
 from atlasflow.common.outbox import OUTBOX_MIGRATION, enqueue
 
 MIGRATIONS = [
@@ -68,11 +94,184 @@ MIGRATIONS = [
     );
     """,
     OUTBOX_MIGRATION,
+    """
+    ALTER TABLE series_versions ADD COLUMN duplicate_count INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE series_versions ADD COLUMN conflict_count INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX instance_conflicts_key ON instance_conflicts(series_id, sop_key, digest);
+    """,
 ]
+
+log = logging.getLogger(__name__)
 
 
 def atlas_id(prefix: str, uid: str) -> str:
     return f"{prefix}-{hashlib.sha256(uid.encode()).hexdigest()[:20]}"
+
+
+_FILE_MAGIC = b"AFSPOOL2"
+_FILE_HEAD = struct.Struct("<8s8s")         # magic, generation nonce
+_RECORD = struct.Struct("<4s8sIQ")          # b"AFR2", nonce, header length, data length
+_RECORD_MAGIC = b"AFR2"                     # then header (JSON), data, CRC-32 of header + data
+_ZERO_BLOCK = bytes(1 << 20)
+
+
+class InstanceSpool:
+    """Preallocated, fdatasync'd segments of received instance bytes (see module docstring).
+
+    A segment is written in place into a file that was already zero-filled (or recycled from
+    a drained segment) and whose directory entry is durable, so the fdatasync after each record
+    flushes data only: no file-system journal commit, which is what makes it cheap. Each segment
+    generation has a random nonce in its file header and in every record: stale records of a
+    recycled file are never read back. `spares` segments are prepared at start-up and
+    replenished while reception is idle (`prepare_spares`), never during a burst.
+
+    Not thread-safe for writers: the caller serialises `append` and `seal` (IngestStore's lock).
+    """
+
+    def __init__(self, directory: Path, segment_bytes: int = 128 * 1024 * 1024,
+                 spares: int = 2) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.segment_bytes = segment_bytes
+        self.spares = spares
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._offset = 0
+        self._nonce = b""
+        self._next = 1 + max((self._number(p) for p in self.segments()), default=0)
+        self.last_append = 0.0
+        self.pending_bytes = 0
+        self._spare_lock = threading.Lock()
+        for stale in self.dir.glob(".zero-*"):
+            stale.unlink()
+        self._prepare_spares()
+
+    @staticmethod
+    def _number(p: Path) -> int:
+        return int(p.stem.split("-")[1])
+
+    def segments(self) -> list[Path]:
+        """Segment files with records, oldest first (sealed ones and the open one)."""
+        return sorted(self.dir.glob("seg-*.log"), key=self._number)
+
+    def _free(self) -> list[Path]:
+        return sorted(self.dir.glob("free-*.log"), key=self._number)
+
+    def _fsync_dir(self) -> None:
+        dfd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _prepare_spares(self) -> None:
+        """Zero-fill spare segments until `spares` are ready (blocking)."""
+        with self._spare_lock:
+            while len(self._free()) < self.spares:
+                n = int(time.time() * 1e6)
+                tmp = self.dir / f".zero-{n}"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    for _ in range(self.segment_bytes // len(_ZERO_BLOCK)):
+                        os.write(fd, _ZERO_BLOCK)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, self.dir / f"free-{n}.log")
+                self._fsync_dir()
+
+    def prepare_spares(self) -> None:
+        """Replenish the spare segments (blocking; call while reception is idle)."""
+        self._prepare_spares()
+
+    def recycle(self, path: Path) -> None:
+        """A drained segment becomes a spare (its stale records are fenced by the nonce)."""
+        if len(self._free()) < self.spares and path.stat().st_size >= self.segment_bytes:
+            path.rename(self.dir / f"free-{int(time.time() * 1e6)}.log")
+        else:
+            path.unlink()
+
+    def _open_new(self) -> None:
+        free = self._free()
+        path = self.dir / f"seg-{self._next:012d}.log"
+        self._next += 1
+        if free:
+            os.rename(free[0], path)
+            fd = os.open(path, os.O_WRONLY)
+        else:  # no spare ready: a growing file (slower fdatasync, still durable)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._nonce = os.urandom(8)
+        os.pwrite(fd, _FILE_HEAD.pack(_FILE_MAGIC, self._nonce), 0)
+        os.fsync(fd)
+        self._fsync_dir()  # the segment's name is durable before any record in it
+        self._fd, self._path, self._offset = fd, path, _FILE_HEAD.size
+
+    def append(self, header: dict, data: bytes) -> None:
+        """Write one record; durable (fdatasync'd) when it returns."""
+        head = json.dumps(header, separators=(",", ":")).encode()
+        size = _RECORD.size + len(head) + len(data) + 4
+        if self._fd is None or (self._offset + size > self.segment_bytes
+                                and self._offset > _FILE_HEAD.size):
+            self.seal()
+            self._open_new()
+        assert self._fd is not None
+        crc = zlib.crc32(data, zlib.crc32(head))
+        record = b"".join((_RECORD.pack(_RECORD_MAGIC, self._nonce, len(head), len(data)), head,
+                           data, struct.pack("<I", crc)))
+        view = memoryview(record)
+        done = 0
+        while done < len(record):
+            done += os.pwrite(self._fd, view[done:], self._offset + done)
+        os.fdatasync(self._fd)
+        self._offset += len(record)
+        self.pending_bytes += len(data)
+        self.last_append = time.monotonic()
+
+    def seal(self) -> None:
+        """Close the open segment (the next append opens a new one)."""
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd, self._path = None, None
+
+    @staticmethod
+    def read_segment(path: Path) -> Iterator[tuple[dict, bytes]]:
+        """Valid records of a segment in order, up to the first one that is missing or torn
+        (a crash while writing it: never acknowledged). Raises DataLoss when a torn record is
+        followed by a valid one (media corruption, not a crash)."""
+        with open(path, "rb") as f:
+            raw = f.read(_FILE_HEAD.size)
+            if len(raw) < _FILE_HEAD.size:
+                return
+            magic, nonce = _FILE_HEAD.unpack(raw)
+            if magic != _FILE_MAGIC:
+                return  # crash before the header was durable: no records
+            total = os.fstat(f.fileno()).st_size
+
+            def header_at(pos: int) -> tuple[int, int] | None:
+                f.seek(pos)
+                raw = f.read(_RECORD.size)
+                if len(raw) < _RECORD.size:
+                    return None
+                m, n, hlen, dlen = _RECORD.unpack(raw)
+                if m != _RECORD_MAGIC or n != nonce or pos + _RECORD.size + hlen + dlen + 4 > total:
+                    return None
+                return hlen, dlen
+
+            pos = _FILE_HEAD.size
+            while (lengths := header_at(pos)) is not None:
+                hlen, dlen = lengths
+                head = f.read(hlen)
+                data = f.read(dlen)
+                (crc,) = struct.unpack("<I", f.read(4))
+                end = pos + _RECORD.size + hlen + dlen + 4
+                if zlib.crc32(data, zlib.crc32(head)) != crc:
+                    if header_at(end) is not None:
+                        raise DataLoss("SPOOL_CORRUPT", "spool record checksum mismatch",
+                                       domain="atlasflow.ingest",
+                                       metadata={"segment": path.name})
+                    return  # torn tail
+                yield json.loads(head), data
+                pos = end
 
 
 @dataclass(frozen=True)
@@ -100,6 +299,8 @@ class SeriesVersion:
     traceparent: str
     create_time: float
     update_time: float
+    duplicate_count: int = 0
+    conflict_count: int = 0
 
 
 def _row_to_series(r) -> SeriesVersion:  # type: ignore[no-untyped-def]
@@ -107,52 +308,92 @@ def _row_to_series(r) -> SeriesVersion:  # type: ignore[no-untyped-def]
         r["series_id"], r["version"], r["case_id"], r["state"], r["instance_count"],
         r["last_instance_at"], r["volume_digest"], r["volume_size"],
         json.loads(r["geometry_json"]) if r["geometry_json"] else {}, r["failure_reason"],
-        r["traceparent"], r["create_time"], r["update_time"])
+        r["traceparent"], r["create_time"], r["update_time"], r["duplicate_count"],
+        r["conflict_count"])
 
 
 class IngestStore:
-    def __init__(self, data_dir: str | Path, blobs: BlobStore) -> None:
+    """Instance spool + series bookkeeping. Thread-safe (one lock around the connection)."""
+
+    def __init__(self, data_dir: str | Path, blobs: BlobStore, *,
+                 spool_segment_bytes: int = 128 * 1024 * 1024, spool_spares: int = 2) -> None:
+        """`spool_segment_bytes` x `spool_spares` of zero-filled spool space is prepared at
+        start-up (128 MiB x 2 by default: ~500 CT slices before a refill)."""
         self.conn = db.connect(Path(data_dir) / "ingest.sqlite3")
         db.migrate(self.conn, MIGRATIONS)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
+        self._drain_lock = threading.Lock()
         self.blobs = blobs
+        self.spool = InstanceSpool(Path(data_dir) / "spool", spool_segment_bytes, spool_spares)
+        self.recover()
 
     def close(self) -> None:
         with self.lock:
+            self.spool.seal()
             self.conn.close()
+
+    # ----------------------------------------------------------------------------- reception
 
     def store_instance(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str,
                        new_traceparent: str = "") -> StoredInstance:
-        """Persist one validated instance; returns once it is durable.
+        """Persist one validated instance; returns once it is durable (spool record
+        fdatasync'd and row committed). An identical re-send writes nothing but a counter.
 
         `new_traceparent` is used as the series' trace if this instance opens a new version.
         """
-        info = self.blobs.put(data)  # fsync'd before the row refers to it
-        series_id = atlas_id("ser", series_uid)
-        case_id = atlas_id("case", study_uid)
-        sop_key = hashlib.sha256(sop_uid.encode()).hexdigest()
-        now = time.time()
-        with self.lock, db.transaction(self.conn):
-            cur = self.conn.execute(
-                "SELECT * FROM series_versions WHERE series_id = ? ORDER BY version DESC LIMIT 1",
-                (series_id,)).fetchone()
-            existing = self.conn.execute(
-                "SELECT digest FROM instances WHERE series_id = ? AND sop_key = ?",
-                (series_id, sop_key)).fetchone()
-            if existing is not None:
-                duplicate = existing["digest"] == info.digest
-                if not duplicate:
+        digest = digest_of(data)
+        header = {"study_uid": study_uid, "series_uid": series_uid, "sop_uid": sop_uid,
+                  "digest": digest, "traceparent": new_traceparent, "received_at": time.time()}
+        with self.lock:
+            return self._record(header, data, recovering=False)
+
+    def _record(self, header: dict, data: bytes | None, *, recovering: bool) -> StoredInstance:
+        """Under self.lock: check for a duplicate, spool the bytes (unless `data` is None:
+        replay of a spooled record), commit the row."""
+        series_id = atlas_id("ser", header["series_uid"])
+        case_id = atlas_id("case", header["study_uid"])
+        sop_key = hashlib.sha256(header["sop_uid"].encode()).hexdigest()
+        digest, now = header["digest"], float(header["received_at"])
+        cur = self.conn.execute(
+            "SELECT * FROM series_versions WHERE series_id = ? ORDER BY version DESC LIMIT 1",
+            (series_id,)).fetchone()
+        existing = self.conn.execute(
+            "SELECT digest FROM instances WHERE series_id = ? AND sop_key = ?",
+            (series_id, sop_key)).fetchone()
+        if existing is not None and existing["digest"] == digest:
+            assert cur is not None
+            if not recovering:
+                with db.transaction(self.conn):
                     self.conn.execute(
-                        "INSERT INTO instance_conflicts(series_id, sop_key, digest, size_bytes,"
-                        " received_at) VALUES (?, ?, ?, ?, ?)",
-                        (series_id, sop_key, info.digest, info.size_bytes, now))
+                        "UPDATE series_versions SET duplicate_count = duplicate_count + 1"
+                        " WHERE series_id = ? AND version = ?", (series_id, cur["version"]))
+            return StoredInstance(series_id, case_id, cur["version"], True, False,
+                                  cur["traceparent"])
+        if existing is not None and recovering and self.conn.execute(
+                "SELECT 1 FROM instance_conflicts WHERE series_id = ? AND sop_key = ?"
+                " AND digest = ?", (series_id, sop_key, digest)).fetchone():
+            return StoredInstance(series_id, case_id, cur["version"], False, True,
+                                  cur["traceparent"])
+        if data is not None:
+            self.spool.append(header, data)
+        size = int(header.get("size_bytes", len(data) if data is not None else 0))
+        with db.transaction(self.conn):
+            if existing is not None:
                 assert cur is not None
-                return StoredInstance(series_id, case_id, cur["version"], duplicate,
-                                      not duplicate, cur["traceparent"])
+                self.conn.execute(
+                    "INSERT INTO instance_conflicts(series_id, sop_key, digest, size_bytes,"
+                    " received_at) VALUES (?, ?, ?, ?, ?)",
+                    (series_id, sop_key, digest, size, now))
+                self.conn.execute(
+                    "UPDATE series_versions SET conflict_count = conflict_count + 1"
+                    " WHERE series_id = ? AND version = ?", (series_id, cur["version"]))
+                return StoredInstance(series_id, case_id, cur["version"], False, True,
+                                      cur["traceparent"])
+            new_tp = header.get("traceparent", "")
             if cur is None or cur["state"] != "RECEIVING":
                 version = 1 if cur is None else cur["version"] + 1
                 prior = 0 if cur is None else cur["instance_count"]
-                traceparent = new_traceparent if cur is None else (cur["traceparent"] or new_traceparent)
+                traceparent = new_tp if cur is None else (cur["traceparent"] or new_tp)
                 self.conn.execute(
                     "INSERT INTO series_versions(series_id, version, case_id, state,"
                     " instance_count, last_instance_at, traceparent, create_time, update_time)"
@@ -163,12 +404,77 @@ class IngestStore:
             self.conn.execute(
                 "INSERT INTO instances(series_id, sop_key, version_added, digest, size_bytes,"
                 " received_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (series_id, sop_key, version, info.digest, info.size_bytes, now))
+                (series_id, sop_key, version, digest, size, now))
             self.conn.execute(
                 "UPDATE series_versions SET instance_count = instance_count + 1,"
                 " last_instance_at = ?, update_time = ? WHERE series_id = ? AND version = ?",
-                (now, now, series_id, version))
+                (max(now, time.time()), time.time(), series_id, version))
         return StoredInstance(series_id, case_id, version, False, False, traceparent)
+
+    # --------------------------------------------------------------------- spool -> blob store
+
+    def drain(self) -> int:
+        """Move every spooled record into the blob store; delete drained segments.
+
+        Returns the number of records moved. Safe to call from any thread at any time.
+        """
+        with self._drain_lock:
+            with self.lock:
+                self.spool.seal()
+                segments = self.spool.segments()
+                self.spool.pending_bytes = 0
+            moved = 0
+            for seg in segments:
+                moved += self._drain_segment(seg, recovering=False)
+            return moved
+
+    def drain_if_idle(self, idle_s: float = 1.0, max_pending_bytes: int = 1 << 30) -> int:
+        """`drain()` when nothing was spooled for `idle_s` seconds (or too much is pending):
+        keeps blob-store writes (file creation, the slow part) out of a C-STORE burst."""
+        idle = time.monotonic() - self.spool.last_append >= idle_s
+        if not self.spool.pending_bytes:
+            if idle:
+                self.spool.prepare_spares()
+            return 0
+        if not idle and self.spool.pending_bytes < max_pending_bytes:
+            return 0
+        moved = self.drain()
+        self.spool.prepare_spares()
+        return moved
+
+    def _drain_segment(self, seg: Path, *, recovering: bool) -> int:
+        moved = 0
+        try:
+            for header, data in InstanceSpool.read_segment(seg):
+                info = self.blobs.put(data)
+                if info.digest != header["digest"]:
+                    raise DataLoss("SPOOL_CORRUPT", "spooled bytes do not match their digest",
+                                   domain="atlasflow.ingest", metadata={"segment": seg.name})
+                if recovering:
+                    header["size_bytes"] = len(data)
+                    with self.lock:
+                        self._record(header, None, recovering=True)
+                moved += 1
+        except DataLoss:
+            log.error("spool segment corrupt; kept for inspection",
+                      extra={"fields": {"segment": seg.name, "records_moved": moved}})
+            seg.rename(seg.with_suffix(".corrupt"))
+            return moved
+        with self.lock:
+            self.spool.recycle(seg)
+        return moved
+
+    def recover(self) -> int:
+        """Replay spool segments left by a previous process (start-up). Returns records."""
+        with self._drain_lock:
+            with self.lock:
+                self.spool.seal()
+                segments = self.spool.segments()
+            moved = sum(self._drain_segment(seg, recovering=True) for seg in segments)
+        if moved:
+            log.info("spool recovered", extra={"fields": {"records": moved,
+                                                          "segments": len(segments)}})
+        return moved
 
     def series_traceparent(self, series_uid: str) -> str:
         with self.lock:
@@ -185,6 +491,9 @@ class IngestStore:
         return [_row_to_series(r) for r in rows]
 
     def instance_digests(self, series_id: str, version: int) -> list[str]:
+        """Digests of the version's instances, all readable from the blob store (drains the
+        spool first)."""
+        self.drain()
         with self.lock:
             rows = self.conn.execute(
                 "SELECT digest FROM instances WHERE series_id = ? AND version_added <= ?"
@@ -241,7 +550,12 @@ class IngestStore:
         token = db.encode_page_token("series", {"offset": offset + size}) if len(rows) > size else ""
         return items, token
 
-    def conflict_count(self) -> int:
+    def conflict_count(self, series_id: str | None = None) -> int:
+        if series_id is not None:
+            with self.lock:
+                return int(self.conn.execute(
+                    "SELECT COUNT(*) FROM instance_conflicts WHERE series_id = ?",
+                    (series_id,)).fetchone()[0])
         with self.lock:
             return int(self.conn.execute("SELECT COUNT(*) FROM instance_conflicts").fetchone()[0])
 

@@ -10,21 +10,23 @@ from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.errors import InvalidArgument, NotFound
 from atlasflow.ingest.store import IngestStore
 
+SEG = 2 * 1024 * 1024  # small spool segments: fast zero-fill
+
 
 @pytest.fixture()
 def store(tmp_path):  # type: ignore[no-untyped-def]
-    s = IngestStore(tmp_path / "data", LocalBlobStore(tmp_path / "blobs"))
+    s = IngestStore(tmp_path / "data", LocalBlobStore(tmp_path / "blobs"), spool_segment_bytes=SEG)
     yield s
     s.close()
 
 
 def test_instances_are_durable_across_reopen(tmp_path):  # type: ignore[no-untyped-def]
     blobs = LocalBlobStore(tmp_path / "blobs")
-    s = IngestStore(tmp_path / "data", blobs)
+    s = IngestStore(tmp_path / "data", blobs, spool_segment_bytes=SEG)
     a = s.store_instance(b"A", "study", "series", "sop-1", "00-" + "1" * 32 + "-" + "2" * 16 + "-01")
     s.store_instance(b"B", "study", "series", "sop-2")
     s.close()
-    s2 = IngestStore(tmp_path / "data", blobs)
+    s2 = IngestStore(tmp_path / "data", blobs, spool_segment_bytes=SEG)
     sv = s2.get_series(a.series_id)
     assert (sv.version, sv.state, sv.instance_count) == (1, "RECEIVING", 2)
     assert sv.traceparent.startswith("00-" + "1" * 32)

@@ -25,7 +25,7 @@ SERIES_STATE_DISPATCHED: SeriesState
 SERIES_STATE_FAILED: SeriesState
 
 class Series(_message.Message):
-    __slots__ = ("series_id", "case_id", "version", "state", "instance_count", "geometry", "volume", "failure_reason", "create_time", "update_time", "trace_id")
+    __slots__ = ("series_id", "case_id", "version", "state", "instance_count", "geometry", "volume", "failure_reason", "create_time", "update_time", "trace_id", "duplicate_count", "conflict_count")
     SERIES_ID_FIELD_NUMBER: _ClassVar[int]
     CASE_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,8 @@ class Series(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CONFLICT_COUNT_FIELD_NUMBER: _ClassVar[int]
     series_id: str
     case_id: str
     version: int
@@ -48,7 +50,9 @@ class Series(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     trace_id: str
-    def __init__(self, series_id: _Optional[str] = ..., case_id: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[SeriesState, str]] = ..., instance_count: _Optional[int] = ..., geometry: _Optional[_Union[_common_pb2.VolumeGeometry, _Mapping]] = ..., volume: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., failure_reason: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ...) -> None: ...
+    duplicate_count: int
+    conflict_count: int
+    def __init__(self, series_id: _Optional[str] = ..., case_id: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[SeriesState, str]] = ..., instance_count: _Optional[int] = ..., geometry: _Optional[_Union[_common_pb2.VolumeGeometry, _Mapping]] = ..., volume: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., failure_reason: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., duplicate_count: _Optional[int] = ..., conflict_count: _Optional[int] = ...) -> None: ...
 
 class UploadInstancesRequest(_message.Message):
     __slots__ = ("client_ref", "chunk", "last_chunk", "sha256")
