@@ -471,12 +471,12 @@ def test_new_attention_reranks_but_done_stays_done(wl):
 # --------------------------------------------------------------------------- concurrency
 
 def test_racing_reviewers_on_separate_connections_never_share_a_case(tmp_path):
-    """Threads with their own store (connection) on one file: each case is leased to exactly
-    one reviewer and completed exactly once."""
+    """Threads with their own store (connection) on one file lease in waves (all leases of a
+    wave are held at once): each case is leased to exactly one reviewer, completed once."""
     path = tmp_path / "r.sqlite"
     with SqliteWorklist(path) as w:
-        _seed(w, 60)
-        w.start_round(0.5, "lead")                          # 30 cases
+        _seed(w, 56)
+        w.start_round(0.5, "lead")                          # 28 cases = 7 waves of 4
     leased: dict[str, list[str]] = {}
     errors: list[BaseException] = []
     barrier = threading.Barrier(4)
@@ -484,16 +484,18 @@ def test_racing_reviewers_on_separate_connections_never_share_a_case(tmp_path):
     def review(who: str) -> None:
         w = SqliteWorklist(path)
         try:
-            barrier.wait()
-            while True:
-                try:
-                    e, _ = w.lease_next(who)
-                except NotFound:
-                    return
+            for _wave in range(7):
+                barrier.wait(30)
+                e, _ = w.lease_next(who)
                 leased.setdefault(e.case_id, []).append(who)
+                barrier.wait(30)
                 w.complete(e.case_id, who, Status.ACCEPTED)
+            barrier.wait(30)
+            with pytest.raises(NotFound):
+                w.lease_next(who)
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
+            barrier.abort()
         finally:
             w.close()
 
@@ -503,10 +505,10 @@ def test_racing_reviewers_on_separate_connections_never_share_a_case(tmp_path):
     for t in threads:
         t.join(60)
     assert not errors
-    assert len(leased) == 30 and all(len(v) == 1 for v in leased.values())
+    assert len(leased) == 28 and all(len(v) == 1 for v in leased.values())
     with SqliteWorklist(path) as w:
         r = w.get_round(1)
-        assert (r.accepted_count, r.unreviewed_count) == (30, 0)
+        assert (r.accepted_count, r.unreviewed_count) == (28, 0)
         done = w.list(1000, "", WorklistFilter(statuses=frozenset({Status.ACCEPTED})))[0]
         assert {e.case_id: e.review.reviewer for e, _ in done} == {
             c: v[0] for c, v in leased.items()}
