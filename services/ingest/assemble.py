@@ -67,7 +67,8 @@ INCONSISTENT_SERIES unless said otherwise; metadata ``check`` names the test.
 * smaller gap variations (above max(0.01 mm, 0.1 %)): accepted with a warning; the slice
   spacing is the mean gap (last - first) / (N - 1), so the first and last slices are exact and
   the warning states the largest position error of the slices in between.
-* one slice: spacing = (0018,0050) SliceThickness (else 1 mm), with a warning.
+* one slice: spacing = (0018,0088) SpacingBetweenSlices, else (0018,0050) SliceThickness,
+  else 1 mm (as dcm2niix), with a warning.
 * SliceThickness != spacing (overlapping or gapped reconstruction): a warning only.
 
 `Volume.resampled` is True when any voxel is not a source pixel (tilt-corrected or filled):
@@ -149,6 +150,7 @@ class FrameRef:
     sop_instance_uid: str = ""
     frame_number: int = 1
     thickness_mm: float | None = None
+    spacing_between_slices_mm: float | None = None
     padding: tuple[float, float] | None = None
     bits_stored: int = 16
     signed: bool = True
@@ -290,6 +292,7 @@ def frame_refs(ds: Dataset, source_for: object = None, index: int = 0) -> list[F
         bits_stored=int(_number(ds.get("BitsStored"), 16) or 16),
         signed=int(_number(ds.get("PixelRepresentation"), 0) or 0) == 1,
         gantry_tilt_deg=_number(ds.get("GantryDetectorTilt"), None),
+        spacing_between_slices_mm=_number(ds.get("SpacingBetweenSlices"), None),
     )
     if not common["sop_instance_uid"] and getattr(ds, "file_meta", None) is not None:
         common["sop_instance_uid"] = str(ds.file_meta.get("MediaStorageSOPInstanceUID", "") or "")
@@ -441,8 +444,14 @@ def plan_geometry(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Plan:
     shift_mm = np.zeros((n, 2))  # in-plane origin offsets along (r, c), mm
     tilt_deg = 0.0
     if n == 1:
-        spacing = thickness if thickness and thickness > 0 else 1.0
-        warnings.append(f"single slice: slice spacing set to {spacing:g} mm")
+        between = first_sorted.spacing_between_slices_mm
+        if between and between > 0:
+            spacing, source = between, "(0018,0088) SpacingBetweenSlices"
+        elif thickness and thickness > 0:
+            spacing, source = thickness, "(0018,0050) SliceThickness"
+        else:
+            spacing, source = 1.0, "a default"
+        warnings.append(f"single slice: slice spacing set to {spacing:g} mm from {source}")
         slot = np.zeros(1, dtype=np.int64)
         z = 1
     else:

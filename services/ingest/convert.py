@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 import struct
 import sys
 import zlib
@@ -187,7 +188,9 @@ def scan(inputs: Iterable[Path]) -> ScanResult:
     skipped: dict[str, int] = defaultdict(int)
     for path in iter_files(inputs):
         try:
-            ds = pydicom.dcmread(path, defer_size=_DEFER)
+            with warnings.catch_warnings():  # pydicom's value warnings (e.g. bad UIs)
+                warnings.simplefilter("ignore", UserWarning)
+                ds = pydicom.dcmread(path, defer_size=_DEFER)
         except Exception:
             skipped["not DICOM or unreadable"] += 1
             continue
