@@ -64,3 +64,15 @@ class ResourceExhausted(AtlasflowError):
 
 class DataLoss(AtlasflowError):
     code = "DATA_LOSS"
+
+
+class Unauthenticated(AtlasflowError):
+    """No caller identity."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(AtlasflowError):
+    """The caller may not act on this resource (e.g. another reviewer's lease)."""
+
+    code = "PERMISSION_DENIED"

@@ -64,8 +64,14 @@ from pathlib import Path
 from typing import Any
 
 from atlasflow.common import sqlite as sq
-from atlasflow.common.errors import (AtlasflowError, FailedPrecondition, InvalidArgument,
-                                     NotFound)
+from atlasflow.common.errors import (
+    AtlasflowError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 from atlasflow.common.organs import ORGANS
 
 DOMAIN = "atlasflow.ranking"
@@ -74,18 +80,6 @@ MAX_LEASE_S = 8 * 3600.0
 MAX_REASONS = 32
 MAX_REASON_CHARS = 256
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
-class Unauthenticated(AtlasflowError):
-    """No caller identity (gRPC UNAUTHENTICATED)."""
-
-    code = "UNAUTHENTICATED"
-
-
-class PermissionDenied(AtlasflowError):
-    """The caller may not act on this resource, e.g. another reviewer's lease."""
-
-    code = "PERMISSION_DENIED"
 
 
 class Status(IntEnum):
