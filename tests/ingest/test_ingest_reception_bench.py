@@ -1,0 +1,31 @@
+"""Dry run of benchmarks/bench_ingest.py at a tiny size: the same code path as the real run
+(series built from the real slices, storescu to atlasflow ingest and to Orthanc, both counted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("bench_ingest", REPO / "benchmarks" / "bench_ingest.py")
+bench = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
+sys.modules["bench_ingest"] = bench
+_spec.loader.exec_module(bench)  # type: ignore[union-attr]
+
+
+def test_benchmark_dry_run(tmp_path):  # type: ignore[no-untyped-def]
+    result = bench.run_benchmark(6, 1, tmp_path)
+    assert result["slices"] == 6 and result["bytes"] > 6 * 512 * 512 * 2
+    for name in ("atlasflow", "orthanc"):
+        assert result[name]["instances_per_s"] > 0 and result[name]["mb_per_s"] > 0
+    assert result["ratio_instances_per_s"] == (
+        result["atlasflow"]["instances_per_s"] / result["orthanc"]["instances_per_s"])
+
+
+def test_acknowledged_files_parses_storescu_verbose_output():  # type: ignore[no-untyped-def]
+    log = ("I: Sending file: /d/a.dcm\nI: Received Store Response (Success)\n"
+           "I: Sending file: /d/b.dcm\nE: Store Failed, file: /d/b.dcm\n"
+           "I: Sending file: /d/c.dcm\nI: Received Store Response (Warning, Coercion of Data Elements)\n"
+           "I: Sending file: /d/d.dcm\n")
+    assert bench.acknowledged_files(log) == ["/d/a.dcm", "/d/c.dcm"]
