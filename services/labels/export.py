@@ -73,6 +73,7 @@ def _fsync_dir(path: Path) -> None:
 def export_case(out_root: Path, case_name: str, ct_nifti: bytes, label_map_nifti: bytes,
                 provenance: Provenance, version_id: str, *,
                 organ_provenance: Mapping[int, Provenance] | None = None,
+                organ_versions: Mapping[int, str] | None = None,
                 case_id: str = "") -> dict[str, Any]:
     """Write one case in the AbdomenAtlas layout under `out_root/case_name`; return its
     manifest entry.
@@ -80,7 +81,8 @@ def export_case(out_root: Path, case_name: str, ct_nifti: bytes, label_map_nifti
     ct_nifti: the CT blob's bytes (NIfTI, gzip or not; int16 HU expected), written as stored
     (gzip-compressed if it was not). label_map_nifti: combined label map NIfTI on the CT grid,
     ids 0..9. provenance: the version's provenance; `organ_provenance` overrides it per organ
-    id (label assembly from several sources). The entry lists the sha256 and size of every file,
+    id (label assembly from several sources) and `organ_versions` names the version that
+    decided each organ (manifest key "decided_in_version"). The entry lists the sha256 and size of every file,
     per-organ provenance, voxel counts and volumes (ml), and `marking` =
     "AI-generated labels, research use" when any organ's labels come from AI.
 
@@ -137,6 +139,8 @@ def export_case(out_root: Path, case_name: str, ct_nifti: bytes, label_map_nifti
             "volume_ml": round(voxels * voxel_ml, 3),
             "provenance": prov.to_dict(),
         }
+        if organ_versions and organ_versions.get(oid):
+            organs[ORGANS[oid]]["decided_in_version"] = organ_versions[oid]
     effective = [organ_prov.get(oid, provenance) for oid in ORGANS]
     any_ai = any(p.source == "ai" for p in effective)
     any_untrained = any(p.source == "ai" and not p.weights_trained for p in effective)

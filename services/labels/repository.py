@@ -196,7 +196,8 @@ class LabelRepository(Protocol):
                        affine: Sequence[float] | np.ndarray = (),
                        organ_provenance: Mapping[int, OrganProvenance] | None = None,
                        request_fingerprint: str = "",
-                       audit: AuditEvent | None = None) -> LabelVersionRecord: ...
+                       audit: AuditEvent | None = None,
+                       expect_empty: bool = False) -> LabelVersionRecord: ...
 
     def get_version(self, version_id: str) -> LabelVersionRecord: ...
 
@@ -419,7 +420,8 @@ class SqlLabelRepository:
                        affine: Sequence[float] | np.ndarray = (),
                        organ_provenance: Mapping[int, OrganProvenance] | None = None,
                        request_fingerprint: str = "",
-                       audit: AuditEvent | None = None) -> LabelVersionRecord:
+                       audit: AuditEvent | None = None,
+                       expect_empty: bool = False) -> LabelVersionRecord:
         """Append a version to `case_id`'s history; idempotent by `request_id`.
 
         organs: ids present in the label map (as returned by `validate_label_map`); shape:
@@ -430,7 +432,8 @@ class SqlLabelRepository:
         the request (when the stored label map is derived, e.g. assembled); default: a hash
         of the arguments. audit: recorded in the same transaction (version_ids filled in).
         Raises Aborted("PARENT_MISMATCH") when `expected_parent_version_id` is non-empty and is
-        not the case's current head (another writer won; re-read the head and retry).
+        not the case's current head, or when `expect_empty` and the case already has a version
+        (another writer won; re-read the head and retry).
         """
         _check_id("case_id", case_id)
         _check_id("request_id", request_id)
@@ -457,7 +460,7 @@ class SqlLabelRepository:
             try:
                 return self._insert_version(
                     case_id, label_map, ct, provenance, request_id, expected_parent_version_id,
-                    organ_t, shape_t, affine_t, organ_prov, fingerprint, audit)
+                    organ_t, shape_t, affine_t, organ_prov, fingerprint, audit, expect_empty)
             except self._db.integrity_errors:
                 # A concurrent writer of the same request_id (other case) or of the same case's
                 # first version committed between our read and our insert: re-read decides.
@@ -469,7 +472,8 @@ class SqlLabelRepository:
                         provenance: Provenance, request_id: str, expected_parent: str,
                         organ_t: tuple[int, ...], shape_t: tuple[int, ...],
                         affine_t: tuple[float, ...], organ_prov: dict[int, OrganProvenance],
-                        fingerprint: str, audit: AuditEvent | None) -> LabelVersionRecord:
+                        fingerprint: str, audit: AuditEvent | None,
+                        expect_empty: bool = False) -> LabelVersionRecord:
         with self._db.write() as tx:
             self._db.lock_case(tx, case_id)
             prior = tx.one("SELECT * FROM label_versions WHERE request_id = ?", (request_id,))
@@ -485,7 +489,7 @@ class SqlLabelRepository:
             head_row = tx.one("SELECT head_version_id, version_count FROM case_heads"
                               " WHERE case_id = ?" + self._db.for_update, (case_id,))
             head_id = head_row["head_version_id"] if head_row else ""
-            if expected_parent and expected_parent != head_id:
+            if (expected_parent and expected_parent != head_id) or (expect_empty and head_id):
                 raise Aborted("PARENT_MISMATCH",
                               "expected_parent_version_id is not the case's current version",
                               domain=DOMAIN,

@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
 import grpc
 from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
-from atlasflow.common.blobstore import BlobInfo, BlobStore
+from atlasflow.common.blobstore import BlobStore
 from atlasflow.common.errors import AtlasflowError, InvalidArgument
 from atlasflow.common.metrics import Metrics
-from atlasflow.common.nifti import from_nifti_bytes
+from atlasflow.common.server import principal_of
 from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.export import export_case, write_manifest
-from atlasflow.labels.repository import (ExportJobRecord, LabelRepository, LabelVersionRecord,
-                                         Provenance)
+from atlasflow.labels.repository import (AuditEvent, AuditRecord, ExportJobRecord,
+                                         LabelRepository, LabelVersionRecord, Provenance)
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
-from atlasflow.labels.validate import validate_label_map
+from atlasflow.labels.writer import LabelWriter, MaskRevision
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 DOMAIN = "atlasflow.labels"
@@ -44,20 +47,32 @@ def _ts(dt) -> timestamp_pb2.Timestamp:  # type: ignore[no-untyped-def]
     return ts
 
 
+def provenance_to_proto(p: Provenance) -> labels_pb2.Provenance:
+    return labels_pb2.Provenance(source=_SOURCE_TO_PROTO[p.source],
+                                 model_version=p.model_version, job_id=p.job_id,
+                                 reviewer=p.reviewer, weights_trained=p.weights_trained)
+
+
 def version_to_proto(r: LabelVersionRecord) -> labels_pb2.LabelVersion:
-    p = r.provenance
     spacing = [sum(r.affine[row * 4 + col] ** 2 for row in range(3)) ** 0.5 for col in range(3)]
     return labels_pb2.LabelVersion(
         version_id=r.version_id, case_id=r.case_id, parent_version_id=r.parent_version_id,
         label_map=common_pb2.BlobRef(digest=r.label_map_digest, size_bytes=r.label_map_size,
                                      media_type=NIFTI_GZ),
         ct=common_pb2.BlobRef(digest=r.ct_digest, size_bytes=r.ct_size, media_type=NIFTI_GZ),
-        provenance=labels_pb2.Provenance(
-            source=_SOURCE_TO_PROTO[p.source], model_version=p.model_version, job_id=p.job_id,
-            reviewer=p.reviewer, weights_trained=p.weights_trained),
+        provenance=provenance_to_proto(r.provenance),
         organs=list(r.organs), create_time=_ts(r.create_time),
         geometry=common_pb2.VolumeGeometry(shape=list(r.shape), affine=list(r.affine),
-                                           spacing_mm=spacing))
+                                           spacing_mm=spacing),
+        organ_provenance=[labels_pb2.OrganProvenance(
+            organ=oid, provenance=provenance_to_proto(op.provenance), version_id=op.version_id)
+            for oid, op in sorted(r.organ_provenance.items())])
+
+
+def audit_to_proto(r: AuditRecord) -> labels_pb2.AuditRecord:
+    return labels_pb2.AuditRecord(
+        record_id=r.record_id, time=_ts(r.time), principal=r.principal, method=r.method,
+        case_id=r.case_id, version_ids=list(r.version_ids), job_id=r.job_id, outcome=r.outcome)
 
 
 def export_to_proto(j: ExportJobRecord) -> labels_pb2.ExportJob:
@@ -107,6 +122,10 @@ class Exporter:
                     entries.append(export_case(
                         out, case_id, self.blobs.get(record.ct_digest),
                         self.blobs.get(record.label_map_digest), record.provenance, version_id,
+                        organ_provenance={o: op.provenance
+                                          for o, op in record.organ_provenance.items()},
+                        organ_versions={o: op.version_id
+                                        for o, op in record.organ_provenance.items()},
                         case_id=case_id))
                     self.repo.update_export_job(job.job_id, cases_done=done)
                 write_manifest(out, entries)
@@ -133,56 +152,117 @@ class Exporter:
                 pass
 
 
+class Unauthenticated(AtlasflowError):
+    """The call needs the caller's identity (metadata x-atlasflow-principal) and has none."""
+
+    code = "UNAUTHENTICATED"
+
+
+ANONYMOUS = "anonymous"
+
+
 class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
+    """Thin transport: converts messages, calls LabelWriter / the repository, and records an
+    audit record for every call (writes inside their own transaction, reads and failures
+    after the fact)."""
+
     def __init__(self, repo: LabelRepository, blobs: BlobStore, exporter: Exporter,
                  export_root: Path | None = None) -> None:
         self.repo = repo
         self.blobs = blobs
         self.exporter = exporter
         self.export_root = export_root
+        self.writer = LabelWriter(repo, blobs)
 
-    def _create(self, request: labels_pb2.CreateLabelVersionRequest) -> LabelVersionRecord:
-        if not request.request_id:
-            raise InvalidArgument("INVALID_ARGUMENT", "request_id is required", domain=DOMAIN,
-                                  metadata={"field": "request_id"})
+    async def _audited(self, context, method: str, case_id: str,  # type: ignore[no-untyped-def]
+                       work: Callable[[AuditEvent], T],
+                       read_ids: Callable[[T], tuple[tuple[str, ...], str]] | None = None) -> T:
+        """Run `work(audit_event)` in a thread. Writes pass the event to the repository (same
+        transaction); for reads (`read_ids` given: result -> (version ids, job id)) the record
+        is appended afterwards. A failure is recorded with its reason and re-raised."""
+        event = AuditEvent(principal_of(context) or ANONYMOUS, method, case_id)
+        try:
+            result = await asyncio.to_thread(work, event)
+        except AtlasflowError as exc:
+            await asyncio.to_thread(self.repo.record_audit, AuditEvent(
+                event.principal, method, case_id, outcome=exc.reason))
+            raise
+        if read_ids is not None:
+            versions, job = read_ids(result)
+            await asyncio.to_thread(self.repo.record_audit, AuditEvent(
+                event.principal, method, case_id, versions, job))
+        return result
+
+    async def CreateLabelVersion(self, request, context):  # type: ignore[no-untyped-def]
         if request.provenance.source not in _SOURCE_FROM_PROTO:
             raise InvalidArgument("INVALID_PROVENANCE", "provenance.source is required",
                                   domain=DOMAIN)
-        label_bytes = self.blobs.get(request.label_map.digest)
-        ct_bytes = self.blobs.get(request.ct.digest)
-        labels, label_affine = from_nifti_bytes(label_bytes)
-        ct, ct_affine = from_nifti_bytes(ct_bytes)
-        organs = validate_label_map(labels, label_affine, ct.shape, ct_affine)
         p = request.provenance
-        return self.repo.create_version(
-            request.case_id,
-            BlobInfo(request.label_map.digest, len(label_bytes)),
-            BlobInfo(request.ct.digest, len(ct_bytes)),
-            Provenance(_SOURCE_FROM_PROTO[p.source], p.model_version, p.job_id, p.reviewer,
-                       p.weights_trained),
-            request.request_id, request.expected_parent_version_id,
-            organs=organs, shape=ct.shape, affine=ct_affine.ravel())
-
-    async def CreateLabelVersion(self, request, context):  # type: ignore[no-untyped-def]
-        record = await asyncio.to_thread(self._create, request)
+        provenance = Provenance(_SOURCE_FROM_PROTO[p.source], p.model_version, p.job_id,
+                                p.reviewer, p.weights_trained)
+        record = await self._audited(
+            context, "CreateLabelVersion", request.case_id,
+            lambda audit: self.writer.create(
+                request.case_id, request.label_map.digest, request.ct.digest, provenance,
+                request.request_id, request.expected_parent_version_id,
+                list(request.labelled_organs), audit=audit))
         return labels_pb2.CreateLabelVersionResponse(version=version_to_proto(record))
 
+    async def ReviseLabels(self, request, context):  # type: ignore[no-untyped-def]
+        reviewer = principal_of(context)
+        if not reviewer:
+            await asyncio.to_thread(self.repo.record_audit, AuditEvent(
+                ANONYMOUS, "ReviseLabels", request.case_id, outcome="PRINCIPAL_REQUIRED"))
+            raise Unauthenticated("PRINCIPAL_REQUIRED",
+                                  "ReviseLabels needs the reviewer's identity in metadata "
+                                  "x-atlasflow-principal", domain=DOMAIN)
+        revisions = []
+        for r in request.revisions:
+            kind = r.WhichOneof("mask")
+            revisions.append(MaskRevision(
+                int(r.organ), mask_digest=r.mask_blob.digest if kind == "mask_blob" else "",
+                xor_delta=bytes(r.xor_delta) if kind == "xor_delta" else None))
+        record = await self._audited(
+            context, "ReviseLabels", request.case_id,
+            lambda audit: self.writer.revise(request.case_id, request.expected_parent_version_id,
+                                             revisions, request.request_id, reviewer,
+                                             audit=audit))
+        return labels_pb2.ReviseLabelsResponse(version=version_to_proto(record))
+
     async def GetLabelVersion(self, request, context):  # type: ignore[no-untyped-def]
-        return labels_pb2.GetLabelVersionResponse(
-            version=version_to_proto(self.repo.get_version(request.version_id)))
+        record = await self._audited(
+            context, "GetLabelVersion", "", lambda _: self.repo.get_version(request.version_id),
+            lambda r: ((r.version_id,), ""))
+        return labels_pb2.GetLabelVersionResponse(version=version_to_proto(record))
 
     async def ListLabelVersions(self, request, context):  # type: ignore[no-untyped-def]
-        records, token = self.repo.list_versions(request.case_id or None, request.page_size,
-                                                 request.page_token)
+        records, token = await self._audited(
+            context, "ListLabelVersions", request.case_id,
+            lambda _: self.repo.list_versions(request.case_id or None, request.page_size,
+                                              request.page_token),
+            lambda result: (tuple(r.version_id for r in result[0]), ""))
         return labels_pb2.ListLabelVersionsResponse(
             versions=[version_to_proto(r) for r in records], next_page_token=token)
 
     async def ExportDataset(self, request, context):  # type: ignore[no-untyped-def]
-        destination_path(request.destination_uri, self.export_root)
-        job = self.repo.create_export_job(list(request.case_ids), request.destination_uri)
+        def work(audit: AuditEvent) -> ExportJobRecord:
+            destination_path(request.destination_uri, self.export_root)
+            return self.repo.create_export_job(list(request.case_ids), request.destination_uri,
+                                               audit=audit)
+
+        job = await self._audited(context, "ExportDataset", "", work)
         self.exporter.wake.set()
         return labels_pb2.ExportDatasetResponse(job=export_to_proto(job))
 
     async def GetExportJob(self, request, context):  # type: ignore[no-untyped-def]
-        return labels_pb2.GetExportJobResponse(
-            job=export_to_proto(self.repo.get_export_job(request.job_id)))
+        job = await self._audited(
+            context, "GetExportJob", "", lambda _: self.repo.get_export_job(request.job_id),
+            lambda j: ((), j.job_id))
+        return labels_pb2.GetExportJobResponse(job=export_to_proto(job))
+
+    async def ListAuditRecords(self, request, context):  # type: ignore[no-untyped-def]
+        records, token = await asyncio.to_thread(
+            self.repo.list_audit_records, request.case_id, request.principal,
+            request.page_size, request.page_token)
+        return labels_pb2.ListAuditRecordsResponse(
+            records=[audit_to_proto(r) for r in records], next_page_token=token)

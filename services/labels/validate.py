@@ -53,3 +53,26 @@ def validate_label_map(labels: np.ndarray, label_affine: np.ndarray, ct_shape: S
                            min=str(lo), max=str(hi))
     counts = np.bincount(labels.astype(np.int64, copy=False).ravel(), minlength=max(ORGANS) + 1)
     return tuple(int(i) for i in ORGANS if counts[i] > 0)
+
+
+def validate_organ_mask(mask: np.ndarray, mask_affine: np.ndarray, ct_shape: Sequence[int],
+                        ct_affine: np.ndarray, organ: int) -> np.ndarray:
+    """Validate one organ's corrected mask against the CT; return it as (X, Y, Z) bool.
+
+    mask: (X, Y, Z) integer (or integral float) array, voxels 0 (not the organ) and 1 or
+    `organ` (the organ). Same geometry rules as `validate_label_map`. Raises
+    InvalidArgument("INVALID_REVISION_MASK") with metadata organ and problem (SHAPE, AFFINE,
+    DTYPE, VALUES).
+    """
+    name = ORGANS.get(organ, str(organ))
+    try:
+        validate_label_map(mask, mask_affine, ct_shape, ct_affine)
+    except InvalidArgument as exc:
+        raise InvalidArgument("INVALID_REVISION_MASK", f"revised mask of {name}: {exc.message}",
+                              domain=DOMAIN, metadata={**exc.metadata, "organ": name}) from None
+    values = np.unique(np.asarray(mask))
+    if not set(values.tolist()) <= {0, 1, organ}:
+        raise InvalidArgument("INVALID_REVISION_MASK",
+                              f"revised mask of {name} must hold 0 and 1 (or the organ id)",
+                              domain=DOMAIN, metadata={"organ": name, "problem": "VALUES"})
+    return np.asarray(mask) != 0

@@ -26,43 +26,57 @@ from atlasflow.common.v1 import common_pb2 as atlasflow_dot_common_dot_v1_dot_co
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n atlasflow/labels/v1/labels.proto\x12\x13\x61tlasflow.labels.v1\x1a atlasflow/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x01\n\nProvenance\x12\x30\n\x06source\x18\x01 \x01(\x0e\x32 .atlasflow.labels.v1.LabelSource\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x10\n\x08reviewer\x18\x04 \x01(\t\x12\x17\n\x0fweights_trained\x18\x05 \x01(\x08\"\xf2\x02\n\x0cLabelVersion\x12\x12\n\nversion_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\t\x12\x19\n\x11parent_version_id\x18\x03 \x01(\t\x12/\n\tlabel_map\x18\x04 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRef\x12(\n\x02\x63t\x18\x05 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRef\x12\x33\n\nprovenance\x18\x06 \x01(\x0b\x32\x1f.atlasflow.labels.v1.Provenance\x12*\n\x06organs\x18\x07 \x03(\x0e\x32\x1a.atlasflow.common.v1.Organ\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x08geometry\x18\t \x01(\x0b\x32#.atlasflow.common.v1.VolumeGeometry\"\xf4\x01\n\x19\x43reateLabelVersionRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\"\n\x1a\x65xpected_parent_version_id\x18\x02 \x01(\t\x12/\n\tlabel_map\x18\x03 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRef\x12(\n\x02\x63t\x18\x04 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRef\x12\x33\n\nprovenance\x18\x05 \x01(\x0b\x32\x1f.atlasflow.labels.v1.Provenance\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"P\n\x1a\x43reateLabelVersionResponse\x12\x32\n\x07version\x18\x01 \x01(\x0b\x32!.atlasflow.labels.v1.LabelVersion\",\n\x16GetLabelVersionRequest\x12\x12\n\nversion_id\x18\x01 \x01(\t\"M\n\x17GetLabelVersionResponse\x12\x32\n\x07version\x18\x01 \x01(\x0b\x32!.atlasflow.labels.v1.LabelVersion\"R\n\x18ListLabelVersionsRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"i\n\x19ListLabelVersionsResponse\x12\x33\n\x08versions\x18\x01 \x03(\x0b\x32!.atlasflow.labels.v1.LabelVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x0e\x45xportProgress\x12\x12\n\ncases_done\x18\x01 \x01(\x05\x12\x13\n\x0b\x63\x61ses_total\x18\x02 \x01(\x05\"\xe6\x01\n\tExportJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x32\n\x05state\x18\x02 \x01(\x0e\x32#.atlasflow.common.v1.OperationState\x12\x35\n\x08progress\x18\x03 \x01(\x0b\x32#.atlasflow.labels.v1.ExportProgress\x12\x17\n\x0f\x64\x65stination_uri\x18\x04 \x01(\t\x12\x14\n\x0c\x65rror_reason\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x14\x45xportDatasetRequest\x12\x10\n\x08\x63\x61se_ids\x18\x01 \x03(\t\x12\x17\n\x0f\x64\x65stination_uri\x18\x02 \x01(\t\"D\n\x15\x45xportDatasetResponse\x12+\n\x03job\x18\x01 \x01(\x0b\x32\x1e.atlasflow.labels.v1.ExportJob\"%\n\x13GetExportJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"C\n\x14GetExportJobResponse\x12+\n\x03job\x18\x01 \x01(\x0b\x32\x1e.atlasflow.labels.v1.ExportJob*y\n\x0bLabelSource\x12\x1c\n\x18LABEL_SOURCE_UNSPECIFIED\x10\x00\x12\x13\n\x0fLABEL_SOURCE_AI\x10\x01\x12\x1c\n\x18LABEL_SOURCE_RADIOLOGIST\x10\x02\x12\x19\n\x15LABEL_SOURCE_ORIGINAL\x10\x03\x32\xb4\x04\n\x0cLabelService\x12u\n\x12\x43reateLabelVersion\x12..atlasflow.labels.v1.CreateLabelVersionRequest\x1a/.atlasflow.labels.v1.CreateLabelVersionResponse\x12l\n\x0fGetLabelVersion\x12+.atlasflow.labels.v1.GetLabelVersionRequest\x1a,.atlasflow.labels.v1.GetLabelVersionResponse\x12r\n\x11ListLabelVersions\x12-.atlasflow.labels.v1.ListLabelVersionsRequest\x1a..atlasflow.labels.v1.ListLabelVersionsResponse\x12\x66\n\rExportDataset\x12).atlasflow.labels.v1.ExportDatasetRequest\x1a*.atlasflow.labels.v1.ExportDatasetResponse\x12\x63\n\x0cGetExportJob\x12(.atlasflow.labels.v1.GetExportJobRequest\x1a).atlasflow.labels.v1.GetExportJobResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n atlasflow/labels/v1/labels.proto\x12\x13\x61tlasflow.labels.v1\x1a atlasflow/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x01\n\nProvenance\x12\x30\n\x06source\x18\x01 \x01(\x0e\x32 .atlasflow.labels.v1.LabelSource\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x10\n\x08reviewer\x18\x04 \x01(\t\x12\x17\n\x0fweights_trained\x18\x05 \x01(\x08\"\xb2\x03\n\x0cLabelVersion\x12\x12\n\nversion_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\t\x12\x19\n\x11parent_version_id\x18\x03 \x01(\t\x12/\n\tlabel_map\x18\x04 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRef\x12(\n\x02\x63t\x18\x05 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRef\x12\x33\n\nprovenance\x18\x06 \x01(\x0b\x32\x1f.atlasflow.labels.v1.Provenance\x12*\n\x06organs\x18\x07 \x03(\x0e\x32\x1a.atlasflow.common.v1.Organ\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x08geometry\x18\t \x01(\x0b\x32#.atlasflow.common.v1.VolumeGeometry\x12>\n\x10organ_provenance\x18\n \x03(\x0b\x32$.atlasflow.labels.v1.OrganProvenance\"\x85\x01\n\x0fOrganProvenance\x12)\n\x05organ\x18\x01 \x01(\x0e\x32\x1a.atlasflow.common.v1.Organ\x12\x33\n\nprovenance\x18\x02 \x01(\x0b\x32\x1f.atlasflow.labels.v1.Provenance\x12\x12\n\nversion_id\x18\x03 \x01(\t\"\xa9\x02\n\x19\x43reateLabelVersionRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\"\n\x1a\x65xpected_parent_version_id\x18\x02 \x01(\t\x12/\n\tlabel_map\x18\x03 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRef\x12(\n\x02\x63t\x18\x04 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRef\x12\x33\n\nprovenance\x18\x05 \x01(\x0b\x32\x1f.atlasflow.labels.v1.Provenance\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x33\n\x0flabelled_organs\x18\x07 \x03(\x0e\x32\x1a.atlasflow.common.v1.Organ\"P\n\x1a\x43reateLabelVersionResponse\x12\x32\n\x07version\x18\x01 \x01(\x0b\x32!.atlasflow.labels.v1.LabelVersion\",\n\x16GetLabelVersionRequest\x12\x12\n\nversion_id\x18\x01 \x01(\t\"M\n\x17GetLabelVersionResponse\x12\x32\n\x07version\x18\x01 \x01(\x0b\x32!.atlasflow.labels.v1.LabelVersion\"R\n\x18ListLabelVersionsRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"i\n\x19ListLabelVersionsResponse\x12\x33\n\x08versions\x18\x01 \x03(\x0b\x32!.atlasflow.labels.v1.LabelVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x0e\x45xportProgress\x12\x12\n\ncases_done\x18\x01 \x01(\x05\x12\x13\n\x0b\x63\x61ses_total\x18\x02 \x01(\x05\"\xe6\x01\n\tExportJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x32\n\x05state\x18\x02 \x01(\x0e\x32#.atlasflow.common.v1.OperationState\x12\x35\n\x08progress\x18\x03 \x01(\x0b\x32#.atlasflow.labels.v1.ExportProgress\x12\x17\n\x0f\x64\x65stination_uri\x18\x04 \x01(\t\x12\x14\n\x0c\x65rror_reason\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x14\x45xportDatasetRequest\x12\x10\n\x08\x63\x61se_ids\x18\x01 \x03(\t\x12\x17\n\x0f\x64\x65stination_uri\x18\x02 \x01(\t\"D\n\x15\x45xportDatasetResponse\x12+\n\x03job\x18\x01 \x01(\x0b\x32\x1e.atlasflow.labels.v1.ExportJob\"%\n\x13GetExportJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"C\n\x14GetExportJobResponse\x12+\n\x03job\x18\x01 \x01(\x0b\x32\x1e.atlasflow.labels.v1.ExportJob\"\x8a\x01\n\rOrganRevision\x12)\n\x05organ\x18\x01 \x01(\x0e\x32\x1a.atlasflow.common.v1.Organ\x12\x31\n\tmask_blob\x18\x02 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRefH\x00\x12\x13\n\txor_delta\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04mask\"\x95\x01\n\x13ReviseLabelsRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\"\n\x1a\x65xpected_parent_version_id\x18\x02 \x01(\t\x12\x35\n\trevisions\x18\x03 \x03(\x0b\x32\".atlasflow.labels.v1.OrganRevision\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"J\n\x14ReviseLabelsResponse\x12\x32\n\x07version\x18\x01 \x01(\x0b\x32!.atlasflow.labels.v1.LabelVersion\"\xb4\x01\n\x0b\x41uditRecord\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x05 \x01(\t\x12\x13\n\x0bversion_ids\x18\x06 \x03(\t\x12\x0e\n\x06job_id\x18\x07 \x01(\t\x12\x0f\n\x07outcome\x18\x08 \x01(\t\"d\n\x17ListAuditRecordsRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"f\n\x18ListAuditRecordsResponse\x12\x31\n\x07records\x18\x01 \x03(\x0b\x32 .atlasflow.labels.v1.AuditRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*y\n\x0bLabelSource\x12\x1c\n\x18LABEL_SOURCE_UNSPECIFIED\x10\x00\x12\x13\n\x0fLABEL_SOURCE_AI\x10\x01\x12\x1c\n\x18LABEL_SOURCE_RADIOLOGIST\x10\x02\x12\x19\n\x15LABEL_SOURCE_ORIGINAL\x10\x03\x32\x8a\x06\n\x0cLabelService\x12u\n\x12\x43reateLabelVersion\x12..atlasflow.labels.v1.CreateLabelVersionRequest\x1a/.atlasflow.labels.v1.CreateLabelVersionResponse\x12l\n\x0fGetLabelVersion\x12+.atlasflow.labels.v1.GetLabelVersionRequest\x1a,.atlasflow.labels.v1.GetLabelVersionResponse\x12r\n\x11ListLabelVersions\x12-.atlasflow.labels.v1.ListLabelVersionsRequest\x1a..atlasflow.labels.v1.ListLabelVersionsResponse\x12\x66\n\rExportDataset\x12).atlasflow.labels.v1.ExportDatasetRequest\x1a*.atlasflow.labels.v1.ExportDatasetResponse\x12\x63\n\x0cGetExportJob\x12(.atlasflow.labels.v1.GetExportJobRequest\x1a).atlasflow.labels.v1.GetExportJobResponse\x12\x63\n\x0cReviseLabels\x12(.atlasflow.labels.v1.ReviseLabelsRequest\x1a).atlasflow.labels.v1.ReviseLabelsResponse\x12o\n\x10ListAuditRecords\x12,.atlasflow.labels.v1.ListAuditRecordsRequest\x1a-.atlasflow.labels.v1.ListAuditRecordsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'atlasflow.labels.v1.labels_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LABELSOURCE']._serialized_start=1826
-  _globals['_LABELSOURCE']._serialized_end=1947
+  _globals['_LABELSOURCE']._serialized_start=2837
+  _globals['_LABELSOURCE']._serialized_end=2958
   _globals['_PROVENANCE']._serialized_start=125
   _globals['_PROVENANCE']._serialized_end=269
   _globals['_LABELVERSION']._serialized_start=272
-  _globals['_LABELVERSION']._serialized_end=642
-  _globals['_CREATELABELVERSIONREQUEST']._serialized_start=645
-  _globals['_CREATELABELVERSIONREQUEST']._serialized_end=889
-  _globals['_CREATELABELVERSIONRESPONSE']._serialized_start=891
-  _globals['_CREATELABELVERSIONRESPONSE']._serialized_end=971
-  _globals['_GETLABELVERSIONREQUEST']._serialized_start=973
-  _globals['_GETLABELVERSIONREQUEST']._serialized_end=1017
-  _globals['_GETLABELVERSIONRESPONSE']._serialized_start=1019
-  _globals['_GETLABELVERSIONRESPONSE']._serialized_end=1096
-  _globals['_LISTLABELVERSIONSREQUEST']._serialized_start=1098
-  _globals['_LISTLABELVERSIONSREQUEST']._serialized_end=1180
-  _globals['_LISTLABELVERSIONSRESPONSE']._serialized_start=1182
-  _globals['_LISTLABELVERSIONSRESPONSE']._serialized_end=1287
-  _globals['_EXPORTPROGRESS']._serialized_start=1289
-  _globals['_EXPORTPROGRESS']._serialized_end=1346
-  _globals['_EXPORTJOB']._serialized_start=1349
-  _globals['_EXPORTJOB']._serialized_end=1579
-  _globals['_EXPORTDATASETREQUEST']._serialized_start=1581
-  _globals['_EXPORTDATASETREQUEST']._serialized_end=1646
-  _globals['_EXPORTDATASETRESPONSE']._serialized_start=1648
-  _globals['_EXPORTDATASETRESPONSE']._serialized_end=1716
-  _globals['_GETEXPORTJOBREQUEST']._serialized_start=1718
-  _globals['_GETEXPORTJOBREQUEST']._serialized_end=1755
-  _globals['_GETEXPORTJOBRESPONSE']._serialized_start=1757
-  _globals['_GETEXPORTJOBRESPONSE']._serialized_end=1824
-  _globals['_LABELSERVICE']._serialized_start=1950
-  _globals['_LABELSERVICE']._serialized_end=2514
+  _globals['_LABELVERSION']._serialized_end=706
+  _globals['_ORGANPROVENANCE']._serialized_start=709
+  _globals['_ORGANPROVENANCE']._serialized_end=842
+  _globals['_CREATELABELVERSIONREQUEST']._serialized_start=845
+  _globals['_CREATELABELVERSIONREQUEST']._serialized_end=1142
+  _globals['_CREATELABELVERSIONRESPONSE']._serialized_start=1144
+  _globals['_CREATELABELVERSIONRESPONSE']._serialized_end=1224
+  _globals['_GETLABELVERSIONREQUEST']._serialized_start=1226
+  _globals['_GETLABELVERSIONREQUEST']._serialized_end=1270
+  _globals['_GETLABELVERSIONRESPONSE']._serialized_start=1272
+  _globals['_GETLABELVERSIONRESPONSE']._serialized_end=1349
+  _globals['_LISTLABELVERSIONSREQUEST']._serialized_start=1351
+  _globals['_LISTLABELVERSIONSREQUEST']._serialized_end=1433
+  _globals['_LISTLABELVERSIONSRESPONSE']._serialized_start=1435
+  _globals['_LISTLABELVERSIONSRESPONSE']._serialized_end=1540
+  _globals['_EXPORTPROGRESS']._serialized_start=1542
+  _globals['_EXPORTPROGRESS']._serialized_end=1599
+  _globals['_EXPORTJOB']._serialized_start=1602
+  _globals['_EXPORTJOB']._serialized_end=1832
+  _globals['_EXPORTDATASETREQUEST']._serialized_start=1834
+  _globals['_EXPORTDATASETREQUEST']._serialized_end=1899
+  _globals['_EXPORTDATASETRESPONSE']._serialized_start=1901
+  _globals['_EXPORTDATASETRESPONSE']._serialized_end=1969
+  _globals['_GETEXPORTJOBREQUEST']._serialized_start=1971
+  _globals['_GETEXPORTJOBREQUEST']._serialized_end=2008
+  _globals['_GETEXPORTJOBRESPONSE']._serialized_start=2010
+  _globals['_GETEXPORTJOBRESPONSE']._serialized_end=2077
+  _globals['_ORGANREVISION']._serialized_start=2080
+  _globals['_ORGANREVISION']._serialized_end=2218
+  _globals['_REVISELABELSREQUEST']._serialized_start=2221
+  _globals['_REVISELABELSREQUEST']._serialized_end=2370
+  _globals['_REVISELABELSRESPONSE']._serialized_start=2372
+  _globals['_REVISELABELSRESPONSE']._serialized_end=2446
+  _globals['_AUDITRECORD']._serialized_start=2449
+  _globals['_AUDITRECORD']._serialized_end=2629
+  _globals['_LISTAUDITRECORDSREQUEST']._serialized_start=2631
+  _globals['_LISTAUDITRECORDSREQUEST']._serialized_end=2731
+  _globals['_LISTAUDITRECORDSRESPONSE']._serialized_start=2733
+  _globals['_LISTAUDITRECORDSRESPONSE']._serialized_end=2835
+  _globals['_LABELSERVICE']._serialized_start=2961
+  _globals['_LABELSERVICE']._serialized_end=3739
 # @@protoc_insertion_point(module_scope)

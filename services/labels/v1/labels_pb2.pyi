@@ -37,7 +37,7 @@ class Provenance(_message.Message):
     def __init__(self, source: _Optional[_Union[LabelSource, str]] = ..., model_version: _Optional[str] = ..., job_id: _Optional[str] = ..., reviewer: _Optional[str] = ..., weights_trained: _Optional[bool] = ...) -> None: ...
 
 class LabelVersion(_message.Message):
-    __slots__ = ("version_id", "case_id", "parent_version_id", "label_map", "ct", "provenance", "organs", "create_time", "geometry")
+    __slots__ = ("version_id", "case_id", "parent_version_id", "label_map", "ct", "provenance", "organs", "create_time", "geometry", "organ_provenance")
     VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     CASE_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class LabelVersion(_message.Message):
     ORGANS_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
+    ORGAN_PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     version_id: str
     case_id: str
     parent_version_id: str
@@ -56,23 +57,36 @@ class LabelVersion(_message.Message):
     organs: _containers.RepeatedScalarFieldContainer[_common_pb2.Organ]
     create_time: _timestamp_pb2.Timestamp
     geometry: _common_pb2.VolumeGeometry
-    def __init__(self, version_id: _Optional[str] = ..., case_id: _Optional[str] = ..., parent_version_id: _Optional[str] = ..., label_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., ct: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., geometry: _Optional[_Union[_common_pb2.VolumeGeometry, _Mapping]] = ...) -> None: ...
+    organ_provenance: _containers.RepeatedCompositeFieldContainer[OrganProvenance]
+    def __init__(self, version_id: _Optional[str] = ..., case_id: _Optional[str] = ..., parent_version_id: _Optional[str] = ..., label_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., ct: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., geometry: _Optional[_Union[_common_pb2.VolumeGeometry, _Mapping]] = ..., organ_provenance: _Optional[_Iterable[_Union[OrganProvenance, _Mapping]]] = ...) -> None: ...
+
+class OrganProvenance(_message.Message):
+    __slots__ = ("organ", "provenance", "version_id")
+    ORGAN_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    organ: _common_pb2.Organ
+    provenance: Provenance
+    version_id: str
+    def __init__(self, organ: _Optional[_Union[_common_pb2.Organ, str]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., version_id: _Optional[str] = ...) -> None: ...
 
 class CreateLabelVersionRequest(_message.Message):
-    __slots__ = ("case_id", "expected_parent_version_id", "label_map", "ct", "provenance", "request_id")
+    __slots__ = ("case_id", "expected_parent_version_id", "label_map", "ct", "provenance", "request_id", "labelled_organs")
     CASE_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_PARENT_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_MAP_FIELD_NUMBER: _ClassVar[int]
     CT_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_ORGANS_FIELD_NUMBER: _ClassVar[int]
     case_id: str
     expected_parent_version_id: str
     label_map: _common_pb2.BlobRef
     ct: _common_pb2.BlobRef
     provenance: Provenance
     request_id: str
-    def __init__(self, case_id: _Optional[str] = ..., expected_parent_version_id: _Optional[str] = ..., label_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., ct: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    labelled_organs: _containers.RepeatedScalarFieldContainer[_common_pb2.Organ]
+    def __init__(self, case_id: _Optional[str] = ..., expected_parent_version_id: _Optional[str] = ..., label_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., ct: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., request_id: _Optional[str] = ..., labelled_organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ...) -> None: ...
 
 class CreateLabelVersionResponse(_message.Message):
     __slots__ = ("version",)
@@ -159,3 +173,71 @@ class GetExportJobResponse(_message.Message):
     JOB_FIELD_NUMBER: _ClassVar[int]
     job: ExportJob
     def __init__(self, job: _Optional[_Union[ExportJob, _Mapping]] = ...) -> None: ...
+
+class OrganRevision(_message.Message):
+    __slots__ = ("organ", "mask_blob", "xor_delta")
+    ORGAN_FIELD_NUMBER: _ClassVar[int]
+    MASK_BLOB_FIELD_NUMBER: _ClassVar[int]
+    XOR_DELTA_FIELD_NUMBER: _ClassVar[int]
+    organ: _common_pb2.Organ
+    mask_blob: _common_pb2.BlobRef
+    xor_delta: bytes
+    def __init__(self, organ: _Optional[_Union[_common_pb2.Organ, str]] = ..., mask_blob: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., xor_delta: _Optional[bytes] = ...) -> None: ...
+
+class ReviseLabelsRequest(_message.Message):
+    __slots__ = ("case_id", "expected_parent_version_id", "revisions", "request_id")
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_PARENT_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISIONS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    expected_parent_version_id: str
+    revisions: _containers.RepeatedCompositeFieldContainer[OrganRevision]
+    request_id: str
+    def __init__(self, case_id: _Optional[str] = ..., expected_parent_version_id: _Optional[str] = ..., revisions: _Optional[_Iterable[_Union[OrganRevision, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ReviseLabelsResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: LabelVersion
+    def __init__(self, version: _Optional[_Union[LabelVersion, _Mapping]] = ...) -> None: ...
+
+class AuditRecord(_message.Message):
+    __slots__ = ("record_id", "time", "principal", "method", "case_id", "version_ids", "job_id", "outcome")
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    record_id: str
+    time: _timestamp_pb2.Timestamp
+    principal: str
+    method: str
+    case_id: str
+    version_ids: _containers.RepeatedScalarFieldContainer[str]
+    job_id: str
+    outcome: str
+    def __init__(self, record_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., principal: _Optional[str] = ..., method: _Optional[str] = ..., case_id: _Optional[str] = ..., version_ids: _Optional[_Iterable[str]] = ..., job_id: _Optional[str] = ..., outcome: _Optional[str] = ...) -> None: ...
+
+class ListAuditRecordsRequest(_message.Message):
+    __slots__ = ("case_id", "principal", "page_size", "page_token")
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    principal: str
+    page_size: int
+    page_token: str
+    def __init__(self, case_id: _Optional[str] = ..., principal: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListAuditRecordsResponse(_message.Message):
+    __slots__ = ("records", "next_page_token")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[AuditRecord]
+    next_page_token: str
+    def __init__(self, records: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

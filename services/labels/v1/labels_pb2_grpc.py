@@ -30,8 +30,41 @@ class LabelServiceStub:
     lineage, and exports datasets in the AbdomenAtlas layout:
     <case>/ct.nii.gz, <case>/combined_labels.nii.gz, <case>/segmentations/<organ>.nii.gz
 
-    Errors: google.rpc.ErrorInfo, domain "atlasflow.labels", e.g. reason VERSION_NOT_FOUND,
-    PARENT_MISMATCH (a concurrent writer won), BLOB_NOT_FOUND, INVALID_LABEL_MAP.
+    Label assembly, per organ: the latest human decision wins (a radiologist's revision
+    supersedes an original label it corrects, and vice versa by time), original and radiologist
+    labels supersede AI labels (a later AI run never overwrites a human-decided organ). Every
+    version carries the per-organ provenance that results (LabelVersion.organ_provenance); the
+    export's manifest reports it.
+
+    Identity: the caller's principal comes from request metadata "x-atlasflow-principal"
+    (until authentication lands). ReviseLabels requires it; the audit trail records it for every
+    call ("anonymous" when absent).
+
+    Errors: google.rpc.ErrorInfo, domain "atlasflow.labels" (blob errors: "atlasflow.blobs").
+    Reasons:
+    VERSION_NOT_FOUND (NOT_FOUND)            unknown version_id
+    CASE_NOT_FOUND (NOT_FOUND)               case without any version
+    EXPORT_JOB_NOT_FOUND (NOT_FOUND)         unknown job_id
+    BLOB_NOT_FOUND (NOT_FOUND)               a referenced blob is not in the blob store
+    BLOB_CORRUPT (DATA_LOSS)                 a stored blob does not match its digest
+    PARENT_MISMATCH (ABORTED)                a concurrent writer won; re-read the head, retry
+    REQUEST_ID_REUSED (INVALID_ARGUMENT)     same request_id, different request
+    INVALID_ARGUMENT (INVALID_ARGUMENT)      a required field is missing; metadata "field"
+    INVALID_LABEL_MAP (INVALID_ARGUMENT)     label map does not fit the CT; metadata "problem":
+    SHAPE, AFFINE, DTYPE or VALUES
+    INVALID_REVISION_MASK (INVALID_ARGUMENT) a revised organ mask does not fit the CT (metadata
+    "organ", "problem": SHAPE, AFFINE, DTYPE, VALUES)
+    INVALID_MASK_DELTA (INVALID_ARGUMENT)    xor_delta is not the documented encoding
+    DUPLICATE_ORGAN (INVALID_ARGUMENT)       an organ is revised twice in one request
+    REVISION_OVERLAP (INVALID_ARGUMENT)      two revised organs claim the same voxel
+    EMPTY_REVISION (INVALID_ARGUMENT)        no organ revision given
+    PRINCIPAL_REQUIRED (UNAUTHENTICATED)     no x-atlasflow-principal metadata (ReviseLabels)
+    INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN (INVALID_ARGUMENT)
+    INVALID_DESTINATION / DESTINATION_NOT_ALLOWED (INVALID_ARGUMENT), NOTHING_TO_EXPORT
+    (FAILED_PRECONDITION)
+    GRID_DIFFERS_FROM_SOURCE (FAILED_PRECONDITION) DICOM SEG export of a volume whose grid is
+    not the source images' (tilt corrected, slices
+    filled or resampled)
     """
 
     def __init__(self, channel):
@@ -65,6 +98,16 @@ class LabelServiceStub:
                 request_serializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.GetExportJobRequest.SerializeToString,
                 response_deserializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.GetExportJobResponse.FromString,
                 _registered_method=True)
+        self.ReviseLabels = channel.unary_unary(
+                '/atlasflow.labels.v1.LabelService/ReviseLabels',
+                request_serializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.ReviseLabelsRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.ReviseLabelsResponse.FromString,
+                _registered_method=True)
+        self.ListAuditRecords = channel.unary_unary(
+                '/atlasflow.labels.v1.LabelService/ListAuditRecords',
+                request_serializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.ListAuditRecordsRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.ListAuditRecordsResponse.FromString,
+                _registered_method=True)
 
 
 class LabelServiceServicer:
@@ -72,8 +115,41 @@ class LabelServiceServicer:
     lineage, and exports datasets in the AbdomenAtlas layout:
     <case>/ct.nii.gz, <case>/combined_labels.nii.gz, <case>/segmentations/<organ>.nii.gz
 
-    Errors: google.rpc.ErrorInfo, domain "atlasflow.labels", e.g. reason VERSION_NOT_FOUND,
-    PARENT_MISMATCH (a concurrent writer won), BLOB_NOT_FOUND, INVALID_LABEL_MAP.
+    Label assembly, per organ: the latest human decision wins (a radiologist's revision
+    supersedes an original label it corrects, and vice versa by time), original and radiologist
+    labels supersede AI labels (a later AI run never overwrites a human-decided organ). Every
+    version carries the per-organ provenance that results (LabelVersion.organ_provenance); the
+    export's manifest reports it.
+
+    Identity: the caller's principal comes from request metadata "x-atlasflow-principal"
+    (until authentication lands). ReviseLabels requires it; the audit trail records it for every
+    call ("anonymous" when absent).
+
+    Errors: google.rpc.ErrorInfo, domain "atlasflow.labels" (blob errors: "atlasflow.blobs").
+    Reasons:
+    VERSION_NOT_FOUND (NOT_FOUND)            unknown version_id
+    CASE_NOT_FOUND (NOT_FOUND)               case without any version
+    EXPORT_JOB_NOT_FOUND (NOT_FOUND)         unknown job_id
+    BLOB_NOT_FOUND (NOT_FOUND)               a referenced blob is not in the blob store
+    BLOB_CORRUPT (DATA_LOSS)                 a stored blob does not match its digest
+    PARENT_MISMATCH (ABORTED)                a concurrent writer won; re-read the head, retry
+    REQUEST_ID_REUSED (INVALID_ARGUMENT)     same request_id, different request
+    INVALID_ARGUMENT (INVALID_ARGUMENT)      a required field is missing; metadata "field"
+    INVALID_LABEL_MAP (INVALID_ARGUMENT)     label map does not fit the CT; metadata "problem":
+    SHAPE, AFFINE, DTYPE or VALUES
+    INVALID_REVISION_MASK (INVALID_ARGUMENT) a revised organ mask does not fit the CT (metadata
+    "organ", "problem": SHAPE, AFFINE, DTYPE, VALUES)
+    INVALID_MASK_DELTA (INVALID_ARGUMENT)    xor_delta is not the documented encoding
+    DUPLICATE_ORGAN (INVALID_ARGUMENT)       an organ is revised twice in one request
+    REVISION_OVERLAP (INVALID_ARGUMENT)      two revised organs claim the same voxel
+    EMPTY_REVISION (INVALID_ARGUMENT)        no organ revision given
+    PRINCIPAL_REQUIRED (UNAUTHENTICATED)     no x-atlasflow-principal metadata (ReviseLabels)
+    INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN (INVALID_ARGUMENT)
+    INVALID_DESTINATION / DESTINATION_NOT_ALLOWED (INVALID_ARGUMENT), NOTHING_TO_EXPORT
+    (FAILED_PRECONDITION)
+    GRID_DIFFERS_FROM_SOURCE (FAILED_PRECONDITION) DICOM SEG export of a volume whose grid is
+    not the source images' (tilt corrected, slices
+    filled or resampled)
     """
 
     def CreateLabelVersion(self, request, context):
@@ -111,6 +187,22 @@ class LabelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReviseLabels(self, request, context):
+        """A reviewer's correction of one or more organs of a version: creates a new version whose
+        revised organs carry radiologist provenance (the reviewer = the caller's principal).
+        Idempotent by request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditRecords(self, request, context):
+        """Lists the audit trail (every label read and write), newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LabelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +231,16 @@ def add_LabelServiceServicer_to_server(servicer, server):
                     request_deserializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.GetExportJobRequest.FromString,
                     response_serializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.GetExportJobResponse.SerializeToString,
             ),
+            'ReviseLabels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReviseLabels,
+                    request_deserializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.ReviseLabelsRequest.FromString,
+                    response_serializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.ReviseLabelsResponse.SerializeToString,
+            ),
+            'ListAuditRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditRecords,
+                    request_deserializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.ListAuditRecordsRequest.FromString,
+                    response_serializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.ListAuditRecordsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'atlasflow.labels.v1.LabelService', rpc_method_handlers)
@@ -152,8 +254,41 @@ class LabelService:
     lineage, and exports datasets in the AbdomenAtlas layout:
     <case>/ct.nii.gz, <case>/combined_labels.nii.gz, <case>/segmentations/<organ>.nii.gz
 
-    Errors: google.rpc.ErrorInfo, domain "atlasflow.labels", e.g. reason VERSION_NOT_FOUND,
-    PARENT_MISMATCH (a concurrent writer won), BLOB_NOT_FOUND, INVALID_LABEL_MAP.
+    Label assembly, per organ: the latest human decision wins (a radiologist's revision
+    supersedes an original label it corrects, and vice versa by time), original and radiologist
+    labels supersede AI labels (a later AI run never overwrites a human-decided organ). Every
+    version carries the per-organ provenance that results (LabelVersion.organ_provenance); the
+    export's manifest reports it.
+
+    Identity: the caller's principal comes from request metadata "x-atlasflow-principal"
+    (until authentication lands). ReviseLabels requires it; the audit trail records it for every
+    call ("anonymous" when absent).
+
+    Errors: google.rpc.ErrorInfo, domain "atlasflow.labels" (blob errors: "atlasflow.blobs").
+    Reasons:
+    VERSION_NOT_FOUND (NOT_FOUND)            unknown version_id
+    CASE_NOT_FOUND (NOT_FOUND)               case without any version
+    EXPORT_JOB_NOT_FOUND (NOT_FOUND)         unknown job_id
+    BLOB_NOT_FOUND (NOT_FOUND)               a referenced blob is not in the blob store
+    BLOB_CORRUPT (DATA_LOSS)                 a stored blob does not match its digest
+    PARENT_MISMATCH (ABORTED)                a concurrent writer won; re-read the head, retry
+    REQUEST_ID_REUSED (INVALID_ARGUMENT)     same request_id, different request
+    INVALID_ARGUMENT (INVALID_ARGUMENT)      a required field is missing; metadata "field"
+    INVALID_LABEL_MAP (INVALID_ARGUMENT)     label map does not fit the CT; metadata "problem":
+    SHAPE, AFFINE, DTYPE or VALUES
+    INVALID_REVISION_MASK (INVALID_ARGUMENT) a revised organ mask does not fit the CT (metadata
+    "organ", "problem": SHAPE, AFFINE, DTYPE, VALUES)
+    INVALID_MASK_DELTA (INVALID_ARGUMENT)    xor_delta is not the documented encoding
+    DUPLICATE_ORGAN (INVALID_ARGUMENT)       an organ is revised twice in one request
+    REVISION_OVERLAP (INVALID_ARGUMENT)      two revised organs claim the same voxel
+    EMPTY_REVISION (INVALID_ARGUMENT)        no organ revision given
+    PRINCIPAL_REQUIRED (UNAUTHENTICATED)     no x-atlasflow-principal metadata (ReviseLabels)
+    INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN (INVALID_ARGUMENT)
+    INVALID_DESTINATION / DESTINATION_NOT_ALLOWED (INVALID_ARGUMENT), NOTHING_TO_EXPORT
+    (FAILED_PRECONDITION)
+    GRID_DIFFERS_FROM_SOURCE (FAILED_PRECONDITION) DICOM SEG export of a volume whose grid is
+    not the source images' (tilt corrected, slices
+    filled or resampled)
     """
 
     @staticmethod
@@ -281,6 +416,60 @@ class LabelService:
             '/atlasflow.labels.v1.LabelService/GetExportJob',
             atlasflow_dot_labels_dot_v1_dot_labels__pb2.GetExportJobRequest.SerializeToString,
             atlasflow_dot_labels_dot_v1_dot_labels__pb2.GetExportJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReviseLabels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atlasflow.labels.v1.LabelService/ReviseLabels',
+            atlasflow_dot_labels_dot_v1_dot_labels__pb2.ReviseLabelsRequest.SerializeToString,
+            atlasflow_dot_labels_dot_v1_dot_labels__pb2.ReviseLabelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atlasflow.labels.v1.LabelService/ListAuditRecords',
+            atlasflow_dot_labels_dot_v1_dot_labels__pb2.ListAuditRecordsRequest.SerializeToString,
+            atlasflow_dot_labels_dot_v1_dot_labels__pb2.ListAuditRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,
