@@ -55,9 +55,10 @@ INCONSISTENT_SERIES unless said otherwise; metadata ``check`` names the test.
   rejected (``gantry_tilt``). REPAIR: each slice is moved within its own plane onto an
   orthogonal grid (r, c, n) by bilinear interpolation of the in-plane offset of its origin
   (the exact correction for a tilted gantry, whose slices are parallel planes: no
-  interpolation across slices); the in-plane grid grows to hold every shifted slice (the new
-  voxels hold the lowest HU of the input, or the padding value), `tilt_deg` records the angle,
-  `resampled` is True. HU are rounded to the nearest integer (int16 output).
+  interpolation across slices); the in-plane grid grows to hold every shifted slice. Voxels
+  whose 2x2 support is not wholly inside the source slice hold the padding value when the
+  series has one, else the lowest HU of the source slices (as dcm2niix). `tilt_deg` records the
+  angle, `resampled` is True. HU are rounded to the nearest integer (int16 output).
 * missing slices: a gap that is k times the regular spacing (k >= 2, within 25 % of the
   spacing). STRICT: rejected (``slice_gap``). REPAIR: the k-1 missing slices are filled by
   linear interpolation between their two neighbours along n (rounded), listed in
@@ -156,6 +157,7 @@ class FrameRef:
     signed: bool = True
     rescale_type: str = ""
     gantry_tilt_deg: float | None = None
+    multiframe: bool = False
 
 
 @dataclass
@@ -341,7 +343,7 @@ def frame_refs(ds: Dataset, source_for: object = None, index: int = 0) -> list[F
                 _functional(pf, shared, ds, "PixelMeasuresSequence", "SliceThickness"), None),
             rescale_type=str(_functional(pf, shared, ds, "PixelValueTransformationSequence",
                                          "RescaleType") or ""),
-            frame_number=k + 1, source=make(ds, k), **common,  # type: ignore[arg-type]
+            frame_number=k + 1, multiframe=True, source=make(ds, k), **common,  # type: ignore[arg-type]
         ))
     return refs
 
@@ -546,10 +548,19 @@ def plan_geometry(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Plan:
 # ---------------------------------------------------------------- pixels
 
 
-def _shift_bilinear(src: np.ndarray, shift: np.ndarray, shape: tuple[int, int],
-                    fill: float) -> np.ndarray:
-    """Place `src` (rows, cols) float64 with its origin at (column, row) `shift` px >= 0 into
-    a (rows', cols') = `shape` float64 plane, bilinear; uncovered pixels get `fill`.
+def _covered(shift: np.ndarray, rows: int, cols: int) -> tuple[int, int, int, int]:
+    """Output rows [y0, y1) and columns [x0, x1) whose bilinear support lies inside a source
+    plane of `rows` x `cols` placed at (column, row) offset `shift` (pixels)."""
+    eps = 1e-6
+    x0, y0 = (int(np.ceil(v - eps)) for v in shift)
+    x1 = int(np.floor(shift[0] + cols - 1 + eps)) + 1
+    y1 = int(np.floor(shift[1] + rows - 1 + eps)) + 1
+    return y0, y1, x0, x1
+
+
+def _shift_bilinear(src: np.ndarray, shift: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Place `src` (rows, cols) with its origin at (column, row) `shift` px >= 0 into a
+    (rows', cols') = `shape` float64 plane, bilinear. Only `_covered` pixels are meaningful.
 
     out[j, i] = src(j - shift[1], i - shift[0]): the shift is constant over the plane, so
     bilinear interpolation is a weighted sum of four integer-shifted copies.
@@ -557,8 +568,7 @@ def _shift_bilinear(src: np.ndarray, shift: np.ndarray, shape: tuple[int, int],
     rows, cols = shape
     fx, fy = np.floor(shift)
     tx, ty = float(shift[0] - fx), float(shift[1] - fy)
-    # padded source: one row/column of `fill` on every side
-    pad = np.full((src.shape[0] + 2, src.shape[1] + 2), fill, dtype=np.float64)
+    pad = np.zeros((src.shape[0] + 2, src.shape[1] + 2), dtype=np.float64)
     pad[1:-1, 1:-1] = src
     # Along x: S(i - fx - tx) = (1 - tx) S[i - fx] + tx S[i - fx - 1] (same along y); in
     # padded indices out[j, i] takes pad[j - oy, i - ox] with o = floor + d - 1, d in {0, 1}.
@@ -569,11 +579,9 @@ def _shift_bilinear(src: np.ndarray, shift: np.ndarray, shape: tuple[int, int],
             if w == 0.0:
                 continue
             oy, ox = int(fy) + dy - 1, int(fx) + dx - 1
-            plane = np.full(shape, fill, dtype=np.float64)
             ys, xs = max(0, oy), max(0, ox)
             ye, xe = min(rows, oy + pad.shape[0]), min(cols, ox + pad.shape[1])
-            plane[ys:ye, xs:xe] = pad[ys - oy:ye - oy, xs - ox:xe - ox]
-            acc += w * plane
+            acc[ys:ye, xs:xe] += w * pad[ys - oy:ye - oy, xs - ox:xe - ox]
     return acc
 
 
@@ -589,6 +597,12 @@ def assemble_frames(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Volu
     """
     if not frames:
         raise _err("EMPTY_SERIES", "the series has no instances", check="count")
+    if not policy.multiframe and any(f.multiframe for f in frames):
+        raise _err(
+            "UNSUPPORTED_MULTIFRAME",
+            "multi-frame (Enhanced) CT is not assembled under this policy",
+            check="multiframe",
+        )
     plan = plan_geometry(frames, policy)
     warnings = list(plan.warnings)
     nx, ny, nz = plan.shape
@@ -598,7 +612,8 @@ def assemble_frames(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Volu
     rows, cols = frames[0].rows, frames[0].cols
     tilted = bool(np.any(plan.shift_px != 0))
     sorted_frames = [frames[int(k)] for k in plan.order]
-    fill_hu = _fill_value(sorted_frames) if tilted else 0.0
+    covered: dict[int, tuple[int, int, int, int]] = {}
+    lowest = np.inf
     source_frames: list[tuple[str, int] | None] = [None] * nz
     for f, z, shift in zip(sorted_frames, plan.slot, plan.shift_px):
         pixels = f.source.read()
@@ -610,13 +625,21 @@ def assemble_frames(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Volu
         source_frames[int(z)] = (f.sop_instance_uid, f.frame_number)
         if tilted:
             hu = pixels.astype(np.float64) * f.slope + f.intercept
-            plane = _shift_bilinear(hu, shift, (ny, nx), fill_hu)
+            plane = _shift_bilinear(hu, shift, (ny, nx))
+            y0, y1, x0, x1 = covered[int(z)] = _covered(shift, rows, cols)
+            lowest = min(lowest, float(hu.min()))
+            plane[:y0], plane[y1:], plane[:, :x0], plane[:, x1:] = 0, 0, 0, 0
             stack = _store(stack, int(z), np.rint(plane) if integral else plane, warnings)
         elif integral:
             stack = _store_integral(stack, int(z), pixels, int(f.slope), int(f.intercept),
                                     warnings)
         else:
             stack[int(z)] = pixels.astype(np.float64) * f.slope + f.intercept
+    if tilted:
+        fill = _fill_value(sorted_frames, lowest)
+        for z, (y0, y1, x0, x1) in covered.items():
+            plane = stack[z]
+            plane[:y0], plane[y1:], plane[:, :x0], plane[:, x1:] = fill, fill, fill, fill
     for z in plan.filled:
         lo = max(k for k in range(z) if source_frames[k] is not None)
         hi = min(k for k in range(z + 1, nz) if source_frames[k] is not None)
@@ -683,11 +706,10 @@ def _store_integral(stack: np.ndarray, z: int, pixels: np.ndarray, slope: int, i
     return stack
 
 
-def _fill_value(frames: Sequence[FrameRef]) -> float:
-    """HU for voxels that a tilt correction uncovers: the padding value, else the lowest
-    representable HU of the stored range (what the scanner calls outside the FOV)."""
+def _fill_value(frames: Sequence[FrameRef], lowest: float) -> float:
+    """HU for voxels that a tilt correction uncovers: the padding value when the series has
+    one, else the lowest HU of the source slices (dcm2niix's choice)."""
     f = frames[0]
     if f.padding is not None:
         return f.padding[0] * f.slope + f.intercept
-    lowest = -(2 ** (f.bits_stored - 1)) if f.signed else 0
-    return float(max(lowest * f.slope + f.intercept, -1024.0))
+    return lowest

@@ -205,7 +205,8 @@ def write_enhanced(src: Path, out: Path) -> Path:
         for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
                    "AccessionNumber", "StudyID", "ReferringPhysicianName"):
             if kw not in ds or ds.get(kw) in (None, ""):
-                setattr(ds, kw, {"PatientSex": "O", "StudyID": "1"}.get(kw, "ANON"))
+                setattr(ds, kw, {"PatientSex": "O", "StudyID": "1",
+                                 "PatientBirthDate": "19000101"}.get(kw, "ANON"))
         for kw in ("StudyDate", "SeriesDate", "ContentDate"):
             if not ds.get(kw):
                 setattr(ds, kw, "20240101")
