@@ -7,6 +7,7 @@ from __future__ import annotations
 from conftest import SHARED_DATA
 
 import resource
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,19 @@ def test_1000_slices_peak_memory(tmp_path: Path) -> None:
     assert peak <= MEMORY_FACTOR * volume_bytes + baseline
     img = nib.load(out)
     assert img.shape == (512, 512, 1000)
+
+
+def test_benchmark_dry_run(tmp_path: Path) -> None:
+    """benchmarks/bench_convert.py end to end on a tiny series (asserts nothing about speed)."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_convert.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--slices", "4", "--runs", "1", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    line = next(x for x in run.stdout.splitlines() if x.startswith("JSON "))
+    results = json.loads(line[5:])
+    assert set(results) == {f"{t} -> {e}" for t in ("atlasflow", "dcm2niix")
+                            for e in (".nii", ".nii.gz")}
+    assert all(r["wall_s"] > 0 and r["max_rss_mib"] > 0 for r in results.values())
+    assert list(tmp_path.iterdir()) == []  # the generated series is removed
