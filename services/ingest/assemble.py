@@ -82,13 +82,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-from pydicom.dataset import Dataset
-from pydicom.pixels import get_decoder
 
 from atlasflow.common.errors import InvalidArgument
+
+if TYPE_CHECKING:  # pydicom is imported lazily: `atlasflow convert` may not need it at all
+    from pydicom.dataset import Dataset
 
 DOMAIN = "atlasflow.ingest"
 
@@ -233,6 +234,8 @@ class DatasetFrame:
         self.index = index
 
     def read(self) -> np.ndarray:
+        from pydicom.pixels import get_decoder
+
         try:
             ts = self.ds.file_meta.TransferSyntaxUID
             array, _ = get_decoder(ts).as_array(self.ds, index=self.index)
@@ -321,6 +324,8 @@ def frame_refs(ds: Dataset, source_for: object = None, index: int = 0) -> list[F
     refs = []
     for k in range(n):
         pf = per_frames[k] if k < len(per_frames) else None
+        from pydicom.dataset import Dataset
+
         tmp = Dataset()
         for seq, kw in (("PlanePositionSequence", "ImagePositionPatient"),
                         ("PlaneOrientationSequence", "ImageOrientationPatient"),
