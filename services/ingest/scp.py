@@ -26,7 +26,7 @@ from atlasflow.common.errors import AtlasflowError
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.telemetry import context_from_traceparent, current_traceparent
 from atlasflow.ingest.dicom import DICOM_STATUS, c_store_status, parse_instance
-from atlasflow.ingest.store import IngestStore
+from atlasflow.ingest.store import IngestStore, content_key
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -105,7 +105,9 @@ class StoreScp:
     def receive(self, data: bytes, source: str) -> int:
         """Validate, persist and count one instance; return a DICOM status."""
         try:
-            _ds, info = parse_instance(data)
+            ds, info = parse_instance(data)
+            key = content_key(ds)
+            del ds
         except AtlasflowError as exc:
             log.warning("instance rejected", extra={"fields": {
                 "source": source, "reason": exc.reason, "size_bytes": len(data)}})
@@ -118,7 +120,7 @@ class StoreScp:
                 try:
                     stored = self.store.store_instance(
                         data, info.study_uid, info.series_uid, info.sop_instance_uid,
-                        new_traceparent=current_traceparent())
+                        new_traceparent=current_traceparent(), key=key)
                 except OSError:
                     log.error("instance not stored: out of resources",
                               extra={"fields": {"source": source}})
@@ -129,7 +131,7 @@ class StoreScp:
             if token is not None:
                 otel_context.detach(token)
         if stored.conflict:
-            log.warning("instance conflict: same SOP Instance UID, different bytes; first kept",
+            log.warning("instance conflict: same SOP Instance UID, different content; first kept",
                         extra={"fields": {"series_id": stored.series_id}})
             self.metrics.count("instance_conflicts")
         self.metrics.count("instances_stored")

@@ -22,7 +22,7 @@ from atlasflow.common.v1 import common_pb2
 from atlasflow.ingest.assemble import assemble_series
 from atlasflow.ingest.dicom import parse_instance
 from atlasflow.ingest.scp import StoreScp
-from atlasflow.ingest.store import IngestStore, SeriesVersion
+from atlasflow.ingest.store import IngestStore, SeriesVersion, content_key
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 
@@ -174,13 +174,20 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         return ingest_pb2.UploadInstancesResponse(receipts=receipts)
 
     def _store(self, data: bytes, ref: str) -> ingest_pb2.InstanceReceipt:
-        _ds, info = parse_instance(data)  # raises InvalidArgument with ErrorInfo
+        ds, info = parse_instance(data)  # raises InvalidArgument with ErrorInfo
+        key = content_key(ds)
+        del ds
         with tracer.start_as_current_span("ingest.upload_instance"):
             stored = self.store.store_instance(data, info.study_uid, info.series_uid,
-                                               info.sop_instance_uid, current_traceparent())
+                                               info.sop_instance_uid, current_traceparent(),
+                                               key=key)
+        if stored.conflict:
+            log.warning("instance conflict: same SOP Instance UID, different content; first kept",
+                        extra={"fields": {"series_id": stored.series_id, "source": "grpc"}})
+            self.scp.metrics.count("instance_conflicts")
         self.scp.metrics.count("instances_stored")
         return ingest_pb2.InstanceReceipt(client_ref=ref, series_id=stored.series_id,
-                                          duplicate=stored.duplicate)
+                                          duplicate=stored.duplicate, conflict=stored.conflict)
 
     async def CommitSeries(self, request: ingest_pb2.CommitSeriesRequest,
                            context: grpc.aio.ServicerContext) -> ingest_pb2.CommitSeriesResponse:

@@ -12,9 +12,13 @@ explicit commit) it is ASSEMBLED into a volume and the segmentation hand-off is 
 outbox in the same transaction. An instance that arrives after assembly opens version + 1,
 which re-assembles with every instance of the series: never a silent change to a version.
 
-Duplicates: the same SOP Instance UID with the same bytes is stored once (reported duplicate,
-counted in the version's `duplicate_count`); with different bytes the first is kept and the
-second is recorded in `instance_conflicts` (counted in `conflict_count`); its bytes are kept too.
+Duplicates: the same SOP Instance UID with the same content is stored once (reported
+duplicate, counted in the version's `duplicate_count`); with different content the first is kept
+and the second is recorded in `instance_conflicts` (counted in `conflict_count`); its bytes are
+kept too. "Same content" compares `content_key`s (see `content_key`), not file bytes: the
+C-STORE path stores pynetdicom's re-encoding (its own preamble and File Meta, possibly another
+transfer syntax) of an instance the gRPC path receives as the sender's file, and both must be
+recognised as the same instance.
 
 Spool (the fast durable path)
 -----------------------------
@@ -50,6 +54,13 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.datadict import dictionary_VR
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_sequence
+from pydicom.filewriter import write_data_element
 
 from atlasflow.common import sqlite as db
 from atlasflow.common.blobstore import BlobStore, digest_of
@@ -99,6 +110,11 @@ MIGRATIONS = [
     ALTER TABLE series_versions ADD COLUMN conflict_count INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX instance_conflicts_key ON instance_conflicts(series_id, sop_key, digest);
     """,
+    # content_key: see `content_key`; '' on rows written before it existed (compared by digest)
+    """
+    ALTER TABLE instances ADD COLUMN content_key TEXT NOT NULL DEFAULT '';
+    ALTER TABLE instance_conflicts ADD COLUMN content_key TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 log = logging.getLogger(__name__)
@@ -106,6 +122,98 @@ log = logging.getLogger(__name__)
 
 def atlas_id(prefix: str, uid: str) -> str:
     return f"{prefix}-{hashlib.sha256(uid.encode()).hexdigest()[:20]}"
+
+
+def content_key(ds: Dataset) -> str:
+    """Digest of a DICOM data set's content, independent of how it was framed and encoded.
+
+    ``"sha256:<hex>"`` over every element in tag order, recursively into sequences, each as
+    tag + 32-bit length + little-endian value bytes (the Implicit VR Little Endian framing,
+    without VRs), leaving out the File Meta group (0002,xxxx), group lengths (gggg,0000) and
+    (FFFC,FFFC) DataSetTrailingPadding; sequences and items are hashed by content, so
+    defined- and undefined-length encodings agree. Consequences: the same instance as a
+    Part-10 file (any preamble, any File Meta) and as re-encoded by a C-STORE peer or by
+    pynetdicom has one key, whether the transfer syntax was Implicit or Explicit VR Little
+    Endian or Deflated Explicit VR Little Endian (pydicom inflates on read). Values of an
+    encapsulated (compressed) transfer syntax are hashed as their encapsulated bytes: the same
+    pixels compressed differently are different content (a recorded conflict, never a silent
+    replacement). Explicit VR Big Endian (retired) keeps OB/OW values in big-endian byte order.
+
+    Converts the data set's raw elements in place (values are unchanged). Returns "" when an
+    element's value cannot be converted (malformed but accepted input): callers then compare
+    file bytes (`IngestStore.store_instance`'s default).
+    """
+    parts: list[bytes] = []
+    try:
+        _canonical(parts, ds)
+    except Exception:  # noqa: BLE001 - a value pydicom cannot convert: fall back to bytes
+        return ""
+    return "sha256:" + hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+_ITEM = b"\xfe\xff\x00\xe0"                 # (FFFE,E000) Item
+_ITEM_END = b"\xfe\xff\x0d\xe0"             # (FFFE,E00D) Item Delimitation Item
+_HEAD = struct.Struct("<HHI")                 # group, element, length (Implicit VR LE)
+
+
+def _implicit_sequence(value: bytes) -> list[Dataset] | None:
+    """Items of a value that parses as an Implicit VR Little Endian sequence, else None."""
+    try:
+        fp = DicomBytesIO(value)
+        fp.is_little_endian = True
+        fp.is_implicit_VR = True
+        seq = read_sequence(fp, True, True, len(value), "iso8859")
+        return list(seq) if len(seq) else None
+    except Exception:  # noqa: BLE001 - not a sequence after all: hashed as bytes
+        return None
+
+
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return ""
+
+
+def _canonical(parts: list[bytes], ds: Dataset) -> None:
+    """Append the canonical encoding of `ds` (see `content_key`) to `parts`."""
+    encodings = getattr(ds, "_character_set", None) or ["iso8859"]
+    for tag in sorted(ds.keys()):
+        t = int(tag)
+        if t >> 16 == 0x0002 or t & 0xFFFF == 0 or t == 0xFFFCFFFC:
+            continue
+        items: list[Dataset] | None = None
+        raw = ds.get_item(tag, keep_deferred=True)
+        if isinstance(raw, RawDataElement) and raw.value is not None:
+            # Fast path: a raw value's bytes are the same in Implicit and Explicit VR Little
+            # Endian. Sequences (and undefined-length values that may be one) are parsed.
+            vr = raw.VR or _dictionary_vr(t)
+            if vr in ("", "UN") and raw.value[:4] == _ITEM:
+                items = _implicit_sequence(raw.value)  # e.g. a private SQ read as Implicit VR
+            if items is None and vr != "SQ" and (raw.length != 0xFFFFFFFF or t == 0x7FE00010):
+                parts.append(_HEAD.pack(t >> 16, t & 0xFFFF, len(raw.value)))
+                parts.append(raw.value)
+                continue
+        if items is None:
+            elem = ds[tag]  # converted (a sequence is parsed into items)
+            if elem.VR == "SQ":
+                items = list(elem.value)
+            elif isinstance(elem.value, (bytes, bytearray)):
+                parts.append(_HEAD.pack(t >> 16, t & 0xFFFF, len(elem.value)))
+                parts.append(bytes(elem.value))
+                continue
+            else:
+                out = DicomBytesIO()
+                out.is_little_endian = True
+                out.is_implicit_VR = True
+                write_data_element(out, elem, encodings)
+                parts.append(out.getvalue())
+                continue
+        parts.append(_HEAD.pack(t >> 16, t & 0xFFFF, len(items)))
+        for item in items:
+            parts.append(_ITEM)
+            _canonical(parts, item)
+            parts.append(_ITEM_END)
 
 
 _FILE_MAGIC = b"AFSPOOL2"
@@ -335,15 +443,19 @@ class IngestStore:
     # ----------------------------------------------------------------------------- reception
 
     def store_instance(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str,
-                       new_traceparent: str = "") -> StoredInstance:
+                       new_traceparent: str = "", key: str = "") -> StoredInstance:
         """Persist one validated instance; returns once it is durable (spool record
-        fdatasync'd and row committed). An identical re-send writes nothing but a counter.
+        fdatasync'd and row committed). A re-send with the same content writes nothing but a
+        counter.
 
         `new_traceparent` is used as the series' trace if this instance opens a new version.
+        `key`: the instance's `content_key` (what "same content" compares); default: the
+        digest of `data` (byte identity).
         """
         digest = digest_of(data)
         header = {"study_uid": study_uid, "series_uid": series_uid, "sop_uid": sop_uid,
-                  "digest": digest, "traceparent": new_traceparent, "received_at": time.time()}
+                  "digest": digest, "content_key": key or digest,
+                  "traceparent": new_traceparent, "received_at": time.time()}
         with self.lock:
             return self._record(header, data, recovering=False)
 
@@ -354,13 +466,15 @@ class IngestStore:
         case_id = atlas_id("case", header["study_uid"])
         sop_key = hashlib.sha256(header["sop_uid"].encode()).hexdigest()
         digest, now = header["digest"], float(header["received_at"])
+        key = header.get("content_key") or digest
         cur = self.conn.execute(
             "SELECT * FROM series_versions WHERE series_id = ? ORDER BY version DESC LIMIT 1",
             (series_id,)).fetchone()
         existing = self.conn.execute(
-            "SELECT digest FROM instances WHERE series_id = ? AND sop_key = ?",
+            "SELECT digest, content_key FROM instances WHERE series_id = ? AND sop_key = ?",
             (series_id, sop_key)).fetchone()
-        if existing is not None and existing["digest"] == digest:
+        if existing is not None and (existing["digest"] == digest
+                                     or (existing["content_key"] or existing["digest"]) == key):
             assert cur is not None
             if not recovering:
                 with db.transaction(self.conn):
@@ -382,8 +496,8 @@ class IngestStore:
                 assert cur is not None
                 self.conn.execute(
                     "INSERT INTO instance_conflicts(series_id, sop_key, digest, size_bytes,"
-                    " received_at) VALUES (?, ?, ?, ?, ?)",
-                    (series_id, sop_key, digest, size, now))
+                    " received_at, content_key) VALUES (?, ?, ?, ?, ?, ?)",
+                    (series_id, sop_key, digest, size, now, key))
                 self.conn.execute(
                     "UPDATE series_versions SET conflict_count = conflict_count + 1"
                     " WHERE series_id = ? AND version = ?", (series_id, cur["version"]))
@@ -403,8 +517,8 @@ class IngestStore:
                 version, traceparent = cur["version"], cur["traceparent"]
             self.conn.execute(
                 "INSERT INTO instances(series_id, sop_key, version_added, digest, size_bytes,"
-                " received_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (series_id, sop_key, version, digest, size, now))
+                " received_at, content_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (series_id, sop_key, version, digest, size, now, key))
             self.conn.execute(
                 "UPDATE series_versions SET instance_count = instance_count + 1,"
                 " last_instance_at = ?, update_time = ? WHERE series_id = ? AND version = ?",

@@ -26,35 +26,39 @@ from atlasflow.common.v1 import common_pb2 as atlasflow_dot_common_dot_v1_dot_co
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n atlasflow/ingest/v1/ingest.proto\x12\x13\x61tlasflow.ingest.v1\x1a atlasflow/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa8\x03\n\x06Series\x12\x11\n\tseries_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12/\n\x05state\x18\x04 \x01(\x0e\x32 .atlasflow.ingest.v1.SeriesState\x12\x16\n\x0einstance_count\x18\x05 \x01(\x05\x12\x35\n\x08geometry\x18\x06 \x01(\x0b\x32#.atlasflow.common.v1.VolumeGeometry\x12,\n\x06volume\x18\x07 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRef\x12\x16\n\x0e\x66\x61ilure_reason\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08trace_id\x18\x0b \x01(\t\x12\x17\n\x0f\x64uplicate_count\x18\x0c \x01(\x05\x12\x16\n\x0e\x63onflict_count\x18\r \x01(\x05\"_\n\x16UploadInstancesRequest\x12\x12\n\nclient_ref\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\x12\x12\n\nlast_chunk\x18\x03 \x01(\x08\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"K\n\x0fInstanceReceipt\x12\x12\n\nclient_ref\x18\x01 \x01(\t\x12\x11\n\tseries_id\x18\x02 \x01(\t\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"Q\n\x17UploadInstancesResponse\x12\x36\n\x08receipts\x18\x01 \x03(\x0b\x32$.atlasflow.ingest.v1.InstanceReceipt\"(\n\x13\x43ommitSeriesRequest\x12\x11\n\tseries_id\x18\x01 \x01(\t\"C\n\x14\x43ommitSeriesResponse\x12+\n\x06series\x18\x01 \x01(\x0b\x32\x1b.atlasflow.ingest.v1.Series\"%\n\x10GetSeriesRequest\x12\x11\n\tseries_id\x18\x01 \x01(\t\"@\n\x11GetSeriesResponse\x12+\n\x06series\x18\x01 \x01(\x0b\x32\x1b.atlasflow.ingest.v1.Series\":\n\x11ListSeriesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x12ListSeriesResponse\x12+\n\x06series\x18\x01 \x03(\x0b\x32\x1b.atlasflow.ingest.v1.Series\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x99\x01\n\x0bSeriesState\x12\x1c\n\x18SERIES_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SERIES_STATE_RECEIVING\x10\x01\x12\x1a\n\x16SERIES_STATE_ASSEMBLED\x10\x02\x12\x1b\n\x17SERIES_STATE_DISPATCHED\x10\x03\x12\x17\n\x13SERIES_STATE_FAILED\x10\x04\x32\x9f\x03\n\rIngestService\x12n\n\x0fUploadInstances\x12+.atlasflow.ingest.v1.UploadInstancesRequest\x1a,.atlasflow.ingest.v1.UploadInstancesResponse(\x01\x12\x63\n\x0c\x43ommitSeries\x12(.atlasflow.ingest.v1.CommitSeriesRequest\x1a).atlasflow.ingest.v1.CommitSeriesResponse\x12Z\n\tGetSeries\x12%.atlasflow.ingest.v1.GetSeriesRequest\x1a&.atlasflow.ingest.v1.GetSeriesResponse\x12]\n\nListSeries\x12&.atlasflow.ingest.v1.ListSeriesRequest\x1a\'.atlasflow.ingest.v1.ListSeriesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n atlasflow/ingest/v1/ingest.proto\x12\x13\x61tlasflow.ingest.v1\x1a atlasflow/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa8\x03\n\x06Series\x12\x11\n\tseries_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12/\n\x05state\x18\x04 \x01(\x0e\x32 .atlasflow.ingest.v1.SeriesState\x12\x16\n\x0einstance_count\x18\x05 \x01(\x05\x12\x35\n\x08geometry\x18\x06 \x01(\x0b\x32#.atlasflow.common.v1.VolumeGeometry\x12,\n\x06volume\x18\x07 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRef\x12\x16\n\x0e\x66\x61ilure_reason\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08trace_id\x18\x0b \x01(\t\x12\x17\n\x0f\x64uplicate_count\x18\x0c \x01(\x05\x12\x16\n\x0e\x63onflict_count\x18\r \x01(\x05\"\x82\x01\n\x16UploadInstancesRequest\x12\x12\n\nclient_ref\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\x12\x12\n\nlast_chunk\x18\x03 \x01(\x08\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x11\n\tupload_id\x18\x05 \x01(\t\x12\x0e\n\x06offset\x18\x06 \x01(\x03\"p\n\x0fInstanceReceipt\x12\x12\n\nclient_ref\x18\x01 \x01(\t\x12\x11\n\tseries_id\x18\x02 \x01(\t\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x10\n\x08\x63onflict\x18\x04 \x01(\x08\x12\x11\n\tupload_id\x18\x05 \x01(\t\"+\n\x16GetUploadStatusRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"\x8f\x01\n\x17GetUploadStatusResponse\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x18\n\x10\x63ommitted_offset\x18\x02 \x01(\x03\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\x35\n\x07receipt\x18\x04 \x01(\x0b\x32$.atlasflow.ingest.v1.InstanceReceipt\"Q\n\x17UploadInstancesResponse\x12\x36\n\x08receipts\x18\x01 \x03(\x0b\x32$.atlasflow.ingest.v1.InstanceReceipt\"(\n\x13\x43ommitSeriesRequest\x12\x11\n\tseries_id\x18\x01 \x01(\t\"C\n\x14\x43ommitSeriesResponse\x12+\n\x06series\x18\x01 \x01(\x0b\x32\x1b.atlasflow.ingest.v1.Series\"%\n\x10GetSeriesRequest\x12\x11\n\tseries_id\x18\x01 \x01(\t\"@\n\x11GetSeriesResponse\x12+\n\x06series\x18\x01 \x01(\x0b\x32\x1b.atlasflow.ingest.v1.Series\":\n\x11ListSeriesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x12ListSeriesResponse\x12+\n\x06series\x18\x01 \x03(\x0b\x32\x1b.atlasflow.ingest.v1.Series\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x99\x01\n\x0bSeriesState\x12\x1c\n\x18SERIES_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SERIES_STATE_RECEIVING\x10\x01\x12\x1a\n\x16SERIES_STATE_ASSEMBLED\x10\x02\x12\x1b\n\x17SERIES_STATE_DISPATCHED\x10\x03\x12\x17\n\x13SERIES_STATE_FAILED\x10\x04\x32\x8d\x04\n\rIngestService\x12n\n\x0fUploadInstances\x12+.atlasflow.ingest.v1.UploadInstancesRequest\x1a,.atlasflow.ingest.v1.UploadInstancesResponse(\x01\x12l\n\x0fGetUploadStatus\x12+.atlasflow.ingest.v1.GetUploadStatusRequest\x1a,.atlasflow.ingest.v1.GetUploadStatusResponse\x12\x63\n\x0c\x43ommitSeries\x12(.atlasflow.ingest.v1.CommitSeriesRequest\x1a).atlasflow.ingest.v1.CommitSeriesResponse\x12Z\n\tGetSeries\x12%.atlasflow.ingest.v1.GetSeriesRequest\x1a&.atlasflow.ingest.v1.GetSeriesResponse\x12]\n\nListSeries\x12&.atlasflow.ingest.v1.ListSeriesRequest\x1a\'.atlasflow.ingest.v1.ListSeriesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'atlasflow.ingest.v1.ingest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SERIESSTATE']._serialized_start=1177
-  _globals['_SERIESSTATE']._serialized_end=1330
+  _globals['_SERIESSTATE']._serialized_start=1441
+  _globals['_SERIESSTATE']._serialized_end=1594
   _globals['_SERIES']._serialized_start=125
   _globals['_SERIES']._serialized_end=549
-  _globals['_UPLOADINSTANCESREQUEST']._serialized_start=551
-  _globals['_UPLOADINSTANCESREQUEST']._serialized_end=646
-  _globals['_INSTANCERECEIPT']._serialized_start=648
-  _globals['_INSTANCERECEIPT']._serialized_end=723
-  _globals['_UPLOADINSTANCESRESPONSE']._serialized_start=725
-  _globals['_UPLOADINSTANCESRESPONSE']._serialized_end=806
-  _globals['_COMMITSERIESREQUEST']._serialized_start=808
-  _globals['_COMMITSERIESREQUEST']._serialized_end=848
-  _globals['_COMMITSERIESRESPONSE']._serialized_start=850
-  _globals['_COMMITSERIESRESPONSE']._serialized_end=917
-  _globals['_GETSERIESREQUEST']._serialized_start=919
-  _globals['_GETSERIESREQUEST']._serialized_end=956
-  _globals['_GETSERIESRESPONSE']._serialized_start=958
-  _globals['_GETSERIESRESPONSE']._serialized_end=1022
-  _globals['_LISTSERIESREQUEST']._serialized_start=1024
-  _globals['_LISTSERIESREQUEST']._serialized_end=1082
-  _globals['_LISTSERIESRESPONSE']._serialized_start=1084
-  _globals['_LISTSERIESRESPONSE']._serialized_end=1174
-  _globals['_INGESTSERVICE']._serialized_start=1333
-  _globals['_INGESTSERVICE']._serialized_end=1748
+  _globals['_UPLOADINSTANCESREQUEST']._serialized_start=552
+  _globals['_UPLOADINSTANCESREQUEST']._serialized_end=682
+  _globals['_INSTANCERECEIPT']._serialized_start=684
+  _globals['_INSTANCERECEIPT']._serialized_end=796
+  _globals['_GETUPLOADSTATUSREQUEST']._serialized_start=798
+  _globals['_GETUPLOADSTATUSREQUEST']._serialized_end=841
+  _globals['_GETUPLOADSTATUSRESPONSE']._serialized_start=844
+  _globals['_GETUPLOADSTATUSRESPONSE']._serialized_end=987
+  _globals['_UPLOADINSTANCESRESPONSE']._serialized_start=989
+  _globals['_UPLOADINSTANCESRESPONSE']._serialized_end=1070
+  _globals['_COMMITSERIESREQUEST']._serialized_start=1072
+  _globals['_COMMITSERIESREQUEST']._serialized_end=1112
+  _globals['_COMMITSERIESRESPONSE']._serialized_start=1114
+  _globals['_COMMITSERIESRESPONSE']._serialized_end=1181
+  _globals['_GETSERIESREQUEST']._serialized_start=1183
+  _globals['_GETSERIESREQUEST']._serialized_end=1220
+  _globals['_GETSERIESRESPONSE']._serialized_start=1222
+  _globals['_GETSERIESRESPONSE']._serialized_end=1286
+  _globals['_LISTSERIESREQUEST']._serialized_start=1288
+  _globals['_LISTSERIESREQUEST']._serialized_end=1346
+  _globals['_LISTSERIESRESPONSE']._serialized_start=1348
+  _globals['_LISTSERIESRESPONSE']._serialized_end=1438
+  _globals['_INGESTSERVICE']._serialized_start=1597
+  _globals['_INGESTSERVICE']._serialized_end=2122
 # @@protoc_insertion_point(module_scope)

@@ -55,26 +55,52 @@ class Series(_message.Message):
     def __init__(self, series_id: _Optional[str] = ..., case_id: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[SeriesState, str]] = ..., instance_count: _Optional[int] = ..., geometry: _Optional[_Union[_common_pb2.VolumeGeometry, _Mapping]] = ..., volume: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., failure_reason: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ..., duplicate_count: _Optional[int] = ..., conflict_count: _Optional[int] = ...) -> None: ...
 
 class UploadInstancesRequest(_message.Message):
-    __slots__ = ("client_ref", "chunk", "last_chunk", "sha256")
+    __slots__ = ("client_ref", "chunk", "last_chunk", "sha256", "upload_id", "offset")
     CLIENT_REF_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     LAST_CHUNK_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     client_ref: str
     chunk: bytes
     last_chunk: bool
     sha256: str
-    def __init__(self, client_ref: _Optional[str] = ..., chunk: _Optional[bytes] = ..., last_chunk: _Optional[bool] = ..., sha256: _Optional[str] = ...) -> None: ...
+    upload_id: str
+    offset: int
+    def __init__(self, client_ref: _Optional[str] = ..., chunk: _Optional[bytes] = ..., last_chunk: _Optional[bool] = ..., sha256: _Optional[str] = ..., upload_id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class InstanceReceipt(_message.Message):
-    __slots__ = ("client_ref", "series_id", "duplicate")
+    __slots__ = ("client_ref", "series_id", "duplicate", "conflict", "upload_id")
     CLIENT_REF_FIELD_NUMBER: _ClassVar[int]
     SERIES_ID_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    CONFLICT_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     client_ref: str
     series_id: str
     duplicate: bool
-    def __init__(self, client_ref: _Optional[str] = ..., series_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    conflict: bool
+    upload_id: str
+    def __init__(self, client_ref: _Optional[str] = ..., series_id: _Optional[str] = ..., duplicate: _Optional[bool] = ..., conflict: _Optional[bool] = ..., upload_id: _Optional[str] = ...) -> None: ...
+
+class GetUploadStatusRequest(_message.Message):
+    __slots__ = ("upload_id",)
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    upload_id: str
+    def __init__(self, upload_id: _Optional[str] = ...) -> None: ...
+
+class GetUploadStatusResponse(_message.Message):
+    __slots__ = ("upload_id", "committed_offset", "complete", "receipt")
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    upload_id: str
+    committed_offset: int
+    complete: bool
+    receipt: InstanceReceipt
+    def __init__(self, upload_id: _Optional[str] = ..., committed_offset: _Optional[int] = ..., complete: _Optional[bool] = ..., receipt: _Optional[_Union[InstanceReceipt, _Mapping]] = ...) -> None: ...
 
 class UploadInstancesResponse(_message.Message):
     __slots__ = ("receipts",)

@@ -31,7 +31,8 @@ class IngestServiceStub:
     series into volumes (HU, RAS affine) and hands them on to segmentation.
 
     Errors carry a google.rpc.Status with one google.rpc.ErrorInfo, domain "atlasflow.ingest",
-    e.g. reason NOT_DICOM, NOT_CT, CORRUPT_DICOM, MISSING_UID, CHECKSUM_MISMATCH, SERIES_NOT_FOUND.
+    e.g. reason NOT_DICOM, NOT_CT, CORRUPT_DICOM, MISSING_UID, CHECKSUM_MISMATCH, SERIES_NOT_FOUND,
+    OFFSET_MISMATCH, UPLOAD_NOT_FOUND, INVALID_UPLOAD_ID, UPLOAD_ID_REUSED.
     """
 
     def __init__(self, channel):
@@ -44,6 +45,11 @@ class IngestServiceStub:
                 '/atlasflow.ingest.v1.IngestService/UploadInstances',
                 request_serializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.UploadInstancesRequest.SerializeToString,
                 response_deserializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.UploadInstancesResponse.FromString,
+                _registered_method=True)
+        self.GetUploadStatus = channel.unary_unary(
+                '/atlasflow.ingest.v1.IngestService/GetUploadStatus',
+                request_serializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.GetUploadStatusRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.GetUploadStatusResponse.FromString,
                 _registered_method=True)
         self.CommitSeries = channel.unary_unary(
                 '/atlasflow.ingest.v1.IngestService/CommitSeries',
@@ -68,7 +74,8 @@ class IngestServiceServicer:
     series into volumes (HU, RAS affine) and hands them on to segmentation.
 
     Errors carry a google.rpc.Status with one google.rpc.ErrorInfo, domain "atlasflow.ingest",
-    e.g. reason NOT_DICOM, NOT_CT, CORRUPT_DICOM, MISSING_UID, CHECKSUM_MISMATCH, SERIES_NOT_FOUND.
+    e.g. reason NOT_DICOM, NOT_CT, CORRUPT_DICOM, MISSING_UID, CHECKSUM_MISMATCH, SERIES_NOT_FOUND,
+    OFFSET_MISMATCH, UPLOAD_NOT_FOUND, INVALID_UPLOAD_ID, UPLOAD_ID_REUSED.
     """
 
     def UploadInstances(self, request_iterator, context):
@@ -76,6 +83,26 @@ class IngestServiceServicer:
         are sent in order under one client_ref; the last chunk sets `last_chunk` and `sha256`.
         An instance is durable when the response (or a later GetSeries) lists it. A bad
         instance aborts the stream with INVALID_ARGUMENT; instances accepted before it stay.
+
+        Resumable uploads (modelled on google.bytestream.ByteStream.Write/QueryWriteStatus):
+        when an instance's messages carry a client-chosen `upload_id`, every chunk is written at
+        `offset` into a per-upload partial file on the server and made durable (fdatasync'd, its
+        committed offset recorded) before the next message is read. After a dropped connection
+        the client asks GetUploadStatus(upload_id) for `committed_offset` and continues, in a new
+        stream, from exactly that offset. A chunk at another offset aborts the stream with
+        ABORTED, reason OFFSET_MISMATCH, ErrorInfo metadata `upload_id` and `expected_offset`
+        (decimal bytes). A completed upload is idempotent: chunks sent again under its
+        upload_id are not stored again, and the last chunk (same `sha256`, else INVALID_ARGUMENT
+        UPLOAD_ID_REUSED) returns the original receipt. Without `upload_id` an instance is
+        buffered in memory and lost with the stream (the original, non-resumable mode).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUploadStatus(self, request, context):
+        """Returns how much of a resumable upload is durable on the server, and its receipt once
+        complete. NOT_FOUND (reason UPLOAD_NOT_FOUND) when no byte of it was committed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -110,6 +137,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     request_deserializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.UploadInstancesRequest.FromString,
                     response_serializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.UploadInstancesResponse.SerializeToString,
             ),
+            'GetUploadStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUploadStatus,
+                    request_deserializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.GetUploadStatusRequest.FromString,
+                    response_serializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.GetUploadStatusResponse.SerializeToString,
+            ),
             'CommitSeries': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitSeries,
                     request_deserializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.CommitSeriesRequest.FromString,
@@ -139,7 +171,8 @@ class IngestService:
     series into volumes (HU, RAS affine) and hands them on to segmentation.
 
     Errors carry a google.rpc.Status with one google.rpc.ErrorInfo, domain "atlasflow.ingest",
-    e.g. reason NOT_DICOM, NOT_CT, CORRUPT_DICOM, MISSING_UID, CHECKSUM_MISMATCH, SERIES_NOT_FOUND.
+    e.g. reason NOT_DICOM, NOT_CT, CORRUPT_DICOM, MISSING_UID, CHECKSUM_MISMATCH, SERIES_NOT_FOUND,
+    OFFSET_MISMATCH, UPLOAD_NOT_FOUND, INVALID_UPLOAD_ID, UPLOAD_ID_REUSED.
     """
 
     @staticmethod
@@ -159,6 +192,33 @@ class IngestService:
             '/atlasflow.ingest.v1.IngestService/UploadInstances',
             atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.UploadInstancesRequest.SerializeToString,
             atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.UploadInstancesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUploadStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atlasflow.ingest.v1.IngestService/GetUploadStatus',
+            atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.GetUploadStatusRequest.SerializeToString,
+            atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.GetUploadStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
