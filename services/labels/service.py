@@ -14,7 +14,7 @@ from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
 from atlasflow.common.blobstore import BlobStore
-from atlasflow.common.errors import AtlasflowError, InvalidArgument
+from atlasflow.common.errors import AtlasflowError, InvalidArgument, Unauthenticated
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.server import principal_of
 from atlasflow.common.v1 import common_pb2
@@ -150,12 +150,6 @@ class Exporter:
                 await asyncio.wait_for(self.wake.wait(), 2.0)
             except asyncio.TimeoutError:
                 pass
-
-
-class Unauthenticated(AtlasflowError):
-    """The call needs the caller's identity (metadata x-atlasflow-principal) and has none."""
-
-    code = "UNAUTHENTICATED"
 
 
 ANONYMOUS = "anonymous"
