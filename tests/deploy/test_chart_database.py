@@ -1,0 +1,28 @@
+"""The labels service reads its PostgreSQL URL from a Secret when one is named."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _labels_env(*sets: str) -> dict:
+    args = [str(ROOT / ".tools" / "helm"), "template", "t", str(ROOT / "charts" / "atlasflow")]
+    for s in sets:
+        args += ["--set", s]
+    docs = [d for d in yaml.safe_load_all(subprocess.run(args, check=True, capture_output=True,
+                                                         text=True).stdout) if d]
+    dep = next(d for d in docs if d["kind"] == "Deployment"
+               and d["metadata"]["labels"].get("app.kubernetes.io/component") == "labels")
+    return {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_sqlite_by_default_postgres_from_secret():
+    assert "ATLASFLOW_LABELS_DATABASE_URL" not in _labels_env()
+    env = _labels_env("labels.database.existingSecret=labels-pg")
+    ref = env["ATLASFLOW_LABELS_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "labels-pg", "key": "database-url"}
