@@ -42,3 +42,7 @@ def send_directory(directory: Path, target: str, *, commit: bool = False
                    ) -> list[ingest_pb2.InstanceReceipt]:
     paths = sorted(p for p in Path(directory).rglob("*") if p.is_file())
     return send_files(paths, target, commit=commit)
+
+
+class UploadError(Exception):
+    """An upload failed for good (after retries, or refused by the server)."""
