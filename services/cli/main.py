@@ -5,7 +5,7 @@
     atlasflow down [--state-dir DIR]                                stop it
     atlasflow status [--state-dir DIR]                              health of each process
     atlasflow demo [--out DIR]                                      the end-to-end demo
-    atlasflow send DIR [--target HOST:PORT] [--commit]              gRPC upload of DICOM files
+    atlasflow send DIR [--target HOST:PORT] [--commit] [--assign-uids]  gRPC upload (resumable)
     atlasflow convert DICOM_DIR OUT.nii.gz                          DICOM series -> NIfTI (HU, RAS)
     atlasflow retrieve ...                                          C-FIND + C-MOVE from a PACS
     atlasflow triton-repo OUT_DIR                                   Triton model repository for the cluster
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", type=Path)
     p.add_argument("--target", default="127.0.0.1:50051")
     p.add_argument("--commit", action="store_true", help="commit the series after upload")
+    p.add_argument("--assign-uids", action="store_true",
+                   help="derive stable Study/Series/SOP Instance UIDs for files whose UIDs are"
+                        " empty (de-identified exports); without it the server refuses them")
     for name, (_module, help_) in DELEGATED.items():
         sub.add_parser(name, help=help_, add_help=False)
     return parser
@@ -116,10 +119,20 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(args.out, keep_running=args.keep_running)
     if args.command == "send":
-        from atlasflow.cli.upload import send_directory
+        from atlasflow.cli.upload import UploadError, send_directory
 
-        receipts = send_directory(args.directory, args.target, commit=args.commit)
-        print(f"{len(receipts)} instances durable")
+        try:
+            receipts = send_directory(args.directory, args.target, commit=args.commit,
+                                      assign_uids=args.assign_uids)
+        except UploadError as exc:
+            print(f"atlasflow send: refused: {exc.reason}: {exc.message}", file=sys.stderr)
+            if exc.reason == "MISSING_UID":
+                print("hint: these files have empty Study/Series/SOP Instance UIDs; add"
+                      " --assign-uids to derive stable UIDs on this machine", file=sys.stderr)
+            return 1
+        dups = sum(r.duplicate for r in receipts)
+        conflicts = sum(r.conflict for r in receipts)
+        print(f"{len(receipts)} instances durable ({dups} duplicates, {conflicts} conflicts)")
         return 0
     return 2
 

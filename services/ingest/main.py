@@ -37,6 +37,7 @@ class IngestSettings(ServiceSettings):
     quiet_period_s: float = 5.0
     spool_segment_mb: int = 128   # zero-filled spool segments, 2 prepared ahead (store.py)
     segmentation_target: str = "127.0.0.1:50052"
+    upload_ttl_s: float = 7 * 86400  # incomplete resumable uploads older than this are purged
 
 
 async def amain(settings: IngestSettings) -> None:
@@ -45,6 +46,7 @@ async def amain(settings: IngestSettings) -> None:
     blobs = LocalBlobStore(settings.blob_dir)
     store = IngestStore(Path(settings.data_dir), blobs,
                         spool_segment_bytes=settings.spool_segment_mb * 1024 * 1024)
+    store.purge_uploads(settings.upload_ttl_s)
     assembler = Assembler(store, blobs, metrics, settings.quiet_period_s)
     scp = StoreScp(
         ScpConfig(settings.dicom_host, settings.dicom_port, settings.ae_title,

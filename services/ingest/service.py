@@ -13,7 +13,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from atlasflow.common.blobstore import BlobStore
-from atlasflow.common.errors import AtlasflowError, InvalidArgument
+from atlasflow.common.errors import AtlasflowError, InvalidArgument, NotFound
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.nifti import to_nifti_bytes
 from atlasflow.common.outbox import OutboxRow
@@ -22,7 +22,7 @@ from atlasflow.common.v1 import common_pb2
 from atlasflow.ingest.assemble import assemble_series
 from atlasflow.ingest.dicom import parse_instance
 from atlasflow.ingest.scp import StoreScp
-from atlasflow.ingest.store import IngestStore, SeriesVersion, content_key
+from atlasflow.ingest.store import IngestStore, SeriesVersion, UploadState, content_key
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 
@@ -147,13 +147,39 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                               context: grpc.aio.ServicerContext) -> ingest_pb2.UploadInstancesResponse:
         receipts: list[ingest_pb2.InstanceReceipt] = []
         current_ref: str | None = None
+        current_upload = ""
         buf = bytearray()
+        next_offset = 0
         async for msg in request_iterator:
-            if current_ref is not None and msg.client_ref != current_ref:
+            if current_ref is not None and (msg.client_ref != current_ref
+                                            or msg.upload_id != current_upload):
                 raise InvalidArgument("INCOMPLETE_INSTANCE",
                                       "an instance's chunks ended without last_chunk",
                                       domain=DOMAIN, metadata={"client_ref": current_ref[:200]})
-            current_ref = msg.client_ref
+            if current_ref is None and msg.upload_id:
+                self.store.check_upload_id(msg.upload_id)
+            current_ref, current_upload = msg.client_ref, msg.upload_id
+            if current_upload:
+                # Resumable: each chunk is durable before the next message is read.
+                if msg.chunk or msg.offset:
+                    state = await asyncio.to_thread(self.store.upload_write, current_upload,
+                                                    msg.offset, msg.chunk)
+                    next_offset = state.committed_offset
+                else:
+                    state = await asyncio.to_thread(self._upload_state, current_upload)
+                    next_offset = state.committed_offset
+                if next_offset > MAX_INSTANCE_BYTES:
+                    await asyncio.to_thread(self.store.upload_discard, current_upload)
+                    raise InvalidArgument("INSTANCE_TOO_LARGE", "instance exceeds the size limit",
+                                          domain=DOMAIN,
+                                          metadata={"limit_bytes": str(MAX_INSTANCE_BYTES)})
+                if not msg.last_chunk:
+                    continue
+                ref, current_ref = current_ref, None
+                receipt = await asyncio.to_thread(self._finish_upload, current_upload, ref,
+                                                  msg.sha256.lower())
+                receipts.append(receipt)
+                continue
             buf += msg.chunk
             if len(buf) > MAX_INSTANCE_BYTES:
                 raise InvalidArgument("INSTANCE_TOO_LARGE", "instance exceeds the size limit",
@@ -173,7 +199,51 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                                   domain=DOMAIN, metadata={"client_ref": current_ref[:200]})
         return ingest_pb2.UploadInstancesResponse(receipts=receipts)
 
-    def _store(self, data: bytes, ref: str) -> ingest_pb2.InstanceReceipt:
+    def _upload_state(self, upload_id: str) -> UploadState:
+        try:
+            return self.store.upload_status(upload_id)
+        except NotFound:
+            return UploadState(upload_id, 0, False, "", {})
+
+    def _finish_upload(self, upload_id: str, ref: str, sha256: str) -> ingest_pb2.InstanceReceipt:
+        """Last chunk of a resumable upload: verify, store, record the receipt (idempotent)."""
+        state = self._upload_state(upload_id)
+        if state.complete:
+            if sha256 != state.sha256:
+                raise InvalidArgument("UPLOAD_ID_REUSED",
+                                      "upload_id already completed with other bytes",
+                                      domain=DOMAIN, metadata={"upload_id": upload_id[:128]})
+            return ingest_pb2.InstanceReceipt(**state.receipt)
+        data = self.store.upload_read(upload_id) if state.committed_offset else b""
+        if hashlib.sha256(data).hexdigest() != sha256:
+            self.store.upload_discard(upload_id)
+            raise InvalidArgument("CHECKSUM_MISMATCH", "instance bytes do not match sha256",
+                                  domain=DOMAIN, metadata={"client_ref": ref[:200],
+                                                           "upload_id": upload_id[:128]})
+        try:
+            receipt = self._store(data, ref, upload_id)
+        except InvalidArgument:
+            self.store.upload_discard(upload_id)
+            raise
+        self.store.upload_complete(upload_id, sha256, {
+            "client_ref": receipt.client_ref, "series_id": receipt.series_id,
+            "duplicate": receipt.duplicate, "conflict": receipt.conflict,
+            "upload_id": upload_id})
+        return receipt
+
+    async def GetUploadStatus(self, request: ingest_pb2.GetUploadStatusRequest,
+                              context: grpc.aio.ServicerContext
+                              ) -> ingest_pb2.GetUploadStatusResponse:
+        self.store.check_upload_id(request.upload_id)
+        state = await asyncio.to_thread(self.store.upload_status, request.upload_id)
+        msg = ingest_pb2.GetUploadStatusResponse(upload_id=state.upload_id,
+                                                 committed_offset=state.committed_offset,
+                                                 complete=state.complete)
+        if state.complete:
+            msg.receipt.CopyFrom(ingest_pb2.InstanceReceipt(**state.receipt))
+        return msg
+
+    def _store(self, data: bytes, ref: str, upload_id: str = "") -> ingest_pb2.InstanceReceipt:
         ds, info = parse_instance(data)  # raises InvalidArgument with ErrorInfo
         key = content_key(ds)
         del ds
@@ -187,7 +257,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             self.scp.metrics.count("instance_conflicts")
         self.scp.metrics.count("instances_stored")
         return ingest_pb2.InstanceReceipt(client_ref=ref, series_id=stored.series_id,
-                                          duplicate=stored.duplicate, conflict=stored.conflict)
+                                          duplicate=stored.duplicate, conflict=stored.conflict,
+                                          upload_id=upload_id)
 
     async def CommitSeries(self, request: ingest_pb2.CommitSeriesRequest,
                            context: grpc.aio.ServicerContext) -> ingest_pb2.CommitSeriesResponse:

@@ -1,0 +1,138 @@
+"""Resumable gRPC upload: a stream cut mid-instance (the call cancelled, then the server killed
+and restarted) is continued at the server's committed offset; a wrong offset is refused with
+OFFSET_MISMATCH and the expected offset; a completed upload is idempotent."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from atlasflow.cli.upload import UploadStats, resumable_requests, send_files, upload_id_of
+from atlasflow.common.server import error_info_of
+from atlasflow.ingest.store import atlas_id
+from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[2]
+if "bench_ingest" not in sys.modules:
+    _spec = importlib.util.spec_from_file_location("bench_ingest", REPO / "benchmarks" / "bench_ingest.py")
+    _mod = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
+    sys.modules["bench_ingest"] = _mod
+    _spec.loader.exec_module(_mod)  # type: ignore[union-attr]
+bench = sys.modules["bench_ingest"]
+
+CHUNK = 64 * 1024
+SENT_CHUNKS = 4  # of the second instance, before the cut
+
+
+@pytest.fixture()
+def ingest(tmp_path):  # type: ignore[no-untyped-def]
+    with bench.IngestProcess(tmp_path / "ingest") as proc:
+        yield proc
+
+
+def _status(stub, upload_id: str):  # type: ignore[no-untyped-def]
+    return stub.GetUploadStatus(ingest_pb2.GetUploadStatusRequest(upload_id=upload_id), timeout=10)
+
+
+def test_cut_mid_instance_resumes_at_committed_offset(ingest, tmp_path):  # type: ignore[no-untyped-def]
+    files = bench.build_ct_series(tmp_path / "s", 3, seed="resume")
+    data = [p.read_bytes() for p in files]
+    ids = [upload_id_of(d) for d in data]
+    assert len(data[1]) > (SENT_CHUNKS + 2) * CHUNK
+    hold = threading.Event()
+
+    def cut_stream():  # type: ignore[no-untyped-def]
+        yield from resumable_requests(files[0].name, data[0], ids[0], 0, CHUNK)
+        for i, msg in enumerate(resumable_requests(files[1].name, data[1], ids[1], 0, CHUNK)):
+            if i == SENT_CHUNKS:
+                hold.wait(30)  # the stream stays open, mid-instance, until cancelled
+                return
+            yield msg
+
+    with grpc.insecure_channel(ingest.target) as channel:
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        call = stub.UploadInstances.future(cut_stream(), timeout=60)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if _status(stub, ids[1]).committed_offset == SENT_CHUNKS * CHUNK:
+                    break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.NOT_FOUND
+            assert time.monotonic() < deadline, "chunks never became durable"
+            time.sleep(0.05)
+        call.cancel()
+        hold.set()
+        with pytest.raises(grpc.FutureCancelledError):
+            call.result()
+        first = _status(stub, ids[0])
+        assert first.complete and first.committed_offset == len(data[0])
+        assert first.receipt.upload_id == ids[0] and not first.receipt.duplicate
+
+    # the server dies too: the committed bytes survive a restart
+    ingest.kill()
+    ingest.start()
+    with grpc.insecure_channel(ingest.target) as channel:
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        st = _status(stub, ids[1])
+        assert (st.complete, st.committed_offset) == (False, SENT_CHUNKS * CHUNK)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.UploadInstances(iter([ingest_pb2.UploadInstancesRequest(
+                client_ref="x", chunk=data[1][:CHUNK], upload_id=ids[1], offset=0)]), timeout=10)
+        assert err.value.code() == grpc.StatusCode.ABORTED
+        info = error_info_of(err.value)
+        assert info is not None and info.reason == "OFFSET_MISMATCH"
+        assert info.metadata["expected_offset"] == str(SENT_CHUNKS * CHUNK)
+
+        stats = UploadStats()
+        receipts = send_files(files, ingest.target, chunk_bytes=CHUNK, stats=stats,
+                              retry_wait_s=0.05)
+        assert [r.upload_id for r in receipts] == ids
+        assert not any(r.duplicate or r.conflict for r in receipts)
+        assert stats.resumed == 1 and stats.errors == [] and stats.streams == 1
+        assert stats.recovered_receipts == 1  # the first instance, completed before the cut
+        # the resumed stream sent only the rest of instance 2 (plus instance 3)
+        assert stats.bytes_sent == len(data[1]) - SENT_CHUNKS * CHUNK + len(data[2])
+        series = stub.GetSeries(ingest_pb2.GetSeriesRequest(
+            series_id=atlas_id("ser", bench.bench_uid("resume", "series"))), timeout=10).series
+        assert (series.instance_count, series.duplicate_count, series.conflict_count) == (3, 0, 0)
+        # the stored instance is byte-identical to the file (no hole, no duplicated chunk)
+        st = _status(stub, ids[1])
+        assert st.complete and st.committed_offset == len(data[1])
+
+        # a completed upload is idempotent: same receipts, nothing stored again
+        again = send_files(files, ingest.target, chunk_bytes=CHUNK)
+        assert [(r.upload_id, r.duplicate, r.series_id) for r in again] == [
+            (r.upload_id, r.duplicate, r.series_id) for r in receipts]
+        series = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=series.series_id),
+                                timeout=10).series
+        assert (series.instance_count, series.duplicate_count) == (3, 0)
+
+
+def test_bad_checksum_discards_the_upload_and_plain_mode_still_works(ingest, tmp_path):  # type: ignore[no-untyped-def]
+    files = bench.build_ct_series(tmp_path / "s", 2, seed="resume-plain")
+    data = files[0].read_bytes()
+    uid = upload_id_of(data)
+    msgs = list(resumable_requests(files[0].name, data, uid, 0, CHUNK))
+    msgs[-1].sha256 = hashlib.sha256(b"other").hexdigest()
+    with grpc.insecure_channel(ingest.target) as channel:
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.UploadInstances(iter(msgs), timeout=10)
+        assert error_info_of(err.value).reason == "CHECKSUM_MISMATCH"
+        with pytest.raises(grpc.RpcError) as err:
+            _status(stub, uid)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as err:
+            _status(stub, "bad id!")
+        assert error_info_of(err.value).reason == "INVALID_UPLOAD_ID"
+    receipts = send_files(files, ingest.target, resumable=False)
+    assert [r.upload_id for r in receipts] == ["", ""]
+    assert not any(r.duplicate for r in receipts)
