@@ -1,0 +1,149 @@
+"""Attention benchmark: `atlasflow.common.attention` (reference mode) vs the straightforward
+numpy + scipy transcription (`benchmarks/attention_baseline.py`) on one synthetic case.
+
+    .venv/bin/python benchmarks/bench_attention.py [--shape 512 512 300] [--models 3]
+        [--baseline-shape X Y Z] [--skip-baseline] [--runs 1]
+
+The case: nine organ-like soft ellipsoids (sizes and places of the abdominal organs, some
+touching so the overlap term fires), three models that disagree (jittered centres and radii,
+smooth logit noise, a false-positive island in one model), uint8 ``p*255`` as the reference
+stores them. Prints wall time and peak RSS growth of each, and the ratio. The baseline can run
+at a smaller ``--baseline-shape`` and be scaled by the voxel count (said so in the output);
+``--baseline-shape`` defaults to ``--shape`` (a real run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from attention_baseline import reference_attention_numpy  # noqa: E402
+
+from atlasflow.common.attention import case_attention  # noqa: E402
+
+# organ id -> (centre as a fraction of the volume, radii as a fraction of the volume)
+LAYOUT: dict[int, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    1: ((0.50, 0.55, 0.50), (0.025, 0.025, 0.40)),  # aorta: a long thin tube
+    2: ((0.35, 0.40, 0.55), (0.04, 0.04, 0.06)),  # gall bladder
+    3: ((0.68, 0.62, 0.45), (0.07, 0.07, 0.13)),  # kidney left (patient left = -x... layout only)
+    4: ((0.32, 0.62, 0.42), (0.07, 0.07, 0.13)),  # kidney right
+    5: ((0.33, 0.45, 0.65), (0.20, 0.18, 0.22)),  # liver
+    6: ((0.55, 0.50, 0.50), (0.12, 0.04, 0.05)),  # pancreas
+    7: ((0.44, 0.58, 0.50), (0.025, 0.025, 0.35)),  # postcava
+    8: ((0.72, 0.55, 0.65), (0.08, 0.08, 0.11)),  # spleen
+    9: ((0.62, 0.38, 0.68), (0.12, 0.10, 0.12)),  # stomach
+}
+
+
+def make_case(shape: tuple[int, int, int], n_models: int = 3, seed: int = 0) -> dict[int, np.ndarray]:
+    """Organ id -> uint8 ``(M, X, Y, Z)`` synthetic soft predictions on ``shape`` (see module doc).
+
+    Only each organ's bounding box is computed (fast at 512x512x300)."""
+    rng = np.random.default_rng(seed)
+    sh = np.array(shape, dtype=np.float64)
+    out: dict[int, np.ndarray] = {}
+    for k, (c, r) in LAYOUT.items():
+        q = np.zeros((n_models, *shape), dtype=np.uint8)
+        centre = np.array(c) * sh
+        radii = np.maximum(np.array(r) * sh, 2.0)
+        lo = np.maximum(np.floor(centre - 1.5 * radii - 4), 0).astype(int)
+        hi = np.minimum(np.ceil(centre + 1.5 * radii + 4), sh).astype(int)
+        axes = [np.arange(lo[a], hi[a], dtype=np.float32) for a in range(3)]
+        for m in range(n_models):
+            cm = centre + rng.normal(0, 0.6, 3) * (1 + (m == n_models - 1))
+            rm = radii * rng.uniform(0.94, 1.06, 3)
+            d = [((axes[a] - cm[a]) / rm[a]) ** 2 for a in range(3)]
+            rr = np.sqrt(d[0][:, None, None] + d[1][None, :, None] + d[2][None, None, :])
+            ph = rng.uniform(0, 2 * np.pi, 3)
+            wob = (np.sin(axes[0] / 9 + ph[0])[:, None, None] + np.sin(axes[1] / 11 + ph[1])[None, :, None]
+                   + np.sin(axes[2] / 7 + ph[2])[None, None, :]) * 0.08
+            logit = (1.0 - rr + wob) * (6.0 * rng.uniform(0.8, 1.2))
+            p = 1.0 / (1.0 + np.exp(-logit))
+            p[rr > 1.35] = 0.0
+            q[(m, *[slice(lo[a], hi[a]) for a in range(3)])] = np.round(p * 255).astype(np.uint8)
+            if m == 0 and k in (5, 9):  # a false-positive island near the organ in one model
+                ic = np.clip(centre + radii * np.array([1.1, 0.3, 0.0]), 4, sh - 5).astype(int)
+                ir = max(2, int(min(radii) * 0.3))
+                sl = tuple(slice(max(0, ic[a] - ir), min(shape[a], ic[a] + ir)) for a in range(3))
+                q[(m, *sl)] = np.maximum(q[(m, *sl)], 200)
+        out[k] = q
+    return out
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def time_library(case: dict[int, np.ndarray], runs: int = 1) -> float:
+    tensors = {k: torch.from_numpy(v) for k, v in case.items()}
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        res = case_attention(tensors)
+        res.score()
+        best = min(best, time.perf_counter() - t0)
+        del res
+    return best
+
+
+def time_baseline(case: dict[int, np.ndarray]) -> float:
+    t0 = time.perf_counter()
+    res = reference_attention_numpy(case)
+    dt = time.perf_counter() - t0
+    del res
+    return dt
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", type=int, nargs=3, default=[512, 512, 300])
+    ap.add_argument("--baseline-shape", type=int, nargs=3, default=None)
+    ap.add_argument("--models", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = tuple(args.shape)
+    t0 = time.perf_counter()
+    case = make_case(shape, args.models)  # type: ignore[arg-type]
+    gen_s = time.perf_counter() - t0
+    rss0 = _rss_mib()
+    lib_s = time_library(case, args.runs)
+    lib_rss = _rss_mib() - rss0
+    report: dict[str, object] = {"shape": list(shape), "models": args.models, "organs": len(case),
+                                 "generate_s": round(gen_s, 2), "library_s": round(lib_s, 3),
+                                 "library_peak_rss_growth_mib": round(lib_rss, 1),
+                                 "torch_threads": torch.get_num_threads()}
+    if not args.skip_baseline:
+        bshape = tuple(args.baseline_shape or shape)
+        if bshape != shape:
+            del case
+            gc.collect()
+            case = make_case(bshape, args.models)  # type: ignore[arg-type]
+        rss1 = _rss_mib()
+        base_s = time_baseline(case)
+        scale = float(np.prod(shape)) / float(np.prod(bshape))
+        report.update(baseline_shape=list(bshape), baseline_s=round(base_s, 3),
+                      baseline_peak_rss_growth_mib=round(_rss_mib() - rss1, 1),
+                      baseline_scaled_to_shape_s=round(base_s * scale, 3),
+                      baseline_scaled=bshape != shape,
+                      ratio=round(base_s * scale / lib_s, 2))
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,464 @@
+"""The attention library: the AbdomenAtlas ``create_attention.py`` recipe in torch, vectorised
+over whole volumes, on whatever device holds the tensors (CPU here, the GPU next to the models
+in the segmentation service).
+
+Conventions: volumes are ``(X, Y, Z)`` on one grid (voxel axes of the native CT; the 4x4 affine
+maps voxel indices to RAS+ mm); per-model stacks are ``(M, X, Y, Z)``. Soft predictions are
+probabilities in [0, 1] (float) or uint8 ``p*255`` (the reference's storage). Organ ids are
+AbdomenAtlas-8K 1..9 (`atlasflow.common.organs`).
+
+The recipe ("reference" mode, DESIGN.md "The method"), per organ the case's source did NOT label:
+
+1. each model's soft prediction is zeroed outside a 1-voxel dilation (3x3x3 cube) of that
+   model's own post-processed mask (largest 26-connected component of ``p > 0.5``);
+2. inconsistency: ``std`` over models (population std, ``np.std``); mask = ``std > 0.1``, then
+   a binary opening (2 erosions, 2 dilations, 3x3x3 cube);
+3. uncertainty: mean over models of ``-p ln p`` (0 at p = 0); mask = ``entropy > 0.05``, same
+   opening;
+4. overlap: voxels where this organ's ensemble mask (mean over models ``> 0.5``, largest
+   26-connected component) and the ensemble mask of any other NON-VESSEL structure are both set
+   (the reference's ``ORGAN_NAME_OVERLAP``; of our nine organs: all but aorta and postcava);
+5. attention = union of the three masks; heatmap = ``std*std_mask + entropy*entropy_mask +
+   overlap``, divided by its maximum (an all-zero heatmap stays zero instead of the reference's
+   0/0 = NaN);
+6. case priority = total attention voxels over organs; organs ordered by the sum of their uint8
+   heatmap ``floor(heatmap*255)`` (organs with zero attention are not listed).
+
+Exactness: with uint8 inputs the thresholds are decided exactly (the std threshold in integer
+arithmetic, the entropy in float64 through a 256-entry table), so masks equal a float64
+numpy + scipy implementation bit for bit (`benchmarks/attention_baseline.py`); the heatmap is
+float32 (|error| < 1e-6).
+
+Speed: every term is zero outside the support of an organ's soft predictions, and the
+morphology treats voxels outside the volume as background (scipy's ``border_value=0``), so all
+per-organ work runs on the bounding box of that support; the results are the same as on the
+full volume. Connected components use ``scipy.ndimage.label`` (C) on those boxes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from atlasflow.common.organs import ORGAN_IDS, ORGANS
+
+STD_THRESHOLD = 0.1
+ENTROPY_THRESHOLD = 0.05
+OPENING_ITERATIONS = 2
+#: Organs whose ensemble masks count for the overlap term (the reference's non-vessel list).
+OVERLAP_PARTNERS: frozenset[int] = frozenset(i for i, n in ORGANS.items() if n not in ("aorta", "postcava"))
+_CUBE = np.ones((3, 3, 3), dtype=bool)
+
+Box = tuple[slice, slice, slice]
+
+
+# ----------------------------------------------------------------------------- morphology
+
+
+def _shift_or(x: torch.Tensor, axis: int, erode: bool) -> torch.Tensor:
+    """One 3-voxel pass along ``axis``: OR (dilation) or AND (erosion) of the voxel and its two
+    neighbours; voxels outside the volume count as background."""
+    n = x.shape[axis]
+    out = x.clone()
+    if n == 1:
+        return out if not erode else torch.zeros_like(x)
+    lo = x.narrow(axis, 0, n - 1)
+    hi = x.narrow(axis, 1, n - 1)
+    if erode:
+        out.narrow(axis, 1, n - 1).logical_and_(lo)
+        out.narrow(axis, 0, n - 1).logical_and_(hi)
+        out.narrow(axis, 0, 1).zero_()
+        out.narrow(axis, n - 1, 1).zero_()
+    else:
+        out.narrow(axis, 1, n - 1).logical_or_(lo)
+        out.narrow(axis, 0, n - 1).logical_or_(hi)
+    return out
+
+
+def binary_erosion(mask: torch.Tensor, iterations: int = 1) -> torch.Tensor:
+    """Erode a bool ``(X, Y, Z)`` mask with a 3x3x3 cube, outside = background (scipy default).
+
+    The cube is separable: three 1-D passes on bool tensors (no float copies)."""
+    x = mask.to(torch.bool)
+    for _ in range(iterations):
+        for axis in range(3):
+            x = _shift_or(x, axis, erode=True)
+    return x
+
+
+def binary_dilation(mask: torch.Tensor, iterations: int = 1) -> torch.Tensor:
+    """Dilate a bool ``(X, Y, Z)`` mask with a 3x3x3 cube (outside = background), separably."""
+    x = mask.to(torch.bool)
+    for _ in range(iterations):
+        for axis in range(3):
+            x = _shift_or(x, axis, erode=False)
+    return x
+
+
+def binary_opening(mask: torch.Tensor, iterations: int = OPENING_ITERATIONS) -> torch.Tensor:
+    """``iterations`` erosions then ``iterations`` dilations, 3x3x3 cube (scipy ``binary_opening``)."""
+    if iterations <= 0:
+        return mask.clone()
+    return binary_dilation(binary_erosion(mask, iterations), iterations)
+
+
+# ----------------------------------------------------------------------------- voxel terms
+
+
+def voxel_entropy(p: torch.Tensor) -> torch.Tensor:
+    """``-p ln p`` elementwise for probabilities in [0, 1] (0 where p == 0)."""
+    p = p.to(torch.float32)
+    return -p * torch.log(p.clamp_min(1e-12)) * (p > 0)
+
+
+def entropy_table(dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
+    """``(256,)`` table of ``-p ln p`` at ``p = q/255`` for uint8 ``q``, computed in float64
+    exactly as numpy does it (``-p * np.log(p)``, 0 at q = 0)."""
+    p = np.arange(256, dtype=np.float64) / 255.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = -p * np.log(p)
+    t[0] = 0.0
+    return torch.from_numpy(t).to(device=device, dtype=dtype)
+
+
+def model_std(p: torch.Tensor) -> torch.Tensor:
+    """Population std over models of ``(M, X, Y, Z)`` float probabilities (``np.std(axis=0)``).
+
+    Accumulated model by model: a strided ``Tensor.std(dim=0)`` is ~20x slower on CPU."""
+    mean = torch.zeros_like(p[0])
+    for pm in p:
+        mean += pm
+    mean /= p.shape[0]
+    var = torch.zeros_like(mean)
+    for pm in p:
+        var.addcmul_(pm - mean, pm - mean)
+    var /= p.shape[0]
+    return var.sqrt_()
+
+
+def _std_u8(q: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Std over models of uint8 ``(M, X, Y, Z)`` ``p*255`` and the exact mask ``std > threshold``.
+
+    ``M^2 * 255^2 * var = M * sum(q^2) - (sum q)^2`` is an integer: the threshold is compared in
+    int32 (no rounding at the boundary); the std itself is float32 (|error| ~ 1e-7)."""
+    m = q.shape[0]
+    s = torch.zeros(q.shape[1:], dtype=torch.int32, device=q.device)
+    s2 = torch.zeros_like(s)
+    for qm in q:
+        qi = qm.to(torch.int32)
+        s += qi
+        s2.addcmul_(qi, qi)
+    num = s2.mul_(m).sub_(s.mul_(s))  # M sum q^2 - (sum q)^2 >= 0, in place
+    limit = threshold * threshold * m * m * 255.0 * 255.0
+    mask = num > limit  # int vs float: exact for these magnitudes (< 2^24)
+    std = num.to(torch.float32).sqrt_().div_(m * 255.0)
+    return std, mask
+
+
+def _entropy_u8(q: torch.Tensor) -> torch.Tensor:
+    """Mean over models of ``-p ln p`` for uint8 ``(M, X, Y, Z)`` ``p*255``, float64 (table)."""
+    table = entropy_table(torch.float64, q.device)
+    ent = torch.zeros(q.shape[1:], dtype=torch.float64, device=q.device)
+    for qm in q:
+        ent += table[qm.to(torch.int64)]
+    ent /= q.shape[0]
+    return ent
+
+
+@dataclass
+class OrganAttention:
+    """Per-organ attention on one grid ``(X, Y, Z)`` (a crop or the whole volume).
+
+    ``attention``: bool union mask; ``heatmap``: float32 in [0, 1]; ``std_mask``,
+    ``entropy_mask``: the opened masks; ``overlap``: the overlap mask used.
+    """
+
+    attention: torch.Tensor
+    heatmap: torch.Tensor
+    std_mask: torch.Tensor
+    entropy_mask: torch.Tensor
+    overlap: torch.Tensor
+
+
+def organ_attention(
+    probs: torch.Tensor,
+    overlap: torch.Tensor,
+    *,
+    std_threshold: float = STD_THRESHOLD,
+    entropy_threshold: float = ENTROPY_THRESHOLD,
+    opening_iterations: int = OPENING_ITERATIONS,
+) -> OrganAttention:
+    """Attention for one organ (recipe steps 2-5).
+
+    ``probs``: ``(M, X, Y, Z)`` per-model soft predictions in [0, 1] (float) or uint8 ``p*255``,
+    already zeroed outside each model's dilated mask (`mask_to_own_components`).
+    ``overlap``: bool ``(X, Y, Z)``. With uint8 input the masks are exact (see module doc).
+    """
+    if probs.ndim != 4:
+        raise ValueError("probs must be (M, X, Y, Z)")
+    overlap = overlap.to(device=probs.device, dtype=torch.bool)
+    if probs.dtype == torch.uint8:
+        std, std_raw = _std_u8(probs, std_threshold)
+        ent64 = _entropy_u8(probs)
+        ent_raw = ent64 > entropy_threshold
+        entropy = ent64.to(torch.float32)
+        del ent64
+    else:
+        p = probs.to(torch.float32)
+        std = model_std(p)
+        std_raw = std > std_threshold
+        entropy = torch.zeros_like(p[0])
+        for pm in p:
+            entropy += voxel_entropy(pm)
+        entropy /= p.shape[0]
+        ent_raw = entropy > entropy_threshold
+    std_mask = binary_opening(std_raw, opening_iterations)
+    entropy_mask = binary_opening(ent_raw, opening_iterations)
+    attention = std_mask | entropy_mask | overlap
+    heatmap = std.mul_(std_mask).add_(entropy.mul_(entropy_mask)).add_(overlap.to(torch.float32))
+    peak = float(heatmap.max()) if heatmap.numel() else 0.0
+    if peak > 0:
+        heatmap /= peak
+    return OrganAttention(
+        attention=attention, heatmap=heatmap, std_mask=std_mask, entropy_mask=entropy_mask, overlap=overlap
+    )
+
+
+# ----------------------------------------------------------------------------- masks, boxes
+
+
+def _box_from_projections(px: torch.Tensor, pyz: torch.Tensor) -> Box | None:
+    box = []
+    for proj in (px, pyz.amax(dim=1), pyz.amax(dim=0)):
+        hit = torch.nonzero(proj).flatten()
+        if hit.numel() == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def bounding_box(mask: torch.Tensor | np.ndarray) -> Box | None:
+    """Tight bounding box (slices) of the non-zero voxels of an ``(X, Y, Z)`` array, or None.
+
+    Projections by ``amax`` over contiguous views (a strided ``any`` is ~10x slower on CPU)."""
+    t = torch.as_tensor(mask)
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    elif t.dtype.is_floating_point or t.dtype.is_complex:
+        t = (t != 0).view(torch.uint8)
+    t = t.contiguous()
+    if t.numel() == 0:
+        return None
+    return _box_from_projections(t.reshape(t.shape[0], -1).amax(dim=1), t.amax(dim=0))
+
+
+def support_box(q: torch.Tensor) -> Box | None:
+    """Bounding box of the voxels where any model of uint8 ``(M, X, Y, Z)`` is non-zero."""
+    q = q.contiguous()
+    if q.numel() == 0:
+        return None
+    px = q.reshape(q.shape[0], q.shape[1], -1).amax(dim=2).amax(dim=0)
+    return _box_from_projections(px, q.amax(dim=(0, 1)))
+
+
+def grow_box(box: Box, by: int, shape: Iterable[int]) -> Box:
+    """``box`` grown by ``by`` voxels per side, clipped to ``shape``."""
+    return tuple(slice(max(0, s.start - by), min(int(n), s.stop + by)) for s, n in zip(box, shape))  # type: ignore[return-value]
+
+
+def union_box(boxes: Iterable[Box | None]) -> Box | None:
+    """Smallest box containing every given box (None entries ignored)."""
+    real = [b for b in boxes if b is not None]
+    if not real:
+        return None
+    return tuple(slice(min(b[a].start for b in real), max(b[a].stop for b in real)) for a in range(3))  # type: ignore[return-value]
+
+
+def component_labels(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """26-connected component labels (int32, 0 = background) of a bool ``(X, Y, Z)`` array."""
+    lab, n = ndimage.label(mask, structure=_CUBE)
+    return lab, int(n)
+
+
+def largest_component(mask: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, int]:
+    """Largest 26-connected component of a bool ``(X, Y, Z)`` mask, and the component count.
+
+    Ties go to the component met first in C (raster) order, as ``np.argmax`` over
+    ``scipy.ndimage.label`` counts. Labelling runs on the mask's bounding box."""
+    t = torch.as_tensor(mask).to(torch.bool)
+    out = torch.zeros_like(t)
+    box = bounding_box(t)
+    if box is None:
+        return out, 0
+    crop = t[box].cpu().numpy()
+    lab, n = component_labels(crop)
+    if n <= 1:
+        out[box] = torch.from_numpy(lab > 0).to(t.device)
+        return out, n
+    counts = np.bincount(lab.ravel())
+    counts[0] = 0
+    out[box] = torch.from_numpy(lab == int(np.argmax(counts))).to(t.device)
+    return out, n
+
+
+def to_u8_probs(probs: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Soft predictions -> uint8 ``p*255``: uint8 stays as is; floats in [0, 1] are clipped and
+    rounded to the nearest level (``round(p*255)``)."""
+    t = torch.as_tensor(probs)
+    if t.dtype == torch.uint8:
+        return t
+    if t.dtype == torch.bool:
+        return t.to(torch.uint8) * 255
+    return (t.to(torch.float32).clamp(0.0, 1.0) * 255.0).round_().to(torch.uint8)
+
+
+def mask_to_own_components(q: torch.Tensor) -> torch.Tensor:
+    """Recipe step 1 on uint8 ``(M, X, Y, Z)`` ``p*255`` (modified in place and returned): each
+    model's prediction is zeroed outside a 1-voxel dilation (3x3x3) of the largest 26-connected
+    component of its own ``p > 0.5`` (``q >= 128``, i.e. ``q/255 > 0.5``)."""
+    shape = q.shape[1:]
+    for m in range(q.shape[0]):
+        own, _ = largest_component(q[m] >= 128)
+        box = bounding_box(own)
+        if box is None:
+            q[m].zero_()
+            continue
+        grown = grow_box(box, 1, shape)
+        keep = torch.zeros(shape, dtype=torch.bool, device=q.device)
+        keep[grown] = binary_dilation(own[grown], 1)
+        q[m].mul_(keep)
+    return q
+
+
+def ensemble_raw(q: torch.Tensor) -> torch.Tensor:
+    """Ensemble vote of uint8 ``(M, X, Y, Z)``: mean of ``q/255`` over models ``> 0.5``, decided
+    exactly in integers (``2 * sum q > 255 * M``)."""
+    s = q.sum(dim=0, dtype=torch.int32)
+    return s * 2 > 255 * q.shape[0]
+
+
+# ----------------------------------------------------------------------------- whole case
+
+
+@dataclass
+class OrganResult:
+    """One organ of a case, on the crop ``box`` of the full grid.
+
+    ``ensemble``: bool ensemble mask (largest component) on ``box``; ``ensemble_extra``: bool,
+    the other components of the raw ensemble vote (dropped from the label); ``components``:
+    number of 26-connected components of the raw vote; ``attention`` / ``heatmap`` (float32,
+    [0, 1]) / ``std_mask`` / ``entropy_mask`` / ``overlap`` on ``box`` (None when the organ is
+    labelled by the source or has no support).
+    """
+
+    organ: int
+    box: Box | None
+    ensemble: torch.Tensor | None
+    ensemble_extra: torch.Tensor | None
+    components: int
+    labelled: bool
+    attention: OrganAttention | None = None
+
+    def attention_voxels(self) -> int:
+        return 0 if self.attention is None else int(self.attention.attention.sum())
+
+    def heatmap_u8_sum(self) -> int:
+        """Sum of the stored uint8 heatmap ``floor(heatmap*255)`` (the reference's organ order)."""
+        if self.attention is None:
+            return 0
+        return int(torch.floor(self.attention.heatmap * 255.0).sum(dtype=torch.float64))
+
+    def paste(self, what: str, shape: tuple[int, int, int]) -> torch.Tensor:
+        """Full-grid ``(X, Y, Z)`` copy of ``attention`` / ``heatmap`` / ``std_mask`` /
+        ``entropy_mask`` / ``overlap`` / ``ensemble`` (zeros outside ``box``)."""
+        src = self.ensemble if what == "ensemble" else (getattr(self.attention, what) if self.attention else None)
+        dtype = torch.float32 if what == "heatmap" else torch.bool
+        out = torch.zeros(shape, dtype=dtype)
+        if src is not None and self.box is not None:
+            out[self.box] = src.to(device="cpu", dtype=dtype)
+        return out
+
+
+@dataclass
+class CaseAttention:
+    """Reference-mode attention of one case: ``shape`` ``(X, Y, Z)``, one `OrganResult` per organ."""
+
+    shape: tuple[int, int, int]
+    organs: dict[int, OrganResult] = field(default_factory=dict)
+
+    def score(self) -> int:
+        """Reference case priority: total attention voxels over organs."""
+        return sum(r.attention_voxels() for r in self.organs.values())
+
+    def organ_order(self) -> list[int]:
+        """Unlabelled organs with non-zero attention, by decreasing uint8 heatmap sum (stable)."""
+        sums = {k: r.heatmap_u8_sum() for k, r in self.organs.items() if not r.labelled}
+        return [k for k in sorted(sums, key=lambda k: -sums[k]) if sums[k] > 0]
+
+
+def _organ_id(key: int | str) -> int:
+    if isinstance(key, str):
+        return ORGAN_IDS[key]
+    return int(key)
+
+
+def case_attention(
+    probs: Mapping[int | str, torch.Tensor | np.ndarray],
+    labelled_organs: Iterable[int | str] = (),
+    *,
+    device: torch.device | str | None = None,
+) -> CaseAttention:
+    """The reference recipe (steps 1-5) for one case.
+
+    ``probs``: organ id (or name) -> ``(M, X, Y, Z)`` soft predictions (uint8 ``p*255`` or float
+    in [0, 1]; floats are rounded to uint8 first, as stored by the reference), all on one grid.
+    ``labelled_organs``: organs the case's source labels (partial-label template): their
+    ensemble masks still count for the overlap of other organs, but they get no attention.
+    """
+    labelled = {_organ_id(k) for k in labelled_organs}
+    shape: tuple[int, int, int] | None = None
+    crops: dict[int, tuple[Box | None, torch.Tensor | None]] = {}
+    results: dict[int, OrganResult] = {}
+    partner_count: torch.Tensor | None = None
+    for key, pr in probs.items():
+        k = _organ_id(key)
+        q = to_u8_probs(pr)
+        if device is not None:
+            q = q.to(device)
+        if q.ndim != 4:
+            raise ValueError("soft predictions must be (M, X, Y, Z)")
+        if shape is None:
+            shape = tuple(int(s) for s in q.shape[1:])  # type: ignore[assignment]
+            partner_count = torch.zeros(shape, dtype=torch.uint8, device=q.device)  # type: ignore[arg-type]
+        elif tuple(q.shape[1:]) != shape:
+            raise ValueError("all organs' soft predictions must share one grid")
+        box = support_box(q)
+        if box is None:
+            results[k] = OrganResult(k, None, None, None, 0, k in labelled)
+            crops[k] = (None, None)
+            continue
+        qc = mask_to_own_components(q[(slice(None), *box)].clone())
+        del q
+        raw = ensemble_raw(qc)
+        ens, n = largest_component(raw)
+        extra = raw & ~ens
+        results[k] = OrganResult(k, box, ens, extra, n, k in labelled)
+        crops[k] = (box, qc)
+        if k in OVERLAP_PARTNERS:
+            assert partner_count is not None
+            partner_count[box] += ens.to(torch.uint8)
+    assert shape is not None or not probs
+    for k, res in results.items():
+        box, qc = crops[k]
+        if res.labelled or box is None or qc is None or res.ensemble is None:
+            continue
+        assert partner_count is not None
+        others = partner_count[box].to(torch.int16) - (res.ensemble.to(torch.int16) if k in OVERLAP_PARTNERS else 0)
+        overlap = res.ensemble & (others > 0)
+        res.attention = organ_attention(qc, overlap)
+        crops[k] = (box, None)
+    return CaseAttention(shape=shape or (0, 0, 0), organs=results)
