@@ -10,11 +10,38 @@ not ready -> FailedPrecondition(``TRITON_MODEL_NOT_READY``); a domain error rais
 pipeline comes back as the same class and reason; any other server-side failure ->
 AtlasflowError(``TRITON_INFERENCE_FAILED``, gRPC INTERNAL); a malformed response ->
 DataLoss(``TRITON_BAD_RESPONSE``). Messages never carry the server's stack traces.
+
+Retries: a call that finds Triton unreachable (gRPC UNAVAILABLE before any work was done) is
+retried ``connect_retries`` times with exponential backoff (``retry_backoff_s``, doubling)
+before Unavailable(``TRITON_UNAVAILABLE``) is raised; deadlines are never retried here (the
+job layer requeues the series durably, see `service.Worker`).
+
+Transport (``shm``, setting ``ATLASFLOW_SEGMENTATION_TRITON_SHM``):
+- ``"auto"`` (default): Triton *system* shared memory when the server is co-located (its URL
+  host is loopback), gRPC payloads otherwise;
+- ``"on"``: try shared memory whatever the host (e.g. a sidecar reached by pod IP with a
+  shared ``/dev/shm`` and IPC namespace);
+- ``"off"``: always gRPC payloads.
+With shared memory, one region per call holds the inputs (volume, affine, flags; written by
+this process) and one the outputs (labels, heatmap, stats, flag; written by Triton); both are
+registered with ``register_system_shared_memory`` and unregistered + unlinked after the call,
+so the gRPC messages carry only tensor metadata. If creating or registering a region fails
+(server on another host, ``/dev/shm`` too small, ...), the call falls back to gRPC payloads,
+and in ``"auto"`` mode later calls skip shared memory.
+
+Message size: gRPC payloads need ``max_message_bytes`` above the largest request/response:
+a 512x512x600 int16 CT is 315 MB in and 2 x 157 MB (uint8 labels + heatmap) out; the
+default 1 GiB covers it (Triton's own gRPC limit is 2 GiB - 1).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import os
 import re
+import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +53,9 @@ from atlasflow.common.organs import NUM_ORGANS
 from atlasflow.segmentation.ensemble import DOMAIN
 from atlasflow.segmentation.pipeline import STATS_COLUMNS, PipelineOutput, labelled_flags
 
+LOG = logging.getLogger(__name__)
+SHM_MODES = ("auto", "on", "off")
+OUTPUT_NAMES = ("labels", "heatmap", "organ_stats", "weights_trained")
 _SERVER_ERROR = re.compile(r"ATLASFLOW_ERROR ([A-Z_]+) ([A-Z0-9_]+): ([^\n]*)")
 _CODE_CLASSES: dict[str, type[AtlasflowError]] = {
     cls.code: cls
@@ -39,6 +69,17 @@ def _url_target(url: str) -> str:
     return url.split("://", 1)[1] if "://" in url else url
 
 
+def is_loopback(target: str) -> bool:
+    """True when ``host:port`` names this machine (localhost, 127.0.0.0/8, ::1)."""
+    host = target.rsplit(":", 1)[0].strip("[]") if ":" in target else target
+    if host in ("localhost", "ip6-localhost") or host.startswith("unix"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class TritonSegmenter:
     """Segment CTs with the ensemble model hosted in Triton (gRPC)."""
 
@@ -50,15 +91,28 @@ class TritonSegmenter:
         timeout_s: float = 600,
         max_message_bytes: int = 1 << 30,
         tracer_provider: Any | None = None,
+        shm: str | None = None,
+        connect_retries: int = 2,
+        retry_backoff_s: float = 0.5,
     ) -> None:
         """``url``: ``host:port`` of Triton's gRPC endpoint; ``timeout_s``: per-call deadline;
-        ``tracer_provider``: optional OpenTelemetry TracerProvider (default: the global one)."""
+        ``tracer_provider``: optional OpenTelemetry TracerProvider (default: the global one);
+        ``shm``: ``auto``/``on``/``off`` (default: ``ATLASFLOW_SEGMENTATION_TRITON_SHM`` or
+        ``auto``); ``connect_retries``/``retry_backoff_s``: retries of an unreachable server."""
         import tritonclient.grpc as grpcclient
 
         self.url = _url_target(url)
         self.model_name = model_name
         self.timeout_s = float(timeout_s)
         self._tracer_provider = tracer_provider
+        mode = (shm or os.environ.get("ATLASFLOW_SEGMENTATION_TRITON_SHM") or "auto").lower()
+        if mode not in SHM_MODES:
+            raise ValueError(f"shm must be one of {SHM_MODES}, got {mode!r}")
+        self.shm_mode = mode
+        self._shm_usable = mode == "on" or (mode == "auto" and is_loopback(self.url))
+        self.connect_retries = max(0, int(connect_retries))
+        self.retry_backoff_s = float(retry_backoff_s)
+        self.last_transport = ""  # "shm" or "grpc": how the last successful call moved tensors
         self._client = grpcclient.InferenceServerClient(
             self.url,
             channel_args=[
@@ -115,22 +169,11 @@ class TritonSegmenter:
         ``labelled_organs``: organ ids 1..9 that the case's source labels.
         Returns outputs on the input grid (see `PipelineOutput`).
         """
-        import tritonclient.grpc as grpcclient
         from opentelemetry import propagate, trace
-        from tritonclient.utils import InferenceServerException
 
         vol = np.ascontiguousarray(np.asarray(volume_hu), dtype=np.int16)
         aff = np.ascontiguousarray(np.asarray(affine, dtype=np.float64))
         flags = labelled_flags(labelled_organs)
-        inputs = [
-            grpcclient.InferInput("volume", list(vol.shape), "INT16"),
-            grpcclient.InferInput("affine", [4, 4], "FP64"),
-            grpcclient.InferInput("labelled_organs", [NUM_ORGANS], "UINT8"),
-        ]
-        inputs[0].set_data_from_numpy(vol)
-        inputs[1].set_data_from_numpy(aff)
-        inputs[2].set_data_from_numpy(flags)
-        outputs = [grpcclient.InferRequestedOutput(n) for n in ("labels", "heatmap", "organ_stats", "weights_trained")]
         tracer = trace.get_tracer(__name__, tracer_provider=self._tracer_provider)
         with tracer.start_as_current_span(
             "triton.infer",
@@ -145,26 +188,13 @@ class TritonSegmenter:
             carrier: dict[str, str] = {}
             propagate.inject(carrier)
             try:
-                result = self._client.infer(
-                    self.model_name,
-                    inputs,
-                    outputs=outputs,
-                    client_timeout=self.timeout_s,
-                    headers=dict(carrier),
-                    parameters=dict(carrier) or None,
-                )
-            except InferenceServerException as exc:
-                mapped = self._map_error(exc)
+                arrays = self._infer_retrying(vol, aff, flags, carrier)
+            except AtlasflowError as mapped:
                 span.set_attribute("atlasflow.error_reason", mapped.reason)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, mapped.reason))
-                raise mapped from None
-            try:
-                labels = result.as_numpy("labels")
-                heatmap = result.as_numpy("heatmap")
-                stats = result.as_numpy("organ_stats")
-                trained = result.as_numpy("weights_trained")
-            except Exception:  # noqa: BLE001 - undecodable response
-                labels = heatmap = stats = trained = None
+                raise
+            span.set_attribute("atlasflow.transport", self.last_transport)
+            labels, heatmap, stats, trained = arrays
             if (
                 labels is None
                 or heatmap is None
@@ -190,3 +220,133 @@ class TritonSegmenter:
             organ_stats=stats.astype(np.float64),
             weights_trained=bool(trained.reshape(-1)[0]),
         )
+
+    # -- transport ------------------------------------------------------------------------
+    def _infer_retrying(self, vol: np.ndarray, aff: np.ndarray, flags: np.ndarray, carrier: dict[str, str]) -> tuple:
+        """One inference with connection retries; returns (labels, heatmap, stats, trained)."""
+        from tritonclient.utils import InferenceServerException
+
+        attempt = 0
+        while True:
+            try:
+                if self._shm_usable:
+                    try:
+                        out = self._infer_shm(vol, aff, flags, carrier)
+                        self.last_transport = "shm"
+                        return out
+                    except _ShmSetupError as exc:
+                        LOG.warning("shared memory unavailable, using gRPC payloads", extra={"fields": {"reason": str(exc)[:200]}})
+                        if self.shm_mode == "auto":
+                            self._shm_usable = False
+                out = self._infer_grpc(vol, aff, flags, carrier)
+                self.last_transport = "grpc"
+                return out
+            except InferenceServerException as exc:
+                mapped = self._map_error(exc)
+                unreachable = mapped.reason == "TRITON_UNAVAILABLE" and "UNAVAILABLE" in str(exc.status() or "")
+                if not unreachable or attempt >= self.connect_retries:
+                    raise mapped from None
+                time.sleep(self.retry_backoff_s * (2**attempt))
+                attempt += 1
+
+    def _inputs(self) -> list[Any]:
+        import tritonclient.grpc as grpcclient
+
+        return [
+            grpcclient.InferInput("volume", [0, 0, 0], "INT16"),
+            grpcclient.InferInput("affine", [4, 4], "FP64"),
+            grpcclient.InferInput("labelled_organs", [NUM_ORGANS], "UINT8"),
+        ]
+
+    def _call(self, inputs: list[Any], outputs: list[Any], carrier: dict[str, str]) -> Any:
+        return self._client.infer(
+            self.model_name,
+            inputs,
+            outputs=outputs,
+            client_timeout=self.timeout_s,
+            headers=dict(carrier),
+            parameters=dict(carrier) or None,
+        )
+
+    def _infer_grpc(self, vol: np.ndarray, aff: np.ndarray, flags: np.ndarray, carrier: dict[str, str]) -> tuple:
+        import tritonclient.grpc as grpcclient
+
+        inputs = self._inputs()
+        inputs[0].set_shape(list(vol.shape))
+        for inp, arr in zip(inputs, (vol, aff, flags)):
+            inp.set_data_from_numpy(arr)
+        result = self._call(inputs, [grpcclient.InferRequestedOutput(n) for n in OUTPUT_NAMES], carrier)
+        try:
+            return tuple(result.as_numpy(n) for n in OUTPUT_NAMES)
+        except Exception:  # noqa: BLE001 - undecodable response
+            return (None, None, None, None)
+
+    def _infer_shm(self, vol: np.ndarray, aff: np.ndarray, flags: np.ndarray, carrier: dict[str, str]) -> tuple:
+        """Inputs and outputs through two registered system shared-memory regions."""
+        import tritonclient.grpc as grpcclient
+        import tritonclient.utils.shared_memory as shm
+        from tritonclient.utils import InferenceServerException
+
+        tag = f"atlasflow_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+        in_arrays = (vol, aff, flags)
+        in_sizes = [a.nbytes for a in in_arrays]
+        out_specs = ((vol.shape, np.uint8), (vol.shape, np.uint8), ((NUM_ORGANS, len(STATS_COLUMNS)), np.float64), ((1,), np.uint8))
+        out_sizes = [int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in out_specs]
+        handles: list[tuple[str, Any]] = []
+        registered: list[str] = []
+        try:
+            try:
+                for suffix, size in (("in", sum(in_sizes)), ("out", sum(out_sizes))):
+                    name = f"{tag}_{suffix}"
+                    handles.append((name, shm.create_shared_memory_region(name, "/" + name, size)))
+                shm.set_shared_memory_region(handles[0][1], list(in_arrays))
+                for (name, _), size in zip(handles, (sum(in_sizes), sum(out_sizes))):
+                    self._client.register_system_shared_memory(name, "/" + name, size, client_timeout=10.0)
+                    registered.append(name)
+            except (shm.SharedMemoryException, OSError, InferenceServerException) as exc:
+                if isinstance(exc, InferenceServerException) and "UNAVAILABLE" in str(exc.status() or ""):
+                    raise  # server down: not a shared-memory problem
+                raise _ShmSetupError(str(exc)) from None
+            inputs = self._inputs()
+            inputs[0].set_shape(list(vol.shape))
+            offset = 0
+            for inp, size in zip(inputs, in_sizes):
+                inp.set_shared_memory(handles[0][0], size, offset)
+                offset += size
+            outputs = []
+            offset = 0
+            for name, size in zip(OUTPUT_NAMES, out_sizes):
+                out = grpcclient.InferRequestedOutput(name)
+                out.set_shared_memory(handles[1][0], size, offset)
+                outputs.append(out)
+                offset += size
+            result = self._call(inputs, outputs, carrier)
+            arrays: list[np.ndarray | None] = []
+            offset = 0
+            for name, size, (_, dt) in zip(OUTPUT_NAMES, out_sizes, out_specs):
+                meta = result.get_output(name)
+                if meta is None:
+                    arrays.append(None)
+                else:
+                    shape = [int(d) for d in meta.shape]
+                    if int(np.prod(shape)) * np.dtype(dt).itemsize > size:
+                        arrays.append(None)
+                    else:
+                        arrays.append(np.array(shm.get_contents_as_numpy(handles[1][1], dt, shape, offset), copy=True))
+                offset += size
+            return tuple(arrays)
+        finally:
+            for name in registered:
+                try:
+                    self._client.unregister_system_shared_memory(name, client_timeout=10.0)
+                except InferenceServerException:
+                    pass
+            for _, handle in handles:
+                try:
+                    shm.destroy_shared_memory_region(handle)
+                except Exception:  # noqa: BLE001 - best effort unlink
+                    pass
+
+
+class _ShmSetupError(Exception):
+    """Creating or registering a shared-memory region failed (caller falls back to gRPC)."""
