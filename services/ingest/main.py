@@ -33,6 +33,8 @@ class IngestSettings(ServiceSettings):
     ae_title: str = "ATLASFLOW"
     accepted_calling_aets: tuple[str, ...] = ()
     max_associations: int = 16
+    acse_timeout_s: float = 5.0   # see ScpConfig.acse_timeout_s
+    check_called_aet: bool = True  # see ScpConfig.check_called_aet
     max_pdu: int = 0
     quiet_period_s: float = 5.0
     spool_segment_mb: int = 128   # zero-filled spool segments, 2 prepared ahead (store.py)
@@ -50,7 +52,9 @@ async def amain(settings: IngestSettings) -> None:
     assembler = Assembler(store, blobs, metrics, settings.quiet_period_s)
     scp = StoreScp(
         ScpConfig(settings.dicom_host, settings.dicom_port, settings.ae_title,
-                  settings.accepted_calling_aets, settings.max_pdu, settings.max_associations),
+                  settings.accepted_calling_aets, settings.max_pdu, settings.max_associations,
+                  acse_timeout_s=settings.acse_timeout_s,
+                  check_called_aet=settings.check_called_aet),
         store, metrics)
     channel = aio_channel(settings.segmentation_target, settings.max_message_bytes)
     dispatcher = OutboxDispatcher(

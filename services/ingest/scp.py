@@ -47,6 +47,14 @@ class ScpConfig:
     accepted_calling_aets: tuple[str, ...] = ()   # empty: accept any calling AE
     max_pdu: int = 0                               # 0: unlimited
     max_associations: int = 16
+    # ARTIM: how long an accepted TCP connection may wait for its A-ASSOCIATE-RQ (and a
+    # release for its answer). pynetdicom does not notice a peer that connects and closes
+    # without associating (a TCP health probe): that acceptor holds one of the
+    # `max_associations` slots until this timer fires (30 s by pynetdicom's default).
+    acse_timeout_s: float = 5.0
+    # Reject an A-ASSOCIATE-RQ whose called AE title is not `ae_title` (reason 7, "called AE
+    # title not recognised"); off: answer to any called AE title.
+    check_called_aet: bool = True
 
 
 def _nodelay(event: evt.Event) -> None:
@@ -68,6 +76,8 @@ class StoreScp:
         self.ae = AE(ae_title=config.ae_title)
         self.ae.maximum_pdu_size = config.max_pdu
         self.ae.maximum_associations = config.max_associations
+        self.ae.acse_timeout = config.acse_timeout_s
+        self.ae.require_called_aet = config.check_called_aet
         if config.accepted_calling_aets:
             self.ae.require_calling_aet = list(config.accepted_calling_aets)
         for sop in (CTImageStorage, EnhancedCTImageStorage):
