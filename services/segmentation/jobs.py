@@ -3,7 +3,12 @@
 A job is keyed by (series_id, series_version, ensemble_version): SegmentSeries is idempotent.
 States follow `atlasflow.common.v1.OperationState`: QUEUED -> RUNNING -> SUCCEEDED | FAILED,
 QUEUED | RUNNING -> CANCELLED, RUNNING -> QUEUED (restart or backend unavailable: retried
-with backoff). On start, jobs left RUNNING by a crash go back to QUEUED.
+with backoff at ``next_attempt_at``; ``attempts`` counts claims, ``error_reason`` keeps the
+last failed attempt's reason). On start, jobs left RUNNING by a crash go back to QUEUED.
+
+Cancellation: a QUEUED job is CANCELLED at once; a RUNNING one gets ``cancel_requested`` and
+becomes CANCELLED at its next step boundary (before inference, or after it instead of
+committing the result: nothing is handed off), or instead of being requeued or failed.
 
 A job's result and its two hand-offs (label version, attention summary) are committed in one
 transaction with the outbox rows, so a crash after inference never loses the result and a
@@ -73,6 +78,7 @@ class Job:
     traceparent: str = ""
     create_time: float = 0.0
     update_time: float = 0.0
+    next_attempt_at: float = 0.0
 
 
 def _job(r) -> Job:  # type: ignore[no-untyped-def]
@@ -81,7 +87,7 @@ def _job(r) -> Job:  # type: ignore[no-untyped-def]
                json.loads(r["labelled_organs"]), r["state"], r["stage"], r["fraction"],
                r["attempts"], bool(r["cancel_requested"]),
                json.loads(r["result_json"]) if r["result_json"] else {}, r["error_reason"],
-               r["traceparent"], r["create_time"], r["update_time"])
+               r["traceparent"], r["create_time"], r["update_time"], r["next_attempt_at"])
 
 
 class JobStore:
@@ -161,18 +167,29 @@ class JobStore:
                 " AND state = 'RUNNING'", (stage, fraction, time.time(), job_id))
 
     def retry_later(self, job_id: str, reason: str, delay_s: float) -> None:
+        """RUNNING -> QUEUED, due in ``delay_s`` seconds (CANCELLED if a cancel was requested)."""
         with self.lock, db.transaction(self.conn):
             self.conn.execute(
-                "UPDATE jobs SET state = 'QUEUED', stage = '', error_reason = ?,"
-                " next_attempt_at = ?, update_time = ? WHERE job_id = ? AND state = 'RUNNING'",
+                "UPDATE jobs SET state = CASE WHEN cancel_requested THEN 'CANCELLED' ELSE 'QUEUED' END,"
+                " stage = '', fraction = 0, error_reason = ?, next_attempt_at = ?, update_time = ?"
+                " WHERE job_id = ? AND state = 'RUNNING'",
                 (reason, time.time() + delay_s, time.time(), job_id))
 
     def fail(self, job_id: str, reason: str) -> None:
+        """-> FAILED with ``reason`` (CANCELLED instead if a cancel was requested)."""
         with self.lock, db.transaction(self.conn):
             self.conn.execute(
-                "UPDATE jobs SET state = 'FAILED', error_reason = ?, update_time = ?"
-                " WHERE job_id = ? AND state IN ('RUNNING', 'QUEUED')",
+                "UPDATE jobs SET state = CASE WHEN cancel_requested THEN 'CANCELLED' ELSE 'FAILED' END,"
+                " error_reason = ?, update_time = ? WHERE job_id = ? AND state IN ('RUNNING', 'QUEUED')",
                 (reason, time.time(), job_id))
+
+    def cancel_if_requested(self, job_id: str) -> bool:
+        """RUNNING job with a pending cancel -> CANCELLED; True if it was cancelled."""
+        with self.lock, db.transaction(self.conn):
+            cur = self.conn.execute(
+                "UPDATE jobs SET state = 'CANCELLED', update_time = ? WHERE job_id = ?"
+                " AND state = 'RUNNING' AND cancel_requested = 1", (time.time(), job_id))
+            return cur.rowcount > 0
 
     def cancel(self, job_id: str) -> Job:
         with self.lock, db.transaction(self.conn):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +19,13 @@ from atlasflow.common.settings import ServiceSettings
 from atlasflow.common.telemetry import setup_logging, setup_tracing, shutdown_tracing
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
 from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
-from atlasflow.segmentation.ensemble import load_ensemble, triton_model_name
+from atlasflow.segmentation.ensemble import load_ensemble
 from atlasflow.segmentation.jobs import JobStore
 from atlasflow.segmentation.service import (
     LABELS_TOPIC,
     RANKING_TOPIC,
     SegmentationServicer,
+    Segmenter,
     Worker,
 )
 from atlasflow.segmentation.triton_client import TritonSegmenter
@@ -35,6 +37,11 @@ PREFIX = "ATLASFLOW_SEGMENTATION_"
 
 @dataclass(frozen=True)
 class SegmentationSettings(ServiceSettings):
+    """``ATLASFLOW_SEGMENTATION_*``. ``ensemble``: comma-separated ensemble versions (or JSON
+    paths) served by Triton, the first is the default; ``triton_shm``: auto | on | off (see
+    `TritonSegmenter`); ``retry_base_s``/``max_backoff_s``/``max_attempts``: requeueing of jobs
+    while Triton is unavailable; ``triton_connect_retries``: quick in-call retries first."""
+
     grpc_port: int = 50052
     triton_url: str = "127.0.0.1:8001"
     ensemble: str = "abdomen-trio-v1"
@@ -42,16 +49,61 @@ class SegmentationSettings(ServiceSettings):
     ranking_target: str = "127.0.0.1:50053"
     max_attempts: int = 8
     triton_timeout_s: float = 900.0
+    triton_shm: str = "auto"
+    triton_connect_retries: int = 2
+    retry_base_s: float = 2.0
+    max_backoff_s: float = 60.0
+    worker_poll_s: float = 1.0
 
 
-async def amain(settings: SegmentationSettings) -> None:
-    metrics = Metrics("segmentation")
-    metrics.serve(settings.metrics_port, settings.grpc_host)
+@dataclass
+class SegmentationApp:
+    """The service's parts, built by `build_app`; ``start``/``stop`` run them in this loop."""
+
+    built: BuiltServer
+    jobs: JobStore
+    worker: Worker
+    dispatcher: OutboxDispatcher
+    segmenters: dict[str, Segmenter]
+    thread: threading.Thread
+    task: asyncio.Task | None = None
+
+    @property
+    def port(self) -> int:
+        return self.built.port
+
+    async def start(self) -> None:
+        await self.built.server.start()
+        await self.built.set_serving(True)
+        self.thread.start()
+        self.task = asyncio.create_task(self.dispatcher.run())
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.built.stop(grace)
+
+
+def _ensembles(settings: SegmentationSettings) -> list[str]:
+    return [e.strip() for e in settings.ensemble.split(",") if e.strip()]
+
+
+async def build_app(settings: SegmentationSettings, *, metrics: Metrics | None = None,
+                    segmenters: Mapping[str, Segmenter] | None = None) -> SegmentationApp:
+    """Job store, worker thread, outbox dispatcher and gRPC server (built, not started).
+
+    ``segmenters``: ensemble version -> `Segmenter`; default one `TritonSegmenter` per
+    configured ensemble at ``triton_url`` (model `triton_model_name(version)`).
+    """
+    metrics = metrics or Metrics("segmentation")
     blobs = LocalBlobStore(settings.blob_dir)
     jobs = JobStore(Path(settings.data_dir))
-    config = load_ensemble(settings.ensemble)
-    segmenter = TritonSegmenter(settings.triton_url, triton_model_name(settings.ensemble),
-                                timeout_s=settings.triton_timeout_s)
+    configs = [load_ensemble(e) for e in _ensembles(settings)]
+    versions = [c.version for c in configs]
+    if segmenters is None:
+        segmenters = {
+            c.version: TritonSegmenter(settings.triton_url, c.model_name, timeout_s=settings.triton_timeout_s,
+                                       shm=settings.triton_shm,
+                                       connect_retries=settings.triton_connect_retries)
+            for c in configs}
     labels_channel = aio_channel(settings.labels_target, settings.max_message_bytes)
     ranking_channel = aio_channel(settings.ranking_target, settings.max_message_bytes)
     labels_stub = labels_pb2_grpc.LabelServiceStub(labels_channel)
@@ -68,38 +120,54 @@ async def amain(settings: SegmentationSettings) -> None:
     dispatcher = OutboxDispatcher(jobs.conn, jobs.lock,
                                   {LABELS_TOPIC: to_labels, RANKING_TOPIC: to_ranking}, metrics)
     loop = asyncio.get_running_loop()
-    worker = Worker(jobs, blobs, segmenter, metrics,
-                    members=[m.name for m in config.members], max_attempts=settings.max_attempts,
+    worker = Worker(jobs, blobs, dict(segmenters), metrics,
+                    members={c.version: [m.name for m in c.members] for c in configs},
+                    max_attempts=settings.max_attempts, max_backoff_s=settings.max_backoff_s,
+                    retry_base_s=settings.retry_base_s, poll_s=settings.worker_poll_s,
                     on_handoff=lambda: loop.call_soon_threadsafe(dispatcher.wake))
     thread = threading.Thread(target=worker.run_forever, name="segmentation-worker", daemon=True)
 
     def register(server) -> list[str]:  # type: ignore[no-untyped-def]
         segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server(
-            SegmentationServicer(jobs, blobs, worker, [settings.ensemble]), server)
+            SegmentationServicer(jobs, blobs, worker, versions), server)
         return [segmentation_pb2.DESCRIPTOR.services_by_name["SegmentationService"].full_name]
 
     built = build_server(register=register, metrics=metrics, host=settings.grpc_host,
                          port=settings.grpc_port, max_message_bytes=settings.max_message_bytes)
-    thread.start()
-    task = asyncio.create_task(dispatcher.run())
+    app = SegmentationApp(built, jobs, worker, dispatcher, dict(segmenters), thread)
 
     async def close() -> None:
         worker.stopping.set()
         worker.wake.set()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await asyncio.to_thread(thread.join, 30)
+        if app.task is not None:
+            app.task.cancel()
+            await asyncio.gather(app.task, return_exceptions=True)
+        if thread.is_alive():
+            await asyncio.to_thread(thread.join, 30)
         await labels_channel.close()
         await ranking_channel.close()
+        for seg in app.segmenters.values():
+            close_seg = getattr(seg, "close", None)
+            if close_seg is not None:
+                close_seg()
         jobs.close()
 
     built.on_stop.append(close)
+    return app
+
+
+async def amain(settings: SegmentationSettings) -> None:
+    metrics = Metrics("segmentation")
+    metrics.serve(settings.metrics_port, settings.grpc_host)
+    app = await build_app(settings, metrics=metrics)
+    app.thread.start()
+    app.task = asyncio.create_task(app.dispatcher.run())
 
     def ready(b: BuiltServer) -> None:
         log.info("segmentation ready", extra={"fields": {
             "grpc_port": b.port, "ensemble": settings.ensemble}})
 
-    await run_until_signalled(built, settings.shutdown_grace_s, ready)
+    await run_until_signalled(app.built, settings.shutdown_grace_s, ready)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import grpc
@@ -82,6 +82,8 @@ def job_to_proto(job: Job) -> segmentation_pb2.SegmentationJob:
                                                        fraction=job.fraction),
         error_reason=job.error_reason, attempts=job.attempts,
         create_time=_ts(job.create_time), update_time=_ts(job.update_time))
+    if job.state == "QUEUED" and job.attempts > 0:
+        msg.next_attempt_time.CopyFrom(_ts(job.next_attempt_at))
     r = job.result
     if job.state == "SUCCEEDED" and r:
         msg.result.CopyFrom(segmentation_pb2.SegmentationResult(
@@ -94,10 +96,21 @@ def job_to_proto(job: Job) -> segmentation_pb2.SegmentationJob:
 
 
 class Worker:
-    """Runs jobs one at a time in a thread: load -> Triton -> blobs -> result + hand-offs."""
+    """Runs jobs one at a time in a thread: load -> Triton -> blobs -> result + hand-offs.
 
-    def __init__(self, jobs: JobStore, blobs: BlobStore, segmenter: Segmenter, metrics: Metrics,
-                 *, members: list[str], max_attempts: int = 8, max_backoff_s: float = 60.0,
+    ``segmenter``: one `Segmenter`, or a mapping ensemble version -> `Segmenter` (each job
+    goes to its own ensemble's Triton model); ``members`` likewise (list or mapping).
+    Triton unavailable (``UNAVAILABLE`` after the client's own connection retries): the job
+    goes back to QUEUED in the work table with ``error_reason`` set and is tried again after
+    ``min(max_backoff_s, retry_base_s * 2**(attempts - 1))`` seconds; after ``max_attempts``
+    claims it FAILS with that reason (e.g. ``TRITON_UNAVAILABLE``). Other domain errors fail
+    at once. ``poll_s``: how often an idle worker looks for due jobs.
+    """
+
+    def __init__(self, jobs: JobStore, blobs: BlobStore,
+                 segmenter: Segmenter | Mapping[str, Segmenter], metrics: Metrics,
+                 *, members: list[str] | Mapping[str, list[str]], max_attempts: int = 8,
+                 max_backoff_s: float = 60.0, retry_base_s: float = 2.0, poll_s: float = 1.0,
                  on_handoff: Callable[[], None] = lambda: None) -> None:
         self.jobs = jobs
         self.blobs = blobs
@@ -106,16 +119,31 @@ class Worker:
         self.members = members
         self.max_attempts = max_attempts
         self.max_backoff_s = max_backoff_s
+        self.retry_base_s = retry_base_s
+        self.poll_s = poll_s
         self.on_handoff = on_handoff
         self.wake = threading.Event()
         self.stopping = threading.Event()
+
+    def _segmenter_for(self, ensemble: str) -> Segmenter:
+        if isinstance(self.segmenter, Mapping):
+            if ensemble not in self.segmenter:
+                raise InvalidArgument("UNKNOWN_ENSEMBLE", "no Triton model for this ensemble version",
+                                      domain=DOMAIN, metadata={"ensemble_version": ensemble[:100]})
+            return self.segmenter[ensemble]
+        return self.segmenter
+
+    def _members_for(self, ensemble: str) -> list[str]:
+        if isinstance(self.members, Mapping):
+            return list(self.members.get(ensemble, []))
+        return list(self.members)
 
     def run_forever(self) -> None:
         while not self.stopping.is_set():
             job = self.jobs.claim()
             if job is None:
                 self.metrics.set_queue_depth("segmentation_jobs", self.jobs.queued_count())
-                self.wake.wait(1.0)
+                self.wake.wait(self.poll_s)
                 self.wake.clear()
                 continue
             self.run_one(job)
@@ -132,7 +160,8 @@ class Worker:
                 except AtlasflowError as exc:
                     span.set_attribute("atlasflow.error_reason", exc.reason)
                     if exc.code == "UNAVAILABLE" and job.attempts < self.max_attempts:
-                        delay = min(self.max_backoff_s, 2.0 ** job.attempts)
+                        delay = min(self.max_backoff_s,
+                                    self.retry_base_s * 2.0 ** max(job.attempts - 1, 0))
                         log.warning("segmentation backend unavailable, job requeued", extra={
                             "fields": {"job_id": job.job_id, "reason": exc.reason,
                                        "retry_in_s": delay, "attempt": job.attempts}})
@@ -155,9 +184,14 @@ class Worker:
         if volume.ndim != 3:
             raise InvalidArgument("INVALID_VOLUME", "volume must be 3-D", domain=DOMAIN)
         volume = np.asarray(volume, dtype=np.int16)
+        segmenter = self._segmenter_for(job.ensemble_version)
+        if self.jobs.cancel_if_requested(job.job_id):
+            log.info("segmentation job cancelled before inference",
+                     extra={"fields": {"job_id": job.job_id}})
+            return
         self.jobs.progress(job.job_id, "INFERENCE", 0.1)
         t0 = time.perf_counter()
-        out = self.segmenter.segment(volume, affine, job.labelled_organs)
+        out = segmenter.segment(volume, affine, job.labelled_organs)
         seconds = time.perf_counter() - t0
         self.jobs.progress(job.job_id, "POSTPROCESSING", 0.9)
         if out.labels.shape != volume.shape or out.heatmap.shape != volume.shape:
@@ -171,7 +205,7 @@ class Worker:
                    "component_count": int(out.organ_stats[i - 1, 3])} for i in ORGANS]
         result = {"label_map": label_blob.digest, "label_map_size": label_blob.size_bytes,
                   "heatmap": heat_blob.digest, "heatmap_size": heat_blob.size_bytes,
-                  "organs": organs, "members": self.members,
+                  "organs": organs, "members": self._members_for(job.ensemble_version),
                   "weights_trained": bool(out.weights_trained), "inference_seconds": seconds}
         labels_req = labels_pb2.CreateLabelVersionRequest(
             case_id=job.case_id, label_map=_ref(label_blob.digest, label_blob.size_bytes),
@@ -191,6 +225,11 @@ class Worker:
             (LABELS_TOPIC, f"{job.job_id}:labels", labels_req.SerializeToString()),
             (RANKING_TOPIC, f"{job.job_id}:ranking", ranking_req.SerializeToString()),
         ], current_traceparent())
+        if not handed:
+            log.info("segmentation job cancelled during inference; result discarded",
+                     extra={"fields": {"job_id": job.job_id}})
+            self.metrics.count("jobs_cancelled")
+            return
         log.info("segmentation job finished", extra={"fields": {
             "job_id": job.job_id, "inference_s": round(seconds, 3), "handed_off": handed}})
         self.metrics.count("jobs_succeeded")

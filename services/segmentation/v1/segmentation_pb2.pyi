@@ -63,7 +63,7 @@ class SegmentationResult(_message.Message):
     def __init__(self, label_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., heatmap: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., organs: _Optional[_Iterable[_Union[OrganStatistics, _Mapping]]] = ..., members: _Optional[_Iterable[str]] = ..., weights_trained: _Optional[bool] = ..., inference_seconds: _Optional[float] = ...) -> None: ...
 
 class SegmentationJob(_message.Message):
-    __slots__ = ("job_id", "case_id", "series_id", "series_version", "ensemble_version", "state", "progress", "result", "error_reason", "attempts", "create_time", "update_time")
+    __slots__ = ("job_id", "case_id", "series_id", "series_version", "ensemble_version", "state", "progress", "result", "error_reason", "attempts", "create_time", "update_time", "next_attempt_time")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     CASE_ID_FIELD_NUMBER: _ClassVar[int]
     SERIES_ID_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class SegmentationJob(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ATTEMPT_TIME_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     case_id: str
     series_id: str
@@ -88,7 +89,8 @@ class SegmentationJob(_message.Message):
     attempts: int
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, job_id: _Optional[str] = ..., case_id: _Optional[str] = ..., series_id: _Optional[str] = ..., series_version: _Optional[int] = ..., ensemble_version: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.OperationState, str]] = ..., progress: _Optional[_Union[SegmentationProgress, _Mapping]] = ..., result: _Optional[_Union[SegmentationResult, _Mapping]] = ..., error_reason: _Optional[str] = ..., attempts: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    next_attempt_time: _timestamp_pb2.Timestamp
+    def __init__(self, job_id: _Optional[str] = ..., case_id: _Optional[str] = ..., series_id: _Optional[str] = ..., series_version: _Optional[int] = ..., ensemble_version: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.OperationState, str]] = ..., progress: _Optional[_Union[SegmentationProgress, _Mapping]] = ..., result: _Optional[_Union[SegmentationResult, _Mapping]] = ..., error_reason: _Optional[str] = ..., attempts: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_attempt_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SegmentSeriesRequest(_message.Message):
     __slots__ = ("case_id", "series_id", "series_version", "volume", "ensemble_version", "labelled_organs")

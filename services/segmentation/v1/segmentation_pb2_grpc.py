@@ -34,6 +34,13 @@ class SegmentationServiceStub:
     client polls with GetSegmentationJob. Jobs are idempotent by (series_id, series_version,
     ensemble_version): asking again returns the existing job.
 
+    Job states (atlasflow.common.v1.OperationState): QUEUED -> RUNNING -> SUCCEEDED | FAILED;
+    RUNNING -> QUEUED when Triton is unavailable (the job stays in the durable work table and is
+    tried again at next_attempt_time, with exponential backoff; after the configured number of
+    attempts it becomes FAILED with error_reason TRITON_UNAVAILABLE); QUEUED -> CANCELLED at
+    once; RUNNING -> CANCELLED at the next step boundary (a result computed meanwhile is
+    discarded and nothing is handed to the label or ranking service).
+
     Errors: google.rpc.ErrorInfo, domain "atlasflow.segmentation", e.g. reason BLOB_NOT_FOUND,
     JOB_NOT_FOUND, UNKNOWN_ENSEMBLE, INVALID_VOLUME.
     """
@@ -75,6 +82,13 @@ class SegmentationServiceServicer:
     client polls with GetSegmentationJob. Jobs are idempotent by (series_id, series_version,
     ensemble_version): asking again returns the existing job.
 
+    Job states (atlasflow.common.v1.OperationState): QUEUED -> RUNNING -> SUCCEEDED | FAILED;
+    RUNNING -> QUEUED when Triton is unavailable (the job stays in the durable work table and is
+    tried again at next_attempt_time, with exponential backoff; after the configured number of
+    attempts it becomes FAILED with error_reason TRITON_UNAVAILABLE); QUEUED -> CANCELLED at
+    once; RUNNING -> CANCELLED at the next step boundary (a result computed meanwhile is
+    discarded and nothing is handed to the label or ranking service).
+
     Errors: google.rpc.ErrorInfo, domain "atlasflow.segmentation", e.g. reason BLOB_NOT_FOUND,
     JOB_NOT_FOUND, UNKNOWN_ENSEMBLE, INVALID_VOLUME.
     """
@@ -101,7 +115,8 @@ class SegmentationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelSegmentationJob(self, request, context):
-        """Cancels a queued or running job.
+        """Cancels a queued job at once, or a running job at its next step boundary (the response
+        then still shows RUNNING; poll GetSegmentationJob). Terminal jobs are returned unchanged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -146,6 +161,13 @@ class SegmentationService:
     Segmenting is long work: SegmentSeries returns a SegmentationJob (an operation) that the
     client polls with GetSegmentationJob. Jobs are idempotent by (series_id, series_version,
     ensemble_version): asking again returns the existing job.
+
+    Job states (atlasflow.common.v1.OperationState): QUEUED -> RUNNING -> SUCCEEDED | FAILED;
+    RUNNING -> QUEUED when Triton is unavailable (the job stays in the durable work table and is
+    tried again at next_attempt_time, with exponential backoff; after the configured number of
+    attempts it becomes FAILED with error_reason TRITON_UNAVAILABLE); QUEUED -> CANCELLED at
+    once; RUNNING -> CANCELLED at the next step boundary (a result computed meanwhile is
+    discarded and nothing is handed to the label or ranking service).
 
     Errors: google.rpc.ErrorInfo, domain "atlasflow.segmentation", e.g. reason BLOB_NOT_FOUND,
     JOB_NOT_FOUND, UNKNOWN_ENSEMBLE, INVALID_VOLUME.
