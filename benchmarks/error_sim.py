@@ -1,0 +1,250 @@
+"""Error simulator for the error-detection benchmark, and the builder of the bundled
+plausibility prior. Both start from the bundled label maps (TotalSegmentator predictions on
+real CT in shared/data/totalsegmentator, mapped to AbdomenAtlas ids by
+`atlasflow.labels.totalseg.totalseg_to_atlas`). Lives in benchmarks/ (it reads the labels
+package; services may not import each other).
+
+    .venv/bin/python benchmarks/error_sim.py --write-prior   # rebuild services/common/plausibility_prior.json
+
+Simulated case (`simulate_case`), all arrays ``(X, Y, Z)``:
+1. anatomy: a bundled label map, randomly scaled (0.85-1.15 per axis, nearest neighbour), shifted
+   (+-4 voxels) and cropped along S (field of view: 0-25 % off either end, so organs get cut);
+2. errors injected into the truth for the shared part of the models (one per case, organ
+   chosen at random): leak into a neighbour, missing part, false-positive island (attached to
+   the organ by a 1-voxel bridge so that it survives the largest-component step, or detached),
+   swapped kidneys, boundary shift (2-3 voxels);
+3. three models: each organ's soft prediction = sigmoid of a smoothed signed distance with a
+   per-model sharpness, smooth logit noise and small per-model jitter; the error is given to
+   1, 2 or all 3 models;
+4. ground truth for evaluation: the ensemble's error = (ensemble mask XOR true mask) per
+   organ, connected components >= `MIN_REGION_ML` are the error regions; a case is erroneous
+   when it has at least one region.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__import__("os").environ.get("ATLASFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
+BUNDLED = ("example_seg_fast_force_split.nii.gz", "example_seg_dicom.nii.gz")
+ERRORS = ("leak", "missing", "island", "swap", "shift")
+MIN_REGION_ML = 1.0
+NEIGHBOURS = {1: 7, 2: 5, 3: 8, 4: 5, 5: 4, 6: 9, 7: 1, 8: 9, 9: 8}  # organ -> a plausible leak target
+
+from atlasflow.common.organs import ORGAN_IDS, ORGANS  # noqa: E402
+from atlasflow.common.plausibility import OrganGeometry, PopulationPrior, measure_labels  # noqa: E402
+from atlasflow.labels.totalseg import totalseg_to_atlas  # noqa: E402
+
+
+def bundled_label_maps() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, AbdomenAtlas label map (X, Y, Z) uint8, affine) of the bundled labels, in RAS
+    voxel order (canonical orientation)."""
+    out = []
+    for name in BUNDLED:
+        img = nib.as_closest_canonical(nib.load(SHARED / "totalsegmentator" / "tests" / "reference_files" / name))
+        out.append((name, totalseg_to_atlas(np.asarray(img.dataobj)), np.asarray(img.affine, dtype=np.float64)))
+    return out
+
+
+# ----------------------------------------------------------------------------- prior
+
+
+def _scaled(geoms: dict[int, OrganGeometry], s: np.ndarray) -> dict[int, OrganGeometry]:
+    centre = np.mean([g.centroid_mm for g in geoms.values()], axis=0)
+    return {k: replace(g, volume_ml=g.volume_ml * float(np.prod(s)), centroid_mm=centre + (g.centroid_mm - centre) * s)
+            for k, g in geoms.items()}
+
+
+def build_bundled_prior(augment: int = 24, seed: int = 0) -> PopulationPrior:
+    """Prior from the bundled label maps: each map measured once, plus ``augment`` anisotropically
+    scaled variants (0.85-1.15 per axis: volumes and centroid offsets scale; a shift changes
+    neither, so shifted variants add nothing). Two real cases are thin: the augmentation only
+    spreads them, and the std floors of `PopulationPrior` keep it humble."""
+    rng = np.random.default_rng(seed)
+    prior = PopulationPrior()
+    for _, labels, affine in bundled_label_maps():
+        geoms = measure_labels(labels, affine)
+        prior.update(geoms)
+        for _ in range(augment):
+            prior.update(_scaled(geoms, rng.uniform(0.85, 1.15, 3)))
+    prior.notes = (f"built by benchmarks/error_sim.py from {', '.join(BUNDLED)} (TotalSegmentator labels mapped "
+                   f"to AbdomenAtlas ids) plus {augment} anisotropically scaled variants each (0.85-1.15 per axis); "
+                   "organs cut by the field of view add no volume and no S offset")
+    return prior
+
+
+# ----------------------------------------------------------------------------- simulation
+
+
+@dataclass
+class SimCase:
+    """One simulated case: ``truth`` (X, Y, Z) uint8 labels, ``affine``, ``probs`` organ id ->
+    uint8 (3, X, Y, Z), the injected ``error`` kind, its ``organ``, how many models share it."""
+
+    name: str
+    truth: np.ndarray
+    affine: np.ndarray
+    probs: dict[int, np.ndarray]
+    error: str
+    organ: int
+    shared: int
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def vary_anatomy(labels: np.ndarray, affine: np.ndarray, rng: np.random.Generator, size_scale: float = 1.0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Random per-axis scaling (nearest neighbour, spacing unchanged), a shift and an S crop."""
+    s = rng.uniform(0.85, 1.15, 3) * size_scale
+    out_shape = tuple(max(8, int(round(n * f))) for n, f in zip(labels.shape, s))
+    idx = [np.clip(np.round((np.arange(n) + 0.5) / f - 0.5).astype(int), 0, m - 1)
+           for n, f, m in zip(out_shape, s, labels.shape)]
+    lab = labels[np.ix_(*idx)]
+    shift = rng.integers(-4, 5, 3)
+    lab = np.roll(lab, tuple(int(v) for v in shift), axis=(0, 1, 2))
+    nz = lab.shape[2]
+    lo = int(rng.uniform(0, 0.25) * nz) if rng.random() < 0.5 else 0
+    hi = nz - (int(rng.uniform(0, 0.25) * nz) if rng.random() < 0.5 else 0)
+    lab = np.ascontiguousarray(lab[:, :, lo:hi])
+    aff = affine.copy()
+    aff[:3, 3] = affine[:3, :3] @ np.array([0, 0, lo]) + affine[:3, 3]
+    return lab, aff
+
+
+def _smooth_noise(shape: tuple[int, ...], rng: np.random.Generator, sigma: float, amp: float) -> np.ndarray:
+    n = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
+    n /= max(float(np.abs(n).max()), 1e-6)
+    return n * amp
+
+
+def _soft(mask: np.ndarray, rng: np.random.Generator, sharp: float, noise_amp: float) -> np.ndarray:
+    """uint8 p*255 of a soft prediction of ``mask``: sigmoid(sharp * signed distance + noise)."""
+    if not mask.any():
+        return np.zeros(mask.shape, dtype=np.uint8)
+    inside = ndimage.distance_transform_edt(mask)
+    outside = ndimage.distance_transform_edt(~mask)
+    sd = np.where(mask, inside - 0.5, -(outside - 0.5)).astype(np.float32)
+    logit = sharp * sd + _smooth_noise(mask.shape, rng, 2.0, noise_amp)
+    p = 1.0 / (1.0 + np.exp(-logit))
+    p[sd < -4] = 0.0
+    return np.round(p * 255).astype(np.uint8)
+
+
+def inject(truth: np.ndarray, kind: str, organ: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, object]]:
+    """The truth with one error of ``kind`` on ``organ`` (a new label map)."""
+    lab = truth.copy()
+    m = truth == organ
+    info: dict[str, object] = {}
+    if kind == "leak":
+        nb = NEIGHBOURS[organ]
+        target = truth == nb
+        if not target.any():
+            target = ~m & (truth == 0)
+        grown = ndimage.binary_dilation(m, iterations=int(rng.integers(3, 6))) & target
+        lab[grown] = organ
+    elif kind == "missing":
+        idx = np.argwhere(m)
+        axis = int(rng.integers(0, 3))
+        lo, hi = idx[:, axis].min(), idx[:, axis].max()
+        frac = rng.uniform(0.25, 0.45)
+        cut = hi - frac * (hi - lo) if rng.random() < 0.5 else lo + frac * (hi - lo)
+        coord = np.arange(truth.shape[axis]).reshape([-1 if a == axis else 1 for a in range(3)])
+        part = m & ((coord > cut) if cut > (lo + hi) / 2 else (coord < cut))
+        lab[part] = 0
+    elif kind == "island":
+        idx = np.argwhere(m)
+        c = idx.mean(axis=0)
+        ext = idx.max(axis=0) - idx.min(axis=0) + 1
+        r = max(2.5, float(np.cbrt(m.sum())) * rng.uniform(0.25, 0.4))
+        direction = rng.standard_normal(3)
+        direction /= np.linalg.norm(direction)
+        centre = c + direction * (ext / 2 + r + 1)
+        grid = np.indices(truth.shape, dtype=np.float32)
+        ball = sum((grid[a] - centre[a]) ** 2 for a in range(3)) <= r * r
+        ball &= truth == 0
+        attached = rng.random() < 0.6
+        if attached:  # a 1-voxel bridge from the organ surface to the ball
+            surf = idx[np.argmin(((idx - centre) ** 2).sum(axis=1))]
+            for t in np.linspace(0, 1, 40):
+                p = np.round(surf + t * (centre - surf)).astype(int)
+                if all(0 <= p[a] < truth.shape[a] for a in range(3)) and truth[tuple(p)] == 0:
+                    ball[tuple(p)] = True
+        lab[ball] = organ
+        info["attached"] = attached
+    elif kind == "swap":
+        kl, kr = ORGAN_IDS["kidney_left"], ORGAN_IDS["kidney_right"]
+        lab[truth == kl] = kr
+        lab[truth == kr] = kl
+    elif kind == "shift":
+        d = [0, 0, 0]
+        d[int(rng.integers(0, 3))] = int(rng.choice([-3, -2, 2, 3]))
+        moved = np.roll(m, tuple(d), axis=(0, 1, 2))
+        lab[m & ~moved] = 0
+        lab[moved & (truth == 0)] = organ
+    else:
+        raise ValueError(kind)
+    return lab, info
+
+
+def simulate_case(seed: int, *, size_scale: float = 1.0, error: str | None = None) -> SimCase:
+    """One case from ``seed`` (see module doc). ``size_scale`` < 1 shrinks the anatomy (tests)."""
+    rng = np.random.default_rng(seed)
+    maps = bundled_label_maps()
+    name, base, aff0 = maps[0] if rng.random() < 0.8 else maps[1]
+    truth, affine = vary_anatomy(base, aff0, rng, size_scale)
+    present = [k for k in ORGANS if (truth == k).sum() >= 20]
+    kind = error or str(rng.choice(ERRORS))
+    kl, kr = ORGAN_IDS["kidney_left"], ORGAN_IDS["kidney_right"]
+    if kind == "swap" and not (kl in present and kr in present):
+        kind = "leak"
+    organ = kl if kind == "swap" else int(rng.choice(present))
+    shared = int(rng.integers(1, 4))
+    wrong, info = inject(truth, kind, organ, rng)
+    probs: dict[int, np.ndarray] = {}
+    sharp = rng.uniform(1.2, 2.5, 3)
+    for k in ORGANS:
+        q = np.zeros((3, *truth.shape), dtype=np.uint8)
+        for m in range(3):
+            src = wrong if m < shared else truth
+            q[m] = _soft(src == k, rng, float(sharp[m]), 1.2)
+        probs[k] = q
+    return SimCase(f"sim{seed:04d}", truth, affine, probs, kind, organ, shared, {"source": name, **info})
+
+
+# ----------------------------------------------------------------------------- evaluation helpers
+
+
+def error_regions(ensemble: np.ndarray, truth_mask: np.ndarray, voxel_ml: float) -> list[np.ndarray]:
+    """Connected components (26) of ``ensemble XOR truth`` with volume >= `MIN_REGION_ML`."""
+    err = ensemble ^ truth_mask
+    lab, n = ndimage.label(err, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0:
+        return []
+    counts = np.bincount(lab.ravel())
+    keep = [i for i in range(1, n + 1) if counts[i] * voxel_ml >= MIN_REGION_ML]
+    return [lab == i for i in keep]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--write-prior", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "services" / "common" / "plausibility_prior.json"))
+    args = ap.parse_args(argv)
+    if args.write_prior:
+        prior = build_bundled_prior()
+        prior.save(args.out)
+        print(f"wrote {args.out}: {prior.cases} cases, volume priors for "
+              f"{sorted(ORGANS[k] for k, r in prior.log_volume.items() if r.n >= 2)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
