@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 from collections.abc import AsyncIterator
 
@@ -11,6 +12,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from pydicom import dcmread
 
 from atlasflow.common.blobstore import BlobStore
 from atlasflow.common.errors import AtlasflowError, InvalidArgument, NotFound
@@ -19,7 +21,7 @@ from atlasflow.common.nifti import to_nifti_bytes
 from atlasflow.common.outbox import OutboxRow
 from atlasflow.common.telemetry import context_from_traceparent, current_traceparent
 from atlasflow.common.v1 import common_pb2
-from atlasflow.ingest.assemble import assemble_series
+from atlasflow.ingest.assemble import REPAIR, assemble_series
 from atlasflow.ingest.dicom import parse_instance
 from atlasflow.ingest.scp import StoreScp
 from atlasflow.ingest.store import IngestStore, SeriesVersion, UploadState, content_key
@@ -84,9 +86,12 @@ class Assembler:
                 span.set_attribute("atlasflow.series_id", sv.series_id)
                 span.set_attribute("atlasflow.series_version", sv.version)
                 try:
-                    datasets = [parse_instance(self.blobs.get(d))[0]
+                    # Instances were validated on reception; here they are only read.
+                    datasets = [dcmread(io.BytesIO(self.blobs.get(d)))
                                 for d in self.store.instance_digests(sv.series_id, sv.version)]
-                    volume = assemble_series(datasets)
+                    # Repairable geometry (gantry tilt, whole missing slices, multi-frame) is
+                    # repaired with a warning and flagged `resampled` (DICOM SEG must refuse).
+                    volume = assemble_series(datasets, policy=REPAIR)
                 except AtlasflowError as exc:
                     log.warning("series assembly failed", extra={"fields": {
                         "series_id": sv.series_id, "reason": exc.reason}})
@@ -99,7 +104,8 @@ class Assembler:
                 spacing = [float(x) for x in (volume.affine[:3, :3] ** 2).sum(axis=0) ** 0.5]
                 geometry = {"shape": [int(s) for s in volume.array.shape],
                             "affine": [float(x) for x in volume.affine.ravel()],
-                            "spacing_mm": spacing}
+                            "spacing_mm": spacing, "resampled": bool(volume.resampled)}
+                span.set_attribute("atlasflow.resampled", bool(volume.resampled))
                 request = segmentation_pb2.SegmentSeriesRequest(
                     case_id=sv.case_id, series_id=sv.series_id, series_version=sv.version,
                     volume=common_pb2.BlobRef(digest=info.digest, size_bytes=info.size_bytes,
