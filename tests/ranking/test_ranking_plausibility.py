@@ -1,0 +1,118 @@
+"""Plausibility findings on the bundled real label maps (TotalSegmentator predictions mapped to
+AbdomenAtlas ids): a clean case raises no error findings, FOV cuts are reported without
+penalty, and each injected implausibility is found with its reason and a pointer."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from atlasflow.common.organs import ORGAN_IDS
+from atlasflow.common.plausibility import (
+    PopulationPrior,
+    assess,
+    measure_labels,
+    organ_findings,
+    pointer,
+    slice_area_outliers,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from error_sim import build_bundled_prior, bundled_label_maps  # noqa: E402
+
+KL, KR, SPLEEN, LIVER = ORGAN_IDS["kidney_left"], ORGAN_IDS["kidney_right"], ORGAN_IDS["spleen"], ORGAN_IDS["liver"]
+ERROR_CODES = {"VOLUME", "POSITION", "SIDE_SWAP", "KIDNEY_RATIO", "SLICE_AREA"}
+
+
+@pytest.fixture(scope="module")
+def ct() -> tuple[np.ndarray, np.ndarray]:
+    _, labels, affine = bundled_label_maps()[0]  # 122x101x112, 3 mm, the demo CT's grid
+    return labels, affine
+
+
+def _codes(labels: np.ndarray, affine: np.ndarray) -> dict[int, set[str]]:
+    return {k: {f.code for f in fs} for k, fs in assess(measure_labels(labels, affine), PopulationPrior.load()).items()}
+
+
+def test_bundled_prior_file_is_what_the_builder_makes() -> None:
+    built = build_bundled_prior().to_dict()
+    shipped = PopulationPrior.load().to_dict()
+    assert built["cases"] == shipped["cases"] == 50
+    assert built["log_volume"] == shipped["log_volume"]
+    assert set(shipped["log_volume"]) == {"gall_bladder", "kidney_left", "kidney_right", "pancreas"}  # uncut organs only
+
+
+def test_clean_case_has_no_error_findings_and_reports_fov_cuts(ct: tuple[np.ndarray, np.ndarray]) -> None:
+    labels, affine = ct
+    codes = _codes(labels, affine)
+    assert all(not (c & ERROR_CODES) for c in codes.values()), codes
+    assert "FOV_CUT" in codes[LIVER] and "FOV_CUT" not in codes[KL]
+    found = organ_findings(labels, np.zeros_like(labels), affine)
+    cut = [o for o in found if o.organ == LIVER][0]
+    assert cut.score == 0.0 and any("cut by FOV" in r for r in cut.reasons)
+
+
+def test_swapped_kidneys(ct: tuple[np.ndarray, np.ndarray]) -> None:
+    labels, affine = ct
+    sw = labels.copy()
+    sw[labels == KL], sw[labels == KR] = KR, KL
+    found = organ_findings(sw, np.zeros_like(sw), affine)
+    assert {found[0].organ, found[1].organ} == {KL, KR}
+    assert any("swapped" in r for r in found[0].reasons)
+    vb = found[0].pointer["voxel_box"]  # type: ignore[index]
+    idx = np.argwhere(sw == found[0].organ)
+    assert (vb["x_min"], vb["x_max"]) == (idx[:, 0].min(), idx[:, 0].max())
+
+
+def test_shrunken_kidney_extra_component_and_slice_gap(ct: tuple[np.ndarray, np.ndarray]) -> None:
+    labels, affine = ct
+    lab = labels.copy()
+    kl = np.argwhere(labels == KL)
+    lab[(labels == KL) & (np.arange(labels.shape[2])[None, None, :] > np.percentile(kl[:, 2], 20))] = 0  # keep 20 %
+    assert {"VOLUME", "KIDNEY_RATIO"} & _codes(lab, affine)[KL]
+    lab = labels.copy()
+    lab[5:9, 5:9, 60:64] = SPLEEN  # a detached island
+    lab[(labels == KR) & (np.arange(labels.shape[2])[None, None, :] == 90)] = 0  # a missing slice
+    codes = _codes(lab, affine)
+    assert "COMPONENTS" in codes[SPLEEN] and "SLICE_AREA" in codes[KR]
+
+
+def test_slice_area_outliers_ignore_smooth_organs() -> None:
+    zz = np.arange(30)
+    radius = 6 + 4 * np.sin(zz / 29 * np.pi)
+    yy, xx = np.mgrid[:24, :24]
+    mask = (((xx - 12) ** 2 + (yy - 12) ** 2)[:, :, None] <= radius[None, None, :] ** 2)
+    assert slice_area_outliers(mask, 2) == []
+    mask[:, :, 15] = ndimage.binary_erosion(mask[:, :, 15], iterations=3)
+    assert slice_area_outliers(mask, 2) == [15]
+
+
+def test_prior_updates_and_round_trips(ct: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    labels, affine = ct
+    p = PopulationPrior.load()
+    before = p.log_volume[KL].n, p.log_volume[KL].mean
+    big = ndimage.zoom(labels, 1.2, order=0)
+    p.update_from_labels(big, affine)
+    assert p.log_volume[KL].n == before[0] + 1 and p.log_volume[KL].mean > before[1]
+    p.save(tmp_path / "p.json")
+    assert PopulationPrior.load(tmp_path / "p.json").to_dict() == p.to_dict()
+
+
+def test_pointer_world_box_and_speed(ct: tuple[np.ndarray, np.ndarray]) -> None:
+    las = np.array([[-2.0, 0, 0, 100.0], [0, 2.0, 0, -50.0], [0, 0, 3.0, 10.0], [0, 0, 0, 1]])
+    ptr = pointer((slice(10, 20), slice(0, 5), slice(3, 4)), las, 2)
+    assert ptr["voxel_box"] == {"x_min": 10, "y_min": 0, "z_min": 3, "x_max": 19, "y_max": 4, "z_max": 3}
+    assert ptr["world_box"]["x_min_mm"] == 100 - 2 * 19 and ptr["world_box"]["x_max_mm"] == 80.0
+    assert ptr["slices"] == {"first": 3, "last": 3}
+    labels, affine = ct
+    heat = np.zeros_like(labels)
+    heat[labels == LIVER] = 90
+    t0 = time.perf_counter()
+    organ_findings(labels, heat, affine)
+    assert time.perf_counter() - t0 < 2.0
