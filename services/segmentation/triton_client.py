@@ -6,7 +6,8 @@ injected both as gRPC headers (``headers=``) and as Triton request parameters
 (``traceparent``/``tracestate``), which the server turns into its ``segmentation.pipeline`` span.
 
 Errors: Triton unreachable / timed out -> Unavailable(``TRITON_UNAVAILABLE``); model unknown or
-not ready -> FailedPrecondition(``TRITON_MODEL_NOT_READY``); a domain error raised in the server
+not ready -> FailedPrecondition(``TRITON_MODEL_NOT_READY``); a message over the gRPC limit ->
+ResourceExhausted(``TRITON_MESSAGE_TOO_LARGE``); a domain error raised in the server
 pipeline comes back as the same class and reason; any other server-side failure ->
 AtlasflowError(``TRITON_INFERENCE_FAILED``, gRPC INTERNAL); a malformed response ->
 DataLoss(``TRITON_BAD_RESPONSE``). Messages never carry the server's stack traces.
@@ -48,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from atlasflow.common import errors
-from atlasflow.common.errors import AtlasflowError, DataLoss, FailedPrecondition, Unavailable
+from atlasflow.common.errors import AtlasflowError, DataLoss, FailedPrecondition, ResourceExhausted, Unavailable
 from atlasflow.common.organs import NUM_ORGANS
 from atlasflow.segmentation.ensemble import DOMAIN
 from atlasflow.segmentation.pipeline import STATS_COLUMNS, PipelineOutput, labelled_flags
@@ -149,6 +150,11 @@ class TritonSegmenter:
         if match:
             cls = _CODE_CLASSES.get(match.group(1), AtlasflowError)
             return cls(match.group(2), match.group(3), domain=DOMAIN, metadata=meta)
+        if "RESOURCE_EXHAUSTED" in status:
+            return ResourceExhausted(
+                "TRITON_MESSAGE_TOO_LARGE",
+                "request or response exceeds the gRPC message limit (max_message_bytes)",
+                domain=DOMAIN, metadata=meta)
         if any(s in status for s in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED")) or "Deadline" in text:
             return Unavailable("TRITON_UNAVAILABLE", "Triton inference server is unavailable", domain=DOMAIN, metadata=meta)
         if "NOT_FOUND" in status or "unknown model" in text or "not ready" in text.lower():

@@ -249,6 +249,7 @@ def bundled_server_command(
     grpc_port: int,
     http_port: int,
     metrics_port: int,
+    extra_args: Sequence[str] = (),
 ) -> tuple[list[str], dict[str, str]]:
     """argv and environment to serve ``model_repository`` with the ``tritonserver`` binary and
     Python backend bundled in the nvidia-pytriton wheel (what PyTriton itself does).
@@ -288,6 +289,7 @@ def bundled_server_command(
         "--http-address=127.0.0.1",
         "--exit-on-error=true",
         "--strict-readiness=true",
+        *extra_args,
     ]
     return argv, env
 
@@ -314,11 +316,13 @@ class BundledTriton:
     the log tail); ``stop()`` sends SIGTERM and waits. ``grpc_url`` is ``127.0.0.1:<port>``.
     """
 
-    def __init__(self, model_repository: str | Path, work_dir: str | Path, models: Sequence[str], *, grpc_port: int | None = None) -> None:
+    def __init__(
+        self, model_repository: str | Path, work_dir: str | Path, models: Sequence[str], *, grpc_port: int | None = None, extra_args: Sequence[str] = ()
+    ) -> None:
         ports = free_ports(3)
         self.grpc_port = int(grpc_port or ports[0])
         self.argv, self.env = bundled_server_command(
-            model_repository, work_dir, grpc_port=self.grpc_port, http_port=ports[1], metrics_port=ports[2]
+            model_repository, work_dir, grpc_port=self.grpc_port, http_port=ports[1], metrics_port=ports[2], extra_args=extra_args
         )
         self.models = list(models)
         self.log_path = Path(work_dir) / "tritonserver.log"

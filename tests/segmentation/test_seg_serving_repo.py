@@ -126,6 +126,7 @@ def test_checkpointed_tiny_ensemble_and_domain_error(server: BundledTriton, repo
     aff = np.array([[0, 0, -2.5, 30], [-3.0, 0, 0, 10], [0, 3.0, 0, -5], [0, 0, 0, 1]])
     with TritonSegmenter(server.grpc_url, "tiny_ckpt_v1") as client:
         remote = client.segment(vol, aff)
+        assert client.last_transport == "shm"  # loopback server, ATLASFLOW_SEGMENTATION_TRITON_SHM unset = auto
         with pytest.raises(InvalidArgument) as err:
             client.segment(vol, np.zeros((4, 4)))
     local = EnsemblePipeline(str(repo.ckpt_json))(vol, aff)
