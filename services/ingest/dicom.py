@@ -284,7 +284,13 @@ def _check_pixels(ds: Dataset, ts: str, base: dict[str, str], *, decode: bool) -
             check="transfer_syntax", **base,
         )
     try:
-        arr, _ = decoder.as_array(ds)
+        if uid.is_compressed:
+            arr, _ = decoder.as_array(ds)
+        else:
+            # Native: pydicom validates the Image Pixel attributes and the buffer length as
+            # for a full decode, and returns a view (no copy, no bit shifting): ~0.04 ms
+            # instead of ~0.2-0.8 ms for a 512x512 slice.
+            arr, _ = decoder.as_array(ds, view_only=True, raw=True, correct_unused_bits=False)
     except Exception as exc:
         raise _err(
             "CORRUPT_DICOM", f"pixel data does not decode ({type(exc).__name__})",

@@ -116,8 +116,6 @@ class StoreScp:
         """Validate, persist and count one instance; return a DICOM status."""
         try:
             ds, info = parse_instance(data)
-            key = content_key(ds)
-            del ds
         except AtlasflowError as exc:
             log.warning("instance rejected", extra={"fields": {
                 "source": source, "reason": exc.reason, "size_bytes": len(data)}})
@@ -130,7 +128,8 @@ class StoreScp:
                 try:
                     stored = self.store.store_instance(
                         data, info.study_uid, info.series_uid, info.sop_instance_uid,
-                        new_traceparent=current_traceparent(), key=key)
+                        new_traceparent=current_traceparent(),
+                        key=lambda: content_key(ds))  # only for a re-sent SOP Instance UID
                 except OSError:
                     log.error("instance not stored: out of resources",
                               extra={"fields": {"source": source}})

@@ -251,12 +251,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
 
     def _store(self, data: bytes, ref: str, upload_id: str = "") -> ingest_pb2.InstanceReceipt:
         ds, info = parse_instance(data)  # raises InvalidArgument with ErrorInfo
-        key = content_key(ds)
-        del ds
         with tracer.start_as_current_span("ingest.upload_instance"):
             stored = self.store.store_instance(data, info.study_uid, info.series_uid,
                                                info.sop_instance_uid, current_traceparent(),
-                                               key=key)
+                                               key=lambda: content_key(ds))
         if stored.conflict:
             log.warning("instance conflict: same SOP Instance UID, different content; first kept",
                         extra={"fields": {"series_id": stored.series_id, "source": "grpc"}})
