@@ -7,17 +7,18 @@ package; services may not import each other).
     .venv/bin/python benchmarks/error_sim.py --write-prior   # rebuild services/common/plausibility_prior.json
 
 Simulated case (`simulate_case`), all arrays ``(X, Y, Z)``:
-1. anatomy: a bundled label map, randomly scaled (0.85-1.15 per axis, nearest neighbour), shifted
+1. anatomy: a bundled label map (each organ's largest component), randomly scaled (0.85-1.15 per axis, nearest neighbour), shifted
    (+-4 voxels) and cropped along S (field of view: 0-25 % off either end, so organs get cut);
 2. errors injected into the truth for the shared part of the models (one per case, organ
    chosen at random): leak into a neighbour, missing part, false-positive island (attached to
    the organ by a 1-voxel bridge so that it survives the largest-component step, or detached),
-   swapped kidneys, boundary shift (2-3 voxels);
+   swapped kidneys, boundary shift (3-4 voxels);
 3. three models: each organ's soft prediction = sigmoid of a smoothed signed distance with a
    per-model sharpness, smooth logit noise and small per-model jitter; the error is given to
    1, 2 or all 3 models;
 4. ground truth for evaluation: the ensemble's error = (ensemble mask XOR true mask) per
-   organ, connected components >= `MIN_REGION_ML` are the error regions; a case is erroneous
+   organ, opened once (3x3x3) so that one-voxel boundary wobble does not count; its connected
+   components >= `MIN_REGION_ML` are the error regions; a case is erroneous
    when it has at least one region.
 """
 
@@ -109,7 +110,7 @@ def vary_anatomy(labels: np.ndarray, affine: np.ndarray, rng: np.random.Generato
            for n, f, m in zip(out_shape, s, labels.shape)]
     lab = labels[np.ix_(*idx)]
     shift = rng.integers(-4, 5, 3)
-    lab = np.roll(lab, tuple(int(v) for v in shift), axis=(0, 1, 2))
+    lab = ndimage.shift(lab, shift, order=0, mode="constant", cval=0)  # no wrap-around
     nz = lab.shape[2]
     lo = int(rng.uniform(0, 0.25) * nz) if rng.random() < 0.5 else 0
     hi = nz - (int(rng.uniform(0, 0.25) * nz) if rng.random() < 0.5 else 0)
@@ -119,6 +120,25 @@ def vary_anatomy(labels: np.ndarray, affine: np.ndarray, rng: np.random.Generato
     return lab, aff
 
 
+def largest_components(labels: np.ndarray) -> np.ndarray:
+    """Each organ of a label map reduced to its largest 26-connected component (the bundled
+    TotalSegmentator maps have stray fragments; a truth with fragments would count the
+    ensemble's largest-component step as an error)."""
+    out = np.zeros_like(labels)
+    cube = np.ones((3, 3, 3), dtype=bool)
+    for k in ORGANS:
+        m = labels == k
+        if not m.any():
+            continue
+        lab, n = ndimage.label(m, structure=cube)
+        if n > 1:
+            counts = np.bincount(lab.ravel())
+            counts[0] = 0
+            m = lab == int(np.argmax(counts))
+        out[m] = k
+    return out
+
+
 def _smooth_noise(shape: tuple[int, ...], rng: np.random.Generator, sigma: float, amp: float) -> np.ndarray:
     n = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
     n /= max(float(np.abs(n).max()), 1e-6)
@@ -126,16 +146,22 @@ def _smooth_noise(shape: tuple[int, ...], rng: np.random.Generator, sigma: float
 
 
 def _soft(mask: np.ndarray, rng: np.random.Generator, sharp: float, noise_amp: float) -> np.ndarray:
-    """uint8 p*255 of a soft prediction of ``mask``: sigmoid(sharp * signed distance + noise)."""
-    if not mask.any():
-        return np.zeros(mask.shape, dtype=np.uint8)
-    inside = ndimage.distance_transform_edt(mask)
-    outside = ndimage.distance_transform_edt(~mask)
-    sd = np.where(mask, inside - 0.5, -(outside - 0.5)).astype(np.float32)
-    logit = sharp * sd + _smooth_noise(mask.shape, rng, 2.0, noise_amp)
-    p = 1.0 / (1.0 + np.exp(-logit))
+    """uint8 p*255 of a soft prediction of ``mask``: sigmoid(sharp * signed distance + smooth
+    noise), zero more than 4 voxels outside; computed on the mask's box grown by 8 voxels."""
+    out = np.zeros(mask.shape, dtype=np.uint8)
+    objs = ndimage.find_objects(mask.astype(np.uint8))
+    if not objs or objs[0] is None:
+        return out
+    box = tuple(slice(max(0, s.start - 8), min(n, s.stop + 8)) for s, n in zip(objs[0], mask.shape))
+    m = mask[box]
+    inside = ndimage.distance_transform_edt(m)
+    outside = ndimage.distance_transform_edt(~m)
+    sd = np.where(m, inside - 0.5, -(outside - 0.5)).astype(np.float32)
+    logit = sharp * sd + _smooth_noise(m.shape, rng, 2.0, noise_amp)
+    p = 1.0 / (1.0 + np.exp(-np.clip(logit, -30, 30)))
     p[sd < -4] = 0.0
-    return np.round(p * 255).astype(np.uint8)
+    out[box] = np.round(p * 255).astype(np.uint8)
+    return out
 
 
 def inject(truth: np.ndarray, kind: str, organ: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, object]]:
@@ -185,7 +211,7 @@ def inject(truth: np.ndarray, kind: str, organ: int, rng: np.random.Generator) -
         lab[truth == kr] = kl
     elif kind == "shift":
         d = [0, 0, 0]
-        d[int(rng.integers(0, 3))] = int(rng.choice([-3, -2, 2, 3]))
+        d[int(rng.integers(0, 3))] = int(rng.choice([-4, -3, 3, 4]))
         moved = np.roll(m, tuple(d), axis=(0, 1, 2))
         lab[m & ~moved] = 0
         lab[moved & (truth == 0)] = organ
@@ -200,6 +226,7 @@ def simulate_case(seed: int, *, size_scale: float = 1.0, error: str | None = Non
     maps = bundled_label_maps()
     name, base, aff0 = maps[0] if rng.random() < 0.8 else maps[1]
     truth, affine = vary_anatomy(base, aff0, rng, size_scale)
+    truth = largest_components(truth)
     present = [k for k in ORGANS if (truth == k).sum() >= 20]
     kind = error or str(rng.choice(ERRORS))
     kl, kr = ORGAN_IDS["kidney_left"], ORGAN_IDS["kidney_right"]
@@ -223,8 +250,9 @@ def simulate_case(seed: int, *, size_scale: float = 1.0, error: str | None = Non
 
 
 def error_regions(ensemble: np.ndarray, truth_mask: np.ndarray, voxel_ml: float) -> list[np.ndarray]:
-    """Connected components (26) of ``ensemble XOR truth`` with volume >= `MIN_REGION_ML`."""
-    err = ensemble ^ truth_mask
+    """Connected components (26) of ``ensemble XOR truth``, opened once (3x3x3: a boundary that
+    wobbles by a voxel is not an error a radiologist would revise), with volume >= `MIN_REGION_ML`."""
+    err = ndimage.binary_opening(ensemble ^ truth_mask, structure=np.ones((3, 3, 3), dtype=bool))
     lab, n = ndimage.label(err, structure=np.ones((3, 3, 3), dtype=bool))
     if n == 0:
         return []

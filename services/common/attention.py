@@ -352,7 +352,9 @@ class OrganResult:
     the other components of the raw ensemble vote (dropped from the label); ``components``:
     number of 26-connected components of the raw vote; ``attention`` / ``heatmap`` (float32,
     [0, 1]) / ``std_mask`` / ``entropy_mask`` / ``overlap`` on ``box`` (None when the organ is
-    labelled by the source or has no support).
+    labelled by the source or has no support); ``contested`` (bool, on ``box``, unlabelled
+    organs): voxels where the models' masked predictions take different sides of 0.5
+    (``0 < #{m: q_m >= 128} < M``).
     """
 
     organ: int
@@ -362,6 +364,7 @@ class OrganResult:
     components: int
     labelled: bool
     attention: OrganAttention | None = None
+    contested: torch.Tensor | None = None
 
     def attention_voxels(self) -> int:
         return 0 if self.attention is None else int(self.attention.attention.sum())
@@ -460,5 +463,7 @@ def case_attention(
         others = partner_count[box].to(torch.int16) - (res.ensemble.to(torch.int16) if k in OVERLAP_PARTNERS else 0)
         overlap = res.ensemble & (others > 0)
         res.attention = organ_attention(qc, overlap)
+        votes = (qc >= 128).sum(dim=0, dtype=torch.uint8)
+        res.contested = (votes > 0) & (votes < qc.shape[0])
         crops[k] = (box, None)
     return CaseAttention(shape=shape or (0, 0, 0), organs=results)

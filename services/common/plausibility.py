@@ -43,6 +43,8 @@ Z_VOLUME = 2.5
 Z_POSITION = 3.0
 SLICE_WINDOW = 5
 MIN_EXTRA_ML = 0.5
+MIN_CONTESTED_ML = 0.5  # enhanced attention: evidence needed per component (see `_decisive`)
+MIN_CONTESTED_FRACTION = 0.1
 PENALTY_PER_Z_ML = 20.0  # ml-equivalent per unit of z beyond the threshold (capped at 5 units)
 SWAP_PENALTY_ML = 150.0
 _CUBE = np.ones((3, 3, 3), dtype=bool)
@@ -488,12 +490,28 @@ def _rel(inner: Box, outer: Box) -> Box:
     return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))  # type: ignore[return-value]
 
 
+def _decisive(attention: np.ndarray, evidence: np.ndarray, voxel_ml: float) -> np.ndarray:
+    """Enhanced mode: keep the attention components (26-connected) holding at least
+    `MIN_CONTESTED_ML` and `MIN_CONTESTED_FRACTION` of ``evidence`` (voxels where the models'
+    decisions differ, or organs overlap). Uncertainty bands where every model takes the same
+    side of 0.5 cannot hold an ensemble error that the models disagree about; they are dropped."""
+    lab, n = ndimage.label(attention, structure=_CUBE)
+    if n == 0:
+        return attention
+    total = np.bincount(lab.ravel(), minlength=n + 1)
+    ev = np.bincount(lab[evidence], minlength=n + 1)
+    keep = (ev * voxel_ml >= MIN_CONTESTED_ML) & (ev >= MIN_CONTESTED_FRACTION * total)
+    keep[0] = False
+    return keep[lab]
+
+
 def rank_case(case: Any, affine: np.ndarray, *, mode: str = "reference",
               prior: PopulationPrior | None = None) -> RankedCase:
     """Rank one case from its reference attention (`atlasflow.common.attention.CaseAttention`).
 
     reference: the recipe's priority and organ order; organs carry the terms as reasons.
-    enhanced: adds the plausibility findings of the ensemble masks (`assess`): the organ score is
+    enhanced: keeps the attention components where the models' decisions differ or organs
+    overlap (`_decisive`), and adds the plausibility findings of the ensemble masks (`assess`): the organ score is
     its attention volume (ml) plus the findings' penalties; the attention grows by the regions
     the findings point at (heatmap 0.5 there unless already higher); FOV cuts are reported only.
     """
@@ -530,6 +548,8 @@ def rank_case(case: Any, affine: np.ndarray, *, mode: str = "reference",
             continue
         att = r.attention
         a = att.attention.cpu().numpy() if att is not None else np.zeros(r.ensemble.shape, dtype=bool)
+        if mode == "enhanced" and att is not None and r.contested is not None and a.any():
+            a = _decisive(a, r.contested.cpu().numpy() | att.overlap.cpu().numpy(), voxel_ml)
         h = att.heatmap.cpu().numpy() if att is not None else np.zeros(a.shape, dtype=np.float32)
         reasons: list[str] = []
         name = ORGANS[k]

@@ -1,0 +1,83 @@
+"""The error simulator (benchmarks/error_sim.py) and dry runs of both ranking benchmarks at a
+tiny size: the same code paths as the real runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from atlasflow.common.attention import case_attention
+from atlasflow.common.organs import ORGAN_IDS
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import error_sim  # noqa: E402
+
+
+def _load(name: str):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _regions(c: error_sim.SimCase) -> dict[int, list[float]]:
+    vml = abs(float(np.linalg.det(c.affine[:3, :3]))) / 1000.0
+    ca = case_attention({k: torch.from_numpy(v) for k, v in c.probs.items()})
+    out = {}
+    for k, r in ca.organs.items():
+        regs = error_sim.error_regions(r.paste("ensemble", ca.shape).numpy(), c.truth == k, vml)
+        if regs:
+            out[k] = [float(x.sum()) * vml for x in regs]
+    return out
+
+
+@pytest.mark.parametrize("kind", error_sim.ERRORS)
+def test_injected_errors_change_the_truth_where_expected(kind: str) -> None:
+    rng = np.random.default_rng(0)
+    _, labels, affine = error_sim.bundled_label_maps()[0]
+    truth = error_sim.largest_components(labels[::2, ::2, ::2].copy())
+    organ = ORGAN_IDS["kidney_left"] if kind == "swap" else ORGAN_IDS["spleen"]
+    wrong, _ = error_sim.inject(truth, kind, organ, rng)
+    changed = wrong != truth
+    assert changed.any()
+    if kind != "swap":  # only the chosen organ's label moves (a leak takes the neighbour's voxels)
+        assert np.all((wrong[changed] == organ) | (truth[changed] == organ))
+
+
+def test_simulator_is_clean_without_shared_errors_and_wrong_with_them() -> None:
+    """The simulator is fixed before any tuning: an error held by one model leaves the ensemble
+    right (no region), the same error held by all three models makes an error region."""
+    rng_cases: dict[int, error_sim.SimCase] = {}
+    for seed in range(20):
+        c = error_sim.simulate_case(seed, size_scale=0.6, error="missing")
+        rng_cases.setdefault(c.shared, c)
+        if {1, 3} <= set(rng_cases):
+            break
+    assert _regions(rng_cases[1]) == {}
+    shared = rng_cases[3]
+    regions = _regions(shared)
+    assert shared.organ in regions and set(regions) == {shared.organ}
+
+
+def test_benchmarks_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
+    bench_att = _load("bench_attention")
+    assert bench_att.main(["--shape", "40", "36", "30"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["library_s"] > 0 and out["baseline_s"] > 0 and out["ratio"] > 0
+    bench_err = _load("bench_error_detection")
+    assert bench_err.main(["--seeds", "0-1", "--prior-seeds", "0", "--size-scale", "0.5"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["cases"]["n"] == 2
+    for mode in ("reference", "enhanced"):
+        assert set(summary[mode]) >= {"auroc", "precision_top5pct", "r_precision", "first_organ_is_wrong",
+                                      "region_sensitivity", "region_precision"}
+    assert bench_err.auroc([3.0, 2.0, 1.0], [True, False, False]) == 1.0
+    assert bench_err.precision_at([3.0, 2.0, 1.0], [False, True, True], 2) == 0.5
