@@ -9,7 +9,9 @@ are bound by Nagle + delayed ACK (~46 ms per instance, DESIGN.md).
 from __future__ import annotations
 
 import logging
+import select
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,10 +59,108 @@ class ScpConfig:
     check_called_aet: bool = True
 
 
-def _nodelay(event: evt.Event) -> None:
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+#: Longest idle wait of the reactors once they wake on events (the stock 1 ms polls remain the
+#: fallback for anything not wired to a wake-up: timers, a dead peer).
+_IDLE_WAIT_S = 0.005
+#: PDUs up to this size are read into one preallocated buffer (dcmtk sends <= 128 KiB).
+_RECV_PREALLOC = 4 * 1024 * 1024
+
+
+def _recv_exact(sock: socket.socket, nr_bytes: int) -> bytearray:
+    """`nr_bytes` from a blocking socket into one buffer (pynetdicom's `recv` appends 4 KiB
+    reads to a bytearray: ~130 calls per CT slice). Short only when the peer closed."""
+    buf = bytearray(nr_bytes)
+    view, got = memoryview(buf), 0
+    while got < nr_bytes:
+        n = sock.recv_into(view[got:], nr_bytes - got)
+        if not n:
+            del view
+            return buf[:got]
+        got += n
+    return buf
+
+
+def _tune_association(event: evt.Event) -> None:
+    """EVT_CONN_OPEN (before the association's threads start): TCP_NODELAY, and reactors that
+    wake on events instead of polling.
+
+    pynetdicom 3 (DESIGN.md): the DUL thread sleeps 1 ms whenever it finds nothing to do, and
+    the association thread sleeps 1 ms before each look for a complete DIMSE message; on a
+    C-STORE stream from one peer that adds ~1-2 ms per instance (the response waits for the
+    DUL to wake, the next request for the DUL, the message for the association thread). Here,
+    per association: every put on the DUL's queues (a response to send, an event, a
+    primitive for the user) also writes a byte to a socketpair; the DUL waits in `select` on
+    the peer's socket and that socketpair (at most `_IDLE_WAIT_S`), the association thread on
+    a `threading.Event` set by every put onto its message queues. Each thread still runs its
+    own checks (timers, release, abort) at least every `_IDLE_WAIT_S`. The state machines are
+    untouched: only the waits change.
+    """
+    assoc = event.assoc
+    dul = assoc.dul
+    wrapper = getattr(dul, "socket", None)
+    sock = getattr(wrapper, "socket", None)
+    if sock is None:
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    ready = threading.Event()
+
+    def wake() -> None:
+        ready.set()
+        try:
+            wake_w.send(b"\0")
+        except OSError:  # buffer full (a wake-up is pending anyway) or closed
+            pass
+
+    def waking(q: object) -> None:
+        put = q.put  # type: ignore[attr-defined]
+
+        def put_and_wake(item: object, *args: object, **kwargs: object) -> None:
+            put(item, *args, **kwargs)
+            wake()
+
+        q.put = put_and_wake  # type: ignore[attr-defined]
+
+    for q in (dul.to_provider_queue, dul.to_user_queue, dul.event_queue,
+              assoc.dimse.msg_queue):
+        waking(q)
+
+    process_recv_primitive = dul._process_recv_primitive
+
+    def wait_then_process() -> bool:
+        # Called first in every DUL loop: idle (nothing to send, no event) -> wait for data.
+        if not dul.to_provider_queue.queue and not dul.event_queue.queue:
+            peer = getattr(dul.socket, "socket", None)
+            try:
+                readable, _, _ = select.select(
+                    [wake_r] if peer is None else [peer, wake_r], [], [], _IDLE_WAIT_S)
+                if wake_r in readable:
+                    wake_r.recv(4096)
+            except (OSError, ValueError):  # peer socket closed meanwhile: plain poll
+                pass
+        return bool(process_recv_primitive())
+
+    dul._process_recv_primitive = wait_then_process
+    dul._run_loop_delay = 0  # the wait above replaces the reactor's sleep
+
+    get_msg = assoc.dimse.get_msg
+
+    def get_msg_waiting(block: bool = False):  # type: ignore[no-untyped-def]
+        # The association reactor's look for a complete message: wait (bounded) for a put
+        # onto the message queue or the DUL's user queue (release, abort) instead of polling.
+        if not block and not assoc.dimse.msg_queue.queue and not dul.to_user_queue.queue:
+            ready.wait(_IDLE_WAIT_S)
+            ready.clear()
+        return get_msg(block)
+
+    assoc.dimse.get_msg = get_msg_waiting
+    stock_recv = wrapper.recv
+    # A declared PDU length is the peer's word: preallocate only up to _RECV_PREALLOC.
+    wrapper.recv = lambda n: _recv_exact(sock, n) if n <= _RECV_PREALLOC else stock_recv(n)
+    # The socketpair closes with the association (closures are collected with it).
+    assoc._atlasflow_wake = (wake_r, wake_w)
 
 
 class StoreScp:
@@ -92,7 +192,7 @@ class StoreScp:
 
     def start(self) -> None:
         handlers = [
-            (evt.EVT_CONN_OPEN, _nodelay),
+            (evt.EVT_CONN_OPEN, _tune_association),
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, lambda _e: 0x0000),
         ]
