@@ -9,7 +9,8 @@ Tune on seeds 0-9, report on seeds 100-119 (the default). Metrics per mode:
   the case score, precision at the top 5 % of cases (at least one case), R-precision
   (precision at R = number of erroneous cases);
 - first organ: among erroneous cases, the share whose first listed organ has an error region;
-- region level: an error region (connected component of the ensemble's error, see error_sim)
+- region level: an error region (connected component of the ensemble's error against the
+  clean ensemble, see error_sim)
   is found when at least half of it lies inside the case's attention (union over organs);
   sensitivity = found / all regions. Precision: the attention's connected components that
   hold at least half of an error region, or whose voxels are at least 25 % error voxels,
@@ -35,7 +36,7 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from error_sim import error_regions, simulate_case  # noqa: E402
+from error_sim import case_error_regions, simulate_case  # noqa: E402
 
 from atlasflow.common.attention import case_attention  # noqa: E402
 from atlasflow.common.plausibility import PopulationPrior, measure_labels, rank_case  # noqa: E402
@@ -82,10 +83,8 @@ def evaluate_case(seed: int, prior: PopulationPrior, size_scale: float) -> dict[
     c = simulate_case(seed, size_scale=size_scale)
     vml = abs(float(np.linalg.det(c.affine[:3, :3]))) / 1000.0
     ca = case_attention({k: torch.from_numpy(v) for k, v in c.probs.items()})
-    regions: list[tuple[int, np.ndarray]] = []
-    for k, r in ca.organs.items():
-        ens = r.paste("ensemble", ca.shape).numpy()
-        regions += [(k, reg) for reg in error_regions(ens, c.truth == k, vml)]
+    regions = case_error_regions(c, {k: r.paste("ensemble", ca.shape).numpy() for k, r in ca.organs.items()
+                                     if k in c.clean_probs})
     err_all = np.zeros(ca.shape, dtype=bool)
     for _, reg in regions:
         err_all |= reg

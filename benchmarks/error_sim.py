@@ -16,10 +16,10 @@ Simulated case (`simulate_case`), all arrays ``(X, Y, Z)``:
 3. three models: each organ's soft prediction = sigmoid of a smoothed signed distance with a
    per-model sharpness, smooth logit noise and small per-model jitter; the error is given to
    1, 2 or all 3 models;
-4. ground truth for evaluation: the ensemble's error = (ensemble mask XOR true mask) per
-   organ, opened once (3x3x3) so that one-voxel boundary wobble does not count; its connected
-   components >= `MIN_REGION_ML` are the error regions; a case is erroneous
-   when it has at least one region.
+4. ground truth for evaluation: the ensemble's error = its mask XOR the mask of the clean
+   ensemble (the same models with the same noise, without the injected error), per organ; its
+   connected components >= `MIN_REGION_ML` and >= 3 voxels thick somewhere are the error
+   regions (the models' ordinary boundary wobble is not an error); a case is erroneous when it has at least one region.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def build_bundled_prior(augment: int = 24, seed: int = 0) -> PopulationPrior:
 @dataclass
 class SimCase:
     """One simulated case: ``truth`` (X, Y, Z) uint8 labels, ``affine``, ``probs`` organ id ->
-    uint8 (3, X, Y, Z), the injected ``error`` kind, its ``organ``, how many models share it."""
+    uint8 (3, X, Y, Z), the injected ``error`` kind, its ``organ``, how many models share it;
+    ``clean_probs``: for the organs the error touches, the same models (same noise) without it."""
 
     name: str
     truth: np.ndarray
@@ -99,6 +100,7 @@ class SimCase:
     organ: int
     shared: int
     extra: dict[str, object] = field(default_factory=dict)
+    clean_probs: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def vary_anatomy(labels: np.ndarray, affine: np.ndarray, rng: np.random.Generator, size_scale: float = 1.0
@@ -145,9 +147,10 @@ def _smooth_noise(shape: tuple[int, ...], rng: np.random.Generator, sigma: float
     return n * amp
 
 
-def _soft(mask: np.ndarray, rng: np.random.Generator, sharp: float, noise_amp: float) -> np.ndarray:
-    """uint8 p*255 of a soft prediction of ``mask``: sigmoid(sharp * signed distance + smooth
-    noise), zero more than 4 voxels outside; computed on the mask's box grown by 8 voxels."""
+def _soft(mask: np.ndarray, noise: np.ndarray, sharp: float) -> np.ndarray:
+    """uint8 p*255 of a soft prediction of ``mask``: sigmoid(sharp * signed distance + noise)
+    (``noise``: the model's smooth logit noise field, full volume), zero more than 4 voxels
+    outside; computed on the mask's box grown by 8 voxels."""
     out = np.zeros(mask.shape, dtype=np.uint8)
     objs = ndimage.find_objects(mask.astype(np.uint8))
     if not objs or objs[0] is None:
@@ -157,7 +160,7 @@ def _soft(mask: np.ndarray, rng: np.random.Generator, sharp: float, noise_amp: f
     inside = ndimage.distance_transform_edt(m)
     outside = ndimage.distance_transform_edt(~m)
     sd = np.where(m, inside - 0.5, -(outside - 0.5)).astype(np.float32)
-    logit = sharp * sd + _smooth_noise(m.shape, rng, 2.0, noise_amp)
+    logit = sharp * sd + noise[box]
     p = 1.0 / (1.0 + np.exp(-np.clip(logit, -30, 30)))
     p[sd < -4] = 0.0
     out[box] = np.round(p * 255).astype(np.uint8)
@@ -174,8 +177,17 @@ def inject(truth: np.ndarray, kind: str, organ: int, rng: np.random.Generator) -
         target = truth == nb
         if not target.any():
             target = ~m & (truth == 0)
-        grown = ndimage.binary_dilation(m, iterations=int(rng.integers(3, 6))) & target
-        lab[grown] = organ
+        grown = ndimage.binary_dilation(m, iterations=int(rng.integers(3, 6)))
+        leak = grown & target
+        if leak.sum() < 40:  # the neighbour is not adjacent: leak into the surrounding fat, one side
+            direction = rng.standard_normal(3)
+            coords = np.indices(truth.shape, dtype=np.float32)
+            proj = sum((coords[a] - np.argwhere(m)[:, a].mean()) * direction[a] for a in range(3))
+            leak = grown & (truth == 0) & (proj > 0)
+            info["into"] = "background"
+        else:
+            info["into"] = ORGANS[nb]
+        lab[leak] = organ
     elif kind == "missing":
         idx = np.argwhere(m)
         axis = int(rng.integers(0, 3))
@@ -236,29 +248,59 @@ def simulate_case(seed: int, *, size_scale: float = 1.0, error: str | None = Non
     shared = int(rng.integers(1, 4))
     wrong, info = inject(truth, kind, organ, rng)
     probs: dict[int, np.ndarray] = {}
+    clean: dict[int, np.ndarray] = {}
     sharp = rng.uniform(1.2, 2.5, 3)
+    noise = [_smooth_noise(truth.shape, rng, 2.0, 1.2) for _ in range(3)]
     for k in ORGANS:
         q = np.zeros((3, *truth.shape), dtype=np.uint8)
         for m in range(3):
-            src = wrong if m < shared else truth
-            q[m] = _soft(src == k, rng, float(sharp[m]), 1.2)
+            q[m] = _soft(truth == k, noise[m], float(sharp[m]))
+        if np.array_equal(wrong == k, truth == k):
+            probs[k] = q
+            continue
+        clean[k] = q.copy()
+        for m in range(shared):
+            q[m] = _soft(wrong == k, noise[m], float(sharp[m]))
         probs[k] = q
-    return SimCase(f"sim{seed:04d}", truth, affine, probs, kind, organ, shared, {"source": name, **info})
+    return SimCase(f"sim{seed:04d}", truth, affine, probs, kind, organ, shared, {"source": name, **info}, clean)
 
 
 # ----------------------------------------------------------------------------- evaluation helpers
 
 
-def error_regions(ensemble: np.ndarray, truth_mask: np.ndarray, voxel_ml: float) -> list[np.ndarray]:
-    """Connected components (26) of ``ensemble XOR truth``, opened once (3x3x3: a boundary that
-    wobbles by a voxel is not an error a radiologist would revise), with volume >= `MIN_REGION_ML`."""
-    err = ndimage.binary_opening(ensemble ^ truth_mask, structure=np.ones((3, 3, 3), dtype=bool))
+def error_regions(ensemble: np.ndarray, clean_ensemble: np.ndarray, voxel_ml: float) -> list[np.ndarray]:
+    """The ensemble's error regions: connected components (26) of ``ensemble XOR
+    clean_ensemble`` (the ensemble of the same models, same noise, without the injected error)
+    with volume >= `MIN_REGION_ML` and at least 3 voxels thick somewhere (non-empty after one
+    3x3x3 erosion). Comparing with the clean ensemble rather than the truth keeps the models'
+    ordinary boundary wobble out of the error; the thickness rule drops the one- or two-voxel
+    shells by which a single dissenting model shifts the ensemble's boundary."""
+    err = ensemble ^ clean_ensemble
     lab, n = ndimage.label(err, structure=np.ones((3, 3, 3), dtype=bool))
     if n == 0:
         return []
     counts = np.bincount(lab.ravel())
-    keep = [i for i in range(1, n + 1) if counts[i] * voxel_ml >= MIN_REGION_ML]
+    core = np.bincount(lab[ndimage.binary_erosion(err, structure=np.ones((3, 3, 3), dtype=bool))], minlength=n + 1)
+    keep = [i for i in range(1, n + 1) if counts[i] * voxel_ml >= MIN_REGION_ML and core[i] > 0]
     return [lab == i for i in keep]
+
+
+def case_error_regions(c: SimCase, ensembles: dict[int, np.ndarray]) -> list[tuple[int, np.ndarray]]:
+    """(organ, region) for every error region of a case, given its ensemble masks (full grid)."""
+    vml = abs(float(np.linalg.det(c.affine[:3, :3]))) / 1000.0
+    out: list[tuple[int, np.ndarray]] = []
+    if not c.clean_probs:
+        return out
+    from atlasflow.common.attention import case_attention
+    import torch
+
+    clean = case_attention({k: torch.from_numpy(v) for k, v in c.clean_probs.items()}, labelled_organs=list(c.clean_probs))
+    for k, r in clean.organs.items():
+        ens = ensembles.get(k)
+        if ens is None:
+            ens = np.zeros(clean.shape, dtype=bool)
+        out += [(k, reg) for reg in error_regions(ens, r.paste("ensemble", clean.shape).numpy(), vml)]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

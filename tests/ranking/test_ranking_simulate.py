@@ -31,11 +31,9 @@ def _load(name: str):  # type: ignore[no-untyped-def]
 def _regions(c: error_sim.SimCase) -> dict[int, list[float]]:
     vml = abs(float(np.linalg.det(c.affine[:3, :3]))) / 1000.0
     ca = case_attention({k: torch.from_numpy(v) for k, v in c.probs.items()})
-    out = {}
-    for k, r in ca.organs.items():
-        regs = error_sim.error_regions(r.paste("ensemble", ca.shape).numpy(), c.truth == k, vml)
-        if regs:
-            out[k] = [float(x.sum()) * vml for x in regs]
+    out: dict[int, list[float]] = {}
+    for k, reg in error_sim.case_error_regions(c, {k: r.paste("ensemble", ca.shape).numpy() for k, r in ca.organs.items()}):
+        out.setdefault(k, []).append(float(reg.sum()) * vml)
     return out
 
 
