@@ -17,6 +17,15 @@ Activations:
   organ ids, as the reference nnU-Net does; the organ channels are used as per-organ
   probabilities.
 
+Optional ensemble-level inference options (absent = off; the defaults keep results identical):
+
+- ``"autocast"``: ``"none"`` (default) or ``"bf16"``: members run under
+  ``torch.autocast(dtype=bfloat16)`` (GPU);
+- ``"foreground_crop"``: ``{"threshold_hu": -500, "margin_mm": 10}`` or null (default): the
+  pipeline crops the native CT to the bounding box of voxels with HU > threshold (the body,
+  table included) grown by the margin before resampling and the sliding window; outputs are
+  padded back to the full grid (zeros outside the box).
+
 A checkpoint path is relative to the ensemble file's directory unless absolute; it may be a
 MONAI/PyTorch ``state_dict`` (``.pt``/``.pth``) or a TorchScript file (``.ts``/``.torchscript``,
 or any file that ``torch.jit.load`` accepts).
@@ -24,6 +33,7 @@ or any file that ``torch.jit.load`` accepts).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +45,16 @@ from atlasflow.common.organs import ORGANS
 DOMAIN = "atlasflow.segmentation"
 ENSEMBLE_DIR = Path(__file__).resolve().parent / "ensembles"
 ACTIVATIONS = ("sigmoid", "softmax")
+AUTOCAST = ("none", "bf16")
+
+
+@dataclass(frozen=True)
+class ForegroundCrop:
+    """Crop to the body before inference: voxels with HU > ``threshold_hu``, bounding box
+    grown by ``margin_mm`` on every side (per axis, in that axis' voxel spacing)."""
+
+    threshold_hu: float = -500.0
+    margin_mm: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +90,8 @@ class EnsembleConfig:
     threshold: float = 0.5
     description: str = ""
     source: Path | None = field(default=None, compare=False)
+    autocast: str = "none"
+    foreground_crop: ForegroundCrop | None = None
 
     @property
     def model_name(self) -> str:
@@ -148,11 +170,24 @@ def parse_ensemble(raw: dict[str, Any], base: Path = ENSEMBLE_DIR) -> EnsembleCo
     if classes != ORGANS:
         raise _bad("ensemble classes must be the nine AbdomenAtlas-8K organs, ids 1..9")
     members = tuple(_parse_member(m, base) for m in raw["members"])
+    autocast = str(raw.get("autocast") or "none")
+    if autocast not in AUTOCAST:
+        raise _bad(f"autocast must be one of {AUTOCAST}", field="autocast")
+    crop_raw = raw.get("foreground_crop")
+    crop = None
+    if crop_raw is not None:
+        if not isinstance(crop_raw, dict):
+            raise _bad("foreground_crop must be an object or null", field="foreground_crop")
+        crop = ForegroundCrop(float(crop_raw.get("threshold_hu", -500.0)), float(crop_raw.get("margin_mm", 10.0)))
+        if crop.margin_mm < 0:
+            raise _bad("foreground_crop.margin_mm must be >= 0", field="foreground_crop")
     return EnsembleConfig(
         version=str(raw["version"]),
         members=members,
         threshold=float(raw.get("threshold", 0.5)),
         description=str(raw.get("description", "")),
+        autocast=autocast,
+        foreground_crop=crop,
     )
 
 
@@ -177,13 +212,7 @@ def load_ensemble(path_or_version: str | Path) -> EnsembleConfig:
     except json.JSONDecodeError:
         raise _bad("ensemble file is not valid JSON", ensemble=path.stem) from None
     cfg = parse_ensemble(raw, base=path.parent)
-    return EnsembleConfig(
-        version=cfg.version,
-        members=cfg.members,
-        threshold=cfg.threshold,
-        description=cfg.description,
-        source=path,
-    )
+    return dataclasses.replace(cfg, source=path)
 
 
 def available_versions() -> list[str]:

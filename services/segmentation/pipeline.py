@@ -27,6 +27,13 @@ Steps (DESIGN.md, "The method"):
 
 Every heavy array op runs in torch on ``device``; the connected-component labelling runs in
 scipy on bounding-box crops (CPU).
+
+GPU options (ensemble JSON or `EnsemblePipeline` arguments; defaults leave CPU results
+unchanged): ``autocast="bf16"`` runs the members under bfloat16 autocast; ``sw_batch_size``
+and ``overlap`` override every member's sliding-window batch and overlap; ``foreground_crop``
+(`ForegroundCrop`) first crops the native CT to the body's bounding box (HU > threshold, grown
+by a margin in mm) so the sliding window covers the body only; everything outside the box is
+background with zero heatmap.
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ from scipy import ndimage
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.common.organs import NUM_ORGANS
 from atlasflow.segmentation.attention import binary_dilation, organ_attention
-from atlasflow.segmentation.ensemble import DOMAIN, EnsembleConfig, MemberConfig, load_ensemble
+import dataclasses
+
+from atlasflow.segmentation.ensemble import AUTOCAST, DOMAIN, EnsembleConfig, ForegroundCrop, MemberConfig, load_ensemble
 from atlasflow.segmentation.models import load_member
 
 STATS_COLUMNS = ("volume_ml", "attention_ml", "heatmap_ml", "component_count")
@@ -248,6 +257,19 @@ def _grow(box: tuple[slice, slice, slice], by: int, shape: tuple[int, ...]) -> t
     return tuple(slice(max(0, s.start - by), min(n, s.stop + by)) for s, n in zip(box, shape))  # type: ignore[return-value]
 
 
+def foreground_box(volume_hu: np.ndarray, affine: np.ndarray, crop: ForegroundCrop) -> tuple[slice, slice, slice] | None:
+    """Bounding box (native voxel slices) of ``volume_hu > crop.threshold_hu`` grown by
+    ``crop.margin_mm`` (per axis: ``ceil(margin / spacing)`` voxels, spacing = the affine's
+    column norms in mm); None when no voxel passes the threshold."""
+    box = _bbox(np.asarray(volume_hu) > crop.threshold_hu)
+    if box is None:
+        return None
+    spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    grow = [int(np.ceil(crop.margin_mm / max(float(sp), 1e-6) - 1e-9)) for sp in spacing]
+    shape = volume_hu.shape
+    return tuple(slice(max(0, b.start - g), min(n, b.stop + g)) for b, g, n in zip(box, grow, shape))  # type: ignore[return-value]
+
+
 # ----------------------------------------------------------------------------- pipeline
 
 
@@ -261,8 +283,39 @@ class _OrganWork:
 class EnsemblePipeline:
     """The whole ensemble method for one CT; construct once, call per volume."""
 
-    def __init__(self, ensemble_cfg_path_or_version: str, device: str = "cpu") -> None:
-        self.config: EnsembleConfig = load_ensemble(ensemble_cfg_path_or_version)
+    def __init__(
+        self,
+        ensemble_cfg_path_or_version: str,
+        device: str = "cpu",
+        *,
+        autocast: str | None = None,
+        sw_batch_size: int | None = None,
+        overlap: float | None = None,
+        foreground_crop: ForegroundCrop | bool | None = None,
+    ) -> None:
+        """``autocast`` (``none``/``bf16``), ``sw_batch_size``, ``overlap`` and
+        ``foreground_crop`` (a `ForegroundCrop`, True = defaults, False = off) override the
+        ensemble file; None keeps the file's setting."""
+        config: EnsembleConfig = load_ensemble(ensemble_cfg_path_or_version)
+        if autocast is not None:
+            if autocast not in AUTOCAST:
+                raise InvalidArgument("INVALID_ENSEMBLE_CONFIG", f"autocast must be one of {AUTOCAST}", domain=DOMAIN)
+            config = dataclasses.replace(config, autocast=autocast)
+        if foreground_crop is not None:
+            crop = ForegroundCrop() if foreground_crop is True else (foreground_crop or None)
+            config = dataclasses.replace(config, foreground_crop=crop)
+        if sw_batch_size is not None or overlap is not None:
+            members = []
+            for m in config.members:
+                pre = m.preprocessing
+                pre = dataclasses.replace(
+                    pre,
+                    sw_batch_size=int(sw_batch_size) if sw_batch_size is not None else pre.sw_batch_size,
+                    overlap=float(overlap) if overlap is not None else pre.overlap,
+                )
+                members.append(dataclasses.replace(m, preprocessing=pre))
+            config = dataclasses.replace(config, members=tuple(members))
+        self.config = config
         self.device = torch.device(device)
         self.members: list[tuple[MemberConfig, torch.nn.Module]] = [
             (m, load_member(m, self.device)) for m in self.config.members
@@ -298,7 +351,8 @@ class EnsemblePipeline:
         from monai.inferers import sliding_window_inference
 
         pre = member.preprocessing
-        with torch.inference_mode():
+        bf16 = self.config.autocast == "bf16"
+        with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = sliding_window_inference(
                 image,
                 roi_size=pre.patch_size,
@@ -309,6 +363,8 @@ class EnsemblePipeline:
                 device=self.device,
                 sw_device=self.device,
             )
+            if bf16:
+                logits = logits.float()
             if member.activation == "softmax":
                 probs = torch.softmax(logits[0], dim=0)[1:]
             else:
@@ -323,6 +379,28 @@ class EnsemblePipeline:
         case's source already labels (no attention for them; see `labelled_flags`).
         """
         vol, aff, flags = self._check(volume_hu, affine, labelled_organs)
+        crop = self.config.foreground_crop
+        if crop is None:
+            return self._segment(vol, aff, flags)
+        t0 = time.perf_counter()
+        box = foreground_box(vol, aff, crop)
+        if box is None or all(b.start == 0 and b.stop == n for b, n in zip(box, vol.shape)):
+            return self._segment(vol, aff, flags)
+        sub_aff = aff.copy()
+        sub_aff[:3, 3] = aff[:3, :3] @ np.array([b.start for b in box], dtype=np.float64) + aff[:3, 3]
+        t_crop = time.perf_counter() - t0
+        sub = self._segment(np.ascontiguousarray(vol[box]), sub_aff, flags)
+        labels = np.zeros(vol.shape, dtype=np.uint8)
+        heat = np.zeros(vol.shape, dtype=np.uint8)
+        labels[box] = sub.labels
+        heat[box] = sub.heatmap
+        timings = dict(sub.timings_s)
+        timings["foreground_crop"] = t_crop
+        timings["total"] = time.perf_counter() - t0
+        return PipelineOutput(labels, heat, sub.organ_stats, sub.weights_trained, timings)
+
+    def _segment(self, vol: np.ndarray, aff: np.ndarray, flags: np.ndarray) -> PipelineOutput:
+        """`__call__` without checks and cropping (arguments already validated)."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         shape = tuple(int(s) for s in vol.shape)
