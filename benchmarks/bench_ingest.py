@@ -10,8 +10,11 @@ are 300 x ~513 KiB = ~154 MB. Both receivers get the same files from
 figure measures Nagle + delayed ACK). Every run starts a fresh receiver on empty storage
 (duplicates would be cheaper); the time is storescu's wall time, one association, all files.
 Reported: median of `runs` for instances/s and MB/s (10^6 bytes of file) and the ratio
-atlasflow / Orthanc. atlasflow acknowledges an instance only after its blob is fsync'd and its
-row committed (SQLite WAL, synchronous=FULL).
+atlasflow / Orthanc, after one untimed warm-up run of each, in alternating order (see
+`run_benchmark`), with the load average. atlasflow acknowledges an instance only after its
+spool record is fdatasync'd and its row committed (the record is the row's redo log, see
+`atlasflow.ingest.store`); Orthanc 1.10 fsyncs each stored file (SyncStorageArea, default
+true) and commits its SQLite index.
 
 The module also holds the process helpers the ingest reception tests use (`IngestProcess`,
 `OrthancProcess`, `storescu`, `free_ports`).
@@ -290,23 +293,47 @@ def _time_storescu(files: Sequence[Path], port: int, aec: str) -> float:
     return elapsed
 
 
-def run_benchmark(n_slices: int, runs: int, work: Path) -> dict:
+def _run_atlasflow(files: Sequence[Path], root: Path) -> float:
+    with IngestProcess(root) as ingest:
+        elapsed = _time_storescu(files, ingest.dicom_port, "ATLASFLOW")
+        count = _series_instance_count(ingest.target)
+        if count != len(files):
+            raise RuntimeError(f"atlasflow holds {count} instances, {len(files)} sent")
+    return elapsed
+
+
+def _run_orthanc(files: Sequence[Path], root: Path) -> float:
+    with OrthancProcess(root) as orthanc:
+        elapsed = _time_storescu(files, orthanc.dicom_port, "ORTHANC")
+        stats = orthanc.get("/statistics")
+        assert isinstance(stats, dict)
+        if int(stats["CountInstances"]) != len(files):
+            raise RuntimeError(f"Orthanc holds {stats['CountInstances']} instances")
+    return elapsed
+
+
+def run_benchmark(n_slices: int, runs: int, work: Path, *, warmup: bool = True) -> dict:
+    """Fairness: the same files, the same storescu command (TCP_NODELAY=1 on both ends, one
+    association), both receivers on loopback with their storage under `work` (one disk), each
+    run on a fresh receiver with empty storage. One untimed warm-up run of each first (page
+    cache, imports, first-run effects); then the order alternates run by run (atlasflow first
+    in even runs, Orthanc first in odd ones) so that neither always follows the other's disk
+    write-back. The load average before and after is recorded: 2 shared cores."""
     files = build_ct_series(work / "series", n_slices)
     total_bytes = sum(p.stat().st_size for p in files)
     times: dict[str, list[float]] = {"atlasflow": [], "orthanc": []}
+    receivers = {"atlasflow": _run_atlasflow, "orthanc": _run_orthanc}
+    load_before = os.getloadavg()
+    if warmup:
+        for name, run in receivers.items():
+            run(files, work / f"{name}-warmup")
     for i in range(runs):
-        with IngestProcess(work / f"ingest-{i}") as ingest:
-            times["atlasflow"].append(_time_storescu(files, ingest.dicom_port, "ATLASFLOW"))
-            count = _series_instance_count(ingest.target)
-            if count != n_slices:
-                raise RuntimeError(f"atlasflow holds {count} instances, {n_slices} sent")
-        with OrthancProcess(work / f"orthanc-{i}") as orthanc:
-            times["orthanc"].append(_time_storescu(files, orthanc.dicom_port, "ORTHANC"))
-            stats = orthanc.get("/statistics")
-            assert isinstance(stats, dict)
-            if int(stats["CountInstances"]) != n_slices:
-                raise RuntimeError(f"Orthanc holds {stats['CountInstances']} instances")
-    result: dict = {"slices": n_slices, "bytes": total_bytes, "runs": runs, "seconds": times}
+        order = ["atlasflow", "orthanc"] if i % 2 == 0 else ["orthanc", "atlasflow"]
+        for name in order:
+            times[name].append(receivers[name](files, work / f"{name}-{i}"))
+    result: dict = {"slices": n_slices, "bytes": total_bytes, "runs": runs, "seconds": times,
+                    "warmup": warmup, "load_avg_before": load_before,
+                    "load_avg_after": os.getloadavg()}
     for name, ts in times.items():
         med = statistics.median(ts)
         result[name] = {"median_s": med, "instances_per_s": n_slices / med,
@@ -333,10 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the result here")
     parser.add_argument("--workdir", type=Path, help="keep files here (default: a temp dir)")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up runs")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = args.workdir or Path(tmp)
-        result = run_benchmark(args.slices, args.runs, work)
+        result = run_benchmark(args.slices, args.runs, work, warmup=not args.no_warmup)
     for name in ("atlasflow", "orthanc"):
         r = result[name]
         print(f"{name:10s} {args.slices} instances, {result['bytes'] / 1e6:.1f} MB: "
@@ -344,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['mb_per_s']:.1f} MB/s  (runs: "
               + ", ".join(f"{t:.2f}" for t in result["seconds"][name]) + ")")
     print(f"ratio atlasflow/orthanc (instances/s): {result['ratio_instances_per_s']:.2f}")
+    print("load average (1, 5, 15 min) before: %.2f %.2f %.2f, after: %.2f %.2f %.2f"
+          % (*result["load_avg_before"], *result["load_avg_after"]))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
