@@ -505,13 +505,26 @@ def _decisive(attention: np.ndarray, evidence: np.ndarray, voxel_ml: float) -> n
     return keep[lab]
 
 
+def _solid(mask: np.ndarray, voxel_ml: float) -> np.ndarray:
+    """Enhanced mode: the parts of ``mask`` (the voxels where the models' decisions differ) that
+    survive one 3x3x3 opening, in components of at least `MIN_CONTESTED_ML` * 2: where a 2-of-3
+    (or 1-of-3) error of the ensemble lies, minus the one-voxel boundary wobble."""
+    opened = ndimage.binary_opening(mask, structure=_CUBE)
+    lab, n = ndimage.label(opened, structure=_CUBE)
+    if n == 0:
+        return opened
+    keep = np.bincount(lab.ravel(), minlength=n + 1) * voxel_ml >= 2 * MIN_CONTESTED_ML
+    keep[0] = False
+    return keep[lab]
+
+
 def rank_case(case: Any, affine: np.ndarray, *, mode: str = "reference",
               prior: PopulationPrior | None = None) -> RankedCase:
     """Rank one case from its reference attention (`atlasflow.common.attention.CaseAttention`).
 
     reference: the recipe's priority and organ order; organs carry the terms as reasons.
     enhanced: keeps the attention components where the models' decisions differ or organs
-    overlap (`_decisive`), and adds the plausibility findings of the ensemble masks (`assess`): the organ score is
+    overlap (`_decisive`), adds the solid parts of the voxels where they differ (`_solid`), and adds the plausibility findings of the ensemble masks (`assess`): the organ score is
     its attention volume (ml) plus the findings' penalties; the attention grows by the regions
     the findings point at (heatmap 0.5 there unless already higher); FOV cuts are reported only.
     """
@@ -548,8 +561,11 @@ def rank_case(case: Any, affine: np.ndarray, *, mode: str = "reference",
             continue
         att = r.attention
         a = att.attention.cpu().numpy() if att is not None else np.zeros(r.ensemble.shape, dtype=bool)
-        if mode == "enhanced" and att is not None and r.contested is not None and a.any():
-            a = _decisive(a, r.contested.cpu().numpy() | att.overlap.cpu().numpy(), voxel_ml)
+        if mode == "enhanced" and att is not None and r.contested is not None:
+            contested = r.contested.cpu().numpy()
+            if a.any():
+                a = _decisive(a, contested | att.overlap.cpu().numpy(), voxel_ml)
+            a = a | _solid(contested, voxel_ml)
         h = att.heatmap.cpu().numpy() if att is not None else np.zeros(a.shape, dtype=np.float32)
         reasons: list[str] = []
         name = ORGANS[k]
