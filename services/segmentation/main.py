@@ -50,6 +50,7 @@ class SegmentationSettings(ServiceSettings):
     max_attempts: int = 8
     triton_timeout_s: float = 900.0
     triton_shm: str = "auto"
+    triton_access_token: str = ""  # = the Triton server's ATLASFLOW_TRITON_ACCESS_TOKEN (shared memory)
     triton_connect_retries: int = 2
     retry_base_s: float = 2.0
     max_backoff_s: float = 60.0
@@ -102,6 +103,7 @@ async def build_app(settings: SegmentationSettings, *, metrics: Metrics | None =
         segmenters = {
             c.version: TritonSegmenter(settings.triton_url, c.model_name, timeout_s=settings.triton_timeout_s,
                                        shm=settings.triton_shm,
+                                       access_token=settings.triton_access_token or None,
                                        connect_retries=settings.triton_connect_retries)
             for c in configs}
     labels_channel = aio_channel(settings.labels_target, settings.max_message_bytes)

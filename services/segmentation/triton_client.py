@@ -29,6 +29,10 @@ registered with ``register_system_shared_memory`` and unregistered + unlinked af
 so the gRPC messages carry only tensor metadata. If creating or registering a region fails
 (server on another host, ``/dev/shm`` too small, ...), the call falls back to gRPC payloads,
 and in ``"auto"`` mode later calls skip shared memory.
+PyTriton restricts Triton's shared-memory protocol to holders of its access token: give the
+server ``ATLASFLOW_TRITON_ACCESS_TOKEN`` (`triton_server`) and the client the same value
+(``access_token=`` or ``ATLASFLOW_SEGMENTATION_TRITON_ACCESS_TOKEN``); without it the
+registration is refused and the client falls back to gRPC payloads.
 
 Message size: gRPC payloads need ``max_message_bytes`` above the largest request/response:
 a 512x512x600 int16 CT is 315 MB in and 2 x 157 MB (uint8 labels + heatmap) out; the
@@ -56,6 +60,7 @@ from atlasflow.segmentation.pipeline import STATS_COLUMNS, PipelineOutput, label
 
 LOG = logging.getLogger(__name__)
 SHM_MODES = ("auto", "on", "off")
+ACCESS_HEADER = "triton-grpc-protocol-triton-access-token"  # Triton's gRPC form of triton-access-token
 OUTPUT_NAMES = ("labels", "heatmap", "organ_stats", "weights_trained")
 _SERVER_ERROR = re.compile(r"ATLASFLOW_ERROR ([A-Z_]+) ([A-Z0-9_]+): ([^\n]*)")
 _CODE_CLASSES: dict[str, type[AtlasflowError]] = {
@@ -95,11 +100,13 @@ class TritonSegmenter:
         shm: str | None = None,
         connect_retries: int = 2,
         retry_backoff_s: float = 0.5,
+        access_token: str | None = None,
     ) -> None:
         """``url``: ``host:port`` of Triton's gRPC endpoint; ``timeout_s``: per-call deadline;
         ``tracer_provider``: optional OpenTelemetry TracerProvider (default: the global one);
         ``shm``: ``auto``/``on``/``off`` (default: ``ATLASFLOW_SEGMENTATION_TRITON_SHM`` or
-        ``auto``); ``connect_retries``/``retry_backoff_s``: retries of an unreachable server."""
+        ``auto``); ``connect_retries``/``retry_backoff_s``: retries of an unreachable server;
+        ``access_token``: Triton access token for restricted protocols (shared memory)."""
         import tritonclient.grpc as grpcclient
 
         self.url = _url_target(url)
@@ -114,6 +121,8 @@ class TritonSegmenter:
         self.connect_retries = max(0, int(connect_retries))
         self.retry_backoff_s = float(retry_backoff_s)
         self.last_transport = ""  # "shm" or "grpc": how the last successful call moved tensors
+        token = access_token or os.environ.get("ATLASFLOW_SEGMENTATION_TRITON_ACCESS_TOKEN") or ""
+        self._auth_headers = {ACCESS_HEADER: token} if token else {}
         self._client = grpcclient.InferenceServerClient(
             self.url,
             channel_args=[
@@ -307,10 +316,12 @@ class TritonSegmenter:
                     handles.append((name, shm.create_shared_memory_region(name, "/" + name, size)))
                 shm.set_shared_memory_region(handles[0][1], list(in_arrays))
                 for (name, _), size in zip(handles, (sum(in_sizes), sum(out_sizes))):
-                    self._client.register_system_shared_memory(name, "/" + name, size, client_timeout=10.0)
+                    self._client.register_system_shared_memory(
+                        name, "/" + name, size, headers=self._auth_headers or None, client_timeout=10.0)
                     registered.append(name)
             except (shm.SharedMemoryException, OSError, InferenceServerException) as exc:
-                if isinstance(exc, InferenceServerException) and "UNAVAILABLE" in str(exc.status() or ""):
+                if (isinstance(exc, InferenceServerException) and "UNAVAILABLE" in str(exc.status() or "")
+                        and "restricted" not in str(exc.message() or "")):
                     raise  # server down: not a shared-memory problem
                 raise _ShmSetupError(str(exc)) from None
             inputs = self._inputs()
@@ -344,7 +355,8 @@ class TritonSegmenter:
         finally:
             for name in registered:
                 try:
-                    self._client.unregister_system_shared_memory(name, client_timeout=10.0)
+                    self._client.unregister_system_shared_memory(
+                        name, headers=self._auth_headers or None, client_timeout=10.0)
                 except InferenceServerException:
                     pass
             for _, handle in handles:

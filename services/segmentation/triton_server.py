@@ -23,6 +23,12 @@ Environment: Triton's Python-backend stub links against the system libpython; th
 inherits it), otherwise model loading fails with
 ``'_thread.RLock' object has no attribute '_recursion_count'``.
 
+Access token: PyTriton restricts Triton's shared-memory, model-repository and statistics
+protocols to holders of an access token; ``ATLASFLOW_TRITON_ACCESS_TOKEN`` sets it (otherwise
+PyTriton draws a random one and clients cannot register shared memory: they fall back to
+gRPC payloads). Give the segmentation service the same value
+(``ATLASFLOW_SEGMENTATION_TRITON_ACCESS_TOKEN``) to use shared memory when co-located.
+
 Message size: Triton's gRPC endpoint accepts messages up to 2 GiB - 1 (its built-in
 ``MAX_GRPC_MESSAGE_SIZE``; PyTriton 0.7 exposes no setting), enough for a 512x512x600 int16 CT
 (~315 MB); the client raises its own limits (`TritonSegmenter(max_message_bytes=...)`).
@@ -146,7 +152,7 @@ def serve(
 ) -> None:
     """Load the pipelines, start Triton, print READY_LINE, block until SIGTERM/SIGINT or
     ``stop_event``, then stop Triton cleanly."""
-    from pytriton.triton import Triton, TritonConfig
+    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
     ensure_libpython_on_ld_path()
     stop = stop_event or threading.Event()
@@ -163,7 +169,8 @@ def serve(
         exit_on_error=True,
         strict_readiness=True,
     )
-    triton = Triton(config=config)
+    token = os.environ.get("ATLASFLOW_TRITON_ACCESS_TOKEN") or None
+    triton = Triton(config=config, security_config=TritonSecurityConfig(access_token=token) if token else None)
     try:
         names = [bind_pipeline(triton, p) for p in pipelines]
         triton.run()
