@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -52,6 +53,9 @@ class LocalDeployment:
     ensemble: str = "abdomen-trio-v1"
     quiet_period_s: float = 5.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Shared with Triton so that the co-located segmentation service may register system
+    # shared memory (PyTriton restricts it to token holders); new per deployment.
+    triton_token: str = field(default_factory=lambda: secrets.token_hex(16))
 
     @classmethod
     def create(cls, state_dir: Path, auto_ports: bool, **kw: object) -> LocalDeployment:
@@ -62,8 +66,11 @@ class LocalDeployment:
 
     @classmethod
     def load(cls, state_dir: Path) -> LocalDeployment:
-        doc = json.loads((Path(state_dir) / "run" / "endpoints.json").read_text())
-        return cls(Path(state_dir).resolve(), doc["ports"], doc["ensemble"], doc["quiet_period_s"])
+        run = Path(state_dir) / "run"
+        doc = json.loads((run / "endpoints.json").read_text())
+        token = (run / "triton.token").read_text().strip()
+        return cls(Path(state_dir).resolve(), doc["ports"], doc["ensemble"], doc["quiet_period_s"],
+                   triton_token=token)
 
     # ------------------------------------------------------------------ addresses
     def target(self, service: str) -> str:
@@ -85,6 +92,8 @@ class LocalDeployment:
     def _env(self, name: str) -> dict[str, str]:
         env = {**os.environ, **self.extra_env}
         env["OTEL_SERVICE_NAME"] = f"atlasflow-{name}"
+        if name == "triton":
+            env["ATLASFLOW_TRITON_ACCESS_TOKEN"] = self.triton_token
         # Triton's Python-backend stub links against the system libpython (DESIGN.md).
         libdir = sysconfig.get_config_var("LIBDIR") or ""
         env["LD_LIBRARY_PATH"] = ":".join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
@@ -100,7 +109,8 @@ class LocalDeployment:
                              "METRICS_PORT": p["segmentation_metrics"],
                              "TRITON_URL": self.target("triton_grpc"), "ENSEMBLE": self.ensemble,
                              "LABELS_TARGET": self.target("labels"),
-                             "RANKING_TARGET": self.target("ranking")},
+                             "RANKING_TARGET": self.target("ranking"),
+                             "TRITON_ACCESS_TOKEN": self.triton_token},
             "ranking": {"GRPC_PORT": p["ranking"], "METRICS_PORT": p["ranking_metrics"]},
             "labels": {"GRPC_PORT": p["labels"], "METRICS_PORT": p["labels_metrics"]},
         }
@@ -127,6 +137,9 @@ class LocalDeployment:
         (run / "endpoints.json").write_text(json.dumps({
             "ports": self.ports, "ensemble": self.ensemble,
             "quiet_period_s": self.quiet_period_s, "endpoints": self.endpoints()}, indent=2))
+        token_file = run / "triton.token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(self.triton_token)
         pids = self.pids()
         for name in names or START_ORDER:
             if name in pids and _alive(pids[name]):

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import grpc
 import numpy as np
-from google.protobuf import timestamp_pb2
+from google.protobuf import json_format, timestamp_pb2
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
@@ -20,6 +20,7 @@ from atlasflow.common.errors import AtlasflowError, InvalidArgument, NotFound
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.organs import ORGANS
+from atlasflow.common.plausibility import PopulationPrior, organ_findings
 from atlasflow.common.telemetry import context_from_traceparent, current_traceparent
 from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.v1 import labels_pb2
@@ -111,10 +112,13 @@ class Worker:
                  segmenter: Segmenter | Mapping[str, Segmenter], metrics: Metrics,
                  *, members: list[str] | Mapping[str, list[str]], max_attempts: int = 8,
                  max_backoff_s: float = 60.0, retry_base_s: float = 2.0, poll_s: float = 1.0,
-                 on_handoff: Callable[[], None] = lambda: None) -> None:
+                 on_handoff: Callable[[], None] = lambda: None,
+                 prior: PopulationPrior | None = None) -> None:
         self.jobs = jobs
         self.blobs = blobs
         self.segmenter = segmenter
+        # Population statistics for the plausibility findings (bundled prior by default).
+        self.prior = prior or PopulationPrior.load()
         self.metrics = metrics
         self.members = members
         self.max_attempts = max_attempts
@@ -179,6 +183,27 @@ class Worker:
         finally:
             otel_context.detach(token)
 
+    def _organ_attention(self, organs: list[dict], labels: np.ndarray, heatmap: np.ndarray,
+                         affine: np.ndarray, labelled: list[int]
+                         ) -> list[ranking_pb2.OrganAttention]:
+        """Attention statistics from Triton plus the plausibility findings (score, reasons,
+        pointer) that `atlasflow.common.plausibility` derives from the native-grid outputs."""
+        with tracer.start_as_current_span("segmentation.findings"):
+            findings = {f.organ: f for f in organ_findings(labels, heatmap, affine, self.prior,
+                                                           labelled)}
+        out = []
+        for o in organs:
+            msg = ranking_pb2.OrganAttention(organ=o["organ"], attention_ml=o["attention_ml"],
+                                             heatmap_ml=o["heatmap_ml"], volume_ml=o["volume_ml"])
+            f = findings.get(o["organ"])
+            if f is not None:
+                msg.score = float(f.score)
+                msg.reasons.extend(f.reasons)
+                if f.pointer:
+                    json_format.ParseDict(f.pointer, msg.pointer)
+            out.append(msg)
+        return out
+
     def _run(self, job: Job) -> None:
         volume, affine = from_nifti_bytes(self.blobs.get(job.volume_digest))
         if volume.ndim != 3:
@@ -216,9 +241,8 @@ class Worker:
             request_id=job.job_id)
         ranking_req = ranking_pb2.SubmitAttentionRequest(
             case_id=job.case_id, series_id=job.series_id, source_job_id=job.job_id,
-            organs=[ranking_pb2.OrganAttention(organ=o["organ"], attention_ml=o["attention_ml"],
-                                               heatmap_ml=o["heatmap_ml"], volume_ml=o["volume_ml"])
-                    for o in organs],
+            organs=self._organ_attention(organs, out.labels, out.heatmap, affine,
+                                         job.labelled_organs),
             heatmap=_ref(heat_blob.digest, heat_blob.size_bytes),
             labelled_organs=job.labelled_organs)
         handed = self.jobs.succeed(job.job_id, result, [

@@ -184,7 +184,17 @@ def test_study_flows_through_every_service_and_geometry_round_trips(deployment, 
 
     # The worklist entry is ranked and derived from the attention statistics.
     assert item.rank >= 1 and len(item.organs) == 9
-    assert item.priority == pytest.approx(sum(o.attention_ml for o in item.organs), rel=1e-6)
+    # Plausibility findings travel with the attention: a score, reasons and a pointer (where
+    # to look) for each present organ; the case priority sums the organs' scores.
+    scored = [o for o in item.organs if o.HasField("score")]
+    assert scored, "no organ carries a plausibility score"
+    assert all(o.reasons for o in scored)
+    assert any(o.HasField("pointer") for o in scored)
+    for o in scored:
+        if o.HasField("pointer"):
+            b = o.pointer.voxel_box
+            assert 0 <= b.x_min <= b.x_max < ct.shape[0] and 0 <= b.z_min <= b.z_max < ct.shape[2]
+    assert item.priority == pytest.approx(sum(o.score for o in scored), rel=1e-6)
     heat_ml = [o.heatmap_ml for o in item.organs]
     assert heat_ml == sorted(heat_ml, reverse=True)
 
