@@ -12,6 +12,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -51,6 +52,11 @@ def env(tmp_path_factory):  # type: ignore[no-untyped-def]
     try:
         loaded = bench.storescu(a + b, orthanc.dicom_port, aec="ORTHANC")
         assert loaded.returncode == 0, loaded.stderr[-2000:]
+        # Wait until the PACS has indexed both series (its REST API) before querying it.
+        deadline = time.monotonic() + 30
+        while len(orthanc.get("/series")) < 2 or len(orthanc.get("/instances")) < N_A + N_B:
+            assert time.monotonic() < deadline, "Orthanc did not index the loaded series"
+            time.sleep(0.2)
         yield {"ingest": ingest, "orthanc": orthanc, "study": study,
                "series_a": bench.bench_uid("qr-a", "series"),
                "series_b": bench.bench_uid("qr-b", "series")}
