@@ -156,8 +156,11 @@ def run_demo(out: Path, *, keep_running: bool = False) -> int:
     trained = load_ensemble("abdomen-trio-v1").weights_trained
     say("atlasflow demo: bundled abdominal CT -> DICOM C-STORE -> ingest -> segmentation "
         "(Triton) -> labels + ranking -> export")
-    if not trained:
-        say("NOTE: the ensemble runs UNTRAINED (randomly initialised) demo weights: the labels "
+    if trained:
+        say("NOTE: DEMO-ONLY weights, trained on this very CT (services/segmentation/weights/"
+            "README.md): the labels look right here and do not generalise to other scans.")
+    else:
+        say("NOTE: the ensemble runs UNTRAINED (randomly initialised) weights: the labels "
             "and the attention map show the plumbing, not anatomy.")
     state_dir = out / "state"
     if state_dir.exists():
@@ -182,7 +185,7 @@ def run_demo(out: Path, *, keep_running: bool = False) -> int:
         ct, affine = from_nifti_bytes((export_dir / case_id / "ct.nii.gz").read_bytes())
         labels, _ = from_nifti_bytes((export_dir / case_id / "combined_labels.nii.gz").read_bytes())
         heat, _ = from_nifti_bytes(LocalBlobStore(dep.blob_dir).get(item.heatmap.digest))
-        title = f"atlasflow demo - case {case_id}" + ("" if trained else " - UNTRAINED models")
+        title = f"atlasflow demo - case {case_id}" + (" - DEMO-ONLY weights" if trained else " - UNTRAINED models")
         png = render_montage(ct, labels, heat, affine, out / "montage.png", title=title)
         say(f"montage: {png}")
         say(f"dataset: {export_dir / case_id} (ct.nii.gz, combined_labels.nii.gz, "

@@ -29,7 +29,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from atlasflow.cli.demo_series import SENTINEL_PATIENT_DATA, write_demo_series
 from atlasflow.cli.local import LocalDeployment, free_ports
-from atlasflow.cli.upload import UploadError, send_files
+from atlasflow.cli.upload import UploadError, send_files, upload_requests
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.nifti import from_nifti_bytes
 from atlasflow.common.server import error_info_of
@@ -284,7 +284,7 @@ def test_bad_input_is_rejected_and_nothing_accepted_is_lost(deployment, first_ca
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"this is not DICOM at all" * 10)
     with pytest.raises(grpc.RpcError) as err:  # the raw stream: status + ErrorInfo
-        send_files([*good, junk], deployment.target("ingest"), resumable=False)
+        ingest.UploadInstances(upload_requests([*good, junk]), timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     info = error_info_of(err.value)
     assert info is not None and info.reason == "NOT_DICOM" and info.domain == "atlasflow.ingest"

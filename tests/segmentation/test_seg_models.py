@@ -47,13 +47,13 @@ def _forward(net: torch.nn.Module) -> torch.Tensor:
         return net(x)
 
 
-def test_shipped_ensemble_is_the_untrained_trio() -> None:
+def test_shipped_ensemble_is_the_trained_trio() -> None:
     assert "abdomen-trio-v1" in available_versions()
     cfg = load_ensemble("abdomen-trio-v1")
     assert cfg.version == "abdomen-trio-v1"
     assert cfg.model_name == triton_model_name(cfg.version) == "abdomen_trio_v1"
     assert [m.architecture for m in cfg.members] == ["monai.UNet", "monai.SwinUNETR", "monai.DynUNet"]
-    assert not cfg.weights_trained
+    assert cfg.weights_trained  # demo weights (services/segmentation/weights/README.md)
     for m in cfg.members:
         assert m.preprocessing.hu_window == (-175.0, 250.0)
         if m.architecture == "monai.SwinUNETR":
@@ -149,15 +149,15 @@ def test_ensemble_with_all_checkpoints_reports_trained_weights(tmp_path: Path) -
     source = load_ensemble("abdomen-trio-v1")
     raw = json.loads(Path(source.source).read_text())  # type: ignore[arg-type]
     for member_raw, member in zip(raw["members"], source.members):
-        torch.save(load_member(dataclasses.replace(member, seed=member.seed + 1)).state_dict(), tmp_path / f"{member.name}.pt")
+        torch.save(load_member(dataclasses.replace(member, seed=member.seed + 1, checkpoint=None)).state_dict(), tmp_path / f"{member.name}.pt")
         member_raw["checkpoint"] = f"{member.name}.pt"  # relative to the ensemble file
     raw["version"] = "abdomen-trio-test"
     path = tmp_path / "abdomen-trio-test.json"
     path.write_text(json.dumps(raw))
     pipeline = EnsemblePipeline(str(path))
     assert pipeline.weights_trained and pipeline.config.model_name == "abdomen_trio_test"
-    untrained = EnsemblePipeline("abdomen-trio-v1")
-    assert not untrained.weights_trained
-    w_trained = next(iter(pipeline.members[0][1].parameters()))
-    w_seeded = next(iter(untrained.members[0][1].parameters()))
-    assert not torch.equal(w_trained, w_seeded)
+    shipped = EnsemblePipeline("abdomen-trio-v1")  # the demo checkpoints
+    assert shipped.weights_trained
+    w_test = next(iter(pipeline.members[0][1].parameters()))
+    w_shipped = next(iter(shipped.members[0][1].parameters()))
+    assert not torch.equal(w_test, w_shipped)

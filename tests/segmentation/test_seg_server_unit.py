@@ -50,7 +50,7 @@ def test_infer_runs_pipeline_in_span_of_incoming_trace(infer_and_spans) -> None:
     (resp,) = infer([_request({"traceparent": f"00-{trace_id}-{parent_id}-01", "other": 3})])
     assert resp["labels"].shape == (30, 26, 20) and resp["labels"].dtype == np.uint8
     assert resp["heatmap"].dtype == np.uint8 and resp["organ_stats"].shape == (9, 4)
-    assert resp["weights_trained"].tolist() == [0]
+    assert resp["weights_trained"].tolist() == [1]
     (span,) = exporter.get_finished_spans()
     assert span.name == "segmentation.pipeline"
     assert format(span.context.trace_id, "032x") == trace_id
