@@ -122,11 +122,18 @@ def wait_for_pipeline(dep: LocalDeployment, timeout_s: float = 600.0) -> tuple[s
 def print_worklist(dep: LocalDeployment) -> list[ranking_pb2.WorklistItem]:
     ranking = ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(dep.target("ranking")))
     resp = ranking.ListWorklist(ranking_pb2.ListWorklistRequest(page_size=20))
-    print(f"\nRanked worklist ({resp.total_size} case(s); priority = attention volume, ml):")
-    print(f"{'rank':>4}  {'case':28s} {'priority ml':>11}  organs to review first (heatmap ml)")
+    print(f"\nRanked worklist ({resp.total_size} case(s); priority = attention ml + plausibility "
+          "penalties over the organs the source did not label):")
+    print(f"{'rank':>4}  {'case':28s} {'priority':>9}  organs to review first (heatmap ml)")
     for item in resp.items:
         top = ", ".join(f"{ORGANS[o.organ]} {o.heatmap_ml:.1f}" for o in item.organs[:3])
-        print(f"{item.rank:>4}  {item.case_id:28s} {item.priority:>11.1f}  {top}")
+        print(f"{item.rank:>4}  {item.case_id:28s} {item.priority:>9.1f}  {top}")
+        for o in item.organs[:3]:
+            where = ""
+            if o.HasField("pointer"):
+                where = f" [slices {o.pointer.slices.first}-{o.pointer.slices.last}]"
+            if o.reasons:
+                print(f"{'':45s}- {'; '.join(o.reasons[:2])}{where}")
     print()
     return list(resp.items)
 

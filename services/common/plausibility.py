@@ -418,14 +418,17 @@ def _box_of(mask: np.ndarray) -> Box | None:
 
 def organ_findings(labels: np.ndarray, heatmap: np.ndarray, affine: np.ndarray,
                    prior: PopulationPrior | None = None,
-                   labelled_organs: Iterable[int] = (), *, margin: int = 3) -> list[OrganFinding]:
+                   labelled_organs: Iterable[int] = (), *, margin: int = 3,
+                   exact_ml: Mapping[int, tuple[float, float]] | None = None) -> list[OrganFinding]:
     """Per-organ score, reasons and pointer from the segmentation service's native-grid outputs.
 
     ``labels``: ``(X, Y, Z)`` uint8 AbdomenAtlas ids (final ensemble labels); ``heatmap``:
     ``(X, Y, Z)`` uint8 0..255 (max over organs of the per-organ heatmaps); ``affine``: voxel ->
     RAS mm; ``prior``: population statistics (default: the bundled prior); ``labelled_organs``:
     ids the source labels (skipped). A heatmap voxel counts for organ k when it lies in k's
-    bounding box grown by ``margin`` voxels (the per-organ maps are not in the output). Returns
+    bounding box grown by ``margin`` voxels (the per-organ maps are not in the output), unless
+    ``exact_ml`` gives organ k's (attention_ml, heatmap_ml) as computed next to the
+    probabilities (the Triton pipeline's statistics): then those are reported and scored. Returns
     one `OrganFinding` per present, unlabelled organ, by decreasing score. CPU, numpy + scipy.
     """
     prior = prior or PopulationPrior.load()
@@ -444,6 +447,8 @@ def organ_findings(labels: np.ndarray, heatmap: np.ndarray, affine: np.ndarray,
         att = h > 0
         att_ml = float(att.sum()) * g.voxel_ml
         heat_ml = float(h.sum(dtype=np.float64)) / 255.0 * g.voxel_ml
+        if exact_ml is not None and k in exact_ml:
+            att_ml, heat_ml = (float(v) for v in exact_ml[k])
         fs = found.get(k, [])
         region = np.zeros(att.shape, dtype=bool)
         inner = tuple(slice(b.start - gb.start, b.stop - gb.start) for b, gb in zip(g.box, grown))

@@ -189,8 +189,9 @@ class Worker:
         """Attention statistics from Triton plus the plausibility findings (score, reasons,
         pointer) that `atlasflow.common.plausibility` derives from the native-grid outputs."""
         with tracer.start_as_current_span("segmentation.findings"):
+            exact = {o["organ"]: (o["attention_ml"], o["heatmap_ml"]) for o in organs}
             findings = {f.organ: f for f in organ_findings(labels, heatmap, affine, self.prior,
-                                                           labelled)}
+                                                           labelled, exact_ml=exact)}
         out = []
         for o in organs:
             msg = ranking_pb2.OrganAttention(organ=o["organ"], attention_ml=o["attention_ml"],
