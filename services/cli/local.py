@@ -32,6 +32,16 @@ DEFAULT_PORTS = {
     "labels_metrics": 9104,
 }
 START_ORDER = ["triton", "labels", "ranking", "segmentation", "ingest"]
+# glibc malloc settings for the processes that run the models: without them every sliding-window
+# step of an inference thread maps and unmaps its large buffers again (page faults and zeroing
+# showed as ~100 % system CPU), and the ensemble took 10.0 s through Triton on the demo CT vs
+# 6.0 s with them (same machine, same weights). Explicit values in the environment win.
+MALLOC_ENV = {
+    "MALLOC_ARENA_MAX": "2",
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
+    "MALLOC_TRIM_THRESHOLD_": str(4 * 1024 * 1024 * 1024),
+    "MALLOC_TOP_PAD_": str(512 * 1024 * 1024),
+}
 
 
 def free_ports(n: int) -> list[int]:
@@ -90,7 +100,7 @@ class LocalDeployment:
 
     # ------------------------------------------------------------------ processes
     def _env(self, name: str) -> dict[str, str]:
-        env = {**os.environ, **self.extra_env}
+        env = {**MALLOC_ENV, **os.environ, **self.extra_env}
         env["OTEL_SERVICE_NAME"] = f"atlasflow-{name}"
         if name == "triton":
             env["ATLASFLOW_TRITON_ACCESS_TOKEN"] = self.triton_token
