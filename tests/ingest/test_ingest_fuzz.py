@@ -10,7 +10,8 @@ internal error; the service still answers afterwards.
 
 from __future__ import annotations
 
-import importlib.util
+from conftest import load_benchmark
+
 import random
 import struct
 import sys
@@ -26,10 +27,7 @@ from atlasflow.cli.upload import upload_requests
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("bench_ingest", REPO / "benchmarks" / "bench_ingest.py")
-bench = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-sys.modules["bench_ingest"] = bench
-_spec.loader.exec_module(bench)  # type: ignore[union-attr]
+bench = load_benchmark("bench_ingest")
 
 N_FLIPS = 40
 

@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import importlib.util
+from conftest import load_benchmark
+
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("bench_ingest", REPO / "benchmarks" / "bench_ingest.py")
-bench = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-sys.modules["bench_ingest"] = bench
-_spec.loader.exec_module(bench)  # type: ignore[union-attr]
+bench = load_benchmark("bench_ingest")
 
 
 def test_benchmark_dry_run(tmp_path):  # type: ignore[no-untyped-def]

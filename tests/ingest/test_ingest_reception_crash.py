@@ -8,7 +8,8 @@ reported, no conflicts, and the series assembles from the stored blobs.
 
 from __future__ import annotations
 
-import importlib.util
+from conftest import load_benchmark
+
 import os
 import shutil
 import subprocess
@@ -23,10 +24,7 @@ from atlasflow.ingest.store import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("bench_ingest", REPO / "benchmarks" / "bench_ingest.py")
-bench = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-sys.modules["bench_ingest"] = bench
-_spec.loader.exec_module(bench)  # type: ignore[union-attr]
+bench = load_benchmark("bench_ingest")
 
 N_SLICES = 60
 KILL_AFTER = 20

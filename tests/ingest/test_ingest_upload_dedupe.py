@@ -9,7 +9,8 @@ a recorded conflict on either path, with the first instance kept.
 
 from __future__ import annotations
 
-import importlib.util
+from conftest import load_benchmark
+
 import sys
 from pathlib import Path
 
@@ -22,12 +23,7 @@ from atlasflow.ingest.store import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
-if "bench_ingest" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location("bench_ingest", REPO / "benchmarks" / "bench_ingest.py")
-    _mod = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-    sys.modules["bench_ingest"] = _mod
-    _spec.loader.exec_module(_mod)  # type: ignore[union-attr]
-bench = sys.modules["bench_ingest"]
+bench = load_benchmark("bench_ingest")
 
 N = 4
 

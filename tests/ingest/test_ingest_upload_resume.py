@@ -4,8 +4,9 @@ OFFSET_MISMATCH and the expected offset; a completed upload is idempotent."""
 
 from __future__ import annotations
 
+from conftest import load_benchmark
+
 import hashlib
-import importlib.util
 import sys
 import threading
 import time
@@ -20,12 +21,7 @@ from atlasflow.ingest.store import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
-if "bench_ingest" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location("bench_ingest", REPO / "benchmarks" / "bench_ingest.py")
-    _mod = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-    sys.modules["bench_ingest"] = _mod
-    _spec.loader.exec_module(_mod)  # type: ignore[union-attr]
-bench = sys.modules["bench_ingest"]
+bench = load_benchmark("bench_ingest")
 
 CHUNK = 64 * 1024
 SENT_CHUNKS = 4  # of the second instance, before the cut
