@@ -17,6 +17,12 @@ volume (the demo CT by default). Runs alternate (service, in-process, ...) so lo
 a shared machine hit both; prints the median of ``--runs`` each and the ratio (goal <= 1.10).
 The first call of each path is a warm-up and is not timed.
 
+Environment, the same for both sides: the benchmark re-executes itself once with
+`atlasflow.cli.local.MALLOC_ENV` (the glibc settings `atlasflow up` gives every process) and
+``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads of one side must not spin on the cores the
+other side computes on) unless they are already set; the children inherit it. ``--raw-env``
+skips this.
+
 ``--dry-run``: a tiny 2-member ensemble (written to a temp dir), a 40x34x26 synthetic volume,
 one timed run: checks the harness end to end in a few seconds.
 """
@@ -209,6 +215,16 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def _tuned_env() -> dict[str, str] | None:
+    """The environment to re-execute with, or None when it is already in place."""
+    from atlasflow.cli.local import MALLOC_ENV
+
+    wanted = {**MALLOC_ENV, "OMP_WAIT_POLICY": "PASSIVE"}
+    if all(k in os.environ for k in wanted):
+        return None
+    return {**wanted, **os.environ}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ensemble", default="abdomen-trio-v1")
@@ -218,7 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ct", type=Path, default=DEMO_CT)
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line too")
+    parser.add_argument("--raw-env", action="store_true", help="do not apply MALLOC_ENV / OMP_WAIT_POLICY (see module doc)")
     args = parser.parse_args(argv)
+    if not args.raw_env and argv is None and (env := _tuned_env()) is not None:
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    tuned = {k: os.environ[k] for k in sorted(os.environ) if k.startswith("MALLOC_") or k == "OMP_WAIT_POLICY"}
+    print("environment (both sides): " + (" ".join(f"{k}={v}" for k, v in tuned.items()) or "as inherited"))
     r = run(args)
     print(f"ensemble {r['ensemble']}  volume {tuple(r['shape'])}  triton={r['triton']} shm={r['shm']}")
     print(f"service path (SegmentSeries -> SUCCEEDED): median {r['service_median_s']:.3f} s  runs {[round(x, 3) for x in r['service_s']]}")

@@ -35,9 +35,13 @@ START_ORDER = ["triton", "labels", "ranking", "segmentation", "ingest"]
 # glibc malloc settings for the processes that run the models: without them every sliding-window
 # step of an inference thread maps and unmaps its large buffers again (page faults and zeroing
 # showed as ~100 % system CPU), and the ensemble took 10.0 s through Triton on the demo CT vs
-# 6.0 s with them (same machine, same weights). Explicit values in the environment win.
+# 6.0 s with them (same machine, same weights). One arena: PyTriton calls the pipeline on a
+# handler thread, and a thread arena is an mmap'd heap that TOP_PAD/TRIM do not keep mapped;
+# with MALLOC_ARENA_MAX=2 the Triton process still spent 1.3-1.5 s of system CPU per demo CT
+# against 0.3 s in-process, with 1 it spends 0.2-0.4 s (same user CPU; measured per process
+# from /proc during direct Triton calls). Explicit values in the environment win.
 MALLOC_ENV = {
-    "MALLOC_ARENA_MAX": "2",
+    "MALLOC_ARENA_MAX": "1",
     "MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
     "MALLOC_TRIM_THRESHOLD_": str(4 * 1024 * 1024 * 1024),
     "MALLOC_TOP_PAD_": str(512 * 1024 * 1024),
@@ -122,7 +126,8 @@ class LocalDeployment:
                              "RANKING_TARGET": self.target("ranking"),
                              "TRITON_ACCESS_TOKEN": self.triton_token},
             "ranking": {"GRPC_PORT": p["ranking"], "METRICS_PORT": p["ranking_metrics"]},
-            "labels": {"GRPC_PORT": p["labels"], "METRICS_PORT": p["labels_metrics"]},
+            "labels": {"GRPC_PORT": p["labels"], "METRICS_PORT": p["labels_metrics"],
+                       "INGEST_TARGET": self.target("ingest")},
         }
         if name in specific:
             prefix = f"ATLASFLOW_{name.upper()}_"

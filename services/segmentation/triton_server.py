@@ -103,6 +103,14 @@ def make_infer_func(
                     span.set_attribute("atlasflow.error_reason", exc.reason)
                     raise PyTritonBadParameterError(f"{ERROR_PREFIX} {exc.code} {exc.reason}: {exc.message}") from None
                 span.set_attribute("atlasflow.weights_trained", out.weights_trained)
+                for stage, seconds in out.timings_s.items():
+                    span.set_attribute(f"atlasflow.timing.{stage}_s", round(float(seconds), 4))
+            LOG.info(
+                "pipeline %s shape=%s %s",
+                model_name,
+                "x".join(str(n) for n in volume.shape),
+                " ".join(f"{stage}={seconds:.3f}s" for stage, seconds in out.timings_s.items()),
+            )
             responses.append(
                 {
                     "labels": out.labels,

@@ -24,3 +24,5 @@ def test_bench_seg_service_dry_run(triton: str) -> None:
     assert 0 < result["triton_call_s"][0] < result["service_s"][0]
     assert result["ratio"] == pytest.approx(result["service_median_s"] / result["in_process_median_s"])
     assert "ratio service / in-process" in run.stdout
+    # both sides ran with the glibc/OpenMP settings `atlasflow up` uses (the harness re-executes itself)
+    assert "environment (both sides): MALLOC_ARENA_MAX=1 " in run.stdout and "OMP_WAIT_POLICY=PASSIVE" in run.stdout
