@@ -291,3 +291,48 @@ envFrom:
   - configMapRef:
       name: {{ include "atlasflow.configMapName" . }}
 {{- end -}}
+
+{{/*
+Ensemble versions Triton serves, as a JSON array: triton.modelRepository.ensembles, or
+[segmentation.ensemble] when empty. segmentation.ensemble must be among them.
+*/}}
+{{- define "atlasflow.tritonEnsembles" -}}
+{{- $ens := .Values.triton.modelRepository.ensembles | default (list .Values.segmentation.ensemble) -}}
+{{- if not (has .Values.segmentation.ensemble $ens) -}}
+{{- fail (printf "segmentation.ensemble %q is not in triton.modelRepository.ensembles %v" .Values.segmentation.ensemble $ens) -}}
+{{- end -}}
+{{- toJson $ens -}}
+{{- end -}}
+
+{{/* Triton model name of an ensemble version (atlasflow.segmentation.ensemble.triton_model_name). */}}
+{{- define "atlasflow.tritonModelName" -}}
+{{- . | replace "-" "_" | replace "." "_" -}}
+{{- end -}}
+
+{{/*
+argv of the model-repository initContainer: `atlasflow triton-repo PATH --ensemble V ...
+--kind gpu|cpu --instances N` (atlasflow.segmentation.triton_repo.main), as a YAML list.
+*/}}
+{{- define "atlasflow.tritonRepoCommand" -}}
+{{- $repo := .Values.triton.modelRepository -}}
+{{- $argv := list "atlasflow" "triton-repo" $repo.path -}}
+{{- range (include "atlasflow.tritonEnsembles" . | fromJsonArray) -}}
+{{- $argv = concat $argv (list "--ensemble" .) -}}
+{{- end -}}
+{{- $argv = concat $argv (list "--kind" (ternary "gpu" "cpu" (gt (int .Values.triton.gpu) 0)) "--instances" (toString (int $repo.instances))) -}}
+{{- toYaml $argv -}}
+{{- end -}}
+
+{{/*
+Value of --grpc-restricted-protocol / --http-restricted-api: the protocols only holders of the
+access token may use (the kubelet expands $(TRITON_ACCESS_TOKEN) from the container's env).
+Health, metadata, model-config and inference stay open to the callers the NetworkPolicy admits.
+*/}}
+{{- define "atlasflow.tritonRestricted" -}}
+model-repository,shared-memory,statistics,trace,logging:triton-access-token=$(TRITON_ACCESS_TOKEN)
+{{- end -}}
+
+{{/* Name of the Secret holding Triton's access token. */}}
+{{- define "atlasflow.tritonAccessTokenSecret" -}}
+{{- .Values.triton.accessToken.existingSecret | default (printf "%s-access-token" (include "atlasflow.componentName" (dict "ctx" . "component" "triton"))) -}}
+{{- end -}}
