@@ -147,3 +147,37 @@ class ListSeriesResponse(_message.Message):
     series: _containers.RepeatedCompositeFieldContainer[Series]
     next_page_token: str
     def __init__(self, series: _Optional[_Iterable[_Union[Series, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class StreamSeriesInstancesRequest(_message.Message):
+    __slots__ = ("series_id", "series_version", "volume_digest", "headers_only")
+    SERIES_ID_FIELD_NUMBER: _ClassVar[int]
+    SERIES_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    series_id: str
+    series_version: int
+    volume_digest: str
+    headers_only: bool
+    def __init__(self, series_id: _Optional[str] = ..., series_version: _Optional[int] = ..., volume_digest: _Optional[str] = ..., headers_only: _Optional[bool] = ...) -> None: ...
+
+class StreamSeriesInstancesResponse(_message.Message):
+    __slots__ = ("series", "instance_count", "instance_index", "offset", "chunk", "last_chunk", "sha256", "instance", "headers_only")
+    SERIES_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    series: Series
+    instance_count: int
+    instance_index: int
+    offset: int
+    chunk: bytes
+    last_chunk: bool
+    sha256: str
+    instance: _common_pb2.BlobRef
+    headers_only: bool
+    def __init__(self, series: _Optional[_Union[Series, _Mapping]] = ..., instance_count: _Optional[int] = ..., instance_index: _Optional[int] = ..., offset: _Optional[int] = ..., chunk: _Optional[bytes] = ..., last_chunk: _Optional[bool] = ..., sha256: _Optional[str] = ..., instance: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., headers_only: _Optional[bool] = ...) -> None: ...

@@ -32,7 +32,8 @@ class IngestServiceStub:
 
     Errors carry a google.rpc.Status with one google.rpc.ErrorInfo, domain "atlasflow.ingest",
     e.g. reason NOT_DICOM, NOT_CT, CORRUPT_DICOM, MISSING_UID, CHECKSUM_MISMATCH, SERIES_NOT_FOUND,
-    OFFSET_MISMATCH, UPLOAD_NOT_FOUND, INVALID_UPLOAD_ID, UPLOAD_ID_REUSED.
+    OFFSET_MISMATCH, UPLOAD_NOT_FOUND, INVALID_UPLOAD_ID, UPLOAD_ID_REUSED, SERIES_VERSION_NOT_FOUND,
+    VOLUME_NOT_FOUND (blob errors: domain "atlasflow.blobs", BLOB_NOT_FOUND, BLOB_CORRUPT).
     """
 
     def __init__(self, channel):
@@ -66,6 +67,11 @@ class IngestServiceStub:
                 request_serializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.ListSeriesRequest.SerializeToString,
                 response_deserializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.ListSeriesResponse.FromString,
                 _registered_method=True)
+        self.StreamSeriesInstances = channel.unary_stream(
+                '/atlasflow.ingest.v1.IngestService/StreamSeriesInstances',
+                request_serializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.StreamSeriesInstancesRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.StreamSeriesInstancesResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -75,7 +81,8 @@ class IngestServiceServicer:
 
     Errors carry a google.rpc.Status with one google.rpc.ErrorInfo, domain "atlasflow.ingest",
     e.g. reason NOT_DICOM, NOT_CT, CORRUPT_DICOM, MISSING_UID, CHECKSUM_MISMATCH, SERIES_NOT_FOUND,
-    OFFSET_MISMATCH, UPLOAD_NOT_FOUND, INVALID_UPLOAD_ID, UPLOAD_ID_REUSED.
+    OFFSET_MISMATCH, UPLOAD_NOT_FOUND, INVALID_UPLOAD_ID, UPLOAD_ID_REUSED, SERIES_VERSION_NOT_FOUND,
+    VOLUME_NOT_FOUND (blob errors: domain "atlasflow.blobs", BLOB_NOT_FOUND, BLOB_CORRUPT).
     """
 
     def UploadInstances(self, request_iterator, context):
@@ -129,6 +136,21 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamSeriesInstances(self, request, context):
+        """Server-streaming download of the stored source instances of one series version, for other
+        services (e.g. labels: a DICOM SEG references the source instances). Selects the series
+        version by series_id (+ series_version) or by the digest of the volume it assembled; each
+        instance comes as the stored DICOM Part-10 bytes, in chunks, or only its header
+        (headers_only). The first message carries the Series and the instance count. Errors
+        (before the first message): INVALID_ARGUMENT (reason INVALID_ARGUMENT, metadata "field"),
+        NOT_FOUND SERIES_NOT_FOUND, SERIES_VERSION_NOT_FOUND (metadata "series_id", "version"),
+        VOLUME_NOT_FOUND (metadata "volume_digest"); a stored instance missing from or corrupt in
+        the blob store ends the stream with NOT_FOUND BLOB_NOT_FOUND / DATA_LOSS BLOB_CORRUPT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +179,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     request_deserializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.ListSeriesRequest.FromString,
                     response_serializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.ListSeriesResponse.SerializeToString,
             ),
+            'StreamSeriesInstances': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamSeriesInstances,
+                    request_deserializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.StreamSeriesInstancesRequest.FromString,
+                    response_serializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.StreamSeriesInstancesResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'atlasflow.ingest.v1.IngestService', rpc_method_handlers)
@@ -172,7 +199,8 @@ class IngestService:
 
     Errors carry a google.rpc.Status with one google.rpc.ErrorInfo, domain "atlasflow.ingest",
     e.g. reason NOT_DICOM, NOT_CT, CORRUPT_DICOM, MISSING_UID, CHECKSUM_MISMATCH, SERIES_NOT_FOUND,
-    OFFSET_MISMATCH, UPLOAD_NOT_FOUND, INVALID_UPLOAD_ID, UPLOAD_ID_REUSED.
+    OFFSET_MISMATCH, UPLOAD_NOT_FOUND, INVALID_UPLOAD_ID, UPLOAD_ID_REUSED, SERIES_VERSION_NOT_FOUND,
+    VOLUME_NOT_FOUND (blob errors: domain "atlasflow.blobs", BLOB_NOT_FOUND, BLOB_CORRUPT).
     """
 
     @staticmethod
@@ -300,6 +328,33 @@ class IngestService:
             '/atlasflow.ingest.v1.IngestService/ListSeries',
             atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.ListSeriesRequest.SerializeToString,
             atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.ListSeriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamSeriesInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/atlasflow.ingest.v1.IngestService/StreamSeriesInstances',
+            atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.StreamSeriesInstancesRequest.SerializeToString,
+            atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.StreamSeriesInstancesResponse.FromString,
             options,
             channel_credentials,
             insecure,
