@@ -16,7 +16,8 @@ of the first pixel, LPS mm), (0028,0030) PixelSpacing (row spacing, column spaci
 from __future__ import annotations
 
 import socket
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -31,6 +32,13 @@ DOMAIN = "atlasflow.labels"
 GRID_TOL_VOXELS = 1e-3
 SOFTWARE = "atlasflow"
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:atlasflow:labels:dicom-seg")
+
+
+def derived_uid(seed: str, role: str) -> str:
+    """A DICOM UID "2.25.<decimal UUID>" derived from (seed, role) (UUID version 5, PS3.5
+    B.2): the same seed gives the same UIDs, so a SEG exported again is the same SOP Instance."""
+    return "2.25." + str(uuid.uuid5(_UID_NAMESPACE, f"{seed}/{role}").int)
 
 # AbdomenAtlas organ id -> SNOMED CT property type (segmented property category: Organ, or
 # Anatomical Structure for the vessels).
@@ -131,8 +139,8 @@ def frames_from_volume(labels: np.ndarray, affine: np.ndarray,
     return np.stack(frames)
 
 
-def _segment(number: int, organ: int, provenance: Provenance,
-             version_id: str) -> hd.seg.SegmentDescription:
+def _segment(number: int, organ: int, provenance: Provenance, version_id: str,
+             tracking_uid: str) -> hd.seg.SegmentDescription:
     code, meaning = _SCT[organ]
     category = codes.SCT.AnatomicalStructure if organ in (1, 7) else codes.SCT.Organ
     tracking = f"atlasflow {ORGANS[organ]} {provenance.source}"
@@ -145,11 +153,11 @@ def _segment(number: int, organ: int, provenance: Provenance,
         return hd.seg.SegmentDescription(
             number, ORGANS[organ], category, hd.sr.CodedConcept(code, "SCT", meaning),
             hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
-            tracking_id=tracking[:64], tracking_uid=hd.UID())
+            tracking_id=tracking[:64], tracking_uid=tracking_uid)
     return hd.seg.SegmentDescription(
         number, ORGANS[organ], category, hd.sr.CodedConcept(code, "SCT", meaning),
         hd.seg.SegmentAlgorithmTypeValues.MANUAL, tracking_id=tracking[:64],
-        tracking_uid=hd.UID())
+        tracking_uid=tracking_uid)
 
 
 def export_dicom_seg(source_datasets: Sequence[pydicom.Dataset], labels: np.ndarray,
@@ -157,7 +165,7 @@ def export_dicom_seg(source_datasets: Sequence[pydicom.Dataset], labels: np.ndar
                      provenance: Mapping[int, Provenance] | Provenance | None = None, *,
                      organ_versions: Mapping[int, str] | None = None,
                      series_number: int = 9001, content_label: str = "ATLASFLOW",
-                     ) -> pydicom.Dataset:
+                     uid_seed: str = "") -> pydicom.Dataset:
     """A binary DICOM SEG of `labels` referencing `source_datasets`.
 
     source_datasets: the source CT instances (one frame each; pixel data not needed, UIDs
@@ -166,6 +174,9 @@ def export_dicom_seg(source_datasets: Sequence[pydicom.Dataset], labels: np.ndar
     per organ id (or one for all): AI organs become AUTOMATIC segments with the model version
     as algorithm identification, radiologist / original ones MANUAL; organ_versions names the
     deciding version (in TrackingID). Segment numbers are 1..N in ascending organ order.
+    uid_seed: when given (e.g. the label version id), the SEG's SeriesInstanceUID,
+    SOPInstanceUID and segment TrackingUIDs are derived from it (`derived_uid`), so exporting
+    the same labels again yields the same SOP Instance; empty: fresh random UIDs.
 
     Raises FailedPrecondition("GRID_DIFFERS_FROM_SOURCE") (see `frames_from_volume`),
     InvalidArgument("INVALID_ARGUMENT") for a source without UIDs or an empty selection.
@@ -190,13 +201,16 @@ def export_dicom_seg(source_datasets: Sequence[pydicom.Dataset], labels: np.ndar
     prov_of = (lambda o: provenance) if isinstance(provenance, Provenance) else (
         lambda o: (provenance or {}).get(o, Provenance("ai")))
     versions = organ_versions or {}
-    segments = [_segment(number, organ, prov_of(organ), versions.get(organ, ""))
+    uid: Callable[[str], str] = ((lambda role: derived_uid(uid_seed, role)) if uid_seed
+                                 else (lambda role: str(hd.UID())))
+    segments = [_segment(number, organ, prov_of(organ), versions.get(organ, ""),
+                         uid(f"tracking/{organ}"))
                 for number, organ in enumerate(wanted, start=1)]
     seg = hd.seg.Segmentation(
         source_images=list(source_datasets), pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=segments, series_instance_uid=hd.UID(),
-        series_number=series_number, sop_instance_uid=hd.UID(), instance_number=1,
+        segment_descriptions=segments, series_instance_uid=uid("series"),
+        series_number=series_number, sop_instance_uid=uid("sop"), instance_number=1,
         manufacturer=SOFTWARE, manufacturer_model_name="atlasflow labels",
         software_versions="1", device_serial_number="0", content_label=content_label,
         content_description="AbdomenAtlas organs", omit_empty_frames=True)

@@ -4,30 +4,41 @@
     <out_root>/<case>/ct.nii.gz                    the CT as stored (int16 HU), affine unchanged
     <out_root>/<case>/combined_labels.nii.gz       uint8, ids 0..9, the CT's affine
     <out_root>/<case>/segmentations/<organ>.nii.gz uint8 0/1 for ALL nine organs (even empty)
+    <out_root>/<case>/dicom_seg/seg.dcm            DICOM SEG of the case (include_dicom_seg;
+                                                   only when its grid is the source images')
 
 A case directory is written into a temporary sibling and renamed into place, so a crash never
 leaves a half-written case and re-exporting a case replaces it whole (idempotent).
-`split_organs` is the array logic; `export_case` the I/O around it.
+`split_organs` is the array logic; `export_case` the I/O around it. `build_case_seg` makes a
+case's DICOM SEG (or says why not) from the source instances a caller-supplied function
+fetches; `ExportOptions` and `SegOutcomeJournal` hold an export job's SEG options and per-case
+outcomes.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlencode, urlparse
 
 import numpy as np
+import pydicom
 
-from atlasflow.common.errors import InvalidArgument
+from atlasflow.common.errors import (AtlasflowError, FailedPrecondition, InvalidArgument,
+                                     NotFound)
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
-from atlasflow.common.organs import ORGANS
+from atlasflow.common.organs import ORGAN_IDS, ORGANS
+from atlasflow.labels.dicom_seg import export_dicom_seg
 from atlasflow.labels.repository import Provenance
 from atlasflow.labels.totalseg import totalseg_to_atlas  # noqa: F401  (re-exported)
 from atlasflow.labels.validate import validate_label_map
@@ -38,6 +49,7 @@ UNTRAINED_WARNING = ("labels from untrained models (demo weights): not anatomica
                      "do not use for training or clinical work")
 LAYOUT = "AbdomenAtlas-8K v1.0"
 _CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SEG_FILE = "dicom_seg/seg.dcm"
 
 
 def split_organs(combined: np.ndarray) -> dict[int, np.ndarray]:
@@ -74,7 +86,8 @@ def export_case(out_root: Path, case_name: str, ct_nifti: bytes, label_map_nifti
                 provenance: Provenance, version_id: str, *,
                 organ_provenance: Mapping[int, Provenance] | None = None,
                 organ_versions: Mapping[int, str] | None = None,
-                case_id: str = "") -> dict[str, Any]:
+                case_id: str = "", dicom_seg: bytes | None = None,
+                dicom_seg_outcome: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write one case in the AbdomenAtlas layout under `out_root/case_name`; return its
     manifest entry.
 
@@ -85,6 +98,9 @@ def export_case(out_root: Path, case_name: str, ct_nifti: bytes, label_map_nifti
     decided each organ (manifest key "decided_in_version"). The entry lists the sha256 and size of every file,
     per-organ provenance, voxel counts and volumes (ml), and `marking` =
     "AI-generated labels, research use" when any organ's labels come from AI.
+    dicom_seg: a DICOM SEG Part-10 file written as `<case>/dicom_seg/seg.dcm` (listed in
+    "files"); dicom_seg_outcome: recorded as the entry's "dicom_seg" (see `SegOutcome`), with
+    the file's sha256 filled in.
 
     Raises InvalidArgument("INVALID_CASE_NAME") for a name that is not a plain directory
     name, InvalidArgument("INVALID_LABEL_MAP") when the labels do not fit the CT.
@@ -112,6 +128,9 @@ def export_case(out_root: Path, case_name: str, ct_nifti: bytes, label_map_nifti
             rel = f"segmentations/{ORGANS[oid]}.nii.gz"
             files[rel] = _write(tmp / rel, to_nifti_bytes(mask, ct_affine))
         _fsync_dir(tmp / "segmentations")
+        if dicom_seg is not None:
+            files[SEG_FILE] = _write(tmp / SEG_FILE, dicom_seg)
+            _fsync_dir(tmp / "dicom_seg")
         _fsync_dir(tmp)
         final = out_root / case_name
         if final.exists():
@@ -156,6 +175,11 @@ def export_case(out_root: Path, case_name: str, ct_nifti: bytes, label_map_nifti
         "files": files,
         "organs": organs,
     }
+    if dicom_seg_outcome is not None:
+        seg_entry = dict(dicom_seg_outcome)
+        if dicom_seg is not None:
+            seg_entry.update(path=f"{case_name}/{SEG_FILE}", sha256=files[SEG_FILE]["sha256"])
+        entry["dicom_seg"] = seg_entry
     if any_ai:
         entry["marking"] = AI_MARKING
     if any_untrained:
@@ -192,3 +216,191 @@ def write_manifest(out_root: Path, entries: Sequence[Mapping[str, Any]]) -> Path
         raise
     _fsync_dir(out_root)
     return out_root / "manifest.json"
+
+
+# ---------------------------------------------------------------------------- DICOM SEG
+
+
+@dataclass(frozen=True)
+class PacsDestination:
+    """A C-STORE peer: host, TCP port, its AE title (called) and ours (calling)."""
+
+    host: str
+    port: int
+    called_ae: str
+    calling_ae: str = "ATLASFLOW"
+
+    def validate(self) -> None:
+        """InvalidArgument("INVALID_PACS_DESTINATION", metadata "field") when malformed."""
+        def bad(f: str) -> InvalidArgument:
+            return InvalidArgument("INVALID_PACS_DESTINATION",
+                                   "pacs_destination needs host, port 1-65535 and AE titles of "
+                                   "1-16 printable characters without backslash",
+                                   domain=DOMAIN, metadata={"field": f})
+        if not self.host or len(self.host) > 253 or any(c.isspace() for c in self.host):
+            raise bad("pacs_destination.host")
+        if not 0 < self.port < 65536:
+            raise bad("pacs_destination.port")
+        for name, ae in (("called_ae_title", self.called_ae),
+                         ("calling_ae_title", self.calling_ae)):
+            if not ae.strip() or len(ae) > 16 or "\\" in ae or not ae.isprintable():
+                raise bad(f"pacs_destination.{name}")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What an export job writes besides the AbdomenAtlas layout."""
+
+    include_dicom_seg: bool = False
+    pacs: PacsDestination | None = None
+
+
+_OPTION_KEYS = ("dicom_seg", "pacs_host", "pacs_port", "pacs_called_ae", "pacs_calling_ae")
+
+
+def encode_job_destination(destination_uri: str, options: ExportOptions) -> str:
+    """The destination URI stored with a job: the client's file:// URI (which must carry no
+    query or fragment) plus the options as its query, so that the options are durable in the
+    same row, atomically with the job. Stop-gap until the export job table has an options
+    column; `decode_job_destination` is the inverse."""
+    parsed = urlparse(destination_uri)
+    if parsed.query or parsed.fragment:
+        raise InvalidArgument("INVALID_DESTINATION", "destination_uri must not carry a query "
+                              "or fragment", domain=DOMAIN, metadata={"field": "destination_uri"})
+    if not options.include_dicom_seg:
+        return destination_uri
+    query: dict[str, str] = {"dicom_seg": "1"}
+    if options.pacs is not None:
+        query.update(pacs_host=options.pacs.host, pacs_port=str(options.pacs.port),
+                     pacs_called_ae=options.pacs.called_ae,
+                     pacs_calling_ae=options.pacs.calling_ae)
+    return destination_uri + "?" + urlencode(query)
+
+
+def decode_job_destination(stored: str) -> tuple[str, ExportOptions]:
+    """(client's destination URI, options) of a stored job destination."""
+    parsed = urlparse(stored)
+    if not parsed.query:
+        return stored, ExportOptions()
+    q = {k: v[0] for k, v in parse_qs(parsed.query, keep_blank_values=True).items()
+         if k in _OPTION_KEYS}
+    pacs = None
+    if "pacs_host" in q:
+        pacs = PacsDestination(q["pacs_host"], int(q.get("pacs_port", "0")),
+                               q.get("pacs_called_ae", ""), q.get("pacs_calling_ae", "ATLASFLOW"))
+    return (parsed._replace(query="").geturl(),
+            ExportOptions(include_dicom_seg=q.get("dicom_seg") == "1", pacs=pacs))
+
+
+# Outcome states (DicomSegState without the prefix).
+SEG_WRITTEN, SEG_SENT, SEG_SEND_FAILED, SEG_REFUSED, SEG_FAILED = (
+    "WRITTEN", "SENT", "SEND_FAILED", "REFUSED", "FAILED")
+
+
+@dataclass
+class SegOutcome:
+    """One case's DICOM SEG outcome in an export (the manifest's per-case "dicom_seg").
+
+    state: WRITTEN, SENT, SEND_FAILED, REFUSED or FAILED; path/sha256: the file, relative to
+    the export root, when written; organs: organ ids of segments 1..N; reason and
+    reason_metadata: the ErrorInfo reason and metadata of a refusal or failure;
+    c_store_status: DIMSE status of the C-STORE response (0 when none).
+    """
+
+    case_id: str
+    version_id: str
+    state: str
+    path: str = ""
+    sha256: str = ""
+    organs: list[int] = field(default_factory=list)
+    referenced_instance_count: int = 0
+    reason: str = ""
+    reason_metadata: dict[str, str] = field(default_factory=dict)
+    c_store_status: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Refusals: the case cannot have a SEG (a retry gives the same answer); anything else failed.
+_REFUSING = (FailedPrecondition, InvalidArgument, NotFound)
+
+
+def build_case_seg(fetch_sources: Callable[[str], Sequence[pydicom.Dataset]],
+                   ct_digest: str, label_map_nifti: bytes, provenance: Provenance,
+                   version_id: str, *, case_id: str = "",
+                   organ_provenance: Mapping[int, Provenance] | None = None,
+                   organ_versions: Mapping[int, str] | None = None,
+                   ) -> tuple[pydicom.Dataset | None, bytes | None, SegOutcome]:
+    """The DICOM SEG of one label version, or why there is none.
+
+    fetch_sources(ct_digest) returns the source CT instances of the version's CT (headers are
+    enough) or raises an AtlasflowError: NotFound / FailedPrecondition / InvalidArgument make
+    the outcome REFUSED (e.g. NotFound "SOURCE_SERIES_NOT_FOUND"), others FAILED (e.g.
+    Unavailable "INGEST_UNAVAILABLE"). The SEG (`atlasflow.labels.dicom_seg.export_dicom_seg`,
+    UIDs derived from `version_id`) is refused with GRID_DIFFERS_FROM_SOURCE when the label
+    map's (X, Y, Z) RAS+ grid is not the source images'. Returns (dataset, Part-10 bytes,
+    outcome WRITTEN) or (None, None, outcome REFUSED / FAILED); any other exception while
+    building makes the outcome FAILED with reason DICOM_SEG_ERROR (metadata "error": its type),
+    so that one odd case never stops the export of the others.
+    """
+    try:
+        sources = fetch_sources(ct_digest)
+        labels, affine = from_nifti_bytes(label_map_nifti)
+        prov = {oid: (organ_provenance or {}).get(oid, provenance) for oid in ORGANS}
+        seg = export_dicom_seg(sources, np.asarray(labels), affine, provenance=prov,
+                               organ_versions=organ_versions, uid_seed=version_id)
+    except AtlasflowError as exc:
+        state = SEG_REFUSED if isinstance(exc, _REFUSING) else SEG_FAILED
+        return None, None, SegOutcome(case_id, version_id, state, reason=exc.reason,
+                                      reason_metadata={str(k): str(v) for k, v
+                                                       in (exc.metadata or {}).items()})
+    except Exception as exc:  # noqa: BLE001 - e.g. highdicom refusing odd source headers
+        return None, None, SegOutcome(case_id, version_id, SEG_FAILED, reason="DICOM_SEG_ERROR",
+                                      reason_metadata={"error": type(exc).__name__})
+    buf = io.BytesIO()
+    seg.save_as(buf, enforce_file_format=True)
+    organs = [ORGAN_IDS[str(d.SegmentLabel)] for d in seg.SegmentSequence]
+    refs = {str(i.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence
+            for i in s.ReferencedInstanceSequence}
+    return seg, buf.getvalue(), SegOutcome(case_id, version_id, SEG_WRITTEN, organs=organs,
+                                           referenced_instance_count=len(refs))
+
+
+class SegOutcomeJournal:
+    """Per-job DICOM SEG outcomes, durable while the job runs: one JSON line per case in
+    `<root>/<job_id>.dicom_seg.jsonl`, fsync'd on append. `start` empties it (a resumed job
+    exports every case again)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _path(self, job_id: str) -> Path:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", job_id):
+            raise InvalidArgument("INVALID_ARGUMENT", "bad job id", domain=DOMAIN)
+        return self.root / f"{job_id}.dicom_seg.jsonl"
+
+    def start(self, job_id: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        _write(self._path(job_id), b"")
+        _fsync_dir(self.root)
+
+    def append(self, job_id: str, outcome: SegOutcome) -> None:
+        with open(self._path(job_id), "ab") as f:
+            f.write((json.dumps(outcome.to_dict(), sort_keys=True) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self, job_id: str) -> list[SegOutcome]:
+        """Outcomes in append order; [] when none (a line torn by a crash is skipped)."""
+        try:
+            lines = self._path(job_id).read_bytes().splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(SegOutcome(**json.loads(line)))
+            except (ValueError, TypeError):
+                continue
+        return out

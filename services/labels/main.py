@@ -13,7 +13,8 @@ from atlasflow.common.server import BuiltServer, build_server, run_until_signall
 from atlasflow.common.settings import ServiceSettings
 from atlasflow.common.telemetry import setup_logging, setup_tracing, shutdown_tracing
 from atlasflow.labels.repository import open_repository
-from atlasflow.labels.service import Exporter, LabelServicer
+from atlasflow.labels.export import SegOutcomeJournal
+from atlasflow.labels.service import Exporter, IngestSourceInstances, LabelServicer
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,9 @@ class LabelsSettings(ServiceSettings):
     # ATLASFLOW_LABELS_DATABASE_URL: empty = SQLite at <data_dir>/labels.sqlite3 (embedded);
     # "postgresql://user@host:5432/db" = PostgreSQL (cluster). Migrations run on start.
     database_url: str = ""
+    # ATLASFLOW_LABELS_INGEST_TARGET: host:port of the ingest service's gRPC API, from which
+    # DICOM SEG exports fetch the source CT instances (IngestService.StreamSeriesInstances).
+    ingest_target: str = "127.0.0.1:50051"
 
 
 async def amain(settings: LabelsSettings) -> None:
@@ -36,7 +40,9 @@ async def amain(settings: LabelsSettings) -> None:
     metrics.serve(settings.metrics_port, settings.grpc_host)
     blobs = LocalBlobStore(settings.blob_dir)
     repo = open_repository(settings.database_url, settings.data_dir)
-    exporter = Exporter(repo, blobs, metrics)
+    sources = IngestSourceInstances(settings.ingest_target, settings.max_message_bytes)
+    exporter = Exporter(repo, blobs, metrics, sources=sources,
+                        seg_journal=SegOutcomeJournal(Path(settings.data_dir) / "export_jobs"))
     export_root = Path(settings.export_dir).resolve() if settings.export_dir else None
 
     def register(server) -> list[str]:  # type: ignore[no-untyped-def]
@@ -51,6 +57,7 @@ async def amain(settings: LabelsSettings) -> None:
     async def close() -> None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        sources.close()
         repo.close()
 
     built.on_stop.append(close)

@@ -1,24 +1,41 @@
-"""Label gRPC servicer and the export worker (transport + orchestration)."""
+"""Label gRPC servicer and the export worker (transport + orchestration).
+
+DICOM SEG in exports: `IngestSourceInstances` fetches a CT volume's source instances from the
+ingest service (IngestService.StreamSeriesInstances by volume digest, headers only); the
+export worker builds each case's SEG with `atlasflow.labels.export.build_case_seg`, writes it
+with the case, and C-STOREs it to the job's PACS destination.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
 import grpc
+import pydicom
 from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
 from atlasflow.common.blobstore import BlobStore
-from atlasflow.common.errors import AtlasflowError, InvalidArgument, Unauthenticated
+from atlasflow.common.clients import sync_channel
+from atlasflow.common.errors import (AtlasflowError, DataLoss, InvalidArgument, NotFound,
+                                     Unauthenticated, Unavailable)
 from atlasflow.common.metrics import Metrics
-from atlasflow.common.server import principal_of
+from atlasflow.common.server import error_info_of, principal_of
 from atlasflow.common.v1 import common_pb2
-from atlasflow.labels.export import export_case, write_manifest
+from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from atlasflow.labels.dicom_seg import send_c_store
+from atlasflow.labels.export import (SEG_FAILED, SEG_SEND_FAILED, SEG_SENT, ExportOptions,
+                                     PacsDestination, SegOutcome, SegOutcomeJournal,
+                                     build_case_seg, decode_job_destination,
+                                     encode_job_destination, export_case, write_manifest)
 from atlasflow.labels.repository import (AuditEvent, AuditRecord, ExportJobRecord,
                                          LabelRepository, LabelVersionRecord, Provenance)
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
@@ -75,11 +92,121 @@ def audit_to_proto(r: AuditRecord) -> labels_pb2.AuditRecord:
         case_id=r.case_id, version_ids=list(r.version_ids), job_id=r.job_id, outcome=r.outcome)
 
 
-def export_to_proto(j: ExportJobRecord) -> labels_pb2.ExportJob:
-    return labels_pb2.ExportJob(
-        job_id=j.job_id, state=_OP_STATE[j.state], destination_uri=j.destination_uri,
+_SEG_STATE = {"WRITTEN": labels_pb2.DICOM_SEG_STATE_WRITTEN,
+              "SENT": labels_pb2.DICOM_SEG_STATE_SENT,
+              "SEND_FAILED": labels_pb2.DICOM_SEG_STATE_SEND_FAILED,
+              "REFUSED": labels_pb2.DICOM_SEG_STATE_REFUSED,
+              "FAILED": labels_pb2.DICOM_SEG_STATE_FAILED}
+
+
+def seg_outcome_to_proto(o: SegOutcome) -> labels_pb2.DicomSegOutcome:
+    return labels_pb2.DicomSegOutcome(
+        case_id=o.case_id, version_id=o.version_id, state=_SEG_STATE[o.state], path=o.path,
+        sha256=o.sha256, organs=list(o.organs),
+        referenced_instance_count=o.referenced_instance_count, reason=o.reason,
+        reason_metadata=o.reason_metadata, c_store_status=o.c_store_status)
+
+
+def export_to_proto(j: ExportJobRecord,
+                    outcomes: Sequence[SegOutcome] = ()) -> labels_pb2.ExportJob:
+    uri, options = decode_job_destination(j.destination_uri)
+    msg = labels_pb2.ExportJob(
+        job_id=j.job_id, state=_OP_STATE[j.state], destination_uri=uri,
         progress=labels_pb2.ExportProgress(cases_done=j.cases_done, cases_total=j.cases_total),
-        error_reason=j.error_reason, create_time=_ts(j.create_time))
+        error_reason=j.error_reason, create_time=_ts(j.create_time),
+        include_dicom_seg=options.include_dicom_seg,
+        dicom_seg_outcomes=[seg_outcome_to_proto(o) for o in outcomes])
+    if options.pacs is not None:
+        msg.pacs_destination.CopyFrom(labels_pb2.DicomDestination(
+            host=options.pacs.host, port=options.pacs.port,
+            called_ae_title=options.pacs.called_ae, calling_ae_title=options.pacs.calling_ae))
+    return msg
+
+
+def export_options_of(request: labels_pb2.ExportDatasetRequest) -> ExportOptions:
+    """The request's SEG options, validated (InvalidArgument INVALID_PACS_DESTINATION)."""
+    pacs = None
+    if request.HasField("pacs_destination"):
+        if not request.include_dicom_seg:
+            raise InvalidArgument("INVALID_PACS_DESTINATION", "pacs_destination needs "
+                                  "include_dicom_seg", domain=DOMAIN,
+                                  metadata={"field": "include_dicom_seg"})
+        d = request.pacs_destination
+        pacs = PacsDestination(d.host, d.port, d.called_ae_title,
+                               d.calling_ae_title or "ATLASFLOW")
+        pacs.validate()
+    return ExportOptions(include_dicom_seg=request.include_dicom_seg, pacs=pacs)
+
+
+class IngestSourceInstances:
+    """Callable: volume digest -> the source CT instances (headers only: everything before
+    (7FE0,0010) PixelData) of the series version that assembled that volume, fetched from the
+    ingest service by IngestService.StreamSeriesInstances. Each instance's bytes are checked
+    against the sha256 the stream sends.
+
+    Raises NotFound("SOURCE_SERIES_NOT_FOUND") when ingest assembled no such volume,
+    Unavailable("INGEST_UNAVAILABLE") when ingest does not answer, DataLoss("INGEST_STREAM_BROKEN")
+    on a malformed stream, Unavailable("INGEST_ERROR") (metadata "code", "reason") otherwise.
+    """
+
+    def __init__(self, target: str, max_message_bytes: int = 64 * 1024 * 1024,
+                 timeout_s: float = 300.0) -> None:
+        self.target = target
+        self.max_message_bytes = max_message_bytes
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+
+    def _stub(self) -> ingest_pb2_grpc.IngestServiceStub:
+        with self._lock:
+            if self._channel is None:
+                self._channel = sync_channel(self.target, self.max_message_bytes)
+            return ingest_pb2_grpc.IngestServiceStub(self._channel)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None
+
+    def __call__(self, volume_digest: str) -> list[pydicom.Dataset]:
+        request = ingest_pb2.StreamSeriesInstancesRequest(volume_digest=volume_digest,
+                                                          headers_only=True)
+        datasets: list[pydicom.Dataset] = []
+        expected = -1
+        current, buf = 0, bytearray()
+
+        def broken(what: str) -> DataLoss:
+            return DataLoss("INGEST_STREAM_BROKEN", "the ingest instance stream is malformed",
+                            domain=DOMAIN, metadata={"problem": what})
+        try:
+            for msg in self._stub().StreamSeriesInstances(request, timeout=self.timeout_s):
+                if expected < 0:
+                    expected = msg.instance_count
+                if msg.instance_index != current or msg.offset != len(buf):
+                    raise broken("ORDER")
+                buf += msg.chunk
+                if not msg.last_chunk:
+                    continue
+                if hashlib.sha256(buf).hexdigest() != msg.sha256:
+                    raise broken("CHECKSUM")
+                datasets.append(pydicom.dcmread(io.BytesIO(bytes(buf))))
+                current, buf = current + 1, bytearray()
+        except grpc.RpcError as exc:
+            info = error_info_of(exc)
+            reason = info.reason if info is not None else ""
+            if exc.code() == grpc.StatusCode.NOT_FOUND and reason == "VOLUME_NOT_FOUND":
+                raise NotFound("SOURCE_SERIES_NOT_FOUND", "the CT volume was not assembled by "
+                               "the ingest service: no source instances", domain=DOMAIN) from None
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise Unavailable("INGEST_UNAVAILABLE", "the ingest service did not answer",
+                                  domain=DOMAIN) from None
+            raise Unavailable("INGEST_ERROR", "the ingest service failed to send the source "
+                              "instances", domain=DOMAIN,
+                              metadata={"code": exc.code().name, "reason": reason}) from None
+        if buf or len(datasets) != expected:
+            raise broken("COUNT")
+        return datasets
 
 
 def destination_path(uri: str, export_root: Path | None = None) -> Path:
@@ -97,36 +224,102 @@ def destination_path(uri: str, export_root: Path | None = None) -> Path:
     return path
 
 
+SourceFetcher = Callable[[str], Sequence[pydicom.Dataset]]
+
+
 class Exporter:
     """Runs export jobs one at a time; a restart resumes QUEUED/RUNNING ones from the start
-    (case files are rewritten atomically, so a resumed export converges to the same bytes)."""
+    (case files are rewritten atomically, so a resumed export converges to the same files;
+    a SEG keeps its UIDs, derived from the label version).
 
-    def __init__(self, repo: LabelRepository, blobs: BlobStore, metrics: Metrics) -> None:
+    sources: fetches a CT volume's source instances (DICOM SEG exports; `IngestSourceInstances`
+    in the service); seg_journal: where per-case SEG outcomes are kept."""
+
+    def __init__(self, repo: LabelRepository, blobs: BlobStore, metrics: Metrics,
+                 sources: SourceFetcher | None = None,
+                 seg_journal: SegOutcomeJournal | None = None) -> None:
         self.repo = repo
         self.blobs = blobs
         self.metrics = metrics
+        self.sources = sources
+        self.seg_journal = seg_journal
         self.wake = asyncio.Event()
+
+    def _fetch_sources(self, volume_digest: str) -> Sequence[pydicom.Dataset]:
+        if self.sources is None:
+            raise Unavailable("INGEST_UNAVAILABLE", "no ingest service is configured",
+                              domain=DOMAIN)
+        return self.sources(volume_digest)
+
+    def _send(self, seg: pydicom.Dataset, pacs: PacsDestination, outcome: SegOutcome) -> None:
+        """C-STORE `seg`; success or warning statuses (0x0000, 0xBxxx) make `outcome` SENT."""
+        try:
+            status = send_c_store(seg, pacs.host, pacs.port, called_ae=pacs.called_ae,
+                                  calling_ae=pacs.calling_ae)
+        except AtlasflowError as exc:
+            outcome.state, outcome.reason = SEG_SEND_FAILED, exc.reason
+            return
+        except Exception as exc:  # noqa: BLE001 - pynetdicom: no accepted context, socket errors
+            outcome.state, outcome.reason = SEG_SEND_FAILED, "PACS_UNAVAILABLE"
+            outcome.reason_metadata = {"error": type(exc).__name__}
+            return
+        outcome.c_store_status = status
+        if status == 0 or 0xB000 <= status <= 0xBFFF:
+            outcome.state = SEG_SENT
+        else:
+            outcome.state, outcome.reason = SEG_SEND_FAILED, "PACS_REFUSED"
+            outcome.reason_metadata = {"status": f"0x{status:04X}"}
 
     def run_job(self, job: ExportJobRecord) -> None:
         with tracer.start_as_current_span("labels.export") as span:
             span.set_attribute("atlasflow.export_job_id", job.job_id)
             span.set_attribute("atlasflow.cases_total", job.cases_total)
             try:
+                _, options = decode_job_destination(job.destination_uri)
+                span.set_attribute("atlasflow.include_dicom_seg", options.include_dicom_seg)
                 out = destination_path(job.destination_uri)
                 out.mkdir(parents=True, exist_ok=True)
                 if job.state == "QUEUED":
                     self.repo.update_export_job(job.job_id, state="RUNNING", cases_done=0)
+                journal = self.seg_journal if options.include_dicom_seg else None
+                if journal is not None:
+                    journal.start(job.job_id)
                 entries = []
                 for done, (case_id, version_id) in enumerate(job.versions, start=1):
                     record = self.repo.get_version(version_id)
-                    entries.append(export_case(
-                        out, case_id, self.blobs.get(record.ct_digest),
-                        self.blobs.get(record.label_map_digest), record.provenance, version_id,
-                        organ_provenance={o: op.provenance
-                                          for o, op in record.organ_provenance.items()},
-                        organ_versions={o: op.version_id
-                                        for o, op in record.organ_provenance.items()},
-                        case_id=case_id))
+                    label_map = self.blobs.get(record.label_map_digest)
+                    organ_provenance = {o: op.provenance
+                                        for o, op in record.organ_provenance.items()}
+                    organ_versions = {o: op.version_id
+                                      for o, op in record.organ_provenance.items()}
+                    seg = seg_bytes = outcome = None
+                    if options.include_dicom_seg:
+                        seg, seg_bytes, outcome = build_case_seg(
+                            self._fetch_sources, record.ct_digest, label_map,
+                            record.provenance, version_id, case_id=case_id,
+                            organ_provenance=organ_provenance, organ_versions=organ_versions)
+                    entry = export_case(
+                        out, case_id, self.blobs.get(record.ct_digest), label_map,
+                        record.provenance, version_id, organ_provenance=organ_provenance,
+                        organ_versions=organ_versions, case_id=case_id, dicom_seg=seg_bytes,
+                        dicom_seg_outcome=outcome.to_dict() if outcome is not None else None)
+                    if outcome is not None:
+                        if seg_bytes is not None:
+                            outcome.path = entry["dicom_seg"]["path"]
+                            outcome.sha256 = entry["dicom_seg"]["sha256"]
+                            if seg is not None and options.pacs is not None:
+                                self._send(seg, options.pacs, outcome)
+                            entry["dicom_seg"] = outcome.to_dict()
+                        if journal is not None:
+                            journal.append(job.job_id, outcome)
+                        self.metrics.count(f"dicom_seg_{outcome.state.lower()}")
+                        if outcome.state in (SEG_FAILED, SEG_SEND_FAILED) or outcome.reason:
+                            log.warning("export: DICOM SEG of a case not written or not sent",
+                                        extra={"fields": {"job_id": job.job_id,
+                                                          "case_id": case_id,
+                                                          "state": outcome.state,
+                                                          "reason": outcome.reason}})
+                    entries.append(entry)
                     self.repo.update_export_job(job.job_id, cases_done=done)
                 write_manifest(out, entries)
                 self.repo.update_export_job(job.job_id, state="SUCCEEDED")
@@ -162,6 +355,7 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
 
     def __init__(self, repo: LabelRepository, blobs: BlobStore, exporter: Exporter,
                  export_root: Path | None = None) -> None:
+        # The job's per-case DICOM SEG outcomes come from exporter.seg_journal.
         self.repo = repo
         self.blobs = blobs
         self.exporter = exporter
@@ -241,18 +435,26 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
     async def ExportDataset(self, request, context):  # type: ignore[no-untyped-def]
         def work(audit: AuditEvent) -> ExportJobRecord:
             destination_path(request.destination_uri, self.export_root)
-            return self.repo.create_export_job(list(request.case_ids), request.destination_uri,
-                                               audit=audit)
+            stored_uri = encode_job_destination(request.destination_uri,
+                                                export_options_of(request))
+            return self.repo.create_export_job(list(request.case_ids), stored_uri, audit=audit)
 
         job = await self._audited(context, "ExportDataset", "", work)
         self.exporter.wake.set()
         return labels_pb2.ExportDatasetResponse(job=export_to_proto(job))
 
+    def _outcomes(self, job: ExportJobRecord) -> list[SegOutcome]:
+        journal = self.exporter.seg_journal
+        if journal is None or not decode_job_destination(job.destination_uri)[1].include_dicom_seg:
+            return []
+        return journal.read(job.job_id)
+
     async def GetExportJob(self, request, context):  # type: ignore[no-untyped-def]
         job = await self._audited(
             context, "GetExportJob", "", lambda _: self.repo.get_export_job(request.job_id),
             lambda j: ((), j.job_id))
-        return labels_pb2.GetExportJobResponse(job=export_to_proto(job))
+        outcomes = await asyncio.to_thread(self._outcomes, job)
+        return labels_pb2.GetExportJobResponse(job=export_to_proto(job, outcomes))
 
     async def ListAuditRecords(self, request, context):  # type: ignore[no-untyped-def]
         records, token = await asyncio.to_thread(

@@ -17,10 +17,25 @@ class LabelSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LABEL_SOURCE_AI: _ClassVar[LabelSource]
     LABEL_SOURCE_RADIOLOGIST: _ClassVar[LabelSource]
     LABEL_SOURCE_ORIGINAL: _ClassVar[LabelSource]
+
+class DicomSegState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DICOM_SEG_STATE_UNSPECIFIED: _ClassVar[DicomSegState]
+    DICOM_SEG_STATE_WRITTEN: _ClassVar[DicomSegState]
+    DICOM_SEG_STATE_SENT: _ClassVar[DicomSegState]
+    DICOM_SEG_STATE_SEND_FAILED: _ClassVar[DicomSegState]
+    DICOM_SEG_STATE_REFUSED: _ClassVar[DicomSegState]
+    DICOM_SEG_STATE_FAILED: _ClassVar[DicomSegState]
 LABEL_SOURCE_UNSPECIFIED: LabelSource
 LABEL_SOURCE_AI: LabelSource
 LABEL_SOURCE_RADIOLOGIST: LabelSource
 LABEL_SOURCE_ORIGINAL: LabelSource
+DICOM_SEG_STATE_UNSPECIFIED: DicomSegState
+DICOM_SEG_STATE_WRITTEN: DicomSegState
+DICOM_SEG_STATE_SENT: DicomSegState
+DICOM_SEG_STATE_SEND_FAILED: DicomSegState
+DICOM_SEG_STATE_REFUSED: DicomSegState
+DICOM_SEG_STATE_FAILED: DicomSegState
 
 class Provenance(_message.Message):
     __slots__ = ("source", "model_version", "job_id", "reviewer", "weights_trained")
@@ -133,28 +148,81 @@ class ExportProgress(_message.Message):
     def __init__(self, cases_done: _Optional[int] = ..., cases_total: _Optional[int] = ...) -> None: ...
 
 class ExportJob(_message.Message):
-    __slots__ = ("job_id", "state", "progress", "destination_uri", "error_reason", "create_time")
+    __slots__ = ("job_id", "state", "progress", "destination_uri", "error_reason", "create_time", "include_dicom_seg", "pacs_destination", "dicom_seg_outcomes")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_URI_FIELD_NUMBER: _ClassVar[int]
     ERROR_REASON_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_DICOM_SEG_FIELD_NUMBER: _ClassVar[int]
+    PACS_DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    DICOM_SEG_OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: _common_pb2.OperationState
     progress: ExportProgress
     destination_uri: str
     error_reason: str
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.OperationState, str]] = ..., progress: _Optional[_Union[ExportProgress, _Mapping]] = ..., destination_uri: _Optional[str] = ..., error_reason: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    include_dicom_seg: bool
+    pacs_destination: DicomDestination
+    dicom_seg_outcomes: _containers.RepeatedCompositeFieldContainer[DicomSegOutcome]
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.OperationState, str]] = ..., progress: _Optional[_Union[ExportProgress, _Mapping]] = ..., destination_uri: _Optional[str] = ..., error_reason: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., include_dicom_seg: _Optional[bool] = ..., pacs_destination: _Optional[_Union[DicomDestination, _Mapping]] = ..., dicom_seg_outcomes: _Optional[_Iterable[_Union[DicomSegOutcome, _Mapping]]] = ...) -> None: ...
 
 class ExportDatasetRequest(_message.Message):
-    __slots__ = ("case_ids", "destination_uri")
+    __slots__ = ("case_ids", "destination_uri", "include_dicom_seg", "pacs_destination")
     CASE_IDS_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_URI_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_DICOM_SEG_FIELD_NUMBER: _ClassVar[int]
+    PACS_DESTINATION_FIELD_NUMBER: _ClassVar[int]
     case_ids: _containers.RepeatedScalarFieldContainer[str]
     destination_uri: str
-    def __init__(self, case_ids: _Optional[_Iterable[str]] = ..., destination_uri: _Optional[str] = ...) -> None: ...
+    include_dicom_seg: bool
+    pacs_destination: DicomDestination
+    def __init__(self, case_ids: _Optional[_Iterable[str]] = ..., destination_uri: _Optional[str] = ..., include_dicom_seg: _Optional[bool] = ..., pacs_destination: _Optional[_Union[DicomDestination, _Mapping]] = ...) -> None: ...
+
+class DicomDestination(_message.Message):
+    __slots__ = ("host", "port", "called_ae_title", "calling_ae_title")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    CALLED_AE_TITLE_FIELD_NUMBER: _ClassVar[int]
+    CALLING_AE_TITLE_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    port: int
+    called_ae_title: str
+    calling_ae_title: str
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., called_ae_title: _Optional[str] = ..., calling_ae_title: _Optional[str] = ...) -> None: ...
+
+class DicomSegOutcome(_message.Message):
+    __slots__ = ("case_id", "version_id", "state", "path", "sha256", "organs", "referenced_instance_count", "reason", "reason_metadata", "c_store_status")
+    class ReasonMetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    ORGANS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCED_INSTANCE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REASON_METADATA_FIELD_NUMBER: _ClassVar[int]
+    C_STORE_STATUS_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    version_id: str
+    state: DicomSegState
+    path: str
+    sha256: str
+    organs: _containers.RepeatedScalarFieldContainer[_common_pb2.Organ]
+    referenced_instance_count: int
+    reason: str
+    reason_metadata: _containers.ScalarMap[str, str]
+    c_store_status: int
+    def __init__(self, case_id: _Optional[str] = ..., version_id: _Optional[str] = ..., state: _Optional[_Union[DicomSegState, str]] = ..., path: _Optional[str] = ..., sha256: _Optional[str] = ..., organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ..., referenced_instance_count: _Optional[int] = ..., reason: _Optional[str] = ..., reason_metadata: _Optional[_Mapping[str, str]] = ..., c_store_status: _Optional[int] = ...) -> None: ...
 
 class ExportDatasetResponse(_message.Message):
     __slots__ = ("job",)

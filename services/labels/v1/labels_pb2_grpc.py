@@ -62,9 +62,21 @@ class LabelServiceStub:
     INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN (INVALID_ARGUMENT)
     INVALID_DESTINATION / DESTINATION_NOT_ALLOWED (INVALID_ARGUMENT), NOTHING_TO_EXPORT
     (FAILED_PRECONDITION)
-    GRID_DIFFERS_FROM_SOURCE (FAILED_PRECONDITION) DICOM SEG export of a volume whose grid is
-    not the source images' (tilt corrected, slices
-    filled or resampled)
+    INVALID_PACS_DESTINATION (INVALID_ARGUMENT) ExportDatasetRequest.pacs_destination is
+    incomplete or malformed, or given without
+    include_dicom_seg; metadata "field"
+    Per-case DICOM SEG outcomes of an export (DicomSegOutcome.reason, not RPC errors):
+    GRID_DIFFERS_FROM_SOURCE                 the volume's grid is not the source images' (tilt
+    corrected, slices filled or resampled); metadata
+    "problem": OFF_GRID, NOT_A_SLICE, OUT_OF_VOLUME,
+    SLICES, IN_PLANE
+    SOURCE_SERIES_NOT_FOUND                  the CT was not assembled by the ingest service
+    (no stored source instances)
+    INGEST_UNAVAILABLE                       the ingest service did not answer (retry the export)
+    INGEST_ERROR, INGEST_STREAM_BROKEN       the ingest service failed to send the instances
+    DICOM_SEG_ERROR                          the SEG could not be built from the source headers
+    (metadata "error": the exception type)
+    PACS_UNAVAILABLE, PACS_REFUSED           C-STORE: no association / a failure status
     """
 
     def __init__(self, channel):
@@ -147,9 +159,21 @@ class LabelServiceServicer:
     INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN (INVALID_ARGUMENT)
     INVALID_DESTINATION / DESTINATION_NOT_ALLOWED (INVALID_ARGUMENT), NOTHING_TO_EXPORT
     (FAILED_PRECONDITION)
-    GRID_DIFFERS_FROM_SOURCE (FAILED_PRECONDITION) DICOM SEG export of a volume whose grid is
-    not the source images' (tilt corrected, slices
-    filled or resampled)
+    INVALID_PACS_DESTINATION (INVALID_ARGUMENT) ExportDatasetRequest.pacs_destination is
+    incomplete or malformed, or given without
+    include_dicom_seg; metadata "field"
+    Per-case DICOM SEG outcomes of an export (DicomSegOutcome.reason, not RPC errors):
+    GRID_DIFFERS_FROM_SOURCE                 the volume's grid is not the source images' (tilt
+    corrected, slices filled or resampled); metadata
+    "problem": OFF_GRID, NOT_A_SLICE, OUT_OF_VOLUME,
+    SLICES, IN_PLANE
+    SOURCE_SERIES_NOT_FOUND                  the CT was not assembled by the ingest service
+    (no stored source instances)
+    INGEST_UNAVAILABLE                       the ingest service did not answer (retry the export)
+    INGEST_ERROR, INGEST_STREAM_BROKEN       the ingest service failed to send the instances
+    DICOM_SEG_ERROR                          the SEG could not be built from the source headers
+    (metadata "error": the exception type)
+    PACS_UNAVAILABLE, PACS_REFUSED           C-STORE: no association / a failure status
     """
 
     def CreateLabelVersion(self, request, context):
@@ -286,9 +310,21 @@ class LabelService:
     INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN (INVALID_ARGUMENT)
     INVALID_DESTINATION / DESTINATION_NOT_ALLOWED (INVALID_ARGUMENT), NOTHING_TO_EXPORT
     (FAILED_PRECONDITION)
-    GRID_DIFFERS_FROM_SOURCE (FAILED_PRECONDITION) DICOM SEG export of a volume whose grid is
-    not the source images' (tilt corrected, slices
-    filled or resampled)
+    INVALID_PACS_DESTINATION (INVALID_ARGUMENT) ExportDatasetRequest.pacs_destination is
+    incomplete or malformed, or given without
+    include_dicom_seg; metadata "field"
+    Per-case DICOM SEG outcomes of an export (DicomSegOutcome.reason, not RPC errors):
+    GRID_DIFFERS_FROM_SOURCE                 the volume's grid is not the source images' (tilt
+    corrected, slices filled or resampled); metadata
+    "problem": OFF_GRID, NOT_A_SLICE, OUT_OF_VOLUME,
+    SLICES, IN_PLANE
+    SOURCE_SERIES_NOT_FOUND                  the CT was not assembled by the ingest service
+    (no stored source instances)
+    INGEST_UNAVAILABLE                       the ingest service did not answer (retry the export)
+    INGEST_ERROR, INGEST_STREAM_BROKEN       the ingest service failed to send the instances
+    DICOM_SEG_ERROR                          the SEG could not be built from the source headers
+    (metadata "error": the exception type)
+    PACS_UNAVAILABLE, PACS_REFUSED           C-STORE: no association / a failure status
     """
 
     @staticmethod

@@ -1,0 +1,483 @@
+"""DICOM SEG inside ExportDataset, end to end with real services: ingest and labels run as
+subprocesses (each with its OWN blob store, so the source instances can only reach labels
+through IngestService.StreamSeriesInstances), a real Orthanc receives the SEG by C-STORE.
+
+Data: TotalSegmentator's real 20-slice CT (JPEG 2000, UIDs empty in the files: given here) and
+its TotalSegmentator labels on that DICOM grid (example_seg_dicom.nii.gz, LAS), mapped to the
+nine atlas organs. Series A is the whole CT; series B lacks one middle slice, which ingest fills
+by interpolation (a resampled grid): its SEG must be refused while its other files export.
+"""
+
+from __future__ import annotations
+
+from conftest import REPO, SHARED_DATA
+
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from atlasflow.cli.upload import send_files
+from atlasflow.common.blobstore import LocalBlobStore
+from atlasflow.common.errors import InvalidArgument, Unavailable
+from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
+from atlasflow.common.organs import ORGANS
+from atlasflow.common.server import error_info_of
+from atlasflow.common.v1 import common_pb2
+from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from atlasflow.labels.export import (ExportOptions, PacsDestination, SegOutcome,
+                                     SegOutcomeJournal, build_case_seg, decode_job_destination,
+                                     encode_job_destination)
+from atlasflow.labels.repository import Provenance
+from atlasflow.labels.totalseg import totalseg_to_atlas
+from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
+
+REF = SHARED_DATA / "totalsegmentator/tests/reference_files"
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+TERMINAL = (common_pb2.OPERATION_STATE_SUCCEEDED, common_pb2.OPERATION_STATE_FAILED,
+            common_pb2.OPERATION_STATE_CANCELLED)
+
+
+def _bench():  # type: ignore[no-untyped-def]
+    """benchmarks/bench_ingest.py (IngestProcess, OrthancProcess, free_ports), loaded once."""
+    if "bench_ingest" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_ingest",
+                                                      REPO / "benchmarks" / "bench_ingest.py")
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules["bench_ingest"] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules["bench_ingest"]
+
+
+bench = _bench()
+
+
+def _write_series(out: Path, tag: str, drop: int | None = None) -> list[Path]:
+    """The 20 real slices with Study/Series/SOP Instance UIDs given (derived from `tag`),
+    pixel data untouched (JPEG 2000); `drop`: index (in z order) of a slice to leave out."""
+    out.mkdir(parents=True)
+    files = sorted((REF / "example_ct_dicom").iterdir(),
+                   key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True)
+                                       .ImagePositionPatient[2]))
+    paths = []
+    for i, f in enumerate(files):
+        if i == drop:
+            continue
+        ds = pydicom.dcmread(f)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = bench.bench_uid(tag, f"sop/{i}")
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.StudyInstanceUID = bench.bench_uid(tag, "study")
+        ds.SeriesInstanceUID = bench.bench_uid(tag, "series")
+        path = out / f"{i:02d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+class LabelsProcess:
+    """`atlasflow serve labels` on free ports with its own data and blob directories."""
+
+    def __init__(self, root: Path, ingest_target: str) -> None:
+        self.root = root
+        (self.port,) = bench.free_ports(1)
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", OTEL_SDK_DISABLED="true",
+                        OTEL_TRACES_EXPORTER="none", TCP_NODELAY="1")
+        self.env.update({"ATLASFLOW_LABELS_" + k: v for k, v in {
+            "GRPC_PORT": str(self.port), "DATA_DIR": str(root / "data"),
+            "BLOB_DIR": str(root / "blobs"), "INGEST_TARGET": ingest_target,
+            "SHUTDOWN_GRACE_S": "1"}.items()})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> LabelsProcess:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.log = self.root / "labels.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "atlasflow.cli.main", "serve", "labels"], cwd=REPO,
+            env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 60
+            while True:
+                assert self.proc.poll() is None, self.log.read_text()[-2000:]
+                assert time.monotonic() < deadline, "labels did not become ready"
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        return self
+                except grpc.RpcError:
+                    time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("seg")
+    series_a = _write_series(root / "a", "seg-export-a")
+    series_b = _write_series(root / "b", "seg-export-b", drop=10)
+    ingest = bench.IngestProcess(root / "ingest").start()
+    labels = orthanc = None
+    try:
+        t0 = time.perf_counter()
+        receipts = send_files(series_a + series_b, ingest.target, commit=True)
+        print(f"upload + assembly of 39 instances: {time.perf_counter() - t0:.2f} s")
+        labels = LabelsProcess(root / "labels", ingest.target).start()
+        orthanc = bench.OrthancProcess(root / "orthanc").start()
+        yield {"root": root, "ingest": ingest, "labels": labels, "orthanc": orthanc,
+               "series_id": {"a": receipts[0].series_id, "b": receipts[-1].series_id},
+               "files": {"a": series_a, "b": series_b}}
+    finally:
+        for proc in (orthanc, labels, ingest):
+            if proc is not None:
+                proc.stop()
+
+
+def _stubs(env):  # type: ignore[no-untyped-def]
+    return (ingest_pb2_grpc.IngestServiceStub(grpc.insecure_channel(env["ingest"].target)),
+            labels_pb2_grpc.LabelServiceStub(grpc.insecure_channel(
+                f"127.0.0.1:{env['labels'].port}")))
+
+
+def _stream(stub, **request) -> tuple[ingest_pb2.Series, list[bytes], list]:  # type: ignore[no-untyped-def]
+    """(series of the first message, instance bytes, last-chunk messages) of one stream."""
+    series, instances, lasts, buf = None, [], [], b""
+    for msg in stub.StreamSeriesInstances(ingest_pb2.StreamSeriesInstancesRequest(**request),
+                                          timeout=60):
+        if series is None:
+            series, count = msg.series, msg.instance_count
+        assert msg.instance_index == len(instances) and msg.offset == len(buf)
+        buf += msg.chunk
+        if msg.last_chunk:
+            assert hashlib.sha256(buf).hexdigest() == msg.sha256
+            instances.append(buf)
+            lasts.append(msg)
+            buf = b""
+    assert series is not None and count == len(instances)
+    return series, instances, lasts
+
+
+def _reason(call) -> tuple[grpc.StatusCode, str, dict]:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    info = error_info_of(e.value)
+    assert info is not None
+    return e.value.code(), info.reason, dict(info.metadata)
+
+
+# ------------------------------------------------------------------ ingest: the new RPC
+
+
+def test_stream_series_instances(env):  # type: ignore[no-untyped-def]
+    stub, _ = _stubs(env)
+    sent = {hashlib.sha256(p.read_bytes()).hexdigest(): p.read_bytes() for p in env["files"]["a"]}
+
+    t0 = time.perf_counter()
+    series, whole, lasts = _stream(stub, series_id=env["series_id"]["a"])
+    t_whole = time.perf_counter() - t0
+    assert series.series_id == env["series_id"]["a"] and series.version == 1
+    assert series.state in (ingest_pb2.SERIES_STATE_ASSEMBLED, ingest_pb2.SERIES_STATE_DISPATCHED)
+    # the stored bytes, unchanged: exactly the uploaded files
+    assert sorted(hashlib.sha256(b).hexdigest() for b in whole) == sorted(sent)
+    for data, last in zip(whole, lasts):
+        assert last.instance.digest == "sha256:" + hashlib.sha256(data).hexdigest()
+        assert not last.headers_only
+
+    t0 = time.perf_counter()
+    by_volume, heads, hlasts = _stream(stub, volume_digest=series.volume.digest,
+                                       headers_only=True)
+    t_heads = time.perf_counter() - t0
+    print(f"20 instances whole {sum(map(len, whole))} B in {t_whole:.3f} s, headers only "
+          f"{sum(map(len, heads))} B in {t_heads:.3f} s")
+    assert by_volume.series_id == series.series_id and by_volume.version == 1
+    whole_of = {pydicom.dcmread(io.BytesIO(b)).SOPInstanceUID: b for b in whole}
+    assert len(heads) == 20
+    for data, last in zip(heads, hlasts):
+        assert last.headers_only and len(data) < last.instance.size_bytes
+        head = pydicom.dcmread(io.BytesIO(data))
+        assert "PixelData" not in head
+        stored = whole_of[head.SOPInstanceUID]
+        assert stored.startswith(data)  # a prefix of the stored file, cut before PixelData
+        assert last.instance.digest == "sha256:" + hashlib.sha256(stored).hexdigest()
+        ref = pydicom.dcmread(io.BytesIO(stored))
+        del ref.PixelData
+        assert head == ref  # every other attribute, as stored
+
+
+@pytest.mark.parametrize("request_fields,code,reason", [
+    ({"series_id": "ser-unknown"}, grpc.StatusCode.NOT_FOUND, "SERIES_NOT_FOUND"),
+    ({"series_id": "A", "series_version": 7}, grpc.StatusCode.NOT_FOUND,
+     "SERIES_VERSION_NOT_FOUND"),
+    ({"volume_digest": "sha256:" + "0" * 64}, grpc.StatusCode.NOT_FOUND, "VOLUME_NOT_FOUND"),
+    ({}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+    ({"series_id": "A", "volume_digest": "sha256:" + "0" * 64},
+     grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+])
+def test_stream_series_instances_errors(env, request_fields, code, reason):  # type: ignore[no-untyped-def]
+    stub, _ = _stubs(env)
+    fields = {k: (env["series_id"]["a"] if v == "A" else v) for k, v in request_fields.items()}
+    got = _reason(lambda: list(stub.StreamSeriesInstances(
+        ingest_pb2.StreamSeriesInstancesRequest(**fields), timeout=30)))
+    assert got[:2] == (code, reason)
+
+
+# ------------------------------------------------------------------ labels: export with SEG
+
+
+def _atlas_labels_on(series: ingest_pb2.Series) -> np.ndarray:
+    """TotalSegmentator's labels of this CT (LAS, (512, 512, 20)) mapped to the atlas ids and
+    put on the ingest volume's grid: ingest keeps DICOM order (i = column, j = row), so its
+    y axis is the LAS file's flipped; checked against both affines."""
+    seg, las_affine = from_nifti_bytes((REF / "example_seg_dicom.nii.gz").read_bytes())
+    flip = np.eye(4)
+    flip[1, 1], flip[1, 3] = -1, seg.shape[1] - 1
+    affine = np.asarray(series.geometry.affine).reshape(4, 4)
+    assert tuple(series.geometry.shape) == seg.shape
+    assert np.allclose(affine, las_affine @ flip, atol=1e-3)
+    return totalseg_to_atlas(seg)[:, ::-1, :].copy()
+
+
+def _put(blobs: LocalBlobStore, data: bytes) -> common_pb2.BlobRef:
+    info = blobs.put(data)
+    return common_pb2.BlobRef(digest=info.digest, size_bytes=info.size_bytes)
+
+
+def _export(stub, dest: Path, cases: list[str], **options) -> labels_pb2.ExportJob:  # type: ignore[no-untyped-def]
+    job = stub.ExportDataset(labels_pb2.ExportDatasetRequest(
+        case_ids=cases, destination_uri=dest.as_uri(), include_dicom_seg=True, **options),
+        timeout=30).job
+    deadline = time.monotonic() + 120
+    while job.state not in TERMINAL:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+        job = stub.GetExportJob(labels_pb2.GetExportJobRequest(job_id=job.job_id), timeout=30).job
+    return job
+
+
+def _orthanc_seg_ids(orthanc, sop_uid: str) -> list[str]:  # type: ignore[no-untyped-def]
+    req = urllib.request.Request(f"http://127.0.0.1:{orthanc.http_port}/tools/lookup",
+                                 data=sop_uid.encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return [x["ID"] for x in json.loads(r.read()) if x["Type"] == "Instance"]
+
+
+@pytest.fixture(scope="module")
+def exported(env):  # type: ignore[no-untyped-def]
+    ingest_stub, stub = _stubs(env)
+    ingest_blobs = LocalBlobStore(env["root"] / "ingest" / "blobs")
+    labels_blobs = LocalBlobStore(env["root"] / "labels" / "blobs")
+    versions = {}
+    for tag in ("a", "b"):
+        series = ingest_stub.GetSeries(ingest_pb2.GetSeriesRequest(
+            series_id=env["series_id"][tag]), timeout=30).series
+        # labels has a blob store of its own: the CT blob is copied (same digest), the source
+        # instances are not
+        ct = _put(labels_blobs, ingest_blobs.get(series.volume.digest))
+        assert ct.digest == series.volume.digest
+        labels = _atlas_labels_on(series)
+        affine = np.asarray(series.geometry.affine).reshape(4, 4)
+        versions[tag] = (stub.CreateLabelVersion(labels_pb2.CreateLabelVersionRequest(
+            case_id=f"case-{tag}", label_map=_put(labels_blobs, to_nifti_bytes(labels, affine)),
+            ct=ct, provenance=labels_pb2.Provenance(source=labels_pb2.LABEL_SOURCE_AI,
+                                                    model_version="trio-v1"),
+            request_id=f"seg-{tag}"), timeout=30).version, labels, series)
+    # a CT that ingest never assembled (uploaded as NIfTI): no source instances
+    ct_c, aff_c = from_nifti_bytes((REF / "example_ct_sm.nii.gz").read_bytes())
+    lab_c = np.zeros(ct_c.shape, np.uint8)
+    lab_c[40:60, 40:60, 10:20] = 5
+    stub.CreateLabelVersion(labels_pb2.CreateLabelVersionRequest(
+        case_id="case-c", label_map=_put(labels_blobs, to_nifti_bytes(lab_c, aff_c)),
+        ct=_put(labels_blobs, to_nifti_bytes(ct_c.astype(np.int16), aff_c)),
+        provenance=labels_pb2.Provenance(source=labels_pb2.LABEL_SOURCE_ORIGINAL),
+        request_id="seg-c"), timeout=30)
+    orthanc = env["orthanc"]
+    pacs = labels_pb2.DicomDestination(host="127.0.0.1", port=orthanc.dicom_port,
+                                       called_ae_title=orthanc.aet)
+    dest = env["root"] / "export"
+    t0 = time.perf_counter()
+    job = _export(stub, dest, ["case-a", "case-b", "case-c"], pacs_destination=pacs)
+    elapsed = time.perf_counter() - t0
+    print(f"export of 3 cases with DICOM SEG + C-STORE to Orthanc: {elapsed:.2f} s")
+    return {"job": job, "dest": dest, "versions": versions, "stub": stub, "pacs": pacs}
+
+
+def test_export_writes_and_sends_the_seg(env, exported):  # type: ignore[no-untyped-def]
+    job, dest = exported["job"], exported["dest"]
+    version, labels, series = exported["versions"]["a"]
+    assert job.state == common_pb2.OPERATION_STATE_SUCCEEDED, job.error_reason
+    assert job.include_dicom_seg and job.pacs_destination.port == env["orthanc"].dicom_port
+    outcome = {o.case_id: o for o in job.dicom_seg_outcomes}
+    a = outcome["case-a"]
+    assert a.state == labels_pb2.DICOM_SEG_STATE_SENT, a
+    assert a.c_store_status == 0 and a.version_id == version.version_id
+    assert a.path == "case-a/dicom_seg/seg.dcm"
+    path = dest / a.path
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == a.sha256
+    manifest = {c["case"]: c for c in json.loads((dest / "manifest.json").read_text())["cases"]}
+    assert manifest["case-a"]["files"]["dicom_seg/seg.dcm"]["sha256"] == a.sha256
+    assert manifest["case-a"]["dicom_seg"]["state"] == "SENT"
+
+    seg = hd.seg.segread(path)
+    assert seg.SOPClassUID == SEG_STORAGE
+    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in env["files"]["a"]]
+    uids = [ds.SOPInstanceUID for ds in sources]
+    refs = [i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence
+            for i in s.ReferencedInstanceSequence]
+    assert sorted(refs) == sorted(uids)  # exactly the source instances, each once
+    assert a.referenced_instance_count == 20
+    assert seg.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    present = sorted(int(o) for o in np.unique(labels) if o)
+    assert list(a.organs) == present
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [ORGANS[o] for o in present]
+    got = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, segment_numbers=list(range(1, len(present) + 1)),
+        combine_segments=True, relabel=False)
+    lut = np.zeros(len(present) + 1, np.uint8)
+    lut[1:] = present
+    z0 = min(float(ds.ImagePositionPatient[2]) for ds in sources)
+    for ds, frame in zip(sources, got):
+        k = int(round((float(ds.ImagePositionPatient[2]) - z0) / 2.0))
+        # ingest's grid: i = column, j = row, k = slice in z order
+        assert np.array_equal(lut[frame], labels[:, :, k].T), ds.InstanceNumber
+
+    # the PACS holds it: same SOP Instance, same frames
+    (orthanc_id,) = _orthanc_seg_ids(env["orthanc"], seg.SOPInstanceUID)
+    with urllib.request.urlopen(f"http://127.0.0.1:{env['orthanc'].http_port}/instances/"
+                                f"{orthanc_id}/file", timeout=10) as r:
+        stored = pydicom.dcmread(io.BytesIO(r.read()))
+    assert stored.SOPClassUID == SEG_STORAGE and stored.PixelData == seg.PixelData
+
+
+def test_resampled_grid_is_refused_the_rest_exported(exported):  # type: ignore[no-untyped-def]
+    job, dest = exported["job"], exported["dest"]
+    outcome = {o.case_id: o for o in job.dicom_seg_outcomes}
+    b = outcome["case-b"]
+    assert b.state == labels_pb2.DICOM_SEG_STATE_REFUSED
+    assert b.reason == "GRID_DIFFERS_FROM_SOURCE" and b.reason_metadata["problem"] == "SLICES"
+    assert not b.path and not (dest / "case-b" / "dicom_seg").exists()
+    manifest = {c["case"]: c for c in json.loads((dest / "manifest.json").read_text())["cases"]}
+    assert manifest["case-b"]["dicom_seg"]["reason"] == "GRID_DIFFERS_FROM_SOURCE"
+    for rel in ("ct.nii.gz", "combined_labels.nii.gz", "segmentations/liver.nii.gz"):
+        data = (dest / "case-b" / rel).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == manifest["case-b"]["files"][rel]["sha256"]
+    c = outcome["case-c"]
+    assert c.state == labels_pb2.DICOM_SEG_STATE_REFUSED
+    assert c.reason == "SOURCE_SERIES_NOT_FOUND"
+    assert (dest / "case-c" / "combined_labels.nii.gz").exists()
+    assert [o.case_id for o in job.dicom_seg_outcomes] == ["case-a", "case-b", "case-c"]
+
+
+def test_export_again_resends_the_same_sop_instance(env, exported):  # type: ignore[no-untyped-def]
+    first = next(o for o in exported["job"].dicom_seg_outcomes if o.case_id == "case-a")
+    uid = pydicom.dcmread(exported["dest"] / first.path, stop_before_pixels=True).SOPInstanceUID
+    job = _export(exported["stub"], env["root"] / "export2", ["case-a"],
+                  pacs_destination=exported["pacs"])
+    (again,) = job.dicom_seg_outcomes
+    assert again.state == labels_pb2.DICOM_SEG_STATE_SENT
+    path = env["root"] / "export2" / again.path
+    assert pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID == uid
+    assert len(_orthanc_seg_ids(env["orthanc"], uid)) == 1  # replaced, not duplicated
+
+
+@pytest.mark.parametrize("options,field", [
+    ({"include_dicom_seg": False, "pacs_destination": labels_pb2.DicomDestination(
+        host="h", port=104, called_ae_title="PACS")}, "include_dicom_seg"),
+    ({"include_dicom_seg": True, "pacs_destination": labels_pb2.DicomDestination(
+        host="h", port=0, called_ae_title="PACS")}, "pacs_destination.port"),
+    ({"include_dicom_seg": True, "pacs_destination": labels_pb2.DicomDestination(
+        host="h", port=104, called_ae_title="A" * 17)}, "pacs_destination.called_ae_title"),
+    ({"include_dicom_seg": True, "pacs_destination": labels_pb2.DicomDestination(
+        port=104, called_ae_title="PACS")}, "pacs_destination.host"),
+])
+def test_bad_pacs_destination_is_refused(env, tmp_path, options, field):  # type: ignore[no-untyped-def]
+    _, stub = _stubs(env)
+    code, reason, metadata = _reason(lambda: stub.ExportDataset(labels_pb2.ExportDatasetRequest(
+        destination_uri=tmp_path.as_uri(), **options), timeout=30))
+    assert (code, reason, metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                 "INVALID_PACS_DESTINATION", field)
+
+
+def test_unreachable_pacs_is_a_send_failure(env, exported, tmp_path):  # type: ignore[no-untyped-def]
+    (dead,) = bench.free_ports(1)
+    job = _export(exported["stub"], tmp_path / "out", ["case-a"],
+                  pacs_destination=labels_pb2.DicomDestination(
+                      host="127.0.0.1", port=dead, called_ae_title="NOBODY"))
+    assert job.state == common_pb2.OPERATION_STATE_SUCCEEDED
+    (o,) = job.dicom_seg_outcomes
+    assert o.state == labels_pb2.DICOM_SEG_STATE_SEND_FAILED and o.reason == "PACS_UNAVAILABLE"
+    assert hashlib.sha256((tmp_path / "out" / o.path).read_bytes()).hexdigest() == o.sha256
+
+
+# ------------------------------------------------------------------ job options, journal (unit)
+
+
+@pytest.mark.parametrize("options", [
+    ExportOptions(),
+    ExportOptions(include_dicom_seg=True),
+    ExportOptions(include_dicom_seg=True,
+                  pacs=PacsDestination("pacs.example.org", 11112, "PACS A&B", "ME")),
+])
+def test_job_destination_round_trip(options):  # type: ignore[no-untyped-def]
+    uri = "file:///exports/run%201"
+    stored = encode_job_destination(uri, options)
+    assert decode_job_destination(stored) == (uri, options)
+    assert (stored == uri) == (not options.include_dicom_seg)  # old rows decode unchanged
+    with pytest.raises(InvalidArgument):
+        encode_job_destination(uri + "?x=1", options)
+
+
+def test_seg_journal_restarts_and_skips_a_torn_line(tmp_path):  # type: ignore[no-untyped-def]
+    journal = SegOutcomeJournal(tmp_path)
+    assert journal.read("job1") == []
+    journal.start("job1")
+    journal.append("job1", SegOutcome("c1", "v1", "WRITTEN", organs=[5]))
+    journal.append("job1", SegOutcome("c2", "v2", "REFUSED", reason="GRID_DIFFERS_FROM_SOURCE",
+                                      reason_metadata={"problem": "SLICES"}))
+    with open(tmp_path / "job1.dicom_seg.jsonl", "ab") as f:
+        f.write(b'{"case_id": "c3", "vers')  # a crash mid-append
+    got = journal.read("job1")
+    assert [(o.case_id, o.state, o.reason_metadata) for o in got] == [
+        ("c1", "WRITTEN", {}), ("c2", "REFUSED", {"problem": "SLICES"})]
+    journal.start("job1")  # a resumed job exports every case again
+    assert journal.read("job1") == []
+
+
+def test_build_case_seg_never_raises(tmp_path):  # type: ignore[no-untyped-def]
+    labels = np.zeros((4, 4, 2), np.uint8)
+    labels[1, 1, 1] = 5
+    nifti = to_nifti_bytes(labels, np.eye(4))
+
+    def broken_headers(_digest: str) -> list[pydicom.Dataset]:
+        ds = pydicom.Dataset()
+        ds.SOPInstanceUID = ds.SOPClassUID = ds.StudyInstanceUID = ds.SeriesInstanceUID = "1.2"
+        return [ds]  # no geometry at all
+
+    def ingest_down(_digest: str) -> list[pydicom.Dataset]:
+        raise Unavailable("INGEST_UNAVAILABLE", "down", domain="atlasflow.labels")
+
+    for fetch, state, reason in ((broken_headers, "FAILED", "DICOM_SEG_ERROR"),
+                                 (ingest_down, "FAILED", "INGEST_UNAVAILABLE")):
+        seg, data, outcome = build_case_seg(fetch, "sha256:x", nifti, Provenance("ai"), "v1")
+        assert seg is None and data is None
+        assert (outcome.state, outcome.reason) == (state, reason)
