@@ -86,7 +86,9 @@ def item_to_proto(entry: WorklistEntry, rank: int) -> ranking_pb2.WorklistItem:
         source_job_id=entry.source_job_id, update_time=_ts(entry.update_time),
         status=int(entry.status),  # type: ignore[arg-type]
         round_number=entry.round_number,
-        labelled_organs=list(entry.labelled_organs))  # type: ignore[arg-type]
+        labelled_organs=list(entry.labelled_organs),  # type: ignore[arg-type]
+        label_version_id=entry.label_version_id,
+        human_decided_organs=list(entry.human_decided_organs))  # type: ignore[arg-type]
     if entry.heatmap_digest:
         item.heatmap.CopyFrom(common_pb2.BlobRef(digest=entry.heatmap_digest,
                                                  size_bytes=entry.heatmap_size,
@@ -144,6 +146,17 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             [int(o) for o in request.labelled_organs],
             request.heatmap.digest, request.heatmap.size_bytes)
         return ranking_pb2.SubmitAttentionResponse(item=item_to_proto(entry, rank))
+
+    async def RecordLabelVersion(
+            self, request: ranking_pb2.RecordLabelVersionRequest,
+            context: grpc.aio.ServicerContext) -> ranking_pb2.RecordLabelVersionResponse:
+        result = await self._call(
+            self.worklist.record_label_version, request.case_id, request.label_version_id,
+            request.version_number, [int(o) for o in request.human_decided_organs],
+            [int(o) for o in request.revised_organs], request.reviewer)
+        if result is None:
+            return ranking_pb2.RecordLabelVersionResponse()
+        return ranking_pb2.RecordLabelVersionResponse(item=item_to_proto(*result))
 
     async def ListWorklist(self, request: ranking_pb2.ListWorklistRequest,
                            context: grpc.aio.ServicerContext) -> ranking_pb2.ListWorklistResponse:

@@ -17,6 +17,17 @@ a key wins, also after a restart); a submission with a NEW job id for the case r
 case's attention (the newer segmentation supersedes the older one, in order of arrival). A new
 submission never touches the case's review status, lease or rounds: a reviewed case stays done.
 
+Label versions (`record_label_version`, fed by the labels service's outbox)
+--------------------------------------------------------------------------
+Every label version the labels service stores is reported here with the organs a human decided
+in it (a radiologist's revision, in that version or an ancestor, or the source's original
+label). Those organs leave the priority exactly like source-labelled organs: the attention
+asked a question a human has answered. Delivery is at least once and in any order: an event is
+kept only when its `version_number` (1-based position in the case's chain of versions) is
+higher than the recorded one, so a replay or a late older event changes nothing. A case
+without attention yet is remembered (`case_labels`) and its first submission uses it. Review
+status, lease and rounds are untouched (CompleteReview closes a review).
+
 Review status (`Status`, numbers = proto `WorklistStatus`)
 ---------------------------------------------------------
     PENDING  -> LEASED     lease / lease_next
@@ -39,7 +50,8 @@ filter and the round statistics. `lease_next` hands out the open round's cases.
 Organ filter
 ------------
 A case matches organ o when o contributes a positive amount to its priority: attention_ml > 0
-(or score > 0 for scored cases) and o is not labelled by the source. Kept as a bit mask.
+(or score > 0 for scored cases) and o is neither labelled by the source nor decided by a human.
+Kept as a bit mask.
 
 Paging: keyset cursor on (priority, case_id) of the last item returned (tokens bound to the
 filter), so moving through the pages never duplicates or skips an entry whose priority does not
@@ -171,6 +183,8 @@ class WorklistEntry:
     round_number: int = 0
     lease: Lease | None = None
     review: Review | None = None
+    label_version_id: str = ""
+    human_decided_organs: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -231,6 +245,10 @@ class WorklistFilter:
 
 def _invalid(message: str, **metadata: str) -> InvalidArgument:
     return InvalidArgument("INVALID_ATTENTION", message, domain=DOMAIN, metadata=metadata)
+
+
+def _invalid_event(message: str, **metadata: str) -> InvalidArgument:
+    return InvalidArgument("INVALID_LABEL_VERSION", message, domain=DOMAIN, metadata=metadata)
 
 
 def _finite_nonneg(*values: float) -> bool:
@@ -433,6 +451,21 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX round_cases_by_case ON round_cases(case_id);
     """,
+    # 3: label versions reported by the labels service (see "Label versions" above); the
+    # worklist row carries a copy of its case's latest one.
+    """
+    CREATE TABLE case_labels (
+        case_id TEXT PRIMARY KEY,
+        label_version_id TEXT NOT NULL,
+        version_number INTEGER NOT NULL,
+        human_organs TEXT NOT NULL,
+        revised_organs TEXT NOT NULL,
+        reviewer TEXT NOT NULL DEFAULT '',
+        record_time TEXT NOT NULL
+    );
+    ALTER TABLE worklist ADD COLUMN latest_label_version_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE worklist ADD COLUMN human_organs TEXT NOT NULL DEFAULT '[]';
+    """,
 )
 
 # Status at read time (:now = µs since the epoch); numbers as in `Status`.
@@ -492,13 +525,19 @@ class SqliteWorklist:
             raise _invalid("labelled_organs must be AbdomenAtlas organ ids")
         if heatmap_size < 0:
             raise _invalid("heatmap size must be >= 0")
-        priority = case_priority(ordered, labelled)
-        mask = attention_mask(ordered, labelled)
         now = self._clock().isoformat()
         organs_json = json.dumps([[o.organ, o.attention_ml, o.heatmap_ml, o.volume_ml,
                                    list(o.reasons), _pointer_json(o.pointer), o.score]
                                   for o in ordered])
         with self._lock, sq.transaction(self._conn):
+            known = self._conn.execute(
+                "SELECT label_version_id, human_organs FROM case_labels WHERE case_id = ?",
+                (case_id,)).fetchone()
+            version_id = known["label_version_id"] if known else ""
+            human = known["human_organs"] if known else "[]"
+            excluded = set(labelled) | set(json.loads(human))
+            priority = case_priority(ordered, excluded)
+            mask = attention_mask(ordered, excluded)
             seen = self._conn.execute(
                 "SELECT 1 FROM worklist_submissions WHERE case_id = ? AND source_job_id = ?",
                 (case_id, source_job_id)).fetchone()
@@ -508,16 +547,73 @@ class SqliteWorklist:
                     " VALUES (?, ?, ?)", (case_id, source_job_id, now))
                 self._conn.execute(
                     "INSERT INTO worklist(case_id, series_id, source_job_id, priority, organs,"
-                    " labelled_organs, heatmap_digest, heatmap_size, update_time, attention_mask)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " labelled_organs, heatmap_digest, heatmap_size, update_time, attention_mask,"
+                    " latest_label_version_id, human_organs)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT(case_id) DO UPDATE SET series_id = excluded.series_id,"
                     " source_job_id = excluded.source_job_id, priority = excluded.priority,"
                     " organs = excluded.organs, labelled_organs = excluded.labelled_organs,"
                     " heatmap_digest = excluded.heatmap_digest,"
                     " heatmap_size = excluded.heatmap_size, update_time = excluded.update_time,"
-                    " attention_mask = excluded.attention_mask",
+                    " attention_mask = excluded.attention_mask,"
+                    " latest_label_version_id = excluded.latest_label_version_id,"
+                    " human_organs = excluded.human_organs",
                     (case_id, series_id, source_job_id, priority, organs_json,
-                     json.dumps(labelled), heatmap_digest, int(heatmap_size), now, mask))
+                     json.dumps(labelled), heatmap_digest, int(heatmap_size), now, mask,
+                     version_id, human))
+            return self._entry_and_rank(case_id, self._now_us())
+
+    def record_label_version(self, case_id: str, label_version_id: str, version_number: int,
+                             human_organs: Iterable[int] = (), revised_organs: Iterable[int] = (),
+                             reviewer: str = "") -> tuple[WorklistEntry, int] | None:
+        """Record that `case_id` has label version `label_version_id` (see "Label versions").
+
+        version_number: 1-based position in the case's chain (orders late events);
+        human_organs: organ ids decided by a human in that version (they leave the priority);
+        revised_organs: ids a radiologist revised in that very version; reviewer: its author.
+        Returns (entry, rank) after re-ranking, or None while the case has no attention.
+        """
+        for name, value in (("case_id", case_id), ("label_version_id", label_version_id)):
+            if not value or len(value) > 256 or not value.isprintable():
+                raise _invalid_event(f"{name} is required (printable, <= 256 chars)", field=name)
+        if int(version_number) < 1:
+            raise _invalid_event("version_number must be >= 1", field="version_number")
+        human = tuple(sorted({int(o) for o in human_organs}))
+        revised = tuple(sorted({int(o) for o in revised_organs}))
+        if any(o not in ORGANS for o in human + revised):
+            raise _invalid_event("organs must be AbdomenAtlas organ ids")
+        if not set(revised) <= set(human):
+            raise _invalid_event("revised_organs must be among human_decided_organs")
+        if len(reviewer) > 256 or not reviewer.isprintable():
+            raise _invalid_event("reviewer must be printable, <= 256 chars", field="reviewer")
+        with self._lock, sq.transaction(self._conn):
+            known = self._conn.execute(
+                "SELECT version_number FROM case_labels WHERE case_id = ?", (case_id,)).fetchone()
+            if known is None or int(known["version_number"]) < int(version_number):
+                self._conn.execute(
+                    "INSERT INTO case_labels(case_id, label_version_id, version_number,"
+                    " human_organs, revised_organs, reviewer, record_time)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(case_id) DO UPDATE SET"
+                    " label_version_id = excluded.label_version_id,"
+                    " version_number = excluded.version_number,"
+                    " human_organs = excluded.human_organs,"
+                    " revised_organs = excluded.revised_organs, reviewer = excluded.reviewer,"
+                    " record_time = excluded.record_time",
+                    (case_id, label_version_id, int(version_number), json.dumps(human),
+                     json.dumps(revised), reviewer, self._clock().isoformat()))
+                row = self._conn.execute("SELECT * FROM worklist WHERE case_id = ?",
+                                         (case_id,)).fetchone()
+                if row is not None:
+                    organs = [_organ_of(o) for o in json.loads(row["organs"])]
+                    excluded = set(json.loads(row["labelled_organs"])) | set(human)
+                    self._conn.execute(
+                        "UPDATE worklist SET priority = ?, attention_mask = ?,"
+                        " latest_label_version_id = ?, human_organs = ? WHERE case_id = ?",
+                        (case_priority(organs, excluded), attention_mask(organs, excluded),
+                         label_version_id, json.dumps(human), case_id))
+            if self._conn.execute("SELECT 1 FROM worklist WHERE case_id = ?",
+                                  (case_id,)).fetchone() is None:
+                return None
             return self._entry_and_rank(case_id, self._now_us())
 
     def get(self, case_id: str) -> tuple[WorklistEntry, int]:
@@ -904,4 +1000,6 @@ class SqliteWorklist:
             review=(Review(Status(outcome), row["reviewer"], row["label_version_id"],
                            _from_us(row["review_us"]), int(row["review_round"]))
                     if outcome else None),
+            label_version_id=row["latest_label_version_id"],
+            human_decided_organs=tuple(json.loads(row["human_organs"])),
         )

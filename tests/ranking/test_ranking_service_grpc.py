@@ -292,3 +292,20 @@ def test_pending_queue_depth(server):
                         metadata=who("dr-a"))
     stub.ReleaseLease(pb.ReleaseLeaseRequest(case_id="case-001"), metadata=who("dr-a"))
     assert _gauge(metrics, "worklist_pending") == 4 and _gauge(metrics, "worklist") == 5
+
+
+def test_record_label_version_reranks_over_grpc(server):
+    stub, _, _ = server
+    submit(stub, "a", [organ(5, 10.0), organ(8, 4.0)])
+    submit(stub, "b", [organ(5, 7.0)])
+    resp = stub.RecordLabelVersion(pb.RecordLabelVersionRequest(
+        case_id="a", label_version_id="v2", version_number=2, human_decided_organs=[5],
+        revised_organs=[5], reviewer="dr.x"), timeout=10)
+    assert resp.item.priority == 4.0 and resp.item.rank == 2
+    assert resp.item.label_version_id == "v2" and list(resp.item.human_decided_organs) == [5]
+    # unknown case: remembered, no item yet
+    assert not stub.RecordLabelVersion(pb.RecordLabelVersionRequest(
+        case_id="later", label_version_id="v1", version_number=1), timeout=10).HasField("item")
+    fails(lambda: stub.RecordLabelVersion(pb.RecordLabelVersionRequest(
+        case_id="a", label_version_id="v3", version_number=0)),
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_LABEL_VERSION")

@@ -136,7 +136,7 @@ class Review(_message.Message):
     def __init__(self, outcome: _Optional[_Union[ReviewOutcome, str]] = ..., reviewer: _Optional[str] = ..., label_version_id: _Optional[str] = ..., complete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., round_number: _Optional[int] = ...) -> None: ...
 
 class WorklistItem(_message.Message):
-    __slots__ = ("case_id", "series_id", "rank", "priority", "organs", "heatmap", "source_job_id", "update_time", "status", "round_number", "lease", "review", "labelled_organs")
+    __slots__ = ("case_id", "series_id", "rank", "priority", "organs", "heatmap", "source_job_id", "update_time", "status", "round_number", "lease", "review", "labelled_organs", "label_version_id", "human_decided_organs")
     CASE_ID_FIELD_NUMBER: _ClassVar[int]
     SERIES_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,8 @@ class WorklistItem(_message.Message):
     LEASE_FIELD_NUMBER: _ClassVar[int]
     REVIEW_FIELD_NUMBER: _ClassVar[int]
     LABELLED_ORGANS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    HUMAN_DECIDED_ORGANS_FIELD_NUMBER: _ClassVar[int]
     case_id: str
     series_id: str
     rank: int
@@ -163,7 +165,9 @@ class WorklistItem(_message.Message):
     lease: Lease
     review: Review
     labelled_organs: _containers.RepeatedScalarFieldContainer[_common_pb2.Organ]
-    def __init__(self, case_id: _Optional[str] = ..., series_id: _Optional[str] = ..., rank: _Optional[int] = ..., priority: _Optional[float] = ..., organs: _Optional[_Iterable[_Union[OrganAttention, _Mapping]]] = ..., heatmap: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., source_job_id: _Optional[str] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[WorklistStatus, str]] = ..., round_number: _Optional[int] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., review: _Optional[_Union[Review, _Mapping]] = ..., labelled_organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ...) -> None: ...
+    label_version_id: str
+    human_decided_organs: _containers.RepeatedScalarFieldContainer[_common_pb2.Organ]
+    def __init__(self, case_id: _Optional[str] = ..., series_id: _Optional[str] = ..., rank: _Optional[int] = ..., priority: _Optional[float] = ..., organs: _Optional[_Iterable[_Union[OrganAttention, _Mapping]]] = ..., heatmap: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., source_job_id: _Optional[str] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[WorklistStatus, str]] = ..., round_number: _Optional[int] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., review: _Optional[_Union[Review, _Mapping]] = ..., labelled_organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ..., label_version_id: _Optional[str] = ..., human_decided_organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ...) -> None: ...
 
 class Round(_message.Message):
     __slots__ = ("round_number", "budget_fraction", "candidate_count", "case_count", "accepted_count", "revised_count", "unreviewed_count", "state", "creator", "create_time", "close_time")
@@ -208,6 +212,28 @@ class SubmitAttentionRequest(_message.Message):
     def __init__(self, case_id: _Optional[str] = ..., series_id: _Optional[str] = ..., source_job_id: _Optional[str] = ..., organs: _Optional[_Iterable[_Union[OrganAttention, _Mapping]]] = ..., heatmap: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., labelled_organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ...) -> None: ...
 
 class SubmitAttentionResponse(_message.Message):
+    __slots__ = ("item",)
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    item: WorklistItem
+    def __init__(self, item: _Optional[_Union[WorklistItem, _Mapping]] = ...) -> None: ...
+
+class RecordLabelVersionRequest(_message.Message):
+    __slots__ = ("case_id", "label_version_id", "version_number", "human_decided_organs", "revised_organs", "reviewer")
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    HUMAN_DECIDED_ORGANS_FIELD_NUMBER: _ClassVar[int]
+    REVISED_ORGANS_FIELD_NUMBER: _ClassVar[int]
+    REVIEWER_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    label_version_id: str
+    version_number: int
+    human_decided_organs: _containers.RepeatedScalarFieldContainer[_common_pb2.Organ]
+    revised_organs: _containers.RepeatedScalarFieldContainer[_common_pb2.Organ]
+    reviewer: str
+    def __init__(self, case_id: _Optional[str] = ..., label_version_id: _Optional[str] = ..., version_number: _Optional[int] = ..., human_decided_organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ..., revised_organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ..., reviewer: _Optional[str] = ...) -> None: ...
+
+class RecordLabelVersionResponse(_message.Message):
     __slots__ = ("item",)
     ITEM_FIELD_NUMBER: _ClassVar[int]
     item: WorklistItem

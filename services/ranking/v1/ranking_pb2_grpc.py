@@ -27,9 +27,9 @@ if _version_not_supported:
 
 class RankingServiceStub:
     """RankingService turns attention summaries into a ranked worklist of cases for radiologists:
-    case priority = total attention volume (ml) over the organs the source did not label (or
-    the sum of the organs' `score` where the attention library sets one); within a case, organs
-    are ordered by heatmap mass.
+    case priority = total attention volume (ml) over the organs that neither the source labelled
+    nor a human decided (RecordLabelVersion), or the sum of those organs' `score` where the
+    attention library sets one; within a case, organs are ordered by heatmap mass.
 
     Review workflow: a round (StartRound) selects the top budget_fraction of the unreviewed
     cases by priority; a reviewer leases a case (LeaseNextCase or LeaseCase), may renew or
@@ -41,7 +41,8 @@ class RankingServiceStub:
     Errors: google.rpc.ErrorInfo, domain "atlasflow.ranking". Reasons: CASE_NOT_FOUND,
     ROUND_NOT_FOUND, NO_CASE_AVAILABLE (NOT_FOUND); INVALID_ATTENTION, INVALID_ARGUMENT,
     INVALID_FILTER, INVALID_PAGE_SIZE, INVALID_PAGE_TOKEN, INVALID_LEASE_DURATION,
-    INVALID_OUTCOME, INVALID_BUDGET (INVALID_ARGUMENT); PRINCIPAL_REQUIRED (UNAUTHENTICATED);
+    INVALID_OUTCOME, INVALID_BUDGET, INVALID_LABEL_VERSION (INVALID_ARGUMENT);
+    PRINCIPAL_REQUIRED (UNAUTHENTICATED);
     LEASE_HELD_BY_OTHER (FAILED_PRECONDITION when leasing, PERMISSION_DENIED when renewing,
     releasing or completing another reviewer's lease); LEASE_EXPIRED, LEASE_REQUIRED,
     CASE_ALREADY_REVIEWED, NO_OPEN_ROUND, NO_UNREVIEWED_CASES (FAILED_PRECONDITION).
@@ -108,13 +109,18 @@ class RankingServiceStub:
                 request_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.ListRoundsRequest.SerializeToString,
                 response_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.ListRoundsResponse.FromString,
                 _registered_method=True)
+        self.RecordLabelVersion = channel.unary_unary(
+                '/atlasflow.ranking.v1.RankingService/RecordLabelVersion',
+                request_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.RecordLabelVersionRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.RecordLabelVersionResponse.FromString,
+                _registered_method=True)
 
 
 class RankingServiceServicer:
     """RankingService turns attention summaries into a ranked worklist of cases for radiologists:
-    case priority = total attention volume (ml) over the organs the source did not label (or
-    the sum of the organs' `score` where the attention library sets one); within a case, organs
-    are ordered by heatmap mass.
+    case priority = total attention volume (ml) over the organs that neither the source labelled
+    nor a human decided (RecordLabelVersion), or the sum of those organs' `score` where the
+    attention library sets one; within a case, organs are ordered by heatmap mass.
 
     Review workflow: a round (StartRound) selects the top budget_fraction of the unreviewed
     cases by priority; a reviewer leases a case (LeaseNextCase or LeaseCase), may renew or
@@ -126,7 +132,8 @@ class RankingServiceServicer:
     Errors: google.rpc.ErrorInfo, domain "atlasflow.ranking". Reasons: CASE_NOT_FOUND,
     ROUND_NOT_FOUND, NO_CASE_AVAILABLE (NOT_FOUND); INVALID_ATTENTION, INVALID_ARGUMENT,
     INVALID_FILTER, INVALID_PAGE_SIZE, INVALID_PAGE_TOKEN, INVALID_LEASE_DURATION,
-    INVALID_OUTCOME, INVALID_BUDGET (INVALID_ARGUMENT); PRINCIPAL_REQUIRED (UNAUTHENTICATED);
+    INVALID_OUTCOME, INVALID_BUDGET, INVALID_LABEL_VERSION (INVALID_ARGUMENT);
+    PRINCIPAL_REQUIRED (UNAUTHENTICATED);
     LEASE_HELD_BY_OTHER (FAILED_PRECONDITION when leasing, PERMISSION_DENIED when renewing,
     releasing or completing another reviewer's lease); LEASE_EXPIRED, LEASE_REQUIRED,
     CASE_ALREADY_REVIEWED, NO_OPEN_ROUND, NO_UNREVIEWED_CASES (FAILED_PRECONDITION).
@@ -218,6 +225,20 @@ class RankingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordLabelVersion(self, request, context):
+        """Records that a case has a new label version (the labels service calls it for every
+        version it stores, through its durable outbox: at least once, in any order). Organs whose
+        label a human decided (a radiologist's revision or the source dataset's original label)
+        no longer count towards the case priority: the question their attention asked has been
+        answered. The case is re-ranked; its review status, lease and rounds are kept
+        (CompleteReview still closes a review). Idempotent by label_version_id; an event older
+        than the one recorded (lower version_number) changes nothing. A case without attention yet
+        is remembered, and its first SubmitAttention uses it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RankingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -276,6 +297,11 @@ def add_RankingServiceServicer_to_server(servicer, server):
                     request_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.ListRoundsRequest.FromString,
                     response_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.ListRoundsResponse.SerializeToString,
             ),
+            'RecordLabelVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordLabelVersion,
+                    request_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.RecordLabelVersionRequest.FromString,
+                    response_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.RecordLabelVersionResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'atlasflow.ranking.v1.RankingService', rpc_method_handlers)
@@ -286,9 +312,9 @@ def add_RankingServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class RankingService:
     """RankingService turns attention summaries into a ranked worklist of cases for radiologists:
-    case priority = total attention volume (ml) over the organs the source did not label (or
-    the sum of the organs' `score` where the attention library sets one); within a case, organs
-    are ordered by heatmap mass.
+    case priority = total attention volume (ml) over the organs that neither the source labelled
+    nor a human decided (RecordLabelVersion), or the sum of those organs' `score` where the
+    attention library sets one; within a case, organs are ordered by heatmap mass.
 
     Review workflow: a round (StartRound) selects the top budget_fraction of the unreviewed
     cases by priority; a reviewer leases a case (LeaseNextCase or LeaseCase), may renew or
@@ -300,7 +326,8 @@ class RankingService:
     Errors: google.rpc.ErrorInfo, domain "atlasflow.ranking". Reasons: CASE_NOT_FOUND,
     ROUND_NOT_FOUND, NO_CASE_AVAILABLE (NOT_FOUND); INVALID_ATTENTION, INVALID_ARGUMENT,
     INVALID_FILTER, INVALID_PAGE_SIZE, INVALID_PAGE_TOKEN, INVALID_LEASE_DURATION,
-    INVALID_OUTCOME, INVALID_BUDGET (INVALID_ARGUMENT); PRINCIPAL_REQUIRED (UNAUTHENTICATED);
+    INVALID_OUTCOME, INVALID_BUDGET, INVALID_LABEL_VERSION (INVALID_ARGUMENT);
+    PRINCIPAL_REQUIRED (UNAUTHENTICATED);
     LEASE_HELD_BY_OTHER (FAILED_PRECONDITION when leasing, PERMISSION_DENIED when renewing,
     releasing or completing another reviewer's lease); LEASE_EXPIRED, LEASE_REQUIRED,
     CASE_ALREADY_REVIEWED, NO_OPEN_ROUND, NO_UNREVIEWED_CASES (FAILED_PRECONDITION).
@@ -593,6 +620,33 @@ class RankingService:
             '/atlasflow.ranking.v1.RankingService/ListRounds',
             atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.ListRoundsRequest.SerializeToString,
             atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.ListRoundsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordLabelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atlasflow.ranking.v1.RankingService/RecordLabelVersion',
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.RecordLabelVersionRequest.SerializeToString,
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.RecordLabelVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,
