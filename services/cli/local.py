@@ -127,7 +127,8 @@ class LocalDeployment:
                              "TRITON_ACCESS_TOKEN": self.triton_token},
             "ranking": {"GRPC_PORT": p["ranking"], "METRICS_PORT": p["ranking_metrics"]},
             "labels": {"GRPC_PORT": p["labels"], "METRICS_PORT": p["labels_metrics"],
-                       "INGEST_TARGET": self.target("ingest")},
+                       "INGEST_TARGET": self.target("ingest"),
+                       "RANKING_TARGET": self.target("ranking")},
         }
         if name in specific:
             prefix = f"ATLASFLOW_{name.upper()}_"

@@ -8,6 +8,10 @@ RPCs are idempotent by the row's `dedupe_key`, so a replay is harmless.
 
 Each row keeps the W3C traceparent of the step that wrote it, so the delivery continues the
 study's trace across the asynchronous gap.
+
+The dispatcher reads rows through an `OutboxStore`: `SqliteOutboxStore` for the `outbox` table
+below (segmentation), or a service's own table in its own database (labels keeps its version
+events next to the versions, in SQLite or PostgreSQL; atlasflow.labels.events).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -86,14 +91,56 @@ def _grpc_code_name(exc: BaseException) -> str:
     return "UNKNOWN"
 
 
-class OutboxDispatcher:
-    """Delivers pending rows in id order; retries with exponential backoff (max `max_backoff_s`)."""
+class OutboxStore(Protocol):
+    """Where a dispatcher reads due rows and records attempts (times: seconds since the epoch)."""
 
-    def __init__(self, conn: sqlite3.Connection, lock: threading.Lock,
-                 handlers: dict[str, Handler], metrics: Metrics, *,
-                 max_backoff_s: float = 30.0, poll_s: float = 1.0) -> None:
+    def due(self, now: float, limit: int) -> list[OutboxRow]: ...
+
+    def mark(self, row_id: int, state: str, error: str, next_attempt_at: float) -> None: ...
+
+    def pending(self) -> int: ...
+
+
+class SqliteOutboxStore:
+    """The `outbox` table (OUTBOX_MIGRATION) on a connection shared under `lock`."""
+
+    def __init__(self, conn: sqlite3.Connection, lock: threading.Lock) -> None:
         self.conn = conn
         self.lock = lock
+
+    def due(self, now: float, limit: int) -> list[OutboxRow]:
+        with self.lock:
+            rows = self.conn.execute(
+                "SELECT id, topic, dedupe_key, payload, traceparent, attempts FROM outbox"
+                " WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+                (now, limit)).fetchall()
+        return [OutboxRow(*r) for r in rows]
+
+    def mark(self, row_id: int, state: str, error: str, next_attempt_at: float) -> None:
+        with self.lock, self.conn:
+            self.conn.execute(
+                "UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?,"
+                " next_attempt_at = ? WHERE id = ?", (state, error, next_attempt_at, row_id))
+
+    def pending(self) -> int:
+        with self.lock:
+            return int(self.conn.execute(
+                "SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()[0])
+
+
+class OutboxDispatcher:
+    """Delivers pending rows in id order; retries with exponential backoff (max `max_backoff_s`).
+
+    `store`: an `OutboxStore`, or an SQLite connection holding the `outbox` table (then `lock`
+    guards it). Store calls run in worker threads (they may block on a database).
+    """
+
+    def __init__(self, store: OutboxStore | sqlite3.Connection, lock: threading.Lock | None,
+                 handlers: dict[str, Handler], metrics: Metrics, *,
+                 max_backoff_s: float = 30.0, poll_s: float = 1.0) -> None:
+        if isinstance(store, sqlite3.Connection):
+            store = SqliteOutboxStore(store, lock or threading.Lock())
+        self.store: OutboxStore = store
         self.handlers = handlers
         self.metrics = metrics
         self.max_backoff_s = max_backoff_s
@@ -105,32 +152,18 @@ class OutboxDispatcher:
         self._wake.set()
 
     def pending(self) -> int:
-        with self.lock:
-            return int(self.conn.execute(
-                "SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()[0])
-
-    def _due(self) -> list[OutboxRow]:
-        with self.lock:
-            rows = self.conn.execute(
-                "SELECT id, topic, dedupe_key, payload, traceparent, attempts FROM outbox"
-                " WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT 32",
-                (time.time(),)).fetchall()
-        return [OutboxRow(*r) for r in rows]
+        return self.store.pending()
 
     def _mark(self, row: OutboxRow, state: str, error: str = "", delay: float = 0.0) -> None:
-        with self.lock, self.conn:
-            self.conn.execute(
-                "UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?,"
-                " next_attempt_at = ? WHERE id = ?",
-                (state, error, time.time() + delay, row.id))
+        self.store.mark(row.id, state, error, time.time() + delay)
 
     async def deliver_due(self) -> int:
         """Try every due row once; return how many were delivered."""
         delivered = 0
-        for row in self._due():
+        for row in await asyncio.to_thread(self.store.due, time.time(), 32):
             handler = self.handlers.get(row.topic)
             if handler is None:
-                self._mark(row, "dead", "no handler for topic")
+                await asyncio.to_thread(self._mark, row, "dead", "no handler for topic")
                 continue
             token = otel_context.attach(context_from_traceparent(row.traceparent))
             try:
@@ -141,20 +174,20 @@ class OutboxDispatcher:
                 if code in PERMANENT_CODES:
                     log.error("hand-off rejected permanently", extra={"fields": {
                         "topic": row.topic, "code": code}})
-                    self._mark(row, "dead", code)
+                    await asyncio.to_thread(self._mark, row, "dead", code)
                     self.metrics.count("outbox_dead")
                 else:
                     delay = min(self.max_backoff_s, 0.5 * 2 ** row.attempts)
                     log.warning("hand-off failed, will retry", extra={"fields": {
                         "topic": row.topic, "code": code, "retry_in_s": delay}})
-                    self._mark(row, "pending", code, delay)
+                    await asyncio.to_thread(self._mark, row, "pending", code, delay)
             else:
-                self._mark(row, "done")
+                await asyncio.to_thread(self._mark, row, "done")
                 delivered += 1
                 self.metrics.count("outbox_delivered")
             finally:
                 otel_context.detach(token)
-        self.metrics.set_queue_depth("outbox", self.pending())
+        self.metrics.set_queue_depth("outbox", await asyncio.to_thread(self.pending))
         return delivered
 
     async def run(self) -> None:

@@ -8,14 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atlasflow.common.blobstore import LocalBlobStore
+from atlasflow.common.clients import aio_channel
 from atlasflow.common.metrics import Metrics
+from atlasflow.common.outbox import OutboxDispatcher, OutboxRow
 from atlasflow.common.server import BuiltServer, build_server, run_until_signalled
 from atlasflow.common.settings import ServiceSettings
 from atlasflow.common.telemetry import setup_logging, setup_tracing, shutdown_tracing
+from atlasflow.labels.events import TOPIC, VersionEventStore, ranking_request
 from atlasflow.labels.repository import open_repository
 from atlasflow.labels.export import SegOutcomeJournal
 from atlasflow.labels.service import Exporter, IngestSourceInstances, LabelServicer
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
+from atlasflow.ranking.v1 import ranking_pb2_grpc
 
 log = logging.getLogger(__name__)
 PREFIX = "ATLASFLOW_LABELS_"
@@ -33,6 +37,9 @@ class LabelsSettings(ServiceSettings):
     # ATLASFLOW_LABELS_INGEST_TARGET: host:port of the ingest service's gRPC API, from which
     # DICOM SEG exports fetch the source CT instances (IngestService.StreamSeriesInstances).
     ingest_target: str = "127.0.0.1:50051"
+    # ATLASFLOW_LABELS_RANKING_TARGET: host:port of the ranking service, told about every new
+    # label version (RankingService.RecordLabelVersion) through the version-event outbox.
+    ranking_target: str = "127.0.0.1:50053"
 
 
 async def amain(settings: LabelsSettings) -> None:
@@ -52,11 +59,22 @@ async def amain(settings: LabelsSettings) -> None:
 
     built = build_server(register=register, metrics=metrics, host=settings.grpc_host,
                          port=settings.grpc_port, max_message_bytes=settings.max_message_bytes)
-    task = asyncio.create_task(exporter.run())
+    ranking_channel = aio_channel(settings.ranking_target, settings.max_message_bytes)
+    ranking = ranking_pb2_grpc.RankingServiceStub(ranking_channel)
+
+    async def to_ranking(row: OutboxRow) -> None:
+        record = await asyncio.to_thread(repo.get_version, row.dedupe_key)
+        await ranking.RecordLabelVersion(ranking_request(record, int(row.payload)), timeout=30)
+
+    events = OutboxDispatcher(VersionEventStore(repo), None, {TOPIC: to_ranking}, metrics,
+                              poll_s=0.5)
+    tasks = [asyncio.create_task(exporter.run()), asyncio.create_task(events.run())]
 
     async def close() -> None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await ranking_channel.close()
         sources.close()
         repo.close()
 

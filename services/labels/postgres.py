@@ -105,6 +105,24 @@ PG_MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER audit_records_append_only BEFORE UPDATE OR DELETE ON audit_records
         FOR EACH ROW EXECUTE FUNCTION audit_records_append_only();
     """,
+    """
+    CREATE TABLE version_events (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        version_id TEXT NOT NULL UNIQUE REFERENCES label_versions(version_id),
+        case_id TEXT NOT NULL,
+        version_number INTEGER NOT NULL,
+        traceparent TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'done', 'dead')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX version_events_due ON version_events(state, next_attempt_at, seq);
+    INSERT INTO version_events(version_id, case_id, version_number)
+        SELECT version_id, case_id,
+               ROW_NUMBER() OVER (PARTITION BY case_id ORDER BY seq)
+        FROM label_versions ORDER BY seq;
+    """,
 )
 
 

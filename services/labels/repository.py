@@ -25,6 +25,12 @@ were appended since; the same request_id with different content is rejected
 Audit: `audit_records` is append-only (triggers refuse UPDATE and DELETE). Writes record their
 audit row in the same transaction as the write; reads record theirs via `record_audit`.
 
+Version events (a transactional outbox): every new version also writes a `version_events` row
+in its own transaction, with its 1-based position in the case's chain and the writer's W3C
+traceparent. The labels service delivers them to ranking (atlasflow.labels.events) and marks
+them done only after ranking acknowledged, so a crash between commit and delivery loses nothing.
+Migration 3 queued one event per version that existed before it.
+
 Schema migrations are versioned (one list per backend, append-only) and run on open.
 """
 
@@ -48,6 +54,7 @@ from atlasflow.common import sqlite as sq
 from atlasflow.common.blobstore import BlobInfo
 from atlasflow.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from atlasflow.common.organs import ORGANS
+from atlasflow.common.telemetry import current_traceparent
 
 from atlasflow.labels.validate import validate_label_map  # noqa: F401  (re-exported)
 
@@ -185,6 +192,22 @@ class AuditRecord:
     outcome: str
 
 
+@dataclass(frozen=True)
+class VersionEvent:
+    """A pending hand-off of one new label version to ranking (see the module docstring).
+
+    version_number: 1-based position of the version in its case's chain; attempts: delivery
+    attempts so far; traceparent: W3C context of the write ("" when none).
+    """
+
+    seq: int
+    version_id: str
+    case_id: str
+    version_number: int
+    traceparent: str
+    attempts: int
+
+
 @runtime_checkable
 class LabelRepository(Protocol):
     """Storage interface of label versions; every implementation passes tests/labels' contract."""
@@ -228,6 +251,13 @@ class LabelRepository(Protocol):
 
     def list_audit_records(self, case_id: str = "", principal: str = "", page_size: int = 0,
                            page_token: str = "") -> tuple[list[AuditRecord], str]: ...
+
+    def due_version_events(self, now: float, limit: int = 32) -> list[VersionEvent]: ...
+
+    def mark_version_event(self, seq: int, state: str, *, error: str = "",
+                           next_attempt_at: float = 0.0) -> None: ...
+
+    def version_event_backlog(self) -> int: ...
 
     def close(self) -> None: ...
 
@@ -304,6 +334,26 @@ MIGRATIONS: tuple[str, ...] = (
     BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
     CREATE TRIGGER audit_records_no_delete BEFORE DELETE ON audit_records
     BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+    """,
+    # 3: version events (outbox to ranking); one per existing version, oldest first.
+    """
+    CREATE TABLE version_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        version_id TEXT NOT NULL UNIQUE REFERENCES label_versions(version_id),
+        case_id TEXT NOT NULL,
+        version_number INTEGER NOT NULL,
+        traceparent TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'done', 'dead')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX version_events_due ON version_events(state, next_attempt_at, seq);
+    INSERT INTO version_events(version_id, case_id, version_number)
+        SELECT v.version_id, v.case_id,
+               (SELECT COUNT(*) FROM label_versions p
+                WHERE p.case_id = v.case_id AND p.seq <= v.seq)
+        FROM label_versions v ORDER BY v.seq;
     """,
 )
 
@@ -520,6 +570,9 @@ class SqlLabelRepository:
                 tx.run("UPDATE case_heads SET head_version_id = ?,"
                        " version_count = version_count + 1 WHERE case_id = ?",
                        (version_id, case_id))
+            number = int(head_row["version_count"]) + 1 if head_row is not None else 1
+            tx.run("INSERT INTO version_events(version_id, case_id, version_number, traceparent)"
+                   " VALUES (?, ?, ?, ?)", (version_id, case_id, number, current_traceparent()))
             if audit is not None:
                 self._insert_audit(tx, _with_versions(audit, version_id))
             row = tx.one("SELECT * FROM label_versions WHERE version_id = ?", (version_id,))
@@ -750,6 +803,36 @@ class SqlLabelRepository:
                             r["outcome"]) for r in rows], token
 
     # ------------------------------------------------------------------ rows
+
+    # ------------------------------------------------------------------ version events
+
+    def due_version_events(self, now: float, limit: int = 32) -> list[VersionEvent]:
+        """Pending events whose next attempt is due at `now` (seconds since the epoch), oldest
+        first."""
+        with self._db.read() as tx:
+            rows = tx.all("SELECT seq, version_id, case_id, version_number, traceparent, attempts"
+                          " FROM version_events WHERE state = 'pending' AND next_attempt_at <= ?"
+                          " ORDER BY seq LIMIT ?", (float(now), int(limit)))
+        return [VersionEvent(int(r["seq"]), r["version_id"], r["case_id"],
+                             int(r["version_number"]), r["traceparent"], int(r["attempts"]))
+                for r in rows]
+
+    def mark_version_event(self, seq: int, state: str, *, error: str = "",
+                           next_attempt_at: float = 0.0) -> None:
+        """Record a delivery attempt: state "done", "dead" (will not get better by retrying)
+        or "pending" (retry at `next_attempt_at`)."""
+        if state not in ("pending", "done", "dead"):
+            raise ValueError(f"unknown event state {state!r}")
+        with self._db.write() as tx:
+            tx.run("UPDATE version_events SET state = ?, attempts = attempts + 1,"
+                   " last_error = ?, next_attempt_at = ? WHERE seq = ?",
+                   (state, error[:500], float(next_attempt_at), int(seq)))
+
+    def version_event_backlog(self) -> int:
+        """Number of events not delivered yet."""
+        with self._db.read() as tx:
+            row = tx.one("SELECT COUNT(*) AS n FROM version_events WHERE state = 'pending'")
+        return int(row["n"]) if row else 0
 
     @staticmethod
     def _record(row: Mapping[str, Any]) -> LabelVersionRecord:

@@ -368,10 +368,10 @@ def test_database_refuses_a_fork_on_every_backend(factory, tmp_path):
 def test_migrations_are_versioned(factory, tmp_path):
     repo, sql, _ = _raw(factory, tmp_path)
     versions = [r[0] for r in sql("SELECT version FROM schema_migrations ORDER BY version")]
-    assert versions == [1, 2]
+    assert versions == [1, 2, 3]
     repo.close()
     factory()  # reopening applies nothing twice
-    assert [r[0] for r in sql("SELECT version FROM schema_migrations ORDER BY version")] == [1, 2]
+    assert [r[0] for r in sql("SELECT version FROM schema_migrations ORDER BY version")] == [1, 2, 3]
 
 
 def test_sqlite_v1_database_is_upgraded_in_place(tmp_path):
@@ -394,6 +394,8 @@ def test_sqlite_v1_database_is_upgraded_in_place(tmp_path):
     v = repo.get_version("v1")
     assert v.organ_provenance[5] == OrganProvenance(Provenance("ai"), "v1")
     assert repo.head("c") == v
+    # migration 3 queued the existing version for ranking
+    assert [(e.version_id, e.version_number) for e in repo.due_version_events(1e12)] == [("v1", 1)]
     repo.close()
 
 
@@ -531,3 +533,36 @@ def test_open_repository_picks_the_backend(tmp_path, pg_database):
     with pytest.raises(InvalidArgument) as e:
         open_repository("mysql://x", tmp_path)
     assert e.value.reason == "INVALID_SETTING"
+
+
+def test_every_version_queues_one_event_for_ranking(factory):
+    """The version-event outbox: one row per version, written with it, numbered along the
+    case's chain; delivery attempts are recorded, done rows leave the backlog."""
+    repo = factory()
+    v1 = create(repo)
+    v2 = create(repo, tag="lm-2", req="req-2", parent=v1.version_id, prov=RAD)
+    w1 = create(repo, case="case-2", tag="lm-3", req="req-3")
+    create(repo, tag="lm-2", req="req-2", parent=v1.version_id, prov=RAD)  # a repeat: no event
+    events = repo.due_version_events(now=1e12)
+    assert [(e.version_id, e.case_id, e.version_number, e.attempts) for e in events] == [
+        (v1.version_id, "case-1", 1, 0), (v2.version_id, "case-1", 2, 0),
+        (w1.version_id, "case-2", 1, 0)]
+    assert repo.version_event_backlog() == 3
+    repo.mark_version_event(events[0].seq, "done")
+    repo.mark_version_event(events[1].seq, "pending", error="UNAVAILABLE", next_attempt_at=5e11)
+    assert [e.version_id for e in repo.due_version_events(now=1e11)] == [w1.version_id]
+    due = repo.due_version_events(now=1e12)
+    assert [(e.version_id, e.attempts) for e in due] == [(v2.version_id, 1), (w1.version_id, 0)]
+    assert repo.version_event_backlog() == 2
+    again = factory()  # survives a restart
+    assert again.version_event_backlog() == 2
+    with pytest.raises(ValueError):
+        again.mark_version_event(events[2].seq, "lost")
+
+
+def test_failed_write_queues_no_event(factory):
+    repo = factory()
+    v1 = create(repo)
+    with pytest.raises(Aborted):
+        create(repo, tag="lm-2", req="req-2", parent="not-the-head")
+    assert [e.version_id for e in repo.due_version_events(now=1e12)] == [v1.version_id]
