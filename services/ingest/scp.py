@@ -190,8 +190,20 @@ def _tune_association(event: evt.Event) -> None:
     stock_recv = wrapper.recv
     # A declared PDU length is the peer's word: preallocate only up to _RECV_PREALLOC.
     wrapper.recv = lambda n: _recv_exact(sock, n) if n <= _RECV_PREALLOC else stock_recv(n)
-    # The socketpair closes with the association (closures are collected with it).
+    # Closed by `_close_wake` when the connection closes (the closures above form a reference
+    # cycle with the association: left to the garbage collector, 2 fds per association would
+    # linger until a full collection).
     assoc._atlasflow_wake = (wake_r, wake_w)
+
+
+def _close_wake(event: evt.Event) -> None:
+    """EVT_CONN_CLOSE: close the association's wake-up socketpair. A reactor still waiting on it
+    sees an error and falls back to its plain poll until it exits."""
+    for sock in getattr(event.assoc, "_atlasflow_wake", ()):
+        try:
+            sock.close()
+        except OSError:
+            pass
 
 
 class StoreScp:
@@ -224,6 +236,7 @@ class StoreScp:
     def start(self) -> None:
         handlers = [
             (evt.EVT_CONN_OPEN, _tune_association),
+            (evt.EVT_CONN_CLOSE, _close_wake),
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, lambda _e: 0x0000),
         ]
