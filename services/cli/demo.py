@@ -10,6 +10,8 @@ reads the heatmap blob from the local blob directory (embedded deployment).
 
 from __future__ import annotations
 
+import gzip
+import math
 import os
 import shutil
 import subprocess
@@ -24,6 +26,7 @@ from atlasflow.cli.local import LocalDeployment
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.nifti import from_nifti_bytes
 from atlasflow.common.organs import ORGANS
+from atlasflow.common.server import PRINCIPAL_METADATA_KEY
 from atlasflow.common.v1 import common_pb2
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
@@ -138,10 +141,50 @@ def print_worklist(dep: LocalDeployment) -> list[ranking_pb2.WorklistItem]:
     return list(resp.items)
 
 
+def review_round(dep: LocalDeployment, case_id: str, timeout_s: float = 60.0) -> None:
+    """One review round by a SIMULATED radiologist ("dr.demo"): start a round (top 5 %), lease
+    the next case, confirm its first-listed organ as drawn (ReviseLabels with an all-zero XOR
+    delta: a human decision without changes), complete the review as REVISED, and wait until
+    ranking has heard of the new label version (the confirmed organ leaves the priority)."""
+    who = [(PRINCIPAL_METADATA_KEY, "dr.demo")]
+    ranking = ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(dep.target("ranking")))
+    labels = labels_pb2_grpc.LabelServiceStub(grpc.insecure_channel(dep.target("labels")))
+    rnd = ranking.StartRound(ranking_pb2.StartRoundRequest(
+        budget_fraction=0.05, request_id=f"demo-round-{case_id}"), metadata=who).round
+    item = ranking.LeaseNextCase(ranking_pb2.LeaseNextCaseRequest(), metadata=who).item
+    if item.case_id != case_id or not item.organs:
+        say(f"review round {rnd.round_number}: nothing to review")
+        return
+    before, organ = item.priority, item.organs[0].organ
+    head = labels.ListLabelVersions(labels_pb2.ListLabelVersionsRequest(case_id=case_id),
+                                    metadata=who).versions[0]
+    voxels = math.prod(head.geometry.shape)
+    version = labels.ReviseLabels(labels_pb2.ReviseLabelsRequest(
+        case_id=case_id, expected_parent_version_id=head.version_id,
+        request_id=f"demo-review-{head.version_id}",
+        revisions=[labels_pb2.OrganRevision(organ=organ, xor_delta=gzip.compress(
+            bytes((voxels + 7) // 8)))]), metadata=who).version
+    ranking.CompleteReview(ranking_pb2.CompleteReviewRequest(
+        case_id=case_id, outcome=ranking_pb2.REVIEW_OUTCOME_REVISED,
+        label_version_id=version.version_id), metadata=who)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = ranking.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id=case_id)).item
+        if now.label_version_id == version.version_id or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    say(f"review round {rnd.round_number} ({rnd.case_count} of {rnd.candidate_count} case(s)): "
+        f"dr.demo (simulated) leased the case and confirmed {ORGANS[organ]} as drawn -> label "
+        f"version {version.version_id[:12]} (radiologist provenance for {ORGANS[organ]})")
+    say(f"ranking heard of it: priority {before:.1f} -> {now.priority:.1f} "
+        f"({ORGANS[organ]} decided by a human), status "
+        f"{ranking_pb2.WorklistStatus.Name(now.status).removeprefix('WORKLIST_STATUS_')}")
+
+
 def export(dep: LocalDeployment, out: Path, timeout_s: float = 300.0) -> None:
     labels = labels_pb2_grpc.LabelServiceStub(grpc.insecure_channel(dep.target("labels")))
     job = labels.ExportDataset(labels_pb2.ExportDatasetRequest(
-        destination_uri=out.resolve().as_uri())).job
+        destination_uri=out.resolve().as_uri(), include_dicom_seg=True)).job
     deadline = time.monotonic() + timeout_s
     while job.state in (common_pb2.OPERATION_STATE_QUEUED, common_pb2.OPERATION_STATE_RUNNING):
         if time.monotonic() > deadline:
@@ -151,6 +194,11 @@ def export(dep: LocalDeployment, out: Path, timeout_s: float = 300.0) -> None:
     if job.state != common_pb2.OPERATION_STATE_SUCCEEDED:
         raise RuntimeError(f"export failed: {job.error_reason}")
     say(f"export: {job.progress.cases_done}/{job.progress.cases_total} case(s) written to {out}")
+    for seg in job.dicom_seg_outcomes:
+        state = labels_pb2.DicomSegState.Name(seg.state).removeprefix("DICOM_SEG_STATE_")
+        detail = (f"{seg.path}, {len(seg.organs)} segment(s), {seg.referenced_instance_count}"
+                  " source instances referenced") if seg.path else seg.reason
+        say(f"DICOM SEG ({state}): {detail}")
 
 
 def run_demo(out: Path, *, keep_running: bool = False) -> int:
@@ -184,6 +232,7 @@ def run_demo(out: Path, *, keep_running: bool = False) -> int:
         say(f"sent {len(files)} CT instances by C-STORE in {time.monotonic() - t_send:.2f} s")
         case_id, _job = wait_for_pipeline(dep)
         print_worklist(dep)
+        review_round(dep, case_id)
         export_dir = out / "export"
         export(dep, export_dir)
         item = ranking_pb2_grpc.RankingServiceStub(
