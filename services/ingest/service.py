@@ -24,8 +24,7 @@ from atlasflow.common.v1 import common_pb2
 from atlasflow.ingest.assemble import REPAIR, assemble_series
 from atlasflow.ingest.dicom import parse_instance
 from atlasflow.ingest.scp import StoreScp
-from atlasflow.ingest.store import (IngestStore, SeriesVersion, UploadState, _row_to_series,
-                                    content_key)
+from atlasflow.ingest.store import IngestStore, SeriesVersion, UploadState, content_key
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 
@@ -97,26 +96,11 @@ def resolve_series_version(store: IngestStore, series_id: str, version: int,
     if version < 0 or (volume_digest and version):
         raise InvalidArgument("INVALID_ARGUMENT", "series_version must be >= 0, and 0 with "
                               "volume_digest", domain=DOMAIN, metadata={"field": "series_version"})
-    if not volume_digest and version == 0:
-        return store.get_series(series_id)  # NotFound SERIES_NOT_FOUND
-    # TODO(lead): these two look-ups belong in IngestStore (store.py is not this change's).
-    with store.lock:
-        if volume_digest:
-            row = store.conn.execute(
-                "SELECT * FROM series_versions WHERE volume_digest = ?"
-                " ORDER BY update_time DESC, series_id LIMIT 1", (volume_digest,)).fetchone()
-        else:
-            row = store.conn.execute(
-                "SELECT * FROM series_versions WHERE series_id = ? AND version = ?",
-                (series_id, version)).fetchone()
-    if row is not None:
-        return _row_to_series(row)
     if volume_digest:
-        raise NotFound("VOLUME_NOT_FOUND", "no series assembled this volume", domain=DOMAIN,
-                       metadata={"volume_digest": volume_digest[:80]})
-    store.get_series(series_id)  # SERIES_NOT_FOUND when the series is unknown
-    raise NotFound("SERIES_VERSION_NOT_FOUND", "series has no such version", domain=DOMAIN,
-                   metadata={"series_id": series_id[:80], "version": str(version)})
+        return store.series_by_volume(volume_digest)  # NotFound VOLUME_NOT_FOUND
+    if version == 0:
+        return store.get_series(series_id)  # NotFound SERIES_NOT_FOUND
+    return store.get_series_version(series_id, version)
 
 
 class Assembler:

@@ -135,6 +135,10 @@ MIGRATIONS = [
         update_time REAL NOT NULL
     );
     """,
+    # series versions by the volume they assembled (`series_by_volume`, StreamSeriesInstances)
+    """
+    CREATE INDEX series_by_volume ON series_versions(volume_digest, update_time);
+    """,
 ]
 
 log = logging.getLogger(__name__)
@@ -896,6 +900,36 @@ class IngestStore:
         if r is None:
             raise NotFound("SERIES_NOT_FOUND", "series not found", domain="atlasflow.ingest",
                            metadata={"series_id": series_id})
+        return _row_to_series(r)
+
+    def get_series_version(self, series_id: str, version: int) -> SeriesVersion:
+        """One version of a series (version >= 1). NotFound("SERIES_NOT_FOUND") for an unknown
+        series, NotFound("SERIES_VERSION_NOT_FOUND") when the series has no such version."""
+        with self.lock:
+            r = self.conn.execute(
+                "SELECT * FROM series_versions WHERE series_id = ? AND version = ?",
+                (series_id, version)).fetchone()
+        if r is not None:
+            return _row_to_series(r)
+        self.get_series(series_id)  # SERIES_NOT_FOUND when the series is unknown
+        raise NotFound("SERIES_VERSION_NOT_FOUND", "series has no such version",
+                       domain="atlasflow.ingest",
+                       metadata={"series_id": series_id[:80], "version": str(version)})
+
+    def series_by_volume(self, volume_digest: str) -> SeriesVersion:
+        """The series version that assembled the volume blob `volume_digest` (the most recently
+        updated one when several assembled identical volumes); index `series_by_volume`.
+        NotFound("VOLUME_NOT_FOUND") when none did."""
+        r = None
+        if volume_digest:
+            with self.lock:
+                r = self.conn.execute(
+                    "SELECT * FROM series_versions WHERE volume_digest = ?"
+                    " ORDER BY update_time DESC, series_id LIMIT 1", (volume_digest,)).fetchone()
+        if r is None:
+            raise NotFound("VOLUME_NOT_FOUND", "no series assembled this volume",
+                           domain="atlasflow.ingest",
+                           metadata={"volume_digest": volume_digest[:80]})
         return _row_to_series(r)
 
     def list_series(self, page_size: int, page_token: str) -> tuple[list[SeriesVersion], str]:
