@@ -11,8 +11,9 @@ A case directory is written into a temporary sibling and renamed into place, so 
 leaves a half-written case and re-exporting a case replaces it whole (idempotent).
 `split_organs` is the array logic; `export_case` the I/O around it. `build_case_seg` makes a
 case's DICOM SEG (or says why not) from the source instances a caller-supplied function
-fetches; `ExportOptions` and `SegOutcomeJournal` hold an export job's SEG options and per-case
-outcomes.
+fetches; `ExportOptions` (an export job's SEG options) and `SegOutcome` (one case's SEG
+outcome) convert to and from the JSON objects the label repository stores with the job
+(`ExportJobRecord.options`, `record_export_outcome`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlparse
 
 import numpy as np
 import pydicom
@@ -249,47 +249,34 @@ class PacsDestination:
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """What an export job writes besides the AbdomenAtlas layout."""
+    """What an export job writes besides the AbdomenAtlas layout.
+
+    Stored with the job as `to_dict()` (the label repository's `options`): {} for the
+    defaults, else {"include_dicom_seg": true, "pacs": {"host", "port", "called_ae",
+    "calling_ae"}} (each key only when set).
+    """
 
     include_dicom_seg: bool = False
     pacs: PacsDestination | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        if self.include_dicom_seg:
+            d["include_dicom_seg"] = True
+        if self.pacs is not None:
+            d["pacs"] = asdict(self.pacs)
+        return d
 
-_OPTION_KEYS = ("dicom_seg", "pacs_host", "pacs_port", "pacs_called_ae", "pacs_calling_ae")
-
-
-def encode_job_destination(destination_uri: str, options: ExportOptions) -> str:
-    """The destination URI stored with a job: the client's file:// URI (which must carry no
-    query or fragment) plus the options as its query, so that the options are durable in the
-    same row, atomically with the job. Stop-gap until the export job table has an options
-    column; `decode_job_destination` is the inverse."""
-    parsed = urlparse(destination_uri)
-    if parsed.query or parsed.fragment:
-        raise InvalidArgument("INVALID_DESTINATION", "destination_uri must not carry a query "
-                              "or fragment", domain=DOMAIN, metadata={"field": "destination_uri"})
-    if not options.include_dicom_seg:
-        return destination_uri
-    query: dict[str, str] = {"dicom_seg": "1"}
-    if options.pacs is not None:
-        query.update(pacs_host=options.pacs.host, pacs_port=str(options.pacs.port),
-                     pacs_called_ae=options.pacs.called_ae,
-                     pacs_calling_ae=options.pacs.calling_ae)
-    return destination_uri + "?" + urlencode(query)
-
-
-def decode_job_destination(stored: str) -> tuple[str, ExportOptions]:
-    """(client's destination URI, options) of a stored job destination."""
-    parsed = urlparse(stored)
-    if not parsed.query:
-        return stored, ExportOptions()
-    q = {k: v[0] for k, v in parse_qs(parsed.query, keep_blank_values=True).items()
-         if k in _OPTION_KEYS}
-    pacs = None
-    if "pacs_host" in q:
-        pacs = PacsDestination(q["pacs_host"], int(q.get("pacs_port", "0")),
-                               q.get("pacs_called_ae", ""), q.get("pacs_calling_ae", "ATLASFLOW"))
-    return (parsed._replace(query="").geturl(),
-            ExportOptions(include_dicom_seg=q.get("dicom_seg") == "1", pacs=pacs))
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ExportOptions:
+        """The inverse of `to_dict` (unknown keys are ignored)."""
+        p = d.get("pacs")
+        pacs = None
+        if isinstance(p, Mapping):
+            pacs = PacsDestination(str(p.get("host", "")), int(p.get("port", 0)),
+                                   str(p.get("called_ae", "")),
+                                   str(p.get("calling_ae", "ATLASFLOW")))
+        return cls(include_dicom_seg=bool(d.get("include_dicom_seg", False)), pacs=pacs)
 
 
 # Outcome states (DicomSegState without the prefix).
@@ -320,6 +307,12 @@ class SegOutcome:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SegOutcome:
+        """The inverse of `to_dict` (unknown keys are ignored)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 # Refusals: the case cannot have a SEG (a retry gives the same answer); anything else failed.
@@ -365,42 +358,3 @@ def build_case_seg(fetch_sources: Callable[[str], Sequence[pydicom.Dataset]],
             for i in s.ReferencedInstanceSequence}
     return seg, buf.getvalue(), SegOutcome(case_id, version_id, SEG_WRITTEN, organs=organs,
                                            referenced_instance_count=len(refs))
-
-
-class SegOutcomeJournal:
-    """Per-job DICOM SEG outcomes, durable while the job runs: one JSON line per case in
-    `<root>/<job_id>.dicom_seg.jsonl`, fsync'd on append. `start` empties it (a resumed job
-    exports every case again)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-
-    def _path(self, job_id: str) -> Path:
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", job_id):
-            raise InvalidArgument("INVALID_ARGUMENT", "bad job id", domain=DOMAIN)
-        return self.root / f"{job_id}.dicom_seg.jsonl"
-
-    def start(self, job_id: str) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        _write(self._path(job_id), b"")
-        _fsync_dir(self.root)
-
-    def append(self, job_id: str, outcome: SegOutcome) -> None:
-        with open(self._path(job_id), "ab") as f:
-            f.write((json.dumps(outcome.to_dict(), sort_keys=True) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
-
-    def read(self, job_id: str) -> list[SegOutcome]:
-        """Outcomes in append order; [] when none (a line torn by a crash is skipped)."""
-        try:
-            lines = self._path(job_id).read_bytes().splitlines()
-        except FileNotFoundError:
-            return []
-        out = []
-        for line in lines:
-            try:
-                out.append(SegOutcome(**json.loads(line)))
-            except (ValueError, TypeError):
-                continue
-        return out

@@ -16,7 +16,6 @@ from atlasflow.common.settings import ServiceSettings
 from atlasflow.common.telemetry import setup_logging, setup_tracing, shutdown_tracing
 from atlasflow.labels.events import TOPIC, VersionEventStore, ranking_request
 from atlasflow.labels.repository import open_repository
-from atlasflow.labels.export import SegOutcomeJournal
 from atlasflow.labels.service import Exporter, IngestSourceInstances, LabelServicer
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
 from atlasflow.ranking.v1 import ranking_pb2_grpc
@@ -48,8 +47,7 @@ async def amain(settings: LabelsSettings) -> None:
     blobs = LocalBlobStore(settings.blob_dir)
     repo = open_repository(settings.database_url, settings.data_dir)
     sources = IngestSourceInstances(settings.ingest_target, settings.max_message_bytes)
-    exporter = Exporter(repo, blobs, metrics, sources=sources,
-                        seg_journal=SegOutcomeJournal(Path(settings.data_dir) / "export_jobs"))
+    exporter = Exporter(repo, blobs, metrics, sources=sources)
     export_root = Path(settings.export_dir).resolve() if settings.export_dir else None
 
     def register(server) -> list[str]:  # type: ignore[no-untyped-def]

@@ -10,7 +10,8 @@ what differs lives here:
   case serialise while other cases proceed in parallel; the partial UNIQUE indexes (one root per
   case, one child per version) and UNIQUE request_id are the backstop: a violation is retried
   once and then decided by the committed state.
-- Migrations: `PG_MIGRATIONS`, versioned in `schema_migrations` like SQLite's, applied under a
+- Migrations: `PG_MIGRATIONS` (the same numbers and contents as SQLite's `MIGRATIONS`, in
+  PostgreSQL's dialect), versioned in `schema_migrations` like SQLite's, applied under a
   transaction-scoped advisory lock so that replicas starting together apply each one once.
 """
 
@@ -29,7 +30,7 @@ from psycopg.rows import dict_row
 
 from atlasflow.common.errors import FailedPrecondition, Unavailable
 from atlasflow.common.sqlite import utc_now
-from atlasflow.labels.repository import DOMAIN, SqlLabelRepository
+from atlasflow.labels.repository import DOMAIN, SqlLabelRepository, _legacy_export_options_sql
 
 _MIGRATION_LOCK = 0x61746C61_7366_6C6F & 0x7FFFFFFFFFFFFFFF  # "atlasflo"
 
@@ -123,6 +124,16 @@ PG_MIGRATIONS: tuple[str, ...] = (
                ROW_NUMBER() OVER (PARTITION BY case_id ORDER BY seq)
         FROM label_versions ORDER BY seq;
     """,
+    """
+    ALTER TABLE export_jobs ADD COLUMN options TEXT NOT NULL DEFAULT '{}';
+    CREATE TABLE export_case_outcomes (
+        job_id TEXT NOT NULL REFERENCES export_jobs(job_id),
+        case_id TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        time TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (job_id, case_id)
+    );
+    """ + _legacy_export_options_sql("postgres"),
 )
 
 

@@ -22,6 +22,12 @@ returns the version created the first time, also after a restart and also after 
 were appended since; the same request_id with different content is rejected
 (InvalidArgument("REQUEST_ID_REUSED")).
 
+Export jobs: a job freezes the head versions of its cases when it is created and stores the
+caller's `options` (a JSON object, e.g. atlasflow.labels.export.ExportOptions.to_dict(); {} =
+the plain AbdomenAtlas layout) in the same row. Per-case outcomes of a job (e.g. its DICOM SEG
+outcome) are rows of `export_case_outcomes`, one per (job, case), committed as each case is
+done; recording a case again replaces its outcome (the latest attempt wins).
+
 Audit: `audit_records` is append-only (triggers refuse UPDATE and DELETE). Writes record their
 audit row in the same transaction as the write; reads record theirs via `record_audit`.
 
@@ -150,7 +156,9 @@ class ExportJobRecord:
     """An export operation. state: one of EXPORT_STATES (OperationState without the prefix).
 
     versions: the (case_id, version_id) pairs frozen when the job was created (each case's
-    head at that moment), in export order; cases_total == len(versions).
+    head at that moment), in export order; cases_total == len(versions). destination_uri: as
+    the caller gave it. options: the caller's JSON object stored with the job ({} = none;
+    atlasflow.labels.export.ExportOptions.from_dict reads it).
     """
 
     job_id: str
@@ -163,6 +171,21 @@ class ExportJobRecord:
     create_time: datetime
     update_time: datetime
     case_ids: tuple[str, ...] = field(default=())
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExportCaseOutcome:
+    """The latest recorded outcome of one case of an export job.
+
+    outcome: the caller's JSON object (e.g. atlasflow.labels.export.SegOutcome.to_dict());
+    time: when it was recorded (UTC).
+    """
+
+    job_id: str
+    case_id: str
+    outcome: Mapping[str, Any]
+    time: datetime
 
 
 @dataclass(frozen=True)
@@ -237,7 +260,8 @@ class LabelRepository(Protocol):
 
     def create_export_job(self, case_ids: Sequence[str], destination_uri: str, *,
                           request_id: str = "",
-                          audit: AuditEvent | None = None) -> ExportJobRecord: ...
+                          audit: AuditEvent | None = None,
+                          options: Mapping[str, Any] | None = None) -> ExportJobRecord: ...
 
     def get_export_job(self, job_id: str) -> ExportJobRecord: ...
 
@@ -246,6 +270,11 @@ class LabelRepository(Protocol):
                           error_reason: str | None = None) -> ExportJobRecord: ...
 
     def list_export_jobs(self, states: Sequence[str] = ()) -> list[ExportJobRecord]: ...
+
+    def record_export_outcome(self, job_id: str, case_id: str,
+                              outcome: Mapping[str, Any]) -> ExportCaseOutcome: ...
+
+    def list_export_outcomes(self, job_id: str) -> list[ExportCaseOutcome]: ...
 
     def record_audit(self, event: AuditEvent) -> AuditRecord: ...
 
@@ -263,6 +292,52 @@ class LabelRepository(Protocol):
 
 
 # ------------------------------------------------------------------------------ SQLite schema
+
+
+def _legacy_export_options_sql(dialect: str) -> str:
+    """Migration-4 statements that move the DICOM SEG options of jobs queued by the stop-gap
+    (`<uri>?dicom_seg=1[&pacs_host=H&pacs_port=P&pacs_called_ae=A&pacs_calling_ae=C]`, keys
+    in that order, values form-encoded) into `options` and strip the query. Values are
+    percent-decoded for the characters a host name or AE title plausibly holds (space : & =
+    + / ? # @ %). dialect: "sqlite" or "postgres". Part of migration 4: never change it.
+    """
+    find = "instr" if dialect == "sqlite" else "strpos"
+    u = "destination_uri"
+
+    def between(key: str, next_key: str | None) -> str:
+        start = f"{find}({u}, '{key}') + {len(key)}"
+        if next_key is None:
+            return f"substr({u}, {start})"
+        return f"substr({u}, {start}, {find}({u}, '{next_key}') - ({start}))"
+
+    def decoded(expr: str) -> str:
+        expr = f"replace({expr}, '+', ' ')"
+        for code, char in (("%3A", ":"), ("%26", "&"), ("%3D", "="), ("%2B", "+"),
+                           ("%2F", "/"), ("%3F", "?"), ("%23", "#"), ("%40", "@"),
+                           ("%20", " "), ("%25", "%")):
+            expr = f"replace({expr}, '{code}', '{char}')"
+        return expr
+
+    host = decoded(between("&pacs_host=", "&pacs_port="))
+    port = f"CAST({between('&pacs_port=', '&pacs_called_ae=')} AS INTEGER)"
+    called = decoded(between("&pacs_called_ae=", "&pacs_calling_ae="))
+    calling = decoded(between("&pacs_calling_ae=", None))
+    if dialect == "sqlite":
+        seg = "json_object('include_dicom_seg', json('true'))"
+        pacs = (f"json_object('include_dicom_seg', json('true'), 'pacs', json_object("
+                f"'called_ae', {called}, 'calling_ae', {calling}, 'host', {host}, 'port', {port}))")
+    else:
+        seg = "json_build_object('include_dicom_seg', true)::text"
+        pacs = (f"json_build_object('include_dicom_seg', true, 'pacs', json_build_object("
+                f"'called_ae', {called}, 'calling_ae', {calling}, 'host', {host},"
+                f" 'port', {port}))::text")
+    return f"""
+    UPDATE export_jobs SET options = {seg} WHERE {find}({u}, '?dicom_seg=1') > 0;
+    UPDATE export_jobs SET options = {pacs}
+        WHERE {find}({u}, '?dicom_seg=1&pacs_host=') > 0;
+    UPDATE export_jobs SET {u} = substr({u}, 1, {find}({u}, '?') - 1) WHERE {find}({u}, '?') > 0;
+    """
+
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -355,6 +430,19 @@ MIGRATIONS: tuple[str, ...] = (
                 WHERE p.case_id = v.case_id AND p.seq <= v.seq)
         FROM label_versions v ORDER BY v.seq;
     """,
+    # 4: export job options (a JSON object) and per-case export outcomes. Jobs queued by the
+    # stop-gap that carried the DICOM SEG options as the destination URI's query get them
+    # moved into `options` (see `_legacy_export_options_sql`).
+    """
+    ALTER TABLE export_jobs ADD COLUMN options TEXT NOT NULL DEFAULT '{}';
+    CREATE TABLE export_case_outcomes (
+        job_id TEXT NOT NULL REFERENCES export_jobs(job_id),
+        case_id TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        time TEXT NOT NULL,
+        PRIMARY KEY (job_id, case_id)
+    );
+    """ + _legacy_export_options_sql("sqlite"),
 )
 
 
@@ -374,6 +462,25 @@ def _json(value: Any) -> Any:
 
 def _dt(value: Any) -> datetime:
     return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+
+_MAX_JSON_BYTES = 16 * 1024
+
+
+def _json_object(name: str, value: Any) -> str:
+    """Canonical JSON text (sorted keys, compact) of a caller's JSON object; InvalidArgument
+    ("INVALID_ARGUMENT", metadata field `name`) when it is not one or is over 16 KiB."""
+    try:
+        if not isinstance(value, Mapping):
+            raise TypeError
+        text = json.dumps(dict(value), sort_keys=True, separators=(",", ":"),
+                          allow_nan=False)
+    except (TypeError, ValueError):
+        text = ""
+    if not text or len(text.encode()) > _MAX_JSON_BYTES:
+        raise InvalidArgument("INVALID_ARGUMENT", f"{name} must be a JSON object of at most "
+                              "16 KiB", domain=DOMAIN, metadata={"field": name})
+    return text
 
 
 # ------------------------------------------------------------------------------ backends
@@ -669,23 +776,38 @@ class SqlLabelRepository:
 
     def create_export_job(self, case_ids: Sequence[str], destination_uri: str, *,
                           request_id: str = "",
-                          audit: AuditEvent | None = None) -> ExportJobRecord:
+                          audit: AuditEvent | None = None,
+                          options: Mapping[str, Any] | None = None) -> ExportJobRecord:
         """Queue an export of the head versions of `case_ids` (empty: every case).
 
         The heads are frozen now: versions written later are not exported by this job.
+        options: a JSON object stored with the job in the same insert (None or {}: none).
         Unknown case -> NotFound("CASE_NOT_FOUND"); no case at all -> FailedPrecondition
-        ("NOTHING_TO_EXPORT"). A non-empty `request_id` makes the call idempotent. `audit` is
-        recorded in the same transaction (job id and exported version ids filled in).
+        ("NOTHING_TO_EXPORT"); options that are not a JSON object (or over 16 KiB) ->
+        InvalidArgument("INVALID_ARGUMENT", metadata field "options"). A non-empty
+        `request_id` makes the call idempotent: a repeat with the same case ids, destination
+        and options returns the job created first; with any of them different it raises
+        InvalidArgument("REQUEST_ID_REUSED"). `audit` is recorded in the same transaction (job
+        id and exported version ids filled in).
         """
         if not destination_uri:
             raise InvalidArgument("INVALID_ARGUMENT", "destination_uri is required",
                                   domain=DOMAIN, metadata={"field": "destination_uri"})
+        options_json = _json_object("options", options or {})
         wanted = list(dict.fromkeys(case_ids))
         with self._db.write() as tx:
             if request_id:
                 row = tx.one("SELECT * FROM export_jobs WHERE request_id = ?", (request_id,))
                 if row is not None:
-                    return self._job(row)
+                    prior = self._job(row)
+                    if (prior.destination_uri != destination_uri
+                            or list(prior.case_ids) != wanted
+                            or dict(prior.options) != json.loads(options_json)):
+                        raise InvalidArgument(
+                            "REQUEST_ID_REUSED",
+                            "request_id was already used for a different request",
+                            domain=DOMAIN)
+                    return prior
             if wanted:
                 versions = []
                 for cid in wanted:
@@ -705,10 +827,10 @@ class SqlLabelRepository:
             now = self._db.timestamp(sq.utc_now())
             tx.run(
                 "INSERT INTO export_jobs(job_id, state, destination_uri, case_ids, versions,"
-                " cases_done, cases_total, error_reason, request_id, create_time, update_time)"
-                " VALUES (?, 'QUEUED', ?, ?, ?, 0, ?, '', ?, ?, ?)",
+                " cases_done, cases_total, error_reason, request_id, create_time, update_time,"
+                " options) VALUES (?, 'QUEUED', ?, ?, ?, 0, ?, '', ?, ?, ?, ?)",
                 (job_id, destination_uri, json.dumps(wanted), json.dumps(versions),
-                 len(versions), request_id or None, now, now))
+                 len(versions), request_id or None, now, now, options_json))
             if audit is not None:
                 self._insert_audit(tx, AuditEvent(
                     audit.principal, audit.method, audit.case_id,
@@ -770,6 +892,46 @@ class SqlLabelRepository:
             else:
                 rows = tx.all("SELECT * FROM export_jobs ORDER BY create_time, job_id")
         return [self._job(r) for r in rows]
+
+    def record_export_outcome(self, job_id: str, case_id: str,
+                              outcome: Mapping[str, Any]) -> ExportCaseOutcome:
+        """Record (commit) the outcome of one case of a job; a case recorded again gets the
+        new outcome (the latest attempt wins, e.g. when a resumed job exports it again).
+
+        outcome: a JSON object (at most 16 KiB encoded). NotFound("EXPORT_JOB_NOT_FOUND") for
+        an unknown job; InvalidArgument("INVALID_ARGUMENT", metadata field "case_id") when the
+        case is not one of the job's, field "outcome" when the outcome is not a JSON object.
+        """
+        outcome_json = _json_object("outcome", outcome)
+        with self._db.write() as tx:
+            row = tx.one("SELECT versions FROM export_jobs WHERE job_id = ?", (job_id,))
+            if row is None:
+                raise NotFound("EXPORT_JOB_NOT_FOUND", "export job not found", domain=DOMAIN,
+                               metadata={"job_id": job_id[:80]})
+            if case_id not in {str(c) for c, _ in _json(row["versions"])}:
+                raise InvalidArgument("INVALID_ARGUMENT", "case is not part of the export job",
+                                      domain=DOMAIN, metadata={"field": "case_id"})
+            now = sq.utc_now()
+            tx.run("INSERT INTO export_case_outcomes(job_id, case_id, outcome, time)"
+                   " VALUES (?, ?, ?, ?) ON CONFLICT (job_id, case_id) DO UPDATE"
+                   " SET outcome = excluded.outcome, time = excluded.time",
+                   (job_id, case_id, outcome_json, self._db.timestamp(now)))
+        return ExportCaseOutcome(job_id, case_id, json.loads(outcome_json), now)
+
+    def list_export_outcomes(self, job_id: str) -> list[ExportCaseOutcome]:
+        """The job's recorded case outcomes (the latest per case) in the job's export order;
+        NotFound("EXPORT_JOB_NOT_FOUND") for an unknown job."""
+        with self._db.read() as tx:
+            job = tx.one("SELECT versions FROM export_jobs WHERE job_id = ?", (job_id,))
+            if job is None:
+                raise NotFound("EXPORT_JOB_NOT_FOUND", "export job not found", domain=DOMAIN,
+                               metadata={"job_id": job_id[:80]})
+            rows = tx.all("SELECT case_id, outcome, time FROM export_case_outcomes"
+                          " WHERE job_id = ?", (job_id,))
+        order = {str(c): i for i, (c, _) in enumerate(_json(job["versions"]))}
+        rows = sorted(rows, key=lambda r: (order.get(r["case_id"], len(order)), r["case_id"]))
+        return [ExportCaseOutcome(job_id, r["case_id"], _json(r["outcome"]), _dt(r["time"]))
+                for r in rows]
 
     # ------------------------------------------------------------------ audit
 
@@ -869,6 +1031,7 @@ class SqlLabelRepository:
             create_time=_dt(row["create_time"]),
             update_time=_dt(row["update_time"]),
             case_ids=tuple(_json(row["case_ids"])),
+            options=_json(row["options"]) or {},
         )
 
 

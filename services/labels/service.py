@@ -3,7 +3,9 @@
 DICOM SEG in exports: `IngestSourceInstances` fetches a CT volume's source instances from the
 ingest service (IngestService.StreamSeriesInstances by volume digest, headers only); the
 export worker builds each case's SEG with `atlasflow.labels.export.build_case_seg`, writes it
-with the case, and C-STOREs it to the job's PACS destination.
+with the case, C-STOREs it to the job's PACS destination and commits the case's outcome to the
+label repository (`record_export_outcome`). The job's SEG options live in the job's row
+(`ExportJobRecord.options`, written with the job).
 """
 
 from __future__ import annotations
@@ -33,9 +35,8 @@ from atlasflow.common.v1 import common_pb2
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from atlasflow.labels.dicom_seg import send_c_store
 from atlasflow.labels.export import (SEG_FAILED, SEG_SEND_FAILED, SEG_SENT, ExportOptions,
-                                     PacsDestination, SegOutcome, SegOutcomeJournal,
-                                     build_case_seg, decode_job_destination,
-                                     encode_job_destination, export_case, write_manifest)
+                                     PacsDestination, SegOutcome, build_case_seg, export_case,
+                                     write_manifest)
 from atlasflow.labels.repository import (AuditEvent, AuditRecord, ExportJobRecord,
                                          LabelRepository, LabelVersionRecord, Provenance)
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
@@ -109,9 +110,9 @@ def seg_outcome_to_proto(o: SegOutcome) -> labels_pb2.DicomSegOutcome:
 
 def export_to_proto(j: ExportJobRecord,
                     outcomes: Sequence[SegOutcome] = ()) -> labels_pb2.ExportJob:
-    uri, options = decode_job_destination(j.destination_uri)
+    options = ExportOptions.from_dict(j.options)
     msg = labels_pb2.ExportJob(
-        job_id=j.job_id, state=_OP_STATE[j.state], destination_uri=uri,
+        job_id=j.job_id, state=_OP_STATE[j.state], destination_uri=j.destination_uri,
         progress=labels_pb2.ExportProgress(cases_done=j.cases_done, cases_total=j.cases_total),
         error_reason=j.error_reason, create_time=_ts(j.create_time),
         include_dicom_seg=options.include_dicom_seg,
@@ -210,12 +211,20 @@ class IngestSourceInstances:
 
 
 def destination_path(uri: str, export_root: Path | None = None) -> Path:
-    """The local directory of a file:// destination; inside `export_root` when one is set."""
+    """The local directory of a file:// destination; inside `export_root` when one is set.
+
+    InvalidArgument("INVALID_DESTINATION") unless `uri` is file:///absolute/dir without a
+    query or fragment (labels.proto, ExportDatasetRequest.destination_uri);
+    InvalidArgument("DESTINATION_NOT_ALLOWED") outside `export_root`.
+    """
     parsed = urlparse(uri)
     if parsed.scheme != "file" or parsed.netloc not in ("", "localhost") or not parsed.path:
         raise InvalidArgument("INVALID_DESTINATION",
                               "destination_uri must be file:///absolute/dir in this deployment",
                               domain=DOMAIN, metadata={"scheme": parsed.scheme[:20]})
+    if parsed.query or parsed.fragment or "?" in uri or "#" in uri:
+        raise InvalidArgument("INVALID_DESTINATION", "destination_uri must not carry a query "
+                              "or fragment", domain=DOMAIN, metadata={"field": "destination_uri"})
     path = Path(unquote(parsed.path)).resolve()
     if export_root is not None and not path.is_relative_to(export_root):
         raise InvalidArgument("DESTINATION_NOT_ALLOWED",
@@ -233,16 +242,16 @@ class Exporter:
     a SEG keeps its UIDs, derived from the label version).
 
     sources: fetches a CT volume's source instances (DICOM SEG exports; `IngestSourceInstances`
-    in the service); seg_journal: where per-case SEG outcomes are kept."""
+    in the service). Each case's SEG outcome is committed to the repository
+    (`record_export_outcome`) as soon as the case is written (and sent), so a crash loses none;
+    a resumed job replaces a case's outcome when it exports the case again."""
 
     def __init__(self, repo: LabelRepository, blobs: BlobStore, metrics: Metrics,
-                 sources: SourceFetcher | None = None,
-                 seg_journal: SegOutcomeJournal | None = None) -> None:
+                 sources: SourceFetcher | None = None) -> None:
         self.repo = repo
         self.blobs = blobs
         self.metrics = metrics
         self.sources = sources
-        self.seg_journal = seg_journal
         self.wake = asyncio.Event()
 
     def _fetch_sources(self, volume_digest: str) -> Sequence[pydicom.Dataset]:
@@ -275,15 +284,12 @@ class Exporter:
             span.set_attribute("atlasflow.export_job_id", job.job_id)
             span.set_attribute("atlasflow.cases_total", job.cases_total)
             try:
-                _, options = decode_job_destination(job.destination_uri)
+                options = ExportOptions.from_dict(job.options)
                 span.set_attribute("atlasflow.include_dicom_seg", options.include_dicom_seg)
                 out = destination_path(job.destination_uri)
                 out.mkdir(parents=True, exist_ok=True)
                 if job.state == "QUEUED":
                     self.repo.update_export_job(job.job_id, state="RUNNING", cases_done=0)
-                journal = self.seg_journal if options.include_dicom_seg else None
-                if journal is not None:
-                    journal.start(job.job_id)
                 entries = []
                 for done, (case_id, version_id) in enumerate(job.versions, start=1):
                     record = self.repo.get_version(version_id)
@@ -310,8 +316,8 @@ class Exporter:
                             if seg is not None and options.pacs is not None:
                                 self._send(seg, options.pacs, outcome)
                             entry["dicom_seg"] = outcome.to_dict()
-                        if journal is not None:
-                            journal.append(job.job_id, outcome)
+                        self.repo.record_export_outcome(job.job_id, case_id,
+                                                        outcome.to_dict())
                         self.metrics.count(f"dicom_seg_{outcome.state.lower()}")
                         if outcome.state in (SEG_FAILED, SEG_SEND_FAILED) or outcome.reason:
                             log.warning("export: DICOM SEG of a case not written or not sent",
@@ -355,7 +361,6 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
 
     def __init__(self, repo: LabelRepository, blobs: BlobStore, exporter: Exporter,
                  export_root: Path | None = None) -> None:
-        # The job's per-case DICOM SEG outcomes come from exporter.seg_journal.
         self.repo = repo
         self.blobs = blobs
         self.exporter = exporter
@@ -435,19 +440,19 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
     async def ExportDataset(self, request, context):  # type: ignore[no-untyped-def]
         def work(audit: AuditEvent) -> ExportJobRecord:
             destination_path(request.destination_uri, self.export_root)
-            stored_uri = encode_job_destination(request.destination_uri,
-                                                export_options_of(request))
-            return self.repo.create_export_job(list(request.case_ids), stored_uri, audit=audit)
+            options = export_options_of(request)
+            return self.repo.create_export_job(list(request.case_ids), request.destination_uri,
+                                               audit=audit, options=options.to_dict())
 
         job = await self._audited(context, "ExportDataset", "", work)
         self.exporter.wake.set()
         return labels_pb2.ExportDatasetResponse(job=export_to_proto(job))
 
     def _outcomes(self, job: ExportJobRecord) -> list[SegOutcome]:
-        journal = self.exporter.seg_journal
-        if journal is None or not decode_job_destination(job.destination_uri)[1].include_dicom_seg:
+        if not ExportOptions.from_dict(job.options).include_dicom_seg:
             return []
-        return journal.read(job.job_id)
+        return [SegOutcome.from_dict(o.outcome)
+                for o in self.repo.list_export_outcomes(job.job_id)]
 
     async def GetExportJob(self, request, context):  # type: ignore[no-untyped-def]
         job = await self._audited(

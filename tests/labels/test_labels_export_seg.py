@@ -6,6 +6,9 @@ Data: TotalSegmentator's real 20-slice CT (JPEG 2000, UIDs empty in the files: g
 its TotalSegmentator labels on that DICOM grid (example_seg_dicom.nii.gz, LAS), mapped to the
 nine atlas organs. Series A is the whole CT; series B lacks one middle slice, which ingest fills
 by interpolation (a resampled grid): its SEG must be refused while its other files export.
+
+Unit tests at the end: the job's SEG options and per-case outcomes live in the label
+repository (committed per case, so a crash mid-export loses none; a resume replaces them).
 """
 
 from __future__ import annotations
@@ -32,16 +35,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from atlasflow.cli.upload import send_files
 from atlasflow.common.blobstore import LocalBlobStore
-from atlasflow.common.errors import InvalidArgument, Unavailable
+from atlasflow.common.errors import NotFound, Unavailable
+from atlasflow.common.metrics import Metrics
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.organs import ORGANS
 from atlasflow.common.server import error_info_of
 from atlasflow.common.v1 import common_pb2
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from atlasflow.labels.export import (ExportOptions, PacsDestination, SegOutcome,
-                                     SegOutcomeJournal, build_case_seg, decode_job_destination,
-                                     encode_job_destination)
-from atlasflow.labels.repository import Provenance
+from atlasflow.labels.export import ExportOptions, PacsDestination, SegOutcome, build_case_seg
+from atlasflow.labels.repository import Provenance, SqliteLabelRepository
+from atlasflow.labels.service import Exporter, destination_path, export_to_proto
 from atlasflow.labels.totalseg import totalseg_to_atlas
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
 
@@ -429,7 +432,18 @@ def test_unreachable_pacs_is_a_send_failure(env, exported, tmp_path):  # type: i
     assert hashlib.sha256((tmp_path / "out" / o.path).read_bytes()).hexdigest() == o.sha256
 
 
-# ------------------------------------------------------------------ job options, journal (unit)
+def test_destination_with_query_or_fragment_is_refused(env, tmp_path):  # type: ignore[no-untyped-def]
+    """labels.proto: destination_uri is file:///absolute/dir, no query or fragment."""
+    _, stub = _stubs(env)
+    for suffix in ("?x=1", "#part"):
+        code, reason, _ = _reason(lambda: stub.ExportDataset(labels_pb2.ExportDatasetRequest(
+            destination_uri=tmp_path.as_uri() + suffix, include_dicom_seg=True), timeout=30))
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_DESTINATION")
+    # a percent-encoded "?" is part of the directory name
+    assert destination_path((tmp_path / "a?b").as_uri()) == tmp_path / "a?b"
+
+
+# ------------------------------------------------------------------ job options, outcomes (unit)
 
 
 @pytest.mark.parametrize("options", [
@@ -438,29 +452,84 @@ def test_unreachable_pacs_is_a_send_failure(env, exported, tmp_path):  # type: i
     ExportOptions(include_dicom_seg=True,
                   pacs=PacsDestination("pacs.example.org", 11112, "PACS A&B", "ME")),
 ])
-def test_job_destination_round_trip(options):  # type: ignore[no-untyped-def]
+def test_export_options_are_stored_in_the_job_row(tmp_path, options):  # type: ignore[no-untyped-def]
+    repo = SqliteLabelRepository(tmp_path / "labels.sqlite")
+    repo.create_version("c1", LocalBlobStore(tmp_path / "b").put(b"lm"),
+                        LocalBlobStore(tmp_path / "b").put(b"ct"), Provenance("ai"), "r1",
+                        organs=(5,), shape=(1, 1, 1), affine=np.eye(4))
     uri = "file:///exports/run%201"
-    stored = encode_job_destination(uri, options)
-    assert decode_job_destination(stored) == (uri, options)
-    assert (stored == uri) == (not options.include_dicom_seg)  # old rows decode unchanged
-    with pytest.raises(InvalidArgument):
-        encode_job_destination(uri + "?x=1", options)
+    job = repo.create_export_job(["c1"], uri, options=options.to_dict())
+    repo.close()
+    repo = SqliteLabelRepository(tmp_path / "labels.sqlite")  # a restart
+    stored = repo.get_export_job(job.job_id)
+    assert stored.destination_uri == uri  # the client's URI, as given
+    assert ExportOptions.from_dict(stored.options) == options
+    assert (stored.options == {}) == (options == ExportOptions())  # default: no SEG
+    msg = export_to_proto(stored)
+    assert msg.destination_uri == uri and msg.include_dicom_seg == options.include_dicom_seg
+    assert msg.HasField("pacs_destination") == (options.pacs is not None)
+    if options.pacs is not None:
+        assert (msg.pacs_destination.called_ae_title, msg.pacs_destination.port) == (
+            "PACS A&B", 11112)
+    repo.close()
 
 
-def test_seg_journal_restarts_and_skips_a_torn_line(tmp_path):  # type: ignore[no-untyped-def]
-    journal = SegOutcomeJournal(tmp_path)
-    assert journal.read("job1") == []
-    journal.start("job1")
-    journal.append("job1", SegOutcome("c1", "v1", "WRITTEN", organs=[5]))
-    journal.append("job1", SegOutcome("c2", "v2", "REFUSED", reason="GRID_DIFFERS_FROM_SOURCE",
-                                      reason_metadata={"problem": "SLICES"}))
-    with open(tmp_path / "job1.dicom_seg.jsonl", "ab") as f:
-        f.write(b'{"case_id": "c3", "vers')  # a crash mid-append
-    got = journal.read("job1")
-    assert [(o.case_id, o.state, o.reason_metadata) for o in got] == [
-        ("c1", "WRITTEN", {}), ("c2", "REFUSED", {"problem": "SLICES"})]
-    journal.start("job1")  # a resumed job exports every case again
-    assert journal.read("job1") == []
+class _Crash(BaseException):
+    """The process dying mid-export (not an error the exporter handles)."""
+
+
+def test_outcomes_are_committed_per_case_and_a_resume_replaces_them(tmp_path):  # type: ignore[no-untyped-def]
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    repo = SqliteLabelRepository(tmp_path / "labels.sqlite")
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    ct = np.zeros((6, 5, 4), np.int16)
+    labels = np.zeros(ct.shape, np.uint8)
+    labels[1:3, 1:3, 1:3] = 5
+    ct_info = blobs.put(to_nifti_bytes(ct, affine))
+    for case in ("case-1", "case-2", "case-3"):
+        repo.create_version(case, blobs.put(to_nifti_bytes(labels, affine)), ct_info,
+                            Provenance("ai", model_version="trio-v1"), "r-" + case,
+                            organs=(5,), shape=ct.shape, affine=affine)
+    options = ExportOptions(include_dicom_seg=True)
+    dest = tmp_path / "out"
+    job = repo.create_export_job([], dest.as_uri(), options=options.to_dict())
+    calls: list[str] = []
+
+    def first_run(digest: str) -> list[pydicom.Dataset]:
+        calls.append(digest)
+        if len(calls) == 3:
+            raise _Crash()
+        raise Unavailable("INGEST_UNAVAILABLE", "down", domain="atlasflow.labels")
+
+    with pytest.raises(_Crash):
+        Exporter(repo, blobs, Metrics("labels"), sources=first_run).run_job(job)
+    repo.close()
+
+    repo = SqliteLabelRepository(tmp_path / "labels.sqlite")  # the restarted service
+    crashed = repo.get_export_job(job.job_id)
+    assert (crashed.state, crashed.cases_done) == ("RUNNING", 2)
+    kept = repo.list_export_outcomes(job.job_id)
+    assert [(o.case_id, o.outcome["state"], o.outcome["reason"]) for o in kept] == [
+        ("case-1", "FAILED", "INGEST_UNAVAILABLE"), ("case-2", "FAILED", "INGEST_UNAVAILABLE")]
+    assert [o.case_id for o in export_to_proto(
+        crashed, [SegOutcome.from_dict(o.outcome) for o in kept]).dicom_seg_outcomes] == [
+        "case-1", "case-2"]
+
+    def not_assembled(_digest: str) -> list[pydicom.Dataset]:
+        raise NotFound("SOURCE_SERIES_NOT_FOUND", "no such volume", domain="atlasflow.labels")
+
+    Exporter(repo, blobs, Metrics("labels"), sources=not_assembled).run_job(crashed)
+    done = repo.get_export_job(job.job_id)
+    assert (done.state, done.cases_done) == ("SUCCEEDED", 3)
+    got = [SegOutcome.from_dict(o.outcome) for o in repo.list_export_outcomes(job.job_id)]
+    assert [(o.case_id, o.state, o.reason) for o in got] == [
+        (c, "REFUSED", "SOURCE_SERIES_NOT_FOUND") for c in ("case-1", "case-2", "case-3")]
+    versions = dict(job.versions)
+    assert [o.version_id for o in got] == [versions[c] for c in ("case-1", "case-2", "case-3")]
+    manifest = {c["case"]: c for c in json.loads((dest / "manifest.json").read_text())["cases"]}
+    assert {c: m["dicom_seg"]["state"] for c, m in manifest.items()} == {
+        c: "REFUSED" for c in ("case-1", "case-2", "case-3")}
+    repo.close()
 
 
 def test_build_case_seg_never_raises(tmp_path):  # type: ignore[no-untyped-def]

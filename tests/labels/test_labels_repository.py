@@ -1,7 +1,7 @@
 """Contract tests of LabelRepository: every implementation (SQLite, PostgreSQL) runs them.
 
-Covers versions, lineage, idempotency, concurrency, pagination, export jobs, per-organ
-provenance, the audit trail and migrations.
+Covers versions, lineage, idempotency, concurrency, pagination, export jobs (their options
+and per-case outcomes), per-organ provenance, the audit trail and migrations.
 """
 
 from __future__ import annotations
@@ -326,6 +326,141 @@ def test_export_job_request_id_and_failure(factory):
         repo.get_export_job("nope")
 
 
+SEG_OPTIONS = {"include_dicom_seg": True,
+               "pacs": {"host": "pacs.example.org", "port": 11112, "called_ae": "PACS A&B",
+                        "calling_ae": "ME"}}
+
+
+def test_export_job_options_are_stored_with_the_job(factory):
+    repo = factory()
+    create(repo)
+    plain = repo.create_export_job(["case-1"], "file:///tmp/x")
+    seg = repo.create_export_job(["case-1"], "file:///tmp/y?keep=1", options=SEG_OPTIONS)
+    assert plain.options == {} and seg.options == SEG_OPTIONS
+    assert seg.destination_uri == "file:///tmp/y?keep=1"  # stored as given, nothing appended
+    again = factory()  # a restart
+    assert again.get_export_job(seg.job_id).options == SEG_OPTIONS
+    assert again.get_export_job(plain.job_id).options == {}
+    assert {j.job_id: j.options for j in again.list_export_jobs(["QUEUED"])} == {
+        plain.job_id: {}, seg.job_id: SEG_OPTIONS}
+    updated = again.update_export_job(seg.job_id, state="RUNNING", cases_done=1)
+    assert updated.options == SEG_OPTIONS
+
+
+def test_export_job_request_id_takes_options_into_account(factory):
+    repo = factory()
+    create(repo)
+    first = repo.create_export_job(["case-1"], "file:///tmp/x", request_id="e1",
+                                   options=SEG_OPTIONS)
+    reordered = dict(reversed(list(SEG_OPTIONS.items())))  # same object, other key order
+    assert repo.create_export_job(["case-1"], "file:///tmp/x", request_id="e1",
+                                  options=reordered) == first
+    for case_ids, uri, options in ((["case-1"], "file:///tmp/x", {}),
+                                   (["case-1"], "file:///tmp/x", {"include_dicom_seg": True}),
+                                   (["case-1"], "file:///tmp/other", SEG_OPTIONS),
+                                   ([], "file:///tmp/x", SEG_OPTIONS)):
+        with pytest.raises(InvalidArgument) as e:
+            repo.create_export_job(case_ids, uri, request_id="e1", options=options)
+        assert e.value.reason == "REQUEST_ID_REUSED", (case_ids, uri, options)
+    assert [j.job_id for j in repo.list_export_jobs()] == [first.job_id]
+
+
+@pytest.mark.parametrize("options", [["include_dicom_seg"], {"x": float("nan")},
+                                     {"x": object()}, {"x": "y" * 20000}])
+def test_export_job_options_must_be_a_json_object(factory, options):
+    repo = factory()
+    create(repo)
+    with pytest.raises(InvalidArgument) as e:
+        repo.create_export_job(["case-1"], "file:///tmp/x", options=options)
+    assert e.value.metadata["field"] == "options"
+    assert repo.list_export_jobs() == []
+
+
+def test_export_case_outcomes_latest_wins_in_export_order(factory):
+    repo = factory()
+    for case in ("b", "a", "c"):
+        create(repo, case=case, req="r-" + case)
+    job = repo.create_export_job(["b", "a", "c"], "file:///tmp/x", options=SEG_OPTIONS)
+    assert repo.list_export_outcomes(job.job_id) == []
+    repo.record_export_outcome(job.job_id, "a", {"state": "FAILED", "reason": "INGEST_UNAVAILABLE"})
+    first_b = repo.record_export_outcome(job.job_id, "b", {"state": "WRITTEN", "organs": [5, 8]})
+    assert first_b.time.tzinfo is not None and first_b.outcome["organs"] == [5, 8]
+    # a resumed job exports "a" again: the latest attempt replaces the first
+    latest_a = repo.record_export_outcome(job.job_id, "a", {"state": "SENT", "c_store_status": 0})
+    again = factory()  # committed: a restart (or a crash) keeps them
+    got = again.list_export_outcomes(job.job_id)
+    assert [(o.job_id, o.case_id, dict(o.outcome)) for o in got] == [
+        (job.job_id, "b", {"state": "WRITTEN", "organs": [5, 8]}),
+        (job.job_id, "a", {"state": "SENT", "c_store_status": 0})]
+    assert got[1].time == latest_a.time and got[1].time >= got[0].time
+    other = again.create_export_job(["a"], "file:///tmp/y")
+    assert again.list_export_outcomes(other.job_id) == []  # per job
+    with pytest.raises(NotFound) as e:
+        again.record_export_outcome("nope", "a", {})
+    assert e.value.reason == "EXPORT_JOB_NOT_FOUND"
+    with pytest.raises(NotFound):
+        again.list_export_outcomes("nope")
+    with pytest.raises(InvalidArgument) as e:
+        again.record_export_outcome(other.job_id, "b", {})  # not one of that job's cases
+    assert e.value.metadata["field"] == "case_id"
+    with pytest.raises(InvalidArgument) as e:
+        again.record_export_outcome(job.job_id, "c", [1, 2])  # type: ignore[arg-type]
+    assert e.value.metadata["field"] == "outcome"
+    assert [o.case_id for o in again.list_export_outcomes(job.job_id)] == ["b", "a"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_stop_gap_export_jobs_get_their_options_on_upgrade(backend, tmp_path, request):
+    """Jobs queued before migration 4 carried their DICOM SEG options as the destination
+    URI's query (form-encoded); the upgrade moves them into `options`."""
+    from urllib.parse import urlencode
+
+    pacs = {"pacs_host": "pacs.example.org", "pacs_port": "11112",
+            "pacs_called_ae": "PACS A&B", "pacs_calling_ae": "ME+1"}
+    stored = {
+        "plain": ("file:///exports/run%201", {}),
+        "seg": ("file:///exports/run%201?" + urlencode({"dicom_seg": "1"}),
+                {"include_dicom_seg": True}),
+        "pacs": ("file:///exports/p?" + urlencode({"dicom_seg": "1", **pacs}),
+                 {"include_dicom_seg": True,
+                  "pacs": {"host": "pacs.example.org", "port": 11112, "called_ae": "PACS A&B",
+                           "calling_ae": "ME+1"}}),
+    }
+    insert = ("INSERT INTO export_jobs(job_id, state, destination_uri, case_ids, versions,"
+              " cases_done, cases_total, error_reason, request_id, create_time, update_time)"
+              " VALUES (?, 'QUEUED', ?, '[\"c\"]', '[[\"c\", \"v\"]]', 0, 1, '', NULL, ?, ?)")
+    now = "2026-01-01T00:00:00+00:00"
+    if backend == "sqlite":
+        from atlasflow.common import sqlite as sq
+        from atlasflow.labels.repository import MIGRATIONS
+
+        conn = sq.connect(tmp_path / "labels.sqlite")
+        sq.migrate(conn, MIGRATIONS[:3])
+        for job_id, (uri, _) in stored.items():
+            conn.execute(insert, (job_id, uri, now, now))
+        conn.close()
+        repo = SqliteLabelRepository(tmp_path / "labels.sqlite")
+    else:
+        import psycopg
+        from psycopg.rows import dict_row
+
+        from atlasflow.labels.postgres import PG_MIGRATIONS, migrate
+
+        url = request.getfixturevalue("pg_database")()
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            migrate(conn, PG_MIGRATIONS[:3])
+            for job_id, (uri, _) in stored.items():
+                conn.execute(insert.replace("?", "%s"), (job_id, uri, now, now))
+        repo = PostgresLabelRepository(url)
+    try:
+        for job_id, (uri, options) in stored.items():
+            job = repo.get_export_job(job_id)
+            assert (job.destination_uri, dict(job.options)) == (uri.split("?")[0], options)
+        assert repo.list_export_outcomes("pacs") == []
+    finally:
+        repo.close()
+
+
 # ------------------------------------------------------------------ both backends, raw SQL
 
 
@@ -368,10 +503,11 @@ def test_database_refuses_a_fork_on_every_backend(factory, tmp_path):
 def test_migrations_are_versioned(factory, tmp_path):
     repo, sql, _ = _raw(factory, tmp_path)
     versions = [r[0] for r in sql("SELECT version FROM schema_migrations ORDER BY version")]
-    assert versions == [1, 2, 3]
+    assert versions == [1, 2, 3, 4]
     repo.close()
     factory()  # reopening applies nothing twice
-    assert [r[0] for r in sql("SELECT version FROM schema_migrations ORDER BY version")] == [1, 2, 3]
+    assert [r[0] for r in sql("SELECT version FROM schema_migrations ORDER BY version")] == [
+        1, 2, 3, 4]
 
 
 def test_sqlite_v1_database_is_upgraded_in_place(tmp_path):
