@@ -8,12 +8,16 @@ applies idempotently and in version order, so at-least-once delivery in any orde
 Human-decided organs of a version: organs whose label a radiologist decided (revised, also
 to empty, in this version or an ancestor) plus organs an original (source dataset) label
 decided that are present in the label map. Revised organs: the radiologist's organs decided
-by this very version.
+by this very version. The geometry (volume, centroid, field-of-view cut) of the human-decided
+organs present in the map travels along: ranking learns its population prior from it.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from atlasflow.common.outbox import OutboxRow
+from atlasflow.common.plausibility import measure_labels
 from atlasflow.labels.repository import LabelRepository, LabelVersionRecord
 from atlasflow.ranking.v1 import ranking_pb2
 
@@ -39,19 +43,36 @@ class VersionEventStore:
         return self.repo.version_event_backlog()
 
 
-def ranking_request(record: LabelVersionRecord, version_number: int
-                    ) -> ranking_pb2.RecordLabelVersionRequest:
-    """The RecordLabelVersion call for one stored version (see the module docstring)."""
+def human_decided(record: LabelVersionRecord) -> list[int]:
+    """Organ ids whose label in `record` a human decided (see the module docstring)."""
     present = set(record.organs)
-    human, revised = [], []
-    for organ, op in sorted(record.organ_provenance.items()):
-        source = op.provenance.source
-        if source == "radiologist" or (source == "original" and organ in present):
-            human.append(organ)
-        if source == "radiologist" and op.version_id == record.version_id:
-            revised.append(organ)
+    return [o for o, op in sorted(record.organ_provenance.items())
+            if op.provenance.source == "radiologist"
+            or (op.provenance.source == "original" and o in present)]
+
+
+def organ_geometry(label_map: np.ndarray, affine: np.ndarray, organs: list[int]
+                   ) -> list[ranking_pb2.OrganGeometry]:
+    """Geometry of `organs` in a label map ``(X, Y, Z)`` (AbdomenAtlas ids, voxel -> RAS+ mm);
+    organs absent from the map are left out."""
+    wanted = set(organs)
+    return [ranking_pb2.OrganGeometry(organ=k, volume_ml=g.volume_ml,  # type: ignore[arg-type]
+                                      centroid_mm=[float(c) for c in g.centroid_mm],
+                                      fov_cut=bool(g.fov_cut))
+            for k, g in sorted(measure_labels(label_map, affine).items()) if k in wanted]
+
+
+def ranking_request(record: LabelVersionRecord, version_number: int,
+                    geometry: list[ranking_pb2.OrganGeometry] | None = None
+                    ) -> ranking_pb2.RecordLabelVersionRequest:
+    """The RecordLabelVersion call for one stored version (see the module docstring);
+    `geometry`: from `organ_geometry` for the `human_decided` organs."""
+    human = human_decided(record)
+    revised = [o for o, op in sorted(record.organ_provenance.items())
+               if op.provenance.source == "radiologist" and op.version_id == record.version_id]
     return ranking_pb2.RecordLabelVersionRequest(
         case_id=record.case_id, label_version_id=record.version_id,
         version_number=version_number, human_decided_organs=human,  # type: ignore[arg-type]
         revised_organs=revised,  # type: ignore[arg-type]
-        reviewer=record.provenance.reviewer if record.provenance.source == "radiologist" else "")
+        reviewer=record.provenance.reviewer if record.provenance.source == "radiologist" else "",
+        human_organ_geometry=geometry or [])

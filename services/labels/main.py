@@ -10,11 +10,13 @@ from pathlib import Path
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.clients import aio_channel
 from atlasflow.common.metrics import Metrics
+from atlasflow.common.nifti import from_nifti_bytes
 from atlasflow.common.outbox import OutboxDispatcher, OutboxRow
 from atlasflow.common.server import BuiltServer, build_server, run_until_signalled
 from atlasflow.common.settings import ServiceSettings
 from atlasflow.common.telemetry import setup_logging, setup_tracing, shutdown_tracing
-from atlasflow.labels.events import TOPIC, VersionEventStore, ranking_request
+from atlasflow.labels.events import (TOPIC, VersionEventStore, human_decided, organ_geometry,
+                                     ranking_request)
 from atlasflow.labels.repository import open_repository
 from atlasflow.labels.service import Exporter, IngestSourceInstances, LabelServicer
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
@@ -60,9 +62,18 @@ async def amain(settings: LabelsSettings) -> None:
     ranking_channel = aio_channel(settings.ranking_target, settings.max_message_bytes)
     ranking = ranking_pb2_grpc.RankingServiceStub(ranking_channel)
 
+    def version_event(row: OutboxRow):  # type: ignore[no-untyped-def]
+        record = repo.get_version(row.dedupe_key)
+        human = human_decided(record)
+        geometry = []
+        if human:  # the label map is read (and verified) only when a human decided organs
+            label_map, affine = from_nifti_bytes(blobs.get(record.label_map_digest))
+            geometry = organ_geometry(label_map, affine, human)
+        return ranking_request(record, int(row.payload), geometry)
+
     async def to_ranking(row: OutboxRow) -> None:
-        record = await asyncio.to_thread(repo.get_version, row.dedupe_key)
-        await ranking.RecordLabelVersion(ranking_request(record, int(row.payload)), timeout=30)
+        request = await asyncio.to_thread(version_event, row)
+        await ranking.RecordLabelVersion(request, timeout=30)
 
     events = OutboxDispatcher(VersionEventStore(repo), None, {TOPIC: to_ranking}, metrics,
                               poll_s=0.5)

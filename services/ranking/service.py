@@ -9,6 +9,8 @@ loop; the store serialises them itself.
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 from collections.abc import Callable
 from datetime import datetime
 from typing import TypeVar
@@ -19,6 +21,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.server import principal_of
 from atlasflow.common.v1 import common_pb2
+from atlasflow.ranking.prior import OrganSummary, learned_prior
 from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from atlasflow.ranking.worklist import (AttentionPointer, OrganAttention, Round, SqliteWorklist,
                                         Status, WorklistEntry, WorklistFilter)
@@ -79,6 +82,13 @@ def organ_from_proto(o: ranking_pb2.OrganAttention) -> OrganAttention:
         o.score if o.HasField("score") else None)
 
 
+def geometry_from_proto(g: ranking_pb2.OrganGeometry) -> OrganSummary:
+    """An OrganGeometry message as an `OrganSummary`; a centroid without exactly three values
+    becomes NaNs, which the worklist rejects (INVALID_LABEL_VERSION)."""
+    c = tuple(g.centroid_mm) if len(g.centroid_mm) == 3 else (math.nan,) * 3
+    return OrganSummary(int(g.organ), g.volume_ml, c, g.fov_cut)  # type: ignore[arg-type]
+
+
 def item_to_proto(entry: WorklistEntry, rank: int) -> ranking_pb2.WorklistItem:
     item = ranking_pb2.WorklistItem(
         case_id=entry.case_id, series_id=entry.series_id, rank=rank, priority=entry.priority,
@@ -126,6 +136,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     def __init__(self, worklist: SqliteWorklist, metrics: Metrics) -> None:
         self.worklist = worklist
         self.metrics = metrics
+        self._prior_cache: tuple[str, str, int] | None = None  # (change tag, JSON, cases added)
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         try:
@@ -153,10 +164,24 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         result = await self._call(
             self.worklist.record_label_version, request.case_id, request.label_version_id,
             request.version_number, [int(o) for o in request.human_decided_organs],
-            [int(o) for o in request.revised_organs], request.reviewer)
+            [int(o) for o in request.revised_organs], request.reviewer,
+            [geometry_from_proto(g) for g in request.human_organ_geometry])
         if result is None:
             return ranking_pb2.RecordLabelVersionResponse()
         return ranking_pb2.RecordLabelVersionResponse(item=item_to_proto(*result))
+
+    async def GetPopulationPrior(
+            self, request: ranking_pb2.GetPopulationPriorRequest,
+            context: grpc.aio.ServicerContext) -> ranking_pb2.GetPopulationPriorResponse:
+        def build() -> tuple[str, int]:
+            cases, tag = self.worklist.learned_geometry()
+            if self._prior_cache is None or self._prior_cache[0] != tag:
+                prior, added = learned_prior(cases)
+                self._prior_cache = (tag, json.dumps(prior.to_dict()), added)
+            return self._prior_cache[1], self._prior_cache[2]
+
+        prior_json, added = await asyncio.to_thread(build)
+        return ranking_pb2.GetPopulationPriorResponse(prior_json=prior_json, learned_cases=added)
 
     async def ListWorklist(self, request: ranking_pb2.ListWorklistRequest,
                            context: grpc.aio.ServicerContext) -> ranking_pb2.ListWorklistResponse:

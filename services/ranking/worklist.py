@@ -63,6 +63,7 @@ one instance per thread/process for parallel writers (see atlasflow.common.sqlit
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sqlite3
@@ -85,6 +86,7 @@ from atlasflow.common.errors import (
     Unauthenticated,
 )
 from atlasflow.common.organs import ORGANS
+from atlasflow.ranking.prior import OrganSummary
 
 DOMAIN = "atlasflow.ranking"
 DEFAULT_LEASE_S = 15 * 60.0
@@ -466,6 +468,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE worklist ADD COLUMN latest_label_version_id TEXT NOT NULL DEFAULT '';
     ALTER TABLE worklist ADD COLUMN human_organs TEXT NOT NULL DEFAULT '[]';
     """,
+    # 4: geometry of the human-decided organs of the latest version, {organ: [ml, r, a, s, cut]}
+    # (the learned population prior, atlasflow.ranking.prior).
+    """
+    ALTER TABLE case_labels ADD COLUMN geometry TEXT NOT NULL DEFAULT '{}';
+    """,
 )
 
 # Status at read time (:now = µs since the epoch); numbers as in `Status`.
@@ -565,12 +572,14 @@ class SqliteWorklist:
 
     def record_label_version(self, case_id: str, label_version_id: str, version_number: int,
                              human_organs: Iterable[int] = (), revised_organs: Iterable[int] = (),
-                             reviewer: str = "") -> tuple[WorklistEntry, int] | None:
+                             reviewer: str = "", geometry: Iterable[OrganSummary] = ()
+                             ) -> tuple[WorklistEntry, int] | None:
         """Record that `case_id` has label version `label_version_id` (see "Label versions").
 
         version_number: 1-based position in the case's chain (orders late events);
         human_organs: organ ids decided by a human in that version (they leave the priority);
-        revised_organs: ids a radiologist revised in that very version; reviewer: its author.
+        revised_organs: ids a radiologist revised in that very version; reviewer: its author;
+        geometry: summaries of human-decided organs present in the version (the learned prior).
         Returns (entry, rank) after re-ranking, or None while the case has no attention.
         """
         for name, value in (("case_id", case_id), ("label_version_id", label_version_id)):
@@ -586,21 +595,28 @@ class SqliteWorklist:
             raise _invalid_event("revised_organs must be among human_decided_organs")
         if len(reviewer) > 256 or not reviewer.isprintable():
             raise _invalid_event("reviewer must be printable, <= 256 chars", field="reviewer")
+        geoms: dict[int, OrganSummary] = {}
+        for g in geometry:
+            if g.organ not in human or g.organ in geoms or not g.valid():
+                raise _invalid_event("organ geometry must be finite, volume > 0, one per "
+                                     "human-decided organ", field="human_organ_geometry")
+            geoms[g.organ] = g
         with self._lock, sq.transaction(self._conn):
             known = self._conn.execute(
                 "SELECT version_number FROM case_labels WHERE case_id = ?", (case_id,)).fetchone()
             if known is None or int(known["version_number"]) < int(version_number):
                 self._conn.execute(
                     "INSERT INTO case_labels(case_id, label_version_id, version_number,"
-                    " human_organs, revised_organs, reviewer, record_time)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(case_id) DO UPDATE SET"
+                    " human_organs, revised_organs, reviewer, record_time, geometry)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(case_id) DO UPDATE SET"
                     " label_version_id = excluded.label_version_id,"
                     " version_number = excluded.version_number,"
                     " human_organs = excluded.human_organs,"
                     " revised_organs = excluded.revised_organs, reviewer = excluded.reviewer,"
-                    " record_time = excluded.record_time",
+                    " record_time = excluded.record_time, geometry = excluded.geometry",
                     (case_id, label_version_id, int(version_number), json.dumps(human),
-                     json.dumps(revised), reviewer, self._clock().isoformat()))
+                     json.dumps(revised), reviewer, self._clock().isoformat(),
+                     json.dumps({str(k): g.to_list() for k, g in sorted(geoms.items())})))
                 row = self._conn.execute("SELECT * FROM worklist WHERE case_id = ?",
                                          (case_id,)).fetchone()
                 if row is not None:
@@ -615,6 +631,18 @@ class SqliteWorklist:
                                   (case_id,)).fetchone() is None:
                 return None
             return self._entry_and_rank(case_id, self._now_us())
+
+    def learned_geometry(self) -> tuple[list[dict[int, OrganSummary]], str]:
+        """(per case, the human-decided organ summaries of its latest recorded label version,
+        ordered by case_id; a change tag that differs whenever any of them changed)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT case_id, label_version_id, geometry FROM case_labels"
+                " WHERE geometry != '{}' ORDER BY case_id").fetchall()
+        cases = [{int(k): OrganSummary.from_list(int(k), v)
+                  for k, v in json.loads(r["geometry"]).items()} for r in rows]
+        tag = hashlib.sha256(",".join(r["label_version_id"] for r in rows).encode()).hexdigest()
+        return cases, tag
 
     def get(self, case_id: str) -> tuple[WorklistEntry, int]:
         """(entry, 1-based rank) of `case_id`, or NotFound("CASE_NOT_FOUND")."""

@@ -4,16 +4,22 @@ outbox dispatcher that hands results to the label and ranking services."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from atlasflow.common.blobstore import LocalBlobStore
-from atlasflow.common.clients import aio_channel
+import grpc
+
+from atlasflow.common.clients import aio_channel, sync_channel
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.outbox import OutboxDispatcher, OutboxRow
+from atlasflow.common.plausibility import PopulationPrior
 from atlasflow.common.server import BuiltServer, build_server, run_until_signalled
 from atlasflow.common.settings import ServiceSettings
 from atlasflow.common.telemetry import setup_logging, setup_tracing, shutdown_tracing
@@ -32,6 +38,39 @@ from atlasflow.segmentation.triton_client import TritonSegmenter
 from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+
+class RankingPrior:
+    """The population prior ranking learned from stored labels (GetPopulationPrior), asked
+    for at most every ``refresh_s`` seconds from the worker thread; until the first answer, and
+    whenever ranking cannot be reached, the last prior known (at first the bundled one)."""
+
+    def __init__(self, target: str, refresh_s: float, max_message_bytes: int) -> None:
+        self.refresh_s = refresh_s
+        self.prior = PopulationPrior.load()
+        self.learned_cases = 0
+        self._fetched = -math.inf
+        self._channel = sync_channel(target, max_message_bytes)
+        self._stub = ranking_pb2_grpc.RankingServiceStub(self._channel)
+
+    def __call__(self) -> PopulationPrior:
+        now = time.monotonic()
+        if self.refresh_s > 0 and now - self._fetched >= self.refresh_s:
+            self._fetched = now
+            try:
+                resp = self._stub.GetPopulationPrior(ranking_pb2.GetPopulationPriorRequest(), timeout=10)
+                self.prior = PopulationPrior.from_dict(json.loads(resp.prior_json))
+                if resp.learned_cases != self.learned_cases:
+                    log.info("population prior updated", extra={"fields": {
+                        "learned_cases": resp.learned_cases, "prior_cases": self.prior.cases}})
+                self.learned_cases = resp.learned_cases
+            except (grpc.RpcError, ValueError, KeyError) as exc:
+                log.warning("population prior not refreshed; keeping the last one", extra={
+                    "fields": {"error": type(exc).__name__}})
+        return self.prior
+
+    def close(self) -> None:
+        self._channel.close()
 PREFIX = "ATLASFLOW_SEGMENTATION_"
 
 
@@ -55,6 +94,9 @@ class SegmentationSettings(ServiceSettings):
     retry_base_s: float = 2.0
     max_backoff_s: float = 60.0
     worker_poll_s: float = 1.0
+    # How often the worker asks ranking for the population prior it learned from stored
+    # human-decided labels (GetPopulationPrior); 0 = always the bundled prior.
+    prior_refresh_s: float = 300.0
 
 
 @dataclass
@@ -122,7 +164,9 @@ async def build_app(settings: SegmentationSettings, *, metrics: Metrics | None =
     dispatcher = OutboxDispatcher(jobs.conn, jobs.lock,
                                   {LABELS_TOPIC: to_labels, RANKING_TOPIC: to_ranking}, metrics)
     loop = asyncio.get_running_loop()
-    worker = Worker(jobs, blobs, dict(segmenters), metrics,
+    prior = RankingPrior(settings.ranking_target, settings.prior_refresh_s,
+                         settings.max_message_bytes)
+    worker = Worker(jobs, blobs, dict(segmenters), metrics, prior=prior,
                     members={c.version: [m.name for m in c.members] for c in configs},
                     max_attempts=settings.max_attempts, max_backoff_s=settings.max_backoff_s,
                     retry_base_s=settings.retry_base_s, poll_s=settings.worker_poll_s,
@@ -148,6 +192,7 @@ async def build_app(settings: SegmentationSettings, *, metrics: Metrics | None =
             await asyncio.to_thread(thread.join, 30)
         await labels_channel.close()
         await ranking_channel.close()
+        prior.close()
         for seg in app.segmenters.values():
             close_seg = getattr(seg, "close", None)
             if close_seg is not None:

@@ -113,11 +113,13 @@ class Worker:
                  *, members: list[str] | Mapping[str, list[str]], max_attempts: int = 8,
                  max_backoff_s: float = 60.0, retry_base_s: float = 2.0, poll_s: float = 1.0,
                  on_handoff: Callable[[], None] = lambda: None,
-                 prior: PopulationPrior | None = None) -> None:
+                 prior: PopulationPrior | Callable[[], PopulationPrior] | None = None) -> None:
         self.jobs = jobs
         self.blobs = blobs
         self.segmenter = segmenter
-        # Population statistics for the plausibility findings (bundled prior by default).
+        # Population statistics for the plausibility findings: a fixed prior, or a callable
+        # asked before every job (main.py: the prior ranking learned from stored labels);
+        # the bundled prior by default.
         self.prior = prior or PopulationPrior.load()
         self.metrics = metrics
         self.members = members
@@ -190,7 +192,8 @@ class Worker:
         pointer) that `atlasflow.common.plausibility` derives from the native-grid outputs."""
         with tracer.start_as_current_span("segmentation.findings"):
             exact = {o["organ"]: (o["attention_ml"], o["heatmap_ml"]) for o in organs}
-            findings = {f.organ: f for f in organ_findings(labels, heatmap, affine, self.prior,
+            prior = self.prior() if callable(self.prior) else self.prior
+            findings = {f.organ: f for f in organ_findings(labels, heatmap, affine, prior,
                                                            labelled, exact_ml=exact)}
         out = []
         for o in organs:

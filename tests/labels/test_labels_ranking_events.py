@@ -5,6 +5,7 @@ the liver then takes the liver's attention out of the case priority and re-ranks
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from atlasflow.cli.local import free_ports
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.nifti import to_nifti_bytes
+from atlasflow.common.plausibility import PopulationPrior
 from atlasflow.common.server import PRINCIPAL_METADATA_KEY
 from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
@@ -135,6 +137,19 @@ def test_revision_reaches_ranking_and_reranks(tmp_path: Path) -> None:
         # the organ filter no longer finds case-a by its (answered) liver
         listed = rstub.ListWorklist(ranking_pb2.ListWorklistRequest(organs=[LIVER]), timeout=10)
         assert [i.case_id for i in listed.items] == ["case-b"]
+        # the revised liver (a human decision) teaches ranking's population prior; AI organs do not
+        prior = rstub.GetPopulationPrior(ranking_pb2.GetPopulationPriorRequest(), timeout=10)
+        assert prior.learned_cases == 1
+        learned = PopulationPrior.from_dict(json.loads(prior.prior_json))
+        bundled = PopulationPrior.load()
+        assert learned.cases == bundled.cases + 1
+
+        def count(prior: PopulationPrior, organ: int) -> int:
+            run = prior.log_volume.get(organ)
+            return 0 if run is None else run.n
+
+        assert count(learned, LIVER) == count(bundled, LIVER) + 1  # the revised liver
+        assert count(learned, SPLEEN) == count(bundled, SPLEEN)    # the AI spleen: not learned
     finally:
         _stop(ranking)
         _stop(labels)

@@ -309,3 +309,45 @@ def test_record_label_version_reranks_over_grpc(server):
     fails(lambda: stub.RecordLabelVersion(pb.RecordLabelVersionRequest(
         case_id="a", label_version_id="v3", version_number=0)),
         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_LABEL_VERSION")
+
+
+def test_population_prior_learns_from_recorded_human_labels(server):
+    import json
+
+    from atlasflow.common.plausibility import PopulationPrior
+
+    stub, _, _ = server
+    bundled = PopulationPrior.load()
+    def n(prior, organ):  # type: ignore[no-untyped-def]
+        run = prior.log_volume.get(organ)
+        return 0 if run is None else run.n
+
+    kidney_n, spleen_n = n(bundled, 3), n(bundled, 8)
+    first = stub.GetPopulationPrior(pb.GetPopulationPriorRequest(), timeout=10)
+    assert first.learned_cases == 0
+    assert PopulationPrior.from_dict(json.loads(first.prior_json)).to_dict() == bundled.to_dict()
+    for i in range(3):  # three cases whose radiologists drew a 900 ml left kidney
+        stub.RecordLabelVersion(pb.RecordLabelVersionRequest(
+            case_id=f"c{i}", label_version_id=f"v{i}", version_number=2, human_decided_organs=[3, 8],
+            revised_organs=[3], human_organ_geometry=[
+                pb.OrganGeometry(organ=3, volume_ml=900.0, centroid_mm=[60.0, 10.0, 100.0]),
+                pb.OrganGeometry(organ=8, volume_ml=200.0, centroid_mm=[80.0, 30.0, 110.0], fov_cut=True)]),
+            timeout=10)
+    got = stub.GetPopulationPrior(pb.GetPopulationPriorRequest(), timeout=10)
+    learned = PopulationPrior.from_dict(json.loads(got.prior_json))
+    assert got.learned_cases == 3 and learned.cases == bundled.cases + 3
+    assert n(learned, 3) == kidney_n + 3
+    assert learned.log_volume[3].mean > (bundled.log_volume[3].mean if kidney_n else 0.0)
+    # the spleen was cut by the field of view: its volume is not learned
+    assert n(learned, 8) == spleen_n
+    # a later version without geometry replaces the case's contribution
+    stub.RecordLabelVersion(pb.RecordLabelVersionRequest(
+        case_id="c0", label_version_id="v0b", version_number=3), timeout=10)
+    assert stub.GetPopulationPrior(pb.GetPopulationPriorRequest(), timeout=10).learned_cases == 2
+    # geometry must be finite, three centroid values, organs among the human-decided ones
+    for bad in (pb.OrganGeometry(organ=5, volume_ml=1.0, centroid_mm=[0.0, 0.0]),
+                pb.OrganGeometry(organ=5, volume_ml=-1.0, centroid_mm=[0.0, 0.0, 0.0]),
+                pb.OrganGeometry(organ=4, volume_ml=1.0, centroid_mm=[0.0, 0.0, 0.0])):
+        fails(lambda: stub.RecordLabelVersion(pb.RecordLabelVersionRequest(
+            case_id="c9", label_version_id="v9", version_number=1, human_decided_organs=[5],
+            human_organ_geometry=[bad])), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_LABEL_VERSION")

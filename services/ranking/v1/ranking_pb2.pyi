@@ -218,20 +218,46 @@ class SubmitAttentionResponse(_message.Message):
     def __init__(self, item: _Optional[_Union[WorklistItem, _Mapping]] = ...) -> None: ...
 
 class RecordLabelVersionRequest(_message.Message):
-    __slots__ = ("case_id", "label_version_id", "version_number", "human_decided_organs", "revised_organs", "reviewer")
+    __slots__ = ("case_id", "label_version_id", "version_number", "human_decided_organs", "revised_organs", "reviewer", "human_organ_geometry")
     CASE_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_NUMBER_FIELD_NUMBER: _ClassVar[int]
     HUMAN_DECIDED_ORGANS_FIELD_NUMBER: _ClassVar[int]
     REVISED_ORGANS_FIELD_NUMBER: _ClassVar[int]
     REVIEWER_FIELD_NUMBER: _ClassVar[int]
+    HUMAN_ORGAN_GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     case_id: str
     label_version_id: str
     version_number: int
     human_decided_organs: _containers.RepeatedScalarFieldContainer[_common_pb2.Organ]
     revised_organs: _containers.RepeatedScalarFieldContainer[_common_pb2.Organ]
     reviewer: str
-    def __init__(self, case_id: _Optional[str] = ..., label_version_id: _Optional[str] = ..., version_number: _Optional[int] = ..., human_decided_organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ..., revised_organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ..., reviewer: _Optional[str] = ...) -> None: ...
+    human_organ_geometry: _containers.RepeatedCompositeFieldContainer[OrganGeometry]
+    def __init__(self, case_id: _Optional[str] = ..., label_version_id: _Optional[str] = ..., version_number: _Optional[int] = ..., human_decided_organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ..., revised_organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ..., reviewer: _Optional[str] = ..., human_organ_geometry: _Optional[_Iterable[_Union[OrganGeometry, _Mapping]]] = ...) -> None: ...
+
+class OrganGeometry(_message.Message):
+    __slots__ = ("organ", "volume_ml", "centroid_mm", "fov_cut")
+    ORGAN_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_ML_FIELD_NUMBER: _ClassVar[int]
+    CENTROID_MM_FIELD_NUMBER: _ClassVar[int]
+    FOV_CUT_FIELD_NUMBER: _ClassVar[int]
+    organ: _common_pb2.Organ
+    volume_ml: float
+    centroid_mm: _containers.RepeatedScalarFieldContainer[float]
+    fov_cut: bool
+    def __init__(self, organ: _Optional[_Union[_common_pb2.Organ, str]] = ..., volume_ml: _Optional[float] = ..., centroid_mm: _Optional[_Iterable[float]] = ..., fov_cut: _Optional[bool] = ...) -> None: ...
+
+class GetPopulationPriorRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetPopulationPriorResponse(_message.Message):
+    __slots__ = ("prior_json", "learned_cases")
+    PRIOR_JSON_FIELD_NUMBER: _ClassVar[int]
+    LEARNED_CASES_FIELD_NUMBER: _ClassVar[int]
+    prior_json: str
+    learned_cases: int
+    def __init__(self, prior_json: _Optional[str] = ..., learned_cases: _Optional[int] = ...) -> None: ...
 
 class RecordLabelVersionResponse(_message.Message):
     __slots__ = ("item",)

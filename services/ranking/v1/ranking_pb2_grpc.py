@@ -114,6 +114,11 @@ class RankingServiceStub:
                 request_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.RecordLabelVersionRequest.SerializeToString,
                 response_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.RecordLabelVersionResponse.FromString,
                 _registered_method=True)
+        self.GetPopulationPrior = channel.unary_unary(
+                '/atlasflow.ranking.v1.RankingService/GetPopulationPrior',
+                request_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetPopulationPriorRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetPopulationPriorResponse.FromString,
+                _registered_method=True)
 
 
 class RankingServiceServicer:
@@ -239,6 +244,16 @@ class RankingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPopulationPrior(self, request, context):
+        """Returns the population statistics of organ geometry that the plausibility findings
+        compare against: the bundled prior updated with the human-decided organs of every case's
+        latest label version recorded so far (RecordLabelVersion.human_organ_geometry). The
+        segmentation service fetches it periodically.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RankingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -301,6 +316,11 @@ def add_RankingServiceServicer_to_server(servicer, server):
                     servicer.RecordLabelVersion,
                     request_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.RecordLabelVersionRequest.FromString,
                     response_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.RecordLabelVersionResponse.SerializeToString,
+            ),
+            'GetPopulationPrior': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPopulationPrior,
+                    request_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetPopulationPriorRequest.FromString,
+                    response_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetPopulationPriorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -647,6 +667,33 @@ class RankingService:
             '/atlasflow.ranking.v1.RankingService/RecordLabelVersion',
             atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.RecordLabelVersionRequest.SerializeToString,
             atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.RecordLabelVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPopulationPrior(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atlasflow.ranking.v1.RankingService/GetPopulationPrior',
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetPopulationPriorRequest.SerializeToString,
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetPopulationPriorResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,55 @@
+"""The population prior that ranking learns from the labels stored so far (no grpc).
+
+The bundled prior (`atlasflow.common.plausibility.PopulationPrior.load()`, built from the
+bundled label maps) is updated with the human-decided organs of each case's latest label
+version, as the labels service reports them (`RecordLabelVersion.human_organ_geometry`). Only
+human decisions (radiologist revisions, original labels) teach the prior: AI labels are what
+the prior is there to check.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from atlasflow.common.plausibility import PopulationPrior
+
+
+@dataclass(frozen=True)
+class OrganSummary:
+    """The geometry `PopulationPrior.update` reads from an organ: volume (ml), centroid (RAS+
+    mm) and whether the field of view cuts the organ (first or last axial slice)."""
+
+    organ: int
+    volume_ml: float
+    centroid_mm: tuple[float, float, float]
+    fov_cut: bool
+
+    def to_list(self) -> list[object]:
+        return [self.volume_ml, *self.centroid_mm, self.fov_cut]
+
+    @classmethod
+    def from_list(cls, organ: int, raw: list[object]) -> OrganSummary:
+        v, x, y, z, cut = raw
+        return cls(int(organ), float(v), (float(x), float(y), float(z)), bool(cut))  # type: ignore[arg-type]
+
+    def valid(self) -> bool:
+        return (self.volume_ml > 0 and math.isfinite(self.volume_ml)
+                and all(math.isfinite(c) for c in self.centroid_mm))
+
+
+def learned_prior(cases: Iterable[Mapping[int, OrganSummary]],
+                  base: PopulationPrior | None = None) -> tuple[PopulationPrior, int]:
+    """(the base prior updated with each case's organ summaries, number of cases added);
+    cases without organs are skipped. `base` defaults to the bundled prior."""
+    prior = base if base is not None else PopulationPrior.load()
+    added = 0
+    for geoms in cases:
+        if geoms:
+            prior.update(geoms)  # type: ignore[arg-type]  (duck-typed OrganGeometry)
+            added += 1
+    if added:
+        prior.notes = (prior.notes + "; " if prior.notes else "") + \
+            f"updated with the human-decided organs of {added} stored case(s)"
+    return prior, added

@@ -1,0 +1,58 @@
+"""The segmentation worker's population prior comes from ranking (GetPopulationPrior on the real
+ranking gRPC server, in-process): refreshed at most every refresh_s, the bundled prior until
+ranking answers, the last one kept while ranking is unreachable."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from atlasflow.cli.local import free_ports
+from atlasflow.common.metrics import Metrics
+from atlasflow.common.plausibility import PopulationPrior
+from atlasflow.ranking.main import RankingSettings, build_ranking_server
+from atlasflow.ranking.prior import OrganSummary
+from atlasflow.ranking.worklist import SqliteWorklist
+from atlasflow.segmentation.main import RankingPrior
+
+
+@pytest.fixture()
+def ranking(tmp_path):  # type: ignore[no-untyped-def]
+    store = SqliteWorklist(tmp_path / "ranking.sqlite3")
+    loop = asyncio.new_event_loop()
+
+    async def start():  # type: ignore[no-untyped-def]
+        built = build_ranking_server(RankingSettings(grpc_port=0), store, Metrics("ranking-prior"))
+        await built.server.start()
+        await built.set_serving(True)
+        return built
+
+    built = loop.run_until_complete(start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{built.port}", store
+    asyncio.run_coroutine_threadsafe(built.stop(0), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    store.close()
+
+
+def test_prior_follows_ranking_and_survives_its_absence(ranking):  # type: ignore[no-untyped-def]
+    target, store = ranking
+    bundled = PopulationPrior.load().to_dict()
+    source = RankingPrior(target, refresh_s=3600, max_message_bytes=4 << 20)
+    assert source().to_dict() == bundled and source.learned_cases == 0
+    store.record_label_version("c1", "v1", 1, human_organs=[4], geometry=[
+        OrganSummary(4, 700.0, (-60.0, 0.0, 50.0), False)])
+    assert source().to_dict() == bundled  # cached until refresh_s has passed
+    source.refresh_s = 1e-9
+    learned = source()
+    assert source.learned_cases == 1 and learned.cases == bundled["cases"] + 1
+    source.close()
+
+    (dead,) = free_ports(1)
+    offline = RankingPrior(f"127.0.0.1:{dead}", refresh_s=1e-9, max_message_bytes=4 << 20)
+    assert offline().to_dict() == bundled  # nothing listening: the bundled prior, no exception
+    offline.close()
