@@ -4,7 +4,9 @@ varied anatomy from the bundled labels, one injected error shared by 1, 2 or 3 o
 
     .venv/bin/python benchmarks/bench_error_detection.py [--seeds 100-119] [--size-scale 1.0] [--json OUT]
 
-Tune on seeds 0-9, report on seeds 100-119 (the default). Metrics per mode:
+Tune on seeds 0-9, report on seeds 100-119 (the default) and 200-219. ``--confidence 1.0``
+simulates erring models that are as sure of their error as of true anatomy (the simulator's
+behaviour before H2; see error_sim). Metrics per mode:
 - case level (a case is erroneous when its ensemble has at least one error region): AUROC of
   the case score, precision at the top 5 % of cases (at least one case), R-precision
   (precision at R = number of erroneous cases);
@@ -72,6 +74,8 @@ def precision_at(scores: list[float], labels: list[bool], k: int) -> float:
 
 
 def tuning_prior(seeds: list[int], size_scale: float) -> PopulationPrior:
+    """The bundled prior updated with the true label maps of ``seeds`` (anatomy only: the
+    models' confidence does not enter)."""
     prior = PopulationPrior.load()
     for s in seeds:
         c = simulate_case(s, size_scale=size_scale)
@@ -79,8 +83,9 @@ def tuning_prior(seeds: list[int], size_scale: float) -> PopulationPrior:
     return prior
 
 
-def evaluate_case(seed: int, prior: PopulationPrior, size_scale: float) -> dict[str, object]:
-    c = simulate_case(seed, size_scale=size_scale)
+def evaluate_case(seed: int, prior: PopulationPrior, size_scale: float,
+                  confidence: float | None = None) -> dict[str, object]:
+    c = simulate_case(seed, size_scale=size_scale, confidence=confidence)
     vml = abs(float(np.linalg.det(c.affine[:3, :3]))) / 1000.0
     ca = case_attention({k: torch.from_numpy(v) for k, v in c.probs.items()})
     regions = case_error_regions(c, {k: r.paste("ensemble", ca.shape).numpy() for k, r in ca.organs.items()
@@ -90,6 +95,7 @@ def evaluate_case(seed: int, prior: PopulationPrior, size_scale: float) -> dict[
         err_all |= reg
     wrong_organs = {k for k, _ in regions}
     out: dict[str, object] = {"seed": seed, "error": c.error, "organ": c.organ, "shared": c.shared,
+                              "confidence": c.extra.get("confidence"),
                               "regions": len(regions), "region_ml": [round(float(r.sum()) * vml, 1) for _, r in regions]}
     for mode in MODES:
         rc = rank_case(ca, c.affine, mode=mode, prior=prior)
@@ -139,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="100-119")
     ap.add_argument("--prior-seeds", default="0-9", help="tuning seeds whose true labels update the prior")
     ap.add_argument("--size-scale", type=float, default=1.0)
+    ap.add_argument("--confidence", type=float, default=None,
+                    help="fix the erring models' confidence (1.0: errors held as surely as anatomy)")
     ap.add_argument("--json", type=Path, default=None, help="write per-case rows and the summary here")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -146,12 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     prior = tuning_prior(parse_seeds(args.prior_seeds), args.size_scale) if args.prior_seeds else PopulationPrior.load()
     rows = []
     for s in parse_seeds(args.seeds):
-        row = evaluate_case(s, prior, args.size_scale)
+        row = evaluate_case(s, prior, args.size_scale, args.confidence)
         rows.append(row)
         if args.verbose:
             print(json.dumps(row), flush=True)
     summary = summarise(rows)
-    summary["run"] = {"seeds": args.seeds, "size_scale": args.size_scale, "wall_s": round(time.perf_counter() - t0, 1)}
+    summary["run"] = {"seeds": args.seeds, "size_scale": args.size_scale, "confidence": args.confidence, "wall_s": round(time.perf_counter() - t0, 1)}
     print(json.dumps(summary))
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "cases": rows}, indent=1))

@@ -7,19 +7,44 @@ package; services may not import each other).
     .venv/bin/python benchmarks/error_sim.py --write-prior   # rebuild services/common/plausibility_prior.json
 
 Simulated case (`simulate_case`), all arrays ``(X, Y, Z)``:
-1. anatomy: a bundled label map (each organ's largest component), randomly scaled (0.85-1.15 per axis, nearest neighbour), shifted
-   (+-4 voxels) and cropped along S (field of view: 0-25 % off either end, so organs get cut);
+1. anatomy: a bundled label map (each organ's largest component), randomly scaled (0.85-1.15
+   per axis, nearest neighbour, spacing unchanged), shifted (+-4 voxels, no wrap-around) and
+   cropped along S (field of view: 0-25 % off either end, so organs get cut);
 2. errors injected into the truth for the shared part of the models (one per case, organ
-   chosen at random): leak into a neighbour, missing part, false-positive island (attached to
-   the organ by a 1-voxel bridge so that it survives the largest-component step, or detached),
-   swapped kidneys, boundary shift (3-4 voxels);
+   chosen at random): leak (a compact chunk of the neighbour, or of the surrounding fat, next
+   to a random contact point, connected to the organ), missing part, false-positive island
+   (attached to the organ by a 1-voxel bridge so that it may survive the largest-component
+   step, or detached), swapped kidneys, boundary shift (3-4 voxels);
 3. three models: each organ's soft prediction = sigmoid of a smoothed signed distance with a
-   per-model sharpness, smooth logit noise and small per-model jitter; the error is given to
-   1, 2 or all 3 models;
+   per-model sharpness (1.2-2.5 per voxel) and smooth logit noise (one field per model),
+   cut to 0 more than 4 voxels outside the mask; the error is given to 1, 2 or all 3 models,
+   which DOUBT it: where their labels are wrong, their probabilities are pulled toward 0.5,
+   ``p' = 0.5 + c (p - 0.5)``, with one confidence ``c`` per case drawn from
+   `ERROR_CONFIDENCE` (and are not cut off there);
 4. ground truth for evaluation: the ensemble's error = its mask XOR the mask of the clean
    ensemble (the same models with the same noise, without the injected error), per organ; its
-   connected components >= `MIN_REGION_ML` and >= 3 voxels thick somewhere are the error
-   regions (the models' ordinary boundary wobble is not an error); a case is erroneous when it has at least one region.
+   connected components >= `MIN_REGION_ML` that hold a voxel where the error changed the
+   decision of a majority of the models are the error regions (the models' ordinary boundary
+   wobble, and the shell by which one dissenting model tips a borderline mean, are not
+   errors); a case is erroneous when it has at least one region.
+
+Changes made while reviewing the simulator before tuning the enhanced mode (H2):
+- shift: ``np.roll`` wrapped an organ cut by the field of view around to the other end of
+  the volume (a phantom island); now a zero-filled shift.
+- leak: was the neighbour's voxels within a 3-5 voxel dilation of the organ, a thin contact
+  shell whose soft predictions stayed below 0.5 in the ensemble (e.g. a 2-of-3 postcava leak
+  left the postcava label unchanged and only removed aorta voxels); now a compact chunk
+  (radius 0.25-0.4 x the organ's cube-root size, 3-8 voxels) connected to the organ.
+- error regions: the rule "at least 3 voxels thick" (non-empty after a 3x3x3 erosion) dropped
+  real, majority-held errors of thin organs (a 2-of-3 pancreas shift of 7.8 ml, a 2-of-3
+  missing pancreas part of 2.5 ml counted as clean cases); replaced by the majority rule of
+  step 4, which removes what the thickness rule was meant to remove (one model's shell).
+- models' confidence: an erring model used to hold its error exactly as surely as true
+  anatomy (p -> 0 or 1 away from the boundary), and was cut to 0 four voxels outside its
+  wrong mask, so the uncertainty terms could never see an error. Real networks are less sure
+  where they err (not always: ``c`` near 1 keeps confident errors); ``c`` is an assumption of
+  this simulator, not a measurement, and `simulate_case(..., confidence=1.0)` restores the
+  old behaviour for comparison.
 """
 
 from __future__ import annotations
@@ -39,6 +64,10 @@ SHARED = Path(__import__("os").environ.get("ATLASFLOW_SHARED_DATA", REPO.parent 
 BUNDLED = ("example_seg_fast_force_split.nii.gz", "example_seg_dicom.nii.gz")
 ERRORS = ("leak", "missing", "island", "swap", "shift")
 MIN_REGION_ML = 1.0
+#: range of the per-case confidence with which the models that hold the error hold it (1 = as
+#: sure as of the true anatomy); `simulate_case(..., confidence=...)` overrides the draw
+ERROR_CONFIDENCE = (0.3, 1.0)
+_CUBE = np.ones((3, 3, 3), dtype=bool)
 NEIGHBOURS = {1: 7, 2: 5, 3: 8, 4: 5, 5: 4, 6: 9, 7: 1, 8: 9, 9: 8}  # organ -> a plausible leak target
 
 from atlasflow.common.organs import ORGAN_IDS, ORGANS  # noqa: E402
@@ -147,12 +176,16 @@ def _smooth_noise(shape: tuple[int, ...], rng: np.random.Generator, sigma: float
     return n * amp
 
 
-def _soft(mask: np.ndarray, noise: np.ndarray, sharp: float) -> np.ndarray:
+def _soft(mask: np.ndarray, noise: np.ndarray, sharp: float,
+          near: np.ndarray | None = None, shrink: np.ndarray | None = None) -> np.ndarray:
     """uint8 p*255 of a soft prediction of ``mask``: sigmoid(sharp * signed distance + noise)
-    (``noise``: the model's smooth logit noise field, full volume), zero more than 4 voxels
-    outside; computed on the mask's box grown by 8 voxels."""
+    (``noise``: the model's smooth logit noise field, full volume; ``sharp``: per voxel of
+    signed distance), zero more than 4 voxels outside the mask and outside ``near`` (bool,
+    full volume: where an erring model keeps its doubts); ``shrink`` (float32, full volume):
+    p is pulled toward 0.5, ``0.5 + shrink * (p - 0.5)``; computed on the box of
+    ``mask | near`` grown by 8 voxels."""
     out = np.zeros(mask.shape, dtype=np.uint8)
-    objs = ndimage.find_objects(mask.astype(np.uint8))
+    objs = ndimage.find_objects((mask | near if near is not None else mask).astype(np.uint8))
     if not objs or objs[0] is None:
         return out
     box = tuple(slice(max(0, s.start - 8), min(n, s.stop + 8)) for s, n in zip(objs[0], mask.shape))
@@ -162,7 +195,9 @@ def _soft(mask: np.ndarray, noise: np.ndarray, sharp: float) -> np.ndarray:
     sd = np.where(m, inside - 0.5, -(outside - 0.5)).astype(np.float32)
     logit = sharp * sd + noise[box]
     p = 1.0 / (1.0 + np.exp(-np.clip(logit, -30, 30)))
-    p[sd < -4] = 0.0
+    if shrink is not None:
+        p = 0.5 + shrink[box] * (p - 0.5)
+    p[(sd < -4) & ~(near[box] if near is not None else False)] = 0.0
     out[box] = np.round(p * 255).astype(np.uint8)
     return out
 
@@ -173,20 +208,29 @@ def inject(truth: np.ndarray, kind: str, organ: int, rng: np.random.Generator) -
     m = truth == organ
     info: dict[str, object] = {}
     if kind == "leak":
+        # a compact chunk of the neighbour (or of the surrounding fat) next to a random contact
+        # point, connected to the organ: what a model that confuses two organs labels
         nb = NEIGHBOURS[organ]
-        target = truth == nb
-        if not target.any():
-            target = ~m & (truth == 0)
-        grown = ndimage.binary_dilation(m, iterations=int(rng.integers(3, 6)))
-        leak = grown & target
-        if leak.sum() < 40:  # the neighbour is not adjacent: leak into the surrounding fat, one side
-            direction = rng.standard_normal(3)
-            coords = np.indices(truth.shape, dtype=np.float32)
-            proj = sum((coords[a] - np.argwhere(m)[:, a].mean()) * direction[a] for a in range(3))
-            leak = grown & (truth == 0) & (proj > 0)
-            info["into"] = "background"
-        else:
+        shell = ndimage.binary_dilation(m, structure=_CUBE) & ~m
+        contact = shell & (truth == nb)
+        if contact.sum() >= 10:
+            region = truth == nb
             info["into"] = ORGANS[nb]
+        else:  # the neighbour is not adjacent: leak into the surrounding fat
+            contact = shell & (truth == 0)
+            region = truth == 0
+            info["into"] = "background"
+        pts = np.argwhere(contact)
+        p0 = pts[int(rng.integers(0, len(pts)))]
+        r = float(np.clip(np.cbrt(m.sum()) * rng.uniform(0.25, 0.4), 3.0, 8.0))
+        box = tuple(slice(max(0, int(c - r) - 1), min(n, int(c + r) + 2)) for c, n in zip(p0, truth.shape))
+        grid = np.ogrid[box]
+        ball = np.zeros(truth.shape, dtype=bool)
+        ball[box] = sum((g - c) ** 2 for g, c in zip(grid, p0)) <= r * r
+        chunk = ball & region
+        lab_c, _ = ndimage.label(chunk | m, structure=_CUBE)
+        leak = chunk & np.isin(lab_c, np.unique(lab_c[m]))  # the part connected to the organ
+        info["leak_voxels"] = int(leak.sum())
         lab[leak] = organ
     elif kind == "missing":
         idx = np.argwhere(m)
@@ -224,7 +268,7 @@ def inject(truth: np.ndarray, kind: str, organ: int, rng: np.random.Generator) -
     elif kind == "shift":
         d = [0, 0, 0]
         d[int(rng.integers(0, 3))] = int(rng.choice([-4, -3, 3, 4]))
-        moved = np.roll(m, tuple(d), axis=(0, 1, 2))
+        moved = ndimage.shift(m.astype(np.uint8), d, order=0, mode="constant", cval=0) > 0  # no wrap-around
         lab[m & ~moved] = 0
         lab[moved & (truth == 0)] = organ
     else:
@@ -232,8 +276,11 @@ def inject(truth: np.ndarray, kind: str, organ: int, rng: np.random.Generator) -
     return lab, info
 
 
-def simulate_case(seed: int, *, size_scale: float = 1.0, error: str | None = None) -> SimCase:
-    """One case from ``seed`` (see module doc). ``size_scale`` < 1 shrinks the anatomy (tests)."""
+def simulate_case(seed: int, *, size_scale: float = 1.0, error: str | None = None,
+                  shared: int | None = None, confidence: float | None = None) -> SimCase:
+    """One case from ``seed`` (see module doc). ``size_scale`` < 1 shrinks the anatomy (tests);
+    ``error`` forces the kind, ``shared`` how many models hold it, ``confidence`` (0..1] the
+    confidence of the erring models (the random draws stay the same)."""
     rng = np.random.default_rng(seed)
     maps = bundled_label_maps()
     name, base, aff0 = maps[0] if rng.random() < 0.8 else maps[1]
@@ -245,12 +292,22 @@ def simulate_case(seed: int, *, size_scale: float = 1.0, error: str | None = Non
     if kind == "swap" and not (kl in present and kr in present):
         kind = "leak"
     organ = kl if kind == "swap" else int(rng.choice(present))
-    shared = int(rng.integers(1, 4))
+    drawn_shared = int(rng.integers(1, 4))
+    shared = drawn_shared if shared is None else int(shared)
     wrong, info = inject(truth, kind, organ, rng)
     probs: dict[int, np.ndarray] = {}
     clean: dict[int, np.ndarray] = {}
     sharp = rng.uniform(1.2, 2.5, 3)
     noise = [_smooth_noise(truth.shape, rng, 2.0, 1.2) for _ in range(3)]
+    # the models that hold the error doubt it: their probabilities are pulled toward 0.5 where
+    # their labels are wrong, p' = 0.5 + c (p - 0.5) with one confidence c per case (a smooth
+    # 1-voxel Gaussian weight at the region's edge), and not cut off there
+    drawn = float(rng.uniform(*ERROR_CONFIDENCE))
+    confidence = drawn if confidence is None else float(confidence)
+    changed = np.clip(ndimage.gaussian_filter((wrong != truth).astype(np.float32), 1.0) * 2.0, 0.0, 1.0)
+    shrink = (1.0 - (1.0 - confidence) * changed).astype(np.float32)
+    near = ndimage.binary_dilation(wrong != truth, iterations=2)
+    info["confidence"] = round(confidence, 3)
     for k in ORGANS:
         q = np.zeros((3, *truth.shape), dtype=np.uint8)
         for m in range(3):
@@ -260,7 +317,7 @@ def simulate_case(seed: int, *, size_scale: float = 1.0, error: str | None = Non
             continue
         clean[k] = q.copy()
         for m in range(shared):
-            q[m] = _soft(wrong == k, noise[m], float(sharp[m]))
+            q[m] = _soft(wrong == k, noise[m], float(sharp[m]), near, shrink)
         probs[k] = q
     return SimCase(f"sim{seed:04d}", truth, affine, probs, kind, organ, shared, {"source": name, **info}, clean)
 
@@ -268,21 +325,31 @@ def simulate_case(seed: int, *, size_scale: float = 1.0, error: str | None = Non
 # ----------------------------------------------------------------------------- evaluation helpers
 
 
-def error_regions(ensemble: np.ndarray, clean_ensemble: np.ndarray, voxel_ml: float) -> list[np.ndarray]:
+def error_regions(ensemble: np.ndarray, clean_ensemble: np.ndarray, voxel_ml: float,
+                  majority: np.ndarray | None = None) -> list[np.ndarray]:
     """The ensemble's error regions: connected components (26) of ``ensemble XOR
     clean_ensemble`` (the ensemble of the same models, same noise, without the injected error)
-    with volume >= `MIN_REGION_ML` and at least 3 voxels thick somewhere (non-empty after one
-    3x3x3 erosion). Comparing with the clean ensemble rather than the truth keeps the models'
-    ordinary boundary wobble out of the error; the thickness rule drops the one- or two-voxel
-    shells by which a single dissenting model shifts the ensemble's boundary."""
+    with volume >= `MIN_REGION_ML` that hold at least one voxel of ``majority`` (bool, voxels
+    where the injected error changed the decision ``p > 0.5`` of a majority of the models;
+    None: no such condition). Comparing with the clean ensemble rather than the truth keeps the
+    models' ordinary boundary wobble out of the error; the majority rule drops the shells by
+    which a single dissenting model tips a borderline mean over 0.5 (the ensemble's own
+    errors are where the majority errs)."""
     err = ensemble ^ clean_ensemble
-    lab, n = ndimage.label(err, structure=np.ones((3, 3, 3), dtype=bool))
+    lab, n = ndimage.label(err, structure=_CUBE)
     if n == 0:
         return []
     counts = np.bincount(lab.ravel())
-    core = np.bincount(lab[ndimage.binary_erosion(err, structure=np.ones((3, 3, 3), dtype=bool))], minlength=n + 1)
-    keep = [i for i in range(1, n + 1) if counts[i] * voxel_ml >= MIN_REGION_ML and core[i] > 0]
+    held = np.bincount(lab[majority], minlength=n + 1) if majority is not None else counts
+    keep = [i for i in range(1, n + 1) if counts[i] * voxel_ml >= MIN_REGION_ML and held[i] > 0]
     return [lab == i for i in keep]
+
+
+def changed_by_majority(probs: np.ndarray, clean_probs: np.ndarray) -> np.ndarray:
+    """Bool ``(X, Y, Z)``: voxels where the decisions ``q >= 128`` of more than half of the
+    models (uint8 ``(M, X, Y, Z)``) differ between ``probs`` and ``clean_probs``."""
+    changed = ((probs >= 128) != (clean_probs >= 128)).sum(axis=0)
+    return changed * 2 > probs.shape[0]
 
 
 def case_error_regions(c: SimCase, ensembles: dict[int, np.ndarray]) -> list[tuple[int, np.ndarray]]:
@@ -299,7 +366,8 @@ def case_error_regions(c: SimCase, ensembles: dict[int, np.ndarray]) -> list[tup
         ens = ensembles.get(k)
         if ens is None:
             ens = np.zeros(clean.shape, dtype=bool)
-        out += [(k, reg) for reg in error_regions(ens, r.paste("ensemble", clean.shape).numpy(), vml)]
+        maj = changed_by_majority(c.probs[k], c.clean_probs[k])
+        out += [(k, reg) for reg in error_regions(ens, r.paste("ensemble", clean.shape).numpy(), vml, maj)]
     return out
 
 

@@ -79,3 +79,49 @@ def test_benchmarks_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
                                       "region_sensitivity", "region_precision"}
     assert bench_err.auroc([3.0, 2.0, 1.0], [True, False, False]) == 1.0
     assert bench_err.precision_at([3.0, 2.0, 1.0], [False, True, True], 2) == 0.5
+
+
+def test_shift_does_not_wrap_an_organ_cut_by_the_field_of_view() -> None:
+    truth = np.zeros((20, 20, 20), dtype=np.uint8)
+    truth[5:12, 5:12, 14:20] = ORGAN_IDS["liver"]  # touches the last slice
+    for seed in range(12):
+        wrong, _ = error_sim.inject(truth, "shift", ORGAN_IDS["liver"], np.random.default_rng(seed))
+        assert (wrong == ORGAN_IDS["liver"]).any() and not (wrong[:, :, :8] == ORGAN_IDS["liver"]).any()
+
+
+def test_leak_is_a_compact_chunk_connected_to_the_organ() -> None:
+    from scipy import ndimage
+
+    _, labels, _ = error_sim.bundled_label_maps()[0]
+    truth = error_sim.largest_components(labels[::2, ::2, ::2].copy())
+    for organ, into in ((ORGAN_IDS["kidney_left"], "spleen"), (ORGAN_IDS["spleen"], "background")):
+        wrong, info = error_sim.inject(truth, "leak", organ, np.random.default_rng(3))
+        leak = (wrong == organ) & (truth != organ)
+        assert info["into"] == into and leak.sum() >= 10
+        assert np.all(truth[leak] == (ORGAN_IDS[into] if into != "background" else 0))
+        assert ndimage.label(wrong == organ, structure=np.ones((3, 3, 3)))[1] == 1  # one piece with the organ
+        assert ndimage.binary_erosion(leak).any()  # a chunk, not a contact shell
+
+
+def test_erring_models_doubt_their_error_and_confidence_one_restores_sure_errors() -> None:
+    doubt = error_sim.simulate_case(4, size_scale=0.6, error="missing", shared=3, confidence=0.4)
+    sure = error_sim.simulate_case(4, size_scale=0.6, error="missing", shared=3, confidence=1.0)
+    k = doubt.organ
+    region = (doubt.clean_probs[k][0] >= 230) & (doubt.probs[k][0] < 128)  # deep inside the missing part
+    assert region.any()
+    assert np.all(np.abs(doubt.probs[k][:, region].astype(int) - 128) <= 0.4 * 128 + 2)
+    assert np.median(sure.probs[k][:, region]) < 15
+
+
+def test_error_regions_need_a_majority() -> None:
+    ens = np.zeros((12, 12, 12), dtype=bool)
+    ens[2:8, 2:8, 2:8] = True
+    clean = np.zeros_like(ens)
+    maj = np.zeros_like(ens)
+    assert error_sim.error_regions(ens, clean, 0.1) and not error_sim.error_regions(ens, clean, 0.1, maj)
+    maj[4, 4, 4] = True
+    assert len(error_sim.error_regions(ens, clean, 0.1, maj)) == 1
+    assert not error_sim.error_regions(ens, clean, 0.001, maj)  # 0.216 ml < MIN_REGION_ML
+    q = np.zeros((3, 2), dtype=np.uint8)
+    q[:2, 0] = 200
+    assert list(error_sim.changed_by_majority(q, np.zeros_like(q))) == [True, False]
