@@ -354,7 +354,10 @@ class OrganResult:
     [0, 1]) / ``std_mask`` / ``entropy_mask`` / ``overlap`` on ``box`` (None when the organ is
     labelled by the source or has no support); ``contested`` (bool, on ``box``, unlabelled
     organs): voxels where the models' masked predictions take different sides of 0.5
-    (``0 < #{m: q_m >= 128} < M``).
+    (``0 < #{m: q_m >= 128} < M``); ``probs`` (uint8 ``(M, *box)``, unlabelled organs): the
+    models' soft predictions as given (before step 1's masking, which would erase the doubts
+    of a model outside its own mask), kept for the enhanced mode's confidence terms
+    (`atlasflow.common.plausibility.rank_case`).
     """
 
     organ: int
@@ -365,6 +368,7 @@ class OrganResult:
     labelled: bool
     attention: OrganAttention | None = None
     contested: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
 
     def attention_voxels(self) -> int:
         return 0 if self.attention is None else int(self.attention.attention.sum())
@@ -444,12 +448,13 @@ def case_attention(
             results[k] = OrganResult(k, None, None, None, 0, k in labelled)
             crops[k] = (None, None)
             continue
-        qc = mask_to_own_components(q[(slice(None), *box)].clone())
+        raw_crop = q[(slice(None), *box)].clone()
+        qc = mask_to_own_components(raw_crop.clone())
         del q
         raw = ensemble_raw(qc)
         ens, n = largest_component(raw)
         extra = raw & ~ens
-        results[k] = OrganResult(k, box, ens, extra, n, k in labelled)
+        results[k] = OrganResult(k, box, ens, extra, n, k in labelled, probs=None if k in labelled else raw_crop)
         crops[k] = (box, qc)
         if k in OVERLAP_PARTNERS:
             assert partner_count is not None

@@ -20,6 +20,10 @@ Checks (each yields a `Finding` with a human-readable reason and a penalty in ml
 - slice-area outliers: an axial slice whose organ area leaves the rolling mean +- 2 std of its
   neighbours (window `SLICE_WINDOW`, the reference's lung check applied to every organ);
 - overlap with other organs' masks (ml), when masks may overlap (ensemble masks, not a label map).
+
+The enhanced attention (`suspect_regions`, used by `rank_case`): compact regions where the
+outvoted models are surer than the winners, or where all models agree but doubt, plus the
+swapped kidneys; tuned on the error simulator's seeds 0-9 (benchmarks/bench_error_detection.py).
 """
 
 from __future__ import annotations
@@ -43,8 +47,6 @@ Z_VOLUME = 2.5
 Z_POSITION = 3.0
 SLICE_WINDOW = 5
 MIN_EXTRA_ML = 0.5
-MIN_CONTESTED_ML = 0.5  # enhanced attention: evidence needed per component (see `_decisive`)
-MIN_CONTESTED_FRACTION = 0.1
 PENALTY_PER_Z_ML = 20.0  # ml-equivalent per unit of z beyond the threshold (capped at 5 units)
 SWAP_PENALTY_ML = 150.0
 _CUBE = np.ones((3, 3, 3), dtype=bool)
@@ -495,32 +497,81 @@ def _rel(inner: Box, outer: Box) -> Box:
     return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))  # type: ignore[return-value]
 
 
-def _decisive(attention: np.ndarray, evidence: np.ndarray, voxel_ml: float) -> np.ndarray:
-    """Enhanced mode: keep the attention components (26-connected) holding at least
-    `MIN_CONTESTED_ML` and `MIN_CONTESTED_FRACTION` of ``evidence`` (voxels where the models'
-    decisions differ, or organs overlap). Uncertainty bands where every model takes the same
-    side of 0.5 cannot hold an ensemble error that the models disagree about; they are dropped."""
-    lab, n = ndimage.label(attention, structure=_CUBE)
+#: enhanced attention (`suspect_regions`), tuned on the simulator's seeds 0-9 (benchmarks/):
+#: "unsure" voxels have a mean model probability in this open band
+UNSURE_BAND = (0.2, 0.8)
+#: opening iterations (3x3x3) of the unsure voxels: ordinary boundary bands are thinner
+UNSURE_OPENING = 1
+#: a component whose evidence is mostly unsure agreement must also hold at least this many
+#: voxels (the ordinary boundary bands that survive the opening are a voxel-scale pattern)
+UNSURE_MIN_VOXELS = 150
+#: a suspect component must hold at least this volume (the reader's speck limit) ...
+SUSPECT_MIN_ML = 1.0
+#: ... and, where the models' decisions differ, the models outvoted there must be more sure
+#: than the ones that won by at least this much (mean of |2p - 1|, see `suspect_regions`)
+ASYMMETRY_MIN = 0.05
+#: share of a component's voxels that must be contested, or unsure with all models agreeing
+EVIDENCE_FRACTION = 0.3
+
+
+def _open(mask: np.ndarray, iterations: int) -> np.ndarray:
+    return ndimage.binary_opening(mask, structure=_CUBE, iterations=iterations) if iterations else mask
+
+
+def suspect_regions(q: np.ndarray, label: np.ndarray, voxel_ml: float) -> tuple[np.ndarray, dict[str, float]]:
+    """Enhanced attention of one organ: the compact regions where the ensemble's label is
+    likely wrong. ``q``: uint8 ``(M, X, Y, Z)`` soft predictions ``p*255`` as the models gave
+    them (a crop). Returns a bool ``(X, Y, Z)`` mask and its evidence (ml per kind).
+
+    Two kinds of evidence, each opened (3x3x3, once; `UNSURE_OPENING` times for the unsure
+    voxels) so that the boundary wobble of ordinary models drops out, then joined into 26-connected candidate components:
+
+    - contested: the models take different sides of 0.5. The ensemble follows the majority;
+      it is suspect where the outvoted models are MORE sure of their side than the winners of
+      theirs (mean ``|2p - 1|`` over the outvoted minus over the winners >= `ASYMMETRY_MIN`):
+      a model that errs alone is usually an unsure one, and two unsure models outvoting a sure
+      one is how an ensemble goes wrong;
+    - unsure agreement: every model takes the same side but the mean probability lies in
+      `UNSURE_BAND`, over a region thick enough to survive the opening: models that share an
+      error and doubt it (disagreement terms are blind there by construction).
+
+    A component is kept when at least `EVIDENCE_FRACTION` of its voxels are suspect-contested
+    voxels and it holds >= `SUSPECT_MIN_ML`, or when that share is reached with the
+    unsure-agreeing voxels and it also holds >= `UNSURE_MIN_VOXELS` (thick boundary bands of
+    unsure but right models make smaller ones)."""
+    m = q.shape[0]
+    p = q.astype(np.float32) / 255.0
+    dec = q >= 128
+    votes = dec.sum(axis=0)
+    mean = p.mean(axis=0)
+    side = np.asarray(label, dtype=bool)
+    contested = (votes > 0) & (votes < m)
+    conf = np.abs(2.0 * p - 1.0)
+    agree = dec == side[None]
+    n_agree = agree.sum(axis=0)
+    c_agree = (conf * agree).sum(axis=0) / np.maximum(n_agree, 1)
+    c_out = (conf * ~agree).sum(axis=0) / np.maximum(m - n_agree, 1)
+    suspect_c = contested & (c_out - c_agree >= ASYMMETRY_MIN)
+    unsure = ~contested & (mean > UNSURE_BAND[0]) & (mean < UNSURE_BAND[1])
+    cand = _open(contested, 1) | _open(unsure, UNSURE_OPENING)
+    lab, n = ndimage.label(cand, structure=_CUBE)
     if n == 0:
-        return attention
+        return cand, {"contested_ml": 0.0, "unsure_ml": 0.0}
     total = np.bincount(lab.ravel(), minlength=n + 1)
-    ev = np.bincount(lab[evidence], minlength=n + 1)
-    keep = (ev * voxel_ml >= MIN_CONTESTED_ML) & (ev >= MIN_CONTESTED_FRACTION * total)
+    ev_c = np.bincount(lab[suspect_c], minlength=n + 1)
+    ev_u = np.bincount(lab[unsure & cand], minlength=n + 1)
+    ml = total * voxel_ml
+    keep = (ml >= SUSPECT_MIN_ML) & (ev_c >= EVIDENCE_FRACTION * total)
+    keep |= (ml >= SUSPECT_MIN_ML) & (total >= UNSURE_MIN_VOXELS) & ((ev_c + ev_u) >= EVIDENCE_FRACTION * total)
     keep[0] = False
-    return keep[lab]
+    out = keep[lab]
+    return out, {"contested_ml": float((suspect_c & out).sum()) * voxel_ml,
+                 "unsure_ml": float((unsure & out).sum()) * voxel_ml}
 
 
-def _solid(mask: np.ndarray, voxel_ml: float) -> np.ndarray:
-    """Enhanced mode: the parts of ``mask`` (the voxels where the models' decisions differ) that
-    survive one 3x3x3 opening, in components of at least `MIN_CONTESTED_ML` * 2: where a 2-of-3
-    (or 1-of-3) error of the ensemble lies, minus the one-voxel boundary wobble."""
-    opened = ndimage.binary_opening(mask, structure=_CUBE)
-    lab, n = ndimage.label(opened, structure=_CUBE)
-    if n == 0:
-        return opened
-    keep = np.bincount(lab.ravel(), minlength=n + 1) * voxel_ml >= 2 * MIN_CONTESTED_ML
-    keep[0] = False
-    return keep[lab]
+#: findings whose region joins the enhanced attention (the others are reasons and score only:
+#: a whole organ or its dropped components are not where a label's error lies)
+ATTENTION_FINDINGS = frozenset({"SIDE_SWAP"})
 
 
 def rank_case(case: Any, affine: np.ndarray, *, mode: str = "reference",
@@ -528,10 +579,13 @@ def rank_case(case: Any, affine: np.ndarray, *, mode: str = "reference",
     """Rank one case from its reference attention (`atlasflow.common.attention.CaseAttention`).
 
     reference: the recipe's priority and organ order; organs carry the terms as reasons.
-    enhanced: keeps the attention components where the models' decisions differ or organs
-    overlap (`_decisive`), adds the solid parts of the voxels where they differ (`_solid`), and adds the plausibility findings of the ensemble masks (`assess`): the organ score is
-    its attention volume (ml) plus the findings' penalties; the attention grows by the regions
-    the findings point at (heatmap 0.5 there unless already higher); FOV cuts are reported only.
+    enhanced: the attention is `suspect_regions` of the models' soft predictions as given
+    (``OrganResult.probs``; the reference masks are not used) plus the regions of the
+    plausibility findings listed in `ATTENTION_FINDINGS` (swapped kidneys); every finding of
+    the ensemble masks (`assess`) is a reason and adds its penalty: the organ score is its
+    attention volume (ml) plus the penalties; the heatmap is the reference heatmap inside the
+    attention, at least 0.5, 0 outside; the pointer covers the attention and the regions of
+    all findings; FOV cuts are reported only.
     """
     if mode not in ("reference", "enhanced"):
         raise ValueError("mode must be 'reference' or 'enhanced'")
@@ -566,34 +620,45 @@ def rank_case(case: Any, affine: np.ndarray, *, mode: str = "reference",
             continue
         att = r.attention
         a = att.attention.cpu().numpy() if att is not None else np.zeros(r.ensemble.shape, dtype=bool)
-        if mode == "enhanced" and att is not None and r.contested is not None:
-            contested = r.contested.cpu().numpy()
-            if a.any():
-                a = _decisive(a, contested | att.overlap.cpu().numpy(), voxel_ml)
-            a = a | _solid(contested, voxel_ml)
         h = att.heatmap.cpu().numpy() if att is not None else np.zeros(a.shape, dtype=np.float32)
         reasons: list[str] = []
         name = ORGANS[k]
-        att_ml = float(a.sum()) * voxel_ml
-        if att is not None:
+        evidence: dict[str, float] = {}
+        if mode == "enhanced":
+            if r.probs is not None:
+                a, evidence = suspect_regions(r.probs.cpu().numpy(), r.ensemble.cpu().numpy(), voxel_ml)
+            else:
+                a = np.zeros(a.shape, dtype=bool)
+        if att is not None and mode == "reference":
             for what, label in (("std_mask", "std mask"), ("entropy_mask", "entropy mask"), ("overlap", "overlap")):
                 ml = float(getattr(att, what).sum()) * voxel_ml
                 if ml > 0:
                     reasons.append(f"{name}: {label} {ml:.1f} ml")
+        for what, label in (("contested_ml", "outvoted models surer than the winners"),
+                            ("unsure_ml", "models agree but doubt")):
+            if evidence.get(what, 0.0) > 0:
+                reasons.append(f"{name}: {label} {evidence[what]:.1f} ml")
         fs = findings.get(k, [])
+        look = a  # where the pointer sends the reader: the attention and every finding's region
         if fs and k in geoms:
             g = geoms[k]
-            region = finding_region(g, fs)
+            inner = _rel(g.box, r.box)
+            region = finding_region(g, [f for f in fs if f.code in ATTENTION_FINDINGS])
             if region.any():
-                a = a | region
-                h = np.maximum(h, np.where(region, np.float32(0.5), np.float32(0)))
+                a = a.copy()
+                a[inner] |= region
+            look = a.copy()
+            look[inner] |= finding_region(g, fs)
             reasons += [f.reason for f in fs]
+        if mode == "enhanced":
+            h = np.where(a, np.maximum(h, np.float32(0.5)), np.float32(0)).astype(np.float32)
+        att_ml = float(a.sum()) * voxel_ml
         heat_ml = float(h.sum(dtype=np.float64)) * voxel_ml
         if mode == "reference":
             score = float(np.floor(h * 255.0).sum())  # the reference's organ order key
         else:
             score = att_ml + sum(f.penalty_ml for f in fs)
-        box = _box_of(a)
+        box = _box_of(look)
         ptr = pointer(tuple(slice(b.start + o.start, b.stop + o.start) for b, o in zip(box, r.box)),  # type: ignore[arg-type]
                       affine, ax) if box is not None else None
         attention[k] = (r.box, a)

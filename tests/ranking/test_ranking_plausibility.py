@@ -116,3 +116,54 @@ def test_pointer_world_box_and_speed(ct: tuple[np.ndarray, np.ndarray]) -> None:
     t0 = time.perf_counter()
     organ_findings(labels, heat, affine)
     assert time.perf_counter() - t0 < 2.0
+
+
+def _ball_probs(with_error: list[bool], p_err: float) -> tuple[np.ndarray, np.ndarray]:
+    """Three models of a ball (radius 10, 40^3 grid) whose models in ``with_error`` also label a
+    6^3 block next to it, with probability ``p_err`` there; returns uint8 (3, X, Y, Z) and the
+    block."""
+    xx, yy, zz = np.mgrid[:40, :40, :40]
+    d = np.sqrt((xx - 18.0) ** 2 + (yy - 20.0) ** 2 + (zz - 20.0) ** 2) - 10.0
+    block = np.zeros((40, 40, 40), dtype=bool)
+    block[29:35, 17:23, 17:23] = True
+    q = np.zeros((3, 40, 40, 40), dtype=np.uint8)
+    for m in range(3):
+        p = 1.0 / (1.0 + np.exp(np.clip(2.0 * d, -30, 30)))
+        if with_error[m]:
+            p = np.where(block, p_err, p)
+        q[m] = np.round(p * 255).astype(np.uint8)
+    return q, block
+
+
+def _vote(q: np.ndarray) -> np.ndarray:
+    """The label as the recipe makes it here: each model masked to its own mask first, so the
+    majority of the decisions ``p > 0.5`` wins."""
+    return (q >= 128).sum(axis=0) * 2 > q.shape[0]
+
+
+def test_suspect_regions_find_doubtful_majorities_and_shared_doubt_not_a_lone_dissenter() -> None:
+    from atlasflow.common.plausibility import suspect_regions
+
+    vml = 0.027  # 3 mm voxels: the 6^3 block is 5.8 ml
+    # two doubtful models outvote a sure one: the label holds the block, and it is suspect
+    q, block = _ball_probs([True, True, False], 0.7)
+    label = _vote(q)
+    assert label[block].all()
+    att, ev = suspect_regions(q, label, vml)
+    assert att[block].mean() > 0.5 and ev["contested_ml"] > 0
+    assert not att[~ndimage.binary_dilation(block, iterations=2)].any()  # the ball's boundary is not
+    # one doubtful model outvoted by two sure ones: the label is right, nothing to look at
+    q, block = _ball_probs([True, False, False], 0.7)
+    label = _vote(q)
+    assert not label[block].any()
+    att, _ = suspect_regions(q, label, vml)
+    assert not att.any()
+    # all three share the error but doubt it (disagreement is blind): unsure agreement
+    q, block = _ball_probs([True, True, True], 0.65)
+    label = _vote(q)
+    att, ev = suspect_regions(q, label, vml)
+    assert att[block].mean() > 0.5 and ev["unsure_ml"] > 0
+    # ... and held surely by all three, it is invisible to the models' probabilities
+    q, block = _ball_probs([True, True, True], 0.99)
+    att, _ = suspect_regions(q, _vote(q), vml)
+    assert not att.any()
