@@ -1,28 +1,39 @@
 #!/usr/bin/env python
 """DEMO-ONLY: train the ``abdomen-trio-v1`` members on ONE bundled CT and save their weights.
 
-    .venv/bin/python scripts/train_demo_weights.py --out services/segmentation/weights
+    .venv/bin/python scripts/train_demo_weights.py --out services/segmentation/weights [--init DIR]
+
+(the committed files were fine-tuned with ``--init`` from the v1 files of commit 1ec7f1b; see
+``services/segmentation/weights/README.md`` for the exact commands).
 
 The weights this writes are a demonstration that the pipeline runs with trained members; they
 are fitted to a single CT (TotalSegmentator's ``example_ct.nii.gz``, 122 x 101 x 112, 3 mm,
 RAS) whose reference labels are themselves TotalSegmentator *predictions*
 (``example_seg_fast_force_split.nii.gz``) mapped to the nine AbdomenAtlas-8K organs by
-`atlasflow.labels.totalseg.totalseg_to_atlas`. They are not a clinical model and generalise
-poorly (see ``services/segmentation/weights/README.md`` for the measured figures).
+`atlasflow.labels.totalseg.totalseg_to_atlas`. They are not a clinical model; the label-driven
+augmentations below let them transfer to other series of the same kind (contrast phase, field
+of view, thin slabs) to a limited degree (see ``services/segmentation/weights/README.md`` for
+the measured figures, including the held-out bundled DICOM series, which is never used here).
 
-Training data: the model-grid image is built exactly as `EnsemblePipeline` builds it: HU
-window ``hu_window`` scaled to [0, 1] and clamped, then `pipeline.resample` onto
-`pipeline.model_grid` (RAS-aligned, ``target_spacing_mm``); the reference labels go through
-the same resampling as one-hot channels followed by an argmax (exact here: the example CT is
-already RAS at 3 mm, so both are pure copies).
+Training data: the CT in HU and the TotalSegmentator ids are put on the member's model grid
+(`pipeline.model_grid`, RAS-aligned, ``target_spacing_mm``): HU by the pipeline's
+`pipeline.resample` (outside = air), ids by nearest neighbour (exact copies here: the example
+CT is already RAS at 3 mm). Each patch is then augmented in HU and windowed exactly as the
+pipeline windows (HU window ``hu_window`` scaled to [0, 1], clamped); see `AugmentingSampler`.
 
 Per member (architecture, kwargs, activation and seed from the ensemble JSON):
 - random ``patch_size`` patches, organ-balanced (``FOREGROUND_P`` of the patches are centred
-  near a voxel of an organ picked uniformly, the rest anywhere); intensity jitter (scale,
-  shift, Gaussian noise) but NO flips: a left-right flip would swap kidney_left/kidney_right
-  and put the liver on the spleen's side;
+  near a voxel of an organ picked uniformly, the rest anywhere), augmented (`Augment`):
+  anisotropic zoom and a small rotation about z; a simulated contrast phase from per-class HU
+  offsets drawn per patch (`CONTRAST_HU`: liver, spleen, kidneys, pancreas, arteries, veins,
+  generic soft tissue) before windowing; HU noise; global scale/shift/gamma after windowing;
+  thin z-slabs placed and zero-padded exactly as MONAI's sliding window pads a series thinner
+  than the window. NO flips: a left-right flip would swap kidney_left/kidney_right and put
+  the liver on the spleen's side;
 - loss: Dice + BCE on the 9 organ channels (sigmoid members) or Dice (organs) + CE over the 10
   channels (softmax member, channel 0 = background);
+- from the member's seeded initialisation (`RECIPES`) or, with ``--init DIR``, fine-tuned from
+  ``DIR/<member>.pt`` (`FINETUNE_RECIPES`: fewer steps, lower peak learning rate);
 - AdamW, linear warm-up then cosine decay, a fixed number of steps, CPU, one intra-op
   thread (``--threads``; see `THREADS`); everything seeded (member seed for the initial weights,
   member seed + 1 for the patch sampler);
@@ -85,16 +96,63 @@ class Recipe:
     warmup: int = 20
 
 
-# Sized for ~25 min in total on one CPU thread of the shared 2-core machine (one batch of two
-# 64^3 patches: UNet ~0.35 s, SwinUNETR ~1.5 s, DynUNet ~0.7 s when not contended).
+# Sized for ~30 min wall with the three members as parallel processes on the shared 2-core
+# machine (one batch of two 64^3 patches: UNet ~0.35 s, SwinUNETR ~1.5 s, DynUNet ~0.7 s when
+# not contended, plus ~0.04 s of augmentation); the augmented task needs more steps than the
+# plain single-CT fit did (700 / 450 / 700).
 RECIPES: dict[str, Recipe] = {
-    "unet": Recipe(steps=700, batch=2, lr=3e-3),
-    "swin_unetr": Recipe(steps=450, batch=2, lr=2e-3),
-    "dynunet": Recipe(steps=700, batch=2, lr=3e-3),
+    "unet": Recipe(steps=1200, batch=2, lr=3e-3),
+    "swin_unetr": Recipe(steps=700, batch=2, lr=2e-3),
+    "dynunet": Recipe(steps=1200, batch=2, lr=3e-3),
+}
+# Fine-tuning from existing checkpoints (``--init``; how the committed v2 files were made, from
+# the v1 files of commit 1ec7f1b, which fit the training CT without augmentation): lower peak
+# learning rate, fewer steps; sized for ~25 min wall under load on the shared 2-core machine.
+FINETUNE_RECIPES: dict[str, Recipe] = {
+    "unet": Recipe(steps=600, batch=2, lr=1e-3),
+    "swin_unetr": Recipe(steps=250, batch=2, lr=7e-4),
+    "dynunet": Recipe(steps=450, batch=2, lr=1e-3),
 }
 
 
 # ----------------------------------------------------------------------------- data
+
+# HU offsets of a simulated contrast phase, drawn per patch (uniform in [low, high]) for the
+# TotalSegmentator v2 classes of the training labels. Typical portal-venous / nephrographic
+# enhancement ranges (generic CT physiology, not fitted to any evaluation series); voxels of
+# every other class with a soft-tissue HU get one generic shift per patch (`SOFT_TISSUE_*`).
+CONTRAST_HU: dict[str, tuple[tuple[int, ...], float, float]] = {
+    "liver": ((5,), 20.0, 70.0),
+    "spleen": ((1,), 30.0, 90.0),
+    "kidneys": ((2, 3), 50.0, 180.0),
+    "pancreas_adrenals": ((7, 8, 9), 30.0, 100.0),
+    "arteries": ((52, 65, 66), 80.0, 250.0),  # aorta, iliac arteries
+    "veins": ((63, 64, 67, 68), 60.0, 220.0),  # IVC, portal/splenic vein, iliac veins
+    "no_enhancement": ((4, 21), 0.0, 0.0),  # gall bladder, urinary bladder (no early enhancement)
+}
+SOFT_TISSUE_HU = (-100.0, 150.0)  # base HU range that gets the generic shift
+SOFT_TISSUE_SHIFT = (-10.0, 30.0)
+AIR_HU = -1024.0  # fill outside the volume (windowed: 0, as the pipeline's resampling)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Per-patch augmentation probabilities and ranges (see `AugmentingSampler`)."""
+
+    contrast_p: float = 0.7  # simulate a contrast phase (`CONTRAST_HU`), else native HU
+    offset_blur_vox: float = 0.75  # Gaussian sigma of the offset field (soft organ borders)
+    noise_hu: tuple[float, float] = (0.0, 20.0)  # Gaussian noise sigma (HU), drawn per patch
+    scale: tuple[float, float] = (0.85, 1.15)  # per-axis zoom (anisotropic)
+    rotate_z_deg: float = 10.0  # rotation about the S axis, +-
+    intensity_scale: tuple[float, float] = (0.9, 1.1)  # on the windowed [0, 1] image
+    intensity_shift: tuple[float, float] = (-0.05, 0.05)
+    gamma: tuple[float, float] = (0.8, 1.25)  # log-uniform
+    slab_p: float = 0.4  # thin-slab patch (random z extent, padded like the sliding window)
+    slab_vox: tuple[int, int] = (8, 64)  # slab z extent (model-grid voxels, inclusive)
+    edge_dim_p: float = 0.5  # top slab slice partly outside the series (x U(0.3, 1))
+
+
+AUGMENT = Augment()
 
 
 def window(hu: torch.Tensor, hu_window: tuple[float, float]) -> torch.Tensor:
@@ -103,69 +161,176 @@ def window(hu: torch.Tensor, hu_window: tuple[float, float]) -> torch.Tensor:
     return ((hu.to(torch.float32) - lo) / (hi - lo)).clamp_(0.0, 1.0)
 
 
-def to_model_grid(
-    volume_hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, member: MemberConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    """Native ``(X, Y, Z)`` HU volume + atlas label map (same grid, ``affine`` voxel -> RAS mm)
-    -> the member's model grid: ``(X', Y', Z')`` float32 image in [0, 1] and uint8 labels.
+def nearest_resample(labels: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: tuple[int, int, int]) -> np.ndarray:
+    """Nearest-neighbour resampling of an integer ``(X, Y, Z)`` label map onto (dst_affine,
+    dst_shape) (affines: voxel -> RAS mm); outside the source = 0. Exact copy when the grids
+    coincide up to axis flips/permutations."""
+    m = np.linalg.inv(src_affine) @ dst_affine
+    idx = np.indices(dst_shape, dtype=np.float64).reshape(3, -1)
+    src = np.rint(m[:3, :3] @ idx + m[:3, 3:4]).astype(np.int64)
+    inside = np.all((src >= 0) & (src < np.asarray(labels.shape)[:, None]), axis=0)
+    out = np.zeros(idx.shape[1], dtype=labels.dtype)
+    out[inside] = labels[tuple(src[:, inside])]
+    return out.reshape(dst_shape)
 
-    The image follows `EnsemblePipeline`'s preprocessing step for step; labels are resampled
-    as 10 one-hot channels (trilinear, the same `resample`) and arg-maxed.
+
+def to_model_grid(
+    volume_hu: np.ndarray, ts_labels: np.ndarray, affine: np.ndarray, member: MemberConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Native ``(X, Y, Z)`` HU volume + TotalSegmentator v2 label map (same grid, ``affine``
+    voxel -> RAS mm) -> the member's model grid (`pipeline.model_grid`): ``(X', Y', Z')``
+    float32 HU (trilinear `pipeline.resample`, outside = `AIR_HU`) and uint8 TotalSegmentator
+    ids (nearest).
+
+    The windowing is applied per patch after the HU augmentations (`AugmentingSampler`); on the
+    training CT (already RAS at 3 mm) both are exact copies, so windowing after resampling
+    equals the pipeline's window-then-resample.
     """
     pre = member.preprocessing
     shape = tuple(int(s) for s in volume_hu.shape)
     g_aff, g_shape = model_grid(affine, shape, pre.target_spacing_mm)  # type: ignore[arg-type]
-    image = resample(window(torch.from_numpy(np.ascontiguousarray(volume_hu)), pre.hu_window)[None], affine, g_aff, g_shape)[0]
-    onehot = F.one_hot(torch.from_numpy(labels.astype(np.int64)), NUM_ORGANS + 1).permute(3, 0, 1, 2).to(torch.float32)
-    lab = resample(onehot, affine, g_aff, g_shape).argmax(dim=0).to(torch.uint8)
-    return image.numpy(), lab.numpy()
+    shifted = torch.from_numpy(np.ascontiguousarray(volume_hu)).to(torch.float32)[None] - AIR_HU
+    hu = resample(shifted, affine, g_aff, g_shape)[0] + AIR_HU
+    return hu.numpy(), nearest_resample(ts_labels.astype(np.uint8), affine, g_aff, g_shape)
 
 
 def load_training_case(data_dir: Path = DATA_DIR) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The training CT: ``(X, Y, Z)`` int16 HU, uint8 atlas labels on the same grid, affine."""
+    """The training CT: ``(X, Y, Z)`` int16 HU, uint8 TotalSegmentator v2 ids on the same grid
+    (map with `totalseg_to_atlas`), affine."""
     ct = nib.load(str(data_dir / CT_FILE))
     seg = nib.load(str(data_dir / SEG_FILE))
     if ct.shape != seg.shape or not np.allclose(ct.affine, seg.affine, atol=1e-4):
         raise SystemExit("example CT and its segmentation are not on the same grid")
     hu = np.asarray(ct.dataobj).astype(np.int16)
-    labels = totalseg_to_atlas(np.asarray(seg.dataobj))
-    return hu, labels, np.asarray(ct.affine, dtype=np.float64)
+    ts = np.asarray(seg.dataobj).astype(np.uint8)
+    return hu, ts, np.asarray(ct.affine, dtype=np.float64)
 
 
-class PatchSampler:
-    """Organ-balanced random patches of a ``(X, Y, Z)`` image/label pair (numpy RNG, seeded)."""
+def _gauss_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of a ``(N, 1, X, Y, Z)`` tensor (radius 2 sigma, zero padding)."""
+    if sigma <= 0:
+        return x
+    r = max(1, int(math.ceil(2 * sigma)))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
+    k = k / k.sum()
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = 2 * r + 1
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+        x = F.conv3d(F.pad(x, pad, mode="replicate"), k.reshape(shape))
+    return x
 
-    def __init__(self, image: np.ndarray, labels: np.ndarray, patch: tuple[int, int, int], seed: int) -> None:
-        pad = [(0, max(0, p - s)) for p, s in zip(patch, image.shape)]
-        self.image = np.pad(image, pad)
-        self.labels = np.pad(labels, pad)
+
+class AugmentingSampler:
+    """Organ-balanced random patches of a model-grid ``(X, Y, Z)`` HU volume and its
+    TotalSegmentator ids, augmented (numpy RNG, seeded; torch ops are deterministic on CPU).
+
+    Per patch, in this order:
+    1. centre: with probability `FOREGROUND_P` near a voxel of an atlas organ drawn uniformly
+       (+- patch/4), else anywhere; the un-zoomed patch starts on a voxel and lies inside the
+       volume (centred where the volume is smaller than the patch);
+    2. geometry: per-axis zoom ``scale`` and a rotation about the S (z) axis; image trilinear
+       (outside = air), labels nearest (`grid_sample`); no flips (a left-right flip would swap
+       the kidneys and put the liver on the spleen's side);
+    3. contrast phase (probability ``contrast_p``): per-class HU offsets (`CONTRAST_HU`) and a
+       generic soft-tissue shift, as an offset field blurred by ``offset_blur_vox``, added in
+       HU; then Gaussian noise (HU);
+    4. the pipeline's HU window to [0, 1], then global scale/shift and gamma, clamped;
+    5. thin slab (probability ``slab_p``): a random z extent L in ``slab_vox`` at a random
+       position in the patch is kept and placed as MONAI's sliding window pads a volume
+       thinner than the window (constant 0, ``(64 - L) // 2`` before); labels 0 outside; the
+       top slab slice is optionally dimmed (a series edge between two model-grid points).
+    """
+
+    def __init__(self, hu: np.ndarray, ts_labels: np.ndarray, patch: tuple[int, int, int], seed: int, aug: Augment = AUGMENT) -> None:
+        self.shape = hu.shape
+        self.hu = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32) - AIR_HU)[None, None]
+        self.ts = torch.from_numpy(ts_labels.astype(np.float32))[None, None]
+        self.atlas_lut = torch.from_numpy(totalseg_to_atlas(np.arange(256)).astype(np.int64))
+        atlas = totalseg_to_atlas(ts_labels)
         self.patch = patch
+        self.aug = aug
         self.rng = np.random.default_rng(seed)
-        self.organ_voxels = {k: np.argwhere(self.labels == k) for k in range(1, NUM_ORGANS + 1)}
+        self.organ_voxels = {k: np.argwhere(atlas == k) for k in range(1, NUM_ORGANS + 1)}
         self.organs = [k for k, v in self.organ_voxels.items() if len(v)]
 
-    def _start(self) -> tuple[int, ...]:
-        shape = self.image.shape
+    def _centre(self) -> np.ndarray:
+        p = np.asarray(self.patch)
         if self.rng.random() < FOREGROUND_P:
             organ = self.organs[self.rng.integers(len(self.organs))]
             vox = self.organ_voxels[organ]
-            centre = vox[self.rng.integers(len(vox))] + self.rng.integers(-self.patch[0] // 4, self.patch[0] // 4 + 1, size=3)
-            start = centre - np.asarray(self.patch) // 2
+            centre = vox[self.rng.integers(len(vox))] + self.rng.integers(-p[0] // 4, p[0] // 4 + 1, size=3)
         else:
-            start = np.array([self.rng.integers(0, s - p + 1) for s, p in zip(shape, self.patch)])
-        return tuple(int(np.clip(st, 0, s - p)) for st, s, p in zip(start, shape, self.patch))
+            centre = np.array([self.rng.integers(0, s) for s in self.shape])
+        shape = np.asarray(self.shape)
+        # integer start (voxel-aligned when not zoomed), inside the volume; centred if smaller
+        start = np.where(shape >= p, np.clip(centre - p // 2, 0, np.maximum(shape - p, 0)), (shape - p) // 2)
+        return start.astype(np.float64) + (p - 1) / 2
 
-    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(n, 1, *patch)`` float32 image (jittered) and ``(n, *patch)`` int64 labels."""
-        xs, ys = [], []
-        for _ in range(n):
-            s = self._start()
-            sl = tuple(slice(a, a + p) for a, p in zip(s, self.patch))
-            x = self.image[sl] * self.rng.uniform(0.9, 1.1) + self.rng.uniform(-0.05, 0.05)
-            x = x + self.rng.normal(0.0, 0.01, size=x.shape)
-            xs.append(np.clip(x, 0.0, 1.0).astype(np.float32))
-            ys.append(self.labels[sl].astype(np.int64))
-        return torch.from_numpy(np.stack(xs))[:, None], torch.from_numpy(np.stack(ys))
+    def _grid(self, centre: np.ndarray) -> torch.Tensor:
+        """``(1, *patch, 3)`` grid_sample coordinates (z, y, x order, align_corners=True)."""
+        a = self.aug
+        zoom = self.rng.uniform(*a.scale, size=3)
+        t = math.radians(self.rng.uniform(-a.rotate_z_deg, a.rotate_z_deg))
+        rot = np.array([[math.cos(t), -math.sin(t), 0.0], [math.sin(t), math.cos(t), 0.0], [0.0, 0.0, 1.0]])
+        m = rot @ np.diag(zoom)
+        axes = [np.arange(n, dtype=np.float64) - (n - 1) / 2 for n in self.patch]
+        o = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # (*patch, 3)
+        src = o @ m.T + centre
+        norm = 2.0 * src / (np.asarray(self.shape, dtype=np.float64) - 1.0) - 1.0
+        return torch.from_numpy(norm[..., ::-1].astype(np.float32).copy())[None]
+
+    def _offsets(self, ts: torch.Tensor, hu: torch.Tensor) -> torch.Tensor:
+        """HU offset field of one simulated contrast phase for a ``(1, 1, *patch)`` patch."""
+        table = torch.zeros(256, dtype=torch.float32)
+        explicit = torch.zeros(256, dtype=torch.bool)
+        for ids, low, high in CONTRAST_HU.values():
+            value = float(self.rng.uniform(low, high))
+            for i in ids:
+                table[i] = value
+                explicit[i] = True
+        generic = float(self.rng.uniform(*SOFT_TISSUE_SHIFT))
+        idx = ts.to(torch.int64)
+        soft = (hu >= SOFT_TISSUE_HU[0]) & (hu <= SOFT_TISSUE_HU[1]) & ~explicit[idx]
+        offsets = table[idx] + generic * soft.to(torch.float32)
+        return _gauss_blur(offsets, self.aug.offset_blur_vox)
+
+    def sample(self, hu_window: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+        """One augmented ``patch`` float32 image in [0, 1] and its int64 atlas labels."""
+        a = self.aug
+        grid = self._grid(self._centre())
+        hu = F.grid_sample(self.hu, grid, mode="bilinear", padding_mode="zeros", align_corners=True) + AIR_HU
+        ts = F.grid_sample(self.ts, grid, mode="nearest", padding_mode="zeros", align_corners=True)
+        if self.rng.random() < a.contrast_p:
+            hu = hu + self._offsets(ts, hu)
+        sigma = self.rng.uniform(*a.noise_hu)
+        noise = self.rng.standard_normal(size=hu.shape).astype(np.float32)
+        hu = hu + sigma * torch.from_numpy(noise)
+        x = window(hu, hu_window)
+        x = x * self.rng.uniform(*a.intensity_scale) + self.rng.uniform(*a.intensity_shift)
+        gamma = math.exp(self.rng.uniform(math.log(a.gamma[0]), math.log(a.gamma[1])))
+        x = x.clamp(0.0, 1.0) ** gamma
+        img = x[0, 0].numpy()
+        lab = self.atlas_lut[ts[0, 0].to(torch.int64)].numpy()
+        if self.rng.random() < a.slab_p:
+            depth = self.patch[2]
+            n = int(self.rng.integers(a.slab_vox[0], min(a.slab_vox[1], depth) + 1))
+            z0 = int(self.rng.integers(0, depth - n + 1))
+            h = (depth - n) // 2  # monai sliding_window_inference: diff // 2 before, constant 0
+            img2 = np.zeros_like(img)
+            lab2 = np.zeros_like(lab)
+            img2[..., h : h + n] = img[..., z0 : z0 + n]
+            lab2[..., h : h + n] = lab[..., z0 : z0 + n]
+            if self.rng.random() < a.edge_dim_p:
+                img2[..., h + n - 1] *= self.rng.uniform(0.3, 1.0)
+            img, lab = img2, lab2
+        return np.ascontiguousarray(img, dtype=np.float32), np.ascontiguousarray(lab, dtype=np.int64)
+
+    def batch(self, n: int, hu_window: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(n, 1, *patch)`` float32 images and ``(n, *patch)`` int64 atlas labels."""
+        pairs = [self.sample(hu_window) for _ in range(n)]
+        return torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None], torch.from_numpy(np.stack([p[1] for p in pairs]))
 
 
 # ----------------------------------------------------------------------------- training
@@ -239,18 +404,30 @@ def half_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).clone() for k, v in net.state_dict().items()}
 
 
-def train_member(member: MemberConfig, recipe: Recipe, image: np.ndarray, labels: np.ndarray) -> tuple[torch.nn.Module, dict]:
-    """Train one member from its seeded initialisation; returns the net (eval mode) and a record."""
+def train_member(
+    member: MemberConfig,
+    recipe: Recipe,
+    hu: np.ndarray,
+    ts_labels: np.ndarray,
+    aug: Augment = AUGMENT,
+    init: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.nn.Module, dict]:
+    """Train one member from its seeded initialisation (or from the ``init`` state_dict) on the
+    model-grid ``(X', Y', Z')`` HU volume and TotalSegmentator ids (`to_model_grid`); returns
+    the net (eval mode) and a record."""
     torch.manual_seed(member.seed)
-    net = build_member(member).train()
-    sampler = PatchSampler(image, labels, member.preprocessing.patch_size, seed=member.seed + 1)
+    net = build_member(member)
+    if init is not None:
+        net.load_state_dict(init)  # float16 tensors are cast into the float32 parameters
+    net.train()
+    sampler = AugmentingSampler(hu, ts_labels, member.preprocessing.patch_size, seed=member.seed + 1, aug=aug)
     opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     losses: list[float] = []
     t0 = time.perf_counter()
     for step in range(recipe.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, recipe)
-        x, y = sampler.batch(recipe.batch)
+        x, y = sampler.batch(recipe.batch, member.preprocessing.hu_window)
         loss = member_loss(net(x), y, member.activation)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -283,6 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--members", default=",".join(RECIPES), help="comma-separated member names")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every recipe's steps (smoke runs)")
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    ap.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="fine-tune from <INIT>/<member>.pt (FINETUNE_RECIPES) instead of training from scratch (RECIPES)",
+    )
     ap.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads")
     args = ap.parse_args(argv)
 
@@ -292,26 +475,38 @@ def main(argv: list[str] | None = None) -> int:
     members = {m.name: m for m in cfg.members}
     if unknown := sorted(set(wanted) - set(members)):
         raise SystemExit(f"unknown members {unknown}; ensemble has {sorted(members)}")
-    hu, ref, affine = load_training_case(args.data_dir)
+    hu_native, ts_native, affine = load_training_case(args.data_dir)
     args.out.mkdir(parents=True, exist_ok=True)
     common = {
             "demo_only": True,
             "ensemble": ENSEMBLE,
             "training_ct": f"TotalSegmentator tests/reference_files/{CT_FILE}",
             "reference_labels": f"{SEG_FILE} (TotalSegmentator predictions) -> totalseg_to_atlas",
+            "contrast_hu": {k: {"totalseg_ids": list(ids), "low": lo, "high": hi} for k, (ids, lo, hi) in CONTRAST_HU.items()},
+            "soft_tissue_hu": {"range": list(SOFT_TISSUE_HU), "shift": list(SOFT_TISSUE_SHIFT)},
             "threads": args.threads,
             "torch": torch.__version__,
             "monai": monai.__version__,
             "python": platform.python_version(),
-            "command": "python scripts/train_demo_weights.py --out services/segmentation/weights",
+            "command": "python scripts/train_demo_weights.py --out services/segmentation/weights" + (f" --init {args.init}" if args.init is not None else ""),
     }
     for name in wanted:
         member = members[name]
-        base = RECIPES[name]
+        base = (FINETUNE_RECIPES if args.init is not None else RECIPES)[name]
+        init = None
+        init_record: dict = {"init": "seeded (from scratch)"}
+        if args.init is not None:
+            init_path = args.init / f"{name}.pt"
+            init_blob = init_path.read_bytes()
+            init = torch.load(init_path, map_location="cpu", weights_only=True)
+            init_record = {"init": f"fine-tuned from {init_path.name}", "init_sha256": hashlib.sha256(init_blob).hexdigest()}
         recipe = Recipe(**{**asdict(base), "steps": max(1, round(base.steps * args.steps_scale))})
-        image, labels = to_model_grid(hu, ref, affine, member)
+        hu, ts = to_model_grid(hu_native, ts_native, affine, member)
+        image = window(torch.from_numpy(hu), member.preprocessing.hu_window).numpy()
+        labels = totalseg_to_atlas(ts)
         print(f"{name}: {member.architecture} seed {member.seed}, {recipe}", flush=True)
-        net, record = train_member(member, recipe, image, labels)
+        net, record = train_member(member, recipe, hu, ts, init=init)
+        record.update(init_record)
         t = time.perf_counter()
         pred = member_probs(net, member, image)
         # member-level label map on the model grid: >0.5, ties to the most probable organ
@@ -331,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seed_init": member.seed,
                 "seed_sampler": member.seed + 1,
                 "recipe": asdict(recipe),
+                "augment": asdict(AUGMENT),
                 "parameters": sum(p.numel() for p in net.parameters()),
             }
         )

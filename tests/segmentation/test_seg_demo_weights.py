@@ -4,8 +4,12 @@ through the real `EnsemblePipeline`:
 - on their training CT (TotalSegmentator example_ct.nii.gz) the ensemble reaches Dice >= 0.85
   for liver, spleen and both kidneys against the reference labels (TotalSegmentator
   predictions mapped by `totalseg_to_atlas`), computed on the CT's native grid;
-- on the other bundled abdominal series (example_ct_dicom, assembled by the ingest code) the
-  held-out Dice against example_seg_dicom.nii.gz is printed, without a threshold;
+- on the other bundled abdominal series (example_ct_dicom, assembled by the ingest code:
+  portal-venous contrast, 500 mm field of view, 20 slices) the held-out Dice against
+  example_seg_dicom.nii.gz is printed; the only assertion is that the ensemble finds at least
+  one of the organs present there (Dice > 0), i.e. not the empty output of the v1 weights,
+  which were trained without augmentation (no Dice threshold: that series is never used for
+  training or tuning);
 - the whole-ensemble time on the example CT is printed (not asserted: shared CI machines vary).
 """
 
@@ -105,3 +109,4 @@ def test_held_out_dicom_series_dice(pipeline: EnsemblePipeline) -> None:
     print(_table("HELD-OUT Dice (example_ct_dicom vs example_seg_dicom, no threshold):", dice, present))
     mean = np.mean([dice.get(k, 0.0) for k in sorted(present)])
     print(f"  mean over the {len(present)} organs present: {mean:.3f}")
+    assert max(dice.get(k, 0.0) for k in present) > 0.0, "held-out series: no present organ found at all"
