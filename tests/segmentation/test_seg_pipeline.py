@@ -79,10 +79,15 @@ def test_all_labelled_means_no_heatmap(pipeline: EnsemblePipeline, oblique_resul
 
 
 def test_reorientation_round_trips_exactly(pipeline: EnsemblePipeline) -> None:
-    """Same physical image stored RAS and stored as LPS with axes permuted: identical results."""
-    ras = _phantom((30, 28, 22), seed=3)
-    aff = np.diag([3.0, 3.0, 3.0, 1.0])
-    aff[:3, 3] = [-40.0, -30.0, 10.0]
+    """Same physical image stored RAS and stored as LPS with axes permuted: identical results.
+    The image: the real upper-abdomen CT slab TotalSegmentator ships (example_ct_sm, RAS, 3 mm)."""
+    import nibabel as nib
+    from conftest import SHARED_DATA
+
+    img = nib.load(SHARED_DATA / "totalsegmentator/tests/reference_files/example_ct_sm.nii.gz")
+    ras = np.asanyarray(img.dataobj).astype(np.int16)
+    aff = img.affine
+    assert nib.aff2axcodes(aff) == ("R", "A", "S")
     a = pipeline(ras, aff)
     assert a.labels.any() and a.heatmap.any()  # non-trivial output, so equality below means something
     # stored axes (Y, X, Z) with X and Y reversed: stored[i, j, k] = ras[n0-1-j, n1-1-i, k]
