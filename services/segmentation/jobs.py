@@ -21,6 +21,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,8 +96,15 @@ class JobStore:
         self.conn = db.connect(Path(data_dir) / "segmentation.sqlite3")
         db.migrate(self.conn, MIGRATIONS)
         self.lock = threading.Lock()
+        # Called with a job id after every committed change of that job (any thread); e.g. the
+        # servicer's WaitSegmentationJob wakes its waiters. Listeners must not block.
+        self.listeners: list[Callable[[str], None]] = []
         with self.lock, db.transaction(self.conn):
             self.conn.execute("UPDATE jobs SET state = 'QUEUED', stage = '' WHERE state = 'RUNNING'")
+
+    def _changed(self, job_id: str) -> None:
+        for listener in self.listeners:
+            listener(job_id)
 
     def close(self) -> None:
         with self.lock:
@@ -158,6 +166,7 @@ class JobStore:
                 " attempts = attempts + 1, update_time = ? WHERE job_id = ?",
                 (time.time(), r["job_id"]))
             r = self.conn.execute("SELECT * FROM jobs WHERE job_id = ?", (r["job_id"],)).fetchone()
+        self._changed(r["job_id"])
         return _job(r)
 
     def progress(self, job_id: str, stage: str, fraction: float) -> None:
@@ -165,6 +174,7 @@ class JobStore:
             self.conn.execute(
                 "UPDATE jobs SET stage = ?, fraction = ?, update_time = ? WHERE job_id = ?"
                 " AND state = 'RUNNING'", (stage, fraction, time.time(), job_id))
+        self._changed(job_id)
 
     def retry_later(self, job_id: str, reason: str, delay_s: float) -> None:
         """RUNNING -> QUEUED, due in ``delay_s`` seconds (CANCELLED if a cancel was requested)."""
@@ -174,6 +184,7 @@ class JobStore:
                 " stage = '', fraction = 0, error_reason = ?, next_attempt_at = ?, update_time = ?"
                 " WHERE job_id = ? AND state = 'RUNNING'",
                 (reason, time.time() + delay_s, time.time(), job_id))
+        self._changed(job_id)
 
     def fail(self, job_id: str, reason: str) -> None:
         """-> FAILED with ``reason`` (CANCELLED instead if a cancel was requested)."""
@@ -182,6 +193,7 @@ class JobStore:
                 "UPDATE jobs SET state = CASE WHEN cancel_requested THEN 'CANCELLED' ELSE 'FAILED' END,"
                 " error_reason = ?, update_time = ? WHERE job_id = ? AND state IN ('RUNNING', 'QUEUED')",
                 (reason, time.time(), job_id))
+        self._changed(job_id)
 
     def cancel_if_requested(self, job_id: str) -> bool:
         """RUNNING job with a pending cancel -> CANCELLED; True if it was cancelled."""
@@ -189,7 +201,10 @@ class JobStore:
             cur = self.conn.execute(
                 "UPDATE jobs SET state = 'CANCELLED', update_time = ? WHERE job_id = ?"
                 " AND state = 'RUNNING' AND cancel_requested = 1", (time.time(), job_id))
-            return cur.rowcount > 0
+            cancelled = cur.rowcount > 0
+        if cancelled:
+            self._changed(job_id)
+        return cancelled
 
     def cancel(self, job_id: str) -> Job:
         with self.lock, db.transaction(self.conn):
@@ -199,6 +214,7 @@ class JobStore:
             self.conn.execute(
                 "UPDATE jobs SET cancel_requested = 1, update_time = ? WHERE job_id = ?"
                 " AND state = 'RUNNING'", (time.time(), job_id))
+        self._changed(job_id)
         return self.get(job_id)
 
     def succeed(self, job_id: str, result: dict,
@@ -212,14 +228,17 @@ class JobStore:
             if r is not None and r["cancel_requested"]:
                 self.conn.execute("UPDATE jobs SET state = 'CANCELLED', update_time = ?"
                                   " WHERE job_id = ?", (now, job_id))
-                return False
-            self.conn.execute(
-                "UPDATE jobs SET state = 'SUCCEEDED', stage = 'HANDOFF', fraction = 1,"
-                " result_json = ?, error_reason = '', update_time = ? WHERE job_id = ?"
-                " AND state = 'RUNNING'", (json.dumps(result), now, job_id))
-            for topic, key, payload in handoffs:
-                enqueue(self.conn, topic, key, payload, traceparent)
-        return True
+                cancelled = True
+            else:
+                cancelled = False
+                self.conn.execute(
+                    "UPDATE jobs SET state = 'SUCCEEDED', stage = 'HANDOFF', fraction = 1,"
+                    " result_json = ?, error_reason = '', update_time = ? WHERE job_id = ?"
+                    " AND state = 'RUNNING'", (json.dumps(result), now, job_id))
+                for topic, key, payload in handoffs:
+                    enqueue(self.conn, topic, key, payload, traceparent)
+        self._changed(job_id)
+        return not cancelled
 
     def queued_count(self) -> int:
         with self.lock:

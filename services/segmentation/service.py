@@ -3,6 +3,7 @@ and runs inside Triton)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -265,6 +266,13 @@ class Worker:
             self.on_handoff()
 
 
+WAIT_DEFAULT_S = 60.0
+WAIT_MAX_S = 600.0
+# WaitSegmentationJob re-reads the job at least this often even without a change notice.
+WAIT_RECHECK_S = 2.0
+DONE_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
 class SegmentationServicer(segmentation_pb2_grpc.SegmentationServiceServicer):
     def __init__(self, jobs: JobStore, blobs: BlobStore, worker: Worker,
                  ensembles: list[str]) -> None:
@@ -272,6 +280,42 @@ class SegmentationServicer(segmentation_pb2_grpc.SegmentationServiceServicer):
         self.blobs = blobs
         self.worker = worker
         self.ensembles = ensembles
+        # WaitSegmentationJob: one event per waited-on job, set (in the server's loop) when the
+        # job store reports a change of that job.
+        self._waits: dict[str, asyncio.Event] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        jobs.listeners.append(self._job_changed)
+
+    def _job_changed(self, job_id: str) -> None:  # any thread
+        loop = self._loop
+        if loop is not None and job_id in self._waits:
+            loop.call_soon_threadsafe(self._wake_waiters, job_id)
+
+    def _wake_waiters(self, job_id: str) -> None:
+        event = self._waits.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    async def WaitSegmentationJob(self, request, context):  # type: ignore[no-untyped-def]
+        timeout = (request.timeout.ToTimedelta().total_seconds()
+                   if request.HasField("timeout") else WAIT_DEFAULT_S)
+        if timeout < 0:
+            raise InvalidArgument("INVALID_TIMEOUT", "timeout must be >= 0", domain=DOMAIN)
+        self._loop = asyncio.get_running_loop()
+        deadline = self._loop.time() + min(timeout, WAIT_MAX_S)
+        while True:
+            # Register before reading, so a change between the read and the wait is not missed.
+            event = self._waits.setdefault(request.job_id, asyncio.Event())
+            job = await asyncio.to_thread(self.jobs.get, request.job_id)
+            left = deadline - self._loop.time()
+            if job.state in DONE_STATES or left <= 0:
+                if self._waits.get(request.job_id) is event and not event.is_set():
+                    del self._waits[request.job_id]  # (another waiter re-checks within 2 s)
+                return segmentation_pb2.WaitSegmentationJobResponse(job=job_to_proto(job))
+            try:
+                await asyncio.wait_for(event.wait(), min(left, WAIT_RECHECK_S))
+            except asyncio.TimeoutError:
+                pass
 
     async def SegmentSeries(self, request: segmentation_pb2.SegmentSeriesRequest,
                             context: grpc.aio.ServicerContext) -> segmentation_pb2.SegmentSeriesResponse:

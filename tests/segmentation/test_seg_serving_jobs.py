@@ -228,3 +228,43 @@ def test_cancel_queued_and_running(stack: SimpleNamespace) -> None:
     assert q.state == S.OPERATION_STATE_CANCELLED and q.attempts == 0
     terminal = stack.app.stub.CancelSegmentationJob(pb.CancelSegmentationJobRequest(job_id=running.job_id)).job
     assert terminal.state == S.OPERATION_STATE_CANCELLED
+
+
+def test_wait_returns_when_the_job_is_done_not_before(stack: SimpleNamespace,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """WaitSegmentationJob: a short timeout returns the still-running job; a long one returns
+    as soon as the job succeeds, woken by the job store (the periodic re-check is pushed out to
+    60 s here, so only the wake-up can end the wait in time)."""
+    from google.protobuf import duration_pb2
+
+    import atlasflow.segmentation.service as service
+
+    monkeypatch.setattr(service, "WAIT_RECHECK_S", 60.0)
+    stack.ensure_triton()
+    gated = stack.gated[A]
+    gated.gate.clear()
+    gated.entered.clear()
+    try:
+        job = stack.app.stub.SegmentSeries(_request(stack, "ser-wait")).job
+        assert gated.entered.wait(30)
+        t0 = time.monotonic()
+        early = stack.app.stub.WaitSegmentationJob(pb.WaitSegmentationJobRequest(
+            job_id=job.job_id, timeout=duration_pb2.Duration(nanos=300_000_000))).job
+        assert early.state == S.OPERATION_STATE_RUNNING and 0.25 < time.monotonic() - t0 < 5
+        opener = threading.Timer(0.5, gated.gate.set)
+        opener.start()
+        t0 = time.monotonic()
+        done = stack.app.stub.WaitSegmentationJob(pb.WaitSegmentationJobRequest(
+            job_id=job.job_id, timeout=duration_pb2.Duration(seconds=60))).job
+        waited = time.monotonic() - t0
+    finally:
+        gated.gate.set()
+    assert done.state == S.OPERATION_STATE_SUCCEEDED and done.HasField("result")
+    assert waited < 20
+    # a done job returns at once; an unknown one is NOT_FOUND
+    t0 = time.monotonic()
+    again = stack.app.stub.WaitSegmentationJob(pb.WaitSegmentationJobRequest(job_id=job.job_id)).job
+    assert again.state == S.OPERATION_STATE_SUCCEEDED and time.monotonic() - t0 < 1
+    with pytest.raises(grpc.RpcError) as err:
+        stack.app.stub.WaitSegmentationJob(pb.WaitSegmentationJobRequest(job_id="seg-nope"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -23,42 +23,47 @@ _sym_db = _symbol_database.Default()
 
 
 from atlasflow.common.v1 import common_pb2 as atlasflow_dot_common_dot_v1_dot_common__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,atlasflow/segmentation/v1/segmentation.proto\x12\x19\x61tlasflow.segmentation.v1\x1a atlasflow/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x92\x01\n\x0fOrganStatistics\x12)\n\x05organ\x18\x01 \x01(\x0e\x32\x1a.atlasflow.common.v1.Organ\x12\x11\n\tvolume_ml\x18\x02 \x01(\x01\x12\x14\n\x0c\x61ttention_ml\x18\x03 \x01(\x01\x12\x12\n\nheatmap_ml\x18\x04 \x01(\x01\x12\x17\n\x0f\x63omponent_count\x18\x05 \x01(\x05\"\\\n\x14SegmentationProgress\x12\x32\n\x05stage\x18\x01 \x01(\x0e\x32#.atlasflow.segmentation.v1.JobStage\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\"\xf5\x01\n\x12SegmentationResult\x12/\n\tlabel_map\x18\x01 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRef\x12-\n\x07heatmap\x18\x02 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRef\x12:\n\x06organs\x18\x03 \x03(\x0b\x32*.atlasflow.segmentation.v1.OrganStatistics\x12\x0f\n\x07members\x18\x04 \x03(\t\x12\x17\n\x0fweights_trained\x18\x05 \x01(\x08\x12\x19\n\x11inference_seconds\x18\x06 \x01(\x01\"\xee\x03\n\x0fSegmentationJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\t\x12\x11\n\tseries_id\x18\x03 \x01(\t\x12\x16\n\x0eseries_version\x18\x04 \x01(\x05\x12\x18\n\x10\x65nsemble_version\x18\x05 \x01(\t\x12\x32\n\x05state\x18\x06 \x01(\x0e\x32#.atlasflow.common.v1.OperationState\x12\x41\n\x08progress\x18\x07 \x01(\x0b\x32/.atlasflow.segmentation.v1.SegmentationProgress\x12=\n\x06result\x18\x08 \x01(\x0b\x32-.atlasflow.segmentation.v1.SegmentationResult\x12\x14\n\x0c\x65rror_reason\x18\t \x01(\t\x12\x10\n\x08\x61ttempts\x18\n \x01(\x05\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11next_attempt_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcf\x01\n\x14SegmentSeriesRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x11\n\tseries_id\x18\x02 \x01(\t\x12\x16\n\x0eseries_version\x18\x03 \x01(\x05\x12,\n\x06volume\x18\x04 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRef\x12\x18\n\x10\x65nsemble_version\x18\x05 \x01(\t\x12\x33\n\x0flabelled_organs\x18\x06 \x03(\x0e\x32\x1a.atlasflow.common.v1.Organ\"P\n\x15SegmentSeriesResponse\x12\x37\n\x03job\x18\x01 \x01(\x0b\x32*.atlasflow.segmentation.v1.SegmentationJob\"+\n\x19GetSegmentationJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"U\n\x1aGetSegmentationJobResponse\x12\x37\n\x03job\x18\x01 \x01(\x0b\x32*.atlasflow.segmentation.v1.SegmentationJob\"U\n\x1bListSegmentationJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x03 \x01(\t\"q\n\x1cListSegmentationJobsResponse\x12\x38\n\x04jobs\x18\x01 \x03(\x0b\x32*.atlasflow.segmentation.v1.SegmentationJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\".\n\x1c\x43\x61ncelSegmentationJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"X\n\x1d\x43\x61ncelSegmentationJobResponse\x12\x37\n\x03job\x18\x01 \x01(\x0b\x32*.atlasflow.segmentation.v1.SegmentationJob*\x8a\x01\n\x08JobStage\x12\x19\n\x15JOB_STAGE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STAGE_LOADING\x10\x01\x12\x17\n\x13JOB_STAGE_INFERENCE\x10\x02\x12\x1c\n\x18JOB_STAGE_POSTPROCESSING\x10\x03\x12\x15\n\x11JOB_STAGE_HANDOFF\x10\x04\x32\xa4\x04\n\x13SegmentationService\x12r\n\rSegmentSeries\x12/.atlasflow.segmentation.v1.SegmentSeriesRequest\x1a\x30.atlasflow.segmentation.v1.SegmentSeriesResponse\x12\x81\x01\n\x12GetSegmentationJob\x12\x34.atlasflow.segmentation.v1.GetSegmentationJobRequest\x1a\x35.atlasflow.segmentation.v1.GetSegmentationJobResponse\x12\x87\x01\n\x14ListSegmentationJobs\x12\x36.atlasflow.segmentation.v1.ListSegmentationJobsRequest\x1a\x37.atlasflow.segmentation.v1.ListSegmentationJobsResponse\x12\x8a\x01\n\x15\x43\x61ncelSegmentationJob\x12\x37.atlasflow.segmentation.v1.CancelSegmentationJobRequest\x1a\x38.atlasflow.segmentation.v1.CancelSegmentationJobResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,atlasflow/segmentation/v1/segmentation.proto\x12\x19\x61tlasflow.segmentation.v1\x1a atlasflow/common/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x92\x01\n\x0fOrganStatistics\x12)\n\x05organ\x18\x01 \x01(\x0e\x32\x1a.atlasflow.common.v1.Organ\x12\x11\n\tvolume_ml\x18\x02 \x01(\x01\x12\x14\n\x0c\x61ttention_ml\x18\x03 \x01(\x01\x12\x12\n\nheatmap_ml\x18\x04 \x01(\x01\x12\x17\n\x0f\x63omponent_count\x18\x05 \x01(\x05\"\\\n\x14SegmentationProgress\x12\x32\n\x05stage\x18\x01 \x01(\x0e\x32#.atlasflow.segmentation.v1.JobStage\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\"\xf5\x01\n\x12SegmentationResult\x12/\n\tlabel_map\x18\x01 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRef\x12-\n\x07heatmap\x18\x02 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRef\x12:\n\x06organs\x18\x03 \x03(\x0b\x32*.atlasflow.segmentation.v1.OrganStatistics\x12\x0f\n\x07members\x18\x04 \x03(\t\x12\x17\n\x0fweights_trained\x18\x05 \x01(\x08\x12\x19\n\x11inference_seconds\x18\x06 \x01(\x01\"\xee\x03\n\x0fSegmentationJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\t\x12\x11\n\tseries_id\x18\x03 \x01(\t\x12\x16\n\x0eseries_version\x18\x04 \x01(\x05\x12\x18\n\x10\x65nsemble_version\x18\x05 \x01(\t\x12\x32\n\x05state\x18\x06 \x01(\x0e\x32#.atlasflow.common.v1.OperationState\x12\x41\n\x08progress\x18\x07 \x01(\x0b\x32/.atlasflow.segmentation.v1.SegmentationProgress\x12=\n\x06result\x18\x08 \x01(\x0b\x32-.atlasflow.segmentation.v1.SegmentationResult\x12\x14\n\x0c\x65rror_reason\x18\t \x01(\t\x12\x10\n\x08\x61ttempts\x18\n \x01(\x05\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11next_attempt_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcf\x01\n\x14SegmentSeriesRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x11\n\tseries_id\x18\x02 \x01(\t\x12\x16\n\x0eseries_version\x18\x03 \x01(\x05\x12,\n\x06volume\x18\x04 \x01(\x0b\x32\x1c.atlasflow.common.v1.BlobRef\x12\x18\n\x10\x65nsemble_version\x18\x05 \x01(\t\x12\x33\n\x0flabelled_organs\x18\x06 \x03(\x0e\x32\x1a.atlasflow.common.v1.Organ\"P\n\x15SegmentSeriesResponse\x12\x37\n\x03job\x18\x01 \x01(\x0b\x32*.atlasflow.segmentation.v1.SegmentationJob\"+\n\x19GetSegmentationJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"U\n\x1aGetSegmentationJobResponse\x12\x37\n\x03job\x18\x01 \x01(\x0b\x32*.atlasflow.segmentation.v1.SegmentationJob\"U\n\x1bListSegmentationJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x03 \x01(\t\"q\n\x1cListSegmentationJobsResponse\x12\x38\n\x04jobs\x18\x01 \x03(\x0b\x32*.atlasflow.segmentation.v1.SegmentationJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\".\n\x1c\x43\x61ncelSegmentationJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"X\n\x1d\x43\x61ncelSegmentationJobResponse\x12\x37\n\x03job\x18\x01 \x01(\x0b\x32*.atlasflow.segmentation.v1.SegmentationJob\"X\n\x1aWaitSegmentationJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"V\n\x1bWaitSegmentationJobResponse\x12\x37\n\x03job\x18\x01 \x01(\x0b\x32*.atlasflow.segmentation.v1.SegmentationJob*\x8a\x01\n\x08JobStage\x12\x19\n\x15JOB_STAGE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STAGE_LOADING\x10\x01\x12\x17\n\x13JOB_STAGE_INFERENCE\x10\x02\x12\x1c\n\x18JOB_STAGE_POSTPROCESSING\x10\x03\x12\x15\n\x11JOB_STAGE_HANDOFF\x10\x04\x32\xab\x05\n\x13SegmentationService\x12r\n\rSegmentSeries\x12/.atlasflow.segmentation.v1.SegmentSeriesRequest\x1a\x30.atlasflow.segmentation.v1.SegmentSeriesResponse\x12\x81\x01\n\x12GetSegmentationJob\x12\x34.atlasflow.segmentation.v1.GetSegmentationJobRequest\x1a\x35.atlasflow.segmentation.v1.GetSegmentationJobResponse\x12\x87\x01\n\x14ListSegmentationJobs\x12\x36.atlasflow.segmentation.v1.ListSegmentationJobsRequest\x1a\x37.atlasflow.segmentation.v1.ListSegmentationJobsResponse\x12\x8a\x01\n\x15\x43\x61ncelSegmentationJob\x12\x37.atlasflow.segmentation.v1.CancelSegmentationJobRequest\x1a\x38.atlasflow.segmentation.v1.CancelSegmentationJobResponse\x12\x84\x01\n\x13WaitSegmentationJob\x12\x35.atlasflow.segmentation.v1.WaitSegmentationJobRequest\x1a\x36.atlasflow.segmentation.v1.WaitSegmentationJobResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'atlasflow.segmentation.v1.segmentation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTAGE']._serialized_start=1895
-  _globals['_JOBSTAGE']._serialized_end=2033
-  _globals['_ORGANSTATISTICS']._serialized_start=143
-  _globals['_ORGANSTATISTICS']._serialized_end=289
-  _globals['_SEGMENTATIONPROGRESS']._serialized_start=291
-  _globals['_SEGMENTATIONPROGRESS']._serialized_end=383
-  _globals['_SEGMENTATIONRESULT']._serialized_start=386
-  _globals['_SEGMENTATIONRESULT']._serialized_end=631
-  _globals['_SEGMENTATIONJOB']._serialized_start=634
-  _globals['_SEGMENTATIONJOB']._serialized_end=1128
-  _globals['_SEGMENTSERIESREQUEST']._serialized_start=1131
-  _globals['_SEGMENTSERIESREQUEST']._serialized_end=1338
-  _globals['_SEGMENTSERIESRESPONSE']._serialized_start=1340
-  _globals['_SEGMENTSERIESRESPONSE']._serialized_end=1420
-  _globals['_GETSEGMENTATIONJOBREQUEST']._serialized_start=1422
-  _globals['_GETSEGMENTATIONJOBREQUEST']._serialized_end=1465
-  _globals['_GETSEGMENTATIONJOBRESPONSE']._serialized_start=1467
-  _globals['_GETSEGMENTATIONJOBRESPONSE']._serialized_end=1552
-  _globals['_LISTSEGMENTATIONJOBSREQUEST']._serialized_start=1554
-  _globals['_LISTSEGMENTATIONJOBSREQUEST']._serialized_end=1639
-  _globals['_LISTSEGMENTATIONJOBSRESPONSE']._serialized_start=1641
-  _globals['_LISTSEGMENTATIONJOBSRESPONSE']._serialized_end=1754
-  _globals['_CANCELSEGMENTATIONJOBREQUEST']._serialized_start=1756
-  _globals['_CANCELSEGMENTATIONJOBREQUEST']._serialized_end=1802
-  _globals['_CANCELSEGMENTATIONJOBRESPONSE']._serialized_start=1804
-  _globals['_CANCELSEGMENTATIONJOBRESPONSE']._serialized_end=1892
-  _globals['_SEGMENTATIONSERVICE']._serialized_start=2036
-  _globals['_SEGMENTATIONSERVICE']._serialized_end=2584
+  _globals['_JOBSTAGE']._serialized_start=2105
+  _globals['_JOBSTAGE']._serialized_end=2243
+  _globals['_ORGANSTATISTICS']._serialized_start=175
+  _globals['_ORGANSTATISTICS']._serialized_end=321
+  _globals['_SEGMENTATIONPROGRESS']._serialized_start=323
+  _globals['_SEGMENTATIONPROGRESS']._serialized_end=415
+  _globals['_SEGMENTATIONRESULT']._serialized_start=418
+  _globals['_SEGMENTATIONRESULT']._serialized_end=663
+  _globals['_SEGMENTATIONJOB']._serialized_start=666
+  _globals['_SEGMENTATIONJOB']._serialized_end=1160
+  _globals['_SEGMENTSERIESREQUEST']._serialized_start=1163
+  _globals['_SEGMENTSERIESREQUEST']._serialized_end=1370
+  _globals['_SEGMENTSERIESRESPONSE']._serialized_start=1372
+  _globals['_SEGMENTSERIESRESPONSE']._serialized_end=1452
+  _globals['_GETSEGMENTATIONJOBREQUEST']._serialized_start=1454
+  _globals['_GETSEGMENTATIONJOBREQUEST']._serialized_end=1497
+  _globals['_GETSEGMENTATIONJOBRESPONSE']._serialized_start=1499
+  _globals['_GETSEGMENTATIONJOBRESPONSE']._serialized_end=1584
+  _globals['_LISTSEGMENTATIONJOBSREQUEST']._serialized_start=1586
+  _globals['_LISTSEGMENTATIONJOBSREQUEST']._serialized_end=1671
+  _globals['_LISTSEGMENTATIONJOBSRESPONSE']._serialized_start=1673
+  _globals['_LISTSEGMENTATIONJOBSRESPONSE']._serialized_end=1786
+  _globals['_CANCELSEGMENTATIONJOBREQUEST']._serialized_start=1788
+  _globals['_CANCELSEGMENTATIONJOBREQUEST']._serialized_end=1834
+  _globals['_CANCELSEGMENTATIONJOBRESPONSE']._serialized_start=1836
+  _globals['_CANCELSEGMENTATIONJOBRESPONSE']._serialized_end=1924
+  _globals['_WAITSEGMENTATIONJOBREQUEST']._serialized_start=1926
+  _globals['_WAITSEGMENTATIONJOBREQUEST']._serialized_end=2014
+  _globals['_WAITSEGMENTATIONJOBRESPONSE']._serialized_start=2016
+  _globals['_WAITSEGMENTATIONJOBRESPONSE']._serialized_end=2102
+  _globals['_SEGMENTATIONSERVICE']._serialized_start=2246
+  _globals['_SEGMENTATIONSERVICE']._serialized_end=2929
 # @@protoc_insertion_point(module_scope)

@@ -71,6 +71,11 @@ class SegmentationServiceStub:
                 request_serializer=atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.CancelSegmentationJobRequest.SerializeToString,
                 response_deserializer=atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.CancelSegmentationJobResponse.FromString,
                 _registered_method=True)
+        self.WaitSegmentationJob = channel.unary_unary(
+                '/atlasflow.segmentation.v1.SegmentationService/WaitSegmentationJob',
+                request_serializer=atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.WaitSegmentationJobRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.WaitSegmentationJobResponse.FromString,
+                _registered_method=True)
 
 
 class SegmentationServiceServicer:
@@ -122,6 +127,16 @@ class SegmentationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WaitSegmentationJob(self, request, context):
+        """Waits until the job is done (SUCCEEDED, FAILED or CANCELLED) or `timeout` has passed,
+        then returns the job as it is then (like google.longrunning.Operations.WaitOperation): a
+        client follows a job without polling. The job may still be running when this returns
+        (timeout, or the server's own limit): call again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +159,11 @@ def add_SegmentationServiceServicer_to_server(servicer, server):
                     servicer.CancelSegmentationJob,
                     request_deserializer=atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.CancelSegmentationJobRequest.FromString,
                     response_serializer=atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.CancelSegmentationJobResponse.SerializeToString,
+            ),
+            'WaitSegmentationJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitSegmentationJob,
+                    request_deserializer=atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.WaitSegmentationJobRequest.FromString,
+                    response_serializer=atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.WaitSegmentationJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +291,33 @@ class SegmentationService:
             '/atlasflow.segmentation.v1.SegmentationService/CancelSegmentationJob',
             atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.CancelSegmentationJobRequest.SerializeToString,
             atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.CancelSegmentationJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitSegmentationJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atlasflow.segmentation.v1.SegmentationService/WaitSegmentationJob',
+            atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.WaitSegmentationJobRequest.SerializeToString,
+            atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.WaitSegmentationJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
