@@ -26,6 +26,18 @@ Optional ensemble-level inference options (absent = off; the defaults keep resul
   table included) grown by the margin before resampling and the sliding window; outputs are
   padded back to the full grid (zeros outside the box).
 
+- ``"attention"`` (format 2): ``{"mode": "reference"}`` (default) or ``{"mode": "enhanced"}``:
+  which attention map the pipeline returns as its heatmap (`ATTENTION_MODES`). ``reference``
+  is the AbdomenAtlas recipe (std, entropy, overlap; `atlasflow.common.attention`);
+  ``enhanced`` is the library's enhanced attention (`atlasflow.common.plausibility.rank_case`
+  ``mode="enhanced"``: `suspect_regions` of the members' soft predictions plus swapped kidneys,
+  heatmap = the reference heatmap inside that attention, at least 0.5). The labels do not
+  depend on it.
+
+File format (``"format"``, absent = 1): 1 = the fields above except ``"attention"``; 2 adds
+``"attention"``. A format-1 file with an ``"attention"`` block and any other format are
+refused (an older reader would silently ignore the block and return a different heatmap).
+
 A checkpoint path is relative to the ensemble file's directory unless absolute; it may be a
 MONAI/PyTorch ``state_dict`` (``.pt``/``.pth``) or a TorchScript file (``.ts``/``.torchscript``,
 or any file that ``torch.jit.load`` accepts).
@@ -46,6 +58,10 @@ DOMAIN = "atlasflow.segmentation"
 ENSEMBLE_DIR = Path(__file__).resolve().parent / "ensembles"
 ACTIVATIONS = ("sigmoid", "softmax")
 AUTOCAST = ("none", "bf16")
+#: heatmap the pipeline returns (ensemble ``"attention": {"mode": ...}``, format 2)
+ATTENTION_MODES = ("reference", "enhanced")
+#: ensemble file formats this reader understands (``"format"``; absent = 1)
+FORMATS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -92,6 +108,8 @@ class EnsembleConfig:
     source: Path | None = field(default=None, compare=False)
     autocast: str = "none"
     foreground_crop: ForegroundCrop | None = None
+    attention_mode: str = "reference"
+    format: int = 1
 
     @property
     def model_name(self) -> str:
@@ -181,6 +199,22 @@ def parse_ensemble(raw: dict[str, Any], base: Path = ENSEMBLE_DIR) -> EnsembleCo
         crop = ForegroundCrop(float(crop_raw.get("threshold_hu", -500.0)), float(crop_raw.get("margin_mm", 10.0)))
         if crop.margin_mm < 0:
             raise _bad("foreground_crop.margin_mm must be >= 0", field="foreground_crop")
+    try:
+        fmt = int(raw.get("format", 1))
+    except (TypeError, ValueError):
+        raise _bad("format must be an integer", field="format") from None
+    if fmt not in FORMATS:
+        raise _bad(f"ensemble format {fmt} is not supported (known: {FORMATS})", field="format")
+    attention_raw = raw.get("attention")
+    mode = "reference"
+    if attention_raw is not None:
+        if fmt < 2:
+            raise _bad("'attention' needs ensemble format 2", field="attention")
+        if not isinstance(attention_raw, dict) or set(attention_raw) - {"mode"}:
+            raise _bad("attention must be an object {\"mode\": ...}", field="attention")
+        mode = str(attention_raw.get("mode", "reference"))
+        if mode not in ATTENTION_MODES:
+            raise _bad(f"attention.mode must be one of {ATTENTION_MODES}", field="attention.mode")
     return EnsembleConfig(
         version=str(raw["version"]),
         members=members,
@@ -188,6 +222,8 @@ def parse_ensemble(raw: dict[str, Any], base: Path = ENSEMBLE_DIR) -> EnsembleCo
         description=str(raw.get("description", "")),
         autocast=autocast,
         foreground_crop=crop,
+        attention_mode=mode,
+        format=fmt,
     )
 
 

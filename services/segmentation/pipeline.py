@@ -25,6 +25,20 @@ Steps (DESIGN.md, "The method"):
    overlap resolution): we have 9 structures, not the reference's 20 non-vessel ones. The
    output heatmap is the voxelwise maximum over organs of each organ's normalised heatmap.
 
+   Enhanced mode (ensemble ``"attention": {"mode": "enhanced"}`` or ``attention_mode=``): the
+   heatmap is instead the library's enhanced attention
+   (`atlasflow.segmentation.attention.enhanced_attention`, i.e.
+   `atlasflow.common.attention.case_attention` + `atlasflow.common.plausibility.rank_case`
+   ``mode="enhanced"``: `suspect_regions` of the members' unmasked soft predictions, swapped
+   kidneys; heatmap = the library's reference heatmap inside that attention, at least 0.5),
+   computed from the same uint8 native-grid soft predictions (`soft_predictions`): the library
+   gets them organ by organ, each stack resampled again from the members' model-grid outputs
+   when the library asks for it (`_NativeStacks`), so that no more than one full ``(M, X, Y,
+   Z)`` stack of ours lives at a time; the library keeps its own crops. Nothing is cropped
+   or thresholded before the library sees it: its result is the one it gives on the full
+   stacks, whatever its definition. ``attention_ml`` / ``heatmap_ml`` are the enhanced attention's
+   volume and heatmap sum. Labels and ``component_count`` do not depend on the mode.
+
 Every heavy array op runs in torch on ``device``; the connected-component labelling runs in
 scipy on bounding-box crops (CPU).
 
@@ -38,8 +52,9 @@ background with zero heatmap.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,10 +65,17 @@ from scipy import ndimage
 
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.common.organs import NUM_ORGANS
-from atlasflow.segmentation.attention import binary_dilation, organ_attention
-import dataclasses
-
-from atlasflow.segmentation.ensemble import AUTOCAST, DOMAIN, EnsembleConfig, ForegroundCrop, MemberConfig, load_ensemble
+from atlasflow.common.plausibility import PopulationPrior
+from atlasflow.segmentation.attention import binary_dilation, enhanced_attention, organ_attention
+from atlasflow.segmentation.ensemble import (
+    ATTENTION_MODES,
+    AUTOCAST,
+    DOMAIN,
+    EnsembleConfig,
+    ForegroundCrop,
+    MemberConfig,
+    load_ensemble,
+)
 from atlasflow.segmentation.models import load_member
 
 STATS_COLUMNS = ("volume_ml", "attention_ml", "heatmap_ml", "component_count")
@@ -66,7 +88,8 @@ class PipelineOutput:
     """Result on the INPUT grid (same shape and affine as the input volume).
 
     labels: ``(X, Y, Z)`` uint8, AbdomenAtlas ids 0..9 (0 = background).
-    heatmap: ``(X, Y, Z)`` uint8, 0..255 = attention heatmap 0..1 (max over unlabelled organs).
+    heatmap: ``(X, Y, Z)`` uint8, 0..255 = attention heatmap 0..1 (max over unlabelled organs;
+        reference or enhanced attention, `EnsemblePipeline.attention_mode`).
     organ_stats: ``(9, 4)`` float64, row k = organ id k+1, columns `STATS_COLUMNS`:
         volume_ml (final label), attention_ml (attention mask), heatmap_ml (sum of the organ's
         heatmap x voxel volume), component_count (26-connected components of the ensemble
@@ -280,6 +303,27 @@ class _OrganWork:
     ensemble_mask: np.ndarray | None  # (*box) bool
 
 
+class _NativeStacks(Mapping[int, torch.Tensor]):
+    """Organ id 1..9 -> the members' uint8 ``(M, X, Y, Z)`` soft predictions on the native grid
+    (on the pipeline's device), resampled from the model-grid outputs when asked for: the
+    library reads them one organ at a time, so only one full stack lives at a time."""
+
+    def __init__(self, pipeline: EnsemblePipeline, member_probs: list[tuple[torch.Tensor, np.ndarray]],
+                 aff: np.ndarray, shape: tuple[int, int, int]) -> None:
+        self._pipeline, self._probs, self._aff, self._shape = pipeline, member_probs, aff, shape
+
+    def __getitem__(self, organ: int) -> torch.Tensor:
+        if not 1 <= int(organ) <= NUM_ORGANS:
+            raise KeyError(organ)
+        return self._pipeline._native_u8(self._probs, int(organ) - 1, self._aff, self._shape)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(1, NUM_ORGANS + 1))
+
+    def __len__(self) -> int:
+        return NUM_ORGANS
+
+
 class EnsemblePipeline:
     """The whole ensemble method for one CT; construct once, call per volume."""
 
@@ -292,11 +336,19 @@ class EnsemblePipeline:
         sw_batch_size: int | None = None,
         overlap: float | None = None,
         foreground_crop: ForegroundCrop | bool | None = None,
+        attention_mode: str | None = None,
     ) -> None:
-        """``autocast`` (``none``/``bf16``), ``sw_batch_size``, ``overlap`` and
-        ``foreground_crop`` (a `ForegroundCrop`, True = defaults, False = off) override the
-        ensemble file; None keeps the file's setting."""
+        """``autocast`` (``none``/``bf16``), ``sw_batch_size``, ``overlap``,
+        ``foreground_crop`` (a `ForegroundCrop`, True = defaults, False = off) and
+        ``attention_mode`` (``reference``/``enhanced``) override the ensemble file; None keeps
+        the file's setting."""
         config: EnsembleConfig = load_ensemble(ensemble_cfg_path_or_version)
+        if attention_mode is not None:
+            if attention_mode not in ATTENTION_MODES:
+                raise InvalidArgument(
+                    "INVALID_ENSEMBLE_CONFIG", f"attention mode must be one of {ATTENTION_MODES}", domain=DOMAIN
+                )
+            config = dataclasses.replace(config, attention_mode=attention_mode)
         if autocast is not None:
             if autocast not in AUTOCAST:
                 raise InvalidArgument("INVALID_ENSEMBLE_CONFIG", f"autocast must be one of {AUTOCAST}", domain=DOMAIN)
@@ -321,10 +373,16 @@ class EnsemblePipeline:
             (m, load_member(m, self.device)) for m in self.config.members
         ]
         self.weights_trained: bool = self.config.weights_trained
+        self._prior: PopulationPrior | None = None
 
     @property
     def version(self) -> str:
         return self.config.version
+
+    @property
+    def attention_mode(self) -> str:
+        """``reference`` or ``enhanced`` (`atlasflow.segmentation.ensemble.ATTENTION_MODES`)."""
+        return self.config.attention_mode
 
     # -- input checks -------------------------------------------------------------------
     @staticmethod
@@ -379,15 +437,10 @@ class EnsemblePipeline:
         case's source already labels (no attention for them; see `labelled_flags`).
         """
         vol, aff, flags = self._check(volume_hu, affine, labelled_organs)
-        crop = self.config.foreground_crop
-        if crop is None:
-            return self._segment(vol, aff, flags)
         t0 = time.perf_counter()
-        box = foreground_box(vol, aff, crop)
-        if box is None or all(b.start == 0 and b.stop == n for b, n in zip(box, vol.shape)):
+        box, sub_aff = self._crop_box(vol, aff)
+        if box is None:
             return self._segment(vol, aff, flags)
-        sub_aff = aff.copy()
-        sub_aff[:3, 3] = aff[:3, :3] @ np.array([b.start for b in box], dtype=np.float64) + aff[:3, 3]
         t_crop = time.perf_counter() - t0
         sub = self._segment(np.ascontiguousarray(vol[box]), sub_aff, flags)
         labels = np.zeros(vol.shape, dtype=np.uint8)
@@ -399,15 +452,24 @@ class EnsemblePipeline:
         timings["total"] = time.perf_counter() - t0
         return PipelineOutput(labels, heat, sub.organ_stats, sub.weights_trained, timings)
 
-    def _segment(self, vol: np.ndarray, aff: np.ndarray, flags: np.ndarray) -> PipelineOutput:
-        """`__call__` without checks and cropping (arguments already validated)."""
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        shape = tuple(int(s) for s in vol.shape)
-        voxel_ml = abs(float(np.linalg.det(aff[:3, :3]))) / 1000.0
-        hu = torch.from_numpy(np.ascontiguousarray(vol)).to(self.device)
+    def _crop_box(self, vol: np.ndarray, aff: np.ndarray) -> tuple[tuple[slice, slice, slice] | None, np.ndarray]:
+        """The configured foreground crop's box and the affine of the cropped grid, or
+        ``(None, aff)`` when there is no crop (off, nothing above the threshold, or the whole
+        volume)."""
+        crop = self.config.foreground_crop
+        if crop is None:
+            return None, aff
+        box = foreground_box(vol, aff, crop)
+        if box is None or all(b.start == 0 and b.stop == n for b, n in zip(box, vol.shape)):
+            return None, aff
+        sub_aff = aff.copy()
+        sub_aff[:3, 3] = aff[:3, :3] @ np.array([b.start for b in box], dtype=np.float64) + aff[:3, 3]
+        return box, sub_aff
 
-        # 1-2. preprocess (cached per spacing/window) + members on their model grids
+    def _model_grid_probs(self, hu: torch.Tensor, aff: np.ndarray, timings: dict[str, float]) -> list[tuple[torch.Tensor, np.ndarray]]:
+        """Steps 1-2: ``hu`` ``(X, Y, Z)`` on ``device`` -> per member (``(9, X', Y', Z')``
+        float16 probabilities on its model grid, that grid's affine). Adds stage timings."""
+        shape = tuple(int(s) for s in hu.shape)
         prepared: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}
         member_probs: list[tuple[torch.Tensor, np.ndarray]] = []
         for member, net in self.members:
@@ -417,7 +479,7 @@ class EnsemblePipeline:
                 ts = time.perf_counter()
                 lo, hi = pre.hu_window
                 windowed = ((hu.to(torch.float32) - lo) / (hi - lo)).clamp_(0.0, 1.0)
-                g_aff, g_shape = model_grid(aff, shape, pre.target_spacing_mm)
+                g_aff, g_shape = model_grid(aff, shape, pre.target_spacing_mm)  # type: ignore[arg-type]
                 image = resample(windowed[None], aff, g_aff, g_shape)[None]
                 del windowed
                 prepared[key] = (image, g_aff)
@@ -426,7 +488,50 @@ class EnsemblePipeline:
             ts = time.perf_counter()
             member_probs.append((self._member_probs(member, net, image), g_aff))
             timings[f"infer_{member.name}"] = time.perf_counter() - ts
-        del prepared
+        return member_probs
+
+    def _native_u8(self, member_probs: list[tuple[torch.Tensor, np.ndarray]], k: int, aff: np.ndarray,
+                   shape: tuple[int, int, int]) -> torch.Tensor:
+        """Step 3's start: organ row ``k`` (id ``k + 1``) of every member, sampled back onto the
+        native grid -> ``(M, X, Y, Z)`` uint8 ``round(p*255)`` on ``device``."""
+        u8 = torch.empty((len(member_probs), *shape), dtype=torch.uint8, device=self.device)
+        for m, (probs, g_aff) in enumerate(member_probs):
+            p = resample(probs[k : k + 1].to(torch.float32), g_aff, aff, shape)[0]
+            u8[m] = (p.clamp_(0.0, 1.0) * 255.0).round_().to(torch.uint8)
+            del p
+        return u8
+
+    def soft_predictions(self, volume_hu: np.ndarray, affine: np.ndarray) -> dict[int, torch.Tensor]:
+        """The members' soft predictions on the native grid, exactly as the pipeline's
+        attention sees them: organ id 1..9 -> uint8 ``(M, X, Y, Z)`` ``round(p*255)`` (CPU),
+        zeros outside the foreground crop when one is configured. For inspection and tests
+        (9*M full volumes of memory); `__call__` never materialises them all."""
+        vol, aff, _ = self._check(volume_hu, affine, None)
+        box, sub_aff = self._crop_box(vol, aff)
+        sub = vol if box is None else np.ascontiguousarray(vol[box])
+        hu = torch.from_numpy(np.ascontiguousarray(sub)).to(self.device)
+        member_probs = self._model_grid_probs(hu, sub_aff, {})
+        shape = tuple(int(s) for s in sub.shape)
+        out: dict[int, torch.Tensor] = {}
+        for k in range(NUM_ORGANS):
+            u8 = self._native_u8(member_probs, k, sub_aff, shape).cpu()  # type: ignore[arg-type]
+            if box is not None:
+                full = torch.zeros((u8.shape[0], *vol.shape), dtype=torch.uint8)
+                full[(slice(None), *box)] = u8
+                u8 = full
+            out[k + 1] = u8
+        return out
+
+    def _segment(self, vol: np.ndarray, aff: np.ndarray, flags: np.ndarray) -> PipelineOutput:
+        """`__call__` without checks and cropping (arguments already validated)."""
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        shape = tuple(int(s) for s in vol.shape)
+        voxel_ml = abs(float(np.linalg.det(aff[:3, :3]))) / 1000.0
+        hu = torch.from_numpy(np.ascontiguousarray(vol)).to(self.device)
+
+        # 1-2. preprocess (cached per spacing/window) + members on their model grids
+        member_probs = self._model_grid_probs(hu, aff, timings)
 
         # 3. per organ: back to native grid, member + ensemble masks, overlap resolution
         ts = time.perf_counter()
@@ -436,12 +541,9 @@ class EnsemblePipeline:
         mask_count = torch.zeros(shape, dtype=torch.uint8, device=self.device)
         stats = np.zeros((NUM_ORGANS, len(STATS_COLUMNS)), dtype=np.float64)
         work: dict[int, _OrganWork] = {}
+        enhanced = self.config.attention_mode == "enhanced"
         for k in range(NUM_ORGANS):
-            u8 = torch.empty((n_models, *shape), dtype=torch.uint8, device=self.device)
-            for m, (probs, g_aff) in enumerate(member_probs):
-                p = resample(probs[k : k + 1].to(torch.float32), g_aff, aff, shape)[0]
-                u8[m] = (p.clamp_(0.0, 1.0) * 255.0).round_().to(torch.uint8)
-                del p
+            u8 = self._native_u8(member_probs, k, aff, shape)  # type: ignore[arg-type]
             ens_sum = u8.sum(dim=0, dtype=torch.int16)
             ens_raw = (ens_sum.to(torch.int32) * 2 > 255 * n_models).cpu().numpy()
             ens_mask_np, n_comp = largest_component(ens_raw)
@@ -451,6 +553,9 @@ class EnsemblePipeline:
             take = ens_mask & ((labels == 0) | (ens_sum > best))
             labels[take] = k + 1
             best[take] = ens_sum[take]
+            if enhanced:  # the library takes it from here (step 4)
+                del u8, ens_sum
+                continue
             if flags[k]:
                 continue  # source labels this organ: no attention
             boxes = [_bbox(ens_mask_np)]
@@ -471,12 +576,28 @@ class EnsemblePipeline:
             else:
                 work[k] = _OrganWork(box, u8[(slice(None), *box)].clone(), ens_mask_np[box].copy())
             del u8, ens_sum
-        del member_probs, best
+        del best
+        if not enhanced:
+            del member_probs
         timings["native_masks"] = time.perf_counter() - ts
 
         # 4. attention for unlabelled organs
         ts = time.perf_counter()
         heat = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        if enhanced:
+            if self._prior is None:
+                self._prior = PopulationPrior.load()  # bundled; rank_case scores findings with it
+            organs = enhanced_attention(
+                _NativeStacks(self, member_probs, aff, shape),  # type: ignore[arg-type]
+                aff,
+                [k + 1 for k in range(NUM_ORGANS) if flags[k]],
+                prior=self._prior,
+            )
+            del member_probs
+            for organ, o in organs.items():
+                stats[organ - 1, 1] = float(o.attention.sum()) * voxel_ml
+                stats[organ - 1, 2] = float(o.heatmap.sum(dtype=np.float64)) * voxel_ml
+                heat[o.box] = torch.maximum(heat[o.box], torch.from_numpy(o.heatmap).to(self.device))
         for k, w in work.items():
             if w.box is None or w.masked_u8 is None or w.ensemble_mask is None:
                 continue
