@@ -167,6 +167,7 @@ async def build_app(settings: SegmentationSettings, *, metrics: Metrics | None =
     prior = RankingPrior(settings.ranking_target, settings.prior_refresh_s,
                          settings.max_message_bytes)
     worker = Worker(jobs, blobs, dict(segmenters), metrics, prior=prior,
+                    attention_modes={c.version: c.attention_mode for c in configs},
                     members={c.version: [m.name for m in c.members] for c in configs},
                     max_attempts=settings.max_attempts, max_backoff_s=settings.max_backoff_s,
                     retry_base_s=settings.retry_base_s, poll_s=settings.worker_poll_s,

@@ -114,7 +114,8 @@ class Worker:
                  *, members: list[str] | Mapping[str, list[str]], max_attempts: int = 8,
                  max_backoff_s: float = 60.0, retry_base_s: float = 2.0, poll_s: float = 1.0,
                  on_handoff: Callable[[], None] = lambda: None,
-                 prior: PopulationPrior | Callable[[], PopulationPrior] | None = None) -> None:
+                 prior: PopulationPrior | Callable[[], PopulationPrior] | None = None,
+                 attention_modes: Mapping[str, str] | None = None) -> None:
         self.jobs = jobs
         self.blobs = blobs
         self.segmenter = segmenter
@@ -122,6 +123,9 @@ class Worker:
         # asked before every job (main.py: the prior ranking learned from stored labels);
         # the bundled prior by default.
         self.prior = prior or PopulationPrior.load()
+        # Attention mode per ensemble version ("reference" when not given): it decides what an
+        # organ's score adds its plausibility penalties to (see `_organ_attention`).
+        self.attention_modes = dict(attention_modes or {})
         self.metrics = metrics
         self.members = members
         self.max_attempts = max_attempts
@@ -187,25 +191,37 @@ class Worker:
             otel_context.detach(token)
 
     def _organ_attention(self, organs: list[dict], labels: np.ndarray, heatmap: np.ndarray,
-                         affine: np.ndarray, labelled: list[int]
+                         affine: np.ndarray, labelled: list[int], mode: str = "reference"
                          ) -> list[ranking_pb2.OrganAttention]:
         """Attention statistics from Triton plus the plausibility findings (score, reasons,
-        pointer) that `atlasflow.common.plausibility` derives from the native-grid outputs."""
+        pointer) that `atlasflow.common.plausibility` derives from the native-grid outputs.
+
+        Score = heatmap ml (reference mode) or attention ml (enhanced mode, as
+        `plausibility.rank_case` scores it) + plausibility penalties. An unlabelled organ with
+        attention but no voxel in the ensemble's labels (e.g. a gall bladder only a minority of
+        the models sees) has no geometry to assess: it is scored by its attention alone, with a
+        reason saying so (no pointer: the combined heatmap does not separate organs there)."""
         with tracer.start_as_current_span("segmentation.findings"):
             exact = {o["organ"]: (o["attention_ml"], o["heatmap_ml"]) for o in organs}
             prior = self.prior() if callable(self.prior) else self.prior
             findings = {f.organ: f for f in organ_findings(labels, heatmap, affine, prior,
                                                            labelled, exact_ml=exact)}
+        base = "attention_ml" if mode == "enhanced" else "heatmap_ml"
         out = []
         for o in organs:
             msg = ranking_pb2.OrganAttention(organ=o["organ"], attention_ml=o["attention_ml"],
                                              heatmap_ml=o["heatmap_ml"], volume_ml=o["volume_ml"])
             f = findings.get(o["organ"])
             if f is not None:
-                msg.score = float(f.score)
+                msg.score = float(o[base] + f.score - f.heatmap_ml)
                 msg.reasons.extend(f.reasons)
                 if f.pointer:
                     json_format.ParseDict(f.pointer, msg.pointer)
+            elif o["organ"] not in labelled and o["attention_ml"] > 0:
+                msg.score = float(o[base])
+                msg.reasons.append(
+                    f"{ORGANS[o['organ']]}: attention {o['attention_ml']:.1f} ml (heatmap "
+                    f"{o['heatmap_ml']:.1f} ml); not in the ensemble's labels")
             out.append(msg)
         return out
 
@@ -247,7 +263,8 @@ class Worker:
         ranking_req = ranking_pb2.SubmitAttentionRequest(
             case_id=job.case_id, series_id=job.series_id, source_job_id=job.job_id,
             organs=self._organ_attention(organs, out.labels, out.heatmap, affine,
-                                         job.labelled_organs),
+                                         job.labelled_organs,
+                                         self.attention_modes.get(job.ensemble_version, "reference")),
             heatmap=_ref(heat_blob.digest, heat_blob.size_bytes),
             labelled_organs=job.labelled_organs)
         handed = self.jobs.succeed(job.job_id, result, [
