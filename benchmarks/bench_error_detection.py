@@ -2,11 +2,13 @@
 the ensemble's labels? Both modes (reference, enhanced) on simulated cases (benchmarks/error_sim.py:
 varied anatomy from the bundled labels, one injected error shared by 1, 2 or 3 of 3 models).
 
-    .venv/bin/python benchmarks/bench_error_detection.py [--seeds 100-119] [--size-scale 1.0] [--json OUT]
+    .venv/bin/python benchmarks/bench_error_detection.py [--seeds 100-199] [--prior-seeds 0-49] \
+        [--size-scale 1.0] [--confidence C] [--jobs 2] [--table] [--json OUT]
 
-Tune on seeds 0-9, report on seeds 100-119 (the default) and 200-219. ``--confidence 1.0``
-simulates erring models that are as sure of their error as of true anatomy (the simulator's
-behaviour before H2; see error_sim). Metrics per mode:
+Protocol (H6): tune on seeds 0-49 (and forced-kind variants of them); report on seeds 100-199
+(the default) and 200-299, never looked at while tuning. ``--confidence 1.0`` simulates erring
+models that are as sure of their error as of true anatomy (the simulator's behaviour before H2;
+see error_sim). Metrics per mode:
 - case level (a case is erroneous when its ensemble has at least one error region): AUROC of
   the case score, precision at the top 5 % of cases (at least one case), R-precision
   (precision at R = number of erroneous cases);
@@ -17,8 +19,10 @@ behaviour before H2; see error_sim). Metrics per mode:
   sensitivity = found / all regions. Precision: the attention's connected components that
   hold at least half of an error region, or whose voxels are at least 25 % error voxels,
   over all attention components of >= 1 ml (smaller specks are not shown to a reader).
+  Both come with 95 % Wilson intervals, and the sensitivity with a breakdown per injected
+  error kind, per number of models sharing the error and per organ (``breakdown``: [found, n]).
 
-The prior: the bundled one, updated with the TRUE label maps of the tuning seeds 0-9
+The prior: the bundled one, updated with the TRUE label maps of the tuning seeds 0-49
 ("labels stored so far"; never the evaluated cases).
 """
 
@@ -38,9 +42,10 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from error_sim import case_error_regions, simulate_case  # noqa: E402
+from error_sim import SimCase, case_error_regions, simulate_case  # noqa: E402
 
-from atlasflow.common.attention import case_attention  # noqa: E402
+from atlasflow.common.attention import CaseAttention, case_attention  # noqa: E402
+from atlasflow.common.organs import ORGANS  # noqa: E402
 from atlasflow.common.plausibility import PopulationPrior, measure_labels, rank_case  # noqa: E402
 
 MODES = ("reference", "enhanced")
@@ -83,26 +88,37 @@ def tuning_prior(seeds: list[int], size_scale: float) -> PopulationPrior:
     return prior
 
 
-def evaluate_case(seed: int, prior: PopulationPrior, size_scale: float,
-                  confidence: float | None = None) -> dict[str, object]:
-    c = simulate_case(seed, size_scale=size_scale, confidence=confidence)
-    vml = abs(float(np.linalg.det(c.affine[:3, :3]))) / 1000.0
+def prepare_case(seed: int, size_scale: float, confidence: float | None = None, error: str | None = None,
+                 shared: int | None = None) -> tuple[SimCase, CaseAttention, list[tuple[int, np.ndarray]]]:
+    """The simulated case, its reference attention and its error regions (mode-independent)."""
+    c = simulate_case(seed, size_scale=size_scale, confidence=confidence, error=error, shared=shared)
     ca = case_attention({k: torch.from_numpy(v) for k, v in c.probs.items()})
     regions = case_error_regions(c, {k: r.paste("ensemble", ca.shape).numpy() for k, r in ca.organs.items()
                                      if k in c.clean_probs})
+    return c, ca, regions
+
+
+def score_case(c: SimCase, ca: CaseAttention, regions: list[tuple[int, np.ndarray]], prior: PopulationPrior,
+               modes: tuple[str, ...] = MODES) -> dict[str, object]:
+    """One row: the case's error, its regions and, per mode, the case score, the first organ,
+    which regions the attention found (``found_each``, in region order) and its shown
+    components (``att_regions``) of which ``att_tp`` are true positives; ``fp`` lists the false
+    positive components as (organ whose attention holds most of it, ml)."""
+    vml = abs(float(np.linalg.det(c.affine[:3, :3]))) / 1000.0
     err_all = np.zeros(ca.shape, dtype=bool)
     for _, reg in regions:
         err_all |= reg
     wrong_organs = {k for k, _ in regions}
-    out: dict[str, object] = {"seed": seed, "error": c.error, "organ": c.organ, "shared": c.shared,
-                              "confidence": c.extra.get("confidence"),
-                              "regions": len(regions), "region_ml": [round(float(r.sum()) * vml, 1) for _, r in regions]}
-    for mode in MODES:
+    out: dict[str, object] = {"seed": int(c.name[3:]), "error": c.error, "organ": c.organ, "shared": c.shared,
+                              "confidence": c.extra.get("confidence"), "regions": len(regions),
+                              "region_organ": [int(k) for k, _ in regions],
+                              "region_ml": [round(float(r.sum()) * vml, 1) for _, r in regions]}
+    for mode in modes:
         rc = rank_case(ca, c.affine, mode=mode, prior=prior)
         att = np.zeros(ca.shape, dtype=bool)
         for box, a in rc.attention.values():
             att[box] |= a
-        found = sum(int((reg & att).sum()) * 2 >= int(reg.sum()) for _, reg in regions)
+        found_each = [int((reg & att).sum()) * 2 >= int(reg.sum()) for _, reg in regions]
         lab, n = ndimage.label(att, structure=_CUBE)
         counts = np.bincount(lab.ravel(), minlength=n + 1)
         err_counts = np.bincount(lab[err_all], minlength=n + 1)
@@ -111,10 +127,50 @@ def evaluate_case(seed: int, prior: PopulationPrior, size_scale: float,
             inside = np.bincount(lab[reg], minlength=n + 1)
             hit_region |= inside * 2 >= int(reg.sum())
         shown = [i for i in range(1, n + 1) if counts[i] * vml >= 1.0]
-        tp = sum(bool(hit_region[i] or err_counts[i] * 4 >= counts[i]) for i in shown)
+        tp_each = {i: bool(hit_region[i] or err_counts[i] * 4 >= counts[i]) for i in shown}
+        fp: list[tuple[int, float]] = []
+        for i in shown:
+            if tp_each[i]:
+                continue
+            comp = lab == i
+            best = max(rc.attention, key=lambda k: int((comp[rc.attention[k][0]] & rc.attention[k][1]).sum()))
+            fp.append((int(best), round(float(counts[i]) * vml, 1)))
         out[mode] = {"score": rc.score, "first": rc.organs[0].organ if rc.organs else None,
                      "first_wrong": bool(rc.organs) and rc.organs[0].organ in wrong_organs,
-                     "found": found, "att_regions": len(shown), "att_tp": tp}
+                     "found": sum(found_each), "found_each": found_each,
+                     "att_regions": len(shown), "att_tp": sum(tp_each.values()), "fp": fp}
+    return out
+
+
+def evaluate_case(seed: int, prior: PopulationPrior, size_scale: float,
+                  confidence: float | None = None) -> dict[str, object]:
+    return score_case(*prepare_case(seed, size_scale, confidence), prior)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k/n ((nan, nan) for n = 0). Regions and
+    attention components are counted as independent trials: components of one case are not
+    quite, so the intervals are somewhat optimistic."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return round(max(c - h, 0.0), 3), round(min(c + h, 1.0), 3)
+
+
+def breakdown(rows: list[dict[str, object]], mode: str) -> dict[str, dict[str, list[int]]]:
+    """Found / all error regions per injected error kind, per number of models sharing it and
+    per organ of the region, for one mode: ``{"kind": {"leak": [found, n], ...}, ...}``."""
+    out: dict[str, dict[str, list[int]]] = {"kind": {}, "shared": {}, "organ": {}}
+    for r in rows:
+        m = r[mode]
+        for k, f in zip(r["region_organ"], m["found_each"]):  # type: ignore[index, call-overload]
+            for key, val in (("kind", r["error"]), ("shared", r["shared"]), ("organ", ORGANS[int(k)])):
+                cell = out[key].setdefault(str(val), [0, 0])
+                cell[0] += int(f)
+                cell[1] += 1
     return out
 
 
@@ -128,38 +184,77 @@ def summarise(rows: list[dict[str, object]]) -> dict[str, dict[str, float]]:
         scores = [float(x["score"]) for x in m]  # type: ignore[index]
         att_regions = sum(int(x["att_regions"]) for x in m)  # type: ignore[index]
         pos_first = [bool(x["first_wrong"]) for x, y in zip(m, labels) if y]  # type: ignore[index]
+        found = sum(int(x["found"]) for x in m)  # type: ignore[index]
+        tp = sum(int(x["att_tp"]) for x in m)  # type: ignore[index]
         out[mode] = {
             "auroc": round(auroc(scores, labels), 3),
             "precision_top5pct": round(precision_at(scores, labels, math.ceil(0.05 * len(rows))), 3),
             "r_precision": round(precision_at(scores, labels, n_pos), 3) if n_pos else float("nan"),
             "first_organ_is_wrong": round(sum(pos_first) / len(pos_first), 3) if pos_first else float("nan"),
-            "region_sensitivity": round(sum(int(x["found"]) for x in m) / total_regions, 3) if total_regions else float("nan"),  # type: ignore[index]
-            "region_precision": round(sum(int(x["att_tp"]) for x in m) / att_regions, 3) if att_regions else float("nan"),  # type: ignore[index]
+            "region_sensitivity": round(found / total_regions, 3) if total_regions else float("nan"),
+            "region_sensitivity_ci95": wilson(found, total_regions),
+            "region_precision": round(tp / att_regions, 3) if att_regions else float("nan"),
+            "region_precision_ci95": wilson(tp, att_regions),
+            "counts": {"found": found, "regions": total_regions, "att_tp": tp, "att_regions": att_regions},
+            "breakdown": breakdown(rows, mode),
         }
     out["cases"] = {"n": len(rows), "erroneous": n_pos, "regions": total_regions}
     return out
 
 
+def format_table(summary: dict[str, dict[str, object]]) -> str:
+    """The summary as readable lines: per mode the figures with their intervals, then the
+    sensitivity per kind / sharing count / organ."""
+    lines = []
+    for mode in MODES:
+        m = summary[mode]
+        lo_s, hi_s = m["region_sensitivity_ci95"]  # type: ignore[misc]
+        lo_p, hi_p = m["region_precision_ci95"]  # type: ignore[misc]
+        c = m["counts"]
+        lines.append(f"{mode:9s} AUROC {m['auroc']}  P@5% {m['precision_top5pct']}  R-prec {m['r_precision']}  "
+                     f"first-wrong {m['first_organ_is_wrong']}  sensitivity {m['region_sensitivity']} "
+                     f"[{lo_s}, {hi_s}] ({c['found']}/{c['regions']})  precision {m['region_precision']} "  # type: ignore[index]
+                     f"[{lo_p}, {hi_p}] ({c['att_tp']}/{c['att_regions']})")  # type: ignore[index]
+        for key, cells in m["breakdown"].items():  # type: ignore[union-attr]
+            lines.append(f"  {key:7s} " + "  ".join(f"{v}: {f}/{n}" for v, (f, n) in sorted(cells.items())))
+    return "\n".join(lines)
+
+
+def _evaluate_star(args: tuple[int, PopulationPrior, float, float | None]) -> dict[str, object]:
+    return evaluate_case(*args)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default="100-119")
-    ap.add_argument("--prior-seeds", default="0-9", help="tuning seeds whose true labels update the prior")
+    ap.add_argument("--seeds", default="100-199")
+    ap.add_argument("--prior-seeds", default="0-49", help="tuning seeds whose true labels update the prior")
     ap.add_argument("--size-scale", type=float, default=1.0)
     ap.add_argument("--confidence", type=float, default=None,
                     help="fix the erring models' confidence (1.0: errors held as surely as anatomy)")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes (cases are independent)")
     ap.add_argument("--json", type=Path, default=None, help="write per-case rows and the summary here")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--table", action="store_true", help="also print a readable table before the JSON line")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     prior = tuning_prior(parse_seeds(args.prior_seeds), args.size_scale) if args.prior_seeds else PopulationPrior.load()
-    rows = []
-    for s in parse_seeds(args.seeds):
-        row = evaluate_case(s, prior, args.size_scale, args.confidence)
-        rows.append(row)
-        if args.verbose:
+    work = [(s, prior, args.size_scale, args.confidence) for s in parse_seeds(args.seeds)]
+    if args.jobs > 1:
+        import multiprocessing
+
+        torch.set_num_threads(1)
+        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            rows = pool.map(_evaluate_star, work, chunksize=1)
+    else:
+        rows = [_evaluate_star(w) for w in work]
+    if args.verbose:
+        for row in rows:
             print(json.dumps(row), flush=True)
     summary = summarise(rows)
-    summary["run"] = {"seeds": args.seeds, "size_scale": args.size_scale, "confidence": args.confidence, "wall_s": round(time.perf_counter() - t0, 1)}
+    summary["run"] = {"seeds": args.seeds, "prior_seeds": args.prior_seeds, "size_scale": args.size_scale,
+                      "confidence": args.confidence, "wall_s": round(time.perf_counter() - t0, 1)}
+    if args.table:
+        print(format_table(summary))
     print(json.dumps(summary))
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "cases": rows}, indent=1))

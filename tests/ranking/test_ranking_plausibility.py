@@ -167,3 +167,25 @@ def test_suspect_regions_find_doubtful_majorities_and_shared_doubt_not_a_lone_di
     q, block = _ball_probs([True, True, True], 0.99)
     att, _ = suspect_regions(q, _vote(q), vml)
     assert not att.any()
+
+
+def test_thin_organ_doubt_from_its_own_thinness_is_not_suspect_but_deeper_doubt_is() -> None:
+    """A thin plate (4 voxels thick) of soft but right models is in the unsure band all over
+    (no voxel is far from its boundary): no attention (the band rule alone flagged it; doubt
+    beyond the profile in a thick organ is the shared-doubt case of the test above)."""
+    from atlasflow.common.plausibility import UNSURE_BAND, suspect_regions
+
+    plate = np.zeros((50, 50, 12), dtype=bool)
+    plate[5:45, 5:45, 4:8] = True
+    inside = ndimage.distance_transform_edt(plate)
+    outside = ndimage.distance_transform_edt(~plate)
+    sd = np.where(plate, inside - 0.5, -(outside - 0.5))
+    q = np.zeros((3, *plate.shape), dtype=np.uint8)
+    for m, sharp in enumerate((0.6, 0.8, 1.0)):
+        q[m] = np.round(255 / (1 + np.exp(-sharp * sd))).astype(np.uint8)
+    label = _vote(q)
+    mean = q.mean(axis=0) / 255
+    in_band = (mean > UNSURE_BAND[0]) & (mean < UNSURE_BAND[1])
+    assert in_band[plate].mean() > 0.5  # the band alone would flag the whole thin organ
+    att, _ = suspect_regions(q, label, 0.027)
+    assert not att.any()

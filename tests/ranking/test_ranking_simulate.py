@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -79,6 +80,16 @@ def test_benchmarks_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
                                       "region_sensitivity", "region_precision"}
     assert bench_err.auroc([3.0, 2.0, 1.0], [True, False, False]) == 1.0
     assert bench_err.precision_at([3.0, 2.0, 1.0], [False, True, True], 2) == 0.5
+    lo, hi = bench_err.wilson(8, 10)
+    assert (lo, hi) == (0.49, 0.943)  # 95 % Wilson interval of 8/10
+    assert bench_err.wilson(0, 5)[0] == 0.0 and bench_err.wilson(5, 5)[1] == 1.0
+    for mode in ("reference", "enhanced"):
+        m = summary[mode]
+        lo, hi = m["region_precision_ci95"]
+        assert math.isnan(lo) or lo <= m["region_precision"] <= hi
+        per_kind = m["breakdown"]["kind"]
+        assert sum(n for _, n in per_kind.values()) == summary["cases"]["regions"]
+        assert sum(f for f, _ in per_kind.values()) == m["counts"]["found"]
 
 
 def test_shift_does_not_wrap_an_organ_cut_by_the_field_of_view() -> None:
