@@ -5,6 +5,7 @@ instance, and renders the montage."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -39,7 +40,11 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     referenced = {ref.ReferencedSOPInstanceUID
                   for series in seg.ReferencedSeriesSequence for ref in series.ReferencedInstanceSequence}
     assert len(sources) == 112 and referenced == sources
-    # the simulated reviewer's organ carries MANUAL segmentation in the SEG
-    manual = {s.SegmentLabel for s in seg.SegmentSequence if s.SegmentAlgorithmType == "MANUAL"}
-    assert m.group(3) in manual
+    # the simulated reviewer's organ is a radiologist's decision in the manifest, and in the SEG
+    # a MANUAL segment when the organ is present (a confirmed absence has no segment)
+    organ = json.loads((out / "export" / "manifest.json").read_text())["cases"][0]["organs"][m.group(3)]
+    assert organ["provenance"]["source"] == "radiologist" and organ["provenance"]["reviewer"] == "dr.demo"
+    kinds = {s.SegmentLabel: s.SegmentAlgorithmType for s in seg.SegmentSequence}
+    assert kinds.get(m.group(3)) == ("MANUAL" if organ["present"] else None)
+    assert set(kinds.values()) <= {"MANUAL", "AUTOMATIC"}
     assert (out / "montage.png").stat().st_size > 10_000

@@ -207,11 +207,19 @@ def test_one_trace_follows_the_study_through_all_services(deployment, first_case
     assert len(trace_id) == 32
     deadline = time.monotonic() + 20
     needed = {"atlasflow-ingest", "atlasflow-segmentation", "atlasflow-labels", "atlasflow-ranking"}
+    def roots_of(spans: list[dict]) -> list[dict]:
+        ids = {s["span_id"] for s in spans}
+        return [s for s in spans if not s["parent"] or s["parent"] not in ids]
+
+    # Each process exports its spans in batches, so a child can arrive before its parent: wait
+    # for the complete tree, not just for the services.
     while time.monotonic() < deadline:
         with receiver.lock:
             in_trace = [s for s in receiver.spans if s["trace_id"] == trace_id]
         if needed <= {s["service"] for s in in_trace} and any(
-                s["name"] == "triton.infer" for s in in_trace):
+                s["name"] == "triton.infer" for s in in_trace) and any(
+                s["name"].endswith("/RecordLabelVersion") for s in in_trace) \
+                and len(roots_of(in_trace)) == 1:
             break
         time.sleep(0.5)
     services = {s["service"] for s in in_trace}
@@ -224,9 +232,10 @@ def test_one_trace_follows_the_study_through_all_services(deployment, first_case
     triton = [s for s in in_trace if s["name"] == "triton.infer"]
     assert triton and all(s["kind"] == 3 for s in triton)  # SPAN_KIND_CLIENT
     # every span's parent is in the trace (one connected tree, one root)
-    ids = {s["span_id"] for s in in_trace}
-    roots = [s for s in in_trace if not s["parent"] or s["parent"] not in ids]
+    roots = roots_of(in_trace)
     assert len(roots) == 1, [(r["service"], r["name"]) for r in roots]
+    # labels told ranking about the version, in the same trace
+    assert ("atlasflow-ranking", "/atlasflow.ranking.v1.RankingService/RecordLabelVersion") in names
 
 
 def test_no_patient_data_in_logs_or_spans(deployment, first_case, otlp):  # type: ignore[no-untyped-def]
