@@ -156,6 +156,7 @@ def review_round(dep: LocalDeployment, case_id: str, timeout_s: float = 60.0) ->
         say(f"review round {rnd.round_number}: nothing to review")
         return
     before, organ = item.priority, item.organs[0].organ
+    drawn = "as drawn" if item.organs[0].volume_ml > 0 else "as drawn (absent: the models' doubt is dismissed)"
     head = labels.ListLabelVersions(labels_pb2.ListLabelVersionsRequest(case_id=case_id),
                                     metadata=who).versions[0]
     voxels = math.prod(head.geometry.shape)
@@ -174,7 +175,7 @@ def review_round(dep: LocalDeployment, case_id: str, timeout_s: float = 60.0) ->
             break
         time.sleep(0.2)
     say(f"review round {rnd.round_number} ({rnd.case_count} of {rnd.candidate_count} case(s)): "
-        f"dr.demo (simulated) leased the case and confirmed {ORGANS[organ]} as drawn -> label "
+        f"dr.demo (simulated) leased the case and confirmed {ORGANS[organ]} {drawn} -> label "
         f"version {version.version_id[:12]} (radiologist provenance for {ORGANS[organ]})")
     say(f"ranking heard of it: priority {before:.1f} -> {now.priority:.1f} "
         f"({ORGANS[organ]} decided by a human), status "
