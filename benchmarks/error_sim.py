@@ -50,7 +50,6 @@ Changes made while reviewing the simulator before tuning the enhanced mode (H2):
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path

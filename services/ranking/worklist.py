@@ -78,7 +78,6 @@ from typing import Any
 
 from atlasflow.common import sqlite as sq
 from atlasflow.common.errors import (
-    AtlasflowError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,

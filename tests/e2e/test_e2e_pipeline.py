@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import threading
 import time
-from collections import defaultdict
 from concurrent import futures
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from atlasflow.cli.demo_series import SENTINEL_PATIENT_DATA, write_demo_series
-from atlasflow.cli.local import LocalDeployment, free_ports
+from atlasflow.cli.local import LocalDeployment
 from atlasflow.cli.upload import UploadError, send_files, upload_requests
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.nifti import from_nifti_bytes
