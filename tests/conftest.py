@@ -26,3 +26,36 @@ def load_benchmark(name: str):  # type: ignore[no-untyped-def]
         sys.modules[name] = module
         spec.loader.exec_module(module)  # type: ignore[union-attr]
     return sys.modules[name]
+
+
+def in_process_ranking_server(store, metrics):  # type: ignore[no-untyped-def]
+    """Context manager: the real ranking gRPC server over ``store`` on port 0, served by an
+    event loop on a daemon thread; yields the port. Used where a test needs ranking itself
+    (ranking's own API tests, the segmentation worker's prior source)."""
+    import asyncio
+    import threading
+    from contextlib import contextmanager
+
+    from atlasflow.ranking.main import RankingSettings, build_ranking_server
+
+    @contextmanager
+    def run():  # type: ignore[no-untyped-def]
+        loop = asyncio.new_event_loop()
+
+        async def start():  # type: ignore[no-untyped-def]
+            built = build_ranking_server(RankingSettings(grpc_port=0), store, metrics)
+            await built.server.start()
+            await built.set_serving(True)
+            return built
+
+        built = loop.run_until_complete(start())
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        try:
+            yield built.port
+        finally:
+            asyncio.run_coroutine_threadsafe(built.stop(0), loop).result(10)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(5)
+
+    return run()

@@ -4,7 +4,6 @@ pagination, rounds, reasons/pointers round trip, the pending queue-depth gauge."
 
 from __future__ import annotations
 
-import asyncio
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -12,13 +11,13 @@ from datetime import datetime, timedelta, timezone
 
 import grpc
 import pytest
+from conftest import in_process_ranking_server
 from google.protobuf import duration_pb2
 from prometheus_client import generate_latest
 
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.server import PRINCIPAL_METADATA_KEY, error_info_of
 from atlasflow.common.v1 import common_pb2
-from atlasflow.ranking.main import RankingSettings, build_ranking_server
 from atlasflow.ranking.v1 import ranking_pb2 as pb
 from atlasflow.ranking.v1 import ranking_pb2_grpc
 from atlasflow.ranking.worklist import SqliteWorklist
@@ -43,24 +42,11 @@ def server(tmp_path):
     clock = FakeClock()
     store = SqliteWorklist(tmp_path / "ranking.sqlite3", clock=clock)
     metrics = Metrics("ranking")
-    loop = asyncio.new_event_loop()
-
-    async def start():  # type: ignore[no-untyped-def]
-        built = build_ranking_server(RankingSettings(grpc_port=0), store, metrics)
-        await built.server.start()
-        await built.set_serving(True)
-        return built
-
-    built = loop.run_until_complete(start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{built.port}")
-    stub = ranking_pb2_grpc.RankingServiceStub(channel)
-    yield stub, clock, metrics
-    channel.close()
-    asyncio.run_coroutine_threadsafe(built.stop(0), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
+    with in_process_ranking_server(store, metrics) as port:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = ranking_pb2_grpc.RankingServiceStub(channel)
+        yield stub, clock, metrics
+        channel.close()
     store.close()
 
 

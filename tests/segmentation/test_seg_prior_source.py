@@ -4,15 +4,12 @@ ranking answers, the last one kept while ranking is unreachable."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import pytest
+from conftest import in_process_ranking_server
 
 from atlasflow.cli.local import free_ports
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.plausibility import PopulationPrior
-from atlasflow.ranking.main import RankingSettings, build_ranking_server
 from atlasflow.ranking.prior import OrganSummary
 from atlasflow.ranking.worklist import SqliteWorklist
 from atlasflow.segmentation.main import RankingPrior
@@ -21,21 +18,8 @@ from atlasflow.segmentation.main import RankingPrior
 @pytest.fixture()
 def ranking(tmp_path):  # type: ignore[no-untyped-def]
     store = SqliteWorklist(tmp_path / "ranking.sqlite3")
-    loop = asyncio.new_event_loop()
-
-    async def start():  # type: ignore[no-untyped-def]
-        built = build_ranking_server(RankingSettings(grpc_port=0), store, Metrics("ranking-prior"))
-        await built.server.start()
-        await built.set_serving(True)
-        return built
-
-    built = loop.run_until_complete(start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{built.port}", store
-    asyncio.run_coroutine_threadsafe(built.stop(0), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
+    with in_process_ranking_server(store, Metrics("ranking-prior")) as port:
+        yield f"127.0.0.1:{port}", store
     store.close()
 
 
