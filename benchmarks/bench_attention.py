@@ -10,6 +10,11 @@ smooth logit noise, a false-positive island in one model), uint8 ``p*255`` as th
 stores them. Prints wall time and peak RSS growth of each, and the ratio. The baseline can run
 at a smaller ``--baseline-shape`` and be scaled by the voxel count (said so in the output);
 ``--baseline-shape`` defaults to ``--shape`` (a real run).
+
+``--enhanced`` also times the enhanced mode on top of the library's result
+(`atlasflow.common.plausibility.rank_case(..., mode="enhanced")`: suspect regions from the
+soft predictions, plausibility findings; numpy + scipy on the CPU) at ``--shape``, 1.5 mm
+voxels, as a figure of its own (the baseline has no enhanced mode to compare with).
 """
 
 from __future__ import annotations
@@ -97,6 +102,21 @@ def time_library(case: dict[int, np.ndarray], runs: int = 1) -> float:
     return best
 
 
+def time_enhanced(case: dict[int, np.ndarray], runs: int = 1, spacing_mm: float = 1.5) -> float:
+    """Best wall time of `rank_case` in enhanced mode (the reference attention computed
+    before, not timed)."""
+    from atlasflow.common.plausibility import rank_case
+
+    res = case_attention({k: torch.from_numpy(v) for k, v in case.items()})
+    affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        rank_case(res, affine, mode="enhanced")
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def time_baseline(case: dict[int, np.ndarray]) -> float:
     t0 = time.perf_counter()
     res = reference_attention_numpy(case)
@@ -112,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", type=int, default=3)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--enhanced", action="store_true", help="also time the enhanced mode (rank_case)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -127,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "generate_s": round(gen_s, 2), "library_s": round(lib_s, 3),
                                  "library_peak_rss_growth_mib": round(lib_rss, 1),
                                  "torch_threads": torch.get_num_threads()}
+    if args.enhanced:
+        report["enhanced_s"] = round(time_enhanced(case, args.runs), 3)
     if not args.skip_baseline:
         bshape = tuple(args.baseline_shape or shape)
         if bshape != shape:

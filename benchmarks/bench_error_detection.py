@@ -5,8 +5,9 @@ varied anatomy from the bundled labels, one injected error shared by 1, 2 or 3 o
     .venv/bin/python benchmarks/bench_error_detection.py [--seeds 100-199] [--prior-seeds 0-49] \
         [--size-scale 1.0] [--confidence C] [--jobs 2] [--table] [--json OUT]
 
-Protocol (H6): tune on seeds 0-49 (and forced-kind variants of them); report on seeds 100-199
-(the default) and 200-299, never looked at while tuning. ``--confidence 1.0`` simulates erring
+Protocol: tune on seeds 0-99 (0-49 since H6, 50-99 added in the third session, and
+forced-kind variants of 0-49); report on seeds 100-199 (the default) and 200-299, never looked
+at while tuning. ``--confidence 1.0`` simulates erring
 models that are as sure of their error as of true anatomy (the simulator's behaviour before H2;
 see error_sim). Metrics per mode:
 - case level (a case is erroneous when its ensemble has at least one error region): AUROC of

@@ -142,7 +142,7 @@ def _vote(q: np.ndarray) -> np.ndarray:
 
 
 def test_suspect_regions_find_doubtful_majorities_and_shared_doubt_not_a_lone_dissenter() -> None:
-    from atlasflow.common.plausibility import suspect_regions
+    from atlasflow.common.plausibility import SUSPECT_GROW, suspect_regions
 
     vml = 0.027  # 3 mm voxels: the 6^3 block is 5.8 ml
     # two doubtful models outvote a sure one: the label holds the block, and it is suspect
@@ -151,7 +151,9 @@ def test_suspect_regions_find_doubtful_majorities_and_shared_doubt_not_a_lone_di
     assert label[block].all()
     att, ev = suspect_regions(q, label, vml)
     assert att[block].mean() > 0.5 and ev["contested_ml"] > 0
-    assert not att[~ndimage.binary_dilation(block, iterations=2)].any()  # the ball's boundary is not
+    # the ball's boundary is not, beyond the few voxels a kept region grows back into
+    near = ndimage.binary_dilation(block, structure=np.ones((3, 3, 3), dtype=bool), iterations=2 + SUSPECT_GROW)
+    assert not att[~near].any()
     # one doubtful model outvoted by two sure ones: the label is right, nothing to look at
     q, block = _ball_probs([True, False, False], 0.7)
     label = _vote(q)
@@ -189,3 +191,4 @@ def test_thin_organ_doubt_from_its_own_thinness_is_not_suspect_but_deeper_doubt_
     assert in_band[plate].mean() > 0.5  # the band alone would flag the whole thin organ
     att, _ = suspect_regions(q, label, 0.027)
     assert not att.any()
+
