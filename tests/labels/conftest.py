@@ -7,7 +7,8 @@ its unix socket in the same directory; it is stopped (`-m immediate`) and remove
 Each test asks `pg_database()` for a database of its own.
 
 Test modules do `from conftest import SHARED_DATA`; with two conftest.py files on sys.path the
-module named "conftest" may be this one, so it re-exports the root conftest's names.
+module named "conftest" may be this one, so it re-exports the root conftest's names
+(SHARED_DATA, REPO, load_benchmark, in_process_ranking_server).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def _root_conftest():  # type: ignore[no-untyped-def]
 _ROOT = _root_conftest()
 REPO = _ROOT.REPO
 SHARED_DATA = _ROOT.SHARED_DATA
+load_benchmark = _ROOT.load_benchmark
+in_process_ranking_server = _ROOT.in_process_ranking_server
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
