@@ -11,10 +11,11 @@ stores them. Prints wall time and peak RSS growth of each, and the ratio. The ba
 at a smaller ``--baseline-shape`` and be scaled by the voxel count (said so in the output);
 ``--baseline-shape`` defaults to ``--shape`` (a real run).
 
-``--enhanced`` also times the enhanced mode on top of the library's result
-(`atlasflow.common.plausibility.rank_case(..., mode="enhanced")`: suspect regions from the
-soft predictions, plausibility findings; numpy + scipy on the CPU) at ``--shape``, 1.5 mm
-voxels, as a figure of its own (the baseline has no enhanced mode to compare with).
+``--enhanced`` also times the enhanced mode on top of the library's result at ``--shape``,
+1.5 mm voxels: the whole `atlasflow.common.plausibility.rank_case(..., mode="enhanced")`
+(``enhanced_s``), and its suspect regions alone, torch (`suspect_regions`, the product) against
+the numpy + scipy original (`benchmarks/suspect_regions_numpy.py`) on the same organs, with the
+ratio (``suspect_numpy_over_torch``).
 """
 
 from __future__ import annotations
@@ -102,19 +103,34 @@ def time_library(case: dict[int, np.ndarray], runs: int = 1) -> float:
     return best
 
 
-def time_enhanced(case: dict[int, np.ndarray], runs: int = 1, spacing_mm: float = 1.5) -> float:
-    """Best wall time of `rank_case` in enhanced mode (the reference attention computed
+def time_enhanced(case: dict[int, np.ndarray], runs: int = 1, spacing_mm: float = 1.5) -> dict[str, float]:
+    """Best wall times (s) of `rank_case` in enhanced mode, and of the suspect regions of its
+    organs by the product (torch) and by the numpy original (the reference attention computed
     before, not timed)."""
-    from atlasflow.common.plausibility import rank_case
+    from suspect_regions_numpy import suspect_regions_numpy
+
+    from atlasflow.common.plausibility import rank_case, suspect_regions
 
     res = case_attention({k: torch.from_numpy(v) for k, v in case.items()})
     affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
-    best = float("inf")
+    vml = spacing_mm ** 3 / 1000.0
+    organs = [(r.probs, r.ensemble) for r in res.organs.values() if r.probs is not None and r.ensemble is not None]
+    best = {"enhanced_s": float("inf"), "suspect_torch_s": float("inf"), "suspect_numpy_s": float("inf")}
     for _ in range(runs):
         t0 = time.perf_counter()
         rank_case(res, affine, mode="enhanced")
-        best = min(best, time.perf_counter() - t0)
-    return best
+        t1 = time.perf_counter()
+        for q, lab in organs:
+            suspect_regions(q, lab, vml)
+        t2 = time.perf_counter()
+        for q, lab in organs:
+            suspect_regions_numpy(q.cpu().numpy(), lab.cpu().numpy(), vml)
+        t3 = time.perf_counter()
+        for key, dt in (("enhanced_s", t1 - t0), ("suspect_torch_s", t2 - t1), ("suspect_numpy_s", t3 - t2)):
+            best[key] = min(best[key], dt)
+    out = {k: round(v, 3) for k, v in best.items()}
+    out["suspect_numpy_over_torch"] = round(best["suspect_numpy_s"] / best["suspect_torch_s"], 2)
+    return out
 
 
 def time_baseline(case: dict[int, np.ndarray]) -> float:
@@ -149,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "library_peak_rss_growth_mib": round(lib_rss, 1),
                                  "torch_threads": torch.get_num_threads()}
     if args.enhanced:
-        report["enhanced_s"] = round(time_enhanced(case, args.runs), 3)
+        report.update(time_enhanced(case, args.runs))
     if not args.skip_baseline:
         bshape = tuple(args.baseline_shape or shape)
         if bshape != shape:

@@ -38,8 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from scipy import ndimage
 
+from atlasflow.common.attention import binary_dilation, binary_opening
 from atlasflow.common.organs import ORGAN_IDS, ORGANS
 
 PRIOR_PATH = Path(__file__).with_name("plausibility_prior.json")
@@ -533,29 +535,68 @@ DOUBT_MIN_DEPTH = 1
 DOUBT_MAX_DEPTH = 6
 
 
-def _doubt_beyond_profile(mean: np.ndarray, dbin: np.ndarray) -> np.ndarray:
+def _median_f32(x: torch.Tensor) -> float:
+    """``np.median`` of a 1-D float32 tensor, as numpy computes it (mean of the two middle
+    values, in float32, for an even count)."""
+    n = x.numel()
+    hi = torch.kthvalue(x, n // 2 + 1).values
+    if n % 2:
+        return float(hi)
+    lo = torch.kthvalue(x, n // 2).values
+    return float((lo + hi) / 2)
+
+
+def _doubt_beyond_profile(mean: torch.Tensor, dbin: torch.Tensor) -> torch.Tensor:
     """Bool, shape of ``mean``: voxels where the ensemble is less sure than the organ's own
-    boundary profile predicts. ``mean``: float mean probability ``(X, Y, Z)``; ``dbin``: each
+    boundary profile predicts. ``mean``: float32 mean probability ``(X, Y, Z)``; ``dbin``: each
     voxel's depth bin from the label's boundary (`_depth_bins`); the typical confidence at a depth is the
     median of ``|2 mean - 1|`` over all voxels of the crop at that depth, inside and outside
     (most of them are right: the profile is the models' own sharpness, so a thin organ whose
     interior never gets far from its boundary is not "unsure" for that)."""
-    conf = np.abs(2.0 * mean - 1.0)
-    typical = np.zeros(DOUBT_MAX_DEPTH + 1, dtype=np.float32)
+    conf = torch.abs(2.0 * mean - 1.0)
+    typical = torch.zeros(DOUBT_MAX_DEPTH + 1, dtype=torch.float32)
     for d in range(DOUBT_MIN_DEPTH, DOUBT_MAX_DEPTH + 1):
         sel = conf[dbin == d]
-        typical[d] = float(np.median(sel)) if sel.size else 1.0
+        typical[d] = _median_f32(sel) if sel.numel() else 1.0
+    typical = typical.to(mean.device)
     return (dbin >= DOUBT_MIN_DEPTH) & (conf < DOUBT_RATIO * typical[dbin])
 
 
-def _depth_bins(side: np.ndarray) -> np.ndarray:
+def _sq_distance_capped(target: torch.Tensor, reach: int) -> torch.Tensor:
+    """Int16, shape of ``target`` (bool): squared Euclidean distance (voxels) from each voxel
+    to the nearest ``target`` voxel of the array, exact wherever it is at most ``reach + 0.5``
+    (every larger value is some number above that; the caller caps). Three separable min-plus
+    passes over offsets ``-reach..reach`` per axis: a nearest point within ``reach + 0.5`` is
+    within ``reach`` voxels along every axis, so the passes see it. Outside the array counts
+    as no target (as ``scipy.ndimage.distance_transform_edt``)."""
+    big = 3 * (reach + 1) ** 2
+    d = torch.where(target, 0, big).to(torch.int16)
+    for axis in range(3):
+        n = d.shape[axis]
+        out = d.clone()
+        for o in range(1, min(reach, n - 1) + 1):
+            add = o * o
+            a = d.narrow(axis, o, n - o) + add  # neighbour at +o
+            out.narrow(axis, 0, n - o).copy_(torch.minimum(out.narrow(axis, 0, n - o), a))
+            b = d.narrow(axis, 0, n - o) + add  # neighbour at -o
+            out.narrow(axis, o, n - o).copy_(torch.minimum(out.narrow(axis, o, n - o), b))
+        d = out.clamp_(max=big)
+    return d
+
+
+def _depth_bins(side: torch.Tensor) -> torch.Tensor:
     """Int64, shape of ``side`` (the label, bool): each voxel's Euclidean distance (voxels) to
-    the other side of the label's boundary, rounded and capped at `DOUBT_MAX_DEPTH` (>= 1)."""
-    depth = np.where(side, ndimage.distance_transform_edt(side), ndimage.distance_transform_edt(~side))
-    return np.minimum(np.rint(depth), DOUBT_MAX_DEPTH).astype(np.int64)
+    the other side of the label's boundary, rounded and capped at `DOUBT_MAX_DEPTH` (>= 1;
+    ``min(rint(distance_transform_edt), DOUBT_MAX_DEPTH)`` exactly, from integer squared
+    distances: ``rint(sqrt(s)) >= b`` iff ``s > b^2 - b``)."""
+    s = torch.where(side, _sq_distance_capped(~side, DOUBT_MAX_DEPTH), _sq_distance_capped(side, DOUBT_MAX_DEPTH))
+    out = torch.zeros(side.shape, dtype=torch.int64, device=side.device)
+    for b in range(1, DOUBT_MAX_DEPTH + 1):
+        out += s > b * b - b
+    return out
 
 
-def _model_profile_conf(q: np.ndarray, dbin: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+def _model_profile_conf(q: torch.Tensor, dbin: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
     """Float32 ``(M, X, Y, Z)``: each model's confidence ``|2p - 1|`` divided by that model's
     typical (median) confidence at the same depth from the label's boundary (``dbin``, from
     `_depth_bins`), capped at 1.5. The typical value is taken over ``where`` (bool; all voxels
@@ -563,28 +604,35 @@ def _model_profile_conf(q: np.ndarray, dbin: np.ndarray, where: np.ndarray | Non
     does not lower the typical confidence of its own depth. A sharp model and a soft one become
     comparable, and a model near the boundary is not "unsure" for being near it. Exact
     medians via a histogram of the 256 uint8 confidence levels per depth."""
-    cq = np.abs(2 * q.astype(np.int16) - 255).astype(np.int64)  # 0..255, |2p - 1| * 255
-    out = np.empty(q.shape, dtype=np.float32)
     nb = DOUBT_MAX_DEPTH + 1
+    base = dbin * 256
+    levels = torch.arange(256, dtype=torch.float64, device=q.device)
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     for m in range(q.shape[0]):
-        key = dbin * 256 + cq[m]
-        hist = np.bincount((key if where is None else key[where]).ravel(), minlength=nb * 256).reshape(nb, 256)
-        cum = np.cumsum(hist, axis=1)
+        key = base + torch.abs(2 * q[m].to(torch.int16) - 255)  # depth * 256 + |2p - 1| * 255
+        hist = torch.bincount((key if where is None else key[where]).reshape(-1), minlength=nb * 256).reshape(nb, 256)
+        cum = torch.cumsum(hist, dim=1)
         half = (cum[:, -1] + 1) // 2
-        typical = np.array([int(np.searchsorted(cum[d], half[d])) if cum[d, -1] else 255 for d in range(nb)],
-                           dtype=np.float32)
-        out[m] = np.minimum(cq[m] / np.maximum(typical[dbin], 1.0), 1.5)
+        typical = torch.searchsorted(cum, half[:, None]).reshape(-1).to(torch.float64)
+        typical = torch.where(cum[:, -1] > 0, typical, 255.0)
+        # (depth, level) -> level / typical(depth), capped: divided in float64, then float32
+        table = torch.clamp(levels[None, :] / torch.clamp(typical, min=1.0)[:, None], max=1.5).to(torch.float32)
+        out[m] = table.reshape(-1)[key]
     return out
 
 
-def _open(mask: np.ndarray, iterations: int) -> np.ndarray:
-    return ndimage.binary_opening(mask, structure=_CUBE, iterations=iterations) if iterations else mask
+def _open(mask: torch.Tensor, iterations: int) -> torch.Tensor:
+    return binary_opening(mask, iterations) if iterations else mask
 
 
-def suspect_regions(q: np.ndarray, label: np.ndarray, voxel_ml: float) -> tuple[np.ndarray, dict[str, float]]:
+def suspect_regions(q: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor,
+                    voxel_ml: float) -> tuple[np.ndarray, dict[str, float]]:
     """Enhanced attention of one organ: the compact regions where the ensemble's label is
     likely wrong. ``q``: uint8 ``(M, X, Y, Z)`` soft predictions ``p*255`` as the models gave
-    them (a crop). Returns a bool ``(X, Y, Z)`` mask and its evidence (ml per kind).
+    them (a crop); ``label``: bool ``(X, Y, Z)``. Returns a bool ``(X, Y, Z)`` numpy mask and its
+    evidence (ml per kind). Runs in torch on ``q``'s device (the segmentation pipeline's GPU);
+    the connected components are labelled on the CPU (scipy). Bit-exact against the numpy +
+    scipy original kept as the oracle in benchmarks/suspect_regions_numpy.py.
 
     Two kinds of evidence, each opened (3x3x3, once; `UNSURE_OPENING` times for the unsure
     voxels) so that the boundary wobble of ordinary models drops out, then joined into 26-connected candidate components:
@@ -614,39 +662,52 @@ def suspect_regions(q: np.ndarray, label: np.ndarray, voxel_ml: float) -> tuple[
     back `SUSPECT_GROW` voxels into the raw contested and unsure voxels around it (what the
     opening stripped). Constants tuned on the simulator's seeds 0-99 and forced-kind variants
     of 0-49 (never on the report blocks 100-299)."""
+    q = torch.as_tensor(q)
+    side = torch.as_tensor(label, device=q.device).to(torch.bool)
     m = q.shape[0]
-    p = q.astype(np.float32) / 255.0
+    p = q.to(torch.float32) / 255.0
     dec = q >= 128
-    votes = dec.sum(axis=0)
-    mean = p.mean(axis=0)
-    side = np.asarray(label, dtype=bool)
+    votes = dec.sum(dim=0)
+    mean = p[0].clone()
+    for pm in p[1:]:
+        mean += pm  # numpy's axis-0 order: ((p0 + p1) + p2) / m in float32
+    mean /= m
     contested = (votes > 0) & (votes < m)
     dbin = _depth_bins(side)
     conf = _model_profile_conf(q, dbin, ~contested)
     agree = dec == side[None]
-    n_agree = agree.sum(axis=0)
-    c_agree = (conf * agree).sum(axis=0) / np.maximum(n_agree, 1)
-    c_out = (conf * ~agree).sum(axis=0) / np.maximum(m - n_agree, 1)
+    n_agree = agree.sum(dim=0)
+    s_agree = conf[0] * agree[0]
+    s_out = conf[0] * ~agree[0]
+    for c, a in zip(conf[1:], agree[1:]):
+        s_agree += c * a
+        s_out += c * ~a
+    c_agree = s_agree.to(torch.float64) / torch.clamp(n_agree, min=1)
+    c_out = s_out.to(torch.float64) / torch.clamp(m - n_agree, min=1)
     suspect_c = contested & (c_out - c_agree >= ASYMMETRY_MIN)
     unsure = ~contested & (mean > UNSURE_BAND[0]) & (mean < UNSURE_BAND[1])  # shapes the candidates
     doubt = unsure & _doubt_beyond_profile(mean, dbin)  # is the evidence
     cand = _open(contested, 1) | _open(unsure, UNSURE_OPENING)
-    lab, n = ndimage.label(cand, structure=_CUBE)
+    lab_np, n = ndimage.label(cand.cpu().numpy(), structure=_CUBE)  # components on the CPU (C)
     if n == 0:
-        return cand, {"contested_ml": 0.0, "unsure_ml": 0.0}
-    total = np.bincount(lab.ravel(), minlength=n + 1)
-    ev_c = np.bincount(lab[suspect_c], minlength=n + 1)
-    ev_u = np.bincount(lab[doubt & cand], minlength=n + 1)
-    ml = total * voxel_ml
-    keep = (ml >= SUSPECT_MIN_ML) & (ev_c >= EVIDENCE_FRACTION * total)
-    keep |= (ml >= SUSPECT_MIN_ML) & (total >= UNSURE_MIN_VOXELS) & ((ev_c + ev_u) >= EVIDENCE_FRACTION * total)
-    keep |= (ml >= SUSPECT_MIN_ML) & ((ev_c + ev_u) >= UNSURE_SMALL_FRACTION * total)
+        return np.zeros(tuple(side.shape), dtype=bool), {"contested_ml": 0.0, "unsure_ml": 0.0}
+    lab = torch.from_numpy(lab_np.astype(np.int64, copy=False)).to(q.device)
+    total = torch.bincount(lab.reshape(-1), minlength=n + 1)
+    ev_c = torch.bincount(lab[suspect_c], minlength=n + 1)
+    ev_u = torch.bincount(lab[doubt & cand], minlength=n + 1)
+    total64 = total.to(torch.float64)  # the thresholds in float64, as numpy compares them
+    big = total64 * voxel_ml >= SUSPECT_MIN_ML
+    keep = big & (ev_c >= EVIDENCE_FRACTION * total64)
+    keep |= big & (total >= UNSURE_MIN_VOXELS) & ((ev_c + ev_u) >= EVIDENCE_FRACTION * total64)
+    keep |= big & ((ev_c + ev_u) >= UNSURE_SMALL_FRACTION * total64)
     keep[0] = False
     out = keep[lab]
-    if SUSPECT_GROW and out.any():  # grow back what the opening stripped (see SUSPECT_GROW)
-        out = ndimage.binary_dilation(out, structure=_CUBE, iterations=SUSPECT_GROW, mask=contested | unsure) | out
-    return out, {"contested_ml": float((suspect_c & out).sum()) * voxel_ml,
-                 "unsure_ml": float((doubt & out).sum()) * voxel_ml}
+    if SUSPECT_GROW and bool(out.any()):  # grow back what the opening stripped (see SUSPECT_GROW)
+        room = contested | unsure
+        for _ in range(SUSPECT_GROW):
+            out = out | (binary_dilation(out, 1) & room)
+    return out.cpu().numpy(), {"contested_ml": float((suspect_c & out).sum()) * voxel_ml,
+                               "unsure_ml": float((doubt & out).sum()) * voxel_ml}
 
 
 #: findings whose region joins the enhanced attention (the others are reasons and score only:
@@ -706,7 +767,7 @@ def rank_case(case: Any, affine: np.ndarray, *, mode: str = "reference",
         evidence: dict[str, float] = {}
         if mode == "enhanced":
             if r.probs is not None:
-                a, evidence = suspect_regions(r.probs.cpu().numpy(), r.ensemble.cpu().numpy(), voxel_ml)
+                a, evidence = suspect_regions(r.probs, r.ensemble, voxel_ml)
             else:
                 a = np.zeros(a.shape, dtype=bool)
         if att is not None and mode == "reference":

@@ -1,0 +1,114 @@
+"""ORACLE, not product code: the enhanced attention's `suspect_regions` as it was first written,
+in numpy + scipy on the CPU (distance transforms by `scipy.ndimage.distance_transform_edt`,
+morphology by `scipy.ndimage`). `atlasflow.common.plausibility.suspect_regions` is the torch
+version that runs where the soft predictions are; tests/ranking/test_ranking_suspect_torch.py
+checks that both give the same masks and evidence bit for bit, and
+``benchmarks/bench_attention.py --enhanced`` times both. The constants are the product's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from atlasflow.common.plausibility import (
+    ASYMMETRY_MIN,
+    DOUBT_MAX_DEPTH,
+    DOUBT_MIN_DEPTH,
+    DOUBT_RATIO,
+    EVIDENCE_FRACTION,
+    SUSPECT_GROW,
+    SUSPECT_MIN_ML,
+    UNSURE_BAND,
+    UNSURE_MIN_VOXELS,
+    UNSURE_OPENING,
+    UNSURE_SMALL_FRACTION,
+)
+
+_CUBE = np.ones((3, 3, 3), dtype=bool)
+
+
+def _doubt_beyond_profile(mean: np.ndarray, dbin: np.ndarray) -> np.ndarray:
+    """Bool, shape of ``mean``: voxels where the ensemble is less sure than the organ's own
+    boundary profile predicts. ``mean``: float mean probability ``(X, Y, Z)``; ``dbin``: each
+    voxel's depth bin from the label's boundary (`_depth_bins`); the typical confidence at a depth is the
+    median of ``|2 mean - 1|`` over all voxels of the crop at that depth, inside and outside
+    (most of them are right: the profile is the models' own sharpness, so a thin organ whose
+    interior never gets far from its boundary is not "unsure" for that)."""
+    conf = np.abs(2.0 * mean - 1.0)
+    typical = np.zeros(DOUBT_MAX_DEPTH + 1, dtype=np.float32)
+    for d in range(DOUBT_MIN_DEPTH, DOUBT_MAX_DEPTH + 1):
+        sel = conf[dbin == d]
+        typical[d] = float(np.median(sel)) if sel.size else 1.0
+    return (dbin >= DOUBT_MIN_DEPTH) & (conf < DOUBT_RATIO * typical[dbin])
+
+
+def _depth_bins(side: np.ndarray) -> np.ndarray:
+    """Int64, shape of ``side`` (the label, bool): each voxel's Euclidean distance (voxels) to
+    the other side of the label's boundary, rounded and capped at `DOUBT_MAX_DEPTH` (>= 1)."""
+    depth = np.where(side, ndimage.distance_transform_edt(side), ndimage.distance_transform_edt(~side))
+    return np.minimum(np.rint(depth), DOUBT_MAX_DEPTH).astype(np.int64)
+
+
+def _model_profile_conf(q: np.ndarray, dbin: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+    """Float32 ``(M, X, Y, Z)``: each model's confidence ``|2p - 1|`` divided by that model's
+    typical (median) confidence at the same depth from the label's boundary (``dbin``, from
+    `_depth_bins`), capped at 1.5. The typical value is taken over ``where`` (bool; all voxels
+    if None): `suspect_regions` passes the voxels where the models agree, so that a large error
+    does not lower the typical confidence of its own depth. A sharp model and a soft one become
+    comparable, and a model near the boundary is not "unsure" for being near it. Exact
+    medians via a histogram of the 256 uint8 confidence levels per depth."""
+    cq = np.abs(2 * q.astype(np.int16) - 255).astype(np.int64)  # 0..255, |2p - 1| * 255
+    out = np.empty(q.shape, dtype=np.float32)
+    nb = DOUBT_MAX_DEPTH + 1
+    for m in range(q.shape[0]):
+        key = dbin * 256 + cq[m]
+        hist = np.bincount((key if where is None else key[where]).ravel(), minlength=nb * 256).reshape(nb, 256)
+        cum = np.cumsum(hist, axis=1)
+        half = (cum[:, -1] + 1) // 2
+        typical = np.array([int(np.searchsorted(cum[d], half[d])) if cum[d, -1] else 255 for d in range(nb)],
+                           dtype=np.float32)
+        out[m] = np.minimum(cq[m] / np.maximum(typical[dbin], 1.0), 1.5)
+    return out
+
+
+def _open(mask: np.ndarray, iterations: int) -> np.ndarray:
+    return ndimage.binary_opening(mask, structure=_CUBE, iterations=iterations) if iterations else mask
+
+
+def suspect_regions_numpy(q: np.ndarray, label: np.ndarray, voxel_ml: float) -> tuple[np.ndarray, dict[str, float]]:
+    """The numpy + scipy original of `atlasflow.common.plausibility.suspect_regions` (same
+    arguments and results)."""
+    m = q.shape[0]
+    p = q.astype(np.float32) / 255.0
+    dec = q >= 128
+    votes = dec.sum(axis=0)
+    mean = p.mean(axis=0)
+    side = np.asarray(label, dtype=bool)
+    contested = (votes > 0) & (votes < m)
+    dbin = _depth_bins(side)
+    conf = _model_profile_conf(q, dbin, ~contested)
+    agree = dec == side[None]
+    n_agree = agree.sum(axis=0)
+    c_agree = (conf * agree).sum(axis=0) / np.maximum(n_agree, 1)
+    c_out = (conf * ~agree).sum(axis=0) / np.maximum(m - n_agree, 1)
+    suspect_c = contested & (c_out - c_agree >= ASYMMETRY_MIN)
+    unsure = ~contested & (mean > UNSURE_BAND[0]) & (mean < UNSURE_BAND[1])  # shapes the candidates
+    doubt = unsure & _doubt_beyond_profile(mean, dbin)  # is the evidence
+    cand = _open(contested, 1) | _open(unsure, UNSURE_OPENING)
+    lab, n = ndimage.label(cand, structure=_CUBE)
+    if n == 0:
+        return cand, {"contested_ml": 0.0, "unsure_ml": 0.0}
+    total = np.bincount(lab.ravel(), minlength=n + 1)
+    ev_c = np.bincount(lab[suspect_c], minlength=n + 1)
+    ev_u = np.bincount(lab[doubt & cand], minlength=n + 1)
+    ml = total * voxel_ml
+    keep = (ml >= SUSPECT_MIN_ML) & (ev_c >= EVIDENCE_FRACTION * total)
+    keep |= (ml >= SUSPECT_MIN_ML) & (total >= UNSURE_MIN_VOXELS) & ((ev_c + ev_u) >= EVIDENCE_FRACTION * total)
+    keep |= (ml >= SUSPECT_MIN_ML) & ((ev_c + ev_u) >= UNSURE_SMALL_FRACTION * total)
+    keep[0] = False
+    out = keep[lab]
+    if SUSPECT_GROW and out.any():  # grow back what the opening stripped (see SUSPECT_GROW)
+        out = ndimage.binary_dilation(out, structure=_CUBE, iterations=SUSPECT_GROW, mask=contested | unsure) | out
+    return out, {"contested_ml": float((suspect_c & out).sum()) * voxel_ml,
+                 "unsure_ml": float((doubt & out).sum()) * voxel_ml}
