@@ -20,7 +20,8 @@ see error_sim). Metrics per mode:
   sensitivity = found / all regions. Precision: the attention's connected components that
   hold at least half of an error region, or whose voxels are at least 25 % error voxels,
   over all attention components of >= 1 ml (smaller specks are not shown to a reader).
-  Both come with 95 % Wilson intervals, and the sensitivity with a breakdown per injected
+  Both come with 95 % Wilson intervals (regions as independent trials) and case-bootstrap
+  intervals (cases resampled, `case_bootstrap`), and the sensitivity with a breakdown per injected
   error kind, per number of models sharing the error and per organ (``breakdown``: [found, n]).
 
 The prior: the bundled one, updated with the TRUE label maps of the tuning seeds 0-49
@@ -161,6 +162,26 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return round(max(c - h, 0.0), 3), round(min(c + h, 1.0), 3)
 
 
+def case_bootstrap(rows: list[dict[str, object]], mode: str, n_boot: int = 2000, seed: int = 0
+                   ) -> dict[str, tuple[float, float]]:
+    """95 % percentile intervals of region sensitivity and precision from resampling CASES with
+    replacement (``n_boot`` times): the regions and attention components of one case stay
+    together, so the interval accounts for their dependence (a swap gives two regions per
+    kidney pair) where `wilson` treats them as independent trials."""
+    found = np.array([int(r[mode]["found"]) for r in rows])  # type: ignore[index]
+    regions = np.array([int(r["regions"]) for r in rows])  # type: ignore[call-overload]
+    tp = np.array([int(r[mode]["att_tp"]) for r in rows])  # type: ignore[index]
+    shown = np.array([int(r[mode]["att_regions"]) for r in rows])  # type: ignore[index]
+    idx = np.random.default_rng(seed).integers(0, len(rows), size=(n_boot, len(rows)))
+    out: dict[str, tuple[float, float]] = {}
+    for key, num, den in (("region_sensitivity", found, regions), ("region_precision", tp, shown)):
+        d = den[idx].sum(axis=1)
+        ratios = num[idx].sum(axis=1)[d > 0] / d[d > 0]
+        out[key] = ((round(float(np.percentile(ratios, 2.5)), 3), round(float(np.percentile(ratios, 97.5)), 3))
+                    if ratios.size else (float("nan"), float("nan")))
+    return out
+
+
 def breakdown(rows: list[dict[str, object]], mode: str) -> dict[str, dict[str, list[int]]]:
     """Found / all error regions per injected error kind, per number of models sharing it and
     per organ of the region, for one mode: ``{"kind": {"leak": [found, n], ...}, ...}``."""
@@ -196,6 +217,7 @@ def summarise(rows: list[dict[str, object]]) -> dict[str, dict[str, float]]:
             "region_sensitivity_ci95": wilson(found, total_regions),
             "region_precision": round(tp / att_regions, 3) if att_regions else float("nan"),
             "region_precision_ci95": wilson(tp, att_regions),
+            "case_bootstrap_ci95": case_bootstrap(rows, mode),
             "counts": {"found": found, "regions": total_regions, "att_tp": tp, "att_regions": att_regions},
             "breakdown": breakdown(rows, mode),
         }
@@ -216,6 +238,9 @@ def format_table(summary: dict[str, dict[str, object]]) -> str:
                      f"first-wrong {m['first_organ_is_wrong']}  sensitivity {m['region_sensitivity']} "
                      f"[{lo_s}, {hi_s}] ({c['found']}/{c['regions']})  precision {m['region_precision']} "  # type: ignore[index]
                      f"[{lo_p}, {hi_p}] ({c['att_tp']}/{c['att_regions']})")  # type: ignore[index]
+        bs = m["case_bootstrap_ci95"]
+        lines.append(f"  case-bootstrap 95 %: sensitivity {list(bs['region_sensitivity'])}  "  # type: ignore[index]
+                     f"precision {list(bs['region_precision'])}")  # type: ignore[index]
         for key, cells in m["breakdown"].items():  # type: ignore[union-attr]
             lines.append(f"  {key:7s} " + "  ".join(f"{v}: {f}/{n}" for v, (f, n) in sorted(cells.items())))
     return "\n".join(lines)

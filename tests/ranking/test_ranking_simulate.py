@@ -83,6 +83,14 @@ def test_benchmarks_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
     lo, hi = bench_err.wilson(8, 10)
     assert (lo, hi) == (0.49, 0.943)  # 95 % Wilson interval of 8/10
     assert bench_err.wilson(0, 5)[0] == 0.0 and bench_err.wilson(5, 5)[1] == 1.0
+    # case bootstrap: cases resampled whole; all-found cases give a degenerate interval at 1, and
+    # one case that holds most regions widens the interval beyond the trial-count one
+    rows = [{"regions": 2, "enhanced": {"found": 2, "att_tp": 1, "att_regions": 1}} for _ in range(10)]
+    assert bench_err.case_bootstrap(rows, "enhanced")["region_sensitivity"] == (1.0, 1.0)
+    rows = ([{"regions": 1, "enhanced": {"found": 1, "att_tp": 1, "att_regions": 1}} for _ in range(9)]
+            + [{"regions": 9, "enhanced": {"found": 0, "att_tp": 0, "att_regions": 1}}])
+    lo, hi = bench_err.case_bootstrap(rows, "enhanced")["region_sensitivity"]
+    assert lo < bench_err.wilson(9, 18)[0] and hi > bench_err.wilson(9, 18)[1]
     for mode in ("reference", "enhanced"):
         m = summary[mode]
         lo, hi = m["region_precision_ci95"]
