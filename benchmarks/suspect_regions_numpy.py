@@ -29,12 +29,7 @@ _CUBE = np.ones((3, 3, 3), dtype=bool)
 
 
 def _doubt_beyond_profile(mean: np.ndarray, dbin: np.ndarray) -> np.ndarray:
-    """Bool, shape of ``mean``: voxels where the ensemble is less sure than the organ's own
-    boundary profile predicts. ``mean``: float mean probability ``(X, Y, Z)``; ``dbin``: each
-    voxel's depth bin from the label's boundary (`_depth_bins`); the typical confidence at a depth is the
-    median of ``|2 mean - 1|`` over all voxels of the crop at that depth, inside and outside
-    (most of them are right: the profile is the models' own sharpness, so a thin organ whose
-    interior never gets far from its boundary is not "unsure" for that)."""
+    """Oracle of `plausibility._doubt_beyond_profile` (same contract)."""
     conf = np.abs(2.0 * mean - 1.0)
     typical = np.zeros(DOUBT_MAX_DEPTH + 1, dtype=np.float32)
     for d in range(DOUBT_MIN_DEPTH, DOUBT_MAX_DEPTH + 1):
@@ -44,20 +39,13 @@ def _doubt_beyond_profile(mean: np.ndarray, dbin: np.ndarray) -> np.ndarray:
 
 
 def _depth_bins(side: np.ndarray) -> np.ndarray:
-    """Int64, shape of ``side`` (the label, bool): each voxel's Euclidean distance (voxels) to
-    the other side of the label's boundary, rounded and capped at `DOUBT_MAX_DEPTH` (>= 1)."""
+    """Oracle of `plausibility._depth_bins`: scipy's Euclidean distance transforms, rounded, capped."""
     depth = np.where(side, ndimage.distance_transform_edt(side), ndimage.distance_transform_edt(~side))
     return np.minimum(np.rint(depth), DOUBT_MAX_DEPTH).astype(np.int64)
 
 
 def _model_profile_conf(q: np.ndarray, dbin: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
-    """Float32 ``(M, X, Y, Z)``: each model's confidence ``|2p - 1|`` divided by that model's
-    typical (median) confidence at the same depth from the label's boundary (``dbin``, from
-    `_depth_bins`), capped at 1.5. The typical value is taken over ``where`` (bool; all voxels
-    if None): `suspect_regions` passes the voxels where the models agree, so that a large error
-    does not lower the typical confidence of its own depth. A sharp model and a soft one become
-    comparable, and a model near the boundary is not "unsure" for being near it. Exact
-    medians via a histogram of the 256 uint8 confidence levels per depth."""
+    """Oracle of `plausibility._model_profile_conf` (same contract), numpy histograms."""
     cq = np.abs(2 * q.astype(np.int16) - 255).astype(np.int64)  # 0..255, |2p - 1| * 255
     out = np.empty(q.shape, dtype=np.float32)
     nb = DOUBT_MAX_DEPTH + 1
