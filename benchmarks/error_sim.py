@@ -50,6 +50,7 @@ Changes made while reviewing the simulator before tuning the enhanced mode (H2):
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -72,6 +73,29 @@ NEIGHBOURS = {1: 7, 2: 5, 3: 8, 4: 5, 5: 4, 6: 9, 7: 1, 8: 9, 9: 8}  # organ -> 
 from atlasflow.common.organs import ORGAN_IDS, ORGANS  # noqa: E402
 from atlasflow.common.plausibility import OrganGeometry, PopulationPrior, measure_labels  # noqa: E402
 from atlasflow.labels.totalseg import totalseg_to_atlas  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def bundled_cts() -> tuple[np.ndarray, ...]:
+    """The real CT under each bundled label map (int16 HU, same RAS grid as `bundled_label_maps`,
+    checked): example_ct.nii.gz under the force-split labels; the 20-slice JPEG 2000 series,
+    assembled by ingest (`assemble_series`), under example_seg_dicom. Cached per process."""
+    import pydicom
+
+    from atlasflow.ingest.assemble import assemble_series
+
+    ref = SHARED / "totalsegmentator" / "tests" / "reference_files"
+    out = []
+    for (name, labels, affine), source in zip(bundled_label_maps(), ("example_ct.nii.gz", "example_ct_dicom")):
+        if source.endswith(".nii.gz"):
+            img = nib.as_closest_canonical(nib.load(ref / source))
+        else:
+            vol = assemble_series([pydicom.dcmread(f) for f in sorted((ref / source).iterdir())])
+            img = nib.as_closest_canonical(nib.Nifti1Image(vol.array, vol.affine))
+        if img.shape != labels.shape or not np.allclose(img.affine, affine, atol=1e-4):
+            raise RuntimeError(f"{source} is not on the grid of {name}")
+        out.append(np.clip(np.asarray(img.dataobj), -1024, 3071).astype(np.int16))
+    return tuple(out)
 
 
 def bundled_label_maps() -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -118,7 +142,8 @@ def build_bundled_prior(augment: int = 24, seed: int = 0) -> PopulationPrior:
 class SimCase:
     """One simulated case: ``truth`` (X, Y, Z) uint8 labels, ``affine``, ``probs`` organ id ->
     uint8 (3, X, Y, Z), the injected ``error`` kind, its ``organ``, how many models share it;
-    ``clean_probs``: for the organs the error touches, the same models (same noise) without it."""
+    ``clean_probs``: for the organs the error touches, the same models (same noise) without it;
+    ``ct``: the real CT under the truth (int16 HU, same grid), varied with it."""
 
     name: str
     truth: np.ndarray
@@ -129,11 +154,14 @@ class SimCase:
     shared: int
     extra: dict[str, object] = field(default_factory=dict)
     clean_probs: dict[int, np.ndarray] = field(default_factory=dict)
+    ct: np.ndarray | None = None
 
 
-def vary_anatomy(labels: np.ndarray, affine: np.ndarray, rng: np.random.Generator, size_scale: float = 1.0
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Random per-axis scaling (nearest neighbour, spacing unchanged), a shift and an S crop."""
+def vary_anatomy(labels: np.ndarray, affine: np.ndarray, rng: np.random.Generator, size_scale: float = 1.0,
+                 ct: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Random per-axis scaling (nearest neighbour, spacing unchanged), a shift and an S crop;
+    ``ct`` (the image under ``labels``, same shape) undergoes the same, filled with air (-1024)
+    where the shift uncovers the volume edge. Returns (labels, affine, ct or None)."""
     s = rng.uniform(0.85, 1.15, 3) * size_scale
     out_shape = tuple(max(8, int(round(n * f))) for n, f in zip(labels.shape, s))
     idx = [np.clip(np.round((np.arange(n) + 0.5) / f - 0.5).astype(int), 0, m - 1)
@@ -147,7 +175,10 @@ def vary_anatomy(labels: np.ndarray, affine: np.ndarray, rng: np.random.Generato
     lab = np.ascontiguousarray(lab[:, :, lo:hi])
     aff = affine.copy()
     aff[:3, 3] = affine[:3, :3] @ np.array([0, 0, lo]) + affine[:3, 3]
-    return lab, aff
+    if ct is not None:
+        ct = ndimage.shift(ct[np.ix_(*idx)], shift, order=0, mode="constant", cval=-1024)
+        ct = np.ascontiguousarray(ct[:, :, lo:hi])
+    return lab, aff, ct
 
 
 def largest_components(labels: np.ndarray) -> np.ndarray:
@@ -282,8 +313,9 @@ def simulate_case(seed: int, *, size_scale: float = 1.0, error: str | None = Non
     confidence of the erring models (the random draws stay the same)."""
     rng = np.random.default_rng(seed)
     maps = bundled_label_maps()
-    name, base, aff0 = maps[0] if rng.random() < 0.8 else maps[1]
-    truth, affine = vary_anatomy(base, aff0, rng, size_scale)
+    which = 0 if rng.random() < 0.8 else 1
+    name, base, aff0 = maps[which]
+    truth, affine, ct = vary_anatomy(base, aff0, rng, size_scale, bundled_cts()[which])
     truth = largest_components(truth)
     present = [k for k in ORGANS if (truth == k).sum() >= 20]
     kind = error or str(rng.choice(ERRORS))
@@ -318,7 +350,7 @@ def simulate_case(seed: int, *, size_scale: float = 1.0, error: str | None = Non
         for m in range(shared):
             q[m] = _soft(wrong == k, noise[m], float(sharp[m]), near, shrink)
         probs[k] = q
-    return SimCase(f"sim{seed:04d}", truth, affine, probs, kind, organ, shared, {"source": name, **info}, clean)
+    return SimCase(f"sim{seed:04d}", truth, affine, probs, kind, organ, shared, {"source": name, **info}, clean, ct)
 
 
 # ----------------------------------------------------------------------------- evaluation helpers

@@ -160,3 +160,46 @@ def test_a_sure_model_swapping_kidneys_alone_is_not_shown() -> None:
     rc = rank_case(ca, c.affine, mode="enhanced")
     shown = {k: float(a.sum()) for k, (_, a) in rc.attention.items() if k in (ORGAN_IDS["kidney_left"], ORGAN_IDS["kidney_right"])}
     assert shown and all(v == 0 for v in shown.values()), shown
+
+
+@pytest.mark.parametrize("seed", [3, 4])  # seed 3 draws the 3 mm force-split map, seed 4 the DICOM one
+def test_simulated_ct_moves_with_the_anatomy(seed: int) -> None:
+    """The real CT under the bundled labels goes through the same scaling, shift and crop as
+    the labels: organs keep their intensities (median within 3 HU of the unvaried pair) and
+    their labels lie on soft tissue; the same CT moved 12 mm sideways does not (the check can fail)."""
+    c = error_sim.simulate_case(seed)
+    assert c.ct is not None and c.ct.shape == c.truth.shape and c.ct.dtype == np.int16
+    which = [n for n, _, _ in error_sim.bundled_label_maps()].index(str(c.extra["source"]))
+    _, base_labels, base_affine = error_sim.bundled_label_maps()[which]
+    base_ct = error_sim.bundled_cts()[which]
+    shift = int(round(12.0 / abs(float(base_affine[0, 0]))))
+    moved = np.roll(c.ct, shift, axis=0)
+    worst_moved = 1.0
+    for organ in ("liver", "spleen", "kidney_left"):
+        k = ORGAN_IDS[organ]
+        m = c.truth == k
+        if m.sum() < 100:
+            continue
+        base_m = error_sim.largest_components(base_labels) == k
+        assert abs(float(np.median(c.ct[m])) - float(np.median(base_ct[base_m]))) <= 3.0, organ
+        soft = ((c.ct[m] > -50) & (c.ct[m] < 200)).mean()
+        assert soft >= 0.97, (organ, soft)
+        worst_moved = min(worst_moved, float(((moved[m] > -50) & (moved[m] < 200)).mean()))
+    assert worst_moved < 0.97
+
+
+def test_image_evidence_benchmark_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _load("bench_image_evidence")
+    assert bench.main(["--seeds", "0-1", "--prior-seeds", "0", "--size-scale", "0.5"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["cases"] == 2
+    assert set(summary) >= {"found", "missed", "rule_inside", "rule_outside"}
+    # the organ's intensity comes from its core, not from the partial-volume rim
+    label = torch.zeros((12, 12, 12), dtype=torch.bool)
+    label[2:10, 2:10, 2:10] = True
+    hu = torch.where(label, 40.0, -100.0)
+    hu[2:10, 2:10, 2] = 300.0  # a bright rim slice on the label's boundary
+    from atlasflow.common.plausibility import _depth_bins
+
+    mu, sigma = bench.organ_intensity(hu, label, _depth_bins(label))
+    assert mu == 40.0 and sigma == bench.SIGMA_FLOOR_HU
