@@ -9,7 +9,8 @@ package; services may not import each other).
 Simulated case (`simulate_case`), all arrays ``(X, Y, Z)``:
 1. anatomy: a bundled label map (each organ's largest component), randomly scaled (0.85-1.15
    per axis, nearest neighbour, spacing unchanged), shifted (+-4 voxels, no wrap-around) and
-   cropped along S (field of view: 0-25 % off either end, so organs get cut);
+   cropped along S (field of view: 0-25 % off either end, so organs get cut); the real CT
+   under the map (`bundled_cts`) is varied alike (``SimCase.ct``; benchmarks/bench_image_evidence.py);
 2. errors injected into the truth for the shared part of the models (one per case, organ
    chosen at random): leak (a compact chunk of the neighbour, or of the surrounding fat, next
    to a random contact point, connected to the organ), missing part, false-positive island
