@@ -36,6 +36,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -246,6 +247,18 @@ def format_table(summary: dict[str, dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def map_cases(fn: Callable[[Any], dict[str, object]], work: list[Any], jobs: int) -> list[dict[str, object]]:
+    """``[fn(w) for w in work]``, over ``jobs`` forked worker processes (one torch thread each)
+    when ``jobs`` > 1: the simulated cases are independent."""
+    if jobs <= 1:
+        return [fn(w) for w in work]
+    import multiprocessing
+
+    torch.set_num_threads(1)
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        return pool.map(fn, work, chunksize=1)
+
+
 def _evaluate_star(args: tuple[int, PopulationPrior, float, float | None]) -> dict[str, object]:
     return evaluate_case(*args)
 
@@ -265,14 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     prior = tuning_prior(parse_seeds(args.prior_seeds), args.size_scale) if args.prior_seeds else PopulationPrior.load()
     work = [(s, prior, args.size_scale, args.confidence) for s in parse_seeds(args.seeds)]
-    if args.jobs > 1:
-        import multiprocessing
-
-        torch.set_num_threads(1)
-        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-            rows = pool.map(_evaluate_star, work, chunksize=1)
-    else:
-        rows = [_evaluate_star(w) for w in work]
+    rows = map_cases(_evaluate_star, work, args.jobs)
     if args.verbose:
         for row in rows:
             print(json.dumps(row), flush=True)

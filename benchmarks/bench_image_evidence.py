@@ -36,7 +36,7 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_error_detection import parse_seeds, prepare_case, tuning_prior  # noqa: E402
+from bench_error_detection import map_cases, parse_seeds, prepare_case, tuning_prior  # noqa: E402
 
 from atlasflow.common.attention import binary_opening  # noqa: E402
 from atlasflow.common.organs import ORGANS  # noqa: E402
@@ -144,16 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     prior = (tuning_prior(parse_seeds(args.prior_seeds), args.size_scale) if args.prior_seeds
              else PopulationPrior.load())
     work = [(s, prior, args.size_scale) for s in parse_seeds(args.seeds)]
-    if args.jobs > 1:
-        import multiprocessing
-
-        torch.set_num_threads(1)
-        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-            cases = pool.map(_star, work, chunksize=1)
-    else:
-        cases = [_star(w) for w in work]
+    cases = map_cases(_star, work, args.jobs)
     summary = summarise(cases)
-    summary["run"] = {"seeds": args.seeds, "prior_seeds": args.prior_seeds, "size_scale": args.size_scale, "wall_s": round(time.perf_counter() - t0, 1)}
+    summary["run"] = {"seeds": args.seeds, "prior_seeds": args.prior_seeds, "size_scale": args.size_scale,
+                      "wall_s": round(time.perf_counter() - t0, 1)}
     print(json.dumps(summary))
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "cases": cases}, indent=1))
