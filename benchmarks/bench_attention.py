@@ -34,9 +34,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from attention_baseline import reference_attention_numpy  # noqa: E402
-
 from atlasflow.common.attention import case_attention  # noqa: E402
+from attention_baseline import reference_attention_numpy  # noqa: E402
 
 # organ id -> (centre as a fraction of the volume, radii as a fraction of the volume)
 LAYOUT: dict[int, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -107,9 +106,8 @@ def time_enhanced(case: dict[int, np.ndarray], runs: int = 1, spacing_mm: float 
     """Best wall times (s) of `rank_case` in enhanced mode, and of the suspect regions of its
     organs by the product (torch) and by the numpy original (the reference attention computed
     before, not timed)."""
-    from suspect_regions_numpy import suspect_regions_numpy
-
     from atlasflow.common.plausibility import rank_case, suspect_regions
+    from suspect_regions_numpy import suspect_regions_numpy
 
     res = case_attention({k: torch.from_numpy(v) for k, v in case.items()})
     affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])

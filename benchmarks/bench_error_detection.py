@@ -35,8 +35,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,11 +46,10 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from error_sim import SimCase, case_error_regions, simulate_case  # noqa: E402
-
 from atlasflow.common.attention import CaseAttention, case_attention  # noqa: E402
 from atlasflow.common.organs import ORGANS  # noqa: E402
 from atlasflow.common.plausibility import PopulationPrior, measure_labels, rank_case  # noqa: E402
+from error_sim import SimCase, case_error_regions, simulate_case  # noqa: E402
 
 MODES = ("reference", "enhanced")
 _CUBE = np.ones((3, 3, 3), dtype=bool)

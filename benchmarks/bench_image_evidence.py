@@ -36,11 +36,10 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_error_detection import map_cases, parse_seeds, prepare_case, tuning_prior  # noqa: E402
-
 from atlasflow.common.attention import binary_opening  # noqa: E402
 from atlasflow.common.organs import ORGANS  # noqa: E402
 from atlasflow.common.plausibility import PopulationPrior, _depth_bins, rank_case  # noqa: E402
+from bench_error_detection import map_cases, parse_seeds, prepare_case, tuning_prior  # noqa: E402
 
 SIGMA_FLOOR_HU = 8.0
 _CUBE = np.ones((3, 3, 3), dtype=bool)

@@ -43,7 +43,7 @@ from atlasflow.cli.local import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv" / "bin" / "python"
-SHARED_DATA = Path(os.environ.get("ATLASFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED_DATA = Path(os.environ.get("ATLASFLOW_TEST_DATA", REPO / "tests" / "data"))
 EXAMPLE_CT_DICOM = SHARED_DATA / "totalsegmentator" / "tests" / "reference_files" / "example_ct_dicom"
 ORTHANC = "/usr/sbin/Orthanc"
 BENCH_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:atlasflow:bench-ingest-series")
@@ -364,8 +364,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['mb_per_s']:.1f} MB/s  (runs: "
               + ", ".join(f"{t:.2f}" for t in result["seconds"][name]) + ")")
     print(f"ratio atlasflow/orthanc (instances/s): {result['ratio_instances_per_s']:.2f}")
-    print("load average (1, 5, 15 min) before: %.2f %.2f %.2f, after: %.2f %.2f %.2f"
-          % (*result["load_avg_before"], *result["load_avg_after"]))
+    before = " ".join(f"{x:.2f}" for x in result["load_avg_before"])
+    after = " ".join(f"{x:.2f}" for x in result["load_avg_after"])
+    print(f"load average (1, 5, 15 min) before: {before}, after: {after}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_CT = REPO.parent / "shared" / "data" / "totalsegmentator" / "tests" / "reference_files" / "example_ct.nii.gz"
+DEMO_CT = REPO / "tests" / "data" / "totalsegmentator" / "tests" / "reference_files" / "example_ct.nii.gz"
 
 TINY = {
     "format": 1,

@@ -4,7 +4,7 @@ real CT in shared/data/totalsegmentator, mapped to AbdomenAtlas ids by
 `atlasflow.labels.totalseg.totalseg_to_atlas`). Lives in benchmarks/ (it reads the labels
 package; services may not import each other).
 
-    .venv/bin/python benchmarks/error_sim.py --write-prior   # rebuild services/common/plausibility_prior.json
+    .venv/bin/python benchmarks/error_sim.py --write-prior   # rebuild services/atlasflow/common/plausibility_prior.json
 
 Simulated case (`simulate_case`), all arrays ``(X, Y, Z)``:
 1. anatomy: a bundled label map (each organ's largest component), randomly scaled (0.85-1.15
@@ -61,7 +61,7 @@ import numpy as np
 from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__import__("os").environ.get("ATLASFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED = Path(__import__("os").environ.get("ATLASFLOW_TEST_DATA", REPO / "tests" / "data"))
 BUNDLED = ("example_seg_fast_force_split.nii.gz", "example_seg_dicom.nii.gz")
 ERRORS = ("leak", "missing", "island", "swap", "shift")
 MIN_REGION_ML = 1.0
@@ -76,7 +76,7 @@ from atlasflow.common.plausibility import OrganGeometry, PopulationPrior, measur
 from atlasflow.labels.totalseg import totalseg_to_atlas  # noqa: E402
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bundled_cts() -> tuple[np.ndarray, ...]:
     """The real CT under each bundled label map (int16 HU, same RAS grid as `bundled_label_maps`,
     checked): example_ct.nii.gz under the force-split labels; the 20-slice JPEG 2000 series,
@@ -390,8 +390,9 @@ def case_error_regions(c: SimCase, ensembles: dict[int, np.ndarray]) -> list[tup
     out: list[tuple[int, np.ndarray]] = []
     if not c.clean_probs:
         return out
-    from atlasflow.common.attention import case_attention
     import torch
+
+    from atlasflow.common.attention import case_attention
 
     clean = case_attention({k: torch.from_numpy(v) for k, v in c.clean_probs.items()}, labelled_organs=list(c.clean_probs))
     for k, r in clean.organs.items():
@@ -406,7 +407,7 @@ def case_error_regions(c: SimCase, ensembles: dict[int, np.ndarray]) -> list[tup
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write-prior", action="store_true")
-    ap.add_argument("--out", default=str(REPO / "services" / "common" / "plausibility_prior.json"))
+    ap.add_argument("--out", default=str(REPO / "services" / "atlasflow" / "common" / "plausibility_prior.json"))
     args = ap.parse_args(argv)
     if args.write_prior:
         prior = build_bundled_prior()

@@ -1,7 +1,7 @@
-"""Generate the Python gRPC modules from protos/ into services/<name>/v1/.
+"""Generate the Python gRPC modules from protos/ into services/atlasflow/<name>/v1/.
 
-protos/atlasflow/<name>/v1/*.proto  ->  services/<name>/v1/*_pb2.py, *_pb2.pyi, *_pb2_grpc.py
-(the import package `atlasflow` is the directory `services/`, see pyproject.toml).
+protos/atlasflow/<name>/v1/*.proto  ->  services/atlasflow/<name>/v1/*_pb2.py, *_pb2.pyi, *_pb2_grpc.py
+(the import package `atlasflow` is the directory `services/atlasflow/`).
 
     python scripts/gen_protos.py          # write
     python scripts/gen_protos.py --check  # exit 1 if the committed code is stale
@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
-SERVICES = ROOT / "services"
+SERVICES = ROOT / "services" / "atlasflow"
 
 
 def generate(out: Path) -> list[Path]:
@@ -43,7 +43,7 @@ def generate(out: Path) -> list[Path]:
 
 
 def target_of(rel: Path) -> Path:
-    # rel = atlasflow/<name>/v1/<file>; services/ is the atlasflow package.
+    # rel = atlasflow/<name>/v1/<file>; services/atlasflow/ is the atlasflow package.
     return SERVICES.joinpath(*rel.parts[1:])
 
 

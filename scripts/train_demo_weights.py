@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """DEMO-ONLY: train the ``abdomen-trio-v1`` members on ONE bundled CT and save their weights.
 
-    .venv/bin/python scripts/train_demo_weights.py --out services/segmentation/weights [--init DIR]
+    .venv/bin/python scripts/train_demo_weights.py --out services/atlasflow/segmentation/weights [--init DIR]
 
 (the committed files were fine-tuned with ``--init`` from the v1 files of commit 1ec7f1b; see
-``services/segmentation/weights/README.md`` for the exact commands).
+``services/atlasflow/segmentation/weights/README.md`` for the exact commands).
 
 The weights this writes are a demonstration that the pipeline runs with trained members; they
 are fitted to a single CT (TotalSegmentator's ``example_ct.nii.gz``, 122 x 101 x 112, 3 mm,
@@ -12,7 +12,7 @@ RAS) whose reference labels are themselves TotalSegmentator *predictions*
 (``example_seg_fast_force_split.nii.gz``) mapped to the nine AbdomenAtlas-8K organs by
 `atlasflow.labels.totalseg.totalseg_to_atlas`. They are not a clinical model; the label-driven
 augmentations below let them transfer to other series of the same kind (contrast phase, field
-of view, thin slabs) to a limited degree (see ``services/segmentation/weights/README.md`` for
+of view, thin slabs) to a limited degree (see ``services/atlasflow/segmentation/weights/README.md`` for
 the measured figures, including the held-out bundled DICOM series, which is never used here).
 
 Training data: the CT in HU and the TotalSegmentator ids are put on the member's model grid
@@ -60,9 +60,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import monai
 import nibabel as nib
 import numpy as np
-import monai
 import torch
 import torch.nn.functional as F
 
@@ -73,8 +73,8 @@ from atlasflow.segmentation.models import build_member
 from atlasflow.segmentation.pipeline import model_grid, resample
 
 ENSEMBLE = "abdomen-trio-v1"
-# `shared/data` beside the repository (override: ATLASFLOW_SHARED_DATA, as tests/conftest.py)
-SHARED_DATA = Path(os.environ.get("ATLASFLOW_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+# the bundled real CT test data, tests/data (override: ATLASFLOW_TEST_DATA, as tests/conftest.py)
+SHARED_DATA = Path(os.environ.get("ATLASFLOW_TEST_DATA", Path(__file__).resolve().parents[1] / "tests" / "data"))
 DATA_DIR = SHARED_DATA / "totalsegmentator" / "tests" / "reference_files"
 CT_FILE = "example_ct.nii.gz"
 SEG_FILE = "example_seg_fast_force_split.nii.gz"
@@ -456,7 +456,7 @@ def update_manifest(path: Path, common: dict, name: str, record: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("services/segmentation/weights"), help="output directory")
+    ap.add_argument("--out", type=Path, default=Path("services/atlasflow/segmentation/weights"), help="output directory")
     ap.add_argument("--members", default=",".join(RECIPES), help="comma-separated member names")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every recipe's steps (smoke runs)")
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "monai": monai.__version__,
             "python": platform.python_version(),
-            "command": "python scripts/train_demo_weights.py --out services/segmentation/weights" + (f" --init {args.init}" if args.init is not None else ""),
+            "command": "python scripts/train_demo_weights.py --out services/atlasflow/segmentation/weights" + (f" --init {args.init}" if args.init is not None else ""),
     }
     for name in wanted:
         member = members[name]

@@ -1,7 +1,7 @@
 """Shared test configuration.
 
-SHARED_DATA: the project's real public CT test data (`shared/data`, beside the repository in
-every checkout and in CI; override with ATLASFLOW_SHARED_DATA).
+SHARED_DATA: the project's real public CT test data, `tests/data/<source>/` (each source with its
+README.txt, licence and SHA256SUMS); override with ATLASFLOW_TEST_DATA.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("ATLASFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
-assert SHARED_DATA.is_dir(), f"shared test data not found at {SHARED_DATA}"
+SHARED_DATA = Path(os.environ.get("ATLASFLOW_TEST_DATA", REPO / "tests" / "data"))
+assert SHARED_DATA.is_dir(), f"test data not found at {SHARED_DATA}"
 
 
 def load_benchmark(name: str):  # type: ignore[no-untyped-def]
@@ -36,17 +36,17 @@ def in_process_ranking_server(store, metrics):  # type: ignore[no-untyped-def]
     import threading
     from contextlib import contextmanager
 
-    from atlasflow.ranking.main import RankingSettings, build_ranking_server
+    from atlasflow.ranking.app import build_app
+    from atlasflow.ranking.settings import RankingSettings
 
     @contextmanager
     def run():  # type: ignore[no-untyped-def]
         loop = asyncio.new_event_loop()
 
         async def start():  # type: ignore[no-untyped-def]
-            built = build_ranking_server(RankingSettings(grpc_port=0), store, metrics)
-            await built.server.start()
-            await built.set_serving(True)
-            return built
+            app = await build_app(RankingSettings(grpc_port=0), metrics=metrics, worklist=store)
+            await app.start()
+            return app
 
         built = loop.run_until_complete(start())
         thread = threading.Thread(target=loop.run_forever, daemon=True)

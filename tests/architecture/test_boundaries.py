@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-SERVICES = Path(__file__).resolve().parents[2] / "services"
+SERVICES = Path(__file__).resolve().parents[2] / "services" / "atlasflow"
 NAMES = ("ingest", "segmentation", "ranking", "labels")
 # Domain modules: imaging math, storage, strategies. Transport lives in service.py/main.py.
 DOMAIN_MODULES = [

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from conftest import SHARED_DATA
-
 import re
 import subprocess
 import sys
@@ -17,6 +15,7 @@ import pytest
 from atlasflow.cli.demo_series import SENTINEL_PATIENT_DATA, build_demo_datasets, write_demo_series
 from atlasflow.ingest.assemble import assemble_series
 from atlasflow.ingest.dicom import parse_instance
+from conftest import SHARED_DATA
 
 EXAMPLE_CT = SHARED_DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
 DCM2NIIX = Path(sys.executable).parent / "dcm2niix"

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-from conftest import SHARED_DATA
-
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from atlasflow.cli.montage import (CELL_PX, GAP_PX, MARGIN_PX, ORGAN_COLOURS, TITLE_H,
-                                   axial_view, coronal_view, main, montage_size,
-                                   render_montage, to_ras)
+from atlasflow.cli.montage import (
+    CELL_PX,
+    GAP_PX,
+    MARGIN_PX,
+    ORGAN_COLOURS,
+    TITLE_H,
+    axial_view,
+    coronal_view,
+    main,
+    montage_size,
+    render_montage,
+    to_ras,
+)
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.organs import ORGAN_IDS
 from atlasflow.labels.totalseg import totalseg_to_atlas
+from conftest import SHARED_DATA
 
 REF = SHARED_DATA / "totalsegmentator/tests/reference_files"
 LIVER = ORGAN_IDS["liver"]

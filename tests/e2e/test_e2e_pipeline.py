@@ -40,7 +40,7 @@ from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 
-DEMO_CT = Path(__file__).resolve().parents[2] / "services" / "cli" / "data" / "example_ct.nii.gz"
+DEMO_CT = Path(__file__).resolve().parents[2] / "services" / "atlasflow" / "cli" / "data" / "example_ct.nii.gz"
 
 
 class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from conftest import SHARED_DATA
-
 import copy
 import random
 import subprocess
@@ -19,6 +17,7 @@ from pydicom.dataset import Dataset
 from atlasflow.cli.demo_series import write_demo_series
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.ingest.assemble import Volume, assemble_series
+from conftest import SHARED_DATA
 
 DATA = SHARED_DATA
 EXAMPLE_CT = DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"

@@ -9,8 +9,6 @@ decision, the case says so and asserts atlasflow's documented behaviour instead
 
 from __future__ import annotations
 
-from conftest import SHARED_DATA
-
 import shutil
 import subprocess
 import sys
@@ -23,6 +21,7 @@ import pytest
 from scipy import ndimage
 
 from atlasflow.ingest.convert import scan
+from conftest import SHARED_DATA
 
 BIN = Path(sys.executable).parent
 DCM2NIIX = BIN / "dcm2niix"

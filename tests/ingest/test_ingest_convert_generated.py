@@ -4,20 +4,15 @@ by orientation + position, a 300-slice series, and the 1,000-slice memory bound.
 
 from __future__ import annotations
 
-from conftest import SHARED_DATA
-
-import resource
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import gen_cases
 import nibabel as nib
 import numpy as np
 import pytest
-
-import gen_cases
-from atlasflow.cli.demo_series import write_demo_series
 from test_ingest_convert import (
     ATLASFLOW,
     assert_same,
@@ -26,6 +21,9 @@ from test_ingest_convert import (
     run_atlasflow,
     run_dcm2niix,
 )
+
+from atlasflow.cli.demo_series import write_demo_series
+from conftest import SHARED_DATA
 
 EXAMPLE_CT = SHARED_DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
 

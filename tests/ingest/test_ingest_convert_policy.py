@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from conftest import SHARED_DATA
-
 import copy
 import shutil
 from pathlib import Path
@@ -14,11 +12,11 @@ import numpy as np
 import pydicom
 import pytest
 
-import gen_cases
 from atlasflow.cli.demo_series import write_demo_series
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.ingest.assemble import REPAIR, STRICT, assemble_series
 from atlasflow.ingest.convert import _fast_frames, convert, main, nifti_header, scan, write_nifti
+from conftest import SHARED_DATA
 
 D2N = SHARED_DATA / "dicom2nifti_ct_headers/tests/data/failing"
 CT3 = SHARED_DATA / "dcmqi/data/segmentations/ct-3slice"

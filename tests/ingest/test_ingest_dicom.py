@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from conftest import SHARED_DATA
-
 import gzip
 import io
 from pathlib import Path
@@ -22,6 +20,7 @@ from atlasflow.ingest.dicom import (
     parse_instance,
     validate_dataset,
 )
+from conftest import SHARED_DATA
 
 DATA = SHARED_DATA
 EXAMPLE_CT = DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"

@@ -10,11 +10,8 @@ internal error; the service still answers afterwards.
 
 from __future__ import annotations
 
-from conftest import load_benchmark
-
 import random
 import struct
-import sys
 from pathlib import Path
 
 import grpc
@@ -25,6 +22,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from atlasflow.cli.upload import upload_requests
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 bench = load_benchmark("bench_ingest")

@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-from conftest import load_benchmark
-
-import sys
 from pathlib import Path
+
+from conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 bench = load_benchmark("bench_ingest")

@@ -5,12 +5,9 @@ version 2 of the series."""
 
 from __future__ import annotations
 
-from conftest import load_benchmark
-
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from atlasflow.ingest.store import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 bench = load_benchmark("bench_ingest")

@@ -8,12 +8,9 @@ reported, no conflicts, and the series assembles from the stored blobs.
 
 from __future__ import annotations
 
-from conftest import load_benchmark
-
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +19,7 @@ import pytest
 
 from atlasflow.ingest.store import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 bench = load_benchmark("bench_ingest")

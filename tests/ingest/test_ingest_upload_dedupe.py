@@ -9,9 +9,6 @@ a recorded conflict on either path, with the first instance kept.
 
 from __future__ import annotations
 
-from conftest import load_benchmark
-
-import sys
 from pathlib import Path
 
 import grpc
@@ -21,6 +18,7 @@ import pytest
 from atlasflow.cli.upload import send_files
 from atlasflow.ingest.store import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 bench = load_benchmark("bench_ingest")

@@ -4,10 +4,7 @@ OFFSET_MISMATCH and the expected offset; a completed upload is idempotent."""
 
 from __future__ import annotations
 
-from conftest import load_benchmark
-
 import hashlib
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +16,7 @@ from atlasflow.cli.upload import UploadStats, resumable_requests, send_files, up
 from atlasflow.common.server import error_info_of
 from atlasflow.ingest.store import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 bench = load_benchmark("bench_ingest")

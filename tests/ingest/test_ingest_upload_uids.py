@@ -5,11 +5,8 @@ duplicates (same UIDs)."""
 
 from __future__ import annotations
 
-from conftest import load_benchmark
-
 import io
 import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -18,6 +15,7 @@ import pydicom
 from atlasflow.cli.upload import derive_uids
 from atlasflow.ingest.store import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 bench = load_benchmark("bench_ingest")

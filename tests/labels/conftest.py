@@ -25,6 +25,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+
 def _root_conftest():  # type: ignore[no-untyped-def]
     import importlib.util
 

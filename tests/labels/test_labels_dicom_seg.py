@@ -5,8 +5,6 @@ the grid differs, and C-STORE to dcmtk's storescp."""
 
 from __future__ import annotations
 
-from conftest import SHARED_DATA
-
 import os
 import socket
 import subprocess
@@ -23,6 +21,7 @@ from atlasflow.common.organs import ORGAN_IDS
 from atlasflow.labels.dicom_seg import export_dicom_seg, frames_from_volume, send_c_store
 from atlasflow.labels.repository import Provenance
 from atlasflow.labels.totalseg import totalseg_to_atlas
+from conftest import SHARED_DATA
 
 REF = SHARED_DATA / "totalsegmentator/tests/reference_files"
 

@@ -3,8 +3,6 @@ nine atlas organs), label-map validation and the TotalSegmentator mapping."""
 
 from __future__ import annotations
 
-from conftest import SHARED_DATA
-
 import gzip
 import hashlib
 import json
@@ -17,11 +15,11 @@ import pytest
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.organs import ORGAN_IDS, ORGANS
-from atlasflow.labels.export import (AI_MARKING, export_case, split_organs, totalseg_to_atlas,
-                                     write_manifest)
+from atlasflow.labels.export import AI_MARKING, export_case, split_organs, totalseg_to_atlas, write_manifest
 from atlasflow.labels.repository import Provenance
 from atlasflow.labels.totalseg import TOTALSEG_V2_TO_ATLAS
 from atlasflow.labels.validate import validate_label_map
+from conftest import SHARED_DATA
 
 DATA = SHARED_DATA / "totalsegmentator"
 REF = DATA / "tests/reference_files"

@@ -13,8 +13,6 @@ repository (committed per case, so a crash mid-export loses none; a resume repla
 
 from __future__ import annotations
 
-from conftest import REPO, SHARED_DATA
-
 import hashlib
 import importlib.util
 import io
@@ -47,6 +45,7 @@ from atlasflow.labels.repository import Provenance, SqliteLabelRepository
 from atlasflow.labels.service import Exporter, destination_path, export_to_proto
 from atlasflow.labels.totalseg import totalseg_to_atlas
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
+from conftest import REPO, SHARED_DATA
 
 REF = SHARED_DATA / "totalsegmentator/tests/reference_files"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -437,7 +436,7 @@ def test_destination_with_query_or_fragment_is_refused(env, tmp_path):  # type: 
     _, stub = _stubs(env)
     for suffix in ("?x=1", "#part"):
         code, reason, _ = _reason(lambda: stub.ExportDataset(labels_pb2.ExportDatasetRequest(
-            destination_uri=tmp_path.as_uri() + suffix, include_dicom_seg=True), timeout=30))
+            destination_uri=tmp_path.as_uri() + suffix, include_dicom_seg=True), timeout=30))  # noqa: B023
         assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_DESTINATION")
     # a percent-encoded "?" is part of the directory name
     assert destination_path((tmp_path / "a?b").as_uri()) == tmp_path / "a?b"

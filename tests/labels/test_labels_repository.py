@@ -12,10 +12,16 @@ import numpy as np
 import pytest
 
 from atlasflow.common.blobstore import BlobInfo, digest_of
-from atlasflow.common.errors import (Aborted, FailedPrecondition, InvalidArgument, NotFound)
+from atlasflow.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from atlasflow.labels.postgres import PostgresLabelRepository
-from atlasflow.labels.repository import (AuditEvent, LabelRepository, OrganProvenance,
-                                         Provenance, SqliteLabelRepository, open_repository)
+from atlasflow.labels.repository import (
+    AuditEvent,
+    LabelRepository,
+    OrganProvenance,
+    Provenance,
+    SqliteLabelRepository,
+    open_repository,
+)
 
 AFFINE = tuple(float(a) for a in np.diag([1.5, 1.5, 2.0, 1.0]).ravel())
 AI = Provenance("ai", model_version="trio-v1", job_id="job-1", weights_trained=False)

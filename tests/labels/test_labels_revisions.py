@@ -20,8 +20,7 @@ from atlasflow.common.metrics import Metrics
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.server import PRINCIPAL_METADATA_KEY, build_server, error_info_of
 from atlasflow.common.v1 import common_pb2
-from atlasflow.labels.assembly import (apply_revision, assemble, decode_mask_delta,
-                                       encode_mask_delta)
+from atlasflow.labels.assembly import apply_revision, assemble, decode_mask_delta, encode_mask_delta
 from atlasflow.labels.repository import OrganProvenance, Provenance, open_repository
 from atlasflow.labels.service import Exporter, LabelServicer
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc

@@ -7,11 +7,10 @@ from __future__ import annotations
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
-from conftest import in_process_ranking_server
 from google.protobuf import duration_pb2
 from prometheus_client import generate_latest
 
@@ -21,11 +20,12 @@ from atlasflow.common.v1 import common_pb2
 from atlasflow.ranking.v1 import ranking_pb2 as pb
 from atlasflow.ranking.v1 import ranking_pb2_grpc
 from atlasflow.ranking.worklist import SqliteWorklist
+from conftest import in_process_ranking_server
 
 
 class FakeClock:
     def __init__(self) -> None:
-        self.now = datetime(2025, 3, 1, 8, 0, tzinfo=timezone.utc)
+        self.now = datetime(2025, 3, 1, 8, 0, tzinfo=UTC)
         self._lock = threading.Lock()
 
     def __call__(self) -> datetime:
@@ -123,7 +123,7 @@ def test_racing_reviewers_never_get_the_same_case(server):
         barrier = threading.Barrier(len(reviewers))
 
         def lease(r: str) -> tuple[str, str]:
-            barrier.wait()
+            barrier.wait()  # noqa: B023 (threads joined within this iteration)
             item = stub.LeaseNextCase(pb.LeaseNextCaseRequest(), metadata=who(r), timeout=20).item
             assert item.status == pb.WORKLIST_STATUS_LEASED and item.lease.reviewer == r
             stub.CompleteReview(pb.CompleteReviewRequest(
@@ -164,7 +164,7 @@ def test_expiry_and_non_holder(server):
     stub, clock, _ = server
     seed(stub, 2)
     item = stub.LeaseCase(pb.LeaseCaseRequest(case_id="case-001"), metadata=who("dr-a")).item
-    assert item.lease.expire_time.ToDatetime(timezone.utc) - clock.now == timedelta(minutes=15)
+    assert item.lease.expire_time.ToDatetime(UTC) - clock.now == timedelta(minutes=15)
     info = fails(lambda: stub.LeaseCase(pb.LeaseCaseRequest(case_id="case-001"),
                                         metadata=who("dr-b")),
                  grpc.StatusCode.FAILED_PRECONDITION, "LEASE_HELD_BY_OTHER")
@@ -264,7 +264,7 @@ def test_round_picks_ceil_five_percent(server, n):
 def _gauge(metrics: Metrics, queue: str) -> float:
     text = generate_latest(metrics.registry).decode()
     line = f'atlasflow_queue_depth{{queue="{queue}",service="ranking"}}'
-    return float(next(l.split()[-1] for l in text.splitlines() if l.startswith(line)))
+    return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith(line)))
 
 
 def test_pending_queue_depth(server):
@@ -336,4 +336,4 @@ def test_population_prior_learns_from_recorded_human_labels(server):
                 pb.OrganGeometry(organ=4, volume_ml=1.0, centroid_mm=[0.0, 0.0, 0.0])):
         fails(lambda: stub.RecordLabelVersion(pb.RecordLabelVersionRequest(
             case_id="c9", label_version_id="v9", version_number=1, human_decided_organs=[5],
-            human_organ_geometry=[bad])), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_LABEL_VERSION")
+            human_organ_geometry=[bad])), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_LABEL_VERSION")  # noqa: B023

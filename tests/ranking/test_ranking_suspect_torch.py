@@ -11,13 +11,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
 from scipy import ndimage
+
+from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import error_sim  # noqa: E402
 import suspect_regions_numpy as oracle  # noqa: E402
-
 from atlasflow.common import plausibility as P  # noqa: E402
 from atlasflow.common.attention import case_attention  # noqa: E402
 

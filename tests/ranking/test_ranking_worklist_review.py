@@ -7,22 +7,30 @@ import json
 import math
 import random
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 
 import pytest
 
 from atlasflow.common import sqlite as sq
 from atlasflow.common.errors import AtlasflowError, FailedPrecondition, InvalidArgument, NotFound
-from atlasflow.ranking.worklist import (MIGRATIONS, AttentionPointer, OrganAttention,
-                                        PermissionDenied, SqliteWorklist, Status,
-                                        Unauthenticated, WorklistFilter, attention_mask,
-                                        case_priority)
+from atlasflow.ranking.worklist import (
+    MIGRATIONS,
+    AttentionPointer,
+    OrganAttention,
+    PermissionDenied,
+    SqliteWorklist,
+    Status,
+    Unauthenticated,
+    WorklistFilter,
+    attention_mask,
+    case_priority,
+)
 
 
 class FakeClock:
     def __init__(self) -> None:
-        self.now = datetime(2025, 3, 1, 8, 0, tzinfo=timezone.utc)
+        self.now = datetime(2025, 3, 1, 8, 0, tzinfo=UTC)
 
     def __call__(self) -> datetime:
         return self.now

@@ -10,8 +10,6 @@ run once per module (their model-grid outputs are cached: the attention is what 
 
 from __future__ import annotations
 
-from conftest import SHARED_DATA
-
 import dataclasses
 import json
 import os
@@ -34,6 +32,7 @@ from atlasflow.common.plausibility import rank_case
 from atlasflow.segmentation.ensemble import ENSEMBLE_DIR, load_ensemble, parse_ensemble
 from atlasflow.segmentation.pipeline import EnsemblePipeline, PipelineOutput
 from atlasflow.segmentation.triton_client import TritonSegmenter
+from conftest import SHARED_DATA
 
 CT_SM = SHARED_DATA / "totalsegmentator/tests/reference_files/example_ct_sm.nii.gz"
 LABELLED = [5]  # the source labels the liver: no attention for it, its mask still counts

@@ -28,13 +28,12 @@ def test_bench_seg_gpu_dry_run_on_cpu() -> None:
 
 def test_phantom_and_state_dict_ensemble(tmp_path: Path) -> None:
     sys.path.insert(0, str(BENCH.parent))
-    import bench_seg_gpu as bench
-
-    from atlasflow.segmentation.ensemble import load_ensemble
-    from atlasflow.segmentation.pipeline import foreground_box
-    from atlasflow.segmentation.ensemble import ForegroundCrop
     import numpy as np
     import torch
+
+    import bench_seg_gpu as bench
+    from atlasflow.segmentation.ensemble import ForegroundCrop, load_ensemble
+    from atlasflow.segmentation.pipeline import foreground_box
 
     vol = bench.phantom((100, 90, 4))
     box = foreground_box(vol, np.diag([1.5, 1.5, 1.5, 1.0]), ForegroundCrop(-500.0, 0.0))

@@ -53,7 +53,7 @@ def test_shipped_ensemble_is_the_trained_trio() -> None:
     assert cfg.version == "abdomen-trio-v1"
     assert cfg.model_name == triton_model_name(cfg.version) == "abdomen_trio_v1"
     assert [m.architecture for m in cfg.members] == ["monai.UNet", "monai.SwinUNETR", "monai.DynUNet"]
-    assert cfg.weights_trained  # demo weights (services/segmentation/weights/README.md)
+    assert cfg.weights_trained  # demo weights (services/atlasflow/segmentation/weights/README.md)
     for m in cfg.members:
         assert m.preprocessing.hu_window == (-175.0, 250.0)
         if m.architecture == "monai.SwinUNETR":

@@ -82,6 +82,7 @@ def test_reorientation_round_trips_exactly(pipeline: EnsemblePipeline) -> None:
     """Same physical image stored RAS and stored as LPS with axes permuted: identical results.
     The image: the real upper-abdomen CT slab TotalSegmentator ships (example_ct_sm, RAS, 3 mm)."""
     import nibabel as nib
+
     from conftest import SHARED_DATA
 
     img = nib.load(SHARED_DATA / "totalsegmentator/tests/reference_files/example_ct_sm.nii.gz")

@@ -5,7 +5,6 @@ ranking answers, the last one kept while ranking is unreachable."""
 from __future__ import annotations
 
 import pytest
-from conftest import in_process_ranking_server
 
 from atlasflow.cli.local import free_ports
 from atlasflow.common.metrics import Metrics
@@ -13,6 +12,7 @@ from atlasflow.common.plausibility import PopulationPrior
 from atlasflow.ranking.prior import OrganSummary
 from atlasflow.ranking.worklist import SqliteWorklist
 from atlasflow.segmentation.main import RankingPrior
+from conftest import in_process_ranking_server
 
 
 @pytest.fixture()

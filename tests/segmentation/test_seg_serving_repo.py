@@ -8,8 +8,6 @@ wheel, not PyTriton. The demo CT through tritonclient must equal the in-process 
 
 from __future__ import annotations
 
-from conftest import SHARED_DATA
-
 import json
 import time
 from collections.abc import Iterator
@@ -30,7 +28,8 @@ from atlasflow.segmentation.ensemble import load_ensemble
 from atlasflow.segmentation.models import build_member
 from atlasflow.segmentation.pipeline import EnsemblePipeline
 from atlasflow.segmentation.triton_client import TritonSegmenter
-from atlasflow.segmentation.triton_repo import BundledTriton, PythonBackendModel, config_pbtxt, write_repository
+from atlasflow.segmentation.triton_repo import BundledTriton, PythonBackendModel, config_pbtxt
+from conftest import SHARED_DATA
 
 DEMO_CT = SHARED_DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
 TINY = Path(__file__).parent / "tiny_ensembles" / "tiny-a-v1.json"

@@ -7,8 +7,6 @@ TritonSegmenter and compares with the in-process EnsemblePipeline.
 
 from __future__ import annotations
 
-from conftest import SHARED_DATA
-
 import os
 import signal
 import socket
@@ -32,6 +30,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from atlasflow.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from atlasflow.segmentation.pipeline import EnsemblePipeline
 from atlasflow.segmentation.triton_client import TritonSegmenter
+from conftest import SHARED_DATA
 
 DEMO_CT = SHARED_DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
 MODEL = "abdomen_trio_v1"

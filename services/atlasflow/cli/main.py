@@ -1,0 +1,141 @@
+"""The `atlasflow` command.
+
+    atlasflow serve {ingest,segmentation,ranking,labels,triton}   run one service (foreground)
+    atlasflow up [--state-dir DIR] [--auto-ports]                   start everything locally
+    atlasflow down [--state-dir DIR]                                stop it
+    atlasflow status [--state-dir DIR]                              health of each process
+    atlasflow demo [--out DIR]                                      the end-to-end demo
+    atlasflow send DIR [--target HOST:PORT] [--commit] [--assign-uids]  gRPC upload (resumable)
+    atlasflow convert DICOM_DIR OUT.nii.gz                          DICOM series -> NIfTI (HU, RAS)
+    atlasflow retrieve ...                                          C-FIND + C-MOVE from a PACS
+    atlasflow triton-repo OUT_DIR                                   Triton model repository for the cluster
+    atlasflow rank ROOT --out OUT [--mode reference|enhanced]       offline attention + priority
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+SERVICES = ("ingest", "segmentation", "ranking", "labels", "triton")
+# Sub-commands implemented by a library module's own `main(argv) -> int` (its argparse owns
+# the options): `atlasflow <name> ...` == `python -m <module> ...`.
+DELEGATED = {
+    "convert": ("atlasflow.ingest.convert", "DICOM series -> NIfTI with HU and RAS affine"),
+    "retrieve": ("atlasflow.ingest.retrieve", "query/retrieve a study from a PACS (C-FIND + C-MOVE)"),
+    "triton-repo": ("atlasflow.segmentation.triton_repo",
+                    "write a Triton model repository (Python backend + weights)"),
+    "rank": ("atlasflow.ranking.offline", "offline attention maps + priority.csv"),
+}
+
+
+def _serve(name: str) -> None:
+    if name == "ingest":
+        from atlasflow.ingest.main import main
+    elif name == "segmentation":
+        from atlasflow.segmentation.main import main
+    elif name == "ranking":
+        from atlasflow.ranking.app import main
+    elif name == "labels":
+        from atlasflow.labels.main import main
+    else:
+        from atlasflow.segmentation.triton_server import main
+        sys.argv = [sys.argv[0], *sys.argv[3:]]
+    main()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atlasflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run one service in the foreground")
+    p.add_argument("service", choices=SERVICES)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    for name, help_ in (("up", "start all services and Triton locally"),
+                        ("down", "stop the local services"),
+                        ("status", "show the health of the local services")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--state-dir", type=Path, default=Path(".atlasflow"))
+        if name == "up":
+            p.add_argument("--auto-ports", action="store_true",
+                           help="pick free ports instead of the defaults (50051-50054, 11112, 8000-8002)")
+            p.add_argument("--quiet-period", type=float, default=5.0,
+                           help="seconds without new instances before a series is assembled")
+            p.add_argument("--timeout", type=float, default=300.0)
+    p = sub.add_parser("demo", help="end-to-end demo on the bundled CT")
+    p.add_argument("--out", type=Path, default=Path("atlasflow-demo"))
+    p.add_argument("--keep-running", action="store_true", help="leave the services up")
+    p = sub.add_parser("send", help="upload DICOM files over the gRPC streaming API")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--target", default="127.0.0.1:50051")
+    p.add_argument("--commit", action="store_true", help="commit the series after upload")
+    p.add_argument("--assign-uids", action="store_true",
+                   help="derive stable Study/Series/SOP Instance UIDs for files whose UIDs are"
+                        " empty (de-identified exports); without it the server refuses them")
+    for name, (_module, help_) in DELEGATED.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        module = importlib.import_module(DELEGATED[argv[0]][0])
+        return int(module.main(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        _serve(args.service)
+        return 0
+    if args.command == "up":
+        from atlasflow.cli.local import LocalDeployment
+
+        dep = LocalDeployment.create(args.state_dir, args.auto_ports,
+                                     quiet_period_s=args.quiet_period)
+        dep.start()
+        dep.wait_healthy(args.timeout)
+        print(json.dumps(dep.endpoints(), indent=2))
+        return 0
+    if args.command in ("down", "status"):
+        from atlasflow.cli.local import START_ORDER, LocalDeployment
+
+        if not (args.state_dir / "run" / "endpoints.json").exists():
+            print(f"nothing running under {args.state_dir}", file=sys.stderr)
+            return 1 if args.command == "status" else 0
+        dep = LocalDeployment.load(args.state_dir)
+        if args.command == "down":
+            dep.stop()
+            return 0
+        ok = True
+        for name in START_ORDER:
+            healthy = dep.healthy(name)
+            ok &= healthy
+            print(f"{name:13s} {'SERVING' if healthy else 'DOWN'}")
+        return 0 if ok else 1
+    if args.command == "demo":
+        from atlasflow.cli.demo import run_demo
+
+        return run_demo(args.out, keep_running=args.keep_running)
+    if args.command == "send":
+        from atlasflow.cli.upload import UploadError, send_directory
+
+        try:
+            receipts = send_directory(args.directory, args.target, commit=args.commit,
+                                      assign_uids=args.assign_uids)
+        except UploadError as exc:
+            print(f"atlasflow send: refused: {exc.reason}: {exc.message}", file=sys.stderr)
+            if exc.reason == "MISSING_UID":
+                print("hint: these files have empty Study/Series/SOP Instance UIDs; add"
+                      " --assign-uids to derive stable UIDs on this machine", file=sys.stderr)
+            return 1
+        dups = sum(r.duplicate for r in receipts)
+        conflicts = sum(r.conflict for r in receipts)
+        print(f"{len(receipts)} instances durable ({dups} duplicates, {conflicts} conflicts)")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

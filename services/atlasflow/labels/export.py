@@ -1,0 +1,359 @@
+"""Dataset export in the AbdomenAtlas-8K layout (no grpc).
+
+    <out_root>/manifest.json
+    <out_root>/<case>/ct.nii.gz                    the CT as stored (int16 HU), affine unchanged
+    <out_root>/<case>/combined_labels.nii.gz       uint8, ids 0..9, the CT's affine
+    <out_root>/<case>/segmentations/<organ>.nii.gz uint8 0/1 for ALL nine organs (even empty)
+    <out_root>/<case>/dicom_seg/seg.dcm            DICOM SEG of the case (include_dicom_seg;
+                                                   only when its grid is the source images')
+
+A case directory is written into a temporary sibling and renamed into place, so a crash never
+leaves a half-written case and re-exporting a case replaces it whole (idempotent).
+`split_organs` is the array logic; `export_case` the I/O around it. `build_case_seg` makes a
+case's DICOM SEG (or says why not) from the source instances a caller-supplied function
+fetches; `ExportOptions` (an export job's SEG options) and `SegOutcome` (one case's SEG
+outcome) convert to and from the JSON objects the label repository stores with the job
+(`ExportJobRecord.options`, `record_export_outcome`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+
+from atlasflow.common.errors import AtlasflowError, FailedPrecondition, InvalidArgument, NotFound
+from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
+from atlasflow.common.organs import ORGAN_IDS, ORGANS
+from atlasflow.labels.dicom_seg import export_dicom_seg
+from atlasflow.labels.repository import Provenance
+from atlasflow.labels.totalseg import totalseg_to_atlas  # noqa: F401  (re-exported)
+from atlasflow.labels.validate import validate_label_map
+
+DOMAIN = "atlasflow.labels"
+AI_MARKING = "AI-generated labels, research use"
+UNTRAINED_WARNING = ("labels from untrained models (demo weights): not anatomically meaningful, "
+                     "do not use for training or clinical work")
+LAYOUT = "AbdomenAtlas-8K v1.0"
+_CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SEG_FILE = "dicom_seg/seg.dcm"
+
+
+def split_organs(combined: np.ndarray) -> dict[int, np.ndarray]:
+    """Per-organ binary masks of a combined label map.
+
+    combined: (X, Y, Z) integer label map, ids 0..9. Returns {organ id: (X, Y, Z) uint8 0/1}
+    for every id of `ORGANS` (all nine, empty masks included), mask == (combined == id).
+    """
+    return {oid: (combined == oid).astype(np.uint8) for oid in ORGANS}
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write(path: Path, data: bytes) -> dict[str, Any]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": _sha256(data), "size_bytes": len(data)}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def export_case(out_root: Path, case_name: str, ct_nifti: bytes, label_map_nifti: bytes,
+                provenance: Provenance, version_id: str, *,
+                organ_provenance: Mapping[int, Provenance] | None = None,
+                organ_versions: Mapping[int, str] | None = None,
+                case_id: str = "", dicom_seg: bytes | None = None,
+                dicom_seg_outcome: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write one case in the AbdomenAtlas layout under `out_root/case_name`; return its
+    manifest entry.
+
+    ct_nifti: the CT blob's bytes (NIfTI, gzip or not; int16 HU expected), written as stored
+    (gzip-compressed if it was not). label_map_nifti: combined label map NIfTI on the CT grid,
+    ids 0..9. provenance: the version's provenance; `organ_provenance` overrides it per organ
+    id (label assembly from several sources) and `organ_versions` names the version that
+    decided each organ (manifest key "decided_in_version"). The entry lists the sha256 and size of every file,
+    per-organ provenance, voxel counts and volumes (ml), and `marking` =
+    "AI-generated labels, research use" when any organ's labels come from AI.
+    dicom_seg: a DICOM SEG Part-10 file written as `<case>/dicom_seg/seg.dcm` (listed in
+    "files"); dicom_seg_outcome: recorded as the entry's "dicom_seg" (see `SegOutcome`), with
+    the file's sha256 filled in.
+
+    Raises InvalidArgument("INVALID_CASE_NAME") for a name that is not a plain directory
+    name, InvalidArgument("INVALID_LABEL_MAP") when the labels do not fit the CT.
+    """
+    if not _CASE_NAME.match(case_name) or case_name in (".", ".."):
+        raise InvalidArgument("INVALID_CASE_NAME",
+                              "case name must be 1-128 of [A-Za-z0-9._-], not starting with "
+                              "a dot or dash", domain=DOMAIN)
+    ct, ct_affine = from_nifti_bytes(ct_nifti)
+    labels, label_affine = from_nifti_bytes(label_map_nifti)
+    present = validate_label_map(labels, label_affine, ct.shape, ct_affine)
+    combined = np.asarray(labels).astype(np.uint8)
+    masks = split_organs(combined)
+
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_root, prefix=f".{case_name}.tmp-"))
+    files: dict[str, dict[str, Any]] = {}
+    try:
+        ct_bytes = ct_nifti if ct_nifti[:2] == b"\x1f\x8b" else gzip.compress(ct_nifti, 6, mtime=0)
+        files["ct.nii.gz"] = _write(tmp / "ct.nii.gz", ct_bytes)
+        files["combined_labels.nii.gz"] = _write(tmp / "combined_labels.nii.gz",
+                                                 to_nifti_bytes(combined, ct_affine))
+        for oid, mask in masks.items():
+            rel = f"segmentations/{ORGANS[oid]}.nii.gz"
+            files[rel] = _write(tmp / rel, to_nifti_bytes(mask, ct_affine))
+        _fsync_dir(tmp / "segmentations")
+        if dicom_seg is not None:
+            files[SEG_FILE] = _write(tmp / SEG_FILE, dicom_seg)
+            _fsync_dir(tmp / "dicom_seg")
+        _fsync_dir(tmp)
+        final = out_root / case_name
+        if final.exists():
+            old = Path(tempfile.mkdtemp(dir=out_root, prefix=f".{case_name}.old-"))
+            os.replace(final, old / "case")
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(out_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    voxel_ml = float(abs(np.linalg.det(ct_affine[:3, :3]))) / 1000.0
+    organ_prov = dict(organ_provenance or {})
+    organs: dict[str, Any] = {}
+    for oid, mask in masks.items():
+        prov = organ_prov.get(oid, provenance)
+        voxels = int(mask.sum())
+        organs[ORGANS[oid]] = {
+            "label_id": oid,
+            "present": oid in present,
+            "voxels": voxels,
+            "volume_ml": round(voxels * voxel_ml, 3),
+            "provenance": prov.to_dict(),
+        }
+        if organ_versions and organ_versions.get(oid):
+            organs[ORGANS[oid]]["decided_in_version"] = organ_versions[oid]
+    effective = [organ_prov.get(oid, provenance) for oid in ORGANS]
+    any_ai = any(p.source == "ai" for p in effective)
+    any_untrained = any(p.source == "ai" and not p.weights_trained for p in effective)
+    entry: dict[str, Any] = {
+        "case": case_name,
+        "case_id": case_id,
+        "version_id": version_id,
+        "provenance": provenance.to_dict(),
+        "shape": [int(s) for s in ct.shape],
+        "spacing_mm": [round(float(s), 6) for s in np.linalg.norm(ct_affine[:3, :3], axis=0)],
+        "affine": [float(a) for a in np.asarray(ct_affine).ravel()],
+        "ct_dtype": str(ct.dtype),
+        "files": files,
+        "organs": organs,
+    }
+    if dicom_seg_outcome is not None:
+        seg_entry = dict(dicom_seg_outcome)
+        if dicom_seg is not None:
+            seg_entry.update(path=f"{case_name}/{SEG_FILE}", sha256=files[SEG_FILE]["sha256"])
+        entry["dicom_seg"] = seg_entry
+    if any_ai:
+        entry["marking"] = AI_MARKING
+    if any_untrained:
+        entry["warning"] = UNTRAINED_WARNING
+    return entry
+
+
+def write_manifest(out_root: Path, entries: Sequence[Mapping[str, Any]]) -> Path:
+    """Write `out_root/manifest.json` (atomically) listing `entries` sorted by case name.
+
+    Top-level keys: layout, organs ({id: name}), marking (when any case carries one), cases.
+    Returns the manifest's path.
+    """
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    cases = sorted((dict(e) for e in entries), key=lambda e: str(e.get("case", "")))
+    doc: dict[str, Any] = {
+        "layout": LAYOUT,
+        "organs": {str(k): v for k, v in ORGANS.items()},
+        "cases": cases,
+    }
+    if any("marking" in c for c in cases):
+        doc["marking"] = AI_MARKING
+    data = (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
+    fd, tmp = tempfile.mkstemp(dir=out_root, prefix=".manifest.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_root / "manifest.json")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(out_root)
+    return out_root / "manifest.json"
+
+
+# ---------------------------------------------------------------------------- DICOM SEG
+
+
+@dataclass(frozen=True)
+class PacsDestination:
+    """A C-STORE peer: host, TCP port, its AE title (called) and ours (calling)."""
+
+    host: str
+    port: int
+    called_ae: str
+    calling_ae: str = "ATLASFLOW"
+
+    def validate(self) -> None:
+        """InvalidArgument("INVALID_PACS_DESTINATION", metadata "field") when malformed."""
+        def bad(f: str) -> InvalidArgument:
+            return InvalidArgument("INVALID_PACS_DESTINATION",
+                                   "pacs_destination needs host, port 1-65535 and AE titles of "
+                                   "1-16 printable characters without backslash",
+                                   domain=DOMAIN, metadata={"field": f})
+        if not self.host or len(self.host) > 253 or any(c.isspace() for c in self.host):
+            raise bad("pacs_destination.host")
+        if not 0 < self.port < 65536:
+            raise bad("pacs_destination.port")
+        for name, ae in (("called_ae_title", self.called_ae),
+                         ("calling_ae_title", self.calling_ae)):
+            if not ae.strip() or len(ae) > 16 or "\\" in ae or not ae.isprintable():
+                raise bad(f"pacs_destination.{name}")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What an export job writes besides the AbdomenAtlas layout.
+
+    Stored with the job as `to_dict()` (the label repository's `options`): {} for the
+    defaults, else {"include_dicom_seg": true, "pacs": {"host", "port", "called_ae",
+    "calling_ae"}} (each key only when set).
+    """
+
+    include_dicom_seg: bool = False
+    pacs: PacsDestination | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        if self.include_dicom_seg:
+            d["include_dicom_seg"] = True
+        if self.pacs is not None:
+            d["pacs"] = asdict(self.pacs)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ExportOptions:
+        """The inverse of `to_dict` (unknown keys are ignored)."""
+        p = d.get("pacs")
+        pacs = None
+        if isinstance(p, Mapping):
+            pacs = PacsDestination(str(p.get("host", "")), int(p.get("port", 0)),
+                                   str(p.get("called_ae", "")),
+                                   str(p.get("calling_ae", "ATLASFLOW")))
+        return cls(include_dicom_seg=bool(d.get("include_dicom_seg", False)), pacs=pacs)
+
+
+# Outcome states (DicomSegState without the prefix).
+SEG_WRITTEN, SEG_SENT, SEG_SEND_FAILED, SEG_REFUSED, SEG_FAILED = (
+    "WRITTEN", "SENT", "SEND_FAILED", "REFUSED", "FAILED")
+
+
+@dataclass
+class SegOutcome:
+    """One case's DICOM SEG outcome in an export (the manifest's per-case "dicom_seg").
+
+    state: WRITTEN, SENT, SEND_FAILED, REFUSED or FAILED; path/sha256: the file, relative to
+    the export root, when written; organs: organ ids of segments 1..N; reason and
+    reason_metadata: the ErrorInfo reason and metadata of a refusal or failure;
+    c_store_status: DIMSE status of the C-STORE response (0 when none).
+    """
+
+    case_id: str
+    version_id: str
+    state: str
+    path: str = ""
+    sha256: str = ""
+    organs: list[int] = field(default_factory=list)
+    referenced_instance_count: int = 0
+    reason: str = ""
+    reason_metadata: dict[str, str] = field(default_factory=dict)
+    c_store_status: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SegOutcome:
+        """The inverse of `to_dict` (unknown keys are ignored)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# Refusals: the case cannot have a SEG (a retry gives the same answer); anything else failed.
+_REFUSING = (FailedPrecondition, InvalidArgument, NotFound)
+
+
+def build_case_seg(fetch_sources: Callable[[str], Sequence[pydicom.Dataset]],
+                   ct_digest: str, label_map_nifti: bytes, provenance: Provenance,
+                   version_id: str, *, case_id: str = "",
+                   organ_provenance: Mapping[int, Provenance] | None = None,
+                   organ_versions: Mapping[int, str] | None = None,
+                   ) -> tuple[pydicom.Dataset | None, bytes | None, SegOutcome]:
+    """The DICOM SEG of one label version, or why there is none.
+
+    fetch_sources(ct_digest) returns the source CT instances of the version's CT (headers are
+    enough) or raises an AtlasflowError: NotFound / FailedPrecondition / InvalidArgument make
+    the outcome REFUSED (e.g. NotFound "SOURCE_SERIES_NOT_FOUND"), others FAILED (e.g.
+    Unavailable "INGEST_UNAVAILABLE"). The SEG (`atlasflow.labels.dicom_seg.export_dicom_seg`,
+    UIDs derived from `version_id`) is refused with GRID_DIFFERS_FROM_SOURCE when the label
+    map's (X, Y, Z) RAS+ grid is not the source images'. Returns (dataset, Part-10 bytes,
+    outcome WRITTEN) or (None, None, outcome REFUSED / FAILED); any other exception while
+    building makes the outcome FAILED with reason DICOM_SEG_ERROR (metadata "error": its type),
+    so that one odd case never stops the export of the others.
+    """
+    try:
+        sources = fetch_sources(ct_digest)
+        labels, affine = from_nifti_bytes(label_map_nifti)
+        prov = {oid: (organ_provenance or {}).get(oid, provenance) for oid in ORGANS}
+        seg = export_dicom_seg(sources, np.asarray(labels), affine, provenance=prov,
+                               organ_versions=organ_versions, uid_seed=version_id)
+    except AtlasflowError as exc:
+        state = SEG_REFUSED if isinstance(exc, _REFUSING) else SEG_FAILED
+        return None, None, SegOutcome(case_id, version_id, state, reason=exc.reason,
+                                      reason_metadata={str(k): str(v) for k, v
+                                                       in (exc.metadata or {}).items()})
+    except Exception as exc:  # noqa: BLE001 - e.g. highdicom refusing odd source headers
+        return None, None, SegOutcome(case_id, version_id, SEG_FAILED, reason="DICOM_SEG_ERROR",
+                                      reason_metadata={"error": type(exc).__name__})
+    buf = io.BytesIO()
+    seg.save_as(buf, enforce_file_format=True)
+    organs = [ORGAN_IDS[str(d.SegmentLabel)] for d in seg.SegmentSequence]
+    refs = {str(i.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence
+            for i in s.ReferencedInstanceSequence}
+    return seg, buf.getvalue(), SegOutcome(case_id, version_id, SEG_WRITTEN, organs=organs,
+                                           referenced_instance_count=len(refs))

@@ -1,0 +1,18 @@
+"""Ranking's typed settings: ``ATLASFLOW_RANKING_*`` environment variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from atlasflow.common.settings import ServiceSettings
+from atlasflow.ranking.worklist import DEFAULT_LEASE_S
+
+PREFIX = "ATLASFLOW_RANKING_"
+
+
+@dataclass(frozen=True)
+class RankingSettings(ServiceSettings):
+    """ATLASFLOW_RANKING_* settings. lease_seconds: default review lease length, s (1 .. 28800)."""
+
+    grpc_port: int = 50053
+    lease_seconds: float = DEFAULT_LEASE_S

@@ -1,0 +1,375 @@
+"""Segmentation gRPC servicer and the job worker (orchestration; the math is in pipeline.py
+and runs inside Triton)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import grpc
+import numpy as np
+from google.protobuf import json_format, timestamp_pb2
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from atlasflow.common.blobstore import BlobStore
+from atlasflow.common.errors import AtlasflowError, InvalidArgument, NotFound
+from atlasflow.common.metrics import Metrics
+from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
+from atlasflow.common.organs import ORGANS
+from atlasflow.common.plausibility import PopulationPrior, organ_findings
+from atlasflow.common.telemetry import context_from_traceparent, current_traceparent
+from atlasflow.common.v1 import common_pb2
+from atlasflow.labels.v1 import labels_pb2
+from atlasflow.ranking.v1 import ranking_pb2
+from atlasflow.segmentation.jobs import Job, JobStore
+from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+DOMAIN = "atlasflow.segmentation"
+LABELS_TOPIC = "labels.CreateLabelVersion"
+RANKING_TOPIC = "ranking.SubmitAttention"
+NIFTI_GZ = "application/x-nifti+gzip"
+
+_STATE = {
+    "QUEUED": common_pb2.OPERATION_STATE_QUEUED,
+    "RUNNING": common_pb2.OPERATION_STATE_RUNNING,
+    "SUCCEEDED": common_pb2.OPERATION_STATE_SUCCEEDED,
+    "FAILED": common_pb2.OPERATION_STATE_FAILED,
+    "CANCELLED": common_pb2.OPERATION_STATE_CANCELLED,
+}
+_STAGE = {
+    "": segmentation_pb2.JOB_STAGE_UNSPECIFIED,
+    "LOADING": segmentation_pb2.JOB_STAGE_LOADING,
+    "INFERENCE": segmentation_pb2.JOB_STAGE_INFERENCE,
+    "POSTPROCESSING": segmentation_pb2.JOB_STAGE_POSTPROCESSING,
+    "HANDOFF": segmentation_pb2.JOB_STAGE_HANDOFF,
+}
+
+
+class Segmenter(Protocol):
+    def segment(self, volume_hu: np.ndarray, affine: np.ndarray,
+                labelled_organs: Any = ()) -> Any: ...
+
+
+def _ts(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _ref(digest: str, size: int) -> common_pb2.BlobRef:
+    return common_pb2.BlobRef(digest=digest, size_bytes=size, media_type=NIFTI_GZ)
+
+
+def organ_statistics(result: dict) -> list[segmentation_pb2.OrganStatistics]:
+    return [segmentation_pb2.OrganStatistics(
+        organ=o["organ"], volume_ml=o["volume_ml"], attention_ml=o["attention_ml"],
+        heatmap_ml=o["heatmap_ml"], component_count=o["component_count"])
+        for o in result.get("organs", [])]
+
+
+def job_to_proto(job: Job) -> segmentation_pb2.SegmentationJob:
+    msg = segmentation_pb2.SegmentationJob(
+        job_id=job.job_id, case_id=job.case_id, series_id=job.series_id,
+        series_version=job.series_version, ensemble_version=job.ensemble_version,
+        state=_STATE[job.state],
+        progress=segmentation_pb2.SegmentationProgress(stage=_STAGE[job.stage],
+                                                       fraction=job.fraction),
+        error_reason=job.error_reason, attempts=job.attempts,
+        create_time=_ts(job.create_time), update_time=_ts(job.update_time))
+    if job.state == "QUEUED" and job.attempts > 0:
+        msg.next_attempt_time.CopyFrom(_ts(job.next_attempt_at))
+    r = job.result
+    if job.state == "SUCCEEDED" and r:
+        msg.result.CopyFrom(segmentation_pb2.SegmentationResult(
+            label_map=_ref(r["label_map"], r["label_map_size"]),
+            heatmap=_ref(r["heatmap"], r["heatmap_size"]),
+            organs=organ_statistics(r), members=r.get("members", []),
+            weights_trained=r.get("weights_trained", False),
+            inference_seconds=r.get("inference_seconds", 0.0)))
+    return msg
+
+
+class Worker:
+    """Runs jobs one at a time in a thread: load -> Triton -> blobs -> result + hand-offs.
+
+    ``segmenter``: one `Segmenter`, or a mapping ensemble version -> `Segmenter` (each job
+    goes to its own ensemble's Triton model); ``members`` likewise (list or mapping).
+    Triton unavailable (``UNAVAILABLE`` after the client's own connection retries): the job
+    goes back to QUEUED in the work table with ``error_reason`` set and is tried again after
+    ``min(max_backoff_s, retry_base_s * 2**(attempts - 1))`` seconds; after ``max_attempts``
+    claims it FAILS with that reason (e.g. ``TRITON_UNAVAILABLE``). Other domain errors fail
+    at once. ``poll_s``: how often an idle worker looks for due jobs.
+    """
+
+    def __init__(self, jobs: JobStore, blobs: BlobStore,
+                 segmenter: Segmenter | Mapping[str, Segmenter], metrics: Metrics,
+                 *, members: list[str] | Mapping[str, list[str]], max_attempts: int = 8,
+                 max_backoff_s: float = 60.0, retry_base_s: float = 2.0, poll_s: float = 1.0,
+                 on_handoff: Callable[[], None] = lambda: None,
+                 prior: PopulationPrior | Callable[[], PopulationPrior] | None = None,
+                 attention_modes: Mapping[str, str] | None = None) -> None:
+        self.jobs = jobs
+        self.blobs = blobs
+        self.segmenter = segmenter
+        # Population statistics for the plausibility findings: a fixed prior, or a callable
+        # asked before every job (main.py: the prior ranking learned from stored labels);
+        # the bundled prior by default.
+        self.prior = prior or PopulationPrior.load()
+        # Attention mode per ensemble version ("reference" when not given): it decides what an
+        # organ's score adds its plausibility penalties to (see `_organ_attention`).
+        self.attention_modes = dict(attention_modes or {})
+        self.metrics = metrics
+        self.members = members
+        self.max_attempts = max_attempts
+        self.max_backoff_s = max_backoff_s
+        self.retry_base_s = retry_base_s
+        self.poll_s = poll_s
+        self.on_handoff = on_handoff
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+
+    def _segmenter_for(self, ensemble: str) -> Segmenter:
+        if isinstance(self.segmenter, Mapping):
+            if ensemble not in self.segmenter:
+                raise InvalidArgument("UNKNOWN_ENSEMBLE", "no Triton model for this ensemble version",
+                                      domain=DOMAIN, metadata={"ensemble_version": ensemble[:100]})
+            return self.segmenter[ensemble]
+        return self.segmenter
+
+    def _members_for(self, ensemble: str) -> list[str]:
+        if isinstance(self.members, Mapping):
+            return list(self.members.get(ensemble, []))
+        return list(self.members)
+
+    def run_forever(self) -> None:
+        while not self.stopping.is_set():
+            job = self.jobs.claim()
+            if job is None:
+                self.metrics.set_queue_depth("segmentation_jobs", self.jobs.queued_count())
+                self.wake.wait(self.poll_s)
+                self.wake.clear()
+                continue
+            self.run_one(job)
+
+    def run_one(self, job: Job) -> None:
+        token = otel_context.attach(context_from_traceparent(job.traceparent))
+        try:
+            with tracer.start_as_current_span("segmentation.job") as span:
+                span.set_attribute("atlasflow.job_id", job.job_id)
+                span.set_attribute("atlasflow.series_id", job.series_id)
+                span.set_attribute("atlasflow.attempt", job.attempts)
+                try:
+                    self._run(job)
+                except AtlasflowError as exc:
+                    span.set_attribute("atlasflow.error_reason", exc.reason)
+                    if exc.code == "UNAVAILABLE" and job.attempts < self.max_attempts:
+                        delay = min(self.max_backoff_s,
+                                    self.retry_base_s * 2.0 ** max(job.attempts - 1, 0))
+                        log.warning("segmentation backend unavailable, job requeued", extra={
+                            "fields": {"job_id": job.job_id, "reason": exc.reason,
+                                       "retry_in_s": delay, "attempt": job.attempts}})
+                        self.jobs.retry_later(job.job_id, exc.reason, delay)
+                    else:
+                        log.error("segmentation job failed", extra={"fields": {
+                            "job_id": job.job_id, "reason": exc.reason}})
+                        self.jobs.fail(job.job_id, exc.reason)
+                        self.metrics.count("jobs_failed")
+                except Exception as exc:  # noqa: BLE001
+                    log.error("segmentation job crashed", exc_info=exc, extra={"fields": {
+                        "job_id": job.job_id, "exc_type": type(exc).__name__}})
+                    self.jobs.fail(job.job_id, "INTERNAL")
+                    self.metrics.count("jobs_failed")
+        finally:
+            otel_context.detach(token)
+
+    def _organ_attention(self, organs: list[dict], labels: np.ndarray, heatmap: np.ndarray,
+                         affine: np.ndarray, labelled: list[int], mode: str = "reference"
+                         ) -> list[ranking_pb2.OrganAttention]:
+        """Attention statistics from Triton plus the plausibility findings (score, reasons,
+        pointer) that `atlasflow.common.plausibility` derives from the native-grid outputs.
+
+        Score = heatmap ml (reference mode) or attention ml (enhanced mode, as
+        `plausibility.rank_case` scores it) + plausibility penalties. An unlabelled organ with
+        attention but no voxel in the ensemble's labels (e.g. a gall bladder only a minority of
+        the models sees) has no geometry to assess: it is scored by its attention alone, with a
+        reason saying so (no pointer: the combined heatmap does not separate organs there)."""
+        with tracer.start_as_current_span("segmentation.findings"):
+            exact = {o["organ"]: (o["attention_ml"], o["heatmap_ml"]) for o in organs}
+            prior = self.prior() if callable(self.prior) else self.prior
+            findings = {f.organ: f for f in organ_findings(labels, heatmap, affine, prior,
+                                                           labelled, exact_ml=exact)}
+        base = "attention_ml" if mode == "enhanced" else "heatmap_ml"
+        out = []
+        for o in organs:
+            msg = ranking_pb2.OrganAttention(organ=o["organ"], attention_ml=o["attention_ml"],
+                                             heatmap_ml=o["heatmap_ml"], volume_ml=o["volume_ml"])
+            f = findings.get(o["organ"])
+            if f is not None:
+                msg.score = float(o[base] + f.score - f.heatmap_ml)
+                msg.reasons.extend(f.reasons)
+                if f.pointer:
+                    json_format.ParseDict(f.pointer, msg.pointer)
+            elif o["organ"] not in labelled and o["attention_ml"] > 0:
+                msg.score = float(o[base])
+                msg.reasons.append(
+                    f"{ORGANS[o['organ']]}: attention {o['attention_ml']:.1f} ml (heatmap "
+                    f"{o['heatmap_ml']:.1f} ml); not in the ensemble's labels")
+            out.append(msg)
+        return out
+
+    def _run(self, job: Job) -> None:
+        volume, affine = from_nifti_bytes(self.blobs.get(job.volume_digest))
+        if volume.ndim != 3:
+            raise InvalidArgument("INVALID_VOLUME", "volume must be 3-D", domain=DOMAIN)
+        volume = np.asarray(volume, dtype=np.int16)
+        segmenter = self._segmenter_for(job.ensemble_version)
+        if self.jobs.cancel_if_requested(job.job_id):
+            log.info("segmentation job cancelled before inference",
+                     extra={"fields": {"job_id": job.job_id}})
+            return
+        self.jobs.progress(job.job_id, "INFERENCE", 0.1)
+        t0 = time.perf_counter()
+        out = segmenter.segment(volume, affine, job.labelled_organs)
+        seconds = time.perf_counter() - t0
+        self.jobs.progress(job.job_id, "POSTPROCESSING", 0.9)
+        if out.labels.shape != volume.shape or out.heatmap.shape != volume.shape:
+            raise InvalidArgument("INVALID_MODEL_OUTPUT", "model output is not on the CT grid",
+                                  domain=DOMAIN)
+        label_blob = self.blobs.put(to_nifti_bytes(out.labels.astype(np.uint8), affine))
+        heat_blob = self.blobs.put(to_nifti_bytes(out.heatmap.astype(np.uint8), affine))
+        organs = [{"organ": i, "volume_ml": float(out.organ_stats[i - 1, 0]),
+                   "attention_ml": float(out.organ_stats[i - 1, 1]),
+                   "heatmap_ml": float(out.organ_stats[i - 1, 2]),
+                   "component_count": int(out.organ_stats[i - 1, 3])} for i in ORGANS]
+        result = {"label_map": label_blob.digest, "label_map_size": label_blob.size_bytes,
+                  "heatmap": heat_blob.digest, "heatmap_size": heat_blob.size_bytes,
+                  "organs": organs, "members": self._members_for(job.ensemble_version),
+                  "weights_trained": bool(out.weights_trained), "inference_seconds": seconds}
+        labels_req = labels_pb2.CreateLabelVersionRequest(
+            case_id=job.case_id, label_map=_ref(label_blob.digest, label_blob.size_bytes),
+            ct=_ref(job.volume_digest, job.volume_size),
+            provenance=labels_pb2.Provenance(
+                source=labels_pb2.LABEL_SOURCE_AI, model_version=job.ensemble_version,
+                job_id=job.job_id, weights_trained=bool(out.weights_trained)),
+            request_id=job.job_id)
+        ranking_req = ranking_pb2.SubmitAttentionRequest(
+            case_id=job.case_id, series_id=job.series_id, source_job_id=job.job_id,
+            organs=self._organ_attention(organs, out.labels, out.heatmap, affine,
+                                         job.labelled_organs,
+                                         self.attention_modes.get(job.ensemble_version, "reference")),
+            heatmap=_ref(heat_blob.digest, heat_blob.size_bytes),
+            labelled_organs=job.labelled_organs)
+        handed = self.jobs.succeed(job.job_id, result, [
+            (LABELS_TOPIC, f"{job.job_id}:labels", labels_req.SerializeToString()),
+            (RANKING_TOPIC, f"{job.job_id}:ranking", ranking_req.SerializeToString()),
+        ], current_traceparent())
+        if not handed:
+            log.info("segmentation job cancelled during inference; result discarded",
+                     extra={"fields": {"job_id": job.job_id}})
+            self.metrics.count("jobs_cancelled")
+            return
+        log.info("segmentation job finished", extra={"fields": {
+            "job_id": job.job_id, "inference_s": round(seconds, 3), "handed_off": handed}})
+        self.metrics.count("jobs_succeeded")
+        if handed:
+            self.on_handoff()
+
+
+WAIT_DEFAULT_S = 60.0
+WAIT_MAX_S = 600.0
+# WaitSegmentationJob re-reads the job at least this often even without a change notice.
+WAIT_RECHECK_S = 2.0
+DONE_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+class SegmentationServicer(segmentation_pb2_grpc.SegmentationServiceServicer):
+    def __init__(self, jobs: JobStore, blobs: BlobStore, worker: Worker,
+                 ensembles: list[str]) -> None:
+        self.jobs = jobs
+        self.blobs = blobs
+        self.worker = worker
+        self.ensembles = ensembles
+        # WaitSegmentationJob: one event per waited-on job, set (in the server's loop) when the
+        # job store reports a change of that job.
+        self._waits: dict[str, asyncio.Event] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        jobs.listeners.append(self._job_changed)
+
+    def _job_changed(self, job_id: str) -> None:  # any thread
+        loop = self._loop
+        if loop is not None and job_id in self._waits:
+            loop.call_soon_threadsafe(self._wake_waiters, job_id)
+
+    def _wake_waiters(self, job_id: str) -> None:
+        event = self._waits.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    async def WaitSegmentationJob(self, request, context):  # type: ignore[no-untyped-def]
+        timeout = (request.timeout.ToTimedelta().total_seconds()
+                   if request.HasField("timeout") else WAIT_DEFAULT_S)
+        if timeout < 0:
+            raise InvalidArgument("INVALID_TIMEOUT", "timeout must be >= 0", domain=DOMAIN)
+        self._loop = asyncio.get_running_loop()
+        deadline = self._loop.time() + min(timeout, WAIT_MAX_S)
+        while True:
+            # Register before reading, so a change between the read and the wait is not missed.
+            event = self._waits.setdefault(request.job_id, asyncio.Event())
+            job = await asyncio.to_thread(self.jobs.get, request.job_id)
+            left = deadline - self._loop.time()
+            if job.state in DONE_STATES or left <= 0:
+                if self._waits.get(request.job_id) is event and not event.is_set():
+                    del self._waits[request.job_id]  # (another waiter re-checks within 2 s)
+                return segmentation_pb2.WaitSegmentationJobResponse(job=job_to_proto(job))
+            try:
+                await asyncio.wait_for(event.wait(), min(left, WAIT_RECHECK_S))
+            except TimeoutError:
+                pass
+
+    async def SegmentSeries(self, request: segmentation_pb2.SegmentSeriesRequest,
+                            context: grpc.aio.ServicerContext) -> segmentation_pb2.SegmentSeriesResponse:
+        if not request.case_id or not request.series_id or request.series_version < 1:
+            raise InvalidArgument("INVALID_REQUEST",
+                                  "case_id, series_id and series_version >= 1 are required",
+                                  domain=DOMAIN)
+        ensemble = request.ensemble_version or self.ensembles[0]
+        if ensemble not in self.ensembles:
+            raise InvalidArgument("UNKNOWN_ENSEMBLE", "unknown ensemble version", domain=DOMAIN,
+                                  metadata={"ensemble_version": ensemble[:100],
+                                            "known": ",".join(self.ensembles)})
+        if not self.blobs.exists(request.volume.digest):
+            raise NotFound("BLOB_NOT_FOUND", "volume blob not found", domain=DOMAIN,
+                           metadata={"digest": request.volume.digest[:80]})
+        organs = [int(o) for o in request.labelled_organs]
+        if any(o not in ORGANS for o in organs):
+            raise InvalidArgument("INVALID_ORGAN", "labelled_organs must be organ ids 1..9",
+                                  domain=DOMAIN)
+        job, created = self.jobs.submit(
+            case_id=request.case_id, series_id=request.series_id,
+            series_version=request.series_version, ensemble_version=ensemble,
+            volume_digest=request.volume.digest, volume_size=request.volume.size_bytes,
+            labelled_organs=organs, traceparent=current_traceparent())
+        if created:
+            self.worker.wake.set()
+        return segmentation_pb2.SegmentSeriesResponse(job=job_to_proto(job))
+
+    async def GetSegmentationJob(self, request, context):  # type: ignore[no-untyped-def]
+        return segmentation_pb2.GetSegmentationJobResponse(
+            job=job_to_proto(self.jobs.get(request.job_id)))
+
+    async def ListSegmentationJobs(self, request, context):  # type: ignore[no-untyped-def]
+        jobs, token = self.jobs.list(request.page_size, request.page_token, request.case_id)
+        return segmentation_pb2.ListSegmentationJobsResponse(
+            jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
+
+    async def CancelSegmentationJob(self, request, context):  # type: ignore[no-untyped-def]
+        return segmentation_pb2.CancelSegmentationJobResponse(
+            job=job_to_proto(self.jobs.cancel(request.job_id)))
