@@ -80,7 +80,12 @@ def reference_attention_numpy(
             peak = heat.max()
             if peak > 0:
                 heat = heat / peak
-            res.update(attention=std_mask | ent_mask | overlap, heatmap=heat, std_mask=std_mask,
-                       entropy_mask=ent_mask, overlap=overlap)
+            res.update(
+                attention=std_mask | ent_mask | overlap,
+                heatmap=heat,
+                std_mask=std_mask,
+                entropy_mask=ent_mask,
+                overlap=overlap,
+            )
         out[k] = res
     return out

@@ -71,8 +71,11 @@ def make_case(shape: tuple[int, int, int], n_models: int = 3, seed: int = 0) -> 
             d = [((axes[a] - cm[a]) / rm[a]) ** 2 for a in range(3)]
             rr = np.sqrt(d[0][:, None, None] + d[1][None, :, None] + d[2][None, None, :])
             ph = rng.uniform(0, 2 * np.pi, 3)
-            wob = (np.sin(axes[0] / 9 + ph[0])[:, None, None] + np.sin(axes[1] / 11 + ph[1])[None, :, None]
-                   + np.sin(axes[2] / 7 + ph[2])[None, None, :]) * 0.08
+            wob = (
+                np.sin(axes[0] / 9 + ph[0])[:, None, None]
+                + np.sin(axes[1] / 11 + ph[1])[None, :, None]
+                + np.sin(axes[2] / 7 + ph[2])[None, None, :]
+            ) * 0.08
             logit = (1.0 - rr + wob) * (6.0 * rng.uniform(0.8, 1.2))
             p = 1.0 / (1.0 + np.exp(-logit))
             p[rr > 1.35] = 0.0
@@ -111,7 +114,7 @@ def time_enhanced(case: dict[int, np.ndarray], runs: int = 1, spacing_mm: float 
 
     res = case_attention({k: torch.from_numpy(v) for k, v in case.items()})
     affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
-    vml = spacing_mm ** 3 / 1000.0
+    vml = spacing_mm**3 / 1000.0
     organs = [(r.probs, r.ensemble) for r in res.organs.values() if r.probs is not None and r.ensemble is not None]
     best = {"enhanced_s": float("inf"), "suspect_torch_s": float("inf"), "suspect_numpy_s": float("inf")}
     for _ in range(runs):
@@ -158,10 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     rss0 = _rss_mib()
     lib_s = time_library(case, args.runs)
     lib_rss = _rss_mib() - rss0
-    report: dict[str, object] = {"shape": list(shape), "models": args.models, "organs": len(case),
-                                 "generate_s": round(gen_s, 2), "library_s": round(lib_s, 3),
-                                 "library_peak_rss_growth_mib": round(lib_rss, 1),
-                                 "torch_threads": torch.get_num_threads()}
+    report: dict[str, object] = {
+        "shape": list(shape),
+        "models": args.models,
+        "organs": len(case),
+        "generate_s": round(gen_s, 2),
+        "library_s": round(lib_s, 3),
+        "library_peak_rss_growth_mib": round(lib_rss, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
     if args.enhanced:
         report.update(time_enhanced(case, args.runs))
     if not args.skip_baseline:
@@ -173,11 +181,14 @@ def main(argv: list[str] | None = None) -> int:
         rss1 = _rss_mib()
         base_s = time_baseline(case)
         scale = float(np.prod(shape)) / float(np.prod(bshape))
-        report.update(baseline_shape=list(bshape), baseline_s=round(base_s, 3),
-                      baseline_peak_rss_growth_mib=round(_rss_mib() - rss1, 1),
-                      baseline_scaled_to_shape_s=round(base_s * scale, 3),
-                      baseline_scaled=bshape != shape,
-                      ratio=round(base_s * scale / lib_s, 2))
+        report.update(
+            baseline_shape=list(bshape),
+            baseline_s=round(base_s, 3),
+            baseline_peak_rss_growth_mib=round(_rss_mib() - rss1, 1),
+            baseline_scaled_to_shape_s=round(base_s * scale, 3),
+            baseline_scaled=bshape != shape,
+            ratio=round(base_s * scale / lib_s, 2),
+        )
     print(json.dumps(report))
     return 0
 

@@ -40,8 +40,7 @@ print(json.dumps({"rc": run.returncode, "wall_s": wall,
 
 def measure(cmd: list[str]) -> dict[str, float]:
     """Wall time (s) and max RSS (MiB) of `cmd` in a fresh child of a fresh wrapper."""
-    out = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout)
     if result["rc"] != 0:
         raise RuntimeError(f"{cmd[0]} failed: {result['err']}")
@@ -50,10 +49,8 @@ def measure(cmd: list[str]) -> dict[str, float]:
 
 def commands(tool: str, src: Path, out_dir: Path, gz: bool, run: int) -> list[str]:
     if tool == "atlasflow":
-        return [str(BIN / "atlasflow"), "convert", str(src),
-                str(out_dir / f"a{run}.nii{'.gz' if gz else ''}")]
-    return [str(BIN / "dcm2niix"), "-z", "y" if gz else "n", "-b", "n", "-o", str(out_dir),
-            "-f", f"d{run}", str(src)]
+        return [str(BIN / "atlasflow"), "convert", str(src), str(out_dir / f"a{run}.nii{'.gz' if gz else ''}")]
+    return [str(BIN / "dcm2niix"), "-z", "y" if gz else "n", "-b", "n", "-o", str(out_dir), "-f", f"d{run}", str(src)]
 
 
 def bench(src: Path, out_dir: Path, runs: int) -> dict[str, dict[str, float]]:
@@ -94,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {key:22s} {r['wall_s']:7.3f} s   peak {r['max_rss_mib']:7.1f} MiB")
         for ext in (".nii", ".nii.gz"):
             a, d = results[f"atlasflow -> {ext}"], results[f"dcm2niix -> {ext}"]
-            print(f"  ratio atlasflow/dcm2niix {ext:8s} time {a['wall_s'] / d['wall_s']:.2f}x"
-                  f"   memory {a['max_rss_mib'] / d['max_rss_mib']:.2f}x")
+            print(
+                f"  ratio atlasflow/dcm2niix {ext:8s} time {a['wall_s'] / d['wall_s']:.2f}x"
+                f"   memory {a['max_rss_mib'] / d['max_rss_mib']:.2f}x"
+            )
         print("JSON " + json.dumps(results))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -77,7 +77,7 @@ def auroc(scores: list[float], labels: list[bool]) -> float:
 
 
 def precision_at(scores: list[float], labels: list[bool], k: int) -> float:
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])[:max(k, 1)]
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])[: max(k, 1)]
     return sum(labels[i] for i in order) / len(order)
 
 
@@ -91,18 +91,25 @@ def tuning_prior(seeds: list[int], size_scale: float) -> PopulationPrior:
     return prior
 
 
-def prepare_case(seed: int, size_scale: float, confidence: float | None = None, error: str | None = None,
-                 shared: int | None = None) -> tuple[SimCase, CaseAttention, list[tuple[int, np.ndarray]]]:
+def prepare_case(
+    seed: int, size_scale: float, confidence: float | None = None, error: str | None = None, shared: int | None = None
+) -> tuple[SimCase, CaseAttention, list[tuple[int, np.ndarray]]]:
     """The simulated case, its reference attention and its error regions (mode-independent)."""
     c = simulate_case(seed, size_scale=size_scale, confidence=confidence, error=error, shared=shared)
     ca = case_attention({k: torch.from_numpy(v) for k, v in c.probs.items()})
-    regions = case_error_regions(c, {k: r.paste("ensemble", ca.shape).numpy() for k, r in ca.organs.items()
-                                     if k in c.clean_probs})
+    regions = case_error_regions(
+        c, {k: r.paste("ensemble", ca.shape).numpy() for k, r in ca.organs.items() if k in c.clean_probs}
+    )
     return c, ca, regions
 
 
-def score_case(c: SimCase, ca: CaseAttention, regions: list[tuple[int, np.ndarray]], prior: PopulationPrior,
-               modes: tuple[str, ...] = MODES) -> dict[str, object]:
+def score_case(
+    c: SimCase,
+    ca: CaseAttention,
+    regions: list[tuple[int, np.ndarray]],
+    prior: PopulationPrior,
+    modes: tuple[str, ...] = MODES,
+) -> dict[str, object]:
     """One row: the case's error, its regions and, per mode, the case score, the first organ,
     which regions the attention found (``found_each``, in region order) and its shown
     components (``att_regions``) of which ``att_tp`` are true positives; ``fp`` lists the false
@@ -112,10 +119,16 @@ def score_case(c: SimCase, ca: CaseAttention, regions: list[tuple[int, np.ndarra
     for _, reg in regions:
         err_all |= reg
     wrong_organs = {k for k, _ in regions}
-    out: dict[str, object] = {"seed": int(c.name[3:]), "error": c.error, "organ": c.organ, "shared": c.shared,
-                              "confidence": c.extra.get("confidence"), "regions": len(regions),
-                              "region_organ": [int(k) for k, _ in regions],
-                              "region_ml": [round(float(r.sum()) * vml, 1) for _, r in regions]}
+    out: dict[str, object] = {
+        "seed": int(c.name[3:]),
+        "error": c.error,
+        "organ": c.organ,
+        "shared": c.shared,
+        "confidence": c.extra.get("confidence"),
+        "regions": len(regions),
+        "region_organ": [int(k) for k, _ in regions],
+        "region_ml": [round(float(r.sum()) * vml, 1) for _, r in regions],
+    }
     for mode in modes:
         rc = rank_case(ca, c.affine, mode=mode, prior=prior)
         att = np.zeros(ca.shape, dtype=bool)
@@ -138,15 +151,22 @@ def score_case(c: SimCase, ca: CaseAttention, regions: list[tuple[int, np.ndarra
             comp = lab == i
             best = max(rc.attention, key=lambda k: int((comp[rc.attention[k][0]] & rc.attention[k][1]).sum()))
             fp.append((int(best), round(float(counts[i]) * vml, 1)))
-        out[mode] = {"score": rc.score, "first": rc.organs[0].organ if rc.organs else None,
-                     "first_wrong": bool(rc.organs) and rc.organs[0].organ in wrong_organs,
-                     "found": sum(found_each), "found_each": found_each,
-                     "att_regions": len(shown), "att_tp": sum(tp_each.values()), "fp": fp}
+        out[mode] = {
+            "score": rc.score,
+            "first": rc.organs[0].organ if rc.organs else None,
+            "first_wrong": bool(rc.organs) and rc.organs[0].organ in wrong_organs,
+            "found": sum(found_each),
+            "found_each": found_each,
+            "att_regions": len(shown),
+            "att_tp": sum(tp_each.values()),
+            "fp": fp,
+        }
     return out
 
 
-def evaluate_case(seed: int, prior: PopulationPrior, size_scale: float,
-                  confidence: float | None = None) -> dict[str, object]:
+def evaluate_case(
+    seed: int, prior: PopulationPrior, size_scale: float, confidence: float | None = None
+) -> dict[str, object]:
     return score_case(*prepare_case(seed, size_scale, confidence), prior)
 
 
@@ -163,8 +183,9 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return round(max(c - h, 0.0), 3), round(min(c + h, 1.0), 3)
 
 
-def case_bootstrap(rows: list[dict[str, object]], mode: str, n_boot: int = 2000, seed: int = 0
-                   ) -> dict[str, tuple[float, float]]:
+def case_bootstrap(
+    rows: list[dict[str, object]], mode: str, n_boot: int = 2000, seed: int = 0
+) -> dict[str, tuple[float, float]]:
     """95 % percentile intervals of region sensitivity and precision from resampling CASES with
     replacement (``n_boot`` times): the regions and attention components of one case stay
     together, so the interval accounts for their dependence (a swap gives two regions per
@@ -178,8 +199,11 @@ def case_bootstrap(rows: list[dict[str, object]], mode: str, n_boot: int = 2000,
     for key, num, den in (("region_sensitivity", found, regions), ("region_precision", tp, shown)):
         d = den[idx].sum(axis=1)
         ratios = num[idx].sum(axis=1)[d > 0] / d[d > 0]
-        out[key] = ((round(float(np.percentile(ratios, 2.5)), 3), round(float(np.percentile(ratios, 97.5)), 3))
-                    if ratios.size else (float("nan"), float("nan")))
+        out[key] = (
+            (round(float(np.percentile(ratios, 2.5)), 3), round(float(np.percentile(ratios, 97.5)), 3))
+            if ratios.size
+            else (float("nan"), float("nan"))
+        )
     return out
 
 
@@ -235,13 +259,17 @@ def format_table(summary: dict[str, dict[str, object]]) -> str:
         lo_s, hi_s = m["region_sensitivity_ci95"]  # type: ignore[misc]
         lo_p, hi_p = m["region_precision_ci95"]  # type: ignore[misc]
         c = m["counts"]
-        lines.append(f"{mode:9s} AUROC {m['auroc']}  P@5% {m['precision_top5pct']}  R-prec {m['r_precision']}  "
-                     f"first-wrong {m['first_organ_is_wrong']}  sensitivity {m['region_sensitivity']} "
-                     f"[{lo_s}, {hi_s}] ({c['found']}/{c['regions']})  precision {m['region_precision']} "  # type: ignore[index]
-                     f"[{lo_p}, {hi_p}] ({c['att_tp']}/{c['att_regions']})")  # type: ignore[index]
+        lines.append(
+            f"{mode:9s} AUROC {m['auroc']}  P@5% {m['precision_top5pct']}  R-prec {m['r_precision']}  "
+            f"first-wrong {m['first_organ_is_wrong']}  sensitivity {m['region_sensitivity']} "
+            f"[{lo_s}, {hi_s}] ({c['found']}/{c['regions']})  precision {m['region_precision']} "  # type: ignore[index]
+            f"[{lo_p}, {hi_p}] ({c['att_tp']}/{c['att_regions']})"
+        )  # type: ignore[index]
         bs = m["case_bootstrap_ci95"]
-        lines.append(f"  case-bootstrap 95 %: sensitivity {list(bs['region_sensitivity'])}  "  # type: ignore[index]
-                     f"precision {list(bs['region_precision'])}")  # type: ignore[index]
+        lines.append(
+            f"  case-bootstrap 95 %: sensitivity {list(bs['region_sensitivity'])}  "  # type: ignore[index]
+            f"precision {list(bs['region_precision'])}"
+        )  # type: ignore[index]
         for key, cells in m["breakdown"].items():  # type: ignore[union-attr]
             lines.append(f"  {key:7s} " + "  ".join(f"{v}: {f}/{n}" for v, (f, n) in sorted(cells.items())))
     return "\n".join(lines)
@@ -268,8 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="100-199")
     ap.add_argument("--prior-seeds", default="0-49", help="tuning seeds whose true labels update the prior")
     ap.add_argument("--size-scale", type=float, default=1.0)
-    ap.add_argument("--confidence", type=float, default=None,
-                    help="fix the erring models' confidence (1.0: errors held as surely as anatomy)")
+    ap.add_argument(
+        "--confidence",
+        type=float,
+        default=None,
+        help="fix the erring models' confidence (1.0: errors held as surely as anatomy)",
+    )
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (cases are independent)")
     ap.add_argument("--json", type=Path, default=None, help="write per-case rows and the summary here")
     ap.add_argument("--verbose", action="store_true")
@@ -283,8 +315,13 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             print(json.dumps(row), flush=True)
     summary = summarise(rows)
-    summary["run"] = {"seeds": args.seeds, "prior_seeds": args.prior_seeds, "size_scale": args.size_scale,
-                      "confidence": args.confidence, "wall_s": round(time.perf_counter() - t0, 1)}
+    summary["run"] = {
+        "seeds": args.seeds,
+        "prior_seeds": args.prior_seeds,
+        "size_scale": args.size_scale,
+        "confidence": args.confidence,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
     if args.table:
         print(format_table(summary))
     print(json.dumps(summary))

@@ -102,12 +102,23 @@ def measure_case(seed: int, prior: PopulationPrior, size_scale: float = 1.0) -> 
     rows = []
     for k, reg in regions:
         mu, sigma = stats.get(k, (float("nan"), float("nan")))
-        rows.append({"organ": ORGANS[k], "ml": round(float(reg.sum()) * vml, 1),
-                     "found": int((reg & att).sum()) * 2 >= int(reg.sum()),
-                     "z": round(abs(float(np.median(hu_np[reg])) - mu) / sigma, 2)})
+        rows.append(
+            {
+                "organ": ORGANS[k],
+                "ml": round(float(reg.sum()) * vml, 1),
+                "found": int((reg & att).sum()) * 2 >= int(reg.sum()),
+                "z": round(abs(float(np.median(hu_np[reg])) - mu) / sigma, 2),
+            }
+        )
     regs = [reg for _, reg in regions]
-    return {"seed": seed, "error": c.error, "shared": c.shared, "regions": rows,
-            "inside": _candidates(inside, err, regs, vml), "outside": _candidates(outside, err, regs, vml)}
+    return {
+        "seed": seed,
+        "error": c.error,
+        "shared": c.shared,
+        "regions": rows,
+        "inside": _candidates(inside, err, regs, vml),
+        "outside": _candidates(outside, err, regs, vml),
+    }
 
 
 def summarise(cases: list[dict[str, object]]) -> dict[str, object]:
@@ -115,15 +126,16 @@ def summarise(cases: list[dict[str, object]]) -> dict[str, object]:
     for found in (True, False):
         z = np.array([r["z"] for c in cases for r in c["regions"] if r["found"] is found])  # type: ignore[attr-defined]
         key = "found" if found else "missed"
-        out[key] = {"regions": int(z.size),
-                    "z_median": round(float(np.median(z)), 2) if z.size else None,
-                    "share_z_over_2": round(float((z > 2).mean()), 3) if z.size else None,
-                    "share_z_over_3": round(float((z > 3).mean()), 3) if z.size else None}
+        out[key] = {
+            "regions": int(z.size),
+            "z_median": round(float(np.median(z)), 2) if z.size else None,
+            "share_z_over_2": round(float((z > 2).mean()), 3) if z.size else None,
+            "share_z_over_3": round(float((z > 3).mean()), 3) if z.size else None,
+        }
     for rule in ("inside", "outside"):
         tp = sum(int(c[rule][0]) for c in cases)  # type: ignore[index]
         n = sum(int(c[rule][1]) for c in cases)  # type: ignore[index]
-        out[f"rule_{rule}"] = {"candidates": n, "true_positive": tp,
-                               "precision": round(tp / n, 3) if n else None}
+        out[f"rule_{rule}"] = {"candidates": n, "true_positive": tp, "precision": round(tp / n, 3) if n else None}
     return out
 
 
@@ -140,13 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    prior = (tuning_prior(parse_seeds(args.prior_seeds), args.size_scale) if args.prior_seeds
-             else PopulationPrior.load())
+    prior = tuning_prior(parse_seeds(args.prior_seeds), args.size_scale) if args.prior_seeds else PopulationPrior.load()
     work = [(s, prior, args.size_scale) for s in parse_seeds(args.seeds)]
     cases = map_cases(_star, work, args.jobs)
     summary = summarise(cases)
-    summary["run"] = {"seeds": args.seeds, "prior_seeds": args.prior_seeds, "size_scale": args.size_scale,
-                      "wall_s": round(time.perf_counter() - t0, 1)}
+    summary["run"] = {
+        "seeds": args.seeds,
+        "prior_seeds": args.prior_seeds,
+        "size_scale": args.size_scale,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
     print(json.dumps(summary))
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "cases": cases}, indent=1))

@@ -50,14 +50,13 @@ BENCH_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:atlasflow:bench-ingest
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
-
-
 def bench_uid(seed: str, role: str) -> str:
     return "2.25." + str(uuid.uuid5(BENCH_UID_NAMESPACE, f"{seed}/{role}").int)
 
 
-def build_ct_series(out_dir: Path, n_slices: int = 300, *, seed: str = "bench",
-                    source_dir: Path = EXAMPLE_CT_DICOM) -> list[Path]:
+def build_ct_series(
+    out_dir: Path, n_slices: int = 300, *, seed: str = "bench", source_dir: Path = EXAMPLE_CT_DICOM
+) -> list[Path]:
     """Write an `n_slices` CT series tiled from the real slices in `source_dir`.
 
     Slices are taken in position order, back and forth (0..19, 19..0, ...) so that neighbours
@@ -127,17 +126,30 @@ class IngestProcess:
     ``root/ingest-<n>.log``. Usable as a context manager; `kill()` is SIGKILL (crash tests).
     """
 
-    def __init__(self, root: Path, *, ae_title: str = "ATLASFLOW", quiet_period_s: float = 3600,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        ae_title: str = "ATLASFLOW",
+        quiet_period_s: float = 3600,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.root = Path(root)
         self.ae_title = ae_title
         self.grpc_port, self.dicom_port, dead = free_ports(3)
-        self.env = dict(os.environ, TCP_NODELAY="1", PYTHONUNBUFFERED="1",
-                        OTEL_TRACES_EXPORTER="none", OTEL_SDK_DISABLED="true")
-        settings = {"GRPC_PORT": str(self.grpc_port), "DICOM_PORT": str(self.dicom_port),
-                    "DATA_DIR": str(self.root / "data"), "BLOB_DIR": str(self.root / "blobs"),
-                    "AE_TITLE": ae_title, "QUIET_PERIOD_S": str(quiet_period_s),
-                    "SEGMENTATION_TARGET": f"127.0.0.1:{dead}", "SHUTDOWN_GRACE_S": "1"}
+        self.env = dict(
+            os.environ, TCP_NODELAY="1", PYTHONUNBUFFERED="1", OTEL_TRACES_EXPORTER="none", OTEL_SDK_DISABLED="true"
+        )
+        settings = {
+            "GRPC_PORT": str(self.grpc_port),
+            "DICOM_PORT": str(self.dicom_port),
+            "DATA_DIR": str(self.root / "data"),
+            "BLOB_DIR": str(self.root / "blobs"),
+            "AE_TITLE": ae_title,
+            "QUIET_PERIOD_S": str(quiet_period_s),
+            "SEGMENTATION_TARGET": f"127.0.0.1:{dead}",
+            "SHUTDOWN_GRACE_S": "1",
+        }
         settings.update(env or {})
         self.env.update({"ATLASFLOW_INGEST_" + k: v for k, v in settings.items()})
         self.proc: subprocess.Popen | None = None
@@ -153,8 +165,12 @@ class IngestProcess:
         self.log_path = self.root / f"ingest-{self.starts}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [str(PYTHON), "-m", "atlasflow.cli.main", "serve", "ingest"], cwd=REPO,
-            env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+            [str(PYTHON), "-m", "atlasflow.cli.main", "serve", "ingest"],
+            cwd=REPO,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         wait_port(self.dicom_port, timeout_s, self.proc)
         wait_port(self.grpc_port, timeout_s, self.proc)
         return self
@@ -193,21 +209,33 @@ class OrthancProcess:
     authentication are off; the DICOM server accepts any calling AE (unknown SCU allowed).
     """
 
-    def __init__(self, root: Path, *, aet: str = "ORTHANC",
-                 modalities: dict[str, tuple[str, str, int]] | None = None) -> None:
+    def __init__(
+        self, root: Path, *, aet: str = "ORTHANC", modalities: dict[str, tuple[str, str, int]] | None = None
+    ) -> None:
         self.root = Path(root)
         self.aet = aet
         self.dicom_port, self.http_port = free_ports(2)
         self.config = {
-            "Name": "atlasflow-test", "DicomAet": aet, "DicomPort": self.dicom_port,
-            "HttpPort": self.http_port, "StorageDirectory": str(self.root / "storage"),
-            "IndexDirectory": str(self.root / "index"), "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
-            "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True,
+            "Name": "atlasflow-test",
+            "DicomAet": aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "StorageDirectory": str(self.root / "storage"),
+            "IndexDirectory": str(self.root / "index"),
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowEcho": True,
+            "DicomAlwaysAllowStore": True,
             "DicomModalities": {k: list(v) for k, v in (modalities or {}).items()},
-            "Plugins": [], "StorageCompression": False, "HttpServerEnabled": True,
-            "ConcurrentJobs": 2, "LimitFindResults": 0, "LimitFindInstances": 0,
-            "UnknownSopClassAccepted": False, "DicomScpTimeout": 30,
+            "Plugins": [],
+            "StorageCompression": False,
+            "HttpServerEnabled": True,
+            "ConcurrentJobs": 2,
+            "LimitFindResults": 0,
+            "LimitFindInstances": 0,
+            "UnknownSopClassAccepted": False,
+            "DicomScpTimeout": 30,
         }
         self.proc: subprocess.Popen | None = None
 
@@ -216,9 +244,13 @@ class OrthancProcess:
         cfg = self.root / "orthanc.json"
         cfg.write_text(json.dumps(self.config, indent=1))
         self._log = open(self.root / "orthanc.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([ORTHANC, str(cfg)], cwd=self.root,
-                                     env=dict(os.environ, TCP_NODELAY="1"),
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [ORTHANC, str(cfg)],
+            cwd=self.root,
+            env=dict(os.environ, TCP_NODELAY="1"),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         wait_port(self.http_port, timeout_s, self.proc)
         wait_port(self.dicom_port, timeout_s, self.proc)
         return self
@@ -250,14 +282,25 @@ _SUCCESS_RE = re.compile(r"Received Store Response \((Success|Warning[^)]*)\)")
 _SENDING_RE = re.compile(r"Sending file: (.+)$")
 
 
-def storescu(files: Sequence[Path], port: int, *, aec: str = "ATLASFLOW", aet: str = "STORESCU",
-             timeout_s: float = 300, extra: Sequence[str] = ()) -> subprocess.CompletedProcess:
+def storescu(
+    files: Sequence[Path],
+    port: int,
+    *,
+    aec: str = "ATLASFLOW",
+    aet: str = "STORESCU",
+    timeout_s: float = 300,
+    extra: Sequence[str] = (),
+) -> subprocess.CompletedProcess:
     """dcmtk storescu, TCP_NODELAY=1, verbose (`-v`) so that per-file statuses can be parsed."""
     exe = shutil.which("storescu")
     assert exe, "dcmtk storescu is required (Debian package dcmtk)"
-    return subprocess.run([exe, "-v", "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port),
-                           *map(str, files)], env=dict(os.environ, TCP_NODELAY="1"),
-                          capture_output=True, text=True, timeout=timeout_s)
+    return subprocess.run(
+        [exe, "-v", "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port), *map(str, files)],
+        env=dict(os.environ, TCP_NODELAY="1"),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
 
 
 def acknowledged_files(storescu_log: str) -> list[str]:
@@ -280,8 +323,10 @@ def _time_storescu(files: Sequence[Path], port: int, aec: str) -> float:
     elapsed = time.perf_counter() - t0
     acked = acknowledged_files(result.stdout + result.stderr)
     if result.returncode != 0 or len(acked) != len(files):
-        raise RuntimeError(f"storescu to {aec}: rc={result.returncode}, {len(acked)}/{len(files)}"
-                           f" acknowledged\n{result.stderr[-2000:]}")
+        raise RuntimeError(
+            f"storescu to {aec}: rc={result.returncode}, {len(acked)}/{len(files)}"
+            f" acknowledged\n{result.stderr[-2000:]}"
+        )
     return elapsed
 
 
@@ -323,15 +368,19 @@ def run_benchmark(n_slices: int, runs: int, work: Path, *, warmup: bool = True) 
         order = ["atlasflow", "orthanc"] if i % 2 == 0 else ["orthanc", "atlasflow"]
         for name in order:
             times[name].append(receivers[name](files, work / f"{name}-{i}"))
-    result: dict = {"slices": n_slices, "bytes": total_bytes, "runs": runs, "seconds": times,
-                    "warmup": warmup, "load_avg_before": load_before,
-                    "load_avg_after": os.getloadavg()}
+    result: dict = {
+        "slices": n_slices,
+        "bytes": total_bytes,
+        "runs": runs,
+        "seconds": times,
+        "warmup": warmup,
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
+    }
     for name, ts in times.items():
         med = statistics.median(ts)
-        result[name] = {"median_s": med, "instances_per_s": n_slices / med,
-                        "mb_per_s": total_bytes / 1e6 / med}
-    result["ratio_instances_per_s"] = (result["atlasflow"]["instances_per_s"]
-                                       / result["orthanc"]["instances_per_s"])
+        result[name] = {"median_s": med, "instances_per_s": n_slices / med, "mb_per_s": total_bytes / 1e6 / med}
+    result["ratio_instances_per_s"] = result["atlasflow"]["instances_per_s"] / result["orthanc"]["instances_per_s"]
     return result
 
 
@@ -359,10 +408,11 @@ def main(argv: list[str] | None = None) -> int:
         result = run_benchmark(args.slices, args.runs, work, warmup=not args.no_warmup)
     for name in ("atlasflow", "orthanc"):
         r = result[name]
-        print(f"{name:10s} {args.slices} instances, {result['bytes'] / 1e6:.1f} MB: "
-              f"median {r['median_s']:.2f} s = {r['instances_per_s']:.0f} instances/s, "
-              f"{r['mb_per_s']:.1f} MB/s  (runs: "
-              + ", ".join(f"{t:.2f}" for t in result["seconds"][name]) + ")")
+        print(
+            f"{name:10s} {args.slices} instances, {result['bytes'] / 1e6:.1f} MB: "
+            f"median {r['median_s']:.2f} s = {r['instances_per_s']:.0f} instances/s, "
+            f"{r['mb_per_s']:.1f} MB/s  (runs: " + ", ".join(f"{t:.2f}" for t in result["seconds"][name]) + ")"
+        )
     print(f"ratio atlasflow/orthanc (instances/s): {result['ratio_instances_per_s']:.2f}")
     before = " ".join(f"{x:.2f}" for x in result["load_avg_before"])
     after = " ".join(f"{x:.2f}" for x in result["load_avg_after"])

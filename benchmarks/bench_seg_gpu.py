@@ -46,25 +46,94 @@ SIZE = (266, 266, 250)
 SPACING = 1.5
 
 FULL_MEMBERS: list[dict[str, Any]] = [
-    {"name": "unet", "architecture": "monai.UNet", "activation": "sigmoid", "seed": 101, "patch": 96,
-     "kwargs": {"spatial_dims": 3, "in_channels": 1, "out_channels": 9, "channels": [32, 64, 128, 256, 320],
-                "strides": [2, 2, 2, 2], "num_res_units": 2}},
-    {"name": "swin_unetr", "architecture": "monai.SwinUNETR", "activation": "sigmoid", "seed": 202, "patch": 96,
-     "kwargs": {"spatial_dims": 3, "in_channels": 1, "out_channels": 9, "feature_size": 48}},
-    {"name": "dynunet", "architecture": "monai.DynUNet", "activation": "softmax", "seed": 303, "patch": 128,
-     "kwargs": {"spatial_dims": 3, "in_channels": 1, "out_channels": 10, "kernel_size": [3, 3, 3, 3, 3, 3],
-                "strides": [1, 2, 2, 2, 2, 2], "upsample_kernel_size": [2, 2, 2, 2, 2],
-                "filters": [32, 64, 128, 256, 320, 320]}},
+    {
+        "name": "unet",
+        "architecture": "monai.UNet",
+        "activation": "sigmoid",
+        "seed": 101,
+        "patch": 96,
+        "kwargs": {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 9,
+            "channels": [32, 64, 128, 256, 320],
+            "strides": [2, 2, 2, 2],
+            "num_res_units": 2,
+        },
+    },
+    {
+        "name": "swin_unetr",
+        "architecture": "monai.SwinUNETR",
+        "activation": "sigmoid",
+        "seed": 202,
+        "patch": 96,
+        "kwargs": {"spatial_dims": 3, "in_channels": 1, "out_channels": 9, "feature_size": 48},
+    },
+    {
+        "name": "dynunet",
+        "architecture": "monai.DynUNet",
+        "activation": "softmax",
+        "seed": 303,
+        "patch": 128,
+        "kwargs": {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 10,
+            "kernel_size": [3, 3, 3, 3, 3, 3],
+            "strides": [1, 2, 2, 2, 2, 2],
+            "upsample_kernel_size": [2, 2, 2, 2, 2],
+            "filters": [32, 64, 128, 256, 320, 320],
+        },
+    },
 ]
 TINY_MEMBERS: list[dict[str, Any]] = [
-    {"name": "unet", "architecture": "monai.UNet", "activation": "sigmoid", "seed": 101, "patch": 32,
-     "kwargs": {"spatial_dims": 3, "in_channels": 1, "out_channels": 9, "channels": [4, 8], "strides": [2], "num_res_units": 0}},
-    {"name": "swin_unetr", "architecture": "monai.SwinUNETR", "activation": "sigmoid", "seed": 202, "patch": 64,
-     "kwargs": {"spatial_dims": 3, "in_channels": 1, "out_channels": 9, "feature_size": 12, "depths": [1, 1, 1, 1],
-                "num_heads": [3, 3, 3, 3], "window_size": 4}},
-    {"name": "dynunet", "architecture": "monai.DynUNet", "activation": "softmax", "seed": 303, "patch": 32,
-     "kwargs": {"spatial_dims": 3, "in_channels": 1, "out_channels": 10, "kernel_size": [3, 3, 3], "strides": [1, 2, 2],
-                "upsample_kernel_size": [2, 2], "filters": [4, 8, 16]}},
+    {
+        "name": "unet",
+        "architecture": "monai.UNet",
+        "activation": "sigmoid",
+        "seed": 101,
+        "patch": 32,
+        "kwargs": {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 9,
+            "channels": [4, 8],
+            "strides": [2],
+            "num_res_units": 0,
+        },
+    },
+    {
+        "name": "swin_unetr",
+        "architecture": "monai.SwinUNETR",
+        "activation": "sigmoid",
+        "seed": 202,
+        "patch": 64,
+        "kwargs": {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 9,
+            "feature_size": 12,
+            "depths": [1, 1, 1, 1],
+            "num_heads": [3, 3, 3, 3],
+            "window_size": 4,
+        },
+    },
+    {
+        "name": "dynunet",
+        "architecture": "monai.DynUNet",
+        "activation": "softmax",
+        "seed": 303,
+        "patch": 32,
+        "kwargs": {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 10,
+            "kernel_size": [3, 3, 3],
+            "strides": [1, 2, 2],
+            "upsample_kernel_size": [2, 2],
+            "filters": [4, 8, 16],
+        },
+    },
 ]
 
 
@@ -90,14 +159,30 @@ def write_ensemble(out: Path, members: list[dict[str, Any]], overlap: float) -> 
     from atlasflow.segmentation.ensemble import parse_ensemble
     from atlasflow.segmentation.models import build_member
 
-    doc: dict[str, Any] = {"format": 1, "version": "bench-trio", "description": "benchmark only: seeded weights", "members": []}
+    doc: dict[str, Any] = {
+        "format": 1,
+        "version": "bench-trio",
+        "description": "benchmark only: seeded weights",
+        "members": [],
+    }
     for m in members:
-        doc["members"].append({
-            "name": m["name"], "architecture": m["architecture"], "kwargs": m["kwargs"], "activation": m["activation"],
-            "seed": m["seed"], "checkpoint": f"{m['name']}.pt",
-            "preprocessing": {"target_spacing_mm": [SPACING] * 3, "hu_window": [-175.0, 250.0],
-                              "patch_size": [m["patch"]] * 3, "overlap": overlap, "sw_batch_size": 4},
-        })
+        doc["members"].append(
+            {
+                "name": m["name"],
+                "architecture": m["architecture"],
+                "kwargs": m["kwargs"],
+                "activation": m["activation"],
+                "seed": m["seed"],
+                "checkpoint": f"{m['name']}.pt",
+                "preprocessing": {
+                    "target_spacing_mm": [SPACING] * 3,
+                    "hu_window": [-175.0, 250.0],
+                    "patch_size": [m["patch"]] * 3,
+                    "overlap": overlap,
+                    "sw_batch_size": 4,
+                },
+            }
+        )
     cfg = parse_ensemble({**doc, "members": [{**d, "checkpoint": None} for d in doc["members"]]}, base=out)
     for member in cfg.members:
         torch.save(build_member(member).state_dict(), out / f"{member.name}.pt")
@@ -151,19 +236,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs = 1 if args.dry_run else args.runs
     vol = phantom(shape)  # type: ignore[arg-type]
     affine = np.diag([SPACING, SPACING, SPACING, 1.0])
-    results: dict[str, Any] = {"device": str(device), "shape": list(shape), "runs": runs, "patch_batch": args.patch_batch,
-                               "autocast": args.autocast, "crop": not args.no_crop, "overlaps": {}}
+    results: dict[str, Any] = {
+        "device": str(device),
+        "shape": list(shape),
+        "runs": runs,
+        "patch_batch": args.patch_batch,
+        "autocast": args.autocast,
+        "crop": not args.no_crop,
+        "overlaps": {},
+    }
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
     results["torch"] = torch.__version__
     with tempfile.TemporaryDirectory() as tmp:
         for overlap in args.overlaps:
             ens = write_ensemble(Path(tmp), members, overlap)
-            variants = {"atlasflow": dict(autocast=args.autocast, sw_batch_size=args.patch_batch, overlap=overlap,
-                                          foreground_crop=not args.no_crop)}
+            variants = {
+                "atlasflow": dict(
+                    autocast=args.autocast,
+                    sw_batch_size=args.patch_batch,
+                    overlap=overlap,
+                    foreground_crop=not args.no_crop,
+                )
+            }
             if args.ablation:
-                variants["atlasflow_no_crop"] = dict(autocast=args.autocast, sw_batch_size=args.patch_batch, overlap=overlap,
-                                                     foreground_crop=False)
+                variants["atlasflow_no_crop"] = dict(
+                    autocast=args.autocast, sw_batch_size=args.patch_batch, overlap=overlap, foreground_crop=False
+                )
             row: dict[str, Any] = {}
             baseline_seconds(ens, vol, overlap, device)  # warm-up (cuDNN autotune, allocator)
             base = [baseline_seconds(ens, vol, overlap, device) for _ in range(runs)]
@@ -195,20 +294,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-crop", action="store_true", help="no foreground (body) cropping")
     parser.add_argument("--ablation", action="store_true", help="also time bf16 + batch without cropping")
     parser.add_argument("--size", type=int, nargs=3, help="override the volume size (X Y Z voxels at 1.5 mm)")
-    parser.add_argument("--dry-run", action="store_true", help="CPU-sized harness check: tiny members and volume, 1 run")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="CPU-sized harness check: tiny members and volume, 1 run"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.dry_run:
         args.overlaps = args.overlaps[:2]
     r = run(args)
-    print(f"device {r['device']} {r.get('gpu', '')} torch {r['torch']}  volume {tuple(r['shape'])} @ {SPACING} mm  "
-          f"patch batch {r['patch_batch']} autocast {r['autocast']} crop {r['crop']}  median of {r['runs']}")
+    print(
+        f"device {r['device']} {r.get('gpu', '')} torch {r['torch']}  volume {tuple(r['shape'])} @ {SPACING} mm  "
+        f"patch batch {r['patch_batch']} autocast {r['autocast']} crop {r['crop']}  median of {r['runs']}"
+    )
     for ov, row in r["overlaps"].items():
         print(f"overlap {ov}: MONAI fp32 sw_batch 4 (trio, inference only) {row['baseline_fp32_sw4_s']:.3f} s")
         for name in ("atlasflow", "atlasflow_no_crop"):
             if f"{name}_total_s" in row:
-                print(f"  {name:18s} whole function {row[f'{name}_total_s']:.3f} s (speed-up {row[f'{name}_speedup_total']:.2f}x), "
-                      f"inference part {row[f'{name}_infer_s']:.3f} s (speed-up {row[f'{name}_speedup_infer']:.2f}x)")
+                print(
+                    f"  {name:18s} whole function {row[f'{name}_total_s']:.3f} s (speed-up {row[f'{name}_speedup_total']:.2f}x), "
+                    f"inference part {row[f'{name}_infer_s']:.3f} s (speed-up {row[f'{name}_speedup_infer']:.2f}x)"
+                )
     if args.json:
         print("RESULT " + json.dumps(r))
     return 0

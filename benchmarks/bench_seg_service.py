@@ -53,10 +53,26 @@ TINY = {
     "description": "benchmark dry run only: two 1-level U-Nets, seeded weights",
     "members": [
         {
-            "name": f"unet_{i}", "architecture": "monai.UNet", "activation": "sigmoid", "seed": 40 + i, "checkpoint": None,
-            "kwargs": {"spatial_dims": 3, "in_channels": 1, "out_channels": 9, "channels": [4, 8], "strides": [2], "num_res_units": 0},
-            "preprocessing": {"target_spacing_mm": [6.0, 6.0, 6.0], "hu_window": [-175.0, 250.0], "patch_size": [32, 32, 32],
-                              "overlap": 0.25, "sw_batch_size": 2},
+            "name": f"unet_{i}",
+            "architecture": "monai.UNet",
+            "activation": "sigmoid",
+            "seed": 40 + i,
+            "checkpoint": None,
+            "kwargs": {
+                "spatial_dims": 3,
+                "in_channels": 1,
+                "out_channels": 9,
+                "channels": [4, 8],
+                "strides": [2],
+                "num_res_units": 0,
+            },
+            "preprocessing": {
+                "target_spacing_mm": [6.0, 6.0, 6.0],
+                "hu_window": [-175.0, 250.0],
+                "patch_size": [32, 32, 32],
+                "overlap": 0.25,
+                "sw_batch_size": 2,
+            },
         }
         for i in range(2)
     ],
@@ -74,7 +90,10 @@ def _wait_health(target: str, proc: subprocess.Popen, timeout_s: float = 120) ->
             if proc.poll() is not None:
                 raise RuntimeError("segmentation service exited during start-up")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass
@@ -94,10 +113,24 @@ def _start_triton(kind: str, ensemble: str, work: Path, model_name: str, token: 
     grpc_port, http_port, metrics_port = free_ports(3)
     log = (work / "pytriton.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "atlasflow.segmentation.triton_server", "--ensemble", ensemble,
-         "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env=dict(os.environ, ATLASFLOW_TRITON_ACCESS_TOKEN=token))
+        [
+            sys.executable,
+            "-m",
+            "atlasflow.segmentation.triton_server",
+            "--ensemble",
+            ensemble,
+            "--grpc-port",
+            str(grpc_port),
+            "--http-port",
+            str(http_port),
+            "--metrics-port",
+            str(metrics_port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=dict(os.environ, ATLASFLOW_TRITON_ACCESS_TOKEN=token),
+    )
     url = f"127.0.0.1:{grpc_port}"
     deadline = time.monotonic() + 300
     with TritonSegmenter(url, model_name) as probe:
@@ -160,16 +193,28 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     triton, url = _start_triton(args.triton, ensemble, work, cfg.model_name, token)
     seg_port, l_port, r_port = free_ports(3)
     env = dict(os.environ)
-    env.update({
-        "ATLASFLOW_SEGMENTATION_GRPC_PORT": str(seg_port), "ATLASFLOW_SEGMENTATION_TRITON_URL": url,
-        "ATLASFLOW_SEGMENTATION_ENSEMBLE": ensemble, "ATLASFLOW_SEGMENTATION_DATA_DIR": str(work / "data"),
-        "ATLASFLOW_SEGMENTATION_BLOB_DIR": str(work / "blobs"), "ATLASFLOW_SEGMENTATION_TRITON_SHM": args.shm,
-        "ATLASFLOW_SEGMENTATION_LABELS_TARGET": f"127.0.0.1:{l_port}",
-        "ATLASFLOW_SEGMENTATION_RANKING_TARGET": f"127.0.0.1:{r_port}",
-        "ATLASFLOW_SEGMENTATION_WORKER_POLL_S": "0.05", "ATLASFLOW_SEGMENTATION_TRITON_ACCESS_TOKEN": token, "ATLASFLOW_SEGMENTATION_LOG_LEVEL": "WARNING",
-    })
-    service = subprocess.Popen([sys.executable, "-c", "from atlasflow.segmentation.main import main; main()"], env=env,
-                               stdout=(work / "segmentation.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    env.update(
+        {
+            "ATLASFLOW_SEGMENTATION_GRPC_PORT": str(seg_port),
+            "ATLASFLOW_SEGMENTATION_TRITON_URL": url,
+            "ATLASFLOW_SEGMENTATION_ENSEMBLE": ensemble,
+            "ATLASFLOW_SEGMENTATION_DATA_DIR": str(work / "data"),
+            "ATLASFLOW_SEGMENTATION_BLOB_DIR": str(work / "blobs"),
+            "ATLASFLOW_SEGMENTATION_TRITON_SHM": args.shm,
+            "ATLASFLOW_SEGMENTATION_LABELS_TARGET": f"127.0.0.1:{l_port}",
+            "ATLASFLOW_SEGMENTATION_RANKING_TARGET": f"127.0.0.1:{r_port}",
+            "ATLASFLOW_SEGMENTATION_WORKER_POLL_S": "0.05",
+            "ATLASFLOW_SEGMENTATION_TRITON_ACCESS_TOKEN": token,
+            "ATLASFLOW_SEGMENTATION_LOG_LEVEL": "WARNING",
+        }
+    )
+    service = subprocess.Popen(
+        [sys.executable, "-c", "from atlasflow.segmentation.main import main; main()"],
+        env=env,
+        stdout=(work / "segmentation.log").open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     service_times: list[float] = []
     local_times: list[float] = []
     triton_times: list[float] = []
@@ -182,9 +227,14 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
             def service_once(version: int) -> tuple[float, float]:
                 t0 = time.perf_counter()
-                job = stub.SegmentSeries(pb.SegmentSeriesRequest(
-                    case_id="bench", series_id="bench-series", series_version=version,
-                    volume=common_pb2.BlobRef(digest=blob.digest, size_bytes=blob.size_bytes))).job
+                job = stub.SegmentSeries(
+                    pb.SegmentSeriesRequest(
+                        case_id="bench",
+                        series_id="bench-series",
+                        series_version=version,
+                        volume=common_pb2.BlobRef(digest=blob.digest, size_bytes=blob.size_bytes),
+                    )
+                ).job
                 while job.state not in (common_pb2.OPERATION_STATE_SUCCEEDED, common_pb2.OPERATION_STATE_FAILED):
                     job = stub.WaitSegmentationJob(pb.WaitSegmentationJobRequest(job_id=job.job_id)).job
                 elapsed = time.perf_counter() - t0
@@ -210,9 +260,16 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         _stop(triton)
     svc, loc = statistics.median(service_times), statistics.median(local_times)
     return {
-        "ensemble": cfg.version, "shape": list(vol.shape), "triton": args.triton, "shm": args.shm,
-        "service_s": service_times, "in_process_s": local_times, "triton_call_s": triton_times,
-        "service_median_s": svc, "in_process_median_s": loc, "ratio": svc / loc,
+        "ensemble": cfg.version,
+        "shape": list(vol.shape),
+        "triton": args.triton,
+        "shm": args.shm,
+        "service_s": service_times,
+        "in_process_s": local_times,
+        "triton_call_s": triton_times,
+        "service_median_s": svc,
+        "in_process_median_s": loc,
+        "ratio": svc / loc,
     }
 
 
@@ -235,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ct", type=Path, default=DEMO_CT)
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line too")
-    parser.add_argument("--raw-env", action="store_true", help="do not apply MALLOC_ENV / OMP_WAIT_POLICY (see module doc)")
+    parser.add_argument(
+        "--raw-env", action="store_true", help="do not apply MALLOC_ENV / OMP_WAIT_POLICY (see module doc)"
+    )
     args = parser.parse_args(argv)
     if not args.raw_env and argv is None and (env := _tuned_env()) is not None:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
@@ -243,9 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     print("environment (both sides): " + (" ".join(f"{k}={v}" for k, v in tuned.items()) or "as inherited"))
     r = run(args)
     print(f"ensemble {r['ensemble']}  volume {tuple(r['shape'])}  triton={r['triton']} shm={r['shm']}")
-    print(f"service path (SegmentSeries -> SUCCEEDED): median {r['service_median_s']:.3f} s  runs {[round(x, 3) for x in r['service_s']]}")
+    print(
+        f"service path (SegmentSeries -> SUCCEEDED): median {r['service_median_s']:.3f} s  runs {[round(x, 3) for x in r['service_s']]}"
+    )
     print(f"  of which the worker's Triton call:        {[round(x, 3) for x in r['triton_call_s']]}")
-    print(f"in-process EnsemblePipeline:              median {r['in_process_median_s']:.3f} s  runs {[round(x, 3) for x in r['in_process_s']]}")
+    print(
+        f"in-process EnsemblePipeline:              median {r['in_process_median_s']:.3f} s  runs {[round(x, 3) for x in r['in_process_s']]}"
+    )
     print(f"ratio service / in-process: {r['ratio']:.3f}  (goal <= 1.10)")
     if args.json:
         print("RESULT " + json.dumps(r))

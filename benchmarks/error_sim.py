@@ -114,8 +114,10 @@ def bundled_label_maps() -> list[tuple[str, np.ndarray, np.ndarray]]:
 
 def _scaled(geoms: dict[int, OrganGeometry], s: np.ndarray) -> dict[int, OrganGeometry]:
     centre = np.mean([g.centroid_mm for g in geoms.values()], axis=0)
-    return {k: replace(g, volume_ml=g.volume_ml * float(np.prod(s)), centroid_mm=centre + (g.centroid_mm - centre) * s)
-            for k, g in geoms.items()}
+    return {
+        k: replace(g, volume_ml=g.volume_ml * float(np.prod(s)), centroid_mm=centre + (g.centroid_mm - centre) * s)
+        for k, g in geoms.items()
+    }
 
 
 def build_bundled_prior(augment: int = 24, seed: int = 0) -> PopulationPrior:
@@ -130,9 +132,11 @@ def build_bundled_prior(augment: int = 24, seed: int = 0) -> PopulationPrior:
         prior.update(geoms)
         for _ in range(augment):
             prior.update(_scaled(geoms, rng.uniform(0.85, 1.15, 3)))
-    prior.notes = (f"built by benchmarks/error_sim.py from {', '.join(BUNDLED)} (TotalSegmentator labels mapped "
-                   f"to AbdomenAtlas ids) plus {augment} anisotropically scaled variants each (0.85-1.15 per axis); "
-                   "organs cut by the field of view add no volume and no S offset")
+    prior.notes = (
+        f"built by benchmarks/error_sim.py from {', '.join(BUNDLED)} (TotalSegmentator labels mapped "
+        f"to AbdomenAtlas ids) plus {augment} anisotropically scaled variants each (0.85-1.15 per axis); "
+        "organs cut by the field of view add no volume and no S offset"
+    )
     return prior
 
 
@@ -158,15 +162,22 @@ class SimCase:
     ct: np.ndarray | None = None
 
 
-def vary_anatomy(labels: np.ndarray, affine: np.ndarray, rng: np.random.Generator, size_scale: float = 1.0,
-                 ct: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def vary_anatomy(
+    labels: np.ndarray,
+    affine: np.ndarray,
+    rng: np.random.Generator,
+    size_scale: float = 1.0,
+    ct: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Random per-axis scaling (nearest neighbour, spacing unchanged), a shift and an S crop;
     ``ct`` (the image under ``labels``, same shape) undergoes the same, filled with air (-1024)
     where the shift uncovers the volume edge. Returns (labels, affine, ct or None)."""
     s = rng.uniform(0.85, 1.15, 3) * size_scale
     out_shape = tuple(max(8, int(round(n * f))) for n, f in zip(labels.shape, s))
-    idx = [np.clip(np.round((np.arange(n) + 0.5) / f - 0.5).astype(int), 0, m - 1)
-           for n, f, m in zip(out_shape, s, labels.shape)]
+    idx = [
+        np.clip(np.round((np.arange(n) + 0.5) / f - 0.5).astype(int), 0, m - 1)
+        for n, f, m in zip(out_shape, s, labels.shape)
+    ]
     lab = labels[np.ix_(*idx)]
     shift = rng.integers(-4, 5, 3)
     lab = ndimage.shift(lab, shift, order=0, mode="constant", cval=0)  # no wrap-around
@@ -207,8 +218,9 @@ def _smooth_noise(shape: tuple[int, ...], rng: np.random.Generator, sigma: float
     return n * amp
 
 
-def _soft(mask: np.ndarray, noise: np.ndarray, sharp: float,
-          near: np.ndarray | None = None, shrink: np.ndarray | None = None) -> np.ndarray:
+def _soft(
+    mask: np.ndarray, noise: np.ndarray, sharp: float, near: np.ndarray | None = None, shrink: np.ndarray | None = None
+) -> np.ndarray:
     """uint8 p*255 of a soft prediction of ``mask``: sigmoid(sharp * signed distance + noise)
     (``noise``: the model's smooth logit noise field, full volume; ``sharp``: per voxel of
     signed distance), zero more than 4 voxels outside the mask and outside ``near`` (bool,
@@ -307,8 +319,14 @@ def inject(truth: np.ndarray, kind: str, organ: int, rng: np.random.Generator) -
     return lab, info
 
 
-def simulate_case(seed: int, *, size_scale: float = 1.0, error: str | None = None,
-                  shared: int | None = None, confidence: float | None = None) -> SimCase:
+def simulate_case(
+    seed: int,
+    *,
+    size_scale: float = 1.0,
+    error: str | None = None,
+    shared: int | None = None,
+    confidence: float | None = None,
+) -> SimCase:
     """One case from ``seed`` (see module doc). ``size_scale`` < 1 shrinks the anatomy (tests);
     ``error`` forces the kind, ``shared`` how many models hold it, ``confidence`` (0..1] the
     confidence of the erring models (the random draws stay the same)."""
@@ -357,8 +375,9 @@ def simulate_case(seed: int, *, size_scale: float = 1.0, error: str | None = Non
 # ----------------------------------------------------------------------------- evaluation helpers
 
 
-def error_regions(ensemble: np.ndarray, clean_ensemble: np.ndarray, voxel_ml: float,
-                  majority: np.ndarray | None = None) -> list[np.ndarray]:
+def error_regions(
+    ensemble: np.ndarray, clean_ensemble: np.ndarray, voxel_ml: float, majority: np.ndarray | None = None
+) -> list[np.ndarray]:
     """The ensemble's error regions: connected components (26) of ``ensemble XOR
     clean_ensemble`` (the ensemble of the same models, same noise, without the injected error)
     with volume >= `MIN_REGION_ML` that hold at least one voxel of ``majority`` (bool, voxels
@@ -394,7 +413,9 @@ def case_error_regions(c: SimCase, ensembles: dict[int, np.ndarray]) -> list[tup
 
     from atlasflow.common.attention import case_attention
 
-    clean = case_attention({k: torch.from_numpy(v) for k, v in c.clean_probs.items()}, labelled_organs=list(c.clean_probs))
+    clean = case_attention(
+        {k: torch.from_numpy(v) for k, v in c.clean_probs.items()}, labelled_organs=list(c.clean_probs)
+    )
     for k, r in clean.organs.items():
         ens = ensembles.get(k)
         if ens is None:
@@ -412,8 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_prior:
         prior = build_bundled_prior()
         prior.save(args.out)
-        print(f"wrote {args.out}: {prior.cases} cases, volume priors for "
-              f"{sorted(ORGANS[k] for k, r in prior.log_volume.items() if r.n >= 2)}")
+        print(
+            f"wrote {args.out}: {prior.cases} cases, volume priors for "
+            f"{sorted(ORGANS[k] for k, r in prior.log_volume.items() if r.n >= 2)}"
+        )
     return 0
 
 

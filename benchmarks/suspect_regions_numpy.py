@@ -54,8 +54,9 @@ def _model_profile_conf(q: np.ndarray, dbin: np.ndarray, where: np.ndarray | Non
         hist = np.bincount((key if where is None else key[where]).ravel(), minlength=nb * 256).reshape(nb, 256)
         cum = np.cumsum(hist, axis=1)
         half = (cum[:, -1] + 1) // 2
-        typical = np.array([int(np.searchsorted(cum[d], half[d])) if cum[d, -1] else 255 for d in range(nb)],
-                           dtype=np.float32)
+        typical = np.array(
+            [int(np.searchsorted(cum[d], half[d])) if cum[d, -1] else 255 for d in range(nb)], dtype=np.float32
+        )
         out[m] = np.minimum(cq[m] / np.maximum(typical[dbin], 1.0), 1.5)
     return out
 
@@ -98,5 +99,7 @@ def suspect_regions_numpy(q: np.ndarray, label: np.ndarray, voxel_ml: float) -> 
     out = keep[lab]
     if SUSPECT_GROW and out.any():  # grow back what the opening stripped (see SUSPECT_GROW)
         out = ndimage.binary_dilation(out, structure=_CUBE, iterations=SUSPECT_GROW, mask=contested | unsure) | out
-    return out, {"contested_ml": float((suspect_c & out).sum()) * voxel_ml,
-                 "unsure_ml": float((doubt & out).sum()) * voxel_ml}
+    return out, {
+        "contested_ml": float((suspect_c & out).sum()) * voxel_ml,
+        "unsure_ml": float((doubt & out).sum()) * voxel_ml,
+    }

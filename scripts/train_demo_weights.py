@@ -161,7 +161,9 @@ def window(hu: torch.Tensor, hu_window: tuple[float, float]) -> torch.Tensor:
     return ((hu.to(torch.float32) - lo) / (hi - lo)).clamp_(0.0, 1.0)
 
 
-def nearest_resample(labels: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: tuple[int, int, int]) -> np.ndarray:
+def nearest_resample(
+    labels: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: tuple[int, int, int]
+) -> np.ndarray:
     """Nearest-neighbour resampling of an integer ``(X, Y, Z)`` label map onto (dst_affine,
     dst_shape) (affines: voxel -> RAS mm); outside the source = 0. Exact copy when the grids
     coincide up to axis flips/permutations."""
@@ -243,7 +245,9 @@ class AugmentingSampler:
        top slab slice is optionally dimmed (a series edge between two model-grid points).
     """
 
-    def __init__(self, hu: np.ndarray, ts_labels: np.ndarray, patch: tuple[int, int, int], seed: int, aug: Augment = AUGMENT) -> None:
+    def __init__(
+        self, hu: np.ndarray, ts_labels: np.ndarray, patch: tuple[int, int, int], seed: int, aug: Augment = AUGMENT
+    ) -> None:
         self.shape = hu.shape
         self.hu = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32) - AIR_HU)[None, None]
         self.ts = torch.from_numpy(ts_labels.astype(np.float32))[None, None]
@@ -330,7 +334,9 @@ class AugmentingSampler:
     def batch(self, n: int, hu_window: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(n, 1, *patch)`` float32 images and ``(n, *patch)`` int64 atlas labels."""
         pairs = [self.sample(hu_window) for _ in range(n)]
-        return torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None], torch.from_numpy(np.stack([p[1] for p in pairs]))
+        return torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None], torch.from_numpy(
+            np.stack([p[1] for p in pairs])
+        )
 
 
 # ----------------------------------------------------------------------------- training
@@ -401,7 +407,10 @@ def dice_per_organ(pred: np.ndarray, ref: np.ndarray) -> dict[int, float]:
 
 def half_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The network's state_dict with floating tensors as float16 (integer buffers unchanged)."""
-    return {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).clone() for k, v in net.state_dict().items()}
+    return {
+        k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).clone()
+        for k, v in net.state_dict().items()
+    }
 
 
 def train_member(
@@ -434,7 +443,10 @@ def train_member(
         opt.step()
         losses.append(loss.detach().item())
         if (step + 1) % 50 == 0:
-            print(f"  {member.name} step {step + 1}/{recipe.steps} loss {np.mean(losses[-50:]):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"  {member.name} step {step + 1}/{recipe.steps} loss {np.mean(losses[-50:]):.4f} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
     seconds = time.perf_counter() - t0
     net.eval()
     return net, {"train_seconds": round(seconds, 1), "final_loss": round(float(np.mean(losses[-20:])), 4)}
@@ -455,8 +467,12 @@ def update_manifest(path: Path, common: dict, name: str, record: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("services/atlasflow/segmentation/weights"), help="output directory")
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--out", type=Path, default=Path("services/atlasflow/segmentation/weights"), help="output directory"
+    )
     ap.add_argument("--members", default=",".join(RECIPES), help="comma-separated member names")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every recipe's steps (smoke runs)")
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
@@ -478,17 +494,20 @@ def main(argv: list[str] | None = None) -> int:
     hu_native, ts_native, affine = load_training_case(args.data_dir)
     args.out.mkdir(parents=True, exist_ok=True)
     common = {
-            "demo_only": True,
-            "ensemble": ENSEMBLE,
-            "training_ct": f"TotalSegmentator tests/reference_files/{CT_FILE}",
-            "reference_labels": f"{SEG_FILE} (TotalSegmentator predictions) -> totalseg_to_atlas",
-            "contrast_hu": {k: {"totalseg_ids": list(ids), "low": lo, "high": hi} for k, (ids, lo, hi) in CONTRAST_HU.items()},
-            "soft_tissue_hu": {"range": list(SOFT_TISSUE_HU), "shift": list(SOFT_TISSUE_SHIFT)},
-            "threads": args.threads,
-            "torch": torch.__version__,
-            "monai": monai.__version__,
-            "python": platform.python_version(),
-            "command": "python scripts/train_demo_weights.py --out services/atlasflow/segmentation/weights" + (f" --init {args.init}" if args.init is not None else ""),
+        "demo_only": True,
+        "ensemble": ENSEMBLE,
+        "training_ct": f"TotalSegmentator tests/reference_files/{CT_FILE}",
+        "reference_labels": f"{SEG_FILE} (TotalSegmentator predictions) -> totalseg_to_atlas",
+        "contrast_hu": {
+            k: {"totalseg_ids": list(ids), "low": lo, "high": hi} for k, (ids, lo, hi) in CONTRAST_HU.items()
+        },
+        "soft_tissue_hu": {"range": list(SOFT_TISSUE_HU), "shift": list(SOFT_TISSUE_SHIFT)},
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "python": platform.python_version(),
+        "command": "python scripts/train_demo_weights.py --out services/atlasflow/segmentation/weights"
+        + (f" --init {args.init}" if args.init is not None else ""),
     }
     for name in wanted:
         member = members[name]
@@ -499,7 +518,10 @@ def main(argv: list[str] | None = None) -> int:
             init_path = args.init / f"{name}.pt"
             init_blob = init_path.read_bytes()
             init = torch.load(init_path, map_location="cpu", weights_only=True)
-            init_record = {"init": f"fine-tuned from {init_path.name}", "init_sha256": hashlib.sha256(init_blob).hexdigest()}
+            init_record = {
+                "init": f"fine-tuned from {init_path.name}",
+                "init_sha256": hashlib.sha256(init_blob).hexdigest(),
+            }
         recipe = Recipe(**{**asdict(base), "steps": max(1, round(base.steps * args.steps_scale))})
         hu, ts = to_model_grid(hu_native, ts_native, affine, member)
         image = window(torch.from_numpy(hu), member.preprocessing.hu_window).numpy()

@@ -12,12 +12,22 @@ SERVICES = Path(__file__).resolve().parents[2] / "services" / "atlasflow"
 NAMES = ("ingest", "segmentation", "ranking", "labels")
 # Domain modules: imaging math, storage, strategies. Transport lives in service.py/main.py.
 DOMAIN_MODULES = [
-    "ingest/dicom.py", "ingest/assemble.py", "ingest/store.py",
-    "segmentation/pipeline.py", "segmentation/attention.py", "segmentation/models.py",
-    "segmentation/ensemble.py", "segmentation/jobs.py",
+    "ingest/dicom.py",
+    "ingest/assemble.py",
+    "ingest/store.py",
+    "segmentation/pipeline.py",
+    "segmentation/attention.py",
+    "segmentation/models.py",
+    "segmentation/ensemble.py",
+    "segmentation/jobs.py",
     "ranking/worklist.py",
-    "labels/repository.py", "labels/export.py", "labels/validate.py",
-    "common/blobstore.py", "common/nifti.py", "common/sqlite.py", "common/errors.py",
+    "labels/repository.py",
+    "labels/export.py",
+    "labels/validate.py",
+    "common/blobstore.py",
+    "common/nifti.py",
+    "common/sqlite.py",
+    "common/errors.py",
 ]
 
 
@@ -40,8 +50,13 @@ def test_a_service_imports_no_other_service_code(service):  # type: ignore[no-un
             continue
         for mod in imports_of(path):
             parts = mod.split(".")
-            if parts[0] == "atlasflow" and len(parts) > 1 and parts[1] in NAMES \
-                    and parts[1] != service and not (len(parts) > 2 and parts[2] == "v1"):
+            if (
+                parts[0] == "atlasflow"
+                and len(parts) > 1
+                and parts[1] in NAMES
+                and parts[1] != service
+                and not (len(parts) > 2 and parts[2] == "v1")
+            ):
                 offending.append(f"{path.relative_to(SERVICES)}: {mod}")
     assert not offending
 

@@ -21,8 +21,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_demo_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    run = subprocess.run([sys.executable, "-m", "atlasflow.cli.main", "demo", "--out", str(out)],
-                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [sys.executable, "-m", "atlasflow.cli.main", "demo", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     text = run.stdout
     assert "Ranked worklist (1 case(s)" in text
@@ -35,10 +40,12 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert labels.shape == ct.shape and np.allclose(labels.affine, ct.affine, atol=1e-4)
     assert len(list((case / "segmentations").glob("*.nii.gz"))) == 9
     seg = highdicom.seg.segread(case / "dicom_seg" / "seg.dcm")
-    sources = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
-               for f in (out / "dicom").glob("*.dcm")}
-    referenced = {ref.ReferencedSOPInstanceUID
-                  for series in seg.ReferencedSeriesSequence for ref in series.ReferencedInstanceSequence}
+    sources = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in (out / "dicom").glob("*.dcm")}
+    referenced = {
+        ref.ReferencedSOPInstanceUID
+        for series in seg.ReferencedSeriesSequence
+        for ref in series.ReferencedInstanceSequence
+    }
     assert len(sources) == 112 and referenced == sources
     # the simulated reviewer's organ is a radiologist's decision in the manifest, and in the SEG
     # a MANUAL segment when the organ is present (a confirmed absence has no segment)

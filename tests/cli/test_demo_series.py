@@ -133,7 +133,9 @@ def test_dcm2niix_reads_the_demo_like_the_nifti(demo: list[Path], tmp_path: Path
     out.mkdir()
     run = subprocess.run(
         [str(DCM2NIIX), "-z", "n", "-b", "n", "-o", str(out), "-f", "x", str(demo[0].parent)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     img = nib.as_closest_canonical(nib.load(out / "x.nii"))
@@ -145,9 +147,10 @@ def test_dcm2niix_reads_the_demo_like_the_nifti(demo: list[Path], tmp_path: Path
 
 def test_script_writes_the_series(tmp_path: Path) -> None:
     run = subprocess.run(
-        [sys.executable, str(REPO / "scripts/make_demo_series.py"), str(tmp_path / "s"),
-         "--nifti", str(EXAMPLE_CT)],
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, str(REPO / "scripts/make_demo_series.py"), str(tmp_path / "s"), "--nifti", str(EXAMPLE_CT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stderr
     assert len(list((tmp_path / "s").glob("IM*.dcm"))) == 112

@@ -68,7 +68,7 @@ def test_to_ras_undoes_flips(flip_axes):
 def _panel(png: Image.Image, col: int, row: int) -> np.ndarray:
     x = MARGIN_PX + col * (CELL_PX + GAP_PX)
     y = MARGIN_PX + TITLE_H + row * (CELL_PX + 16 + GAP_PX)
-    return np.asarray(png.convert("RGB"))[y:y + CELL_PX, x:x + CELL_PX].astype(int)
+    return np.asarray(png.convert("RGB"))[y : y + CELL_PX, x : x + CELL_PX].astype(int)
 
 
 def _colour_mask(panel: np.ndarray, oid: int) -> np.ndarray:
@@ -82,8 +82,9 @@ def _colour_mask(panel: np.ndarray, oid: int) -> np.ndarray:
 @pytest.mark.parametrize("n_slices", [1, 4, 6])
 def test_montage_png_size_and_orientation(tmp_path, real, n_slices):
     ct, labels, heat, affine = real
-    out = render_montage(ct, labels, heat, affine, tmp_path / "m.png", n_slices=n_slices,
-                         title="atlasflow demo - untrained models")
+    out = render_montage(
+        ct, labels, heat, affine, tmp_path / "m.png", n_slices=n_slices, title="atlasflow demo - untrained models"
+    )
     png = Image.open(out)
     assert png.format == "PNG" and png.size == montage_size(n_slices)
     # Axial panels (row 0): the liver (patient right) is on the image LEFT, spleen on the right.
@@ -101,8 +102,7 @@ def test_montage_png_size_and_orientation(tmp_path, real, n_slices):
     for row in (0, 1):
         for col in range(n_slices + 1):
             p = _panel(png, col, row)
-            hot_px[row] += int(((p[..., 0] > 180) & (p[..., 1] > 70) & (p[..., 1] < 150)
-                                & (p[..., 2] < 60)).sum())
+            hot_px[row] += int(((p[..., 0] > 180) & (p[..., 1] > 70) & (p[..., 1] < 150) & (p[..., 2] < 60)).sum())
     assert hot_px[1] > 20 and hot_px[0] == 0
 
 
@@ -112,8 +112,7 @@ def test_same_picture_for_any_storage_orientation(tmp_path, real):
     faff = affine.copy()
     faff[:, 3] += faff[:, 0] * (ct.shape[0] - 1)
     faff[:, 0] *= -1  # stored LAS
-    b = render_montage(np.flip(ct, 0), np.flip(labels, 0), np.flip(heat, 0), faff,
-                       tmp_path / "b.png", n_slices=2)
+    b = render_montage(np.flip(ct, 0), np.flip(labels, 0), np.flip(heat, 0), faff, tmp_path / "b.png", n_slices=2)
     assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
 
 
@@ -126,12 +125,22 @@ def test_cli_main(tmp_path):
     for name, arr in (("ct", ct), ("lab", labels), ("heat", heat)):
         (tmp_path / f"{name}.nii.gz").write_bytes(to_nifti_bytes(arr, affine))
     out = tmp_path / "out.png"
-    assert main([str(tmp_path / "ct.nii.gz"), str(tmp_path / "lab.nii.gz"),
-                 str(tmp_path / "heat.nii.gz"), str(out), "--slices", "3"]) == 0
+    assert (
+        main(
+            [
+                str(tmp_path / "ct.nii.gz"),
+                str(tmp_path / "lab.nii.gz"),
+                str(tmp_path / "heat.nii.gz"),
+                str(out),
+                "--slices",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert Image.open(out).size == montage_size(3)
 
 
 def test_rejects_mismatched_shapes(tmp_path):
     with pytest.raises(ValueError):
-        render_montage(np.zeros((4, 4, 4)), np.zeros((4, 4, 3)), np.zeros((4, 4, 4)), np.eye(4),
-                       tmp_path / "x.png")
+        render_montage(np.zeros((4, 4, 4)), np.zeros((4, 4, 3)), np.zeros((4, 4, 4)), np.eye(4), tmp_path / "x.png")

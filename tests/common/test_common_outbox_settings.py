@@ -43,12 +43,11 @@ def test_outbox_retries_transient_parks_permanent_and_survives_restart(tmp_path)
     async def bad(row: OutboxRow) -> None:
         raise InvalidArgument("NOPE", "rejected")
 
-    d = OutboxDispatcher(conn, threading.Lock(), {"t.flaky": flaky, "t.bad": bad},
-                         Metrics("test"), max_backoff_s=0.0)
+    d = OutboxDispatcher(conn, threading.Lock(), {"t.flaky": flaky, "t.bad": bad}, Metrics("test"), max_backoff_s=0.0)
     assert d.pending() == 2
-    assert asyncio.run(d.deliver_due()) == 0          # flaky failed once, bad parked
+    assert asyncio.run(d.deliver_due()) == 0  # flaky failed once, bad parked
     assert d.pending() == 1
-    assert asyncio.run(d.deliver_due()) == 1          # retried and delivered
+    assert asyncio.run(d.deliver_due()) == 1  # retried and delivered
     assert d.pending() == 0
     assert calls == [b"one", b"one"]
     states = dict(conn.execute("SELECT dedupe_key, state FROM outbox").fetchall())

@@ -22,12 +22,10 @@ from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 class _Servicer(ranking_pb2_grpc.RankingServiceServicer):
     async def GetWorklistItem(self, request, context):  # type: ignore[no-untyped-def]
         if request.case_id == "bad":
-            raise InvalidArgument("BAD_CASE", "case id is bad", domain="atlasflow.ranking",
-                                  metadata={"case_id": "bad"})
+            raise InvalidArgument("BAD_CASE", "case id is bad", domain="atlasflow.ranking", metadata={"case_id": "bad"})
         if request.case_id == "boom":
             raise RuntimeError("secret internal detail /etc/passwd")
-        return ranking_pb2.GetWorklistItemResponse(
-            item=ranking_pb2.WorklistItem(case_id=request.case_id, rank=1))
+        return ranking_pb2.GetWorklistItemResponse(item=ranking_pb2.WorklistItem(case_id=request.case_id, rank=1))
 
 
 @pytest.fixture()
@@ -43,14 +41,16 @@ def running():
         return ["atlasflow.ranking.v1.RankingService"]
 
     async def start():  # type: ignore[no-untyped-def]
-        built = build_server(register=register, metrics=metrics, port=0,
-                             max_message_bytes=1024, tracer_provider=provider)
+        built = build_server(
+            register=register, metrics=metrics, port=0, max_message_bytes=1024, tracer_provider=provider
+        )
         await built.server.start()
         await built.set_serving(True)
         return built
 
     built = loop.run_until_complete(start())
     import threading
+
     t = threading.Thread(target=loop.run_forever, daemon=True)
     t.start()
     yield built, metrics, exporter
@@ -70,8 +70,7 @@ def test_ok_error_info_internal_metrics_and_spans(running):  # type: ignore[no-u
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         info = error_info_of(bad.value)
         assert info is not None
-        assert (info.reason, info.domain, dict(info.metadata)) == (
-            "BAD_CASE", "atlasflow.ranking", {"case_id": "bad"})
+        assert (info.reason, info.domain, dict(info.metadata)) == ("BAD_CASE", "atlasflow.ranking", {"case_id": "bad"})
 
         with pytest.raises(grpc.RpcError) as boom:
             stub.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id="boom"))
@@ -86,12 +85,13 @@ def test_ok_error_info_internal_metrics_and_spans(running):  # type: ignore[no-u
 
         health = health_pb2_grpc.HealthStub(ch)
         for name in ("", "atlasflow.ranking.v1.RankingService"):
-            assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == \
-                health_pb2.HealthCheckResponse.SERVING
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(service=name)).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
 
         refl = reflection_pb2_grpc.ServerReflectionStub(ch)
-        resp = next(refl.ServerReflectionInfo(iter([
-            reflection_pb2.ServerReflectionRequest(list_services="")])))
+        resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         names = {s.name for s in resp.list_services_response.service}
         assert {"atlasflow.ranking.v1.RankingService", "grpc.health.v1.Health"} <= names
 
@@ -108,8 +108,7 @@ def test_ok_error_info_internal_metrics_and_spans(running):  # type: ignore[no-u
 
 def test_graceful_stop_marks_not_serving(running):  # type: ignore[no-untyped-def]
     built, _metrics, _exporter = running
-    loop_future = asyncio.run_coroutine_threadsafe(built.set_serving(False),
-                                                   built.server._loop)  # type: ignore[attr-defined]
+    loop_future = asyncio.run_coroutine_threadsafe(built.set_serving(False), built.server._loop)  # type: ignore[attr-defined]
     loop_future.result(5)
     with grpc.insecure_channel(f"127.0.0.1:{built.port}") as ch:
         status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest()).status

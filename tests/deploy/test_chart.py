@@ -59,10 +59,15 @@ ALTERNATIVE_VALUES: dict[str, Any] = {
     "blobs": {"persistence": {"existingClaim": "shared-blobs"}},
     "ingest": {
         "acceptedCallingAETs": ["PACS1", "PACS2"],
-        "dicom": {"service": {"type": "LoadBalancer", "nodePort": 31112,
-                              "loadBalancerSourceRanges": ["10.20.0.0/16"],
-                              "externalTrafficPolicy": "Local",
-                              "annotations": {"example.com/lb": "internal"}}},
+        "dicom": {
+            "service": {
+                "type": "LoadBalancer",
+                "nodePort": 31112,
+                "loadBalancerSourceRanges": ["10.20.0.0/16"],
+                "externalTrafficPolicy": "Local",
+                "annotations": {"example.com/lb": "internal"},
+            }
+        },
         "persistence": {"storageClass": "-"},
         "extraEnv": [{"name": "ATLASFLOW_INGEST_QUIET_PERIOD_S", "value": "2.5"}],
         "nodeSelector": {"pool": "io"},
@@ -73,8 +78,15 @@ ALTERNATIVE_VALUES: dict[str, Any] = {
     },
     "ranking": {"persistence": {"enabled": False}},
     "labels": {"exports": {"persistence": {"enabled": False}}},
-    "segmentation": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-        "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "In", "values": ["cpu"]}]}]}}}},
+    "segmentation": {
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "In", "values": ["cpu"]}]}]
+                }
+            }
+        }
+    },
     "triton": {
         "gpu": 0,
         "replicas": 2,
@@ -100,8 +112,7 @@ def helm(*args: str) -> subprocess.CompletedProcess[str]:
 
 def render(*extra: str) -> list[dict[str, Any]]:
     """`helm template` the chart; return the non-empty documents."""
-    proc = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE,
-                "--kube-version", KUBE_VERSION, *extra)
+    proc = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION, *extra)
     assert proc.returncode == 0, proc.stderr
     docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
     assert docs, "helm template rendered nothing"
@@ -113,8 +124,11 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
 
 
 def deployment(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == "Deployment"
-             and d["metadata"]["labels"].get("app.kubernetes.io/component") == component]
+    found = [
+        d
+        for d in docs
+        if d["kind"] == "Deployment" and d["metadata"]["labels"].get("app.kubernetes.io/component") == component
+    ]
     assert len(found) == 1, f"{len(found)} Deployments for component {component}"
     return found[0]
 
@@ -148,8 +162,7 @@ def mount_path(container: dict[str, Any], name: str) -> str:
 
 
 def checksums(docs: list[dict[str, Any]]) -> dict[str, str]:
-    return {c: deployment(docs, c)["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
-            for c in ATLASFLOW}
+    return {c: deployment(docs, c)["spec"]["template"]["metadata"]["annotations"]["checksum/config"] for c in ATLASFLOW}
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -173,8 +186,9 @@ def alt_docs(alt_values_file: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module", params=["defaults", "alternative"])
-def any_docs(request: pytest.FixtureRequest, docs: list[dict[str, Any]],
-             alt_docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def any_docs(
+    request: pytest.FixtureRequest, docs: list[dict[str, Any]], alt_docs: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     return docs if request.param == "defaults" else alt_docs
 
 
@@ -441,8 +455,9 @@ def test_ingest_dicom_service_exposable(docs: list[dict[str, Any]], alt_docs: li
     assert exposed["spec"]["type"] == "LoadBalancer"
     assert exposed["spec"]["loadBalancerSourceRanges"] == ["10.20.0.0/16"]
     assert exposed["spec"]["externalTrafficPolicy"] == "Local"
-    assert exposed["spec"]["ports"] == [{"name": "dicom", "port": 11112, "targetPort": "dicom",
-                                         "protocol": "TCP", "nodePort": 31112}]
+    assert exposed["spec"]["ports"] == [
+        {"name": "dicom", "port": 11112, "targetPort": "dicom", "protocol": "TCP", "nodePort": 31112}
+    ]
     assert exposed["metadata"]["annotations"] == {"example.com/lb": "internal"}
     # only DICOM is exposed: the main ingest Service stays ClusterIP
     assert by_kind(alt_docs, "Service")["atlas-ingest"]["spec"]["type"] == "ClusterIP"
@@ -496,13 +511,16 @@ def test_env_matches_service_settings(docs: list[dict[str, Any]], component: str
     module = importlib.import_module(f"atlasflow.{component}.main")
     prefix = f"ATLASFLOW_{component.upper()}_"
     assert module.PREFIX == prefix
-    (cls,) = [v for v in vars(module).values()
-              if isinstance(v, type) and issubclass(v, ServiceSettings) and v is not ServiceSettings]
+    (cls,) = [
+        v
+        for v in vars(module).values()
+        if isinstance(v, type) and issubclass(v, ServiceSettings) and v is not ServiceSettings
+    ]
     fields = {f.name.upper() for f in dataclasses.fields(cls)}
     dep = deployment(docs, component)
     container = main_container(dep)
     env = literal_env(container)
-    unknown = sorted(k for k in env if k.startswith(prefix) and k[len(prefix):] not in fields)
+    unknown = sorted(k for k in env if k.startswith(prefix) and k[len(prefix) :] not in fields)
     assert not unknown, f"{cls.__name__} has no field for {unknown}"
 
     settings = cls.from_env(prefix, env)

@@ -14,10 +14,12 @@ def _labels_env(*sets: str) -> dict:
     args = [str(ROOT / ".tools" / "helm"), "template", "t", str(ROOT / "charts" / "atlasflow")]
     for s in sets:
         args += ["--set", s]
-    docs = [d for d in yaml.safe_load_all(subprocess.run(args, check=True, capture_output=True,
-                                                         text=True).stdout) if d]
-    dep = next(d for d in docs if d["kind"] == "Deployment"
-               and d["metadata"]["labels"].get("app.kubernetes.io/component") == "labels")
+    docs = [d for d in yaml.safe_load_all(subprocess.run(args, check=True, capture_output=True, text=True).stdout) if d]
+    dep = next(
+        d
+        for d in docs
+        if d["kind"] == "Deployment" and d["metadata"]["labels"].get("app.kubernetes.io/component") == "labels"
+    )
     return {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
 
 

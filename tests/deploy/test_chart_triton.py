@@ -89,13 +89,17 @@ def parse_init_command(command: list[str], monkeypatch: pytest.MonkeyPatch) -> l
 
 def kubelet_expand(arg: str, env: dict[str, str]) -> str:
     """Kubernetes' $(VAR) expansion of container args ($$ escapes, unknown names stay)."""
-    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
-                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), arg)
+    return re.sub(
+        r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+        lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+        arg,
+    )
 
 
 def http(port: int, path: str, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"{}" if method == "POST" else None,
-                                 method=method, headers=headers or {})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=b"{}" if method == "POST" else None, method=method, headers=headers or {}
+    )
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
             return r.status, r.read()
@@ -114,22 +118,32 @@ def docs() -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def cpu_docs() -> list[dict[str, Any]]:
     """CPU Triton, two ensembles served, two instances each."""
-    return render("--set", "triton.gpu=0", "--set", "triton.modelRepository.instances=2",
-                  "--set", "triton.modelRepository.ensembles={abdomen-trio-v1,abdomen-trio-v2.1}")
+    return render(
+        "--set",
+        "triton.gpu=0",
+        "--set",
+        "triton.modelRepository.instances=2",
+        "--set",
+        "triton.modelRepository.ensembles={abdomen-trio-v1,abdomen-trio-v2.1}",
+    )
 
 
 # ----------------------------------------------------------------------------- initContainer
 
 
-def test_init_command_is_accepted_by_the_cli(docs: list[dict[str, Any]], cpu_docs: list[dict[str, Any]],
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_init_command_is_accepted_by_the_cli(
+    docs: list[dict[str, Any]], cpu_docs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     dep = deployment(docs, "triton")
     init = init_container(dep)
     path = mount_path(init, "models")
     (call,) = parse_init_command(init["command"], monkeypatch)
     assert call["out_dir"] == Path(path) == Path(VALUES["triton"]["modelRepository"]["path"])
     # the ensemble the segmentation service asks for
-    assert call["ensemble"] == literal_env(main_container(deployment(docs, "segmentation")))["ATLASFLOW_SEGMENTATION_ENSEMBLE"]
+    assert (
+        call["ensemble"]
+        == literal_env(main_container(deployment(docs, "segmentation")))["ATLASFLOW_SEGMENTATION_ENSEMBLE"]
+    )
     assert call["kind"] == "gpu" and call["instances"] == 1 and call["gpus"] == []
 
     calls = parse_init_command(init_container(deployment(cpu_docs, "triton"))["command"], monkeypatch)
@@ -141,8 +155,9 @@ def test_init_command_is_accepted_by_the_cli(docs: list[dict[str, Any]], cpu_doc
         parse_init_command(["atlasflow", "triton-repo", "--out", path], monkeypatch)
 
 
-def test_repository_volume_shared_and_triton_args_point_at_it(docs: list[dict[str, Any]],
-                                                              cpu_docs: list[dict[str, Any]]) -> None:
+def test_repository_volume_shared_and_triton_args_point_at_it(
+    docs: list[dict[str, Any]], cpu_docs: list[dict[str, Any]]
+) -> None:
     for rendered in (docs, cpu_docs):
         dep = deployment(rendered, "triton")
         init, triton = init_container(dep), main_container(dep)
@@ -162,7 +177,9 @@ def test_repository_volume_shared_and_triton_args_point_at_it(docs: list[dict[st
         assert seg in ensembles
 
 
-def test_gpu_resources_and_instance_kind_follow_values(docs: list[dict[str, Any]], cpu_docs: list[dict[str, Any]]) -> None:
+def test_gpu_resources_and_instance_kind_follow_values(
+    docs: list[dict[str, Any]], cpu_docs: list[dict[str, Any]]
+) -> None:
     gpu = deployment(docs, "triton")
     assert main_container(gpu)["resources"]["limits"]["nvidia.com/gpu"] == VALUES["triton"]["gpu"] == 1
     two = deployment(render("--set", "triton.gpu=2"), "triton")
@@ -194,26 +211,56 @@ def test_restricted_apis_need_the_token_from_a_secret(docs: list[dict[str, Any]]
 
 def test_persistence_modes() -> None:
     # pre-populated claim: no initContainer, the claim mounted read-only
-    docs = render("--set", "triton.modelRepository.populate=false",
-                  "--set", "triton.modelRepository.persistence.enabled=true",
-                  "--set", "triton.modelRepository.persistence.existingClaim=models-rox")
+    docs = render(
+        "--set",
+        "triton.modelRepository.populate=false",
+        "--set",
+        "triton.modelRepository.persistence.enabled=true",
+        "--set",
+        "triton.modelRepository.persistence.existingClaim=models-rox",
+    )
     dep = deployment(docs, "triton")
     assert not dep["spec"]["template"]["spec"].get("initContainers")
     assert volume(dep, "models")["persistentVolumeClaim"]["claimName"] == "models-rox"
     assert mount_path(main_container(dep), "models") == "/models"
     # a PVC written at every start: one writer
-    ok = render("--set", "triton.modelRepository.persistence.enabled=true",
-                "--set", "triton.modelRepository.persistence.accessModes={ReadWriteOnce}",
-                "--set", "triton.strategy.type=Recreate", "--set", "triton.strategy.rollingUpdate=null")
+    ok = render(
+        "--set",
+        "triton.modelRepository.persistence.enabled=true",
+        "--set",
+        "triton.modelRepository.persistence.accessModes={ReadWriteOnce}",
+        "--set",
+        "triton.strategy.type=Recreate",
+        "--set",
+        "triton.strategy.rollingUpdate=null",
+    )
     dep = deployment(ok, "triton")
     claim = volume(dep, "models")["persistentVolumeClaim"]["claimName"]
     assert by_kind(ok, "PersistentVolumeClaim")[claim]["spec"]["accessModes"] == ["ReadWriteOnce"]
     assert mount_path(init_container(dep), "models") == mount_path(main_container(dep), "models")
     for bad, message in (
-        (("--set", "triton.modelRepository.persistence.enabled=true",
-          "--set", "triton.modelRepository.persistence.accessModes={ReadWriteOnce}"), "Recreate"),
-        (("--set", "triton.modelRepository.persistence.enabled=true", "--set", "triton.replicas=1",
-          "--set", "triton.strategy.type=Recreate", "--set", "triton.strategy.rollingUpdate=null"), "ReadOnlyMany"),
+        (
+            (
+                "--set",
+                "triton.modelRepository.persistence.enabled=true",
+                "--set",
+                "triton.modelRepository.persistence.accessModes={ReadWriteOnce}",
+            ),
+            "Recreate",
+        ),
+        (
+            (
+                "--set",
+                "triton.modelRepository.persistence.enabled=true",
+                "--set",
+                "triton.replicas=1",
+                "--set",
+                "triton.strategy.type=Recreate",
+                "--set",
+                "triton.strategy.rollingUpdate=null",
+            ),
+            "ReadOnlyMany",
+        ),
         (("--set", "triton.modelRepository.populate=false"), "pre-populated"),
         (("--set", "triton.modelRepository.ensembles={abdomen-trio-v2}"), "segmentation.ensemble"),
     ):
@@ -222,7 +269,8 @@ def test_persistence_modes() -> None:
 
 
 def test_init_command_runs_here_and_tritonserver_serves_it_with_the_chart_args(
-        cpu_docs: list[dict[str, Any]], tmp_path: Path) -> None:
+    cpu_docs: list[dict[str, Any]], tmp_path: Path
+) -> None:
     """The initContainer's exact command through this environment's `atlasflow` script, then the
     Triton container's exact args (ports and the mount path mapped to this machine, the token
     expanded as the kubelet does) on the stock tritonserver binary of the nvidia-pytriton wheel."""
@@ -241,8 +289,10 @@ def test_init_command_runs_here_and_tritonserver_serves_it_with_the_chart_args(
     assert proc.returncode == 0, proc.stderr
 
     # the layout Triton expects: <model>/config.pbtxt + <model>/1/model.py, nothing else
-    names = [triton_model_name(v) for v in
-             [init["command"][i + 1] for i, a in enumerate(init["command"]) if a == "--ensemble"]]
+    names = [
+        triton_model_name(v)
+        for v in [init["command"][i + 1] for i, a in enumerate(init["command"]) if a == "--ensemble"]
+    ]
     assert sorted(p.name for p in models.iterdir()) == sorted(names) == sorted(arg_value(triton["args"], "load-model"))
     for name in names:
         config = (models / name / "config.pbtxt").read_text()
@@ -260,19 +310,30 @@ def test_init_command_runs_here_and_tritonserver_serves_it_with_the_chart_args(
 
     # tritonserver with the chart's args
     ports = dict(zip(("http", "grpc", "metrics"), free_ports(3)))
-    base, env = bundled_server_command(models, tmp_path / "work", grpc_port=ports["grpc"],
-                                       http_port=ports["http"], metrics_port=ports["metrics"])
+    base, env = bundled_server_command(
+        models, tmp_path / "work", grpc_port=ports["grpc"], http_port=ports["http"], metrics_port=ports["metrics"]
+    )
     token = "test-token-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:16]
     named = {p["name"]: p["containerPort"] for p in triton["ports"]}
-    mapped = {f"--model-repository={path}": "--model-repository={repo}",
-              **{f"--{n}-port={named[n]}": f"--{n}-port={ports[n]}" for n in ports}}
+    mapped = {
+        f"--model-repository={path}": "--model-repository={repo}",
+        **{f"--{n}-port={named[n]}": f"--{n}-port={ports[n]}" for n in ports},
+    }
     assert set(mapped) <= set(triton["args"]), "the chart's Triton args changed shape"
     chart_args = [kubelet_expand(mapped.get(a, a), {TOKEN_VAR: token}) for a in triton["args"]]
     assert not [a for a in chart_args if "$(" in a]
-    local = [a for a in base[1:] if a.startswith(("--backend-directory=", "--cache-directory=", "--grpc-address=", "--http-address="))]
+    local = [
+        a
+        for a in base[1:]
+        if a.startswith(("--backend-directory=", "--cache-directory=", "--grpc-address=", "--http-address="))
+    ]
 
     def start(repo: Path) -> subprocess.Popen[bytes]:
-        argv = [base[0], *local, *(a.format(repo=repo) if a.startswith("--model-repository=") else a for a in chart_args)]
+        argv = [
+            base[0],
+            *local,
+            *(a.format(repo=repo) if a.startswith("--model-repository=") else a for a in chart_args),
+        ]
         log = (tmp_path / f"triton-{repo.name}.log").open("wb")
         return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -344,8 +405,11 @@ def admits(policies: list[dict[str, Any]], src: dict[str, Any], dst_labels: dict
             for peer in rule["from"]:
                 if "ipBlock" in peer:
                     continue
-                ns_ok = (_selects(peer["namespaceSelector"], src["namespace_labels"]) if "namespaceSelector" in peer
-                         else src["namespace"] == NAMESPACE)
+                ns_ok = (
+                    _selects(peer["namespaceSelector"], src["namespace_labels"])
+                    if "namespaceSelector" in peer
+                    else src["namespace"] == NAMESPACE
+                )
                 pod_ok = _selects(peer["podSelector"], src["labels"]) if "podSelector" in peer else True
                 if ns_ok and pod_ok:
                     return True
@@ -374,20 +438,38 @@ def test_network_policies_admit_exactly_the_calls_the_release_makes() -> None:
     for doc in policies:
         kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
     edges = calls(docs)
-    assert {("ingest", "segmentation", "grpc"), ("segmentation", "ranking", "grpc"),
-            ("segmentation", "labels", "grpc"), ("segmentation", "triton", "grpc")} <= edges
+    assert {
+        ("ingest", "segmentation", "grpc"),
+        ("segmentation", "ranking", "grpc"),
+        ("segmentation", "labels", "grpc"),
+        ("segmentation", "triton", "grpc"),
+    } <= edges
     pods = {c: deployment(docs, c)["spec"]["template"]["metadata"]["labels"] for c in COMPONENTS}
     assert sorted(p["metadata"]["labels"]["app.kubernetes.io/component"] for p in policies) == sorted(COMPONENTS)
-    in_release = {c: {"labels": pods[c], "namespace": NAMESPACE, "namespace_labels": {"kubernetes.io/metadata.name": NAMESPACE}}
-                  for c in COMPONENTS}
-    outsider = {"labels": {"app": "viewer"}, "namespace": "ui", "namespace_labels": {"kubernetes.io/metadata.name": "ui"}}
-    stranger = {"labels": {"app": "x"}, "namespace": "other", "namespace_labels": {"kubernetes.io/metadata.name": "other"}}
+    in_release = {
+        c: {"labels": pods[c], "namespace": NAMESPACE, "namespace_labels": {"kubernetes.io/metadata.name": NAMESPACE}}
+        for c in COMPONENTS
+    }
+    outsider = {
+        "labels": {"app": "viewer"},
+        "namespace": "ui",
+        "namespace_labels": {"kubernetes.io/metadata.name": "ui"},
+    }
+    stranger = {
+        "labels": {"app": "x"},
+        "namespace": "other",
+        "namespace_labels": {"kubernetes.io/metadata.name": "other"},
+    }
     for dst in COMPONENTS:
         for port in [p["name"] for p in main_container(deployment(docs, dst))["ports"]]:
             for src in COMPONENTS:
                 if port in ("metrics", "dicom"):
                     continue
-                assert admits(policies, in_release[src], pods[dst], port) == ((src, dst, port) in edges), (src, dst, port)
+                assert admits(policies, in_release[src], pods[dst], port) == ((src, dst, port) in edges), (
+                    src,
+                    dst,
+                    port,
+                )
             # client-facing gRPC: the extraClients peers, never Triton; DICOM: anyone by default;
             # metrics: pods of any namespace (metricsFrom default)
             expected_outsider = (port == "grpc" and dst != "triton") or port in ("dicom", "metrics")
@@ -397,8 +479,12 @@ def test_network_policies_admit_exactly_the_calls_the_release_makes() -> None:
     assert not any(admits(policies, s, pods["triton"], "http") for s in (*in_release.values(), outsider, stranger))
 
     # DICOM limited to the PACS, metrics to the monitoring namespace; off entirely
-    docs = render("--set-json", f"networkPolicy.dicomFrom=[{json.dumps(pacs)}]",
-                  "--set-json", 'networkPolicy.metricsFrom=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]')
+    docs = render(
+        "--set-json",
+        f"networkPolicy.dicomFrom=[{json.dumps(pacs)}]",
+        "--set-json",
+        'networkPolicy.metricsFrom=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]',
+    )
     policies = list(by_kind(docs, "NetworkPolicy").values())
     assert not admits(policies, stranger, pods["ingest"], "dicom")
     assert not admits(policies, stranger, pods["triton"], "metrics")
@@ -415,8 +501,14 @@ def test_network_policies_admit_exactly_the_calls_the_release_makes() -> None:
 
 def test_service_monitor_optional_and_selects_every_metrics_port(docs: list[dict[str, Any]]) -> None:
     assert not [d for d in docs if d["kind"] == "ServiceMonitor"]
-    on = render("--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.serviceMonitor.labels.release=prom",
-                "--set", "metrics.path=/prom")
+    on = render(
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "metrics.serviceMonitor.labels.release=prom",
+        "--set",
+        "metrics.path=/prom",
+    )
     (sm,) = [d for d in on if d["kind"] == "ServiceMonitor"]
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     # a custom resource: no schema in kubernetes-validate (the reason test_chart skips CRD_KINDS)
@@ -451,5 +543,10 @@ def test_service_monitor_optional_and_selects_every_metrics_port(docs: list[dict
                     paths.append(ep["path"])
             scraped[component] = paths
     # every component's metrics port exactly once, on the path it serves
-    assert scraped == {"ingest": ["/prom"], "segmentation": ["/prom"], "ranking": ["/prom"], "labels": ["/prom"],
-                       "triton": ["/metrics"]}
+    assert scraped == {
+        "ingest": ["/prom"],
+        "segmentation": ["/prom"],
+        "ranking": ["/prom"],
+        "labels": ["/prom"],
+        "triton": ["/metrics"],
+    }

@@ -43,7 +43,7 @@ def instructions(path: Path) -> list[tuple[str, str]]:
 
 def final_stage(ins: list[tuple[str, str]]) -> list[tuple[str, str]]:
     starts = [i for i, (op, _) in enumerate(ins) if op == "FROM"]
-    return ins[starts[-1]:]
+    return ins[starts[-1] :]
 
 
 def build_args(ins: list[tuple[str, str]]) -> dict[str, str]:
@@ -119,8 +119,11 @@ def test_dockerfile_matches_chart(component: str) -> None:
 @pytest.mark.parametrize("component", (*SERVICES, "triton"))
 def test_build_context_inputs_exist_and_are_not_ignored(component: str) -> None:
     path = DEPLOY / component / "Dockerfile"
-    ignore = [ln.strip() for ln in (path.parent / "Dockerfile.dockerignore").read_text().splitlines()
-              if ln.strip() and not ln.startswith("#")]
+    ignore = [
+        ln.strip()
+        for ln in (path.parent / "Dockerfile.dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     sources = []
     for op, a in instructions(path):
         if op == "COPY" and "--from=" not in a:

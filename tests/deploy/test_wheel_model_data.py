@@ -30,9 +30,24 @@ def test_wheel_contains_the_served_ensemble_and_its_checkpoints(tmp_path: Path) 
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, ctx / name)
     shutil.copytree(REPO / "services", ctx / "services", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "--wheel-dir", str(tmp_path / "wheels"), str(ctx)],
-                          capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "--wheel-dir",
+            str(tmp_path / "wheels"),
+            str(ctx),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = (tmp_path / "wheels").glob("atlasflow-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -53,4 +68,5 @@ def test_wheel_contains_the_served_ensemble_and_its_checkpoints(tmp_path: Path) 
                     missing.append(path)
     assert not missing, (
         f"the wheel lacks {missing}: `atlasflow triton-repo` fails in the images. pyproject.toml's "
-        '[tool.setuptools.package-data] needs "atlasflow.segmentation" = ["ensembles/*.json", "weights/*"]')
+        '[tool.setuptools.package-data] needs "atlasflow.segmentation" = ["ensembles/*.json", "weights/*"]'
+    )

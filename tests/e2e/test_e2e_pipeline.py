@@ -56,13 +56,17 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                 attrs = {a.key: a.value.string_value for a in rs.resource.attributes}
                 for ss in rs.scope_spans:
                     for s in ss.spans:
-                        self.spans.append({
-                            "service": attrs.get("service.name", ""),
-                            "name": s.name, "trace_id": s.trace_id.hex(),
-                            "span_id": s.span_id.hex(), "parent": s.parent_span_id.hex(),
-                            "kind": s.kind,
-                            "attributes": {a.key: str(a.value) for a in s.attributes},
-                        })
+                        self.spans.append(
+                            {
+                                "service": attrs.get("service.name", ""),
+                                "name": s.name,
+                                "trace_id": s.trace_id.hex(),
+                                "span_id": s.span_id.hex(),
+                                "parent": s.parent_span_id.hex(),
+                                "kind": s.kind,
+                                "attributes": {a.key: str(a.value) for a in s.attributes},
+                            }
+                        )
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
@@ -81,10 +85,15 @@ def otlp():
 def deployment(tmp_path_factory, otlp):
     _receiver, port = otlp
     state = tmp_path_factory.mktemp("state")
-    dep = LocalDeployment.create(state, auto_ports=True, quiet_period_s=2.0, extra_env={
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-        "OTEL_EXPORTER_OTLP_INSECURE": "true",
-    })
+    dep = LocalDeployment.create(
+        state,
+        auto_ports=True,
+        quiet_period_s=2.0,
+        extra_env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        },
+    )
     dep.start()
     try:
         dep.wait_healthy(240)
@@ -105,9 +114,13 @@ def stubs(dep: LocalDeployment):  # type: ignore[no-untyped-def]
 def storescu(files: list[Path], port: int) -> subprocess.CompletedProcess:
     exe = shutil.which("storescu")
     assert exe, "dcmtk storescu is required (scripts/bootstrap.sh installs it)"
-    return subprocess.run([exe, "-aet", "E2E", "-aec", "ATLASFLOW", "127.0.0.1", str(port),
-                           *map(str, files)], env=dict(os.environ, TCP_NODELAY="1"),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [exe, "-aet", "E2E", "-aec", "ATLASFLOW", "127.0.0.1", str(port), *map(str, files)],
+        env=dict(os.environ, TCP_NODELAY="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def wait_case(dep: LocalDeployment, case_id: str, timeout_s: float = 400) -> tuple:
@@ -116,9 +129,9 @@ def wait_case(dep: LocalDeployment, case_id: str, timeout_s: float = 400) -> tup
     while time.monotonic() < deadline:
         try:
             versions = labels.ListLabelVersions(
-                labels_pb2.ListLabelVersionsRequest(case_id=case_id), timeout=5).versions
-            item = ranking.GetWorklistItem(
-                ranking_pb2.GetWorklistItemRequest(case_id=case_id), timeout=5).item
+                labels_pb2.ListLabelVersionsRequest(case_id=case_id), timeout=5
+            ).versions
+            item = ranking.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id=case_id), timeout=5).item
             if versions:
                 return versions[0], item
         except grpc.RpcError:
@@ -174,8 +187,7 @@ def test_study_flows_through_every_service_and_geometry_round_trips(deployment, 
     assert version.provenance.model_version == "abdomen-trio-v1"
     assert version.ct.digest == s.volume.digest
 
-    job = seg.GetSegmentationJob(segmentation_pb2.GetSegmentationJobRequest(
-        job_id=version.provenance.job_id)).job
+    job = seg.GetSegmentationJob(segmentation_pb2.GetSegmentationJobRequest(job_id=version.provenance.job_id)).job
     assert job.result.members == ["unet", "swin_unetr", "dynunet"]
     heat, heat_affine = from_nifti_bytes(blobs.get(job.result.heatmap.digest))
     assert heat.shape == ct.shape and heat.dtype == np.uint8
@@ -201,11 +213,11 @@ def test_study_flows_through_every_service_and_geometry_round_trips(deployment, 
 def test_one_trace_follows_the_study_through_all_services(deployment, first_case, otlp):  # type: ignore[no-untyped-def]
     receiver, _port = otlp
     series, _version, _item = first_case
-    trace_id = stubs(deployment)[0].GetSeries(
-        ingest_pb2.GetSeriesRequest(series_id=series.series_id)).series.trace_id
+    trace_id = stubs(deployment)[0].GetSeries(ingest_pb2.GetSeriesRequest(series_id=series.series_id)).series.trace_id
     assert len(trace_id) == 32
     deadline = time.monotonic() + 20
     needed = {"atlasflow-ingest", "atlasflow-segmentation", "atlasflow-labels", "atlasflow-ranking"}
+
     def roots_of(spans: list[dict]) -> list[dict]:
         ids = {s["span_id"] for s in spans}
         return [s for s in spans if not s["parent"] or s["parent"] not in ids]
@@ -215,10 +227,12 @@ def test_one_trace_follows_the_study_through_all_services(deployment, first_case
     while time.monotonic() < deadline:
         with receiver.lock:
             in_trace = [s for s in receiver.spans if s["trace_id"] == trace_id]
-        if needed <= {s["service"] for s in in_trace} and any(
-                s["name"] == "triton.infer" for s in in_trace) and any(
-                s["name"].endswith("/RecordLabelVersion") for s in in_trace) \
-                and len(roots_of(in_trace)) == 1:
+        if (
+            needed <= {s["service"] for s in in_trace}
+            and any(s["name"] == "triton.infer" for s in in_trace)
+            and any(s["name"].endswith("/RecordLabelVersion") for s in in_trace)
+            and len(roots_of(in_trace)) == 1
+        ):
             break
         time.sleep(0.5)
     services = {s["service"] for s in in_trace}
@@ -241,8 +255,7 @@ def test_no_patient_data_in_logs_or_spans(deployment, first_case, otlp):  # type
     receiver, _port = otlp
     sentinels = list(SENTINEL_PATIENT_DATA.values())
     assert sentinels
-    logs = "".join(p.read_text(errors="replace")
-                   for p in (deployment.state_dir / "logs").glob("*.log"))
+    logs = "".join(p.read_text(errors="replace") for p in (deployment.state_dir / "logs").glob("*.log"))
     assert "series assembled" in logs  # the logs are really there
     with receiver.lock:
         spans = json.dumps(receiver.spans)
@@ -301,21 +314,20 @@ def test_bad_input_is_rejected_and_nothing_accepted_is_lost(deployment, first_ca
     assert uerr.value.reason == "NOT_DICOM"
     receipts = send_files(good, deployment.target("ingest"))  # retry: idempotent duplicates
     assert [r.duplicate for r in receipts] == [True, True]
-    grpc_series = ingest.GetSeries(ingest_pb2.GetSeriesRequest(
-        series_id=receipts[0].series_id)).series
+    grpc_series = ingest.GetSeries(ingest_pb2.GetSeriesRequest(series_id=receipts[0].series_id)).series
     assert grpc_series.instance_count == 2
 
     # checksum mismatch on upload
     data = good[0].read_bytes()
-    req = ingest_pb2.UploadInstancesRequest(client_ref="x", chunk=data, last_chunk=True,
-                                            sha256=hashlib.sha256(b"other").hexdigest())
+    req = ingest_pb2.UploadInstancesRequest(
+        client_ref="x", chunk=data, last_chunk=True, sha256=hashlib.sha256(b"other").hexdigest()
+    )
     with pytest.raises(grpc.RpcError) as err2:
         ingest.UploadInstances(iter([req]))
     assert error_info_of(err2.value).reason == "CHECKSUM_MISMATCH"
 
     after = ingest.GetSeries(ingest_pb2.GetSeriesRequest(series_id=series.series_id)).series
-    assert (after.instance_count, after.version, after.state) == (
-        before.instance_count, before.version, before.state)
+    assert (after.instance_count, after.version, after.state) == (before.instance_count, before.version, before.state)
 
 
 def test_killed_services_resume_the_study_after_restart(deployment, first_case, tmp_path):  # type: ignore[no-untyped-def]
@@ -333,8 +345,7 @@ def test_killed_services_resume_the_study_after_restart(deployment, first_case, 
     deadline = time.monotonic() + 60
     running = False
     while time.monotonic() < deadline and not running:
-        jobs = seg.ListSegmentationJobs(
-            segmentation_pb2.ListSegmentationJobsRequest(case_id=case_id)).jobs
+        jobs = seg.ListSegmentationJobs(segmentation_pb2.ListSegmentationJobsRequest(case_id=case_id)).jobs
         running = bool(jobs) and jobs[0].progress.stage == segmentation_pb2.JOB_STAGE_INFERENCE
         time.sleep(0.3)
     assert running, "the job never reached inference"
@@ -342,11 +353,9 @@ def test_killed_services_resume_the_study_after_restart(deployment, first_case, 
     deployment.start(["segmentation", "labels"])
     deployment.wait_healthy(120, ["segmentation", "labels"])
     version, item = wait_case(deployment, case_id)
-    job = seg.GetSegmentationJob(segmentation_pb2.GetSegmentationJobRequest(
-        job_id=version.provenance.job_id)).job
+    job = seg.GetSegmentationJob(segmentation_pb2.GetSegmentationJobRequest(job_id=version.provenance.job_id)).job
     assert job.attempts == 2  # the killed attempt + the resumed one
     assert item.case_id == case_id
     # exactly one label version despite the replays
     labels = stubs(deployment)[2]
-    assert len(labels.ListLabelVersions(
-        labels_pb2.ListLabelVersionsRequest(case_id=case_id)).versions) == 1
+    assert len(labels.ListLabelVersions(labels_pb2.ListLabelVersionsRequest(case_id=case_id)).versions) == 1

@@ -202,11 +202,17 @@ def write_enhanced(src: Path, out: Path) -> Path:
     study, series, for_uid = (generate_uid(prefix=None) for _ in range(3))
     for k, ds in enumerate(datasets):
         _new_ids(ds, study, series, for_uid, k + 1)
-        for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-                   "AccessionNumber", "StudyID", "ReferringPhysicianName"):
+        for kw in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "PatientSex",
+            "AccessionNumber",
+            "StudyID",
+            "ReferringPhysicianName",
+        ):
             if kw not in ds or ds.get(kw) in (None, ""):
-                setattr(ds, kw, {"PatientSex": "O", "StudyID": "1",
-                                 "PatientBirthDate": "19000101"}.get(kw, "ANON"))
+                setattr(ds, kw, {"PatientSex": "O", "StudyID": "1", "PatientBirthDate": "19000101"}.get(kw, "ANON"))
         for kw in ("StudyDate", "SeriesDate", "ContentDate"):
             if not ds.get(kw):
                 setattr(ds, kw, "20240101")

@@ -46,7 +46,9 @@ def _dcm2niix(src: Path, out: Path) -> nib.Nifti1Image:
     out.mkdir()
     run = subprocess.run(
         [str(DCM2NIIX), "-z", "n", "-b", "n", "-o", str(out), "-f", "x", str(src)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     files = sorted(out.glob("*.nii"))
@@ -63,8 +65,7 @@ def _dcm2niix(src: Path, out: Path) -> nib.Nifti1Image:
     ],
     ids=["demo", "totalseg-j2k", "dcmqi-ffs"],
 )
-def test_matches_dcm2niix(source: object, shape: tuple[int, int, int], demo_dir: Path,
-                          tmp_path: Path) -> None:
+def test_matches_dcm2niix(source: object, shape: tuple[int, int, int], demo_dir: Path, tmp_path: Path) -> None:
     src = demo_dir if source == "demo" else Path(str(source))
     vol = assemble_series(_read(src))
     assert vol.array.shape == shape
@@ -98,12 +99,14 @@ def test_input_order_does_not_matter(tmp_path: Path) -> None:
 def test_ffs_affine_is_stated_in_dicom_order() -> None:
     vol = assemble_series(_read(CT3))
     # IOP 1\0\0\0\1\0, PixelSpacing 0.810547, IPP z -128.69..-126.69 (README)
-    expected = np.array([
-        [-0.810547, 0, 0, 235.199997],
-        [0, -0.810547, 0, 226.800003],
-        [0, 0, 1.0, -128.690002],
-        [0, 0, 0, 1],
-    ])
+    expected = np.array(
+        [
+            [-0.810547, 0, 0, 235.199997],
+            [0, -0.810547, 0, 226.800003],
+            [0, 0, 1.0, -128.690002],
+            [0, 0, 0, 1],
+        ]
+    )
     np.testing.assert_allclose(vol.affine, expected, atol=1e-5)
     assert any("thickness" in w for w in vol.warnings)
 

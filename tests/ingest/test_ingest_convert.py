@@ -52,10 +52,8 @@ CASES: dict[str, tuple[str, str]] = {
     "ct-small": (f"{SINGLES}/pydicom/CT_small.dcm", "equal"),
     "j2k-pixelrep-mismatch": (f"{SINGLES}/pydicom/J2K_pixelrep_mismatch.dcm", "d2n_sign_wrong"),
     "j2k-localizer": (f"{SINGLES}/pylibjpeg-data/JPEG2000/MAROTECH_CT_JP2Lossy.dcm", "localizer"),
-    "toshiba-j2k-pixrep1": (
-        f"{SINGLES}/pylibjpeg-data/JPEG2000Lossless/TOSHIBA_J2K_SIZ0_PixRep1.dcm", "equal"),
-    "toshiba-j2k-pixrep0": (
-        f"{SINGLES}/pylibjpeg-data/JPEG2000Lossless/TOSHIBA_J2K_SIZ1_PixRep0.dcm", "equal"),
+    "toshiba-j2k-pixrep1": (f"{SINGLES}/pylibjpeg-data/JPEG2000Lossless/TOSHIBA_J2K_SIZ0_PixRep1.dcm", "equal"),
+    "toshiba-j2k-pixrep0": (f"{SINGLES}/pylibjpeg-data/JPEG2000Lossless/TOSHIBA_J2K_SIZ1_PixRep0.dcm", "equal"),
     "jpegls-near-lossless": (f"{SINGLES}/pylibjpeg-data/JPEGLS/CT1_JLSN.dcm", "d2n_refuses"),
 }
 
@@ -74,7 +72,9 @@ def run_dcm2niix(src: Path, out: Path) -> tuple[subprocess.CompletedProcess[str]
     out.mkdir()
     run = subprocess.run(
         [str(DCM2NIIX), "-z", "n", "-b", "n", "-o", str(out), "-f", "x", str(src)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     return run, sorted(out.glob("*.nii"))
 
@@ -82,7 +82,9 @@ def run_dcm2niix(src: Path, out: Path) -> tuple[subprocess.CompletedProcess[str]
 def run_atlasflow(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(ATLASFLOW), "convert", str(src), str(out), *extra],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -95,7 +97,8 @@ def pydicom_hu(path: Path) -> np.ndarray:
     """(rows, columns) HU of a single-frame file by pydicom's own decoder (sign-corrected)."""
     ds = pydicom.dcmread(path)
     return ds.pixel_array.astype(np.float64) * float(ds.get("RescaleSlope", 1) or 1) + float(
-        ds.get("RescaleIntercept", 0) or 0)
+        ds.get("RescaleIntercept", 0) or 0
+    )
 
 
 def header_affine(path: Path, slice_mm: float) -> np.ndarray:
@@ -191,8 +194,7 @@ def test_convert_matches_dcm2niix(case: str, tmp_path: Path) -> None:
         assert run.returncode == 0, run.stderr
         img = nib.load(ours)
         file = SHARED_DATA / rel
-        assert np.array_equal(np.asarray(img.dataobj)[:, :, 0].astype(np.float64),
-                              pydicom_hu(file).T)
+        assert np.array_equal(np.asarray(img.dataobj)[:, :, 0].astype(np.float64), pydicom_hu(file).T)
         slice_mm = float(pydicom.dcmread(file, stop_before_pixels=True).SliceThickness)
         np.testing.assert_allclose(img.affine, header_affine(file, slice_mm), atol=1e-4)
     elif expect == "d2n_sign_wrong":
@@ -207,8 +209,7 @@ def test_convert_matches_dcm2niix(case: str, tmp_path: Path) -> None:
         assert (a_hu.min(), a_hu.max()) == (-2000, 1896)
         file = SHARED_DATA / rel
         assert np.array_equal(np.asarray(nib.load(ours).dataobj)[:, :, 0], pydicom_hu(file).T)
-        np.testing.assert_allclose(a.affine[:, [0, 1, 3]], b.affine[:, [0, 1, 3]],
-                                   atol=AFFINE_TOL_MM)
+        np.testing.assert_allclose(a.affine[:, [0, 1, 3]], b.affine[:, [0, 1, 3]], atol=AFFINE_TOL_MM)
         assert not np.allclose(a.affine[:, 2], b.affine[:, 2], atol=0.1)
         np.testing.assert_allclose(nib.load(ours).affine, header_affine(file, 5.0), atol=1e-4)
     else:  # pragma: no cover

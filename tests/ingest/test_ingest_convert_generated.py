@@ -126,8 +126,7 @@ def _max_rss_bytes(src: Path, out: Path) -> int:
         "assert r.returncode == 0, r.stderr;"
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     return int(run.stdout.strip()) * 1024
 
@@ -139,8 +138,7 @@ def test_1000_slices_peak_memory(tmp_path: Path) -> None:
     out = tmp_path / "s1000.nii.gz"
     peak = _max_rss_bytes(src, out)
     volume_bytes = 512 * 512 * 1000 * 2
-    print(f"baseline {baseline / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB, "
-          f"volume {volume_bytes / 2**20:.0f} MiB")
+    print(f"baseline {baseline / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB, volume {volume_bytes / 2**20:.0f} MiB")
     assert peak <= MEMORY_FACTOR * volume_bytes + baseline
     img = nib.load(out)
     assert img.shape == (512, 512, 1000)
@@ -151,12 +149,13 @@ def test_benchmark_dry_run(tmp_path: Path) -> None:
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_convert.py"
     run = subprocess.run(
         [sys.executable, str(script), "--slices", "4", "--runs", "1", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stderr
     line = next(x for x in run.stdout.splitlines() if x.startswith("JSON "))
     results = json.loads(line[5:])
-    assert set(results) == {f"{t} -> {e}" for t in ("atlasflow", "dcm2niix")
-                            for e in (".nii", ".nii.gz")}
+    assert set(results) == {f"{t} -> {e}" for t in ("atlasflow", "dcm2niix") for e in (".nii", ".nii.gz")}
     assert all(r["wall_s"] > 0 and r["max_rss_mib"] > 0 for r in results.values())
     assert list(tmp_path.iterdir()) == []  # the generated series is removed

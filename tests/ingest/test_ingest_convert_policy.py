@@ -21,10 +21,27 @@ from conftest import SHARED_DATA
 D2N = SHARED_DATA / "dicom2nifti_ct_headers/tests/data/failing"
 CT3 = SHARED_DATA / "dcmqi/data/segmentations/ct-3slice"
 EXAMPLE_CT = SHARED_DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
-FIELDS = ("rows", "cols", "ipp", "iop", "pixel_spacing", "slope", "intercept", "series_uid",
-          "frame_of_reference_uid", "sop_instance_uid", "frame_number", "thickness_mm",
-          "spacing_between_slices_mm", "padding", "bits_stored", "signed", "rescale_type",
-          "gantry_tilt_deg", "multiframe")
+FIELDS = (
+    "rows",
+    "cols",
+    "ipp",
+    "iop",
+    "pixel_spacing",
+    "slope",
+    "intercept",
+    "series_uid",
+    "frame_of_reference_uid",
+    "sop_instance_uid",
+    "frame_number",
+    "thickness_mm",
+    "spacing_between_slices_mm",
+    "padding",
+    "bits_stored",
+    "signed",
+    "rescale_type",
+    "gantry_tilt_deg",
+    "multiframe",
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +96,13 @@ def test_repair_multiframe_in_memory() -> None:
     assert vol.array.shape == (512, 512, 2)
     # IOP -1\\0\\0\\0\\1\\0: normal r x c = (0, 0, -1) LPS, frames 10 mm apart along it
     assert vol.affine[2, 2] == pytest.approx(-10.0)
-    assert [s[1] for s in vol.source_frames if s] == [1, 2] or \
-        [s[1] for s in vol.source_frames if s] == [2, 1]
+    assert [s[1] for s in vol.source_frames if s] == [1, 2] or [s[1] for s in vol.source_frames if s] == [2, 1]
     assert any("RescaleType US" in w for w in vol.warnings)
     stored = ds.pixel_array  # (frames, rows, cols); shared rescale: intercept -1024
-    by_z = sorted(range(2), key=lambda k: -float(
-        ds.PerFrameFunctionalGroupsSequence[k].PlanePositionSequence[0].ImagePositionPatient[2]))
+    by_z = sorted(
+        range(2),
+        key=lambda k: -float(ds.PerFrameFunctionalGroupsSequence[k].PlanePositionSequence[0].ImagePositionPatient[2]),
+    )
     for z, k in enumerate(by_z):
         assert np.array_equal(vol.array[:, :, z].T, stored[k].astype(np.int32) - 1024)
 

@@ -106,7 +106,7 @@ def test_preamble_stripped_file_without_meta_is_not_dicom(demo_file: Path) -> No
     assert bare.getvalue()[:2] == b"\x08\x00"  # starts with group 0008
     _reject(bare.getvalue(), "NOT_DICOM")
     # ... while a Part-10 stream that only lacks the preamble is accepted.
-    no_preamble = _to_bytes(pydicom.dcmread(demo_file))[128 + 4:]
+    no_preamble = _to_bytes(pydicom.dcmread(demo_file))[128 + 4 :]
     assert no_preamble[:2] == b"\x02\x00"
     assert parse_instance(no_preamble)[1].modality == "CT"
 
@@ -129,7 +129,7 @@ def test_broken_jpeg2000_codestream_is_corrupt() -> None:
     data = bytearray((SINGLES / "pydicom-data/693_J2KR.dcm").read_bytes())
     soc = data.find(b"\xff\x4f\xff\x51")  # J2K start of codestream + SIZ marker
     assert soc > 0
-    data[soc + 8:soc + 16] = b"\xff" * 8  # image size fields of SIZ
+    data[soc + 8 : soc + 16] = b"\xff" * 8  # image size fields of SIZ
     err = _reject(bytes(data), "CORRUPT_DICOM")
     assert err.metadata["check"] == "pixel_decode"
 

@@ -33,15 +33,15 @@ N_FLIPS = 40
 def _patch_vr(data: bytes, tag: tuple[int, int], vr: bytes) -> bytes:
     key = struct.pack("<HH", *tag)
     i = data.index(key, 132)
-    return data[:i + 4] + vr + data[i + 6:]
+    return data[: i + 4] + vr + data[i + 6 :]
 
 
 def _patch_length(data: bytes, tag: tuple[int, int], long_form: bool) -> bytes:
     key = struct.pack("<HH", *tag)
     i = data.index(key, 132)
     if long_form:  # OB/OW/UN/SQ/UT: 2 reserved bytes, then a 4-byte length
-        return data[:i + 8] + struct.pack("<I", 0xFFFFFFF0) + data[i + 12:]
-    return data[:i + 6] + struct.pack("<H", 0xFFFF) + data[i + 8:]
+        return data[: i + 8] + struct.pack("<I", 0xFFFFFFF0) + data[i + 12 :]
+    return data[: i + 6] + struct.pack("<H", 0xFFFF) + data[i + 8 :]
 
 
 def malformed_cases(real: bytes) -> dict[str, bytes]:
@@ -56,7 +56,7 @@ def malformed_cases(real: bytes) -> dict[str, bytes]:
     for n in (1, 7, 131, 4096):
         cases[f"random_{n}"] = rng.randbytes(n)
     for frac in (0.01, 0.05, 0.2, 0.5, 0.9, 0.999):
-        cases[f"truncated_{frac}"] = real[:int(len(real) * frac)]
+        cases[f"truncated_{frac}"] = real[: int(len(real) * frac)]
     cases["huge_pixel_length"] = _patch_length(real, (0x7FE0, 0x0010), long_form=True)
     cases["huge_modality_length"] = _patch_length(real, (0x0008, 0x0060), long_form=False)
     cases["rows_vr_sq"] = _patch_vr(real, (0x0028, 0x0010), b"SQ")
@@ -139,9 +139,13 @@ def test_c_store_rejects_malformed_and_survives_fuzz(service, tmp_path):  # type
     # for the SCU to send at all, so the malformations are applied after it. pynetdicom's SCU
     # reads the file with pydicom and re-encodes it: a huge declared pixel length is repaired
     # (the value is re-measured) before it reaches the wire, so that case is gRPC-only.
-    cases = {k: v for k, v in malformed_cases(real).items()
-             if k.startswith(("truncated_0.5", "truncated_0.9", "truncated_0.999",
-                              "huge_modality", "rows_", "pixel_", "modality_"))}
+    cases = {
+        k: v
+        for k, v in malformed_cases(real).items()
+        if k.startswith(
+            ("truncated_0.5", "truncated_0.9", "truncated_0.999", "huge_modality", "rows_", "pixel_", "modality_")
+        )
+    }
     cases.update(flip_cases(real, header_bytes))
     ae = AE(ae_title="FUZZER")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
@@ -170,6 +174,5 @@ def test_c_store_rejects_malformed_and_survives_fuzz(service, tmp_path):  # type
     assert assoc.is_established
     assert assoc.send_c_echo().Status == 0
     assoc.release()
-    print(f"C-STORE fuzz: {len(cases)} inputs, "
-          f"{sum(r != 0 for r in results.values())} rejected")
+    print(f"C-STORE fuzz: {len(cases)} inputs, {sum(r != 0 for r in results.values())} rejected")
     assert len(cases) >= 40

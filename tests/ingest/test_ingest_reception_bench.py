@@ -17,12 +17,15 @@ def test_benchmark_dry_run(tmp_path):  # type: ignore[no-untyped-def]
     for name in ("atlasflow", "orthanc"):
         assert result[name]["instances_per_s"] > 0 and result[name]["mb_per_s"] > 0
     assert result["ratio_instances_per_s"] == (
-        result["atlasflow"]["instances_per_s"] / result["orthanc"]["instances_per_s"])
+        result["atlasflow"]["instances_per_s"] / result["orthanc"]["instances_per_s"]
+    )
 
 
 def test_acknowledged_files_parses_storescu_verbose_output():  # type: ignore[no-untyped-def]
-    log = ("I: Sending file: /d/a.dcm\nI: Received Store Response (Success)\n"
-           "I: Sending file: /d/b.dcm\nE: Store Failed, file: /d/b.dcm\n"
-           "I: Sending file: /d/c.dcm\nI: Received Store Response (Warning, Coercion of Data Elements)\n"
-           "I: Sending file: /d/d.dcm\n")
+    log = (
+        "I: Sending file: /d/a.dcm\nI: Received Store Response (Success)\n"
+        "I: Sending file: /d/b.dcm\nE: Store Failed, file: /d/b.dcm\n"
+        "I: Sending file: /d/c.dcm\nI: Received Store Response (Warning, Coercion of Data Elements)\n"
+        "I: Sending file: /d/d.dcm\n"
+    )
     assert bench.acknowledged_files(log) == ["/d/a.dcm", "/d/c.dcm"]

@@ -27,16 +27,21 @@ bench = load_benchmark("bench_ingest")
 def echoscu(port: int, aet: str, aec: str = "ATLASFLOW") -> subprocess.CompletedProcess:
     exe = shutil.which("echoscu")
     assert exe, "dcmtk echoscu is required"
-    return subprocess.run([exe, "-v", "-aet", aet, "-aec", aec, "127.0.0.1", str(port)],
-                          env=dict(os.environ, TCP_NODELAY="1"), capture_output=True, text=True,
-                          timeout=30)
+    return subprocess.run(
+        [exe, "-v", "-aet", aet, "-aec", aec, "127.0.0.1", str(port)],
+        env=dict(os.environ, TCP_NODELAY="1"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 @pytest.fixture(scope="module")
 def ingest(tmp_path_factory):  # type: ignore[no-untyped-def]
-    with bench.IngestProcess(tmp_path_factory.mktemp("ingest"), env={
-            "ACCEPTED_CALLING_AETS": "MODALITY1,PACS2", "MAX_ASSOCIATIONS": "1",
-            "ACSE_TIMEOUT_S": "1"}) as proc:
+    with bench.IngestProcess(
+        tmp_path_factory.mktemp("ingest"),
+        env={"ACCEPTED_CALLING_AETS": "MODALITY1,PACS2", "MAX_ASSOCIATIONS": "1", "ACSE_TIMEOUT_S": "1"},
+    ) as proc:
         # The start-up port probe (a TCP connect + close) holds the only association slot
         # until the ACSE timer (ARTIM) frees it: wait for that.
         deadline = time.monotonic() + 15
@@ -69,8 +74,7 @@ def test_association_limit(ingest):  # type: ignore[no-untyped-def]
     ae.add_requested_context(Verification)
     deadline = time.monotonic() + 10
     # earlier tests' (rejected) associations may still hold the one slot for a moment
-    while not (held := ae.associate("127.0.0.1", ingest.dicom_port,
-                                    ae_title="ATLASFLOW")).is_established:
+    while not (held := ae.associate("127.0.0.1", ingest.dicom_port, ae_title="ATLASFLOW")).is_established:
         assert time.monotonic() < deadline, "no association slot"
         time.sleep(0.2)
     try:
@@ -94,16 +98,14 @@ def test_late_instance_after_assembly_opens_version_2(ingest, tmp_path):  # type
     series_id = atlas_id("ser", bench.bench_uid("late", "series"))
     with grpc.insecure_channel(ingest.target) as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
-        v1 = stub.CommitSeries(ingest_pb2.CommitSeriesRequest(series_id=series_id),
-                               timeout=60).series
+        v1 = stub.CommitSeries(ingest_pb2.CommitSeriesRequest(series_id=series_id), timeout=60).series
         assert (v1.version, v1.state, v1.instance_count) == (1, ingest_pb2.SERIES_STATE_ASSEMBLED, 3)
         assert list(v1.geometry.shape)[2] == 3
         late = bench.storescu(files[3:], ingest.dicom_port, aet="PACS2")
         assert late.returncode == 0, late.stderr[-2000:]
         v2 = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=series_id), timeout=10).series
         assert (v2.version, v2.state, v2.instance_count) == (2, ingest_pb2.SERIES_STATE_RECEIVING, 4)
-        v2 = stub.CommitSeries(ingest_pb2.CommitSeriesRequest(series_id=series_id),
-                               timeout=60).series
+        v2 = stub.CommitSeries(ingest_pb2.CommitSeriesRequest(series_id=series_id), timeout=60).series
         assert (v2.version, v2.state) == (2, ingest_pb2.SERIES_STATE_ASSEMBLED)
         assert list(v2.geometry.shape)[2] == 4
         assert v2.volume.digest != v1.volume.digest  # version 1's volume is not changed

@@ -42,10 +42,22 @@ def test_sigkill_mid_stream_loses_no_acknowledged_instance(series, tmp_path):  #
         exe = shutil.which("storescu")
         assert exe
         proc = subprocess.Popen(
-            [exe, "-v", "-aet", "CRASHTEST", "-aec", "ATLASFLOW", "127.0.0.1",
-             str(ingest.dicom_port), *map(str, series)],
-            env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True)
+            [
+                exe,
+                "-v",
+                "-aet",
+                "CRASHTEST",
+                "-aec",
+                "ATLASFLOW",
+                "127.0.0.1",
+                str(ingest.dicom_port),
+                *map(str, series),
+            ],
+            env=dict(os.environ, TCP_NODELAY="1"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         assert proc.stdout is not None
         lines, successes, killed = [], 0, False
         deadline = time.monotonic() + 60
@@ -67,15 +79,13 @@ def test_sigkill_mid_stream_loses_no_acknowledged_instance(series, tmp_path):  #
         series_id = atlas_id("ser", bench.bench_uid("crash-test", "series"))
         with grpc.insecure_channel(ingest.target) as channel:
             stub = ingest_pb2_grpc.IngestServiceStub(channel)
-            after_crash = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=series_id),
-                                         timeout=10).series
+            after_crash = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=series_id), timeout=10).series
             assert after_crash.instance_count >= len(acked)
             # every acknowledged instance is there, byte for byte: re-sending exactly those
             # files stores nothing new (each is a duplicate: same SOP Instance UID, same bytes)
             again = bench.storescu([Path(p) for p in acked], ingest.dicom_port, aet="CRASHTEST")
             assert again.returncode == 0, again.stderr[-2000:]
-            sv1 = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=series_id),
-                                 timeout=10).series
+            sv1 = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=series_id), timeout=10).series
             assert sv1.instance_count == after_crash.instance_count
             assert sv1.duplicate_count == after_crash.duplicate_count + len(acked)
             assert sv1.conflict_count == 0
@@ -84,14 +94,12 @@ def test_sigkill_mid_stream_loses_no_acknowledged_instance(series, tmp_path):  #
             retry = bench.storescu(series, ingest.dicom_port, aet="CRASHTEST")
             assert retry.returncode == 0, retry.stderr[-2000:]
             assert len(bench.acknowledged_files(retry.stdout + retry.stderr)) == N_SLICES
-            sv = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=series_id),
-                                timeout=10).series
+            sv = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=series_id), timeout=10).series
             assert sv.instance_count == N_SLICES
             assert sv.conflict_count == 0
             assert sv.duplicate_count >= 2 * len(acked)  # both re-sends
             assert sv.state == ingest_pb2.SERIES_STATE_RECEIVING
-            committed = stub.CommitSeries(ingest_pb2.CommitSeriesRequest(series_id=series_id),
-                                          timeout=120).series
+            committed = stub.CommitSeries(ingest_pb2.CommitSeriesRequest(series_id=series_id), timeout=120).series
         assert committed.state == ingest_pb2.SERIES_STATE_ASSEMBLED, committed.failure_reason
         assert list(committed.geometry.shape) == [512, 512, N_SLICES]
         log = ingest.log_text()

@@ -38,9 +38,10 @@ def env(tmp_path_factory):  # type: ignore[no-untyped-def]
         ds.StudyInstanceUID = study
         ds.save_as(p, enforce_file_format=True)
     ingest = bench.IngestProcess(root / "ingest").start()
-    orthanc = bench.OrthancProcess(root / "orthanc", modalities={
-        "atlasflow": ("ATLASFLOW", "127.0.0.1", ingest.dicom_port),
-        "qr": ("ATLASFLOW_QR", "127.0.0.1", 1)})
+    orthanc = bench.OrthancProcess(
+        root / "orthanc",
+        modalities={"atlasflow": ("ATLASFLOW", "127.0.0.1", ingest.dicom_port), "qr": ("ATLASFLOW_QR", "127.0.0.1", 1)},
+    )
     orthanc.config["DicomCheckCalledAet"] = True
     orthanc.start()
     try:
@@ -51,9 +52,13 @@ def env(tmp_path_factory):  # type: ignore[no-untyped-def]
         while len(orthanc.get("/series")) < 2 or len(orthanc.get("/instances")) < N_A + N_B:
             assert time.monotonic() < deadline, "Orthanc did not index the loaded series"
             time.sleep(0.2)
-        yield {"ingest": ingest, "orthanc": orthanc, "study": study,
-               "series_a": bench.bench_uid("qr-a", "series"),
-               "series_b": bench.bench_uid("qr-b", "series")}
+        yield {
+            "ingest": ingest,
+            "orthanc": orthanc,
+            "study": study,
+            "series_a": bench.bench_uid("qr-a", "series"),
+            "series_b": bench.bench_uid("qr-b", "series"),
+        }
     finally:
         orthanc.stop()
         ingest.stop()
@@ -61,39 +66,49 @@ def env(tmp_path_factory):  # type: ignore[no-untyped-def]
 
 def _retrieve(env, *args: str) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
     return subprocess.run(
-        [str(bench.PYTHON), "-m", "atlasflow.cli.main", "retrieve",
-         "--pacs", f"127.0.0.1:{env['orthanc'].dicom_port}", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-        env=dict(bench.os.environ, TCP_NODELAY="1"))
+        [
+            str(bench.PYTHON),
+            "-m",
+            "atlasflow.cli.main",
+            "retrieve",
+            "--pacs",
+            f"127.0.0.1:{env['orthanc'].dicom_port}",
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(bench.os.environ, TCP_NODELAY="1"),
+    )
 
 
 def _count(env, series_uid: str) -> int:  # type: ignore[no-untyped-def]
     with grpc.insecure_channel(env["ingest"].target) as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         try:
-            return stub.GetSeries(ingest_pb2.GetSeriesRequest(
-                series_id=atlas_id("ser", series_uid)), timeout=10).series.instance_count
+            return stub.GetSeries(
+                ingest_pb2.GetSeriesRequest(series_id=atlas_id("ser", series_uid)), timeout=10
+            ).series.instance_count
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.NOT_FOUND
             return 0
 
 
 def test_find_and_move_one_series_then_the_study(env):  # type: ignore[no-untyped-def]
-    r = _retrieve(env, "--pacs-aet", "ORTHANC", "--study-uid", env["study"],
-                  "--series-uid", env["series_b"])
+    r = _retrieve(env, "--pacs-aet", "ORTHANC", "--study-uid", env["study"], "--series-uid", env["series_b"])
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["series"] == [{"series_uid": env["series_b"], "modality": "CT",
-                              "instance_count": N_B}]
-    assert [(t["series_uid"], t["completed"], t["failed"]) for t in out["transfers"]] == [
-        (env["series_b"], N_B, 0)]
+    assert out["series"] == [{"series_uid": env["series_b"], "modality": "CT", "instance_count": N_B}]
+    assert [(t["series_uid"], t["completed"], t["failed"]) for t in out["transfers"]] == [(env["series_b"], N_B, 0)]
     assert (_count(env, env["series_a"]), _count(env, env["series_b"])) == (0, N_B)
 
     r = _retrieve(env, "--pacs-aet", "ORTHANC", "--study-uid", env["study"])
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert sorted((s["series_uid"], s["instance_count"]) for s in out["series"]) == sorted(
-        [(env["series_a"], N_A), (env["series_b"], N_B)])
+        [(env["series_a"], N_A), (env["series_b"], N_B)]
+    )
     assert sum(t["completed"] for t in out["transfers"]) == N_A + N_B
     # complete in ingest; series B's second copy is a duplicate, not a new instance
     assert (_count(env, env["series_a"]), _count(env, env["series_b"])) == (N_A, N_B)
@@ -102,20 +117,31 @@ def test_find_and_move_one_series_then_the_study(env):  # type: ignore[no-untype
 def test_c_get_uploads_over_grpc(env, tmp_path):  # type: ignore[no-untyped-def]
     series = bench.build_ct_series(tmp_path / "c", 3, seed="qr-c")
     assert bench.storescu(series, env["orthanc"].dicom_port, aec="ORTHANC").returncode == 0
-    r = _retrieve(env, "--pacs-aet", "ORTHANC", "--study-uid", bench.bench_uid("qr-c", "study"),
-                  "--get", "--target", env["ingest"].target)
+    r = _retrieve(
+        env,
+        "--pacs-aet",
+        "ORTHANC",
+        "--study-uid",
+        bench.bench_uid("qr-c", "study"),
+        "--get",
+        "--target",
+        env["ingest"].target,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert [(t["completed"], t["uploaded"]) for t in out["transfers"]] == [(3, 3)]
     assert _count(env, bench.bench_uid("qr-c", "series")) == 3
 
 
-@pytest.mark.parametrize(("args", "reason", "words"), [
-    (["--pacs-aet", "WRONG"], "ASSOCIATION_REJECTED", "called AE title not recognised"),
-    (["--pacs-aet", "ORTHANC", "--series-uid", "1.2.3.4"], "NO_MATCH", "no such series"),
-    # Orthanc 1.10 answers an unknown move destination with 0xC000, not 0xA801
-    (["--pacs-aet", "ORTHANC", "--move-dest", "NOBODY"], "MOVE_FAILED", "status 0xC000"),
-])
+@pytest.mark.parametrize(
+    ("args", "reason", "words"),
+    [
+        (["--pacs-aet", "WRONG"], "ASSOCIATION_REJECTED", "called AE title not recognised"),
+        (["--pacs-aet", "ORTHANC", "--series-uid", "1.2.3.4"], "NO_MATCH", "no such series"),
+        # Orthanc 1.10 answers an unknown move destination with 0xC000, not 0xA801
+        (["--pacs-aet", "ORTHANC", "--move-dest", "NOBODY"], "MOVE_FAILED", "status 0xC000"),
+    ],
+)
 def test_errors_say_why(env, args, reason, words):  # type: ignore[no-untyped-def]
     r = _retrieve(env, "--study-uid", env["study"], *args)
     assert r.returncode == 1

@@ -35,8 +35,9 @@ def _open_fds() -> int:
 
 @pytest.fixture()
 def scp(tmp_path: Path):  # type: ignore[no-untyped-def]
-    store = IngestStore(tmp_path / "data", LocalBlobStore(tmp_path / "blobs"),
-                        spool_segment_bytes=1 << 20, spool_spares=1)
+    store = IngestStore(
+        tmp_path / "data", LocalBlobStore(tmp_path / "blobs"), spool_segment_bytes=1 << 20, spool_spares=1
+    )
     server = StoreScp(ScpConfig(port=0, max_associations=4), store, Metrics("ingest-scp-test"))
     server.start()
     yield server
@@ -72,8 +73,7 @@ def test_store_stream_over_event_driven_reactors(scp):  # type: ignore[no-untype
     ds = pydicom.dcmread(CT_SLICE)
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", scp.port, ae_title="ATLASFLOW",
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="ATLASFLOW", evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
     assert assoc.is_established
     t0 = time.perf_counter()
     statuses = []

@@ -49,9 +49,16 @@ def test_duplicate_same_bytes_is_stored_once_and_different_bytes_is_a_conflict(s
 def test_late_instance_opens_a_new_version(store):  # type: ignore[no-untyped-def]
     a = store.store_instance(b"A", "st", "se", "sop-1")
     sv = store.due_for_assembly(0.0)[0]
-    store.mark_assembled(sv.series_id, 1, "sha256:" + "0" * 64, 10,
-                         {"shape": [1, 1, 1], "affine": [0.0] * 16, "spacing_mm": [1, 1, 1]},
-                         "t", b"payload", "")
+    store.mark_assembled(
+        sv.series_id,
+        1,
+        "sha256:" + "0" * 64,
+        10,
+        {"shape": [1, 1, 1], "affine": [0.0] * 16, "spacing_mm": [1, 1, 1]},
+        "t",
+        b"payload",
+        "",
+    )
     assert store.get_series(a.series_id).state == "ASSEMBLED"
     late = store.store_instance(b"B", "st", "se", "sop-2")
     assert late.version == 2
@@ -81,9 +88,16 @@ def test_quiet_period_and_listing(store):  # type: ignore[no-untyped-def]
 
 
 def _assemble(store, series_id: str, version: int, digest: str) -> None:  # type: ignore[no-untyped-def]
-    store.mark_assembled(series_id, version, digest, 10,
-                         {"shape": [1, 1, 1], "affine": [0.0] * 16, "spacing_mm": [1, 1, 1]},
-                         "t", b"payload", "")
+    store.mark_assembled(
+        series_id,
+        version,
+        digest,
+        10,
+        {"shape": [1, 1, 1], "affine": [0.0] * 16, "spacing_mm": [1, 1, 1]},
+        "t",
+        b"payload",
+        "",
+    )
 
 
 def test_series_version_and_volume_look_ups(store):  # type: ignore[no-untyped-def]
@@ -101,11 +115,12 @@ def test_series_version_and_volume_look_ups(store):  # type: ignore[no-untyped-d
     b = store.store_instance(b"A", "st", "se-other", "sop-1")
     _assemble(store, b.series_id, 1, "sha256:" + "1" * 64)
     assert store.series_by_volume("sha256:" + "1" * 64).series_id == b.series_id
-    for call, reason in ((lambda: store.get_series_version(a.series_id, 3),
-                          "SERIES_VERSION_NOT_FOUND"),
-                         (lambda: store.get_series_version("ser-unknown", 1), "SERIES_NOT_FOUND"),
-                         (lambda: store.series_by_volume("sha256:" + "0" * 64), "VOLUME_NOT_FOUND"),
-                         (lambda: store.series_by_volume(""), "VOLUME_NOT_FOUND")):
+    for call, reason in (
+        (lambda: store.get_series_version(a.series_id, 3), "SERIES_VERSION_NOT_FOUND"),
+        (lambda: store.get_series_version("ser-unknown", 1), "SERIES_NOT_FOUND"),
+        (lambda: store.series_by_volume("sha256:" + "0" * 64), "VOLUME_NOT_FOUND"),
+        (lambda: store.series_by_volume(""), "VOLUME_NOT_FOUND"),
+    ):
         with pytest.raises(NotFound) as e:
             call()
         assert e.value.reason == reason

@@ -78,24 +78,32 @@ def test_cut_mid_instance_resumes_at_committed_offset(ingest, tmp_path):  # type
         st = _status(stub, ids[1])
         assert (st.complete, st.committed_offset) == (False, SENT_CHUNKS * CHUNK)
         with pytest.raises(grpc.RpcError) as err:
-            stub.UploadInstances(iter([ingest_pb2.UploadInstancesRequest(
-                client_ref="x", chunk=data[1][:CHUNK], upload_id=ids[1], offset=0)]), timeout=10)
+            stub.UploadInstances(
+                iter(
+                    [
+                        ingest_pb2.UploadInstancesRequest(
+                            client_ref="x", chunk=data[1][:CHUNK], upload_id=ids[1], offset=0
+                        )
+                    ]
+                ),
+                timeout=10,
+            )
         assert err.value.code() == grpc.StatusCode.ABORTED
         info = error_info_of(err.value)
         assert info is not None and info.reason == "OFFSET_MISMATCH"
         assert info.metadata["expected_offset"] == str(SENT_CHUNKS * CHUNK)
 
         stats = UploadStats()
-        receipts = send_files(files, ingest.target, chunk_bytes=CHUNK, stats=stats,
-                              retry_wait_s=0.05)
+        receipts = send_files(files, ingest.target, chunk_bytes=CHUNK, stats=stats, retry_wait_s=0.05)
         assert [r.upload_id for r in receipts] == ids
         assert not any(r.duplicate or r.conflict for r in receipts)
         assert stats.resumed == 1 and stats.errors == [] and stats.streams == 1
         assert stats.recovered_receipts == 1  # the first instance, completed before the cut
         # the resumed stream sent only the rest of instance 2 (plus instance 3)
         assert stats.bytes_sent == len(data[1]) - SENT_CHUNKS * CHUNK + len(data[2])
-        series = stub.GetSeries(ingest_pb2.GetSeriesRequest(
-            series_id=atlas_id("ser", bench.bench_uid("resume", "series"))), timeout=10).series
+        series = stub.GetSeries(
+            ingest_pb2.GetSeriesRequest(series_id=atlas_id("ser", bench.bench_uid("resume", "series"))), timeout=10
+        ).series
         assert (series.instance_count, series.duplicate_count, series.conflict_count) == (3, 0, 0)
         # the stored instance is byte-identical to the file (no hole, no duplicated chunk)
         st = _status(stub, ids[1])
@@ -104,9 +112,9 @@ def test_cut_mid_instance_resumes_at_committed_offset(ingest, tmp_path):  # type
         # a completed upload is idempotent: same receipts, nothing stored again
         again = send_files(files, ingest.target, chunk_bytes=CHUNK)
         assert [(r.upload_id, r.duplicate, r.series_id) for r in again] == [
-            (r.upload_id, r.duplicate, r.series_id) for r in receipts]
-        series = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=series.series_id),
-                                timeout=10).series
+            (r.upload_id, r.duplicate, r.series_id) for r in receipts
+        ]
+        series = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=series.series_id), timeout=10).series
         assert (series.instance_count, series.duplicate_count) == (3, 0)
 
 

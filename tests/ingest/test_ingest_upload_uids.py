@@ -23,9 +23,13 @@ SERIES = bench.EXAMPLE_CT_DICOM
 
 
 def _send(target: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(bench.PYTHON), "-m", "atlasflow.cli.main", "send", str(SERIES),
-                           "--target", target, *extra], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [str(bench.PYTHON), "-m", "atlasflow.cli.main", "send", str(SERIES), "--target", target, *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_derived_uids_are_stable_and_shared_by_the_series():  # type: ignore[no-untyped-def]
@@ -56,14 +60,16 @@ def test_send_refuses_missing_uids_then_assigns_them(tmp_path):  # type: ignore[
         ok = _send(ingest.target, "--assign-uids", "--commit")
         assert ok.returncode == 0, ok.stderr
         assert "20 instances durable (0 duplicates" in ok.stdout
-        series_uid = pydicom.dcmread(io.BytesIO(
-            derive_uids(sorted(SERIES.iterdir())[0].read_bytes()))).SeriesInstanceUID
+        series_uid = pydicom.dcmread(
+            io.BytesIO(derive_uids(sorted(SERIES.iterdir())[0].read_bytes()))
+        ).SeriesInstanceUID
         with grpc.insecure_channel(ingest.target) as channel:
             stub = ingest_pb2_grpc.IngestServiceStub(channel)
-            s = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=atlas_id("ser", series_uid)),
-                               timeout=10).series
-        assert s.instance_count == 20 and s.state in (ingest_pb2.SERIES_STATE_ASSEMBLED,
-                                                      ingest_pb2.SERIES_STATE_DISPATCHED)
+            s = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=atlas_id("ser", series_uid)), timeout=10).series
+        assert s.instance_count == 20 and s.state in (
+            ingest_pb2.SERIES_STATE_ASSEMBLED,
+            ingest_pb2.SERIES_STATE_DISPATCHED,
+        )
         assert list(s.geometry.shape) == [512, 512, 20]
 
         # same derived UIDs, same bytes: the completed uploads answer with their receipts,
@@ -72,6 +78,5 @@ def test_send_refuses_missing_uids_then_assigns_them(tmp_path):  # type: ignore[
         assert again.returncode == 0 and "20 instances durable" in again.stdout, again
         with grpc.insecure_channel(ingest.target) as channel:
             stub = ingest_pb2_grpc.IngestServiceStub(channel)
-            s2 = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=s.series_id),
-                                timeout=10).series
+            s2 = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=s.series_id), timeout=10).series
         assert (s2.version, s2.instance_count, s2.conflict_count) == (1, 20, 0)

@@ -30,7 +30,8 @@ def _root_conftest():  # type: ignore[no-untyped-def]
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "atlasflow_tests_root_conftest", Path(__file__).resolve().parents[1] / "conftest.py")
+        "atlasflow_tests_root_conftest", Path(__file__).resolve().parents[1] / "conftest.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -66,19 +67,37 @@ def pg_server() -> Iterator[str]:
         shutil.chown(root, "postgres", "postgres")
     port = _free_port()
     env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
-    subprocess.run(_as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres",
-                                "-A", "trust", "-E", "UTF8", "--no-sync"),
-                   check=True, capture_output=True, env=env, cwd=root)
-    options = (f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
-               "-c full_page_writes=off -c shared_buffers=32MB -c max_connections=100")
-    subprocess.run(_as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", options,
-                                "-l", str(root / "log"), "-w", "-t", "60", "start"),
-                   check=True, capture_output=True, env=env, cwd=root)
+    subprocess.run(
+        _as_postgres(
+            str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"
+        ),
+        check=True,
+        capture_output=True,
+        env=env,
+        cwd=root,
+    )
+    options = (
+        f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
+        "-c full_page_writes=off -c shared_buffers=32MB -c max_connections=100"
+    )
+    subprocess.run(
+        _as_postgres(
+            str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "-t", "60", "start"
+        ),
+        check=True,
+        capture_output=True,
+        env=env,
+        cwd=root,
+    )
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run(_as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate",
-                                    "-w", "stop"), capture_output=True, env=env, cwd=root)
+        subprocess.run(
+            _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"),
+            capture_output=True,
+            env=env,
+            cwd=root,
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -43,17 +43,24 @@ def _free_port() -> int:
 
 
 def _start(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "atlasflow.cli.main", "serve", "labels"],
-                            env=env, cwd=REPO_ROOT, stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "atlasflow.cli.main", "serve", "labels"],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     health = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert proc.poll() is None, log.read_text()[-2000:]
         try:
-            if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                    health_pb2.HealthCheckResponse.SERVING:
+            if (
+                health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                == health_pb2.HealthCheckResponse.SERVING
+            ):
                 channel.close()
                 return proc
         except grpc.RpcError:
@@ -66,11 +73,16 @@ def _start(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]
 def test_sigkill_during_writes_leaves_old_or_new_never_torn(backend, tmp_path, request):
     url = request.getfixturevalue("pg_database")() if backend == "postgres" else ""
     port = _free_port()
-    env = {**os.environ, "ATLASFLOW_LABELS_GRPC_PORT": str(port),
-           "ATLASFLOW_LABELS_DATA_DIR": str(tmp_path / "data"),
-           "ATLASFLOW_LABELS_BLOB_DIR": str(tmp_path / "blobs"),
-           "ATLASFLOW_LABELS_DATABASE_URL": url, "OTEL_SDK_DISABLED": "true",
-           "OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"}
+    env = {
+        **os.environ,
+        "ATLASFLOW_LABELS_GRPC_PORT": str(port),
+        "ATLASFLOW_LABELS_DATA_DIR": str(tmp_path / "data"),
+        "ATLASFLOW_LABELS_BLOB_DIR": str(tmp_path / "blobs"),
+        "ATLASFLOW_LABELS_DATABASE_URL": url,
+        "OTEL_SDK_DISABLED": "true",
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_METRICS_EXPORTER": "none",
+    }
     blobs = LocalBlobStore(tmp_path / "blobs")
     rng = np.random.default_rng(7)
     ct = rng.integers(-1000, 400, SHAPE).astype(np.int16)
@@ -78,14 +90,14 @@ def test_sigkill_during_writes_leaves_old_or_new_never_torn(backend, tmp_path, r
     maps = []
     for i in range(12):
         m = np.zeros(SHAPE, np.uint8)
-        m[i:i + 8, 2:12, :] = 5
-        m[16:22, 4 + i % 5:14, 2:8] = 8
+        m[i : i + 8, 2:12, :] = 5
+        m[16:22, 4 + i % 5 : 14, 2:8] = 8
         maps.append(common_pb2.BlobRef(digest=blobs.put(to_nifti_bytes(m, AFFINE)).digest))
 
     log = tmp_path / "service.log"
     proc = _start(env, port, log)
     stub = labels_pb2_grpc.LabelServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-    acked: dict[str, str] = {}     # request_id -> version_id, acknowledged before the kill
+    acked: dict[str, str] = {}  # request_id -> version_id, acknowledged before the kill
     sent: list[tuple[str, labels_pb2.CreateLabelVersionRequest]] = []
     stop = threading.Event()
     lock = threading.Lock()
@@ -95,9 +107,12 @@ def test_sigkill_during_writes_leaves_old_or_new_never_torn(backend, tmp_path, r
         while not stop.is_set():
             case = CASES[(t + i) % len(CASES)]
             req = labels_pb2.CreateLabelVersionRequest(
-                case_id=case, label_map=maps[(t * 7 + i) % len(maps)], ct=ct_ref,
+                case_id=case,
+                label_map=maps[(t * 7 + i) % len(maps)],
+                ct=ct_ref,
                 provenance=labels_pb2.Provenance(source=labels_pb2.LABEL_SOURCE_AI),
-                request_id=f"w{t}-{i}-{uuid.uuid4().hex[:6]}")
+                request_id=f"w{t}-{i}-{uuid.uuid4().hex[:6]}",
+            )
             with lock:
                 sent.append((case, req))
             i += 1
@@ -112,8 +127,9 @@ def test_sigkill_during_writes_leaves_old_or_new_never_torn(backend, tmp_path, r
         meta = [(PRINCIPAL_METADATA_KEY, f"dr-{t}")]
         while not stop.is_set():
             try:
-                head = stub.ListLabelVersions(labels_pb2.ListLabelVersionsRequest(
-                    case_id=CASES[t], page_size=1), metadata=meta, timeout=20).versions
+                head = stub.ListLabelVersions(
+                    labels_pb2.ListLabelVersionsRequest(case_id=CASES[t], page_size=1), metadata=meta, timeout=20
+                ).versions
                 if not head:
                     time.sleep(0.01)
                     continue
@@ -122,10 +138,15 @@ def test_sigkill_during_writes_leaves_old_or_new_never_torn(backend, tmp_path, r
                 fixed = liver.copy()
                 fixed[:, :, 0] = False
                 req = labels_pb2.ReviseLabelsRequest(
-                    case_id=CASES[t], expected_parent_version_id=head[0].version_id,
-                    request_id=uuid.uuid4().hex, revisions=[labels_pb2.OrganRevision(
-                        organ=common_pb2.ORGAN_LIVER,
-                        xor_delta=encode_mask_delta(liver, fixed))])
+                    case_id=CASES[t],
+                    expected_parent_version_id=head[0].version_id,
+                    request_id=uuid.uuid4().hex,
+                    revisions=[
+                        labels_pb2.OrganRevision(
+                            organ=common_pb2.ORGAN_LIVER, xor_delta=encode_mask_delta(liver, fixed)
+                        )
+                    ],
+                )
                 v = stub.ReviseLabels(req, metadata=meta, timeout=20).version
             except grpc.RpcError:
                 continue
@@ -139,7 +160,7 @@ def test_sigkill_during_writes_leaves_old_or_new_never_torn(backend, tmp_path, r
     deadline = time.monotonic() + 30
     while len(acked) < 60 and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)   # mid-flight: the writers are still sending
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-flight: the writers are still sending
     proc.wait(10)
     stop.set()
     for th in threads:
@@ -175,9 +196,12 @@ def test_sigkill_during_writes_leaves_old_or_new_never_torn(backend, tmp_path, r
         audited = set()
         records, token = repo.list_audit_records(page_size=1000)
         while True:
-            audited |= {vid for r in records if r.method in ("CreateLabelVersion",
-                                                             "ReviseLabels")
-                        and r.outcome == "OK" for vid in r.version_ids}
+            audited |= {
+                vid
+                for r in records
+                if r.method in ("CreateLabelVersion", "ReviseLabels") and r.outcome == "OK"
+                for vid in r.version_ids
+            }
             if not token:
                 break
             records, token = repo.list_audit_records(page_size=1000, page_token=token)
@@ -191,11 +215,14 @@ def test_sigkill_during_writes_leaves_old_or_new_never_torn(backend, tmp_path, r
             conn.close()
         # replaying every request that was in flight is harmless: exactly-once per request_id
         stub = labels_pb2_grpc.LabelServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        committed_unacked = sum(1 for _, r in sent if r.request_id not in acked
-                                and repo.version_for_request(r.request_id) is not None)
-        print(f"[{backend}] in flight at the kill: {in_flight}, of which committed (new "
-              f"version found): {committed_unacked}, absent (old version): "
-              f"{in_flight - committed_unacked}")
+        committed_unacked = sum(
+            1 for _, r in sent if r.request_id not in acked and repo.version_for_request(r.request_id) is not None
+        )
+        print(
+            f"[{backend}] in flight at the kill: {in_flight}, of which committed (new "
+            f"version found): {committed_unacked}, absent (old version): "
+            f"{in_flight - committed_unacked}"
+        )
         replayed = [r for _, r in sent if r.request_id not in acked][:10]
         new = 0
         for r in replayed:

@@ -39,8 +39,10 @@ def series():
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series_uid
         datasets.append(ds)
-    hu = {ds.SOPInstanceUID: ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope)
-          + float(ds.RescaleIntercept) for ds in datasets}
+    hu = {
+        ds.SOPInstanceUID: ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        for ds in datasets
+    }
     seg, affine = from_nifti_bytes((REF / "example_seg_dicom.nii.gz").read_bytes())
     return datasets, totalseg_to_atlas(seg), affine, hu
 
@@ -64,30 +66,29 @@ def test_seg_round_trip_lands_on_the_right_instances(series, tmp_path):
     datasets, labels, affine, hu = series
     prov = {o: Provenance("ai", model_version="trio-v1") for o in range(1, 10)}
     prov[ORGAN_IDS["liver"]] = Provenance("radiologist", reviewer="dr-a")
-    seg = export_dicom_seg(datasets, labels, affine, provenance=prov,
-                           organ_versions={5: "v-liver"})
+    seg = export_dicom_seg(datasets, labels, affine, provenance=prov, organ_versions={5: "v-liver"})
     path = tmp_path / "seg.dcm"
     seg.save_as(path, enforce_file_format=True)
     back = hd.seg.segread(path)
     present = sorted(int(o) for o in np.unique(labels) if o)
     descs = {int(d.SegmentNumber): d for d in back.SegmentSequence}
-    assert [descs[n].SegmentLabel for n in sorted(descs)] == [
-        {v: k for k, v in ORGAN_IDS.items()}[o] for o in present]
+    assert [descs[n].SegmentLabel for n in sorted(descs)] == [{v: k for k, v in ORGAN_IDS.items()}[o] for o in present]
     liver_no = present.index(5) + 1
     assert descs[liver_no].SegmentAlgorithmType == "MANUAL"
     assert "v-liver" in descs[liver_no].TrackingID
     spleen_no = present.index(8) + 1
     assert descs[spleen_no].SegmentAlgorithmType == "AUTOMATIC"
-    assert descs[spleen_no].SegmentationAlgorithmIdentificationSequence[0] \
-        .AlgorithmVersion == "trio-v1"
+    assert descs[spleen_no].SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == "trio-v1"
     referenced = {ds.SOPInstanceUID for ds in datasets}
-    refs = {i.ReferencedSOPInstanceUID
-            for s in back.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
+    refs = {i.ReferencedSOPInstanceUID for s in back.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
     assert refs <= referenced and len(refs) == 20
     uids = [ds.SOPInstanceUID for ds in datasets]
     got = back.get_pixels_by_source_instance(
-        source_sop_instance_uids=uids, segment_numbers=list(range(1, len(present) + 1)),
-        combine_segments=True, relabel=False)
+        source_sop_instance_uids=uids,
+        segment_numbers=list(range(1, len(present) + 1)),
+        combine_segments=True,
+        relabel=False,
+    )
     lut = np.zeros(16, np.uint8)
     for n, o in enumerate(present, start=1):
         lut[n] = o
@@ -96,8 +97,7 @@ def test_seg_round_trip_lands_on_the_right_instances(series, tmp_path):
         want = _expected_frame(labels, ds)
         assert np.array_equal(lut[frame], want), ds.InstanceNumber
     for organ in ("liver", "spleen", "aorta"):
-        vals = np.concatenate([hu[ds.SOPInstanceUID][lut[f] == ORGAN_IDS[organ]]
-                               for ds, f in zip(datasets, got)])
+        vals = np.concatenate([hu[ds.SOPInstanceUID][lut[f] == ORGAN_IDS[organ]] for ds, f in zip(datasets, got)])
         means[organ] = float(vals.mean())
     print("mean HU inside the SEG masks on the source pixels:", means)
     # portal-venous CT (README: liver ~89, spleen ~80, aorta ~177 HU): wrong flips fail this
@@ -114,14 +114,17 @@ def _shifted(affine, **kw):
     return a
 
 
-@pytest.mark.parametrize("case,problem", [
-    ("tilt", "OFF_GRID"),            # gantry-tilt corrected volume
-    ("filled", "SLICES"),            # a filled (interpolated) slice: 21 slices for 20 frames
-    ("resampled_z", "SLICES"),       # resampled to 1 mm slices (frames hit every 2nd)
-    ("half_voxel", "OFF_GRID"),      # shifted by half a voxel
-    ("cropped", "OUT_OF_VOLUME"),    # in-plane crop
-    ("missing", "SLICES"),           # one source frame not in the volume
-])
+@pytest.mark.parametrize(
+    "case,problem",
+    [
+        ("tilt", "OFF_GRID"),  # gantry-tilt corrected volume
+        ("filled", "SLICES"),  # a filled (interpolated) slice: 21 slices for 20 frames
+        ("resampled_z", "SLICES"),  # resampled to 1 mm slices (frames hit every 2nd)
+        ("half_voxel", "OFF_GRID"),  # shifted by half a voxel
+        ("cropped", "OUT_OF_VOLUME"),  # in-plane crop
+        ("missing", "SLICES"),  # one source frame not in the volume
+    ],
+)
 def test_refused_when_grid_differs(series, case, problem):
     datasets, labels, affine, _ = series
     lab, aff, dss = labels, affine.copy(), datasets
@@ -147,16 +150,18 @@ def test_refused_when_grid_differs(series, case, problem):
 
 def test_c_store_to_storescp(series, tmp_path):
     datasets, labels, affine, _ = series
-    seg = export_dicom_seg(datasets, labels, affine, organs=[5, 8],
-                           provenance=Provenance("ai", model_version="m"))
+    seg = export_dicom_seg(datasets, labels, affine, organs=[5, 8], provenance=Provenance("ai", model_version="m"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "pacs"
     out.mkdir()
-    proc = subprocess.Popen(["storescp", "-od", str(out), "-aet", "PACS", str(port)],
-                            env={**os.environ, "TCP_NODELAY": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        ["storescp", "-od", str(out), "-aet", "PACS", str(port)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

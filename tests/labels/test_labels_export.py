@@ -73,18 +73,21 @@ def test_totalseg_to_atlas_rejects_bad_ids():
 BASE_AFFINE = np.diag([0.8, 0.8, 2.5, 1.0])
 
 
-@pytest.mark.parametrize("labels,affine,problem", [
-    (np.zeros((4, 4, 4), np.uint8), BASE_AFFINE, None),
-    (np.full((4, 4, 4), 9, np.int16), BASE_AFFINE + 5e-5, None),
-    (np.zeros((4, 4, 3), np.uint8), BASE_AFFINE, "SHAPE"),
-    (np.zeros((4, 4), np.uint8), BASE_AFFINE, "SHAPE"),
-    (np.zeros((4, 4, 4), np.uint8), BASE_AFFINE + np.eye(4) * 2e-4, "AFFINE"),
-    (np.zeros((4, 4, 4), np.uint8), np.diag([-0.8, 0.8, 2.5, 1.0]), "AFFINE"),
-    (np.full((4, 4, 4), 10, np.uint8), BASE_AFFINE, "VALUES"),
-    (np.full((4, 4, 4), -1, np.int8), BASE_AFFINE, "VALUES"),
-    (np.full((4, 4, 4), 1.5, np.float32), BASE_AFFINE, "DTYPE"),
-    (np.full((4, 4, 4), "a"), BASE_AFFINE, "DTYPE"),
-])
+@pytest.mark.parametrize(
+    "labels,affine,problem",
+    [
+        (np.zeros((4, 4, 4), np.uint8), BASE_AFFINE, None),
+        (np.full((4, 4, 4), 9, np.int16), BASE_AFFINE + 5e-5, None),
+        (np.zeros((4, 4, 3), np.uint8), BASE_AFFINE, "SHAPE"),
+        (np.zeros((4, 4), np.uint8), BASE_AFFINE, "SHAPE"),
+        (np.zeros((4, 4, 4), np.uint8), BASE_AFFINE + np.eye(4) * 2e-4, "AFFINE"),
+        (np.zeros((4, 4, 4), np.uint8), np.diag([-0.8, 0.8, 2.5, 1.0]), "AFFINE"),
+        (np.full((4, 4, 4), 10, np.uint8), BASE_AFFINE, "VALUES"),
+        (np.full((4, 4, 4), -1, np.int8), BASE_AFFINE, "VALUES"),
+        (np.full((4, 4, 4), 1.5, np.float32), BASE_AFFINE, "DTYPE"),
+        (np.full((4, 4, 4), "a"), BASE_AFFINE, "DTYPE"),
+    ],
+)
 def test_validate_label_map(labels, affine, problem):
     if problem is None:
         present = validate_label_map(labels, affine, (4, 4, 4), BASE_AFFINE)
@@ -114,8 +117,7 @@ def test_export_real_case(tmp_path, real_case):
     ct, atlas, affine, _ = real_case
     ct_bytes = to_nifti_bytes(ct, affine)  # what ingest stores: int16 HU, RAS affine
     lm_bytes = to_nifti_bytes(atlas, affine)
-    entry = export_case(tmp_path, "AbdomenAtlas_0001", ct_bytes, lm_bytes, AI, "v-123",
-                        case_id="case-1")
+    entry = export_case(tmp_path, "AbdomenAtlas_0001", ct_bytes, lm_bytes, AI, "v-123", case_id="case-1")
     case = tmp_path / "AbdomenAtlas_0001"
     assert (case / "ct.nii.gz").read_bytes() == ct_bytes  # the CT as stored, byte for byte
     ct_img = nib.load(case / "ct.nii.gz")
@@ -163,8 +165,7 @@ def test_export_empty_organs_and_radiologist(tmp_path):
     labels = np.zeros((5, 6, 7), np.uint8)
     labels[1:3, 1:3, 1:3] = 5
     raw_ct = to_nifti_bytes(ct, affine, compress=False)  # stored uncompressed: gzip on export
-    entry = export_case(tmp_path, "c1", raw_ct, to_nifti_bytes(labels, affine), RAD, "v1",
-                        organ_provenance={8: AI})
+    entry = export_case(tmp_path, "c1", raw_ct, to_nifti_bytes(labels, affine), RAD, "v1", organ_provenance={8: AI})
     case = tmp_path / "c1"
     assert gzip.decompress((case / "ct.nii.gz").read_bytes()) == raw_ct
     for oid, name in ORGANS.items():

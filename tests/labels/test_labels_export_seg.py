@@ -49,15 +49,17 @@ from conftest import REPO, SHARED_DATA
 
 REF = SHARED_DATA / "totalsegmentator/tests/reference_files"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-TERMINAL = (common_pb2.OPERATION_STATE_SUCCEEDED, common_pb2.OPERATION_STATE_FAILED,
-            common_pb2.OPERATION_STATE_CANCELLED)
+TERMINAL = (
+    common_pb2.OPERATION_STATE_SUCCEEDED,
+    common_pb2.OPERATION_STATE_FAILED,
+    common_pb2.OPERATION_STATE_CANCELLED,
+)
 
 
 def _bench():  # type: ignore[no-untyped-def]
     """benchmarks/bench_ingest.py (IngestProcess, OrthancProcess, free_ports), loaded once."""
     if "bench_ingest" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_ingest",
-                                                      REPO / "benchmarks" / "bench_ingest.py")
+        spec = importlib.util.spec_from_file_location("bench_ingest", REPO / "benchmarks" / "bench_ingest.py")
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
         sys.modules["bench_ingest"] = module
         spec.loader.exec_module(module)  # type: ignore[union-attr]
@@ -71,9 +73,10 @@ def _write_series(out: Path, tag: str, drop: int | None = None) -> list[Path]:
     """The 20 real slices with Study/Series/SOP Instance UIDs given (derived from `tag`),
     pixel data untouched (JPEG 2000); `drop`: index (in z order) of a slice to leave out."""
     out.mkdir(parents=True)
-    files = sorted((REF / "example_ct_dicom").iterdir(),
-                   key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True)
-                                       .ImagePositionPatient[2]))
+    files = sorted(
+        (REF / "example_ct_dicom").iterdir(),
+        key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]),
+    )
     paths = []
     for i, f in enumerate(files):
         if i == drop:
@@ -96,20 +99,33 @@ class LabelsProcess:
     def __init__(self, root: Path, ingest_target: str) -> None:
         self.root = root
         (self.port,) = bench.free_ports(1)
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", OTEL_SDK_DISABLED="true",
-                        OTEL_TRACES_EXPORTER="none", TCP_NODELAY="1")
-        self.env.update({"ATLASFLOW_LABELS_" + k: v for k, v in {
-            "GRPC_PORT": str(self.port), "DATA_DIR": str(root / "data"),
-            "BLOB_DIR": str(root / "blobs"), "INGEST_TARGET": ingest_target,
-            "SHUTDOWN_GRACE_S": "1"}.items()})
+        self.env = dict(
+            os.environ, PYTHONUNBUFFERED="1", OTEL_SDK_DISABLED="true", OTEL_TRACES_EXPORTER="none", TCP_NODELAY="1"
+        )
+        self.env.update(
+            {
+                "ATLASFLOW_LABELS_" + k: v
+                for k, v in {
+                    "GRPC_PORT": str(self.port),
+                    "DATA_DIR": str(root / "data"),
+                    "BLOB_DIR": str(root / "blobs"),
+                    "INGEST_TARGET": ingest_target,
+                    "SHUTDOWN_GRACE_S": "1",
+                }.items()
+            }
+        )
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LabelsProcess:
         self.root.mkdir(parents=True, exist_ok=True)
         self.log = self.root / "labels.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "atlasflow.cli.main", "serve", "labels"], cwd=REPO,
-            env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+            [sys.executable, "-m", "atlasflow.cli.main", "serve", "labels"],
+            cwd=REPO,
+            env=self.env,
+            stdout=open(self.log, "ab"),
+            stderr=subprocess.STDOUT,
+        )  # noqa: SIM115
         with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             deadline = time.monotonic() + 60
@@ -117,8 +133,10 @@ class LabelsProcess:
                 assert self.proc.poll() is None, self.log.read_text()[-2000:]
                 assert time.monotonic() < deadline, "labels did not become ready"
                 try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                            health_pb2.HealthCheckResponse.SERVING:
+                    if (
+                        health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    ):
                         return self
                 except grpc.RpcError:
                     time.sleep(0.1)
@@ -146,9 +164,14 @@ def env(tmp_path_factory):  # type: ignore[no-untyped-def]
         print(f"upload + assembly of 39 instances: {time.perf_counter() - t0:.2f} s")
         labels = LabelsProcess(root / "labels", ingest.target).start()
         orthanc = bench.OrthancProcess(root / "orthanc").start()
-        yield {"root": root, "ingest": ingest, "labels": labels, "orthanc": orthanc,
-               "series_id": {"a": receipts[0].series_id, "b": receipts[-1].series_id},
-               "files": {"a": series_a, "b": series_b}}
+        yield {
+            "root": root,
+            "ingest": ingest,
+            "labels": labels,
+            "orthanc": orthanc,
+            "series_id": {"a": receipts[0].series_id, "b": receipts[-1].series_id},
+            "files": {"a": series_a, "b": series_b},
+        }
     finally:
         for proc in (orthanc, labels, ingest):
             if proc is not None:
@@ -156,16 +179,16 @@ def env(tmp_path_factory):  # type: ignore[no-untyped-def]
 
 
 def _stubs(env):  # type: ignore[no-untyped-def]
-    return (ingest_pb2_grpc.IngestServiceStub(grpc.insecure_channel(env["ingest"].target)),
-            labels_pb2_grpc.LabelServiceStub(grpc.insecure_channel(
-                f"127.0.0.1:{env['labels'].port}")))
+    return (
+        ingest_pb2_grpc.IngestServiceStub(grpc.insecure_channel(env["ingest"].target)),
+        labels_pb2_grpc.LabelServiceStub(grpc.insecure_channel(f"127.0.0.1:{env['labels'].port}")),
+    )
 
 
 def _stream(stub, **request) -> tuple[ingest_pb2.Series, list[bytes], list]:  # type: ignore[no-untyped-def]
     """(series of the first message, instance bytes, last-chunk messages) of one stream."""
     series, instances, lasts, buf = None, [], [], b""
-    for msg in stub.StreamSeriesInstances(ingest_pb2.StreamSeriesInstancesRequest(**request),
-                                          timeout=60):
+    for msg in stub.StreamSeriesInstances(ingest_pb2.StreamSeriesInstancesRequest(**request), timeout=60):
         if series is None:
             series, count = msg.series, msg.instance_count
         assert msg.instance_index == len(instances) and msg.offset == len(buf)
@@ -206,11 +229,12 @@ def test_stream_series_instances(env):  # type: ignore[no-untyped-def]
         assert not last.headers_only
 
     t0 = time.perf_counter()
-    by_volume, heads, hlasts = _stream(stub, volume_digest=series.volume.digest,
-                                       headers_only=True)
+    by_volume, heads, hlasts = _stream(stub, volume_digest=series.volume.digest, headers_only=True)
     t_heads = time.perf_counter() - t0
-    print(f"20 instances whole {sum(map(len, whole))} B in {t_whole:.3f} s, headers only "
-          f"{sum(map(len, heads))} B in {t_heads:.3f} s")
+    print(
+        f"20 instances whole {sum(map(len, whole))} B in {t_whole:.3f} s, headers only "
+        f"{sum(map(len, heads))} B in {t_heads:.3f} s"
+    )
     assert by_volume.series_id == series.series_id and by_volume.version == 1
     whole_of = {pydicom.dcmread(io.BytesIO(b)).SOPInstanceUID: b for b in whole}
     assert len(heads) == 20
@@ -226,20 +250,26 @@ def test_stream_series_instances(env):  # type: ignore[no-untyped-def]
         assert head == ref  # every other attribute, as stored
 
 
-@pytest.mark.parametrize("request_fields,code,reason", [
-    ({"series_id": "ser-unknown"}, grpc.StatusCode.NOT_FOUND, "SERIES_NOT_FOUND"),
-    ({"series_id": "A", "series_version": 7}, grpc.StatusCode.NOT_FOUND,
-     "SERIES_VERSION_NOT_FOUND"),
-    ({"volume_digest": "sha256:" + "0" * 64}, grpc.StatusCode.NOT_FOUND, "VOLUME_NOT_FOUND"),
-    ({}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
-    ({"series_id": "A", "volume_digest": "sha256:" + "0" * 64},
-     grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
-])
+@pytest.mark.parametrize(
+    "request_fields,code,reason",
+    [
+        ({"series_id": "ser-unknown"}, grpc.StatusCode.NOT_FOUND, "SERIES_NOT_FOUND"),
+        ({"series_id": "A", "series_version": 7}, grpc.StatusCode.NOT_FOUND, "SERIES_VERSION_NOT_FOUND"),
+        ({"volume_digest": "sha256:" + "0" * 64}, grpc.StatusCode.NOT_FOUND, "VOLUME_NOT_FOUND"),
+        ({}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (
+            {"series_id": "A", "volume_digest": "sha256:" + "0" * 64},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        ),
+    ],
+)
 def test_stream_series_instances_errors(env, request_fields, code, reason):  # type: ignore[no-untyped-def]
     stub, _ = _stubs(env)
     fields = {k: (env["series_id"]["a"] if v == "A" else v) for k, v in request_fields.items()}
-    got = _reason(lambda: list(stub.StreamSeriesInstances(
-        ingest_pb2.StreamSeriesInstancesRequest(**fields), timeout=30)))
+    got = _reason(
+        lambda: list(stub.StreamSeriesInstances(ingest_pb2.StreamSeriesInstancesRequest(**fields), timeout=30))
+    )
     assert got[:2] == (code, reason)
 
 
@@ -265,9 +295,12 @@ def _put(blobs: LocalBlobStore, data: bytes) -> common_pb2.BlobRef:
 
 
 def _export(stub, dest: Path, cases: list[str], **options) -> labels_pb2.ExportJob:  # type: ignore[no-untyped-def]
-    job = stub.ExportDataset(labels_pb2.ExportDatasetRequest(
-        case_ids=cases, destination_uri=dest.as_uri(), include_dicom_seg=True, **options),
-        timeout=30).job
+    job = stub.ExportDataset(
+        labels_pb2.ExportDatasetRequest(
+            case_ids=cases, destination_uri=dest.as_uri(), include_dicom_seg=True, **options
+        ),
+        timeout=30,
+    ).job
     deadline = time.monotonic() + 120
     while job.state not in TERMINAL:
         assert time.monotonic() < deadline
@@ -277,8 +310,9 @@ def _export(stub, dest: Path, cases: list[str], **options) -> labels_pb2.ExportJ
 
 
 def _orthanc_seg_ids(orthanc, sop_uid: str) -> list[str]:  # type: ignore[no-untyped-def]
-    req = urllib.request.Request(f"http://127.0.0.1:{orthanc.http_port}/tools/lookup",
-                                 data=sop_uid.encode(), method="POST")
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{orthanc.http_port}/tools/lookup", data=sop_uid.encode(), method="POST"
+    )
     with urllib.request.urlopen(req, timeout=10) as r:
         return [x["ID"] for x in json.loads(r.read()) if x["Type"] == "Instance"]
 
@@ -290,31 +324,43 @@ def exported(env):  # type: ignore[no-untyped-def]
     labels_blobs = LocalBlobStore(env["root"] / "labels" / "blobs")
     versions = {}
     for tag in ("a", "b"):
-        series = ingest_stub.GetSeries(ingest_pb2.GetSeriesRequest(
-            series_id=env["series_id"][tag]), timeout=30).series
+        series = ingest_stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=env["series_id"][tag]), timeout=30).series
         # labels has a blob store of its own: the CT blob is copied (same digest), the source
         # instances are not
         ct = _put(labels_blobs, ingest_blobs.get(series.volume.digest))
         assert ct.digest == series.volume.digest
         labels = _atlas_labels_on(series)
         affine = np.asarray(series.geometry.affine).reshape(4, 4)
-        versions[tag] = (stub.CreateLabelVersion(labels_pb2.CreateLabelVersionRequest(
-            case_id=f"case-{tag}", label_map=_put(labels_blobs, to_nifti_bytes(labels, affine)),
-            ct=ct, provenance=labels_pb2.Provenance(source=labels_pb2.LABEL_SOURCE_AI,
-                                                    model_version="trio-v1"),
-            request_id=f"seg-{tag}"), timeout=30).version, labels, series)
+        versions[tag] = (
+            stub.CreateLabelVersion(
+                labels_pb2.CreateLabelVersionRequest(
+                    case_id=f"case-{tag}",
+                    label_map=_put(labels_blobs, to_nifti_bytes(labels, affine)),
+                    ct=ct,
+                    provenance=labels_pb2.Provenance(source=labels_pb2.LABEL_SOURCE_AI, model_version="trio-v1"),
+                    request_id=f"seg-{tag}",
+                ),
+                timeout=30,
+            ).version,
+            labels,
+            series,
+        )
     # a CT that ingest never assembled (uploaded as NIfTI): no source instances
     ct_c, aff_c = from_nifti_bytes((REF / "example_ct_sm.nii.gz").read_bytes())
     lab_c = np.zeros(ct_c.shape, np.uint8)
     lab_c[40:60, 40:60, 10:20] = 5
-    stub.CreateLabelVersion(labels_pb2.CreateLabelVersionRequest(
-        case_id="case-c", label_map=_put(labels_blobs, to_nifti_bytes(lab_c, aff_c)),
-        ct=_put(labels_blobs, to_nifti_bytes(ct_c.astype(np.int16), aff_c)),
-        provenance=labels_pb2.Provenance(source=labels_pb2.LABEL_SOURCE_ORIGINAL),
-        request_id="seg-c"), timeout=30)
+    stub.CreateLabelVersion(
+        labels_pb2.CreateLabelVersionRequest(
+            case_id="case-c",
+            label_map=_put(labels_blobs, to_nifti_bytes(lab_c, aff_c)),
+            ct=_put(labels_blobs, to_nifti_bytes(ct_c.astype(np.int16), aff_c)),
+            provenance=labels_pb2.Provenance(source=labels_pb2.LABEL_SOURCE_ORIGINAL),
+            request_id="seg-c",
+        ),
+        timeout=30,
+    )
     orthanc = env["orthanc"]
-    pacs = labels_pb2.DicomDestination(host="127.0.0.1", port=orthanc.dicom_port,
-                                       called_ae_title=orthanc.aet)
+    pacs = labels_pb2.DicomDestination(host="127.0.0.1", port=orthanc.dicom_port, called_ae_title=orthanc.aet)
     dest = env["root"] / "export"
     t0 = time.perf_counter()
     job = _export(stub, dest, ["case-a", "case-b", "case-c"], pacs_destination=pacs)
@@ -343,8 +389,7 @@ def test_export_writes_and_sends_the_seg(env, exported):  # type: ignore[no-unty
     assert seg.SOPClassUID == SEG_STORAGE
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in env["files"]["a"]]
     uids = [ds.SOPInstanceUID for ds in sources]
-    refs = [i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence
-            for i in s.ReferencedInstanceSequence]
+    refs = [i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence]
     assert sorted(refs) == sorted(uids)  # exactly the source instances, each once
     assert a.referenced_instance_count == 20
     assert seg.StudyInstanceUID == sources[0].StudyInstanceUID
@@ -353,8 +398,11 @@ def test_export_writes_and_sends_the_seg(env, exported):  # type: ignore[no-unty
     assert list(a.organs) == present
     assert [s.SegmentLabel for s in seg.SegmentSequence] == [ORGANS[o] for o in present]
     got = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=uids, segment_numbers=list(range(1, len(present) + 1)),
-        combine_segments=True, relabel=False)
+        source_sop_instance_uids=uids,
+        segment_numbers=list(range(1, len(present) + 1)),
+        combine_segments=True,
+        relabel=False,
+    )
     lut = np.zeros(len(present) + 1, np.uint8)
     lut[1:] = present
     z0 = min(float(ds.ImagePositionPatient[2]) for ds in sources)
@@ -365,8 +413,9 @@ def test_export_writes_and_sends_the_seg(env, exported):  # type: ignore[no-unty
 
     # the PACS holds it: same SOP Instance, same frames
     (orthanc_id,) = _orthanc_seg_ids(env["orthanc"], seg.SOPInstanceUID)
-    with urllib.request.urlopen(f"http://127.0.0.1:{env['orthanc'].http_port}/instances/"
-                                f"{orthanc_id}/file", timeout=10) as r:
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{env['orthanc'].http_port}/instances/{orthanc_id}/file", timeout=10
+    ) as r:
         stored = pydicom.dcmread(io.BytesIO(r.read()))
     assert stored.SOPClassUID == SEG_STORAGE and stored.PixelData == seg.PixelData
 
@@ -393,8 +442,7 @@ def test_resampled_grid_is_refused_the_rest_exported(exported):  # type: ignore[
 def test_export_again_resends_the_same_sop_instance(env, exported):  # type: ignore[no-untyped-def]
     first = next(o for o in exported["job"].dicom_seg_outcomes if o.case_id == "case-a")
     uid = pydicom.dcmread(exported["dest"] / first.path, stop_before_pixels=True).SOPInstanceUID
-    job = _export(exported["stub"], env["root"] / "export2", ["case-a"],
-                  pacs_destination=exported["pacs"])
+    job = _export(exported["stub"], env["root"] / "export2", ["case-a"], pacs_destination=exported["pacs"])
     (again,) = job.dicom_seg_outcomes
     assert again.state == labels_pb2.DICOM_SEG_STATE_SENT
     path = env["root"] / "export2" / again.path
@@ -402,29 +450,57 @@ def test_export_again_resends_the_same_sop_instance(env, exported):  # type: ign
     assert len(_orthanc_seg_ids(env["orthanc"], uid)) == 1  # replaced, not duplicated
 
 
-@pytest.mark.parametrize("options,field", [
-    ({"include_dicom_seg": False, "pacs_destination": labels_pb2.DicomDestination(
-        host="h", port=104, called_ae_title="PACS")}, "include_dicom_seg"),
-    ({"include_dicom_seg": True, "pacs_destination": labels_pb2.DicomDestination(
-        host="h", port=0, called_ae_title="PACS")}, "pacs_destination.port"),
-    ({"include_dicom_seg": True, "pacs_destination": labels_pb2.DicomDestination(
-        host="h", port=104, called_ae_title="A" * 17)}, "pacs_destination.called_ae_title"),
-    ({"include_dicom_seg": True, "pacs_destination": labels_pb2.DicomDestination(
-        port=104, called_ae_title="PACS")}, "pacs_destination.host"),
-])
+@pytest.mark.parametrize(
+    "options,field",
+    [
+        (
+            {
+                "include_dicom_seg": False,
+                "pacs_destination": labels_pb2.DicomDestination(host="h", port=104, called_ae_title="PACS"),
+            },
+            "include_dicom_seg",
+        ),
+        (
+            {
+                "include_dicom_seg": True,
+                "pacs_destination": labels_pb2.DicomDestination(host="h", port=0, called_ae_title="PACS"),
+            },
+            "pacs_destination.port",
+        ),
+        (
+            {
+                "include_dicom_seg": True,
+                "pacs_destination": labels_pb2.DicomDestination(host="h", port=104, called_ae_title="A" * 17),
+            },
+            "pacs_destination.called_ae_title",
+        ),
+        (
+            {
+                "include_dicom_seg": True,
+                "pacs_destination": labels_pb2.DicomDestination(port=104, called_ae_title="PACS"),
+            },
+            "pacs_destination.host",
+        ),
+    ],
+)
 def test_bad_pacs_destination_is_refused(env, tmp_path, options, field):  # type: ignore[no-untyped-def]
     _, stub = _stubs(env)
-    code, reason, metadata = _reason(lambda: stub.ExportDataset(labels_pb2.ExportDatasetRequest(
-        destination_uri=tmp_path.as_uri(), **options), timeout=30))
-    assert (code, reason, metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT,
-                                                 "INVALID_PACS_DESTINATION", field)
+    code, reason, metadata = _reason(
+        lambda: stub.ExportDataset(
+            labels_pb2.ExportDatasetRequest(destination_uri=tmp_path.as_uri(), **options), timeout=30
+        )
+    )
+    assert (code, reason, metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PACS_DESTINATION", field)
 
 
 def test_unreachable_pacs_is_a_send_failure(env, exported, tmp_path):  # type: ignore[no-untyped-def]
     (dead,) = bench.free_ports(1)
-    job = _export(exported["stub"], tmp_path / "out", ["case-a"],
-                  pacs_destination=labels_pb2.DicomDestination(
-                      host="127.0.0.1", port=dead, called_ae_title="NOBODY"))
+    job = _export(
+        exported["stub"],
+        tmp_path / "out",
+        ["case-a"],
+        pacs_destination=labels_pb2.DicomDestination(host="127.0.0.1", port=dead, called_ae_title="NOBODY"),
+    )
     assert job.state == common_pb2.OPERATION_STATE_SUCCEEDED
     (o,) = job.dicom_seg_outcomes
     assert o.state == labels_pb2.DICOM_SEG_STATE_SEND_FAILED and o.reason == "PACS_UNAVAILABLE"
@@ -435,8 +511,12 @@ def test_destination_with_query_or_fragment_is_refused(env, tmp_path):  # type: 
     """labels.proto: destination_uri is file:///absolute/dir, no query or fragment."""
     _, stub = _stubs(env)
     for suffix in ("?x=1", "#part"):
-        code, reason, _ = _reason(lambda: stub.ExportDataset(labels_pb2.ExportDatasetRequest(
-            destination_uri=tmp_path.as_uri() + suffix, include_dicom_seg=True), timeout=30))  # noqa: B023
+        code, reason, _ = _reason(
+            lambda: stub.ExportDataset(
+                labels_pb2.ExportDatasetRequest(destination_uri=tmp_path.as_uri() + suffix, include_dicom_seg=True),
+                timeout=30,
+            )
+        )  # noqa: B023
         assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_DESTINATION")
     # a percent-encoded "?" is part of the directory name
     assert destination_path((tmp_path / "a?b").as_uri()) == tmp_path / "a?b"
@@ -445,17 +525,26 @@ def test_destination_with_query_or_fragment_is_refused(env, tmp_path):  # type: 
 # ------------------------------------------------------------------ job options, outcomes (unit)
 
 
-@pytest.mark.parametrize("options", [
-    ExportOptions(),
-    ExportOptions(include_dicom_seg=True),
-    ExportOptions(include_dicom_seg=True,
-                  pacs=PacsDestination("pacs.example.org", 11112, "PACS A&B", "ME")),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        ExportOptions(),
+        ExportOptions(include_dicom_seg=True),
+        ExportOptions(include_dicom_seg=True, pacs=PacsDestination("pacs.example.org", 11112, "PACS A&B", "ME")),
+    ],
+)
 def test_export_options_are_stored_in_the_job_row(tmp_path, options):  # type: ignore[no-untyped-def]
     repo = SqliteLabelRepository(tmp_path / "labels.sqlite")
-    repo.create_version("c1", LocalBlobStore(tmp_path / "b").put(b"lm"),
-                        LocalBlobStore(tmp_path / "b").put(b"ct"), Provenance("ai"), "r1",
-                        organs=(5,), shape=(1, 1, 1), affine=np.eye(4))
+    repo.create_version(
+        "c1",
+        LocalBlobStore(tmp_path / "b").put(b"lm"),
+        LocalBlobStore(tmp_path / "b").put(b"ct"),
+        Provenance("ai"),
+        "r1",
+        organs=(5,),
+        shape=(1, 1, 1),
+        affine=np.eye(4),
+    )
     uri = "file:///exports/run%201"
     job = repo.create_export_job(["c1"], uri, options=options.to_dict())
     repo.close()
@@ -468,8 +557,7 @@ def test_export_options_are_stored_in_the_job_row(tmp_path, options):  # type: i
     assert msg.destination_uri == uri and msg.include_dicom_seg == options.include_dicom_seg
     assert msg.HasField("pacs_destination") == (options.pacs is not None)
     if options.pacs is not None:
-        assert (msg.pacs_destination.called_ae_title, msg.pacs_destination.port) == (
-            "PACS A&B", 11112)
+        assert (msg.pacs_destination.called_ae_title, msg.pacs_destination.port) == ("PACS A&B", 11112)
     repo.close()
 
 
@@ -486,9 +574,16 @@ def test_outcomes_are_committed_per_case_and_a_resume_replaces_them(tmp_path):  
     labels[1:3, 1:3, 1:3] = 5
     ct_info = blobs.put(to_nifti_bytes(ct, affine))
     for case in ("case-1", "case-2", "case-3"):
-        repo.create_version(case, blobs.put(to_nifti_bytes(labels, affine)), ct_info,
-                            Provenance("ai", model_version="trio-v1"), "r-" + case,
-                            organs=(5,), shape=ct.shape, affine=affine)
+        repo.create_version(
+            case,
+            blobs.put(to_nifti_bytes(labels, affine)),
+            ct_info,
+            Provenance("ai", model_version="trio-v1"),
+            "r-" + case,
+            organs=(5,),
+            shape=ct.shape,
+            affine=affine,
+        )
     options = ExportOptions(include_dicom_seg=True)
     dest = tmp_path / "out"
     job = repo.create_export_job([], dest.as_uri(), options=options.to_dict())
@@ -509,10 +604,12 @@ def test_outcomes_are_committed_per_case_and_a_resume_replaces_them(tmp_path):  
     assert (crashed.state, crashed.cases_done) == ("RUNNING", 2)
     kept = repo.list_export_outcomes(job.job_id)
     assert [(o.case_id, o.outcome["state"], o.outcome["reason"]) for o in kept] == [
-        ("case-1", "FAILED", "INGEST_UNAVAILABLE"), ("case-2", "FAILED", "INGEST_UNAVAILABLE")]
-    assert [o.case_id for o in export_to_proto(
-        crashed, [SegOutcome.from_dict(o.outcome) for o in kept]).dicom_seg_outcomes] == [
-        "case-1", "case-2"]
+        ("case-1", "FAILED", "INGEST_UNAVAILABLE"),
+        ("case-2", "FAILED", "INGEST_UNAVAILABLE"),
+    ]
+    assert [
+        o.case_id for o in export_to_proto(crashed, [SegOutcome.from_dict(o.outcome) for o in kept]).dicom_seg_outcomes
+    ] == ["case-1", "case-2"]
 
     def not_assembled(_digest: str) -> list[pydicom.Dataset]:
         raise NotFound("SOURCE_SERIES_NOT_FOUND", "no such volume", domain="atlasflow.labels")
@@ -522,12 +619,14 @@ def test_outcomes_are_committed_per_case_and_a_resume_replaces_them(tmp_path):  
     assert (done.state, done.cases_done) == ("SUCCEEDED", 3)
     got = [SegOutcome.from_dict(o.outcome) for o in repo.list_export_outcomes(job.job_id)]
     assert [(o.case_id, o.state, o.reason) for o in got] == [
-        (c, "REFUSED", "SOURCE_SERIES_NOT_FOUND") for c in ("case-1", "case-2", "case-3")]
+        (c, "REFUSED", "SOURCE_SERIES_NOT_FOUND") for c in ("case-1", "case-2", "case-3")
+    ]
     versions = dict(job.versions)
     assert [o.version_id for o in got] == [versions[c] for c in ("case-1", "case-2", "case-3")]
     manifest = {c["case"]: c for c in json.loads((dest / "manifest.json").read_text())["cases"]}
     assert {c: m["dicom_seg"]["state"] for c, m in manifest.items()} == {
-        c: "REFUSED" for c in ("case-1", "case-2", "case-3")}
+        c: "REFUSED" for c in ("case-1", "case-2", "case-3")
+    }
     repo.close()
 
 
@@ -544,8 +643,10 @@ def test_build_case_seg_never_raises(tmp_path):  # type: ignore[no-untyped-def]
     def ingest_down(_digest: str) -> list[pydicom.Dataset]:
         raise Unavailable("INGEST_UNAVAILABLE", "down", domain="atlasflow.labels")
 
-    for fetch, state, reason in ((broken_headers, "FAILED", "DICOM_SEG_ERROR"),
-                                 (ingest_down, "FAILED", "INGEST_UNAVAILABLE")):
+    for fetch, state, reason in (
+        (broken_headers, "FAILED", "DICOM_SEG_ERROR"),
+        (ingest_down, "FAILED", "INGEST_UNAVAILABLE"),
+    ):
         seg, data, outcome = build_case_seg(fetch, "sha256:x", nifti, Provenance("ai"), "v1")
         assert seg is None and data is None
         assert (outcome.state, outcome.reason) == (state, reason)

@@ -33,12 +33,24 @@ LIVER, SPLEEN = 5, 8
 
 def _serve(name: str, root: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     full = dict(os.environ, PYTHONUNBUFFERED="1", OTEL_SDK_DISABLED="true", OTEL_TRACES_EXPORTER="none")
-    full.update({f"ATLASFLOW_{name.upper()}_{k}": v for k, v in {
-        "DATA_DIR": str(root / name), "BLOB_DIR": str(root / "blobs"), "SHUTDOWN_GRACE_S": "1",
-        **env}.items()})
-    return subprocess.Popen([sys.executable, "-m", "atlasflow.cli.main", "serve", name], cwd=REPO,
-                            env=full, stdout=open(root / f"{name}.log", "ab"),  # noqa: SIM115
-                            stderr=subprocess.STDOUT)
+    full.update(
+        {
+            f"ATLASFLOW_{name.upper()}_{k}": v
+            for k, v in {
+                "DATA_DIR": str(root / name),
+                "BLOB_DIR": str(root / "blobs"),
+                "SHUTDOWN_GRACE_S": "1",
+                **env,
+            }.items()
+        }
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "atlasflow.cli.main", "serve", name],
+        cwd=REPO,
+        env=full,
+        stdout=open(root / f"{name}.log", "ab"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _wait_serving(target: str, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -49,8 +61,10 @@ def _wait_serving(target: str, proc: subprocess.Popen[bytes], log: Path) -> None
             assert proc.poll() is None, log.read_text()[-2000:]
             assert time.monotonic() < deadline, f"{target} did not become ready"
             try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 time.sleep(0.1)
@@ -83,8 +97,9 @@ def _ref(blobs: LocalBlobStore, data: bytes) -> common_pb2.BlobRef:
 def test_revision_reaches_ranking_and_reranks(tmp_path: Path) -> None:
     labels_port, ranking_port, m1, m2 = free_ports(4)
     ranking_target = f"127.0.0.1:{ranking_port}"
-    labels = _serve("labels", tmp_path, {"GRPC_PORT": str(labels_port), "METRICS_PORT": str(m1),
-                                         "RANKING_TARGET": ranking_target})
+    labels = _serve(
+        "labels", tmp_path, {"GRPC_PORT": str(labels_port), "METRICS_PORT": str(m1), "RANKING_TARGET": ranking_target}
+    )
     ranking = None
     try:
         _wait_serving(f"127.0.0.1:{labels_port}", labels, tmp_path / "labels.log")
@@ -95,11 +110,18 @@ def test_revision_reaches_ranking_and_reranks(tmp_path: Path) -> None:
         label_map[14:20, 4:10, 3:7] = SPLEEN
         ct_ref = _ref(blobs, to_nifti_bytes(ct, AFFINE))
         lstub = labels_pb2_grpc.LabelServiceStub(grpc.insecure_channel(f"127.0.0.1:{labels_port}"))
-        v1 = lstub.CreateLabelVersion(labels_pb2.CreateLabelVersionRequest(
-            case_id="case-a", label_map=_ref(blobs, to_nifti_bytes(label_map, AFFINE)), ct=ct_ref,
-            provenance=labels_pb2.Provenance(source=labels_pb2.LABEL_SOURCE_AI,
-                                             model_version="trio", job_id="job-1"),
-            request_id="ai-1"), timeout=30).version
+        v1 = lstub.CreateLabelVersion(
+            labels_pb2.CreateLabelVersionRequest(
+                case_id="case-a",
+                label_map=_ref(blobs, to_nifti_bytes(label_map, AFFINE)),
+                ct=ct_ref,
+                provenance=labels_pb2.Provenance(
+                    source=labels_pb2.LABEL_SOURCE_AI, model_version="trio", job_id="job-1"
+                ),
+                request_id="ai-1",
+            ),
+            timeout=30,
+        ).version
         time.sleep(1.5)  # the outbox tries (and fails) while ranking is down
 
         ranking = _serve("ranking", tmp_path, {"GRPC_PORT": str(ranking_port), "METRICS_PORT": str(m2)})
@@ -110,8 +132,12 @@ def test_revision_reaches_ranking_and_reranks(tmp_path: Path) -> None:
             return ranking_pb2.OrganAttention(organ=o, attention_ml=ml, heatmap_ml=ml / 2, volume_ml=50.0)
 
         for case, organs in (("case-b", [organ(LIVER, 7.0)]), ("case-a", [organ(LIVER, 10.0), organ(SPLEEN, 4.0)])):
-            rstub.SubmitAttention(ranking_pb2.SubmitAttentionRequest(
-                case_id=case, series_id="s-" + case, source_job_id="job-1", organs=organs), timeout=10)
+            rstub.SubmitAttention(
+                ranking_pb2.SubmitAttentionRequest(
+                    case_id=case, series_id="s-" + case, source_job_id="job-1", organs=organs
+                ),
+                timeout=10,
+            )
 
         def item(case: str) -> ranking_pb2.WorklistItem:
             return rstub.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id=case), timeout=10).item
@@ -125,10 +151,16 @@ def test_revision_reaches_ranking_and_reranks(tmp_path: Path) -> None:
         # a radiologist revises the liver
         liver = (label_map == LIVER).astype(np.uint8)
         liver[2:4] = 0
-        v2 = lstub.ReviseLabels(labels_pb2.ReviseLabelsRequest(
-            case_id="case-a", expected_parent_version_id=v1.version_id, request_id="rev-1",
-            revisions=[labels_pb2.OrganRevision(organ=LIVER, mask_blob=_ref(blobs, to_nifti_bytes(liver, AFFINE)))]),
-            metadata=[(PRINCIPAL_METADATA_KEY, "dr.x")], timeout=30).version
+        v2 = lstub.ReviseLabels(
+            labels_pb2.ReviseLabelsRequest(
+                case_id="case-a",
+                expected_parent_version_id=v1.version_id,
+                request_id="rev-1",
+                revisions=[labels_pb2.OrganRevision(organ=LIVER, mask_blob=_ref(blobs, to_nifti_bytes(liver, AFFINE)))],
+            ),
+            metadata=[(PRINCIPAL_METADATA_KEY, "dr.x")],
+            timeout=30,
+        ).version
         assert _until(lambda: item("case-a").label_version_id == v2.version_id)
         a = item("case-a")
         assert list(a.human_decided_organs) == [LIVER]
@@ -149,7 +181,7 @@ def test_revision_reaches_ranking_and_reranks(tmp_path: Path) -> None:
             return 0 if run is None else run.n
 
         assert count(learned, LIVER) == count(bundled, LIVER) + 1  # the revised liver
-        assert count(learned, SPLEEN) == count(bundled, SPLEEN)    # the AI spleen: not learned
+        assert count(learned, SPLEEN) == count(bundled, SPLEEN)  # the AI spleen: not learned
     finally:
         _stop(ranking)
         _stop(labels)

@@ -43,6 +43,7 @@ def factory(request, tmp_path):
         def opener():
             return PostgresLabelRepository(url)
     else:
+
         def opener():
             return SqliteLabelRepository(tmp_path / "labels.sqlite")
 
@@ -58,8 +59,9 @@ def factory(request, tmp_path):
 
 
 def create(repo, case="case-1", tag="lm-1", req="req-1", parent="", prov=AI, organs=(5, 8)):
-    return repo.create_version(case, blob(tag), blob("ct-" + case), prov, req, parent,
-                               organs=organs, shape=(4, 5, 6), affine=AFFINE)
+    return repo.create_version(
+        case, blob(tag), blob("ct-" + case), prov, req, parent, organs=organs, shape=(4, 5, 6), affine=AFFINE
+    )
 
 
 def test_is_a_label_repository(factory):
@@ -84,11 +86,14 @@ def test_create_get_head(factory):
     assert e.value.reason == "VERSION_NOT_FOUND"
 
 
-@pytest.mark.parametrize("second", [
-    dict(),                                        # exact repeat
-    dict(after_other_write=True),                  # repeat after the head moved on
-    dict(restart=True),                            # repeat after a restart
-])
+@pytest.mark.parametrize(
+    "second",
+    [
+        dict(),  # exact repeat
+        dict(after_other_write=True),  # repeat after the head moved on
+        dict(restart=True),  # repeat after a restart
+    ],
+)
 def test_request_id_idempotent(factory, second):
     repo = factory()
     v1 = create(repo)
@@ -117,8 +122,7 @@ def test_parent_mismatch(factory, parent):
     v1 = create(repo)
     v2 = create(repo, tag="lm-2", req="req-2", parent=v1.version_id)
     other = create(repo, case="case-2", req="req-o")
-    expected = {"stale": v1.version_id, "unknown-id": "0" * 32,
-                "head-of-other-case": other.version_id}[parent]
+    expected = {"stale": v1.version_id, "unknown-id": "0" * 32, "head-of-other-case": other.version_id}[parent]
     with pytest.raises(Aborted) as e:
         create(repo, tag="lm-3", req="req-3", parent=expected)
     assert e.value.reason == "PARENT_MISMATCH"
@@ -149,8 +153,7 @@ def test_restart_keeps_everything(factory):
     assert (got.state, got.cases_done, got.cases_total) == ("RUNNING", 1, 1)
 
 
-@pytest.mark.parametrize("page_size,case", [(1, None), (3, None), (7, None), (50, None),
-                                            (2, "case-b"), (0, "case-a")])
+@pytest.mark.parametrize("page_size,case", [(1, None), (3, None), (7, None), (50, None), (2, "case-b"), (0, "case-a")])
 def test_pagination_no_loss_no_duplicates(factory, page_size, case):
     repo = factory()
     made = []
@@ -186,18 +189,29 @@ def test_page_token_of_other_filter_rejected(factory):
     assert e.value.reason == "INVALID_PAGE_SIZE"
 
 
-@pytest.mark.parametrize("kwargs,reason", [
-    (dict(organs=(0,)), "INVALID_LABEL_MAP"),
-    (dict(organs=(10,)), "INVALID_LABEL_MAP"),
-    (dict(shape=(1, 2)), "INVALID_LABEL_MAP"),
-    (dict(affine=(1.0, 2.0)), "INVALID_LABEL_MAP"),
-    (dict(case_id=""), "INVALID_ARGUMENT"),
-    (dict(request_id=""), "INVALID_ARGUMENT"),
-])
+@pytest.mark.parametrize(
+    "kwargs,reason",
+    [
+        (dict(organs=(0,)), "INVALID_LABEL_MAP"),
+        (dict(organs=(10,)), "INVALID_LABEL_MAP"),
+        (dict(shape=(1, 2)), "INVALID_LABEL_MAP"),
+        (dict(affine=(1.0, 2.0)), "INVALID_LABEL_MAP"),
+        (dict(case_id=""), "INVALID_ARGUMENT"),
+        (dict(request_id=""), "INVALID_ARGUMENT"),
+    ],
+)
 def test_bad_create_arguments(factory, kwargs, reason):
     repo = factory()
-    args = dict(case_id="c", label_map=blob("l"), ct=blob("c"), provenance=AI, request_id="r",
-                organs=(1,), shape=(1, 1, 1), affine=AFFINE)
+    args = dict(
+        case_id="c",
+        label_map=blob("l"),
+        ct=blob("c"),
+        provenance=AI,
+        request_id="r",
+        organs=(1,),
+        shape=(1, 1, 1),
+        affine=AFFINE,
+    )
     args.update(kwargs)
     with pytest.raises(InvalidArgument) as e:
         repo.create_version(**args)
@@ -212,8 +226,9 @@ def test_provenance_source_checked():
 
 def test_accepts_numpy_affine(factory):
     repo = factory()
-    v = repo.create_version("c", blob("l"), blob("c"), AI, "r", organs=(), shape=(1, 1, 1),
-                            affine=np.diag([1.5, 1.5, 2.0, 1.0]))
+    v = repo.create_version(
+        "c", blob("l"), blob("c"), AI, "r", organs=(), shape=(1, 1, 1), affine=np.diag([1.5, 1.5, 2.0, 1.0])
+    )
     assert v.affine == AFFINE
 
 
@@ -232,9 +247,17 @@ def test_concurrent_writers_make_a_linear_history(factory, shared_instance):
                 while True:
                     head = repo.head("case-x")
                     try:
-                        repo.create_version("case-x", blob(f"{t}-{i}"), blob("ct"), AI,
-                                            f"req-{t}-{i}", head.version_id if head else "",
-                                            organs=(1,), shape=(1, 1, 1), affine=AFFINE)
+                        repo.create_version(
+                            "case-x",
+                            blob(f"{t}-{i}"),
+                            blob("ct"),
+                            AI,
+                            f"req-{t}-{i}",
+                            head.version_id if head else "",
+                            organs=(1,),
+                            shape=(1, 1, 1),
+                            affine=AFFINE,
+                        )
                         break
                     except Aborted as e:
                         assert e.reason == "PARENT_MISMATCH"
@@ -248,7 +271,7 @@ def test_concurrent_writers_make_a_linear_history(factory, shared_instance):
     for th in threads:
         th.join()
     assert not errors
-    print('PARENT_MISMATCH retries:', len(mismatches))
+    print("PARENT_MISMATCH retries:", len(mismatches))
     repo = shared or factory()
     chain = repo.history("case-x")
     assert len(chain) == n_threads * per_thread
@@ -268,15 +291,15 @@ def test_database_refuses_a_fork(tmp_path):
     v1 = create(repo)
     create(repo, tag="lm-2", req="req-2", parent=v1.version_id)
     conn = sqlite3.connect(tmp_path / "l.sqlite")
-    row = conn.execute("SELECT * FROM label_versions WHERE version_id = ?",
-                       (v1.version_id,)).fetchone()
+    row = conn.execute("SELECT * FROM label_versions WHERE version_id = ?", (v1.version_id,)).fetchone()
     cols = [d[0] for d in conn.execute("SELECT * FROM label_versions").description]
     values = dict(zip(cols, row))
-    values.update(seq=None, version_id="fork", parent_version_id=v1.version_id,
-                  request_id="fork")
+    values.update(seq=None, version_id="fork", parent_version_id=v1.version_id, request_id="fork")
     with pytest.raises(sqlite3.IntegrityError):
-        conn.execute(f"INSERT INTO label_versions({','.join(cols)}) VALUES "
-                     f"({','.join('?' * len(cols))})", [values[c] for c in cols])
+        conn.execute(
+            f"INSERT INTO label_versions({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+            [values[c] for c in cols],
+        )
     conn.close()
     repo.close()
 
@@ -304,10 +327,13 @@ def test_export_job_lifecycle(factory):
     assert e.value.reason == "INVALID_STATE_TRANSITION"
 
 
-@pytest.mark.parametrize("case_ids,exc,reason", [
-    (["missing"], NotFound, "CASE_NOT_FOUND"),
-    ([], FailedPrecondition, "NOTHING_TO_EXPORT"),
-])
+@pytest.mark.parametrize(
+    "case_ids,exc,reason",
+    [
+        (["missing"], NotFound, "CASE_NOT_FOUND"),
+        ([], FailedPrecondition, "NOTHING_TO_EXPORT"),
+    ],
+)
 def test_export_job_errors(factory, case_ids, exc, reason):
     repo = factory()
     with pytest.raises(exc) as e:
@@ -332,9 +358,10 @@ def test_export_job_request_id_and_failure(factory):
         repo.get_export_job("nope")
 
 
-SEG_OPTIONS = {"include_dicom_seg": True,
-               "pacs": {"host": "pacs.example.org", "port": 11112, "called_ae": "PACS A&B",
-                        "calling_ae": "ME"}}
+SEG_OPTIONS = {
+    "include_dicom_seg": True,
+    "pacs": {"host": "pacs.example.org", "port": 11112, "called_ae": "PACS A&B", "calling_ae": "ME"},
+}
 
 
 def test_export_job_options_are_stored_with_the_job(factory):
@@ -348,7 +375,9 @@ def test_export_job_options_are_stored_with_the_job(factory):
     assert again.get_export_job(seg.job_id).options == SEG_OPTIONS
     assert again.get_export_job(plain.job_id).options == {}
     assert {j.job_id: j.options for j in again.list_export_jobs(["QUEUED"])} == {
-        plain.job_id: {}, seg.job_id: SEG_OPTIONS}
+        plain.job_id: {},
+        seg.job_id: SEG_OPTIONS,
+    }
     updated = again.update_export_job(seg.job_id, state="RUNNING", cases_done=1)
     assert updated.options == SEG_OPTIONS
 
@@ -356,23 +385,22 @@ def test_export_job_options_are_stored_with_the_job(factory):
 def test_export_job_request_id_takes_options_into_account(factory):
     repo = factory()
     create(repo)
-    first = repo.create_export_job(["case-1"], "file:///tmp/x", request_id="e1",
-                                   options=SEG_OPTIONS)
+    first = repo.create_export_job(["case-1"], "file:///tmp/x", request_id="e1", options=SEG_OPTIONS)
     reordered = dict(reversed(list(SEG_OPTIONS.items())))  # same object, other key order
-    assert repo.create_export_job(["case-1"], "file:///tmp/x", request_id="e1",
-                                  options=reordered) == first
-    for case_ids, uri, options in ((["case-1"], "file:///tmp/x", {}),
-                                   (["case-1"], "file:///tmp/x", {"include_dicom_seg": True}),
-                                   (["case-1"], "file:///tmp/other", SEG_OPTIONS),
-                                   ([], "file:///tmp/x", SEG_OPTIONS)):
+    assert repo.create_export_job(["case-1"], "file:///tmp/x", request_id="e1", options=reordered) == first
+    for case_ids, uri, options in (
+        (["case-1"], "file:///tmp/x", {}),
+        (["case-1"], "file:///tmp/x", {"include_dicom_seg": True}),
+        (["case-1"], "file:///tmp/other", SEG_OPTIONS),
+        ([], "file:///tmp/x", SEG_OPTIONS),
+    ):
         with pytest.raises(InvalidArgument) as e:
             repo.create_export_job(case_ids, uri, request_id="e1", options=options)
         assert e.value.reason == "REQUEST_ID_REUSED", (case_ids, uri, options)
     assert [j.job_id for j in repo.list_export_jobs()] == [first.job_id]
 
 
-@pytest.mark.parametrize("options", [["include_dicom_seg"], {"x": float("nan")},
-                                     {"x": object()}, {"x": "y" * 20000}])
+@pytest.mark.parametrize("options", [["include_dicom_seg"], {"x": float("nan")}, {"x": object()}, {"x": "y" * 20000}])
 def test_export_job_options_must_be_a_json_object(factory, options):
     repo = factory()
     create(repo)
@@ -397,7 +425,8 @@ def test_export_case_outcomes_latest_wins_in_export_order(factory):
     got = again.list_export_outcomes(job.job_id)
     assert [(o.job_id, o.case_id, dict(o.outcome)) for o in got] == [
         (job.job_id, "b", {"state": "WRITTEN", "organs": [5, 8]}),
-        (job.job_id, "a", {"state": "SENT", "c_store_status": 0})]
+        (job.job_id, "a", {"state": "SENT", "c_store_status": 0}),
+    ]
     assert got[1].time == latest_a.time and got[1].time >= got[0].time
     other = again.create_export_job(["a"], "file:///tmp/y")
     assert again.list_export_outcomes(other.job_id) == []  # per job
@@ -421,20 +450,28 @@ def test_stop_gap_export_jobs_get_their_options_on_upgrade(backend, tmp_path, re
     URI's query (form-encoded); the upgrade moves them into `options`."""
     from urllib.parse import urlencode
 
-    pacs = {"pacs_host": "pacs.example.org", "pacs_port": "11112",
-            "pacs_called_ae": "PACS A&B", "pacs_calling_ae": "ME+1"}
+    pacs = {
+        "pacs_host": "pacs.example.org",
+        "pacs_port": "11112",
+        "pacs_called_ae": "PACS A&B",
+        "pacs_calling_ae": "ME+1",
+    }
     stored = {
         "plain": ("file:///exports/run%201", {}),
-        "seg": ("file:///exports/run%201?" + urlencode({"dicom_seg": "1"}),
-                {"include_dicom_seg": True}),
-        "pacs": ("file:///exports/p?" + urlencode({"dicom_seg": "1", **pacs}),
-                 {"include_dicom_seg": True,
-                  "pacs": {"host": "pacs.example.org", "port": 11112, "called_ae": "PACS A&B",
-                           "calling_ae": "ME+1"}}),
+        "seg": ("file:///exports/run%201?" + urlencode({"dicom_seg": "1"}), {"include_dicom_seg": True}),
+        "pacs": (
+            "file:///exports/p?" + urlencode({"dicom_seg": "1", **pacs}),
+            {
+                "include_dicom_seg": True,
+                "pacs": {"host": "pacs.example.org", "port": 11112, "called_ae": "PACS A&B", "calling_ae": "ME+1"},
+            },
+        ),
     }
-    insert = ("INSERT INTO export_jobs(job_id, state, destination_uri, case_ids, versions,"
-              " cases_done, cases_total, error_reason, request_id, create_time, update_time)"
-              " VALUES (?, 'QUEUED', ?, '[\"c\"]', '[[\"c\", \"v\"]]', 0, 1, '', NULL, ?, ?)")
+    insert = (
+        "INSERT INTO export_jobs(job_id, state, destination_uri, case_ids, versions,"
+        " cases_done, cases_total, error_reason, request_id, create_time, update_time)"
+        " VALUES (?, 'QUEUED', ?, '[\"c\"]', '[[\"c\", \"v\"]]', 0, 1, '', NULL, ?, ?)"
+    )
     now = "2026-01-01T00:00:00+00:00"
     if backend == "sqlite":
         from atlasflow.common import sqlite as sq
@@ -481,8 +518,17 @@ def _raw(factory, tmp_path):
     import psycopg
 
     conn = psycopg.connect(repo._db.url, autocommit=True)
-    return repo, (lambda sql, args=(): conn.execute(sql.replace("?", "%s"), args).fetchall()
-                  if conn.execute(sql.replace("?", "%s"), args).description else []), psycopg.Error
+    return (
+        repo,
+        (
+            lambda sql, args=(): (
+                conn.execute(sql.replace("?", "%s"), args).fetchall()
+                if conn.execute(sql.replace("?", "%s"), args).description
+                else []
+            )
+        ),
+        psycopg.Error,
+    )
 
 
 def test_database_refuses_a_fork_on_every_backend(factory, tmp_path):
@@ -490,19 +536,25 @@ def test_database_refuses_a_fork_on_every_backend(factory, tmp_path):
     v1 = create(repo)
     create(repo, tag="lm-2", req="req-2", parent=v1.version_id)
     with pytest.raises(error):
-        sql("INSERT INTO label_versions(version_id, case_id, parent_version_id, label_map_digest,"
+        sql(
+            "INSERT INTO label_versions(version_id, case_id, parent_version_id, label_map_digest,"
             " label_map_size, ct_digest, ct_size, source, organs, shape, affine, request_id,"
             " request_fingerprint, create_time) SELECT 'fork', case_id, parent_version_id,"
             " label_map_digest, label_map_size, ct_digest, ct_size, source, organs, shape,"
             " affine, 'fork', request_fingerprint, create_time FROM label_versions"
-            " WHERE parent_version_id = ?", (v1.version_id,))
+            " WHERE parent_version_id = ?",
+            (v1.version_id,),
+        )
     with pytest.raises(error):  # a second root
-        sql("INSERT INTO label_versions(version_id, case_id, parent_version_id, label_map_digest,"
+        sql(
+            "INSERT INTO label_versions(version_id, case_id, parent_version_id, label_map_digest,"
             " label_map_size, ct_digest, ct_size, source, organs, shape, affine, request_id,"
             " request_fingerprint, create_time) SELECT 'root2', case_id, NULL,"
             " label_map_digest, label_map_size, ct_digest, ct_size, source, organs, shape,"
             " affine, 'root2', request_fingerprint, create_time FROM label_versions"
-            " WHERE version_id = ?", (v1.version_id,))
+            " WHERE version_id = ?",
+            (v1.version_id,),
+        )
     assert len(repo.history("case-1")) == 2
 
 
@@ -512,8 +564,7 @@ def test_migrations_are_versioned(factory, tmp_path):
     assert versions == [1, 2, 3, 4]
     repo.close()
     factory()  # reopening applies nothing twice
-    assert [r[0] for r in sql("SELECT version FROM schema_migrations ORDER BY version")] == [
-        1, 2, 3, 4]
+    assert [r[0] for r in sql("SELECT version FROM schema_migrations ORDER BY version")] == [1, 2, 3, 4]
 
 
 def test_sqlite_v1_database_is_upgraded_in_place(tmp_path):
@@ -529,7 +580,8 @@ def test_sqlite_v1_database_is_upgraded_in_place(tmp_path):
         " label_map_size, ct_digest, ct_size, source, organs, shape, affine, request_id,"
         " request_fingerprint, create_time) VALUES ('v1', 'c', NULL, ?, 4, ?, 4, 'ai', '[5]',"
         " '[1, 1, 1]', '[]', 'r', 'f', '2024-01-01T00:00:00+00:00')",
-        (blob("a").digest, blob("b").digest))
+        (blob("a").digest, blob("b").digest),
+    )
     conn.execute("INSERT INTO case_heads VALUES ('c', 'v1', 1)")
     conn.close()
     repo = SqliteLabelRepository(tmp_path / "labels.sqlite")
@@ -548,9 +600,17 @@ def test_organ_provenance_round_trip(factory):
     assert all(op == OrganProvenance(AI, v1.version_id) for op in v1.organ_provenance.values())
     orig = Provenance("original", model_version="totalseg-v2")
     v2 = repo.create_version(
-        "case-1", blob("lm-2"), blob("ct-case-1"), RAD, "req-2", v1.version_id,
-        organs=(5, 8), shape=(4, 5, 6), affine=AFFINE,
-        organ_provenance={5: OrganProvenance(RAD), 8: OrganProvenance(orig, v1.version_id)})
+        "case-1",
+        blob("lm-2"),
+        blob("ct-case-1"),
+        RAD,
+        "req-2",
+        v1.version_id,
+        organs=(5, 8),
+        shape=(4, 5, 6),
+        affine=AFFINE,
+        organ_provenance={5: OrganProvenance(RAD), 8: OrganProvenance(orig, v1.version_id)},
+    )
     assert v2.organ_provenance[5] == OrganProvenance(RAD, v2.version_id)
     assert v2.organ_provenance[8] == OrganProvenance(orig, v1.version_id)
     assert v2.organ_provenance[1] == OrganProvenance(RAD, v2.version_id)
@@ -562,16 +622,43 @@ def test_request_fingerprint_overrides_content_hash(factory):
     """Callers that derive the stored map (assembly) pass the hash of the REQUEST: a repeat
     whose derived map differs still finds the first version."""
     repo = factory()
-    v1 = repo.create_version("c", blob("assembled-1"), blob("ct"), AI, "r", organs=(1,),
-                             shape=(1, 1, 1), affine=AFFINE, request_fingerprint="req-hash")
-    again = repo.create_version("c", blob("assembled-2"), blob("ct"), AI, "r", organs=(1,),
-                                shape=(1, 1, 1), affine=AFFINE, request_fingerprint="req-hash")
+    v1 = repo.create_version(
+        "c",
+        blob("assembled-1"),
+        blob("ct"),
+        AI,
+        "r",
+        organs=(1,),
+        shape=(1, 1, 1),
+        affine=AFFINE,
+        request_fingerprint="req-hash",
+    )
+    again = repo.create_version(
+        "c",
+        blob("assembled-2"),
+        blob("ct"),
+        AI,
+        "r",
+        organs=(1,),
+        shape=(1, 1, 1),
+        affine=AFFINE,
+        request_fingerprint="req-hash",
+    )
     assert again == v1
     assert repo.version_for_request("r") == (v1, "req-hash")
     assert repo.version_for_request("other") is None
     with pytest.raises(InvalidArgument):
-        repo.create_version("c", blob("assembled-1"), blob("ct"), AI, "r", organs=(1,),
-                            shape=(1, 1, 1), affine=AFFINE, request_fingerprint="other-hash")
+        repo.create_version(
+            "c",
+            blob("assembled-1"),
+            blob("ct"),
+            AI,
+            "r",
+            organs=(1,),
+            shape=(1, 1, 1),
+            affine=AFFINE,
+            request_fingerprint="other-hash",
+        )
 
 
 def test_concurrent_first_versions_and_same_request(factory):
@@ -582,11 +669,14 @@ def test_concurrent_first_versions_and_same_request(factory):
     def writer(t: int) -> None:
         repo = factory()
         try:
-            results.append(repo.create_version(
-                "fresh", blob("same"), blob("ct"), AI, "same-request", organs=(1,),
-                shape=(1, 1, 1), affine=AFFINE))
-            repo.create_version("fresh", blob(f"own-{t}"), blob("ct"), AI, f"own-{t}",
-                                organs=(1,), shape=(1, 1, 1), affine=AFFINE)
+            results.append(
+                repo.create_version(
+                    "fresh", blob("same"), blob("ct"), AI, "same-request", organs=(1,), shape=(1, 1, 1), affine=AFFINE
+                )
+            )
+            repo.create_version(
+                "fresh", blob(f"own-{t}"), blob("ct"), AI, f"own-{t}", organs=(1,), shape=(1, 1, 1), affine=AFFINE
+            )
         except BaseException as e:  # surfaced below
             errors.append(e)
 
@@ -607,17 +697,23 @@ def test_concurrent_first_versions_and_same_request(factory):
 
 def test_audit_written_with_the_version_and_listed(factory):
     repo = factory()
-    v1 = repo.create_version("c1", blob("a"), blob("ct"), AI, "r1", organs=(1,),
-                             shape=(1, 1, 1), affine=AFFINE,
-                             audit=AuditEvent("svc-seg", "CreateLabelVersion", "c1"))
+    v1 = repo.create_version(
+        "c1",
+        blob("a"),
+        blob("ct"),
+        AI,
+        "r1",
+        organs=(1,),
+        shape=(1, 1, 1),
+        affine=AFFINE,
+        audit=AuditEvent("svc-seg", "CreateLabelVersion", "c1"),
+    )
     repo.record_audit(AuditEvent("dr-a", "GetLabelVersion", "c1", (v1.version_id,)))
     repo.record_audit(AuditEvent("dr-b", "GetLabelVersion", "c2", ("x",), outcome="NOT_FOUND"))
-    job = repo.create_export_job(["c1"], "file:///tmp/x",
-                                 audit=AuditEvent("dr-a", "ExportDataset"))
+    job = repo.create_export_job(["c1"], "file:///tmp/x", audit=AuditEvent("dr-a", "ExportDataset"))
     records, token = repo.list_audit_records()
     assert token == ""
-    assert [(r.principal, r.method, r.case_id, r.version_ids, r.job_id, r.outcome)
-            for r in records] == [
+    assert [(r.principal, r.method, r.case_id, r.version_ids, r.job_id, r.outcome) for r in records] == [
         ("dr-a", "ExportDataset", "", (v1.version_id,), job.job_id, "OK"),
         ("dr-b", "GetLabelVersion", "c2", ("x",), "", "NOT_FOUND"),
         ("dr-a", "GetLabelVersion", "c1", (v1.version_id,), "", "OK"),
@@ -625,8 +721,7 @@ def test_audit_written_with_the_version_and_listed(factory):
     ]
     assert all(r.time.tzinfo is not None for r in records)
     assert records[0].time >= records[-1].time
-    assert [r.method for r in repo.list_audit_records(principal="dr-a")[0]] == [
-        "ExportDataset", "GetLabelVersion"]
+    assert [r.method for r in repo.list_audit_records(principal="dr-a")[0]] == ["ExportDataset", "GetLabelVersion"]
     assert [r.principal for r in repo.list_audit_records(case_id="c1")[0]] == ["dr-a", "svc-seg"]
     got, token, pages = [], "", 0
     while True:
@@ -646,9 +741,18 @@ def test_failed_write_leaves_no_audit_row_of_success(factory):
     repo = factory()
     create(repo)
     with pytest.raises(Aborted):
-        repo.create_version("case-1", blob("x"), blob("ct"), AI, "r-x", "0" * 32, organs=(1,),
-                            shape=(1, 1, 1), affine=AFFINE,
-                            audit=AuditEvent("dr-a", "CreateLabelVersion", "case-1"))
+        repo.create_version(
+            "case-1",
+            blob("x"),
+            blob("ct"),
+            AI,
+            "r-x",
+            "0" * 32,
+            organs=(1,),
+            shape=(1, 1, 1),
+            affine=AFFINE,
+            audit=AuditEvent("dr-a", "CreateLabelVersion", "case-1"),
+        )
     assert repo.list_audit_records() == ([], "")
 
 
@@ -687,8 +791,10 @@ def test_every_version_queues_one_event_for_ranking(factory):
     create(repo, tag="lm-2", req="req-2", parent=v1.version_id, prov=RAD)  # a repeat: no event
     events = repo.due_version_events(now=1e12)
     assert [(e.version_id, e.case_id, e.version_number, e.attempts) for e in events] == [
-        (v1.version_id, "case-1", 1, 0), (v2.version_id, "case-1", 2, 0),
-        (w1.version_id, "case-2", 1, 0)]
+        (v1.version_id, "case-1", 1, 0),
+        (v2.version_id, "case-1", 2, 0),
+        (w1.version_id, "case-2", 1, 0),
+    ]
     assert repo.version_event_backlog() == 3
     repo.mark_version_event(events[0].seq, "done")
     repo.mark_version_event(events[1].seq, "pending", error="UNAVAILABLE", next_attempt_at=5e11)

@@ -43,29 +43,31 @@ def _map(**boxes: tuple[slice, ...]) -> np.ndarray:
     return m
 
 
-@pytest.mark.parametrize("head_source,new_source,labelled,liver_from", [
-    (None, "ai", (), "new"),
-    ("ai", "ai", (), "new"),                    # AI replaces AI
-    ("ai", "original", (), "new"),              # original supersedes AI
-    ("original", "ai", (), "head"),             # AI never overrides a human label
-    ("radiologist", "ai", (), "head"),
-    ("original", "radiologist", (), "new"),     # the revision supersedes the original
-    ("radiologist", "original", (), "new"),     # latest human decision wins
-    ("ai", "original", (8,), "head"),           # partial labels: liver not labelled
-])
+@pytest.mark.parametrize(
+    "head_source,new_source,labelled,liver_from",
+    [
+        (None, "ai", (), "new"),
+        ("ai", "ai", (), "new"),  # AI replaces AI
+        ("ai", "original", (), "new"),  # original supersedes AI
+        ("original", "ai", (), "head"),  # AI never overrides a human label
+        ("radiologist", "ai", (), "head"),
+        ("original", "radiologist", (), "new"),  # the revision supersedes the original
+        ("radiologist", "original", (), "new"),  # latest human decision wins
+        ("ai", "original", (8,), "head"),  # partial labels: liver not labelled
+    ],
+)
 def test_assembly_precedence(head_source, new_source, labelled, liver_from):
     head = _map(liver=np.s_[0:6, 0:5, :], spleen=np.s_[8:12, 0:4, :])
     new = _map(liver=np.s_[0:5, 0:5, :], spleen=np.s_[7:12, 0:4, :], aorta=np.s_[5:7, 5:7, :])
     new_prov = Provenance(new_source)
-    head_prov = (None if head_source is None else
-                 {o: OrganProvenance(Provenance(head_source), "h") for o in range(1, 10)})
-    out, prov = assemble(None if head_source is None else head, head_prov, new, new_prov,
-                         labelled)
+    head_prov = (
+        None if head_source is None else {o: OrganProvenance(Provenance(head_source), "h") for o in range(1, 10)}
+    )
+    out, prov = assemble(None if head_source is None else head, head_prov, new, new_prov, labelled)
     want_liver = (head if liver_from == "head" else new) == 5
     assert np.array_equal(out == 5, want_liver)
     assert prov[5] == (head_prov[5] if liver_from == "head" else OrganProvenance(new_prov, ""))
-    if 8 in (labelled or range(1, 10)) and not (head_source in ("original", "radiologist")
-                                                and new_source == "ai"):
+    if 8 in (labelled or range(1, 10)) and not (head_source in ("original", "radiologist") and new_source == "ai"):
         assert np.array_equal(out == 8, new == 8)
 
 
@@ -107,20 +109,23 @@ def test_delta_layout_is_fortran_lsb_first():
     voxel (0, 1, 0) is bit X of the stream."""
     parent = np.zeros((3, 4, 2), bool)
     flips = np.zeros(24, np.uint8)
-    flips[1] = 1        # x=1, y=0, z=0
-    flips[3 * 1] = 1    # x=0, y=1, z=0
+    flips[1] = 1  # x=1, y=0, z=0
+    flips[3 * 1] = 1  # x=0, y=1, z=0
     delta = gzip.compress(np.packbits(flips, bitorder="little").tobytes())
     new = decode_mask_delta(parent, delta)
     assert new[1, 0, 0] and new[0, 1, 0] and new.sum() == 2
 
 
-@pytest.mark.parametrize("delta", [
-    b"not gzip",
-    gzip.compress(b"\x00" * 2),                       # too short (needs 3 bytes for 24 voxels)
-    gzip.compress(b"\x00" * 4),                       # too long
-    gzip.compress(b"\x00" * 10_000_000),              # a bomb: refused without inflating it all
-    gzip.compress(b"\x00" * 3)[:-4],                  # truncated
-])
+@pytest.mark.parametrize(
+    "delta",
+    [
+        b"not gzip",
+        gzip.compress(b"\x00" * 2),  # too short (needs 3 bytes for 24 voxels)
+        gzip.compress(b"\x00" * 4),  # too long
+        gzip.compress(b"\x00" * 10_000_000),  # a bomb: refused without inflating it all
+        gzip.compress(b"\x00" * 3)[:-4],  # truncated
+    ],
+)
 def test_bad_deltas(delta):
     with pytest.raises(InvalidArgument) as e:
         decode_mask_delta(np.zeros((3, 4, 2), bool), delta, 5)
@@ -147,8 +152,7 @@ def service(request, tmp_path):
 
     async def start():  # type: ignore[no-untyped-def]
         def register(server):  # type: ignore[no-untyped-def]
-            labels_pb2_grpc.add_LabelServiceServicer_to_server(
-                LabelServicer(repo, blobs, exporter), server)
+            labels_pb2_grpc.add_LabelServiceServicer_to_server(LabelServicer(repo, blobs, exporter), server)
             return [labels_pb2.DESCRIPTOR.services_by_name["LabelService"].full_name]
 
         built = build_server(register=register, metrics=metrics, port=0)
@@ -176,11 +180,18 @@ def _ref(blobs, data: bytes) -> common_pb2.BlobRef:
 
 
 def _create(stub, blobs, case, labels, ct_ref, source, organs=(), who="svc-seg", parent=""):
-    return stub.CreateLabelVersion(labels_pb2.CreateLabelVersionRequest(
-        case_id=case, label_map=_ref(blobs, to_nifti_bytes(labels, AFFINE)), ct=ct_ref,
-        provenance=labels_pb2.Provenance(source=source, model_version="m"),
-        request_id=uuid.uuid4().hex, labelled_organs=list(organs),
-        expected_parent_version_id=parent), metadata=_who(who)).version
+    return stub.CreateLabelVersion(
+        labels_pb2.CreateLabelVersionRequest(
+            case_id=case,
+            label_map=_ref(blobs, to_nifti_bytes(labels, AFFINE)),
+            ct=ct_ref,
+            provenance=labels_pb2.Provenance(source=source, model_version="m"),
+            request_id=uuid.uuid4().hex,
+            labelled_organs=list(organs),
+            expected_parent_version_id=parent,
+        ),
+        metadata=_who(who),
+    ).version
 
 
 def _labels(blobs, version) -> np.ndarray:
@@ -197,24 +208,21 @@ def _reason(call) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def
 
 
 def _prov(version) -> dict[int, tuple[int, str, str]]:
-    return {op.organ: (op.provenance.source, op.provenance.reviewer, op.version_id)
-            for op in version.organ_provenance}
+    return {op.organ: (op.provenance.source, op.provenance.reviewer, op.version_id) for op in version.organ_provenance}
 
 
 def test_revision_lifecycle(service):
     stub, blobs, repo, exporter, tmp = service
     ct = np.full(SHAPE, -50, np.int16)
     ct_ref = _ref(blobs, to_nifti_bytes(ct, AFFINE))
-    ai_map = _map(liver=np.s_[0:6, 0:5, :], spleen=np.s_[8:12, 0:4, :],
-                  stomach=np.s_[6:9, 6:10, :])
+    ai_map = _map(liver=np.s_[0:6, 0:5, :], spleen=np.s_[8:12, 0:4, :], stomach=np.s_[6:9, 6:10, :])
     v1 = _create(stub, blobs, "case-1", ai_map, ct_ref, labels_pb2.LABEL_SOURCE_AI)
     assert len(v1.organ_provenance) == 9
     assert set(_prov(v1).values()) == {(labels_pb2.LABEL_SOURCE_AI, "", v1.version_id)}
 
     # original labels for the liver only (partial labels): liver becomes "original"
     orig_map = _map(liver=np.s_[0:5, 0:6, :])
-    v2 = _create(stub, blobs, "case-1", orig_map, ct_ref, labels_pb2.LABEL_SOURCE_ORIGINAL,
-                 organs=[5])
+    v2 = _create(stub, blobs, "case-1", orig_map, ct_ref, labels_pb2.LABEL_SOURCE_ORIGINAL, organs=[5])
     got = _labels(blobs, v2)
     assert np.array_equal(got == 5, orig_map == 5)
     assert np.array_equal(got == 8, ai_map == 8)
@@ -237,12 +245,16 @@ def test_revision_lifecycle(service):
     spleen = spleen_parent.copy()
     spleen[9:12, 0:2, :] = False
     req = labels_pb2.ReviseLabelsRequest(
-        case_id="case-1", expected_parent_version_id=v3.version_id, request_id="rev-1",
+        case_id="case-1",
+        expected_parent_version_id=v3.version_id,
+        request_id="rev-1",
         revisions=[
-            labels_pb2.OrganRevision(organ=common_pb2.ORGAN_LIVER, mask_blob=_ref(
-                blobs, to_nifti_bytes(liver.astype(np.uint8), AFFINE))),
-            labels_pb2.OrganRevision(organ=common_pb2.ORGAN_SPLEEN,
-                                     xor_delta=encode_mask_delta(spleen_parent, spleen))])
+            labels_pb2.OrganRevision(
+                organ=common_pb2.ORGAN_LIVER, mask_blob=_ref(blobs, to_nifti_bytes(liver.astype(np.uint8), AFFINE))
+            ),
+            labels_pb2.OrganRevision(organ=common_pb2.ORGAN_SPLEEN, xor_delta=encode_mask_delta(spleen_parent, spleen)),
+        ],
+    )
     v4 = stub.ReviseLabels(req, metadata=_who("dr-a")).version
     assert v4.parent_version_id == v3.version_id
     assert v4.provenance.source == labels_pb2.LABEL_SOURCE_RADIOLOGIST
@@ -258,8 +270,9 @@ def test_revision_lifecycle(service):
 
     # the export reports the per-organ provenance
     out = tmp / "export"
-    job = stub.ExportDataset(labels_pb2.ExportDatasetRequest(
-        case_ids=["case-1"], destination_uri=out.as_uri()), metadata=_who("dr-b")).job
+    job = stub.ExportDataset(
+        labels_pb2.ExportDatasetRequest(case_ids=["case-1"], destination_uri=out.as_uri()), metadata=_who("dr-b")
+    ).job
     exporter.run_job(repo.get_export_job(job.job_id))
     manifest = json.loads((out / "manifest.json").read_text())
     organs = manifest["cases"][0]["organs"]
@@ -270,8 +283,7 @@ def test_revision_lifecycle(service):
     assert manifest["cases"][0]["marking"] == "AI-generated labels, research use"
 
     # the audit trail has every call, with who and what
-    stub.GetLabelVersion(labels_pb2.GetLabelVersionRequest(version_id=v2.version_id),
-                         metadata=_who("dr-c"))
+    stub.GetLabelVersion(labels_pb2.GetLabelVersionRequest(version_id=v2.version_id), metadata=_who("dr-c"))
     records = stub.ListAuditRecords(labels_pb2.ListAuditRecordsRequest(page_size=1000)).records
     trail = [(r.principal, r.method, list(r.version_ids), r.outcome) for r in records]
     assert trail[0] == ("dr-c", "GetLabelVersion", [v2.version_id], "OK")
@@ -281,51 +293,69 @@ def test_revision_lifecycle(service):
     assert [r.method for r in records if r.principal == "dr-b"] == ["ExportDataset"]
     export = [r for r in records if r.method == "ExportDataset"]
     assert [(r.job_id, list(r.version_ids)) for r in export] == [(job.job_id, [v4.version_id])]
-    page = stub.ListAuditRecords(labels_pb2.ListAuditRecordsRequest(principal="dr-a",
-                                                                    page_size=1))
+    page = stub.ListAuditRecords(labels_pb2.ListAuditRecordsRequest(principal="dr-a", page_size=1))
     assert len(page.records) == 1 and page.next_page_token
 
 
 def test_revision_errors_are_refused_and_audited(service):
     stub, blobs, repo, _, _ = service
     ct_ref = _ref(blobs, to_nifti_bytes(np.zeros(SHAPE, np.int16), AFFINE))
-    v1 = _create(stub, blobs, "c", _map(liver=np.s_[0:6, :, :]), ct_ref,
-                 labels_pb2.LABEL_SOURCE_AI)
+    v1 = _create(stub, blobs, "c", _map(liver=np.s_[0:6, :, :]), ct_ref, labels_pb2.LABEL_SOURCE_AI)
     good = to_nifti_bytes(np.ones(SHAPE, np.uint8), AFFINE)
 
     def revise(who="dr-a", parent=v1.version_id, **rev):  # type: ignore[no-untyped-def]
         rev = rev or {"mask_blob": _ref(blobs, good)}
-        return lambda: stub.ReviseLabels(labels_pb2.ReviseLabelsRequest(
-            case_id="c", expected_parent_version_id=parent, request_id=uuid.uuid4().hex,
-            revisions=[labels_pb2.OrganRevision(organ=common_pb2.ORGAN_LIVER, **rev)]),
-            metadata=_who(who) if who else None)
+        return lambda: stub.ReviseLabels(
+            labels_pb2.ReviseLabelsRequest(
+                case_id="c",
+                expected_parent_version_id=parent,
+                request_id=uuid.uuid4().hex,
+                revisions=[labels_pb2.OrganRevision(organ=common_pb2.ORGAN_LIVER, **rev)],
+            ),
+            metadata=_who(who) if who else None,
+        )
 
     shifted = AFFINE.copy()
     shifted[0, 3] += 0.5
     cases = [
         (revise(who=""), grpc.StatusCode.UNAUTHENTICATED, "PRINCIPAL_REQUIRED"),
-        (revise(mask_blob=_ref(blobs, to_nifti_bytes(np.ones((12, 10, 7), np.uint8), AFFINE))),
-         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REVISION_MASK"),
-        (revise(mask_blob=_ref(blobs, to_nifti_bytes(np.ones(SHAPE, np.uint8), shifted))),
-         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REVISION_MASK"),
-        (revise(mask_blob=_ref(blobs, to_nifti_bytes(np.full(SHAPE, 8, np.uint8), AFFINE))),
-         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REVISION_MASK"),
-        (revise(xor_delta=b"\x1f\x8bnope"), grpc.StatusCode.INVALID_ARGUMENT,
-         "INVALID_MASK_DELTA"),
+        (
+            revise(mask_blob=_ref(blobs, to_nifti_bytes(np.ones((12, 10, 7), np.uint8), AFFINE))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_REVISION_MASK",
+        ),
+        (
+            revise(mask_blob=_ref(blobs, to_nifti_bytes(np.ones(SHAPE, np.uint8), shifted))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_REVISION_MASK",
+        ),
+        (
+            revise(mask_blob=_ref(blobs, to_nifti_bytes(np.full(SHAPE, 8, np.uint8), AFFINE))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_REVISION_MASK",
+        ),
+        (revise(xor_delta=b"\x1f\x8bnope"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_MASK_DELTA"),
         (revise(parent="0" * 32), grpc.StatusCode.NOT_FOUND, "VERSION_NOT_FOUND"),
         (revise(parent=""), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
     ]
     for call, code, reason in cases:
         assert _reason(call) == (code, reason)
-    v2 = stub.ReviseLabels(labels_pb2.ReviseLabelsRequest(
-        case_id="c", expected_parent_version_id=v1.version_id, request_id="ok",
-        revisions=[labels_pb2.OrganRevision(organ=common_pb2.ORGAN_LIVER,
-                                            mask_blob=_ref(blobs, good))]),
-        metadata=_who("dr-a")).version
+    v2 = stub.ReviseLabels(
+        labels_pb2.ReviseLabelsRequest(
+            case_id="c",
+            expected_parent_version_id=v1.version_id,
+            request_id="ok",
+            revisions=[labels_pb2.OrganRevision(organ=common_pb2.ORGAN_LIVER, mask_blob=_ref(blobs, good))],
+        ),
+        metadata=_who("dr-a"),
+    ).version
     assert _reason(revise()) == (grpc.StatusCode.ABORTED, "PARENT_MISMATCH")  # stale parent
     assert v2.parent_version_id == v1.version_id
-    outcomes = [(r.principal, r.outcome) for r in stub.ListAuditRecords(
-        labels_pb2.ListAuditRecordsRequest(case_id="c")).records if r.method == "ReviseLabels"]
+    outcomes = [
+        (r.principal, r.outcome)
+        for r in stub.ListAuditRecords(labels_pb2.ListAuditRecordsRequest(case_id="c")).records
+        if r.method == "ReviseLabels"
+    ]
     assert ("anonymous", "PRINCIPAL_REQUIRED") in outcomes
     assert ("dr-a", "INVALID_REVISION_MASK") in outcomes
     assert ("dr-a", "PARENT_MISMATCH") in outcomes
@@ -343,8 +373,14 @@ def test_concurrent_ai_writes_reassemble_against_the_new_head(service):
 
     def writer(i: int) -> None:
         try:
-            _create(stub, blobs, "race", _map(liver=np.s_[0:9, :, :], spleen=np.s_[10:12, :, i:i + 1]),
-                    ct_ref, labels_pb2.LABEL_SOURCE_AI)
+            _create(
+                stub,
+                blobs,
+                "race",
+                _map(liver=np.s_[0:9, :, :], spleen=np.s_[10:12, :, i : i + 1]),
+                ct_ref,
+                labels_pb2.LABEL_SOURCE_AI,
+            )
         except grpc.RpcError as e:  # surfaced below
             errors.append(e)
 

@@ -10,8 +10,7 @@ from atlasflow.common import sqlite as sq
 from atlasflow.common.errors import FailedPrecondition, InvalidArgument
 
 MIGRATIONS = (
-    "CREATE TABLE a (x INTEGER PRIMARY KEY, note TEXT DEFAULT 'semi;colon');"
-    "CREATE INDEX a_note ON a(note);",
+    "CREATE TABLE a (x INTEGER PRIMARY KEY, note TEXT DEFAULT 'semi;colon');CREATE INDEX a_note ON a(note);",
     "ALTER TABLE a ADD COLUMN y TEXT NOT NULL DEFAULT '';",
 )
 
@@ -65,8 +64,9 @@ def test_transaction_rolls_back(tmp_path):
     assert conn.execute("SELECT COUNT(*) FROM a").fetchone()[0] == 0
 
 
-@pytest.mark.parametrize("given,expected", [(0, 50), (1, 1), (50, 50), (999, 999),
-                                            (1000, 1000), (1001, 1000), (10**9, 1000)])
+@pytest.mark.parametrize(
+    "given,expected", [(0, 50), (1, 1), (50, 50), (999, 999), (1000, 1000), (1001, 1000), (10**9, 1000)]
+)
 def test_page_size_clamp(given, expected):
     assert sq.clamp_page_size(given) == expected
 
@@ -85,11 +85,18 @@ def test_page_token_round_trip():
     assert sq.decode_page_token("", "things") is None
 
 
-@pytest.mark.parametrize("token", [
-    "garbage", "!!!", "e30", "bnVsbA", "a" * 5000,
-    sq.encode_page_token("other_list", {"p": 1}),       # another list's token
-    sq.encode_page_token("things", {"p": 1}, scope="y"),  # the filter changed
-])
+@pytest.mark.parametrize(
+    "token",
+    [
+        "garbage",
+        "!!!",
+        "e30",
+        "bnVsbA",
+        "a" * 5000,
+        sq.encode_page_token("other_list", {"p": 1}),  # another list's token
+        sq.encode_page_token("things", {"p": 1}, scope="y"),  # the filter changed
+    ],
+)
 def test_garbage_page_token(token):
     with pytest.raises(InvalidArgument) as e:
         sq.decode_page_token(token, "things", scope="x")

@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_generated_code_is_not_stale():
-    result = subprocess.run([sys.executable, "scripts/gen_protos.py", "--check"], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "scripts/gen_protos.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -35,8 +36,9 @@ def _services():  # type: ignore[no-untyped-def]
         yield from module.DESCRIPTOR.services_by_name.values()
 
 
-@pytest.mark.parametrize("method", [m for s in _services() for m in s.methods
-                                    if m.name.startswith("List")], ids=lambda m: m.full_name)
+@pytest.mark.parametrize(
+    "method", [m for s in _services() for m in s.methods if m.name.startswith("List")], ids=lambda m: m.full_name
+)
 def test_every_list_method_paginates(method):  # type: ignore[no-untyped-def]
     req = {f.name for f in method.input_type.fields}
     resp = {f.name for f in method.output_type.fields}
@@ -44,8 +46,7 @@ def test_every_list_method_paginates(method):  # type: ignore[no-untyped-def]
     assert "next_page_token" in resp
 
 
-@pytest.mark.parametrize("method", [m for s in _services() for m in s.methods],
-                         ids=lambda m: m.full_name)
+@pytest.mark.parametrize("method", [m for s in _services() for m in s.methods], ids=lambda m: m.full_name)
 def test_unique_request_and_response_per_method(method):  # type: ignore[no-untyped-def]
     assert method.input_type.name == f"{method.name}Request"
     assert method.output_type.name == f"{method.name}Response"

@@ -26,8 +26,7 @@ def test_revision_removes_the_answered_organs_and_reranks(wl):
     assert [e.case_id for e, _ in wl.list()[0]] == ["a", "b"]
     wl.record_label_version("a", "v1", 1)  # the AI version: nothing human yet
     assert wl.get("a")[0].priority == pytest.approx(14.0)
-    entry, rank = wl.record_label_version("a", "v2", 2, human_organs=[5], revised_organs=[5],
-                                          reviewer="dr.x")
+    entry, rank = wl.record_label_version("a", "v2", 2, human_organs=[5], revised_organs=[5], reviewer="dr.x")
     assert entry.priority == pytest.approx(4.0) and rank == 2
     assert entry.label_version_id == "v2" and entry.human_decided_organs == (5,)
     assert entry.status == Status.PENDING  # a revision does not close the review by itself
@@ -59,13 +58,16 @@ def test_labels_before_attention_are_remembered(tmp_path):
         assert entry.human_decided_organs == (1, 2) and entry.labelled_organs == (9,)
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    (dict(case_id="", label_version_id="v", version_number=1), "case_id"),
-    (dict(case_id="c", label_version_id="", version_number=1), "label_version_id"),
-    (dict(case_id="c", label_version_id="v", version_number=0), "version_number"),
-    (dict(case_id="c", label_version_id="v", version_number=1, human_organs=[10]), None),
-    (dict(case_id="c", label_version_id="v", version_number=1, revised_organs=[4]), None),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(case_id="", label_version_id="v", version_number=1), "case_id"),
+        (dict(case_id="c", label_version_id="", version_number=1), "label_version_id"),
+        (dict(case_id="c", label_version_id="v", version_number=0), "version_number"),
+        (dict(case_id="c", label_version_id="v", version_number=1, human_organs=[10]), None),
+        (dict(case_id="c", label_version_id="v", version_number=1, revised_organs=[4]), None),
+    ],
+)
 def test_invalid_events(wl, kwargs, field):
     with pytest.raises(InvalidArgument) as err:
         wl.record_label_version(**kwargs)

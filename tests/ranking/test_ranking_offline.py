@@ -64,8 +64,9 @@ def test_reference_mode_outputs_and_scores(root: tuple[Path, dict], tmp_path: Pa
     out = tmp_path / "out"
     assert main([str(r), "--out", str(out), "--labelled", str(lab)]) == 0
     rows = _priority(out)
-    assert [row["case"] for row in rows] == sorted((row["case"] for row in rows),
-                                                   key=lambda c: -float(next(x["score"] for x in rows if x["case"] == c)))
+    assert [row["case"] for row in rows] == sorted(
+        (row["case"] for row in rows), key=lambda c: -float(next(x["score"] for x in rows if x["case"] == c))
+    )
     for row in rows:
         labelled = {5, 8} if row["case"] == "case_b" else set()
         ref = reference_attention_numpy(cases[row["case"]], labelled)

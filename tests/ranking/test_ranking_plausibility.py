@@ -45,7 +45,12 @@ def test_bundled_prior_file_is_what_the_builder_makes() -> None:
     shipped = PopulationPrior.load().to_dict()
     assert built["cases"] == shipped["cases"] == 50
     assert built["log_volume"] == shipped["log_volume"]
-    assert set(shipped["log_volume"]) == {"gall_bladder", "kidney_left", "kidney_right", "pancreas"}  # uncut organs only
+    assert set(shipped["log_volume"]) == {
+        "gall_bladder",
+        "kidney_left",
+        "kidney_right",
+        "pancreas",
+    }  # uncut organs only
 
 
 def test_clean_case_has_no_error_findings_and_reports_fov_cuts(ct: tuple[np.ndarray, np.ndarray]) -> None:
@@ -87,7 +92,7 @@ def test_slice_area_outliers_ignore_smooth_organs() -> None:
     zz = np.arange(30)
     radius = 6 + 4 * np.sin(zz / 29 * np.pi)
     yy, xx = np.mgrid[:24, :24]
-    mask = (((xx - 12) ** 2 + (yy - 12) ** 2)[:, :, None] <= radius[None, None, :] ** 2)
+    mask = ((xx - 12) ** 2 + (yy - 12) ** 2)[:, :, None] <= radius[None, None, :] ** 2
     assert slice_area_outliers(mask, 2) == []
     mask[:, :, 15] = ndimage.binary_erosion(mask[:, :, 15], iterations=3)
     assert slice_area_outliers(mask, 2) == [15]
@@ -191,4 +196,3 @@ def test_thin_organ_doubt_from_its_own_thinness_is_not_suspect_but_deeper_doubt_
     assert in_band[plate].mean() > 0.5  # the band alone would flag the whole thin organ
     att, _ = suspect_regions(q, label, 0.027)
     assert not att.any()
-

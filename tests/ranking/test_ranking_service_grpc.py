@@ -55,15 +55,18 @@ def who(principal: str) -> list[tuple[str, str]]:
 
 
 def organ(o, attention, heat=None, **kw):  # type: ignore[no-untyped-def]
-    return pb.OrganAttention(organ=o, attention_ml=attention,
-                             heatmap_ml=attention / 2 if heat is None else heat,
-                             volume_ml=100.0, **kw)
+    return pb.OrganAttention(
+        organ=o, attention_ml=attention, heatmap_ml=attention / 2 if heat is None else heat, volume_ml=100.0, **kw
+    )
 
 
 def submit(stub, case_id, organs, labelled=(), job="j1"):  # type: ignore[no-untyped-def]
-    return stub.SubmitAttention(pb.SubmitAttentionRequest(
-        case_id=case_id, series_id="s-" + case_id, source_job_id=job, organs=organs,
-        labelled_organs=list(labelled)), timeout=10).item
+    return stub.SubmitAttention(
+        pb.SubmitAttentionRequest(
+            case_id=case_id, series_id="s-" + case_id, source_job_id=job, organs=organs, labelled_organs=list(labelled)
+        ),
+        timeout=10,
+    ).item
 
 
 def seed(stub, n):  # type: ignore[no-untyped-def]
@@ -84,12 +87,18 @@ def test_reasons_and_pointers_round_trip(server):
     stub, _, _ = server
     pointer = pb.AttentionPointer(
         voxel_box=pb.VoxelBox(x_min=10, y_min=20, z_min=30, x_max=40, y_max=50, z_max=60),
-        world_box=pb.WorldBox(x_min_mm=-12.5, y_min_mm=3, z_min_mm=-100, x_max_mm=20,
-                              y_max_mm=40.5, z_max_mm=-10),
-        slices=pb.SliceRange(first=30, last=60))
-    item = submit(stub, "c1", [organ(3, 5.0, reasons=["kidney_left: 3 components",
-                                                      "std mask 12 ml"], pointer=pointer),
-                               organ(4, 1.0, score=0.5)], labelled=[9])
+        world_box=pb.WorldBox(x_min_mm=-12.5, y_min_mm=3, z_min_mm=-100, x_max_mm=20, y_max_mm=40.5, z_max_mm=-10),
+        slices=pb.SliceRange(first=30, last=60),
+    )
+    item = submit(
+        stub,
+        "c1",
+        [
+            organ(3, 5.0, reasons=["kidney_left: 3 components", "std mask 12 ml"], pointer=pointer),
+            organ(4, 1.0, score=0.5),
+        ],
+        labelled=[9],
+    )
     got = stub.GetWorklistItem(pb.GetWorklistItemRequest(case_id="c1")).item
     assert got == item
     by = {o.organ: o for o in got.organs}
@@ -104,13 +113,21 @@ def test_reasons_and_pointers_round_trip(server):
 def test_principal_required(server):
     stub, _, _ = server
     seed(stub, 3)
-    fails(lambda: stub.LeaseCase(pb.LeaseCaseRequest(case_id="case-000")),
-          grpc.StatusCode.UNAUTHENTICATED, "PRINCIPAL_REQUIRED")
-    fails(lambda: stub.StartRound(pb.StartRoundRequest(budget_fraction=0.5)),
-          grpc.StatusCode.UNAUTHENTICATED, "PRINCIPAL_REQUIRED")
-    fails(lambda: stub.CompleteReview(pb.CompleteReviewRequest(
-        case_id="case-000", outcome=pb.REVIEW_OUTCOME_ACCEPTED)),
-        grpc.StatusCode.UNAUTHENTICATED, "PRINCIPAL_REQUIRED")
+    fails(
+        lambda: stub.LeaseCase(pb.LeaseCaseRequest(case_id="case-000")),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "PRINCIPAL_REQUIRED",
+    )
+    fails(
+        lambda: stub.StartRound(pb.StartRoundRequest(budget_fraction=0.5)),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "PRINCIPAL_REQUIRED",
+    )
+    fails(
+        lambda: stub.CompleteReview(pb.CompleteReviewRequest(case_id="case-000", outcome=pb.REVIEW_OUTCOME_ACCEPTED)),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "PRINCIPAL_REQUIRED",
+    )
 
 
 def test_racing_reviewers_never_get_the_same_case(server):
@@ -126,17 +143,22 @@ def test_racing_reviewers_never_get_the_same_case(server):
             barrier.wait()  # noqa: B023 (threads joined within this iteration)
             item = stub.LeaseNextCase(pb.LeaseNextCaseRequest(), metadata=who(r), timeout=20).item
             assert item.status == pb.WORKLIST_STATUS_LEASED and item.lease.reviewer == r
-            stub.CompleteReview(pb.CompleteReviewRequest(
-                case_id=item.case_id, outcome=pb.REVIEW_OUTCOME_ACCEPTED), metadata=who(r),
-                timeout=20)
+            stub.CompleteReview(
+                pb.CompleteReviewRequest(case_id=item.case_id, outcome=pb.REVIEW_OUTCOME_ACCEPTED),
+                metadata=who(r),
+                timeout=20,
+            )
             return item.case_id, r
 
         with ThreadPoolExecutor(len(reviewers)) as pool:
             got += list(pool.map(lease, reviewers))
     cases = [c for c, _ in got]
     assert len(cases) == 24 and len(set(cases)) == 24
-    fails(lambda: stub.LeaseNextCase(pb.LeaseNextCaseRequest(), metadata=who("dr-0")),
-          grpc.StatusCode.NOT_FOUND, "NO_CASE_AVAILABLE")
+    fails(
+        lambda: stub.LeaseNextCase(pb.LeaseNextCaseRequest(), metadata=who("dr-0")),
+        grpc.StatusCode.NOT_FOUND,
+        "NO_CASE_AVAILABLE",
+    )
     rnd = stub.GetRound(pb.GetRoundRequest()).round
     assert (rnd.case_count, rnd.accepted_count, rnd.unreviewed_count) == (24, 24, 0)
 
@@ -150,8 +172,7 @@ def test_two_reviewers_racing_for_one_case(server):
     def lease(r: str) -> str:
         barrier.wait()
         try:
-            return stub.LeaseNextCase(pb.LeaseNextCaseRequest(), metadata=who(r),
-                                      timeout=20).item.lease.reviewer
+            return stub.LeaseNextCase(pb.LeaseNextCaseRequest(), metadata=who(r), timeout=20).item.lease.reviewer
         except grpc.RpcError as e:
             return error_info_of(e).reason  # type: ignore[union-attr]
 
@@ -165,38 +186,62 @@ def test_expiry_and_non_holder(server):
     seed(stub, 2)
     item = stub.LeaseCase(pb.LeaseCaseRequest(case_id="case-001"), metadata=who("dr-a")).item
     assert item.lease.expire_time.ToDatetime(UTC) - clock.now == timedelta(minutes=15)
-    info = fails(lambda: stub.LeaseCase(pb.LeaseCaseRequest(case_id="case-001"),
-                                        metadata=who("dr-b")),
-                 grpc.StatusCode.FAILED_PRECONDITION, "LEASE_HELD_BY_OTHER")
+    info = fails(
+        lambda: stub.LeaseCase(pb.LeaseCaseRequest(case_id="case-001"), metadata=who("dr-b")),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "LEASE_HELD_BY_OTHER",
+    )
     assert info.metadata["reviewer"] == "dr-a"
-    fails(lambda: stub.CompleteReview(pb.CompleteReviewRequest(
-        case_id="case-001", outcome=pb.REVIEW_OUTCOME_ACCEPTED), metadata=who("dr-b")),
-        grpc.StatusCode.PERMISSION_DENIED, "LEASE_HELD_BY_OTHER")
-    fails(lambda: stub.ReleaseLease(pb.ReleaseLeaseRequest(case_id="case-001"),
-                                    metadata=who("dr-b")),
-          grpc.StatusCode.PERMISSION_DENIED, "LEASE_HELD_BY_OTHER")
-    stub.RenewLease(pb.RenewLeaseRequest(case_id="case-001",
-                                         lease_duration=duration_pb2.Duration(seconds=60)),
-                    metadata=who("dr-a"))
+    fails(
+        lambda: stub.CompleteReview(
+            pb.CompleteReviewRequest(case_id="case-001", outcome=pb.REVIEW_OUTCOME_ACCEPTED), metadata=who("dr-b")
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "LEASE_HELD_BY_OTHER",
+    )
+    fails(
+        lambda: stub.ReleaseLease(pb.ReleaseLeaseRequest(case_id="case-001"), metadata=who("dr-b")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "LEASE_HELD_BY_OTHER",
+    )
+    stub.RenewLease(
+        pb.RenewLeaseRequest(case_id="case-001", lease_duration=duration_pb2.Duration(seconds=60)), metadata=who("dr-a")
+    )
     clock.advance(61)
-    assert stub.GetWorklistItem(pb.GetWorklistItemRequest(case_id="case-001")).item.status \
-        == pb.WORKLIST_STATUS_PENDING
-    fails(lambda: stub.CompleteReview(pb.CompleteReviewRequest(
-        case_id="case-001", outcome=pb.REVIEW_OUTCOME_ACCEPTED), metadata=who("dr-a")),
-        grpc.StatusCode.FAILED_PRECONDITION, "LEASE_EXPIRED")
+    assert stub.GetWorklistItem(pb.GetWorklistItemRequest(case_id="case-001")).item.status == pb.WORKLIST_STATUS_PENDING
+    fails(
+        lambda: stub.CompleteReview(
+            pb.CompleteReviewRequest(case_id="case-001", outcome=pb.REVIEW_OUTCOME_ACCEPTED), metadata=who("dr-a")
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "LEASE_EXPIRED",
+    )
     stub.LeaseCase(pb.LeaseCaseRequest(case_id="case-001"), metadata=who("dr-b"))
-    done = stub.CompleteReview(pb.CompleteReviewRequest(
-        case_id="case-001", outcome=pb.REVIEW_OUTCOME_REVISED, label_version_id="lv-9"),
-        metadata=who("dr-b")).item
+    done = stub.CompleteReview(
+        pb.CompleteReviewRequest(case_id="case-001", outcome=pb.REVIEW_OUTCOME_REVISED, label_version_id="lv-9"),
+        metadata=who("dr-b"),
+    ).item
     assert done.status == pb.WORKLIST_STATUS_REVISED and not done.HasField("lease")
     assert (done.review.outcome, done.review.reviewer, done.review.label_version_id) == (
-        pb.REVIEW_OUTCOME_REVISED, "dr-b", "lv-9")
-    fails(lambda: stub.CompleteReview(pb.CompleteReviewRequest(
-        case_id="case-000", outcome=pb.REVIEW_OUTCOME_UNSPECIFIED), metadata=who("dr-b")),
-        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_OUTCOME")
-    fails(lambda: stub.LeaseCase(pb.LeaseCaseRequest(
-        case_id="case-000", lease_duration=duration_pb2.Duration(seconds=9 * 3600)),
-        metadata=who("dr-b")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_LEASE_DURATION")
+        pb.REVIEW_OUTCOME_REVISED,
+        "dr-b",
+        "lv-9",
+    )
+    fails(
+        lambda: stub.CompleteReview(
+            pb.CompleteReviewRequest(case_id="case-000", outcome=pb.REVIEW_OUTCOME_UNSPECIFIED), metadata=who("dr-b")
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_OUTCOME",
+    )
+    fails(
+        lambda: stub.LeaseCase(
+            pb.LeaseCaseRequest(case_id="case-000", lease_duration=duration_pb2.Duration(seconds=9 * 3600)),
+            metadata=who("dr-b"),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_LEASE_DURATION",
+    )
 
 
 def test_filters_and_pagination_across_pages(server):
@@ -207,13 +252,17 @@ def test_filters_and_pagination_across_pages(server):
     for i in (1, 2, 6):
         stub.LeaseCase(pb.LeaseCaseRequest(case_id=f"c{i:02d}"), metadata=who("dr-a"))
     everything = stub.ListWorklist(pb.ListWorklistRequest(page_size=100)).items
-    want = [x.case_id for x in everything
-            if x.status == pb.WORKLIST_STATUS_PENDING
-            and any(o.organ == common_pb2.ORGAN_SPLEEN and o.attention_ml > 0
-                    and o.organ not in x.labelled_organs for o in x.organs)]
+    want = [
+        x.case_id
+        for x in everything
+        if x.status == pb.WORKLIST_STATUS_PENDING
+        and any(
+            o.organ == common_pb2.ORGAN_SPLEEN and o.attention_ml > 0 and o.organ not in x.labelled_organs
+            for o in x.organs
+        )
+    ]
     assert 3 < len(want) < 20
-    req = pb.ListWorklistRequest(page_size=4, organs=[common_pb2.ORGAN_SPLEEN],
-                                 statuses=[pb.WORKLIST_STATUS_PENDING])
+    req = pb.ListWorklistRequest(page_size=4, organs=[common_pb2.ORGAN_SPLEEN], statuses=[pb.WORKLIST_STATUS_PENDING])
     got, pages = [], 0
     while True:
         resp = stub.ListWorklist(req)
@@ -225,11 +274,18 @@ def test_filters_and_pagination_across_pages(server):
         req.page_token = resp.next_page_token
     assert got == want and pages == math.ceil(len(want) / 4)
     first = stub.ListWorklist(pb.ListWorklistRequest(page_size=2, organs=[common_pb2.ORGAN_LIVER]))
-    fails(lambda: stub.ListWorklist(pb.ListWorklistRequest(
-        page_size=2, page_token=first.next_page_token, organs=[common_pb2.ORGAN_SPLEEN])),
-        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
-    fails(lambda: stub.ListWorklist(pb.ListWorklistRequest(statuses=[0])),
-          grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FILTER")
+    fails(
+        lambda: stub.ListWorklist(
+            pb.ListWorklistRequest(page_size=2, page_token=first.next_page_token, organs=[common_pb2.ORGAN_SPLEEN])
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PAGE_TOKEN",
+    )
+    fails(
+        lambda: stub.ListWorklist(pb.ListWorklistRequest(statuses=[0])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FILTER",
+    )
 
 
 @pytest.mark.parametrize("n", [41, 100])
@@ -237,16 +293,14 @@ def test_round_picks_ceil_five_percent(server, n):
     stub, _, _ = server
     seed(stub, n)
     ranked = [x.case_id for x in stub.ListWorklist(pb.ListWorklistRequest(page_size=1000)).items]
-    rnd = stub.StartRound(pb.StartRoundRequest(budget_fraction=0.05, request_id="r1"),
-                          metadata=who("lead")).round
+    rnd = stub.StartRound(pb.StartRoundRequest(budget_fraction=0.05, request_id="r1"), metadata=who("lead")).round
     k = math.ceil(0.05 * n - 1e-9)
     assert (rnd.round_number, rnd.case_count, rnd.candidate_count) == (1, k, n)
     assert rnd.state == pb.ROUND_STATE_OPEN and rnd.creator == "lead"
     members = stub.ListWorklist(pb.ListWorklistRequest(round_number=1)).items
     assert [x.case_id for x in members] == ranked[:k]
     assert all(x.round_number == 1 for x in members)
-    again = stub.StartRound(pb.StartRoundRequest(budget_fraction=0.05, request_id="r1"),
-                            metadata=who("lead")).round
+    again = stub.StartRound(pb.StartRoundRequest(budget_fraction=0.05, request_id="r1"), metadata=who("lead")).round
     assert again == rnd
     stub.StartRound(pb.StartRoundRequest(budget_fraction=0.05), metadata=who("lead"))
     page1 = stub.ListRounds(pb.ListRoundsRequest(page_size=1))
@@ -254,11 +308,12 @@ def test_round_picks_ceil_five_percent(server, n):
     assert [r.round_number for r in [*page1.rounds, *page2.rounds]] == [2, 1]
     assert page1.total_size == 2 and page2.next_page_token == ""
     assert page2.rounds[0].state == pb.ROUND_STATE_CLOSED
-    fails(lambda: stub.GetRound(pb.GetRoundRequest(round_number=7)),
-          grpc.StatusCode.NOT_FOUND, "ROUND_NOT_FOUND")
-    fails(lambda: stub.StartRound(pb.StartRoundRequest(budget_fraction=1.5),
-                                  metadata=who("lead")),
-          grpc.StatusCode.INVALID_ARGUMENT, "INVALID_BUDGET")
+    fails(lambda: stub.GetRound(pb.GetRoundRequest(round_number=7)), grpc.StatusCode.NOT_FOUND, "ROUND_NOT_FOUND")
+    fails(
+        lambda: stub.StartRound(pb.StartRoundRequest(budget_fraction=1.5), metadata=who("lead")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_BUDGET",
+    )
 
 
 def _gauge(metrics: Metrics, queue: str) -> float:
@@ -273,9 +328,9 @@ def test_pending_queue_depth(server):
     assert _gauge(metrics, "worklist_pending") == 5 and _gauge(metrics, "worklist") == 5
     stub.LeaseCase(pb.LeaseCaseRequest(case_id="case-000"), metadata=who("dr-a"))
     assert _gauge(metrics, "worklist_pending") == 4
-    stub.CompleteReview(pb.CompleteReviewRequest(case_id="case-000",
-                                                 outcome=pb.REVIEW_OUTCOME_ACCEPTED),
-                        metadata=who("dr-a"))
+    stub.CompleteReview(
+        pb.CompleteReviewRequest(case_id="case-000", outcome=pb.REVIEW_OUTCOME_ACCEPTED), metadata=who("dr-a")
+    )
     stub.ReleaseLease(pb.ReleaseLeaseRequest(case_id="case-001"), metadata=who("dr-a"))
     assert _gauge(metrics, "worklist_pending") == 4 and _gauge(metrics, "worklist") == 5
 
@@ -284,17 +339,30 @@ def test_record_label_version_reranks_over_grpc(server):
     stub, _, _ = server
     submit(stub, "a", [organ(5, 10.0), organ(8, 4.0)])
     submit(stub, "b", [organ(5, 7.0)])
-    resp = stub.RecordLabelVersion(pb.RecordLabelVersionRequest(
-        case_id="a", label_version_id="v2", version_number=2, human_decided_organs=[5],
-        revised_organs=[5], reviewer="dr.x"), timeout=10)
+    resp = stub.RecordLabelVersion(
+        pb.RecordLabelVersionRequest(
+            case_id="a",
+            label_version_id="v2",
+            version_number=2,
+            human_decided_organs=[5],
+            revised_organs=[5],
+            reviewer="dr.x",
+        ),
+        timeout=10,
+    )
     assert resp.item.priority == 4.0 and resp.item.rank == 2
     assert resp.item.label_version_id == "v2" and list(resp.item.human_decided_organs) == [5]
     # unknown case: remembered, no item yet
-    assert not stub.RecordLabelVersion(pb.RecordLabelVersionRequest(
-        case_id="later", label_version_id="v1", version_number=1), timeout=10).HasField("item")
-    fails(lambda: stub.RecordLabelVersion(pb.RecordLabelVersionRequest(
-        case_id="a", label_version_id="v3", version_number=0)),
-        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_LABEL_VERSION")
+    assert not stub.RecordLabelVersion(
+        pb.RecordLabelVersionRequest(case_id="later", label_version_id="v1", version_number=1), timeout=10
+    ).HasField("item")
+    fails(
+        lambda: stub.RecordLabelVersion(
+            pb.RecordLabelVersionRequest(case_id="a", label_version_id="v3", version_number=0)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_LABEL_VERSION",
+    )
 
 
 def test_population_prior_learns_from_recorded_human_labels(server):
@@ -304,6 +372,7 @@ def test_population_prior_learns_from_recorded_human_labels(server):
 
     stub, _, _ = server
     bundled = PopulationPrior.load()
+
     def n(prior, organ):  # type: ignore[no-untyped-def]
         run = prior.log_volume.get(organ)
         return 0 if run is None else run.n
@@ -313,12 +382,20 @@ def test_population_prior_learns_from_recorded_human_labels(server):
     assert first.learned_cases == 0
     assert PopulationPrior.from_dict(json.loads(first.prior_json)).to_dict() == bundled.to_dict()
     for i in range(3):  # three cases whose radiologists drew a 900 ml left kidney
-        stub.RecordLabelVersion(pb.RecordLabelVersionRequest(
-            case_id=f"c{i}", label_version_id=f"v{i}", version_number=2, human_decided_organs=[3, 8],
-            revised_organs=[3], human_organ_geometry=[
-                pb.OrganGeometry(organ=3, volume_ml=900.0, centroid_mm=[60.0, 10.0, 100.0]),
-                pb.OrganGeometry(organ=8, volume_ml=200.0, centroid_mm=[80.0, 30.0, 110.0], fov_cut=True)]),
-            timeout=10)
+        stub.RecordLabelVersion(
+            pb.RecordLabelVersionRequest(
+                case_id=f"c{i}",
+                label_version_id=f"v{i}",
+                version_number=2,
+                human_decided_organs=[3, 8],
+                revised_organs=[3],
+                human_organ_geometry=[
+                    pb.OrganGeometry(organ=3, volume_ml=900.0, centroid_mm=[60.0, 10.0, 100.0]),
+                    pb.OrganGeometry(organ=8, volume_ml=200.0, centroid_mm=[80.0, 30.0, 110.0], fov_cut=True),
+                ],
+            ),
+            timeout=10,
+        )
     got = stub.GetPopulationPrior(pb.GetPopulationPriorRequest(), timeout=10)
     learned = PopulationPrior.from_dict(json.loads(got.prior_json))
     assert got.learned_cases == 3 and learned.cases == bundled.cases + 3
@@ -327,13 +404,26 @@ def test_population_prior_learns_from_recorded_human_labels(server):
     # the spleen was cut by the field of view: its volume is not learned
     assert n(learned, 8) == spleen_n
     # a later version without geometry replaces the case's contribution
-    stub.RecordLabelVersion(pb.RecordLabelVersionRequest(
-        case_id="c0", label_version_id="v0b", version_number=3), timeout=10)
+    stub.RecordLabelVersion(
+        pb.RecordLabelVersionRequest(case_id="c0", label_version_id="v0b", version_number=3), timeout=10
+    )
     assert stub.GetPopulationPrior(pb.GetPopulationPriorRequest(), timeout=10).learned_cases == 2
     # geometry must be finite, three centroid values, organs among the human-decided ones
-    for bad in (pb.OrganGeometry(organ=5, volume_ml=1.0, centroid_mm=[0.0, 0.0]),
-                pb.OrganGeometry(organ=5, volume_ml=-1.0, centroid_mm=[0.0, 0.0, 0.0]),
-                pb.OrganGeometry(organ=4, volume_ml=1.0, centroid_mm=[0.0, 0.0, 0.0])):
-        fails(lambda: stub.RecordLabelVersion(pb.RecordLabelVersionRequest(
-            case_id="c9", label_version_id="v9", version_number=1, human_decided_organs=[5],
-            human_organ_geometry=[bad])), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_LABEL_VERSION")  # noqa: B023
+    for bad in (
+        pb.OrganGeometry(organ=5, volume_ml=1.0, centroid_mm=[0.0, 0.0]),
+        pb.OrganGeometry(organ=5, volume_ml=-1.0, centroid_mm=[0.0, 0.0, 0.0]),
+        pb.OrganGeometry(organ=4, volume_ml=1.0, centroid_mm=[0.0, 0.0, 0.0]),
+    ):
+        fails(
+            lambda: stub.RecordLabelVersion(
+                pb.RecordLabelVersionRequest(
+                    case_id="c9",
+                    label_version_id="v9",
+                    version_number=1,
+                    human_decided_organs=[5],
+                    human_organ_geometry=[bad],
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_LABEL_VERSION",
+        )  # noqa: B023

@@ -33,7 +33,9 @@ def _regions(c: error_sim.SimCase) -> dict[int, list[float]]:
     vml = abs(float(np.linalg.det(c.affine[:3, :3]))) / 1000.0
     ca = case_attention({k: torch.from_numpy(v) for k, v in c.probs.items()})
     out: dict[int, list[float]] = {}
-    for k, reg in error_sim.case_error_regions(c, {k: r.paste("ensemble", ca.shape).numpy() for k, r in ca.organs.items()}):
+    for k, reg in error_sim.case_error_regions(
+        c, {k: r.paste("ensemble", ca.shape).numpy() for k, r in ca.organs.items()}
+    ):
         out.setdefault(k, []).append(float(reg.sum()) * vml)
     return out
 
@@ -76,8 +78,14 @@ def test_benchmarks_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["cases"]["n"] == 2
     for mode in ("reference", "enhanced"):
-        assert set(summary[mode]) >= {"auroc", "precision_top5pct", "r_precision", "first_organ_is_wrong",
-                                      "region_sensitivity", "region_precision"}
+        assert set(summary[mode]) >= {
+            "auroc",
+            "precision_top5pct",
+            "r_precision",
+            "first_organ_is_wrong",
+            "region_sensitivity",
+            "region_precision",
+        }
     assert bench_err.auroc([3.0, 2.0, 1.0], [True, False, False]) == 1.0
     assert bench_err.precision_at([3.0, 2.0, 1.0], [False, True, True], 2) == 0.5
     lo, hi = bench_err.wilson(8, 10)
@@ -87,8 +95,9 @@ def test_benchmarks_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
     # one case that holds most regions widens the interval beyond the trial-count one
     rows = [{"regions": 2, "enhanced": {"found": 2, "att_tp": 1, "att_regions": 1}} for _ in range(10)]
     assert bench_err.case_bootstrap(rows, "enhanced")["region_sensitivity"] == (1.0, 1.0)
-    rows = ([{"regions": 1, "enhanced": {"found": 1, "att_tp": 1, "att_regions": 1}} for _ in range(9)]
-            + [{"regions": 9, "enhanced": {"found": 0, "att_tp": 0, "att_regions": 1}}])
+    rows = [{"regions": 1, "enhanced": {"found": 1, "att_tp": 1, "att_regions": 1}} for _ in range(9)] + [
+        {"regions": 9, "enhanced": {"found": 0, "att_tp": 0, "att_regions": 1}}
+    ]
     lo, hi = bench_err.case_bootstrap(rows, "enhanced")["region_sensitivity"]
     assert lo < bench_err.wilson(9, 18)[0] and hi > bench_err.wilson(9, 18)[1]
     for mode in ("reference", "enhanced"):
@@ -158,7 +167,11 @@ def test_a_sure_model_swapping_kidneys_alone_is_not_shown() -> None:
     ca = case_attention({k: torch.from_numpy(v) for k, v in c.probs.items()})
     assert _regions(c) == {}  # the ensemble is right
     rc = rank_case(ca, c.affine, mode="enhanced")
-    shown = {k: float(a.sum()) for k, (_, a) in rc.attention.items() if k in (ORGAN_IDS["kidney_left"], ORGAN_IDS["kidney_right"])}
+    shown = {
+        k: float(a.sum())
+        for k, (_, a) in rc.attention.items()
+        if k in (ORGAN_IDS["kidney_left"], ORGAN_IDS["kidney_right"])
+    }
     assert shown and all(v == 0 for v in shown.values()), shown
 
 

@@ -24,7 +24,9 @@ from atlasflow.common.attention import case_attention  # noqa: E402
 
 def test_depth_bins_equal_scipy_edt_including_edges_and_thin_parts() -> None:
     rng = np.random.default_rng(3)
-    shapes = [ndimage.gaussian_filter(rng.standard_normal((40, 36, 30)), s) > t for s, t in ((3, 0.0), (1.5, 0.1), (5, 0.02))]
+    shapes = [
+        ndimage.gaussian_filter(rng.standard_normal((40, 36, 30)), s) > t for s, t in ((3, 0.0), (1.5, 0.1), (5, 0.02))
+    ]
     plate = np.zeros((30, 30, 20), dtype=bool)
     plate[:, 3:27, 9:11] = True  # touches two faces of the array, two voxels thick
     big = np.zeros((30, 30, 30), dtype=bool)
@@ -39,8 +41,11 @@ def test_suspect_regions_equal_the_numpy_original(kind: str | None) -> None:
     seeds = (33, 68, 87) if kind is None else (14, 33)
     compared = 0
     for seed in seeds:
-        c = (error_sim.simulate_case(seed) if kind is None
-             else error_sim.simulate_case(seed, error=kind, size_scale=0.7, shared=2, confidence=0.4))
+        c = (
+            error_sim.simulate_case(seed)
+            if kind is None
+            else error_sim.simulate_case(seed, error=kind, size_scale=0.7, shared=2, confidence=0.4)
+        )
         ca = case_attention({k: torch.from_numpy(v) for k, v in c.probs.items()})
         vml = abs(float(np.linalg.det(c.affine[:3, :3]))) / 1000.0
         for k, r in ca.organs.items():

@@ -22,21 +22,31 @@ def wl(tmp_path):
     w.close()
 
 
-@pytest.mark.parametrize("organs,labelled,expected", [
-    ([], [], 0.0),
-    ([oa(5, 12.5), oa(8, 2.0)], [], 14.5),
-    ([oa(5, 12.5), oa(8, 2.0)], [5], 2.0),
-    ([oa(5, 12.5), oa(8, 2.0)], [5, 8], 0.0),
-    ([oa(5, 12.5), oa(8, 2.0)], [1, 2, 3], 14.5),  # labelled organs without attention
-    ([oa(i, 0.1) for i in range(1, 10)], [9], 0.8),
-])
+@pytest.mark.parametrize(
+    "organs,labelled,expected",
+    [
+        ([], [], 0.0),
+        ([oa(5, 12.5), oa(8, 2.0)], [], 14.5),
+        ([oa(5, 12.5), oa(8, 2.0)], [5], 2.0),
+        ([oa(5, 12.5), oa(8, 2.0)], [5, 8], 0.0),
+        ([oa(5, 12.5), oa(8, 2.0)], [1, 2, 3], 14.5),  # labelled organs without attention
+        ([oa(i, 0.1) for i in range(1, 10)], [9], 0.8),
+    ],
+)
 def test_case_priority(organs, labelled, expected):
     assert case_priority(organs, labelled) == pytest.approx(expected)
 
 
 def test_submit_get_rank_and_organ_order(wl):
-    e, rank = wl.submit("c1", "s1", "j1", [oa(5, 1.0, heat=0.5), oa(9, 3.0, heat=2.0),
-                                           oa(1, 2.0, heat=2.0)], [9], "sha256:" + "a" * 64, 99)
+    e, rank = wl.submit(
+        "c1",
+        "s1",
+        "j1",
+        [oa(5, 1.0, heat=0.5), oa(9, 3.0, heat=2.0), oa(1, 2.0, heat=2.0)],
+        [9],
+        "sha256:" + "a" * 64,
+        99,
+    )
     assert rank == 1 and e.priority == pytest.approx(3.0)
     assert [o.organ for o in e.organs] == [1, 9, 5]  # heatmap_ml desc, ties by organ id
     assert e.heatmap_digest == "sha256:" + "a" * 64 and e.heatmap_size == 99
@@ -103,8 +113,9 @@ def test_pagination_without_loss_or_duplicates(wl, n, page_size):
     rng = random.Random(n)
     for i in range(n):  # many ties on purpose: priorities from a small set
         wl.submit(f"case-{i:03d}", "s", "j", [oa(5, float(rng.choice([0, 1, 2.5, 7])))])
-    want = sorted(((wl.get(f"case-{i:03d}")[0].priority, f"case-{i:03d}") for i in range(n)),
-                  key=lambda t: (-t[0], t[1]))
+    want = sorted(
+        ((wl.get(f"case-{i:03d}")[0].priority, f"case-{i:03d}") for i in range(n)), key=lambda t: (-t[0], t[1])
+    )
     got, ranks, token = [], [], ""
     while True:
         items, token, total = wl.list(page_size, token)
@@ -121,8 +132,8 @@ def test_cursor_stable_when_new_cases_arrive(wl):
     for i in range(6):
         wl.submit(f"c{i}", "s", "j", [oa(5, float(10 - i))])
     page1, token, _ = wl.list(3)
-    wl.submit("zz-top", "s", "j", [oa(5, 100.0)])   # lands before the cursor
-    wl.submit("zz-low", "s", "j", [oa(5, 0.5)])     # lands after the cursor
+    wl.submit("zz-top", "s", "j", [oa(5, 100.0)])  # lands before the cursor
+    wl.submit("zz-low", "s", "j", [oa(5, 0.5)])  # lands after the cursor
     page2, token, _ = wl.list(3, token)
     page3, token, _ = wl.list(3, token)
     seen = [e.case_id for e, _ in page1 + page2 + page3]
@@ -130,8 +141,9 @@ def test_cursor_stable_when_new_cases_arrive(wl):
     assert [r for _, r in page2] == [5, 6, 7]  # ranks are read-time ranks
 
 
-@pytest.mark.parametrize("token", ["garbage", "e30", "eyJrIjoid29ya2xpc3QifQ",
-                                   "eyJrIjoid29ya2xpc3QiLCJzIjoiIiwiYyI6eyJwIjoieCJ9fQ"])
+@pytest.mark.parametrize(
+    "token", ["garbage", "e30", "eyJrIjoid29ya2xpc3QifQ", "eyJrIjoid29ya2xpc3QiLCJzIjoiIiwiYyI6eyJwIjoieCJ9fQ"]
+)
 def test_garbage_page_token(wl, token):
     wl.submit("c", "s", "j", [oa(5, 1.0)])
     with pytest.raises(InvalidArgument) as e:
@@ -139,17 +151,20 @@ def test_garbage_page_token(wl, token):
     assert e.value.reason == "INVALID_PAGE_TOKEN"
 
 
-@pytest.mark.parametrize("kwargs,reason", [
-    (dict(organs=[oa(0, 1.0)]), "INVALID_ATTENTION"),
-    (dict(organs=[oa(10, 1.0)]), "INVALID_ATTENTION"),
-    (dict(organs=[oa(5, 1.0), oa(5, 2.0)]), "INVALID_ATTENTION"),
-    (dict(organs=[oa(5, -1.0)]), "INVALID_ATTENTION"),
-    (dict(organs=[OrganAttention(5, float("nan"), 0.0, 0.0)]), "INVALID_ATTENTION"),
-    (dict(organs=[OrganAttention(5, 1.0, float("inf"), 0.0)]), "INVALID_ATTENTION"),
-    (dict(labelled_organs=[12]), "INVALID_ATTENTION"),
-    (dict(case_id=""), "INVALID_ARGUMENT"),
-    (dict(source_job_id=""), "INVALID_ARGUMENT"),
-])
+@pytest.mark.parametrize(
+    "kwargs,reason",
+    [
+        (dict(organs=[oa(0, 1.0)]), "INVALID_ATTENTION"),
+        (dict(organs=[oa(10, 1.0)]), "INVALID_ATTENTION"),
+        (dict(organs=[oa(5, 1.0), oa(5, 2.0)]), "INVALID_ATTENTION"),
+        (dict(organs=[oa(5, -1.0)]), "INVALID_ATTENTION"),
+        (dict(organs=[OrganAttention(5, float("nan"), 0.0, 0.0)]), "INVALID_ATTENTION"),
+        (dict(organs=[OrganAttention(5, 1.0, float("inf"), 0.0)]), "INVALID_ATTENTION"),
+        (dict(labelled_organs=[12]), "INVALID_ATTENTION"),
+        (dict(case_id=""), "INVALID_ARGUMENT"),
+        (dict(source_job_id=""), "INVALID_ARGUMENT"),
+    ],
+)
 def test_invalid_submissions(wl, kwargs, reason):
     args = dict(case_id="c", series_id="s", source_job_id="j", organs=[oa(5, 1.0)])
     args.update(kwargs)

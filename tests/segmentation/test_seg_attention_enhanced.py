@@ -179,9 +179,24 @@ def triton_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     grpc_port, http_port, metrics_port = _free_ports(3)
     env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "atlasflow.segmentation.triton_server", "--ensemble", str(path),
-         "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "atlasflow.segmentation.triton_server",
+            "--ensemble",
+            str(path),
+            "--grpc-port",
+            str(grpc_port),
+            "--http-port",
+            str(http_port),
+            "--metrics-port",
+            str(metrics_port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
     )
     lines: list[str] = []
     ready = threading.Event()

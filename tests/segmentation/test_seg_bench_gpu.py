@@ -14,8 +14,12 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_seg_gpu.py"
 
 
 def test_bench_seg_gpu_dry_run_on_cpu() -> None:
-    run = subprocess.run([sys.executable, str(BENCH), "--dry-run", "--device", "cpu", "--overlaps", "0.5", "--json"],
-                         capture_output=True, text=True, timeout=240)
+    run = subprocess.run(
+        [sys.executable, str(BENCH), "--dry-run", "--device", "cpu", "--overlaps", "0.5", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["device"] == "cpu" and result["shape"] == [48, 44, 40]
@@ -37,10 +41,14 @@ def test_phantom_and_state_dict_ensemble(tmp_path: Path) -> None:
 
     vol = bench.phantom((100, 90, 4))
     box = foreground_box(vol, np.diag([1.5, 1.5, 1.5, 1.0]), ForegroundCrop(-500.0, 0.0))
-    assert box is not None and box[0].stop - box[0].start < 100 and box[1].stop - box[1].start < 90  # body + table inside the field
+    assert (
+        box is not None and box[0].stop - box[0].start < 100 and box[1].stop - box[1].start < 90
+    )  # body + table inside the field
     assert vol.dtype == np.int16 and vol.min() == -1000 and vol.max() >= 300
     path = bench.write_ensemble(tmp_path, bench.TINY_MEMBERS, 0.5)
     cfg = load_ensemble(path)
     assert cfg.weights_trained and all(m.checkpoint is not None and m.checkpoint.suffix == ".pt" for m in cfg.members)
     state = torch.load(cfg.members[0].checkpoint, weights_only=True)
-    assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())  # state_dict, not TorchScript
+    assert isinstance(state, dict) and all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    )  # state_dict, not TorchScript

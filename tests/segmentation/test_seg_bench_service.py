@@ -15,8 +15,12 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_seg_service.
 
 @pytest.mark.parametrize("triton", ["pytriton"])
 def test_bench_seg_service_dry_run(triton: str) -> None:
-    run = subprocess.run([sys.executable, str(BENCH), "--dry-run", "--json", "--triton", triton],
-                         capture_output=True, text=True, timeout=240)
+    run = subprocess.run(
+        [sys.executable, str(BENCH), "--dry-run", "--json", "--triton", triton],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["shape"] == [40, 34, 26] and result["triton"] == triton

@@ -50,7 +50,11 @@ def dice_per_organ(pred: np.ndarray, ref: np.ndarray) -> dict[int, float]:
 
 
 def _table(title: str, dice: dict[int, float], present: set[int]) -> str:
-    rows = [f"  {ORGANS[k]:<13} {dice.get(k, 0.0):.3f}" + ("" if k in present else "  (absent from reference)") for k in ORGANS if k in dice or k in present]
+    rows = [
+        f"  {ORGANS[k]:<13} {dice.get(k, 0.0):.3f}" + ("" if k in present else "  (absent from reference)")
+        for k in ORGANS
+        if k in dice or k in present
+    ]
     return f"\n{title}\n" + "\n".join(rows)
 
 
@@ -82,8 +86,10 @@ def test_training_ct_dice(pipeline: EnsemblePipeline) -> None:
     t0 = time.perf_counter()
     out = pipeline(volume, ct.affine)
     seconds = time.perf_counter() - t0
-    print(f"\nwhole ensemble on example_ct {volume.shape}: {seconds:.1f} s; stages "
-          f"{ {k: round(v, 1) for k, v in out.timings_s.items()} }")
+    print(
+        f"\nwhole ensemble on example_ct {volume.shape}: {seconds:.1f} s; stages "
+        f"{ {k: round(v, 1) for k, v in out.timings_s.items()} }"
+    )
     assert out.weights_trained is True
     assert out.labels.shape == volume.shape
     dice = dice_per_organ(out.labels, ref)

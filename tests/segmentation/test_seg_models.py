@@ -149,7 +149,10 @@ def test_ensemble_with_all_checkpoints_reports_trained_weights(tmp_path: Path) -
     source = load_ensemble("abdomen-trio-v1")
     raw = json.loads(Path(source.source).read_text())  # type: ignore[arg-type]
     for member_raw, member in zip(raw["members"], source.members):
-        torch.save(load_member(dataclasses.replace(member, seed=member.seed + 1, checkpoint=None)).state_dict(), tmp_path / f"{member.name}.pt")
+        torch.save(
+            load_member(dataclasses.replace(member, seed=member.seed + 1, checkpoint=None)).state_dict(),
+            tmp_path / f"{member.name}.pt",
+        )
         member_raw["checkpoint"] = f"{member.name}.pt"  # relative to the ensemble file
     raw["version"] = "abdomen-trio-test"
     path = tmp_path / "abdomen-trio-test.json"

@@ -70,7 +70,9 @@ def test_output_contract_on_oblique_ffs_volume(oblique_result: tuple[np.ndarray,
     assert np.all(out.organ_stats[:, 1] <= vol.size * voxel_ml + 1e-6)
 
 
-def test_all_labelled_means_no_heatmap(pipeline: EnsemblePipeline, oblique_result: tuple[np.ndarray, PipelineOutput]) -> None:
+def test_all_labelled_means_no_heatmap(
+    pipeline: EnsemblePipeline, oblique_result: tuple[np.ndarray, PipelineOutput]
+) -> None:
     vol, first = oblique_result
     out = pipeline(vol, OBLIQUE_FFS, np.ones(9, dtype=np.uint8))
     assert not out.heatmap.any()

@@ -28,8 +28,9 @@ def test_prior_follows_ranking_and_survives_its_absence(ranking):  # type: ignor
     bundled = PopulationPrior.load().to_dict()
     source = RankingPrior(target, refresh_s=3600, max_message_bytes=4 << 20)
     assert source().to_dict() == bundled and source.learned_cases == 0
-    store.record_label_version("c1", "v1", 1, human_organs=[4], geometry=[
-        OrganSummary(4, 700.0, (-60.0, 0.0, 50.0), False)])
+    store.record_label_version(
+        "c1", "v1", 1, human_organs=[4], geometry=[OrganSummary(4, 700.0, (-60.0, 0.0, 50.0), False)]
+    )
     assert source().to_dict() == bundled  # cached until refresh_s has passed
     source.refresh_s = 1e-9
     learned = source()

@@ -94,7 +94,9 @@ class AppThread:
 
     def outbox_keys(self, job_id: str) -> list[str]:
         with self.app.jobs.lock:
-            rows = self.app.jobs.conn.execute("SELECT dedupe_key FROM outbox WHERE dedupe_key LIKE ?", (f"{job_id}:%",)).fetchall()
+            rows = self.app.jobs.conn.execute(
+                "SELECT dedupe_key FROM outbox WHERE dedupe_key LIKE ?", (f"{job_id}:%",)
+            ).fetchall()
         return sorted(r[0] for r in rows)
 
     def close(self) -> None:
@@ -107,11 +109,19 @@ class AppThread:
 def _settings(tmp: Path, triton_port: int, **kw) -> SegmentationSettings:  # type: ignore[no-untyped-def]
     dead = free_ports(2)
     base = dict(
-        grpc_port=0, data_dir=str(tmp / "data"), blob_dir=str(tmp / "blobs"),
-        triton_url=f"127.0.0.1:{triton_port}", ensemble=f"{TINY / (A + '.json')},{TINY / (B + '.json')}",
-        labels_target=f"127.0.0.1:{dead[0]}", ranking_target=f"127.0.0.1:{dead[1]}",
-        retry_base_s=0.3, max_backoff_s=1.0, max_attempts=100, worker_poll_s=0.05,
-        triton_connect_retries=1, triton_timeout_s=60.0,
+        grpc_port=0,
+        data_dir=str(tmp / "data"),
+        blob_dir=str(tmp / "blobs"),
+        triton_url=f"127.0.0.1:{triton_port}",
+        ensemble=f"{TINY / (A + '.json')},{TINY / (B + '.json')}",
+        labels_target=f"127.0.0.1:{dead[0]}",
+        ranking_target=f"127.0.0.1:{dead[1]}",
+        retry_base_s=0.3,
+        max_backoff_s=1.0,
+        max_attempts=100,
+        worker_poll_s=0.05,
+        triton_connect_retries=1,
+        triton_timeout_s=60.0,
     )
     base.update(kw)
     return SegmentationSettings(**base)
@@ -125,11 +135,27 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
     (port,) = free_ports(1)
     triton = BundledTriton(tmp / "models", tmp, ["tiny_a_v1", "tiny_b_v1"], grpc_port=port)
     settings = _settings(tmp, port)
-    gated = {v: Gated(TritonSegmenter(settings.triton_url, v.replace("-", "_"), connect_retries=1, retry_backoff_s=0.1, timeout_s=60)) for v in (A, B)}
+    gated = {
+        v: Gated(
+            TritonSegmenter(
+                settings.triton_url, v.replace("-", "_"), connect_retries=1, retry_backoff_s=0.1, timeout_s=60
+            )
+        )
+        for v in (A, B)
+    }
     app = AppThread(settings, gated)
     vol, aff = _volume()
     blob = LocalBlobStore(settings.blob_dir).put(to_nifti_bytes(vol, aff))
-    ns = SimpleNamespace(app=app, triton=triton, gated=gated, blob=blob, tmp=tmp, vol=vol, aff=aff, blobs=LocalBlobStore(settings.blob_dir))
+    ns = SimpleNamespace(
+        app=app,
+        triton=triton,
+        gated=gated,
+        blob=blob,
+        tmp=tmp,
+        vol=vol,
+        aff=aff,
+        blobs=LocalBlobStore(settings.blob_dir),
+    )
 
     def ensure_triton() -> None:
         if triton.proc is None:
@@ -143,8 +169,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
 
 def _request(ns: SimpleNamespace, series: str, version: int = 1, ensemble: str = "") -> pb.SegmentSeriesRequest:
     return pb.SegmentSeriesRequest(
-        case_id="case-1", series_id=series, series_version=version, ensemble_version=ensemble,
-        volume=S.BlobRef(digest=ns.blob.digest, size_bytes=ns.blob.size_bytes))
+        case_id="case-1",
+        series_id=series,
+        series_version=version,
+        ensemble_version=ensemble,
+        volume=S.BlobRef(digest=ns.blob.digest, size_bytes=ns.blob.size_bytes),
+    )
 
 
 def test_triton_down_job_stays_queued_then_succeeds_when_triton_starts(stack: SimpleNamespace) -> None:
@@ -171,9 +201,14 @@ def test_triton_down_too_long_fails_clearly(tmp_path: Path, stack: SimpleNamespa
     app = AppThread(settings)
     try:
         blob = LocalBlobStore(settings.blob_dir).put(to_nifti_bytes(stack.vol, stack.aff))
-        job = app.stub.SegmentSeries(pb.SegmentSeriesRequest(
-            case_id="c", series_id="s", series_version=1,
-            volume=S.BlobRef(digest=blob.digest, size_bytes=blob.size_bytes))).job
+        job = app.stub.SegmentSeries(
+            pb.SegmentSeriesRequest(
+                case_id="c",
+                series_id="s",
+                series_version=1,
+                volume=S.BlobRef(digest=blob.digest, size_bytes=blob.size_bytes),
+            )
+        ).job
         failed = app.wait(job.job_id, lambda j: j.state == S.OPERATION_STATE_FAILED, timeout=30)
         assert failed.error_reason == "TRITON_UNAVAILABLE" and failed.attempts == 2
         assert app.outbox_keys(job.job_id) == []
@@ -220,7 +255,9 @@ def test_cancel_queued_and_running(stack: SimpleNamespace) -> None:
         assert still.state == S.OPERATION_STATE_RUNNING  # takes effect at the next step boundary
     finally:
         gated.gate.set()
-    final = stack.app.wait(running.job_id, lambda j: j.state not in (S.OPERATION_STATE_RUNNING, S.OPERATION_STATE_QUEUED))
+    final = stack.app.wait(
+        running.job_id, lambda j: j.state not in (S.OPERATION_STATE_RUNNING, S.OPERATION_STATE_QUEUED)
+    )
     assert final.state == S.OPERATION_STATE_CANCELLED and not final.HasField("result")
     assert stack.app.outbox_keys(running.job_id) == []
     time.sleep(0.3)
@@ -230,8 +267,7 @@ def test_cancel_queued_and_running(stack: SimpleNamespace) -> None:
     assert terminal.state == S.OPERATION_STATE_CANCELLED
 
 
-def test_wait_returns_when_the_job_is_done_not_before(stack: SimpleNamespace,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wait_returns_when_the_job_is_done_not_before(stack: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
     """WaitSegmentationJob: a short timeout returns the still-running job; a long one returns
     as soon as the job succeeds, woken by the job store (the periodic re-check is pushed out to
     60 s here, so only the wake-up can end the wait in time)."""
@@ -248,14 +284,16 @@ def test_wait_returns_when_the_job_is_done_not_before(stack: SimpleNamespace,
         job = stack.app.stub.SegmentSeries(_request(stack, "ser-wait")).job
         assert gated.entered.wait(30)
         t0 = time.monotonic()
-        early = stack.app.stub.WaitSegmentationJob(pb.WaitSegmentationJobRequest(
-            job_id=job.job_id, timeout=duration_pb2.Duration(nanos=300_000_000))).job
+        early = stack.app.stub.WaitSegmentationJob(
+            pb.WaitSegmentationJobRequest(job_id=job.job_id, timeout=duration_pb2.Duration(nanos=300_000_000))
+        ).job
         assert early.state == S.OPERATION_STATE_RUNNING and 0.25 < time.monotonic() - t0 < 5
         opener = threading.Timer(0.5, gated.gate.set)
         opener.start()
         t0 = time.monotonic()
-        done = stack.app.stub.WaitSegmentationJob(pb.WaitSegmentationJobRequest(
-            job_id=job.job_id, timeout=duration_pb2.Duration(seconds=60))).job
+        done = stack.app.stub.WaitSegmentationJob(
+            pb.WaitSegmentationJobRequest(job_id=job.job_id, timeout=duration_pb2.Duration(seconds=60))
+        ).job
         waited = time.monotonic() - t0
     finally:
         gated.gate.set()

@@ -57,8 +57,10 @@ def test_overrides_reach_members() -> None:
         EnsemblePipeline(str(TINY), autocast="fp16")
 
 
-@pytest.mark.parametrize(("margin_mm", "expected"), [(0.0, (slice(12, 40), slice(9, 36), slice(4, 26))),
-                                                     (5.0, (slice(10, 42), slice(7, 38), slice(1, 29)))])
+@pytest.mark.parametrize(
+    ("margin_mm", "expected"),
+    [(0.0, (slice(12, 40), slice(9, 36), slice(4, 26))), (5.0, (slice(10, 42), slice(7, 38), slice(1, 29)))],
+)
 def test_foreground_box_margin_in_mm(margin_mm: float, expected: tuple) -> None:
     vol, aff = _ct()  # column spacings: 3.0, 2.5, 2.0 mm
     vol[39, 35, 25] = 40

@@ -59,7 +59,20 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     tmp = tmp_path_factory.mktemp("repo")
     ckpt_json = _trained_tiny(tmp)
     out = tmp / "models"
-    rc = cli_main(["triton-repo", str(out), "--kind", "cpu", "--instances", "1", "--ensemble", "abdomen-trio-v1", "--ensemble", str(ckpt_json)])
+    rc = cli_main(
+        [
+            "triton-repo",
+            str(out),
+            "--kind",
+            "cpu",
+            "--instances",
+            "1",
+            "--ensemble",
+            "abdomen-trio-v1",
+            "--ensemble",
+            str(ckpt_json),
+        ]
+    )
     assert rc == 0
     return SimpleNamespace(out=out, ckpt_json=ckpt_json, work=tmp)
 
@@ -111,7 +124,9 @@ def test_demo_ct_through_stock_triton_equals_in_process(server: BundledTriton) -
         t_remote = time.perf_counter() - t0
     t0 = time.perf_counter()
     local = EnsemblePipeline("abdomen-trio-v1")(vol, img.affine, flags)
-    print(f"\ndemo CT {vol.shape}: stock-Triton round trip {t_remote:.1f} s, in-process {time.perf_counter() - t0:.1f} s")
+    print(
+        f"\ndemo CT {vol.shape}: stock-Triton round trip {t_remote:.1f} s, in-process {time.perf_counter() - t0:.1f} s"
+    )
     assert local.labels.any()
     np.testing.assert_array_equal(remote.labels, local.labels)
     np.testing.assert_array_equal(remote.heatmap, local.heatmap)
@@ -172,18 +187,37 @@ def test_backend_model_reads_traceparent_parameter(repo: SimpleNamespace) -> Non
 
     model = Model()
     model_dir = repo.out / "tiny_ckpt_v1"
-    model.initialize({
-        "model_config": json.dumps({"name": "tiny_ckpt_v1", "parameters": {"atlasflow_ensemble_file": {"string_value": "ensemble/tiny-ckpt-v1.json"}}}),
-        "model_repository": str(model_dir), "model_version": "1", "model_instance_kind": "CPU", "model_name": "tiny_ckpt_v1",
-    })
+    model.initialize(
+        {
+            "model_config": json.dumps(
+                {
+                    "name": "tiny_ckpt_v1",
+                    "parameters": {"atlasflow_ensemble_file": {"string_value": "ensemble/tiny-ckpt-v1.json"}},
+                }
+            ),
+            "model_repository": str(model_dir),
+            "model_version": "1",
+            "model_instance_kind": "CPU",
+            "model_name": "tiny_ckpt_v1",
+        }
+    )
     vol = np.full((20, 18, 16), -1000, np.int16)
     trace_id, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
-    ok, bad = model.execute([
-        Request(json.dumps({"traceparent": f"00-{trace_id}-{parent}-01"}),
-                {"volume": vol, "affine": np.diag([3.0, 3.0, 3.0, 1.0]), "labelled_organs": np.zeros(9, np.uint8)}),
-        Request("{}", {"volume": vol, "affine": np.zeros((4, 4)), "labelled_organs": np.zeros(9, np.uint8)}),
-    ])
-    assert ok.error is None and [t.name for t in ok.output_tensors] == ["labels", "heatmap", "organ_stats", "weights_trained"]
+    ok, bad = model.execute(
+        [
+            Request(
+                json.dumps({"traceparent": f"00-{trace_id}-{parent}-01"}),
+                {"volume": vol, "affine": np.diag([3.0, 3.0, 3.0, 1.0]), "labelled_organs": np.zeros(9, np.uint8)},
+            ),
+            Request("{}", {"volume": vol, "affine": np.zeros((4, 4)), "labelled_organs": np.zeros(9, np.uint8)}),
+        ]
+    )
+    assert ok.error is None and [t.name for t in ok.output_tensors] == [
+        "labels",
+        "heatmap",
+        "organ_stats",
+        "weights_trained",
+    ]
     assert ok.output_tensors[0].array.shape == vol.shape
     assert bad.error.startswith("ATLASFLOW_ERROR INVALID_ARGUMENT INVALID_AFFINE:")
     spans = [s for s in exporter.get_finished_spans() if s.name == "segmentation.pipeline"]

@@ -24,7 +24,7 @@ from atlasflow.segmentation.triton_client import TritonSegmenter, is_loopback
 from atlasflow.segmentation.triton_repo import BundledTriton, config_pbtxt
 
 SHAPE = (512, 512, 600)
-ECHO_PY = '''
+ECHO_PY = """
 import numpy as np
 import triton_python_backend_utils as pb
 
@@ -42,7 +42,7 @@ class TritonPythonModel:
                 pb.Tensor("weights_trained", np.zeros(1, np.uint8)),
             ]))
         return out
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,15 @@ def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BundledTriton]:
     (model / "1").mkdir(parents=True)
     (model / "config.pbtxt").write_text(config_pbtxt("echo", "unused.json", kind="cpu"))
     (model / "1" / "model.py").write_text(ECHO_PY)
-    srv = BundledTriton(tmp / "models", tmp, ["echo"], extra_args=["--backend-config=python,shm-default-byte-size=67108864",
-                                                                   "--backend-config=python,shm-growth-byte-size=67108864"]).start()
+    srv = BundledTriton(
+        tmp / "models",
+        tmp,
+        ["echo"],
+        extra_args=[
+            "--backend-config=python,shm-default-byte-size=67108864",
+            "--backend-config=python,shm-growth-byte-size=67108864",
+        ],
+    ).start()
     yield srv
     srv.stop()
 
@@ -75,15 +82,20 @@ def test_512x512x600_ct_round_trips(echo: BundledTriton, big_ct: np.ndarray, mod
     raw = big_ct.view(np.uint8).reshape(*SHAPE, 2)
     assert out.labels.shape == SHAPE and out.heatmap.shape == SHAPE
     assert np.array_equal(out.labels, raw[..., 0]) and np.array_equal(out.heatmap, raw[..., 1])
-    assert not any(p.name.startswith(f"atlasflow_{os.getpid()}_") for p in Path("/dev/shm").iterdir())  # regions unlinked
+    assert not any(
+        p.name.startswith(f"atlasflow_{os.getpid()}_") for p in Path("/dev/shm").iterdir()
+    )  # regions unlinked
 
 
 def test_shm_registration_failure_falls_back_to_grpc(echo: BundledTriton, monkeypatch: pytest.MonkeyPatch) -> None:
     vol = np.arange(24 * 20 * 16, dtype=np.int16).reshape(24, 20, 16)
     with TritonSegmenter(echo.grpc_url, "echo", shm="auto") as client:
+
         def refuse(name, key, byte_size, **kw):  # type: ignore[no-untyped-def]
             # what a server on another host answers: it cannot open our /dev/shm key
-            raise InferenceServerException(f"Unable to open shared memory region: '{key}'", status="StatusCode.INVALID_ARGUMENT")
+            raise InferenceServerException(
+                f"Unable to open shared memory region: '{key}'", status="StatusCode.INVALID_ARGUMENT"
+            )
 
         monkeypatch.setattr(client._client, "register_system_shared_memory", refuse)
         out = client.segment(vol, np.eye(4))
@@ -93,11 +105,18 @@ def test_shm_registration_failure_falls_back_to_grpc(echo: BundledTriton, monkey
         assert client.last_transport == "grpc"
 
 
-@pytest.mark.parametrize(("url", "mode", "expected"), [
-    ("127.0.0.1:8001", "auto", True), ("localhost:8001", "auto", True), ("[::1]:8001", "auto", True),
-    ("10.0.0.5:8001", "auto", False), ("triton.atlasflow.svc:8001", "auto", False),
-    ("10.0.0.5:8001", "on", True), ("127.0.0.1:8001", "off", False),
-])
+@pytest.mark.parametrize(
+    ("url", "mode", "expected"),
+    [
+        ("127.0.0.1:8001", "auto", True),
+        ("localhost:8001", "auto", True),
+        ("[::1]:8001", "auto", True),
+        ("10.0.0.5:8001", "auto", False),
+        ("triton.atlasflow.svc:8001", "auto", False),
+        ("10.0.0.5:8001", "on", True),
+        ("127.0.0.1:8001", "off", False),
+    ],
+)
 def test_shm_mode_selection(url: str, mode: str, expected: bool) -> None:
     with TritonSegmenter(url, "m", shm=mode) as client:
         assert client._shm_usable is expected

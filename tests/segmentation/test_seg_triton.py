@@ -63,9 +63,17 @@ def server() -> Iterator[Server]:
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "atlasflow.segmentation.triton_server",
-            "--ensemble", "abdomen-trio-v1",
-            "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
+            sys.executable,
+            "-m",
+            "atlasflow.segmentation.triton_server",
+            "--ensemble",
+            "abdomen-trio-v1",
+            "--grpc-port",
+            str(grpc_port),
+            "--http-port",
+            str(http_port),
+            "--metrics-port",
+            str(metrics_port),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -164,7 +172,7 @@ def test_demo_ct_through_triton_equals_in_process(server: Server) -> None:
     t_local = time.perf_counter() - t0
     print(
         f"\ndemo CT {vol.shape}: Triton round trip {t_triton:.2f} s, in-process {t_local:.2f} s, "
-        f"ratio {t_triton / t_local:.2f}; in-process stages {({k: round(v, 2) for k, v in local.timings_s.items()})}"
+        f"ratio {t_triton / t_local:.2f}; in-process stages { ({k: round(v, 2) for k, v in local.timings_s.items()}) }"
     )
     assert remote.labels.shape == vol.shape and remote.heatmap.shape == vol.shape
     assert local.labels.any()

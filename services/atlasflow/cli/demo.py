@@ -48,8 +48,11 @@ def send_cstore(files: list[Path], port: int, ae_title: str) -> None:
     storescu = shutil.which("storescu")
     if storescu:
         env = dict(os.environ, TCP_NODELAY="1")
-        subprocess.run([storescu, "-aet", "ATLASDEMO", "-aec", ae_title, "127.0.0.1", str(port),
-                        *map(str, files)], check=True, env=env)
+        subprocess.run(
+            [storescu, "-aet", "ATLASDEMO", "-aec", ae_title, "127.0.0.1", str(port), *map(str, files)],
+            check=True,
+            env=env,
+        )
         return
     from pydicom import dcmread
     from pynetdicom import AE
@@ -72,8 +75,7 @@ def send_cstore(files: list[Path], port: int, ae_title: str) -> None:
 def wait_for_pipeline(dep: LocalDeployment, timeout_s: float = 600.0) -> tuple[str, str]:
     """Follow the study; return (case_id, segmentation job id)."""
     ingest = ingest_pb2_grpc.IngestServiceStub(grpc.insecure_channel(dep.target("ingest")))
-    seg = segmentation_pb2_grpc.SegmentationServiceStub(
-        grpc.insecure_channel(dep.target("segmentation")))
+    seg = segmentation_pb2_grpc.SegmentationServiceStub(grpc.insecure_channel(dep.target("segmentation")))
     labels = labels_pb2_grpc.LabelServiceStub(grpc.insecure_channel(dep.target("labels")))
     ranking = ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(dep.target("ranking")))
     deadline = time.monotonic() + timeout_s
@@ -86,32 +88,26 @@ def wait_for_pipeline(dep: LocalDeployment, timeout_s: float = 600.0) -> tuple[s
         if series:
             s = series[0]
             case_id = s.case_id
-            status = (f"ingest: series {s.series_id} v{s.version} "
-                      f"{SERIES_STATE[s.state]} ({s.instance_count} instances)")
+            status = f"ingest: series {s.series_id} v{s.version} {SERIES_STATE[s.state]} ({s.instance_count} instances)"
             if s.state == ingest_pb2.SERIES_STATE_RECEIVING and not committed:
-                ingest.CommitSeries(ingest_pb2.CommitSeriesRequest(series_id=s.series_id),
-                                    timeout=300)
+                ingest.CommitSeries(ingest_pb2.CommitSeriesRequest(series_id=s.series_id), timeout=300)
                 committed = True
             if s.state == ingest_pb2.SERIES_STATE_FAILED:
                 raise RuntimeError(f"series assembly failed: {s.failure_reason}")
-            jobs = seg.ListSegmentationJobs(
-                segmentation_pb2.ListSegmentationJobsRequest(case_id=s.case_id)).jobs
+            jobs = seg.ListSegmentationJobs(segmentation_pb2.ListSegmentationJobsRequest(case_id=s.case_id)).jobs
             if jobs:
                 j = jobs[0]
                 job_id = j.job_id
-                status += (f" | segmentation: {OP_STATE[j.state]} {STAGE[j.progress.stage]}"
-                           f" {j.progress.fraction:.0%}")
+                status += f" | segmentation: {OP_STATE[j.state]} {STAGE[j.progress.stage]} {j.progress.fraction:.0%}"
                 if j.state == common_pb2.OPERATION_STATE_FAILED:
                     raise RuntimeError(f"segmentation failed: {j.error_reason}")
-                versions = labels.ListLabelVersions(
-                    labels_pb2.ListLabelVersionsRequest(case_id=s.case_id)).versions
+                versions = labels.ListLabelVersions(labels_pb2.ListLabelVersionsRequest(case_id=s.case_id)).versions
                 try:
                     ranking.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id=s.case_id))
                     ranked = True
                 except grpc.RpcError:
                     ranked = False
-                status += (f" | labels: {len(versions)} version(s)"
-                           f" | ranking: {'ranked' if ranked else 'pending'}")
+                status += f" | labels: {len(versions)} version(s) | ranking: {'ranked' if ranked else 'pending'}"
                 if versions and ranked:
                     say(status)
                     return case_id, job_id
@@ -125,8 +121,10 @@ def wait_for_pipeline(dep: LocalDeployment, timeout_s: float = 600.0) -> tuple[s
 def print_worklist(dep: LocalDeployment) -> list[ranking_pb2.WorklistItem]:
     ranking = ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(dep.target("ranking")))
     resp = ranking.ListWorklist(ranking_pb2.ListWorklistRequest(page_size=20))
-    print(f"\nRanked worklist ({resp.total_size} case(s); priority = attention ml + plausibility "
-          "penalties over the organs the source did not label):")
+    print(
+        f"\nRanked worklist ({resp.total_size} case(s); priority = attention ml + plausibility "
+        "penalties over the organs the source did not label):"
+    )
     print(f"{'rank':>4}  {'case':28s} {'priority':>9}  organs to review first (heatmap ml)")
     for item in resp.items:
         top = ", ".join(f"{ORGANS[o.organ]} {o.heatmap_ml:.1f}" for o in item.organs[:3])
@@ -149,43 +147,55 @@ def review_round(dep: LocalDeployment, case_id: str, timeout_s: float = 60.0) ->
     who = [(PRINCIPAL_METADATA_KEY, "dr.demo")]
     ranking = ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(dep.target("ranking")))
     labels = labels_pb2_grpc.LabelServiceStub(grpc.insecure_channel(dep.target("labels")))
-    rnd = ranking.StartRound(ranking_pb2.StartRoundRequest(
-        budget_fraction=0.05, request_id=f"demo-round-{case_id}"), metadata=who).round
+    rnd = ranking.StartRound(
+        ranking_pb2.StartRoundRequest(budget_fraction=0.05, request_id=f"demo-round-{case_id}"), metadata=who
+    ).round
     item = ranking.LeaseNextCase(ranking_pb2.LeaseNextCaseRequest(), metadata=who).item
     if item.case_id != case_id or not item.organs:
         say(f"review round {rnd.round_number}: nothing to review")
         return
     before, organ = item.priority, item.organs[0].organ
     drawn = "as drawn" if item.organs[0].volume_ml > 0 else "as drawn (absent: the models' doubt is dismissed)"
-    head = labels.ListLabelVersions(labels_pb2.ListLabelVersionsRequest(case_id=case_id),
-                                    metadata=who).versions[0]
+    head = labels.ListLabelVersions(labels_pb2.ListLabelVersionsRequest(case_id=case_id), metadata=who).versions[0]
     voxels = math.prod(head.geometry.shape)
-    version = labels.ReviseLabels(labels_pb2.ReviseLabelsRequest(
-        case_id=case_id, expected_parent_version_id=head.version_id,
-        request_id=f"demo-review-{head.version_id}",
-        revisions=[labels_pb2.OrganRevision(organ=organ, xor_delta=gzip.compress(
-            bytes((voxels + 7) // 8)))]), metadata=who).version
-    ranking.CompleteReview(ranking_pb2.CompleteReviewRequest(
-        case_id=case_id, outcome=ranking_pb2.REVIEW_OUTCOME_REVISED,
-        label_version_id=version.version_id), metadata=who)
+    version = labels.ReviseLabels(
+        labels_pb2.ReviseLabelsRequest(
+            case_id=case_id,
+            expected_parent_version_id=head.version_id,
+            request_id=f"demo-review-{head.version_id}",
+            revisions=[labels_pb2.OrganRevision(organ=organ, xor_delta=gzip.compress(bytes((voxels + 7) // 8)))],
+        ),
+        metadata=who,
+    ).version
+    ranking.CompleteReview(
+        ranking_pb2.CompleteReviewRequest(
+            case_id=case_id, outcome=ranking_pb2.REVIEW_OUTCOME_REVISED, label_version_id=version.version_id
+        ),
+        metadata=who,
+    )
     deadline = time.monotonic() + timeout_s
     while True:
         now = ranking.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id=case_id)).item
         if now.label_version_id == version.version_id or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    say(f"review round {rnd.round_number} ({rnd.case_count} of {rnd.candidate_count} case(s)): "
+    say(
+        f"review round {rnd.round_number} ({rnd.case_count} of {rnd.candidate_count} case(s)): "
         f"dr.demo (simulated) leased the case and confirmed {ORGANS[organ]} {drawn} -> label "
-        f"version {version.version_id[:12]} (radiologist provenance for {ORGANS[organ]})")
-    say(f"ranking heard of it: priority {before:.1f} -> {now.priority:.1f} "
+        f"version {version.version_id[:12]} (radiologist provenance for {ORGANS[organ]})"
+    )
+    say(
+        f"ranking heard of it: priority {before:.1f} -> {now.priority:.1f} "
         f"({ORGANS[organ]} decided by a human), status "
-        f"{ranking_pb2.WorklistStatus.Name(now.status).removeprefix('WORKLIST_STATUS_')}")
+        f"{ranking_pb2.WorklistStatus.Name(now.status).removeprefix('WORKLIST_STATUS_')}"
+    )
 
 
 def export(dep: LocalDeployment, out: Path, timeout_s: float = 300.0) -> None:
     labels = labels_pb2_grpc.LabelServiceStub(grpc.insecure_channel(dep.target("labels")))
-    job = labels.ExportDataset(labels_pb2.ExportDatasetRequest(
-        destination_uri=out.resolve().as_uri(), include_dicom_seg=True)).job
+    job = labels.ExportDataset(
+        labels_pb2.ExportDatasetRequest(destination_uri=out.resolve().as_uri(), include_dicom_seg=True)
+    ).job
     deadline = time.monotonic() + timeout_s
     while job.state in (common_pb2.OPERATION_STATE_QUEUED, common_pb2.OPERATION_STATE_RUNNING):
         if time.monotonic() > deadline:
@@ -197,8 +207,11 @@ def export(dep: LocalDeployment, out: Path, timeout_s: float = 300.0) -> None:
     say(f"export: {job.progress.cases_done}/{job.progress.cases_total} case(s) written to {out}")
     for seg in job.dicom_seg_outcomes:
         state = labels_pb2.DicomSegState.Name(seg.state).removeprefix("DICOM_SEG_STATE_")
-        detail = (f"{seg.path}, {len(seg.organs)} segment(s), {seg.referenced_instance_count}"
-                  " source instances referenced") if seg.path else seg.reason
+        detail = (
+            (f"{seg.path}, {len(seg.organs)} segment(s), {seg.referenced_instance_count} source instances referenced")
+            if seg.path
+            else seg.reason
+        )
         say(f"DICOM SEG ({state}): {detail}")
 
 
@@ -210,14 +223,20 @@ def run_demo(out: Path, *, keep_running: bool = False) -> int:
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     trained = load_ensemble("abdomen-trio-v1").weights_trained
-    say("atlasflow demo: bundled abdominal CT -> DICOM C-STORE -> ingest -> segmentation "
-        "(Triton) -> labels + ranking -> export")
+    say(
+        "atlasflow demo: bundled abdominal CT -> DICOM C-STORE -> ingest -> segmentation "
+        "(Triton) -> labels + ranking -> export"
+    )
     if trained:
-        say("NOTE: DEMO-ONLY weights, trained on this very CT (services/atlasflow/segmentation/weights/"
-            "README.md): the labels look right here and do not generalise to other scans.")
+        say(
+            "NOTE: DEMO-ONLY weights, trained on this very CT (services/atlasflow/segmentation/weights/"
+            "README.md): the labels look right here and do not generalise to other scans."
+        )
     else:
-        say("NOTE: the ensemble runs UNTRAINED (randomly initialised) weights: the labels "
-            "and the attention map show the plumbing, not anatomy.")
+        say(
+            "NOTE: the ensemble runs UNTRAINED (randomly initialised) weights: the labels "
+            "and the attention map show the plumbing, not anatomy."
+        )
     state_dir = out / "state"
     if state_dir.exists():
         shutil.rmtree(state_dir)
@@ -236,17 +255,21 @@ def run_demo(out: Path, *, keep_running: bool = False) -> int:
         review_round(dep, case_id)
         export_dir = out / "export"
         export(dep, export_dir)
-        item = ranking_pb2_grpc.RankingServiceStub(
-            grpc.insecure_channel(dep.target("ranking"))).GetWorklistItem(
-            ranking_pb2.GetWorklistItemRequest(case_id=case_id)).item
+        item = (
+            ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(dep.target("ranking")))
+            .GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id=case_id))
+            .item
+        )
         ct, affine = from_nifti_bytes((export_dir / case_id / "ct.nii.gz").read_bytes())
         labels, _ = from_nifti_bytes((export_dir / case_id / "combined_labels.nii.gz").read_bytes())
         heat, _ = from_nifti_bytes(LocalBlobStore(dep.blob_dir).get(item.heatmap.digest))
         title = f"atlasflow demo - case {case_id}" + (" - DEMO-ONLY weights" if trained else " - UNTRAINED models")
         png = render_montage(ct, labels, heat, affine, out / "montage.png", title=title)
         say(f"montage: {png}")
-        say(f"dataset: {export_dir / case_id} (ct.nii.gz, combined_labels.nii.gz, "
-            f"segmentations/<organ>.nii.gz x {len(ORGANS)})")
+        say(
+            f"dataset: {export_dir / case_id} (ct.nii.gz, combined_labels.nii.gz, "
+            f"segmentations/<organ>.nii.gz x {len(ORGANS)})"
+        )
     except Exception as exc:
         say(f"demo failed: {exc}")
         for log in sorted((state_dir / "logs").glob("*.log")):

@@ -74,9 +74,7 @@ def _ds(value: float) -> str:
     return format_number_as_ds(float(value))
 
 
-def build_demo_datasets(
-    hu: np.ndarray, affine: np.ndarray, *, seed_name: str = "atlasflow-demo"
-) -> list[Dataset]:
+def build_demo_datasets(hu: np.ndarray, affine: np.ndarray, *, seed_name: str = "atlasflow-demo") -> list[Dataset]:
     """One CT Image Storage dataset (with file meta) per slice, in InstanceNumber order.
 
     hu: (X, Y, Z) integer HU array; affine: (4, 4) voxel -> RAS+ mm. Raises ValueError when
@@ -195,9 +193,7 @@ def build_demo_datasets(
     return datasets
 
 
-def write_demo_series(
-    nifti_path: Path, out_dir: Path, *, seed_name: str = "atlasflow-demo"
-) -> list[Path]:
+def write_demo_series(nifti_path: Path, out_dir: Path, *, seed_name: str = "atlasflow-demo") -> list[Path]:
     """Write the demo series built from `nifti_path` into `out_dir` (created if needed).
 
     Returns the file paths ``IM0001.dcm``... in InstanceNumber order (1 = most cranial).

@@ -25,10 +25,17 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 DEFAULT_PORTS = {
-    "triton_http": 8000, "triton_grpc": 8001, "triton_metrics": 8002,
-    "ingest": 50051, "segmentation": 50052, "ranking": 50053, "labels": 50054,
+    "triton_http": 8000,
+    "triton_grpc": 8001,
+    "triton_metrics": 8002,
+    "ingest": 50051,
+    "segmentation": 50052,
+    "ranking": 50053,
+    "labels": 50054,
     "dicom": 11112,
-    "ingest_metrics": 9101, "segmentation_metrics": 9102, "ranking_metrics": 9103,
+    "ingest_metrics": 9101,
+    "segmentation_metrics": 9102,
+    "ranking_metrics": 9103,
     "labels_metrics": 9104,
 }
 START_ORDER = ["triton", "labels", "ranking", "segmentation", "ingest"]
@@ -83,8 +90,7 @@ class LocalDeployment:
         run = Path(state_dir) / "run"
         doc = json.loads((run / "endpoints.json").read_text())
         token = (run / "triton.token").read_text().strip()
-        return cls(Path(state_dir).resolve(), doc["ports"], doc["ensemble"], doc["quiet_period_s"],
-                   triton_token=token)
+        return cls(Path(state_dir).resolve(), doc["ports"], doc["ensemble"], doc["quiet_period_s"], triton_token=token)
 
     # ------------------------------------------------------------------ addresses
     def target(self, service: str) -> str:
@@ -96,10 +102,13 @@ class LocalDeployment:
 
     def endpoints(self) -> dict[str, str]:
         return {
-            "ingest_grpc": self.target("ingest"), "ingest_dicom": self.target("dicom"),
+            "ingest_grpc": self.target("ingest"),
+            "ingest_dicom": self.target("dicom"),
             "segmentation_grpc": self.target("segmentation"),
-            "ranking_grpc": self.target("ranking"), "labels_grpc": self.target("labels"),
-            "triton_grpc": self.target("triton_grpc"), "triton_http": self.target("triton_http"),
+            "ranking_grpc": self.target("ranking"),
+            "labels_grpc": self.target("labels"),
+            "triton_grpc": self.target("triton_grpc"),
+            "triton_http": self.target("triton_http"),
         }
 
     # ------------------------------------------------------------------ processes
@@ -112,23 +121,31 @@ class LocalDeployment:
         libdir = sysconfig.get_config_var("LIBDIR") or ""
         env["LD_LIBRARY_PATH"] = ":".join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
         p = self.ports
-        common = {"DATA_DIR": str(self.state_dir / "data" / name),
-                  "BLOB_DIR": str(self.blob_dir)}
+        common = {"DATA_DIR": str(self.state_dir / "data" / name), "BLOB_DIR": str(self.blob_dir)}
         specific: dict[str, dict[str, object]] = {
-            "ingest": {"GRPC_PORT": p["ingest"], "DICOM_PORT": p["dicom"],
-                       "METRICS_PORT": p["ingest_metrics"],
-                       "QUIET_PERIOD_S": self.quiet_period_s,
-                       "SEGMENTATION_TARGET": self.target("segmentation")},
-            "segmentation": {"GRPC_PORT": p["segmentation"],
-                             "METRICS_PORT": p["segmentation_metrics"],
-                             "TRITON_URL": self.target("triton_grpc"), "ENSEMBLE": self.ensemble,
-                             "LABELS_TARGET": self.target("labels"),
-                             "RANKING_TARGET": self.target("ranking"),
-                             "TRITON_ACCESS_TOKEN": self.triton_token},
+            "ingest": {
+                "GRPC_PORT": p["ingest"],
+                "DICOM_PORT": p["dicom"],
+                "METRICS_PORT": p["ingest_metrics"],
+                "QUIET_PERIOD_S": self.quiet_period_s,
+                "SEGMENTATION_TARGET": self.target("segmentation"),
+            },
+            "segmentation": {
+                "GRPC_PORT": p["segmentation"],
+                "METRICS_PORT": p["segmentation_metrics"],
+                "TRITON_URL": self.target("triton_grpc"),
+                "ENSEMBLE": self.ensemble,
+                "LABELS_TARGET": self.target("labels"),
+                "RANKING_TARGET": self.target("ranking"),
+                "TRITON_ACCESS_TOKEN": self.triton_token,
+            },
             "ranking": {"GRPC_PORT": p["ranking"], "METRICS_PORT": p["ranking_metrics"]},
-            "labels": {"GRPC_PORT": p["labels"], "METRICS_PORT": p["labels_metrics"],
-                       "INGEST_TARGET": self.target("ingest"),
-                       "RANKING_TARGET": self.target("ranking")},
+            "labels": {
+                "GRPC_PORT": p["labels"],
+                "METRICS_PORT": p["labels_metrics"],
+                "INGEST_TARGET": self.target("ingest"),
+                "RANKING_TARGET": self.target("ranking"),
+            },
         }
         if name in specific:
             prefix = f"ATLASFLOW_{name.upper()}_"
@@ -138,11 +155,19 @@ class LocalDeployment:
 
     def _command(self, name: str) -> list[str]:
         if name == "triton":
-            return [sys.executable, "-m", "atlasflow.segmentation.triton_server",
-                    "--ensemble", self.ensemble,
-                    "--grpc-port", str(self.ports["triton_grpc"]),
-                    "--http-port", str(self.ports["triton_http"]),
-                    "--metrics-port", str(self.ports["triton_metrics"])]
+            return [
+                sys.executable,
+                "-m",
+                "atlasflow.segmentation.triton_server",
+                "--ensemble",
+                self.ensemble,
+                "--grpc-port",
+                str(self.ports["triton_grpc"]),
+                "--http-port",
+                str(self.ports["triton_http"]),
+                "--metrics-port",
+                str(self.ports["triton_metrics"]),
+            ]
         return [sys.executable, "-m", "atlasflow.cli.main", "serve", name]
 
     def start(self, names: list[str] | None = None) -> dict[str, int]:
@@ -150,9 +175,17 @@ class LocalDeployment:
         logs = self.state_dir / "logs"
         run.mkdir(parents=True, exist_ok=True)
         logs.mkdir(parents=True, exist_ok=True)
-        (run / "endpoints.json").write_text(json.dumps({
-            "ports": self.ports, "ensemble": self.ensemble,
-            "quiet_period_s": self.quiet_period_s, "endpoints": self.endpoints()}, indent=2))
+        (run / "endpoints.json").write_text(
+            json.dumps(
+                {
+                    "ports": self.ports,
+                    "ensemble": self.ensemble,
+                    "quiet_period_s": self.quiet_period_s,
+                    "endpoints": self.endpoints(),
+                },
+                indent=2,
+            )
+        )
         token_file = run / "triton.token"
         token_file.touch(mode=0o600)
         token_file.write_text(self.triton_token)
@@ -161,9 +194,15 @@ class LocalDeployment:
             if name in pids and _alive(pids[name]):
                 continue
             log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-            proc = subprocess.Popen(self._command(name), env=self._env(name), stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, cwd=self.state_dir)
+            proc = subprocess.Popen(
+                self._command(name),
+                env=self._env(name),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.state_dir,
+            )
             pids[name] = proc.pid
             (run / "processes.json").write_text(json.dumps(pids, indent=2))
         return pids
@@ -178,11 +217,13 @@ class LocalDeployment:
             while not self.healthy(name):
                 pid = self.pids().get(name)
                 if pid is None or not _alive(pid):
-                    raise RuntimeError(f"{name} exited during start-up; see "
-                                       f"{self.state_dir / 'logs' / (name + '.log')}")
+                    raise RuntimeError(
+                        f"{name} exited during start-up; see {self.state_dir / 'logs' / (name + '.log')}"
+                    )
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{name} not healthy after {timeout_s:.0f} s; see "
-                                       f"{self.state_dir / 'logs' / (name + '.log')}")
+                    raise TimeoutError(
+                        f"{name} not healthy after {timeout_s:.0f} s; see {self.state_dir / 'logs' / (name + '.log')}"
+                    )
                 time.sleep(0.5)
 
     def healthy(self, name: str) -> bool:
@@ -190,6 +231,7 @@ class LocalDeployment:
             import tritonclient.grpc as tgrpc
 
             from atlasflow.segmentation.ensemble import triton_model_name
+
             try:
                 client = tgrpc.InferenceServerClient(self.target("triton_grpc"))
                 return bool(client.is_model_ready(triton_model_name(self.ensemble)))
@@ -197,8 +239,7 @@ class LocalDeployment:
                 return False
         try:
             with grpc.insecure_channel(self.target(name)) as ch:
-                resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
-                                                            timeout=1.0)
+                resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
             return resp.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:
             return False

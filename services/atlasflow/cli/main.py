@@ -1,15 +1,15 @@
 """The `atlasflow` command.
 
-    atlasflow serve {ingest,segmentation,ranking,labels,triton}   run one service (foreground)
-    atlasflow up [--state-dir DIR] [--auto-ports]                   start everything locally
-    atlasflow down [--state-dir DIR]                                stop it
-    atlasflow status [--state-dir DIR]                              health of each process
-    atlasflow demo [--out DIR]                                      the end-to-end demo
-    atlasflow send DIR [--target HOST:PORT] [--commit] [--assign-uids]  gRPC upload (resumable)
-    atlasflow convert DICOM_DIR OUT.nii.gz                          DICOM series -> NIfTI (HU, RAS)
-    atlasflow retrieve ...                                          C-FIND + C-MOVE from a PACS
-    atlasflow triton-repo OUT_DIR                                   Triton model repository for the cluster
-    atlasflow rank ROOT --out OUT [--mode reference|enhanced]       offline attention + priority
+atlasflow serve {ingest,segmentation,ranking,labels,triton}   run one service (foreground)
+atlasflow up [--state-dir DIR] [--auto-ports]                   start everything locally
+atlasflow down [--state-dir DIR]                                stop it
+atlasflow status [--state-dir DIR]                              health of each process
+atlasflow demo [--out DIR]                                      the end-to-end demo
+atlasflow send DIR [--target HOST:PORT] [--commit] [--assign-uids]  gRPC upload (resumable)
+atlasflow convert DICOM_DIR OUT.nii.gz                          DICOM series -> NIfTI (HU, RAS)
+atlasflow retrieve ...                                          C-FIND + C-MOVE from a PACS
+atlasflow triton-repo OUT_DIR                                   Triton model repository for the cluster
+atlasflow rank ROOT --out OUT [--mode reference|enhanced]       offline attention + priority
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ SERVICES = ("ingest", "segmentation", "ranking", "labels", "triton")
 DELEGATED = {
     "convert": ("atlasflow.ingest.convert", "DICOM series -> NIfTI with HU and RAS affine"),
     "retrieve": ("atlasflow.ingest.retrieve", "query/retrieve a study from a PACS (C-FIND + C-MOVE)"),
-    "triton-repo": ("atlasflow.segmentation.triton_repo",
-                    "write a Triton model repository (Python backend + weights)"),
+    "triton-repo": ("atlasflow.segmentation.triton_repo", "write a Triton model repository (Python backend + weights)"),
     "rank": ("atlasflow.ranking.offline", "offline attention maps + priority.csv"),
 }
 
@@ -42,6 +41,7 @@ def _serve(name: str) -> None:
         from atlasflow.labels.main import main
     else:
         from atlasflow.segmentation.triton_server import main
+
         sys.argv = [sys.argv[0], *sys.argv[3:]]
     main()
 
@@ -52,16 +52,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run one service in the foreground")
     p.add_argument("service", choices=SERVICES)
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    for name, help_ in (("up", "start all services and Triton locally"),
-                        ("down", "stop the local services"),
-                        ("status", "show the health of the local services")):
+    for name, help_ in (
+        ("up", "start all services and Triton locally"),
+        ("down", "stop the local services"),
+        ("status", "show the health of the local services"),
+    ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--state-dir", type=Path, default=Path(".atlasflow"))
         if name == "up":
-            p.add_argument("--auto-ports", action="store_true",
-                           help="pick free ports instead of the defaults (50051-50054, 11112, 8000-8002)")
-            p.add_argument("--quiet-period", type=float, default=5.0,
-                           help="seconds without new instances before a series is assembled")
+            p.add_argument(
+                "--auto-ports",
+                action="store_true",
+                help="pick free ports instead of the defaults (50051-50054, 11112, 8000-8002)",
+            )
+            p.add_argument(
+                "--quiet-period",
+                type=float,
+                default=5.0,
+                help="seconds without new instances before a series is assembled",
+            )
             p.add_argument("--timeout", type=float, default=300.0)
     p = sub.add_parser("demo", help="end-to-end demo on the bundled CT")
     p.add_argument("--out", type=Path, default=Path("atlasflow-demo"))
@@ -70,9 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", type=Path)
     p.add_argument("--target", default="127.0.0.1:50051")
     p.add_argument("--commit", action="store_true", help="commit the series after upload")
-    p.add_argument("--assign-uids", action="store_true",
-                   help="derive stable Study/Series/SOP Instance UIDs for files whose UIDs are"
-                        " empty (de-identified exports); without it the server refuses them")
+    p.add_argument(
+        "--assign-uids",
+        action="store_true",
+        help="derive stable Study/Series/SOP Instance UIDs for files whose UIDs are"
+        " empty (de-identified exports); without it the server refuses them",
+    )
     for name, (_module, help_) in DELEGATED.items():
         sub.add_parser(name, help=help_, add_help=False)
     return parser
@@ -92,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         from atlasflow.cli.local import LocalDeployment
 
-        dep = LocalDeployment.create(args.state_dir, args.auto_ports,
-                                     quiet_period_s=args.quiet_period)
+        dep = LocalDeployment.create(args.state_dir, args.auto_ports, quiet_period_s=args.quiet_period)
         dep.start()
         dep.wait_healthy(args.timeout)
         print(json.dumps(dep.endpoints(), indent=2))
@@ -122,13 +133,15 @@ def main(argv: list[str] | None = None) -> int:
         from atlasflow.cli.upload import UploadError, send_directory
 
         try:
-            receipts = send_directory(args.directory, args.target, commit=args.commit,
-                                      assign_uids=args.assign_uids)
+            receipts = send_directory(args.directory, args.target, commit=args.commit, assign_uids=args.assign_uids)
         except UploadError as exc:
             print(f"atlasflow send: refused: {exc.reason}: {exc.message}", file=sys.stderr)
             if exc.reason == "MISSING_UID":
-                print("hint: these files have empty Study/Series/SOP Instance UIDs; add"
-                      " --assign-uids to derive stable UIDs on this machine", file=sys.stderr)
+                print(
+                    "hint: these files have empty Study/Series/SOP Instance UIDs; add"
+                    " --assign-uids to derive stable UIDs on this machine",
+                    file=sys.stderr,
+                )
             return 1
         dups = sum(r.duplicate for r in receipts)
         conflicts = sum(r.conflict for r in receipts)

@@ -32,15 +32,15 @@ LABEL_ALPHA = 0.45
 HEATMAP_ALPHA_MAX = 0.75
 # Distinct colours (RGB) per AbdomenAtlas organ id.
 ORGAN_COLOURS: dict[int, tuple[int, int, int]] = {
-    1: (230, 25, 75),     # aorta: red
-    2: (60, 180, 75),     # gall_bladder: green
-    3: (255, 225, 25),    # kidney_left: yellow
-    4: (245, 130, 48),    # kidney_right: orange
-    5: (0, 130, 200),     # liver: blue
-    6: (145, 30, 180),    # pancreas: purple
-    7: (70, 240, 240),    # postcava: cyan
-    8: (240, 50, 230),    # spleen: magenta
-    9: (170, 110, 40),    # stomach: brown
+    1: (230, 25, 75),  # aorta: red
+    2: (60, 180, 75),  # gall_bladder: green
+    3: (255, 225, 25),  # kidney_left: yellow
+    4: (245, 130, 48),  # kidney_right: orange
+    5: (0, 130, 200),  # liver: blue
+    6: (145, 30, 180),  # pancreas: purple
+    7: (70, 240, 240),  # postcava: cyan
+    8: (240, 50, 230),  # spleen: magenta
+    9: (170, 110, 40),  # stomach: brown
 }
 
 CELL_PX = 192
@@ -103,8 +103,7 @@ def window(ct_img: np.ndarray, lo: float = WINDOW_HU[0], hi: float = WINDOW_HU[1
 def hot(t: np.ndarray) -> np.ndarray:
     """'hot' colour map: t in [0, 1] (H, W) -> (H, W, 3) float RGB in [0, 1]."""
     t = np.clip(t, 0.0, 1.0)
-    return np.stack([np.clip(3 * t, 0, 1), np.clip(3 * t - 1, 0, 1), np.clip(3 * t - 2, 0, 1)],
-                    axis=-1)
+    return np.stack([np.clip(3 * t, 0, 1), np.clip(3 * t - 1, 0, 1), np.clip(3 * t - 2, 0, 1)], axis=-1)
 
 
 def overlay_labels(grey: np.ndarray, labels: np.ndarray, alpha: float = LABEL_ALPHA) -> np.ndarray:
@@ -157,9 +156,17 @@ def pick_slices(labels_ras: np.ndarray, n: int) -> list[int]:
     return [int(round(v)) for v in np.linspace(lo + pad, hi - pad, n)][::-1]  # cranial first
 
 
-def render_montage(ct: np.ndarray, labels: np.ndarray, heatmap: np.ndarray, affine: np.ndarray,
-                   out_png: Path, *, n_slices: int = 6, title: str = "",
-                   cell_px: int = CELL_PX) -> Path:
+def render_montage(
+    ct: np.ndarray,
+    labels: np.ndarray,
+    heatmap: np.ndarray,
+    affine: np.ndarray,
+    out_png: Path,
+    *,
+    n_slices: int = 6,
+    title: str = "",
+    cell_px: int = CELL_PX,
+) -> Path:
     """Draw the demo montage and write it to `out_png`; return the path.
 
     ct: (X, Y, Z) HU; labels: (X, Y, Z) AbdomenAtlas ids 0..9; heatmap: (X, Y, Z) attention
@@ -193,10 +200,10 @@ def render_montage(ct: np.ndarray, labels: np.ndarray, heatmap: np.ndarray, affi
     inv_z = _world_z(affine, ct_r.shape)
     panels: list[tuple[np.ndarray, np.ndarray, np.ndarray, float, float, str]] = []
     for k in zs:
-        panels.append((axial_view(ct_r, k), axial_view(lab_r, k), axial_view(heat_r, k), sy, sx,
-                       f"axial z={inv_z(k):.0f} mm"))
-    panels.append((coronal_view(ct_r, j), coronal_view(lab_r, j), coronal_view(heat_r, j), sz,
-                   sx, "coronal"))
+        panels.append(
+            (axial_view(ct_r, k), axial_view(lab_r, k), axial_view(heat_r, k), sy, sx, f"axial z={inv_z(k):.0f} mm")
+        )
+    panels.append((coronal_view(ct_r, j), coronal_view(lab_r, j), coronal_view(heat_r, j), sz, sx, "coronal"))
 
     top = MARGIN_PX + TITLE_H
     for col, (c_img, l_img, h_img, row_mm, col_mm, caption) in enumerate(panels):
@@ -207,8 +214,7 @@ def render_montage(ct: np.ndarray, labels: np.ndarray, heatmap: np.ndarray, affi
             canvas.paste(_fit(rgb, row_mm, col_mm, cell_px, nearest=True), (x, y))
             draw.text((x + 3, y + 2), "R", fill=FG, font=f_small)
             draw.text((x + cell_px - 10, y + 2), "L", fill=FG, font=f_small)
-            draw.text((x + 2, y + cell_px + 2),
-                      caption if row == 0 else "attention heatmap", fill=FG, font=f_small)
+            draw.text((x + 2, y + cell_px + 2), caption if row == 0 else "attention heatmap", fill=FG, font=f_small)
 
     lx = MARGIN_PX + (n_slices + 1) * (cell_px + GAP_PX) + 4
     ly = top
@@ -219,8 +225,13 @@ def render_montage(ct: np.ndarray, labels: np.ndarray, heatmap: np.ndarray, affi
         draw.text((lx + 18, ly), name, fill=FG, font=f_small)
         ly += 17
     ly += 8
-    for line in ("radiological view:", "patient right on", "image left; anterior up",
-                 f"window {WINDOW_HU[0]:.0f}..{WINDOW_HU[1]:.0f} HU", "heatmap: hot, 0..1"):
+    for line in (
+        "radiological view:",
+        "patient right on",
+        "image left; anterior up",
+        f"window {WINDOW_HU[0]:.0f}..{WINDOW_HU[1]:.0f} HU",
+        "heatmap: hot, 0..1",
+    ):
         draw.text((lx, ly), line, fill=FG, font=f_small)
         ly += 15
     # Hot colour bar.
@@ -267,10 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     ct, affine = from_nifti_bytes(Path(args.ct).read_bytes())
     labels, _ = from_nifti_bytes(Path(args.labels).read_bytes())
-    heat = (np.zeros(ct.shape, np.float32) if args.heatmap == "-"
-            else from_nifti_bytes(Path(args.heatmap).read_bytes())[0])
-    render_montage(ct, labels, heat, affine, Path(args.out_png), n_slices=args.slices,
-                   title=args.title)
+    heat = (
+        np.zeros(ct.shape, np.float32) if args.heatmap == "-" else from_nifti_bytes(Path(args.heatmap).read_bytes())[0]
+    )
+    render_montage(ct, labels, heat, affine, Path(args.out_png), n_slices=args.slices, title=args.title)
     return 0
 
 

@@ -35,9 +35,14 @@ from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 CHUNK_BYTES = 1 << 20
 #: Namespace of the UIDs `derive_uids` makes (2.25.<uuid5>, PS3.5 B.2).
 UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:atlasflow:assigned-uids")
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-              grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
-              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+}
 
 
 class UploadError(Exception):
@@ -80,13 +85,13 @@ def upload_requests(paths: Sequence[Path]) -> Iterator[ingest_pb2.UploadInstance
         for start in range(0, len(data), CHUNK_BYTES):
             last = start + CHUNK_BYTES >= len(data)
             yield ingest_pb2.UploadInstancesRequest(
-                client_ref=ref, chunk=data[start:start + CHUNK_BYTES], last_chunk=last,
-                sha256=digest if last else "")
+                client_ref=ref, chunk=data[start : start + CHUNK_BYTES], last_chunk=last, sha256=digest if last else ""
+            )
 
 
-def resumable_requests(ref: str, data: bytes, upload_id: str, start: int = 0,
-                       chunk_bytes: int = CHUNK_BYTES
-                       ) -> Iterator[ingest_pb2.UploadInstancesRequest]:
+def resumable_requests(
+    ref: str, data: bytes, upload_id: str, start: int = 0, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[ingest_pb2.UploadInstancesRequest]:
     """The messages of one instance from byte `start` (the server's committed offset). The
     last one carries `last_chunk` and the SHA-256 (an empty chunk when `start` is the end)."""
     digest = hashlib.sha256(data).hexdigest()
@@ -95,14 +100,20 @@ def resumable_requests(ref: str, data: bytes, upload_id: str, start: int = 0,
         end = min(pos + chunk_bytes, len(data))
         last = end >= len(data)
         yield ingest_pb2.UploadInstancesRequest(
-            client_ref=ref, chunk=data[pos:end], last_chunk=last,
-            sha256=digest if last else "", upload_id=upload_id, offset=pos)
+            client_ref=ref,
+            chunk=data[pos:end],
+            last_chunk=last,
+            sha256=digest if last else "",
+            upload_id=upload_id,
+            offset=pos,
+        )
         if last:
             return
         pos = end
 
 
 # --------------------------------------------------------------------------- assigned UIDs
+
 
 def _uid(*parts: object) -> str:
     return "2.25." + str(uuid.uuid5(UID_NAMESPACE, "|".join(map(str, parts))).int)
@@ -132,10 +143,11 @@ def derive_uids(data: bytes) -> bytes:
     iop = [round(float(v), 4) for v in (ds.get("ImageOrientationPatient") or [])]
     spacing = [round(float(v), 6) for v in (ds.get("PixelSpacing") or [])]
     geometry = (iop, ds.get("Rows"), ds.get("Columns"), spacing)
-    derived = {"StudyInstanceUID": _uid("study", frame or geometry),
-               "SeriesInstanceUID": _uid("series", frame, geometry),
-               "SOPInstanceUID": _uid("sop", frame, geometry, content_key(ds) or
-                                      hashlib.sha256(data).hexdigest())}
+    derived = {
+        "StudyInstanceUID": _uid("study", frame or geometry),
+        "SeriesInstanceUID": _uid("series", frame, geometry),
+        "SOPInstanceUID": _uid("sop", frame, geometry, content_key(ds) or hashlib.sha256(data).hexdigest()),
+    }
     for k in keys:
         if not str(ds.get(k, "") or "").strip():
             setattr(ds, k, derived[k])
@@ -150,6 +162,7 @@ def derive_uids(data: bytes) -> bytes:
 
 # --------------------------------------------------------------------------------- client
 
+
 def _error(exc: grpc.RpcError) -> UploadError:
     from atlasflow.common.server import error_info_of
 
@@ -159,11 +172,19 @@ def _error(exc: grpc.RpcError) -> UploadError:
     return UploadError(exc.code().name, exc.details() or "")
 
 
-def send_files(paths: Sequence[Path], target: str, *, commit: bool = False,
-               resumable: bool = True, assign_uids: bool = False,
-               chunk_bytes: int = CHUNK_BYTES, max_attempts: int = 5, retry_wait_s: float = 0.5,
-               stats: UploadStats | None = None,
-               load: Callable[[Path], bytes] | None = None) -> list[ingest_pb2.InstanceReceipt]:
+def send_files(
+    paths: Sequence[Path],
+    target: str,
+    *,
+    commit: bool = False,
+    resumable: bool = True,
+    assign_uids: bool = False,
+    chunk_bytes: int = CHUNK_BYTES,
+    max_attempts: int = 5,
+    retry_wait_s: float = 0.5,
+    stats: UploadStats | None = None,
+    load: Callable[[Path], bytes] | None = None,
+) -> list[ingest_pb2.InstanceReceipt]:
     """Upload DICOM files; returns one receipt per file, in order, each instance durable.
 
     Resumable (default): on a retryable failure (UNAVAILABLE, CANCELLED, ABORTED e.g.
@@ -185,17 +206,22 @@ def send_files(paths: Sequence[Path], target: str, *, commit: bool = False,
                 raise _error(exc) from None
             receipts = list(response.receipts)
         else:
-            receipts = _send_resumable(stub, list(paths), read, chunk_bytes, max_attempts,
-                                       retry_wait_s, stats)
+            receipts = _send_resumable(stub, list(paths), read, chunk_bytes, max_attempts, retry_wait_s, stats)
         if commit:
             for series_id in dict.fromkeys(r.series_id for r in receipts):
                 stub.CommitSeries(ingest_pb2.CommitSeriesRequest(series_id=series_id), timeout=600)
     return receipts
 
 
-def _send_resumable(stub: ingest_pb2_grpc.IngestServiceStub, paths: list[Path],
-                    read: Callable[[Path], bytes], chunk_bytes: int, max_attempts: int,
-                    retry_wait_s: float, stats: UploadStats) -> list[ingest_pb2.InstanceReceipt]:
+def _send_resumable(
+    stub: ingest_pb2_grpc.IngestServiceStub,
+    paths: list[Path],
+    read: Callable[[Path], bytes],
+    chunk_bytes: int,
+    max_attempts: int,
+    retry_wait_s: float,
+    stats: UploadStats,
+) -> list[ingest_pb2.InstanceReceipt]:
     done: dict[int, ingest_pb2.InstanceReceipt] = {}
     ids: dict[int, str] = {}
 
@@ -203,8 +229,7 @@ def _send_resumable(stub: ingest_pb2_grpc.IngestServiceStub, paths: list[Path],
         """The server's committed offset for instance i; None when it is complete (its
         receipt is then taken from the status)."""
         try:
-            st = stub.GetUploadStatus(ingest_pb2.GetUploadStatusRequest(upload_id=ids[i]),
-                                      timeout=30)
+            st = stub.GetUploadStatus(ingest_pb2.GetUploadStatusRequest(upload_id=ids[i]), timeout=30)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return 0
@@ -252,7 +277,8 @@ def _send_resumable(stub: ingest_pb2_grpc.IngestServiceStub, paths: list[Path],
     return [done[i] for i in range(len(paths))]
 
 
-def send_directory(directory: Path, target: str, *, commit: bool = False,
-                   assign_uids: bool = False) -> list[ingest_pb2.InstanceReceipt]:
+def send_directory(
+    directory: Path, target: str, *, commit: bool = False, assign_uids: bool = False
+) -> list[ingest_pb2.InstanceReceipt]:
     paths = sorted(p for p in Path(directory).rglob("*") if p.is_file())
     return send_files(paths, target, commit=commit, assign_uids=assign_uids)

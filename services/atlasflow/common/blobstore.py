@@ -38,8 +38,10 @@ def _check_digest(digest: str) -> str:
     algo, _, hexpart = digest.partition(":")
     if algo != "sha256" or len(hexpart) != 64 or any(c not in "0123456789abcdef" for c in hexpart):
         raise InvalidArgument(
-            "INVALID_BLOB_DIGEST", "blob digest must be 'sha256:<64 lowercase hex>'",
-            domain="atlasflow.blobs", metadata={"digest": digest[:80]},
+            "INVALID_BLOB_DIGEST",
+            "blob digest must be 'sha256:<64 lowercase hex>'",
+            domain="atlasflow.blobs",
+            metadata={"digest": digest[:80]},
         )
     return hexpart
 
@@ -82,11 +84,16 @@ class LocalBlobStore:
         try:
             data = p.read_bytes()
         except FileNotFoundError:
-            raise NotFound("BLOB_NOT_FOUND", "blob not found", domain="atlasflow.blobs",
-                           metadata={"digest": digest}) from None
+            raise NotFound(
+                "BLOB_NOT_FOUND", "blob not found", domain="atlasflow.blobs", metadata={"digest": digest}
+            ) from None
         if digest_of(data) != digest:
-            raise DataLoss("BLOB_CORRUPT", "blob content does not match its digest",
-                           domain="atlasflow.blobs", metadata={"digest": digest})
+            raise DataLoss(
+                "BLOB_CORRUPT",
+                "blob content does not match its digest",
+                domain="atlasflow.blobs",
+                metadata={"digest": digest},
+            )
         return data
 
     def exists(self, digest: str) -> bool:

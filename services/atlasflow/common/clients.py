@@ -12,18 +12,22 @@ import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, client_interceptor
 from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 
-_RETRY_POLICY = json.dumps({
-    "methodConfig": [{
-        "name": [{}],
-        "retryPolicy": {
-            "maxAttempts": 4,
-            "initialBackoff": "0.2s",
-            "maxBackoff": "2s",
-            "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
-        },
-    }]
-})
+_RETRY_POLICY = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{}],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
 
 
 def channel_options(max_message_bytes: int = 64 * 1024 * 1024) -> list[tuple[str, object]]:
@@ -38,7 +42,8 @@ def channel_options(max_message_bytes: int = 64 * 1024 * 1024) -> list[tuple[str
 def aio_channel(target: str, max_message_bytes: int = 64 * 1024 * 1024) -> grpc.aio.Channel:
     """Async channel for service-to-service calls (idempotent RPCs retried on UNAVAILABLE)."""
     return grpc.aio.insecure_channel(
-        target, options=channel_options(max_message_bytes),
+        target,
+        options=channel_options(max_message_bytes),
         interceptors=aio_client_interceptors(),
     )
 

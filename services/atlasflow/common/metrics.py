@@ -16,21 +16,29 @@ class Metrics:
         self.service = service
         self.registry = CollectorRegistry()
         self.rpc_requests = Counter(
-            "atlasflow_rpc_requests", "RPCs handled, by method and gRPC status code.",
-            ["service", "method", "code"], registry=self.registry,
+            "atlasflow_rpc_requests",
+            "RPCs handled, by method and gRPC status code.",
+            ["service", "method", "code"],
+            registry=self.registry,
         )
         self.rpc_duration = Histogram(
-            "atlasflow_rpc_duration_seconds", "RPC handling time in seconds.",
-            ["service", "method"], registry=self.registry,
+            "atlasflow_rpc_duration_seconds",
+            "RPC handling time in seconds.",
+            ["service", "method"],
+            registry=self.registry,
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300),
         )
         self.queue_depth = Gauge(
-            "atlasflow_queue_depth", "Items waiting in a durable work queue or outbox.",
-            ["service", "queue"], registry=self.registry,
+            "atlasflow_queue_depth",
+            "Items waiting in a durable work queue or outbox.",
+            ["service", "queue"],
+            registry=self.registry,
         )
         self.events = Counter(
-            "atlasflow_events", "Domain events (instances stored, jobs finished, ...).",
-            ["service", "event"], registry=self.registry,
+            "atlasflow_events",
+            "Domain events (instances stored, jobs finished, ...).",
+            ["service", "event"],
+            registry=self.registry,
         )
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:

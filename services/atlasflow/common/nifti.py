@@ -13,8 +13,7 @@ import nibabel as nib
 import numpy as np
 
 
-def to_nifti_bytes(array: np.ndarray, affine: np.ndarray, *, compress: bool = True,
-                   level: int = 1) -> bytes:
+def to_nifti_bytes(array: np.ndarray, affine: np.ndarray, *, compress: bool = True, level: int = 1) -> bytes:
     """Encode `array` (X, Y, Z), RAS `affine` (4, 4) as NIfTI-1; gzip it when `compress`."""
     img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
     img.header.set_sform(affine, code=1)

@@ -51,16 +51,20 @@ CREATE INDEX outbox_due ON outbox(state, next_attempt_at);
 """
 
 # Codes that will not get better by retrying: the row is parked as 'dead' (visible, counted).
-PERMANENT_CODES = {"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "PERMISSION_DENIED",
-                   "UNIMPLEMENTED", "DATA_LOSS"}
+PERMANENT_CODES = {
+    "INVALID_ARGUMENT",
+    "NOT_FOUND",
+    "FAILED_PRECONDITION",
+    "PERMISSION_DENIED",
+    "UNIMPLEMENTED",
+    "DATA_LOSS",
+}
 
 
-def enqueue(conn: sqlite3.Connection, topic: str, dedupe_key: str, payload: bytes,
-            traceparent: str = "") -> None:
+def enqueue(conn: sqlite3.Connection, topic: str, dedupe_key: str, payload: bytes, traceparent: str = "") -> None:
     """Add a hand-off inside the caller's open transaction (no commit here)."""
     conn.execute(
-        "INSERT OR IGNORE INTO outbox(topic, dedupe_key, payload, traceparent, next_attempt_at)"
-        " VALUES (?, ?, ?, ?, ?)",
+        "INSERT OR IGNORE INTO outbox(topic, dedupe_key, payload, traceparent, next_attempt_at) VALUES (?, ?, ?, ?, ?)",
         (topic, dedupe_key, payload, traceparent, time.time()),
     )
 
@@ -113,19 +117,21 @@ class SqliteOutboxStore:
             rows = self.conn.execute(
                 "SELECT id, topic, dedupe_key, payload, traceparent, attempts FROM outbox"
                 " WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
-                (now, limit)).fetchall()
+                (now, limit),
+            ).fetchall()
         return [OutboxRow(*r) for r in rows]
 
     def mark(self, row_id: int, state: str, error: str, next_attempt_at: float) -> None:
         with self.lock, self.conn:
             self.conn.execute(
                 "UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?,"
-                " next_attempt_at = ? WHERE id = ?", (state, error, next_attempt_at, row_id))
+                " next_attempt_at = ? WHERE id = ?",
+                (state, error, next_attempt_at, row_id),
+            )
 
     def pending(self) -> int:
         with self.lock:
-            return int(self.conn.execute(
-                "SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()[0])
+            return int(self.conn.execute("SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()[0])
 
 
 class OutboxDispatcher:
@@ -135,9 +141,16 @@ class OutboxDispatcher:
     guards it). Store calls run in worker threads (they may block on a database).
     """
 
-    def __init__(self, store: OutboxStore | sqlite3.Connection, lock: threading.Lock | None,
-                 handlers: dict[str, Handler], metrics: Metrics, *,
-                 max_backoff_s: float = 30.0, poll_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        store: OutboxStore | sqlite3.Connection,
+        lock: threading.Lock | None,
+        handlers: dict[str, Handler],
+        metrics: Metrics,
+        *,
+        max_backoff_s: float = 30.0,
+        poll_s: float = 1.0,
+    ) -> None:
         if isinstance(store, sqlite3.Connection):
             store = SqliteOutboxStore(store, lock or threading.Lock())
         self.store: OutboxStore = store
@@ -172,14 +185,15 @@ class OutboxDispatcher:
             except Exception as exc:  # noqa: BLE001
                 code = _grpc_code_name(exc)
                 if code in PERMANENT_CODES:
-                    log.error("hand-off rejected permanently", extra={"fields": {
-                        "topic": row.topic, "code": code}})
+                    log.error("hand-off rejected permanently", extra={"fields": {"topic": row.topic, "code": code}})
                     await asyncio.to_thread(self._mark, row, "dead", code)
                     self.metrics.count("outbox_dead")
                 else:
-                    delay = min(self.max_backoff_s, 0.5 * 2 ** row.attempts)
-                    log.warning("hand-off failed, will retry", extra={"fields": {
-                        "topic": row.topic, "code": code, "retry_in_s": delay}})
+                    delay = min(self.max_backoff_s, 0.5 * 2**row.attempts)
+                    log.warning(
+                        "hand-off failed, will retry",
+                        extra={"fields": {"topic": row.topic, "code": code, "retry_in_s": delay}},
+                    )
                     await asyncio.to_thread(self._mark, row, "pending", code, delay)
             else:
                 await asyncio.to_thread(self._mark, row, "done")

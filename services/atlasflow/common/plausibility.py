@@ -149,16 +149,20 @@ class PopulationPrior:
             "log_volume_floor": self.log_volume_floor,
             "offset_floor_mm": self.offset_floor_mm,
             "log_volume": {ORGANS[k]: r.to_list() for k, r in sorted(self.log_volume.items())},
-            "offset": {f"{ORGANS[k]}-{ORGANS[j]}": [r.to_list() for r in runs]
-                       for (k, j), runs in sorted(self.offset.items())},
+            "offset": {
+                f"{ORGANS[k]}-{ORGANS[j]}": [r.to_list() for r in runs] for (k, j), runs in sorted(self.offset.items())
+            },
             "kidney_log_ratio": self.kidney_log_ratio.to_list(),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PopulationPrior:
-        p = cls(cases=int(d.get("cases", 0)), notes=str(d.get("notes", "")),
-                log_volume_floor=float(d.get("log_volume_floor", 0.25)),
-                offset_floor_mm=float(d.get("offset_floor_mm", 15.0)))
+        p = cls(
+            cases=int(d.get("cases", 0)),
+            notes=str(d.get("notes", "")),
+            log_volume_floor=float(d.get("log_volume_floor", 0.25)),
+            offset_floor_mm=float(d.get("offset_floor_mm", 15.0)),
+        )
         p.log_volume = {ORGAN_IDS[n]: Running.from_list(v) for n, v in d.get("log_volume", {}).items()}
         for key, runs in d.get("offset", {}).items():
             a, b = key.split("-")
@@ -205,8 +209,9 @@ def slice_axis_of(affine: np.ndarray) -> int:
     return int(np.argmax(np.abs(np.asarray(affine)[2, :3])))
 
 
-def _geometry(k: int, box: Box, mask: np.ndarray, affine: np.ndarray, shape: tuple[int, ...],
-              extra: np.ndarray | None = None) -> OrganGeometry | None:
+def _geometry(
+    k: int, box: Box, mask: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], extra: np.ndarray | None = None
+) -> OrganGeometry | None:
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
     idx = np.nonzero(mask)
     if idx[0].size == 0:
@@ -220,8 +225,9 @@ def _geometry(k: int, box: Box, mask: np.ndarray, affine: np.ndarray, shape: tup
     full = mask | extra if extra is not None else mask
     n = int(ndimage.label(full, structure=_CUBE)[1])
     extra_ml = float(extra.sum()) * voxel_ml if extra is not None else 0.0
-    return OrganGeometry(k, box, mask, voxel_ml, float(idx[0].size) * voxel_ml, centroid, ax, fov_cut, n,
-                         extra_ml, extra)
+    return OrganGeometry(
+        k, box, mask, voxel_ml, float(idx[0].size) * voxel_ml, centroid, ax, fov_cut, n, extra_ml, extra
+    )
 
 
 def measure_labels(labels: np.ndarray, affine: np.ndarray) -> dict[int, OrganGeometry]:
@@ -240,15 +246,18 @@ def measure_labels(labels: np.ndarray, affine: np.ndarray) -> dict[int, OrganGeo
     return out
 
 
-def measure_masks(masks: Mapping[int, tuple[Box, np.ndarray]], affine: np.ndarray, shape: tuple[int, ...],
-                  extras: Mapping[int, np.ndarray] | None = None) -> dict[int, OrganGeometry]:
+def measure_masks(
+    masks: Mapping[int, tuple[Box, np.ndarray]],
+    affine: np.ndarray,
+    shape: tuple[int, ...],
+    extras: Mapping[int, np.ndarray] | None = None,
+) -> dict[int, OrganGeometry]:
     """Geometry from per-organ bool crops ``{organ: (box, crop)}`` (e.g. ensemble masks), with
     optional dropped components ``extras[organ]`` (bool, same box)."""
     affine = np.asarray(affine, dtype=np.float64)
     out: dict[int, OrganGeometry] = {}
     for k, (box, crop) in masks.items():
-        g = _geometry(k, box, np.asarray(crop, dtype=bool), affine, shape,
-                      None if extras is None else extras.get(k))
+        g = _geometry(k, box, np.asarray(crop, dtype=bool), affine, shape, None if extras is None else extras.get(k))
         if g is not None:
             out[k] = g
     return out
@@ -283,7 +292,7 @@ def slice_area_outliers(mask: np.ndarray, axis: int, window: int = SLICE_WINDOW)
     half = window // 2
     out = []
     for z in range(half, len(areas) - half):
-        nb = np.concatenate([areas[z - half:z], areas[z + 1:z + half + 1]])
+        nb = np.concatenate([areas[z - half : z], areas[z + 1 : z + half + 1]])
         if nb.min() <= 0:
             continue
         m, s = nb.mean(), nb.std()
@@ -292,8 +301,11 @@ def slice_area_outliers(mask: np.ndarray, axis: int, window: int = SLICE_WINDOW)
     return out
 
 
-def assess(geoms: Mapping[int, OrganGeometry], prior: PopulationPrior,
-           overlaps_ml: Mapping[int, Mapping[int, float]] | None = None) -> dict[int, list[Finding]]:
+def assess(
+    geoms: Mapping[int, OrganGeometry],
+    prior: PopulationPrior,
+    overlaps_ml: Mapping[int, Mapping[int, float]] | None = None,
+) -> dict[int, list[Finding]]:
     """Plausibility findings per organ (see module doc). ``overlaps_ml[k][j]``: ml of organ k's
     mask that organ j's mask also covers."""
     out: dict[int, list[Finding]] = {k: [] for k in geoms}
@@ -306,11 +318,25 @@ def assess(geoms: Mapping[int, OrganGeometry], prior: PopulationPrior,
             z = prior.volume_z(k, g.volume_ml)
             if z is not None and abs(z) > Z_VOLUME:
                 med = prior.median_volume_ml(k) or 0.0
-                f.append(Finding(k, "VOLUME", f"{name}: volume {g.volume_ml:.0f} ml, z {z:+.1f} vs population "
-                                 f"median {med:.0f} ml", PENALTY_PER_Z_ML * _excess(z, Z_VOLUME) + 10.0, "organ"))
+                f.append(
+                    Finding(
+                        k,
+                        "VOLUME",
+                        f"{name}: volume {g.volume_ml:.0f} ml, z {z:+.1f} vs population median {med:.0f} ml",
+                        PENALTY_PER_Z_ML * _excess(z, Z_VOLUME) + 10.0,
+                        "organ",
+                    )
+                )
         if g.components > 1 and g.extra_ml >= MIN_EXTRA_ML:
-            f.append(Finding(k, "COMPONENTS", f"{name}: {g.components} components ({g.extra_ml:.1f} ml outside "
-                             "the largest)", g.extra_ml + 5.0, "extra"))
+            f.append(
+                Finding(
+                    k,
+                    "COMPONENTS",
+                    f"{name}: {g.components} components ({g.extra_ml:.1f} ml outside the largest)",
+                    g.extra_ml + 5.0,
+                    "extra",
+                )
+            )
         elif g.components > 1 and g.extra is None:
             f.append(Finding(k, "COMPONENTS", f"{name}: {g.components} components", 5.0, "organ"))
         # position against the other organs
@@ -327,14 +353,29 @@ def assess(geoms: Mapping[int, OrganGeometry], prior: PopulationPrior,
         zs = [float(np.median(v)) if len(v) >= 2 else 0.0 for v in per_axis]
         a_max = int(np.argmax(np.abs(zs)))
         if abs(zs[a_max]) > Z_POSITION:
-            f.append(Finding(k, "POSITION", f"{name}: centroid off along {'RAS'[a_max]} (z {zs[a_max]:+.1f} vs "
-                             "the other organs)", PENALTY_PER_Z_ML * _excess(zs[a_max], Z_POSITION) + 10.0, "organ"))
+            f.append(
+                Finding(
+                    k,
+                    "POSITION",
+                    f"{name}: centroid off along {'RAS'[a_max]} (z {zs[a_max]:+.1f} vs the other organs)",
+                    PENALTY_PER_Z_ML * _excess(zs[a_max], Z_POSITION) + 10.0,
+                    "organ",
+                )
+            )
         outl = slice_area_outliers(g.mask, g.slice_axis)
         if outl:
             ml = float(np.moveaxis(g.mask, g.slice_axis, 0)[outl].sum()) * g.voxel_ml
             first = g.box[g.slice_axis].start
-            f.append(Finding(k, "SLICE_AREA", f"{name}: slice-area outliers on {len(outl)} slices ({ml:.1f} ml)",
-                             ml, "slices", [first + z for z in outl]))
+            f.append(
+                Finding(
+                    k,
+                    "SLICE_AREA",
+                    f"{name}: slice-area outliers on {len(outl)} slices ({ml:.1f} ml)",
+                    ml,
+                    "slices",
+                    [first + z for z in outl],
+                )
+            )
         if overlaps_ml and overlaps_ml.get(k):
             for j, ml in sorted(overlaps_ml[k].items()):
                 if ml >= MIN_EXTRA_ML:
@@ -345,16 +386,29 @@ def assess(geoms: Mapping[int, OrganGeometry], prior: PopulationPrior,
         swapped = gl.centroid_mm[0] > gr.centroid_mm[0] if LEFT_IS_NEGATIVE_X else gl.centroid_mm[0] < gr.centroid_mm[0]
         if swapped:
             for k in (kl, kr):
-                out[k].append(Finding(k, "SIDE_SWAP", f"{ORGANS[k]}: left/right kidneys swapped (centroid x)",
-                                      SWAP_PENALTY_ML, "organ"))
+                out[k].append(
+                    Finding(
+                        k,
+                        "SIDE_SWAP",
+                        f"{ORGANS[k]}: left/right kidneys swapped (centroid x)",
+                        SWAP_PENALTY_ML,
+                        "organ",
+                    )
+                )
         elif not (gl.fov_cut or gr.fov_cut) and prior.kidney_log_ratio.n >= 2:
             r = prior.kidney_log_ratio
             z = (math.log(gl.volume_ml / gr.volume_ml) - r.mean) / r.std(prior.log_volume_floor)
             if abs(z) > Z_VOLUME:
                 k = kl if z < 0 else kr  # the smaller kidney is the suspect
-                out[k].append(Finding(k, "KIDNEY_RATIO", f"{ORGANS[k]}: left/right volume ratio "
-                                      f"{gl.volume_ml / gr.volume_ml:.2f} (z {z:+.1f})",
-                                      PENALTY_PER_Z_ML * _excess(z, Z_VOLUME) + 10.0, "organ"))
+                out[k].append(
+                    Finding(
+                        k,
+                        "KIDNEY_RATIO",
+                        f"{ORGANS[k]}: left/right volume ratio {gl.volume_ml / gr.volume_ml:.2f} (z {z:+.1f})",
+                        PENALTY_PER_Z_ML * _excess(z, Z_VOLUME) + 10.0,
+                        "organ",
+                    )
+                )
     return out
 
 
@@ -390,8 +444,14 @@ def pointer(box: Box, affine: np.ndarray, slice_axis: int = 2) -> dict[str, dict
     wmin, wmax = world.min(axis=1), world.max(axis=1)
     return {
         "voxel_box": {"x_min": lo[0], "y_min": lo[1], "z_min": lo[2], "x_max": hi[0], "y_max": hi[1], "z_max": hi[2]},
-        "world_box": {"x_min_mm": float(wmin[0]), "y_min_mm": float(wmin[1]), "z_min_mm": float(wmin[2]),
-                      "x_max_mm": float(wmax[0]), "y_max_mm": float(wmax[1]), "z_max_mm": float(wmax[2])},
+        "world_box": {
+            "x_min_mm": float(wmin[0]),
+            "y_min_mm": float(wmin[1]),
+            "z_min_mm": float(wmin[2]),
+            "x_max_mm": float(wmax[0]),
+            "y_max_mm": float(wmax[1]),
+            "z_max_mm": float(wmax[2]),
+        },
         "slices": {"first": lo[slice_axis], "last": hi[slice_axis]},
     }
 
@@ -422,10 +482,16 @@ def _box_of(mask: np.ndarray) -> Box | None:
     return objs[0] if objs else None
 
 
-def organ_findings(labels: np.ndarray, heatmap: np.ndarray, affine: np.ndarray,
-                   prior: PopulationPrior | None = None,
-                   labelled_organs: Iterable[int] = (), *, margin: int = 3,
-                   exact_ml: Mapping[int, tuple[float, float]] | None = None) -> list[OrganFinding]:
+def organ_findings(
+    labels: np.ndarray,
+    heatmap: np.ndarray,
+    affine: np.ndarray,
+    prior: PopulationPrior | None = None,
+    labelled_organs: Iterable[int] = (),
+    *,
+    margin: int = 3,
+    exact_ml: Mapping[int, tuple[float, float]] | None = None,
+) -> list[OrganFinding]:
     """Per-organ score, reasons and pointer from the segmentation service's native-grid outputs.
 
     ``labels``: ``(X, Y, Z)`` uint8 AbdomenAtlas ids (final ensemble labels); ``heatmap``:
@@ -467,8 +533,11 @@ def organ_findings(labels: np.ndarray, heatmap: np.ndarray, affine: np.ndarray,
         box = _box_of(region)
         ptr = None
         if box is not None:
-            ptr = pointer(tuple(slice(b.start + gb.start, b.stop + gb.start) for b, gb in zip(box, grown)),  # type: ignore[arg-type]
-                          affine, g.slice_axis)
+            ptr = pointer(
+                tuple(slice(b.start + gb.start, b.stop + gb.start) for b, gb in zip(box, grown)),  # type: ignore[arg-type]
+                affine,
+                g.slice_axis,
+            )
         score = heat_ml + sum(f.penalty_ml for f in fs)
         out.append(OrganFinding(k, score, reasons[:32], ptr, att_ml, heat_ml, g.volume_ml, fs))
     out.sort(key=lambda o: -o.score)
@@ -625,8 +694,9 @@ def _open(mask: torch.Tensor, iterations: int) -> torch.Tensor:
     return binary_opening(mask, iterations) if iterations else mask
 
 
-def suspect_regions(q: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor,
-                    voxel_ml: float) -> tuple[np.ndarray, dict[str, float]]:
+def suspect_regions(
+    q: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor, voxel_ml: float
+) -> tuple[np.ndarray, dict[str, float]]:
     """Enhanced attention of one organ: the compact regions where the ensemble's label is
     likely wrong. ``q``: uint8 ``(M, X, Y, Z)`` soft predictions ``p*255`` as the models gave
     them (a crop); ``label``: bool ``(X, Y, Z)``. Returns a bool ``(X, Y, Z)`` numpy mask and its
@@ -706,8 +776,10 @@ def suspect_regions(q: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tens
         room = contested | unsure
         for _ in range(SUSPECT_GROW):
             out = out | (binary_dilation(out, 1) & room)
-    return out.cpu().numpy(), {"contested_ml": float((suspect_c & out).sum()) * voxel_ml,
-                               "unsure_ml": float((doubt & out).sum()) * voxel_ml}
+    return out.cpu().numpy(), {
+        "contested_ml": float((suspect_c & out).sum()) * voxel_ml,
+        "unsure_ml": float((doubt & out).sum()) * voxel_ml,
+    }
 
 
 #: findings whose region joins the enhanced attention (the others are reasons and score only:
@@ -715,8 +787,9 @@ def suspect_regions(q: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tens
 ATTENTION_FINDINGS = frozenset({"SIDE_SWAP"})
 
 
-def rank_case(case: Any, affine: np.ndarray, *, mode: str = "reference",
-              prior: PopulationPrior | None = None) -> RankedCase:
+def rank_case(
+    case: Any, affine: np.ndarray, *, mode: str = "reference", prior: PopulationPrior | None = None
+) -> RankedCase:
     """Rank one case from its reference attention (`atlasflow.common.attention.CaseAttention`).
 
     reference: the recipe's priority and organ order; organs carry the terms as reasons.
@@ -740,8 +813,11 @@ def rank_case(case: Any, affine: np.ndarray, *, mode: str = "reference",
     geoms: dict[int, OrganGeometry] = {}
     if mode == "enhanced":
         prior = prior or PopulationPrior.load()
-        masks = {k: (r.box, r.ensemble.cpu().numpy()) for k, r in case.organs.items()
-                 if r.box is not None and r.ensemble is not None and bool(r.ensemble.any())}
+        masks = {
+            k: (r.box, r.ensemble.cpu().numpy())
+            for k, r in case.organs.items()
+            if r.box is not None and r.ensemble is not None and bool(r.ensemble.any())
+        }
         extras = {k: case.organs[k].ensemble_extra.cpu().numpy() for k in masks}
         geoms = measure_masks(masks, affine, shape, extras)
         overlaps: dict[int, dict[int, float]] = {}
@@ -775,8 +851,10 @@ def rank_case(case: Any, affine: np.ndarray, *, mode: str = "reference",
                 ml = float(getattr(att, what).sum()) * voxel_ml
                 if ml > 0:
                     reasons.append(f"{name}: {label} {ml:.1f} ml")
-        for what, label in (("contested_ml", "outvoted models surer than the winners"),
-                            ("unsure_ml", "models agree but doubt")):
+        for what, label in (
+            ("contested_ml", "outvoted models surer than the winners"),
+            ("unsure_ml", "models agree but doubt"),
+        ):
             if evidence.get(what, 0.0) > 0:
                 reasons.append(f"{name}: {label} {evidence[what]:.1f} ml")
         fs = findings.get(k, [])
@@ -800,8 +878,15 @@ def rank_case(case: Any, affine: np.ndarray, *, mode: str = "reference",
         else:
             score = att_ml + sum(f.penalty_ml for f in fs)
         box = _box_of(look)
-        ptr = pointer(tuple(slice(b.start + o.start, b.stop + o.start) for b, o in zip(box, r.box)),  # type: ignore[arg-type]
-                      affine, ax) if box is not None else None
+        ptr = (
+            pointer(
+                tuple(slice(b.start + o.start, b.stop + o.start) for b, o in zip(box, r.box)),  # type: ignore[arg-type]
+                affine,
+                ax,
+            )
+            if box is not None
+            else None
+        )
         attention[k] = (r.box, a)
         heatmap[k] = (r.box, h)
         vol = float(r.ensemble.sum()) * voxel_ml if r.ensemble is not None else 0.0

@@ -40,9 +40,7 @@ def status_for(err: AtlasflowError) -> status_pb2.Status:
     info = error_details_pb2.ErrorInfo(reason=err.reason, domain=err.domain, metadata=err.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    return status_pb2.Status(
-        code=getattr(code_pb2, err.code), message=err.message, details=[detail]
-    )
+    return status_pb2.Status(code=getattr(code_pb2, err.code), message=err.message, details=[detail])
 
 
 def error_info_of(exc: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
@@ -75,9 +73,7 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith("/grpc.health.v1.") or method.startswith(
-            "/grpc.reflection."
-        ):
+        if handler is None or method.startswith("/grpc.health.v1.") or method.startswith("/grpc.reflection."):
             return handler
         short = method.rsplit("/", 1)[-1]
         metrics = self.metrics
@@ -87,12 +83,10 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
 
         async def handle_error(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
             if isinstance(exc, AtlasflowError):
-                log.warning("rpc failed", extra={"fields": {
-                    "rpc": short, "code": exc.code, "reason": exc.reason}})
+                log.warning("rpc failed", extra={"fields": {"rpc": short, "code": exc.code, "reason": exc.reason}})
                 await context.abort_with_status(rpc_status.to_status(status_for(exc)))
             internal = AtlasflowError("INTERNAL", "internal error", domain="atlasflow")
-            log.error("rpc crashed", exc_info=exc, extra={"fields": {
-                "rpc": short, "exc_type": type(exc).__name__}})
+            log.error("rpc crashed", exc_info=exc, extra={"fields": {"rpc": short, "exc_type": type(exc).__name__}})
             await context.abort_with_status(rpc_status.to_status(status_for(internal)))
 
         def code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
@@ -116,6 +110,7 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                     await handle_error(e, context)
                 finally:
                     finish(t0, code_of(context, exc))
+
             return wrapper
 
         def wrap_stream_response(behavior):  # unary_stream and stream_stream
@@ -132,24 +127,25 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                     await handle_error(e, context)
                 finally:
                     finish(t0, code_of(context, exc))
+
             return wrapper
 
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                wrap_unary_response(handler.unary_unary), handler.request_deserializer,
-                handler.response_serializer)
+                wrap_unary_response(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                wrap_unary_response(handler.stream_unary), handler.request_deserializer,
-                handler.response_serializer)
+                wrap_unary_response(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+            )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                wrap_stream_response(handler.unary_stream), handler.request_deserializer,
-                handler.response_serializer)
+                wrap_stream_response(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                wrap_stream_response(handler.stream_stream), handler.request_deserializer,
-                handler.response_serializer)
+                wrap_stream_response(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+            )
         return handler
 
 
@@ -162,8 +158,7 @@ class BuiltServer:
     on_stop: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
 
     async def set_serving(self, serving: bool) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
@@ -194,8 +189,7 @@ def build_server(
     ]
     server = grpc.aio.server(
         interceptors=[
-            aio_server_interceptor(tracer_provider=tracer_provider,
-                                   filter_=filters.negate(filters.health_check())),
+            aio_server_interceptor(tracer_provider=tracer_provider, filter_=filters.negate(filters.health_check())),
             _ErrorAndMetricsInterceptor(metrics),
         ],
         options=options,
@@ -204,16 +198,17 @@ def build_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME], server)
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind gRPC port {host}:{port}")
     return BuiltServer(server, health_servicer, bound, names)
 
 
-async def run_until_signalled(built: BuiltServer, grace: float,
-                              ready: Callable[[BuiltServer], None] | None = None) -> None:
+async def run_until_signalled(
+    built: BuiltServer, grace: float, ready: Callable[[BuiltServer], None] | None = None
+) -> None:
     """Start, mark SERVING, wait for SIGTERM/SIGINT, then mark NOT_SERVING, stop with
     `grace` seconds for in-flight RPCs, and run the on_stop callbacks (close resources)."""
     await built.server.start()

@@ -43,8 +43,12 @@ def _convert(name: str, raw: str, typ: Any) -> Any:
         pass
     else:
         raise TypeError(f"unsupported settings type {typ!r} for {name}")
-    raise InvalidArgument("INVALID_SETTING", f"environment variable {name} has an invalid value",
-                          domain="atlasflow.settings", metadata={"variable": name})
+    raise InvalidArgument(
+        "INVALID_SETTING",
+        f"environment variable {name} has an invalid value",
+        domain="atlasflow.settings",
+        metadata={"variable": name},
+    )
 
 
 @dataclass(frozen=True)

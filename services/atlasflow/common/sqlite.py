@@ -56,9 +56,7 @@ def connect(path: str | Path, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS)
     """
     if str(path) != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(
-        str(path), timeout=busy_timeout_ms / 1000.0, isolation_level=None, check_same_thread=False
-    )
+    conn = sqlite3.connect(str(path), timeout=busy_timeout_ms / 1000.0, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     conn.execute("PRAGMA journal_mode = WAL")
@@ -86,7 +84,7 @@ def split_statements(script: str) -> list[str]:
     start = 0
     pos = script.find(";")
     while pos != -1:
-        candidate = script[start:pos + 1]
+        candidate = script[start : pos + 1]
         if sqlite3.complete_statement(candidate):
             if candidate.strip(" \t\r\n;"):
                 statements.append(candidate.strip())
@@ -107,14 +105,11 @@ def migrate(conn: sqlite3.Connection, migrations: Sequence[str]) -> int:
     is newer than `migrations` (written by newer code) raises FailedPrecondition("SCHEMA_TOO_NEW").
     """
     conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations ("
-        " version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        "CREATE TABLE IF NOT EXISTS schema_migrations ( version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
     )
     for version, script in enumerate(migrations, start=1):
         with transaction(conn):
-            done = conn.execute(
-                "SELECT 1 FROM schema_migrations WHERE version = ?", (version,)
-            ).fetchone()
+            done = conn.execute("SELECT 1 FROM schema_migrations WHERE version = ?", (version,)).fetchone()
             if done:
                 continue
             for statement in split_statements(script):
@@ -142,12 +137,14 @@ def utc_now() -> datetime:
 # --------------------------------------------------------------------------------------- paging
 
 
-def clamp_page_size(page_size: int, *, default: int = DEFAULT_PAGE_SIZE,
-                    maximum: int = MAX_PAGE_SIZE, domain: str = "atlasflow") -> int:
+def clamp_page_size(
+    page_size: int, *, default: int = DEFAULT_PAGE_SIZE, maximum: int = MAX_PAGE_SIZE, domain: str = "atlasflow"
+) -> int:
     """0 -> `default`; > `maximum` -> `maximum`; < 0 -> InvalidArgument("INVALID_PAGE_SIZE")."""
     if page_size < 0:
-        raise InvalidArgument("INVALID_PAGE_SIZE", "page_size must not be negative",
-                              domain=domain, metadata={"page_size": str(page_size)})
+        raise InvalidArgument(
+            "INVALID_PAGE_SIZE", "page_size must not be negative", domain=domain, metadata={"page_size": str(page_size)}
+        )
     if page_size == 0:
         return default
     return min(int(page_size), maximum)
@@ -155,13 +152,11 @@ def clamp_page_size(page_size: int, *, default: int = DEFAULT_PAGE_SIZE,
 
 def encode_page_token(kind: str, cursor: Mapping[str, Any], *, scope: str = "") -> str:
     """Opaque token for `cursor` (JSON-serialisable) of list `kind` under filter `scope`."""
-    payload = json.dumps({"k": kind, "s": scope, "c": dict(cursor)}, separators=(",", ":"),
-                         sort_keys=True)
+    payload = json.dumps({"k": kind, "s": scope, "c": dict(cursor)}, separators=(",", ":"), sort_keys=True)
     return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
 
 
-def decode_page_token(token: str, kind: str, *, scope: str = "",
-                      domain: str = "atlasflow") -> dict[str, Any] | None:
+def decode_page_token(token: str, kind: str, *, scope: str = "", domain: str = "atlasflow") -> dict[str, Any] | None:
     """The cursor of `token`, or None for "" (first page).
 
     Raises InvalidArgument("INVALID_PAGE_TOKEN") for anything that is not a token this module
@@ -171,8 +166,7 @@ def decode_page_token(token: str, kind: str, *, scope: str = "",
         return None
 
     def bad() -> InvalidArgument:
-        return InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not valid for this request",
-                               domain=domain)
+        return InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not valid for this request", domain=domain)
 
     if len(token) > 4096:
         raise bad()
@@ -181,7 +175,11 @@ def decode_page_token(token: str, kind: str, *, scope: str = "",
         payload = json.loads(raw.decode())
     except (binascii.Error, ValueError, UnicodeDecodeError):
         raise bad() from None
-    if (not isinstance(payload, dict) or payload.get("k") != kind or payload.get("s") != scope
-            or not isinstance(payload.get("c"), dict)):
+    if (
+        not isinstance(payload, dict)
+        or payload.get("k") != kind
+        or payload.get("s") != scope
+        or not isinstance(payload.get("c"), dict)
+    ):
         raise bad()
     return payload["c"]

@@ -208,8 +208,10 @@ def _floats(ds: Dataset | None, keyword: str, n: int, index: int) -> np.ndarray:
         arr = np.empty(0)
     if arr.shape != (n,) or not np.all(np.isfinite(arr)):
         raise _err(
-            "INCONSISTENT_SERIES", f"slice {index}: {keyword} missing or malformed",
-            check="geometry_missing", attribute=keyword,
+            "INCONSISTENT_SERIES",
+            f"slice {index}: {keyword} missing or malformed",
+            check="geometry_missing",
+            attribute=keyword,
         )
     return arr
 
@@ -241,7 +243,8 @@ class DatasetFrame:
             array, _ = get_decoder(ts).as_array(self.ds, index=self.index)
         except Exception as exc:
             raise _err(
-                "CORRUPT_DICOM", f"pixel data does not decode ({type(exc).__name__})",
+                "CORRUPT_DICOM",
+                f"pixel data does not decode ({type(exc).__name__})",
                 check="pixel_decode",
             ) from None
         return array
@@ -252,8 +255,7 @@ def _item(ds: Dataset, sequence: str) -> Dataset | None:
     return seq[0] if seq else None
 
 
-def _functional(per_frame: Dataset | None, shared: Dataset | None, top: Dataset,
-                sequence: str, keyword: str) -> object:
+def _functional(per_frame: Dataset | None, shared: Dataset | None, top: Dataset, sequence: str, keyword: str) -> object:
     """`keyword` from `sequence` in the per-frame group, else the shared group, else top."""
     for group in (per_frame, shared):
         if group is not None:
@@ -304,20 +306,25 @@ def frame_refs(ds: Dataset, source_for: object = None, index: int = 0) -> list[F
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError):
-        raise _err("INCONSISTENT_SERIES", f"slice {index}: Rows/Columns missing",
-                   check="geometry_missing", attribute="Rows") from None
+        raise _err(
+            "INCONSISTENT_SERIES", f"slice {index}: Rows/Columns missing", check="geometry_missing", attribute="Rows"
+        ) from None
     if not is_multiframe(ds):
-        return [FrameRef(
-            rows=rows, cols=cols,
-            ipp=_floats(ds, "ImagePositionPatient", 3, index),
-            iop=_floats(ds, "ImageOrientationPatient", 6, index),
-            pixel_spacing=_floats(ds, "PixelSpacing", 2, index),
-            slope=_number(ds.get("RescaleSlope"), 1.0) or 1.0,
-            intercept=_number(ds.get("RescaleIntercept"), 0.0) or 0.0,
-            thickness_mm=_number(ds.get("SliceThickness"), None),
-            rescale_type=str(ds.get("RescaleType", "") or ""),
-            source=make(ds, None), **common,  # type: ignore[arg-type]
-        )]
+        return [
+            FrameRef(
+                rows=rows,
+                cols=cols,
+                ipp=_floats(ds, "ImagePositionPatient", 3, index),
+                iop=_floats(ds, "ImageOrientationPatient", 6, index),
+                pixel_spacing=_floats(ds, "PixelSpacing", 2, index),
+                slope=_number(ds.get("RescaleSlope"), 1.0) or 1.0,
+                intercept=_number(ds.get("RescaleIntercept"), 0.0) or 0.0,
+                thickness_mm=_number(ds.get("SliceThickness"), None),
+                rescale_type=str(ds.get("RescaleType", "") or ""),
+                source=make(ds, None),
+                **common,  # type: ignore[arg-type]
+            )
+        ]
     n = int(_number(ds.get("NumberOfFrames"), 1) or 1)
     shared = _item(ds, "SharedFunctionalGroupsSequence")
     per_frames = ds.get("PerFrameFunctionalGroupsSequence") or []
@@ -327,29 +334,34 @@ def frame_refs(ds: Dataset, source_for: object = None, index: int = 0) -> list[F
         from pydicom.dataset import Dataset
 
         tmp = Dataset()
-        for seq, kw in (("PlanePositionSequence", "ImagePositionPatient"),
-                        ("PlaneOrientationSequence", "ImageOrientationPatient"),
-                        ("PixelMeasuresSequence", "PixelSpacing")):
+        for seq, kw in (
+            ("PlanePositionSequence", "ImagePositionPatient"),
+            ("PlaneOrientationSequence", "ImageOrientationPatient"),
+            ("PixelMeasuresSequence", "PixelSpacing"),
+        ):
             value = _functional(pf, shared, ds, seq, kw)
             if value is not None:
                 setattr(tmp, kw, value)
         where = f"{index} frame {k + 1}"
         slope = _functional(pf, shared, ds, "PixelValueTransformationSequence", "RescaleSlope")
-        intercept = _functional(pf, shared, ds, "PixelValueTransformationSequence",
-                                "RescaleIntercept")
-        refs.append(FrameRef(
-            rows=rows, cols=cols,
-            ipp=_floats(tmp, "ImagePositionPatient", 3, where),  # type: ignore[arg-type]
-            iop=_floats(tmp, "ImageOrientationPatient", 6, where),  # type: ignore[arg-type]
-            pixel_spacing=_floats(tmp, "PixelSpacing", 2, where),  # type: ignore[arg-type]
-            slope=_number(slope, 1.0) or 1.0,
-            intercept=_number(intercept, 0.0) or 0.0,
-            thickness_mm=_number(
-                _functional(pf, shared, ds, "PixelMeasuresSequence", "SliceThickness"), None),
-            rescale_type=str(_functional(pf, shared, ds, "PixelValueTransformationSequence",
-                                         "RescaleType") or ""),
-            frame_number=k + 1, multiframe=True, source=make(ds, k), **common,  # type: ignore[arg-type]
-        ))
+        intercept = _functional(pf, shared, ds, "PixelValueTransformationSequence", "RescaleIntercept")
+        refs.append(
+            FrameRef(
+                rows=rows,
+                cols=cols,
+                ipp=_floats(tmp, "ImagePositionPatient", 3, where),  # type: ignore[arg-type]
+                iop=_floats(tmp, "ImageOrientationPatient", 6, where),  # type: ignore[arg-type]
+                pixel_spacing=_floats(tmp, "PixelSpacing", 2, where),  # type: ignore[arg-type]
+                slope=_number(slope, 1.0) or 1.0,
+                intercept=_number(intercept, 0.0) or 0.0,
+                thickness_mm=_number(_functional(pf, shared, ds, "PixelMeasuresSequence", "SliceThickness"), None),
+                rescale_type=str(_functional(pf, shared, ds, "PixelValueTransformationSequence", "RescaleType") or ""),
+                frame_number=k + 1,
+                multiframe=True,
+                source=make(ds, k),
+                **common,  # type: ignore[arg-type]
+            )
+        )
     return refs
 
 
@@ -403,8 +415,7 @@ class Plan:
 
 def _check_consistent(frames: Sequence[FrameRef]) -> None:
     first = frames[0]
-    for keyword, attr in (("SeriesInstanceUID", "series_uid"),
-                          ("FrameOfReferenceUID", "frame_of_reference_uid")):
+    for keyword, attr in (("SeriesInstanceUID", "series_uid"), ("FrameOfReferenceUID", "frame_of_reference_uid")):
         if len({getattr(f, attr) for f in frames}) > 1:
             raise _err("INCONSISTENT_SERIES", f"instances differ in {keyword}", check=keyword)
     for f in frames:
@@ -412,13 +423,12 @@ def _check_consistent(frames: Sequence[FrameRef]) -> None:
             raise _err("INCONSISTENT_SERIES", "instances differ in Rows/Columns", check="size")
         if np.max(np.abs(f.iop - first.iop)) > ORIENTATION_TOL:
             raise _err(
-                "INCONSISTENT_SERIES", "instances differ in ImageOrientationPatient",
+                "INCONSISTENT_SERIES",
+                "instances differ in ImageOrientationPatient",
                 check="orientation",
             )
         if np.max(np.abs(f.pixel_spacing - first.pixel_spacing)) > SPACING_TOL_MM:
-            raise _err(
-                "INCONSISTENT_SERIES", "instances differ in PixelSpacing", check="pixel_spacing"
-            )
+            raise _err("INCONSISTENT_SERIES", "instances differ in PixelSpacing", check="pixel_spacing")
     if np.any(first.pixel_spacing <= 0):
         raise _err("INCONSISTENT_SERIES", "PixelSpacing must be positive", check="pixel_spacing")
 
@@ -433,7 +443,8 @@ def plan_geometry(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Plan:
     col_cos = col_cos / np.linalg.norm(col_cos)
     if abs(float(row_cos @ col_cos)) > 1e-3:
         raise _err(
-            "INCONSISTENT_SERIES", "ImageOrientationPatient cosines are not orthogonal",
+            "INCONSISTENT_SERIES",
+            "ImageOrientationPatient cosines are not orthogonal",
             check="orientation",
         )
     normal = np.cross(row_cos, col_cos)
@@ -528,8 +539,7 @@ def plan_geometry(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Plan:
         )
     if n == 1 and first_sorted.gantry_tilt_deg:
         warnings.append(
-            f"(0018,1120) GantryDetectorTilt {first_sorted.gantry_tilt_deg:g} deg on a single "
-            "slice: nothing to correct"
+            f"(0018,1120) GantryDetectorTilt {first_sorted.gantry_tilt_deg:g} deg on a single slice: nothing to correct"
         )
 
     # In-plane grid: grows to hold every shifted slice (tilt); aligned with the first slice.
@@ -545,8 +555,14 @@ def plan_geometry(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Plan:
     lps[:3, 3] = ipps[0] + lo[0] * d_col * row_cos + lo[1] * d_row * col_cos
     filled = tuple(sorted(set(range(z)) - {int(s) for s in slot}))
     return Plan(
-        order=order, slot=slot, shift_px=shift_px - lo[None, :], shape=(nx, ny, z),
-        affine=_LPS_TO_RAS @ lps, filled=filled, tilt_deg=tilt_deg, warnings=warnings,
+        order=order,
+        slot=slot,
+        shift_px=shift_px - lo[None, :],
+        shape=(nx, ny, z),
+        affine=_LPS_TO_RAS @ lps,
+        filled=filled,
+        tilt_deg=tilt_deg,
+        warnings=warnings,
     )
 
 
@@ -586,7 +602,7 @@ def _shift_bilinear(src: np.ndarray, shift: np.ndarray, shape: tuple[int, int]) 
             oy, ox = int(fy) + dy - 1, int(fx) + dx - 1
             ys, xs = max(0, oy), max(0, ox)
             ye, xe = min(rows, oy + pad.shape[0]), min(cols, ox + pad.shape[1])
-            acc[ys:ye, xs:xe] += w * pad[ys - oy:ye - oy, xs - ox:xe - ox]
+            acc[ys:ye, xs:xe] += w * pad[ys - oy : ye - oy, xs - ox : xe - ox]
     return acc
 
 
@@ -624,7 +640,8 @@ def assemble_frames(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Volu
         pixels = f.source.read()
         if pixels.shape != (rows, cols):
             raise _err(
-                "INCONSISTENT_SERIES", "decoded pixel data does not match Rows/Columns",
+                "INCONSISTENT_SERIES",
+                "decoded pixel data does not match Rows/Columns",
                 check="size",
             )
         source_frames[int(z)] = (f.sop_instance_uid, f.frame_number)
@@ -636,8 +653,7 @@ def assemble_frames(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Volu
             plane[:y0], plane[y1:], plane[:, :x0], plane[:, x1:] = 0, 0, 0, 0
             stack = _store(stack, int(z), np.rint(plane) if integral else plane, warnings)
         elif integral:
-            stack = _store_integral(stack, int(z), pixels, int(f.slope), int(f.intercept),
-                                    warnings)
+            stack = _store_integral(stack, int(z), pixels, int(f.slope), int(f.intercept), warnings)
         else:
             stack[int(z)] = pixels.astype(np.float64) * f.slope + f.intercept
     if tilted:
@@ -665,10 +681,16 @@ def assemble_frames(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Volu
     if plan.filled:
         warnings.append(f"filled slices (Z index): {list(plan.filled)}")
     return Volume(
-        array=stack.transpose(2, 1, 0), affine=plan.affine, warnings=warnings,
-        padding_hu=padding_hu, resampled=tilted or bool(plan.filled), tilt_deg=plan.tilt_deg,
-        filled_slices=plan.filled, source_frames=source_frames,
-        series_uid=first.series_uid, frame_of_reference_uid=first.frame_of_reference_uid,
+        array=stack.transpose(2, 1, 0),
+        affine=plan.affine,
+        warnings=warnings,
+        padding_hu=padding_hu,
+        resampled=tilted or bool(plan.filled),
+        tilt_deg=plan.tilt_deg,
+        filled_slices=plan.filled,
+        source_frames=source_frames,
+        series_uid=first.series_uid,
+        frame_of_reference_uid=first.frame_of_reference_uid,
         slice_thickness_mm=first.thickness_mm,
     )
 
@@ -687,8 +709,9 @@ def _store(stack: np.ndarray, z: int, hu: np.ndarray, warnings: list[str]) -> np
     return stack
 
 
-def _store_integral(stack: np.ndarray, z: int, pixels: np.ndarray, slope: int, intercept: int,
-                    warnings: list[str]) -> np.ndarray:
+def _store_integral(
+    stack: np.ndarray, z: int, pixels: np.ndarray, slope: int, intercept: int, warnings: list[str]
+) -> np.ndarray:
     """stack[z] = pixels * slope + intercept without a volume-sized temporary.
 
     The stored range is measured first (two cheap reductions), so the HU are known to fit the
@@ -701,8 +724,12 @@ def _store_integral(stack: np.ndarray, z: int, pixels: np.ndarray, slope: int, i
     target = stack[z]
     if slope == 1:
         # computed in a type that holds the result (numpy value-based casting), then cast
-        np.add(pixels, np.int32(intercept) if pixels.dtype.kind == "u" and intercept < 0
-               else intercept, out=target, casting="unsafe")
+        np.add(
+            pixels,
+            np.int32(intercept) if pixels.dtype.kind == "u" and intercept < 0 else intercept,
+            out=target,
+            casting="unsafe",
+        )
     else:
         hu = pixels.astype(np.int64)
         hu *= slope

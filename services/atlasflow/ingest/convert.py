@@ -65,9 +65,13 @@ if TYPE_CHECKING:
 
 #: Same set as `atlasflow.ingest.dicom.CT_SOP_CLASSES` (not imported: it imports pydicom, and
 #: the fast path below converts native single-frame series without pydicom at all).
-CT_SOP_CLASSES = frozenset({
-    "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2",
-})
+CT_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.2.840.10008.5.1.4.1.1.2.1",
+        "1.2.840.10008.5.1.4.1.1.2.2",
+    }
+)
 
 _NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 _DEFER = 4096  # bytes: larger values (pixel data) stay on disk until read
@@ -89,8 +93,7 @@ class NativeFileFrame:
             buf = np.empty(count, dtype=self.dtype)
             got = f.readinto(buf.data)
         if got != buf.nbytes:
-            raise _err("CORRUPT_DICOM", "pixel data is shorter than Rows x Columns",
-                       check="pixel_length")
+            raise _err("CORRUPT_DICOM", "pixel data is shorter than Rows x Columns", check="pixel_length")
         return buf.reshape(self.shape)
 
 
@@ -125,8 +128,9 @@ class EncodedFileFrame:
         except AtlasflowError:
             raise
         except Exception as exc:
-            raise _err("CORRUPT_DICOM", f"pixel data does not decode ({type(exc).__name__})",
-                       check="pixel_decode") from None
+            raise _err(
+                "CORRUPT_DICOM", f"pixel data does not decode ({type(exc).__name__})", check="pixel_decode"
+            ) from None
         return array
 
 
@@ -134,23 +138,33 @@ class EncodedFileFrame:
 
 #: Tags the fast reader keeps: (group, element) -> keyword.
 _FAST_TAGS = {
-    (0x0008, 0x0008): "ImageType", (0x0008, 0x0016): "SOPClassUID",
-    (0x0008, 0x0018): "SOPInstanceUID", (0x0018, 0x0050): "SliceThickness",
-    (0x0018, 0x0088): "SpacingBetweenSlices", (0x0018, 0x1120): "GantryDetectorTilt",
-    (0x0020, 0x000E): "SeriesInstanceUID", (0x0020, 0x0011): "SeriesNumber",
-    (0x0020, 0x0032): "ImagePositionPatient", (0x0020, 0x0037): "ImageOrientationPatient",
-    (0x0020, 0x0052): "FrameOfReferenceUID", (0x0028, 0x0002): "SamplesPerPixel",
-    (0x0028, 0x0008): "NumberOfFrames", (0x0028, 0x0010): "Rows", (0x0028, 0x0011): "Columns",
-    (0x0028, 0x0030): "PixelSpacing", (0x0028, 0x0100): "BitsAllocated",
-    (0x0028, 0x0101): "BitsStored", (0x0028, 0x0103): "PixelRepresentation",
-    (0x0028, 0x0120): "PixelPaddingValue", (0x0028, 0x0121): "PixelPaddingRangeLimit",
-    (0x0028, 0x1052): "RescaleIntercept", (0x0028, 0x1053): "RescaleSlope",
+    (0x0008, 0x0008): "ImageType",
+    (0x0008, 0x0016): "SOPClassUID",
+    (0x0008, 0x0018): "SOPInstanceUID",
+    (0x0018, 0x0050): "SliceThickness",
+    (0x0018, 0x0088): "SpacingBetweenSlices",
+    (0x0018, 0x1120): "GantryDetectorTilt",
+    (0x0020, 0x000E): "SeriesInstanceUID",
+    (0x0020, 0x0011): "SeriesNumber",
+    (0x0020, 0x0032): "ImagePositionPatient",
+    (0x0020, 0x0037): "ImageOrientationPatient",
+    (0x0020, 0x0052): "FrameOfReferenceUID",
+    (0x0028, 0x0002): "SamplesPerPixel",
+    (0x0028, 0x0008): "NumberOfFrames",
+    (0x0028, 0x0010): "Rows",
+    (0x0028, 0x0011): "Columns",
+    (0x0028, 0x0030): "PixelSpacing",
+    (0x0028, 0x0100): "BitsAllocated",
+    (0x0028, 0x0101): "BitsStored",
+    (0x0028, 0x0103): "PixelRepresentation",
+    (0x0028, 0x0120): "PixelPaddingValue",
+    (0x0028, 0x0121): "PixelPaddingRangeLimit",
+    (0x0028, 0x1052): "RescaleIntercept",
+    (0x0028, 0x1053): "RescaleSlope",
     (0x0028, 0x1054): "RescaleType",
 }
-_US = {"SamplesPerPixel", "Rows", "Columns", "BitsAllocated", "BitsStored",
-       "PixelRepresentation"}
-_LONG_VR = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT",
-            b"SV", b"UV"}
+_US = {"SamplesPerPixel", "Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation"}
+_LONG_VR = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _TAG = struct.Struct("<HH")
@@ -187,14 +201,13 @@ def _skip_undefined(buf: bytes, pos: int, explicit: bool, depth: int = 0) -> int
             pos, _, _, _ = _element(buf, pos, explicit, depth + 1)
 
 
-def _element(buf: bytes, pos: int, explicit: bool, depth: int = 0
-             ) -> tuple[int, tuple[int, int], int, int]:
+def _element(buf: bytes, pos: int, explicit: bool, depth: int = 0) -> tuple[int, tuple[int, int], int, int]:
     """Parse the element at `pos`: (next position, tag, value offset, value length)."""
     if pos + 8 > len(buf):
         raise _Fallback
     group, elem = _TAG.unpack_from(buf, pos)
     if explicit and group != 0xFFFE:
-        vr = buf[pos + 4:pos + 6]
+        vr = buf[pos + 4 : pos + 6]
         if vr in _LONG_VR:
             length = _U32.unpack_from(buf, pos + 8)[0]
             start = pos + 12
@@ -230,13 +243,15 @@ def fast_header(path: Path, head: int = 1 << 16) -> tuple[dict[str, object], int
             while pos + 8 <= len(buf) and _TAG.unpack_from(buf, pos)[0] == 0x0002:
                 nxt, tag, start, length = _element(buf, pos, True)
                 if tag == (0x0002, 0x0010):
-                    ts = buf[start:start + length].decode("ascii", "replace").strip("\x00 ")
+                    ts = buf[start : start + length].decode("ascii", "replace").strip("\x00 ")
                 elif tag == (0x0002, 0x0002):
-                    facts["MediaStorageSOPClassUID"] = buf[start:start + length].decode(
-                        "ascii", "replace").strip("\x00 ")
+                    facts["MediaStorageSOPClassUID"] = (
+                        buf[start : start + length].decode("ascii", "replace").strip("\x00 ")
+                    )
                 elif tag == (0x0002, 0x0003):
-                    facts["MediaStorageSOPInstanceUID"] = buf[start:start + length].decode(
-                        "ascii", "replace").strip("\x00 ")
+                    facts["MediaStorageSOPInstanceUID"] = (
+                        buf[start : start + length].decode("ascii", "replace").strip("\x00 ")
+                    )
                 pos = nxt
             if ts not in _NATIVE_LE:
                 return None
@@ -257,15 +272,14 @@ def fast_header(path: Path, head: int = 1 << 16) -> tuple[dict[str, object], int
                 if key is not None:
                     if nxt > len(buf):
                         buf += f.read()
-                    raw = buf[start:start + length]
+                    raw = buf[start : start + length]
                     if key in _US:
                         facts[key] = _U16.unpack_from(raw)[0] if length == 2 else None
                     elif key in ("PixelPaddingValue", "PixelPaddingRangeLimit"):
                         facts[key] = raw  # US or SS: decided by PixelRepresentation
                     else:
                         text = raw.decode("latin-1").strip("\x00 ")
-                        facts[key] = [v.strip() for v in text.split("\\")] if "\\" in text \
-                            else text
+                        facts[key] = [v.strip() for v in text.split("\\")] if "\\" in text else text
                 pos = nxt
     except (_Fallback, struct.error, OSError, UnicodeDecodeError):
         return None
@@ -280,8 +294,7 @@ class _FastFacts:
         for key in ("PixelPaddingValue", "PixelPaddingRangeLimit"):
             raw = facts.get(key)
             if isinstance(raw, bytes):
-                facts[key] = struct.unpack("<h" if signed else "<H", raw)[0] if len(raw) == 2 \
-                    else None
+                facts[key] = struct.unpack("<h" if signed else "<H", raw)[0] if len(raw) == 2 else None
         self.file_meta = None
 
     def get(self, key: str, default: object = None) -> object:
@@ -323,8 +336,7 @@ def _fast_frames(path: Path) -> tuple[list[FrameRef], list[str], int] | None:
     image_type = facts.get("ImageType") or []
     image_type = [image_type] if isinstance(image_type, str) else image_type
     number = str(facts.get("SeriesNumber", "") or "").strip()
-    return refs, [str(v).upper() for v in image_type], \
-        int(number) if number.lstrip("-").isdigit() else 0
+    return refs, [str(v).upper() for v in image_type], int(number) if number.lstrip("-").isdigit() else 0
 
 
 # ---------------------------------------------------------------- scanning
@@ -365,7 +377,10 @@ def _source_factory(path: Path, ds: Dataset, cache: _LastDataset):  # type: igno
     bits = int(ds.get("BitsAllocated", 16) or 16)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     native = (
-        ts in _NATIVE_LE and elem is not None and samples == 1 and bits in (8, 16, 32)
+        ts in _NATIVE_LE
+        and elem is not None
+        and samples == 1
+        and bits in (8, 16, 32)
         and getattr(elem, "value", b"") is None  # still deferred: offset known
         and getattr(elem, "value_tell", None) is not None
         and getattr(elem, "length", 0) != 0xFFFFFFFF
@@ -379,10 +394,12 @@ def _source_factory(path: Path, ds: Dataset, cache: _LastDataset):  # type: igno
 
         def make(_ds: Dataset, index: int | None) -> NativeFileFrame:
             return NativeFileFrame(path, base + (index or 0) * frame_bytes, dtype, rows, cols)
+
         return make
 
     def make_encoded(_ds: Dataset, index: int | None) -> EncodedFileFrame:
         return EncodedFileFrame(path, index, cache)
+
     return make_encoded
 
 
@@ -422,8 +439,10 @@ def scan(inputs: Iterable[Path], use_fast: bool = True) -> ScanResult:
         if "PixelData" not in ds or meta is None or "TransferSyntaxUID" not in meta:
             skipped["CT without pixel data or transfer syntax"] += 1
             continue
-        if not UID(str(meta.TransferSyntaxUID)).is_little_endian and \
-                UID(str(meta.TransferSyntaxUID)).is_transfer_syntax is False:
+        if (
+            not UID(str(meta.TransferSyntaxUID)).is_little_endian
+            and UID(str(meta.TransferSyntaxUID)).is_transfer_syntax is False
+        ):
             skipped["unknown transfer syntax"] += 1
             continue
         image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
@@ -432,8 +451,9 @@ def scan(inputs: Iterable[Path], use_fast: bool = True) -> ScanResult:
         except AtlasflowError as exc:
             skipped[f"CT without usable geometry ({exc.metadata.get('check', exc.reason)})"] += 1
             continue
-        number = int(ds.get("SeriesNumber", 0) or 0) if str(ds.get("SeriesNumber", "")).strip() \
-            .lstrip("-").isdigit() else 0
+        number = (
+            int(ds.get("SeriesNumber", 0) or 0) if str(ds.get("SeriesNumber", "")).strip().lstrip("-").isdigit() else 0
+        )
         for ref in refs:
             result.frames.append(ScannedFrame(ref, number, "LOCALIZER" in image_type, path))
     for why, count in sorted(skipped.items()):
@@ -480,11 +500,9 @@ def group_frames(frames: list[ScannedFrame]) -> tuple[list[Group], list[str]]:
         localizers = [f for f in members if f.localizer]
         images = [f for f in members if not f.localizer]
         if localizers:
-            notes.append(f"{label}: {len(localizers)} localizer frame(s) dropped (a scout is "
-                         "not part of the volume)")
+            notes.append(f"{label}: {len(localizers)} localizer frame(s) dropped (a scout is not part of the volume)")
         if not images:
-            notes.append(f"error: {label}: only localizer images, no volume "
-                         "[INCONSISTENT_SERIES/localizer]")
+            notes.append(f"error: {label}: only localizer images, no volume [INCONSISTENT_SERIES/localizer]")
             continue
         by_geometry: dict[tuple[object, ...], list[ScannedFrame]] = defaultdict(list)
         for f in images:
@@ -507,8 +525,12 @@ def group_frames(frames: list[ScannedFrame]) -> tuple[list[Group], list[str]]:
 # ---------------------------------------------------------------- NIfTI writing
 
 _HEADER = struct.Struct("<i10s18sihbb8h3f4h8f3fhbb4f2i80s24s2h6f4f4f4f16s4s")
-_DATATYPE = {np.dtype(np.int16): (4, 16), np.dtype(np.int32): (8, 32),
-             np.dtype(np.float32): (16, 32), np.dtype(np.uint8): (2, 8)}
+_DATATYPE = {
+    np.dtype(np.int16): (4, 16),
+    np.dtype(np.int32): (8, 32),
+    np.dtype(np.float32): (16, 32),
+    np.dtype(np.uint8): (2, 8),
+}
 
 
 def _quaternion(affine: np.ndarray) -> tuple[float, float, float, float, float, float, float]:
@@ -547,8 +569,7 @@ def _quaternion(affine: np.ndarray) -> tuple[float, float, float, float, float, 
             a = 0.25 * (r[1, 0] - r[0, 1]) / d
         if a < 0:
             b, c, d = -b, -c, -d
-    return (float(b), float(c), float(d), float(affine[0, 3]), float(affine[1, 3]),
-            float(affine[2, 3]), qfac)
+    return (float(b), float(c), float(d), float(affine[0, 3]), float(affine[1, 3]), float(affine[2, 3]), qfac)
 
 
 def nifti_header(shape: tuple[int, ...], dtype: np.dtype, affine: np.ndarray) -> bytes:
@@ -560,20 +581,49 @@ def nifti_header(shape: tuple[int, ...], dtype: np.dtype, affine: np.ndarray) ->
     dim = [len(shape), *shape] + [1] * (7 - len(shape))
     pixdim = [qfac, *zooms.tolist()] + [1.0] * (7 - 3)
     header = _HEADER.pack(
-        348, b"", b"", 0, 0, ord("r"), 0,
+        348,
+        b"",
+        b"",
+        0,
+        0,
+        ord("r"),
+        0,
         *dim,
-        0.0, 0.0, 0.0,
-        0, code, bitpix, 0,
+        0.0,
+        0.0,
+        0.0,
+        0,
+        code,
+        bitpix,
+        0,
         *pixdim,
-        352.0, 1.0, 0.0,
-        0, 0, 2 | 8,
-        0.0, 0.0, 0.0, 0.0,
-        0, 0,
-        b"atlasflow convert", b"",
-        1, 1,
-        b, c, d, qx, qy, qz,
-        *affine[0, :4].tolist(), *affine[1, :4].tolist(), *affine[2, :4].tolist(),
-        b"", b"n+1\x00",
+        352.0,
+        1.0,
+        0.0,
+        0,
+        0,
+        2 | 8,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0,
+        0,
+        b"atlasflow convert",
+        b"",
+        1,
+        1,
+        b,
+        c,
+        d,
+        qx,
+        qy,
+        qz,
+        *affine[0, :4].tolist(),
+        *affine[1, :4].tolist(),
+        *affine[2, :4].tolist(),
+        b"",
+        b"n+1\x00",
     )
     return header + b"\x00\x00\x00\x00"
 
@@ -606,7 +656,7 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> str:
             comp, used = _compressor()
             f.write(comp.compress(header))
             for start in range(0, len(view), chunk):
-                f.write(comp.compress(view[start:start + chunk]))
+                f.write(comp.compress(view[start : start + chunk]))
             f.write(comp.flush())
         else:
             used = "none"
@@ -640,8 +690,7 @@ class Converted:
     error: str = ""
 
 
-def convert(inputs: list[Path], out: Path, policy: Policy = REPAIR,
-            log: object = None) -> list[Converted]:
+def convert(inputs: list[Path], out: Path, policy: Policy = REPAIR, log: object = None) -> list[Converted]:
     """Convert every CT series under `inputs`; write OUT (or OUT_k). `log(str)` gets notes."""
     say = log if callable(log) else (lambda s: None)
     scanned = scan(inputs)
@@ -684,12 +733,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="atlasflow convert",
         description="CT DICOM series -> NIfTI (int16 HU, RAS+ affine); tilt resampled, "
-                    "missing slices filled, multi-frame read (see --strict).",
+        "missing slices filled, multi-frame read (see --strict).",
     )
     parser.add_argument("inputs", nargs="+", type=Path, metavar="DICOM_DIR_OR_FILE")
     parser.add_argument("out", type=Path, metavar="OUT.nii[.gz]")
-    parser.add_argument("--strict", action="store_true",
-                        help="reject gantry tilt, missing slices and multi-frame instead")
+    parser.add_argument(
+        "--strict", action="store_true", help="reject gantry tilt, missing slices and multi-frame instead"
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not (args.out.name.endswith(".nii") or args.out.name.endswith(".nii.gz")):
         parser.error("OUT must end in .nii or .nii.gz")

@@ -60,9 +60,7 @@ LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
 #: SOP classes accepted as CT. Multi-frame (Enhanced / Legacy Converted Enhanced) instances are
 #: assembled under `atlasflow.ingest.assemble.REPAIR` (per-frame functional groups); the
 #: default STRICT policy of `assemble_series` still rejects them (UNSUPPORTED_MULTIFRAME).
-CT_SOP_CLASSES = frozenset(
-    {CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE}
-)
+CT_SOP_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE})
 
 # ErrorInfo reason -> C-STORE response Status (PS3.4 Annex B.2.3 "Status", PS3.7 Annex C).
 # The 0xA9xx and 0xCxxx ranges leave the low byte to the implementation; pynetdicom uses
@@ -134,7 +132,8 @@ def parse_instance(data: bytes) -> tuple[Dataset, InstanceInfo]:
         raise _err("NOT_DICOM", f"not a DICOM Part-10 stream: {type(exc).__name__}") from None
     except Exception as exc:  # EOFError, struct.error, ValueError...: broke off mid-element
         raise _err(
-            "CORRUPT_DICOM", f"DICOM stream could not be parsed ({type(exc).__name__})",
+            "CORRUPT_DICOM",
+            f"DICOM stream could not be parsed ({type(exc).__name__})",
             check="parse",
         ) from None
     meta = getattr(ds, "file_meta", None)
@@ -179,9 +178,7 @@ def _open_pixel_sequence(ds: Dataset, data: bytes) -> bool:
     return bool(undefined and not data.endswith(_SEQUENCE_DELIMITER))
 
 
-def validate_dataset(
-    ds: Dataset, transfer_syntax_uid: str | None = None, *, decode: bool = True
-) -> InstanceInfo:
+def validate_dataset(ds: Dataset, transfer_syntax_uid: str | None = None, *, decode: bool = True) -> InstanceInfo:
     """Validate a dataset as a CT instance and return its `InstanceInfo`.
 
     `transfer_syntax_uid`: the transfer syntax the dataset was encoded with (C-STORE:
@@ -209,9 +206,7 @@ def validate_dataset(
     # A stream cut off between elements parses "cleanly" but lacks (7FE0,0010), the last
     # element: check it before the attributes it may have cut away (Modality, UIDs).
     if "PixelData" not in ds or ds.PixelData is None:
-        raise _err(
-            "CORRUPT_DICOM", "no (7FE0,0010) PixelData (truncated?)", check="pixel_data", **base
-        )
+        raise _err("CORRUPT_DICOM", "no (7FE0,0010) PixelData (truncated?)", check="pixel_data", **base)
     if modality.upper() != "CT":
         raise _err("NOT_CT", "(0008,0060) Modality is not CT", check="modality", **base)
 
@@ -248,18 +243,24 @@ def _check_pixels(ds: Dataset, ts: str, base: dict[str, str], *, decode: bool) -
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError):
         raise _err(
-            "CORRUPT_DICOM", "(0028,xxxx) Image Pixel attributes missing or invalid",
-            check="image_pixel", **base,
+            "CORRUPT_DICOM",
+            "(0028,xxxx) Image Pixel attributes missing or invalid",
+            check="image_pixel",
+            **base,
         ) from None
     if samples != 1 or rows <= 0 or cols <= 0 or bits not in (8, 16, 32):
         raise _err(
-            "CORRUPT_DICOM", "CT pixel data must be one-sample greyscale with 8/16/32 bits",
-            check="image_pixel", **base,
+            "CORRUPT_DICOM",
+            "CT pixel data must be one-sample greyscale with 8/16/32 bits",
+            check="image_pixel",
+            **base,
         )
     uid = UID(ts)
     if not uid.is_transfer_syntax:
         raise _err(
-            "UNSUPPORTED_TRANSFER_SYNTAX", "unknown transfer syntax", check="transfer_syntax",
+            "UNSUPPORTED_TRANSFER_SYNTAX",
+            "unknown transfer syntax",
+            check="transfer_syntax",
             **base,
         )
     if not uid.is_compressed:
@@ -268,9 +269,9 @@ def _check_pixels(ds: Dataset, ts: str, base: dict[str, str], *, decode: bool) -
         if actual < expected:
             raise _err(
                 "CORRUPT_DICOM",
-                f"pixel data is {actual} bytes, {expected} expected "
-                f"({rows}x{cols}x{bits} bits x {frames} frames)",
-                check="pixel_length", **base,
+                f"pixel data is {actual} bytes, {expected} expected ({rows}x{cols}x{bits} bits x {frames} frames)",
+                check="pixel_length",
+                **base,
             )
     if not decode:
         return
@@ -280,8 +281,10 @@ def _check_pixels(ds: Dataset, ts: str, base: dict[str, str], *, decode: bool) -
         decoder = None
     if decoder is None or not decoder.is_available:
         raise _err(
-            "UNSUPPORTED_TRANSFER_SYNTAX", "no pixel decoder installed for the transfer syntax",
-            check="transfer_syntax", **base,
+            "UNSUPPORTED_TRANSFER_SYNTAX",
+            "no pixel decoder installed for the transfer syntax",
+            check="transfer_syntax",
+            **base,
         )
     try:
         if uid.is_compressed:
@@ -293,10 +296,10 @@ def _check_pixels(ds: Dataset, ts: str, base: dict[str, str], *, decode: bool) -
             arr, _ = decoder.as_array(ds, view_only=True, raw=True, correct_unused_bits=False)
     except Exception as exc:
         raise _err(
-            "CORRUPT_DICOM", f"pixel data does not decode ({type(exc).__name__})",
-            check="pixel_decode", **base,
+            "CORRUPT_DICOM",
+            f"pixel data does not decode ({type(exc).__name__})",
+            check="pixel_decode",
+            **base,
         ) from None
     if arr.size != rows * cols * frames:
-        raise _err(
-            "CORRUPT_DICOM", "decoded pixel data has the wrong size", check="pixel_decode", **base
-        )
+        raise _err("CORRUPT_DICOM", "decoded pixel data has the wrong size", check="pixel_decode", **base)

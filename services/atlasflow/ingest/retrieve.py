@@ -56,10 +56,14 @@ CT_STORAGE = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTI
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): (source, reason) -> words.
 _REJECT_REASONS = {
-    (1, 1): "no reason given", (1, 2): "application context name not supported",
-    (1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
-    (2, 1): "no reason given", (2, 2): "protocol version not supported",
-    (3, 1): "temporary congestion", (3, 2): "local limit exceeded",
+    (1, 1): "no reason given",
+    (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognised",
+    (1, 7): "called AE title not recognised",
+    (2, 1): "no reason given",
+    (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion",
+    (3, 2): "local limit exceeded",
 }
 
 
@@ -100,30 +104,44 @@ def _nodelay(event: evt.Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _associate(ae: AE, pacs: Peer, handlers: list | None = None, ext_neg: list | None = None
-               ) -> Association:
+def _associate(ae: AE, pacs: Peer, handlers: list | None = None, ext_neg: list | None = None) -> Association:
     acse: list = []
-    assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay),
-                                       (evt.EVT_ACSE_RECV, lambda e: acse.append(e.primitive)),
-                                       *(handlers or [])],
-                         ext_neg=ext_neg)
+    assoc = ae.associate(
+        pacs.host,
+        pacs.port,
+        ae_title=pacs.ae_title,
+        evt_handlers=[
+            (evt.EVT_CONN_OPEN, _nodelay),
+            (evt.EVT_ACSE_RECV, lambda e: acse.append(e.primitive)),
+            *(handlers or []),
+        ],
+        ext_neg=ext_neg,
+    )
     if assoc.is_established:
         return assoc
     if assoc.is_rejected:
         rj = acse[-1] if acse else None
-        source, reason = (int(getattr(rj, "result_source", 0) or 0),
-                          int(getattr(rj, "diagnostic", 0) or 0))
+        source, reason = (int(getattr(rj, "result_source", 0) or 0), int(getattr(rj, "diagnostic", 0) or 0))
         words = _REJECT_REASONS.get((source, reason), f"source {source}, reason {reason}")
-        raise Unavailable("ASSOCIATION_REJECTED", f"the PACS rejected the association: {words}",
-                          domain=DOMAIN, metadata={"source": str(source), "reason": str(reason),
-                                                   "called_aet": pacs.ae_title})
+        raise Unavailable(
+            "ASSOCIATION_REJECTED",
+            f"the PACS rejected the association: {words}",
+            domain=DOMAIN,
+            metadata={"source": str(source), "reason": str(reason), "called_aet": pacs.ae_title},
+        )
     if assoc.is_aborted:
-        raise Unavailable("ASSOCIATION_ABORTED", "the PACS aborted the association",
-                          domain=DOMAIN, metadata={"called_aet": pacs.ae_title})
-    raise Unavailable("ASSOCIATION_FAILED",
-                      f"no DICOM association with {pacs.host}:{pacs.port}", domain=DOMAIN,
-                      metadata={"called_aet": pacs.ae_title})
+        raise Unavailable(
+            "ASSOCIATION_ABORTED",
+            "the PACS aborted the association",
+            domain=DOMAIN,
+            metadata={"called_aet": pacs.ae_title},
+        )
+    raise Unavailable(
+        "ASSOCIATION_FAILED",
+        f"no DICOM association with {pacs.host}:{pacs.port}",
+        domain=DOMAIN,
+        metadata={"called_aet": pacs.ae_title},
+    )
 
 
 def _query(assoc: Association, ds: Dataset) -> Iterator[Dataset]:
@@ -135,12 +153,15 @@ def _query(assoc: Association, ds: Dataset) -> Iterator[Dataset]:
             if identifier is not None:
                 yield identifier
         elif code != 0x0000:
-            raise FailedPrecondition("FIND_FAILED", f"C-FIND failed with status 0x{code:04X}",
-                                     domain=DOMAIN, metadata={"status": f"0x{code:04X}"})
+            raise FailedPrecondition(
+                "FIND_FAILED",
+                f"C-FIND failed with status 0x{code:04X}",
+                domain=DOMAIN,
+                metadata={"status": f"0x{code:04X}"},
+            )
 
 
-def find_series(pacs: Peer, calling_aet: str, study_uid: str, series_uid: str | None = None
-                ) -> list[SeriesMatch]:
+def find_series(pacs: Peer, calling_aet: str, study_uid: str, series_uid: str | None = None) -> list[SeriesMatch]:
     """C-FIND at STUDY then SERIES level. Raises NotFound NO_MATCH when the study (or the
     series) is not on the PACS."""
     ae = AE(ae_title=calling_aet)
@@ -152,8 +173,12 @@ def find_series(pacs: Peer, calling_aet: str, study_uid: str, series_uid: str | 
         q.StudyInstanceUID = study_uid
         q.NumberOfStudyRelatedSeries = ""
         if not list(_query(assoc, q)):
-            raise NotFound("NO_MATCH", "the PACS has no study with this StudyInstanceUID",
-                           domain=DOMAIN, metadata={"level": "STUDY"})
+            raise NotFound(
+                "NO_MATCH",
+                "the PACS has no study with this StudyInstanceUID",
+                domain=DOMAIN,
+                metadata={"level": "STUDY"},
+            )
         q = Dataset()
         q.QueryRetrieveLevel = "SERIES"
         q.StudyInstanceUID = study_uid
@@ -163,14 +188,19 @@ def find_series(pacs: Peer, calling_aet: str, study_uid: str, series_uid: str | 
         matches = []
         for ident in _query(assoc, q):
             n = ident.get("NumberOfSeriesRelatedInstances", None)
-            matches.append(SeriesMatch(str(ident.get("SeriesInstanceUID", "")),
-                                       str(ident.get("Modality", "") or ""),
-                                       int(n) if n not in (None, "") else None))
+            matches.append(
+                SeriesMatch(
+                    str(ident.get("SeriesInstanceUID", "")),
+                    str(ident.get("Modality", "") or ""),
+                    int(n) if n not in (None, "") else None,
+                )
+            )
     finally:
         assoc.release()
     if not matches:
-        raise NotFound("NO_MATCH", "the PACS has no such series in the study", domain=DOMAIN,
-                       metadata={"level": "SERIES"})
+        raise NotFound(
+            "NO_MATCH", "the PACS has no such series in the study", domain=DOMAIN, metadata={"level": "SERIES"}
+        )
     return matches
 
 
@@ -187,13 +217,19 @@ def _track(result: TransferResult, responses: Iterator, what: str) -> TransferRe
     last = None
     for status, _identifier in responses:
         if not status:
-            raise Unavailable(f"{what}_FAILED", f"C-{what} got no response (association lost)",
-                              domain=DOMAIN, metadata=_counts(result))
+            raise Unavailable(
+                f"{what}_FAILED",
+                f"C-{what} got no response (association lost)",
+                domain=DOMAIN,
+                metadata=_counts(result),
+            )
         last = status
         result.status = int(status.Status)
-        for attr, name in (("completed", "NumberOfCompletedSuboperations"),
-                           ("failed", "NumberOfFailedSuboperations"),
-                           ("warning", "NumberOfWarningSuboperations")):
+        for attr, name in (
+            ("completed", "NumberOfCompletedSuboperations"),
+            ("failed", "NumberOfFailedSuboperations"),
+            ("warning", "NumberOfWarningSuboperations"),
+        ):
             if name in status:
                 setattr(result, attr, int(status[name].value or 0))
     if last is None:
@@ -203,13 +239,19 @@ def _track(result: TransferResult, responses: Iterator, what: str) -> TransferRe
             f"{what}_FAILED",
             f"C-{what} ended with status 0x{result.status:04X} ({_describe(result.status)}):"
             f" {result.completed} completed, {result.failed} failed, {result.warning} warning",
-            domain=DOMAIN, metadata=_counts(result))
+            domain=DOMAIN,
+            metadata=_counts(result),
+        )
     return result
 
 
 def _counts(r: TransferResult) -> dict[str, str]:
-    return {"status": f"0x{r.status:04X}", "completed": str(r.completed),
-            "failed": str(r.failed), "warning": str(r.warning)}
+    return {
+        "status": f"0x{r.status:04X}",
+        "completed": str(r.completed),
+        "failed": str(r.failed),
+        "warning": str(r.warning),
+    }
 
 
 def _describe(status: int) -> str:
@@ -228,24 +270,33 @@ def _describe(status: int) -> str:
     return "failure"
 
 
-def move_series(pacs: Peer, calling_aet: str, move_dest: str, study_uid: str,
-                series_uid: str) -> TransferResult:
+def move_series(pacs: Peer, calling_aet: str, move_dest: str, study_uid: str, series_uid: str) -> TransferResult:
     """C-MOVE one series to `move_dest`; raises FailedPrecondition MOVE_FAILED unless every
     sub-operation completed (or only warnings)."""
     ae = AE(ae_title=calling_aet)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     assoc = _associate(ae, pacs)
     try:
-        return _track(TransferResult(series_uid),
-                      assoc.send_c_move(_identifier(study_uid, series_uid), move_dest,
-                                        StudyRootQueryRetrieveInformationModelMove), "MOVE")
+        return _track(
+            TransferResult(series_uid),
+            assoc.send_c_move(
+                _identifier(study_uid, series_uid), move_dest, StudyRootQueryRetrieveInformationModelMove
+            ),
+            "MOVE",
+        )
     finally:
         if assoc.is_established:
             assoc.release()
 
 
-def get_series(pacs: Peer, calling_aet: str, study_uid: str, series_uid: str, out_dir: Path,
-               on_file: Callable[[Path], None] = lambda _p: None) -> TransferResult:
+def get_series(
+    pacs: Peer,
+    calling_aet: str,
+    study_uid: str,
+    series_uid: str,
+    out_dir: Path,
+    on_file: Callable[[Path], None] = lambda _p: None,
+) -> TransferResult:
     """C-GET one series; every instance received is written to `out_dir` as a Part-10 file
     (the sub-operation is answered Success only after the file is written)."""
     ae = AE(ae_title=calling_aet)
@@ -265,8 +316,11 @@ def get_series(pacs: Peer, calling_aet: str, study_uid: str, series_uid: str, ou
 
     assoc = _associate(ae, pacs, [(evt.EVT_C_STORE, on_store)], ext_neg=roles)
     try:
-        return _track(result, assoc.send_c_get(_identifier(study_uid, series_uid),
-                                               StudyRootQueryRetrieveInformationModelGet), "GET")
+        return _track(
+            result,
+            assoc.send_c_get(_identifier(study_uid, series_uid), StudyRootQueryRetrieveInformationModelGet),
+            "GET",
+        )
     finally:
         if assoc.is_established:
             assoc.release()
@@ -285,11 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pacs-aet", required=True, help="AE title of the PACS (called AE)")
     p.add_argument("--study-uid", required=True)
     p.add_argument("--series-uid", help="retrieve only this series of the study")
-    p.add_argument("--move-dest", default="ATLASFLOW",
-                   help="C-MOVE destination AE title (atlasflow ingest's SCP, known to the PACS)")
+    p.add_argument(
+        "--move-dest",
+        default="ATLASFLOW",
+        help="C-MOVE destination AE title (atlasflow ingest's SCP, known to the PACS)",
+    )
     p.add_argument("--calling-aet", default="ATLASFLOW_QR", help="our AE title towards the PACS")
-    p.add_argument("--get", action="store_true",
-                   help="C-GET instead of C-MOVE; instances are uploaded to --target over gRPC")
+    p.add_argument(
+        "--get", action="store_true", help="C-GET instead of C-MOVE; instances are uploaded to --target over gRPC"
+    )
     p.add_argument("--target", default="127.0.0.1:50051", help="ingest gRPC address (--get)")
     return p
 
@@ -308,22 +366,19 @@ def main(argv: list[str] | None = None) -> int:
         for m in matches:
             if args.get:
                 with tempfile.TemporaryDirectory(prefix="atlasflow-get-") as tmp:
-                    r = get_series(pacs, args.calling_aet, args.study_uid, m.series_uid,
-                                   Path(tmp))
+                    r = get_series(pacs, args.calling_aet, args.study_uid, m.series_uid, Path(tmp))
                     receipts = _upload([Path(p) for p in r.received], args.target)
                     r.received = []
                     entry = {**asdict(r), "uploaded": len(receipts)}
             else:
-                r = move_series(pacs, args.calling_aet, args.move_dest, args.study_uid,
-                                m.series_uid)
+                r = move_series(pacs, args.calling_aet, args.move_dest, args.study_uid, m.series_uid)
                 entry = asdict(r)
             entry.pop("received", None)
             report["transfers"].append(entry)
     except AtlasflowError as exc:
         print(json.dumps(report, indent=2))
         detail = ", ".join(f"{k}={v}" for k, v in exc.metadata.items())
-        print(f"atlasflow retrieve: {exc.reason}: {exc.message}" + (f" ({detail})" if detail else ""),
-              file=sys.stderr)
+        print(f"atlasflow retrieve: {exc.reason}: {exc.message}" + (f" ({detail})" if detail else ""), file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2))
     return 0
@@ -335,8 +390,9 @@ def _upload(paths: list[Path], target: str) -> list:
     try:
         return send_files(paths, target)
     except UploadError as exc:
-        raise Unavailable("UPLOAD_FAILED", f"upload to ingest failed: {exc}", domain=DOMAIN,
-                          metadata={"target": target}) from None
+        raise Unavailable(
+            "UPLOAD_FAILED", f"upload to ingest failed: {exc}", domain=DOMAIN, metadata={"target": target}
+        ) from None
 
 
 if __name__ == "__main__":

@@ -58,8 +58,8 @@ class ScpConfig:
     host: str = "127.0.0.1"
     port: int = 11112
     ae_title: str = "ATLASFLOW"
-    accepted_calling_aets: tuple[str, ...] = ()   # empty: accept any calling AE
-    max_pdu: int = 0                               # 0: unlimited
+    accepted_calling_aets: tuple[str, ...] = ()  # empty: accept any calling AE
+    max_pdu: int = 0  # 0: unlimited
     max_associations: int = 16
     # ARTIM: how long an accepted TCP connection may wait for its A-ASSOCIATE-RQ (and a
     # release for its answer). pynetdicom does not notice a peer that connects and closes
@@ -143,8 +143,7 @@ def _tune_association(event: evt.Event) -> None:
 
         q.put = put_and_wake  # type: ignore[attr-defined]
 
-    for q in (dul.to_provider_queue, dul.to_user_queue, dul.event_queue,
-              assoc.dimse.msg_queue):
+    for q in (dul.to_provider_queue, dul.to_user_queue, dul.event_queue, assoc.dimse.msg_queue):
         waking(q)
 
     process_recv_primitive = dul._process_recv_primitive
@@ -158,8 +157,7 @@ def _tune_association(event: evt.Event) -> None:
             if not dul.to_provider_queue.queue and not dul.event_queue.queue:
                 peer = getattr(dul.socket, "socket", None)
                 try:
-                    readable, _, _ = select.select(
-                        [wake_r] if peer is None else [peer, wake_r], [], [], _IDLE_WAIT_S)
+                    readable, _, _ = select.select([wake_r] if peer is None else [peer, wake_r], [], [], _IDLE_WAIT_S)
                     if wake_r in readable:
                         wake_r.recv(4096)
                 except (OSError, ValueError):  # peer socket closed meanwhile: plain poll
@@ -210,8 +208,13 @@ class StoreScp:
     """Runs the pynetdicom server in its own threads; `on_stored(series_id)` is called after
     every durable instance (used to wake the assembler)."""
 
-    def __init__(self, config: ScpConfig, store: IngestStore, metrics: Metrics,
-                 on_stored: Callable[[str], None] = lambda _s: None) -> None:
+    def __init__(
+        self,
+        config: ScpConfig,
+        store: IngestStore,
+        metrics: Metrics,
+        on_stored: Callable[[str], None] = lambda _s: None,
+    ) -> None:
         self.config = config
         self.store = store
         self.metrics = metrics
@@ -240,8 +243,7 @@ class StoreScp:
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, lambda _e: 0x0000),
         ]
-        self._server = self.ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        self._server = self.ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
 
     def stop(self) -> None:
         if self._server is not None:
@@ -261,8 +263,9 @@ class StoreScp:
         try:
             ds, info = parse_instance(data)
         except AtlasflowError as exc:
-            log.warning("instance rejected", extra={"fields": {
-                "source": source, "reason": exc.reason, "size_bytes": len(data)}})
+            log.warning(
+                "instance rejected", extra={"fields": {"source": source, "reason": exc.reason, "size_bytes": len(data)}}
+            )
             self.metrics.count("instances_rejected")
             return c_store_status(exc)
         parent = self.store.series_traceparent(info.series_uid)
@@ -271,12 +274,15 @@ class StoreScp:
             with tracer.start_as_current_span("ingest.c_store") as span:
                 try:
                     stored = self.store.store_instance(
-                        data, info.study_uid, info.series_uid, info.sop_instance_uid,
+                        data,
+                        info.study_uid,
+                        info.series_uid,
+                        info.sop_instance_uid,
                         new_traceparent=current_traceparent(),
-                        key=lambda: content_key(ds))  # only for a re-sent SOP Instance UID
+                        key=lambda: content_key(ds),
+                    )  # only for a re-sent SOP Instance UID
                 except OSError:
-                    log.error("instance not stored: out of resources",
-                              extra={"fields": {"source": source}})
+                    log.error("instance not stored: out of resources", extra={"fields": {"source": source}})
                     return STATUS_OUT_OF_RESOURCES
                 span.set_attribute("atlasflow.series_id", stored.series_id)
                 span.set_attribute("atlasflow.duplicate", stored.duplicate)
@@ -284,8 +290,10 @@ class StoreScp:
             if token is not None:
                 otel_context.detach(token)
         if stored.conflict:
-            log.warning("instance conflict: same SOP Instance UID, different content; first kept",
-                        extra={"fields": {"series_id": stored.series_id}})
+            log.warning(
+                "instance conflict: same SOP Instance UID, different content; first kept",
+                extra={"fields": {"series_id": stored.series_id}},
+            )
             self.metrics.count("instance_conflicts")
         self.metrics.count("instances_stored")
         self.on_stored(stored.series_id)

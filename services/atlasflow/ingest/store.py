@@ -191,9 +191,9 @@ def content_key_of_bytes(data: bytes) -> str:
     return content_key(ds)
 
 
-_ITEM = b"\xfe\xff\x00\xe0"                 # (FFFE,E000) Item
-_ITEM_END = b"\xfe\xff\x0d\xe0"             # (FFFE,E00D) Item Delimitation Item
-_HEAD = struct.Struct("<HHI")                 # group, element, length (Implicit VR LE)
+_ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000) Item
+_ITEM_END = b"\xfe\xff\x0d\xe0"  # (FFFE,E00D) Item Delimitation Item
+_HEAD = struct.Struct("<HHI")  # group, element, length (Implicit VR LE)
 
 
 def _implicit_sequence(value: bytes) -> list[Dataset] | None:
@@ -257,9 +257,9 @@ def _canonical(parts: list[bytes], ds: Dataset) -> None:
 
 
 _FILE_MAGIC = b"AFSPOOL2"
-_FILE_HEAD = struct.Struct("<8s8s")         # magic, generation nonce
-_RECORD = struct.Struct("<4s8sIQ")          # b"AFR2", nonce, header length, data length
-_RECORD_MAGIC = b"AFR2"                     # then header (JSON), data, CRC-32 of header + data
+_FILE_HEAD = struct.Struct("<8s8s")  # magic, generation nonce
+_RECORD = struct.Struct("<4s8sIQ")  # b"AFR2", nonce, header length, data length
+_RECORD_MAGIC = b"AFR2"  # then header (JSON), data, CRC-32 of header + data
 _ZERO_BLOCK = bytes(1 << 20)
 
 
@@ -276,8 +276,7 @@ class InstanceSpool:
     Not thread-safe for writers: the caller serialises `append` and `seal` (IngestStore's lock).
     """
 
-    def __init__(self, directory: Path, segment_bytes: int = 128 * 1024 * 1024,
-                 spares: int = 2) -> None:
+    def __init__(self, directory: Path, segment_bytes: int = 128 * 1024 * 1024, spares: int = 2) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.segment_bytes = segment_bytes
@@ -377,22 +376,21 @@ class InstanceSpool:
         """Write one record; durable (fdatasync'd) when it returns."""
         head = json.dumps(header, separators=(",", ":")).encode()
         size = _RECORD.size + len(head) + len(data) + 4
-        if self._fd is None or (self._offset + size > self.segment_bytes
-                                and self._offset > _FILE_HEAD.size):
+        if self._fd is None or (self._offset + size > self.segment_bytes and self._offset > _FILE_HEAD.size):
             self.seal()
             self._open_new()
         assert self._fd is not None
         crc = zlib.crc32(data, zlib.crc32(head))
-        record = b"".join((_RECORD.pack(_RECORD_MAGIC, self._nonce, len(head), len(data)), head,
-                           data, struct.pack("<I", crc)))
+        record = b"".join(
+            (_RECORD.pack(_RECORD_MAGIC, self._nonce, len(head), len(data)), head, data, struct.pack("<I", crc))
+        )
         view = memoryview(record)
         done = 0
         while done < len(record):
             done += os.pwrite(self._fd, view[done:], self._offset + done)
         os.fdatasync(self._fd)
         assert self._path is not None
-        self._pending[header["digest"]] = (
-            self._path, self._offset + _RECORD.size + len(head), len(data))
+        self._pending[header["digest"]] = (self._path, self._offset + _RECORD.size + len(head), len(data))
         self._offset += len(record)
         self.pending_bytes += len(data)
         self.last_append = time.monotonic()
@@ -436,9 +434,12 @@ class InstanceSpool:
                 end = pos + _RECORD.size + hlen + dlen + 4
                 if zlib.crc32(data, zlib.crc32(head)) != crc:
                     if header_at(end) is not None:
-                        raise DataLoss("SPOOL_CORRUPT", "spool record checksum mismatch",
-                                       domain="atlasflow.ingest",
-                                       metadata={"segment": path.name})
+                        raise DataLoss(
+                            "SPOOL_CORRUPT",
+                            "spool record checksum mismatch",
+                            domain="atlasflow.ingest",
+                            metadata={"segment": path.name},
+                        )
                     return  # torn tail
                 yield json.loads(head), data
                 pos = end
@@ -489,18 +490,35 @@ class SeriesVersion:
 
 def _row_to_series(r) -> SeriesVersion:  # type: ignore[no-untyped-def]
     return SeriesVersion(
-        r["series_id"], r["version"], r["case_id"], r["state"], r["instance_count"],
-        r["last_instance_at"], r["volume_digest"], r["volume_size"],
-        json.loads(r["geometry_json"]) if r["geometry_json"] else {}, r["failure_reason"],
-        r["traceparent"], r["create_time"], r["update_time"], r["duplicate_count"],
-        r["conflict_count"])
+        r["series_id"],
+        r["version"],
+        r["case_id"],
+        r["state"],
+        r["instance_count"],
+        r["last_instance_at"],
+        r["volume_digest"],
+        r["volume_size"],
+        json.loads(r["geometry_json"]) if r["geometry_json"] else {},
+        r["failure_reason"],
+        r["traceparent"],
+        r["create_time"],
+        r["update_time"],
+        r["duplicate_count"],
+        r["conflict_count"],
+    )
 
 
 class IngestStore:
     """Instance spool + series bookkeeping. Thread-safe (one lock around the connection)."""
 
-    def __init__(self, data_dir: str | Path, blobs: BlobStore, *,
-                 spool_segment_bytes: int = 128 * 1024 * 1024, spool_spares: int = 2) -> None:
+    def __init__(
+        self,
+        data_dir: str | Path,
+        blobs: BlobStore,
+        *,
+        spool_segment_bytes: int = 128 * 1024 * 1024,
+        spool_spares: int = 2,
+    ) -> None:
         """`spool_segment_bytes` x `spool_spares` of zero-filled spool space is prepared at
         start-up (128 MiB x 2 by default: ~500 CT slices before a refill)."""
         self.db_path = Path(data_dir) / "ingest.sqlite3"
@@ -534,20 +552,28 @@ class IngestStore:
     @staticmethod
     def check_upload_id(upload_id: str) -> None:
         if not _UPLOAD_ID.match(upload_id):
-            raise InvalidArgument("INVALID_UPLOAD_ID",
-                                  "upload_id must be 1-128 characters of [A-Za-z0-9._-]",
-                                  domain="atlasflow.ingest")
+            raise InvalidArgument(
+                "INVALID_UPLOAD_ID", "upload_id must be 1-128 characters of [A-Za-z0-9._-]", domain="atlasflow.ingest"
+            )
 
     def upload_status(self, upload_id: str) -> UploadState:
         """The upload's state; NotFound UPLOAD_NOT_FOUND when nothing of it was committed."""
         with self.lock:
-            r = self.conn.execute("SELECT * FROM uploads WHERE upload_id = ?",
-                                  (upload_id,)).fetchone()
+            r = self.conn.execute("SELECT * FROM uploads WHERE upload_id = ?", (upload_id,)).fetchone()
         if r is None:
-            raise NotFound("UPLOAD_NOT_FOUND", "no committed bytes for this upload_id",
-                           domain="atlasflow.ingest", metadata={"upload_id": upload_id[:128]})
-        return UploadState(r["upload_id"], r["committed_offset"], bool(r["complete"]),
-                           r["sha256"], json.loads(r["receipt_json"]) if r["receipt_json"] else {})
+            raise NotFound(
+                "UPLOAD_NOT_FOUND",
+                "no committed bytes for this upload_id",
+                domain="atlasflow.ingest",
+                metadata={"upload_id": upload_id[:128]},
+            )
+        return UploadState(
+            r["upload_id"],
+            r["committed_offset"],
+            bool(r["complete"]),
+            r["sha256"],
+            json.loads(r["receipt_json"]) if r["receipt_json"] else {},
+        )
 
     def upload_write(self, upload_id: str, offset: int, chunk: bytes) -> UploadState:
         """Durably write `chunk` at `offset` (must equal the committed offset, else Aborted
@@ -560,11 +586,16 @@ class IngestStore:
         if state.complete:
             return state
         if offset != state.committed_offset:
-            raise Aborted("OFFSET_MISMATCH", "chunk offset is not the upload's committed offset",
-                          domain="atlasflow.ingest",
-                          metadata={"upload_id": upload_id[:128],
-                                    "expected_offset": str(state.committed_offset),
-                                    "offset": str(offset)})
+            raise Aborted(
+                "OFFSET_MISMATCH",
+                "chunk offset is not the upload's committed offset",
+                domain="atlasflow.ingest",
+                metadata={
+                    "upload_id": upload_id[:128],
+                    "expected_offset": str(state.committed_offset),
+                    "offset": str(offset),
+                },
+            )
         path = self._upload_path(upload_id)
         created = not path.exists()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -588,7 +619,8 @@ class IngestStore:
                 "INSERT INTO uploads(upload_id, committed_offset, create_time, update_time)"
                 " VALUES (?, ?, ?, ?) ON CONFLICT(upload_id) DO UPDATE SET"
                 " committed_offset = excluded.committed_offset, update_time = excluded.update_time",
-                (upload_id, offset + len(chunk), now, now))
+                (upload_id, offset + len(chunk), now, now),
+            )
         return UploadState(upload_id, offset + len(chunk), False, "", {})
 
     def upload_read(self, upload_id: str) -> bytes:
@@ -603,22 +635,23 @@ class IngestStore:
         the partial file goes."""
         with self.lock, db.transaction(self.conn):
             self.conn.execute(
-                "UPDATE uploads SET complete = 1, sha256 = ?, receipt_json = ?, update_time = ?"
-                " WHERE upload_id = ?", (sha256, json.dumps(receipt), time.time(), upload_id))
+                "UPDATE uploads SET complete = 1, sha256 = ?, receipt_json = ?, update_time = ? WHERE upload_id = ?",
+                (sha256, json.dumps(receipt), time.time(), upload_id),
+            )
         self._upload_path(upload_id).unlink(missing_ok=True)
 
     def upload_discard(self, upload_id: str) -> None:
         """Forget an incomplete upload (its bytes were refused: a retry starts over)."""
         with self.lock, db.transaction(self.conn):
-            self.conn.execute("DELETE FROM uploads WHERE upload_id = ? AND complete = 0",
-                              (upload_id,))
+            self.conn.execute("DELETE FROM uploads WHERE upload_id = ? AND complete = 0", (upload_id,))
         self._upload_path(upload_id).unlink(missing_ok=True)
 
     def purge_uploads(self, max_age_s: float) -> int:
         """Drop upload records (and partial files) untouched for `max_age_s` seconds."""
         with self.lock:
-            rows = self.conn.execute("SELECT upload_id FROM uploads WHERE update_time < ?",
-                                     (time.time() - max_age_s,)).fetchall()
+            rows = self.conn.execute(
+                "SELECT upload_id FROM uploads WHERE update_time < ?", (time.time() - max_age_s,)
+            ).fetchall()
         for r in rows:
             with self.lock, db.transaction(self.conn):
                 self.conn.execute("DELETE FROM uploads WHERE upload_id = ?", (r["upload_id"],))
@@ -627,9 +660,15 @@ class IngestStore:
 
     # ----------------------------------------------------------------------------- reception
 
-    def store_instance(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str,
-                       new_traceparent: str = "",
-                       key: str | Callable[[], str] = "") -> StoredInstance:
+    def store_instance(
+        self,
+        data: bytes,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        new_traceparent: str = "",
+        key: str | Callable[[], str] = "",
+    ) -> StoredInstance:
         """Persist one validated instance; returns once it is durable (spool record
         fdatasync'd and row committed). A re-send with the same content writes nothing but a
         counter.
@@ -641,12 +680,17 @@ class IngestStore:
         computed from `data` when needed (`content_key_of_bytes`).
         """
         digest = digest_of(data)
-        header = {"study_uid": study_uid, "series_uid": series_uid, "sop_uid": sop_uid,
-                  "digest": digest, "content_key": key if isinstance(key, str) else "",
-                  "traceparent": new_traceparent, "received_at": time.time()}
+        header = {
+            "study_uid": study_uid,
+            "series_uid": series_uid,
+            "sop_uid": sop_uid,
+            "digest": digest,
+            "content_key": key if isinstance(key, str) else "",
+            "traceparent": new_traceparent,
+            "received_at": time.time(),
+        }
         with self.lock:
-            return self._record(header, data, recovering=False,
-                                key_fn=key if callable(key) else None)
+            return self._record(header, data, recovering=False, key_fn=key if callable(key) else None)
 
     def _sync_db(self) -> None:
         """Under self.lock: make every committed transaction durable (rows committed with
@@ -672,8 +716,9 @@ class IngestStore:
                 return digest
         return content_key_of_bytes(data) or digest
 
-    def _record(self, header: dict, data: bytes, *, recovering: bool,
-                key_fn: Callable[[], str] | None = None) -> StoredInstance:
+    def _record(
+        self, header: dict, data: bytes, *, recovering: bool, key_fn: Callable[[], str] | None = None
+    ) -> StoredInstance:
         """Under self.lock: check for a duplicate, spool the bytes (unless `recovering`:
         replay of a spooled record, already durable), commit the row.
 
@@ -687,26 +732,26 @@ class IngestStore:
         digest, now = header["digest"], float(header["received_at"])
         key = header.get("content_key") or ""
         cur = self.conn.execute(
-            "SELECT * FROM series_versions WHERE series_id = ? ORDER BY version DESC LIMIT 1",
-            (series_id,)).fetchone()
+            "SELECT * FROM series_versions WHERE series_id = ? ORDER BY version DESC LIMIT 1", (series_id,)
+        ).fetchone()
         existing = self.conn.execute(
-            "SELECT digest, content_key FROM instances WHERE series_id = ? AND sop_key = ?",
-            (series_id, sop_key)).fetchone()
+            "SELECT digest, content_key FROM instances WHERE series_id = ? AND sop_key = ?", (series_id, sop_key)
+        ).fetchone()
         same = False
         if existing is not None:
             same = existing["digest"] == digest
             if not same:
                 if not key:
-                    key = (key_fn() if key_fn is not None else "") \
-                        or content_key_of_bytes(data) or digest
+                    key = (key_fn() if key_fn is not None else "") or content_key_of_bytes(data) or digest
                 stored_key = existing["content_key"]
                 if not stored_key:
                     stored_key = self._stored_content_key(existing["digest"])
                     if stored_key != existing["digest"]:
                         with db.transaction(self.conn):  # cache it (not an acknowledgement)
                             self.conn.execute(
-                                "UPDATE instances SET content_key = ? WHERE series_id = ?"
-                                " AND sop_key = ?", (stored_key, series_id, sop_key))
+                                "UPDATE instances SET content_key = ? WHERE series_id = ? AND sop_key = ?",
+                                (stored_key, series_id, sop_key),
+                            )
                 same = stored_key == key
                 header["content_key"] = key
         if same:
@@ -715,17 +760,21 @@ class IngestStore:
                 with db.transaction(self.conn):
                     self.conn.execute(
                         "UPDATE series_versions SET duplicate_count = duplicate_count + 1"
-                        " WHERE series_id = ? AND version = ?", (series_id, cur["version"]))
-            return StoredInstance(series_id, case_id, cur["version"], True, False,
-                                  cur["traceparent"])
-        if existing is not None and recovering and self.conn.execute(
-                "SELECT 1 FROM instance_conflicts WHERE series_id = ? AND sop_key = ?"
-                " AND digest = ?", (series_id, sop_key, digest)).fetchone():
-            return StoredInstance(series_id, case_id, cur["version"], False, True,
-                                  cur["traceparent"])
+                        " WHERE series_id = ? AND version = ?",
+                        (series_id, cur["version"]),
+                    )
+            return StoredInstance(series_id, case_id, cur["version"], True, False, cur["traceparent"])
+        if (
+            existing is not None
+            and recovering
+            and self.conn.execute(
+                "SELECT 1 FROM instance_conflicts WHERE series_id = ? AND sop_key = ? AND digest = ?",
+                (series_id, sop_key, digest),
+            ).fetchone()
+        ):
+            return StoredInstance(series_id, case_id, cur["version"], False, True, cur["traceparent"])
         if recovering:
-            return self._commit_row(series_id, case_id, sop_key, digest, key, len(data), now,
-                                    header, cur, existing)
+            return self._commit_row(series_id, case_id, sop_key, digest, key, len(data), now, header, cur, existing)
         self.spool.append(header, data)
         # The fdatasync'd spool record is the instance's redo log: recovery re-creates a row
         # that a crash lost. So the row's commit need not flush the WAL itself (one flush per
@@ -733,13 +782,23 @@ class IngestStore:
         # acknowledgement, and made durable (`_sync_db`) before its spool record may go.
         self.conn.execute("PRAGMA synchronous = NORMAL")
         try:
-            return self._commit_row(series_id, case_id, sop_key, digest, key, len(data), now,
-                                    header, cur, existing)
+            return self._commit_row(series_id, case_id, sop_key, digest, key, len(data), now, header, cur, existing)
         finally:
             self.conn.execute("PRAGMA synchronous = FULL")
 
-    def _commit_row(self, series_id: str, case_id: str, sop_key: str, digest: str, key: str,
-                    size: int, now: float, header: dict, cur, existing) -> StoredInstance:  # type: ignore[no-untyped-def]
+    def _commit_row(
+        self,
+        series_id: str,
+        case_id: str,
+        sop_key: str,
+        digest: str,
+        key: str,
+        size: int,
+        now: float,
+        header: dict,
+        cur,
+        existing,
+    ) -> StoredInstance:  # type: ignore[no-untyped-def]
         """The row (or conflict row) of a spooled instance, in one transaction."""
         with db.transaction(self.conn):
             if existing is not None:
@@ -747,12 +806,14 @@ class IngestStore:
                 self.conn.execute(
                     "INSERT INTO instance_conflicts(series_id, sop_key, digest, size_bytes,"
                     " received_at, content_key) VALUES (?, ?, ?, ?, ?, ?)",
-                    (series_id, sop_key, digest, size, now, key))
+                    (series_id, sop_key, digest, size, now, key),
+                )
                 self.conn.execute(
                     "UPDATE series_versions SET conflict_count = conflict_count + 1"
-                    " WHERE series_id = ? AND version = ?", (series_id, cur["version"]))
-                return StoredInstance(series_id, case_id, cur["version"], False, True,
-                                      cur["traceparent"])
+                    " WHERE series_id = ? AND version = ?",
+                    (series_id, cur["version"]),
+                )
+                return StoredInstance(series_id, case_id, cur["version"], False, True, cur["traceparent"])
             new_tp = header.get("traceparent", "")
             if cur is None or cur["state"] != "RECEIVING":
                 version = 1 if cur is None else cur["version"] + 1
@@ -762,17 +823,20 @@ class IngestStore:
                     "INSERT INTO series_versions(series_id, version, case_id, state,"
                     " instance_count, last_instance_at, traceparent, create_time, update_time)"
                     " VALUES (?, ?, ?, 'RECEIVING', ?, ?, ?, ?, ?)",
-                    (series_id, version, case_id, prior, now, traceparent, now, now))
+                    (series_id, version, case_id, prior, now, traceparent, now, now),
+                )
             else:
                 version, traceparent = cur["version"], cur["traceparent"]
             self.conn.execute(
                 "INSERT INTO instances(series_id, sop_key, version_added, digest, size_bytes,"
                 " received_at, content_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (series_id, sop_key, version, digest, size, now, key))
+                (series_id, sop_key, version, digest, size, now, key),
+            )
             self.conn.execute(
                 "UPDATE series_versions SET instance_count = instance_count + 1,"
                 " last_instance_at = ?, update_time = ? WHERE series_id = ? AND version = ?",
-                (max(now, time.time()), time.time(), series_id, version))
+                (max(now, time.time()), time.time(), series_id, version),
+            )
         return StoredInstance(series_id, case_id, version, False, False, traceparent)
 
     # --------------------------------------------------------------------- spool -> blob store
@@ -812,15 +876,21 @@ class IngestStore:
             for header, data in InstanceSpool.read_segment(seg):
                 info = self.blobs.put(data)
                 if info.digest != header["digest"]:
-                    raise DataLoss("SPOOL_CORRUPT", "spooled bytes do not match their digest",
-                                   domain="atlasflow.ingest", metadata={"segment": seg.name})
+                    raise DataLoss(
+                        "SPOOL_CORRUPT",
+                        "spooled bytes do not match their digest",
+                        domain="atlasflow.ingest",
+                        metadata={"segment": seg.name},
+                    )
                 if recovering:
                     with self.lock:
                         self._record(header, data, recovering=True)
                 moved += 1
         except DataLoss:
-            log.error("spool segment corrupt; kept for inspection",
-                      extra={"fields": {"segment": seg.name, "records_moved": moved}})
+            log.error(
+                "spool segment corrupt; kept for inspection",
+                extra={"fields": {"segment": seg.name, "records_moved": moved}},
+            )
             with self.lock:
                 self.spool.forget(seg)
             seg.rename(seg.with_suffix(".corrupt"))
@@ -838,22 +908,24 @@ class IngestStore:
                 segments = self.spool.segments()
             moved = sum(self._drain_segment(seg, recovering=True) for seg in segments)
         if moved:
-            log.info("spool recovered", extra={"fields": {"records": moved,
-                                                          "segments": len(segments)}})
+            log.info("spool recovered", extra={"fields": {"records": moved, "segments": len(segments)}})
         return moved
 
     def series_traceparent(self, series_uid: str) -> str:
         with self.lock:
             r = self.conn.execute(
-                "SELECT traceparent FROM series_versions WHERE series_id = ?"
-                " ORDER BY version DESC LIMIT 1", (atlas_id("ser", series_uid),)).fetchone()
+                "SELECT traceparent FROM series_versions WHERE series_id = ? ORDER BY version DESC LIMIT 1",
+                (atlas_id("ser", series_uid),),
+            ).fetchone()
         return r["traceparent"] if r else ""
 
     def due_for_assembly(self, quiet_period_s: float) -> list[SeriesVersion]:
         with self.lock:
             rows = self.conn.execute(
                 "SELECT * FROM series_versions WHERE state = 'RECEIVING' AND last_instance_at <= ?"
-                " ORDER BY last_instance_at", (time.time() - quiet_period_s,)).fetchall()
+                " ORDER BY last_instance_at",
+                (time.time() - quiet_period_s,),
+            ).fetchall()
         return [_row_to_series(r) for r in rows]
 
     def instance_digests(self, series_id: str, version: int) -> list[str]:
@@ -862,13 +934,22 @@ class IngestStore:
         self.drain()
         with self.lock:
             rows = self.conn.execute(
-                "SELECT digest FROM instances WHERE series_id = ? AND version_added <= ?"
-                " ORDER BY sop_key", (series_id, version)).fetchall()
+                "SELECT digest FROM instances WHERE series_id = ? AND version_added <= ? ORDER BY sop_key",
+                (series_id, version),
+            ).fetchall()
         return [r["digest"] for r in rows]
 
-    def mark_assembled(self, series_id: str, version: int, volume_digest: str, volume_size: int,
-                       geometry: dict, handoff_topic: str, handoff_payload: bytes,
-                       traceparent: str) -> None:
+    def mark_assembled(
+        self,
+        series_id: str,
+        version: int,
+        volume_digest: str,
+        volume_size: int,
+        geometry: dict,
+        handoff_topic: str,
+        handoff_payload: bytes,
+        traceparent: str,
+    ) -> None:
         """Record the volume AND queue the segmentation hand-off, atomically."""
         now = time.time()
         with self.lock, db.transaction(self.conn):
@@ -876,30 +957,35 @@ class IngestStore:
                 "UPDATE series_versions SET state = 'ASSEMBLED', volume_digest = ?, volume_size = ?,"
                 " geometry_json = ?, update_time = ? WHERE series_id = ? AND version = ?"
                 " AND state = 'RECEIVING'",
-                (volume_digest, volume_size, json.dumps(geometry), now, series_id, version))
+                (volume_digest, volume_size, json.dumps(geometry), now, series_id, version),
+            )
             enqueue(self.conn, handoff_topic, f"{series_id}:{version}", handoff_payload, traceparent)
 
     def mark_failed(self, series_id: str, version: int, reason: str) -> None:
         with self.lock, db.transaction(self.conn):
             self.conn.execute(
                 "UPDATE series_versions SET state = 'FAILED', failure_reason = ?, update_time = ?"
-                " WHERE series_id = ? AND version = ?", (reason, time.time(), series_id, version))
+                " WHERE series_id = ? AND version = ?",
+                (reason, time.time(), series_id, version),
+            )
 
     def mark_dispatched(self, series_id: str, version: int) -> None:
         with self.lock, db.transaction(self.conn):
             self.conn.execute(
                 "UPDATE series_versions SET state = 'DISPATCHED', update_time = ?"
                 " WHERE series_id = ? AND version = ? AND state = 'ASSEMBLED'",
-                (time.time(), series_id, version))
+                (time.time(), series_id, version),
+            )
 
     def get_series(self, series_id: str) -> SeriesVersion:
         with self.lock:
             r = self.conn.execute(
-                "SELECT * FROM series_versions WHERE series_id = ? ORDER BY version DESC LIMIT 1",
-                (series_id,)).fetchone()
+                "SELECT * FROM series_versions WHERE series_id = ? ORDER BY version DESC LIMIT 1", (series_id,)
+            ).fetchone()
         if r is None:
-            raise NotFound("SERIES_NOT_FOUND", "series not found", domain="atlasflow.ingest",
-                           metadata={"series_id": series_id})
+            raise NotFound(
+                "SERIES_NOT_FOUND", "series not found", domain="atlasflow.ingest", metadata={"series_id": series_id}
+            )
         return _row_to_series(r)
 
     def get_series_version(self, series_id: str, version: int) -> SeriesVersion:
@@ -907,14 +993,17 @@ class IngestStore:
         series, NotFound("SERIES_VERSION_NOT_FOUND") when the series has no such version."""
         with self.lock:
             r = self.conn.execute(
-                "SELECT * FROM series_versions WHERE series_id = ? AND version = ?",
-                (series_id, version)).fetchone()
+                "SELECT * FROM series_versions WHERE series_id = ? AND version = ?", (series_id, version)
+            ).fetchone()
         if r is not None:
             return _row_to_series(r)
         self.get_series(series_id)  # SERIES_NOT_FOUND when the series is unknown
-        raise NotFound("SERIES_VERSION_NOT_FOUND", "series has no such version",
-                       domain="atlasflow.ingest",
-                       metadata={"series_id": series_id[:80], "version": str(version)})
+        raise NotFound(
+            "SERIES_VERSION_NOT_FOUND",
+            "series has no such version",
+            domain="atlasflow.ingest",
+            metadata={"series_id": series_id[:80], "version": str(version)},
+        )
 
     def series_by_volume(self, volume_digest: str) -> SeriesVersion:
         """The series version that assembled the volume blob `volume_digest` (the most recently
@@ -925,11 +1014,16 @@ class IngestStore:
             with self.lock:
                 r = self.conn.execute(
                     "SELECT * FROM series_versions WHERE volume_digest = ?"
-                    " ORDER BY update_time DESC, series_id LIMIT 1", (volume_digest,)).fetchone()
+                    " ORDER BY update_time DESC, series_id LIMIT 1",
+                    (volume_digest,),
+                ).fetchone()
         if r is None:
-            raise NotFound("VOLUME_NOT_FOUND", "no series assembled this volume",
-                           domain="atlasflow.ingest",
-                           metadata={"volume_digest": volume_digest[:80]})
+            raise NotFound(
+                "VOLUME_NOT_FOUND",
+                "no series assembled this volume",
+                domain="atlasflow.ingest",
+                metadata={"volume_digest": volume_digest[:80]},
+            )
         return _row_to_series(r)
 
     def list_series(self, page_size: int, page_token: str) -> tuple[list[SeriesVersion], str]:
@@ -941,7 +1035,9 @@ class IngestStore:
                 "SELECT s.* FROM series_versions s JOIN (SELECT series_id, MAX(version) v"
                 " FROM series_versions GROUP BY series_id) m ON s.series_id = m.series_id"
                 " AND s.version = m.v ORDER BY s.create_time DESC, s.series_id"
-                " LIMIT ? OFFSET ?", (size + 1, offset)).fetchall()
+                " LIMIT ? OFFSET ?",
+                (size + 1, offset),
+            ).fetchall()
         items = [_row_to_series(r) for r in rows[:size]]
         token = db.encode_page_token("series", {"offset": offset + size}) if len(rows) > size else ""
         return items, token
@@ -949,14 +1045,18 @@ class IngestStore:
     def conflict_count(self, series_id: str | None = None) -> int:
         if series_id is not None:
             with self.lock:
-                return int(self.conn.execute(
-                    "SELECT COUNT(*) FROM instance_conflicts WHERE series_id = ?",
-                    (series_id,)).fetchone()[0])
+                return int(
+                    self.conn.execute(
+                        "SELECT COUNT(*) FROM instance_conflicts WHERE series_id = ?", (series_id,)
+                    ).fetchone()[0]
+                )
         with self.lock:
             return int(self.conn.execute("SELECT COUNT(*) FROM instance_conflicts").fetchone()[0])
 
     def receiving_count(self) -> int:
         with self.lock:
-            return int(self.conn.execute(
-                "SELECT COUNT(*) FROM series_versions WHERE state IN ('RECEIVING', 'ASSEMBLED')"
-            ).fetchone()[0])
+            return int(
+                self.conn.execute(
+                    "SELECT COUNT(*) FROM series_versions WHERE state IN ('RECEIVING', 'ASSEMBLED')"
+                ).fetchone()[0]
+            )

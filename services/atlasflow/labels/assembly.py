@@ -31,9 +31,13 @@ def rank(source: str) -> int:
     return 1 if source in HUMAN_SOURCES else 0
 
 
-def assemble(head_map: np.ndarray | None, head_provenance: Mapping[int, OrganProvenance] | None,
-             new_map: np.ndarray, new_provenance: Provenance,
-             labelled_organs: Collection[int] = ()) -> tuple[np.ndarray, dict[int, OrganProvenance]]:
+def assemble(
+    head_map: np.ndarray | None,
+    head_provenance: Mapping[int, OrganProvenance] | None,
+    new_map: np.ndarray,
+    new_provenance: Provenance,
+    labelled_organs: Collection[int] = (),
+) -> tuple[np.ndarray, dict[int, OrganProvenance]]:
     """Combine a submitted label map with the case's current head, organ by organ.
 
     head_map: (X, Y, Z) uint8 of the head version (None for a case's first version);
@@ -52,15 +56,17 @@ def assemble(head_map: np.ndarray | None, head_provenance: Mapping[int, OrganPro
         out = np.where(np.isin(new, sorted(labelled)), new, 0).astype(np.uint8)
         return out, {o: OrganProvenance(new_provenance, "") for o in ORGANS}
     head = np.asarray(head_map)
-    kept = [o for o in ORGANS if o not in labelled
-            or rank(head_provenance[o].provenance.source) > rank(new_provenance.source)]
+    kept = [
+        o
+        for o in ORGANS
+        if o not in labelled or rank(head_provenance[o].provenance.source) > rank(new_provenance.source)
+    ]
     out = new
     if kept:
         out[np.isin(out, kept)] = 0
         from_head = np.isin(head, kept)
         out[from_head] = head[from_head]
-    provenance = {o: (head_provenance[o] if o in kept else OrganProvenance(new_provenance, ""))
-                  for o in ORGANS}
+    provenance = {o: (head_provenance[o] if o in kept else OrganProvenance(new_provenance, "")) for o in ORGANS}
     return out, provenance
 
 
@@ -79,9 +85,12 @@ def apply_revision(parent_map: np.ndarray, masks: Mapping[int, np.ndarray]) -> n
         for o in organs:
             claimed += np.asarray(masks[o], dtype=bool)
         if claimed.max(initial=0) > 1:
-            raise InvalidArgument("REVISION_OVERLAP", "two revised organs claim the same voxel",
-                                  domain=DOMAIN,
-                                  metadata={"voxels": str(int((claimed > 1).sum()))})
+            raise InvalidArgument(
+                "REVISION_OVERLAP",
+                "two revised organs claim the same voxel",
+                domain=DOMAIN,
+                metadata={"voxels": str(int((claimed > 1).sum()))},
+            )
         out[np.isin(out, organs)] = 0
         for o in organs:
             out[np.asarray(masks[o], dtype=bool)] = o
@@ -92,8 +101,9 @@ def apply_revision(parent_map: np.ndarray, masks: Mapping[int, np.ndarray]) -> n
 
 
 def _bad_delta(message: str, organ: int) -> InvalidArgument:
-    return InvalidArgument("INVALID_MASK_DELTA", message, domain=DOMAIN,
-                           metadata={"organ": ORGANS.get(organ, str(organ))})
+    return InvalidArgument(
+        "INVALID_MASK_DELTA", message, domain=DOMAIN, metadata={"organ": ORGANS.get(organ, str(organ))}
+    )
 
 
 def encode_mask_delta(parent_mask: np.ndarray, new_mask: np.ndarray) -> bytes:

@@ -40,6 +40,7 @@ def derived_uid(seed: str, role: str) -> str:
     B.2): the same seed gives the same UIDs, so a SEG exported again is the same SOP Instance."""
     return "2.25." + str(uuid.uuid5(_UID_NAMESPACE, f"{seed}/{role}").int)
 
+
 # AbdomenAtlas organ id -> SNOMED CT property type (segmented property category: Organ, or
 # Anatomical Structure for the vessels).
 _SCT = {
@@ -56,8 +57,7 @@ _SCT = {
 
 
 def _grid_differs(message: str, **metadata: str) -> FailedPrecondition:
-    return FailedPrecondition("GRID_DIFFERS_FROM_SOURCE", message, domain=DOMAIN,
-                              metadata=metadata)
+    return FailedPrecondition("GRID_DIFFERS_FROM_SOURCE", message, domain=DOMAIN, metadata=metadata)
 
 
 def _unit_axis(step: np.ndarray) -> tuple[int, int] | None:
@@ -69,8 +69,9 @@ def _unit_axis(step: np.ndarray) -> tuple[int, int] | None:
     return axis, int(rounded[axis])
 
 
-def frames_from_volume(labels: np.ndarray, affine: np.ndarray,
-                       source_datasets: Sequence[pydicom.Dataset]) -> np.ndarray:
+def frames_from_volume(
+    labels: np.ndarray, affine: np.ndarray, source_datasets: Sequence[pydicom.Dataset]
+) -> np.ndarray:
     """The label volume resampled (exactly, no interpolation) onto the source images.
 
     labels: (X, Y, Z) integer array; affine: (4, 4) voxel-to-world RAS+ mm. Returns
@@ -97,15 +98,15 @@ def frames_from_volume(labels: np.ndarray, affine: np.ndarray,
         origin = to_ijk(0, 0)
         along_col = _unit_axis(to_ijk(0, 1) - origin)
         along_row = _unit_axis(to_ijk(1, 0) - origin)
-        if along_col is None or along_row is None or np.max(
-                np.abs(origin - np.round(origin))) > GRID_TOL_VOXELS:
-            raise _grid_differs("source pixels do not fall on the volume's voxel centres "
-                                "(tilt corrected or resampled volume)", problem="OFF_GRID",
-                                frame=str(n))
+        if along_col is None or along_row is None or np.max(np.abs(origin - np.round(origin))) > GRID_TOL_VOXELS:
+            raise _grid_differs(
+                "source pixels do not fall on the volume's voxel centres (tilt corrected or resampled volume)",
+                problem="OFF_GRID",
+                frame=str(n),
+            )
         (ac, sc), (ar, sr) = along_col, along_row
         if ac == ar:
-            raise _grid_differs("source frame is not a slice of the volume",
-                                problem="NOT_A_SLICE", frame=str(n))
+            raise _grid_differs("source frame is not a slice of the volume", problem="NOT_A_SLICE", frame=str(n))
         ak = 3 - ac - ar
         if slice_axis is None:
             slice_axis = ak
@@ -115,10 +116,8 @@ def frames_from_volume(labels: np.ndarray, affine: np.ndarray,
         last = o.copy()
         last[ac] += sc * (cols - 1)
         last[ar] += sr * (rows - 1)
-        if (min(o.min(), last.min()) < 0 or any(max(o[a], last[a]) >= shape[a]
-                                                   for a in range(3))):
-            raise _grid_differs("source frame lies (partly) outside the volume",
-                                problem="OUT_OF_VOLUME", frame=str(n))
+        if min(o.min(), last.min()) < 0 or any(max(o[a], last[a]) >= shape[a] for a in range(3)):
+            raise _grid_differs("source frame lies (partly) outside the volume", problem="OUT_OF_VOLUME", frame=str(n))
         if rows != shape[ar] or cols != shape[ac]:
             raise _grid_differs("volume was resampled in plane", problem="IN_PLANE")
         k = int(o[ak])
@@ -132,15 +131,18 @@ def frames_from_volume(labels: np.ndarray, affine: np.ndarray,
         plane = labels[tuple(index)]  # 2-D, axes in ascending order of (ar, ac)
         frames.append(plane if ar < ac else plane.T)
     if slice_axis is None or len(seen) != shape[slice_axis]:
-        raise _grid_differs("volume slices are not the source frames one to one (filled, "
-                            "interpolated or missing slices)", problem="SLICES",
-                            volume_slices=str(shape[slice_axis] if slice_axis is not None else 0),
-                            source_frames=str(len(seen)))
+        raise _grid_differs(
+            "volume slices are not the source frames one to one (filled, interpolated or missing slices)",
+            problem="SLICES",
+            volume_slices=str(shape[slice_axis] if slice_axis is not None else 0),
+            source_frames=str(len(seen)),
+        )
     return np.stack(frames)
 
 
-def _segment(number: int, organ: int, provenance: Provenance, version_id: str,
-             tracking_uid: str) -> hd.seg.SegmentDescription:
+def _segment(
+    number: int, organ: int, provenance: Provenance, version_id: str, tracking_uid: str
+) -> hd.seg.SegmentDescription:
     code, meaning = _SCT[organ]
     category = codes.SCT.AnatomicalStructure if organ in (1, 7) else codes.SCT.Organ
     tracking = f"atlasflow {ORGANS[organ]} {provenance.source}"
@@ -148,24 +150,43 @@ def _segment(number: int, organ: int, provenance: Provenance, version_id: str,
         tracking += f" {version_id}"
     if provenance.source == "ai":
         algorithm = hd.AlgorithmIdentificationSequence(
-            name="atlasflow ensemble", version=provenance.model_version or "unknown",
-            family=codes.cid7162.ArtificialIntelligence)
+            name="atlasflow ensemble",
+            version=provenance.model_version or "unknown",
+            family=codes.cid7162.ArtificialIntelligence,
+        )
         return hd.seg.SegmentDescription(
-            number, ORGANS[organ], category, hd.sr.CodedConcept(code, "SCT", meaning),
-            hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
-            tracking_id=tracking[:64], tracking_uid=tracking_uid)
+            number,
+            ORGANS[organ],
+            category,
+            hd.sr.CodedConcept(code, "SCT", meaning),
+            hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_id=tracking[:64],
+            tracking_uid=tracking_uid,
+        )
     return hd.seg.SegmentDescription(
-        number, ORGANS[organ], category, hd.sr.CodedConcept(code, "SCT", meaning),
-        hd.seg.SegmentAlgorithmTypeValues.MANUAL, tracking_id=tracking[:64],
-        tracking_uid=tracking_uid)
+        number,
+        ORGANS[organ],
+        category,
+        hd.sr.CodedConcept(code, "SCT", meaning),
+        hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        tracking_id=tracking[:64],
+        tracking_uid=tracking_uid,
+    )
 
 
-def export_dicom_seg(source_datasets: Sequence[pydicom.Dataset], labels: np.ndarray,
-                     affine: np.ndarray, organs: Sequence[int] = (),
-                     provenance: Mapping[int, Provenance] | Provenance | None = None, *,
-                     organ_versions: Mapping[int, str] | None = None,
-                     series_number: int = 9001, content_label: str = "ATLASFLOW",
-                     uid_seed: str = "") -> pydicom.Dataset:
+def export_dicom_seg(
+    source_datasets: Sequence[pydicom.Dataset],
+    labels: np.ndarray,
+    affine: np.ndarray,
+    organs: Sequence[int] = (),
+    provenance: Mapping[int, Provenance] | Provenance | None = None,
+    *,
+    organ_versions: Mapping[int, str] | None = None,
+    series_number: int = 9001,
+    content_label: str = "ATLASFLOW",
+    uid_seed: str = "",
+) -> pydicom.Dataset:
     """A binary DICOM SEG of `labels` referencing `source_datasets`.
 
     source_datasets: the source CT instances (one frame each; pixel data not needed, UIDs
@@ -186,40 +207,58 @@ def export_dicom_seg(source_datasets: Sequence[pydicom.Dataset], labels: np.ndar
     for ds in source_datasets:
         for uid in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
             if not str(ds.get(uid, "") or ""):
-                raise InvalidArgument("INVALID_ARGUMENT", f"source image lacks {uid}",
-                                      domain=DOMAIN, metadata={"attribute": uid})
+                raise InvalidArgument(
+                    "INVALID_ARGUMENT", f"source image lacks {uid}", domain=DOMAIN, metadata={"attribute": uid}
+                )
     frames = frames_from_volume(labels, affine, source_datasets)
     present = [int(o) for o in np.unique(frames) if int(o) in ORGANS]
     wanted = sorted(set(int(o) for o in organs)) if organs else present
     if not wanted or any(o not in ORGANS for o in wanted):
-        raise InvalidArgument("INVALID_ARGUMENT", "no organ to export (or organ not 1..9)",
-                              domain=DOMAIN)
+        raise InvalidArgument("INVALID_ARGUMENT", "no organ to export (or organ not 1..9)", domain=DOMAIN)
     lut = np.zeros(256, dtype=np.uint8)
     for number, organ in enumerate(wanted, start=1):
         lut[organ] = number
     pixel_array = lut[frames.astype(np.uint8)]
-    prov_of = (lambda o: provenance) if isinstance(provenance, Provenance) else (
-        lambda o: (provenance or {}).get(o, Provenance("ai")))
+    prov_of = (
+        (lambda o: provenance)
+        if isinstance(provenance, Provenance)
+        else (lambda o: (provenance or {}).get(o, Provenance("ai")))
+    )
     versions = organ_versions or {}
-    uid: Callable[[str], str] = ((lambda role: derived_uid(uid_seed, role)) if uid_seed
-                                 else (lambda role: str(hd.UID())))
-    segments = [_segment(number, organ, prov_of(organ), versions.get(organ, ""),
-                         uid(f"tracking/{organ}"))
-                for number, organ in enumerate(wanted, start=1)]
+    uid: Callable[[str], str] = (lambda role: derived_uid(uid_seed, role)) if uid_seed else (lambda role: str(hd.UID()))
+    segments = [
+        _segment(number, organ, prov_of(organ), versions.get(organ, ""), uid(f"tracking/{organ}"))
+        for number, organ in enumerate(wanted, start=1)
+    ]
     seg = hd.seg.Segmentation(
-        source_images=list(source_datasets), pixel_array=pixel_array,
+        source_images=list(source_datasets),
+        pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=segments, series_instance_uid=uid("series"),
-        series_number=series_number, sop_instance_uid=uid("sop"), instance_number=1,
-        manufacturer=SOFTWARE, manufacturer_model_name="atlasflow labels",
-        software_versions="1", device_serial_number="0", content_label=content_label,
-        content_description="AbdomenAtlas organs", omit_empty_frames=True)
+        segment_descriptions=segments,
+        series_instance_uid=uid("series"),
+        series_number=series_number,
+        sop_instance_uid=uid("sop"),
+        instance_number=1,
+        manufacturer=SOFTWARE,
+        manufacturer_model_name="atlasflow labels",
+        software_versions="1",
+        device_serial_number="0",
+        content_label=content_label,
+        content_description="AbdomenAtlas organs",
+        omit_empty_frames=True,
+    )
     return seg
 
 
-def send_c_store(dataset: pydicom.Dataset, host: str, port: int, *,
-                 called_ae: str = "ANY-SCP", calling_ae: str = "ATLASFLOW",
-                 timeout_s: float = 30.0) -> int:
+def send_c_store(
+    dataset: pydicom.Dataset,
+    host: str,
+    port: int,
+    *,
+    called_ae: str = "ANY-SCP",
+    calling_ae: str = "ATLASFLOW",
+    timeout_s: float = 30.0,
+) -> int:
     """Send `dataset` (e.g. a SEG) by C-STORE; return the DIMSE status (0x0000 = success).
 
     TCP_NODELAY is set on the association socket (see DESIGN.md). Raises
@@ -233,8 +272,7 @@ def send_c_store(dataset: pydicom.Dataset, host: str, port: int, *,
     ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
     assoc = ae.associate(host, port, ae_title=called_ae)
     if not assoc.is_established:
-        raise Unavailable("PACS_UNAVAILABLE", "the PACS refused or did not answer the association",
-                          domain=DOMAIN)
+        raise Unavailable("PACS_UNAVAILABLE", "the PACS refused or did not answer the association", domain=DOMAIN)
     try:
         sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
         if sock is not None:

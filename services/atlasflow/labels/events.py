@@ -32,9 +32,10 @@ class VersionEventStore:
         self.repo = repo
 
     def due(self, now: float, limit: int) -> list[OutboxRow]:
-        return [OutboxRow(e.seq, TOPIC, e.version_id, str(e.version_number).encode(),
-                          e.traceparent, e.attempts)
-                for e in self.repo.due_version_events(now, limit)]
+        return [
+            OutboxRow(e.seq, TOPIC, e.version_id, str(e.version_number).encode(), e.traceparent, e.attempts)
+            for e in self.repo.due_version_events(now, limit)
+        ]
 
     def mark(self, row_id: int, state: str, error: str, next_attempt_at: float) -> None:
         self.repo.mark_version_event(row_id, state, error=error, next_attempt_at=next_attempt_at)
@@ -46,33 +47,46 @@ class VersionEventStore:
 def human_decided(record: LabelVersionRecord) -> list[int]:
     """Organ ids whose label in `record` a human decided (see the module docstring)."""
     present = set(record.organs)
-    return [o for o, op in sorted(record.organ_provenance.items())
-            if op.provenance.source == "radiologist"
-            or (op.provenance.source == "original" and o in present)]
+    return [
+        o
+        for o, op in sorted(record.organ_provenance.items())
+        if op.provenance.source == "radiologist" or (op.provenance.source == "original" and o in present)
+    ]
 
 
-def organ_geometry(label_map: np.ndarray, affine: np.ndarray, organs: list[int]
-                   ) -> list[ranking_pb2.OrganGeometry]:
+def organ_geometry(label_map: np.ndarray, affine: np.ndarray, organs: list[int]) -> list[ranking_pb2.OrganGeometry]:
     """Geometry of `organs` in a label map ``(X, Y, Z)`` (AbdomenAtlas ids, voxel -> RAS+ mm);
     organs absent from the map are left out."""
     wanted = set(organs)
-    return [ranking_pb2.OrganGeometry(organ=k, volume_ml=g.volume_ml,  # type: ignore[arg-type]
-                                      centroid_mm=[float(c) for c in g.centroid_mm],
-                                      fov_cut=bool(g.fov_cut))
-            for k, g in sorted(measure_labels(label_map, affine).items()) if k in wanted]
+    return [
+        ranking_pb2.OrganGeometry(
+            organ=k,
+            volume_ml=g.volume_ml,  # type: ignore[arg-type]
+            centroid_mm=[float(c) for c in g.centroid_mm],
+            fov_cut=bool(g.fov_cut),
+        )
+        for k, g in sorted(measure_labels(label_map, affine).items())
+        if k in wanted
+    ]
 
 
-def ranking_request(record: LabelVersionRecord, version_number: int,
-                    geometry: list[ranking_pb2.OrganGeometry] | None = None
-                    ) -> ranking_pb2.RecordLabelVersionRequest:
+def ranking_request(
+    record: LabelVersionRecord, version_number: int, geometry: list[ranking_pb2.OrganGeometry] | None = None
+) -> ranking_pb2.RecordLabelVersionRequest:
     """The RecordLabelVersion call for one stored version (see the module docstring);
     `geometry`: from `organ_geometry` for the `human_decided` organs."""
     human = human_decided(record)
-    revised = [o for o, op in sorted(record.organ_provenance.items())
-               if op.provenance.source == "radiologist" and op.version_id == record.version_id]
+    revised = [
+        o
+        for o, op in sorted(record.organ_provenance.items())
+        if op.provenance.source == "radiologist" and op.version_id == record.version_id
+    ]
     return ranking_pb2.RecordLabelVersionRequest(
-        case_id=record.case_id, label_version_id=record.version_id,
-        version_number=version_number, human_decided_organs=human,  # type: ignore[arg-type]
+        case_id=record.case_id,
+        label_version_id=record.version_id,
+        version_number=version_number,
+        human_decided_organs=human,  # type: ignore[arg-type]
         revised_organs=revised,  # type: ignore[arg-type]
         reviewer=record.provenance.reviewer if record.provenance.source == "radiologist" else "",
-        human_organ_geometry=geometry or [])
+        human_organ_geometry=geometry or [],
+    )

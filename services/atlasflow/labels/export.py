@@ -44,8 +44,9 @@ from atlasflow.labels.validate import validate_label_map
 
 DOMAIN = "atlasflow.labels"
 AI_MARKING = "AI-generated labels, research use"
-UNTRAINED_WARNING = ("labels from untrained models (demo weights): not anatomically meaningful, "
-                     "do not use for training or clinical work")
+UNTRAINED_WARNING = (
+    "labels from untrained models (demo weights): not anatomically meaningful, do not use for training or clinical work"
+)
 LAYOUT = "AbdomenAtlas-8K v1.0"
 _CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SEG_FILE = "dicom_seg/seg.dcm"
@@ -81,12 +82,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def export_case(out_root: Path, case_name: str, ct_nifti: bytes, label_map_nifti: bytes,
-                provenance: Provenance, version_id: str, *,
-                organ_provenance: Mapping[int, Provenance] | None = None,
-                organ_versions: Mapping[int, str] | None = None,
-                case_id: str = "", dicom_seg: bytes | None = None,
-                dicom_seg_outcome: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def export_case(
+    out_root: Path,
+    case_name: str,
+    ct_nifti: bytes,
+    label_map_nifti: bytes,
+    provenance: Provenance,
+    version_id: str,
+    *,
+    organ_provenance: Mapping[int, Provenance] | None = None,
+    organ_versions: Mapping[int, str] | None = None,
+    case_id: str = "",
+    dicom_seg: bytes | None = None,
+    dicom_seg_outcome: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write one case in the AbdomenAtlas layout under `out_root/case_name`; return its
     manifest entry.
 
@@ -105,9 +114,11 @@ def export_case(out_root: Path, case_name: str, ct_nifti: bytes, label_map_nifti
     name, InvalidArgument("INVALID_LABEL_MAP") when the labels do not fit the CT.
     """
     if not _CASE_NAME.match(case_name) or case_name in (".", ".."):
-        raise InvalidArgument("INVALID_CASE_NAME",
-                              "case name must be 1-128 of [A-Za-z0-9._-], not starting with "
-                              "a dot or dash", domain=DOMAIN)
+        raise InvalidArgument(
+            "INVALID_CASE_NAME",
+            "case name must be 1-128 of [A-Za-z0-9._-], not starting with a dot or dash",
+            domain=DOMAIN,
+        )
     ct, ct_affine = from_nifti_bytes(ct_nifti)
     labels, label_affine = from_nifti_bytes(label_map_nifti)
     present = validate_label_map(labels, label_affine, ct.shape, ct_affine)
@@ -121,8 +132,7 @@ def export_case(out_root: Path, case_name: str, ct_nifti: bytes, label_map_nifti
     try:
         ct_bytes = ct_nifti if ct_nifti[:2] == b"\x1f\x8b" else gzip.compress(ct_nifti, 6, mtime=0)
         files["ct.nii.gz"] = _write(tmp / "ct.nii.gz", ct_bytes)
-        files["combined_labels.nii.gz"] = _write(tmp / "combined_labels.nii.gz",
-                                                 to_nifti_bytes(combined, ct_affine))
+        files["combined_labels.nii.gz"] = _write(tmp / "combined_labels.nii.gz", to_nifti_bytes(combined, ct_affine))
         for oid, mask in masks.items():
             rel = f"segmentations/{ORGANS[oid]}.nii.gz"
             files[rel] = _write(tmp / rel, to_nifti_bytes(mask, ct_affine))
@@ -231,17 +241,21 @@ class PacsDestination:
 
     def validate(self) -> None:
         """InvalidArgument("INVALID_PACS_DESTINATION", metadata "field") when malformed."""
+
         def bad(f: str) -> InvalidArgument:
-            return InvalidArgument("INVALID_PACS_DESTINATION",
-                                   "pacs_destination needs host, port 1-65535 and AE titles of "
-                                   "1-16 printable characters without backslash",
-                                   domain=DOMAIN, metadata={"field": f})
+            return InvalidArgument(
+                "INVALID_PACS_DESTINATION",
+                "pacs_destination needs host, port 1-65535 and AE titles of "
+                "1-16 printable characters without backslash",
+                domain=DOMAIN,
+                metadata={"field": f},
+            )
+
         if not self.host or len(self.host) > 253 or any(c.isspace() for c in self.host):
             raise bad("pacs_destination.host")
         if not 0 < self.port < 65536:
             raise bad("pacs_destination.port")
-        for name, ae in (("called_ae_title", self.called_ae),
-                         ("calling_ae_title", self.calling_ae)):
+        for name, ae in (("called_ae_title", self.called_ae), ("calling_ae_title", self.calling_ae)):
             if not ae.strip() or len(ae) > 16 or "\\" in ae or not ae.isprintable():
                 raise bad(f"pacs_destination.{name}")
 
@@ -272,15 +286,23 @@ class ExportOptions:
         p = d.get("pacs")
         pacs = None
         if isinstance(p, Mapping):
-            pacs = PacsDestination(str(p.get("host", "")), int(p.get("port", 0)),
-                                   str(p.get("called_ae", "")),
-                                   str(p.get("calling_ae", "ATLASFLOW")))
+            pacs = PacsDestination(
+                str(p.get("host", "")),
+                int(p.get("port", 0)),
+                str(p.get("called_ae", "")),
+                str(p.get("calling_ae", "ATLASFLOW")),
+            )
         return cls(include_dicom_seg=bool(d.get("include_dicom_seg", False)), pacs=pacs)
 
 
 # Outcome states (DicomSegState without the prefix).
 SEG_WRITTEN, SEG_SENT, SEG_SEND_FAILED, SEG_REFUSED, SEG_FAILED = (
-    "WRITTEN", "SENT", "SEND_FAILED", "REFUSED", "FAILED")
+    "WRITTEN",
+    "SENT",
+    "SEND_FAILED",
+    "REFUSED",
+    "FAILED",
+)
 
 
 @dataclass
@@ -318,12 +340,17 @@ class SegOutcome:
 _REFUSING = (FailedPrecondition, InvalidArgument, NotFound)
 
 
-def build_case_seg(fetch_sources: Callable[[str], Sequence[pydicom.Dataset]],
-                   ct_digest: str, label_map_nifti: bytes, provenance: Provenance,
-                   version_id: str, *, case_id: str = "",
-                   organ_provenance: Mapping[int, Provenance] | None = None,
-                   organ_versions: Mapping[int, str] | None = None,
-                   ) -> tuple[pydicom.Dataset | None, bytes | None, SegOutcome]:
+def build_case_seg(
+    fetch_sources: Callable[[str], Sequence[pydicom.Dataset]],
+    ct_digest: str,
+    label_map_nifti: bytes,
+    provenance: Provenance,
+    version_id: str,
+    *,
+    case_id: str = "",
+    organ_provenance: Mapping[int, Provenance] | None = None,
+    organ_versions: Mapping[int, str] | None = None,
+) -> tuple[pydicom.Dataset | None, bytes | None, SegOutcome]:
     """The DICOM SEG of one label version, or why there is none.
 
     fetch_sources(ct_digest) returns the source CT instances of the version's CT (headers are
@@ -340,20 +367,36 @@ def build_case_seg(fetch_sources: Callable[[str], Sequence[pydicom.Dataset]],
         sources = fetch_sources(ct_digest)
         labels, affine = from_nifti_bytes(label_map_nifti)
         prov = {oid: (organ_provenance or {}).get(oid, provenance) for oid in ORGANS}
-        seg = export_dicom_seg(sources, np.asarray(labels), affine, provenance=prov,
-                               organ_versions=organ_versions, uid_seed=version_id)
+        seg = export_dicom_seg(
+            sources, np.asarray(labels), affine, provenance=prov, organ_versions=organ_versions, uid_seed=version_id
+        )
     except AtlasflowError as exc:
         state = SEG_REFUSED if isinstance(exc, _REFUSING) else SEG_FAILED
-        return None, None, SegOutcome(case_id, version_id, state, reason=exc.reason,
-                                      reason_metadata={str(k): str(v) for k, v
-                                                       in (exc.metadata or {}).items()})
+        return (
+            None,
+            None,
+            SegOutcome(
+                case_id,
+                version_id,
+                state,
+                reason=exc.reason,
+                reason_metadata={str(k): str(v) for k, v in (exc.metadata or {}).items()},
+            ),
+        )
     except Exception as exc:  # noqa: BLE001 - e.g. highdicom refusing odd source headers
-        return None, None, SegOutcome(case_id, version_id, SEG_FAILED, reason="DICOM_SEG_ERROR",
-                                      reason_metadata={"error": type(exc).__name__})
+        return (
+            None,
+            None,
+            SegOutcome(
+                case_id, version_id, SEG_FAILED, reason="DICOM_SEG_ERROR", reason_metadata={"error": type(exc).__name__}
+            ),
+        )
     buf = io.BytesIO()
     seg.save_as(buf, enforce_file_format=True)
     organs = [ORGAN_IDS[str(d.SegmentLabel)] for d in seg.SegmentSequence]
-    refs = {str(i.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence
-            for i in s.ReferencedInstanceSequence}
-    return seg, buf.getvalue(), SegOutcome(case_id, version_id, SEG_WRITTEN, organs=organs,
-                                           referenced_instance_count=len(refs))
+    refs = {str(i.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
+    return (
+        seg,
+        buf.getvalue(),
+        SegOutcome(case_id, version_id, SEG_WRITTEN, organs=organs, referenced_instance_count=len(refs)),
+    )

@@ -52,12 +52,16 @@ async def amain(settings: LabelsSettings) -> None:
     export_root = Path(settings.export_dir).resolve() if settings.export_dir else None
 
     def register(server) -> list[str]:  # type: ignore[no-untyped-def]
-        labels_pb2_grpc.add_LabelServiceServicer_to_server(
-            LabelServicer(repo, blobs, exporter, export_root), server)
+        labels_pb2_grpc.add_LabelServiceServicer_to_server(LabelServicer(repo, blobs, exporter, export_root), server)
         return [labels_pb2.DESCRIPTOR.services_by_name["LabelService"].full_name]
 
-    built = build_server(register=register, metrics=metrics, host=settings.grpc_host,
-                         port=settings.grpc_port, max_message_bytes=settings.max_message_bytes)
+    built = build_server(
+        register=register,
+        metrics=metrics,
+        host=settings.grpc_host,
+        port=settings.grpc_port,
+        max_message_bytes=settings.max_message_bytes,
+    )
     ranking_channel = aio_channel(settings.ranking_target, settings.max_message_bytes)
     ranking = ranking_pb2_grpc.RankingServiceStub(ranking_channel)
 
@@ -74,8 +78,7 @@ async def amain(settings: LabelsSettings) -> None:
         request = await asyncio.to_thread(version_event, row)
         await ranking.RecordLabelVersion(request, timeout=30)
 
-    events = OutboxDispatcher(VersionEventStore(repo), None, {TOPIC: to_ranking}, metrics,
-                              poll_s=0.5)
+    events = OutboxDispatcher(VersionEventStore(repo), None, {TOPIC: to_ranking}, metrics, poll_s=0.5)
     tasks = [asyncio.create_task(exporter.run()), asyncio.create_task(events.run())]
 
     async def close() -> None:

@@ -133,7 +133,8 @@ PG_MIGRATIONS: tuple[str, ...] = (
         time TIMESTAMPTZ NOT NULL,
         PRIMARY KEY (job_id, case_id)
     );
-    """ + _legacy_export_options_sql("postgres"),
+    """
+    + _legacy_export_options_sql("postgres"),
 )
 
 
@@ -144,8 +145,7 @@ def _qmarks(sql: str) -> str:
 
 def case_lock_key(case_id: str) -> int:
     """Signed 64-bit advisory-lock key of a case id (first 8 bytes of its sha256)."""
-    return int.from_bytes(hashlib.sha256(b"labels-case:" + case_id.encode()).digest()[:8],
-                          "big", signed=True)
+    return int.from_bytes(hashlib.sha256(b"labels-case:" + case_id.encode()).digest()[:8], "big", signed=True)
 
 
 class _PgTx:
@@ -177,11 +177,11 @@ class _PgBackend:
 
     def _connect(self) -> psycopg.Connection[Any]:
         try:
-            return psycopg.connect(self.url, autocommit=True, row_factory=dict_row,
-                                   connect_timeout=self.connect_timeout_s)
+            return psycopg.connect(
+                self.url, autocommit=True, row_factory=dict_row, connect_timeout=self.connect_timeout_s
+            )
         except psycopg.OperationalError:
-            raise Unavailable("DATABASE_UNAVAILABLE", "the labels database is not reachable",
-                              domain=DOMAIN) from None
+            raise Unavailable("DATABASE_UNAVAILABLE", "the labels database is not reachable", domain=DOMAIN) from None
 
     @contextlib.contextmanager
     def _conn(self) -> Iterator[psycopg.Connection[Any]]:
@@ -195,8 +195,7 @@ class _PgBackend:
                 yield conn
             except psycopg.OperationalError:
                 conn.close()  # broken connection: never returned to the pool
-                raise Unavailable("DATABASE_UNAVAILABLE", "the labels database failed",
-                                  domain=DOMAIN) from None
+                raise Unavailable("DATABASE_UNAVAILABLE", "the labels database failed", domain=DOMAIN) from None
             except BaseException:
                 if conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                     conn.close()
@@ -244,26 +243,27 @@ def migrate(conn: psycopg.Connection[Any], migrations: Sequence[str]) -> int:
     """
     with conn.transaction():  # IF NOT EXISTS alone races between concurrent starters
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
-                     " version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)"
+        )
     for version, script in enumerate(migrations, start=1):
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            done = conn.execute("SELECT 1 FROM schema_migrations WHERE version = %s",
-                                (version,)).fetchone()
+            done = conn.execute("SELECT 1 FROM schema_migrations WHERE version = %s", (version,)).fetchone()
             if done:
                 continue
             conn.execute(script)  # type: ignore[arg-type]
-            conn.execute("INSERT INTO schema_migrations(version, applied_at) VALUES (%s, %s)",
-                         (version, utc_now()))
+            conn.execute("INSERT INTO schema_migrations(version, applied_at) VALUES (%s, %s)", (version, utc_now()))
     row = conn.execute("SELECT MAX(version) AS v FROM schema_migrations").fetchone()
     current = int((row or {}).get("v") or 0)
     if current > len(migrations):
-        raise FailedPrecondition("SCHEMA_TOO_NEW",
-                                 "the database was written by a newer atlasflow version",
-                                 domain="atlasflow",
-                                 metadata={"db_version": str(current),
-                                           "code_version": str(len(migrations))})
+        raise FailedPrecondition(
+            "SCHEMA_TOO_NEW",
+            "the database was written by a newer atlasflow version",
+            domain="atlasflow",
+            metadata={"db_version": str(current), "code_version": str(len(migrations))},
+        )
     return current
 
 

@@ -94,19 +94,31 @@ class Provenance:
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
-            raise InvalidArgument("INVALID_PROVENANCE", "provenance source must be one of "
-                                  "ai, radiologist, original", domain=DOMAIN,
-                                  metadata={"source": str(self.source)[:40]})
+            raise InvalidArgument(
+                "INVALID_PROVENANCE",
+                "provenance source must be one of ai, radiologist, original",
+                domain=DOMAIN,
+                metadata={"source": str(self.source)[:40]},
+            )
 
     def to_dict(self) -> dict[str, object]:
-        return {"source": self.source, "model_version": self.model_version,
-                "job_id": self.job_id, "reviewer": self.reviewer,
-                "weights_trained": self.weights_trained}
+        return {
+            "source": self.source,
+            "model_version": self.model_version,
+            "job_id": self.job_id,
+            "reviewer": self.reviewer,
+            "weights_trained": self.weights_trained,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Provenance:
-        return cls(str(d["source"]), str(d.get("model_version", "")), str(d.get("job_id", "")),
-                   str(d.get("reviewer", "")), bool(d.get("weights_trained", False)))
+        return cls(
+            str(d["source"]),
+            str(d.get("model_version", "")),
+            str(d.get("job_id", "")),
+            str(d.get("reviewer", "")),
+            bool(d.get("weights_trained", False)),
+        )
 
 
 @dataclass(frozen=True)
@@ -234,20 +246,29 @@ class VersionEvent:
 class LabelRepository(Protocol):
     """Storage interface of label versions; every implementation passes tests/labels' contract."""
 
-    def create_version(self, case_id: str, label_map: BlobInfo, ct: BlobInfo,
-                       provenance: Provenance, request_id: str,
-                       expected_parent_version_id: str = "", *,
-                       organs: Sequence[int] = (), shape: Sequence[int] = (0, 0, 0),
-                       affine: Sequence[float] | np.ndarray = (),
-                       organ_provenance: Mapping[int, OrganProvenance] | None = None,
-                       request_fingerprint: str = "",
-                       audit: AuditEvent | None = None,
-                       expect_empty: bool = False) -> LabelVersionRecord: ...
+    def create_version(
+        self,
+        case_id: str,
+        label_map: BlobInfo,
+        ct: BlobInfo,
+        provenance: Provenance,
+        request_id: str,
+        expected_parent_version_id: str = "",
+        *,
+        organs: Sequence[int] = (),
+        shape: Sequence[int] = (0, 0, 0),
+        affine: Sequence[float] | np.ndarray = (),
+        organ_provenance: Mapping[int, OrganProvenance] | None = None,
+        request_fingerprint: str = "",
+        audit: AuditEvent | None = None,
+        expect_empty: bool = False,
+    ) -> LabelVersionRecord: ...
 
     def get_version(self, version_id: str) -> LabelVersionRecord: ...
 
-    def list_versions(self, case_id: str | None = None, page_size: int = 0,
-                      page_token: str = "") -> tuple[list[LabelVersionRecord], str]: ...
+    def list_versions(
+        self, case_id: str | None = None, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[LabelVersionRecord], str]: ...
 
     def head(self, case_id: str) -> LabelVersionRecord | None: ...
 
@@ -257,33 +278,37 @@ class LabelRepository(Protocol):
 
     def case_ids(self) -> list[str]: ...
 
-    def create_export_job(self, case_ids: Sequence[str], destination_uri: str, *,
-                          request_id: str = "",
-                          audit: AuditEvent | None = None,
-                          options: Mapping[str, Any] | None = None) -> ExportJobRecord: ...
+    def create_export_job(
+        self,
+        case_ids: Sequence[str],
+        destination_uri: str,
+        *,
+        request_id: str = "",
+        audit: AuditEvent | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> ExportJobRecord: ...
 
     def get_export_job(self, job_id: str) -> ExportJobRecord: ...
 
-    def update_export_job(self, job_id: str, *, state: str | None = None,
-                          cases_done: int | None = None,
-                          error_reason: str | None = None) -> ExportJobRecord: ...
+    def update_export_job(
+        self, job_id: str, *, state: str | None = None, cases_done: int | None = None, error_reason: str | None = None
+    ) -> ExportJobRecord: ...
 
     def list_export_jobs(self, states: Sequence[str] = ()) -> list[ExportJobRecord]: ...
 
-    def record_export_outcome(self, job_id: str, case_id: str,
-                              outcome: Mapping[str, Any]) -> ExportCaseOutcome: ...
+    def record_export_outcome(self, job_id: str, case_id: str, outcome: Mapping[str, Any]) -> ExportCaseOutcome: ...
 
     def list_export_outcomes(self, job_id: str) -> list[ExportCaseOutcome]: ...
 
     def record_audit(self, event: AuditEvent) -> AuditRecord: ...
 
-    def list_audit_records(self, case_id: str = "", principal: str = "", page_size: int = 0,
-                           page_token: str = "") -> tuple[list[AuditRecord], str]: ...
+    def list_audit_records(
+        self, case_id: str = "", principal: str = "", page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[AuditRecord], str]: ...
 
     def due_version_events(self, now: float, limit: int = 32) -> list[VersionEvent]: ...
 
-    def mark_version_event(self, seq: int, state: str, *, error: str = "",
-                           next_attempt_at: float = 0.0) -> None: ...
+    def mark_version_event(self, seq: int, state: str, *, error: str = "", next_attempt_at: float = 0.0) -> None: ...
 
     def version_event_backlog(self) -> int: ...
 
@@ -311,9 +336,18 @@ def _legacy_export_options_sql(dialect: str) -> str:
 
     def decoded(expr: str) -> str:
         expr = f"replace({expr}, '+', ' ')"
-        for code, char in (("%3A", ":"), ("%26", "&"), ("%3D", "="), ("%2B", "+"),
-                           ("%2F", "/"), ("%3F", "?"), ("%23", "#"), ("%40", "@"),
-                           ("%20", " "), ("%25", "%")):
+        for code, char in (
+            ("%3A", ":"),
+            ("%26", "&"),
+            ("%3D", "="),
+            ("%2B", "+"),
+            ("%2F", "/"),
+            ("%3F", "?"),
+            ("%23", "#"),
+            ("%40", "@"),
+            ("%20", " "),
+            ("%25", "%"),
+        ):
             expr = f"replace({expr}, '{code}', '{char}')"
         return expr
 
@@ -323,13 +357,17 @@ def _legacy_export_options_sql(dialect: str) -> str:
     calling = decoded(between("&pacs_calling_ae=", None))
     if dialect == "sqlite":
         seg = "json_object('include_dicom_seg', json('true'))"
-        pacs = (f"json_object('include_dicom_seg', json('true'), 'pacs', json_object("
-                f"'called_ae', {called}, 'calling_ae', {calling}, 'host', {host}, 'port', {port}))")
+        pacs = (
+            f"json_object('include_dicom_seg', json('true'), 'pacs', json_object("
+            f"'called_ae', {called}, 'calling_ae', {calling}, 'host', {host}, 'port', {port}))"
+        )
     else:
         seg = "json_build_object('include_dicom_seg', true)::text"
-        pacs = (f"json_build_object('include_dicom_seg', true, 'pacs', json_build_object("
-                f"'called_ae', {called}, 'calling_ae', {calling}, 'host', {host},"
-                f" 'port', {port}))::text")
+        pacs = (
+            f"json_build_object('include_dicom_seg', true, 'pacs', json_build_object("
+            f"'called_ae', {called}, 'calling_ae', {calling}, 'host', {host},"
+            f" 'port', {port}))::text"
+        )
     return f"""
     UPDATE export_jobs SET options = {seg} WHERE {find}({u}, '?dicom_seg=1') > 0;
     UPDATE export_jobs SET options = {pacs}
@@ -441,7 +479,8 @@ MIGRATIONS: tuple[str, ...] = (
         time TEXT NOT NULL,
         PRIMARY KEY (job_id, case_id)
     );
-    """ + _legacy_export_options_sql("sqlite"),
+    """
+    + _legacy_export_options_sql("sqlite"),
 )
 
 
@@ -451,8 +490,9 @@ def _fingerprint(*parts: object) -> str:
 
 def _check_id(name: str, value: str) -> None:
     if not value or len(value) > 256 or not value.isprintable():
-        raise InvalidArgument("INVALID_ARGUMENT", f"{name} is required (printable, <= 256 chars)",
-                              domain=DOMAIN, metadata={"field": name})
+        raise InvalidArgument(
+            "INVALID_ARGUMENT", f"{name} is required (printable, <= 256 chars)", domain=DOMAIN, metadata={"field": name}
+        )
 
 
 def _json(value: Any) -> Any:
@@ -472,13 +512,16 @@ def _json_object(name: str, value: Any) -> str:
     try:
         if not isinstance(value, Mapping):
             raise TypeError
-        text = json.dumps(dict(value), sort_keys=True, separators=(",", ":"),
-                          allow_nan=False)
+        text = json.dumps(dict(value), sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError):
         text = ""
     if not text or len(text.encode()) > _MAX_JSON_BYTES:
-        raise InvalidArgument("INVALID_ARGUMENT", f"{name} must be a JSON object of at most "
-                              "16 KiB", domain=DOMAIN, metadata={"field": name})
+        raise InvalidArgument(
+            "INVALID_ARGUMENT",
+            f"{name} must be a JSON object of at most 16 KiB",
+            domain=DOMAIN,
+            metadata={"field": name},
+        )
     return text
 
 
@@ -494,7 +537,7 @@ class _Tx(Protocol):
 class _Backend(Protocol):
     """What SqlLabelRepository needs from a driver. SQL uses `?` placeholders."""
 
-    for_update: str            # " FOR UPDATE" where row locks exist, else ""
+    for_update: str  # " FOR UPDATE" where row locks exist, else ""
     integrity_errors: tuple[type[BaseException], ...]
 
     def write(self) -> contextlib.AbstractContextManager[_Tx]: ...
@@ -569,15 +612,23 @@ class SqlLabelRepository:
 
     # ------------------------------------------------------------------ versions
 
-    def create_version(self, case_id: str, label_map: BlobInfo, ct: BlobInfo,
-                       provenance: Provenance, request_id: str,
-                       expected_parent_version_id: str = "", *,
-                       organs: Sequence[int] = (), shape: Sequence[int] = (0, 0, 0),
-                       affine: Sequence[float] | np.ndarray = (),
-                       organ_provenance: Mapping[int, OrganProvenance] | None = None,
-                       request_fingerprint: str = "",
-                       audit: AuditEvent | None = None,
-                       expect_empty: bool = False) -> LabelVersionRecord:
+    def create_version(
+        self,
+        case_id: str,
+        label_map: BlobInfo,
+        ct: BlobInfo,
+        provenance: Provenance,
+        request_id: str,
+        expected_parent_version_id: str = "",
+        *,
+        organs: Sequence[int] = (),
+        shape: Sequence[int] = (0, 0, 0),
+        affine: Sequence[float] | np.ndarray = (),
+        organ_provenance: Mapping[int, OrganProvenance] | None = None,
+        request_fingerprint: str = "",
+        audit: AuditEvent | None = None,
+        expect_empty: bool = False,
+    ) -> LabelVersionRecord:
         """Append a version to `case_id`'s history; idempotent by `request_id`.
 
         organs: ids present in the label map (as returned by `validate_label_map`); shape:
@@ -597,26 +648,51 @@ class SqlLabelRepository:
             raise InvalidArgument("INVALID_PROVENANCE", "provenance is required", domain=DOMAIN)
         organ_t = tuple(sorted({int(o) for o in organs}))
         if any(o not in ORGANS for o in organ_t):
-            raise InvalidArgument("INVALID_LABEL_MAP", "organ ids must lie in 1..9",
-                                  domain=DOMAIN, metadata={"problem": "VALUES"})
+            raise InvalidArgument(
+                "INVALID_LABEL_MAP", "organ ids must lie in 1..9", domain=DOMAIN, metadata={"problem": "VALUES"}
+            )
         shape_t = tuple(int(s) for s in shape)
         affine_t = tuple(float(a) for a in np.asarray(affine, dtype=np.float64).ravel())
         if len(shape_t) != 3 or any(s < 0 for s in shape_t) or len(affine_t) not in (0, 16):
-            raise InvalidArgument("INVALID_LABEL_MAP", "shape must be (X, Y, Z) and affine 16 "
-                                  "values", domain=DOMAIN, metadata={"problem": "GEOMETRY"})
+            raise InvalidArgument(
+                "INVALID_LABEL_MAP",
+                "shape must be (X, Y, Z) and affine 16 values",
+                domain=DOMAIN,
+                metadata={"problem": "GEOMETRY"},
+            )
         organ_prov = dict(organ_provenance or {})
         if any(o not in ORGANS for o in organ_prov):
-            raise InvalidArgument("INVALID_PROVENANCE", "organ provenance keys must lie in 1..9",
-                                  domain=DOMAIN)
+            raise InvalidArgument("INVALID_PROVENANCE", "organ provenance keys must lie in 1..9", domain=DOMAIN)
         fingerprint = request_fingerprint or _fingerprint(
-            case_id, label_map.digest, label_map.size_bytes, ct.digest, ct.size_bytes,
-            provenance.to_dict(), expected_parent_version_id, organ_t, shape_t, affine_t,
-            {str(k): v.to_dict() for k, v in sorted(organ_prov.items())})
+            case_id,
+            label_map.digest,
+            label_map.size_bytes,
+            ct.digest,
+            ct.size_bytes,
+            provenance.to_dict(),
+            expected_parent_version_id,
+            organ_t,
+            shape_t,
+            affine_t,
+            {str(k): v.to_dict() for k, v in sorted(organ_prov.items())},
+        )
         for attempt in range(3):
             try:
                 return self._insert_version(
-                    case_id, label_map, ct, provenance, request_id, expected_parent_version_id,
-                    organ_t, shape_t, affine_t, organ_prov, fingerprint, audit, expect_empty)
+                    case_id,
+                    label_map,
+                    ct,
+                    provenance,
+                    request_id,
+                    expected_parent_version_id,
+                    organ_t,
+                    shape_t,
+                    affine_t,
+                    organ_prov,
+                    fingerprint,
+                    audit,
+                    expect_empty,
+                )
             except self._db.integrity_errors:
                 # A concurrent writer of the same request_id (other case) or of the same case's
                 # first version committed between our read and our insert: re-read decides.
@@ -624,37 +700,50 @@ class SqlLabelRepository:
                     raise
         raise AssertionError("unreachable")
 
-    def _insert_version(self, case_id: str, label_map: BlobInfo, ct: BlobInfo,
-                        provenance: Provenance, request_id: str, expected_parent: str,
-                        organ_t: tuple[int, ...], shape_t: tuple[int, ...],
-                        affine_t: tuple[float, ...], organ_prov: dict[int, OrganProvenance],
-                        fingerprint: str, audit: AuditEvent | None,
-                        expect_empty: bool = False) -> LabelVersionRecord:
+    def _insert_version(
+        self,
+        case_id: str,
+        label_map: BlobInfo,
+        ct: BlobInfo,
+        provenance: Provenance,
+        request_id: str,
+        expected_parent: str,
+        organ_t: tuple[int, ...],
+        shape_t: tuple[int, ...],
+        affine_t: tuple[float, ...],
+        organ_prov: dict[int, OrganProvenance],
+        fingerprint: str,
+        audit: AuditEvent | None,
+        expect_empty: bool = False,
+    ) -> LabelVersionRecord:
         with self._db.write() as tx:
             self._db.lock_case(tx, case_id)
             prior = tx.one("SELECT * FROM label_versions WHERE request_id = ?", (request_id,))
             if prior is not None:
                 if prior["request_fingerprint"] != fingerprint:
                     raise InvalidArgument(
-                        "REQUEST_ID_REUSED",
-                        "request_id was already used for a different request", domain=DOMAIN)
+                        "REQUEST_ID_REUSED", "request_id was already used for a different request", domain=DOMAIN
+                    )
                 record = self._record(prior)
                 if audit is not None:
                     self._insert_audit(tx, _with_versions(audit, record.version_id))
                 return record
-            head_row = tx.one("SELECT head_version_id, version_count FROM case_heads"
-                              " WHERE case_id = ?" + self._db.for_update, (case_id,))
+            head_row = tx.one(
+                "SELECT head_version_id, version_count FROM case_heads WHERE case_id = ?" + self._db.for_update,
+                (case_id,),
+            )
             head_id = head_row["head_version_id"] if head_row else ""
             if (expected_parent and expected_parent != head_id) or (expect_empty and head_id):
-                raise Aborted("PARENT_MISMATCH",
-                              "expected_parent_version_id is not the case's current version",
-                              domain=DOMAIN,
-                              metadata={"expected_parent_version_id": expected_parent,
-                                        "head_version_id": head_id})
+                raise Aborted(
+                    "PARENT_MISMATCH",
+                    "expected_parent_version_id is not the case's current version",
+                    domain=DOMAIN,
+                    metadata={"expected_parent_version_id": expected_parent, "head_version_id": head_id},
+                )
             version_id = uuid.uuid4().hex
             resolved = {
-                oid: OrganProvenance(op.provenance, op.version_id or version_id)
-                for oid, op in organ_prov.items()}
+                oid: OrganProvenance(op.provenance, op.version_id or version_id) for oid, op in organ_prov.items()
+            }
             for oid in ORGANS:
                 resolved.setdefault(oid, OrganProvenance(provenance, version_id))
             tx.run(
@@ -663,22 +752,43 @@ class SqlLabelRepository:
                 " job_id, reviewer, weights_trained, organs, shape, affine, request_id,"
                 " request_fingerprint, create_time, organ_provenance)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (version_id, case_id, head_id or None, label_map.digest, label_map.size_bytes,
-                 ct.digest, ct.size_bytes, provenance.source, provenance.model_version,
-                 provenance.job_id, provenance.reviewer, bool(provenance.weights_trained),
-                 json.dumps(organ_t), json.dumps(shape_t), json.dumps(affine_t), request_id,
-                 fingerprint, self._db.timestamp(sq.utc_now()),
-                 json.dumps({str(k): v.to_dict() for k, v in sorted(resolved.items())})))
+                (
+                    version_id,
+                    case_id,
+                    head_id or None,
+                    label_map.digest,
+                    label_map.size_bytes,
+                    ct.digest,
+                    ct.size_bytes,
+                    provenance.source,
+                    provenance.model_version,
+                    provenance.job_id,
+                    provenance.reviewer,
+                    bool(provenance.weights_trained),
+                    json.dumps(organ_t),
+                    json.dumps(shape_t),
+                    json.dumps(affine_t),
+                    request_id,
+                    fingerprint,
+                    self._db.timestamp(sq.utc_now()),
+                    json.dumps({str(k): v.to_dict() for k, v in sorted(resolved.items())}),
+                ),
+            )
             if head_row is None:
-                tx.run("INSERT INTO case_heads(case_id, head_version_id, version_count)"
-                       " VALUES (?, ?, 1)", (case_id, version_id))
+                tx.run(
+                    "INSERT INTO case_heads(case_id, head_version_id, version_count) VALUES (?, ?, 1)",
+                    (case_id, version_id),
+                )
             else:
-                tx.run("UPDATE case_heads SET head_version_id = ?,"
-                       " version_count = version_count + 1 WHERE case_id = ?",
-                       (version_id, case_id))
+                tx.run(
+                    "UPDATE case_heads SET head_version_id = ?, version_count = version_count + 1 WHERE case_id = ?",
+                    (version_id, case_id),
+                )
             number = int(head_row["version_count"]) + 1 if head_row is not None else 1
-            tx.run("INSERT INTO version_events(version_id, case_id, version_number, traceparent)"
-                   " VALUES (?, ?, ?, ?)", (version_id, case_id, number, current_traceparent()))
+            tx.run(
+                "INSERT INTO version_events(version_id, case_id, version_number, traceparent) VALUES (?, ?, ?, ?)",
+                (version_id, case_id, number, current_traceparent()),
+            )
             if audit is not None:
                 self._insert_audit(tx, _with_versions(audit, version_id))
             row = tx.one("SELECT * FROM label_versions WHERE version_id = ?", (version_id,))
@@ -696,8 +806,9 @@ class SqlLabelRepository:
         with self._db.read() as tx:
             row = tx.one("SELECT * FROM label_versions WHERE version_id = ?", (version_id,))
         if row is None:
-            raise NotFound("VERSION_NOT_FOUND", "label version not found", domain=DOMAIN,
-                           metadata={"version_id": version_id[:80]})
+            raise NotFound(
+                "VERSION_NOT_FOUND", "label version not found", domain=DOMAIN, metadata={"version_id": version_id[:80]}
+            )
         return self._record(row)
 
     def head(self, case_id: str) -> LabelVersionRecord | None:
@@ -705,11 +816,14 @@ class SqlLabelRepository:
         with self._db.read() as tx:
             row = tx.one(
                 "SELECT v.* FROM case_heads h JOIN label_versions v"
-                " ON v.version_id = h.head_version_id WHERE h.case_id = ?", (case_id,))
+                " ON v.version_id = h.head_version_id WHERE h.case_id = ?",
+                (case_id,),
+            )
         return None if row is None else self._record(row)
 
-    def list_versions(self, case_id: str | None = None, page_size: int = 0,
-                      page_token: str = "") -> tuple[list[LabelVersionRecord], str]:
+    def list_versions(
+        self, case_id: str | None = None, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[LabelVersionRecord], str]:
         """Versions newest first (of one case, or of all cases when `case_id` is None/"").
 
         page_size: 0 -> 50, max 1000. Returns (page, next_page_token); "" means the end.
@@ -717,20 +831,19 @@ class SqlLabelRepository:
         duplicate or a gap among the versions that existed when paging started.
         """
         scope = case_id or ""
-        rows, token = self._page("label_versions", "label_versions",
-                                 [("case_id", scope)], page_size, page_token, scope)
+        rows, token = self._page("label_versions", "label_versions", [("case_id", scope)], page_size, page_token, scope)
         return [self._record(r) for r in rows], token
 
-    def _page(self, table: str, kind: str, filters: Sequence[tuple[str, str]], page_size: int,
-              page_token: str, scope: str) -> tuple[list[Mapping[str, Any]], str]:
+    def _page(
+        self, table: str, kind: str, filters: Sequence[tuple[str, str]], page_size: int, page_token: str, scope: str
+    ) -> tuple[list[Mapping[str, Any]], str]:
         size = sq.clamp_page_size(page_size, domain=DOMAIN)
         cursor = sq.decode_page_token(page_token, kind, scope=scope, domain=DOMAIN)
         before = None
         if cursor is not None:
             before = cursor.get("before")
             if not isinstance(before, int) or isinstance(before, bool):
-                raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not valid",
-                                      domain=DOMAIN)
+                raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not valid", domain=DOMAIN)
         where: list[str] = []
         args: list[Any] = []
         for column, value in filters:
@@ -749,8 +862,7 @@ class SqlLabelRepository:
             rows = tx.all(sql, args)
         more = len(rows) > size
         rows = rows[:size]
-        token = (sq.encode_page_token(kind, {"before": int(rows[-1]["seq"])}, scope=scope)
-                 if more else "")
+        token = sq.encode_page_token(kind, {"before": int(rows[-1]["seq"])}, scope=scope) if more else ""
         return rows, token
 
     def history(self, case_id: str) -> list[LabelVersionRecord]:
@@ -768,15 +880,19 @@ class SqlLabelRepository:
     def case_ids(self) -> list[str]:
         """Every case with at least one version, ascending."""
         with self._db.read() as tx:
-            return [r["case_id"] for r in tx.all(
-                "SELECT case_id FROM case_heads ORDER BY case_id")]
+            return [r["case_id"] for r in tx.all("SELECT case_id FROM case_heads ORDER BY case_id")]
 
     # ------------------------------------------------------------------ export jobs
 
-    def create_export_job(self, case_ids: Sequence[str], destination_uri: str, *,
-                          request_id: str = "",
-                          audit: AuditEvent | None = None,
-                          options: Mapping[str, Any] | None = None) -> ExportJobRecord:
+    def create_export_job(
+        self,
+        case_ids: Sequence[str],
+        destination_uri: str,
+        *,
+        request_id: str = "",
+        audit: AuditEvent | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> ExportJobRecord:
         """Queue an export of the head versions of `case_ids` (empty: every case).
 
         The heads are frozen now: versions written later are not exported by this job.
@@ -790,8 +906,9 @@ class SqlLabelRepository:
         id and exported version ids filled in).
         """
         if not destination_uri:
-            raise InvalidArgument("INVALID_ARGUMENT", "destination_uri is required",
-                                  domain=DOMAIN, metadata={"field": "destination_uri"})
+            raise InvalidArgument(
+                "INVALID_ARGUMENT", "destination_uri is required", domain=DOMAIN, metadata={"field": "destination_uri"}
+            )
         options_json = _json_object("options", options or {})
         wanted = list(dict.fromkeys(case_ids))
         with self._db.write() as tx:
@@ -799,41 +916,61 @@ class SqlLabelRepository:
                 row = tx.one("SELECT * FROM export_jobs WHERE request_id = ?", (request_id,))
                 if row is not None:
                     prior = self._job(row)
-                    if (prior.destination_uri != destination_uri
-                            or list(prior.case_ids) != wanted
-                            or dict(prior.options) != json.loads(options_json)):
+                    if (
+                        prior.destination_uri != destination_uri
+                        or list(prior.case_ids) != wanted
+                        or dict(prior.options) != json.loads(options_json)
+                    ):
                         raise InvalidArgument(
-                            "REQUEST_ID_REUSED",
-                            "request_id was already used for a different request",
-                            domain=DOMAIN)
+                            "REQUEST_ID_REUSED", "request_id was already used for a different request", domain=DOMAIN
+                        )
                     return prior
             if wanted:
                 versions = []
                 for cid in wanted:
-                    head = tx.one("SELECT head_version_id FROM case_heads WHERE case_id = ?",
-                                  (cid,))
+                    head = tx.one("SELECT head_version_id FROM case_heads WHERE case_id = ?", (cid,))
                     if head is None:
-                        raise NotFound("CASE_NOT_FOUND", "case has no label version",
-                                       domain=DOMAIN, metadata={"case_id": cid[:80]})
+                        raise NotFound(
+                            "CASE_NOT_FOUND", "case has no label version", domain=DOMAIN, metadata={"case_id": cid[:80]}
+                        )
                     versions.append((cid, head["head_version_id"]))
             else:
-                versions = [(r["case_id"], r["head_version_id"]) for r in tx.all(
-                    "SELECT case_id, head_version_id FROM case_heads ORDER BY case_id")]
+                versions = [
+                    (r["case_id"], r["head_version_id"])
+                    for r in tx.all("SELECT case_id, head_version_id FROM case_heads ORDER BY case_id")
+                ]
             if not versions:
-                raise FailedPrecondition("NOTHING_TO_EXPORT", "no case has a label version",
-                                         domain=DOMAIN)
+                raise FailedPrecondition("NOTHING_TO_EXPORT", "no case has a label version", domain=DOMAIN)
             job_id = uuid.uuid4().hex
             now = self._db.timestamp(sq.utc_now())
             tx.run(
                 "INSERT INTO export_jobs(job_id, state, destination_uri, case_ids, versions,"
                 " cases_done, cases_total, error_reason, request_id, create_time, update_time,"
                 " options) VALUES (?, 'QUEUED', ?, ?, ?, 0, ?, '', ?, ?, ?, ?)",
-                (job_id, destination_uri, json.dumps(wanted), json.dumps(versions),
-                 len(versions), request_id or None, now, now, options_json))
+                (
+                    job_id,
+                    destination_uri,
+                    json.dumps(wanted),
+                    json.dumps(versions),
+                    len(versions),
+                    request_id or None,
+                    now,
+                    now,
+                    options_json,
+                ),
+            )
             if audit is not None:
-                self._insert_audit(tx, AuditEvent(
-                    audit.principal, audit.method, audit.case_id,
-                    tuple(v for _, v in versions), job_id, audit.outcome))
+                self._insert_audit(
+                    tx,
+                    AuditEvent(
+                        audit.principal,
+                        audit.method,
+                        audit.case_id,
+                        tuple(v for _, v in versions),
+                        job_id,
+                        audit.outcome,
+                    ),
+                )
             row = tx.one("SELECT * FROM export_jobs WHERE job_id = ?", (job_id,))
             assert row is not None
             return self._job(row)
@@ -843,39 +980,43 @@ class SqlLabelRepository:
         with self._db.read() as tx:
             row = tx.one("SELECT * FROM export_jobs WHERE job_id = ?", (job_id,))
         if row is None:
-            raise NotFound("EXPORT_JOB_NOT_FOUND", "export job not found", domain=DOMAIN,
-                           metadata={"job_id": job_id[:80]})
+            raise NotFound(
+                "EXPORT_JOB_NOT_FOUND", "export job not found", domain=DOMAIN, metadata={"job_id": job_id[:80]}
+            )
         return self._job(row)
 
-    def update_export_job(self, job_id: str, *, state: str | None = None,
-                          cases_done: int | None = None,
-                          error_reason: str | None = None) -> ExportJobRecord:
+    def update_export_job(
+        self, job_id: str, *, state: str | None = None, cases_done: int | None = None, error_reason: str | None = None
+    ) -> ExportJobRecord:
         """Move a job along QUEUED -> RUNNING -> SUCCEEDED | FAILED (| CANCELLED, RUNNING ->
         QUEUED on restart) and/or record progress. An illegal transition (e.g. out of a
         terminal state) raises FailedPrecondition("INVALID_STATE_TRANSITION")."""
         with self._db.write() as tx:
-            row = tx.one("SELECT * FROM export_jobs WHERE job_id = ?" + self._db.for_update,
-                         (job_id,))
+            row = tx.one("SELECT * FROM export_jobs WHERE job_id = ?" + self._db.for_update, (job_id,))
             if row is None:
-                raise NotFound("EXPORT_JOB_NOT_FOUND", "export job not found", domain=DOMAIN,
-                               metadata={"job_id": job_id[:80]})
+                raise NotFound(
+                    "EXPORT_JOB_NOT_FOUND", "export job not found", domain=DOMAIN, metadata={"job_id": job_id[:80]}
+                )
             new_state = row["state"] if state is None else state
             if new_state not in EXPORT_STATES:
-                raise InvalidArgument("INVALID_ARGUMENT", "unknown export state", domain=DOMAIN,
-                                      metadata={"state": str(new_state)[:40]})
+                raise InvalidArgument(
+                    "INVALID_ARGUMENT", "unknown export state", domain=DOMAIN, metadata={"state": str(new_state)[:40]}
+                )
             if new_state not in _EXPORT_TRANSITIONS[row["state"]]:
-                raise FailedPrecondition("INVALID_STATE_TRANSITION",
-                                         "export job cannot make this state transition",
-                                         domain=DOMAIN,
-                                         metadata={"from": row["state"], "to": new_state})
+                raise FailedPrecondition(
+                    "INVALID_STATE_TRANSITION",
+                    "export job cannot make this state transition",
+                    domain=DOMAIN,
+                    metadata={"from": row["state"], "to": new_state},
+                )
             done = row["cases_done"] if cases_done is None else int(cases_done)
             if not 0 <= done <= row["cases_total"]:
-                raise InvalidArgument("INVALID_ARGUMENT", "cases_done out of range",
-                                      domain=DOMAIN)
+                raise InvalidArgument("INVALID_ARGUMENT", "cases_done out of range", domain=DOMAIN)
             reason = row["error_reason"] if error_reason is None else error_reason
-            tx.run("UPDATE export_jobs SET state = ?, cases_done = ?, error_reason = ?,"
-                   " update_time = ? WHERE job_id = ?",
-                   (new_state, done, reason, self._db.timestamp(sq.utc_now()), job_id))
+            tx.run(
+                "UPDATE export_jobs SET state = ?, cases_done = ?, error_reason = ?, update_time = ? WHERE job_id = ?",
+                (new_state, done, reason, self._db.timestamp(sq.utc_now()), job_id),
+            )
             row = tx.one("SELECT * FROM export_jobs WHERE job_id = ?", (job_id,))
             assert row is not None
             return self._job(row)
@@ -886,14 +1027,14 @@ class SqlLabelRepository:
         with self._db.read() as tx:
             if states:
                 marks = ",".join("?" * len(states))
-                rows = tx.all(f"SELECT * FROM export_jobs WHERE state IN ({marks})"
-                              " ORDER BY create_time, job_id", tuple(states))
+                rows = tx.all(
+                    f"SELECT * FROM export_jobs WHERE state IN ({marks}) ORDER BY create_time, job_id", tuple(states)
+                )
             else:
                 rows = tx.all("SELECT * FROM export_jobs ORDER BY create_time, job_id")
         return [self._job(r) for r in rows]
 
-    def record_export_outcome(self, job_id: str, case_id: str,
-                              outcome: Mapping[str, Any]) -> ExportCaseOutcome:
+    def record_export_outcome(self, job_id: str, case_id: str, outcome: Mapping[str, Any]) -> ExportCaseOutcome:
         """Record (commit) the outcome of one case of a job; a case recorded again gets the
         new outcome (the latest attempt wins, e.g. when a resumed job exports it again).
 
@@ -905,16 +1046,23 @@ class SqlLabelRepository:
         with self._db.write() as tx:
             row = tx.one("SELECT versions FROM export_jobs WHERE job_id = ?", (job_id,))
             if row is None:
-                raise NotFound("EXPORT_JOB_NOT_FOUND", "export job not found", domain=DOMAIN,
-                               metadata={"job_id": job_id[:80]})
+                raise NotFound(
+                    "EXPORT_JOB_NOT_FOUND", "export job not found", domain=DOMAIN, metadata={"job_id": job_id[:80]}
+                )
             if case_id not in {str(c) for c, _ in _json(row["versions"])}:
-                raise InvalidArgument("INVALID_ARGUMENT", "case is not part of the export job",
-                                      domain=DOMAIN, metadata={"field": "case_id"})
+                raise InvalidArgument(
+                    "INVALID_ARGUMENT",
+                    "case is not part of the export job",
+                    domain=DOMAIN,
+                    metadata={"field": "case_id"},
+                )
             now = sq.utc_now()
-            tx.run("INSERT INTO export_case_outcomes(job_id, case_id, outcome, time)"
-                   " VALUES (?, ?, ?, ?) ON CONFLICT (job_id, case_id) DO UPDATE"
-                   " SET outcome = excluded.outcome, time = excluded.time",
-                   (job_id, case_id, outcome_json, self._db.timestamp(now)))
+            tx.run(
+                "INSERT INTO export_case_outcomes(job_id, case_id, outcome, time)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (job_id, case_id) DO UPDATE"
+                " SET outcome = excluded.outcome, time = excluded.time",
+                (job_id, case_id, outcome_json, self._db.timestamp(now)),
+            )
         return ExportCaseOutcome(job_id, case_id, json.loads(outcome_json), now)
 
     def list_export_outcomes(self, job_id: str) -> list[ExportCaseOutcome]:
@@ -923,14 +1071,13 @@ class SqlLabelRepository:
         with self._db.read() as tx:
             job = tx.one("SELECT versions FROM export_jobs WHERE job_id = ?", (job_id,))
             if job is None:
-                raise NotFound("EXPORT_JOB_NOT_FOUND", "export job not found", domain=DOMAIN,
-                               metadata={"job_id": job_id[:80]})
-            rows = tx.all("SELECT case_id, outcome, time FROM export_case_outcomes"
-                          " WHERE job_id = ?", (job_id,))
+                raise NotFound(
+                    "EXPORT_JOB_NOT_FOUND", "export job not found", domain=DOMAIN, metadata={"job_id": job_id[:80]}
+                )
+            rows = tx.all("SELECT case_id, outcome, time FROM export_case_outcomes WHERE job_id = ?", (job_id,))
         order = {str(c): i for i, (c, _) in enumerate(_json(job["versions"]))}
         rows = sorted(rows, key=lambda r: (order.get(r["case_id"], len(order)), r["case_id"]))
-        return [ExportCaseOutcome(job_id, r["case_id"], _json(r["outcome"]), _dt(r["time"]))
-                for r in rows]
+        return [ExportCaseOutcome(job_id, r["case_id"], _json(r["outcome"]), _dt(r["time"])) for r in rows]
 
     # ------------------------------------------------------------------ audit
 
@@ -940,28 +1087,60 @@ class SqlLabelRepository:
             return self._insert_audit(tx, event)
 
     def _insert_audit(self, tx: _Tx, event: AuditEvent) -> AuditRecord:
-        record = AuditRecord(uuid.uuid4().hex, sq.utc_now(), event.principal[:256],
-                             event.method[:128], event.case_id[:256],
-                             tuple(event.version_ids), event.job_id[:256], event.outcome[:128])
-        tx.run("INSERT INTO audit_records(record_id, time, principal, method, case_id,"
-               " version_ids, job_id, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-               (record.record_id, self._db.timestamp(record.time), record.principal,
-                record.method, record.case_id, json.dumps(list(record.version_ids)),
-                record.job_id, record.outcome))
+        record = AuditRecord(
+            uuid.uuid4().hex,
+            sq.utc_now(),
+            event.principal[:256],
+            event.method[:128],
+            event.case_id[:256],
+            tuple(event.version_ids),
+            event.job_id[:256],
+            event.outcome[:128],
+        )
+        tx.run(
+            "INSERT INTO audit_records(record_id, time, principal, method, case_id,"
+            " version_ids, job_id, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.record_id,
+                self._db.timestamp(record.time),
+                record.principal,
+                record.method,
+                record.case_id,
+                json.dumps(list(record.version_ids)),
+                record.job_id,
+                record.outcome,
+            ),
+        )
         return record
 
-    def list_audit_records(self, case_id: str = "", principal: str = "", page_size: int = 0,
-                           page_token: str = "") -> tuple[list[AuditRecord], str]:
+    def list_audit_records(
+        self, case_id: str = "", principal: str = "", page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[AuditRecord], str]:
         """Audit records newest first, optionally only of one case and/or one principal.
 
         page_size: 0 -> 50, max 1000; page tokens are bound to the filter."""
         scope = json.dumps([case_id, principal])
-        rows, token = self._page("audit_records", "audit_records",
-                                 [("case_id", case_id), ("principal", principal)],
-                                 page_size, page_token, scope)
-        return [AuditRecord(r["record_id"], _dt(r["time"]), r["principal"], r["method"],
-                            r["case_id"], tuple(_json(r["version_ids"])), r["job_id"],
-                            r["outcome"]) for r in rows], token
+        rows, token = self._page(
+            "audit_records",
+            "audit_records",
+            [("case_id", case_id), ("principal", principal)],
+            page_size,
+            page_token,
+            scope,
+        )
+        return [
+            AuditRecord(
+                r["record_id"],
+                _dt(r["time"]),
+                r["principal"],
+                r["method"],
+                r["case_id"],
+                tuple(_json(r["version_ids"])),
+                r["job_id"],
+                r["outcome"],
+            )
+            for r in rows
+        ], token
 
     # ------------------------------------------------------------------ rows
 
@@ -971,23 +1150,35 @@ class SqlLabelRepository:
         """Pending events whose next attempt is due at `now` (seconds since the epoch), oldest
         first."""
         with self._db.read() as tx:
-            rows = tx.all("SELECT seq, version_id, case_id, version_number, traceparent, attempts"
-                          " FROM version_events WHERE state = 'pending' AND next_attempt_at <= ?"
-                          " ORDER BY seq LIMIT ?", (float(now), int(limit)))
-        return [VersionEvent(int(r["seq"]), r["version_id"], r["case_id"],
-                             int(r["version_number"]), r["traceparent"], int(r["attempts"]))
-                for r in rows]
+            rows = tx.all(
+                "SELECT seq, version_id, case_id, version_number, traceparent, attempts"
+                " FROM version_events WHERE state = 'pending' AND next_attempt_at <= ?"
+                " ORDER BY seq LIMIT ?",
+                (float(now), int(limit)),
+            )
+        return [
+            VersionEvent(
+                int(r["seq"]),
+                r["version_id"],
+                r["case_id"],
+                int(r["version_number"]),
+                r["traceparent"],
+                int(r["attempts"]),
+            )
+            for r in rows
+        ]
 
-    def mark_version_event(self, seq: int, state: str, *, error: str = "",
-                           next_attempt_at: float = 0.0) -> None:
+    def mark_version_event(self, seq: int, state: str, *, error: str = "", next_attempt_at: float = 0.0) -> None:
         """Record a delivery attempt: state "done", "dead" (will not get better by retrying)
         or "pending" (retry at `next_attempt_at`)."""
         if state not in ("pending", "done", "dead"):
             raise ValueError(f"unknown event state {state!r}")
         with self._db.write() as tx:
-            tx.run("UPDATE version_events SET state = ?, attempts = attempts + 1,"
-                   " last_error = ?, next_attempt_at = ? WHERE seq = ?",
-                   (state, error[:500], float(next_attempt_at), int(seq)))
+            tx.run(
+                "UPDATE version_events SET state = ?, attempts = attempts + 1,"
+                " last_error = ?, next_attempt_at = ? WHERE seq = ?",
+                (state, error[:500], float(next_attempt_at), int(seq)),
+            )
 
     def version_event_backlog(self) -> int:
         """Number of events not delivered yet."""
@@ -998,20 +1189,30 @@ class SqlLabelRepository:
     @staticmethod
     def _record(row: Mapping[str, Any]) -> LabelVersionRecord:
         shape = tuple(_json(row["shape"]))
-        provenance = Provenance(source=row["source"], model_version=row["model_version"],
-                                job_id=row["job_id"], reviewer=row["reviewer"],
-                                weights_trained=bool(row["weights_trained"]))
+        provenance = Provenance(
+            source=row["source"],
+            model_version=row["model_version"],
+            job_id=row["job_id"],
+            reviewer=row["reviewer"],
+            weights_trained=bool(row["weights_trained"]),
+        )
         stored = _json(row["organ_provenance"]) or {}
         organ_prov = {
-            oid: (OrganProvenance(Provenance.from_dict(stored[str(oid)]),
-                                  str(stored[str(oid)].get("version_id", "")))
-                  if str(oid) in stored else OrganProvenance(provenance, row["version_id"]))
-            for oid in ORGANS}
+            oid: (
+                OrganProvenance(Provenance.from_dict(stored[str(oid)]), str(stored[str(oid)].get("version_id", "")))
+                if str(oid) in stored
+                else OrganProvenance(provenance, row["version_id"])
+            )
+            for oid in ORGANS
+        }
         return LabelVersionRecord(
-            version_id=row["version_id"], case_id=row["case_id"],
+            version_id=row["version_id"],
+            case_id=row["case_id"],
             parent_version_id=row["parent_version_id"] or "",
-            label_map_digest=row["label_map_digest"], label_map_size=int(row["label_map_size"]),
-            ct_digest=row["ct_digest"], ct_size=int(row["ct_size"]),
+            label_map_digest=row["label_map_digest"],
+            label_map_size=int(row["label_map_size"]),
+            ct_digest=row["ct_digest"],
+            ct_size=int(row["ct_size"]),
             provenance=provenance,
             organs=tuple(int(o) for o in _json(row["organs"])),
             shape=(int(shape[0]), int(shape[1]), int(shape[2])),
@@ -1023,9 +1224,12 @@ class SqlLabelRepository:
     @staticmethod
     def _job(row: Mapping[str, Any]) -> ExportJobRecord:
         return ExportJobRecord(
-            job_id=row["job_id"], state=row["state"], destination_uri=row["destination_uri"],
+            job_id=row["job_id"],
+            state=row["state"],
+            destination_uri=row["destination_uri"],
             versions=tuple((str(c), str(v)) for c, v in _json(row["versions"])),
-            cases_done=int(row["cases_done"]), cases_total=int(row["cases_total"]),
+            cases_done=int(row["cases_done"]),
+            cases_total=int(row["cases_total"]),
             error_reason=row["error_reason"],
             create_time=_dt(row["create_time"]),
             update_time=_dt(row["update_time"]),
@@ -1035,8 +1239,7 @@ class SqlLabelRepository:
 
 
 def _with_versions(event: AuditEvent, version_id: str) -> AuditEvent:
-    return AuditEvent(event.principal, event.method, event.case_id, (version_id,),
-                      event.job_id, event.outcome)
+    return AuditEvent(event.principal, event.method, event.case_id, (version_id,), event.job_id, event.outcome)
 
 
 class SqliteLabelRepository(SqlLabelRepository):
@@ -1065,6 +1268,9 @@ def open_repository(database_url: str, data_dir: str | Path) -> SqlLabelReposito
         from atlasflow.labels.postgres import PostgresLabelRepository
 
         return PostgresLabelRepository(database_url)
-    raise InvalidArgument("INVALID_SETTING", "labels database URL must be empty (SQLite) or "
-                          "postgresql://...", domain=DOMAIN,
-                          metadata={"scheme": database_url.split(":", 1)[0][:20]})
+    raise InvalidArgument(
+        "INVALID_SETTING",
+        "labels database URL must be empty (SQLite) or postgresql://...",
+        domain=DOMAIN,
+        metadata={"scheme": database_url.split(":", 1)[0][:20]},
+    )

@@ -61,15 +61,19 @@ tracer = trace.get_tracer(__name__)
 DOMAIN = "atlasflow.labels"
 NIFTI_GZ = "application/x-nifti+gzip"
 
-_SOURCE_TO_PROTO = {"ai": labels_pb2.LABEL_SOURCE_AI,
-                    "radiologist": labels_pb2.LABEL_SOURCE_RADIOLOGIST,
-                    "original": labels_pb2.LABEL_SOURCE_ORIGINAL}
+_SOURCE_TO_PROTO = {
+    "ai": labels_pb2.LABEL_SOURCE_AI,
+    "radiologist": labels_pb2.LABEL_SOURCE_RADIOLOGIST,
+    "original": labels_pb2.LABEL_SOURCE_ORIGINAL,
+}
 _SOURCE_FROM_PROTO = {v: k for k, v in _SOURCE_TO_PROTO.items()}
-_OP_STATE = {"QUEUED": common_pb2.OPERATION_STATE_QUEUED,
-             "RUNNING": common_pb2.OPERATION_STATE_RUNNING,
-             "SUCCEEDED": common_pb2.OPERATION_STATE_SUCCEEDED,
-             "FAILED": common_pb2.OPERATION_STATE_FAILED,
-             "CANCELLED": common_pb2.OPERATION_STATE_CANCELLED}
+_OP_STATE = {
+    "QUEUED": common_pb2.OPERATION_STATE_QUEUED,
+    "RUNNING": common_pb2.OPERATION_STATE_RUNNING,
+    "SUCCEEDED": common_pb2.OPERATION_STATE_SUCCEEDED,
+    "FAILED": common_pb2.OPERATION_STATE_FAILED,
+    "CANCELLED": common_pb2.OPERATION_STATE_CANCELLED,
+}
 
 
 def _ts(dt) -> timestamp_pb2.Timestamp:  # type: ignore[no-untyped-def]
@@ -79,61 +83,94 @@ def _ts(dt) -> timestamp_pb2.Timestamp:  # type: ignore[no-untyped-def]
 
 
 def provenance_to_proto(p: Provenance) -> labels_pb2.Provenance:
-    return labels_pb2.Provenance(source=_SOURCE_TO_PROTO[p.source],
-                                 model_version=p.model_version, job_id=p.job_id,
-                                 reviewer=p.reviewer, weights_trained=p.weights_trained)
+    return labels_pb2.Provenance(
+        source=_SOURCE_TO_PROTO[p.source],
+        model_version=p.model_version,
+        job_id=p.job_id,
+        reviewer=p.reviewer,
+        weights_trained=p.weights_trained,
+    )
 
 
 def version_to_proto(r: LabelVersionRecord) -> labels_pb2.LabelVersion:
     spacing = [sum(r.affine[row * 4 + col] ** 2 for row in range(3)) ** 0.5 for col in range(3)]
     return labels_pb2.LabelVersion(
-        version_id=r.version_id, case_id=r.case_id, parent_version_id=r.parent_version_id,
-        label_map=common_pb2.BlobRef(digest=r.label_map_digest, size_bytes=r.label_map_size,
-                                     media_type=NIFTI_GZ),
+        version_id=r.version_id,
+        case_id=r.case_id,
+        parent_version_id=r.parent_version_id,
+        label_map=common_pb2.BlobRef(digest=r.label_map_digest, size_bytes=r.label_map_size, media_type=NIFTI_GZ),
         ct=common_pb2.BlobRef(digest=r.ct_digest, size_bytes=r.ct_size, media_type=NIFTI_GZ),
         provenance=provenance_to_proto(r.provenance),
-        organs=list(r.organs), create_time=_ts(r.create_time),
-        geometry=common_pb2.VolumeGeometry(shape=list(r.shape), affine=list(r.affine),
-                                           spacing_mm=spacing),
-        organ_provenance=[labels_pb2.OrganProvenance(
-            organ=oid, provenance=provenance_to_proto(op.provenance), version_id=op.version_id)
-            for oid, op in sorted(r.organ_provenance.items())])
+        organs=list(r.organs),
+        create_time=_ts(r.create_time),
+        geometry=common_pb2.VolumeGeometry(shape=list(r.shape), affine=list(r.affine), spacing_mm=spacing),
+        organ_provenance=[
+            labels_pb2.OrganProvenance(
+                organ=oid, provenance=provenance_to_proto(op.provenance), version_id=op.version_id
+            )
+            for oid, op in sorted(r.organ_provenance.items())
+        ],
+    )
 
 
 def audit_to_proto(r: AuditRecord) -> labels_pb2.AuditRecord:
     return labels_pb2.AuditRecord(
-        record_id=r.record_id, time=_ts(r.time), principal=r.principal, method=r.method,
-        case_id=r.case_id, version_ids=list(r.version_ids), job_id=r.job_id, outcome=r.outcome)
+        record_id=r.record_id,
+        time=_ts(r.time),
+        principal=r.principal,
+        method=r.method,
+        case_id=r.case_id,
+        version_ids=list(r.version_ids),
+        job_id=r.job_id,
+        outcome=r.outcome,
+    )
 
 
-_SEG_STATE = {"WRITTEN": labels_pb2.DICOM_SEG_STATE_WRITTEN,
-              "SENT": labels_pb2.DICOM_SEG_STATE_SENT,
-              "SEND_FAILED": labels_pb2.DICOM_SEG_STATE_SEND_FAILED,
-              "REFUSED": labels_pb2.DICOM_SEG_STATE_REFUSED,
-              "FAILED": labels_pb2.DICOM_SEG_STATE_FAILED}
+_SEG_STATE = {
+    "WRITTEN": labels_pb2.DICOM_SEG_STATE_WRITTEN,
+    "SENT": labels_pb2.DICOM_SEG_STATE_SENT,
+    "SEND_FAILED": labels_pb2.DICOM_SEG_STATE_SEND_FAILED,
+    "REFUSED": labels_pb2.DICOM_SEG_STATE_REFUSED,
+    "FAILED": labels_pb2.DICOM_SEG_STATE_FAILED,
+}
 
 
 def seg_outcome_to_proto(o: SegOutcome) -> labels_pb2.DicomSegOutcome:
     return labels_pb2.DicomSegOutcome(
-        case_id=o.case_id, version_id=o.version_id, state=_SEG_STATE[o.state], path=o.path,
-        sha256=o.sha256, organs=list(o.organs),
-        referenced_instance_count=o.referenced_instance_count, reason=o.reason,
-        reason_metadata=o.reason_metadata, c_store_status=o.c_store_status)
+        case_id=o.case_id,
+        version_id=o.version_id,
+        state=_SEG_STATE[o.state],
+        path=o.path,
+        sha256=o.sha256,
+        organs=list(o.organs),
+        referenced_instance_count=o.referenced_instance_count,
+        reason=o.reason,
+        reason_metadata=o.reason_metadata,
+        c_store_status=o.c_store_status,
+    )
 
 
-def export_to_proto(j: ExportJobRecord,
-                    outcomes: Sequence[SegOutcome] = ()) -> labels_pb2.ExportJob:
+def export_to_proto(j: ExportJobRecord, outcomes: Sequence[SegOutcome] = ()) -> labels_pb2.ExportJob:
     options = ExportOptions.from_dict(j.options)
     msg = labels_pb2.ExportJob(
-        job_id=j.job_id, state=_OP_STATE[j.state], destination_uri=j.destination_uri,
+        job_id=j.job_id,
+        state=_OP_STATE[j.state],
+        destination_uri=j.destination_uri,
         progress=labels_pb2.ExportProgress(cases_done=j.cases_done, cases_total=j.cases_total),
-        error_reason=j.error_reason, create_time=_ts(j.create_time),
+        error_reason=j.error_reason,
+        create_time=_ts(j.create_time),
         include_dicom_seg=options.include_dicom_seg,
-        dicom_seg_outcomes=[seg_outcome_to_proto(o) for o in outcomes])
+        dicom_seg_outcomes=[seg_outcome_to_proto(o) for o in outcomes],
+    )
     if options.pacs is not None:
-        msg.pacs_destination.CopyFrom(labels_pb2.DicomDestination(
-            host=options.pacs.host, port=options.pacs.port,
-            called_ae_title=options.pacs.called_ae, calling_ae_title=options.pacs.calling_ae))
+        msg.pacs_destination.CopyFrom(
+            labels_pb2.DicomDestination(
+                host=options.pacs.host,
+                port=options.pacs.port,
+                called_ae_title=options.pacs.called_ae,
+                calling_ae_title=options.pacs.calling_ae,
+            )
+        )
     return msg
 
 
@@ -142,12 +179,14 @@ def export_options_of(request: labels_pb2.ExportDatasetRequest) -> ExportOptions
     pacs = None
     if request.HasField("pacs_destination"):
         if not request.include_dicom_seg:
-            raise InvalidArgument("INVALID_PACS_DESTINATION", "pacs_destination needs "
-                                  "include_dicom_seg", domain=DOMAIN,
-                                  metadata={"field": "include_dicom_seg"})
+            raise InvalidArgument(
+                "INVALID_PACS_DESTINATION",
+                "pacs_destination needs include_dicom_seg",
+                domain=DOMAIN,
+                metadata={"field": "include_dicom_seg"},
+            )
         d = request.pacs_destination
-        pacs = PacsDestination(d.host, d.port, d.called_ae_title,
-                               d.calling_ae_title or "ATLASFLOW")
+        pacs = PacsDestination(d.host, d.port, d.called_ae_title, d.calling_ae_title or "ATLASFLOW")
         pacs.validate()
     return ExportOptions(include_dicom_seg=request.include_dicom_seg, pacs=pacs)
 
@@ -163,8 +202,7 @@ class IngestSourceInstances:
     on a malformed stream, Unavailable("INGEST_ERROR") (metadata "code", "reason") otherwise.
     """
 
-    def __init__(self, target: str, max_message_bytes: int = 64 * 1024 * 1024,
-                 timeout_s: float = 300.0) -> None:
+    def __init__(self, target: str, max_message_bytes: int = 64 * 1024 * 1024, timeout_s: float = 300.0) -> None:
         self.target = target
         self.max_message_bytes = max_message_bytes
         self.timeout_s = timeout_s
@@ -184,15 +222,19 @@ class IngestSourceInstances:
                 self._channel = None
 
     def __call__(self, volume_digest: str) -> list[pydicom.Dataset]:
-        request = ingest_pb2.StreamSeriesInstancesRequest(volume_digest=volume_digest,
-                                                          headers_only=True)
+        request = ingest_pb2.StreamSeriesInstancesRequest(volume_digest=volume_digest, headers_only=True)
         datasets: list[pydicom.Dataset] = []
         expected = -1
         current, buf = 0, bytearray()
 
         def broken(what: str) -> DataLoss:
-            return DataLoss("INGEST_STREAM_BROKEN", "the ingest instance stream is malformed",
-                            domain=DOMAIN, metadata={"problem": what})
+            return DataLoss(
+                "INGEST_STREAM_BROKEN",
+                "the ingest instance stream is malformed",
+                domain=DOMAIN,
+                metadata={"problem": what},
+            )
+
         try:
             for msg in self._stub().StreamSeriesInstances(request, timeout=self.timeout_s):
                 if expected < 0:
@@ -210,14 +252,19 @@ class IngestSourceInstances:
             info = error_info_of(exc)
             reason = info.reason if info is not None else ""
             if exc.code() == grpc.StatusCode.NOT_FOUND and reason == "VOLUME_NOT_FOUND":
-                raise NotFound("SOURCE_SERIES_NOT_FOUND", "the CT volume was not assembled by "
-                               "the ingest service: no source instances", domain=DOMAIN) from None
+                raise NotFound(
+                    "SOURCE_SERIES_NOT_FOUND",
+                    "the CT volume was not assembled by the ingest service: no source instances",
+                    domain=DOMAIN,
+                ) from None
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise Unavailable("INGEST_UNAVAILABLE", "the ingest service did not answer",
-                                  domain=DOMAIN) from None
-            raise Unavailable("INGEST_ERROR", "the ingest service failed to send the source "
-                              "instances", domain=DOMAIN,
-                              metadata={"code": exc.code().name, "reason": reason}) from None
+                raise Unavailable("INGEST_UNAVAILABLE", "the ingest service did not answer", domain=DOMAIN) from None
+            raise Unavailable(
+                "INGEST_ERROR",
+                "the ingest service failed to send the source instances",
+                domain=DOMAIN,
+                metadata={"code": exc.code().name, "reason": reason},
+            ) from None
         if buf or len(datasets) != expected:
             raise broken("COUNT")
         return datasets
@@ -232,17 +279,27 @@ def destination_path(uri: str, export_root: Path | None = None) -> Path:
     """
     parsed = urlparse(uri)
     if parsed.scheme != "file" or parsed.netloc not in ("", "localhost") or not parsed.path:
-        raise InvalidArgument("INVALID_DESTINATION",
-                              "destination_uri must be file:///absolute/dir in this deployment",
-                              domain=DOMAIN, metadata={"scheme": parsed.scheme[:20]})
+        raise InvalidArgument(
+            "INVALID_DESTINATION",
+            "destination_uri must be file:///absolute/dir in this deployment",
+            domain=DOMAIN,
+            metadata={"scheme": parsed.scheme[:20]},
+        )
     if parsed.query or parsed.fragment or "?" in uri or "#" in uri:
-        raise InvalidArgument("INVALID_DESTINATION", "destination_uri must not carry a query "
-                              "or fragment", domain=DOMAIN, metadata={"field": "destination_uri"})
+        raise InvalidArgument(
+            "INVALID_DESTINATION",
+            "destination_uri must not carry a query or fragment",
+            domain=DOMAIN,
+            metadata={"field": "destination_uri"},
+        )
     path = Path(unquote(parsed.path)).resolve()
     if export_root is not None and not path.is_relative_to(export_root):
-        raise InvalidArgument("DESTINATION_NOT_ALLOWED",
-                              "destination must lie inside the service's export directory",
-                              domain=DOMAIN, metadata={"export_dir": str(export_root)})
+        raise InvalidArgument(
+            "DESTINATION_NOT_ALLOWED",
+            "destination must lie inside the service's export directory",
+            domain=DOMAIN,
+            metadata={"export_dir": str(export_root)},
+        )
     return path
 
 
@@ -259,8 +316,9 @@ class Exporter:
     (`record_export_outcome`) as soon as the case is written (and sent), so a crash loses none;
     a resumed job replaces a case's outcome when it exports the case again."""
 
-    def __init__(self, repo: LabelRepository, blobs: BlobStore, metrics: Metrics,
-                 sources: SourceFetcher | None = None) -> None:
+    def __init__(
+        self, repo: LabelRepository, blobs: BlobStore, metrics: Metrics, sources: SourceFetcher | None = None
+    ) -> None:
         self.repo = repo
         self.blobs = blobs
         self.metrics = metrics
@@ -269,15 +327,13 @@ class Exporter:
 
     def _fetch_sources(self, volume_digest: str) -> Sequence[pydicom.Dataset]:
         if self.sources is None:
-            raise Unavailable("INGEST_UNAVAILABLE", "no ingest service is configured",
-                              domain=DOMAIN)
+            raise Unavailable("INGEST_UNAVAILABLE", "no ingest service is configured", domain=DOMAIN)
         return self.sources(volume_digest)
 
     def _send(self, seg: pydicom.Dataset, pacs: PacsDestination, outcome: SegOutcome) -> None:
         """C-STORE `seg`; success or warning statuses (0x0000, 0xBxxx) make `outcome` SENT."""
         try:
-            status = send_c_store(seg, pacs.host, pacs.port, called_ae=pacs.called_ae,
-                                  calling_ae=pacs.calling_ae)
+            status = send_c_store(seg, pacs.host, pacs.port, called_ae=pacs.called_ae, calling_ae=pacs.calling_ae)
         except AtlasflowError as exc:
             outcome.state, outcome.reason = SEG_SEND_FAILED, exc.reason
             return
@@ -307,21 +363,33 @@ class Exporter:
                 for done, (case_id, version_id) in enumerate(job.versions, start=1):
                     record = self.repo.get_version(version_id)
                     label_map = self.blobs.get(record.label_map_digest)
-                    organ_provenance = {o: op.provenance
-                                        for o, op in record.organ_provenance.items()}
-                    organ_versions = {o: op.version_id
-                                      for o, op in record.organ_provenance.items()}
+                    organ_provenance = {o: op.provenance for o, op in record.organ_provenance.items()}
+                    organ_versions = {o: op.version_id for o, op in record.organ_provenance.items()}
                     seg = seg_bytes = outcome = None
                     if options.include_dicom_seg:
                         seg, seg_bytes, outcome = build_case_seg(
-                            self._fetch_sources, record.ct_digest, label_map,
-                            record.provenance, version_id, case_id=case_id,
-                            organ_provenance=organ_provenance, organ_versions=organ_versions)
+                            self._fetch_sources,
+                            record.ct_digest,
+                            label_map,
+                            record.provenance,
+                            version_id,
+                            case_id=case_id,
+                            organ_provenance=organ_provenance,
+                            organ_versions=organ_versions,
+                        )
                     entry = export_case(
-                        out, case_id, self.blobs.get(record.ct_digest), label_map,
-                        record.provenance, version_id, organ_provenance=organ_provenance,
-                        organ_versions=organ_versions, case_id=case_id, dicom_seg=seg_bytes,
-                        dicom_seg_outcome=outcome.to_dict() if outcome is not None else None)
+                        out,
+                        case_id,
+                        self.blobs.get(record.ct_digest),
+                        label_map,
+                        record.provenance,
+                        version_id,
+                        organ_provenance=organ_provenance,
+                        organ_versions=organ_versions,
+                        case_id=case_id,
+                        dicom_seg=seg_bytes,
+                        dicom_seg_outcome=outcome.to_dict() if outcome is not None else None,
+                    )
                     if outcome is not None:
                         if seg_bytes is not None:
                             outcome.path = entry["dicom_seg"]["path"]
@@ -329,29 +397,31 @@ class Exporter:
                             if seg is not None and options.pacs is not None:
                                 self._send(seg, options.pacs, outcome)
                             entry["dicom_seg"] = outcome.to_dict()
-                        self.repo.record_export_outcome(job.job_id, case_id,
-                                                        outcome.to_dict())
+                        self.repo.record_export_outcome(job.job_id, case_id, outcome.to_dict())
                         self.metrics.count(f"dicom_seg_{outcome.state.lower()}")
                         if outcome.state in (SEG_FAILED, SEG_SEND_FAILED) or outcome.reason:
-                            log.warning("export: DICOM SEG of a case not written or not sent",
-                                        extra={"fields": {"job_id": job.job_id,
-                                                          "case_id": case_id,
-                                                          "state": outcome.state,
-                                                          "reason": outcome.reason}})
+                            log.warning(
+                                "export: DICOM SEG of a case not written or not sent",
+                                extra={
+                                    "fields": {
+                                        "job_id": job.job_id,
+                                        "case_id": case_id,
+                                        "state": outcome.state,
+                                        "reason": outcome.reason,
+                                    }
+                                },
+                            )
                     entries.append(entry)
                     self.repo.update_export_job(job.job_id, cases_done=done)
                 write_manifest(out, entries)
                 self.repo.update_export_job(job.job_id, state="SUCCEEDED")
                 self.metrics.count("exports_succeeded")
             except AtlasflowError as exc:
-                log.error("export failed", extra={"fields": {"job_id": job.job_id,
-                                                             "reason": exc.reason}})
+                log.error("export failed", extra={"fields": {"job_id": job.job_id, "reason": exc.reason}})
                 self.repo.update_export_job(job.job_id, state="FAILED", error_reason=exc.reason)
             except OSError as exc:
-                log.error("export failed", extra={"fields": {"job_id": job.job_id,
-                                                             "exc_type": type(exc).__name__}})
-                self.repo.update_export_job(job.job_id, state="FAILED",
-                                            error_reason="DESTINATION_WRITE_FAILED")
+                log.error("export failed", extra={"fields": {"job_id": job.job_id, "exc_type": type(exc).__name__}})
+                self.repo.update_export_job(job.job_id, state="FAILED", error_reason="DESTINATION_WRITE_FAILED")
 
     async def run(self) -> None:
         while True:
@@ -372,17 +442,23 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
     audit record for every call (writes inside their own transaction, reads and failures
     after the fact)."""
 
-    def __init__(self, repo: LabelRepository, blobs: BlobStore, exporter: Exporter,
-                 export_root: Path | None = None) -> None:
+    def __init__(
+        self, repo: LabelRepository, blobs: BlobStore, exporter: Exporter, export_root: Path | None = None
+    ) -> None:
         self.repo = repo
         self.blobs = blobs
         self.exporter = exporter
         self.export_root = export_root
         self.writer = LabelWriter(repo, blobs)
 
-    async def _audited(self, context, method: str, case_id: str,  # type: ignore[no-untyped-def]
-                       work: Callable[[AuditEvent], T],
-                       read_ids: Callable[[T], tuple[tuple[str, ...], str]] | None = None) -> T:
+    async def _audited(
+        self,
+        context,
+        method: str,
+        case_id: str,  # type: ignore[no-untyped-def]
+        work: Callable[[AuditEvent], T],
+        read_ids: Callable[[T], tuple[tuple[str, ...], str]] | None = None,
+    ) -> T:
         """Run `work(audit_event)` in a thread. Writes pass the event to the repository (same
         transaction); for reads (`read_ids` given: result -> (version ids, job id)) the record
         is appended afterwards. A failure is recorded with its reason and re-raised."""
@@ -390,72 +466,103 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
         try:
             result = await asyncio.to_thread(work, event)
         except AtlasflowError as exc:
-            await asyncio.to_thread(self.repo.record_audit, AuditEvent(
-                event.principal, method, case_id, outcome=exc.reason))
+            await asyncio.to_thread(
+                self.repo.record_audit, AuditEvent(event.principal, method, case_id, outcome=exc.reason)
+            )
             raise
         if read_ids is not None:
             versions, job = read_ids(result)
-            await asyncio.to_thread(self.repo.record_audit, AuditEvent(
-                event.principal, method, case_id, versions, job))
+            await asyncio.to_thread(self.repo.record_audit, AuditEvent(event.principal, method, case_id, versions, job))
         return result
 
     async def CreateLabelVersion(self, request, context):  # type: ignore[no-untyped-def]
         if request.provenance.source not in _SOURCE_FROM_PROTO:
-            raise InvalidArgument("INVALID_PROVENANCE", "provenance.source is required",
-                                  domain=DOMAIN)
+            raise InvalidArgument("INVALID_PROVENANCE", "provenance.source is required", domain=DOMAIN)
         p = request.provenance
-        provenance = Provenance(_SOURCE_FROM_PROTO[p.source], p.model_version, p.job_id,
-                                p.reviewer, p.weights_trained)
+        provenance = Provenance(_SOURCE_FROM_PROTO[p.source], p.model_version, p.job_id, p.reviewer, p.weights_trained)
         record = await self._audited(
-            context, "CreateLabelVersion", request.case_id,
+            context,
+            "CreateLabelVersion",
+            request.case_id,
             lambda audit: self.writer.create(
-                request.case_id, request.label_map.digest, request.ct.digest, provenance,
-                request.request_id, request.expected_parent_version_id,
-                list(request.labelled_organs), audit=audit))
+                request.case_id,
+                request.label_map.digest,
+                request.ct.digest,
+                provenance,
+                request.request_id,
+                request.expected_parent_version_id,
+                list(request.labelled_organs),
+                audit=audit,
+            ),
+        )
         return labels_pb2.CreateLabelVersionResponse(version=version_to_proto(record))
 
     async def ReviseLabels(self, request, context):  # type: ignore[no-untyped-def]
         reviewer = principal_of(context)
         if not reviewer:
-            await asyncio.to_thread(self.repo.record_audit, AuditEvent(
-                ANONYMOUS, "ReviseLabels", request.case_id, outcome="PRINCIPAL_REQUIRED"))
-            raise Unauthenticated("PRINCIPAL_REQUIRED",
-                                  "ReviseLabels needs the reviewer's identity in metadata "
-                                  "x-atlasflow-principal", domain=DOMAIN)
+            await asyncio.to_thread(
+                self.repo.record_audit,
+                AuditEvent(ANONYMOUS, "ReviseLabels", request.case_id, outcome="PRINCIPAL_REQUIRED"),
+            )
+            raise Unauthenticated(
+                "PRINCIPAL_REQUIRED",
+                "ReviseLabels needs the reviewer's identity in metadata x-atlasflow-principal",
+                domain=DOMAIN,
+            )
         revisions = []
         for r in request.revisions:
             kind = r.WhichOneof("mask")
-            revisions.append(MaskRevision(
-                int(r.organ), mask_digest=r.mask_blob.digest if kind == "mask_blob" else "",
-                xor_delta=bytes(r.xor_delta) if kind == "xor_delta" else None))
+            revisions.append(
+                MaskRevision(
+                    int(r.organ),
+                    mask_digest=r.mask_blob.digest if kind == "mask_blob" else "",
+                    xor_delta=bytes(r.xor_delta) if kind == "xor_delta" else None,
+                )
+            )
         record = await self._audited(
-            context, "ReviseLabels", request.case_id,
-            lambda audit: self.writer.revise(request.case_id, request.expected_parent_version_id,
-                                             revisions, request.request_id, reviewer,
-                                             audit=audit))
+            context,
+            "ReviseLabels",
+            request.case_id,
+            lambda audit: self.writer.revise(
+                request.case_id,
+                request.expected_parent_version_id,
+                revisions,
+                request.request_id,
+                reviewer,
+                audit=audit,
+            ),
+        )
         return labels_pb2.ReviseLabelsResponse(version=version_to_proto(record))
 
     async def GetLabelVersion(self, request, context):  # type: ignore[no-untyped-def]
         record = await self._audited(
-            context, "GetLabelVersion", "", lambda _: self.repo.get_version(request.version_id),
-            lambda r: ((r.version_id,), ""))
+            context,
+            "GetLabelVersion",
+            "",
+            lambda _: self.repo.get_version(request.version_id),
+            lambda r: ((r.version_id,), ""),
+        )
         return labels_pb2.GetLabelVersionResponse(version=version_to_proto(record))
 
     async def ListLabelVersions(self, request, context):  # type: ignore[no-untyped-def]
         records, token = await self._audited(
-            context, "ListLabelVersions", request.case_id,
-            lambda _: self.repo.list_versions(request.case_id or None, request.page_size,
-                                              request.page_token),
-            lambda result: (tuple(r.version_id for r in result[0]), ""))
+            context,
+            "ListLabelVersions",
+            request.case_id,
+            lambda _: self.repo.list_versions(request.case_id or None, request.page_size, request.page_token),
+            lambda result: (tuple(r.version_id for r in result[0]), ""),
+        )
         return labels_pb2.ListLabelVersionsResponse(
-            versions=[version_to_proto(r) for r in records], next_page_token=token)
+            versions=[version_to_proto(r) for r in records], next_page_token=token
+        )
 
     async def ExportDataset(self, request, context):  # type: ignore[no-untyped-def]
         def work(audit: AuditEvent) -> ExportJobRecord:
             destination_path(request.destination_uri, self.export_root)
             options = export_options_of(request)
-            return self.repo.create_export_job(list(request.case_ids), request.destination_uri,
-                                               audit=audit, options=options.to_dict())
+            return self.repo.create_export_job(
+                list(request.case_ids), request.destination_uri, audit=audit, options=options.to_dict()
+            )
 
         job = await self._audited(context, "ExportDataset", "", work)
         self.exporter.wake.set()
@@ -464,19 +571,17 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
     def _outcomes(self, job: ExportJobRecord) -> list[SegOutcome]:
         if not ExportOptions.from_dict(job.options).include_dicom_seg:
             return []
-        return [SegOutcome.from_dict(o.outcome)
-                for o in self.repo.list_export_outcomes(job.job_id)]
+        return [SegOutcome.from_dict(o.outcome) for o in self.repo.list_export_outcomes(job.job_id)]
 
     async def GetExportJob(self, request, context):  # type: ignore[no-untyped-def]
         job = await self._audited(
-            context, "GetExportJob", "", lambda _: self.repo.get_export_job(request.job_id),
-            lambda j: ((), j.job_id))
+            context, "GetExportJob", "", lambda _: self.repo.get_export_job(request.job_id), lambda j: ((), j.job_id)
+        )
         outcomes = await asyncio.to_thread(self._outcomes, job)
         return labels_pb2.GetExportJobResponse(job=export_to_proto(job, outcomes))
 
     async def ListAuditRecords(self, request, context):  # type: ignore[no-untyped-def]
         records, token = await asyncio.to_thread(
-            self.repo.list_audit_records, request.case_id, request.principal,
-            request.page_size, request.page_token)
-        return labels_pb2.ListAuditRecordsResponse(
-            records=[audit_to_proto(r) for r in records], next_page_token=token)
+            self.repo.list_audit_records, request.case_id, request.principal, request.page_size, request.page_token
+        )
+        return labels_pb2.ListAuditRecordsResponse(records=[audit_to_proto(r) for r in records], next_page_token=token)

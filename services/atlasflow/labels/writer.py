@@ -54,8 +54,7 @@ def _hash(*parts: object) -> str:
 
 def _required(name: str, value: str) -> None:
     if not value:
-        raise InvalidArgument("INVALID_ARGUMENT", f"{name} is required", domain=DOMAIN,
-                              metadata={"field": name})
+        raise InvalidArgument("INVALID_ARGUMENT", f"{name} is required", domain=DOMAIN, metadata={"field": name})
 
 
 def _affine(record: LabelVersionRecord) -> np.ndarray:
@@ -76,19 +75,19 @@ class LabelWriter:
     def _case_lock(self, case_id: str) -> threading.Lock:
         return self._stripes[zlib.crc32(case_id.encode()) % LOCK_STRIPES]
 
-    def _repeat(self, request_id: str, fingerprint: str,
-                audit: AuditEvent | None) -> LabelVersionRecord | None:
+    def _repeat(self, request_id: str, fingerprint: str, audit: AuditEvent | None) -> LabelVersionRecord | None:
         found = self.repo.version_for_request(request_id)
         if found is None:
             return None
         record, stored = found
         if stored != fingerprint:
-            raise InvalidArgument("REQUEST_ID_REUSED",
-                                  "request_id was already used for a different request",
-                                  domain=DOMAIN)
+            raise InvalidArgument(
+                "REQUEST_ID_REUSED", "request_id was already used for a different request", domain=DOMAIN
+            )
         if audit is not None:
-            self.repo.record_audit(AuditEvent(audit.principal, audit.method, audit.case_id,
-                                              (record.version_id,), outcome="OK"))
+            self.repo.record_audit(
+                AuditEvent(audit.principal, audit.method, audit.case_id, (record.version_id,), outcome="OK")
+            )
         return record
 
     def _label_map(self, record: LabelVersionRecord) -> np.ndarray:
@@ -97,10 +96,18 @@ class LabelWriter:
 
     # ------------------------------------------------------------------ create
 
-    def create(self, case_id: str, label_map_digest: str, ct_digest: str,
-               provenance: Provenance, request_id: str, expected_parent_version_id: str = "",
-               labelled_organs: Sequence[int] = (), *,
-               audit: AuditEvent | None = None) -> LabelVersionRecord:
+    def create(
+        self,
+        case_id: str,
+        label_map_digest: str,
+        ct_digest: str,
+        provenance: Provenance,
+        request_id: str,
+        expected_parent_version_id: str = "",
+        labelled_organs: Sequence[int] = (),
+        *,
+        audit: AuditEvent | None = None,
+    ) -> LabelVersionRecord:
         """Validate the submitted map against the CT, assemble it with the head, store it.
 
         label_map_digest / ct_digest: NIfTI blobs in the blob store; the map must fit the CT
@@ -115,10 +122,15 @@ class LabelWriter:
         _required("ct.digest", ct_digest)
         labelled = sorted({int(o) for o in labelled_organs})
         if any(o not in ORGANS for o in labelled):
-            raise InvalidArgument("INVALID_ARGUMENT", "labelled_organs must be organs 1..9",
-                                  domain=DOMAIN, metadata={"field": "labelled_organs"})
-        fingerprint = _hash("create", case_id, label_map_digest, ct_digest,
-                            provenance.to_dict(), expected_parent_version_id, labelled)
+            raise InvalidArgument(
+                "INVALID_ARGUMENT",
+                "labelled_organs must be organs 1..9",
+                domain=DOMAIN,
+                metadata={"field": "labelled_organs"},
+            )
+        fingerprint = _hash(
+            "create", case_id, label_map_digest, ct_digest, provenance.to_dict(), expected_parent_version_id, labelled
+        )
         prior = self._repeat(request_id, fingerprint, audit)
         if prior is not None:
             return prior
@@ -133,48 +145,90 @@ class LabelWriter:
             try:
                 with self._case_lock(case_id):
                     return self._assemble_and_store(
-                        case_id, submitted, label_map_digest, len(label_bytes), ct.shape,
-                        ct_affine, ct_info, provenance, request_id, expected_parent_version_id,
-                        labelled, fingerprint, audit)
+                        case_id,
+                        submitted,
+                        label_map_digest,
+                        len(label_bytes),
+                        ct.shape,
+                        ct_affine,
+                        ct_info,
+                        provenance,
+                        request_id,
+                        expected_parent_version_id,
+                        labelled,
+                        fingerprint,
+                        audit,
+                    )
             except Aborted as exc:
-                if (exc.reason != "PARENT_MISMATCH" or expected_parent_version_id
-                        or attempt == ASSEMBLY_ATTEMPTS - 1):
+                if exc.reason != "PARENT_MISMATCH" or expected_parent_version_id or attempt == ASSEMBLY_ATTEMPTS - 1:
                     raise
             time.sleep(random.uniform(0.0, 0.02 * 2 ** min(attempt, 4)))
         raise AssertionError("unreachable")
 
-    def _assemble_and_store(self, case_id: str, submitted: np.ndarray, label_map_digest: str,
-                            label_size: int, shape: tuple[int, ...], ct_affine: np.ndarray,
-                            ct_info: BlobInfo, provenance: Provenance, request_id: str,
-                            expected_parent_version_id: str, labelled: Sequence[int],
-                            fingerprint: str, audit: AuditEvent | None) -> LabelVersionRecord:
+    def _assemble_and_store(
+        self,
+        case_id: str,
+        submitted: np.ndarray,
+        label_map_digest: str,
+        label_size: int,
+        shape: tuple[int, ...],
+        ct_affine: np.ndarray,
+        ct_info: BlobInfo,
+        provenance: Provenance,
+        request_id: str,
+        expected_parent_version_id: str,
+        labelled: Sequence[int],
+        fingerprint: str,
+        audit: AuditEvent | None,
+    ) -> LabelVersionRecord:
         head = self.repo.head(case_id)
-        if expected_parent_version_id and (
-                head is None or head.version_id != expected_parent_version_id):
-            raise Aborted("PARENT_MISMATCH",
-                          "expected_parent_version_id is not the case's current version",
-                          domain=DOMAIN,
-                          metadata={"expected_parent_version_id": expected_parent_version_id,
-                                    "head_version_id": head.version_id if head else ""})
+        if expected_parent_version_id and (head is None or head.version_id != expected_parent_version_id):
+            raise Aborted(
+                "PARENT_MISMATCH",
+                "expected_parent_version_id is not the case's current version",
+                domain=DOMAIN,
+                metadata={
+                    "expected_parent_version_id": expected_parent_version_id,
+                    "head_version_id": head.version_id if head else "",
+                },
+            )
         head_map = self._label_map(head) if head is not None else None
-        assembled, organ_prov = assemble(head_map, head.organ_provenance if head else None,
-                                         submitted, provenance, labelled)
+        assembled, organ_prov = assemble(
+            head_map, head.organ_provenance if head else None, submitted, provenance, labelled
+        )
         if np.array_equal(assembled, submitted):
             blob = BlobInfo(label_map_digest, label_size)
         else:
             blob = self.blobs.put(to_nifti_bytes(assembled, ct_affine))
         organs = validate_label_map(assembled, ct_affine, shape, ct_affine)
         return self.repo.create_version(
-            case_id, blob, ct_info, provenance, request_id,
-            head.version_id if head else "", organs=organs, shape=shape,
-            affine=ct_affine.ravel(), organ_provenance=organ_prov,
-            request_fingerprint=fingerprint, audit=audit, expect_empty=head is None)
+            case_id,
+            blob,
+            ct_info,
+            provenance,
+            request_id,
+            head.version_id if head else "",
+            organs=organs,
+            shape=shape,
+            affine=ct_affine.ravel(),
+            organ_provenance=organ_prov,
+            request_fingerprint=fingerprint,
+            audit=audit,
+            expect_empty=head is None,
+        )
 
     # ------------------------------------------------------------------ revise
 
-    def revise(self, case_id: str, expected_parent_version_id: str,
-               revisions: Sequence[MaskRevision], request_id: str, reviewer: str, *,
-               audit: AuditEvent | None = None) -> LabelVersionRecord:
+    def revise(
+        self,
+        case_id: str,
+        expected_parent_version_id: str,
+        revisions: Sequence[MaskRevision],
+        request_id: str,
+        reviewer: str,
+        *,
+        audit: AuditEvent | None = None,
+    ) -> LabelVersionRecord:
         """A reviewer's correction of some organs of `expected_parent_version_id`.
 
         Each revision gives a whole mask (NIfTI blob on the CT grid: same shape, affine within
@@ -190,46 +244,59 @@ class LabelWriter:
         _required("request_id", request_id)
         _required("reviewer", reviewer)
         if not revisions:
-            raise InvalidArgument("EMPTY_REVISION", "at least one organ revision is required",
-                                  domain=DOMAIN)
+            raise InvalidArgument("EMPTY_REVISION", "at least one organ revision is required", domain=DOMAIN)
         seen: set[int] = set()
         for r in revisions:
             if r.organ not in ORGANS:
-                raise InvalidArgument("INVALID_ARGUMENT", "revision organ must be 1..9",
-                                      domain=DOMAIN, metadata={"field": "revisions.organ"})
+                raise InvalidArgument(
+                    "INVALID_ARGUMENT",
+                    "revision organ must be 1..9",
+                    domain=DOMAIN,
+                    metadata={"field": "revisions.organ"},
+                )
             if r.organ in seen:
-                raise InvalidArgument("DUPLICATE_ORGAN", "an organ is revised twice",
-                                      domain=DOMAIN, metadata={"organ": ORGANS[r.organ]})
+                raise InvalidArgument(
+                    "DUPLICATE_ORGAN", "an organ is revised twice", domain=DOMAIN, metadata={"organ": ORGANS[r.organ]}
+                )
             seen.add(r.organ)
             if bool(r.mask_digest) == (r.xor_delta is not None):
-                raise InvalidArgument("INVALID_ARGUMENT",
-                                      "each revision needs exactly one of mask_blob, xor_delta",
-                                      domain=DOMAIN, metadata={"field": "revisions.mask",
-                                                               "organ": ORGANS[r.organ]})
-        fingerprint = _hash("revise", case_id, expected_parent_version_id, reviewer, sorted(
-            (r.organ, r.mask_digest, hashlib.sha256(r.xor_delta or b"").hexdigest())
-            for r in revisions))
+                raise InvalidArgument(
+                    "INVALID_ARGUMENT",
+                    "each revision needs exactly one of mask_blob, xor_delta",
+                    domain=DOMAIN,
+                    metadata={"field": "revisions.mask", "organ": ORGANS[r.organ]},
+                )
+        fingerprint = _hash(
+            "revise",
+            case_id,
+            expected_parent_version_id,
+            reviewer,
+            sorted((r.organ, r.mask_digest, hashlib.sha256(r.xor_delta or b"").hexdigest()) for r in revisions),
+        )
         prior = self._repeat(request_id, fingerprint, audit)
         if prior is not None:
             return prior
         parent = self.repo.get_version(expected_parent_version_id)
         if parent.case_id != case_id:
             head = self.repo.head(case_id)
-            raise Aborted("PARENT_MISMATCH", "expected_parent_version_id belongs to another case",
-                          domain=DOMAIN,
-                          metadata={"expected_parent_version_id": expected_parent_version_id,
-                                    "head_version_id": head.version_id if head else ""})
+            raise Aborted(
+                "PARENT_MISMATCH",
+                "expected_parent_version_id belongs to another case",
+                domain=DOMAIN,
+                metadata={
+                    "expected_parent_version_id": expected_parent_version_id,
+                    "head_version_id": head.version_id if head else "",
+                },
+            )
         affine = _affine(parent)
         parent_map = self._label_map(parent)
         masks: dict[int, np.ndarray] = {}
         for r in revisions:
             if r.mask_digest:
                 arr, arr_affine = from_nifti_bytes(self.blobs.get(r.mask_digest))
-                masks[r.organ] = validate_organ_mask(arr, arr_affine, parent.shape, affine,
-                                                     r.organ)
+                masks[r.organ] = validate_organ_mask(arr, arr_affine, parent.shape, affine, r.organ)
             else:
-                masks[r.organ] = decode_mask_delta(parent_map == r.organ, r.xor_delta or b"",
-                                                   r.organ)
+                masks[r.organ] = decode_mask_delta(parent_map == r.organ, r.xor_delta or b"", r.organ)
         new_map = apply_revision(parent_map, masks)
         provenance = Provenance("radiologist", reviewer=reviewer)
         organ_prov = dict(parent.organ_provenance)
@@ -238,6 +305,16 @@ class LabelWriter:
         blob = self.blobs.put(to_nifti_bytes(new_map, affine))
         organs = validate_label_map(new_map, affine, parent.shape, affine)
         return self.repo.create_version(
-            case_id, blob, BlobInfo(parent.ct_digest, parent.ct_size), provenance, request_id,
-            parent.version_id, organs=organs, shape=parent.shape, affine=parent.affine,
-            organ_provenance=organ_prov, request_fingerprint=fingerprint, audit=audit)
+            case_id,
+            blob,
+            BlobInfo(parent.ct_digest, parent.ct_size),
+            provenance,
+            request_id,
+            parent.version_id,
+            organs=organs,
+            shape=parent.shape,
+            affine=parent.affine,
+            organ_provenance=organ_prov,
+            request_fingerprint=fingerprint,
+            audit=audit,
+        )

@@ -20,26 +20,38 @@ from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from atlasflow.ranking.worklist import SqliteWorklist
 
 
-async def build_app(settings: RankingSettings, *, metrics: Metrics | None = None,
-                    worklist: SqliteWorklist | None = None, tracer_provider: Any = None) -> ServiceApp:
+async def build_app(
+    settings: RankingSettings,
+    *,
+    metrics: Metrics | None = None,
+    worklist: SqliteWorklist | None = None,
+    tracer_provider: Any = None,
+) -> ServiceApp:
     """The ranking service (built, not started); port 0 picks a free port.
 
     ``worklist``: an open store to serve (the caller keeps it open after `ServiceApp.stop`);
     default a `SqliteWorklist` in ``settings.data_dir``, closed on stop."""
     metrics = metrics or Metrics("ranking")
     owned = worklist is None
-    store = worklist if worklist is not None else SqliteWorklist(
-        Path(settings.data_dir) / "ranking.sqlite3", default_lease_s=settings.lease_seconds)
+    store = (
+        worklist
+        if worklist is not None
+        else SqliteWorklist(Path(settings.data_dir) / "ranking.sqlite3", default_lease_s=settings.lease_seconds)
+    )
 
     def register(server: grpc.aio.Server) -> list[str]:
         ranking_pb2_grpc.add_RankingServiceServicer_to_server(RankingServicer(store, metrics), server)
         return [ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name]
 
-    built = build_server(register=register, metrics=metrics, host=settings.grpc_host,
-                         port=settings.grpc_port, max_message_bytes=settings.max_message_bytes,
-                         tracer_provider=tracer_provider)
-    return ServiceApp("ranking", built, closers=[store.close] if owned else [],
-                      parts={"worklist": store})
+    built = build_server(
+        register=register,
+        metrics=metrics,
+        host=settings.grpc_host,
+        port=settings.grpc_port,
+        max_message_bytes=settings.max_message_bytes,
+        tracer_provider=tracer_provider,
+    )
+    return ServiceApp("ranking", built, closers=[store.close] if owned else [], parts={"worklist": store})
 
 
 def main() -> None:

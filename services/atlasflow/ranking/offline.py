@@ -47,13 +47,16 @@ DOMAIN = "atlasflow.ranking"
 log = logging.getLogger("atlasflow.ranking.offline")
 
 
-def read_case(case_dir: Path, models: list[str] | None = None) -> tuple[dict[int, torch.Tensor], np.ndarray, tuple[int, ...]]:
+def read_case(
+    case_dir: Path, models: list[str] | None = None
+) -> tuple[dict[int, torch.Tensor], np.ndarray, tuple[int, ...]]:
     """Soft predictions of one case: organ id -> uint8 ``(M, X, Y, Z)``, the affine, the shape."""
     bb = case_dir / "backbones"
     names = models or sorted(p.name for p in bb.iterdir() if p.is_dir()) if bb.is_dir() else []
     if not names:
-        raise InvalidArgument("NO_MODELS", "case has no backbones/<model> directories", domain=DOMAIN,
-                              metadata={"case": case_dir.name})
+        raise InvalidArgument(
+            "NO_MODELS", "case has no backbones/<model> directories", domain=DOMAIN, metadata={"case": case_dir.name}
+        )
     affine: np.ndarray | None = None
     shape: tuple[int, ...] | None = None
     probs: dict[int, torch.Tensor] = {}
@@ -64,28 +67,41 @@ def read_case(case_dir: Path, models: list[str] | None = None) -> tuple[dict[int
         stack = []
         for p in paths:
             if not p.exists():
-                raise InvalidArgument("MISSING_PREDICTION", "a model lacks an organ the others have", domain=DOMAIN,
-                                      metadata={"case": case_dir.name, "path": str(p.relative_to(case_dir))})
+                raise InvalidArgument(
+                    "MISSING_PREDICTION",
+                    "a model lacks an organ the others have",
+                    domain=DOMAIN,
+                    metadata={"case": case_dir.name, "path": str(p.relative_to(case_dir))},
+                )
             img = nib.load(str(p))
             arr = np.asanyarray(img.dataobj)
             if shape is None:
                 shape, affine = arr.shape, np.asarray(img.affine, dtype=np.float64)
             elif arr.shape != shape or not np.allclose(img.affine, affine, atol=1e-4):
-                raise InvalidArgument("GRID_MISMATCH", "soft predictions of one case must share one grid",
-                                      domain=DOMAIN, metadata={"case": case_dir.name, "path": str(p.relative_to(case_dir))})
+                raise InvalidArgument(
+                    "GRID_MISMATCH",
+                    "soft predictions of one case must share one grid",
+                    domain=DOMAIN,
+                    metadata={"case": case_dir.name, "path": str(p.relative_to(case_dir))},
+                )
             if arr.dtype == np.uint8:
                 q = arr
             else:
                 a = np.asarray(arr, dtype=np.float32)
                 if a.size and (float(a.min()) < -1e-6 or float(a.max()) > 1.0 + 1e-6):
-                    raise InvalidArgument("BAD_PROBABILITY", "float soft predictions must lie in [0, 1]",
-                                          domain=DOMAIN, metadata={"case": case_dir.name})
+                    raise InvalidArgument(
+                        "BAD_PROBABILITY",
+                        "float soft predictions must lie in [0, 1]",
+                        domain=DOMAIN,
+                        metadata={"case": case_dir.name},
+                    )
                 q = np.round(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
             stack.append(np.ascontiguousarray(q))
         probs[k] = torch.from_numpy(np.stack(stack))
     if affine is None or shape is None:
-        raise InvalidArgument("NO_PREDICTIONS", "case has no soft predictions", domain=DOMAIN,
-                              metadata={"case": case_dir.name})
+        raise InvalidArgument(
+            "NO_PREDICTIONS", "case has no soft predictions", domain=DOMAIN, metadata={"case": case_dir.name}
+        )
     return probs, affine, shape
 
 
@@ -99,8 +115,9 @@ def read_labelled(path: Path | None) -> dict[str, set[int]]:
             names = (row.get("organs") or "").split()
             unknown = [n for n in names if n not in ORGAN_IDS]
             if unknown:
-                raise InvalidArgument("UNKNOWN_ORGAN", "unknown organ name in --labelled", domain=DOMAIN,
-                                      metadata={"organ": unknown[0]})
+                raise InvalidArgument(
+                    "UNKNOWN_ORGAN", "unknown organ name in --labelled", domain=DOMAIN, metadata={"organ": unknown[0]}
+                )
             out[row["case"]] = {ORGAN_IDS[n] for n in names}
     return out
 
@@ -119,8 +136,9 @@ def _write_case(out_dir: Path, case: str, ca: CaseAttention, ranked, affine: np.
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="atlasflow rank", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="atlasflow rank", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("root", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--mode", choices=("reference", "enhanced"), default="reference")
@@ -151,8 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.learn_prior:
             for case in cases:
                 ca, affine = attend(case)
-                masks = {k: (r.box, r.ensemble.numpy()) for k, r in ca.organs.items()
-                         if r.box is not None and r.ensemble is not None and bool(r.ensemble.any())}
+                masks = {
+                    k: (r.box, r.ensemble.numpy())
+                    for k, r in ca.organs.items()
+                    if r.box is not None and r.ensemble is not None and bool(r.ensemble.any())
+                }
                 prior.update(measure_masks(masks, affine, ca.shape))
                 held[case] = (ca, affine)
             log.info("prior updated from %d cases (%d in total)", len(cases), prior.cases)
@@ -166,9 +187,21 @@ def main(argv: list[str] | None = None) -> int:
             ranked = rank_case(ca, affine, mode=args.mode, prior=prior)
             _write_case(args.out, case, ca, ranked, affine)
             rows.append((case, ranked.score, " ".join(o.name for o in ranked.organs)))
-            findings[case] = {"score": ranked.score, "organs": [
-                {"organ": o.name, "score": o.score, "attention_ml": o.attention_ml, "heatmap_ml": o.heatmap_ml,
-                 "volume_ml": o.volume_ml, "reasons": o.reasons, "pointer": o.pointer} for o in ranked.organs]}
+            findings[case] = {
+                "score": ranked.score,
+                "organs": [
+                    {
+                        "organ": o.name,
+                        "score": o.score,
+                        "attention_ml": o.attention_ml,
+                        "heatmap_ml": o.heatmap_ml,
+                        "volume_ml": o.volume_ml,
+                        "reasons": o.reasons,
+                        "pointer": o.pointer,
+                    }
+                    for o in ranked.organs
+                ],
+            }
             log.info("%s: score %.1f (%.2f s)", case, ranked.score, time.perf_counter() - t0)
     except InvalidArgument as e:
         print(f"atlasflow rank: {e}", file=sys.stderr)

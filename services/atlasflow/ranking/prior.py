@@ -35,12 +35,12 @@ class OrganSummary:
         return cls(int(organ), float(v), (float(x), float(y), float(z)), bool(cut))  # type: ignore[arg-type]
 
     def valid(self) -> bool:
-        return (self.volume_ml > 0 and math.isfinite(self.volume_ml)
-                and all(math.isfinite(c) for c in self.centroid_mm))
+        return self.volume_ml > 0 and math.isfinite(self.volume_ml) and all(math.isfinite(c) for c in self.centroid_mm)
 
 
-def learned_prior(cases: Iterable[Mapping[int, OrganSummary]],
-                  base: PopulationPrior | None = None) -> tuple[PopulationPrior, int]:
+def learned_prior(
+    cases: Iterable[Mapping[int, OrganSummary]], base: PopulationPrior | None = None
+) -> tuple[PopulationPrior, int]:
     """(the base prior updated with each case's organ summaries, number of cases added);
     cases without organs are skipped. `base` defaults to the bundled prior."""
     prior = base if base is not None else PopulationPrior.load()
@@ -50,6 +50,7 @@ def learned_prior(cases: Iterable[Mapping[int, OrganSummary]],
             prior.update(geoms)  # type: ignore[arg-type]  (duck-typed OrganGeometry)
             added += 1
     if added:
-        prior.notes = (prior.notes + "; " if prior.notes else "") + \
-            f"updated with the human-decided organs of {added} stored case(s)"
+        prior.notes = (
+            prior.notes + "; " if prior.notes else ""
+        ) + f"updated with the human-decided organs of {added} stored case(s)"
     return prior, added

@@ -35,8 +35,10 @@ from atlasflow.ranking.worklist import (
 
 T = TypeVar("T")
 
-_OUTCOME_TO_STATUS = {ranking_pb2.REVIEW_OUTCOME_ACCEPTED: Status.ACCEPTED,
-                      ranking_pb2.REVIEW_OUTCOME_REVISED: Status.REVISED}
+_OUTCOME_TO_STATUS = {
+    ranking_pb2.REVIEW_OUTCOME_ACCEPTED: Status.ACCEPTED,
+    ranking_pb2.REVIEW_OUTCOME_REVISED: Status.REVISED,
+}
 _STATUS_TO_OUTCOME = {v: k for k, v in _OUTCOME_TO_STATUS.items()}
 
 
@@ -54,27 +56,45 @@ def _seconds(request_duration: duration_pb2.Duration, present: bool) -> float | 
 
 def pointer_to_proto(p: AttentionPointer) -> ranking_pb2.AttentionPointer:
     return ranking_pb2.AttentionPointer(
-        voxel_box=ranking_pb2.VoxelBox(x_min=p.voxel_min[0], y_min=p.voxel_min[1],
-                                       z_min=p.voxel_min[2], x_max=p.voxel_max[0],
-                                       y_max=p.voxel_max[1], z_max=p.voxel_max[2]),
-        world_box=ranking_pb2.WorldBox(x_min_mm=p.world_min_mm[0], y_min_mm=p.world_min_mm[1],
-                                       z_min_mm=p.world_min_mm[2], x_max_mm=p.world_max_mm[0],
-                                       y_max_mm=p.world_max_mm[1], z_max_mm=p.world_max_mm[2]),
-        slices=ranking_pb2.SliceRange(first=p.slices[0], last=p.slices[1]))
+        voxel_box=ranking_pb2.VoxelBox(
+            x_min=p.voxel_min[0],
+            y_min=p.voxel_min[1],
+            z_min=p.voxel_min[2],
+            x_max=p.voxel_max[0],
+            y_max=p.voxel_max[1],
+            z_max=p.voxel_max[2],
+        ),
+        world_box=ranking_pb2.WorldBox(
+            x_min_mm=p.world_min_mm[0],
+            y_min_mm=p.world_min_mm[1],
+            z_min_mm=p.world_min_mm[2],
+            x_max_mm=p.world_max_mm[0],
+            y_max_mm=p.world_max_mm[1],
+            z_max_mm=p.world_max_mm[2],
+        ),
+        slices=ranking_pb2.SliceRange(first=p.slices[0], last=p.slices[1]),
+    )
 
 
 def pointer_from_proto(p: ranking_pb2.AttentionPointer) -> AttentionPointer:
     v, w = p.voxel_box, p.world_box
-    return AttentionPointer((v.x_min, v.y_min, v.z_min), (v.x_max, v.y_max, v.z_max),
-                            (w.x_min_mm, w.y_min_mm, w.z_min_mm),
-                            (w.x_max_mm, w.y_max_mm, w.z_max_mm),
-                            (p.slices.first, p.slices.last))
+    return AttentionPointer(
+        (v.x_min, v.y_min, v.z_min),
+        (v.x_max, v.y_max, v.z_max),
+        (w.x_min_mm, w.y_min_mm, w.z_min_mm),
+        (w.x_max_mm, w.y_max_mm, w.z_max_mm),
+        (p.slices.first, p.slices.last),
+    )
 
 
 def organ_to_proto(o: OrganAttention) -> ranking_pb2.OrganAttention:
-    msg = ranking_pb2.OrganAttention(organ=o.organ, attention_ml=o.attention_ml,  # type: ignore[arg-type]
-                                     heatmap_ml=o.heatmap_ml, volume_ml=o.volume_ml,
-                                     reasons=list(o.reasons))
+    msg = ranking_pb2.OrganAttention(
+        organ=o.organ,
+        attention_ml=o.attention_ml,  # type: ignore[arg-type]
+        heatmap_ml=o.heatmap_ml,
+        volume_ml=o.volume_ml,
+        reasons=list(o.reasons),
+    )
     if o.pointer is not None:
         msg.pointer.CopyFrom(pointer_to_proto(o.pointer))
     if o.score is not None:
@@ -84,9 +104,14 @@ def organ_to_proto(o: OrganAttention) -> ranking_pb2.OrganAttention:
 
 def organ_from_proto(o: ranking_pb2.OrganAttention) -> OrganAttention:
     return OrganAttention(
-        int(o.organ), o.attention_ml, o.heatmap_ml, o.volume_ml, tuple(o.reasons),
+        int(o.organ),
+        o.attention_ml,
+        o.heatmap_ml,
+        o.volume_ml,
+        tuple(o.reasons),
         pointer_from_proto(o.pointer) if o.HasField("pointer") else None,
-        o.score if o.HasField("score") else None)
+        o.score if o.HasField("score") else None,
+    )
 
 
 def geometry_from_proto(g: ranking_pb2.OrganGeometry) -> OrganSummary:
@@ -98,39 +123,60 @@ def geometry_from_proto(g: ranking_pb2.OrganGeometry) -> OrganSummary:
 
 def item_to_proto(entry: WorklistEntry, rank: int) -> ranking_pb2.WorklistItem:
     item = ranking_pb2.WorklistItem(
-        case_id=entry.case_id, series_id=entry.series_id, rank=rank, priority=entry.priority,
+        case_id=entry.case_id,
+        series_id=entry.series_id,
+        rank=rank,
+        priority=entry.priority,
         organs=[organ_to_proto(o) for o in entry.organs],
-        source_job_id=entry.source_job_id, update_time=_ts(entry.update_time),
+        source_job_id=entry.source_job_id,
+        update_time=_ts(entry.update_time),
         status=int(entry.status),  # type: ignore[arg-type]
         round_number=entry.round_number,
         labelled_organs=list(entry.labelled_organs),  # type: ignore[arg-type]
         label_version_id=entry.label_version_id,
-        human_decided_organs=list(entry.human_decided_organs))  # type: ignore[arg-type]
+        human_decided_organs=list(entry.human_decided_organs),
+    )  # type: ignore[arg-type]
     if entry.heatmap_digest:
-        item.heatmap.CopyFrom(common_pb2.BlobRef(digest=entry.heatmap_digest,
-                                                 size_bytes=entry.heatmap_size,
-                                                 media_type="application/x-nifti+gzip"))
+        item.heatmap.CopyFrom(
+            common_pb2.BlobRef(
+                digest=entry.heatmap_digest, size_bytes=entry.heatmap_size, media_type="application/x-nifti+gzip"
+            )
+        )
     if entry.lease is not None:
-        item.lease.CopyFrom(ranking_pb2.Lease(reviewer=entry.lease.reviewer,
-                                              start_time=_ts(entry.lease.start_time),
-                                              expire_time=_ts(entry.lease.expire_time)))
+        item.lease.CopyFrom(
+            ranking_pb2.Lease(
+                reviewer=entry.lease.reviewer,
+                start_time=_ts(entry.lease.start_time),
+                expire_time=_ts(entry.lease.expire_time),
+            )
+        )
     if entry.review is not None:
         r = entry.review
-        item.review.CopyFrom(ranking_pb2.Review(
-            outcome=_STATUS_TO_OUTCOME[r.outcome], reviewer=r.reviewer,
-            label_version_id=r.label_version_id, complete_time=_ts(r.complete_time),
-            round_number=r.round_number))
+        item.review.CopyFrom(
+            ranking_pb2.Review(
+                outcome=_STATUS_TO_OUTCOME[r.outcome],
+                reviewer=r.reviewer,
+                label_version_id=r.label_version_id,
+                complete_time=_ts(r.complete_time),
+                round_number=r.round_number,
+            )
+        )
     return item
 
 
 def round_to_proto(r: Round) -> ranking_pb2.Round:
     msg = ranking_pb2.Round(
-        round_number=r.round_number, budget_fraction=r.budget_fraction,
-        candidate_count=r.candidate_count, case_count=r.case_count,
-        accepted_count=r.accepted_count, revised_count=r.revised_count,
+        round_number=r.round_number,
+        budget_fraction=r.budget_fraction,
+        candidate_count=r.candidate_count,
+        case_count=r.case_count,
+        accepted_count=r.accepted_count,
+        revised_count=r.revised_count,
         unreviewed_count=r.unreviewed_count,
         state=ranking_pb2.ROUND_STATE_OPEN if r.is_open else ranking_pb2.ROUND_STATE_CLOSED,
-        creator=r.creator, create_time=_ts(r.create_time))
+        creator=r.creator,
+        create_time=_ts(r.create_time),
+    )
     if r.close_time is not None:
         msg.close_time.CopyFrom(_ts(r.close_time))
     return msg
@@ -156,30 +202,41 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         self.metrics.set_queue_depth("worklist", sum(counts.values()))
         self.metrics.set_queue_depth("worklist_pending", counts[Status.PENDING])
 
-    async def SubmitAttention(self, request: ranking_pb2.SubmitAttentionRequest,
-                              context: grpc.aio.ServicerContext) -> ranking_pb2.SubmitAttentionResponse:
+    async def SubmitAttention(
+        self, request: ranking_pb2.SubmitAttentionRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.SubmitAttentionResponse:
         entry, rank = await self._call(
-            self.worklist.submit, request.case_id, request.series_id, request.source_job_id,
+            self.worklist.submit,
+            request.case_id,
+            request.series_id,
+            request.source_job_id,
             [organ_from_proto(o) for o in request.organs],
             [int(o) for o in request.labelled_organs],
-            request.heatmap.digest, request.heatmap.size_bytes)
+            request.heatmap.digest,
+            request.heatmap.size_bytes,
+        )
         return ranking_pb2.SubmitAttentionResponse(item=item_to_proto(entry, rank))
 
     async def RecordLabelVersion(
-            self, request: ranking_pb2.RecordLabelVersionRequest,
-            context: grpc.aio.ServicerContext) -> ranking_pb2.RecordLabelVersionResponse:
+        self, request: ranking_pb2.RecordLabelVersionRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.RecordLabelVersionResponse:
         result = await self._call(
-            self.worklist.record_label_version, request.case_id, request.label_version_id,
-            request.version_number, [int(o) for o in request.human_decided_organs],
-            [int(o) for o in request.revised_organs], request.reviewer,
-            [geometry_from_proto(g) for g in request.human_organ_geometry])
+            self.worklist.record_label_version,
+            request.case_id,
+            request.label_version_id,
+            request.version_number,
+            [int(o) for o in request.human_decided_organs],
+            [int(o) for o in request.revised_organs],
+            request.reviewer,
+            [geometry_from_proto(g) for g in request.human_organ_geometry],
+        )
         if result is None:
             return ranking_pb2.RecordLabelVersionResponse()
         return ranking_pb2.RecordLabelVersionResponse(item=item_to_proto(*result))
 
     async def GetPopulationPrior(
-            self, request: ranking_pb2.GetPopulationPriorRequest,
-            context: grpc.aio.ServicerContext) -> ranking_pb2.GetPopulationPriorResponse:
+        self, request: ranking_pb2.GetPopulationPriorRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.GetPopulationPriorResponse:
         def build() -> tuple[str, int]:
             cases, tag = self.worklist.learned_geometry()
             if self._prior_cache is None or self._prior_cache[0] != tag:
@@ -190,69 +247,91 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         prior_json, added = await asyncio.to_thread(build)
         return ranking_pb2.GetPopulationPriorResponse(prior_json=prior_json, learned_cases=added)
 
-    async def ListWorklist(self, request: ranking_pb2.ListWorklistRequest,
-                           context: grpc.aio.ServicerContext) -> ranking_pb2.ListWorklistResponse:
-        flt = WorklistFilter(frozenset(int(o) for o in request.organs), request.round_number,
-                             frozenset(int(s) for s in request.statuses))  # type: ignore[misc]
-        items, token, total = await self._call(self.worklist.list, request.page_size,
-                                               request.page_token, flt)
+    async def ListWorklist(
+        self, request: ranking_pb2.ListWorklistRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.ListWorklistResponse:
+        flt = WorklistFilter(
+            frozenset(int(o) for o in request.organs), request.round_number, frozenset(int(s) for s in request.statuses)
+        )  # type: ignore[misc]
+        items, token, total = await self._call(self.worklist.list, request.page_size, request.page_token, flt)
         return ranking_pb2.ListWorklistResponse(
-            items=[item_to_proto(e, r) for e, r in items], next_page_token=token,
-            total_size=total)
+            items=[item_to_proto(e, r) for e, r in items], next_page_token=token, total_size=total
+        )
 
-    async def GetWorklistItem(self, request: ranking_pb2.GetWorklistItemRequest,
-                              context: grpc.aio.ServicerContext) -> ranking_pb2.GetWorklistItemResponse:
+    async def GetWorklistItem(
+        self, request: ranking_pb2.GetWorklistItemRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.GetWorklistItemResponse:
         entry, rank = await asyncio.to_thread(self.worklist.get, request.case_id)
         return ranking_pb2.GetWorklistItemResponse(item=item_to_proto(entry, rank))
 
-    async def LeaseCase(self, request: ranking_pb2.LeaseCaseRequest,
-                        context: grpc.aio.ServicerContext) -> ranking_pb2.LeaseCaseResponse:
+    async def LeaseCase(
+        self, request: ranking_pb2.LeaseCaseRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.LeaseCaseResponse:
         entry, rank = await self._call(
-            self.worklist.lease, request.case_id, principal_of(context),
-            _seconds(request.lease_duration, request.HasField("lease_duration")))
+            self.worklist.lease,
+            request.case_id,
+            principal_of(context),
+            _seconds(request.lease_duration, request.HasField("lease_duration")),
+        )
         return ranking_pb2.LeaseCaseResponse(item=item_to_proto(entry, rank))
 
-    async def LeaseNextCase(self, request: ranking_pb2.LeaseNextCaseRequest,
-                            context: grpc.aio.ServicerContext) -> ranking_pb2.LeaseNextCaseResponse:
+    async def LeaseNextCase(
+        self, request: ranking_pb2.LeaseNextCaseRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.LeaseNextCaseResponse:
         entry, rank = await self._call(
-            self.worklist.lease_next, principal_of(context),
-            _seconds(request.lease_duration, request.HasField("lease_duration")))
+            self.worklist.lease_next,
+            principal_of(context),
+            _seconds(request.lease_duration, request.HasField("lease_duration")),
+        )
         return ranking_pb2.LeaseNextCaseResponse(item=item_to_proto(entry, rank))
 
-    async def RenewLease(self, request: ranking_pb2.RenewLeaseRequest,
-                         context: grpc.aio.ServicerContext) -> ranking_pb2.RenewLeaseResponse:
+    async def RenewLease(
+        self, request: ranking_pb2.RenewLeaseRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.RenewLeaseResponse:
         entry, rank = await self._call(
-            self.worklist.renew, request.case_id, principal_of(context),
-            _seconds(request.lease_duration, request.HasField("lease_duration")))
+            self.worklist.renew,
+            request.case_id,
+            principal_of(context),
+            _seconds(request.lease_duration, request.HasField("lease_duration")),
+        )
         return ranking_pb2.RenewLeaseResponse(item=item_to_proto(entry, rank))
 
-    async def ReleaseLease(self, request: ranking_pb2.ReleaseLeaseRequest,
-                           context: grpc.aio.ServicerContext) -> ranking_pb2.ReleaseLeaseResponse:
-        entry, rank = await self._call(self.worklist.release, request.case_id,
-                                       principal_of(context))
+    async def ReleaseLease(
+        self, request: ranking_pb2.ReleaseLeaseRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.ReleaseLeaseResponse:
+        entry, rank = await self._call(self.worklist.release, request.case_id, principal_of(context))
         return ranking_pb2.ReleaseLeaseResponse(item=item_to_proto(entry, rank))
 
-    async def CompleteReview(self, request: ranking_pb2.CompleteReviewRequest,
-                             context: grpc.aio.ServicerContext) -> ranking_pb2.CompleteReviewResponse:
+    async def CompleteReview(
+        self, request: ranking_pb2.CompleteReviewRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.CompleteReviewResponse:
         entry, rank = await self._call(
-            self.worklist.complete, request.case_id, principal_of(context),
-            _OUTCOME_TO_STATUS.get(request.outcome, 0), request.label_version_id)
+            self.worklist.complete,
+            request.case_id,
+            principal_of(context),
+            _OUTCOME_TO_STATUS.get(request.outcome, 0),
+            request.label_version_id,
+        )
         return ranking_pb2.CompleteReviewResponse(item=item_to_proto(entry, rank))
 
-    async def StartRound(self, request: ranking_pb2.StartRoundRequest,
-                         context: grpc.aio.ServicerContext) -> ranking_pb2.StartRoundResponse:
-        rnd = await self._call(self.worklist.start_round, request.budget_fraction,
-                               principal_of(context), request.request_id)
+    async def StartRound(
+        self, request: ranking_pb2.StartRoundRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.StartRoundResponse:
+        rnd = await self._call(
+            self.worklist.start_round, request.budget_fraction, principal_of(context), request.request_id
+        )
         return ranking_pb2.StartRoundResponse(round=round_to_proto(rnd))
 
-    async def GetRound(self, request: ranking_pb2.GetRoundRequest,
-                       context: grpc.aio.ServicerContext) -> ranking_pb2.GetRoundResponse:
+    async def GetRound(
+        self, request: ranking_pb2.GetRoundRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.GetRoundResponse:
         rnd = await asyncio.to_thread(self.worklist.get_round, request.round_number)
         return ranking_pb2.GetRoundResponse(round=round_to_proto(rnd))
 
-    async def ListRounds(self, request: ranking_pb2.ListRoundsRequest,
-                         context: grpc.aio.ServicerContext) -> ranking_pb2.ListRoundsResponse:
-        rounds, token, total = await asyncio.to_thread(
-            self.worklist.list_rounds, request.page_size, request.page_token)
-        return ranking_pb2.ListRoundsResponse(rounds=[round_to_proto(r) for r in rounds],
-                                              next_page_token=token, total_size=total)
+    async def ListRounds(
+        self, request: ranking_pb2.ListRoundsRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.ListRoundsResponse:
+        rounds, token, total = await asyncio.to_thread(self.worklist.list_rounds, request.page_size, request.page_token)
+        return ranking_pb2.ListRoundsResponse(
+            rounds=[round_to_proto(r) for r in rounds], next_page_token=token, total_size=total
+        )

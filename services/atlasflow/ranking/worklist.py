@@ -223,22 +223,26 @@ class WorklistFilter:
     def validated(self) -> WorklistFilter:
         bad = [o for o in self.organs if int(o) not in ORGANS]
         if bad:
-            raise InvalidArgument("INVALID_FILTER", "organ filter must hold AbdomenAtlas organ ids",
-                                  domain=DOMAIN, metadata={"organ": str(bad[0])})
+            raise InvalidArgument(
+                "INVALID_FILTER",
+                "organ filter must hold AbdomenAtlas organ ids",
+                domain=DOMAIN,
+                metadata={"organ": str(bad[0])},
+            )
         if self.round_number < 0:
             raise InvalidArgument("INVALID_FILTER", "round_number must be >= 0", domain=DOMAIN)
         try:
             statuses = frozenset(Status(int(s)) for s in self.statuses)
         except ValueError:
-            raise InvalidArgument("INVALID_FILTER", "status filter holds an unknown status",
-                                  domain=DOMAIN) from None
-        return WorklistFilter(frozenset(int(o) for o in self.organs), int(self.round_number),
-                              statuses)
+            raise InvalidArgument("INVALID_FILTER", "status filter holds an unknown status", domain=DOMAIN) from None
+        return WorklistFilter(frozenset(int(o) for o in self.organs), int(self.round_number), statuses)
 
     def scope(self) -> str:
         """Canonical text of the filter (binds page tokens to it)."""
-        return (f"o={','.join(map(str, sorted(self.organs)))};r={self.round_number};"
-                f"s={','.join(str(int(s)) for s in sorted(self.statuses))}")
+        return (
+            f"o={','.join(map(str, sorted(self.organs)))};r={self.round_number};"
+            f"s={','.join(str(int(s)) for s in sorted(self.statuses))}"
+        )
 
 
 # ------------------------------------------------------------------------------ validation
@@ -262,13 +266,14 @@ def _validate_pointer(p: AttentionPointer, organ: int) -> AttentionPointer:
     wmin = tuple(float(v) for v in p.world_min_mm)
     wmax = tuple(float(v) for v in p.world_max_mm)
     first, last = (int(v) for v in p.slices)
-    ok = (len(vmin) == len(vmax) == len(wmin) == len(wmax) == 3
-          and all(0 <= a <= b for a, b in zip(vmin, vmax))
-          and all(math.isfinite(a) and math.isfinite(b) and a <= b for a, b in zip(wmin, wmax))
-          and 0 <= first <= last)
+    ok = (
+        len(vmin) == len(vmax) == len(wmin) == len(wmax) == 3
+        and all(0 <= a <= b for a, b in zip(vmin, vmax))
+        and all(math.isfinite(a) and math.isfinite(b) and a <= b for a, b in zip(wmin, wmax))
+        and 0 <= first <= last
+    )
     if not ok:
-        raise _invalid("pointer box must be ordered (min <= max), voxel indices >= 0, mm finite",
-                       organ=str(organ))
+        raise _invalid("pointer box must be ordered (min <= max), voxel indices >= 0, mm finite", organ=str(organ))
     return AttentionPointer(vmin, vmax, wmin, wmax, (first, last))  # type: ignore[arg-type]
 
 
@@ -281,8 +286,7 @@ def validate_organs(organs: Iterable[OrganAttention]) -> tuple[OrganAttention, .
     for oa in organs:
         organ = int(oa.organ)
         if organ not in ORGANS:
-            raise _invalid("organ must be one of the nine AbdomenAtlas organs",
-                           organ=str(oa.organ))
+            raise _invalid("organ must be one of the nine AbdomenAtlas organs", organ=str(oa.organ))
         if organ in seen:
             raise _invalid("organ listed twice", organ=str(organ))
         seen.add(organ)
@@ -294,21 +298,23 @@ def validate_organs(organs: Iterable[OrganAttention]) -> tuple[OrganAttention, .
             raise _invalid("organ score must be finite and >= 0", organ=str(organ))
         reasons = tuple(str(r) for r in oa.reasons)
         if len(reasons) > MAX_REASONS or any(
-                not r or len(r) > MAX_REASON_CHARS or not r.isprintable() for r in reasons):
-            raise _invalid(f"at most {MAX_REASONS} reasons, each 1-{MAX_REASON_CHARS} printable"
-                           " characters", organ=str(organ))
+            not r or len(r) > MAX_REASON_CHARS or not r.isprintable() for r in reasons
+        ):
+            raise _invalid(
+                f"at most {MAX_REASONS} reasons, each 1-{MAX_REASON_CHARS} printable characters", organ=str(organ)
+            )
         pointer = None if oa.pointer is None else _validate_pointer(oa.pointer, organ)
         out.append(OrganAttention(organ, *values, reasons=reasons, pointer=pointer, score=score))
     return tuple(sorted(out, key=lambda o: (-o.heatmap_ml, o.organ)))
 
 
-def _contributions(organs: Iterable[OrganAttention], labelled_organs: Iterable[int]
-                   ) -> dict[int, float]:
+def _contributions(organs: Iterable[OrganAttention], labelled_organs: Iterable[int]) -> dict[int, float]:
     organs = list(organs)
     known = {int(o) for o in labelled_organs}
     scored = any(o.score is not None for o in organs)
-    return {int(o.organ): float((o.score or 0.0) if scored else o.attention_ml)
-            for o in organs if int(o.organ) not in known}
+    return {
+        int(o.organ): float((o.score or 0.0) if scored else o.attention_ml) for o in organs if int(o.organ) not in known
+    }
 
 
 def case_priority(organs: Iterable[OrganAttention], labelled_organs: Iterable[int]) -> float:
@@ -332,19 +338,19 @@ def attention_mask(organs: Iterable[OrganAttention], labelled_organs: Iterable[i
 
 def _check_id(name: str, value: str) -> None:
     if not value or len(value) > 256 or not value.isprintable():
-        raise InvalidArgument("INVALID_ARGUMENT", f"{name} is required (printable, <= 256 chars)",
-                              domain=DOMAIN, metadata={"field": name})
+        raise InvalidArgument(
+            "INVALID_ARGUMENT", f"{name} is required (printable, <= 256 chars)", domain=DOMAIN, metadata={"field": name}
+        )
 
 
 def check_principal(principal: str) -> str:
     """The caller's principal, or Unauthenticated("PRINCIPAL_REQUIRED") when missing."""
     if not principal:
-        raise Unauthenticated("PRINCIPAL_REQUIRED",
-                              "the caller's principal (metadata x-atlasflow-principal) is required",
-                              domain=DOMAIN)
+        raise Unauthenticated(
+            "PRINCIPAL_REQUIRED", "the caller's principal (metadata x-atlasflow-principal) is required", domain=DOMAIN
+        )
     if len(principal) > 256 or not principal.isprintable():
-        raise InvalidArgument("INVALID_PRINCIPAL", "principal must be printable, <= 256 chars",
-                              domain=DOMAIN)
+        raise InvalidArgument("INVALID_PRINCIPAL", "principal must be printable, <= 256 chars", domain=DOMAIN)
     return principal
 
 
@@ -352,9 +358,12 @@ def _lease_seconds(seconds: float | None, default: float) -> float:
     if seconds is None or seconds == 0:
         return default
     if not (math.isfinite(seconds) and 1.0 <= seconds <= MAX_LEASE_S):
-        raise InvalidArgument("INVALID_LEASE_DURATION",
-                              f"lease duration must be between 1 s and {int(MAX_LEASE_S)} s",
-                              domain=DOMAIN, metadata={"seconds": str(seconds)})
+        raise InvalidArgument(
+            "INVALID_LEASE_DURATION",
+            f"lease duration must be between 1 s and {int(MAX_LEASE_S)} s",
+            domain=DOMAIN,
+            metadata={"seconds": str(seconds)},
+        )
     return float(seconds)
 
 
@@ -372,8 +381,7 @@ def _from_us(us: int) -> datetime:
 def _pointer_json(p: AttentionPointer | None) -> Any:
     if p is None:
         return None
-    return [list(p.voxel_min), list(p.voxel_max), list(p.world_min_mm), list(p.world_max_mm),
-            list(p.slices)]
+    return [list(p.voxel_min), list(p.voxel_max), list(p.world_min_mm), list(p.world_max_mm), list(p.slices)]
 
 
 def _pointer_of(raw: Any) -> AttentionPointer | None:
@@ -389,8 +397,9 @@ def _organ_of(raw: list[Any]) -> OrganAttention:
     reasons = tuple(raw[4]) if len(raw) > 4 else ()
     pointer = _pointer_of(raw[5]) if len(raw) > 5 else None
     score = raw[6] if len(raw) > 6 else None
-    return OrganAttention(int(o), float(a), float(h), float(v), reasons, pointer,
-                          None if score is None else float(score))
+    return OrganAttention(
+        int(o), float(a), float(h), float(v), reasons, pointer, None if score is None else float(score)
+    )
 
 
 MIGRATIONS: tuple[str, ...] = (
@@ -475,8 +484,9 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 # Status at read time (:now = µs since the epoch); numbers as in `Status`.
-_STATUS_SQL = ("(CASE WHEN outcome != 0 THEN outcome"
-               " WHEN lease_holder != '' AND lease_expire_us > :now THEN 2 ELSE 1 END)")
+_STATUS_SQL = (
+    "(CASE WHEN outcome != 0 THEN outcome WHEN lease_holder != '' AND lease_expire_us > :now THEN 2 ELSE 1 END)"
+)
 
 
 class SqliteWorklist:
@@ -486,8 +496,9 @@ class SqliteWorklist:
     length when a call gives none (seconds, 1 s .. 8 h).
     """
 
-    def __init__(self, path: str | Path, *, clock: Callable[[], datetime] = sq.utc_now,
-                 default_lease_s: float = DEFAULT_LEASE_S) -> None:
+    def __init__(
+        self, path: str | Path, *, clock: Callable[[], datetime] = sq.utc_now, default_lease_s: float = DEFAULT_LEASE_S
+    ) -> None:
         self.default_lease_s = _lease_seconds(default_lease_s, DEFAULT_LEASE_S)
         self._clock = clock
         self._conn = sq.connect(path)
@@ -513,9 +524,16 @@ class SqliteWorklist:
 
     # ------------------------------------------------------------------------ attention
 
-    def submit(self, case_id: str, series_id: str, source_job_id: str,
-               organs: Sequence[OrganAttention], labelled_organs: Sequence[int] = (),
-               heatmap_digest: str = "", heatmap_size: int = 0) -> tuple[WorklistEntry, int]:
+    def submit(
+        self,
+        case_id: str,
+        series_id: str,
+        source_job_id: str,
+        organs: Sequence[OrganAttention],
+        labelled_organs: Sequence[int] = (),
+        heatmap_digest: str = "",
+        heatmap_size: int = 0,
+    ) -> tuple[WorklistEntry, int]:
         """Record the attention summary of `case_id` from segmentation job `source_job_id`.
 
         Returns (the case's entry after re-ranking, its 1-based rank). Idempotent by
@@ -532,25 +550,29 @@ class SqliteWorklist:
         if heatmap_size < 0:
             raise _invalid("heatmap size must be >= 0")
         now = self._clock().isoformat()
-        organs_json = json.dumps([[o.organ, o.attention_ml, o.heatmap_ml, o.volume_ml,
-                                   list(o.reasons), _pointer_json(o.pointer), o.score]
-                                  for o in ordered])
+        organs_json = json.dumps(
+            [
+                [o.organ, o.attention_ml, o.heatmap_ml, o.volume_ml, list(o.reasons), _pointer_json(o.pointer), o.score]
+                for o in ordered
+            ]
+        )
         with self._lock, sq.transaction(self._conn):
             known = self._conn.execute(
-                "SELECT label_version_id, human_organs FROM case_labels WHERE case_id = ?",
-                (case_id,)).fetchone()
+                "SELECT label_version_id, human_organs FROM case_labels WHERE case_id = ?", (case_id,)
+            ).fetchone()
             version_id = known["label_version_id"] if known else ""
             human = known["human_organs"] if known else "[]"
             excluded = set(labelled) | set(json.loads(human))
             priority = case_priority(ordered, excluded)
             mask = attention_mask(ordered, excluded)
             seen = self._conn.execute(
-                "SELECT 1 FROM worklist_submissions WHERE case_id = ? AND source_job_id = ?",
-                (case_id, source_job_id)).fetchone()
+                "SELECT 1 FROM worklist_submissions WHERE case_id = ? AND source_job_id = ?", (case_id, source_job_id)
+            ).fetchone()
             if not seen:
                 self._conn.execute(
-                    "INSERT INTO worklist_submissions(case_id, source_job_id, submit_time)"
-                    " VALUES (?, ?, ?)", (case_id, source_job_id, now))
+                    "INSERT INTO worklist_submissions(case_id, source_job_id, submit_time) VALUES (?, ?, ?)",
+                    (case_id, source_job_id, now),
+                )
                 self._conn.execute(
                     "INSERT INTO worklist(case_id, series_id, source_job_id, priority, organs,"
                     " labelled_organs, heatmap_digest, heatmap_size, update_time, attention_mask,"
@@ -564,15 +586,33 @@ class SqliteWorklist:
                     " attention_mask = excluded.attention_mask,"
                     " latest_label_version_id = excluded.latest_label_version_id,"
                     " human_organs = excluded.human_organs",
-                    (case_id, series_id, source_job_id, priority, organs_json,
-                     json.dumps(labelled), heatmap_digest, int(heatmap_size), now, mask,
-                     version_id, human))
+                    (
+                        case_id,
+                        series_id,
+                        source_job_id,
+                        priority,
+                        organs_json,
+                        json.dumps(labelled),
+                        heatmap_digest,
+                        int(heatmap_size),
+                        now,
+                        mask,
+                        version_id,
+                        human,
+                    ),
+                )
             return self._entry_and_rank(case_id, self._now_us())
 
-    def record_label_version(self, case_id: str, label_version_id: str, version_number: int,
-                             human_organs: Iterable[int] = (), revised_organs: Iterable[int] = (),
-                             reviewer: str = "", geometry: Iterable[OrganSummary] = ()
-                             ) -> tuple[WorklistEntry, int] | None:
+    def record_label_version(
+        self,
+        case_id: str,
+        label_version_id: str,
+        version_number: int,
+        human_organs: Iterable[int] = (),
+        revised_organs: Iterable[int] = (),
+        reviewer: str = "",
+        geometry: Iterable[OrganSummary] = (),
+    ) -> tuple[WorklistEntry, int] | None:
         """Record that `case_id` has label version `label_version_id` (see "Label versions").
 
         version_number: 1-based position in the case's chain (orders late events);
@@ -597,12 +637,15 @@ class SqliteWorklist:
         geoms: dict[int, OrganSummary] = {}
         for g in geometry:
             if g.organ not in human or g.organ in geoms or not g.valid():
-                raise _invalid_event("organ geometry must be finite, volume > 0, one per "
-                                     "human-decided organ", field="human_organ_geometry")
+                raise _invalid_event(
+                    "organ geometry must be finite, volume > 0, one per human-decided organ",
+                    field="human_organ_geometry",
+                )
             geoms[g.organ] = g
         with self._lock, sq.transaction(self._conn):
             known = self._conn.execute(
-                "SELECT version_number FROM case_labels WHERE case_id = ?", (case_id,)).fetchone()
+                "SELECT version_number FROM case_labels WHERE case_id = ?", (case_id,)
+            ).fetchone()
             if known is None or int(known["version_number"]) < int(version_number):
                 self._conn.execute(
                     "INSERT INTO case_labels(case_id, label_version_id, version_number,"
@@ -613,21 +656,33 @@ class SqliteWorklist:
                     " human_organs = excluded.human_organs,"
                     " revised_organs = excluded.revised_organs, reviewer = excluded.reviewer,"
                     " record_time = excluded.record_time, geometry = excluded.geometry",
-                    (case_id, label_version_id, int(version_number), json.dumps(human),
-                     json.dumps(revised), reviewer, self._clock().isoformat(),
-                     json.dumps({str(k): g.to_list() for k, g in sorted(geoms.items())})))
-                row = self._conn.execute("SELECT * FROM worklist WHERE case_id = ?",
-                                         (case_id,)).fetchone()
+                    (
+                        case_id,
+                        label_version_id,
+                        int(version_number),
+                        json.dumps(human),
+                        json.dumps(revised),
+                        reviewer,
+                        self._clock().isoformat(),
+                        json.dumps({str(k): g.to_list() for k, g in sorted(geoms.items())}),
+                    ),
+                )
+                row = self._conn.execute("SELECT * FROM worklist WHERE case_id = ?", (case_id,)).fetchone()
                 if row is not None:
                     organs = [_organ_of(o) for o in json.loads(row["organs"])]
                     excluded = set(json.loads(row["labelled_organs"])) | set(human)
                     self._conn.execute(
                         "UPDATE worklist SET priority = ?, attention_mask = ?,"
                         " latest_label_version_id = ?, human_organs = ? WHERE case_id = ?",
-                        (case_priority(organs, excluded), attention_mask(organs, excluded),
-                         label_version_id, json.dumps(human), case_id))
-            if self._conn.execute("SELECT 1 FROM worklist WHERE case_id = ?",
-                                  (case_id,)).fetchone() is None:
+                        (
+                            case_priority(organs, excluded),
+                            attention_mask(organs, excluded),
+                            label_version_id,
+                            json.dumps(human),
+                            case_id,
+                        ),
+                    )
+            if self._conn.execute("SELECT 1 FROM worklist WHERE case_id = ?", (case_id,)).fetchone() is None:
                 return None
             return self._entry_and_rank(case_id, self._now_us())
 
@@ -636,10 +691,11 @@ class SqliteWorklist:
         ordered by case_id; a change tag that differs whenever any of them changed)."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT case_id, label_version_id, geometry FROM case_labels"
-                " WHERE geometry != '{}' ORDER BY case_id").fetchall()
-        cases = [{int(k): OrganSummary.from_list(int(k), v)
-                  for k, v in json.loads(r["geometry"]).items()} for r in rows]
+                "SELECT case_id, label_version_id, geometry FROM case_labels WHERE geometry != '{}' ORDER BY case_id"
+            ).fetchall()
+        cases = [
+            {int(k): OrganSummary.from_list(int(k), v) for k, v in json.loads(r["geometry"]).items()} for r in rows
+        ]
         tag = hashlib.sha256(",".join(r["label_version_id"] for r in rows).encode()).hexdigest()
         return cases, tag
 
@@ -648,9 +704,9 @@ class SqliteWorklist:
         with self._lock:
             return self._entry_and_rank(case_id, self._now_us())
 
-    def list(self, page_size: int = 0, page_token: str = "",
-             where: WorklistFilter | None = None
-             ) -> tuple[list[tuple[WorklistEntry, int]], str, int]:
+    def list(
+        self, page_size: int = 0, page_token: str = "", where: WorklistFilter | None = None
+    ) -> tuple[list[tuple[WorklistEntry, int]], str, int]:
         """A page of the worklist, highest priority first, optionally filtered.
 
         page_size: 0 -> 50, max 1000, negative -> INVALID_PAGE_SIZE. page_token: from a
@@ -669,27 +725,32 @@ class SqliteWorklist:
                 clauses.append("(attention_mask & :omask) != 0")
                 params["omask"] = sum(1 << o for o in flt.organs)
             if flt.round_number:
-                clauses.append("EXISTS (SELECT 1 FROM round_cases rc WHERE rc.round_number ="
-                               " :round AND rc.case_id = worklist.case_id)")
+                clauses.append(
+                    "EXISTS (SELECT 1 FROM round_cases rc WHERE rc.round_number ="
+                    " :round AND rc.case_id = worklist.case_id)"
+                )
                 params["round"] = flt.round_number
             if flt.statuses:
                 clauses.append(f"{_STATUS_SQL} IN ({','.join(str(int(s)) for s in flt.statuses)})")
             filtered = bool(clauses)
-            total = int(self._conn.execute(
-                "SELECT COUNT(*) FROM worklist" + (" WHERE " + " AND ".join(clauses)
-                                                   if clauses else ""), params).fetchone()[0])
+            total = int(
+                self._conn.execute(
+                    "SELECT COUNT(*) FROM worklist" + (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+                ).fetchone()[0]
+            )
             if cursor is not None:
                 p, c = cursor.get("p"), cursor.get("c")
-                if (not isinstance(p, (int, float)) or isinstance(p, bool)
-                        or not isinstance(c, str)):
-                    raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not valid",
-                                          domain=DOMAIN)
+                if not isinstance(p, (int, float)) or isinstance(p, bool) or not isinstance(c, str):
+                    raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not valid", domain=DOMAIN)
                 clauses.append("(priority < :p OR (priority = :p AND case_id > :c))")
                 params.update(p=p, c=c)
             params["limit"] = size + 1
             rows = self._conn.execute(
-                "SELECT * FROM worklist" + (" WHERE " + " AND ".join(clauses) if clauses else "")
-                + " ORDER BY priority DESC, case_id LIMIT :limit", params).fetchall()
+                "SELECT * FROM worklist"
+                + (" WHERE " + " AND ".join(clauses) if clauses else "")
+                + " ORDER BY priority DESC, case_id LIMIT :limit",
+                params,
+            ).fetchall()
             more = len(rows) > size
             rows = rows[:size]
             if filtered:
@@ -698,25 +759,26 @@ class SqliteWorklist:
                 first = self._rank(rows[0]["priority"], rows[0]["case_id"]) if rows else 0
                 ranks = [first + i for i in range(len(rows))]
         items = [(self._entry(r, now), rank) for r, rank in zip(rows, ranks)]
-        token = (sq.encode_page_token("worklist", {"p": rows[-1]["priority"],
-                                                   "c": rows[-1]["case_id"]}, scope=scope)
-                 if more else "")
+        token = (
+            sq.encode_page_token("worklist", {"p": rows[-1]["priority"], "c": rows[-1]["case_id"]}, scope=scope)
+            if more
+            else ""
+        )
         return items, token, total
 
     def count_by_status(self) -> dict[Status, int]:
         """Number of cases per status at read time (every status present, possibly 0)."""
         with self._lock:
             rows = self._conn.execute(
-                f"SELECT {_STATUS_SQL} AS s, COUNT(*) AS n FROM worklist GROUP BY s",
-                {"now": self._now_us()}).fetchall()
+                f"SELECT {_STATUS_SQL} AS s, COUNT(*) AS n FROM worklist GROUP BY s", {"now": self._now_us()}
+            ).fetchall()
         counts = {s: 0 for s in Status}
         counts.update({Status(int(r["s"])): int(r["n"]) for r in rows})
         return counts
 
     # --------------------------------------------------------------------------- leases
 
-    def lease(self, case_id: str, reviewer: str, seconds: float | None = None
-              ) -> tuple[WorklistEntry, int]:
+    def lease(self, case_id: str, reviewer: str, seconds: float | None = None) -> tuple[WorklistEntry, int]:
         """Lease `case_id` to `reviewer` for `seconds` (None/0: the default).
 
         The holder leasing again renews. Errors: CASE_NOT_FOUND; CASE_ALREADY_REVIEWED and
@@ -730,13 +792,16 @@ class SqliteWorklist:
             if row["outcome"]:
                 raise self._already_reviewed(case_id)
             if self._active(row, now) and row["lease_holder"] != reviewer:
-                raise FailedPrecondition("LEASE_HELD_BY_OTHER", "another reviewer holds this case",
-                                         domain=DOMAIN, metadata=self._lease_meta(row))
+                raise FailedPrecondition(
+                    "LEASE_HELD_BY_OTHER",
+                    "another reviewer holds this case",
+                    domain=DOMAIN,
+                    metadata=self._lease_meta(row),
+                )
             self._take(case_id, reviewer, now, length)
             return self._entry_and_rank(case_id, now)
 
-    def lease_next(self, reviewer: str, seconds: float | None = None
-                   ) -> tuple[WorklistEntry, int]:
+    def lease_next(self, reviewer: str, seconds: float | None = None) -> tuple[WorklistEntry, int]:
         """Lease the highest-priority PENDING case of the open round to `reviewer`.
 
         If `reviewer` already holds an unexpired lease on an unreviewed case of the open round,
@@ -749,28 +814,34 @@ class SqliteWorklist:
             now = self._now_us()
             rnd = self._open_round_number()
             if rnd is None:
-                raise FailedPrecondition("NO_OPEN_ROUND", "no review round is open; start one",
-                                         domain=DOMAIN)
+                raise FailedPrecondition("NO_OPEN_ROUND", "no review round is open; start one", domain=DOMAIN)
             held = self._conn.execute(
                 "SELECT case_id FROM worklist WHERE round_number = ? AND outcome = 0"
                 " AND lease_holder = ? AND lease_expire_us > ?"
-                " ORDER BY priority DESC, case_id LIMIT 1", (rnd, reviewer, now)).fetchone()
+                " ORDER BY priority DESC, case_id LIMIT 1",
+                (rnd, reviewer, now),
+            ).fetchone()
             if held is not None:
                 case_id = held["case_id"]
             else:
                 free = self._conn.execute(
                     "SELECT case_id FROM worklist WHERE round_number = ? AND outcome = 0"
                     " AND (lease_holder = '' OR lease_expire_us <= ?)"
-                    " ORDER BY priority DESC, case_id LIMIT 1", (rnd, now)).fetchone()
+                    " ORDER BY priority DESC, case_id LIMIT 1",
+                    (rnd, now),
+                ).fetchone()
                 if free is None:
-                    raise NotFound("NO_CASE_AVAILABLE", "no pending case left in the open round",
-                                   domain=DOMAIN, metadata={"round_number": str(rnd)})
+                    raise NotFound(
+                        "NO_CASE_AVAILABLE",
+                        "no pending case left in the open round",
+                        domain=DOMAIN,
+                        metadata={"round_number": str(rnd)},
+                    )
                 case_id = free["case_id"]
             self._take(case_id, reviewer, now, length)
             return self._entry_and_rank(case_id, now)
 
-    def renew(self, case_id: str, reviewer: str, seconds: float | None = None
-              ) -> tuple[WorklistEntry, int]:
+    def renew(self, case_id: str, reviewer: str, seconds: float | None = None) -> tuple[WorklistEntry, int]:
         """Extend `reviewer`'s unexpired lease to now + `seconds` (None/0: the default).
 
         Errors: LEASE_HELD_BY_OTHER (PermissionDenied); LEASE_EXPIRED, LEASE_REQUIRED,
@@ -799,15 +870,22 @@ class SqliteWorklist:
             now = self._now_us()
             row = self._row(case_id)
             if row["lease_holder"] and row["lease_holder"] != reviewer and self._active(row, now):
-                raise PermissionDenied("LEASE_HELD_BY_OTHER", "another reviewer holds this case",
-                                       domain=DOMAIN, metadata=self._lease_meta(row))
+                raise PermissionDenied(
+                    "LEASE_HELD_BY_OTHER",
+                    "another reviewer holds this case",
+                    domain=DOMAIN,
+                    metadata=self._lease_meta(row),
+                )
             self._conn.execute(
                 "UPDATE worklist SET lease_holder = '', lease_start_us = 0, lease_expire_us = 0"
-                " WHERE case_id = ? AND lease_holder = ?", (case_id, reviewer))
+                " WHERE case_id = ? AND lease_holder = ?",
+                (case_id, reviewer),
+            )
             return self._entry_and_rank(case_id, now)
 
-    def complete(self, case_id: str, reviewer: str, outcome: Status,
-                 label_version_id: str = "") -> tuple[WorklistEntry, int]:
+    def complete(
+        self, case_id: str, reviewer: str, outcome: Status, label_version_id: str = ""
+    ) -> tuple[WorklistEntry, int]:
         """Complete the review of `case_id` as ACCEPTED or REVISED; only by the holder of an
         unexpired lease. The lease ends. A repeat by the same reviewer with the same outcome
         and label version returns the case unchanged.
@@ -822,8 +900,7 @@ class SqliteWorklist:
         except ValueError:
             outcome = Status.PENDING
         if outcome not in REVIEWED:
-            raise InvalidArgument("INVALID_OUTCOME", "outcome must be ACCEPTED or REVISED",
-                                  domain=DOMAIN)
+            raise InvalidArgument("INVALID_OUTCOME", "outcome must be ACCEPTED or REVISED", domain=DOMAIN)
         if label_version_id:
             _check_id("label_version_id", label_version_id)
         with self._lock, sq.transaction(self._conn):
@@ -831,7 +908,10 @@ class SqliteWorklist:
             row = self._row(case_id)
             if row["outcome"]:
                 if (row["outcome"], row["reviewer"], row["label_version_id"]) == (
-                        int(outcome), reviewer, label_version_id):
+                    int(outcome),
+                    reviewer,
+                    label_version_id,
+                ):
                     return self._entry_and_rank(case_id, now)
                 raise self._already_reviewed(case_id)
             self._require_holder(row, reviewer, now)
@@ -840,10 +920,10 @@ class SqliteWorklist:
                 " review_us = ?, review_round = round_number, lease_holder = '',"
                 " lease_start_us = 0, lease_expire_us = 0"
                 " WHERE case_id = ? AND outcome = 0 AND lease_holder = ? AND lease_expire_us > ?",
-                (int(outcome), reviewer, label_version_id, now, case_id, reviewer, now))
+                (int(outcome), reviewer, label_version_id, now, case_id, reviewer, now),
+            )
             if cur.rowcount != 1:  # cannot happen under BEGIN IMMEDIATE; never complete twice
-                raise FailedPrecondition("LEASE_REQUIRED", "the lease changed meanwhile",
-                                         domain=DOMAIN)
+                raise FailedPrecondition("LEASE_REQUIRED", "the lease changed meanwhile", domain=DOMAIN)
             return self._entry_and_rank(case_id, now)
 
     # --------------------------------------------------------------------------- rounds
@@ -860,38 +940,45 @@ class SqliteWorklist:
         check_principal(creator)
         f = float(budget_fraction)
         if not (math.isfinite(f) and 0.0 < f <= 1.0):
-            raise InvalidArgument("INVALID_BUDGET", "budget_fraction must be in (0, 1]",
-                                  domain=DOMAIN, metadata={"budget_fraction": str(budget_fraction)})
+            raise InvalidArgument(
+                "INVALID_BUDGET",
+                "budget_fraction must be in (0, 1]",
+                domain=DOMAIN,
+                metadata={"budget_fraction": str(budget_fraction)},
+            )
         if request_id:
             _check_id("request_id", request_id)
         with self._lock, sq.transaction(self._conn):
             now = self._now_us()
             if request_id:
-                prev = self._conn.execute("SELECT round_number FROM rounds WHERE request_id = ?",
-                                          (request_id,)).fetchone()
+                prev = self._conn.execute(
+                    "SELECT round_number FROM rounds WHERE request_id = ?", (request_id,)
+                ).fetchone()
                 if prev is not None:
                     return self._round(int(prev[0]))
-            candidates = int(self._conn.execute(
-                "SELECT COUNT(*) FROM worklist WHERE outcome = 0").fetchone()[0])
+            candidates = int(self._conn.execute("SELECT COUNT(*) FROM worklist WHERE outcome = 0").fetchone()[0])
             if candidates == 0:
-                raise FailedPrecondition("NO_UNREVIEWED_CASES", "every case has been reviewed",
-                                         domain=DOMAIN)
+                raise FailedPrecondition("NO_UNREVIEWED_CASES", "every case has been reviewed", domain=DOMAIN)
             n = min(candidates, math.ceil(Decimal(repr(f)) * candidates))
             self._conn.execute("UPDATE rounds SET close_us = ? WHERE close_us IS NULL", (now,))
-            number = int(self._conn.execute(
-                "SELECT COALESCE(MAX(round_number), 0) + 1 FROM rounds").fetchone()[0])
+            number = int(self._conn.execute("SELECT COALESCE(MAX(round_number), 0) + 1 FROM rounds").fetchone()[0])
             self._conn.execute(
                 "INSERT INTO rounds(round_number, budget_fraction, candidate_count, creator,"
                 " request_id, create_us) VALUES (?, ?, ?, ?, ?, ?)",
-                (number, f, candidates, creator, request_id or None, now))
+                (number, f, candidates, creator, request_id or None, now),
+            )
             self._conn.execute(
                 "INSERT INTO round_cases(round_number, case_id, selection_rank, priority)"
                 " SELECT ?, case_id, ROW_NUMBER() OVER (ORDER BY priority DESC, case_id),"
                 " priority FROM worklist WHERE outcome = 0"
-                " ORDER BY priority DESC, case_id LIMIT ?", (number, n))
+                " ORDER BY priority DESC, case_id LIMIT ?",
+                (number, n),
+            )
             self._conn.execute(
                 "UPDATE worklist SET round_number = ? WHERE case_id IN"
-                " (SELECT case_id FROM round_cases WHERE round_number = ?)", (number, number))
+                " (SELECT case_id FROM round_cases WHERE round_number = ?)",
+                (number, number),
+            )
             return self._round(number)
 
     def get_round(self, round_number: int = 0) -> Round:
@@ -899,12 +986,12 @@ class SqliteWorklist:
         with self._lock:
             number = self._open_round_number() if round_number == 0 else int(round_number)
             if number is None or number < 0:
-                raise NotFound("ROUND_NOT_FOUND", "no such round", domain=DOMAIN,
-                               metadata={"round_number": str(round_number)})
+                raise NotFound(
+                    "ROUND_NOT_FOUND", "no such round", domain=DOMAIN, metadata={"round_number": str(round_number)}
+                )
             return self._round(number)
 
-    def list_rounds(self, page_size: int = 0, page_token: str = ""
-                    ) -> tuple[list[Round], str, int]:
+    def list_rounds(self, page_size: int = 0, page_token: str = "") -> tuple[list[Round], str, int]:
         """A page of rounds, newest first: (rounds, next_page_token, total)."""
         size = sq.clamp_page_size(page_size, domain=DOMAIN)
         cursor = sq.decode_page_token(page_token, "rounds", domain=DOMAIN)
@@ -912,14 +999,16 @@ class SqliteWorklist:
         if cursor is not None:
             before = cursor.get("n")
             if not isinstance(before, int) or isinstance(before, bool):
-                raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not valid",
-                                      domain=DOMAIN)
+                raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not valid", domain=DOMAIN)
         with self._lock:
             total = int(self._conn.execute("SELECT COUNT(*) FROM rounds").fetchone()[0])
-            numbers = [int(r[0]) for r in self._conn.execute(
-                "SELECT round_number FROM rounds WHERE round_number < ?"
-                " ORDER BY round_number DESC LIMIT ?",
-                (before if before is not None else 2**62, size + 1)).fetchall()]
+            numbers = [
+                int(r[0])
+                for r in self._conn.execute(
+                    "SELECT round_number FROM rounds WHERE round_number < ? ORDER BY round_number DESC LIMIT ?",
+                    (before if before is not None else 2**62, size + 1),
+                ).fetchall()
+            ]
             more = len(numbers) > size
             rounds = [self._round(n) for n in numbers[:size]]
         token = sq.encode_page_token("rounds", {"n": rounds[-1].round_number}) if more else ""
@@ -928,11 +1017,11 @@ class SqliteWorklist:
     # -------------------------------------------------------------------------- helpers
 
     def _row(self, case_id: str) -> sqlite3.Row:
-        row = self._conn.execute("SELECT * FROM worklist WHERE case_id = ?",
-                                 (case_id,)).fetchone()
+        row = self._conn.execute("SELECT * FROM worklist WHERE case_id = ?", (case_id,)).fetchone()
         if row is None:
-            raise NotFound("CASE_NOT_FOUND", "case is not on the worklist", domain=DOMAIN,
-                           metadata={"case_id": case_id[:80]})
+            raise NotFound(
+                "CASE_NOT_FOUND", "case is not on the worklist", domain=DOMAIN, metadata={"case_id": case_id[:80]}
+            )
         return row
 
     def _entry_and_rank(self, case_id: str, now: int) -> tuple[WorklistEntry, int]:
@@ -945,26 +1034,42 @@ class SqliteWorklist:
 
     @staticmethod
     def _lease_meta(row: sqlite3.Row) -> dict[str, str]:
-        return {"case_id": row["case_id"][:80], "reviewer": row["lease_holder"],
-                "expire_time": _from_us(row["lease_expire_us"]).isoformat()}
+        return {
+            "case_id": row["case_id"][:80],
+            "reviewer": row["lease_holder"],
+            "expire_time": _from_us(row["lease_expire_us"]).isoformat(),
+        }
 
     @staticmethod
     def _already_reviewed(case_id: str) -> FailedPrecondition:
-        return FailedPrecondition("CASE_ALREADY_REVIEWED", "the case has already been reviewed",
-                                  domain=DOMAIN, metadata={"case_id": case_id[:80]})
+        return FailedPrecondition(
+            "CASE_ALREADY_REVIEWED",
+            "the case has already been reviewed",
+            domain=DOMAIN,
+            metadata={"case_id": case_id[:80]},
+        )
 
     def _require_holder(self, row: sqlite3.Row, reviewer: str, now: int) -> None:
         holder = row["lease_holder"]
         if holder == reviewer and self._active(row, now):
             return
         if holder and holder != reviewer and self._active(row, now):
-            raise PermissionDenied("LEASE_HELD_BY_OTHER", "another reviewer holds this case",
-                                   domain=DOMAIN, metadata=self._lease_meta(row))
+            raise PermissionDenied(
+                "LEASE_HELD_BY_OTHER", "another reviewer holds this case", domain=DOMAIN, metadata=self._lease_meta(row)
+            )
         if holder == reviewer:
-            raise FailedPrecondition("LEASE_EXPIRED", "the lease has expired; lease the case again",
-                                     domain=DOMAIN, metadata=self._lease_meta(row))
-        raise FailedPrecondition("LEASE_REQUIRED", "lease the case before this call",
-                                 domain=DOMAIN, metadata={"case_id": row["case_id"][:80]})
+            raise FailedPrecondition(
+                "LEASE_EXPIRED",
+                "the lease has expired; lease the case again",
+                domain=DOMAIN,
+                metadata=self._lease_meta(row),
+            )
+        raise FailedPrecondition(
+            "LEASE_REQUIRED",
+            "lease the case before this call",
+            domain=DOMAIN,
+            metadata={"case_id": row["case_id"][:80]},
+        )
 
     def _take(self, case_id: str, reviewer: str, now: int, seconds: float) -> None:
         expire = now + int(round(seconds * 1_000_000))
@@ -972,41 +1077,53 @@ class SqliteWorklist:
             "UPDATE worklist SET lease_holder = ?, lease_start_us = ?, lease_expire_us = ?"
             " WHERE case_id = ? AND outcome = 0"
             " AND (lease_holder = '' OR lease_holder = ? OR lease_expire_us <= ?)",
-            (reviewer, now, expire, case_id, reviewer, now))
+            (reviewer, now, expire, case_id, reviewer, now),
+        )
         if cur.rowcount != 1:  # cannot happen under BEGIN IMMEDIATE; never two holders
-            raise FailedPrecondition("LEASE_HELD_BY_OTHER", "the case was leased meanwhile",
-                                     domain=DOMAIN, metadata={"case_id": case_id[:80]})
+            raise FailedPrecondition(
+                "LEASE_HELD_BY_OTHER",
+                "the case was leased meanwhile",
+                domain=DOMAIN,
+                metadata={"case_id": case_id[:80]},
+            )
 
     def _open_round_number(self) -> int | None:
-        row = self._conn.execute("SELECT round_number FROM rounds WHERE close_us IS NULL"
-                                 " ORDER BY round_number DESC LIMIT 1").fetchone()
+        row = self._conn.execute(
+            "SELECT round_number FROM rounds WHERE close_us IS NULL ORDER BY round_number DESC LIMIT 1"
+        ).fetchone()
         return None if row is None else int(row[0])
 
     def _round(self, number: int) -> Round:
-        row = self._conn.execute("SELECT * FROM rounds WHERE round_number = ?",
-                                 (number,)).fetchone()
+        row = self._conn.execute("SELECT * FROM rounds WHERE round_number = ?", (number,)).fetchone()
         if row is None:
-            raise NotFound("ROUND_NOT_FOUND", "no such round", domain=DOMAIN,
-                           metadata={"round_number": str(number)})
+            raise NotFound("ROUND_NOT_FOUND", "no such round", domain=DOMAIN, metadata={"round_number": str(number)})
         stats = self._conn.execute(
             "SELECT COUNT(*) AS n,"
             " COALESCE(SUM(w.outcome = 3 AND w.review_round = :r), 0) AS accepted,"
             " COALESCE(SUM(w.outcome = 4 AND w.review_round = :r), 0) AS revised,"
             " COALESCE(SUM(w.outcome = 0), 0) AS unreviewed"
             " FROM round_cases rc JOIN worklist w ON w.case_id = rc.case_id"
-            " WHERE rc.round_number = :r", {"r": number}).fetchone()
+            " WHERE rc.round_number = :r",
+            {"r": number},
+        ).fetchone()
         return Round(
-            round_number=number, budget_fraction=float(row["budget_fraction"]),
-            candidate_count=int(row["candidate_count"]), case_count=int(stats["n"]),
-            accepted_count=int(stats["accepted"]), revised_count=int(stats["revised"]),
-            unreviewed_count=int(stats["unreviewed"]), creator=row["creator"],
+            round_number=number,
+            budget_fraction=float(row["budget_fraction"]),
+            candidate_count=int(row["candidate_count"]),
+            case_count=int(stats["n"]),
+            accepted_count=int(stats["accepted"]),
+            revised_count=int(stats["revised"]),
+            unreviewed_count=int(stats["unreviewed"]),
+            creator=row["creator"],
             create_time=_from_us(row["create_us"]),
-            close_time=None if row["close_us"] is None else _from_us(row["close_us"]))
+            close_time=None if row["close_us"] is None else _from_us(row["close_us"]),
+        )
 
     def _rank(self, priority: float, case_id: str) -> int:
         ahead = self._conn.execute(
             "SELECT COUNT(*) FROM worklist WHERE priority > ? OR (priority = ? AND case_id < ?)",
-            (priority, priority, case_id)).fetchone()[0]
+            (priority, priority, case_id),
+        ).fetchone()[0]
         return int(ahead) + 1
 
     @staticmethod
@@ -1015,18 +1132,33 @@ class SqliteWorklist:
         leased = not outcome and bool(row["lease_holder"]) and int(row["lease_expire_us"]) > now
         status = Status(outcome) if outcome else (Status.LEASED if leased else Status.PENDING)
         return WorklistEntry(
-            case_id=row["case_id"], series_id=row["series_id"],
-            source_job_id=row["source_job_id"], priority=float(row["priority"]),
+            case_id=row["case_id"],
+            series_id=row["series_id"],
+            source_job_id=row["source_job_id"],
+            priority=float(row["priority"]),
             organs=tuple(_organ_of(o) for o in json.loads(row["organs"])),
-            heatmap_digest=row["heatmap_digest"], heatmap_size=int(row["heatmap_size"]),
+            heatmap_digest=row["heatmap_digest"],
+            heatmap_size=int(row["heatmap_size"]),
             update_time=datetime.fromisoformat(row["update_time"]),
             labelled_organs=tuple(json.loads(row["labelled_organs"])),
-            status=status, round_number=int(row["round_number"]),
-            lease=(Lease(row["lease_holder"], _from_us(row["lease_start_us"]),
-                         _from_us(row["lease_expire_us"])) if leased else None),
-            review=(Review(Status(outcome), row["reviewer"], row["label_version_id"],
-                           _from_us(row["review_us"]), int(row["review_round"]))
-                    if outcome else None),
+            status=status,
+            round_number=int(row["round_number"]),
+            lease=(
+                Lease(row["lease_holder"], _from_us(row["lease_start_us"]), _from_us(row["lease_expire_us"]))
+                if leased
+                else None
+            ),
+            review=(
+                Review(
+                    Status(outcome),
+                    row["reviewer"],
+                    row["label_version_id"],
+                    _from_us(row["review_us"]),
+                    int(row["review_round"]),
+                )
+                if outcome
+                else None
+            ),
             label_version_id=row["latest_label_version_id"],
             human_decided_organs=tuple(json.loads(row["human_organs"])),
         )

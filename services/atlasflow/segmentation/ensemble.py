@@ -211,7 +211,7 @@ def parse_ensemble(raw: dict[str, Any], base: Path = ENSEMBLE_DIR) -> EnsembleCo
         if fmt < 2:
             raise _bad("'attention' needs ensemble format 2", field="attention")
         if not isinstance(attention_raw, dict) or set(attention_raw) - {"mode"}:
-            raise _bad("attention must be an object {\"mode\": ...}", field="attention")
+            raise _bad('attention must be an object {"mode": ...}', field="attention")
         mode = str(attention_raw.get("mode", "reference"))
         if mode not in ATTENTION_MODES:
             raise _bad(f"attention.mode must be one of {ATTENTION_MODES}", field="attention.mode")

@@ -83,12 +83,27 @@ class Job:
 
 
 def _job(r) -> Job:  # type: ignore[no-untyped-def]
-    return Job(r["job_id"], r["case_id"], r["series_id"], r["series_version"],
-               r["ensemble_version"], r["volume_digest"], r["volume_size"],
-               json.loads(r["labelled_organs"]), r["state"], r["stage"], r["fraction"],
-               r["attempts"], bool(r["cancel_requested"]),
-               json.loads(r["result_json"]) if r["result_json"] else {}, r["error_reason"],
-               r["traceparent"], r["create_time"], r["update_time"], r["next_attempt_at"])
+    return Job(
+        r["job_id"],
+        r["case_id"],
+        r["series_id"],
+        r["series_version"],
+        r["ensemble_version"],
+        r["volume_digest"],
+        r["volume_size"],
+        json.loads(r["labelled_organs"]),
+        r["state"],
+        r["stage"],
+        r["fraction"],
+        r["attempts"],
+        bool(r["cancel_requested"]),
+        json.loads(r["result_json"]) if r["result_json"] else {},
+        r["error_reason"],
+        r["traceparent"],
+        r["create_time"],
+        r["update_time"],
+        r["next_attempt_at"],
+    )
 
 
 class JobStore:
@@ -110,15 +125,25 @@ class JobStore:
         with self.lock:
             self.conn.close()
 
-    def submit(self, *, case_id: str, series_id: str, series_version: int, ensemble_version: str,
-               volume_digest: str, volume_size: int, labelled_organs: list[int],
-               traceparent: str) -> tuple[Job, bool]:
+    def submit(
+        self,
+        *,
+        case_id: str,
+        series_id: str,
+        series_version: int,
+        ensemble_version: str,
+        volume_digest: str,
+        volume_size: int,
+        labelled_organs: list[int],
+        traceparent: str,
+    ) -> tuple[Job, bool]:
         """Create the job or return the existing one for the same key; (job, created)."""
         now = time.time()
         with self.lock, db.transaction(self.conn):
             r = self.conn.execute(
                 "SELECT * FROM jobs WHERE series_id = ? AND series_version = ? AND ensemble_version = ?",
-                (series_id, series_version, ensemble_version)).fetchone()
+                (series_id, series_version, ensemble_version),
+            ).fetchone()
             if r is not None:
                 return _job(r), False
             job_id = "seg-" + uuid.uuid4().hex[:20]
@@ -126,8 +151,21 @@ class JobStore:
                 "INSERT INTO jobs(job_id, case_id, series_id, series_version, ensemble_version,"
                 " volume_digest, volume_size, labelled_organs, state, next_attempt_at, traceparent,"
                 " create_time, update_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'QUEUED', ?, ?, ?, ?)",
-                (job_id, case_id, series_id, series_version, ensemble_version, volume_digest,
-                 volume_size, json.dumps(sorted(set(labelled_organs))), now, traceparent, now, now))
+                (
+                    job_id,
+                    case_id,
+                    series_id,
+                    series_version,
+                    ensemble_version,
+                    volume_digest,
+                    volume_size,
+                    json.dumps(sorted(set(labelled_organs))),
+                    now,
+                    traceparent,
+                    now,
+                    now,
+                ),
+            )
             r = self.conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return _job(r), True
 
@@ -135,36 +173,41 @@ class JobStore:
         with self.lock:
             r = self.conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         if r is None:
-            raise NotFound("JOB_NOT_FOUND", "segmentation job not found",
-                           domain="atlasflow.segmentation", metadata={"job_id": job_id})
+            raise NotFound(
+                "JOB_NOT_FOUND",
+                "segmentation job not found",
+                domain="atlasflow.segmentation",
+                metadata={"job_id": job_id},
+            )
         return _job(r)
 
     def list(self, page_size: int, page_token: str, case_id: str = "") -> tuple[list[Job], str]:
         size = db.clamp_page_size(page_size, domain="atlasflow.segmentation")
-        cursor = db.decode_page_token(page_token, "jobs", scope=case_id,
-                                      domain="atlasflow.segmentation")
+        cursor = db.decode_page_token(page_token, "jobs", scope=case_id, domain="atlasflow.segmentation")
         offset = int(cursor["offset"]) if cursor else 0
         where, args = ("WHERE case_id = ?", [case_id]) if case_id else ("", [])
         with self.lock:
             rows = self.conn.execute(
                 f"SELECT * FROM jobs {where} ORDER BY create_time DESC, job_id LIMIT ? OFFSET ?",
-                (*args, size + 1, offset)).fetchall()
-        token = (db.encode_page_token("jobs", {"offset": offset + size}, scope=case_id)
-                 if len(rows) > size else "")
+                (*args, size + 1, offset),
+            ).fetchall()
+        token = db.encode_page_token("jobs", {"offset": offset + size}, scope=case_id) if len(rows) > size else ""
         return [_job(r) for r in rows[:size]], token
 
     def claim(self) -> Job | None:
         """Move the oldest due QUEUED job to RUNNING and return it."""
         with self.lock, db.transaction(self.conn):
             r = self.conn.execute(
-                "SELECT * FROM jobs WHERE state = 'QUEUED' AND next_attempt_at <= ?"
-                " ORDER BY create_time LIMIT 1", (time.time(),)).fetchone()
+                "SELECT * FROM jobs WHERE state = 'QUEUED' AND next_attempt_at <= ? ORDER BY create_time LIMIT 1",
+                (time.time(),),
+            ).fetchone()
             if r is None:
                 return None
             self.conn.execute(
                 "UPDATE jobs SET state = 'RUNNING', stage = 'LOADING', fraction = 0,"
                 " attempts = attempts + 1, update_time = ? WHERE job_id = ?",
-                (time.time(), r["job_id"]))
+                (time.time(), r["job_id"]),
+            )
             r = self.conn.execute("SELECT * FROM jobs WHERE job_id = ?", (r["job_id"],)).fetchone()
         self._changed(r["job_id"])
         return _job(r)
@@ -172,8 +215,9 @@ class JobStore:
     def progress(self, job_id: str, stage: str, fraction: float) -> None:
         with self.lock, db.transaction(self.conn):
             self.conn.execute(
-                "UPDATE jobs SET stage = ?, fraction = ?, update_time = ? WHERE job_id = ?"
-                " AND state = 'RUNNING'", (stage, fraction, time.time(), job_id))
+                "UPDATE jobs SET stage = ?, fraction = ?, update_time = ? WHERE job_id = ? AND state = 'RUNNING'",
+                (stage, fraction, time.time(), job_id),
+            )
         self._changed(job_id)
 
     def retry_later(self, job_id: str, reason: str, delay_s: float) -> None:
@@ -183,7 +227,8 @@ class JobStore:
                 "UPDATE jobs SET state = CASE WHEN cancel_requested THEN 'CANCELLED' ELSE 'QUEUED' END,"
                 " stage = '', fraction = 0, error_reason = ?, next_attempt_at = ?, update_time = ?"
                 " WHERE job_id = ? AND state = 'RUNNING'",
-                (reason, time.time() + delay_s, time.time(), job_id))
+                (reason, time.time() + delay_s, time.time(), job_id),
+            )
         self._changed(job_id)
 
     def fail(self, job_id: str, reason: str) -> None:
@@ -192,7 +237,8 @@ class JobStore:
             self.conn.execute(
                 "UPDATE jobs SET state = CASE WHEN cancel_requested THEN 'CANCELLED' ELSE 'FAILED' END,"
                 " error_reason = ?, update_time = ? WHERE job_id = ? AND state IN ('RUNNING', 'QUEUED')",
-                (reason, time.time(), job_id))
+                (reason, time.time(), job_id),
+            )
         self._changed(job_id)
 
     def cancel_if_requested(self, job_id: str) -> bool:
@@ -200,7 +246,9 @@ class JobStore:
         with self.lock, db.transaction(self.conn):
             cur = self.conn.execute(
                 "UPDATE jobs SET state = 'CANCELLED', update_time = ? WHERE job_id = ?"
-                " AND state = 'RUNNING' AND cancel_requested = 1", (time.time(), job_id))
+                " AND state = 'RUNNING' AND cancel_requested = 1",
+                (time.time(), job_id),
+            )
             cancelled = cur.rowcount > 0
         if cancelled:
             self._changed(job_id)
@@ -209,32 +257,35 @@ class JobStore:
     def cancel(self, job_id: str) -> Job:
         with self.lock, db.transaction(self.conn):
             self.conn.execute(
-                "UPDATE jobs SET state = 'CANCELLED', update_time = ? WHERE job_id = ?"
-                " AND state = 'QUEUED'", (time.time(), job_id))
+                "UPDATE jobs SET state = 'CANCELLED', update_time = ? WHERE job_id = ? AND state = 'QUEUED'",
+                (time.time(), job_id),
+            )
             self.conn.execute(
-                "UPDATE jobs SET cancel_requested = 1, update_time = ? WHERE job_id = ?"
-                " AND state = 'RUNNING'", (time.time(), job_id))
+                "UPDATE jobs SET cancel_requested = 1, update_time = ? WHERE job_id = ? AND state = 'RUNNING'",
+                (time.time(), job_id),
+            )
         self._changed(job_id)
         return self.get(job_id)
 
-    def succeed(self, job_id: str, result: dict,
-                handoffs: list[tuple[str, str, bytes]], traceparent: str) -> bool:
+    def succeed(self, job_id: str, result: dict, handoffs: list[tuple[str, str, bytes]], traceparent: str) -> bool:
         """Commit the result and the hand-offs atomically. A cancellation requested during the
         run wins: the job becomes CANCELLED and nothing is handed off. Returns True if handed off."""
         now = time.time()
         with self.lock, db.transaction(self.conn):
-            r = self.conn.execute("SELECT cancel_requested FROM jobs WHERE job_id = ?",
-                                  (job_id,)).fetchone()
+            r = self.conn.execute("SELECT cancel_requested FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
             if r is not None and r["cancel_requested"]:
-                self.conn.execute("UPDATE jobs SET state = 'CANCELLED', update_time = ?"
-                                  " WHERE job_id = ?", (now, job_id))
+                self.conn.execute(
+                    "UPDATE jobs SET state = 'CANCELLED', update_time = ? WHERE job_id = ?", (now, job_id)
+                )
                 cancelled = True
             else:
                 cancelled = False
                 self.conn.execute(
                     "UPDATE jobs SET state = 'SUCCEEDED', stage = 'HANDOFF', fraction = 1,"
                     " result_json = ?, error_reason = '', update_time = ? WHERE job_id = ?"
-                    " AND state = 'RUNNING'", (json.dumps(result), now, job_id))
+                    " AND state = 'RUNNING'",
+                    (json.dumps(result), now, job_id),
+                )
                 for topic, key, payload in handoffs:
                     enqueue(self.conn, topic, key, payload, traceparent)
         self._changed(job_id)
@@ -242,5 +293,6 @@ class JobStore:
 
     def queued_count(self) -> int:
         with self.lock:
-            return int(self.conn.execute(
-                "SELECT COUNT(*) FROM jobs WHERE state IN ('QUEUED', 'RUNNING')").fetchone()[0])
+            return int(
+                self.conn.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('QUEUED', 'RUNNING')").fetchone()[0]
+            )

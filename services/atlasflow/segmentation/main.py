@@ -61,16 +61,22 @@ class RankingPrior:
                 resp = self._stub.GetPopulationPrior(ranking_pb2.GetPopulationPriorRequest(), timeout=10)
                 self.prior = PopulationPrior.from_dict(json.loads(resp.prior_json))
                 if resp.learned_cases != self.learned_cases:
-                    log.info("population prior updated", extra={"fields": {
-                        "learned_cases": resp.learned_cases, "prior_cases": self.prior.cases}})
+                    log.info(
+                        "population prior updated",
+                        extra={"fields": {"learned_cases": resp.learned_cases, "prior_cases": self.prior.cases}},
+                    )
                 self.learned_cases = resp.learned_cases
             except (grpc.RpcError, ValueError, KeyError) as exc:
-                log.warning("population prior not refreshed; keeping the last one", extra={
-                    "fields": {"error": type(exc).__name__}})
+                log.warning(
+                    "population prior not refreshed; keeping the last one",
+                    extra={"fields": {"error": type(exc).__name__}},
+                )
         return self.prior
 
     def close(self) -> None:
         self._channel.close()
+
+
 PREFIX = "ATLASFLOW_SEGMENTATION_"
 
 
@@ -129,8 +135,9 @@ def _ensembles(settings: SegmentationSettings) -> list[str]:
     return [e.strip() for e in settings.ensemble.split(",") if e.strip()]
 
 
-async def build_app(settings: SegmentationSettings, *, metrics: Metrics | None = None,
-                    segmenters: Mapping[str, Segmenter] | None = None) -> SegmentationApp:
+async def build_app(
+    settings: SegmentationSettings, *, metrics: Metrics | None = None, segmenters: Mapping[str, Segmenter] | None = None
+) -> SegmentationApp:
     """Job store, worker thread, outbox dispatcher and gRPC server (built, not started).
 
     ``segmenters``: ensemble version -> `Segmenter`; default one `TritonSegmenter` per
@@ -143,44 +150,59 @@ async def build_app(settings: SegmentationSettings, *, metrics: Metrics | None =
     versions = [c.version for c in configs]
     if segmenters is None:
         segmenters = {
-            c.version: TritonSegmenter(settings.triton_url, c.model_name, timeout_s=settings.triton_timeout_s,
-                                       shm=settings.triton_shm,
-                                       access_token=settings.triton_access_token or None,
-                                       connect_retries=settings.triton_connect_retries)
-            for c in configs}
+            c.version: TritonSegmenter(
+                settings.triton_url,
+                c.model_name,
+                timeout_s=settings.triton_timeout_s,
+                shm=settings.triton_shm,
+                access_token=settings.triton_access_token or None,
+                connect_retries=settings.triton_connect_retries,
+            )
+            for c in configs
+        }
     labels_channel = aio_channel(settings.labels_target, settings.max_message_bytes)
     ranking_channel = aio_channel(settings.ranking_target, settings.max_message_bytes)
     labels_stub = labels_pb2_grpc.LabelServiceStub(labels_channel)
     ranking_stub = ranking_pb2_grpc.RankingServiceStub(ranking_channel)
 
     async def to_labels(row: OutboxRow) -> None:
-        await labels_stub.CreateLabelVersion(
-            labels_pb2.CreateLabelVersionRequest.FromString(row.payload), timeout=60)
+        await labels_stub.CreateLabelVersion(labels_pb2.CreateLabelVersionRequest.FromString(row.payload), timeout=60)
 
     async def to_ranking(row: OutboxRow) -> None:
-        await ranking_stub.SubmitAttention(
-            ranking_pb2.SubmitAttentionRequest.FromString(row.payload), timeout=60)
+        await ranking_stub.SubmitAttention(ranking_pb2.SubmitAttentionRequest.FromString(row.payload), timeout=60)
 
-    dispatcher = OutboxDispatcher(jobs.conn, jobs.lock,
-                                  {LABELS_TOPIC: to_labels, RANKING_TOPIC: to_ranking}, metrics)
+    dispatcher = OutboxDispatcher(jobs.conn, jobs.lock, {LABELS_TOPIC: to_labels, RANKING_TOPIC: to_ranking}, metrics)
     loop = asyncio.get_running_loop()
-    prior = RankingPrior(settings.ranking_target, settings.prior_refresh_s,
-                         settings.max_message_bytes)
-    worker = Worker(jobs, blobs, dict(segmenters), metrics, prior=prior,
-                    attention_modes={c.version: c.attention_mode for c in configs},
-                    members={c.version: [m.name for m in c.members] for c in configs},
-                    max_attempts=settings.max_attempts, max_backoff_s=settings.max_backoff_s,
-                    retry_base_s=settings.retry_base_s, poll_s=settings.worker_poll_s,
-                    on_handoff=lambda: loop.call_soon_threadsafe(dispatcher.wake))
+    prior = RankingPrior(settings.ranking_target, settings.prior_refresh_s, settings.max_message_bytes)
+    worker = Worker(
+        jobs,
+        blobs,
+        dict(segmenters),
+        metrics,
+        prior=prior,
+        attention_modes={c.version: c.attention_mode for c in configs},
+        members={c.version: [m.name for m in c.members] for c in configs},
+        max_attempts=settings.max_attempts,
+        max_backoff_s=settings.max_backoff_s,
+        retry_base_s=settings.retry_base_s,
+        poll_s=settings.worker_poll_s,
+        on_handoff=lambda: loop.call_soon_threadsafe(dispatcher.wake),
+    )
     thread = threading.Thread(target=worker.run_forever, name="segmentation-worker", daemon=True)
 
     def register(server) -> list[str]:  # type: ignore[no-untyped-def]
         segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server(
-            SegmentationServicer(jobs, blobs, worker, versions), server)
+            SegmentationServicer(jobs, blobs, worker, versions), server
+        )
         return [segmentation_pb2.DESCRIPTOR.services_by_name["SegmentationService"].full_name]
 
-    built = build_server(register=register, metrics=metrics, host=settings.grpc_host,
-                         port=settings.grpc_port, max_message_bytes=settings.max_message_bytes)
+    built = build_server(
+        register=register,
+        metrics=metrics,
+        host=settings.grpc_host,
+        port=settings.grpc_port,
+        max_message_bytes=settings.max_message_bytes,
+    )
     app = SegmentationApp(built, jobs, worker, dispatcher, dict(segmenters), thread)
 
     async def close() -> None:
@@ -212,8 +234,7 @@ async def amain(settings: SegmentationSettings) -> None:
     app.task = asyncio.create_task(app.dispatcher.run())
 
     def ready(b: BuiltServer) -> None:
-        log.info("segmentation ready", extra={"fields": {
-            "grpc_port": b.port, "ensemble": settings.ensemble}})
+        log.info("segmentation ready", extra={"fields": {"grpc_port": b.port, "ensemble": settings.ensemble}})
 
     await run_until_signalled(app.built, settings.shutdown_grace_s, ready)
 

@@ -119,12 +119,16 @@ def labelled_flags(organ_ids: Iterable[int]) -> np.ndarray:
 # ----------------------------------------------------------------------------- geometry
 
 
-def model_grid(affine: np.ndarray, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> tuple[np.ndarray, tuple[int, int, int]]:
+def model_grid(
+    affine: np.ndarray, shape: tuple[int, int, int], spacing: tuple[float, float, float]
+) -> tuple[np.ndarray, tuple[int, int, int]]:
     """RAS-aligned grid (affine, shape) covering the input's voxel-centre bounding box.
 
     ``affine``: input voxel -> RAS mm; ``spacing``: mm along R, A, S.
     """
-    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    corners = np.array(
+        [[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]
+    )
     world = (affine @ corners.T)[:3]
     lo, hi = world.min(axis=1), world.max(axis=1)
     sp = np.asarray(spacing, dtype=np.float64)
@@ -135,7 +139,9 @@ def model_grid(affine: np.ndarray, shape: tuple[int, int, int], spacing: tuple[f
     return grid, out_shape  # type: ignore[return-value]
 
 
-def _signed_permutation(m: np.ndarray, src_shape: tuple[int, ...], dst_shape: tuple[int, ...]) -> list[tuple[int, bool]] | None:
+def _signed_permutation(
+    m: np.ndarray, src_shape: tuple[int, ...], dst_shape: tuple[int, ...]
+) -> list[tuple[int, bool]] | None:
     """If dst index -> src index is a pure axis permutation/flip covering both grids exactly,
     return per dst axis (src axis, flipped); else None."""
     r, t = m[:3, :3], m[:3, 3]
@@ -213,7 +219,9 @@ def resample(
         order = sorted(range(3), key=lambda j: dst_shape[j] / max(out.shape[j + 1], 1))
         for j in order:
             a = axes[j]
-            coords = torch.arange(dst_shape[j], dtype=torch.float64, device=src.device) * float(m[a, j]) + float(m[a, 3])
+            coords = torch.arange(dst_shape[j], dtype=torch.float64, device=src.device) * float(m[a, j]) + float(
+                m[a, 3]
+            )
             out = _lerp_axis(out, j + 1, coords)
         return out.contiguous()
     c = src.shape[0]
@@ -280,7 +288,9 @@ def _grow(box: tuple[slice, slice, slice], by: int, shape: tuple[int, ...]) -> t
     return tuple(slice(max(0, s.start - by), min(n, s.stop + by)) for s, n in zip(box, shape))  # type: ignore[return-value]
 
 
-def foreground_box(volume_hu: np.ndarray, affine: np.ndarray, crop: ForegroundCrop) -> tuple[slice, slice, slice] | None:
+def foreground_box(
+    volume_hu: np.ndarray, affine: np.ndarray, crop: ForegroundCrop
+) -> tuple[slice, slice, slice] | None:
     """Bounding box (native voxel slices) of ``volume_hu > crop.threshold_hu`` grown by
     ``crop.margin_mm`` (per axis: ``ceil(margin / spacing)`` voxels, spacing = the affine's
     column norms in mm); None when no voxel passes the threshold."""
@@ -308,8 +318,13 @@ class _NativeStacks(Mapping[int, torch.Tensor]):
     (on the pipeline's device), resampled from the model-grid outputs when asked for: the
     library reads them one organ at a time, so only one full stack lives at a time."""
 
-    def __init__(self, pipeline: EnsemblePipeline, member_probs: list[tuple[torch.Tensor, np.ndarray]],
-                 aff: np.ndarray, shape: tuple[int, int, int]) -> None:
+    def __init__(
+        self,
+        pipeline: EnsemblePipeline,
+        member_probs: list[tuple[torch.Tensor, np.ndarray]],
+        aff: np.ndarray,
+        shape: tuple[int, int, int],
+    ) -> None:
         self._pipeline, self._probs, self._aff, self._shape = pipeline, member_probs, aff, shape
 
     def __getitem__(self, organ: int) -> torch.Tensor:
@@ -386,7 +401,9 @@ class EnsemblePipeline:
 
     # -- input checks -------------------------------------------------------------------
     @staticmethod
-    def _check(volume_hu: np.ndarray, affine: np.ndarray, labelled: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _check(
+        volume_hu: np.ndarray, affine: np.ndarray, labelled: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         vol = np.asarray(volume_hu)
         if vol.ndim != 3 or min(vol.shape) < 1 or not np.issubdtype(vol.dtype, np.number):
             raise InvalidArgument("INVALID_VOLUME", "volume must be a non-empty numeric (X, Y, Z) array", domain=DOMAIN)
@@ -399,7 +416,9 @@ class EnsemblePipeline:
             flags = np.asarray(labelled).astype(np.uint8).reshape(-1)
             if flags.shape != (NUM_ORGANS,) or flags.max(initial=0) > 1:
                 raise InvalidArgument(
-                    "INVALID_LABELLED_ORGANS", "labelled_organs must be 9 flags (0/1), flag k = organ id k+1", domain=DOMAIN
+                    "INVALID_LABELLED_ORGANS",
+                    "labelled_organs must be 9 flags (0/1), flag k = organ id k+1",
+                    domain=DOMAIN,
                 )
         return vol, aff, flags
 
@@ -429,7 +448,9 @@ class EnsemblePipeline:
                 probs = torch.sigmoid(logits[0])
         return probs.to(torch.float16)
 
-    def __call__(self, volume_hu: np.ndarray, affine: np.ndarray, labelled_organs: np.ndarray | None = None) -> PipelineOutput:
+    def __call__(
+        self, volume_hu: np.ndarray, affine: np.ndarray, labelled_organs: np.ndarray | None = None
+    ) -> PipelineOutput:
         """Segment one CT.
 
         ``volume_hu``: ``(X, Y, Z)`` HU (int16 expected); ``affine``: 4x4 voxel -> RAS mm;
@@ -466,7 +487,9 @@ class EnsemblePipeline:
         sub_aff[:3, 3] = aff[:3, :3] @ np.array([b.start for b in box], dtype=np.float64) + aff[:3, 3]
         return box, sub_aff
 
-    def _model_grid_probs(self, hu: torch.Tensor, aff: np.ndarray, timings: dict[str, float]) -> list[tuple[torch.Tensor, np.ndarray]]:
+    def _model_grid_probs(
+        self, hu: torch.Tensor, aff: np.ndarray, timings: dict[str, float]
+    ) -> list[tuple[torch.Tensor, np.ndarray]]:
         """Steps 1-2: ``hu`` ``(X, Y, Z)`` on ``device`` -> per member (``(9, X', Y', Z')``
         float16 probabilities on its model grid, that grid's affine). Adds stage timings."""
         shape = tuple(int(s) for s in hu.shape)
@@ -490,8 +513,9 @@ class EnsemblePipeline:
             timings[f"infer_{member.name}"] = time.perf_counter() - ts
         return member_probs
 
-    def _native_u8(self, member_probs: list[tuple[torch.Tensor, np.ndarray]], k: int, aff: np.ndarray,
-                   shape: tuple[int, int, int]) -> torch.Tensor:
+    def _native_u8(
+        self, member_probs: list[tuple[torch.Tensor, np.ndarray]], k: int, aff: np.ndarray, shape: tuple[int, int, int]
+    ) -> torch.Tensor:
         """Step 3's start: organ row ``k`` (id ``k + 1``) of every member, sampled back onto the
         native grid -> ``(M, X, Y, Z)`` uint8 ``round(p*255)`` on ``device``."""
         u8 = torch.empty((len(member_probs), *shape), dtype=torch.uint8, device=self.device)

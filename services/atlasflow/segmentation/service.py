@@ -54,8 +54,7 @@ _STAGE = {
 
 
 class Segmenter(Protocol):
-    def segment(self, volume_hu: np.ndarray, affine: np.ndarray,
-                labelled_organs: Any = ()) -> Any: ...
+    def segment(self, volume_hu: np.ndarray, affine: np.ndarray, labelled_organs: Any = ()) -> Any: ...
 
 
 def _ts(seconds: float) -> timestamp_pb2.Timestamp:
@@ -69,31 +68,46 @@ def _ref(digest: str, size: int) -> common_pb2.BlobRef:
 
 
 def organ_statistics(result: dict) -> list[segmentation_pb2.OrganStatistics]:
-    return [segmentation_pb2.OrganStatistics(
-        organ=o["organ"], volume_ml=o["volume_ml"], attention_ml=o["attention_ml"],
-        heatmap_ml=o["heatmap_ml"], component_count=o["component_count"])
-        for o in result.get("organs", [])]
+    return [
+        segmentation_pb2.OrganStatistics(
+            organ=o["organ"],
+            volume_ml=o["volume_ml"],
+            attention_ml=o["attention_ml"],
+            heatmap_ml=o["heatmap_ml"],
+            component_count=o["component_count"],
+        )
+        for o in result.get("organs", [])
+    ]
 
 
 def job_to_proto(job: Job) -> segmentation_pb2.SegmentationJob:
     msg = segmentation_pb2.SegmentationJob(
-        job_id=job.job_id, case_id=job.case_id, series_id=job.series_id,
-        series_version=job.series_version, ensemble_version=job.ensemble_version,
+        job_id=job.job_id,
+        case_id=job.case_id,
+        series_id=job.series_id,
+        series_version=job.series_version,
+        ensemble_version=job.ensemble_version,
         state=_STATE[job.state],
-        progress=segmentation_pb2.SegmentationProgress(stage=_STAGE[job.stage],
-                                                       fraction=job.fraction),
-        error_reason=job.error_reason, attempts=job.attempts,
-        create_time=_ts(job.create_time), update_time=_ts(job.update_time))
+        progress=segmentation_pb2.SegmentationProgress(stage=_STAGE[job.stage], fraction=job.fraction),
+        error_reason=job.error_reason,
+        attempts=job.attempts,
+        create_time=_ts(job.create_time),
+        update_time=_ts(job.update_time),
+    )
     if job.state == "QUEUED" and job.attempts > 0:
         msg.next_attempt_time.CopyFrom(_ts(job.next_attempt_at))
     r = job.result
     if job.state == "SUCCEEDED" and r:
-        msg.result.CopyFrom(segmentation_pb2.SegmentationResult(
-            label_map=_ref(r["label_map"], r["label_map_size"]),
-            heatmap=_ref(r["heatmap"], r["heatmap_size"]),
-            organs=organ_statistics(r), members=r.get("members", []),
-            weights_trained=r.get("weights_trained", False),
-            inference_seconds=r.get("inference_seconds", 0.0)))
+        msg.result.CopyFrom(
+            segmentation_pb2.SegmentationResult(
+                label_map=_ref(r["label_map"], r["label_map_size"]),
+                heatmap=_ref(r["heatmap"], r["heatmap_size"]),
+                organs=organ_statistics(r),
+                members=r.get("members", []),
+                weights_trained=r.get("weights_trained", False),
+                inference_seconds=r.get("inference_seconds", 0.0),
+            )
+        )
     return msg
 
 
@@ -109,13 +123,22 @@ class Worker:
     at once. ``poll_s``: how often an idle worker looks for due jobs.
     """
 
-    def __init__(self, jobs: JobStore, blobs: BlobStore,
-                 segmenter: Segmenter | Mapping[str, Segmenter], metrics: Metrics,
-                 *, members: list[str] | Mapping[str, list[str]], max_attempts: int = 8,
-                 max_backoff_s: float = 60.0, retry_base_s: float = 2.0, poll_s: float = 1.0,
-                 on_handoff: Callable[[], None] = lambda: None,
-                 prior: PopulationPrior | Callable[[], PopulationPrior] | None = None,
-                 attention_modes: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        jobs: JobStore,
+        blobs: BlobStore,
+        segmenter: Segmenter | Mapping[str, Segmenter],
+        metrics: Metrics,
+        *,
+        members: list[str] | Mapping[str, list[str]],
+        max_attempts: int = 8,
+        max_backoff_s: float = 60.0,
+        retry_base_s: float = 2.0,
+        poll_s: float = 1.0,
+        on_handoff: Callable[[], None] = lambda: None,
+        prior: PopulationPrior | Callable[[], PopulationPrior] | None = None,
+        attention_modes: Mapping[str, str] | None = None,
+    ) -> None:
         self.jobs = jobs
         self.blobs = blobs
         self.segmenter = segmenter
@@ -139,8 +162,12 @@ class Worker:
     def _segmenter_for(self, ensemble: str) -> Segmenter:
         if isinstance(self.segmenter, Mapping):
             if ensemble not in self.segmenter:
-                raise InvalidArgument("UNKNOWN_ENSEMBLE", "no Triton model for this ensemble version",
-                                      domain=DOMAIN, metadata={"ensemble_version": ensemble[:100]})
+                raise InvalidArgument(
+                    "UNKNOWN_ENSEMBLE",
+                    "no Triton model for this ensemble version",
+                    domain=DOMAIN,
+                    metadata={"ensemble_version": ensemble[:100]},
+                )
             return self.segmenter[ensemble]
         return self.segmenter
 
@@ -171,28 +198,45 @@ class Worker:
                 except AtlasflowError as exc:
                     span.set_attribute("atlasflow.error_reason", exc.reason)
                     if exc.code == "UNAVAILABLE" and job.attempts < self.max_attempts:
-                        delay = min(self.max_backoff_s,
-                                    self.retry_base_s * 2.0 ** max(job.attempts - 1, 0))
-                        log.warning("segmentation backend unavailable, job requeued", extra={
-                            "fields": {"job_id": job.job_id, "reason": exc.reason,
-                                       "retry_in_s": delay, "attempt": job.attempts}})
+                        delay = min(self.max_backoff_s, self.retry_base_s * 2.0 ** max(job.attempts - 1, 0))
+                        log.warning(
+                            "segmentation backend unavailable, job requeued",
+                            extra={
+                                "fields": {
+                                    "job_id": job.job_id,
+                                    "reason": exc.reason,
+                                    "retry_in_s": delay,
+                                    "attempt": job.attempts,
+                                }
+                            },
+                        )
                         self.jobs.retry_later(job.job_id, exc.reason, delay)
                     else:
-                        log.error("segmentation job failed", extra={"fields": {
-                            "job_id": job.job_id, "reason": exc.reason}})
+                        log.error(
+                            "segmentation job failed", extra={"fields": {"job_id": job.job_id, "reason": exc.reason}}
+                        )
                         self.jobs.fail(job.job_id, exc.reason)
                         self.metrics.count("jobs_failed")
                 except Exception as exc:  # noqa: BLE001
-                    log.error("segmentation job crashed", exc_info=exc, extra={"fields": {
-                        "job_id": job.job_id, "exc_type": type(exc).__name__}})
+                    log.error(
+                        "segmentation job crashed",
+                        exc_info=exc,
+                        extra={"fields": {"job_id": job.job_id, "exc_type": type(exc).__name__}},
+                    )
                     self.jobs.fail(job.job_id, "INTERNAL")
                     self.metrics.count("jobs_failed")
         finally:
             otel_context.detach(token)
 
-    def _organ_attention(self, organs: list[dict], labels: np.ndarray, heatmap: np.ndarray,
-                         affine: np.ndarray, labelled: list[int], mode: str = "reference"
-                         ) -> list[ranking_pb2.OrganAttention]:
+    def _organ_attention(
+        self,
+        organs: list[dict],
+        labels: np.ndarray,
+        heatmap: np.ndarray,
+        affine: np.ndarray,
+        labelled: list[int],
+        mode: str = "reference",
+    ) -> list[ranking_pb2.OrganAttention]:
         """Attention statistics from Triton plus the plausibility findings (score, reasons,
         pointer) that `atlasflow.common.plausibility` derives from the native-grid outputs.
 
@@ -204,13 +248,13 @@ class Worker:
         with tracer.start_as_current_span("segmentation.findings"):
             exact = {o["organ"]: (o["attention_ml"], o["heatmap_ml"]) for o in organs}
             prior = self.prior() if callable(self.prior) else self.prior
-            findings = {f.organ: f for f in organ_findings(labels, heatmap, affine, prior,
-                                                           labelled, exact_ml=exact)}
+            findings = {f.organ: f for f in organ_findings(labels, heatmap, affine, prior, labelled, exact_ml=exact)}
         base = "attention_ml" if mode == "enhanced" else "heatmap_ml"
         out = []
         for o in organs:
-            msg = ranking_pb2.OrganAttention(organ=o["organ"], attention_ml=o["attention_ml"],
-                                             heatmap_ml=o["heatmap_ml"], volume_ml=o["volume_ml"])
+            msg = ranking_pb2.OrganAttention(
+                organ=o["organ"], attention_ml=o["attention_ml"], heatmap_ml=o["heatmap_ml"], volume_ml=o["volume_ml"]
+            )
             f = findings.get(o["organ"])
             if f is not None:
                 msg.score = float(o[base] + f.score - f.heatmap_ml)
@@ -221,7 +265,8 @@ class Worker:
                 msg.score = float(o[base])
                 msg.reasons.append(
                     f"{ORGANS[o['organ']]}: attention {o['attention_ml']:.1f} ml (heatmap "
-                    f"{o['heatmap_ml']:.1f} ml); not in the ensemble's labels")
+                    f"{o['heatmap_ml']:.1f} ml); not in the ensemble's labels"
+                )
             out.append(msg)
         return out
 
@@ -232,8 +277,7 @@ class Worker:
         volume = np.asarray(volume, dtype=np.int16)
         segmenter = self._segmenter_for(job.ensemble_version)
         if self.jobs.cancel_if_requested(job.job_id):
-            log.info("segmentation job cancelled before inference",
-                     extra={"fields": {"job_id": job.job_id}})
+            log.info("segmentation job cancelled before inference", extra={"fields": {"job_id": job.job_id}})
             return
         self.jobs.progress(job.job_id, "INFERENCE", 0.1)
         t0 = time.perf_counter()
@@ -241,43 +285,76 @@ class Worker:
         seconds = time.perf_counter() - t0
         self.jobs.progress(job.job_id, "POSTPROCESSING", 0.9)
         if out.labels.shape != volume.shape or out.heatmap.shape != volume.shape:
-            raise InvalidArgument("INVALID_MODEL_OUTPUT", "model output is not on the CT grid",
-                                  domain=DOMAIN)
+            raise InvalidArgument("INVALID_MODEL_OUTPUT", "model output is not on the CT grid", domain=DOMAIN)
         label_blob = self.blobs.put(to_nifti_bytes(out.labels.astype(np.uint8), affine))
         heat_blob = self.blobs.put(to_nifti_bytes(out.heatmap.astype(np.uint8), affine))
-        organs = [{"organ": i, "volume_ml": float(out.organ_stats[i - 1, 0]),
-                   "attention_ml": float(out.organ_stats[i - 1, 1]),
-                   "heatmap_ml": float(out.organ_stats[i - 1, 2]),
-                   "component_count": int(out.organ_stats[i - 1, 3])} for i in ORGANS]
-        result = {"label_map": label_blob.digest, "label_map_size": label_blob.size_bytes,
-                  "heatmap": heat_blob.digest, "heatmap_size": heat_blob.size_bytes,
-                  "organs": organs, "members": self._members_for(job.ensemble_version),
-                  "weights_trained": bool(out.weights_trained), "inference_seconds": seconds}
+        organs = [
+            {
+                "organ": i,
+                "volume_ml": float(out.organ_stats[i - 1, 0]),
+                "attention_ml": float(out.organ_stats[i - 1, 1]),
+                "heatmap_ml": float(out.organ_stats[i - 1, 2]),
+                "component_count": int(out.organ_stats[i - 1, 3]),
+            }
+            for i in ORGANS
+        ]
+        result = {
+            "label_map": label_blob.digest,
+            "label_map_size": label_blob.size_bytes,
+            "heatmap": heat_blob.digest,
+            "heatmap_size": heat_blob.size_bytes,
+            "organs": organs,
+            "members": self._members_for(job.ensemble_version),
+            "weights_trained": bool(out.weights_trained),
+            "inference_seconds": seconds,
+        }
         labels_req = labels_pb2.CreateLabelVersionRequest(
-            case_id=job.case_id, label_map=_ref(label_blob.digest, label_blob.size_bytes),
+            case_id=job.case_id,
+            label_map=_ref(label_blob.digest, label_blob.size_bytes),
             ct=_ref(job.volume_digest, job.volume_size),
             provenance=labels_pb2.Provenance(
-                source=labels_pb2.LABEL_SOURCE_AI, model_version=job.ensemble_version,
-                job_id=job.job_id, weights_trained=bool(out.weights_trained)),
-            request_id=job.job_id)
+                source=labels_pb2.LABEL_SOURCE_AI,
+                model_version=job.ensemble_version,
+                job_id=job.job_id,
+                weights_trained=bool(out.weights_trained),
+            ),
+            request_id=job.job_id,
+        )
         ranking_req = ranking_pb2.SubmitAttentionRequest(
-            case_id=job.case_id, series_id=job.series_id, source_job_id=job.job_id,
-            organs=self._organ_attention(organs, out.labels, out.heatmap, affine,
-                                         job.labelled_organs,
-                                         self.attention_modes.get(job.ensemble_version, "reference")),
+            case_id=job.case_id,
+            series_id=job.series_id,
+            source_job_id=job.job_id,
+            organs=self._organ_attention(
+                organs,
+                out.labels,
+                out.heatmap,
+                affine,
+                job.labelled_organs,
+                self.attention_modes.get(job.ensemble_version, "reference"),
+            ),
             heatmap=_ref(heat_blob.digest, heat_blob.size_bytes),
-            labelled_organs=job.labelled_organs)
-        handed = self.jobs.succeed(job.job_id, result, [
-            (LABELS_TOPIC, f"{job.job_id}:labels", labels_req.SerializeToString()),
-            (RANKING_TOPIC, f"{job.job_id}:ranking", ranking_req.SerializeToString()),
-        ], current_traceparent())
+            labelled_organs=job.labelled_organs,
+        )
+        handed = self.jobs.succeed(
+            job.job_id,
+            result,
+            [
+                (LABELS_TOPIC, f"{job.job_id}:labels", labels_req.SerializeToString()),
+                (RANKING_TOPIC, f"{job.job_id}:ranking", ranking_req.SerializeToString()),
+            ],
+            current_traceparent(),
+        )
         if not handed:
-            log.info("segmentation job cancelled during inference; result discarded",
-                     extra={"fields": {"job_id": job.job_id}})
+            log.info(
+                "segmentation job cancelled during inference; result discarded",
+                extra={"fields": {"job_id": job.job_id}},
+            )
             self.metrics.count("jobs_cancelled")
             return
-        log.info("segmentation job finished", extra={"fields": {
-            "job_id": job.job_id, "inference_s": round(seconds, 3), "handed_off": handed}})
+        log.info(
+            "segmentation job finished",
+            extra={"fields": {"job_id": job.job_id, "inference_s": round(seconds, 3), "handed_off": handed}},
+        )
         self.metrics.count("jobs_succeeded")
         if handed:
             self.on_handoff()
@@ -291,8 +368,7 @@ DONE_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
 class SegmentationServicer(segmentation_pb2_grpc.SegmentationServiceServicer):
-    def __init__(self, jobs: JobStore, blobs: BlobStore, worker: Worker,
-                 ensembles: list[str]) -> None:
+    def __init__(self, jobs: JobStore, blobs: BlobStore, worker: Worker, ensembles: list[str]) -> None:
         self.jobs = jobs
         self.blobs = blobs
         self.worker = worker
@@ -314,8 +390,7 @@ class SegmentationServicer(segmentation_pb2_grpc.SegmentationServiceServicer):
             event.set()
 
     async def WaitSegmentationJob(self, request, context):  # type: ignore[no-untyped-def]
-        timeout = (request.timeout.ToTimedelta().total_seconds()
-                   if request.HasField("timeout") else WAIT_DEFAULT_S)
+        timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else WAIT_DEFAULT_S
         if timeout < 0:
             raise InvalidArgument("INVALID_TIMEOUT", "timeout must be >= 0", domain=DOMAIN)
         self._loop = asyncio.get_running_loop()
@@ -334,42 +409,53 @@ class SegmentationServicer(segmentation_pb2_grpc.SegmentationServiceServicer):
             except TimeoutError:
                 pass
 
-    async def SegmentSeries(self, request: segmentation_pb2.SegmentSeriesRequest,
-                            context: grpc.aio.ServicerContext) -> segmentation_pb2.SegmentSeriesResponse:
+    async def SegmentSeries(
+        self, request: segmentation_pb2.SegmentSeriesRequest, context: grpc.aio.ServicerContext
+    ) -> segmentation_pb2.SegmentSeriesResponse:
         if not request.case_id or not request.series_id or request.series_version < 1:
-            raise InvalidArgument("INVALID_REQUEST",
-                                  "case_id, series_id and series_version >= 1 are required",
-                                  domain=DOMAIN)
+            raise InvalidArgument(
+                "INVALID_REQUEST", "case_id, series_id and series_version >= 1 are required", domain=DOMAIN
+            )
         ensemble = request.ensemble_version or self.ensembles[0]
         if ensemble not in self.ensembles:
-            raise InvalidArgument("UNKNOWN_ENSEMBLE", "unknown ensemble version", domain=DOMAIN,
-                                  metadata={"ensemble_version": ensemble[:100],
-                                            "known": ",".join(self.ensembles)})
+            raise InvalidArgument(
+                "UNKNOWN_ENSEMBLE",
+                "unknown ensemble version",
+                domain=DOMAIN,
+                metadata={"ensemble_version": ensemble[:100], "known": ",".join(self.ensembles)},
+            )
         if not self.blobs.exists(request.volume.digest):
-            raise NotFound("BLOB_NOT_FOUND", "volume blob not found", domain=DOMAIN,
-                           metadata={"digest": request.volume.digest[:80]})
+            raise NotFound(
+                "BLOB_NOT_FOUND",
+                "volume blob not found",
+                domain=DOMAIN,
+                metadata={"digest": request.volume.digest[:80]},
+            )
         organs = [int(o) for o in request.labelled_organs]
         if any(o not in ORGANS for o in organs):
-            raise InvalidArgument("INVALID_ORGAN", "labelled_organs must be organ ids 1..9",
-                                  domain=DOMAIN)
+            raise InvalidArgument("INVALID_ORGAN", "labelled_organs must be organ ids 1..9", domain=DOMAIN)
         job, created = self.jobs.submit(
-            case_id=request.case_id, series_id=request.series_id,
-            series_version=request.series_version, ensemble_version=ensemble,
-            volume_digest=request.volume.digest, volume_size=request.volume.size_bytes,
-            labelled_organs=organs, traceparent=current_traceparent())
+            case_id=request.case_id,
+            series_id=request.series_id,
+            series_version=request.series_version,
+            ensemble_version=ensemble,
+            volume_digest=request.volume.digest,
+            volume_size=request.volume.size_bytes,
+            labelled_organs=organs,
+            traceparent=current_traceparent(),
+        )
         if created:
             self.worker.wake.set()
         return segmentation_pb2.SegmentSeriesResponse(job=job_to_proto(job))
 
     async def GetSegmentationJob(self, request, context):  # type: ignore[no-untyped-def]
-        return segmentation_pb2.GetSegmentationJobResponse(
-            job=job_to_proto(self.jobs.get(request.job_id)))
+        return segmentation_pb2.GetSegmentationJobResponse(job=job_to_proto(self.jobs.get(request.job_id)))
 
     async def ListSegmentationJobs(self, request, context):  # type: ignore[no-untyped-def]
         jobs, token = self.jobs.list(request.page_size, request.page_token, request.case_id)
         return segmentation_pb2.ListSegmentationJobsResponse(
-            jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
+            jobs=[job_to_proto(j) for j in jobs], next_page_token=token
+        )
 
     async def CancelSegmentationJob(self, request, context):  # type: ignore[no-untyped-def]
-        return segmentation_pb2.CancelSegmentationJobResponse(
-            job=job_to_proto(self.jobs.cancel(request.job_id)))
+        return segmentation_pb2.CancelSegmentationJobResponse(job=job_to_proto(self.jobs.cancel(request.job_id)))

@@ -163,9 +163,13 @@ class TritonSegmenter:
             return ResourceExhausted(
                 "TRITON_MESSAGE_TOO_LARGE",
                 "request or response exceeds the gRPC message limit (max_message_bytes)",
-                domain=DOMAIN, metadata=meta)
+                domain=DOMAIN,
+                metadata=meta,
+            )
         if any(s in status for s in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED")) or "Deadline" in text:
-            return Unavailable("TRITON_UNAVAILABLE", "Triton inference server is unavailable", domain=DOMAIN, metadata=meta)
+            return Unavailable(
+                "TRITON_UNAVAILABLE", "Triton inference server is unavailable", domain=DOMAIN, metadata=meta
+            )
         if "NOT_FOUND" in status or "unknown model" in text or "not ready" in text.lower():
             return FailedPrecondition(
                 "TRITON_MODEL_NOT_READY", "model is not loaded in Triton", domain=DOMAIN, metadata=meta
@@ -250,7 +254,10 @@ class TritonSegmenter:
                         self.last_transport = "shm"
                         return out
                     except _ShmSetupError as exc:
-                        LOG.warning("shared memory unavailable, using gRPC payloads", extra={"fields": {"reason": str(exc)[:200]}})
+                        LOG.warning(
+                            "shared memory unavailable, using gRPC payloads",
+                            extra={"fields": {"reason": str(exc)[:200]}},
+                        )
                         if self.shm_mode == "auto":
                             self._shm_usable = False
                 out = self._infer_grpc(vol, aff, flags, carrier)
@@ -305,7 +312,12 @@ class TritonSegmenter:
         tag = f"atlasflow_{os.getpid()}_{uuid.uuid4().hex[:12]}"
         in_arrays = (vol, aff, flags)
         in_sizes = [a.nbytes for a in in_arrays]
-        out_specs = ((vol.shape, np.uint8), (vol.shape, np.uint8), ((NUM_ORGANS, len(STATS_COLUMNS)), np.float64), ((1,), np.uint8))
+        out_specs = (
+            (vol.shape, np.uint8),
+            (vol.shape, np.uint8),
+            ((NUM_ORGANS, len(STATS_COLUMNS)), np.float64),
+            ((1,), np.uint8),
+        )
         out_sizes = [int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in out_specs]
         handles: list[tuple[str, Any]] = []
         registered: list[str] = []
@@ -317,11 +329,15 @@ class TritonSegmenter:
                 shm.set_shared_memory_region(handles[0][1], list(in_arrays))
                 for (name, _), size in zip(handles, (sum(in_sizes), sum(out_sizes))):
                     self._client.register_system_shared_memory(
-                        name, "/" + name, size, headers=self._auth_headers or None, client_timeout=10.0)
+                        name, "/" + name, size, headers=self._auth_headers or None, client_timeout=10.0
+                    )
                     registered.append(name)
             except (shm.SharedMemoryException, OSError, InferenceServerException) as exc:
-                if (isinstance(exc, InferenceServerException) and "UNAVAILABLE" in str(exc.status() or "")
-                        and "restricted" not in str(exc.message() or "")):
+                if (
+                    isinstance(exc, InferenceServerException)
+                    and "UNAVAILABLE" in str(exc.status() or "")
+                    and "restricted" not in str(exc.message() or "")
+                ):
                     raise  # server down: not a shared-memory problem
                 raise _ShmSetupError(str(exc)) from None
             inputs = self._inputs()
@@ -356,7 +372,8 @@ class TritonSegmenter:
             for name in registered:
                 try:
                     self._client.unregister_system_shared_memory(
-                        name, headers=self._auth_headers or None, client_timeout=10.0)
+                        name, headers=self._auth_headers or None, client_timeout=10.0
+                    )
                 except InferenceServerException:
                     pass
             for _, handle in handles:

@@ -52,7 +52,11 @@ VERSION_DIR = "1"
 ENSEMBLE_SUBDIR = "ensemble"
 ERROR_PREFIX = "ATLASFLOW_ERROR"
 
-INPUTS = (("volume", "TYPE_INT16", (-1, -1, -1)), ("affine", "TYPE_FP64", (4, 4)), ("labelled_organs", "TYPE_UINT8", (9,)))
+INPUTS = (
+    ("volume", "TYPE_INT16", (-1, -1, -1)),
+    ("affine", "TYPE_FP64", (4, 4)),
+    ("labelled_organs", "TYPE_UINT8", (9,)),
+)
 OUTPUTS = (
     ("labels", "TYPE_UINT8", (-1, -1, -1)),
     ("heatmap", "TYPE_UINT8", (-1, -1, -1)),
@@ -78,16 +82,21 @@ class TritonPythonModel(PythonBackendModel):
 # ----------------------------------------------------------------------------- writer
 
 
-def config_pbtxt(model_name: str, ensemble_file: str, *, instances: int = 1, kind: str = "cpu", gpus: Sequence[int] = ()) -> str:
+def config_pbtxt(
+    model_name: str, ensemble_file: str, *, instances: int = 1, kind: str = "cpu", gpus: Sequence[int] = ()
+) -> str:
     """Text of ``config.pbtxt`` (Triton model configuration, protobuf text format)."""
     if kind not in KINDS:
-        raise InvalidArgument("INVALID_INSTANCE_KIND", "kind must be cpu or gpu", domain=DOMAIN, metadata={"kind": kind})
+        raise InvalidArgument(
+            "INVALID_INSTANCE_KIND", "kind must be cpu or gpu", domain=DOMAIN, metadata={"kind": kind}
+        )
     if instances < 1:
         raise InvalidArgument("INVALID_INSTANCE_COUNT", "instance count must be >= 1", domain=DOMAIN)
 
     def tensors(specs: Sequence[tuple[str, str, tuple[int, ...]]]) -> str:
         return ",\n".join(
-            f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {", ".join(str(d) for d in dims)} ]\n  }}' for n, t, dims in specs
+            f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {", ".join(str(d) for d in dims)} ]\n  }}'
+            for n, t, dims in specs
         )
 
     group = f"    count: {instances}\n    kind: {KINDS[kind]}"
@@ -141,7 +150,10 @@ def write_repository(
             continue
         if not member.checkpoint.is_file():
             raise InvalidArgument(
-                "CHECKPOINT_NOT_FOUND", "member checkpoint file is missing", domain=DOMAIN, metadata={"member": member.name}
+                "CHECKPOINT_NOT_FOUND",
+                "member checkpoint file is missing",
+                domain=DOMAIN,
+                metadata={"member": member.name},
             )
         rel = f"weights/{member.name}{''.join(member.checkpoint.suffixes) or '.pt'}"
         shutil.copyfile(member.checkpoint, bundle / rel)
@@ -149,7 +161,9 @@ def write_repository(
     ensemble_file = f"{ENSEMBLE_SUBDIR}/{cfg.version}.json"
     (model_dir / VERSION_DIR / ensemble_file).write_text(json.dumps(raw, indent=2) + "\n")
     (model_dir / VERSION_DIR / "model.py").write_text(MODEL_PY.format(version=cfg.version))
-    (model_dir / "config.pbtxt").write_text(config_pbtxt(cfg.model_name, ensemble_file, instances=instances, kind=kind, gpus=gpus))
+    (model_dir / "config.pbtxt").write_text(
+        config_pbtxt(cfg.model_name, ensemble_file, instances=instances, kind=kind, gpus=gpus)
+    )
     files = sorted(p for p in model_dir.rglob("*") if p.is_file())
     manifest = {
         "ensemble_version": cfg.version,
@@ -230,7 +244,10 @@ class PythonBackendModel:
             except Exception as exc:  # noqa: BLE001 - never leak a traceback to the client
                 responses.append(
                     self.pb_utils.InferenceResponse(
-                        output_tensors=[], error=self.pb_utils.TritonError(f"{ERROR_PREFIX} INTERNAL {type(exc).__name__.upper()}: pipeline failed")
+                        output_tensors=[],
+                        error=self.pb_utils.TritonError(
+                            f"{ERROR_PREFIX} INTERNAL {type(exc).__name__.upper()}: pipeline failed"
+                        ),
                     )
                 )
         return responses
@@ -275,7 +292,9 @@ def bundled_server_command(
     stub.chmod(0o755)
     env = dict(os.environ)
     libs = [str(sysconfig.get_config_var("LIBDIR") or ""), str(get_libs_path())]
-    env["LD_LIBRARY_PATH"] = ":".join([p for p in libs if p] + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p])
+    env["LD_LIBRARY_PATH"] = ":".join(
+        [p for p in libs if p] + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p]
+    )
     env["PATH"] = f"{Path(sys.exec_prefix) / 'bin'}:{env.get('PATH', '')}"
     argv = [
         str(dist / "bin" / "tritonserver"),
@@ -317,12 +336,23 @@ class BundledTriton:
     """
 
     def __init__(
-        self, model_repository: str | Path, work_dir: str | Path, models: Sequence[str], *, grpc_port: int | None = None, extra_args: Sequence[str] = ()
+        self,
+        model_repository: str | Path,
+        work_dir: str | Path,
+        models: Sequence[str],
+        *,
+        grpc_port: int | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         ports = free_ports(3)
         self.grpc_port = int(grpc_port or ports[0])
         self.argv, self.env = bundled_server_command(
-            model_repository, work_dir, grpc_port=self.grpc_port, http_port=ports[1], metrics_port=ports[2], extra_args=extra_args
+            model_repository,
+            work_dir,
+            grpc_port=self.grpc_port,
+            http_port=ports[1],
+            metrics_port=ports[2],
+            extra_args=extra_args,
         )
         self.models = list(models)
         self.log_path = Path(work_dir) / "tritonserver.log"
@@ -348,7 +378,9 @@ class BundledTriton:
 
         t0 = time.perf_counter()
         with self.log_path.open("w") as log:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         client = grpcclient.InferenceServerClient(self.grpc_url)
         try:
             while True:
@@ -389,10 +421,16 @@ class BundledTriton:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="atlasflow triton-repo", description="write a Triton model repository (Python backend + weights)")
+    parser = argparse.ArgumentParser(
+        prog="atlasflow triton-repo", description="write a Triton model repository (Python backend + weights)"
+    )
     parser.add_argument("out_dir", type=Path, help="model repository root (created)")
-    parser.add_argument("--ensemble", action="append", help="ensemble version or JSON path (repeatable; default abdomen-trio-v1)")
-    parser.add_argument("--instances", type=int, default=1, help="instance_group count per model (requests queue across instances)")
+    parser.add_argument(
+        "--ensemble", action="append", help="ensemble version or JSON path (repeatable; default abdomen-trio-v1)"
+    )
+    parser.add_argument(
+        "--instances", type=int, default=1, help="instance_group count per model (requests queue across instances)"
+    )
     parser.add_argument("--kind", choices=sorted(KINDS), default="gpu", help="KIND_GPU (default, cluster) or KIND_CPU")
     parser.add_argument("--gpus", type=int, nargs="*", default=[], help="GPU ids for KIND_GPU (default: all)")
     args = parser.parse_args(argv)
