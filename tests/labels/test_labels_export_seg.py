@@ -512,11 +512,11 @@ def test_destination_with_query_or_fragment_is_refused(env, tmp_path):  # type: 
     _, stub = _stubs(env)
     for suffix in ("?x=1", "#part"):
         code, reason, _ = _reason(
-            lambda: stub.ExportDataset(
+            lambda suffix=suffix: stub.ExportDataset(
                 labels_pb2.ExportDatasetRequest(destination_uri=tmp_path.as_uri() + suffix, include_dicom_seg=True),
                 timeout=30,
             )
-        )  # noqa: B023
+        )
         assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_DESTINATION")
     # a percent-encoded "?" is part of the directory name
     assert destination_path((tmp_path / "a?b").as_uri()) == tmp_path / "a?b"

@@ -415,7 +415,7 @@ def test_population_prior_learns_from_recorded_human_labels(server):
         pb.OrganGeometry(organ=4, volume_ml=1.0, centroid_mm=[0.0, 0.0, 0.0]),
     ):
         fails(
-            lambda: stub.RecordLabelVersion(
+            lambda bad=bad: stub.RecordLabelVersion(
                 pb.RecordLabelVersionRequest(
                     case_id="c9",
                     label_version_id="v9",
@@ -426,4 +426,4 @@ def test_population_prior_learns_from_recorded_human_labels(server):
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
             "INVALID_LABEL_VERSION",
-        )  # noqa: B023
+        )
