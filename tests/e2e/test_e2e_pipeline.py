@@ -28,7 +28,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from atlasflow.cli.demo_series import SENTINEL_PATIENT_DATA, write_demo_series
 from atlasflow.cli.local import LocalDeployment
-from atlasflow.cli.upload import UploadError, send_files, upload_requests
+from atlasflow.ingest.client import UploadError, send_files, upload_requests
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.nifti import from_nifti_bytes
 from atlasflow.common.server import error_info_of

@@ -20,7 +20,7 @@ from google.rpc import error_details_pb2, status_pb2
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from atlasflow.cli.upload import upload_requests
+from atlasflow.ingest.client import upload_requests
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from conftest import load_benchmark
 

@@ -15,7 +15,7 @@ import grpc
 import pydicom
 import pytest
 
-from atlasflow.cli.upload import send_files
+from atlasflow.ingest.client import send_files
 from atlasflow.ingest.store import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from conftest import load_benchmark

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pydicom
 
-from atlasflow.cli.upload import derive_uids
+from atlasflow.ingest.client import derive_uids
 from atlasflow.ingest.store import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from conftest import load_benchmark

@@ -31,7 +31,7 @@ import pydicom
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from atlasflow.cli.upload import send_files
+from atlasflow.ingest.client import send_files
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.errors import NotFound, Unavailable
 from atlasflow.common.metrics import Metrics

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(args.out, keep_running=args.keep_running)
     if args.command == "send":
-        from atlasflow.cli.upload import UploadError, send_directory
+        from atlasflow.ingest.client import UploadError, send_directory
 
         try:
             receipts = send_directory(args.directory, args.target, commit=args.commit, assign_uids=args.assign_uids)

@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _upload(paths: list[Path], target: str) -> list:
-    from atlasflow.cli.upload import UploadError, send_files
+    from atlasflow.ingest.client import UploadError, send_files
 
     try:
         return send_files(paths, target)

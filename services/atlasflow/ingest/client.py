@@ -1,5 +1,7 @@
-"""Client of IngestService.UploadInstances: stream DICOM files in chunks with a checksum each,
-resumably.
+"""Ingest's public gRPC upload client (IngestService.UploadInstances): stream DICOM files in
+chunks with a checksum each, resumably. Used by `atlasflow send`, by `ingest.retrieve`'s C-GET
+path, and by tests and benchmarks; it imports only `atlasflow.common`, the generated
+`atlasflow.ingest.v1` stubs and (lazily, for `derive_uids`) ingest's pure `content_key`.
 
 Every instance is uploaded under an `upload_id` derived from its bytes (``sha256-<hex>``): the
 server makes each chunk durable before reading the next. Before sending an instance the client
