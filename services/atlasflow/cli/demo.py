@@ -215,18 +215,12 @@ def export(dep: LocalDeployment, out: Path, timeout_s: float = 300.0) -> None:
         say(f"DICOM SEG ({state}): {detail}")
 
 
-def run_demo(out: Path, *, keep_running: bool = False) -> int:
-    from atlasflow.cli.montage import render_montage
-    from atlasflow.segmentation.ensemble import load_ensemble
-
-    t_start = time.monotonic()
-    out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    trained = load_ensemble("abdomen-trio-v1").weights_trained
-    say(
-        "atlasflow demo: bundled abdominal CT -> DICOM C-STORE -> ingest -> segmentation "
-        "(Triton) -> labels + ranking -> export"
-    )
+def weights_note(dep: LocalDeployment, job_id: str) -> bool:
+    """Say whether the segmentation ran trained weights (the job's result, as the service
+    reports it: the CLI does not read the ensemble definition itself); returns that flag."""
+    seg = segmentation_pb2_grpc.SegmentationServiceStub(grpc.insecure_channel(dep.target("segmentation")))
+    job = seg.GetSegmentationJob(segmentation_pb2.GetSegmentationJobRequest(job_id=job_id)).job
+    trained = bool(job.result.weights_trained)
     if trained:
         say(
             "NOTE: DEMO-ONLY weights, trained on this very CT (services/atlasflow/segmentation/weights/"
@@ -237,6 +231,19 @@ def run_demo(out: Path, *, keep_running: bool = False) -> int:
             "NOTE: the ensemble runs UNTRAINED (randomly initialised) weights: the labels "
             "and the attention map show the plumbing, not anatomy."
         )
+    return trained
+
+
+def run_demo(out: Path, *, keep_running: bool = False) -> int:
+    from atlasflow.cli.montage import render_montage
+
+    t_start = time.monotonic()
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    say(
+        "atlasflow demo: bundled abdominal CT -> DICOM C-STORE -> ingest -> segmentation "
+        "(Triton) -> labels + ranking -> export"
+    )
     state_dir = out / "state"
     if state_dir.exists():
         shutil.rmtree(state_dir)
@@ -250,7 +257,8 @@ def run_demo(out: Path, *, keep_running: bool = False) -> int:
         t_send = time.monotonic()
         send_cstore(files, dep.ports["dicom"], "ATLASFLOW")
         say(f"sent {len(files)} CT instances by C-STORE in {time.monotonic() - t_send:.2f} s")
-        case_id, _job = wait_for_pipeline(dep)
+        case_id, job_id = wait_for_pipeline(dep)
+        trained = weights_note(dep, job_id)
         print_worklist(dep)
         review_round(dep, case_id)
         export_dir = out / "export"

@@ -38,6 +38,8 @@ DEFAULT_PORTS = {
     "ranking_metrics": 9103,
     "labels_metrics": 9104,
 }
+# gRPC metadata key of PyTriton's access token (`pytriton.client.auth.create_auth_headers`).
+TRITON_TOKEN_HEADER = "triton-grpc-protocol-triton-access-token"
 START_ORDER = ["triton", "labels", "ranking", "segmentation", "ingest"]
 # glibc malloc settings for the processes that run the models: without them every sliding-window
 # step of an inference thread maps and unmaps its large buffers again (page faults and zeroing
@@ -228,21 +230,32 @@ class LocalDeployment:
 
     def healthy(self, name: str) -> bool:
         if name == "triton":
-            import tritonclient.grpc as tgrpc
-
-            from atlasflow.segmentation.ensemble import triton_model_name
-
-            try:
-                client = tgrpc.InferenceServerClient(self.target("triton_grpc"))
-                return bool(client.is_model_ready(triton_model_name(self.ensemble)))
-            except Exception:  # noqa: BLE001
-                return False
+            return self._triton_ready()
         try:
             with grpc.insecure_channel(self.target(name)) as ch:
                 resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
             return resp.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:
             return False
+
+    def _triton_ready(self) -> bool:
+        """Triton is ready when it answers and every model of its repository index is READY
+        (at least one): the launcher needs no knowledge of how an ensemble version maps to a
+        Triton model name. The index is a restricted protocol (PyTriton): asked with the
+        deployment's access token."""
+        import tritonclient.grpc as tgrpc
+
+        try:
+            client = tgrpc.InferenceServerClient(self.target("triton_grpc"))
+            if not client.is_server_ready(client_timeout=1.0):
+                return False
+            index = client.get_model_repository_index(
+                headers={TRITON_TOKEN_HEADER: self.triton_token}, as_json=True, client_timeout=1.0
+            )
+        except Exception:  # noqa: BLE001 - not up yet (connection refused, deadline, starting)
+            return False
+        models = index.get("models", [])
+        return bool(models) and all(m.get("state") == "READY" for m in models)
 
     def stop(self, grace_s: float = 20.0, names: list[str] | None = None) -> None:
         pids = self.pids()
