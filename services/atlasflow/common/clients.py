@@ -51,4 +51,5 @@ def aio_channel(target: str, max_message_bytes: int = 64 * 1024 * 1024) -> grpc.
 def sync_channel(target: str, max_message_bytes: int = 64 * 1024 * 1024) -> grpc.Channel:
     """Blocking channel for the CLI, tests and the segmentation worker thread."""
     channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
-    return intercept_channel(channel, client_interceptor())
+    traced: grpc.Channel = intercept_channel(channel, client_interceptor())
+    return traced

@@ -8,22 +8,26 @@ from __future__ import annotations
 
 import gzip
 import io
+from typing import Any
 
 import nibabel as nib
 import numpy as np
+import numpy.typing as npt
 
 
-def to_nifti_bytes(array: np.ndarray, affine: np.ndarray, *, compress: bool = True, level: int = 1) -> bytes:
+def to_nifti_bytes(
+    array: npt.NDArray[Any], affine: npt.NDArray[np.floating[Any]], *, compress: bool = True, level: int = 1
+) -> bytes:
     """Encode `array` (X, Y, Z), RAS `affine` (4, 4) as NIfTI-1; gzip it when `compress`."""
     img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
     img.header.set_sform(affine, code=1)
     img.header.set_qform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
-    raw = img.to_bytes()
+    raw: bytes = img.to_bytes()
     return gzip.compress(raw, compresslevel=level, mtime=0) if compress else raw
 
 
-def from_nifti_bytes(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+def from_nifti_bytes(data: bytes) -> tuple[npt.NDArray[Any], npt.NDArray[np.float64]]:
     """Decode NIfTI-1 (gzip or not) into (array in its stored dtype, (4, 4) float64 affine)."""
     if data[:2] == b"\x1f\x8b":
         data = gzip.decompress(data)

@@ -15,9 +15,9 @@ import inspect
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -34,6 +34,15 @@ log = logging.getLogger(__name__)
 
 PRINCIPAL_METADATA_KEY = "x-atlasflow-principal"
 
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+"""The servicer context of any atlasflow RPC (request and response types are the servicer's business)."""
+# grpc's stubs type a method handler's behaviours for the sync server; on grpc.aio they are
+# coroutine functions (unary response) and async generators (streaming response).
+_UnaryBehavior: TypeAlias = Callable[[Any, Context], Awaitable[Any]]
+_StreamBehavior: TypeAlias = Callable[[Any, Context], AsyncIterator[Any]]
+
 
 def status_for(err: AtlasflowError) -> status_pb2.Status:
     """google.rpc.Status with one ErrorInfo for a domain error."""
@@ -45,7 +54,7 @@ def status_for(err: AtlasflowError) -> status_pb2.Status:
 
 def error_info_of(exc: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     """Client side: the ErrorInfo detail of a failed call, if it carries one."""
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    status = rpc_status.from_call(exc)
     if status is None:
         return None
     for detail in status.details:
@@ -56,7 +65,7 @@ def error_info_of(exc: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     return None
 
 
-def principal_of(context: grpc.aio.ServicerContext) -> str:
+def principal_of(context: Context) -> str:
     """Caller identity from request metadata ('' if none); tokens replace this later."""
     for key, value in context.invocation_metadata() or ():
         if key == PRINCIPAL_METADATA_KEY:
@@ -70,7 +79,11 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Req, _Resp] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith("/grpc.health.v1.") or method.startswith("/grpc.reflection."):
@@ -81,7 +94,7 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         def finish(t0: float, code: str) -> None:
             metrics.observe_rpc(short, code, time.perf_counter() - t0)
 
-        async def handle_error(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+        async def handle_error(exc: BaseException, context: Context) -> None:
             if isinstance(exc, AtlasflowError):
                 log.warning("rpc failed", extra={"fields": {"rpc": short, "code": exc.code, "reason": exc.reason}})
                 await context.abort_with_status(rpc_status.to_status(status_for(exc)))
@@ -89,16 +102,16 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
             log.error("rpc crashed", exc_info=exc, extra={"fields": {"rpc": short, "exc_type": type(exc).__name__}})
             await context.abort_with_status(rpc_status.to_status(status_for(internal)))
 
-        def code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
+        def code_of(context: Context, exc: BaseException | None) -> str:
             if isinstance(exc, AtlasflowError):
                 return exc.code
-            c = context.code()
+            c: grpc.StatusCode | int | None = context.code()  # None while no status is set yet
             if c is None:
                 return "OK" if exc is None else ("CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL")
             return c.name if isinstance(c, grpc.StatusCode) else str(c)
 
-        def wrap_unary_response(behavior):  # unary_unary and stream_unary
-            async def wrapper(request_or_iterator, context):
+        def wrap_unary_response(behavior: _UnaryBehavior) -> _UnaryBehavior:  # unary_unary and stream_unary
+            async def wrapper(request_or_iterator: Any, context: Context) -> Any:
                 t0 = time.perf_counter()
                 exc: BaseException | None = None
                 try:
@@ -113,8 +126,8 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
 
             return wrapper
 
-        def wrap_stream_response(behavior):  # unary_stream and stream_stream
-            async def wrapper(request_or_iterator, context):
+        def wrap_stream_response(behavior: _StreamBehavior) -> _StreamBehavior:  # unary_stream and stream_stream
+            async def wrapper(request_or_iterator: Any, context: Context) -> AsyncIterator[Any]:
                 t0 = time.perf_counter()
                 exc: BaseException | None = None
                 try:
@@ -130,21 +143,30 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
 
             return wrapper
 
+        # The casts state what grpc.aio hands us (see _UnaryBehavior); the stubs describe the sync server.
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                wrap_unary_response(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+                wrap_unary_response(cast(_UnaryBehavior, handler.unary_unary)),
+                handler.request_deserializer,
+                handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                wrap_unary_response(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+                wrap_unary_response(cast(_UnaryBehavior, handler.stream_unary)),
+                handler.request_deserializer,
+                handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                wrap_stream_response(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+                wrap_stream_response(cast(_StreamBehavior, handler.unary_stream)),
+                handler.request_deserializer,
+                handler.response_serializer,
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                wrap_stream_response(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+                wrap_stream_response(cast(_StreamBehavior, handler.stream_stream)),
+                handler.request_deserializer,
+                handler.response_serializer,
             )
         return handler
 

@@ -182,4 +182,5 @@ def decode_page_token(token: str, kind: str, *, scope: str = "", domain: str = "
         or not isinstance(payload.get("c"), dict)
     ):
         raise bad()
-    return payload["c"]
+    cursor: dict[str, Any] = payload["c"]
+    return cursor
