@@ -26,7 +26,7 @@ from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.server import PRINCIPAL_METADATA_KEY
 from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.assembly import encode_mask_delta
-from atlasflow.labels.repository import open_repository
+from atlasflow.labels.storage import open_repository
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
 from atlasflow.labels.validate import validate_label_map
 

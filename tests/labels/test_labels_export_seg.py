@@ -31,7 +31,6 @@ import pydicom
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from atlasflow.ingest.client import send_files
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.errors import NotFound, Unavailable
 from atlasflow.common.metrics import Metrics
@@ -39,10 +38,12 @@ from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.organs import ORGANS
 from atlasflow.common.server import error_info_of
 from atlasflow.common.v1 import common_pb2
+from atlasflow.ingest.client import send_files
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from atlasflow.labels.export import ExportOptions, PacsDestination, SegOutcome, build_case_seg
-from atlasflow.labels.repository import Provenance, SqliteLabelRepository
+from atlasflow.labels.repository import Provenance
 from atlasflow.labels.service import Exporter, destination_path, export_to_proto
+from atlasflow.labels.sqlite import SqliteLabelRepository
 from atlasflow.labels.totalseg import totalseg_to_atlas
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
 from conftest import REPO, SHARED_DATA

@@ -19,9 +19,9 @@ from atlasflow.labels.repository import (
     LabelRepository,
     OrganProvenance,
     Provenance,
-    SqliteLabelRepository,
-    open_repository,
 )
+from atlasflow.labels.sqlite import SqliteLabelRepository
+from atlasflow.labels.storage import open_repository
 
 AFFINE = tuple(float(a) for a in np.diag([1.5, 1.5, 2.0, 1.0]).ravel())
 AI = Provenance("ai", model_version="trio-v1", job_id="job-1", weights_trained=False)
@@ -475,7 +475,7 @@ def test_stop_gap_export_jobs_get_their_options_on_upgrade(backend, tmp_path, re
     now = "2026-01-01T00:00:00+00:00"
     if backend == "sqlite":
         from atlasflow.common import sqlite as sq
-        from atlasflow.labels.repository import MIGRATIONS
+        from atlasflow.labels.schema import MIGRATIONS
 
         conn = sq.connect(tmp_path / "labels.sqlite")
         sq.migrate(conn, MIGRATIONS[:3])
@@ -487,7 +487,8 @@ def test_stop_gap_export_jobs_get_their_options_on_upgrade(backend, tmp_path, re
         import psycopg
         from psycopg.rows import dict_row
 
-        from atlasflow.labels.postgres import PG_MIGRATIONS, migrate
+        from atlasflow.labels.postgres import migrate
+        from atlasflow.labels.schema import PG_MIGRATIONS
 
         url = request.getfixturevalue("pg_database")()
         with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
@@ -571,7 +572,7 @@ def test_sqlite_v1_database_is_upgraded_in_place(tmp_path):
     """A database written by the first schema keeps its versions; their organs get the
     version's own provenance."""
     from atlasflow.common import sqlite as sq
-    from atlasflow.labels.repository import MIGRATIONS
+    from atlasflow.labels.schema import MIGRATIONS
 
     conn = sq.connect(tmp_path / "labels.sqlite")
     sq.migrate(conn, MIGRATIONS[:1])

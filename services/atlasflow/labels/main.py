@@ -16,7 +16,7 @@ from atlasflow.common.server import BuiltServer, build_server, run_until_signall
 from atlasflow.common.settings import ServiceSettings
 from atlasflow.common.telemetry import setup_logging, setup_tracing, shutdown_tracing
 from atlasflow.labels.events import TOPIC, VersionEventStore, human_decided, organ_geometry, ranking_request
-from atlasflow.labels.repository import open_repository
+from atlasflow.labels.storage import open_repository
 from atlasflow.labels.service import Exporter, IngestSourceInstances, LabelServicer
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
 from atlasflow.ranking.v1 import ranking_pb2_grpc

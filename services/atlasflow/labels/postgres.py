@@ -1,7 +1,7 @@
 """PostgreSQL backend of the label repository (psycopg 3; production deployments).
 
-Same SQL and behaviour as the SQLite store (atlasflow.labels.repository.SqlLabelRepository);
-what differs lives here:
+Same SQL and behaviour as the SQLite store (atlasflow.labels.sql.SqlLabelRepository, the
+contract in atlasflow.labels.repository); what differs lives here:
 
 - Connections: a small thread-safe pool (default at most 8), autocommit connections; writes run
   in `conn.transaction()`, reads are single statements (READ COMMITTED).
@@ -10,8 +10,8 @@ what differs lives here:
   case serialise while other cases proceed in parallel; the partial UNIQUE indexes (one root per
   case, one child per version) and UNIQUE request_id are the backstop: a violation is retried
   once and then decided by the committed state.
-- Migrations: `PG_MIGRATIONS` (the same numbers and contents as SQLite's `MIGRATIONS`, in
-  PostgreSQL's dialect), versioned in `schema_migrations` like SQLite's, applied under a
+- Migrations: `atlasflow.labels.schema.PG_MIGRATIONS` (the same numbers and contents as
+  SQLite's `MIGRATIONS`, in PostgreSQL's dialect), versioned in `schema_migrations` like SQLite's, applied under a
   transaction-scoped advisory lock so that replicas starting together apply each one once.
 """
 
@@ -30,112 +30,11 @@ from psycopg.rows import dict_row
 
 from atlasflow.common.errors import FailedPrecondition, Unavailable
 from atlasflow.common.sqlite import utc_now
-from atlasflow.labels.repository import DOMAIN, SqlLabelRepository, _legacy_export_options_sql
+from atlasflow.labels.repository import DOMAIN
+from atlasflow.labels.schema import PG_MIGRATIONS
+from atlasflow.labels.sql import SqlLabelRepository, Tx
 
 _MIGRATION_LOCK = 0x61746C61_7366_6C6F & 0x7FFFFFFFFFFFFFFF  # "atlasflo"
-
-PG_MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE label_versions (
-        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        version_id TEXT NOT NULL UNIQUE,
-        case_id TEXT NOT NULL,
-        parent_version_id TEXT REFERENCES label_versions(version_id),
-        label_map_digest TEXT NOT NULL,
-        label_map_size BIGINT NOT NULL,
-        ct_digest TEXT NOT NULL,
-        ct_size BIGINT NOT NULL,
-        source TEXT NOT NULL CHECK (source IN ('ai', 'radiologist', 'original')),
-        model_version TEXT NOT NULL DEFAULT '',
-        job_id TEXT NOT NULL DEFAULT '',
-        reviewer TEXT NOT NULL DEFAULT '',
-        weights_trained BOOLEAN NOT NULL DEFAULT FALSE,
-        organs TEXT NOT NULL,
-        shape TEXT NOT NULL,
-        affine TEXT NOT NULL,
-        request_id TEXT NOT NULL UNIQUE,
-        request_fingerprint TEXT NOT NULL,
-        create_time TIMESTAMPTZ NOT NULL
-    );
-    CREATE UNIQUE INDEX label_versions_one_root ON label_versions(case_id)
-        WHERE parent_version_id IS NULL;
-    CREATE UNIQUE INDEX label_versions_one_child ON label_versions(parent_version_id)
-        WHERE parent_version_id IS NOT NULL;
-    CREATE INDEX label_versions_by_case ON label_versions(case_id, seq);
-    CREATE TABLE case_heads (
-        case_id TEXT PRIMARY KEY,
-        head_version_id TEXT NOT NULL REFERENCES label_versions(version_id),
-        version_count INTEGER NOT NULL
-    );
-    CREATE TABLE export_jobs (
-        job_id TEXT PRIMARY KEY,
-        state TEXT NOT NULL
-            CHECK (state IN ('QUEUED', 'RUNNING', 'SUCCEEDED', 'FAILED', 'CANCELLED')),
-        destination_uri TEXT NOT NULL,
-        case_ids TEXT NOT NULL,
-        versions TEXT NOT NULL,
-        cases_done INTEGER NOT NULL DEFAULT 0,
-        cases_total INTEGER NOT NULL,
-        error_reason TEXT NOT NULL DEFAULT '',
-        request_id TEXT UNIQUE,
-        create_time TIMESTAMPTZ NOT NULL,
-        update_time TIMESTAMPTZ NOT NULL
-    );
-    CREATE INDEX export_jobs_by_state ON export_jobs(state, create_time);
-    """,
-    """
-    ALTER TABLE label_versions ADD COLUMN organ_provenance TEXT NOT NULL DEFAULT '{}';
-    CREATE TABLE audit_records (
-        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        record_id TEXT NOT NULL UNIQUE,
-        time TIMESTAMPTZ NOT NULL,
-        principal TEXT NOT NULL,
-        method TEXT NOT NULL,
-        case_id TEXT NOT NULL DEFAULT '',
-        version_ids TEXT NOT NULL DEFAULT '[]',
-        job_id TEXT NOT NULL DEFAULT '',
-        outcome TEXT NOT NULL
-    );
-    CREATE INDEX audit_records_by_case ON audit_records(case_id, seq);
-    CREATE INDEX audit_records_by_principal ON audit_records(principal, seq);
-    CREATE FUNCTION audit_records_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        RAISE EXCEPTION 'audit records are append-only';
-    END;
-    $$;
-    CREATE TRIGGER audit_records_append_only BEFORE UPDATE OR DELETE ON audit_records
-        FOR EACH ROW EXECUTE FUNCTION audit_records_append_only();
-    """,
-    """
-    CREATE TABLE version_events (
-        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        version_id TEXT NOT NULL UNIQUE REFERENCES label_versions(version_id),
-        case_id TEXT NOT NULL,
-        version_number INTEGER NOT NULL,
-        traceparent TEXT NOT NULL DEFAULT '',
-        state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'done', 'dead')),
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt_at DOUBLE PRECISION NOT NULL DEFAULT 0,
-        last_error TEXT NOT NULL DEFAULT ''
-    );
-    CREATE INDEX version_events_due ON version_events(state, next_attempt_at, seq);
-    INSERT INTO version_events(version_id, case_id, version_number)
-        SELECT version_id, case_id,
-               ROW_NUMBER() OVER (PARTITION BY case_id ORDER BY seq)
-        FROM label_versions ORDER BY seq;
-    """,
-    """
-    ALTER TABLE export_jobs ADD COLUMN options TEXT NOT NULL DEFAULT '{}';
-    CREATE TABLE export_case_outcomes (
-        job_id TEXT NOT NULL REFERENCES export_jobs(job_id),
-        case_id TEXT NOT NULL,
-        outcome TEXT NOT NULL,
-        time TIMESTAMPTZ NOT NULL,
-        PRIMARY KEY (job_id, case_id)
-    );
-    """
-    + _legacy_export_options_sql("postgres"),
-)
 
 
 def _qmarks(sql: str) -> str:
@@ -211,16 +110,16 @@ class _PgBackend:
             self.slots.release()
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[_PgTx]:
+    def write(self) -> Iterator[Tx]:
         with self._conn() as conn, conn.transaction():
             yield _PgTx(conn)
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[_PgTx]:
+    def read(self) -> Iterator[Tx]:
         with self._conn() as conn:
             yield _PgTx(conn)
 
-    def lock_case(self, tx: _PgTx, case_id: str) -> None:
+    def lock_case(self, tx: Tx, case_id: str) -> None:
         tx.run("SELECT pg_advisory_xact_lock(?)", (case_lock_key(case_id),))
 
     def timestamp(self, dt: datetime) -> Any:
@@ -253,7 +152,7 @@ def migrate(conn: psycopg.Connection[Any], migrations: Sequence[str]) -> int:
             done = conn.execute("SELECT 1 FROM schema_migrations WHERE version = %s", (version,)).fetchone()
             if done:
                 continue
-            conn.execute(script)  # type: ignore[arg-type]
+            conn.execute(script)
             conn.execute("INSERT INTO schema_migrations(version, applied_at) VALUES (%s, %s)", (version, utc_now()))
     row = conn.execute("SELECT MAX(version) AS v FROM schema_migrations").fetchone()
     current = int((row or {}).get("v") or 0)
