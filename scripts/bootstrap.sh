@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Bootstrap everything atlasflow needs on a fresh Debian machine, idempotently:
 #   Debian packages (dcmtk: storescu for tests and the demo sender), a virtualenv in .venv
-#   with atlasflow installed editable (+ test extras), and the helm/buf binaries in .tools/.
+#   with atlasflow installed editable (+ test extras: pytest, ruff, mypy and type stubs), and the
+#   helm/buf binaries in .tools/.
 # Usage: scripts/bootstrap.sh [--test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
