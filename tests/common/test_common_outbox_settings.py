@@ -15,13 +15,13 @@ from atlasflow.common.outbox import OUTBOX_MIGRATION, OutboxDispatcher, OutboxRo
 from atlasflow.common.settings import ServiceSettings
 
 
-def _open(path):  # type: ignore[no-untyped-def]
+def _open(path):
     conn = db.connect(path)
     db.migrate(conn, [OUTBOX_MIGRATION])
     return conn
 
 
-def test_outbox_retries_transient_parks_permanent_and_survives_restart(tmp_path):  # type: ignore[no-untyped-def]
+def test_outbox_retries_transient_parks_permanent_and_survives_restart(tmp_path):
     path = tmp_path / "o.sqlite3"
     conn = _open(path)
     with db.transaction(conn):
@@ -69,12 +69,12 @@ class _S(ServiceSettings):
         ({"X_PEERS": "A, B,", "X_ENABLED": "yes"}, _S(peers=("A", "B"), enabled=True)),
     ],
 )
-def test_settings_from_env(env, expected):  # type: ignore[no-untyped-def]
+def test_settings_from_env(env, expected):
     assert _S.from_env("X_", env) == expected
 
 
 @pytest.mark.parametrize("env", [{"X_GRPC_PORT": "eighty"}, {"X_ENABLED": "maybe"}])
-def test_settings_reject_bad_values(env):  # type: ignore[no-untyped-def]
+def test_settings_reject_bad_values(env):
     with pytest.raises(InvalidArgument) as err:
         _S.from_env("X_", env)
     assert err.value.reason == "INVALID_SETTING"

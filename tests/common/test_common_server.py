@@ -20,7 +20,7 @@ from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 
 class _Servicer(ranking_pb2_grpc.RankingServiceServicer):
-    async def GetWorklistItem(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetWorklistItem(self, request, context):
         if request.case_id == "bad":
             raise InvalidArgument("BAD_CASE", "case id is bad", domain="atlasflow.ranking", metadata={"case_id": "bad"})
         if request.case_id == "boom":
@@ -36,11 +36,11 @@ def running():
     metrics = Metrics("ranking")
     loop = asyncio.new_event_loop()
 
-    def register(server):  # type: ignore[no-untyped-def]
+    def register(server):
         ranking_pb2_grpc.add_RankingServiceServicer_to_server(_Servicer(), server)
         return ["atlasflow.ranking.v1.RankingService"]
 
-    async def start():  # type: ignore[no-untyped-def]
+    async def start():
         built = build_server(
             register=register, metrics=metrics, port=0, max_message_bytes=1024, tracer_provider=provider
         )
@@ -59,7 +59,7 @@ def running():
     t.join(5)
 
 
-def test_ok_error_info_internal_metrics_and_spans(running):  # type: ignore[no-untyped-def]
+def test_ok_error_info_internal_metrics_and_spans(running):
     built, metrics, exporter = running
     with grpc.insecure_channel(f"127.0.0.1:{built.port}") as ch:
         stub = ranking_pb2_grpc.RankingServiceStub(ch)
@@ -106,9 +106,9 @@ def test_ok_error_info_internal_metrics_and_spans(running):  # type: ignore[no-u
     assert not any("grpc.health" in n for n in span_names)
 
 
-def test_graceful_stop_marks_not_serving(running):  # type: ignore[no-untyped-def]
+def test_graceful_stop_marks_not_serving(running):
     built, _metrics, _exporter = running
-    loop_future = asyncio.run_coroutine_threadsafe(built.set_serving(False), built.server._loop)  # type: ignore[attr-defined]
+    loop_future = asyncio.run_coroutine_threadsafe(built.set_serving(False), built.server._loop)
     loop_future.result(5)
     with grpc.insecure_channel(f"127.0.0.1:{built.port}") as ch:
         status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest()).status

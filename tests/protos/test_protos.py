@@ -26,7 +26,7 @@ def test_buf_lint_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _services():  # type: ignore[no-untyped-def]
+def _services():
     from atlasflow.ingest.v1 import ingest_pb2
     from atlasflow.labels.v1 import labels_pb2
     from atlasflow.ranking.v1 import ranking_pb2
@@ -39,7 +39,7 @@ def _services():  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     "method", [m for s in _services() for m in s.methods if m.name.startswith("List")], ids=lambda m: m.full_name
 )
-def test_every_list_method_paginates(method):  # type: ignore[no-untyped-def]
+def test_every_list_method_paginates(method):
     req = {f.name for f in method.input_type.fields}
     resp = {f.name for f in method.output_type.fields}
     assert {"page_size", "page_token"} <= req
@@ -47,6 +47,6 @@ def test_every_list_method_paginates(method):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("method", [m for s in _services() for m in s.methods], ids=lambda m: m.full_name)
-def test_unique_request_and_response_per_method(method):  # type: ignore[no-untyped-def]
+def test_unique_request_and_response_per_method(method):
     assert method.input_type.name == f"{method.name}Request"
     assert method.output_type.name == f"{method.name}Response"
