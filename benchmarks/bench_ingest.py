@@ -13,7 +13,7 @@ Reported: median of `runs` for instances/s and MB/s (10^6 bytes of file) and the
 atlasflow / Orthanc, after one untimed warm-up run of each, in alternating order (see
 `run_benchmark`), with the load average. atlasflow acknowledges an instance only after its
 spool record is fdatasync'd and its row committed (the record is the row's redo log, see
-`atlasflow.ingest.store`); Orthanc 1.10 fsyncs each stored file (SyncStorageArea, default
+`atlasflow.ingest.spool`); Orthanc 1.10 fsyncs each stored file (SyncStorageArea, default
 true) and commits its SQLite index.
 
 The module also holds the process helpers the ingest reception tests use (`IngestProcess`,

@@ -16,7 +16,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from atlasflow.ingest.store import atlas_id
+from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from conftest import load_benchmark
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from atlasflow.ingest.store import atlas_id
+from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from conftest import load_benchmark
 

@@ -17,7 +17,7 @@ import grpc
 import pydicom
 import pytest
 
-from atlasflow.ingest.store import atlas_id
+from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from conftest import load_benchmark
 

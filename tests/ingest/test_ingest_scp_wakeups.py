@@ -16,11 +16,12 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.metrics import Metrics
+from atlasflow.ingest.reception import Reception
 from atlasflow.ingest.scp import ScpConfig, StoreScp
 from atlasflow.ingest.store import IngestStore
-from conftest import SHARED_DATA
+from atlasflow.testing.data import TEST_DATA
 
-CT_SLICE = SHARED_DATA / "pydicom_ct_singles" / "pydicom" / "CT_small.dcm"
+CT_SLICE = TEST_DATA / "pydicom_ct_singles" / "pydicom" / "CT_small.dcm"
 
 
 def _nodelay(event: evt.Event) -> None:
@@ -38,7 +39,7 @@ def scp(tmp_path: Path):  # type: ignore[no-untyped-def]
     store = IngestStore(
         tmp_path / "data", LocalBlobStore(tmp_path / "blobs"), spool_segment_bytes=1 << 20, spool_spares=1
     )
-    server = StoreScp(ScpConfig(port=0, max_associations=4), store, Metrics("ingest-scp-test"))
+    server = StoreScp(ScpConfig(port=0, max_associations=4), Reception(store, Metrics("ingest-scp-test")))
     server.start()
     yield server
     server.stop()

@@ -15,7 +15,8 @@ import pydicom
 import pytest
 
 from atlasflow.common.blobstore import LocalBlobStore
-from atlasflow.ingest.store import IngestStore, content_key
+from atlasflow.ingest.identity import content_key
+from atlasflow.ingest.store import IngestStore
 
 SEG = 2 * 1024 * 1024
 

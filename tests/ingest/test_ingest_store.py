@@ -129,7 +129,7 @@ def test_series_version_and_volume_look_ups(store):  # type: ignore[no-untyped-d
 def test_volume_look_up_uses_its_index(tmp_path):  # type: ignore[no-untyped-def]
     """Migration 6 indexes the volume digest; a database written before it is upgraded."""
     from atlasflow.common import sqlite as db
-    from atlasflow.ingest.store import MIGRATIONS
+    from atlasflow.ingest.schema import MIGRATIONS
 
     conn = db.connect(tmp_path / "data" / "ingest.sqlite3")
     db.migrate(conn, MIGRATIONS[:5])

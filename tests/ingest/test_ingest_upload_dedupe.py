@@ -2,7 +2,7 @@
 
 The SCP stores pynetdicom's re-encoding of an instance (its own preamble and File Meta, and the
 transfer syntax the peer negotiated); the gRPC path stores the sender's file. Both must be
-recognised as the same instance (`atlasflow.ingest.store.content_key`): sent both ways it is
+recognised as the same instance (`atlasflow.ingest.identity.content_key`): sent both ways it is
 stored once and counted as a duplicate; a different data set under the same SOP Instance UID is
 a recorded conflict on either path, with the first instance kept.
 """
@@ -16,7 +16,7 @@ import pydicom
 import pytest
 
 from atlasflow.ingest.client import send_files
-from atlasflow.ingest.store import atlas_id
+from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from conftest import load_benchmark
 

@@ -14,7 +14,7 @@ import pytest
 
 from atlasflow.ingest.client import UploadStats, resumable_requests, send_files, upload_id_of
 from atlasflow.common.server import error_info_of
-from atlasflow.ingest.store import atlas_id
+from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from conftest import load_benchmark
 

@@ -13,7 +13,7 @@ import grpc
 import pydicom
 
 from atlasflow.ingest.client import derive_uids
-from atlasflow.ingest.store import atlas_id
+from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from conftest import load_benchmark
 

@@ -32,7 +32,7 @@ DELEGATED = {
 
 def _serve(name: str) -> None:
     if name == "ingest":
-        from atlasflow.ingest.main import main
+        from atlasflow.ingest.app import main
     elif name == "segmentation":
         from atlasflow.segmentation.main import main
     elif name == "ranking":

@@ -135,7 +135,7 @@ def derive_uids(data: bytes) -> bytes:
     """
     import pydicom
 
-    from atlasflow.ingest.store import content_key
+    from atlasflow.ingest.identity import content_key
 
     ds = pydicom.dcmread(io.BytesIO(data), force=True)
     keys = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")

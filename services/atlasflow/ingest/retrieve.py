@@ -21,7 +21,7 @@ counts), UPLOAD_FAILED (C-GET path). UIDs of the query appear only on stdout/std
 command, never in log lines (pynetdicom's identifier logging is off).
 
 Library use: `find_series`, `move_series`, `get_series` (no grpc in this module except the
-C-GET upload, done through `atlasflow.cli.upload`).
+C-GET upload, done through `atlasflow.ingest.client`).
 """
 
 from __future__ import annotations

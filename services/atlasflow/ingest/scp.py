@@ -1,8 +1,9 @@
-"""DICOM C-STORE / C-ECHO service class provider (pynetdicom), feeding `IngestStore`.
+"""DICOM C-STORE / C-ECHO service class provider (pynetdicom), feeding `Reception`.
 
-Success (0x0000) is returned only after the instance is durable. Bad input gets a specific
-failure status (see `atlasflow.ingest.dicom.DICOM_STATUS`) and a log line with the reason, never
-with patient data. TCP_NODELAY is set on every accepted socket: without it, loopback transfers
+Success (0x0000) is returned only after the instance is durable (`Reception.receive`, the path
+the gRPC upload takes too). Bad input gets a specific failure status (see
+`atlasflow.ingest.dicom.DICOM_STATUS`) and a log line with the reason, never with patient data;
+a write that fails for lack of resources gets 0xA700 Out of Resources. TCP_NODELAY is set on every accepted socket: without it, loopback transfers
 are bound by Nagle + delayed ACK (~46 ms per instance, DESIGN.md).
 
 Throughput (issue 3: at least Orthanc's rate for a 300-slice series from storescu): each
@@ -18,11 +19,8 @@ import logging
 import select
 import socket
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from opentelemetry import context as otel_context
-from opentelemetry import trace
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom._handlers import (
     standard_dimse_recv_handler,
@@ -37,13 +35,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from atlasflow.common.errors import AtlasflowError
-from atlasflow.common.metrics import Metrics
-from atlasflow.common.telemetry import context_from_traceparent, current_traceparent
-from atlasflow.ingest.dicom import DICOM_STATUS, c_store_status, parse_instance
-from atlasflow.ingest.store import IngestStore, content_key
+from atlasflow.ingest.dicom import DICOM_STATUS, c_store_status
+from atlasflow.ingest.reception import C_STORE, Reception
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer(__name__)
 
 # pynetdicom must not log identifiers (patient data) of requests/responses.
 _config.LOG_REQUEST_IDENTIFIERS = False
@@ -205,20 +200,11 @@ def _close_wake(event: evt.Event) -> None:
 
 
 class StoreScp:
-    """Runs the pynetdicom server in its own threads; `on_stored(series_id)` is called after
-    every durable instance (used to wake the assembler)."""
+    """Runs the pynetdicom server in its own threads; every C-STORE goes to ``reception``."""
 
-    def __init__(
-        self,
-        config: ScpConfig,
-        store: IngestStore,
-        metrics: Metrics,
-        on_stored: Callable[[str], None] = lambda _s: None,
-    ) -> None:
+    def __init__(self, config: ScpConfig, reception: Reception) -> None:
         self.config = config
-        self.store = store
-        self.metrics = metrics
-        self.on_stored = on_stored
+        self.reception = reception
         self.ae = AE(ae_title=config.ae_title)
         self.ae.maximum_pdu_size = config.max_pdu
         self.ae.maximum_associations = config.max_associations
@@ -256,45 +242,14 @@ class StoreScp:
         except Exception:  # noqa: BLE001
             log.warning("c-store rejected", extra={"fields": {"reason": "CORRUPT_DICOM"}})
             return DICOM_STATUS.get("CORRUPT_DICOM", STATUS_CANNOT_UNDERSTAND)
-        return self.receive(data, source="c-store")
+        return self.receive(data)
 
-    def receive(self, data: bytes, source: str) -> int:
-        """Validate, persist and count one instance; return a DICOM status."""
+    def receive(self, data: bytes) -> int:
+        """One C-STORE data set (Part-10 bytes) through `Reception`; its DICOM status."""
         try:
-            ds, info = parse_instance(data)
+            self.reception.receive(data, C_STORE)
         except AtlasflowError as exc:
-            log.warning(
-                "instance rejected", extra={"fields": {"source": source, "reason": exc.reason, "size_bytes": len(data)}}
-            )
-            self.metrics.count("instances_rejected")
             return c_store_status(exc)
-        parent = self.store.series_traceparent(info.series_uid)
-        token = otel_context.attach(context_from_traceparent(parent)) if parent else None
-        try:
-            with tracer.start_as_current_span("ingest.c_store") as span:
-                try:
-                    stored = self.store.store_instance(
-                        data,
-                        info.study_uid,
-                        info.series_uid,
-                        info.sop_instance_uid,
-                        new_traceparent=current_traceparent(),
-                        key=lambda: content_key(ds),
-                    )  # only for a re-sent SOP Instance UID
-                except OSError:
-                    log.error("instance not stored: out of resources", extra={"fields": {"source": source}})
-                    return STATUS_OUT_OF_RESOURCES
-                span.set_attribute("atlasflow.series_id", stored.series_id)
-                span.set_attribute("atlasflow.duplicate", stored.duplicate)
-        finally:
-            if token is not None:
-                otel_context.detach(token)
-        if stored.conflict:
-            log.warning(
-                "instance conflict: same SOP Instance UID, different content; first kept",
-                extra={"fields": {"series_id": stored.series_id}},
-            )
-            self.metrics.count("instance_conflicts")
-        self.metrics.count("instances_stored")
-        self.on_stored(stored.series_id)
+        except OSError:
+            return STATUS_OUT_OF_RESOURCES
         return 0x0000

@@ -1,11 +1,10 @@
 """Durable instance spool and series bookkeeping for the ingest service (no grpc).
 
 An instance is durable when `store_instance` returns: its bytes are in an fdatasync'd spool
-record (a redo log, see "Spool" below) and its row is committed (SQLite WAL). Only then does the
+record (a redo log, see `atlasflow.ingest.spool`) and its row is committed (SQLite WAL). Only then does the
 caller acknowledge it (C-STORE Success, or a gRPC receipt).
 
-Identity: atlasflow never exposes DICOM UIDs. `series_id`/`case_id` are salted-free SHA-256
-prefixes of the Series/Study Instance UIDs (stable across restarts and replicas).
+Identity: atlasflow never exposes DICOM UIDs (`atlasflow.ingest.identity.atlas_id`).
 
 Versions: a series version collects instances while RECEIVING; after the quiet period (or an
 explicit commit) it is ASSEMBLED into a volume and the segmentation hand-off is queued in the
@@ -15,434 +14,38 @@ which re-assembles with every instance of the series: never a silent change to a
 Duplicates: the same SOP Instance UID with the same content is stored once (reported
 duplicate, counted in the version's `duplicate_count`); with different content the first is kept
 and the second is recorded in `instance_conflicts` (counted in `conflict_count`); its bytes are
-kept too. "Same content" compares `content_key`s (see `content_key`), not file bytes: the
+kept too. "Same content" compares `content_key`s (`atlasflow.ingest.identity.content_key`), not file bytes: the
 C-STORE path stores pynetdicom's re-encoding (its own preamble and File Meta, possibly another
 transfer syntax) of an instance the gRPC path receives as the sender's file, and both must be
 recognised as the same instance.
 
-Spool (the fast durable path)
------------------------------
-Creating a file is what costs on ext4: a blob put (temp file, fsync, rename, directory fsync)
-takes ~7.5 ms on this kind of machine, an append + fdatasync to an open file ~0.5 ms and a small
-SQLite WAL commit ~0.2 ms. So `store_instance` makes an instance durable in two steps, both
-before it returns:
-
-1. the bytes are appended to the open spool segment (`<data_dir>/spool/seg-<n>.log`) as one
-   record (header with the identity UIDs and the SHA-256 digest, the bytes, a CRC-32 of both)
-   and the segment is fdatasync'd;
-2. the row (or conflict row) that names the digest is committed, with synchronous=NORMAL: the
-   commit reaches the WAL file but does not flush it, because the spool record of step 1 is the
-   redo log of that row (start-up recovery re-creates a row that a power loss took away). The
-   rows are flushed (`_sync_db`) before any spool segment is recycled. One flush per instance
-   instead of two; everything else in the database (series states, the outbox, uploads) is
-   committed with synchronous=FULL.
-
-The bytes move from the spool into the content-addressed blob store later (`drain`, called
-when reception is idle, before any read of instance digests and at start-up); a segment file is
-deleted only after every record in it is a durable blob. Start-up recovery replays every
-remaining segment: each complete record becomes a blob and, if its row never committed (a crash
-between steps 1 and 2: the instance was not acknowledged), its row. A torn last record (a crash
-inside step 1) is dropped: it was never acknowledged either. A corrupt record in the middle
-(media error) stops the replay of that segment, which is kept as ``*.corrupt`` for inspection.
+The fast durable path (spool record, then a row committed with synchronous=NORMAL, one flush
+per instance) and the recovery from it are described in `atlasflow.ingest.spool`; this module
+commits the rows, drains the spool into the blob store and replays it at start-up.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
-import re
-import struct
 import threading
 import time
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_sequence
-from pydicom.filewriter import write_data_element
-
 from atlasflow.common import sqlite as db
 from atlasflow.common.blobstore import BlobStore, digest_of
-from atlasflow.common.errors import Aborted, DataLoss, InvalidArgument, NotFound
-from atlasflow.common.outbox import OUTBOX_MIGRATION, enqueue
-
-MIGRATIONS = [
-    """
-    CREATE TABLE series_versions (
-        series_id TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        case_id TEXT NOT NULL,
-        state TEXT NOT NULL,                 -- RECEIVING | ASSEMBLED | DISPATCHED | FAILED
-        instance_count INTEGER NOT NULL DEFAULT 0,
-        last_instance_at REAL NOT NULL,
-        volume_digest TEXT NOT NULL DEFAULT '',
-        volume_size INTEGER NOT NULL DEFAULT 0,
-        geometry_json TEXT NOT NULL DEFAULT '',
-        failure_reason TEXT NOT NULL DEFAULT '',
-        traceparent TEXT NOT NULL DEFAULT '',
-        create_time REAL NOT NULL,
-        update_time REAL NOT NULL,
-        PRIMARY KEY (series_id, version)
-    );
-    CREATE INDEX series_state ON series_versions(state, last_instance_at);
-    CREATE TABLE instances (
-        series_id TEXT NOT NULL,
-        sop_key TEXT NOT NULL,               -- sha256 of the SOP Instance UID
-        version_added INTEGER NOT NULL,
-        digest TEXT NOT NULL,
-        size_bytes INTEGER NOT NULL,
-        received_at REAL NOT NULL,
-        PRIMARY KEY (series_id, sop_key)
-    );
-    CREATE TABLE instance_conflicts (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        series_id TEXT NOT NULL,
-        sop_key TEXT NOT NULL,
-        digest TEXT NOT NULL,
-        size_bytes INTEGER NOT NULL,
-        received_at REAL NOT NULL
-    );
-    """,
-    OUTBOX_MIGRATION,
-    """
-    ALTER TABLE series_versions ADD COLUMN duplicate_count INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE series_versions ADD COLUMN conflict_count INTEGER NOT NULL DEFAULT 0;
-    CREATE INDEX instance_conflicts_key ON instance_conflicts(series_id, sop_key, digest);
-    """,
-    # content_key: see `content_key`; '' = not computed yet (rows written before it existed, and
-    # first receptions: computed from the stored bytes when the SOP Instance UID comes again)
-    """
-    ALTER TABLE instances ADD COLUMN content_key TEXT NOT NULL DEFAULT '';
-    ALTER TABLE instance_conflicts ADD COLUMN content_key TEXT NOT NULL DEFAULT '';
-    """,
-    # resumable gRPC uploads (see `IngestStore.upload_write`)
-    """
-    CREATE TABLE uploads (
-        upload_id TEXT PRIMARY KEY,
-        committed_offset INTEGER NOT NULL,
-        complete INTEGER NOT NULL DEFAULT 0,
-        sha256 TEXT NOT NULL DEFAULT '',
-        receipt_json TEXT NOT NULL DEFAULT '',
-        create_time REAL NOT NULL,
-        update_time REAL NOT NULL
-    );
-    """,
-    # series versions by the volume they assembled (`series_by_volume`, StreamSeriesInstances)
-    """
-    CREATE INDEX series_by_volume ON series_versions(volume_digest, update_time);
-    """,
-]
+from atlasflow.common.errors import DataLoss, InvalidArgument, NotFound
+from atlasflow.common.outbox import enqueue
+from atlasflow.ingest.identity import atlas_id, content_key_of_bytes
+from atlasflow.ingest.schema import MIGRATIONS
+from atlasflow.ingest.spool import InstanceSpool
+from atlasflow.ingest.uploads import UploadStore
 
 log = logging.getLogger(__name__)
-
-
-def atlas_id(prefix: str, uid: str) -> str:
-    return f"{prefix}-{hashlib.sha256(uid.encode()).hexdigest()[:20]}"
-
-
-def content_key(ds: Dataset) -> str:
-    """Digest of a DICOM data set's content, independent of how it was framed and encoded.
-
-    ``"sha256:<hex>"`` over every element in tag order, recursively into sequences, each as
-    tag + 32-bit length + little-endian value bytes (the Implicit VR Little Endian framing,
-    without VRs), leaving out the File Meta group (0002,xxxx), group lengths (gggg,0000) and
-    (FFFC,FFFC) DataSetTrailingPadding; sequences and items are hashed by content, so
-    defined- and undefined-length encodings agree. Consequences: the same instance as a
-    Part-10 file (any preamble, any File Meta) and as re-encoded by a C-STORE peer or by
-    pynetdicom has one key, whether the transfer syntax was Implicit or Explicit VR Little
-    Endian or Deflated Explicit VR Little Endian (pydicom inflates on read). Values of an
-    encapsulated (compressed) transfer syntax are hashed as their encapsulated bytes: the same
-    pixels compressed differently are different content (a recorded conflict, never a silent
-    replacement). Explicit VR Big Endian (retired) keeps OB/OW values in big-endian byte order.
-
-    Converts the data set's raw elements in place (values are unchanged). Returns "" when an
-    element's value cannot be converted (malformed but accepted input): callers then compare
-    file bytes (`IngestStore.store_instance`'s default).
-    """
-    parts: list[bytes] = []
-    try:
-        _canonical(parts, ds)
-    except Exception:  # noqa: BLE001 - a value pydicom cannot convert: fall back to bytes
-        return ""
-    return "sha256:" + hashlib.sha256(b"".join(parts)).hexdigest()
-
-
-def content_key_of_bytes(data: bytes) -> str:
-    """`content_key` of DICOM Part-10 bytes (a preamble, or a stream that starts with File
-    Meta); "" when they do not parse as DICOM."""
-    from pydicom import dcmread
-    from pydicom.errors import InvalidDicomError
-
-    has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
-    if not has_preamble and data[:2] != b"\x02\x00":
-        return ""
-    try:
-        ds = dcmread(io.BytesIO(data), force=not has_preamble)
-    except (InvalidDicomError, Exception):  # noqa: BLE001 - not DICOM: compared by bytes
-        return ""
-    return content_key(ds)
-
-
-_ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000) Item
-_ITEM_END = b"\xfe\xff\x0d\xe0"  # (FFFE,E00D) Item Delimitation Item
-_HEAD = struct.Struct("<HHI")  # group, element, length (Implicit VR LE)
-
-
-def _implicit_sequence(value: bytes) -> list[Dataset] | None:
-    """Items of a value that parses as an Implicit VR Little Endian sequence, else None."""
-    try:
-        fp = DicomBytesIO(value)
-        fp.is_little_endian = True
-        fp.is_implicit_VR = True
-        seq = read_sequence(fp, True, True, len(value), "iso8859")
-        return list(seq) if len(seq) else None
-    except Exception:  # noqa: BLE001 - not a sequence after all: hashed as bytes
-        return None
-
-
-def _dictionary_vr(tag: int) -> str:
-    try:
-        return str(dictionary_VR(tag))
-    except KeyError:
-        return ""
-
-
-def _canonical(parts: list[bytes], ds: Dataset) -> None:
-    """Append the canonical encoding of `ds` (see `content_key`) to `parts`."""
-    encodings = getattr(ds, "_character_set", None) or ["iso8859"]
-    for tag in sorted(ds.keys()):
-        t = int(tag)
-        if t >> 16 == 0x0002 or t & 0xFFFF == 0 or t == 0xFFFCFFFC:
-            continue
-        items: list[Dataset] | None = None
-        raw = ds.get_item(tag, keep_deferred=True)
-        if isinstance(raw, RawDataElement) and raw.value is not None:
-            # Fast path: a raw value's bytes are the same in Implicit and Explicit VR Little
-            # Endian. Sequences (and undefined-length values that may be one) are parsed.
-            vr = raw.VR or _dictionary_vr(t)
-            if vr in ("", "UN") and raw.value[:4] == _ITEM:
-                items = _implicit_sequence(raw.value)  # e.g. a private SQ read as Implicit VR
-            if items is None and vr != "SQ" and (raw.length != 0xFFFFFFFF or t == 0x7FE00010):
-                parts.append(_HEAD.pack(t >> 16, t & 0xFFFF, len(raw.value)))
-                parts.append(raw.value)
-                continue
-        if items is None:
-            elem = ds[tag]  # converted (a sequence is parsed into items)
-            if elem.VR == "SQ":
-                items = list(elem.value)
-            elif isinstance(elem.value, (bytes, bytearray)):
-                parts.append(_HEAD.pack(t >> 16, t & 0xFFFF, len(elem.value)))
-                parts.append(bytes(elem.value))
-                continue
-            else:
-                out = DicomBytesIO()
-                out.is_little_endian = True
-                out.is_implicit_VR = True
-                write_data_element(out, elem, encodings)
-                parts.append(out.getvalue())
-                continue
-        parts.append(_HEAD.pack(t >> 16, t & 0xFFFF, len(items)))
-        for item in items:
-            parts.append(_ITEM)
-            _canonical(parts, item)
-            parts.append(_ITEM_END)
-
-
-_FILE_MAGIC = b"AFSPOOL2"
-_FILE_HEAD = struct.Struct("<8s8s")  # magic, generation nonce
-_RECORD = struct.Struct("<4s8sIQ")  # b"AFR2", nonce, header length, data length
-_RECORD_MAGIC = b"AFR2"  # then header (JSON), data, CRC-32 of header + data
-_ZERO_BLOCK = bytes(1 << 20)
-
-
-class InstanceSpool:
-    """Preallocated, fdatasync'd segments of received instance bytes (see module docstring).
-
-    A segment is written in place into a file that was already zero-filled (or recycled from
-    a drained segment) and whose directory entry is durable, so the fdatasync after each record
-    flushes data only: no file-system journal commit, which is what makes it cheap. Each segment
-    generation has a random nonce in its file header and in every record: stale records of a
-    recycled file are never read back. `spares` segments are prepared at start-up and
-    replenished while reception is idle (`prepare_spares`), never during a burst.
-
-    Not thread-safe for writers: the caller serialises `append` and `seal` (IngestStore's lock).
-    """
-
-    def __init__(self, directory: Path, segment_bytes: int = 128 * 1024 * 1024, spares: int = 2) -> None:
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.segment_bytes = segment_bytes
-        self.spares = spares
-        self._fd: int | None = None
-        self._path: Path | None = None
-        self._offset = 0
-        self._nonce = b""
-        self._next = 1 + max((self._number(p) for p in self.segments()), default=0)
-        self.last_append = 0.0
-        self.pending_bytes = 0
-        # digest -> (segment, offset of the data, length) of records appended by this process
-        # and not yet drained (`read_pending`); entries go when their segment is recycled.
-        self._pending: dict[str, tuple[Path, int, int]] = {}
-        self._spare_lock = threading.Lock()
-        for stale in self.dir.glob(".zero-*"):
-            stale.unlink()
-        self._prepare_spares()
-
-    @staticmethod
-    def _number(p: Path) -> int:
-        return int(p.stem.split("-")[1])
-
-    def segments(self) -> list[Path]:
-        """Segment files with records, oldest first (sealed ones and the open one)."""
-        return sorted(self.dir.glob("seg-*.log"), key=self._number)
-
-    def _free(self) -> list[Path]:
-        return sorted(self.dir.glob("free-*.log"), key=self._number)
-
-    def _fsync_dir(self) -> None:
-        dfd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-    def _prepare_spares(self) -> None:
-        """Zero-fill spare segments until `spares` are ready (blocking)."""
-        with self._spare_lock:
-            while len(self._free()) < self.spares:
-                n = int(time.time() * 1e6)
-                tmp = self.dir / f".zero-{n}"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    for _ in range(self.segment_bytes // len(_ZERO_BLOCK)):
-                        os.write(fd, _ZERO_BLOCK)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.rename(tmp, self.dir / f"free-{n}.log")
-                self._fsync_dir()
-
-    def prepare_spares(self) -> None:
-        """Replenish the spare segments (blocking; call while reception is idle)."""
-        self._prepare_spares()
-
-    def read_pending(self, digest: str) -> bytes | None:
-        """The bytes of a record appended by this process and not drained yet, else None."""
-        where = self._pending.get(digest)
-        if where is None:
-            return None
-        path, offset, length = where
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(length)
-        return data if digest_of(data) == digest else None
-
-    def forget(self, path: Path) -> None:
-        """Drop the `read_pending` entries of a segment that leaves the spool."""
-        self._pending = {d: w for d, w in self._pending.items() if w[0] != path}
-
-    def recycle(self, path: Path) -> None:
-        """A drained segment becomes a spare (its stale records are fenced by the nonce)."""
-        self.forget(path)
-        if len(self._free()) < self.spares and path.stat().st_size >= self.segment_bytes:
-            path.rename(self.dir / f"free-{int(time.time() * 1e6)}.log")
-        else:
-            path.unlink()
-
-    def _open_new(self) -> None:
-        free = self._free()
-        path = self.dir / f"seg-{self._next:012d}.log"
-        self._next += 1
-        if free:
-            os.rename(free[0], path)
-            fd = os.open(path, os.O_WRONLY)
-        else:  # no spare ready: a growing file (slower fdatasync, still durable)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._nonce = os.urandom(8)
-        os.pwrite(fd, _FILE_HEAD.pack(_FILE_MAGIC, self._nonce), 0)
-        os.fsync(fd)
-        self._fsync_dir()  # the segment's name is durable before any record in it
-        self._fd, self._path, self._offset = fd, path, _FILE_HEAD.size
-
-    def append(self, header: dict, data: bytes) -> None:
-        """Write one record; durable (fdatasync'd) when it returns."""
-        head = json.dumps(header, separators=(",", ":")).encode()
-        size = _RECORD.size + len(head) + len(data) + 4
-        if self._fd is None or (self._offset + size > self.segment_bytes and self._offset > _FILE_HEAD.size):
-            self.seal()
-            self._open_new()
-        assert self._fd is not None
-        crc = zlib.crc32(data, zlib.crc32(head))
-        record = b"".join(
-            (_RECORD.pack(_RECORD_MAGIC, self._nonce, len(head), len(data)), head, data, struct.pack("<I", crc))
-        )
-        view = memoryview(record)
-        done = 0
-        while done < len(record):
-            done += os.pwrite(self._fd, view[done:], self._offset + done)
-        os.fdatasync(self._fd)
-        assert self._path is not None
-        self._pending[header["digest"]] = (self._path, self._offset + _RECORD.size + len(head), len(data))
-        self._offset += len(record)
-        self.pending_bytes += len(data)
-        self.last_append = time.monotonic()
-
-    def seal(self) -> None:
-        """Close the open segment (the next append opens a new one)."""
-        if self._fd is not None:
-            os.close(self._fd)
-        self._fd, self._path = None, None
-
-    @staticmethod
-    def read_segment(path: Path) -> Iterator[tuple[dict, bytes]]:
-        """Valid records of a segment in order, up to the first one that is missing or torn
-        (a crash while writing it: never acknowledged). Raises DataLoss when a torn record is
-        followed by a valid one (media corruption, not a crash)."""
-        with open(path, "rb") as f:
-            raw = f.read(_FILE_HEAD.size)
-            if len(raw) < _FILE_HEAD.size:
-                return
-            magic, nonce = _FILE_HEAD.unpack(raw)
-            if magic != _FILE_MAGIC:
-                return  # crash before the header was durable: no records
-            total = os.fstat(f.fileno()).st_size
-
-            def header_at(pos: int) -> tuple[int, int] | None:
-                f.seek(pos)
-                raw = f.read(_RECORD.size)
-                if len(raw) < _RECORD.size:
-                    return None
-                m, n, hlen, dlen = _RECORD.unpack(raw)
-                if m != _RECORD_MAGIC or n != nonce or pos + _RECORD.size + hlen + dlen + 4 > total:
-                    return None
-                return hlen, dlen
-
-            pos = _FILE_HEAD.size
-            while (lengths := header_at(pos)) is not None:
-                hlen, dlen = lengths
-                head = f.read(hlen)
-                data = f.read(dlen)
-                (crc,) = struct.unpack("<I", f.read(4))
-                end = pos + _RECORD.size + hlen + dlen + 4
-                if zlib.crc32(data, zlib.crc32(head)) != crc:
-                    if header_at(end) is not None:
-                        raise DataLoss(
-                            "SPOOL_CORRUPT",
-                            "spool record checksum mismatch",
-                            domain="atlasflow.ingest",
-                            metadata={"segment": path.name},
-                        )
-                    return  # torn tail
-                yield json.loads(head), data
-                pos = end
 
 
 @dataclass(frozen=True)
@@ -453,20 +56,6 @@ class StoredInstance:
     duplicate: bool
     conflict: bool
     traceparent: str  # the series' trace
-
-
-@dataclass(frozen=True)
-class UploadState:
-    """A resumable upload: `committed_offset` bytes are durable; `receipt` once complete."""
-
-    upload_id: str
-    committed_offset: int
-    complete: bool
-    sha256: str
-    receipt: dict
-
-
-_UPLOAD_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 @dataclass(frozen=True)
@@ -509,7 +98,8 @@ def _row_to_series(r) -> SeriesVersion:  # type: ignore[no-untyped-def]
 
 
 class IngestStore:
-    """Instance spool + series bookkeeping. Thread-safe (one lock around the connection)."""
+    """Instances (spooled, then drained into the blob store) and the series versions they make.
+    Thread-safe (one lock around the connection)."""
 
     def __init__(
         self,
@@ -528,135 +118,14 @@ class IngestStore:
         self._drain_lock = threading.Lock()
         self.blobs = blobs
         self.spool = InstanceSpool(Path(data_dir) / "spool", spool_segment_bytes, spool_spares)
-        self.uploads_dir = Path(data_dir) / "uploads"
-        self.uploads_dir.mkdir(parents=True, exist_ok=True)
+        #: resumable gRPC uploads (same database and lock)
+        self.uploads = UploadStore(self.conn, self.lock, Path(data_dir) / "uploads")
         self.recover()
 
     def close(self) -> None:
         with self.lock:
             self.spool.seal()
             self.conn.close()
-
-    # ---------------------------------------------------------------------- resumable uploads
-    #
-    # One partial file per upload under <data_dir>/uploads/, named by the SHA-256 of the
-    # upload id. A chunk is durable when `upload_write` returns: written at its offset,
-    # fdatasync'd, then the committed offset is committed (SQLite, synchronous=FULL). A crash
-    # between the two leaves bytes past the committed offset, which the next write at the
-    # committed offset overwrites (and truncates away). Not for concurrent writers of one
-    # upload id: the second stream gets OFFSET_MISMATCH once the first has moved on.
-
-    def _upload_path(self, upload_id: str) -> Path:
-        return self.uploads_dir / (hashlib.sha256(upload_id.encode()).hexdigest() + ".part")
-
-    @staticmethod
-    def check_upload_id(upload_id: str) -> None:
-        if not _UPLOAD_ID.match(upload_id):
-            raise InvalidArgument(
-                "INVALID_UPLOAD_ID", "upload_id must be 1-128 characters of [A-Za-z0-9._-]", domain="atlasflow.ingest"
-            )
-
-    def upload_status(self, upload_id: str) -> UploadState:
-        """The upload's state; NotFound UPLOAD_NOT_FOUND when nothing of it was committed."""
-        with self.lock:
-            r = self.conn.execute("SELECT * FROM uploads WHERE upload_id = ?", (upload_id,)).fetchone()
-        if r is None:
-            raise NotFound(
-                "UPLOAD_NOT_FOUND",
-                "no committed bytes for this upload_id",
-                domain="atlasflow.ingest",
-                metadata={"upload_id": upload_id[:128]},
-            )
-        return UploadState(
-            r["upload_id"],
-            r["committed_offset"],
-            bool(r["complete"]),
-            r["sha256"],
-            json.loads(r["receipt_json"]) if r["receipt_json"] else {},
-        )
-
-    def upload_write(self, upload_id: str, offset: int, chunk: bytes) -> UploadState:
-        """Durably write `chunk` at `offset` (must equal the committed offset, else Aborted
-        OFFSET_MISMATCH with metadata ``expected_offset``). A complete upload is returned
-        unchanged (chunks re-sent after completion are ignored: idempotent)."""
-        try:
-            state = self.upload_status(upload_id)
-        except NotFound:
-            state = UploadState(upload_id, 0, False, "", {})
-        if state.complete:
-            return state
-        if offset != state.committed_offset:
-            raise Aborted(
-                "OFFSET_MISMATCH",
-                "chunk offset is not the upload's committed offset",
-                domain="atlasflow.ingest",
-                metadata={
-                    "upload_id": upload_id[:128],
-                    "expected_offset": str(state.committed_offset),
-                    "offset": str(offset),
-                },
-            )
-        path = self._upload_path(upload_id)
-        created = not path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            view, done = memoryview(chunk), 0
-            while done < len(chunk):
-                done += os.pwrite(fd, view[done:], offset + done)
-            os.ftruncate(fd, offset + len(chunk))
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        if created:
-            dfd = os.open(self.uploads_dir, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        now = time.time()
-        with self.lock, db.transaction(self.conn):
-            self.conn.execute(
-                "INSERT INTO uploads(upload_id, committed_offset, create_time, update_time)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT(upload_id) DO UPDATE SET"
-                " committed_offset = excluded.committed_offset, update_time = excluded.update_time",
-                (upload_id, offset + len(chunk), now, now),
-            )
-        return UploadState(upload_id, offset + len(chunk), False, "", {})
-
-    def upload_read(self, upload_id: str) -> bytes:
-        """The committed bytes of an incomplete upload."""
-        state = self.upload_status(upload_id)
-        path = self._upload_path(upload_id)
-        with open(path, "rb") as f:
-            return f.read(state.committed_offset)
-
-    def upload_complete(self, upload_id: str, sha256: str, receipt: dict) -> None:
-        """Record the upload as complete (after its instance is durable) with its receipt;
-        the partial file goes."""
-        with self.lock, db.transaction(self.conn):
-            self.conn.execute(
-                "UPDATE uploads SET complete = 1, sha256 = ?, receipt_json = ?, update_time = ? WHERE upload_id = ?",
-                (sha256, json.dumps(receipt), time.time(), upload_id),
-            )
-        self._upload_path(upload_id).unlink(missing_ok=True)
-
-    def upload_discard(self, upload_id: str) -> None:
-        """Forget an incomplete upload (its bytes were refused: a retry starts over)."""
-        with self.lock, db.transaction(self.conn):
-            self.conn.execute("DELETE FROM uploads WHERE upload_id = ? AND complete = 0", (upload_id,))
-        self._upload_path(upload_id).unlink(missing_ok=True)
-
-    def purge_uploads(self, max_age_s: float) -> int:
-        """Drop upload records (and partial files) untouched for `max_age_s` seconds."""
-        with self.lock:
-            rows = self.conn.execute(
-                "SELECT upload_id FROM uploads WHERE update_time < ?", (time.time() - max_age_s,)
-            ).fetchall()
-        for r in rows:
-            with self.lock, db.transaction(self.conn):
-                self.conn.execute("DELETE FROM uploads WHERE upload_id = ?", (r["upload_id"],))
-            self._upload_path(r["upload_id"]).unlink(missing_ok=True)
-        return len(rows)
 
     # ----------------------------------------------------------------------------- reception
 
@@ -1060,3 +529,28 @@ class IngestStore:
                     "SELECT COUNT(*) FROM series_versions WHERE state IN ('RECEIVING', 'ASSEMBLED')"
                 ).fetchone()[0]
             )
+
+
+def resolve_series_version(store: IngestStore, series_id: str, version: int, volume_digest: str) -> SeriesVersion:
+    """The series version named by (series_id, version; 0 = latest) or by the digest of the
+    volume it assembled. NotFound SERIES_NOT_FOUND / SERIES_VERSION_NOT_FOUND /
+    VOLUME_NOT_FOUND; InvalidArgument unless exactly one selector is given."""
+    if bool(series_id) == bool(volume_digest):
+        raise InvalidArgument(
+            "INVALID_ARGUMENT",
+            "exactly one of series_id and volume_digest is required",
+            domain="atlasflow.ingest",
+            metadata={"field": "series_id" if not series_id else "volume_digest"},
+        )
+    if version < 0 or (volume_digest and version):
+        raise InvalidArgument(
+            "INVALID_ARGUMENT",
+            "series_version must be >= 0, and 0 with volume_digest",
+            domain="atlasflow.ingest",
+            metadata={"field": "series_version"},
+        )
+    if volume_digest:
+        return store.series_by_volume(volume_digest)  # NotFound VOLUME_NOT_FOUND
+    if version == 0:
+        return store.get_series(series_id)  # NotFound SERIES_NOT_FOUND
+    return store.get_series_version(series_id, version)

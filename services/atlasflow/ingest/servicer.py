@@ -1,0 +1,227 @@
+"""The IngestService gRPC servicer: converts requests, calls the domain, converts answers.
+
+Uploads go through `atlasflow.ingest.reception.Reception` (the same path as C-STORE); blocking
+work (SQLite, file I/O, hashing) runs in a thread, never on the event loop. The chunk framing of
+UploadInstances (which message ends an instance, resumable offsets) is transport and lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import timestamp_pb2
+from opentelemetry import trace
+
+from atlasflow.common.errors import InvalidArgument
+from atlasflow.common.v1 import common_pb2
+from atlasflow.ingest.headers import dicom_header_bytes
+from atlasflow.ingest.reception import Receipt, Reception
+from atlasflow.ingest.store import IngestStore, SeriesVersion, resolve_series_version
+from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from atlasflow.ingest.worker import Assembler
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+DOMAIN = "atlasflow.ingest"
+MAX_INSTANCE_BYTES = 2 * 1024 * 1024 * 1024
+STREAM_CHUNK_BYTES = 1024 * 1024
+_STATE = {
+    "RECEIVING": ingest_pb2.SERIES_STATE_RECEIVING,
+    "ASSEMBLED": ingest_pb2.SERIES_STATE_ASSEMBLED,
+    "DISPATCHED": ingest_pb2.SERIES_STATE_DISPATCHED,
+    "FAILED": ingest_pb2.SERIES_STATE_FAILED,
+}
+
+
+def _ts(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def series_to_proto(sv: SeriesVersion) -> ingest_pb2.Series:
+    msg = ingest_pb2.Series(
+        series_id=sv.series_id,
+        case_id=sv.case_id,
+        version=sv.version,
+        state=_STATE[sv.state],
+        instance_count=sv.instance_count,
+        failure_reason=sv.failure_reason,
+        create_time=_ts(sv.create_time),
+        update_time=_ts(sv.update_time),
+        trace_id=sv.traceparent.split("-")[1] if sv.traceparent.count("-") == 3 else "",
+        duplicate_count=sv.duplicate_count,
+        conflict_count=sv.conflict_count,
+    )
+    if sv.volume_digest:
+        msg.volume.CopyFrom(
+            common_pb2.BlobRef(
+                digest=sv.volume_digest, size_bytes=sv.volume_size, media_type="application/x-nifti+gzip"
+            )
+        )
+    if sv.geometry:
+        msg.geometry.CopyFrom(
+            common_pb2.VolumeGeometry(
+                shape=sv.geometry["shape"], affine=sv.geometry["affine"], spacing_mm=sv.geometry["spacing_mm"]
+            )
+        )
+    return msg
+
+
+def receipt_to_proto(receipt: Receipt) -> ingest_pb2.InstanceReceipt:
+    return ingest_pb2.InstanceReceipt(
+        client_ref=receipt.client_ref,
+        series_id=receipt.series_id,
+        duplicate=receipt.duplicate,
+        conflict=receipt.conflict,
+        upload_id=receipt.upload_id,
+    )
+
+
+class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
+    def __init__(self, store: IngestStore, reception: Reception, assembler: Assembler) -> None:
+        self.store = store
+        self.reception = reception
+        self.uploads = reception.uploads
+        self.assembler = assembler
+
+    async def UploadInstances(
+        self, request_iterator: AsyncIterator[ingest_pb2.UploadInstancesRequest], context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.UploadInstancesResponse:
+        receipts: list[ingest_pb2.InstanceReceipt] = []
+        current_ref: str | None = None
+        current_upload = ""
+        buf = bytearray()
+        next_offset = 0
+        async for msg in request_iterator:
+            if current_ref is not None and (msg.client_ref != current_ref or msg.upload_id != current_upload):
+                raise InvalidArgument(
+                    "INCOMPLETE_INSTANCE",
+                    "an instance's chunks ended without last_chunk",
+                    domain=DOMAIN,
+                    metadata={"client_ref": current_ref[:200]},
+                )
+            if current_ref is None and msg.upload_id:
+                self.uploads.check_upload_id(msg.upload_id)
+            current_ref, current_upload = msg.client_ref, msg.upload_id
+            if current_upload:
+                # Resumable: each chunk is durable before the next message is read.
+                if msg.chunk or msg.offset:
+                    state = await asyncio.to_thread(self.uploads.write, current_upload, msg.offset, msg.chunk)
+                    next_offset = state.committed_offset
+                else:
+                    state = await asyncio.to_thread(self.uploads.state, current_upload)
+                    next_offset = state.committed_offset
+                if next_offset > MAX_INSTANCE_BYTES:
+                    await asyncio.to_thread(self.uploads.discard, current_upload)
+                    raise InvalidArgument(
+                        "INSTANCE_TOO_LARGE",
+                        "instance exceeds the size limit",
+                        domain=DOMAIN,
+                        metadata={"limit_bytes": str(MAX_INSTANCE_BYTES)},
+                    )
+                if not msg.last_chunk:
+                    continue
+                ref, current_ref = current_ref, None
+                receipt = await asyncio.to_thread(
+                    self.reception.finish_resumable, current_upload, ref, msg.sha256.lower()
+                )
+                receipts.append(receipt_to_proto(receipt))
+                continue
+            buf += msg.chunk
+            if len(buf) > MAX_INSTANCE_BYTES:
+                raise InvalidArgument(
+                    "INSTANCE_TOO_LARGE",
+                    "instance exceeds the size limit",
+                    domain=DOMAIN,
+                    metadata={"limit_bytes": str(MAX_INSTANCE_BYTES)},
+                )
+            if not msg.last_chunk:
+                continue
+            data = bytes(buf)
+            buf.clear()
+            ref, current_ref = current_ref, None
+            receipt = await asyncio.to_thread(self.reception.receive_upload, data, ref, msg.sha256.lower())
+            receipts.append(receipt_to_proto(receipt))
+        if current_ref is not None:
+            raise InvalidArgument(
+                "INCOMPLETE_INSTANCE",
+                "stream ended inside an instance",
+                domain=DOMAIN,
+                metadata={"client_ref": current_ref[:200]},
+            )
+        return ingest_pb2.UploadInstancesResponse(receipts=receipts)
+
+    async def GetUploadStatus(
+        self, request: ingest_pb2.GetUploadStatusRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.GetUploadStatusResponse:
+        self.uploads.check_upload_id(request.upload_id)
+        state = await asyncio.to_thread(self.uploads.status, request.upload_id)
+        msg = ingest_pb2.GetUploadStatusResponse(
+            upload_id=state.upload_id, committed_offset=state.committed_offset, complete=state.complete
+        )
+        if state.complete:
+            msg.receipt.CopyFrom(receipt_to_proto(Receipt(**state.receipt)))
+        return msg
+
+    async def CommitSeries(
+        self, request: ingest_pb2.CommitSeriesRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.CommitSeriesResponse:
+        sv = await asyncio.to_thread(self.store.get_series, request.series_id)
+        if sv.state == "RECEIVING":
+            await asyncio.to_thread(self.assembler.assemble, sv)
+            sv = await asyncio.to_thread(self.store.get_series, request.series_id)
+        return ingest_pb2.CommitSeriesResponse(series=series_to_proto(sv))
+
+    async def GetSeries(
+        self, request: ingest_pb2.GetSeriesRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.GetSeriesResponse:
+        sv = await asyncio.to_thread(self.store.get_series, request.series_id)
+        return ingest_pb2.GetSeriesResponse(series=series_to_proto(sv))
+
+    async def ListSeries(
+        self, request: ingest_pb2.ListSeriesRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.ListSeriesResponse:
+        items, token = await asyncio.to_thread(self.store.list_series, request.page_size, request.page_token)
+        return ingest_pb2.ListSeriesResponse(series=[series_to_proto(s) for s in items], next_page_token=token)
+
+    async def StreamSeriesInstances(
+        self, request: ingest_pb2.StreamSeriesInstancesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ingest_pb2.StreamSeriesInstancesResponse]:
+        sv = await asyncio.to_thread(
+            resolve_series_version, self.store, request.series_id, request.series_version, request.volume_digest
+        )
+        digests = await asyncio.to_thread(self.store.instance_digests, sv.series_id, sv.version)
+        # A span, not the current context: the generator is suspended between messages.
+        span = tracer.start_span("ingest.stream_instances")
+        span.set_attribute("atlasflow.series_id", sv.series_id)
+        span.set_attribute("atlasflow.series_version", sv.version)
+        span.set_attribute("atlasflow.instance_count", len(digests))
+        try:
+            for index, digest in enumerate(digests):
+                stored = await asyncio.to_thread(self.store.blobs.get, digest)  # verified
+                data = await asyncio.to_thread(dicom_header_bytes, stored) if request.headers_only else stored
+                sha = hashlib.sha256(data).hexdigest()
+                starts = range(0, max(len(data), 1), STREAM_CHUNK_BYTES)
+                for start in starts:
+                    msg = ingest_pb2.StreamSeriesInstancesResponse(
+                        instance_index=index, offset=start, chunk=data[start : start + STREAM_CHUNK_BYTES]
+                    )
+                    if index == 0 and start == 0:
+                        msg.series.CopyFrom(series_to_proto(sv))
+                        msg.instance_count = len(digests)
+                    if start == starts[-1]:
+                        msg.last_chunk = True
+                        msg.sha256 = sha
+                        msg.headers_only = len(data) < len(stored)
+                        msg.instance.CopyFrom(
+                            common_pb2.BlobRef(digest=digest, size_bytes=len(stored), media_type="application/dicom")
+                        )
+                    yield msg
+        finally:
+            span.end()

@@ -1,0 +1,134 @@
+"""Ingest's background work: the assembler (quiet series versions -> volumes, hand-off queued
+in the outbox) and the delivery of that hand-off to segmentation (run by the outbox dispatcher).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import Awaitable, Callable
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from pydicom import dcmread
+
+from atlasflow.common.blobstore import BlobStore
+from atlasflow.common.errors import AtlasflowError
+from atlasflow.common.metrics import Metrics
+from atlasflow.common.nifti import to_nifti_bytes
+from atlasflow.common.outbox import OutboxRow
+from atlasflow.common.telemetry import context_from_traceparent, current_traceparent
+from atlasflow.common.v1 import common_pb2
+from atlasflow.ingest.assemble import REPAIR, assemble_series
+from atlasflow.ingest.store import IngestStore, SeriesVersion
+from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+#: outbox topic of the segmentation hand-off (payload: a serialised SegmentSeriesRequest)
+SEGMENT_TOPIC = "segmentation.SegmentSeries"
+#: seconds between two looks for quiet series versions
+POLL_S = 0.5
+
+
+class Assembler:
+    """Turns quiet (or committed) series versions into volumes and queues the hand-off."""
+
+    def __init__(self, store: IngestStore, blobs: BlobStore, metrics: Metrics, quiet_period_s: float) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.metrics = metrics
+        self.quiet_period_s = quiet_period_s
+        self.on_assembled: Callable[[], None] = lambda: None
+
+    def assemble(self, sv: SeriesVersion) -> None:
+        """Blocking: run in a worker thread."""
+        token = otel_context.attach(context_from_traceparent(sv.traceparent))
+        try:
+            with tracer.start_as_current_span("ingest.assemble") as span:
+                span.set_attribute("atlasflow.series_id", sv.series_id)
+                span.set_attribute("atlasflow.series_version", sv.version)
+                try:
+                    # Instances were validated on reception; here they are only read.
+                    datasets = [
+                        dcmread(io.BytesIO(self.blobs.get(d)))
+                        for d in self.store.instance_digests(sv.series_id, sv.version)
+                    ]
+                    # Repairable geometry (gantry tilt, whole missing slices, multi-frame) is
+                    # repaired with a warning and flagged `resampled` (DICOM SEG must refuse).
+                    volume = assemble_series(datasets, policy=REPAIR)
+                except AtlasflowError as exc:
+                    log.warning(
+                        "series assembly failed", extra={"fields": {"series_id": sv.series_id, "reason": exc.reason}}
+                    )
+                    self.store.mark_failed(sv.series_id, sv.version, exc.reason)
+                    self.metrics.count("series_failed")
+                    return
+                del datasets
+                nifti = to_nifti_bytes(volume.array, volume.affine)
+                info = self.blobs.put(nifti)
+                spacing = [float(x) for x in (volume.affine[:3, :3] ** 2).sum(axis=0) ** 0.5]
+                geometry = {
+                    "shape": [int(s) for s in volume.array.shape],
+                    "affine": [float(x) for x in volume.affine.ravel()],
+                    "spacing_mm": spacing,
+                    "resampled": bool(volume.resampled),
+                }
+                span.set_attribute("atlasflow.resampled", bool(volume.resampled))
+                request = segmentation_pb2.SegmentSeriesRequest(
+                    case_id=sv.case_id,
+                    series_id=sv.series_id,
+                    series_version=sv.version,
+                    volume=common_pb2.BlobRef(
+                        digest=info.digest, size_bytes=info.size_bytes, media_type="application/x-nifti+gzip"
+                    ),
+                )
+                self.store.mark_assembled(
+                    sv.series_id,
+                    sv.version,
+                    info.digest,
+                    info.size_bytes,
+                    geometry,
+                    SEGMENT_TOPIC,
+                    request.SerializeToString(),
+                    current_traceparent(),
+                )
+                for w in volume.warnings:
+                    log.warning(
+                        "series assembled with warning", extra={"fields": {"series_id": sv.series_id, "warning": w}}
+                    )
+                log.info(
+                    "series assembled",
+                    extra={"fields": {"series_id": sv.series_id, "version": sv.version, "shape": geometry["shape"]}},
+                )
+                self.metrics.count("series_assembled")
+        finally:
+            otel_context.detach(token)
+        self.on_assembled()
+
+    async def run(self) -> None:
+        """The assembler loop (a `TaskLoop`): every `POLL_S`, drain an idle spool and assemble
+        the series versions quiet for ``quiet_period_s``; blocking work runs in a thread."""
+        while True:
+            # Spooled bytes -> blob store once reception is idle (keeps file creation, the
+            # slow part of a blob put, out of a C-STORE burst; see atlasflow.ingest.spool).
+            await asyncio.to_thread(self.store.drain_if_idle, 1.0)
+            for sv in await asyncio.to_thread(self.store.due_for_assembly, self.quiet_period_s):
+                await asyncio.to_thread(self.assemble, sv)
+            self.metrics.set_queue_depth("series_open", await asyncio.to_thread(self.store.receiving_count))
+            await asyncio.sleep(POLL_S)
+
+
+def segmentation_handoff(
+    store: IngestStore, stub: segmentation_pb2_grpc.SegmentationServiceStub
+) -> Callable[[OutboxRow], Awaitable[None]]:
+    """The outbox handler of `SEGMENT_TOPIC`: SegmentSeries, then the version is DISPATCHED."""
+
+    async def deliver(row: OutboxRow) -> None:
+        request = segmentation_pb2.SegmentSeriesRequest.FromString(row.payload)
+        await stub.SegmentSeries(request, timeout=30)
+        await asyncio.to_thread(store.mark_dispatched, request.series_id, request.series_version)
+
+    return deliver
