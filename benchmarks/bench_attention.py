@@ -1,5 +1,5 @@
-"""Attention benchmark: `atlasflow.common.attention` (reference mode) vs the straightforward
-numpy + scipy transcription (`benchmarks/attention_baseline.py`) on one synthetic case.
+"""Attention benchmark: `atlasflow.method.attention` (reference mode) vs the straightforward
+numpy + scipy transcription (`atlasflow.testing.attention_baseline`) on one synthetic case.
 
     .venv/bin/python benchmarks/bench_attention.py [--shape 512 512 300] [--models 3]
         [--baseline-shape X Y Z] [--skip-baseline] [--runs 1]
@@ -12,9 +12,9 @@ at a smaller ``--baseline-shape`` and be scaled by the voxel count (said so in t
 ``--baseline-shape`` defaults to ``--shape`` (a real run).
 
 ``--enhanced`` also times the enhanced mode on top of the library's result at ``--shape``,
-1.5 mm voxels: the whole `atlasflow.common.plausibility.rank_case(..., mode="enhanced")`
+1.5 mm voxels: the whole `atlasflow.method.strategy.rank_case(..., mode="enhanced")`
 (``enhanced_s``), and its suspect regions alone, torch (`suspect_regions`, the product) against
-the numpy + scipy original (`benchmarks/suspect_regions_numpy.py`) on the same organs, with the
+the numpy + scipy original (`atlasflow.testing.suspect_regions_numpy`) on the same organs, with the
 ratio (``suspect_numpy_over_torch``).
 """
 
@@ -24,69 +24,14 @@ import argparse
 import gc
 import json
 import resource
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from atlasflow.common.attention import case_attention  # noqa: E402
-from attention_baseline import reference_attention_numpy  # noqa: E402
-
-# organ id -> (centre as a fraction of the volume, radii as a fraction of the volume)
-LAYOUT: dict[int, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    1: ((0.50, 0.55, 0.50), (0.025, 0.025, 0.40)),  # aorta: a long thin tube
-    2: ((0.35, 0.40, 0.55), (0.04, 0.04, 0.06)),  # gall bladder
-    3: ((0.68, 0.62, 0.45), (0.07, 0.07, 0.13)),  # kidney left (patient left = -x... layout only)
-    4: ((0.32, 0.62, 0.42), (0.07, 0.07, 0.13)),  # kidney right
-    5: ((0.33, 0.45, 0.65), (0.20, 0.18, 0.22)),  # liver
-    6: ((0.55, 0.50, 0.50), (0.12, 0.04, 0.05)),  # pancreas
-    7: ((0.44, 0.58, 0.50), (0.025, 0.025, 0.35)),  # postcava
-    8: ((0.72, 0.55, 0.65), (0.08, 0.08, 0.11)),  # spleen
-    9: ((0.62, 0.38, 0.68), (0.12, 0.10, 0.12)),  # stomach
-}
-
-
-def make_case(shape: tuple[int, int, int], n_models: int = 3, seed: int = 0) -> dict[int, np.ndarray]:
-    """Organ id -> uint8 ``(M, X, Y, Z)`` synthetic soft predictions on ``shape`` (see module doc).
-
-    Only each organ's bounding box is computed (fast at 512x512x300)."""
-    rng = np.random.default_rng(seed)
-    sh = np.array(shape, dtype=np.float64)
-    out: dict[int, np.ndarray] = {}
-    for k, (c, r) in LAYOUT.items():
-        q = np.zeros((n_models, *shape), dtype=np.uint8)
-        centre = np.array(c) * sh
-        radii = np.maximum(np.array(r) * sh, 2.0)
-        lo = np.maximum(np.floor(centre - 1.5 * radii - 4), 0).astype(int)
-        hi = np.minimum(np.ceil(centre + 1.5 * radii + 4), sh).astype(int)
-        axes = [np.arange(lo[a], hi[a], dtype=np.float32) for a in range(3)]
-        for m in range(n_models):
-            cm = centre + rng.normal(0, 0.6, 3) * (1 + (m == n_models - 1))
-            rm = radii * rng.uniform(0.94, 1.06, 3)
-            d = [((axes[a] - cm[a]) / rm[a]) ** 2 for a in range(3)]
-            rr = np.sqrt(d[0][:, None, None] + d[1][None, :, None] + d[2][None, None, :])
-            ph = rng.uniform(0, 2 * np.pi, 3)
-            wob = (
-                np.sin(axes[0] / 9 + ph[0])[:, None, None]
-                + np.sin(axes[1] / 11 + ph[1])[None, :, None]
-                + np.sin(axes[2] / 7 + ph[2])[None, None, :]
-            ) * 0.08
-            logit = (1.0 - rr + wob) * (6.0 * rng.uniform(0.8, 1.2))
-            p = 1.0 / (1.0 + np.exp(-logit))
-            p[rr > 1.35] = 0.0
-            q[(m, *[slice(lo[a], hi[a]) for a in range(3)])] = np.round(p * 255).astype(np.uint8)
-            if m == 0 and k in (5, 9):  # a false-positive island near the organ in one model
-                ic = np.clip(centre + radii * np.array([1.1, 0.3, 0.0]), 4, sh - 5).astype(int)
-                ir = max(2, int(min(radii) * 0.3))
-                sl = tuple(slice(max(0, ic[a] - ir), min(shape[a], ic[a] + ir)) for a in range(3))
-                q[(m, *sl)] = np.maximum(q[(m, *sl)], 200)
-        out[k] = q
-    return out
+from atlasflow.method.attention import case_attention
+from atlasflow.testing.attention_baseline import reference_attention_numpy
+from atlasflow.testing.synthetic import make_case
 
 
 def _rss_mib() -> float:
@@ -109,8 +54,9 @@ def time_enhanced(case: dict[int, np.ndarray], runs: int = 1, spacing_mm: float 
     """Best wall times (s) of `rank_case` in enhanced mode, and of the suspect regions of its
     organs by the product (torch) and by the numpy original (the reference attention computed
     before, not timed)."""
-    from atlasflow.common.plausibility import rank_case, suspect_regions
-    from suspect_regions_numpy import suspect_regions_numpy
+    from atlasflow.method.strategy import rank_case
+    from atlasflow.method.suspect import suspect_regions
+    from atlasflow.testing.suspect_regions_numpy import suspect_regions_numpy
 
     res = case_attention({k: torch.from_numpy(v) for k, v in case.items()})
     affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])

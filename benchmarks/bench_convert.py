@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_convert.py [--slices 300] [--runs 3] [--workdir DIR]
 
-The series is derived from the real TotalSegmentator slices (tests/ingest/gen_cases.py,
+The series is derived from the real TotalSegmentator slices (atlasflow.testing.gen_cases,
 uncompressed explicit VR LE, ~152 MB for 300 slices). Each run is a fresh child process, timed
 by wall clock; its peak memory is the child's max RSS, read with
 ``resource.getrusage(RUSAGE_CHILDREN)`` inside a fresh wrapper process per run (so one run's
@@ -24,8 +24,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(REPO / "tests" / "ingest"))
-sys.path.insert(0, str(REPO / "tests"))
 
 _WRAPPER = """
 import json, resource, subprocess, sys, time
@@ -76,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
-    import gen_cases
+    from atlasflow.testing import gen_cases
 
     work = Path(tempfile.mkdtemp(dir=args.workdir, prefix="bench_convert_"))
     try:

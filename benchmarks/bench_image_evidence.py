@@ -2,15 +2,15 @@
 
     .venv/bin/python benchmarks/bench_image_evidence.py [--seeds 0-99] [--jobs 2] [--json OUT]
 
-The error simulator (benchmarks/error_sim.py) carries the real CT under each bundled label map
+The error simulator (atlasflow.testing.error_sim) carries the real CT under each bundled label map
 through the same anatomy variation, so the injected errors sit on real intensities: a leak
 into fat is visible, a boundary moved into tissue of the organ's own density is not. For
-every error region of the enhanced mode (`bench_error_detection.prepare_case`, same prior),
+every error region of the enhanced mode (`atlasflow.testing.detection.prepare_case`, same prior),
 this prints how far its intensities lie from those of its organ, in the organ's own spread:
 
     z = |median HU(region) - mu| / sigma
 
-with ``mu`` / ``sigma`` the median and 1.4826 x MAD (at least `SIGMA_FLOOR_HU`) of the CT,
+with ``mu`` / ``sigma`` the median and 1.4826 x MAD (at least `detection.SIGMA_FLOOR_HU`) of the CT,
 smoothed 3x3x3, over the ensemble's label of that organ at least 2 voxels from its boundary
 (what a product would have: the label it ranks, not the truth), split by whether the
 attention found the region. An error region is only separable by intensity where ``z`` is
@@ -25,40 +25,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+from atlasflow.common.organs import ORGANS
+from atlasflow.method.masks import binary_opening
+from atlasflow.method.prior import PopulationPrior
+from atlasflow.method.strategy import rank_case
+from atlasflow.method.suspect import _depth_bins
+from atlasflow.testing.detection import map_cases, organ_intensity, parse_seeds, prepare_case, smoothed, tuning_prior
 
-from atlasflow.common.attention import binary_opening  # noqa: E402
-from atlasflow.common.organs import ORGANS  # noqa: E402
-from atlasflow.common.plausibility import PopulationPrior, _depth_bins, rank_case  # noqa: E402
-from bench_error_detection import map_cases, parse_seeds, prepare_case, tuning_prior  # noqa: E402
-
-SIGMA_FLOOR_HU = 8.0
 _CUBE = np.ones((3, 3, 3), dtype=bool)
-
-
-def smoothed(ct: np.ndarray) -> torch.Tensor:
-    """3x3x3 mean of the CT (edges replicated), float32."""
-    t = torch.from_numpy(ct.astype(np.float32))[None, None]
-    t = torch.nn.functional.pad(t, (1, 1, 1, 1, 1, 1), mode="replicate")
-    return torch.nn.functional.avg_pool3d(t, 3, stride=1)[0, 0]
-
-
-def organ_intensity(hu: torch.Tensor, label: torch.Tensor, dbin: torch.Tensor) -> tuple[float, float]:
-    """(mu, sigma) of ``hu`` over the label's voxels at least 2 voxels deep (all of the label if
-    fewer than 50 are)."""
-    core = label & (dbin >= 2)
-    v = hu[core] if int(core.sum()) >= 50 else hu[label]
-    mu = float(v.median())
-    return mu, max(1.4826 * float((v - mu).abs().median()), SIGMA_FLOOR_HU)
 
 
 def _candidates(mask: np.ndarray, err: np.ndarray, regions: list[np.ndarray], vml: float) -> tuple[int, int]:

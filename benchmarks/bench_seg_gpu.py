@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from atlasflow.testing.synthetic import TINY_MEMBERS, phantom, write_ensemble
+
 SIZE = (266, 266, 250)
 SPACING = 1.5
 
@@ -86,109 +88,6 @@ FULL_MEMBERS: list[dict[str, Any]] = [
         },
     },
 ]
-TINY_MEMBERS: list[dict[str, Any]] = [
-    {
-        "name": "unet",
-        "architecture": "monai.UNet",
-        "activation": "sigmoid",
-        "seed": 101,
-        "patch": 32,
-        "kwargs": {
-            "spatial_dims": 3,
-            "in_channels": 1,
-            "out_channels": 9,
-            "channels": [4, 8],
-            "strides": [2],
-            "num_res_units": 0,
-        },
-    },
-    {
-        "name": "swin_unetr",
-        "architecture": "monai.SwinUNETR",
-        "activation": "sigmoid",
-        "seed": 202,
-        "patch": 64,
-        "kwargs": {
-            "spatial_dims": 3,
-            "in_channels": 1,
-            "out_channels": 9,
-            "feature_size": 12,
-            "depths": [1, 1, 1, 1],
-            "num_heads": [3, 3, 3, 3],
-            "window_size": 4,
-        },
-    },
-    {
-        "name": "dynunet",
-        "architecture": "monai.DynUNet",
-        "activation": "softmax",
-        "seed": 303,
-        "patch": 32,
-        "kwargs": {
-            "spatial_dims": 3,
-            "in_channels": 1,
-            "out_channels": 10,
-            "kernel_size": [3, 3, 3],
-            "strides": [1, 2, 2],
-            "upsample_kernel_size": [2, 2],
-            "filters": [4, 8, 16],
-        },
-    },
-]
-
-
-def phantom(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
-    """Synthetic abdomen ``(X, Y, Z)`` int16 HU: air, an elliptic body (~40 HU with noise)
-    covering ~80% x 60% of the in-plane field, a denser core and a table under the back."""
-    x, y = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
-    body = (x / 0.8) ** 2 + (y / 0.6) ** 2 <= 1.0
-    core = ((x - 0.15) / 0.3) ** 2 + ((y + 0.05) / 0.25) ** 2 <= 1.0
-    table = (y < -0.7) & (y > -0.78) & (np.abs(x) < 0.9)
-    rng = np.random.default_rng(seed)
-    vol = np.full(shape, -1000, dtype=np.int16)
-    plane = np.where(body, 40, -1000).astype(np.int16)
-    plane[core] = 120
-    plane[table] = 300
-    vol[:] = plane[:, :, None]
-    vol += (rng.standard_normal(shape) * 15).astype(np.int16) * body[:, :, None]
-    return vol
-
-
-def write_ensemble(out: Path, members: list[dict[str, Any]], overlap: float) -> Path:
-    """Ensemble JSON + one state_dict checkpoint per member (seeded weights) under ``out``."""
-    from atlasflow.segmentation.ensemble import parse_ensemble
-    from atlasflow.segmentation.models import build_member
-
-    doc: dict[str, Any] = {
-        "format": 1,
-        "version": "bench-trio",
-        "description": "benchmark only: seeded weights",
-        "members": [],
-    }
-    for m in members:
-        doc["members"].append(
-            {
-                "name": m["name"],
-                "architecture": m["architecture"],
-                "kwargs": m["kwargs"],
-                "activation": m["activation"],
-                "seed": m["seed"],
-                "checkpoint": f"{m['name']}.pt",
-                "preprocessing": {
-                    "target_spacing_mm": [SPACING] * 3,
-                    "hu_window": [-175.0, 250.0],
-                    "patch_size": [m["patch"]] * 3,
-                    "overlap": overlap,
-                    "sw_batch_size": 4,
-                },
-            }
-        )
-    cfg = parse_ensemble({**doc, "members": [{**d, "checkpoint": None} for d in doc["members"]]}, base=out)
-    for member in cfg.members:
-        torch.save(build_member(member).state_dict(), out / f"{member.name}.pt")
-    path = out / "bench-trio.json"
-    path.write_text(json.dumps(doc))
-    return path
 
 
 def _sync(device: torch.device) -> None:
@@ -250,7 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["torch"] = torch.__version__
     with tempfile.TemporaryDirectory() as tmp:
         for overlap in args.overlaps:
-            ens = write_ensemble(Path(tmp), members, overlap)
+            ens = write_ensemble(Path(tmp), members, overlap, SPACING)
             variants = {
                 "atlasflow": dict(
                     autocast=args.autocast,

@@ -5,10 +5,6 @@ in a fresh temporary directory owned by the `postgres` user and is started with
 `runuser -u postgres -- pg_ctl ...` on a free TCP port of 127.0.0.1 (trust authentication) with
 its unix socket in the same directory; it is stopped (`-m immediate`) and removed at the end.
 Each test asks `pg_database()` for a database of its own.
-
-Test modules do `from conftest import SHARED_DATA`; with two conftest.py files on sys.path the
-module named "conftest" may be this one, so it re-exports the root conftest's names
-(SHARED_DATA, REPO, load_benchmark, in_process_ranking_server).
 """
 
 from __future__ import annotations
@@ -25,24 +21,6 @@ from pathlib import Path
 import psycopg
 import pytest
 
-
-def _root_conftest():  # type: ignore[no-untyped-def]
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "atlasflow_tests_root_conftest", Path(__file__).resolve().parents[1] / "conftest.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_ROOT = _root_conftest()
-REPO = _ROOT.REPO
-SHARED_DATA = _ROOT.SHARED_DATA
-load_benchmark = _ROOT.load_benchmark
-in_process_ranking_server = _ROOT.in_process_ranking_server
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 

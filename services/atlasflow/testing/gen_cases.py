@@ -37,12 +37,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-_HERE = Path(__file__).resolve().parent
-if str(_HERE.parent) not in sys.path:
-    sys.path.insert(0, str(_HERE.parent))
-from conftest import SHARED_DATA  # noqa: E402
+from atlasflow.testing.data import TEST_DATA
 
-TS_DICOM = SHARED_DATA / "totalsegmentator/tests/reference_files/example_ct_dicom"
+TS_DICOM = TEST_DATA / "totalsegmentator/tests/reference_files/example_ct_dicom"
 PREFIX = "2.25."
 
 
@@ -238,7 +235,7 @@ GENERATORS: dict[str, Callable[..., Path]] = {
     "enhanced": write_enhanced,
 }
 
-if __name__ == "__main__":  # python tests/ingest/gen_cases.py long OUT_DIR 300
+if __name__ == "__main__":  # python -m atlasflow.testing.gen_cases long OUT_DIR 300
     kind, target, *rest = sys.argv[1:]
     if kind == "long":
         write_long_series(Path(target), int(rest[0]) if rest else 300)

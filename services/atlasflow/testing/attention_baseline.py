@@ -1,7 +1,7 @@
 """BASELINE, not product code: a straightforward numpy + scipy transcription of the reference
 attention recipe (DESIGN.md "The method"; AbdomenAtlas ``create_attention.py`` and
 ``utils/utils.py``), on full volumes in float64, one organ at a time, the way the reference
-does it. It is the yardstick for `atlasflow.common.attention` (equality test and
+does it. It is the yardstick for `atlasflow.method.attention` (equality test and
 ``benchmarks/bench_attention.py``).
 
 Input: organ id -> uint8 ``(M, X, Y, Z)`` ``p*255`` soft predictions on one grid.

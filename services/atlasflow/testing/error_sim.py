@@ -1,10 +1,11 @@
 """Error simulator for the error-detection benchmark, and the builder of the bundled
 plausibility prior. Both start from the bundled label maps (TotalSegmentator predictions on
-real CT in shared/data/totalsegmentator, mapped to AbdomenAtlas ids by
-`atlasflow.labels.totalseg.totalseg_to_atlas`). Lives in benchmarks/ (it reads the labels
-package; services may not import each other).
+real CT in tests/data/totalsegmentator, mapped to AbdomenAtlas ids by
+`atlasflow.labels.totalseg.totalseg_to_atlas`). Lives in atlasflow.testing (it reads the labels
+and ingest packages; services may not import each other, and nothing in the services imports
+this package).
 
-    .venv/bin/python benchmarks/error_sim.py --write-prior   # rebuild services/atlasflow/common/plausibility_prior.json
+    .venv/bin/python -m atlasflow.testing.error_sim --write-prior   # rebuild services/atlasflow/method/plausibility_prior.json
 
 Simulated case (`simulate_case`), all arrays ``(X, Y, Z)``:
 1. anatomy: a bundled label map (each organ's largest component), randomly scaled (0.85-1.15
@@ -54,14 +55,17 @@ import argparse
 import functools
 import sys
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__import__("os").environ.get("ATLASFLOW_TEST_DATA", REPO / "tests" / "data"))
+from atlasflow.common.organs import ORGAN_IDS, ORGANS
+from atlasflow.labels.totalseg import totalseg_to_atlas
+from atlasflow.method.geometry import OrganGeometry, measure_labels
+from atlasflow.method.prior import PopulationPrior
+from atlasflow.testing.data import REPO, TEST_DATA
+
 BUNDLED = ("example_seg_fast_force_split.nii.gz", "example_seg_dicom.nii.gz")
 ERRORS = ("leak", "missing", "island", "swap", "shift")
 MIN_REGION_ML = 1.0
@@ -70,10 +74,6 @@ MIN_REGION_ML = 1.0
 ERROR_CONFIDENCE = (0.3, 1.0)
 _CUBE = np.ones((3, 3, 3), dtype=bool)
 NEIGHBOURS = {1: 7, 2: 5, 3: 8, 4: 5, 5: 4, 6: 9, 7: 1, 8: 9, 9: 8}  # organ -> a plausible leak target
-
-from atlasflow.common.organs import ORGAN_IDS, ORGANS  # noqa: E402
-from atlasflow.common.plausibility import OrganGeometry, PopulationPrior, measure_labels  # noqa: E402
-from atlasflow.labels.totalseg import totalseg_to_atlas  # noqa: E402
 
 
 @functools.cache
@@ -85,7 +85,7 @@ def bundled_cts() -> tuple[np.ndarray, ...]:
 
     from atlasflow.ingest.assemble import assemble_series
 
-    ref = SHARED / "totalsegmentator" / "tests" / "reference_files"
+    ref = TEST_DATA / "totalsegmentator" / "tests" / "reference_files"
     out = []
     for (name, labels, affine), source in zip(bundled_label_maps(), ("example_ct.nii.gz", "example_ct_dicom")):
         if source.endswith(".nii.gz"):
@@ -104,7 +104,7 @@ def bundled_label_maps() -> list[tuple[str, np.ndarray, np.ndarray]]:
     voxel order (canonical orientation)."""
     out = []
     for name in BUNDLED:
-        img = nib.as_closest_canonical(nib.load(SHARED / "totalsegmentator" / "tests" / "reference_files" / name))
+        img = nib.as_closest_canonical(nib.load(TEST_DATA / "totalsegmentator" / "tests" / "reference_files" / name))
         out.append((name, totalseg_to_atlas(np.asarray(img.dataobj)), np.asarray(img.affine, dtype=np.float64)))
     return out
 
@@ -411,7 +411,7 @@ def case_error_regions(c: SimCase, ensembles: dict[int, np.ndarray]) -> list[tup
         return out
     import torch
 
-    from atlasflow.common.attention import case_attention
+    from atlasflow.method.attention import case_attention
 
     clean = case_attention(
         {k: torch.from_numpy(v) for k, v in c.clean_probs.items()}, labelled_organs=list(c.clean_probs)
@@ -428,7 +428,7 @@ def case_error_regions(c: SimCase, ensembles: dict[int, np.ndarray]) -> list[tup
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write-prior", action="store_true")
-    ap.add_argument("--out", default=str(REPO / "services" / "atlasflow" / "common" / "plausibility_prior.json"))
+    ap.add_argument("--out", default=str(REPO / "services" / "atlasflow" / "method" / "plausibility_prior.json"))
     args = ap.parse_args(argv)
     if args.write_prior:
         prior = build_bundled_prior()

@@ -1,6 +1,6 @@
 """ORACLE, not product code: the enhanced attention's `suspect_regions` as it was first written,
 in numpy + scipy on the CPU (distance transforms by `scipy.ndimage.distance_transform_edt`,
-morphology by `scipy.ndimage`). `atlasflow.common.plausibility.suspect_regions` is the torch
+morphology by `scipy.ndimage`). `atlasflow.method.suspect.suspect_regions` is the torch
 version that runs where the soft predictions are; tests/ranking/test_ranking_suspect_torch.py
 checks that both give the same masks and evidence bit for bit, and
 ``benchmarks/bench_attention.py --enhanced`` times both. The constants are the product's.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from atlasflow.common.plausibility import (
+from atlasflow.method.suspect import (
     ASYMMETRY_MIN,
     DOUBT_MAX_DEPTH,
     DOUBT_MIN_DEPTH,
@@ -66,7 +66,7 @@ def _open(mask: np.ndarray, iterations: int) -> np.ndarray:
 
 
 def suspect_regions_numpy(q: np.ndarray, label: np.ndarray, voxel_ml: float) -> tuple[np.ndarray, dict[str, float]]:
-    """The numpy + scipy original of `atlasflow.common.plausibility.suspect_regions` (same
+    """The numpy + scipy original of `atlasflow.method.suspect.suspect_regions` (same
     arguments and results)."""
     m = q.shape[0]
     p = q.astype(np.float32) / 255.0
