@@ -15,9 +15,9 @@ import pytest
 from atlasflow.cli.demo_series import SENTINEL_PATIENT_DATA, build_demo_datasets, write_demo_series
 from atlasflow.ingest.assemble import assemble_series
 from atlasflow.ingest.dicom import parse_instance
-from conftest import SHARED_DATA
+from atlasflow.testing.data import TEST_DATA
 
-EXAMPLE_CT = SHARED_DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
+EXAMPLE_CT = TEST_DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
 DCM2NIIX = Path(sys.executable).parent / "dcm2niix"
 REPO = Path(__file__).resolve().parents[2]
 

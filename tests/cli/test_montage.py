@@ -22,9 +22,9 @@ from atlasflow.cli.montage import (
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.organs import ORGAN_IDS
 from atlasflow.labels.totalseg import totalseg_to_atlas
-from conftest import SHARED_DATA
+from atlasflow.testing.data import TEST_DATA
 
-REF = SHARED_DATA / "totalsegmentator/tests/reference_files"
+REF = TEST_DATA / "totalsegmentator/tests/reference_files"
 LIVER = ORGAN_IDS["liver"]
 SPLEEN = ORGAN_IDS["spleen"]
 

@@ -17,9 +17,9 @@ from pydicom.dataset import Dataset
 from atlasflow.cli.demo_series import write_demo_series
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.ingest.assemble import Volume, assemble_series
-from conftest import SHARED_DATA
+from atlasflow.testing.data import TEST_DATA
 
-DATA = SHARED_DATA
+DATA = TEST_DATA
 EXAMPLE_CT = DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
 TS_DICOM = DATA / "totalsegmentator/tests/reference_files/example_ct_dicom"
 CT3 = DATA / "dcmqi/data/segmentations/ct-3slice"

@@ -21,7 +21,7 @@ import pytest
 from scipy import ndimage
 
 from atlasflow.ingest.convert import scan
-from conftest import SHARED_DATA
+from atlasflow.testing.data import TEST_DATA
 
 BIN = Path(sys.executable).parent
 DCM2NIIX = BIN / "dcm2niix"
@@ -140,7 +140,7 @@ def assert_tilt_close(ours: Path, ref: Path) -> None:
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_convert_matches_dcm2niix(case: str, tmp_path: Path) -> None:
     rel, expect = CASES[case]
-    src = _staged(SHARED_DATA / rel, tmp_path)
+    src = _staged(TEST_DATA / rel, tmp_path)
     d2n_run, d2n_out = run_dcm2niix(src, tmp_path / "d2n")
     ours = tmp_path / "ours.nii"
     run = run_atlasflow(src, ours)
@@ -193,7 +193,7 @@ def test_convert_matches_dcm2niix(case: str, tmp_path: Path) -> None:
         assert d2n_run.returncode != 0 and not d2n_out
         assert run.returncode == 0, run.stderr
         img = nib.load(ours)
-        file = SHARED_DATA / rel
+        file = TEST_DATA / rel
         assert np.array_equal(np.asarray(img.dataobj)[:, :, 0].astype(np.float64), pydicom_hu(file).T)
         slice_mm = float(pydicom.dcmread(file, stop_before_pixels=True).SliceThickness)
         np.testing.assert_allclose(img.affine, header_affine(file, slice_mm), atol=1e-4)
@@ -207,7 +207,7 @@ def test_convert_matches_dcm2niix(case: str, tmp_path: Path) -> None:
         b, b_hu = canonical(d2n_out[0])
         assert b_hu.min() >= 0 and b_hu.max() == 8191
         assert (a_hu.min(), a_hu.max()) == (-2000, 1896)
-        file = SHARED_DATA / rel
+        file = TEST_DATA / rel
         assert np.array_equal(np.asarray(nib.load(ours).dataobj)[:, :, 0], pydicom_hu(file).T)
         np.testing.assert_allclose(a.affine[:, [0, 1, 3]], b.affine[:, [0, 1, 3]], atol=AFFINE_TOL_MM)
         assert not np.allclose(a.affine[:, 2], b.affine[:, 2], atol=0.1)
@@ -220,8 +220,8 @@ def test_cases_cover_every_ct_series_in_shared_data() -> None:
     """Every CT file under shared/data belongs to one case above (new data must be added)."""
     covered: set[Path] = set()
     for rel, _ in CASES.values():
-        path = SHARED_DATA / rel
+        path = TEST_DATA / rel
         covered.update(p.resolve() for p in (path.iterdir() if path.is_dir() else [path]))
-    found = {f.file.resolve() for f in scan([SHARED_DATA]).frames}
+    found = {f.file.resolve() for f in scan([TEST_DATA]).frames}
     assert found, "no CT found"
     assert found <= covered, sorted(str(p) for p in found - covered)

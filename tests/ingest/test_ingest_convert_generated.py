@@ -1,4 +1,4 @@
-"""`atlasflow convert` vs dcm2niix on cases DERIVED from real slices (tests/ingest/gen_cases.py):
+"""`atlasflow convert` vs dcm2niix on cases DERIVED from real slices (atlasflow.testing.gen_cases):
 patient positions, RLE / JPEG-LS lossless, Legacy Converted Enhanced CT, a tilt revealed only
 by orientation + position, a 300-slice series, and the 1,000-slice memory bound."""
 
@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gen_cases
 import nibabel as nib
 import numpy as np
 import pytest
@@ -23,9 +22,10 @@ from test_ingest_convert import (
 )
 
 from atlasflow.cli.demo_series import write_demo_series
-from conftest import SHARED_DATA
+from atlasflow.testing import gen_cases
+from atlasflow.testing.data import TEST_DATA
 
-EXAMPLE_CT = SHARED_DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
+EXAMPLE_CT = TEST_DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,11 @@ from atlasflow.cli.demo_series import write_demo_series
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.ingest.assemble import REPAIR, STRICT, assemble_series
 from atlasflow.ingest.convert import _fast_frames, convert, main, nifti_header, scan, write_nifti
-from conftest import SHARED_DATA
+from atlasflow.testing.data import TEST_DATA
 
-D2N = SHARED_DATA / "dicom2nifti_ct_headers/tests/data/failing"
-CT3 = SHARED_DATA / "dcmqi/data/segmentations/ct-3slice"
-EXAMPLE_CT = SHARED_DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
+D2N = TEST_DATA / "dicom2nifti_ct_headers/tests/data/failing"
+CT3 = TEST_DATA / "dcmqi/data/segmentations/ct-3slice"
+EXAMPLE_CT = TEST_DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
 FIELDS = (
     "rows",
     "cols",
@@ -56,7 +56,7 @@ def _read(directory: Path) -> list[pydicom.Dataset]:
 
 
 def test_fast_reader_equals_pydicom(demo: Path) -> None:
-    roots = [SHARED_DATA, demo]
+    roots = [TEST_DATA, demo]
     fast, slow = scan(roots), scan(roots, use_fast=False)
     assert [f.file for f in fast.frames] == [f.file for f in slow.frames]
     n_fast = 0
@@ -68,7 +68,7 @@ def test_fast_reader_equals_pydicom(demo: Path) -> None:
         assert (a.series_number, a.localizer) == (b.series_number, b.localizer)
         assert np.array_equal(a.ref.source.read(), b.ref.source.read())
     assert n_fast >= 112 + 3 + 16  # demo, dcmqi, dicom2nifti: native files take the fast path
-    assert _fast_frames(SHARED_DATA / "pydicom_ct_singles/pydicom-data/693_J2KR.dcm") is None
+    assert _fast_frames(TEST_DATA / "pydicom_ct_singles/pydicom-data/693_J2KR.dcm") is None
 
 
 def test_padding_metadata_and_mask() -> None:
@@ -91,7 +91,7 @@ def test_repair_tilt_and_gap_in_memory() -> None:
 
 
 def test_repair_multiframe_in_memory() -> None:
-    ds = pydicom.dcmread(SHARED_DATA / "pydicom_ct_singles/pydicom-data/eCT_Supplemental.dcm")
+    ds = pydicom.dcmread(TEST_DATA / "pydicom_ct_singles/pydicom-data/eCT_Supplemental.dcm")
     vol = assemble_series([ds], REPAIR)
     assert vol.array.shape == (512, 512, 2)
     # IOP -1\\0\\0\\0\\1\\0: normal r x c = (0, 0, -1) LPS, frames 10 mm apart along it

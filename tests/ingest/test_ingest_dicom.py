@@ -20,9 +20,9 @@ from atlasflow.ingest.dicom import (
     parse_instance,
     validate_dataset,
 )
-from conftest import SHARED_DATA
+from atlasflow.testing.data import TEST_DATA
 
-DATA = SHARED_DATA
+DATA = TEST_DATA
 EXAMPLE_CT = DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
 TS_DICOM = DATA / "totalsegmentator/tests/reference_files/example_ct_dicom"
 CT3 = DATA / "dcmqi/data/segmentations/ct-3slice"

@@ -22,10 +22,9 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from atlasflow.ingest.client import upload_requests
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from conftest import load_benchmark
+from atlasflow.testing import peers
 
 REPO = Path(__file__).resolve().parents[2]
-bench = load_benchmark("bench_ingest")
 
 N_FLIPS = 40
 
@@ -82,8 +81,8 @@ def flip_cases(real: bytes, header_bytes: int) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("fuzz")
-    real = bench.build_ct_series(root / "series", 1, seed="fuzz")[0].read_bytes()
-    with bench.IngestProcess(root / "ingest", env={"SPOOL_SEGMENT_MB": "8"}) as ingest:
+    real = peers.build_ct_series(root / "series", 1, seed="fuzz")[0].read_bytes()
+    with peers.IngestProcess(root / "ingest", env={"SPOOL_SEGMENT_MB": "8"}) as ingest:
         yield ingest, real
 
 

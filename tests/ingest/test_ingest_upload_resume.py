@@ -12,14 +12,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from atlasflow.ingest.client import UploadStats, resumable_requests, send_files, upload_id_of
 from atlasflow.common.server import error_info_of
+from atlasflow.ingest.client import UploadStats, resumable_requests, send_files, upload_id_of
 from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from conftest import load_benchmark
+from atlasflow.testing import peers
 
 REPO = Path(__file__).resolve().parents[2]
-bench = load_benchmark("bench_ingest")
 
 CHUNK = 64 * 1024
 SENT_CHUNKS = 4  # of the second instance, before the cut
@@ -27,7 +26,7 @@ SENT_CHUNKS = 4  # of the second instance, before the cut
 
 @pytest.fixture()
 def ingest(tmp_path):  # type: ignore[no-untyped-def]
-    with bench.IngestProcess(tmp_path / "ingest") as proc:
+    with peers.IngestProcess(tmp_path / "ingest") as proc:
         yield proc
 
 
@@ -36,7 +35,7 @@ def _status(stub, upload_id: str):  # type: ignore[no-untyped-def]
 
 
 def test_cut_mid_instance_resumes_at_committed_offset(ingest, tmp_path):  # type: ignore[no-untyped-def]
-    files = bench.build_ct_series(tmp_path / "s", 3, seed="resume")
+    files = peers.build_ct_series(tmp_path / "s", 3, seed="resume")
     data = [p.read_bytes() for p in files]
     ids = [upload_id_of(d) for d in data]
     assert len(data[1]) > (SENT_CHUNKS + 2) * CHUNK
@@ -102,7 +101,7 @@ def test_cut_mid_instance_resumes_at_committed_offset(ingest, tmp_path):  # type
         # the resumed stream sent only the rest of instance 2 (plus instance 3)
         assert stats.bytes_sent == len(data[1]) - SENT_CHUNKS * CHUNK + len(data[2])
         series = stub.GetSeries(
-            ingest_pb2.GetSeriesRequest(series_id=atlas_id("ser", bench.bench_uid("resume", "series"))), timeout=10
+            ingest_pb2.GetSeriesRequest(series_id=atlas_id("ser", peers.bench_uid("resume", "series"))), timeout=10
         ).series
         assert (series.instance_count, series.duplicate_count, series.conflict_count) == (3, 0, 0)
         # the stored instance is byte-identical to the file (no hole, no duplicated chunk)
@@ -119,7 +118,7 @@ def test_cut_mid_instance_resumes_at_committed_offset(ingest, tmp_path):  # type
 
 
 def test_bad_checksum_discards_the_upload_and_plain_mode_still_works(ingest, tmp_path):  # type: ignore[no-untyped-def]
-    files = bench.build_ct_series(tmp_path / "s", 2, seed="resume-plain")
+    files = peers.build_ct_series(tmp_path / "s", 2, seed="resume-plain")
     data = files[0].read_bytes()
     uid = upload_id_of(data)
     msgs = list(resumable_requests(files[0].name, data, uid, 0, CHUNK))

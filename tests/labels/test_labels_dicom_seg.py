@@ -21,9 +21,9 @@ from atlasflow.common.organs import ORGAN_IDS
 from atlasflow.labels.dicom_seg import export_dicom_seg, frames_from_volume, send_c_store
 from atlasflow.labels.repository import Provenance
 from atlasflow.labels.totalseg import totalseg_to_atlas
-from conftest import SHARED_DATA
+from atlasflow.testing.data import TEST_DATA
 
-REF = SHARED_DATA / "totalsegmentator/tests/reference_files"
+REF = TEST_DATA / "totalsegmentator/tests/reference_files"
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,9 @@ from atlasflow.labels.export import AI_MARKING, export_case, split_organs, total
 from atlasflow.labels.repository import Provenance
 from atlasflow.labels.totalseg import TOTALSEG_V2_TO_ATLAS
 from atlasflow.labels.validate import validate_label_map
-from conftest import SHARED_DATA
+from atlasflow.testing.data import TEST_DATA
 
-DATA = SHARED_DATA / "totalsegmentator"
+DATA = TEST_DATA / "totalsegmentator"
 REF = DATA / "tests/reference_files"
 AI = Provenance("ai", model_version="trio-v1", job_id="job-9", weights_trained=False)
 RAD = Provenance("radiologist", reviewer="dr-b")

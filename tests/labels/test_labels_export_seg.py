@@ -14,7 +14,6 @@ repository (committed per case, so a crash mid-export loses none; a resume repla
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -46,28 +45,16 @@ from atlasflow.labels.service import Exporter, destination_path, export_to_proto
 from atlasflow.labels.sqlite import SqliteLabelRepository
 from atlasflow.labels.totalseg import totalseg_to_atlas
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
-from conftest import REPO, SHARED_DATA
+from atlasflow.testing import peers
+from atlasflow.testing.data import REPO, TEST_DATA
 
-REF = SHARED_DATA / "totalsegmentator/tests/reference_files"
+REF = TEST_DATA / "totalsegmentator/tests/reference_files"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 TERMINAL = (
     common_pb2.OPERATION_STATE_SUCCEEDED,
     common_pb2.OPERATION_STATE_FAILED,
     common_pb2.OPERATION_STATE_CANCELLED,
 )
-
-
-def _bench():  # type: ignore[no-untyped-def]
-    """benchmarks/bench_ingest.py (IngestProcess, OrthancProcess, free_ports), loaded once."""
-    if "bench_ingest" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_ingest", REPO / "benchmarks" / "bench_ingest.py")
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules["bench_ingest"] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules["bench_ingest"]
-
-
-bench = _bench()
 
 
 def _write_series(out: Path, tag: str, drop: int | None = None) -> list[Path]:
@@ -84,10 +71,10 @@ def _write_series(out: Path, tag: str, drop: int | None = None) -> list[Path]:
             continue
         ds = pydicom.dcmread(f)
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-        ds.SOPInstanceUID = bench.bench_uid(tag, f"sop/{i}")
+        ds.SOPInstanceUID = peers.bench_uid(tag, f"sop/{i}")
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.StudyInstanceUID = bench.bench_uid(tag, "study")
-        ds.SeriesInstanceUID = bench.bench_uid(tag, "series")
+        ds.StudyInstanceUID = peers.bench_uid(tag, "study")
+        ds.SeriesInstanceUID = peers.bench_uid(tag, "series")
         path = out / f"{i:02d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -99,7 +86,7 @@ class LabelsProcess:
 
     def __init__(self, root: Path, ingest_target: str) -> None:
         self.root = root
-        (self.port,) = bench.free_ports(1)
+        (self.port,) = peers.free_ports(1)
         self.env = dict(
             os.environ, PYTHONUNBUFFERED="1", OTEL_SDK_DISABLED="true", OTEL_TRACES_EXPORTER="none", TCP_NODELAY="1"
         )
@@ -157,14 +144,14 @@ def env(tmp_path_factory):  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("seg")
     series_a = _write_series(root / "a", "seg-export-a")
     series_b = _write_series(root / "b", "seg-export-b", drop=10)
-    ingest = bench.IngestProcess(root / "ingest").start()
+    ingest = peers.IngestProcess(root / "ingest").start()
     labels = orthanc = None
     try:
         t0 = time.perf_counter()
         receipts = send_files(series_a + series_b, ingest.target, commit=True)
         print(f"upload + assembly of 39 instances: {time.perf_counter() - t0:.2f} s")
         labels = LabelsProcess(root / "labels", ingest.target).start()
-        orthanc = bench.OrthancProcess(root / "orthanc").start()
+        orthanc = peers.OrthancProcess(root / "orthanc").start()
         yield {
             "root": root,
             "ingest": ingest,
@@ -495,7 +482,7 @@ def test_bad_pacs_destination_is_refused(env, tmp_path, options, field):  # type
 
 
 def test_unreachable_pacs_is_a_send_failure(env, exported, tmp_path):  # type: ignore[no-untyped-def]
-    (dead,) = bench.free_ports(1)
+    (dead,) = peers.free_ports(1)
     job = _export(
         exported["stub"],
         tmp_path / "out",

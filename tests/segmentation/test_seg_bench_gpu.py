@@ -31,21 +31,20 @@ def test_bench_seg_gpu_dry_run_on_cpu() -> None:
 
 
 def test_phantom_and_state_dict_ensemble(tmp_path: Path) -> None:
-    sys.path.insert(0, str(BENCH.parent))
     import numpy as np
     import torch
 
-    import bench_seg_gpu as bench
     from atlasflow.segmentation.ensemble import ForegroundCrop, load_ensemble
     from atlasflow.segmentation.pipeline import foreground_box
+    from atlasflow.testing.synthetic import TINY_MEMBERS, phantom, write_ensemble
 
-    vol = bench.phantom((100, 90, 4))
+    vol = phantom((100, 90, 4))
     box = foreground_box(vol, np.diag([1.5, 1.5, 1.5, 1.0]), ForegroundCrop(-500.0, 0.0))
     assert (
         box is not None and box[0].stop - box[0].start < 100 and box[1].stop - box[1].start < 90
     )  # body + table inside the field
     assert vol.dtype == np.int16 and vol.min() == -1000 and vol.max() >= 300
-    path = bench.write_ensemble(tmp_path, bench.TINY_MEMBERS, 0.5)
+    path = write_ensemble(tmp_path, TINY_MEMBERS, 0.5)
     cfg = load_ensemble(path)
     assert cfg.weights_trained and all(m.checkpoint is not None and m.checkpoint.suffix == ".pt" for m in cfg.members)
     state = torch.load(cfg.members[0].checkpoint, weights_only=True)

@@ -30,9 +30,9 @@ from atlasflow.labels.totalseg import totalseg_to_atlas
 from atlasflow.segmentation.ensemble import load_ensemble
 from atlasflow.segmentation.models import member_weights_trained
 from atlasflow.segmentation.pipeline import EnsemblePipeline
-from conftest import SHARED_DATA
+from atlasflow.testing.data import TEST_DATA
 
-REF = SHARED_DATA / "totalsegmentator/tests/reference_files"
+REF = TEST_DATA / "totalsegmentator/tests/reference_files"
 WEIGHTS = Path(__file__).resolve().parents[2] / "services" / "atlasflow" / "segmentation" / "weights"
 TRAIN_THRESHOLD = {"liver": 0.85, "spleen": 0.85, "kidney_left": 0.85, "kidney_right": 0.85}
 

@@ -85,9 +85,9 @@ def test_reorientation_round_trips_exactly(pipeline: EnsemblePipeline) -> None:
     The image: the real upper-abdomen CT slab TotalSegmentator ships (example_ct_sm, RAS, 3 mm)."""
     import nibabel as nib
 
-    from conftest import SHARED_DATA
+    from atlasflow.testing.data import TEST_DATA
 
-    img = nib.load(SHARED_DATA / "totalsegmentator/tests/reference_files/example_ct_sm.nii.gz")
+    img = nib.load(TEST_DATA / "totalsegmentator/tests/reference_files/example_ct_sm.nii.gz")
     ras = np.asanyarray(img.dataobj).astype(np.int16)
     aff = img.affine
     assert nib.aff2axcodes(aff) == ("R", "A", "S")

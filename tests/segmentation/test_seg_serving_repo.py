@@ -29,9 +29,9 @@ from atlasflow.segmentation.models import build_member
 from atlasflow.segmentation.pipeline import EnsemblePipeline
 from atlasflow.segmentation.triton_client import TritonSegmenter
 from atlasflow.segmentation.triton_repo import BundledTriton, PythonBackendModel, config_pbtxt
-from conftest import SHARED_DATA
+from atlasflow.testing.data import TEST_DATA
 
-DEMO_CT = SHARED_DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
+DEMO_CT = TEST_DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
 TINY = Path(__file__).parent / "tiny_ensembles" / "tiny-a-v1.json"
 
 

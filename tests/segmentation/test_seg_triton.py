@@ -30,9 +30,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from atlasflow.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from atlasflow.segmentation.pipeline import EnsemblePipeline
 from atlasflow.segmentation.triton_client import TritonSegmenter
-from conftest import SHARED_DATA
+from atlasflow.testing.data import TEST_DATA
 
-DEMO_CT = SHARED_DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
+DEMO_CT = TEST_DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
 MODEL = "abdomen_trio_v1"
 
 
