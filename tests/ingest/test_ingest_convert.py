@@ -20,7 +20,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from atlasflow.ingest.convert import scan
+from atlasflow.ingest.scan import scan
 from atlasflow.testing.data import TEST_DATA
 
 BIN = Path(sys.executable).parent

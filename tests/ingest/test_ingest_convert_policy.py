@@ -14,8 +14,11 @@ import pytest
 
 from atlasflow.cli.demo_series import write_demo_series
 from atlasflow.common.errors import InvalidArgument
-from atlasflow.ingest.assemble import REPAIR, STRICT, assemble_series
-from atlasflow.ingest.convert import _fast_frames, convert, main, nifti_header, scan, write_nifti
+from atlasflow.ingest.assemble import assemble_series
+from atlasflow.ingest.convert import convert, main
+from atlasflow.ingest.geometry import REPAIR, STRICT
+from atlasflow.ingest.nifti_writer import nifti_header, write_nifti
+from atlasflow.ingest.scan import _fast_frames, scan
 from atlasflow.testing.data import TEST_DATA
 
 D2N = TEST_DATA / "dicom2nifti_ct_headers/tests/data/failing"

@@ -58,7 +58,7 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
 #: SOP classes accepted as CT. Multi-frame (Enhanced / Legacy Converted Enhanced) instances are
-#: assembled under `atlasflow.ingest.assemble.REPAIR` (per-frame functional groups); the
+#: assembled under `atlasflow.ingest.geometry.REPAIR` (per-frame functional groups); the
 #: default STRICT policy of `assemble_series` still rejects them (UNSUPPORTED_MULTIFRAME).
 CT_SOP_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE})
 

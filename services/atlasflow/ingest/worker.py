@@ -20,7 +20,8 @@ from atlasflow.common.nifti import to_nifti_bytes
 from atlasflow.common.outbox import OutboxRow
 from atlasflow.common.telemetry import context_from_traceparent, current_traceparent
 from atlasflow.common.v1 import common_pb2
-from atlasflow.ingest.assemble import REPAIR, assemble_series
+from atlasflow.ingest.assemble import assemble_series
+from atlasflow.ingest.geometry import REPAIR
 from atlasflow.ingest.store import IngestStore, SeriesVersion
 from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 
