@@ -39,12 +39,13 @@ from atlasflow.common.server import error_info_of
 from atlasflow.common.v1 import common_pb2
 from atlasflow.ingest.client import send_files
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from atlasflow.labels.export import ExportOptions, PacsDestination, SegOutcome, build_case_seg
+from atlasflow.labels.export import ExportOptions, PacsDestination, SegOutcome, build_case_seg, destination_path
 from atlasflow.labels.repository import Provenance
-from atlasflow.labels.service import Exporter, destination_path, export_to_proto
+from atlasflow.labels.servicer import export_to_proto
 from atlasflow.labels.sqlite import SqliteLabelRepository
 from atlasflow.labels.totalseg import totalseg_to_atlas
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
+from atlasflow.labels.worker import Exporter
 from atlasflow.testing import peers
 from atlasflow.testing.data import REPO, TEST_DATA
 

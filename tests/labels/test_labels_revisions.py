@@ -22,9 +22,10 @@ from atlasflow.common.server import PRINCIPAL_METADATA_KEY, build_server, error_
 from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.assembly import apply_revision, assemble, decode_mask_delta, encode_mask_delta
 from atlasflow.labels.repository import OrganProvenance, Provenance
-from atlasflow.labels.service import Exporter, LabelServicer
+from atlasflow.labels.servicer import LabelServicer
 from atlasflow.labels.storage import open_repository
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
+from atlasflow.labels.worker import Exporter
 
 AFFINE = np.array([[-1.5, 0, 0, 90.0], [0, 1.5, 0, -40.0], [0, 0, 2.5, -300.0], [0, 0, 0, 1]])
 SHAPE = (12, 10, 8)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from atlasflow.common.errors import InvalidArgument
-from atlasflow.ranking.entries import OrganAttention, Status, WorklistFilter
-from atlasflow.ranking.worklist import SqliteWorklist
+from atlasflow.ranking.worklist import OrganAttention, SqliteWorklist, Status, WorklistFilter
 
 
 def oa(organ: int, attention: float) -> OrganAttention:

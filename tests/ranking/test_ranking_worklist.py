@@ -8,9 +8,7 @@ import threading
 import pytest
 
 from atlasflow.common.errors import InvalidArgument, NotFound
-from atlasflow.ranking.entries import OrganAttention
-from atlasflow.ranking.priority import case_priority
-from atlasflow.ranking.worklist import SqliteWorklist
+from atlasflow.ranking.worklist import OrganAttention, SqliteWorklist, case_priority
 
 
 def oa(organ, attention, heat=None, vol=100.0):

@@ -38,7 +38,7 @@ def _serve(name: str) -> None:
     elif name == "ranking":
         from atlasflow.ranking.app import main
     elif name == "labels":
-        from atlasflow.labels.main import main
+        from atlasflow.labels.app import main
     else:
         from atlasflow.segmentation.triton_server import main
 

@@ -2,8 +2,9 @@
 
 Every version the repository stores writes a `version_events` row in the same transaction
 (atlasflow.labels.repository). `VersionEventStore` exposes those rows to the common
-`OutboxDispatcher`; `ranking_request` turns a version into `RecordLabelVersion`, which ranking
-applies idempotently and in version order, so at-least-once delivery in any order is safe.
+`OutboxDispatcher` (run by atlasflow.labels.worker); `version_request` turns a stored version
+into `RecordLabelVersion` (`ranking_request`), which ranking applies idempotently and in
+version order, so at-least-once delivery in any order is safe.
 
 Human-decided organs of a version: organs whose label a radiologist decided (revised, also
 to empty, in this version or an ancestor) plus organs an original (source dataset) label
@@ -14,11 +15,17 @@ organs present in the map travels along: ranking learns its population prior fro
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any, cast
 
+import numpy as np
+import numpy.typing as npt
+
+from atlasflow.common.blobstore import BlobStore
+from atlasflow.common.nifti import from_nifti_bytes
 from atlasflow.common.outbox import OutboxRow
-from atlasflow.common.plausibility import measure_labels
+from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.repository import LabelRepository, LabelVersionRecord
+from atlasflow.method.geometry import measure_labels
 from atlasflow.ranking.v1 import ranking_pb2
 
 TOPIC = "ranking.record_label_version"
@@ -54,14 +61,16 @@ def human_decided(record: LabelVersionRecord) -> list[int]:
     ]
 
 
-def organ_geometry(label_map: np.ndarray, affine: np.ndarray, organs: list[int]) -> list[ranking_pb2.OrganGeometry]:
+def organ_geometry(
+    label_map: npt.NDArray[Any], affine: npt.NDArray[np.floating[Any]], organs: list[int]
+) -> list[ranking_pb2.OrganGeometry]:
     """Geometry of `organs` in a label map ``(X, Y, Z)`` (AbdomenAtlas ids, voxel -> RAS+ mm);
     organs absent from the map are left out."""
     wanted = set(organs)
     return [
         ranking_pb2.OrganGeometry(
-            organ=k,
-            volume_ml=g.volume_ml,  # type: ignore[arg-type]
+            organ=cast("common_pb2.Organ", k),  # AbdomenAtlas ids are the Organ enum's values
+            volume_ml=g.volume_ml,
             centroid_mm=[float(c) for c in g.centroid_mm],
             fov_cut=bool(g.fov_cut),
         )
@@ -85,8 +94,23 @@ def ranking_request(
         case_id=record.case_id,
         label_version_id=record.version_id,
         version_number=version_number,
-        human_decided_organs=human,  # type: ignore[arg-type]
-        revised_organs=revised,  # type: ignore[arg-type]
+        human_decided_organs=cast("list[common_pb2.Organ]", human),  # organ ids: the enum's values
+        revised_organs=cast("list[common_pb2.Organ]", revised),
         reviewer=record.provenance.reviewer if record.provenance.source == "radiologist" else "",
         human_organ_geometry=geometry or [],
     )
+
+
+def version_request(
+    repo: LabelRepository, blobs: BlobStore, version_id: str, version_number: int
+) -> ranking_pb2.RecordLabelVersionRequest:
+    """The RecordLabelVersion call for the stored version `version_id` (blocking: reads the
+    repository, and the label map blob only when a human decided organs; the blob store
+    verifies its digest)."""
+    record = repo.get_version(version_id)
+    human = human_decided(record)
+    geometry = []
+    if human:  # the label map is read (and verified) only when a human decided organs
+        label_map, affine = from_nifti_bytes(blobs.get(record.label_map_digest))
+        geometry = organ_geometry(label_map, affine, human)
+    return ranking_request(record, version_number, geometry)

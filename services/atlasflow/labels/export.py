@@ -13,7 +13,9 @@ leaves a half-written case and re-exporting a case replaces it whole (idempotent
 case's DICOM SEG (or says why not) from the source instances a caller-supplied function
 fetches; `ExportOptions` (an export job's SEG options) and `SegOutcome` (one case's SEG
 outcome) convert to and from the JSON objects the label repository stores with the job
-(`ExportJobRecord.options`, `record_export_outcome`).
+(`ExportJobRecord.options`, `record_export_outcome`; `job_seg_outcomes` reads them back).
+`destination_path` checks where a job may write. The export worker
+(atlasflow.labels.worker.Exporter) runs the jobs.
 """
 
 from __future__ import annotations
@@ -30,15 +32,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import numpy as np
+import numpy.typing as npt
 import pydicom
 
 from atlasflow.common.errors import AtlasflowError, FailedPrecondition, InvalidArgument, NotFound
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.organs import ORGAN_IDS, ORGANS
 from atlasflow.labels.dicom_seg import export_dicom_seg
-from atlasflow.labels.repository import Provenance
+from atlasflow.labels.repository import ExportJobRecord, LabelRepository, Provenance
 from atlasflow.labels.totalseg import totalseg_to_atlas  # noqa: F401  (re-exported)
 from atlasflow.labels.validate import validate_label_map
 
@@ -52,7 +56,40 @@ _CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SEG_FILE = "dicom_seg/seg.dcm"
 
 
-def split_organs(combined: np.ndarray) -> dict[int, np.ndarray]:
+def destination_path(uri: str, export_root: Path | None = None) -> Path:
+    """The local directory of a file:// destination; inside `export_root` when one is set.
+
+    InvalidArgument("INVALID_DESTINATION") unless `uri` is file:///absolute/dir without a
+    query or fragment (labels.proto, ExportDatasetRequest.destination_uri);
+    InvalidArgument("DESTINATION_NOT_ALLOWED") outside `export_root`.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme != "file" or parsed.netloc not in ("", "localhost") or not parsed.path:
+        raise InvalidArgument(
+            "INVALID_DESTINATION",
+            "destination_uri must be file:///absolute/dir in this deployment",
+            domain=DOMAIN,
+            metadata={"scheme": parsed.scheme[:20]},
+        )
+    if parsed.query or parsed.fragment or "?" in uri or "#" in uri:
+        raise InvalidArgument(
+            "INVALID_DESTINATION",
+            "destination_uri must not carry a query or fragment",
+            domain=DOMAIN,
+            metadata={"field": "destination_uri"},
+        )
+    path = Path(unquote(parsed.path)).resolve()
+    if export_root is not None and not path.is_relative_to(export_root):
+        raise InvalidArgument(
+            "DESTINATION_NOT_ALLOWED",
+            "destination must lie inside the service's export directory",
+            domain=DOMAIN,
+            metadata={"export_dir": str(export_root)},
+        )
+    return path
+
+
+def split_organs(combined: npt.NDArray[np.integer[Any]]) -> dict[int, npt.NDArray[np.uint8]]:
     """Per-organ binary masks of a combined label map.
 
     combined: (X, Y, Z) integer label map, ids 0..9. Returns {organ id: (X, Y, Z) uint8 0/1}
@@ -272,6 +309,22 @@ class ExportOptions:
     include_dicom_seg: bool = False
     pacs: PacsDestination | None = None
 
+    @classmethod
+    def checked(cls, include_dicom_seg: bool, pacs: PacsDestination | None) -> ExportOptions:
+        """The options of a new export job, validated: InvalidArgument
+        ("INVALID_PACS_DESTINATION", metadata "field") when a PACS destination is given without
+        include_dicom_seg or is malformed (`PacsDestination.validate`)."""
+        if pacs is not None:
+            if not include_dicom_seg:
+                raise InvalidArgument(
+                    "INVALID_PACS_DESTINATION",
+                    "pacs_destination needs include_dicom_seg",
+                    domain=DOMAIN,
+                    metadata={"field": "include_dicom_seg"},
+                )
+            pacs.validate()
+        return cls(include_dicom_seg=include_dicom_seg, pacs=pacs)
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {}
         if self.include_dicom_seg:
@@ -334,6 +387,14 @@ class SegOutcome:
         """The inverse of `to_dict` (unknown keys are ignored)."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def job_seg_outcomes(repo: LabelRepository, job: ExportJobRecord) -> list[SegOutcome]:
+    """The DICOM SEG outcomes recorded so far for `job`'s cases, in export order ([] when the
+    job writes no SEG). Blocking (reads the repository)."""
+    if not ExportOptions.from_dict(job.options).include_dicom_seg:
+        return []
+    return [SegOutcome.from_dict(o.outcome) for o in repo.list_export_outcomes(job.job_id)]
 
 
 # Refusals: the case cannot have a SEG (a retry gives the same answer); anything else failed.

@@ -1,0 +1,84 @@
+"""`atlasflow serve labels`: label repository, export worker, version-event outbox and the
+LabelService gRPC API.
+
+`build_app` wires them the common way (`atlasflow.common.app`): the export worker and the
+outbox dispatcher that tells ranking about new versions are `TaskLoop`s on the server's event
+loop (their blocking work runs in threads); stopping closes the ranking channel, the ingest
+client and the repository.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from atlasflow.common.app import Closer, ServiceApp, TaskLoop, run_service
+from atlasflow.common.blobstore import LocalBlobStore
+from atlasflow.common.clients import aio_channel
+from atlasflow.common.metrics import Metrics
+from atlasflow.common.server import build_server
+from atlasflow.labels.ingest_sources import IngestSourceInstances
+from atlasflow.labels.repository import LabelRepository
+from atlasflow.labels.servicer import LabelServicer
+from atlasflow.labels.settings import PREFIX, LabelsSettings
+from atlasflow.labels.storage import open_repository
+from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
+from atlasflow.labels.worker import Exporter, version_events
+from atlasflow.ranking.v1 import ranking_pb2_grpc
+
+# The generated gRPC modules carry no annotations: their stub and registration, typed here.
+_RankingStub: Callable[[grpc.aio.Channel], Any] = ranking_pb2_grpc.RankingServiceStub
+_add_servicer: Callable[[LabelServicer, grpc.aio.Server], None] = labels_pb2_grpc.add_LabelServiceServicer_to_server
+
+
+async def build_app(
+    settings: LabelsSettings,
+    *,
+    metrics: Metrics | None = None,
+    repository: LabelRepository | None = None,
+    tracer_provider: Any = None,
+) -> ServiceApp:
+    """The labels service (built, not started); port 0 picks a free port.
+
+    ``repository``: an open store to serve (the caller keeps it open after `ServiceApp.stop`);
+    default `open_repository(settings.database_url, settings.data_dir)`, closed on stop."""
+    metrics = metrics or Metrics("labels")
+    blobs = LocalBlobStore(settings.blob_dir)
+    owned = repository is None
+    repo = repository if repository is not None else open_repository(settings.database_url, settings.data_dir)
+    sources = IngestSourceInstances(settings.ingest_target, settings.max_message_bytes)
+    exporter = Exporter(repo, blobs, metrics, sources=sources)
+    export_root = Path(settings.export_dir).resolve() if settings.export_dir else None
+    servicer = LabelServicer(repo, blobs, exporter, export_root)
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        _add_servicer(servicer, server)
+        return [labels_pb2.DESCRIPTOR.services_by_name["LabelService"].full_name]
+
+    built = build_server(
+        register=register,
+        metrics=metrics,
+        host=settings.grpc_host,
+        port=settings.grpc_port,
+        max_message_bytes=settings.max_message_bytes,
+        tracer_provider=tracer_provider,
+    )
+    ranking_channel = aio_channel(settings.ranking_target, settings.max_message_bytes)
+    events = version_events(repo, blobs, _RankingStub(ranking_channel), metrics)
+    # closed in reverse order: the ranking channel, the ingest client, then the repository
+    closers: list[Closer] = [repo.close] if owned else []
+    closers += [sources.close, ranking_channel.close]
+    return ServiceApp(
+        "labels",
+        built,
+        background=[TaskLoop("labels-export", exporter.run), TaskLoop("labels-version-events", events.run)],
+        closers=closers,
+        parts={"repository": repo, "blobs": blobs, "exporter": exporter, "events": events, "servicer": servicer},
+    )
+
+
+def main() -> None:
+    run_service("labels", LabelsSettings.from_env(PREFIX), build_app)

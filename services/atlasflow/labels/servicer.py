@@ -1,0 +1,317 @@
+"""LabelService gRPC servicer: converts a request, calls the label domain, converts the answer.
+
+Writes go through `atlasflow.labels.writer.LabelWriter`, reads to the repository, exports are
+queued in the repository and run by the export worker (atlasflow.labels.worker.Exporter, woken
+here). Every call is audited (`atlasflow.labels.audit.audited`). Domain and repository calls
+block (SQL, blob and file I/O), so each runs in a thread (`asyncio.to_thread`), never on the
+event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import cast
+
+from google.protobuf import timestamp_pb2
+
+from atlasflow.common.blobstore import BlobStore
+from atlasflow.common.errors import InvalidArgument
+from atlasflow.common.server import Context, principal_of
+from atlasflow.common.v1 import common_pb2
+from atlasflow.labels.audit import audited, require_principal
+from atlasflow.labels.export import (
+    ExportOptions,
+    PacsDestination,
+    SegOutcome,
+    destination_path,
+    job_seg_outcomes,
+)
+from atlasflow.labels.repository import (
+    DOMAIN,
+    AuditEvent,
+    AuditRecord,
+    ExportJobRecord,
+    LabelRepository,
+    LabelVersionRecord,
+    Provenance,
+)
+from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
+from atlasflow.labels.worker import Exporter
+from atlasflow.labels.writer import LabelWriter, MaskRevision
+
+NIFTI_GZ = "application/x-nifti+gzip"
+
+
+def _organ(organ_id: int) -> common_pb2.Organ:
+    return cast("common_pb2.Organ", organ_id)  # AbdomenAtlas ids are the Organ enum's values
+
+
+def _organs(organ_ids: Iterable[int]) -> list[common_pb2.Organ]:
+    return [_organ(o) for o in organ_ids]
+
+
+_SOURCE_TO_PROTO = {
+    "ai": labels_pb2.LABEL_SOURCE_AI,
+    "radiologist": labels_pb2.LABEL_SOURCE_RADIOLOGIST,
+    "original": labels_pb2.LABEL_SOURCE_ORIGINAL,
+}
+_SOURCE_FROM_PROTO = {v: k for k, v in _SOURCE_TO_PROTO.items()}
+_OP_STATE = {
+    "QUEUED": common_pb2.OPERATION_STATE_QUEUED,
+    "RUNNING": common_pb2.OPERATION_STATE_RUNNING,
+    "SUCCEEDED": common_pb2.OPERATION_STATE_SUCCEEDED,
+    "FAILED": common_pb2.OPERATION_STATE_FAILED,
+    "CANCELLED": common_pb2.OPERATION_STATE_CANCELLED,
+}
+
+
+def _ts(dt: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(dt)
+    return ts
+
+
+def provenance_to_proto(p: Provenance) -> labels_pb2.Provenance:
+    return labels_pb2.Provenance(
+        source=_SOURCE_TO_PROTO[p.source],
+        model_version=p.model_version,
+        job_id=p.job_id,
+        reviewer=p.reviewer,
+        weights_trained=p.weights_trained,
+    )
+
+
+def version_to_proto(r: LabelVersionRecord) -> labels_pb2.LabelVersion:
+    spacing = [sum(r.affine[row * 4 + col] ** 2 for row in range(3)) ** 0.5 for col in range(3)]
+    return labels_pb2.LabelVersion(
+        version_id=r.version_id,
+        case_id=r.case_id,
+        parent_version_id=r.parent_version_id,
+        label_map=common_pb2.BlobRef(digest=r.label_map_digest, size_bytes=r.label_map_size, media_type=NIFTI_GZ),
+        ct=common_pb2.BlobRef(digest=r.ct_digest, size_bytes=r.ct_size, media_type=NIFTI_GZ),
+        provenance=provenance_to_proto(r.provenance),
+        organs=_organs(r.organs),
+        create_time=_ts(r.create_time),
+        geometry=common_pb2.VolumeGeometry(shape=list(r.shape), affine=list(r.affine), spacing_mm=spacing),
+        organ_provenance=[
+            labels_pb2.OrganProvenance(
+                organ=_organ(oid), provenance=provenance_to_proto(op.provenance), version_id=op.version_id
+            )
+            for oid, op in sorted(r.organ_provenance.items())
+        ],
+    )
+
+
+def audit_to_proto(r: AuditRecord) -> labels_pb2.AuditRecord:
+    return labels_pb2.AuditRecord(
+        record_id=r.record_id,
+        time=_ts(r.time),
+        principal=r.principal,
+        method=r.method,
+        case_id=r.case_id,
+        version_ids=list(r.version_ids),
+        job_id=r.job_id,
+        outcome=r.outcome,
+    )
+
+
+_SEG_STATE = {
+    "WRITTEN": labels_pb2.DICOM_SEG_STATE_WRITTEN,
+    "SENT": labels_pb2.DICOM_SEG_STATE_SENT,
+    "SEND_FAILED": labels_pb2.DICOM_SEG_STATE_SEND_FAILED,
+    "REFUSED": labels_pb2.DICOM_SEG_STATE_REFUSED,
+    "FAILED": labels_pb2.DICOM_SEG_STATE_FAILED,
+}
+
+
+def seg_outcome_to_proto(o: SegOutcome) -> labels_pb2.DicomSegOutcome:
+    return labels_pb2.DicomSegOutcome(
+        case_id=o.case_id,
+        version_id=o.version_id,
+        state=_SEG_STATE[o.state],
+        path=o.path,
+        sha256=o.sha256,
+        organs=_organs(o.organs),
+        referenced_instance_count=o.referenced_instance_count,
+        reason=o.reason,
+        reason_metadata=o.reason_metadata,
+        c_store_status=o.c_store_status,
+    )
+
+
+def export_to_proto(j: ExportJobRecord, outcomes: Sequence[SegOutcome] = ()) -> labels_pb2.ExportJob:
+    options = ExportOptions.from_dict(j.options)
+    msg = labels_pb2.ExportJob(
+        job_id=j.job_id,
+        state=_OP_STATE[j.state],
+        destination_uri=j.destination_uri,
+        progress=labels_pb2.ExportProgress(cases_done=j.cases_done, cases_total=j.cases_total),
+        error_reason=j.error_reason,
+        create_time=_ts(j.create_time),
+        include_dicom_seg=options.include_dicom_seg,
+        dicom_seg_outcomes=[seg_outcome_to_proto(o) for o in outcomes],
+    )
+    if options.pacs is not None:
+        msg.pacs_destination.CopyFrom(
+            labels_pb2.DicomDestination(
+                host=options.pacs.host,
+                port=options.pacs.port,
+                called_ae_title=options.pacs.called_ae,
+                calling_ae_title=options.pacs.calling_ae,
+            )
+        )
+    return msg
+
+
+def export_options_of(request: labels_pb2.ExportDatasetRequest) -> ExportOptions:
+    """The request's SEG options, validated (`ExportOptions.checked`: InvalidArgument
+    INVALID_PACS_DESTINATION)."""
+    pacs = None
+    if request.HasField("pacs_destination"):
+        d = request.pacs_destination
+        pacs = PacsDestination(d.host, d.port, d.called_ae_title, d.calling_ae_title or "ATLASFLOW")
+    return ExportOptions.checked(request.include_dicom_seg, pacs)
+
+
+class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
+    """Thin transport: converts messages, calls LabelWriter / the repository in a thread, and
+    records an audit record for every call (writes inside their own transaction, reads and
+    failures after the fact; `atlasflow.labels.audit`)."""
+
+    def __init__(
+        self, repo: LabelRepository, blobs: BlobStore, exporter: Exporter, export_root: Path | None = None
+    ) -> None:
+        self.repo = repo
+        self.blobs = blobs
+        self.exporter = exporter
+        self.export_root = export_root
+        self.writer = LabelWriter(repo, blobs)
+
+    async def CreateLabelVersion(
+        self, request: labels_pb2.CreateLabelVersionRequest, context: Context
+    ) -> labels_pb2.CreateLabelVersionResponse:
+        if request.provenance.source not in _SOURCE_FROM_PROTO:
+            raise InvalidArgument("INVALID_PROVENANCE", "provenance.source is required", domain=DOMAIN)
+        p = request.provenance
+        provenance = Provenance(_SOURCE_FROM_PROTO[p.source], p.model_version, p.job_id, p.reviewer, p.weights_trained)
+        record = await asyncio.to_thread(
+            audited,
+            self.repo,
+            principal_of(context),
+            "CreateLabelVersion",
+            request.case_id,
+            lambda audit: self.writer.create(
+                request.case_id,
+                request.label_map.digest,
+                request.ct.digest,
+                provenance,
+                request.request_id,
+                request.expected_parent_version_id,
+                list(request.labelled_organs),
+                audit=audit,
+            ),
+        )
+        return labels_pb2.CreateLabelVersionResponse(version=version_to_proto(record))
+
+    async def ReviseLabels(
+        self, request: labels_pb2.ReviseLabelsRequest, context: Context
+    ) -> labels_pb2.ReviseLabelsResponse:
+        reviewer = await asyncio.to_thread(
+            require_principal, self.repo, principal_of(context), "ReviseLabels", request.case_id
+        )
+        revisions = []
+        for r in request.revisions:
+            kind = r.WhichOneof("mask")
+            revisions.append(
+                MaskRevision(
+                    int(r.organ),
+                    mask_digest=r.mask_blob.digest if kind == "mask_blob" else "",
+                    xor_delta=bytes(r.xor_delta) if kind == "xor_delta" else None,
+                )
+            )
+        record = await asyncio.to_thread(
+            audited,
+            self.repo,
+            reviewer,
+            "ReviseLabels",
+            request.case_id,
+            lambda audit: self.writer.revise(
+                request.case_id,
+                request.expected_parent_version_id,
+                revisions,
+                request.request_id,
+                reviewer,
+                audit=audit,
+            ),
+        )
+        return labels_pb2.ReviseLabelsResponse(version=version_to_proto(record))
+
+    async def GetLabelVersion(
+        self, request: labels_pb2.GetLabelVersionRequest, context: Context
+    ) -> labels_pb2.GetLabelVersionResponse:
+        record = await asyncio.to_thread(
+            audited,
+            self.repo,
+            principal_of(context),
+            "GetLabelVersion",
+            "",
+            lambda _: self.repo.get_version(request.version_id),
+            lambda r: ((r.version_id,), ""),
+        )
+        return labels_pb2.GetLabelVersionResponse(version=version_to_proto(record))
+
+    async def ListLabelVersions(
+        self, request: labels_pb2.ListLabelVersionsRequest, context: Context
+    ) -> labels_pb2.ListLabelVersionsResponse:
+        records, token = await asyncio.to_thread(
+            audited,
+            self.repo,
+            principal_of(context),
+            "ListLabelVersions",
+            request.case_id,
+            lambda _: self.repo.list_versions(request.case_id or None, request.page_size, request.page_token),
+            lambda result: (tuple(r.version_id for r in result[0]), ""),
+        )
+        return labels_pb2.ListLabelVersionsResponse(
+            versions=[version_to_proto(r) for r in records], next_page_token=token
+        )
+
+    async def ExportDataset(
+        self, request: labels_pb2.ExportDatasetRequest, context: Context
+    ) -> labels_pb2.ExportDatasetResponse:
+        def work(audit: AuditEvent) -> ExportJobRecord:
+            destination_path(request.destination_uri, self.export_root)
+            options = export_options_of(request)
+            return self.repo.create_export_job(
+                list(request.case_ids), request.destination_uri, audit=audit, options=options.to_dict()
+            )
+
+        job = await asyncio.to_thread(audited, self.repo, principal_of(context), "ExportDataset", "", work)
+        self.exporter.wake.set()
+        return labels_pb2.ExportDatasetResponse(job=export_to_proto(job))
+
+    async def GetExportJob(
+        self, request: labels_pb2.GetExportJobRequest, context: Context
+    ) -> labels_pb2.GetExportJobResponse:
+        job = await asyncio.to_thread(
+            audited,
+            self.repo,
+            principal_of(context),
+            "GetExportJob",
+            "",
+            lambda _: self.repo.get_export_job(request.job_id),
+            lambda j: ((), j.job_id),
+        )
+        outcomes = await asyncio.to_thread(job_seg_outcomes, self.repo, job)
+        return labels_pb2.GetExportJobResponse(job=export_to_proto(job, outcomes))
+
+    async def ListAuditRecords(
+        self, request: labels_pb2.ListAuditRecordsRequest, context: Context
+    ) -> labels_pb2.ListAuditRecordsResponse:
+        records, token = await asyncio.to_thread(
+            self.repo.list_audit_records, request.case_id, request.principal, request.page_size, request.page_token
+        )
+        return labels_pb2.ListAuditRecordsResponse(records=[audit_to_proto(r) for r in records], next_page_token=token)

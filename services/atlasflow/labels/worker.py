@@ -1,0 +1,197 @@
+"""The labels service's background loops: the export job runner and the version-event outbox.
+
+`Exporter` runs export jobs one at a time (`run`, a coroutine on the service's event loop that
+does all its work in a thread; `run_job` exports one job). The DICOM SEG of a case is built with
+`atlasflow.labels.export.build_case_seg` from the source instances `sources` fetches
+(`atlasflow.labels.ingest_sources.IngestSourceInstances` in the service), written with the
+case, C-STOREd to the job's PACS destination, and its outcome committed to the label
+repository (`record_export_outcome`). The job's SEG options live in the job's row
+(`ExportJobRecord.options`, written with the job).
+
+`version_events` is the common `OutboxDispatcher` over the repository's version events
+(atlasflow.labels.events): each new label version is told to ranking
+(RankingService.RecordLabelVersion), at least once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pydicom
+from opentelemetry import trace
+
+from atlasflow.common.blobstore import BlobStore
+from atlasflow.common.errors import AtlasflowError, Unavailable
+from atlasflow.common.metrics import Metrics
+from atlasflow.common.outbox import OutboxDispatcher, OutboxRow
+from atlasflow.labels.dicom_seg import send_c_store
+from atlasflow.labels.events import TOPIC, VersionEventStore, version_request
+from atlasflow.labels.export import (
+    SEG_FAILED,
+    SEG_SEND_FAILED,
+    SEG_SENT,
+    ExportOptions,
+    PacsDestination,
+    SegOutcome,
+    build_case_seg,
+    destination_path,
+    export_case,
+    write_manifest,
+)
+from atlasflow.labels.repository import DOMAIN, ExportJobRecord, LabelRepository
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+
+SourceFetcher = Callable[[str], Sequence[pydicom.Dataset]]
+
+
+class Exporter:
+    """Runs export jobs one at a time; a restart resumes QUEUED/RUNNING ones from the start
+    (case files are rewritten atomically, so a resumed export converges to the same files;
+    a SEG keeps its UIDs, derived from the label version).
+
+    sources: fetches a CT volume's source instances (DICOM SEG exports;
+    `atlasflow.labels.ingest_sources.IngestSourceInstances` in the service). Each case's SEG outcome is committed to the repository
+    (`record_export_outcome`) as soon as the case is written (and sent), so a crash loses none;
+    a resumed job replaces a case's outcome when it exports the case again."""
+
+    def __init__(
+        self, repo: LabelRepository, blobs: BlobStore, metrics: Metrics, sources: SourceFetcher | None = None
+    ) -> None:
+        self.repo = repo
+        self.blobs = blobs
+        self.metrics = metrics
+        self.sources = sources
+        self.wake = asyncio.Event()
+
+    def _fetch_sources(self, volume_digest: str) -> Sequence[pydicom.Dataset]:
+        if self.sources is None:
+            raise Unavailable("INGEST_UNAVAILABLE", "no ingest service is configured", domain=DOMAIN)
+        return self.sources(volume_digest)
+
+    def _send(self, seg: pydicom.Dataset, pacs: PacsDestination, outcome: SegOutcome) -> None:
+        """C-STORE `seg`; success or warning statuses (0x0000, 0xBxxx) make `outcome` SENT."""
+        try:
+            status = send_c_store(seg, pacs.host, pacs.port, called_ae=pacs.called_ae, calling_ae=pacs.calling_ae)
+        except AtlasflowError as exc:
+            outcome.state, outcome.reason = SEG_SEND_FAILED, exc.reason
+            return
+        except Exception as exc:  # noqa: BLE001 - pynetdicom: no accepted context, socket errors
+            outcome.state, outcome.reason = SEG_SEND_FAILED, "PACS_UNAVAILABLE"
+            outcome.reason_metadata = {"error": type(exc).__name__}
+            return
+        outcome.c_store_status = status
+        if status == 0 or 0xB000 <= status <= 0xBFFF:
+            outcome.state = SEG_SENT
+        else:
+            outcome.state, outcome.reason = SEG_SEND_FAILED, "PACS_REFUSED"
+            outcome.reason_metadata = {"status": f"0x{status:04X}"}
+
+    def run_job(self, job: ExportJobRecord) -> None:
+        """Export `job` (blocking): each case's files (and SEG, sent to the job's PACS when it
+        names one), its outcome committed as it is done, then the manifest; the job ends
+        SUCCEEDED, or FAILED with the error's reason (DESTINATION_WRITE_FAILED for an OSError)."""
+        with tracer.start_as_current_span("labels.export") as span:
+            span.set_attribute("atlasflow.export_job_id", job.job_id)
+            span.set_attribute("atlasflow.cases_total", job.cases_total)
+            try:
+                options = ExportOptions.from_dict(job.options)
+                span.set_attribute("atlasflow.include_dicom_seg", options.include_dicom_seg)
+                out = destination_path(job.destination_uri)
+                out.mkdir(parents=True, exist_ok=True)
+                if job.state == "QUEUED":
+                    self.repo.update_export_job(job.job_id, state="RUNNING", cases_done=0)
+                entries = []
+                for done, (case_id, version_id) in enumerate(job.versions, start=1):
+                    record = self.repo.get_version(version_id)
+                    label_map = self.blobs.get(record.label_map_digest)
+                    organ_provenance = {o: op.provenance for o, op in record.organ_provenance.items()}
+                    organ_versions = {o: op.version_id for o, op in record.organ_provenance.items()}
+                    seg = seg_bytes = outcome = None
+                    if options.include_dicom_seg:
+                        seg, seg_bytes, outcome = build_case_seg(
+                            self._fetch_sources,
+                            record.ct_digest,
+                            label_map,
+                            record.provenance,
+                            version_id,
+                            case_id=case_id,
+                            organ_provenance=organ_provenance,
+                            organ_versions=organ_versions,
+                        )
+                    entry = export_case(
+                        out,
+                        case_id,
+                        self.blobs.get(record.ct_digest),
+                        label_map,
+                        record.provenance,
+                        version_id,
+                        organ_provenance=organ_provenance,
+                        organ_versions=organ_versions,
+                        case_id=case_id,
+                        dicom_seg=seg_bytes,
+                        dicom_seg_outcome=outcome.to_dict() if outcome is not None else None,
+                    )
+                    if outcome is not None:
+                        if seg_bytes is not None:
+                            outcome.path = entry["dicom_seg"]["path"]
+                            outcome.sha256 = entry["dicom_seg"]["sha256"]
+                            if seg is not None and options.pacs is not None:
+                                self._send(seg, options.pacs, outcome)
+                            entry["dicom_seg"] = outcome.to_dict()
+                        self.repo.record_export_outcome(job.job_id, case_id, outcome.to_dict())
+                        self.metrics.count(f"dicom_seg_{outcome.state.lower()}")
+                        if outcome.state in (SEG_FAILED, SEG_SEND_FAILED) or outcome.reason:
+                            log.warning(
+                                "export: DICOM SEG of a case not written or not sent",
+                                extra={
+                                    "fields": {
+                                        "job_id": job.job_id,
+                                        "case_id": case_id,
+                                        "state": outcome.state,
+                                        "reason": outcome.reason,
+                                    }
+                                },
+                            )
+                    entries.append(entry)
+                    self.repo.update_export_job(job.job_id, cases_done=done)
+                write_manifest(out, entries)
+                self.repo.update_export_job(job.job_id, state="SUCCEEDED")
+                self.metrics.count("exports_succeeded")
+            except AtlasflowError as exc:
+                log.error("export failed", extra={"fields": {"job_id": job.job_id, "reason": exc.reason}})
+                self.repo.update_export_job(job.job_id, state="FAILED", error_reason=exc.reason)
+            except OSError as exc:
+                log.error("export failed", extra={"fields": {"job_id": job.job_id, "exc_type": type(exc).__name__}})
+                self.repo.update_export_job(job.job_id, state="FAILED", error_reason="DESTINATION_WRITE_FAILED")
+
+    async def run(self) -> None:
+        """The worker loop: run every QUEUED or RUNNING job, oldest first, then wait up to 2 s
+        for `wake` (set when a job is created). Repository and job work run in a thread."""
+        while True:
+            for job in await asyncio.to_thread(self.repo.list_export_jobs, ("QUEUED", "RUNNING")):
+                await asyncio.to_thread(self.run_job, job)
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), 2.0)
+            except TimeoutError:
+                pass
+
+
+def version_events(repo: LabelRepository, blobs: BlobStore, ranking: Any, metrics: Metrics) -> OutboxDispatcher:
+    """The outbox dispatcher that tells ranking about every new label version.
+
+    ranking: a RankingService stub on an asyncio channel. Each event's request is built in a
+    thread (`atlasflow.labels.events.version_request`: repository and blob reads), then sent
+    with a 30 s deadline; the dispatcher retries failures with backoff."""
+
+    async def to_ranking(row: OutboxRow) -> None:
+        request = await asyncio.to_thread(version_request, repo, blobs, row.dedupe_key, int(row.payload))
+        await ranking.RecordLabelVersion(request, timeout=30)
+
+    return OutboxDispatcher(VersionEventStore(repo), None, {TOPIC: to_ranking}, metrics, poll_s=0.5)
