@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from atlasflow.common.errors import InvalidArgument
-from atlasflow.ranking.worklist import OrganAttention, SqliteWorklist, Status, WorklistFilter
+from atlasflow.ranking.entries import OrganAttention, Status, WorklistFilter
+from atlasflow.ranking.worklist import SqliteWorklist
 
 
 def oa(organ: int, attention: float) -> OrganAttention:

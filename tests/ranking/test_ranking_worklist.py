@@ -8,7 +8,9 @@ import threading
 import pytest
 
 from atlasflow.common.errors import InvalidArgument, NotFound
-from atlasflow.ranking.worklist import OrganAttention, SqliteWorklist, case_priority
+from atlasflow.ranking.entries import OrganAttention
+from atlasflow.ranking.priority import case_priority
+from atlasflow.ranking.worklist import SqliteWorklist
 
 
 def oa(organ, attention, heat=None, vol=100.0):

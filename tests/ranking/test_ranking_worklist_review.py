@@ -13,19 +13,18 @@ from fractions import Fraction
 import pytest
 
 from atlasflow.common import sqlite as sq
-from atlasflow.common.errors import AtlasflowError, FailedPrecondition, InvalidArgument, NotFound
-from atlasflow.ranking.worklist import (
-    MIGRATIONS,
-    AttentionPointer,
-    OrganAttention,
+from atlasflow.common.errors import (
+    AtlasflowError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
     PermissionDenied,
-    SqliteWorklist,
-    Status,
     Unauthenticated,
-    WorklistFilter,
-    attention_mask,
-    case_priority,
 )
+from atlasflow.ranking.entries import AttentionPointer, OrganAttention, Status, WorklistFilter
+from atlasflow.ranking.priority import attention_mask, case_priority
+from atlasflow.ranking.schema import MIGRATIONS
+from atlasflow.ranking.worklist import SqliteWorklist
 
 
 class FakeClock:

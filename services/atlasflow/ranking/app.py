@@ -6,6 +6,7 @@ background loop of its own (labels and segmentation push to it).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,11 @@ from atlasflow.ranking.servicer import RankingServicer
 from atlasflow.ranking.settings import PREFIX, RankingSettings
 from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from atlasflow.ranking.worklist import SqliteWorklist
+
+# The generated gRPC module carries no annotations: its registration, typed here.
+_add_servicer: Callable[[RankingServicer, grpc.aio.Server], None] = (
+    ranking_pb2_grpc.add_RankingServiceServicer_to_server
+)
 
 
 async def build_app(
@@ -40,7 +46,7 @@ async def build_app(
     )
 
     def register(server: grpc.aio.Server) -> list[str]:
-        ranking_pb2_grpc.add_RankingServiceServicer_to_server(RankingServicer(store, metrics), server)
+        _add_servicer(RankingServicer(store, metrics), server)
         return [ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name]
 
     built = build_server(

@@ -11,27 +11,19 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import TypeVar
+from typing import TypeVar, cast
 
-import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from atlasflow.common.metrics import Metrics
-from atlasflow.common.server import principal_of
+from atlasflow.common.server import Context, principal_of
 from atlasflow.common.v1 import common_pb2
+from atlasflow.ranking.entries import AttentionPointer, OrganAttention, Round, Status, WorklistEntry, WorklistFilter
 from atlasflow.ranking.prior import OrganSummary, learned_prior
 from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
-from atlasflow.ranking.worklist import (
-    AttentionPointer,
-    OrganAttention,
-    Round,
-    SqliteWorklist,
-    Status,
-    WorklistEntry,
-    WorklistFilter,
-)
+from atlasflow.ranking.worklist import SqliteWorklist
 
 T = TypeVar("T")
 
@@ -40,6 +32,15 @@ _OUTCOME_TO_STATUS = {
     ranking_pb2.REVIEW_OUTCOME_REVISED: Status.REVISED,
 }
 _STATUS_TO_OUTCOME = {v: k for k, v in _OUTCOME_TO_STATUS.items()}
+
+
+def _organ(organ: int) -> common_pb2.Organ:
+    """An organ id (1..9) as the proto enum (the same numbers)."""
+    return cast("common_pb2.Organ", organ)
+
+
+def _organs(organs: Iterable[int]) -> list[common_pb2.Organ]:
+    return [_organ(o) for o in organs]
 
 
 def _ts(t: datetime) -> timestamp_pb2.Timestamp:
@@ -89,8 +90,8 @@ def pointer_from_proto(p: ranking_pb2.AttentionPointer) -> AttentionPointer:
 
 def organ_to_proto(o: OrganAttention) -> ranking_pb2.OrganAttention:
     msg = ranking_pb2.OrganAttention(
-        organ=o.organ,
-        attention_ml=o.attention_ml,  # type: ignore[arg-type]
+        organ=_organ(o.organ),
+        attention_ml=o.attention_ml,
         heatmap_ml=o.heatmap_ml,
         volume_ml=o.volume_ml,
         reasons=list(o.reasons),
@@ -117,8 +118,9 @@ def organ_from_proto(o: ranking_pb2.OrganAttention) -> OrganAttention:
 def geometry_from_proto(g: ranking_pb2.OrganGeometry) -> OrganSummary:
     """An OrganGeometry message as an `OrganSummary`; a centroid without exactly three values
     becomes NaNs, which the worklist rejects (INVALID_LABEL_VERSION)."""
-    c = tuple(g.centroid_mm) if len(g.centroid_mm) == 3 else (math.nan,) * 3
-    return OrganSummary(int(g.organ), g.volume_ml, c, g.fov_cut)  # type: ignore[arg-type]
+    m = g.centroid_mm
+    c = (m[0], m[1], m[2]) if len(m) == 3 else (math.nan, math.nan, math.nan)
+    return OrganSummary(int(g.organ), g.volume_ml, c, g.fov_cut)
 
 
 def item_to_proto(entry: WorklistEntry, rank: int) -> ranking_pb2.WorklistItem:
@@ -130,12 +132,12 @@ def item_to_proto(entry: WorklistEntry, rank: int) -> ranking_pb2.WorklistItem:
         organs=[organ_to_proto(o) for o in entry.organs],
         source_job_id=entry.source_job_id,
         update_time=_ts(entry.update_time),
-        status=int(entry.status),  # type: ignore[arg-type]
+        status=cast("ranking_pb2.WorklistStatus", int(entry.status)),  # same numbers (entries.Status)
         round_number=entry.round_number,
-        labelled_organs=list(entry.labelled_organs),  # type: ignore[arg-type]
+        labelled_organs=_organs(entry.labelled_organs),
         label_version_id=entry.label_version_id,
-        human_decided_organs=list(entry.human_decided_organs),
-    )  # type: ignore[arg-type]
+        human_decided_organs=_organs(entry.human_decided_organs),
+    )
     if entry.heatmap_digest:
         item.heatmap.CopyFrom(
             common_pb2.BlobRef(
@@ -203,7 +205,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         self.metrics.set_queue_depth("worklist_pending", counts[Status.PENDING])
 
     async def SubmitAttention(
-        self, request: ranking_pb2.SubmitAttentionRequest, context: grpc.aio.ServicerContext
+        self, request: ranking_pb2.SubmitAttentionRequest, context: Context
     ) -> ranking_pb2.SubmitAttentionResponse:
         entry, rank = await self._call(
             self.worklist.submit,
@@ -218,7 +220,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return ranking_pb2.SubmitAttentionResponse(item=item_to_proto(entry, rank))
 
     async def RecordLabelVersion(
-        self, request: ranking_pb2.RecordLabelVersionRequest, context: grpc.aio.ServicerContext
+        self, request: ranking_pb2.RecordLabelVersionRequest, context: Context
     ) -> ranking_pb2.RecordLabelVersionResponse:
         result = await self._call(
             self.worklist.record_label_version,
@@ -235,7 +237,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return ranking_pb2.RecordLabelVersionResponse(item=item_to_proto(*result))
 
     async def GetPopulationPrior(
-        self, request: ranking_pb2.GetPopulationPriorRequest, context: grpc.aio.ServicerContext
+        self, request: ranking_pb2.GetPopulationPriorRequest, context: Context
     ) -> ranking_pb2.GetPopulationPriorResponse:
         def build() -> tuple[str, int]:
             cases, tag = self.worklist.learned_geometry()
@@ -248,25 +250,23 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return ranking_pb2.GetPopulationPriorResponse(prior_json=prior_json, learned_cases=added)
 
     async def ListWorklist(
-        self, request: ranking_pb2.ListWorklistRequest, context: grpc.aio.ServicerContext
+        self, request: ranking_pb2.ListWorklistRequest, context: Context
     ) -> ranking_pb2.ListWorklistResponse:
         flt = WorklistFilter(
             frozenset(int(o) for o in request.organs), request.round_number, frozenset(int(s) for s in request.statuses)
-        )  # type: ignore[misc]
+        )
         items, token, total = await self._call(self.worklist.list, request.page_size, request.page_token, flt)
         return ranking_pb2.ListWorklistResponse(
             items=[item_to_proto(e, r) for e, r in items], next_page_token=token, total_size=total
         )
 
     async def GetWorklistItem(
-        self, request: ranking_pb2.GetWorklistItemRequest, context: grpc.aio.ServicerContext
+        self, request: ranking_pb2.GetWorklistItemRequest, context: Context
     ) -> ranking_pb2.GetWorklistItemResponse:
         entry, rank = await asyncio.to_thread(self.worklist.get, request.case_id)
         return ranking_pb2.GetWorklistItemResponse(item=item_to_proto(entry, rank))
 
-    async def LeaseCase(
-        self, request: ranking_pb2.LeaseCaseRequest, context: grpc.aio.ServicerContext
-    ) -> ranking_pb2.LeaseCaseResponse:
+    async def LeaseCase(self, request: ranking_pb2.LeaseCaseRequest, context: Context) -> ranking_pb2.LeaseCaseResponse:
         entry, rank = await self._call(
             self.worklist.lease,
             request.case_id,
@@ -276,7 +276,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return ranking_pb2.LeaseCaseResponse(item=item_to_proto(entry, rank))
 
     async def LeaseNextCase(
-        self, request: ranking_pb2.LeaseNextCaseRequest, context: grpc.aio.ServicerContext
+        self, request: ranking_pb2.LeaseNextCaseRequest, context: Context
     ) -> ranking_pb2.LeaseNextCaseResponse:
         entry, rank = await self._call(
             self.worklist.lease_next,
@@ -286,7 +286,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return ranking_pb2.LeaseNextCaseResponse(item=item_to_proto(entry, rank))
 
     async def RenewLease(
-        self, request: ranking_pb2.RenewLeaseRequest, context: grpc.aio.ServicerContext
+        self, request: ranking_pb2.RenewLeaseRequest, context: Context
     ) -> ranking_pb2.RenewLeaseResponse:
         entry, rank = await self._call(
             self.worklist.renew,
@@ -297,13 +297,13 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return ranking_pb2.RenewLeaseResponse(item=item_to_proto(entry, rank))
 
     async def ReleaseLease(
-        self, request: ranking_pb2.ReleaseLeaseRequest, context: grpc.aio.ServicerContext
+        self, request: ranking_pb2.ReleaseLeaseRequest, context: Context
     ) -> ranking_pb2.ReleaseLeaseResponse:
         entry, rank = await self._call(self.worklist.release, request.case_id, principal_of(context))
         return ranking_pb2.ReleaseLeaseResponse(item=item_to_proto(entry, rank))
 
     async def CompleteReview(
-        self, request: ranking_pb2.CompleteReviewRequest, context: grpc.aio.ServicerContext
+        self, request: ranking_pb2.CompleteReviewRequest, context: Context
     ) -> ranking_pb2.CompleteReviewResponse:
         entry, rank = await self._call(
             self.worklist.complete,
@@ -315,21 +315,19 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return ranking_pb2.CompleteReviewResponse(item=item_to_proto(entry, rank))
 
     async def StartRound(
-        self, request: ranking_pb2.StartRoundRequest, context: grpc.aio.ServicerContext
+        self, request: ranking_pb2.StartRoundRequest, context: Context
     ) -> ranking_pb2.StartRoundResponse:
         rnd = await self._call(
             self.worklist.start_round, request.budget_fraction, principal_of(context), request.request_id
         )
         return ranking_pb2.StartRoundResponse(round=round_to_proto(rnd))
 
-    async def GetRound(
-        self, request: ranking_pb2.GetRoundRequest, context: grpc.aio.ServicerContext
-    ) -> ranking_pb2.GetRoundResponse:
+    async def GetRound(self, request: ranking_pb2.GetRoundRequest, context: Context) -> ranking_pb2.GetRoundResponse:
         rnd = await asyncio.to_thread(self.worklist.get_round, request.round_number)
         return ranking_pb2.GetRoundResponse(round=round_to_proto(rnd))
 
     async def ListRounds(
-        self, request: ranking_pb2.ListRoundsRequest, context: grpc.aio.ServicerContext
+        self, request: ranking_pb2.ListRoundsRequest, context: Context
     ) -> ranking_pb2.ListRoundsResponse:
         rounds, token, total = await asyncio.to_thread(self.worklist.list_rounds, request.page_size, request.page_token)
         return ranking_pb2.ListRoundsResponse(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from atlasflow.common.settings import ServiceSettings
-from atlasflow.ranking.worklist import DEFAULT_LEASE_S
+from atlasflow.ranking.leases import DEFAULT_LEASE_S
 
 PREFIX = "ATLASFLOW_RANKING_"
 

@@ -1,0 +1,132 @@
+"""Label versions (`record_label_version`, fed by the labels service's outbox) and the geometry
+of human-decided organs that the learned population prior is built from (no grpc).
+
+Every label version the labels service stores is reported here with the organs a human decided
+in it (a radiologist's revision, in that version or an ancestor, or the source's original
+label). Those organs leave the priority exactly like source-labelled organs: the attention
+asked a question a human has answered. Delivery is at least once and in any order: an event is
+kept only when its `version_number` (1-based position in the case's chain of versions) is
+higher than the recorded one, so a replay or a late older event changes nothing. A case
+without attention yet is remembered (`case_labels`) and its first submission uses it. Review
+status, lease and rounds are untouched (CompleteReview closes a review).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+
+from atlasflow.common import sqlite as sq
+from atlasflow.common.errors import InvalidArgument
+from atlasflow.common.organs import ORGANS
+from atlasflow.ranking.entries import DOMAIN, WorklistEntry
+from atlasflow.ranking.prior import OrganSummary
+from atlasflow.ranking.priority import attention_mask, case_priority
+from atlasflow.ranking.schema import organ_of
+from atlasflow.ranking.store import WorklistStore
+
+
+def invalid_event(message: str, **metadata: str) -> InvalidArgument:
+    """InvalidArgument("INVALID_LABEL_VERSION") for a malformed label-version event."""
+    return InvalidArgument("INVALID_LABEL_VERSION", message, domain=DOMAIN, metadata=metadata)
+
+
+class LabelVersions(WorklistStore):
+    """The label-version operations of the worklist store."""
+
+    def record_label_version(
+        self,
+        case_id: str,
+        label_version_id: str,
+        version_number: int,
+        human_organs: Iterable[int] = (),
+        revised_organs: Iterable[int] = (),
+        reviewer: str = "",
+        geometry: Iterable[OrganSummary] = (),
+    ) -> tuple[WorklistEntry, int] | None:
+        """Record that `case_id` has label version `label_version_id` (see "Label versions").
+
+        version_number: 1-based position in the case's chain (orders late events);
+        human_organs: organ ids decided by a human in that version (they leave the priority);
+        revised_organs: ids a radiologist revised in that very version; reviewer: its author;
+        geometry: summaries of human-decided organs present in the version (the learned prior).
+        Returns (entry, rank) after re-ranking, or None while the case has no attention.
+        """
+        for name, value in (("case_id", case_id), ("label_version_id", label_version_id)):
+            if not value or len(value) > 256 or not value.isprintable():
+                raise invalid_event(f"{name} is required (printable, <= 256 chars)", field=name)
+        if int(version_number) < 1:
+            raise invalid_event("version_number must be >= 1", field="version_number")
+        human = tuple(sorted({int(o) for o in human_organs}))
+        revised = tuple(sorted({int(o) for o in revised_organs}))
+        if any(o not in ORGANS for o in human + revised):
+            raise invalid_event("organs must be AbdomenAtlas organ ids")
+        if not set(revised) <= set(human):
+            raise invalid_event("revised_organs must be among human_decided_organs")
+        if len(reviewer) > 256 or not reviewer.isprintable():
+            raise invalid_event("reviewer must be printable, <= 256 chars", field="reviewer")
+        geoms: dict[int, OrganSummary] = {}
+        for g in geometry:
+            if g.organ not in human or g.organ in geoms or not g.valid():
+                raise invalid_event(
+                    "organ geometry must be finite, volume > 0, one per human-decided organ",
+                    field="human_organ_geometry",
+                )
+            geoms[g.organ] = g
+        with self._lock, sq.transaction(self._conn):
+            known = self._conn.execute(
+                "SELECT version_number FROM case_labels WHERE case_id = ?", (case_id,)
+            ).fetchone()
+            if known is None or int(known["version_number"]) < int(version_number):
+                self._conn.execute(
+                    "INSERT INTO case_labels(case_id, label_version_id, version_number,"
+                    " human_organs, revised_organs, reviewer, record_time, geometry)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(case_id) DO UPDATE SET"
+                    " label_version_id = excluded.label_version_id,"
+                    " version_number = excluded.version_number,"
+                    " human_organs = excluded.human_organs,"
+                    " revised_organs = excluded.revised_organs, reviewer = excluded.reviewer,"
+                    " record_time = excluded.record_time, geometry = excluded.geometry",
+                    (
+                        case_id,
+                        label_version_id,
+                        int(version_number),
+                        json.dumps(human),
+                        json.dumps(revised),
+                        reviewer,
+                        self._clock().isoformat(),
+                        json.dumps({str(k): g.to_list() for k, g in sorted(geoms.items())}),
+                    ),
+                )
+                row = self._conn.execute("SELECT * FROM worklist WHERE case_id = ?", (case_id,)).fetchone()
+                if row is not None:
+                    organs = [organ_of(o) for o in json.loads(row["organs"])]
+                    excluded = set(json.loads(row["labelled_organs"])) | set(human)
+                    self._conn.execute(
+                        "UPDATE worklist SET priority = ?, attention_mask = ?,"
+                        " latest_label_version_id = ?, human_organs = ? WHERE case_id = ?",
+                        (
+                            case_priority(organs, excluded),
+                            attention_mask(organs, excluded),
+                            label_version_id,
+                            json.dumps(human),
+                            case_id,
+                        ),
+                    )
+            if self._conn.execute("SELECT 1 FROM worklist WHERE case_id = ?", (case_id,)).fetchone() is None:
+                return None
+            return self._entry_and_rank(case_id, self._now_us())
+
+    def learned_geometry(self) -> tuple[list[dict[int, OrganSummary]], str]:
+        """(per case, the human-decided organ summaries of its latest recorded label version,
+        ordered by case_id; a change tag that differs whenever any of them changed)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT case_id, label_version_id, geometry FROM case_labels WHERE geometry != '{}' ORDER BY case_id"
+            ).fetchall()
+        cases = [
+            {int(k): OrganSummary.from_list(int(k), v) for k, v in json.loads(r["geometry"]).items()} for r in rows
+        ]
+        tag = hashlib.sha256(",".join(r["label_version_id"] for r in rows).encode()).hexdigest()
+        return cases, tag
