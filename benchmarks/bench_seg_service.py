@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         }
     )
     service = subprocess.Popen(
-        [sys.executable, "-c", "from atlasflow.segmentation.main import main; main()"],
+        [sys.executable, "-c", "from atlasflow.segmentation.app import main; main()"],
         env=env,
         stdout=(work / "segmentation.log").open("w"),
         stderr=subprocess.STDOUT,

@@ -20,11 +20,13 @@ import grpc
 import numpy as np
 import pytest
 
+from atlasflow.common.app import ServiceApp
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.v1 import common_pb2
-from atlasflow.segmentation.main import SegmentationApp, SegmentationSettings, build_app
+from atlasflow.segmentation.app import build_app
 from atlasflow.segmentation.pipeline import EnsemblePipeline
+from atlasflow.segmentation.settings import SegmentationSettings
 from atlasflow.segmentation.triton_client import TritonSegmenter
 from atlasflow.segmentation.triton_repo import BundledTriton, free_ports, write_repository
 from atlasflow.segmentation.v1 import segmentation_pb2 as pb
@@ -62,17 +64,17 @@ class Gated:
 
 
 class AppThread:
-    """A SegmentationApp on its own event loop in a thread, plus a sync gRPC stub."""
+    """The segmentation ServiceApp on its own event loop in a thread, plus a sync gRPC stub."""
 
     def __init__(self, settings: SegmentationSettings, segmenters: dict | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.app: SegmentationApp = self._run(self._build(settings, segmenters))
+        self.app: ServiceApp = self._run(self._build(settings, segmenters))
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.app.port}")
         self.stub = segmentation_pb2_grpc.SegmentationServiceStub(self.channel)
 
-    async def _build(self, settings: SegmentationSettings, segmenters: dict | None) -> SegmentationApp:
+    async def _build(self, settings: SegmentationSettings, segmenters: dict | None) -> ServiceApp:
         app = await build_app(settings, segmenters=segmenters)
         await app.start()
         return app
@@ -93,8 +95,9 @@ class AppThread:
             time.sleep(0.05)
 
     def outbox_keys(self, job_id: str) -> list[str]:
-        with self.app.jobs.lock:
-            rows = self.app.jobs.conn.execute(
+        jobs = self.app.parts["jobs"]
+        with jobs.lock:
+            rows = jobs.conn.execute(
                 "SELECT dedupe_key FROM outbox WHERE dedupe_key LIKE ?", (f"{job_id}:%",)
             ).fetchall()
         return sorted(r[0] for r in rows)
@@ -273,9 +276,9 @@ def test_wait_returns_when_the_job_is_done_not_before(stack: SimpleNamespace, mo
     60 s here, so only the wake-up can end the wait in time)."""
     from google.protobuf import duration_pb2
 
-    import atlasflow.segmentation.service as service
+    import atlasflow.segmentation.servicer as servicer
 
-    monkeypatch.setattr(service, "WAIT_RECHECK_S", 60.0)
+    monkeypatch.setattr(servicer, "WAIT_RECHECK_S", 60.0)
     stack.ensure_triton()
     gated = stack.gated[A]
     gated.gate.clear()

@@ -34,7 +34,7 @@ def _serve(name: str) -> None:
     if name == "ingest":
         from atlasflow.ingest.app import main
     elif name == "segmentation":
-        from atlasflow.segmentation.main import main
+        from atlasflow.segmentation.app import main
     elif name == "ranking":
         from atlasflow.ranking.app import main
     elif name == "labels":

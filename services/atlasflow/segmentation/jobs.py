@@ -18,12 +18,14 @@ replay never duplicates it (the callees are idempotent by job id).
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from atlasflow.common import sqlite as db
 from atlasflow.common.errors import NotFound
@@ -74,7 +76,7 @@ class Job:
     fraction: float
     attempts: int
     cancel_requested: bool
-    result: dict = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict)
     error_reason: str = ""
     traceparent: str = ""
     create_time: float = 0.0
@@ -82,7 +84,7 @@ class Job:
     next_attempt_at: float = 0.0
 
 
-def _job(r) -> Job:  # type: ignore[no-untyped-def]
+def _job(r: sqlite3.Row) -> Job:
     return Job(
         r["job_id"],
         r["case_id"],
@@ -267,7 +269,9 @@ class JobStore:
         self._changed(job_id)
         return self.get(job_id)
 
-    def succeed(self, job_id: str, result: dict, handoffs: list[tuple[str, str, bytes]], traceparent: str) -> bool:
+    def succeed(
+        self, job_id: str, result: dict[str, Any], handoffs: Sequence[tuple[str, str, bytes]], traceparent: str
+    ) -> bool:
         """Commit the result and the hand-offs atomically. A cancellation requested during the
         run wins: the job becomes CANCELLED and nothing is handed off. Returns True if handed off."""
         now = time.time()

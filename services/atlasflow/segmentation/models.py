@@ -17,6 +17,7 @@ Keys or shapes that do not fit raise InvalidArgument(``CHECKPOINT_MISMATCH``).
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from atlasflow.common.errors import FailedPrecondition, InvalidArgument
 from atlasflow.segmentation.ensemble import DOMAIN, MemberConfig
 
 _ARCHITECTURES = ("monai.UNet", "monai.SwinUNETR", "monai.DynUNet")
+# torch.jit.load carries no annotations; what it returns is a ScriptModule.
+_jit_load: Callable[..., torch.jit.ScriptModule] = torch.jit.load
 
 
 def build_member(cfg: MemberConfig) -> torch.nn.Module:
@@ -34,12 +37,14 @@ def build_member(cfg: MemberConfig) -> torch.nn.Module:
     Networks take ``(N, 1, X, Y, Z)`` float32 input (HU window scaled to [0, 1]) and return
     ``(N, C, X, Y, Z)`` logits, C = 9 (sigmoid) or 10 (softmax with background).
     """
-    from monai.networks import nets
+    from monai.networks.nets.dynunet import DynUNet
+    from monai.networks.nets.swin_unetr import SwinUNETR
+    from monai.networks.nets.unet import UNet
 
     kwargs: dict[str, Any] = dict(cfg.kwargs)
     torch.manual_seed(cfg.seed)
     if cfg.architecture == "monai.UNet":
-        net: torch.nn.Module = nets.UNet(**kwargs)
+        net: torch.nn.Module = UNet(**kwargs)
     elif cfg.architecture == "monai.SwinUNETR":
         if any(p % 32 for p in cfg.preprocessing.patch_size):
             raise InvalidArgument(
@@ -48,9 +53,9 @@ def build_member(cfg: MemberConfig) -> torch.nn.Module:
                 domain=DOMAIN,
                 metadata={"member": cfg.name},
             )
-        net = nets.SwinUNETR(**kwargs)
+        net = SwinUNETR(**kwargs)
     elif cfg.architecture == "monai.DynUNet":
-        net = nets.DynUNet(**kwargs)
+        net = DynUNet(**kwargs)
     else:
         raise InvalidArgument(
             "INVALID_ENSEMBLE_CONFIG",
@@ -115,7 +120,7 @@ def load_member(cfg: MemberConfig, device: str | torch.device = "cpu") -> torch.
         )
     if _is_torchscript(path):
         try:
-            scripted = torch.jit.load(str(path), map_location=device)
+            scripted = _jit_load(str(path), map_location=device)
         except Exception:  # noqa: BLE001 - corrupt archive
             raise _mismatch(cfg, "TorchScript checkpoint cannot be loaded", format="torchscript") from None
         scripted.eval()

@@ -15,7 +15,7 @@ DataLoss(``TRITON_BAD_RESPONSE``). Messages never carry the server's stack trace
 Retries: a call that finds Triton unreachable (gRPC UNAVAILABLE before any work was done) is
 retried ``connect_retries`` times with exponential backoff (``retry_backoff_s``, doubling)
 before Unavailable(``TRITON_UNAVAILABLE``) is raised; deadlines are never retried here (the
-job layer requeues the series durably, see `service.Worker`).
+job layer requeues the series durably, see `worker.Worker`).
 
 Transport (``shm``, setting ``ATLASFLOW_SEGMENTATION_TRITON_SHM``):
 - ``"auto"`` (default): Triton *system* shared memory when the server is co-located (its URL
@@ -51,6 +51,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from atlasflow.common import errors
 from atlasflow.common.errors import AtlasflowError, DataLoss, FailedPrecondition, ResourceExhausted, Unavailable
@@ -62,6 +63,8 @@ LOG = logging.getLogger(__name__)
 SHM_MODES = ("auto", "on", "off")
 ACCESS_HEADER = "triton-grpc-protocol-triton-access-token"  # Triton's gRPC form of triton-access-token
 OUTPUT_NAMES = ("labels", "heatmap", "organ_stats", "weights_trained")
+# One array per OUTPUT_NAMES entry; None where the response lacks or garbles it.
+_Outputs = tuple[npt.NDArray[Any] | None, ...]
 _SERVER_ERROR = re.compile(r"ATLASFLOW_ERROR ([A-Z_]+) ([A-Z0-9_]+): ([^\n]*)")
 _CODE_CLASSES: dict[str, type[AtlasflowError]] = {
     cls.code: cls
@@ -178,8 +181,8 @@ class TritonSegmenter:
 
     def segment(
         self,
-        volume_hu: np.ndarray,
-        affine: np.ndarray,
+        volume_hu: npt.NDArray[Any],
+        affine: npt.NDArray[Any],
         labelled_organs: Sequence[int] = (),
     ) -> PipelineOutput:
         """Run the pipeline remotely.
@@ -241,7 +244,9 @@ class TritonSegmenter:
         )
 
     # -- transport ------------------------------------------------------------------------
-    def _infer_retrying(self, vol: np.ndarray, aff: np.ndarray, flags: np.ndarray, carrier: dict[str, str]) -> tuple:
+    def _infer_retrying(
+        self, vol: npt.NDArray[Any], aff: npt.NDArray[Any], flags: npt.NDArray[Any], carrier: dict[str, str]
+    ) -> _Outputs:
         """One inference with connection retries; returns (labels, heatmap, stats, trained)."""
         from tritonclient.utils import InferenceServerException
 
@@ -290,7 +295,9 @@ class TritonSegmenter:
             parameters=dict(carrier) or None,
         )
 
-    def _infer_grpc(self, vol: np.ndarray, aff: np.ndarray, flags: np.ndarray, carrier: dict[str, str]) -> tuple:
+    def _infer_grpc(
+        self, vol: npt.NDArray[Any], aff: npt.NDArray[Any], flags: npt.NDArray[Any], carrier: dict[str, str]
+    ) -> _Outputs:
         import tritonclient.grpc as grpcclient
 
         inputs = self._inputs()
@@ -303,7 +310,9 @@ class TritonSegmenter:
         except Exception:  # noqa: BLE001 - undecodable response
             return (None, None, None, None)
 
-    def _infer_shm(self, vol: np.ndarray, aff: np.ndarray, flags: np.ndarray, carrier: dict[str, str]) -> tuple:
+    def _infer_shm(
+        self, vol: npt.NDArray[Any], aff: npt.NDArray[Any], flags: npt.NDArray[Any], carrier: dict[str, str]
+    ) -> _Outputs:
         """Inputs and outputs through two registered system shared-memory regions."""
         import tritonclient.grpc as grpcclient
         import tritonclient.utils.shared_memory as shm
@@ -354,7 +363,7 @@ class TritonSegmenter:
                 outputs.append(out)
                 offset += size
             result = self._call(inputs, outputs, carrier)
-            arrays: list[np.ndarray | None] = []
+            arrays: list[npt.NDArray[Any] | None] = []
             offset = 0
             for name, size, (_, dt) in zip(OUTPUT_NAMES, out_sizes, out_specs):
                 meta = result.get_output(name)

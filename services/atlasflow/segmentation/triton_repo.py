@@ -253,7 +253,7 @@ class PythonBackendModel:
         return responses
 
     def finalize(self) -> None:
-        self.pipeline = None
+        del self.pipeline  # frees the members' weights
 
 
 # ----------------------------------------------------------------------------- local server

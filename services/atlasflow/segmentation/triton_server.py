@@ -48,6 +48,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from atlasflow.common.errors import AtlasflowError
 from atlasflow.segmentation.ensemble import triton_model_name
@@ -71,7 +72,7 @@ def ensure_libpython_on_ld_path(environ: dict[str, str] | None = None) -> str:
 
 def make_infer_func(
     pipeline: EnsemblePipeline, tracer_provider: Any | None = None
-) -> Callable[[list[Any]], list[dict[str, np.ndarray]]]:
+) -> Callable[[list[Any]], list[dict[str, npt.NDArray[Any]]]]:
     """PyTriton infer callable (list of `pytriton.proxy.types.Request` -> list of output dicts).
 
     ``tracer_provider``: optional OpenTelemetry TracerProvider (default: the global one).
@@ -82,7 +83,7 @@ def make_infer_func(
     tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
     model_name = triton_model_name(pipeline.version)
 
-    def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
+    def infer(requests: list[Any]) -> list[dict[str, npt.NDArray[Any]]]:
         responses = []
         for request in requests:
             params = {k: str(v) for k, v in (request.parameters or {}).items() if k in ("traceparent", "tracestate")}

@@ -1,33 +1,34 @@
-"""Segmentation gRPC servicer and the job worker (orchestration; the math is in pipeline.py
-and runs inside Triton)."""
+"""The segmentation worker: the background loop that runs jobs one at a time (load -> Triton ->
+blobs -> result + hand-offs to labels and ranking). Orchestration only: the math is in
+pipeline.py and runs inside Triton."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, cast
 
-import grpc
 import numpy as np
-from google.protobuf import json_format, timestamp_pb2
+import numpy.typing as npt
+from google.protobuf import json_format
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from atlasflow.common.blobstore import BlobStore
-from atlasflow.common.errors import AtlasflowError, InvalidArgument, NotFound
+from atlasflow.common.errors import AtlasflowError, InvalidArgument
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.organs import ORGANS
-from atlasflow.common.plausibility import PopulationPrior, organ_findings
 from atlasflow.common.telemetry import context_from_traceparent, current_traceparent
 from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.v1 import labels_pb2
+from atlasflow.method.findings import organ_findings
+from atlasflow.method.prior import PopulationPrior
 from atlasflow.ranking.v1 import ranking_pb2
 from atlasflow.segmentation.jobs import Job, JobStore
-from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
+from atlasflow.segmentation.pipeline import PipelineOutput
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -37,78 +38,22 @@ LABELS_TOPIC = "labels.CreateLabelVersion"
 RANKING_TOPIC = "ranking.SubmitAttention"
 NIFTI_GZ = "application/x-nifti+gzip"
 
-_STATE = {
-    "QUEUED": common_pb2.OPERATION_STATE_QUEUED,
-    "RUNNING": common_pb2.OPERATION_STATE_RUNNING,
-    "SUCCEEDED": common_pb2.OPERATION_STATE_SUCCEEDED,
-    "FAILED": common_pb2.OPERATION_STATE_FAILED,
-    "CANCELLED": common_pb2.OPERATION_STATE_CANCELLED,
-}
-_STAGE = {
-    "": segmentation_pb2.JOB_STAGE_UNSPECIFIED,
-    "LOADING": segmentation_pb2.JOB_STAGE_LOADING,
-    "INFERENCE": segmentation_pb2.JOB_STAGE_INFERENCE,
-    "POSTPROCESSING": segmentation_pb2.JOB_STAGE_POSTPROCESSING,
-    "HANDOFF": segmentation_pb2.JOB_STAGE_HANDOFF,
-}
-
 
 class Segmenter(Protocol):
-    def segment(self, volume_hu: np.ndarray, affine: np.ndarray, labelled_organs: Any = ()) -> Any: ...
+    """Runs the ensemble pipeline on one CT (`TritonSegmenter`, or a fake in tests).
+
+    ``volume_hu``: ``(X, Y, Z)`` int16 HU; ``affine``: ``(4, 4)`` voxel -> RAS mm;
+    ``labelled_organs``: organ ids 1..9 the case's source labels. Returns outputs on the input
+    grid (`PipelineOutput`)."""
+
+    def segment(
+        self, volume_hu: npt.NDArray[np.int16], affine: npt.NDArray[np.float64], labelled_organs: Sequence[int] = ()
+    ) -> PipelineOutput: ...
 
 
-def _ts(seconds: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
-def _ref(digest: str, size: int) -> common_pb2.BlobRef:
+def blob_ref(digest: str, size: int) -> common_pb2.BlobRef:
+    """A gzip NIfTI blob reference."""
     return common_pb2.BlobRef(digest=digest, size_bytes=size, media_type=NIFTI_GZ)
-
-
-def organ_statistics(result: dict) -> list[segmentation_pb2.OrganStatistics]:
-    return [
-        segmentation_pb2.OrganStatistics(
-            organ=o["organ"],
-            volume_ml=o["volume_ml"],
-            attention_ml=o["attention_ml"],
-            heatmap_ml=o["heatmap_ml"],
-            component_count=o["component_count"],
-        )
-        for o in result.get("organs", [])
-    ]
-
-
-def job_to_proto(job: Job) -> segmentation_pb2.SegmentationJob:
-    msg = segmentation_pb2.SegmentationJob(
-        job_id=job.job_id,
-        case_id=job.case_id,
-        series_id=job.series_id,
-        series_version=job.series_version,
-        ensemble_version=job.ensemble_version,
-        state=_STATE[job.state],
-        progress=segmentation_pb2.SegmentationProgress(stage=_STAGE[job.stage], fraction=job.fraction),
-        error_reason=job.error_reason,
-        attempts=job.attempts,
-        create_time=_ts(job.create_time),
-        update_time=_ts(job.update_time),
-    )
-    if job.state == "QUEUED" and job.attempts > 0:
-        msg.next_attempt_time.CopyFrom(_ts(job.next_attempt_at))
-    r = job.result
-    if job.state == "SUCCEEDED" and r:
-        msg.result.CopyFrom(
-            segmentation_pb2.SegmentationResult(
-                label_map=_ref(r["label_map"], r["label_map_size"]),
-                heatmap=_ref(r["heatmap"], r["heatmap_size"]),
-                organs=organ_statistics(r),
-                members=r.get("members", []),
-                weights_trained=r.get("weights_trained", False),
-                inference_seconds=r.get("inference_seconds", 0.0),
-            )
-        )
-    return msg
 
 
 class Worker:
@@ -143,7 +88,8 @@ class Worker:
         self.blobs = blobs
         self.segmenter = segmenter
         # Population statistics for the plausibility findings: a fixed prior, or a callable
-        # asked before every job (main.py: the prior ranking learned from stored labels);
+        # asked before every job (app.py: `prior_source.RankingPrior`, the prior ranking learned
+        # from stored labels);
         # the bundled prior by default.
         self.prior = prior or PopulationPrior.load()
         # Attention mode per ensemble version ("reference" when not given): it decides what an
@@ -175,6 +121,11 @@ class Worker:
         if isinstance(self.members, Mapping):
             return list(self.members.get(ensemble, []))
         return list(self.members)
+
+    def request_stop(self) -> None:
+        """Make `run_forever` return after the job in hand (any thread)."""
+        self.stopping.set()
+        self.wake.set()
 
     def run_forever(self) -> None:
         while not self.stopping.is_set():
@@ -230,18 +181,18 @@ class Worker:
 
     def _organ_attention(
         self,
-        organs: list[dict],
-        labels: np.ndarray,
-        heatmap: np.ndarray,
-        affine: np.ndarray,
+        organs: list[dict[str, Any]],
+        labels: npt.NDArray[np.uint8],
+        heatmap: npt.NDArray[np.uint8],
+        affine: npt.NDArray[np.float64],
         labelled: list[int],
         mode: str = "reference",
     ) -> list[ranking_pb2.OrganAttention]:
         """Attention statistics from Triton plus the plausibility findings (score, reasons,
-        pointer) that `atlasflow.common.plausibility` derives from the native-grid outputs.
+        pointer) that `atlasflow.method.findings` derives from the native-grid outputs.
 
         Score = heatmap ml (reference mode) or attention ml (enhanced mode, as
-        `plausibility.rank_case` scores it) + plausibility penalties. An unlabelled organ with
+        `method.strategy.rank_case` scores it) + plausibility penalties. An unlabelled organ with
         attention but no voxel in the ensemble's labels (e.g. a gall bladder only a minority of
         the models sees) has no geometry to assess: it is scored by its attention alone, with a
         reason saying so (no pointer: the combined heatmap does not separate organs there)."""
@@ -310,8 +261,8 @@ class Worker:
         }
         labels_req = labels_pb2.CreateLabelVersionRequest(
             case_id=job.case_id,
-            label_map=_ref(label_blob.digest, label_blob.size_bytes),
-            ct=_ref(job.volume_digest, job.volume_size),
+            label_map=blob_ref(label_blob.digest, label_blob.size_bytes),
+            ct=blob_ref(job.volume_digest, job.volume_size),
             provenance=labels_pb2.Provenance(
                 source=labels_pb2.LABEL_SOURCE_AI,
                 model_version=job.ensemble_version,
@@ -332,8 +283,8 @@ class Worker:
                 job.labelled_organs,
                 self.attention_modes.get(job.ensemble_version, "reference"),
             ),
-            heatmap=_ref(heat_blob.digest, heat_blob.size_bytes),
-            labelled_organs=job.labelled_organs,
+            heatmap=blob_ref(heat_blob.digest, heat_blob.size_bytes),
+            labelled_organs=cast("list[common_pb2.Organ]", job.labelled_organs),  # organ ids: the enum's values
         )
         handed = self.jobs.succeed(
             job.job_id,
@@ -358,104 +309,3 @@ class Worker:
         self.metrics.count("jobs_succeeded")
         if handed:
             self.on_handoff()
-
-
-WAIT_DEFAULT_S = 60.0
-WAIT_MAX_S = 600.0
-# WaitSegmentationJob re-reads the job at least this often even without a change notice.
-WAIT_RECHECK_S = 2.0
-DONE_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
-
-
-class SegmentationServicer(segmentation_pb2_grpc.SegmentationServiceServicer):
-    def __init__(self, jobs: JobStore, blobs: BlobStore, worker: Worker, ensembles: list[str]) -> None:
-        self.jobs = jobs
-        self.blobs = blobs
-        self.worker = worker
-        self.ensembles = ensembles
-        # WaitSegmentationJob: one event per waited-on job, set (in the server's loop) when the
-        # job store reports a change of that job.
-        self._waits: dict[str, asyncio.Event] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        jobs.listeners.append(self._job_changed)
-
-    def _job_changed(self, job_id: str) -> None:  # any thread
-        loop = self._loop
-        if loop is not None and job_id in self._waits:
-            loop.call_soon_threadsafe(self._wake_waiters, job_id)
-
-    def _wake_waiters(self, job_id: str) -> None:
-        event = self._waits.pop(job_id, None)
-        if event is not None:
-            event.set()
-
-    async def WaitSegmentationJob(self, request, context):  # type: ignore[no-untyped-def]
-        timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else WAIT_DEFAULT_S
-        if timeout < 0:
-            raise InvalidArgument("INVALID_TIMEOUT", "timeout must be >= 0", domain=DOMAIN)
-        self._loop = asyncio.get_running_loop()
-        deadline = self._loop.time() + min(timeout, WAIT_MAX_S)
-        while True:
-            # Register before reading, so a change between the read and the wait is not missed.
-            event = self._waits.setdefault(request.job_id, asyncio.Event())
-            job = await asyncio.to_thread(self.jobs.get, request.job_id)
-            left = deadline - self._loop.time()
-            if job.state in DONE_STATES or left <= 0:
-                if self._waits.get(request.job_id) is event and not event.is_set():
-                    del self._waits[request.job_id]  # (another waiter re-checks within 2 s)
-                return segmentation_pb2.WaitSegmentationJobResponse(job=job_to_proto(job))
-            try:
-                await asyncio.wait_for(event.wait(), min(left, WAIT_RECHECK_S))
-            except TimeoutError:
-                pass
-
-    async def SegmentSeries(
-        self, request: segmentation_pb2.SegmentSeriesRequest, context: grpc.aio.ServicerContext
-    ) -> segmentation_pb2.SegmentSeriesResponse:
-        if not request.case_id or not request.series_id or request.series_version < 1:
-            raise InvalidArgument(
-                "INVALID_REQUEST", "case_id, series_id and series_version >= 1 are required", domain=DOMAIN
-            )
-        ensemble = request.ensemble_version or self.ensembles[0]
-        if ensemble not in self.ensembles:
-            raise InvalidArgument(
-                "UNKNOWN_ENSEMBLE",
-                "unknown ensemble version",
-                domain=DOMAIN,
-                metadata={"ensemble_version": ensemble[:100], "known": ",".join(self.ensembles)},
-            )
-        if not self.blobs.exists(request.volume.digest):
-            raise NotFound(
-                "BLOB_NOT_FOUND",
-                "volume blob not found",
-                domain=DOMAIN,
-                metadata={"digest": request.volume.digest[:80]},
-            )
-        organs = [int(o) for o in request.labelled_organs]
-        if any(o not in ORGANS for o in organs):
-            raise InvalidArgument("INVALID_ORGAN", "labelled_organs must be organ ids 1..9", domain=DOMAIN)
-        job, created = self.jobs.submit(
-            case_id=request.case_id,
-            series_id=request.series_id,
-            series_version=request.series_version,
-            ensemble_version=ensemble,
-            volume_digest=request.volume.digest,
-            volume_size=request.volume.size_bytes,
-            labelled_organs=organs,
-            traceparent=current_traceparent(),
-        )
-        if created:
-            self.worker.wake.set()
-        return segmentation_pb2.SegmentSeriesResponse(job=job_to_proto(job))
-
-    async def GetSegmentationJob(self, request, context):  # type: ignore[no-untyped-def]
-        return segmentation_pb2.GetSegmentationJobResponse(job=job_to_proto(self.jobs.get(request.job_id)))
-
-    async def ListSegmentationJobs(self, request, context):  # type: ignore[no-untyped-def]
-        jobs, token = self.jobs.list(request.page_size, request.page_token, request.case_id)
-        return segmentation_pb2.ListSegmentationJobsResponse(
-            jobs=[job_to_proto(j) for j in jobs], next_page_token=token
-        )
-
-    async def CancelSegmentationJob(self, request, context):  # type: ignore[no-untyped-def]
-        return segmentation_pb2.CancelSegmentationJobResponse(job=job_to_proto(self.jobs.cancel(request.job_id)))

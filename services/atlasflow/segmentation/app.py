@@ -1,0 +1,143 @@
+"""`atlasflow serve segmentation`: job store, worker thread (calls Triton), gRPC server and the
+outbox dispatcher that hands results to the label and ranking services.
+
+`build_app` wires them the common way (`atlasflow.common.app`): the worker is a `ThreadLoop`,
+the outbox dispatcher a `TaskLoop` on the server's event loop; stopping closes the peer
+channels, the prior source, the segmenters and the job store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from atlasflow.common.app import ServiceApp, TaskLoop, ThreadLoop, run_service
+from atlasflow.common.blobstore import LocalBlobStore
+from atlasflow.common.clients import aio_channel
+from atlasflow.common.metrics import Metrics
+from atlasflow.common.outbox import OutboxDispatcher, OutboxRow
+from atlasflow.common.server import build_server
+from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
+from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from atlasflow.segmentation.ensemble import load_ensemble
+from atlasflow.segmentation.jobs import JobStore
+from atlasflow.segmentation.prior_source import RankingPrior
+from atlasflow.segmentation.servicer import SegmentationServicer
+from atlasflow.segmentation.settings import PREFIX, SegmentationSettings
+from atlasflow.segmentation.triton_client import TritonSegmenter
+from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
+from atlasflow.segmentation.worker import LABELS_TOPIC, RANKING_TOPIC, Segmenter, Worker
+
+# The generated gRPC modules carry no annotations: their stubs and registration, typed here.
+_LabelsStub: Callable[[grpc.aio.Channel], Any] = labels_pb2_grpc.LabelServiceStub
+_RankingStub: Callable[[grpc.aio.Channel], Any] = ranking_pb2_grpc.RankingServiceStub
+_add_servicer: Callable[[SegmentationServicer, grpc.aio.Server], None] = (
+    segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server
+)
+
+
+async def build_app(
+    settings: SegmentationSettings,
+    *,
+    metrics: Metrics | None = None,
+    segmenters: Mapping[str, Segmenter] | None = None,
+    tracer_provider: Any = None,
+) -> ServiceApp:
+    """Job store, worker thread, outbox dispatcher and gRPC server (built, not started); port 0
+    picks a free port.
+
+    ``segmenters``: ensemble version -> `Segmenter`; default one `TritonSegmenter` per
+    configured ensemble at ``triton_url`` (model `triton_model_name(version)`). Either way the
+    app closes them on stop (those with a ``close()``).
+    """
+    metrics = metrics or Metrics("segmentation")
+    blobs = LocalBlobStore(settings.blob_dir)
+    jobs = JobStore(Path(settings.data_dir))
+    configs = [load_ensemble(e) for e in settings.ensembles()]
+    versions = [c.version for c in configs]
+    if segmenters is None:
+        segmenters = {
+            c.version: TritonSegmenter(
+                settings.triton_url,
+                c.model_name,
+                timeout_s=settings.triton_timeout_s,
+                shm=settings.triton_shm,
+                access_token=settings.triton_access_token or None,
+                connect_retries=settings.triton_connect_retries,
+            )
+            for c in configs
+        }
+    segmenters = dict(segmenters)
+    labels_channel = aio_channel(settings.labels_target, settings.max_message_bytes)
+    ranking_channel = aio_channel(settings.ranking_target, settings.max_message_bytes)
+    labels_stub = _LabelsStub(labels_channel)
+    ranking_stub = _RankingStub(ranking_channel)
+
+    async def to_labels(row: OutboxRow) -> None:
+        await labels_stub.CreateLabelVersion(labels_pb2.CreateLabelVersionRequest.FromString(row.payload), timeout=60)
+
+    async def to_ranking(row: OutboxRow) -> None:
+        await ranking_stub.SubmitAttention(ranking_pb2.SubmitAttentionRequest.FromString(row.payload), timeout=60)
+
+    dispatcher = OutboxDispatcher(jobs.conn, jobs.lock, {LABELS_TOPIC: to_labels, RANKING_TOPIC: to_ranking}, metrics)
+    loop = asyncio.get_running_loop()
+
+    def wake_dispatcher() -> None:  # worker thread
+        loop.call_soon_threadsafe(dispatcher.wake)
+
+    prior = RankingPrior(settings.ranking_target, settings.prior_refresh_s, settings.max_message_bytes)
+    worker = Worker(
+        jobs,
+        blobs,
+        segmenters,
+        metrics,
+        prior=prior,
+        attention_modes={c.version: c.attention_mode for c in configs},
+        members={c.version: [m.name for m in c.members] for c in configs},
+        max_attempts=settings.max_attempts,
+        max_backoff_s=settings.max_backoff_s,
+        retry_base_s=settings.retry_base_s,
+        poll_s=settings.worker_poll_s,
+        on_handoff=wake_dispatcher,
+    )
+    servicer = SegmentationServicer(jobs, blobs, worker, versions)
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        _add_servicer(servicer, server)
+        return [segmentation_pb2.DESCRIPTOR.services_by_name["SegmentationService"].full_name]
+
+    built = build_server(
+        register=register,
+        metrics=metrics,
+        host=settings.grpc_host,
+        port=settings.grpc_port,
+        max_message_bytes=settings.max_message_bytes,
+        tracer_provider=tracer_provider,
+    )
+
+    def close_segmenters() -> None:
+        for seg in segmenters.values():
+            close = getattr(seg, "close", None)
+            if close is not None:
+                close()
+
+    return ServiceApp(
+        "segmentation",
+        built,
+        background=[
+            ThreadLoop("segmentation-worker", worker.run_forever, worker.request_stop, join_s=30.0),
+            TaskLoop("segmentation-outbox", dispatcher.run),
+        ],
+        # closed in reverse order: channels and prior source, segmenters, then the job store
+        closers=[jobs.close, close_segmenters, prior.close, ranking_channel.close, labels_channel.close],
+        parts={"jobs": jobs, "blobs": blobs, "worker": worker, "dispatcher": dispatcher, "segmenters": segmenters},
+        ready_fields={"ensemble": settings.ensemble},
+    )
+
+
+def main() -> None:
+    run_service("segmentation", SegmentationSettings.from_env(PREFIX), build_app)
