@@ -124,7 +124,7 @@ def frames_from_volume(
         if k in seen:
             raise _grid_differs("two source frames map to one slice", problem="SLICES")
         seen[k] = n
-        index: list[object] = [0, 0, 0]
+        index: list[int | slice] = [0, 0, 0]
         index[ak] = k
         index[ar] = slice(None) if sr > 0 else slice(None, None, -1)
         index[ac] = slice(None) if sc > 0 else slice(None, None, -1)
@@ -205,10 +205,13 @@ def export_dicom_seg(
     if not source_datasets:
         raise InvalidArgument("INVALID_ARGUMENT", "source images are required", domain=DOMAIN)
     for ds in source_datasets:
-        for uid in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
-            if not str(ds.get(uid, "") or ""):
+        for attribute in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            if not str(ds.get(attribute, "") or ""):
                 raise InvalidArgument(
-                    "INVALID_ARGUMENT", f"source image lacks {uid}", domain=DOMAIN, metadata={"attribute": uid}
+                    "INVALID_ARGUMENT",
+                    f"source image lacks {attribute}",
+                    domain=DOMAIN,
+                    metadata={"attribute": attribute},
                 )
     frames = frames_from_volume(labels, affine, source_datasets)
     present = [int(o) for o in np.unique(frames) if int(o) in ORGANS]
