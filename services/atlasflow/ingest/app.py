@@ -90,12 +90,17 @@ async def build_app(
     channel = aio_channel(settings.segmentation_target, settings.max_message_bytes)
     dispatcher = OutboxDispatcher(
         store.conn,
-        store.lock,
+        # common.outbox annotates threading.Lock; the store shares its RLock (same protocol)
+        store.lock,  # type: ignore[arg-type]
         {SEGMENT_TOPIC: segmentation_handoff(store, _SegmentationStub(channel))},
         metrics,
     )
     loop = asyncio.get_running_loop()
-    assembler.on_assembled = lambda: loop.call_soon_threadsafe(dispatcher.wake)
+
+    def wake_dispatcher() -> None:  # from the assembler's thread
+        loop.call_soon_threadsafe(dispatcher.wake)
+
+    assembler.on_assembled = wake_dispatcher
     servicer = IngestServicer(store, reception, assembler)
 
     def register(server: grpc.aio.Server) -> list[str]:

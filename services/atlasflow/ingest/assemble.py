@@ -87,9 +87,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from atlasflow.ingest.frames import FrameRef, frame_refs, is_multiframe, series_error
 from atlasflow.ingest.geometry import STRICT, Policy, plan_geometry
@@ -116,8 +117,8 @@ class Volume:
     slice_thickness_mm: (0018,0050) of the first slice, None if absent.
     """
 
-    array: np.ndarray
-    affine: np.ndarray
+    array: npt.NDArray[Any]
+    affine: npt.NDArray[np.float64]
     warnings: list[str] = field(default_factory=list)
     padding_hu: tuple[float, float] | None = None
     resampled: bool = False
@@ -128,7 +129,7 @@ class Volume:
     frame_of_reference_uid: str = ""
     slice_thickness_mm: float | None = None
 
-    def padding_mask(self) -> np.ndarray | None:
+    def padding_mask(self) -> npt.NDArray[Any] | None:
         """(X, Y, Z) bool: voxels holding the padding value (outside the scan FOV), or None."""
         if self.padding_hu is None:
             return None
@@ -164,7 +165,7 @@ def assemble_series(datasets: Sequence[Dataset], policy: Policy = STRICT) -> Vol
 # ---------------------------------------------------------------- pixels
 
 
-def _covered(shift: np.ndarray, rows: int, cols: int) -> tuple[int, int, int, int]:
+def _covered(shift: npt.NDArray[Any], rows: int, cols: int) -> tuple[int, int, int, int]:
     """Output rows [y0, y1) and columns [x0, x1) whose bilinear support lies inside a source
     plane of `rows` x `cols` placed at (column, row) offset `shift` (pixels)."""
     eps = 1e-6
@@ -174,7 +175,7 @@ def _covered(shift: np.ndarray, rows: int, cols: int) -> tuple[int, int, int, in
     return y0, y1, x0, x1
 
 
-def _shift_bilinear(src: np.ndarray, shift: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def _shift_bilinear(src: npt.NDArray[Any], shift: npt.NDArray[Any], shape: tuple[int, int]) -> npt.NDArray[Any]:
     """Place `src` (rows, cols) with its origin at (column, row) `shift` px >= 0 into a
     (rows', cols') = `shape` float64 plane, bilinear. Only `_covered` pixels are meaningful.
 
@@ -201,7 +202,7 @@ def _shift_bilinear(src: np.ndarray, shift: np.ndarray, shape: tuple[int, int]) 
     return acc
 
 
-def _hu_dtype(frames: Sequence[FrameRef]) -> tuple[np.dtype, bool]:
+def _hu_dtype(frames: Sequence[FrameRef]) -> tuple[np.dtype[Any], bool]:
     integral = all(float(f.slope).is_integer() and float(f.intercept).is_integer() for f in frames)
     return (np.dtype(np.int16) if integral else np.dtype(np.float32)), integral
 
@@ -290,13 +291,13 @@ def assemble_frames(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Volu
     )
 
 
-def _widen(stack: np.ndarray, warnings: list[str]) -> np.ndarray:
+def _widen(stack: npt.NDArray[Any], warnings: list[str]) -> npt.NDArray[Any]:
     """int16 -> int32 copy (the only second volume-sized buffer; rare), with a warning."""
     warnings.append("HU range exceeds int16: array kept as int32")
     return stack.astype(np.int32)
 
 
-def _store(stack: np.ndarray, z: int, hu: np.ndarray, warnings: list[str]) -> np.ndarray:
+def _store(stack: npt.NDArray[Any], z: int, hu: npt.NDArray[Any], warnings: list[str]) -> npt.NDArray[Any]:
     """stack[z] = hu (integral values), widening int16 -> int32 when `hu` does not fit."""
     if stack.dtype == np.int16 and (float(hu.min()) < _I16.min or float(hu.max()) > _I16.max):
         stack = _widen(stack, warnings)
@@ -305,8 +306,8 @@ def _store(stack: np.ndarray, z: int, hu: np.ndarray, warnings: list[str]) -> np
 
 
 def _store_integral(
-    stack: np.ndarray, z: int, pixels: np.ndarray, slope: int, intercept: int, warnings: list[str]
-) -> np.ndarray:
+    stack: npt.NDArray[Any], z: int, pixels: npt.NDArray[Any], slope: int, intercept: int, warnings: list[str]
+) -> npt.NDArray[Any]:
     """stack[z] = pixels * slope + intercept without a volume-sized temporary.
 
     The stored range is measured first (two cheap reductions), so the HU are known to fit the

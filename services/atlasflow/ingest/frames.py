@@ -6,9 +6,10 @@ Dataset, single- or multi-frame (see `atlasflow.ingest.assemble` for the attribu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, SupportsFloat, TypedDict, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from atlasflow.common.errors import InvalidArgument
 
@@ -23,7 +24,7 @@ _ENHANCED_CT = {"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
 class FrameSource(Protocol):
     """Decodes one frame's stored values, (rows, columns), sign-corrected, not rescaled."""
 
-    def read(self) -> np.ndarray: ...
+    def read(self) -> npt.NDArray[Any]: ...
 
 
 @dataclass
@@ -37,9 +38,9 @@ class FrameRef:
 
     rows: int
     cols: int
-    ipp: np.ndarray
-    iop: np.ndarray
-    pixel_spacing: np.ndarray
+    ipp: npt.NDArray[np.float64]
+    iop: npt.NDArray[np.float64]
+    pixel_spacing: npt.NDArray[np.float64]
     slope: float
     intercept: float
     source: FrameSource
@@ -62,10 +63,10 @@ def series_error(reason: str, message: str, **metadata: str) -> InvalidArgument:
     return InvalidArgument(reason, message, domain=DOMAIN, metadata=metadata)
 
 
-def _floats(ds: Dataset | None, keyword: str, n: int, index: int) -> np.ndarray:
+def _floats(ds: Dataset | None, keyword: str, n: int, index: int | str) -> npt.NDArray[np.float64]:
     value = ds.get(keyword) if ds is not None else None
     try:
-        arr = np.array([float(v) for v in value], dtype=np.float64)
+        arr = np.array([float(v) for v in value or ()], dtype=np.float64)
     except (TypeError, ValueError):
         arr = np.empty(0)
     if arr.shape != (n,) or not np.all(np.isfinite(arr)):
@@ -82,7 +83,7 @@ def _number(value: object, default: float | None) -> float | None:
     if value in (None, ""):
         return default
     try:
-        return float(value)  # type: ignore[arg-type]
+        return float(cast("SupportsFloat | str", value))  # DS, IS, int, float or str values
     except (TypeError, ValueError):
         return default
 
@@ -97,8 +98,8 @@ class DatasetFrame:
         self.ds = ds
         self.index = index
 
-    def read(self) -> np.ndarray:
-        from pydicom.pixels import get_decoder
+    def read(self) -> npt.NDArray[Any]:
+        from pydicom.pixels.decoders.base import get_decoder
 
         try:
             ts = self.ds.file_meta.TransferSyntaxUID
@@ -146,6 +147,19 @@ def is_multiframe(ds: Dataset) -> bool:
     return frames > 1 or sop in _ENHANCED_CT
 
 
+class _FrameCommon(TypedDict):
+    """The `FrameRef` fields every frame of one instance shares."""
+
+    series_uid: str
+    frame_of_reference_uid: str
+    sop_instance_uid: str
+    padding: tuple[float, float] | None
+    bits_stored: int
+    signed: bool
+    gantry_tilt_deg: float | None
+    spacing_between_slices_mm: float | None
+
+
 def frame_refs(ds: Dataset, source_for: object = None, index: int = 0) -> list[FrameRef]:
     """One `FrameRef` per frame of `ds` (header only; pixels decoded later).
 
@@ -153,7 +167,7 @@ def frame_refs(ds: Dataset, source_for: object = None, index: int = 0) -> list[F
     `DatasetFrame` over `ds` itself). `index`: the instance's position, for messages.
     """
     make = source_for if callable(source_for) else DatasetFrame
-    common = dict(
+    common = _FrameCommon(
         series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
         frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or ""),
         sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
@@ -184,7 +198,7 @@ def frame_refs(ds: Dataset, source_for: object = None, index: int = 0) -> list[F
                 thickness_mm=_number(ds.get("SliceThickness"), None),
                 rescale_type=str(ds.get("RescaleType", "") or ""),
                 source=make(ds, None),
-                **common,  # type: ignore[arg-type]
+                **common,
             )
         ]
     n = int(_number(ds.get("NumberOfFrames"), 1) or 1)
@@ -211,9 +225,9 @@ def frame_refs(ds: Dataset, source_for: object = None, index: int = 0) -> list[F
             FrameRef(
                 rows=rows,
                 cols=cols,
-                ipp=_floats(tmp, "ImagePositionPatient", 3, where),  # type: ignore[arg-type]
-                iop=_floats(tmp, "ImageOrientationPatient", 6, where),  # type: ignore[arg-type]
-                pixel_spacing=_floats(tmp, "PixelSpacing", 2, where),  # type: ignore[arg-type]
+                ipp=_floats(tmp, "ImagePositionPatient", 3, where),
+                iop=_floats(tmp, "ImageOrientationPatient", 6, where),
+                pixel_spacing=_floats(tmp, "PixelSpacing", 2, where),
                 slope=_number(slope, 1.0) or 1.0,
                 intercept=_number(intercept, 0.0) or 0.0,
                 thickness_mm=_number(_functional(pf, shared, ds, "PixelMeasuresSequence", "SliceThickness"), None),
@@ -221,7 +235,7 @@ def frame_refs(ds: Dataset, source_for: object = None, index: int = 0) -> list[F
                 frame_number=k + 1,
                 multiframe=True,
                 source=make(ds, k),
-                **common,  # type: ignore[arg-type]
+                **common,
             )
         )
     return refs

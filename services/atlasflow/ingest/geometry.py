@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from atlasflow.ingest.frames import FrameRef, series_error
 
@@ -56,11 +57,11 @@ class Plan:
     affine: RAS+ (4, 4). filled: Z indices with no source frame.
     """
 
-    order: np.ndarray
-    slot: np.ndarray
-    shift_px: np.ndarray
+    order: npt.NDArray[np.intp]
+    slot: npt.NDArray[np.intp]
+    shift_px: npt.NDArray[np.float64]
     shape: tuple[int, int, int]
-    affine: np.ndarray
+    affine: npt.NDArray[np.float64]
     filled: tuple[int, ...]
     tilt_deg: float
     warnings: list[str]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import struct
+from typing import BinaryIO, cast
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
@@ -77,7 +78,8 @@ def _implicit_sequence(value: bytes) -> list[Dataset] | None:
         fp = DicomBytesIO(value)
         fp.is_little_endian = True
         fp.is_implicit_VR = True
-        seq = read_sequence(fp, True, True, len(value), "iso8859")
+        # read_sequence reads any DicomIO (pydicom annotates the parameter as BinaryIO)
+        seq = read_sequence(cast(BinaryIO, fp), True, True, len(value), "iso8859")
         return list(seq) if len(seq) else None
     except Exception:  # noqa: BLE001 - not a sequence after all: hashed as bytes
         return None

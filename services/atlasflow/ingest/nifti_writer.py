@@ -12,9 +12,10 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 if TYPE_CHECKING:
     pass
@@ -29,7 +30,7 @@ _DATATYPE = {
 }
 
 
-def _quaternion(affine: np.ndarray) -> tuple[float, float, float, float, float, float, float]:
+def _quaternion(affine: npt.NDArray[Any]) -> tuple[float, float, float, float, float, float, float]:
     """(b, c, d, qx, qy, qz, qfac) of an affine with orthogonal columns (nifti1_io.c)."""
     m = np.asarray(affine[:3, :3], dtype=np.float64)
     zooms = np.linalg.norm(m, axis=0)
@@ -68,7 +69,7 @@ def _quaternion(affine: np.ndarray) -> tuple[float, float, float, float, float, 
     return (float(b), float(c), float(d), float(affine[0, 3]), float(affine[1, 3]), float(affine[2, 3]), qfac)
 
 
-def nifti_header(shape: tuple[int, ...], dtype: np.dtype, affine: np.ndarray) -> bytes:
+def nifti_header(shape: tuple[int, ...], dtype: np.dtype[Any], affine: npt.NDArray[Any]) -> bytes:
     """NIfTI-1 single-file header + empty extension flag (352 bytes); affine RAS+ (4, 4),
     written to sform and qform (code 1, scanner), units mm/s, no scaling."""
     code, bitpix = _DATATYPE[np.dtype(dtype)]
@@ -124,7 +125,7 @@ def nifti_header(shape: tuple[int, ...], dtype: np.dtype, affine: np.ndarray) ->
     return header + b"\x00\x00\x00\x00"
 
 
-def _compressor():  # type: ignore[no-untyped-def]
+def _compressor() -> tuple[Any, str]:
     """A gzip-stream compressobj: ISA-L level 1 when installed, else zlib level 1."""
     try:
         from isal import isal_zlib
@@ -134,7 +135,7 @@ def _compressor():  # type: ignore[no-untyped-def]
         return zlib.compressobj(1, zlib.DEFLATED, 31), "zlib"
 
 
-def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> str:
+def write_nifti(path: Path, array: npt.NDArray[Any], affine: npt.NDArray[Any]) -> str:
     """Write (X, Y, Z) `array` + RAS+ `affine` as NIfTI-1 (`.nii` or gzip `.nii.gz`).
 
     The array bytes are streamed in Fortran order from its own buffer (a Fortran-contiguous
@@ -143,7 +144,7 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> str:
     """
     data = np.asfortranarray(array)
     flat = data.T.reshape(-1) if data.flags.f_contiguous else data.ravel(order="F")
-    view = memoryview(flat).cast("B")
+    view = flat.data.cast("B")
     header = nifti_header(data.shape, data.dtype, affine)
     tmp = path.with_name(path.name + ".part")
     chunk = 8 << 20

@@ -38,7 +38,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # SOP classes are generated at import time
     CTImageStorage,
     EnhancedCTImageStorage,
     LegacyConvertedEnhancedCTImageStorage,

@@ -13,12 +13,13 @@ from __future__ import annotations
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from atlasflow.common.errors import AtlasflowError
 from atlasflow.ingest.fastheader import NATIVE_LE, FastFacts, fast_header
@@ -47,10 +48,10 @@ _DEFER = 4096  # bytes: larger values (pixel data) stay on disk until read
 class NativeFileFrame:
     """Reads one frame of native little-endian pixel data straight from its file offset."""
 
-    def __init__(self, path: Path, offset: int, dtype: np.dtype, rows: int, cols: int) -> None:
+    def __init__(self, path: Path, offset: int, dtype: np.dtype[Any], rows: int, cols: int) -> None:
         self.path, self.offset, self.dtype, self.shape = path, offset, dtype, (rows, cols)
 
-    def read(self) -> np.ndarray:
+    def read(self) -> npt.NDArray[Any]:
         count = self.shape[0] * self.shape[1]
         with open(self.path, "rb") as f:
             f.seek(self.offset)
@@ -83,8 +84,8 @@ class EncodedFileFrame:
     def __init__(self, path: Path, index: int | None, cache: _LastDataset) -> None:
         self.path, self.index, self.cache = path, index, cache
 
-    def read(self) -> np.ndarray:
-        from pydicom.pixels import get_decoder
+    def read(self) -> npt.NDArray[Any]:
+        from pydicom.pixels.decoders.base import get_decoder
 
         try:
             ds = self.cache.get(self.path)
@@ -111,10 +112,11 @@ def _fast_frames(path: Path) -> tuple[list[FrameRef], list[str], int] | None:
         return None
     bits = facts.get("BitsAllocated")
     rows, cols = facts.get("Rows"), facts.get("Columns")
-    if bits not in (8, 16, 32) or not isinstance(rows, int) or not isinstance(cols, int):
+    if not isinstance(bits, int) or bits not in (8, 16, 32) or not isinstance(rows, int) or not isinstance(cols, int):
         return None
     dtype = np.dtype(f"<{'i' if facts.get('PixelRepresentation') == 1 else 'u'}{bits // 8}")
-    if facts["_pixel_length"] < rows * cols * dtype.itemsize:
+    pixel_length = facts["_pixel_length"]
+    if not isinstance(pixel_length, int) or pixel_length < rows * cols * dtype.itemsize:
         return None  # short pixel data: let pydicom / the decoder report it
     if not facts.get("SOPInstanceUID"):
         facts["SOPInstanceUID"] = facts.get("MediaStorageSOPInstanceUID", "")
@@ -123,9 +125,12 @@ def _fast_frames(path: Path) -> tuple[list[FrameRef], list[str], int] | None:
     def make(_ds: object, _index: int | None) -> NativeFileFrame:
         return NativeFileFrame(path, offset, dtype, rows, cols)
 
+    # FastFacts answers the Dataset look-ups frame_refs makes (get, attributes): duck-typed
     refs = frame_refs(view, make)  # type: ignore[arg-type]
-    image_type = facts.get("ImageType") or []
-    image_type = [image_type] if isinstance(image_type, str) else image_type
+    raw_type = facts.get("ImageType") or []
+    image_type = (
+        [raw_type] if isinstance(raw_type, str) else list(raw_type) if isinstance(raw_type, (list, tuple)) else []
+    )
     number = str(facts.get("SeriesNumber", "") or "").strip()
     return refs, [str(v).upper() for v in image_type], int(number) if number.lstrip("-").isdigit() else 0
 
@@ -162,18 +167,21 @@ def iter_files(inputs: Iterable[Path]) -> Iterator[Path]:
                     yield Path(dirpath) / name
 
 
-def _source_factory(path: Path, ds: Dataset, cache: _LastDataset):  # type: ignore[no-untyped-def]
+def _source_factory(
+    path: Path, ds: Dataset, cache: _LastDataset
+) -> Callable[[Dataset, int | None], NativeFileFrame | EncodedFileFrame]:
     ts = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
     elem = ds.get_item(0x7FE00010, keep_deferred=True) if "PixelData" in ds else None
     bits = int(ds.get("BitsAllocated", 16) or 16)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    value_tell: int | None = getattr(elem, "value_tell", None)  # RawDataElement / deferred DataElement
     native = (
         ts in NATIVE_LE
         and elem is not None
         and samples == 1
         and bits in (8, 16, 32)
         and getattr(elem, "value", b"") is None  # still deferred: offset known
-        and getattr(elem, "value_tell", None) is not None
+        and value_tell is not None
         and getattr(elem, "length", 0) != 0xFFFFFFFF
     )
     if native:
@@ -181,7 +189,8 @@ def _source_factory(path: Path, ds: Dataset, cache: _LastDataset):  # type: igno
         dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
         rows, cols = int(ds.Rows), int(ds.Columns)
         frame_bytes = rows * cols * dtype.itemsize
-        base = int(elem.value_tell)  # type: ignore[union-attr]
+        assert value_tell is not None  # `native` checked it
+        base = int(value_tell)
 
         def make(_ds: Dataset, index: int | None) -> NativeFileFrame:
             return NativeFileFrame(path, base + (index or 0) * frame_bytes, dtype, rows, cols)

@@ -16,10 +16,12 @@ already stored (`IngestStore.store_instance`); one flush per instance (the spool
 from __future__ import annotations
 
 import logging
+import queue
 import select
 import socket
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom._handlers import (
@@ -28,11 +30,13 @@ from pynetdicom._handlers import (
     standard_pdu_recv_handler,
     standard_pdu_sent_handler,
 )
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+from pynetdicom.events import EventHandlerType
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # SOP classes are generated at import time
     CTImageStorage,
     EnhancedCTImageStorage,
     Verification,
 )
+from pynetdicom.transport import ThreadedAssociationServer
 
 from atlasflow.common.errors import AtlasflowError
 from atlasflow.ingest.dicom import DICOM_STATUS, c_store_status
@@ -93,6 +97,12 @@ def _recv_exact(sock: socket.socket, nr_bytes: int) -> bytearray:
     return buf
 
 
+def _replace(obj: object, name: str, value: object) -> None:
+    """Replace one attribute of a pynetdicom object (a method, a queue's put): pynetdicom has no
+    hook for its reactors' waits, so `_tune_association` patches them per association."""
+    setattr(obj, name, value)
+
+
 def _tune_association(event: evt.Event) -> None:
     """EVT_CONN_OPEN (before the association's threads start): TCP_NODELAY, and reactors that
     wake on events instead of polling.
@@ -129,14 +139,14 @@ def _tune_association(event: evt.Event) -> None:
             except OSError:  # buffer full (a wake-up is pending anyway) or closed
                 pass
 
-    def waking(q: object) -> None:
-        put = q.put  # type: ignore[attr-defined]
+    def waking(q: queue.Queue[Any]) -> None:
+        put = q.put
 
-        def put_and_wake(item: object, *args: object, **kwargs: object) -> None:
+        def put_and_wake(item: object, *args: Any, **kwargs: Any) -> None:
             put(item, *args, **kwargs)
             wake()
 
-        q.put = put_and_wake  # type: ignore[attr-defined]
+        _replace(q, "put", put_and_wake)
 
     for q in (dul.to_provider_queue, dul.to_user_queue, dul.event_queue, assoc.dimse.msg_queue):
         waking(q)
@@ -161,12 +171,12 @@ def _tune_association(event: evt.Event) -> None:
             dul_waiting[0] = False
         return bool(process_recv_primitive())
 
-    dul._process_recv_primitive = wait_then_process
+    _replace(dul, "_process_recv_primitive", wait_then_process)
     dul._run_loop_delay = 0  # the wait above replaces the reactor's sleep
 
     get_msg = assoc.dimse.get_msg
 
-    def get_msg_waiting(block: bool = False):  # type: ignore[no-untyped-def]
+    def get_msg_waiting(block: bool = False) -> Any:
         # The association reactor's look for a complete message: wait (bounded) for a put
         # onto the message queue or the DUL's user queue (release, abort) instead of polling.
         if not block and not assoc.dimse.msg_queue.queue and not dul.to_user_queue.queue:
@@ -174,19 +184,20 @@ def _tune_association(event: evt.Event) -> None:
             ready.clear()
         return get_msg(block)
 
-    assoc.dimse.get_msg = get_msg_waiting
+    _replace(assoc.dimse, "get_msg", get_msg_waiting)
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
         # pynetdicom's standard handlers format a summary of every PDU and DIMSE message for
         # its INFO/DEBUG log lines, whether or not they are emitted (~0.1 ms per instance).
         for event_type, handler in _STANDARD_LOG_HANDLERS:
             assoc.unbind(event_type, handler)
+    assert wrapper is not None  # it holds `sock`
     stock_recv = wrapper.recv
     # A declared PDU length is the peer's word: preallocate only up to _RECV_PREALLOC.
-    wrapper.recv = lambda n: _recv_exact(sock, n) if n <= _RECV_PREALLOC else stock_recv(n)
+    _replace(wrapper, "recv", lambda n: _recv_exact(sock, n) if n <= _RECV_PREALLOC else stock_recv(n))
     # Closed by `_close_wake` when the connection closes (the closures above form a reference
     # cycle with the association: left to the garbage collector, 2 fds per association would
     # linger until a full collection).
-    assoc._atlasflow_wake = (wake_r, wake_w)
+    _replace(assoc, "_atlasflow_wake", (wake_r, wake_w))
 
 
 def _close_wake(event: evt.Event) -> None:
@@ -215,7 +226,7 @@ class StoreScp:
         for sop in (CTImageStorage, EnhancedCTImageStorage):
             self.ae.add_supported_context(sop, ALL_TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification)
-        self._server = None
+        self._server: ThreadedAssociationServer | None = None
 
     @property
     def port(self) -> int:
@@ -223,7 +234,7 @@ class StoreScp:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        handlers = [
+        handlers: list[EventHandlerType] = [
             (evt.EVT_CONN_OPEN, _tune_association),
             (evt.EVT_CONN_CLOSE, _close_wake),
             (evt.EVT_C_STORE, self._handle_store),

@@ -34,6 +34,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from atlasflow.common.blobstore import digest_of
 from atlasflow.common.errors import DataLoss
@@ -154,7 +155,7 @@ class InstanceSpool:
         self._fsync_dir()  # the segment's name is durable before any record in it
         self._fd, self._path, self._offset = fd, path, _FILE_HEAD.size
 
-    def append(self, header: dict, data: bytes) -> None:
+    def append(self, header: dict[str, Any], data: bytes) -> None:
         """Write one record; durable (fdatasync'd) when it returns."""
         head = json.dumps(header, separators=(",", ":")).encode()
         size = _RECORD.size + len(head) + len(data) + 4
@@ -184,7 +185,7 @@ class InstanceSpool:
         self._fd, self._path = None, None
 
     @staticmethod
-    def read_segment(path: Path) -> Iterator[tuple[dict, bytes]]:
+    def read_segment(path: Path) -> Iterator[tuple[dict[str, Any], bytes]]:
         """Valid records of a segment in order, up to the first one that is missing or torn
         (a crash while writing it: never acknowledged). Raises DataLoss when a torn record is
         followed by a valid one (media corruption, not a crash)."""

@@ -30,11 +30,13 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from atlasflow.common import sqlite as db
 from atlasflow.common.blobstore import BlobStore, digest_of
@@ -68,7 +70,7 @@ class SeriesVersion:
     last_instance_at: float
     volume_digest: str
     volume_size: int
-    geometry: dict
+    geometry: dict[str, Any]
     failure_reason: str
     traceparent: str
     create_time: float
@@ -77,7 +79,7 @@ class SeriesVersion:
     conflict_count: int = 0
 
 
-def _row_to_series(r) -> SeriesVersion:  # type: ignore[no-untyped-def]
+def _row_to_series(r: sqlite3.Row) -> SeriesVersion:
     return SeriesVersion(
         r["series_id"],
         r["version"],
@@ -186,7 +188,7 @@ class IngestStore:
         return content_key_of_bytes(data) or digest
 
     def _record(
-        self, header: dict, data: bytes, *, recovering: bool, key_fn: Callable[[], str] | None = None
+        self, header: dict[str, Any], data: bytes, *, recovering: bool, key_fn: Callable[[], str] | None = None
     ) -> StoredInstance:
         """Under self.lock: check for a duplicate, spool the bytes (unless `recovering`:
         replay of a spooled record, already durable), commit the row.
@@ -264,10 +266,10 @@ class IngestStore:
         key: str,
         size: int,
         now: float,
-        header: dict,
-        cur,
-        existing,
-    ) -> StoredInstance:  # type: ignore[no-untyped-def]
+        header: dict[str, Any],
+        cur: sqlite3.Row | None,
+        existing: sqlite3.Row | None,
+    ) -> StoredInstance:
         """The row (or conflict row) of a spooled instance, in one transaction."""
         with db.transaction(self.conn):
             if existing is not None:
@@ -414,7 +416,7 @@ class IngestStore:
         version: int,
         volume_digest: str,
         volume_size: int,
-        geometry: dict,
+        geometry: dict[str, Any],
         handoff_topic: str,
         handoff_payload: bytes,
         traceparent: str,
