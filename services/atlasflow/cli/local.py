@@ -255,7 +255,7 @@ class LocalDeployment:
         except Exception:  # noqa: BLE001 - not up yet (connection refused, deadline, starting)
             return False
         models = index.get("models", [])
-        return bool(models) and all(m.get("state") == "READY" for m in models)
+        return bool(models) and all(bool(m.get("state") == "READY") for m in models)
 
     def stop(self, grace_s: float = 20.0, names: list[str] | None = None) -> None:
         pids = self.pids()

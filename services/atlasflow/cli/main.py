@@ -31,19 +31,28 @@ DELEGATED = {
 
 
 def _serve(name: str) -> None:
+    """The launcher: run one service's `app.main` (or Triton's server) in this process."""
     if name == "ingest":
-        from atlasflow.ingest.app import main
+        from atlasflow.ingest.app import main as serve_ingest
+
+        serve_ingest()
     elif name == "segmentation":
-        from atlasflow.segmentation.app import main
+        from atlasflow.segmentation.app import main as serve_segmentation
+
+        serve_segmentation()
     elif name == "ranking":
-        from atlasflow.ranking.app import main
+        from atlasflow.ranking.app import main as serve_ranking
+
+        serve_ranking()
     elif name == "labels":
-        from atlasflow.labels.app import main
+        from atlasflow.labels.app import main as serve_labels
+
+        serve_labels()
     else:
-        from atlasflow.segmentation.triton_server import main
+        from atlasflow.segmentation.triton_server import main as serve_triton
 
         sys.argv = [sys.argv[0], *sys.argv[3:]]
-    main()
+        serve_triton()
 
 
 def build_parser() -> argparse.ArgumentParser:
