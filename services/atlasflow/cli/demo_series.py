@@ -32,14 +32,15 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 
 #: Synthetic patient identity written into every demo instance. Never real; tests grep logs,
 #: spans, metrics and exports for these strings.
@@ -119,7 +120,7 @@ def build_demo_datasets(hu: np.ndarray, affine: np.ndarray, *, seed_name: str = 
 
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         meta.ImplementationVersionName = "ATLASFLOW_DEMO"
@@ -167,9 +168,9 @@ def build_demo_datasets(hu: np.ndarray, affine: np.ndarray, *, seed_name: str = 
         ds.BurnedInAnnotation = "NO"
         ds.ImageComments = "SYNTHETIC patient identity; pixels from a public test CT"
         # Image Plane
-        ds.ImageOrientationPatient = [_ds(v) for v in iop]
-        ds.ImagePositionPatient = [_ds(v) for v in ipp]
-        ds.PixelSpacing = [_ds(row_spacing), _ds(col_spacing)]
+        ds.ImageOrientationPatient = [_ds(float(v)) for v in iop]
+        ds.ImagePositionPatient = [_ds(float(v)) for v in ipp]
+        ds.PixelSpacing = [_ds(float(row_spacing)), _ds(float(col_spacing))]
         ds.SliceThickness = _ds(slice_spacing)
         ds.SliceLocation = _ds(float(ipp @ normal))
         # Image Pixel
@@ -198,7 +199,7 @@ def write_demo_series(nifti_path: Path, out_dir: Path, *, seed_name: str = "atla
 
     Returns the file paths ``IM0001.dcm``... in InstanceNumber order (1 = most cranial).
     """
-    img = nib.load(str(nifti_path))
+    img = cast(nib.Nifti1Image, nib.load(str(nifti_path)))
     hu = np.asanyarray(img.dataobj)  # applies scl_slope/scl_inter when set
     datasets = build_demo_datasets(hu, img.affine, seed_name=seed_name)
     out_dir = Path(out_dir)

@@ -18,7 +18,7 @@ Usage: python -m atlasflow.cli.montage CT.nii.gz LABELS.nii.gz HEATMAP.nii.gz OU
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -139,7 +139,7 @@ def _fit(img: np.ndarray, row_mm: float, col_mm: float, cell: int, *, nearest: b
     height_mm, width_mm = h * row_mm, w * col_mm
     scale = cell / max(height_mm, width_mm)
     size = (max(1, round(width_mm * scale)), max(1, round(height_mm * scale)))
-    pil = Image.fromarray(img).resize(size, Image.NEAREST if nearest else Image.BILINEAR)
+    pil = Image.fromarray(img).resize(size, Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR)
     box = Image.new("RGB", (cell, cell), (0, 0, 0))
     box.paste(pil, ((cell - size[0]) // 2, (cell - size[1]) // 2))
     return box
@@ -246,7 +246,7 @@ def render_montage(
     return out_png
 
 
-def _world_z(affine: np.ndarray, ras_shape: Sequence[int]):  # type: ignore[no-untyped-def]
+def _world_z(affine: np.ndarray, ras_shape: Sequence[int]) -> Callable[[int], float]:
     """k (RAS index along S) -> world z in mm, for captions."""
     a = np.asarray(affine, dtype=np.float64)
     ornt = nib.orientations.io_orientation(a)

@@ -10,15 +10,17 @@ Input: organ id -> uint8 ``(M, X, Y, Z)`` ``p*255`` soft predictions on one grid
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from scipy import ndimage
 
 NON_VESSEL = (2, 3, 4, 5, 6, 8, 9)  # overlap partners: all of our organs but aorta (1), postcava (7)
 STRUCT = ndimage.generate_binary_structure(3, 3)
 
 
-def largest_cc(mask: np.ndarray) -> np.ndarray:
+def largest_cc(mask: npt.NDArray[Any]) -> npt.NDArray[Any]:
     lab, n = ndimage.label(mask, structure=STRUCT)
     if n == 0:
         return np.zeros(mask.shape, dtype=bool)
@@ -27,7 +29,7 @@ def largest_cc(mask: np.ndarray) -> np.ndarray:
     return lab == np.argmax(counts)
 
 
-def post_process(mask_float: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def post_process(mask_float: npt.NDArray[Any], threshold: float) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """``std_post_process`` / ``entropy_post_process``: threshold, 2 erosions, 2 dilations."""
     out = mask_float.copy()
     binary = mask_float > threshold
@@ -38,15 +40,15 @@ def post_process(mask_float: np.ndarray, threshold: float) -> tuple[np.ndarray, 
 
 
 def reference_attention_numpy(
-    probs_u8: Mapping[int, np.ndarray], labelled: Iterable[int] = ()
-) -> dict[int, dict[str, np.ndarray]]:
+    probs_u8: Mapping[int, npt.NDArray[Any]], labelled: Iterable[int] = ()
+) -> dict[int, dict[str, npt.NDArray[Any]]]:
     """Per organ: ``{"ensemble", "attention", "heatmap", "std_mask", "entropy_mask", "overlap"}``
     full-volume arrays (attention terms only for organs not in ``labelled``)."""
     labelled = set(labelled)
     # pass 1 (the reference's inference script): masked soft predictions, stored as uint8
     # p*255 as the reference stores them, and the ensemble masks
-    masked: dict[int, np.ndarray] = {}
-    ensembles: dict[int, np.ndarray] = {}
+    masked: dict[int, npt.NDArray[Any]] = {}
+    ensembles: dict[int, npt.NDArray[Any]] = {}
     for k, q in probs_u8.items():
         soft = q.astype(np.float64) / 255.0
         for m in range(soft.shape[0]):
@@ -57,10 +59,10 @@ def reference_attention_numpy(
         ensembles[k] = largest_cc(soft.mean(axis=0) > 0.5)
         del soft
     # pass 2 (create_attention.py): per organ, read the stored uint8 back as float64
-    out: dict[int, dict[str, np.ndarray]] = {}
+    out: dict[int, dict[str, npt.NDArray[Any]]] = {}
     for k, stored in masked.items():
         soft = stored.astype(np.float64) / 255.0
-        res: dict[str, np.ndarray] = {"ensemble": ensembles[k]}
+        res: dict[str, npt.NDArray[Any]] = {"ensemble": ensembles[k]}
         if k not in labelled:
             std_float, std_mask = post_process(np.std(soft, axis=0), 0.1)
             entropy = np.zeros(soft.shape[1:])

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from atlasflow.method.attention import CaseAttention, case_attention
@@ -57,7 +58,7 @@ def tuning_prior(seeds: list[int], size_scale: float) -> PopulationPrior:
 
 def prepare_case(
     seed: int, size_scale: float, confidence: float | None = None, error: str | None = None, shared: int | None = None
-) -> tuple[SimCase, CaseAttention, list[tuple[int, np.ndarray]]]:
+) -> tuple[SimCase, CaseAttention, list[tuple[int, npt.NDArray[Any]]]]:
     """The simulated case, its reference attention and its error regions (mode-independent)."""
     c = simulate_case(seed, size_scale=size_scale, confidence=confidence, error=error, shared=shared)
     ca = case_attention({k: torch.from_numpy(v) for k, v in c.probs.items()})
@@ -119,7 +120,7 @@ def map_cases(fn: Callable[[Any], dict[str, object]], work: list[Any], jobs: int
 SIGMA_FLOOR_HU = 8.0
 
 
-def smoothed(ct: np.ndarray) -> torch.Tensor:
+def smoothed(ct: npt.NDArray[Any]) -> torch.Tensor:
     """3x3x3 mean of the CT (edges replicated), float32."""
     t = torch.from_numpy(ct.astype(np.float32))[None, None]
     t = torch.nn.functional.pad(t, (1, 1, 1, 1, 1, 1), mode="replicate")

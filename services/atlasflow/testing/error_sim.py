@@ -55,9 +55,11 @@ import argparse
 import functools
 import sys
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import nibabel as nib
 import numpy as np
+import numpy.typing as npt
 from scipy import ndimage
 
 from atlasflow.common.organs import ORGAN_IDS, ORGANS
@@ -77,7 +79,7 @@ NEIGHBOURS = {1: 7, 2: 5, 3: 8, 4: 5, 5: 4, 6: 9, 7: 1, 8: 9, 9: 8}  # organ -> 
 
 
 @functools.cache
-def bundled_cts() -> tuple[np.ndarray, ...]:
+def bundled_cts() -> tuple[npt.NDArray[Any], ...]:
     """The real CT under each bundled label map (int16 HU, same RAS grid as `bundled_label_maps`,
     checked): example_ct.nii.gz under the force-split labels; the 20-slice JPEG 2000 series,
     assembled by ingest (`assemble_series`), under example_seg_dicom. Cached per process."""
@@ -99,7 +101,7 @@ def bundled_cts() -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
-def bundled_label_maps() -> list[tuple[str, np.ndarray, np.ndarray]]:
+def bundled_label_maps() -> list[tuple[str, npt.NDArray[Any], npt.NDArray[Any]]]:
     """(name, AbdomenAtlas label map (X, Y, Z) uint8, affine) of the bundled labels, in RAS
     voxel order (canonical orientation)."""
     out = []
@@ -112,7 +114,7 @@ def bundled_label_maps() -> list[tuple[str, np.ndarray, np.ndarray]]:
 # ----------------------------------------------------------------------------- prior
 
 
-def _scaled(geoms: dict[int, OrganGeometry], s: np.ndarray) -> dict[int, OrganGeometry]:
+def _scaled(geoms: dict[int, OrganGeometry], s: npt.NDArray[Any]) -> dict[int, OrganGeometry]:
     centre = np.mean([g.centroid_mm for g in geoms.values()], axis=0)
     return {
         k: replace(g, volume_ml=g.volume_ml * float(np.prod(s)), centroid_mm=centre + (g.centroid_mm - centre) * s)
@@ -151,24 +153,24 @@ class SimCase:
     ``ct``: the real CT under the truth (int16 HU, same grid), varied with it."""
 
     name: str
-    truth: np.ndarray
-    affine: np.ndarray
-    probs: dict[int, np.ndarray]
+    truth: npt.NDArray[Any]
+    affine: npt.NDArray[Any]
+    probs: dict[int, npt.NDArray[Any]]
     error: str
     organ: int
     shared: int
     extra: dict[str, object] = field(default_factory=dict)
-    clean_probs: dict[int, np.ndarray] = field(default_factory=dict)
-    ct: np.ndarray | None = None
+    clean_probs: dict[int, npt.NDArray[Any]] = field(default_factory=dict)
+    ct: npt.NDArray[Any] | None = None
 
 
 def vary_anatomy(
-    labels: np.ndarray,
-    affine: np.ndarray,
+    labels: npt.NDArray[Any],
+    affine: npt.NDArray[Any],
     rng: np.random.Generator,
     size_scale: float = 1.0,
-    ct: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    ct: npt.NDArray[Any] | None = None,
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any] | None]:
     """Random per-axis scaling (nearest neighbour, spacing unchanged), a shift and an S crop;
     ``ct`` (the image under ``labels``, same shape) undergoes the same, filled with air (-1024)
     where the shift uncovers the volume edge. Returns (labels, affine, ct or None)."""
@@ -193,7 +195,7 @@ def vary_anatomy(
     return lab, aff, ct
 
 
-def largest_components(labels: np.ndarray) -> np.ndarray:
+def largest_components(labels: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """Each organ of a label map reduced to its largest 26-connected component (the bundled
     TotalSegmentator maps have stray fragments; a truth with fragments would count the
     ensemble's largest-component step as an error)."""
@@ -212,15 +214,19 @@ def largest_components(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _smooth_noise(shape: tuple[int, ...], rng: np.random.Generator, sigma: float, amp: float) -> np.ndarray:
+def _smooth_noise(shape: tuple[int, ...], rng: np.random.Generator, sigma: float, amp: float) -> npt.NDArray[Any]:
     n = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
     n /= max(float(np.abs(n).max()), 1e-6)
     return n * amp
 
 
 def _soft(
-    mask: np.ndarray, noise: np.ndarray, sharp: float, near: np.ndarray | None = None, shrink: np.ndarray | None = None
-) -> np.ndarray:
+    mask: npt.NDArray[Any],
+    noise: npt.NDArray[Any],
+    sharp: float,
+    near: npt.NDArray[Any] | None = None,
+    shrink: npt.NDArray[Any] | None = None,
+) -> npt.NDArray[Any]:
     """uint8 p*255 of a soft prediction of ``mask``: sigmoid(sharp * signed distance + noise)
     (``noise``: the model's smooth logit noise field, full volume; ``sharp``: per voxel of
     signed distance), zero more than 4 voxels outside the mask and outside ``near`` (bool,
@@ -245,7 +251,9 @@ def _soft(
     return out
 
 
-def inject(truth: np.ndarray, kind: str, organ: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, object]]:
+def inject(
+    truth: npt.NDArray[Any], kind: str, organ: int, rng: np.random.Generator
+) -> tuple[npt.NDArray[Any], dict[str, object]]:
     """The truth with one error of ``kind`` on ``organ`` (a new label map)."""
     lab = truth.copy()
     m = truth == organ
@@ -292,8 +300,8 @@ def inject(truth: np.ndarray, kind: str, organ: int, rng: np.random.Generator) -
         direction = rng.standard_normal(3)
         direction /= np.linalg.norm(direction)
         centre = c + direction * (ext / 2 + r + 1)
-        grid = np.indices(truth.shape, dtype=np.float32)
-        ball = sum((grid[a] - centre[a]) ** 2 for a in range(3)) <= r * r
+        coords = np.indices(truth.shape, dtype=np.float32)
+        ball = sum((coords[a] - centre[a]) ** 2 for a in range(3)) <= r * r
         ball &= truth == 0
         attached = rng.random() < 0.6
         if attached:  # a 1-voxel bridge from the organ surface to the ball
@@ -345,8 +353,8 @@ def simulate_case(
     drawn_shared = int(rng.integers(1, 4))
     shared = drawn_shared if shared is None else int(shared)
     wrong, info = inject(truth, kind, organ, rng)
-    probs: dict[int, np.ndarray] = {}
-    clean: dict[int, np.ndarray] = {}
+    probs: dict[int, npt.NDArray[Any]] = {}
+    clean: dict[int, npt.NDArray[Any]] = {}
     sharp = rng.uniform(1.2, 2.5, 3)
     noise = [_smooth_noise(truth.shape, rng, 2.0, 1.2) for _ in range(3)]
     # the models that hold the error doubt it: their probabilities are pulled toward 0.5 where
@@ -376,8 +384,11 @@ def simulate_case(
 
 
 def error_regions(
-    ensemble: np.ndarray, clean_ensemble: np.ndarray, voxel_ml: float, majority: np.ndarray | None = None
-) -> list[np.ndarray]:
+    ensemble: npt.NDArray[Any],
+    clean_ensemble: npt.NDArray[Any],
+    voxel_ml: float,
+    majority: npt.NDArray[Any] | None = None,
+) -> list[npt.NDArray[Any]]:
     """The ensemble's error regions: connected components (26) of ``ensemble XOR
     clean_ensemble`` (the ensemble of the same models, same noise, without the injected error)
     with volume >= `MIN_REGION_ML` that hold at least one voxel of ``majority`` (bool, voxels
@@ -396,17 +407,17 @@ def error_regions(
     return [lab == i for i in keep]
 
 
-def changed_by_majority(probs: np.ndarray, clean_probs: np.ndarray) -> np.ndarray:
+def changed_by_majority(probs: npt.NDArray[Any], clean_probs: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """Bool ``(X, Y, Z)``: voxels where the decisions ``q >= 128`` of more than half of the
     models (uint8 ``(M, X, Y, Z)``) differ between ``probs`` and ``clean_probs``."""
     changed = ((probs >= 128) != (clean_probs >= 128)).sum(axis=0)
     return changed * 2 > probs.shape[0]
 
 
-def case_error_regions(c: SimCase, ensembles: dict[int, np.ndarray]) -> list[tuple[int, np.ndarray]]:
+def case_error_regions(c: SimCase, ensembles: dict[int, npt.NDArray[Any]]) -> list[tuple[int, npt.NDArray[Any]]]:
     """(organ, region) for every error region of a case, given its ensemble masks (full grid)."""
     vml = abs(float(np.linalg.det(c.affine[:3, :3]))) / 1000.0
-    out: list[tuple[int, np.ndarray]] = []
+    out: list[tuple[int, npt.NDArray[Any]]] = []
     if not c.clean_probs:
         return out
     import torch

@@ -23,6 +23,7 @@ import urllib.request
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from atlasflow.cli.local import free_ports
 from atlasflow.testing.data import REPO, TEST_DATA
@@ -68,9 +69,9 @@ def build_ct_series(
 
     sources = []
     for p in sorted(Path(source_dir).iterdir()):
-        ds = pydicom.dcmread(p)
-        pixels = ds.pixel_array  # (rows, cols) uint16, decoded once
-        sources.append((float(ds.ImagePositionPatient[2]), ds, pixels))
+        source = pydicom.dcmread(p)
+        pixels = source.pixel_array  # (rows, cols) uint16, decoded once
+        sources.append((float(source.ImagePositionPatient[2]), source, pixels))
     sources.sort(key=lambda t: t[0])
     cycle = list(range(len(sources))) + list(range(len(sources) - 1, -1, -1))
     out_dir = Path(out_dir)
@@ -80,7 +81,7 @@ def build_ct_series(
     paths = []
     for i in range(n_slices):
         _z, src, pixels = sources[cycle[i % len(cycle)]]
-        ds = src.copy()
+        ds: Any = src.copy()  # pydicom Dataset; UIDs are assigned as str
         sop = bench_uid(seed, f"sop/{i}")
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE

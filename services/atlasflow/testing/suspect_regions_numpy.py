@@ -8,7 +8,10 @@ checks that both give the same masks and evidence bit for bit, and
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 from scipy import ndimage
 
 from atlasflow.method.suspect import (
@@ -28,7 +31,7 @@ from atlasflow.method.suspect import (
 _CUBE = np.ones((3, 3, 3), dtype=bool)
 
 
-def _doubt_beyond_profile(mean: np.ndarray, dbin: np.ndarray) -> np.ndarray:
+def _doubt_beyond_profile(mean: npt.NDArray[Any], dbin: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """Oracle of `plausibility._doubt_beyond_profile` (same contract)."""
     conf = np.abs(2.0 * mean - 1.0)
     typical = np.zeros(DOUBT_MAX_DEPTH + 1, dtype=np.float32)
@@ -38,13 +41,15 @@ def _doubt_beyond_profile(mean: np.ndarray, dbin: np.ndarray) -> np.ndarray:
     return (dbin >= DOUBT_MIN_DEPTH) & (conf < DOUBT_RATIO * typical[dbin])
 
 
-def _depth_bins(side: np.ndarray) -> np.ndarray:
+def _depth_bins(side: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """Oracle of `plausibility._depth_bins`: scipy's Euclidean distance transforms, rounded, capped."""
     depth = np.where(side, ndimage.distance_transform_edt(side), ndimage.distance_transform_edt(~side))
     return np.minimum(np.rint(depth), DOUBT_MAX_DEPTH).astype(np.int64)
 
 
-def _model_profile_conf(q: np.ndarray, dbin: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+def _model_profile_conf(
+    q: npt.NDArray[Any], dbin: npt.NDArray[Any], where: npt.NDArray[Any] | None = None
+) -> npt.NDArray[Any]:
     """Oracle of `plausibility._model_profile_conf` (same contract), numpy histograms."""
     cq = np.abs(2 * q.astype(np.int16) - 255).astype(np.int64)  # 0..255, |2p - 1| * 255
     out = np.empty(q.shape, dtype=np.float32)
@@ -61,11 +66,13 @@ def _model_profile_conf(q: np.ndarray, dbin: np.ndarray, where: np.ndarray | Non
     return out
 
 
-def _open(mask: np.ndarray, iterations: int) -> np.ndarray:
+def _open(mask: npt.NDArray[Any], iterations: int) -> npt.NDArray[Any]:
     return ndimage.binary_opening(mask, structure=_CUBE, iterations=iterations) if iterations else mask
 
 
-def suspect_regions_numpy(q: np.ndarray, label: np.ndarray, voxel_ml: float) -> tuple[np.ndarray, dict[str, float]]:
+def suspect_regions_numpy(
+    q: npt.NDArray[Any], label: npt.NDArray[Any], voxel_ml: float
+) -> tuple[npt.NDArray[Any], dict[str, float]]:
     """The numpy + scipy original of `atlasflow.method.suspect.suspect_regions` (same
     arguments and results)."""
     m = q.shape[0]

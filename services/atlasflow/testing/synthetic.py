@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 # organ id -> (centre as a fraction of the volume, radii as a fraction of the volume)
@@ -30,13 +31,13 @@ LAYOUT: dict[int, tuple[tuple[float, float, float], tuple[float, float, float]]]
 }
 
 
-def make_case(shape: tuple[int, int, int], n_models: int = 3, seed: int = 0) -> dict[int, np.ndarray]:
+def make_case(shape: tuple[int, int, int], n_models: int = 3, seed: int = 0) -> dict[int, npt.NDArray[Any]]:
     """Organ id -> uint8 ``(M, X, Y, Z)`` synthetic soft predictions on ``shape`` (see module doc).
 
     Only each organ's bounding box is computed (fast at 512x512x300)."""
     rng = np.random.default_rng(seed)
     sh = np.array(shape, dtype=np.float64)
-    out: dict[int, np.ndarray] = {}
+    out: dict[int, npt.NDArray[Any]] = {}
     for k, (c, r) in LAYOUT.items():
         q = np.zeros((n_models, *shape), dtype=np.uint8)
         centre = np.array(c) * sh
@@ -58,12 +59,13 @@ def make_case(shape: tuple[int, int, int], n_models: int = 3, seed: int = 0) -> 
             logit = (1.0 - rr + wob) * (6.0 * rng.uniform(0.8, 1.2))
             p = 1.0 / (1.0 + np.exp(-logit))
             p[rr > 1.35] = 0.0
-            q[(m, *[slice(lo[a], hi[a]) for a in range(3)])] = np.round(p * 255).astype(np.uint8)
+            box = tuple(slice(lo[a], hi[a]) for a in range(3))
+            q[m][box] = np.round(p * 255).astype(np.uint8)
             if m == 0 and k in (5, 9):  # a false-positive island near the organ in one model
                 ic = np.clip(centre + radii * np.array([1.1, 0.3, 0.0]), 4, sh - 5).astype(int)
                 ir = max(2, int(min(radii) * 0.3))
                 sl = tuple(slice(max(0, ic[a] - ir), min(shape[a], ic[a] + ir)) for a in range(3))
-                q[(m, *sl)] = np.maximum(q[(m, *sl)], 200)
+                q[m][sl] = np.maximum(q[m][sl], 200)
         out[k] = q
     return out
 
@@ -119,7 +121,7 @@ TINY_MEMBERS: list[dict[str, Any]] = [
 ]
 
 
-def phantom(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+def phantom(shape: tuple[int, int, int], seed: int = 0) -> npt.NDArray[Any]:
     """Synthetic abdomen ``(X, Y, Z)`` int16 HU: air, an elliptic body (~40 HU with noise)
     covering ~80% x 60% of the in-plane field, a denser core and a table under the back."""
     x, y = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
