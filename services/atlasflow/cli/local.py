@@ -81,11 +81,19 @@ class LocalDeployment:
     triton_token: str = field(default_factory=lambda: secrets.token_hex(16))
 
     @classmethod
-    def create(cls, state_dir: Path, auto_ports: bool, **kw: object) -> LocalDeployment:
+    def create(
+        cls,
+        state_dir: Path,
+        auto_ports: bool,
+        *,
+        ensemble: str = "abdomen-trio-v1",
+        quiet_period_s: float = 5.0,
+        extra_env: dict[str, str] | None = None,
+    ) -> LocalDeployment:
         ports = dict(DEFAULT_PORTS)
         if auto_ports:
             ports = dict(zip(DEFAULT_PORTS, free_ports(len(DEFAULT_PORTS)), strict=True))
-        return cls(Path(state_dir).resolve(), ports, **kw)  # type: ignore[arg-type]
+        return cls(Path(state_dir).resolve(), ports, ensemble, quiet_period_s, dict(extra_env or {}))
 
     @classmethod
     def load(cls, state_dir: Path) -> LocalDeployment:
