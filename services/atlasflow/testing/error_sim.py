@@ -135,7 +135,7 @@ def build_bundled_prior(augment: int = 24, seed: int = 0) -> PopulationPrior:
         for _ in range(augment):
             prior.update(_scaled(geoms, rng.uniform(0.85, 1.15, 3)))
     prior.notes = (
-        f"built by benchmarks/error_sim.py from {', '.join(BUNDLED)} (TotalSegmentator labels mapped "
+        f"built by atlasflow.testing.error_sim from {', '.join(BUNDLED)} (TotalSegmentator labels mapped "
         f"to AbdomenAtlas ids) plus {augment} anisotropically scaled variants each (0.85-1.15 per axis); "
         "organs cut by the field of view add no volume and no S offset"
     )
