@@ -16,8 +16,8 @@ of view, thin slabs) to a limited degree (see ``services/atlasflow/segmentation/
 the measured figures, including the held-out bundled DICOM series, which is never used here).
 
 Training data: the CT in HU and the TotalSegmentator ids are put on the member's model grid
-(`pipeline.model_grid`, RAS-aligned, ``target_spacing_mm``): HU by the pipeline's
-`pipeline.resample` (outside = air), ids by nearest neighbour (exact copies here: the example
+(`grid.model_grid`, RAS-aligned, ``target_spacing_mm``): HU by the pipeline's
+`grid.resample` (outside = air), ids by nearest neighbour (exact copies here: the example
 CT is already RAS at 3 mm). Each patch is then augmented in HU and windowed exactly as the
 pipeline windows (HU window ``hu_window`` scaled to [0, 1], clamped); see `AugmentingSampler`.
 
@@ -69,8 +69,8 @@ import torch.nn.functional as F
 from atlasflow.common.organs import NUM_ORGANS, ORGANS
 from atlasflow.labels.totalseg import totalseg_to_atlas
 from atlasflow.segmentation.ensemble import MemberConfig, load_ensemble
+from atlasflow.segmentation.grid import model_grid, resample
 from atlasflow.segmentation.models import build_member
-from atlasflow.segmentation.pipeline import model_grid, resample
 
 ENSEMBLE = "abdomen-trio-v1"
 # the bundled real CT test data, tests/data (override: ATLASFLOW_TEST_DATA, as tests/conftest.py)
@@ -180,8 +180,8 @@ def to_model_grid(
     volume_hu: np.ndarray, ts_labels: np.ndarray, affine: np.ndarray, member: MemberConfig
 ) -> tuple[np.ndarray, np.ndarray]:
     """Native ``(X, Y, Z)`` HU volume + TotalSegmentator v2 label map (same grid, ``affine``
-    voxel -> RAS mm) -> the member's model grid (`pipeline.model_grid`): ``(X', Y', Z')``
-    float32 HU (trilinear `pipeline.resample`, outside = `AIR_HU`) and uint8 TotalSegmentator
+    voxel -> RAS mm) -> the member's model grid (`grid.model_grid`): ``(X', Y', Z')``
+    float32 HU (trilinear `grid.resample`, outside = `AIR_HU`) and uint8 TotalSegmentator
     ids (nearest).
 
     The windowing is applied per patch after the HU augmentations (`AugmentingSampler`); on the

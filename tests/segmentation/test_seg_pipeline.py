@@ -7,15 +7,9 @@ import pytest
 import torch
 
 from atlasflow.common.errors import InvalidArgument
-from atlasflow.segmentation.pipeline import (
-    STATS_COLUMNS,
-    EnsemblePipeline,
-    PipelineOutput,
-    labelled_flags,
-    largest_component,
-    model_grid,
-    resample,
-)
+from atlasflow.method.masks import largest_component
+from atlasflow.segmentation.grid import model_grid, resample
+from atlasflow.segmentation.pipeline import STATS_COLUMNS, EnsemblePipeline, PipelineOutput, labelled_flags
 
 
 def _rotation_z(deg: float) -> np.ndarray:

@@ -1,7 +1,7 @@
 """``atlasflow rank``: offline attention maps and case priority, compatible with the reference
 layout (AbdomenAtlas ``create_attention.py``).
 
-    atlasflow rank ROOT --out OUT [--mode reference|enhanced] [--models M ...]
+    atlasflow rank ROOT --out OUT [--mode reference|enhanced|...] [--models M ...]
                    [--labelled FILE.csv] [--prior PRIOR.json] [--learn-prior [--save-prior P.json]]
 
 Input: ``ROOT/<case>/backbones/<model>/soft_pred/<organ>.nii.gz`` for organ names aorta,
@@ -16,9 +16,10 @@ case's grid and affine, unlabelled organs only), ``OUT/priority.csv`` (columns `
 ``score``, ``organs``: organs space-separated by priority; rows by decreasing score) and
 ``OUT/findings.json`` (per case and organ: score, reasons, pointer, ml figures).
 
+``--mode`` names a registered ranking strategy (`atlasflow.method.strategy.strategy_names`).
 Scores: reference = total attention voxels (the reference script's priority); enhanced = sum
 over organs of attention ml + plausibility penalties (ml-equivalents, see
-`atlasflow.common.plausibility`). ``--learn-prior`` updates the prior (bundled, or ``--prior``)
+`atlasflow.method.enhanced`). ``--learn-prior`` updates the prior (bundled, or ``--prior``)
 with the ensemble masks of every case given before ranking (cases are then held in memory as
 crops).
 """
@@ -36,12 +37,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from nibabel.spatialimages import SpatialImage
 
-from atlasflow.common.attention import CaseAttention, case_attention
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.common.nifti import to_nifti_bytes
 from atlasflow.common.organs import ORGAN_IDS, ORGANS
-from atlasflow.common.plausibility import PopulationPrior, measure_masks, rank_case
+from atlasflow.method.attention import CaseAttention, case_attention
+from atlasflow.method.geometry import measure_masks
+from atlasflow.method.prior import PopulationPrior
+from atlasflow.method.strategy import RankedCase, get_strategy, strategy_names
 
 DOMAIN = "atlasflow.ranking"
 log = logging.getLogger("atlasflow.ranking.offline")
@@ -74,8 +78,9 @@ def read_case(
                     metadata={"case": case_dir.name, "path": str(p.relative_to(case_dir))},
                 )
             img = nib.load(str(p))
+            assert isinstance(img, SpatialImage)  # a NIfTI file (nibabel's loaders of images with a grid)
             arr = np.asanyarray(img.dataobj)
-            if shape is None:
+            if shape is None or affine is None:
                 shape, affine = arr.shape, np.asarray(img.affine, dtype=np.float64)
             elif arr.shape != shape or not np.allclose(img.affine, affine, atol=1e-4):
                 raise InvalidArgument(
@@ -122,7 +127,7 @@ def read_labelled(path: Path | None) -> dict[str, set[int]]:
     return out
 
 
-def _write_case(out_dir: Path, case: str, ca: CaseAttention, ranked, affine: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+def _write_case(out_dir: Path, case: str, ca: CaseAttention, ranked: RankedCase, affine: np.ndarray) -> None:
     d = out_dir / case / "attention"
     d.mkdir(parents=True, exist_ok=True)
     for k, r in ca.organs.items():
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("root", type=Path)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--mode", choices=("reference", "enhanced"), default="reference")
+    ap.add_argument("--mode", choices=strategy_names(), default="reference", help="ranking strategy")
     ap.add_argument("--models", nargs="+", default=None, help="model directories (default: all, sorted)")
     ap.add_argument("--labelled", type=Path, default=None, help="CSV case,organs of source-labelled organs")
     ap.add_argument("--prior", type=Path, default=None, help="prior JSON (default: the bundled one)")
@@ -157,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"atlasflow rank: no <case>/backbones/ under {args.root}", file=sys.stderr)
         return 2
     labelled = read_labelled(args.labelled)
+    strategy = get_strategy(args.mode)
     prior = PopulationPrior.load(args.prior)
     args.out.mkdir(parents=True, exist_ok=True)
     held: dict[str, tuple[CaseAttention, np.ndarray]] = {}
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             t0 = time.perf_counter()
             ca, affine = held.pop(case) if case in held else attend(case)
-            ranked = rank_case(ca, affine, mode=args.mode, prior=prior)
+            ranked = strategy.rank(ca, affine, prior=prior)
             _write_case(args.out, case, ca, ranked, affine)
             rows.append((case, ranked.score, " ".join(o.name for o in ranked.organs)))
             findings[case] = {

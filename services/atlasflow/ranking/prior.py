@@ -1,6 +1,6 @@
 """The population prior that ranking learns from the labels stored so far (no grpc).
 
-The bundled prior (`atlasflow.common.plausibility.PopulationPrior.load()`, built from the
+The bundled prior (`atlasflow.method.prior.PopulationPrior.load()`, built from the
 bundled label maps) is updated with the human-decided organs of each case's latest label
 version, as the labels service reports them (`RecordLabelVersion.human_organ_geometry`). Only
 human decisions (radiologist revisions, original labels) teach the prior: AI labels are what
@@ -10,10 +10,10 @@ the prior is there to check.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from atlasflow.common.plausibility import PopulationPrior
+from atlasflow.method.prior import PopulationPrior
 
 
 @dataclass(frozen=True)
@@ -26,13 +26,14 @@ class OrganSummary:
     centroid_mm: tuple[float, float, float]
     fov_cut: bool
 
-    def to_list(self) -> list[object]:
+    def to_list(self) -> list[float | bool]:
         return [self.volume_ml, *self.centroid_mm, self.fov_cut]
 
     @classmethod
-    def from_list(cls, organ: int, raw: list[object]) -> OrganSummary:
+    def from_list(cls, organ: int, raw: Sequence[float | bool]) -> OrganSummary:
+        """Inverse of `to_list` (``[volume_ml, x, y, z, fov_cut]``, as stored in JSON)."""
         v, x, y, z, cut = raw
-        return cls(int(organ), float(v), (float(x), float(y), float(z)), bool(cut))  # type: ignore[arg-type]
+        return cls(int(organ), float(v), (float(x), float(y), float(z)), bool(cut))
 
     def valid(self) -> bool:
         return self.volume_ml > 0 and math.isfinite(self.volume_ml) and all(math.isfinite(c) for c in self.centroid_mm)
@@ -47,7 +48,7 @@ def learned_prior(
     added = 0
     for geoms in cases:
         if geoms:
-            prior.update(geoms)  # type: ignore[arg-type]  (duck-typed OrganGeometry)
+            prior.update(geoms)
             added += 1
     if added:
         prior.notes = (

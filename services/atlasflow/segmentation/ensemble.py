@@ -26,13 +26,14 @@ Optional ensemble-level inference options (absent = off; the defaults keep resul
   table included) grown by the margin before resampling and the sliding window; outputs are
   padded back to the full grid (zeros outside the box).
 
-- ``"attention"`` (format 2): ``{"mode": "reference"}`` (default) or ``{"mode": "enhanced"}``:
-  which attention map the pipeline returns as its heatmap (`ATTENTION_MODES`). ``reference``
-  is the AbdomenAtlas recipe (std, entropy, overlap; `atlasflow.common.attention`);
-  ``enhanced`` is the library's enhanced attention (`atlasflow.common.plausibility.rank_case`
-  ``mode="enhanced"``: `suspect_regions` of the members' soft predictions plus swapped kidneys,
-  heatmap = the reference heatmap inside that attention, at least 0.5). The labels do not
-  depend on it.
+- ``"attention"`` (format 2): ``{"mode": "reference"}`` (default) or ``{"mode": "enhanced"}``,
+  or any other ranking strategy registered in `atlasflow.method.strategy` (`strategy_names`):
+  which strategy's attention map the pipeline returns as its heatmap
+  (`EnsembleConfig.strategy`). ``reference`` is the AbdomenAtlas recipe (std, entropy,
+  overlap; `atlasflow.method.reference`); ``enhanced`` is the library's enhanced attention
+  (`atlasflow.method.enhanced`: `suspect_regions` of the members' soft predictions plus
+  swapped kidneys, heatmap = the reference heatmap inside that attention, at least 0.5). The
+  labels do not depend on it.
 
 File format (``"format"``, absent = 1): 1 = the fields above except ``"attention"``; 2 adds
 ``"attention"``. A format-1 file with an ``"attention"`` block and any other format are
@@ -47,21 +48,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from atlasflow.common.errors import InvalidArgument, NotFound
 from atlasflow.common.organs import ORGANS
+from atlasflow.method.strategy import RankingStrategy, get_strategy, strategy_names
 
 DOMAIN = "atlasflow.segmentation"
 ENSEMBLE_DIR = Path(__file__).resolve().parent / "ensembles"
 ACTIVATIONS = ("sigmoid", "softmax")
 AUTOCAST = ("none", "bf16")
-#: heatmap the pipeline returns (ensemble ``"attention": {"mode": ...}``, format 2)
-ATTENTION_MODES = ("reference", "enhanced")
 #: ensemble file formats this reader understands (``"format"``; absent = 1)
 FORMATS = (1, 2)
+_N = TypeVar("_N", int, float)
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,14 @@ class EnsembleConfig:
     source: Path | None = field(default=None, compare=False)
     autocast: str = "none"
     foreground_crop: ForegroundCrop | None = None
+    #: the ranking strategy's registered name (``"attention": {"mode": ...}``)
     attention_mode: str = "reference"
     format: int = 1
+
+    @property
+    def strategy(self) -> RankingStrategy:
+        """The ranking strategy whose attention the pipeline returns (`attention_mode`)."""
+        return get_strategy(self.attention_mode)
 
     @property
     def model_name(self) -> str:
@@ -131,10 +139,10 @@ def _bad(message: str, **metadata: str) -> InvalidArgument:
     return InvalidArgument("INVALID_ENSEMBLE_CONFIG", message, domain=DOMAIN, metadata=metadata)
 
 
-def _triple(value: Any, what: str, cast: type) -> tuple:
+def _triple(value: Any, what: str, cast: Callable[[Any], _N]) -> tuple[_N, _N, _N]:
     if not isinstance(value, (list, tuple)) or len(value) != 3:
         raise _bad(f"{what} must be a list of 3 numbers", field=what)
-    return tuple(cast(v) for v in value)
+    return cast(value[0]), cast(value[1]), cast(value[2])
 
 
 def _parse_member(raw: dict[str, Any], base: Path) -> MemberConfig:
@@ -213,8 +221,8 @@ def parse_ensemble(raw: dict[str, Any], base: Path = ENSEMBLE_DIR) -> EnsembleCo
         if not isinstance(attention_raw, dict) or set(attention_raw) - {"mode"}:
             raise _bad('attention must be an object {"mode": ...}', field="attention")
         mode = str(attention_raw.get("mode", "reference"))
-        if mode not in ATTENTION_MODES:
-            raise _bad(f"attention.mode must be one of {ATTENTION_MODES}", field="attention.mode")
+        if mode not in strategy_names():
+            raise _bad(f"attention.mode must be one of {strategy_names()}", field="attention.mode")
     return EnsembleConfig(
         version=str(raw["version"]),
         members=members,

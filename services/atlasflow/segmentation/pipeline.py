@@ -1,17 +1,21 @@
 """Ensemble segmentation pipeline: native CT -> model grid -> three members -> native grid ->
 ensemble labels, attention heatmap and per-organ statistics.
 
+Over ~500 lines: the one `EnsemblePipeline` class and its docs; grids and resampling live in
+`atlasflow.segmentation.grid`, the attention terms and mask helpers in `atlasflow.method`.
+
 Array conventions: volumes are ``(X, Y, Z)`` voxel arrays with a 4x4 affine mapping voxel
 indices to RAS+ world coordinates in mm (nibabel convention); any orientation (LPS, feet-first,
 oblique) and spacing is accepted. Organ ids are AbdomenAtlas-8K 1..9
 (`atlasflow.common.organs`); per-organ arrays use row ``k`` for organ id ``k + 1``.
 
 Steps (DESIGN.md, "The method"):
-1. Reorient + resample in one step: the model grid is RAS-aligned, spans the input's
-   bounding box at the member's ``target_spacing_mm``; the HU window [-175, 250] is scaled to
-   [0, 1] and sampled trilinearly (outside the input = 0, i.e. air). Pure reorientation at
-   equal spacing is done exactly by flips/transposes; axis-aligned grids (any orientation,
-   any spacing) by three separable 1-D linear passes; oblique grids by ``grid_sample``.
+1. Reorient + resample in one step (`atlasflow.segmentation.grid`): the model grid is
+   RAS-aligned, spans the input's bounding box at the member's ``target_spacing_mm``; the HU
+   window [-175, 250] is scaled to [0, 1] and sampled trilinearly (outside the input = 0,
+   i.e. air). Pure reorientation at equal spacing is done exactly by flips/transposes;
+   axis-aligned grids (any orientation, any spacing) by three separable 1-D linear passes;
+   oblique grids by ``grid_sample``.
 2. Per member: MONAI ``sliding_window_inference`` (Gaussian blending, the member's patch size,
    overlap, batch), then sigmoid per class (or softmax without background).
 3. Per organ, each member's probability is sampled back onto the native grid (trilinear) and
@@ -19,25 +23,28 @@ Steps (DESIGN.md, "The method"):
    26-connected component; ensemble mask = mean over members ``> 0.5``, largest 26-connected
    component. Overlaps between organs go to the organ with the larger mean probability
    (ties: lower id).
-4. Attention (organs not in ``labelled_organs`` only; `atlasflow.segmentation.attention`): each
-   member's soft prediction zeroed outside a 1-voxel dilation of its own mask; std, entropy
-   and overlap terms. The overlap term uses the other eight organs' ensemble masks (before
-   overlap resolution): we have 9 structures, not the reference's 20 non-vessel ones. The
-   output heatmap is the voxelwise maximum over organs of each organ's normalised heatmap.
+4. Attention (organs not in ``labelled_organs`` only), by the ensemble's ranking strategy
+   (`atlasflow.method.strategy`; ensemble ``"attention": {"mode": <name>}`` or
+   ``attention_mode=``). A strategy whose heatmap is the recipe's per-organ terms
+   (``reference``, ``needs_whole_case`` False): each member's soft prediction zeroed outside
+   a 1-voxel dilation of its own mask (`atlasflow.method.masks.keep_own_component`); std,
+   entropy and overlap terms (`atlasflow.method.attention.organ_attention`). The overlap term
+   uses the other eight organs' ensemble masks (before overlap resolution): we have 9
+   structures, not the reference's 20 non-vessel ones. The output heatmap is the voxelwise
+   maximum over organs of each organ's normalised heatmap.
 
-   Enhanced mode (ensemble ``"attention": {"mode": "enhanced"}`` or ``attention_mode=``): the
-   heatmap is instead the library's enhanced attention
-   (`atlasflow.segmentation.attention.enhanced_attention`, i.e.
-   `atlasflow.common.attention.case_attention` + `atlasflow.common.plausibility.rank_case`
-   ``mode="enhanced"``: `suspect_regions` of the members' unmasked soft predictions, swapped
-   kidneys; heatmap = the library's reference heatmap inside that attention, at least 0.5),
+   A strategy that needs the whole case (``enhanced``): the heatmap is instead the library's
+   attention of that strategy (`atlasflow.segmentation.attention.strategy_attention`, i.e.
+   `atlasflow.method.attention.case_attention` + the strategy's ``rank``; for ``enhanced``:
+   `suspect_regions` of the members' unmasked soft predictions, swapped kidneys; heatmap =
+   the library's reference heatmap inside that attention, at least 0.5),
    computed from the same uint8 native-grid soft predictions (`soft_predictions`): the library
    gets them organ by organ, each stack resampled again from the members' model-grid outputs
    when the library asks for it (`_NativeStacks`), so that no more than one full ``(M, X, Y,
    Z)`` stack of ours lives at a time; the library keeps its own crops. Nothing is cropped
    or thresholded before the library sees it: its result is the one it gives on the full
-   stacks, whatever its definition. ``attention_ml`` / ``heatmap_ml`` are the enhanced attention's
-   volume and heatmap sum. Labels and ``component_count`` do not depend on the mode.
+   stacks, whatever its definition. ``attention_ml`` / ``heatmap_ml`` are the strategy's attention
+   volume and heatmap sum. Labels and ``component_count`` do not depend on the strategy.
 
 Every heavy array op runs in torch on ``device``; the connected-component labelling runs in
 scipy on bounding-box crops (CPU).
@@ -59,16 +66,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import torch
-import torch.nn.functional as F
-from scipy import ndimage
 
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.common.organs import NUM_ORGANS
-from atlasflow.common.plausibility import PopulationPrior
-from atlasflow.segmentation.attention import binary_dilation, enhanced_attention, organ_attention
+from atlasflow.method.attention import organ_attention
+from atlasflow.method.masks import Box, bounding_box, keep_own_component, largest_component, union_box
+from atlasflow.method.prior import PopulationPrior
+from atlasflow.method.strategy import RankingStrategy, strategy_names
+from atlasflow.segmentation.attention import strategy_attention
 from atlasflow.segmentation.ensemble import (
-    ATTENTION_MODES,
     AUTOCAST,
     DOMAIN,
     EnsembleConfig,
@@ -76,11 +84,10 @@ from atlasflow.segmentation.ensemble import (
     MemberConfig,
     load_ensemble,
 )
+from atlasflow.segmentation.grid import model_grid, resample
 from atlasflow.segmentation.models import load_member
 
 STATS_COLUMNS = ("volume_ml", "attention_ml", "heatmap_ml", "component_count")
-_CUBE = np.ones((3, 3, 3), dtype=bool)
-_SLAB_VOXELS = 1 << 22  # grid points per resampling slab (bounds the float32 grid memory)
 
 
 @dataclass
@@ -89,7 +96,7 @@ class PipelineOutput:
 
     labels: ``(X, Y, Z)`` uint8, AbdomenAtlas ids 0..9 (0 = background).
     heatmap: ``(X, Y, Z)`` uint8, 0..255 = attention heatmap 0..1 (max over unlabelled organs;
-        reference or enhanced attention, `EnsemblePipeline.attention_mode`).
+        the ensemble's ranking strategy's attention, `EnsemblePipeline.strategy`).
     organ_stats: ``(9, 4)`` float64, row k = organ id k+1, columns `STATS_COLUMNS`:
         volume_ml (final label), attention_ml (attention mask), heatmap_ml (sum of the organ's
         heatmap x voxel volume), component_count (26-connected components of the ensemble
@@ -116,191 +123,21 @@ def labelled_flags(organ_ids: Iterable[int]) -> np.ndarray:
     return flags
 
 
-# ----------------------------------------------------------------------------- geometry
+# ----------------------------------------------------------------------------- foreground crop
 
 
-def model_grid(
-    affine: np.ndarray, shape: tuple[int, int, int], spacing: tuple[float, float, float]
-) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """RAS-aligned grid (affine, shape) covering the input's voxel-centre bounding box.
-
-    ``affine``: input voxel -> RAS mm; ``spacing``: mm along R, A, S.
-    """
-    corners = np.array(
-        [[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]
-    )
-    world = (affine @ corners.T)[:3]
-    lo, hi = world.min(axis=1), world.max(axis=1)
-    sp = np.asarray(spacing, dtype=np.float64)
-    out_shape = tuple(int(np.ceil((h - lo_) / s - 1e-4)) + 1 for lo_, h, s in zip(lo, hi, sp))
-    grid = np.eye(4)
-    grid[:3, :3] = np.diag(sp)
-    grid[:3, 3] = lo
-    return grid, out_shape  # type: ignore[return-value]
-
-
-def _signed_permutation(
-    m: np.ndarray, src_shape: tuple[int, ...], dst_shape: tuple[int, ...]
-) -> list[tuple[int, bool]] | None:
-    """If dst index -> src index is a pure axis permutation/flip covering both grids exactly,
-    return per dst axis (src axis, flipped); else None."""
-    r, t = m[:3, :3], m[:3, 3]
-    if not np.allclose(r, np.round(r), atol=1e-5) or not np.allclose(t, np.round(t), atol=1e-4):
-        return None
-    r = np.round(r).astype(int)
-    if sorted(np.abs(r).sum(axis=0).tolist()) != [1, 1, 1] or sorted(np.abs(r).sum(axis=1).tolist()) != [1, 1, 1]:
-        return None
-    plan = []
-    for j in range(3):
-        a = int(np.nonzero(r[:, j])[0][0])
-        sign = r[a, j]
-        if src_shape[a] != dst_shape[j]:
-            return None
-        offset = int(round(t[a]))
-        if sign == 1 and offset == 0:
-            plan.append((a, False))
-        elif sign == -1 and offset == src_shape[a] - 1:
-            plan.append((a, True))
-        else:
-            return None
-    return plan
-
-
-def _axis_aligned(m: np.ndarray) -> list[int] | None:
-    """If dst voxel -> src voxel is a scaled axis permutation (no rotation/shear), return the
-    src axis of each dst axis; else None."""
-    r = m[:3, :3]
-    scale = np.abs(r).max()
-    nz = np.abs(r) > 1e-6 * scale
-    if not (np.all(nz.sum(axis=0) == 1) and np.all(nz.sum(axis=1) == 1)):
-        return None
-    return [int(np.nonzero(nz[:, j])[0][0]) for j in range(3)]
-
-
-def _lerp_axis(x: torch.Tensor, axis: int, coords: torch.Tensor) -> torch.Tensor:
-    """Linear interpolation of ``x`` along ``axis`` at float64 ``coords`` (voxel units), zeros
-    outside (grid_sample ``padding_mode='zeros'``, ``align_corners=True`` semantics)."""
-    n = x.shape[axis]
-    zshape = list(x.shape)
-    zshape[axis] = 1
-    z = torch.zeros(zshape, dtype=x.dtype, device=x.device)
-    xp = torch.cat([z, x, z, z], dim=axis)  # index i of x is i + 1 here
-    c = coords.clamp(-1.0, float(n))
-    i0 = torch.floor(c)
-    w = (c - i0).to(x.dtype)
-    idx0 = (i0 + 1).to(torch.int64)
-    a = xp.index_select(axis, idx0)
-    b = xp.index_select(axis, idx0 + 1)
-    wshape = [1] * x.ndim
-    wshape[axis] = -1
-    return torch.lerp(a, b, w.reshape(wshape))
-
-
-def resample(
-    src: torch.Tensor,
-    src_affine: np.ndarray,
-    dst_affine: np.ndarray,
-    dst_shape: tuple[int, int, int],
-) -> torch.Tensor:
-    """Trilinear resampling of ``src`` ``(C, X, Y, Z)`` float32 onto the grid (dst_affine,
-    dst_shape); both affines map voxel -> RAS mm. Outside the source = 0.
-
-    Returns ``(C, *dst_shape)`` float32 on ``src.device``.
-    """
-    m = np.linalg.inv(src_affine) @ dst_affine  # dst voxel -> src voxel
-    plan = _signed_permutation(m, tuple(src.shape[1:]), dst_shape)
-    if plan is not None:
-        out = src.permute(0, *(a + 1 for a, _ in plan))
-        flips = [j + 1 for j, (_, flipped) in enumerate(plan) if flipped]
-        return (out.flip(flips) if flips else out).contiguous()
-    axes = _axis_aligned(m)
-    if axes is not None:  # separable: three 1-D passes, exact at integer coordinates
-        out = src.to(torch.float32).permute(0, *(a + 1 for a in axes))
-        order = sorted(range(3), key=lambda j: dst_shape[j] / max(out.shape[j + 1], 1))
-        for j in order:
-            a = axes[j]
-            coords = torch.arange(dst_shape[j], dtype=torch.float64, device=src.device) * float(m[a, j]) + float(
-                m[a, 3]
-            )
-            out = _lerp_axis(out, j + 1, coords)
-        return out.contiguous()
-    c = src.shape[0]
-    src5 = src[None].to(torch.float32)
-    n = torch.tensor([max(s - 1, 1) for s in src.shape[1:]], dtype=torch.float64, device=src.device)
-    mt = torch.as_tensor(m[:3], dtype=torch.float64, device=src.device)
-    ny, nz = dst_shape[1], dst_shape[2]
-    jj, kk = torch.meshgrid(
-        torch.arange(ny, dtype=torch.float64, device=src.device),
-        torch.arange(nz, dtype=torch.float64, device=src.device),
-        indexing="ij",
-    )
-    out = torch.empty((c, *dst_shape), dtype=torch.float32, device=src.device)
-    step = max(1, _SLAB_VOXELS // max(ny * nz, 1))
-    for i0 in range(0, dst_shape[0], step):
-        i1 = min(dst_shape[0], i0 + step)
-        ii = torch.arange(i0, i1, dtype=torch.float64, device=src.device)[:, None, None].expand(-1, ny, nz)
-        pts = torch.stack([ii, jj.expand(i1 - i0, -1, -1), kk.expand(i1 - i0, -1, -1), torch.ones_like(ii)], dim=-1)
-        idx = pts @ mt.T  # (sx, Y, Z, 3) src voxel indices (x, y, z)
-        norm = (2.0 * idx / n - 1.0).flip(-1).to(torch.float32)  # grid_sample wants (z, y, x) = (W, H, D)
-        out[:, i0:i1] = F.grid_sample(src5, norm[None], mode="bilinear", padding_mode="zeros", align_corners=True)[0]
-    return out
-
-
-# ----------------------------------------------------------------------------- masks
-
-
-def _bbox(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """Tight bounding box of a bool ``(X, Y, Z)`` mask, or None if empty."""
-    if not mask.any():
-        return None
-    sl = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        nz = np.flatnonzero(mask.any(axis=other))
-        sl.append(slice(int(nz[0]), int(nz[-1]) + 1))
-    return tuple(sl)  # type: ignore[return-value]
-
-
-def largest_component(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """Largest 26-connected component of a bool ``(X, Y, Z)`` mask, and the component count."""
-    box = _bbox(mask)
-    out = np.zeros_like(mask, dtype=bool)
-    if box is None:
-        return out, 0
-    lab, n = ndimage.label(mask[box], structure=_CUBE)
-    if n <= 1:
-        out[box] = lab > 0
-        return out, int(n)
-    counts = np.bincount(lab.ravel())
-    counts[0] = 0
-    out[box] = lab == int(np.argmax(counts))
-    return out, int(n)
-
-
-def _union_box(boxes: Iterable[tuple[slice, slice, slice] | None]) -> tuple[slice, slice, slice] | None:
-    real = [b for b in boxes if b is not None]
-    if not real:
-        return None
-    return tuple(slice(min(b[a].start for b in real), max(b[a].stop for b in real)) for a in range(3))  # type: ignore[return-value]
-
-
-def _grow(box: tuple[slice, slice, slice], by: int, shape: tuple[int, ...]) -> tuple[slice, slice, slice]:
-    return tuple(slice(max(0, s.start - by), min(n, s.stop + by)) for s, n in zip(box, shape))  # type: ignore[return-value]
-
-
-def foreground_box(
-    volume_hu: np.ndarray, affine: np.ndarray, crop: ForegroundCrop
-) -> tuple[slice, slice, slice] | None:
+def foreground_box(volume_hu: npt.ArrayLike, affine: npt.ArrayLike, crop: ForegroundCrop) -> Box | None:
     """Bounding box (native voxel slices) of ``volume_hu > crop.threshold_hu`` grown by
     ``crop.margin_mm`` (per axis: ``ceil(margin / spacing)`` voxels, spacing = the affine's
     column norms in mm); None when no voxel passes the threshold."""
-    box = _bbox(np.asarray(volume_hu) > crop.threshold_hu)
+    vol = np.asarray(volume_hu)
+    box = bounding_box(vol > crop.threshold_hu)
     if box is None:
         return None
     spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
     grow = [int(np.ceil(crop.margin_mm / max(float(sp), 1e-6) - 1e-9)) for sp in spacing]
-    shape = volume_hu.shape
-    return tuple(slice(max(0, b.start - g), min(n, b.stop + g)) for b, g, n in zip(box, grow, shape))  # type: ignore[return-value]
+    sx, sy, sz = (slice(max(0, b.start - g), min(n, b.stop + g)) for b, g, n in zip(box, grow, vol.shape))
+    return sx, sy, sz
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -308,9 +145,9 @@ def foreground_box(
 
 @dataclass
 class _OrganWork:
-    box: tuple[slice, slice, slice] | None
+    box: Box | None
     masked_u8: torch.Tensor | None  # (M, *box) uint8 soft predictions zeroed outside dilated masks
-    ensemble_mask: np.ndarray | None  # (*box) bool
+    ensemble_mask: torch.Tensor | None  # (*box) bool, on the pipeline's device
 
 
 class _NativeStacks(Mapping[int, torch.Tensor]):
@@ -355,13 +192,14 @@ class EnsemblePipeline:
     ) -> None:
         """``autocast`` (``none``/``bf16``), ``sw_batch_size``, ``overlap``,
         ``foreground_crop`` (a `ForegroundCrop`, True = defaults, False = off) and
-        ``attention_mode`` (``reference``/``enhanced``) override the ensemble file; None keeps
-        the file's setting."""
+        ``attention_mode`` (a registered ranking strategy's name,
+        `atlasflow.method.strategy.strategy_names`) override the ensemble file; None keeps the
+        file's setting."""
         config: EnsembleConfig = load_ensemble(ensemble_cfg_path_or_version)
         if attention_mode is not None:
-            if attention_mode not in ATTENTION_MODES:
+            if attention_mode not in strategy_names():
                 raise InvalidArgument(
-                    "INVALID_ENSEMBLE_CONFIG", f"attention mode must be one of {ATTENTION_MODES}", domain=DOMAIN
+                    "INVALID_ENSEMBLE_CONFIG", f"attention mode must be one of {strategy_names()}", domain=DOMAIN
                 )
             config = dataclasses.replace(config, attention_mode=attention_mode)
         if autocast is not None:
@@ -396,8 +234,13 @@ class EnsemblePipeline:
 
     @property
     def attention_mode(self) -> str:
-        """``reference`` or ``enhanced`` (`atlasflow.segmentation.ensemble.ATTENTION_MODES`)."""
+        """The name of the ensemble's ranking strategy (``reference``, ``enhanced``, ...)."""
         return self.config.attention_mode
+
+    @property
+    def strategy(self) -> RankingStrategy:
+        """The ensemble's ranking strategy (`EnsembleConfig.strategy`)."""
+        return self.config.strategy
 
     # -- input checks -------------------------------------------------------------------
     @staticmethod
@@ -425,7 +268,7 @@ class EnsemblePipeline:
     # -- member inference ---------------------------------------------------------------
     def _member_probs(self, member: MemberConfig, net: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
         """``image`` (1, 1, X', Y', Z') on the model grid -> (9, X', Y', Z') float16 probabilities."""
-        from monai.inferers import sliding_window_inference
+        from monai.inferers.utils import sliding_window_inference
 
         pre = member.preprocessing
         bf16 = self.config.autocast == "bf16"
@@ -440,6 +283,7 @@ class EnsemblePipeline:
                 device=self.device,
                 sw_device=self.device,
             )
+            assert isinstance(logits, torch.Tensor)  # the members return one tensor, not a tuple or dict
             if bf16:
                 logits = logits.float()
             if member.activation == "softmax":
@@ -492,7 +336,7 @@ class EnsemblePipeline:
     ) -> list[tuple[torch.Tensor, np.ndarray]]:
         """Steps 1-2: ``hu`` ``(X, Y, Z)`` on ``device`` -> per member (``(9, X', Y', Z')``
         float16 probabilities on its model grid, that grid's affine). Adds stage timings."""
-        shape = tuple(int(s) for s in hu.shape)
+        shape = (int(hu.shape[0]), int(hu.shape[1]), int(hu.shape[2]))
         prepared: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}
         member_probs: list[tuple[torch.Tensor, np.ndarray]] = []
         for member, net in self.members:
@@ -502,7 +346,7 @@ class EnsemblePipeline:
                 ts = time.perf_counter()
                 lo, hi = pre.hu_window
                 windowed = ((hu.to(torch.float32) - lo) / (hi - lo)).clamp_(0.0, 1.0)
-                g_aff, g_shape = model_grid(aff, shape, pre.target_spacing_mm)  # type: ignore[arg-type]
+                g_aff, g_shape = model_grid(aff, shape, pre.target_spacing_mm)
                 image = resample(windowed[None], aff, g_aff, g_shape)[None]
                 del windowed
                 prepared[key] = (image, g_aff)
@@ -535,10 +379,10 @@ class EnsemblePipeline:
         sub = vol if box is None else np.ascontiguousarray(vol[box])
         hu = torch.from_numpy(np.ascontiguousarray(sub)).to(self.device)
         member_probs = self._model_grid_probs(hu, sub_aff, {})
-        shape = tuple(int(s) for s in sub.shape)
+        shape = (int(sub.shape[0]), int(sub.shape[1]), int(sub.shape[2]))
         out: dict[int, torch.Tensor] = {}
         for k in range(NUM_ORGANS):
-            u8 = self._native_u8(member_probs, k, sub_aff, shape).cpu()  # type: ignore[arg-type]
+            u8 = self._native_u8(member_probs, k, sub_aff, shape).cpu()
             if box is not None:
                 full = torch.zeros((u8.shape[0], *vol.shape), dtype=torch.uint8)
                 full[(slice(None), *box)] = u8
@@ -550,7 +394,7 @@ class EnsemblePipeline:
         """`__call__` without checks and cropping (arguments already validated)."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        shape = tuple(int(s) for s in vol.shape)
+        shape = (int(vol.shape[0]), int(vol.shape[1]), int(vol.shape[2]))
         voxel_ml = abs(float(np.linalg.det(aff[:3, :3]))) / 1000.0
         hu = torch.from_numpy(np.ascontiguousarray(vol)).to(self.device)
 
@@ -565,56 +409,45 @@ class EnsemblePipeline:
         mask_count = torch.zeros(shape, dtype=torch.uint8, device=self.device)
         stats = np.zeros((NUM_ORGANS, len(STATS_COLUMNS)), dtype=np.float64)
         work: dict[int, _OrganWork] = {}
-        enhanced = self.config.attention_mode == "enhanced"
+        strategy = self.config.strategy
+        whole_case = strategy.needs_whole_case
         for k in range(NUM_ORGANS):
-            u8 = self._native_u8(member_probs, k, aff, shape)  # type: ignore[arg-type]
+            u8 = self._native_u8(member_probs, k, aff, shape)
             ens_sum = u8.sum(dim=0, dtype=torch.int16)
-            ens_raw = (ens_sum.to(torch.int32) * 2 > 255 * n_models).cpu().numpy()
-            ens_mask_np, n_comp = largest_component(ens_raw)
+            ens_mask, n_comp = largest_component(ens_sum.to(torch.int32) * 2 > 255 * n_models)
             stats[k, 3] = n_comp
-            ens_mask = torch.from_numpy(ens_mask_np).to(self.device)
             mask_count += ens_mask.to(torch.uint8)
             take = ens_mask & ((labels == 0) | (ens_sum > best))
             labels[take] = k + 1
             best[take] = ens_sum[take]
-            if enhanced:  # the library takes it from here (step 4)
+            if whole_case:  # the strategy takes it from here (step 4)
                 del u8, ens_sum
                 continue
             if flags[k]:
                 continue  # source labels this organ: no attention
-            boxes = [_bbox(ens_mask_np)]
-            for m in range(n_models):
-                own, _ = largest_component((u8[m] >= 128).cpu().numpy())
-                own_box = _bbox(own)
-                if own_box is None:
-                    u8[m].zero_()
-                    continue
-                grown = _grow(own_box, 1, shape)
-                dil = torch.zeros(shape, dtype=torch.bool, device=self.device)
-                dil[grown] = binary_dilation(torch.from_numpy(own[grown]).to(self.device), 1)
-                u8[m].mul_(dil)
-                boxes.append(grown)
-            box = _union_box(boxes)
+            boxes = [bounding_box(ens_mask)] + [keep_own_component(u8[m]) for m in range(n_models)]
+            box = union_box(boxes)
             if box is None:
                 work[k] = _OrganWork(None, None, None)
             else:
-                work[k] = _OrganWork(box, u8[(slice(None), *box)].clone(), ens_mask_np[box].copy())
+                work[k] = _OrganWork(box, u8[(slice(None), *box)].clone(), ens_mask[box].clone())
             del u8, ens_sum
         del best
-        if not enhanced:
+        if not whole_case:
             del member_probs
         timings["native_masks"] = time.perf_counter() - ts
 
         # 4. attention for unlabelled organs
         ts = time.perf_counter()
         heat = torch.zeros(shape, dtype=torch.float32, device=self.device)
-        if enhanced:
+        if whole_case:
             if self._prior is None:
-                self._prior = PopulationPrior.load()  # bundled; rank_case scores findings with it
-            organs = enhanced_attention(
-                _NativeStacks(self, member_probs, aff, shape),  # type: ignore[arg-type]
+                self._prior = PopulationPrior.load()  # bundled; the strategy scores findings with it
+            organs = strategy_attention(
+                _NativeStacks(self, member_probs, aff, shape),
                 aff,
                 [k + 1 for k in range(NUM_ORGANS) if flags[k]],
+                strategy=strategy,
                 prior=self._prior,
             )
             del member_probs
@@ -625,8 +458,7 @@ class EnsemblePipeline:
         for k, w in work.items():
             if w.box is None or w.masked_u8 is None or w.ensemble_mask is None:
                 continue
-            ens = torch.from_numpy(w.ensemble_mask).to(self.device)
-            overlap = ens & (mask_count[w.box] >= 2)
+            overlap = w.ensemble_mask & (mask_count[w.box] >= 2)
             att = organ_attention(w.masked_u8, overlap)
             stats[k, 1] = float(att.attention.sum()) * voxel_ml
             stats[k, 2] = float(att.heatmap.sum(dtype=torch.float64)) * voxel_ml

@@ -1,25 +1,20 @@
 """The enhanced attention's suspect regions run in torch where the soft predictions are
-(`atlasflow.common.plausibility.suspect_regions`); the numpy + scipy original
-(benchmarks/suspect_regions_numpy.py) is the oracle: same masks and evidence, bit for bit, on
+(`atlasflow.method.suspect.suspect_regions`); the numpy + scipy original
+(atlasflow.testing.suspect_regions_numpy) is the oracle: same masks and evidence, bit for bit, on
 simulated cases of every error kind, and the capped distance bins equal scipy's Euclidean
 distance transform, at the array's edges too."""
 
 from __future__ import annotations
-
-import sys
 
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import error_sim  # noqa: E402
-import suspect_regions_numpy as oracle  # noqa: E402
-from atlasflow.common import plausibility as P  # noqa: E402
-from atlasflow.common.attention import case_attention  # noqa: E402
+from atlasflow.method import suspect as P
+from atlasflow.method.attention import case_attention
+from atlasflow.testing import error_sim
+from atlasflow.testing import suspect_regions_numpy as oracle
 
 
 def test_depth_bins_equal_scipy_edt_including_edges_and_thin_parts() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from atlasflow.common.plausibility import organ_findings
+from atlasflow.method.findings import organ_findings
 
 
 def test_exact_ml_overrides_the_box_approximation():

@@ -1,4 +1,5 @@
-"""Attention arithmetic (atlasflow.segmentation.attention) on hand-made probability tensors."""
+"""Attention arithmetic (atlasflow.method.masks morphology, atlasflow.method.attention terms) on
+hand-made probability tensors."""
 
 from __future__ import annotations
 
@@ -7,13 +8,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from atlasflow.segmentation.attention import (
-    binary_dilation,
-    binary_erosion,
-    binary_opening,
-    organ_attention,
-    voxel_entropy,
-)
+from atlasflow.method.attention import organ_attention, voxel_entropy
+from atlasflow.method.masks import binary_dilation, binary_erosion, binary_opening
 
 CUBE = np.ones((3, 3, 3), dtype=bool)
 SHAPE = (24, 22, 20)
@@ -112,7 +108,7 @@ def test_heatmap_combines_terms_and_normalises_to_one() -> None:
 
 
 def test_model_std_matches_numpy() -> None:
-    from atlasflow.segmentation.attention import model_std
+    from atlasflow.method.attention import model_std
 
     p = np.random.default_rng(3).random((3, 9, 8, 7)).astype(np.float32)
     np.testing.assert_allclose(model_std(torch.from_numpy(p)).numpy(), p.std(axis=0), rtol=1e-5, atol=1e-6)

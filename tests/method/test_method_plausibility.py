@@ -4,7 +4,6 @@ penalty, and each injected implausibility is found with its reason and a pointer
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -13,18 +12,10 @@ import pytest
 from scipy import ndimage
 
 from atlasflow.common.organs import ORGAN_IDS
-from atlasflow.common.plausibility import (
-    PopulationPrior,
-    assess,
-    measure_labels,
-    organ_findings,
-    pointer,
-    slice_area_outliers,
-)
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from error_sim import build_bundled_prior, bundled_label_maps  # noqa: E402
+from atlasflow.method.findings import assess, organ_findings, pointer, slice_area_outliers
+from atlasflow.method.geometry import measure_labels
+from atlasflow.method.prior import PopulationPrior
+from atlasflow.testing.error_sim import build_bundled_prior, bundled_label_maps
 
 KL, KR, SPLEEN, LIVER = ORGAN_IDS["kidney_left"], ORGAN_IDS["kidney_right"], ORGAN_IDS["spleen"], ORGAN_IDS["liver"]
 ERROR_CODES = {"VOLUME", "POSITION", "SIDE_SWAP", "KIDNEY_RATIO", "SLICE_AREA"}
@@ -147,7 +138,7 @@ def _vote(q: np.ndarray) -> np.ndarray:
 
 
 def test_suspect_regions_find_doubtful_majorities_and_shared_doubt_not_a_lone_dissenter() -> None:
-    from atlasflow.common.plausibility import SUSPECT_GROW, suspect_regions
+    from atlasflow.method.suspect import SUSPECT_GROW, suspect_regions
 
     vml = 0.027  # 3 mm voxels: the 6^3 block is 5.8 ml
     # two doubtful models outvote a sure one: the label holds the block, and it is suspect
@@ -180,7 +171,7 @@ def test_thin_organ_doubt_from_its_own_thinness_is_not_suspect_but_deeper_doubt_
     """A thin plate (4 voxels thick) of soft but right models is in the unsure band all over
     (no voxel is far from its boundary): no attention (the band rule alone flagged it; doubt
     beyond the profile in a thick organ is the shared-doubt case of the test above)."""
-    from atlasflow.common.plausibility import UNSURE_BAND, suspect_regions
+    from atlasflow.method.suspect import UNSURE_BAND, suspect_regions
 
     plate = np.zeros((50, 50, 12), dtype=bool)
     plate[5:45, 5:45, 4:8] = True

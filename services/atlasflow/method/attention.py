@@ -7,7 +7,8 @@ maps voxel indices to RAS+ mm); per-model stacks are ``(M, X, Y, Z)``. Soft pred
 probabilities in [0, 1] (float) or uint8 ``p*255`` (the reference's storage). Organ ids are
 AbdomenAtlas-8K 1..9 (`atlasflow.common.organs`).
 
-The recipe ("reference" mode, DESIGN.md "The method"), per organ the case's source did NOT label:
+The recipe (the ``reference`` strategy, `atlasflow.method.reference`; DESIGN.md "The method"),
+per organ the case's source did NOT label:
 
 1. each model's soft prediction is zeroed outside a 1-voxel dilation (3x3x3 cube) of that
    model's own post-processed mask (largest 26-connected component of ``p > 0.5``);
@@ -26,13 +27,14 @@ The recipe ("reference" mode, DESIGN.md "The method"), per organ the case's sour
 
 Exactness: with uint8 inputs the thresholds are decided exactly (the std threshold in integer
 arithmetic, the entropy in float64 through a 256-entry table), so masks equal a float64
-numpy + scipy implementation bit for bit (`benchmarks/attention_baseline.py`); the heatmap is
+numpy + scipy implementation bit for bit (`atlasflow.testing.attention_baseline`); the heatmap is
 float32 (|error| < 1e-6).
 
 Speed: every term is zero outside the support of an organ's soft predictions, and the
 morphology treats voxels outside the volume as background (scipy's ``border_value=0``), so all
 per-organ work runs on the bounding box of that support; the results are the same as on the
-full volume. Connected components use ``scipy.ndimage.label`` (C) on those boxes.
+full volume. Connected components use ``scipy.ndimage.label`` (C) on those boxes
+(`atlasflow.method.masks`).
 """
 
 from __future__ import annotations
@@ -41,69 +43,25 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 import torch
-from scipy import ndimage
 
 from atlasflow.common.organs import ORGAN_IDS, ORGANS
+from atlasflow.method.masks import (
+    Box,
+    binary_opening,
+    ensemble_raw,
+    largest_component,
+    mask_to_own_components,
+    support_box,
+    to_u8_probs,
+)
 
 STD_THRESHOLD = 0.1
 ENTROPY_THRESHOLD = 0.05
 OPENING_ITERATIONS = 2
 #: Organs whose ensemble masks count for the overlap term (the reference's non-vessel list).
 OVERLAP_PARTNERS: frozenset[int] = frozenset(i for i, n in ORGANS.items() if n not in ("aorta", "postcava"))
-_CUBE = np.ones((3, 3, 3), dtype=bool)
-
-Box = tuple[slice, slice, slice]
-
-
-# ----------------------------------------------------------------------------- morphology
-
-
-def _shift_or(x: torch.Tensor, axis: int, erode: bool) -> torch.Tensor:
-    """One 3-voxel pass along ``axis``: OR (dilation) or AND (erosion) of the voxel and its two
-    neighbours; voxels outside the volume count as background."""
-    n = x.shape[axis]
-    out = x.clone()
-    if n == 1:
-        return out if not erode else torch.zeros_like(x)
-    lo = x.narrow(axis, 0, n - 1)
-    hi = x.narrow(axis, 1, n - 1)
-    if erode:
-        out.narrow(axis, 1, n - 1).logical_and_(lo)
-        out.narrow(axis, 0, n - 1).logical_and_(hi)
-        out.narrow(axis, 0, 1).zero_()
-        out.narrow(axis, n - 1, 1).zero_()
-    else:
-        out.narrow(axis, 1, n - 1).logical_or_(lo)
-        out.narrow(axis, 0, n - 1).logical_or_(hi)
-    return out
-
-
-def binary_erosion(mask: torch.Tensor, iterations: int = 1) -> torch.Tensor:
-    """Erode a bool ``(X, Y, Z)`` mask with a 3x3x3 cube, outside = background (scipy default).
-
-    The cube is separable: three 1-D passes on bool tensors (no float copies)."""
-    x = mask.to(torch.bool)
-    for _ in range(iterations):
-        for axis in range(3):
-            x = _shift_or(x, axis, erode=True)
-    return x
-
-
-def binary_dilation(mask: torch.Tensor, iterations: int = 1) -> torch.Tensor:
-    """Dilate a bool ``(X, Y, Z)`` mask with a 3x3x3 cube (outside = background), separably."""
-    x = mask.to(torch.bool)
-    for _ in range(iterations):
-        for axis in range(3):
-            x = _shift_or(x, axis, erode=False)
-    return x
-
-
-def binary_opening(mask: torch.Tensor, iterations: int = OPENING_ITERATIONS) -> torch.Tensor:
-    """``iterations`` erosions then ``iterations`` dilations, 3x3x3 cube (scipy ``binary_opening``)."""
-    if iterations <= 0:
-        return mask.clone()
-    return binary_dilation(binary_erosion(mask, iterations), iterations)
 
 
 # ----------------------------------------------------------------------------- voxel terms
@@ -228,119 +186,6 @@ def organ_attention(
     )
 
 
-# ----------------------------------------------------------------------------- masks, boxes
-
-
-def _box_from_projections(px: torch.Tensor, pyz: torch.Tensor) -> Box | None:
-    box = []
-    for proj in (px, pyz.amax(dim=1), pyz.amax(dim=0)):
-        hit = torch.nonzero(proj).flatten()
-        if hit.numel() == 0:
-            return None
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)  # type: ignore[return-value]
-
-
-def bounding_box(mask: torch.Tensor | np.ndarray) -> Box | None:
-    """Tight bounding box (slices) of the non-zero voxels of an ``(X, Y, Z)`` array, or None.
-
-    Projections by ``amax`` over contiguous views (a strided ``any`` is ~10x slower on CPU)."""
-    t = torch.as_tensor(mask)
-    if t.dtype == torch.bool:
-        t = t.view(torch.uint8)
-    elif t.dtype.is_floating_point or t.dtype.is_complex:
-        t = (t != 0).view(torch.uint8)
-    t = t.contiguous()
-    if t.numel() == 0:
-        return None
-    return _box_from_projections(t.reshape(t.shape[0], -1).amax(dim=1), t.amax(dim=0))
-
-
-def support_box(q: torch.Tensor) -> Box | None:
-    """Bounding box of the voxels where any model of uint8 ``(M, X, Y, Z)`` is non-zero."""
-    q = q.contiguous()
-    if q.numel() == 0:
-        return None
-    px = q.reshape(q.shape[0], q.shape[1], -1).amax(dim=2).amax(dim=0)
-    return _box_from_projections(px, q.amax(dim=(0, 1)))
-
-
-def grow_box(box: Box, by: int, shape: Iterable[int]) -> Box:
-    """``box`` grown by ``by`` voxels per side, clipped to ``shape``."""
-    return tuple(slice(max(0, s.start - by), min(int(n), s.stop + by)) for s, n in zip(box, shape))  # type: ignore[return-value]
-
-
-def union_box(boxes: Iterable[Box | None]) -> Box | None:
-    """Smallest box containing every given box (None entries ignored)."""
-    real = [b for b in boxes if b is not None]
-    if not real:
-        return None
-    return tuple(slice(min(b[a].start for b in real), max(b[a].stop for b in real)) for a in range(3))  # type: ignore[return-value]
-
-
-def component_labels(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """26-connected component labels (int32, 0 = background) of a bool ``(X, Y, Z)`` array."""
-    lab, n = ndimage.label(mask, structure=_CUBE)
-    return lab, int(n)
-
-
-def largest_component(mask: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, int]:
-    """Largest 26-connected component of a bool ``(X, Y, Z)`` mask, and the component count.
-
-    Ties go to the component met first in C (raster) order, as ``np.argmax`` over
-    ``scipy.ndimage.label`` counts. Labelling runs on the mask's bounding box."""
-    t = torch.as_tensor(mask).to(torch.bool)
-    out = torch.zeros_like(t)
-    box = bounding_box(t)
-    if box is None:
-        return out, 0
-    crop = t[box].cpu().numpy()
-    lab, n = component_labels(crop)
-    if n <= 1:
-        out[box] = torch.from_numpy(lab > 0).to(t.device)
-        return out, n
-    counts = np.bincount(lab.ravel())
-    counts[0] = 0
-    out[box] = torch.from_numpy(lab == int(np.argmax(counts))).to(t.device)
-    return out, n
-
-
-def to_u8_probs(probs: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Soft predictions -> uint8 ``p*255``: uint8 stays as is; floats in [0, 1] are clipped and
-    rounded to the nearest level (``round(p*255)``)."""
-    t = torch.as_tensor(probs)
-    if t.dtype == torch.uint8:
-        return t
-    if t.dtype == torch.bool:
-        return t.to(torch.uint8) * 255
-    return (t.to(torch.float32).clamp(0.0, 1.0) * 255.0).round_().to(torch.uint8)
-
-
-def mask_to_own_components(q: torch.Tensor) -> torch.Tensor:
-    """Recipe step 1 on uint8 ``(M, X, Y, Z)`` ``p*255`` (modified in place and returned): each
-    model's prediction is zeroed outside a 1-voxel dilation (3x3x3) of the largest 26-connected
-    component of its own ``p > 0.5`` (``q >= 128``, i.e. ``q/255 > 0.5``)."""
-    shape = q.shape[1:]
-    for m in range(q.shape[0]):
-        own, _ = largest_component(q[m] >= 128)
-        box = bounding_box(own)
-        if box is None:
-            q[m].zero_()
-            continue
-        grown = grow_box(box, 1, shape)
-        keep = torch.zeros(shape, dtype=torch.bool, device=q.device)
-        keep[grown] = binary_dilation(own[grown], 1)
-        q[m].mul_(keep)
-    return q
-
-
-def ensemble_raw(q: torch.Tensor) -> torch.Tensor:
-    """Ensemble vote of uint8 ``(M, X, Y, Z)``: mean of ``q/255`` over models ``> 0.5``, decided
-    exactly in integers (``2 * sum q > 255 * M``)."""
-    s = q.sum(dim=0, dtype=torch.int32)
-    return s * 2 > 255 * q.shape[0]
-
-
 # ----------------------------------------------------------------------------- whole case
 
 
@@ -392,7 +237,7 @@ class OrganResult:
 
 @dataclass
 class CaseAttention:
-    """Reference-mode attention of one case: ``shape`` ``(X, Y, Z)``, one `OrganResult` per organ."""
+    """Reference attention of one case: ``shape`` ``(X, Y, Z)``, one `OrganResult` per organ."""
 
     shape: tuple[int, int, int]
     organs: dict[int, OrganResult] = field(default_factory=dict)
@@ -414,7 +259,7 @@ def _organ_id(key: int | str) -> int:
 
 
 def case_attention(
-    probs: Mapping[int | str, torch.Tensor | np.ndarray],
+    probs: Mapping[int, torch.Tensor | npt.NDArray[np.generic]] | Mapping[str, torch.Tensor | npt.NDArray[np.generic]],
     labelled_organs: Iterable[int | str] = (),
     *,
     device: torch.device | str | None = None,
@@ -439,8 +284,8 @@ def case_attention(
         if q.ndim != 4:
             raise ValueError("soft predictions must be (M, X, Y, Z)")
         if shape is None:
-            shape = tuple(int(s) for s in q.shape[1:])  # type: ignore[assignment]
-            partner_count = torch.zeros(shape, dtype=torch.uint8, device=q.device)  # type: ignore[arg-type]
+            shape = (int(q.shape[1]), int(q.shape[2]), int(q.shape[3]))
+            partner_count = torch.zeros(shape, dtype=torch.uint8, device=q.device)
         elif tuple(q.shape[1:]) != shape:
             raise ValueError("all organs' soft predictions must share one grid")
         box = support_box(q)
@@ -461,14 +306,14 @@ def case_attention(
             partner_count[box] += ens.to(torch.uint8)
     assert shape is not None or not probs
     for k, res in results.items():
-        box, qc = crops[k]
-        if res.labelled or box is None or qc is None or res.ensemble is None:
+        box, masked = crops[k]
+        if res.labelled or box is None or masked is None or res.ensemble is None:
             continue
         assert partner_count is not None
         others = partner_count[box].to(torch.int16) - (res.ensemble.to(torch.int16) if k in OVERLAP_PARTNERS else 0)
         overlap = res.ensemble & (others > 0)
-        res.attention = organ_attention(qc, overlap)
-        votes = (qc >= 128).sum(dim=0, dtype=torch.uint8)
-        res.contested = (votes > 0) & (votes < qc.shape[0])
+        res.attention = organ_attention(masked, overlap)
+        votes = (masked >= 128).sum(dim=0, dtype=torch.uint8)
+        res.contested = (votes > 0) & (votes < masked.shape[0])
         crops[k] = (box, None)
     return CaseAttention(shape=shape or (0, 0, 0), organs=results)

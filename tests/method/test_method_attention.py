@@ -1,33 +1,24 @@
 """The attention library's reference mode equals the straightforward numpy + scipy version of the
-recipe (benchmarks/attention_baseline.py) on random-but-structured cases: masks exactly, the
+recipe (atlasflow.testing.attention_baseline) on random-but-structured cases: masks exactly, the
 heatmap within 1e-6; plus the partial-label template, float input and the reference ordering."""
 
 from __future__ import annotations
-
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from atlasflow.common.attention import bounding_box, case_attention, largest_component, support_box
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
-_spec = importlib.util.spec_from_file_location("bench_attention", REPO / "benchmarks" / "bench_attention.py")
-assert _spec and _spec.loader
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
-from attention_baseline import reference_attention_numpy  # noqa: E402
+from atlasflow.method.attention import case_attention
+from atlasflow.method.masks import bounding_box, largest_component, support_box
+from atlasflow.testing.attention_baseline import reference_attention_numpy
+from atlasflow.testing.synthetic import make_case
 
 
 def _random_case(seed: int, shape: tuple[int, int, int]) -> dict[int, np.ndarray]:
     """The benchmark's synthetic case plus voxel noise and random speckle (thin structures, small
     islands, values at the 0.5 / 128 boundary) so every branch of the recipe is exercised."""
     rng = np.random.default_rng(seed)
-    case = bench.make_case(shape, 3, seed)
+    case = make_case(shape, 3, seed)
     for k, q in case.items():
         noise = rng.integers(-25, 26, size=q.shape)
         q[:] = np.clip(q.astype(np.int16) + noise * (q > 0), 0, 255).astype(np.uint8)
@@ -68,7 +59,7 @@ def test_reference_mode_equals_numpy_scipy_baseline(seed: int, labelled: tuple[i
 
 
 def test_float_input_is_rounded_to_the_reference_uint8_storage() -> None:
-    case = bench.make_case((40, 40, 36), 3, 5)
+    case = make_case((40, 40, 36), 3, 5)
     floats = {k: v.astype(np.float32) / 255.0 for k, v in case.items()}
     a = case_attention(floats)
     b = case_attention({k: torch.from_numpy(v) for k, v in case.items()})
