@@ -201,8 +201,8 @@ class OrganResult:
     organs): voxels where the models' masked predictions take different sides of 0.5
     (``0 < #{m: q_m >= 128} < M``); ``probs`` (uint8 ``(M, *box)``, unlabelled organs): the
     models' soft predictions as given (before step 1's masking, which would erase the doubts
-    of a model outside its own mask), kept for the enhanced mode's confidence terms
-    (`atlasflow.common.plausibility.rank_case`).
+    of a model outside its own mask), kept for the enhanced strategy's confidence terms
+    (`atlasflow.method.enhanced`).
     """
 
     organ: int

@@ -33,6 +33,8 @@ from atlasflow.method.prior import PopulationPrior
 #: The per-organ statistic (`atlasflow.segmentation.pipeline.STATS_COLUMNS`) that a strategy's
 #: organ score starts from before plausibility penalties are added.
 ScoreBase = Literal["heatmap_ml", "attention_ml"]
+#: The strategy used where none is named (ensemble files without ``"attention"``, ``--mode``).
+DEFAULT_STRATEGY = "reference"
 
 
 @dataclass
@@ -130,7 +132,7 @@ def rank_case(
     case: CaseAttention,
     affine: npt.NDArray[np.float64],
     *,
-    mode: str | RankingStrategy = "reference",
+    mode: str | RankingStrategy = DEFAULT_STRATEGY,
     prior: PopulationPrior | None = None,
 ) -> RankedCase:
     """Rank one case from its reference attention with a strategy (``mode``: the strategy or

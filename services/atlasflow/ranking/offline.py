@@ -45,7 +45,7 @@ from atlasflow.common.organs import ORGAN_IDS, ORGANS
 from atlasflow.method.attention import CaseAttention, case_attention
 from atlasflow.method.geometry import measure_masks
 from atlasflow.method.prior import PopulationPrior
-from atlasflow.method.strategy import RankedCase, get_strategy, strategy_names
+from atlasflow.method.strategy import DEFAULT_STRATEGY, RankedCase, get_strategy, strategy_names
 
 DOMAIN = "atlasflow.ranking"
 log = logging.getLogger("atlasflow.ranking.offline")
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("root", type=Path)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--mode", choices=strategy_names(), default="reference", help="ranking strategy")
+    ap.add_argument("--mode", choices=strategy_names(), default=DEFAULT_STRATEGY, help="ranking strategy")
     ap.add_argument("--models", nargs="+", default=None, help="model directories (default: all, sorted)")
     ap.add_argument("--labelled", type=Path, default=None, help="CSV case,organs of source-labelled organs")
     ap.add_argument("--prior", type=Path, default=None, help="prior JSON (default: the bundled one)")

@@ -55,7 +55,7 @@ from typing import Any, TypeVar
 
 from atlasflow.common.errors import InvalidArgument, NotFound
 from atlasflow.common.organs import ORGANS
-from atlasflow.method.strategy import RankingStrategy, get_strategy, strategy_names
+from atlasflow.method.strategy import DEFAULT_STRATEGY, RankingStrategy, get_strategy, strategy_names
 
 DOMAIN = "atlasflow.segmentation"
 ENSEMBLE_DIR = Path(__file__).resolve().parent / "ensembles"
@@ -111,7 +111,7 @@ class EnsembleConfig:
     autocast: str = "none"
     foreground_crop: ForegroundCrop | None = None
     #: the ranking strategy's registered name (``"attention": {"mode": ...}``)
-    attention_mode: str = "reference"
+    attention_mode: str = DEFAULT_STRATEGY
     format: int = 1
 
     @property
@@ -214,13 +214,13 @@ def parse_ensemble(raw: dict[str, Any], base: Path = ENSEMBLE_DIR) -> EnsembleCo
     if fmt not in FORMATS:
         raise _bad(f"ensemble format {fmt} is not supported (known: {FORMATS})", field="format")
     attention_raw = raw.get("attention")
-    mode = "reference"
+    mode = DEFAULT_STRATEGY
     if attention_raw is not None:
         if fmt < 2:
             raise _bad("'attention' needs ensemble format 2", field="attention")
         if not isinstance(attention_raw, dict) or set(attention_raw) - {"mode"}:
             raise _bad('attention must be an object {"mode": ...}', field="attention")
-        mode = str(attention_raw.get("mode", "reference"))
+        mode = str(attention_raw.get("mode", DEFAULT_STRATEGY))
         if mode not in strategy_names():
             raise _bad(f"attention.mode must be one of {strategy_names()}", field="attention.mode")
     return EnsembleConfig(

@@ -1,8 +1,8 @@
 """Ensemble segmentation pipeline: native CT -> model grid -> three members -> native grid ->
 ensemble labels, attention heatmap and per-organ statistics.
 
-Over ~500 lines: the one `EnsemblePipeline` class and its docs; grids and resampling live in
-`atlasflow.segmentation.grid`, the attention terms and mask helpers in `atlasflow.method`.
+Grids and resampling live in `atlasflow.segmentation.grid`; the attention terms, mask helpers
+and ranking strategies in `atlasflow.method` (shared with the ranking tools).
 
 Array conventions: volumes are ``(X, Y, Z)`` voxel arrays with a 4x4 affine mapping voxel
 indices to RAS+ world coordinates in mm (nibabel convention); any orientation (LPS, feet-first,
