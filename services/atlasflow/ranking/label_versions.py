@@ -45,7 +45,7 @@ class LabelVersions(WorklistStore):
         reviewer: str = "",
         geometry: Iterable[OrganSummary] = (),
     ) -> tuple[WorklistEntry, int] | None:
-        """Record that `case_id` has label version `label_version_id` (see "Label versions").
+        """Record that `case_id` has label version `label_version_id` (see the module docstring).
 
         version_number: 1-based position in the case's chain (orders late events);
         human_organs: organ ids decided by a human in that version (they leave the priority);
