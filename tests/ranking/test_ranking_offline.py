@@ -5,9 +5,7 @@ prior learning."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -15,16 +13,10 @@ import numpy as np
 import pytest
 
 from atlasflow.common.organs import ORGANS
-from atlasflow.common.plausibility import PopulationPrior
+from atlasflow.method.prior import PopulationPrior
 from atlasflow.ranking.offline import main
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
-_spec = importlib.util.spec_from_file_location("bench_attention", REPO / "benchmarks" / "bench_attention.py")
-assert _spec and _spec.loader
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
-from attention_baseline import reference_attention_numpy  # noqa: E402
+from atlasflow.testing.attention_baseline import reference_attention_numpy
+from atlasflow.testing.synthetic import make_case
 
 SHAPE = (40, 36, 30)
 AFFINE = np.array([[-1.5, 0, 0, 30.0], [0, 1.5, 0, -20.0], [0, 0, 2.0, -100.0], [0, 0, 0, 1]])  # LAS, 4.5 ul voxels
@@ -33,7 +25,7 @@ AFFINE = np.array([[-1.5, 0, 0, 30.0], [0, 1.5, 0, -20.0], [0, 0, 2.0, -100.0], 
 def _write_root(root: Path) -> dict[str, dict[int, np.ndarray]]:
     cases: dict[str, dict[int, np.ndarray]] = {}
     for i, name in enumerate(["case_a", "case_b", "case_c"]):
-        case = bench.make_case(SHAPE, 3, seed=10 + i)
+        case = make_case(SHAPE, 3, seed=10 + i)
         if name == "case_c":  # three identical confident models: (almost) no attention
             case = {k: np.stack([np.where(v[0] >= 128, 255, 0).astype(np.uint8)] * 3) for k, v in case.items()}
         cases[name] = case

@@ -20,7 +20,7 @@ from atlasflow.common.v1 import common_pb2
 from atlasflow.ranking.v1 import ranking_pb2 as pb
 from atlasflow.ranking.v1 import ranking_pb2_grpc
 from atlasflow.ranking.worklist import SqliteWorklist
-from conftest import in_process_ranking_server
+from atlasflow.testing.servers import in_process_ranking_server
 
 
 class FakeClock:
@@ -368,7 +368,7 @@ def test_record_label_version_reranks_over_grpc(server):
 def test_population_prior_learns_from_recorded_human_labels(server):
     import json
 
-    from atlasflow.common.plausibility import PopulationPrior
+    from atlasflow.method.prior import PopulationPrior
 
     stub, _, _ = server
     bundled = PopulationPrior.load()

@@ -1,32 +1,35 @@
-"""The error simulator (benchmarks/error_sim.py) and dry runs of both ranking benchmarks at a
+"""The error simulator (atlasflow.testing.error_sim) and dry runs of both ranking benchmarks at a
 tiny size: the same code paths as the real runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
+import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from atlasflow.common.attention import case_attention
 from atlasflow.common.organs import ORGAN_IDS
+from atlasflow.method.attention import case_attention
+from atlasflow.testing import detection, error_sim
+from atlasflow.testing.data import REPO
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import error_sim  # noqa: E402
 
-
-def _load(name: str):  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _run_benchmark(name: str, *args: str) -> dict:  # type: ignore[type-arg]
+    """Run `python benchmarks/<name>.py args` (a script, as a user runs it); its exit status
+    must be 0; returns the JSON document of its last line of output."""
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def _regions(c: error_sim.SimCase) -> dict[int, list[float]]:
@@ -68,14 +71,10 @@ def test_simulator_is_clean_without_shared_errors_and_wrong_with_them() -> None:
     assert shared.organ in regions and set(regions) == {shared.organ}
 
 
-def test_benchmarks_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
-    bench_att = _load("bench_attention")
-    assert bench_att.main(["--shape", "40", "36", "30", "--enhanced"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def test_benchmarks_dry_run() -> None:
+    out = _run_benchmark("bench_attention", "--shape", "40", "36", "30", "--enhanced")
     assert out["library_s"] > 0 and out["baseline_s"] > 0 and out["ratio"] > 0 and out["enhanced_s"] > 0
-    bench_err = _load("bench_error_detection")
-    assert bench_err.main(["--seeds", "0-1", "--prior-seeds", "0", "--size-scale", "0.5"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = _run_benchmark("bench_error_detection", "--seeds", "0-1", "--prior-seeds", "0", "--size-scale", "0.5")
     assert summary["cases"]["n"] == 2
     for mode in ("reference", "enhanced"):
         assert set(summary[mode]) >= {
@@ -86,20 +85,20 @@ def test_benchmarks_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
             "region_sensitivity",
             "region_precision",
         }
-    assert bench_err.auroc([3.0, 2.0, 1.0], [True, False, False]) == 1.0
-    assert bench_err.precision_at([3.0, 2.0, 1.0], [False, True, True], 2) == 0.5
-    lo, hi = bench_err.wilson(8, 10)
+    assert detection.auroc([3.0, 2.0, 1.0], [True, False, False]) == 1.0
+    assert detection.precision_at([3.0, 2.0, 1.0], [False, True, True], 2) == 0.5
+    lo, hi = detection.wilson(8, 10)
     assert (lo, hi) == (0.49, 0.943)  # 95 % Wilson interval of 8/10
-    assert bench_err.wilson(0, 5)[0] == 0.0 and bench_err.wilson(5, 5)[1] == 1.0
+    assert detection.wilson(0, 5)[0] == 0.0 and detection.wilson(5, 5)[1] == 1.0
     # case bootstrap: cases resampled whole; all-found cases give a degenerate interval at 1, and
     # one case that holds most regions widens the interval beyond the trial-count one
     rows = [{"regions": 2, "enhanced": {"found": 2, "att_tp": 1, "att_regions": 1}} for _ in range(10)]
-    assert bench_err.case_bootstrap(rows, "enhanced")["region_sensitivity"] == (1.0, 1.0)
+    assert detection.case_bootstrap(rows, "enhanced")["region_sensitivity"] == (1.0, 1.0)
     rows = [{"regions": 1, "enhanced": {"found": 1, "att_tp": 1, "att_regions": 1}} for _ in range(9)] + [
         {"regions": 9, "enhanced": {"found": 0, "att_tp": 0, "att_regions": 1}}
     ]
-    lo, hi = bench_err.case_bootstrap(rows, "enhanced")["region_sensitivity"]
-    assert lo < bench_err.wilson(9, 18)[0] and hi > bench_err.wilson(9, 18)[1]
+    lo, hi = detection.case_bootstrap(rows, "enhanced")["region_sensitivity"]
+    assert lo < detection.wilson(9, 18)[0] and hi > detection.wilson(9, 18)[1]
     for mode in ("reference", "enhanced"):
         m = summary[mode]
         lo, hi = m["region_precision_ci95"]
@@ -160,7 +159,7 @@ def test_a_sure_model_swapping_kidneys_alone_is_not_shown() -> None:
     right models outvote it. Near the kidneys' rims the right models are less sure than the
     erring one, and raw confidences flagged both whole kidneys (165 and 233 ml of false
     attention); judged against each model's own boundary profile, nothing is shown."""
-    from atlasflow.common.plausibility import rank_case
+    from atlasflow.method.strategy import rank_case
 
     c = error_sim.simulate_case(68)
     assert c.error == "swap" and c.shared == 1
@@ -201,10 +200,8 @@ def test_simulated_ct_moves_with_the_anatomy(seed: int) -> None:
     assert worst_moved < 0.97
 
 
-def test_image_evidence_benchmark_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
-    bench = _load("bench_image_evidence")
-    assert bench.main(["--seeds", "0-1", "--prior-seeds", "0", "--size-scale", "0.5"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def test_image_evidence_benchmark_dry_run() -> None:
+    summary = _run_benchmark("bench_image_evidence", "--seeds", "0-1", "--prior-seeds", "0", "--size-scale", "0.5")
     assert summary["cases"] == 2
     assert set(summary) >= {"found", "missed", "rule_inside", "rule_outside"}
     # the organ's intensity comes from its core, not from the partial-volume rim
@@ -212,7 +209,7 @@ def test_image_evidence_benchmark_dry_run(capsys: pytest.CaptureFixture[str]) ->
     label[2:10, 2:10, 2:10] = True
     hu = torch.where(label, 40.0, -100.0)
     hu[2:10, 2:10, 2] = 300.0  # a bright rim slice on the label's boundary
-    from atlasflow.common.plausibility import _depth_bins
+    from atlasflow.method.suspect import _depth_bins
 
-    mu, sigma = bench.organ_intensity(hu, label, _depth_bins(label))
-    assert mu == 40.0 and sigma == bench.SIGMA_FLOOR_HU
+    mu, sigma = detection.organ_intensity(hu, label, _depth_bins(label))
+    assert mu == 40.0 and sigma == detection.SIGMA_FLOOR_HU

@@ -2,7 +2,7 @@
 
 On the real TotalSegmentator ``example_ct_sm`` (122x101x30, 3 mm): the pipeline's uint8 heatmap
 and per-organ statistics equal the library's enhanced attention
-(`atlasflow.common.attention.case_attention` + `atlasflow.common.plausibility.rank_case`
+(`atlasflow.method.attention.case_attention` + `atlasflow.method.strategy.rank_case`
 ``mode="enhanced"``) computed from the same members' full native-grid soft predictions; the
 labels do not depend on the mode; the Triton path returns the same as in-process. The members
 run once per module (their model-grid outputs are cached: the attention is what is tested).
@@ -26,15 +26,15 @@ import numpy as np
 import pytest
 import torch
 
-from atlasflow.common.attention import case_attention
 from atlasflow.common.errors import InvalidArgument
-from atlasflow.common.plausibility import rank_case
+from atlasflow.method.attention import case_attention
+from atlasflow.method.strategy import rank_case
 from atlasflow.segmentation.ensemble import ENSEMBLE_DIR, load_ensemble, parse_ensemble
 from atlasflow.segmentation.pipeline import EnsemblePipeline, PipelineOutput
 from atlasflow.segmentation.triton_client import TritonSegmenter
-from conftest import SHARED_DATA
+from atlasflow.testing.data import TEST_DATA
 
-CT_SM = SHARED_DATA / "totalsegmentator/tests/reference_files/example_ct_sm.nii.gz"
+CT_SM = TEST_DATA / "totalsegmentator/tests/reference_files/example_ct_sm.nii.gz"
 LABELLED = [5]  # the source labels the liver: no attention for it, its mask still counts
 
 

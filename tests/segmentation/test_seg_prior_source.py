@@ -8,11 +8,11 @@ import pytest
 
 from atlasflow.cli.local import free_ports
 from atlasflow.common.metrics import Metrics
-from atlasflow.common.plausibility import PopulationPrior
+from atlasflow.method.prior import PopulationPrior
 from atlasflow.ranking.prior import OrganSummary
 from atlasflow.ranking.worklist import SqliteWorklist
-from atlasflow.segmentation.main import RankingPrior
-from conftest import in_process_ranking_server
+from atlasflow.segmentation.prior_source import RankingPrior
+from atlasflow.testing.servers import in_process_ranking_server
 
 
 @pytest.fixture()

@@ -12,13 +12,14 @@ import pytest
 
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.metrics import Metrics
-from atlasflow.common.plausibility import organ_findings
 from atlasflow.labels.totalseg import totalseg_to_atlas
+from atlasflow.method.findings import organ_findings
+from atlasflow.method.strategy import get_strategy
 from atlasflow.segmentation.jobs import JobStore
-from atlasflow.segmentation.service import Worker
-from conftest import SHARED_DATA
+from atlasflow.segmentation.worker import Worker
+from atlasflow.testing.data import TEST_DATA
 
-REF = SHARED_DATA / "totalsegmentator/tests/reference_files"
+REF = TEST_DATA / "totalsegmentator/tests/reference_files"
 GALL_BLADDER, LIVER = 2, 5
 
 
@@ -42,8 +43,8 @@ def test_scores_by_mode_and_unlabelled_organ(worker: Worker) -> None:
         {"organ": GALL_BLADDER, "attention_ml": 38.0, "heatmap_ml": 20.0, "volume_ml": 0.0},
         {"organ": 9, "attention_ml": 0.0, "heatmap_ml": 0.0, "volume_ml": 300.0},
     ]
-    ref = {o.organ: o for o in worker._organ_attention(stats, labels, heat, img.affine, [], "reference")}
-    enh = {o.organ: o for o in worker._organ_attention(stats, labels, heat, img.affine, [], "enhanced")}
+    ref = {o.organ: o for o in worker._organ_attention(stats, labels, heat, img.affine, [], get_strategy("reference"))}
+    enh = {o.organ: o for o in worker._organ_attention(stats, labels, heat, img.affine, [], get_strategy("enhanced"))}
     exact = {s["organ"]: (s["attention_ml"], s["heatmap_ml"]) for s in stats}
     f = {x.organ: x for x in organ_findings(labels, heat, img.affine, worker.prior, (), exact_ml=exact)}
     penalties = f[LIVER].score - f[LIVER].heatmap_ml

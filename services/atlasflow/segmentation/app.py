@@ -96,7 +96,7 @@ async def build_app(
         segmenters,
         metrics,
         prior=prior,
-        attention_modes={c.version: c.attention_mode for c in configs},
+        strategies={c.version: c.strategy for c in configs},
         members={c.version: [m.name for m in c.members] for c in configs},
         max_attempts=settings.max_attempts,
         max_backoff_s=settings.max_backoff_s,

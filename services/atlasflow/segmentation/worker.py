@@ -26,6 +26,7 @@ from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.v1 import labels_pb2
 from atlasflow.method.findings import organ_findings
 from atlasflow.method.prior import PopulationPrior
+from atlasflow.method.strategy import DEFAULT_STRATEGY, RankingStrategy, get_strategy
 from atlasflow.ranking.v1 import ranking_pb2
 from atlasflow.segmentation.jobs import Job, JobStore
 from atlasflow.segmentation.pipeline import PipelineOutput
@@ -82,7 +83,7 @@ class Worker:
         poll_s: float = 1.0,
         on_handoff: Callable[[], None] = lambda: None,
         prior: PopulationPrior | Callable[[], PopulationPrior] | None = None,
-        attention_modes: Mapping[str, str] | None = None,
+        strategies: Mapping[str, RankingStrategy] | None = None,
     ) -> None:
         self.jobs = jobs
         self.blobs = blobs
@@ -92,9 +93,10 @@ class Worker:
         # from stored labels);
         # the bundled prior by default.
         self.prior = prior or PopulationPrior.load()
-        # Attention mode per ensemble version ("reference" when not given): it decides what an
-        # organ's score adds its plausibility penalties to (see `_organ_attention`).
-        self.attention_modes = dict(attention_modes or {})
+        # Ranking strategy per ensemble version (the default strategy when not given): its
+        # `score_base` is what an organ's score adds its plausibility penalties to (see
+        # `_organ_attention`).
+        self.strategies = dict(strategies or {})
         self.metrics = metrics
         self.members = members
         self.max_attempts = max_attempts
@@ -186,13 +188,13 @@ class Worker:
         heatmap: npt.NDArray[np.uint8],
         affine: npt.NDArray[np.float64],
         labelled: list[int],
-        mode: str = "reference",
+        strategy: RankingStrategy | None = None,
     ) -> list[ranking_pb2.OrganAttention]:
         """Attention statistics from Triton plus the plausibility findings (score, reasons,
         pointer) that `atlasflow.method.findings` derives from the native-grid outputs.
 
-        Score = heatmap ml (reference mode) or attention ml (enhanced mode, as
-        `method.strategy.rank_case` scores it) + plausibility penalties. An unlabelled organ with
+        Score = the strategy's `score_base` (heatmap ml for reference, attention ml for enhanced,
+        as `method.strategy.rank_case` scores it) + plausibility penalties. An unlabelled organ with
         attention but no voxel in the ensemble's labels (e.g. a gall bladder only a minority of
         the models sees) has no geometry to assess: it is scored by its attention alone, with a
         reason saying so (no pointer: the combined heatmap does not separate organs there)."""
@@ -200,7 +202,7 @@ class Worker:
             exact = {o["organ"]: (o["attention_ml"], o["heatmap_ml"]) for o in organs}
             prior = self.prior() if callable(self.prior) else self.prior
             findings = {f.organ: f for f in organ_findings(labels, heatmap, affine, prior, labelled, exact_ml=exact)}
-        base = "attention_ml" if mode == "enhanced" else "heatmap_ml"
+        base = (strategy or get_strategy(DEFAULT_STRATEGY)).score_base
         out = []
         for o in organs:
             msg = ranking_pb2.OrganAttention(
@@ -281,7 +283,7 @@ class Worker:
                 out.heatmap,
                 affine,
                 job.labelled_organs,
-                self.attention_modes.get(job.ensemble_version, "reference"),
+                self.strategies.get(job.ensemble_version),
             ),
             heatmap=blob_ref(heat_blob.digest, heat_blob.size_bytes),
             labelled_organs=cast("list[common_pb2.Organ]", job.labelled_organs),  # organ ids: the enum's values
