@@ -247,23 +247,24 @@ class LocalDeployment:
             return False
 
     def _triton_ready(self) -> bool:
-        """Triton is ready when it answers and every model of its repository index is READY
-        (at least one): the launcher needs no knowledge of how an ensemble version maps to a
-        Triton model name. The index is a restricted protocol (PyTriton): asked with the
-        deployment's access token."""
+        """Triton is ready when it answers, reports at least one loaded model and every one of
+        them is READY: the launcher needs no knowledge of how an ensemble version maps to a
+        Triton model name. The models come from the statistics protocol (PyTriton loads its
+        models through the load API, so the repository index stays empty); it is restricted,
+        asked with the deployment's access token."""
         import tritonclient.grpc as tgrpc
 
         try:
             client = tgrpc.InferenceServerClient(self.target("triton_grpc"))
             if not client.is_server_ready(client_timeout=1.0):
                 return False
-            index = client.get_model_repository_index(
+            stats = client.get_inference_statistics(
                 headers={TRITON_TOKEN_HEADER: self.triton_token}, as_json=True, client_timeout=1.0
             )
+            names = [str(m["name"]) for m in stats.get("model_stats", [])]
+            return bool(names) and all(bool(client.is_model_ready(n, client_timeout=1.0)) for n in names)
         except Exception:  # noqa: BLE001 - not up yet (connection refused, deadline, starting)
             return False
-        models = index.get("models", [])
-        return bool(models) and all(bool(m.get("state") == "READY") for m in models)
 
     def stop(self, grace_s: float = 20.0, names: list[str] | None = None) -> None:
         pids = self.pids()
