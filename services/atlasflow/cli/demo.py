@@ -56,7 +56,7 @@ def send_cstore(files: list[Path], port: int, ae_title: str) -> None:
         return
     from pydicom import dcmread
     from pynetdicom import AE
-    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]  # generated at import time: invisible to mypy
 
     ae = AE(ae_title="ATLASDEMO")
     ae.add_requested_context(CTImageStorage)

@@ -82,16 +82,16 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def case_bootstrap(
-    rows: list[dict[str, object]], mode: str, n_boot: int = 2000, seed: int = 0
+    rows: list[dict[str, Any]], mode: str, n_boot: int = 2000, seed: int = 0
 ) -> dict[str, tuple[float, float]]:
     """95 % percentile intervals of region sensitivity and precision from resampling CASES with
     replacement (``n_boot`` times): the regions and attention components of one case stay
     together, so the interval accounts for their dependence (a swap gives two regions per
     kidney pair) where `wilson` treats them as independent trials."""
-    found = np.array([int(r[mode]["found"]) for r in rows])  # type: ignore[index]
-    regions = np.array([int(r["regions"]) for r in rows])  # type: ignore[call-overload]
-    tp = np.array([int(r[mode]["att_tp"]) for r in rows])  # type: ignore[index]
-    shown = np.array([int(r[mode]["att_regions"]) for r in rows])  # type: ignore[index]
+    found = np.array([int(r[mode]["found"]) for r in rows])
+    regions = np.array([int(r["regions"]) for r in rows])
+    tp = np.array([int(r[mode]["att_tp"]) for r in rows])
+    shown = np.array([int(r[mode]["att_regions"]) for r in rows])
     idx = np.random.default_rng(seed).integers(0, len(rows), size=(n_boot, len(rows)))
     out: dict[str, tuple[float, float]] = {}
     for key, num, den in (("region_sensitivity", found, regions), ("region_precision", tp, shown)):
