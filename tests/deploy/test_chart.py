@@ -508,7 +508,7 @@ def test_env_matches_service_settings(docs: list[dict[str, Any]], component: str
     Service addresses of the peers)."""
     from atlasflow.common.settings import ServiceSettings
 
-    module = importlib.import_module(f"atlasflow.{component}.main")
+    module = importlib.import_module(f"atlasflow.{component}.settings")
     prefix = f"ATLASFLOW_{component.upper()}_"
     assert module.PREFIX == prefix
     (cls,) = [

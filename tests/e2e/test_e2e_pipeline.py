@@ -28,10 +28,10 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from atlasflow.cli.demo_series import SENTINEL_PATIENT_DATA, write_demo_series
 from atlasflow.cli.local import LocalDeployment
-from atlasflow.ingest.client import UploadError, send_files, upload_requests
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.nifti import from_nifti_bytes
 from atlasflow.common.server import error_info_of
+from atlasflow.ingest.client import UploadError, send_files, upload_requests
 from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc

@@ -18,10 +18,9 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from conftest import load_benchmark
+from atlasflow.testing import peers
 
 REPO = Path(__file__).resolve().parents[2]
-bench = load_benchmark("bench_ingest")
 
 
 def echoscu(port: int, aet: str, aec: str = "ATLASFLOW") -> subprocess.CompletedProcess:
@@ -38,7 +37,7 @@ def echoscu(port: int, aet: str, aec: str = "ATLASFLOW") -> subprocess.Completed
 
 @pytest.fixture(scope="module")
 def ingest(tmp_path_factory):  # type: ignore[no-untyped-def]
-    with bench.IngestProcess(
+    with peers.IngestProcess(
         tmp_path_factory.mktemp("ingest"),
         env={"ACCEPTED_CALLING_AETS": "MODALITY1,PACS2", "MAX_ASSOCIATIONS": "1", "ACSE_TIMEOUT_S": "1"},
     ) as proc:
@@ -92,16 +91,16 @@ def test_association_limit(ingest):  # type: ignore[no-untyped-def]
 
 
 def test_late_instance_after_assembly_opens_version_2(ingest, tmp_path):  # type: ignore[no-untyped-def]
-    files = bench.build_ct_series(tmp_path / "s", 4, seed="late")
-    first = bench.storescu(files[:3], ingest.dicom_port, aet="MODALITY1")
+    files = peers.build_ct_series(tmp_path / "s", 4, seed="late")
+    first = peers.storescu(files[:3], ingest.dicom_port, aet="MODALITY1")
     assert first.returncode == 0, first.stderr[-2000:]
-    series_id = atlas_id("ser", bench.bench_uid("late", "series"))
+    series_id = atlas_id("ser", peers.bench_uid("late", "series"))
     with grpc.insecure_channel(ingest.target) as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         v1 = stub.CommitSeries(ingest_pb2.CommitSeriesRequest(series_id=series_id), timeout=60).series
         assert (v1.version, v1.state, v1.instance_count) == (1, ingest_pb2.SERIES_STATE_ASSEMBLED, 3)
         assert list(v1.geometry.shape)[2] == 3
-        late = bench.storescu(files[3:], ingest.dicom_port, aet="PACS2")
+        late = peers.storescu(files[3:], ingest.dicom_port, aet="PACS2")
         assert late.returncode == 0, late.stderr[-2000:]
         v2 = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=series_id), timeout=10).series
         assert (v2.version, v2.state, v2.instance_count) == (2, ingest_pb2.SERIES_STATE_RECEIVING, 4)

@@ -19,10 +19,9 @@ import pytest
 
 from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from conftest import load_benchmark
+from atlasflow.testing import peers
 
 REPO = Path(__file__).resolve().parents[2]
-bench = load_benchmark("bench_ingest")
 
 N_SLICES = 60
 KILL_AFTER = 20
@@ -30,13 +29,13 @@ KILL_AFTER = 20
 
 @pytest.fixture(scope="module")
 def series(tmp_path_factory):  # type: ignore[no-untyped-def]
-    return bench.build_ct_series(tmp_path_factory.mktemp("series"), N_SLICES, seed="crash-test")
+    return peers.build_ct_series(tmp_path_factory.mktemp("series"), N_SLICES, seed="crash-test")
 
 
 def test_sigkill_mid_stream_loses_no_acknowledged_instance(series, tmp_path):  # type: ignore[no-untyped-def]
     # 8 MiB spool segments: the stream crosses segment rotations, including the growing-file
     # fallback once the two prepared spares are used up.
-    ingest = bench.IngestProcess(tmp_path / "ingest", env={"SPOOL_SEGMENT_MB": "8"})
+    ingest = peers.IngestProcess(tmp_path / "ingest", env={"SPOOL_SEGMENT_MB": "8"})
     ingest.start()
     try:
         exe = shutil.which("storescu")
@@ -71,19 +70,19 @@ def test_sigkill_mid_stream_loses_no_acknowledged_instance(series, tmp_path):  #
             assert time.monotonic() < deadline, "storescu hung"
         proc.wait(30)
         assert killed, "the stream ended before the kill"
-        acked = bench.acknowledged_files("".join(lines))
+        acked = peers.acknowledged_files("".join(lines))
         assert KILL_AFTER <= len(acked) < N_SLICES, (len(acked), proc.returncode)
         assert proc.returncode != 0  # storescu saw the association die
 
         ingest.start()  # same ports, data and blob directories: start-up replays the spool
-        series_id = atlas_id("ser", bench.bench_uid("crash-test", "series"))
+        series_id = atlas_id("ser", peers.bench_uid("crash-test", "series"))
         with grpc.insecure_channel(ingest.target) as channel:
             stub = ingest_pb2_grpc.IngestServiceStub(channel)
             after_crash = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=series_id), timeout=10).series
             assert after_crash.instance_count >= len(acked)
             # every acknowledged instance is there, byte for byte: re-sending exactly those
             # files stores nothing new (each is a duplicate: same SOP Instance UID, same bytes)
-            again = bench.storescu([Path(p) for p in acked], ingest.dicom_port, aet="CRASHTEST")
+            again = peers.storescu([Path(p) for p in acked], ingest.dicom_port, aet="CRASHTEST")
             assert again.returncode == 0, again.stderr[-2000:]
             sv1 = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=series_id), timeout=10).series
             assert sv1.instance_count == after_crash.instance_count
@@ -91,9 +90,9 @@ def test_sigkill_mid_stream_loses_no_acknowledged_instance(series, tmp_path):  #
             assert sv1.conflict_count == 0
 
             # the sender's retry of the whole series completes it
-            retry = bench.storescu(series, ingest.dicom_port, aet="CRASHTEST")
+            retry = peers.storescu(series, ingest.dicom_port, aet="CRASHTEST")
             assert retry.returncode == 0, retry.stderr[-2000:]
-            assert len(bench.acknowledged_files(retry.stdout + retry.stderr)) == N_SLICES
+            assert len(peers.acknowledged_files(retry.stdout + retry.stderr)) == N_SLICES
             sv = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=series_id), timeout=10).series
             assert sv.instance_count == N_SLICES
             assert sv.conflict_count == 0

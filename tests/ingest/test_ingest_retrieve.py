@@ -19,10 +19,9 @@ import pytest
 
 from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from conftest import load_benchmark
+from atlasflow.testing import peers
 
 REPO = Path(__file__).resolve().parents[2]
-bench = load_benchmark("bench_ingest")
 
 N_A, N_B = 6, 4
 
@@ -30,22 +29,22 @@ N_A, N_B = 6, 4
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("qr")
-    a = bench.build_ct_series(root / "a", N_A, seed="qr-a")
-    b = bench.build_ct_series(root / "b", N_B, seed="qr-b")
-    study = bench.bench_uid("qr-a", "study")
+    a = peers.build_ct_series(root / "a", N_A, seed="qr-a")
+    b = peers.build_ct_series(root / "b", N_B, seed="qr-b")
+    study = peers.bench_uid("qr-a", "study")
     for p in b:  # series B joins study A
         ds = pydicom.dcmread(p)
         ds.StudyInstanceUID = study
         ds.save_as(p, enforce_file_format=True)
-    ingest = bench.IngestProcess(root / "ingest").start()
-    orthanc = bench.OrthancProcess(
+    ingest = peers.IngestProcess(root / "ingest").start()
+    orthanc = peers.OrthancProcess(
         root / "orthanc",
         modalities={"atlasflow": ("ATLASFLOW", "127.0.0.1", ingest.dicom_port), "qr": ("ATLASFLOW_QR", "127.0.0.1", 1)},
     )
     orthanc.config["DicomCheckCalledAet"] = True
     orthanc.start()
     try:
-        loaded = bench.storescu(a + b, orthanc.dicom_port, aec="ORTHANC")
+        loaded = peers.storescu(a + b, orthanc.dicom_port, aec="ORTHANC")
         assert loaded.returncode == 0, loaded.stderr[-2000:]
         # Wait until the PACS has indexed both series (its REST API) before querying it.
         deadline = time.monotonic() + 30
@@ -56,8 +55,8 @@ def env(tmp_path_factory):  # type: ignore[no-untyped-def]
             "ingest": ingest,
             "orthanc": orthanc,
             "study": study,
-            "series_a": bench.bench_uid("qr-a", "series"),
-            "series_b": bench.bench_uid("qr-b", "series"),
+            "series_a": peers.bench_uid("qr-a", "series"),
+            "series_b": peers.bench_uid("qr-b", "series"),
         }
     finally:
         orthanc.stop()
@@ -67,7 +66,7 @@ def env(tmp_path_factory):  # type: ignore[no-untyped-def]
 def _retrieve(env, *args: str) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
     return subprocess.run(
         [
-            str(bench.PYTHON),
+            str(peers.PYTHON),
             "-m",
             "atlasflow.cli.main",
             "retrieve",
@@ -79,7 +78,7 @@ def _retrieve(env, *args: str) -> subprocess.CompletedProcess:  # type: ignore[n
         capture_output=True,
         text=True,
         timeout=120,
-        env=dict(bench.os.environ, TCP_NODELAY="1"),
+        env=dict(peers.os.environ, TCP_NODELAY="1"),
     )
 
 
@@ -115,14 +114,14 @@ def test_find_and_move_one_series_then_the_study(env):  # type: ignore[no-untype
 
 
 def test_c_get_uploads_over_grpc(env, tmp_path):  # type: ignore[no-untyped-def]
-    series = bench.build_ct_series(tmp_path / "c", 3, seed="qr-c")
-    assert bench.storescu(series, env["orthanc"].dicom_port, aec="ORTHANC").returncode == 0
+    series = peers.build_ct_series(tmp_path / "c", 3, seed="qr-c")
+    assert peers.storescu(series, env["orthanc"].dicom_port, aec="ORTHANC").returncode == 0
     r = _retrieve(
         env,
         "--pacs-aet",
         "ORTHANC",
         "--study-uid",
-        bench.bench_uid("qr-c", "study"),
+        peers.bench_uid("qr-c", "study"),
         "--get",
         "--target",
         env["ingest"].target,
@@ -130,7 +129,7 @@ def test_c_get_uploads_over_grpc(env, tmp_path):  # type: ignore[no-untyped-def]
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert [(t["completed"], t["uploaded"]) for t in out["transfers"]] == [(3, 3)]
-    assert _count(env, bench.bench_uid("qr-c", "series")) == 3
+    assert _count(env, peers.bench_uid("qr-c", "series")) == 3
 
 
 @pytest.mark.parametrize(

@@ -18,22 +18,21 @@ import pytest
 from atlasflow.ingest.client import send_files
 from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from conftest import load_benchmark
+from atlasflow.testing import peers
 
 REPO = Path(__file__).resolve().parents[2]
-bench = load_benchmark("bench_ingest")
 
 N = 4
 
 
 @pytest.fixture(scope="module")
 def ingest(tmp_path_factory):  # type: ignore[no-untyped-def]
-    with bench.IngestProcess(tmp_path_factory.mktemp("ingest")) as proc:
+    with peers.IngestProcess(tmp_path_factory.mktemp("ingest")) as proc:
         yield proc
 
 
 def _series(stub, seed: str) -> ingest_pb2.Series:  # type: ignore[no-untyped-def]
-    sid = atlas_id("ser", bench.bench_uid(seed, "series"))
+    sid = atlas_id("ser", peers.bench_uid(seed, "series"))
     return stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=sid), timeout=10).series
 
 
@@ -48,10 +47,10 @@ def _modified(path: Path, out: Path) -> Path:
 @pytest.mark.parametrize("first", ["c-store-implicit", "grpc"])
 def test_same_instance_by_c_store_and_grpc_is_one_duplicate(ingest, tmp_path, first):  # type: ignore[no-untyped-def]
     seed = f"dedupe-{first}"
-    files = bench.build_ct_series(tmp_path / "s", N, seed=seed)
+    files = peers.build_ct_series(tmp_path / "s", N, seed=seed)
     # -xi: storescu proposes Implicit VR Little Endian only and re-encodes the Explicit VR
     # files: the SCP receives other bytes than the files the gRPC client sends.
-    cstore = lambda: bench.storescu(files, ingest.dicom_port, extra=["-xi"])  # noqa: E731
+    cstore = lambda: peers.storescu(files, ingest.dicom_port, extra=["-xi"])  # noqa: E731
     grpc_send = lambda: send_files(files, ingest.target)  # noqa: E731
     with grpc.insecure_channel(ingest.target) as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
@@ -60,7 +59,7 @@ def test_same_instance_by_c_store_and_grpc_is_one_duplicate(ingest, tmp_path, fi
             assert [r.duplicate for r in receipts] == [False] * N
             result = cstore()
             assert result.returncode == 0, result.stderr[-2000:]
-            assert len(bench.acknowledged_files(result.stdout + result.stderr)) == N
+            assert len(peers.acknowledged_files(result.stdout + result.stderr)) == N
         else:
             result = cstore()
             assert result.returncode == 0, result.stderr[-2000:]
@@ -73,7 +72,7 @@ def test_same_instance_by_c_store_and_grpc_is_one_duplicate(ingest, tmp_path, fi
         changed = _modified(files[0], tmp_path / "changed.dcm")
         (r,) = send_files([changed], ingest.target)
         assert (r.duplicate, r.conflict) == (False, True)
-        result = bench.storescu([changed], ingest.dicom_port)
+        result = peers.storescu([changed], ingest.dicom_port)
         assert result.returncode == 0, result.stderr[-2000:]
         s = _series(stub, seed)
         assert (s.instance_count, s.duplicate_count, s.conflict_count) == (N, N, 2)

@@ -15,16 +15,15 @@ import pydicom
 from atlasflow.ingest.client import derive_uids
 from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from conftest import load_benchmark
+from atlasflow.testing import peers
 
 REPO = Path(__file__).resolve().parents[2]
-bench = load_benchmark("bench_ingest")
-SERIES = bench.EXAMPLE_CT_DICOM
+SERIES = peers.EXAMPLE_CT_DICOM
 
 
 def _send(target: str, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(bench.PYTHON), "-m", "atlasflow.cli.main", "send", str(SERIES), "--target", target, *extra],
+        [str(peers.PYTHON), "-m", "atlasflow.cli.main", "send", str(SERIES), "--target", target, *extra],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -52,7 +51,7 @@ def test_derived_uids_are_stable_and_shared_by_the_series():  # type: ignore[no-
 
 
 def test_send_refuses_missing_uids_then_assigns_them(tmp_path):  # type: ignore[no-untyped-def]
-    with bench.IngestProcess(tmp_path / "ingest") as ingest:
+    with peers.IngestProcess(tmp_path / "ingest") as ingest:
         refused = _send(ingest.target)
         assert refused.returncode == 1
         assert "MISSING_UID" in refused.stderr and "--assign-uids" in refused.stderr, refused.stderr

@@ -22,8 +22,9 @@ import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -31,6 +32,9 @@ from opentelemetry import trace
 from atlasflow.common.errors import AtlasflowError
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.telemetry import context_from_traceparent
+
+# The lock guarding a shared SQLite connection: a threading.Lock or RLock (anything usable in `with`).
+DbLock = AbstractContextManager[Any]
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -108,7 +112,7 @@ class OutboxStore(Protocol):
 class SqliteOutboxStore:
     """The `outbox` table (OUTBOX_MIGRATION) on a connection shared under `lock`."""
 
-    def __init__(self, conn: sqlite3.Connection, lock: threading.Lock) -> None:
+    def __init__(self, conn: sqlite3.Connection, lock: DbLock) -> None:
         self.conn = conn
         self.lock = lock
 
@@ -144,7 +148,7 @@ class OutboxDispatcher:
     def __init__(
         self,
         store: OutboxStore | sqlite3.Connection,
-        lock: threading.Lock | None,
+        lock: DbLock | None,
         handlers: dict[str, Handler],
         metrics: Metrics,
         *,

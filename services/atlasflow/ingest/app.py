@@ -90,8 +90,7 @@ async def build_app(
     channel = aio_channel(settings.segmentation_target, settings.max_message_bytes)
     dispatcher = OutboxDispatcher(
         store.conn,
-        # common.outbox annotates threading.Lock; the store shares its RLock (same protocol)
-        store.lock,  # type: ignore[arg-type]
+        store.lock,
         {SEGMENT_TOPIC: segmentation_handoff(store, _SegmentationStub(channel))},
         metrics,
     )
