@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     shape = tuple(args.shape)
     t0 = time.perf_counter()
-    case = make_case(shape, args.models)  # type: ignore[arg-type]
+    case = make_case(shape, args.models)
     gen_s = time.perf_counter() - t0
     rss0 = _rss_mib()
     lib_s = time_library(case, args.runs)
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         if bshape != shape:
             del case
             gc.collect()
-            case = make_case(bshape, args.models)  # type: ignore[arg-type]
+            case = make_case(bshape, args.models)
         rss1 = _rss_mib()
         base_s = time_baseline(case)
         scale = float(np.prod(shape)) / float(np.prod(bshape))

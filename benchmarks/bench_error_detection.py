@@ -132,7 +132,7 @@ def breakdown(rows: list[dict[str, object]], mode: str) -> dict[str, dict[str, l
     out: dict[str, dict[str, list[int]]] = {"kind": {}, "shared": {}, "organ": {}}
     for r in rows:
         m = r[mode]
-        for k, f in zip(r["region_organ"], m["found_each"]):  # type: ignore[index, call-overload]
+        for k, f in zip(r["region_organ"], m["found_each"]):
             for key, val in (("kind", r["error"]), ("shared", r["shared"]), ("organ", ORGANS[int(k)])):
                 cell = out[key].setdefault(str(val), [0, 0])
                 cell[0] += int(f)
@@ -141,17 +141,17 @@ def breakdown(rows: list[dict[str, object]], mode: str) -> dict[str, dict[str, l
 
 
 def summarise(rows: list[dict[str, object]]) -> dict[str, dict[str, float]]:
-    labels = [int(r["regions"]) > 0 for r in rows]  # type: ignore[call-overload]
+    labels = [int(r["regions"]) > 0 for r in rows]
     n_pos = sum(labels)
-    total_regions = sum(int(r["regions"]) for r in rows)  # type: ignore[call-overload]
+    total_regions = sum(int(r["regions"]) for r in rows)
     out: dict[str, dict[str, float]] = {}
     for mode in MODES:
         m = [r[mode] for r in rows]
-        scores = [float(x["score"]) for x in m]  # type: ignore[index]
-        att_regions = sum(int(x["att_regions"]) for x in m)  # type: ignore[index]
-        pos_first = [bool(x["first_wrong"]) for x, y in zip(m, labels) if y]  # type: ignore[index]
-        found = sum(int(x["found"]) for x in m)  # type: ignore[index]
-        tp = sum(int(x["att_tp"]) for x in m)  # type: ignore[index]
+        scores = [float(x["score"]) for x in m]
+        att_regions = sum(int(x["att_regions"]) for x in m)
+        pos_first = [bool(x["first_wrong"]) for x, y in zip(m, labels) if y]
+        found = sum(int(x["found"]) for x in m)
+        tp = sum(int(x["att_tp"]) for x in m)
         out[mode] = {
             "auroc": round(auroc(scores, labels), 3),
             "precision_top5pct": round(precision_at(scores, labels, math.ceil(0.05 * len(rows))), 3),
@@ -175,21 +175,21 @@ def format_table(summary: dict[str, dict[str, object]]) -> str:
     lines = []
     for mode in MODES:
         m = summary[mode]
-        lo_s, hi_s = m["region_sensitivity_ci95"]  # type: ignore[misc]
-        lo_p, hi_p = m["region_precision_ci95"]  # type: ignore[misc]
+        lo_s, hi_s = m["region_sensitivity_ci95"]
+        lo_p, hi_p = m["region_precision_ci95"]
         c = m["counts"]
         lines.append(
             f"{mode:9s} AUROC {m['auroc']}  P@5% {m['precision_top5pct']}  R-prec {m['r_precision']}  "
             f"first-wrong {m['first_organ_is_wrong']}  sensitivity {m['region_sensitivity']} "
-            f"[{lo_s}, {hi_s}] ({c['found']}/{c['regions']})  precision {m['region_precision']} "  # type: ignore[index]
+            f"[{lo_s}, {hi_s}] ({c['found']}/{c['regions']})  precision {m['region_precision']} "
             f"[{lo_p}, {hi_p}] ({c['att_tp']}/{c['att_regions']})"
-        )  # type: ignore[index]
+        )
         bs = m["case_bootstrap_ci95"]
         lines.append(
-            f"  case-bootstrap 95 %: sensitivity {list(bs['region_sensitivity'])}  "  # type: ignore[index]
+            f"  case-bootstrap 95 %: sensitivity {list(bs['region_sensitivity'])}  "
             f"precision {list(bs['region_precision'])}"
-        )  # type: ignore[index]
-        for key, cells in m["breakdown"].items():  # type: ignore[union-attr]
+        )
+        for key, cells in m["breakdown"].items():
             lines.append(f"  {key:7s} " + "  ".join(f"{v}: {f}/{n}" for v, (f, n) in sorted(cells.items())))
     return "\n".join(lines)
 

@@ -104,7 +104,7 @@ def measure_case(seed: int, prior: PopulationPrior, size_scale: float = 1.0) -> 
 def summarise(cases: list[dict[str, object]]) -> dict[str, object]:
     out: dict[str, object] = {"cases": len(cases)}
     for found in (True, False):
-        z = np.array([r["z"] for c in cases for r in c["regions"] if r["found"] is found])  # type: ignore[attr-defined]
+        z = np.array([r["z"] for c in cases for r in c["regions"] if r["found"] is found])
         key = "found" if found else "missed"
         out[key] = {
             "regions": int(z.size),
@@ -113,8 +113,8 @@ def summarise(cases: list[dict[str, object]]) -> dict[str, object]:
             "share_z_over_3": round(float((z > 3).mean()), 3) if z.size else None,
         }
     for rule in ("inside", "outside"):
-        tp = sum(int(c[rule][0]) for c in cases)  # type: ignore[index]
-        n = sum(int(c[rule][1]) for c in cases)  # type: ignore[index]
+        tp = sum(int(c[rule][0]) for c in cases)
+        n = sum(int(c[rule][1]) for c in cases)
         out[f"rule_{rule}"] = {"candidates": n, "true_positive": tp, "precision": round(tp / n, 3) if n else None}
     return out
 

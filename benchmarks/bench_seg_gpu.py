@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     shape = tuple(args.size) if args.size else ((48, 44, 40) if args.dry_run else SIZE)
     members = TINY_MEMBERS if args.dry_run else FULL_MEMBERS
     runs = 1 if args.dry_run else args.runs
-    vol = phantom(shape)  # type: ignore[arg-type]
+    vol = phantom(shape)
     affine = np.diag([SPACING, SPACING, SPACING, 1.0])
     results: dict[str, Any] = {
         "device": str(device),

@@ -151,7 +151,7 @@ def _stop(obj: object) -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(obj.pid, signal.SIGKILL)
     else:
-        obj.stop()  # type: ignore[attr-defined]
+        obj.stop()
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:

@@ -190,7 +190,7 @@ def to_model_grid(
     """
     pre = member.preprocessing
     shape = tuple(int(s) for s in volume_hu.shape)
-    g_aff, g_shape = model_grid(affine, shape, pre.target_spacing_mm)  # type: ignore[arg-type]
+    g_aff, g_shape = model_grid(affine, shape, pre.target_spacing_mm)
     shifted = torch.from_numpy(np.ascontiguousarray(volume_hu)).to(torch.float32)[None] - AIR_HU
     hu = resample(shifted, affine, g_aff, g_shape)[0] + AIR_HU
     return hu.numpy(), nearest_resample(ts_labels.astype(np.uint8), affine, g_aff, g_shape)

@@ -24,7 +24,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from pydicom import dcmread
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from pynetdicom.sop_class import CTImageStorage
 
 from atlasflow.cli.demo_series import SENTINEL_PATIENT_DATA, write_demo_series
 from atlasflow.cli.local import LocalDeployment
@@ -50,7 +50,7 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         self.spans: list[dict] = []
         self.lock = threading.Lock()
 
-    def Export(self, request, context):  # type: ignore[no-untyped-def]
+    def Export(self, request, context):
         with self.lock:
             for rs in request.resource_spans:
                 attrs = {a.key: a.value.string_value for a in rs.resource.attributes}
@@ -102,7 +102,7 @@ def deployment(tmp_path_factory, otlp):
         dep.stop()
 
 
-def stubs(dep: LocalDeployment):  # type: ignore[no-untyped-def]
+def stubs(dep: LocalDeployment):
     return (
         ingest_pb2_grpc.IngestServiceStub(grpc.insecure_channel(dep.target("ingest"))),
         segmentation_pb2_grpc.SegmentationServiceStub(grpc.insecure_channel(dep.target("segmentation"))),
@@ -140,7 +140,7 @@ def wait_case(dep: LocalDeployment, case_id: str, timeout_s: float = 400) -> tup
     raise AssertionError(f"case {case_id} did not complete in {timeout_s} s")
 
 
-def series_of(dep: LocalDeployment, n_expected: int, timeout_s: float = 30):  # type: ignore[no-untyped-def]
+def series_of(dep: LocalDeployment, n_expected: int, timeout_s: float = 30):
     ingest = stubs(dep)[0]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -162,7 +162,7 @@ def first_case(deployment, tmp_path_factory):
     return series, version, item
 
 
-def test_study_flows_through_every_service_and_geometry_round_trips(deployment, first_case):  # type: ignore[no-untyped-def]
+def test_study_flows_through_every_service_and_geometry_round_trips(deployment, first_case):
     series, version, item = first_case
     ingest, seg, _labels, _ranking = stubs(deployment)
     s = ingest.GetSeries(ingest_pb2.GetSeriesRequest(series_id=series.series_id)).series
@@ -210,7 +210,7 @@ def test_study_flows_through_every_service_and_geometry_round_trips(deployment, 
     assert heat_ml == sorted(heat_ml, reverse=True)
 
 
-def test_one_trace_follows_the_study_through_all_services(deployment, first_case, otlp):  # type: ignore[no-untyped-def]
+def test_one_trace_follows_the_study_through_all_services(deployment, first_case, otlp):
     receiver, _port = otlp
     series, _version, _item = first_case
     trace_id = stubs(deployment)[0].GetSeries(ingest_pb2.GetSeriesRequest(series_id=series.series_id)).series.trace_id
@@ -251,7 +251,7 @@ def test_one_trace_follows_the_study_through_all_services(deployment, first_case
     assert ("atlasflow-ranking", "/atlasflow.ranking.v1.RankingService/RecordLabelVersion") in names
 
 
-def test_no_patient_data_in_logs_or_spans(deployment, first_case, otlp):  # type: ignore[no-untyped-def]
+def test_no_patient_data_in_logs_or_spans(deployment, first_case, otlp):
     receiver, _port = otlp
     sentinels = list(SENTINEL_PATIENT_DATA.values())
     assert sentinels
@@ -266,11 +266,11 @@ def test_no_patient_data_in_logs_or_spans(deployment, first_case, otlp):  # type
             assert variant not in spans
 
 
-def _dataset(path: Path):  # type: ignore[no-untyped-def]
+def _dataset(path: Path):
     return dcmread(path)
 
 
-def _cstore(port: int, datasets) -> list[int]:  # type: ignore[no-untyped-def]
+def _cstore(port: int, datasets) -> list[int]:
     ae = AE(ae_title="E2EBAD")
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", port, ae_title="ATLASFLOW")
@@ -281,7 +281,7 @@ def _cstore(port: int, datasets) -> list[int]:  # type: ignore[no-untyped-def]
         assoc.release()
 
 
-def test_bad_input_is_rejected_and_nothing_accepted_is_lost(deployment, first_case, tmp_path):  # type: ignore[no-untyped-def]
+def test_bad_input_is_rejected_and_nothing_accepted_is_lost(deployment, first_case, tmp_path):
     series, _version, _item = first_case
     ingest = stubs(deployment)[0]
     before = ingest.GetSeries(ingest_pb2.GetSeriesRequest(series_id=series.series_id)).series
@@ -330,7 +330,7 @@ def test_bad_input_is_rejected_and_nothing_accepted_is_lost(deployment, first_ca
     assert (after.instance_count, after.version, after.state) == (before.instance_count, before.version, before.state)
 
 
-def test_killed_services_resume_the_study_after_restart(deployment, first_case, tmp_path):  # type: ignore[no-untyped-def]
+def test_killed_services_resume_the_study_after_restart(deployment, first_case, tmp_path):
     ingest, seg, _labels, _ranking = stubs(deployment)
     files = write_demo_series(DEMO_CT, tmp_path / "crash", seed_name="e2e-crash")
     # Labels goes down before the study arrives; segmentation is killed mid-inference.

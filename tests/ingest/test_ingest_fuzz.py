@@ -18,7 +18,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import CTImageStorage, Verification
 
 from atlasflow.ingest.client import upload_requests
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
@@ -79,7 +79,7 @@ def flip_cases(real: bytes, header_bytes: int) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):  # type: ignore[no-untyped-def]
+def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     real = peers.build_ct_series(root / "series", 1, seed="fuzz")[0].read_bytes()
     with peers.IngestProcess(root / "ingest", env={"SPOOL_SEGMENT_MB": "8"}) as ingest:
@@ -97,12 +97,12 @@ def _error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     return None
 
 
-def _upload(stub, data: bytes, name: str):  # type: ignore[no-untyped-def]
+def _upload(stub, data: bytes, name: str):
     path_like = type("P", (), {"read_bytes": lambda self: data, "name": name})()
     return stub.UploadInstances(upload_requests([path_like]), timeout=20)
 
 
-def test_grpc_upload_rejects_malformed_and_survives_fuzz(service):  # type: ignore[no-untyped-def]
+def test_grpc_upload_rejects_malformed_and_survives_fuzz(service):
     ingest, real = service
     header_bytes = real.index(b"\xe0\x7f\x10\x00")  # start of (7FE0,0010)
     malformed = malformed_cases(real)
@@ -131,7 +131,7 @@ def test_grpc_upload_rejects_malformed_and_survives_fuzz(service):  # type: igno
     assert tried >= 60
 
 
-def test_c_store_rejects_malformed_and_survives_fuzz(service, tmp_path):  # type: ignore[no-untyped-def]
+def test_c_store_rejects_malformed_and_survives_fuzz(service, tmp_path):
     ingest, real = service
     header_bytes = real.index(b"\xe0\x7f\x10\x00")
     # C-STORE sends the data set; the File Meta (which carries the transfer syntax) must parse

@@ -13,7 +13,7 @@ from atlasflow.testing import peers
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_benchmark_dry_run(tmp_path):  # type: ignore[no-untyped-def]
+def test_benchmark_dry_run(tmp_path):
     out = tmp_path / "result.json"
     run = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_ingest.py"), "--slices", "6", "--runs", "1"]
@@ -33,7 +33,7 @@ def test_benchmark_dry_run(tmp_path):  # type: ignore[no-untyped-def]
     )
 
 
-def test_acknowledged_files_parses_storescu_verbose_output():  # type: ignore[no-untyped-def]
+def test_acknowledged_files_parses_storescu_verbose_output():
     log = (
         "I: Sending file: /d/a.dcm\nI: Received Store Response (Success)\n"
         "I: Sending file: /d/b.dcm\nE: Store Failed, file: /d/b.dcm\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification
 
 from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
@@ -36,7 +36,7 @@ def echoscu(port: int, aet: str, aec: str = "ATLASFLOW") -> subprocess.Completed
 
 
 @pytest.fixture(scope="module")
-def ingest(tmp_path_factory):  # type: ignore[no-untyped-def]
+def ingest(tmp_path_factory):
     with peers.IngestProcess(
         tmp_path_factory.mktemp("ingest"),
         env={"ACCEPTED_CALLING_AETS": "MODALITY1,PACS2", "MAX_ASSOCIATIONS": "1", "ACSE_TIMEOUT_S": "1"},
@@ -50,14 +50,14 @@ def ingest(tmp_path_factory):  # type: ignore[no-untyped-def]
         yield proc
 
 
-def test_c_echo_from_an_accepted_calling_ae(ingest):  # type: ignore[no-untyped-def]
+def test_c_echo_from_an_accepted_calling_ae(ingest):
     for aet in ("MODALITY1", "PACS2"):
         r = echoscu(ingest.dicom_port, aet)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "Received Echo Response (Success)" in r.stdout + r.stderr
 
 
-def test_unknown_calling_ae_is_rejected_at_association(ingest):  # type: ignore[no-untyped-def]
+def test_unknown_calling_ae_is_rejected_at_association(ingest):
     r = echoscu(ingest.dicom_port, "WRONG")
     out = r.stdout + r.stderr
     assert r.returncode != 0
@@ -68,7 +68,7 @@ def test_unknown_calling_ae_is_rejected_at_association(ingest):  # type: ignore[
     assert r.returncode != 0 and "Called AE Title Not Recognized" in r.stdout + r.stderr
 
 
-def test_association_limit(ingest):  # type: ignore[no-untyped-def]
+def test_association_limit(ingest):
     ae = AE(ae_title="MODALITY1")
     ae.add_requested_context(Verification)
     deadline = time.monotonic() + 10
@@ -90,7 +90,7 @@ def test_association_limit(ingest):  # type: ignore[no-untyped-def]
         time.sleep(0.2)
 
 
-def test_late_instance_after_assembly_opens_version_2(ingest, tmp_path):  # type: ignore[no-untyped-def]
+def test_late_instance_after_assembly_opens_version_2(ingest, tmp_path):
     files = peers.build_ct_series(tmp_path / "s", 4, seed="late")
     first = peers.storescu(files[:3], ingest.dicom_port, aet="MODALITY1")
     assert first.returncode == 0, first.stderr[-2000:]

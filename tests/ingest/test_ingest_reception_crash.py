@@ -28,11 +28,11 @@ KILL_AFTER = 20
 
 
 @pytest.fixture(scope="module")
-def series(tmp_path_factory):  # type: ignore[no-untyped-def]
+def series(tmp_path_factory):
     return peers.build_ct_series(tmp_path_factory.mktemp("series"), N_SLICES, seed="crash-test")
 
 
-def test_sigkill_mid_stream_loses_no_acknowledged_instance(series, tmp_path):  # type: ignore[no-untyped-def]
+def test_sigkill_mid_stream_loses_no_acknowledged_instance(series, tmp_path):
     # 8 MiB spool segments: the stream crosses segment rotations, including the growing-file
     # fallback once the two prepared spares are used up.
     ingest = peers.IngestProcess(tmp_path / "ingest", env={"SPOOL_SEGMENT_MB": "8"})

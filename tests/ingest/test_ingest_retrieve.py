@@ -27,7 +27,7 @@ N_A, N_B = 6, 4
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):  # type: ignore[no-untyped-def]
+def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("qr")
     a = peers.build_ct_series(root / "a", N_A, seed="qr-a")
     b = peers.build_ct_series(root / "b", N_B, seed="qr-b")
@@ -63,7 +63,7 @@ def env(tmp_path_factory):  # type: ignore[no-untyped-def]
         ingest.stop()
 
 
-def _retrieve(env, *args: str) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
+def _retrieve(env, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [
             str(peers.PYTHON),
@@ -82,7 +82,7 @@ def _retrieve(env, *args: str) -> subprocess.CompletedProcess:  # type: ignore[n
     )
 
 
-def _count(env, series_uid: str) -> int:  # type: ignore[no-untyped-def]
+def _count(env, series_uid: str) -> int:
     with grpc.insecure_channel(env["ingest"].target) as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         try:
@@ -94,7 +94,7 @@ def _count(env, series_uid: str) -> int:  # type: ignore[no-untyped-def]
             return 0
 
 
-def test_find_and_move_one_series_then_the_study(env):  # type: ignore[no-untyped-def]
+def test_find_and_move_one_series_then_the_study(env):
     r = _retrieve(env, "--pacs-aet", "ORTHANC", "--study-uid", env["study"], "--series-uid", env["series_b"])
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -113,7 +113,7 @@ def test_find_and_move_one_series_then_the_study(env):  # type: ignore[no-untype
     assert (_count(env, env["series_a"]), _count(env, env["series_b"])) == (N_A, N_B)
 
 
-def test_c_get_uploads_over_grpc(env, tmp_path):  # type: ignore[no-untyped-def]
+def test_c_get_uploads_over_grpc(env, tmp_path):
     series = peers.build_ct_series(tmp_path / "c", 3, seed="qr-c")
     assert peers.storescu(series, env["orthanc"].dicom_port, aec="ORTHANC").returncode == 0
     r = _retrieve(
@@ -141,12 +141,12 @@ def test_c_get_uploads_over_grpc(env, tmp_path):  # type: ignore[no-untyped-def]
         (["--pacs-aet", "ORTHANC", "--move-dest", "NOBODY"], "MOVE_FAILED", "status 0xC000"),
     ],
 )
-def test_errors_say_why(env, args, reason, words):  # type: ignore[no-untyped-def]
+def test_errors_say_why(env, args, reason, words):
     r = _retrieve(env, "--study-uid", env["study"], *args)
     assert r.returncode == 1
     assert reason in r.stderr and words in r.stderr, r.stderr
 
 
-def test_unknown_study_is_no_match(env):  # type: ignore[no-untyped-def]
+def test_unknown_study_is_no_match(env):
     r = _retrieve(env, "--pacs-aet", "ORTHANC", "--study-uid", "1.2.3.999")
     assert r.returncode == 1 and "NO_MATCH" in r.stderr and "no study" in r.stderr, r.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import CTImageStorage, Verification
 
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.metrics import Metrics
@@ -35,7 +35,7 @@ def _open_fds() -> int:
 
 
 @pytest.fixture()
-def scp(tmp_path: Path):  # type: ignore[no-untyped-def]
+def scp(tmp_path: Path):
     store = IngestStore(
         tmp_path / "data", LocalBlobStore(tmp_path / "blobs"), spool_segment_bytes=1 << 20, spool_spares=1
     )
@@ -45,7 +45,7 @@ def scp(tmp_path: Path):  # type: ignore[no-untyped-def]
     server.stop()
 
 
-def test_wakeup_sockets_closed_with_each_association(scp):  # type: ignore[no-untyped-def]
+def test_wakeup_sockets_closed_with_each_association(scp):
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(Verification)
     gc.collect()
@@ -70,7 +70,7 @@ def test_wakeup_sockets_closed_with_each_association(scp):  # type: ignore[no-un
         gc.enable()
 
 
-def test_store_stream_over_event_driven_reactors(scp):  # type: ignore[no-untyped-def]
+def test_store_stream_over_event_driven_reactors(scp):
     ds = pydicom.dcmread(CT_SLICE)
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)

@@ -45,7 +45,7 @@ def _dicom(window_center: float = 40.0, explicit: bool = True) -> bytes:
     return out.getvalue()
 
 
-def test_rows_lost_after_acknowledgement_are_replayed_from_the_spool(tmp_path):  # type: ignore[no-untyped-def]
+def test_rows_lost_after_acknowledgement_are_replayed_from_the_spool(tmp_path):
     blobs = LocalBlobStore(tmp_path / "blobs")
     s = IngestStore(tmp_path / "data", blobs, spool_segment_bytes=SEG)
     a = s.store_instance(b"A", "study", "series", "sop-1")
@@ -65,7 +65,7 @@ def test_rows_lost_after_acknowledgement_are_replayed_from_the_spool(tmp_path): 
     s2.close()
 
 
-def test_first_reception_computes_no_content_key(tmp_path):  # type: ignore[no-untyped-def]
+def test_first_reception_computes_no_content_key(tmp_path):
     s = IngestStore(tmp_path / "data", LocalBlobStore(tmp_path / "blobs"), spool_segment_bytes=SEG)
     calls = []
     s.store_instance(_dicom(), "1.2.3", "1.2.3.4", "1.2.3.4.5", key=lambda: calls.append(1) or "never")
@@ -75,7 +75,7 @@ def test_first_reception_computes_no_content_key(tmp_path):  # type: ignore[no-u
 
 
 @pytest.mark.parametrize("drained", [False, True], ids=["stored-in-spool", "stored-in-blobs"])
-def test_same_content_other_bytes_is_a_duplicate_and_other_content_a_conflict(tmp_path, drained):  # type: ignore[no-untyped-def]
+def test_same_content_other_bytes_is_a_duplicate_and_other_content_a_conflict(tmp_path, drained):
     s = IngestStore(tmp_path / "data", LocalBlobStore(tmp_path / "blobs"), spool_segment_bytes=SEG)
     first = _dicom(explicit=True)
     s.store_instance(first, "1.2.3", "1.2.3.4", "1.2.3.4.5")

@@ -14,13 +14,13 @@ SEG = 2 * 1024 * 1024  # small spool segments: fast zero-fill
 
 
 @pytest.fixture()
-def store(tmp_path):  # type: ignore[no-untyped-def]
+def store(tmp_path):
     s = IngestStore(tmp_path / "data", LocalBlobStore(tmp_path / "blobs"), spool_segment_bytes=SEG)
     yield s
     s.close()
 
 
-def test_instances_are_durable_across_reopen(tmp_path):  # type: ignore[no-untyped-def]
+def test_instances_are_durable_across_reopen(tmp_path):
     blobs = LocalBlobStore(tmp_path / "blobs")
     s = IngestStore(tmp_path / "data", blobs, spool_segment_bytes=SEG)
     a = s.store_instance(b"A", "study", "series", "sop-1", "00-" + "1" * 32 + "-" + "2" * 16 + "-01")
@@ -34,7 +34,7 @@ def test_instances_are_durable_across_reopen(tmp_path):  # type: ignore[no-untyp
     s2.close()
 
 
-def test_duplicate_same_bytes_is_stored_once_and_different_bytes_is_a_conflict(store):  # type: ignore[no-untyped-def]
+def test_duplicate_same_bytes_is_stored_once_and_different_bytes_is_a_conflict(store):
     first = store.store_instance(b"A", "st", "se", "sop")
     again = store.store_instance(b"A", "st", "se", "sop")
     other = store.store_instance(b"A-modified", "st", "se", "sop")
@@ -46,7 +46,7 @@ def test_duplicate_same_bytes_is_stored_once_and_different_bytes_is_a_conflict(s
     assert [store.blobs.get(d) for d in store.instance_digests(first.series_id, 1)] == [b"A"]
 
 
-def test_late_instance_opens_a_new_version(store):  # type: ignore[no-untyped-def]
+def test_late_instance_opens_a_new_version(store):
     a = store.store_instance(b"A", "st", "se", "sop-1")
     sv = store.due_for_assembly(0.0)[0]
     store.mark_assembled(
@@ -71,7 +71,7 @@ def test_late_instance_opens_a_new_version(store):  # type: ignore[no-untyped-de
     assert [tuple(r) for r in rows] == [("t", f"{a.series_id}:1")]
 
 
-def test_quiet_period_and_listing(store):  # type: ignore[no-untyped-def]
+def test_quiet_period_and_listing(store):
     for i in range(3):
         store.store_instance(b"x%d" % i, "st", f"se-{i}", "sop")
     assert store.due_for_assembly(60.0) == []
@@ -87,7 +87,7 @@ def test_quiet_period_and_listing(store):  # type: ignore[no-untyped-def]
         store.get_series("ser-unknown")
 
 
-def _assemble(store, series_id: str, version: int, digest: str) -> None:  # type: ignore[no-untyped-def]
+def _assemble(store, series_id: str, version: int, digest: str) -> None:
     store.mark_assembled(
         series_id,
         version,
@@ -100,7 +100,7 @@ def _assemble(store, series_id: str, version: int, digest: str) -> None:  # type
     )
 
 
-def test_series_version_and_volume_look_ups(store):  # type: ignore[no-untyped-def]
+def test_series_version_and_volume_look_ups(store):
     a = store.store_instance(b"A", "st", "se", "sop-1")
     _assemble(store, a.series_id, 1, "sha256:" + "1" * 64)
     store.store_instance(b"B", "st", "se", "sop-2")  # opens version 2
@@ -126,7 +126,7 @@ def test_series_version_and_volume_look_ups(store):  # type: ignore[no-untyped-d
         assert e.value.reason == reason
 
 
-def test_volume_look_up_uses_its_index(tmp_path):  # type: ignore[no-untyped-def]
+def test_volume_look_up_uses_its_index(tmp_path):
     """Migration 6 indexes the volume digest; a database written before it is upgraded."""
     from atlasflow.common import sqlite as db
     from atlasflow.ingest.schema import MIGRATIONS

@@ -26,12 +26,12 @@ N = 4
 
 
 @pytest.fixture(scope="module")
-def ingest(tmp_path_factory):  # type: ignore[no-untyped-def]
+def ingest(tmp_path_factory):
     with peers.IngestProcess(tmp_path_factory.mktemp("ingest")) as proc:
         yield proc
 
 
-def _series(stub, seed: str) -> ingest_pb2.Series:  # type: ignore[no-untyped-def]
+def _series(stub, seed: str) -> ingest_pb2.Series:
     sid = atlas_id("ser", peers.bench_uid(seed, "series"))
     return stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=sid), timeout=10).series
 
@@ -45,7 +45,7 @@ def _modified(path: Path, out: Path) -> Path:
 
 
 @pytest.mark.parametrize("first", ["c-store-implicit", "grpc"])
-def test_same_instance_by_c_store_and_grpc_is_one_duplicate(ingest, tmp_path, first):  # type: ignore[no-untyped-def]
+def test_same_instance_by_c_store_and_grpc_is_one_duplicate(ingest, tmp_path, first):
     seed = f"dedupe-{first}"
     files = peers.build_ct_series(tmp_path / "s", N, seed=seed)
     # -xi: storescu proposes Implicit VR Little Endian only and re-encodes the Explicit VR

@@ -25,23 +25,23 @@ SENT_CHUNKS = 4  # of the second instance, before the cut
 
 
 @pytest.fixture()
-def ingest(tmp_path):  # type: ignore[no-untyped-def]
+def ingest(tmp_path):
     with peers.IngestProcess(tmp_path / "ingest") as proc:
         yield proc
 
 
-def _status(stub, upload_id: str):  # type: ignore[no-untyped-def]
+def _status(stub, upload_id: str):
     return stub.GetUploadStatus(ingest_pb2.GetUploadStatusRequest(upload_id=upload_id), timeout=10)
 
 
-def test_cut_mid_instance_resumes_at_committed_offset(ingest, tmp_path):  # type: ignore[no-untyped-def]
+def test_cut_mid_instance_resumes_at_committed_offset(ingest, tmp_path):
     files = peers.build_ct_series(tmp_path / "s", 3, seed="resume")
     data = [p.read_bytes() for p in files]
     ids = [upload_id_of(d) for d in data]
     assert len(data[1]) > (SENT_CHUNKS + 2) * CHUNK
     hold = threading.Event()
 
-    def cut_stream():  # type: ignore[no-untyped-def]
+    def cut_stream():
         yield from resumable_requests(files[0].name, data[0], ids[0], 0, CHUNK)
         for i, msg in enumerate(resumable_requests(files[1].name, data[1], ids[1], 0, CHUNK)):
             if i == SENT_CHUNKS:
@@ -117,7 +117,7 @@ def test_cut_mid_instance_resumes_at_committed_offset(ingest, tmp_path):  # type
         assert (series.instance_count, series.duplicate_count) == (3, 0)
 
 
-def test_bad_checksum_discards_the_upload_and_plain_mode_still_works(ingest, tmp_path):  # type: ignore[no-untyped-def]
+def test_bad_checksum_discards_the_upload_and_plain_mode_still_works(ingest, tmp_path):
     files = peers.build_ct_series(tmp_path / "s", 2, seed="resume-plain")
     data = files[0].read_bytes()
     uid = upload_id_of(data)

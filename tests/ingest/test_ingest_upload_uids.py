@@ -31,7 +31,7 @@ def _send(target: str, *extra: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_derived_uids_are_stable_and_shared_by_the_series():  # type: ignore[no-untyped-def]
+def test_derived_uids_are_stable_and_shared_by_the_series():
     files = sorted(SERIES.iterdir())
     assert len(files) == 20
     originals = [pydicom.dcmread(p, stop_before_pixels=True) for p in files[:3]]
@@ -50,7 +50,7 @@ def test_derived_uids_are_stable_and_shared_by_the_series():  # type: ignore[no-
     assert derive_uids(derive_uids(files[0].read_bytes())) == derive_uids(files[0].read_bytes())
 
 
-def test_send_refuses_missing_uids_then_assigns_them(tmp_path):  # type: ignore[no-untyped-def]
+def test_send_refuses_missing_uids_then_assigns_them(tmp_path):
     with peers.IngestProcess(tmp_path / "ingest") as ingest:
         refused = _send(ingest.target)
         assert refused.returncode == 1

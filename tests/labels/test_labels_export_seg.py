@@ -141,7 +141,7 @@ class LabelsProcess:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):  # type: ignore[no-untyped-def]
+def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("seg")
     series_a = _write_series(root / "a", "seg-export-a")
     series_b = _write_series(root / "b", "seg-export-b", drop=10)
@@ -167,14 +167,14 @@ def env(tmp_path_factory):  # type: ignore[no-untyped-def]
                 proc.stop()
 
 
-def _stubs(env):  # type: ignore[no-untyped-def]
+def _stubs(env):
     return (
         ingest_pb2_grpc.IngestServiceStub(grpc.insecure_channel(env["ingest"].target)),
         labels_pb2_grpc.LabelServiceStub(grpc.insecure_channel(f"127.0.0.1:{env['labels'].port}")),
     )
 
 
-def _stream(stub, **request) -> tuple[ingest_pb2.Series, list[bytes], list]:  # type: ignore[no-untyped-def]
+def _stream(stub, **request) -> tuple[ingest_pb2.Series, list[bytes], list]:
     """(series of the first message, instance bytes, last-chunk messages) of one stream."""
     series, instances, lasts, buf = None, [], [], b""
     for msg in stub.StreamSeriesInstances(ingest_pb2.StreamSeriesInstancesRequest(**request), timeout=60):
@@ -191,7 +191,7 @@ def _stream(stub, **request) -> tuple[ingest_pb2.Series, list[bytes], list]:  # 
     return series, instances, lasts
 
 
-def _reason(call) -> tuple[grpc.StatusCode, str, dict]:  # type: ignore[no-untyped-def]
+def _reason(call) -> tuple[grpc.StatusCode, str, dict]:
     with pytest.raises(grpc.RpcError) as e:
         call()
     info = error_info_of(e.value)
@@ -202,7 +202,7 @@ def _reason(call) -> tuple[grpc.StatusCode, str, dict]:  # type: ignore[no-untyp
 # ------------------------------------------------------------------ ingest: the new RPC
 
 
-def test_stream_series_instances(env):  # type: ignore[no-untyped-def]
+def test_stream_series_instances(env):
     stub, _ = _stubs(env)
     sent = {hashlib.sha256(p.read_bytes()).hexdigest(): p.read_bytes() for p in env["files"]["a"]}
 
@@ -253,7 +253,7 @@ def test_stream_series_instances(env):  # type: ignore[no-untyped-def]
         ),
     ],
 )
-def test_stream_series_instances_errors(env, request_fields, code, reason):  # type: ignore[no-untyped-def]
+def test_stream_series_instances_errors(env, request_fields, code, reason):
     stub, _ = _stubs(env)
     fields = {k: (env["series_id"]["a"] if v == "A" else v) for k, v in request_fields.items()}
     got = _reason(
@@ -283,7 +283,7 @@ def _put(blobs: LocalBlobStore, data: bytes) -> common_pb2.BlobRef:
     return common_pb2.BlobRef(digest=info.digest, size_bytes=info.size_bytes)
 
 
-def _export(stub, dest: Path, cases: list[str], **options) -> labels_pb2.ExportJob:  # type: ignore[no-untyped-def]
+def _export(stub, dest: Path, cases: list[str], **options) -> labels_pb2.ExportJob:
     job = stub.ExportDataset(
         labels_pb2.ExportDatasetRequest(
             case_ids=cases, destination_uri=dest.as_uri(), include_dicom_seg=True, **options
@@ -298,7 +298,7 @@ def _export(stub, dest: Path, cases: list[str], **options) -> labels_pb2.ExportJ
     return job
 
 
-def _orthanc_seg_ids(orthanc, sop_uid: str) -> list[str]:  # type: ignore[no-untyped-def]
+def _orthanc_seg_ids(orthanc, sop_uid: str) -> list[str]:
     req = urllib.request.Request(
         f"http://127.0.0.1:{orthanc.http_port}/tools/lookup", data=sop_uid.encode(), method="POST"
     )
@@ -307,7 +307,7 @@ def _orthanc_seg_ids(orthanc, sop_uid: str) -> list[str]:  # type: ignore[no-unt
 
 
 @pytest.fixture(scope="module")
-def exported(env):  # type: ignore[no-untyped-def]
+def exported(env):
     ingest_stub, stub = _stubs(env)
     ingest_blobs = LocalBlobStore(env["root"] / "ingest" / "blobs")
     labels_blobs = LocalBlobStore(env["root"] / "labels" / "blobs")
@@ -358,7 +358,7 @@ def exported(env):  # type: ignore[no-untyped-def]
     return {"job": job, "dest": dest, "versions": versions, "stub": stub, "pacs": pacs}
 
 
-def test_export_writes_and_sends_the_seg(env, exported):  # type: ignore[no-untyped-def]
+def test_export_writes_and_sends_the_seg(env, exported):
     job, dest = exported["job"], exported["dest"]
     version, labels, series = exported["versions"]["a"]
     assert job.state == common_pb2.OPERATION_STATE_SUCCEEDED, job.error_reason
@@ -409,7 +409,7 @@ def test_export_writes_and_sends_the_seg(env, exported):  # type: ignore[no-unty
     assert stored.SOPClassUID == SEG_STORAGE and stored.PixelData == seg.PixelData
 
 
-def test_resampled_grid_is_refused_the_rest_exported(exported):  # type: ignore[no-untyped-def]
+def test_resampled_grid_is_refused_the_rest_exported(exported):
     job, dest = exported["job"], exported["dest"]
     outcome = {o.case_id: o for o in job.dicom_seg_outcomes}
     b = outcome["case-b"]
@@ -428,7 +428,7 @@ def test_resampled_grid_is_refused_the_rest_exported(exported):  # type: ignore[
     assert [o.case_id for o in job.dicom_seg_outcomes] == ["case-a", "case-b", "case-c"]
 
 
-def test_export_again_resends_the_same_sop_instance(env, exported):  # type: ignore[no-untyped-def]
+def test_export_again_resends_the_same_sop_instance(env, exported):
     first = next(o for o in exported["job"].dicom_seg_outcomes if o.case_id == "case-a")
     uid = pydicom.dcmread(exported["dest"] / first.path, stop_before_pixels=True).SOPInstanceUID
     job = _export(exported["stub"], env["root"] / "export2", ["case-a"], pacs_destination=exported["pacs"])
@@ -472,7 +472,7 @@ def test_export_again_resends_the_same_sop_instance(env, exported):  # type: ign
         ),
     ],
 )
-def test_bad_pacs_destination_is_refused(env, tmp_path, options, field):  # type: ignore[no-untyped-def]
+def test_bad_pacs_destination_is_refused(env, tmp_path, options, field):
     _, stub = _stubs(env)
     code, reason, metadata = _reason(
         lambda: stub.ExportDataset(
@@ -482,7 +482,7 @@ def test_bad_pacs_destination_is_refused(env, tmp_path, options, field):  # type
     assert (code, reason, metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PACS_DESTINATION", field)
 
 
-def test_unreachable_pacs_is_a_send_failure(env, exported, tmp_path):  # type: ignore[no-untyped-def]
+def test_unreachable_pacs_is_a_send_failure(env, exported, tmp_path):
     (dead,) = peers.free_ports(1)
     job = _export(
         exported["stub"],
@@ -496,7 +496,7 @@ def test_unreachable_pacs_is_a_send_failure(env, exported, tmp_path):  # type: i
     assert hashlib.sha256((tmp_path / "out" / o.path).read_bytes()).hexdigest() == o.sha256
 
 
-def test_destination_with_query_or_fragment_is_refused(env, tmp_path):  # type: ignore[no-untyped-def]
+def test_destination_with_query_or_fragment_is_refused(env, tmp_path):
     """labels.proto: destination_uri is file:///absolute/dir, no query or fragment."""
     _, stub = _stubs(env)
     for suffix in ("?x=1", "#part"):
@@ -522,7 +522,7 @@ def test_destination_with_query_or_fragment_is_refused(env, tmp_path):  # type: 
         ExportOptions(include_dicom_seg=True, pacs=PacsDestination("pacs.example.org", 11112, "PACS A&B", "ME")),
     ],
 )
-def test_export_options_are_stored_in_the_job_row(tmp_path, options):  # type: ignore[no-untyped-def]
+def test_export_options_are_stored_in_the_job_row(tmp_path, options):
     repo = SqliteLabelRepository(tmp_path / "labels.sqlite")
     repo.create_version(
         "c1",
@@ -554,7 +554,7 @@ class _Crash(BaseException):
     """The process dying mid-export (not an error the exporter handles)."""
 
 
-def test_outcomes_are_committed_per_case_and_a_resume_replaces_them(tmp_path):  # type: ignore[no-untyped-def]
+def test_outcomes_are_committed_per_case_and_a_resume_replaces_them(tmp_path):
     blobs = LocalBlobStore(tmp_path / "blobs")
     repo = SqliteLabelRepository(tmp_path / "labels.sqlite")
     affine = np.diag([1.5, 1.5, 2.0, 1.0])
@@ -619,7 +619,7 @@ def test_outcomes_are_committed_per_case_and_a_resume_replaces_them(tmp_path):  
     repo.close()
 
 
-def test_build_case_seg_never_raises(tmp_path):  # type: ignore[no-untyped-def]
+def test_build_case_seg_never_raises(tmp_path):
     labels = np.zeros((4, 4, 2), np.uint8)
     labels[1, 1, 1] = 5
     nifti = to_nifti_bytes(labels, np.eye(4))

@@ -80,7 +80,7 @@ def _stop(proc: subprocess.Popen[bytes] | None) -> None:
             proc.wait(5)
 
 
-def _until(fn, timeout_s: float = 40.0):  # type: ignore[no-untyped-def]
+def _until(fn, timeout_s: float = 40.0):
     deadline = time.monotonic() + timeout_s
     while True:
         value = fn()

@@ -439,7 +439,7 @@ def test_export_case_outcomes_latest_wins_in_export_order(factory):
         again.record_export_outcome(other.job_id, "b", {})  # not one of that job's cases
     assert e.value.metadata["field"] == "case_id"
     with pytest.raises(InvalidArgument) as e:
-        again.record_export_outcome(job.job_id, "c", [1, 2])  # type: ignore[arg-type]
+        again.record_export_outcome(job.job_id, "c", [1, 2])
     assert e.value.metadata["field"] == "outcome"
     assert [o.case_id for o in again.list_export_outcomes(job.job_id)] == ["b", "a"]
 

@@ -152,8 +152,8 @@ def service(request, tmp_path):
     exporter = Exporter(repo, blobs, metrics)
     loop = asyncio.new_event_loop()
 
-    async def start():  # type: ignore[no-untyped-def]
-        def register(server):  # type: ignore[no-untyped-def]
+    async def start():
+        def register(server):
             labels_pb2_grpc.add_LabelServiceServicer_to_server(LabelServicer(repo, blobs, exporter), server)
             return [labels_pb2.DESCRIPTOR.services_by_name["LabelService"].full_name]
 
@@ -202,7 +202,7 @@ def _labels(blobs, version) -> np.ndarray:
     return arr
 
 
-def _reason(call) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
+def _reason(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as e:
         call()
     info = error_info_of(e.value)
@@ -305,7 +305,7 @@ def test_revision_errors_are_refused_and_audited(service):
     v1 = _create(stub, blobs, "c", _map(liver=np.s_[0:6, :, :]), ct_ref, labels_pb2.LABEL_SOURCE_AI)
     good = to_nifti_bytes(np.ones(SHAPE, np.uint8), AFFINE)
 
-    def revise(who="dr-a", parent=v1.version_id, **rev):  # type: ignore[no-untyped-def]
+    def revise(who="dr-a", parent=v1.version_id, **rev):
         rev = rev or {"mask_blob": _ref(blobs, good)}
         return lambda: stub.ReviseLabels(
             labels_pb2.ReviseLabelsRequest(

@@ -61,7 +61,7 @@ def test_swapped_kidneys(ct: tuple[np.ndarray, np.ndarray]) -> None:
     found = organ_findings(sw, np.zeros_like(sw), affine)
     assert {found[0].organ, found[1].organ} == {KL, KR}
     assert any("swapped" in r for r in found[0].reasons)
-    vb = found[0].pointer["voxel_box"]  # type: ignore[index]
+    vb = found[0].pointer["voxel_box"]
     idx = np.argwhere(sw == found[0].organ)
     assert (vb["x_min"], vb["x_max"]) == (idx[:, 0].min(), idx[:, 0].max())
 

@@ -49,7 +49,7 @@ def _priority(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_reference_mode_outputs_and_scores(root: tuple[Path, dict], tmp_path: Path) -> None:  # type: ignore[type-arg]
+def test_reference_mode_outputs_and_scores(root: tuple[Path, dict], tmp_path: Path) -> None:
     r, cases = root
     lab = tmp_path / "labelled.csv"
     lab.write_text("case,organs\ncase_b,liver spleen\n")
@@ -84,7 +84,7 @@ def test_reference_mode_outputs_and_scores(root: tuple[Path, dict], tmp_path: Pa
     assert organ0["reasons"] and organ0["pointer"]["voxel_box"]["x_max"] < SHAPE[0]
 
 
-def test_enhanced_mode_and_learned_prior(root: tuple[Path, dict], tmp_path: Path) -> None:  # type: ignore[type-arg]
+def test_enhanced_mode_and_learned_prior(root: tuple[Path, dict], tmp_path: Path) -> None:
     r, _ = root
     out = tmp_path / "enh"
     saved = tmp_path / "prior.json"

@@ -54,13 +54,13 @@ def who(principal: str) -> list[tuple[str, str]]:
     return [(PRINCIPAL_METADATA_KEY, principal)]
 
 
-def organ(o, attention, heat=None, **kw):  # type: ignore[no-untyped-def]
+def organ(o, attention, heat=None, **kw):
     return pb.OrganAttention(
         organ=o, attention_ml=attention, heatmap_ml=attention / 2 if heat is None else heat, volume_ml=100.0, **kw
     )
 
 
-def submit(stub, case_id, organs, labelled=(), job="j1"):  # type: ignore[no-untyped-def]
+def submit(stub, case_id, organs, labelled=(), job="j1"):
     return stub.SubmitAttention(
         pb.SubmitAttentionRequest(
             case_id=case_id, series_id="s-" + case_id, source_job_id=job, organs=organs, labelled_organs=list(labelled)
@@ -69,12 +69,12 @@ def submit(stub, case_id, organs, labelled=(), job="j1"):  # type: ignore[no-unt
     ).item
 
 
-def seed(stub, n):  # type: ignore[no-untyped-def]
+def seed(stub, n):
     for i in range(n):
         submit(stub, f"case-{i:03d}", [organ(5, float((i * 7) % 11)), organ(6, 1.0)])
 
 
-def fails(call, code, reason):  # type: ignore[no-untyped-def]
+def fails(call, code, reason):
     with pytest.raises(grpc.RpcError) as err:
         call()
     assert err.value.code() == code
@@ -174,7 +174,7 @@ def test_two_reviewers_racing_for_one_case(server):
         try:
             return stub.LeaseNextCase(pb.LeaseNextCaseRequest(), metadata=who(r), timeout=20).item.lease.reviewer
         except grpc.RpcError as e:
-            return error_info_of(e).reason  # type: ignore[union-attr]
+            return error_info_of(e).reason
 
     with ThreadPoolExecutor(2) as pool:
         results = sorted(pool.map(lease, ["dr-a", "dr-b"]))
@@ -373,7 +373,7 @@ def test_population_prior_learns_from_recorded_human_labels(server):
     stub, _, _ = server
     bundled = PopulationPrior.load()
 
-    def n(prior, organ):  # type: ignore[no-untyped-def]
+    def n(prior, organ):
         run = prior.log_volume.get(organ)
         return 0 if run is None else run.n
 

@@ -18,7 +18,7 @@ from atlasflow.testing import detection, error_sim
 from atlasflow.testing.data import REPO
 
 
-def _run_benchmark(name: str, *args: str) -> dict:  # type: ignore[type-arg]
+def _run_benchmark(name: str, *args: str) -> dict:
     """Run `python benchmarks/<name>.py args` (a script, as a user runs it); its exit status
     must be 0; returns the JSON document of its last line of output."""
     run = subprocess.run(
@@ -29,7 +29,7 @@ def _run_benchmark(name: str, *args: str) -> dict:  # type: ignore[type-arg]
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def _regions(c: error_sim.SimCase) -> dict[int, list[float]]:

@@ -141,7 +141,7 @@ SCENARIOS = {
 }
 
 
-def _do(w, clock, op, who, arg, case_id="c"):  # type: ignore[no-untyped-def]
+def _do(w, clock, op, who, arg, case_id="c"):
     if op == "advance":
         clock.advance(arg)
     elif op == "lease":
@@ -269,7 +269,7 @@ def test_invalid_reasons_pointers_scores(wl, organ):
 # ------------------------------------------------------------------------------ filters
 
 
-def _filter_fixture(w):  # type: ignore[no-untyped-def]
+def _filter_fixture(w):
     w.submit("a", "s", "j", [oa(5, 10.0), oa(8, 0.0)])  # p 10, organs {5}
     w.submit("b", "s", "j", [oa(5, 2.0), oa(6, 3.0)], labelled_organs=[6])  # p 2, {5}
     w.submit("c", "s", "j", [oa(6, 4.0)])  # p 4, {6}
@@ -318,7 +318,7 @@ def test_status_filter_follows_the_clock(wl, clock):
         (WorklistFilter(organs=frozenset({0})), "INVALID_FILTER"),
         (WorklistFilter(organs=frozenset({10})), "INVALID_FILTER"),
         (WorklistFilter(round_number=-1), "INVALID_FILTER"),
-        (WorklistFilter(statuses=frozenset({0})), "INVALID_FILTER"),  # type: ignore[arg-type]
+        (WorklistFilter(statuses=frozenset({0})), "INVALID_FILTER"),
     ],
 )
 def test_invalid_filters(wl, flt, reason):
@@ -381,7 +381,7 @@ def test_page_token_is_bound_to_the_filter(wl):
 # ------------------------------------------------------------------------------- rounds
 
 
-def _seed(w, n, rng=None):  # type: ignore[no-untyped-def]
+def _seed(w, n, rng=None):
     rng = rng or random.Random(n)
     for i in range(n):
         w.submit(f"case-{i:03d}", "s", "j", [oa(5, float(rng.choice([0, 1, 2, 5, 9])))])

@@ -44,7 +44,7 @@ class _CachedMembers(EnsemblePipeline):
 
     _cache: dict[bytes, list[tuple[torch.Tensor, np.ndarray]]] = {}
 
-    def _model_grid_probs(self, hu, aff, timings):  # type: ignore[no-untyped-def]
+    def _model_grid_probs(self, hu, aff, timings):
         key = hu.cpu().numpy().tobytes() + np.asarray(aff).tobytes()
         if key not in self._cache:
             self._cache[key] = super()._model_grid_probs(hu, aff, timings)

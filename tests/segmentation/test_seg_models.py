@@ -67,7 +67,7 @@ def test_unknown_version_is_not_found() -> None:
 
 
 def test_bad_activation_channels_rejected(tmp_path: Path) -> None:
-    raw = json.loads(Path(load_ensemble("abdomen-trio-v1").source).read_text())  # type: ignore[arg-type]
+    raw = json.loads(Path(load_ensemble("abdomen-trio-v1").source).read_text())
     raw["members"][2]["activation"] = "sigmoid"  # DynUNet has 10 channels (softmax with background)
     path = tmp_path / "broken.json"
     path.write_text(json.dumps(raw))
@@ -147,7 +147,7 @@ def test_ensemble_with_all_checkpoints_reports_trained_weights(tmp_path: Path) -
     from atlasflow.segmentation.pipeline import EnsemblePipeline
 
     source = load_ensemble("abdomen-trio-v1")
-    raw = json.loads(Path(source.source).read_text())  # type: ignore[arg-type]
+    raw = json.loads(Path(source.source).read_text())
     for member_raw, member in zip(raw["members"], source.members):
         torch.save(
             load_member(dataclasses.replace(member, seed=member.seed + 1, checkpoint=None)).state_dict(),

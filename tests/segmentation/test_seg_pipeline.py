@@ -147,7 +147,7 @@ def test_largest_component_uses_26_connectivity() -> None:
         (np.zeros((8, 8, 8), np.int16), np.eye(4), np.array([1, 2, 3], np.uint8), "INVALID_LABELLED_ORGANS"),
     ],
 )
-def test_bad_inputs_are_invalid_argument(pipeline: EnsemblePipeline, volume, affine, flags, reason) -> None:  # type: ignore[no-untyped-def]
+def test_bad_inputs_are_invalid_argument(pipeline: EnsemblePipeline, volume, affine, flags, reason) -> None:
     with pytest.raises(InvalidArgument) as err:
         pipeline(volume, affine, flags)
     assert err.value.reason == reason

@@ -16,14 +16,14 @@ from atlasflow.testing.servers import in_process_ranking_server
 
 
 @pytest.fixture()
-def ranking(tmp_path):  # type: ignore[no-untyped-def]
+def ranking(tmp_path):
     store = SqliteWorklist(tmp_path / "ranking.sqlite3")
     with in_process_ranking_server(store, Metrics("ranking-prior")) as port:
         yield f"127.0.0.1:{port}", store
     store.close()
 
 
-def test_prior_follows_ranking_and_survives_its_absence(ranking):  # type: ignore[no-untyped-def]
+def test_prior_follows_ranking_and_survives_its_absence(ranking):
     target, store = ranking
     bundled = PopulationPrior.load().to_dict()
     source = RankingPrior(target, refresh_s=3600, max_message_bytes=4 << 20)

@@ -26,7 +26,7 @@ def test_ld_library_path_gets_libpython_dir_first_once() -> None:
 
 
 @pytest.fixture(scope="module")
-def infer_and_spans():  # type: ignore[no-untyped-def]
+def infer_and_spans():
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -43,7 +43,7 @@ def _request(params: dict | None, affine: np.ndarray | None = None) -> Request:
     )
 
 
-def test_infer_runs_pipeline_in_span_of_incoming_trace(infer_and_spans) -> None:  # type: ignore[no-untyped-def]
+def test_infer_runs_pipeline_in_span_of_incoming_trace(infer_and_spans) -> None:
     infer, exporter = infer_and_spans
     exporter.clear()
     trace_id, parent_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
@@ -58,7 +58,7 @@ def test_infer_runs_pipeline_in_span_of_incoming_trace(infer_and_spans) -> None:
     assert span.attributes["atlasflow.model_name"] == "abdomen_trio_v1"
 
 
-def test_infer_without_trace_context_starts_a_root_span(infer_and_spans) -> None:  # type: ignore[no-untyped-def]
+def test_infer_without_trace_context_starts_a_root_span(infer_and_spans) -> None:
     infer, exporter = infer_and_spans
     exporter.clear()
     infer([_request(None)])
@@ -66,7 +66,7 @@ def test_infer_without_trace_context_starts_a_root_span(infer_and_spans) -> None
     assert span.parent is None
 
 
-def test_domain_error_becomes_parseable_triton_error(infer_and_spans) -> None:  # type: ignore[no-untyped-def]
+def test_domain_error_becomes_parseable_triton_error(infer_and_spans) -> None:
     infer, _ = infer_and_spans
     with pytest.raises(PyTritonBadParameterError) as err:
         infer([_request(None, affine=np.zeros((4, 4)))])

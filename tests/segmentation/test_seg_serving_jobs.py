@@ -54,7 +54,7 @@ class Gated:
         self.gate.set()
         self.entered = threading.Event()
 
-    def segment(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def segment(self, *args, **kwargs):
         self.entered.set()
         self.gate.wait(60)
         return self.real.segment(*args, **kwargs)
@@ -79,7 +79,7 @@ class AppThread:
         await app.start()
         return app
 
-    def _run(self, coro):  # type: ignore[no-untyped-def]
+    def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(120)
 
     def get(self, job_id: str) -> pb.SegmentationJob:
@@ -109,7 +109,7 @@ class AppThread:
         self.thread.join(10)
 
 
-def _settings(tmp: Path, triton_port: int, **kw) -> SegmentationSettings:  # type: ignore[no-untyped-def]
+def _settings(tmp: Path, triton_port: int, **kw) -> SegmentationSettings:
     dead = free_ports(2)
     base = dict(
         grpc_port=0,

@@ -91,7 +91,7 @@ def test_shm_registration_failure_falls_back_to_grpc(echo: BundledTriton, monkey
     vol = np.arange(24 * 20 * 16, dtype=np.int16).reshape(24, 20, 16)
     with TritonSegmenter(echo.grpc_url, "echo", shm="auto") as client:
 
-        def refuse(name, key, byte_size, **kw):  # type: ignore[no-untyped-def]
+        def refuse(name, key, byte_size, **kw):
             # what a server on another host answers: it cannot open our /dev/shm key
             raise InferenceServerException(
                 f"Unable to open shared memory region: '{key}'", status="StatusCode.INVALID_ARGUMENT"

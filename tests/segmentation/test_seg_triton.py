@@ -193,11 +193,11 @@ def test_client_span_and_trace_context_injection(server: Server) -> None:
         sent: dict = {}
         real_infer = client._client.infer
 
-        def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        def spy(*args, **kwargs):
             sent.update(kwargs)
             return real_infer(*args, **kwargs)
 
-        client._client.infer = spy  # type: ignore[method-assign]
+        client._client.infer = spy
         out = client.segment(vol, np.diag([3.0, 3.0, 3.0, 1.0]))
     assert out.labels.shape == vol.shape
     (span,) = [s for s in exporter.get_finished_spans() if s.name == "triton.infer"]
