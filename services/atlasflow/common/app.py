@@ -8,7 +8,7 @@ Each service package has the same modules (copy one to write a new service):
   ``main()`` = ``run_service(...)``;
 - ``servicer.py``: converts a request, calls the domain, converts the answer (blocking work runs
   in a thread, never on the event loop);
-- ``worker.py``: the background loops (outbox dispatch, assembly, jobs);
+- ``worker.py``: the background loops (outbox dispatch, assembly, jobs), if the service has any;
 - domain modules, which never import grpc.
 
 Life cycle, the same for all four: `ServiceApp.start` starts the server, marks it SERVING and
