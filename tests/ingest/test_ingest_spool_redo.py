@@ -80,7 +80,7 @@ def test_same_content_other_bytes_is_a_duplicate_and_other_content_a_conflict(tm
     first = _dicom(explicit=True)
     s.store_instance(first, "1.2.3", "1.2.3.4", "1.2.3.4.5")
     if drained:
-        assert s.drain() == 1
+        assert s.spool_drain.drain() == 1
     same = _dicom(explicit=False)  # same data set, other encoding: other bytes
     assert same != first
     ds = pydicom.dcmread(io.BytesIO(same))

@@ -15,9 +15,9 @@ before it returns:
    instead of two; everything else in the database (series states, the outbox, uploads) is
    committed with synchronous=FULL.
 
-The bytes move from the spool into the content-addressed blob store later (`IngestStore.drain`, called
-when reception is idle, before any read of instance digests and at start-up); a segment file is
-deleted only after every record in it is a durable blob. Start-up recovery replays every
+The bytes move from the spool into the content-addressed blob store later
+(`atlasflow.ingest.spool_drain`, called when reception is idle, before any read of instance
+digests and at start-up); a segment file is deleted only after every record in it is a durable blob. Start-up recovery replays every
 remaining segment: each complete record becomes a blob and, if its row never committed (a crash
 between steps 1 and 2: the instance was not acknowledged), its row. A torn last record (a crash
 inside step 1) is dropped: it was never acknowledged either. A corrupt record in the middle

@@ -21,7 +21,8 @@ recognised as the same instance.
 
 The fast durable path (spool record, then a row committed with synchronous=NORMAL, one flush
 per instance) and the recovery from it are described in `atlasflow.ingest.spool`; this module
-commits the rows, drains the spool into the blob store and replays it at start-up.
+commits the rows (and re-creates a lost one on replay); `atlasflow.ingest.spool_drain` drains the
+spool into the blob store and replays it at start-up.
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ from typing import Any
 
 from atlasflow.common import sqlite as db
 from atlasflow.common.blobstore import BlobStore, digest_of
-from atlasflow.common.errors import DataLoss, InvalidArgument, NotFound
+from atlasflow.common.errors import InvalidArgument, NotFound
 from atlasflow.common.outbox import enqueue
 from atlasflow.ingest.identity import atlas_id, content_key_of_bytes
 from atlasflow.ingest.schema import MIGRATIONS
 from atlasflow.ingest.spool import InstanceSpool
+from atlasflow.ingest.spool_drain import SpoolDrain
 from atlasflow.ingest.uploads import UploadStore
 
 log = logging.getLogger(__name__)
@@ -117,12 +119,19 @@ class IngestStore:
         self.conn = db.connect(self.db_path)
         db.migrate(self.conn, MIGRATIONS)
         self.lock = threading.RLock()
-        self._drain_lock = threading.Lock()
         self.blobs = blobs
         self.spool = InstanceSpool(Path(data_dir) / "spool", spool_segment_bytes, spool_spares)
+        #: spool -> blob store (`drain`, `drain_if_idle`); replays what a previous process left
+        self.spool_drain = SpoolDrain(
+            self.spool,
+            blobs,
+            self.lock,
+            lambda header, data: self._record(header, data, recovering=True),
+            self._sync_db,
+        )
         #: resumable gRPC uploads (same database and lock)
         self.uploads = UploadStore(self.conn, self.lock, Path(data_dir) / "uploads")
-        self.recover()
+        self.spool_drain.recover()
 
     def close(self) -> None:
         with self.lock:
@@ -310,78 +319,6 @@ class IngestStore:
             )
         return StoredInstance(series_id, case_id, version, False, False, traceparent)
 
-    # --------------------------------------------------------------------- spool -> blob store
-
-    def drain(self) -> int:
-        """Move every spooled record into the blob store; delete drained segments.
-
-        Returns the number of records moved. Safe to call from any thread at any time.
-        """
-        with self._drain_lock:
-            with self.lock:
-                self.spool.seal()
-                segments = self.spool.segments()
-                self.spool.pending_bytes = 0
-            moved = 0
-            for seg in segments:
-                moved += self._drain_segment(seg, recovering=False)
-            return moved
-
-    def drain_if_idle(self, idle_s: float = 1.0, max_pending_bytes: int = 1 << 30) -> int:
-        """`drain()` when nothing was spooled for `idle_s` seconds (or too much is pending):
-        keeps blob-store writes (file creation, the slow part) out of a C-STORE burst."""
-        idle = time.monotonic() - self.spool.last_append >= idle_s
-        if not self.spool.pending_bytes:
-            if idle:
-                self.spool.prepare_spares()
-            return 0
-        if not idle and self.spool.pending_bytes < max_pending_bytes:
-            return 0
-        moved = self.drain()
-        self.spool.prepare_spares()
-        return moved
-
-    def _drain_segment(self, seg: Path, *, recovering: bool) -> int:
-        moved = 0
-        try:
-            for header, data in InstanceSpool.read_segment(seg):
-                info = self.blobs.put(data)
-                if info.digest != header["digest"]:
-                    raise DataLoss(
-                        "SPOOL_CORRUPT",
-                        "spooled bytes do not match their digest",
-                        domain="atlasflow.ingest",
-                        metadata={"segment": seg.name},
-                    )
-                if recovering:
-                    with self.lock:
-                        self._record(header, data, recovering=True)
-                moved += 1
-        except DataLoss:
-            log.error(
-                "spool segment corrupt; kept for inspection",
-                extra={"fields": {"segment": seg.name, "records_moved": moved}},
-            )
-            with self.lock:
-                self.spool.forget(seg)
-            seg.rename(seg.with_suffix(".corrupt"))
-            return moved
-        with self.lock:
-            self._sync_db()  # rows replayable from this segment are durable before it goes
-            self.spool.recycle(seg)
-        return moved
-
-    def recover(self) -> int:
-        """Replay spool segments left by a previous process (start-up). Returns records."""
-        with self._drain_lock:
-            with self.lock:
-                self.spool.seal()
-                segments = self.spool.segments()
-            moved = sum(self._drain_segment(seg, recovering=True) for seg in segments)
-        if moved:
-            log.info("spool recovered", extra={"fields": {"records": moved, "segments": len(segments)}})
-        return moved
-
     def series_traceparent(self, series_uid: str) -> str:
         with self.lock:
             r = self.conn.execute(
@@ -402,7 +339,7 @@ class IngestStore:
     def instance_digests(self, series_id: str, version: int) -> list[str]:
         """Digests of the version's instances, all readable from the blob store (drains the
         spool first)."""
-        self.drain()
+        self.spool_drain.drain()
         with self.lock:
             rows = self.conn.execute(
                 "SELECT digest FROM instances WHERE series_id = ? AND version_added <= ? ORDER BY sop_key",

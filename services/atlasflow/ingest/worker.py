@@ -115,7 +115,7 @@ class Assembler:
         while True:
             # Spooled bytes -> blob store once reception is idle (keeps file creation, the
             # slow part of a blob put, out of a C-STORE burst; see atlasflow.ingest.spool).
-            await asyncio.to_thread(self.store.drain_if_idle, 1.0)
+            await asyncio.to_thread(self.store.spool_drain.drain_if_idle, 1.0)
             for sv in await asyncio.to_thread(self.store.due_for_assembly, self.quiet_period_s):
                 await asyncio.to_thread(self.assemble, sv)
             self.metrics.set_queue_depth("series_open", await asyncio.to_thread(self.store.receiving_count))
