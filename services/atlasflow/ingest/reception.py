@@ -129,9 +129,10 @@ class Reception:
         self.on_stored(stored.series_id)
         return stored
 
-    def receive_upload(self, data: bytes, ref: str, sha256: str) -> Receipt:
+    def receive_upload(self, data: bytes | bytearray, ref: str, sha256: str) -> Receipt:
         """A whole instance uploaded in one stream: its SHA-256 must be ``sha256`` (hex, lower
-        case), else InvalidArgument CHECKSUM_MISMATCH; then `receive`."""
+        case), else InvalidArgument CHECKSUM_MISMATCH; then `receive`. ``data`` may be the
+        servicer's receive buffer (a bytearray): it is copied here, off the event loop."""
         if hashlib.sha256(data).hexdigest() != sha256:
             raise InvalidArgument(
                 "CHECKSUM_MISMATCH",
@@ -139,7 +140,7 @@ class Reception:
                 domain=DOMAIN,
                 metadata={"client_ref": ref[:200]},
             )
-        stored = self.receive(data, GRPC)
+        stored = self.receive(bytes(data), GRPC)
         return Receipt(ref, stored.series_id, stored.duplicate, stored.conflict)
 
     def finish_resumable(self, upload_id: str, ref: str, sha256: str) -> Receipt:

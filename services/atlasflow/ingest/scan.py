@@ -125,8 +125,7 @@ def _fast_frames(path: Path) -> tuple[list[FrameRef], list[str], int] | None:
     def make(_ds: object, _index: int | None) -> NativeFileFrame:
         return NativeFileFrame(path, offset, dtype, rows, cols)
 
-    # FastFacts answers the Dataset look-ups frame_refs makes (get, attributes): duck-typed
-    refs = frame_refs(view, make)  # type: ignore[arg-type]
+    refs = frame_refs(view, make)  # type: ignore[arg-type]  # FastFacts duck-types the Dataset get/attributes
     raw_type = facts.get("ImageType") or []
     image_type = (
         [raw_type] if isinstance(raw_type, str) else list(raw_type) if isinstance(raw_type, (list, tuple)) else []

@@ -143,8 +143,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 )
             if not msg.last_chunk:
                 continue
-            data = bytes(buf)
-            buf.clear()
+            # Hand the buffer itself to the thread (no copy on the event loop) and start a new one.
+            data, buf = buf, bytearray()
             ref, current_ref = current_ref, None
             receipt = await asyncio.to_thread(self.reception.receive_upload, data, ref, msg.sha256.lower())
             receipts.append(receipt_to_proto(receipt))
@@ -204,9 +204,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         span.set_attribute("atlasflow.instance_count", len(digests))
         try:
             for index, digest in enumerate(digests):
-                stored = await asyncio.to_thread(self.store.blobs.get, digest)  # verified
-                data = await asyncio.to_thread(dicom_header_bytes, stored) if request.headers_only else stored
-                sha = hashlib.sha256(data).hexdigest()
+                stored, data, sha = await asyncio.to_thread(self._instance_payload, digest, request.headers_only)
                 starts = range(0, max(len(data), 1), STREAM_CHUNK_BYTES)
                 for start in starts:
                     msg = ingest_pb2.StreamSeriesInstancesResponse(
@@ -225,3 +223,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                     yield msg
         finally:
             span.end()
+
+    def _instance_payload(self, digest: str, headers_only: bool) -> tuple[bytes, bytes, str]:
+        """Blocking (run in a thread): the stored instance (verified), the bytes to stream (its
+        header only when ``headers_only``) and their SHA-256 hex digest."""
+        stored = self.store.blobs.get(digest)
+        data = dicom_header_bytes(stored) if headers_only else stored
+        return stored, data, hashlib.sha256(data).hexdigest()
