@@ -15,9 +15,9 @@ import pytest
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.organs import ORGAN_IDS, ORGANS
-from atlasflow.labels.export import AI_MARKING, export_case, split_organs, totalseg_to_atlas, write_manifest
+from atlasflow.labels.export import AI_MARKING, export_case, split_organs, write_manifest
 from atlasflow.labels.repository import Provenance
-from atlasflow.labels.totalseg import TOTALSEG_V2_TO_ATLAS
+from atlasflow.labels.totalseg import TOTALSEG_V2_TO_ATLAS, totalseg_to_atlas
 from atlasflow.labels.validate import validate_label_map
 from atlasflow.testing.data import TEST_DATA
 

@@ -39,7 +39,9 @@ from atlasflow.common.server import error_info_of
 from atlasflow.common.v1 import common_pb2
 from atlasflow.ingest.client import send_files
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from atlasflow.labels.export import ExportOptions, PacsDestination, SegOutcome, build_case_seg, destination_path
+from atlasflow.labels.case_seg import build_case_seg
+from atlasflow.labels.export import destination_path
+from atlasflow.labels.export_jobs import ExportOptions, PacsDestination, SegOutcome
 from atlasflow.labels.repository import Provenance
 from atlasflow.labels.servicer import export_to_proto
 from atlasflow.labels.sqlite import SqliteLabelRepository

@@ -9,6 +9,7 @@ client and the repository.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,11 @@ async def build_app(
     metrics = metrics or Metrics("labels")
     blobs = LocalBlobStore(settings.blob_dir)
     owned = repository is None
-    repo = repository if repository is not None else open_repository(settings.database_url, settings.data_dir)
+    repo = (
+        repository
+        if repository is not None
+        else await asyncio.to_thread(open_repository, settings.database_url, settings.data_dir)
+    )
     sources = IngestSourceInstances(settings.ingest_target, settings.max_message_bytes)
     exporter = Exporter(repo, blobs, metrics, sources=sources)
     export_root = Path(settings.export_dir).resolve() if settings.export_dir else None

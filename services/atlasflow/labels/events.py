@@ -1,7 +1,8 @@
 """Hand-off of new label versions to ranking: the labels service's outbox.
 
-Every version the repository stores writes a `version_events` row in the same transaction
-(atlasflow.labels.repository). `VersionEventStore` exposes those rows to the common
+Every version stored also gets a `version_events` row, written by the repository's SQL
+(atlasflow.labels.sql, `SqlLabelRepository`) in the same transaction as the version itself
+(the contract: atlasflow.labels.repository). `VersionEventStore` exposes those rows to the common
 `OutboxDispatcher` (run by atlasflow.labels.worker); `version_request` turns a stored version
 into `RecordLabelVersion` (`ranking_request`), which ranking applies idempotently and in
 version order, so at-least-once delivery in any order is safe.

@@ -9,41 +9,33 @@
 
 A case directory is written into a temporary sibling and renamed into place, so a crash never
 leaves a half-written case and re-exporting a case replaces it whole (idempotent).
-`split_organs` is the array logic; `export_case` the I/O around it. `build_case_seg` makes a
-case's DICOM SEG (or says why not) from the source instances a caller-supplied function
-fetches; `ExportOptions` (an export job's SEG options) and `SegOutcome` (one case's SEG
-outcome) convert to and from the JSON objects the label repository stores with the job
-(`ExportJobRecord.options`, `record_export_outcome`; `job_seg_outcomes` reads them back).
-`destination_path` checks where a job may write. The export worker
-(atlasflow.labels.worker.Exporter) runs the jobs.
+`split_organs` is the array logic; `export_case` the I/O around it; `write_manifest` writes
+the manifest. `destination_path` checks where a job may write. The case's DICOM SEG file is
+built by atlasflow.labels.case_seg; a job's options and per-case SEG outcomes are
+atlasflow.labels.export_jobs. The export worker (atlasflow.labels.worker.Exporter) runs the jobs.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import numpy as np
 import numpy.typing as npt
-import pydicom
 
-from atlasflow.common.errors import AtlasflowError, FailedPrecondition, InvalidArgument, NotFound
+from atlasflow.common.errors import InvalidArgument
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
-from atlasflow.common.organs import ORGAN_IDS, ORGANS
-from atlasflow.labels.dicom_seg import export_dicom_seg
-from atlasflow.labels.repository import ExportJobRecord, LabelRepository, Provenance
-from atlasflow.labels.totalseg import totalseg_to_atlas  # noqa: F401  (re-exported)
+from atlasflow.common.organs import ORGANS
+from atlasflow.labels.repository import Provenance
 from atlasflow.labels.validate import validate_label_map
 
 DOMAIN = "atlasflow.labels"
@@ -144,7 +136,8 @@ def export_case(
     per-organ provenance, voxel counts and volumes (ml), and `marking` =
     "AI-generated labels, research use" when any organ's labels come from AI.
     dicom_seg: a DICOM SEG Part-10 file written as `<case>/dicom_seg/seg.dcm` (listed in
-    "files"); dicom_seg_outcome: recorded as the entry's "dicom_seg" (see `SegOutcome`), with
+    "files"); dicom_seg_outcome: recorded as the entry's "dicom_seg" (see
+    atlasflow.labels.export_jobs.SegOutcome), with
     the file's sha256 filled in.
 
     Raises InvalidArgument("INVALID_CASE_NAME") for a name that is not a plain directory
@@ -262,202 +255,3 @@ def write_manifest(out_root: Path, entries: Sequence[Mapping[str, Any]]) -> Path
         raise
     _fsync_dir(out_root)
     return out_root / "manifest.json"
-
-
-# ---------------------------------------------------------------------------- DICOM SEG
-
-
-@dataclass(frozen=True)
-class PacsDestination:
-    """A C-STORE peer: host, TCP port, its AE title (called) and ours (calling)."""
-
-    host: str
-    port: int
-    called_ae: str
-    calling_ae: str = "ATLASFLOW"
-
-    def validate(self) -> None:
-        """InvalidArgument("INVALID_PACS_DESTINATION", metadata "field") when malformed."""
-
-        def bad(f: str) -> InvalidArgument:
-            return InvalidArgument(
-                "INVALID_PACS_DESTINATION",
-                "pacs_destination needs host, port 1-65535 and AE titles of "
-                "1-16 printable characters without backslash",
-                domain=DOMAIN,
-                metadata={"field": f},
-            )
-
-        if not self.host or len(self.host) > 253 or any(c.isspace() for c in self.host):
-            raise bad("pacs_destination.host")
-        if not 0 < self.port < 65536:
-            raise bad("pacs_destination.port")
-        for name, ae in (("called_ae_title", self.called_ae), ("calling_ae_title", self.calling_ae)):
-            if not ae.strip() or len(ae) > 16 or "\\" in ae or not ae.isprintable():
-                raise bad(f"pacs_destination.{name}")
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """What an export job writes besides the AbdomenAtlas layout.
-
-    Stored with the job as `to_dict()` (the label repository's `options`): {} for the
-    defaults, else {"include_dicom_seg": true, "pacs": {"host", "port", "called_ae",
-    "calling_ae"}} (each key only when set).
-    """
-
-    include_dicom_seg: bool = False
-    pacs: PacsDestination | None = None
-
-    @classmethod
-    def checked(cls, include_dicom_seg: bool, pacs: PacsDestination | None) -> ExportOptions:
-        """The options of a new export job, validated: InvalidArgument
-        ("INVALID_PACS_DESTINATION", metadata "field") when a PACS destination is given without
-        include_dicom_seg or is malformed (`PacsDestination.validate`)."""
-        if pacs is not None:
-            if not include_dicom_seg:
-                raise InvalidArgument(
-                    "INVALID_PACS_DESTINATION",
-                    "pacs_destination needs include_dicom_seg",
-                    domain=DOMAIN,
-                    metadata={"field": "include_dicom_seg"},
-                )
-            pacs.validate()
-        return cls(include_dicom_seg=include_dicom_seg, pacs=pacs)
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {}
-        if self.include_dicom_seg:
-            d["include_dicom_seg"] = True
-        if self.pacs is not None:
-            d["pacs"] = asdict(self.pacs)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ExportOptions:
-        """The inverse of `to_dict` (unknown keys are ignored)."""
-        p = d.get("pacs")
-        pacs = None
-        if isinstance(p, Mapping):
-            pacs = PacsDestination(
-                str(p.get("host", "")),
-                int(p.get("port", 0)),
-                str(p.get("called_ae", "")),
-                str(p.get("calling_ae", "ATLASFLOW")),
-            )
-        return cls(include_dicom_seg=bool(d.get("include_dicom_seg", False)), pacs=pacs)
-
-
-# Outcome states (DicomSegState without the prefix).
-SEG_WRITTEN, SEG_SENT, SEG_SEND_FAILED, SEG_REFUSED, SEG_FAILED = (
-    "WRITTEN",
-    "SENT",
-    "SEND_FAILED",
-    "REFUSED",
-    "FAILED",
-)
-
-
-@dataclass
-class SegOutcome:
-    """One case's DICOM SEG outcome in an export (the manifest's per-case "dicom_seg").
-
-    state: WRITTEN, SENT, SEND_FAILED, REFUSED or FAILED; path/sha256: the file, relative to
-    the export root, when written; organs: organ ids of segments 1..N; reason and
-    reason_metadata: the ErrorInfo reason and metadata of a refusal or failure;
-    c_store_status: DIMSE status of the C-STORE response (0 when none).
-    """
-
-    case_id: str
-    version_id: str
-    state: str
-    path: str = ""
-    sha256: str = ""
-    organs: list[int] = field(default_factory=list)
-    referenced_instance_count: int = 0
-    reason: str = ""
-    reason_metadata: dict[str, str] = field(default_factory=dict)
-    c_store_status: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SegOutcome:
-        """The inverse of `to_dict` (unknown keys are ignored)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def job_seg_outcomes(repo: LabelRepository, job: ExportJobRecord) -> list[SegOutcome]:
-    """The DICOM SEG outcomes recorded so far for `job`'s cases, in export order ([] when the
-    job writes no SEG). Blocking (reads the repository)."""
-    if not ExportOptions.from_dict(job.options).include_dicom_seg:
-        return []
-    return [SegOutcome.from_dict(o.outcome) for o in repo.list_export_outcomes(job.job_id)]
-
-
-# Refusals: the case cannot have a SEG (a retry gives the same answer); anything else failed.
-_REFUSING = (FailedPrecondition, InvalidArgument, NotFound)
-
-
-def build_case_seg(
-    fetch_sources: Callable[[str], Sequence[pydicom.Dataset]],
-    ct_digest: str,
-    label_map_nifti: bytes,
-    provenance: Provenance,
-    version_id: str,
-    *,
-    case_id: str = "",
-    organ_provenance: Mapping[int, Provenance] | None = None,
-    organ_versions: Mapping[int, str] | None = None,
-) -> tuple[pydicom.Dataset | None, bytes | None, SegOutcome]:
-    """The DICOM SEG of one label version, or why there is none.
-
-    fetch_sources(ct_digest) returns the source CT instances of the version's CT (headers are
-    enough) or raises an AtlasflowError: NotFound / FailedPrecondition / InvalidArgument make
-    the outcome REFUSED (e.g. NotFound "SOURCE_SERIES_NOT_FOUND"), others FAILED (e.g.
-    Unavailable "INGEST_UNAVAILABLE"). The SEG (`atlasflow.labels.dicom_seg.export_dicom_seg`,
-    UIDs derived from `version_id`) is refused with GRID_DIFFERS_FROM_SOURCE when the label
-    map's (X, Y, Z) RAS+ grid is not the source images'. Returns (dataset, Part-10 bytes,
-    outcome WRITTEN) or (None, None, outcome REFUSED / FAILED); any other exception while
-    building makes the outcome FAILED with reason DICOM_SEG_ERROR (metadata "error": its type),
-    so that one odd case never stops the export of the others.
-    """
-    try:
-        sources = fetch_sources(ct_digest)
-        labels, affine = from_nifti_bytes(label_map_nifti)
-        prov = {oid: (organ_provenance or {}).get(oid, provenance) for oid in ORGANS}
-        seg = export_dicom_seg(
-            sources, np.asarray(labels), affine, provenance=prov, organ_versions=organ_versions, uid_seed=version_id
-        )
-    except AtlasflowError as exc:
-        state = SEG_REFUSED if isinstance(exc, _REFUSING) else SEG_FAILED
-        return (
-            None,
-            None,
-            SegOutcome(
-                case_id,
-                version_id,
-                state,
-                reason=exc.reason,
-                reason_metadata={str(k): str(v) for k, v in (exc.metadata or {}).items()},
-            ),
-        )
-    except Exception as exc:  # noqa: BLE001 - e.g. highdicom refusing odd source headers
-        return (
-            None,
-            None,
-            SegOutcome(
-                case_id, version_id, SEG_FAILED, reason="DICOM_SEG_ERROR", reason_metadata={"error": type(exc).__name__}
-            ),
-        )
-    buf = io.BytesIO()
-    seg.save_as(buf, enforce_file_format=True)
-    organs = [ORGAN_IDS[str(d.SegmentLabel)] for d in seg.SegmentSequence]
-    refs = {str(i.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
-    return (
-        seg,
-        buf.getvalue(),
-        SegOutcome(case_id, version_id, SEG_WRITTEN, organs=organs, referenced_instance_count=len(refs)),
-    )

@@ -30,7 +30,7 @@ were appended since; the same request_id with different content is rejected
 (InvalidArgument("REQUEST_ID_REUSED")).
 
 Export jobs: a job freezes the head versions of its cases when it is created and stores the
-caller's `options` (a JSON object, e.g. atlasflow.labels.export.ExportOptions.to_dict(); {} =
+caller's `options` (a JSON object, e.g. atlasflow.labels.export_jobs.ExportOptions.to_dict(); {} =
 the plain AbdomenAtlas layout) in the same row. Per-case outcomes of a job (e.g. its DICOM SEG
 outcome) are rows of `export_case_outcomes`, one per (job, case), committed as each case is
 done; recording a case again replaces its outcome (the latest attempt wins).
@@ -157,7 +157,7 @@ class ExportJobRecord:
     versions: the (case_id, version_id) pairs frozen when the job was created (each case's
     head at that moment), in export order; cases_total == len(versions). destination_uri: as
     the caller gave it. options: the caller's JSON object stored with the job ({} = none;
-    atlasflow.labels.export.ExportOptions.from_dict reads it).
+    atlasflow.labels.export_jobs.ExportOptions.from_dict reads it).
     """
 
     job_id: str
@@ -177,7 +177,7 @@ class ExportJobRecord:
 class ExportCaseOutcome:
     """The latest recorded outcome of one case of an export job.
 
-    outcome: the caller's JSON object (e.g. atlasflow.labels.export.SegOutcome.to_dict());
+    outcome: the caller's JSON object (e.g. atlasflow.labels.export_jobs.SegOutcome.to_dict());
     time: when it was recorded (UTC).
     """
 

@@ -22,13 +22,8 @@ from atlasflow.common.errors import InvalidArgument
 from atlasflow.common.server import Context, principal_of
 from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.audit import audited, require_principal
-from atlasflow.labels.export import (
-    ExportOptions,
-    PacsDestination,
-    SegOutcome,
-    destination_path,
-    job_seg_outcomes,
-)
+from atlasflow.labels.export import destination_path
+from atlasflow.labels.export_jobs import ExportOptions, PacsDestination, SegOutcome, job_seg_outcomes
 from atlasflow.labels.repository import (
     DOMAIN,
     AuditEvent,

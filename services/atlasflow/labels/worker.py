@@ -2,7 +2,7 @@
 
 `Exporter` runs export jobs one at a time (`run`, a coroutine on the service's event loop that
 does all its work in a thread; `run_job` exports one job). The DICOM SEG of a case is built with
-`atlasflow.labels.export.build_case_seg` from the source instances `sources` fetches
+`atlasflow.labels.case_seg.build_case_seg` from the source instances `sources` fetches
 (`atlasflow.labels.ingest_sources.IngestSourceInstances` in the service), written with the
 case, C-STOREd to the job's PACS destination, and its outcome committed to the label
 repository (`record_export_outcome`). The job's SEG options live in the job's row
@@ -27,19 +27,17 @@ from atlasflow.common.blobstore import BlobStore
 from atlasflow.common.errors import AtlasflowError, Unavailable
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.outbox import OutboxDispatcher, OutboxRow
+from atlasflow.labels.case_seg import build_case_seg
 from atlasflow.labels.dicom_seg import send_c_store
 from atlasflow.labels.events import TOPIC, VersionEventStore, version_request
-from atlasflow.labels.export import (
+from atlasflow.labels.export import destination_path, export_case, write_manifest
+from atlasflow.labels.export_jobs import (
     SEG_FAILED,
     SEG_SEND_FAILED,
     SEG_SENT,
     ExportOptions,
     PacsDestination,
     SegOutcome,
-    build_case_seg,
-    destination_path,
-    export_case,
-    write_manifest,
 )
 from atlasflow.labels.repository import DOMAIN, ExportJobRecord, LabelRepository
 

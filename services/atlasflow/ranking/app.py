@@ -6,6 +6,7 @@ background loop of its own (labels and segmentation push to it).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,14 @@ async def build_app(
     store = (
         worklist
         if worklist is not None
-        else SqliteWorklist(Path(settings.data_dir) / "ranking.sqlite3", default_lease_s=settings.lease_seconds)
+        else await asyncio.to_thread(
+            SqliteWorklist, Path(settings.data_dir) / "ranking.sqlite3", default_lease_s=settings.lease_seconds
+        )
     )
+    servicer = RankingServicer(store, metrics)
 
     def register(server: grpc.aio.Server) -> list[str]:
-        _add_servicer(RankingServicer(store, metrics), server)
+        _add_servicer(servicer, server)
         return [ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name]
 
     built = build_server(
@@ -57,7 +61,9 @@ async def build_app(
         max_message_bytes=settings.max_message_bytes,
         tracer_provider=tracer_provider,
     )
-    return ServiceApp("ranking", built, closers=[store.close] if owned else [], parts={"worklist": store})
+    return ServiceApp(
+        "ranking", built, closers=[store.close] if owned else [], parts={"worklist": store, "servicer": servicer}
+    )
 
 
 def main() -> None:

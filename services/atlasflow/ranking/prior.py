@@ -4,13 +4,16 @@ The bundled prior (`atlasflow.method.prior.PopulationPrior.load()`, built from t
 bundled label maps) is updated with the human-decided organs of each case's latest label
 version, as the labels service reports them (`RecordLabelVersion.human_organ_geometry`). Only
 human decisions (radiologist revisions, original labels) teach the prior: AI labels are what
-the prior is there to check.
+the prior is there to check. `LearnedPriorCache` keeps the learned prior (as JSON) until the
+stored geometry changes, for `GetPopulationPrior`.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from atlasflow.method.prior import PopulationPrior
@@ -55,3 +58,30 @@ def learned_prior(
             prior.notes + "; " if prior.notes else ""
         ) + f"updated with the human-decided organs of {added} stored case(s)"
     return prior, added
+
+
+GeometrySource = Callable[[], tuple[list[dict[int, OrganSummary]], str]]
+
+
+class LearnedPriorCache:
+    """The learned prior as JSON, relearned only when the stored geometry changed.
+
+    source: returns (per case, its human-decided organ summaries; a change tag that differs
+    whenever any of them changed), e.g. `SqliteWorklist.learned_geometry`. Thread-safe:
+    `current` may run in several worker threads at once (one learns, the others wait).
+    """
+
+    def __init__(self, source: GeometrySource) -> None:
+        self._source = source
+        self._lock = threading.Lock()
+        self._cached: tuple[str, str, int] | None = None  # (change tag, prior JSON, cases added)
+
+    def current(self) -> tuple[str, int]:
+        """(the prior as JSON (`PopulationPrior.to_dict`), number of stored cases it learned
+        from). Blocking: reads the store and may relearn the prior; call it from a worker thread."""
+        with self._lock:
+            cases, tag = self._source()
+            if self._cached is None or self._cached[0] != tag:
+                prior, added = learned_prior(cases)
+                self._cached = (tag, json.dumps(prior.to_dict()), added)
+            return self._cached[1], self._cached[2]

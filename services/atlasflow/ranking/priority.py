@@ -4,8 +4,9 @@ priority and the organ bit mask (no grpc, no SQL).
 Case priority (DESIGN.md, AbdomenAtlas `create_attention.py`): the total attention volume, in
 ml, over the organs the case's source did NOT label (partial-label template); per case, organs
 are ordered by heatmap mass (ml) descending. Volumes are in ml, never voxel counts, so cases of
-different spacing compare fairly. When the attention library gives organs a `score` (enhanced
-mode), the priority is the sum of the scores (unset = 0) over the unlabelled organs instead.
+different spacing compare fairly. When the attention library gives organs a `score` (the
+enhanced strategy), the priority is the sum of the scores (unset = 0) over the unlabelled organs
+instead.
 Organs a human decided (see `atlasflow.ranking.label_versions`) leave the priority like
 source-labelled ones.
 """

@@ -9,7 +9,6 @@ loop; the store serialises them itself.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -21,7 +20,7 @@ from atlasflow.common.metrics import Metrics
 from atlasflow.common.server import Context, principal_of
 from atlasflow.common.v1 import common_pb2
 from atlasflow.ranking.entries import AttentionPointer, OrganAttention, Round, Status, WorklistEntry, WorklistFilter
-from atlasflow.ranking.prior import OrganSummary, learned_prior
+from atlasflow.ranking.prior import LearnedPriorCache, OrganSummary
 from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from atlasflow.ranking.worklist import SqliteWorklist
 
@@ -191,7 +190,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     def __init__(self, worklist: SqliteWorklist, metrics: Metrics) -> None:
         self.worklist = worklist
         self.metrics = metrics
-        self._prior_cache: tuple[str, str, int] | None = None  # (change tag, JSON, cases added)
+        self._prior = LearnedPriorCache(worklist.learned_geometry)
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         try:
@@ -239,14 +238,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     async def GetPopulationPrior(
         self, request: ranking_pb2.GetPopulationPriorRequest, context: Context
     ) -> ranking_pb2.GetPopulationPriorResponse:
-        def build() -> tuple[str, int]:
-            cases, tag = self.worklist.learned_geometry()
-            if self._prior_cache is None or self._prior_cache[0] != tag:
-                prior, added = learned_prior(cases)
-                self._prior_cache = (tag, json.dumps(prior.to_dict()), added)
-            return self._prior_cache[1], self._prior_cache[2]
-
-        prior_json, added = await asyncio.to_thread(build)
+        prior_json, added = await asyncio.to_thread(self._prior.current)
         return ranking_pb2.GetPopulationPriorResponse(prior_json=prior_json, learned_cases=added)
 
     async def ListWorklist(

@@ -2,8 +2,9 @@
 outbox dispatcher that hands results to the label and ranking services.
 
 `build_app` wires them the common way (`atlasflow.common.app`): the worker is a `ThreadLoop`,
-the outbox dispatcher a `TaskLoop` on the server's event loop; stopping closes the peer
-channels, the prior source, the segmenters and the job store.
+the outbox dispatcher (handlers in `atlasflow.segmentation.worker`) a `TaskLoop` on the
+server's event loop; stopping closes the peer channels, the prior source, the segmenters and
+the job store.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from atlasflow.common.app import ServiceApp, TaskLoop, ThreadLoop, run_service
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.clients import aio_channel
 from atlasflow.common.metrics import Metrics
-from atlasflow.common.outbox import OutboxDispatcher, OutboxRow
+from atlasflow.common.outbox import OutboxDispatcher
 from atlasflow.common.server import build_server
-from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
-from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from atlasflow.labels.v1 import labels_pb2_grpc
+from atlasflow.ranking.v1 import ranking_pb2_grpc
 from atlasflow.segmentation.ensemble import load_ensemble
 from atlasflow.segmentation.jobs import JobStore
 from atlasflow.segmentation.prior_source import RankingPrior
@@ -30,7 +31,14 @@ from atlasflow.segmentation.servicer import SegmentationServicer
 from atlasflow.segmentation.settings import PREFIX, SegmentationSettings
 from atlasflow.segmentation.triton_client import TritonSegmenter
 from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
-from atlasflow.segmentation.worker import LABELS_TOPIC, RANKING_TOPIC, Segmenter, Worker
+from atlasflow.segmentation.worker import (
+    LABELS_TOPIC,
+    RANKING_TOPIC,
+    Segmenter,
+    Worker,
+    labels_handoff,
+    ranking_handoff,
+)
 
 # The generated gRPC modules carry no annotations: their stubs and registration, typed here.
 _LabelsStub: Callable[[grpc.aio.Channel], Any] = labels_pb2_grpc.LabelServiceStub
@@ -56,7 +64,7 @@ async def build_app(
     """
     metrics = metrics or Metrics("segmentation")
     blobs = LocalBlobStore(settings.blob_dir)
-    jobs = JobStore(Path(settings.data_dir))
+    jobs = await asyncio.to_thread(JobStore, Path(settings.data_dir))
     configs = [load_ensemble(e) for e in settings.ensembles()]
     versions = [c.version for c in configs]
     if segmenters is None:
@@ -74,16 +82,15 @@ async def build_app(
     segmenters = dict(segmenters)
     labels_channel = aio_channel(settings.labels_target, settings.max_message_bytes)
     ranking_channel = aio_channel(settings.ranking_target, settings.max_message_bytes)
-    labels_stub = _LabelsStub(labels_channel)
-    ranking_stub = _RankingStub(ranking_channel)
-
-    async def to_labels(row: OutboxRow) -> None:
-        await labels_stub.CreateLabelVersion(labels_pb2.CreateLabelVersionRequest.FromString(row.payload), timeout=60)
-
-    async def to_ranking(row: OutboxRow) -> None:
-        await ranking_stub.SubmitAttention(ranking_pb2.SubmitAttentionRequest.FromString(row.payload), timeout=60)
-
-    dispatcher = OutboxDispatcher(jobs.conn, jobs.lock, {LABELS_TOPIC: to_labels, RANKING_TOPIC: to_ranking}, metrics)
+    dispatcher = OutboxDispatcher(
+        jobs.conn,
+        jobs.lock,
+        {
+            LABELS_TOPIC: labels_handoff(_LabelsStub(labels_channel)),
+            RANKING_TOPIC: ranking_handoff(_RankingStub(ranking_channel)),
+        },
+        metrics,
+    )
     loop = asyncio.get_running_loop()
 
     def wake_dispatcher() -> None:  # worker thread

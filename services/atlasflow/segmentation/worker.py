@@ -1,13 +1,14 @@
-"""The segmentation worker: the background loop that runs jobs one at a time (load -> Triton ->
-blobs -> result + hand-offs to labels and ranking). Orchestration only: the math is in
-pipeline.py and runs inside Triton."""
+"""The segmentation service's background loops: the worker that runs jobs one at a time (load ->
+Triton -> blobs -> result + hand-offs to labels and ranking) and the outbox handlers that
+deliver those hand-offs (`labels_handoff`, `ranking_handoff`). Orchestration only: the math is
+in pipeline.py and runs inside Triton."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 import numpy as np
@@ -21,6 +22,7 @@ from atlasflow.common.errors import AtlasflowError, InvalidArgument
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.organs import ORGANS
+from atlasflow.common.outbox import OutboxRow
 from atlasflow.common.telemetry import context_from_traceparent, current_traceparent
 from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.v1 import labels_pb2
@@ -50,6 +52,31 @@ class Segmenter(Protocol):
     def segment(
         self, volume_hu: npt.NDArray[np.int16], affine: npt.NDArray[np.float64], labelled_organs: Sequence[int] = ()
     ) -> PipelineOutput: ...
+
+
+HANDOFF_TIMEOUT_S = 60.0
+
+
+def labels_handoff(labels: Any) -> Callable[[OutboxRow], Awaitable[None]]:
+    """The outbox handler of `LABELS_TOPIC`: CreateLabelVersion with the stored request, 60 s
+    deadline. labels: a LabelService stub on an asyncio channel."""
+
+    async def deliver(row: OutboxRow) -> None:
+        request = labels_pb2.CreateLabelVersionRequest.FromString(row.payload)
+        await labels.CreateLabelVersion(request, timeout=HANDOFF_TIMEOUT_S)
+
+    return deliver
+
+
+def ranking_handoff(ranking: Any) -> Callable[[OutboxRow], Awaitable[None]]:
+    """The outbox handler of `RANKING_TOPIC`: SubmitAttention with the stored request, 60 s
+    deadline. ranking: a RankingService stub on an asyncio channel."""
+
+    async def deliver(row: OutboxRow) -> None:
+        request = ranking_pb2.SubmitAttentionRequest.FromString(row.payload)
+        await ranking.SubmitAttention(request, timeout=HANDOFF_TIMEOUT_S)
+
+    return deliver
 
 
 def blob_ref(digest: str, size: int) -> common_pb2.BlobRef:
