@@ -103,8 +103,10 @@ def _wait_health(target: str, proc: subprocess.Popen, timeout_s: float = 120) ->
 
 
 def _start_triton(kind: str, ensemble: str, work: Path, model_name: str, token: str) -> tuple[object, str]:
+    from atlasflow.common.ports import free_ports
     from atlasflow.segmentation.triton_client import TritonSegmenter
-    from atlasflow.segmentation.triton_repo import BundledTriton, free_ports, write_repository
+    from atlasflow.segmentation.triton_repo import write_repository
+    from atlasflow.testing.triton import BundledTriton
 
     if kind == "stock":
         write_repository(work / "models", ensemble, kind="cpu")
@@ -159,10 +161,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
     from atlasflow.common.blobstore import LocalBlobStore
     from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
+    from atlasflow.common.ports import free_ports
     from atlasflow.common.v1 import common_pb2
     from atlasflow.segmentation.ensemble import load_ensemble
     from atlasflow.segmentation.pipeline import EnsemblePipeline
-    from atlasflow.segmentation.triton_repo import free_ports
     from atlasflow.segmentation.v1 import segmentation_pb2 as pb
     from atlasflow.segmentation.v1 import segmentation_pb2_grpc
 

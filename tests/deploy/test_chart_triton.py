@@ -274,7 +274,8 @@ def test_init_command_runs_here_and_tritonserver_serves_it_with_the_chart_args(
     """The initContainer's exact command through this environment's `atlasflow` script, then the
     Triton container's exact args (ports and the mount path mapped to this machine, the token
     expanded as the kubelet does) on the stock tritonserver binary of the nvidia-pytriton wheel."""
-    from atlasflow.segmentation.triton_repo import bundled_server_command, free_ports
+    from atlasflow.common.ports import free_ports
+    from atlasflow.testing.triton import bundled_server_command
 
     docs = render("--set", "triton.gpu=0")  # one ensemble: the segmentation service's
     dep = deployment(docs, "triton")

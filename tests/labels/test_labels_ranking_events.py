@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from atlasflow.cli.local import free_ports
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.nifti import to_nifti_bytes
+from atlasflow.common.ports import free_ports
 from atlasflow.common.server import PRINCIPAL_METADATA_KEY
 from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc

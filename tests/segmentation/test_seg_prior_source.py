@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from atlasflow.cli.local import free_ports
 from atlasflow.common.metrics import Metrics
+from atlasflow.common.ports import free_ports
 from atlasflow.method.prior import PopulationPrior
 from atlasflow.ranking.prior import OrganSummary
 from atlasflow.ranking.worklist import SqliteWorklist

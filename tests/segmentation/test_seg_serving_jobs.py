@@ -23,14 +23,16 @@ import pytest
 from atlasflow.common.app import ServiceApp
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
+from atlasflow.common.ports import free_ports
 from atlasflow.common.v1 import common_pb2
 from atlasflow.segmentation.app import build_app
 from atlasflow.segmentation.pipeline import EnsemblePipeline
 from atlasflow.segmentation.settings import SegmentationSettings
 from atlasflow.segmentation.triton_client import TritonSegmenter
-from atlasflow.segmentation.triton_repo import BundledTriton, free_ports, write_repository
+from atlasflow.segmentation.triton_repo import write_repository
 from atlasflow.segmentation.v1 import segmentation_pb2 as pb
 from atlasflow.segmentation.v1 import segmentation_pb2_grpc
+from atlasflow.testing.triton import BundledTriton
 
 TINY = Path(__file__).parent / "tiny_ensembles"
 A, B = "tiny-a-v1", "tiny-b-v1"

@@ -28,8 +28,9 @@ from atlasflow.segmentation.ensemble import load_ensemble
 from atlasflow.segmentation.models import build_member
 from atlasflow.segmentation.pipeline import EnsemblePipeline
 from atlasflow.segmentation.triton_client import TritonSegmenter
-from atlasflow.segmentation.triton_repo import BundledTriton, PythonBackendModel, config_pbtxt
+from atlasflow.segmentation.triton_repo import PythonBackendModel, config_pbtxt
 from atlasflow.testing.data import TEST_DATA
+from atlasflow.testing.triton import BundledTriton
 
 DEMO_CT = TEST_DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
 TINY = Path(__file__).parent / "tiny_ensembles" / "tiny-a-v1.json"

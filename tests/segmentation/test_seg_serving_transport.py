@@ -21,7 +21,8 @@ from tritonclient.utils import InferenceServerException
 
 from atlasflow.common.errors import ResourceExhausted
 from atlasflow.segmentation.triton_client import TritonSegmenter, is_loopback
-from atlasflow.segmentation.triton_repo import BundledTriton, config_pbtxt
+from atlasflow.segmentation.triton_repo import config_pbtxt
+from atlasflow.testing.triton import BundledTriton
 
 SHAPE = (512, 512, 600)
 ECHO_PY = """

@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from atlasflow.common.ports import free_ports
 
 DEFAULT_PORTS = {
     "triton_http": 8000,
@@ -55,18 +56,6 @@ MALLOC_ENV = {
     "MALLOC_TRIM_THRESHOLD_": str(4 * 1024 * 1024 * 1024),
     "MALLOC_TOP_PAD_": str(512 * 1024 * 1024),
 }
-
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 @dataclass

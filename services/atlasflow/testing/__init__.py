@@ -3,6 +3,7 @@
     data                  TEST_DATA (the real public CT test data) and REPO
     servers               in-process gRPC servers (ranking)
     peers                 real peers as subprocesses: atlasflow ingest, Orthanc, dcmtk storescu
+    triton                the wheel-bundled tritonserver serving a model repository (child process)
     attention_baseline    oracle: the published attention recipe in NumPy/SciPy
     suspect_regions_numpy oracle: the enhanced suspect regions in NumPy/SciPy
     error_sim             simulated segmentation errors on the bundled label maps

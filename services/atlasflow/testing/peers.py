@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from atlasflow.cli.local import free_ports
+from atlasflow.common.ports import free_ports
 from atlasflow.testing.data import REPO, TEST_DATA
 
 __all__ = [
