@@ -30,7 +30,8 @@ from atlasflow.common.errors import InvalidArgument
 from atlasflow.method.attention import case_attention
 from atlasflow.method.strategy import rank_case
 from atlasflow.segmentation.ensemble import ENSEMBLE_DIR, load_ensemble, parse_ensemble
-from atlasflow.segmentation.pipeline import EnsemblePipeline, PipelineOutput
+from atlasflow.segmentation.outputs import PipelineOutput
+from atlasflow.segmentation.pipeline import EnsemblePipeline
 from atlasflow.segmentation.triton_client import TritonSegmenter
 from atlasflow.testing.data import TEST_DATA
 

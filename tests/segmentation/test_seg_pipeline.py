@@ -9,7 +9,8 @@ import torch
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.method.masks import largest_component
 from atlasflow.segmentation.grid import model_grid, resample
-from atlasflow.segmentation.pipeline import STATS_COLUMNS, EnsemblePipeline, PipelineOutput, labelled_flags
+from atlasflow.segmentation.outputs import STATS_COLUMNS, PipelineOutput, labelled_flags
+from atlasflow.segmentation.pipeline import EnsemblePipeline
 
 
 def _rotation_z(deg: float) -> np.ndarray:

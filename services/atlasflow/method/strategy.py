@@ -30,7 +30,7 @@ from atlasflow.method.geometry import slice_axis_of
 from atlasflow.method.masks import Box, bounding_box, offset_box
 from atlasflow.method.prior import PopulationPrior
 
-#: The per-organ statistic (`atlasflow.segmentation.pipeline.STATS_COLUMNS`) that a strategy's
+#: The per-organ statistic (`atlasflow.segmentation.outputs.STATS_COLUMNS`) that a strategy's
 #: organ score starts from before plausibility penalties are added.
 ScoreBase = Literal["heatmap_ml", "attention_ml"]
 #: The strategy used where none is named (ensemble files without ``"attention"``, ``--mode``).

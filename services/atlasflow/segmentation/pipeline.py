@@ -55,14 +55,20 @@ and ``overlap`` override every member's sliding-window batch and overlap; ``fore
 (`ForegroundCrop`) first crops the native CT to the body's bounding box (HU > threshold, grown
 by a margin in mm) so the sliding window covers the body only; everything outside the box is
 background with zero heatmap.
+
+The result types (`PipelineOutput`, `STATS_COLUMNS`, `labelled_flags`) live in the torch-free
+`atlasflow.segmentation.outputs`, which the service process imports. The pipeline itself
+stays one module (past ~500 lines): its steps share the per-organ working state (`_OrganWork`,
+the lazily resampled native stacks) of one case, and splitting them would only pass that
+state across module boundaries.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -86,42 +92,7 @@ from atlasflow.segmentation.ensemble import (
 )
 from atlasflow.segmentation.grid import model_grid, resample
 from atlasflow.segmentation.models import load_member
-
-STATS_COLUMNS = ("volume_ml", "attention_ml", "heatmap_ml", "component_count")
-
-
-@dataclass
-class PipelineOutput:
-    """Result on the INPUT grid (same shape and affine as the input volume).
-
-    labels: ``(X, Y, Z)`` uint8, AbdomenAtlas ids 0..9 (0 = background).
-    heatmap: ``(X, Y, Z)`` uint8, 0..255 = attention heatmap 0..1 (max over unlabelled organs;
-        the ensemble's ranking strategy's attention, `EnsemblePipeline.strategy`).
-    organ_stats: ``(9, 4)`` float64, row k = organ id k+1, columns `STATS_COLUMNS`:
-        volume_ml (final label), attention_ml (attention mask), heatmap_ml (sum of the organ's
-        heatmap x voxel volume), component_count (26-connected components of the ensemble
-        mask before keeping the largest).
-    weights_trained: False while any member runs seeded untrained weights.
-    """
-
-    labels: np.ndarray
-    heatmap: np.ndarray
-    organ_stats: np.ndarray
-    weights_trained: bool
-    timings_s: dict[str, float] = field(default_factory=dict, compare=False)
-
-
-def labelled_flags(organ_ids: Iterable[int]) -> np.ndarray:
-    """Organ ids (1..9) -> ``(9,)`` uint8 flags, flag k for organ id k+1."""
-    flags = np.zeros(NUM_ORGANS, dtype=np.uint8)
-    for organ in organ_ids:
-        if not 1 <= int(organ) <= NUM_ORGANS:
-            raise InvalidArgument(
-                "UNKNOWN_ORGAN", "organ ids must be 1..9", domain=DOMAIN, metadata={"organ": str(organ)}
-            )
-        flags[int(organ) - 1] = 1
-    return flags
-
+from atlasflow.segmentation.outputs import STATS_COLUMNS, PipelineOutput
 
 # ----------------------------------------------------------------------------- foreground crop
 

@@ -56,8 +56,7 @@ import numpy.typing as npt
 from atlasflow.common import errors
 from atlasflow.common.errors import AtlasflowError, DataLoss, FailedPrecondition, ResourceExhausted, Unavailable
 from atlasflow.common.organs import NUM_ORGANS
-from atlasflow.segmentation.ensemble import DOMAIN
-from atlasflow.segmentation.pipeline import STATS_COLUMNS, PipelineOutput, labelled_flags
+from atlasflow.segmentation.outputs import DOMAIN, STATS_COLUMNS, PipelineOutput, labelled_flags
 
 LOG = logging.getLogger(__name__)
 SHM_MODES = ("auto", "on", "off")

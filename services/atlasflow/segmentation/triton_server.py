@@ -9,7 +9,7 @@ One Triton model per ensemble version, named `triton_model_name(version)`
 inputs   ``volume`` int16 [-1, -1, -1] (X, Y, Z) HU; ``affine`` float64 [4, 4] voxel -> RAS mm;
          ``labelled_organs`` uint8 [9] flags, flag k = organ id k+1.
 outputs  ``labels`` uint8 [-1, -1, -1]; ``heatmap`` uint8 [-1, -1, -1] (0..255 = 0..1);
-         ``organ_stats`` float64 [9, 4] (`pipeline.STATS_COLUMNS`); ``weights_trained`` uint8 [1].
+         ``organ_stats`` float64 [9, 4] (`outputs.STATS_COLUMNS`); ``weights_trained`` uint8 [1].
 
 Request parameters ``traceparent``/``tracestate`` (W3C) are extracted with
 ``opentelemetry.propagate`` and the pipeline runs in a span ``segmentation.pipeline`` of that

@@ -31,7 +31,7 @@ from atlasflow.method.prior import PopulationPrior
 from atlasflow.method.strategy import DEFAULT_STRATEGY, RankingStrategy, get_strategy
 from atlasflow.ranking.v1 import ranking_pb2
 from atlasflow.segmentation.jobs import Job, JobStore
-from atlasflow.segmentation.pipeline import PipelineOutput
+from atlasflow.segmentation.outputs import PipelineOutput
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
