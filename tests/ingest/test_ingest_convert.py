@@ -1,4 +1,4 @@
-"""`atlasflow convert` on EVERY CT series in shared/data, against dcm2niix (the reference).
+"""`atlasflow convert` on EVERY CT series in tests/data, against dcm2niix (the reference).
 
 Each case runs the real CLI (``.venv/bin/atlasflow convert``) and dcm2niix (PyPI build,
 ``-z n``) on the same input and compares after ``nibabel.as_closest_canonical``: same voxel
@@ -36,7 +36,7 @@ AFFINE_TOL_MM = 1e-3
 TILT_INNER_TOL_HU = 1.0
 TILT_MAX_MISMATCH_FRACTION = 0.01
 
-# id -> (input relative to shared/data, expectation)
+# id -> (input relative to tests/data, expectation)
 CASES: dict[str, tuple[str, str]] = {
     "totalseg-j2k-no-uids": ("totalsegmentator/tests/reference_files/example_ct_dicom", "equal"),
     "dcmqi-ffs-3slice": ("dcmqi/data/segmentations/ct-3slice", "equal"),
@@ -217,7 +217,7 @@ def test_convert_matches_dcm2niix(case: str, tmp_path: Path) -> None:
 
 
 def test_cases_cover_every_ct_series_in_shared_data() -> None:
-    """Every CT file under shared/data belongs to one case above (new data must be added)."""
+    """Every CT file under tests/data belongs to one case above (new data must be added)."""
     covered: set[Path] = set()
     for rel, _ in CASES.values():
         path = TEST_DATA / rel

@@ -1,4 +1,4 @@
-"""Derive the CT cases that shared/data lacks from REAL slices (tests and benchmarks use it).
+"""Derive the CT cases that tests/data lacks from REAL slices (tests and benchmarks use it).
 
 Every generator writes Part-10 files into a directory the caller gives (a pytest tmp dir;
 nothing big is ever committed) and returns that directory. Source of real pixels: the
