@@ -1,4 +1,5 @@
-"""The shared server builder: health, reflection, ErrorInfo mapping, RED metrics, spans."""
+"""The shared server builder: health, reflection, ErrorInfo mapping, RED metrics, spans,
+authentication and authorisation."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import generate_latest
 
+from atlasflow.common.auth import LocalIssuer, TokenVerifier
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.server import build_server, error_info_of
 from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from atlasflow.testing import auth
 
 
 class _Servicer(ranking_pb2_grpc.RankingServiceServicer):
@@ -42,7 +45,12 @@ def running():
 
     async def start():
         built = build_server(
-            register=register, metrics=metrics, port=0, max_message_bytes=1024, tracer_provider=provider
+            register=register,
+            metrics=metrics,
+            port=0,
+            max_message_bytes=1024,
+            tracer_provider=provider,
+            verifier=TokenVerifier(auth.issuer().config()),
         )
         await built.server.start()
         await built.set_serving(True)
@@ -61,29 +69,30 @@ def running():
 
 def test_ok_error_info_internal_metrics_and_spans(running):
     built, metrics, exporter = running
+    token = auth.metadata("reviewer")
     with grpc.insecure_channel(f"127.0.0.1:{built.port}") as ch:
         stub = ranking_pb2_grpc.RankingServiceStub(ch)
-        assert stub.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id="c1")).item.rank == 1
+        assert stub.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id="c1"), metadata=token).item.rank == 1
 
         with pytest.raises(grpc.RpcError) as bad:
-            stub.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id="bad"))
+            stub.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id="bad"), metadata=token)
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         info = error_info_of(bad.value)
         assert info is not None
         assert (info.reason, info.domain, dict(info.metadata)) == ("BAD_CASE", "atlasflow.ranking", {"case_id": "bad"})
 
         with pytest.raises(grpc.RpcError) as boom:
-            stub.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id="boom"))
+            stub.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id="boom"), metadata=token)
         assert boom.value.code() == grpc.StatusCode.INTERNAL
         assert "passwd" not in (boom.value.details() or "")
         assert error_info_of(boom.value).reason == "INTERNAL"
 
         # message-size limit is explicit (1 KiB here)
         with pytest.raises(grpc.RpcError) as big:
-            stub.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id="x" * 4096))
+            stub.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id="x" * 4096), metadata=token)
         assert big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
-        health = health_pb2_grpc.HealthStub(ch)
+        health = health_pb2_grpc.HealthStub(ch)  # health and reflection: no token needed
         for name in ("", "atlasflow.ranking.v1.RankingService"):
             assert (
                 health.Check(health_pb2.HealthCheckRequest(service=name)).status
@@ -113,3 +122,48 @@ def test_graceful_stop_marks_not_serving(running):
     with grpc.insecure_channel(f"127.0.0.1:{built.port}") as ch:
         status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest()).status
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _refused(call) -> tuple[grpc.StatusCode, str, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    info = error_info_of(err.value)
+    assert info is not None
+    assert info.domain == "atlasflow.auth"
+    return err.value.code(), info.reason, err.value.details() or ""
+
+
+def test_authentication_and_authorisation(running, tmp_path):
+    """A real server from build_server with a TokenVerifier: no token, a token from another
+    issuer (or signed by another key under the same issuer name), and a role the POLICY does
+    not allow for the RPC are all refused before the servicer runs; health needs no token."""
+    built, metrics, _exporter = running
+    request = ranking_pb2.GetWorklistItemRequest(case_id="c1")
+    stranger = LocalIssuer.create_or_load(tmp_path / "other")
+    forger = LocalIssuer.create_or_load(tmp_path / "forger", issuer=auth.ISSUER)  # same iss, other key
+    with grpc.insecure_channel(f"127.0.0.1:{built.port}") as ch:
+        stub = ranking_pb2_grpc.RankingServiceStub(ch)
+        code, reason, _ = _refused(lambda: stub.GetWorklistItem(request))
+        assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "MISSING_TOKEN")
+        for issuer in (stranger, forger):
+            other = (("authorization", f"Bearer {issuer.mint('dr-x', ['reviewer'])}"),)
+            code, reason, _ = _refused(lambda other=other: stub.GetWorklistItem(request, metadata=other))
+            assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_TOKEN")
+        garbage = (("authorization", "Bearer not-a-jwt"),)
+        code, reason, _ = _refused(lambda: stub.GetWorklistItem(request, metadata=garbage))
+        assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_TOKEN")
+        # a valid token of this issuer, but GetWorklistItem is not open to a connector
+        code, reason, _ = _refused(
+            lambda: stub.GetWorklistItem(request, metadata=auth.metadata("connector", subject="pacs-gw"))
+        )
+        assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "ROLE_NOT_ALLOWED")
+        # the right role passes
+        assert stub.GetWorklistItem(request, metadata=auth.metadata("annotator")).item.rank == 1
+        # health answers without a token
+        assert (
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest()).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
+    text = generate_latest(metrics.registry).decode()
+    assert 'atlasflow_rpc_requests_total{code="OK",method="GetWorklistItem",service="ranking"} 1.0' in text
+    assert 'code="UNAUTHENTICATED"' in text and 'code="PERMISSION_DENIED"' in text

@@ -18,13 +18,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from atlasflow.common.blobstore import LocalBlobStore
+from atlasflow.common.clients import sync_channel
 from atlasflow.common.nifti import to_nifti_bytes
 from atlasflow.common.ports import free_ports
-from atlasflow.common.server import PRINCIPAL_METADATA_KEY
 from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
 from atlasflow.method.prior import PopulationPrior
 from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from atlasflow.testing import auth
 
 REPO = Path(__file__).resolve().parents[2]
 AFFINE = np.diag([1.5, 1.5, 3.0, 1.0])
@@ -44,6 +45,7 @@ def _serve(name: str, root: Path, env: dict[str, str]) -> subprocess.Popen[bytes
             }.items()
         }
     )
+    full.update(auth.auth_env(f"ATLASFLOW_{name.upper()}_"))
     return subprocess.Popen(
         [sys.executable, "-m", "atlasflow.cli.main", "serve", name],
         cwd=REPO,
@@ -109,7 +111,7 @@ def test_revision_reaches_ranking_and_reranks(tmp_path: Path) -> None:
         label_map[2:12, 2:12, 2:8] = LIVER
         label_map[14:20, 4:10, 3:7] = SPLEEN
         ct_ref = _ref(blobs, to_nifti_bytes(ct, AFFINE))
-        lstub = labels_pb2_grpc.LabelServiceStub(grpc.insecure_channel(f"127.0.0.1:{labels_port}"))
+        lstub = labels_pb2_grpc.LabelServiceStub(sync_channel(f"127.0.0.1:{labels_port}"))  # all-roles token
         v1 = lstub.CreateLabelVersion(
             labels_pb2.CreateLabelVersionRequest(
                 case_id="case-a",
@@ -126,7 +128,7 @@ def test_revision_reaches_ranking_and_reranks(tmp_path: Path) -> None:
 
         ranking = _serve("ranking", tmp_path, {"GRPC_PORT": str(ranking_port), "METRICS_PORT": str(m2)})
         _wait_serving(ranking_target, ranking, tmp_path / "ranking.log")
-        rstub = ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(ranking_target))
+        rstub = ranking_pb2_grpc.RankingServiceStub(sync_channel(ranking_target))
 
         def organ(o: int, ml: float) -> ranking_pb2.OrganAttention:
             return ranking_pb2.OrganAttention(organ=o, attention_ml=ml, heatmap_ml=ml / 2, volume_ml=50.0)
@@ -158,7 +160,7 @@ def test_revision_reaches_ranking_and_reranks(tmp_path: Path) -> None:
                 request_id="rev-1",
                 revisions=[labels_pb2.OrganRevision(organ=LIVER, mask_blob=_ref(blobs, to_nifti_bytes(liver, AFFINE)))],
             ),
-            metadata=[(PRINCIPAL_METADATA_KEY, "dr.x")],
+            metadata=auth.metadata("reviewer", subject="dr.x"),
             timeout=30,
         ).version
         assert _until(lambda: item("case-a").label_version_id == v2.version_id)

@@ -4,6 +4,7 @@ trail, through a real LabelService gRPC server (in-process, port 0) on both back
 from __future__ import annotations
 
 import asyncio
+import functools
 import gzip
 import json
 import threading
@@ -14,11 +15,12 @@ import grpc
 import numpy as np
 import pytest
 
+from atlasflow.common.auth import TokenVerifier
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
-from atlasflow.common.server import PRINCIPAL_METADATA_KEY, build_server, error_info_of
+from atlasflow.common.server import build_server, error_info_of
 from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.assembly import apply_revision, assemble, decode_mask_delta, encode_mask_delta
 from atlasflow.labels.repository import OrganProvenance, Provenance
@@ -26,6 +28,7 @@ from atlasflow.labels.servicer import LabelServicer
 from atlasflow.labels.storage import open_repository
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
 from atlasflow.labels.worker import Exporter
+from atlasflow.testing import auth
 
 AFFINE = np.array([[-1.5, 0, 0, 90.0], [0, 1.5, 0, -40.0], [0, 0, 2.5, -300.0], [0, 0, 0, 1]])
 SHAPE = (12, 10, 8)
@@ -157,7 +160,7 @@ def service(request, tmp_path):
             labels_pb2_grpc.add_LabelServiceServicer_to_server(LabelServicer(repo, blobs, exporter), server)
             return [labels_pb2.DESCRIPTOR.services_by_name["LabelService"].full_name]
 
-        built = build_server(register=register, metrics=metrics, port=0)
+        built = build_server(register=register, metrics=metrics, port=0, verifier=TokenVerifier(auth.issuer().config()))
         await built.server.start()
         return built
 
@@ -173,8 +176,10 @@ def service(request, tmp_path):
     repo.close()
 
 
-def _who(name: str) -> list[tuple[str, str]]:
-    return [(PRINCIPAL_METADATA_KEY, name)]
+@functools.cache  # one token per person and role (minted once, before any racing threads use it)
+def _who(name: str, role: str = "reviewer") -> tuple[tuple[str, str], ...]:
+    """Call metadata: a token for ``name`` with ``role`` (the principal of the audit trail)."""
+    return auth.metadata(role, subject=name)
 
 
 def _ref(blobs, data: bytes) -> common_pb2.BlobRef:
@@ -192,7 +197,7 @@ def _create(stub, blobs, case, labels, ct_ref, source, organs=(), who="svc-seg",
             labelled_organs=list(organs),
             expected_parent_version_id=parent,
         ),
-        metadata=_who(who),
+        metadata=_who(who, "service"),
     ).version
 
 
@@ -273,7 +278,8 @@ def test_revision_lifecycle(service):
     # the export reports the per-organ provenance
     out = tmp / "export"
     job = stub.ExportDataset(
-        labels_pb2.ExportDatasetRequest(case_ids=["case-1"], destination_uri=out.as_uri()), metadata=_who("dr-b")
+        labels_pb2.ExportDatasetRequest(case_ids=["case-1"], destination_uri=out.as_uri()),
+        metadata=_who("dr-b", "admin"),
     ).job
     exporter.run_job(repo.get_export_job(job.job_id))
     manifest = json.loads((out / "manifest.json").read_text())
@@ -286,7 +292,9 @@ def test_revision_lifecycle(service):
 
     # the audit trail has every call, with who and what
     stub.GetLabelVersion(labels_pb2.GetLabelVersionRequest(version_id=v2.version_id), metadata=_who("dr-c"))
-    records = stub.ListAuditRecords(labels_pb2.ListAuditRecordsRequest(page_size=1000)).records
+    records = stub.ListAuditRecords(
+        labels_pb2.ListAuditRecordsRequest(page_size=1000), metadata=_who("auditor", "admin")
+    ).records
     trail = [(r.principal, r.method, list(r.version_ids), r.outcome) for r in records]
     assert trail[0] == ("dr-c", "GetLabelVersion", [v2.version_id], "OK")
     assert ("dr-a", "ReviseLabels", [v4.version_id], "OK") in trail
@@ -295,7 +303,9 @@ def test_revision_lifecycle(service):
     assert [r.method for r in records if r.principal == "dr-b"] == ["ExportDataset"]
     export = [r for r in records if r.method == "ExportDataset"]
     assert [(r.job_id, list(r.version_ids)) for r in export] == [(job.job_id, [v4.version_id])]
-    page = stub.ListAuditRecords(labels_pb2.ListAuditRecordsRequest(principal="dr-a", page_size=1))
+    page = stub.ListAuditRecords(
+        labels_pb2.ListAuditRecordsRequest(principal="dr-a", page_size=1), metadata=_who("auditor", "admin")
+    )
     assert len(page.records) == 1 and page.next_page_token
 
 
@@ -320,7 +330,8 @@ def test_revision_errors_are_refused_and_audited(service):
     shifted = AFFINE.copy()
     shifted[0, 3] += 0.5
     cases = [
-        (revise(who=""), grpc.StatusCode.UNAUTHENTICATED, "PRINCIPAL_REQUIRED"),
+        # no token: refused by the server's authentication before the servicer runs
+        (revise(who=""), grpc.StatusCode.UNAUTHENTICATED, "MISSING_TOKEN"),
         (
             revise(mask_blob=_ref(blobs, to_nifti_bytes(np.ones((12, 10, 7), np.uint8), AFFINE))),
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -355,10 +366,13 @@ def test_revision_errors_are_refused_and_audited(service):
     assert v2.parent_version_id == v1.version_id
     outcomes = [
         (r.principal, r.outcome)
-        for r in stub.ListAuditRecords(labels_pb2.ListAuditRecordsRequest(case_id="c")).records
+        for r in stub.ListAuditRecords(
+            labels_pb2.ListAuditRecordsRequest(case_id="c"), metadata=_who("auditor", "admin")
+        ).records
         if r.method == "ReviseLabels"
     ]
-    assert ("anonymous", "PRINCIPAL_REQUIRED") in outcomes
+    # the call without a token never reached the servicer: refused by authentication, not audited
+    assert all(principal not in ("", "anonymous") for principal, _ in outcomes)
     assert ("dr-a", "INVALID_REVISION_MASK") in outcomes
     assert ("dr-a", "PARENT_MISMATCH") in outcomes
     assert [v.version_id for v in repo.history("c")] == [v1.version_id, v2.version_id]

@@ -1,4 +1,4 @@
-"""The real ranking gRPC server, in-process on port 0: reviewer identity from metadata, leases
+"""The real ranking gRPC server, in-process on port 0: reviewer identity from the token, leases
 raced by concurrent reviewers, expiry on an injected clock, ErrorInfo reasons, filters and
 pagination, rounds, reasons/pointers round trip, the pending queue-depth gauge."""
 
@@ -14,12 +14,14 @@ import pytest
 from google.protobuf import duration_pb2
 from prometheus_client import generate_latest
 
+from atlasflow.common.clients import sync_channel
 from atlasflow.common.metrics import Metrics
-from atlasflow.common.server import PRINCIPAL_METADATA_KEY, error_info_of
+from atlasflow.common.server import error_info_of
 from atlasflow.common.v1 import common_pb2
 from atlasflow.ranking.v1 import ranking_pb2 as pb
 from atlasflow.ranking.v1 import ranking_pb2_grpc
 from atlasflow.ranking.worklist import SqliteWorklist
+from atlasflow.testing import auth
 from atlasflow.testing.servers import in_process_ranking_server
 
 
@@ -38,20 +40,29 @@ class FakeClock:
 
 
 @pytest.fixture()
-def server(tmp_path):
+def served(tmp_path):
+    """(port, clock, metrics) of the running server."""
     clock = FakeClock()
     store = SqliteWorklist(tmp_path / "ranking.sqlite3", clock=clock)
     metrics = Metrics("ranking")
     with in_process_ranking_server(store, metrics) as port:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        stub = ranking_pb2_grpc.RankingServiceStub(channel)
-        yield stub, clock, metrics
-        channel.close()
+        yield port, clock, metrics
     store.close()
 
 
-def who(principal: str) -> list[tuple[str, str]]:
-    return [(PRINCIPAL_METADATA_KEY, principal)]
+@pytest.fixture()
+def server(served):
+    """(stub, clock, metrics); the stub's calls carry the session's all-roles token unless a
+    call passes its own (`who`)."""
+    port, clock, metrics = served
+    channel = sync_channel(f"127.0.0.1:{port}")
+    yield ranking_pb2_grpc.RankingServiceStub(channel), clock, metrics
+    channel.close()
+
+
+def who(principal: str, role: str = "reviewer") -> tuple[tuple[str, str], ...]:
+    """Call metadata acting as ``principal``: a token for that subject with ``role``."""
+    return auth.metadata(role, subject=principal)
 
 
 def organ(o, attention, heat=None, **kw):
@@ -110,42 +121,62 @@ def test_reasons_and_pointers_round_trip(server):
     assert not got.HasField("lease") and not got.HasField("review")
 
 
-def test_principal_required(server):
+def auth_fails(call, code, reason):
+    """Refused by the server's authentication / authorisation, before ranking runs."""
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    assert err.value.code() == code
+    info = error_info_of(err.value)
+    assert info is not None and info.reason == reason and info.domain == "atlasflow.auth"
+
+
+def test_principal_required(server, served):
+    """No token, no call (the principal is the token's subject); a reviewer may not start rounds."""
     stub, _, _ = server
     seed(stub, 3)
-    fails(
-        lambda: stub.LeaseCase(pb.LeaseCaseRequest(case_id="case-000")),
-        grpc.StatusCode.UNAUTHENTICATED,
-        "PRINCIPAL_REQUIRED",
-    )
-    fails(
-        lambda: stub.StartRound(pb.StartRoundRequest(budget_fraction=0.5)),
-        grpc.StatusCode.UNAUTHENTICATED,
-        "PRINCIPAL_REQUIRED",
-    )
-    fails(
-        lambda: stub.CompleteReview(pb.CompleteReviewRequest(case_id="case-000", outcome=pb.REVIEW_OUTCOME_ACCEPTED)),
-        grpc.StatusCode.UNAUTHENTICATED,
-        "PRINCIPAL_REQUIRED",
+    with grpc.insecure_channel(f"127.0.0.1:{served[0]}") as bare_channel:  # no token at all
+        bare = ranking_pb2_grpc.RankingServiceStub(bare_channel)
+        auth_fails(
+            lambda: bare.LeaseCase(pb.LeaseCaseRequest(case_id="case-000")),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "MISSING_TOKEN",
+        )
+        auth_fails(
+            lambda: bare.StartRound(pb.StartRoundRequest(budget_fraction=0.5)),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "MISSING_TOKEN",
+        )
+        auth_fails(
+            lambda: bare.CompleteReview(
+                pb.CompleteReviewRequest(case_id="case-000", outcome=pb.REVIEW_OUTCOME_ACCEPTED)
+            ),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "MISSING_TOKEN",
+        )
+    auth_fails(
+        lambda: stub.StartRound(pb.StartRoundRequest(budget_fraction=0.5), metadata=who("dr-a")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "ROLE_NOT_ALLOWED",
     )
 
 
 def test_racing_reviewers_never_get_the_same_case(server):
     stub, _, _ = server
     seed(stub, 48)
-    stub.StartRound(pb.StartRoundRequest(budget_fraction=0.5), metadata=who("lead"))  # 24
+    stub.StartRound(pb.StartRoundRequest(budget_fraction=0.5), metadata=who("lead", "admin"))  # 24
     reviewers = [f"dr-{i}" for i in range(8)]
+    tokens = {r: who(r) for r in reviewers}  # minted before the threads start
     got: list[tuple[str, str]] = []
     for _wave in range(3):  # 8 concurrent LeaseNextCase per wave, leases kept
         barrier = threading.Barrier(len(reviewers))
 
         def lease(r: str) -> tuple[str, str]:
             barrier.wait()  # noqa: B023 (threads joined within this iteration)
-            item = stub.LeaseNextCase(pb.LeaseNextCaseRequest(), metadata=who(r), timeout=20).item
+            item = stub.LeaseNextCase(pb.LeaseNextCaseRequest(), metadata=tokens[r], timeout=20).item
             assert item.status == pb.WORKLIST_STATUS_LEASED and item.lease.reviewer == r
             stub.CompleteReview(
                 pb.CompleteReviewRequest(case_id=item.case_id, outcome=pb.REVIEW_OUTCOME_ACCEPTED),
-                metadata=who(r),
+                metadata=tokens[r],
                 timeout=20,
             )
             return item.case_id, r
@@ -166,13 +197,14 @@ def test_racing_reviewers_never_get_the_same_case(server):
 def test_two_reviewers_racing_for_one_case(server):
     stub, _, _ = server
     submit(stub, "only", [organ(5, 1.0)])
-    stub.StartRound(pb.StartRoundRequest(budget_fraction=1.0), metadata=who("lead"))
+    stub.StartRound(pb.StartRoundRequest(budget_fraction=1.0), metadata=who("lead", "admin"))
     barrier = threading.Barrier(2)
+    tokens = {r: who(r) for r in ("dr-a", "dr-b")}  # minted before the threads start
 
     def lease(r: str) -> str:
         barrier.wait()
         try:
-            return stub.LeaseNextCase(pb.LeaseNextCaseRequest(), metadata=who(r), timeout=20).item.lease.reviewer
+            return stub.LeaseNextCase(pb.LeaseNextCaseRequest(), metadata=tokens[r], timeout=20).item.lease.reviewer
         except grpc.RpcError as e:
             return error_info_of(e).reason
 
@@ -293,16 +325,20 @@ def test_round_picks_ceil_five_percent(server, n):
     stub, _, _ = server
     seed(stub, n)
     ranked = [x.case_id for x in stub.ListWorklist(pb.ListWorklistRequest(page_size=1000)).items]
-    rnd = stub.StartRound(pb.StartRoundRequest(budget_fraction=0.05, request_id="r1"), metadata=who("lead")).round
+    rnd = stub.StartRound(
+        pb.StartRoundRequest(budget_fraction=0.05, request_id="r1"), metadata=who("lead", "admin")
+    ).round
     k = math.ceil(0.05 * n - 1e-9)
     assert (rnd.round_number, rnd.case_count, rnd.candidate_count) == (1, k, n)
     assert rnd.state == pb.ROUND_STATE_OPEN and rnd.creator == "lead"
     members = stub.ListWorklist(pb.ListWorklistRequest(round_number=1)).items
     assert [x.case_id for x in members] == ranked[:k]
     assert all(x.round_number == 1 for x in members)
-    again = stub.StartRound(pb.StartRoundRequest(budget_fraction=0.05, request_id="r1"), metadata=who("lead")).round
+    again = stub.StartRound(
+        pb.StartRoundRequest(budget_fraction=0.05, request_id="r1"), metadata=who("lead", "admin")
+    ).round
     assert again == rnd
-    stub.StartRound(pb.StartRoundRequest(budget_fraction=0.05), metadata=who("lead"))
+    stub.StartRound(pb.StartRoundRequest(budget_fraction=0.05), metadata=who("lead", "admin"))
     page1 = stub.ListRounds(pb.ListRoundsRequest(page_size=1))
     page2 = stub.ListRounds(pb.ListRoundsRequest(page_size=1, page_token=page1.next_page_token))
     assert [r.round_number for r in [*page1.rounds, *page2.rounds]] == [2, 1]
@@ -310,7 +346,7 @@ def test_round_picks_ceil_five_percent(server, n):
     assert page2.rounds[0].state == pb.ROUND_STATE_CLOSED
     fails(lambda: stub.GetRound(pb.GetRoundRequest(round_number=7)), grpc.StatusCode.NOT_FOUND, "ROUND_NOT_FOUND")
     fails(
-        lambda: stub.StartRound(pb.StartRoundRequest(budget_fraction=1.5), metadata=who("lead")),
+        lambda: stub.StartRound(pb.StartRoundRequest(budget_fraction=1.5), metadata=who("lead", "admin")),
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_BUDGET",
     )
