@@ -23,12 +23,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
-from atlasflow.common.server import PRINCIPAL_METADATA_KEY
 from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.assembly import encode_mask_delta
 from atlasflow.labels.storage import open_repository
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
 from atlasflow.labels.validate import validate_label_map
+from atlasflow.testing import auth
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
@@ -82,6 +82,7 @@ def test_sigkill_during_writes_leaves_old_or_new_never_torn(backend, tmp_path, r
         "OTEL_SDK_DISABLED": "true",
         "OTEL_TRACES_EXPORTER": "none",
         "OTEL_METRICS_EXPORTER": "none",
+        **auth.auth_env("ATLASFLOW_LABELS_"),
     }
     blobs = LocalBlobStore(tmp_path / "blobs")
     rng = np.random.default_rng(7)
@@ -99,6 +100,9 @@ def test_sigkill_during_writes_leaves_old_or_new_never_torn(backend, tmp_path, r
     stub = labels_pb2_grpc.LabelServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     acked: dict[str, str] = {}  # request_id -> version_id, acknowledged before the kill
     sent: list[tuple[str, labels_pb2.CreateLabelVersionRequest]] = []
+    # tokens minted before the threads start: the writers act as the segmentation service's hand-off
+    service = auth.metadata("service", subject="segmentation")
+    reviewers = {t: auth.metadata("reviewer", subject=f"dr-{t}") for t in range(2)}
     stop = threading.Event()
     lock = threading.Lock()
 
@@ -117,14 +121,14 @@ def test_sigkill_during_writes_leaves_old_or_new_never_torn(backend, tmp_path, r
                 sent.append((case, req))
             i += 1
             try:
-                v = stub.CreateLabelVersion(req, timeout=20).version
+                v = stub.CreateLabelVersion(req, metadata=service, timeout=20).version
             except grpc.RpcError:
                 continue
             with lock:
                 acked[req.request_id] = v.version_id
 
     def reviewer(t: int) -> None:
-        meta = [(PRINCIPAL_METADATA_KEY, f"dr-{t}")]
+        meta = reviewers[t]
         while not stop.is_set():
             try:
                 head = stub.ListLabelVersions(
@@ -227,12 +231,12 @@ def test_sigkill_during_writes_leaves_old_or_new_never_torn(backend, tmp_path, r
         new = 0
         for r in replayed:
             before = repo.version_for_request(r.request_id)
-            v = stub.CreateLabelVersion(r, timeout=20).version
+            v = stub.CreateLabelVersion(r, metadata=service, timeout=20).version
             if before is not None:
                 assert v.version_id == before[0].version_id
             else:
                 new += 1
-            assert stub.CreateLabelVersion(r, timeout=20).version.version_id == v.version_id
+            assert stub.CreateLabelVersion(r, metadata=service, timeout=20).version.version_id == v.version_id
         assert sum(len(repo.history(c)) for c in CASES) == total + new
         print(f"[{backend}] {total} versions intact after the kill")
         repo.close()
