@@ -32,6 +32,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from atlasflow.testing import auth
 from atlasflow.testing.peers import IngestProcess, OrthancProcess, acknowledged_files, build_ct_series, storescu
 
 
@@ -103,11 +104,10 @@ def run_benchmark(n_slices: int, runs: int, work: Path, *, warmup: bool = True) 
 
 
 def _series_instance_count(target: str) -> int:
-    import grpc
-
+    from atlasflow.common.clients import sync_channel
     from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
-    with grpc.insecure_channel(target) as channel:
+    with sync_channel(target) as channel:  # the token of ATLASFLOW_TOKEN_FILE (auth.install in main)
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         listed = stub.ListSeries(ingest_pb2.ListSeriesRequest(page_size=10), timeout=10).series
     return sum(s.instance_count for s in listed)
@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep files here (default: a temp dir)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up runs")
     args = parser.parse_args(argv)
+    # the session's token issuer: IngestProcess accepts its tokens, the count query carries one
+    auth.install()
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = args.workdir or Path(tmp)
         result = run_benchmark(args.slices, args.runs, work, warmup=not args.no_warmup)

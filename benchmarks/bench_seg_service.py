@@ -157,9 +157,9 @@ def _stop(obj: object) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
-    import grpc
 
     from atlasflow.common.blobstore import LocalBlobStore
+    from atlasflow.common.clients import sync_channel
     from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
     from atlasflow.common.ports import free_ports
     from atlasflow.common.v1 import common_pb2
@@ -167,6 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     from atlasflow.segmentation.pipeline import EnsemblePipeline
     from atlasflow.segmentation.v1 import segmentation_pb2 as pb
     from atlasflow.segmentation.v1 import segmentation_pb2_grpc
+    from atlasflow.testing import auth
 
     work = Path(tempfile.mkdtemp(prefix="bench_seg_"))
     ensemble = args.ensemble
@@ -208,6 +209,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "ATLASFLOW_SEGMENTATION_WORKER_POLL_S": "0.05",
             "ATLASFLOW_SEGMENTATION_TRITON_ACCESS_TOKEN": token,
             "ATLASFLOW_SEGMENTATION_LOG_LEVEL": "WARNING",
+            # accepts the tokens of auth.install()'s issuer (see main)
+            **auth.auth_env("ATLASFLOW_SEGMENTATION_"),
         }
     )
     service = subprocess.Popen(
@@ -224,7 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         target = f"127.0.0.1:{seg_port}"
         _wait_health(target, service)
         pipeline = EnsemblePipeline(ensemble)
-        with grpc.insecure_channel(target) as ch:
+        with sync_channel(target) as ch:  # the token of ATLASFLOW_TOKEN_FILE (auth.install in main)
             stub = segmentation_pb2_grpc.SegmentationServiceStub(ch)
 
             def service_once(version: int) -> tuple[float, float]:
@@ -300,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.raw_env and argv is None and (env := _tuned_env()) is not None:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    from atlasflow.testing import auth
+
+    auth.install()  # a token issuer for this run: the service accepts its tokens, the client sends one
     tuned = {k: os.environ[k] for k in sorted(os.environ) if k.startswith("MALLOC_") or k == "OMP_WAIT_POLICY"}
     print("environment (both sides): " + (" ".join(f"{k}={v}" for k, v in tuned.items()) or "as inherited"))
     r = run(args)

@@ -20,6 +20,7 @@ from google.rpc import error_details_pb2, status_pb2
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from atlasflow.common.clients import sync_channel
 from atlasflow.ingest.client import upload_requests
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from atlasflow.testing import peers
@@ -108,7 +109,7 @@ def test_grpc_upload_rejects_malformed_and_survives_fuzz(service):
     malformed = malformed_cases(real)
     flips = flip_cases(real, header_bytes)
     outcomes: dict[str, str] = {}
-    with grpc.insecure_channel(ingest.target) as channel:
+    with sync_channel(ingest.target) as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         for name, data in {**malformed, **flips}.items():
             try:

@@ -11,11 +11,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from atlasflow.common.clients import sync_channel
 from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from atlasflow.testing import peers
@@ -95,7 +95,7 @@ def test_late_instance_after_assembly_opens_version_2(ingest, tmp_path):
     first = peers.storescu(files[:3], ingest.dicom_port, aet="MODALITY1")
     assert first.returncode == 0, first.stderr[-2000:]
     series_id = atlas_id("ser", peers.bench_uid("late", "series"))
-    with grpc.insecure_channel(ingest.target) as channel:
+    with sync_channel(ingest.target) as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         v1 = stub.CommitSeries(ingest_pb2.CommitSeriesRequest(series_id=series_id), timeout=60).series
         assert (v1.version, v1.state, v1.instance_count) == (1, ingest_pb2.SERIES_STATE_ASSEMBLED, 3)

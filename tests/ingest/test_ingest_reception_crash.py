@@ -14,9 +14,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 
+from atlasflow.common.clients import sync_channel
 from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from atlasflow.testing import peers
@@ -76,7 +76,7 @@ def test_sigkill_mid_stream_loses_no_acknowledged_instance(series, tmp_path):
 
         ingest.start()  # same ports, data and blob directories: start-up replays the spool
         series_id = atlas_id("ser", peers.bench_uid("crash-test", "series"))
-        with grpc.insecure_channel(ingest.target) as channel:
+        with sync_channel(ingest.target) as channel:
             stub = ingest_pb2_grpc.IngestServiceStub(channel)
             after_crash = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=series_id), timeout=10).series
             assert after_crash.instance_count >= len(acked)

@@ -17,6 +17,7 @@ import grpc
 import pydicom
 import pytest
 
+from atlasflow.common.clients import sync_channel
 from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from atlasflow.testing import peers
@@ -83,7 +84,7 @@ def _retrieve(env, *args: str) -> subprocess.CompletedProcess:
 
 
 def _count(env, series_uid: str) -> int:
-    with grpc.insecure_channel(env["ingest"].target) as channel:
+    with sync_channel(env["ingest"].target) as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         try:
             return stub.GetSeries(

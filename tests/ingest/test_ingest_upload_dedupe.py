@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import grpc
 import pydicom
 import pytest
 
+from atlasflow.common.clients import sync_channel
 from atlasflow.ingest.client import send_files
 from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
@@ -52,7 +52,7 @@ def test_same_instance_by_c_store_and_grpc_is_one_duplicate(ingest, tmp_path, fi
     # files: the SCP receives other bytes than the files the gRPC client sends.
     cstore = lambda: peers.storescu(files, ingest.dicom_port, extra=["-xi"])  # noqa: E731
     grpc_send = lambda: send_files(files, ingest.target)  # noqa: E731
-    with grpc.insecure_channel(ingest.target) as channel:
+    with sync_channel(ingest.target) as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         if first == "grpc":
             receipts = grpc_send()

@@ -12,11 +12,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from atlasflow.common.clients import sync_channel
 from atlasflow.common.server import error_info_of
 from atlasflow.ingest.client import UploadStats, resumable_requests, send_files, upload_id_of
 from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from atlasflow.testing import peers
+from atlasflow.testing import auth, peers
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,7 +50,7 @@ def test_cut_mid_instance_resumes_at_committed_offset(ingest, tmp_path):
                 return
             yield msg
 
-    with grpc.insecure_channel(ingest.target) as channel:
+    with sync_channel(ingest.target) as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         call = stub.UploadInstances.future(cut_stream(), timeout=60)
         deadline = time.monotonic() + 20
@@ -72,7 +73,7 @@ def test_cut_mid_instance_resumes_at_committed_offset(ingest, tmp_path):
     # the server dies too: the committed bytes survive a restart
     ingest.kill()
     ingest.start()
-    with grpc.insecure_channel(ingest.target) as channel:
+    with sync_channel(ingest.target) as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         st = _status(stub, ids[1])
         assert (st.complete, st.committed_offset) == (False, SENT_CHUNKS * CHUNK)
@@ -123,7 +124,7 @@ def test_bad_checksum_discards_the_upload_and_plain_mode_still_works(ingest, tmp
     uid = upload_id_of(data)
     msgs = list(resumable_requests(files[0].name, data, uid, 0, CHUNK))
     msgs[-1].sha256 = hashlib.sha256(b"other").hexdigest()
-    with grpc.insecure_channel(ingest.target) as channel:
+    with sync_channel(ingest.target) as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         with pytest.raises(grpc.RpcError) as err:
             stub.UploadInstances(iter(msgs), timeout=10)
@@ -137,3 +138,29 @@ def test_bad_checksum_discards_the_upload_and_plain_mode_still_works(ingest, tmp
     receipts = send_files(files, ingest.target, resumable=False)
     assert [r.upload_id for r in receipts] == ["", ""]
     assert not any(r.duplicate for r in receipts)
+
+
+def test_upload_without_token_or_with_a_reading_role_is_refused_and_stores_nothing(ingest, tmp_path):
+    """The service the tests start really checks tokens (auth on): an upload with no token is
+    UNAUTHENTICATED, one with a token whose role may not send (annotator) PERMISSION_DENIED;
+    neither leaves a byte behind, and the same upload with a connector's token is accepted."""
+    files = peers.build_ct_series(tmp_path / "s", 1, seed="resume-auth")
+    data = files[0].read_bytes()
+    uid = upload_id_of(data)
+    msgs = list(resumable_requests(files[0].name, data, uid, 0, CHUNK))
+    with grpc.insecure_channel(ingest.target) as channel:  # no token on purpose
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.UploadInstances(iter(msgs), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert error_info_of(err.value).reason == "MISSING_TOKEN"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.UploadInstances(iter(msgs), timeout=10, metadata=auth.metadata("annotator", subject="ann"))
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error_info_of(err.value).reason == "ROLE_NOT_ALLOWED"
+        connector = auth.metadata("connector", subject="gateway")
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetUploadStatus(ingest_pb2.GetUploadStatusRequest(upload_id=uid), timeout=10, metadata=connector)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        receipts = stub.UploadInstances(iter(msgs), timeout=10, metadata=connector).receipts
+        assert [r.upload_id for r in receipts] == [uid] and not receipts[0].duplicate

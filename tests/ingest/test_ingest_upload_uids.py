@@ -9,9 +9,9 @@ import io
 import subprocess
 from pathlib import Path
 
-import grpc
 import pydicom
 
+from atlasflow.common.clients import sync_channel
 from atlasflow.ingest.client import derive_uids
 from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
@@ -62,7 +62,7 @@ def test_send_refuses_missing_uids_then_assigns_them(tmp_path):
         series_uid = pydicom.dcmread(
             io.BytesIO(derive_uids(sorted(SERIES.iterdir())[0].read_bytes()))
         ).SeriesInstanceUID
-        with grpc.insecure_channel(ingest.target) as channel:
+        with sync_channel(ingest.target) as channel:
             stub = ingest_pb2_grpc.IngestServiceStub(channel)
             s = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=atlas_id("ser", series_uid)), timeout=10).series
         assert s.instance_count == 20 and s.state in (
@@ -75,7 +75,7 @@ def test_send_refuses_missing_uids_then_assigns_them(tmp_path):
         # nothing new is stored and no new version opens
         again = _send(ingest.target, "--assign-uids")
         assert again.returncode == 0 and "20 instances durable" in again.stdout, again
-        with grpc.insecure_channel(ingest.target) as channel:
+        with sync_channel(ingest.target) as channel:
             stub = ingest_pb2_grpc.IngestServiceStub(channel)
             s2 = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=s.series_id), timeout=10).series
         assert (s2.version, s2.instance_count, s2.conflict_count) == (1, 20, 0)

@@ -22,6 +22,7 @@ import pytest
 
 from atlasflow.common.app import ServiceApp
 from atlasflow.common.blobstore import LocalBlobStore
+from atlasflow.common.clients import sync_channel
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.ports import free_ports
 from atlasflow.common.v1 import common_pb2
@@ -32,6 +33,7 @@ from atlasflow.segmentation.triton_client import TritonSegmenter
 from atlasflow.segmentation.triton_repo import write_repository
 from atlasflow.segmentation.v1 import segmentation_pb2 as pb
 from atlasflow.segmentation.v1 import segmentation_pb2_grpc
+from atlasflow.testing import auth
 from atlasflow.testing.triton import BundledTriton
 
 TINY = Path(__file__).parent / "tiny_ensembles"
@@ -73,7 +75,8 @@ class AppThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.app: ServiceApp = self._run(self._build(settings, segmenters))
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.app.port}")
+        # all-roles token from ATLASFLOW_TOKEN_FILE (atlasflow.testing.auth.install)
+        self.channel = sync_channel(f"127.0.0.1:{self.app.port}")
         self.stub = segmentation_pb2_grpc.SegmentationServiceStub(self.channel)
 
     async def _build(self, settings: SegmentationSettings, segmenters: dict | None) -> ServiceApp:
@@ -127,6 +130,7 @@ def _settings(tmp: Path, triton_port: int, **kw) -> SegmentationSettings:
         worker_poll_s=0.05,
         triton_connect_retries=1,
         triton_timeout_s=60.0,
+        **auth.auth_settings(),
     )
     base.update(kw)
     return SegmentationSettings(**base)
