@@ -24,9 +24,9 @@ import grpc
 from atlasflow.cli.demo_series import DEFAULT_DEMO_NIFTI, write_demo_series
 from atlasflow.cli.local import LocalDeployment
 from atlasflow.common.blobstore import LocalBlobStore
+from atlasflow.common.clients import sync_channel
 from atlasflow.common.nifti import from_nifti_bytes
 from atlasflow.common.organs import ORGANS
-from atlasflow.common.server import PRINCIPAL_METADATA_KEY
 from atlasflow.common.v1 import common_pb2
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
@@ -72,12 +72,22 @@ def send_cstore(files: list[Path], port: int, ae_title: str) -> None:
         assoc.release()
 
 
+def _operator(dep: LocalDeployment, service: str) -> grpc.Channel:
+    """A channel to ``service`` as the demo's operator (role admin: follows the study, starts the
+    round, exports), with a token of the stack's own issuer."""
+    return sync_channel(dep.target(service), token=dep.token_source("admin", "demo-operator"))
+
+
+def _as_reviewer(dep: LocalDeployment, service: str, subject: str) -> grpc.Channel:
+    return sync_channel(dep.target(service), token=dep.token_source("reviewer", subject))
+
+
 def wait_for_pipeline(dep: LocalDeployment, timeout_s: float = 600.0) -> tuple[str, str]:
     """Follow the study; return (case_id, segmentation job id)."""
-    ingest = ingest_pb2_grpc.IngestServiceStub(grpc.insecure_channel(dep.target("ingest")))
-    seg = segmentation_pb2_grpc.SegmentationServiceStub(grpc.insecure_channel(dep.target("segmentation")))
-    labels = labels_pb2_grpc.LabelServiceStub(grpc.insecure_channel(dep.target("labels")))
-    ranking = ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(dep.target("ranking")))
+    ingest = ingest_pb2_grpc.IngestServiceStub(_operator(dep, "ingest"))
+    seg = segmentation_pb2_grpc.SegmentationServiceStub(_operator(dep, "segmentation"))
+    labels = labels_pb2_grpc.LabelServiceStub(_operator(dep, "labels"))
+    ranking = ranking_pb2_grpc.RankingServiceStub(_operator(dep, "ranking"))
     deadline = time.monotonic() + timeout_s
     last = ""
     committed = False
@@ -119,7 +129,7 @@ def wait_for_pipeline(dep: LocalDeployment, timeout_s: float = 600.0) -> tuple[s
 
 
 def print_worklist(dep: LocalDeployment) -> list[ranking_pb2.WorklistItem]:
-    ranking = ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(dep.target("ranking")))
+    ranking = ranking_pb2_grpc.RankingServiceStub(_operator(dep, "ranking"))
     resp = ranking.ListWorklist(ranking_pb2.ListWorklistRequest(page_size=20))
     print(
         f"\nRanked worklist ({resp.total_size} case(s); priority = attention ml + plausibility "
@@ -144,19 +154,21 @@ def review_round(dep: LocalDeployment, case_id: str, timeout_s: float = 60.0) ->
     the next case, confirm its first-listed organ as drawn (ReviseLabels with an all-zero XOR
     delta: a human decision without changes), complete the review as REVISED, and wait until
     ranking has heard of the new label version (the confirmed organ leaves the priority)."""
-    who = [(PRINCIPAL_METADATA_KEY, "dr.demo")]
-    ranking = ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(dep.target("ranking")))
-    labels = labels_pb2_grpc.LabelServiceStub(grpc.insecure_channel(dep.target("labels")))
-    rnd = ranking.StartRound(
-        ranking_pb2.StartRoundRequest(budget_fraction=0.05, request_id=f"demo-round-{case_id}"), metadata=who
-    ).round
-    item = ranking.LeaseNextCase(ranking_pb2.LeaseNextCaseRequest(), metadata=who).item
+    # the operator (admin) starts the round; dr.demo (reviewer) works it
+    rnd = (
+        ranking_pb2_grpc.RankingServiceStub(_operator(dep, "ranking"))
+        .StartRound(ranking_pb2.StartRoundRequest(budget_fraction=0.05, request_id=f"demo-round-{case_id}"))
+        .round
+    )
+    ranking = ranking_pb2_grpc.RankingServiceStub(_as_reviewer(dep, "ranking", "dr.demo"))
+    labels = labels_pb2_grpc.LabelServiceStub(_as_reviewer(dep, "labels", "dr.demo"))
+    item = ranking.LeaseNextCase(ranking_pb2.LeaseNextCaseRequest()).item
     if item.case_id != case_id or not item.organs:
         say(f"review round {rnd.round_number}: nothing to review")
         return
     before, organ = item.priority, item.organs[0].organ
     drawn = "as drawn" if item.organs[0].volume_ml > 0 else "as drawn (absent: the models' doubt is dismissed)"
-    head = labels.ListLabelVersions(labels_pb2.ListLabelVersionsRequest(case_id=case_id), metadata=who).versions[0]
+    head = labels.ListLabelVersions(labels_pb2.ListLabelVersionsRequest(case_id=case_id)).versions[0]
     voxels = math.prod(head.geometry.shape)
     version = labels.ReviseLabels(
         labels_pb2.ReviseLabelsRequest(
@@ -165,13 +177,11 @@ def review_round(dep: LocalDeployment, case_id: str, timeout_s: float = 60.0) ->
             request_id=f"demo-review-{head.version_id}",
             revisions=[labels_pb2.OrganRevision(organ=organ, xor_delta=gzip.compress(bytes((voxels + 7) // 8)))],
         ),
-        metadata=who,
     ).version
     ranking.CompleteReview(
         ranking_pb2.CompleteReviewRequest(
             case_id=case_id, outcome=ranking_pb2.REVIEW_OUTCOME_REVISED, label_version_id=version.version_id
         ),
-        metadata=who,
     )
     deadline = time.monotonic() + timeout_s
     while True:
@@ -192,7 +202,7 @@ def review_round(dep: LocalDeployment, case_id: str, timeout_s: float = 60.0) ->
 
 
 def export(dep: LocalDeployment, out: Path, timeout_s: float = 300.0) -> None:
-    labels = labels_pb2_grpc.LabelServiceStub(grpc.insecure_channel(dep.target("labels")))
+    labels = labels_pb2_grpc.LabelServiceStub(_operator(dep, "labels"))
     job = labels.ExportDataset(
         labels_pb2.ExportDatasetRequest(destination_uri=out.resolve().as_uri(), include_dicom_seg=True)
     ).job
@@ -218,7 +228,7 @@ def export(dep: LocalDeployment, out: Path, timeout_s: float = 300.0) -> None:
 def weights_note(dep: LocalDeployment, job_id: str) -> bool:
     """Say whether the segmentation ran trained weights (the job's result, as the service
     reports it: the CLI does not read the ensemble definition itself); returns that flag."""
-    seg = segmentation_pb2_grpc.SegmentationServiceStub(grpc.insecure_channel(dep.target("segmentation")))
+    seg = segmentation_pb2_grpc.SegmentationServiceStub(_operator(dep, "segmentation"))
     job = seg.GetSegmentationJob(segmentation_pb2.GetSegmentationJobRequest(job_id=job_id)).job
     trained = bool(job.result.weights_trained)
     if trained:
@@ -264,7 +274,7 @@ def run_demo(out: Path, *, keep_running: bool = False) -> int:
         export_dir = out / "export"
         export(dep, export_dir)
         item = (
-            ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(dep.target("ranking")))
+            ranking_pb2_grpc.RankingServiceStub(_operator(dep, "ranking"))
             .GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id=case_id))
             .item
         )

@@ -2,7 +2,8 @@
 
 State lives in one directory (default `.atlasflow/`): `data/<service>/` (SQLite), `blobs/`
 (content-addressed blob store shared by the services), `logs/<process>.log` (JSON lines),
-`run/processes.json` (pids) and `run/endpoints.json` (addresses). `up` returns when every
+`run/processes.json` (pids) and `run/endpoints.json` (addresses), `auth/` (the stack's own token
+issuer: `signing-key.pem` 0600, `jwks.json`, the services' token `service.token`). `up` returns when every
 process reports healthy (grpc.health.v1 SERVING; Triton model READY); `down` sends SIGTERM in
 reverse start order and waits, then SIGKILL after the grace period.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from atlasflow.common.auth import LocalIssuer, TokenSource
 from atlasflow.common.ports import free_ports
 
 DEFAULT_PORTS = {
@@ -42,6 +44,8 @@ DEFAULT_PORTS = {
 # gRPC metadata key of PyTriton's access token (`pytriton.client.auth.create_auth_headers`).
 TRITON_TOKEN_HEADER = "triton-grpc-protocol-triton-access-token"
 START_ORDER = ["triton", "labels", "ranking", "segmentation", "ingest"]
+# Lifetime of the services' own token: re-minted at every `atlasflow up`.
+SERVICE_TOKEN_TTL_S = 30 * 86400.0
 # glibc malloc settings for the processes that run the models: without them every sliding-window
 # step of an inference thread maps and unmaps its large buffers again (page faults and zeroing
 # showed as ~100 % system CPU), and the ensemble took 10.0 s through Triton on the demo CT vs
@@ -91,6 +95,31 @@ class LocalDeployment:
         token = (run / "triton.token").read_text().strip()
         return cls(Path(state_dir).resolve(), doc["ports"], doc["ensemble"], doc["quiet_period_s"], triton_token=token)
 
+    # ------------------------------------------------------------------ identities
+    @property
+    def auth_dir(self) -> Path:
+        return self.state_dir / "auth"
+
+    def issuer(self) -> LocalIssuer:
+        """The stack's token issuer (created on first use; its key never leaves ``auth/``)."""
+        return LocalIssuer.create_or_load(self.auth_dir)
+
+    def mint(self, role: str, subject: str, ttl_s: float = 3600.0) -> str:
+        """A token this stack accepts (``atlasflow token``)."""
+        return self.issuer().mint(subject, [role], ttl_s=ttl_s)
+
+    def token_source(self, role: str, subject: str, ttl_s: float = 3600.0) -> TokenSource:
+        return TokenSource(token=self.mint(role, subject, ttl_s))
+
+    def _service_token(self) -> Path:
+        """The token the services call each other with (role ``service``), minted at every start."""
+        path = self.auth_dir / "service.token"
+        token = self.mint("service", "atlasflow-local-services", ttl_s=SERVICE_TOKEN_TTL_S)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        return path
+
     # ------------------------------------------------------------------ addresses
     def target(self, service: str) -> str:
         return f"127.0.0.1:{self.ports[service]}"
@@ -120,7 +149,15 @@ class LocalDeployment:
         libdir = sysconfig.get_config_var("LIBDIR") or ""
         env["LD_LIBRARY_PATH"] = ":".join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
         p = self.ports
-        common = {"DATA_DIR": str(self.state_dir / "data" / name), "BLOB_DIR": str(self.blob_dir)}
+        common = {
+            "DATA_DIR": str(self.state_dir / "data" / name),
+            "BLOB_DIR": str(self.blob_dir),
+            # every RPC needs a token of this stack's issuer; the services call each other with
+            # service.token (files, never values on a command line)
+            "AUTH_JWKS": str(self.auth_dir / LocalIssuer.JWKS_FILE),
+            "AUTH_ISSUER": self.issuer().issuer,
+            "TOKEN_FILE": str(self.auth_dir / "service.token"),
+        }
         specific: dict[str, dict[str, object]] = {
             "ingest": {
                 "GRPC_PORT": p["ingest"],
@@ -185,6 +222,7 @@ class LocalDeployment:
                 indent=2,
             )
         )
+        self._service_token()
         token_file = run / "triton.token"
         token_file.touch(mode=0o600)
         token_file.write_text(self.triton_token)

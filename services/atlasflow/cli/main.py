@@ -5,7 +5,8 @@ atlasflow up [--state-dir DIR] [--auto-ports]                   start everything
 atlasflow down [--state-dir DIR]                                stop it
 atlasflow status [--state-dir DIR]                              health of each process
 atlasflow demo [--out DIR]                                      the end-to-end demo
-atlasflow send DIR [--target HOST:PORT] [--commit] [--assign-uids]  gRPC upload (resumable)
+atlasflow token --role ROLE --subject NAME [--ttl S]            a token the local stack accepts
+atlasflow send DIR [--target HOST:PORT] [--commit] [--assign-uids] [--token-file F]  gRPC upload
 atlasflow convert DICOM_DIR OUT.nii.gz                          DICOM series -> NIfTI (HU, RAS)
 atlasflow retrieve ...                                          C-FIND + C-MOVE from a PACS
 atlasflow triton-repo OUT_DIR                                   Triton model repository for the cluster
@@ -18,6 +19,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from atlasflow.common.auth import ROLES
 
 SERVICES = ("ingest", "segmentation", "ranking", "labels", "triton")
 # Sub-commands implemented by a library module's own `main(argv) -> int` (its argparse owns
@@ -84,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="end-to-end demo on the bundled CT")
     p.add_argument("--out", type=Path, default=Path("atlasflow-demo"))
     p.add_argument("--keep-running", action="store_true", help="leave the services up")
+    p = sub.add_parser("token", help="print a token the local stack (atlasflow up) accepts")
+    p.add_argument("--state-dir", type=Path, default=Path(".atlasflow"))
+    p.add_argument("--role", required=True, choices=ROLES)
+    p.add_argument("--subject", required=True, help="who the token names (the principal of every action)")
+    p.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (default 3600)")
     p = sub.add_parser("send", help="upload DICOM files over the gRPC streaming API")
     p.add_argument("directory", type=Path)
     p.add_argument("--target", default="127.0.0.1:50051")
@@ -93,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="derive stable Study/Series/SOP Instance UIDs for files whose UIDs are"
         " empty (de-identified exports); without it the server refuses them",
+    )
+    p.add_argument(
+        "--token-file",
+        default="",
+        help="file holding the bearer token (role connector or admin); default $ATLASFLOW_TOKEN_FILE",
     )
     for name, (_module, help_) in DELEGATED.items():
         sub.add_parser(name, help=help_, add_help=False)
@@ -138,11 +151,25 @@ def main(argv: list[str] | None = None) -> int:
         from atlasflow.cli.demo import run_demo
 
         return run_demo(args.out, keep_running=args.keep_running)
+    if args.command == "token":
+        from atlasflow.common.auth import LocalIssuer
+
+        auth_dir = args.state_dir / "auth"
+        if not (auth_dir / LocalIssuer.KEY_FILE).exists():
+            print(f"no local issuer under {auth_dir}: start the stack first (atlasflow up)", file=sys.stderr)
+            return 1
+        print(LocalIssuer.create_or_load(auth_dir).mint(args.subject, [args.role], ttl_s=args.ttl))
+        return 0
     if args.command == "send":
         from atlasflow.ingest.client import UploadError, send_directory
 
         try:
-            receipts = send_directory(args.directory, args.target, commit=args.commit, assign_uids=args.assign_uids)
+            from atlasflow.common.auth import TokenSource
+
+            token = TokenSource(path=args.token_file) if args.token_file else None
+            receipts = send_directory(
+                args.directory, args.target, commit=args.commit, assign_uids=args.assign_uids, token=token
+            )
         except UploadError as exc:
             print(f"atlasflow send: refused: {exc.reason}: {exc.message}", file=sys.stderr)
             if exc.reason == "MISSING_UID":

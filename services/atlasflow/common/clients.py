@@ -1,16 +1,22 @@
-"""gRPC channels between services and from clients: tracing, message limits, retries.
+"""gRPC channels between services and from clients: tracing, message limits, retries, token.
 
 Every channel carries the OpenTelemetry client interceptor, so the W3C trace context of the
 current span travels in the request metadata and the callee's server span joins the trace.
+With a `TokenSource`, every call also carries ``authorization: Bearer <token>`` (unless the
+call sets its own, e.g. a reviewer's token on a CLI call).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, client_interceptor
 from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
+
+from atlasflow.common.auth import TokenSource, default_token_source
 
 _RETRY_POLICY = json.dumps(
     {
@@ -39,17 +45,107 @@ def channel_options(max_message_bytes: int = 64 * 1024 * 1024) -> list[tuple[str
     ]
 
 
-def aio_channel(target: str, max_message_bytes: int = 64 * 1024 * 1024) -> grpc.aio.Channel:
-    """Async channel for service-to-service calls (idempotent RPCs retried on UNAVAILABLE)."""
-    return grpc.aio.insecure_channel(
-        target,
-        options=channel_options(max_message_bytes),
-        interceptors=aio_client_interceptors(),
-    )
+def _with_token(metadata: Any, token: TokenSource) -> tuple[tuple[str, str | bytes], ...]:
+    items = tuple(metadata or ())
+    if any(k == "authorization" for k, _ in items):
+        return items
+    return (*items, *token.metadata())
 
 
-def sync_channel(target: str, max_message_bytes: int = 64 * 1024 * 1024) -> grpc.Channel:
-    """Blocking channel for the CLI, tests and the segmentation worker thread."""
+class _AioToken(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    """Adds the bearer token to every call of an asyncio channel."""
+
+    def __init__(self, token: TokenSource) -> None:
+        self.token = token
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return grpc.aio.ClientCallDetails(
+            details.method,
+            details.timeout,
+            grpc.aio.Metadata(*_with_token(details.metadata, self.token)),
+            details.credentials,
+            details.wait_for_ready,
+        )
+
+    async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        return await continuation(self._details(details), request_iterator)
+
+    async def intercept_stream_stream(
+        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
+    ) -> Any:
+        return await continuation(self._details(details), request_iterator)
+
+
+class _SyncDetails(grpc.ClientCallDetails):
+    def __init__(self, details: grpc.ClientCallDetails, metadata: Any) -> None:
+        self.method = details.method
+        self.timeout = details.timeout
+        self.metadata = metadata
+        self.credentials = details.credentials
+        self.wait_for_ready = getattr(details, "wait_for_ready", None)
+        self.compression = getattr(details, "compression", None)
+
+
+class _SyncToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds the bearer token to every call of a blocking channel."""
+
+    def __init__(self, token: TokenSource) -> None:
+        self.token = token
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _SyncDetails(details, _with_token(details.metadata, self.token))
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+def aio_channel(
+    target: str, max_message_bytes: int = 64 * 1024 * 1024, token: TokenSource | None = None
+) -> grpc.aio.Channel:
+    """Async channel for service-to-service calls (idempotent RPCs retried on UNAVAILABLE);
+    ``token``: the caller's bearer token (a service's own, `ServiceSettings.token_source`)."""
+    interceptors: list[Any] = list(aio_client_interceptors())
+    if token:
+        interceptors.append(_AioToken(token))
+    return grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes), interceptors=interceptors)
+
+
+def sync_channel(
+    target: str, max_message_bytes: int = 64 * 1024 * 1024, token: TokenSource | None = None
+) -> grpc.Channel:
+    """Blocking channel for the CLI, tests and the services' worker threads. ``token``: the
+    caller's bearer token; None (a command-line client) takes `default_token_source`
+    (``ATLASFLOW_TOKEN_FILE``); a service passes its own, `ServiceSettings.token_source`."""
+    token = default_token_source() if token is None else token
     channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
+    if token:
+        channel = grpc.intercept_channel(channel, _SyncToken(token))
     traced: grpc.Channel = intercept_channel(channel, client_interceptor())
     return traced

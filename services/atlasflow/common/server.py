@@ -1,7 +1,10 @@
 """One function builds every atlasflow gRPC server; one function runs it until SIGTERM.
 
 `build_server` wires, in order: OpenTelemetry server spans (health checks filtered out), the
-RED-metrics + error-mapping interceptor, explicit message-size limits, the standard
+RED-metrics + error-mapping + authentication interceptor (every RPC but health and reflection
+needs a bearer token that `atlasflow.common.auth.TokenVerifier` accepts, and a role that
+`atlasflow.common.policy.POLICY` allows for that RPC: UNAUTHENTICATED / PERMISSION_DENIED
+otherwise, before any handler runs), explicit message-size limits, the standard
 grpc.health.v1 service and server reflection. Servicers stay thin: they convert messages and
 call domain code; domain errors (`atlasflow.common.errors`) become a gRPC status with one
 `google.rpc.ErrorInfo` detail here, once. Unexpected exceptions become INTERNAL with a generic
@@ -16,6 +19,7 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar, cast
 
@@ -27,8 +31,10 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
-from atlasflow.common.errors import AtlasflowError
+from atlasflow.common.auth import Identity, TokenVerifier
+from atlasflow.common.errors import AtlasflowError, Unauthenticated
 from atlasflow.common.metrics import Metrics
+from atlasflow.common.policy import authorize, is_exempt
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +71,45 @@ def error_info_of(exc: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     return None
 
 
+#: The verified caller of the RPC being handled (set by the interceptor, read by `principal_of`).
+_IDENTITY: ContextVar[Identity | None] = ContextVar("atlasflow_identity", default=None)
+
+
+def current_identity() -> Identity | None:
+    """The verified caller of the RPC being handled (None with authentication disabled)."""
+    return _IDENTITY.get()
+
+
 def principal_of(context: Context) -> str:
-    """Caller identity from request metadata ('' if none); tokens replace this later."""
+    """Who is calling: the verified token's subject. Only with authentication explicitly
+    disabled (``AUTH_DISABLED``, isolated tests) the caller-set ``x-atlasflow-principal``
+    metadata is used instead ('' if none)."""
+    identity = _IDENTITY.get()
+    if identity is not None:
+        return identity.subject
     for key, value in context.invocation_metadata() or ():
         if key == PRINCIPAL_METADATA_KEY:
             return str(value)
     return ""
 
 
-class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain errors to statuses and records RED metrics for every RPC."""
+def bearer_of(context: Context) -> str:
+    """The bearer token in the call's ``authorization`` metadata ('' if none)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            scheme, _, token = text.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return ""
 
-    def __init__(self, metrics: Metrics) -> None:
+
+class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates and authorises every RPC (unless ``verifier`` is None: authentication
+    disabled), maps domain errors to statuses and records RED metrics."""
+
+    def __init__(self, metrics: Metrics, verifier: TokenVerifier | None) -> None:
         self.metrics = metrics
+        self.verifier = verifier
 
     async def intercept_service(
         self,
@@ -90,6 +122,21 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
             return handler
         short = method.rsplit("/", 1)[-1]
         metrics = self.metrics
+        verifier = self.verifier
+
+        async def admit(context: Context) -> Identity | None:
+            """The caller's verified identity, checked against the policy (raises otherwise)."""
+            if verifier is None or is_exempt(method):
+                return None
+            token = bearer_of(context)
+            if not token:
+                raise Unauthenticated(
+                    "MISSING_TOKEN", "this call needs a bearer token", domain="atlasflow.auth", metadata={}
+                )
+            # PyJWT may fetch the issuer's JWKS (URL) or re-read it (file): off the event loop.
+            identity = await asyncio.to_thread(verifier.verify, token)
+            authorize(method, identity)
+            return identity
 
         def finish(t0: float, code: str) -> None:
             metrics.observe_rpc(short, code, time.perf_counter() - t0)
@@ -115,7 +162,11 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                 t0 = time.perf_counter()
                 exc: BaseException | None = None
                 try:
-                    return await behavior(request_or_iterator, context)
+                    reset = _IDENTITY.set(await admit(context))
+                    try:
+                        return await behavior(request_or_iterator, context)
+                    finally:
+                        _IDENTITY.reset(reset)
                 except (AtlasflowError, Exception) as e:  # noqa: BLE001
                     if isinstance(e, grpc.aio.AbortError):
                         raise
@@ -131,8 +182,12 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                 t0 = time.perf_counter()
                 exc: BaseException | None = None
                 try:
-                    async for item in behavior(request_or_iterator, context):
-                        yield item
+                    reset = _IDENTITY.set(await admit(context))
+                    try:
+                        async for item in behavior(request_or_iterator, context):
+                            yield item
+                    finally:
+                        _IDENTITY.reset(reset)
                 except Exception as e:  # noqa: BLE001
                     if isinstance(e, grpc.aio.AbortError):
                         raise
@@ -201,9 +256,12 @@ def build_server(
     port: int = 0,
     max_message_bytes: int = 64 * 1024 * 1024,
     tracer_provider: Any = None,
+    verifier: TokenVerifier | None,
 ) -> BuiltServer:
     """Build (not start) a grpc.aio server. `register` adds servicers and returns the full
-    service names it registered (for health and reflection). Port 0 picks a free port."""
+    service names it registered (for health and reflection). Port 0 picks a free port.
+    ``verifier``: checks every call's bearer token; None disables authentication (explicitly:
+    `atlasflow.common.settings.ServiceSettings.verifier` returns None only with AUTH_DISABLED)."""
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -212,7 +270,7 @@ def build_server(
     server = grpc.aio.server(
         interceptors=[
             aio_server_interceptor(tracer_provider=tracer_provider, filter_=filters.negate(filters.health_check())),
-            _ErrorAndMetricsInterceptor(metrics),
+            _ErrorAndMetricsInterceptor(metrics, verifier),
         ],
         options=options,
     )

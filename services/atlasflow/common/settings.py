@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from atlasflow.common.auth import AuthConfig, TokenSource, TokenVerifier
 from atlasflow.common.errors import InvalidArgument
 
 S = TypeVar("S", bound="ServiceSettings")
@@ -63,6 +64,46 @@ class ServiceSettings:
     max_message_bytes: int = 64 * 1024 * 1024
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
+    # Authentication (docs/security.md). auth_jwks: the token issuer's JWKS, an https:// URL (the
+    # OIDC provider's jwks_uri) or a file path; auth_issuer / auth_audience: required iss / aud;
+    # auth_role_claim: dotted path of the roles claim (Keycloak: realm_access.roles).
+    auth_jwks: str = ""
+    auth_issuer: str = ""
+    auth_audience: str = "atlasflow"
+    auth_role_claim: str = "roles"
+    auth_algorithms: tuple[str, ...] = ("ES256", "RS256")
+    # No token checked, and the caller-set x-atlasflow-principal names the caller: only for an
+    # isolated test. A service with neither auth_jwks nor this refuses to start.
+    auth_disabled: bool = False
+    # The bearer token of this service's own outbound calls (role `service`): a file, re-read
+    # when it changes (never a value on a command line or in the environment).
+    token_file: str = ""
+
+    def verifier(self) -> TokenVerifier | None:
+        """The token check every RPC passes (None only with ``auth_disabled``)."""
+        if self.auth_disabled:
+            return None
+        if not self.auth_jwks or not self.auth_issuer:
+            raise InvalidArgument(
+                "AUTH_NOT_CONFIGURED",
+                "authentication needs AUTH_JWKS and AUTH_ISSUER (see docs/security.md); "
+                "AUTH_DISABLED=true only for an isolated test",
+                domain="atlasflow.settings",
+                metadata={},
+            )
+        return TokenVerifier(
+            AuthConfig(
+                jwks=self.auth_jwks,
+                issuer=self.auth_issuer,
+                audience=self.auth_audience,
+                role_claim=self.auth_role_claim,
+                algorithms=self.auth_algorithms,
+            )
+        )
+
+    def token_source(self) -> TokenSource:
+        """The bearer token of this service's outbound calls (empty without ``token_file``)."""
+        return TokenSource(path=self.token_file)
 
     @classmethod
     def from_env(cls: type[S], prefix: str, environ: Mapping[str, str] | None = None) -> S:

@@ -87,7 +87,7 @@ async def build_app(
         ),
         reception,
     )
-    channel = aio_channel(settings.segmentation_target, settings.max_message_bytes)
+    channel = aio_channel(settings.segmentation_target, settings.max_message_bytes, token=settings.token_source())
     dispatcher = OutboxDispatcher(
         store.conn,
         store.lock,
@@ -113,6 +113,7 @@ async def build_app(
         port=settings.grpc_port,
         max_message_bytes=settings.max_message_bytes,
         tracer_provider=tracer_provider,
+        verifier=settings.verifier(),
     )
     ready_fields: dict[str, Any] = {"dicom_port": settings.dicom_port, "ae_title": settings.ae_title}
     return ServiceApp(

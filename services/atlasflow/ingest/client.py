@@ -31,6 +31,7 @@ from pathlib import Path
 
 import grpc
 
+from atlasflow.common.auth import TokenSource
 from atlasflow.common.clients import sync_channel
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
@@ -186,6 +187,7 @@ def send_files(
     retry_wait_s: float = 0.5,
     stats: UploadStats | None = None,
     load: Callable[[Path], bytes] | None = None,
+    token: TokenSource | None = None,
 ) -> list[ingest_pb2.InstanceReceipt]:
     """Upload DICOM files; returns one receipt per file, in order, each instance durable.
 
@@ -194,11 +196,12 @@ def send_files(
     unfinished instance at the server's committed offset. A refusal (INVALID_ARGUMENT: e.g.
     MISSING_UID, NOT_CT) raises `UploadError` at once. `commit`: CommitSeries each series
     afterwards. `load`: reads a file's bytes (default `Path.read_bytes`, after `derive_uids`
-    when `assign_uids`).
+    when `assign_uids`). `token`: the caller's bearer token (role connector or admin); default
+    the file named by ``ATLASFLOW_TOKEN_FILE``.
     """
     stats = stats if stats is not None else UploadStats()
     read = load or (lambda p: derive_uids(p.read_bytes()) if assign_uids else p.read_bytes())
-    with sync_channel(target) as channel:
+    with sync_channel(target, token=token) as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         if not resumable:
             stats.streams += 1
@@ -280,7 +283,12 @@ def _send_resumable(
 
 
 def send_directory(
-    directory: Path, target: str, *, commit: bool = False, assign_uids: bool = False
+    directory: Path,
+    target: str,
+    *,
+    commit: bool = False,
+    assign_uids: bool = False,
+    token: TokenSource | None = None,
 ) -> list[ingest_pb2.InstanceReceipt]:
     paths = sorted(p for p in Path(directory).rglob("*") if p.is_file())
-    return send_files(paths, target, commit=commit, assign_uids=assign_uids)
+    return send_files(paths, target, commit=commit, assign_uids=assign_uids, token=token)

@@ -349,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--get", action="store_true", help="C-GET instead of C-MOVE; instances are uploaded to --target over gRPC"
     )
     p.add_argument("--target", default="127.0.0.1:50051", help="ingest gRPC address (--get)")
+    p.add_argument(
+        "--token-file", default="", help="bearer token for the upload (--get; default $ATLASFLOW_TOKEN_FILE)"
+    )
     return p
 
 
@@ -367,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.get:
                 with tempfile.TemporaryDirectory(prefix="atlasflow-get-") as tmp:
                     r = get_series(pacs, args.calling_aet, args.study_uid, m.series_uid, Path(tmp))
-                    receipts = _upload([Path(p) for p in r.received], args.target)
+                    receipts = _upload([Path(p) for p in r.received], args.target, args.token_file)
                     r.received = []
                     entry = {**asdict(r), "uploaded": len(receipts)}
             else:
@@ -384,11 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _upload(paths: list[Path], target: str) -> list:
+def _upload(paths: list[Path], target: str, token_file: str = "") -> list:
+    from atlasflow.common.auth import TokenSource
     from atlasflow.ingest.client import UploadError, send_files
 
     try:
-        return send_files(paths, target)
+        return send_files(paths, target, token=TokenSource(path=token_file) if token_file else None)
     except UploadError as exc:
         raise Unavailable(
             "UPLOAD_FAILED", f"upload to ingest failed: {exc}", domain=DOMAIN, metadata={"target": target}

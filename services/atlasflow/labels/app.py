@@ -54,7 +54,7 @@ async def build_app(
         if repository is not None
         else await asyncio.to_thread(open_repository, settings.database_url, settings.data_dir)
     )
-    sources = IngestSourceInstances(settings.ingest_target, settings.max_message_bytes)
+    sources = IngestSourceInstances(settings.ingest_target, settings.max_message_bytes, token=settings.token_source())
     exporter = Exporter(repo, blobs, metrics, sources=sources)
     export_root = Path(settings.export_dir).resolve() if settings.export_dir else None
     servicer = LabelServicer(repo, blobs, exporter, export_root)
@@ -70,8 +70,9 @@ async def build_app(
         port=settings.grpc_port,
         max_message_bytes=settings.max_message_bytes,
         tracer_provider=tracer_provider,
+        verifier=settings.verifier(),
     )
-    ranking_channel = aio_channel(settings.ranking_target, settings.max_message_bytes)
+    ranking_channel = aio_channel(settings.ranking_target, settings.max_message_bytes, token=settings.token_source())
     events = version_events(repo, blobs, _RankingStub(ranking_channel), metrics)
     # closed in reverse order: the ranking channel, the ingest client, then the repository
     closers: list[Closer] = [repo.close] if owned else []

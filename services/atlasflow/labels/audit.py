@@ -16,7 +16,7 @@ from atlasflow.common.errors import AtlasflowError, Unauthenticated
 from atlasflow.labels.repository import DOMAIN, AuditEvent, LabelRepository
 
 T = TypeVar("T")
-#: the principal of calls that carry none (metadata x-atlasflow-principal absent)
+#: the principal of calls that carry none (only with authentication disabled)
 ANONYMOUS = "anonymous"
 
 
@@ -52,6 +52,6 @@ def require_principal(repo: LabelRepository, principal: str, method: str, case_i
     repo.record_audit(AuditEvent(ANONYMOUS, method, case_id, outcome="PRINCIPAL_REQUIRED"))
     raise Unauthenticated(
         "PRINCIPAL_REQUIRED",
-        f"{method} needs the reviewer's identity in metadata x-atlasflow-principal",
+        f"{method} needs the caller's identity (a bearer token)",
         domain=DOMAIN,
     )

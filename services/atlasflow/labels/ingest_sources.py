@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pydicom
 
+from atlasflow.common.auth import TokenSource
 from atlasflow.common.clients import sync_channel
 from atlasflow.common.errors import DataLoss, NotFound, Unavailable
 from atlasflow.common.server import error_info_of
@@ -39,8 +40,15 @@ class IngestSourceInstances:
     on a malformed stream, Unavailable("INGEST_ERROR") (metadata "code", "reason") otherwise.
     """
 
-    def __init__(self, target: str, max_message_bytes: int = 64 * 1024 * 1024, timeout_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        timeout_s: float = 300.0,
+        token: TokenSource | None = None,
+    ) -> None:
         self.target = target
+        self.token = token
         self.max_message_bytes = max_message_bytes
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
@@ -49,7 +57,7 @@ class IngestSourceInstances:
     def _stub(self) -> Any:
         with self._lock:
             if self._channel is None:
-                self._channel = sync_channel(self.target, self.max_message_bytes)
+                self._channel = sync_channel(self.target, self.max_message_bytes, token=self.token)
             return _IngestStub(self._channel)
 
     def close(self) -> None:

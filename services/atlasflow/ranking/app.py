@@ -60,6 +60,7 @@ async def build_app(
         port=settings.grpc_port,
         max_message_bytes=settings.max_message_bytes,
         tracer_provider=tracer_provider,
+        verifier=settings.verifier(),
     )
     return ServiceApp(
         "ranking", built, closers=[store.close] if owned else [], parts={"worklist": store, "servicer": servicer}

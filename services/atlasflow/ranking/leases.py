@@ -32,9 +32,7 @@ MAX_LEASE_S = 8 * 3600.0
 def check_principal(principal: str) -> str:
     """The caller's principal, or Unauthenticated("PRINCIPAL_REQUIRED") when missing."""
     if not principal:
-        raise Unauthenticated(
-            "PRINCIPAL_REQUIRED", "the caller's principal (metadata x-atlasflow-principal) is required", domain=DOMAIN
-        )
+        raise Unauthenticated("PRINCIPAL_REQUIRED", "the caller's identity (a bearer token) is required", domain=DOMAIN)
     if len(principal) > 256 or not principal.isprintable():
         raise InvalidArgument("INVALID_PRINCIPAL", "principal must be printable, <= 256 chars", domain=DOMAIN)
     return principal

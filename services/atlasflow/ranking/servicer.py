@@ -1,7 +1,9 @@
 """Ranking gRPC servicer: converts messages, calls `worklist` domain code.
 
-The reviewer of every review RPC is the caller's principal (`principal_of(context)`, metadata
-`x-atlasflow-principal`); the domain code rejects a missing one (PRINCIPAL_REQUIRED). Store
+The reviewer of every review RPC is the caller's principal (`principal_of(context)`: the
+verified token's subject; the server's interceptor has already refused calls without a valid
+token or an allowed role); the domain code rejects a missing one (PRINCIPAL_REQUIRED, possible
+only with authentication disabled). Store
 calls run in a worker thread (`asyncio.to_thread`) so SQLite's fsync never blocks the event
 loop; the store serialises them itself.
 """

@@ -80,8 +80,8 @@ async def build_app(
             for c in configs
         }
     segmenters = dict(segmenters)
-    labels_channel = aio_channel(settings.labels_target, settings.max_message_bytes)
-    ranking_channel = aio_channel(settings.ranking_target, settings.max_message_bytes)
+    labels_channel = aio_channel(settings.labels_target, settings.max_message_bytes, token=settings.token_source())
+    ranking_channel = aio_channel(settings.ranking_target, settings.max_message_bytes, token=settings.token_source())
     dispatcher = OutboxDispatcher(
         jobs.conn,
         jobs.lock,
@@ -96,7 +96,9 @@ async def build_app(
     def wake_dispatcher() -> None:  # worker thread
         loop.call_soon_threadsafe(dispatcher.wake)
 
-    prior = RankingPrior(settings.ranking_target, settings.prior_refresh_s, settings.max_message_bytes)
+    prior = RankingPrior(
+        settings.ranking_target, settings.prior_refresh_s, settings.max_message_bytes, token=settings.token_source()
+    )
     worker = Worker(
         jobs,
         blobs,
@@ -124,6 +126,7 @@ async def build_app(
         port=settings.grpc_port,
         max_message_bytes=settings.max_message_bytes,
         tracer_provider=tracer_provider,
+        verifier=settings.verifier(),
     )
 
     def close_segmenters() -> None:

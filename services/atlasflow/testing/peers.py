@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from atlasflow.common.ports import free_ports
+from atlasflow.testing import auth
 from atlasflow.testing.data import REPO, TEST_DATA
 
 __all__ = [
@@ -147,6 +148,8 @@ class IngestProcess:
             "QUIET_PERIOD_S": str(quiet_period_s),
             "SEGMENTATION_TARGET": f"127.0.0.1:{dead}",
             "SHUTDOWN_GRACE_S": "1",
+            # accepts the test session's tokens (atlasflow.testing.auth)
+            **{k.upper(): v for k, v in auth.auth_settings().items()},
         }
         settings.update(env or {})
         self.env.update({"ATLASFLOW_INGEST_" + k: v for k, v in settings.items()})

@@ -34,6 +34,11 @@ class IngestServiceStub:
     e.g. reason NOT_DICOM, NOT_CT, CORRUPT_DICOM, MISSING_UID, CHECKSUM_MISMATCH, SERIES_NOT_FOUND,
     OFFSET_MISMATCH, UPLOAD_NOT_FOUND, INVALID_UPLOAD_ID, UPLOAD_ID_REUSED, SERIES_VERSION_NOT_FOUND,
     VOLUME_NOT_FOUND (blob errors: domain "atlasflow.blobs", BLOB_NOT_FOUND, BLOB_CORRUPT).
+
+    Authentication: every RPC needs "authorization: Bearer <JWT>" from the configured issuer;
+    each RPC's allowed roles are in docs/security.md. Without a valid token: UNAUTHENTICATED,
+    domain "atlasflow.auth", reason MISSING_TOKEN or INVALID_TOKEN; with a role the table does not
+    allow: PERMISSION_DENIED, reason ROLE_NOT_ALLOWED.
     """
 
     def __init__(self, channel):
@@ -83,6 +88,11 @@ class IngestServiceServicer:
     e.g. reason NOT_DICOM, NOT_CT, CORRUPT_DICOM, MISSING_UID, CHECKSUM_MISMATCH, SERIES_NOT_FOUND,
     OFFSET_MISMATCH, UPLOAD_NOT_FOUND, INVALID_UPLOAD_ID, UPLOAD_ID_REUSED, SERIES_VERSION_NOT_FOUND,
     VOLUME_NOT_FOUND (blob errors: domain "atlasflow.blobs", BLOB_NOT_FOUND, BLOB_CORRUPT).
+
+    Authentication: every RPC needs "authorization: Bearer <JWT>" from the configured issuer;
+    each RPC's allowed roles are in docs/security.md. Without a valid token: UNAUTHENTICATED,
+    domain "atlasflow.auth", reason MISSING_TOKEN or INVALID_TOKEN; with a role the table does not
+    allow: PERMISSION_DENIED, reason ROLE_NOT_ALLOWED.
     """
 
     def UploadInstances(self, request_iterator, context):
@@ -201,6 +211,11 @@ class IngestService:
     e.g. reason NOT_DICOM, NOT_CT, CORRUPT_DICOM, MISSING_UID, CHECKSUM_MISMATCH, SERIES_NOT_FOUND,
     OFFSET_MISMATCH, UPLOAD_NOT_FOUND, INVALID_UPLOAD_ID, UPLOAD_ID_REUSED, SERIES_VERSION_NOT_FOUND,
     VOLUME_NOT_FOUND (blob errors: domain "atlasflow.blobs", BLOB_NOT_FOUND, BLOB_CORRUPT).
+
+    Authentication: every RPC needs "authorization: Bearer <JWT>" from the configured issuer;
+    each RPC's allowed roles are in docs/security.md. Without a valid token: UNAUTHENTICATED,
+    domain "atlasflow.auth", reason MISSING_TOKEN or INVALID_TOKEN; with a role the table does not
+    allow: PERMISSION_DENIED, reason ROLE_NOT_ALLOWED.
     """
 
     @staticmethod

@@ -36,9 +36,13 @@ class LabelServiceStub:
     version carries the per-organ provenance that results (LabelVersion.organ_provenance); the
     export's manifest reports it.
 
-    Identity: the caller's principal comes from request metadata "x-atlasflow-principal"
-    (until authentication lands). ReviseLabels requires it; the audit trail records it for every
-    call ("anonymous" when absent).
+    Identity: the caller is the bearer token's subject; the audit trail records it for every
+    call.
+
+    Authentication: every RPC needs "authorization: Bearer <JWT>" from the configured issuer;
+    each RPC's allowed roles are in docs/security.md. Without a valid token: UNAUTHENTICATED,
+    domain "atlasflow.auth", reason MISSING_TOKEN or INVALID_TOKEN; with a role the table does not
+    allow: PERMISSION_DENIED, reason ROLE_NOT_ALLOWED.
 
     Errors: google.rpc.ErrorInfo, domain "atlasflow.labels" (blob errors: "atlasflow.blobs").
     Reasons:
@@ -58,7 +62,7 @@ class LabelServiceStub:
     DUPLICATE_ORGAN (INVALID_ARGUMENT)       an organ is revised twice in one request
     REVISION_OVERLAP (INVALID_ARGUMENT)      two revised organs claim the same voxel
     EMPTY_REVISION (INVALID_ARGUMENT)        no organ revision given
-    PRINCIPAL_REQUIRED (UNAUTHENTICATED)     no x-atlasflow-principal metadata (ReviseLabels)
+    PRINCIPAL_REQUIRED (UNAUTHENTICATED)     no caller identity (only with authentication disabled)
     INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN (INVALID_ARGUMENT)
     INVALID_DESTINATION / DESTINATION_NOT_ALLOWED (INVALID_ARGUMENT), NOTHING_TO_EXPORT
     (FAILED_PRECONDITION)
@@ -133,9 +137,13 @@ class LabelServiceServicer:
     version carries the per-organ provenance that results (LabelVersion.organ_provenance); the
     export's manifest reports it.
 
-    Identity: the caller's principal comes from request metadata "x-atlasflow-principal"
-    (until authentication lands). ReviseLabels requires it; the audit trail records it for every
-    call ("anonymous" when absent).
+    Identity: the caller is the bearer token's subject; the audit trail records it for every
+    call.
+
+    Authentication: every RPC needs "authorization: Bearer <JWT>" from the configured issuer;
+    each RPC's allowed roles are in docs/security.md. Without a valid token: UNAUTHENTICATED,
+    domain "atlasflow.auth", reason MISSING_TOKEN or INVALID_TOKEN; with a role the table does not
+    allow: PERMISSION_DENIED, reason ROLE_NOT_ALLOWED.
 
     Errors: google.rpc.ErrorInfo, domain "atlasflow.labels" (blob errors: "atlasflow.blobs").
     Reasons:
@@ -155,7 +163,7 @@ class LabelServiceServicer:
     DUPLICATE_ORGAN (INVALID_ARGUMENT)       an organ is revised twice in one request
     REVISION_OVERLAP (INVALID_ARGUMENT)      two revised organs claim the same voxel
     EMPTY_REVISION (INVALID_ARGUMENT)        no organ revision given
-    PRINCIPAL_REQUIRED (UNAUTHENTICATED)     no x-atlasflow-principal metadata (ReviseLabels)
+    PRINCIPAL_REQUIRED (UNAUTHENTICATED)     no caller identity (only with authentication disabled)
     INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN (INVALID_ARGUMENT)
     INVALID_DESTINATION / DESTINATION_NOT_ALLOWED (INVALID_ARGUMENT), NOTHING_TO_EXPORT
     (FAILED_PRECONDITION)
@@ -284,9 +292,13 @@ class LabelService:
     version carries the per-organ provenance that results (LabelVersion.organ_provenance); the
     export's manifest reports it.
 
-    Identity: the caller's principal comes from request metadata "x-atlasflow-principal"
-    (until authentication lands). ReviseLabels requires it; the audit trail records it for every
-    call ("anonymous" when absent).
+    Identity: the caller is the bearer token's subject; the audit trail records it for every
+    call.
+
+    Authentication: every RPC needs "authorization: Bearer <JWT>" from the configured issuer;
+    each RPC's allowed roles are in docs/security.md. Without a valid token: UNAUTHENTICATED,
+    domain "atlasflow.auth", reason MISSING_TOKEN or INVALID_TOKEN; with a role the table does not
+    allow: PERMISSION_DENIED, reason ROLE_NOT_ALLOWED.
 
     Errors: google.rpc.ErrorInfo, domain "atlasflow.labels" (blob errors: "atlasflow.blobs").
     Reasons:
@@ -306,7 +318,7 @@ class LabelService:
     DUPLICATE_ORGAN (INVALID_ARGUMENT)       an organ is revised twice in one request
     REVISION_OVERLAP (INVALID_ARGUMENT)      two revised organs claim the same voxel
     EMPTY_REVISION (INVALID_ARGUMENT)        no organ revision given
-    PRINCIPAL_REQUIRED (UNAUTHENTICATED)     no x-atlasflow-principal metadata (ReviseLabels)
+    PRINCIPAL_REQUIRED (UNAUTHENTICATED)     no caller identity (only with authentication disabled)
     INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN (INVALID_ARGUMENT)
     INVALID_DESTINATION / DESTINATION_NOT_ALLOWED (INVALID_ARGUMENT), NOTHING_TO_EXPORT
     (FAILED_PRECONDITION)

@@ -34,15 +34,19 @@ class RankingServiceStub:
     Review workflow: a round (StartRound) selects the top budget_fraction of the unreviewed
     cases by priority; a reviewer leases a case (LeaseNextCase or LeaseCase), may renew or
     release the lease, and completes the review as accepted or revised (CompleteReview). A case
-    is leased by at most one reviewer at a time. The reviewer is the caller's principal, read
-    from the request metadata key `x-atlasflow-principal`; review RPCs without it fail with
-    UNAUTHENTICATED, reason PRINCIPAL_REQUIRED.
+    is leased by at most one reviewer at a time. The reviewer is the caller's verified identity
+    (the bearer token's subject).
+
+    Authentication: every RPC needs "authorization: Bearer <JWT>" from the configured issuer;
+    each RPC's allowed roles are in docs/security.md. Without a valid token: UNAUTHENTICATED,
+    domain "atlasflow.auth", reason MISSING_TOKEN or INVALID_TOKEN; with a role the table does not
+    allow: PERMISSION_DENIED, reason ROLE_NOT_ALLOWED.
 
     Errors: google.rpc.ErrorInfo, domain "atlasflow.ranking". Reasons: CASE_NOT_FOUND,
     ROUND_NOT_FOUND, NO_CASE_AVAILABLE (NOT_FOUND); INVALID_ATTENTION, INVALID_ARGUMENT,
     INVALID_FILTER, INVALID_PAGE_SIZE, INVALID_PAGE_TOKEN, INVALID_LEASE_DURATION,
     INVALID_OUTCOME, INVALID_BUDGET, INVALID_LABEL_VERSION (INVALID_ARGUMENT);
-    PRINCIPAL_REQUIRED (UNAUTHENTICATED);
+    PRINCIPAL_REQUIRED (UNAUTHENTICATED, only with authentication disabled);
     LEASE_HELD_BY_OTHER (FAILED_PRECONDITION when leasing, PERMISSION_DENIED when renewing,
     releasing or completing another reviewer's lease); LEASE_EXPIRED, LEASE_REQUIRED,
     CASE_ALREADY_REVIEWED, NO_OPEN_ROUND, NO_UNREVIEWED_CASES (FAILED_PRECONDITION).
@@ -130,15 +134,19 @@ class RankingServiceServicer:
     Review workflow: a round (StartRound) selects the top budget_fraction of the unreviewed
     cases by priority; a reviewer leases a case (LeaseNextCase or LeaseCase), may renew or
     release the lease, and completes the review as accepted or revised (CompleteReview). A case
-    is leased by at most one reviewer at a time. The reviewer is the caller's principal, read
-    from the request metadata key `x-atlasflow-principal`; review RPCs without it fail with
-    UNAUTHENTICATED, reason PRINCIPAL_REQUIRED.
+    is leased by at most one reviewer at a time. The reviewer is the caller's verified identity
+    (the bearer token's subject).
+
+    Authentication: every RPC needs "authorization: Bearer <JWT>" from the configured issuer;
+    each RPC's allowed roles are in docs/security.md. Without a valid token: UNAUTHENTICATED,
+    domain "atlasflow.auth", reason MISSING_TOKEN or INVALID_TOKEN; with a role the table does not
+    allow: PERMISSION_DENIED, reason ROLE_NOT_ALLOWED.
 
     Errors: google.rpc.ErrorInfo, domain "atlasflow.ranking". Reasons: CASE_NOT_FOUND,
     ROUND_NOT_FOUND, NO_CASE_AVAILABLE (NOT_FOUND); INVALID_ATTENTION, INVALID_ARGUMENT,
     INVALID_FILTER, INVALID_PAGE_SIZE, INVALID_PAGE_TOKEN, INVALID_LEASE_DURATION,
     INVALID_OUTCOME, INVALID_BUDGET, INVALID_LABEL_VERSION (INVALID_ARGUMENT);
-    PRINCIPAL_REQUIRED (UNAUTHENTICATED);
+    PRINCIPAL_REQUIRED (UNAUTHENTICATED, only with authentication disabled);
     LEASE_HELD_BY_OTHER (FAILED_PRECONDITION when leasing, PERMISSION_DENIED when renewing,
     releasing or completing another reviewer's lease); LEASE_EXPIRED, LEASE_REQUIRED,
     CASE_ALREADY_REVIEWED, NO_OPEN_ROUND, NO_UNREVIEWED_CASES (FAILED_PRECONDITION).
@@ -339,15 +347,19 @@ class RankingService:
     Review workflow: a round (StartRound) selects the top budget_fraction of the unreviewed
     cases by priority; a reviewer leases a case (LeaseNextCase or LeaseCase), may renew or
     release the lease, and completes the review as accepted or revised (CompleteReview). A case
-    is leased by at most one reviewer at a time. The reviewer is the caller's principal, read
-    from the request metadata key `x-atlasflow-principal`; review RPCs without it fail with
-    UNAUTHENTICATED, reason PRINCIPAL_REQUIRED.
+    is leased by at most one reviewer at a time. The reviewer is the caller's verified identity
+    (the bearer token's subject).
+
+    Authentication: every RPC needs "authorization: Bearer <JWT>" from the configured issuer;
+    each RPC's allowed roles are in docs/security.md. Without a valid token: UNAUTHENTICATED,
+    domain "atlasflow.auth", reason MISSING_TOKEN or INVALID_TOKEN; with a role the table does not
+    allow: PERMISSION_DENIED, reason ROLE_NOT_ALLOWED.
 
     Errors: google.rpc.ErrorInfo, domain "atlasflow.ranking". Reasons: CASE_NOT_FOUND,
     ROUND_NOT_FOUND, NO_CASE_AVAILABLE (NOT_FOUND); INVALID_ATTENTION, INVALID_ARGUMENT,
     INVALID_FILTER, INVALID_PAGE_SIZE, INVALID_PAGE_TOKEN, INVALID_LEASE_DURATION,
     INVALID_OUTCOME, INVALID_BUDGET, INVALID_LABEL_VERSION (INVALID_ARGUMENT);
-    PRINCIPAL_REQUIRED (UNAUTHENTICATED);
+    PRINCIPAL_REQUIRED (UNAUTHENTICATED, only with authentication disabled);
     LEASE_HELD_BY_OTHER (FAILED_PRECONDITION when leasing, PERMISSION_DENIED when renewing,
     releasing or completing another reviewer's lease); LEASE_EXPIRED, LEASE_REQUIRED,
     CASE_ALREADY_REVIEWED, NO_OPEN_ROUND, NO_UNREVIEWED_CASES (FAILED_PRECONDITION).

@@ -34,6 +34,11 @@ class SegmentationServiceStub:
     client polls with GetSegmentationJob. Jobs are idempotent by (series_id, series_version,
     ensemble_version): asking again returns the existing job.
 
+    Authentication: every RPC needs "authorization: Bearer <JWT>" from the configured issuer;
+    each RPC's allowed roles are in docs/security.md. Without a valid token: UNAUTHENTICATED,
+    domain "atlasflow.auth", reason MISSING_TOKEN or INVALID_TOKEN; with a role the table does not
+    allow: PERMISSION_DENIED, reason ROLE_NOT_ALLOWED.
+
     Job states (atlasflow.common.v1.OperationState): QUEUED -> RUNNING -> SUCCEEDED | FAILED;
     RUNNING -> QUEUED when Triton is unavailable (the job stays in the durable work table and is
     tried again at next_attempt_time, with exponential backoff; after the configured number of
@@ -86,6 +91,11 @@ class SegmentationServiceServicer:
     Segmenting is long work: SegmentSeries returns a SegmentationJob (an operation) that the
     client polls with GetSegmentationJob. Jobs are idempotent by (series_id, series_version,
     ensemble_version): asking again returns the existing job.
+
+    Authentication: every RPC needs "authorization: Bearer <JWT>" from the configured issuer;
+    each RPC's allowed roles are in docs/security.md. Without a valid token: UNAUTHENTICATED,
+    domain "atlasflow.auth", reason MISSING_TOKEN or INVALID_TOKEN; with a role the table does not
+    allow: PERMISSION_DENIED, reason ROLE_NOT_ALLOWED.
 
     Job states (atlasflow.common.v1.OperationState): QUEUED -> RUNNING -> SUCCEEDED | FAILED;
     RUNNING -> QUEUED when Triton is unavailable (the job stays in the durable work table and is
@@ -181,6 +191,11 @@ class SegmentationService:
     Segmenting is long work: SegmentSeries returns a SegmentationJob (an operation) that the
     client polls with GetSegmentationJob. Jobs are idempotent by (series_id, series_version,
     ensemble_version): asking again returns the existing job.
+
+    Authentication: every RPC needs "authorization: Bearer <JWT>" from the configured issuer;
+    each RPC's allowed roles are in docs/security.md. Without a valid token: UNAUTHENTICATED,
+    domain "atlasflow.auth", reason MISSING_TOKEN or INVALID_TOKEN; with a role the table does not
+    allow: PERMISSION_DENIED, reason ROLE_NOT_ALLOWED.
 
     Job states (atlasflow.common.v1.OperationState): QUEUED -> RUNNING -> SUCCEEDED | FAILED;
     RUNNING -> QUEUED when Triton is unavailable (the job stays in the durable work table and is

@@ -1,0 +1,98 @@
+"""Authorisation as data: which roles may call which RPC (docs/security.md shows this table).
+
+Deny by default: an RPC missing from `POLICY` is refused to everyone (PERMISSION_DENIED), and
+`tests/common/test_common_policy.py` checks that every RPC of every atlasflow service is listed
+and that docs/security.md shows exactly this table. Health and reflection need no token
+(`EXEMPT_SERVICES`). The internal hand-offs (segmentation -> labels/ranking, labels -> ranking,
+ingest -> segmentation, labels -> ingest for the SEG's source headers) accept only ``service``.
+
+Roles (`atlasflow.common.auth.ROLES`):
+- ``connector``: a PACS connector or modality gateway: sends studies, follows their processing;
+- ``annotator``: reads cases and labels, works the worklist, revises labels;
+- ``reviewer``: as annotator (the senior read);
+- ``admin``: runs the campaign (rounds), exports, reads the audit, cancels jobs;
+- ``service``: atlasflow's own workloads calling each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from atlasflow.common.auth import Identity
+from atlasflow.common.errors import PermissionDenied
+
+DOMAIN = "atlasflow.auth"
+
+#: RPCs callable without a token (full service names).
+EXEMPT_SERVICES = frozenset(
+    {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
+)
+
+_FOLLOW = frozenset({"connector", "annotator", "reviewer", "admin", "service"})
+_READ = frozenset({"annotator", "reviewer", "admin", "service"})
+_WORK = frozenset({"annotator", "reviewer"})
+_SEND = frozenset({"connector", "admin"})
+_ADMIN = frozenset({"admin"})
+_SERVICE = frozenset({"service"})
+
+_INGEST = "atlasflow.ingest.v1.IngestService"
+_SEG = "atlasflow.segmentation.v1.SegmentationService"
+_LABELS = "atlasflow.labels.v1.LabelService"
+_RANK = "atlasflow.ranking.v1.RankingService"
+
+#: ``/<package>.<Service>/<Method>`` -> the roles allowed to call it.
+POLICY: Mapping[str, frozenset[str]] = {
+    # ingest
+    f"/{_INGEST}/UploadInstances": _SEND,
+    f"/{_INGEST}/GetUploadStatus": _SEND,
+    f"/{_INGEST}/CommitSeries": _SEND,
+    f"/{_INGEST}/GetSeries": _FOLLOW,
+    f"/{_INGEST}/ListSeries": _FOLLOW,
+    # full DICOM headers (patient data): the labels service building a SEG, or an admin
+    f"/{_INGEST}/StreamSeriesInstances": _SERVICE | _ADMIN,
+    # segmentation
+    f"/{_SEG}/SegmentSeries": _SERVICE | _ADMIN,
+    f"/{_SEG}/GetSegmentationJob": _FOLLOW,
+    f"/{_SEG}/ListSegmentationJobs": _FOLLOW,
+    f"/{_SEG}/WaitSegmentationJob": _FOLLOW,
+    f"/{_SEG}/CancelSegmentationJob": _ADMIN,
+    # labels
+    f"/{_LABELS}/CreateLabelVersion": _SERVICE | _ADMIN,
+    f"/{_LABELS}/GetLabelVersion": _READ,
+    f"/{_LABELS}/ListLabelVersions": _READ,
+    f"/{_LABELS}/ReviseLabels": _WORK,
+    f"/{_LABELS}/ExportDataset": _ADMIN,
+    f"/{_LABELS}/GetExportJob": _ADMIN,
+    f"/{_LABELS}/ListAuditRecords": _ADMIN,
+    # ranking
+    f"/{_RANK}/SubmitAttention": _SERVICE,
+    f"/{_RANK}/RecordLabelVersion": _SERVICE,
+    f"/{_RANK}/GetPopulationPrior": _SERVICE | _ADMIN,
+    f"/{_RANK}/ListWorklist": _WORK | _ADMIN,
+    f"/{_RANK}/GetWorklistItem": _WORK | _ADMIN,
+    f"/{_RANK}/LeaseCase": _WORK,
+    f"/{_RANK}/LeaseNextCase": _WORK,
+    f"/{_RANK}/RenewLease": _WORK,
+    f"/{_RANK}/ReleaseLease": _WORK,
+    f"/{_RANK}/CompleteReview": _WORK,
+    f"/{_RANK}/StartRound": _ADMIN,
+    f"/{_RANK}/GetRound": _WORK | _ADMIN,
+    f"/{_RANK}/ListRounds": _WORK | _ADMIN,
+}
+
+
+def is_exempt(method: str) -> bool:
+    """Health and reflection: ``method`` is ``/<service>/<Method>``."""
+    return method.lstrip("/").split("/", 1)[0] in EXEMPT_SERVICES
+
+
+def authorize(method: str, identity: Identity) -> None:
+    """Raise PERMISSION_DENIED unless one of ``identity``'s roles may call ``method``."""
+    allowed = POLICY.get(method, frozenset())
+    if not identity.roles & allowed:
+        raise PermissionDenied(
+            "ROLE_NOT_ALLOWED",
+            "the caller's roles do not allow this call",
+            domain=DOMAIN,
+            metadata={"method": method, "roles": ",".join(sorted(identity.roles))},
+        )

@@ -1,0 +1,146 @@
+"""Authorisation is data, and the data is true: the roles table of docs/security.md equals
+`atlasflow.common.policy.POLICY`, POLICY names every RPC the four services define, and on a stack
+started the way `atlasflow up` starts it, every RPC the servers expose through reflection
+refuses a call with no token, with another issuer's token and with every role the table does
+not allow, and lets every allowed role past authentication."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from atlasflow.cli.local import LocalDeployment
+from atlasflow.common.auth import ROLES, LocalIssuer
+from atlasflow.common.policy import POLICY
+from atlasflow.common.server import error_info_of
+from atlasflow.ingest.v1 import ingest_pb2
+from atlasflow.labels.v1 import labels_pb2
+from atlasflow.ranking.v1 import ranking_pb2
+from atlasflow.segmentation.v1 import segmentation_pb2
+from atlasflow.testing.data import REPO
+
+SERVICES = ("ingest", "segmentation", "ranking", "labels")
+DESCRIPTORS = (ingest_pb2, segmentation_pb2, ranking_pb2, labels_pb2)
+
+
+def _defined_rpcs() -> set[str]:
+    return {
+        f"/{svc.full_name}/{m.name}"
+        for module in DESCRIPTORS
+        for svc in module.DESCRIPTOR.services_by_name.values()
+        for m in svc.methods
+    }
+
+
+def test_policy_names_every_rpc_and_nothing_else() -> None:
+    assert set(POLICY) == _defined_rpcs()
+    assert all(roles <= set(ROLES) and roles for roles in POLICY.values())
+
+
+def test_security_doc_shows_the_policy() -> None:
+    text = (REPO / "docs" / "security.md").read_text()
+    header = "| service | RPC | " + " | ".join(ROLES) + " |"
+    assert header in text
+    rows = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r"\| (\w+) \| `(\w+)` \|(.*)\|", line.strip())
+        if m:
+            cells = [c.strip() for c in m.group(3).split("|")]
+            rows[(m.group(1), m.group(2))] = frozenset(r for r, c in zip(ROLES, cells, strict=True) if c == "✓")
+    expected = {(m.strip("/").split("/")[0].split(".")[1], m.rsplit("/", 1)[1]): roles for m, roles in POLICY.items()}
+    assert rows == expected
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeployment]:
+    """The four services as `atlasflow up` starts them (no Triton: no call here reaches it)."""
+    dep = LocalDeployment.create(tmp_path_factory.mktemp("stack"), auto_ports=True)
+    names = ["labels", "ranking", "segmentation", "ingest"]
+    dep.start(names)
+    try:
+        dep.wait_healthy(120, names)
+        yield dep
+    finally:
+        dep.stop(names=names)
+
+
+def _reflected_rpcs(target: str) -> list[tuple[str, bool, bool]]:
+    """(method path, client streaming, server streaming) of every atlasflow RPC the server at
+    ``target`` lists through reflection."""
+    with grpc.insecure_channel(target) as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        pool = descriptor_pool.DescriptorPool(db)
+        out = []
+        for name in db.get_services():
+            if not name.startswith("atlasflow."):
+                continue
+            svc = pool.FindServiceByName(name)
+            out += [(f"/{name}/{m.name}", m.client_streaming, m.server_streaming) for m in svc.methods]
+    return out
+
+
+def _call(channel: grpc.Channel, rpc: tuple[str, bool, bool], metadata: tuple) -> grpc.StatusCode:
+    """Call ``rpc`` with an empty request; the status code (OK if it succeeded)."""
+    path, client_stream, server_stream = rpc
+    ident = lambda b: b  # noqa: E731 - raw bytes: an empty message on the wire
+    kind = {
+        (False, False): channel.unary_unary,
+        (False, True): channel.unary_stream,
+        (True, False): channel.stream_unary,
+        (True, True): channel.stream_stream,
+    }[(client_stream, server_stream)]
+    call = kind(path, request_serializer=ident, response_deserializer=ident)
+    request = iter([b""]) if client_stream else b""
+    try:
+        result = call(request, metadata=metadata, timeout=20)
+        if server_stream:
+            list(result)
+    except grpc.RpcError as exc:
+        code: grpc.StatusCode = exc.code()
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            info = error_info_of(exc)
+            assert info is not None and info.domain == "atlasflow.auth", path
+        return code
+    return grpc.StatusCode.OK
+
+
+def test_every_rpc_refuses_wrong_or_missing_tokens_and_admits_allowed_roles(
+    stack: LocalDeployment, tmp_path: Path
+) -> None:
+    stranger = LocalIssuer.create_or_load(tmp_path / "stranger", issuer=stack.issuer().issuer)
+    seen = set()
+    for service in SERVICES:
+        rpcs = _reflected_rpcs(stack.target(service))
+        assert rpcs, f"{service} lists no atlasflow service through reflection"
+        with grpc.insecure_channel(stack.target(service)) as channel:
+            for rpc in rpcs:
+                path = rpc[0]
+                seen.add(path)
+                assert _call(channel, rpc, ()) == grpc.StatusCode.UNAUTHENTICATED, path
+                garbage = (("authorization", "Bearer not.a.token"),)
+                assert _call(channel, rpc, garbage) == grpc.StatusCode.UNAUTHENTICATED, path
+                # same issuer name, another key: refused
+                forged = (("authorization", f"Bearer {stranger.mint('mallory', ['admin', 'service'])}"),)
+                assert _call(channel, rpc, forged) == grpc.StatusCode.UNAUTHENTICATED, path
+                for role in ROLES:
+                    token = (("authorization", f"Bearer {stack.mint(role, f'test-{role}')}"),)
+                    code = _call(channel, rpc, token)
+                    if role in POLICY[path]:
+                        assert code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED), (
+                            path,
+                            role,
+                            code,
+                        )
+                    else:
+                        assert code == grpc.StatusCode.PERMISSION_DENIED, (path, role, code)
+    assert seen == set(POLICY)
+
+
+def test_health_needs_no_token(stack: LocalDeployment) -> None:
+    assert all(stack.healthy(s) for s in SERVICES)
