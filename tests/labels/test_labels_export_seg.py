@@ -31,6 +31,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from atlasflow.common.blobstore import LocalBlobStore
+from atlasflow.common.clients import sync_channel
 from atlasflow.common.errors import NotFound, Unavailable
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
@@ -48,7 +49,7 @@ from atlasflow.labels.sqlite import SqliteLabelRepository
 from atlasflow.labels.totalseg import totalseg_to_atlas
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
 from atlasflow.labels.worker import Exporter
-from atlasflow.testing import peers
+from atlasflow.testing import auth, peers
 from atlasflow.testing.data import REPO, TEST_DATA
 
 REF = TEST_DATA / "totalsegmentator/tests/reference_files"
@@ -105,6 +106,7 @@ class LabelsProcess:
                 }.items()
             }
         )
+        self.env.update(auth.auth_env("ATLASFLOW_LABELS_"))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LabelsProcess:
@@ -171,8 +173,9 @@ def env(tmp_path_factory):
 
 def _stubs(env):
     return (
-        ingest_pb2_grpc.IngestServiceStub(grpc.insecure_channel(env["ingest"].target)),
-        labels_pb2_grpc.LabelServiceStub(grpc.insecure_channel(f"127.0.0.1:{env['labels'].port}")),
+        # sync_channel: the session's all-roles token (ATLASFLOW_TOKEN_FILE)
+        ingest_pb2_grpc.IngestServiceStub(sync_channel(env["ingest"].target)),
+        labels_pb2_grpc.LabelServiceStub(sync_channel(f"127.0.0.1:{env['labels'].port}")),
     )
 
 
