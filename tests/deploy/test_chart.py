@@ -47,6 +47,19 @@ CONTAINER_PORTS = {
     "triton": {"http": 8000, "grpc": 8001, "metrics": 8002},
 }
 
+# The values every render needs: the services refuse to start without a token issuer (docs/security.md).
+AUTH_ISSUER = "https://keycloak.example/realms/radiology"
+AUTH_JWKS = "https://keycloak.example/realms/radiology/protocol/openid-connect/certs"
+AUTH_SECRET = "atlasflow-service-token"
+AUTH_ARGS = (
+    "--set",
+    f"auth.issuer={AUTH_ISSUER}",
+    "--set",
+    f"auth.jwksUrl={AUTH_JWKS}",
+    "--set",
+    f"auth.serviceToken.existingSecret={AUTH_SECRET}",
+)
+
 # A values file that switches every optional branch of the templates the other way.
 ALTERNATIVE_VALUES: dict[str, Any] = {
     "fullnameOverride": "atlas",
@@ -56,6 +69,12 @@ ALTERNATIVE_VALUES: dict[str, Any] = {
     "config": {"env": {"ATLASFLOW_FEATURE_X": "on"}},
     "metrics": {"podAnnotations": False, "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
     "networkPolicy": {"enabled": False},
+    "auth": {
+        "audience": "atlasflow-prod",
+        "roleClaim": "realm_access.roles",
+        "algorithms": ["RS256"],
+        "serviceToken": {"key": "access-token"},
+    },
     "blobs": {"persistence": {"existingClaim": "shared-blobs"}},
     "ingest": {
         "acceptedCallingAETs": ["PACS1", "PACS2"],
@@ -111,8 +130,11 @@ def helm(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def render(*extra: str) -> list[dict[str, Any]]:
-    """`helm template` the chart; return the non-empty documents."""
-    proc = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION, *extra)
+    """`helm template` the chart with the required auth values (AUTH_ARGS; `extra` may override
+    them with later --set); return the non-empty documents."""
+    proc = helm(
+        "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION, *AUTH_ARGS, *extra
+    )
     assert proc.returncode == 0, proc.stderr
     docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
     assert docs, "helm template rendered nothing"
@@ -197,7 +219,7 @@ def any_docs(
 
 def test_helm_lint_strict(alt_values_file: Path) -> None:
     for extra in ((), ("-f", str(alt_values_file))):
-        proc = helm("lint", "--strict", str(CHART), "--kube-version", KUBE_VERSION, *extra)
+        proc = helm("lint", "--strict", str(CHART), "--kube-version", KUBE_VERSION, *AUTH_ARGS, *extra)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "0 chart(s) failed" in proc.stdout
 
@@ -247,16 +269,20 @@ def test_rendered_object_inventory(docs: list[dict[str, Any]]) -> None:
         (("--set", "ranking.grpc.port=70000"), "/ranking/grpc/port"),
         (("--set", "labels.persistence.size=lots"), "/labels/persistence/size"),
         (("--set", "segmentation.resources=null"), "segmentation"),
+        (("--set", "auth.algorithms={HS256}"), "/auth/algorithms"),
+        (("--set", "auth.jwksUrl=ftp://keys.example/jwks"), "/auth/jwksUrl"),
+        (("--set", "auth.serviceToken.key=a/b"), "/auth/serviceToken/key"),
+        (("--set", "auth.issuer=null"), "issuer"),
     ],
 )
 def test_values_schema_rejects(override: tuple[str, str], message: str) -> None:
-    proc = helm("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION, *override)
+    proc = helm("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION, *AUTH_ARGS, *override)
     assert proc.returncode != 0, f"{override} was accepted"
     assert message in proc.stderr, proc.stderr
 
 
 def test_triton_disabled_requires_an_external_url() -> None:
-    proc = helm("template", RELEASE, str(CHART), "--set", "triton.enabled=false")
+    proc = helm("template", RELEASE, str(CHART), *AUTH_ARGS, "--set", "triton.enabled=false")
     assert proc.returncode != 0 and "segmentation.tritonUrl" in proc.stderr, proc.stderr
     docs = render("--set", "triton.enabled=false", "--set", "segmentation.tritonUrl=triton.gpu.svc:8001")
     assert not [d for d in docs if d["metadata"]["labels"].get("app.kubernetes.io/component") == "triton"]
@@ -541,6 +567,75 @@ def test_env_matches_service_settings(docs: list[dict[str, Any]], component: str
     if component == "ingest":
         assert settings.dicom_host == "0.0.0.0"
         assert settings.dicom_port == ports["dicom"]
+
+
+# ----------------------------------------------------------------------------- authentication
+
+
+@pytest.mark.parametrize("component", ATLASFLOW)
+def test_auth_env_and_service_token_file(any_docs: list[dict[str, Any]], component: str) -> None:
+    """Every service gets the token check settings and the file of its own token: the Secret
+    mounted read-only (a directory, so the kubelet refreshes the file) at TOKEN_FILE's folder;
+    the token is never an env value or an argument."""
+    from atlasflow.common.settings import ServiceSettings
+
+    dep = deployment(any_docs, component)
+    alternative = dep["metadata"]["name"].startswith("atlas-")
+    auth = ALTERNATIVE_VALUES["auth"] if alternative else {}
+    key = auth.get("serviceToken", {}).get("key", "token")
+    container = main_container(dep)
+    env = literal_env(container)
+    prefix = f"ATLASFLOW_{component.upper()}_"
+    assert env[prefix + "AUTH_ISSUER"] == AUTH_ISSUER
+    assert env[prefix + "AUTH_JWKS"] == AUTH_JWKS
+    assert env[prefix + "AUTH_AUDIENCE"] == auth.get("audience", "atlasflow")
+    assert env[prefix + "AUTH_ROLE_CLAIM"] == auth.get("roleClaim", "roles")
+    assert env[prefix + "AUTH_ALGORITHMS"] == ",".join(auth.get("algorithms", ["RS256", "ES256"]))
+    assert prefix + "AUTH_DISABLED" not in env
+    token_file = env[prefix + "TOKEN_FILE"]
+    assert token_file.startswith("/") and token_file.rsplit("/", 1)[1] == key
+
+    # the settings the service parses: a verifier can be built (no AUTH_NOT_CONFIGURED)
+    settings = ServiceSettings.from_env(prefix, {k: v for k, v in env.items() if k.startswith(prefix + "AUTH_")})
+    assert settings.auth_algorithms == tuple(auth.get("algorithms", ["RS256", "ES256"]))
+    assert settings.verifier() is not None
+
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "service-token"]
+    assert mount["readOnly"] is True and "subPath" not in mount
+    assert token_file == f"{mount['mountPath']}/{key}"
+    secret = volume(dep, "service-token")["secret"]
+    assert secret["secretName"] == AUTH_SECRET
+    assert secret["items"] == [{"key": key, "path": key}]
+    assert secret["defaultMode"] == 0o440
+    # secrets as files only
+    for c in all_containers(dep):
+        for e in c.get("env", []):
+            assert "secretKeyRef" not in e.get("valueFrom", {}) or e["name"] == "ATLASFLOW_LABELS_DATABASE_URL", e
+        assert not any(AUTH_SECRET in a for a in c.get("args", []) + c.get("command", []))
+
+
+@pytest.mark.parametrize(
+    ("unset", "message"),
+    [
+        ("auth.issuer", "auth.issuer is required"),
+        ("auth.jwksUrl", "auth.jwksUrl is required"),
+        ("auth.serviceToken.existingSecret", "auth.serviceToken.existingSecret is required"),
+    ],
+)
+def test_rendering_without_auth_fails(unset: str, message: str) -> None:
+    proc = helm("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION, *AUTH_ARGS, "--set", f"{unset}=")
+    assert proc.returncode != 0, f"rendered without {unset}"
+    assert message in proc.stderr and "docs/security.md" in proc.stderr, proc.stderr
+    # the chart's defaults alone do not render either
+    bare = helm("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION)
+    assert bare.returncode != 0 and "is required" in bare.stderr, bare.stderr
+
+
+def test_auth_change_rolls_pods(docs: list[dict[str, Any]]) -> None:
+    before = {c: deployment(docs, c)["spec"]["template"] for c in ATLASFLOW}
+    changed = render("--set", "auth.issuer=https://other.example/realms/r")
+    for c in ATLASFLOW:
+        assert deployment(changed, c)["spec"]["template"] != before[c], c
 
 
 # ----------------------------------------------------------------------------- config checksum

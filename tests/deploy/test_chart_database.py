@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _labels_env(*sets: str) -> dict:
     args = [str(ROOT / ".tools" / "helm"), "template", "t", str(ROOT / "charts" / "atlasflow")]
+    # the chart refuses to render without authentication (docs/security.md)
+    args += ["--set", "auth.issuer=https://issuer.example", "--set", "auth.jwksUrl=https://issuer.example/jwks"]
+    args += ["--set", "auth.serviceToken.existingSecret=service-token"]
     for s in sets:
         args += ["--set", s]
     docs = [d for d in yaml.safe_load_all(subprocess.run(args, check=True, capture_output=True, text=True).stdout) if d]

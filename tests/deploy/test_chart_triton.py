@@ -31,6 +31,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from test_chart import (
+    AUTH_ARGS,
     CHART,
     KUBE_VERSION,
     NAMESPACE,
@@ -264,7 +265,7 @@ def test_persistence_modes() -> None:
         (("--set", "triton.modelRepository.populate=false"), "pre-populated"),
         (("--set", "triton.modelRepository.ensembles={abdomen-trio-v2}"), "segmentation.ensemble"),
     ):
-        proc = helm("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION, *bad)
+        proc = helm("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION, *AUTH_ARGS, *bad)
         assert proc.returncode != 0 and message in proc.stderr, (bad, proc.stderr)
 
 

@@ -336,3 +336,58 @@ model-repository,shared-memory,statistics,trace,logging:triton-access-token=$(TR
 {{- define "atlasflow.tritonAccessTokenSecret" -}}
 {{- .Values.triton.accessToken.existingSecret | default (printf "%s-access-token" (include "atlasflow.componentName" (dict "ctx" . "component" "triton"))) -}}
 {{- end -}}
+
+{{/*
+Authentication of an atlasflow service (docs/security.md): the token check of every RPC
+(AUTH_JWKS, AUTH_ISSUER, AUTH_AUDIENCE, AUTH_ROLE_CLAIM, AUTH_ALGORITHMS) and the file of the
+service's own bearer token for its calls to the other services (TOKEN_FILE). A service without
+AUTH_JWKS + AUTH_ISSUER refuses to start, so the chart refuses to render without them.
+  (dict "ctx" $ "component" "ingest")
+*/}}
+{{- define "atlasflow.authEnv" -}}
+{{- $a := .ctx.Values.auth -}}
+{{- $p := printf "ATLASFLOW_%s_" (upper .component) -}}
+- name: {{ $p }}AUTH_ISSUER
+  value: {{ required "auth.issuer is required: the OIDC issuer (iss claim) of the atlasflow tokens, e.g. https://keycloak.example/realms/radiology (docs/security.md)" $a.issuer | quote }}
+- name: {{ $p }}AUTH_JWKS
+  value: {{ required "auth.jwksUrl is required: the issuer's JWKS (OIDC jwks_uri), e.g. https://keycloak.example/realms/radiology/protocol/openid-connect/certs (docs/security.md)" $a.jwksUrl | quote }}
+- name: {{ $p }}AUTH_AUDIENCE
+  value: {{ $a.audience | quote }}
+- name: {{ $p }}AUTH_ROLE_CLAIM
+  value: {{ $a.roleClaim | quote }}
+- name: {{ $p }}AUTH_ALGORITHMS
+  value: {{ join "," $a.algorithms | quote }}
+# The service's own token (role service), a file of the mounted Secret, re-read when it changes.
+- name: {{ $p }}TOKEN_FILE
+  value: {{ include "atlasflow.serviceTokenFile" .ctx | quote }}
+{{- end -}}
+
+{{/* Directory where the service-token Secret is mounted (a directory, not a subPath: the
+kubelet then updates the file when the Secret changes). */}}
+{{- define "atlasflow.serviceTokenDir" -}}
+/var/run/secrets/atlasflow/service-token
+{{- end -}}
+
+{{/* Path of the service's bearer token file (TOKEN_FILE). */}}
+{{- define "atlasflow.serviceTokenFile" -}}
+{{- printf "%s/%s" (include "atlasflow.serviceTokenDir" .) .Values.auth.serviceToken.key -}}
+{{- end -}}
+
+{{/* volumeMount of the service-token Secret (read-only). */}}
+{{- define "atlasflow.serviceTokenMount" -}}
+- name: service-token
+  mountPath: {{ include "atlasflow.serviceTokenDir" . }}
+  readOnly: true
+{{- end -}}
+
+{{/* Pod volume of the service-token Secret: only its token key, readable by the pod's group. */}}
+{{- define "atlasflow.serviceTokenVolume" -}}
+{{- $t := .Values.auth.serviceToken -}}
+- name: service-token
+  secret:
+    secretName: {{ required "auth.serviceToken.existingSecret is required: a Secret holding the services' own bearer token (role service) under auth.serviceToken.key (docs/security.md)" $t.existingSecret | quote }}
+    defaultMode: 0440
+    items:
+      - key: {{ $t.key | quote }}
+        path: {{ $t.key | quote }}
+{{- end -}}
