@@ -235,10 +235,13 @@ class LocalIssuer:
         kid = jwt.utils.base64url_encode(
             hashlib.sha256(json.dumps(public, sort_keys=True).encode()).digest()[:12]
         ).decode()
-        jwks = {"keys": [{**public, "kid": kid, "alg": "ES256", "use": "sig"}]}
-        tmp = directory / (cls.JWKS_FILE + ".tmp")
-        tmp.write_text(json.dumps(jwks, indent=2))
-        tmp.replace(directory / cls.JWKS_FILE)
+        jwks = json.dumps({"keys": [{**public, "kid": kid, "alg": "ES256", "use": "sig"}]}, indent=2)
+        target = directory / cls.JWKS_FILE
+        if not target.exists() or target.read_text() != jwks:
+            # a unique temporary name, then an atomic rename: concurrent loaders never collide
+            tmp = directory / f"{cls.JWKS_FILE}.{uuid.uuid4().hex}.tmp"
+            tmp.write_text(jwks)
+            tmp.replace(target)
         return cls(directory, issuer, key, kid)
 
     def config(self, audience: str = "atlasflow") -> AuthConfig:

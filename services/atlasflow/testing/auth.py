@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,17 @@ def _dir() -> Path:
     return Path(d)
 
 
+_ISSUERS: dict[Path, LocalIssuer] = {}
+_LOCK = threading.Lock()
+
+
 def issuer() -> LocalIssuer:
-    """The session's issuer (created on first use)."""
-    return LocalIssuer.create_or_load(_dir(), issuer=ISSUER)
+    """The session's issuer (created on first use, then cached; thread-safe)."""
+    d = _dir()
+    with _LOCK:
+        if d not in _ISSUERS:
+            _ISSUERS[d] = LocalIssuer.create_or_load(d, issuer=ISSUER)
+        return _ISSUERS[d]
 
 
 def token(role: str | tuple[str, ...], subject: str = "tester", ttl_s: float = 12 * 3600) -> str:
