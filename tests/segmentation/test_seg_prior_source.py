@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import pytest
 
+from atlasflow.common.auth import TokenSource
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.ports import free_ports
 from atlasflow.method.prior import PopulationPrior
 from atlasflow.ranking.prior import OrganSummary
 from atlasflow.ranking.worklist import SqliteWorklist
 from atlasflow.segmentation.prior_source import RankingPrior
+from atlasflow.testing import auth
 from atlasflow.testing.servers import in_process_ranking_server
 
 
@@ -26,7 +28,9 @@ def ranking(tmp_path):
 def test_prior_follows_ranking_and_survives_its_absence(ranking):
     target, store = ranking
     bundled = PopulationPrior.load().to_dict()
-    source = RankingPrior(target, refresh_s=3600, max_message_bytes=4 << 20)
+    # the segmentation worker calls ranking with its own (service) token
+    service = TokenSource(path=auth.token_file("service", "atlasflow-segmentation"))
+    source = RankingPrior(target, refresh_s=3600, max_message_bytes=4 << 20, token=service)
     assert source().to_dict() == bundled and source.learned_cases == 0
     store.record_label_version(
         "c1", "v1", 1, human_organs=[4], geometry=[OrganSummary(4, 700.0, (-60.0, 0.0, 50.0), False)]
