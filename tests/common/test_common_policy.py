@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import descriptor_pool
+from google.protobuf.message_factory import GetMessageClass
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from atlasflow.cli.local import LocalDeployment
@@ -70,23 +71,37 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeployment]
         dep.stop(names=names)
 
 
-def _reflected_rpcs(target: str) -> list[tuple[str, bool, bool]]:
-    """(method path, client streaming, server streaming) of every atlasflow RPC the server at
-    ``target`` lists through reflection."""
+def _reflected_methods(target: str) -> list:
+    """The method descriptors of every atlasflow RPC the server at ``target`` lists through
+    reflection (their input types resolved through reflection too)."""
     with grpc.insecure_channel(target) as channel:
         db = ProtoReflectionDescriptorDatabase(channel)
         pool = descriptor_pool.DescriptorPool(db)
-        out = []
-        for name in db.get_services():
-            if not name.startswith("atlasflow."):
-                continue
-            svc = pool.FindServiceByName(name)
-            out += [(f"/{name}/{m.name}", m.client_streaming, m.server_streaming) for m in svc.methods]
-    return out
+        return [
+            m
+            for name in db.get_services()
+            if name.startswith("atlasflow.")
+            for m in pool.FindServiceByName(name).methods
+        ]
 
 
-def _call(channel: grpc.Channel, rpc: tuple[str, bool, bool], metadata: tuple) -> grpc.StatusCode:
-    """Call ``rpc`` with an empty request; the status code (OK if it succeeded)."""
+def _reflected_rpcs(target: str) -> list[tuple[str, bool, bool]]:
+    """(method path, client streaming, server streaming) of every atlasflow RPC at ``target``."""
+    return [
+        (f"/{m.containing_service.full_name}/{m.name}", m.client_streaming, m.server_streaming)
+        for m in _reflected_methods(target)
+    ]
+
+
+def _call(
+    channel: grpc.Channel,
+    rpc: tuple[str, bool, bool],
+    metadata: tuple,
+    request_bytes: bytes = b"",
+    reason: list | None = None,
+) -> grpc.StatusCode:
+    """Call ``rpc`` with ``request_bytes`` (default an empty request); the status code (OK if it
+    succeeded); ``reason`` collects the ErrorInfo reason."""
     path, client_stream, server_stream = rpc
     ident = lambda b: b  # noqa: E731 - raw bytes: an empty message on the wire
     kind = {
@@ -96,13 +111,16 @@ def _call(channel: grpc.Channel, rpc: tuple[str, bool, bool], metadata: tuple) -
         (True, True): channel.stream_stream,
     }[(client_stream, server_stream)]
     call = kind(path, request_serializer=ident, response_deserializer=ident)
-    request = iter([b""]) if client_stream else b""
+    request = iter([request_bytes]) if client_stream else request_bytes
     try:
         result = call(request, metadata=metadata, timeout=20)
         if server_stream:
             list(result)
     except grpc.RpcError as exc:
         code: grpc.StatusCode = exc.code()
+        if reason is not None:
+            info = error_info_of(exc)
+            reason.append(info.reason if info else "")
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             info = error_info_of(exc)
             assert info is not None and info.domain == "atlasflow.auth", path
@@ -144,3 +162,30 @@ def test_every_rpc_refuses_wrong_or_missing_tokens_and_admits_allowed_roles(
 
 def test_health_needs_no_token(stack: LocalDeployment) -> None:
     assert all(stack.healthy(s) for s in SERVICES)
+
+
+def test_a_path_like_id_in_any_request_is_invalid_argument(stack: LocalDeployment) -> None:
+    """Every ``*_id`` / ``*_ids`` field of every request, found by reflection, set to ``../x``
+    (as an allowed role) answers INVALID_ARGUMENT, reason INVALID_ID, before any handler runs."""
+    checked = 0
+    for service in SERVICES:
+        with grpc.insecure_channel(stack.target(service)) as channel:
+            for m in _reflected_methods(stack.target(service)):
+                path = f"/{m.containing_service.full_name}/{m.name}"
+                role = sorted(POLICY[path])[0]
+                token = (("authorization", f"Bearer {stack.mint(role, 'test-ids')}"),)
+                request_type = GetMessageClass(m.input_type)
+                for field in m.input_type.fields:
+                    if field.type != field.TYPE_STRING or not field.name.endswith(("_id", "_ids")):
+                        continue
+                    request = request_type()
+                    if field.is_repeated:
+                        getattr(request, field.name).append("../x")
+                    else:
+                        setattr(request, field.name, "../x")
+                    reasons: list = []
+                    rpc = (path, m.client_streaming, m.server_streaming)
+                    code = _call(channel, rpc, token, request.SerializeToString(), reasons)
+                    assert (code, reasons) == (grpc.StatusCode.INVALID_ARGUMENT, ["INVALID_ID"]), (path, field.name)
+                    checked += 1
+    assert checked >= 25

@@ -103,12 +103,35 @@ def deployment(tmp_path_factory, otlp):
 
 
 def stubs(dep: LocalDeployment):
+    """Stubs as the stack's operator (role admin, a token of the stack's own issuer)."""
+
+    def channel(service: str) -> grpc.Channel:
+        return grpc.intercept_channel(
+            grpc.insecure_channel(dep.target(service)), Bearer(dep.mint("admin", "e2e-operator"))
+        )
+
     return (
-        ingest_pb2_grpc.IngestServiceStub(grpc.insecure_channel(dep.target("ingest"))),
-        segmentation_pb2_grpc.SegmentationServiceStub(grpc.insecure_channel(dep.target("segmentation"))),
-        labels_pb2_grpc.LabelServiceStub(grpc.insecure_channel(dep.target("labels"))),
-        ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(dep.target("ranking"))),
+        ingest_pb2_grpc.IngestServiceStub(channel("ingest")),
+        segmentation_pb2_grpc.SegmentationServiceStub(channel("segmentation")),
+        labels_pb2_grpc.LabelServiceStub(channel("labels")),
+        ranking_pb2_grpc.RankingServiceStub(channel("ranking")),
     )
+
+
+class Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds a bearer token to every call (plain channels: no retries that would hide a kill)."""
+
+    def __init__(self, token: str) -> None:
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    def _with(self, details):
+        return details._replace(metadata=(*(details.metadata or ()), *self.metadata))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with(details), request)
 
 
 def storescu(files: list[Path], port: int) -> subprocess.CompletedProcess:

@@ -25,6 +25,7 @@ from typing import Any, TypeAlias, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -33,6 +34,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from atlasflow.common.auth import Identity, TokenVerifier
 from atlasflow.common.errors import AtlasflowError, Unauthenticated
+from atlasflow.common.ids import check_message_ids
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.policy import authorize, is_exempt
 
@@ -138,6 +140,20 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
             authorize(method, identity)
             return identity
 
+        def checked(request_or_iterator: Any) -> Any:
+            """Ids are checked where they enter (`atlasflow.common.ids`): the request message,
+            or each message of a request stream as the handler reads it."""
+            if isinstance(request_or_iterator, Message):
+                check_message_ids(request_or_iterator)
+                return request_or_iterator
+
+            async def each() -> AsyncIterator[Any]:
+                async for message in request_or_iterator:
+                    check_message_ids(message)
+                    yield message
+
+            return each()
+
         def finish(t0: float, code: str) -> None:
             metrics.observe_rpc(short, code, time.perf_counter() - t0)
 
@@ -164,7 +180,7 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     reset = _IDENTITY.set(await admit(context))
                     try:
-                        return await behavior(request_or_iterator, context)
+                        return await behavior(checked(request_or_iterator), context)
                     finally:
                         _IDENTITY.reset(reset)
                 except (AtlasflowError, Exception) as e:  # noqa: BLE001
@@ -184,7 +200,7 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     reset = _IDENTITY.set(await admit(context))
                     try:
-                        async for item in behavior(request_or_iterator, context):
+                        async for item in behavior(checked(request_or_iterator), context):
                             yield item
                     finally:
                         _IDENTITY.reset(reset)
