@@ -28,6 +28,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 from atlasflow.cli.demo_series import SENTINEL_PATIENT_DATA, write_demo_series
 from atlasflow.cli.local import LocalDeployment
+from atlasflow.common.auth import TokenSource
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.nifti import from_nifti_bytes
 from atlasflow.common.server import error_info_of
@@ -118,7 +119,17 @@ def stubs(dep: LocalDeployment):
     )
 
 
-class Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+def connector(dep: LocalDeployment) -> TokenSource:
+    """A PACS connector's token for this stack (the test session's own token is another issuer's)."""
+    return dep.token_source("connector", "e2e-connector")
+
+
+class Bearer(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Adds a bearer token to every call (plain channels: no retries that would hide a kill)."""
 
     def __init__(self, token: str) -> None:
@@ -132,6 +143,12 @@ class Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor
 
     def intercept_unary_stream(self, continuation, details, request):
         return continuation(self._with(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._with(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._with(details), request_iterator)
 
 
 def storescu(files: list[Path], port: int) -> subprocess.CompletedProcess:
@@ -333,9 +350,11 @@ def test_bad_input_is_rejected_and_nothing_accepted_is_lost(deployment, first_ca
     info = error_info_of(err.value)
     assert info is not None and info.reason == "NOT_DICOM" and info.domain == "atlasflow.ingest"
     with pytest.raises(UploadError) as uerr:  # the client library (resumable uploads)
-        send_files([junk], deployment.target("ingest"))
+        send_files([junk], deployment.target("ingest"), token=connector(deployment))
     assert uerr.value.reason == "NOT_DICOM"
-    receipts = send_files(good, deployment.target("ingest"))  # retry: idempotent duplicates
+    receipts = send_files(
+        good, deployment.target("ingest"), token=connector(deployment)
+    )  # retry: idempotent duplicates
     assert [r.duplicate for r in receipts] == [True, True]
     grpc_series = ingest.GetSeries(ingest_pb2.GetSeriesRequest(series_id=receipts[0].series_id)).series
     assert grpc_series.instance_count == 2

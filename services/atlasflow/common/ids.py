@@ -7,7 +7,8 @@ letter or digit, and never containing ``..``. atlasflow's own ids (``case-…``,
 and version ids, hex digests) and the usual dataset case names (``BDMAP_00000001``) pass; a
 ``../`` or a path separator does not. The server interceptor (`atlasflow.common.server`) checks
 every request message, streamed ones included, and answers INVALID_ARGUMENT with reason
-``INVALID_ID`` (metadata ``field``); whether an id is required stays the RPC's own rule.
+``INVALID_ID`` (metadata ``field``); whether an id is required stays the RPC's own rule, and
+the few fields in `SELF_CHECKED` keep their service's documented check.
 """
 
 from __future__ import annotations
@@ -39,8 +40,17 @@ def check_id(field: str, value: str) -> None:
         )
 
 
+#: Id fields their service checks with its own, stricter, documented rule (ingest's upload_id:
+#: INVALID_UPLOAD_ID, a client-chosen key that never becomes a path: its file name is a hash).
+SELF_CHECKED = frozenset({"upload_id"})
+
+
 def _is_id_field(fd: FieldDescriptor) -> bool:
-    return fd.type == FieldDescriptor.TYPE_STRING and (fd.name.endswith("_id") or fd.name.endswith("_ids"))
+    return (
+        fd.type == FieldDescriptor.TYPE_STRING
+        and (fd.name.endswith("_id") or fd.name.endswith("_ids"))
+        and fd.name not in SELF_CHECKED
+    )
 
 
 def check_message_ids(message: Message, prefix: str = "") -> None:
