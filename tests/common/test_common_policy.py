@@ -7,6 +7,8 @@ not allow, and lets every allowed role past authentication."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -191,3 +193,20 @@ def test_a_path_like_id_in_any_request_is_invalid_argument(stack: LocalDeploymen
                     assert (code, reasons) == (grpc.StatusCode.INVALID_ARGUMENT, [expected]), (path, field.name)
                     checked += 1
     assert checked >= 25
+
+
+def _echo(port: int, calling: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("echoscu")
+    assert exe, "dcmtk echoscu is required (scripts/bootstrap.sh installs it)"
+    return subprocess.run(
+        [exe, "-aet", calling, "-aec", "ATLASFLOW", "127.0.0.1", str(port)], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_dicom_refuses_calling_aes_it_was_not_told_about(stack: LocalDeployment) -> None:
+    """Deny by default: the stack accepts the README's storescu title and the demo's sender,
+    nothing else (A-ASSOCIATE-RJ, calling AE title not recognised)."""
+    refused = _echo(stack.ports["dicom"], "INTRUDER")
+    assert refused.returncode != 0
+    assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
+    assert _echo(stack.ports["dicom"], "STORESCU").returncode == 0

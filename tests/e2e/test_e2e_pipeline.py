@@ -90,6 +90,7 @@ def deployment(tmp_path_factory, otlp):
         state,
         auto_ports=True,
         quiet_period_s=2.0,
+        accepted_aets=("E2E", "E2EBAD"),
         extra_env={
             "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
             "OTEL_EXPORTER_OTLP_INSECURE": "true",

@@ -108,3 +108,13 @@ def test_late_instance_after_assembly_opens_version_2(ingest, tmp_path):
         assert (v2.version, v2.state) == (2, ingest_pb2.SERIES_STATE_ASSEMBLED)
         assert list(v2.geometry.shape)[2] == 4
         assert v2.volume.digest != v1.volume.digest  # version 1's volume is not changed
+
+
+def test_no_accepted_calling_ae_configured_refuses_every_peer(tmp_path):
+    """Deny by default: with ACCEPTED_CALLING_AETS empty (the setting's default) no calling AE
+    title associates, whatever it is."""
+    with peers.IngestProcess(tmp_path, env={"ACCEPTED_CALLING_AETS": ""}) as proc:
+        for aet in ("STORESCU", "ATLASFLOW", "ANY"):
+            r = echoscu(proc.dicom_port, aet)
+            assert r.returncode != 0
+            assert "Calling AE Title Not Recognized" in r.stdout + r.stderr

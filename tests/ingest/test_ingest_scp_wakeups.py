@@ -39,7 +39,10 @@ def scp(tmp_path: Path):
     store = IngestStore(
         tmp_path / "data", LocalBlobStore(tmp_path / "blobs"), spool_segment_bytes=1 << 20, spool_spares=1
     )
-    server = StoreScp(ScpConfig(port=0, max_associations=4), Reception(store, Metrics("ingest-scp-test")))
+    server = StoreScp(
+        ScpConfig(port=0, max_associations=4, accepted_calling_aets=("TESTSCU",)),
+        Reception(store, Metrics("ingest-scp-test")),
+    )
     server.start()
     yield server
     server.stop()

@@ -44,6 +44,7 @@ DEFAULT_PORTS = {
 # gRPC metadata key of PyTriton's access token (`pytriton.client.auth.create_auth_headers`).
 TRITON_TOKEN_HEADER = "triton-grpc-protocol-triton-access-token"
 START_ORDER = ["triton", "labels", "ranking", "segmentation", "ingest"]
+DEFAULT_ACCEPTED_AETS = ("STORESCU", "ATLASDEMO")
 # Lifetime of the services' own token: re-minted at every `atlasflow up`.
 SERVICE_TOKEN_TTL_S = 30 * 86400.0
 # glibc malloc settings for the processes that run the models: without them every sliding-window
@@ -69,6 +70,9 @@ class LocalDeployment:
     ensemble: str = "abdomen-trio-v1"
     quiet_period_s: float = 5.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Calling AE titles the ingest SCP accepts (deny by default): dcmtk's storescu default
+    # title (the README's storescu line) and the demo's sender.
+    accepted_aets: tuple[str, ...] = DEFAULT_ACCEPTED_AETS
     # Shared with Triton so that the co-located segmentation service may register system
     # shared memory (PyTriton restricts it to token holders); new per deployment.
     triton_token: str = field(default_factory=lambda: secrets.token_hex(16))
@@ -82,11 +86,14 @@ class LocalDeployment:
         ensemble: str = "abdomen-trio-v1",
         quiet_period_s: float = 5.0,
         extra_env: dict[str, str] | None = None,
+        accepted_aets: tuple[str, ...] = DEFAULT_ACCEPTED_AETS,
     ) -> LocalDeployment:
         ports = dict(DEFAULT_PORTS)
         if auto_ports:
             ports = dict(zip(DEFAULT_PORTS, free_ports(len(DEFAULT_PORTS)), strict=True))
-        return cls(Path(state_dir).resolve(), ports, ensemble, quiet_period_s, dict(extra_env or {}))
+        return cls(
+            Path(state_dir).resolve(), ports, ensemble, quiet_period_s, dict(extra_env or {}), tuple(accepted_aets)
+        )
 
     @classmethod
     def load(cls, state_dir: Path) -> LocalDeployment:
@@ -164,6 +171,7 @@ class LocalDeployment:
                 "DICOM_PORT": p["dicom"],
                 "METRICS_PORT": p["ingest_metrics"],
                 "QUIET_PERIOD_S": self.quiet_period_s,
+                "ACCEPTED_CALLING_AETS": ",".join(self.accepted_aets),
                 "SEGMENTATION_TARGET": self.target("segmentation"),
             },
             "segmentation": {

@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                 help="seconds without new instances before a series is assembled",
             )
             p.add_argument("--timeout", type=float, default=300.0)
+            p.add_argument(
+                "--accept-aet",
+                default="STORESCU,ATLASDEMO",
+                help="calling AE titles the DICOM SCP accepts, comma-separated (others are rejected)",
+            )
     p = sub.add_parser("demo", help="end-to-end demo on the bundled CT")
     p.add_argument("--out", type=Path, default=Path("atlasflow-demo"))
     p.add_argument("--keep-running", action="store_true", help="leave the services up")
@@ -126,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         from atlasflow.cli.local import LocalDeployment
 
-        dep = LocalDeployment.create(args.state_dir, args.auto_ports, quiet_period_s=args.quiet_period)
+        aets = tuple(a.strip() for a in args.accept_aet.split(",") if a.strip())
+        dep = LocalDeployment.create(
+            args.state_dir, args.auto_ports, quiet_period_s=args.quiet_period, accepted_aets=aets
+        )
         dep.start()
         dep.wait_healthy(args.timeout)
         print(json.dumps(dep.endpoints(), indent=2))

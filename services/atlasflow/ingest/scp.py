@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import select
 import socket
 import threading
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 
+#: ACCEPTED_CALLING_AETS entry that accepts any calling AE title.
+ANY_CALLING_AET = "*"
+
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
@@ -57,7 +61,9 @@ class ScpConfig:
     host: str = "127.0.0.1"
     port: int = 11112
     ae_title: str = "ATLASFLOW"
-    accepted_calling_aets: tuple[str, ...] = ()  # empty: accept any calling AE
+    # Calling AE titles allowed to associate. Empty: none (deny by default: a hospital lists its
+    # modalities and PACS); ("*",): any calling AE (an isolated test bench only).
+    accepted_calling_aets: tuple[str, ...] = ()
     max_pdu: int = 0  # 0: unlimited
     max_associations: int = 16
     # ARTIM: how long an accepted TCP connection may wait for its A-ASSOCIATE-RQ (and a
@@ -221,8 +227,15 @@ class StoreScp:
         self.ae.maximum_associations = config.max_associations
         self.ae.acse_timeout = config.acse_timeout_s
         self.ae.require_called_aet = config.check_called_aet
-        if config.accepted_calling_aets:
+        if ANY_CALLING_AET in config.accepted_calling_aets:
+            log.warning("DICOM: accepting any calling AE title (ACCEPTED_CALLING_AETS=*)")
+        elif config.accepted_calling_aets:
             self.ae.require_calling_aet = list(config.accepted_calling_aets)
+        else:
+            # No AE accepted. pynetdicom reads an empty list as "any", so require one random,
+            # unguessable title: every peer gets A-ASSOCIATE-RJ "calling AE title not recognised".
+            log.warning("DICOM: no calling AE title accepted; set ACCEPTED_CALLING_AETS to your modalities/PACS")
+            self.ae.require_calling_aet = [secrets.token_hex(8).upper()]
         for sop in (CTImageStorage, EnhancedCTImageStorage):
             self.ae.add_supported_context(sop, ALL_TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification)

@@ -148,6 +148,8 @@ class IngestProcess:
             "QUIET_PERIOD_S": str(quiet_period_s),
             "SEGMENTATION_TARGET": f"127.0.0.1:{dead}",
             "SHUTDOWN_GRACE_S": "1",
+            # the tests' DICOM peers use many calling AE titles (a test of the allow-list sets its own)
+            "ACCEPTED_CALLING_AETS": "*",
             # accepts the test session's tokens (atlasflow.testing.auth)
             **{k.upper(): v for k, v in auth.auth_settings().items()},
         }
