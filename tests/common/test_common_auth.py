@@ -131,3 +131,12 @@ def test_token_source_rereads_its_file(tmp_path: Path) -> None:
     path.write_text("second\n")
     assert source.token() == "second"
     assert TokenSource().metadata() == ()
+
+
+@pytest.mark.parametrize("subject", [" dr.house", "dr.house ", "x" * 257, "dr\u0007house", 42])
+def test_subjects_that_cannot_name_a_person_are_refused(issuer: LocalIssuer, subject: object) -> None:
+    now = int(time.time())
+    claims = {"iss": issuer.issuer, "aud": "atlasflow", "sub": subject, "roles": ["admin"], "iat": now, "exp": now + 60}
+    token = jwt.encode(claims, issuer._key, algorithm="ES256", headers={"kid": issuer.kid})
+    with pytest.raises(Unauthenticated):
+        TokenVerifier(issuer.config()).verify(token)

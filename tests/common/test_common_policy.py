@@ -210,3 +210,19 @@ def test_dicom_refuses_calling_aes_it_was_not_told_about(stack: LocalDeployment)
     assert refused.returncode != 0
     assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
     assert _echo(stack.ports["dicom"], "STORESCU").returncode == 0
+
+
+def test_refused_before_the_request_is_read(stack: LocalDeployment) -> None:
+    """Authentication uses the call's metadata alone: a body that is not even protobuf, sent
+    without a token, is refused UNAUTHENTICATED (never parsed, no internal error); two
+    authorization entries are refused rather than guessed between."""
+    rpc = ("/atlasflow.labels.v1.LabelService/GetLabelVersion", False, False)
+    with grpc.insecure_channel(stack.target("labels")) as channel:
+        reasons: list = []
+        assert _call(channel, rpc, (), b"\xff\xff\xff not protobuf", reasons) == grpc.StatusCode.UNAUTHENTICATED
+        assert reasons == ["MISSING_TOKEN"]
+        good = stack.mint("admin", "a")
+        two = (("authorization", f"Bearer {good}"), ("authorization", f"Bearer {good}"))
+        reasons = []
+        assert _call(channel, rpc, two, b"", reasons) == grpc.StatusCode.UNAUTHENTICATED
+        assert reasons == ["INVALID_TOKEN"]

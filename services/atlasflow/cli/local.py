@@ -217,8 +217,10 @@ class LocalDeployment:
     def start(self, names: list[str] | None = None) -> dict[str, int]:
         run = self.state_dir / "run"
         logs = self.state_dir / "logs"
-        run.mkdir(parents=True, exist_ok=True)
-        logs.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.chmod(0o700)  # patient data, audit trail and keys below: the stack's user only
+        run.mkdir(mode=0o700, parents=True, exist_ok=True)
+        logs.mkdir(mode=0o700, parents=True, exist_ok=True)
         (run / "endpoints.json").write_text(
             json.dumps(
                 {
@@ -247,6 +249,7 @@ class LocalDeployment:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 cwd=self.state_dir,
+                umask=0o077,  # databases, logs, spool, blobs: the stack's user only
             )
             pids[name] = proc.pid
             (run / "processes.json").write_text(json.dumps(pids, indent=2))

@@ -188,9 +188,13 @@ class TokenVerifier:
             raise _invalid("issuer") from exc
         except jwt.PyJWTError as exc:
             raise _invalid("signature_or_claims") from exc
-        subject = str(claims["sub"])
-        if not subject:
+        subject = claims["sub"]
+        # the subject names the caller in leases, revisions and the audit: printable, no
+        # surrounding blanks, at most 256 characters
+        if not isinstance(subject, str) or not subject or subject != subject.strip():
             raise _invalid("no_subject")
+        if len(subject) > 256 or not subject.isprintable():
+            raise _invalid("bad_subject")
         return Identity(subject, roles_of(claims, cfg.role_claim))
 
 

@@ -95,14 +95,27 @@ def principal_of(context: Context) -> str:
     return ""
 
 
-def bearer_of(context: Context) -> str:
-    """The bearer token in the call's ``authorization`` metadata ('' if none)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            text = value.decode() if isinstance(value, bytes) else str(value)
-            scheme, _, token = text.partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else ""
-    return ""
+def bearer_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The bearer token in a call's ``authorization`` metadata ('' if none). More than one
+    ``authorization`` entry is refused (INVALID_TOKEN): which one counts must not be a guess."""
+    values = [v for k, v in metadata or () if k == "authorization"]
+    if len(values) > 1:
+        raise Unauthenticated(
+            "INVALID_TOKEN",
+            "the bearer token was not accepted",
+            domain="atlasflow.auth",
+            metadata={"cause": "several_authorization_headers"},
+        )
+    if not values:
+        return ""
+    text = values[0].decode() if isinstance(values[0], bytes) else str(values[0])
+    scheme, _, token = text.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _ignore_request(_data: bytes) -> None:
+    """The request deserializer of a refused call: its bytes are never parsed."""
+    return None
 
 
 class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -125,12 +138,15 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         short = method.rsplit("/", 1)[-1]
         metrics = self.metrics
         verifier = self.verifier
+        identity: Identity | None = None
+        refusal: AtlasflowError | None = None
 
-        async def admit(context: Context) -> Identity | None:
-            """The caller's verified identity, checked against the policy (raises otherwise)."""
+        async def admit() -> Identity | None:
+            """The caller's verified identity, checked against the policy (raises otherwise),
+            from the call's metadata alone: before the request is read or parsed."""
             if verifier is None or is_exempt(method):
                 return None
-            token = bearer_of(context)
+            token = bearer_of(handler_call_details.invocation_metadata)
             if not token:
                 raise Unauthenticated(
                     "MISSING_TOKEN", "this call needs a bearer token", domain="atlasflow.auth", metadata={}
@@ -139,6 +155,16 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
             identity = await asyncio.to_thread(verifier.verify, token)
             authorize(method, identity)
             return identity
+
+        try:
+            identity = await admit()
+        except AtlasflowError as exc:
+            refusal = exc
+        # grpc types the deserializer by the handler's request type; a refused call's request
+        # is never parsed (its behaviour raises before touching it), so None stands in for it.
+        deserializer = cast(
+            "Callable[[bytes], Any] | None", _ignore_request if refusal is not None else handler.request_deserializer
+        )
 
         def checked(request_or_iterator: Any) -> Any:
             """Ids are checked where they enter (`atlasflow.common.ids`): the request message,
@@ -159,7 +185,10 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
 
         async def handle_error(exc: BaseException, context: Context) -> None:
             if isinstance(exc, AtlasflowError):
-                log.warning("rpc failed", extra={"fields": {"rpc": short, "code": exc.code, "reason": exc.reason}})
+                fields = {"rpc": short, "code": exc.code, "reason": exc.reason}
+                if exc.domain == "atlasflow.auth":  # who knocked, and why they were turned away
+                    fields |= {"peer": context.peer(), "cause": exc.metadata.get("cause", "")}
+                log.warning("rpc failed", extra={"fields": fields})
                 await context.abort_with_status(rpc_status.to_status(status_for(exc)))
             internal = AtlasflowError("INTERNAL", "internal error", domain="atlasflow")
             log.error("rpc crashed", exc_info=exc, extra={"fields": {"rpc": short, "exc_type": type(exc).__name__}})
@@ -178,7 +207,9 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                 t0 = time.perf_counter()
                 exc: BaseException | None = None
                 try:
-                    reset = _IDENTITY.set(await admit(context))
+                    if refusal is not None:
+                        raise refusal
+                    reset = _IDENTITY.set(identity)
                     try:
                         return await behavior(checked(request_or_iterator), context)
                     finally:
@@ -198,7 +229,9 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                 t0 = time.perf_counter()
                 exc: BaseException | None = None
                 try:
-                    reset = _IDENTITY.set(await admit(context))
+                    if refusal is not None:
+                        raise refusal
+                    reset = _IDENTITY.set(identity)
                     try:
                         async for item in behavior(checked(request_or_iterator), context):
                             yield item
@@ -218,25 +251,25 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 wrap_unary_response(cast(_UnaryBehavior, handler.unary_unary)),
-                handler.request_deserializer,
+                deserializer,
                 handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 wrap_unary_response(cast(_UnaryBehavior, handler.stream_unary)),
-                handler.request_deserializer,
+                deserializer,
                 handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 wrap_stream_response(cast(_StreamBehavior, handler.unary_stream)),
-                handler.request_deserializer,
+                deserializer,
                 handler.response_serializer,
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
                 wrap_stream_response(cast(_StreamBehavior, handler.stream_stream)),
-                handler.request_deserializer,
+                deserializer,
                 handler.response_serializer,
             )
         return handler

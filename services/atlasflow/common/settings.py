@@ -12,6 +12,7 @@ OpenTelemetry reads its own OTEL_* variables; they are not duplicated here.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import typing
 from collections.abc import Mapping
@@ -82,6 +83,9 @@ class ServiceSettings:
     def verifier(self) -> TokenVerifier | None:
         """The token check every RPC passes (None only with ``auth_disabled``)."""
         if self.auth_disabled:
+            logging.getLogger(__name__).warning(
+                "AUTHENTICATION DISABLED (AUTH_DISABLED=true): every caller is trusted; isolated tests only"
+            )
             return None
         if not self.auth_jwks or not self.auth_issuer:
             raise InvalidArgument(

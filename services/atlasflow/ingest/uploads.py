@@ -56,7 +56,7 @@ class UploadStore:
 
     @staticmethod
     def check_upload_id(upload_id: str) -> None:
-        if not _UPLOAD_ID.match(upload_id):
+        if not _UPLOAD_ID.fullmatch(upload_id):
             raise InvalidArgument(
                 "INVALID_UPLOAD_ID", "upload_id must be 1-128 characters of [A-Za-z0-9._-]", domain="atlasflow.ingest"
             )

@@ -171,7 +171,13 @@ def serve(
     t0 = time.perf_counter()
     pipelines = [EnsemblePipeline(e, device=device) for e in ensembles]
     t_models = time.perf_counter() - t0
+    # Loopback only: the local Triton serves the co-located segmentation service and nobody else
+    # (PyTriton's default is every interface). In a cluster the stock Triton image is used and a
+    # NetworkPolicy admits only segmentation (charts/atlasflow).
     config = TritonConfig(
+        grpc_address="127.0.0.1",
+        http_address="127.0.0.1",
+        metrics_address="127.0.0.1",
         grpc_port=grpc_port,
         http_port=http_port,
         metrics_port=metrics_port,
