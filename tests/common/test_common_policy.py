@@ -226,3 +226,22 @@ def test_refused_before_the_request_is_read(stack: LocalDeployment) -> None:
         reasons = []
         assert _call(channel, rpc, two, b"", reasons) == grpc.StatusCode.UNAUTHENTICATED
         assert reasons == ["INVALID_TOKEN"]
+
+
+def test_an_admin_export_cannot_leave_the_export_root(stack: LocalDeployment, tmp_path: Path) -> None:
+    """`atlasflow up` confines exports to <state>/exports: a destination elsewhere, even an
+    admin's, is refused before anything is written."""
+    from atlasflow.common.clients import sync_channel
+    from atlasflow.labels.v1 import labels_pb2_grpc
+
+    labels = labels_pb2_grpc.LabelServiceStub(
+        sync_channel(stack.target("labels"), token=stack.token_source("admin", "test-admin"))
+    )
+    outside = tmp_path / "elsewhere"
+    # the second climbs out of the root with a percent-encoded "..": decoded, then resolved
+    for uri in (outside.as_uri(), f"file://{stack.state_dir}/exports/%2e%2e/run"):
+        with pytest.raises(grpc.RpcError) as err:
+            labels.ExportDataset(labels_pb2.ExportDatasetRequest(destination_uri=uri), timeout=20)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info_of(err.value).reason == "DESTINATION_NOT_ALLOWED", uri
+    assert not outside.exists()

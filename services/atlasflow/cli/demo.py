@@ -257,7 +257,7 @@ def run_demo(out: Path, *, keep_running: bool = False) -> int:
     state_dir = out / "state"
     if state_dir.exists():
         shutil.rmtree(state_dir)
-    dep = LocalDeployment.create(state_dir, auto_ports=True, quiet_period_s=30.0)
+    dep = LocalDeployment.create(state_dir, auto_ports=True, quiet_period_s=30.0, export_root=out)
     try:
         say("starting Triton (PyTriton, CPU) and the services ...")
         dep.start()

@@ -73,6 +73,8 @@ class LocalDeployment:
     # Calling AE titles the ingest SCP accepts (deny by default): dcmtk's storescu default
     # title (the README's storescu line) and the demo's sender.
     accepted_aets: tuple[str, ...] = DEFAULT_ACCEPTED_AETS
+    # Exports are written only below this directory (default <state>/exports).
+    export_root: Path | None = None
     # Shared with Triton so that the co-located segmentation service may register system
     # shared memory (PyTriton restricts it to token holders); new per deployment.
     triton_token: str = field(default_factory=lambda: secrets.token_hex(16))
@@ -87,12 +89,19 @@ class LocalDeployment:
         quiet_period_s: float = 5.0,
         extra_env: dict[str, str] | None = None,
         accepted_aets: tuple[str, ...] = DEFAULT_ACCEPTED_AETS,
+        export_root: Path | None = None,
     ) -> LocalDeployment:
         ports = dict(DEFAULT_PORTS)
         if auto_ports:
             ports = dict(zip(DEFAULT_PORTS, free_ports(len(DEFAULT_PORTS)), strict=True))
         return cls(
-            Path(state_dir).resolve(), ports, ensemble, quiet_period_s, dict(extra_env or {}), tuple(accepted_aets)
+            Path(state_dir).resolve(),
+            ports,
+            ensemble,
+            quiet_period_s,
+            dict(extra_env or {}),
+            tuple(accepted_aets),
+            Path(export_root).resolve() if export_root is not None else None,
         )
 
     @classmethod
@@ -189,6 +198,8 @@ class LocalDeployment:
                 "METRICS_PORT": p["labels_metrics"],
                 "INGEST_TARGET": self.target("ingest"),
                 "RANKING_TARGET": self.target("ranking"),
+                # an export writes nowhere else (an admin's destination_uri included)
+                "EXPORT_DIR": str(self.export_root or self.state_dir / "exports"),
             },
         }
         if name in specific:
