@@ -4,6 +4,7 @@ authentication and authorisation."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -167,3 +168,56 @@ def test_authentication_and_authorisation(running, tmp_path):
     text = generate_latest(metrics.registry).decode()
     assert 'atlasflow_rpc_requests_total{code="OK",method="GetWorklistItem",service="ranking"} 1.0' in text
     assert 'code="UNAUTHENTICATED"' in text and 'code="PERMISSION_DENIED"' in text
+
+
+def test_calls_beyond_the_concurrency_limit_are_resource_exhausted():
+    """build_server(max_concurrent_rpcs=N): the N+1st call in progress is refused at once with
+    RESOURCE_EXHAUSTED instead of queueing without bound; when the slot frees, calls pass."""
+    gate = asyncio.Event()
+
+    class Slow(ranking_pb2_grpc.RankingServiceServicer):
+        async def GetWorklistItem(self, request, context):
+            await gate.wait()
+            return ranking_pb2.GetWorklistItemResponse(item=ranking_pb2.WorklistItem(case_id=request.case_id))
+
+    loop = asyncio.new_event_loop()
+
+    def register(server):
+        ranking_pb2_grpc.add_RankingServiceServicer_to_server(Slow(), server)
+        return ["atlasflow.ranking.v1.RankingService"]
+
+    async def start():
+        built = build_server(
+            register=register,
+            metrics=Metrics("ranking"),
+            port=0,
+            verifier=TokenVerifier(auth.issuer().config()),
+            max_concurrent_rpcs=1,
+        )
+        await built.server.start()
+        return built
+
+    built = loop.run_until_complete(start())
+    import threading
+
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    token = auth.metadata("reviewer")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{built.port}") as ch:
+            stub = ranking_pb2_grpc.RankingServiceStub(ch)
+            first = stub.GetWorklistItem.future(ranking_pb2.GetWorklistItemRequest(case_id="c1"), metadata=token)
+            time.sleep(0.5)  # the first call holds the only slot
+            with pytest.raises(grpc.RpcError) as err:
+                stub.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id="c2"), metadata=token, timeout=5)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            loop.call_soon_threadsafe(gate.set)
+            assert first.result(timeout=10).item.case_id == "c1"
+            assert (
+                stub.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id="c3"), metadata=token).item.case_id
+                == "c3"
+            )
+    finally:
+        asyncio.run_coroutine_threadsafe(built.stop(0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)

@@ -118,3 +118,23 @@ def test_no_accepted_calling_ae_configured_refuses_every_peer(tmp_path):
             r = echoscu(proc.dicom_port, aet)
             assert r.returncode != 0
             assert "Calling AE Title Not Recognized" in r.stdout + r.stderr
+
+
+def test_below_the_disk_floor_new_data_is_refused_not_acknowledged(tmp_path):
+    """Free-disk floor (common.disk.DiskFloor): with the floor above the disk's free space,
+    C-STORE answers 0xA700 (Out of Resources) and the gRPC upload RESOURCE_EXHAUSTED DISK_FULL;
+    nothing is stored, so the sender keeps the data and retries later."""
+    from atlasflow.ingest.client import UploadError, send_files
+
+    files = peers.build_ct_series(tmp_path / "s", 2, seed="disk-full")
+    huge_mb = str(shutil.disk_usage(tmp_path).free // (1024 * 1024) + 10**6)
+    with peers.IngestProcess(tmp_path / "ingest", env={"MIN_FREE_DISK_MB": huge_mb}) as proc:
+        r = peers.storescu(files, proc.dicom_port)
+        assert "Refused: OutOfResources" in r.stdout + r.stderr, r.stdout + r.stderr  # dcmtk's name of 0xA700
+        assert peers.acknowledged_files(r.stdout + r.stderr) == []
+        with pytest.raises(UploadError) as err:
+            send_files(files, proc.target, resumable=False)
+        assert err.value.reason == "DISK_FULL"
+        with sync_channel(proc.target) as ch:
+            stub = ingest_pb2_grpc.IngestServiceStub(ch)
+            assert list(stub.ListSeries(ingest_pb2.ListSeriesRequest(), timeout=10).series) == []

@@ -306,15 +306,25 @@ def build_server(
     max_message_bytes: int = 64 * 1024 * 1024,
     tracer_provider: Any = None,
     verifier: TokenVerifier | None,
+    max_concurrent_rpcs: int = 64,
 ) -> BuiltServer:
     """Build (not start) a grpc.aio server. `register` adds servicers and returns the full
     service names it registered (for health and reflection). Port 0 picks a free port.
+    ``max_concurrent_rpcs``: calls in progress at once; one more is answered RESOURCE_EXHAUSTED
+    at once (grpc's own limit, before any handler) instead of queueing without bound.
     ``verifier``: checks every call's bearer token; None disables authentication (explicitly:
     `atlasflow.common.settings.ServiceSettings.verifier` returns None only with AUTH_DISABLED)."""
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
+        # Idle and dead peers do not hold connections forever: a connection without calls for
+        # 10 min is closed (GOAWAY); the server pings every 2 min and drops a peer that does
+        # not answer in 20 s; a client may not ping more often than every 30 s (ping floods).
+        ("grpc.max_connection_idle_ms", 10 * 60 * 1000),
+        ("grpc.keepalive_time_ms", 2 * 60 * 1000),
+        ("grpc.keepalive_timeout_ms", 20 * 1000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 30 * 1000),
     ]
     server = grpc.aio.server(
         interceptors=[
@@ -322,6 +332,7 @@ def build_server(
             _ErrorAndMetricsInterceptor(metrics, verifier),
         ],
         options=options,
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     names = list(register(server))
     health_servicer = health.aio.HealthServicer()

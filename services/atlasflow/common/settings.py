@@ -63,6 +63,8 @@ class ServiceSettings:
     data_dir: str = ".atlasflow/data"
     blob_dir: str = ".atlasflow/blobs"
     max_message_bytes: int = 64 * 1024 * 1024
+    # calls in progress at once; more answer RESOURCE_EXHAUSTED (common.server.build_server)
+    max_concurrent_rpcs: int = 64
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
     # Authentication (docs/security.md). auth_jwks: the token issuer's JWKS, an https:// URL (the

@@ -20,6 +20,7 @@ import grpc
 from atlasflow.common.app import ServiceApp, TaskLoop, run_service
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.clients import aio_channel
+from atlasflow.common.disk import DiskFloor
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.outbox import OutboxDispatcher
 from atlasflow.common.server import build_server
@@ -72,7 +73,8 @@ async def build_app(
         IngestStore, Path(settings.data_dir), blobs, spool_segment_bytes=settings.spool_segment_mb * 1024 * 1024
     )
     await asyncio.to_thread(store.uploads.purge, settings.upload_ttl_s)
-    reception = Reception(store, metrics)
+    floor = DiskFloor([settings.data_dir, settings.blob_dir], settings.min_free_disk_mb * 1024 * 1024)
+    reception = Reception(store, metrics, disk_floor=floor)
     assembler = Assembler(store, blobs, metrics, settings.quiet_period_s)
     scp = StoreScp(
         ScpConfig(
@@ -114,6 +116,7 @@ async def build_app(
         max_message_bytes=settings.max_message_bytes,
         tracer_provider=tracer_provider,
         verifier=settings.verifier(),
+        max_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     ready_fields: dict[str, Any] = {"dicom_port": settings.dicom_port, "ae_title": settings.ae_title}
     return ServiceApp(

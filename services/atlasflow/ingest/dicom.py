@@ -79,6 +79,8 @@ DICOM_STATUS: dict[str, int] = {
     # Error: Data Set does not match SOP Class (0xA9xx), atlasflow sub-code: a Type 1 UID is
     # empty, so the data set does not conform to its IOD.
     "MISSING_UID": 0xA901,
+    # Refused: Out of Resources (0xA7xx): the disk is below the free-space floor (common.disk).
+    "DISK_FULL": 0xA700,
 }
 #: Refused: SOP Class not supported (PS3.7 Annex C, 0122H).
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from atlasflow.common.disk import DiskFloor
 from atlasflow.common.errors import AtlasflowError, InvalidArgument
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.telemetry import context_from_traceparent, current_traceparent
@@ -75,10 +76,13 @@ class Reception:
         store: IngestStore,
         metrics: Metrics,
         on_stored: Callable[[str], None] = lambda _s: None,
+        disk_floor: DiskFloor | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.on_stored = on_stored
+        # below the floor an instance is refused (DISK_FULL), never acknowledged and then lost
+        self.disk_floor = disk_floor
 
     @property
     def uploads(self) -> UploadStore:
@@ -87,8 +91,8 @@ class Reception:
     def receive(self, data: bytes, source: Source) -> StoredInstance:
         """Validate and persist one instance; durable when it returns (then acknowledge it).
 
-        Raises the check's `AtlasflowError` for a rejected instance, `OSError` when it could
-        not be written."""
+        Raises the check's `AtlasflowError` for a rejected instance, ResourceExhausted
+        DISK_FULL below the free-disk floor, `OSError` when it could not be written."""
         try:
             ds, info = parse_instance(data)
         except AtlasflowError as exc:
@@ -98,6 +102,13 @@ class Reception:
             )
             self.metrics.count("instances_rejected")
             raise
+        if self.disk_floor is not None:
+            try:
+                self.disk_floor.check()
+            except AtlasflowError as exc:
+                log.error("instance refused: disk below the free-space floor", extra={"fields": {**exc.metadata}})
+                self.metrics.count("instances_refused_disk_full")
+                raise
         parent = self.store.series_traceparent(info.series_uid) if source.join_series_trace else ""
         token = otel_context.attach(context_from_traceparent(parent)) if parent else None
         try:

@@ -26,3 +26,6 @@ class IngestSettings(ServiceSettings):
     spool_segment_mb: int = 128  # zero-filled spool segments, 2 prepared ahead (spool.py)
     segmentation_target: str = "127.0.0.1:50052"
     upload_ttl_s: float = 7 * 86400  # incomplete resumable uploads older than this are purged
+    # new instances are refused (0xA700 / RESOURCE_EXHAUSTED DISK_FULL) while the data or blob
+    # directory has less free space than this, MiB; 0 turns the check off
+    min_free_disk_mb: int = 1024

@@ -71,6 +71,7 @@ async def build_app(
         max_message_bytes=settings.max_message_bytes,
         tracer_provider=tracer_provider,
         verifier=settings.verifier(),
+        max_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     ranking_channel = aio_channel(settings.ranking_target, settings.max_message_bytes, token=settings.token_source())
     events = version_events(repo, blobs, _RankingStub(ranking_channel), metrics)

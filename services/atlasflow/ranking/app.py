@@ -61,6 +61,7 @@ async def build_app(
         max_message_bytes=settings.max_message_bytes,
         tracer_provider=tracer_provider,
         verifier=settings.verifier(),
+        max_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     return ServiceApp(
         "ranking", built, closers=[store.close] if owned else [], parts={"worklist": store, "servicer": servicer}

@@ -127,6 +127,7 @@ async def build_app(
         max_message_bytes=settings.max_message_bytes,
         tracer_provider=tracer_provider,
         verifier=settings.verifier(),
+        max_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
 
     def close_segmenters() -> None:
