@@ -15,6 +15,13 @@ Life cycle, the same for all four: `ServiceApp.start` starts the server, marks i
 starts the background parts in order; `ServiceApp.stop` marks NOT_SERVING, stops the server
 with a grace period for in-flight RPCs, stops the background parts in reverse order, then
 closes the resources (`closers`, reverse order).
+
+Supervision: a background loop (`TaskLoop`, `ThreadLoop`) that ends with an exception, or
+returns while the app is not stopping, is logged at ERROR (part name and exception type only:
+never the message, which may carry patient data), the service reports NOT_SERVING on its health
+service while any part is down, and the loop is restarted after a back-off (`RESTART_BACKOFF_S`
+doubling up to `RESTART_BACKOFF_MAX_S`); health is SERVING again once every part runs. Restarts
+are counted (``atlasflow_background_restarts``). Stopping the app never restarts anything.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import inspect
 import logging
 import signal
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -37,6 +45,14 @@ log = logging.getLogger(__name__)
 
 S = TypeVar("S", bound=ServiceSettings)
 Closer = Callable[[], "Awaitable[None] | None"]
+#: called by a supervised loop with (part name, running?) when it goes down or runs again
+PartWatch = Callable[[str, bool], Awaitable[None]]
+
+#: first wait before restarting a background loop that died, in seconds (doubles each time)
+RESTART_BACKOFF_S = 0.5
+#: longest wait between two restarts, in seconds; a loop that ran this long starts over at
+#: `RESTART_BACKOFF_S` when it dies again
+RESTART_BACKOFF_MAX_S = 30.0
 
 
 class Background(Protocol):
@@ -49,41 +65,147 @@ class Background(Protocol):
     async def stop(self) -> None: ...
 
 
+class _Supervised:
+    """The restart policy shared by `TaskLoop` and `ThreadLoop`: `_supervise` runs ``once()``
+    (one run of the loop) until `stop`; a run that ends without a stop is a death."""
+
+    name: str
+    backoff_s: float
+    backoff_max_s: float
+    #: set by `ServiceApp.start` to hear about deaths and restarts
+    watch: PartWatch | None
+    #: how many times the loop has been restarted after dying
+    restarts: int
+    _stopping: bool
+    _supervisor: asyncio.Task[None] | None
+
+    async def _once(self) -> BaseException | None:
+        """Run the loop once; its exception, or None when it returned."""
+        raise NotImplementedError
+
+    async def _supervise(self) -> None:
+        delay = self.backoff_s
+        while not self._stopping:
+            began = time.monotonic()
+            exc = await self._once()
+            if self._stopping:
+                return
+            # Exception type only: a message may quote a dataset (patient data).
+            log.error(
+                "background loop died",
+                extra={"fields": {"part": self.name, "error": type(exc).__name__ if exc else "returned"}},
+            )
+            if time.monotonic() - began >= self.backoff_max_s:
+                delay = self.backoff_s
+            if self.watch is not None:
+                await self.watch(self.name, False)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.backoff_max_s)
+            if self._stopping:
+                return
+            self.restarts += 1
+            log.warning("background loop restarted", extra={"fields": {"part": self.name, "restarts": self.restarts}})
+            if self.watch is not None:
+                await self.watch(self.name, True)
+
+    def _start_supervisor(self) -> None:
+        self._stopping = False
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"{self.name}-supervisor")
+
+    async def _stop_supervisor(self) -> None:
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+
+
 @dataclass
-class ThreadLoop:
+class ThreadLoop(_Supervised):
     """A blocking loop on a daemon thread: ``target()`` runs until ``request_stop()`` makes it
-    return; `stop` waits up to ``join_s`` seconds for it (off the event loop)."""
+    return; `stop` waits up to ``join_s`` seconds for it (off the event loop). Supervised: a
+    ``target()`` that raises, or returns without a stop, runs again on a new thread after a
+    back-off (see the module docstring)."""
 
     name: str
     target: Callable[[], None]
     request_stop: Callable[[], None]
     join_s: float = 30.0
     thread: threading.Thread | None = None
+    backoff_s: float = RESTART_BACKOFF_S
+    backoff_max_s: float = RESTART_BACKOFF_MAX_S
+    watch: PartWatch | None = None
+    restarts: int = 0
+    _stopping: bool = field(default=False, init=False, repr=False)
+    _supervisor: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+
+    async def _once(self) -> BaseException | None:
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[BaseException | None] = loop.create_future()
+
+        def settle(exc: BaseException | None) -> None:
+            if not ended.done():
+                ended.set_result(exc)
+
+        def body() -> None:
+            exc: BaseException | None = None
+            try:
+                self.target()
+            except BaseException as e:  # noqa: BLE001 - reported to the supervisor, which logs it
+                exc = e
+            try:
+                loop.call_soon_threadsafe(settle, exc)
+            except RuntimeError:  # the event loop is closed: nobody left to supervise
+                pass
+
+        self.thread = threading.Thread(target=body, name=self.name, daemon=True)
+        self.thread.start()
+        return await ended
 
     async def start(self) -> None:
-        self.thread = threading.Thread(target=self.target, name=self.name, daemon=True)
-        self.thread.start()
+        self._start_supervisor()
 
     async def stop(self) -> None:
+        self._stopping = True
         self.request_stop()
+        await self._stop_supervisor()
         if self.thread is not None and self.thread.is_alive():
             await asyncio.to_thread(self.thread.join, self.join_s)
 
 
 @dataclass
-class TaskLoop:
+class TaskLoop(_Supervised):
     """A coroutine on the service's event loop (e.g. an outbox dispatcher's ``run()``);
-    `stop` cancels it and waits for it to finish."""
+    `stop` cancels it and waits for it to finish. Supervised: a ``run()`` that raises, or
+    returns without a stop, runs again after a back-off (see the module docstring)."""
 
     name: str
     run: Callable[[], Coroutine[Any, Any, None]]
     task: asyncio.Task[None] | None = None
+    backoff_s: float = RESTART_BACKOFF_S
+    backoff_max_s: float = RESTART_BACKOFF_MAX_S
+    watch: PartWatch | None = None
+    restarts: int = 0
+    _stopping: bool = field(default=False, init=False, repr=False)
+    _supervisor: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+
+    async def _once(self) -> BaseException | None:
+        self.task = asyncio.create_task(self.run(), name=self.name)
+        try:
+            await asyncio.wait({self.task})
+        finally:
+            if not self.task.done():  # the supervisor is cancelled (stop): take the loop along
+                self.task.cancel()
+                await asyncio.gather(self.task, return_exceptions=True)
+        if self.task.cancelled():
+            return asyncio.CancelledError()
+        return self.task.exception()
 
     async def start(self) -> None:
-        self.task = asyncio.create_task(self.run(), name=self.name)
+        self._start_supervisor()
 
     async def stop(self) -> None:
-        if self.task is not None:
+        await self._stop_supervisor()
+        if self.task is not None and not self.task.done():
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
 
@@ -103,20 +225,42 @@ class ServiceApp:
     #: extra fields of the "<name> ready" log line (ports, AE title), besides grpc_port
     ready_fields: dict[str, Any] = field(default_factory=dict)
     started: bool = False
+    #: where background restarts are counted (`run_service` sets it); None counts nowhere
+    metrics: Metrics | None = None
+    #: names of the background parts that are down (dead, waiting for their restart)
+    down: set[str] = field(default_factory=set)
+    stopping: bool = False
 
     @property
     def port(self) -> int:
         """The bound gRPC port (the real one when the settings asked for port 0)."""
         return self.built.port
 
+    async def _part_watch(self, name: str, running: bool) -> None:
+        """A supervised part died (``running`` False) or was restarted: health follows."""
+        if self.stopping:
+            return
+        if running:
+            self.down.discard(name)
+            if self.metrics is not None:
+                self.metrics.count_restart(name)
+        else:
+            self.down.add(name)
+        await self.built.set_serving(not self.down)
+
     async def start(self) -> None:
+        self.stopping = False
+        self.down.clear()
         await self.built.server.start()
         await self.built.set_serving(True)
         for part in self.background:
+            if isinstance(part, _Supervised):
+                part.watch = self._part_watch
             await part.start()
         self.started = True
 
     async def stop(self, grace: float = 1.0) -> None:
+        self.stopping = True
         await self.built.stop(grace)
         for part in reversed(self.background):
             await part.stop()
@@ -154,6 +298,8 @@ def run_service(
         metrics = Metrics(name)
         metrics.serve(settings.metrics_port, settings.grpc_host)
         app = await build_app(settings, metrics=metrics)
+        if app.metrics is None:
+            app.metrics = metrics
         await serve_until_signalled(app, settings.shutdown_grace_s)
 
     try:

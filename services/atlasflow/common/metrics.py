@@ -40,6 +40,12 @@ class Metrics:
             ["service", "event"],
             registry=self.registry,
         )
+        self.background_restarts = Counter(
+            "atlasflow_background_restarts",
+            "Background loops (assembler, outbox, worker) restarted after they died, by part.",
+            ["service", "part"],
+            registry=self.registry,
+        )
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         self.rpc_requests.labels(self.service, method, code).inc()
@@ -50,6 +56,9 @@ class Metrics:
 
     def count(self, event: str, n: int = 1) -> None:
         self.events.labels(self.service, event).inc(n)
+
+    def count_restart(self, part: str) -> None:
+        self.background_restarts.labels(self.service, part).inc()
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         if port:

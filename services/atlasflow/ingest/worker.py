@@ -20,7 +20,7 @@ from atlasflow.common.nifti import to_nifti_bytes
 from atlasflow.common.outbox import OutboxRow
 from atlasflow.common.telemetry import context_from_traceparent, current_traceparent
 from atlasflow.common.v1 import common_pb2
-from atlasflow.ingest.assemble import assemble_series
+from atlasflow.ingest.assemble import Volume, assemble_series
 from atlasflow.ingest.geometry import REPAIR
 from atlasflow.ingest.store import IngestStore, SeriesVersion
 from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
@@ -32,6 +32,9 @@ tracer = trace.get_tracer(__name__)
 SEGMENT_TOPIC = "segmentation.SegmentSeries"
 #: seconds between two looks for quiet series versions
 POLL_S = 0.5
+#: failure_reason prefix of a series whose assembly raised something unexpected (the
+#: exception's type follows; its message is never stored: it may quote patient data)
+ASSEMBLY_FAILED = "ASSEMBLY_FAILED"
 
 
 class Assembler:
@@ -45,30 +48,31 @@ class Assembler:
         self.on_assembled: Callable[[], None] = lambda: None
 
     def assemble(self, sv: SeriesVersion) -> None:
-        """Blocking: run in a worker thread."""
+        """Blocking: run in a worker thread.
+
+        A series that cannot be assembled ends FAILED with a reason and never stops the
+        assembler: an `AtlasflowError` gives its own reason; any other exception while reading,
+        decoding, assembling or encoding the version's instances (crafted pixel attributes:
+        OverflowError, ValueError, MemoryError, numpy's UFuncTypeError, a Pillow OSError, ...)
+        gives ``ASSEMBLY_FAILED: <exception type>`` (never the message: it may quote the
+        dataset). A FAILED version is not due for assembly again, after a restart neither.
+        Failures of the service's own storage outside that step (draining the spool, writing the
+        volume, the database) are not the series' fault: they propagate, the series stays
+        RECEIVING, and the supervised loop reports NOT_SERVING and restarts (`atlasflow.common.app`)."""
         token = otel_context.attach(context_from_traceparent(sv.traceparent))
         try:
             with tracer.start_as_current_span("ingest.assemble") as span:
                 span.set_attribute("atlasflow.series_id", sv.series_id)
                 span.set_attribute("atlasflow.series_version", sv.version)
+                digests = self.store.instance_digests(sv.series_id, sv.version)
                 try:
-                    # Instances were validated on reception; here they are only read.
-                    datasets = [
-                        dcmread(io.BytesIO(self.blobs.get(d)))
-                        for d in self.store.instance_digests(sv.series_id, sv.version)
-                    ]
-                    # Repairable geometry (gantry tilt, whole missing slices, multi-frame) is
-                    # repaired with a warning and flagged `resampled` (DICOM SEG must refuse).
-                    volume = assemble_series(datasets, policy=REPAIR)
+                    volume, nifti = self._build_volume(digests)
                 except AtlasflowError as exc:
-                    log.warning(
-                        "series assembly failed", extra={"fields": {"series_id": sv.series_id, "reason": exc.reason}}
-                    )
-                    self.store.mark_failed(sv.series_id, sv.version, exc.reason)
-                    self.metrics.count("series_failed")
+                    self._fail(sv, exc.reason)
                     return
-                del datasets
-                nifti = to_nifti_bytes(volume.array, volume.affine)
+                except Exception as exc:  # noqa: BLE001 - any other failure is this series' alone
+                    self._fail(sv, f"{ASSEMBLY_FAILED}: {type(exc).__name__}")
+                    return
                 info = self.blobs.put(nifti)
                 spacing = [float(x) for x in (volume.affine[:3, :3] ** 2).sum(axis=0) ** 0.5]
                 geometry = {
@@ -108,6 +112,21 @@ class Assembler:
         finally:
             otel_context.detach(token)
         self.on_assembled()
+
+    def _build_volume(self, digests: list[str]) -> tuple[Volume, bytes]:
+        """The volume of these instances and its NIfTI bytes (gzip)."""
+        # Instances were validated on reception; here they are only read.
+        datasets = [dcmread(io.BytesIO(self.blobs.get(d))) for d in digests]
+        # Repairable geometry (gantry tilt, whole missing slices, multi-frame) is repaired
+        # with a warning and flagged `resampled` (DICOM SEG must refuse).
+        volume = assemble_series(datasets, policy=REPAIR)
+        del datasets
+        return volume, to_nifti_bytes(volume.array, volume.affine)
+
+    def _fail(self, sv: SeriesVersion, reason: str) -> None:
+        log.warning("series assembly failed", extra={"fields": {"series_id": sv.series_id, "reason": reason}})
+        self.store.mark_failed(sv.series_id, sv.version, reason)
+        self.metrics.count("series_failed")
 
     async def run(self) -> None:
         """The assembler loop (a `TaskLoop`): every `POLL_S`, drain an idle spool and assemble
