@@ -130,6 +130,7 @@ async def build_app(
         closers=[store.close, channel.close],  # reverse order: the channel, then the store
         parts={"store": store, "reception": reception, "scp": scp, "assembler": assembler, "servicer": servicer},
         ready_fields=ready_fields,
+        metrics=metrics,
     )
 
 

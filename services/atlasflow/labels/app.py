@@ -84,6 +84,7 @@ async def build_app(
         background=[TaskLoop("labels-export", exporter.run), TaskLoop("labels-version-events", events.run)],
         closers=closers,
         parts={"repository": repo, "blobs": blobs, "exporter": exporter, "events": events, "servicer": servicer},
+        metrics=metrics,
     )
 
 

@@ -64,7 +64,11 @@ async def build_app(
         max_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     return ServiceApp(
-        "ranking", built, closers=[store.close] if owned else [], parts={"worklist": store, "servicer": servicer}
+        "ranking",
+        built,
+        closers=[store.close] if owned else [],
+        parts={"worklist": store, "servicer": servicer},
+        metrics=metrics,
     )
 
 

@@ -147,6 +147,7 @@ async def build_app(
         closers=[jobs.close, close_segmenters, prior.close, ranking_channel.close, labels_channel.close],
         parts={"jobs": jobs, "blobs": blobs, "worker": worker, "dispatcher": dispatcher, "segmenters": segmenters},
         ready_fields={"ensemble": settings.ensemble},
+        metrics=metrics,
     )
 
 
