@@ -218,5 +218,8 @@ def test_validate_dataset_as_from_c_store(demo_file: Path) -> None:
 
 def test_status_table_is_in_the_c_store_failure_ranges() -> None:
     assert set(DICOM_STATUS) >= {"NOT_DICOM", "NOT_CT", "CORRUPT_DICOM", "MISSING_UID"}
+    # PS3.4 Table B.2-1, C-STORE failures: A7xx Refused: Out of Resources, A9xx Data Set does
+    # not match SOP Class, Cxxx Cannot understand
     for reason, status in DICOM_STATUS.items():
-        assert 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF, reason
+        assert 0xA700 <= status <= 0xA7FF or 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF, reason
+    assert DICOM_STATUS["DISK_FULL"] == 0xA700
