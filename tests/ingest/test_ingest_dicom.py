@@ -223,3 +223,20 @@ def test_status_table_is_in_the_c_store_failure_ranges() -> None:
     for reason, status in DICOM_STATUS.items():
         assert 0xA700 <= status <= 0xA7FF or 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF, reason
     assert DICOM_STATUS["DISK_FULL"] == 0xA700
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [("RescaleSlope", "1e308"), ("RescaleSlope", "NaN"), ("RescaleIntercept", "-inf"), ("RescaleIntercept", "3e9")],
+)
+def test_rescale_that_cannot_give_finite_hu_is_corrupt(demo_file: Path, keyword: str, value: str) -> None:
+    """HU = stored x slope + intercept must stay finite: a crafted slope/intercept is refused at
+    reception (0xC220), never assembled into an inf/NaN volume."""
+    ds = pydicom.dcmread(demo_file)
+    tag = {"RescaleSlope": 0x00281053, "RescaleIntercept": 0x00281052}[keyword]
+    with pydicom.config.disable_value_validation():
+        ds[tag] = pydicom.DataElement(tag, "DS", value)
+        data = _to_bytes(ds)
+    err = _reject(data, "CORRUPT_DICOM")
+    assert err.metadata["check"] == "rescale" and err.metadata["attribute"] == keyword
+    assert c_store_status(err) == 0xC220

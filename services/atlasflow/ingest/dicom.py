@@ -41,6 +41,7 @@ when absent and checked for consistency by series assembly.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,6 +226,7 @@ def validate_dataset(ds: Dataset, transfer_syntax_uid: str | None = None, *, dec
             raise _err("MISSING_UID", f"{label} is empty", check=keyword, **base)
         values[field] = value
 
+    _check_rescale(ds, base)
     _check_pixels(ds, ts, base, decode=decode)
     return InstanceInfo(
         study_uid=values["study_uid"],
@@ -235,6 +237,30 @@ def validate_dataset(ds: Dataset, transfer_syntax_uid: str | None = None, *, dec
         modality=modality,
         transfer_syntax_uid=ts,
     )
+
+
+#: Largest magnitudes of (0028,1053) RescaleSlope / (0028,1052) RescaleIntercept accepted: far
+#: beyond any CT (slope ~1, intercept ~-1024), small enough that HU = stored x slope +
+#: intercept stays finite in float32 for any 16-bit stored value.
+MAX_RESCALE_SLOPE = 1e4
+MAX_RESCALE_INTERCEPT = 1e6
+
+
+def _check_rescale(ds: Dataset, base: dict[str, str]) -> None:
+    """CORRUPT_DICOM (check ``rescale``) for a RescaleSlope/Intercept that is not a finite
+    number within `MAX_RESCALE_SLOPE` / `MAX_RESCALE_INTERCEPT`: such a value would turn the
+    volume into inf/NaN or overflow in assembly. Absent values keep their defaults (1, 0);
+    multi-frame per-frame values are checked at assembly."""
+    for keyword, limit in (("RescaleSlope", MAX_RESCALE_SLOPE), ("RescaleIntercept", MAX_RESCALE_INTERCEPT)):
+        raw = ds.get(keyword)
+        if raw in (None, ""):
+            continue
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value) or abs(value) > limit:
+            raise _err("CORRUPT_DICOM", f"{keyword} is not a usable number", check="rescale", attribute=keyword, **base)
 
 
 def _check_pixels(ds: Dataset, ts: str, base: dict[str, str], *, decode: bool) -> None:
