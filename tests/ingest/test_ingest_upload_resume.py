@@ -164,3 +164,36 @@ def test_upload_without_token_or_with_a_reading_role_is_refused_and_stores_nothi
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         receipts = stub.UploadInstances(iter(msgs), timeout=10, metadata=connector).receipts
         assert [r.upload_id for r in receipts] == [uid] and not receipts[0].duplicate
+
+
+def test_resumable_uploads_belong_to_their_caller(ingest, tmp_path):
+    """Upload ids are per caller (the token's subject): connector B can neither see nor extend
+    connector A's half-done upload, the same id from B is B's own upload, and A finishes its
+    upload untouched; every answer names the client's own upload_id."""
+    files = peers.build_ct_series(tmp_path / "s", 1, seed="owners")
+    data = files[0].read_bytes()
+    uid = upload_id_of(data)
+    a, b = auth.metadata("connector", "pacs-a"), auth.metadata("connector", "pacs-b")
+    half = list(resumable_requests(files[0].name, data, uid, 0, CHUNK))
+    with sync_channel(ingest.target) as channel:
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        # A sends everything but the last message, then its stream is cut
+        with pytest.raises(grpc.RpcError):
+            stub.UploadInstances(iter(half[:-1] + [ingest_pb2.UploadInstancesRequest(client_ref="other")]), metadata=a)
+        committed = stub.GetUploadStatus(ingest_pb2.GetUploadStatusRequest(upload_id=uid), metadata=a)
+        assert committed.upload_id == uid and 0 < committed.committed_offset < len(data)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetUploadStatus(ingest_pb2.GetUploadStatusRequest(upload_id=uid), metadata=b)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert error_info_of(err.value).metadata["upload_id"] == uid
+        # B appending at A's offset is an offset mismatch on B's own (empty) upload
+        with pytest.raises(grpc.RpcError) as err:
+            stub.UploadInstances(iter(half[-1:]), metadata=b)
+        assert error_info_of(err.value).reason == "OFFSET_MISMATCH"
+        assert error_info_of(err.value).metadata["upload_id"] == uid
+        # A resumes where it was and completes
+        rest = list(resumable_requests(files[0].name, data, uid, committed.committed_offset, CHUNK))
+        receipts = stub.UploadInstances(iter(rest), metadata=a).receipts
+        assert [r.upload_id for r in receipts] == [uid]
+        done = stub.GetUploadStatus(ingest_pb2.GetUploadStatusRequest(upload_id=uid), metadata=a)
+        assert done.complete and done.receipt.upload_id == uid

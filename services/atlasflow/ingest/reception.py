@@ -31,7 +31,7 @@ from atlasflow.common.telemetry import context_from_traceparent, current_tracepa
 from atlasflow.ingest.dicom import parse_instance
 from atlasflow.ingest.identity import content_key
 from atlasflow.ingest.store import IngestStore, StoredInstance
-from atlasflow.ingest.uploads import UploadStore
+from atlasflow.ingest.uploads import UploadStore, public_upload_id
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -166,7 +166,7 @@ class Reception:
                     "UPLOAD_ID_REUSED",
                     "upload_id already completed with other bytes",
                     domain=DOMAIN,
-                    metadata={"upload_id": upload_id[:128]},
+                    metadata={"upload_id": public_upload_id(upload_id)[:128]},
                 )
             return Receipt(**state.receipt)
         data = self.uploads.read(upload_id) if state.committed_offset else b""
@@ -176,7 +176,7 @@ class Reception:
                 "CHECKSUM_MISMATCH",
                 "instance bytes do not match sha256",
                 domain=DOMAIN,
-                metadata={"client_ref": ref[:200], "upload_id": upload_id[:128]},
+                metadata={"client_ref": ref[:200], "upload_id": public_upload_id(upload_id)[:128]},
             )
         try:
             stored = self.receive(data, GRPC)

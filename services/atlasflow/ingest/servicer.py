@@ -8,6 +8,7 @@ UploadInstances (which message ends an instance, resumable offsets) is transport
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 from collections.abc import AsyncIterator
@@ -16,7 +17,8 @@ import grpc
 from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
-from atlasflow.common.errors import InvalidArgument
+from atlasflow.common.errors import InvalidArgument, NotFound
+from atlasflow.common.server import principal_of
 from atlasflow.common.v1 import common_pb2
 from atlasflow.ingest.headers import dicom_header_bytes
 from atlasflow.ingest.reception import Receipt, Reception
@@ -73,6 +75,14 @@ def series_to_proto(sv: SeriesVersion) -> ingest_pb2.Series:
     return msg
 
 
+def upload_key(principal: str, upload_id: str) -> str:
+    """The stored key of a caller's resumable upload: upload ids are per caller (the token's
+    subject), so one connector can neither read the status of another's upload nor append to
+    it, and two connectors choosing the same id (e.g. a content hash) do not collide. The
+    client only ever sees its own ``upload_id``."""
+    return f"{hashlib.sha256(principal.encode()).hexdigest()[:16]}.{upload_id}"
+
+
 def receipt_to_proto(receipt: Receipt) -> ingest_pb2.InstanceReceipt:
     return ingest_pb2.InstanceReceipt(
         client_ref=receipt.client_ref,
@@ -98,6 +108,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         current_upload = ""
         buf = bytearray()
         next_offset = 0
+        owner = principal_of(context)
         async for msg in request_iterator:
             if current_ref is not None and (msg.client_ref != current_ref or msg.upload_id != current_upload):
                 raise InvalidArgument(
@@ -112,13 +123,15 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             if current_upload:
                 # Resumable: each chunk is durable before the next message is read.
                 if msg.chunk or msg.offset:
-                    state = await asyncio.to_thread(self.uploads.write, current_upload, msg.offset, msg.chunk)
+                    state = await asyncio.to_thread(
+                        self.uploads.write, upload_key(owner, current_upload), msg.offset, msg.chunk
+                    )
                     next_offset = state.committed_offset
                 else:
-                    state = await asyncio.to_thread(self.uploads.state, current_upload)
+                    state = await asyncio.to_thread(self.uploads.state, upload_key(owner, current_upload))
                     next_offset = state.committed_offset
                 if next_offset > MAX_INSTANCE_BYTES:
-                    await asyncio.to_thread(self.uploads.discard, current_upload)
+                    await asyncio.to_thread(self.uploads.discard, upload_key(owner, current_upload))
                     raise InvalidArgument(
                         "INSTANCE_TOO_LARGE",
                         "instance exceeds the size limit",
@@ -129,9 +142,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                     continue
                 ref, current_ref = current_ref, None
                 receipt = await asyncio.to_thread(
-                    self.reception.finish_resumable, current_upload, ref, msg.sha256.lower()
+                    self.reception.finish_resumable, upload_key(owner, current_upload), ref, msg.sha256.lower()
                 )
-                receipts.append(receipt_to_proto(receipt))
+                receipts.append(receipt_to_proto(dataclasses.replace(receipt, upload_id=current_upload)))
                 continue
             buf += msg.chunk
             if len(buf) > MAX_INSTANCE_BYTES:
@@ -161,12 +174,21 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self, request: ingest_pb2.GetUploadStatusRequest, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.GetUploadStatusResponse:
         self.uploads.check_upload_id(request.upload_id)
-        state = await asyncio.to_thread(self.uploads.status, request.upload_id)
+        try:
+            state = await asyncio.to_thread(self.uploads.status, upload_key(principal_of(context), request.upload_id))
+        except NotFound:
+            # another caller's upload of the same id is not this caller's business
+            raise NotFound(
+                "UPLOAD_NOT_FOUND",
+                "no committed bytes for this upload_id",
+                domain=DOMAIN,
+                metadata={"upload_id": request.upload_id[:128]},
+            ) from None
         msg = ingest_pb2.GetUploadStatusResponse(
-            upload_id=state.upload_id, committed_offset=state.committed_offset, complete=state.complete
+            upload_id=request.upload_id, committed_offset=state.committed_offset, complete=state.complete
         )
         if state.complete:
-            msg.receipt.CopyFrom(receipt_to_proto(Receipt(**state.receipt)))
+            msg.receipt.CopyFrom(receipt_to_proto(Receipt(**{**state.receipt, "upload_id": request.upload_id})))
         return msg
 
     async def CommitSeries(

@@ -40,6 +40,13 @@ class UploadState:
 
 
 _UPLOAD_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_OWNER_TAG = re.compile(r"[0-9a-f]{16}\.")
+
+
+def public_upload_id(key: str) -> str:
+    """The client's upload id of a stored key (`atlasflow.ingest.servicer.upload_key` prefixes
+    the owner's tag), for error metadata: a client sees only its own id."""
+    return key[17:] if _OWNER_TAG.match(key) else key
 
 
 class UploadStore:
@@ -70,7 +77,7 @@ class UploadStore:
                 "UPLOAD_NOT_FOUND",
                 "no committed bytes for this upload_id",
                 domain="atlasflow.ingest",
-                metadata={"upload_id": upload_id[:128]},
+                metadata={"upload_id": public_upload_id(upload_id)[:128]},
             )
         return UploadState(
             r["upload_id"],
@@ -100,7 +107,7 @@ class UploadStore:
                 "chunk offset is not the upload's committed offset",
                 domain="atlasflow.ingest",
                 metadata={
-                    "upload_id": upload_id[:128],
+                    "upload_id": public_upload_id(upload_id)[:128],
                     "expected_offset": str(state.committed_offset),
                     "offset": str(offset),
                 },
