@@ -37,6 +37,7 @@ TRANSPORT = {
     "labels/servicer.py",
     "labels/ingest_sources.py",
     "common/server.py",
+    "common/app.py",
     "common/clients.py",
 }
 

@@ -32,12 +32,14 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+import grpc
+
 from atlasflow.common.metrics import Metrics
-from atlasflow.common.server import BuiltServer
+from atlasflow.common.server import BuiltServer, build_server
 from atlasflow.common.settings import ServiceSettings
 from atlasflow.common.telemetry import setup_logging, setup_tracing, shutdown_tracing
 
@@ -269,6 +271,27 @@ class ServiceApp:
             if inspect.isawaitable(res):
                 await res
         self.started = False
+
+
+def build_service_server(
+    settings: ServiceSettings,
+    register: Callable[[grpc.aio.Server], Iterable[str]],
+    *,
+    metrics: Metrics,
+    tracer_provider: Any = None,
+) -> BuiltServer:
+    """A service's gRPC server from its settings, the same way in all four: address, message
+    size, the token check (`ServiceSettings.verifier`), the limit of calls in progress."""
+    return build_server(
+        register=register,
+        metrics=metrics,
+        host=settings.grpc_host,
+        port=settings.grpc_port,
+        max_message_bytes=settings.max_message_bytes,
+        tracer_provider=tracer_provider,
+        verifier=settings.verifier(),
+        max_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
 
 
 async def serve_until_signalled(app: ServiceApp, grace: float) -> None:

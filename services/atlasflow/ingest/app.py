@@ -17,13 +17,12 @@ from typing import Any
 
 import grpc
 
-from atlasflow.common.app import ServiceApp, TaskLoop, run_service
+from atlasflow.common.app import ServiceApp, TaskLoop, build_service_server, run_service
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.clients import aio_channel
 from atlasflow.common.disk import DiskFloor
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.outbox import OutboxDispatcher
-from atlasflow.common.server import build_server
 from atlasflow.ingest.reception import Reception
 from atlasflow.ingest.scp import ScpConfig, StoreScp
 from atlasflow.ingest.servicer import IngestServicer
@@ -108,16 +107,7 @@ async def build_app(
         _add_servicer(servicer, server)
         return [ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name]
 
-    built = build_server(
-        register=register,
-        metrics=metrics,
-        host=settings.grpc_host,
-        port=settings.grpc_port,
-        max_message_bytes=settings.max_message_bytes,
-        tracer_provider=tracer_provider,
-        verifier=settings.verifier(),
-        max_concurrent_rpcs=settings.max_concurrent_rpcs,
-    )
+    built = build_service_server(settings, register, metrics=metrics, tracer_provider=tracer_provider)
     ready_fields: dict[str, Any] = {"dicom_port": settings.dicom_port, "ae_title": settings.ae_title}
     return ServiceApp(
         "ingest",

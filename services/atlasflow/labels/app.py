@@ -16,11 +16,10 @@ from typing import Any
 
 import grpc
 
-from atlasflow.common.app import Closer, ServiceApp, TaskLoop, run_service
+from atlasflow.common.app import Closer, ServiceApp, TaskLoop, build_service_server, run_service
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.clients import aio_channel
 from atlasflow.common.metrics import Metrics
-from atlasflow.common.server import build_server
 from atlasflow.labels.ingest_sources import IngestSourceInstances
 from atlasflow.labels.repository import LabelRepository
 from atlasflow.labels.servicer import LabelServicer
@@ -63,16 +62,7 @@ async def build_app(
         _add_servicer(servicer, server)
         return [labels_pb2.DESCRIPTOR.services_by_name["LabelService"].full_name]
 
-    built = build_server(
-        register=register,
-        metrics=metrics,
-        host=settings.grpc_host,
-        port=settings.grpc_port,
-        max_message_bytes=settings.max_message_bytes,
-        tracer_provider=tracer_provider,
-        verifier=settings.verifier(),
-        max_concurrent_rpcs=settings.max_concurrent_rpcs,
-    )
+    built = build_service_server(settings, register, metrics=metrics, tracer_provider=tracer_provider)
     ranking_channel = aio_channel(settings.ranking_target, settings.max_message_bytes, token=settings.token_source())
     events = version_events(repo, blobs, _RankingStub(ranking_channel), metrics)
     # closed in reverse order: the ranking channel, the ingest client, then the repository

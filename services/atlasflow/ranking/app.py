@@ -13,9 +13,8 @@ from typing import Any
 
 import grpc
 
-from atlasflow.common.app import ServiceApp, run_service
+from atlasflow.common.app import ServiceApp, build_service_server, run_service
 from atlasflow.common.metrics import Metrics
-from atlasflow.common.server import build_server
 from atlasflow.ranking.servicer import RankingServicer
 from atlasflow.ranking.settings import PREFIX, RankingSettings
 from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
@@ -53,16 +52,7 @@ async def build_app(
         _add_servicer(servicer, server)
         return [ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name]
 
-    built = build_server(
-        register=register,
-        metrics=metrics,
-        host=settings.grpc_host,
-        port=settings.grpc_port,
-        max_message_bytes=settings.max_message_bytes,
-        tracer_provider=tracer_provider,
-        verifier=settings.verifier(),
-        max_concurrent_rpcs=settings.max_concurrent_rpcs,
-    )
+    built = build_service_server(settings, register, metrics=metrics, tracer_provider=tracer_provider)
     return ServiceApp(
         "ranking",
         built,

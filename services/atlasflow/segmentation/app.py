@@ -16,12 +16,11 @@ from typing import Any
 
 import grpc
 
-from atlasflow.common.app import ServiceApp, TaskLoop, ThreadLoop, run_service
+from atlasflow.common.app import ServiceApp, TaskLoop, ThreadLoop, build_service_server, run_service
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.clients import aio_channel
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.outbox import OutboxDispatcher
-from atlasflow.common.server import build_server
 from atlasflow.labels.v1 import labels_pb2_grpc
 from atlasflow.ranking.v1 import ranking_pb2_grpc
 from atlasflow.segmentation.ensemble import load_ensemble
@@ -119,16 +118,7 @@ async def build_app(
         _add_servicer(servicer, server)
         return [segmentation_pb2.DESCRIPTOR.services_by_name["SegmentationService"].full_name]
 
-    built = build_server(
-        register=register,
-        metrics=metrics,
-        host=settings.grpc_host,
-        port=settings.grpc_port,
-        max_message_bytes=settings.max_message_bytes,
-        tracer_provider=tracer_provider,
-        verifier=settings.verifier(),
-        max_concurrent_rpcs=settings.max_concurrent_rpcs,
-    )
+    built = build_service_server(settings, register, metrics=metrics, tracer_provider=tracer_provider)
 
     def close_segmenters() -> None:
         for seg in segmenters.values():
