@@ -1,4 +1,4 @@
-"""One function builds every atlasflow gRPC server; one function runs it until SIGTERM.
+"""One function builds every atlasflow gRPC server (`atlasflow.common.app` runs it until SIGTERM).
 
 `build_server` wires, in order: OpenTelemetry server spans (health checks filtered out), the
 RED-metrics + error-mapping + authentication interceptor (every RPC but health and reflection
@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextvars import ContextVar
@@ -75,11 +74,6 @@ def error_info_of(exc: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
 
 #: The verified caller of the RPC being handled (set by the interceptor, read by `principal_of`).
 _IDENTITY: ContextVar[Identity | None] = ContextVar("atlasflow_identity", default=None)
-
-
-def current_identity() -> Identity | None:
-    """The verified caller of the RPC being handled (None with authentication disabled)."""
-    return _IDENTITY.get()
 
 
 def principal_of(context: Context) -> str:
@@ -344,21 +338,3 @@ def build_server(
     if bound == 0:
         raise OSError(f"cannot bind gRPC port {host}:{port}")
     return BuiltServer(server, health_servicer, bound, names)
-
-
-async def run_until_signalled(
-    built: BuiltServer, grace: float, ready: Callable[[BuiltServer], None] | None = None
-) -> None:
-    """Start, mark SERVING, wait for SIGTERM/SIGINT, then mark NOT_SERVING, stop with
-    `grace` seconds for in-flight RPCs, and run the on_stop callbacks (close resources)."""
-    await built.server.start()
-    await built.set_serving(True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready(built)
-    await stop.wait()
-    log.info("shutting down", extra={"fields": {"grace_s": grace}})
-    await built.stop(grace)
