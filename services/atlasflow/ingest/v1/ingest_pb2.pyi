@@ -181,3 +181,72 @@ class StreamSeriesInstancesResponse(_message.Message):
     instance: _common_pb2.BlobRef
     headers_only: bool
     def __init__(self, series: _Optional[_Union[Series, _Mapping]] = ..., instance_count: _Optional[int] = ..., instance_index: _Optional[int] = ..., offset: _Optional[int] = ..., chunk: _Optional[bytes] = ..., last_chunk: _Optional[bool] = ..., sha256: _Optional[str] = ..., instance: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., headers_only: _Optional[bool] = ...) -> None: ...
+
+class DeleteStudyRequest(_message.Message):
+    __slots__ = ("study_instance_uid", "case_id", "reason")
+    STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    study_instance_uid: str
+    case_id: str
+    reason: str
+    def __init__(self, study_instance_uid: _Optional[str] = ..., case_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DeleteStudyResponse(_message.Message):
+    __slots__ = ("deletion",)
+    DELETION_FIELD_NUMBER: _ClassVar[int]
+    deletion: Deletion
+    def __init__(self, deletion: _Optional[_Union[Deletion, _Mapping]] = ...) -> None: ...
+
+class GetDeletionRequest(_message.Message):
+    __slots__ = ("deletion_id",)
+    DELETION_ID_FIELD_NUMBER: _ClassVar[int]
+    deletion_id: str
+    def __init__(self, deletion_id: _Optional[str] = ...) -> None: ...
+
+class GetDeletionResponse(_message.Message):
+    __slots__ = ("deletion",)
+    DELETION_FIELD_NUMBER: _ClassVar[int]
+    deletion: Deletion
+    def __init__(self, deletion: _Optional[_Union[Deletion, _Mapping]] = ...) -> None: ...
+
+class DeletionStep(_message.Message):
+    __slots__ = ("service", "state", "counts", "last_error", "done_time")
+    class CountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DONE_TIME_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    state: _common_pb2.OperationState
+    counts: _containers.ScalarMap[str, int]
+    last_error: str
+    done_time: _timestamp_pb2.Timestamp
+    def __init__(self, service: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.OperationState, str]] = ..., counts: _Optional[_Mapping[str, int]] = ..., last_error: _Optional[str] = ..., done_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Deletion(_message.Message):
+    __slots__ = ("deletion_id", "case_id", "state", "reason", "requested_by", "steps", "create_time", "update_time")
+    DELETION_ID_FIELD_NUMBER: _ClassVar[int]
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    deletion_id: str
+    case_id: str
+    state: _common_pb2.OperationState
+    reason: str
+    requested_by: str
+    steps: _containers.RepeatedCompositeFieldContainer[DeletionStep]
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    def __init__(self, deletion_id: _Optional[str] = ..., case_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.OperationState, str]] = ..., reason: _Optional[str] = ..., requested_by: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[DeletionStep, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -77,6 +77,16 @@ class IngestServiceStub:
                 request_serializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.StreamSeriesInstancesRequest.SerializeToString,
                 response_deserializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.StreamSeriesInstancesResponse.FromString,
                 _registered_method=True)
+        self.DeleteStudy = channel.unary_unary(
+                '/atlasflow.ingest.v1.IngestService/DeleteStudy',
+                request_serializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.DeleteStudyRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.DeleteStudyResponse.FromString,
+                _registered_method=True)
+        self.GetDeletion = channel.unary_unary(
+                '/atlasflow.ingest.v1.IngestService/GetDeletion',
+                request_serializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.GetDeletionRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.GetDeletionResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -161,6 +171,32 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteStudy(self, request, context):
+        """Deletes a study everywhere (admin only): ingest's instances, series versions, volumes,
+        spooled bytes and upload state at once, then, through ingest's durable outbox, every
+        segmentation job, label version and worklist entry of the study (PurgeStudy on each
+        service, retried until it succeeds, also across restarts), then the blobs no row of any
+        service references any more. Returns the Deletion operation at once; poll GetDeletion.
+        Idempotent: asking again for the same study returns the same operation (its reason and
+        requester stay the first call's). Audit records (the labels service's audit, the Deletion
+        itself) are kept. Not cancellable: a half-done deletion would leave the study partly
+        present. New instances of a deleted study are refused (FAILED_PRECONDITION STUDY_DELETED;
+        C-STORE 0x0124 Refused: Not authorized) for DELETED_STUDY_REFUSE_DAYS (default 30); after
+        that they are received as a new study. A study ingest does not know is deleted all the
+        same (other services may hold rows of it). Errors: INVALID_ARGUMENT (reason
+        INVALID_ARGUMENT, metadata "field"; INVALID_ID).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeletion(self, request, context):
+        """Returns one deletion operation with its progress per service. NOT_FOUND DELETION_NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -193,6 +229,16 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.StreamSeriesInstances,
                     request_deserializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.StreamSeriesInstancesRequest.FromString,
                     response_serializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.StreamSeriesInstancesResponse.SerializeToString,
+            ),
+            'DeleteStudy': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteStudy,
+                    request_deserializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.DeleteStudyRequest.FromString,
+                    response_serializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.DeleteStudyResponse.SerializeToString,
+            ),
+            'GetDeletion': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeletion,
+                    request_deserializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.GetDeletionRequest.FromString,
+                    response_serializer=atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.GetDeletionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -370,6 +416,60 @@ class IngestService:
             '/atlasflow.ingest.v1.IngestService/StreamSeriesInstances',
             atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.StreamSeriesInstancesRequest.SerializeToString,
             atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.StreamSeriesInstancesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteStudy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atlasflow.ingest.v1.IngestService/DeleteStudy',
+            atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.DeleteStudyRequest.SerializeToString,
+            atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.DeleteStudyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeletion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atlasflow.ingest.v1.IngestService/GetDeletion',
+            atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.GetDeletionRequest.SerializeToString,
+            atlasflow_dot_ingest_dot_v1_dot_ingest__pb2.GetDeletionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -124,6 +124,11 @@ class LabelServiceStub:
                 request_serializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.ListAuditRecordsRequest.SerializeToString,
                 response_deserializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.ListAuditRecordsResponse.FromString,
                 _registered_method=True)
+        self.PurgeStudy = channel.unary_unary(
+                '/atlasflow.labels.v1.LabelService/PurgeStudy',
+                request_serializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.PurgeStudyRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.PurgeStudyResponse.FromString,
+                _registered_method=True)
 
 
 class LabelServiceServicer:
@@ -235,6 +240,17 @@ class LabelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PurgeStudy(self, request, context):
+        """Internal hand-off (role service), from ingest's DeleteStudy: deletes every row of the
+        case in this service (audit records excepted) and answers what was deleted and which blobs
+        the deleted rows referenced; with check_digests, also which of them rows of this service
+        still reference (the blob sweep deletes a blob only when no service references it).
+        Idempotent: a second call deletes nothing more and answers zero counts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LabelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -272,6 +288,11 @@ def add_LabelServiceServicer_to_server(servicer, server):
                     servicer.ListAuditRecords,
                     request_deserializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.ListAuditRecordsRequest.FromString,
                     response_serializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.ListAuditRecordsResponse.SerializeToString,
+            ),
+            'PurgeStudy': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeStudy,
+                    request_deserializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.PurgeStudyRequest.FromString,
+                    response_serializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.PurgeStudyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -518,6 +539,33 @@ class LabelService:
             '/atlasflow.labels.v1.LabelService/ListAuditRecords',
             atlasflow_dot_labels_dot_v1_dot_labels__pb2.ListAuditRecordsRequest.SerializeToString,
             atlasflow_dot_labels_dot_v1_dot_labels__pb2.ListAuditRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeStudy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atlasflow.labels.v1.LabelService/PurgeStudy',
+            atlasflow_dot_labels_dot_v1_dot_labels__pb2.PurgeStudyRequest.SerializeToString,
+            atlasflow_dot_labels_dot_v1_dot_labels__pb2.PurgeStudyResponse.FromString,
             options,
             channel_credentials,
             insecure,

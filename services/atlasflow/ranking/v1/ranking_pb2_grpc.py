@@ -123,6 +123,11 @@ class RankingServiceStub:
                 request_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetPopulationPriorRequest.SerializeToString,
                 response_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetPopulationPriorResponse.FromString,
                 _registered_method=True)
+        self.PurgeStudy = channel.unary_unary(
+                '/atlasflow.ranking.v1.RankingService/PurgeStudy',
+                request_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.PurgeStudyRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.PurgeStudyResponse.FromString,
+                _registered_method=True)
 
 
 class RankingServiceServicer:
@@ -262,6 +267,17 @@ class RankingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PurgeStudy(self, request, context):
+        """Internal hand-off (role service), from ingest's DeleteStudy: deletes every row of the
+        case in this service (audit records excepted) and answers what was deleted and which blobs
+        the deleted rows referenced; with check_digests, also which of them rows of this service
+        still reference (the blob sweep deletes a blob only when no service references it).
+        Idempotent: a second call deletes nothing more and answers zero counts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RankingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -329,6 +345,11 @@ def add_RankingServiceServicer_to_server(servicer, server):
                     servicer.GetPopulationPrior,
                     request_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetPopulationPriorRequest.FromString,
                     response_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetPopulationPriorResponse.SerializeToString,
+            ),
+            'PurgeStudy': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeStudy,
+                    request_deserializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.PurgeStudyRequest.FromString,
+                    response_serializer=atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.PurgeStudyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -706,6 +727,33 @@ class RankingService:
             '/atlasflow.ranking.v1.RankingService/GetPopulationPrior',
             atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetPopulationPriorRequest.SerializeToString,
             atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.GetPopulationPriorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeStudy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atlasflow.ranking.v1.RankingService/PurgeStudy',
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.PurgeStudyRequest.SerializeToString,
+            atlasflow_dot_ranking_dot_v1_dot_ranking__pb2.PurgeStudyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -170,3 +170,28 @@ class WaitSegmentationJobResponse(_message.Message):
     JOB_FIELD_NUMBER: _ClassVar[int]
     job: SegmentationJob
     def __init__(self, job: _Optional[_Union[SegmentationJob, _Mapping]] = ...) -> None: ...
+
+class PurgeStudyRequest(_message.Message):
+    __slots__ = ("case_id", "check_digests")
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    CHECK_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    check_digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, case_id: _Optional[str] = ..., check_digests: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PurgeStudyResponse(_message.Message):
+    __slots__ = ("deleted_rows", "released_digests", "referenced_digests")
+    class DeletedRowsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    DELETED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCED_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    deleted_rows: _containers.ScalarMap[str, int]
+    released_digests: _containers.RepeatedScalarFieldContainer[str]
+    referenced_digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, deleted_rows: _Optional[_Mapping[str, int]] = ..., released_digests: _Optional[_Iterable[str]] = ..., referenced_digests: _Optional[_Iterable[str]] = ...) -> None: ...
