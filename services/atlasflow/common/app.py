@@ -253,7 +253,7 @@ class ServiceApp:
     async def start(self) -> None:
         self.stopping = False
         self.down.clear()
-        await self.built.server.start()
+        await self.built.start()
         await self.built.set_serving(True)
         for part in self.background:
             if isinstance(part, _Supervised):
@@ -281,7 +281,8 @@ def build_service_server(
     tracer_provider: Any = None,
 ) -> BuiltServer:
     """A service's gRPC server from its settings, the same way in all four: address, message
-    size, the token check (`ServiceSettings.verifier`), the limit of calls in progress."""
+    size, the token check (`ServiceSettings.verifier`), the limit of calls in progress, TLS
+    (`ServiceSettings.server_tls`) and the plaintext health-only port."""
     return build_server(
         register=register,
         metrics=metrics,
@@ -291,6 +292,8 @@ def build_service_server(
         tracer_provider=tracer_provider,
         verifier=settings.verifier(),
         max_concurrent_rpcs=settings.max_concurrent_rpcs,
+        tls=settings.server_tls(),
+        health_port=settings.health_port,
     )
 
 

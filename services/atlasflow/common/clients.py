@@ -3,7 +3,8 @@
 Every channel carries the OpenTelemetry client interceptor, so the W3C trace context of the
 current span travels in the request metadata and the callee's server span joins the trace.
 With a `TokenSource`, every call also carries ``authorization: Bearer <token>`` (unless the
-call sets its own, e.g. a reviewer's token on a CLI call).
+call sets its own, e.g. a reviewer's token on a CLI call). With a `ClientTLS`, the channel is
+TLS (mutual when it carries a client certificate; `atlasflow.common.tls`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors, client_i
 from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 
 from atlasflow.common.auth import TokenSource, default_token_source
+from atlasflow.common.tls import PLAINTEXT, ClientTLS, default_client_tls
 
 _RETRY_POLICY = json.dumps(
     {
@@ -127,24 +129,56 @@ class _SyncToken(
 
 
 def aio_channel(
-    target: str, max_message_bytes: int = 64 * 1024 * 1024, token: TokenSource | None = None
+    target: str,
+    max_message_bytes: int = 64 * 1024 * 1024,
+    token: TokenSource | None = None,
+    tls: ClientTLS = PLAINTEXT,
 ) -> grpc.aio.Channel:
     """Async channel for service-to-service calls (idempotent RPCs retried on UNAVAILABLE);
-    ``token``: the caller's bearer token (a service's own, `ServiceSettings.token_source`)."""
+    ``token``: the caller's bearer token (a service's own, `ServiceSettings.token_source`);
+    ``tls``: the caller's TLS (a service's own, `ServiceSettings.client_tls`; files read now)."""
     interceptors: list[Any] = list(aio_client_interceptors())
     if token:
         interceptors.append(_AioToken(token))
-    return grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes), interceptors=interceptors)
+    options = channel_options(max_message_bytes)
+    if tls.enabled:
+        return grpc.aio.secure_channel(
+            target, tls.credentials(), options=options + tls.options(), interceptors=interceptors
+        )
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+
+
+def raw_channel(target: str, tls: ClientTLS, max_message_bytes: int = 64 * 1024 * 1024) -> grpc.Channel:
+    """A blocking channel with TLS (or `PLAINTEXT`) and nothing else: no token, no tracing, no
+    retries (tests that set every call's metadata themselves, health checks)."""
+    opts: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+    if tls.enabled:
+        return grpc.secure_channel(target, tls.credentials(), options=opts + tls.options())
+    return grpc.insecure_channel(target, options=opts)
 
 
 def sync_channel(
-    target: str, max_message_bytes: int = 64 * 1024 * 1024, token: TokenSource | None = None
+    target: str,
+    max_message_bytes: int = 64 * 1024 * 1024,
+    token: TokenSource | None = None,
+    tls: ClientTLS | None = None,
 ) -> grpc.Channel:
     """Blocking channel for the CLI, tests and the services' worker threads. ``token``: the
     caller's bearer token; None (a command-line client) takes `default_token_source`
-    (``ATLASFLOW_TOKEN_FILE``); a service passes its own, `ServiceSettings.token_source`."""
+    (``ATLASFLOW_TOKEN_FILE``); a service passes its own, `ServiceSettings.token_source`.
+    ``tls``: the caller's TLS; None (a command-line client) takes `default_client_tls`
+    (``ATLASFLOW_TLS_CA_FILE`` / ``_CERT_FILE`` / ``_KEY_FILE``); a service passes its own,
+    `ServiceSettings.client_tls`. The files are read when the channel is built."""
     token = default_token_source() if token is None else token
-    channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
+    tls = default_client_tls() if tls is None else tls
+    options = channel_options(max_message_bytes)
+    if tls.enabled:
+        channel = grpc.secure_channel(target, tls.credentials(), options=options + tls.options())
+    else:
+        channel = grpc.insecure_channel(target, options=options)
     if token:
         channel = grpc.intercept_channel(channel, _SyncToken(token))
     traced: grpc.Channel = intercept_channel(channel, client_interceptor())

@@ -36,6 +36,7 @@ from atlasflow.common.errors import AtlasflowError, Unauthenticated
 from atlasflow.common.ids import check_message_ids
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.policy import authorize, is_exempt
+from atlasflow.common.tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +277,16 @@ class BuiltServer:
     port: int
     service_names: list[str]
     on_stop: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
+    #: the plaintext grpc.health.v1-only listener (``health_port``), if any
+    health_server: grpc.aio.Server | None = None
+    health_port: int = 0
+    #: the listener's TLS (None: plaintext)
+    tls: ServerTLS | None = None
+
+    async def start(self) -> None:
+        await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -284,6 +295,8 @@ class BuiltServer:
 
     async def stop(self, grace: float) -> None:
         await self.set_serving(False)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.server.stop(grace)
         for cb in reversed(self.on_stop):
             res = cb()
@@ -301,13 +314,19 @@ def build_server(
     tracer_provider: Any = None,
     verifier: TokenVerifier | None,
     max_concurrent_rpcs: int = 64,
+    tls: ServerTLS | None = None,
+    health_port: int = 0,
 ) -> BuiltServer:
     """Build (not start) a grpc.aio server. `register` adds servicers and returns the full
     service names it registered (for health and reflection). Port 0 picks a free port.
     ``max_concurrent_rpcs``: calls in progress at once; one more is answered RESOURCE_EXHAUSTED
     at once (grpc's own limit, before any handler) instead of queueing without bound.
     ``verifier``: checks every call's bearer token; None disables authentication (explicitly:
-    `atlasflow.common.settings.ServiceSettings.verifier` returns None only with AUTH_DISABLED)."""
+    `atlasflow.common.settings.ServiceSettings.verifier` returns None only with AUTH_DISABLED).
+    ``tls``: the listener's TLS (mutual when it names a client CA; files re-read when they
+    change, `atlasflow.common.tls`); None listens in plaintext (logged as a warning).
+    ``health_port``: also serve grpc.health.v1 alone, in plaintext, on that port (probes that
+    cannot speak TLS); 0: no such listener."""
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -334,7 +353,23 @@ def build_server(
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is not None:
+        bound = server.add_secure_port(f"{host}:{port}", tls.credentials())
+    else:
+        log.warning(
+            "gRPC listener in plaintext: no TLS_CERT_FILE/TLS_KEY_FILE (tokens and data travel unencrypted)",
+            extra={"fields": {"host": host}},
+        )
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind gRPC port {host}:{port}")
-    return BuiltServer(server, health_servicer, bound, names)
+    built = BuiltServer(server, health_servicer, bound, names, tls=tls)
+    if health_port:
+        # health only, no interceptors: it answers SERVING/NOT_SERVING and nothing else
+        health_only = grpc.aio.server(options=options, maximum_concurrent_rpcs=8)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_only)
+        built.health_port = health_only.add_insecure_port(f"{host}:{health_port}")
+        if built.health_port == 0:
+            raise OSError(f"cannot bind the health port {host}:{health_port}")
+        built.health_server = health_only
+    return built

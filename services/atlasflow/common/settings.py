@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from atlasflow.common.auth import AuthConfig, TokenSource, TokenVerifier
 from atlasflow.common.errors import InvalidArgument
+from atlasflow.common.tls import PLAINTEXT, ClientTLS, ServerTLS
 
 S = TypeVar("S", bound="ServiceSettings")
 
@@ -81,6 +82,51 @@ class ServiceSettings:
     # The bearer token of this service's own outbound calls (role `service`): a file, re-read
     # when it changes (never a value on a command line or in the environment).
     token_file: str = ""
+    # TLS (common.tls, docs/security.md "Transport"). tls_cert_file + tls_key_file: this
+    # listener's certificate and key (unset: plaintext, logged as a warning); tls_client_ca_file:
+    # CA bundle client certificates must chain to (set: mutual TLS, a client without one is
+    # refused). Files, re-read when they change. For this service's own calls to the others:
+    # tls_ca_file (CA bundle the servers must chain to; set: the calls use TLS) and
+    # tls_client_cert_file / tls_client_key_file (default: tls_cert_file / tls_key_file).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    tls_ca_file: str = ""
+    tls_client_cert_file: str = ""
+    tls_client_key_file: str = ""
+    # A plaintext listener serving grpc.health.v1 only (0: none), for probes that cannot speak
+    # TLS (the kubelet's gRPC probes); it answers nothing else.
+    health_port: int = 0
+
+    def server_tls(self) -> ServerTLS | None:
+        """This service's listener TLS (None: plaintext)."""
+        if not self.tls_cert_file and not self.tls_key_file:
+            if self.tls_client_ca_file:
+                raise InvalidArgument(
+                    "TLS_NOT_CONFIGURED",
+                    "TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE",
+                    domain="atlasflow.settings",
+                    metadata={},
+                )
+            return None
+        if not self.tls_cert_file or not self.tls_key_file:
+            raise InvalidArgument(
+                "TLS_NOT_CONFIGURED",
+                "TLS needs both TLS_CERT_FILE and TLS_KEY_FILE",
+                domain="atlasflow.settings",
+                metadata={},
+            )
+        return ServerTLS(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
+
+    def client_tls(self) -> ClientTLS:
+        """TLS of this service's calls to the others (`PLAINTEXT` without ``tls_ca_file``)."""
+        if not self.tls_ca_file:
+            return PLAINTEXT
+        return ClientTLS(
+            ca_file=self.tls_ca_file,
+            cert_file=self.tls_client_cert_file or self.tls_cert_file,
+            key_file=self.tls_client_key_file or self.tls_key_file,
+        )
 
     def verifier(self) -> TokenVerifier | None:
         """The token check every RPC passes (None only with ``auth_disabled``)."""

@@ -88,7 +88,12 @@ async def build_app(
         ),
         reception,
     )
-    channel = aio_channel(settings.segmentation_target, settings.max_message_bytes, token=settings.token_source())
+    channel = aio_channel(
+        settings.segmentation_target,
+        settings.max_message_bytes,
+        token=settings.token_source(),
+        tls=settings.client_tls(),
+    )
     dispatcher = OutboxDispatcher(
         store.conn,
         store.lock,

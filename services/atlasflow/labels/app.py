@@ -53,7 +53,9 @@ async def build_app(
         if repository is not None
         else await asyncio.to_thread(open_repository, settings.database_url, settings.data_dir)
     )
-    sources = IngestSourceInstances(settings.ingest_target, settings.max_message_bytes, token=settings.token_source())
+    sources = IngestSourceInstances(
+        settings.ingest_target, settings.max_message_bytes, token=settings.token_source(), tls=settings.client_tls()
+    )
     exporter = Exporter(repo, blobs, metrics, sources=sources)
     export_root = Path(settings.export_dir).resolve() if settings.export_dir else None
     servicer = LabelServicer(repo, blobs, exporter, export_root)
@@ -63,7 +65,9 @@ async def build_app(
         return [labels_pb2.DESCRIPTOR.services_by_name["LabelService"].full_name]
 
     built = build_service_server(settings, register, metrics=metrics, tracer_provider=tracer_provider)
-    ranking_channel = aio_channel(settings.ranking_target, settings.max_message_bytes, token=settings.token_source())
+    ranking_channel = aio_channel(
+        settings.ranking_target, settings.max_message_bytes, token=settings.token_source(), tls=settings.client_tls()
+    )
     events = version_events(repo, blobs, _RankingStub(ranking_channel), metrics)
     # closed in reverse order: the ranking channel, the ingest client, then the repository
     closers: list[Closer] = [repo.close] if owned else []

@@ -21,6 +21,7 @@ from atlasflow.common.auth import TokenSource
 from atlasflow.common.clients import sync_channel
 from atlasflow.common.errors import DataLoss, NotFound, Unavailable
 from atlasflow.common.server import error_info_of
+from atlasflow.common.tls import ClientTLS
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 DOMAIN = "atlasflow.labels"
@@ -46,9 +47,11 @@ class IngestSourceInstances:
         max_message_bytes: int = 64 * 1024 * 1024,
         timeout_s: float = 300.0,
         token: TokenSource | None = None,
+        tls: ClientTLS | None = None,
     ) -> None:
         self.target = target
         self.token = token
+        self.tls = tls
         self.max_message_bytes = max_message_bytes
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
@@ -57,7 +60,7 @@ class IngestSourceInstances:
     def _stub(self) -> Any:
         with self._lock:
             if self._channel is None:
-                self._channel = sync_channel(self.target, self.max_message_bytes, token=self.token)
+                self._channel = sync_channel(self.target, self.max_message_bytes, token=self.token, tls=self.tls)
             return _IngestStub(self._channel)
 
     def close(self) -> None:

@@ -79,8 +79,9 @@ async def build_app(
             for c in configs
         }
     segmenters = dict(segmenters)
-    labels_channel = aio_channel(settings.labels_target, settings.max_message_bytes, token=settings.token_source())
-    ranking_channel = aio_channel(settings.ranking_target, settings.max_message_bytes, token=settings.token_source())
+    token, tls = settings.token_source(), settings.client_tls()
+    labels_channel = aio_channel(settings.labels_target, settings.max_message_bytes, token=token, tls=tls)
+    ranking_channel = aio_channel(settings.ranking_target, settings.max_message_bytes, token=token, tls=tls)
     dispatcher = OutboxDispatcher(
         jobs.conn,
         jobs.lock,
@@ -96,7 +97,7 @@ async def build_app(
         loop.call_soon_threadsafe(dispatcher.wake)
 
     prior = RankingPrior(
-        settings.ranking_target, settings.prior_refresh_s, settings.max_message_bytes, token=settings.token_source()
+        settings.ranking_target, settings.prior_refresh_s, settings.max_message_bytes, token=token, tls=tls
     )
     worker = Worker(
         jobs,

@@ -14,6 +14,7 @@ import grpc
 
 from atlasflow.common.auth import TokenSource
 from atlasflow.common.clients import sync_channel
+from atlasflow.common.tls import ClientTLS
 from atlasflow.method.prior import PopulationPrior
 from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
@@ -28,12 +29,19 @@ class RankingPrior:
     for at most every ``refresh_s`` seconds from the worker thread; until the first answer, and
     whenever ranking cannot be reached, the last prior known (at first the bundled one)."""
 
-    def __init__(self, target: str, refresh_s: float, max_message_bytes: int, token: TokenSource | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        refresh_s: float,
+        max_message_bytes: int,
+        token: TokenSource | None = None,
+        tls: ClientTLS | None = None,
+    ) -> None:
         self.refresh_s = refresh_s
         self.prior = PopulationPrior.load()
         self.learned_cases = 0
         self._fetched = -math.inf
-        self._channel = sync_channel(target, max_message_bytes, token=token)
+        self._channel = sync_channel(target, max_message_bytes, token=token, tls=tls)
         self._stub = _RankingStub(self._channel)
 
     def __call__(self) -> PopulationPrior:
