@@ -108,9 +108,7 @@ def stubs(dep: LocalDeployment):
     """Stubs as the stack's operator (role admin, a token of the stack's own issuer)."""
 
     def channel(service: str) -> grpc.Channel:
-        return grpc.intercept_channel(
-            grpc.insecure_channel(dep.target(service)), Bearer(dep.mint("admin", "e2e-operator"))
-        )
+        return grpc.intercept_channel(dep.bare_channel(service), Bearer(dep.mint("admin", "e2e-operator")))
 
     return (
         ingest_pb2_grpc.IngestServiceStub(channel("ingest")),
@@ -351,10 +349,10 @@ def test_bad_input_is_rejected_and_nothing_accepted_is_lost(deployment, first_ca
     info = error_info_of(err.value)
     assert info is not None and info.reason == "NOT_DICOM" and info.domain == "atlasflow.ingest"
     with pytest.raises(UploadError) as uerr:  # the client library (resumable uploads)
-        send_files([junk], deployment.target("ingest"), token=connector(deployment))
+        send_files([junk], deployment.target("ingest"), token=connector(deployment), tls=deployment.client_tls())
     assert uerr.value.reason == "NOT_DICOM"
     receipts = send_files(
-        good, deployment.target("ingest"), token=connector(deployment)
+        good, deployment.target("ingest"), token=connector(deployment), tls=deployment.client_tls()
     )  # retry: idempotent duplicates
     assert [r.duplicate for r in receipts] == [True, True]
     grpc_series = ingest.GetSeries(ingest_pb2.GetSeriesRequest(series_id=receipts[0].series_id)).series

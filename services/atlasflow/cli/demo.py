@@ -24,7 +24,6 @@ import grpc
 from atlasflow.cli.demo_series import DEFAULT_DEMO_NIFTI, write_demo_series
 from atlasflow.cli.local import LocalDeployment
 from atlasflow.common.blobstore import LocalBlobStore
-from atlasflow.common.clients import sync_channel
 from atlasflow.common.nifti import from_nifti_bytes
 from atlasflow.common.organs import ORGANS
 from atlasflow.common.v1 import common_pb2
@@ -75,11 +74,11 @@ def send_cstore(files: list[Path], port: int, ae_title: str) -> None:
 def _operator(dep: LocalDeployment, service: str) -> grpc.Channel:
     """A channel to ``service`` as the demo's operator (role admin: follows the study, starts the
     round, exports), with a token of the stack's own issuer."""
-    return sync_channel(dep.target(service), token=dep.token_source("admin", "demo-operator"))
+    return dep.channel(service, token=dep.token_source("admin", "demo-operator"))
 
 
 def _as_reviewer(dep: LocalDeployment, service: str, subject: str) -> grpc.Channel:
-    return sync_channel(dep.target(service), token=dep.token_source("reviewer", subject))
+    return dep.channel(service, token=dep.token_source("reviewer", subject))
 
 
 def wait_for_pipeline(dep: LocalDeployment, timeout_s: float = 600.0) -> tuple[str, str]:

@@ -3,7 +3,10 @@
 State lives in one directory (default `.atlasflow/`): `data/<service>/` (SQLite), `blobs/`
 (content-addressed blob store shared by the services), `logs/<process>.log` (JSON lines),
 `run/processes.json` (pids) and `run/endpoints.json` (addresses), `auth/` (the stack's own token
-issuer: `signing-key.pem` 0600, `jwks.json`, the services' token `service.token`). `up` returns when every
+issuer: `signing-key.pem` 0600, `jwks.json`, the services' token `service.token`), `tls/` (the stack's
+own CA, `atlasflow.common.tls.LocalCA`: every gRPC listener is TLS with client certificates
+required (mTLS); `run/endpoints.json` names the CA and the command line's certificate under
+"tls", and `LocalDeployment.channel` builds a ready channel from them). `up` returns when every
 process reports healthy (grpc.health.v1 SERVING; Triton model READY); `down` sends SIGTERM in
 reverse start order and waits, then SIGKILL after the grace period.
 """
@@ -25,7 +28,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from atlasflow.common.auth import LocalIssuer, TokenSource
+from atlasflow.common.clients import raw_channel, sync_channel
 from atlasflow.common.ports import free_ports
+from atlasflow.common.tls import ClientTLS, LocalCA
 
 DEFAULT_PORTS = {
     "triton_http": 8000,
@@ -127,6 +132,43 @@ class LocalDeployment:
     def token_source(self, role: str, subject: str, ttl_s: float = 3600.0) -> TokenSource:
         return TokenSource(token=self.mint(role, subject, ttl_s))
 
+    # ------------------------------------------------------------------ TLS
+    @property
+    def tls_dir(self) -> Path:
+        return self.state_dir / "tls"
+
+    def ca(self) -> LocalCA:
+        """The stack's CA (created on first use; reused, and its certificates, while valid)."""
+        return LocalCA.create_or_load(self.tls_dir)
+
+    def client_tls(self) -> ClientTLS:
+        """TLS of a client of this stack: the stack's CA and the command line's certificate
+        (``tls/cli.pem``; mTLS: the services refuse a client without one)."""
+        issued = self.ca().issue("cli", server=False)
+        return ClientTLS(ca_file=str(self.ca().ca_file), cert_file=str(issued.cert_file), key_file=str(issued.key_file))
+
+    def channel(self, service: str, token: TokenSource | None = None) -> grpc.Channel:
+        """A ready channel to ``service`` (TLS with the command line's certificate, tracing,
+        retries; ``token``: the caller's, default ``ATLASFLOW_TOKEN_FILE``)."""
+        return sync_channel(self.target(service), token=token, tls=self.client_tls())
+
+    def bare_channel(self, service: str) -> grpc.Channel:
+        """A TLS channel to ``service`` with nothing else (no token: the caller sets each
+        call's metadata)."""
+        return raw_channel(self.target(service), self.client_tls())
+
+    def _tls_env(self, name: str) -> dict[str, str]:
+        """TLS settings of a service process: its certificate (server and client use), client
+        certificates required (mTLS), the stack's CA for its own calls."""
+        issued = self.ca().issue(name)
+        ca = str(self.ca().ca_file)
+        return {
+            "TLS_CERT_FILE": str(issued.cert_file),
+            "TLS_KEY_FILE": str(issued.key_file),
+            "TLS_CLIENT_CA_FILE": ca,
+            "TLS_CA_FILE": ca,
+        }
+
     def _service_token(self) -> Path:
         """The token the services call each other with (role ``service``), minted at every start."""
         path = self.auth_dir / "service.token"
@@ -173,6 +215,8 @@ class LocalDeployment:
             "AUTH_JWKS": str(self.auth_dir / LocalIssuer.JWKS_FILE),
             "AUTH_ISSUER": self.issuer().issuer,
             "TOKEN_FILE": str(self.auth_dir / "service.token"),
+            # every gRPC listener TLS + mTLS (Triton stays plaintext on loopback: docs/security.md)
+            **(self._tls_env(name) if name != "triton" else {}),
         }
         specific: dict[str, dict[str, object]] = {
             "ingest": {
@@ -232,6 +276,7 @@ class LocalDeployment:
         self.state_dir.chmod(0o700)  # patient data, audit trail and keys below: the stack's user only
         run.mkdir(mode=0o700, parents=True, exist_ok=True)
         logs.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tls = self.client_tls()
         (run / "endpoints.json").write_text(
             json.dumps(
                 {
@@ -239,6 +284,12 @@ class LocalDeployment:
                     "ensemble": self.ensemble,
                     "quiet_period_s": self.quiet_period_s,
                     "endpoints": self.endpoints(),
+                    # what a client of this stack needs for TLS (`client_tls`)
+                    "tls": {
+                        "ca_file": tls.ca_file,
+                        "cert_file": tls.cert_file,
+                        "key_file": tls.key_file,
+                    },
                 },
                 indent=2,
             )
@@ -289,7 +340,7 @@ class LocalDeployment:
         if name == "triton":
             return self._triton_ready()
         try:
-            with grpc.insecure_channel(self.target(name)) as ch:
+            with self.bare_channel(name) as ch:
                 resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
             return resp.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from atlasflow.common.auth import ROLES
 
+#: state directory of the local stack whose TLS the client commands use (default .atlasflow)
+STATE_DIR_ENV = "ATLASFLOW_STATE_DIR"
 SERVICES = ("ingest", "segmentation", "ranking", "labels", "triton")
 # Sub-commands implemented by a library module's own `main(argv) -> int` (its argparse owns
 # the options): `atlasflow <name> ...` == `python -m <module> ...`.
@@ -56,6 +59,15 @@ def _serve(name: str) -> None:
 
         sys.argv = [sys.argv[0], *sys.argv[3:]]
         serve_triton()
+
+
+def _local_tls(state_dir: Path) -> None:
+    """Client commands (send, retrieve) reach a stack started by `atlasflow up` in
+    ``state_dir`` with its TLS (CA + the command line's certificate, from run/endpoints.json),
+    unless ATLASFLOW_TLS_CA_FILE / _CERT_FILE / _KEY_FILE name other files."""
+    from atlasflow.common.tls import install_local_stack_tls
+
+    install_local_stack_tls(state_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="file holding the bearer token (role connector or admin); default $ATLASFLOW_TOKEN_FILE",
     )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(os.environ.get(STATE_DIR_ENV, ".atlasflow")),
+        help="TLS of the stack `atlasflow up` runs there (unless $ATLASFLOW_TLS_CA_FILE/_CERT_FILE/_KEY_FILE are set)",
+    )
     for name, (_module, help_) in DELEGATED.items():
         sub.add_parser(name, help=help_, add_help=False)
     return parser
@@ -121,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in DELEGATED:
         import importlib
+
+        _local_tls(Path(os.environ.get(STATE_DIR_ENV, ".atlasflow")))
 
         module = importlib.import_module(DELEGATED[argv[0]][0])
         return int(module.main(argv[1:]) or 0)
@@ -170,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "send":
         from atlasflow.ingest.client import UploadError, send_directory
+
+        _local_tls(args.state_dir)
 
         try:
             from atlasflow.common.auth import TokenSource

@@ -3,6 +3,11 @@
 - Tracing: an OpenTelemetry TracerProvider named after the service. Spans are exported over
   OTLP/gRPC when OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set;
   otherwise they are kept local. Tests pass their own SpanExporter (e.g. InMemorySpanExporter).
+  Transport (`otlp_span_exporter`, the exporter's standard variables): an ``https://`` endpoint
+  is TLS, verified against OTEL_EXPORTER_OTLP_CERTIFICATE (a CA bundle file; the system's roots
+  without it), with OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE / OTEL_EXPORTER_OTLP_CLIENT_KEY for
+  a collector that requires client certificates; ``http://`` (or OTEL_EXPORTER_OTLP_INSECURE=true)
+  is plaintext, for a collector on the same host or pod only (docs/security.md "Transport").
 - Logging: one JSON object per line on stderr with the current trace_id and span_id, so a log
   line can be joined to its trace. Never log patient data: only atlasflow ids, counts, sizes,
   reasons.
@@ -39,12 +44,18 @@ def setup_tracing(service_name: str, exporter: SpanExporter | None = None) -> Tr
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     elif os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(), schedule_delay_millis=500))
+        provider.add_span_processor(BatchSpanProcessor(otlp_span_exporter(), schedule_delay_millis=500))
     trace.set_tracer_provider(provider)
     _configured_provider = provider
     return provider
+
+
+def otlp_span_exporter() -> SpanExporter:
+    """The OTLP/gRPC span exporter, configured by the OTEL_EXPORTER_OTLP_* variables alone
+    (endpoint, TLS: see the module docstring)."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter()
 
 
 def shutdown_tracing() -> None:

@@ -33,7 +33,7 @@ import ipaddress
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -170,6 +170,37 @@ def default_client_tls(environ: Mapping[str, str] | None = None) -> ClientTLS:
     if not (ca or cert or key):
         return PLAINTEXT
     return ClientTLS(ca_file=ca, cert_file=cert, key_file=key)
+
+
+def local_stack_tls(state_dir: Path) -> ClientTLS | None:
+    """The client TLS a stack started by `atlasflow up` in ``state_dir`` wrote to
+    ``run/endpoints.json`` ("tls": its CA, the command line's certificate); None when there is
+    no such stack."""
+    import json
+
+    try:
+        doc = json.loads((Path(state_dir) / "run" / "endpoints.json").read_text())
+    except (OSError, ValueError):
+        return None
+    tls = doc.get("tls") if isinstance(doc, dict) else None
+    if not isinstance(tls, dict) or not tls.get("ca_file"):
+        return None
+    return ClientTLS(
+        ca_file=str(tls["ca_file"]), cert_file=str(tls.get("cert_file", "")), key_file=str(tls.get("key_file", ""))
+    )
+
+
+def install_local_stack_tls(state_dir: Path, environ: MutableMapping[str, str] | None = None) -> bool:
+    """Point ``ATLASFLOW_TLS_*`` at the TLS of the stack in ``state_dir`` unless one of them is
+    already set (the command line's clients then connect to that stack with TLS); True if set."""
+    env = os.environ if environ is None else environ
+    if any(env.get(k) for k in (CA_FILE_ENV, CERT_FILE_ENV, KEY_FILE_ENV)):
+        return False
+    tls = local_stack_tls(state_dir)
+    if tls is None:
+        return False
+    env[CA_FILE_ENV], env[CERT_FILE_ENV], env[KEY_FILE_ENV] = tls.ca_file, tls.cert_file, tls.key_file
+    return True
 
 
 def fingerprint(cert_pem: bytes) -> str:

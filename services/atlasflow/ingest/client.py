@@ -33,6 +33,7 @@ import grpc
 
 from atlasflow.common.auth import TokenSource
 from atlasflow.common.clients import sync_channel
+from atlasflow.common.tls import ClientTLS
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 CHUNK_BYTES = 1 << 20
@@ -188,6 +189,7 @@ def send_files(
     stats: UploadStats | None = None,
     load: Callable[[Path], bytes] | None = None,
     token: TokenSource | None = None,
+    tls: ClientTLS | None = None,
 ) -> list[ingest_pb2.InstanceReceipt]:
     """Upload DICOM files; returns one receipt per file, in order, each instance durable.
 
@@ -197,11 +199,12 @@ def send_files(
     MISSING_UID, NOT_CT) raises `UploadError` at once. `commit`: CommitSeries each series
     afterwards. `load`: reads a file's bytes (default `Path.read_bytes`, after `derive_uids`
     when `assign_uids`). `token`: the caller's bearer token (role connector or admin); default
-    the file named by ``ATLASFLOW_TOKEN_FILE``.
+    the file named by ``ATLASFLOW_TOKEN_FILE``. `tls`: the channel's TLS; default
+    ``ATLASFLOW_TLS_*`` (`atlasflow.common.tls.default_client_tls`).
     """
     stats = stats if stats is not None else UploadStats()
     read = load or (lambda p: derive_uids(p.read_bytes()) if assign_uids else p.read_bytes())
-    with sync_channel(target, token=token) as channel:
+    with sync_channel(target, token=token, tls=tls) as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         if not resumable:
             stats.streams += 1
@@ -289,6 +292,7 @@ def send_directory(
     commit: bool = False,
     assign_uids: bool = False,
     token: TokenSource | None = None,
+    tls: ClientTLS | None = None,
 ) -> list[ingest_pb2.InstanceReceipt]:
     paths = sorted(p for p in Path(directory).rglob("*") if p.is_file())
-    return send_files(paths, target, commit=commit, assign_uids=assign_uids, token=token)
+    return send_files(paths, target, commit=commit, assign_uids=assign_uids, token=token, tls=tls)
