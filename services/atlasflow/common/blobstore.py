@@ -77,6 +77,13 @@ class LocalBlobStore:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
+        else:
+            # a put of existing content is a new use of it: the deletion sweep keeps blobs
+            # touched within its grace period (`atlasflow.ingest.deletion`)
+            try:
+                os.utime(dest)
+            except OSError:
+                pass
         return BlobInfo(digest, len(data))
 
     def get(self, digest: str) -> bytes:
@@ -98,3 +105,19 @@ class LocalBlobStore:
 
     def exists(self, digest: str) -> bool:
         return self.path(digest).exists()
+
+    def modified(self, digest: str) -> float | None:
+        """When the blob was last written or put again (seconds since the epoch); None if absent."""
+        try:
+            return self.path(digest).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def delete(self, digest: str) -> bool:
+        """Remove the blob; False when it was not there. Only the deletion sweep calls this, for
+        a blob that no row of any service references (`atlasflow.ingest.deletion`)."""
+        try:
+            self.path(digest).unlink()
+        except FileNotFoundError:
+            return False
+        return True

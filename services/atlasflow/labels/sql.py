@@ -595,3 +595,39 @@ class SqlLabelRepository:
         with self._db.read() as tx:
             row = tx.one("SELECT COUNT(*) AS n FROM version_events WHERE state = 'pending'")
         return int(row["n"]) if row else 0
+
+    # ------------------------------------------------------------------ deletion
+
+    def purge_study(self, case_id: str) -> tuple[dict[str, int], list[str]]:
+        """Delete every row of `case_id` (the study was deleted, ingest's DeleteStudy): its label
+        versions, head, version events and per-case export outcomes, in one transaction.
+        Audit records stay (append-only), and so do export jobs (their case list names the
+        case id; what they exported is not recalled). Returns (rows deleted per table, digests
+        of the blobs the deleted versions referenced: label maps and CT volumes). Idempotent."""
+        counts: dict[str, int] = {}
+        with self._db.write() as tx:
+            self._db.lock_case(tx, case_id)
+            versions = tx.all("SELECT label_map_digest, ct_digest FROM label_versions WHERE case_id = ?", (case_id,))
+            digests = {d for r in versions for d in (r["label_map_digest"], r["ct_digest"]) if d}
+            for table in ("case_heads", "version_events", "export_case_outcomes", "label_versions"):
+                row = tx.one(f"SELECT COUNT(*) AS n FROM {table} WHERE case_id = ?", (case_id,))
+                counts[table] = int(row["n"]) if row else 0
+                if counts[table]:
+                    tx.run(f"DELETE FROM {table} WHERE case_id = ?", (case_id,))
+        return counts, sorted(digests)
+
+    def referenced(self, digests: Sequence[str]) -> list[str]:
+        """Those of `digests` that a label version references (label map or CT)."""
+        wanted = sorted(set(digests))
+        found: set[str] = set()
+        with self._db.read() as tx:
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                for r in tx.all(
+                    f"SELECT label_map_digest AS d FROM label_versions WHERE label_map_digest IN ({marks})"
+                    f" UNION SELECT ct_digest AS d FROM label_versions WHERE ct_digest IN ({marks})",
+                    (*chunk, *chunk),
+                ):
+                    found.add(r["d"])
+        return sorted(found)

@@ -18,10 +18,19 @@ from typing import TypeVar, cast
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from atlasflow.common.errors import InvalidArgument
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.server import Context, principal_of
 from atlasflow.common.v1 import common_pb2
-from atlasflow.ranking.entries import AttentionPointer, OrganAttention, Round, Status, WorklistEntry, WorklistFilter
+from atlasflow.ranking.entries import (
+    DOMAIN,
+    AttentionPointer,
+    OrganAttention,
+    Round,
+    Status,
+    WorklistEntry,
+    WorklistFilter,
+)
 from atlasflow.ranking.prior import LearnedPriorCache, OrganSummary
 from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from atlasflow.ranking.worklist import SqliteWorklist
@@ -326,4 +335,17 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         rounds, token, total = await asyncio.to_thread(self.worklist.list_rounds, request.page_size, request.page_token)
         return ranking_pb2.ListRoundsResponse(
             rounds=[round_to_proto(r) for r in rounds], next_page_token=token, total_size=total
+        )
+
+    async def PurgeStudy(
+        self, request: ranking_pb2.PurgeStudyRequest, context: Context
+    ) -> ranking_pb2.PurgeStudyResponse:
+        if not request.case_id:
+            raise InvalidArgument(
+                "INVALID_REQUEST", "case_id is required", domain=DOMAIN, metadata={"field": "case_id"}
+            )
+        counts, released = await self._call(self.worklist.purge_study, request.case_id)
+        referenced = await asyncio.to_thread(self.worklist.referenced, list(request.check_digests))
+        return ranking_pb2.PurgeStudyResponse(
+            deleted_rows=counts, released_digests=released, referenced_digests=referenced
         )

@@ -217,3 +217,34 @@ class SqliteWorklist(Leases, Rounds, LabelVersions):
         counts = {s: 0 for s in Status}
         counts.update({Status(int(r["s"])): int(r["n"]) for r in rows})
         return counts
+
+    def purge_study(self, case_id: str) -> tuple[dict[str, int], Sequence[str]]:
+        """Delete every row of `case_id` (the study was deleted, ingest's DeleteStudy): its
+        worklist entry (lease and review included), submissions, round memberships and recorded
+        label version, in one transaction; rounds keep their counts. Returns (rows deleted per
+        table, the heatmap digests the deleted entry referenced). Idempotent."""
+        with self._lock, sq.transaction(self._conn):
+            digests = [
+                r["heatmap_digest"]
+                for r in self._conn.execute("SELECT heatmap_digest FROM worklist WHERE case_id = ?", (case_id,))
+                if r["heatmap_digest"]
+            ]
+            counts = {
+                table: self._conn.execute(f"DELETE FROM {table} WHERE case_id = ?", (case_id,)).rowcount
+                for table in ("round_cases", "worklist_submissions", "case_labels", "worklist")
+            }
+        return counts, sorted(set(digests))
+
+    def referenced(self, digests: Sequence[str]) -> Sequence[str]:
+        """Those of `digests` that a worklist entry references (its heatmap)."""
+        wanted = sorted(set(digests))
+        found: set[str] = set()
+        with self._lock:
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i : i + 500]
+                rows = self._conn.execute(
+                    f"SELECT DISTINCT heatmap_digest FROM worklist WHERE heatmap_digest IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+                found.update(r[0] for r in rows)
+        return sorted(found)

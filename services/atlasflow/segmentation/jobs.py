@@ -277,7 +277,9 @@ class JobStore:
         now = time.time()
         with self.lock, db.transaction(self.conn):
             r = self.conn.execute("SELECT cancel_requested FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-            if r is not None and r["cancel_requested"]:
+            if r is None:  # purged (its study was deleted) while it ran: nothing is handed off
+                return False
+            if r["cancel_requested"]:
                 self.conn.execute(
                     "UPDATE jobs SET state = 'CANCELLED', update_time = ? WHERE job_id = ?", (now, job_id)
                 )
@@ -294,6 +296,48 @@ class JobStore:
                     enqueue(self.conn, topic, key, payload, traceparent)
         self._changed(job_id)
         return not cancelled
+
+    def purge_study(self, case_id: str) -> tuple[dict[str, int], Sequence[str]]:
+        """Delete every job of `case_id` and their hand-offs still in the outbox (the study was
+        deleted, `atlasflow.ingest.deletion`); a job running meanwhile hands nothing off
+        (`succeed`). Returns (rows deleted per table, digests of the blobs the deleted jobs
+        referenced: volume, label map, heatmap). Idempotent."""
+        with self.lock, db.transaction(self.conn):
+            rows = self.conn.execute(
+                "SELECT job_id, volume_digest, result_json FROM jobs WHERE case_id = ?", (case_id,)
+            ).fetchall()
+            digests: set[str] = set()
+            outbox = 0
+            for r in rows:
+                digests.add(r["volume_digest"])
+                result = json.loads(r["result_json"]) if r["result_json"] else {}
+                digests.update(d for d in (result.get("label_map"), result.get("heatmap")) if d)
+                outbox += self.conn.execute(
+                    "DELETE FROM outbox WHERE dedupe_key IN (?, ?)", (f"{r['job_id']}:labels", f"{r['job_id']}:ranking")
+                ).rowcount
+            jobs = self.conn.execute("DELETE FROM jobs WHERE case_id = ?", (case_id,)).rowcount
+        for r in rows:
+            self._changed(r["job_id"])
+        return {"jobs": jobs, "outbox": outbox}, sorted(d for d in digests if d)
+
+    def referenced(self, digests: Sequence[str]) -> Sequence[str]:
+        """Those of `digests` that a job (its volume or its result's label map or heatmap) references."""
+        wanted = sorted(set(digests))
+        found: set[str] = set()
+        with self.lock:
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                for r in self.conn.execute(
+                    f"SELECT volume_digest AS d FROM jobs WHERE volume_digest IN ({marks})"
+                    f" UNION SELECT json_extract(result_json, '$.label_map') FROM jobs WHERE result_json != ''"
+                    f" AND json_extract(result_json, '$.label_map') IN ({marks})"
+                    f" UNION SELECT json_extract(result_json, '$.heatmap') FROM jobs WHERE result_json != ''"
+                    f" AND json_extract(result_json, '$.heatmap') IN ({marks})",
+                    (*chunk, *chunk, *chunk),
+                ):
+                    found.add(r[0])
+        return sorted(found)
 
     def queued_count(self) -> int:
         with self.lock:

@@ -198,3 +198,16 @@ class SegmentationServicer(segmentation_pb2_grpc.SegmentationServiceServicer):
     ) -> segmentation_pb2.CancelSegmentationJobResponse:
         job = await asyncio.to_thread(self.jobs.cancel, request.job_id)
         return segmentation_pb2.CancelSegmentationJobResponse(job=job_to_proto(job))
+
+    async def PurgeStudy(
+        self, request: segmentation_pb2.PurgeStudyRequest, context: Context
+    ) -> segmentation_pb2.PurgeStudyResponse:
+        if not request.case_id:
+            raise InvalidArgument(
+                "INVALID_REQUEST", "case_id is required", domain=DOMAIN, metadata={"field": "case_id"}
+            )
+        counts, released = await asyncio.to_thread(self.jobs.purge_study, request.case_id)
+        referenced = await asyncio.to_thread(self.jobs.referenced, list(request.check_digests))
+        return segmentation_pb2.PurgeStudyResponse(
+            deleted_rows=counts, released_digests=released, referenced_digests=referenced
+        )
