@@ -195,26 +195,29 @@ ConfigMap (envFrom).
 {{- end -}}
 
 {{/*
-gRPC probes (grpc.health.v1, overall server health) of an atlasflow service.
+gRPC probes (grpc.health.v1, overall server health) of an atlasflow service (on tls.healthPort
+when tls.enabled).
   (dict "ctx" $ "port" 50051)
 */}}
 {{- define "atlasflow.grpcProbes" -}}
 {{- $p := .ctx.Values.probes -}}
+{{- /* with TLS, the plaintext health-only port: the kubelet's gRPC probe speaks no TLS */ -}}
+{{- $port := ternary .ctx.Values.tls.healthPort .port .ctx.Values.tls.enabled -}}
 startupProbe:
   grpc:
-    port: {{ .port }}
+    port: {{ $port }}
   periodSeconds: {{ $p.startup.periodSeconds }}
   timeoutSeconds: {{ $p.startup.timeoutSeconds }}
   failureThreshold: {{ $p.startup.failureThreshold }}
 readinessProbe:
   grpc:
-    port: {{ .port }}
+    port: {{ $port }}
   periodSeconds: {{ $p.readiness.periodSeconds }}
   timeoutSeconds: {{ $p.readiness.timeoutSeconds }}
   failureThreshold: {{ $p.readiness.failureThreshold }}
 livenessProbe:
   grpc:
-    port: {{ .port }}
+    port: {{ $port }}
   periodSeconds: {{ $p.liveness.periodSeconds }}
   timeoutSeconds: {{ $p.liveness.timeoutSeconds }}
   failureThreshold: {{ $p.liveness.failureThreshold }}
@@ -390,4 +393,111 @@ kubelet then updates the file when the Secret changes). */}}
     items:
       - key: {{ $t.key | quote }}
         path: {{ $t.key | quote }}
+{{- end -}}
+
+{{/*
+TLS of the atlasflow gRPC listeners and of their calls to each other (docs/security.md,
+"Transport"). The Secret of a component: tls.secrets.<component>, else tls.existingSecret, else
+(tls.certManager.enabled) <fullname>-<component>-tls written by cert-manager. Keys: tls.crt,
+tls.key, ca.crt (the kubernetes.io/tls layout cert-manager writes).
+  (dict "ctx" $ "component" "ingest")
+*/}}
+{{- define "atlasflow.tlsSecretName" -}}
+{{- $t := .ctx.Values.tls -}}
+{{- $own := index ($t.secrets | default dict) .component | default "" -}}
+{{- if $own -}}
+{{- $own -}}
+{{- else if $t.existingSecret -}}
+{{- $t.existingSecret -}}
+{{- else if $t.certManager.enabled -}}
+{{- printf "%s-tls" (include "atlasflow.componentName" .) -}}
+{{- else -}}
+{{- fail (printf "tls.enabled needs the certificate of %s: tls.secrets.%s, tls.existingSecret or tls.certManager.enabled (docs/security.md)" .component .component) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Directory where a component's TLS Secret is mounted (a directory: the kubelet updates
+the files when the Secret is renewed, and the service serves the new certificate). */}}
+{{- define "atlasflow.tlsDir" -}}
+/var/run/secrets/atlasflow/tls
+{{- end -}}
+
+{{/* TLS settings of an atlasflow service (tls.enabled) and the OTLP CA (otel.caSecret.name). */}}
+{{- define "atlasflow.tlsEnv" -}}
+{{- if .ctx.Values.tls.enabled -}}
+{{- $p := printf "ATLASFLOW_%s_" (upper .component) -}}
+{{- $d := include "atlasflow.tlsDir" .ctx -}}
+# TLS on the gRPC listener, re-read when the mounted Secret changes
+- name: {{ $p }}TLS_CERT_FILE
+  value: {{ printf "%s/tls.crt" $d | quote }}
+- name: {{ $p }}TLS_KEY_FILE
+  value: {{ printf "%s/tls.key" $d | quote }}
+{{- if .ctx.Values.tls.mutual }}
+# mutual TLS: clients need a certificate of this CA
+- name: {{ $p }}TLS_CLIENT_CA_FILE
+  value: {{ printf "%s/ca.crt" $d | quote }}
+{{- end }}
+# calls to the other services: TLS, verified against this CA, with this certificate
+- name: {{ $p }}TLS_CA_FILE
+  value: {{ printf "%s/ca.crt" $d | quote }}
+# the kubelet's gRPC probes cannot speak TLS: grpc.health.v1 alone, plaintext, on this port
+- name: {{ $p }}HEALTH_PORT
+  value: {{ .ctx.Values.tls.healthPort | quote }}
+{{- end }}
+{{- with .ctx.Values.otel.caSecret.name }}
+# OTLP over TLS: the collector's certificate is verified against this CA bundle
+- name: OTEL_EXPORTER_OTLP_CERTIFICATE
+  value: {{ printf "/var/run/secrets/atlasflow/otel-ca/%s" $.ctx.Values.otel.caSecret.key | quote }}
+{{- end -}}
+{{- end -}}
+
+{{/* containerPort of the plaintext health-only listener (tls.enabled only). */}}
+{{- define "atlasflow.tlsHealthPort" -}}
+{{- if .Values.tls.enabled -}}
+- name: health
+  containerPort: {{ .Values.tls.healthPort }}
+  protocol: TCP
+{{- end -}}
+{{- end -}}
+
+{{/* volumeMounts of a component's TLS Secret (tls.enabled) and of the OTLP CA (otel.caSecret.name). */}}
+{{- define "atlasflow.tlsMount" -}}
+{{- if .Values.tls.enabled -}}
+- name: tls
+  mountPath: {{ include "atlasflow.tlsDir" . }}
+  readOnly: true
+{{- end }}
+{{- if .Values.otel.caSecret.name }}
+- name: otel-ca
+  mountPath: /var/run/secrets/atlasflow/otel-ca
+  readOnly: true
+{{- end -}}
+{{- end -}}
+
+{{/* Pod volumes of a component's TLS Secret (tls.enabled) and of the OTLP CA (otel.caSecret.name). */}}
+{{- define "atlasflow.tlsVolume" -}}
+{{- if .ctx.Values.tls.enabled -}}
+- name: tls
+  secret:
+    secretName: {{ include "atlasflow.tlsSecretName" . | quote }}
+    defaultMode: 0440
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+      - key: ca.crt
+        path: ca.crt
+{{- end }}
+{{- with .ctx.Values.otel.caSecret }}
+{{- if .name }}
+- name: otel-ca
+  secret:
+    secretName: {{ .name | quote }}
+    defaultMode: 0444
+    items:
+      - key: {{ .key | quote }}
+        path: {{ .key | quote }}
+{{- end }}
+{{- end -}}
 {{- end -}}
