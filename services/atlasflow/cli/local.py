@@ -17,10 +17,12 @@ import json
 import os
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import sysconfig
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from atlasflow.common.auth import LocalIssuer, TokenSource
 from atlasflow.common.clients import raw_channel, sync_channel
 from atlasflow.common.ports import free_ports
+from atlasflow.common.users import USERS_FILE, create_demo_users
 from atlasflow.common.tls import ClientTLS, LocalCA
 
 DEFAULT_PORTS = {
@@ -45,10 +48,11 @@ DEFAULT_PORTS = {
     "segmentation_metrics": 9102,
     "ranking_metrics": 9103,
     "labels_metrics": 9104,
+    "gateway": 8443,
 }
 # gRPC metadata key of PyTriton's access token (`pytriton.client.auth.create_auth_headers`).
 TRITON_TOKEN_HEADER = "triton-grpc-protocol-triton-access-token"
-START_ORDER = ["triton", "labels", "ranking", "segmentation", "ingest"]
+START_ORDER = ["triton", "labels", "ranking", "segmentation", "ingest", "gateway"]
 DEFAULT_ACCEPTED_AETS = ("STORESCU", "ATLASDEMO")
 # Lifetime of the services' own token: re-minted at every `atlasflow up`.
 SERVICE_TOKEN_TTL_S = 30 * 86400.0
@@ -195,7 +199,13 @@ class LocalDeployment:
             "labels_grpc": self.target("labels"),
             "triton_grpc": self.target("triton_grpc"),
             "triton_http": self.target("triton_http"),
+            # the web gateway: review API (/api/v1), DICOMweb (/dicomweb), login (/login)
+            "gateway_http": self.gateway_url(),
         }
+
+    def gateway_url(self) -> str:
+        """Base URL of the web gateway (https with the stack's CA; docs/gateway.md)."""
+        return f"https://127.0.0.1:{self.ports.get('gateway', DEFAULT_PORTS['gateway'])}"
 
     # ------------------------------------------------------------------ processes
     def _env(self, name: str) -> dict[str, str]:
@@ -226,6 +236,9 @@ class LocalDeployment:
                 "QUIET_PERIOD_S": self.quiet_period_s,
                 "ACCEPTED_CALLING_AETS": ",".join(self.accepted_aets),
                 "SEGMENTATION_TARGET": self.target("segmentation"),
+                # DeleteStudy's PurgeStudy hand-offs
+                "LABELS_TARGET": self.target("labels"),
+                "RANKING_TARGET": self.target("ranking"),
             },
             "segmentation": {
                 "GRPC_PORT": p["segmentation"],
@@ -244,6 +257,18 @@ class LocalDeployment:
                 "RANKING_TARGET": self.target("ranking"),
                 # an export writes nowhere else (an admin's destination_uri included)
                 "EXPORT_DIR": str(self.export_root or self.state_dir / "exports"),
+            },
+            "gateway": {
+                "HTTP_PORT": self.ports.get("gateway", DEFAULT_PORTS["gateway"]),
+                "INGEST_TARGET": self.target("ingest"),
+                "SEGMENTATION_TARGET": self.target("segmentation"),
+                "RANKING_TARGET": self.target("ranking"),
+                "LABELS_TARGET": self.target("labels"),
+                # login of the demo users: sessions are tokens of this stack's issuer
+                "LOCAL_ISSUER_DIR": str(self.auth_dir),
+                "USERS_FILE": str(self.auth_dir / USERS_FILE),
+                # the gateway calls as the logged-in user, never with the services' token
+                "TOKEN_FILE": "",
             },
         }
         if name in specific:
@@ -295,6 +320,7 @@ class LocalDeployment:
             )
         )
         self._service_token()
+        create_demo_users(self.auth_dir)  # the gateway's demo logins (auth/demo-passwords.txt, 0600)
         token_file = run / "triton.token"
         token_file.touch(mode=0o600)
         token_file.write_text(self.triton_token)
@@ -339,11 +365,21 @@ class LocalDeployment:
     def healthy(self, name: str) -> bool:
         if name == "triton":
             return self._triton_ready()
+        if name == "gateway":
+            return self._gateway_ready()
         try:
             with self.bare_channel(name) as ch:
                 resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
             return resp.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:
+            return False
+
+    def _gateway_ready(self) -> bool:
+        try:
+            ctx = ssl.create_default_context(cafile=str(self.ca().ca_file))
+            with urllib.request.urlopen(self.gateway_url() + "/healthz", timeout=1.0, context=ctx) as resp:  # noqa: S310 - our own https URL
+                return bool(resp.status == 200)
+        except OSError:
             return False
 
     def _triton_ready(self) -> bool:

@@ -39,6 +39,7 @@ _INGEST = "atlasflow.ingest.v1.IngestService"
 _SEG = "atlasflow.segmentation.v1.SegmentationService"
 _LABELS = "atlasflow.labels.v1.LabelService"
 _RANK = "atlasflow.ranking.v1.RankingService"
+_AUDIT = "atlasflow.common.v1.AuditService"
 
 #: ``/<package>.<Service>/<Method>`` -> the roles allowed to call it.
 POLICY: Mapping[str, frozenset[str]] = {
@@ -50,12 +51,16 @@ POLICY: Mapping[str, frozenset[str]] = {
     f"/{_INGEST}/ListSeries": _FOLLOW,
     # full DICOM headers (patient data): the labels service building a SEG, or an admin
     f"/{_INGEST}/StreamSeriesInstances": _SERVICE | _ADMIN,
+    # deletion of a whole study (docs/security.md "Deletion"); PurgeStudy are its hand-offs
+    f"/{_INGEST}/DeleteStudy": _ADMIN,
+    f"/{_INGEST}/GetDeletion": _ADMIN,
     # segmentation
     f"/{_SEG}/SegmentSeries": _SERVICE | _ADMIN,
     f"/{_SEG}/GetSegmentationJob": _FOLLOW,
     f"/{_SEG}/ListSegmentationJobs": _FOLLOW,
     f"/{_SEG}/WaitSegmentationJob": _FOLLOW,
     f"/{_SEG}/CancelSegmentationJob": _ADMIN,
+    f"/{_SEG}/PurgeStudy": _SERVICE,
     # labels
     f"/{_LABELS}/CreateLabelVersion": _SERVICE | _ADMIN,
     f"/{_LABELS}/GetLabelVersion": _READ,
@@ -64,10 +69,12 @@ POLICY: Mapping[str, frozenset[str]] = {
     f"/{_LABELS}/ExportDataset": _ADMIN,
     f"/{_LABELS}/GetExportJob": _ADMIN,
     f"/{_LABELS}/ListAuditRecords": _ADMIN,
+    f"/{_LABELS}/PurgeStudy": _SERVICE,
     # ranking
     f"/{_RANK}/SubmitAttention": _SERVICE,
     f"/{_RANK}/RecordLabelVersion": _SERVICE,
     f"/{_RANK}/GetPopulationPrior": _SERVICE | _ADMIN,
+    f"/{_RANK}/PurgeStudy": _SERVICE,
     f"/{_RANK}/ListWorklist": _WORK | _ADMIN,
     f"/{_RANK}/GetWorklistItem": _WORK | _ADMIN,
     f"/{_RANK}/LeaseCase": _WORK,
@@ -78,6 +85,9 @@ POLICY: Mapping[str, frozenset[str]] = {
     f"/{_RANK}/StartRound": _ADMIN,
     f"/{_RANK}/GetRound": _WORK | _ADMIN,
     f"/{_RANK}/ListRounds": _WORK | _ADMIN,
+    # the audit log every service serves on its own records (atlasflow.common.audit)
+    f"/{_AUDIT}/ListAuditRecords": _ADMIN,
+    f"/{_AUDIT}/ExportAuditRecords": _ADMIN,
 }
 
 

@@ -10,7 +10,7 @@ segmentation channel and the store. C-STORE and the gRPC upload share one `Recep
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from atlasflow.common.clients import aio_channel
 from atlasflow.common.disk import DiskFloor
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.outbox import OutboxDispatcher
+from atlasflow.ingest.deletion import PURGE_TOPIC, SWEEP_TOPIC, Deletions, PurgeResult, purge_handler, sweep_handler
 from atlasflow.ingest.reception import Reception
 from atlasflow.ingest.scp import ScpConfig, StoreScp
 from atlasflow.ingest.servicer import IngestServicer
@@ -30,13 +31,37 @@ from atlasflow.ingest.settings import PREFIX, IngestSettings
 from atlasflow.ingest.store import IngestStore
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from atlasflow.ingest.worker import SEGMENT_TOPIC, Assembler, segmentation_handoff
-from atlasflow.segmentation.v1 import segmentation_pb2_grpc
+from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
+from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 
 # The generated gRPC modules carry no annotations: their stub and registration, typed here.
 _SegmentationStub: Callable[[grpc.aio.Channel], segmentation_pb2_grpc.SegmentationServiceStub] = (
     segmentation_pb2_grpc.SegmentationServiceStub
 )
+_LabelStub: Callable[[grpc.aio.Channel], labels_pb2_grpc.LabelServiceStub] = labels_pb2_grpc.LabelServiceStub
+_RankingStub: Callable[[grpc.aio.Channel], ranking_pb2_grpc.RankingServiceStub] = ranking_pb2_grpc.RankingServiceStub
 _add_servicer: Callable[[IngestServicer, grpc.aio.Server], None] = ingest_pb2_grpc.add_IngestServiceServicer_to_server
+
+
+def purge_client(
+    segmentation: segmentation_pb2_grpc.SegmentationServiceStub,
+    labels: labels_pb2_grpc.LabelServiceStub,
+    ranking: ranking_pb2_grpc.RankingServiceStub,
+) -> Callable[[str, str, list[str]], Awaitable[PurgeResult]]:
+    """PurgeStudy on one of the other services, for the deletion's hand-offs."""
+    calls: dict[str, tuple[Any, Any]] = {
+        "segmentation": (segmentation.PurgeStudy, segmentation_pb2.PurgeStudyRequest),
+        "labels": (labels.PurgeStudy, labels_pb2.PurgeStudyRequest),
+        "ranking": (ranking.PurgeStudy, ranking_pb2.PurgeStudyRequest),
+    }
+
+    async def purge(service: str, case_id: str, check: list[str]) -> PurgeResult:
+        rpc, request = calls[service]
+        answer = await rpc(request(case_id=case_id, check_digests=check), timeout=60)
+        return PurgeResult(dict(answer.deleted_rows), list(answer.released_digests), list(answer.referenced_digests))
+
+    return purge
 
 
 @dataclass
@@ -51,6 +76,8 @@ class ScpPart:
     async def start(self) -> None:
         self.scp.start()
         self.ready_fields["dicom_port"] = self.scp.port
+        if self.scp.tls_port:
+            self.ready_fields["dicom_tls_port"] = self.scp.tls_port
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.scp.stop)  # joins the association threads
@@ -65,29 +92,18 @@ async def build_app(
     """The ingest service (built, not started); port 0 picks a free port (gRPC and DICOM).
 
     Opening the store replays the spool left by a previous process (start-up recovery) and
-    purges resumable uploads older than ``upload_ttl_s``."""
+    purges resumable uploads older than ``upload_ttl_s`` (again every hour) and the upload spool
+    files of the previous process."""
     metrics = metrics or Metrics("ingest")
     blobs = LocalBlobStore(settings.blob_dir)
     store = await asyncio.to_thread(
         IngestStore, Path(settings.data_dir), blobs, spool_segment_bytes=settings.spool_segment_mb * 1024 * 1024
     )
-    await asyncio.to_thread(store.uploads.purge, settings.upload_ttl_s)
+    await asyncio.to_thread(store.uploads.purge, settings.upload_ttl_s, at_start=True)
     floor = DiskFloor([settings.data_dir, settings.blob_dir], settings.min_free_disk_mb * 1024 * 1024)
     reception = Reception(store, metrics, disk_floor=floor)
-    assembler = Assembler(store, blobs, metrics, settings.quiet_period_s)
-    scp = StoreScp(
-        ScpConfig(
-            settings.dicom_host,
-            settings.dicom_port,
-            settings.ae_title,
-            settings.accepted_calling_aets,
-            settings.max_pdu,
-            settings.max_associations,
-            acse_timeout_s=settings.acse_timeout_s,
-            check_called_aet=settings.check_called_aet,
-        ),
-        reception,
-    )
+    assembler = Assembler(store, blobs, metrics, settings.quiet_period_s, max_attempts=settings.max_assembly_attempts)
+    scp = StoreScp(ScpConfig.from_settings(settings), reception)
     channel = aio_channel(
         settings.segmentation_target,
         settings.max_message_bytes,
@@ -106,7 +122,30 @@ async def build_app(
         loop.call_soon_threadsafe(dispatcher.wake)
 
     assembler.on_assembled = wake_dispatcher
-    servicer = IngestServicer(store, reception, assembler)
+    servicer = IngestServicer(store, reception, assembler, max_instance_bytes=settings.max_instance_mb * 1024 * 1024)
+
+    # DeleteStudy (`atlasflow.ingest.deletion`): its PurgeStudy hand-offs ride the same outbox
+    deletions = await asyncio.to_thread(
+        Deletions,
+        store,
+        blobs,
+        refuse_days=settings.deleted_study_refuse_days,
+        grace_s=settings.deletion_blob_grace_s,
+    )
+    peer_channels = [
+        aio_channel(target, settings.max_message_bytes, token=settings.token_source(), tls=settings.client_tls())
+        for target in (settings.labels_target, settings.ranking_target)
+    ]
+    purge = purge_client(_SegmentationStub(channel), _LabelStub(peer_channels[0]), _RankingStub(peer_channels[1]))
+    dispatcher.handlers[PURGE_TOPIC] = purge_handler(deletions, purge)
+    dispatcher.handlers[SWEEP_TOPIC] = sweep_handler(deletions, purge)
+    servicer.deletions = deletions
+    servicer.wake_outbox = dispatcher.wake
+
+    async def purge_uploads() -> None:  # abandoned resumable uploads and spool files, hourly
+        while True:
+            await asyncio.sleep(min(3600.0, settings.upload_ttl_s))
+            await asyncio.to_thread(store.uploads.purge, settings.upload_ttl_s)
 
     def register(server: grpc.aio.Server) -> list[str]:
         _add_servicer(servicer, server)
@@ -121,8 +160,10 @@ async def build_app(
             ScpPart(scp, ready_fields),
             TaskLoop("assembler", assembler.run),
             TaskLoop("outbox", dispatcher.run),
+            TaskLoop("upload-purge", purge_uploads),
         ],
-        closers=[store.close, channel.close],  # reverse order: the channel, then the store
+        # reverse order: the channels, then the store
+        closers=[store.close, channel.close, *(c.close for c in peer_channels)],
         parts={"store": store, "reception": reception, "scp": scp, "assembler": assembler, "servicer": servicer},
         ready_fields=ready_fields,
         metrics=metrics,

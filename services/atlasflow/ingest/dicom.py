@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import io
 import math
+import mmap
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +84,8 @@ DICOM_STATUS: dict[str, int] = {
     "MISSING_UID": 0xA901,
     # Refused: Out of Resources (0xA7xx): the disk is below the free-space floor (common.disk).
     "DISK_FULL": 0xA700,
+    # Refused: Not authorized (0124H): the study was deleted (`atlasflow.ingest.deletion`).
+    "STUDY_DELETED": 0x0124,
 }
 #: Refused: SOP Class not supported (PS3.7 Annex C, 0122H).
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
@@ -334,3 +338,60 @@ def _check_pixels(ds: Dataset, ts: str, base: dict[str, str], *, decode: bool) -
         ) from None
     if arr.size != rows * cols * frames:
         raise _err("CORRUPT_DICOM", "decoded pixel data has the wrong size", check="pixel_decode", **base)
+
+
+def parse_instance_file(path: str | os.PathLike[str]) -> tuple[Dataset, InstanceInfo]:
+    """`parse_instance` for an instance in a file (a large spooled upload), without reading
+    its large values into memory: elements over 64 KiB are deferred, and (7FE0,0010) PixelData
+    is a read-only memory map of the file (a native syntax is checked by length and shape
+    without touching its pages; a compressed one is decoded from the map). The same checks
+    and reasons as `parse_instance`. The file must not change while the dataset is in use.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(132)
+        has_preamble = len(head) >= 132 and head[128:132] == b"DICM"
+        meta_first = len(head) >= 8 and head[:2] == b"\x02\x00"
+        if not (has_preamble or meta_first):
+            raise _err("NOT_DICOM", "not a DICOM Part-10 stream (no 'DICM' prefix, no File Meta)")
+        f.seek(max(0, size - len(_SEQUENCE_DELIMITER)))
+        tail = f.read()
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+    try:
+        ds = pydicom.dcmread(path, force=not has_preamble, defer_size=64 * 1024)
+    except InvalidDicomError as exc:
+        raise _err("NOT_DICOM", f"not a DICOM Part-10 stream: {type(exc).__name__}") from None
+    except Exception as exc:  # EOFError, struct.error, ValueError...: broke off mid-element
+        raise _err("CORRUPT_DICOM", f"DICOM stream could not be parsed ({type(exc).__name__})", check="parse") from None
+    meta = getattr(ds, "file_meta", None)
+    if not has_preamble and (meta is None or "TransferSyntaxUID" not in meta):
+        raise _err("NOT_DICOM", "no DICOM File Meta information with a transfer syntax")
+    for tag in ds.keys():  # a deferred value that the file cannot hold: broke off inside it
+        elem = ds.get_item(tag, keep_deferred=True)
+        if (
+            isinstance(elem, RawDataElement)
+            and elem.value is None
+            and elem.length not in (0, 0xFFFFFFFF)
+            and elem.value_tell + elem.length > size
+        ):
+            raise _err("CORRUPT_DICOM", "DICOM stream breaks off inside an element", check="truncated")
+    if _truncated_element(ds) or _open_pixel_sequence(ds, tail):
+        raise _err("CORRUPT_DICOM", "DICOM stream breaks off inside an element", check="truncated")
+    pixels = ds.get_item(0x7FE00010, keep_deferred=True) if "PixelData" in ds else None
+    if (
+        mapped is not None
+        and isinstance(pixels, RawDataElement)
+        and pixels.value is None
+        and pixels.length != 0xFFFFFFFF
+    ):
+        view = memoryview(mapped)[pixels.value_tell : pixels.value_tell + pixels.length]
+        ds[0x7FE00010] = RawDataElement(
+            pixels.tag,
+            pixels.VR,
+            pixels.length,
+            view,  # a read-only buffer: pydicom only slices and measures it
+            pixels.value_tell,
+            pixels.is_little_endian,
+            pixels.is_implicit_VR,
+        )
+    return ds, validate_dataset(ds)

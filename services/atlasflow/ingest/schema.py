@@ -72,4 +72,34 @@ MIGRATIONS = [
     """
     CREATE INDEX series_by_volume ON series_versions(volume_digest, update_time);
     """,
+    # assemblies started per series version (`IngestStore.begin_assembly`): a version whose
+    # assembly killed the process `max_assembly_attempts` times ends FAILED, not crash-looping
+    """
+    ALTER TABLE series_versions ADD COLUMN assembly_attempts INTEGER NOT NULL DEFAULT 0;
+    """,
+    # study deletions (`atlasflow.ingest.deletion`): the operation, its steps per service, and
+    # the tombstone that refuses new instances of a deleted study for a while
+    """
+    CREATE TABLE deletions (
+        deletion_id TEXT PRIMARY KEY,
+        case_id TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        state TEXT NOT NULL,                 -- RUNNING | SUCCEEDED
+        create_time REAL NOT NULL,
+        update_time REAL NOT NULL
+    );
+    CREATE INDEX deletions_by_case ON deletions(case_id, create_time);
+    CREATE TABLE deletion_steps (
+        deletion_id TEXT NOT NULL REFERENCES deletions(deletion_id),
+        service TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        state TEXT NOT NULL,                 -- QUEUED | SUCCEEDED
+        counts_json TEXT NOT NULL DEFAULT '{}',
+        released_json TEXT NOT NULL DEFAULT '[]',
+        last_error TEXT NOT NULL DEFAULT '',
+        done_time REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (deletion_id, service)
+    );
+    """,
 ]

@@ -1,7 +1,10 @@
 """The IngestService gRPC servicer: converts requests, calls the domain, converts answers.
 
 Uploads go through `atlasflow.ingest.reception.Reception` (the same path as C-STORE); blocking
-work (SQLite, file I/O, hashing) runs in a thread, never on the event loop. The chunk framing of
+work (SQLite, file I/O, hashing) runs in a thread, never on the event loop. An instance is never
+buffered whole in memory past `atlasflow.ingest.uploads.MEMORY_MAX_BYTES`: its chunks go to a
+spool file as they arrive (`atlasflow.ingest.uploads.StreamedInstance`), and one that would
+exceed the size limit is refused (INSTANCE_TOO_LARGE) before its chunk is taken. The chunk framing of
 UploadInstances (which message ends an instance, resumable offsets) is transport and lives here.
 """
 
@@ -11,18 +14,22 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
-from atlasflow.common.errors import InvalidArgument, NotFound
+from atlasflow.common.errors import InvalidArgument, NotFound, Unavailable
+from atlasflow.common.ids import check_id
 from atlasflow.common.server import principal_of
 from atlasflow.common.v1 import common_pb2
+from atlasflow.ingest.deletion import Deletion, Deletions
 from atlasflow.ingest.headers import dicom_header_bytes
+from atlasflow.ingest.identity import atlas_id
 from atlasflow.ingest.reception import Receipt, Reception
 from atlasflow.ingest.store import IngestStore, SeriesVersion, resolve_series_version
+from atlasflow.ingest.uploads import StreamedInstance, too_large
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from atlasflow.ingest.worker import Assembler
 
@@ -30,6 +37,7 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 DOMAIN = "atlasflow.ingest"
+#: default per-instance size limit (setting ``max_instance_mb``)
 MAX_INSTANCE_BYTES = 2 * 1024 * 1024 * 1024
 STREAM_CHUNK_BYTES = 1024 * 1024
 _STATE = {
@@ -94,11 +102,24 @@ def receipt_to_proto(receipt: Receipt) -> ingest_pb2.InstanceReceipt:
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
-    def __init__(self, store: IngestStore, reception: Reception, assembler: Assembler) -> None:
+    #: DeleteStudy / GetDeletion (`atlasflow.ingest.deletion`), set by `atlasflow.ingest.app`;
+    #: `wake_outbox` hurries the hand-offs a new deletion queued
+    deletions: Deletions | None = None
+    wake_outbox: Callable[[], None] = staticmethod(lambda: None)
+
+    def __init__(
+        self,
+        store: IngestStore,
+        reception: Reception,
+        assembler: Assembler,
+        *,
+        max_instance_bytes: int = MAX_INSTANCE_BYTES,
+    ) -> None:
         self.store = store
         self.reception = reception
         self.uploads = reception.uploads
         self.assembler = assembler
+        self.max_instance_bytes = max_instance_bytes
 
     async def UploadInstances(
         self, request_iterator: AsyncIterator[ingest_pb2.UploadInstancesRequest], context: grpc.aio.ServicerContext
@@ -106,61 +127,60 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         receipts: list[ingest_pb2.InstanceReceipt] = []
         current_ref: str | None = None
         current_upload = ""
-        buf = bytearray()
-        next_offset = 0
+        # a whole instance: in memory while small, else spooled to a file as it arrives
+        streamed: StreamedInstance | None = None
         owner = principal_of(context)
-        async for msg in request_iterator:
-            if current_ref is not None and (msg.client_ref != current_ref or msg.upload_id != current_upload):
-                raise InvalidArgument(
-                    "INCOMPLETE_INSTANCE",
-                    "an instance's chunks ended without last_chunk",
-                    domain=DOMAIN,
-                    metadata={"client_ref": current_ref[:200]},
-                )
-            if current_ref is None and msg.upload_id:
-                self.uploads.check_upload_id(msg.upload_id)
-            current_ref, current_upload = msg.client_ref, msg.upload_id
-            if current_upload:
-                # Resumable: each chunk is durable before the next message is read.
-                if msg.chunk or msg.offset:
-                    state = await asyncio.to_thread(
-                        self.uploads.write, upload_key(owner, current_upload), msg.offset, msg.chunk
-                    )
-                    next_offset = state.committed_offset
-                else:
-                    state = await asyncio.to_thread(self.uploads.state, upload_key(owner, current_upload))
-                    next_offset = state.committed_offset
-                if next_offset > MAX_INSTANCE_BYTES:
-                    await asyncio.to_thread(self.uploads.discard, upload_key(owner, current_upload))
+        floor = self.reception.disk_floor
+        try:
+            async for msg in request_iterator:
+                if current_ref is not None and (msg.client_ref != current_ref or msg.upload_id != current_upload):
                     raise InvalidArgument(
-                        "INSTANCE_TOO_LARGE",
-                        "instance exceeds the size limit",
+                        "INCOMPLETE_INSTANCE",
+                        "an instance's chunks ended without last_chunk",
                         domain=DOMAIN,
-                        metadata={"limit_bytes": str(MAX_INSTANCE_BYTES)},
+                        metadata={"client_ref": current_ref[:200]},
                     )
+                if current_ref is None and msg.upload_id:
+                    self.uploads.check_upload_id(msg.upload_id)
+                current_ref, current_upload = msg.client_ref, msg.upload_id
+                if current_upload:
+                    key = upload_key(owner, current_upload)
+                    # Resumable: each chunk is durable before the next message is read; one
+                    # past the size limit is refused before it is written.
+                    if msg.chunk or msg.offset:
+                        try:
+                            await asyncio.to_thread(
+                                self.uploads.write,
+                                key,
+                                msg.offset,
+                                msg.chunk,
+                                max_bytes=self.max_instance_bytes,
+                                floor=floor,
+                            )
+                        except InvalidArgument as exc:
+                            if exc.reason == "INSTANCE_TOO_LARGE":
+                                await asyncio.to_thread(self.uploads.discard, key)
+                                raise too_large(self.max_instance_bytes) from None
+                            raise
+                    if not msg.last_chunk:
+                        continue
+                    ref, current_ref = current_ref, None
+                    receipt = await asyncio.to_thread(self.reception.finish_resumable, key, ref, msg.sha256.lower())
+                    receipts.append(receipt_to_proto(dataclasses.replace(receipt, upload_id=current_upload)))
+                    continue
+                if streamed is None:
+                    streamed = self.uploads.stream(self.max_instance_bytes, floor)
+                # INSTANCE_TOO_LARGE before the chunk is taken: the stream ends, nothing more is read
+                await asyncio.to_thread(streamed.append, msg.chunk)
                 if not msg.last_chunk:
                     continue
+                done, streamed = streamed, None
                 ref, current_ref = current_ref, None
-                receipt = await asyncio.to_thread(
-                    self.reception.finish_resumable, upload_key(owner, current_upload), ref, msg.sha256.lower()
-                )
-                receipts.append(receipt_to_proto(dataclasses.replace(receipt, upload_id=current_upload)))
-                continue
-            buf += msg.chunk
-            if len(buf) > MAX_INSTANCE_BYTES:
-                raise InvalidArgument(
-                    "INSTANCE_TOO_LARGE",
-                    "instance exceeds the size limit",
-                    domain=DOMAIN,
-                    metadata={"limit_bytes": str(MAX_INSTANCE_BYTES)},
-                )
-            if not msg.last_chunk:
-                continue
-            # Hand the buffer itself to the thread (no copy on the event loop) and start a new one.
-            data, buf = buf, bytearray()
-            ref, current_ref = current_ref, None
-            receipt = await asyncio.to_thread(self.reception.receive_upload, data, ref, msg.sha256.lower())
-            receipts.append(receipt_to_proto(receipt))
+                receipt = await asyncio.to_thread(self.reception.receive_streamed, done, ref, msg.sha256.lower())
+                receipts.append(receipt_to_proto(receipt))
+        finally:
+            if streamed is not None:  # refused, cancelled or cut mid-instance: its spool file goes
+                await asyncio.to_thread(streamed.discard)
         if current_ref is not None:
             raise InvalidArgument(
                 "INCOMPLETE_INSTANCE",
@@ -252,3 +272,75 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         stored = self.store.blobs.get(digest)
         data = dicom_header_bytes(stored) if headers_only else stored
         return stored, data, hashlib.sha256(data).hexdigest()
+
+    # ----------------------------------------------------------------------------- deletion
+
+    def _deletions(self) -> Deletions:
+        if self.deletions is None:
+            raise Unavailable("DELETION_NOT_CONFIGURED", "study deletion is not configured", domain="atlasflow.ingest")
+        return self.deletions
+
+    async def DeleteStudy(
+        self, request: ingest_pb2.DeleteStudyRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.DeleteStudyResponse:
+        if bool(request.study_instance_uid) == bool(request.case_id):
+            raise InvalidArgument(
+                "INVALID_ARGUMENT",
+                "exactly one of study_instance_uid and case_id is required",
+                domain="atlasflow.ingest",
+                metadata={"field": "case_id" if request.study_instance_uid else "study_instance_uid"},
+            )
+        if request.study_instance_uid:
+            check_id("study_instance_uid", request.study_instance_uid)
+            case_id = atlas_id("case", request.study_instance_uid)
+        else:
+            case_id = request.case_id
+        deletions = self._deletions()
+        deletion, created = await asyncio.to_thread(
+            deletions.start, case_id, request.reason, principal_of(context) or "anonymous"
+        )
+        if created:
+            self.wake_outbox()
+        return ingest_pb2.DeleteStudyResponse(deletion=deletion_to_proto(deletion))
+
+    async def GetDeletion(
+        self, request: ingest_pb2.GetDeletionRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.GetDeletionResponse:
+        if not request.deletion_id:
+            raise InvalidArgument(
+                "INVALID_ARGUMENT",
+                "deletion_id is required",
+                domain="atlasflow.ingest",
+                metadata={"field": "deletion_id"},
+            )
+        deletion = await asyncio.to_thread(self._deletions().get, request.deletion_id)
+        return ingest_pb2.GetDeletionResponse(deletion=deletion_to_proto(deletion))
+
+
+_OP_STATE = {
+    "QUEUED": common_pb2.OPERATION_STATE_QUEUED,
+    "RUNNING": common_pb2.OPERATION_STATE_RUNNING,
+    "SUCCEEDED": common_pb2.OPERATION_STATE_SUCCEEDED,
+}
+
+
+def deletion_to_proto(d: Deletion) -> ingest_pb2.Deletion:
+    return ingest_pb2.Deletion(
+        deletion_id=d.deletion_id,
+        case_id=d.case_id,
+        state=_OP_STATE[d.state],
+        reason=d.reason,
+        requested_by=d.requested_by,
+        steps=[
+            ingest_pb2.DeletionStep(
+                service=s.service,
+                state=_OP_STATE[s.state],
+                counts=s.counts,
+                last_error=s.last_error,
+                done_time=_ts(s.done_time) if s.done_time else None,
+            )
+            for s in d.steps
+        ],
+        create_time=_ts(d.create_time),
+        update_time=_ts(d.update_time),
+    )

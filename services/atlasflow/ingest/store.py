@@ -27,10 +27,12 @@ spool into the blob store and replays it at start-up.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -40,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from atlasflow.common import sqlite as db
-from atlasflow.common.blobstore import BlobStore, digest_of
-from atlasflow.common.errors import InvalidArgument, NotFound
+from atlasflow.common.blobstore import BlobStore, LocalBlobStore, digest_of
+from atlasflow.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from atlasflow.common.outbox import enqueue
 from atlasflow.ingest.identity import atlas_id, content_key_of_bytes
 from atlasflow.ingest.schema import MIGRATIONS
@@ -79,6 +81,7 @@ class SeriesVersion:
     update_time: float
     duplicate_count: int = 0
     conflict_count: int = 0
+    assembly_attempts: int = 0  # assemblies started (`IngestStore.begin_assembly`)
 
 
 def _row_to_series(r: sqlite3.Row) -> SeriesVersion:
@@ -98,6 +101,7 @@ def _row_to_series(r: sqlite3.Row) -> SeriesVersion:
         r["update_time"],
         r["duplicate_count"],
         r["conflict_count"],
+        r["assembly_attempts"],
     )
 
 
@@ -131,6 +135,11 @@ class IngestStore:
         )
         #: resumable gRPC uploads (same database and lock)
         self.uploads = UploadStore(self.conn, self.lock, Path(data_dir) / "uploads")
+        #: deleted studies whose new instances are refused: case id -> (deletion id, time of
+        #: the deletion), kept by `atlasflow.ingest.deletion` (loaded at its start), refused
+        #: for `refuse_deleted_s` seconds after the deletion
+        self.tombstones: dict[str, tuple[str, float]] = {}
+        self.refuse_deleted_s = 30 * 86400.0
         self.spool_drain.recover()
 
     def close(self) -> None:
@@ -172,6 +181,79 @@ class IngestStore:
         with self.lock:
             return self._record(header, data, recovering=False, key_fn=key if callable(key) else None)
 
+    def store_instance_file(
+        self,
+        path: Path,
+        sha256: str,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        new_traceparent: str = "",
+        key: str | Callable[[], str] = "",
+    ) -> StoredInstance:
+        """`store_instance` for a large validated instance in a file whose SHA-256 (hex) is
+        `sha256`, without reading it into memory: the file is fsync'd and becomes the blob
+        (`adopt_blob`: renamed into a `LocalBlobStore` on the same file system, else copied
+        from the file), then the row is committed with synchronous=FULL (no spool record: the
+        blob is the durable copy). Durable when it returns; the file is gone. A crash between
+        the two leaves an unreferenced blob (content-addressed, harmless) and no row: the
+        instance was not acknowledged."""
+        digest = "sha256:" + sha256
+        size = path.stat().st_size
+        self.adopt_blob(path, digest)
+        header = {
+            "study_uid": study_uid,
+            "series_uid": series_uid,
+            "sop_uid": sop_uid,
+            "digest": digest,
+            "content_key": key if isinstance(key, str) else "",
+            "traceparent": new_traceparent,
+            "received_at": time.time(),
+        }
+        with self.lock:
+            return self._record(header, None, recovering=False, key_fn=key if callable(key) else None, size=size)
+
+    def adopt_blob(self, path: Path, digest: str) -> None:
+        """Make the file `path` (whose digest is `digest`) the durable blob `digest`; the file
+        is gone when it returns. Rename when the blob store is a `LocalBlobStore` on the same
+        file system (no copy), else a streamed copy (local) or `BlobStore.put` of its bytes."""
+        if not isinstance(self.blobs, LocalBlobStore):
+            self.blobs.put(path.read_bytes())
+            path.unlink()
+            return
+        dest = self.blobs.path(digest)
+        if dest.exists():
+            path.unlink()
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.rename(path, dest)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            tmp = dest.parent / f".tmp-{os.urandom(8).hex()}"
+            try:
+                with open(path, "rb") as src, open(tmp, "xb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.chmod(tmp, 0o600)
+                os.replace(tmp, dest)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            path.unlink()
+        dfd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
     def _sync_db(self) -> None:
         """Under self.lock: make every committed transaction durable (rows committed with
         synchronous=NORMAL by `_record` are in the WAL or the database file, not yet flushed)."""
@@ -197,10 +279,17 @@ class IngestStore:
         return content_key_of_bytes(data) or digest
 
     def _record(
-        self, header: dict[str, Any], data: bytes, *, recovering: bool, key_fn: Callable[[], str] | None = None
+        self,
+        header: dict[str, Any],
+        data: bytes | None,
+        *,
+        recovering: bool,
+        key_fn: Callable[[], str] | None = None,
+        size: int = 0,
     ) -> StoredInstance:
         """Under self.lock: check for a duplicate, spool the bytes (unless `recovering`:
-        replay of a spooled record, already durable), commit the row.
+        replay of a spooled record, already durable; or `data` is None: the bytes, `size` of
+        them, are already a durable blob, `store_instance_file`), commit the row.
 
         Content keys are computed only here, and only when the SOP Instance UID is already
         stored with other bytes (same bytes: a duplicate without one). A row's content_key
@@ -208,6 +297,8 @@ class IngestStore:
         """
         series_id = atlas_id("ser", header["series_uid"])
         case_id = atlas_id("case", header["study_uid"])
+        if not recovering:
+            self.check_not_deleted(case_id)
         sop_key = hashlib.sha256(header["sop_uid"].encode()).hexdigest()
         digest, now = header["digest"], float(header["received_at"])
         key = header.get("content_key") or ""
@@ -222,7 +313,11 @@ class IngestStore:
             same = existing["digest"] == digest
             if not same:
                 if not key:
-                    key = (key_fn() if key_fn is not None else "") or content_key_of_bytes(data) or digest
+                    key = (
+                        (key_fn() if key_fn is not None else "")
+                        or (content_key_of_bytes(data) if data is not None else "")
+                        or digest
+                    )
                 stored_key = existing["content_key"]
                 if not stored_key:
                     stored_key = self._stored_content_key(existing["digest"])
@@ -254,7 +349,10 @@ class IngestStore:
         ):
             return StoredInstance(series_id, case_id, cur["version"], False, True, cur["traceparent"])
         if recovering:
+            assert data is not None
             return self._commit_row(series_id, case_id, sop_key, digest, key, len(data), now, header, cur, existing)
+        if data is None:  # already a durable blob: the row commits with synchronous=FULL
+            return self._commit_row(series_id, case_id, sop_key, digest, key, size, now, header, cur, existing)
         self.spool.append(header, data)
         # The fdatasync'd spool record is the instance's redo log: recovery re-creates a row
         # that a crash lost. So the row's commit need not flush the WAL itself (one flush per
@@ -369,6 +467,46 @@ class IngestStore:
             )
             enqueue(self.conn, handoff_topic, f"{series_id}:{version}", handoff_payload, traceparent)
 
+    def begin_assembly(self, series_id: str, version: int, max_attempts: int) -> int | None:
+        """Count one more assembly of a RECEIVING version, durably (synchronous=FULL) before it
+        starts, and return the attempt's number. A process killed while assembling leaves the
+        count raised: once `max_attempts` were started and none finished, the version ends
+        FAILED ``ASSEMBLY_ABANDONED_AFTER_<n>_ATTEMPTS`` and None is returned (not assembled
+        again: a poison series does not crash-loop the service). None too when the version is
+        no longer RECEIVING."""
+        now = time.time()
+        with self.lock, db.transaction(self.conn):
+            r = self.conn.execute(
+                "SELECT assembly_attempts FROM series_versions WHERE series_id = ? AND version = ?"
+                " AND state = 'RECEIVING'",
+                (series_id, version),
+            ).fetchone()
+            if r is None:
+                return None
+            attempts = int(r["assembly_attempts"])
+            if attempts >= max_attempts:
+                self.conn.execute(
+                    "UPDATE series_versions SET state = 'FAILED', failure_reason = ?, update_time = ?"
+                    " WHERE series_id = ? AND version = ?",
+                    (abandoned_reason(attempts), now, series_id, version),
+                )
+                return None
+            self.conn.execute(
+                "UPDATE series_versions SET assembly_attempts = ? WHERE series_id = ? AND version = ?",
+                (attempts + 1, series_id, version),
+            )
+        return attempts + 1
+
+    def end_assembly_attempt(self, series_id: str, version: int) -> None:
+        """Take back the attempt counted by `begin_assembly` of an assembly that did not kill
+        the process but stopped on the service's own storage (the series is not at fault)."""
+        with self.lock, db.transaction(self.conn):
+            self.conn.execute(
+                "UPDATE series_versions SET assembly_attempts = MAX(assembly_attempts - 1, 0)"
+                " WHERE series_id = ? AND version = ? AND state = 'RECEIVING'",
+                (series_id, version),
+            )
+
     def mark_failed(self, series_id: str, version: int, reason: str) -> None:
         with self.lock, db.transaction(self.conn):
             self.conn.execute(
@@ -468,6 +606,86 @@ class IngestStore:
                     "SELECT COUNT(*) FROM series_versions WHERE state IN ('RECEIVING', 'ASSEMBLED')"
                 ).fetchone()[0]
             )
+
+    # ----------------------------------------------------------------------------- deletion
+
+    def check_not_deleted(self, case_id: str) -> None:
+        """FailedPrecondition STUDY_DELETED when `case_id`'s study was deleted less than
+        `refuse_deleted_s` ago (a tombstone; `atlasflow.ingest.deletion`)."""
+        tomb = self.tombstones.get(case_id)
+        if tomb is not None and time.time() - tomb[1] < self.refuse_deleted_s:
+            raise FailedPrecondition(
+                "STUDY_DELETED",
+                "this study was deleted; its instances are refused",
+                domain="atlasflow.ingest",
+                metadata={"case_id": case_id, "deletion_id": tomb[0]},
+            )
+
+    def purge_study(
+        self, case_id: str, in_transaction: Callable[[dict[str, int], list[str]], None] | None = None
+    ) -> tuple[dict[str, int], list[str]]:
+        """Delete every row of `case_id`'s study: instances, conflicts, series versions, their
+        segmentation hand-offs still in the outbox and the completed uploads that filed an
+        instance in them. Returns (rows deleted per table, digests of the blobs the deleted rows
+        referenced: instances, conflicts, volumes). The blobs themselves stay (the deletion's
+        sweep removes those no service references). Incomplete uploads are not tied to a study
+        yet: they expire (`upload_ttl_s`), and their instance is refused on completion while the
+        study's tombstone lasts.
+
+        The spool is drained first (no spooled record of the study is left to replay); callers
+        set the tombstone before, so that no new instance of the study is recorded meanwhile.
+        `in_transaction(counts, digests)` runs inside the deleting transaction (the deletion
+        records its operation and hand-offs there). Idempotent."""
+        self.spool_drain.drain()
+        with self.lock, db.transaction(self.conn):
+            versions = self.conn.execute(
+                "SELECT series_id, version, volume_digest FROM series_versions WHERE case_id = ?", (case_id,)
+            ).fetchall()
+            series = sorted({r["series_id"] for r in versions})
+            digests = {r["volume_digest"] for r in versions if r["volume_digest"]}
+            counts = {"instances": 0, "instance_conflicts": 0, "outbox": 0, "uploads": 0}
+            for sid in series:
+                for table in ("instances", "instance_conflicts"):
+                    digests.update(
+                        r[0] for r in self.conn.execute(f"SELECT digest FROM {table} WHERE series_id = ?", (sid,))
+                    )
+                    counts[table] += self.conn.execute(f"DELETE FROM {table} WHERE series_id = ?", (sid,)).rowcount
+                counts["uploads"] += self.conn.execute(
+                    "DELETE FROM uploads WHERE complete = 1 AND json_extract(receipt_json, '$.series_id') = ?", (sid,)
+                ).rowcount
+            for r in versions:
+                counts["outbox"] += self.conn.execute(
+                    "DELETE FROM outbox WHERE dedupe_key = ?", (f"{r['series_id']}:{r['version']}",)
+                ).rowcount
+            counts["series_versions"] = self.conn.execute(
+                "DELETE FROM series_versions WHERE case_id = ?", (case_id,)
+            ).rowcount
+            released = sorted(d for d in digests if d)
+            if in_transaction is not None:
+                in_transaction(counts, released)
+        return counts, released
+
+    def referenced(self, digests: list[str]) -> list[str]:
+        """Those of `digests` that a row of ingest references (an instance, a conflict, a volume)."""
+        wanted = sorted(set(digests))
+        found: set[str] = set()
+        with self.lock:
+            for i in range(0, len(wanted), 300):
+                chunk = wanted[i : i + 300]
+                marks = ",".join("?" * len(chunk))
+                for r in self.conn.execute(
+                    f"SELECT digest FROM instances WHERE digest IN ({marks})"
+                    f" UNION SELECT digest FROM instance_conflicts WHERE digest IN ({marks})"
+                    f" UNION SELECT volume_digest FROM series_versions WHERE volume_digest IN ({marks})",
+                    (*chunk, *chunk, *chunk),
+                ):
+                    found.add(r[0])
+        return sorted(found)
+
+
+def abandoned_reason(attempts: int) -> str:
+    """failure_reason of a version whose assembly was started `attempts` times without finishing."""
+    return f"ASSEMBLY_ABANDONED_AFTER_{attempts}_ATTEMPTS"
 
 
 def resolve_series_version(store: IngestStore, series_id: str, version: int, volume_digest: str) -> SeriesVersion:
