@@ -73,10 +73,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeployment]
         dep.stop(names=names)
 
 
-def _reflected_methods(target: str) -> list:
-    """The method descriptors of every atlasflow RPC the server at ``target`` lists through
-    reflection (their input types resolved through reflection too)."""
-    with grpc.insecure_channel(target) as channel:
+def _reflected_methods(stack: LocalDeployment, service: str) -> list:
+    """The method descriptors of every atlasflow RPC ``service`` lists through reflection
+    (their input types resolved through reflection too)."""
+    with stack.bare_channel(service) as channel:
         db = ProtoReflectionDescriptorDatabase(channel)
         pool = descriptor_pool.DescriptorPool(db)
         return [
@@ -87,11 +87,11 @@ def _reflected_methods(target: str) -> list:
         ]
 
 
-def _reflected_rpcs(target: str) -> list[tuple[str, bool, bool]]:
-    """(method path, client streaming, server streaming) of every atlasflow RPC at ``target``."""
+def _reflected_rpcs(stack: LocalDeployment, service: str) -> list[tuple[str, bool, bool]]:
+    """(method path, client streaming, server streaming) of every atlasflow RPC of ``service``."""
     return [
         (f"/{m.containing_service.full_name}/{m.name}", m.client_streaming, m.server_streaming)
-        for m in _reflected_methods(target)
+        for m in _reflected_methods(stack, service)
     ]
 
 
@@ -136,9 +136,9 @@ def test_every_rpc_refuses_wrong_or_missing_tokens_and_admits_allowed_roles(
     stranger = LocalIssuer.create_or_load(tmp_path / "stranger", issuer=stack.issuer().issuer)
     seen = set()
     for service in SERVICES:
-        rpcs = _reflected_rpcs(stack.target(service))
+        rpcs = _reflected_rpcs(stack, service)
         assert rpcs, f"{service} lists no atlasflow service through reflection"
-        with grpc.insecure_channel(stack.target(service)) as channel:
+        with stack.bare_channel(service) as channel:
             for rpc in rpcs:
                 path = rpc[0]
                 seen.add(path)
@@ -166,13 +166,41 @@ def test_health_needs_no_token(stack: LocalDeployment) -> None:
     assert all(stack.healthy(s) for s in SERVICES)
 
 
+def test_the_stack_is_tls_with_client_certificates(stack: LocalDeployment, tmp_path: Path) -> None:
+    """`atlasflow up` serves every gRPC listener over TLS and requires a client certificate of
+    its own CA (mTLS): a plaintext client, a TLS client without a certificate and one with a
+    certificate of another CA all fail before any RPC (even a health check); the stack's own
+    command-line certificate works."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from atlasflow.common.clients import raw_channel
+    from atlasflow.common.tls import PLAINTEXT, ClientTLS, LocalCA
+
+    ca = str(stack.ca().ca_file)
+    other = LocalCA.create_or_load(tmp_path / "other-ca")
+    stranger = other.issue("cli", server=False)
+    refused = {
+        "plaintext": PLAINTEXT,
+        "no certificate": ClientTLS(ca_file=ca),
+        "another CA's certificate": ClientTLS(ca, str(stranger.cert_file), str(stranger.key_file)),
+    }
+    for service in SERVICES:
+        for why, tls in refused.items():
+            with raw_channel(stack.target(service), tls) as channel, pytest.raises(grpc.RpcError) as err:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, (service, why)
+        with stack.bare_channel(service) as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_a_path_like_id_in_any_request_is_invalid_argument(stack: LocalDeployment) -> None:
     """Every ``*_id`` / ``*_ids`` field of every request, found by reflection, set to ``../x``
     (as an allowed role) answers INVALID_ARGUMENT, reason INVALID_ID, before any handler runs."""
     checked = 0
     for service in SERVICES:
-        with grpc.insecure_channel(stack.target(service)) as channel:
-            for m in _reflected_methods(stack.target(service)):
+        with stack.bare_channel(service) as channel:
+            for m in _reflected_methods(stack, service):
                 path = f"/{m.containing_service.full_name}/{m.name}"
                 role = sorted(POLICY[path])[0]
                 token = (("authorization", f"Bearer {stack.mint(role, 'test-ids')}"),)
@@ -217,7 +245,7 @@ def test_refused_before_the_request_is_read(stack: LocalDeployment) -> None:
     without a token, is refused UNAUTHENTICATED (never parsed, no internal error); two
     authorization entries are refused rather than guessed between."""
     rpc = ("/atlasflow.labels.v1.LabelService/GetLabelVersion", False, False)
-    with grpc.insecure_channel(stack.target("labels")) as channel:
+    with stack.bare_channel("labels") as channel:
         reasons: list = []
         assert _call(channel, rpc, (), b"\xff\xff\xff not protobuf", reasons) == grpc.StatusCode.UNAUTHENTICATED
         assert reasons == ["MISSING_TOKEN"]
@@ -231,12 +259,9 @@ def test_refused_before_the_request_is_read(stack: LocalDeployment) -> None:
 def test_an_admin_export_cannot_leave_the_export_root(stack: LocalDeployment, tmp_path: Path) -> None:
     """`atlasflow up` confines exports to <state>/exports: a destination elsewhere, even an
     admin's, is refused before anything is written."""
-    from atlasflow.common.clients import sync_channel
     from atlasflow.labels.v1 import labels_pb2_grpc
 
-    labels = labels_pb2_grpc.LabelServiceStub(
-        sync_channel(stack.target("labels"), token=stack.token_source("admin", "test-admin"))
-    )
+    labels = labels_pb2_grpc.LabelServiceStub(stack.channel("labels", token=stack.token_source("admin", "test-admin")))
     outside = tmp_path / "elsewhere"
     # the second climbs out of the root with a percent-encoded "..": decoded, then resolved
     for uri in (outside.as_uri(), f"file://{stack.state_dir}/exports/%2e%2e/run"):
