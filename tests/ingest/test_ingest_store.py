@@ -137,7 +137,7 @@ def test_volume_look_up_uses_its_index(tmp_path):
     s = IngestStore(tmp_path / "data", LocalBlobStore(tmp_path / "blobs"), spool_segment_bytes=SEG)
     try:
         versions = [r[0] for r in s.conn.execute("SELECT version FROM schema_migrations")]
-        assert versions == [1, 2, 3, 4, 5, 6]
+        assert versions == list(range(1, len(MIGRATIONS) + 1))  # 6 and every later one
         seen: list[str] = []
         s.conn.set_trace_callback(seen.append)  # the statements the look-up runs
         with pytest.raises(NotFound):

@@ -20,18 +20,20 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from pydicom.dataset import Dataset
 
 from atlasflow.common.disk import DiskFloor
-from atlasflow.common.errors import AtlasflowError, InvalidArgument
+from atlasflow.common.errors import Aborted, AtlasflowError, InvalidArgument
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.telemetry import context_from_traceparent, current_traceparent
-from atlasflow.ingest.dicom import parse_instance
+from atlasflow.ingest.dicom import InstanceInfo, parse_instance, parse_instance_file
 from atlasflow.ingest.identity import content_key
 from atlasflow.ingest.store import IngestStore, StoredInstance
-from atlasflow.ingest.uploads import UploadStore, public_upload_id
+from atlasflow.ingest.uploads import MEMORY_MAX_BYTES, StreamedInstance, UploadStore, public_upload_id, sha256_of_file
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -93,12 +95,55 @@ class Reception:
 
         Raises the check's `AtlasflowError` for a rejected instance, ResourceExhausted
         DISK_FULL below the free-disk floor, `OSError` when it could not be written."""
+        ds, info = self._validated(lambda: parse_instance(data), len(data), source)
+        return self._persist(
+            lambda tp: self.store.store_instance(
+                data,
+                info.study_uid,
+                info.series_uid,
+                info.sop_instance_uid,
+                new_traceparent=tp,
+                key=lambda: content_key(ds),  # only for a re-sent SOP Instance UID
+            ),
+            info.series_uid,
+            source,
+        )
+
+    def receive_file(self, path: Path, sha256: str, source: Source) -> StoredInstance:
+        """`receive` for an instance spooled in a file whose SHA-256 (hex) is `sha256`: one of at
+        most `MEMORY_MAX_BYTES` is read and takes the spool path; a larger one is validated
+        from a memory map (`parse_instance_file`) and the file itself becomes the blob
+        (`IngestStore.store_instance_file`: renamed, not copied), so it is never whole in
+        memory. A large file is gone once stored (it is the blob); a small or rejected one stays
+        (the caller's)."""
+        size = path.stat().st_size
+        if size <= MEMORY_MAX_BYTES:
+            return self.receive(path.read_bytes(), source)
+        ds, info = self._validated(lambda: parse_instance_file(path), size, source)
+        return self._persist(
+            lambda tp: self.store.store_instance_file(
+                path,
+                sha256,
+                info.study_uid,
+                info.series_uid,
+                info.sop_instance_uid,
+                new_traceparent=tp,
+                key=lambda: content_key(ds),
+            ),
+            info.series_uid,
+            source,
+        )
+
+    def _validated(
+        self, parse: Callable[[], tuple[Dataset, InstanceInfo]], size: int, source: Source
+    ) -> tuple[Dataset, InstanceInfo]:
+        """`parse` (logged and counted when it rejects), then the free-disk floor."""
         try:
-            ds, info = parse_instance(data)
+            ds, info = parse()
         except AtlasflowError as exc:
             log.warning(
                 "instance rejected",
-                extra={"fields": {"source": source.name, "reason": exc.reason, "size_bytes": len(data)}},
+                extra={"fields": {"source": source.name, "reason": exc.reason, "size_bytes": size}},
             )
             self.metrics.count("instances_rejected")
             raise
@@ -109,19 +154,16 @@ class Reception:
                 log.error("instance refused: disk below the free-space floor", extra={"fields": {**exc.metadata}})
                 self.metrics.count("instances_refused_disk_full")
                 raise
-        parent = self.store.series_traceparent(info.series_uid) if source.join_series_trace else ""
+        return ds, info
+
+    def _persist(self, write: Callable[[str], StoredInstance], series_uid: str, source: Source) -> StoredInstance:
+        """`write(traceparent)` in the reception span; logs, counts, tells `on_stored`."""
+        parent = self.store.series_traceparent(series_uid) if source.join_series_trace else ""
         token = otel_context.attach(context_from_traceparent(parent)) if parent else None
         try:
             with tracer.start_as_current_span(source.span) as span:
                 try:
-                    stored = self.store.store_instance(
-                        data,
-                        info.study_uid,
-                        info.series_uid,
-                        info.sop_instance_uid,
-                        new_traceparent=current_traceparent(),
-                        key=lambda: content_key(ds),  # only for a re-sent SOP Instance UID
-                    )
+                    stored = write(current_traceparent())
                 except OSError:
                     log.error("instance not stored: out of resources", extra={"fields": {"source": source.name}})
                     raise
@@ -154,6 +196,27 @@ class Reception:
         stored = self.receive(bytes(data), GRPC)
         return Receipt(ref, stored.series_id, stored.duplicate, stored.conflict)
 
+    def receive_streamed(self, instance: StreamedInstance, ref: str, sha256: str) -> Receipt:
+        """A whole instance of an upload stream (`StreamedInstance`, in memory or spooled to a
+        file): its SHA-256 must be ``sha256`` (hex, lower case), else InvalidArgument
+        CHECKSUM_MISMATCH; then `receive` or `receive_file`. The instance is discarded after."""
+        try:
+            instance.close()
+            if instance.sha256 != sha256:
+                raise InvalidArgument(
+                    "CHECKSUM_MISMATCH",
+                    "instance bytes do not match sha256",
+                    domain=DOMAIN,
+                    metadata={"client_ref": ref[:200]},
+                )
+            if instance.path is None:
+                stored = self.receive(bytes(instance.buffer or b""), GRPC)
+            else:
+                stored = self.receive_file(instance.path, instance.sha256, GRPC)
+        finally:
+            instance.discard()
+        return Receipt(ref, stored.series_id, stored.duplicate, stored.conflict)
+
     def finish_resumable(self, upload_id: str, ref: str, sha256: str) -> Receipt:
         """Last chunk of a resumable upload: verify the committed bytes against ``sha256``,
         `receive` them, record the receipt (idempotent: a completed upload answers its receipt
@@ -169,8 +232,22 @@ class Reception:
                     metadata={"upload_id": public_upload_id(upload_id)[:128]},
                 )
             return Receipt(**state.receipt)
-        data = self.uploads.read(upload_id) if state.committed_offset else b""
-        if hashlib.sha256(data).hexdigest() != sha256:
+        path = self.uploads.path(upload_id)
+        if state.committed_offset and not path.exists():
+            # the file became a blob but the process died before the upload was completed
+            self.uploads.discard(upload_id)
+            raise Aborted(
+                "UPLOAD_RESTART",
+                "the upload's bytes are gone; send it again from offset 0",
+                domain=DOMAIN,
+                metadata={"upload_id": public_upload_id(upload_id)[:128]},
+            )
+        if state.committed_offset:
+            with open(path, "r+b") as f:  # bytes past the committed offset were never committed
+                f.truncate(state.committed_offset)
+        else:
+            path.write_bytes(b"")
+        if sha256_of_file(path) != sha256:
             self.uploads.discard(upload_id)
             raise InvalidArgument(
                 "CHECKSUM_MISMATCH",
@@ -179,7 +256,7 @@ class Reception:
                 metadata={"client_ref": ref[:200], "upload_id": public_upload_id(upload_id)[:128]},
             )
         try:
-            stored = self.receive(data, GRPC)
+            stored = self.receive_file(path, sha256, GRPC)
         except InvalidArgument:
             self.uploads.discard(upload_id)
             raise

@@ -7,6 +7,15 @@ past the committed offset, which the next write at the committed offset overwrit
 truncates away). Not for concurrent writers of one upload id: the second stream gets
 OFFSET_MISMATCH once the first has moved on.
 
+A whole (non-resumable) instance of an UploadInstances stream is a `StreamedInstance`: its
+chunks stay in memory up to `MEMORY_MAX_BYTES` (a CT slice is ~0.5 MB: the fast spool path of
+`atlasflow.ingest.store` keeps it), beyond that they go to a spool file
+``<data_dir>/uploads/stream-<random>.part`` (0600) as they arrive, hashed incrementally; the size
+limit is enforced before a chunk is taken and the free-disk floor checked every
+`FLOOR_CHECK_BYTES`. The file is fsync'd and then renamed into the blob store
+(`atlasflow.ingest.store.IngestStore.store_instance_file`) before the receipt. Spool files of a
+process that died, and partial files untouched for the upload TTL, are removed by `purge`.
+
 The table lives in the ingest database (`atlasflow.ingest.schema`); `IngestStore` opens it and
 shares its connection and lock.
 """
@@ -25,7 +34,104 @@ from pathlib import Path
 from typing import Any
 
 from atlasflow.common import sqlite as db
+from atlasflow.common.disk import DiskFloor
 from atlasflow.common.errors import Aborted, InvalidArgument, NotFound
+
+#: an instance up to this size is kept in memory while it arrives (then the spool path of the store)
+MEMORY_MAX_BYTES = 8 * 1024 * 1024
+#: the free-disk floor is checked when an instance starts and every this many bytes of it
+FLOOR_CHECK_BYTES = 64 * 1024 * 1024
+_STREAM_PREFIX = "stream-"
+
+
+def too_large(limit_bytes: int, upload_id: str = "") -> InvalidArgument:
+    """InvalidArgument INSTANCE_TOO_LARGE (metadata ``limit_bytes``, and ``upload_id``)."""
+    metadata = {"limit_bytes": str(limit_bytes)}
+    if upload_id:
+        metadata["upload_id"] = public_upload_id(upload_id)[:128]
+    return InvalidArgument(
+        "INSTANCE_TOO_LARGE", "instance exceeds the size limit", domain="atlasflow.ingest", metadata=metadata
+    )
+
+
+def sha256_of_file(path: Path, length: int | None = None) -> str:
+    """Hex SHA-256 of the first `length` bytes of a file (all when None), read 1 MiB at a time."""
+    h = hashlib.sha256()
+    left = -1 if length is None else length
+    with open(path, "rb") as f:
+        while left:
+            block = f.read(1 << 20 if left < 0 else min(1 << 20, left))
+            if not block:
+                break
+            h.update(block)
+            left = left - len(block) if left > 0 else left
+    return h.hexdigest()
+
+
+class StreamedInstance:
+    """One instance of a non-resumable upload stream as its chunks arrive (see module doc).
+
+    ``buffer`` holds it while it is at most `memory_max` bytes; past that ``path`` is its spool
+    file (written, not yet fsync'd: `atlasflow.ingest.store.IngestStore.store_instance_file`
+    syncs it before it becomes the blob). ``sha256`` (hex) is the digest of every byte taken.
+    Blocking file I/O: call from a worker thread."""
+
+    def __init__(
+        self, directory: Path, max_bytes: int, *, memory_max: int = MEMORY_MAX_BYTES, floor: DiskFloor | None = None
+    ) -> None:
+        self.dir = Path(directory)
+        self.max_bytes = max_bytes
+        self.memory_max = memory_max
+        self.floor = floor
+        self.size = 0
+        self.buffer: bytearray | None = bytearray()
+        self.path: Path | None = None
+        self._fd: int | None = None
+        self._hash = hashlib.sha256()
+        self._next_floor_check = 0
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def append(self, chunk: bytes) -> None:
+        """Take one chunk: InvalidArgument INSTANCE_TOO_LARGE (nothing of the chunk taken) when
+        the instance would exceed ``max_bytes``; ResourceExhausted DISK_FULL below the floor."""
+        if self.size + len(chunk) > self.max_bytes:
+            raise too_large(self.max_bytes)
+        if self.floor is not None and self.size + len(chunk) > self._next_floor_check:
+            self.floor.check()
+            self._next_floor_check = self.size + FLOOR_CHECK_BYTES
+        if self.buffer is not None and self.size + len(chunk) > self.memory_max:
+            self.path = self.dir / f"{_STREAM_PREFIX}{os.urandom(12).hex()}.part"
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._write(self.buffer)
+            self.buffer = None
+        if self.buffer is not None:
+            self.buffer += chunk
+        else:
+            self._write(chunk)
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    def _write(self, data: bytes | bytearray) -> None:
+        assert self._fd is not None
+        view, done = memoryview(data), 0
+        while done < len(data):
+            done += os.write(self._fd, view[done:])
+
+    def close(self) -> None:
+        """Close the spool file (it stays until `discard` or until the store takes it)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        """Drop what was taken (refused, abandoned, or done: a file the store took is gone already)."""
+        self.close()
+        self.buffer = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -94,13 +200,32 @@ class UploadStore:
         except NotFound:
             return UploadState(upload_id, 0, False, "", {})
 
-    def write(self, upload_id: str, offset: int, chunk: bytes) -> UploadState:
+    def path(self, upload_id: str) -> Path:
+        """The partial file of an upload (the committed bytes are its first `committed_offset`)."""
+        return self._path(upload_id)
+
+    def stream(self, max_bytes: int, floor: DiskFloor | None = None) -> StreamedInstance:
+        """A new `StreamedInstance` spooled in this directory."""
+        return StreamedInstance(self.dir, max_bytes, floor=floor)
+
+    def write(
+        self, upload_id: str, offset: int, chunk: bytes, *, max_bytes: int = 0, floor: DiskFloor | None = None
+    ) -> UploadState:
         """Durably write `chunk` at `offset` (must equal the committed offset, else Aborted
         OFFSET_MISMATCH with metadata ``expected_offset``). A complete upload is returned
-        unchanged (chunks re-sent after completion are ignored: idempotent)."""
+        unchanged (chunks re-sent after completion are ignored: idempotent). `max_bytes` (0: no
+        limit): InvalidArgument INSTANCE_TOO_LARGE, nothing written, when the chunk would take
+        the upload past it. `floor`: checked (DISK_FULL) on an upload's first chunk and every
+        `FLOOR_CHECK_BYTES`."""
         state = self.state(upload_id)
         if state.complete:
             return state
+        if max_bytes and offset + len(chunk) > max_bytes:
+            raise too_large(max_bytes, upload_id)
+        if floor is not None and (
+            offset == 0 or offset // FLOOR_CHECK_BYTES != (offset + len(chunk)) // FLOOR_CHECK_BYTES
+        ):
+            floor.check()
         if offset != state.committed_offset:
             raise Aborted(
                 "OFFSET_MISMATCH",
@@ -162,14 +287,23 @@ class UploadStore:
             self.conn.execute("DELETE FROM uploads WHERE upload_id = ? AND complete = 0", (upload_id,))
         self._path(upload_id).unlink(missing_ok=True)
 
-    def purge(self, max_age_s: float) -> int:
-        """Drop upload records (and partial files) untouched for `max_age_s` seconds."""
+    def purge(self, max_age_s: float, *, at_start: bool = False) -> int:
+        """Drop upload records (and partial files) untouched for `max_age_s` seconds, and any
+        file here untouched that long (a partial whose record never committed, an abandoned
+        stream spool file). `at_start`: also every stream spool file (no process is writing
+        them: a non-resumable upload cut by a restart is sent again). Returns the records dropped."""
+        cutoff = time.time() - max_age_s
         with self.lock:
-            rows = self.conn.execute(
-                "SELECT upload_id FROM uploads WHERE update_time < ?", (time.time() - max_age_s,)
-            ).fetchall()
+            rows = self.conn.execute("SELECT upload_id FROM uploads WHERE update_time < ?", (cutoff,)).fetchall()
         for r in rows:
             with self.lock, db.transaction(self.conn):
                 self.conn.execute("DELETE FROM uploads WHERE upload_id = ?", (r["upload_id"],))
             self._path(r["upload_id"]).unlink(missing_ok=True)
+        for p in self.dir.iterdir():
+            try:
+                stale = p.stat().st_mtime < cutoff or (at_start and p.name.startswith(_STREAM_PREFIX))
+            except FileNotFoundError:
+                continue
+            if stale and p.is_file():
+                p.unlink(missing_ok=True)
         return len(rows)
