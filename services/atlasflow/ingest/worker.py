@@ -35,16 +35,27 @@ POLL_S = 0.5
 #: failure_reason prefix of a series whose assembly raised something unexpected (the
 #: exception's type follows; its message is never stored: it may quote patient data)
 ASSEMBLY_FAILED = "ASSEMBLY_FAILED"
+#: default of the ingest setting ``max_assembly_attempts``
+MAX_ASSEMBLY_ATTEMPTS = 3
 
 
 class Assembler:
     """Turns quiet (or committed) series versions into volumes and queues the hand-off."""
 
-    def __init__(self, store: IngestStore, blobs: BlobStore, metrics: Metrics, quiet_period_s: float) -> None:
+    def __init__(
+        self,
+        store: IngestStore,
+        blobs: BlobStore,
+        metrics: Metrics,
+        quiet_period_s: float,
+        *,
+        max_attempts: int = MAX_ASSEMBLY_ATTEMPTS,
+    ) -> None:
         self.store = store
         self.blobs = blobs
         self.metrics = metrics
         self.quiet_period_s = quiet_period_s
+        self.max_attempts = max_attempts
         self.on_assembled: Callable[[], None] = lambda: None
 
     def assemble(self, sv: SeriesVersion) -> None:
@@ -58,12 +69,37 @@ class Assembler:
         dataset). A FAILED version is not due for assembly again, after a restart neither.
         Failures of the service's own storage outside that step (draining the spool, writing the
         volume, the database) are not the series' fault: they propagate, the series stays
-        RECEIVING, and the supervised loop reports NOT_SERVING and restarts (`atlasflow.common.app`)."""
+        RECEIVING, and the supervised loop reports NOT_SERVING and restarts (`atlasflow.common.app`).
+
+        Each assembly is counted durably before it starts (`IngestStore.begin_assembly`): when
+        the process dies in it (killed, out of memory, a crash in a decoder), the next start
+        tries again, up to ``max_attempts``; then the version ends FAILED
+        ``ASSEMBLY_ABANDONED_AFTER_<n>_ATTEMPTS`` instead of crash-looping the service."""
+        attempt = self.store.begin_assembly(sv.series_id, sv.version, self.max_attempts)
+        if attempt is None:
+            after = self.store.get_series_version(sv.series_id, sv.version)
+            if after.state == "FAILED":
+                log.error(
+                    "series assembly abandoned",
+                    extra={"fields": {"series_id": sv.series_id, "reason": after.failure_reason}},
+                )
+                self.metrics.count("series_failed")
+            return
+        try:
+            self._assemble(sv, attempt)
+        except BaseException:
+            # the service's own storage, not the series: this attempt does not count
+            self.store.end_assembly_attempt(sv.series_id, sv.version)
+            raise
+        self.on_assembled()
+
+    def _assemble(self, sv: SeriesVersion, attempt: int) -> None:
         token = otel_context.attach(context_from_traceparent(sv.traceparent))
         try:
             with tracer.start_as_current_span("ingest.assemble") as span:
                 span.set_attribute("atlasflow.series_id", sv.series_id)
                 span.set_attribute("atlasflow.series_version", sv.version)
+                span.set_attribute("atlasflow.assembly_attempt", attempt)
                 digests = self.store.instance_digests(sv.series_id, sv.version)
                 try:
                     volume, nifti = self._build_volume(digests)
@@ -111,7 +147,6 @@ class Assembler:
                 self.metrics.count("series_assembled")
         finally:
             otel_context.detach(token)
-        self.on_assembled()
 
     def _build_volume(self, digests: list[str]) -> tuple[Volume, bytes]:
         """The volume of these instances and its NIfTI bytes (gzip)."""
