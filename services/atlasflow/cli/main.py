@@ -1,9 +1,10 @@
 """The `atlasflow` command.
 
-atlasflow serve {ingest,segmentation,ranking,labels,triton}   run one service (foreground)
+atlasflow serve {ingest,segmentation,ranking,labels,gateway,triton}   run one service (foreground)
 atlasflow up [--state-dir DIR] [--auto-ports]                   start everything locally
 atlasflow down [--state-dir DIR]                                stop it
 atlasflow status [--state-dir DIR]                              health of each process
+atlasflow delete-study [--state-dir DIR] STUDY --reason R [--wait]   delete a study everywhere (admin)
 atlasflow demo [--out DIR]                                      the end-to-end demo
 atlasflow token --role ROLE --subject NAME [--ttl S]            a token the local stack accepts
 atlasflow send DIR [--target HOST:PORT] [--commit] [--assign-uids] [--token-file F]  gRPC upload
@@ -21,11 +22,12 @@ import os
 import sys
 from pathlib import Path
 
+from atlasflow.cli import delete
 from atlasflow.common.auth import ROLES
 
 #: state directory of the local stack whose TLS the client commands use (default .atlasflow)
 STATE_DIR_ENV = "ATLASFLOW_STATE_DIR"
-SERVICES = ("ingest", "segmentation", "ranking", "labels", "triton")
+SERVICES = ("ingest", "segmentation", "ranking", "labels", "gateway", "triton")
 # Sub-commands implemented by a library module's own `main(argv) -> int` (its argparse owns
 # the options): `atlasflow <name> ...` == `python -m <module> ...`.
 DELEGATED = {
@@ -54,6 +56,10 @@ def _serve(name: str) -> None:
         from atlasflow.labels.app import main as serve_labels
 
         serve_labels()
+    elif name == "gateway":
+        from atlasflow.gateway.app import main as serve_gateway
+
+        serve_gateway()
     else:
         from atlasflow.segmentation.triton_server import main as serve_triton
 
@@ -130,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path(os.environ.get(STATE_DIR_ENV, ".atlasflow")),
         help="TLS of the stack `atlasflow up` runs there (unless $ATLASFLOW_TLS_CA_FILE/_CERT_FILE/_KEY_FILE are set)",
     )
+    delete.add_parser(sub)  # atlasflow delete-study (atlasflow.cli.delete)
     for name, (_module, help_) in DELEGATED.items():
         sub.add_parser(name, help=help_, add_help=False)
     return parser
@@ -148,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         _serve(args.service)
         return 0
+    if args.command == "delete-study":
+        return delete.run(args)
     if args.command == "up":
         from atlasflow.cli.local import LocalDeployment
 
@@ -158,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         dep.start()
         dep.wait_healthy(args.timeout)
         print(json.dumps(dep.endpoints(), indent=2))
+        print(f"review gateway: {dep.gateway_url()} (demo logins in {dep.auth_dir / 'demo-passwords.txt'})")
         return 0
     if args.command in ("down", "status"):
         from atlasflow.cli.local import START_ORDER, LocalDeployment
