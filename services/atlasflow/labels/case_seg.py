@@ -18,6 +18,7 @@ import pydicom
 from atlasflow.common.errors import AtlasflowError, FailedPrecondition, InvalidArgument, NotFound
 from atlasflow.common.nifti import from_nifti_bytes
 from atlasflow.common.organs import ORGAN_IDS, ORGANS
+from atlasflow.labels.deid import DeidOptions, Pseudonymizer, deidentify
 from atlasflow.labels.dicom_seg import export_dicom_seg
 from atlasflow.labels.export_jobs import SEG_FAILED, SEG_REFUSED, SEG_WRITTEN, SegOutcome
 from atlasflow.labels.repository import Provenance
@@ -36,6 +37,7 @@ def build_case_seg(
     case_id: str = "",
     organ_provenance: Mapping[int, Provenance] | None = None,
     organ_versions: Mapping[int, str] | None = None,
+    deid: tuple[Pseudonymizer, DeidOptions] | None = None,
 ) -> tuple[pydicom.Dataset | None, bytes | None, SegOutcome]:
     """The DICOM SEG of one label version, or why there is none.
 
@@ -48,6 +50,13 @@ def build_case_seg(
     outcome WRITTEN) or (None, None, outcome REFUSED / FAILED); any other exception while
     building makes the outcome FAILED with reason DICOM_SEG_ERROR (metadata "error": its type),
     so that one odd case never stops the export of the others.
+
+    deid: (pseudonymizer, options) de-identifies the SEG (`atlasflow.labels.deid.deidentify`,
+    PS3.15 E) after it is built from the source headers: its patient and study identity, and
+    every UID it holds (its own, the study's, the frame of reference's and the referenced
+    source instances'), become the keyed pseudonyms, so the SEG references the pseudonymised
+    source instances that a de-identified export of the same series would carry. None: the
+    SEG keeps the source identity (an identified export).
     """
     try:
         sources = fetch_sources(ct_digest)
@@ -56,6 +65,8 @@ def build_case_seg(
         seg = export_dicom_seg(
             sources, np.asarray(labels), affine, provenance=prov, organ_versions=organ_versions, uid_seed=version_id
         )
+        if deid is not None:
+            deidentify(seg, deid[0], deid[1])
     except AtlasflowError as exc:
         state = SEG_REFUSED if isinstance(exc, _REFUSING) else SEG_FAILED
         return (

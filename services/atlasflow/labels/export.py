@@ -7,6 +7,9 @@
     <out_root>/<case>/dicom_seg/seg.dcm            DICOM SEG of the case (include_dicom_seg;
                                                    only when its grid is the source images')
 
+<case> is the case's pseudonym in a de-identified export (the worker chooses it,
+atlasflow.labels.deid), the CT is then written with a fresh header (`rewrite_ct_header`).
+
 A case directory is written into a temporary sibling and renamed into place, so a crash never
 leaves a half-written case and re-exporting a case replaces it whole (idempotent).
 `split_organs` is the array logic; `export_case` the I/O around it; `write_manifest` writes
@@ -124,6 +127,7 @@ def export_case(
     case_id: str = "",
     dicom_seg: bytes | None = None,
     dicom_seg_outcome: Mapping[str, Any] | None = None,
+    rewrite_ct_header: bool = False,
 ) -> dict[str, Any]:
     """Write one case in the AbdomenAtlas layout under `out_root/case_name`; return its
     manifest entry.
@@ -139,6 +143,9 @@ def export_case(
     "files"); dicom_seg_outcome: recorded as the entry's "dicom_seg" (see
     atlasflow.labels.export_jobs.SegOutcome), with
     the file's sha256 filled in.
+    rewrite_ct_header: write the CT re-encoded with a fresh NIfTI header (same voxels, dtype
+    and affine; descrip, aux_file, intent_name, db_name empty and no header extensions)
+    instead of as stored: a de-identified export (nothing a source header put there leaves).
 
     Raises InvalidArgument("INVALID_CASE_NAME") for a name that is not a plain directory
     name, InvalidArgument("INVALID_LABEL_MAP") when the labels do not fit the CT.
@@ -160,7 +167,10 @@ def export_case(
     tmp = Path(tempfile.mkdtemp(dir=out_root, prefix=f".{case_name}.tmp-"))
     files: dict[str, dict[str, Any]] = {}
     try:
-        ct_bytes = ct_nifti if ct_nifti[:2] == b"\x1f\x8b" else gzip.compress(ct_nifti, 6, mtime=0)
+        if rewrite_ct_header:
+            ct_bytes = to_nifti_bytes(np.asarray(ct), ct_affine)
+        else:
+            ct_bytes = ct_nifti if ct_nifti[:2] == b"\x1f\x8b" else gzip.compress(ct_nifti, 6, mtime=0)
         files["ct.nii.gz"] = _write(tmp / "ct.nii.gz", ct_bytes)
         files["combined_labels.nii.gz"] = _write(tmp / "combined_labels.nii.gz", to_nifti_bytes(combined, ct_affine))
         for oid, mask in masks.items():
@@ -226,11 +236,14 @@ def export_case(
     return entry
 
 
-def write_manifest(out_root: Path, entries: Sequence[Mapping[str, Any]]) -> Path:
+def write_manifest(
+    out_root: Path, entries: Sequence[Mapping[str, Any]], *, deidentification: Mapping[str, Any] | None = None
+) -> Path:
     """Write `out_root/manifest.json` (atomically) listing `entries` sorted by case name.
 
-    Top-level keys: layout, organs ({id: name}), marking (when any case carries one), cases.
-    Returns the manifest's path.
+    Top-level keys: layout, organs ({id: name}), deidentification (when given: how the export
+    treats patient identity, atlasflow.labels.export_jobs.deid_manifest), marking (when any
+    case carries one), cases. Returns the manifest's path.
     """
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
@@ -238,8 +251,10 @@ def write_manifest(out_root: Path, entries: Sequence[Mapping[str, Any]]) -> Path
     doc: dict[str, Any] = {
         "layout": LAYOUT,
         "organs": {str(k): v for k, v in ORGANS.items()},
-        "cases": cases,
     }
+    if deidentification is not None:
+        doc["deidentification"] = dict(deidentification)
+    doc["cases"] = cases
     if any("marking" in c for c in cases):
         doc["marking"] = AI_MARKING
     data = (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()

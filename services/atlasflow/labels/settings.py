@@ -14,9 +14,19 @@ class LabelsSettings(ServiceSettings):
     """ATLASFLOW_LABELS_* settings (see each field's comment)."""
 
     grpc_port: int = 50054
-    # When set, exports may only be written inside this directory (the cluster mounts a
-    # volume here; the root filesystem is read-only). Empty: any absolute file:// path.
+    # ATLASFLOW_LABELS_EXPORT_DIR: exports are written only inside this directory (the
+    # cluster mounts a volume here; `atlasflow up`: <state-dir>/exports). Empty: exports are
+    # refused (FAILED_PRECONDITION, EXPORT_NOT_CONFIGURED).
     export_dir: str = ""
+    # ATLASFLOW_LABELS_EXPORT_PACS_DESTINATIONS: the PACS an export may send its DICOM SEGs to,
+    # by id: a JSON object {"<id>": {"host", "port", "called_ae", "calling_ae"}} or the path of
+    # a file holding one (export_jobs.parse_pacs_destinations). Empty: none.
+    export_pacs_destinations: str = ""
+    # ATLASFLOW_LABELS_DEID_KEY_FILE: the secret key of the export pseudonyms (HMAC-SHA256,
+    # atlasflow.labels.deid): a file of 16+ bytes (the chart mounts a Secret). Empty:
+    # <data_dir>/deid.key, created (mode 0600) on first start. Keep it: another key gives
+    # other pseudonyms, so new exports no longer link to earlier ones.
+    deid_key_file: str = ""
     # ATLASFLOW_LABELS_DATABASE_URL: empty = SQLite at <data_dir>/labels.sqlite3 (embedded);
     # "postgresql://user@host:5432/db" = PostgreSQL (cluster). Migrations run on start.
     database_url: str = ""

@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pydicom
 from opentelemetry import trace
 
 from atlasflow.common.blobstore import BlobStore
-from atlasflow.common.errors import AtlasflowError, Unavailable
+from atlasflow.common.errors import AtlasflowError, FailedPrecondition, Unavailable
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.outbox import OutboxDispatcher, OutboxRow
 from atlasflow.labels.case_seg import build_case_seg
+from atlasflow.labels.deid import Pseudonymizer
 from atlasflow.labels.dicom_seg import send_c_store
 from atlasflow.labels.events import TOPIC, VersionEventStore, version_request
 from atlasflow.labels.export import destination_path, export_case, write_manifest
@@ -38,6 +39,7 @@ from atlasflow.labels.export_jobs import (
     ExportOptions,
     PacsDestination,
     SegOutcome,
+    deid_manifest,
 )
 from atlasflow.labels.repository import DOMAIN, ExportJobRecord, LabelRepository
 
@@ -56,15 +58,30 @@ class Exporter:
     sources: fetches a CT volume's source instances (DICOM SEG exports;
     `atlasflow.labels.ingest_sources.IngestSourceInstances` in the service). Each case's SEG outcome is committed to the repository
     (`record_export_outcome`) as soon as the case is written (and sent), so a crash loses none;
-    a resumed job replaces a case's outcome when it exports the case again."""
+    a resumed job replaces a case's outcome when it exports the case again.
+
+    pseudonymizer: the keyed pseudonyms of de-identified exports (atlasflow.labels.deid;
+    without one a de-identified job FAILS with DEID_NOT_CONFIGURED). A de-identified job
+    names each case folder (and manifest "case"/"case_id") by the case's pseudonym, rewrites
+    the CT's NIfTI header, and de-identifies the SEG (PS3.15 E, the job's options).
+    pacs_destinations: the configured PACS by id (a job names one by id)."""
 
     def __init__(
-        self, repo: LabelRepository, blobs: BlobStore, metrics: Metrics, sources: SourceFetcher | None = None
+        self,
+        repo: LabelRepository,
+        blobs: BlobStore,
+        metrics: Metrics,
+        sources: SourceFetcher | None = None,
+        *,
+        pseudonymizer: Pseudonymizer | None = None,
+        pacs_destinations: Mapping[str, PacsDestination] | None = None,
     ) -> None:
         self.repo = repo
         self.blobs = blobs
         self.metrics = metrics
         self.sources = sources
+        self.pseudonymizer = pseudonymizer
+        self.pacs_destinations = dict(pacs_destinations or {})
         self.wake = asyncio.Event()
 
     def _fetch_sources(self, volume_digest: str) -> Sequence[pydicom.Dataset]:
@@ -90,6 +107,16 @@ class Exporter:
             outcome.state, outcome.reason = SEG_SEND_FAILED, "PACS_REFUSED"
             outcome.reason_metadata = {"status": f"0x{status:04X}"}
 
+    def _send_to(self, seg: pydicom.Dataset, destination_id: str, outcome: SegOutcome) -> None:
+        """`_send` to the configured destination `destination_id`; one no longer configured
+        makes `outcome` SEND_FAILED (reason UNKNOWN_PACS_DESTINATION)."""
+        pacs = self.pacs_destinations.get(destination_id)
+        if pacs is None:
+            outcome.state, outcome.reason = SEG_SEND_FAILED, "UNKNOWN_PACS_DESTINATION"
+            outcome.reason_metadata = {"pacs_destination_id": destination_id}
+            return
+        self._send(seg, pacs, outcome)
+
     def run_job(self, job: ExportJobRecord) -> None:
         """Export `job` (blocking): each case's files (and SEG, sent to the job's PACS when it
         names one), its outcome committed as it is done, then the manifest; the job ends
@@ -100,10 +127,19 @@ class Exporter:
             try:
                 options = ExportOptions.from_dict(job.options)
                 span.set_attribute("atlasflow.include_dicom_seg", options.include_dicom_seg)
+                span.set_attribute("atlasflow.identified", options.identified)
                 out = destination_path(job.destination_uri)
                 out.mkdir(parents=True, exist_ok=True)
                 if job.state == "QUEUED":
                     self.repo.update_export_job(job.job_id, state="RUNNING", cases_done=0)
+                pseudo = None
+                if not options.identified:
+                    pseudo = self.pseudonymizer
+                    if pseudo is None:
+                        raise FailedPrecondition(
+                            "DEID_NOT_CONFIGURED", "no de-identification key is configured", domain=DOMAIN
+                        )
+                deid = (pseudo, options.deid) if pseudo is not None else None
                 entries = []
                 for done, (case_id, version_id) in enumerate(job.versions, start=1):
                     record = self.repo.get_version(version_id)
@@ -111,6 +147,7 @@ class Exporter:
                     organ_provenance = {o: op.provenance for o, op in record.organ_provenance.items()}
                     organ_versions = {o: op.version_id for o, op in record.organ_provenance.items()}
                     seg = seg_bytes = outcome = None
+                    case_name = pseudo.case(case_id) if pseudo is not None else case_id
                     if options.include_dicom_seg:
                         seg, seg_bytes, outcome = build_case_seg(
                             self._fetch_sources,
@@ -121,27 +158,33 @@ class Exporter:
                             case_id=case_id,
                             organ_provenance=organ_provenance,
                             organ_versions=organ_versions,
+                            deid=deid,
                         )
+                    # what the files say of the case: its pseudonym when de-identified
+                    manifest_outcome = None
+                    if outcome is not None:
+                        manifest_outcome = outcome.to_dict() | {"case_id": case_name}
                     entry = export_case(
                         out,
-                        case_id,
+                        case_name,
                         self.blobs.get(record.ct_digest),
                         label_map,
                         record.provenance,
                         version_id,
                         organ_provenance=organ_provenance,
                         organ_versions=organ_versions,
-                        case_id=case_id,
+                        case_id=case_name,
                         dicom_seg=seg_bytes,
-                        dicom_seg_outcome=outcome.to_dict() if outcome is not None else None,
+                        dicom_seg_outcome=manifest_outcome,
+                        rewrite_ct_header=pseudo is not None,
                     )
                     if outcome is not None:
                         if seg_bytes is not None:
                             outcome.path = entry["dicom_seg"]["path"]
                             outcome.sha256 = entry["dicom_seg"]["sha256"]
-                            if seg is not None and options.pacs is not None:
-                                self._send(seg, options.pacs, outcome)
-                            entry["dicom_seg"] = outcome.to_dict()
+                            if seg is not None and options.pacs_destination_id:
+                                self._send_to(seg, options.pacs_destination_id, outcome)
+                            entry["dicom_seg"] = outcome.to_dict() | {"case_id": case_name}
                         self.repo.record_export_outcome(job.job_id, case_id, outcome.to_dict())
                         self.metrics.count(f"dicom_seg_{outcome.state.lower()}")
                         if outcome.state in (SEG_FAILED, SEG_SEND_FAILED) or outcome.reason:
@@ -158,7 +201,7 @@ class Exporter:
                             )
                     entries.append(entry)
                     self.repo.update_export_job(job.job_id, cases_done=done)
-                write_manifest(out, entries)
+                write_manifest(out, entries, deidentification=deid_manifest(options))
                 self.repo.update_export_job(job.job_id, state="SUCCEEDED")
                 self.metrics.count("exports_succeeded")
             except AtlasflowError as exc:
