@@ -6,9 +6,11 @@ not allow, and lets every allowed role past authentication."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from atlasflow.cli.local import LocalDeployment
 from atlasflow.common.auth import ROLES, LocalIssuer
-from atlasflow.common.policy import POLICY
+from atlasflow.common.policy import HANDOFF_CALLERS, POLICY
 from atlasflow.common.server import error_info_of
 from atlasflow.ingest.v1 import ingest_pb2
 from atlasflow.labels.v1 import labels_pb2
@@ -149,6 +151,8 @@ def test_every_rpc_refuses_wrong_or_missing_tokens_and_admits_allowed_roles(
                 forged = (("authorization", f"Bearer {stranger.mint('mallory', ['admin', 'service'])}"),)
                 assert _call(channel, rpc, forged) == grpc.StatusCode.UNAUTHENTICATED, path
                 for role in ROLES:
+                    if role == "service":  # one identity per service: checked just below
+                        continue
                     token = (("authorization", f"Bearer {stack.mint(role, f'test-{role}')}"),)
                     code = _call(channel, rpc, token)
                     if role in POLICY[path]:
@@ -159,7 +163,61 @@ def test_every_rpc_refuses_wrong_or_missing_tokens_and_admits_allowed_roles(
                         )
                     else:
                         assert code == grpc.StatusCode.PERMISSION_DENIED, (path, role, code)
+                # each service's own token (auth/<service>.token): past authorisation exactly
+                # where HANDOFF_CALLERS lists it, else PERMISSION_DENIED (CALLER_NOT_ALLOWED
+                # where the role is allowed, ROLE_NOT_ALLOWED where it is not)
+                for caller in SERVICES:
+                    token = (("authorization", f"Bearer {stack.service_token_file(caller).read_text()}"),)
+                    reasons: list = []
+                    code = _call(channel, rpc, token, reason=reasons)
+                    if "svc:" + caller in HANDOFF_CALLERS.get(path, ()):
+                        assert code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED), (
+                            path,
+                            caller,
+                            code,
+                        )
+                    else:
+                        expected = "CALLER_NOT_ALLOWED" if "service" in POLICY[path] else "ROLE_NOT_ALLOWED"
+                        assert (code, reasons) == (grpc.StatusCode.PERMISSION_DENIED, [expected]), (path, caller)
     assert seen == set(POLICY)
+
+
+def test_each_service_has_its_own_identity(stack: LocalDeployment) -> None:
+    """`atlasflow up` mints one token per service (auth/<service>.token, 0600, subject
+    svc:<service>) and points each service's TOKEN_FILE at its own; the shared token is gone.
+    Ingest's token (the service that parses untrusted DICOM) cannot call labels' or
+    segmentation's hand-offs; labels' token records label versions."""
+    from atlasflow.common.auth import TokenVerifier
+
+    verifier = TokenVerifier(stack.issuer().config())
+    for name in SERVICES:
+        path = stack.service_token_file(name)
+        assert path.stat().st_mode & 0o777 == 0o600
+        identity = verifier.verify(path.read_text())
+        assert (identity.subject, identity.service, identity.roles) == (f"svc:{name}", f"svc:{name}", {"service"})
+        assert stack._env(name)[f"ATLASFLOW_{name.upper()}_TOKEN_FILE"] == str(path)
+    assert not (stack.auth_dir / "service.token").exists()
+
+    def as_service(name: str) -> tuple:
+        return (("authorization", f"Bearer {stack.service_token_file(name).read_text()}"),)
+
+    forbidden = (
+        ("ranking", "/atlasflow.ranking.v1.RankingService/RecordLabelVersion", ranking_pb2.RecordLabelVersionRequest()),
+        ("ranking", "/atlasflow.ranking.v1.RankingService/SubmitAttention", ranking_pb2.SubmitAttentionRequest()),
+        ("labels", "/atlasflow.labels.v1.LabelService/CreateLabelVersion", labels_pb2.CreateLabelVersionRequest()),
+    )
+    for service, path, request in forbidden:
+        with stack.bare_channel(service) as channel:
+            reasons: list = []
+            code = _call(channel, (path, False, False), as_service("ingest"), request.SerializeToString(), reasons)
+            assert (code, reasons) == (grpc.StatusCode.PERMISSION_DENIED, ["CALLER_NOT_ALLOWED"]), path
+    # labels' own token: the hand-off is made (ranking remembers a version of an unknown case)
+    request = ranking_pb2.RecordLabelVersionRequest(case_id="case-handoff", label_version_id="v1", version_number=1)
+    with stack.bare_channel("ranking") as channel:
+        path = "/atlasflow.ranking.v1.RankingService/RecordLabelVersion"
+        assert _call(channel, (path, False, False), as_service("labels"), request.SerializeToString()) == (
+            grpc.StatusCode.OK
+        )
 
 
 def test_health_needs_no_token(stack: LocalDeployment) -> None:
@@ -192,6 +250,17 @@ def test_the_stack_is_tls_with_client_certificates(stack: LocalDeployment, tmp_p
         with stack.bare_channel(service) as channel:
             answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    # `atlasflow send` finds the stack's TLS through --state-dir (run/endpoints.json): its
+    # upload reaches ingest, which refuses the file for what it is (not for the transport)
+    (tmp_path / "upload").mkdir()
+    (tmp_path / "upload" / "junk.dcm").write_bytes(b"not DICOM" * 20)
+    token = tmp_path / "connector.token"
+    token.write_text(stack.mint("connector", "test-connector"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATLASFLOW_TLS_")}
+    args = [sys.executable, "-m", "atlasflow.cli.main", "send", str(tmp_path / "upload"), "--target"]
+    args += [stack.target("ingest"), "--token-file", str(token), "--state-dir", str(stack.state_dir)]
+    sent = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert sent.returncode == 1 and "refused: NOT_DICOM" in sent.stderr, sent.stderr
 
 
 def test_a_path_like_id_in_any_request_is_invalid_argument(stack: LocalDeployment) -> None:
@@ -203,7 +272,9 @@ def test_a_path_like_id_in_any_request_is_invalid_argument(stack: LocalDeploymen
             for m in _reflected_methods(stack, service):
                 path = f"/{m.containing_service.full_name}/{m.name}"
                 role = sorted(POLICY[path])[0]
-                token = (("authorization", f"Bearer {stack.mint(role, 'test-ids')}"),)
+                # a service-only hand-off: as a service that makes it
+                subject = sorted(HANDOFF_CALLERS[path])[0] if role == "service" else "test-ids"
+                token = (("authorization", f"Bearer {stack.mint(role, subject)}"),)
                 request_type = GetMessageClass(m.input_type)
                 for field in m.input_type.fields:
                     if field.type != field.TYPE_STRING or not field.name.endswith(("_id", "_ids")):
