@@ -1,0 +1,114 @@
+"""`atlasflow serve gateway`: the web gateway (ASGI, Starlette on uvicorn).
+
+`build_app` wires the gRPC backends (calls made as the user), the session check, login, the
+review JSON API (`/api/v1`) and DICOMweb (`/dicomweb`), and maps every error to an HTTP status
+in one place: a gRPC status through `backends.HTTP_STATUS` (its ErrorInfo reason kept), an
+authentication failure to 401 (403 for the CSRF header), a bad request to 400.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import uvicorn
+from prometheus_client import start_http_server
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from atlasflow.common.blobstore import LocalBlobStore
+from atlasflow.common.errors import AtlasflowError
+from atlasflow.common.telemetry import setup_logging
+from atlasflow.gateway.api import Api, BadRequest
+from atlasflow.gateway.backends import HTTP_STATUS, Backends, HttpError, http_error_of
+from atlasflow.gateway.dicomweb import DicomWeb
+from atlasflow.gateway.login import Login
+from atlasflow.gateway.session import AuthError, Sessions
+from atlasflow.gateway.settings import PREFIX, GatewaySettings
+
+log = logging.getLogger(__name__)
+
+_INDEX = """<!doctype html><html><head><meta charset="utf-8"><title>atlasflow</title></head><body>
+<h1>atlasflow gateway</h1><p><a href="/login">Log in</a> &middot; API: <code>/api/v1</code> &middot;
+DICOMweb: <code>/dicomweb</code></p></body></html>"""
+
+
+def build_app(settings: GatewaySettings, *, backends: Backends | None = None) -> Starlette:
+    """The gateway's ASGI application (its gRPC channels close with the app's lifespan)."""
+    backends = backends or Backends(settings)
+    secure = bool(settings.tls_cert_file and settings.tls_key_file)
+    sessions = Sessions(settings.verifier(), secure=secure, ttl_s=settings.session_ttl_s)
+    blobs = LocalBlobStore(settings.blob_dir)
+    login = Login(settings, sessions)
+    api = Api(backends, sessions, blobs)
+    dicomweb = DicomWeb(backends, sessions)
+
+    async def index(request: Request) -> Response:
+        return HTMLResponse(_INDEX)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "SERVING"})
+
+    async def on_grpc(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, grpc.RpcError)
+        return http_error_of(exc).response()
+
+    async def on_auth(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, AuthError)
+        meta = {"cause": exc.cause} if exc.cause else {}
+        return HttpError(exc.status, exc.reason, exc.message, meta).response()
+
+    async def on_bad(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, BadRequest)
+        return exc.error.response()
+
+    async def on_domain(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, AtlasflowError)
+        status = HTTP_STATUS.get(getattr(grpc.StatusCode, exc.code), 500)
+        message = exc.message if status < 500 else "internal error"
+        return HttpError(status, exc.reason, message, exc.metadata).response()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        backends.open()
+        yield
+        await backends.close()
+
+    routes = [
+        Route("/", index, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        *login.routes(),
+        *api.routes(),
+        *dicomweb.routes(),
+    ]
+    return Starlette(
+        routes=routes,
+        exception_handlers={grpc.RpcError: on_grpc, AuthError: on_auth, BadRequest: on_bad, AtlasflowError: on_domain},
+        lifespan=lifespan,
+    )
+
+
+def main() -> None:
+    settings = GatewaySettings.from_env(PREFIX)
+    setup_logging("gateway", settings.log_level)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, settings.http_host)
+    app = build_app(settings)
+    ssl = {}
+    if settings.tls_cert_file and settings.tls_key_file:
+        ssl = {"ssl_certfile": settings.tls_cert_file, "ssl_keyfile": settings.tls_key_file}
+    Path(settings.blob_dir).mkdir(parents=True, exist_ok=True)
+    uvicorn.run(
+        app,
+        host=settings.http_host,
+        port=settings.http_port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        **ssl,  # type: ignore[arg-type]  # uvicorn.run's ssl_* keywords are typed individually
+    )
