@@ -16,6 +16,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 
+from atlasflow.labels.deid import Pseudonymizer
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -46,7 +48,11 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         for series in seg.ReferencedSeriesSequence
         for ref in series.ReferencedInstanceSequence
     }
-    assert len(sources) == 112 and referenced == sources
+    # the export is de-identified: the SEG references the sources' keyed pseudonyms (the key is
+    # the labels service's, created in its data directory)
+    pseudo = Pseudonymizer.from_file(out / "state" / "data" / "labels" / "deid.key")
+    assert len(sources) == 112 and referenced == {pseudo.uid(uid) for uid in sources}
+    assert seg.PatientIdentityRemoved == "YES"
     # the simulated reviewer's organ is a radiologist's decision in the manifest, and in the SEG
     # a MANUAL segment when the organ is present (a confirmed absence has no segment)
     organ = json.loads((out / "export" / "manifest.json").read_text())["cases"][0]["organs"][m.group(3)]

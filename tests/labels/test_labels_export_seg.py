@@ -7,6 +7,11 @@ its TotalSegmentator labels on that DICOM grid (example_seg_dicom.nii.gz, LAS), 
 nine atlas organs. Series A is the whole CT; series B lacks one middle slice, which ingest fills
 by interpolation (a resampled grid): its SEG must be refused while its other files export.
 
+The export is de-identified (the default): its case folders, the SEG's patient and every UID
+it holds are the keyed pseudonyms of the service's key (DEID_KEY_FILE, known to the test); an
+identified export is an audited admin request. PACS destinations are the service's
+configuration (EXPORT_PACS_DESTINATIONS), named by id.
+
 Unit tests at the end: the job's SEG options and per-case outcomes live in the label
 repository (committed per case, so a crash mid-export loses none; a resume replaces them).
 """
@@ -41,10 +46,11 @@ from atlasflow.common.v1 import common_pb2
 from atlasflow.ingest.client import send_files
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from atlasflow.labels.case_seg import build_case_seg
+from atlasflow.labels.deid import DATES_MODIFIED, DeidOptions, Pseudonymizer
 from atlasflow.labels.export import destination_path
-from atlasflow.labels.export_jobs import ExportOptions, PacsDestination, SegOutcome
+from atlasflow.labels.export_jobs import ExportOptions, PacsDestination, SegOutcome, parse_pacs_destinations
 from atlasflow.labels.repository import Provenance
-from atlasflow.labels.servicer import export_to_proto
+from atlasflow.labels.servicer import IDENTIFIED_EXPORT_METHOD, export_to_proto
 from atlasflow.labels.sqlite import SqliteLabelRepository
 from atlasflow.labels.totalseg import totalseg_to_atlas
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
@@ -53,6 +59,8 @@ from atlasflow.testing import auth, peers
 from atlasflow.testing.data import REPO, TEST_DATA
 
 REF = TEST_DATA / "totalsegmentator/tests/reference_files"
+KEY = b"seg-export-test-key-0123456789abcdef"
+PSEUDO = Pseudonymizer(KEY)
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 TERMINAL = (
     common_pb2.OPERATION_STATE_SUCCEEDED,
@@ -88,7 +96,7 @@ def _write_series(out: Path, tag: str, drop: int | None = None) -> list[Path]:
 class LabelsProcess:
     """`atlasflow serve labels` on free ports with its own data and blob directories."""
 
-    def __init__(self, root: Path, ingest_target: str) -> None:
+    def __init__(self, root: Path, ingest_target: str, extra: dict[str, str] | None = None) -> None:
         self.root = root
         (self.port,) = peers.free_ports(1)
         self.env = dict(
@@ -103,6 +111,7 @@ class LabelsProcess:
                     "BLOB_DIR": str(root / "blobs"),
                     "INGEST_TARGET": ingest_target,
                     "SHUTDOWN_GRACE_S": "1",
+                    **(extra or {}),
                 }.items()
             }
         )
@@ -155,8 +164,25 @@ def env(tmp_path_factory):
         t0 = time.perf_counter()
         receipts = send_files(series_a + series_b, ingest.target, commit=True)
         print(f"upload + assembly of 39 instances: {time.perf_counter() - t0:.2f} s")
-        labels = LabelsProcess(root / "labels", ingest.target).start()
         orthanc = peers.OrthancProcess(root / "orthanc").start()
+        (dead,) = peers.free_ports(1)
+        key = root / "deid.key"
+        key.write_bytes(KEY)
+        key.chmod(0o600)
+        destinations = {
+            "orthanc": {"host": "127.0.0.1", "port": orthanc.dicom_port, "called_ae": orthanc.aet},
+            "nobody": {"host": "127.0.0.1", "port": dead, "called_ae": "NOBODY"},
+        }
+        labels = LabelsProcess(
+            root / "labels",
+            ingest.target,
+            {
+                # every test's tmp_path lies under the session's base directory
+                "EXPORT_DIR": str(tmp_path_factory.getbasetemp()),
+                "DEID_KEY_FILE": str(key),
+                "EXPORT_PACS_DESTINATIONS": json.dumps(destinations),
+            },
+        ).start()
         yield {
             "root": root,
             "ingest": ingest,
@@ -353,41 +379,47 @@ def exported(env):
         ),
         timeout=30,
     )
-    orthanc = env["orthanc"]
-    pacs = labels_pb2.DicomDestination(host="127.0.0.1", port=orthanc.dicom_port, called_ae_title=orthanc.aet)
     dest = env["root"] / "export"
     t0 = time.perf_counter()
-    job = _export(stub, dest, ["case-a", "case-b", "case-c"], pacs_destination=pacs)
+    job = _export(stub, dest, ["case-a", "case-b", "case-c"], pacs_destination_id="orthanc")
     elapsed = time.perf_counter() - t0
     print(f"export of 3 cases with DICOM SEG + C-STORE to Orthanc: {elapsed:.2f} s")
-    return {"job": job, "dest": dest, "versions": versions, "stub": stub, "pacs": pacs}
+    return {"job": job, "dest": dest, "versions": versions, "stub": stub}
 
 
 def test_export_writes_and_sends_the_seg(env, exported):
     job, dest = exported["job"], exported["dest"]
     version, labels, series = exported["versions"]["a"]
     assert job.state == common_pb2.OPERATION_STATE_SUCCEEDED, job.error_reason
-    assert job.include_dicom_seg and job.pacs_destination.port == env["orthanc"].dicom_port
-    outcome = {o.case_id: o for o in job.dicom_seg_outcomes}
+    assert job.include_dicom_seg and job.pacs_destination_id == "orthanc"
+    assert job.identity == labels_pb2.EXPORT_IDENTITY_DEIDENTIFIED
+    outcome = {o.case_id: o for o in job.dicom_seg_outcomes}  # the API names the real case ids
     a = outcome["case-a"]
     assert a.state == labels_pb2.DICOM_SEG_STATE_SENT, a
     assert a.c_store_status == 0 and a.version_id == version.version_id
-    assert a.path == "case-a/dicom_seg/seg.dcm"
+    folder = PSEUDO.case("case-a")  # the files name the case's pseudonym
+    assert a.path == f"{folder}/dicom_seg/seg.dcm"
     path = dest / a.path
     assert hashlib.sha256(path.read_bytes()).hexdigest() == a.sha256
     manifest = {c["case"]: c for c in json.loads((dest / "manifest.json").read_text())["cases"]}
-    assert manifest["case-a"]["files"]["dicom_seg/seg.dcm"]["sha256"] == a.sha256
-    assert manifest["case-a"]["dicom_seg"]["state"] == "SENT"
+    assert manifest[folder]["files"]["dicom_seg/seg.dcm"]["sha256"] == a.sha256
+    assert manifest[folder]["dicom_seg"]["state"] == "SENT"
+    assert "case-a" not in (dest / "manifest.json").read_text()
 
     seg = hd.seg.segread(path)
     assert seg.SOPClassUID == SEG_STORAGE
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in env["files"]["a"]]
-    uids = [ds.SOPInstanceUID for ds in sources]
+    # de-identified: the references are the source instances' pseudonyms, each once
+    uids = [PSEUDO.uid(ds.SOPInstanceUID) for ds in sources]
     refs = [i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence]
-    assert sorted(refs) == sorted(uids)  # exactly the source instances, each once
+    assert sorted(refs) == sorted(uids)
     assert a.referenced_instance_count == 20
-    assert seg.StudyInstanceUID == sources[0].StudyInstanceUID
-    assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    assert seg.StudyInstanceUID == PSEUDO.uid(sources[0].StudyInstanceUID)
+    assert seg.FrameOfReferenceUID == PSEUDO.uid(sources[0].FrameOfReferenceUID)
+    assert seg.PatientIdentityRemoved == "YES" and not [e for e in seg if e.tag.is_private]
+    for ds in sources[:1]:
+        for ident in (ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID):
+            assert ident.encode() not in path.read_bytes()
     present = sorted(int(o) for o in np.unique(labels) if o)
     assert list(a.organs) == present
     assert [s.SegmentLabel for s in seg.SegmentSequence] == [ORGANS[o] for o in present]
@@ -420,23 +452,24 @@ def test_resampled_grid_is_refused_the_rest_exported(exported):
     b = outcome["case-b"]
     assert b.state == labels_pb2.DICOM_SEG_STATE_REFUSED
     assert b.reason == "GRID_DIFFERS_FROM_SOURCE" and b.reason_metadata["problem"] == "SLICES"
-    assert not b.path and not (dest / "case-b" / "dicom_seg").exists()
+    folder_b = PSEUDO.case("case-b")
+    assert not b.path and not (dest / folder_b / "dicom_seg").exists()
     manifest = {c["case"]: c for c in json.loads((dest / "manifest.json").read_text())["cases"]}
-    assert manifest["case-b"]["dicom_seg"]["reason"] == "GRID_DIFFERS_FROM_SOURCE"
+    assert manifest[folder_b]["dicom_seg"]["reason"] == "GRID_DIFFERS_FROM_SOURCE"
     for rel in ("ct.nii.gz", "combined_labels.nii.gz", "segmentations/liver.nii.gz"):
-        data = (dest / "case-b" / rel).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == manifest["case-b"]["files"][rel]["sha256"]
+        data = (dest / folder_b / rel).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == manifest[folder_b]["files"][rel]["sha256"]
     c = outcome["case-c"]
     assert c.state == labels_pb2.DICOM_SEG_STATE_REFUSED
     assert c.reason == "SOURCE_SERIES_NOT_FOUND"
-    assert (dest / "case-c" / "combined_labels.nii.gz").exists()
+    assert (dest / PSEUDO.case("case-c") / "combined_labels.nii.gz").exists()
     assert [o.case_id for o in job.dicom_seg_outcomes] == ["case-a", "case-b", "case-c"]
 
 
 def test_export_again_resends_the_same_sop_instance(env, exported):
     first = next(o for o in exported["job"].dicom_seg_outcomes if o.case_id == "case-a")
     uid = pydicom.dcmread(exported["dest"] / first.path, stop_before_pixels=True).SOPInstanceUID
-    job = _export(exported["stub"], env["root"] / "export2", ["case-a"], pacs_destination=exported["pacs"])
+    job = _export(exported["stub"], env["root"] / "export2", ["case-a"], pacs_destination_id="orthanc")
     (again,) = job.dicom_seg_outcomes
     assert again.state == labels_pb2.DICOM_SEG_STATE_SENT
     path = env["root"] / "export2" / again.path
@@ -444,61 +477,126 @@ def test_export_again_resends_the_same_sop_instance(env, exported):
     assert len(_orthanc_seg_ids(env["orthanc"], uid)) == 1  # replaced, not duplicated
 
 
+def _removed_field_request(dest: Path) -> labels_pb2.ExportDatasetRequest:
+    """A request from an old client that still sets field 4, the removed host:port
+    DicomDestination (host "h", port 104): kept as an unknown field and sent on."""
+    old = bytes([0x22, 0x07, 0x0A, 0x01, ord("h"), 0x10, 0x68, 0x1A, 0x00])  # field 4 {1: "h", 2: 104, 3: ""}
+    req = labels_pb2.ExportDatasetRequest(destination_uri=dest.as_uri(), include_dicom_seg=True)
+    return labels_pb2.ExportDatasetRequest.FromString(req.SerializeToString() + old)
+
+
 @pytest.mark.parametrize(
-    "options,field",
+    "request_fields,code,reason,metadata",
     [
         (
-            {
-                "include_dicom_seg": False,
-                "pacs_destination": labels_pb2.DicomDestination(host="h", port=104, called_ae_title="PACS"),
-            },
-            "include_dicom_seg",
+            {"include_dicom_seg": True, "pacs_destination_id": "elsewhere"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "UNKNOWN_PACS_DESTINATION",
+            {"pacs_destination_id": "elsewhere"},
+        ),
+        (
+            {"include_dicom_seg": False, "pacs_destination_id": "orthanc"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_PACS_DESTINATION",
+            {"field": "include_dicom_seg"},
+        ),
+        (
+            "removed-field",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "PACS_DESTINATION_BY_ADDRESS_REMOVED",
+            {"field": "pacs_destination"},
         ),
         (
             {
-                "include_dicom_seg": True,
-                "pacs_destination": labels_pb2.DicomDestination(host="h", port=0, called_ae_title="PACS"),
+                "identity": labels_pb2.EXPORT_IDENTITY_IDENTIFIED,
+                "deidentification": labels_pb2.DeidentificationOptions(clean_descriptors=True),
             },
-            "pacs_destination.port",
-        ),
-        (
-            {
-                "include_dicom_seg": True,
-                "pacs_destination": labels_pb2.DicomDestination(host="h", port=104, called_ae_title="A" * 17),
-            },
-            "pacs_destination.called_ae_title",
-        ),
-        (
-            {
-                "include_dicom_seg": True,
-                "pacs_destination": labels_pb2.DicomDestination(port=104, called_ae_title="PACS"),
-            },
-            "pacs_destination.host",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+            {"field": "deidentification"},
         ),
     ],
 )
-def test_bad_pacs_destination_is_refused(env, tmp_path, options, field):
+def test_bad_export_requests_are_refused(env, tmp_path, request_fields, code, reason, metadata):
     _, stub = _stubs(env)
-    code, reason, metadata = _reason(
-        lambda: stub.ExportDataset(
-            labels_pb2.ExportDatasetRequest(destination_uri=tmp_path.as_uri(), **options), timeout=30
-        )
+    if request_fields == "removed-field":
+        request = _removed_field_request(tmp_path)
+    else:
+        request = labels_pb2.ExportDatasetRequest(destination_uri=tmp_path.as_uri(), **request_fields)
+    got = _reason(lambda: stub.ExportDataset(request, timeout=30))
+    assert got == (code, reason, metadata)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_identified_export_is_admin_only_and_audited(env, exported, tmp_path):
+    target = f"127.0.0.1:{env['labels'].port}"
+    request = labels_pb2.ExportDatasetRequest(
+        case_ids=["case-a"],
+        destination_uri=(tmp_path / "id").as_uri(),
+        include_dicom_seg=True,
+        identity=labels_pb2.EXPORT_IDENTITY_IDENTIFIED,
     )
-    assert (code, reason, metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PACS_DESTINATION", field)
+    with grpc.insecure_channel(target) as channel:
+        stub = labels_pb2_grpc.LabelServiceStub(channel)
+        for role in ("annotator", "reviewer"):
+            code, reason, _ = _reason(
+                lambda role=role: stub.ExportDataset(
+                    request, metadata=auth.metadata(role, subject=f"mallory-{role}"), timeout=30
+                )
+            )
+            assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "ROLE_NOT_ALLOWED")
+        admin = auth.metadata("admin", subject="dr-admin")
+        job = stub.ExportDataset(request, metadata=admin, timeout=30).job
+        assert job.identity == labels_pb2.EXPORT_IDENTITY_IDENTIFIED
+        deadline = time.monotonic() + 120
+        while job.state not in TERMINAL:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+            job = stub.GetExportJob(labels_pb2.GetExportJobRequest(job_id=job.job_id), metadata=admin, timeout=30).job
+        assert job.state == common_pb2.OPERATION_STATE_SUCCEEDED, job.error_reason
+        (o,) = job.dicom_seg_outcomes
+        assert o.path == "case-a/dicom_seg/seg.dcm"  # identified: the case id as stored
+        seg = pydicom.dcmread(tmp_path / "id" / o.path, stop_before_pixels=True)
+        sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in env["files"]["a"]]
+        assert seg.StudyInstanceUID == sources[0].StudyInstanceUID and "PatientIdentityRemoved" not in seg
+        records = stub.ListAuditRecords(
+            labels_pb2.ListAuditRecordsRequest(principal="dr-admin", page_size=100), metadata=admin, timeout=30
+        ).records
+        ident = [r for r in records if r.method == IDENTIFIED_EXPORT_METHOD]
+        assert [(r.principal, r.job_id, r.outcome) for r in ident] == [("dr-admin", job.job_id, "OK")]
+        assert ident[0].time.seconds > 0 and list(ident[0].version_ids)
+        assert not [r for r in records if r.principal.startswith("mallory")]  # refused before any handler
 
 
 def test_unreachable_pacs_is_a_send_failure(env, exported, tmp_path):
-    (dead,) = peers.free_ports(1)
     job = _export(
         exported["stub"],
         tmp_path / "out",
         ["case-a"],
-        pacs_destination=labels_pb2.DicomDestination(host="127.0.0.1", port=dead, called_ae_title="NOBODY"),
+        pacs_destination_id="nobody",
     )
     assert job.state == common_pb2.OPERATION_STATE_SUCCEEDED
     (o,) = job.dicom_seg_outcomes
     assert o.state == labels_pb2.DICOM_SEG_STATE_SEND_FAILED and o.reason == "PACS_UNAVAILABLE"
     assert hashlib.sha256((tmp_path / "out" / o.path).read_bytes()).hexdigest() == o.sha256
+
+
+def test_pacs_destinations_configuration(tmp_path):
+    good = {"pacs-a": {"host": "pacs.example.org", "port": 11112, "called_ae": "PACS A&B", "calling_ae": "ME"}}
+    assert parse_pacs_destinations(json.dumps(good)) == {
+        "pacs-a": PacsDestination("pacs.example.org", 11112, "PACS A&B", "ME")
+    }
+    (tmp_path / "d.json").write_text(json.dumps(good))
+    assert parse_pacs_destinations(str(tmp_path / "d.json")) == parse_pacs_destinations(json.dumps(good))
+    assert parse_pacs_destinations("") == {}
+    for bad in (
+        {"pacs-a": {"host": "h", "port": 0, "called_ae": "P"}},
+        {"pacs-a": {"host": "h", "port": 104, "called_ae": "A" * 17}},
+        {"pacs-a": {"port": 104, "called_ae": "P"}},
+        {"../x": {"host": "h", "port": 104, "called_ae": "P"}},
+    ):
+        with pytest.raises(ValueError):
+            parse_pacs_destinations(json.dumps(bad))
 
 
 def test_destination_with_query_or_fragment_is_refused(env, tmp_path):
@@ -524,7 +622,9 @@ def test_destination_with_query_or_fragment_is_refused(env, tmp_path):
     [
         ExportOptions(),
         ExportOptions(include_dicom_seg=True),
-        ExportOptions(include_dicom_seg=True, pacs=PacsDestination("pacs.example.org", 11112, "PACS A&B", "ME")),
+        ExportOptions(include_dicom_seg=True, pacs_destination_id="pacs-a"),
+        ExportOptions(deid=DeidOptions(DATES_MODIFIED, clean_descriptors=True)),
+        ExportOptions(include_dicom_seg=True, identified=True),
     ],
 )
 def test_export_options_are_stored_in_the_job_row(tmp_path, options):
@@ -549,9 +649,10 @@ def test_export_options_are_stored_in_the_job_row(tmp_path, options):
     assert (stored.options == {}) == (options == ExportOptions())  # default: no SEG
     msg = export_to_proto(stored)
     assert msg.destination_uri == uri and msg.include_dicom_seg == options.include_dicom_seg
-    assert msg.HasField("pacs_destination") == (options.pacs is not None)
-    if options.pacs is not None:
-        assert (msg.pacs_destination.called_ae_title, msg.pacs_destination.port) == ("PACS A&B", 11112)
+    assert msg.pacs_destination_id == options.pacs_destination_id
+    assert (msg.identity == labels_pb2.EXPORT_IDENTITY_IDENTIFIED) == options.identified
+    if not options.identified:
+        assert msg.deidentification.clean_descriptors == options.deid.clean_descriptors
     repo.close()
 
 
@@ -578,7 +679,7 @@ def test_outcomes_are_committed_per_case_and_a_resume_replaces_them(tmp_path):
             shape=ct.shape,
             affine=affine,
         )
-    options = ExportOptions(include_dicom_seg=True)
+    options = ExportOptions(include_dicom_seg=True, identified=True)  # case folders by case id
     dest = tmp_path / "out"
     job = repo.create_export_job([], dest.as_uri(), options=options.to_dict())
     calls: list[str] = []

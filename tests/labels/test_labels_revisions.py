@@ -23,6 +23,7 @@ from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.server import build_server, error_info_of
 from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.assembly import apply_revision, assemble, decode_mask_delta, encode_mask_delta
+from atlasflow.labels.deid import Pseudonymizer
 from atlasflow.labels.repository import OrganProvenance, Provenance
 from atlasflow.labels.servicer import LabelServicer
 from atlasflow.labels.storage import open_repository
@@ -152,12 +153,12 @@ def service(request, tmp_path):
     repo = open_repository(url, tmp_path / "data")
     blobs = LocalBlobStore(tmp_path / "blobs")
     metrics = Metrics("labels-test")
-    exporter = Exporter(repo, blobs, metrics)
+    exporter = Exporter(repo, blobs, metrics, pseudonymizer=Pseudonymizer(b"revisions-test-key-0123456789"))
     loop = asyncio.new_event_loop()
 
     async def start():
         def register(server):
-            labels_pb2_grpc.add_LabelServiceServicer_to_server(LabelServicer(repo, blobs, exporter), server)
+            labels_pb2_grpc.add_LabelServiceServicer_to_server(LabelServicer(repo, blobs, exporter, tmp_path), server)
             return [labels_pb2.DESCRIPTOR.services_by_name["LabelService"].full_name]
 
         built = build_server(register=register, metrics=metrics, port=0, verifier=TokenVerifier(auth.issuer().config()))

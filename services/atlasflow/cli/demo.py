@@ -11,6 +11,7 @@ reads the heatmap blob from the local blob directory (embedded deployment).
 from __future__ import annotations
 
 import gzip
+import json
 import math
 import os
 import shutil
@@ -277,14 +278,16 @@ def run_demo(out: Path, *, keep_running: bool = False) -> int:
             .GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id=case_id))
             .item
         )
-        ct, affine = from_nifti_bytes((export_dir / case_id / "ct.nii.gz").read_bytes())
-        labels, _ = from_nifti_bytes((export_dir / case_id / "combined_labels.nii.gz").read_bytes())
+        # the export is de-identified: its case folder is the case's pseudonym (the manifest's only case)
+        case_dir = export_dir / json.loads((export_dir / "manifest.json").read_text())["cases"][0]["case"]
+        ct, affine = from_nifti_bytes((case_dir / "ct.nii.gz").read_bytes())
+        labels, _ = from_nifti_bytes((case_dir / "combined_labels.nii.gz").read_bytes())
         heat, _ = from_nifti_bytes(LocalBlobStore(dep.blob_dir).get(item.heatmap.digest))
         title = f"atlasflow demo - case {case_id}" + (" - DEMO-ONLY weights" if trained else " - UNTRAINED models")
         png = render_montage(ct, labels, heat, affine, out / "montage.png", title=title)
         say(f"montage: {png}")
         say(
-            f"dataset: {export_dir / case_id} (ct.nii.gz, combined_labels.nii.gz, "
+            f"dataset: {case_dir} (de-identified; ct.nii.gz, combined_labels.nii.gz, "
             f"segmentations/<organ>.nii.gz x {len(ORGANS)})"
         )
     except Exception as exc:

@@ -17,7 +17,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar, cast
@@ -90,6 +90,27 @@ def principal_of(context: Context) -> str:
     return ""
 
 
+def author_of(context: Context) -> str:
+    """Who a write is recorded as: the calling service's identity (``svc:<name>``) for a service
+    token, else the token's subject (`principal_of`)."""
+    identity = _IDENTITY.get()
+    if identity is not None and identity.service:
+        return identity.service
+    return principal_of(context)
+
+
+def roles_of(context: Context) -> frozenset[str]:
+    """The verified caller's atlasflow roles (empty with authentication disabled): for a
+    decision inside a handler beyond the policy table (an identified export) and the audit."""
+    identity = _IDENTITY.get()
+    return identity.roles if identity is not None else frozenset()
+
+
+#: called with (method, context, the refusal, the verified identity if the token passed) for
+#: every call refused UNAUTHENTICATED / PERMISSION_DENIED (`atlasflow.common.audit_server`)
+RefusalHook: TypeAlias = Callable[[str, Context, AtlasflowError, Identity | None], Awaitable[None]]
+
+
 def bearer_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     """The bearer token in a call's ``authorization`` metadata ('' if none). More than one
     ``authorization`` entry is refused (INVALID_TOKEN): which one counts must not be a guess."""
@@ -117,9 +138,10 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates and authorises every RPC (unless ``verifier`` is None: authentication
     disabled), maps domain errors to statuses and records RED metrics."""
 
-    def __init__(self, metrics: Metrics, verifier: TokenVerifier | None) -> None:
+    def __init__(self, metrics: Metrics, verifier: TokenVerifier | None, on_refusal: RefusalHook | None = None) -> None:
         self.metrics = metrics
         self.verifier = verifier
+        self.on_refusal = on_refusal
 
     async def intercept_service(
         self,
@@ -135,6 +157,7 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         verifier = self.verifier
         identity: Identity | None = None
         refusal: AtlasflowError | None = None
+        verified: list[Identity] = []  # the token's identity when authorisation refused it
 
         async def admit() -> Identity | None:
             """The caller's verified identity, checked against the policy (raises otherwise),
@@ -148,6 +171,7 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                 )
             # PyJWT may fetch the issuer's JWKS (URL) or re-read it (file): off the event loop.
             identity = await asyncio.to_thread(verifier.verify, token)
+            verified.append(identity)
             authorize(method, identity)
             return identity
 
@@ -183,6 +207,8 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                 fields = {"rpc": short, "code": exc.code, "reason": exc.reason}
                 if exc.domain == "atlasflow.auth":  # who knocked, and why they were turned away
                     fields |= {"peer": context.peer(), "cause": exc.metadata.get("cause", "")}
+                    if self.on_refusal is not None:  # the audit log (rate-limited per peer)
+                        await self.on_refusal(method, context, exc, verified[0] if verified else None)
                 log.warning("rpc failed", extra={"fields": fields})
                 await context.abort_with_status(rpc_status.to_status(status_for(exc)))
             internal = AtlasflowError("INTERNAL", "internal error", domain="atlasflow")
@@ -316,6 +342,8 @@ def build_server(
     max_concurrent_rpcs: int = 64,
     tls: ServerTLS | None = None,
     health_port: int = 0,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    on_refusal: RefusalHook | None = None,
 ) -> BuiltServer:
     """Build (not start) a grpc.aio server. `register` adds servicers and returns the full
     service names it registered (for health and reflection). Port 0 picks a free port.
@@ -326,7 +354,9 @@ def build_server(
     ``tls``: the listener's TLS (mutual when it names a client CA; files re-read when they
     change, `atlasflow.common.tls`); None listens in plaintext (logged as a warning).
     ``health_port``: also serve grpc.health.v1 alone, in plaintext, on that port (probes that
-    cannot speak TLS); 0: no such listener."""
+    cannot speak TLS); 0: no such listener.
+    ``interceptors``: run inside authentication, after it admitted the call (the audit);
+    ``on_refusal``: told of every call refused UNAUTHENTICATED / PERMISSION_DENIED."""
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -342,7 +372,8 @@ def build_server(
     server = grpc.aio.server(
         interceptors=[
             aio_server_interceptor(tracer_provider=tracer_provider, filter_=filters.negate(filters.health_check())),
-            _ErrorAndMetricsInterceptor(metrics, verifier),
+            _ErrorAndMetricsInterceptor(metrics, verifier, on_refusal),
+            *interceptors,  # inside authentication: they see the verified caller (the audit)
         ],
         options=options,
         maximum_concurrent_rpcs=max_concurrent_rpcs,

@@ -10,6 +10,7 @@ client and the repository.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,10 @@ from atlasflow.common.app import Closer, ServiceApp, TaskLoop, build_service_ser
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.clients import aio_channel
 from atlasflow.common.metrics import Metrics
+from atlasflow.labels.deid import Pseudonymizer, ensure_key_file
+from atlasflow.labels.export_jobs import parse_pacs_destinations
 from atlasflow.labels.ingest_sources import IngestSourceInstances
+from atlasflow.labels.ranking_leases import RankingLeases
 from atlasflow.labels.repository import LabelRepository
 from atlasflow.labels.servicer import LabelServicer
 from atlasflow.labels.settings import PREFIX, LabelsSettings
@@ -30,6 +34,7 @@ from atlasflow.labels.worker import Exporter, version_events
 from atlasflow.ranking.v1 import ranking_pb2_grpc
 
 # The generated gRPC modules carry no annotations: their stub and registration, typed here.
+log = logging.getLogger(__name__)
 _RankingStub: Callable[[grpc.aio.Channel], Any] = ranking_pb2_grpc.RankingServiceStub
 _add_servicer: Callable[[LabelServicer, grpc.aio.Server], None] = labels_pb2_grpc.add_LabelServiceServicer_to_server
 
@@ -56,9 +61,22 @@ async def build_app(
     sources = IngestSourceInstances(
         settings.ingest_target, settings.max_message_bytes, token=settings.token_source(), tls=settings.client_tls()
     )
-    exporter = Exporter(repo, blobs, metrics, sources=sources)
+    destinations = parse_pacs_destinations(settings.export_pacs_destinations)
+    key_file = (
+        Path(settings.deid_key_file)
+        if settings.deid_key_file
+        else ensure_key_file(Path(settings.data_dir) / "deid.key")
+    )
+    exporter = Exporter(
+        repo,
+        blobs,
+        metrics,
+        sources=sources,
+        pseudonymizer=Pseudonymizer.from_file(key_file),
+        pacs_destinations=destinations,
+    )
     export_root = Path(settings.export_dir).resolve() if settings.export_dir else None
-    servicer = LabelServicer(repo, blobs, exporter, export_root)
+    servicer = LabelServicer(repo, blobs, exporter, export_root, destinations)
 
     def register(server: grpc.aio.Server) -> list[str]:
         _add_servicer(servicer, server)
@@ -69,6 +87,11 @@ async def build_app(
         settings.ranking_target, settings.max_message_bytes, token=settings.token_source(), tls=settings.client_tls()
     )
     events = version_events(repo, blobs, _RankingStub(ranking_channel), metrics)
+    if settings.revise_requires_lease:
+        # ReviseLabels only from the reviewer holding the case's lease (asked of ranking)
+        servicer.leases = RankingLeases(_RankingStub(ranking_channel))
+    else:
+        log.warning("REVISE_REQUIRES_LEASE=false: revisions are not tied to a lease; isolated tests only")
     # closed in reverse order: the ranking channel, the ingest client, then the repository
     closers: list[Closer] = [repo.close] if owned else []
     closers += [sources.close, ranking_channel.close]

@@ -10,18 +10,19 @@ event loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import cast
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import timestamp_pb2, unknown_fields
 
 from atlasflow.common.blobstore import BlobStore
-from atlasflow.common.errors import InvalidArgument
-from atlasflow.common.server import Context, principal_of
+from atlasflow.common.errors import AtlasflowError, FailedPrecondition, InvalidArgument, PermissionDenied
+from atlasflow.common.server import Context, author_of, principal_of, roles_of
 from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.audit import audited, require_principal
+from atlasflow.labels.deid import DATES_FULL, DATES_MODIFIED, DATES_REMOVED, DeidOptions
 from atlasflow.labels.export import destination_path
 from atlasflow.labels.export_jobs import ExportOptions, PacsDestination, SegOutcome, job_seg_outcomes
 from atlasflow.labels.repository import (
@@ -137,6 +138,20 @@ def seg_outcome_to_proto(o: SegOutcome) -> labels_pb2.DicomSegOutcome:
     )
 
 
+_DATES_TO_PROTO = {
+    DATES_REMOVED: labels_pb2.DEIDENTIFICATION_DATES_REMOVED,
+    DATES_MODIFIED: labels_pb2.DEIDENTIFICATION_DATES_MODIFIED,
+    DATES_FULL: labels_pb2.DEIDENTIFICATION_DATES_FULL,
+}
+_DATES_FROM_PROTO = {v: k for k, v in _DATES_TO_PROTO.items()} | {
+    labels_pb2.DEIDENTIFICATION_DATES_UNSPECIFIED: DATES_REMOVED
+}
+#: the audit method of an identified export (who, what, when, outcome: the labels audit trail)
+IDENTIFIED_EXPORT_METHOD = "ExportDataset/IDENTIFIED"
+#: ExportDatasetRequest field 4, the removed host:port DicomDestination
+_REMOVED_PACS_FIELD = 4
+
+
 def export_to_proto(j: ExportJobRecord, outcomes: Sequence[SegOutcome] = ()) -> labels_pb2.ExportJob:
     options = ExportOptions.from_dict(j.options)
     msg = labels_pb2.ExportJob(
@@ -148,27 +163,64 @@ def export_to_proto(j: ExportJobRecord, outcomes: Sequence[SegOutcome] = ()) -> 
         create_time=_ts(j.create_time),
         include_dicom_seg=options.include_dicom_seg,
         dicom_seg_outcomes=[seg_outcome_to_proto(o) for o in outcomes],
+        pacs_destination_id=options.pacs_destination_id,
+        identity=(
+            labels_pb2.EXPORT_IDENTITY_IDENTIFIED if options.identified else labels_pb2.EXPORT_IDENTITY_DEIDENTIFIED
+        ),
     )
-    if options.pacs is not None:
-        msg.pacs_destination.CopyFrom(
-            labels_pb2.DicomDestination(
-                host=options.pacs.host,
-                port=options.pacs.port,
-                called_ae_title=options.pacs.called_ae,
-                calling_ae_title=options.pacs.calling_ae,
+    if not options.identified:
+        msg.deidentification.CopyFrom(
+            labels_pb2.DeidentificationOptions(
+                dates=_DATES_TO_PROTO[options.deid.dates], clean_descriptors=options.deid.clean_descriptors
             )
         )
     return msg
 
 
-def export_options_of(request: labels_pb2.ExportDatasetRequest) -> ExportOptions:
-    """The request's SEG options, validated (`ExportOptions.checked`: InvalidArgument
-    INVALID_PACS_DESTINATION)."""
-    pacs = None
-    if request.HasField("pacs_destination"):
-        d = request.pacs_destination
-        pacs = PacsDestination(d.host, d.port, d.called_ae_title, d.calling_ae_title or "ATLASFLOW")
-    return ExportOptions.checked(request.include_dicom_seg, pacs)
+def export_options_of(
+    request: labels_pb2.ExportDatasetRequest, destinations: Mapping[str, PacsDestination]
+) -> ExportOptions:
+    """The request's export options, validated: InvalidArgument
+    PACS_DESTINATION_BY_ADDRESS_REMOVED (the removed field 4 is set), INVALID_PACS_DESTINATION /
+    UNKNOWN_PACS_DESTINATION (`ExportOptions.checked`), INVALID_ARGUMENT (an unknown enum value,
+    or de-identification options on an identified export)."""
+    unknown = unknown_fields.UnknownFieldSet(request)
+    if any(unknown[i].field_number == _REMOVED_PACS_FIELD for i in range(len(unknown))):
+        raise InvalidArgument(
+            "PACS_DESTINATION_BY_ADDRESS_REMOVED",
+            "pacs_destination (host:port) was removed: name a configured destination by pacs_destination_id",
+            domain=DOMAIN,
+            metadata={"field": "pacs_destination"},
+        )
+    if (
+        request.identity
+        not in (
+            labels_pb2.EXPORT_IDENTITY_UNSPECIFIED,
+            labels_pb2.EXPORT_IDENTITY_DEIDENTIFIED,
+            labels_pb2.EXPORT_IDENTITY_IDENTIFIED,
+        )
+        or request.deidentification.dates not in _DATES_FROM_PROTO
+    ):
+        raise InvalidArgument(
+            "INVALID_ARGUMENT", "unknown identity or dates value", domain=DOMAIN, metadata={"field": "identity"}
+        )
+    identified = request.identity == labels_pb2.EXPORT_IDENTITY_IDENTIFIED
+    deid = None
+    if request.HasField("deidentification"):
+        d = request.deidentification
+        deid = DeidOptions(_DATES_FROM_PROTO[d.dates], d.clean_descriptors)
+    return ExportOptions.checked(
+        request.include_dicom_seg, request.pacs_destination_id, destinations, identified=identified, deid=deid
+    )
+
+
+def check_export_allowed(options: ExportOptions, roles: frozenset[str]) -> None:
+    """PermissionDenied("IDENTIFIED_EXPORT_NOT_ALLOWED") for an identified export by a caller
+    without the admin role (no roles without a verified token: authentication disabled)."""
+    if options.identified and "admin" not in roles:
+        raise PermissionDenied(
+            "IDENTIFIED_EXPORT_NOT_ALLOWED", "an identified export needs the admin role", domain=DOMAIN
+        )
 
 
 class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
@@ -177,13 +229,23 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
     failures after the fact; `atlasflow.labels.audit`)."""
 
     def __init__(
-        self, repo: LabelRepository, blobs: BlobStore, exporter: Exporter, export_root: Path | None = None
+        self,
+        repo: LabelRepository,
+        blobs: BlobStore,
+        exporter: Exporter,
+        export_root: Path | None = None,
+        pacs_destinations: Mapping[str, PacsDestination] | None = None,
     ) -> None:
         self.repo = repo
         self.blobs = blobs
         self.exporter = exporter
+        # no export root: exports are refused (EXPORT_NOT_CONFIGURED)
         self.export_root = export_root
+        self.pacs_destinations = dict(pacs_destinations or {})
         self.writer = LabelWriter(repo, blobs)
+        # ReviseLabels only from the reviewer holding the case's lease (labels/ranking_leases.py;
+        # the app sets it; None only where a test builds the servicer without a ranking service)
+        self.leases: Callable[[str, str], Awaitable[None]] | None = None
 
     async def CreateLabelVersion(
         self, request: labels_pb2.CreateLabelVersionRequest, context: Context
@@ -191,7 +253,10 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
         if request.provenance.source not in _SOURCE_FROM_PROTO:
             raise InvalidArgument("INVALID_PROVENANCE", "provenance.source is required", domain=DOMAIN)
         p = request.provenance
-        provenance = Provenance(_SOURCE_FROM_PROTO[p.source], p.model_version, p.job_id, p.reviewer, p.weights_trained)
+        # the author is the verified caller, never the request's claim: a service's identity
+        # (svc:segmentation for the AI versions) or the person's token subject (an admin's import)
+        author = author_of(context) or p.reviewer
+        provenance = Provenance(_SOURCE_FROM_PROTO[p.source], p.model_version, p.job_id, author, p.weights_trained)
         record = await asyncio.to_thread(
             audited,
             self.repo,
@@ -217,6 +282,14 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
         reviewer = await asyncio.to_thread(
             require_principal, self.repo, principal_of(context), "ReviseLabels", request.case_id
         )
+        if self.leases is not None:
+            # only the holder of the case's lease in ranking (FAILED_PRECONDITION LEASE_NOT_HELD)
+            try:
+                await self.leases(request.case_id, reviewer)
+            except AtlasflowError as exc:  # the refused revision stays in the audit trail
+                refused = AuditEvent(reviewer, "ReviseLabels", request.case_id, outcome=exc.reason)
+                await asyncio.to_thread(self.repo.record_audit, refused)
+                raise
         revisions = []
         for r in request.revisions:
             kind = r.WhichOneof("mask")
@@ -277,14 +350,27 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
     async def ExportDataset(
         self, request: labels_pb2.ExportDatasetRequest, context: Context
     ) -> labels_pb2.ExportDatasetResponse:
+        roles = roles_of(context)
+        identified = request.identity == labels_pb2.EXPORT_IDENTITY_IDENTIFIED
+
         def work(audit: AuditEvent) -> ExportJobRecord:
+            if self.export_root is None:
+                raise FailedPrecondition(
+                    "EXPORT_NOT_CONFIGURED",
+                    "exports are not configured on this server (labels EXPORT_DIR)",
+                    domain=DOMAIN,
+                )
             destination_path(request.destination_uri, self.export_root)
-            options = export_options_of(request)
+            options = export_options_of(request, self.pacs_destinations)
+            check_export_allowed(options, roles)
             return self.repo.create_export_job(
                 list(request.case_ids), request.destination_uri, audit=audit, options=options.to_dict()
             )
 
-        job = await asyncio.to_thread(audited, self.repo, principal_of(context), "ExportDataset", "", work)
+        # an identified export is recorded under its own method name (accepted with its job and
+        # versions, or refused with the reason): the one place to switch to a common audit
+        method = IDENTIFIED_EXPORT_METHOD if identified else "ExportDataset"
+        job = await asyncio.to_thread(audited, self.repo, principal_of(context), method, "", work)
         self.exporter.wake.set()
         return labels_pb2.ExportDatasetResponse(job=export_to_proto(job))
 
@@ -310,3 +396,25 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
             self.repo.list_audit_records, request.case_id, request.principal, request.page_size, request.page_token
         )
         return labels_pb2.ListAuditRecordsResponse(records=[audit_to_proto(r) for r in records], next_page_token=token)
+
+    async def PurgeStudy(
+        self, request: labels_pb2.PurgeStudyRequest, context: Context
+    ) -> labels_pb2.PurgeStudyResponse:
+        if not request.case_id:
+            raise InvalidArgument(
+                "INVALID_REQUEST", "case_id is required", domain=DOMAIN, metadata={"field": "case_id"}
+            )
+        # the audit trail keeps the purge itself (audit records are never purged)
+        counts, released = await asyncio.to_thread(
+            audited,
+            self.repo,
+            principal_of(context),
+            "PurgeStudy",
+            request.case_id,
+            lambda _: self.repo.purge_study(request.case_id),
+            lambda _result: ((), ""),
+        )
+        referenced = await asyncio.to_thread(self.repo.referenced, list(request.check_digests))
+        return labels_pb2.PurgeStudyResponse(
+            deleted_rows=counts, released_digests=released, referenced_digests=referenced
+        )

@@ -18,6 +18,19 @@ class LabelSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LABEL_SOURCE_RADIOLOGIST: _ClassVar[LabelSource]
     LABEL_SOURCE_ORIGINAL: _ClassVar[LabelSource]
 
+class ExportIdentity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPORT_IDENTITY_UNSPECIFIED: _ClassVar[ExportIdentity]
+    EXPORT_IDENTITY_DEIDENTIFIED: _ClassVar[ExportIdentity]
+    EXPORT_IDENTITY_IDENTIFIED: _ClassVar[ExportIdentity]
+
+class DeidentificationDates(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DEIDENTIFICATION_DATES_UNSPECIFIED: _ClassVar[DeidentificationDates]
+    DEIDENTIFICATION_DATES_REMOVED: _ClassVar[DeidentificationDates]
+    DEIDENTIFICATION_DATES_MODIFIED: _ClassVar[DeidentificationDates]
+    DEIDENTIFICATION_DATES_FULL: _ClassVar[DeidentificationDates]
+
 class DicomSegState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DICOM_SEG_STATE_UNSPECIFIED: _ClassVar[DicomSegState]
@@ -30,6 +43,13 @@ LABEL_SOURCE_UNSPECIFIED: LabelSource
 LABEL_SOURCE_AI: LabelSource
 LABEL_SOURCE_RADIOLOGIST: LabelSource
 LABEL_SOURCE_ORIGINAL: LabelSource
+EXPORT_IDENTITY_UNSPECIFIED: ExportIdentity
+EXPORT_IDENTITY_DEIDENTIFIED: ExportIdentity
+EXPORT_IDENTITY_IDENTIFIED: ExportIdentity
+DEIDENTIFICATION_DATES_UNSPECIFIED: DeidentificationDates
+DEIDENTIFICATION_DATES_REMOVED: DeidentificationDates
+DEIDENTIFICATION_DATES_MODIFIED: DeidentificationDates
+DEIDENTIFICATION_DATES_FULL: DeidentificationDates
 DICOM_SEG_STATE_UNSPECIFIED: DicomSegState
 DICOM_SEG_STATE_WRITTEN: DicomSegState
 DICOM_SEG_STATE_SENT: DicomSegState
@@ -148,7 +168,7 @@ class ExportProgress(_message.Message):
     def __init__(self, cases_done: _Optional[int] = ..., cases_total: _Optional[int] = ...) -> None: ...
 
 class ExportJob(_message.Message):
-    __slots__ = ("job_id", "state", "progress", "destination_uri", "error_reason", "create_time", "include_dicom_seg", "pacs_destination", "dicom_seg_outcomes")
+    __slots__ = ("job_id", "state", "progress", "destination_uri", "error_reason", "create_time", "include_dicom_seg", "dicom_seg_outcomes", "pacs_destination_id", "identity", "deidentification")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
@@ -156,8 +176,10 @@ class ExportJob(_message.Message):
     ERROR_REASON_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_DICOM_SEG_FIELD_NUMBER: _ClassVar[int]
-    PACS_DESTINATION_FIELD_NUMBER: _ClassVar[int]
     DICOM_SEG_OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    PACS_DESTINATION_ID_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    DEIDENTIFICATION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: _common_pb2.OperationState
     progress: ExportProgress
@@ -165,33 +187,35 @@ class ExportJob(_message.Message):
     error_reason: str
     create_time: _timestamp_pb2.Timestamp
     include_dicom_seg: bool
-    pacs_destination: DicomDestination
     dicom_seg_outcomes: _containers.RepeatedCompositeFieldContainer[DicomSegOutcome]
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.OperationState, str]] = ..., progress: _Optional[_Union[ExportProgress, _Mapping]] = ..., destination_uri: _Optional[str] = ..., error_reason: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., include_dicom_seg: _Optional[bool] = ..., pacs_destination: _Optional[_Union[DicomDestination, _Mapping]] = ..., dicom_seg_outcomes: _Optional[_Iterable[_Union[DicomSegOutcome, _Mapping]]] = ...) -> None: ...
+    pacs_destination_id: str
+    identity: ExportIdentity
+    deidentification: DeidentificationOptions
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.OperationState, str]] = ..., progress: _Optional[_Union[ExportProgress, _Mapping]] = ..., destination_uri: _Optional[str] = ..., error_reason: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., include_dicom_seg: _Optional[bool] = ..., dicom_seg_outcomes: _Optional[_Iterable[_Union[DicomSegOutcome, _Mapping]]] = ..., pacs_destination_id: _Optional[str] = ..., identity: _Optional[_Union[ExportIdentity, str]] = ..., deidentification: _Optional[_Union[DeidentificationOptions, _Mapping]] = ...) -> None: ...
+
+class DeidentificationOptions(_message.Message):
+    __slots__ = ("dates", "clean_descriptors")
+    DATES_FIELD_NUMBER: _ClassVar[int]
+    CLEAN_DESCRIPTORS_FIELD_NUMBER: _ClassVar[int]
+    dates: DeidentificationDates
+    clean_descriptors: bool
+    def __init__(self, dates: _Optional[_Union[DeidentificationDates, str]] = ..., clean_descriptors: _Optional[bool] = ...) -> None: ...
 
 class ExportDatasetRequest(_message.Message):
-    __slots__ = ("case_ids", "destination_uri", "include_dicom_seg", "pacs_destination")
+    __slots__ = ("case_ids", "destination_uri", "include_dicom_seg", "pacs_destination_id", "identity", "deidentification")
     CASE_IDS_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_URI_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_DICOM_SEG_FIELD_NUMBER: _ClassVar[int]
-    PACS_DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    PACS_DESTINATION_ID_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    DEIDENTIFICATION_FIELD_NUMBER: _ClassVar[int]
     case_ids: _containers.RepeatedScalarFieldContainer[str]
     destination_uri: str
     include_dicom_seg: bool
-    pacs_destination: DicomDestination
-    def __init__(self, case_ids: _Optional[_Iterable[str]] = ..., destination_uri: _Optional[str] = ..., include_dicom_seg: _Optional[bool] = ..., pacs_destination: _Optional[_Union[DicomDestination, _Mapping]] = ...) -> None: ...
-
-class DicomDestination(_message.Message):
-    __slots__ = ("host", "port", "called_ae_title", "calling_ae_title")
-    HOST_FIELD_NUMBER: _ClassVar[int]
-    PORT_FIELD_NUMBER: _ClassVar[int]
-    CALLED_AE_TITLE_FIELD_NUMBER: _ClassVar[int]
-    CALLING_AE_TITLE_FIELD_NUMBER: _ClassVar[int]
-    host: str
-    port: int
-    called_ae_title: str
-    calling_ae_title: str
-    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., called_ae_title: _Optional[str] = ..., calling_ae_title: _Optional[str] = ...) -> None: ...
+    pacs_destination_id: str
+    identity: ExportIdentity
+    deidentification: DeidentificationOptions
+    def __init__(self, case_ids: _Optional[_Iterable[str]] = ..., destination_uri: _Optional[str] = ..., include_dicom_seg: _Optional[bool] = ..., pacs_destination_id: _Optional[str] = ..., identity: _Optional[_Union[ExportIdentity, str]] = ..., deidentification: _Optional[_Union[DeidentificationOptions, _Mapping]] = ...) -> None: ...
 
 class DicomSegOutcome(_message.Message):
     __slots__ = ("case_id", "version_id", "state", "path", "sha256", "organs", "referenced_instance_count", "reason", "reason_metadata", "c_store_status")
@@ -243,26 +267,30 @@ class GetExportJobResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[ExportJob, _Mapping]] = ...) -> None: ...
 
 class OrganRevision(_message.Message):
-    __slots__ = ("organ", "mask_blob", "xor_delta")
+    __slots__ = ("organ", "mask_blob", "xor_delta", "review_seconds")
     ORGAN_FIELD_NUMBER: _ClassVar[int]
     MASK_BLOB_FIELD_NUMBER: _ClassVar[int]
     XOR_DELTA_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     organ: _common_pb2.Organ
     mask_blob: _common_pb2.BlobRef
     xor_delta: bytes
-    def __init__(self, organ: _Optional[_Union[_common_pb2.Organ, str]] = ..., mask_blob: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., xor_delta: _Optional[bytes] = ...) -> None: ...
+    review_seconds: float
+    def __init__(self, organ: _Optional[_Union[_common_pb2.Organ, str]] = ..., mask_blob: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., xor_delta: _Optional[bytes] = ..., review_seconds: _Optional[float] = ...) -> None: ...
 
 class ReviseLabelsRequest(_message.Message):
-    __slots__ = ("case_id", "expected_parent_version_id", "revisions", "request_id")
+    __slots__ = ("case_id", "expected_parent_version_id", "revisions", "request_id", "review_seconds")
     CASE_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_PARENT_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     REVISIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     case_id: str
     expected_parent_version_id: str
     revisions: _containers.RepeatedCompositeFieldContainer[OrganRevision]
     request_id: str
-    def __init__(self, case_id: _Optional[str] = ..., expected_parent_version_id: _Optional[str] = ..., revisions: _Optional[_Iterable[_Union[OrganRevision, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    review_seconds: float
+    def __init__(self, case_id: _Optional[str] = ..., expected_parent_version_id: _Optional[str] = ..., revisions: _Optional[_Iterable[_Union[OrganRevision, _Mapping]]] = ..., request_id: _Optional[str] = ..., review_seconds: _Optional[float] = ...) -> None: ...
 
 class ReviseLabelsResponse(_message.Message):
     __slots__ = ("version",)

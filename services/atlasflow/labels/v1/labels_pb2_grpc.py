@@ -66,9 +66,18 @@ class LabelServiceStub:
     INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN (INVALID_ARGUMENT)
     INVALID_DESTINATION / DESTINATION_NOT_ALLOWED (INVALID_ARGUMENT), NOTHING_TO_EXPORT
     (FAILED_PRECONDITION)
-    INVALID_PACS_DESTINATION (INVALID_ARGUMENT) ExportDatasetRequest.pacs_destination is
-    incomplete or malformed, or given without
+    EXPORT_NOT_CONFIGURED (FAILED_PRECONDITION) the service has no EXPORT_DIR: no export at all
+    INVALID_PACS_DESTINATION (INVALID_ARGUMENT) pacs_destination_id given without
     include_dicom_seg; metadata "field"
+    UNKNOWN_PACS_DESTINATION (INVALID_ARGUMENT) pacs_destination_id is not one of the server's
+    configured destinations; metadata
+    "pacs_destination_id"
+    PACS_DESTINATION_BY_ADDRESS_REMOVED (INVALID_ARGUMENT) the request sets the removed field 4
+    (a host:port DicomDestination): name a configured
+    destination by pacs_destination_id instead
+    IDENTIFIED_EXPORT_NOT_ALLOWED (PERMISSION_DENIED) identity IDENTIFIED without the admin role
+    Export job errors (ExportJob.error_reason): DEID_NOT_CONFIGURED (no pseudonym key),
+    DESTINATION_WRITE_FAILED, and the reasons above that a case can raise.
     Per-case DICOM SEG outcomes of an export (DicomSegOutcome.reason, not RPC errors):
     GRID_DIFFERS_FROM_SOURCE                 the volume's grid is not the source images' (tilt
     corrected, slices filled or resampled); metadata
@@ -81,6 +90,7 @@ class LabelServiceStub:
     DICOM_SEG_ERROR                          the SEG could not be built from the source headers
     (metadata "error": the exception type)
     PACS_UNAVAILABLE, PACS_REFUSED           C-STORE: no association / a failure status
+    UNKNOWN_PACS_DESTINATION                 the job's destination id is no longer configured
     """
 
     def __init__(self, channel):
@@ -172,9 +182,18 @@ class LabelServiceServicer:
     INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN (INVALID_ARGUMENT)
     INVALID_DESTINATION / DESTINATION_NOT_ALLOWED (INVALID_ARGUMENT), NOTHING_TO_EXPORT
     (FAILED_PRECONDITION)
-    INVALID_PACS_DESTINATION (INVALID_ARGUMENT) ExportDatasetRequest.pacs_destination is
-    incomplete or malformed, or given without
+    EXPORT_NOT_CONFIGURED (FAILED_PRECONDITION) the service has no EXPORT_DIR: no export at all
+    INVALID_PACS_DESTINATION (INVALID_ARGUMENT) pacs_destination_id given without
     include_dicom_seg; metadata "field"
+    UNKNOWN_PACS_DESTINATION (INVALID_ARGUMENT) pacs_destination_id is not one of the server's
+    configured destinations; metadata
+    "pacs_destination_id"
+    PACS_DESTINATION_BY_ADDRESS_REMOVED (INVALID_ARGUMENT) the request sets the removed field 4
+    (a host:port DicomDestination): name a configured
+    destination by pacs_destination_id instead
+    IDENTIFIED_EXPORT_NOT_ALLOWED (PERMISSION_DENIED) identity IDENTIFIED without the admin role
+    Export job errors (ExportJob.error_reason): DEID_NOT_CONFIGURED (no pseudonym key),
+    DESTINATION_WRITE_FAILED, and the reasons above that a case can raise.
     Per-case DICOM SEG outcomes of an export (DicomSegOutcome.reason, not RPC errors):
     GRID_DIFFERS_FROM_SOURCE                 the volume's grid is not the source images' (tilt
     corrected, slices filled or resampled); metadata
@@ -187,6 +206,7 @@ class LabelServiceServicer:
     DICOM_SEG_ERROR                          the SEG could not be built from the source headers
     (metadata "error": the exception type)
     PACS_UNAVAILABLE, PACS_REFUSED           C-STORE: no association / a failure status
+    UNKNOWN_PACS_DESTINATION                 the job's destination id is no longer configured
     """
 
     def CreateLabelVersion(self, request, context):
@@ -343,9 +363,18 @@ class LabelService:
     INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN (INVALID_ARGUMENT)
     INVALID_DESTINATION / DESTINATION_NOT_ALLOWED (INVALID_ARGUMENT), NOTHING_TO_EXPORT
     (FAILED_PRECONDITION)
-    INVALID_PACS_DESTINATION (INVALID_ARGUMENT) ExportDatasetRequest.pacs_destination is
-    incomplete or malformed, or given without
+    EXPORT_NOT_CONFIGURED (FAILED_PRECONDITION) the service has no EXPORT_DIR: no export at all
+    INVALID_PACS_DESTINATION (INVALID_ARGUMENT) pacs_destination_id given without
     include_dicom_seg; metadata "field"
+    UNKNOWN_PACS_DESTINATION (INVALID_ARGUMENT) pacs_destination_id is not one of the server's
+    configured destinations; metadata
+    "pacs_destination_id"
+    PACS_DESTINATION_BY_ADDRESS_REMOVED (INVALID_ARGUMENT) the request sets the removed field 4
+    (a host:port DicomDestination): name a configured
+    destination by pacs_destination_id instead
+    IDENTIFIED_EXPORT_NOT_ALLOWED (PERMISSION_DENIED) identity IDENTIFIED without the admin role
+    Export job errors (ExportJob.error_reason): DEID_NOT_CONFIGURED (no pseudonym key),
+    DESTINATION_WRITE_FAILED, and the reasons above that a case can raise.
     Per-case DICOM SEG outcomes of an export (DicomSegOutcome.reason, not RPC errors):
     GRID_DIFFERS_FROM_SOURCE                 the volume's grid is not the source images' (tilt
     corrected, slices filled or resampled); metadata
@@ -358,6 +387,7 @@ class LabelService:
     DICOM_SEG_ERROR                          the SEG could not be built from the source headers
     (metadata "error": the exception type)
     PACS_UNAVAILABLE, PACS_REFUSED           C-STORE: no association / a failure status
+    UNKNOWN_PACS_DESTINATION                 the job's destination id is no longer configured
     """
 
     @staticmethod
