@@ -423,3 +423,45 @@ def test_identified_export_keeps_identity(tmp_path):
 def test_deidentified_export_without_a_key_fails_the_job(tmp_path):
     with pytest.raises(AssertionError, match="DEID_NOT_CONFIGURED"):
         _export(tmp_path, ExportOptions(), None)
+
+
+# ------------------------------------------------------------------ the request's checks
+
+
+class _Context:
+    """The servicer reads only the call's metadata (no token: authentication disabled)."""
+
+    def invocation_metadata(self):
+        return ()
+
+
+def test_export_without_export_dir_is_refused_and_audited(tmp_path):
+    import asyncio
+
+    from atlasflow.common.errors import FailedPrecondition
+    from atlasflow.labels.servicer import LabelServicer
+    from atlasflow.labels.v1 import labels_pb2
+
+    repo = SqliteLabelRepository(tmp_path / "labels.sqlite")
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    servicer = LabelServicer(repo, blobs, Exporter(repo, blobs, Metrics("labels")), export_root=None)
+    request = labels_pb2.ExportDatasetRequest(destination_uri=(tmp_path / "out").as_uri())
+    with pytest.raises(FailedPrecondition) as e:
+        asyncio.run(servicer.ExportDataset(request, _Context()))
+    assert e.value.reason == "EXPORT_NOT_CONFIGURED"
+    records, _ = repo.list_audit_records("", "", 10, "")
+    assert [(r.method, r.outcome) for r in records] == [("ExportDataset", "EXPORT_NOT_CONFIGURED")]
+    assert not (tmp_path / "out").exists()
+    repo.close()
+
+
+@pytest.mark.parametrize("roles", [frozenset(), frozenset({"service"}), frozenset({"reviewer", "annotator"})])
+def test_identified_export_needs_admin_in_the_handler(roles):
+    from atlasflow.common.errors import PermissionDenied
+    from atlasflow.labels.servicer import check_export_allowed
+
+    with pytest.raises(PermissionDenied) as e:
+        check_export_allowed(ExportOptions(identified=True), roles)
+    assert e.value.reason == "IDENTIFIED_EXPORT_NOT_ALLOWED"
+    check_export_allowed(ExportOptions(identified=True), frozenset({"admin"}))
+    check_export_allowed(ExportOptions(), roles)  # de-identified: the policy table decides
