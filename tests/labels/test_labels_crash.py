@@ -83,6 +83,9 @@ def test_sigkill_during_writes_leaves_old_or_new_never_torn(backend, tmp_path, r
         "OTEL_TRACES_EXPORTER": "none",
         "OTEL_METRICS_EXPORTER": "none",
         **auth.auth_env("ATLASFLOW_LABELS_"),
+        # the label store's atomicity under SIGKILL, without a ranking service to hold leases
+        # (the lease check: tests/labels/test_labels_revise_lease.py)
+        "ATLASFLOW_LABELS_REVISE_REQUIRES_LEASE": "false",
     }
     blobs = LocalBlobStore(tmp_path / "blobs")
     rng = np.random.default_rng(7)
@@ -101,7 +104,7 @@ def test_sigkill_during_writes_leaves_old_or_new_never_torn(backend, tmp_path, r
     acked: dict[str, str] = {}  # request_id -> version_id, acknowledged before the kill
     sent: list[tuple[str, labels_pb2.CreateLabelVersionRequest]] = []
     # tokens minted before the threads start: the writers act as the segmentation service's hand-off
-    service = auth.metadata("service", subject="segmentation")
+    service = auth.service_metadata("segmentation")
     reviewers = {t: auth.metadata("reviewer", subject=f"dr-{t}") for t in range(2)}
     stop = threading.Event()
     lock = threading.Lock()

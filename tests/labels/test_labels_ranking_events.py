@@ -138,6 +138,7 @@ def test_revision_reaches_ranking_and_reranks(tmp_path: Path) -> None:
                 ranking_pb2.SubmitAttentionRequest(
                     case_id=case, series_id="s-" + case, source_job_id="job-1", organs=organs
                 ),
+                metadata=auth.service_metadata("segmentation"),  # segmentation's hand-off
                 timeout=10,
             )
 
@@ -150,7 +151,9 @@ def test_revision_reaches_ranking_and_reranks(tmp_path: Path) -> None:
         a = item("case-a")
         assert a.priority == pytest.approx(14.0) and a.rank == 1 and not a.human_decided_organs
 
-        # a radiologist revises the liver
+        # a radiologist leases the case and revises the liver (a revision needs the lease)
+        dr_x = auth.metadata("reviewer", subject="dr.x")
+        rstub.LeaseCase(ranking_pb2.LeaseCaseRequest(case_id="case-a"), metadata=dr_x, timeout=10)
         liver = (label_map == LIVER).astype(np.uint8)
         liver[2:4] = 0
         v2 = lstub.ReviseLabels(
@@ -160,9 +163,10 @@ def test_revision_reaches_ranking_and_reranks(tmp_path: Path) -> None:
                 request_id="rev-1",
                 revisions=[labels_pb2.OrganRevision(organ=LIVER, mask_blob=_ref(blobs, to_nifti_bytes(liver, AFFINE)))],
             ),
-            metadata=auth.metadata("reviewer", subject="dr.x"),
+            metadata=dr_x,
             timeout=30,
         ).version
+        rstub.ReleaseLease(ranking_pb2.ReleaseLeaseRequest(case_id="case-a"), metadata=dr_x, timeout=10)
         assert _until(lambda: item("case-a").label_version_id == v2.version_id)
         a = item("case-a")
         assert list(a.human_decided_organs) == [LIVER]

@@ -65,6 +65,11 @@ def who(principal: str, role: str = "reviewer") -> tuple[tuple[str, str], ...]:
     return auth.metadata(role, subject=principal)
 
 
+# the hand-offs as the services that make them (atlasflow.common.policy.HANDOFF_CALLERS)
+SEGMENTATION = auth.service_metadata("segmentation")
+LABELS = auth.service_metadata("labels")
+
+
 def organ(o, attention, heat=None, **kw):
     return pb.OrganAttention(
         organ=o, attention_ml=attention, heatmap_ml=attention / 2 if heat is None else heat, volume_ml=100.0, **kw
@@ -76,6 +81,7 @@ def submit(stub, case_id, organs, labelled=(), job="j1"):
         pb.SubmitAttentionRequest(
             case_id=case_id, series_id="s-" + case_id, source_job_id=job, organs=organs, labelled_organs=list(labelled)
         ),
+        metadata=SEGMENTATION,
         timeout=10,
     ).item
 
@@ -385,16 +391,20 @@ def test_record_label_version_reranks_over_grpc(server):
             reviewer="dr.x",
         ),
         timeout=10,
+        metadata=LABELS,
     )
     assert resp.item.priority == 4.0 and resp.item.rank == 2
     assert resp.item.label_version_id == "v2" and list(resp.item.human_decided_organs) == [5]
     # unknown case: remembered, no item yet
     assert not stub.RecordLabelVersion(
-        pb.RecordLabelVersionRequest(case_id="later", label_version_id="v1", version_number=1), timeout=10
+        pb.RecordLabelVersionRequest(case_id="later", label_version_id="v1", version_number=1),
+        timeout=10,
+        metadata=LABELS,
     ).HasField("item")
     fails(
         lambda: stub.RecordLabelVersion(
-            pb.RecordLabelVersionRequest(case_id="a", label_version_id="v3", version_number=0)
+            pb.RecordLabelVersionRequest(case_id="a", label_version_id="v3", version_number=0),
+            metadata=LABELS,
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_LABEL_VERSION",
@@ -431,6 +441,7 @@ def test_population_prior_learns_from_recorded_human_labels(server):
                 ],
             ),
             timeout=10,
+            metadata=LABELS,
         )
     got = stub.GetPopulationPrior(pb.GetPopulationPriorRequest(), timeout=10)
     learned = PopulationPrior.from_dict(json.loads(got.prior_json))
@@ -441,7 +452,9 @@ def test_population_prior_learns_from_recorded_human_labels(server):
     assert n(learned, 8) == spleen_n
     # a later version without geometry replaces the case's contribution
     stub.RecordLabelVersion(
-        pb.RecordLabelVersionRequest(case_id="c0", label_version_id="v0b", version_number=3), timeout=10
+        pb.RecordLabelVersionRequest(case_id="c0", label_version_id="v0b", version_number=3),
+        timeout=10,
+        metadata=LABELS,
     )
     assert stub.GetPopulationPrior(pb.GetPopulationPriorRequest(), timeout=10).learned_cases == 2
     # geometry must be finite, three centroid values, organs among the human-decided ones
@@ -458,7 +471,8 @@ def test_population_prior_learns_from_recorded_human_labels(server):
                     version_number=1,
                     human_decided_organs=[5],
                     human_organ_geometry=[bad],
-                )
+                ),
+                metadata=LABELS,
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
             "INVALID_LABEL_VERSION",

@@ -29,7 +29,7 @@ def test_prior_follows_ranking_and_survives_its_absence(ranking):
     target, store = ranking
     bundled = PopulationPrior.load().to_dict()
     # the segmentation worker calls ranking with its own (service) token
-    service = TokenSource(path=auth.token_file("service", "atlasflow-segmentation"))
+    service = TokenSource(path=auth.token_file("service", "svc:segmentation"))
     source = RankingPrior(target, refresh_s=3600, max_message_bytes=4 << 20, token=service)
     assert source().to_dict() == bundled and source.learned_cases == 0
     store.record_label_version(

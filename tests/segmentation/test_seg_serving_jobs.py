@@ -130,7 +130,7 @@ def _settings(tmp: Path, triton_port: int, **kw) -> SegmentationSettings:
         worker_poll_s=0.05,
         triton_connect_retries=1,
         triton_timeout_s=60.0,
-        **auth.auth_settings(),
+        **auth.auth_settings("segmentation"),
     )
     base.update(kw)
     return SegmentationSettings(**base)

@@ -3,7 +3,7 @@
 State lives in one directory (default `.atlasflow/`): `data/<service>/` (SQLite), `blobs/`
 (content-addressed blob store shared by the services), `logs/<process>.log` (JSON lines),
 `run/processes.json` (pids) and `run/endpoints.json` (addresses), `auth/` (the stack's own token
-issuer: `signing-key.pem` 0600, `jwks.json`, the services' token `service.token`), `tls/` (the stack's
+issuer: `signing-key.pem` 0600, `jwks.json`, each service's own token `<service>.token`), `tls/` (the stack's
 own CA, `atlasflow.common.tls.LocalCA`: every gRPC listener is TLS with client certificates
 required (mTLS); `run/endpoints.json` names the CA and the command line's certificate under
 "tls", and `LocalDeployment.channel` builds a ready channel from them). `up` returns when every
@@ -29,7 +29,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from atlasflow.common.auth import LocalIssuer, TokenSource
+from atlasflow.common.auth import SERVICE_NAMES, LocalIssuer, TokenSource, service_subject
 from atlasflow.common.clients import raw_channel, sync_channel
 from atlasflow.common.ports import free_ports
 from atlasflow.common.users import USERS_FILE, create_demo_users
@@ -173,14 +173,24 @@ class LocalDeployment:
             "TLS_CA_FILE": ca,
         }
 
-    def _service_token(self) -> Path:
-        """The token the services call each other with (role ``service``), minted at every start."""
-        path = self.auth_dir / "service.token"
-        token = self.mint("service", "atlasflow-local-services", ttl_s=SERVICE_TOKEN_TTL_S)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token)
-        return path
+    def service_token_file(self, name: str) -> Path:
+        """``auth/<name>.token``: the token service ``name`` calls the others with."""
+        return self.auth_dir / f"{name}.token"
+
+    def _service_tokens(self) -> dict[str, Path]:
+        """One token per service (role ``service``, subject ``svc:<name>``: which hand-offs it
+        may call is `atlasflow.common.policy.HANDOFF_CALLERS`), minted at every start, 0600."""
+        paths = {}
+        for name in SERVICE_NAMES:
+            path = self.service_token_file(name)
+            token = self.mint("service", service_subject(name), ttl_s=SERVICE_TOKEN_TTL_S)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token)
+            paths[name] = path
+        # the shared token of earlier versions must not outlive them
+        (self.auth_dir / "service.token").unlink(missing_ok=True)
+        return paths
 
     # ------------------------------------------------------------------ addresses
     def target(self, service: str) -> str:
@@ -220,11 +230,11 @@ class LocalDeployment:
         common = {
             "DATA_DIR": str(self.state_dir / "data" / name),
             "BLOB_DIR": str(self.blob_dir),
-            # every RPC needs a token of this stack's issuer; the services call each other with
-            # service.token (files, never values on a command line)
+            # every RPC needs a token of this stack's issuer; each service calls the others with
+            # its own token, auth/<service>.token (files, never values on a command line)
             "AUTH_JWKS": str(self.auth_dir / LocalIssuer.JWKS_FILE),
             "AUTH_ISSUER": self.issuer().issuer,
-            "TOKEN_FILE": str(self.auth_dir / "service.token"),
+            "TOKEN_FILE": str(self.service_token_file(name)),
             # every gRPC listener TLS + mTLS (Triton stays plaintext on loopback: docs/security.md)
             **(self._tls_env(name) if name != "triton" else {}),
         }
@@ -319,7 +329,7 @@ class LocalDeployment:
                 indent=2,
             )
         )
-        self._service_token()
+        self._service_tokens()
         create_demo_users(self.auth_dir)  # the gateway's demo logins (auth/demo-passwords.txt, 0600)
         token_file = run / "triton.token"
         token_file.touch(mode=0o600)

@@ -6,7 +6,9 @@ algorithms only (never ``none``, never a symmetric algorithm with a public key),
 audience, expiry and not-before, with a small clock leeway. The caller's identity is the token's
 subject (``sub``); its roles come from a configurable claim (``roles`` for Entra ID app roles,
 ``realm_access.roles`` for Keycloak realm roles, …) and are kept only if they are atlasflow
-roles (`ROLES`).
+roles (`ROLES`). Each service has its own identity, ``svc:<name>`` (`service_subject`): the
+subject of its token, or a configurable claim (`AuthConfig.service_claim`); which service may
+call which internal hand-off is `atlasflow.common.policy.HANDOFF_CALLERS`.
 
 In a cluster the issuer is the hospital's OIDC provider (`AuthConfig`: issuer, JWKS URL,
 audience, role claim). The embedded default (``atlasflow up``) runs its own `LocalIssuer`: an
@@ -42,16 +44,49 @@ DOMAIN = "atlasflow.auth"
 #: The atlasflow roles (docs/security.md): who may call which RPC is `atlasflow.common.policy`.
 ROLES = ("connector", "annotator", "reviewer", "admin", "service")
 
+#: The services that call each other, each with its own identity (`service_subject`).
+SERVICE_NAMES = ("ingest", "segmentation", "labels", "ranking")
+
+#: A service identity is ``svc:<name>`` (``name`` one of `SERVICE_NAMES`): the subject of the
+#: service's token (``atlasflow up`` mints one per service), or the claim named by
+#: `AuthConfig.service_claim` (an OIDC provider whose service-account subjects are opaque ids).
+#: The prefix is reserved: a token whose subject starts with it must be a valid service
+#: identity holding the ``service`` role, so no person can pose as a service.
+SERVICE_PREFIX = "svc:"
+
+
+def service_subject(name: str) -> str:
+    """The identity of service ``name`` (``svc:ingest``, …); `InvalidArgument` for another name."""
+    if name not in SERVICE_NAMES:
+        raise InvalidArgument(
+            "INVALID_SERVICE_NAME",
+            f"a service identity names one of {SERVICE_NAMES}",
+            domain=DOMAIN,
+            metadata={"service": name[:64]},
+        )
+    return SERVICE_PREFIX + name
+
+
+def _service_identity(value: object) -> str:
+    """``value`` if it is a service identity (``svc:<name>``, a known name), else ''."""
+    if isinstance(value, str) and value.startswith(SERVICE_PREFIX) and value[len(SERVICE_PREFIX) :] in SERVICE_NAMES:
+        return value
+    return ""
+
+
 #: Asymmetric algorithms only: a JWKS publishes public keys.
 ALLOWED_ALGORITHMS = ("ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "EdDSA")
 
 
 @dataclass(frozen=True)
 class Identity:
-    """A verified caller: the token's subject and its atlasflow roles."""
+    """A verified caller: the token's subject, its atlasflow roles and, for a token holding the
+    ``service`` role, the service identity (``svc:<name>``; '' when the token names none, which
+    admits it to no hand-off: `atlasflow.common.policy.HANDOFF_CALLERS`)."""
 
     subject: str
     roles: frozenset[str]
+    service: str = ""
 
 
 @dataclass(frozen=True)
@@ -62,6 +97,8 @@ class AuthConfig:
     file path (re-read when it changes). ``issuer`` and ``audience``: the required ``iss`` and
     ``aud``. ``role_claim``: dotted path of the roles claim. ``algorithms``: accepted ``alg``
     values (a subset of `ALLOWED_ALGORITHMS`). ``leeway_s``: clock skew tolerated on exp/nbf/iat.
+    ``service_claim``: dotted path of the claim holding a service token's identity
+    (``svc:<name>``; default the subject).
     """
 
     jwks: str
@@ -70,6 +107,7 @@ class AuthConfig:
     role_claim: str = "roles"
     algorithms: tuple[str, ...] = ("ES256", "RS256")
     leeway_s: float = 30.0
+    service_claim: str = "sub"
 
     def __post_init__(self) -> None:
         bad = [a for a in self.algorithms if a not in ALLOWED_ALGORITHMS]
@@ -195,7 +233,18 @@ class TokenVerifier:
             raise _invalid("no_subject")
         if len(subject) > 256 or not subject.isprintable():
             raise _invalid("bad_subject")
-        return Identity(subject, roles_of(claims, cfg.role_claim))
+        roles = roles_of(claims, cfg.role_claim)
+        check_service_subject(subject, roles)
+        service = _service_identity(_claim(claims, cfg.service_claim)) if "service" in roles else ""
+        return Identity(subject, roles, service)
+
+
+def check_service_subject(subject: str, roles: Iterable[str]) -> None:
+    """The reserved ``svc:`` prefix: a subject that starts with it must be a known service's
+    identity (`SERVICE_NAMES`) and hold the ``service`` role; `Unauthenticated` (INVALID_TOKEN,
+    cause ``bad_service_subject``) otherwise."""
+    if subject.startswith(SERVICE_PREFIX) and (not _service_identity(subject) or "service" not in set(roles)):
+        raise _invalid("bad_service_subject")
 
 
 class LocalIssuer:
@@ -262,6 +311,13 @@ class LocalIssuer:
                 f"a token needs a subject and roles among {ROLES}",
                 domain=DOMAIN,
                 metadata={"roles": ",".join(unknown)},
+            )
+        if subject.startswith(SERVICE_PREFIX) and (not _service_identity(subject) or "service" not in roles):
+            raise InvalidArgument(
+                "INVALID_TOKEN_REQUEST",
+                f"a subject {SERVICE_PREFIX}<name> is a service identity: one of {SERVICE_NAMES}, role service",
+                domain=DOMAIN,
+                metadata={"subject": subject[:64]},
             )
         now = int(time.time())
         claims = {

@@ -4,7 +4,8 @@ Deny by default: an RPC missing from `POLICY` is refused to everyone (PERMISSION
 `tests/common/test_common_policy.py` checks that every RPC of every atlasflow service is listed
 and that docs/security.md shows exactly this table. Health and reflection need no token
 (`EXEMPT_SERVICES`). The internal hand-offs (segmentation -> labels/ranking, labels -> ranking,
-ingest -> segmentation, labels -> ingest for the SEG's source headers) accept only ``service``.
+ingest -> segmentation, labels -> ingest for the SEG's source headers) accept only ``service``,
+and each only from the services that make it (`HANDOFF_CALLERS`: one identity per service).
 
 Roles (`atlasflow.common.auth.ROLES`):
 - ``connector``: a PACS connector or modality gateway: sends studies, follows their processing;
@@ -28,8 +29,8 @@ EXEMPT_SERVICES = frozenset(
     {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
 )
 
-_FOLLOW = frozenset({"connector", "annotator", "reviewer", "admin", "service"})
-_READ = frozenset({"annotator", "reviewer", "admin", "service"})
+_FOLLOW = frozenset({"connector", "annotator", "reviewer", "admin"})
+_READ = frozenset({"annotator", "reviewer", "admin"})
 _WORK = frozenset({"annotator", "reviewer"})
 _SEND = frozenset({"connector", "admin"})
 _ADMIN = frozenset({"admin"})
@@ -76,7 +77,8 @@ POLICY: Mapping[str, frozenset[str]] = {
     f"/{_RANK}/GetPopulationPrior": _SERVICE | _ADMIN,
     f"/{_RANK}/PurgeStudy": _SERVICE,
     f"/{_RANK}/ListWorklist": _WORK | _ADMIN,
-    f"/{_RANK}/GetWorklistItem": _WORK | _ADMIN,
+    # labels checks the reviewer's lease before accepting a revision (labels/ranking_leases.py)
+    f"/{_RANK}/GetWorklistItem": _WORK | _ADMIN | _SERVICE,
     f"/{_RANK}/LeaseCase": _WORK,
     f"/{_RANK}/LeaseNextCase": _WORK,
     f"/{_RANK}/RenewLease": _WORK,
@@ -96,13 +98,53 @@ def is_exempt(method: str) -> bool:
     return method.lstrip("/").split("/", 1)[0] in EXEMPT_SERVICES
 
 
+_SVC_INGEST = "svc:ingest"
+_SVC_SEG = "svc:segmentation"
+_SVC_LABELS = "svc:labels"
+_SVC_RANK = "svc:ranking"
+
+#: The internal hand-offs: ``/<package>.<Service>/<Method>`` -> the service identities
+#: (`atlasflow.common.auth.service_subject`) whose ``service`` role may call it. Every RPC
+#: that POLICY allows to ``service`` is here, and only the services that really call it are
+#: listed (least privilege: ingest, which parses untrusted DICOM, calls segmentation and the
+#: deletion purges, nothing else). docs/security.md "Hand-off callers" shows this table.
+HANDOFF_CALLERS: Mapping[str, frozenset[str]] = {
+    # ingest's outbox: a committed series to segment; DeleteStudy's purges
+    f"/{_SEG}/SegmentSeries": frozenset({_SVC_INGEST}),
+    f"/{_SEG}/PurgeStudy": frozenset({_SVC_INGEST}),
+    f"/{_LABELS}/PurgeStudy": frozenset({_SVC_INGEST}),
+    f"/{_RANK}/PurgeStudy": frozenset({_SVC_INGEST}),
+    # segmentation's outbox: the machine label version and the attention; its prior source
+    f"/{_LABELS}/CreateLabelVersion": frozenset({_SVC_SEG}),
+    f"/{_RANK}/SubmitAttention": frozenset({_SVC_SEG}),
+    f"/{_RANK}/GetPopulationPrior": frozenset({_SVC_SEG}),
+    # labels: the version-event outbox; the lease check of ReviseLabels; a DICOM SEG export's
+    # source headers
+    f"/{_RANK}/RecordLabelVersion": frozenset({_SVC_LABELS}),
+    f"/{_RANK}/GetWorklistItem": frozenset({_SVC_LABELS}),
+    f"/{_INGEST}/StreamSeriesInstances": frozenset({_SVC_LABELS}),
+}
+
+
 def authorize(method: str, identity: Identity) -> None:
-    """Raise PERMISSION_DENIED unless one of ``identity``'s roles may call ``method``."""
+    """Raise PERMISSION_DENIED unless one of ``identity``'s roles may call ``method``: a role
+    other than ``service`` that POLICY allows, or ``service`` from a service identity that
+    `HANDOFF_CALLERS` lists for ``method`` (CALLER_NOT_ALLOWED otherwise)."""
     allowed = POLICY.get(method, frozenset())
-    if not identity.roles & allowed:
+    if (identity.roles - {"service"}) & allowed:
+        return
+    if "service" in identity.roles and "service" in allowed:
+        if identity.service and identity.service in HANDOFF_CALLERS.get(method, frozenset()):
+            return
         raise PermissionDenied(
-            "ROLE_NOT_ALLOWED",
-            "the caller's roles do not allow this call",
+            "CALLER_NOT_ALLOWED",
+            "this service may not make this call",
             domain=DOMAIN,
-            metadata={"method": method, "roles": ",".join(sorted(identity.roles))},
+            metadata={"method": method, "service": identity.service or "(none)"},
         )
+    raise PermissionDenied(
+        "ROLE_NOT_ALLOWED",
+        "the caller's roles do not allow this call",
+        domain=DOMAIN,
+        metadata={"method": method, "roles": ",".join(sorted(identity.roles))},
+    )

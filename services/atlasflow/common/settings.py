@@ -76,6 +76,9 @@ class ServiceSettings:
     auth_audience: str = "atlasflow"
     auth_role_claim: str = "roles"
     auth_algorithms: tuple[str, ...] = ("ES256", "RS256")
+    # auth_service_claim: dotted path of the claim holding a service token's identity
+    # (svc:<service>; docs/security.md "One identity per service"); default the subject.
+    auth_service_claim: str = "sub"
     # No token checked, and the caller-set x-atlasflow-principal names the caller: only for an
     # isolated test. A service with neither auth_jwks nor this refuses to start.
     auth_disabled: bool = False
@@ -150,6 +153,7 @@ class ServiceSettings:
                 audience=self.auth_audience,
                 role_claim=self.auth_role_claim,
                 algorithms=self.auth_algorithms,
+                service_claim=self.auth_service_claim,
             )
         )
 

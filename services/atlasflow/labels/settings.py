@@ -36,3 +36,7 @@ class LabelsSettings(ServiceSettings):
     # ATLASFLOW_LABELS_RANKING_TARGET: host:port of the ranking service, told about every new
     # label version (RankingService.RecordLabelVersion) through the version-event outbox.
     ranking_target: str = "127.0.0.1:50053"
+    # ATLASFLOW_LABELS_REVISE_REQUIRES_LEASE: ReviseLabels is accepted only from the reviewer
+    # holding the case's lease in ranking (labels/ranking_leases.py). false only for an isolated
+    # test of the label store without a ranking service (logged as a warning at start).
+    revise_requires_lease: bool = True

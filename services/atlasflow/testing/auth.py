@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from atlasflow.common.auth import ROLES, TOKEN_FILE_ENV, LocalIssuer
+from atlasflow.common.auth import ROLES, SERVICE_NAMES, TOKEN_FILE_ENV, LocalIssuer, service_subject
 
 AUTH_DIR_ENV = "ATLASFLOW_TEST_AUTH_DIR"
 ISSUER = "atlasflow-test"
@@ -58,7 +58,7 @@ def metadata(role: str | tuple[str, ...], subject: str = "tester") -> tuple[tupl
 def token_file(role: str | tuple[str, ...], subject: str) -> Path:
     """A file holding a token for ``subject`` with ``role``(s) (for a service's token_file)."""
     roles = (role,) if isinstance(role, str) else role
-    path = _dir() / f"{subject}-{'-'.join(sorted(roles))}.token"
+    path = _dir() / f"{subject.replace(':', '_')}-{'-'.join(sorted(roles))}.token"
     path.write_text(token(roles, subject))
     path.chmod(0o600)
     return path
@@ -71,16 +71,27 @@ def install() -> Path:
     return path
 
 
-def auth_settings() -> dict[str, Any]:
+def service_metadata(name: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata acting as service ``name`` (``svc:<name>``, role ``service``): a hand-off
+    as that service makes it (`atlasflow.common.policy.HANDOFF_CALLERS`)."""
+    return metadata("service", service_subject(name))
+
+
+def auth_settings(service: str = "") -> dict[str, Any]:
     """Settings fields of a service the tests start in-process (accepts the session's tokens;
-    calls its peers as ``service``)."""
+    calls its peers with the token of ``service``, ``svc:<service>``; without one, with a
+    service token that no hand-off admits)."""
+    subject = service_subject(service) if service else "atlasflow-test-service"
     return {
         "auth_jwks": str(issuer().jwks_path),
         "auth_issuer": ISSUER,
-        "token_file": str(token_file("service", "atlasflow-test-service")),
+        "token_file": str(token_file("service", subject)),
     }
 
 
 def auth_env(prefix: str) -> dict[str, str]:
-    """The same as environment variables with ``prefix`` (e.g. ``ATLASFLOW_INGEST_``)."""
-    return {prefix + k.upper(): str(v) for k, v in auth_settings().items()}
+    """The same as environment variables with ``prefix`` (e.g. ``ATLASFLOW_INGEST_``: the
+    service's own identity, ``svc:ingest``, from the prefix)."""
+    name = prefix.removeprefix("ATLASFLOW_").rstrip("_").lower()
+    settings = auth_settings(name if name in SERVICE_NAMES else "")
+    return {prefix + k.upper(): str(v) for k, v in settings.items()}

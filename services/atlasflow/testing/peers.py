@@ -151,7 +151,7 @@ class IngestProcess:
             # the tests' DICOM peers use many calling AE titles (a test of the allow-list sets its own)
             "ACCEPTED_CALLING_AETS": "*",
             # accepts the test session's tokens (atlasflow.testing.auth)
-            **{k.upper(): v for k, v in auth.auth_settings().items()},
+            **{k.upper(): v for k, v in auth.auth_settings("ingest").items()},
         }
         settings.update(env or {})
         self.env.update({"ATLASFLOW_INGEST_" + k: v for k, v in settings.items()})

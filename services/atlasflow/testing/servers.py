@@ -24,7 +24,9 @@ def in_process_ranking_server(store: Any, metrics: Any) -> Iterator[int]:
     loop = asyncio.new_event_loop()
 
     async def start() -> ServiceApp:
-        app = await build_app(RankingSettings(grpc_port=0, **auth.auth_settings()), metrics=metrics, worklist=store)
+        app = await build_app(
+            RankingSettings(grpc_port=0, **auth.auth_settings("ranking")), metrics=metrics, worklist=store
+        )
         await app.start()
         return app
 
