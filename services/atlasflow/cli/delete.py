@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 
+from atlasflow.cli.exitcodes import ExitCode, exit_code_for
 from atlasflow.common.v1 import common_pb2
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         while args.wait and deletion.state != DONE:
             if time.monotonic() > deadline:
                 print("atlasflow delete-study: still running; follow it again later", file=sys.stderr)
-                return 3
+                return ExitCode.TIMEOUT
             time.sleep(2.0)
             latest = stub.GetDeletion(ingest_pb2.GetDeletionRequest(deletion_id=deletion.deletion_id), timeout=30)
             if latest.deletion != deletion:
@@ -80,5 +81,5 @@ def run(args: argparse.Namespace) -> int:
             deletion = latest.deletion
     except grpc.RpcError as exc:
         print(f"atlasflow delete-study: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
+        return exit_code_for(exc.code())
     return 0

@@ -1,4 +1,4 @@
-"""The `atlasflow` command.
+"""The `atlasflow` command (Click).
 
 atlasflow serve {ingest,segmentation,ranking,labels,gateway,triton}   run one service (foreground)
 atlasflow up [--state-dir DIR] [--auto-ports]                   start everything locally
@@ -8,25 +8,40 @@ atlasflow delete-study [--state-dir DIR] STUDY --reason R [--wait]   delete a st
 atlasflow demo [--out DIR]                                      the end-to-end demo
 atlasflow token --role ROLE --subject NAME [--ttl S]            a token the local stack accepts
 atlasflow send DIR [--target HOST:PORT] [--commit] [--assign-uids] [--token-file F]  gRPC upload
+atlasflow worklist | lease | review | versions | export         the review loop (cli/review.py)
 atlasflow convert DICOM_DIR OUT.nii.gz                          DICOM series -> NIfTI (HU, RAS)
 atlasflow retrieve ...                                          C-FIND + C-MOVE from a PACS
 atlasflow triton-repo OUT_DIR                                   Triton model repository for the cluster
 atlasflow rank ROOT --out OUT [--mode reference|enhanced]       offline attention + priority
+
+Exit codes: atlasflow.cli.exitcodes (0 ok, 1 failure, 2 usage, 3 not found, 4 permission,
+5 unavailable, 6 invalid input, 7 conflict, 8 timeout).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 from pathlib import Path
 
-from atlasflow.cli import delete
+import click
+import grpc
+
+from atlasflow.cli import delete, review
+from atlasflow.cli.exitcodes import CliError, ExitCode, rpc_error
+from atlasflow.cli.stack import (
+    DEFAULT_STATE_DIR,
+    STATE_DIR_ENV,
+    progress,
+    progress_enabled,
+    state_dir_option,
+    token_file_option,
+)
 from atlasflow.common.auth import ROLES
 
-#: state directory of the local stack whose TLS the client commands use (default .atlasflow)
-STATE_DIR_ENV = "ATLASFLOW_STATE_DIR"
 SERVICES = ("ingest", "segmentation", "ranking", "labels", "gateway", "triton")
 # Sub-commands implemented by a library module's own `main(argv) -> int` (its argparse owns
 # the options): `atlasflow <name> ...` == `python -m <module> ...`.
@@ -36,6 +51,12 @@ DELEGATED = {
     "triton-repo": ("atlasflow.segmentation.triton_repo", "write a Triton model repository (Python backend + weights)"),
     "rank": ("atlasflow.ranking.offline", "offline attention maps + priority.csv"),
 }
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+EXIT_CODES_HELP = """\b
+Exit codes: 0 ok, 1 failure, 2 usage, 3 not found, 4 permission (no/invalid token, role),
+5 unavailable (stack not running), 6 invalid input, 7 conflict (lease held, newer version),
+8 timeout (a --wait gave up; the work goes on).
+"""
 
 
 def _serve(name: str) -> None:
@@ -76,154 +97,321 @@ def _local_tls(state_dir: Path) -> None:
     install_local_stack_tls(state_dir)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="atlasflow", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="run one service in the foreground")
-    p.add_argument("service", choices=SERVICES)
-    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    for name, help_ in (
-        ("up", "start all services and Triton locally"),
-        ("down", "stop the local services"),
-        ("status", "show the health of the local services"),
-    ):
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("--state-dir", type=Path, default=Path(".atlasflow"))
-        if name == "up":
-            p.add_argument(
-                "--auto-ports",
-                action="store_true",
-                help="pick free ports instead of the defaults (50051-50054, 11112, 8000-8002)",
+@click.group(context_settings=CONTEXT, epilog=EXIT_CODES_HELP)
+def cli() -> None:
+    """atlasflow: DICOM in, segmentation, attention ranking, review, labelled dataset out.
+
+    \b
+    Examples:
+      atlasflow up --state-dir .atlasflow            start the stack locally
+      atlasflow token --role reviewer --subject me > me.token
+      atlasflow worklist --token-file me.token       the ranked cases
+      atlasflow demo --out demo                      the whole pipeline on the bundled CT
+
+    Run `atlasflow COMMAND --help` for a command's options and examples.
+    """
+
+
+# ----------------------------------------------------------------------------- the stack
+
+
+@cli.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    epilog="""\b
+Examples:
+  atlasflow serve labels          (settings from ATLASFLOW_LABELS_* variables)
+  atlasflow serve triton --ensemble abdomen-trio-v1 --grpc-port 8001
+""",
+)
+@click.argument("service", type=click.Choice(SERVICES))
+@click.argument("rest", nargs=-1, type=click.UNPROCESSED)
+def serve(service: str, rest: tuple[str, ...]) -> int:
+    """Run one service in the foreground (what `atlasflow up` and the images start)."""
+    _serve(service)
+    return 0
+
+
+@cli.command(
+    epilog="""\b
+Examples:
+  atlasflow up                                  default ports, state in .atlasflow
+  atlasflow up --state-dir /tmp/af --auto-ports
+"""
+)
+@state_dir_option()
+@click.option(
+    "--auto-ports", is_flag=True, help="pick free ports instead of the defaults (50051-50054, 11112, 8000-8002)"
+)
+@click.option(
+    "--quiet-period",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="seconds without new instances before a series is assembled",
+)
+@click.option(
+    "--timeout", type=float, default=300.0, show_default=True, help="seconds to wait for every process to be healthy"
+)
+@click.option(
+    "--accept-aet",
+    default="STORESCU,ATLASDEMO",
+    show_default=True,
+    help="calling AE titles the DICOM SCP accepts, comma-separated (others are rejected)",
+)
+def up(state_dir: Path, auto_ports: bool, quiet_period: float, timeout: float, accept_aet: str) -> int:
+    """Start all services and Triton locally (child processes; state in --state-dir)."""
+    from atlasflow.cli.local import LocalDeployment
+
+    aets = tuple(a.strip() for a in accept_aet.split(",") if a.strip())
+    dep = LocalDeployment.create(state_dir, auto_ports, quiet_period_s=quiet_period, accepted_aets=aets)
+    dep.start()
+    try:
+        dep.wait_healthy(timeout)
+    except TimeoutError as exc:
+        raise CliError(
+            f"not healthy in time: {exc}", ExitCode.UNAVAILABLE, f"logs in {dep.state_dir / 'logs'}"
+        ) from None
+    click.echo(json.dumps(dep.endpoints(), indent=2))
+    click.echo(f"review gateway: {dep.gateway_url()} (demo logins in {dep.auth_dir / 'demo-passwords.txt'})")
+    return 0
+
+
+@cli.command(epilog="\b\nExample:\n  atlasflow down --state-dir .atlasflow\n")
+@state_dir_option()
+def down(state_dir: Path) -> int:
+    """Stop the local services (SIGTERM, then SIGKILL after the grace period)."""
+    from atlasflow.cli.local import LocalDeployment
+
+    if not (state_dir / "run" / "endpoints.json").exists():
+        click.echo(f"nothing running under {state_dir}", err=True)
+        return 0
+    LocalDeployment.load(state_dir).stop()
+    return 0
+
+
+@cli.command(epilog="\b\nExample:\n  atlasflow status --state-dir .atlasflow   (exit 1 when a process is down)\n")
+@state_dir_option()
+def status(state_dir: Path) -> int:
+    """Show the health of the local services; exit 1 unless every one is SERVING."""
+    from atlasflow.cli.local import START_ORDER, LocalDeployment
+
+    if not (state_dir / "run" / "endpoints.json").exists():
+        click.echo(f"nothing running under {state_dir}", err=True)
+        return 1
+    dep = LocalDeployment.load(state_dir)
+    ok = True
+    for name in START_ORDER:
+        healthy = dep.healthy(name)
+        ok &= healthy
+        click.echo(f"{name:13s} {'SERVING' if healthy else 'DOWN'}")
+    return 0 if ok else 1
+
+
+@cli.command(
+    epilog="""\b
+Examples:
+  atlasflow demo                        writes atlasflow-demo/ (dataset, montage.png)
+  atlasflow demo --out /tmp/demo --keep-running
+"""
+)
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("atlasflow-demo"), show_default=True
+)
+@click.option("--keep-running", is_flag=True, help="leave the services up")
+def demo(out: Path, keep_running: bool) -> int:
+    """The end-to-end demo on the bundled CT (starts and stops its own stack)."""
+    from atlasflow.cli.demo import run_demo
+
+    return run_demo(out, keep_running=keep_running)
+
+
+@cli.command(
+    epilog="""\b
+Examples:
+  atlasflow token --role reviewer --subject dr.lee > lee.token
+  atlasflow token --role admin --subject me --ttl 600 > admin.token
+"""
+)
+@state_dir_option()
+@click.option("--role", required=True, type=click.Choice(ROLES))
+@click.option("--subject", required=True, help="who the token names (the principal of every action)")
+@click.option("--ttl", type=float, default=3600.0, show_default=True, help="lifetime in seconds")
+def token(state_dir: Path, role: str, subject: str, ttl: float) -> int:
+    """Print a token the local stack (`atlasflow up`) accepts."""
+    from atlasflow.common.auth import LocalIssuer
+
+    auth_dir = state_dir / "auth"
+    if not (auth_dir / LocalIssuer.KEY_FILE).exists():
+        raise CliError(f"no local issuer under {auth_dir}: start the stack first (atlasflow up)")
+    click.echo(LocalIssuer.create_or_load(auth_dir).mint(subject, [role], ttl_s=ttl))
+    return 0
+
+
+# ----------------------------------------------------------------------------- data in / out
+
+
+@cli.command(
+    epilog="""\b
+Examples:
+  atlasflow send study/ --commit --token-file connector.token
+  atlasflow send export/ --assign-uids --target ingest.example:50051
+"""
+)
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--target", default="127.0.0.1:50051", show_default=True, help="ingest gRPC host:port")
+@click.option("--commit", is_flag=True, help="commit the series after upload")
+@click.option(
+    "--assign-uids",
+    is_flag=True,
+    help="derive stable Study/Series/SOP Instance UIDs for files whose UIDs are empty (de-identified"
+    " exports); without it the server refuses them",
+)
+@token_file_option("file holding the bearer token (role connector or admin)")
+@state_dir_option(
+    "TLS of the stack `atlasflow up` runs there (unless $ATLASFLOW_TLS_CA_FILE/_CERT_FILE/_KEY_FILE are set)"
+)
+def send(
+    directory: Path, target: str, commit: bool, assign_uids: bool, token_file: Path | None, state_dir: Path
+) -> int:
+    """Upload DICOM files over the gRPC streaming API (resumable; progress bar on a terminal).
+
+    A file the server refuses exits 1 with its reason."""
+    from atlasflow.common.auth import TokenSource
+    from atlasflow.ingest.client import UploadError, derive_uids, send_files
+
+    _local_tls(state_dir)
+    paths = sorted(p for p in directory.rglob("*") if p.is_file())
+    with progress("sending", len(paths), progress_enabled()) as bar:
+
+        def load(p: Path) -> bytes:
+            data = p.read_bytes()
+            bar.advance()
+            return derive_uids(data) if assign_uids else data
+
+        try:
+            receipts = send_files(
+                paths,
+                target,
+                commit=commit,
+                assign_uids=assign_uids,
+                load=load,
+                token=TokenSource(path=token_file) if token_file else None,
             )
-            p.add_argument(
-                "--quiet-period",
-                type=float,
-                default=5.0,
-                help="seconds without new instances before a series is assembled",
-            )
-            p.add_argument("--timeout", type=float, default=300.0)
-            p.add_argument(
-                "--accept-aet",
-                default="STORESCU,ATLASDEMO",
-                help="calling AE titles the DICOM SCP accepts, comma-separated (others are rejected)",
-            )
-    p = sub.add_parser("demo", help="end-to-end demo on the bundled CT")
-    p.add_argument("--out", type=Path, default=Path("atlasflow-demo"))
-    p.add_argument("--keep-running", action="store_true", help="leave the services up")
-    p = sub.add_parser("token", help="print a token the local stack (atlasflow up) accepts")
-    p.add_argument("--state-dir", type=Path, default=Path(".atlasflow"))
-    p.add_argument("--role", required=True, choices=ROLES)
-    p.add_argument("--subject", required=True, help="who the token names (the principal of every action)")
-    p.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (default 3600)")
-    p = sub.add_parser("send", help="upload DICOM files over the gRPC streaming API")
-    p.add_argument("directory", type=Path)
-    p.add_argument("--target", default="127.0.0.1:50051")
-    p.add_argument("--commit", action="store_true", help="commit the series after upload")
-    p.add_argument(
-        "--assign-uids",
-        action="store_true",
-        help="derive stable Study/Series/SOP Instance UIDs for files whose UIDs are"
-        " empty (de-identified exports); without it the server refuses them",
+        except UploadError as exc:
+            code = ExitCode.FAILURE
+            if exc.reason in (
+                "MISSING_TOKEN",
+                "INVALID_TOKEN",
+                "ROLE_NOT_ALLOWED",
+                "UNAUTHENTICATED",
+                "PERMISSION_DENIED",
+            ):
+                code = ExitCode.PERMISSION
+            elif exc.reason == "UNAVAILABLE":
+                code = ExitCode.UNAVAILABLE
+            hint = ""
+            if exc.reason == "MISSING_UID":
+                hint = (
+                    "these files have empty Study/Series/SOP Instance UIDs; add"
+                    " --assign-uids to derive stable UIDs on this machine"
+                )
+            raise CliError(f"refused: {exc.reason}: {exc.message}", code, hint) from None
+    dups = sum(r.duplicate for r in receipts)
+    conflicts = sum(r.conflict for r in receipts)
+    click.echo(f"{len(receipts)} instances durable ({dups} duplicates, {conflicts} conflicts)")
+    return 0
+
+
+@cli.command(
+    "delete-study",
+    epilog="""\b
+Examples:
+  atlasflow delete-study 1.2.840.113619.2.55 --reason "consent withdrawn, ticket 4711" --wait
+  atlasflow delete-study case-3f2a... --reason "duplicate upload" --token-file admin.token
+""",
+)
+@click.argument("study")
+@click.option("--reason", required=True, help="why (kept with the operation; no patient data)")
+@state_dir_option()
+@click.option("--target", default="", help="ingest host:port (default: the stack in --state-dir)")
+@token_file_option("an admin's token")
+@click.option("--wait", is_flag=True, help="follow the progress until every service is done")
+@click.option(
+    "--timeout", type=float, default=600.0, show_default=True, help="with --wait: give up after this many seconds"
+)
+def delete_study(
+    study: str, reason: str, state_dir: Path, target: str, token_file: Path | None, wait: bool, timeout: float
+) -> int:
+    """Delete a study everywhere (admin): ingest DeleteStudy, then its progress (GetDeletion).
+
+    STUDY is a StudyInstanceUID or an atlasflow case id (case-...)."""
+    args = argparse.Namespace(
+        study=study,
+        reason=reason,
+        state_dir=state_dir,
+        target=target,
+        token_file=token_file,
+        wait=wait,
+        timeout=timeout,
     )
-    p.add_argument(
-        "--token-file",
-        default="",
-        help="file holding the bearer token (role connector or admin); default $ATLASFLOW_TOKEN_FILE",
+    return delete.run(args)
+
+
+for _command in review.COMMANDS:
+    cli.add_command(_command)
+
+
+def _delegated(name: str, module: str, help_: str) -> click.Command:
+    @click.command(
+        name,
+        help=f"{help_} (options: `atlasflow {name} --help`)",
+        add_help_option=False,
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
     )
-    p.add_argument(
-        "--state-dir",
-        type=Path,
-        default=Path(os.environ.get(STATE_DIR_ENV, ".atlasflow")),
-        help="TLS of the stack `atlasflow up` runs there (unless $ATLASFLOW_TLS_CA_FILE/_CERT_FILE/_KEY_FILE are set)",
-    )
-    delete.add_parser(sub)  # atlasflow delete-study (atlasflow.cli.delete)
-    for name, (_module, help_) in DELEGATED.items():
-        sub.add_parser(name, help=help_, add_help=False)
-    return parser
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def command(args: tuple[str, ...]) -> int:
+        _local_tls(Path(os.environ.get(STATE_DIR_ENV, DEFAULT_STATE_DIR)))
+        return int(importlib.import_module(module).main(list(args)) or 0)
+
+    return command
+
+
+for _name, (_module, _help) in DELEGATED.items():
+    cli.add_command(_delegated(_name, _module, _help))
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def _fail(command: str, message: str, hint: str = "") -> None:
+    click.echo(f"atlasflow {command}: {message}".rstrip(), err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in DELEGATED:
-        import importlib
-
-        _local_tls(Path(os.environ.get(STATE_DIR_ENV, ".atlasflow")))
-
-        module = importlib.import_module(DELEGATED[argv[0]][0])
-        return int(module.main(argv[1:]) or 0)
-    args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        _serve(args.service)
-        return 0
-    if args.command == "delete-study":
-        return delete.run(args)
-    if args.command == "up":
-        from atlasflow.cli.local import LocalDeployment
-
-        aets = tuple(a.strip() for a in args.accept_aet.split(",") if a.strip())
-        dep = LocalDeployment.create(
-            args.state_dir, args.auto_ports, quiet_period_s=args.quiet_period, accepted_aets=aets
-        )
-        dep.start()
-        dep.wait_healthy(args.timeout)
-        print(json.dumps(dep.endpoints(), indent=2))
-        print(f"review gateway: {dep.gateway_url()} (demo logins in {dep.auth_dir / 'demo-passwords.txt'})")
-        return 0
-    if args.command in ("down", "status"):
-        from atlasflow.cli.local import START_ORDER, LocalDeployment
-
-        if not (args.state_dir / "run" / "endpoints.json").exists():
-            print(f"nothing running under {args.state_dir}", file=sys.stderr)
-            return 1 if args.command == "status" else 0
-        dep = LocalDeployment.load(args.state_dir)
-        if args.command == "down":
-            dep.stop()
-            return 0
-        ok = True
-        for name in START_ORDER:
-            healthy = dep.healthy(name)
-            ok &= healthy
-            print(f"{name:13s} {'SERVING' if healthy else 'DOWN'}")
-        return 0 if ok else 1
-    if args.command == "demo":
-        from atlasflow.cli.demo import run_demo
-
-        return run_demo(args.out, keep_running=args.keep_running)
-    if args.command == "token":
-        from atlasflow.common.auth import LocalIssuer
-
-        auth_dir = args.state_dir / "auth"
-        if not (auth_dir / LocalIssuer.KEY_FILE).exists():
-            print(f"no local issuer under {auth_dir}: start the stack first (atlasflow up)", file=sys.stderr)
-            return 1
-        print(LocalIssuer.create_or_load(auth_dir).mint(args.subject, [args.role], ttl_s=args.ttl))
-        return 0
-    if args.command == "send":
-        from atlasflow.ingest.client import UploadError, send_directory
-
-        _local_tls(args.state_dir)
-
-        try:
-            from atlasflow.common.auth import TokenSource
-
-            token = TokenSource(path=args.token_file) if args.token_file else None
-            receipts = send_directory(
-                args.directory, args.target, commit=args.commit, assign_uids=args.assign_uids, token=token
-            )
-        except UploadError as exc:
-            print(f"atlasflow send: refused: {exc.reason}: {exc.message}", file=sys.stderr)
-            if exc.reason == "MISSING_UID":
-                print(
-                    "hint: these files have empty Study/Series/SOP Instance UIDs; add"
-                    " --assign-uids to derive stable UIDs on this machine",
-                    file=sys.stderr,
-                )
-            return 1
-        dups = sum(r.duplicate for r in receipts)
-        conflicts = sum(r.conflict for r in receipts)
-        print(f"{len(receipts)} instances durable ({dups} duplicates, {conflicts} conflicts)")
-        return 0
-    return 2
+    """Run the command line ``argv`` (default sys.argv[1:]); return the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:  # the module's own argparse sees every argument, --help too
+        _local_tls(Path(os.environ.get(STATE_DIR_ENV, DEFAULT_STATE_DIR)))
+        return int(importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:]) or 0)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    try:
+        rv = cli.main(args=argv, prog_name="atlasflow", standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except CliError as exc:
+        _fail(command, exc.message, exc.hint)
+        return int(exc.code)
+    except grpc.RpcError as exc:
+        err = rpc_error(exc)
+        _fail(command, err.message, err.hint)
+        return int(err.code)
+    return int(rv or 0)
 
 
 if __name__ == "__main__":
