@@ -360,6 +360,8 @@ AUTH_JWKS + AUTH_ISSUER refuses to start, so the chart refuses to render without
   value: {{ $a.roleClaim | quote }}
 - name: {{ $p }}AUTH_ALGORITHMS
   value: {{ join "," $a.algorithms | quote }}
+- name: {{ $p }}AUTH_SERVICE_CLAIM
+  value: {{ $a.serviceClaim | default "sub" | quote }}
 # The service's own token (role service), a file of the mounted Secret, re-read when it changes.
 - name: {{ $p }}TOKEN_FILE
   value: {{ include "atlasflow.serviceTokenFile" .ctx | quote }}
@@ -383,12 +385,17 @@ kubelet then updates the file when the Secret changes). */}}
   readOnly: true
 {{- end -}}
 
-{{/* Pod volume of the service-token Secret: only its token key, readable by the pod's group. */}}
+{{/* Pod volume of the service-token Secret of a component (its own identity, svc:<component>:
+auth.serviceToken.secrets.<component>, else auth.serviceToken.existingSecret): only its token key,
+readable by the pod's group.
+  (dict "ctx" $ "component" "ingest")
+*/}}
 {{- define "atlasflow.serviceTokenVolume" -}}
-{{- $t := .Values.auth.serviceToken -}}
+{{- $t := .ctx.Values.auth.serviceToken -}}
+{{- $name := index ($t.secrets | default dict) .component | default $t.existingSecret -}}
 - name: service-token
   secret:
-    secretName: {{ required "auth.serviceToken.existingSecret is required: a Secret holding the services' own bearer token (role service) under auth.serviceToken.key (docs/security.md)" $t.existingSecret | quote }}
+    secretName: {{ required (printf "auth.serviceToken.secrets.%s is not set, so auth.serviceToken.existingSecret is required: a Secret holding the %s service's own bearer token (role service, identity svc:%s) under auth.serviceToken.key (docs/security.md)" .component .component .component) $name | quote }}
     defaultMode: 0440
     items:
       - key: {{ $t.key | quote }}
