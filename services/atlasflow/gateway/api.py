@@ -13,7 +13,7 @@ import binascii
 import logging
 import math
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import duration_pb2, timestamp_pb2
 from prometheus_client import Histogram
@@ -65,10 +65,10 @@ def organ_name(value: int) -> str:
     return ORGANS.get(value, "unspecified")
 
 
-def organ_value(name: str) -> int:
+def organ_value(name: str) -> common_pb2.Organ:
     if name not in ORGAN_IDS:
         raise BadRequest("INVALID_ORGAN", f"unknown organ {name[:40]!r}; one of {sorted(ORGAN_IDS)}", "organ")
-    return ORGAN_IDS[name]
+    return cast(common_pb2.Organ, ORGAN_IDS[name])  # the enum values are the organ ids
 
 
 def item_json(item: ranking_pb2.WorklistItem) -> dict[str, Any]:
@@ -147,7 +147,8 @@ def version_json(v: labels_pb2.LabelVersion) -> dict[str, Any]:
         "organ_provenance": [
             {
                 "organ": organ_name(p.organ),
-                "source": labels_pb2.LabelSource.Name(p.source).removeprefix("LABEL_SOURCE_").lower(),
+                "source": labels_pb2.LabelSource.Name(p.provenance.source).removeprefix("LABEL_SOURCE_").lower(),
+                "reviewer": p.provenance.reviewer,
                 "version_id": p.version_id,
             }
             for p in v.organ_provenance
@@ -474,7 +475,7 @@ class Api:
             if not isinstance(o, dict):
                 raise BadRequest("INVALID_ARGUMENT", "each organ must be an object", f"organs[{i}]")
             rev = labels_pb2.OrganRevision(
-                organ=common_pb2.Organ.ValueType(organ_value(str(o.get("organ", "")))),
+                organ=organ_value(str(o.get("organ", ""))),
                 review_seconds=_seconds(o.get("review_seconds"), f"organs[{i}].review_seconds"),
             )
             try:

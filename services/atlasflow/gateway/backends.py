@@ -14,11 +14,10 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
-from grpc_status import rpc_status
+from google.rpc import error_details_pb2, status_pb2
 from starlette.responses import JSONResponse
 
 from atlasflow.common.clients import aio_channel
-from atlasflow.common.server import error_info_of
 from atlasflow.gateway.settings import GatewaySettings
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from atlasflow.labels.v1 import labels_pb2_grpc
@@ -44,7 +43,6 @@ HTTP_STATUS = {
     grpc.StatusCode.INTERNAL: 500,
     grpc.StatusCode.UNKNOWN: 500,
 }
-_AUTH_REASONS = {"MISSING_TOKEN": 401, "INVALID_TOKEN": 401, "ROLE_NOT_ALLOWED": 403}
 _BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
 #: a unary call's deadline, seconds
 CALL_TIMEOUT_S = 60.0
@@ -72,22 +70,35 @@ class HttpError:
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
+def _rich_status(exc: grpc.RpcError) -> status_pb2.Status | None:
+    """The google.rpc.Status in the trailers, read directly (no consistency check: the code it
+    carries is the service's own even where the call's code arrived as UNKNOWN)."""
+    trailers = exc.trailing_metadata() if isinstance(exc, (grpc.Call, grpc.aio.AioRpcError)) else None
+    for key, value in trailers or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            return status_pb2.Status.FromString(value)
+    return None
+
+
 def http_error_of(exc: grpc.RpcError) -> HttpError:
     """The HTTP form of a failed gRPC call (the service's ErrorInfo reason and metadata kept;
     the message only for client errors, never an internal one)."""
-    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-    rich = rpc_status.from_call(exc) if isinstance(exc, grpc.Call) else None
-    if code == grpc.StatusCode.UNKNOWN and rich is not None:
-        # a refused streaming call can surface as UNKNOWN while its google.rpc.Status says why
-        code = _BY_VALUE.get(rich.code, code)
+    # grpc.aio.AioRpcError is no grpc.Call: both carry code(), details() and trailers
+    call = isinstance(exc, (grpc.Call, grpc.aio.AioRpcError))
+    code = exc.code() if call else grpc.StatusCode.UNKNOWN
+    rich = _rich_status(exc)
+    info = None
+    if rich is not None:
+        if code == grpc.StatusCode.UNKNOWN:
+            code = _BY_VALUE.get(rich.code, code)
+        for detail in rich.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
     status = HTTP_STATUS.get(code, 500)
-    info = error_info_of(exc)
     reason = info.reason if info is not None else code.name
-    if code == grpc.StatusCode.UNKNOWN and reason in _AUTH_REASONS:
-        # the services' streaming RPCs report a refusal as UNKNOWN today (the ErrorInfo is right)
-        status = _AUTH_REASONS[reason]
     metadata = dict(info.metadata) if info is not None else {}
-    details = exc.details() if isinstance(exc, grpc.Call) else ""
+    details = (exc.details() or "") if call else ""
     message = (details or code.name) if status < 500 else f"upstream service error ({code.name})"
     return HttpError(status, reason, message, metadata)
 

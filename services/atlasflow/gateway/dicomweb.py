@@ -19,7 +19,7 @@ import hashlib
 import io
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -69,7 +69,7 @@ class DicomWeb:
 
     async def _instances(
         self, c: Caller, series_id: str, *, headers_only: bool
-    ) -> AsyncIterator[tuple[bytes, ingest_pb2.StreamSeriesInstancesResponse]]:
+    ) -> AsyncGenerator[tuple[bytes, ingest_pb2.StreamSeriesInstancesResponse], None]:
         """(whole bytes as sent, last message) of each instance of ``series_id``."""
         buf = bytearray()
         call = self.b.stream_instances(c.token, series_id, headers_only=headers_only)
@@ -84,8 +84,8 @@ class DicomWeb:
         finally:
             if not done:
                 # a caller that stops early (one instance, one header) reads the rest instead of
-                # cancelling: a cancelled StreamSeriesInstances leaves ingest answering UNKNOWN
-                # to later calls (seen here; reported, docs/gateway.md)
+                # cancelling: a cancelled StreamSeriesInstances made ingest log "rpc crashed"
+                # (an OpenTelemetry context ValueError) here; reported in docs/gateway.md
                 async for _msg in call:
                     pass
 
@@ -229,7 +229,7 @@ class DicomWeb:
         for sid in await self._series_of(c, study, series):
             async with aclosing(self._instances(c, sid, headers_only=False)) as it:
                 async for data, _msg in it:
-                    ds = pydicom.dcmread(io.BytesIO(data), force=True)
+                    ds: pydicom.Dataset = pydicom.dcmread(io.BytesIO(data), force=True)
                     if ds.get("SOPInstanceUID") == sop:
                         found = ds
                         break
