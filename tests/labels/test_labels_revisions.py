@@ -187,7 +187,11 @@ def _ref(blobs, data: bytes) -> common_pb2.BlobRef:
     return common_pb2.BlobRef(digest=blobs.put(data).digest)
 
 
-def _create(stub, blobs, case, labels, ct_ref, source, organs=(), who="svc-seg", parent=""):
+#: the author CreateLabelVersion records for segmentation's hand-off (the verified caller)
+SEG = "svc:segmentation"
+
+
+def _create(stub, blobs, case, labels, ct_ref, source, organs=(), who=SEG, parent=""):
     return stub.CreateLabelVersion(
         labels_pb2.CreateLabelVersionRequest(
             case_id=case,
@@ -226,7 +230,7 @@ def test_revision_lifecycle(service):
     ai_map = _map(liver=np.s_[0:6, 0:5, :], spleen=np.s_[8:12, 0:4, :], stomach=np.s_[6:9, 6:10, :])
     v1 = _create(stub, blobs, "case-1", ai_map, ct_ref, labels_pb2.LABEL_SOURCE_AI)
     assert len(v1.organ_provenance) == 9
-    assert set(_prov(v1).values()) == {(labels_pb2.LABEL_SOURCE_AI, "", v1.version_id)}
+    assert set(_prov(v1).values()) == {(labels_pb2.LABEL_SOURCE_AI, SEG, v1.version_id)}
 
     # original labels for the liver only (partial labels): liver becomes "original"
     orig_map = _map(liver=np.s_[0:5, 0:6, :])
@@ -234,8 +238,8 @@ def test_revision_lifecycle(service):
     got = _labels(blobs, v2)
     assert np.array_equal(got == 5, orig_map == 5)
     assert np.array_equal(got == 8, ai_map == 8)
-    assert _prov(v2)[5] == (labels_pb2.LABEL_SOURCE_ORIGINAL, "", v2.version_id)
-    assert _prov(v2)[8] == (labels_pb2.LABEL_SOURCE_AI, "", v1.version_id)
+    assert _prov(v2)[5] == (labels_pb2.LABEL_SOURCE_ORIGINAL, SEG, v2.version_id)
+    assert _prov(v2)[8] == (labels_pb2.LABEL_SOURCE_AI, SEG, v1.version_id)
 
     # a new AI run must not overwrite the original liver
     ai2 = _map(liver=np.s_[0:8, :, :], spleen=np.s_[9:12, 0:4, :])
@@ -243,7 +247,7 @@ def test_revision_lifecycle(service):
     got = _labels(blobs, v3)
     assert np.array_equal(got == 5, orig_map == 5)
     assert np.array_equal(got == 8, ai2 == 8)
-    assert _prov(v3)[5] == (labels_pb2.LABEL_SOURCE_ORIGINAL, "", v2.version_id)
+    assert _prov(v3)[5] == (labels_pb2.LABEL_SOURCE_ORIGINAL, SEG, v2.version_id)
     assert _prov(v3)[8][0] == labels_pb2.LABEL_SOURCE_AI and _prov(v3)[8][2] == v3.version_id
 
     # the radiologist corrects the liver (whole mask) and the spleen (XOR delta)
@@ -300,7 +304,7 @@ def test_revision_lifecycle(service):
     assert trail[0] == ("dr-c", "GetLabelVersion", [v2.version_id], "OK")
     assert ("dr-a", "ReviseLabels", [v4.version_id], "OK") in trail
     assert trail.count(("dr-a", "ReviseLabels", [v4.version_id], "OK")) == 2
-    assert ("svc-seg", "CreateLabelVersion", [v1.version_id], "OK") in trail
+    assert (SEG, "CreateLabelVersion", [v1.version_id], "OK") in trail
     assert [r.method for r in records if r.principal == "dr-b"] == ["ExportDataset"]
     export = [r for r in records if r.method == "ExportDataset"]
     assert [(r.job_id, list(r.version_ids)) for r in export] == [(job.job_id, [v4.version_id])]
