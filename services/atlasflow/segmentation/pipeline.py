@@ -88,6 +88,7 @@ from atlasflow.segmentation.ensemble import (
     EnsembleConfig,
     ForegroundCrop,
     MemberConfig,
+    Preprocessing,
     load_ensemble,
 )
 from atlasflow.segmentation.grid import model_grid, resample
@@ -109,6 +110,21 @@ def foreground_box(volume_hu: npt.ArrayLike, affine: npt.ArrayLike, crop: Foregr
     grow = [int(np.ceil(crop.margin_mm / max(float(sp), 1e-6) - 1e-9)) for sp in spacing]
     sx, sy, sz = (slice(max(0, b.start - g), min(n, b.stop + g)) for b, g, n in zip(box, grow, vol.shape))
     return sx, sy, sz
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def preprocess(hu: torch.Tensor, affine: np.ndarray, pre: Preprocessing) -> tuple[torch.Tensor, np.ndarray]:
+    """Step 1 for one member's preprocessing: ``hu`` ``(X, Y, Z)`` (HU, native grid, any
+    device) -> ``((1, X', Y', Z')`` float32 image on the RAS model grid, that grid's 4x4
+    affine). The HU window is scaled to [0, 1] and clamped, then sampled trilinearly (outside
+    the input = 0, air). Also what fine-tuning (atlasflow.training) feeds the members."""
+    shape = (int(hu.shape[0]), int(hu.shape[1]), int(hu.shape[2]))
+    lo, hi = pre.hu_window
+    windowed = ((hu.to(torch.float32) - lo) / (hi - lo)).clamp_(0.0, 1.0)
+    g_aff, g_shape = model_grid(affine, shape, pre.target_spacing_mm)
+    return resample(windowed[None], affine, g_aff, g_shape), g_aff
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -307,7 +323,6 @@ class EnsemblePipeline:
     ) -> list[tuple[torch.Tensor, np.ndarray]]:
         """Steps 1-2: ``hu`` ``(X, Y, Z)`` on ``device`` -> per member (``(9, X', Y', Z')``
         float16 probabilities on its model grid, that grid's affine). Adds stage timings."""
-        shape = (int(hu.shape[0]), int(hu.shape[1]), int(hu.shape[2]))
         prepared: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}
         member_probs: list[tuple[torch.Tensor, np.ndarray]] = []
         for member, net in self.members:
@@ -315,12 +330,8 @@ class EnsemblePipeline:
             key = (pre.target_spacing_mm, pre.hu_window)
             if key not in prepared:
                 ts = time.perf_counter()
-                lo, hi = pre.hu_window
-                windowed = ((hu.to(torch.float32) - lo) / (hi - lo)).clamp_(0.0, 1.0)
-                g_aff, g_shape = model_grid(aff, shape, pre.target_spacing_mm)
-                image = resample(windowed[None], aff, g_aff, g_shape)[None]
-                del windowed
-                prepared[key] = (image, g_aff)
+                image, g_aff = preprocess(hu, aff, pre)
+                prepared[key] = (image[None], g_aff)
                 timings["preprocess"] = timings.get("preprocess", 0.0) + time.perf_counter() - ts
             image, g_aff = prepared[key]
             ts = time.perf_counter()

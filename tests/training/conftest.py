@@ -1,0 +1,90 @@
+"""A real labels store (SQLite repository + blob store + LabelWriter) holding cases cut from the
+TotalSegmentator example CT: an AI version per case (the reference labels, perturbed), then
+radiologists' revisions of some organs (the reference mask = what a reviewer would draw)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from atlasflow.common.blobstore import LocalBlobStore
+from atlasflow.common.nifti import to_nifti_bytes
+from atlasflow.labels.repository import Provenance
+from atlasflow.labels.sqlite import SqliteLabelRepository
+from atlasflow.labels.totalseg import totalseg_to_atlas
+from atlasflow.labels.writer import LabelWriter, MaskRevision
+
+REF = Path(__file__).resolve().parents[1] / "data/totalsegmentator/tests/reference_files"
+AI = Provenance("ai", model_version="abdomen-trio-v1", weights_trained=True)
+
+
+@dataclass
+class Store:
+    root: Path
+    repo: SqliteLabelRepository
+    blobs: LocalBlobStore
+    writer: LabelWriter
+    reference: dict[str, np.ndarray]
+
+    def add_ai_case(self, case_id: str, ct: np.ndarray, affine: np.ndarray, labels: np.ndarray) -> str:
+        ct_d = self.blobs.put(to_nifti_bytes(ct.astype(np.int16), affine)).digest
+        lm = self.blobs.put(to_nifti_bytes(labels.astype(np.uint8), affine)).digest
+        return self.writer.create(case_id, lm, ct_d, AI, request_id=uuid.uuid4().hex).version_id
+
+    def revise(self, case_id: str, organ: int, mask: np.ndarray, affine: np.ndarray, reviewer: str = "dr-a") -> str:
+        head = self.repo.head(case_id)
+        assert head is not None
+        digest = self.blobs.put(to_nifti_bytes(mask.astype(np.uint8), affine)).digest
+        rev = MaskRevision(organ, mask_digest=digest)
+        return self.writer.revise(case_id, head.version_id, [rev], uuid.uuid4().hex, reviewer).version_id
+
+
+def reference_ct() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(HU (X, Y, Z) int16, affine, AbdomenAtlas label map) of the example CT (3 mm, RAS)."""
+    ct = nib.load(str(REF / "example_ct.nii.gz"))
+    seg = nib.load(str(REF / "example_seg_fast_force_split.nii.gz"))
+    return (
+        np.asarray(ct.dataobj).astype(np.int16),
+        np.asarray(ct.affine, dtype=np.float64),
+        totalseg_to_atlas(np.asarray(seg.dataobj)),
+    )
+
+
+def perturb(labels: np.ndarray, organ: int, shift: int) -> np.ndarray:
+    """The AI's mistake: ``organ`` shifted by ``shift`` voxels along x (other organs kept)."""
+    out = labels.copy()
+    out[out == organ] = 0
+    moved = np.roll(labels == organ, shift, axis=0)
+    out[moved & (out == 0)] = organ
+    return out
+
+
+def crop_case(z0: int, z1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    hu, affine, labels = reference_ct()
+    aff = affine.copy()
+    aff[:3, 3] = affine[:3, :3] @ np.array([0, 0, z0]) + affine[:3, 3]
+    return hu[:, :, z0:z1], aff, labels[:, :, z0:z1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    """Four cases (z slabs of the example CT). case-a: liver revised + spleen revised;
+    case-b: liver revised; case-c: only AI; case-d: kidney_left revised (held out in tests)."""
+    root = tmp_path_factory.mktemp("labels")
+    repo = SqliteLabelRepository(root / "labels.sqlite3")
+    blobs = LocalBlobStore(root / "blobs")
+    s = Store(root, repo, blobs, LabelWriter(repo, blobs), {})
+    slabs = {"case-a": (40, 104), "case-b": (30, 94), "case-c": (20, 84), "case-d": (48, 112)}
+    for case_id, (z0, z1) in slabs.items():
+        hu, aff, labels = crop_case(z0, z1)
+        s.reference[case_id] = labels
+        s.add_ai_case(case_id, hu, aff, perturb(labels, 5, 3))
+    for case_id, organ in (("case-a", 5), ("case-a", 8), ("case-b", 5), ("case-d", 3)):
+        _, aff, _ = crop_case(*slabs[case_id])
+        s.revise(case_id, organ, s.reference[case_id] == organ, aff)
+    return s
