@@ -15,6 +15,8 @@ if [ $want_test = 1 ]; then
   # Real peers for the tests: Orthanc (a PACS) and PostgreSQL 15 binaries (initdb, pg_ctl).
   command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql-15)
+  # The review app's browser test: Debian's Chromium and its driver (Selenium uses /usr/bin/chromedriver).
+  command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium chromium-driver)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "[bootstrap] apt-get install ${need_apt[*]}"
@@ -37,6 +39,14 @@ if [ ! -f "$stamp$extras" ] || [ pyproject.toml -nt "$stamp$extras" ]; then
   # torch==2.13.0 is the CPU build on this machine's local index; see DESIGN.md.
   .venv/bin/python -m pip install -q -e ".$extras"
   touch "$stamp$extras" "$stamp"
+fi
+
+# The review app (services/atlasflow/gateway/web): NiiVue from npm (package-lock.json), bundled by
+# esbuild into web/build/ (git-ignored), which the gateway serves at /app/.
+web=services/atlasflow/gateway/web
+if [ ! -f $web/build/app.js ] || [ -n "$(find $web/src $web/package-lock.json -newer $web/build/app.js 2>/dev/null | head -1)" ]; then
+  echo "[bootstrap] review app: npm ci && npm run build ($web)"
+  (cd $web && npm ci --silent --no-audit --no-fund >/dev/null && npm run --silent build >/dev/null)
 fi
 
 if [ $want_test = 1 ]; then

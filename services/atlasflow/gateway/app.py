@@ -30,6 +30,7 @@ from atlasflow.gateway.dicomweb import DicomWeb
 from atlasflow.gateway.login import Login
 from atlasflow.gateway.session import AuthError, Sessions
 from atlasflow.gateway.settings import PREFIX, GatewaySettings
+from atlasflow.gateway.web import review_app_routes
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def build_app(settings: GatewaySettings, *, backends: Backends | None = None) ->
         await backends.close()
 
     routes = [
+        *review_app_routes(settings.web_dir),  # the review app (/ -> /app/); gateway/web/
         Route("/", index, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         *login.routes(),

@@ -44,5 +44,7 @@ class GatewaySettings(ServiceSettings):
     oidc_redirect_uri: str = ""
     oidc_client_secret_file: str = ""
     oidc_scopes: str = "openid profile"
+    # The review app's folder (index.html, app.css, build/app.js); empty: the package's gateway/web
+    web_dir: str = ""
     # Largest request body accepted (STOW-RS, a revision), bytes
     max_request_bytes: int = 1024 * 1024 * 1024
