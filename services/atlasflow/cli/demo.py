@@ -10,9 +10,7 @@ reads the heatmap blob from the local blob directory (embedded deployment).
 
 from __future__ import annotations
 
-import gzip
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -24,6 +22,7 @@ import grpc
 
 from atlasflow.cli.demo_series import DEFAULT_DEMO_NIFTI, write_demo_series
 from atlasflow.cli.local import LocalDeployment
+from atlasflow.cli.review import submit_review
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.nifti import from_nifti_bytes
 from atlasflow.common.organs import ORGANS
@@ -169,19 +168,15 @@ def review_round(dep: LocalDeployment, case_id: str, timeout_s: float = 60.0) ->
     before, organ = item.priority, item.organs[0].organ
     drawn = "as drawn" if item.organs[0].volume_ml > 0 else "as drawn (absent: the models' doubt is dismissed)"
     head = labels.ListLabelVersions(labels_pb2.ListLabelVersionsRequest(case_id=case_id)).versions[0]
-    voxels = math.prod(head.geometry.shape)
-    version = labels.ReviseLabels(
-        labels_pb2.ReviseLabelsRequest(
-            case_id=case_id,
-            expected_parent_version_id=head.version_id,
-            request_id=f"demo-review-{head.version_id}",
-            revisions=[labels_pb2.OrganRevision(organ=organ, xor_delta=gzip.compress(bytes((voxels + 7) // 8)))],
-        ),
-    ).version
-    ranking.CompleteReview(
-        ranking_pb2.CompleteReviewRequest(
-            case_id=case_id, outcome=ranking_pb2.REVIEW_OUTCOME_REVISED, label_version_id=version.version_id
-        ),
+    # the code path of `atlasflow review CASE --accept ORGAN` (cli/review.py): a confirmation
+    # (all-zero XOR delta) as a new version, then CompleteReview
+    version, _ = submit_review(
+        labels,
+        ranking,
+        head,
+        accept=[organ],
+        outcome=ranking_pb2.REVIEW_OUTCOME_REVISED,
+        request_id=f"demo-review-{head.version_id}",
     )
     deadline = time.monotonic() + timeout_s
     while True:

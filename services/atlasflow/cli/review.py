@@ -282,6 +282,13 @@ def submit_review(
     return version, item
 
 
+def _reason(exc: grpc.RpcError) -> str:
+    from atlasflow.common.server import error_info_of
+
+    info = error_info_of(exc)
+    return info.reason if info is not None else ""
+
+
 def head_version(labels: labels_pb2_grpc.LabelServiceStub, case_id: str) -> labels_pb2.LabelVersion:
     versions = labels.ListLabelVersions(
         labels_pb2.ListLabelVersionsRequest(case_id=case_id, page_size=1), timeout=60
@@ -548,7 +555,15 @@ def review(
             info = store.put(data)
             masks[organ] = common_pb2.BlobRef(digest=info.digest, size_bytes=info.size_bytes)
     ranking = None if keep_lease else ranking_pb2_grpc.RankingServiceStub(stack.channel("ranking"))
-    version, item = submit_review(labels, ranking, head, accept=accept, masks=masks)
+    try:
+        version, item = submit_review(labels, ranking, head, accept=accept, masks=masks)
+    except grpc.RpcError as exc:
+        hint = ""
+        if _reason(exc) == "LEASE_NOT_HELD":
+            hint = f"lease the case first: atlasflow lease {case_id}"
+        elif _reason(exc) == "PARENT_MISMATCH":
+            hint = f"someone saved a newer version: `atlasflow versions {case_id}`, then review that one"
+        raise rpc_error(exc, hint) from None
     if as_json:
         doc: dict[str, Any] = {"version": version_json(version)}
         if item is not None:
@@ -671,7 +686,7 @@ def export(
         job = stub.ExportDataset(request, timeout=120).job
     except grpc.RpcError as exc:
         hint = ""
-        if "DESTINATION" in (exc.details() or "") or exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        if _reason(exc) in ("INVALID_DESTINATION", "DESTINATION_NOT_ALLOWED"):
             hint = "--dest must lie inside the labels service's EXPORT_DIR (<state-dir>/exports for `atlasflow up`)"
         raise rpc_error(exc, hint) from None
     if not as_json:
