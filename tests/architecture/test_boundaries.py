@@ -43,6 +43,8 @@ TRANSPORT = {
     "common/audit_server.py",
     "common/app.py",
     "common/clients.py",
+    # TLS credentials (grpc.ssl_*_credentials, the reloading server credentials)
+    "common/tls.py",
     # the web gateway calls the four services as the logged-in user
     "gateway/backends.py",
     "gateway/app.py",
