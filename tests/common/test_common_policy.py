@@ -24,6 +24,7 @@ from atlasflow.cli.local import LocalDeployment
 from atlasflow.common.auth import ROLES, LocalIssuer
 from atlasflow.common.policy import HANDOFF_CALLERS, POLICY
 from atlasflow.common.server import error_info_of
+from atlasflow.common.v1 import audit_pb2
 from atlasflow.ingest.v1 import ingest_pb2
 from atlasflow.labels.v1 import labels_pb2
 from atlasflow.ranking.v1 import ranking_pb2
@@ -31,7 +32,8 @@ from atlasflow.segmentation.v1 import segmentation_pb2
 from atlasflow.testing.data import REPO
 
 SERVICES = ("ingest", "segmentation", "ranking", "labels")
-DESCRIPTORS = (ingest_pb2, segmentation_pb2, ranking_pb2, labels_pb2)
+# audit_pb2: the AuditService every service serves (atlasflow.common.audit_server)
+DESCRIPTORS = (ingest_pb2, segmentation_pb2, ranking_pb2, labels_pb2, audit_pb2)
 
 
 def _defined_rpcs() -> set[str]:

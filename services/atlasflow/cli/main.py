@@ -359,6 +359,7 @@ def delete_study(
 
 for _command in review.COMMANDS:
     cli.add_command(_command)
+cli.add_command(importlib.import_module("atlasflow.cli.audit").audit)  # atlasflow audit (cli/audit.py)
 
 
 def _delegated(name: str, module: str, help_: str) -> click.Command:

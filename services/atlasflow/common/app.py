@@ -38,6 +38,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
+from atlasflow.common.audit_server import service_audit
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.server import BuiltServer, build_server
 from atlasflow.common.settings import ServiceSettings
@@ -282,9 +283,12 @@ def build_service_server(
 ) -> BuiltServer:
     """A service's gRPC server from its settings, the same way in all four: address, message
     size, the token check (`ServiceSettings.verifier`), the limit of calls in progress, TLS
-    (`ServiceSettings.server_tls`) and the plaintext health-only port."""
-    return build_server(
-        register=register,
+    (`ServiceSettings.server_tls`) and the plaintext health-only port; the audit log
+    (`atlasflow.common.audit_server`: every audited call and every refusal recorded, the
+    AuditService registered, the log closed when the server stops)."""
+    audit = service_audit(settings)
+    built = build_server(
+        register=audit.register(register),
         metrics=metrics,
         host=settings.grpc_host,
         port=settings.grpc_port,
@@ -294,7 +298,11 @@ def build_service_server(
         max_concurrent_rpcs=settings.max_concurrent_rpcs,
         tls=settings.server_tls(),
         health_port=settings.health_port,
+        interceptors=[audit.interceptor],
+        on_refusal=audit.recorder.refused,
     )
+    built.on_stop.append(audit.recorder.close)
+    return built
 
 
 async def serve_until_signalled(app: ServiceApp, grace: float) -> None:

@@ -254,7 +254,10 @@ class LabelServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAuditRecords(self, request, context):
-        """Lists the audit trail (every label read and write), newest first.
+        """Lists the labels domain trail (every label read and write, with the versions concerned),
+        newest first. The service-wide audit log (every service's PHI and pixel reads, writes,
+        exports, deletions and refused calls; FHIR AuditEvent export) is
+        atlasflow.common.v1.AuditService, served by this service too.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
