@@ -371,6 +371,25 @@ def test_only_admins_read_the_audit(stack: LocalDeployment) -> None:
                 assert err.value.code() == code, service
 
 
+def test_the_audit_command_prints_fhir_for_an_admin_only(
+    stack: LocalDeployment, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from atlasflow.cli.exitcodes import ExitCode
+    from atlasflow.cli.main import main
+
+    tokens = {}
+    for role in ("admin", "reviewer"):
+        tokens[role] = tmp_path / f"{role}.token"
+        tokens[role].write_text(stack.mint(role, f"cli-{role}"))
+    base = ["audit", "--state-dir", str(stack.state_dir), "--service", "labels", "--since", "1h"]
+    capsys.readouterr()
+    assert main([*base, "--token-file", str(tokens["admin"]), "--format", "fhir"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    _check_fhir(events)
+    assert any(e["agent"][0]["who"]["identifier"]["value"] == "dr.house" for e in events)
+    assert main([*base, "--token-file", str(tokens["reviewer"]), "--format", "json"]) == ExitCode.PERMISSION
+
+
 def test_an_audited_call_fails_closed_when_its_record_cannot_be_written(stack: LocalDeployment) -> None:
     """Last test of the module: it breaks the labels and ingest logs (their table dropped)."""
     case, version = _label_version(stack)

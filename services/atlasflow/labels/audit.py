@@ -5,6 +5,12 @@ writes get the event passed in and record it in their own transaction (version a
 filled in by the repository); reads (`read_ids` given) append their record afterwards, naming
 what they returned; a failure appends a record with the error's reason and re-raises.
 Blocking: the servicer runs it in a thread.
+
+This is the labels domain trail (``LabelService.ListAuditRecords``): it names the label
+versions and export job each call read or wrote, written in the write's own transaction. The
+service-wide audit log (`atlasflow.common.audit`: who, roles, peer, TLS identity, outcome;
+refused calls; FHIR AuditEvent export) records every audited labels call as well, from the
+interceptor (`atlasflow.common.audit_server`); both are kept.
 """
 
 from __future__ import annotations
