@@ -84,8 +84,8 @@ def rpc_error(exc: grpc.RpcError, hint: str = "") -> CliError:
     exit_code = exit_code_for(code)
     if not hint and exit_code == ExitCode.PERMISSION:
         hint = (
-            "give a token with --token-file (or ATLASFLOW_TOKEN_FILE) of a role that may do this, "
-            "e.g. `atlasflow token --role reviewer --subject me > me.token`"
+            "give a token with --token-file (or ATLASFLOW_TOKEN_FILE) of a role that may do this "
+            "(docs/security.md lists them), e.g. `atlasflow token --role reviewer --subject me > me.token`"
         )
     elif not hint and exit_code == ExitCode.UNAVAILABLE:
         hint = "is the stack running? `atlasflow status --state-dir DIR`"

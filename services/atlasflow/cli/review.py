@@ -371,7 +371,7 @@ def worklist(
                 where = ""
                 if o.HasField("pointer"):
                     where = f" [slices {o.pointer.slices.first}-{o.pointer.slices.last}]"
-                click.echo(f"{'':47s}- {ORGANS.get(o.organ, o.organ)}: {'; '.join(o.reasons[:2])}{where}")
+                click.echo(f"{'':47s}- {'; '.join(o.reasons[:2])}{where}")
     return 0
 
 
