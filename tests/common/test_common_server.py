@@ -4,6 +4,8 @@ authentication and authorisation."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import time
 
 import grpc
@@ -19,6 +21,7 @@ from atlasflow.common.auth import LocalIssuer, TokenVerifier
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.server import build_server, error_info_of
+from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from atlasflow.testing import auth
 
@@ -221,3 +224,92 @@ def test_calls_beyond_the_concurrency_limit_are_resource_exhausted():
         asyncio.run_coroutine_threadsafe(built.stop(0), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         t.join(5)
+
+
+class _Streamer(ingest_pb2_grpc.IngestServiceServicer):
+    """A server stream that would run long: the client stops it after a few messages, while the
+    handler is suspended at ``yield`` (its write waits for the client)."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.ended = asyncio.Event()
+
+    async def StreamSeriesInstances(self, request, context):
+        try:
+            for i in range(10_000):
+                self.sent += 1
+                # 256 KiB messages: the flow-control window fills, the handler waits at `yield`
+                yield ingest_pb2.StreamSeriesInstancesResponse(instance_index=i, chunk=b"x" * (256 * 1024))
+        finally:
+            self.ended.set()
+
+
+def test_a_server_stream_cancelled_by_the_client_is_cancelled_not_crashed(caplog):
+    """A client that cancels a server stream early (the gateway stopping a DICOMweb retrieve)
+    ends the handler: no 'rpc crashed' log (no ValueError from a context token or OpenTelemetry
+    context detached in another context), and the call counts as CANCELLED in the metrics."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    metrics = Metrics("ingest")
+    streamer = _Streamer()
+    loop = asyncio.new_event_loop()
+
+    def register(server):
+        ingest_pb2_grpc.add_IngestServiceServicer_to_server(streamer, server)
+        return ["atlasflow.ingest.v1.IngestService"]
+
+    async def start():
+        built = build_server(
+            register=register,
+            metrics=metrics,
+            port=0,
+            tracer_provider=provider,
+            verifier=TokenVerifier(auth.issuer().config()),
+        )
+        await built.server.start()
+        return built
+
+    built = loop.run_until_complete(start())
+    import threading
+
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    try:
+        with caplog.at_level(logging.DEBUG):
+            for _ in range(3):  # more than once: a leaked context shows on the next call
+                with grpc.insecure_channel(f"127.0.0.1:{built.port}") as ch:
+                    stub = ingest_pb2_grpc.IngestServiceStub(ch)
+                    call = stub.StreamSeriesInstances(
+                        ingest_pb2.StreamSeriesInstancesRequest(series_id="s1"), metadata=auth.metadata("admin")
+                    )
+                    got = [next(call) for _ in range(3)]
+                    time.sleep(0.3)  # the server fills the window and waits to write
+                    assert [m.instance_index for m in got] == [0, 1, 2]
+                    call.cancel()
+                    with pytest.raises(grpc.RpcError) as err:
+                        list(call)
+                    assert err.value.code() == grpc.StatusCode.CANCELLED
+                gc.collect()  # the abandoned generator is closed by the loop's finalizer hook
+                asyncio.run_coroutine_threadsafe(asyncio.wait_for(streamer.ended.wait(), 30), loop).result(35)
+                streamer.ended.clear()
+                deadline = time.monotonic() + 30
+                while "CANCELLED" not in generate_latest(metrics.registry).decode() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            time.sleep(0.3)  # let the server finish its bookkeeping of the last call
+    finally:
+        asyncio.run_coroutine_threadsafe(built.stop(0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
+    assert streamer.sent < 10_000
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("rpc crashed" in m for m in messages), messages
+    assert not any("Failed to detach context" in m for m in messages), messages
+    assert not [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], ValueError)]
+    text = generate_latest(metrics.registry).decode()
+    assert (
+        'atlasflow_rpc_requests_total{code="CANCELLED",method="StreamSeriesInstances",service="ingest"} 3.0' in text
+    ), text
+    assert 'code="INTERNAL"' not in text
+    spans = [s for s in exporter.get_finished_spans() if s.name.endswith("/StreamSeriesInstances")]
+    assert len(spans) == 3

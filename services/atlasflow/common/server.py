@@ -134,6 +134,55 @@ def _ignore_request(_data: bytes) -> None:
     return None
 
 
+class _StreamsInOneTask(grpc.aio.ServerInterceptor):
+    """Outermost: runs every response stream as a coroutine that writes each message
+    (``context.write``) instead of handing grpc an async generator.
+
+    grpc iterates a generator handler in its own task and, when the client cancels, cancels
+    that task while it waits to send: the generators (OpenTelemetry's span, the identity of
+    `_ErrorAndMetricsInterceptor`) are abandoned at a ``yield`` and later closed by the event
+    loop's finalizer in another task, so their context tokens are reset in a different Context
+    (a ValueError: "rpc crashed", "Failed to detach context"). Here the cancellation arrives at
+    ``await context.write`` in this coroutine, which closes the generators in the same task."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Req, _Resp] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler.response_streaming:
+            return handler
+
+        def writing(behavior: _StreamBehavior) -> _UnaryBehavior:
+            async def run(request_or_iterator: Any, context: Context) -> None:
+                stream = behavior(request_or_iterator, context)
+                try:
+                    async for item in stream:
+                        await context.write(item)
+                finally:  # also on cancellation: close the generators in this task
+                    aclose = getattr(stream, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+
+            return run
+
+        # grpc.aio runs a coroutine handler as one that writes its responses (context.write)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                writing(cast(_StreamBehavior, handler.unary_stream)),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                writing(cast(_StreamBehavior, handler.stream_stream)),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return handler
+
+
 class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates and authorises every RPC (unless ``verifier`` is None: authentication
     disabled), maps domain errors to statuses and records RED metrics."""
@@ -220,7 +269,9 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                 return exc.code
             c: grpc.StatusCode | int | None = context.code()  # None while no status is set yet
             if c is None:
-                return "OK" if exc is None else ("CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL")
+                if exc is None:
+                    return "OK"
+                return "CANCELLED" if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else "INTERNAL"
             return c.name if isinstance(c, grpc.StatusCode) else str(c)
 
         def wrap_unary_response(behavior: _UnaryBehavior) -> _UnaryBehavior:  # unary_unary and stream_unary
@@ -235,6 +286,9 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                         return await behavior(checked(request_or_iterator), context)
                     finally:
                         _IDENTITY.reset(reset)
+                except asyncio.CancelledError as e:  # the client cancelled (or the deadline passed)
+                    exc = e
+                    raise
                 except (AtlasflowError, Exception) as e:  # noqa: BLE001
                     if isinstance(e, grpc.aio.AbortError):
                         raise
@@ -252,12 +306,27 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     if refusal is not None:
                         raise refusal
-                    reset = _IDENTITY.set(identity)
+                    # The identity is set around each step of the handler, never across a
+                    # `yield`: a stream the client cancels may be closed from another task
+                    # (another Context), where a token set here cannot be reset.
+                    stream = behavior(checked(request_or_iterator), context)
                     try:
-                        async for item in behavior(checked(request_or_iterator), context):
+                        while True:
+                            reset = _IDENTITY.set(identity)
+                            try:
+                                item = await anext(stream)
+                            except StopAsyncIteration:
+                                break
+                            finally:
+                                _IDENTITY.reset(reset)
                             yield item
-                    finally:
-                        _IDENTITY.reset(reset)
+                    finally:  # close the handler's generator now, in this task
+                        aclose = getattr(stream, "aclose", None)
+                        if aclose is not None:
+                            await aclose()
+                except (asyncio.CancelledError, GeneratorExit) as e:  # the client cancelled: closed at a yield
+                    exc = e
+                    raise
                 except Exception as e:  # noqa: BLE001
                     if isinstance(e, grpc.aio.AbortError):
                         raise
@@ -371,6 +440,7 @@ def build_server(
     ]
     server = grpc.aio.server(
         interceptors=[
+            _StreamsInOneTask(),  # outermost: a cancelled stream is closed in its own task
             aio_server_interceptor(tracer_provider=tracer_provider, filter_=filters.negate(filters.health_check())),
             _ErrorAndMetricsInterceptor(metrics, verifier, on_refusal),
             *interceptors,  # inside authentication: they see the verified caller (the audit)
