@@ -195,12 +195,19 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
 
             return each()
 
-        async def record(context: Context, exc: BaseException | None, targets: list[tuple[str, str]]) -> None:
+        def caller(context: Context) -> tuple[str, tuple[str, ...]]:
+            """(subject, roles), read when the handler starts: the identity is set around each
+            step of a handler, not while a cancelled stream is closed."""
+            return principal_of(context), tuple(sorted(roles_of(context) or ()))
+
+        async def record(
+            context: Context,
+            exc: BaseException | None,
+            targets: list[tuple[str, str]],
+            who: tuple[str, tuple[str, ...]],
+        ) -> None:
             """Write the call's record; on a failed call a write failure is only logged."""
-            roles = tuple(sorted(roles_of(context) or ()))
-            rec = recorder.record_of(
-                action, method, context, outcome_of(exc, context), targets, principal_of(context), roles
-            )
+            rec = recorder.record_of(action, method, context, outcome_of(exc, context), targets, *who)
             if exc is None:
                 await recorder.write(rec)  # fail closed: raises AUDIT_UNAVAILABLE
                 return
@@ -212,12 +219,13 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
         def wrap_unary_response(behavior: _UnaryBehavior) -> _UnaryBehavior:
             async def wrapper(request_or_iterator: Any, context: Context) -> Any:
                 targets: list[tuple[str, str]] = []
+                who = caller(context)
                 try:
                     result = await behavior(noted(request_or_iterator, targets), context)
                 except BaseException as exc:
-                    await record(context, exc, targets)
+                    await record(context, exc, targets, who)
                     raise
-                await record(context, None, targets)
+                await record(context, None, targets, who)
                 return result
 
             return wrapper
@@ -225,17 +233,18 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
         def wrap_stream_response(behavior: _StreamBehavior) -> _StreamBehavior:
             async def wrapper(request_or_iterator: Any, context: Context) -> AsyncIterator[Any]:
                 targets: list[tuple[str, str]] = []
+                who = caller(context)
                 await recorder.check_writable()  # no data leaves while the log is down
                 sent = 0
                 try:
                     async for item in behavior(noted(request_or_iterator, targets), context):
                         sent += 1
                         yield item
-                except BaseException as exc:
-                    await record(context, exc, targets)
+                except BaseException as exc:  # GeneratorExit too: the client cancelled
+                    await record(context, exc, targets, who)
                     raise
                 try:
-                    await record(context, None, targets)
+                    await record(context, None, targets, who)
                 except AtlasflowError:
                     log.error(
                         "audit record of a streamed answer not written after it was sent",
