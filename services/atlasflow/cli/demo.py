@@ -294,9 +294,11 @@ def run_demo(out: Path, *, keep_running: bool = False) -> int:
             dep.stop()
         return 1
     if keep_running:
+        say(f"review app: {dep.gateway_url()}/app/ (the stack's CA: {dep.ca().ca_file})")
+        say(f"  log in as dr.demo; the demo passwords are in {dep.auth_dir / 'demo-passwords.txt'}")
         say(f"services left running; stop them with: atlasflow down --state-dir {state_dir}")
     else:
         dep.stop()
-        say("services stopped")
+        say("services stopped; run `atlasflow demo --keep-running` to click through the review app")
     say(f"demo finished in {time.monotonic() - t_start:.1f} s")
     return 0
