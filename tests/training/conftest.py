@@ -64,24 +64,27 @@ def perturb(labels: np.ndarray, organ: int, shift: int) -> np.ndarray:
     return out
 
 
-def crop_case(z0: int, z1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def crop_case(z0: int, z1: int, x0: int = 0, x1: int = 10_000, y0: int = 0, y1: int = 10_000) -> tuple[np.ndarray, ...]:
+    """A box of the example CT (voxel ranges), its affine and labels."""
     hu, affine, labels = reference_ct()
     aff = affine.copy()
-    aff[:3, 3] = affine[:3, :3] @ np.array([0, 0, z0]) + affine[:3, 3]
-    return hu[:, :, z0:z1], aff, labels[:, :, z0:z1]
+    aff[:3, 3] = affine[:3, :3] @ np.array([x0, y0, z0]) + affine[:3, 3]
+    box = np.s_[x0:x1, y0:y1, z0:z1]
+    return hu[box], aff, labels[box]
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     """Four cases (z slabs of the example CT). case-a: liver revised + spleen revised;
-    case-b: liver revised; case-c: only AI; case-d: kidney_left revised (held out in tests)."""
+    case-b: liver revised; case-c: only AI; case-d: kidney_left revised (held out in tests; a 64^3 box around it, so
+    that evaluating an ensemble on it takes one sliding window)."""
     root = tmp_path_factory.mktemp("labels")
     repo = SqliteLabelRepository(root / "labels.sqlite3")
     blobs = LocalBlobStore(root / "blobs")
     s = Store(root, repo, blobs, LabelWriter(repo, blobs), {})
-    slabs = {"case-a": (40, 104), "case-b": (30, 94), "case-c": (20, 84), "case-d": (48, 112)}
-    for case_id, (z0, z1) in slabs.items():
-        hu, aff, labels = crop_case(z0, z1)
+    slabs = {"case-a": (40, 104), "case-b": (30, 94), "case-c": (20, 84), "case-d": (48, 112, 5, 69, 20, 84)}
+    for case_id, box in slabs.items():
+        hu, aff, labels = crop_case(*box)
         s.reference[case_id] = labels
         s.add_ai_case(case_id, hu, aff, perturb(labels, 5, 3))
     for case_id, organ in (("case-a", 5), ("case-a", 8), ("case-b", 5), ("case-d", 3)):
