@@ -121,7 +121,9 @@ def _modules(*folders: str) -> list[str]:
     )
 
 
-@pytest.mark.parametrize("module", [m for m in _modules(*NAMES, "gateway", "common", "method") if m not in TRANSPORT])
+@pytest.mark.parametrize(
+    "module", [m for m in _modules(*NAMES, "gateway", "common", "method", "training") if m not in TRANSPORT]
+)
 def test_domain_code_does_not_import_grpc(module: str) -> None:
     assert not {m for m in imports_of(SERVICES / module) if _is_grpc(m)}
 
@@ -189,7 +191,7 @@ def test_no_product_code_imports_test_support() -> None:
     """atlasflow.testing (peers, oracles, simulators) serves tests and benchmarks only."""
     offending = [
         f"{m}: {mod}"
-        for m in _modules(*NAMES, "common", "method", "cli")
+        for m in _modules(*NAMES, "common", "method", "cli", "training")
         for mod in imports_of(SERVICES / m)
         if _top(mod, 2) == ("atlasflow", "testing")
     ]
@@ -238,3 +240,24 @@ def test_every_service_has_the_common_shape(service):
     tree = ast.parse((folder / "app.py").read_text())
     defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
     assert {"build_app", "main"} <= defined, f"{service}/app.py defines {sorted(defined)}"
+
+
+# The training worker fine-tunes segmentation's members: it may use the model definitions and
+# the pipeline's preprocessing (the same code that serves them), never another service's code.
+# It reads decisions through any object with the label repository's read surface (duck-typed).
+TRAINING_MAY_USE = {
+    "atlasflow.segmentation.ensemble",
+    "atlasflow.segmentation.models",
+    "atlasflow.segmentation.grid",
+    "atlasflow.segmentation.pipeline",
+}
+
+
+def test_training_imports_only_the_models_it_trains() -> None:
+    offending = [
+        f"{m}: {mod}"
+        for m in _modules("training")
+        for mod in imports_of(SERVICES / m)
+        if _top(mod, 2)[-1] in (*NAMES, "cli", "gateway") and not _within(mod, TRAINING_MAY_USE)
+    ]
+    assert not offending
