@@ -140,7 +140,7 @@ function worklistRow(item) {
   const reasons = item.organs
     .filter((o) => o.reasons.length)
     .slice(0, 4)
-    .map((o) => h('li', {}, h('b', {}, pretty(o.organ)), ': ', o.reasons.join('; ')))
+    .map((o) => h('li', {}, o.reasons.join('; ')))
   let label = 'Open'
   if (taken) label = `Taken by ${item.lease.reviewer}`
   else if (mine) label = 'Resume'
@@ -399,6 +399,7 @@ async function leaveCase() {
     ctx.leased = false
     await api.release(ctx.caseId).catch(() => {})
   }
+  if (ctx.viewer) ctx.viewer.dispose()
   atlasflow.viewer = null
 }
 
