@@ -6,28 +6,43 @@ must be rejected: gRPC INVALID_ARGUMENT with an ErrorInfo (domain atlasflow.inge
 failure status. Random byte flips of a real file may be rejected or accepted (a flip inside the
 pixel data is still a valid image), but never crash, hang (per-call timeouts) or answer with an
 internal error; the service still answers afterwards.
+
+In process, without a service: a seeded short pass of the fuzz harness
+(`atlasflow.testing.ingest_fuzz`: DICOM parse -> assembly -> NIfTI and request-id checks; the
+long run is benchmarks/bench_fuzz.py) and the regression corpus tests/ingest/fuzz_corpus/
+(each a former crash, see its README) must end in a documented refusal or a volume.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import struct
+import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from atlasflow.common.clients import sync_channel
+from atlasflow.common.errors import InvalidArgument
+from atlasflow.ingest.assemble import assemble_frames
 from atlasflow.ingest.client import upload_requests
+from atlasflow.ingest.geometry import REPAIR
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from atlasflow.testing import peers
+from atlasflow.testing import ingest_fuzz, peers
 
 REPO = Path(__file__).resolve().parents[2]
 
 N_FLIPS = 40
+CORPUS = Path(__file__).parent / "fuzz_corpus"
+#: short CI pass: inputs of run seed SHORT_SEED (reproducible: bench_fuzz.py --replay INDEX --seed 20261206)
+SHORT_SEED = 20261206
+SHORT_INPUTS = 600
 
 
 def _patch_vr(data: bytes, tag: tuple[int, int], vr: bytes) -> bytes:
@@ -176,3 +191,110 @@ def test_c_store_rejects_malformed_and_survives_fuzz(service, tmp_path):
     assoc.release()
     print(f"C-STORE fuzz: {len(cases)} inputs, {sum(r != 0 for r in results.values())} rejected")
     assert len(cases) >= 40
+
+
+# ---------------------------------------------------------------- in-process fuzzing
+
+
+def test_short_fuzz_pass_has_no_crash_or_hang(tmp_path):
+    """A seeded short pass of the harness: every input ends in a documented refusal, a failed
+    assembly with its reason, or a volume; none runs 30 s (a hang on this shared machine)."""
+    t0 = time.perf_counter()
+    outcomes = ingest_fuzz.run_range(SHORT_SEED, 0, SHORT_INPUTS)
+    crashes = [(o.index, o.error, o.detail) for o in outcomes if o.result == "crash"]
+    assert not crashes, crashes
+    slow = [(o.index, round(o.seconds, 1)) for o in outcomes if o.seconds > 30]
+    assert not slow, slow
+    kinds = {o.kind for o in outcomes}
+    assert {"instance", "series", "ids"} <= kinds
+    results = {o.result.split(":")[0] for o in outcomes}
+    assert {"accepted", "refused", "failed"} <= results  # the mutations reach every stage
+    print(f"short fuzz pass: {len(outcomes)} inputs in {time.perf_counter() - t0:.1f} s, 0 crashes")
+
+
+def _corpus_cases() -> list[dict[str, object]]:
+    return json.loads((CORPUS / "cases.json").read_text())
+
+
+@pytest.mark.parametrize("case", _corpus_cases(), ids=lambda c: f"s{c['seed']}_i{c['index']}")
+def test_fuzz_corpus_former_crashes_end_cleanly(case, tmp_path):
+    """Each former crash (file, or replayed by seed/index) now ends as recorded."""
+    if "file" in case:
+        data = (CORPUS / str(case["file"])).read_bytes()
+        item = ingest_fuzz.FuzzInput("instance", 0, instances=[data], via_files=bool(case["via_files"]))
+    else:
+        item = ingest_fuzz.make_input(int(case["seed"]), int(case["index"]))
+    out = ingest_fuzz.run_input(item, tmp_path)
+    assert out.result == case["expected"], (case["was"], out)
+
+
+def test_unknown_vr_is_corrupt_dicom_at_reception():
+    """An unknown VR answered INTERNAL before: now CORRUPT_DICOM (check elements, 0xC220)."""
+    from atlasflow.ingest.dicom import c_store_status, parse_instance
+
+    real = ingest_fuzz.seed_bytes("pydicom_ct_singles/pydicom/CT_small.dcm")
+    data = _patch_vr(real, (0x0008, 0x0060), b"RI")
+    with pytest.raises(InvalidArgument) as err:
+        parse_instance(data)
+    assert (err.value.reason, err.value.metadata["check"]) == ("CORRUPT_DICOM", "elements")
+    assert c_store_status(err.value) == 0xC220
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "frames", "ts"),
+    [
+        (65535, 65535, 1, "1.2.840.10008.1.2.4.90"),  # ~8 GiB announced, compressed (no length check)
+        (716, 512, 65535, "1.2.840.10008.1.2.4.90"),  # ~48 GiB from NumberOfFrames
+        (32768, 1, 1, "1.2.840.10008.1.2.1"),  # beyond NIfTI-1's int16 dimension
+    ],
+)
+def test_huge_image_is_refused_before_decoding(rows, cols, frames, ts):
+    from atlasflow.ingest.dicom import parse_instance
+
+    real = ingest_fuzz.seed_bytes("pydicom_ct_singles/pylibjpeg-data/JPEG2000/MAROTECH_CT_JP2Lossy.dcm")
+    data = ingest_fuzz.set_element(real, (0x0028, 0x0010), b"US", struct.pack("<H", rows))
+    data = ingest_fuzz.set_element(data, (0x0028, 0x0011), b"US", struct.pack("<H", cols))
+    data = ingest_fuzz.set_element(data, (0x0028, 0x0008), b"IS", str(frames).encode())
+    data = ingest_fuzz.set_element(data, (0x0002, 0x0010), b"UI", ts.encode() + b"\x00")
+    t0 = time.perf_counter()
+    with pytest.raises(InvalidArgument) as err:
+        parse_instance(data)
+    assert (err.value.reason, err.value.metadata["check"]) == ("CORRUPT_DICOM", "image_size")
+    assert time.perf_counter() - t0 < 5  # refused from the header, nothing decoded
+
+
+@pytest.mark.parametrize(
+    ("positions", "side", "check"),
+    [
+        ([0.0, 1.0, 2.0, 3.0, 9000.0], 512, "voxels"),  # a huge gap: ~2.4e9 voxels to fill
+        ([0.0, 0.1, 0.2, 0.3, 5000.0], 4, "nifti_dim"),  # 50,000 slices: beyond int16
+    ],
+)
+def test_series_too_large_fails_before_allocating(positions, side, check):
+    frames = ingest_fuzz.synthetic_frames(np.array(positions), side=side)
+    with pytest.raises(InvalidArgument) as err:
+        assemble_frames(frames, REPAIR)
+    assert (err.value.reason, err.value.metadata["check"]) == ("VOLUME_TOO_LARGE", check)
+
+
+def test_sheared_origins_beyond_range_fail_cleanly():
+    """Origins sheared by 1e6 mm per slice asked for a 34 TB plane before (MemoryError)."""
+    frames = ingest_fuzz.synthetic_frames(np.arange(4, dtype=np.float64))
+    for k, f in enumerate(frames):
+        f.ipp = np.array([k * 1e6, 0.0, float(k)])
+    with pytest.raises(InvalidArgument) as err:
+        assemble_frames(frames, REPAIR)
+    assert err.value.metadata["check"] == "geometry_range"
+
+
+def test_gap_filling_many_slices_interpolates_each_gap():
+    """2 of every 5 slices missing over 4000 slices (the filler is n log n, was quadratic):
+    each filled slice is the linear interpolation of its two neighbours."""
+    positions = ingest_fuzz.gapped_positions(4000)
+    frames = ingest_fuzz.synthetic_frames(positions)
+    vol = assemble_frames(frames, REPAIR)
+    assert vol.array.shape[2] == 4000 and len(vol.filled_slices) == 4000 - len(positions)
+    values = vol.array[0, 0, :].astype(np.float64)
+    source = np.arange(len(positions)) % 1000  # synthetic_frames: value = frame number % 1000
+    expected = np.rint(np.interp(np.arange(4000), positions, source))
+    assert np.array_equal(values, expected)

@@ -257,12 +257,7 @@ def assemble_frames(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Volu
         for z, (y0, y1, x0, x1) in covered.items():
             plane = stack[z]
             plane[:y0], plane[y1:], plane[:, :x0], plane[:, x1:] = fill, fill, fill, fill
-    for z in plan.filled:
-        lo = max(k for k in range(z) if source_frames[k] is not None)
-        hi = min(k for k in range(z + 1, nz) if source_frames[k] is not None)
-        w = (z - lo) / (hi - lo)
-        value = (1 - w) * stack[lo].astype(np.float64) + w * stack[hi].astype(np.float64)
-        stack[z] = np.rint(value) if integral else value
+    _fill_gaps(stack, plan.filled, np.sort(plan.slot), integral)
     if not integral:
         warnings.append("fractional RescaleSlope/Intercept: HU kept as float32 (not rounded)")
     types = {f.rescale_type.upper() for f in frames} - {"", "HU"}
@@ -289,6 +284,22 @@ def assemble_frames(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Volu
         frame_of_reference_uid=first.frame_of_reference_uid,
         slice_thickness_mm=first.thickness_mm,
     )
+
+
+def _fill_gaps(stack: npt.NDArray[Any], filled: Sequence[int], present: npt.NDArray[Any], integral: bool) -> None:
+    """stack[z] for each missing slice z: linear interpolation between the nearest present
+    slices below and above (`present`: sorted Z indices of source slices; the first and last
+    slices are always present). O(len(filled) log len(present)): the neighbours come from one
+    binary search each (it was a scan of every slice below and above each filled one,
+    quadratic in the slice count)."""
+    if not filled:
+        return
+    z = np.asarray(filled, dtype=np.int64)
+    above = np.searchsorted(present, z)  # first present index > z (z itself is not present)
+    for zi, hi, lo in zip(z.tolist(), present[above].tolist(), present[above - 1].tolist()):
+        w = (zi - lo) / (hi - lo)
+        value = (1 - w) * stack[lo].astype(np.float64) + w * stack[hi].astype(np.float64)
+        stack[zi] = np.rint(value) if integral else value
 
 
 def _widen(stack: npt.NDArray[Any], warnings: list[str]) -> npt.NDArray[Any]:

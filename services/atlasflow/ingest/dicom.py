@@ -19,7 +19,9 @@ reason                      when
 =========================== =============================================================
 NOT_DICOM                   the bytes are not a DICOM Part-10 stream
 CORRUPT_DICOM               the stream breaks off, no transfer syntax, no/short pixel data,
-                            pixel data that does not decode, not single-sample greyscale
+                            pixel data that does not decode, not single-sample greyscale,
+                            an image larger than `MAX_IMAGE_DIM` / `MAX_PIXEL_BYTES` (check
+                            ``image_size``, refused before decoding), an unusable rescale
 UNSUPPORTED_TRANSFER_SYNTAX no pixel decoder is installed for the transfer syntax
 NOT_CT                      (0008,0016) SOPClassUID not CT Image / Enhanced CT / Legacy
                             Converted Enhanced CT Storage, or (0008,0060) Modality != "CT"
@@ -203,6 +205,7 @@ def validate_dataset(ds: Dataset, transfer_syntax_uid: str | None = None, *, dec
     ts = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
     if not ts:
         raise _err("CORRUPT_DICOM", "no transfer syntax: (0002,0010) missing", check="transfer_syntax")
+    _check_elements(ds, ts)
 
     sop_class = str(ds.get("SOPClassUID", "") or "")
     if not sop_class and meta is not None:
@@ -243,6 +246,23 @@ def validate_dataset(ds: Dataset, transfer_syntax_uid: str | None = None, *, dec
     )
 
 
+def _check_elements(ds: Dataset, ts: str) -> None:
+    """CORRUPT_DICOM (check ``elements``) when a top-level element's value cannot be converted:
+    an unknown VR (pydicom raises NotImplementedError), a value that does not fit its VR, a
+    sequence whose items do not parse. Converting them all here (pydicom converts lazily, on
+    first access) keeps such errors out of every later step."""
+    try:
+        for _elem in ds:
+            pass
+    except Exception as exc:  # noqa: BLE001 - any conversion failure is a corrupt element
+        raise _err(
+            "CORRUPT_DICOM",
+            f"a data element cannot be decoded ({type(exc).__name__})",
+            check="elements",
+            transfer_syntax_uid=ts,
+        ) from None
+
+
 #: Largest magnitudes of (0028,1053) RescaleSlope / (0028,1052) RescaleIntercept accepted: far
 #: beyond any CT (slope ~1, intercept ~-1024), small enough that HU = stored x slope +
 #: intercept stays finite in float32 for any 16-bit stored value.
@@ -267,6 +287,14 @@ def _check_rescale(ds: Dataset, base: dict[str, str]) -> None:
             raise _err("CORRUPT_DICOM", f"{keyword} is not a usable number", check="rescale", attribute=keyword, **base)
 
 
+#: Largest image accepted: Rows, Columns and NumberOfFrames each at most `MAX_IMAGE_DIM`
+#: (NIfTI-1's int16 dimension), and Rows x Columns x BitsAllocated/8 x NumberOfFrames at most
+#: `MAX_PIXEL_BYTES` (the upload limit; a 2000-frame 512 x 512 Enhanced CT is 1 GiB).
+#: Checked from the header before the pixel data is decoded (CORRUPT_DICOM, check image_size).
+MAX_IMAGE_DIM = 32767
+MAX_PIXEL_BYTES = 2 << 30
+
+
 def _check_pixels(ds: Dataset, ts: str, base: dict[str, str], *, decode: bool) -> None:
     """Pixel data long enough (native syntaxes) and decodable (all syntaxes)."""
     try:
@@ -274,7 +302,7 @@ def _check_pixels(ds: Dataset, ts: str, base: dict[str, str], *, decode: bool) -
         bits = int(ds.BitsAllocated)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (AttributeError, TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError, OverflowError):
         raise _err(
             "CORRUPT_DICOM",
             "(0028,xxxx) Image Pixel attributes missing or invalid",
@@ -286,6 +314,16 @@ def _check_pixels(ds: Dataset, ts: str, base: dict[str, str], *, decode: bool) -
             "CORRUPT_DICOM",
             "CT pixel data must be one-sample greyscale with 8/16/32 bits",
             check="image_pixel",
+            **base,
+        )
+    # Memory bound: the size the headers announce is checked before anything is decoded or
+    # allocated (a crafted Rows x Columns x NumberOfFrames once asked for ~93 GiB).
+    if frames < 1 or max(rows, cols, frames) > MAX_IMAGE_DIM or rows * cols * (bits // 8) * frames > MAX_PIXEL_BYTES:
+        raise _err(
+            "CORRUPT_DICOM",
+            f"image of {rows}x{cols}x{frames} frames at {bits} bits is out of range (at most {MAX_IMAGE_DIM} "
+            f"per axis and {MAX_PIXEL_BYTES} bytes of pixels)",
+            check="image_size",
             **base,
         )
     uid = UID(ts)

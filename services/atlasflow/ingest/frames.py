@@ -18,6 +18,13 @@ if TYPE_CHECKING:  # pydicom is imported lazily: `atlasflow convert` may not nee
 
 DOMAIN = "atlasflow.ingest"
 
+#: Same limits as reception's (`atlasflow.ingest.dicom`), applied to every frame (the per-frame
+#: functional groups of a multi-frame instance are only read here).
+MAX_RESCALE_SLOPE = 1e4
+MAX_RESCALE_INTERCEPT = 1e6
+#: Most frames one instance may announce: NIfTI-1's largest axis.
+MAX_FRAMES = 32767
+
 _ENHANCED_CT = {"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
 
 
@@ -165,7 +172,28 @@ def frame_refs(ds: Dataset, source_for: object = None, index: int = 0) -> list[F
 
     `source_for(ds, frame_index | None) -> FrameSource` builds the pixel readers (default:
     `DatasetFrame` over `ds` itself). `index`: the instance's position, for messages.
+    An attribute pydicom cannot convert (unknown VR, a DS that is not a number, a broken
+    sequence: it converts lazily, here) is CORRUPT_DICOM (check ``elements``); a
+    RescaleSlope/Intercept that is not finite or beyond the reception limits, CORRUPT_DICOM
+    (check ``rescale``).
     """
+    try:
+        refs = _frame_refs(ds, source_for, index)
+    except InvalidArgument:
+        raise
+    except (NotImplementedError, ValueError, TypeError, OverflowError, KeyError, AttributeError, IndexError) as exc:
+        raise series_error(
+            "CORRUPT_DICOM", f"slice {index}: a data element cannot be decoded ({type(exc).__name__})", check="elements"
+        ) from None
+    for ref in refs:
+        if not (abs(ref.slope) <= MAX_RESCALE_SLOPE and abs(ref.intercept) <= MAX_RESCALE_INTERCEPT):
+            raise series_error(
+                "CORRUPT_DICOM", f"slice {index}: RescaleSlope/Intercept is not a usable number", check="rescale"
+            )
+    return refs
+
+
+def _frame_refs(ds: Dataset, source_for: object, index: int) -> list[FrameRef]:
     make = source_for if callable(source_for) else DatasetFrame
     common = _FrameCommon(
         series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
@@ -202,6 +230,10 @@ def frame_refs(ds: Dataset, source_for: object = None, index: int = 0) -> list[F
             )
         ]
     n = int(_number(ds.get("NumberOfFrames"), 1) or 1)
+    if not 1 <= n <= MAX_FRAMES:
+        raise series_error(
+            "CORRUPT_DICOM", f"slice {index}: NumberOfFrames out of range (1..{MAX_FRAMES})", check="image_size"
+        )
     shared = _item(ds, "SharedFunctionalGroupsSequence")
     per_frames = ds.get("PerFrameFunctionalGroupsSequence") or []
     refs = []

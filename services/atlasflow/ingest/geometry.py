@@ -27,6 +27,18 @@ TILT_TOL_REL = 0.002
 GAP_REJECT_REL = 0.25  # gap vs median gap
 GAP_WARN_MM = 0.01
 GAP_WARN_REL = 0.001
+#: Largest output volume assembled, voxels (X * Y * Z): 2**30 is 2 GiB of int16 (a 512 x 512
+#: series of 4096 slices). Checked from the headers before any array is allocated, so a
+#: crafted gap, shift or size never asks for more (VOLUME_TOO_LARGE, check ``voxels``).
+MAX_SERIES_VOXELS = 1 << 30
+#: NIfTI-1 stores each dimension as int16: no axis may exceed this (check ``nifti_dim``).
+MAX_NIFTI_DIM = 32767
+#: Plausibility bounds of the geometry (check ``geometry_range``): positions within 10 m of
+#: the scanner origin, pixel spacing (and a single slice's spacing) within [0.001, 1000] mm. Beyond them the affine would not
+#: survive float32 (NIfTI) and no CT is that large.
+MAX_POSITION_MM = 1e4
+MAX_PIXEL_SPACING_MM = 1e3
+MIN_PIXEL_SPACING_MM = 1e-3
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -36,11 +48,13 @@ class Policy:
 
     tilt: "reject" or "resample" (gantry tilt). gaps: "reject" or "fill" (missing slices).
     multiframe: assemble multi-frame (Enhanced CT) instances instead of rejecting them.
+    max_voxels: the largest output volume (X * Y * Z), checked before allocating.
     """
 
     tilt: str = "reject"
     gaps: str = "reject"
     multiframe: bool = False
+    max_voxels: int = MAX_SERIES_VOXELS
 
 
 STRICT = Policy()
@@ -85,6 +99,36 @@ def _check_consistent(frames: Sequence[FrameRef]) -> None:
             raise series_error("INCONSISTENT_SERIES", "instances differ in PixelSpacing", check="pixel_spacing")
     if np.any(first.pixel_spacing <= 0):
         raise series_error("INCONSISTENT_SERIES", "PixelSpacing must be positive", check="pixel_spacing")
+    if (
+        np.any(first.pixel_spacing > MAX_PIXEL_SPACING_MM)
+        or np.any(first.pixel_spacing < MIN_PIXEL_SPACING_MM)
+        or any(np.max(np.abs(f.ipp)) > MAX_POSITION_MM for f in frames)
+    ):
+        raise series_error(
+            "INCONSISTENT_SERIES",
+            f"ImagePositionPatient beyond {MAX_POSITION_MM:g} mm or PixelSpacing outside "
+            f"{MIN_PIXEL_SPACING_MM:g}..{MAX_PIXEL_SPACING_MM:g} mm",
+            check="geometry_range",
+        )
+
+
+def _check_size(nx: float, ny: float, nz: float, policy: Policy) -> None:
+    """VOLUME_TOO_LARGE before anything volume-sized is allocated (`nz` may be a float: the
+    slice count implied by the gaps, computed before it is turned into an index)."""
+    if max(nx, ny, nz) > MAX_NIFTI_DIM:
+        raise series_error(
+            "VOLUME_TOO_LARGE",
+            f"the volume would be {nx:.0f} x {ny:.0f} x {nz:.0f} voxels: NIfTI-1 allows at most {MAX_NIFTI_DIM} per axis",
+            check="nifti_dim",
+            limit=str(MAX_NIFTI_DIM),
+        )
+    if float(nx) * ny * nz > policy.max_voxels:
+        raise series_error(
+            "VOLUME_TOO_LARGE",
+            f"the volume would be {nx:.0f} x {ny:.0f} x {nz:.0f} voxels, over the limit of {policy.max_voxels}",
+            check="voxels",
+            limit=str(policy.max_voxels),
+        )
 
 
 def plan_geometry(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Plan:
@@ -93,6 +137,10 @@ def plan_geometry(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Plan:
     first = frames[0]
     n = len(frames)
     row_cos, col_cos = first.iop[:3], first.iop[3:]
+    if not all(0.5 < float(np.linalg.norm(v)) < 2.0 for v in (row_cos, col_cos)):
+        raise series_error(
+            "INCONSISTENT_SERIES", "ImageOrientationPatient cosines are not unit vectors", check="orientation"
+        )
     row_cos = row_cos / np.linalg.norm(row_cos)
     col_cos = col_cos / np.linalg.norm(col_cos)
     if abs(float(row_cos @ col_cos)) > 1e-3:
@@ -117,9 +165,9 @@ def plan_geometry(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Plan:
     tilt_deg = 0.0
     if n == 1:
         between = first_sorted.spacing_between_slices_mm
-        if between and between > 0:
+        if between and MIN_PIXEL_SPACING_MM <= between <= MAX_PIXEL_SPACING_MM:
             spacing, source = between, "(0018,0088) SpacingBetweenSlices"
-        elif thickness and thickness > 0:
+        elif thickness and MIN_PIXEL_SPACING_MM <= thickness <= MAX_PIXEL_SPACING_MM:
             spacing, source = thickness, "(0018,0050) SliceThickness"
         else:
             spacing, source = 1.0, "a default"
@@ -171,6 +219,8 @@ def plan_geometry(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Plan:
                 f"{median:.3f} mm (missing or extra slices; this policy rejects it)",
                 check="slice_gap",
             )
+        # the slice count the gaps imply, checked (as a float) before it becomes an index
+        _check_size(first.cols, first.rows, float(np.sum(whole)) + 1, policy)
         slot = np.concatenate([[0], np.cumsum(whole)]).astype(np.int64)
         z = int(slot[-1]) + 1
         spacing = float(dist[-1] - dist[0]) / (z - 1)
@@ -200,6 +250,7 @@ def plan_geometry(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Plan:
     shift_px = np.stack([shift_mm[:, 0] / d_col, shift_mm[:, 1] / d_row], axis=1)
     lo = np.floor(np.minimum(shift_px.min(axis=0), 0.0) + 1e-6)
     hi = np.ceil(np.maximum(shift_px.max(axis=0), 0.0) - 1e-6)
+    _check_size(first.cols + float(hi[0] - lo[0]), first.rows + float(hi[1] - lo[1]), z, policy)
     nx = first.cols + int(hi[0] - lo[0])
     ny = first.rows + int(hi[1] - lo[1])
     lps = np.eye(4)
@@ -207,7 +258,9 @@ def plan_geometry(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Plan:
     lps[:3, 1] = col_cos * d_row  # j: down a column = row index, step = row spacing
     lps[:3, 2] = normal * spacing
     lps[:3, 3] = ipps[0] + lo[0] * d_col * row_cos + lo[1] * d_row * col_cos
-    filled = tuple(sorted(set(range(z)) - {int(s) for s in slot}))
+    present = np.zeros(z, dtype=bool)
+    present[slot] = True
+    filled = tuple(int(k) for k in np.flatnonzero(~present))
     return Plan(
         order=order,
         slot=slot,

@@ -171,8 +171,13 @@ def _source_factory(
 ) -> Callable[[Dataset, int | None], NativeFileFrame | EncodedFileFrame]:
     ts = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
     elem = ds.get_item(0x7FE00010, keep_deferred=True) if "PixelData" in ds else None
-    bits = int(ds.get("BitsAllocated", 16) or 16)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    try:
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    except (AttributeError, TypeError, ValueError, OverflowError):  # crafted values: decode path reports them
+        bits, samples, rows, cols, signed = 0, 0, 0, 0, False
     value_tell: int | None = getattr(elem, "value_tell", None)  # RawDataElement / deferred DataElement
     native = (
         ts in NATIVE_LE
@@ -184,9 +189,7 @@ def _source_factory(
         and getattr(elem, "length", 0) != 0xFFFFFFFF
     )
     if native:
-        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
         dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
-        rows, cols = int(ds.Rows), int(ds.Columns)
         frame_bytes = rows * cols * dtype.itemsize
         assert value_tell is not None  # `native` checked it
         base = int(value_tell)
@@ -228,31 +231,34 @@ def scan(inputs: Iterable[Path], use_fast: bool = True) -> ScanResult:
         except Exception:
             skipped["not DICOM or unreadable"] += 1
             continue
-        meta = getattr(ds, "file_meta", None)
-        sop = str(ds.get("SOPClassUID", "") or "")
-        if not sop and meta is not None:
-            sop = str(meta.get("MediaStorageSOPClassUID", "") or "")
-        if sop not in CT_SOP_CLASSES:
-            skipped["not a CT image (SOP class)"] += 1
+        try:  # pydicom converts values lazily: a crafted VR or value fails here
+            meta = getattr(ds, "file_meta", None)
+            sop = str(ds.get("SOPClassUID", "") or "")
+            if not sop and meta is not None:
+                sop = str(meta.get("MediaStorageSOPClassUID", "") or "")
+            if sop not in CT_SOP_CLASSES:
+                skipped["not a CT image (SOP class)"] += 1
+                continue
+            if "PixelData" not in ds or meta is None or "TransferSyntaxUID" not in meta:
+                skipped["CT without pixel data or transfer syntax"] += 1
+                continue
+            if not UID(str(meta.TransferSyntaxUID)).is_transfer_syntax:
+                skipped["unknown transfer syntax"] += 1
+                continue
+            image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+        except Exception:  # noqa: BLE001 - any conversion failure: the file is unreadable
+            skipped["not DICOM or unreadable"] += 1
             continue
-        if "PixelData" not in ds or meta is None or "TransferSyntaxUID" not in meta:
-            skipped["CT without pixel data or transfer syntax"] += 1
-            continue
-        if (
-            not UID(str(meta.TransferSyntaxUID)).is_little_endian
-            and UID(str(meta.TransferSyntaxUID)).is_transfer_syntax is False
-        ):
-            skipped["unknown transfer syntax"] += 1
-            continue
-        image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
         try:
             refs = frame_refs(ds, _source_factory(path, ds, cache), index=len(result.frames))
         except AtlasflowError as exc:
             skipped[f"CT without usable geometry ({exc.metadata.get('check', exc.reason)})"] += 1
             continue
-        number = (
-            int(ds.get("SeriesNumber", 0) or 0) if str(ds.get("SeriesNumber", "")).strip().lstrip("-").isdigit() else 0
-        )
+        try:
+            text = str(ds.get("SeriesNumber", "")).strip()
+            number = int(text) if text.lstrip("-").isdigit() else 0
+        except Exception:  # noqa: BLE001 - a crafted VR: no series number
+            number = 0
         for ref in refs:
             result.frames.append(ScannedFrame(ref, number, "LOCALIZER" in image_type, path))
     for why, count in sorted(skipped.items()):
