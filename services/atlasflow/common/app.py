@@ -38,7 +38,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from atlasflow.common.audit_server import service_audit
+from atlasflow.common.audit_server import ServiceAudit, service_audit
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.server import BuiltServer, build_server
 from atlasflow.common.settings import ServiceSettings
@@ -280,13 +280,16 @@ def build_service_server(
     *,
     metrics: Metrics,
     tracer_provider: Any = None,
+    audit: ServiceAudit | None = None,
 ) -> BuiltServer:
     """A service's gRPC server from its settings, the same way in all four: address, message
     size, the token check (`ServiceSettings.verifier`), the limit of calls in progress, TLS
     (`ServiceSettings.server_tls`) and the plaintext health-only port; the audit log
     (`atlasflow.common.audit_server`: every audited call and every refusal recorded, the
-    AuditService registered, the log closed when the server stops)."""
-    audit = service_audit(settings)
+    AuditService registered, the log closed when the server stops). ``audit``: the service's
+    audit, when the service opened it itself to record more than its RPCs (ingest's DICOM
+    SCP: `service_audit(settings)`); by default it is opened here."""
+    audit = audit or service_audit(settings)
     built = build_server(
         register=audit.register(register),
         metrics=metrics,

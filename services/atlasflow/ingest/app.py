@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 
 from atlasflow.common.app import ServiceApp, TaskLoop, build_service_server, run_service
+from atlasflow.common.audit_server import service_audit
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.clients import aio_channel
 from atlasflow.common.disk import DiskFloor
@@ -26,6 +27,7 @@ from atlasflow.common.outbox import OutboxDispatcher
 from atlasflow.ingest.deletion import PURGE_TOPIC, SWEEP_TOPIC, Deletions, PurgeResult, purge_handler, sweep_handler
 from atlasflow.ingest.reception import Reception
 from atlasflow.ingest.scp import ScpConfig, StoreScp
+from atlasflow.ingest.scp_audit import ScpAudit
 from atlasflow.ingest.servicer import IngestServicer
 from atlasflow.ingest.settings import PREFIX, IngestSettings
 from atlasflow.ingest.store import IngestStore
@@ -103,7 +105,10 @@ async def build_app(
     floor = DiskFloor([settings.data_dir, settings.blob_dir], settings.min_free_disk_mb * 1024 * 1024)
     reception = Reception(store, metrics, disk_floor=floor)
     assembler = Assembler(store, blobs, metrics, settings.quiet_period_s, max_attempts=settings.max_assembly_attempts)
-    scp = StoreScp(ScpConfig.from_settings(settings), reception)
+    # one audit log for the gRPC API and the DICOM SCP (docs/security.md "Audit")
+    audit = await asyncio.to_thread(service_audit, settings)
+    scp_audit = ScpAudit(audit.recorder.log)
+    scp = StoreScp(ScpConfig.from_settings(settings), reception, audit=scp_audit)
     channel = aio_channel(
         settings.segmentation_target,
         settings.max_message_bytes,
@@ -151,7 +156,15 @@ async def build_app(
         _add_servicer(servicer, server)
         return [ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name]
 
-    built = build_service_server(settings, register, metrics=metrics, tracer_provider=tracer_provider)
+    built = build_service_server(settings, register, metrics=metrics, tracer_provider=tracer_provider, audit=audit)
+
+    async def stop_scp_then_flush() -> None:
+        # the server's on_stop closes the audit log (last): the SCP stops before (it is stopped
+        # again, a no-op, with the background parts) and its pending aggregates are written
+        await asyncio.to_thread(scp.stop)
+        await asyncio.to_thread(scp_audit.close)
+
+    built.on_stop.append(stop_scp_then_flush)
     ready_fields: dict[str, Any] = {"dicom_port": settings.dicom_port, "ae_title": settings.ae_title}
     return ServiceApp(
         "ingest",

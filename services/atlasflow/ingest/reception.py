@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from opentelemetry import context as otel_context
@@ -96,7 +96,7 @@ class Reception:
         Raises the check's `AtlasflowError` for a rejected instance, ResourceExhausted
         DISK_FULL below the free-disk floor, `OSError` when it could not be written."""
         ds, info = self._validated(lambda: parse_instance(data), len(data), source)
-        return self._persist(
+        stored = self._persist(
             lambda tp: self.store.store_instance(
                 data,
                 info.study_uid,
@@ -108,6 +108,7 @@ class Reception:
             info.series_uid,
             source,
         )
+        return replace(stored, study_uid=info.study_uid, series_uid=info.series_uid)
 
     def receive_file(self, path: Path, sha256: str, source: Source) -> StoredInstance:
         """`receive` for an instance spooled in a file whose SHA-256 (hex) is `sha256`: one of at

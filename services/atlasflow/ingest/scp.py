@@ -41,6 +41,12 @@ the peer must present a certificate of that CA (mutual TLS). The handshake runs 
 connection's own thread within the ACSE timeout (pynetdicom would run it on the accept loop,
 where one silent peer blocks every other). The files are re-read when they change (a renewed
 certificate is used by new connections); a pair that does not load keeps the previous one.
+
+Audit (docs/security.md "Audit"; `atlasflow.ingest.scp_audit`): with an `ScpAudit`, every
+association leaves one record in the service's common audit log when its connection closes
+(calling AE, peer, TLS client certificate subject, outcome, instances stored, the study and
+series UIDs seen); rejected ones go through the refusal throttle. An association is refused
+(rejected-transient, temporary congestion) while the log cannot be read: fail closed.
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ from atlasflow.common.errors import AtlasflowError
 from atlasflow.common.metrics import Metrics
 from atlasflow.ingest.dicom import DICOM_STATUS, c_store_status
 from atlasflow.ingest.reception import C_STORE, Reception
+from atlasflow.ingest.scp_audit import AssociationAudit, ScpAudit
 
 if TYPE_CHECKING:
     from atlasflow.ingest.settings import IngestSettings
@@ -314,6 +321,35 @@ def _tune_association(event: evt.Event) -> None:
     # cycle with the association: left to the garbage collector, 2 fds per association would
     # linger until a full collection).
     _replace(assoc, "_atlasflow_wake", (wake_r, wake_w))
+
+
+def _ae_text(title: str | bytes) -> str:
+    """An AE title as text (pynetdicom 3 gives str; older ones bytes), trimmed."""
+    text = title.decode("ascii", errors="replace") if isinstance(title, bytes) else str(title)
+    return text.strip()[:16]
+
+
+_DN_SHORT = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "localityName": "L",
+    "stateOrProvinceName": "ST",
+}
+
+
+def _tls_subject(sock: socket.socket) -> str:
+    """The verified TLS client certificate's subject (``CN=modality,O=Hospital``), '' without one
+    (plain DIMSE, or TLS without a client CA: an unverified certificate is not read)."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return ""
+    try:
+        cert = sock.getpeercert()
+    except (OSError, ValueError):
+        return ""
+    subject: Any = (cert or {}).get("subject", ())  # ((("commonName", "x"),), ...)
+    return ",".join(f"{_DN_SHORT.get(str(k), str(k))}={v}" for rdn in subject for k, v in rdn)
 
 
 def _close_wake(event: evt.Event) -> None:
@@ -569,9 +605,11 @@ class _LimitedServer(ThreadedAssociationServer):
 class StoreScp:
     """Runs the pynetdicom server(s) in their own threads; every C-STORE goes to ``reception``."""
 
-    def __init__(self, config: ScpConfig, reception: Reception) -> None:
+    def __init__(self, config: ScpConfig, reception: Reception, audit: ScpAudit | None = None) -> None:
         self.config = config
         self.reception = reception
+        #: the association records (`atlasflow.ingest.scp_audit`); None: not audited (tests)
+        self.audit = audit
         self.metrics = reception.metrics
         self.connections = _Connections(config, self.metrics)
         self.tls = _TlsFiles(config) if config.tls_enabled else None
@@ -614,6 +652,9 @@ class StoreScp:
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, lambda _e: 0x0000),
         ]
@@ -663,22 +704,74 @@ class StoreScp:
         if conn is not None:
             conn.assoc = assoc
             _replace(assoc, "_atlasflow_conn", conn)
+        port = getattr(assoc.requestor, "port", 0)
+        peer = f"ipv6:[{ip}]:{port}" if ":" in ip else f"ipv4:{ip}:{port}"
+        _replace(assoc, "_atlasflow_audit", AssociationAudit(peer, client_identity=_tls_subject(sock)))
 
     def _on_conn_close(self, event: evt.Event) -> None:
         _close_wake(event)
         conn = getattr(event.assoc, "_atlasflow_conn", None)
         if conn is not None:
             self.connections.closed(conn)
+        audited: AssociationAudit | None = getattr(event.assoc, "_atlasflow_audit", None)
+        if self.audit is not None and audited is not None:
+            _replace(event.assoc, "_atlasflow_audit", None)  # one record per association
+            self.audit.ended(audited)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        audited: AssociationAudit | None = getattr(event.assoc, "_atlasflow_audit", None)
+        if audited is not None:
+            audited.accepted = True
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        """EVT_REJECTED: why (pynetdicom does not say: the same checks, in its order)."""
+        audited: AssociationAudit | None = getattr(event.assoc, "_atlasflow_audit", None)
+        if audited is None or audited.rejected:
+            return
+        ae = self.ae
+        allowed = [t.strip() for t in ae.require_calling_aet]
+        if ae.require_calling_aet and audited.calling_ae not in allowed:
+            audited.rejected = "calling_ae"
+        elif ae.require_called_aet and audited.called_ae != self.config.ae_title.strip():
+            audited.rejected = "called_ae"
+        else:
+            audited.rejected = "other"
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        audited: AssociationAudit | None = getattr(event.assoc, "_atlasflow_audit", None)
+        if audited is not None:
+            audited.aborted = True
 
     def _on_requested(self, event: evt.Event) -> None:
-        """EVT_REQUESTED (A-ASSOCIATE-RQ received, before negotiation): the association limits."""
+        """EVT_REQUESTED (A-ASSOCIATE-RQ received, before negotiation): the association limits,
+        and the audit log (an association is refused while it cannot be read)."""
         assoc = event.assoc
+        audited: AssociationAudit | None = getattr(assoc, "_atlasflow_audit", None)
+        rq = getattr(assoc.requestor, "primitive", None)
+        if audited is not None:
+            audited.requested = True
+            if rq is not None:
+                audited.calling_ae = _ae_text(rq.calling_ae_title)
+                audited.called_ae = _ae_text(rq.called_ae_title)
         conn = getattr(assoc, "_atlasflow_conn", None)
         if conn is None:
             return
         over = self.connections.requested(conn)
+        if over is None and self.audit is not None and not self.audit.writable():
+            log.error("DICOM: association refused, the audit log cannot be read", extra={"fields": {"peer": conn.ip}})
+            self.metrics.count("dicom_associations_rejected_audit_unavailable")
+            if audited is not None:
+                audited.rejected = "audit_unavailable"
+            # rejected-transient (2), service-provider presentation related (3), temporary congestion (1)
+            assoc.acse.send_reject(0x02, 0x03, 0x01)
+            assoc.is_rejected = True
+            evt.trigger(assoc, evt.EVT_REJECTED, {})
+            assoc.kill()
+            return
         if over is None:
             return
+        if audited is not None:
+            audited.rejected = over
         self.metrics.count(f"dicom_associations_rejected_{over}")
         log.warning(
             "DICOM: association rejected, local limit exceeded",
@@ -702,15 +795,24 @@ class StoreScp:
             data = event.encoded_dataset(include_meta=True)
         except Exception:  # noqa: BLE001
             log.warning("c-store rejected", extra={"fields": {"reason": "CORRUPT_DICOM"}})
-            return DICOM_STATUS.get("CORRUPT_DICOM", STATUS_CANNOT_UNDERSTAND)
-        return self.receive(data)
+            status = DICOM_STATUS.get("CORRUPT_DICOM", STATUS_CANNOT_UNDERSTAND)
+        else:
+            status = self.receive(data, getattr(event.assoc, "_atlasflow_audit", None))
+        return status
 
-    def receive(self, data: bytes) -> int:
-        """One C-STORE data set (Part-10 bytes) through `Reception`; its DICOM status."""
+    def receive(self, data: bytes, audited: AssociationAudit | None = None) -> int:
+        """One C-STORE data set (Part-10 bytes) through `Reception`; its DICOM status. The
+        association's audit (``audited``) counts it."""
         try:
-            self.reception.receive(data, C_STORE)
+            stored = self.reception.receive(data, C_STORE)
         except AtlasflowError as exc:
-            return c_store_status(exc)
+            status = c_store_status(exc)
         except OSError:
-            return STATUS_OUT_OF_RESOURCES
-        return 0x0000
+            status = STATUS_OUT_OF_RESOURCES
+        else:
+            if audited is not None:
+                audited.instance_stored(stored.study_uid, stored.series_uid, stored.case_id, stored.series_id)
+            return 0x0000
+        if audited is not None:
+            audited.refused += 1
+        return status

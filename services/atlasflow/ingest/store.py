@@ -62,6 +62,10 @@ class StoredInstance:
     duplicate: bool
     conflict: bool
     traceparent: str  # the series' trace
+    # the instance's (0020,000D) StudyInstanceUID and (0020,000E) SeriesInstanceUID, as received
+    # (set by `atlasflow.ingest.reception.Reception.receive`: the SCP's audit record names them)
+    study_uid: str = ""
+    series_uid: str = ""
 
 
 @dataclass(frozen=True)
