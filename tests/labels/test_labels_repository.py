@@ -6,7 +6,9 @@ and per-case outcomes), per-organ provenance, the audit trail and migrations.
 
 from __future__ import annotations
 
+import json
 import threading
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from atlasflow.labels.postgres import PostgresLabelRepository
 from atlasflow.labels.repository import (
     AuditEvent,
     LabelRepository,
+    LabelVersionRecord,
     OrganProvenance,
     Provenance,
 )
@@ -562,10 +565,10 @@ def test_database_refuses_a_fork_on_every_backend(factory, tmp_path):
 def test_migrations_are_versioned(factory, tmp_path):
     repo, sql, _ = _raw(factory, tmp_path)
     versions = [r[0] for r in sql("SELECT version FROM schema_migrations ORDER BY version")]
-    assert versions == [1, 2, 3, 4]
+    assert versions == [1, 2, 3, 4, 5]
     repo.close()
     factory()  # reopening applies nothing twice
-    assert [r[0] for r in sql("SELECT version FROM schema_migrations ORDER BY version")] == [1, 2, 3, 4]
+    assert [r[0] for r in sql("SELECT version FROM schema_migrations ORDER BY version")] == [1, 2, 3, 4, 5]
 
 
 def test_sqlite_v1_database_is_upgraded_in_place(tmp_path):
@@ -815,3 +818,132 @@ def test_failed_write_queues_no_event(factory):
     with pytest.raises(Aborted):
         create(repo, tag="lm-2", req="req-2", parent="not-the-head")
     assert [e.version_id for e in repo.due_version_events(now=1e12)] == [v1.version_id]
+
+
+# ------------------------------------------------------------------ review time (migration 5)
+
+
+def test_review_seconds_are_stored_with_the_version(factory):
+    repo = factory()
+    v1 = create(repo)
+    assert (v1.review_seconds, dict(v1.organ_review_seconds)) == (0.0, {})
+    v2 = repo.create_version(
+        "case-1",
+        blob("lm-2"),
+        blob("ct-case-1"),
+        RAD,
+        "req-2",
+        v1.version_id,
+        organs=(5, 8),
+        shape=(4, 5, 6),
+        affine=AFFINE,
+        review_seconds=184.25,
+        organ_review_seconds={5: 95.5, 8: 0.0},  # 0: not measured, not stored
+    )
+    assert (v2.review_seconds, dict(v2.organ_review_seconds)) == (184.25, {5: 95.5})
+    again = factory()  # another connection / a restart
+    for got in (again.get_version(v2.version_id), again.head("case-1"), again.history("case-1")[-1]):
+        assert (got.review_seconds, dict(got.organ_review_seconds)) == (184.25, {5: 95.5})
+    assert v2 in again.list_versions("case-1")[0]
+    # a repeated request returns the version with the times stored first
+    repeat = again.create_version(
+        "case-1", blob("lm-2"), blob("ct-case-1"), RAD, "req-2", v1.version_id, organs=(5, 8), shape=(4, 5, 6),
+        affine=AFFINE, review_seconds=10.0,
+    )  # fmt: skip
+    assert repeat == v2
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"review_seconds": float("nan")},
+        {"review_seconds": float("inf")},
+        {"review_seconds": -1.0},
+        {"organ_review_seconds": {5: -0.5}},
+        {"organ_review_seconds": {12: 3.0}},
+    ],
+)
+def test_bad_review_seconds_are_refused(factory, kwargs):
+    repo = factory()
+    with pytest.raises(InvalidArgument) as e:
+        repo.create_version(
+            "case-1", blob("lm"), blob("ct"), RAD, "req-1", organs=(5,), shape=(4, 5, 6), affine=AFFINE, **kwargs
+        )
+    assert e.value.reason == "INVALID_REVIEW_SECONDS"
+    assert repo.head("case-1") is None
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_database_before_migration_5_is_upgraded_in_place(backend, tmp_path, request):
+    """Versions written before migration 5 read as "not measured" (0 s, no organs); new
+    versions of the same case store their time."""
+    insert = (
+        "INSERT INTO label_versions(version_id, case_id, parent_version_id, label_map_digest,"
+        " label_map_size, ct_digest, ct_size, source, organs, shape, affine, request_id,"
+        " request_fingerprint, create_time) VALUES ('v1', 'c', NULL, ?, 4, ?, 4, 'ai', '[5]',"
+        " '[4, 5, 6]', ?, 'r', 'f', '2024-01-01T00:00:00+00:00')"
+    )
+    args = (blob("a").digest, blob("b").digest, json.dumps(AFFINE))
+    if backend == "sqlite":
+        from atlasflow.common import sqlite as sq
+        from atlasflow.labels.schema import MIGRATIONS
+
+        conn = sq.connect(tmp_path / "labels.sqlite")
+        sq.migrate(conn, MIGRATIONS[:4])
+        conn.execute(insert, args)
+        conn.execute("INSERT INTO case_heads VALUES ('c', 'v1', 1)")
+        conn.close()
+        repo = SqliteLabelRepository(tmp_path / "labels.sqlite")
+    else:
+        import psycopg
+        from psycopg.rows import dict_row
+
+        from atlasflow.labels.postgres import migrate
+        from atlasflow.labels.schema import PG_MIGRATIONS
+
+        url = request.getfixturevalue("pg_database")()
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            migrate(conn, PG_MIGRATIONS[:4])
+            conn.execute(insert.replace("?", "%s"), args)
+            conn.execute("INSERT INTO case_heads VALUES ('c', 'v1', 1)")
+        repo = PostgresLabelRepository(url)
+    try:
+        old = repo.get_version("v1")
+        assert (old.review_seconds, dict(old.organ_review_seconds)) == (0.0, {})
+        new = repo.create_version(
+            "c", blob("lm-2"), blob("b"), RAD, "r2", "v1", organs=(5,), shape=(4, 5, 6), affine=AFFINE,
+            review_seconds=60.0, organ_review_seconds={5: 30.0},
+        )  # fmt: skip
+        assert repo.get_version(new.version_id).organ_review_seconds == {5: 30.0}
+        assert [v.review_seconds for v in repo.history("c")] == [0.0, 60.0]
+    finally:
+        repo.close()
+
+
+def test_review_entry_sums_the_human_minutes_up_to_the_exported_version():
+    from atlasflow.labels.export import review_entry
+
+    def rec(vid, source, seconds, organs):
+        return LabelVersionRecord(
+            vid, "c", "", "d", 1, "d", 1, Provenance(source, reviewer="dr" if source == "radiologist" else ""),
+            (5,), (1, 1, 1), AFFINE, datetime.now(UTC), review_seconds=seconds, organ_review_seconds=organs,
+        )  # fmt: skip
+
+    chain = [
+        rec("v1", "ai", 0.0, {}),
+        rec("v2", "radiologist", 120.0, {5: 60.0}),
+        rec("v3", "radiologist", 0.0, {}),  # a revision without a time (CLI)
+        rec("v4", "radiologist", 30.0, {5: 30.0, 8: 15.0}),
+    ]
+    assert review_entry(chain, "v3") == {
+        "minutes": 2.0,
+        "revisions": 2,
+        "measured_revisions": 1,
+        "organ_minutes": {"liver": 1.0},
+    }
+    assert review_entry(chain, "v4") == {
+        "minutes": 2.5,
+        "revisions": 3,
+        "measured_revisions": 2,
+        "organ_minutes": {"liver": 1.5, "spleen": 0.25},
+    }

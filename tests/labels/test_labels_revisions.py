@@ -25,7 +25,7 @@ from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.assembly import apply_revision, assemble, decode_mask_delta, encode_mask_delta
 from atlasflow.labels.deid import Pseudonymizer
 from atlasflow.labels.repository import OrganProvenance, Provenance
-from atlasflow.labels.servicer import LabelServicer
+from atlasflow.labels.servicer import LabelServicer, review_seconds_histogram
 from atlasflow.labels.storage import open_repository
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
 from atlasflow.labels.worker import Exporter
@@ -158,7 +158,9 @@ def service(request, tmp_path):
 
     async def start():
         def register(server):
-            labels_pb2_grpc.add_LabelServiceServicer_to_server(LabelServicer(repo, blobs, exporter, tmp_path), server)
+            servicer = LabelServicer(repo, blobs, exporter, tmp_path)
+            servicer.review_histogram = review_seconds_histogram(metrics.registry)  # as labels/app.py does
+            labels_pb2_grpc.add_LabelServiceServicer_to_server(servicer, server)
             return [labels_pb2.DESCRIPTOR.services_by_name["LabelService"].full_name]
 
         built = build_server(register=register, metrics=metrics, port=0, verifier=TokenVerifier(auth.issuer().config()))
@@ -262,11 +264,23 @@ def test_revision_lifecycle(service):
         request_id="rev-1",
         revisions=[
             labels_pb2.OrganRevision(
-                organ=common_pb2.ORGAN_LIVER, mask_blob=_ref(blobs, to_nifti_bytes(liver.astype(np.uint8), AFFINE))
+                organ=common_pb2.ORGAN_LIVER,
+                mask_blob=_ref(blobs, to_nifti_bytes(liver.astype(np.uint8), AFFINE)),
+                review_seconds=95.5,
             ),
             labels_pb2.OrganRevision(organ=common_pb2.ORGAN_SPLEEN, xor_delta=encode_mask_delta(spleen_parent, spleen)),
         ],
+        review_seconds=184.0,
     )
+    bad = labels_pb2.ReviseLabelsRequest()
+    bad.CopyFrom(req)
+    bad.request_id, bad.review_seconds = "rev-bad", float("nan")
+    assert _reason(lambda: stub.ReviseLabels(bad, metadata=_who("dr-a"))) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_REVIEW_SECONDS",
+    )
+    bad.review_seconds, bad.revisions[0].review_seconds = 10.0, -1.0
+    assert _reason(lambda: stub.ReviseLabels(bad, metadata=_who("dr-a")))[1] == "INVALID_REVIEW_SECONDS"
     v4 = stub.ReviseLabels(req, metadata=_who("dr-a")).version
     assert v4.parent_version_id == v3.version_id
     assert v4.provenance.source == labels_pb2.LABEL_SOURCE_RADIOLOGIST
@@ -279,6 +293,27 @@ def test_revision_lifecycle(service):
     assert _prov(v4)[9] == _prov(v3)[9]
     # idempotent: the same request again (even by the same reviewer later) -> same version
     assert stub.ReviseLabels(req, metadata=_who("dr-a")).version == v4
+
+    # the reviewer's time is stored with the version (case, and the organs with a time) ...
+    times = (184.0, [(common_pb2.ORGAN_LIVER, 95.5)])
+    assert (v4.review_seconds, [(o.organ, o.seconds) for o in v4.organ_review_seconds]) == times
+    for v in (
+        stub.GetLabelVersion(
+            labels_pb2.GetLabelVersionRequest(version_id=v4.version_id), metadata=_who("dr-c")
+        ).version,
+        stub.ListLabelVersions(labels_pb2.ListLabelVersionsRequest(case_id="case-1"), metadata=_who("dr-c")).versions[
+            0
+        ],
+    ):
+        assert v.version_id == v4.version_id
+        assert (v.review_seconds, [(o.organ, o.seconds) for o in v.organ_review_seconds]) == times
+    assert v3.review_seconds == 0 and not v3.organ_review_seconds
+    # ... and counted once (not again for the repeated request) in atlasflow_review_seconds
+    registry = exporter.metrics.registry
+    assert registry.get_sample_value("atlasflow_review_seconds_count", {"scope": "case"}) == 1
+    assert registry.get_sample_value("atlasflow_review_seconds_sum", {"scope": "case"}) == 184.0
+    assert registry.get_sample_value("atlasflow_review_seconds_count", {"scope": "organ"}) == 1
+    assert registry.get_sample_value("atlasflow_review_seconds_sum", {"scope": "organ"}) == 95.5
 
     # the export reports the per-organ provenance
     out = tmp / "export"
@@ -294,6 +329,13 @@ def test_revision_lifecycle(service):
     assert organs["liver"]["decided_in_version"] == v4.version_id
     assert organs["stomach"]["provenance"]["source"] == "ai"
     assert manifest["cases"][0]["marking"] == "AI-generated labels, research use"
+    # human minutes per case (the method's key figure)
+    assert manifest["cases"][0]["review"] == {
+        "minutes": round(184.0 / 60, 3),
+        "revisions": 1,
+        "measured_revisions": 1,
+        "organ_minutes": {"liver": round(95.5 / 60, 3)},
+    }
 
     # the audit trail has every call, with who and what
     stub.GetLabelVersion(labels_pb2.GetLabelVersionRequest(version_id=v2.version_id), metadata=_who("dr-c"))

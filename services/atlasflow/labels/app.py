@@ -26,7 +26,7 @@ from atlasflow.labels.export_jobs import parse_pacs_destinations
 from atlasflow.labels.ingest_sources import IngestSourceInstances
 from atlasflow.labels.ranking_leases import RankingLeases
 from atlasflow.labels.repository import LabelRepository
-from atlasflow.labels.servicer import LabelServicer
+from atlasflow.labels.servicer import LabelServicer, review_seconds_histogram
 from atlasflow.labels.settings import PREFIX, LabelsSettings
 from atlasflow.labels.storage import open_repository
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
@@ -77,6 +77,7 @@ async def build_app(
     )
     export_root = Path(settings.export_dir).resolve() if settings.export_dir else None
     servicer = LabelServicer(repo, blobs, exporter, export_root, destinations)
+    servicer.review_histogram = review_seconds_histogram(metrics.registry)
 
     def register(server: grpc.aio.Server) -> list[str]:
         _add_servicer(servicer, server)

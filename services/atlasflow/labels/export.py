@@ -38,7 +38,7 @@ import numpy.typing as npt
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.organs import ORGANS
-from atlasflow.labels.repository import Provenance
+from atlasflow.labels.repository import LabelVersionRecord, Provenance
 from atlasflow.labels.validate import validate_label_map
 
 DOMAIN = "atlasflow.labels"
@@ -234,6 +234,36 @@ def export_case(
     if any_untrained:
         entry["warning"] = UNTRAINED_WARNING
     return entry
+
+
+def review_entry(chain: Sequence[LabelVersionRecord], version_id: str) -> dict[str, Any]:
+    """The manifest's ``review`` entry of a case exported at `version_id`: the human time
+    spent on it (the method's key figure, human minutes per case), summed over the versions of
+    `chain` (the case's history, oldest first) up to and including `version_id`.
+
+    ``minutes``: the reviewers' case time (LabelVersion.review_seconds) / 60; ``revisions``:
+    radiologist versions; ``measured_revisions``: those with a time; ``organ_minutes``: organ
+    name -> minutes (OrganRevision.review_seconds), for organs with a time.
+    """
+    seconds = 0.0
+    organ_seconds: dict[int, float] = {}
+    revisions = measured = 0
+    for record in chain:
+        if record.provenance.source == "radiologist":
+            revisions += 1
+        if record.review_seconds > 0 or record.organ_review_seconds:
+            measured += 1
+        seconds += record.review_seconds
+        for oid, s in record.organ_review_seconds.items():
+            organ_seconds[oid] = organ_seconds.get(oid, 0.0) + s
+        if record.version_id == version_id:
+            break
+    return {
+        "minutes": round(seconds / 60.0, 3),
+        "revisions": revisions,
+        "measured_revisions": measured,
+        "organ_minutes": {ORGANS[o]: round(s / 60.0, 3) for o, s in sorted(organ_seconds.items())},
+    }
 
 
 def write_manifest(

@@ -132,7 +132,9 @@ class LabelVersionRecord:
     ct_*: the CT volume blob. organs: ids present (non-empty), ascending. shape: (X, Y, Z)
     voxels. affine: 16 floats, row-major voxel-to-world RAS+ mm. parent_version_id: "" for the
     first version of a case. create_time: UTC. organ_provenance: organ id -> OrganProvenance
-    for all nine organs.
+    for all nine organs. review_seconds: the reviewer's time on the whole case for the revision
+    that created this version, seconds (0: not measured or not a revision);
+    organ_review_seconds: organ id -> seconds for the organs revised with a time > 0.
     """
 
     version_id: str
@@ -148,6 +150,8 @@ class LabelVersionRecord:
     affine: tuple[float, ...]
     create_time: datetime
     organ_provenance: Mapping[int, OrganProvenance] = field(default_factory=dict, compare=True)
+    review_seconds: float = 0.0
+    organ_review_seconds: Mapping[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -250,6 +254,8 @@ class LabelRepository(Protocol):
         request_fingerprint: str = "",
         audit: AuditEvent | None = None,
         expect_empty: bool = False,
+        review_seconds: float = 0.0,
+        organ_review_seconds: Mapping[int, float] | None = None,
     ) -> LabelVersionRecord: ...
 
     def get_version(self, version_id: str) -> LabelVersionRecord: ...

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -95,7 +96,8 @@ class NewVersion:
     organs: sorted organ ids present; shape: (X, Y, Z); affine: 16 floats row-major or none;
     organ_provenance: the caller's per-organ provenance (version_id "" = the new version);
     fingerprint: the request's identity (REQUEST_ID_REUSED when a request_id repeats with
-    another one).
+    another one). review_seconds / organ_review_seconds: the reviewer's time (not part of the
+    fingerprint: a retry that measured another time is the same request).
     """
 
     case_id: str
@@ -109,6 +111,8 @@ class NewVersion:
     affine: tuple[float, ...]
     organ_provenance: dict[int, OrganProvenance]
     fingerprint: str
+    review_seconds: float = 0.0
+    organ_review_seconds: dict[int, float] = field(default_factory=dict)
 
 
 def checked_version(
@@ -123,6 +127,8 @@ def checked_version(
     affine: Sequence[float] | npt.NDArray[Any],
     organ_provenance: Mapping[int, OrganProvenance] | None,
     request_fingerprint: str,
+    review_seconds: float = 0.0,
+    organ_review_seconds: Mapping[int, float] | None = None,
 ) -> NewVersion:
     """The arguments of `LabelRepository.create_version`, checked and normalised.
 
@@ -130,7 +136,9 @@ def checked_version(
     `Provenance`, organ keys outside 1..9), INVALID_LABEL_MAP (organ ids outside 1..9, problem
     VALUES; shape not (X, Y, Z) or affine not 16 values, problem GEOMETRY).
     request_fingerprint: the caller's; default a hash of the normalised arguments.
+    review_seconds / organ_review_seconds: see `review_time` (INVALID_REVIEW_SECONDS).
     """
+    case_seconds, organ_seconds = review_time(review_seconds, organ_review_seconds)
     check_id("case_id", case_id)
     check_id("request_id", request_id)
     if not isinstance(provenance, Provenance):
@@ -177,7 +185,37 @@ def checked_version(
         affine_t,
         organ_prov,
         fingerprint,
+        case_seconds,
+        organ_seconds,
     )
+
+
+def review_time(case_seconds: float, organ_seconds: Mapping[int, float] | None) -> tuple[float, dict[int, float]]:
+    """A reviewer's time, checked: seconds finite and >= 0 (0 = not measured), organ ids 1..9.
+    Returns the case's seconds and the organs with a time > 0. Raises InvalidArgument
+    INVALID_REVIEW_SECONDS (metadata ``field``)."""
+
+    def checked(value: float, name: str) -> float:
+        v = float(value)
+        if not math.isfinite(v) or v < 0:
+            raise InvalidArgument(
+                "INVALID_REVIEW_SECONDS",
+                "review_seconds must be a finite number of seconds >= 0",
+                domain=DOMAIN,
+                metadata={"field": name},
+            )
+        return v
+
+    per_organ: dict[int, float] = {}
+    for oid, value in sorted((organ_seconds or {}).items()):
+        if oid not in ORGANS:
+            raise InvalidArgument(
+                "INVALID_REVIEW_SECONDS", "organ ids must lie in 1..9", domain=DOMAIN, metadata={"field": "organ"}
+            )
+        v = checked(value, f"revisions[{ORGANS[oid]}].review_seconds")
+        if v > 0:
+            per_organ[oid] = v
+    return checked(case_seconds, "review_seconds"), per_organ
 
 
 def resolve_organ_provenance(new: NewVersion, version_id: str) -> dict[int, OrganProvenance]:
@@ -249,6 +287,8 @@ def record_of(row: Mapping[str, Any]) -> LabelVersionRecord:
         affine=tuple(float(a) for a in json_value(row["affine"])),
         create_time=as_datetime(row["create_time"]),
         organ_provenance=organ_prov,
+        review_seconds=float(row["review_seconds"] or 0.0),
+        organ_review_seconds={int(k): float(v) for k, v in (json_value(row["organ_review_seconds"]) or {}).items()},
     )
 
 

@@ -11,7 +11,9 @@ never changed, a schema change is a new entry in both.
 2. per-organ provenance and the append-only audit trail;
 3. version events (the outbox to ranking), one per existing version;
 4. export job options and per-case export outcomes (`legacy_export_options_sql` moves the
-   stop-gap's DICOM SEG options out of destination URIs).
+   stop-gap's DICOM SEG options out of destination URIs);
+5. review time stored with each version: the case's seconds and a JSON object organ id ->
+   seconds (0 and '{}' on rows written before: not measured).
 """
 
 from __future__ import annotations
@@ -181,6 +183,12 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """
     + legacy_export_options_sql("sqlite"),
+    # 5: the reviewer's time for the revision that created a version (seconds; 0 and '{}' on
+    # rows written before: not measured).
+    """
+    ALTER TABLE label_versions ADD COLUMN review_seconds REAL NOT NULL DEFAULT 0;
+    ALTER TABLE label_versions ADD COLUMN organ_review_seconds TEXT NOT NULL DEFAULT '{}';
+    """,
 )
 
 
@@ -286,4 +294,8 @@ PG_MIGRATIONS: tuple[str, ...] = (
     );
     """
     + legacy_export_options_sql("postgres"),
+    """
+    ALTER TABLE label_versions ADD COLUMN review_seconds DOUBLE PRECISION NOT NULL DEFAULT 0;
+    ALTER TABLE label_versions ADD COLUMN organ_review_seconds TEXT NOT NULL DEFAULT '{}';
+    """,
 )

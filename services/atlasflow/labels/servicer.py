@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import cast
 
 from google.protobuf import timestamp_pb2, unknown_fields
+from prometheus_client import CollectorRegistry, Histogram
 
 from atlasflow.common.blobstore import BlobStore
 from atlasflow.common.errors import AtlasflowError, FailedPrecondition, InvalidArgument, PermissionDenied
@@ -98,6 +99,23 @@ def version_to_proto(r: LabelVersionRecord) -> labels_pb2.LabelVersion:
             )
             for oid, op in sorted(r.organ_provenance.items())
         ],
+        review_seconds=r.review_seconds,
+        organ_review_seconds=[
+            labels_pb2.OrganReviewTime(organ=_organ(oid), seconds=s)
+            for oid, s in sorted(r.organ_review_seconds.items())
+        ],
+    )
+
+
+def review_seconds_histogram(registry: CollectorRegistry) -> Histogram:
+    """``atlasflow_review_seconds{scope="case"|"organ"}``: the reviewer's time of each stored
+    revision (the method's key figure: human minutes per case), observed once per new version."""
+    return Histogram(
+        "atlasflow_review_seconds",
+        "Time a reviewer spent per stored revision: the whole case or one organ, seconds",
+        ["scope"],
+        buckets=(5, 15, 30, 60, 120, 180, 300, 600, 900, 1800, 3600),
+        registry=registry,
     )
 
 
@@ -246,6 +264,8 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
         # ReviseLabels only from the reviewer holding the case's lease (labels/ranking_leases.py;
         # the app sets it; None only where a test builds the servicer without a ranking service)
         self.leases: Callable[[str, str], Awaitable[None]] | None = None
+        # atlasflow_review_seconds (review_seconds_histogram; the app sets it on its registry)
+        self.review_histogram: Histogram | None = None
 
     async def CreateLabelVersion(
         self, request: labels_pb2.CreateLabelVersionRequest, context: Context
@@ -298,8 +318,13 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
                     int(r.organ),
                     mask_digest=r.mask_blob.digest if kind == "mask_blob" else "",
                     xor_delta=bytes(r.xor_delta) if kind == "xor_delta" else None,
+                    review_seconds=r.review_seconds,
                 )
             )
+        # a repeated request_id returns the version made first: its time is not counted twice
+        repeat = (
+            await asyncio.to_thread(self.repo.version_for_request, request.request_id) if request.request_id else None
+        )
         record = await asyncio.to_thread(
             audited,
             self.repo,
@@ -313,8 +338,14 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
                 request.request_id,
                 reviewer,
                 audit=audit,
+                review_seconds=request.review_seconds,
             ),
         )
+        if self.review_histogram is not None and repeat is None:
+            if record.review_seconds > 0:
+                self.review_histogram.labels("case").observe(record.review_seconds)
+            for seconds in record.organ_review_seconds.values():
+                self.review_histogram.labels("organ").observe(seconds)
         return labels_pb2.ReviseLabelsResponse(version=version_to_proto(record))
 
     async def GetLabelVersion(

@@ -105,6 +105,8 @@ class SqlLabelRepository:
         request_fingerprint: str = "",
         audit: AuditEvent | None = None,
         expect_empty: bool = False,
+        review_seconds: float = 0.0,
+        organ_review_seconds: Mapping[int, float] | None = None,
     ) -> LabelVersionRecord:
         """Append a version to `case_id`'s history; idempotent by `request_id`.
 
@@ -115,6 +117,8 @@ class SqlLabelRepository:
         empty version_id in it means "this version". request_fingerprint: the caller's hash of
         the request (when the stored label map is derived, e.g. assembled); default: a hash
         of the arguments. audit: recorded in the same transaction (version_ids filled in).
+        review_seconds / organ_review_seconds: the reviewer's time for this version (stored
+        with it; InvalidArgument INVALID_REVIEW_SECONDS unless finite and >= 0).
         Raises Aborted("PARENT_MISMATCH") when `expected_parent_version_id` is non-empty and is
         not the case's current head, or when `expect_empty` and the case already has a version
         (another writer won; re-read the head and retry).
@@ -131,6 +135,8 @@ class SqlLabelRepository:
             affine,
             organ_provenance,
             request_fingerprint,
+            review_seconds,
+            organ_review_seconds,
         )
         for attempt in range(3):
             try:
@@ -174,8 +180,9 @@ class SqlLabelRepository:
                 "INSERT INTO label_versions(version_id, case_id, parent_version_id,"
                 " label_map_digest, label_map_size, ct_digest, ct_size, source, model_version,"
                 " job_id, reviewer, weights_trained, organs, shape, affine, request_id,"
-                " request_fingerprint, create_time, organ_provenance)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " request_fingerprint, create_time, organ_provenance, review_seconds,"
+                " organ_review_seconds)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     version_id,
                     case_id,
@@ -196,6 +203,8 @@ class SqlLabelRepository:
                     new.fingerprint,
                     self._db.timestamp(sq.utc_now()),
                     json.dumps({str(k): v.to_dict() for k, v in sorted(resolved.items())}),
+                    new.review_seconds,
+                    json.dumps({str(k): v for k, v in sorted(new.organ_review_seconds.items())}),
                 ),
             )
             if head_row is None:

@@ -31,7 +31,7 @@ from atlasflow.labels.case_seg import build_case_seg
 from atlasflow.labels.deid import Pseudonymizer
 from atlasflow.labels.dicom_seg import send_c_store
 from atlasflow.labels.events import TOPIC, VersionEventStore, version_request
-from atlasflow.labels.export import destination_path, export_case, write_manifest
+from atlasflow.labels.export import destination_path, export_case, review_entry, write_manifest
 from atlasflow.labels.export_jobs import (
     SEG_FAILED,
     SEG_SEND_FAILED,
@@ -178,6 +178,7 @@ class Exporter:
                         dicom_seg_outcome=manifest_outcome,
                         rewrite_ct_header=pseudo is not None,
                     )
+                    entry["review"] = review_entry(self.repo.history(case_id), version_id)
                     if outcome is not None:
                         if seg_bytes is not None:
                             outcome.path = entry["dicom_seg"]["path"]

@@ -31,6 +31,7 @@ from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.organs import ORGANS
 from atlasflow.labels.assembly import apply_revision, assemble, decode_mask_delta
 from atlasflow.labels.repository import AuditEvent, LabelRepository, LabelVersionRecord, OrganProvenance, Provenance
+from atlasflow.labels.rows import review_time
 from atlasflow.labels.validate import validate_label_map, validate_organ_mask
 
 DOMAIN = "atlasflow.labels"
@@ -41,11 +42,13 @@ LOCK_STRIPES = 64
 @dataclass(frozen=True)
 class MaskRevision:
     """One organ's correction: `mask_digest` (NIfTI blob, whole mask) or `xor_delta`
-    (bytes, see `atlasflow.labels.assembly.encode_mask_delta`), exactly one of them."""
+    (bytes, see `atlasflow.labels.assembly.encode_mask_delta`), exactly one of them.
+    review_seconds: the reviewer's time on this organ (0 = not measured)."""
 
     organ: int
     mask_digest: str = ""
     xor_delta: bytes | None = None
+    review_seconds: float = 0.0
 
 
 def _hash(*parts: object) -> str:
@@ -228,15 +231,17 @@ class LabelWriter:
         reviewer: str,
         *,
         audit: AuditEvent | None = None,
+        review_seconds: float = 0.0,
     ) -> LabelVersionRecord:
         """A reviewer's correction of some organs of `expected_parent_version_id`.
 
         Each revision gives a whole mask (NIfTI blob on the CT grid: same shape, affine within
         1e-4 mm, values 0/1 or 0/organ id) or an XOR delta against the parent's organ mask.
         The new version's revised organs get radiologist provenance (reviewer = `reviewer`,
-        decided by the new version); the others keep the parent's. Raises InvalidArgument
-        (EMPTY_REVISION, DUPLICATE_ORGAN, INVALID_REVISION_MASK, INVALID_MASK_DELTA,
-        REVISION_OVERLAP, REQUEST_ID_REUSED), NotFound("VERSION_NOT_FOUND"),
+        decided by the new version); the others keep the parent's. review_seconds (the case)
+        and each revision's review_seconds (its organ) are stored with the new version.
+        Raises InvalidArgument (EMPTY_REVISION, DUPLICATE_ORGAN, INVALID_REVISION_MASK,
+        INVALID_MASK_DELTA, REVISION_OVERLAP, REQUEST_ID_REUSED, INVALID_REVIEW_SECONDS), NotFound("VERSION_NOT_FOUND"),
         Aborted("PARENT_MISMATCH") when the parent is not the case's head.
         """
         _required("case_id", case_id)
@@ -266,6 +271,8 @@ class LabelWriter:
                     domain=DOMAIN,
                     metadata={"field": "revisions.mask", "organ": ORGANS[r.organ]},
                 )
+        # checked before any blob is read or written
+        case_seconds, organ_seconds = review_time(review_seconds, {r.organ: r.review_seconds for r in revisions})
         fingerprint = _hash(
             "revise",
             case_id,
@@ -317,4 +324,6 @@ class LabelWriter:
             organ_provenance=organ_prov,
             request_fingerprint=fingerprint,
             audit=audit,
+            review_seconds=case_seconds,
+            organ_review_seconds=organ_seconds,
         )
