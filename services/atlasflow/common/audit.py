@@ -6,7 +6,8 @@ What is audited is data: `AUDITED` maps every RPC (full name) to an action categ
 `AUDIT_READ`) or to None (not audited: job polling, worklist moves, hand-offs that carry no
 patient data). `tests/common/test_common_audit.py` checks that every RPC of
 `atlasflow.common.policy.POLICY` has an entry, so a new RPC forces a decision. Every refused
-call (UNAUTHENTICATED / PERMISSION_DENIED) is recorded too, as `AUTH`, whatever its RPC.
+call (UNAUTHENTICATED / PERMISSION_DENIED, and a request refused INVALID_ID before its handler:
+a probe) is recorded too, as `AUTH`, whatever its RPC.
 
 A record (`AuditRecord`): time (UTC), service, action, RPC, the caller (token subject and
 roles; empty subject when the token was missing or invalid), peer address and TLS client

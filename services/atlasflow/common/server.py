@@ -107,7 +107,8 @@ def roles_of(context: Context) -> frozenset[str]:
 
 
 #: called with (method, context, the refusal, the verified identity if the token passed) for
-#: every call refused UNAUTHENTICATED / PERMISSION_DENIED (`atlasflow.common.audit_server`)
+#: every call refused UNAUTHENTICATED / PERMISSION_DENIED, or INVALID_ARGUMENT ``INVALID_ID`` for
+#: its request message (a probe) (`atlasflow.common.audit_server`)
 RefusalHook: TypeAlias = Callable[[str, Context, AtlasflowError, Identity | None], Awaitable[None]]
 
 
@@ -234,11 +235,20 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
             "Callable[[bytes], Any] | None", _ignore_request if refusal is not None else handler.request_deserializer
         )
 
+        id_refusals: list[AtlasflowError] = []  # a request refused for a bad id: a probe
+
         def checked(request_or_iterator: Any) -> Any:
             """Ids are checked where they enter (`atlasflow.common.ids`): the request message,
-            or each message of a request stream as the handler reads it."""
+            or each message of a request stream as the handler reads it. A request message
+            refused here never reaches the handler (nor the audit interceptor): it is recorded
+            like a refused token (`on_refusal`); a bad id in a stream's message ends the call
+            inside the handler, whose own audit record (if audited) says so."""
             if isinstance(request_or_iterator, Message):
-                check_message_ids(request_or_iterator)
+                try:
+                    check_message_ids(request_or_iterator)
+                except AtlasflowError as exc:
+                    id_refusals.append(exc)
+                    raise
                 return request_or_iterator
 
             async def each() -> AsyncIterator[Any]:
@@ -254,7 +264,8 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         async def handle_error(exc: BaseException, context: Context) -> None:
             if isinstance(exc, AtlasflowError):
                 fields = {"rpc": short, "code": exc.code, "reason": exc.reason}
-                if exc.domain == "atlasflow.auth":  # who knocked, and why they were turned away
+                # who knocked, and why they were turned away (a bad token or role, a bad id)
+                if exc.domain == "atlasflow.auth" or any(exc is e for e in id_refusals):
                     fields |= {"peer": context.peer(), "cause": exc.metadata.get("cause", "")}
                     if self.on_refusal is not None:  # the audit log (rate-limited per peer)
                         await self.on_refusal(method, context, exc, verified[0] if verified else None)
@@ -425,7 +436,8 @@ def build_server(
     ``health_port``: also serve grpc.health.v1 alone, in plaintext, on that port (probes that
     cannot speak TLS); 0: no such listener.
     ``interceptors``: run inside authentication, after it admitted the call (the audit);
-    ``on_refusal``: told of every call refused UNAUTHENTICATED / PERMISSION_DENIED."""
+    ``on_refusal``: told of every call refused UNAUTHENTICATED / PERMISSION_DENIED, and of a
+    request message refused ``INVALID_ID`` before its handler."""
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
