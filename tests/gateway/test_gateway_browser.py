@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import statistics
 import time
 from collections.abc import Iterator
@@ -321,5 +320,3 @@ def test_review_in_the_browser(stack: tuple[LocalDeployment, list[str]], browser
     assert "taken" in err.text.lower()
     lease = ranking.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id=second)).item.lease
     assert lease.reviewer == "dr.demo"
-    for name in ("review-worklist.png", "review-case.png"):
-        shutil.copy(artifacts / name, artifacts / f"docs-{name}")
