@@ -508,3 +508,14 @@ the files when the Secret is renewed, and the service serves the new certificate
 {{- end }}
 {{- end -}}
 {{- end -}}
+
+{{/* The gateway's OIDC redirect URI: gateway.oidc.redirectUri, else
+https://<gateway.ingress.host>/login/oidc/callback. */}}
+{{- define "atlasflow.gatewayRedirectUri" -}}
+{{- $v := .Values.gateway -}}
+{{- if $v.oidc.redirectUri -}}
+{{- $v.oidc.redirectUri -}}
+{{- else -}}
+{{- printf "https://%s/login/oidc/callback" (required "gateway.oidc.redirectUri or gateway.ingress.host is required: the OIDC redirect URI registered at the provider" $v.ingress.host) -}}
+{{- end -}}
+{{- end -}}
