@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import uvicorn
@@ -21,14 +22,17 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from atlasflow.common.audit import AuditLog
+from atlasflow.common.audit_server import audit_location
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.errors import AtlasflowError
 from atlasflow.common.telemetry import setup_logging
 from atlasflow.gateway.api import Api, BadRequest
+from atlasflow.gateway.audit import BLOB_ACTIONS, GatewayAudit, session_identity
 from atlasflow.gateway.backends import HTTP_STATUS, Backends, HttpError, http_error_of
 from atlasflow.gateway.dicomweb import DicomWeb
 from atlasflow.gateway.login import Login
-from atlasflow.gateway.session import AuthError, Sessions
+from atlasflow.gateway.session import COOKIE, AuthError, Sessions
 from atlasflow.gateway.settings import PREFIX, GatewaySettings
 from atlasflow.gateway.web import review_app_routes
 
@@ -48,6 +52,8 @@ def build_app(settings: GatewaySettings, *, backends: Backends | None = None) ->
     login = Login(settings, sessions)
     api = Api(backends, sessions, blobs)
     dicomweb = DicomWeb(backends, sessions)
+    # the gateway's own audit log (gateway/audit.py): logins, blob downloads, refusals
+    audit = GatewayAudit(AuditLog(audit_location(settings)), sessions.caller)
 
     async def index(request: Request) -> Response:
         return HTMLResponse(_INDEX)
@@ -61,6 +67,7 @@ def build_app(settings: GatewaySettings, *, backends: Backends | None = None) ->
 
     async def on_auth(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, AuthError)
+        await audit.auth_refused(request, exc.status, exc.reason, exc.cause)
         meta = {"cause": exc.cause} if exc.cause else {}
         return HttpError(exc.status, exc.reason, exc.message, meta).response()
 
@@ -79,13 +86,15 @@ def build_app(settings: GatewaySettings, *, backends: Backends | None = None) ->
         backends.open()
         yield
         await backends.close()
+        await audit.close()
 
     routes = [
         *review_app_routes(settings.web_dir),  # the review app (/ -> /app/); gateway/web/
         Route("/", index, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
-        *login.routes(),
-        *api.routes(),
+        *_audited_login(login.routes(), audit, session_identity(sessions.verifier, COOKIE)),
+        *_audited_blobs(api.routes(), audit),
+        *audit.routes(),
         *dicomweb.routes(),
     ]
     return Starlette(
@@ -93,6 +102,28 @@ def build_app(settings: GatewaySettings, *, backends: Backends | None = None) ->
         exception_handlers={grpc.RpcError: on_grpc, AuthError: on_auth, BadRequest: on_bad, AtlasflowError: on_domain},
         lifespan=lifespan,
     )
+
+
+_LOGINS = {("/login", "POST"), ("/login/oidc/callback", "GET")}
+
+
+def _audited_login(routes: list[Route], audit: GatewayAudit, identity_of: Any) -> list[Route]:
+    """The login routes, the two that log a user in recorded (success or failure)."""
+    out = []
+    for r in routes:
+        methods = r.methods or set()
+        hit = next((m for p, m in _LOGINS if p == r.path and m in methods), None)
+        out.append(Route(r.path, audit.login(r.endpoint, identity_of), methods=[hit]) if hit else r)
+    return out
+
+
+def _audited_blobs(routes: list[Route], audit: GatewayAudit) -> list[Route]:
+    """The review API's routes, the blob downloads recorded with their case id."""
+    out = []
+    for r in routes:
+        action = next((a for suffix, a in BLOB_ACTIONS.items() if r.path.endswith(suffix)), None)
+        out.append(Route(r.path, audit.blob(r.endpoint, action), methods=["GET"]) if action else r)
+    return out
 
 
 def main() -> None:

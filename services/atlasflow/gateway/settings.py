@@ -48,3 +48,7 @@ class GatewaySettings(ServiceSettings):
     web_dir: str = ""
     # Largest request body accepted (STOW-RS, a revision), bytes
     max_request_bytes: int = 1024 * 1024 * 1024
+    # The gateway's audit log (gateway/audit.py: logins, downloads, refusals): a PostgreSQL URL
+    # (several replicas share one log; from a Secret, like the labels service's DATABASE_URL);
+    # empty: <DATA_DIR>/audit.sqlite3 (keep DATA_DIR on a volume)
+    database_url: str = ""
