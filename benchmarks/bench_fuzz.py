@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         results[":".join(result.split(":")[:2]) if not result.startswith("accepted") else "accepted"] += 1
         if result == "crash":
             crashes.append(msg)
+            print(f"  crash: input {msg['i']}: {msg['error']} {str(msg['detail'])[:160]}", flush=True)
         if msg["peak"] > peak_alloc:
             peak_alloc, peak_alloc_at = msg["peak"], msg["i"]
         if msg["s"] > slowest:
@@ -155,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
             limit = args.per_input_s if st["ready"] else 120.0  # imports first
             if now - float(st["t"]) > limit:  # type: ignore[arg-type]
                 hangs.append(int(st["next"]))  # type: ignore[call-overload]
+                print(f"  hang: input {st['next']} (> {limit:g} s)", flush=True)
                 done += 1
                 stop(pid, resume=True)
         if time.perf_counter() - last_print > 30:

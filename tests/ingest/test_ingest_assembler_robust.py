@@ -103,8 +103,9 @@ def test_an_unexpected_exception_fails_its_series_and_the_next_one_still_assembl
 
 
 def test_a_crafted_rescale_slope_fails_its_series_not_the_assembler(tmp_path, series):
-    """A real crafted attribute, no monkeypatch: RescaleSlope 1e308 makes numpy raise
-    UFuncTypeError (not an AtlasflowError) while the pixels are rescaled."""
+    """A real crafted attribute, no monkeypatch: RescaleSlope 1e308 (stored past reception's
+    check) made numpy raise UFuncTypeError while the pixels were rescaled; assembly now refuses
+    it from the header (CORRUPT_DICOM, check rescale) and the series fails with that reason."""
     bad_paths, good_paths = series
     blobs = LocalBlobStore(tmp_path / "blobs")
     store = IngestStore(tmp_path / "data", blobs, spool_segment_bytes=SEG)
@@ -115,4 +116,4 @@ def test_a_crafted_rescale_slope_fails_its_series_not_the_assembler(tmp_path, se
         asyncio.run(_assemble_until_settled(Assembler(store, blobs, Metrics("ingest"), quiet_period_s=0.0), store))
     finally:
         store.close()
-    _check(tmp_path, blobs, bad_id, good_id, "ASSEMBLY_FAILED: UFuncTypeError")
+    _check(tmp_path, blobs, bad_id, good_id, "CORRUPT_DICOM")

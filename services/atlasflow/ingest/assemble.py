@@ -45,7 +45,14 @@ Policy. `Policy` chooses what happens to the repairable cases; `STRICT` (the def
 ``atlasflow convert``) repairs them. Errors are `InvalidArgument` with reason
 INCONSISTENT_SERIES unless said otherwise; metadata ``check`` names the test.
 
-* no frames: EMPTY_SERIES; pixel data that does not decode: CORRUPT_DICOM.
+* no frames: EMPTY_SERIES; pixel data that does not decode, an attribute that does not
+  convert (unknown VR, non-numeric DS: check ``elements``) or a per-frame RescaleSlope/Intercept
+  beyond reception's limits (check ``rescale``): CORRUPT_DICOM.
+* size, checked from the headers before any array is allocated: more than
+  `geometry.MAX_SERIES_VOXELS` voxels (``Policy.max_voxels``) or more than 32767 along an axis
+  (NIfTI-1) -> VOLUME_TOO_LARGE (checks ``voxels``, ``nifti_dim``); positions beyond
+  `geometry.MAX_POSITION_MM`, pixel spacing outside [0.001, 1000] mm or orientation cosines
+  that are not unit vectors -> INCONSISTENT_SERIES (``geometry_range``, ``orientation``).
 * multi-frame instances: STRICT rejects them (UNSUPPORTED_MULTIFRAME, check ``multiframe``);
   REPAIR assembles their frames as above.
 * differing SeriesInstanceUID or FrameOfReferenceUID, Rows/Columns, PixelSpacing (> 1e-4 mm),
@@ -330,13 +337,9 @@ def _store_integral(
         stack = _widen(stack, warnings)
     target = stack[z]
     if slope == 1:
-        # computed in a type that holds the result (numpy value-based casting), then cast
-        np.add(
-            pixels,
-            np.int32(intercept) if pixels.dtype.kind == "u" and intercept < 0 else intercept,
-            out=target,
-            casting="unsafe",
-        )
+        # computed in a type that holds the result (the intercept as int32, |intercept| <= 1e6:
+        # a Python int that does not fit an 8-bit pixel type raised OverflowError), then cast
+        np.add(pixels, np.int32(intercept), out=target, casting="unsafe")
     else:
         hu = pixels.astype(np.int64)
         hu *= slope

@@ -38,6 +38,9 @@ MAX_NIFTI_DIM = 32767
 #: survive float32 (NIfTI) and no CT is that large.
 MAX_POSITION_MM = 1e4
 MAX_PIXEL_SPACING_MM = 1e3
+#: CT gantries tilt up to ~30 deg; a stack sheared further is not a tilted acquisition (and its
+#: tilt-corrected grid would grow without bound): rejected under every policy.
+MAX_TILT_DEG = 45.0
 MIN_PIXEL_SPACING_MM = 1e-3
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -189,6 +192,13 @@ def plan_geometry(frames: Sequence[FrameRef], policy: Policy = STRICT) -> Plan:
             tilt_deg = float(np.degrees(np.arctan2(float(off_line[-1]), span)))
             tag = first_sorted.gantry_tilt_deg
             tag_note = "" if tag is None else f"; (0018,1120) says {tag:g} deg"
+            if tilt_deg > MAX_TILT_DEG or not np.isfinite(tilt_deg):
+                raise series_error(
+                    "INCONSISTENT_SERIES",
+                    f"slice origins leave the slice normal at ~{tilt_deg:.0f} deg: beyond any gantry tilt "
+                    f"({MAX_TILT_DEG:g} deg), not a volume",
+                    check="gantry_tilt",
+                )
             if policy.tilt != "resample":
                 raise series_error(
                     "INCONSISTENT_SERIES",

@@ -176,7 +176,7 @@ def _source_factory(
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         rows, cols = int(ds.Rows), int(ds.Columns)
         signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-    except (AttributeError, TypeError, ValueError, OverflowError):  # crafted values: decode path reports them
+    except (AttributeError, TypeError, ValueError, OverflowError, NotImplementedError):  # crafted: decode path reports
         bits, samples, rows, cols, signed = 0, 0, 0, 0, False
     value_tell: int | None = getattr(elem, "value_tell", None)  # RawDataElement / deferred DataElement
     native = (
