@@ -88,6 +88,18 @@ export class Viewer {
     this.nv.updateGLVolume()
   }
 
+  /** Free the GPU: the WebGL context of a closed case is lost on purpose (browsers keep a few). */
+  dispose() {
+    const gl = this.nv.gl
+    const ext = gl && gl.getExtension('WEBGL_lose_context')
+    if (ext) ext.loseContext()
+    this.nv.volumes = []
+  }
+
+  showCrosshair(on) {
+    this.nv.setCrosshairWidth(on ? 1 : 0)
+  }
+
   /** Native-order label value of every voxel (Uint8/Int16 array of the label map). */
   get labelData() {
     return this.labels.img
