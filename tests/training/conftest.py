@@ -91,3 +91,21 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
         _, aff, _ = crop_case(*slabs[case_id])
         s.revise(case_id, organ, s.reference[case_id] == organ, aff)
     return s
+
+
+# The throwaway PostgreSQL 15 cluster of the labels tests (same fixtures, loaded from there).
+def _labels_conftest():  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "labels_conftest_for_training", Path(__file__).resolve().parents[1] / "labels" / "conftest.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_pg = _labels_conftest()
+pg_server = _pg.pg_server
+pg_database = _pg.pg_database

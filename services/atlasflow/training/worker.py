@@ -105,14 +105,18 @@ def run_round(
     parent: EnsembleConfig | None = None,
     on_progress: Callable[[str, int, int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> RoundResult:
     """Run one round (module docstring). ``parent``: the version to fine-tune (default: the
-    promoted one, `current_ensemble`)."""
+    promoted one, `current_ensemble`). ``on_stage``: called with "manifest", "finetune",
+    "version", "evaluate", "gate" as each stage begins (the training service's progress)."""
     state_dir = Path(state_dir)
     parent = parent or current_ensemble(state_dir)
     seconds: dict[str, float] = {}
+    stage = on_stage or (lambda _name: None)
     with _tracer.start_as_current_span("training.round") as round_span:
         t = time.perf_counter()
+        stage("manifest")
         with _tracer.start_as_current_span("training.manifest") as span:
             manifest = build_manifest(
                 collect_decisions(source),
@@ -132,6 +136,7 @@ def run_round(
         run_dir = state_dir / "training" / "runs" / digest.split(":", 1)[1][:16]
         results = []
         t = time.perf_counter()
+        stage("finetune")
         for member in members_to_train(parent, hyperparameters):
             results.append(
                 finetune_member(
@@ -147,6 +152,7 @@ def run_round(
             )
         seconds["finetune"] = time.perf_counter() - t
         t = time.perf_counter()
+        stage("version")
         with _tracer.start_as_current_span("training.version") as span:
             version = write_version(
                 state_dir,
@@ -161,12 +167,14 @@ def run_round(
             span.set_attribute("atlasflow.version", version.name)
         seconds["version"] = time.perf_counter() - t
         t = time.perf_counter()
+        stage("evaluate")
         with _tracer.start_as_current_span("training.evaluate"):
             from atlasflow.segmentation.ensemble import load_ensemble
 
             current_dice = evaluate(parent, manifest, blobs)
             candidate_dice = evaluate(load_ensemble(version.ensemble_path), manifest, blobs)
         seconds["evaluate"] = time.perf_counter() - t
+        stage("gate")
         with _tracer.start_as_current_span("training.gate") as span:
             decided = ~np.isnan(current_dice)
             result = gate(

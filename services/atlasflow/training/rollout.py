@@ -1,0 +1,119 @@
+"""Roll-out of a promoted ensemble version into a running Triton, without a restart.
+
+Cluster path (`TritonRepositoryRollout`): Triton runs with ``--model-control-mode=explicit``
+on a model repository the training service can write (a shared volume). Every ensemble version
+is its own Triton model, named `triton_model_name(version)` (what `TritonSegmenter` calls), with
+one model version directory ``1/`` and ``version_policy: latest 1`` (the default). The roll-out:
+
+1. writes the model directory with `atlasflow.segmentation.triton_repo.write_repository` into a
+   staging folder of the repository (``.staging-<name>``, hidden from Triton) and renames it to
+   ``<repo>/<model name>`` (one rename: Triton never sees a half-written model);
+2. asks Triton to load it (``RepositoryModelLoad`` through tritonclient's ``load_model``) and
+   waits until ``is_model_ready``;
+3. optionally unloads the previous version's model (``unload_previous``) once the new one is
+   ready, so in-flight requests on the old model finish first (Triton drains them).
+
+The local path (`atlasflow up`, PyTriton) is not a repository-backed Triton: PyTriton binds
+Python callables at start and has no model repository API for them. There, promotion is the
+``versions/CURRENT`` pointer that `run_round` writes (docs/training.md says what the segmentation
+service still lacks to follow it without a restart).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from atlasflow.common.errors import Unavailable
+from atlasflow.segmentation.ensemble import triton_model_name
+from atlasflow.segmentation.triton_repo import write_repository
+from atlasflow.training.dataset import DOMAIN
+from atlasflow.training.versions import EnsembleVersion
+
+
+class TritonRepositoryRollout:
+    """See the module docstring. ``client``: a tritonclient ``InferenceServerClient`` (default:
+    a gRPC one at ``url``)."""
+
+    def __init__(
+        self,
+        url: str,
+        repository: str | os.PathLike[str],
+        *,
+        previous: str = "",
+        unload_previous: bool = True,
+        kind: str = "cpu",
+        ready_timeout_s: float = 600.0,
+        client: Any = None,
+    ) -> None:
+        self.url = url
+        self.repository = Path(repository)
+        self.previous = previous
+        self.unload_previous = unload_previous
+        self.kind = kind
+        self.ready_timeout_s = ready_timeout_s
+        self._client = client
+
+    def client(self) -> Any:
+        if self._client is None:
+            import tritonclient.grpc as triton_grpc
+
+            self._client = triton_grpc.InferenceServerClient(self.url)
+        return self._client
+
+    def write(self, version: EnsembleVersion) -> Path:
+        """Write the version's model directory into the repository (staging + rename)."""
+        name = triton_model_name(version.name)
+        staging = self.repository / f".staging-{name}"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        written = write_repository(staging, version.ensemble_path, kind=self.kind)
+        final = self.repository / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(written, final)
+        shutil.rmtree(staging, ignore_errors=True)
+        return final
+
+    def __call__(self, version: EnsembleVersion) -> str:
+        name = triton_model_name(version.name)
+        self.write(version)
+        client = self.client()
+        try:
+            client.load_model(name)
+            deadline = time.monotonic() + self.ready_timeout_s
+            while not client.is_model_ready(name):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(name)
+                time.sleep(0.5)
+        except Exception as exc:  # noqa: BLE001 - tritonclient raises its own exception type
+            raise Unavailable(
+                "TRITON_LOAD_FAILED",
+                "Triton did not load the new ensemble version",
+                domain=DOMAIN,
+                metadata={"model": name, "error": type(exc).__name__},
+            ) from None
+        unloaded = ""
+        if self.unload_previous and self.previous and self.previous != name:
+            try:
+                client.unload_model(self.previous)
+                unloaded = f", unloaded {self.previous}"
+            except Exception:  # noqa: BLE001 - the new model serves; the old one stays loaded
+                unloaded = f", {self.previous} still loaded"
+        self.previous = name
+        return f"triton: loaded {name}{unloaded}"
+
+
+def from_settings(settings: Any) -> TritonRepositoryRollout | None:
+    """The cluster roll-out when ``triton_url`` and ``triton_model_repository`` are set."""
+    if settings.triton_url and settings.triton_model_repository:
+        return TritonRepositoryRollout(
+            settings.triton_url,
+            settings.triton_model_repository,
+            unload_previous=settings.triton_unload_previous,
+        )
+    return None
