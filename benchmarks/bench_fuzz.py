@@ -48,8 +48,17 @@ seed, start, count, mem_mb = (int(x) for x in sys.argv[1:5])
 if mem_mb > 0:
     resource.setrlimit(resource.RLIMIT_AS, (mem_mb << 20, mem_mb << 20))
 from atlasflow.testing.ingest_fuzz import make_input, run_input
-tracemalloc.start()
 tmp = Path(tempfile.mkdtemp(prefix="atlasflow-fuzz-"))
+# warm-up (another seed, not counted): the lazy imports (convert, nibabel, the decoders, the
+# protobuf modules) would otherwise fall on the first inputs and read as hangs
+for kind in ("instance", "series", "frames", "ids"):
+    for j in range(4):
+        run_input(make_input(-1, j, {kind: 1.0}), tmp)
+for j in range(8):
+    item = make_input(-1, 100 + j, {"instance": 1.0})
+    item.via_files = True
+    run_input(item, tmp)
+tracemalloc.start()
 print(json.dumps({"ready": True}), flush=True)
 for i in range(start, start + count):
     tracemalloc.reset_peak()
