@@ -30,10 +30,11 @@ from atlasflow.labels.v1 import labels_pb2
 from atlasflow.ranking.v1 import ranking_pb2
 from atlasflow.segmentation.v1 import segmentation_pb2
 from atlasflow.testing.data import REPO
+from atlasflow.training.v1 import training_pb2
 
-SERVICES = ("ingest", "segmentation", "ranking", "labels")
+SERVICES = ("ingest", "segmentation", "ranking", "labels", "training")
 # audit_pb2: the AuditService every service serves (atlasflow.common.audit_server)
-DESCRIPTORS = (ingest_pb2, segmentation_pb2, ranking_pb2, labels_pb2, audit_pb2)
+DESCRIPTORS = (ingest_pb2, segmentation_pb2, ranking_pb2, labels_pb2, training_pb2, audit_pb2)
 
 
 def _defined_rpcs() -> set[str]:
@@ -66,9 +67,9 @@ def test_security_doc_shows_the_policy() -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeployment]:
-    """The four services as `atlasflow up` starts them (no Triton: no call here reaches it)."""
+    """The services as `atlasflow up` starts them (no Triton: no call here reaches it)."""
     dep = LocalDeployment.create(tmp_path_factory.mktemp("stack"), auto_ports=True)
-    names = ["labels", "ranking", "segmentation", "ingest"]
+    names = ["labels", "ranking", "segmentation", "ingest", "training"]
     dep.start(names)
     try:
         dep.wait_healthy(120, names)

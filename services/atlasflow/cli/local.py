@@ -48,11 +48,13 @@ DEFAULT_PORTS = {
     "segmentation_metrics": 9102,
     "ranking_metrics": 9103,
     "labels_metrics": 9104,
+    "training": 50055,
+    "training_metrics": 9105,
     "gateway": 8443,
 }
 # gRPC metadata key of PyTriton's access token (`pytriton.client.auth.create_auth_headers`).
 TRITON_TOKEN_HEADER = "triton-grpc-protocol-triton-access-token"
-START_ORDER = ["triton", "labels", "ranking", "segmentation", "ingest", "gateway"]
+START_ORDER = ["triton", "labels", "ranking", "segmentation", "ingest", "training", "gateway"]
 DEFAULT_ACCEPTED_AETS = ("STORESCU", "ATLASDEMO")
 # Lifetime of the services' own token: re-minted at every `atlasflow up`.
 SERVICE_TOKEN_TTL_S = 30 * 86400.0
@@ -207,6 +209,7 @@ class LocalDeployment:
             "segmentation_grpc": self.target("segmentation"),
             "ranking_grpc": self.target("ranking"),
             "labels_grpc": self.target("labels"),
+            "training_grpc": self.target("training"),
             "triton_grpc": self.target("triton_grpc"),
             "triton_http": self.target("triton_http"),
             # the web gateway: review API (/api/v1), DICOMweb (/dicomweb), login (/login)
@@ -267,6 +270,13 @@ class LocalDeployment:
                 "RANKING_TARGET": self.target("ranking"),
                 # an export writes nowhere else (an admin's destination_uri included)
                 "EXPORT_DIR": str(self.export_root or self.state_dir / "exports"),
+            },
+            "training": {
+                "GRPC_PORT": p["training"],
+                "METRICS_PORT": p["training_metrics"],
+                # decisions are read from labels as svc:training; versions/CURRENT lives here
+                "LABELS_TARGET": self.target("labels"),
+                "STATE_DIR": str(self.state_dir / "models"),
             },
             "gateway": {
                 "HTTP_PORT": self.ports.get("gateway", DEFAULT_PORTS["gateway"]),

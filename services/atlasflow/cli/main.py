@@ -1,6 +1,6 @@
 """The `atlasflow` command (Click).
 
-atlasflow serve {ingest,segmentation,ranking,labels,gateway,triton}   run one service (foreground)
+atlasflow serve {ingest,segmentation,ranking,labels,training,gateway,triton}   run one service (foreground)
 atlasflow up [--state-dir DIR] [--auto-ports]                   start everything locally
 atlasflow down [--state-dir DIR]                                stop it
 atlasflow status [--state-dir DIR]                              health of each process
@@ -42,7 +42,7 @@ from atlasflow.cli.stack import (
 )
 from atlasflow.common.auth import ROLES
 
-SERVICES = ("ingest", "segmentation", "ranking", "labels", "gateway", "triton")
+SERVICES = ("ingest", "segmentation", "ranking", "labels", "training", "gateway", "triton")
 # Sub-commands implemented by a library module's own `main(argv) -> int` (its argparse owns
 # the options): `atlasflow <name> ...` == `python -m <module> ...`.
 DELEGATED = {
@@ -77,6 +77,10 @@ def _serve(name: str) -> None:
         from atlasflow.labels.app import main as serve_labels
 
         serve_labels()
+    elif name == "training":
+        from atlasflow.training.app import main as serve_training
+
+        serve_training()
     elif name == "gateway":
         from atlasflow.gateway.app import main as serve_gateway
 
@@ -360,6 +364,7 @@ def delete_study(
 for _command in review.COMMANDS:
     cli.add_command(_command)
 cli.add_command(importlib.import_module("atlasflow.cli.audit").audit)  # atlasflow audit (cli/audit.py)
+cli.add_command(importlib.import_module("atlasflow.cli.train").train)  # atlasflow train (cli/train.py)
 
 
 def _delegated(name: str, module: str, help_: str) -> click.Command:

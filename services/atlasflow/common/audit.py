@@ -80,6 +80,7 @@ _SEG = "atlasflow.segmentation.v1.SegmentationService"
 _LABELS = "atlasflow.labels.v1.LabelService"
 _RANK = "atlasflow.ranking.v1.RankingService"
 _AUDIT = "atlasflow.common.v1.AuditService"
+_TRAIN = "atlasflow.training.v1.TrainingService"
 
 #: ``/<package>.<Service>/<Method>`` -> action category, or None: not audited (a decision, not
 #: an omission; every RPC of the policy table must be here).
@@ -124,6 +125,12 @@ AUDITED: Mapping[str, str | None] = {
     f"/{_RANK}/GetRound": None,
     f"/{_RANK}/ListRounds": None,
     f"/{_RANK}/PurgeStudy": DELETE,
+    # training: a run reads the CT and label map of every human-decided case (its manifest
+    # names them); following and cancelling runs carries ids and metrics only
+    f"/{_TRAIN}/StartTrainingRun": LABEL_READ,
+    f"/{_TRAIN}/GetTrainingRun": None,
+    f"/{_TRAIN}/ListTrainingRuns": None,
+    f"/{_TRAIN}/CancelTrainingRun": None,
     # the audit itself (every service)
     f"/{_AUDIT}/ListAuditRecords": AUDIT_READ,
     f"/{_AUDIT}/ExportAuditRecords": AUDIT_READ,

@@ -45,7 +45,7 @@ DOMAIN = "atlasflow.auth"
 ROLES = ("connector", "annotator", "reviewer", "admin", "service")
 
 #: The services that call each other, each with its own identity (`service_subject`).
-SERVICE_NAMES = ("ingest", "segmentation", "labels", "ranking")
+SERVICE_NAMES = ("ingest", "segmentation", "labels", "ranking", "training")
 
 #: A service identity is ``svc:<name>`` (``name`` one of `SERVICE_NAMES`): the subject of the
 #: service's token (``atlasflow up`` mints one per service), or the claim named by

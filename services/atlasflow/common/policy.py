@@ -4,7 +4,8 @@ Deny by default: an RPC missing from `POLICY` is refused to everyone (PERMISSION
 `tests/common/test_common_policy.py` checks that every RPC of every atlasflow service is listed
 and that docs/security.md shows exactly this table. Health and reflection need no token
 (`EXEMPT_SERVICES`). The internal hand-offs (segmentation -> labels/ranking, labels -> ranking,
-ingest -> segmentation, labels -> ingest for the SEG's source headers) accept only ``service``,
+ingest -> segmentation, labels -> ingest for the SEG's source headers, training -> labels for
+the decisions) accept only ``service``,
 and each only from the services that make it (`HANDOFF_CALLERS`: one identity per service).
 
 Roles (`atlasflow.common.auth.ROLES`):
@@ -41,6 +42,7 @@ _SEG = "atlasflow.segmentation.v1.SegmentationService"
 _LABELS = "atlasflow.labels.v1.LabelService"
 _RANK = "atlasflow.ranking.v1.RankingService"
 _AUDIT = "atlasflow.common.v1.AuditService"
+_TRAIN = "atlasflow.training.v1.TrainingService"
 
 #: ``/<package>.<Service>/<Method>`` -> the roles allowed to call it.
 POLICY: Mapping[str, frozenset[str]] = {
@@ -65,7 +67,8 @@ POLICY: Mapping[str, frozenset[str]] = {
     # labels
     f"/{_LABELS}/CreateLabelVersion": _SERVICE | _ADMIN,
     f"/{_LABELS}/GetLabelVersion": _READ,
-    f"/{_LABELS}/ListLabelVersions": _READ,
+    # the training service reads the decisions (heads of all cases) as svc:training
+    f"/{_LABELS}/ListLabelVersions": _READ | _SERVICE,
     f"/{_LABELS}/ReviseLabels": _WORK,
     f"/{_LABELS}/ExportDataset": _ADMIN,
     f"/{_LABELS}/GetExportJob": _ADMIN,
@@ -87,6 +90,12 @@ POLICY: Mapping[str, frozenset[str]] = {
     f"/{_RANK}/StartRound": _ADMIN,
     f"/{_RANK}/GetRound": _WORK | _ADMIN,
     f"/{_RANK}/ListRounds": _WORK | _ADMIN,
+    # training: rounds of the loop (fine-tune, gate, promote) are an admin's campaign decision;
+    # reviewers follow them (the model that labels their worklist)
+    f"/{_TRAIN}/StartTrainingRun": _ADMIN,
+    f"/{_TRAIN}/GetTrainingRun": _ADMIN | frozenset({"reviewer"}),
+    f"/{_TRAIN}/ListTrainingRuns": _ADMIN | frozenset({"reviewer"}),
+    f"/{_TRAIN}/CancelTrainingRun": _ADMIN,
     # the audit log every service serves on its own records (atlasflow.common.audit)
     f"/{_AUDIT}/ListAuditRecords": _ADMIN,
     f"/{_AUDIT}/ExportAuditRecords": _ADMIN,
@@ -102,6 +111,7 @@ _SVC_INGEST = "svc:ingest"
 _SVC_SEG = "svc:segmentation"
 _SVC_LABELS = "svc:labels"
 _SVC_RANK = "svc:ranking"
+_SVC_TRAIN = "svc:training"
 
 #: The internal hand-offs: ``/<package>.<Service>/<Method>`` -> the service identities
 #: (`atlasflow.common.auth.service_subject`) whose ``service`` role may call it. Every RPC
@@ -123,6 +133,8 @@ HANDOFF_CALLERS: Mapping[str, frozenset[str]] = {
     f"/{_RANK}/RecordLabelVersion": frozenset({_SVC_LABELS}),
     f"/{_RANK}/GetWorklistItem": frozenset({_SVC_LABELS}),
     f"/{_INGEST}/StreamSeriesInstances": frozenset({_SVC_LABELS}),
+    # training: the decisions a round trains on (heads of all cases, with organ provenance)
+    f"/{_LABELS}/ListLabelVersions": frozenset({_SVC_TRAIN}),
 }
 
 
