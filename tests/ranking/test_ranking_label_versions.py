@@ -74,3 +74,25 @@ def test_invalid_events(wl, kwargs, field):
         wl.record_label_version(**kwargs)
     if field:
         assert err.value.metadata.get("field") == field
+
+
+def test_decided_organs_list_no_reasons(wl):
+    """The worklist asks a reviewer about undecided organs only: an organ a human decided (or
+    the source labelled) keeps its figures but lists no reasons, in get and list alike."""
+    organs = [
+        OrganAttention(5, 10.0, 5.0, 100.0, reasons=("liver: std mask 12 ml",)),
+        OrganAttention(8, 4.0, 2.0, 100.0, reasons=("spleen: 3 components",)),
+        OrganAttention(3, 1.0, 0.5, 100.0, reasons=("kidney_left: volume 2x median",)),
+    ]
+    wl.submit("a", "s", "j", organs, labelled_organs=[3])
+    by = {o.organ: o for o in wl.get("a")[0].organs}
+    assert by[5].reasons and by[8].reasons and by[3].reasons == ()
+    wl.record_label_version("a", "v2", 2, human_organs=[5], revised_organs=[5], reviewer="dr.x")
+    for entry in (wl.get("a")[0], wl.list()[0][0][0]):
+        by = {o.organ: o for o in entry.organs}
+        assert by[5].reasons == () and by[5].attention_ml == pytest.approx(10.0)
+        assert by[8].reasons == ("spleen: 3 components",)
+    # a new AI segmentation of the case: the decided organ still lists none
+    wl.submit("a", "s", "j2", organs)
+    by = {o.organ: o for o in wl.get("a")[0].organs}
+    assert by[5].reasons == () and by[8].reasons and by[3].reasons

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -146,16 +147,25 @@ def entry_of(row: sqlite3.Row, now: int) -> WorklistEntry:
     outcome = int(row["outcome"])
     leased = not outcome and bool(row["lease_holder"]) and int(row["lease_expire_us"]) > now
     status = Status(outcome) if outcome else (Status.LEASED if leased else Status.PENDING)
+    labelled = tuple(json.loads(row["labelled_organs"]))
+    human = tuple(json.loads(row["human_organs"]))
+    # reasons ask a reviewer to look; an organ the source labelled or a human decided asks
+    # nothing (its attention does not count), so its reasons are not listed (kept in the row:
+    # the figures and pointer stay)
+    decided = set(labelled) | set(human)
+    organs = tuple(
+        replace(o, reasons=()) if o.organ in decided else o for o in (organ_of(r) for r in json.loads(row["organs"]))
+    )
     return WorklistEntry(
         case_id=row["case_id"],
         series_id=row["series_id"],
         source_job_id=row["source_job_id"],
         priority=float(row["priority"]),
-        organs=tuple(organ_of(o) for o in json.loads(row["organs"])),
+        organs=organs,
         heatmap_digest=row["heatmap_digest"],
         heatmap_size=int(row["heatmap_size"]),
         update_time=datetime.fromisoformat(row["update_time"]),
-        labelled_organs=tuple(json.loads(row["labelled_organs"])),
+        labelled_organs=labelled,
         status=status,
         round_number=int(row["round_number"]),
         lease=(
@@ -175,5 +185,5 @@ def entry_of(row: sqlite3.Row, now: int) -> WorklistEntry:
             else None
         ),
         label_version_id=row["latest_label_version_id"],
-        human_decided_organs=tuple(json.loads(row["human_organs"])),
+        human_decided_organs=human,
     )
