@@ -13,10 +13,11 @@ Module map:
   segmentation worker's per-organ findings (`organ_findings`);
 - `atlasflow.method.suspect`: the enhanced attention's suspect regions;
 - `atlasflow.method.strategy`: the `RankingStrategy` protocol, its registry and `rank_case`;
-- `atlasflow.method.reference`, `atlasflow.method.enhanced`: the registered strategies.
+- `atlasflow.method.reference`, `atlasflow.method.enhanced`, `atlasflow.method.learned`: the
+  registered strategies.
 
 Importing the package registers the built-in strategies (``reference`` first, then
-``enhanced``); a new strategy module is imported here too.
+``enhanced``, then ``learned``); a new strategy module is imported here too.
 """
 
 # Registration order is the order of `strategy_names()`: the default, ``reference``, first.
@@ -24,3 +25,6 @@ from atlasflow.method import reference  # noqa: F401  (registers "reference")
 
 # isort: split
 from atlasflow.method import enhanced  # noqa: F401  (registers "enhanced")
+
+# isort: split
+from atlasflow.method import learned  # noqa: F401  (registers "learned")

@@ -17,7 +17,7 @@ learned one) is a class with the protocol's members, decorated with
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
@@ -82,6 +82,37 @@ class RankingStrategy(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class OrganDecision:
+    """What a reviewer decided about one organ of one case, as a fittable strategy learns it:
+    ``features`` (the strategy's `FittableStrategy.organ_features` of that organ, by name) and
+    ``revised_ml`` (the volume a human changed; 0 = accepted as it was)."""
+
+    features: Mapping[str, float]
+    revised_ml: float
+
+
+class FittableStrategy(RankingStrategy, Protocol):
+    """A strategy with parameters fitted on reviewers' decisions (optional: `rank` alone is the
+    contract). ``organ_features``: per unranked organ, named numbers (``ranked``: rankings of
+    the same case already computed, by strategy name, reused); ``fit``: (re)fit on decisions;
+    ``score_organs``: (case score, organ id -> score) from ``organ_features``' output, which is
+    what `rank` does after computing the features (benchmarks score stored features)."""
+
+    def organ_features(
+        self,
+        case: CaseAttention,
+        affine: npt.NDArray[np.float64],
+        *,
+        prior: PopulationPrior | None = None,
+        ranked: Mapping[str, RankedCase] | None = None,
+    ) -> dict[int, dict[str, float]]: ...
+
+    def fit(self, decisions: Sequence[OrganDecision]) -> None: ...
+
+    def score_organs(self, features: Mapping[int, Mapping[str, float]]) -> tuple[float, dict[int, float]]: ...
+
+
 class UnknownStrategyError(ValueError):
     """A strategy name that is not registered; ``name`` and ``known`` (registered names)."""
 
@@ -126,6 +157,13 @@ def get_strategy(name: str) -> RankingStrategy:
         if strategy.name != name:
             raise ValueError(f"ranking strategy registered as {name!r} calls itself {strategy.name!r}")
     return strategy
+
+
+def new_strategy(name: str) -> RankingStrategy:
+    """A fresh, unshared instance of the strategy registered as ``name`` (to fit one without
+    touching the shared instance of `get_strategy`)."""
+    get_strategy(name)  # the name check
+    return _FACTORIES[name]()
 
 
 def rank_case(
