@@ -39,6 +39,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -373,8 +374,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensemble = load_ensemble(args.ensemble)
     hp = Hyperparameters.from_dict(manifest.hyperparameters)
     blobs = LocalBlobStore(args.blobs)
-    for member in members_to_train(ensemble, hp):
-        result = finetune_member(member, manifest, digest, blobs, Path(args.run_dir), device=args.device)
+    # Under torchrun (the Kubernetes Job: --nproc_per_node = the node's GPUs) each rank trains
+    # its share of the members (rank r: members r, r + world, ...) on cuda:<LOCAL_RANK>;
+    # member-parallel, no gradient exchange (each member is its own model).
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    device = args.device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    for member in members_to_train(ensemble, hp)[rank::world]:
+        result = finetune_member(member, manifest, digest, blobs, Path(args.run_dir), device=device)
         print(
             json.dumps({"member": result.member, "digest": result.digest, "final_loss": result.final_loss}), flush=True
         )
