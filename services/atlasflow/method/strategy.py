@@ -9,10 +9,14 @@ file (``"attention": {"mode": <name>}``), ``atlasflow rank --mode <name>`` and t
 worker name a registered strategy and receive it from `get_strategy`.
 
 Registered (in ``atlasflow/method/__init__.py``, in this order): ``reference``
-(`atlasflow.method.reference`, the AbdomenAtlas recipe) and ``enhanced``
-(`atlasflow.method.enhanced`, suspect regions + plausibility findings). A new strategy (e.g. a
-learned one) is a class with the protocol's members, decorated with
+(`atlasflow.method.reference`, the AbdomenAtlas recipe), ``enhanced``
+(`atlasflow.method.enhanced`, suspect regions + plausibility findings) and ``learned``
+(`atlasflow.method.learned`, a calibrated model of reviewers' decisions; a `FittableStrategy`).
+A new strategy is a class with the protocol's members, decorated with
 ``@register_strategy("<name>")`` in its own module, which the package's ``__init__`` imports.
+The default (`DEFAULT_STRATEGY`) is chosen from benchmarks/bench_ranking.py's
+leave-one-family-out table (docs/ranking.md): at or above ``reference`` on every held-out
+simulator family on all three figures, which only ``reference`` itself is today.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ Optional ensemble-level inference options (absent = off; the defaults keep resul
   table included) grown by the margin before resampling and the sliding window; outputs are
   padded back to the full grid (zeros outside the box).
 
-- ``"attention"`` (format 2): ``{"mode": "reference"}`` (default) or ``{"mode": "enhanced"}``,
+- ``"attention"`` (format 2): ``{"mode": "reference"}`` (default; docs/ranking.md) or ``{"mode": "enhanced"}``,
   or any other ranking strategy registered in `atlasflow.method.strategy` (`strategy_names`):
   which strategy's attention map the pipeline returns as its heatmap
   (`EnsembleConfig.strategy`). ``reference`` is the AbdomenAtlas recipe (std, entropy,
