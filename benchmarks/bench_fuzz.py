@@ -9,7 +9,8 @@ The inputs and their pipelines are `atlasflow.testing.ingest_fuzz` (structure-aw
 the REAL seed files in tests/data, series scenarios, thousands of slices with gaps, random ids);
 input i of a run depends only on (seed, i). Workers are child processes, each running a chunk of
 inputs and reporting one JSON line per input; the parent is the watchdog: an input that does
-not report within ``--per-input-s`` is a hang (the worker is killed, the run goes on after
+not report within ``--per-input-s`` per DICOM instance it holds (a series input of 30
+instances is 30 receptions) is a hang (the worker is killed, the run goes on after
 it), a worker that dies is a crash of the input it was on. Each worker runs under RLIMIT_AS =
 ``--mem-limit-mb`` (so an allocation that was not refused in advance fails as MemoryError, a
 crash, instead of taking the machine) and reports its peak traced allocation (tracemalloc,
@@ -64,6 +65,7 @@ for i in range(start, start + count):
     tracemalloc.reset_peak()
     base = tracemalloc.get_traced_memory()[0]
     item = make_input(seed, i)
+    print(json.dumps({"start": i, "n": max(1, len(item.instances))}), flush=True)
     out = run_input(item, tmp)
     peak = tracemalloc.get_traced_memory()[1] - base
     print(json.dumps({"i": i, "kind": out.kind, "result": out.result, "s": round(out.seconds, 4),
@@ -123,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
         if msg.get("ready"):
             st["ready"] = True
             return
+        if "start" in msg:  # the watchdog's budget: per_input_s per DICOM instance of the input
+            st["n"] = msg["n"]
+            return
         done += 1
         st["next"] = msg["i"] + 1
         kinds[msg["kind"]] += 1
@@ -162,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
                 continue
         now = time.time()
         for pid, st in list(running.items()):
-            limit = args.per_input_s if st["ready"] else 120.0  # imports first
+            limit = args.per_input_s * int(st.get("n", 1)) if st["ready"] else 120.0  # type: ignore[call-overload]
             if now - float(st["t"]) > limit:  # type: ignore[arg-type]
                 hangs.append(int(st["next"]))  # type: ignore[call-overload]
                 print(f"  hang: input {st['next']} (> {limit:g} s)", flush=True)
@@ -177,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"fuzz seed {args.seed}: {done} inputs in {wall:.0f} s = {done / wall:.1f} inputs/s ({args.workers} workers)")
     print(f"  kinds: {dict(kinds)}")
     print(f"  outcomes: {dict(results.most_common())}")
-    print(f"  crashes: {len(crashes)}   hangs (> {args.per_input_s:g} s): {len(hangs)}")
+    print(f"  crashes: {len(crashes)}   hangs (> {args.per_input_s:g} s per instance): {len(hangs)}")
     print(f"  peak RSS of a worker: {rss_mib:.0f} MiB (RLIMIT_AS {args.mem_limit_mb} MiB)")
     print(f"  largest peak allocation of one input: {peak_alloc / 2**20:.1f} MiB (input {peak_alloc_at})")
     print(f"  slowest input: {slowest:.2f} s (input {slowest_at})")

@@ -55,6 +55,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
+from pydicom.valuerep import VR
 
 from atlasflow.common.errors import AtlasflowError, InvalidArgument
 
@@ -189,6 +190,22 @@ def _open_pixel_sequence(ds: Dataset, data: bytes) -> bool:
 
 
 def validate_dataset(ds: Dataset, transfer_syntax_uid: str | None = None, *, decode: bool = True) -> InstanceInfo:
+    """Validate a dataset as a CT instance and return its `InstanceInfo` (see `_validate`).
+
+    A value that cannot be converted where it is read (pydicom converts lazily: a DS that is
+    not a number, a VR that does not fit) is CORRUPT_DICOM (check ``elements``), never another
+    exception."""
+    try:
+        return _validate(ds, transfer_syntax_uid, decode=decode)
+    except AtlasflowError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a value pydicom cannot convert: a corrupt element
+        raise _err(
+            "CORRUPT_DICOM", f"a data element cannot be decoded ({type(exc).__name__})", check="elements"
+        ) from None
+
+
+def _validate(ds: Dataset, transfer_syntax_uid: str | None, *, decode: bool) -> InstanceInfo:
     """Validate a dataset as a CT instance and return its `InstanceInfo`.
 
     `transfer_syntax_uid`: the transfer syntax the dataset was encoded with (C-STORE:
@@ -247,20 +264,23 @@ def validate_dataset(ds: Dataset, transfer_syntax_uid: str | None = None, *, dec
 
 
 def _check_elements(ds: Dataset, ts: str) -> None:
-    """CORRUPT_DICOM (check ``elements``) when a top-level element's value cannot be converted:
-    an unknown VR (pydicom raises NotImplementedError), a value that does not fit its VR, a
-    sequence whose items do not parse. Converting them all here (pydicom converts lazily, on
-    first access) keeps such errors out of every later step."""
-    try:
-        for _elem in ds:
-            pass
-    except Exception as exc:  # noqa: BLE001 - any conversion failure is a corrupt element
-        raise _err(
-            "CORRUPT_DICOM",
-            f"a data element cannot be decoded ({type(exc).__name__})",
-            check="elements",
-            transfer_syntax_uid=ts,
-        ) from None
+    """CORRUPT_DICOM (check ``elements``) when a top-level element carries a VR pydicom does not
+    know: converting it raises NotImplementedError wherever it is first read (it answered
+    INTERNAL). Looks at the raw elements only (no value is converted: cheap); a value that does
+    not fit its VR is caught where it is read (`validate_dataset`, assembly)."""
+    for tag in ds.keys():
+        elem = ds.get_item(tag, keep_deferred=True)
+        vr = getattr(elem, "VR", None)
+        if isinstance(elem, RawDataElement) and vr is not None and vr not in _KNOWN_VRS:
+            raise _err(
+                "CORRUPT_DICOM",
+                "a data element has an unknown value representation",
+                check="elements",
+                transfer_syntax_uid=ts,
+            )
+
+
+_KNOWN_VRS = frozenset(str(v) for v in VR)
 
 
 #: Largest magnitudes of (0028,1053) RescaleSlope / (0028,1052) RescaleIntercept accepted: far
