@@ -181,7 +181,7 @@ def frame_refs(ds: Dataset, source_for: object = None, index: int = 0) -> list[F
         refs = _frame_refs(ds, source_for, index)
     except InvalidArgument:
         raise
-    except (NotImplementedError, ValueError, TypeError, OverflowError, KeyError, AttributeError, IndexError) as exc:
+    except Exception as exc:  # noqa: BLE001 - pydicom's lazy conversion: NotImplementedError, ValueError, BytesLengthException...
         raise series_error(
             "CORRUPT_DICOM", f"slice {index}: a data element cannot be decoded ({type(exc).__name__})", check="elements"
         ) from None
