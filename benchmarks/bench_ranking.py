@@ -35,7 +35,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -150,9 +150,9 @@ def evaluate(ranks: list[dict[str, Any]], rows: list[dict[str, Any]], boot: int,
                 samples[f].append(v)
     out: dict[str, Any] = {f: round(point[f], 3) for f in FIGURES}
     for f in FIGURES:
-        v = samples[f]
+        got = samples[f]
         out[f"{f}_ci95"] = (
-            [round(float(np.percentile(v, 2.5)), 3), round(float(np.percentile(v, 97.5)), 3)] if v else None
+            [round(float(np.percentile(got, 2.5)), 3), round(float(np.percentile(got, 97.5)), 3)] if got else None
         )
     out["n"], out["erroneous"] = len(rows), int(labels.sum())
     return out
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     families = tuple(args.families.split(",")) if args.families else family_names()
     strategies = tuple(args.strategies.split(",")) if args.strategies else strategy_names()
     work = [(f, int(get_family(f).params["seed_offset"]) + i, strategies) for f in families for i in range(args.cases)]
-    rows = map_cases(prepare, work, args.jobs)  # type: ignore[arg-type]
+    rows = cast(list[dict[str, Any]], map_cases(prepare, work, args.jobs))
     t_sim = time.perf_counter() - t0
     by_family = {f: [r for r in rows if r["family"] == f] for f in families}
     table: dict[str, dict[str, Any]] = {}
