@@ -18,7 +18,7 @@ from atlasflow.common.metrics import Metrics
 from atlasflow.ranking.servicer import RankingServicer
 from atlasflow.ranking.settings import PREFIX, RankingSettings
 from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
-from atlasflow.ranking.worklist import SqliteWorklist
+from atlasflow.ranking.worklist import SqlWorklist
 
 # The generated gRPC module carries no annotations: its registration, typed here.
 _add_servicer: Callable[[RankingServicer, grpc.aio.Server], None] = (
@@ -30,20 +30,23 @@ async def build_app(
     settings: RankingSettings,
     *,
     metrics: Metrics | None = None,
-    worklist: SqliteWorklist | None = None,
+    worklist: SqlWorklist | None = None,
     tracer_provider: Any = None,
 ) -> ServiceApp:
     """The ranking service (built, not started); port 0 picks a free port.
 
     ``worklist``: an open store to serve (the caller keeps it open after `ServiceApp.stop`);
-    default a `SqliteWorklist` in ``settings.data_dir``, closed on stop."""
+    default a `SqlWorklist` on ``settings.database_url`` (empty: SQLite in
+    ``settings.data_dir``), migrated to the newest schema, closed on stop."""
     metrics = metrics or Metrics("ranking")
     owned = worklist is None
     store = (
         worklist
         if worklist is not None
         else await asyncio.to_thread(
-            SqliteWorklist, Path(settings.data_dir) / "ranking.sqlite3", default_lease_s=settings.lease_seconds
+            SqlWorklist,
+            settings.database_url or Path(settings.data_dir) / "ranking.sqlite3",
+            default_lease_s=settings.lease_seconds,
         )
     )
     servicer = RankingServicer(store, metrics)

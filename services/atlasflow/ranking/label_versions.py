@@ -17,14 +17,13 @@ import hashlib
 import json
 from collections.abc import Iterable
 
-from atlasflow.common import sqlite as sq
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.common.organs import ORGANS
 from atlasflow.ranking.entries import DOMAIN, WorklistEntry
 from atlasflow.ranking.prior import OrganSummary
 from atlasflow.ranking.priority import attention_mask, case_priority
 from atlasflow.ranking.schema import organ_of
-from atlasflow.ranking.store import WorklistStore
+from atlasflow.ranking.store import WorklistStore, one, rows, run
 
 
 def invalid_event(message: str, **metadata: str) -> InvalidArgument:
@@ -74,59 +73,61 @@ class LabelVersions(WorklistStore):
                     field="human_organ_geometry",
                 )
             geoms[g.organ] = g
-        with self._lock, sq.transaction(self._conn):
-            known = self._conn.execute(
-                "SELECT version_number FROM case_labels WHERE case_id = ?", (case_id,)
-            ).fetchone()
+        with self._db.transaction() as conn:
+            self._db.lock(conn, f"ranking-case:{case_id}")  # vs submit of the case
+            known = one(conn, "SELECT version_number FROM case_labels WHERE case_id = :c", {"c": case_id})
             if known is None or int(known["version_number"]) < int(version_number):
-                self._conn.execute(
+                run(
+                    conn,
                     "INSERT INTO case_labels(case_id, label_version_id, version_number,"
                     " human_organs, revised_organs, reviewer, record_time, geometry)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(case_id) DO UPDATE SET"
+                    " VALUES (:c, :v, :n, :human, :revised, :who, :t, :geometry) ON CONFLICT(case_id) DO UPDATE SET"
                     " label_version_id = excluded.label_version_id,"
                     " version_number = excluded.version_number,"
                     " human_organs = excluded.human_organs,"
                     " revised_organs = excluded.revised_organs, reviewer = excluded.reviewer,"
                     " record_time = excluded.record_time, geometry = excluded.geometry",
-                    (
-                        case_id,
-                        label_version_id,
-                        int(version_number),
-                        json.dumps(human),
-                        json.dumps(revised),
-                        reviewer,
-                        self._clock().isoformat(),
-                        json.dumps({str(k): g.to_list() for k, g in sorted(geoms.items())}),
-                    ),
+                    {
+                        "c": case_id,
+                        "v": label_version_id,
+                        "n": int(version_number),
+                        "human": json.dumps(human),
+                        "revised": json.dumps(revised),
+                        "who": reviewer,
+                        "t": self._clock().isoformat(),
+                        "geometry": json.dumps({str(k): g.to_list() for k, g in sorted(geoms.items())}),
+                    },
                 )
-                row = self._conn.execute("SELECT * FROM worklist WHERE case_id = ?", (case_id,)).fetchone()
+                row = one(conn, "SELECT * FROM worklist WHERE case_id = :c", {"c": case_id})
                 if row is not None:
                     organs = [organ_of(o) for o in json.loads(row["organs"])]
                     excluded = set(json.loads(row["labelled_organs"])) | set(human)
-                    self._conn.execute(
-                        "UPDATE worklist SET priority = ?, attention_mask = ?,"
-                        " latest_label_version_id = ?, human_organs = ? WHERE case_id = ?",
-                        (
-                            case_priority(organs, excluded),
-                            attention_mask(organs, excluded),
-                            label_version_id,
-                            json.dumps(human),
-                            case_id,
-                        ),
+                    run(
+                        conn,
+                        "UPDATE worklist SET priority = :p, attention_mask = :mask,"
+                        " latest_label_version_id = :v, human_organs = :human WHERE case_id = :c",
+                        {
+                            "p": case_priority(organs, excluded),
+                            "mask": attention_mask(organs, excluded),
+                            "v": label_version_id,
+                            "human": json.dumps(human),
+                            "c": case_id,
+                        },
                     )
-            if self._conn.execute("SELECT 1 FROM worklist WHERE case_id = ?", (case_id,)).fetchone() is None:
+            if one(conn, "SELECT 1 FROM worklist WHERE case_id = :c", {"c": case_id}) is None:
                 return None
-            return self._entry_and_rank(case_id, self._now_us())
+            return self._entry_and_rank(conn, case_id, self._now_us())
 
     def learned_geometry(self) -> tuple[list[dict[int, OrganSummary]], str]:
         """(per case, the human-decided organ summaries of its latest recorded label version,
         ordered by case_id; a change tag that differs whenever any of them changed)."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT case_id, label_version_id, geometry FROM case_labels WHERE geometry != '{}' ORDER BY case_id"
-            ).fetchall()
+        with self._db.read() as conn:
+            found = rows(
+                conn,
+                "SELECT case_id, label_version_id, geometry FROM case_labels WHERE geometry != '{}' ORDER BY case_id",
+            )
         cases = [
-            {int(k): OrganSummary.from_list(int(k), v) for k, v in json.loads(r["geometry"]).items()} for r in rows
+            {int(k): OrganSummary.from_list(int(k), v) for k, v in json.loads(r["geometry"]).items()} for r in found
         ]
-        tag = hashlib.sha256(",".join(r["label_version_id"] for r in rows).encode()).hexdigest()
+        tag = hashlib.sha256(",".join(r["label_version_id"] for r in found).encode()).hexdigest()
         return cases, tag

@@ -9,21 +9,25 @@ Review status (`Status`, numbers = proto `WorklistStatus`)
     LEASED   -> REVISED    complete(REVISED) by the holder of an unexpired lease
 ACCEPTED / REVISED are terminal. LEASED vs PENDING is computed at read time from the stored
 lease expiry and the injectable clock, so an expired lease needs no sweeper. Every lease change
-runs in one `BEGIN IMMEDIATE` transaction with a conditional UPDATE, so two reviewers (threads,
-processes) never hold the same case. `lease_next` hands out the open round's cases
+runs in one write transaction with a conditional UPDATE, so two reviewers (threads, processes,
+replicas) never hold the same case: on SQLite the transaction is `BEGIN IMMEDIATE` (one writer
+at a time); on PostgreSQL the case's row is read `FOR UPDATE` (a second lease of the same case
+waits, then sees the first one's lease), and `lease_next` claims the next free case with
+`FOR UPDATE SKIP LOCKED` (replicas handing out cases at once skip each other's candidate
+instead of queueing on it). `lease_next` hands out the open round's cases
 (`atlasflow.ranking.rounds`).
 """
 
 from __future__ import annotations
 
 import math
-import sqlite3
 
-from atlasflow.common import sqlite as sq
+import sqlalchemy as sa
+
 from atlasflow.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from atlasflow.ranking.entries import DOMAIN, REVIEWED, Status, WorklistEntry, check_id
 from atlasflow.ranking.schema import from_us
-from atlasflow.ranking.store import WorklistStore
+from atlasflow.ranking.store import Row, WorklistStore, one, run
 
 DEFAULT_LEASE_S = 15 * 60.0
 MAX_LEASE_S = 8 * 3600.0
@@ -66,9 +70,9 @@ class Leases(WorklistStore):
         """
         check_principal(reviewer)
         length = lease_seconds(seconds, self.default_lease_s)
-        with self._lock, sq.transaction(self._conn):
+        with self._db.transaction() as conn:
             now = self._now_us()
-            row = self._row(case_id)
+            row = self._row(conn, case_id, lock=True)
             if row["outcome"]:
                 raise self._already_reviewed(case_id)
             if self._active(row, now) and row["lease_holder"] != reviewer:
@@ -78,8 +82,8 @@ class Leases(WorklistStore):
                     domain=DOMAIN,
                     metadata=self._lease_meta(row),
                 )
-            self._take(case_id, reviewer, now, length)
-            return self._entry_and_rank(case_id, now)
+            self._take(conn, case_id, reviewer, now, length)
+            return self._entry_and_rank(conn, case_id, now)
 
     def lease_next(self, reviewer: str, seconds: float | None = None) -> tuple[WorklistEntry, int]:
         """Lease the highest-priority PENDING case of the open round to `reviewer`.
@@ -90,26 +94,28 @@ class Leases(WorklistStore):
         """
         check_principal(reviewer)
         length = lease_seconds(seconds, self.default_lease_s)
-        with self._lock, sq.transaction(self._conn):
+        with self._db.transaction() as conn:
             now = self._now_us()
-            rnd = self._open_round_number()
+            rnd = self._open_round_number(conn)
             if rnd is None:
                 raise FailedPrecondition("NO_OPEN_ROUND", "no review round is open; start one", domain=DOMAIN)
-            held = self._conn.execute(
-                "SELECT case_id FROM worklist WHERE round_number = ? AND outcome = 0"
-                " AND lease_holder = ? AND lease_expire_us > ?"
-                " ORDER BY priority DESC, case_id LIMIT 1",
-                (rnd, reviewer, now),
-            ).fetchone()
+            held = one(
+                conn,
+                "SELECT case_id FROM worklist WHERE round_number = :r AND outcome = 0"
+                " AND lease_holder = :who AND lease_expire_us > :now"
+                " ORDER BY priority DESC, case_id LIMIT 1" + self._db.for_update(),
+                {"r": rnd, "who": reviewer, "now": now},
+            )
             if held is not None:
                 case_id = held["case_id"]
             else:
-                free = self._conn.execute(
-                    "SELECT case_id FROM worklist WHERE round_number = ? AND outcome = 0"
-                    " AND (lease_holder = '' OR lease_expire_us <= ?)"
-                    " ORDER BY priority DESC, case_id LIMIT 1",
-                    (rnd, now),
-                ).fetchone()
+                free = one(
+                    conn,
+                    "SELECT case_id FROM worklist WHERE round_number = :r AND outcome = 0"
+                    " AND (lease_holder = '' OR lease_expire_us <= :now)"
+                    " ORDER BY priority DESC, case_id LIMIT 1" + self._db.for_update(skip_locked=True),
+                    {"r": rnd, "now": now},
+                )
                 if free is None:
                     raise NotFound(
                         "NO_CASE_AVAILABLE",
@@ -118,8 +124,8 @@ class Leases(WorklistStore):
                         metadata={"round_number": str(rnd)},
                     )
                 case_id = free["case_id"]
-            self._take(case_id, reviewer, now, length)
-            return self._entry_and_rank(case_id, now)
+            self._take(conn, case_id, reviewer, now, length)
+            return self._entry_and_rank(conn, case_id, now)
 
     def renew(self, case_id: str, reviewer: str, seconds: float | None = None) -> tuple[WorklistEntry, int]:
         """Extend `reviewer`'s unexpired lease to now + `seconds` (None/0: the default).
@@ -129,14 +135,14 @@ class Leases(WorklistStore):
         """
         check_principal(reviewer)
         length = lease_seconds(seconds, self.default_lease_s)
-        with self._lock, sq.transaction(self._conn):
+        with self._db.transaction() as conn:
             now = self._now_us()
-            row = self._row(case_id)
+            row = self._row(conn, case_id, lock=True)
             if row["outcome"]:
                 raise self._already_reviewed(case_id)
             self._require_holder(row, reviewer, now)
-            self._take(case_id, reviewer, now, length)
-            return self._entry_and_rank(case_id, now)
+            self._take(conn, case_id, reviewer, now, length)
+            return self._entry_and_rank(conn, case_id, now)
 
     def release(self, case_id: str, reviewer: str) -> tuple[WorklistEntry, int]:
         """Give `reviewer`'s lease back (the case becomes PENDING).
@@ -146,9 +152,9 @@ class Leases(WorklistStore):
         reviewer holds an unexpired lease; CASE_NOT_FOUND; PRINCIPAL_REQUIRED.
         """
         check_principal(reviewer)
-        with self._lock, sq.transaction(self._conn):
+        with self._db.transaction() as conn:
             now = self._now_us()
-            row = self._row(case_id)
+            row = self._row(conn, case_id, lock=True)
             if row["lease_holder"] and row["lease_holder"] != reviewer and self._active(row, now):
                 raise PermissionDenied(
                     "LEASE_HELD_BY_OTHER",
@@ -156,12 +162,13 @@ class Leases(WorklistStore):
                     domain=DOMAIN,
                     metadata=self._lease_meta(row),
                 )
-            self._conn.execute(
+            run(
+                conn,
                 "UPDATE worklist SET lease_holder = '', lease_start_us = 0, lease_expire_us = 0"
-                " WHERE case_id = ? AND lease_holder = ?",
-                (case_id, reviewer),
+                " WHERE case_id = :c AND lease_holder = :who",
+                {"c": case_id, "who": reviewer},
             )
-            return self._entry_and_rank(case_id, now)
+            return self._entry_and_rank(conn, case_id, now)
 
     def complete(
         self, case_id: str, reviewer: str, outcome: Status, label_version_id: str = ""
@@ -183,35 +190,36 @@ class Leases(WorklistStore):
             raise InvalidArgument("INVALID_OUTCOME", "outcome must be ACCEPTED or REVISED", domain=DOMAIN)
         if label_version_id:
             check_id("label_version_id", label_version_id)
-        with self._lock, sq.transaction(self._conn):
+        with self._db.transaction() as conn:
             now = self._now_us()
-            row = self._row(case_id)
+            row = self._row(conn, case_id, lock=True)
             if row["outcome"]:
                 if (row["outcome"], row["reviewer"], row["label_version_id"]) == (
                     int(outcome),
                     reviewer,
                     label_version_id,
                 ):
-                    return self._entry_and_rank(case_id, now)
+                    return self._entry_and_rank(conn, case_id, now)
                 raise self._already_reviewed(case_id)
             self._require_holder(row, reviewer, now)
-            cur = self._conn.execute(
-                "UPDATE worklist SET outcome = ?, reviewer = ?, label_version_id = ?,"
-                " review_us = ?, review_round = round_number, lease_holder = '',"
+            changed = run(
+                conn,
+                "UPDATE worklist SET outcome = :o, reviewer = :who, label_version_id = :v,"
+                " review_us = :now, review_round = round_number, lease_holder = '',"
                 " lease_start_us = 0, lease_expire_us = 0"
-                " WHERE case_id = ? AND outcome = 0 AND lease_holder = ? AND lease_expire_us > ?",
-                (int(outcome), reviewer, label_version_id, now, case_id, reviewer, now),
+                " WHERE case_id = :c AND outcome = 0 AND lease_holder = :who AND lease_expire_us > :now",
+                {"o": int(outcome), "who": reviewer, "v": label_version_id, "now": now, "c": case_id},
             )
-            if cur.rowcount != 1:  # cannot happen under BEGIN IMMEDIATE; never complete twice
+            if changed != 1:  # cannot happen: the row is locked (or the database); never complete twice
                 raise FailedPrecondition("LEASE_REQUIRED", "the lease changed meanwhile", domain=DOMAIN)
-            return self._entry_and_rank(case_id, now)
+            return self._entry_and_rank(conn, case_id, now)
 
     @staticmethod
-    def _active(row: sqlite3.Row, now: int) -> bool:
+    def _active(row: Row, now: int) -> bool:
         return bool(row["lease_holder"]) and int(row["lease_expire_us"]) > now
 
     @staticmethod
-    def _lease_meta(row: sqlite3.Row) -> dict[str, str]:
+    def _lease_meta(row: Row) -> dict[str, str]:
         return {
             "case_id": row["case_id"][:80],
             "reviewer": row["lease_holder"],
@@ -227,7 +235,7 @@ class Leases(WorklistStore):
             metadata={"case_id": case_id[:80]},
         )
 
-    def _require_holder(self, row: sqlite3.Row, reviewer: str, now: int) -> None:
+    def _require_holder(self, row: Row, reviewer: str, now: int) -> None:
         holder = row["lease_holder"]
         if holder == reviewer and self._active(row, now):
             return
@@ -249,15 +257,16 @@ class Leases(WorklistStore):
             metadata={"case_id": row["case_id"][:80]},
         )
 
-    def _take(self, case_id: str, reviewer: str, now: int, seconds: float) -> None:
+    def _take(self, conn: sa.Connection, case_id: str, reviewer: str, now: int, seconds: float) -> None:
         expire = now + int(round(seconds * 1_000_000))
-        cur = self._conn.execute(
-            "UPDATE worklist SET lease_holder = ?, lease_start_us = ?, lease_expire_us = ?"
-            " WHERE case_id = ? AND outcome = 0"
-            " AND (lease_holder = '' OR lease_holder = ? OR lease_expire_us <= ?)",
-            (reviewer, now, expire, case_id, reviewer, now),
+        changed = run(
+            conn,
+            "UPDATE worklist SET lease_holder = :who, lease_start_us = :now, lease_expire_us = :exp"
+            " WHERE case_id = :c AND outcome = 0"
+            " AND (lease_holder = '' OR lease_holder = :who OR lease_expire_us <= :now)",
+            {"who": reviewer, "now": now, "exp": expire, "c": case_id},
         )
-        if cur.rowcount != 1:  # cannot happen under BEGIN IMMEDIATE; never two holders
+        if changed != 1:  # cannot happen: the row is locked (or the database); never two holders
             raise FailedPrecondition(
                 "LEASE_HELD_BY_OTHER",
                 "the case was leased meanwhile",

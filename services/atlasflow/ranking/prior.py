@@ -67,7 +67,7 @@ class LearnedPriorCache:
     """The learned prior as JSON, relearned only when the stored geometry changed.
 
     source: returns (per case, its human-decided organ summaries; a change tag that differs
-    whenever any of them changed), e.g. `SqliteWorklist.learned_geometry`. Thread-safe:
+    whenever any of them changed), e.g. `SqlWorklist.learned_geometry`. Thread-safe:
     `current` may run in several worker threads at once (one learns, the others wait).
     """
 

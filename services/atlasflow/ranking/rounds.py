@@ -3,7 +3,9 @@
 `start_round(f)` closes the open round (if any) and selects the top ceil(f x U) of the U
 unreviewed cases (ACCEPTED/REVISED excluded; PENDING and LEASED included) by priority. A case
 remembers its latest round (`round_number`); round membership history is kept for the round
-filter and the round statistics.
+filter and the round statistics. Starting rounds is serialised (an advisory lock on
+PostgreSQL, BEGIN IMMEDIATE on SQLite): replicas never both close the open round and number a
+new one alike; a repeated `request_id` returns the round it started.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import math
 from decimal import Decimal
 
+import sqlalchemy as sa
+
 from atlasflow.common import sqlite as sq
 from atlasflow.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from atlasflow.ranking.entries import DOMAIN, Round, check_id
 from atlasflow.ranking.leases import check_principal
 from atlasflow.ranking.schema import from_us
-from atlasflow.ranking.store import WorklistStore
+from atlasflow.ranking.store import WorklistStore, one, rows, run, scalar
 
 
 class Rounds(WorklistStore):
@@ -42,48 +46,50 @@ class Rounds(WorklistStore):
             )
         if request_id:
             check_id("request_id", request_id)
-        with self._lock, sq.transaction(self._conn):
+        with self._db.transaction() as conn:
+            self._db.lock(conn, "ranking-rounds")
             now = self._now_us()
             if request_id:
-                prev = self._conn.execute(
-                    "SELECT round_number FROM rounds WHERE request_id = ?", (request_id,)
-                ).fetchone()
+                prev = scalar(conn, "SELECT round_number FROM rounds WHERE request_id = :q", {"q": request_id})
                 if prev is not None:
-                    return self._round(int(prev[0]))
-            candidates = int(self._conn.execute("SELECT COUNT(*) FROM worklist WHERE outcome = 0").fetchone()[0])
+                    return self._round(conn, int(prev))
+            candidates = int(scalar(conn, "SELECT COUNT(*) FROM worklist WHERE outcome = 0"))
             if candidates == 0:
                 raise FailedPrecondition("NO_UNREVIEWED_CASES", "every case has been reviewed", domain=DOMAIN)
             n = min(candidates, math.ceil(Decimal(repr(f)) * candidates))
-            self._conn.execute("UPDATE rounds SET close_us = ? WHERE close_us IS NULL", (now,))
-            number = int(self._conn.execute("SELECT COALESCE(MAX(round_number), 0) + 1 FROM rounds").fetchone()[0])
-            self._conn.execute(
+            run(conn, "UPDATE rounds SET close_us = :now WHERE close_us IS NULL", {"now": now})
+            number = int(scalar(conn, "SELECT COALESCE(MAX(round_number), 0) + 1 FROM rounds"))
+            run(
+                conn,
                 "INSERT INTO rounds(round_number, budget_fraction, candidate_count, creator,"
-                " request_id, create_us) VALUES (?, ?, ?, ?, ?, ?)",
-                (number, f, candidates, creator, request_id or None, now),
+                " request_id, create_us) VALUES (:r, :f, :n, :who, :q, :now)",
+                {"r": number, "f": f, "n": candidates, "who": creator, "q": request_id or None, "now": now},
             )
-            self._conn.execute(
+            run(
+                conn,
                 "INSERT INTO round_cases(round_number, case_id, selection_rank, priority)"
-                " SELECT ?, case_id, ROW_NUMBER() OVER (ORDER BY priority DESC, case_id),"
+                " SELECT :r, case_id, ROW_NUMBER() OVER (ORDER BY priority DESC, case_id),"
                 " priority FROM worklist WHERE outcome = 0"
-                " ORDER BY priority DESC, case_id LIMIT ?",
-                (number, n),
+                " ORDER BY priority DESC, case_id LIMIT :k",
+                {"r": number, "k": int(n)},
             )
-            self._conn.execute(
-                "UPDATE worklist SET round_number = ? WHERE case_id IN"
-                " (SELECT case_id FROM round_cases WHERE round_number = ?)",
-                (number, number),
+            run(
+                conn,
+                "UPDATE worklist SET round_number = :r WHERE case_id IN"
+                " (SELECT case_id FROM round_cases WHERE round_number = :r)",
+                {"r": number},
             )
-            return self._round(number)
+            return self._round(conn, number)
 
     def get_round(self, round_number: int = 0) -> Round:
         """Round `round_number` (0: the open round), or NotFound("ROUND_NOT_FOUND")."""
-        with self._lock:
-            number = self._open_round_number() if round_number == 0 else int(round_number)
+        with self._db.read() as conn:
+            number = self._open_round_number(conn) if round_number == 0 else int(round_number)
             if number is None or number < 0:
                 raise NotFound(
                     "ROUND_NOT_FOUND", "no such round", domain=DOMAIN, metadata={"round_number": str(round_number)}
                 )
-            return self._round(number)
+            return self._round(conn, number)
 
     def list_rounds(self, page_size: int = 0, page_token: str = "") -> tuple[list[Round], str, int]:
         """A page of rounds, newest first: (rounds, next_page_token, total)."""
@@ -94,33 +100,36 @@ class Rounds(WorklistStore):
             before = cursor.get("n")
             if not isinstance(before, int) or isinstance(before, bool):
                 raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not valid", domain=DOMAIN)
-        with self._lock:
-            total = int(self._conn.execute("SELECT COUNT(*) FROM rounds").fetchone()[0])
+        with self._db.read() as conn:
+            total = int(scalar(conn, "SELECT COUNT(*) FROM rounds"))
             numbers = [
-                int(r[0])
-                for r in self._conn.execute(
-                    "SELECT round_number FROM rounds WHERE round_number < ? ORDER BY round_number DESC LIMIT ?",
-                    (before if before is not None else 2**62, size + 1),
-                ).fetchall()
+                int(r["round_number"])
+                for r in rows(
+                    conn,
+                    "SELECT round_number FROM rounds WHERE round_number < :before ORDER BY round_number DESC LIMIT :k",
+                    {"before": before if before is not None else 2**62, "k": size + 1},
+                )
             ]
             more = len(numbers) > size
-            rounds = [self._round(n) for n in numbers[:size]]
+            rounds = [self._round(conn, n) for n in numbers[:size]]
         token = sq.encode_page_token("rounds", {"n": rounds[-1].round_number}) if more else ""
         return rounds, token, total
 
-    def _round(self, number: int) -> Round:
-        row = self._conn.execute("SELECT * FROM rounds WHERE round_number = ?", (number,)).fetchone()
+    def _round(self, conn: sa.Connection, number: int) -> Round:
+        row = one(conn, "SELECT * FROM rounds WHERE round_number = :r", {"r": number})
         if row is None:
             raise NotFound("ROUND_NOT_FOUND", "no such round", domain=DOMAIN, metadata={"round_number": str(number)})
-        stats = self._conn.execute(
+        stats = one(
+            conn,
             "SELECT COUNT(*) AS n,"
-            " COALESCE(SUM(w.outcome = 3 AND w.review_round = :r), 0) AS accepted,"
-            " COALESCE(SUM(w.outcome = 4 AND w.review_round = :r), 0) AS revised,"
-            " COALESCE(SUM(w.outcome = 0), 0) AS unreviewed"
+            " COALESCE(SUM(CASE WHEN w.outcome = 3 AND w.review_round = :r THEN 1 ELSE 0 END), 0) AS accepted,"
+            " COALESCE(SUM(CASE WHEN w.outcome = 4 AND w.review_round = :r THEN 1 ELSE 0 END), 0) AS revised,"
+            " COALESCE(SUM(CASE WHEN w.outcome = 0 THEN 1 ELSE 0 END), 0) AS unreviewed"
             " FROM round_cases rc JOIN worklist w ON w.case_id = rc.case_id"
             " WHERE rc.round_number = :r",
             {"r": number},
-        ).fetchone()
+        )
+        assert stats is not None  # an aggregate without GROUP BY returns one row
         return Round(
             round_number=number,
             budget_fraction=float(row["budget_fraction"]),

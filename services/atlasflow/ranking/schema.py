@@ -1,12 +1,13 @@
-"""How the worklist is stored in SQLite: the schema migrations and the row <-> value encoding
-(no grpc). Times are µs since the epoch (UTC) or ISO text; organs are JSON lists
+"""How the worklist is stored: the row <-> value encoding and the legacy hand-written SQLite
+migrations (no grpc). The schema itself is migrated by Alembic (`atlasflow.ranking.migrations`,
+revision 0001 = the state `LEGACY_MIGRATIONS` leave); `LEGACY_MIGRATIONS` only finish a database
+made before, when it is adopted. Times are µs since the epoch (UTC) or ISO text; organs are JSON lists
 ``[organ, attention_ml, heatmap_ml, volume_ml, reasons, pointer, score]``."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -55,7 +56,9 @@ def organ_of(raw: list[Any]) -> OrganAttention:
     )
 
 
-MIGRATIONS: tuple[str, ...] = (
+# Frozen: the hand-written migrations 1-4 of databases made before Alembic (never append here;
+# add an Alembic revision instead).
+LEGACY_MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE worklist (
         case_id TEXT PRIMARY KEY,
@@ -136,13 +139,15 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+MIGRATIONS = LEGACY_MIGRATIONS  # the name older code and tests import
+
 # Status at read time (:now = µs since the epoch); numbers as in `Status`.
 STATUS_SQL = (
     "(CASE WHEN outcome != 0 THEN outcome WHEN lease_holder != '' AND lease_expire_us > :now THEN 2 ELSE 1 END)"
 )
 
 
-def entry_of(row: sqlite3.Row, now: int) -> WorklistEntry:
+def entry_of(row: Mapping[Any, Any], now: int) -> WorklistEntry:
     """The worklist row as an entry, status and lease as of ``now`` (µs since the epoch)."""
     outcome = int(row["outcome"])
     leased = not outcome and bool(row["lease_holder"]) and int(row["lease_expire_us"]) > now

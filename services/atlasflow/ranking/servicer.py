@@ -33,7 +33,7 @@ from atlasflow.ranking.entries import (
 )
 from atlasflow.ranking.prior import LearnedPriorCache, OrganSummary
 from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
-from atlasflow.ranking.worklist import SqliteWorklist
+from atlasflow.ranking.worklist import SqlWorklist
 
 T = TypeVar("T")
 
@@ -195,10 +195,10 @@ def round_to_proto(r: Round) -> ranking_pb2.Round:
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
-    """Thin transport over `SqliteWorklist`; updates the queue-depth gauges after every call:
+    """Thin transport over `SqlWorklist`; updates the queue-depth gauges after every call:
     `worklist` (all cases) and `worklist_pending` (status PENDING)."""
 
-    def __init__(self, worklist: SqliteWorklist, metrics: Metrics) -> None:
+    def __init__(self, worklist: SqlWorklist, metrics: Metrics) -> None:
         self.worklist = worklist
         self.metrics = metrics
         self._prior = LearnedPriorCache(worklist.learned_geometry)

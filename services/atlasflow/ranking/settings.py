@@ -16,3 +16,7 @@ class RankingSettings(ServiceSettings):
 
     grpc_port: int = 50053
     lease_seconds: float = DEFAULT_LEASE_S
+    # ATLASFLOW_RANKING_DATABASE_URL: empty = SQLite at <data_dir>/ranking.sqlite3 (embedded);
+    # "postgresql://user:pass@host:5432/db" = PostgreSQL (cluster; replicas share it). Alembic
+    # migrations run on start (atlasflow.ranking.migrations).
+    database_url: str = ""

@@ -1,11 +1,13 @@
-"""The ranked worklist of cases for radiologists, with leases and review rounds, on SQLite (no grpc).
+"""The ranked worklist of cases for radiologists, with leases and review rounds, on SQLite or
+PostgreSQL (atlasflow.common.db; no grpc).
 
-`SqliteWorklist` is the store the ranking service serves. Its parts, one job each:
+`SqlWorklist` is the store the ranking service serves (`SqliteWorklist`: its former name).
+Its parts, one job each:
 
 - entries.py: the value types (`WorklistEntry`, `OrganAttention`, `Round`, `Status`, ...);
 - priority.py: checked attention summaries and the case priority they make;
-- schema.py: the SQLite schema migrations and the row <-> value encoding;
-- store.py: the connection, its lock and clock, and the shared reads;
+- schema.py: the row <-> value encoding (migrations: the package `atlasflow.ranking.migrations`);
+- store.py: the database, the clock, and the shared reads;
 - this module: attention submissions and the worklist's lists and counts;
 - leases.py: leases and reviews (review status); rounds.py: review rounds;
 - label_versions.py: label versions from the labels service and the learned prior's geometry.
@@ -38,7 +40,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 from atlasflow.common import sqlite as sq
+from atlasflow.common.db import PoolSettings
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.common.organs import ORGANS
 from atlasflow.ranking.entries import DOMAIN, OrganAttention, Status, WorklistEntry, WorklistFilter, check_id
@@ -47,20 +52,27 @@ from atlasflow.ranking.leases import DEFAULT_LEASE_S, Leases, lease_seconds
 from atlasflow.ranking.priority import attention_mask, case_priority, invalid_attention, validate_organs
 from atlasflow.ranking.rounds import Rounds
 from atlasflow.ranking.schema import STATUS_SQL, entry_of, pointer_json
+from atlasflow.ranking.store import one, rows, run, scalar
 
 
-class SqliteWorklist(Leases, Rounds, LabelVersions):
-    """The worklist store on an SQLite file (the embedded default).
+class SqlWorklist(Leases, Rounds, LabelVersions):
+    """The worklist store on SQLite (the embedded default: a file path) or PostgreSQL (a
+    ``postgresql://`` URL; several replicas may share it).
 
     clock: returns timezone-aware UTC now (injectable for tests); default_lease_s: lease
-    length when a call gives none (seconds, 1 s .. 8 h).
+    length when a call gives none (seconds, 1 s .. 8 h); pool: PostgreSQL pool settings.
     """
 
     def __init__(
-        self, path: str | Path, *, clock: Callable[[], datetime] = sq.utc_now, default_lease_s: float = DEFAULT_LEASE_S
+        self,
+        database: str | Path,
+        *,
+        clock: Callable[[], datetime] = sq.utc_now,
+        default_lease_s: float = DEFAULT_LEASE_S,
+        pool: PoolSettings | None = None,
     ) -> None:
         self.default_lease_s = lease_seconds(default_lease_s, DEFAULT_LEASE_S)
-        super().__init__(path, clock=clock)
+        super().__init__(database, clock=clock, pool=pool)
 
     def submit(
         self,
@@ -94,28 +106,29 @@ class SqliteWorklist(Leases, Rounds, LabelVersions):
                 for o in ordered
             ]
         )
-        with self._lock, sq.transaction(self._conn):
-            known = self._conn.execute(
-                "SELECT label_version_id, human_organs FROM case_labels WHERE case_id = ?", (case_id,)
-            ).fetchone()
+        with self._db.transaction() as conn:
+            self._db.lock(conn, f"ranking-case:{case_id}")  # vs record_label_version of the case
+            known = one(
+                conn, "SELECT label_version_id, human_organs FROM case_labels WHERE case_id = :c", {"c": case_id}
+            )
             version_id = known["label_version_id"] if known else ""
             human = known["human_organs"] if known else "[]"
             excluded = set(labelled) | set(json.loads(human))
             priority = case_priority(ordered, excluded)
             mask = attention_mask(ordered, excluded)
-            seen = self._conn.execute(
-                "SELECT 1 FROM worklist_submissions WHERE case_id = ? AND source_job_id = ?", (case_id, source_job_id)
-            ).fetchone()
-            if not seen:
-                self._conn.execute(
-                    "INSERT INTO worklist_submissions(case_id, source_job_id, submit_time) VALUES (?, ?, ?)",
-                    (case_id, source_job_id, now),
-                )
-                self._conn.execute(
+            first = run(
+                conn,
+                "INSERT INTO worklist_submissions(case_id, source_job_id, submit_time) VALUES (:c, :j, :t)"
+                " ON CONFLICT (case_id, source_job_id) DO NOTHING",
+                {"c": case_id, "j": source_job_id, "t": now},
+            )
+            if first:
+                run(
+                    conn,
                     "INSERT INTO worklist(case_id, series_id, source_job_id, priority, organs,"
                     " labelled_organs, heatmap_digest, heatmap_size, update_time, attention_mask,"
                     " latest_label_version_id, human_organs)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " VALUES (:c, :s, :j, :p, :organs, :labelled, :digest, :size, :t, :mask, :v, :human)"
                     " ON CONFLICT(case_id) DO UPDATE SET series_id = excluded.series_id,"
                     " source_job_id = excluded.source_job_id, priority = excluded.priority,"
                     " organs = excluded.organs, labelled_organs = excluded.labelled_organs,"
@@ -124,27 +137,27 @@ class SqliteWorklist(Leases, Rounds, LabelVersions):
                     " attention_mask = excluded.attention_mask,"
                     " latest_label_version_id = excluded.latest_label_version_id,"
                     " human_organs = excluded.human_organs",
-                    (
-                        case_id,
-                        series_id,
-                        source_job_id,
-                        priority,
-                        organs_json,
-                        json.dumps(labelled),
-                        heatmap_digest,
-                        int(heatmap_size),
-                        now,
-                        mask,
-                        version_id,
-                        human,
-                    ),
+                    {
+                        "c": case_id,
+                        "s": series_id,
+                        "j": source_job_id,
+                        "p": priority,
+                        "organs": organs_json,
+                        "labelled": json.dumps(labelled),
+                        "digest": heatmap_digest,
+                        "size": int(heatmap_size),
+                        "t": now,
+                        "mask": mask,
+                        "v": version_id,
+                        "human": human,
+                    },
                 )
-            return self._entry_and_rank(case_id, self._now_us())
+            return self._entry_and_rank(conn, case_id, self._now_us())
 
     def get(self, case_id: str) -> tuple[WorklistEntry, int]:
         """(entry, 1-based rank) of `case_id`, or NotFound("CASE_NOT_FOUND")."""
-        with self._lock:
-            return self._entry_and_rank(case_id, self._now_us())
+        with self._db.read() as conn:
+            return self._entry_and_rank(conn, case_id, self._now_us())
 
     def list(
         self, page_size: int = 0, page_token: str = "", where: WorklistFilter | None = None
@@ -160,7 +173,7 @@ class SqliteWorklist(Leases, Rounds, LabelVersions):
         scope = flt.scope()
         cursor = sq.decode_page_token(page_token, "worklist", scope=scope, domain=DOMAIN)
         clauses: list[str] = []
-        with self._lock:
+        with self._db.read() as conn:
             now = self._now_us()
             params: dict[str, Any] = {"now": now}
             if flt.organs:
@@ -176,33 +189,36 @@ class SqliteWorklist(Leases, Rounds, LabelVersions):
                 clauses.append(f"{STATUS_SQL} IN ({','.join(str(int(s)) for s in flt.statuses)})")
             filtered = bool(clauses)
             total = int(
-                self._conn.execute(
-                    "SELECT COUNT(*) FROM worklist" + (" WHERE " + " AND ".join(clauses) if clauses else ""), params
-                ).fetchone()[0]
+                scalar(
+                    conn,
+                    "SELECT COUNT(*) FROM worklist" + (" WHERE " + " AND ".join(clauses) if clauses else ""),
+                    params,
+                )
             )
             if cursor is not None:
                 p, c = cursor.get("p"), cursor.get("c")
                 if not isinstance(p, (int, float)) or isinstance(p, bool) or not isinstance(c, str):
                     raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not valid", domain=DOMAIN)
                 clauses.append("(priority < :p OR (priority = :p AND case_id > :c))")
-                params.update(p=p, c=c)
+                params.update(p=float(p), c=c)
             params["limit"] = size + 1
-            rows = self._conn.execute(
+            page = rows(
+                conn,
                 "SELECT * FROM worklist"
                 + (" WHERE " + " AND ".join(clauses) if clauses else "")
                 + " ORDER BY priority DESC, case_id LIMIT :limit",
                 params,
-            ).fetchall()
-            more = len(rows) > size
-            rows = rows[:size]
+            )
+            more = len(page) > size
+            page = page[:size]
             if filtered:
-                ranks = [self._rank(r["priority"], r["case_id"]) for r in rows]
+                ranks = [self._rank(conn, r["priority"], r["case_id"]) for r in page]
             else:
-                first = self._rank(rows[0]["priority"], rows[0]["case_id"]) if rows else 0
-                ranks = [first + i for i in range(len(rows))]
-        items = [(entry_of(r, now), rank) for r, rank in zip(rows, ranks)]
+                first = self._rank(conn, page[0]["priority"], page[0]["case_id"]) if page else 0
+                ranks = [first + i for i in range(len(page))]
+        items = [(entry_of(r, now), rank) for r, rank in zip(page, ranks)]
         token = (
-            sq.encode_page_token("worklist", {"p": rows[-1]["priority"], "c": rows[-1]["case_id"]}, scope=scope)
+            sq.encode_page_token("worklist", {"p": page[-1]["priority"], "c": page[-1]["case_id"]}, scope=scope)
             if more
             else ""
         )
@@ -210,12 +226,12 @@ class SqliteWorklist(Leases, Rounds, LabelVersions):
 
     def count_by_status(self) -> dict[Status, int]:
         """Number of cases per status at read time (every status present, possibly 0)."""
-        with self._lock:
-            rows = self._conn.execute(
-                f"SELECT {STATUS_SQL} AS s, COUNT(*) AS n FROM worklist GROUP BY s", {"now": self._now_us()}
-            ).fetchall()
+        with self._db.read() as conn:
+            found = rows(
+                conn, f"SELECT {STATUS_SQL} AS s, COUNT(*) AS n FROM worklist GROUP BY 1", {"now": self._now_us()}
+            )
         counts = {s: 0 for s in Status}
-        counts.update({Status(int(r["s"])): int(r["n"]) for r in rows})
+        counts.update({Status(int(r["s"])): int(r["n"]) for r in found})
         return counts
 
     def purge_study(self, case_id: str) -> tuple[dict[str, int], Sequence[str]]:
@@ -223,14 +239,15 @@ class SqliteWorklist(Leases, Rounds, LabelVersions):
         worklist entry (lease and review included), submissions, round memberships and recorded
         label version, in one transaction; rounds keep their counts. Returns (rows deleted per
         table, the heatmap digests the deleted entry referenced). Idempotent."""
-        with self._lock, sq.transaction(self._conn):
+        with self._db.transaction() as conn:
+            self._db.lock(conn, f"ranking-case:{case_id}")
             digests = [
                 r["heatmap_digest"]
-                for r in self._conn.execute("SELECT heatmap_digest FROM worklist WHERE case_id = ?", (case_id,))
+                for r in rows(conn, "SELECT heatmap_digest FROM worklist WHERE case_id = :c", {"c": case_id})
                 if r["heatmap_digest"]
             ]
             counts = {
-                table: self._conn.execute(f"DELETE FROM {table} WHERE case_id = ?", (case_id,)).rowcount
+                table: run(conn, f"DELETE FROM {table} WHERE case_id = :c", {"c": case_id})
                 for table in ("round_cases", "worklist_submissions", "case_labels", "worklist")
             }
         return counts, sorted(set(digests))
@@ -239,12 +256,13 @@ class SqliteWorklist(Leases, Rounds, LabelVersions):
         """Those of `digests` that a worklist entry references (its heatmap)."""
         wanted = sorted(set(digests))
         found: set[str] = set()
-        with self._lock:
+        query = sa.text("SELECT DISTINCT heatmap_digest FROM worklist WHERE heatmap_digest IN :ds").bindparams(
+            sa.bindparam("ds", expanding=True)
+        )
+        with self._db.read() as conn:
             for i in range(0, len(wanted), 500):
-                chunk = wanted[i : i + 500]
-                rows = self._conn.execute(
-                    f"SELECT DISTINCT heatmap_digest FROM worklist WHERE heatmap_digest IN ({','.join('?' * len(chunk))})",
-                    chunk,
-                ).fetchall()
-                found.update(r[0] for r in rows)
+                found.update(conn.execute(query, {"ds": wanted[i : i + 500]}).scalars())
         return sorted(found)
+
+
+SqliteWorklist = SqlWorklist  # the former name (the store was SQLite-only)

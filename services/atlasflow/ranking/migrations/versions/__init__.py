@@ -1,0 +1,1 @@
+"""Ranking's Alembic revisions (one module per revision; see the package docstring)."""
