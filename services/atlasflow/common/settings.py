@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from atlasflow.common.auth import AuthConfig, TokenSource, TokenVerifier
+from atlasflow.common.blobstore import BlobStore, S3Options, open_blob_store
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.common.tls import PLAINTEXT, ClientTLS, ServerTLS
 
@@ -63,6 +64,14 @@ class ServiceSettings:
     metrics_port: int = 0  # 0: no Prometheus endpoint
     data_dir: str = ".atlasflow/data"
     blob_dir: str = ".atlasflow/blobs"
+    # The shared blob store (common.blobstore.open_blob_store): a directory, file:///path or
+    # s3://bucket/prefix; empty: blob_dir. For s3://: the endpoint (MinIO, Ceph RGW; empty: AWS),
+    # region and addressing style (auto, virtual, path); credentials come from boto3's standard
+    # chain (AWS_SHARED_CREDENTIALS_FILE at a mounted Secret, web identity, instance profile).
+    blob_url: str = ""
+    blob_s3_endpoint_url: str = ""
+    blob_s3_region: str = ""
+    blob_s3_addressing_style: str = "auto"
     max_message_bytes: int = 64 * 1024 * 1024
     # calls in progress at once; more answer RESOURCE_EXHAUSTED (common.server.build_server)
     max_concurrent_rpcs: int = 64
@@ -100,6 +109,22 @@ class ServiceSettings:
     # A plaintext listener serving grpc.health.v1 only (0: none), for probes that cannot speak
     # TLS (the kubelet's gRPC probes); it answers nothing else.
     health_port: int = 0
+
+    def blob_store(self) -> BlobStore:
+        """The shared blob store ``blob_url`` (or the directory ``blob_dir``) names."""
+        s3 = S3Options(
+            endpoint_url=self.blob_s3_endpoint_url,
+            region=self.blob_s3_region,
+            addressing_style=self.blob_s3_addressing_style,
+        )
+        return open_blob_store(self.blob_url or self.blob_dir, s3)
+
+    def local_blob_dir(self) -> str | None:
+        """The blob directory when the blob store is local (disk-floor checks), else None."""
+        store_url = self.blob_url or self.blob_dir
+        if store_url.startswith("s3://"):
+            return None
+        return store_url.removeprefix("file://")
 
     def server_tls(self) -> ServerTLS | None:
         """This service's listener TLS (None: plaintext)."""

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from atlasflow.common.blobstore import LocalBlobStore
+from atlasflow.common.blobstore import BlobStore
 from atlasflow.common.ids import is_valid_id
 from atlasflow.common.organs import ORGAN_IDS, ORGANS
 from atlasflow.common.v1 import common_pb2
@@ -237,7 +237,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- handlers
 class Api:
-    def __init__(self, backends: Backends, sessions: Sessions, blobs: LocalBlobStore) -> None:
+    def __init__(self, backends: Backends, sessions: Sessions, blobs: BlobStore) -> None:
         self.b = backends
         self.sessions = sessions
         self.blobs = blobs

@@ -24,7 +24,6 @@ from starlette.routing import Route
 
 from atlasflow.common.audit import AuditLog
 from atlasflow.common.audit_server import audit_location
-from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.errors import AtlasflowError
 from atlasflow.common.telemetry import setup_logging
 from atlasflow.gateway.api import Api, BadRequest
@@ -48,7 +47,7 @@ def build_app(settings: GatewaySettings, *, backends: Backends | None = None) ->
     backends = backends or Backends(settings)
     secure = bool(settings.tls_cert_file and settings.tls_key_file)
     sessions = Sessions(settings.verifier(), secure=secure, ttl_s=settings.session_ttl_s)
-    blobs = LocalBlobStore(settings.blob_dir)
+    blobs = settings.blob_store()
     login = Login(settings, sessions)
     api = Api(backends, sessions, blobs)
     dicomweb = DicomWeb(backends, sessions)
@@ -135,7 +134,8 @@ def main() -> None:
     ssl = {}
     if settings.tls_cert_file and settings.tls_key_file:
         ssl = {"ssl_certfile": settings.tls_cert_file, "ssl_keyfile": settings.tls_key_file}
-    Path(settings.blob_dir).mkdir(parents=True, exist_ok=True)
+    if local_blobs := settings.local_blob_dir():
+        Path(local_blobs).mkdir(parents=True, exist_ok=True)
     uvicorn.run(
         app,
         host=settings.http_host,

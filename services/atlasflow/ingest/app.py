@@ -19,7 +19,6 @@ import grpc
 
 from atlasflow.common.app import ServiceApp, TaskLoop, build_service_server, run_service
 from atlasflow.common.audit_server import service_audit
-from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.clients import aio_channel
 from atlasflow.common.disk import DiskFloor
 from atlasflow.common.metrics import Metrics
@@ -97,12 +96,15 @@ async def build_app(
     purges resumable uploads older than ``upload_ttl_s`` (again every hour) and the upload spool
     files of the previous process."""
     metrics = metrics or Metrics("ingest")
-    blobs = LocalBlobStore(settings.blob_dir)
+    blobs = settings.blob_store()
     store = await asyncio.to_thread(
         IngestStore, Path(settings.data_dir), blobs, spool_segment_bytes=settings.spool_segment_mb * 1024 * 1024
     )
     await asyncio.to_thread(store.uploads.purge, settings.upload_ttl_s, at_start=True)
-    floor = DiskFloor([settings.data_dir, settings.blob_dir], settings.min_free_disk_mb * 1024 * 1024)
+    local_blobs = settings.local_blob_dir()  # an object store has no disk floor of ours
+    floor = DiskFloor(
+        [settings.data_dir, *([local_blobs] if local_blobs else [])], settings.min_free_disk_mb * 1024 * 1024
+    )
     reception = Reception(store, metrics, disk_floor=floor)
     assembler = Assembler(store, blobs, metrics, settings.quiet_period_s, max_attempts=settings.max_assembly_attempts)
     # one audit log for the gRPC API and the DICOM SCP (docs/security.md "Audit")

@@ -220,9 +220,10 @@ class IngestStore:
     def adopt_blob(self, path: Path, digest: str) -> None:
         """Make the file `path` (whose digest is `digest`) the durable blob `digest`; the file
         is gone when it returns. Rename when the blob store is a `LocalBlobStore` on the same
-        file system (no copy), else a streamed copy (local) or `BlobStore.put` of its bytes."""
+        file system (no copy), else a streamed copy (local) or `BlobStore.put_file` (an object
+        store: multipart upload from the file, never all of it in memory)."""
         if not isinstance(self.blobs, LocalBlobStore):
-            self.blobs.put(path.read_bytes())
+            self.blobs.put_file(path, digest)
             path.unlink()
             return
         dest = self.blobs.path(digest)

@@ -18,7 +18,6 @@ from typing import Any
 import grpc
 
 from atlasflow.common.app import Closer, ServiceApp, TaskLoop, build_service_server, run_service
-from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.clients import aio_channel
 from atlasflow.common.metrics import Metrics
 from atlasflow.labels.deid import Pseudonymizer, ensure_key_file
@@ -51,7 +50,7 @@ async def build_app(
     ``repository``: an open store to serve (the caller keeps it open after `ServiceApp.stop`);
     default `open_repository(settings.database_url, settings.data_dir)`, closed on stop."""
     metrics = metrics or Metrics("labels")
-    blobs = LocalBlobStore(settings.blob_dir)
+    blobs = settings.blob_store()
     owned = repository is None
     repo = (
         repository

@@ -17,7 +17,6 @@ from typing import Any
 import grpc
 
 from atlasflow.common.app import ServiceApp, TaskLoop, ThreadLoop, build_service_server, run_service
-from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.clients import aio_channel
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.outbox import OutboxDispatcher
@@ -62,7 +61,7 @@ async def build_app(
     app closes them on stop (those with a ``close()``).
     """
     metrics = metrics or Metrics("segmentation")
-    blobs = LocalBlobStore(settings.blob_dir)
+    blobs = settings.blob_store()
     jobs = await asyncio.to_thread(JobStore, Path(settings.data_dir))
     configs = [load_ensemble(e) for e in settings.ensembles()]
     versions = [c.version for c in configs]
