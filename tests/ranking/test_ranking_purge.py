@@ -13,8 +13,8 @@ HEAT_A = "sha256:" + "a" * 64
 HEAT_SHARED = "sha256:" + "b" * 64
 
 
-def test_purge_study_removes_the_case_only(tmp_path):
-    wl = SqliteWorklist(tmp_path / "ranking.sqlite3")
+def test_purge_study_removes_the_case_only(db_url):
+    wl = SqliteWorklist(db_url)
     organs = [OrganAttention(5, 10.0, 5.0, 1500.0)]
     wl.submit("case-a", "ser-a", "job-a1", organs, heatmap_digest=HEAT_A, heatmap_size=10)
     wl.submit("case-a", "ser-a", "job-a2", organs, heatmap_digest=HEAT_SHARED, heatmap_size=10)

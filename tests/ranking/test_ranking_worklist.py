@@ -18,8 +18,9 @@ def oa(organ, attention, heat=None, vol=100.0):
 
 
 @pytest.fixture
-def wl(tmp_path):
-    w = SqliteWorklist(tmp_path / "ranking.sqlite")
+def wl(db_url):
+    """The store contract runs on SQLite and on PostgreSQL (tests/conftest.py `db_url`)."""
+    w = SqliteWorklist(db_url)
     yield w
     w.close()
 

@@ -48,8 +48,9 @@ def clock():
 
 
 @pytest.fixture
-def wl(tmp_path, clock):
-    w = SqliteWorklist(tmp_path / "ranking.sqlite", clock=clock)
+def wl(db_url, clock):
+    """The store contract runs on SQLite and on PostgreSQL (tests/conftest.py `db_url`)."""
+    w = SqliteWorklist(db_url, clock=clock)
     yield w
     w.close()
 
