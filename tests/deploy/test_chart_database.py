@@ -1,4 +1,4 @@
-"""The labels service reads its PostgreSQL URL from a Secret when one is named."""
+"""The labels and ranking services read their PostgreSQL URL from a Secret when one is named."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _labels_env(*sets: str) -> dict:
+def _labels_env(*sets: str, component: str = "labels") -> dict:
     args = [str(ROOT / ".tools" / "helm"), "template", "t", str(ROOT / "charts" / "atlasflow")]
     # the chart refuses to render without authentication (docs/security.md)
     args += ["--set", "auth.issuer=https://issuer.example", "--set", "auth.jwksUrl=https://issuer.example/jwks"]
@@ -21,7 +21,7 @@ def _labels_env(*sets: str) -> dict:
     dep = next(
         d
         for d in docs
-        if d["kind"] == "Deployment" and d["metadata"]["labels"].get("app.kubernetes.io/component") == "labels"
+        if d["kind"] == "Deployment" and d["metadata"]["labels"].get("app.kubernetes.io/component") == component
     )
     return {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
 
@@ -31,3 +31,10 @@ def test_sqlite_by_default_postgres_from_secret():
     env = _labels_env("labels.database.existingSecret=labels-pg")
     ref = env["ATLASFLOW_LABELS_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "labels-pg", "key": "database-url"}
+
+
+def test_ranking_sqlite_by_default_postgres_from_secret():
+    assert "ATLASFLOW_RANKING_DATABASE_URL" not in _labels_env(component="ranking")
+    env = _labels_env("ranking.database.existingSecret=ranking-pg", component="ranking")
+    ref = env["ATLASFLOW_RANKING_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "ranking-pg", "key": "database-url"}
