@@ -13,9 +13,10 @@ per-stage seconds); a round for a manifest that already has a record is not run 
 exist that the last round's manifest did not hold (automatic mode); ``stop()`` cancels a
 running round at its next step (the member's checkpoint is kept, a rerun resumes).
 
-Not done here: roll-out into a running Triton (the segmentation service loads a version by its
-``ensemble.json`` path at start; see tests/training and the session notes), re-inference of
-undecided cases and re-ranking; the Kubernetes Job runner; a gRPC API for runs.
+The training service (`atlasflow.training.app`) runs rounds as operations (`executor.py`,
+`runs.py`, `servicer.py`); the cluster roll-out is `rollout.py`, the Kubernetes Job runner
+`jobs_k8s.py`. Not done: the segmentation service following a promoted version without a
+restart, re-inference of undecided cases and re-ranking by the service (docs/training.md).
 """
 
 from __future__ import annotations
