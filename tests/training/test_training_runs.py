@@ -31,7 +31,11 @@ def test_run_life_cycle(store: RunStore) -> None:
     store.update(run.run_id, progress={"stage": "finetune", "members": [{"member": "unet", "step": 1, "steps": 2}]})
     store.update(run.run_id, progress={"fraction": 0.5})
     got = store.get(run.run_id)
-    assert got.progress == {"stage": "finetune", "members": [{"member": "unet", "step": 1, "steps": 2}], "fraction": 0.5}
+    assert got.progress == {
+        "stage": "finetune",
+        "members": [{"member": "unet", "step": 1, "steps": 2}],
+        "fraction": 0.5,
+    }
     store.finish(run.run_id, SUCCEEDED, result={"version": "v-ft-1", "promoted": True})
     done = store.get(run.run_id)
     assert (done.state, done.result["version"]) == (SUCCEEDED, "v-ft-1")
