@@ -149,3 +149,14 @@ def test_replicas_upgrading_at_once_apply_each_revision_once(db_url):
     with engine.connect() as conn:
         assert conn.execute(sa.text(f"SELECT version_num FROM {MIGRATIONS.version_table}")).scalars().all() == ["0001"]
     engine.dispose()
+
+
+def test_cli_db_upgrade(tmp_path, capsys):
+    from atlasflow.cli.main import main
+
+    path = tmp_path / "ranking.sqlite3"
+    assert main(["db", "upgrade", "--service", "ranking", "--url", str(path)]) == 0
+    assert "at revision 0001" in capsys.readouterr().out
+    engine = db.create_engine(path)
+    assert db.current_revision(engine, MIGRATIONS) == "0001"
+    engine.dispose()

@@ -13,6 +13,7 @@ atlasflow convert DICOM_DIR OUT.nii.gz                          DICOM series -> 
 atlasflow retrieve ...                                          C-FIND + C-MOVE from a PACS
 atlasflow triton-repo OUT_DIR                                   Triton model repository for the cluster
 atlasflow rank ROOT --out OUT [--mode reference|enhanced]       offline attention + priority
+atlasflow db upgrade --service ranking [--url URL]              apply a service's schema migrations
 
 Exit codes: atlasflow.cli.exitcodes (0 ok, 1 failure, 2 usage, 3 not found, 4 permission,
 5 unavailable, 6 invalid input, 7 conflict, 8 timeout).
@@ -359,6 +360,40 @@ def delete_study(
         timeout=timeout,
     )
     return delete.run(args)
+
+
+# ----------------------------------------------------------------------------- databases
+
+DB_SERVICES = ("ranking",)  # services whose store runs on atlasflow.common.db (Alembic)
+
+
+@cli.group()
+def db() -> None:
+    """Database schemas of the services (Alembic migrations; the services also upgrade on start)."""
+
+
+@db.command(
+    "upgrade",
+    epilog="""\b
+Example:
+  ATLASFLOW_RANKING_DATABASE_URL=postgresql://atlas@db:5432/ranking atlasflow db upgrade --service ranking
+""",
+)
+@click.option("--service", required=True, type=click.Choice(DB_SERVICES))
+@click.option(
+    "--url",
+    default="",
+    help="database URL or SQLite path (default: $ATLASFLOW_<SERVICE>_DATABASE_URL, which keeps a password off argv)",
+)
+def db_upgrade(service: str, url: str) -> int:
+    """Apply a service's pending schema migrations (adopting a database made before Alembic)."""
+    url = url or os.environ.get(f"ATLASFLOW_{service.upper()}_DATABASE_URL", "")
+    if not url:
+        raise click.UsageError(f"give --url or set ATLASFLOW_{service.upper()}_DATABASE_URL")
+    from atlasflow.ranking.app import upgrade_database
+
+    click.echo(f"{service}: at revision {upgrade_database(url)}")
+    return 0
 
 
 for _command in review.COMMANDS:

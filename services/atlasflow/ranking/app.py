@@ -13,8 +13,10 @@ from typing import Any
 
 import grpc
 
+from atlasflow.common import db
 from atlasflow.common.app import ServiceApp, build_service_server, run_service
 from atlasflow.common.metrics import Metrics
+from atlasflow.ranking.migrations import MIGRATIONS
 from atlasflow.ranking.servicer import RankingServicer
 from atlasflow.ranking.settings import PREFIX, RankingSettings
 from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
@@ -63,6 +65,16 @@ async def build_app(
         parts={"worklist": store, "servicer": servicer},
         metrics=metrics,
     )
+
+
+def upgrade_database(database: str) -> str:
+    """Apply ranking's schema migrations to `database` (URL or SQLite path; what the service
+    does on start); return the database's revision. `atlasflow db upgrade --service ranking`."""
+    engine = db.create_engine(database)
+    try:
+        return db.upgrade(engine, MIGRATIONS)
+    finally:
+        engine.dispose()
 
 
 def main() -> None:
