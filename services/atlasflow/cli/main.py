@@ -400,6 +400,8 @@ for _command in review.COMMANDS:
     cli.add_command(_command)
 cli.add_command(importlib.import_module("atlasflow.cli.audit").audit)  # atlasflow audit (cli/audit.py)
 cli.add_command(importlib.import_module("atlasflow.cli.train").train)  # atlasflow train (cli/train.py)
+for _command in importlib.import_module("atlasflow.cli.models").COMMANDS:  # model list|import, segment
+    cli.add_command(_command)
 
 
 def _delegated(name: str, module: str, help_: str) -> click.Command:
