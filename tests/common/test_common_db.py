@@ -160,3 +160,16 @@ def test_cli_db_upgrade(tmp_path, capsys):
     engine = db.create_engine(path)
     assert db.current_revision(engine, MIGRATIONS) == "0001"
     engine.dispose()
+
+
+def test_another_services_legacy_schema_is_not_adopted(db_url):
+    """A shared database holding labels' hand-written ``schema_migrations`` (no worklist) gets
+    ranking's schema fresh instead of an adoption."""
+    engine = db.create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT)"))
+        conn.execute(sa.text("INSERT INTO schema_migrations VALUES (7, 'x')"))
+    assert db.upgrade(engine, MIGRATIONS) == "0001"
+    engine.dispose()
+    with SqlWorklist(db_url) as w:
+        assert w.list()[2] == 0

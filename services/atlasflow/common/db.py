@@ -37,7 +37,8 @@ call `open_database()` at start, which upgrades to ``head``; ``atlasflow db upgr
 --url URL`` does the same from the command line.
 
 Adopting a database made by the hand-written schema code (atlasflow.common.sqlite.migrate): it
-has a ``schema_migrations`` table and no Alembic version table. `upgrade()` then first calls the
+has a ``schema_migrations`` table and the service's tables (`Migrations.legacy_tables`), and no
+Alembic version table. `upgrade()` then first calls the
 service's `Migrations.adopt_legacy` hook on the raw DB-API connection (it finishes the legacy
 migrations, bringing the database to the state the baseline revision describes), stamps the
 baseline revision, and upgrades from there. A database stamped with a revision this code does
@@ -225,14 +226,21 @@ class Migrations:
     service: the schema's name (version table ``alembic_version_<service>``, advisory lock);
     directory: the folder holding ``versions/``; baseline: the revision whose schema equals the
     final state of the legacy hand-written migrations ("" when the service had none);
-    adopt_legacy: called with the raw DB-API connection (sqlite3 or psycopg) of a legacy
-    database before the baseline is stamped; it must bring it to the baseline schema
-    (idempotently: it may run again after a crash)."""
+    legacy_tables: the tables that mark the service's legacy schema (with ``schema_migrations``;
+    another service's legacy tables in a shared database do not count); adopt_legacy: called
+    with the raw DB-API connection (sqlite3 or psycopg) of a legacy database before the baseline
+    is stamped; it must bring it to the baseline schema (idempotently: it may run again after a
+    crash)."""
 
     service: str
     directory: Path
     baseline: str = ""
+    legacy_tables: tuple[str, ...] = ()
     adopt_legacy: Callable[[Any], None] | None = None
+
+    def is_legacy(self, tables: set[str]) -> bool:
+        """Whether a database with `tables` (and no version table) holds this service's legacy schema."""
+        return LEGACY_VERSION_TABLE in tables and bool(self.legacy_tables) and set(self.legacy_tables) <= tables
 
     @property
     def version_table(self) -> str:
@@ -257,7 +265,7 @@ def upgrade(engine: sa.Engine, migrations: Migrations, revision: str = "head") -
     script = migrations.script()
     with engine.connect() as conn:
         tables = set(sa.inspect(conn).get_table_names())
-    if migrations.version_table not in tables and LEGACY_VERSION_TABLE in tables:
+    if migrations.version_table not in tables and migrations.is_legacy(tables):
         if not migrations.baseline or migrations.adopt_legacy is None:
             raise FailedPrecondition(
                 "SCHEMA_NOT_ADOPTABLE",
@@ -283,7 +291,7 @@ def upgrade(engine: sa.Engine, migrations: Migrations, revision: str = "head") -
         )
         try:
             current = ctx.get_current_revision()
-            if current is None and LEGACY_VERSION_TABLE in set(sa.inspect(conn).get_table_names()):
+            if current is None and migrations.is_legacy(set(sa.inspect(conn).get_table_names())):
                 ctx.stamp(script, migrations.baseline)
             with Operations.context(ctx):
                 ctx.run_migrations()

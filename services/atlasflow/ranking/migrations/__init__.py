@@ -28,5 +28,9 @@ def adopt_legacy(dbapi_conn: Any) -> None:
 
 
 MIGRATIONS = Migrations(
-    service="ranking", directory=Path(__file__).resolve().parent, baseline="0001", adopt_legacy=adopt_legacy
+    service="ranking",
+    directory=Path(__file__).resolve().parent,
+    baseline="0001",
+    legacy_tables=("worklist", "worklist_submissions"),
+    adopt_legacy=adopt_legacy,
 )
