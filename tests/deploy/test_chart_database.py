@@ -15,6 +15,7 @@ def _labels_env(*sets: str, component: str = "labels") -> dict:
     # the chart refuses to render without authentication (docs/security.md)
     args += ["--set", "auth.issuer=https://issuer.example", "--set", "auth.jwksUrl=https://issuer.example/jwks"]
     args += ["--set", "auth.serviceToken.existingSecret=service-token"]
+    args += ["--set", "triton.accessToken.existingSecret=triton-token"]
     for s in sets:
         args += ["--set", s]
     docs = [d for d in yaml.safe_load_all(subprocess.run(args, check=True, capture_output=True, text=True).stdout) if d]

@@ -148,6 +148,19 @@ tolerations:
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- with .ctx.Values.topologySpread }}
+{{- if .enabled }}
+topologySpreadConstraints:
+{{- range .topologyKeys }}
+  - maxSkew: {{ $.ctx.Values.topologySpread.maxSkew }}
+    topologyKey: {{ . }}
+    whenUnsatisfiable: {{ $.ctx.Values.topologySpread.whenUnsatisfiable }}
+    labelSelector:
+      matchLabels:
+        {{- include "atlasflow.selectorLabels" $ | nindent 8 }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/* Hardened container security context. */}}
@@ -518,4 +531,65 @@ https://<gateway.ingress.host>/login/oidc/callback. */}}
 {{- else -}}
 {{- printf "https://%s/login/oidc/callback" (required "gateway.oidc.redirectUri or gateway.ingress.host is required: the OIDC redirect URI registered at the provider" $v.ingress.host) -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+The shared blob store of a component (common/blobstore.py): blobs.url s3://... sets BLOB_URL and
+the S3 settings (no volume); "" sets BLOB_DIR to the blob volume.
+  (dict "ctx" $ "component" "ingest")
+*/}}
+{{- define "atlasflow.blobEnv" -}}
+{{- $b := .ctx.Values.blobs -}}
+{{- $p := printf "ATLASFLOW_%s_" (upper .component) -}}
+{{- if $b.url }}
+- name: {{ $p }}BLOB_URL
+  value: {{ $b.url | quote }}
+- name: {{ $p }}BLOB_S3_ENDPOINT_URL
+  value: {{ $b.s3.endpointUrl | quote }}
+- name: {{ $p }}BLOB_S3_REGION
+  value: {{ $b.s3.region | quote }}
+- name: {{ $p }}BLOB_S3_ADDRESSING_STYLE
+  value: {{ $b.s3.addressingStyle | quote }}
+{{- if $b.s3.credentials.existingSecret }}
+# boto3's standard chain reads the mounted credentials file (never a value in the environment)
+- name: AWS_SHARED_CREDENTIALS_FILE
+  value: {{ printf "%s/%s" (include "atlasflow.s3CredentialsDir" .ctx) $b.s3.credentials.key | quote }}
+{{- end }}
+{{- else }}
+- name: {{ $p }}BLOB_DIR
+  value: {{ $b.mountPath | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "atlasflow.s3CredentialsDir" -}}
+/var/run/secrets/atlasflow/s3
+{{- end -}}
+
+{{/* volumeMounts of the blob store: the blob volume (local), or the S3 credentials file. */}}
+{{- define "atlasflow.blobMount" -}}
+{{- $b := .Values.blobs -}}
+{{- if not $b.url }}
+- name: blobs
+  mountPath: {{ $b.mountPath }}
+{{- else if $b.s3.credentials.existingSecret }}
+- name: s3-credentials
+  mountPath: {{ include "atlasflow.s3CredentialsDir" . }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* Pod volumes of the blob store: the shared PVC (local), or the S3 credentials Secret. */}}
+{{- define "atlasflow.blobVolume" -}}
+{{- $b := .Values.blobs -}}
+{{- if not $b.url }}
+{{- include "atlasflow.pvcVolume" (dict "volume" "blobs" "claim" (include "atlasflow.blobsClaim" .) "persistence" $b.persistence) }}
+{{- else if $b.s3.credentials.existingSecret }}
+- name: s3-credentials
+  secret:
+    secretName: {{ $b.s3.credentials.existingSecret | quote }}
+    defaultMode: 0440
+    items:
+      - key: {{ $b.s3.credentials.key | quote }}
+        path: {{ $b.s3.credentials.key | quote }}
+{{- end }}
 {{- end -}}
