@@ -224,7 +224,7 @@ def make_bundle(root: Path, steps: int = 30, seed: int = 0) -> Path:
     for _ in range(steps):  # random ROI-sized crops (zero-padded where the volume is smaller)
         lo = [int(rng.integers(0, max(n - r, 0) + 1)) for n, r in zip(shape, ROI)]
         sl = (slice(None), slice(None), *(slice(a, a + r) for a, r in zip(lo, ROI)))
-        xc, yc = x[sl], y[sl]
+        xc, yc = x[sl], y[(slice(None), *sl[2:])]
         pad = [v for n, r in reversed(list(zip(xc.shape[2:], ROI))) for v in (0, r - n)]
         xc, yc = torch.nn.functional.pad(xc, pad), torch.nn.functional.pad(yc, pad)
         loss = torch.nn.functional.cross_entropy(net(xc), yc, weight=weight)

@@ -225,7 +225,7 @@ def check_config(parser: Any) -> dict[str, Any]:
             )
         c.literal(t, f"preprocessing#transforms#{i}")
         if name == "Spacingd":
-            pix = t.get("pixdim")
+            pix: Any = t.get("pixdim")
             spacing = [float(p) for p in (pix if isinstance(pix, list) else [pix] * 3)]
         pre_names.append(name)
 
@@ -482,7 +482,7 @@ class MonaiBundleModel:
         if affine is None:
             raise InvalidArgument("MISSING_AFFINE", "a MONAI bundle needs the volume's affine", domain=DOMAIN)
         aff = np.asarray(affine, dtype=np.float64)
-        data = self._loaded(vol, aff)
+        data: Any = self._loaded(vol, aff)
         for xf in self.pre.transforms[1:]:
             data = apply_transform(xf, data)
         batch = list_data_collate([data])
