@@ -54,6 +54,8 @@ def chart_ports(component: str) -> set[int]:
     v = VALUES[component]
     if component == "triton":
         return set(v["ports"].values())
+    if component == "gateway":
+        return {v["http"]["port"], v["metrics"]["port"]}
     ports = {v["grpc"]["port"], v["metrics"]["port"]}
     if component == "ingest":
         ports.add(v["dicom"]["port"])
@@ -75,7 +77,7 @@ def ignored(patterns: list[str], rel: str) -> bool:
     return result
 
 
-@pytest.mark.parametrize("component", (*SERVICES, "triton"))
+@pytest.mark.parametrize("component", (*SERVICES, "gateway", "triton"))
 def test_dockerfile_matches_chart(component: str) -> None:
     path = DEPLOY / component / "Dockerfile"
     ins = instructions(path)
@@ -114,9 +116,21 @@ def test_dockerfile_matches_chart(component: str) -> None:
     else:
         assert entry == ["atlasflow", "serve", component]
         assert re.fullmatch(r"python:3\.11-slim(-\w+)?", args["PYTHON_IMAGE"])
+    if component == "gateway":
+        # the review app is built in a node stage as scripts/bootstrap.sh builds it, from the
+        # committed lock file, and served from the folder WEB_DIR names
+        assert re.fullmatch(r"node:\d+(\.\d+)*-bookworm-slim", args["NODE_IMAGE"])
+        runs = [a for op, a in ins if op == "RUN"]
+        assert any("npm ci" in a for a in runs) and any("npm run build" in a for a in runs)
+        bootstrap = (REPO / "scripts" / "bootstrap.sh").read_text()
+        assert "npm ci" in bootstrap and "npm run --silent build" in bootstrap
+        copies = [a for op, a in final if op == "COPY"]
+        assert any("--from=web /web/build/" in a for a in copies)
+        envs = " ".join(a for op, a in final if op == "ENV")
+        assert "ATLASFLOW_GATEWAY_WEB_DIR=/srv/web" in envs
 
 
-@pytest.mark.parametrize("component", (*SERVICES, "triton"))
+@pytest.mark.parametrize("component", (*SERVICES, "gateway", "triton"))
 def test_build_context_inputs_exist_and_are_not_ignored(component: str) -> None:
     path = DEPLOY / component / "Dockerfile"
     ignore = [
