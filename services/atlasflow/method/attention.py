@@ -39,7 +39,7 @@ full volume. Connected components use ``scipy.ndimage.label`` (C) on those boxes
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -263,6 +263,7 @@ def case_attention(
     labelled_organs: Iterable[int | str] = (),
     *,
     device: torch.device | str | None = None,
+    available: Mapping[int, Sequence[bool]] | None = None,
 ) -> CaseAttention:
     """The reference recipe (steps 1-5) for one case.
 
@@ -270,6 +271,12 @@ def case_attention(
     in [0, 1]; floats are rounded to uint8 first, as stored by the reference), all on one grid.
     ``labelled_organs``: organs the case's source labels (partial-label template): their
     ensemble masks still count for the overlap of other organs, but they get no attention.
+    ``available`` (heterogeneous ensembles, `atlasflow.segmentation.heterogeneous`): organ id ->
+    ``(M,)`` flags, False where member m does not predict that organ at all. Such a member has
+    no opinion on it: its row is left out of that organ's stack before anything else (it
+    neither votes background in the ensemble mask nor adds std or entropy), so the organ's
+    terms are those of the members that predict it; an organ no member predicts has no support.
+    Absent (None, or an organ not in it) = every member predicts the organ.
     """
     labelled = {_organ_id(k) for k in labelled_organs}
     shape: tuple[int, int, int] | None = None
@@ -283,12 +290,17 @@ def case_attention(
             q = q.to(device)
         if q.ndim != 4:
             raise ValueError("soft predictions must be (M, X, Y, Z)")
+        if available is not None and k in available:
+            keep = [bool(f) for f in available[k]]
+            if len(keep) != q.shape[0]:
+                raise ValueError("available flags must have one entry per member")
+            q = q[[m for m, f in enumerate(keep) if f]]
         if shape is None:
             shape = (int(q.shape[1]), int(q.shape[2]), int(q.shape[3]))
             partner_count = torch.zeros(shape, dtype=torch.uint8, device=q.device)
         elif tuple(q.shape[1:]) != shape:
             raise ValueError("all organs' soft predictions must share one grid")
-        box = support_box(q)
+        box = support_box(q) if q.shape[0] else None
         if box is None:
             results[k] = OrganResult(k, None, None, None, 0, k in labelled)
             crops[k] = (None, None)
