@@ -185,3 +185,28 @@ def test_refused_with_a_reason(stack: dict[str, Path], tmp_path: Path, what: str
         import_monai_bundle(bundle, "refused", tmp_path / "state")
     assert err.value.reason == reason, err.value.message
     assert ModelRegistry(tmp_path / "state").names() == []  # nothing half-registered
+
+
+def test_bundle_as_a_heterogeneous_ensemble_member(stack: dict[str, Path]) -> None:
+    """The registered bundle (liver, spleen, kidneys; no pancreas) next to TotalSegmentator's own
+    label map (117 classes) on the same CT: organs mapped by name, the pancreas is the
+    TotalSegmentator member's alone."""
+    from atlasflow.common.organs import ORGAN_IDS
+    from atlasflow.models.class_maps import TOTALSEGMENTATOR_TOTAL_V2, load_class_map
+    from atlasflow.segmentation.heterogeneous import MemberOutput, common_grid, heterogeneous_attention, model_member
+
+    ct = stack["cts"] / "ct_sm.nii.gz"
+    bundle = model_member(ct, "tiny-abdomen", stack["state"])
+    seg = nib.load(str(CT_SM.with_name("example_seg.nii.gz")))
+    ts = MemberOutput(
+        "totalseg", load_class_map(TOTALSEGMENTATOR_TOTAL_V2), seg.affine, label_map=np.asanyarray(seg.dataobj)
+    )
+    img = nib.load(str(ct))
+    grid = common_grid([bundle, ts], img.affine, img.shape)
+    assert grid.available[ORGAN_IDS["pancreas"]] == [False, True]
+    assert grid.available[ORGAN_IDS["liver"]] == [True, True]
+    ours = np.asanyarray(nib.load(str(stack["out"] / "ct_sm" / "labels.nii.gz")).dataobj)
+    np.testing.assert_array_equal(grid.probs[ORGAN_IDS["liver"]][0].numpy() > 0, ours == 1)
+    case = heterogeneous_attention(grid)
+    pancreas = case.organs[ORGAN_IDS["pancreas"]]
+    assert pancreas.probs is not None and pancreas.probs.shape[0] == 1

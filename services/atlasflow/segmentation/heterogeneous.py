@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -161,6 +163,27 @@ def ensemble_labels(grid: CommonGrid) -> npt.NDArray[np.uint8]:
         labels[take] = organ
         best[take] = mean[take]
     return labels.numpy()
+
+
+def model_member(ct_path: str | Path, name: str, state_dir: str | Path, *, device: str = "cpu") -> MemberOutput:
+    """A registered model (`atlasflow.models.registry`: nnU-Net v2, MONAI bundle) run on a NIfTI CT
+    by the `atlasflow segment` path, as an ensemble member: its label ids on the CT's grid, its
+    manifest's label map."""
+    import nibabel as nib
+
+    from atlasflow.models.segment import load_model
+
+    img: Any = nib.load(str(ct_path))  # a NIfTI image (nibabel types it as FileBasedImage)
+    model = load_model(state_dir, name, device=device)
+    volume = np.asanyarray(img.dataobj)
+    spacing = [float(z) for z in img.header.get_zooms()[:3]]
+    if getattr(model, "needs_affine", False):
+        label_map = model(volume, spacing, affine=img.affine)
+    else:
+        label_map = model(volume, spacing)
+    return MemberOutput(
+        name, dict(model.manifest.labels), np.asarray(img.affine, dtype=np.float64), label_map=label_map
+    )
 
 
 def heterogeneous_attention(grid: CommonGrid, labelled_organs: Iterable[int] = ()) -> CaseAttention:
