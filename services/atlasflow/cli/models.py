@@ -76,6 +76,29 @@ def nnunet(folder: Path, name: str, folds: str, checkpoint: str, replace: bool, 
     return 0
 
 
+@import_.command(
+    "monai-bundle",
+    epilog="""\b
+Example:
+  atlasflow model import monai-bundle spleen_ct_segmentation --name spleen --state-dir .atlasflow
+""",
+)
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--name", required=True, help="registry name ([a-z0-9][a-z0-9._-]*)")
+@click.option("--replace", is_flag=True, help="replace a model registered under the same name")
+@state_dir_option()
+def monai_bundle(bundle: Path, name: str, replace: bool, state_dir: Path) -> int:
+    """Import a MONAI bundle (configs/metadata.json, configs/inference.json, models/model.pt)."""
+    from atlasflow.models.monai_bundle import import_monai_bundle
+
+    with _domain_errors():
+        manifest = import_monai_bundle(bundle, name, state_dir, replace=replace)
+    click.echo(
+        f"registered {manifest.name} ({manifest.format}, network {manifest.details['network']}) digest {manifest.digest}"
+    )
+    return 0
+
+
 @model.command("list", epilog="\b\nExample:\n  atlasflow model list --state-dir .atlasflow --json\n")
 @state_dir_option()
 @click.option("--json", "as_json", is_flag=True, help="the manifests as JSON")
