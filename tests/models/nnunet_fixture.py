@@ -2,8 +2,8 @@
 
 Training data: TotalSegmentator's ``example_ct_sm.nii.gz`` (122x101x30, 3 mm, RAS) with its
 labels ``example_seg.nii.gz`` mapped to 1 liver, 2 spleen, 3 kidneys. Plans (3d_fullres): a
-3-stage PlainConvUNet (8/16/32 features), patch 16x64x64 (z, y, x), target spacing
-6.5 x 2 x 2 mm (anisotropic: nnU-Net resamples z separately, nearest), CTNormalization from the
+3-stage PlainConvUNet (8/16/32 features), patch 8x48x48 (z, y, x), target spacing
+10 x 3.2 x 3.2 mm (anisotropic: nnU-Net resamples z separately, nearest), CTNormalization from the
 foreground intensities of the training labels (as nnU-Net's fingerprint does), the default
 resampling functions and kwargs, SimpleITKIO. The case is preprocessed by nnU-Net's
 ``DefaultPreprocessor``, the network built by nnU-Net's ``get_network_from_plans``, and each
@@ -26,8 +26,8 @@ SEG_SM = DATA / "example_seg.nii.gz"
 DICOM = DATA / "example_ct_dicom"
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3}
 TOTALSEG_TO_OURS = {5: 1, 1: 2, 2: 3, 3: 3}
-PATCH = [16, 64, 64]
-SPACING = [6.5, 2.0, 2.0]
+PATCH = [8, 48, 48]
+SPACING = [10.0, 3.2, 3.2]
 
 
 def plans_dict(fg_props: dict[str, float]) -> dict:
@@ -65,7 +65,7 @@ def plans_dict(fg_props: dict[str, float]) -> dict:
                 "preprocessor_name": "DefaultPreprocessor",
                 "batch_size": 2,
                 "patch_size": PATCH,
-                "median_image_size_in_voxels": [14, 152, 183],
+                "median_image_size_in_voxels": [9, 95, 114],
                 "spacing": SPACING,
                 "normalization_schemes": ["CTNormalization"],
                 "use_mask_for_norm": [False],
@@ -90,7 +90,7 @@ def plans_dict(fg_props: dict[str, float]) -> dict:
     }
 
 
-def make_model_folder(root: Path, folds: tuple[int, ...] = (0, 1), steps: int = 12) -> Path:
+def make_model_folder(root: Path, folds: tuple[int, ...] = (0, 1), steps: int = 16) -> Path:
     """Write ``root/nnUNetTrainer__nnUNetPlans__3d_fullres`` (dataset.json, plans.json,
     fold_k/checkpoint_final.pth); returns it."""
     import nibabel as nib
@@ -146,18 +146,21 @@ def make_model_folder(root: Path, folds: tuple[int, ...] = (0, 1), steps: int = 
             len(LABELS),
             deep_supervision=False,
         )
-        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
         for _ in range(steps):
             xs, ys = [], []
             for _b in range(2):
-                lo = [int(rng.integers(0, max(n - p, 0) + 1)) for n, p in zip(shape, PATCH)]
+                organ = np.argwhere(y_all.numpy() == 1 + (len(xs) + _) % 3)  # patches around each organ
+                centre = organ[int(rng.integers(len(organ)))] if len(organ) else np.array(shape) // 2
+                lo = [int(np.clip(c - p // 2, 0, max(n - p, 0))) for c, n, p in zip(centre, shape, PATCH)]
                 sl = tuple(slice(a, a + p) for a, p in zip(lo, PATCH))
                 xp = x_all[(slice(None), *sl)]
                 yp = y_all[sl]
                 pad = [v for n, p in reversed(list(zip(xp.shape[1:], PATCH))) for v in (0, p - n)]
                 xs.append(torch.nn.functional.pad(xp, pad))
                 ys.append(torch.nn.functional.pad(yp, pad))
-            loss = torch.nn.functional.cross_entropy(net(torch.stack(xs)), torch.stack(ys))
+            weight = torch.tensor([0.2, 1.0, 3.0, 3.0])  # the small organs must show up in the output
+            loss = torch.nn.functional.cross_entropy(net(torch.stack(xs)), torch.stack(ys), weight=weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -167,7 +170,7 @@ def make_model_folder(root: Path, folds: tuple[int, ...] = (0, 1), steps: int = 
                 "network_weights": net.state_dict(),
                 "optimizer_state": opt.state_dict(),
                 "grad_scaler_state": None,
-                "logging": {"ema_fg_dice": [np.float64(0.1)], "train_losses": [float(loss)]},
+                "logging": {"ema_fg_dice": [np.float64(0.1)], "train_losses": [float(loss.detach())]},
                 "_best_ema": None,
                 "current_epoch": 1,
                 "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": fold, "dataset_json": dataset},

@@ -165,6 +165,14 @@ REFUSALS = {
     ),
     "expression": (lambda b, c: c["network_def"].update(channels="$[8, 16, 32]"), "UNSUPPORTED_BUNDLE_EXPRESSION"),
     "foreign_network": (lambda b, c: c["network_def"].update(_target_="os.system"), "UNSUPPORTED_BUNDLE_COMPONENT"),
+    "nested_component": (
+        lambda b, c: c["network_def"].update(act={"_target_": "monai.bundle.scripts.run", "config_file": "x"}),
+        "UNSUPPORTED_BUNDLE_COMPONENT",
+    ),
+    "dtype_expression": (
+        lambda b, c: c["preprocessing"]["transforms"][0].update(dtype="$__import__('os').getcwd()"),
+        "UNSUPPORTED_BUNDLE_EXPRESSION",
+    ),
     "inferer": (
         lambda b, c: c.update(inferer={"_target_": "SliceInferer", "roi_size": [64, 64]}),
         "UNSUPPORTED_INFERER",
@@ -210,3 +218,16 @@ def test_bundle_as_a_heterogeneous_ensemble_member(stack: dict[str, Path]) -> No
     case = heterogeneous_attention(grid)
     pancreas = case.organs[ORGAN_IDS["pancreas"]]
     assert pancreas.probs is not None and pancreas.probs.shape[0] == 1
+
+
+def test_yaml_config_and_dtype_names_are_read(stack: dict[str, Path], tmp_path: Path) -> None:
+    import yaml
+
+    b = tmp_path / "bundle"
+    shutil.copytree(stack["bundle"], b)
+    cfg = json.loads((b / "configs" / "inference.json").read_text())
+    cfg["preprocessing"]["transforms"][0]["dtype"] = "$np.float32"
+    (b / "configs" / "inference.json").unlink()
+    (b / "configs" / "inference.yaml").write_text(yaml.safe_dump(cfg))
+    m = import_monai_bundle(b, "yaml-bundle", tmp_path / "state")
+    assert m.details["config"] == "configs/inference.yaml" and "configs/inference.yaml" in m.files

@@ -37,10 +37,13 @@ postprocessing  `POST_TRANSFORMS`; an ``Invertd`` (``orig_keys`` ``image``, ``tr
                 ``@preprocessing``), an ``AsDiscreted`` with ``argmax``; ``SaveImaged`` is dropped
 network         any class of ``monai.networks.nets`` with literal arguments; weights loaded
                 strictly (``torch.load(weights_only=True)``) or TorchScript
-refused         other transforms and inferers, ``$`` expressions and ``_mode_`` / ``_requires_``
-                inside the parts above (parsing a bundle config can run arbitrary code:
-                MONAI's advisory GHSA-873f-pvrv-4x83; atlasflow only instantiates the allowed
-                classes with literal arguments), a missing config/metadata/weights file,
+refused         other transforms and inferers; inside the parts above: ``$`` expressions (but
+                the dtype names `SAFE_EXPRESSIONS`), ``%`` macros, ``_mode_`` / ``_requires_``
+                / ``_disabled_``, and components nested in a component's arguments (parsing a
+                bundle config can run arbitrary code: MONAI's advisory GHSA-873f-pvrv-4x83;
+                atlasflow only instantiates the allowed classes with literal arguments and
+                never evaluates the rest of the config: ``imports``, ``datalist``, handlers,
+                ``SaveImaged``); a missing config/metadata/weights file,
                 a weights file that does not fit the network, no label map.
 
 Stored: ``configs/inference.json|yaml``, ``configs/metadata.json``, ``models/model.pt|ts``
@@ -96,6 +99,12 @@ POST_TRANSFORMS = frozenset(
 )
 DROPPED = frozenset({"SaveImaged"})
 INFERERS = frozenset({"SlidingWindowInferer", "SimpleInferer"})
+#: the only ``$`` expressions evaluated (dtypes, as bundles write them)
+SAFE_EXPRESSIONS = frozenset(
+    f"${mod}.{t}"
+    for mod in ("np", "numpy", "torch")
+    for t in ("float16", "float32", "float64", "uint8", "int16", "int32")
+)
 LOAD_ARGS = frozenset({"_target_", "keys", "image_only", "reader", "dtype", "ensure_channel_first"})
 
 
@@ -131,10 +140,12 @@ class _Checker:
         except (KeyError, IndexError, TypeError, ValueError):
             raise _refuse("INVALID_BUNDLE_CONFIG", f"the config has no {ref!r}", id=ref) from None
 
-    def literal(self, value: Any, where: str, seen: frozenset[str] = frozenset()) -> None:
-        """No expressions, no special modes; references resolved and checked too."""
+    def literal(self, value: Any, where: str, seen: frozenset[str] = frozenset(), *, top: bool = True) -> None:
+        """No expressions, no special modes, no components inside a component's arguments
+        (only the checked top-level ``_target_`` is instantiated); references resolved and
+        checked too."""
         if isinstance(value, str):
-            if value.startswith("$"):
+            if value.startswith("$") and value not in SAFE_EXPRESSIONS:
                 raise _refuse(
                     "UNSUPPORTED_BUNDLE_EXPRESSION",
                     f"{where}: '$' expressions are not run by atlasflow ({value[:60]!r})",
@@ -145,12 +156,19 @@ class _Checker:
                 if ref in seen:
                     raise _refuse("INVALID_BUNDLE_CONFIG", f"{where}: circular reference {value!r}", where=where)
                 if ref != "preprocessing":  # the Invertd reference, checked as a whole elsewhere
-                    self.literal(self.raw(ref), f"{where} -> {value}", seen | {ref})
+                    self.literal(self.raw(ref), f"{where} -> {value}", seen | {ref}, top=False)
             elif value.startswith("%"):
                 raise _refuse(
                     "UNSUPPORTED_BUNDLE_EXPRESSION", f"{where}: '%' file macros are not supported", where=where
                 )
         elif isinstance(value, Mapping):
+            if "_target_" in value and not top:
+                raise _refuse(
+                    "UNSUPPORTED_BUNDLE_COMPONENT",
+                    f"{where}: components inside a component's arguments are not instantiated by atlasflow",
+                    where=where,
+                    target=value["_target_"],
+                )
             for key in ("_mode_", "_requires_"):
                 if key in value:
                     raise _refuse("UNSUPPORTED_BUNDLE_COMPONENT", f"{where}: {key} is not supported", where=where)
@@ -159,10 +177,10 @@ class _Checker:
                     "UNSUPPORTED_BUNDLE_COMPONENT", f"{where}: _disabled_ components are not supported", where=where
                 )
             for k, v in value.items():
-                self.literal(v, f"{where}#{k}", seen)
+                self.literal(v, f"{where}#{k}", seen, top=False)
         elif isinstance(value, (list, tuple)):
             for i, v in enumerate(value):
-                self.literal(v, f"{where}#{i}", seen)
+                self.literal(v, f"{where}#{i}", seen, top=False)
 
     def transforms(self, part: str) -> list[dict[str, Any]]:
         raw = self.raw(part)
@@ -212,7 +230,7 @@ def check_config(parser: Any) -> dict[str, Any]:
         raise _refuse("UNSUPPORTED_BUNDLE_TRANSFORM", f"LoadImaged arguments {sorted(extra)} are not supported")
     if load.get("reader") not in (None, "NibabelReader") or load.get("image_only", True) is not True:
         raise _refuse("UNSUPPORTED_BUNDLE_TRANSFORM", "LoadImaged must use the default/NibabelReader with image_only")
-    c.literal({k: v for k, v in load.items() if k != "dtype"}, "preprocessing#transforms#0")
+    c.literal(load, "preprocessing#transforms#0")
     pre_names = ["LoadImaged"]
     spacing: list[float] = []
     for i, t in enumerate(pre[1:], start=1):

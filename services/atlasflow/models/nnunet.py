@@ -215,12 +215,8 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
 
     allowed: list[Any] = [np.dtype, np.ndarray, np.float64, np.float32, np.int64]
     allowed.extend(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))
-    try:
-        from numpy.core.multiarray import _reconstruct, scalar
-
-        allowed.extend([scalar, _reconstruct])
-    except ImportError:  # pragma: no cover - numpy layout differs
-        pass
+    multiarray: Any = np.core.multiarray  # numpy < 2 layout (the project pins numpy < 2)
+    allowed.extend([multiarray.scalar, multiarray._reconstruct])
     try:
         with torch.serialization.safe_globals(allowed):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)

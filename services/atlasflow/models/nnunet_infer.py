@@ -123,7 +123,7 @@ def resample_to_shape(
     src = data.astype(np.float64, copy=False)
     for c in range(data.shape[0]):
         if axis is None:
-            out[c] = _spline(src[c], target, order)
+            out[c] = _spline(src[c], [int(n) for n in target], order)
             continue
         in_plane = [int(n) for i, n in enumerate(target) if i != axis]
         tmp_shape = target.copy()

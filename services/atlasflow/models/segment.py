@@ -48,6 +48,8 @@ def segment_file(
     path = Path(ct_path)
     try:
         img = nib.load(str(path))
+        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+            raise TypeError("not a NIfTI-1/2 image")
     except Exception as exc:  # noqa: BLE001 - nibabel raises several types for a bad file
         raise InvalidArgument("INVALID_NIFTI", f"cannot read {path.name} as NIfTI: {exc}", domain=DOMAIN) from None
     if len(img.shape) != 3:
