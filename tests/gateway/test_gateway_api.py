@@ -4,10 +4,10 @@ a wrong password refused, missing/wrong tokens 401, roles decided by the service
 from __future__ import annotations
 
 import pytest
+from tests.gateway.conftest import http
 
 from atlasflow.cli.local import LocalDeployment
 from atlasflow.common.users import PASSWORDS_FILE
-from tests.gateway.conftest import http
 
 
 def _passwords(stack: LocalDeployment) -> dict[str, str]:

@@ -32,8 +32,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from atlasflow.common.auth import SERVICE_NAMES, LocalIssuer, TokenSource, service_subject
 from atlasflow.common.clients import raw_channel, sync_channel
 from atlasflow.common.ports import free_ports
-from atlasflow.common.users import USERS_FILE, create_demo_users
 from atlasflow.common.tls import ClientTLS, LocalCA
+from atlasflow.common.users import USERS_FILE, create_demo_users
 
 DEFAULT_PORTS = {
     "triton_http": 8000,
