@@ -32,12 +32,19 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.atlasflow-installed
 extras=""
-[ $want_test = 1 ] && extras="[test]"
+# The tests also need the third-party model formats (nnunetv2 as the equality reference).
+[ $want_test = 1 ] && extras="[test,models]"
 if [ ! -f "$stamp$extras" ] || [ pyproject.toml -nt "$stamp$extras" ]; then
   echo "[bootstrap] pip install -e .$extras"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   # torch==2.13.0 is the CPU build on this machine's local index; see DESIGN.md.
   .venv/bin/python -m pip install -q -e ".$extras"
+  # timm (via nnunetv2's dynamic-network-architectures) pulls a torchvision built against the
+  # CUDA torch; with the CPU torch it cannot be imported, and nothing here needs it.
+  if .venv/bin/python -m pip show -q torchvision >/dev/null 2>&1 && ! .venv/bin/python -c "import torchvision" >/dev/null 2>&1; then
+    echo "[bootstrap] removing torchvision (built for another torch; unused)"
+    .venv/bin/python -m pip uninstall -q -y torchvision
+  fi
   touch "$stamp$extras" "$stamp"
 fi
 
