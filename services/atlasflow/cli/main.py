@@ -367,7 +367,9 @@ def delete_study(
 DB_SERVICES = ("ranking",)  # services whose store runs on atlasflow.common.db (Alembic)
 
 
-@cli.group()
+@cli.group(
+    epilog="\b\nExample:\n  atlasflow db upgrade --service ranking --url sqlite:///.atlasflow/data/ranking/ranking.sqlite3\n"
+)
 def db() -> None:
     """Database schemas of the services (Alembic migrations; the services also upgrade on start)."""
 

@@ -82,7 +82,7 @@ def _finish(run: training_pb2.TrainingRun, as_json: bool) -> int:
     return 0
 
 
-@click.group()
+@click.group(epilog="\b\nExamples:\n  atlasflow train start --follow\n  atlasflow train list --json\n")
 def train() -> None:
     """Training rounds of the loop: fine-tune on the radiologists' decisions, gate, promote."""
 
