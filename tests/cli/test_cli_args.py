@@ -4,6 +4,8 @@ refuses a mask off the case's grid before anything is sent."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import grpc
@@ -153,3 +155,22 @@ def test_confirmation_delta_is_all_zero_bits_of_the_volume() -> None:
 
     raw = gzip.decompress(confirmation_delta(_geometry((4, 5, 6), AFFINE)))
     assert raw == bytes(15)  # ceil(120 / 8)
+
+
+def test_a_command_leaves_no_tls_environment_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`send` points ATLASFLOW_TLS_* at the local stack's TLS for its own calls; an in-process
+    caller (CliRunner, the demo, the next test) must not inherit them."""
+    for key in ("ATLASFLOW_TLS_CA_FILE", "ATLASFLOW_TLS_CERT_FILE", "ATLASFLOW_TLS_KEY_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    files = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
+    for path in files.values():
+        path.write_text("x")
+    (tmp_path / "run").mkdir()
+    endpoints = {"ingest": "127.0.0.1:9", "tls": {f"{n}_file": str(p) for n, p in files.items()}}
+    (tmp_path / "run" / "endpoints.json").write_text(json.dumps(endpoints))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    CliRunner().invoke(cli, ["send", str(empty), "--state-dir", str(tmp_path)])
+    assert "ATLASFLOW_TLS_CA_FILE" not in os.environ
+    main(["send", str(empty), "--state-dir", str(tmp_path)])
+    assert "ATLASFLOW_TLS_CA_FILE" not in os.environ

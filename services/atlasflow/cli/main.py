@@ -26,6 +26,7 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -115,6 +116,9 @@ def cli() -> None:
 
     Run `atlasflow COMMAND --help` for a command's options and examples.
     """
+    # A command may point ATLASFLOW_TLS_* at a local stack's TLS for its own calls: put them
+    # back when it ends, so an in-process caller (CliRunner, the demo) inherits nothing.
+    click.get_current_context().call_on_close(_restore_tls_env(_tls_env()))
 
 
 # ----------------------------------------------------------------------------- the stack
@@ -435,7 +439,36 @@ def _fail(command: str, message: str, hint: str = "") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line ``argv`` (default sys.argv[1:]); return the exit code."""
+    """Run the command line ``argv`` (default sys.argv[1:]); return the exit code.
+
+    The client commands point ``ATLASFLOW_TLS_*`` at a local stack's TLS for their own calls;
+    those variables are put back as they were when the command ends, so a caller in the same
+    process (the demo, a test) does not inherit another stack's certificates."""
+    restore = _restore_tls_env(_tls_env())
+    try:
+        return _main(argv)
+    finally:
+        restore()
+
+
+def _tls_env() -> dict[str, str | None]:
+    from atlasflow.common.tls import CA_FILE_ENV, CERT_FILE_ENV, KEY_FILE_ENV
+
+    return {k: os.environ.get(k) for k in (CA_FILE_ENV, CERT_FILE_ENV, KEY_FILE_ENV)}
+
+
+def _restore_tls_env(saved: dict[str, str | None]) -> Callable[[], None]:
+    def restore() -> None:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    return restore
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in DELEGATED:  # the module's own argparse sees every argument, --help too
         _local_tls(Path(os.environ.get(STATE_DIR_ENV, DEFAULT_STATE_DIR)))
