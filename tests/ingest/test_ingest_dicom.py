@@ -219,10 +219,16 @@ def test_validate_dataset_as_from_c_store(demo_file: Path) -> None:
 def test_status_table_is_in_the_c_store_failure_ranges() -> None:
     assert set(DICOM_STATUS) >= {"NOT_DICOM", "NOT_CT", "CORRUPT_DICOM", "MISSING_UID"}
     # PS3.4 Table B.2-1, C-STORE failures: A7xx Refused: Out of Resources, A9xx Data Set does
-    # not match SOP Class, Cxxx Cannot understand
+    # not match SOP Class, Cxxx Cannot understand; plus the general PS3.7 Annex C failure 0124H
+    # Refused: Not Authorized (a study an admin deleted: its tombstone refuses new instances)
+    from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+
     for reason, status in DICOM_STATUS.items():
-        assert 0xA700 <= status <= 0xA7FF or 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF, reason
+        in_ranges = 0xA700 <= status <= 0xA7FF or 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF
+        general = STORAGE_SERVICE_CLASS_STATUS.get(status, ("",))[0] == "Failure"
+        assert in_ranges or general, reason
     assert DICOM_STATUS["DISK_FULL"] == 0xA700
+    assert DICOM_STATUS["STUDY_DELETED"] == 0x0124
 
 
 @pytest.mark.parametrize(
