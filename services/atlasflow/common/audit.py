@@ -110,6 +110,8 @@ AUDITED: Mapping[str, str | None] = {
     f"/{_LABELS}/GetExportJob": None,
     f"/{_LABELS}/ListAuditRecords": AUDIT_READ,
     f"/{_LABELS}/PurgeStudy": DELETE,
+    # the identified SEG: the study's patient module and UIDs with the labels
+    f"/{_LABELS}/StreamLabelVersionSeg": PHI_READ,
     # ranking: the worklist carries ids, scores and boxes, no image and no patient data
     f"/{_RANK}/SubmitAttention": None,
     f"/{_RANK}/RecordLabelVersion": None,

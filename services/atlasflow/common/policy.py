@@ -74,6 +74,9 @@ POLICY: Mapping[str, frozenset[str]] = {
     f"/{_LABELS}/GetExportJob": _ADMIN,
     f"/{_LABELS}/ListAuditRecords": _ADMIN,
     f"/{_LABELS}/PurgeStudy": _SERVICE,
+    # the identified SEG of a version (DICOMweb through the gateway, as the user): it carries the
+    # study's patient data, like StreamSeriesInstances, which only admin may read as a person
+    f"/{_LABELS}/StreamLabelVersionSeg": _ADMIN,
     # ranking
     f"/{_RANK}/SubmitAttention": _SERVICE,
     f"/{_RANK}/RecordLabelVersion": _SERVICE,

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse
 from atlasflow.common.clients import aio_channel
 from atlasflow.gateway.settings import GatewaySettings
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from atlasflow.labels.v1 import labels_pb2_grpc
+from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
 from atlasflow.ranking.v1 import ranking_pb2_grpc
 from atlasflow.segmentation.v1 import segmentation_pb2_grpc
 
@@ -46,6 +46,8 @@ HTTP_STATUS = {
 _BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
 #: a unary call's deadline, seconds
 CALL_TIMEOUT_S = 60.0
+#: one STOW-RS instance's UploadInstances deadline, seconds
+UPLOAD_TIMEOUT_S = 600.0
 
 
 def metadata_for(token: str) -> tuple[tuple[str, str], ...]:
@@ -142,15 +144,22 @@ class Backends:
         """One unary call as the user (``method``: a stub's bound method)."""
         return await method(request, metadata=metadata_for(token), timeout=CALL_TIMEOUT_S)
 
-    def stream_instances(
-        self, token: str, series_id: str, *, headers_only: bool
-    ) -> AsyncIterator[ingest_pb2.StreamSeriesInstancesResponse]:
-        """StreamSeriesInstances of the latest version of ``series_id``, as the user."""
-        call: AsyncIterator[ingest_pb2.StreamSeriesInstancesResponse] = self.ingest.StreamSeriesInstances(
+    def stream_instances(self, token: str, series_id: str, *, headers_only: bool) -> Any:
+        """StreamSeriesInstances of the latest version of ``series_id``, as the user: the call
+        (an async iterator of StreamSeriesInstancesResponse; ``cancel()`` stops it early)."""
+        return self.ingest.StreamSeriesInstances(
             ingest_pb2.StreamSeriesInstancesRequest(series_id=series_id, headers_only=headers_only),
             metadata=metadata_for(token),
         )
-        return call
+
+    def stream_seg(self, token: str, case_id: str, *, headers_only: bool) -> Any:
+        """labels StreamLabelVersionSeg of the case's head version, as the user (an async
+        iterator of StreamLabelVersionSegResponse)."""
+        return self.labels.StreamLabelVersionSeg(
+            labels_pb2.StreamLabelVersionSegRequest(case_id=case_id, headers_only=headers_only),
+            metadata=metadata_for(token),
+            timeout=UPLOAD_TIMEOUT_S,
+        )
 
     async def upload(
         self, token: str, requests: list[ingest_pb2.UploadInstancesRequest]
@@ -162,6 +171,6 @@ class Backends:
                 yield r
 
         resp: ingest_pb2.UploadInstancesResponse = await self.ingest.UploadInstances(
-            gen(), metadata=metadata_for(token), timeout=600.0
+            gen(), metadata=metadata_for(token), timeout=UPLOAD_TIMEOUT_S
         )
         return resp

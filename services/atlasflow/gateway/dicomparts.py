@@ -10,7 +10,7 @@ import fnmatch
 import io
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,19 +183,105 @@ def boundary_of(content_type: str) -> str:
     raise QueryError("the multipart Content-Type has no boundary")
 
 
-def split_parts(body: bytes, boundary: str) -> Iterator[tuple[dict[str, str], bytes]]:
-    """(headers, content) of each part of a multipart body."""
-    delim = b"--" + boundary.encode()
-    chunks = body.split(delim)
-    for chunk in chunks[1:]:
-        if chunk.startswith(b"--"):
-            break
-        chunk = chunk.removeprefix(b"\r\n")
-        head, sep, content = chunk.partition(b"\r\n\r\n")
-        if not sep:
-            continue
-        headers = {}
-        for line in head.split(b"\r\n"):
-            k, _, v = line.decode("latin-1").partition(":")
-            headers[k.strip().lower()] = v.strip()
-        yield headers, content.removesuffix(b"\r\n")
+class MultipartError(ValueError):
+    """A multipart body that is not well formed (400)."""
+
+
+#: the largest header section of one part, bytes
+MAX_PART_HEADER_BYTES = 64 * 1024
+
+
+class MultipartReader:
+    """The parts of a ``multipart/related`` body read from a byte stream as it arrives (RFC 2046
+    5.1.1): `next_part` gives each part's headers, `content` its bytes in pieces. It holds at
+    most one received chunk plus a delimiter's length, never a whole part or body; a part whose
+    content is not read to its end is skipped by the next `next_part`.
+
+    Raises `MultipartError` for a body without the boundary, a header section over
+    `MAX_PART_HEADER_BYTES`, or a body that ends before the closing delimiter.
+    """
+
+    def __init__(self, chunks: AsyncIterator[bytes], boundary: str) -> None:
+        self._chunks = chunks.__aiter__()
+        # the CRLF before the first delimiter belongs to it (a body may start with it)
+        self._buf = bytearray(b"\r\n")
+        self._delim = b"\r\n--" + boundary.encode("latin-1")
+        self._eof = False
+        self._state = "preamble"  # preamble | content | boundary | done
+
+    async def _fill(self) -> bool:
+        if self._eof:
+            return False
+        try:
+            chunk = await anext(self._chunks)
+        except StopAsyncIteration:
+            self._eof = True
+            return False
+        self._buf += chunk
+        return True
+
+    async def _need(self, n: int, what: str) -> None:
+        while len(self._buf) < n:
+            if not await self._fill():
+                raise MultipartError(f"the body ends {what}")
+
+    async def next_part(self) -> dict[str, str] | None:
+        """The next part's headers (lower-case names), or None after the closing delimiter."""
+        if self._state == "content":
+            async for _skipped in self.content():
+                pass
+        if self._state == "done":
+            return None
+        if self._state == "preamble":
+            while (i := self._buf.find(self._delim)) < 0:
+                del self._buf[: max(0, len(self._buf) - len(self._delim) + 1)]
+                if not await self._fill():
+                    raise MultipartError("the body holds no part delimited by the boundary")
+            del self._buf[:i]
+        await self._need(len(self._delim) + 2, "after a delimiter")
+        del self._buf[: len(self._delim)]
+        if self._buf.startswith(b"--"):
+            self._state = "done"
+            return None
+        # transport padding, then the CRLF that ends the delimiter line (kept: it starts the
+        # header section, so that a part without headers is found as CRLF CRLF too)
+        while (j := self._buf.find(b"\r\n")) < 0:
+            if len(self._buf) > MAX_PART_HEADER_BYTES:
+                raise MultipartError("a delimiter line is too long")
+            await self._need(len(self._buf) + 1, "inside a delimiter line")
+        if self._buf[:j].strip(b" \t"):
+            raise MultipartError("a delimiter is followed by other text than the line end")
+        del self._buf[:j]
+        while (k := self._buf.find(b"\r\n\r\n")) < 0:
+            if len(self._buf) > MAX_PART_HEADER_BYTES:
+                raise MultipartError("a part's header section is too long")
+            await self._need(len(self._buf) + 1, "inside a part's headers")
+        head = bytes(self._buf[2:k])
+        del self._buf[: k + 4]
+        headers: dict[str, str] = {}
+        for line in head.split(b"\r\n") if head else ():
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        self._state = "content"
+        return headers
+
+    async def content(self) -> AsyncIterator[bytes]:
+        """The current part's bytes up to its delimiter, in pieces as they arrive."""
+        if self._state != "content":
+            return
+        keep = len(self._delim) - 1
+        while True:
+            i = self._buf.find(self._delim)
+            if i >= 0:
+                piece = bytes(self._buf[:i])
+                del self._buf[:i]
+                self._state = "boundary"
+                if piece:
+                    yield piece
+                return
+            if len(self._buf) > keep:
+                piece = bytes(self._buf[:-keep])
+                del self._buf[:-keep]
+                yield piece
+            if not await self._fill():
+                raise MultipartError("the body ends inside a part (no closing delimiter)")

@@ -46,8 +46,12 @@ class GatewaySettings(ServiceSettings):
     oidc_scopes: str = "openid profile"
     # The review app's folder (index.html, app.css, build/app.js); empty: the package's gateway/web
     web_dir: str = ""
-    # Largest request body accepted (STOW-RS, a revision), bytes
+    # Largest request body accepted (a revision), bytes
     max_request_bytes: int = 1024 * 1024 * 1024
+    # Largest instance of a STOW-RS request, bytes (the body is parsed as a stream, so a STOW
+    # may hold any number of instances; a larger one fails with 0xA700 and the others go on);
+    # ingest's own MAX_INSTANCE_MB applies too
+    max_instance_bytes: int = 2 * 1024 * 1024 * 1024
     # The gateway's audit log (gateway/audit.py: logins, downloads, refusals): a PostgreSQL URL
     # (several replicas share one log; from a Secret, like the labels service's DATABASE_URL);
     # empty: <DATA_DIR>/audit.sqlite3 (keep DATA_DIR on a volume)

@@ -10,7 +10,9 @@ event loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+import hashlib
+import io
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import cast
@@ -19,13 +21,21 @@ from google.protobuf import timestamp_pb2, unknown_fields
 from prometheus_client import CollectorRegistry, Histogram
 
 from atlasflow.common.blobstore import BlobStore
-from atlasflow.common.errors import AtlasflowError, FailedPrecondition, InvalidArgument, PermissionDenied
+from atlasflow.common.errors import (
+    AtlasflowError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from atlasflow.common.server import Context, author_of, principal_of, roles_of
 from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.audit import audited, require_principal
+from atlasflow.labels.case_seg import build_case_seg
 from atlasflow.labels.deid import DATES_FULL, DATES_MODIFIED, DATES_REMOVED, DeidOptions
 from atlasflow.labels.export import destination_path
-from atlasflow.labels.export_jobs import ExportOptions, PacsDestination, SegOutcome, job_seg_outcomes
+from atlasflow.labels.export_jobs import SEG_REFUSED, ExportOptions, PacsDestination, SegOutcome, job_seg_outcomes
 from atlasflow.labels.repository import (
     DOMAIN,
     AuditEvent,
@@ -40,6 +50,8 @@ from atlasflow.labels.worker import Exporter
 from atlasflow.labels.writer import LabelWriter, MaskRevision
 
 NIFTI_GZ = "application/x-nifti+gzip"
+#: bytes per StreamLabelVersionSeg message
+SEG_CHUNK_BYTES = 1 << 20
 
 
 def _organ(organ_id: int) -> common_pb2.Organ:
@@ -449,3 +461,78 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
         return labels_pb2.PurgeStudyResponse(
             deleted_rows=counts, released_digests=released, referenced_digests=referenced
         )
+
+    async def StreamLabelVersionSeg(
+        self, request: labels_pb2.StreamLabelVersionSegRequest, context: Context
+    ) -> AsyncIterator[labels_pb2.StreamLabelVersionSegResponse]:
+        if bool(request.case_id) == bool(request.version_id):
+            raise InvalidArgument(
+                "INVALID_ARGUMENT",
+                "exactly one of case_id and version_id is required",
+                domain=DOMAIN,
+                metadata={"field": "case_id" if not request.case_id else "version_id"},
+            )
+        record, data = await asyncio.to_thread(
+            audited,
+            self.repo,
+            principal_of(context),
+            "StreamLabelVersionSeg",
+            request.case_id,
+            lambda _: self._seg_of(request.case_id, request.version_id, request.headers_only),
+            lambda result: ((result[0].version_id,), ""),
+        )
+        sha = hashlib.sha256(data).hexdigest()
+        for offset in range(0, max(len(data), 1), SEG_CHUNK_BYTES):
+            last = offset + SEG_CHUNK_BYTES >= len(data)
+            msg = labels_pb2.StreamLabelVersionSegResponse(
+                offset=offset,
+                chunk=data[offset : offset + SEG_CHUNK_BYTES],
+                last_chunk=last,
+                sha256=sha if last else "",
+            )
+            if offset == 0:
+                msg.version.CopyFrom(version_to_proto(record))
+                msg.size_bytes = len(data)
+            yield msg
+
+    def _seg_of(self, case_id: str, version_id: str, headers_only: bool) -> tuple[LabelVersionRecord, bytes]:
+        """(the version, its identified DICOM SEG as Part-10 bytes; without PixelData when
+        ``headers_only``), built like an identified export's (`build_case_seg`); a SEG that
+        cannot be made raises the export outcome's reason (see the proto)."""
+        if version_id:
+            record = self.repo.get_version(version_id)
+        else:
+            head = self.repo.head(case_id)
+            if head is None:
+                raise NotFound(
+                    "CASE_NOT_FOUND", "case has no label version", domain=DOMAIN, metadata={"case_id": case_id[:80]}
+                )
+            record = head
+        sources = self.exporter.sources
+        if sources is None:
+            raise Unavailable("INGEST_UNAVAILABLE", "no ingest service is configured", domain=DOMAIN)
+        seg, data, outcome = build_case_seg(
+            sources,
+            record.ct_digest,
+            self.blobs.get(record.label_map_digest),
+            record.provenance,
+            record.version_id,
+            case_id=record.case_id,
+            organ_provenance={o: op.provenance for o, op in record.organ_provenance.items()},
+            organ_versions={o: op.version_id for o, op in record.organ_provenance.items()},
+        )
+        if seg is None or data is None:
+            meta = dict(outcome.reason_metadata)
+            if outcome.reason == "SOURCE_SERIES_NOT_FOUND":
+                raise NotFound(outcome.reason, "the CT has no stored source instances", domain=DOMAIN, metadata=meta)
+            if outcome.state == SEG_REFUSED or outcome.reason == "DICOM_SEG_ERROR":
+                raise FailedPrecondition(
+                    outcome.reason, "no DICOM SEG can be made of this label version", domain=DOMAIN, metadata=meta
+                )
+            raise Unavailable(outcome.reason, "the source instances could not be fetched", domain=DOMAIN, metadata=meta)
+        if headers_only:
+            del seg.PixelData
+            buf = io.BytesIO()
+            seg.save_as(buf, enforce_file_format=True)
+            data = buf.getvalue()
+        return record, data

@@ -374,3 +374,29 @@ class PurgeStudyResponse(_message.Message):
     released_digests: _containers.RepeatedScalarFieldContainer[str]
     referenced_digests: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, deleted_rows: _Optional[_Mapping[str, int]] = ..., released_digests: _Optional[_Iterable[str]] = ..., referenced_digests: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StreamLabelVersionSegRequest(_message.Message):
+    __slots__ = ("case_id", "version_id", "headers_only")
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    version_id: str
+    headers_only: bool
+    def __init__(self, case_id: _Optional[str] = ..., version_id: _Optional[str] = ..., headers_only: _Optional[bool] = ...) -> None: ...
+
+class StreamLabelVersionSegResponse(_message.Message):
+    __slots__ = ("version", "size_bytes", "offset", "chunk", "last_chunk", "sha256")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    version: LabelVersion
+    size_bytes: int
+    offset: int
+    chunk: bytes
+    last_chunk: bool
+    sha256: str
+    def __init__(self, version: _Optional[_Union[LabelVersion, _Mapping]] = ..., size_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., chunk: _Optional[bytes] = ..., last_chunk: _Optional[bool] = ..., sha256: _Optional[str] = ...) -> None: ...

@@ -139,6 +139,11 @@ class LabelServiceStub:
                 request_serializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.PurgeStudyRequest.SerializeToString,
                 response_deserializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.PurgeStudyResponse.FromString,
                 _registered_method=True)
+        self.StreamLabelVersionSeg = channel.unary_stream(
+                '/atlasflow.labels.v1.LabelService/StreamLabelVersionSeg',
+                request_serializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.StreamLabelVersionSegRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.StreamLabelVersionSegResponse.FromString,
+                _registered_method=True)
 
 
 class LabelServiceServicer:
@@ -274,6 +279,25 @@ class LabelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamLabelVersionSeg(self, request, context):
+        """Builds the DICOM SEG of a label version (the case's head version when only case_id is
+        given) from the source instances of its CT (fetched from ingest as svc:labels, headers
+        only) and streams it. The SEG is identified: it references the stored study, series and
+        instances as they are (clinical viewing inside the hospital, e.g. DICOMweb for OHIF or
+        3D Slicer through the gateway), so the policy allows it where StreamSeriesInstances is
+        allowed to a person (admin) and the audit records it as a PHI read. It is the SEG an
+        identified export writes for that version: one segment per organ present, per-organ
+        provenance, UIDs derived from the version id (the same version gives the same SOP
+        Instance). Errors: INVALID_ARGUMENT (not exactly one of case_id, version_id; metadata
+        "field"), CASE_NOT_FOUND / VERSION_NOT_FOUND, SOURCE_SERIES_NOT_FOUND (NOT_FOUND: the CT
+        was not assembled by ingest), GRID_DIFFERS_FROM_SOURCE / DICOM_SEG_ERROR
+        (FAILED_PRECONDITION: no SEG can be made of this version), INGEST_UNAVAILABLE /
+        INGEST_ERROR / INGEST_STREAM_BROKEN (UNAVAILABLE: retry).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LabelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -316,6 +340,11 @@ def add_LabelServiceServicer_to_server(servicer, server):
                     servicer.PurgeStudy,
                     request_deserializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.PurgeStudyRequest.FromString,
                     response_serializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.PurgeStudyResponse.SerializeToString,
+            ),
+            'StreamLabelVersionSeg': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamLabelVersionSeg,
+                    request_deserializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.StreamLabelVersionSegRequest.FromString,
+                    response_serializer=atlasflow_dot_labels_dot_v1_dot_labels__pb2.StreamLabelVersionSegResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -599,6 +628,33 @@ class LabelService:
             '/atlasflow.labels.v1.LabelService/PurgeStudy',
             atlasflow_dot_labels_dot_v1_dot_labels__pb2.PurgeStudyRequest.SerializeToString,
             atlasflow_dot_labels_dot_v1_dot_labels__pb2.PurgeStudyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamLabelVersionSeg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/atlasflow.labels.v1.LabelService/StreamLabelVersionSeg',
+            atlasflow_dot_labels_dot_v1_dot_labels__pb2.StreamLabelVersionSegRequest.SerializeToString,
+            atlasflow_dot_labels_dot_v1_dot_labels__pb2.StreamLabelVersionSegResponse.FromString,
             options,
             channel_credentials,
             insecure,
