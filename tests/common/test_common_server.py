@@ -244,15 +244,42 @@ class _Streamer(ingest_pb2_grpc.IngestServiceServicer):
             self.ended.set()
 
 
+class _TaskProbe(grpc.aio.ServerInterceptor):
+    """An inner interceptor (where the audit sits) whose response generator notes whether it
+    was closed in the task it ran in: one closed later by the loop's finalizer (another task)
+    ran after the call had ended, where the audit's ``context.peer()`` segfaulted in cygrpc."""
+
+    def __init__(self) -> None:
+        self.closed_in_own_task: list[bool] = []
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler.unary_stream:
+            return handler
+        behavior, closed = handler.unary_stream, self.closed_in_own_task
+
+        async def probed(request, context):
+            task = asyncio.current_task()
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            finally:
+                closed.append(asyncio.current_task() is task)
+
+        return grpc.unary_stream_rpc_method_handler(probed, handler.request_deserializer, handler.response_serializer)
+
+
 def test_a_server_stream_cancelled_by_the_client_is_cancelled_not_crashed(caplog):
     """A client that cancels a server stream early (the gateway stopping a DICOMweb retrieve)
     ends the handler: no 'rpc crashed' log (no ValueError from a context token or OpenTelemetry
-    context detached in another context), and the call counts as CANCELLED in the metrics."""
+    context detached in another context), the interceptors' generators (the audit's) are closed
+    in the call's own task while it runs, and the call counts as CANCELLED in the metrics."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     metrics = Metrics("ingest")
     streamer = _Streamer()
+    probe = _TaskProbe()
     loop = asyncio.new_event_loop()
 
     def register(server):
@@ -266,6 +293,7 @@ def test_a_server_stream_cancelled_by_the_client_is_cancelled_not_crashed(caplog
             port=0,
             tracer_provider=provider,
             verifier=TokenVerifier(auth.issuer().config()),
+            interceptors=[probe],
         )
         await built.server.start()
         return built
@@ -302,6 +330,7 @@ def test_a_server_stream_cancelled_by_the_client_is_cancelled_not_crashed(caplog
         loop.call_soon_threadsafe(loop.stop)
         t.join(5)
     assert streamer.sent < 10_000
+    assert probe.closed_in_own_task == [True, True, True]
     messages = [r.getMessage() for r in caplog.records]
     assert not any("rpc crashed" in m for m in messages), messages
     assert not any("Failed to detach context" in m for m in messages), messages

@@ -71,6 +71,12 @@ def client_identity_of(context: Context) -> str:
     return ",".join(i.decode(errors="replace") if isinstance(i, bytes) else str(i) for i in ids or ())
 
 
+def peer_of(context: Context) -> tuple[str, str]:
+    """(peer address, TLS client identity) of a running call. Read them before the call can
+    end: on a call that has ended, cygrpc's ``peer()`` dereferences a released call (segfault)."""
+    return context.peer() or "", client_identity_of(context)
+
+
 def outcome_of(exc: BaseException | None, context: Context) -> tuple[str, str, str]:
     """(status code name, ErrorInfo reason, cause) of a call that ended with ``exc``."""
     if exc is None:
@@ -102,8 +108,12 @@ class AuditRecorder:
         targets: list[tuple[str, str]],
         principal: str,
         roles: tuple[str, ...],
+        peer: tuple[str, str] | None = None,
     ) -> AuditRecord:
+        """``peer``: the call's (peer, TLS client identity) as read while it ran (`peer_of`);
+        None reads them from ``context`` now, which the call must still be running for."""
         code, reason, cause = outcome
+        address, client_identity = peer if peer is not None else peer_of(context)
         return AuditRecord(
             service=self.service,
             action=action,
@@ -113,8 +123,8 @@ class AuditRecorder:
             outcome=code,
             reason=reason,
             cause=cause,
-            peer=context.peer() or "",
-            client_identity=client_identity_of(context),
+            peer=address,
+            client_identity=client_identity,
             targets=tuple(targets),
         )
 
@@ -195,16 +205,17 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
 
             return each()
 
-        def caller(context: Context) -> tuple[str, tuple[str, ...]]:
-            """(subject, roles), read when the handler starts: the identity is set around each
-            step of a handler, not while a cancelled stream is closed."""
-            return principal_of(context), tuple(sorted(roles_of(context) or ()))
+        def caller(context: Context) -> tuple[str, tuple[str, ...], tuple[str, str]]:
+            """(subject, roles, (peer, TLS client identity)), read when the handler starts: the
+            identity is set around each step of a handler, not while a cancelled stream is
+            closed, and the peer must not be read from a call that has ended (`peer_of`)."""
+            return principal_of(context), tuple(sorted(roles_of(context) or ())), peer_of(context)
 
         async def record(
             context: Context,
             exc: BaseException | None,
             targets: list[tuple[str, str]],
-            who: tuple[str, tuple[str, ...]],
+            who: tuple[str, tuple[str, ...], tuple[str, str]],
         ) -> None:
             """Write the call's record; on a failed call a write failure is only logged."""
             rec = recorder.record_of(action, method, context, outcome_of(exc, context), targets, *who)
@@ -236,10 +247,16 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
                 who = caller(context)
                 await recorder.check_writable()  # no data leaves while the log is down
                 sent = 0
+                stream = behavior(noted(request_or_iterator, targets), context)
                 try:
-                    async for item in behavior(noted(request_or_iterator, targets), context):
-                        sent += 1
-                        yield item
+                    try:
+                        async for item in stream:
+                            sent += 1
+                            yield item
+                    finally:  # the handler's generator ends now, in this task, before the record
+                        aclose = getattr(stream, "aclose", None)
+                        if aclose is not None:
+                            await aclose()
                 except BaseException as exc:  # GeneratorExit too: the client cancelled
                     await record(context, exc, targets, who)
                     raise

@@ -135,6 +135,20 @@ def _ignore_request(_data: bytes) -> None:
     return None
 
 
+#: the response-stream generators opened for the call being handled (`_StreamsInOneTask`
+#: closes them in the call's task; None outside a response stream)
+_CALL_STREAMS: ContextVar[list[AsyncIterator[Any]] | None] = ContextVar("atlasflow_call_streams", default=None)
+
+
+def _close_with_call(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """Register ``stream`` (an interceptor's response generator) to be closed by
+    `_StreamsInOneTask` in the call's own task, even when the layer above it drops it unclosed."""
+    opened = _CALL_STREAMS.get()
+    if opened is not None:
+        opened.append(stream)
+    return stream
+
+
 class _StreamsInOneTask(grpc.aio.ServerInterceptor):
     """Outermost: runs every response stream as a coroutine that writes each message
     (``context.write``) instead of handing grpc an async generator.
@@ -144,7 +158,12 @@ class _StreamsInOneTask(grpc.aio.ServerInterceptor):
     `_ErrorAndMetricsInterceptor`) are abandoned at a ``yield`` and later closed by the event
     loop's finalizer in another task, so their context tokens are reset in a different Context
     (a ValueError: "rpc crashed", "Failed to detach context"). Here the cancellation arrives at
-    ``await context.write`` in this coroutine, which closes the generators in the same task."""
+    ``await context.write`` in this coroutine, which closes the generators in the same task.
+
+    OpenTelemetry's stream wrapper does not close the generator it iterates: the generators
+    below it register with `_close_with_call` and are closed here too, outermost first, while
+    the call is still alive. Left to the loop's finalizer they ran after the call had ended, and
+    the audit's ``context.peer()`` on the ended call segfaulted in cygrpc (the process died)."""
 
     async def intercept_service(
         self,
@@ -157,14 +176,20 @@ class _StreamsInOneTask(grpc.aio.ServerInterceptor):
 
         def writing(behavior: _StreamBehavior) -> _UnaryBehavior:
             async def run(request_or_iterator: Any, context: Context) -> None:
-                stream = behavior(request_or_iterator, context)
+                opened: list[AsyncIterator[Any]] = []
+                token = _CALL_STREAMS.set(opened)
                 try:
-                    async for item in stream:
-                        await context.write(item)
-                finally:  # also on cancellation: close the generators in this task
-                    aclose = getattr(stream, "aclose", None)
-                    if aclose is not None:
-                        await aclose()
+                    stream = behavior(request_or_iterator, context)
+                    try:
+                        async for item in stream:
+                            await context.write(item)
+                    finally:  # also on cancellation: close the generators in this task
+                        for each in (stream, *opened):  # outermost first; closing twice is a no-op
+                            aclose = getattr(each, "aclose", None)
+                            if aclose is not None:
+                                await aclose()
+                finally:
+                    _CALL_STREAMS.reset(token)
 
             return run
 
@@ -346,7 +371,11 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     finish(t0, code_of(context, exc))
 
-            return wrapper
+            def opened(request_or_iterator: Any, context: Context) -> AsyncIterator[Any]:
+                # OpenTelemetry's wrapper above never closes this generator: `_StreamsInOneTask` does
+                return _close_with_call(wrapper(request_or_iterator, context))
+
+            return opened
 
         # The casts state what grpc.aio hands us (see _UnaryBehavior); the stubs describe the sync server.
         if handler.unary_unary:
