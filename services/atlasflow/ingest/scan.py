@@ -28,7 +28,6 @@ from atlasflow.ingest.frames import FrameRef, frame_refs, series_error
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-
 #: Same set as `atlasflow.ingest.dicom.CT_SOP_CLASSES` (not imported: it imports pydicom, and
 #: the fast path below converts native single-frame series without pydicom at all).
 CT_SOP_CLASSES = frozenset(
@@ -169,6 +168,8 @@ def iter_files(inputs: Iterable[Path]) -> Iterator[Path]:
 def _source_factory(
     path: Path, ds: Dataset, cache: _LastDataset
 ) -> Callable[[Dataset, int | None], NativeFileFrame | EncodedFileFrame]:
+    from pydicom.errors import BytesLengthException  # pydicom is loaded: ds is a pydicom Dataset
+
     ts = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
     elem = ds.get_item(0x7FE00010, keep_deferred=True) if "PixelData" in ds else None
     try:
@@ -176,7 +177,8 @@ def _source_factory(
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         rows, cols = int(ds.Rows), int(ds.Columns)
         signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-    except (AttributeError, TypeError, ValueError, OverflowError, NotImplementedError):  # crafted: decode path reports
+    # crafted values (BytesLengthException: a US/SS/FL value of the wrong length): the decode path reports
+    except (AttributeError, TypeError, ValueError, OverflowError, NotImplementedError, BytesLengthException):
         bits, samples, rows, cols, signed = 0, 0, 0, 0, False
     value_tell: int | None = getattr(elem, "value_tell", None)  # RawDataElement / deferred DataElement
     native = (
