@@ -76,7 +76,7 @@ for i in range(start, start + count):
 def run(args: argparse.Namespace) -> int:
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     todo = collections.deque(
-        (s, min(args.chunk, args.inputs - s)) for s in range(args.start, args.start + args.inputs, args.chunk)
+        (s, min(args.chunk, args.start + args.inputs - s)) for s in range(args.start, args.start + args.inputs, args.chunk)
     )
     results: collections.Counter[str] = collections.Counter()
     kinds: collections.Counter[str] = collections.Counter()
