@@ -64,7 +64,11 @@ def test_a_wado_retrieve_is_audited_by_ingest_with_the_users_subject(
             .records
         )
     streams = [r for r in records if r.method.endswith("/StreamSeriesInstances")]
-    assert streams and all(r.action == "phi-read" and r.outcome == "OK" for r in streams)
+    assert streams and all(r.action == "phi-read" for r in streams)
+    # the series is read to its end (OK); finding the study's series reads each one's first
+    # header and cancels the rest of its stream (CANCELLED, recorded all the same)
+    outcomes = [r.outcome for r in streams]
+    assert "OK" in outcomes and set(outcomes) <= {"OK", "CANCELLED"}, outcomes
     assert list(streams[0].roles) == ["admin"]
 
 

@@ -206,7 +206,6 @@ def labelled(stack: LocalDeployment, tmp_path_factory: pytest.TempPathFactory) -
                 ingest_pb2.ListSeriesRequest(page_size=1000), metadata=_as(stack, "admin", "t"), timeout=30
             ).series:
                 if s.volume.digest and s.instance_count == 3:
-                    # read whole: a cancelled StreamSeriesInstances crashes ingest (see docs)
                     msgs = list(
                         ingest.StreamSeriesInstances(
                             ingest_pb2.StreamSeriesInstancesRequest(series_id=s.series_id, headers_only=True),
