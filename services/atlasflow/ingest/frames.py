@@ -213,6 +213,10 @@ def _frame_refs(ds: Dataset, source_for: object, index: int) -> list[FrameRef]:
         raise series_error(
             "INCONSISTENT_SERIES", f"slice {index}: Rows/Columns missing", check="geometry_missing", attribute="Rows"
         ) from None
+    if rows <= 0 or cols <= 0:  # an empty image (reception refuses it; a file read by `convert` may not)
+        raise series_error(
+            "CORRUPT_DICOM", f"slice {index}: image of {rows}x{cols} pixels", check="image_pixel", attribute="Rows"
+        )
     if not is_multiframe(ds):
         return [
             FrameRef(
