@@ -76,7 +76,8 @@ for i in range(start, start + count):
 def run(args: argparse.Namespace) -> int:
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     todo = collections.deque(
-        (s, min(args.chunk, args.start + args.inputs - s)) for s in range(args.start, args.start + args.inputs, args.chunk)
+        (s, min(args.chunk, args.start + args.inputs - s))
+        for s in range(args.start, args.start + args.inputs, args.chunk)
     )
     results: collections.Counter[str] = collections.Counter()
     kinds: collections.Counter[str] = collections.Counter()
@@ -160,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
                 rc = proc.wait()
                 if st["next"] != st["end"]:
                     crashes.append({"i": st["next"], "error": f"worker died (rc {rc})", "detail": ""})
+                    print(f"  crash: input {st['next']}: worker died (rc {rc})", flush=True)
                     done += 1
                     stop(pid, resume=True)
                 else:
