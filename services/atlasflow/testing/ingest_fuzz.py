@@ -343,7 +343,9 @@ def _m_bytes(rng: random.Random, buf: bytes) -> bytes:
         r = rng.random()
         pos = rng.randrange(min(132, len(out) - 1), max(min(132, len(out) - 1) + 1, header))
         if r < 0.7:
-            out[pos] = rng.randrange(256) if rng.random() < 0.7 else rng.choice((0, 0xFF, 0x7F, 0x80))
+            value = rng.randrange(256) if rng.random() < 0.7 else rng.choice((0, 0xFF, 0x7F, 0x80))
+            if pos < len(out):  # earlier deletions may have shortened the buffer below `header`
+                out[pos] = value
         elif r < 0.85:
             del out[pos : pos + rng.randint(1, 8)]
         else:
