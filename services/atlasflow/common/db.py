@@ -63,6 +63,7 @@ from alembic.script.revision import ResolutionError
 from alembic.util.exc import CommandError
 
 from atlasflow.common.errors import FailedPrecondition, InvalidArgument
+from atlasflow.common.sqlite import enable_wal
 
 Isolation = Literal["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"]
 
@@ -145,7 +146,7 @@ def _sqlite_engine(url: sa.URL) -> sa.Engine:
         dbapi_conn.isolation_level = None  # pysqlite must not BEGIN on its own; "begin" below does
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        cur.execute("PRAGMA journal_mode = WAL")
+        enable_wal(cur, SQLITE_BUSY_TIMEOUT_MS)
         cur.execute("PRAGMA synchronous = FULL")
         cur.execute("PRAGMA foreign_keys = ON")
         cur.close()

@@ -60,21 +60,26 @@ def connect(path: str | Path, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS)
     conn = sqlite3.connect(str(path), timeout=busy_timeout_ms / 1000.0, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-    # Switching to WAL takes an exclusive lock and may answer "database is locked" at once,
-    # without the busy handler, while another connection opens or migrates the same file:
-    # retried here within the busy timeout (seen with four threads opening one database).
+    enable_wal(conn, busy_timeout_ms)
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def enable_wal(conn: Any, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> None:
+    """``PRAGMA journal_mode = WAL`` on a DB-API connection or cursor, retried within the busy
+    timeout: switching to WAL takes an exclusive lock and may answer "database is locked" at
+    once, without the busy handler, while another connection opens or migrates the same file
+    (seen with four threads opening one database under load)."""
     deadline = time.monotonic() + busy_timeout_ms / 1000.0
     while True:
         try:
             conn.execute("PRAGMA journal_mode = WAL")
-            break
+            return
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("PRAGMA foreign_keys = ON")
-    return conn
 
 
 @contextlib.contextmanager
