@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar, cast
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -46,7 +46,7 @@ from atlasflow.common.audit import (
 )
 from atlasflow.common.auth import Identity
 from atlasflow.common.errors import AtlasflowError, InvalidArgument, Unavailable
-from atlasflow.common.server import principal_of, roles_of
+from atlasflow.common.server import principal_of, rewrap_handler, roles_of
 from atlasflow.common.v1 import audit_pb2, audit_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -271,31 +271,7 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
 
             return wrapper
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                wrap_unary_response(cast(_UnaryBehavior, handler.unary_unary)),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                wrap_unary_response(cast(_UnaryBehavior, handler.stream_unary)),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                wrap_stream_response(cast(_StreamBehavior, handler.unary_stream)),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                wrap_stream_response(cast(_StreamBehavior, handler.stream_stream)),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return handler
+        return rewrap_handler(handler, unary=wrap_unary_response, stream=wrap_stream_response)
 
 
 # ------------------------------------------------------------------------------- AuditService

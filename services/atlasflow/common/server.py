@@ -130,6 +130,34 @@ def bearer_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
+def rewrap_handler(
+    handler: grpc.RpcMethodHandler[_Req, _Resp],
+    *,
+    unary: Callable[[_UnaryBehavior], _UnaryBehavior] | None = None,
+    stream: Callable[[_StreamBehavior], Callable[[Any, Context], Any]] | None = None,
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler[_Req, _Resp]:
+    """``handler`` with its behaviour wrapped, for interceptors: ``unary`` wraps unary-response
+    behaviours (unary_unary, stream_unary), ``stream`` streaming-response ones (unary_stream,
+    stream_stream); a kind whose wrapper is None is returned as it is. ``request_deserializer``
+    replaces the handler's (a refused call's bytes are never parsed)."""
+    deserializer = request_deserializer or handler.request_deserializer
+    serializer = handler.response_serializer
+    # The casts state what grpc.aio hands us (see _UnaryBehavior); the stubs describe the sync server.
+    factories: tuple[tuple[Any, Any, Any], ...] = (
+        (handler.unary_unary, grpc.unary_unary_rpc_method_handler, unary),
+        (handler.stream_unary, grpc.stream_unary_rpc_method_handler, unary),
+        (handler.unary_stream, grpc.unary_stream_rpc_method_handler, stream),
+        (handler.stream_stream, grpc.stream_stream_rpc_method_handler, stream),
+    )
+    for behavior, factory, wrap in factories:
+        if behavior:
+            if wrap is None:
+                return handler
+            return cast("grpc.RpcMethodHandler[_Req, _Resp]", factory(wrap(behavior), deserializer, serializer))
+    return handler
+
+
 def _ignore_request(_data: bytes) -> None:
     """The request deserializer of a refused call: its bytes are never parsed."""
     return None
@@ -194,19 +222,7 @@ class _StreamsInOneTask(grpc.aio.ServerInterceptor):
             return run
 
         # grpc.aio runs a coroutine handler as one that writes its responses (context.write)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                writing(cast(_StreamBehavior, handler.unary_stream)),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                writing(cast(_StreamBehavior, handler.stream_stream)),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return handler
+        return rewrap_handler(handler, stream=writing)
 
 
 class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -377,32 +393,9 @@ class _ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
 
             return opened
 
-        # The casts state what grpc.aio hands us (see _UnaryBehavior); the stubs describe the sync server.
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                wrap_unary_response(cast(_UnaryBehavior, handler.unary_unary)),
-                deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                wrap_unary_response(cast(_UnaryBehavior, handler.stream_unary)),
-                deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                wrap_stream_response(cast(_StreamBehavior, handler.unary_stream)),
-                deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                wrap_stream_response(cast(_StreamBehavior, handler.stream_stream)),
-                deserializer,
-                handler.response_serializer,
-            )
-        return handler
+        return rewrap_handler(
+            handler, unary=wrap_unary_response, stream=wrap_stream_response, request_deserializer=deserializer
+        )
 
 
 @dataclass
