@@ -37,8 +37,10 @@ Message size: Triton's gRPC endpoint accepts messages up to 2 GiB - 1 (its built
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import logging
 import os
+import queue
 import signal
 import sys
 import sysconfig
@@ -50,13 +52,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from atlasflow.common.errors import AtlasflowError
+from atlasflow.common.errors import AtlasflowError, Unavailable
 from atlasflow.segmentation.ensemble import triton_model_name
 from atlasflow.segmentation.pipeline import EnsemblePipeline
 
 LOG = logging.getLogger("atlasflow.segmentation.triton_server")
 ERROR_PREFIX = "ATLASFLOW_ERROR"
 READY_LINE = "TRITON READY"
+#: the control model of `Activations` (a version name in, the bound model's name out)
+ACTIVATE_MODEL = "atlasflow_activate"
 
 
 def ensure_libpython_on_ld_path(environ: dict[str, str] | None = None) -> str:
@@ -150,6 +154,78 @@ def bind_pipeline(triton: Any, pipeline: EnsemblePipeline) -> str:
     return name
 
 
+class Activations:
+    """The control model ``ACTIVATE_MODEL`` (bound when ``serve`` has a versions directory):
+    a request carries a version name (``version`` bytes [1]); the version is verified against
+    its model card (`atlasflow.segmentation.activation.verify_version`), its pipeline built
+    and bound as a new Triton model into the running server (PyTriton loads a model bound after
+    start through Triton's repository API), and the answer is its model name (``model_name``
+    bytes [1]). The binding runs on the serving thread (`process`), the infer callable waits
+    for it. Models already bound stay bound: jobs created for them keep working."""
+
+    def __init__(self, versions_dir: str, device: str) -> None:
+        self.versions_dir = versions_dir
+        self.device = device
+        self.bound: dict[str, str] = {}
+        self._queue: queue.Queue[tuple[str, concurrent.futures.Future[str]]] = queue.Queue()
+
+    def infer(self, requests: list[Any]) -> list[dict[str, npt.NDArray[Any]]]:
+        from pytriton.exceptions import PyTritonBadParameterError
+
+        out = []
+        for request in requests:
+            raw = np.asarray(request.data["version"]).reshape(-1)
+            name = raw[0].decode() if raw.size and isinstance(raw[0], bytes) else str(raw[0] if raw.size else "")
+            done: concurrent.futures.Future[str] = concurrent.futures.Future()
+            self._queue.put((name, done))
+            try:
+                model = done.result(timeout=600)
+            except AtlasflowError as exc:
+                raise PyTritonBadParameterError(f"{ERROR_PREFIX} {exc.code} {exc.reason}: {exc.message}") from None
+            out.append({"model_name": np.array([model.encode()], dtype=np.bytes_)})
+        return out
+
+    def process(self, triton: Any) -> None:
+        """Serve the queued activations (the serving thread, between its liveness checks)."""
+        from atlasflow.segmentation.activation import verify_version
+
+        while True:
+            try:
+                name, done = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                if name not in self.bound:
+                    config = verify_version(self.versions_dir, name)
+                    pipeline = EnsemblePipeline(str(config.source), device=self.device)
+                    self.bound[name] = bind_pipeline(triton, pipeline)
+                    LOG.info("activated ensemble version %s as model %s", name, self.bound[name])
+                done.set_result(self.bound[name])
+            except AtlasflowError as exc:
+                done.set_exception(exc)
+            except Exception as exc:  # noqa: BLE001 - the caller gets a load failure, the server lives on
+                LOG.error("activation of %s failed: %s", name, exc)
+                done.set_exception(
+                    Unavailable(
+                        "TRITON_LOAD_FAILED", "the version could not be loaded", domain="atlasflow.segmentation"
+                    )
+                )
+
+
+def bind_activations(triton: Any, activations: Activations) -> str:
+    from pytriton.model_config import ModelConfig, Tensor
+
+    triton.bind(
+        model_name=ACTIVATE_MODEL,
+        infer_func=activations.infer,
+        inputs=[Tensor(name="version", dtype=bytes, shape=(1,))],
+        outputs=[Tensor(name="model_name", dtype=bytes, shape=(1,))],
+        config=ModelConfig(batching=False),
+        strict=False,
+    )
+    return ACTIVATE_MODEL
+
+
 def serve(
     ensembles: Sequence[str],
     *,
@@ -158,9 +234,12 @@ def serve(
     metrics_port: int,
     device: str = "cpu",
     stop_event: threading.Event | None = None,
+    versions_dir: str = "",
 ) -> None:
     """Load the pipelines, start Triton, print READY_LINE, block until SIGTERM/SIGINT or
-    ``stop_event``, then stop Triton cleanly."""
+    ``stop_event``, then stop Triton cleanly. ``versions_dir``: where promoted ensemble
+    versions live (the training state's ``versions/``): binds the control model
+    ``ACTIVATE_MODEL`` (`Activations`)."""
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
     ensure_libpython_on_ld_path()
@@ -188,13 +267,19 @@ def serve(
     triton = Triton(config=config, security_config=TritonSecurityConfig(access_token=token) if token else None)
     try:
         names = [bind_pipeline(triton, p) for p in pipelines]
+        activations = Activations(versions_dir, device) if versions_dir else None
+        if activations is not None:
+            activations.bound.update({p.version: n for p, n in zip(pipelines, names)})
+            names.append(bind_activations(triton, activations))
         triton.run()
         print(
             f"{READY_LINE} models={','.join(names)} grpc_port={grpc_port} "
             f"load_s={t_models:.2f} startup_s={time.perf_counter() - t0:.2f}",
             flush=True,
         )
-        while not stop.wait(1.0):
+        while not stop.wait(0.2):
+            if activations is not None:
+                activations.process(triton)
             if not triton.is_alive():
                 LOG.error("Triton or its model proxy died")
                 break
@@ -210,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--versions-dir", default="", help="promoted ensemble versions (activation without restart)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # Process entry point: install the shared TracerProvider (OTLP export when OTEL_* is set).
@@ -222,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         http_port=args.http_port,
         metrics_port=args.metrics_port,
         device=args.device,
+        versions_dir=args.versions_dir,
     )
     return 0
 

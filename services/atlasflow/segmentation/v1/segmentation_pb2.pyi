@@ -195,3 +195,39 @@ class PurgeStudyResponse(_message.Message):
     released_digests: _containers.RepeatedScalarFieldContainer[str]
     referenced_digests: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, deleted_rows: _Optional[_Mapping[str, int]] = ..., released_digests: _Optional[_Iterable[str]] = ..., referenced_digests: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ActivateEnsembleVersionRequest(_message.Message):
+    __slots__ = ("ensemble_version",)
+    ENSEMBLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ensemble_version: str
+    def __init__(self, ensemble_version: _Optional[str] = ...) -> None: ...
+
+class ActivateEnsembleVersionResponse(_message.Message):
+    __slots__ = ("ensemble_version", "model_name", "previous_version", "served_versions", "already_active")
+    ENSEMBLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SERVED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    ensemble_version: str
+    model_name: str
+    previous_version: str
+    served_versions: _containers.RepeatedScalarFieldContainer[str]
+    already_active: bool
+    def __init__(self, ensemble_version: _Optional[str] = ..., model_name: _Optional[str] = ..., previous_version: _Optional[str] = ..., served_versions: _Optional[_Iterable[str]] = ..., already_active: _Optional[bool] = ...) -> None: ...
+
+class ReinferCasesRequest(_message.Message):
+    __slots__ = ("ensemble_version", "case_ids")
+    ENSEMBLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    ensemble_version: str
+    case_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ensemble_version: _Optional[str] = ..., case_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReinferCasesResponse(_message.Message):
+    __slots__ = ("jobs", "unknown_case_ids")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_CASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[SegmentationJob]
+    unknown_case_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[SegmentationJob, _Mapping]]] = ..., unknown_case_ids: _Optional[_Iterable[str]] = ...) -> None: ...

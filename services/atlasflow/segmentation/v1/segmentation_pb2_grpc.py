@@ -86,6 +86,16 @@ class SegmentationServiceStub:
                 request_serializer=atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.PurgeStudyRequest.SerializeToString,
                 response_deserializer=atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.PurgeStudyResponse.FromString,
                 _registered_method=True)
+        self.ActivateEnsembleVersion = channel.unary_unary(
+                '/atlasflow.segmentation.v1.SegmentationService/ActivateEnsembleVersion',
+                request_serializer=atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.ActivateEnsembleVersionRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.ActivateEnsembleVersionResponse.FromString,
+                _registered_method=True)
+        self.ReinferCases = channel.unary_unary(
+                '/atlasflow.segmentation.v1.SegmentationService/ReinferCases',
+                request_serializer=atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.ReinferCasesRequest.SerializeToString,
+                response_deserializer=atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.ReinferCasesResponse.FromString,
+                _registered_method=True)
 
 
 class SegmentationServiceServicer:
@@ -163,6 +173,46 @@ class SegmentationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ActivateEnsembleVersion(self, request, context):
+        """Internal hand-off (role service), from the training service after it promoted an ensemble
+        version: makes that version servable without a restart and the default for new jobs.
+        The version is read from the service's versions directory (the training state's
+        versions/<name>/: ensemble.json, the member weights, model_card.json); each member's
+        weights are checked against the SHA-256 digests of its model card before anything is
+        loaded. Embedded mode (PyTriton) binds the new model into the running Triton; cluster mode
+        (stock Triton, explicit model control) expects the training service to have loaded it
+        through the model repository API and checks that it is ready. Jobs already queued or
+        running keep the version they were created with (a job's ensemble_version never changes);
+        the previous versions stay servable. Idempotent: activating the active version again
+        returns it unchanged.
+        Errors (domain "atlasflow.segmentation"): INVALID_ARGUMENT INVALID_VERSION_NAME (empty, a
+        path, or too long); NOT_FOUND UNKNOWN_VERSION (no such version directory);
+        FAILED_PRECONDITION VERSION_CORRUPT (ensemble.json or model_card.json missing or
+        unreadable, a member's weights missing) or VERSION_DIGEST_MISMATCH (a member's weights do
+        not match the model card's digest; metadata member); FAILED_PRECONDITION
+        VERSIONS_NOT_CONFIGURED (the service has no versions directory); UNAVAILABLE
+        TRITON_LOAD_FAILED (Triton did not load or does not serve the model).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReinferCases(self, request, context):
+        """Internal hand-off (role service), from the training service after an activation:
+        re-segments the named cases with `ensemble_version`, in the order given (the ranking
+        worklist's, highest priority first: jobs run in creation order). For each case the newest
+        job of the case (any ensemble version) gives the series, series version, volume and
+        labelled organs; the new job is keyed by (series, series version, ensemble version), so
+        asking again returns the same jobs. The new label versions go to the label service as AI
+        output (which never overwrites an organ a human decided) and the attention to ranking,
+        which recomputes the case's priority; every job carries the caller's trace context.
+        Errors: INVALID_ARGUMENT INVALID_REQUEST (no case ids, more than 10000); INVALID_ARGUMENT
+        UNKNOWN_ENSEMBLE (the version is not active here: activate it first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -195,6 +245,16 @@ def add_SegmentationServiceServicer_to_server(servicer, server):
                     servicer.PurgeStudy,
                     request_deserializer=atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.PurgeStudyRequest.FromString,
                     response_serializer=atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.PurgeStudyResponse.SerializeToString,
+            ),
+            'ActivateEnsembleVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ActivateEnsembleVersion,
+                    request_deserializer=atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.ActivateEnsembleVersionRequest.FromString,
+                    response_serializer=atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.ActivateEnsembleVersionResponse.SerializeToString,
+            ),
+            'ReinferCases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReinferCases,
+                    request_deserializer=atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.ReinferCasesRequest.FromString,
+                    response_serializer=atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.ReinferCasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -381,6 +441,60 @@ class SegmentationService:
             '/atlasflow.segmentation.v1.SegmentationService/PurgeStudy',
             atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.PurgeStudyRequest.SerializeToString,
             atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.PurgeStudyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ActivateEnsembleVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atlasflow.segmentation.v1.SegmentationService/ActivateEnsembleVersion',
+            atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.ActivateEnsembleVersionRequest.SerializeToString,
+            atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.ActivateEnsembleVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReinferCases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atlasflow.segmentation.v1.SegmentationService/ReinferCases',
+            atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.ReinferCasesRequest.SerializeToString,
+            atlasflow_dot_segmentation_dot_v1_dot_segmentation__pb2.ReinferCasesResponse.FromString,
             options,
             channel_credentials,
             insecure,
