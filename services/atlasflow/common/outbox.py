@@ -9,26 +9,48 @@ RPCs are idempotent by the row's `dedupe_key`, so a replay is harmless.
 Each row keeps the W3C traceparent of the step that wrote it, so the delivery continues the
 study's trace across the asynchronous gap.
 
-The dispatcher reads rows through an `OutboxStore`: `SqliteOutboxStore` for the `outbox` table
-below (segmentation), or a service's own table in its own database (labels keeps its version
-events next to the versions, in SQLite or PostgreSQL; atlasflow.labels.events).
+The dispatcher reads rows through an `OutboxStore`: `SqlOutboxStore` for an `outbox` table in a
+service's `atlasflow.common.db` database (SQLite or PostgreSQL), `SqliteOutboxStore` for the
+hand-written SQLite table of a service not yet moved onto common/db, or a service's own table in
+its own database (labels keeps its version events next to the versions, in SQLite or
+PostgreSQL; atlasflow.labels.events).
+
+Replicas (`SqlOutboxStore`): several dispatchers on one database claim due rows with a lease
+(``claimed_by``, ``claim_expires_at``): on PostgreSQL the claiming SELECT is ``FOR UPDATE SKIP
+LOCKED`` (replicas skip each other's rows instead of queueing on them), on SQLite the claim runs
+in a ``BEGIN IMMEDIATE`` transaction (one writer at a time). A claimed row is not handed to
+another dispatcher until its claim expires, so a replica that died mid-delivery leaves its rows
+to the others after `SqlOutboxStore.claim_s`. Delivery is at least once: a replica killed after
+the callee acknowledged but before `mark` commits, or one whose claim expired during a slow
+call, delivers again; receivers are idempotent by the row's ``dedupe_key`` (exactly once in
+effect). Schema: `create_outbox_table` (a new service's Alembic baseline) or
+`add_outbox_claim_columns` (a legacy `OUTBOX_MIGRATION` table adopted by Alembic).
+
+Metrics: ``atlasflow_queue_depth{queue="outbox"}`` (pending rows) and
+``atlasflow_outbox_lag_seconds`` (age of the oldest pending row; stores with
+``oldest_pending_age``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import sqlalchemy as sa
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from atlasflow.common.db import Database
 from atlasflow.common.errors import AtlasflowError
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.telemetry import context_from_traceparent
@@ -65,11 +87,61 @@ PERMANENT_CODES = {
 }
 
 
-def enqueue(conn: sqlite3.Connection, topic: str, dedupe_key: str, payload: bytes, traceparent: str = "") -> None:
-    """Add a hand-off inside the caller's open transaction (no commit here)."""
+def create_outbox_table(op: Any, table: str = "outbox") -> None:
+    """Create the outbox table in an Alembic revision (`op`: ``alembic.op``) of a service that
+    never had the hand-written one: portable types, claim columns included."""
+    op.create_table(
+        table,
+        sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+        sa.Column("topic", sa.Text(), nullable=False),
+        sa.Column("dedupe_key", sa.Text(), nullable=False, unique=True),
+        sa.Column("payload", sa.LargeBinary(), nullable=False),
+        sa.Column("traceparent", sa.Text(), nullable=False, server_default=""),
+        sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
+        sa.Column("next_attempt_at", sa.Double(), nullable=False),
+        sa.Column("last_error", sa.Text(), nullable=False, server_default=""),
+        sa.Column("state", sa.Text(), nullable=False, server_default="pending"),  # pending | done | dead
+        *_claim_columns(),
+        sqlite_autoincrement=True,
+    )
+    op.create_index(f"{table}_due", table, ["state", "next_attempt_at"])
+
+
+def _claim_columns() -> list[sa.Column[Any]]:
+    return [
+        sa.Column("claimed_by", sa.Text(), nullable=False, server_default=""),
+        sa.Column("claim_expires_at", sa.Double(), nullable=False, server_default="0"),
+        sa.Column("create_time", sa.Double(), nullable=False, server_default="0"),
+    ]
+
+
+def add_outbox_claim_columns(op: Any, table: str = "outbox") -> None:
+    """Add the claim columns to a legacy `OUTBOX_MIGRATION` table (an Alembic revision after a
+    service's baseline); the rows' ``create_time`` starts as their ``next_attempt_at``."""
+    for column in _claim_columns():
+        op.add_column(table, column)
+    op.execute(sa.text(f"UPDATE {table} SET create_time = next_attempt_at"))
+
+
+def enqueue(
+    conn: sqlite3.Connection | sa.Connection, topic: str, dedupe_key: str, payload: bytes, traceparent: str = ""
+) -> None:
+    """Add a hand-off inside the caller's open transaction (no commit here): an sqlite3
+    connection (the hand-written table) or a SQLAlchemy connection of a `common.db` database
+    (`SqlOutboxStore`'s table). A second row with the same ``dedupe_key`` is ignored."""
+    now = time.time()
+    if isinstance(conn, sa.Connection):
+        conn.execute(
+            sa.text(
+                "INSERT INTO outbox(topic, dedupe_key, payload, traceparent, next_attempt_at, create_time)"
+                " VALUES (:topic, :key, :payload, :tp, :now, :now) ON CONFLICT (dedupe_key) DO NOTHING"
+            ),
+            {"topic": topic, "key": dedupe_key, "payload": payload, "tp": traceparent, "now": now},
+        )
+        return
     conn.execute(
         "INSERT OR IGNORE INTO outbox(topic, dedupe_key, payload, traceparent, next_attempt_at) VALUES (?, ?, ?, ?, ?)",
-        (topic, dedupe_key, payload, traceparent, time.time()),
+        (topic, dedupe_key, payload, traceparent, now),
     )
 
 
@@ -107,6 +179,97 @@ class OutboxStore(Protocol):
     def mark(self, row_id: int, state: str, error: str, next_attempt_at: float) -> None: ...
 
     def pending(self) -> int: ...
+
+
+def replica_id() -> str:
+    """This process's name in claims and leases: host (the pod's name), pid and a random suffix."""
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class SqlOutboxStore:
+    """The outbox table of a `common.db` database, safe for several dispatchers (replicas).
+
+    `due` claims up to ``min(limit, batch)`` due rows for ``claim_s`` seconds (module
+    docstring); `mark` records an attempt and releases the claim. A row marked ``done`` stays
+    done whoever marks it; a retry or a ``dead`` mark only applies while this store still holds
+    the row's claim (another replica may have taken an expired one)."""
+
+    def __init__(
+        self, db: Database, *, claimer: str | None = None, claim_s: float = 600.0, batch: int = 8, table: str = "outbox"
+    ) -> None:
+        self.db = db
+        self.claimer = claimer or replica_id()
+        self.claim_s = claim_s
+        self.batch = batch
+        self.table = table
+
+    def due(self, now: float, limit: int) -> list[OutboxRow]:
+        t = self.table
+        with self.db.transaction() as conn:
+            ids = [
+                int(r[0])
+                for r in conn.execute(
+                    sa.text(
+                        f"SELECT id FROM {t} WHERE state = 'pending' AND next_attempt_at <= :now"
+                        " AND claim_expires_at <= :now ORDER BY id LIMIT :n" + self.db.for_update(skip_locked=True)
+                    ),
+                    {"now": now, "n": min(limit, self.batch)},
+                )
+            ]
+            if not ids:
+                return []
+            conn.execute(
+                sa.text(
+                    f"UPDATE {t} SET claimed_by = :me, claim_expires_at = :until"
+                    " WHERE id IN :ids AND state = 'pending' AND claim_expires_at <= :now"
+                ).bindparams(sa.bindparam("ids", expanding=True)),
+                {"me": self.claimer, "until": now + self.claim_s, "ids": ids, "now": now},
+            )
+            rows = conn.execute(
+                sa.text(
+                    f"SELECT id, topic, dedupe_key, payload, traceparent, attempts FROM {t}"
+                    " WHERE id IN :ids AND claimed_by = :me ORDER BY id"
+                ).bindparams(sa.bindparam("ids", expanding=True)),
+                {"ids": ids, "me": self.claimer},
+            ).all()
+        return [OutboxRow(int(r[0]), r[1], r[2], bytes(r[3]), r[4], int(r[5])) for r in rows]
+
+    def mark(self, row_id: int, state: str, error: str, next_attempt_at: float) -> None:
+        mine = "" if state == "done" else " AND claimed_by = :me"
+        with self.db.transaction() as conn:
+            conn.execute(
+                sa.text(
+                    f"UPDATE {self.table} SET state = :state, attempts = attempts + 1, last_error = :error,"
+                    " next_attempt_at = :next, claimed_by = '', claim_expires_at = 0"
+                    " WHERE id = :id AND state = 'pending'" + mine
+                ),
+                {"state": state, "error": error, "next": next_attempt_at, "id": row_id, "me": self.claimer},
+            )
+
+    def release(self) -> int:
+        """Give back this store's unexpired claims (a replica stopping cleanly); return how many."""
+        with self.db.transaction() as conn:
+            return int(
+                conn.execute(
+                    sa.text(
+                        f"UPDATE {self.table} SET claimed_by = '', claim_expires_at = 0"
+                        " WHERE claimed_by = :me AND state = 'pending'"
+                    ),
+                    {"me": self.claimer},
+                ).rowcount
+            )
+
+    def pending(self) -> int:
+        with self.db.read() as conn:
+            return int(conn.execute(sa.text(f"SELECT COUNT(*) FROM {self.table} WHERE state = 'pending'")).scalar_one())
+
+    def oldest_pending_age(self, now: float) -> float:
+        """Seconds since the oldest pending row was written (0 when none): the outbox lag."""
+        with self.db.read() as conn:
+            oldest = conn.execute(
+                sa.text(f"SELECT MIN(create_time) FROM {self.table} WHERE state = 'pending'")
+            ).scalar_one()
+        return max(0.0, now - float(oldest)) if oldest is not None else 0.0
 
 
 class SqliteOutboxStore:
@@ -160,6 +323,8 @@ class OutboxDispatcher:
         self.store: OutboxStore = store
         self.handlers = handlers
         self.metrics = metrics
+        # pending rows and lag read from the store at every scrape (right on every replica)
+        metrics.add_outbox("outbox", store)
         self.max_backoff_s = max_backoff_s
         self.poll_s = poll_s
         self._wake = asyncio.Event()
@@ -206,6 +371,9 @@ class OutboxDispatcher:
             finally:
                 otel_context.detach(token)
         self.metrics.set_queue_depth("outbox", await asyncio.to_thread(self.pending))
+        lag = getattr(self.store, "oldest_pending_age", None)
+        if lag is not None:
+            self.metrics.set_outbox_lag("outbox", await asyncio.to_thread(lag, time.time()))
         return delivered
 
     async def run(self) -> None:
