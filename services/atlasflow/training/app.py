@@ -18,6 +18,7 @@ import grpc
 
 from atlasflow.common.app import ServiceApp, ThreadLoop, build_service_server, run_service
 from atlasflow.common.metrics import Metrics
+from atlasflow.training import k8s_runner
 from atlasflow.training.dataset import DecisionSource
 from atlasflow.training.executor import ExecutorConfig, Rollout, RunExecutor, pointer_rollout
 from atlasflow.training.labels_source import LabelsDecisionSource
@@ -78,6 +79,7 @@ async def build_app(
             auto_interval_s=settings.auto_interval_s,
         ),
         rollout=rollout,
+        remote_finetune=k8s_runner.from_settings(settings, state_dir_of(settings)),
     )
     servicer = TrainingServicer(store, wake=executor.wake.set)
 

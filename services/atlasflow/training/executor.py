@@ -111,9 +111,12 @@ class RunExecutor:
         config: ExecutorConfig,
         *,
         rollout: Rollout = pointer_rollout,
+        remote_finetune: Any = None,
     ) -> None:
         self.store, self.source_factory, self.blobs, self.config = store, source_factory, blobs, config
         self.rollout = rollout
+        # RUNNER=kubernetes: a `k8s_runner.KubernetesFinetune` (the fine-tune stage as a Job)
+        self.remote_finetune = remote_finetune
         self._stop = threading.Event()
         self.wake = threading.Event()
         self._last_auto = 0.0
@@ -207,6 +210,7 @@ class RunExecutor:
                 on_progress=on_progress,
                 should_stop=should_stop,
                 on_stage=on_stage,
+                finetune_stage=self._remote_stage(run_id, on_progress),
                 **request_to_round_kwargs(request),
             )
         except TrainingCancelled:
@@ -236,6 +240,17 @@ class RunExecutor:
             SUCCEEDED,
             progress={"stage": "done", "fraction": 1.0},
             result=self.result_doc(result, decisions, rollout),
+        )
+
+    def _remote_stage(self, run_id: str, on_progress: Callable[[str, int, int, float], None]) -> Any:
+        if self.remote_finetune is None:
+            return None
+        return self.remote_finetune.bind(
+            run_id,
+            cancel_requested=lambda: self.store.cancel_requested(run_id),
+            stopping=self._stop.is_set,
+            on_progress=on_progress,
+            on_job=lambda job: self.store.update(run_id, progress={"job": job}),
         )
 
     def result_doc(self, result: RoundResult, decisions: int, rollout: str) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from atlasflow.training.dataset import DOMAIN
 STATE_MOUNT = "/state"
 BLOB_MOUNT = "/blobs"
 JOB_LABEL = "atlasflow.io/training-manifest"
+RUN_LABEL = "atlasflow.io/training-run"
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class JobSettings:
     service_account: str = ""
     image_pull_policy: str = "IfNotPresent"
     priority_class: str = ""
+    env: Mapping[str, str] = field(default_factory=dict)  # extra variables (e.g. BLOB_S3_*)
 
     def __post_init__(self) -> None:
         if bool(self.blob_pvc) == bool(self.blob_url):
@@ -80,24 +82,40 @@ def job_name(manifest_digest: str) -> str:
     return "atlasflow-train-" + manifest_digest.split(":", 1)[-1][:16]
 
 
-def build_job(s: JobSettings, manifest_digest: str, parent_ensemble: str) -> dict[str, Any]:
+def run_job_name(run_id: str, manifest_digest: str) -> str:
+    """``atlasflow-<run id>-<first 8 hex of the manifest>`` (a DNS label, < 63 characters): one
+    Job per run and manifest, so a restarted service finds the Job it created (re-attach) and a
+    run whose decisions changed meanwhile gets a new one."""
+    return f"atlasflow-{run_label(run_id)}-{manifest_digest.split(':', 1)[-1][:8]}"
+
+
+def run_label(run_id: str) -> str:
+    """The run id as a label value and name part (lower-case alphanumerics and '-', <= 40)."""
+    return "".join(c if c.isalnum() else "-" for c in run_id.lower()).strip("-")[:40]
+
+
+def build_job(s: JobSettings, manifest_digest: str, parent_ensemble: str, *, run_id: str = "") -> dict[str, Any]:
     """The ``batch/v1`` Job fine-tuning the members on manifest ``manifest_digest`` (its file is
     ``/state/training/manifests/<hex>.json``) from ``parent_ensemble`` (a version name or a JSON
-    path under /state)."""
+    path under /state). With ``run_id`` (the training service's runner): named by
+    `run_job_name`, labelled with the run, and running `atlasflow.training.job` (which also
+    writes each member's ``result.json`` for the service)."""
     hexd = manifest_digest.split(":", 1)[-1]
-    name = job_name(manifest_digest)
+    name = run_job_name(run_id, manifest_digest) if run_id else job_name(manifest_digest)
     labels = {
         "app.kubernetes.io/name": "atlasflow",
         "app.kubernetes.io/component": "training-job",
         JOB_LABEL: hexd[:16],
     }
+    if run_id:
+        labels[RUN_LABEL] = run_label(run_id)
     command = [
         "torchrun",
         "--standalone",
         "--nnodes=1",
         f"--nproc_per_node={s.gpus}",
         "-m",
-        "atlasflow.training.finetune",
+        "atlasflow.training.job" if run_id else "atlasflow.training.finetune",
         "--manifest",
         f"{STATE_MOUNT}/training/manifests/{hexd}.json",
         "--blobs",
@@ -109,6 +127,8 @@ def build_job(s: JobSettings, manifest_digest: str, parent_ensemble: str) -> dic
         "--device",
         "cuda",
     ]
+    if run_id:
+        command += ["--run-id", run_id]
     mounts: list[dict[str, Any]] = [
         {"name": "state", "mountPath": STATE_MOUNT},
         {"name": "shm", "mountPath": "/dev/shm"},
@@ -120,6 +140,7 @@ def build_job(s: JobSettings, manifest_digest: str, parent_ensemble: str) -> dic
         {"name": "tmp", "emptyDir": {}},
     ]
     env: list[dict[str, Any]] = [{"name": "OMP_NUM_THREADS", "value": "4"}]
+    env += [{"name": k, "value": str(v)} for k, v in sorted(s.env.items())]
     if s.blob_pvc:
         mounts.append({"name": "blobs", "mountPath": BLOB_MOUNT, "readOnly": True})
         volumes.append({"name": "blobs", "persistentVolumeClaim": {"claimName": s.blob_pvc, "readOnly": True}})
@@ -203,9 +224,10 @@ class KubernetesJobRunner:
             core = core or client.CoreV1Api()
         self.s, self.batch, self.core, self.poll_s = settings, batch, core, poll_s
 
-    def submit(self, manifest_digest: str, parent_ensemble: str) -> str:
-        """Create the round's Job (or find it: same manifest, same name); returns its name."""
-        body = build_job(self.s, manifest_digest, parent_ensemble)
+    def submit(self, manifest_digest: str, parent_ensemble: str, *, run_id: str = "") -> str:
+        """Create the round's Job (or find it: same manifest (and run), same name); returns its
+        name."""
+        body = build_job(self.s, manifest_digest, parent_ensemble, run_id=run_id)
         name = str(body["metadata"]["name"])
         try:
             self.batch.create_namespaced_job(self.s.namespace, body)
@@ -221,6 +243,54 @@ class KubernetesJobRunner:
             domain=DOMAIN,
             metadata={"status": str(_status(exc)), "error": type(exc).__name__},
         )
+
+    def read(self, name: str) -> Any:
+        """The Job with its status (a ``V1Job``), or None when it does not exist."""
+        try:
+            return self.batch.read_namespaced_job_status(name, self.s.namespace)
+        except Exception as exc:
+            if _status(exc) == 404:
+                return None
+            raise self._unavailable(exc) from None
+
+    def jobs_of_run(self, run_id: str) -> list[str]:
+        """Names of the Jobs labelled with training run ``run_id``."""
+        try:
+            selector = f"{RUN_LABEL}={run_label(run_id)}"
+            jobs = self.batch.list_namespaced_job(self.s.namespace, label_selector=selector)
+        except Exception as exc:
+            raise self._unavailable(exc) from None
+        return sorted(str(j.metadata.name) for j in jobs.items)
+
+    def pods(self, name: str) -> list[dict[str, str]]:
+        """The Job's pods: name, phase and the first waiting/terminated container's reason
+        (e.g. ImagePullBackOff, OOMKilled, Unschedulable)."""
+        try:
+            pods = self.core.list_namespaced_pod(self.s.namespace, label_selector=f"job-name={name}")
+        except Exception as exc:
+            raise self._unavailable(exc) from None
+        out = []
+        for pod in pods.items:
+            st = pod.status
+            reason = ""
+            for cs in (st.container_statuses or []) if st is not None else []:
+                state = cs.state
+                detail = (state.waiting or state.terminated) if state is not None else None
+                if detail is not None and detail.reason:
+                    reason = str(detail.reason)
+                    break
+            if not reason and st is not None:
+                for cond in st.conditions or []:
+                    if cond.type == "PodScheduled" and cond.status == "False" and cond.reason:
+                        reason = str(cond.reason)
+            out.append(
+                {
+                    "name": str(pod.metadata.name),
+                    "phase": str(st.phase or "") if st is not None else "",
+                    "reason": reason,
+                }
+            )
+        return sorted(out, key=lambda p: p["name"])
 
     def state(self, name: str) -> str:
         """ "succeeded", "failed:<reason>", or "running"."""

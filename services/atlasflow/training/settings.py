@@ -23,6 +23,16 @@ class TrainingSettings(ServiceSettings):
     triton_url / triton_model_repository: the cluster roll-out (both set): a promoted version is
     written into that model repository and loaded through Triton's repository API; empty: the
     version is only promoted (``versions/CURRENT``).
+
+    runner: "local" (fine-tune in this process on ``device``) or "kubernetes" (the fine-tune
+    stage of each run is a ``batch/v1`` Job, `atlasflow.training.k8s_runner`; the service needs
+    the chart's training ServiceAccount). The Job's shape, ``job_*``: namespace (empty: this
+    pod's), image, state_pvc (the PVC holding ``state_dir``, mounted at /state in the Job: the
+    service must mount the same PVC at ``state_dir``), blob_pvc or blob_url (how the Job reaches
+    the blob store; empty both: ``blob_url`` when it is s3://), gpus (torchrun processes),
+    cpu, memory, shm_size, node_selector (JSON object), tolerations (JSON list), backoff_limit,
+    ttl_s (ttlSecondsAfterFinished), active_deadline_s, service_account, priority_class,
+    poll_s (how often the Job is read).
     """
 
     grpc_port: int = 50055
@@ -36,3 +46,29 @@ class TrainingSettings(ServiceSettings):
     triton_url: str = ""
     triton_model_repository: str = ""
     triton_unload_previous: bool = True
+    # TLS to Triton (`atlasflow.training.rollout.from_settings`): as segmentation's
+    # TRITON_TLS_* (CA set = TLS + client certificate, default this service's own; plaintext
+    # only to a loopback triton_url unless triton_allow_plaintext).
+    triton_tls_ca_file: str = ""
+    triton_tls_cert_file: str = ""
+    triton_tls_key_file: str = ""
+    triton_tls_server_name: str = ""
+    triton_allow_plaintext: bool = False
+    runner: str = "local"
+    job_namespace: str = ""
+    job_image: str = ""
+    job_state_pvc: str = ""
+    job_blob_pvc: str = ""
+    job_blob_url: str = ""
+    job_gpus: int = 1
+    job_cpu: str = "8"
+    job_memory: str = "64Gi"
+    job_shm_size: str = "16Gi"
+    job_node_selector: str = ""
+    job_tolerations: str = ""
+    job_backoff_limit: int = 2
+    job_ttl_s: int = 3600
+    job_active_deadline_s: int = 24 * 3600
+    job_service_account: str = ""
+    job_priority_class: str = ""
+    job_poll_s: float = 5.0

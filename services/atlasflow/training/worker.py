@@ -34,7 +34,7 @@ from opentelemetry import trace
 
 from atlasflow.common.blobstore import BlobStore
 from atlasflow.common.organs import ORGANS
-from atlasflow.segmentation.ensemble import EnsembleConfig
+from atlasflow.segmentation.ensemble import EnsembleConfig, MemberConfig
 from atlasflow.training.dataset import (
     DecisionSource,
     Manifest,
@@ -107,10 +107,15 @@ def run_round(
     on_progress: Callable[[str, int, int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_stage: Callable[[str], None] | None = None,
+    finetune_stage: Callable[[EnsembleConfig, list[MemberConfig], Manifest, str, Path], list[MemberResult]]
+    | None = None,
 ) -> RoundResult:
     """Run one round (module docstring). ``parent``: the version to fine-tune (default: the
     promoted one, `current_ensemble`). ``on_stage``: called with "manifest", "finetune",
-    "version", "evaluate", "gate" as each stage begins (the training service's progress)."""
+    "version", "evaluate", "gate" as each stage begins (the training service's progress).
+    ``finetune_stage(parent, members, manifest, digest, run_dir)``: trains the members elsewhere
+    and returns their results (the Kubernetes runner, `atlasflow.training.k8s_runner`); default:
+    in this process."""
     state_dir = Path(state_dir)
     parent = parent or current_ensemble(state_dir)
     seconds: dict[str, float] = {}
@@ -138,7 +143,9 @@ def run_round(
         results = []
         t = time.perf_counter()
         stage("finetune")
-        for member in members_to_train(parent, hyperparameters):
+        if finetune_stage is not None:
+            results = finetune_stage(parent, members_to_train(parent, hyperparameters), manifest, digest, run_dir)
+        for member in members_to_train(parent, hyperparameters) if finetune_stage is None else []:
             results.append(
                 finetune_member(
                     member,
