@@ -400,3 +400,67 @@ def test_otlp_export_over_tls(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None
         assert collector.names == ["tls-span"]
     finally:
         server.stop(0)
+
+
+def test_outgoing_channels_follow_renewed_client_certificate_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service's outgoing channels (async and blocking) present a renewed client certificate
+    without a restart; a renewal half written (new key, old certificate) keeps the previous one."""
+    from atlasflow.common import clients
+    from atlasflow.common.auth import TokenSource
+    from atlasflow.common.tls import ServerTLS
+
+    monkeypatch.setattr(clients, "RELOAD_CHECK_S", 0.0)
+    ca = LocalCA.create_or_load(tmp_path / "ca")
+    served_cert = ca.issue("echo")
+
+    def client_cert_of(_request: bytes, context: grpc.ServicerContext) -> bytes:
+        return context.auth_context()["x509_pem_cert"][0]
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("t.Echo", {"Who": grpc.unary_unary_rpc_method_handler(client_cert_of)}),)
+    )
+    listener = ServerTLS(str(served_cert.cert_file), str(served_cert.key_file), str(ca.ca_file))
+    port = server.add_secure_port("127.0.0.1:0", listener.credentials())
+    server.start()
+    mounted = tmp_path / "mounted"  # the service's Secret mount: files replaced in place
+    mounted.mkdir()
+    cert, key = mounted / "tls.crt", mounted / "tls.key"
+
+    def install(name: str, *, half: bool = False) -> bytes:
+        issued = ca.issue(name, server=False)
+        key.write_bytes(issued.key_file.read_bytes())
+        if not half:
+            cert.write_bytes(issued.cert_file.read_bytes())
+        return issued.cert_file.read_bytes()
+
+    first = install("svc-a")
+    tls = ClientTLS(str(ca.ca_file), str(cert), str(key))
+    target = f"127.0.0.1:{port}"
+    blocking = sync_channel(target, token=TokenSource(), tls=tls)
+
+    async def who_async(channel: grpc.aio.Channel) -> bytes:
+        answer: bytes = await channel.unary_unary("/t.Echo/Who")(b"", timeout=10)
+        return answer
+
+    async def scenario() -> list[bytes]:
+        seen = []
+        async with aio_channel(target, token=TokenSource(), tls=tls) as channel:
+            who_blocking = blocking.unary_unary("/t.Echo/Who")
+            seen += [await who_async(channel), who_blocking(b"", timeout=10)]
+            install("svc-b", half=True)  # key renewed, certificate not yet
+            seen += [await who_async(channel), who_blocking(b"", timeout=10)]
+            seen.append(install("svc-b"))
+            seen += [await who_async(channel), who_blocking(b"", timeout=10)]
+        return seen
+
+    try:
+        a1, b1, a_half, b_half, renewed, a2, b2 = asyncio.run(scenario())
+    finally:
+        blocking.close()
+        server.stop(0)
+    assert a1 == b1 == a_half == b_half == first
+    assert renewed != first
+    assert a2 == b2 == renewed

@@ -157,6 +157,19 @@ class ClientTLS:
     def options(self) -> list[tuple[str, object]]:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
+    def stamp(self) -> tuple[tuple[int, int, int], ...]:
+        """Identity of the files as they are now (inode, mtime, size; raises OSError)."""
+        return tuple(_stamp(p) for p in (self.ca_file, self.cert_file, self.key_file) if p)
+
+    def checked_credentials(self) -> grpc.ChannelCredentials:
+        """`credentials`, after checking that the key belongs to the certificate and the CA
+        bundle parses (ValueError / OSError otherwise: e.g. a renewal half written)."""
+        if self.cert_file or self.key_file:
+            _check_pair(Path(self.cert_file).read_bytes(), Path(self.key_file).read_bytes())
+        if self.ca_file:
+            x509.load_pem_x509_certificates(Path(self.ca_file).read_bytes())
+        return self.credentials()
+
 
 #: an explicitly plaintext channel (a service or test without TLS configured)
 PLAINTEXT = ClientTLS(enabled=False)
