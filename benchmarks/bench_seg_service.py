@@ -102,7 +102,7 @@ def _wait_health(target: str, proc: subprocess.Popen, timeout_s: float = 120) ->
             time.sleep(0.1)
 
 
-def _start_triton(kind: str, ensemble: str, work: Path, model_name: str, token: str) -> tuple[object, str]:
+def _start_triton(kind: str, ensemble: str, work: Path, model_name: str) -> tuple[object, str]:
     from atlasflow.common.ports import free_ports
     from atlasflow.segmentation.triton_client import TritonSegmenter
     from atlasflow.segmentation.triton_repo import write_repository
@@ -131,7 +131,6 @@ def _start_triton(kind: str, ensemble: str, work: Path, model_name: str, token: 
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        env=dict(os.environ, ATLASFLOW_TRITON_ACCESS_TOKEN=token),
     )
     url = f"127.0.0.1:{grpc_port}"
     deadline = time.monotonic() + 300
@@ -190,10 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     blobs = LocalBlobStore(work / "blobs")
     blob = blobs.put(nifti)
 
-    import secrets
-
-    token = secrets.token_urlsafe(16)  # PyTriton's shared-memory protocol needs it (triton_server)
-    triton, url = _start_triton(args.triton, ensemble, work, cfg.model_name, token)
+    triton, url = _start_triton(args.triton, ensemble, work, cfg.model_name)
     seg_port, l_port, r_port = free_ports(3)
     env = dict(os.environ)
     env.update(
@@ -207,7 +203,6 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "ATLASFLOW_SEGMENTATION_LABELS_TARGET": f"127.0.0.1:{l_port}",
             "ATLASFLOW_SEGMENTATION_RANKING_TARGET": f"127.0.0.1:{r_port}",
             "ATLASFLOW_SEGMENTATION_WORKER_POLL_S": "0.05",
-            "ATLASFLOW_SEGMENTATION_TRITON_ACCESS_TOKEN": token,
             "ATLASFLOW_SEGMENTATION_LOG_LEVEL": "WARNING",
             # accepts the tokens of auth.install()'s issuer (see main)
             **auth.auth_env("ATLASFLOW_SEGMENTATION_"),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import ssl
 import subprocess
@@ -52,8 +51,6 @@ DEFAULT_PORTS = {
     "training_metrics": 9105,
     "gateway": 8443,
 }
-# gRPC metadata key of PyTriton's access token (`pytriton.client.auth.create_auth_headers`).
-TRITON_TOKEN_HEADER = "triton-grpc-protocol-triton-access-token"
 START_ORDER = ["triton", "labels", "ranking", "segmentation", "ingest", "training", "gateway"]
 DEFAULT_ACCEPTED_AETS = ("STORESCU", "ATLASDEMO")
 # Lifetime of the services' own token: re-minted at every `atlasflow up`.
@@ -86,9 +83,6 @@ class LocalDeployment:
     accepted_aets: tuple[str, ...] = DEFAULT_ACCEPTED_AETS
     # Exports are written only below this directory (default <state>/exports).
     export_root: Path | None = None
-    # Shared with Triton so that the co-located segmentation service may register system
-    # shared memory (PyTriton restricts it to token holders); new per deployment.
-    triton_token: str = field(default_factory=lambda: secrets.token_hex(16))
 
     @classmethod
     def create(
@@ -119,8 +113,7 @@ class LocalDeployment:
     def load(cls, state_dir: Path) -> LocalDeployment:
         run = Path(state_dir) / "run"
         doc = json.loads((run / "endpoints.json").read_text())
-        token = (run / "triton.token").read_text().strip()
-        return cls(Path(state_dir).resolve(), doc["ports"], doc["ensemble"], doc["quiet_period_s"], triton_token=token)
+        return cls(Path(state_dir).resolve(), doc["ports"], doc["ensemble"], doc["quiet_period_s"])
 
     # ------------------------------------------------------------------ identities
     @property
@@ -224,8 +217,6 @@ class LocalDeployment:
     def _env(self, name: str) -> dict[str, str]:
         env = {**MALLOC_ENV, **os.environ, **self.extra_env}
         env["OTEL_SERVICE_NAME"] = f"atlasflow-{name}"
-        if name == "triton":
-            env["ATLASFLOW_TRITON_ACCESS_TOKEN"] = self.triton_token
         # Triton's Python-backend stub links against the system libpython (DESIGN.md).
         libdir = sysconfig.get_config_var("LIBDIR") or ""
         env["LD_LIBRARY_PATH"] = ":".join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
@@ -260,7 +251,6 @@ class LocalDeployment:
                 "ENSEMBLE": self.ensemble,
                 "LABELS_TARGET": self.target("labels"),
                 "RANKING_TARGET": self.target("ranking"),
-                "TRITON_ACCESS_TOKEN": self.triton_token,
             },
             "ranking": {"GRPC_PORT": p["ranking"], "METRICS_PORT": p["ranking_metrics"]},
             "labels": {
@@ -341,9 +331,7 @@ class LocalDeployment:
         )
         self._service_tokens()
         create_demo_users(self.auth_dir)  # the gateway's demo logins (auth/demo-passwords.txt, 0600)
-        token_file = run / "triton.token"
-        token_file.touch(mode=0o600)
-        token_file.write_text(self.triton_token)
+        (run / "triton.token").unlink(missing_ok=True)  # Triton has no access token any more
         pids = self.pids()
         for name in names or START_ORDER:
             if name in pids and _alive(pids[name]):
@@ -406,17 +394,15 @@ class LocalDeployment:
         """Triton is ready when it answers, reports at least one loaded model and every one of
         them is READY: the launcher needs no knowledge of how an ensemble version maps to a
         Triton model name. The models come from the statistics protocol (PyTriton loads its
-        models through the load API, so the repository index stays empty); it is restricted,
-        asked with the deployment's access token."""
+        models through the load API, so the repository index stays empty); the local Triton
+        restricts no protocol (loopback only, no access token: docs/security.md)."""
         import tritonclient.grpc as tgrpc
 
         try:
             client = tgrpc.InferenceServerClient(self.target("triton_grpc"))
             if not client.is_server_ready(client_timeout=1.0):
                 return False
-            stats = client.get_inference_statistics(
-                headers={TRITON_TOKEN_HEADER: self.triton_token}, as_json=True, client_timeout=1.0
-            )
+            stats = client.get_inference_statistics(as_json=True, client_timeout=1.0)
             names = [str(m["name"]) for m in stats.get("model_stats", [])]
             return bool(names) and all(bool(client.is_model_ready(n, client_timeout=1.0)) for n in names)
         except Exception:  # noqa: BLE001 - not up yet (connection refused, deadline, starting)

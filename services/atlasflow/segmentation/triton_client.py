@@ -29,10 +29,17 @@ registered with ``register_system_shared_memory`` and unregistered + unlinked af
 so the gRPC messages carry only tensor metadata. If creating or registering a region fails
 (server on another host, ``/dev/shm`` too small, ...), the call falls back to gRPC payloads,
 and in ``"auto"`` mode later calls skip shared memory.
-PyTriton restricts Triton's shared-memory protocol to holders of its access token: give the
-server ``ATLASFLOW_TRITON_ACCESS_TOKEN`` (`triton_server`) and the client the same value
-(``access_token=`` or ``ATLASFLOW_SEGMENTATION_TRITON_ACCESS_TOKEN``); without it the
-registration is refused and the client falls back to gRPC payloads.
+The local PyTriton server (`triton_server`) restricts no protocol (it has no access token:
+docs/security.md, "Triton"), so a co-located client registers its regions without a header.
+
+Transport security (``tls``, `atlasflow.common.tls.ClientTLS`): with TLS the channel verifies
+Triton's certificate against ``tls.ca_file`` and presents ``tls.cert_file``/``tls.key_file``
+as the client certificate (the chart runs Triton with ``--grpc-use-ssl-mutual``, so a client
+without a certificate of the release's CA is refused in the handshake). Plaintext is for a
+loopback Triton only (the local stack's PyTriton): a plaintext client of a Triton on another
+host is refused at construction (InvalidArgument ``TRITON_TLS_REQUIRED``) unless
+``allow_plaintext`` says the whole deployment is knowingly plaintext (the chart with
+``tls.enabled=false``). `triton_grpc_client` builds the same channel for the training roll-out.
 
 Message size: gRPC payloads need ``max_message_bytes`` above the largest request/response:
 a 512x512x600 int16 CT is 315 MB in and 2 x 157 MB (uint8 labels + heatmap) out; the
@@ -54,13 +61,20 @@ import numpy as np
 import numpy.typing as npt
 
 from atlasflow.common import errors
-from atlasflow.common.errors import AtlasflowError, DataLoss, FailedPrecondition, ResourceExhausted, Unavailable
+from atlasflow.common.errors import (
+    AtlasflowError,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from atlasflow.common.organs import NUM_ORGANS
+from atlasflow.common.tls import ClientTLS
 from atlasflow.segmentation.outputs import DOMAIN, STATS_COLUMNS, PipelineOutput, labelled_flags
 
 LOG = logging.getLogger(__name__)
 SHM_MODES = ("auto", "on", "off")
-ACCESS_HEADER = "triton-grpc-protocol-triton-access-token"  # Triton's gRPC form of triton-access-token
 OUTPUT_NAMES = ("labels", "heatmap", "organ_stats", "weights_trained")
 # One array per OUTPUT_NAMES entry; None where the response lacks or garbles it.
 _Outputs = tuple[npt.NDArray[Any] | None, ...]
@@ -88,6 +102,36 @@ def is_loopback(target: str) -> bool:
         return False
 
 
+def triton_grpc_client(
+    url: str,
+    tls: ClientTLS | None = None,
+    *,
+    allow_plaintext: bool = False,
+    channel_args: Sequence[tuple[str, Any]] = (),
+    domain: str = DOMAIN,
+) -> Any:
+    """A ``tritonclient.grpc.InferenceServerClient`` for Triton's gRPC endpoint at ``url``:
+    TLS (+ client certificate) when ``tls`` is enabled, plaintext only to a loopback host
+    (or with ``allow_plaintext``), else InvalidArgument ``TRITON_TLS_REQUIRED``."""
+    import tritonclient.grpc as grpcclient
+
+    target = _url_target(url)
+    args = list(channel_args)
+    if tls is not None and tls.enabled:
+        return grpcclient.InferenceServerClient(
+            target, ssl=True, creds=tls.credentials(), channel_args=args + tls.options() or None
+        )
+    if not (is_loopback(target) or allow_plaintext):
+        raise InvalidArgument(
+            "TRITON_TLS_REQUIRED",
+            "Triton on another host needs TLS: set the TRITON_TLS_CA_FILE / TRITON_TLS_CERT_FILE / "
+            "TRITON_TLS_KEY_FILE settings (or TRITON_ALLOW_PLAINTEXT for a knowingly plaintext deployment)",
+            domain=domain,
+            metadata={"target": target},
+        )
+    return grpcclient.InferenceServerClient(target, channel_args=args or None)
+
+
 class TritonSegmenter:
     """Segment CTs with the ensemble model hosted in Triton (gRPC)."""
 
@@ -102,15 +146,24 @@ class TritonSegmenter:
         shm: str | None = None,
         connect_retries: int = 2,
         retry_backoff_s: float = 0.5,
+        tls: ClientTLS | None = None,
+        allow_plaintext: bool = False,
         access_token: str | None = None,
     ) -> None:
         """``url``: ``host:port`` of Triton's gRPC endpoint; ``timeout_s``: per-call deadline;
         ``tracer_provider``: optional OpenTelemetry TracerProvider (default: the global one);
         ``shm``: ``auto``/``on``/``off`` (default: ``ATLASFLOW_SEGMENTATION_TRITON_SHM`` or
         ``auto``); ``connect_retries``/``retry_backoff_s``: retries of an unreachable server;
-        ``access_token``: Triton access token for restricted protocols (shared memory)."""
-        import tritonclient.grpc as grpcclient
-
+        ``tls``: the channel's TLS and client certificate (None / disabled: plaintext, loopback
+        only unless ``allow_plaintext``, see `triton_grpc_client`); ``access_token``: no longer
+        supported (Triton has no access token any more; a value raises InvalidArgument)."""
+        if access_token:
+            raise InvalidArgument(
+                "TRITON_ACCESS_TOKEN_UNSUPPORTED",
+                "the Triton access token is no longer used (it sat on tritonserver's command line): "
+                "remove it; Triton is reached over loopback or mutual TLS (docs/security.md)",
+                domain=DOMAIN,
+            )
         self.url = _url_target(url)
         self.model_name = model_name
         self.timeout_s = float(timeout_s)
@@ -123,10 +176,10 @@ class TritonSegmenter:
         self.connect_retries = max(0, int(connect_retries))
         self.retry_backoff_s = float(retry_backoff_s)
         self.last_transport = ""  # "shm" or "grpc": how the last successful call moved tensors
-        token = access_token or os.environ.get("ATLASFLOW_SEGMENTATION_TRITON_ACCESS_TOKEN") or ""
-        self._auth_headers = {ACCESS_HEADER: token} if token else {}
-        self._client = grpcclient.InferenceServerClient(
+        self._client = triton_grpc_client(
             self.url,
+            tls,
+            allow_plaintext=allow_plaintext,
             channel_args=[
                 ("grpc.max_send_message_length", int(max_message_bytes)),
                 ("grpc.max_receive_message_length", int(max_message_bytes)),
@@ -336,9 +389,7 @@ class TritonSegmenter:
                     handles.append((name, shm.create_shared_memory_region(name, "/" + name, size)))
                 shm.set_shared_memory_region(handles[0][1], list(in_arrays))
                 for (name, _), size in zip(handles, (sum(in_sizes), sum(out_sizes))):
-                    self._client.register_system_shared_memory(
-                        name, "/" + name, size, headers=self._auth_headers or None, client_timeout=10.0
-                    )
+                    self._client.register_system_shared_memory(name, "/" + name, size, client_timeout=10.0)
                     registered.append(name)
             except (shm.SharedMemoryException, OSError, InferenceServerException) as exc:
                 if (
@@ -379,9 +430,7 @@ class TritonSegmenter:
         finally:
             for name in registered:
                 try:
-                    self._client.unregister_system_shared_memory(
-                        name, headers=self._auth_headers or None, client_timeout=10.0
-                    )
+                    self._client.unregister_system_shared_memory(name, client_timeout=10.0)
                 except InferenceServerException:
                     pass
             for _, handle in handles:

@@ -23,11 +23,14 @@ Environment: Triton's Python-backend stub links against the system libpython; th
 inherits it), otherwise model loading fails with
 ``'_thread.RLock' object has no attribute '_recursion_count'``.
 
-Access token: PyTriton restricts Triton's shared-memory, model-repository and statistics
-protocols to holders of an access token; ``ATLASFLOW_TRITON_ACCESS_TOKEN`` sets it (otherwise
-PyTriton draws a random one and clients cannot register shared memory: they fall back to
-gRPC payloads). Give the segmentation service the same value
-(``ATLASFLOW_SEGMENTATION_TRITON_ACCESS_TOKEN``) to use shared memory when co-located.
+Access: every endpoint (gRPC, HTTP, metrics) binds 127.0.0.1 only, and there is no access
+token: PyTriton would pass one to ``tritonserver`` on its command line
+(``--grpc-restricted-protocol=...:triton-access-token=<token>``), readable by any local user
+in ``/proc/<pid>/cmdline``, so it protected nothing against them (docs/security.md, "Triton").
+The restricted protocols are therefore off (``TritonSecurityConfig(restricted_endpoints=[])``)
+and the co-located segmentation service registers shared memory without a header.
+``ATLASFLOW_TRITON_ACCESS_TOKEN`` is refused at start (`access_token_refused`). In a cluster
+the stock Triton runs with mutual TLS instead (charts/atlasflow).
 
 Message size: Triton's gRPC endpoint accepts messages up to 2 GiB - 1 (its built-in
 ``MAX_GRPC_MESSAGE_SIZE``; PyTriton 0.7 exposes no setting), enough for a 512x512x600 int16 CT
@@ -60,7 +63,22 @@ LOG = logging.getLogger("atlasflow.segmentation.triton_server")
 ERROR_PREFIX = "ATLASFLOW_ERROR"
 READY_LINE = "TRITON READY"
 #: the control model of `Activations` (a version name in, the bound model's name out)
-ACTIVATE_MODEL = "atlasflow_activate"
+ACTIVATE_MODEL = "atlasflow_activate"  # = activation.ACTIVATE_MODEL
+
+
+#: environment variable of the removed access token (a value fails the start)
+ACCESS_TOKEN_ENV = "ATLASFLOW_TRITON_ACCESS_TOKEN"
+
+
+def access_token_refused(environ: dict[str, str] | None = None) -> str:
+    """The error message when the removed ``ATLASFLOW_TRITON_ACCESS_TOKEN`` is set, else ""."""
+    env = os.environ if environ is None else environ
+    if env.get(ACCESS_TOKEN_ENV):
+        return (
+            f"{ACCESS_TOKEN_ENV} is no longer used (the token sat on tritonserver's command line): "
+            "unset it; the local Triton binds 127.0.0.1 only (docs/security.md)"
+        )
+    return ""
 
 
 def ensure_libpython_on_ld_path(environ: dict[str, str] | None = None) -> str:
@@ -242,6 +260,9 @@ def serve(
     ``ACTIVATE_MODEL`` (`Activations`)."""
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
+    refused = access_token_refused()
+    if refused:
+        raise RuntimeError(refused)
     ensure_libpython_on_ld_path()
     stop = stop_event or threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -263,8 +284,8 @@ def serve(
         exit_on_error=True,
         strict_readiness=True,
     )
-    token = os.environ.get("ATLASFLOW_TRITON_ACCESS_TOKEN") or None
-    triton = Triton(config=config, security_config=TritonSecurityConfig(access_token=token) if token else None)
+    # No access token (it would be on tritonserver's argv): nothing restricted, loopback only.
+    triton = Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=[]))
     try:
         names = [bind_pipeline(triton, p) for p in pipelines]
         activations = Activations(versions_dir, device) if versions_dir else None

@@ -78,6 +78,8 @@ class BundledTriton:
 
     ``start()`` blocks until every model in ``models`` is ready (or raises RuntimeError with
     the log tail); ``stop()`` sends SIGTERM and waits. ``grpc_url`` is ``127.0.0.1:<port>``.
+    ``client_tls``: the TLS (and client certificate) of the readiness checks, for a server
+    started with ``--grpc-use-ssl[-mutual]`` in ``extra_args``.
     """
 
     def __init__(
@@ -88,8 +90,10 @@ class BundledTriton:
         *,
         grpc_port: int | None = None,
         extra_args: Sequence[str] = (),
+        client_tls: Any = None,
     ) -> None:
         ports = free_ports(3)
+        self.client_tls = client_tls
         self.grpc_port = int(grpc_port or ports[0])
         self.argv, self.env = bundled_server_command(
             model_repository,
@@ -118,15 +122,16 @@ class BundledTriton:
         import subprocess
         import time
 
-        import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
+
+        from atlasflow.segmentation.triton_client import triton_grpc_client
 
         t0 = time.perf_counter()
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(
                 self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        client = grpcclient.InferenceServerClient(self.grpc_url)
+        client = triton_grpc_client(self.grpc_url, self.client_tls)
         try:
             while True:
                 if self.proc.poll() is not None:

@@ -13,6 +13,10 @@ one model version directory ``1/`` and ``version_policy: latest 1`` (the default
 3. optionally unloads the previous version's model (``unload_previous``) once the new one is
    ready, so in-flight requests on the old model finish first (Triton drains them).
 
+Transport: ``tls`` (`atlasflow.common.tls.ClientTLS`) = gRPC over TLS with this service's
+client certificate (the chart's Triton requires mutual TLS); plaintext only to a loopback
+Triton unless ``allow_plaintext`` (`atlasflow.segmentation.triton_client.triton_grpc_client`).
+
 The local path (`atlasflow up`, PyTriton) is not a repository-backed Triton: PyTriton binds
 Python callables at start and has no model repository API for them. There, promotion is the
 ``versions/CURRENT`` pointer that `run_round` writes (docs/training.md says what the segmentation
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from atlasflow.common.errors import Unavailable
+from atlasflow.common.tls import PLAINTEXT, ClientTLS
 from atlasflow.segmentation.ensemble import triton_model_name
 from atlasflow.segmentation.triton_repo import write_repository
 from atlasflow.training.dataset import DOMAIN
@@ -36,7 +41,7 @@ from atlasflow.training.versions import EnsembleVersion
 
 class TritonRepositoryRollout:
     """See the module docstring. ``client``: a tritonclient ``InferenceServerClient`` (default:
-    a gRPC one at ``url``)."""
+    a gRPC one at ``url``, with ``tls``)."""
 
     def __init__(
         self,
@@ -48,6 +53,8 @@ class TritonRepositoryRollout:
         kind: str = "cpu",
         ready_timeout_s: float = 600.0,
         client: Any = None,
+        tls: ClientTLS | None = None,
+        allow_plaintext: bool = False,
     ) -> None:
         self.url = url
         self.repository = Path(repository)
@@ -56,12 +63,14 @@ class TritonRepositoryRollout:
         self.kind = kind
         self.ready_timeout_s = ready_timeout_s
         self._client = client
+        self.tls = tls
+        self.allow_plaintext = allow_plaintext
 
     def client(self) -> Any:
         if self._client is None:
-            import tritonclient.grpc as triton_grpc
+            from atlasflow.segmentation.triton_client import triton_grpc_client
 
-            self._client = triton_grpc.InferenceServerClient(self.url)
+            self._client = triton_grpc_client(self.url, self.tls, allow_plaintext=self.allow_plaintext, domain=DOMAIN)
         return self._client
 
     def write(self, version: EnsembleVersion) -> Path:
@@ -111,9 +120,19 @@ class TritonRepositoryRollout:
 def from_settings(settings: Any) -> TritonRepositoryRollout | None:
     """The cluster roll-out when ``triton_url`` and ``triton_model_repository`` are set."""
     if settings.triton_url and settings.triton_model_repository:
+        tls = PLAINTEXT
+        if settings.triton_tls_ca_file:
+            tls = ClientTLS(
+                ca_file=settings.triton_tls_ca_file,
+                cert_file=settings.triton_tls_cert_file or settings.tls_client_cert_file or settings.tls_cert_file,
+                key_file=settings.triton_tls_key_file or settings.tls_client_key_file or settings.tls_key_file,
+                server_name=settings.triton_tls_server_name,
+            )
         return TritonRepositoryRollout(
             settings.triton_url,
             settings.triton_model_repository,
             unload_previous=settings.triton_unload_previous,
+            tls=tls,
+            allow_plaintext=settings.triton_allow_plaintext,
         )
     return None
