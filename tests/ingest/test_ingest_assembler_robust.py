@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import sqlalchemy as sa
 
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.metrics import Metrics
@@ -68,8 +69,9 @@ def _check(tmp_path: Path, blobs: LocalBlobStore, bad_id: str, good_id: str, rea
         assert (failed.state, failed.failure_reason) == ("FAILED", reason)
         assert SECRET not in failed.failure_reason
         assert assembled.state == "ASSEMBLED" and assembled.volume_digest
-        rows = store.conn.execute("SELECT dedupe_key FROM outbox").fetchall()
-        assert [r[0] for r in rows] == [f"{good_id}:1"]
+        with store.db.read() as conn:
+            keys = [r[0] for r in conn.execute(sa.text("SELECT dedupe_key FROM outbox"))]
+        assert keys == [f"{good_id}:1"]
         assert store.due_for_assembly(0.0) == []
     finally:
         store.close()

@@ -18,7 +18,7 @@ from atlasflow.common import sqlite as db
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.metrics import Metrics
 from atlasflow.ingest.reception import GRPC, Reception
-from atlasflow.ingest.schema import MIGRATIONS
+from atlasflow.ingest.schema import LEGACY_MIGRATIONS
 from atlasflow.ingest.store import IngestStore
 from atlasflow.testing import peers
 
@@ -127,18 +127,24 @@ def test_attempts_column_is_added_to_an_existing_database(tmp_path, files):
     versions start at 0 attempts and still assemble."""
     root = tmp_path / "ingest"
     ids = _store_series(root, {"good": files["good"]})
-    # make it the database of the release before: no attempts column, migration not applied
+    # make it the database of a release before Alembic and before the attempts column: the
+    # hand-written schema's steps up to the one before, recorded in schema_migrations
+    step = 1 + next(i for i, m in enumerate(LEGACY_MIGRATIONS) if "assembly_attempts" in m)
     conn = db.connect(root / "data" / "ingest.sqlite3")
     with db.transaction(conn):
-        conn.execute("ALTER TABLE series_versions DROP COLUMN assembly_attempts")
-        step = 1 + next(i for i, m in enumerate(MIGRATIONS) if "assembly_attempts" in m)
-        conn.execute("DELETE FROM schema_migrations WHERE version = ?", (step,))
+        for column in ("claim_expire_at", "claim_holder", "assembly_attempts"):
+            conn.execute(f"ALTER TABLE series_versions DROP COLUMN {column}")
+        for table in ("alembic_version_ingest", "deletion_steps", "deletions"):  # later steps' tables
+            conn.execute(f"DROP TABLE {table}")
+        conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+        conn.executemany("INSERT INTO schema_migrations VALUES (?, '')", [(v,) for v in range(1, step)])
     conn.close()
     assert _run_child(root, "none") == "DONE"
     store = IngestStore(root / "data", LocalBlobStore(root / "blobs"), spool_segment_bytes=1 << 20)
     try:
-        columns = {r[1] for r in store.conn.execute("PRAGMA table_info(series_versions)")}
-        assert "assembly_attempts" in columns
+        with store.db.read() as c:
+            columns = {r[1] for r in c.exec_driver_sql("PRAGMA table_info(series_versions)")}
+        assert {"assembly_attempts", "claim_holder"} <= columns
         sv = store.get_series(ids["good"])
         assert (sv.state, sv.assembly_attempts) == ("ASSEMBLED", 1)
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import sqlalchemy as sa
 
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.errors import FailedPrecondition, InvalidArgument
@@ -110,16 +111,16 @@ def test_delete_study_everywhere_keeps_shared_blobs(world):
 
     purge = purge_in_process(jobs, labels, ranking)
     dispatcher = OutboxDispatcher(
-        store.conn,
-        store.lock,
+        store.outbox,
+        None,
         {PURGE_TOPIC: purge_handler(deletions, purge), SWEEP_TOPIC: sweep_handler(deletions, purge)},
         Metrics("ingest-test"),
     )
 
     def deliver() -> None:
         asyncio.run(dispatcher.deliver_due())
-        with store.lock, store.conn:  # due now (skip the backoff)
-            store.conn.execute("UPDATE outbox SET next_attempt_at = 0 WHERE state = 'pending'")
+        with store.db.transaction() as conn:  # due now (skip the backoff)
+            conn.execute(sa.text("UPDATE outbox SET next_attempt_at = 0 WHERE state = 'pending'"))
 
     deliver()  # the three purges, which queue the sweep
     deliver()  # the sweep: the blobs are younger than the grace period, it waits
@@ -154,7 +155,6 @@ def test_delete_study_everywhere_keeps_shared_blobs(world):
             store2.store_instance(b"A4", "1.2.3.1", "1.2.3.1.1", "1.2.3.1.1.4")
     finally:
         store2.close()
-        store.conn = store2.conn  # closed by the fixture again: harmless
 
 
 def test_tombstone_expires(world):

@@ -13,6 +13,7 @@ import io
 
 import pydicom
 import pytest
+import sqlalchemy as sa
 
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.ingest.identity import content_key
@@ -45,6 +46,11 @@ def _dicom(window_center: float = 40.0, explicit: bool = True) -> bytes:
     return out.getvalue()
 
 
+def _content_key(s: IngestStore) -> str:
+    with s.db.read() as conn:
+        return str(conn.execute(sa.text("SELECT content_key FROM instances")).scalar())
+
+
 def test_rows_lost_after_acknowledgement_are_replayed_from_the_spool(tmp_path):
     blobs = LocalBlobStore(tmp_path / "blobs")
     s = IngestStore(tmp_path / "data", blobs, spool_segment_bytes=SEG)
@@ -52,12 +58,12 @@ def test_rows_lost_after_acknowledgement_are_replayed_from_the_spool(tmp_path):
     s.store_instance(b"B", "study", "series", "sop-2")
     # Committed but never flushed rows vanish with a power loss: simulate by deleting them
     # (the spool segment is still there: nothing was drained).
-    with s.lock:
-        s.conn.execute("DELETE FROM instances")
-        s.conn.execute("DELETE FROM series_versions")
+    with s.lock, s.db.transaction() as conn:
+        conn.execute(sa.text("DELETE FROM instances"))
+        conn.execute(sa.text("DELETE FROM series_versions"))
     assert s.spool.segments()
     s.spool.seal()
-    s.conn.close()
+    s.db.close()
     s2 = IngestStore(tmp_path / "data", blobs, spool_segment_bytes=SEG)
     sv = s2.get_series(a.series_id)
     assert (sv.version, sv.state, sv.instance_count) == (1, "RECEIVING", 2)
@@ -70,7 +76,7 @@ def test_first_reception_computes_no_content_key(tmp_path):
     calls = []
     s.store_instance(_dicom(), "1.2.3", "1.2.3.4", "1.2.3.4.5", key=lambda: calls.append(1) or "never")
     assert calls == []
-    assert s.conn.execute("SELECT content_key FROM instances").fetchone()[0] == ""
+    assert _content_key(s) == ""
     s.close()
 
 
@@ -91,5 +97,5 @@ def test_same_content_other_bytes_is_a_duplicate_and_other_content_a_conflict(tm
     assert (r.duplicate, r.conflict) == (False, True)
     assert s.conflict_count() == 1
     # the stored instance's key was computed once and kept on its row
-    assert s.conn.execute("SELECT content_key FROM instances").fetchone()[0].startswith("sha256:")
+    assert _content_key(s).startswith("sha256:")
     s.close()

@@ -1,10 +1,14 @@
-"""Ingest spool/series bookkeeping: durability across reopen, duplicates, conflicts, versions."""
+"""Ingest spool/series bookkeeping: durability across reopen, duplicates, conflicts, versions;
+the quiet period on the database's clock and assembly claims between replicas. Every store test
+runs on SQLite and on a real PostgreSQL 15 (`db_url`); adoption of a database made by the
+hand-written schema on SQLite (the only back-end it ever ran on)."""
 
 from __future__ import annotations
 
 import time
 
 import pytest
+import sqlalchemy as sa
 
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.errors import InvalidArgument, NotFound
@@ -13,20 +17,25 @@ from atlasflow.ingest.store import IngestStore
 SEG = 2 * 1024 * 1024  # small spool segments: fast zero-fill
 
 
+def _sql(store: IngestStore, query: str, **params) -> list[tuple]:
+    with store.db.read() as conn:
+        return [tuple(r) for r in conn.execute(sa.text(query), params)]
+
+
 @pytest.fixture()
-def store(tmp_path):
-    s = IngestStore(tmp_path / "data", LocalBlobStore(tmp_path / "blobs"), spool_segment_bytes=SEG)
+def store(tmp_path, db_url):
+    s = IngestStore(tmp_path / "data", LocalBlobStore(tmp_path / "blobs"), database=db_url, spool_segment_bytes=SEG)
     yield s
     s.close()
 
 
-def test_instances_are_durable_across_reopen(tmp_path):
+def test_instances_are_durable_across_reopen(tmp_path, db_url):
     blobs = LocalBlobStore(tmp_path / "blobs")
-    s = IngestStore(tmp_path / "data", blobs, spool_segment_bytes=SEG)
+    s = IngestStore(tmp_path / "data", blobs, database=db_url, spool_segment_bytes=SEG)
     a = s.store_instance(b"A", "study", "series", "sop-1", "00-" + "1" * 32 + "-" + "2" * 16 + "-01")
     s.store_instance(b"B", "study", "series", "sop-2")
     s.close()
-    s2 = IngestStore(tmp_path / "data", blobs, spool_segment_bytes=SEG)
+    s2 = IngestStore(tmp_path / "data", blobs, database=db_url, spool_segment_bytes=SEG)
     sv = s2.get_series(a.series_id)
     assert (sv.version, sv.state, sv.instance_count) == (1, "RECEIVING", 2)
     assert sv.traceparent.startswith("00-" + "1" * 32)
@@ -67,8 +76,7 @@ def test_late_instance_opens_a_new_version(store):
     assert len(store.instance_digests(a.series_id, 2)) == 2
     assert len(store.instance_digests(a.series_id, 1)) == 1
     # the hand-off of version 1 is in the outbox, exactly once
-    rows = store.conn.execute("SELECT topic, dedupe_key FROM outbox").fetchall()
-    assert [tuple(r) for r in rows] == [("t", f"{a.series_id}:1")]
+    assert _sql(store, "SELECT topic, dedupe_key FROM outbox") == [("t", f"{a.series_id}:1")]
 
 
 def test_quiet_period_and_listing(store):
@@ -126,25 +134,109 @@ def test_series_version_and_volume_look_ups(store):
         assert e.value.reason == reason
 
 
-def test_volume_look_up_uses_its_index(tmp_path):
-    """Migration 6 indexes the volume digest; a database written before it is upgraded."""
+def test_a_legacy_database_is_adopted_and_its_volume_look_up_uses_its_index(tmp_path):
+    """A database made by the hand-written schema (here stopped at legacy step 5, before the
+    volume index) keeps its rows: its legacy steps are finished, Alembic's baseline is stamped
+    and the claim revision applied; the volume look-up then uses its index."""
     from atlasflow.common import sqlite as db
-    from atlasflow.ingest.schema import MIGRATIONS
+    from atlasflow.common.db import current_revision
+    from atlasflow.ingest.migrations import MIGRATIONS as ALEMBIC
+    from atlasflow.ingest.schema import LEGACY_MIGRATIONS
 
     conn = db.connect(tmp_path / "data" / "ingest.sqlite3")
-    db.migrate(conn, MIGRATIONS[:5])
+    db.migrate(conn, LEGACY_MIGRATIONS[:5])
+    with db.transaction(conn):
+        conn.execute(
+            "INSERT INTO series_versions(series_id, version, case_id, state, instance_count, last_instance_at,"
+            " volume_digest, create_time, update_time) VALUES ('ser-old', 1, 'case-old', 'ASSEMBLED', 1, 1.0,"
+            " 'sha256:old', 1.0, 1.0)"
+        )
     conn.close()
     s = IngestStore(tmp_path / "data", LocalBlobStore(tmp_path / "blobs"), spool_segment_bytes=SEG)
     try:
-        versions = [r[0] for r in s.conn.execute("SELECT version FROM schema_migrations")]
-        assert versions == list(range(1, len(MIGRATIONS) + 1))  # 6 and every later one
+        versions = [r[0] for r in _sql(s, "SELECT version FROM schema_migrations")]
+        assert versions == list(range(1, len(LEGACY_MIGRATIONS) + 1))  # 6 and every later one
+        assert current_revision(s.db.engine, ALEMBIC) == "0002"
+        old = s.series_by_volume("sha256:old")
+        assert (old.series_id, old.state, old.assembly_attempts) == ("ser-old", "ASSEMBLED", 0)
         seen: list[str] = []
-        s.conn.set_trace_callback(seen.append)  # the statements the look-up runs
+        sa.event.listen(s.db.engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
         with pytest.raises(NotFound):
             s.series_by_volume("sha256:" + "0" * 64)
-        s.conn.set_trace_callback(None)
         (query,) = [q for q in seen if "volume_digest" in q]
-        plan = " ".join(str(r[3]) for r in s.conn.execute("EXPLAIN QUERY PLAN " + query))
+        with s.db.read() as c:
+            plan = " ".join(
+                str(r[3]) for r in c.exec_driver_sql("EXPLAIN QUERY PLAN " + query, ("sha256:" + "0" * 64,))
+            )
         assert "USING INDEX series_by_volume" in plan, plan
     finally:
         s.close()
+
+
+def test_quiet_period_runs_on_the_database_clock(store, db_url):
+    """last_instance_at is written with the database's clock, not the receiving process's."""
+    a = store.store_instance(b"A", "st", "se", "sop-1")
+    with store.db.read() as conn:
+        db_now = conn.execute(sa.text("SELECT " + store._now)).scalar()
+    last = store.get_series(a.series_id).last_instance_at
+    assert abs(last - db_now) < 5.0 and last <= db_now
+    assert store.due_for_assembly(60.0) == []
+    # a row whose last instance is 61 s old on the database's clock is due, whatever this process's clock says
+    with store.db.transaction() as conn:
+        conn.execute(sa.text(f"UPDATE series_versions SET last_instance_at = {store._now} - 61"))
+    assert [sv.series_id for sv in store.due_for_assembly(60.0)] == [a.series_id]
+
+
+def _replica(tmp_path, db_url, name: str, claim_s: float = 30.0) -> IngestStore:
+    return IngestStore(
+        tmp_path / name,
+        LocalBlobStore(tmp_path / "blobs"),
+        database=db_url,
+        spool_segment_bytes=SEG,
+        spool_spares=1,
+        claim_s=claim_s,
+    )
+
+
+def test_assembly_is_claimed_by_one_replica_and_taken_over_after_expiry(tmp_path, db_url):
+    a, b = _replica(tmp_path, db_url, "a", claim_s=1.0), _replica(tmp_path, db_url, "b", claim_s=1.0)
+    try:
+        sid = a.store_instance(b"A", "st", "se", "sop-1").series_id
+        b.store_instance(b"B", "st", "se", "sop-2")
+        assert a.get_series(sid).instance_count == 2  # one version, instances from both replicas
+        assert a.begin_assembly(sid, 1, 3) == 1
+        assert b.begin_assembly(sid, 1, 3) is None  # held by a
+        assert b.due_for_assembly(0.0) == []  # nor listed for b while a's claim lives
+        time.sleep(0.7)
+        assert a.renew_claim(sid, 1)  # a's heartbeat: still a's after the first second
+        time.sleep(0.5)
+        assert b.begin_assembly(sid, 1, 3) is None
+        time.sleep(1.2)  # a died: no heartbeat, its claim expires
+        assert [sv.series_id for sv in b.due_for_assembly(0.0)] == [sid]
+        assert b.begin_assembly(sid, 1, 3) == 2  # taken over; a's attempt stays counted
+        assert not a.renew_claim(sid, 1)
+        # an instance that arrives during b's assembly: b's volume of 2 instances is not recorded
+        a.store_instance(b"C", "st", "se", "sop-3")
+        assert not b.mark_assembled(sid, 1, "sha256:" + "1" * 64, 1, {}, "t", b"p", "", instance_count=2)
+        b.end_assembly_attempt(sid, 1)
+        assert b.get_series(sid).state == "RECEIVING" and b.get_series(sid).assembly_attempts == 1
+        assert a.begin_assembly(sid, 1, 3) == 2
+        assert a.mark_assembled(sid, 1, "sha256:" + "1" * 64, 1, {}, "t", b"p", "", instance_count=3)
+        assert _sql(a, "SELECT dedupe_key FROM outbox") == [(f"{sid}:1",)]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_restarted_replica_takes_its_own_claim_back_at_once(tmp_path, db_url):
+    a = _replica(tmp_path, db_url, "a")
+    sid = a.store_instance(b"A", "st", "se", "sop-1").series_id
+    assert a.begin_assembly(sid, 1, 3) == 1
+    a.close()  # killed while assembling
+    again, other = _replica(tmp_path, db_url, "a"), _replica(tmp_path, db_url, "b")
+    try:
+        assert other.begin_assembly(sid, 1, 3) is None
+        assert again.begin_assembly(sid, 1, 3) == 2
+    finally:
+        again.close()
+        other.close()

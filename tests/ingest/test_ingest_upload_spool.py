@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
 from atlasflow.common.clients import sync_channel
 from atlasflow.common.disk import DiskFloor
@@ -180,7 +181,8 @@ def test_purge_removes_abandoned_spool_files(tmp_path):
         old = time.time() - 3600
         for p in (uploads.path("abandoned"), orphan):
             os.utime(p, (old, old))
-        store.conn.execute("UPDATE uploads SET update_time = ? WHERE upload_id = 'abandoned'", (old,))
+        with store.db.transaction() as conn:
+            conn.execute(sa.text("UPDATE uploads SET update_time = :t WHERE upload_id = 'abandoned'"), {"t": old})
         assert uploads.purge(600) == 1
         assert sorted(p.name for p in uploads.dir.iterdir()) == sorted(
             [uploads.path("live").name, stream.path.name]

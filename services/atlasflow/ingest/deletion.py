@@ -42,10 +42,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from atlasflow.common import sqlite as db
+import sqlalchemy as sa
+
 from atlasflow.common.errors import InvalidArgument, NotFound, Unavailable
-from atlasflow.common.outbox import OutboxRow, enqueue
-from atlasflow.ingest.store import IngestStore
+from atlasflow.common.outbox import OutboxRow
+from atlasflow.ingest.store import IngestStore, enqueue, one, rows, run, scalar
 
 log = logging.getLogger(__name__)
 
@@ -113,23 +114,28 @@ def check_reason(reason: str) -> str:
 
 
 class Deletions:
-    """The deletion operations in ingest's database (same connection and lock as the store)."""
+    """The deletion operations in ingest's database (the store's `atlasflow.common.db.Database`).
+
+    Tombstones are loaded at start and set by this process's deletions (another replica's
+    deletion is seen by this one after its restart: not yet replica-safe)."""
 
     def __init__(
         self, store: IngestStore, blobs: SweptBlobStore, *, refuse_days: float = 30.0, grace_s: float = 300.0
     ) -> None:
         self.store = store
-        self.conn = store.conn
+        self.db = store.db
         self.lock = store.lock
         self.blobs = blobs
         self.grace_s = grace_s
         store.refuse_deleted_s = refuse_days * 86400.0
+        with self.db.read() as conn:
+            found = rows(
+                conn,
+                "SELECT deletion_id, case_id, create_time FROM deletions WHERE create_time >= :t ORDER BY create_time",
+                {"t": time.time() - store.refuse_deleted_s},
+            )
         with self.lock:
-            rows = self.conn.execute(
-                "SELECT deletion_id, case_id, create_time FROM deletions WHERE create_time >= ? ORDER BY create_time",
-                (time.time() - store.refuse_deleted_s,),
-            ).fetchall()
-            store.tombstones.update({r["case_id"]: (r["deletion_id"], r["create_time"]) for r in rows})
+            store.tombstones.update({r["case_id"]: (r["deletion_id"], float(r["create_time"])) for r in found})
 
     # ------------------------------------------------------------------ the operation
 
@@ -138,11 +144,13 @@ class Deletions:
         (ingest's rows deleted, the other services' purges queued). (deletion, created)."""
         reason = check_reason(reason)
         with self.lock:
-            existing = self.conn.execute(
-                "SELECT deletion_id FROM deletions WHERE case_id = ? AND create_time >= ?"
-                " ORDER BY create_time DESC LIMIT 1",
-                (case_id, time.time() - self.store.refuse_deleted_s),
-            ).fetchone()
+            with self.db.read() as conn:
+                existing = one(
+                    conn,
+                    "SELECT deletion_id FROM deletions WHERE case_id = :c AND create_time >= :t"
+                    " ORDER BY create_time DESC LIMIT 1",
+                    {"c": case_id, "t": time.time() - self.store.refuse_deleted_s},
+                )
             if existing is not None:
                 return self.get(existing["deletion_id"]), False
             deletion_id = "del-" + uuid.uuid4().hex[:20]
@@ -151,30 +159,34 @@ class Deletions:
             previous = self.store.tombstones.get(case_id)
             self.store.tombstones[case_id] = (deletion_id, now)
 
-        def record(counts: dict[str, int], released: list[str]) -> None:  # inside the purge's transaction
-            self.conn.execute(
+        def record(
+            conn: sa.Connection, counts: dict[str, int], released: list[str]
+        ) -> None:  # in the purge's transaction
+            run(
+                conn,
                 "INSERT INTO deletions(deletion_id, case_id, reason, requested_by, state, create_time, update_time)"
-                " VALUES (?, ?, ?, ?, 'RUNNING', ?, ?)",
-                (deletion_id, case_id, reason, requested_by, now, now),
+                " VALUES (:d, :c, :r, :by, 'RUNNING', :t, :t)",
+                {"d": deletion_id, "c": case_id, "r": reason, "by": requested_by, "t": now},
             )
             for position, service in enumerate(STEPS):
                 done = service == "ingest"
-                self.conn.execute(
+                run(
+                    conn,
                     "INSERT INTO deletion_steps(deletion_id, service, position, state, counts_json,"
-                    " released_json, done_time) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        deletion_id,
-                        service,
-                        position,
-                        "SUCCEEDED" if done else "QUEUED",
-                        json.dumps(counts if done else {}),
-                        json.dumps(released if done else []),
-                        now if done else 0.0,
-                    ),
+                    " released_json, done_time) VALUES (:d, :s, :p, :state, :counts, :released, :t)",
+                    {
+                        "d": deletion_id,
+                        "s": service,
+                        "p": position,
+                        "state": "SUCCEEDED" if done else "QUEUED",
+                        "counts": json.dumps(counts if done else {}),
+                        "released": json.dumps(released if done else []),
+                        "t": now if done else 0.0,
+                    },
                 )
             for service in PEERS:
                 payload = json.dumps({"deletion_id": deletion_id, "case_id": case_id, "service": service}).encode()
-                enqueue(self.conn, PURGE_TOPIC, f"{deletion_id}:{service}", payload)
+                enqueue(conn, PURGE_TOPIC, f"{deletion_id}:{service}", payload)
 
         try:
             self.store.purge_study(case_id, record)
@@ -189,11 +201,11 @@ class Deletions:
         return self.get(deletion_id), True
 
     def get(self, deletion_id: str) -> Deletion:
-        with self.lock:
-            r = self.conn.execute("SELECT * FROM deletions WHERE deletion_id = ?", (deletion_id,)).fetchone()
-            steps = self.conn.execute(
-                "SELECT * FROM deletion_steps WHERE deletion_id = ? ORDER BY position", (deletion_id,)
-            ).fetchall()
+        with self.db.read() as conn:
+            r = one(conn, "SELECT * FROM deletions WHERE deletion_id = :d", {"d": deletion_id})
+            steps = rows(
+                conn, "SELECT * FROM deletion_steps WHERE deletion_id = :d ORDER BY position", {"d": deletion_id}
+            )
         if r is None:
             raise NotFound(
                 "DELETION_NOT_FOUND",
@@ -208,60 +220,78 @@ class Deletions:
             r["reason"],
             r["requested_by"],
             [
-                DeletionStep(s["service"], s["state"], json.loads(s["counts_json"]), s["last_error"], s["done_time"])
+                DeletionStep(
+                    s["service"], s["state"], json.loads(s["counts_json"]), s["last_error"], float(s["done_time"])
+                )
                 for s in steps
             ],
-            r["create_time"],
-            r["update_time"],
+            float(r["create_time"]),
+            float(r["update_time"]),
         )
 
     def record_error(self, deletion_id: str, service: str, error: str) -> None:
-        with self.lock, db.transaction(self.conn):
-            self.conn.execute(
-                "UPDATE deletion_steps SET last_error = ? WHERE deletion_id = ? AND service = ? AND state = 'QUEUED'",
-                (error[:200], deletion_id, service),
+        with self.db.transaction() as conn:
+            run(
+                conn,
+                "UPDATE deletion_steps SET last_error = :e WHERE deletion_id = :d AND service = :s AND state = 'QUEUED'",
+                {"e": error[:200], "d": deletion_id, "s": service},
             )
-            self.conn.execute("UPDATE deletions SET update_time = ? WHERE deletion_id = ?", (time.time(), deletion_id))
+            run(
+                conn,
+                "UPDATE deletions SET update_time = :t WHERE deletion_id = :d",
+                {"t": time.time(), "d": deletion_id},
+            )
 
     def record_purge(self, deletion_id: str, service: str, result: PurgeResult) -> None:
         """A service acknowledged its purge; after the last one the blob sweep is queued."""
         now = time.time()
-        with self.lock, db.transaction(self.conn):
-            self.conn.execute(
-                "UPDATE deletion_steps SET state = 'SUCCEEDED', counts_json = ?, released_json = ?,"
-                " last_error = '', done_time = ? WHERE deletion_id = ? AND service = ? AND state = 'QUEUED'",
-                (json.dumps(result.deleted_rows), json.dumps(result.released), now, deletion_id, service),
+        with self.db.transaction() as conn:
+            # one deletion's steps are acknowledged by several replicas' dispatchers: the last one
+            # queues the sweep (the row lock orders them on PostgreSQL)
+            one(conn, "SELECT state FROM deletions WHERE deletion_id = :d" + self.db.for_update(), {"d": deletion_id})
+            run(
+                conn,
+                "UPDATE deletion_steps SET state = 'SUCCEEDED', counts_json = :counts, released_json = :released,"
+                " last_error = '', done_time = :t WHERE deletion_id = :d AND service = :s AND state = 'QUEUED'",
+                {
+                    "counts": json.dumps(result.deleted_rows),
+                    "released": json.dumps(result.released),
+                    "t": now,
+                    "d": deletion_id,
+                    "s": service,
+                },
             )
-            self.conn.execute("UPDATE deletions SET update_time = ? WHERE deletion_id = ?", (now, deletion_id))
-            waiting = self.conn.execute(
-                "SELECT COUNT(*) FROM deletion_steps WHERE deletion_id = ? AND service != 'blobs' AND state != 'SUCCEEDED'",
-                (deletion_id,),
-            ).fetchone()[0]
+            run(conn, "UPDATE deletions SET update_time = :t WHERE deletion_id = :d", {"t": now, "d": deletion_id})
+            waiting = scalar(
+                conn,
+                "SELECT COUNT(*) FROM deletion_steps WHERE deletion_id = :d AND service != 'blobs'"
+                " AND state != 'SUCCEEDED'",
+                {"d": deletion_id},
+            )
             if not waiting:
-                case_id = self.conn.execute(
-                    "SELECT case_id FROM deletions WHERE deletion_id = ?", (deletion_id,)
-                ).fetchone()[0]
+                case_id = scalar(conn, "SELECT case_id FROM deletions WHERE deletion_id = :d", {"d": deletion_id})
                 payload = json.dumps({"deletion_id": deletion_id, "case_id": case_id, "service": "blobs"}).encode()
-                enqueue(self.conn, SWEEP_TOPIC, f"{deletion_id}:blobs", payload)
+                enqueue(conn, SWEEP_TOPIC, f"{deletion_id}:blobs", payload)
 
     def candidates(self, deletion_id: str) -> list[str]:
         """Digests the purged rows of every service referenced."""
-        with self.lock:
-            rows = self.conn.execute(
-                "SELECT released_json FROM deletion_steps WHERE deletion_id = ?", (deletion_id,)
-            ).fetchall()
-        return sorted({d for r in rows for d in json.loads(r["released_json"])})
+        with self.db.read() as conn:
+            found = rows(conn, "SELECT released_json FROM deletion_steps WHERE deletion_id = :d", {"d": deletion_id})
+        return sorted({d for r in found for d in json.loads(r["released_json"])})
 
     def finish(self, deletion_id: str, counts: dict[str, int]) -> None:
         now = time.time()
-        with self.lock, db.transaction(self.conn):
-            self.conn.execute(
-                "UPDATE deletion_steps SET state = 'SUCCEEDED', counts_json = ?, last_error = '', done_time = ?"
-                " WHERE deletion_id = ? AND service = 'blobs'",
-                (json.dumps(counts), now, deletion_id),
+        with self.db.transaction() as conn:
+            run(
+                conn,
+                "UPDATE deletion_steps SET state = 'SUCCEEDED', counts_json = :counts, last_error = '', done_time = :t"
+                " WHERE deletion_id = :d AND service = 'blobs'",
+                {"counts": json.dumps(counts), "t": now, "d": deletion_id},
             )
-            self.conn.execute(
-                "UPDATE deletions SET state = 'SUCCEEDED', update_time = ? WHERE deletion_id = ?", (now, deletion_id)
+            run(
+                conn,
+                "UPDATE deletions SET state = 'SUCCEEDED', update_time = :t WHERE deletion_id = :d",
+                {"t": now, "d": deletion_id},
             )
         log.info("study deletion done", extra={"fields": {"deletion_id": deletion_id, **counts}})
 

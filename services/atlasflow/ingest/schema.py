@@ -1,13 +1,31 @@
-"""The ingest database's schema: `MIGRATIONS`, applied in order by `atlasflow.common.sqlite.migrate`
-(never edit an applied step: append one). Tables: series_versions, instances, instance_conflicts
-(`atlasflow.ingest.store`), the outbox (`atlasflow.common.outbox`), uploads
-(`atlasflow.ingest.uploads`)."""
+"""The ingest database's legacy hand-written schema (no grpc).
+
+The schema itself is migrated by Alembic (`atlasflow.ingest.migrations`; revision 0001 = the
+state `LEGACY_MIGRATIONS` leave). `LEGACY_MIGRATIONS` only finish a database made before Alembic
+when it is adopted (`atlasflow.common.sqlite.migrate`): frozen, never append to it (add an
+Alembic revision instead). Tables: series_versions, instances, instance_conflicts
+(`atlasflow.ingest.store`), the outbox, uploads (`atlasflow.ingest.uploads`), deletions
+(`atlasflow.ingest.deletion`)."""
 
 from __future__ import annotations
 
-from atlasflow.common.outbox import OUTBOX_MIGRATION
+# Frozen copy of atlasflow.common.outbox.OUTBOX_MIGRATION as legacy step 2 applied it.
+_LEGACY_OUTBOX = """
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    dedupe_key TEXT NOT NULL UNIQUE,
+    payload BLOB NOT NULL,
+    traceparent TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL DEFAULT 'pending'   -- pending | done | dead
+);
+CREATE INDEX outbox_due ON outbox(state, next_attempt_at);
+"""
 
-MIGRATIONS = [
+LEGACY_MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE series_versions (
         series_id TEXT NOT NULL,
@@ -44,7 +62,7 @@ MIGRATIONS = [
         received_at REAL NOT NULL
     );
     """,
-    OUTBOX_MIGRATION,
+    _LEGACY_OUTBOX,
     """
     ALTER TABLE series_versions ADD COLUMN duplicate_count INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE series_versions ADD COLUMN conflict_count INTEGER NOT NULL DEFAULT 0;
@@ -102,4 +120,6 @@ MIGRATIONS = [
         PRIMARY KEY (deletion_id, service)
     );
     """,
-]
+)
+
+MIGRATIONS = LEGACY_MIGRATIONS  # the name older code and tests import

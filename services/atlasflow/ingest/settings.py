@@ -32,7 +32,14 @@ class IngestSettings(ServiceSettings):
     dicom_tls_key_file: str = ""
     dicom_tls_ca_file: str = ""
     dicom_tls_port: int = 2762
-    quiet_period_s: float = 5.0
+    quiet_period_s: float = 5.0  # measured on the database's clock (replicas share one quiet period)
+    # ATLASFLOW_INGEST_DATABASE_URL: empty = SQLite at <data_dir>/ingest.sqlite3 (embedded);
+    # "postgresql://user:pass@host:5432/db" = PostgreSQL (replicas share it). Alembic migrations
+    # run on start (atlasflow.ingest.migrations).
+    database_url: str = ""
+    # a replica's claim on the series version it assembles lasts this long without a heartbeat
+    # (renewed every third of it); a killed replica's version is taken over after it, s
+    assembly_claim_s: float = 60.0
     spool_segment_mb: int = 128  # zero-filled spool segments, 2 prepared ahead (spool.py)
     segmentation_target: str = "127.0.0.1:50052"
     upload_ttl_s: float = 7 * 86400  # incomplete resumable uploads older than this are purged

@@ -1,8 +1,11 @@
 """Durable instance spool and series bookkeeping for the ingest service (no grpc).
 
 An instance is durable when `store_instance` returns: its bytes are in an fdatasync'd spool
-record (a redo log, see `atlasflow.ingest.spool`) and its row is committed (SQLite WAL). Only then does the
+record (a redo log, see `atlasflow.ingest.spool`) and its row is committed. Only then does the
 caller acknowledge it (C-STORE Success, or a gRPC receipt).
+
+Database: `atlasflow.common.db` (SQLite file, the embedded default, or PostgreSQL), migrated by
+Alembic (`atlasflow.ingest.migrations`); a database made by the hand-written schema is adopted.
 
 Identity: atlasflow never exposes DICOM UIDs (`atlasflow.ingest.identity.atlas_id`).
 
@@ -10,6 +13,21 @@ Versions: a series version collects instances while RECEIVING; after the quiet p
 explicit commit) it is ASSEMBLED into a volume and the segmentation hand-off is queued in the
 outbox in the same transaction. An instance that arrives after assembly opens version + 1,
 which re-assembles with every instance of the series: never a silent change to a version.
+
+Replicas: several ingest processes may share one database (each with its own data directory:
+spool, upload files). The quiet period is measured on the database's clock
+(``last_instance_at`` is written and compared with it, `_db_now`), so instances of one series
+received by several replicas make one quiet period. Assembly is claimed (`begin_assembly`:
+``claim_holder``/``claim_expire_at``, the row read ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, in
+a ``BEGIN IMMEDIATE`` transaction on SQLite) and the claim renewed while it runs
+(`renew_claim`, the assembler's heartbeat): one replica assembles a version; a killed replica's
+claim expires after ``claim_s`` and another takes the version over (the killed attempt stays
+counted). A version that got another instance while it was assembled is not marked assembled
+(`mark_assembled` checks the instance count) and is assembled again after a new quiet period.
+The rows of one series are written under a per-series lock (`Database.lock`), so two replicas
+receiving the same instance or opening the same version do not collide. Spooled bytes live in
+the receiving replica's spool until it drains them into the shared blob store: an assembler
+that finds an instance's blob missing gives the claim back and waits (`missing_blobs`).
 
 Duplicates: the same SOP Instance UID with the same content is stored once (reported
 duplicate, counted in the version's `duplicate_count`); with different content the first is kept
@@ -19,39 +37,85 @@ C-STORE path stores pynetdicom's re-encoding (its own preamble and File Meta, po
 transfer syntax) of an instance the gRPC path receives as the sender's file, and both must be
 recognised as the same instance.
 
-The fast durable path (spool record, then a row committed with synchronous=NORMAL, one flush
-per instance) and the recovery from it are described in `atlasflow.ingest.spool`; this module
-commits the rows (and re-creates a lost one on replay); `atlasflow.ingest.spool_drain` drains the
-spool into the blob store and replays it at start-up.
+The fast durable path (spool record, then a row committed with synchronous=NORMAL on SQLite,
+one flush per instance) and the recovery from it are described in `atlasflow.ingest.spool`;
+this module commits the rows (and re-creates a lost one on replay); `atlasflow.ingest.spool_drain`
+drains the spool into the blob store and replays it at start-up. On PostgreSQL every commit is
+durable (synchronous_commit on); the spool still holds the bytes until they are drained.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
-import sqlite3
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atlasflow.common import sqlite as db
+import sqlalchemy as sa
+
+from atlasflow.common import sqlite as pages
 from atlasflow.common.blobstore import BlobStore, LocalBlobStore, digest_of
+from atlasflow.common.db import Database, PoolSettings, open_database
 from atlasflow.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from atlasflow.common.outbox import enqueue
+from atlasflow.common.outbox import OutboxRow
 from atlasflow.ingest.identity import atlas_id, content_key_of_bytes
-from atlasflow.ingest.schema import MIGRATIONS
+from atlasflow.ingest.migrations import MIGRATIONS
 from atlasflow.ingest.spool import InstanceSpool
 from atlasflow.ingest.spool_drain import SpoolDrain
 from atlasflow.ingest.uploads import UploadStore
 
 log = logging.getLogger(__name__)
+
+Row = sa.RowMapping
+
+#: seconds an assembly claim holds without a heartbeat (`IngestStore.claim_s`)
+CLAIM_S = 60.0
+
+
+def one(conn: sa.Connection, sql: str, params: Mapping[str, Any] | None = None) -> Row | None:
+    """The first row of `sql` (named ``:params``) as a mapping, or None."""
+    return conn.execute(sa.text(sql), dict(params or {})).mappings().first()
+
+
+def rows(conn: sa.Connection, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
+    return list(conn.execute(sa.text(sql), dict(params or {})).mappings().all())
+
+
+def scalar(conn: sa.Connection, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+    return conn.execute(sa.text(sql), dict(params or {})).scalar()
+
+
+def run(conn: sa.Connection, sql: str, params: Mapping[str, Any] | None = None) -> int:
+    """Execute a change; return the number of rows it touched."""
+    return int(conn.execute(sa.text(sql), dict(params or {})).rowcount)
+
+
+def enqueue(conn: sa.Connection, topic: str, dedupe_key: str, payload: bytes, traceparent: str = "") -> None:
+    """Add an outbox hand-off inside the caller's open transaction (a second row with the same
+    ``dedupe_key`` is ignored)."""
+    run(
+        conn,
+        "INSERT INTO outbox(topic, dedupe_key, payload, traceparent, next_attempt_at)"
+        " VALUES (:topic, :key, :payload, :tp, :now) ON CONFLICT (dedupe_key) DO NOTHING",
+        {"topic": topic, "key": dedupe_key, "payload": payload, "tp": traceparent, "now": time.time()},
+    )
+
+
+def db_now_sql(db: Database) -> str:
+    """SQL for the database's clock, seconds since the epoch (double precision)."""
+    if db.is_postgresql:
+        return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
+    return "((julianday('now') - 2440587.5) * 86400.0)"
 
 
 @dataclass(frozen=True)
@@ -88,47 +152,99 @@ class SeriesVersion:
     assembly_attempts: int = 0  # assemblies started (`IngestStore.begin_assembly`)
 
 
-def _row_to_series(r: sqlite3.Row) -> SeriesVersion:
+def _row_to_series(r: Row) -> SeriesVersion:
     return SeriesVersion(
         r["series_id"],
-        r["version"],
+        int(r["version"]),
         r["case_id"],
         r["state"],
-        r["instance_count"],
-        r["last_instance_at"],
+        int(r["instance_count"]),
+        float(r["last_instance_at"]),
         r["volume_digest"],
-        r["volume_size"],
+        int(r["volume_size"]),
         json.loads(r["geometry_json"]) if r["geometry_json"] else {},
         r["failure_reason"],
         r["traceparent"],
-        r["create_time"],
-        r["update_time"],
-        r["duplicate_count"],
-        r["conflict_count"],
-        r["assembly_attempts"],
+        float(r["create_time"]),
+        float(r["update_time"]),
+        int(r["duplicate_count"]),
+        int(r["conflict_count"]),
+        int(r["assembly_attempts"]),
     )
+
+
+class IngestOutbox:
+    """The ``outbox`` table of ingest's database as an `atlasflow.common.outbox.OutboxStore`
+    (the dispatcher's reads and marks)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def due(self, now: float, limit: int) -> list[OutboxRow]:
+        with self.db.read() as conn:
+            found = rows(
+                conn,
+                "SELECT id, topic, dedupe_key, payload, traceparent, attempts FROM outbox"
+                " WHERE state = 'pending' AND next_attempt_at <= :now ORDER BY id LIMIT :n",
+                {"now": now, "n": limit},
+            )
+        return [
+            OutboxRow(
+                int(r["id"]), r["topic"], r["dedupe_key"], bytes(r["payload"]), r["traceparent"], int(r["attempts"])
+            )
+            for r in found
+        ]
+
+    def mark(self, row_id: int, state: str, error: str, next_attempt_at: float) -> None:
+        with self.db.transaction() as conn:
+            run(
+                conn,
+                "UPDATE outbox SET state = :state, attempts = attempts + 1, last_error = :error,"
+                " next_attempt_at = :next WHERE id = :id",
+                {"state": state, "error": error, "next": next_attempt_at, "id": row_id},
+            )
+
+    def pending(self) -> int:
+        with self.db.read() as conn:
+            return int(scalar(conn, "SELECT COUNT(*) FROM outbox WHERE state = 'pending'"))
 
 
 class IngestStore:
     """Instances (spooled, then drained into the blob store) and the series versions they make.
-    Thread-safe (one lock around the connection)."""
+    Thread-safe: the database pool gives each call its own connection; ``lock`` serialises this
+    process's spool writers (and the rows they commit)."""
 
     def __init__(
         self,
         data_dir: str | Path,
         blobs: BlobStore,
         *,
+        database: str | Path | None = None,
+        pool: PoolSettings | None = None,
         spool_segment_bytes: int = 128 * 1024 * 1024,
         spool_spares: int = 2,
+        holder: str = "",
+        claim_s: float = CLAIM_S,
     ) -> None:
-        """`spool_segment_bytes` x `spool_spares` of zero-filled spool space is prepared at
-        start-up (128 MiB x 2 by default: ~500 CT slices before a refill)."""
-        self.db_path = Path(data_dir) / "ingest.sqlite3"
-        self.conn = db.connect(self.db_path)
-        db.migrate(self.conn, MIGRATIONS)
+        """`database`: a file path (SQLite) or a ``postgresql://`` URL; default the SQLite file
+        ``<data_dir>/ingest.sqlite3``. `spool_segment_bytes` x `spool_spares` of zero-filled
+        spool space is prepared at start-up (128 MiB x 2 by default: ~500 CT slices before a
+        refill). `holder`: this replica's name in assembly claims (default host and data
+        directory: a restarted process takes its own claims back at once); `claim_s`: how long
+        a claim holds without a heartbeat."""
+        self.data_dir = Path(data_dir)
+        target = database or self.data_dir / "ingest.sqlite3"
+        self.db: Database = open_database(target, MIGRATIONS, pool=pool)
+        #: the SQLite file (flushed by `_sync_db`); None on PostgreSQL
+        self.db_path: Path | None = None
+        if not self.db.is_postgresql:
+            self.db_path = Path(str(self.db.engine.url.database))
+        self._now = db_now_sql(self.db)
+        self.holder = holder or f"{socket.gethostname()[:64]}:{self.data_dir.resolve()}"
+        self.claim_s = claim_s
         self.lock = threading.RLock()
         self.blobs = blobs
-        self.spool = InstanceSpool(Path(data_dir) / "spool", spool_segment_bytes, spool_spares)
+        self.spool = InstanceSpool(self.data_dir / "spool", spool_segment_bytes, spool_spares)
         #: spool -> blob store (`drain`, `drain_if_idle`); replays what a previous process left
         self.spool_drain = SpoolDrain(
             self.spool,
@@ -137,8 +253,10 @@ class IngestStore:
             lambda header, data: self._record(header, data, recovering=True),
             self._sync_db,
         )
-        #: resumable gRPC uploads (same database and lock)
-        self.uploads = UploadStore(self.conn, self.lock, Path(data_dir) / "uploads")
+        #: resumable gRPC uploads (same database)
+        self.uploads = UploadStore(self.db, self.data_dir / "uploads")
+        #: the outbox table, as the dispatcher reads it
+        self.outbox = IngestOutbox(self.db)
         #: deleted studies whose new instances are refused: case id -> (deletion id, time of
         #: the deletion), kept by `atlasflow.ingest.deletion` (loaded at its start), refused
         #: for `refuse_deleted_s` seconds after the deletion
@@ -149,7 +267,25 @@ class IngestStore:
     def close(self) -> None:
         with self.lock:
             self.spool.seal()
-            self.conn.close()
+            self.db.close()
+
+    @contextlib.contextmanager
+    def _write(self, *, relaxed: bool = False) -> Iterator[sa.Connection]:
+        """A write transaction; `relaxed` on SQLite: committed with synchronous=NORMAL (in the
+        WAL, flushed later by `_sync_db`) - only for rows a spool record can re-create."""
+        if not relaxed or self.db.is_postgresql:
+            with self.db.transaction() as conn:
+                yield conn
+            return
+        with self.db.engine.connect() as conn:
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            raw.execute("PRAGMA synchronous = NORMAL")  # outside a transaction (SQLite refuses inside)
+            try:
+                with conn.begin():
+                    yield conn
+            finally:
+                raw.execute("PRAGMA synchronous = FULL")
 
     # ----------------------------------------------------------------------------- reception
 
@@ -261,7 +397,10 @@ class IngestStore:
 
     def _sync_db(self) -> None:
         """Under self.lock: make every committed transaction durable (rows committed with
-        synchronous=NORMAL by `_record` are in the WAL or the database file, not yet flushed)."""
+        synchronous=NORMAL by `_record` are in the WAL or the database file, not yet flushed).
+        Nothing to do on PostgreSQL: its commits are durable."""
+        if self.db_path is None:
+            return
         for path in (self.db_path, Path(f"{self.db_path}-wal")):
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -292,9 +431,10 @@ class IngestStore:
         key_fn: Callable[[], str] | None = None,
         size: int = 0,
     ) -> StoredInstance:
-        """Under self.lock: check for a duplicate, spool the bytes (unless `recovering`:
-        replay of a spooled record, already durable; or `data` is None: the bytes, `size` of
-        them, are already a durable blob, `store_instance_file`), commit the row.
+        """Under self.lock, in one transaction holding the series' lock: check for a duplicate,
+        spool the bytes (unless `recovering`: replay of a spooled record, already durable; or
+        `data` is None: the bytes, `size` of them, are already a durable blob,
+        `store_instance_file`), commit the row.
 
         Content keys are computed only here, and only when the SOP Instance UID is already
         stored with other bytes (same bytes: a duplicate without one). A row's content_key
@@ -307,70 +447,71 @@ class IngestStore:
         sop_key = hashlib.sha256(header["sop_uid"].encode()).hexdigest()
         digest, now = header["digest"], float(header["received_at"])
         key = header.get("content_key") or ""
-        cur = self.conn.execute(
-            "SELECT * FROM series_versions WHERE series_id = ? ORDER BY version DESC LIMIT 1", (series_id,)
-        ).fetchone()
-        existing = self.conn.execute(
-            "SELECT digest, content_key FROM instances WHERE series_id = ? AND sop_key = ?", (series_id, sop_key)
-        ).fetchone()
-        same = False
-        if existing is not None:
-            same = existing["digest"] == digest
-            if not same:
-                if not key:
-                    key = (
-                        (key_fn() if key_fn is not None else "")
-                        or (content_key_of_bytes(data) if data is not None else "")
-                        or digest
-                    )
-                stored_key = existing["content_key"]
-                if not stored_key:
-                    stored_key = self._stored_content_key(existing["digest"])
-                    if stored_key != existing["digest"]:
-                        with db.transaction(self.conn):  # cache it (not an acknowledgement)
-                            self.conn.execute(
-                                "UPDATE instances SET content_key = ? WHERE series_id = ? AND sop_key = ?",
-                                (stored_key, series_id, sop_key),
-                            )
-                same = stored_key == key
-                header["content_key"] = key
-        if same:
-            assert cur is not None
-            if not recovering:
-                with db.transaction(self.conn):
-                    self.conn.execute(
-                        "UPDATE series_versions SET duplicate_count = duplicate_count + 1"
-                        " WHERE series_id = ? AND version = ?",
-                        (series_id, cur["version"]),
-                    )
-            return StoredInstance(series_id, case_id, cur["version"], True, False, cur["traceparent"])
-        if (
-            existing is not None
-            and recovering
-            and self.conn.execute(
-                "SELECT 1 FROM instance_conflicts WHERE series_id = ? AND sop_key = ? AND digest = ?",
-                (series_id, sop_key, digest),
-            ).fetchone()
-        ):
-            return StoredInstance(series_id, case_id, cur["version"], False, True, cur["traceparent"])
-        if recovering:
-            assert data is not None
-            return self._commit_row(series_id, case_id, sop_key, digest, key, len(data), now, header, cur, existing)
-        if data is None:  # already a durable blob: the row commits with synchronous=FULL
-            return self._commit_row(series_id, case_id, sop_key, digest, key, size, now, header, cur, existing)
-        self.spool.append(header, data)
+        spooled = not recovering and data is not None
         # The fdatasync'd spool record is the instance's redo log: recovery re-creates a row
-        # that a crash lost. So the row's commit need not flush the WAL itself (one flush per
-        # instance instead of two, ~0.5-3 ms each here); it is visible (committed) before the
-        # acknowledgement, and made durable (`_sync_db`) before its spool record may go.
-        self.conn.execute("PRAGMA synchronous = NORMAL")
-        try:
-            return self._commit_row(series_id, case_id, sop_key, digest, key, len(data), now, header, cur, existing)
-        finally:
-            self.conn.execute("PRAGMA synchronous = FULL")
+        # that a crash lost. So on SQLite the row's commit need not flush the WAL itself (one
+        # flush per instance instead of two, ~0.5-3 ms each here); it is visible (committed)
+        # before the acknowledgement, and made durable (`_sync_db`) before its spool record may go.
+        with self._write(relaxed=spooled) as conn:
+            self.db.lock(conn, f"ingest-series:{series_id}")
+            cur = one(
+                conn,
+                "SELECT * FROM series_versions WHERE series_id = :s ORDER BY version DESC LIMIT 1",
+                {"s": series_id},
+            )
+            existing = one(
+                conn,
+                "SELECT digest, content_key FROM instances WHERE series_id = :s AND sop_key = :k",
+                {"s": series_id, "k": sop_key},
+            )
+            same = False
+            if existing is not None:
+                same = existing["digest"] == digest
+                if not same:
+                    if not key:
+                        key = (
+                            (key_fn() if key_fn is not None else "")
+                            or (content_key_of_bytes(data) if data is not None else "")
+                            or digest
+                        )
+                    stored_key = existing["content_key"]
+                    if not stored_key:
+                        stored_key = self._stored_content_key(existing["digest"])
+                        if stored_key != existing["digest"]:  # cache it (not an acknowledgement)
+                            run(
+                                conn,
+                                "UPDATE instances SET content_key = :ck WHERE series_id = :s AND sop_key = :k",
+                                {"ck": stored_key, "s": series_id, "k": sop_key},
+                            )
+                    same = stored_key == key
+                    header["content_key"] = key
+            if same:
+                assert cur is not None
+                if not recovering:
+                    run(
+                        conn,
+                        "UPDATE series_versions SET duplicate_count = duplicate_count + 1"
+                        " WHERE series_id = :s AND version = :v",
+                        {"s": series_id, "v": cur["version"]},
+                    )
+                return StoredInstance(series_id, case_id, int(cur["version"]), True, False, cur["traceparent"])
+            if existing is not None and recovering:
+                assert cur is not None
+                if one(
+                    conn,
+                    "SELECT 1 FROM instance_conflicts WHERE series_id = :s AND sop_key = :k AND digest = :d",
+                    {"s": series_id, "k": sop_key, "d": digest},
+                ):
+                    return StoredInstance(series_id, case_id, int(cur["version"]), False, True, cur["traceparent"])
+            if spooled:
+                assert data is not None
+                self.spool.append(header, data)
+            length = size if data is None else len(data)
+            return self._commit_row(conn, series_id, case_id, sop_key, digest, key, length, now, header, cur, existing)
 
     def _commit_row(
         self,
+        conn: sa.Connection,
         series_id: str,
         case_id: str,
         sop_key: str,
@@ -379,76 +520,161 @@ class IngestStore:
         size: int,
         now: float,
         header: dict[str, Any],
-        cur: sqlite3.Row | None,
-        existing: sqlite3.Row | None,
+        cur: Row | None,
+        existing: Row | None,
     ) -> StoredInstance:
-        """The row (or conflict row) of a spooled instance, in one transaction."""
-        with db.transaction(self.conn):
-            if existing is not None:
-                assert cur is not None
-                self.conn.execute(
-                    "INSERT INTO instance_conflicts(series_id, sop_key, digest, size_bytes,"
-                    " received_at, content_key) VALUES (?, ?, ?, ?, ?, ?)",
-                    (series_id, sop_key, digest, size, now, key),
-                )
-                self.conn.execute(
-                    "UPDATE series_versions SET conflict_count = conflict_count + 1"
-                    " WHERE series_id = ? AND version = ?",
-                    (series_id, cur["version"]),
-                )
-                return StoredInstance(series_id, case_id, cur["version"], False, True, cur["traceparent"])
-            new_tp = header.get("traceparent", "")
-            if cur is None or cur["state"] != "RECEIVING":
-                version = 1 if cur is None else cur["version"] + 1
-                prior = 0 if cur is None else cur["instance_count"]
-                traceparent = new_tp if cur is None else (cur["traceparent"] or new_tp)
-                self.conn.execute(
-                    "INSERT INTO series_versions(series_id, version, case_id, state,"
-                    " instance_count, last_instance_at, traceparent, create_time, update_time)"
-                    " VALUES (?, ?, ?, 'RECEIVING', ?, ?, ?, ?, ?)",
-                    (series_id, version, case_id, prior, now, traceparent, now, now),
-                )
-            else:
-                version, traceparent = cur["version"], cur["traceparent"]
-            self.conn.execute(
-                "INSERT INTO instances(series_id, sop_key, version_added, digest, size_bytes,"
-                " received_at, content_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (series_id, sop_key, version, digest, size, now, key),
+        """The row (or conflict row) of an instance, in the caller's transaction."""
+        if existing is not None:
+            assert cur is not None
+            run(
+                conn,
+                "INSERT INTO instance_conflicts(series_id, sop_key, digest, size_bytes, received_at, content_key)"
+                " VALUES (:s, :k, :d, :n, :t, :ck)",
+                {"s": series_id, "k": sop_key, "d": digest, "n": size, "t": now, "ck": key},
             )
-            self.conn.execute(
-                "UPDATE series_versions SET instance_count = instance_count + 1,"
-                " last_instance_at = ?, update_time = ? WHERE series_id = ? AND version = ?",
-                (max(now, time.time()), time.time(), series_id, version),
+            run(
+                conn,
+                "UPDATE series_versions SET conflict_count = conflict_count + 1 WHERE series_id = :s AND version = :v",
+                {"s": series_id, "v": cur["version"]},
             )
+            return StoredInstance(series_id, case_id, int(cur["version"]), False, True, cur["traceparent"])
+        new_tp = header.get("traceparent", "")
+        if cur is None or cur["state"] != "RECEIVING":
+            version = 1 if cur is None else int(cur["version"]) + 1
+            prior = 0 if cur is None else int(cur["instance_count"])
+            traceparent = new_tp if cur is None else (cur["traceparent"] or new_tp)
+            run(
+                conn,
+                "INSERT INTO series_versions(series_id, version, case_id, state, instance_count,"
+                " last_instance_at, traceparent, create_time, update_time)"
+                " VALUES (:s, :v, :c, 'RECEIVING', :n, :t, :tp, :t, :t)",
+                {"s": series_id, "v": version, "c": case_id, "n": prior, "t": now, "tp": traceparent},
+            )
+        else:
+            version, traceparent = int(cur["version"]), cur["traceparent"]
+        run(
+            conn,
+            "INSERT INTO instances(series_id, sop_key, version_added, digest, size_bytes, received_at, content_key)"
+            " VALUES (:s, :k, :v, :d, :n, :t, :ck)",
+            {"s": series_id, "k": sop_key, "v": version, "d": digest, "n": size, "t": now, "ck": key},
+        )
+        # the quiet period runs on the database's clock (one clock for every replica)
+        run(
+            conn,
+            f"UPDATE series_versions SET instance_count = instance_count + 1, last_instance_at = {self._now},"
+            " update_time = :t WHERE series_id = :s AND version = :v",
+            {"t": time.time(), "s": series_id, "v": version},
+        )
         return StoredInstance(series_id, case_id, version, False, False, traceparent)
 
     def series_traceparent(self, series_uid: str) -> str:
-        with self.lock:
-            r = self.conn.execute(
-                "SELECT traceparent FROM series_versions WHERE series_id = ? ORDER BY version DESC LIMIT 1",
-                (atlas_id("ser", series_uid),),
-            ).fetchone()
+        with self.db.read() as conn:
+            r = one(
+                conn,
+                "SELECT traceparent FROM series_versions WHERE series_id = :s ORDER BY version DESC LIMIT 1",
+                {"s": atlas_id("ser", series_uid)},
+            )
         return r["traceparent"] if r else ""
 
+    # ----------------------------------------------------------------------------- assembly
+
     def due_for_assembly(self, quiet_period_s: float) -> list[SeriesVersion]:
-        with self.lock:
-            rows = self.conn.execute(
-                "SELECT * FROM series_versions WHERE state = 'RECEIVING' AND last_instance_at <= ?"
+        """RECEIVING versions whose last instance came `quiet_period_s` ago or more (on the
+        database's clock) and that no live claim of another replica holds."""
+        with self.db.read() as conn:
+            found = rows(
+                conn,
+                "SELECT * FROM series_versions WHERE state = 'RECEIVING'"
+                f" AND last_instance_at <= {self._now} - :q"
+                f" AND (claim_holder = '' OR claim_holder = :me OR claim_expire_at < {self._now})"
                 " ORDER BY last_instance_at",
-                (time.time() - quiet_period_s,),
-            ).fetchall()
-        return [_row_to_series(r) for r in rows]
+                {"q": quiet_period_s, "me": self.holder},
+            )
+        return [_row_to_series(r) for r in found]
 
     def instance_digests(self, series_id: str, version: int) -> list[str]:
-        """Digests of the version's instances, all readable from the blob store (drains the
-        spool first)."""
+        """Digests of the version's instances (drains this process's spool first: its own
+        instances are then readable from the blob store; see `missing_blobs` for the others)."""
         self.spool_drain.drain()
-        with self.lock:
-            rows = self.conn.execute(
-                "SELECT digest FROM instances WHERE series_id = ? AND version_added <= ? ORDER BY sop_key",
-                (series_id, version),
-            ).fetchall()
-        return [r["digest"] for r in rows]
+        with self.db.read() as conn:
+            found = rows(
+                conn,
+                "SELECT digest FROM instances WHERE series_id = :s AND version_added <= :v ORDER BY sop_key",
+                {"s": series_id, "v": version},
+            )
+        return [r["digest"] for r in found]
+
+    def missing_blobs(self, digests: list[str]) -> list[str]:
+        """Those of `digests` the blob store does not hold yet (still in another replica's spool)."""
+        return [d for d in digests if not self.blobs.exists(d)]
+
+    def begin_assembly(self, series_id: str, version: int, max_attempts: int) -> int | None:
+        """Claim a RECEIVING version for this replica and count one more assembly, durably
+        before it starts; return the attempt's number. None when another replica holds a live
+        claim on it (or is claiming it right now: ``SKIP LOCKED``), or when the version is no
+        longer RECEIVING. A process killed while assembling leaves the count raised: once
+        `max_attempts` were started and none finished, the version ends FAILED
+        ``ASSEMBLY_ABANDONED_AFTER_<n>_ATTEMPTS`` and None is returned (not assembled again: a
+        poison series does not crash-loop the service)."""
+        now = time.time()
+        with self.db.transaction() as conn:
+            r = one(
+                conn,
+                "SELECT assembly_attempts, claim_holder,"
+                f" CASE WHEN claim_expire_at < {self._now} THEN 1 ELSE 0 END AS expired"
+                " FROM series_versions WHERE series_id = :s AND version = :v AND state = 'RECEIVING'"
+                + self.db.for_update(skip_locked=True),
+                {"s": series_id, "v": version},
+            )
+            if r is None:
+                return None
+            if r["claim_holder"] not in ("", self.holder) and not r["expired"]:
+                return None  # another replica assembles it
+            attempts = int(r["assembly_attempts"])
+            key = {"s": series_id, "v": version}
+            if attempts >= max_attempts:
+                run(
+                    conn,
+                    "UPDATE series_versions SET state = 'FAILED', failure_reason = :r, update_time = :t,"
+                    " claim_holder = '' WHERE series_id = :s AND version = :v",
+                    {**key, "r": abandoned_reason(attempts), "t": now},
+                )
+                return None
+            run(
+                conn,
+                f"UPDATE series_versions SET assembly_attempts = :a, claim_holder = :me,"
+                f" claim_expire_at = {self._now} + :lease WHERE series_id = :s AND version = :v",
+                {**key, "a": attempts + 1, "me": self.holder, "lease": self.claim_s},
+            )
+        return attempts + 1
+
+    def renew_claim(self, series_id: str, version: int) -> bool:
+        """The assembler's heartbeat: extend this replica's claim by `claim_s`. False when the
+        claim is no longer ours (expired and taken over, or the version left RECEIVING)."""
+        with self.db.transaction() as conn:
+            return (
+                run(
+                    conn,
+                    f"UPDATE series_versions SET claim_expire_at = {self._now} + :lease"
+                    " WHERE series_id = :s AND version = :v AND state = 'RECEIVING' AND claim_holder = :me",
+                    {"s": series_id, "v": version, "me": self.holder, "lease": self.claim_s},
+                )
+                == 1
+            )
+
+    def end_assembly_attempt(self, series_id: str, version: int) -> None:
+        """Take back the attempt counted by `begin_assembly` of an assembly that did not kill
+        the process but stopped on the service's own storage or found the version changed
+        (the series is not at fault), and give the claim back."""
+        with self.db.transaction() as conn:
+            run(
+                conn,
+                "UPDATE series_versions SET assembly_attempts ="
+                " CASE WHEN assembly_attempts > 0 THEN assembly_attempts - 1 ELSE 0 END,"
+                " claim_holder = '', claim_expire_at = 0"
+                " WHERE series_id = :s AND version = :v AND state = 'RECEIVING' AND claim_holder = :me",
+                {"s": series_id, "v": version, "me": self.holder},
+            )
 
     def mark_assembled(
         self,
@@ -460,79 +686,62 @@ class IngestStore:
         handoff_topic: str,
         handoff_payload: bytes,
         traceparent: str,
-    ) -> None:
-        """Record the volume AND queue the segmentation hand-off, atomically."""
+        *,
+        instance_count: int | None = None,
+    ) -> bool:
+        """Record the volume AND queue the segmentation hand-off, atomically. With
+        `instance_count` (the instances the volume was built from): only if the version still
+        has that many (else an instance came during the assembly: False, nothing written, the
+        version stays RECEIVING and is assembled again after a new quiet period)."""
         now = time.time()
-        with self.lock, db.transaction(self.conn):
-            self.conn.execute(
-                "UPDATE series_versions SET state = 'ASSEMBLED', volume_digest = ?, volume_size = ?,"
-                " geometry_json = ?, update_time = ? WHERE series_id = ? AND version = ?"
-                " AND state = 'RECEIVING'",
-                (volume_digest, volume_size, json.dumps(geometry), now, series_id, version),
+        with self.db.transaction() as conn:
+            changed = run(
+                conn,
+                "UPDATE series_versions SET state = 'ASSEMBLED', volume_digest = :d, volume_size = :n,"
+                " geometry_json = :g, update_time = :t, claim_holder = ''"
+                " WHERE series_id = :s AND version = :v AND state = 'RECEIVING'"
+                + ("" if instance_count is None else " AND instance_count = :count"),
+                {
+                    "d": volume_digest,
+                    "n": volume_size,
+                    "g": json.dumps(geometry),
+                    "t": now,
+                    "s": series_id,
+                    "v": version,
+                    "count": instance_count,
+                },
             )
-            enqueue(self.conn, handoff_topic, f"{series_id}:{version}", handoff_payload, traceparent)
-
-    def begin_assembly(self, series_id: str, version: int, max_attempts: int) -> int | None:
-        """Count one more assembly of a RECEIVING version, durably (synchronous=FULL) before it
-        starts, and return the attempt's number. A process killed while assembling leaves the
-        count raised: once `max_attempts` were started and none finished, the version ends
-        FAILED ``ASSEMBLY_ABANDONED_AFTER_<n>_ATTEMPTS`` and None is returned (not assembled
-        again: a poison series does not crash-loop the service). None too when the version is
-        no longer RECEIVING."""
-        now = time.time()
-        with self.lock, db.transaction(self.conn):
-            r = self.conn.execute(
-                "SELECT assembly_attempts FROM series_versions WHERE series_id = ? AND version = ?"
-                " AND state = 'RECEIVING'",
-                (series_id, version),
-            ).fetchone()
-            if r is None:
-                return None
-            attempts = int(r["assembly_attempts"])
-            if attempts >= max_attempts:
-                self.conn.execute(
-                    "UPDATE series_versions SET state = 'FAILED', failure_reason = ?, update_time = ?"
-                    " WHERE series_id = ? AND version = ?",
-                    (abandoned_reason(attempts), now, series_id, version),
-                )
-                return None
-            self.conn.execute(
-                "UPDATE series_versions SET assembly_attempts = ? WHERE series_id = ? AND version = ?",
-                (attempts + 1, series_id, version),
-            )
-        return attempts + 1
-
-    def end_assembly_attempt(self, series_id: str, version: int) -> None:
-        """Take back the attempt counted by `begin_assembly` of an assembly that did not kill
-        the process but stopped on the service's own storage (the series is not at fault)."""
-        with self.lock, db.transaction(self.conn):
-            self.conn.execute(
-                "UPDATE series_versions SET assembly_attempts = MAX(assembly_attempts - 1, 0)"
-                " WHERE series_id = ? AND version = ? AND state = 'RECEIVING'",
-                (series_id, version),
-            )
+            if changed:
+                enqueue(conn, handoff_topic, f"{series_id}:{version}", handoff_payload, traceparent)
+        return bool(changed)
 
     def mark_failed(self, series_id: str, version: int, reason: str) -> None:
-        with self.lock, db.transaction(self.conn):
-            self.conn.execute(
-                "UPDATE series_versions SET state = 'FAILED', failure_reason = ?, update_time = ?"
-                " WHERE series_id = ? AND version = ?",
-                (reason, time.time(), series_id, version),
+        with self.db.transaction() as conn:
+            run(
+                conn,
+                "UPDATE series_versions SET state = 'FAILED', failure_reason = :r, update_time = :t,"
+                " claim_holder = '' WHERE series_id = :s AND version = :v",
+                {"r": reason, "t": time.time(), "s": series_id, "v": version},
             )
 
     def mark_dispatched(self, series_id: str, version: int) -> None:
-        with self.lock, db.transaction(self.conn):
-            self.conn.execute(
-                "UPDATE series_versions SET state = 'DISPATCHED', update_time = ?"
-                " WHERE series_id = ? AND version = ? AND state = 'ASSEMBLED'",
-                (time.time(), series_id, version),
+        with self.db.transaction() as conn:
+            run(
+                conn,
+                "UPDATE series_versions SET state = 'DISPATCHED', update_time = :t"
+                " WHERE series_id = :s AND version = :v AND state = 'ASSEMBLED'",
+                {"t": time.time(), "s": series_id, "v": version},
             )
 
+    # ----------------------------------------------------------------------------- reads
+
     def get_series(self, series_id: str) -> SeriesVersion:
-        with self.lock:
-            r = self.conn.execute(
-                "SELECT * FROM series_versions WHERE series_id = ? ORDER BY version DESC LIMIT 1", (series_id,)
-            ).fetchone()
+        with self.db.read() as conn:
+            r = one(
+                conn,
+                "SELECT * FROM series_versions WHERE series_id = :s ORDER BY version DESC LIMIT 1",
+                {"s": series_id},
+            )
         if r is None:
             raise NotFound(
                 "SERIES_NOT_FOUND", "series not found", domain="atlasflow.ingest", metadata={"series_id": series_id}
@@ -542,10 +751,12 @@ class IngestStore:
     def get_series_version(self, series_id: str, version: int) -> SeriesVersion:
         """One version of a series (version >= 1). NotFound("SERIES_NOT_FOUND") for an unknown
         series, NotFound("SERIES_VERSION_NOT_FOUND") when the series has no such version."""
-        with self.lock:
-            r = self.conn.execute(
-                "SELECT * FROM series_versions WHERE series_id = ? AND version = ?", (series_id, version)
-            ).fetchone()
+        with self.db.read() as conn:
+            r = one(
+                conn,
+                "SELECT * FROM series_versions WHERE series_id = :s AND version = :v",
+                {"s": series_id, "v": version},
+            )
         if r is not None:
             return _row_to_series(r)
         self.get_series(series_id)  # SERIES_NOT_FOUND when the series is unknown
@@ -562,12 +773,13 @@ class IngestStore:
         NotFound("VOLUME_NOT_FOUND") when none did."""
         r = None
         if volume_digest:
-            with self.lock:
-                r = self.conn.execute(
-                    "SELECT * FROM series_versions WHERE volume_digest = ?"
+            with self.db.read() as conn:
+                r = one(
+                    conn,
+                    "SELECT * FROM series_versions WHERE volume_digest = :d"
                     " ORDER BY update_time DESC, series_id LIMIT 1",
-                    (volume_digest,),
-                ).fetchone()
+                    {"d": volume_digest},
+                )
         if r is None:
             raise NotFound(
                 "VOLUME_NOT_FOUND",
@@ -578,39 +790,33 @@ class IngestStore:
         return _row_to_series(r)
 
     def list_series(self, page_size: int, page_token: str) -> tuple[list[SeriesVersion], str]:
-        size = db.clamp_page_size(page_size, domain="atlasflow.ingest")
-        cursor = db.decode_page_token(page_token, "series", domain="atlasflow.ingest")
+        size = pages.clamp_page_size(page_size, domain="atlasflow.ingest")
+        cursor = pages.decode_page_token(page_token, "series", domain="atlasflow.ingest")
         offset = int(cursor["offset"]) if cursor else 0
-        with self.lock:
-            rows = self.conn.execute(
-                "SELECT s.* FROM series_versions s JOIN (SELECT series_id, MAX(version) v"
+        with self.db.read() as conn:
+            found = rows(
+                conn,
+                "SELECT s.* FROM series_versions s JOIN (SELECT series_id, MAX(version) AS v"
                 " FROM series_versions GROUP BY series_id) m ON s.series_id = m.series_id"
                 " AND s.version = m.v ORDER BY s.create_time DESC, s.series_id"
-                " LIMIT ? OFFSET ?",
-                (size + 1, offset),
-            ).fetchall()
-        items = [_row_to_series(r) for r in rows[:size]]
-        token = db.encode_page_token("series", {"offset": offset + size}) if len(rows) > size else ""
+                " LIMIT :n OFFSET :o",
+                {"n": size + 1, "o": offset},
+            )
+        items = [_row_to_series(r) for r in found[:size]]
+        token = pages.encode_page_token("series", {"offset": offset + size}) if len(found) > size else ""
         return items, token
 
     def conflict_count(self, series_id: str | None = None) -> int:
-        if series_id is not None:
-            with self.lock:
+        with self.db.read() as conn:
+            if series_id is not None:
                 return int(
-                    self.conn.execute(
-                        "SELECT COUNT(*) FROM instance_conflicts WHERE series_id = ?", (series_id,)
-                    ).fetchone()[0]
+                    scalar(conn, "SELECT COUNT(*) FROM instance_conflicts WHERE series_id = :s", {"s": series_id})
                 )
-        with self.lock:
-            return int(self.conn.execute("SELECT COUNT(*) FROM instance_conflicts").fetchone()[0])
+            return int(scalar(conn, "SELECT COUNT(*) FROM instance_conflicts"))
 
     def receiving_count(self) -> int:
-        with self.lock:
-            return int(
-                self.conn.execute(
-                    "SELECT COUNT(*) FROM series_versions WHERE state IN ('RECEIVING', 'ASSEMBLED')"
-                ).fetchone()[0]
-            )
+        with self.db.read() as conn:
+            return int(scalar(conn, "SELECT COUNT(*) FROM series_versions WHERE state IN ('RECEIVING', 'ASSEMBLED')"))
 
     # ----------------------------------------------------------------------------- deletion
 
@@ -626,8 +832,14 @@ class IngestStore:
                 metadata={"case_id": case_id, "deletion_id": tomb[0]},
             )
 
+    def _receipt_series_sql(self) -> str:
+        """SQL of an upload receipt's series id (``receipt_json`` is JSON text)."""
+        if self.db.is_postgresql:
+            return "(CAST(receipt_json AS jsonb) ->> 'series_id')"
+        return "json_extract(receipt_json, '$.series_id')"
+
     def purge_study(
-        self, case_id: str, in_transaction: Callable[[dict[str, int], list[str]], None] | None = None
+        self, case_id: str, in_transaction: Callable[[sa.Connection, dict[str, int], list[str]], None] | None = None
     ) -> tuple[dict[str, int], list[str]]:
         """Delete every row of `case_id`'s study: instances, conflicts, series versions, their
         segmentation hand-offs still in the outbox and the completed uploads that filed an
@@ -639,52 +851,48 @@ class IngestStore:
 
         The spool is drained first (no spooled record of the study is left to replay); callers
         set the tombstone before, so that no new instance of the study is recorded meanwhile.
-        `in_transaction(counts, digests)` runs inside the deleting transaction (the deletion
-        records its operation and hand-offs there). Idempotent."""
+        `in_transaction(conn, counts, digests)` runs inside the deleting transaction (the
+        deletion records its operation and hand-offs there). Idempotent."""
         self.spool_drain.drain()
-        with self.lock, db.transaction(self.conn):
-            versions = self.conn.execute(
-                "SELECT series_id, version, volume_digest FROM series_versions WHERE case_id = ?", (case_id,)
-            ).fetchall()
+        with self.db.transaction() as conn:
+            versions = rows(
+                conn, "SELECT series_id, version, volume_digest FROM series_versions WHERE case_id = :c", {"c": case_id}
+            )
             series = sorted({r["series_id"] for r in versions})
             digests = {r["volume_digest"] for r in versions if r["volume_digest"]}
             counts = {"instances": 0, "instance_conflicts": 0, "outbox": 0, "uploads": 0}
             for sid in series:
+                self.db.lock(conn, f"ingest-series:{sid}")
                 for table in ("instances", "instance_conflicts"):
                     digests.update(
-                        r[0] for r in self.conn.execute(f"SELECT digest FROM {table} WHERE series_id = ?", (sid,))
+                        r["digest"] for r in rows(conn, f"SELECT digest FROM {table} WHERE series_id = :s", {"s": sid})
                     )
-                    counts[table] += self.conn.execute(f"DELETE FROM {table} WHERE series_id = ?", (sid,)).rowcount
-                counts["uploads"] += self.conn.execute(
-                    "DELETE FROM uploads WHERE complete = 1 AND json_extract(receipt_json, '$.series_id') = ?", (sid,)
-                ).rowcount
+                    counts[table] += run(conn, f"DELETE FROM {table} WHERE series_id = :s", {"s": sid})
+                counts["uploads"] += run(
+                    conn, f"DELETE FROM uploads WHERE complete = 1 AND {self._receipt_series_sql()} = :s", {"s": sid}
+                )
             for r in versions:
-                counts["outbox"] += self.conn.execute(
-                    "DELETE FROM outbox WHERE dedupe_key = ?", (f"{r['series_id']}:{r['version']}",)
-                ).rowcount
-            counts["series_versions"] = self.conn.execute(
-                "DELETE FROM series_versions WHERE case_id = ?", (case_id,)
-            ).rowcount
+                counts["outbox"] += run(
+                    conn, "DELETE FROM outbox WHERE dedupe_key = :k", {"k": f"{r['series_id']}:{r['version']}"}
+                )
+            counts["series_versions"] = run(conn, "DELETE FROM series_versions WHERE case_id = :c", {"c": case_id})
             released = sorted(d for d in digests if d)
             if in_transaction is not None:
-                in_transaction(counts, released)
+                in_transaction(conn, counts, released)
         return counts, released
 
     def referenced(self, digests: list[str]) -> list[str]:
         """Those of `digests` that a row of ingest references (an instance, a conflict, a volume)."""
         wanted = sorted(set(digests))
         found: set[str] = set()
-        with self.lock:
+        query = sa.text(
+            "SELECT digest FROM instances WHERE digest IN :d"
+            " UNION SELECT digest FROM instance_conflicts WHERE digest IN :d"
+            " UNION SELECT volume_digest FROM series_versions WHERE volume_digest IN :d"
+        ).bindparams(sa.bindparam("d", expanding=True))
+        with self.db.read() as conn:
             for i in range(0, len(wanted), 300):
-                chunk = wanted[i : i + 300]
-                marks = ",".join("?" * len(chunk))
-                for r in self.conn.execute(
-                    f"SELECT digest FROM instances WHERE digest IN ({marks})"
-                    f" UNION SELECT digest FROM instance_conflicts WHERE digest IN ({marks})"
-                    f" UNION SELECT volume_digest FROM series_versions WHERE volume_digest IN ({marks})",
-                    (*chunk, *chunk, *chunk),
-                ):
-                    found.add(r[0])
+                found.update(r[0] for r in conn.execute(query, {"d": wanted[i : i + 300]}))
         return sorted(found)
 
 

@@ -16,8 +16,10 @@ limit is enforced before a chunk is taken and the free-disk floor checked every
 (`atlasflow.ingest.store.IngestStore.store_instance_file`) before the receipt. Spool files of a
 process that died, and partial files untouched for the upload TTL, are removed by `purge`.
 
-The table lives in the ingest database (`atlasflow.ingest.schema`); `IngestStore` opens it and
-shares its connection and lock.
+The table lives in the ingest database (`atlasflow.ingest.migrations`); `IngestStore` opens it
+and shares its `atlasflow.common.db.Database`. The partial files are local to the process's data
+directory: a resumed upload must reach the replica that holds its partial file (the row is
+shared; the bytes are not).
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ import hashlib
 import json
 import os
 import re
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atlasflow.common import sqlite as db
+import sqlalchemy as sa
+
+from atlasflow.common.db import Database
 from atlasflow.common.disk import DiskFloor
 from atlasflow.common.errors import Aborted, InvalidArgument, NotFound
 
@@ -156,11 +158,10 @@ def public_upload_id(key: str) -> str:
 
 
 class UploadStore:
-    """The uploads table and partial files (thread-safe: ``lock`` guards ``conn``)."""
+    """The uploads table and partial files (thread-safe: one pooled connection per call)."""
 
-    def __init__(self, conn: sqlite3.Connection, lock: threading.RLock, directory: Path) -> None:
-        self.conn = conn
-        self.lock = lock
+    def __init__(self, db: Database, directory: Path) -> None:
+        self.db = db
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -176,8 +177,8 @@ class UploadStore:
 
     def status(self, upload_id: str) -> UploadState:
         """The upload's state; NotFound UPLOAD_NOT_FOUND when nothing of it was committed."""
-        with self.lock:
-            r = self.conn.execute("SELECT * FROM uploads WHERE upload_id = ?", (upload_id,)).fetchone()
+        with self.db.read() as conn:
+            r = conn.execute(sa.text("SELECT * FROM uploads WHERE upload_id = :u"), {"u": upload_id}).mappings().first()
         if r is None:
             raise NotFound(
                 "UPLOAD_NOT_FOUND",
@@ -187,7 +188,7 @@ class UploadStore:
             )
         return UploadState(
             r["upload_id"],
-            r["committed_offset"],
+            int(r["committed_offset"]),
             bool(r["complete"]),
             r["sha256"],
             json.loads(r["receipt_json"]) if r["receipt_json"] else {},
@@ -255,12 +256,14 @@ class UploadStore:
             finally:
                 os.close(dfd)
         now = time.time()
-        with self.lock, db.transaction(self.conn):
-            self.conn.execute(
-                "INSERT INTO uploads(upload_id, committed_offset, create_time, update_time)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT(upload_id) DO UPDATE SET"
-                " committed_offset = excluded.committed_offset, update_time = excluded.update_time",
-                (upload_id, offset + len(chunk), now, now),
+        with self.db.transaction() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO uploads(upload_id, committed_offset, create_time, update_time)"
+                    " VALUES (:u, :o, :t, :t) ON CONFLICT(upload_id) DO UPDATE SET"
+                    " committed_offset = excluded.committed_offset, update_time = excluded.update_time"
+                ),
+                {"u": upload_id, "o": offset + len(chunk), "t": now},
             )
         return UploadState(upload_id, offset + len(chunk), False, "", {})
 
@@ -274,17 +277,20 @@ class UploadStore:
     def complete(self, upload_id: str, sha256: str, receipt: dict[str, Any]) -> None:
         """Record the upload as complete (after its instance is durable) with its receipt;
         the partial file goes."""
-        with self.lock, db.transaction(self.conn):
-            self.conn.execute(
-                "UPDATE uploads SET complete = 1, sha256 = ?, receipt_json = ?, update_time = ? WHERE upload_id = ?",
-                (sha256, json.dumps(receipt), time.time(), upload_id),
+        with self.db.transaction() as conn:
+            conn.execute(
+                sa.text(
+                    "UPDATE uploads SET complete = 1, sha256 = :h, receipt_json = :r, update_time = :t"
+                    " WHERE upload_id = :u"
+                ),
+                {"h": sha256, "r": json.dumps(receipt), "t": time.time(), "u": upload_id},
             )
         self._path(upload_id).unlink(missing_ok=True)
 
     def discard(self, upload_id: str) -> None:
         """Forget an incomplete upload (its bytes were refused: a retry starts over)."""
-        with self.lock, db.transaction(self.conn):
-            self.conn.execute("DELETE FROM uploads WHERE upload_id = ? AND complete = 0", (upload_id,))
+        with self.db.transaction() as conn:
+            conn.execute(sa.text("DELETE FROM uploads WHERE upload_id = :u AND complete = 0"), {"u": upload_id})
         self._path(upload_id).unlink(missing_ok=True)
 
     def purge(self, max_age_s: float, *, at_start: bool = False) -> int:
@@ -293,12 +299,15 @@ class UploadStore:
         stream spool file). `at_start`: also every stream spool file (no process is writing
         them: a non-resumable upload cut by a restart is sent again). Returns the records dropped."""
         cutoff = time.time() - max_age_s
-        with self.lock:
-            rows = self.conn.execute("SELECT upload_id FROM uploads WHERE update_time < ?", (cutoff,)).fetchall()
-        for r in rows:
-            with self.lock, db.transaction(self.conn):
-                self.conn.execute("DELETE FROM uploads WHERE upload_id = ?", (r["upload_id"],))
-            self._path(r["upload_id"]).unlink(missing_ok=True)
+        with self.db.read() as conn:
+            stale_ids = [
+                r[0]
+                for r in conn.execute(sa.text("SELECT upload_id FROM uploads WHERE update_time < :c"), {"c": cutoff})
+            ]
+        for upload_id in stale_ids:
+            with self.db.transaction() as conn:
+                conn.execute(sa.text("DELETE FROM uploads WHERE upload_id = :u"), {"u": upload_id})
+            self._path(upload_id).unlink(missing_ok=True)
         for p in self.dir.iterdir():
             try:
                 stale = p.stat().st_mtime < cutoff or (at_start and p.name.startswith(_STREAM_PREFIX))
@@ -306,4 +315,4 @@ class UploadStore:
                 continue
             if stale and p.is_file():
                 p.unlink(missing_ok=True)
-        return len(rows)
+        return len(stale_ids)

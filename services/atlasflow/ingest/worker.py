@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import threading
+import time
 from collections.abc import Awaitable, Callable
 
 from opentelemetry import context as otel_context
@@ -74,7 +76,13 @@ class Assembler:
         Each assembly is counted durably before it starts (`IngestStore.begin_assembly`): when
         the process dies in it (killed, out of memory, a crash in a decoder), the next start
         tries again, up to ``max_attempts``; then the version ends FAILED
-        ``ASSEMBLY_ABANDONED_AFTER_<n>_ATTEMPTS`` instead of crash-looping the service."""
+        ``ASSEMBLY_ABANDONED_AFTER_<n>_ATTEMPTS`` instead of crash-looping the service.
+
+        Replicas: `begin_assembly` also claims the version for this replica (None: another
+        replica holds it, nothing to do); a heartbeat thread renews the claim every third of
+        its duration while the assembly runs. Instances still in another replica's spool, or
+        an instance that arrived during the assembly, give the claim (and the attempt) back:
+        the version is assembled later, with all of them."""
         attempt = self.store.begin_assembly(sv.series_id, sv.version, self.max_attempts)
         if attempt is None:
             after = self.store.get_series_version(sv.series_id, sv.version)
@@ -85,30 +93,61 @@ class Assembler:
                 )
                 self.metrics.count("series_failed")
             return
+        stop = threading.Event()
+        heartbeat = threading.Thread(
+            target=self._heartbeat, args=(sv, stop), name=f"assembly-claim-{sv.series_id[:16]}", daemon=True
+        )
+        heartbeat.start()
         try:
-            self._assemble(sv, attempt)
+            done = self._assemble(sv, attempt)
         except BaseException:
             # the service's own storage, not the series: this attempt does not count
             self.store.end_assembly_attempt(sv.series_id, sv.version)
             raise
+        finally:
+            stop.set()
+            heartbeat.join()
+        if not done:
+            self.store.end_assembly_attempt(sv.series_id, sv.version)
+            return
         self.on_assembled()
 
-    def _assemble(self, sv: SeriesVersion, attempt: int) -> None:
+    def _heartbeat(self, sv: SeriesVersion, stop: threading.Event) -> None:
+        """Renew this replica's claim on `sv` until `stop` (or the claim is lost)."""
+        while not stop.wait(self.store.claim_s / 3):
+            try:
+                if not self.store.renew_claim(sv.series_id, sv.version):
+                    log.warning("assembly claim lost", extra={"fields": {"series_id": sv.series_id}})
+                    return
+            except Exception:  # noqa: BLE001 - the database is away: the next beat tries again
+                log.warning("assembly claim not renewed", extra={"fields": {"series_id": sv.series_id}})
+
+    def _assemble(self, sv: SeriesVersion, attempt: int) -> bool:
+        """True when the version ended ASSEMBLED or FAILED; False when it must wait (instances
+        not in the blob store yet, or one more arrived meanwhile)."""
         token = otel_context.attach(context_from_traceparent(sv.traceparent))
         try:
             with tracer.start_as_current_span("ingest.assemble") as span:
                 span.set_attribute("atlasflow.series_id", sv.series_id)
                 span.set_attribute("atlasflow.series_version", sv.version)
                 span.set_attribute("atlasflow.assembly_attempt", attempt)
+                t_volume = time.perf_counter()
                 digests = self.store.instance_digests(sv.series_id, sv.version)
+                missing = self.store.missing_blobs(digests)
+                if missing:  # still in another replica's spool: that replica drains it soon
+                    log.info(
+                        "series assembly waits for spooled instances",
+                        extra={"fields": {"series_id": sv.series_id, "missing": len(missing)}},
+                    )
+                    return False
                 try:
                     volume, nifti = self._build_volume(digests)
                 except AtlasflowError as exc:
                     self._fail(sv, exc.reason)
-                    return
+                    return True
                 except Exception as exc:  # noqa: BLE001 - any other failure is this series' alone
                     self._fail(sv, f"{ASSEMBLY_FAILED}: {type(exc).__name__}")
-                    return
+                    return True
                 info = self.blobs.put(nifti)
                 spacing = [float(x) for x in (volume.affine[:3, :3] ** 2).sum(axis=0) ** 0.5]
                 geometry = {
@@ -126,7 +165,7 @@ class Assembler:
                         digest=info.digest, size_bytes=info.size_bytes, media_type="application/x-nifti+gzip"
                     ),
                 )
-                self.store.mark_assembled(
+                if not self.store.mark_assembled(
                     sv.series_id,
                     sv.version,
                     info.digest,
@@ -135,7 +174,13 @@ class Assembler:
                     SEGMENT_TOPIC,
                     request.SerializeToString(),
                     current_traceparent(),
-                )
+                    instance_count=len(digests),
+                ):
+                    log.info(
+                        "series changed during assembly; assembled again later",
+                        extra={"fields": {"series_id": sv.series_id, "version": sv.version}},
+                    )
+                    return False
                 for w in volume.warnings:
                     log.warning(
                         "series assembled with warning", extra={"fields": {"series_id": sv.series_id, "warning": w}}
@@ -145,6 +190,10 @@ class Assembler:
                     extra={"fields": {"series_id": sv.series_id, "version": sv.version, "shape": geometry["shape"]}},
                 )
                 self.metrics.count("series_assembled")
+                self.metrics.observe_stage("assemble_volume", time.perf_counter() - t_volume)
+                # first instance of the version received -> volume assembled and handed off
+                self.metrics.observe_stage("receive_to_assembled", time.time() - sv.create_time)
+                return True
         finally:
             otel_context.detach(token)
 
