@@ -43,6 +43,7 @@ GAUGES: dict[str, tuple[str, str]] = {
     "atlasflow_disk_free_bytes": ("Free bytes of a directory's file system.", "dir"),
     "atlasflow_disk_floor_bytes": ("The free-disk floor below which new data is refused (0: off).", "dir"),
     "atlasflow_triton_up": ("Triton live with the model ready, as this segmentation replica sees it (1/0).", ""),
+    "atlasflow_gauge_source_up": ("1 when a scrape-time source answered in this scrape, 0 when it failed.", "source"),
 }
 
 #: buckets of ``atlasflow_stage_duration_seconds`` (a stage runs from milliseconds to an hour)
@@ -72,7 +73,11 @@ class PendingCounter(Protocol):
 
 
 def _run(source: Source) -> list[Reading]:
-    return list(source())
+    readings = list(source())
+    for r in readings:
+        if r.family not in GAUGES:
+            raise ValueError(f"unknown gauge family {r.family}")
+    return readings
 
 
 class _ScrapeCollector(Collector):
@@ -87,7 +92,7 @@ class _ScrapeCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         values: dict[tuple[str, str], float] = {}
-        for reading in [*self.m.pushed(), *self.m.read_sources()]:
+        for reading in [*self.m.pushed(), *self.m.read_sources(with_status=True)]:
             values[(reading.family, reading.label)] = reading.value
         for name, (doc, label) in GAUGES.items():
             fam = GaugeMetricFamily(name, doc, labels=["service", *([label] if label else [])])
@@ -147,7 +152,7 @@ class Metrics:
         self._lock = threading.Lock()
         # Sources run here, so a slow database cannot hold a scrape longer than its timeout; a
         # hung source keeps its thread, and later scrapes time out on it too (counted).
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{service}-gauges")
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"{service}-gauges")
         self.registry.register(_ScrapeCollector(self))
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
@@ -216,8 +221,9 @@ class Metrics:
 
         self.add_source(f"outbox_{outbox}", read)
 
-    def read_sources(self) -> list[Reading]:
-        """Every source's readings (the failed and slow ones left out, counted)."""
+    def read_sources(self, *, with_status: bool = False) -> list[Reading]:
+        """Every source's readings (the failed and slow ones left out, counted); with
+        `with_status`, also each source's ``atlasflow_gauge_source_up``."""
         with self._lock:
             sources = [(name, source, t) for name, (source, t) in self._sources.items()]
         futures = [(name, self._pool.submit(_run, source), t) for name, source, t in sources]
@@ -230,11 +236,12 @@ class Metrics:
                 # type only: a database error's message may quote data
                 log.warning("gauge source failed", extra={"fields": {"source": name, "error": type(exc).__name__}})
                 self.source_failures.labels(self.service, name).inc()
+                if with_status:
+                    readings.append(Reading("atlasflow_gauge_source_up", name, 0.0))
                 continue
-            for r in got:
-                if r.family not in GAUGES:
-                    raise ValueError(f"source {name}: unknown gauge family {r.family}")
-                readings.append(r)
+            readings.extend(got)
+            if with_status:
+                readings.append(Reading("atlasflow_gauge_source_up", name, 1.0))
         return readings
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:

@@ -77,6 +77,8 @@ async def build_app(
     export_root = Path(settings.export_dir).resolve() if settings.export_dir else None
     servicer = LabelServicer(repo, blobs, exporter, export_root, destinations)
     servicer.review_histogram = review_seconds_histogram(metrics.registry)
+    servicer.metrics = metrics
+    metrics.add_disk("state", settings.data_dir)
 
     def register(server: grpc.aio.Server) -> list[str]:
         _add_servicer(servicer, server)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +30,7 @@ from atlasflow.common.errors import (
     PermissionDenied,
     Unavailable,
 )
+from atlasflow.common.metrics import Metrics
 from atlasflow.common.server import Context, author_of, principal_of, roles_of
 from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.audit import audited, require_principal
@@ -115,6 +117,9 @@ def version_to_proto(r: LabelVersionRecord) -> labels_pb2.LabelVersion:
         organ_review_seconds=[
             labels_pb2.OrganReviewTime(organ=_organ(oid), seconds=s)
             for oid, s in sorted(r.organ_review_seconds.items())
+        ],
+        organ_changed_ml=[
+            labels_pb2.OrganChangedVolume(organ=_organ(oid), ml=ml) for oid, ml in sorted(r.organ_changed_ml.items())
         ],
     )
 
@@ -278,6 +283,8 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
         self.leases: Callable[[str, str], Awaitable[None]] | None = None
         # atlasflow_review_seconds (review_seconds_histogram; the app sets it on its registry)
         self.review_histogram: Histogram | None = None
+        # atlasflow_stage_duration_seconds{stage="label_write"} (the app sets it)
+        self.metrics: Metrics | None = None
 
     async def CreateLabelVersion(
         self, request: labels_pb2.CreateLabelVersionRequest, context: Context
@@ -288,6 +295,7 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
         # the author is the verified caller, never the request's claim: a service's identity
         # (svc:segmentation for the AI versions) or the person's token subject (an admin's import)
         author = author_of(context) or p.reviewer
+        t0 = time.perf_counter()
         provenance = Provenance(_SOURCE_FROM_PROTO[p.source], p.model_version, p.job_id, author, p.weights_trained)
         record = await asyncio.to_thread(
             audited,
@@ -306,6 +314,8 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
                 audit=audit,
             ),
         )
+        if self.metrics is not None:
+            self.metrics.observe_stage("label_write", time.perf_counter() - t0)
         return labels_pb2.CreateLabelVersionResponse(version=version_to_proto(record))
 
     async def ReviseLabels(
@@ -334,6 +344,7 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
                 )
             )
         # a repeated request_id returns the version made first: its time is not counted twice
+        t0 = time.perf_counter()
         repeat = (
             await asyncio.to_thread(self.repo.version_for_request, request.request_id) if request.request_id else None
         )
@@ -358,6 +369,8 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
                 self.review_histogram.labels("case").observe(record.review_seconds)
             for seconds in record.organ_review_seconds.values():
                 self.review_histogram.labels("organ").observe(seconds)
+        if self.metrics is not None:
+            self.metrics.observe_stage("label_write", time.perf_counter() - t0)
         return labels_pb2.ReviseLabelsResponse(version=version_to_proto(record))
 
     async def GetLabelVersion(

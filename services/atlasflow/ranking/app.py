@@ -20,7 +20,7 @@ from atlasflow.ranking.migrations import MIGRATIONS
 from atlasflow.ranking.servicer import RankingServicer
 from atlasflow.ranking.settings import PREFIX, RankingSettings
 from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
-from atlasflow.ranking.worklist import SqlWorklist
+from atlasflow.ranking.worklist import SqlWorklist, worklist_readings
 
 # The generated gRPC module carries no annotations: its registration, typed here.
 _add_servicer: Callable[[RankingServicer, grpc.aio.Server], None] = (
@@ -52,6 +52,8 @@ async def build_app(
         )
     )
     servicer = RankingServicer(store, metrics)
+    metrics.add_source("worklist", lambda: worklist_readings(store))
+    metrics.add_disk("state", settings.data_dir)
 
     def register(server: grpc.aio.Server) -> list[str]:
         _add_servicer(servicer, server)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import TypeVar, cast
@@ -217,6 +218,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     async def SubmitAttention(
         self, request: ranking_pb2.SubmitAttentionRequest, context: Context
     ) -> ranking_pb2.SubmitAttentionResponse:
+        t0 = time.perf_counter()
         entry, rank = await self._call(
             self.worklist.submit,
             request.case_id,
@@ -227,11 +229,13 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             request.heatmap.digest,
             request.heatmap.size_bytes,
         )
+        self.metrics.observe_stage("ranking_update", time.perf_counter() - t0)
         return ranking_pb2.SubmitAttentionResponse(item=item_to_proto(entry, rank))
 
     async def RecordLabelVersion(
         self, request: ranking_pb2.RecordLabelVersionRequest, context: Context
     ) -> ranking_pb2.RecordLabelVersionResponse:
+        t0 = time.perf_counter()
         result = await self._call(
             self.worklist.record_label_version,
             request.case_id,
@@ -242,6 +246,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             request.reviewer,
             [geometry_from_proto(g) for g in request.human_organ_geometry],
         )
+        self.metrics.observe_stage("ranking_update", time.perf_counter() - t0)
         if result is None:
             return ranking_pb2.RecordLabelVersionResponse()
         return ranking_pb2.RecordLabelVersionResponse(item=item_to_proto(*result))

@@ -45,6 +45,7 @@ import sqlalchemy as sa
 from atlasflow.common import sqlite as sq
 from atlasflow.common.db import PoolSettings
 from atlasflow.common.errors import InvalidArgument
+from atlasflow.common.metrics import Reading, lease_readings
 from atlasflow.common.organs import ORGANS
 from atlasflow.ranking.entries import DOMAIN, OrganAttention, Status, WorklistEntry, WorklistFilter, check_id
 from atlasflow.ranking.label_versions import LabelVersions
@@ -234,6 +235,22 @@ class SqlWorklist(Leases, Rounds, LabelVersions):
         counts.update({Status(int(r["s"])): int(r["n"]) for r in found})
         return counts
 
+    def lease_gauges(self) -> tuple[float, int]:
+        """(age in seconds of the oldest active review lease, 0 when none; leases past their
+        expiry never released nor completed) at read time: the ``atlasflow_lease_*`` gauges."""
+        now = self._now_us()
+        with self._db.read() as conn:
+            r = one(
+                conn,
+                "SELECT MIN(CASE WHEN lease_expire_us > :now THEN lease_start_us END) AS oldest,"
+                " SUM(CASE WHEN lease_expire_us <= :now THEN 1 ELSE 0 END) AS expired"
+                " FROM worklist WHERE outcome = 0 AND lease_holder != ''",
+                {"now": now},
+            )
+        oldest = r["oldest"] if r is not None else None
+        expired = int(r["expired"] or 0) if r is not None else 0
+        return (max(0.0, (now - int(oldest)) / 1e6) if oldest is not None else 0.0), expired
+
     def purge_study(self, case_id: str) -> tuple[dict[str, int], Sequence[str]]:
         """Delete every row of `case_id` (the study was deleted, ingest's DeleteStudy): its
         worklist entry (lease and review included), submissions, round memberships and recorded
@@ -266,3 +283,17 @@ class SqlWorklist(Leases, Rounds, LabelVersions):
 
 
 SqliteWorklist = SqlWorklist  # the former name (the store was SQLite-only)
+
+
+def worklist_readings(worklist: SqlWorklist) -> list[Reading]:
+    """The ranking service's scrape-time gauges (`atlasflow.common.metrics.Metrics.add_source`):
+    queue depth ``worklist`` (every case), ``worklist_pending`` (not leased, not reviewed) and
+    ``cases_open`` (not reviewed yet), and the review leases (queue ``review``)."""
+    counts = worklist.count_by_status()
+    oldest, expired = worklist.lease_gauges()
+    return [
+        Reading("atlasflow_queue_depth", "worklist", float(sum(counts.values()))),
+        Reading("atlasflow_queue_depth", "worklist_pending", float(counts[Status.PENDING])),
+        Reading("atlasflow_queue_depth", "cases_open", float(counts[Status.PENDING] + counts[Status.LEASED])),
+        *lease_readings("review", oldest, expired),
+    ]
