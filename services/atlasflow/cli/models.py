@@ -3,7 +3,7 @@
     atlasflow model import nnunet <trained_model_folder> --name NAME [--folds 0,1]
         [--checkpoint checkpoint_final.pth] --state-dir DIR
     atlasflow model list --state-dir DIR
-    atlasflow segment ct.nii.gz --model NAME --out OUTDIR --state-dir DIR
+    atlasflow segment ct.nii.gz --model NAME --out OUTDIR --state-dir DIR [--triton-url HOST:PORT]
 
 The registry lives in ``<state-dir>/models/<name>/`` (`atlasflow.models.registry`).
 """
@@ -132,14 +132,26 @@ Example:
 @click.argument("ct", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--model", "model_name", required=True, help="a registered model (atlasflow model list)")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="where the network runs (local Triton or in process)")
+@click.option(
+    "--triton-url",
+    default=None,
+    help="gRPC host:port of a Triton serving the model (default: a local PyTriton started for this command)",
+)
+@click.option("--in-process", is_flag=True, help="run the network in this process instead of on Triton")
 @state_dir_option()
-def segment(ct: Path, model_name: str, out: Path, device: str, state_dir: Path) -> int:
-    """Segment one NIfTI CT with a registered model; OUT/labels.nii.gz has the model's label ids."""
+def segment(
+    ct: Path, model_name: str, out: Path, device: str, triton_url: str | None, in_process: bool, state_dir: Path
+) -> int:
+    """Segment one NIfTI CT with a registered model; OUT/labels.nii.gz has the model's label ids.
+
+    The network runs on Triton (pre-processing and tiling here)."""
     from atlasflow.models.segment import segment_file
 
     with _domain_errors():
-        summary = segment_file(ct, model_name, out, state_dir, device=device)
+        summary = segment_file(
+            ct, model_name, out, state_dir, device=device, triton_url=triton_url, in_process=in_process
+        )
     click.echo(json.dumps(summary, indent=2))
     return 0
 

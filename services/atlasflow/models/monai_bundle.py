@@ -47,7 +47,10 @@ refused         other transforms and inferers; inside the parts above: ``$`` exp
                 a weights file that does not fit the network, no label map.
 
 Stored: ``configs/inference.json|yaml``, ``configs/metadata.json``, ``models/model.pt|ts``
-(copies; the manifest digests them).
+(copies; the manifest digests them), and the Triton export of the network
+(``triton/config.pbtxt``, ``triton/1/model.pt``: `atlasflow.models.export`). On the Triton
+path (`atlasflow segment`) steps 1-4 stay here and the inferer's window batches go to the
+served network.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ from atlasflow.common.errors import InvalidArgument
 from atlasflow.models.registry import DOMAIN, Manifest, ModelRegistry, check_name, sha256_file
 
 IMPORTER = "atlasflow.models.monai_bundle"
-IMPORTER_VERSION = "1"
+IMPORTER_VERSION = "2"  # 2: the Triton export (triton/config.pbtxt, triton/1/model.pt)
 FORMAT = "monai-bundle"
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
@@ -398,10 +401,17 @@ def import_monai_bundle(bundle_dir: str | Path, name: str, state_dir: str | Path
     parser = _parser(config, meta_path, src)
     settings = check_config(parser)
     labels = read_labels(json.loads(meta_path.read_text()))
-    _network(parser, weights)  # instantiates network_def and loads the weights strictly
+    net = _network(parser, weights)  # instantiates network_def and loads the weights strictly
+    net_def = parser["network_def"]
+    in_channels = int(net_def.get("in_channels", 1))
+    out_channels = int(net_def.get("out_channels", len(labels)))
+    roi = settings["inferer"].get("roi_size")
     registry = ModelRegistry(state_dir)
     staging = registry.staging()
     try:
+        from atlasflow.models.export import export_bundle_network
+
+        triton = export_bundle_network(staging, net, in_channels, out_channels, roi if isinstance(roi, list) else None)
         (staging / "configs").mkdir()
         (staging / "models").mkdir()
         shutil.copyfile(config, staging / "configs" / config.name)
@@ -422,6 +432,7 @@ def import_monai_bundle(bundle_dir: str | Path, name: str, state_dir: str | Path
                 "config": f"configs/{config.name}",
                 "weights": f"models/{weights.name}",
                 "source_weights_sha256": sha256_file(weights),
+                "triton": triton,
             },
         )
         return registry.commit(staging, manifest, replace=replace)
@@ -438,7 +449,12 @@ class MonaiBundleModel:
 
     needs_affine = True
 
-    def __init__(self, model_dir: str | Path, manifest: Manifest, device: str = "cpu") -> None:
+    def __init__(
+        self, model_dir: str | Path, manifest: Manifest, device: str = "cpu", *, network: Any | None = None
+    ) -> None:
+        """In process (``network`` None): the bundle's network is loaded here. With
+        ``network`` (a callable over window batches, e.g. the served network on Triton) the
+        bundle's inferer calls it instead."""
         import torch
 
         base = Path(model_dir)
@@ -448,7 +464,7 @@ class MonaiBundleModel:
         weights = base / str(manifest.details["weights"])
         parser = _parser(config, base / "configs" / "metadata.json", base)
         self.settings = check_config(parser)  # again: the stored config is what runs
-        self.net = _network(parser, weights).to(self.device).eval()
+        self.net = _network(parser, weights).to(self.device).eval() if network is None else network
         self.pre = parser.get_parsed_content("preprocessing")
         self.inferer = parser.get_parsed_content("inferer")
         post: list[Any] = []

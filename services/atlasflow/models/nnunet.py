@@ -22,7 +22,9 @@ refused     2-D configurations and cascades, region-based labels, other readers 
             fields, checkpoints that need arbitrary pickled objects.
 
 Stored: ``plans.json``, ``dataset.json`` (copied), ``fold_<k>.pt`` (the network weights only,
-a plain tensor state dict readable with ``torch.load(weights_only=True)``).
+a plain tensor state dict readable with ``torch.load(weights_only=True)``), and the Triton
+export ``triton/config.pbtxt`` + ``triton/1/model.pt`` (`atlasflow.models.export`: the traced
+fold networks with the mirroring and the fold average in one TorchScript module).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from atlasflow.common.errors import InvalidArgument
 from atlasflow.models.registry import DOMAIN, Manifest, ModelRegistry, check_name, sha256_file
 
 IMPORTER = "atlasflow.models.nnunet"
-IMPORTER_VERSION = "1"
+IMPORTER_VERSION = "2"  # 2: the Triton export (triton/config.pbtxt, triton/1/model.pt)
 FORMAT = "nnunet-v2"
 
 _EPOCH_VARIANT = re.compile(r"^nnUNetTrainer_\d+epochs?$")
@@ -250,6 +252,9 @@ def import_nnunet(
     """Check and register ``folder`` as model ``name``; returns the committed manifest."""
     import torch
 
+    from atlasflow.models.export import export_nnunet
+    from atlasflow.models.nnunet_infer import build_network
+
     check_name(name)
     src = Path(folder)
     if not src.is_dir():
@@ -285,10 +290,20 @@ def import_nnunet(
     try:
         shutil.copyfile(src / "plans.json", staging / "plans.json")
         shutil.copyfile(src / "dataset.json", staging / "dataset.json")
+        labels = {int(v): str(k) for k, v in dataset["labels"].items() if k != "ignore"}
+        nets = []
         for f, c in zip(fold_ids, ckpts):
             weights = {k: v.detach().clone() for k, v in c["network_weights"].items()}
             torch.save(weights, staging / f"fold_{f}.pt")
-        labels = {int(v): str(k) for k, v in dataset["labels"].items() if k != "ignore"}
+            net = build_network(plans, conf, len(labels))
+            try:
+                net.load_state_dict(weights, strict=True)
+            except RuntimeError as exc:
+                raise _refuse(
+                    "INVALID_CHECKPOINT", f"fold {f}'s weights do not fit the plans' network: {str(exc)[:300]}", fold=f
+                ) from None
+            nets.append(net)
+        triton = export_nnunet(staging, nets, [int(p) for p in conf["patch_size"]], len(labels), mirror_axes)
         manifest = Manifest(
             name=name,
             format=FORMAT,
@@ -305,6 +320,7 @@ def import_nnunet(
                 "folds": fold_ids,
                 "checkpoint": checkpoint,
                 "mirror_axes": mirror_axes,
+                "triton": triton,
                 "source_checkpoints": {
                     f"fold_{f}/{checkpoint}": sha256_file(src / f"fold_{f}" / checkpoint) for f in fold_ids
                 },

@@ -26,6 +26,9 @@ and what this module does for the same step:
    replaced by the minimum, float16), accumulated in float16 and divided by the summed weights.
    Here the flips of one tile go through the network as one batch (same sum order).
 7. Folds: the float16 logits summed fold by fold and divided by the fold count.
+   On Triton (`sliding_window_served`, `atlasflow segment`'s path): the same, fold after
+   fold, with the tiles sent in batches of ``tile_batch`` to the served network
+   (`atlasflow.models.export`), which returns each tile's mirrored logits for that fold.
 8. Logits resampled back to the cropped shape (step 5's rules, ``resampling_fn_probabilities``
    kwargs, default order 1), argmax over classes (first maximum on ties) = label id, pasted into
    the uncropped volume, ``transpose_backward``, axes reversed back to the file order.
@@ -40,7 +43,7 @@ import itertools
 import json
 import math
 import pydoc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +58,8 @@ from atlasflow.models.nnunet import resolve_configuration
 from atlasflow.models.registry import DOMAIN, Manifest
 
 ANISO_THRESHOLD = 3.0  # nnunetv2.configuration.ANISO_THRESHOLD
+#: the served network of a model: ``(N, 1, *patch)`` float32 tiles, fold index -> ``(N, K, *patch)`` float32
+TileForward = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- resampling
@@ -224,7 +229,18 @@ def build_network(plans: Mapping[str, Any], conf: Mapping[str, Any], num_classes
 class NnunetV2Model:
     """A registered ``nnunet-v2`` model, loaded once; call per volume (module docstring)."""
 
-    def __init__(self, model_dir: str | Path, manifest: Manifest, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        manifest: Manifest,
+        device: str = "cpu",
+        *,
+        forward: TileForward | None = None,
+        tile_batch: int = 4,
+    ) -> None:
+        """In process (``forward`` None): the fold networks are loaded here and run fold by
+        fold. With ``forward`` (the served network, e.g. on Triton: `TileForward`) no
+        network is loaded; tiles go ``tile_batch`` at a time to ``forward``."""
         base = Path(model_dir)
         plans = json.loads((base / "plans.json").read_text())
         dataset = json.loads((base / "dataset.json").read_text())
@@ -248,8 +264,10 @@ class NnunetV2Model:
         )
         self.device = torch.device(device)
         self.manifest = manifest
+        self.forward = forward
+        self.tile_batch = max(1, int(tile_batch))
         self.folds: list[torch.nn.Module] = []
-        for f in manifest.details["folds"]:
+        for f in manifest.details["folds"] if forward is None else []:
             net = build_network(plans, conf, num_classes)
             net.load_state_dict(torch.load(base / f"fold_{f}.pt", map_location="cpu", weights_only=True))
             self.folds.append(net.to(self.device).eval())
@@ -311,6 +329,52 @@ class NnunetV2Model:
         return logits[unpad].cpu()
 
     @torch.inference_mode()
+    def sliding_window_served(self, forward: TileForward, data: torch.Tensor) -> torch.Tensor:
+        """Steps 6-7 with the served network: ``forward(tiles, fold)`` gets ``(N, 1, *patch)``
+        tiles and returns that fold's mirrored logits ``(N, K, *patch)``
+        (`atlasflow.models.export`); fold after fold, the Gaussian accumulation as
+        `sliding_window`'s, tile by tile in order; the folds summed and averaged."""
+        total: torch.Tensor | None = None
+        n_folds = len(self.manifest.details["folds"])
+        for f in range(n_folds):
+            out = self._served_fold(forward, data, f)
+            total = out if total is None else total.add_(out)
+        assert total is not None
+        if n_folds > 1:
+            total /= n_folds
+        return total
+
+    def _served_fold(self, forward: TileForward, data: torch.Tensor, fold: int) -> torch.Tensor:
+        s = self.settings
+        padded, unpad = pad_to(data, s.patch_size)
+        steps = compute_steps(padded.shape[1:], s.patch_size, s.tile_step)
+        logits = torch.zeros((s.num_classes, *padded.shape[1:]), dtype=torch.half)
+        weight = torch.zeros(padded.shape[1:], dtype=torch.half)
+        gauss = gaussian_weights(s.patch_size, torch.device("cpu"))
+        slicers = [
+            (slice(sx, sx + s.patch_size[0]), slice(sy, sy + s.patch_size[1]), slice(sz, sz + s.patch_size[2]))
+            for sx, sy, sz in itertools.product(*steps)
+        ]
+        for start in range(0, len(slicers), self.tile_batch):
+            group = slicers[start : start + self.tile_batch]
+            tiles = torch.stack([padded[(slice(None), *sl)] for sl in group]).contiguous()
+            preds = forward(tiles, fold)
+            if tuple(preds.shape) != (len(group), s.num_classes, *s.patch_size):
+                raise InvalidArgument(
+                    "SERVED_MODEL_MISMATCH",
+                    f"the served network returned {list(preds.shape)} for {len(group)} tiles",
+                    domain=DOMAIN,
+                )
+            for sl, pred in zip(group, preds.float()):
+                pred *= gauss
+                logits[(slice(None), *sl)] += pred
+                weight[sl] += gauss
+        torch.div(logits, weight, out=logits)
+        if torch.any(torch.isinf(logits)):
+            raise InvalidArgument("NUMERIC_OVERFLOW", "inf in the predicted logits", domain=DOMAIN)
+        return logits[unpad]
+
+    @torch.inference_mode()
     def __call__(self, volume: npt.ArrayLike, spacing_xyz: Sequence[float]) -> np.ndarray:
         """``volume`` ``(X, Y, Z)`` file voxel order, ``spacing_xyz`` mm -> label ids ``(X, Y, Z)``."""
         s = self.settings
@@ -334,6 +398,8 @@ class NnunetV2Model:
         x = torch.from_numpy(np.ascontiguousarray(data))
         n_threads = torch.get_num_threads()
         logits: torch.Tensor | None = None
+        if self.forward is not None:
+            logits = self.sliding_window_served(self.forward, x)
         for net in self.folds:
             out = self.sliding_window(net, x)
             logits = out if logits is None else logits.add_(out)
