@@ -108,8 +108,8 @@ class Loader(Protocol):
 
 @dataclass
 class PyTritonLoader:
-    """Embedded mode: ``infer`` sends the version name to the running PyTriton process's control
-    model (``ACTIVATE_MODEL``) and returns the model name it bound (`TritonSegmenter.activate`)."""
+    """Embedded mode: ``activate`` sends the version name to the running PyTriton process's
+    control model and returns the model name it bound (`activate_via`)."""
 
     activate: Callable[[str], str]
 
@@ -120,7 +120,8 @@ class PyTritonLoader:
 @dataclass
 class ReadyCheckLoader:
     """Cluster mode: the model was loaded through Triton's repository API by the training
-    service (`atlasflow.training.rollout.TritonRepositoryRollout`); this checks it is ready."""
+    service (`atlasflow.training.rollout.TritonRepositoryRollout`); this checks it is ready
+    (``is_ready(model name)``)."""
 
     is_ready: Callable[[str], bool]
 
@@ -189,32 +190,31 @@ class EnsembleRegistry:
             return before, after, model
 
 
-def pytriton_activate(
-    url: str, *, access_token: str = "", timeout_s: float = 600.0
-) -> Callable[[str], str]:
+ACTIVATE_MODEL = "atlasflow_activate"  # = atlasflow.segmentation.triton_server.ACTIVATE_MODEL
+
+
+def activate_via(make_client: Callable[[str], Any], *, timeout_s: float = 600.0) -> Callable[[str], str]:
     """The embedded mode's activation call: infer on the PyTriton process's control model
-    (`atlasflow.segmentation.triton_server.ACTIVATE_MODEL`) with the version name; returns the
-    bound model's name. Domain errors of the server (e.g. ``VERSION_DIGEST_MISMATCH``) come back
-    as themselves; a Triton without the control model (started without ``--versions-dir``) is
+    (`ACTIVATE_MODEL`) with the version name, through a `TritonSegmenter` made by
+    ``make_client(ACTIVATE_MODEL)`` (the service's Triton transport); returns the bound
+    model's name. Domain errors of the server (e.g. ``VERSION_DIGEST_MISMATCH``) come back as
+    themselves; a Triton without the control model (started without ``--versions-dir``) is
     ``TRITON_MODEL_NOT_READY``."""
-    import numpy as np
-    import tritonclient.grpc as grpcclient
-    from opentelemetry import propagate
-    from tritonclient.utils import InferenceServerException
-
-    from atlasflow.segmentation.triton_client import TritonSegmenter
-
-    control = "atlasflow_activate"
 
     def activate(name: str) -> str:
-        client = TritonSegmenter(url, control, timeout_s=timeout_s, shm="off", access_token=access_token or None)
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+        from opentelemetry import propagate
+        from tritonclient.utils import InferenceServerException
+
+        client = make_client(ACTIVATE_MODEL)
         try:
             inp = grpcclient.InferInput("version", [1], "BYTES")
             inp.set_data_from_numpy(np.array([name.encode()], dtype=np.object_))
             carrier: dict[str, str] = {}
             propagate.inject(carrier)
             result = client._client.infer(
-                control, [inp], client_timeout=timeout_s, headers=dict(carrier), parameters=dict(carrier) or None
+                ACTIVATE_MODEL, [inp], client_timeout=timeout_s, headers=dict(carrier), parameters=dict(carrier) or None
             )
         except InferenceServerException as exc:
             raise client._map_error(exc) from None

@@ -16,16 +16,27 @@ from typing import Any
 
 import grpc
 
+from atlasflow.common import db
 from atlasflow.common.app import ServiceApp, TaskLoop, ThreadLoop, build_service_server, run_service
 from atlasflow.common.clients import aio_channel
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.outbox import OutboxDispatcher
 from atlasflow.labels.v1 import labels_pb2_grpc
 from atlasflow.ranking.v1 import ranking_pb2_grpc
+from atlasflow.segmentation.activation import (
+    EnsembleRegistry,
+    Loader,
+    PyTritonLoader,
+    ReadyCheckLoader,
+    RegistryState,
+    activate_via,
+)
 from atlasflow.segmentation.ensemble import load_ensemble
-from atlasflow.segmentation.jobs import JobStore
+from atlasflow.segmentation.gauges import job_readings, triton_readings
+from atlasflow.segmentation.jobs import DEFAULT_FILE, JobStore
+from atlasflow.segmentation.migrations import MIGRATIONS
 from atlasflow.segmentation.prior_source import RankingPrior
-from atlasflow.segmentation.servicer import SegmentationServicer
+from atlasflow.segmentation.servicer import Activation, SegmentationServicer
 from atlasflow.segmentation.settings import PREFIX, SegmentationSettings
 from atlasflow.segmentation.triton_client import TritonSegmenter
 from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
@@ -62,28 +73,54 @@ async def build_app(
     """
     metrics = metrics or Metrics("segmentation")
     blobs = settings.blob_store()
-    jobs = await asyncio.to_thread(JobStore, Path(settings.data_dir))
+    jobs = await asyncio.to_thread(
+        lambda: JobStore(settings.database_url or Path(settings.data_dir) / DEFAULT_FILE, lease_s=settings.job_lease_s)
+    )
     configs = [load_ensemble(e) for e in settings.ensembles()]
     versions = [c.version for c in configs]
+
+    def make_segmenter(model_name: str) -> TritonSegmenter:
+        return TritonSegmenter(
+            settings.triton_url,
+            model_name,
+            timeout_s=settings.triton_timeout_s,
+            shm=settings.triton_shm,
+            tls=settings.triton_tls(),
+            allow_plaintext=settings.triton_allow_plaintext,
+            connect_retries=settings.triton_connect_retries,
+        )
+
     if segmenters is None:
-        segmenters = {
-            c.version: TritonSegmenter(
-                settings.triton_url,
-                c.model_name,
-                timeout_s=settings.triton_timeout_s,
-                shm=settings.triton_shm,
-                access_token=settings.triton_access_token or None,
-                connect_retries=settings.triton_connect_retries,
-            )
-            for c in configs
-        }
+        segmenters = {c.version: make_segmenter(c.model_name) for c in configs}
     segmenters = dict(segmenters)
+    # The served versions; ActivateEnsembleVersion swaps it (`activation.EnsembleRegistry`).
+    registry = EnsembleRegistry(
+        RegistryState(
+            tuple(versions),
+            dict(segmenters),
+            {c.version: [m.name for m in c.members] for c in configs},
+            {c.version: c.strategy for c in configs},
+        )
+    )
+    loader: Loader
+    if settings.activation == "repository":
+
+        def is_ready(model_name: str) -> bool:
+            probe = make_segmenter(model_name)
+            try:
+                return probe.ready()
+            finally:
+                probe.close()
+
+        loader = ReadyCheckLoader(is_ready)
+    else:
+        loader = PyTritonLoader(activate_via(make_segmenter, timeout_s=settings.triton_timeout_s))
     token, tls = settings.token_source(), settings.client_tls()
     labels_channel = aio_channel(settings.labels_target, settings.max_message_bytes, token=token, tls=tls)
     ranking_channel = aio_channel(settings.ranking_target, settings.max_message_bytes, token=token, tls=tls)
     dispatcher = OutboxDispatcher(
-        jobs.conn,
-        jobs.lock,
+        jobs.outbox,
+        None,
         {
             LABELS_TOPIC: labels_handoff(_LabelsStub(labels_channel)),
             RANKING_TOPIC: ranking_handoff(_RankingStub(ranking_channel)),
@@ -111,8 +148,15 @@ async def build_app(
         retry_base_s=settings.retry_base_s,
         poll_s=settings.worker_poll_s,
         on_handoff=wake_dispatcher,
+        registry=registry,
     )
-    servicer = SegmentationServicer(jobs, blobs, worker, versions)
+    servicer = SegmentationServicer(
+        jobs, blobs, worker, versions, Activation(registry, settings.versions_dir, loader, make_segmenter)
+    )
+    # scrape-time gauges (docs/runbooks.md): job queue, oldest running job, Triton, free disk
+    metrics.add_source("jobs", lambda: job_readings(jobs))
+    metrics.add_source("triton", lambda: triton_readings(registry.state.segmenters.values()), timeout_s=6.0)
+    metrics.add_disk("state", settings.data_dir)
 
     def register(server: grpc.aio.Server) -> list[str]:
         _add_servicer(servicer, server)
@@ -121,7 +165,7 @@ async def build_app(
     built = build_service_server(settings, register, metrics=metrics, tracer_provider=tracer_provider)
 
     def close_segmenters() -> None:
-        for seg in segmenters.values():
+        for seg in registry.state.segmenters.values():
             close = getattr(seg, "close", None)
             if close is not None:
                 close()
@@ -135,10 +179,28 @@ async def build_app(
         ],
         # closed in reverse order: channels and prior source, segmenters, then the job store
         closers=[jobs.close, close_segmenters, prior.close, ranking_channel.close, labels_channel.close],
-        parts={"jobs": jobs, "blobs": blobs, "worker": worker, "dispatcher": dispatcher, "segmenters": segmenters},
+        parts={
+            "jobs": jobs,
+            "blobs": blobs,
+            "worker": worker,
+            "dispatcher": dispatcher,
+            "segmenters": segmenters,
+            "registry": registry,
+        },
         ready_fields={"ensemble": settings.ensemble},
         metrics=metrics,
     )
+
+
+def upgrade_database(database: str) -> str:
+    """Apply segmentation's schema migrations to `database` (URL or SQLite path; what the
+    service does on start); return the database's revision. `atlasflow db upgrade --service
+    segmentation`."""
+    engine = db.create_engine(database)
+    try:
+        return db.upgrade(engine, MIGRATIONS)
+    finally:
+        engine.dispose()
 
 
 def main() -> None:

@@ -7,19 +7,27 @@ never on the event loop; the store serialises them itself. The jobs run in `work
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import timestamp_pb2
+from opentelemetry import trace
 
 from atlasflow.common.blobstore import BlobStore
-from atlasflow.common.errors import InvalidArgument, NotFound
+from atlasflow.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from atlasflow.common.organs import ORGANS
 from atlasflow.common.server import Context
 from atlasflow.common.telemetry import current_traceparent
 from atlasflow.common.v1 import common_pb2
+from atlasflow.segmentation.activation import EnsembleRegistry, Loader
 from atlasflow.segmentation.jobs import Job, JobStore
 from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from atlasflow.segmentation.worker import DOMAIN, Worker, blob_ref
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
 
 WAIT_DEFAULT_S = 60.0
 WAIT_MAX_S = 600.0
@@ -93,17 +101,47 @@ def job_to_proto(job: Job) -> segmentation_pb2.SegmentationJob:
     return msg
 
 
+@dataclass
+class Activation:
+    """What ActivateEnsembleVersion needs: the served versions, where promoted versions live,
+    how a version reaches Triton and how a segmenter for a model name is made
+    (`atlasflow.segmentation.activation`)."""
+
+    registry: EnsembleRegistry
+    versions_dir: str
+    loader: Loader
+    make_segmenter: Callable[[str], Any]
+
+
+MAX_REINFER_CASES = 10_000
+
+
 class SegmentationServicer(segmentation_pb2_grpc.SegmentationServiceServicer):
-    def __init__(self, jobs: JobStore, blobs: BlobStore, worker: Worker, ensembles: list[str]) -> None:
+    def __init__(
+        self,
+        jobs: JobStore,
+        blobs: BlobStore,
+        worker: Worker,
+        ensembles: list[str],
+        activation: Activation | None = None,
+    ) -> None:
         self.jobs = jobs
         self.blobs = blobs
         self.worker = worker
-        self.ensembles = ensembles
+        self._ensembles = ensembles
+        self.activation = activation
         # WaitSegmentationJob: one event per waited-on job, set (in the server's loop) when the
         # job store reports a change of that job.
         self._waits: dict[str, asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         jobs.listeners.append(self._job_changed)
+
+    @property
+    def ensembles(self) -> list[str]:
+        """The served versions, the default first (after activations: the registry's)."""
+        if self.activation is not None:
+            return list(self.activation.registry.state.versions)
+        return self._ensembles
 
     def _job_changed(self, job_id: str) -> None:  # any thread
         loop = self._loop
@@ -144,14 +182,9 @@ class SegmentationServicer(segmentation_pb2_grpc.SegmentationServiceServicer):
             raise InvalidArgument(
                 "INVALID_REQUEST", "case_id, series_id and series_version >= 1 are required", domain=DOMAIN
             )
-        ensemble = request.ensemble_version or self.ensembles[0]
-        if ensemble not in self.ensembles:
-            raise InvalidArgument(
-                "UNKNOWN_ENSEMBLE",
-                "unknown ensemble version",
-                domain=DOMAIN,
-                metadata={"ensemble_version": ensemble[:100], "known": ",".join(self.ensembles)},
-            )
+        served = self.ensembles  # one snapshot: the default and the check agree
+        ensemble = request.ensemble_version or served[0]
+        self._check_served(ensemble, served)
         if not await asyncio.to_thread(self.blobs.exists, request.volume.digest):
             raise NotFound(
                 "BLOB_NOT_FOUND",
@@ -211,3 +244,74 @@ class SegmentationServicer(segmentation_pb2_grpc.SegmentationServiceServicer):
         return segmentation_pb2.PurgeStudyResponse(
             deleted_rows=counts, released_digests=released, referenced_digests=referenced
         )
+
+    def _check_served(self, ensemble: str, served: list[str]) -> None:
+        if ensemble not in served:
+            raise InvalidArgument(
+                "UNKNOWN_ENSEMBLE",
+                "unknown ensemble version",
+                domain=DOMAIN,
+                metadata={"ensemble_version": ensemble[:100], "known": ",".join(served)[:400]},
+            )
+
+    async def ActivateEnsembleVersion(
+        self, request: segmentation_pb2.ActivateEnsembleVersionRequest, context: Context
+    ) -> segmentation_pb2.ActivateEnsembleVersionResponse:
+        act = self.activation
+        if act is None or not act.versions_dir:
+            raise FailedPrecondition("VERSIONS_NOT_CONFIGURED", "this service has no versions directory", domain=DOMAIN)
+        with tracer.start_as_current_span("segmentation.activate") as span:
+            span.set_attribute("atlasflow.ensemble_version", request.ensemble_version[:200])
+            before, after, model = await asyncio.to_thread(
+                act.registry.activate, act.versions_dir, request.ensemble_version, act.loader, act.make_segmenter
+            )
+        log.info(
+            "ensemble version activated",
+            extra={"fields": {"ensemble_version": after.default, "previous": before.default, "model": model}},
+        )
+        return segmentation_pb2.ActivateEnsembleVersionResponse(
+            ensemble_version=after.default,
+            model_name=model,
+            previous_version=before.default,
+            served_versions=list(after.versions),
+            already_active=before is after,
+        )
+
+    async def ReinferCases(
+        self, request: segmentation_pb2.ReinferCasesRequest, context: Context
+    ) -> segmentation_pb2.ReinferCasesResponse:
+        if not request.case_ids or len(request.case_ids) > MAX_REINFER_CASES:
+            raise InvalidArgument(
+                "INVALID_REQUEST",
+                f"case_ids must hold 1..{MAX_REINFER_CASES} case ids",
+                domain=DOMAIN,
+                metadata={"field": "case_ids"},
+            )
+        self._check_served(request.ensemble_version, self.ensembles)
+        traceparent = current_traceparent()
+
+        def submit() -> tuple[list[Job], list[str]]:
+            jobs, unknown, created = [], [], False
+            for case_id in dict.fromkeys(request.case_ids):  # the given order, duplicates once
+                last = self.jobs.latest_for_case(case_id)
+                if last is None:
+                    unknown.append(case_id)
+                    continue
+                job, new = self.jobs.submit(
+                    case_id=case_id,
+                    series_id=last.series_id,
+                    series_version=last.series_version,
+                    ensemble_version=request.ensemble_version,
+                    volume_digest=last.volume_digest,
+                    volume_size=last.volume_size,
+                    labelled_organs=last.labelled_organs,
+                    traceparent=traceparent,
+                )
+                jobs.append(job)
+                created = created or new
+            if created:
+                self.worker.wake.set()
+            return jobs, unknown
+
+        jobs, unknown = await asyncio.to_thread(submit)
+        return segmentation_pb2.ReinferCasesResponse(jobs=[job_to_proto(j) for j in jobs], unknown_case_ids=unknown)

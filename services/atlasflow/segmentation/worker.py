@@ -30,6 +30,7 @@ from atlasflow.method.findings import organ_findings
 from atlasflow.method.prior import PopulationPrior
 from atlasflow.method.strategy import DEFAULT_STRATEGY, RankingStrategy, get_strategy
 from atlasflow.ranking.v1 import ranking_pb2
+from atlasflow.segmentation.activation import EnsembleRegistry
 from atlasflow.segmentation.jobs import Job, JobStore
 from atlasflow.segmentation.outputs import PipelineOutput
 
@@ -111,8 +112,12 @@ class Worker:
         on_handoff: Callable[[], None] = lambda: None,
         prior: PopulationPrior | Callable[[], PopulationPrior] | None = None,
         strategies: Mapping[str, RankingStrategy] | None = None,
+        registry: EnsembleRegistry | None = None,
     ) -> None:
         self.jobs = jobs
+        # The served versions after ActivateEnsembleVersion (`activation.EnsembleRegistry`):
+        # looked up per job, so a job keeps the version it was created with.
+        self.registry = registry
         self.blobs = blobs
         self.segmenter = segmenter
         # Population statistics for the plausibility findings: a fixed prior, or a callable
@@ -135,6 +140,8 @@ class Worker:
         self.stopping = threading.Event()
 
     def _segmenter_for(self, ensemble: str) -> Segmenter:
+        if self.registry is not None and ensemble in self.registry.state.segmenters:
+            return cast("Segmenter", self.registry.state.segmenters[ensemble])
         if isinstance(self.segmenter, Mapping):
             if ensemble not in self.segmenter:
                 raise InvalidArgument(
@@ -147,9 +154,16 @@ class Worker:
         return self.segmenter
 
     def _members_for(self, ensemble: str) -> list[str]:
+        if self.registry is not None and ensemble in self.registry.state.members:
+            return list(self.registry.state.members[ensemble])
         if isinstance(self.members, Mapping):
             return list(self.members.get(ensemble, []))
         return list(self.members)
+
+    def _strategy_for(self, ensemble: str) -> RankingStrategy | None:
+        if self.registry is not None and ensemble in self.registry.state.strategies:
+            return self.registry.state.strategies[ensemble]
+        return self.strategies.get(ensemble)
 
     def request_stop(self) -> None:
         """Make `run_forever` return after the job in hand (any thread)."""
@@ -164,7 +178,8 @@ class Worker:
                 self.wake.wait(self.poll_s)
                 self.wake.clear()
                 continue
-            self.run_one(job)
+            with self.jobs.keep_alive(job.job_id):  # renews the job's lease while it runs (replicas)
+                self.run_one(job)
 
     def run_one(self, job: Job) -> None:
         token = otel_context.attach(context_from_traceparent(job.traceparent))
@@ -174,7 +189,9 @@ class Worker:
                 span.set_attribute("atlasflow.series_id", job.series_id)
                 span.set_attribute("atlasflow.attempt", job.attempts)
                 try:
+                    t_job = time.perf_counter()
                     self._run(job)
+                    self.metrics.observe_stage("segmentation_job", time.perf_counter() - t_job)
                 except AtlasflowError as exc:
                     span.set_attribute("atlasflow.error_reason", exc.reason)
                     if exc.code == "UNAVAILABLE" and job.attempts < self.max_attempts:
@@ -263,6 +280,7 @@ class Worker:
         t0 = time.perf_counter()
         out = segmenter.segment(volume, affine, job.labelled_organs)
         seconds = time.perf_counter() - t0
+        self.metrics.observe_stage("triton_call", seconds)
         self.jobs.progress(job.job_id, "POSTPROCESSING", 0.9)
         if out.labels.shape != volume.shape or out.heatmap.shape != volume.shape:
             raise InvalidArgument("INVALID_MODEL_OUTPUT", "model output is not on the CT grid", domain=DOMAIN)
@@ -310,7 +328,7 @@ class Worker:
                 out.heatmap,
                 affine,
                 job.labelled_organs,
-                self.strategies.get(job.ensemble_version),
+                self._strategy_for(job.ensemble_version),
             ),
             heatmap=blob_ref(heat_blob.digest, heat_blob.size_bytes),
             labelled_organs=cast("list[common_pb2.Organ]", job.labelled_organs),  # organ ids: the enum's values
