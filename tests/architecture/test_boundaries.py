@@ -53,6 +53,8 @@ TRANSPORT = {
     "training/app.py",
     "training/servicer.py",
     "training/labels_source.py",
+    # ... and its roll-out's calls to segmentation and ranking (as svc:training)
+    "training/peers.py",
 }
 
 

@@ -59,11 +59,15 @@ POLICY: Mapping[str, frozenset[str]] = {
     f"/{_INGEST}/GetDeletion": _ADMIN,
     # segmentation
     f"/{_SEG}/SegmentSeries": _SERVICE | _ADMIN,
-    f"/{_SEG}/GetSegmentationJob": _FOLLOW,
+    f"/{_SEG}/GetSegmentationJob": _FOLLOW | _SERVICE,
     f"/{_SEG}/ListSegmentationJobs": _FOLLOW,
     f"/{_SEG}/WaitSegmentationJob": _FOLLOW,
-    f"/{_SEG}/CancelSegmentationJob": _ADMIN,
+    f"/{_SEG}/CancelSegmentationJob": _ADMIN | _SERVICE,
     f"/{_SEG}/PurgeStudy": _SERVICE,
+    # the roll-out of a promoted ensemble version and the re-inference of the undecided cases
+    # (the training service, docs/training.md)
+    f"/{_SEG}/ActivateEnsembleVersion": _SERVICE,
+    f"/{_SEG}/ReinferCases": _SERVICE,
     # labels
     f"/{_LABELS}/CreateLabelVersion": _SERVICE | _ADMIN,
     f"/{_LABELS}/GetLabelVersion": _READ,
@@ -82,7 +86,7 @@ POLICY: Mapping[str, frozenset[str]] = {
     f"/{_RANK}/RecordLabelVersion": _SERVICE,
     f"/{_RANK}/GetPopulationPrior": _SERVICE | _ADMIN,
     f"/{_RANK}/PurgeStudy": _SERVICE,
-    f"/{_RANK}/ListWorklist": _WORK | _ADMIN,
+    f"/{_RANK}/ListWorklist": _WORK | _ADMIN | _SERVICE,
     # labels checks the reviewer's lease before accepting a revision (labels/ranking_leases.py)
     f"/{_RANK}/GetWorklistItem": _WORK | _ADMIN | _SERVICE,
     f"/{_RANK}/LeaseCase": _WORK,
@@ -138,6 +142,13 @@ HANDOFF_CALLERS: Mapping[str, frozenset[str]] = {
     f"/{_INGEST}/StreamSeriesInstances": frozenset({_SVC_LABELS}),
     # training: the decisions a round trains on (heads of all cases, with organ provenance)
     f"/{_LABELS}/ListLabelVersions": frozenset({_SVC_TRAIN}),
+    # training's roll-out: activate the promoted version, re-segment the undecided cases in
+    # the worklist's order, follow (and on cancel stop) those jobs
+    f"/{_SEG}/ActivateEnsembleVersion": frozenset({_SVC_TRAIN}),
+    f"/{_SEG}/ReinferCases": frozenset({_SVC_TRAIN}),
+    f"/{_SEG}/GetSegmentationJob": frozenset({_SVC_TRAIN}),
+    f"/{_SEG}/CancelSegmentationJob": frozenset({_SVC_TRAIN}),
+    f"/{_RANK}/ListWorklist": frozenset({_SVC_TRAIN}),
 }
 
 

@@ -20,8 +20,10 @@ from atlasflow.common.app import ServiceApp, ThreadLoop, build_service_server, r
 from atlasflow.common.metrics import Metrics
 from atlasflow.training import k8s_runner
 from atlasflow.training.dataset import DecisionSource
-from atlasflow.training.executor import ExecutorConfig, Rollout, RunExecutor, pointer_rollout
+from atlasflow.training.executor import ExecutorConfig, Rollout, RunExecutor
 from atlasflow.training.labels_source import LabelsDecisionSource
+from atlasflow.training.peers import ServicePeers
+from atlasflow.training.reinfer import Peers
 from atlasflow.training.runs import RunStore
 from atlasflow.training.servicer import TrainingServicer
 from atlasflow.training.settings import PREFIX, TrainingSettings
@@ -54,7 +56,9 @@ async def build_app(
 
     ``source_factory``: where decisions are read (default: the label service at
     ``labels_target`` with this service's token); ``rollout``: the hook run for a promoted
-    version (default: `atlasflow.training.rollout.from_settings`)."""
+    version (default: `atlasflow.training.rollout.build_rollout` per the ``rollout`` setting;
+    with segmentation and ranking targets, a promotion is followed by the re-inference of the
+    undecided cases, `atlasflow.training.reinfer`)."""
     metrics = metrics or Metrics("training")
     store = await asyncio.to_thread(open_store, settings)
     blobs = settings.blob_store()
@@ -63,10 +67,18 @@ async def build_app(
         def source_factory() -> DecisionSource:
             return LabelsDecisionSource(settings.labels_target, settings.token_source(), settings.client_tls())
 
-    if rollout is None:
-        from atlasflow.training.rollout import from_settings
+    from atlasflow.training.rollout import build_rollout, rollout_mode
 
-        rollout = from_settings(settings) or pointer_rollout
+    peers_factory: Callable[[], Peers] | None = None
+    if rollout_mode(settings) != "pointer" and settings.segmentation_target and settings.ranking_target:
+
+        def peers_factory() -> Peers:
+            return ServicePeers(
+                settings.segmentation_target, settings.ranking_target, settings.token_source(), settings.client_tls()
+            )
+
+    if rollout is None:
+        rollout = build_rollout(settings, peers_factory)
     executor = RunExecutor(
         store,
         source_factory,
@@ -79,6 +91,7 @@ async def build_app(
             auto_interval_s=settings.auto_interval_s,
         ),
         rollout=rollout,
+        peers_factory=peers_factory,
         remote_finetune=k8s_runner.from_settings(settings, state_dir_of(settings)),
     )
     servicer = TrainingServicer(store, wake=executor.wake.set)

@@ -29,8 +29,9 @@ from typing import Any, Protocol
 
 from atlasflow.common.blobstore import BlobStore
 from atlasflow.common.errors import AtlasflowError
-from atlasflow.training.dataset import DecisionSource
+from atlasflow.training.dataset import CaseDecisions, DecisionSource
 from atlasflow.training.finetune import Hyperparameters, TrainingCancelled
+from atlasflow.training.reinfer import FollowUp, Peers
 from atlasflow.training.runs import CANCELLED, FAILED, SUCCEEDED, RunRecord, RunStore
 from atlasflow.training.versions import EnsembleVersion
 from atlasflow.training.worker import RoundResult, decision_count, run_round
@@ -112,9 +113,13 @@ class RunExecutor:
         *,
         rollout: Rollout = pointer_rollout,
         remote_finetune: Any = None,
+        peers_factory: Callable[[], Peers] | None = None,
     ) -> None:
         self.store, self.source_factory, self.blobs, self.config = store, source_factory, blobs, config
         self.rollout = rollout
+        # the re-inference of the undecided cases after a promotion (`reinfer.FollowUp`); None:
+        # the roll-out only
+        self.peers_factory = peers_factory
         # RUNNER=kubernetes: a `k8s_runner.KubernetesFinetune` (the fine-tune stage as a Job)
         self.remote_finetune = remote_finetune
         self._stop = threading.Event()
@@ -211,6 +216,7 @@ class RunExecutor:
                 should_stop=should_stop,
                 on_stage=on_stage,
                 finetune_stage=self._remote_stage(run_id, on_progress),
+                on_promoted=self._follow_up(run_id, should_stop),
                 **request_to_round_kwargs(request),
             )
         except TrainingCancelled:
@@ -229,18 +235,41 @@ class RunExecutor:
             self.store.finish(run_id, FAILED, "TRAINING_ERROR")
             return
         flush(force=True)
-        rollout = ""
-        if result.promoted and result.version is not None:
+        rollout = str(result.follow_up.get("rollout", ""))
+        reinfer = result.follow_up.get("reinfer")
+        doc = self.result_doc(result, decisions, rollout)
+        if reinfer is not None:
+            doc["reinfer"] = reinfer
+        if reinfer is not None and reinfer.get("cancelled"):
+            # cancelled during the re-inference: the version is promoted, the jobs left stopped
+            self.store.finish(run_id, CANCELLED, "TRAINING_CANCELLED", result=doc)
+            return
+        self.store.finish(run_id, SUCCEEDED, progress={"stage": "done", "fraction": 1.0}, result=doc)
+
+    def _follow_up(
+        self, run_id: str, should_stop: Callable[[], bool]
+    ) -> Callable[[EnsembleVersion, list[CaseDecisions]], dict[str, Any]]:
+        """`run_round`'s on_promoted: the roll-out, then (with peers) the re-inference, its
+        counts written into the run's result while it runs (`reinfer.FollowUp`)."""
+
+        def follow_up(version: EnsembleVersion, decisions: list[CaseDecisions]) -> dict[str, Any]:
+            peers = self.peers_factory() if self.peers_factory is not None else None
             try:
-                rollout = self.rollout(result.version)
+                return FollowUp(
+                    self.rollout,
+                    peers,
+                    should_stop=should_stop,
+                    on_progress=lambda p: self.store.update(run_id, result={"reinfer": p.to_dict()}),
+                )(version, decisions)
             except AtlasflowError as exc:
-                rollout = f"failed: {exc.reason}"
-        self.store.finish(
-            run_id,
-            SUCCEEDED,
-            progress={"stage": "done", "fraction": 1.0},
-            result=self.result_doc(result, decisions, rollout),
-        )
+                # the version stays promoted (versions/CURRENT); serving it failed
+                return {"rollout": f"failed: {exc.reason}"}
+            finally:
+                close = getattr(peers, "close", None)
+                if close is not None:
+                    close()
+
+        return follow_up
 
     def _remote_stage(self, run_id: str, on_progress: Callable[[str, int, int, float], None]) -> Any:
         if self.remote_finetune is None:

@@ -17,10 +17,12 @@ Transport: ``tls`` (`atlasflow.common.tls.ClientTLS`) = gRPC over TLS with this 
 client certificate (the chart's Triton requires mutual TLS); plaintext only to a loopback
 Triton unless ``allow_plaintext`` (`atlasflow.segmentation.triton_client.triton_grpc_client`).
 
-The local path (`atlasflow up`, PyTriton) is not a repository-backed Triton: PyTriton binds
-Python callables at start and has no model repository API for them. There, promotion is the
-``versions/CURRENT`` pointer that `run_round` writes (docs/training.md says what the segmentation
-service still lacks to follow it without a restart).
+The local path (`atlasflow up`, PyTriton) is not a repository-backed Triton the training
+service can write to: there the segmentation service's ``ActivateEnsembleVersion`` makes the
+running PyTriton process bind the new version (`atlasflow.training.reinfer.SegmentationRollout`,
+`atlasflow.segmentation.activation`). `build_rollout` picks one per the ``rollout`` setting;
+in cluster mode the repository load is followed by the same activation, so segmentation serves
+the new version as its default either way.
 """
 
 from __future__ import annotations
@@ -28,14 +30,17 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from atlasflow.common.errors import Unavailable
+from atlasflow.common.errors import InvalidArgument, Unavailable
 from atlasflow.common.tls import PLAINTEXT, ClientTLS
 from atlasflow.segmentation.ensemble import triton_model_name
 from atlasflow.segmentation.triton_repo import write_repository
 from atlasflow.training.dataset import DOMAIN
+from atlasflow.training.executor import Rollout
+from atlasflow.training.reinfer import Peers, SegmentationRollout
 from atlasflow.training.versions import EnsembleVersion
 
 
@@ -136,3 +141,68 @@ def from_settings(settings: Any) -> TritonRepositoryRollout | None:
             allow_plaintext=settings.triton_allow_plaintext,
         )
     return None
+
+
+ROLLOUTS = ("pointer", "segmentation", "triton-repository")
+
+
+def rollout_mode(settings: Any) -> str:
+    """The settings' ``rollout`` ("" = triton-repository when Triton's URL and repository are
+    set, else pointer); InvalidArgument ``INVALID_ROLLOUT`` for another value."""
+    mode = str(settings.rollout or "")
+    if not mode:
+        return "triton-repository" if settings.triton_url and settings.triton_model_repository else "pointer"
+    if mode not in ROLLOUTS:
+        raise InvalidArgument(
+            "INVALID_ROLLOUT", f"rollout must be one of {ROLLOUTS}", domain=DOMAIN, metadata={"rollout": mode[:50]}
+        )
+    return mode
+
+
+def build_rollout(settings: Any, peers_factory: Callable[[], Peers] | None) -> Rollout:
+    """One `Rollout` per mode (`rollout_mode`): "pointer" (versions/CURRENT only, `run_round`
+    wrote it), "segmentation" (the embedded stack: segmentation's ActivateEnsembleVersion
+    binds the version into its running PyTriton), "triton-repository" (cluster: the Triton
+    repository load, then the same activation when segmentation is reachable, ``peers_factory``)."""
+    mode = rollout_mode(settings)
+
+    def activate(version: EnsembleVersion) -> str:
+        assert peers_factory is not None
+        peers = peers_factory()
+        try:
+            return SegmentationRollout(peers)(version)
+        finally:
+            close = getattr(peers, "close", None)
+            if close is not None:
+                close()
+
+    if mode == "segmentation":
+        if peers_factory is None:
+            raise InvalidArgument(
+                "INVALID_ROLLOUT",
+                "rollout=segmentation needs SEGMENTATION_TARGET and RANKING_TARGET",
+                domain=DOMAIN,
+                metadata={"rollout": mode},
+            )
+        return activate
+    if mode == "triton-repository":
+        repo = from_settings(settings)
+        if repo is None:
+            raise InvalidArgument(
+                "INVALID_ROLLOUT",
+                "rollout=triton-repository needs TRITON_URL and TRITON_MODEL_REPOSITORY",
+                domain=DOMAIN,
+                metadata={"rollout": mode},
+            )
+        if peers_factory is None:
+            return repo
+
+        def load_then_activate(version: EnsembleVersion) -> str:
+            return f"{repo(version)}; {activate(version)}"
+
+        return load_then_activate
+
+    def pointer(version: EnsembleVersion) -> str:
+        return "pointer"
+
+    return pointer

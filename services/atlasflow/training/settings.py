@@ -46,6 +46,16 @@ class TrainingSettings(ServiceSettings):
     triton_url: str = ""
     triton_model_repository: str = ""
     triton_unload_previous: bool = True
+    # The roll-out of a promoted version (docs/training.md "Roll-out without restart"):
+    # "segmentation" (embedded stack: segmentation's ActivateEnsembleVersion binds it into the
+    # running PyTriton, then the undecided cases are re-inferred in worklist order),
+    # "triton-repository" (cluster: load through Triton's repository API, then the same
+    # activation and re-inference when segmentation_target is set), "pointer" (only
+    # versions/CURRENT), "" = triton-repository when triton_url and triton_model_repository are
+    # set, else pointer.
+    rollout: str = ""
+    segmentation_target: str = ""
+    ranking_target: str = ""
     # TLS to Triton (`atlasflow.training.rollout.from_settings`): as segmentation's
     # TRITON_TLS_* (CA set = TLS + client certificate, default this service's own; plaintext
     # only to a loopback triton_url unless triton_allow_plaintext).

@@ -36,6 +36,7 @@ from atlasflow.common.blobstore import BlobStore
 from atlasflow.common.organs import ORGANS
 from atlasflow.segmentation.ensemble import EnsembleConfig, MemberConfig
 from atlasflow.training.dataset import (
+    CaseDecisions,
     DecisionSource,
     Manifest,
     atomic_write,
@@ -60,6 +61,8 @@ class RoundResult:
     members: list[MemberResult] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     holdout_dice: dict[str, list[list[float]]] = field(default_factory=dict)
+    # what `run_round`'s on_promoted returned: {"rollout": ..., "reinfer": {...}}
+    follow_up: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +76,7 @@ class RoundResult:
             ],
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "holdout_dice": self.holdout_dice,
+            "follow_up": self.follow_up,
         }
 
 
@@ -109,13 +113,16 @@ def run_round(
     on_stage: Callable[[str], None] | None = None,
     finetune_stage: Callable[[EnsembleConfig, list[MemberConfig], Manifest, str, Path], list[MemberResult]]
     | None = None,
+    on_promoted: Callable[[EnsembleVersion, list[CaseDecisions]], dict[str, Any]] | None = None,
 ) -> RoundResult:
     """Run one round (module docstring). ``parent``: the version to fine-tune (default: the
     promoted one, `current_ensemble`). ``on_stage``: called with "manifest", "finetune",
     "version", "evaluate", "gate" as each stage begins (the training service's progress).
     ``finetune_stage(parent, members, manifest, digest, run_dir)``: trains the members elsewhere
     and returns their results (the Kubernetes runner, `atlasflow.training.k8s_runner`); default:
-    in this process."""
+    in this process. ``on_promoted(version, decisions)``: run inside the round's span after a
+    promotion (stage "rollout": the roll-out and the re-inference of the undecided cases,
+    `atlasflow.training.reinfer.FollowUp`); its dict is the result's ``follow_up``."""
     state_dir = Path(state_dir)
     parent = parent or current_ensemble(state_dir)
     seconds: dict[str, float] = {}
@@ -124,8 +131,9 @@ def run_round(
         t = time.perf_counter()
         stage("manifest")
         with _tracer.start_as_current_span("training.manifest") as span:
+            decisions = collect_decisions(source)
             manifest = build_manifest(
-                collect_decisions(source),
+                decisions,
                 parent_version=parent.version,
                 seed=seed,
                 hyperparameters=hyperparameters.to_dict(),
@@ -205,8 +213,14 @@ def run_round(
                 "holdout_dice_candidate": _organ_means(candidate_dice),
             },
         )
+        follow_up: dict[str, Any] = {}
         if result.accepted:
             promote(state_dir, version)
+            if on_promoted is not None:
+                t = time.perf_counter()
+                stage("rollout")
+                follow_up = on_promoted(version, decisions)
+                seconds["rollout"] = time.perf_counter() - t
         round_span.set_attribute("atlasflow.version", version.name)
         round_span.set_attribute("atlasflow.promoted", result.accepted)
         out = RoundResult(
@@ -217,6 +231,7 @@ def run_round(
             results,
             seconds,
             {"current": _rows(current_dice), "candidate": _rows(candidate_dice)},
+            follow_up,
         )
         record = state_dir / "training" / "rounds" / f"{digest.split(':', 1)[1]}.json"
         record.parent.mkdir(parents=True, exist_ok=True)
