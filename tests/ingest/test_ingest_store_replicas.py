@@ -1,0 +1,127 @@
+"""Two ingest replicas on one database (SQLite file and real PostgreSQL 15): the instances of one
+series arrive half at each; the quiet period is one (the database's clock) and the series is
+assembled exactly once, by whichever replica claims it, even when both assemblers look at the
+same moment. A replica that finds instances still in the other's spool gives the claim back
+and the series is assembled once they are drained."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+import sqlalchemy as sa
+
+from atlasflow.common.blobstore import LocalBlobStore
+from atlasflow.common.metrics import Metrics
+from atlasflow.ingest.store import IngestStore
+from atlasflow.ingest.worker import Assembler
+from atlasflow.testing import peers
+
+SLICES = 6
+
+
+@pytest.fixture(scope="module")
+def ct_files(tmp_path_factory) -> list[Path]:
+    return peers.build_ct_series(tmp_path_factory.mktemp("ct") / "series", SLICES, seed="replicas")
+
+
+class CountingAssembler(Assembler):
+    """The real assembler; counts the volumes it builds (the work a duplicate would repeat) and
+    holds each build for `hold_s`, so two replicas that both went ahead would overlap."""
+
+    def __init__(self, store: IngestStore, blobs: LocalBlobStore, hold_s: float = 0.5) -> None:
+        super().__init__(store, blobs, Metrics("ingest-replica-test"), 0.0)
+        self.builds = 0
+        self.hold_s = hold_s
+
+    def _build_volume(self, digests):  # noqa: ANN001, ANN202 - the parent's signature
+        self.builds += 1
+        time.sleep(self.hold_s)
+        return super()._build_volume(digests)
+
+
+def _replicas(tmp_path: Path, db_url: str) -> tuple[LocalBlobStore, list[IngestStore]]:
+    blobs = LocalBlobStore(tmp_path / "blobs")  # the shared blob store
+    stores = [
+        IngestStore(tmp_path / name, blobs, database=db_url, spool_segment_bytes=1 << 20, spool_spares=1)
+        for name in ("replica-a", "replica-b")
+    ]
+    return blobs, stores
+
+
+def _receive_split(stores: list[IngestStore], files: list[Path]) -> str:
+    """Instance i goes to replica i % 2, as a load balancer would send them."""
+    series_id = ""
+    for i, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        stored = stores[i % 2].store_instance(
+            path.read_bytes(), ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+        )
+        series_id = stored.series_id
+    return series_id
+
+
+def _outbox_keys(store: IngestStore) -> list[str]:
+    with store.db.read() as conn:
+        return [r[0] for r in conn.execute(sa.text("SELECT dedupe_key FROM outbox ORDER BY id"))]
+
+
+def test_one_series_received_by_two_replicas_is_assembled_exactly_once(tmp_path, db_url, ct_files):
+    blobs, stores = _replicas(tmp_path, db_url)
+    try:
+        series_id = _receive_split(stores, ct_files)
+        sv = stores[0].get_series(series_id)
+        assert (sv.version, sv.instance_count) == (1, SLICES)  # one version from both replicas
+        for s in stores:  # each replica's idle drain (the assembler loop's drain_if_idle)
+            s.spool_drain.drain()
+        assemblers = [CountingAssembler(s, blobs) for s in stores]
+        barrier = threading.Barrier(2)
+        errors: list[BaseException] = []
+
+        def replica(assembler: CountingAssembler) -> None:
+            try:
+                due = assembler.store.due_for_assembly(0.0)
+                assert [d.series_id for d in due] == [series_id]  # both see it quiet
+                barrier.wait(60)  # ... and both go for it at once
+                for d in due:
+                    assembler.assemble(d)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=replica, args=(a,)) for a in assemblers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert not errors, errors
+        assert sorted(a.builds for a in assemblers) == [0, 1]  # assembled once, by one replica
+        done = stores[1].get_series(series_id)
+        assert (done.state, done.assembly_attempts) == ("ASSEMBLED", 1)
+        assert _outbox_keys(stores[0]) == [f"{series_id}:1"]
+        for s in stores:
+            assert s.due_for_assembly(0.0) == []
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_instances_still_in_the_other_replicas_spool_make_the_assembly_wait(tmp_path, db_url, ct_files):
+    blobs, stores = _replicas(tmp_path, db_url)
+    try:
+        series_id = _receive_split(stores, ct_files)
+        first, second = (CountingAssembler(s, blobs, hold_s=0.0) for s in stores)
+        (sv,) = second.store.due_for_assembly(0.0)
+        second.assemble(sv)  # replica a has not drained its spool yet: b gives the claim back
+        waiting = stores[1].get_series(series_id)
+        assert (second.builds, waiting.state, waiting.assembly_attempts) == (0, "RECEIVING", 0)
+        stores[0].spool_drain.drain()  # a's idle drain
+        (sv,) = second.store.due_for_assembly(0.0)
+        second.assemble(sv)
+        assert second.builds == 1 and stores[0].get_series(series_id).state == "ASSEMBLED"
+        assert first.builds == 0 and _outbox_keys(stores[0]) == [f"{series_id}:1"]
+    finally:
+        for s in stores:
+            s.close()
