@@ -239,7 +239,9 @@ def weights_note(dep: LocalDeployment, job_id: str) -> bool:
     return trained
 
 
-def run_demo(out: Path, *, keep_running: bool = False) -> int:
+def run_demo(out: Path, *, keep_running: bool = False, rounds: int = 0, steps: int = 4) -> int:
+    """The demo; with ``rounds`` > 0, then that many rounds of the loop through the services
+    (`atlasflow.cli.demo_rounds`: ``out/rounds.json``, ``steps`` fine-tune steps per round)."""
     from atlasflow.cli.montage import render_montage
 
     t_start = time.monotonic()
@@ -285,6 +287,10 @@ def run_demo(out: Path, *, keep_running: bool = False) -> int:
             f"dataset: {case_dir} (de-identified; ct.nii.gz, combined_labels.nii.gz, "
             f"segmentations/<organ>.nii.gz x {len(ORGANS)})"
         )
+        if rounds > 0:
+            from atlasflow.cli.demo_rounds import run_rounds
+
+            run_rounds(dep, out, rounds, first_case=case_id, ct_path=DEMO_CT, steps=steps)
     except Exception as exc:
         say(f"demo failed: {exc}")
         for log in sorted((state_dir / "logs").glob("*.log")):
