@@ -7,6 +7,7 @@ TritonSegmenter and compares with the in-process EnsemblePipeline.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import socket
@@ -149,6 +150,74 @@ def test_tritonserver_inherits_libpython_dir(server: Server) -> None:
                 continue
     assert found, "no tritonserver child process found"
     assert all(libdir in e.split("=", 1)[1].split(":") for e in found), found
+
+
+def _tree(pid: int) -> list[int]:
+    out, stack = [pid], [pid]
+    while stack:
+        kids = _children(stack.pop())
+        out.extend(kids)
+        stack.extend(kids)
+    return out
+
+
+def _listening(pids: list[int]) -> list[tuple[str, int]]:
+    """(address, port) of every listening TCP socket (IPv4 and IPv6) the processes hold."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    out = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] != "0A" or cols[9] not in inodes:  # 0A = LISTEN
+                continue
+            hexaddr, hexport = cols[1].split(":")
+            raw = bytes.fromhex(hexaddr)
+            # /proc/net/tcp* print each 32-bit word in host (little-endian) order
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            out.append(
+                (socket.inet_ntop(socket.AF_INET if table == "tcp" else socket.AF_INET6, words), int(hexport, 16))
+            )
+    return out
+
+
+def test_local_triton_listens_on_loopback_only_and_has_no_secret_on_its_command_line(server: Server) -> None:
+    """Issue 13: every port of the PyTriton process tree (gRPC, HTTP, metrics, the proxy's)
+    is bound to 127.0.0.1, none answers on this host's other address, and no process of the
+    tree carries an access token or a restricted-protocol flag in its argv."""
+    pids = _tree(server.proc.pid)
+    sockets = _listening(pids)
+    grpc_port = int(server.grpc_url.rsplit(":", 1)[1])
+    assert grpc_port in [port for _, port in sockets], sockets
+    assert len(sockets) >= 3, sockets  # gRPC, HTTP, metrics at least
+    # 127.0.0.1 itself, or as an IPv4-mapped IPv6 address (gRPC's listener: ::ffff:127.0.0.1)
+    assert all(
+        ipaddress.ip_address(a.removeprefix("::ffff:")) == ipaddress.ip_address("127.0.0.1") for a, _ in sockets
+    ), sockets
+    others = [
+        a
+        for a in subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=False).stdout.split()
+        if ":" not in a and not a.startswith("127.")
+    ]
+    for addr in others:
+        for _, port in sockets:
+            with socket.socket() as s, pytest.raises(OSError):
+                s.settimeout(2.0)
+                s.connect((addr, port))
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = b" ".join(argv).decode(errors="replace")
+        assert "access-token" not in text and "restricted" not in text, text
 
 
 def test_demo_ct_through_triton_equals_in_process(server: Server) -> None:
