@@ -1,7 +1,8 @@
 """Serve ensemble pipelines from a real Triton Inference Server (PyTriton, CPU or GPU).
 
     python -m atlasflow.segmentation.triton_server --ensemble abdomen-trio-v1 \\
-        --grpc-port 8001 --http-port 8000 --metrics-port 8002 [--device cpu]
+        --grpc-port 8001 --http-port 8000 --metrics-port 8002 [--device cpu] \\
+        [--model NAME --state-dir DIR]   (imported models' networks: `model_serving`)
 
 One Triton model per ensemble version, named `triton_model_name(version)`
 (``abdomen-trio-v1`` -> ``abdomen_trio_v1``), ``batching=False``:
@@ -253,11 +254,17 @@ def serve(
     device: str = "cpu",
     stop_event: threading.Event | None = None,
     versions_dir: str = "",
+    models: Sequence[str] = (),
+    state_dir: str = "",
 ) -> None:
     """Load the pipelines, start Triton, print READY_LINE, block until SIGTERM/SIGINT or
     ``stop_event``, then stop Triton cleanly. ``versions_dir``: where promoted ensemble
     versions live (the training state's ``versions/``): binds the control model
-    ``ACTIVATE_MODEL`` (`Activations`)."""
+    ``ACTIVATE_MODEL`` (`Activations`). ``models``: registered imported models of
+    ``state_dir`` whose networks are bound too (`atlasflow.segmentation.model_serving`)."""
+    from atlasflow.segmentation.model_serving import bind_imported_model, require_pytriton
+
+    require_pytriton()
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
     refused = access_token_refused()
@@ -288,6 +295,7 @@ def serve(
     triton = Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=[]))
     try:
         names = [bind_pipeline(triton, p) for p in pipelines]
+        names += [bind_imported_model(triton, state_dir, m, device) for m in models]
         activations = Activations(versions_dir, device) if versions_dir else None
         if activations is not None:
             activations.bound.update({p.version: n for p, n in zip(pipelines, names)})
@@ -311,7 +319,9 @@ def serve(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ensemble", action="append", required=True, help="ensemble version or JSON path (repeatable)")
+    parser.add_argument("--ensemble", action="append", default=[], help="ensemble version or JSON path (repeatable)")
+    parser.add_argument("--model", action="append", default=[], help="a registered imported model (repeatable)")
+    parser.add_argument("--state-dir", default="", help="the model registry's state dir (with --model)")
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
@@ -330,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics_port=args.metrics_port,
         device=args.device,
         versions_dir=args.versions_dir,
+        models=args.model,
+        state_dir=args.state_dir,
     )
     return 0
 
