@@ -156,7 +156,7 @@ def test_a_legacy_database_is_adopted_and_its_volume_look_up_uses_its_index(tmp_
     try:
         versions = [r[0] for r in _sql(s, "SELECT version FROM schema_migrations")]
         assert versions == list(range(1, len(LEGACY_MIGRATIONS) + 1))  # 6 and every later one
-        assert current_revision(s.db.engine, ALEMBIC) == "0002"
+        assert current_revision(s.db.engine, ALEMBIC) == "0003"
         old = s.series_by_volume("sha256:old")
         assert (old.series_id, old.state, old.assembly_attempts) == ("ser-old", "ASSEMBLED", 0)
         seen: list[str] = []

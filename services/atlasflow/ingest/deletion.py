@@ -45,8 +45,8 @@ from typing import Protocol
 import sqlalchemy as sa
 
 from atlasflow.common.errors import InvalidArgument, NotFound, Unavailable
-from atlasflow.common.outbox import OutboxRow
-from atlasflow.ingest.store import IngestStore, enqueue, one, rows, run, scalar
+from atlasflow.common.outbox import OutboxRow, enqueue
+from atlasflow.ingest.store import IngestStore, one, rows, run, scalar
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ Identity: atlasflow never exposes DICOM UIDs (`atlasflow.ingest.identity.atlas_i
 
 Versions: a series version collects instances while RECEIVING; after the quiet period (or an
 explicit commit) it is ASSEMBLED into a volume and the segmentation hand-off is queued in the
-outbox in the same transaction. An instance that arrives after assembly opens version + 1,
+outbox in the same transaction (`atlasflow.common.outbox.SqlOutboxStore`: any replica's
+dispatcher delivers it, claimed with a lease). An instance that arrives after assembly opens version + 1,
 which re-assembles with every instance of the series: never a silent change to a version.
 
 Replicas: several ingest processes may share one database (each with its own data directory:
@@ -67,7 +68,7 @@ from atlasflow.common import sqlite as pages
 from atlasflow.common.blobstore import BlobStore, LocalBlobStore, digest_of
 from atlasflow.common.db import Database, PoolSettings, open_database
 from atlasflow.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from atlasflow.common.outbox import OutboxRow
+from atlasflow.common.outbox import SqlOutboxStore, enqueue
 from atlasflow.ingest.identity import atlas_id, content_key_of_bytes
 from atlasflow.ingest.migrations import MIGRATIONS
 from atlasflow.ingest.spool import InstanceSpool
@@ -98,17 +99,6 @@ def scalar(conn: sa.Connection, sql: str, params: Mapping[str, Any] | None = Non
 def run(conn: sa.Connection, sql: str, params: Mapping[str, Any] | None = None) -> int:
     """Execute a change; return the number of rows it touched."""
     return int(conn.execute(sa.text(sql), dict(params or {})).rowcount)
-
-
-def enqueue(conn: sa.Connection, topic: str, dedupe_key: str, payload: bytes, traceparent: str = "") -> None:
-    """Add an outbox hand-off inside the caller's open transaction (a second row with the same
-    ``dedupe_key`` is ignored)."""
-    run(
-        conn,
-        "INSERT INTO outbox(topic, dedupe_key, payload, traceparent, next_attempt_at)"
-        " VALUES (:topic, :key, :payload, :tp, :now) ON CONFLICT (dedupe_key) DO NOTHING",
-        {"topic": topic, "key": dedupe_key, "payload": payload, "tp": traceparent, "now": time.time()},
-    )
 
 
 def db_now_sql(db: Database) -> str:
@@ -173,42 +163,6 @@ def _row_to_series(r: Row) -> SeriesVersion:
     )
 
 
-class IngestOutbox:
-    """The ``outbox`` table of ingest's database as an `atlasflow.common.outbox.OutboxStore`
-    (the dispatcher's reads and marks)."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    def due(self, now: float, limit: int) -> list[OutboxRow]:
-        with self.db.read() as conn:
-            found = rows(
-                conn,
-                "SELECT id, topic, dedupe_key, payload, traceparent, attempts FROM outbox"
-                " WHERE state = 'pending' AND next_attempt_at <= :now ORDER BY id LIMIT :n",
-                {"now": now, "n": limit},
-            )
-        return [
-            OutboxRow(
-                int(r["id"]), r["topic"], r["dedupe_key"], bytes(r["payload"]), r["traceparent"], int(r["attempts"])
-            )
-            for r in found
-        ]
-
-    def mark(self, row_id: int, state: str, error: str, next_attempt_at: float) -> None:
-        with self.db.transaction() as conn:
-            run(
-                conn,
-                "UPDATE outbox SET state = :state, attempts = attempts + 1, last_error = :error,"
-                " next_attempt_at = :next WHERE id = :id",
-                {"state": state, "error": error, "next": next_attempt_at, "id": row_id},
-            )
-
-    def pending(self) -> int:
-        with self.db.read() as conn:
-            return int(scalar(conn, "SELECT COUNT(*) FROM outbox WHERE state = 'pending'"))
-
-
 class IngestStore:
     """Instances (spooled, then drained into the blob store) and the series versions they make.
     Thread-safe: the database pool gives each call its own connection; ``lock`` serialises this
@@ -255,8 +209,8 @@ class IngestStore:
         )
         #: resumable gRPC uploads (same database)
         self.uploads = UploadStore(self.db, self.data_dir / "uploads")
-        #: the outbox table, as the dispatcher reads it
-        self.outbox = IngestOutbox(self.db)
+        #: the outbox table, as the dispatchers of every replica claim and deliver it
+        self.outbox = SqlOutboxStore(self.db)
         #: deleted studies whose new instances are refused: case id -> (deletion id, time of
         #: the deletion), kept by `atlasflow.ingest.deletion` (loaded at its start), refused
         #: for `refuse_deleted_s` seconds after the deletion
