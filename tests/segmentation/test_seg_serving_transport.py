@@ -119,7 +119,8 @@ def test_shm_registration_failure_falls_back_to_grpc(echo: BundledTriton, monkey
     ],
 )
 def test_shm_mode_selection(url: str, mode: str, expected: bool) -> None:
-    with TritonSegmenter(url, "m", shm=mode) as client:
+    # plaintext to another host only when the deployment says so (test_seg_triton_tls.py)
+    with TritonSegmenter(url, "m", shm=mode, allow_plaintext=not is_loopback(url)) as client:
         assert client._shm_usable is expected
     assert is_loopback("127.0.0.1:1") and not is_loopback("192.168.1.2:1")
 
