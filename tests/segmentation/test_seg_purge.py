@@ -5,6 +5,7 @@ another case's job produced too is reported as still referenced."""
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
 
 from atlasflow.common.errors import NotFound
 from atlasflow.segmentation.jobs import JobStore
@@ -32,7 +33,8 @@ def finish(jobs: JobStore, job_id: str, heat: str) -> bool:
 
 
 def outbox_keys(jobs: JobStore) -> list[str]:
-    return sorted(r[0] for r in jobs.conn.execute("SELECT dedupe_key FROM outbox"))
+    with jobs.db.read() as conn:
+        return sorted(r[0] for r in conn.execute(sa.text("SELECT dedupe_key FROM outbox")))
 
 
 def test_purge_study(tmp_path):

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import grpc
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
 from atlasflow.common.app import ServiceApp
 from atlasflow.common.blobstore import LocalBlobStore
@@ -101,10 +102,10 @@ class AppThread:
 
     def outbox_keys(self, job_id: str) -> list[str]:
         jobs = self.app.parts["jobs"]
-        with jobs.lock:
-            rows = jobs.conn.execute(
-                "SELECT dedupe_key FROM outbox WHERE dedupe_key LIKE ?", (f"{job_id}:%",)
-            ).fetchall()
+        with jobs.db.read() as conn:
+            rows = conn.execute(
+                sa.text("SELECT dedupe_key FROM outbox WHERE dedupe_key LIKE :p"), {"p": f"{job_id}:%"}
+            ).all()
         return sorted(r[0] for r in rows)
 
     def close(self) -> None:

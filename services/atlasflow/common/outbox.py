@@ -87,9 +87,11 @@ PERMANENT_CODES = {
 }
 
 
-def create_outbox_table(op: Any, table: str = "outbox") -> None:
-    """Create the outbox table in an Alembic revision (`op`: ``alembic.op``) of a service that
-    never had the hand-written one: portable types, claim columns included."""
+def create_outbox_table(op: Any, table: str = "outbox", *, claims: bool = True) -> None:
+    """Create the outbox table in an Alembic revision (`op`: ``alembic.op``): portable types,
+    claim columns included. ``claims=False``: exactly the legacy `OUTBOX_MIGRATION` table (a
+    baseline revision that adopts hand-written databases; a later revision then calls
+    `add_outbox_claim_columns`)."""
     op.create_table(
         table,
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
@@ -101,7 +103,7 @@ def create_outbox_table(op: Any, table: str = "outbox") -> None:
         sa.Column("next_attempt_at", sa.Double(), nullable=False),
         sa.Column("last_error", sa.Text(), nullable=False, server_default=""),
         sa.Column("state", sa.Text(), nullable=False, server_default="pending"),  # pending | done | dead
-        *_claim_columns(),
+        *(_claim_columns() if claims else []),
         sqlite_autoincrement=True,
     )
     op.create_index(f"{table}_due", table, ["state", "next_attempt_at"])

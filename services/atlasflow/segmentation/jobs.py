@@ -256,7 +256,8 @@ class JobStore:
         with self.db.transaction() as conn:
             cand = _one(
                 conn,
-                f"SELECT job_id FROM jobs WHERE {_CLAIMABLE} ORDER BY create_time, job_id LIMIT 1",  # MUTANT-A
+                f"SELECT job_id FROM jobs WHERE {_CLAIMABLE} ORDER BY create_time, job_id LIMIT 1"
+                + self.db.for_update(skip_locked=True),
                 params,
             )
             if cand is None:
@@ -265,7 +266,7 @@ class JobStore:
                 conn,
                 "UPDATE jobs SET state = 'RUNNING', stage = 'LOADING', fraction = 0, attempts = attempts + 1,"
                 " lease_holder = :me, lease_expires_at = :until, heartbeat_at = :now, update_time = :now"
-                " WHERE job_id = :id",  # MUTANT-B
+                f" WHERE job_id = :id AND {_CLAIMABLE}",
                 {**params, "id": cand["job_id"]},
             )
             if claimed != 1:  # another replica took it between the read and the update

@@ -1,0 +1,1 @@
+"""Segmentation's Alembic revisions (one module per revision; see the package docstring)."""
