@@ -221,17 +221,35 @@ def status(state_dir: Path) -> int:
 Examples:
   atlasflow demo                        writes atlasflow-demo/ (dataset, montage.png)
   atlasflow demo --out /tmp/demo --keep-running
+  atlasflow demo --rounds 2 --out /tmp/demo    then 2 rounds of the loop (review, train,
+                                                gate, roll-out, re-rank): /tmp/demo/rounds.json
 """
 )
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("atlasflow-demo"), show_default=True
 )
 @click.option("--keep-running", is_flag=True, help="leave the services up")
-def demo(out: Path, keep_running: bool) -> int:
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="rounds of the loop through the services after the demo (a simulated radiologist revises"
+    " the top-ranked organs, a training run fine-tunes, gates and rolls out); one row per round in"
+    " OUT/rounds.json",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="with --rounds: fine-tune steps per round (one member, 32^3 crops, CPU)",
+)
+def demo(out: Path, keep_running: bool, rounds: int, steps: int) -> int:
     """The end-to-end demo on the bundled CT (starts and stops its own stack)."""
     from atlasflow.cli.demo import run_demo
 
-    return run_demo(out, keep_running=keep_running)
+    return run_demo(out, keep_running=keep_running, rounds=rounds, steps=steps)
 
 
 @cli.command(
@@ -368,7 +386,7 @@ def delete_study(
 
 # ----------------------------------------------------------------------------- databases
 
-DB_SERVICES = ("ranking",)  # services whose store runs on atlasflow.common.db (Alembic)
+DB_SERVICES = ("ranking", "ingest", "segmentation")  # services whose store runs on atlasflow.common.db (Alembic)
 
 
 @cli.group(
@@ -396,8 +414,7 @@ def db_upgrade(service: str, url: str) -> int:
     url = url or os.environ.get(f"ATLASFLOW_{service.upper()}_DATABASE_URL", "")
     if not url:
         raise click.UsageError(f"give --url or set ATLASFLOW_{service.upper()}_DATABASE_URL")
-    from atlasflow.ranking.app import upgrade_database
-
+    upgrade_database = importlib.import_module(f"atlasflow.{service}.app").upgrade_database
     click.echo(f"{service}: at revision {upgrade_database(url)}")
     return 0
 
