@@ -565,10 +565,10 @@ def test_database_refuses_a_fork_on_every_backend(factory, tmp_path):
 def test_migrations_are_versioned(factory, tmp_path):
     repo, sql, _ = _raw(factory, tmp_path)
     versions = [r[0] for r in sql("SELECT version FROM schema_migrations ORDER BY version")]
-    assert versions == [1, 2, 3, 4, 5]
+    assert versions == [1, 2, 3, 4, 5, 6]
     repo.close()
     factory()  # reopening applies nothing twice
-    assert [r[0] for r in sql("SELECT version FROM schema_migrations ORDER BY version")] == [1, 2, 3, 4, 5]
+    assert [r[0] for r in sql("SELECT version FROM schema_migrations ORDER BY version")] == [1, 2, 3, 4, 5, 6]
 
 
 def test_sqlite_v1_database_is_upgraded_in_place(tmp_path):

@@ -24,6 +24,7 @@ from atlasflow.common.server import build_server, error_info_of
 from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.assembly import apply_revision, assemble, decode_mask_delta, encode_mask_delta
 from atlasflow.labels.deid import Pseudonymizer
+from atlasflow.labels.events import ranking_request
 from atlasflow.labels.repository import OrganProvenance, Provenance
 from atlasflow.labels.servicer import LabelServicer, review_seconds_histogram
 from atlasflow.labels.storage import open_repository
@@ -308,6 +309,19 @@ def test_revision_lifecycle(service):
         assert v.version_id == v4.version_id
         assert (v.review_seconds, [(o.organ, o.seconds) for o in v.organ_review_seconds]) == times
     assert v3.review_seconds == 0 and not v3.organ_review_seconds
+    # how much the revision changed each organ it decided (ml; what the learned ranking fits on),
+    # stored with the version and handed to ranking with the version event
+    voxel_ml = abs(np.linalg.det(AFFINE[:3, :3])) / 1000.0
+    parent = _labels(blobs, v3)
+    changed = {
+        common_pb2.ORGAN_LIVER: np.count_nonzero((parent == 5) != liver) * voxel_ml,
+        common_pb2.ORGAN_SPLEEN: np.count_nonzero(spleen_parent != spleen) * voxel_ml,
+    }
+    assert all(ml > 0 for ml in changed.values())
+    assert {o.organ: o.ml for o in v4.organ_changed_ml} == pytest.approx(changed)
+    assert not v3.organ_changed_ml
+    event = ranking_request(repo.get_version(v4.version_id), 4)
+    assert {c.organ: c.changed_ml for c in event.organ_changes} == pytest.approx(changed)
     # ... and counted once (not again for the repeated request) in atlasflow_review_seconds
     registry = exporter.metrics.registry
     assert registry.get_sample_value("atlasflow_review_seconds_count", {"scope": "case"}) == 1

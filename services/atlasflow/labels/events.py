@@ -12,6 +12,8 @@ to empty, in this version or an ancestor) plus organs an original (source datase
 decided that are present in the label map. Revised organs: the radiologist's organs decided
 by this very version. The geometry (volume, centroid, field-of-view cut) of the human-decided
 organs present in the map travels along: ranking learns its population prior from it.
+So does how much the revision changed each revised organ (`organ_changes`, ml; 0 = accepted):
+with the organ's features these are the decisions ranking fits its `learned` strategy on.
 """
 
 from __future__ import annotations
@@ -99,6 +101,11 @@ def ranking_request(
         revised_organs=cast("list[common_pb2.Organ]", revised),
         reviewer=record.provenance.reviewer if record.provenance.source == "radiologist" else "",
         human_organ_geometry=geometry or [],
+        organ_changes=[
+            ranking_pb2.OrganChange(organ=cast("common_pb2.Organ", o), changed_ml=record.organ_changed_ml[o])
+            for o in revised
+            if o in record.organ_changed_ml
+        ],
     )
 
 

@@ -134,7 +134,9 @@ class LabelVersionRecord:
     first version of a case. create_time: UTC. organ_provenance: organ id -> OrganProvenance
     for all nine organs. review_seconds: the reviewer's time on the whole case for the revision
     that created this version, seconds (0: not measured or not a revision);
-    organ_review_seconds: organ id -> seconds for the organs revised with a time > 0.
+    organ_review_seconds: organ id -> seconds for the organs revised with a time > 0;
+    organ_changed_ml: organ id -> ml of voxels whose membership in that organ the revision that
+    created this version changed, for every organ it decided (0 = accepted as it was).
     """
 
     version_id: str
@@ -152,6 +154,7 @@ class LabelVersionRecord:
     organ_provenance: Mapping[int, OrganProvenance] = field(default_factory=dict, compare=True)
     review_seconds: float = 0.0
     organ_review_seconds: Mapping[int, float] = field(default_factory=dict)
+    organ_changed_ml: Mapping[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -256,6 +259,7 @@ class LabelRepository(Protocol):
         expect_empty: bool = False,
         review_seconds: float = 0.0,
         organ_review_seconds: Mapping[int, float] | None = None,
+        organ_changed_ml: Mapping[int, float] | None = None,
     ) -> LabelVersionRecord: ...
 
     def get_version(self, version_id: str) -> LabelVersionRecord: ...

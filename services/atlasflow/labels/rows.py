@@ -113,6 +113,7 @@ class NewVersion:
     fingerprint: str
     review_seconds: float = 0.0
     organ_review_seconds: dict[int, float] = field(default_factory=dict)
+    organ_changed_ml: dict[int, float] = field(default_factory=dict)
 
 
 def checked_version(
@@ -129,6 +130,7 @@ def checked_version(
     request_fingerprint: str,
     review_seconds: float = 0.0,
     organ_review_seconds: Mapping[int, float] | None = None,
+    organ_changed_ml: Mapping[int, float] | None = None,
 ) -> NewVersion:
     """The arguments of `LabelRepository.create_version`, checked and normalised.
 
@@ -137,6 +139,8 @@ def checked_version(
     VALUES; shape not (X, Y, Z) or affine not 16 values, problem GEOMETRY).
     request_fingerprint: the caller's; default a hash of the normalised arguments.
     review_seconds / organ_review_seconds: see `review_time` (INVALID_REVIEW_SECONDS).
+    organ_changed_ml: organ id -> ml a revision changed (finite, >= 0; not in the fingerprint:
+    derived from the request).
     """
     case_seconds, organ_seconds = review_time(review_seconds, organ_review_seconds)
     check_id("case_id", case_id)
@@ -187,6 +191,11 @@ def checked_version(
         fingerprint,
         case_seconds,
         organ_seconds,
+        {
+            int(k): round(float(v), 6)
+            for k, v in sorted((organ_changed_ml or {}).items())
+            if int(k) in ORGANS and math.isfinite(float(v)) and float(v) >= 0
+        },
     )
 
 
@@ -289,6 +298,7 @@ def record_of(row: Mapping[str, Any]) -> LabelVersionRecord:
         organ_provenance=organ_prov,
         review_seconds=float(row["review_seconds"] or 0.0),
         organ_review_seconds={int(k): float(v) for k, v in (json_value(row["organ_review_seconds"]) or {}).items()},
+        organ_changed_ml={int(k): float(v) for k, v in (json_value(row["organ_changed_ml"]) or {}).items()},
     )
 
 

@@ -13,7 +13,9 @@ never changed, a schema change is a new entry in both.
 4. export job options and per-case export outcomes (`legacy_export_options_sql` moves the
    stop-gap's DICOM SEG options out of destination URIs);
 5. review time stored with each version: the case's seconds and a JSON object organ id ->
-   seconds (0 and '{}' on rows written before: not measured).
+   seconds (0 and '{}' on rows written before: not measured);
+6. how much a revision changed each organ it decided: a JSON object organ id -> ml ('{}' on
+   rows written before).
 """
 
 from __future__ import annotations
@@ -189,6 +191,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE label_versions ADD COLUMN review_seconds REAL NOT NULL DEFAULT 0;
     ALTER TABLE label_versions ADD COLUMN organ_review_seconds TEXT NOT NULL DEFAULT '{}';
     """,
+    # 6: how much a revision changed each organ it decided: organ id -> ml of voxels whose
+    # membership in the organ changed against the parent ('{}' on rows written before).
+    """
+    ALTER TABLE label_versions ADD COLUMN organ_changed_ml TEXT NOT NULL DEFAULT '{}';
+    """,
 )
 
 
@@ -297,5 +304,8 @@ PG_MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE label_versions ADD COLUMN review_seconds DOUBLE PRECISION NOT NULL DEFAULT 0;
     ALTER TABLE label_versions ADD COLUMN organ_review_seconds TEXT NOT NULL DEFAULT '{}';
+    """,
+    """
+    ALTER TABLE label_versions ADD COLUMN organ_changed_ml TEXT NOT NULL DEFAULT '{}';
     """,
 )

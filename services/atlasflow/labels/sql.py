@@ -107,6 +107,7 @@ class SqlLabelRepository:
         expect_empty: bool = False,
         review_seconds: float = 0.0,
         organ_review_seconds: Mapping[int, float] | None = None,
+        organ_changed_ml: Mapping[int, float] | None = None,
     ) -> LabelVersionRecord:
         """Append a version to `case_id`'s history; idempotent by `request_id`.
 
@@ -119,6 +120,7 @@ class SqlLabelRepository:
         of the arguments. audit: recorded in the same transaction (version_ids filled in).
         review_seconds / organ_review_seconds: the reviewer's time for this version (stored
         with it; InvalidArgument INVALID_REVIEW_SECONDS unless finite and >= 0).
+        organ_changed_ml: organ id -> ml of voxels a revision changed in that organ (stored).
         Raises Aborted("PARENT_MISMATCH") when `expected_parent_version_id` is non-empty and is
         not the case's current head, or when `expect_empty` and the case already has a version
         (another writer won; re-read the head and retry).
@@ -137,6 +139,7 @@ class SqlLabelRepository:
             request_fingerprint,
             review_seconds,
             organ_review_seconds,
+            organ_changed_ml,
         )
         for attempt in range(3):
             try:
@@ -181,8 +184,8 @@ class SqlLabelRepository:
                 " label_map_digest, label_map_size, ct_digest, ct_size, source, model_version,"
                 " job_id, reviewer, weights_trained, organs, shape, affine, request_id,"
                 " request_fingerprint, create_time, organ_provenance, review_seconds,"
-                " organ_review_seconds)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " organ_review_seconds, organ_changed_ml)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     version_id,
                     case_id,
@@ -205,6 +208,7 @@ class SqlLabelRepository:
                     json.dumps({str(k): v.to_dict() for k, v in sorted(resolved.items())}),
                     new.review_seconds,
                     json.dumps({str(k): v for k, v in sorted(new.organ_review_seconds.items())}),
+                    json.dumps({str(k): v for k, v in sorted(new.organ_changed_ml.items())}),
                 ),
             )
             if head_row is None:

@@ -305,6 +305,8 @@ class LabelWriter:
             else:
                 masks[r.organ] = decode_mask_delta(parent_map == r.organ, r.xor_delta or b"", r.organ)
         new_map = apply_revision(parent_map, masks)
+        voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+        changed_ml = {o: float(np.count_nonzero((parent_map == o) != (new_map == o))) * voxel_ml for o in masks}
         provenance = Provenance("radiologist", reviewer=reviewer)
         organ_prov = dict(parent.organ_provenance)
         for o in masks:
@@ -326,4 +328,5 @@ class LabelWriter:
             audit=audit,
             review_seconds=case_seconds,
             organ_review_seconds=organ_seconds,
+            organ_changed_ml=changed_ml,
         )

@@ -72,7 +72,7 @@ class Provenance(_message.Message):
     def __init__(self, source: _Optional[_Union[LabelSource, str]] = ..., model_version: _Optional[str] = ..., job_id: _Optional[str] = ..., reviewer: _Optional[str] = ..., weights_trained: _Optional[bool] = ...) -> None: ...
 
 class LabelVersion(_message.Message):
-    __slots__ = ("version_id", "case_id", "parent_version_id", "label_map", "ct", "provenance", "organs", "create_time", "geometry", "organ_provenance", "review_seconds", "organ_review_seconds")
+    __slots__ = ("version_id", "case_id", "parent_version_id", "label_map", "ct", "provenance", "organs", "create_time", "geometry", "organ_provenance", "review_seconds", "organ_review_seconds", "organ_changed_ml")
     VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     CASE_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class LabelVersion(_message.Message):
     ORGAN_PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     REVIEW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ORGAN_REVIEW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ORGAN_CHANGED_ML_FIELD_NUMBER: _ClassVar[int]
     version_id: str
     case_id: str
     parent_version_id: str
@@ -97,7 +98,16 @@ class LabelVersion(_message.Message):
     organ_provenance: _containers.RepeatedCompositeFieldContainer[OrganProvenance]
     review_seconds: float
     organ_review_seconds: _containers.RepeatedCompositeFieldContainer[OrganReviewTime]
-    def __init__(self, version_id: _Optional[str] = ..., case_id: _Optional[str] = ..., parent_version_id: _Optional[str] = ..., label_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., ct: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., geometry: _Optional[_Union[_common_pb2.VolumeGeometry, _Mapping]] = ..., organ_provenance: _Optional[_Iterable[_Union[OrganProvenance, _Mapping]]] = ..., review_seconds: _Optional[float] = ..., organ_review_seconds: _Optional[_Iterable[_Union[OrganReviewTime, _Mapping]]] = ...) -> None: ...
+    organ_changed_ml: _containers.RepeatedCompositeFieldContainer[OrganChangedVolume]
+    def __init__(self, version_id: _Optional[str] = ..., case_id: _Optional[str] = ..., parent_version_id: _Optional[str] = ..., label_map: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., ct: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., geometry: _Optional[_Union[_common_pb2.VolumeGeometry, _Mapping]] = ..., organ_provenance: _Optional[_Iterable[_Union[OrganProvenance, _Mapping]]] = ..., review_seconds: _Optional[float] = ..., organ_review_seconds: _Optional[_Iterable[_Union[OrganReviewTime, _Mapping]]] = ..., organ_changed_ml: _Optional[_Iterable[_Union[OrganChangedVolume, _Mapping]]] = ...) -> None: ...
+
+class OrganChangedVolume(_message.Message):
+    __slots__ = ("organ", "ml")
+    ORGAN_FIELD_NUMBER: _ClassVar[int]
+    ML_FIELD_NUMBER: _ClassVar[int]
+    organ: _common_pb2.Organ
+    ml: float
+    def __init__(self, organ: _Optional[_Union[_common_pb2.Organ, str]] = ..., ml: _Optional[float] = ...) -> None: ...
 
 class OrganReviewTime(_message.Message):
     __slots__ = ("organ", "seconds")

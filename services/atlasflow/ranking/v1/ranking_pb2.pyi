@@ -94,7 +94,14 @@ class AttentionPointer(_message.Message):
     def __init__(self, voxel_box: _Optional[_Union[VoxelBox, _Mapping]] = ..., world_box: _Optional[_Union[WorldBox, _Mapping]] = ..., slices: _Optional[_Union[SliceRange, _Mapping]] = ...) -> None: ...
 
 class OrganAttention(_message.Message):
-    __slots__ = ("organ", "attention_ml", "heatmap_ml", "volume_ml", "reasons", "pointer", "score")
+    __slots__ = ("organ", "attention_ml", "heatmap_ml", "volume_ml", "reasons", "pointer", "score", "features")
+    class FeaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ORGAN_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_ML_FIELD_NUMBER: _ClassVar[int]
     HEATMAP_ML_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +109,7 @@ class OrganAttention(_message.Message):
     REASONS_FIELD_NUMBER: _ClassVar[int]
     POINTER_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     organ: _common_pb2.Organ
     attention_ml: float
     heatmap_ml: float
@@ -109,7 +117,8 @@ class OrganAttention(_message.Message):
     reasons: _containers.RepeatedScalarFieldContainer[str]
     pointer: AttentionPointer
     score: float
-    def __init__(self, organ: _Optional[_Union[_common_pb2.Organ, str]] = ..., attention_ml: _Optional[float] = ..., heatmap_ml: _Optional[float] = ..., volume_ml: _Optional[float] = ..., reasons: _Optional[_Iterable[str]] = ..., pointer: _Optional[_Union[AttentionPointer, _Mapping]] = ..., score: _Optional[float] = ...) -> None: ...
+    features: _containers.ScalarMap[str, float]
+    def __init__(self, organ: _Optional[_Union[_common_pb2.Organ, str]] = ..., attention_ml: _Optional[float] = ..., heatmap_ml: _Optional[float] = ..., volume_ml: _Optional[float] = ..., reasons: _Optional[_Iterable[str]] = ..., pointer: _Optional[_Union[AttentionPointer, _Mapping]] = ..., score: _Optional[float] = ..., features: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Lease(_message.Message):
     __slots__ = ("reviewer", "start_time", "expire_time")
@@ -218,7 +227,7 @@ class SubmitAttentionResponse(_message.Message):
     def __init__(self, item: _Optional[_Union[WorklistItem, _Mapping]] = ...) -> None: ...
 
 class RecordLabelVersionRequest(_message.Message):
-    __slots__ = ("case_id", "label_version_id", "version_number", "human_decided_organs", "revised_organs", "reviewer", "human_organ_geometry")
+    __slots__ = ("case_id", "label_version_id", "version_number", "human_decided_organs", "revised_organs", "reviewer", "human_organ_geometry", "organ_changes")
     CASE_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_NUMBER_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +235,7 @@ class RecordLabelVersionRequest(_message.Message):
     REVISED_ORGANS_FIELD_NUMBER: _ClassVar[int]
     REVIEWER_FIELD_NUMBER: _ClassVar[int]
     HUMAN_ORGAN_GEOMETRY_FIELD_NUMBER: _ClassVar[int]
+    ORGAN_CHANGES_FIELD_NUMBER: _ClassVar[int]
     case_id: str
     label_version_id: str
     version_number: int
@@ -233,7 +243,16 @@ class RecordLabelVersionRequest(_message.Message):
     revised_organs: _containers.RepeatedScalarFieldContainer[_common_pb2.Organ]
     reviewer: str
     human_organ_geometry: _containers.RepeatedCompositeFieldContainer[OrganGeometry]
-    def __init__(self, case_id: _Optional[str] = ..., label_version_id: _Optional[str] = ..., version_number: _Optional[int] = ..., human_decided_organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ..., revised_organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ..., reviewer: _Optional[str] = ..., human_organ_geometry: _Optional[_Iterable[_Union[OrganGeometry, _Mapping]]] = ...) -> None: ...
+    organ_changes: _containers.RepeatedCompositeFieldContainer[OrganChange]
+    def __init__(self, case_id: _Optional[str] = ..., label_version_id: _Optional[str] = ..., version_number: _Optional[int] = ..., human_decided_organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ..., revised_organs: _Optional[_Iterable[_Union[_common_pb2.Organ, str]]] = ..., reviewer: _Optional[str] = ..., human_organ_geometry: _Optional[_Iterable[_Union[OrganGeometry, _Mapping]]] = ..., organ_changes: _Optional[_Iterable[_Union[OrganChange, _Mapping]]] = ...) -> None: ...
+
+class OrganChange(_message.Message):
+    __slots__ = ("organ", "changed_ml")
+    ORGAN_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_ML_FIELD_NUMBER: _ClassVar[int]
+    organ: _common_pb2.Organ
+    changed_ml: float
+    def __init__(self, organ: _Optional[_Union[_common_pb2.Organ, str]] = ..., changed_ml: _Optional[float] = ...) -> None: ...
 
 class OrganGeometry(_message.Message):
     __slots__ = ("organ", "volume_ml", "centroid_mm", "fov_cut")
