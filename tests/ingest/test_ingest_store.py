@@ -151,6 +151,9 @@ def test_a_legacy_database_is_adopted_and_its_volume_look_up_uses_its_index(tmp_
             " volume_digest, create_time, update_time) VALUES ('ser-old', 1, 'case-old', 'ASSEMBLED', 1, 1.0,"
             " 'sha256:old', 1.0, 1.0)"
         )
+        conn.execute(
+            "INSERT INTO outbox(topic, dedupe_key, payload, next_attempt_at) VALUES ('t', 'ser-old:1', x'01', 5.0)"
+        )
     conn.close()
     s = IngestStore(tmp_path / "data", LocalBlobStore(tmp_path / "blobs"), spool_segment_bytes=SEG)
     try:
@@ -159,6 +162,10 @@ def test_a_legacy_database_is_adopted_and_its_volume_look_up_uses_its_index(tmp_
         assert current_revision(s.db.engine, ALEMBIC) == "0003"
         old = s.series_by_volume("sha256:old")
         assert (old.series_id, old.state, old.assembly_attempts) == ("ser-old", "ASSEMBLED", 0)
+        # its pending hand-off is delivered by the claiming outbox (created when it was due)
+        (row,) = s.outbox.due(time.time(), 8)
+        assert (row.dedupe_key, row.payload) == ("ser-old:1", b"\x01")
+        assert s.outbox.oldest_pending_age(105.0) == 100.0
         seen: list[str] = []
         sa.event.listen(s.db.engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
         with pytest.raises(NotFound):
@@ -240,3 +247,17 @@ def test_a_restarted_replica_takes_its_own_claim_back_at_once(tmp_path, db_url):
     finally:
         again.close()
         other.close()
+
+
+def test_cli_db_upgrade_ingest(tmp_path, db_url, capsys):
+    """`atlasflow db upgrade --service ingest` brings an empty database to the newest revision;
+    a store opened on it then finds nothing to do."""
+    from atlasflow.cli.main import main
+
+    assert main(["db", "upgrade", "--service", "ingest", "--url", db_url]) == 0
+    assert "ingest: at revision 0003" in capsys.readouterr().out
+    s = IngestStore(tmp_path / "data", LocalBlobStore(tmp_path / "blobs"), database=db_url, spool_segment_bytes=SEG)
+    try:
+        assert s.store_instance(b"A", "st", "se", "sop").version == 1
+    finally:
+        s.close()
