@@ -10,20 +10,26 @@ import shutil
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import pydicom
 import pytest
 import sqlalchemy as sa
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.metrics import GAUGES, Metrics, Reading
 from atlasflow.common.outbox import OutboxDispatcher, enqueue
 from atlasflow.common.ports import free_ports
+from atlasflow.ingest.gauges import series_readings
+from atlasflow.ingest.store import IngestStore
 from atlasflow.ranking.entries import OrganAttention
 from atlasflow.ranking.worklist import SqlWorklist, worklist_readings
 from atlasflow.segmentation.gauges import job_readings, triton_readings
 from atlasflow.segmentation.jobs import JobStore
 from atlasflow.segmentation.triton_client import TritonSegmenter
+from atlasflow.testing import peers
 
 
 def scrape(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -166,3 +172,49 @@ def test_triton_up_is_zero_when_triton_is_unreachable():
 def test_every_gauge_family_is_described_even_without_readings():
     names = {fam.name for fam in text_string_to_metric_families(generate_latest(Metrics("x").registry).decode())}
     assert set(GAUGES) <= names
+
+
+@pytest.fixture(scope="module")
+def two_series(tmp_path_factory) -> list[list[Path]]:
+    root = tmp_path_factory.mktemp("ct")
+    return [peers.build_ct_series(root / f"s{i}", 3, seed=f"gauges-{i}") for i in range(2)]
+
+
+def test_ingest_series_and_claim_gauges(tmp_path, db_url, two_series):
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    a = IngestStore(tmp_path / "a", blobs, database=db_url, spool_segment_bytes=1 << 20, spool_spares=1, claim_s=60)
+    # replica b's claims last 0.05 s: one that stops heart-beating expires at once
+    b = IngestStore(tmp_path / "b", blobs, database=db_url, spool_segment_bytes=1 << 20, spool_spares=1, claim_s=0.05)
+    try:
+        ids = []
+        for files in two_series:
+            for path in files:
+                ds = pydicom.dcmread(path)
+                stored = a.store_instance(
+                    path.read_bytes(), ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+                )
+            ids.append(stored.series_id)
+        m = Metrics("ingest")
+        m.add_source("series", lambda: series_readings(a))
+        OutboxDispatcher(a.outbox, None, {}, m)
+        s = scrape(m)
+        assert value(s, "atlasflow_queue_depth", service="ingest", queue="series_receiving") == 2
+        assert value(s, "atlasflow_lease_oldest_age_seconds", service="ingest", queue="series_assembly") == 0
+        assert value(s, "atlasflow_leases_expired", service="ingest", queue="series_assembly") == 0
+        assert a.begin_assembly(ids[0], 1, 3) == 1  # a's live claim
+        assert b.begin_assembly(ids[1], 1, 3) == 1  # b's claim, expired 0.05 s later
+        time.sleep(0.5)
+        s = scrape(m)
+        age = value(s, "atlasflow_lease_oldest_age_seconds", service="ingest", queue="series_assembly")
+        assert age is not None and 0.4 <= age < 30
+        assert value(s, "atlasflow_leases_expired", service="ingest", queue="series_assembly") == 1
+        assert a.mark_assembled(ids[0], 1, "d" * 64, 1, {}, "segment", b"", "") is not False
+        s = scrape(m)
+        assert value(s, "atlasflow_queue_depth", service="ingest", queue="series_receiving") == 1
+        assert value(s, "atlasflow_queue_depth", service="ingest", queue="series_open") == 2
+        assert value(s, "atlasflow_queue_depth", service="ingest", queue="outbox") == 1
+        lag = value(s, "atlasflow_outbox_lag_seconds", service="ingest", outbox="outbox")
+        assert lag is not None and 0 <= lag < 30
+    finally:
+        a.close()
+        b.close()
