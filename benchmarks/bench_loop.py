@@ -184,7 +184,7 @@ def main() -> int:
         if args.out:
             measure.write_rounds(args.out / "rounds.json", rows)
     print()
-    print(measure.format_table(rows), flush=True)
+    print(measure.format_table(rows, ["revise", "manifest", "finetune", "version", "evaluate", "reinfer"]), flush=True)
 
     return 0
 

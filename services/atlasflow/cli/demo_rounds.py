@@ -248,29 +248,35 @@ def follow_run(stack: LoopStack, run_id: str, timeout_s: float) -> training_pb2.
     return cast(training_pb2.TrainingRun, _poll(fetch, lambda r: r.state in DONE, timeout_s, "training run", every=1.0))
 
 
-def wait_reinfer(stack: LoopStack, run: training_pb2.TrainingRun, case_ids: list[str], timeout_s: float) -> bool:
-    """Wait for the re-inference a promoted run reports: a SUCCEEDED segmentation job with the
-    promoted version for each case whose head still has an AI organ. Returns False (nothing to
-    wait for) when the run was not promoted or its roll-out re-infers nothing."""
-    if not run.promoted or not run.rollout or run.rollout == "pointer":
-        return False
-    pending = []
-    for case_id in case_ids:
-        head = head_version(stack.labels, case_id)
-        if any(p.provenance.source == labels_pb2.LABEL_SOURCE_AI for p in head.organ_provenance):
-            pending.append(case_id)
+def reinfer_seconds(
+    stack: LoopStack, run: training_pb2.TrainingRun, case_ids: list[str], timeout_s: float
+) -> float | None:
+    """The re-inference a promoted run started: its segmentation jobs (ensemble version = the
+    promoted version) on ``case_ids``; waits until they are done (the training service follows
+    them before the run ends: this returns at once then) and returns the seconds from the first
+    job's creation to the last one's end. None when there is none (not promoted, or a roll-out
+    that re-infers nothing, e.g. ``pointer``)."""
+    if not run.promoted:
+        return None
 
-    def done() -> bool:
-        for case_id in pending:
-            jobs = stack.seg.ListSegmentationJobs(
-                segmentation_pb2.ListSegmentationJobsRequest(case_id=case_id), timeout=60
-            ).jobs
-            if not any(j.ensemble_version == run.version and j.state in DONE for j in jobs):
-                return False
-        return True
+    def jobs() -> list[segmentation_pb2.SegmentationJob]:
+        out = []
+        for case_id in case_ids:
+            out += [
+                j
+                for j in stack.seg.ListSegmentationJobs(
+                    segmentation_pb2.ListSegmentationJobsRequest(case_id=case_id), timeout=60
+                ).jobs
+                if j.ensemble_version == run.version
+            ]
+        return out
 
-    _poll(done, bool, timeout_s, "re-inference of the undecided cases", every=1.0)
-    return True
+    found = _poll(jobs, lambda js: all(j.state in DONE for j in js), timeout_s, "re-inference", every=1.0)
+    if not found:
+        return None
+    first = min(j.create_time.ToDatetime() for j in found)
+    last = max(j.update_time.ToDatetime() for j in found)
+    return (last - first).total_seconds()
 
 
 def run_rounds(
@@ -383,10 +389,11 @@ def run_rounds(
         st = dict(run.stage_seconds)
         seconds["train"] = sum(st.get(k, 0.0) for k in ("manifest", "finetune", "version"))
         seconds["gate"] = sum(st.get(k, 0.0) for k in ("evaluate", "gate"))
-        seconds["rollout"] = st.get("rollout")  # as the service reports it (absent: pointer only)
-        t = time.monotonic()
-        if wait_reinfer(stack, run, train_cases, timeout_s):
-            seconds["reinfer"] = time.monotonic() - t
+        # the run's "rollout" stage is the roll-out and the re-inference it follows; the jobs'
+        # own times tell the re-inference apart
+        seconds["reinfer"] = reinfer_seconds(stack, run, train_cases, timeout_s)
+        rollout_s = st.get("rollout")
+        seconds["rollout"] = None if rollout_s is None else max(0.0, rollout_s - (seconds["reinfer"] or 0.0))
         t = time.monotonic()
         _poll(lambda: stack.ranked_heads(train_cases), bool, timeout_s, "ranking of the new label versions")
         seconds["rank"] = time.monotonic() - t
