@@ -66,7 +66,10 @@ def test_failing_and_hanging_sources_cost_only_their_series():
     def broken() -> list[Reading]:
         raise RuntimeError("database is gone")
 
+    calls = {"hanging": 0}
+
     def hanging() -> list[Reading]:
+        calls["hanging"] += 1
         release.wait(30)
         return [Reading("atlasflow_queue_depth", "slow", 1.0)]
 
@@ -76,7 +79,6 @@ def test_failing_and_hanging_sources_cost_only_their_series():
     m.add_source("fine", lambda: [Reading("atlasflow_queue_depth", "fine", 2.0)])
     t0 = time.monotonic()
     s = scrape(m)
-    release.set()
     assert time.monotonic() - t0 < 20  # the hanging source did not hold the scrape
     assert value(s, "atlasflow_queue_depth", service="svc", queue="fine") == 2
     assert value(s, "atlasflow_queue_depth", service="svc", queue="slow") is None
@@ -85,6 +87,9 @@ def test_failing_and_hanging_sources_cost_only_their_series():
     assert value(s, "atlasflow_gauge_source_up", service="svc", source="fine") == 1
     # the failures counter (read before the sources in a scrape) shows them from the next one
     s = scrape(m)
+    assert calls["hanging"] == 1  # a call still running is not started again
+    assert value(s, "atlasflow_gauge_source_up", service="svc", source="hanging") == 0
+    release.set()
     assert value(s, "atlasflow_gauge_source_failures_total", service="svc", source="broken") == 1
     assert value(s, "atlasflow_gauge_source_failures_total", service="svc", source="fine") is None
 

@@ -150,9 +150,10 @@ class Metrics:
         self._pushed: dict[tuple[str, str], float] = {}
         self._sources: dict[str, tuple[Source, float]] = {}
         self._lock = threading.Lock()
-        # Sources run here, so a slow database cannot hold a scrape longer than its timeout; a
-        # hung source keeps its thread, and later scrapes time out on it too (counted).
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"{service}-gauges")
+        # Each source call runs in its own daemon thread, so a slow database cannot hold a scrape
+        # longer than its timeout nor the process at exit; a call still running when the next
+        # scrape comes is not started again (that source counts as failed until it returns).
+        self._running: dict[str, concurrent.futures.Future[list[Reading]]] = {}
         self.registry.register(_ScrapeCollector(self))
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
@@ -226,7 +227,7 @@ class Metrics:
         `with_status`, also each source's ``atlasflow_gauge_source_up``."""
         with self._lock:
             sources = [(name, source, t) for name, (source, t) in self._sources.items()]
-        futures = [(name, self._pool.submit(_run, source), t) for name, source, t in sources]
+        futures = [(name, self._start(name, source), t) for name, source, t in sources]
         readings: list[Reading] = []
         deadline = time.monotonic()
         for name, future, timeout_s in futures:
@@ -243,6 +244,24 @@ class Metrics:
             if with_status:
                 readings.append(Reading("atlasflow_gauge_source_up", name, 1.0))
         return readings
+
+    def _start(self, name: str, source: Source) -> concurrent.futures.Future[list[Reading]]:
+        """The running call of `name` if one is still running, else a new one."""
+        with self._lock:
+            running = self._running.get(name)
+            if running is not None and not running.done():
+                return running
+            future: concurrent.futures.Future[list[Reading]] = concurrent.futures.Future()
+            self._running[name] = future
+
+        def call() -> None:
+            try:
+                future.set_result(_run(source))
+            except BaseException as exc:  # noqa: BLE001 - handed to the scrape
+                future.set_exception(exc)
+
+        threading.Thread(target=call, name=f"{self.service}-gauge-{name}", daemon=True).start()
+        return future
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         if port:
