@@ -261,3 +261,26 @@ def test_cli_db_upgrade_ingest(tmp_path, db_url, capsys):
         assert s.store_instance(b"A", "st", "se", "sop").version == 1
     finally:
         s.close()
+
+
+def test_another_replicas_deletion_refuses_the_study_here(tmp_path, db_url):
+    """A study deleted through replica a (its deletion row committed) is refused by replica b,
+    whose own in-memory tombstones know nothing of it."""
+    from atlasflow.common.errors import FailedPrecondition
+    from atlasflow.ingest.deletion import Deletions
+
+    a, b = _replica(tmp_path, db_url, "a"), _replica(tmp_path, db_url, "b")
+    try:
+        kept = b.store_instance(b"B", "st-other", "se-other", "sop-1")
+        gone = b.store_instance(b"A", "st", "se", "sop-1")
+        deletion, created = Deletions(a, a.blobs).start(gone.case_id, "test", "admin")
+        assert created and b.tombstones == {}
+        with pytest.raises(FailedPrecondition) as e:
+            b.store_instance(b"A2", "st", "se", "sop-2")
+        assert e.value.reason == "STUDY_DELETED" and e.value.metadata["deletion_id"] == deletion.deletion_id
+        assert b.store_instance(b"B2", "st-other", "se-other", "sop-2").case_id == kept.case_id
+        with pytest.raises(NotFound):
+            b.get_series(gone.series_id)
+    finally:
+        a.close()
+        b.close()

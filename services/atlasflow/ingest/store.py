@@ -407,6 +407,15 @@ class IngestStore:
         # flush per instance instead of two, ~0.5-3 ms each here); it is visible (committed)
         # before the acknowledgement, and made durable (`_sync_db`) before its spool record may go.
         with self._write(relaxed=spooled) as conn:
+            # the study, then the series (purge_study takes them in the same order): a deletion
+            # on another replica is either seen here or deletes this row after it committed
+            self.db.lock(conn, f"ingest-case:{case_id}")
+            deleted = self._deletion_of(conn, case_id)
+            if deleted is not None:
+                if not recovering:
+                    raise _study_deleted(case_id, deleted[0])
+                if deleted[1] >= now:  # deleted after this spooled instance came: not re-created
+                    return StoredInstance(series_id, case_id, 0, True, False, "")
             self.db.lock(conn, f"ingest-series:{series_id}")
             cur = one(
                 conn,
@@ -776,15 +785,23 @@ class IngestStore:
 
     def check_not_deleted(self, case_id: str) -> None:
         """FailedPrecondition STUDY_DELETED when `case_id`'s study was deleted less than
-        `refuse_deleted_s` ago (a tombstone; `atlasflow.ingest.deletion`)."""
+        `refuse_deleted_s` ago (a tombstone; `atlasflow.ingest.deletion`). This process's
+        tombstones only (set before its purge starts); `_record` also looks in the database
+        for another replica's deletion."""
         tomb = self.tombstones.get(case_id)
         if tomb is not None and time.time() - tomb[1] < self.refuse_deleted_s:
-            raise FailedPrecondition(
-                "STUDY_DELETED",
-                "this study was deleted; its instances are refused",
-                domain="atlasflow.ingest",
-                metadata={"case_id": case_id, "deletion_id": tomb[0]},
-            )
+            raise _study_deleted(case_id, tomb[0])
+
+    def _deletion_of(self, conn: sa.Connection, case_id: str) -> tuple[str, float] | None:
+        """(deletion id, time) of the study's latest deletion younger than `refuse_deleted_s`
+        (any replica's; index deletions_by_case), or None."""
+        r = one(
+            conn,
+            "SELECT deletion_id, create_time FROM deletions WHERE case_id = :c AND create_time >= :t"
+            " ORDER BY create_time DESC LIMIT 1",
+            {"c": case_id, "t": time.time() - self.refuse_deleted_s},
+        )
+        return None if r is None else (r["deletion_id"], float(r["create_time"]))
 
     def _receipt_series_sql(self) -> str:
         """SQL of an upload receipt's series id (``receipt_json`` is JSON text)."""
@@ -809,6 +826,7 @@ class IngestStore:
         deletion records its operation and hand-offs there). Idempotent."""
         self.spool_drain.drain()
         with self.db.transaction() as conn:
+            self.db.lock(conn, f"ingest-case:{case_id}")
             versions = rows(
                 conn, "SELECT series_id, version, volume_digest FROM series_versions WHERE case_id = :c", {"c": case_id}
             )
@@ -848,6 +866,15 @@ class IngestStore:
             for i in range(0, len(wanted), 300):
                 found.update(r[0] for r in conn.execute(query, {"d": wanted[i : i + 300]}))
         return sorted(found)
+
+
+def _study_deleted(case_id: str, deletion_id: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        "STUDY_DELETED",
+        "this study was deleted; its instances are refused",
+        domain="atlasflow.ingest",
+        metadata={"case_id": case_id, "deletion_id": deletion_id},
+    )
 
 
 def abandoned_reason(attempts: int) -> str:
