@@ -10,6 +10,7 @@ segmentation channel and the store. C-STORE and the gRPC upload share one `Recep
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from atlasflow.common import db
 from atlasflow.common.app import ServiceApp, TaskLoop, build_service_server, run_service
 from atlasflow.common.audit_server import service_audit
 from atlasflow.common.clients import aio_channel
@@ -24,6 +26,8 @@ from atlasflow.common.disk import DiskFloor
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.outbox import OutboxDispatcher
 from atlasflow.ingest.deletion import PURGE_TOPIC, SWEEP_TOPIC, Deletions, PurgeResult, purge_handler, sweep_handler
+from atlasflow.ingest.gauges import series_readings
+from atlasflow.ingest.migrations import MIGRATIONS
 from atlasflow.ingest.reception import Reception
 from atlasflow.ingest.scp import ScpConfig, StoreScp
 from atlasflow.ingest.scp_audit import ScpAudit
@@ -35,6 +39,8 @@ from atlasflow.ingest.worker import SEGMENT_TOPIC, Assembler, segmentation_hando
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
 from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 # The generated gRPC modules carry no annotations: their stub and registration, typed here.
 _SegmentationStub: Callable[[grpc.aio.Channel], segmentation_pb2_grpc.SegmentationServiceStub] = (
@@ -98,7 +104,12 @@ async def build_app(
     metrics = metrics or Metrics("ingest")
     blobs = settings.blob_store()
     store = await asyncio.to_thread(
-        IngestStore, Path(settings.data_dir), blobs, spool_segment_bytes=settings.spool_segment_mb * 1024 * 1024
+        IngestStore,
+        Path(settings.data_dir),
+        blobs,
+        database=settings.database_url or None,
+        spool_segment_bytes=settings.spool_segment_mb * 1024 * 1024,
+        claim_s=settings.assembly_claim_s,
     )
     await asyncio.to_thread(store.uploads.purge, settings.upload_ttl_s, at_start=True)
     local_blobs = settings.local_blob_dir()  # an object store has no disk floor of ours
@@ -106,6 +117,11 @@ async def build_app(
         [settings.data_dir, *([local_blobs] if local_blobs else [])], settings.min_free_disk_mb * 1024 * 1024
     )
     reception = Reception(store, metrics, disk_floor=floor)
+    # scrape-time gauges (docs/runbooks.md): series waiting and their claims, free disk vs the floor
+    metrics.add_source("series", lambda: series_readings(store))
+    metrics.add_disk("state", settings.data_dir, floor.min_free_bytes)
+    if local_blobs:
+        metrics.add_disk("blobs", local_blobs, floor.min_free_bytes)
     assembler = Assembler(store, blobs, metrics, settings.quiet_period_s, max_attempts=settings.max_assembly_attempts)
     # one audit log for the gRPC API and the DICOM SCP (docs/security.md "Audit")
     audit = await asyncio.to_thread(service_audit, settings)
@@ -118,8 +134,8 @@ async def build_app(
         tls=settings.client_tls(),
     )
     dispatcher = OutboxDispatcher(
-        store.conn,
-        store.lock,
+        store.outbox,
+        None,
         {SEGMENT_TOPIC: segmentation_handoff(store, _SegmentationStub(channel))},
         metrics,
     )
@@ -168,6 +184,13 @@ async def build_app(
 
     built.on_stop.append(stop_scp_then_flush)
     ready_fields: dict[str, Any] = {"dicom_port": settings.dicom_port, "ae_title": settings.ae_title}
+
+    def release_outbox() -> None:  # another replica delivers them now, not after the claim expires
+        try:
+            store.outbox.release()
+        except Exception:  # noqa: BLE001 - the database is away: the claims expire instead
+            log.warning("outbox claims not released; they expire")
+
     return ServiceApp(
         "ingest",
         built,
@@ -177,12 +200,22 @@ async def build_app(
             TaskLoop("outbox", dispatcher.run),
             TaskLoop("upload-purge", purge_uploads),
         ],
-        # reverse order: the channels, then the store
-        closers=[store.close, channel.close, *(c.close for c in peer_channels)],
+        # reverse order: the channels, this replica's outbox claims given back, then the store
+        closers=[store.close, release_outbox, channel.close, *(c.close for c in peer_channels)],
         parts={"store": store, "reception": reception, "scp": scp, "assembler": assembler, "servicer": servicer},
         ready_fields=ready_fields,
         metrics=metrics,
     )
+
+
+def upgrade_database(database: str) -> str:
+    """Apply ingest's schema migrations to `database` (URL or SQLite path; what the service does
+    on start); return the database's revision. `atlasflow db upgrade --service ingest`."""
+    engine = db.create_engine(database)
+    try:
+        return db.upgrade(engine, MIGRATIONS)
+    finally:
+        engine.dispose()
 
 
 def main() -> None:
