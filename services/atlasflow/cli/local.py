@@ -251,6 +251,8 @@ class LocalDeployment:
                 "ENSEMBLE": self.ensemble,
                 "LABELS_TARGET": self.target("labels"),
                 "RANKING_TARGET": self.target("ranking"),
+                # promoted versions (training's state): ActivateEnsembleVersion loads them
+                "VERSIONS_DIR": str(self.state_dir / "models" / "versions"),
             },
             "ranking": {"GRPC_PORT": p["ranking"], "METRICS_PORT": p["ranking_metrics"]},
             "labels": {
@@ -267,6 +269,11 @@ class LocalDeployment:
                 # decisions are read from labels as svc:training; versions/CURRENT lives here
                 "LABELS_TARGET": self.target("labels"),
                 "STATE_DIR": str(self.state_dir / "models"),
+                # a promoted version is activated in segmentation (its PyTriton binds it, no
+                # restart) and the undecided cases are re-inferred in worklist order
+                "ROLLOUT": "segmentation",
+                "SEGMENTATION_TARGET": self.target("segmentation"),
+                "RANKING_TARGET": self.target("ranking"),
             },
             "gateway": {
                 "HTTP_PORT": self.ports.get("gateway", DEFAULT_PORTS["gateway"]),
@@ -301,6 +308,9 @@ class LocalDeployment:
                 str(self.ports["triton_http"]),
                 "--metrics-port",
                 str(self.ports["triton_metrics"]),
+                # promoted ensemble versions it may bind while running (ActivateEnsembleVersion)
+                "--versions-dir",
+                str(self.state_dir / "models" / "versions"),
             ]
         return [sys.executable, "-m", "atlasflow.cli.main", "serve", name]
 
