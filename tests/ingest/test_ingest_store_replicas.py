@@ -125,3 +125,48 @@ def test_instances_still_in_the_other_replicas_spool_make_the_assembly_wait(tmp_
     finally:
         for s in stores:
             s.close()
+
+
+def test_two_ingest_services_on_one_postgresql_assemble_a_split_series_once(tmp_path, postgres, ct_files):
+    """`atlasflow serve ingest` twice on one PostgreSQL database and one blob directory (the
+    shared object store of a cluster), a modality's C-STORE association to each with half of the
+    series: one version of all the instances, assembled once (one attempt, one hand-off)."""
+    from atlasflow.common.clients import sync_channel
+    from atlasflow.common.db import create_engine
+    from atlasflow.ingest.identity import atlas_id
+    from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+
+    url = postgres.create_database()
+    env = {"DATABASE_URL": url, "BLOB_DIR": str(tmp_path / "blobs")}
+    replicas = [peers.IngestProcess(tmp_path / name, quiet_period_s=1.0, env=env) for name in ("a", "b")]
+    try:
+        for r in replicas:
+            r.start(timeout_s=120)
+        for i, r in enumerate(replicas):
+            sent = peers.storescu(ct_files[i::2], r.dicom_port, aet=f"MODALITY{i}")
+            assert len(peers.acknowledged_files(sent.stdout + sent.stderr)) == len(ct_files[i::2]), sent.stderr
+        series_id = atlas_id("ser", peers.bench_uid("replicas", "series"))
+        deadline = time.monotonic() + 120
+        with sync_channel(replicas[1].target) as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            while True:
+                sv = stub.GetSeries(ingest_pb2.GetSeriesRequest(series_id=series_id), timeout=10).series
+                if sv.state != ingest_pb2.SERIES_STATE_RECEIVING or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                row = conn.execute(
+                    sa.text("SELECT state, version, instance_count, assembly_attempts FROM series_versions")
+                ).all()
+                handoffs = conn.execute(sa.text("SELECT dedupe_key FROM outbox")).scalars().all()
+        finally:
+            engine.dispose()
+        assert [tuple(r) for r in row] == [("ASSEMBLED", 1, SLICES, 1)]  # segmentation is down: not dispatched
+        assert handoffs == [f"{series_id}:1"]
+        logs = [r.log_text() for r in replicas]
+        assert sum(log.count('"series assembled"') for log in logs) == 1, logs
+    finally:
+        for r in replicas:
+            r.stop()
