@@ -219,3 +219,21 @@ def test_adopts_a_database_made_by_the_hand_written_schema(tmp_path):
             assert json.loads(c.execute(sa.text("SELECT result_json FROM jobs")).scalar_one()) == {"heatmap": HEAT}
     finally:
         jobs.close()
+
+
+def test_a_job_whose_lease_keeps_expiring_fails(db_url, clock):
+    """A job that kills every replica running it (claimed, lease expired, `max_claims` times) is
+    FAILED LEASE_EXPIRED instead of going round for ever."""
+    stores = [JobStore(db_url, lease_s=10.0, holder=f"r{i}", clock=clock, max_claims=2) for i in range(2)]
+    try:
+        job, _ = submit(stores[0])
+        assert stores[0].claim_next().attempts == 1
+        clock.now += 11
+        assert stores[1].claim_next().attempts == 2
+        clock.now += 11
+        assert stores[0].claim_next() is None
+        failed = stores[0].get(job.job_id)
+        assert (failed.state, failed.error_reason, failed.lease_holder) == ("FAILED", "LEASE_EXPIRED", "")
+    finally:
+        for s in stores:
+            s.close()

@@ -74,7 +74,11 @@ async def build_app(
     metrics = metrics or Metrics("segmentation")
     blobs = settings.blob_store()
     jobs = await asyncio.to_thread(
-        lambda: JobStore(settings.database_url or Path(settings.data_dir) / DEFAULT_FILE, lease_s=settings.job_lease_s)
+        lambda: JobStore(
+            settings.database_url or Path(settings.data_dir) / DEFAULT_FILE,
+            lease_s=settings.job_lease_s,
+            max_claims=settings.max_attempts,  # a job whose lease keeps expiring fails LEASE_EXPIRED
+        )
     )
     configs = [load_ensemble(e) for e in settings.ensembles()]
     versions = [c.version for c in configs]

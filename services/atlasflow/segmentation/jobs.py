@@ -140,7 +140,10 @@ class JobStore:
 
     database: a ``postgresql://`` URL, a SQLite file, or the data directory (its
     ``segmentation.sqlite3``); lease_s: how long a claim holds without a heartbeat; holder: this
-    replica's name in leases (default host:pid:random); clock: seconds since the epoch."""
+    replica's name in leases (default host:pid:random); clock: seconds since the epoch;
+    max_claims: a RUNNING job whose lease expired after this many claims is FAILED
+    (``LEASE_EXPIRED``) instead of claimed again (a job that kills every replica running it
+    must not go round for ever); 0 = no limit."""
 
     def __init__(
         self,
@@ -149,8 +152,10 @@ class JobStore:
         lease_s: float = DEFAULT_LEASE_S,
         holder: str | None = None,
         clock: Callable[[], float] = time.time,
+        max_claims: int = 0,
     ) -> None:
         self.db: Database = open_database(database_target(database), MIGRATIONS)
+        self.max_claims = max_claims
         self.lease_s = lease_s
         self.holder = holder or replica_id()
         self.clock = clock
@@ -253,28 +258,50 @@ class JobStore:
         store's holder: -> RUNNING (stage LOADING, attempts + 1, a fresh lease); None if none."""
         now = self.clock()
         params = {"now": now, "me": self.holder, "until": now + self.lease_s}
+        r: Row | None = None
         with self.db.transaction() as conn:
+            exhausted = self._fail_exhausted(conn, now) if self.max_claims > 0 else []
             cand = _one(
                 conn,
                 f"SELECT job_id FROM jobs WHERE {_CLAIMABLE} ORDER BY create_time, job_id LIMIT 1"
                 + self.db.for_update(skip_locked=True),
                 params,
             )
-            if cand is None:
-                return None
-            claimed = _run(
+            # the conditional update: 0 rows when another replica took it between read and update
+            if cand is not None and _run(
                 conn,
                 "UPDATE jobs SET state = 'RUNNING', stage = 'LOADING', fraction = 0, attempts = attempts + 1,"
                 " lease_holder = :me, lease_expires_at = :until, heartbeat_at = :now, update_time = :now"
                 f" WHERE job_id = :id AND {_CLAIMABLE}",
                 {**params, "id": cand["job_id"]},
-            )
-            if claimed != 1:  # another replica took it between the read and the update
-                return None
-            r = _one(conn, "SELECT * FROM jobs WHERE job_id = :id", {"id": cand["job_id"]})
-        assert r is not None
+            ):
+                r = _one(conn, "SELECT * FROM jobs WHERE job_id = :id", {"id": cand["job_id"]})
+        for job_id in exhausted:
+            self._changed(job_id)
+        if r is None:
+            return None
         self._changed(r["job_id"])
         return _job(r)
+
+    def _fail_exhausted(self, conn: sa.Connection, now: float) -> Sequence[str]:
+        """RUNNING jobs whose lease expired after `max_claims` claims -> FAILED LEASE_EXPIRED
+        (CANCELLED if a cancel was requested)."""
+        gone = conn.execute(
+            sa.text(
+                "SELECT job_id FROM jobs WHERE state = 'RUNNING' AND lease_expires_at <= :now AND attempts >= :max"
+                + self.db.for_update(skip_locked=True)
+            ),
+            {"now": now, "max": self.max_claims},
+        ).all()
+        for (job_id,) in gone:
+            _run(
+                conn,
+                "UPDATE jobs SET state = CASE WHEN cancel_requested = 1 THEN 'CANCELLED' ELSE 'FAILED' END,"
+                " error_reason = 'LEASE_EXPIRED', update_time = :now, lease_holder = '', lease_expires_at = 0"
+                " WHERE job_id = :id AND state = 'RUNNING' AND lease_expires_at <= :now",
+                {"now": now, "id": job_id},
+            )
+        return [job_id for (job_id,) in gone]
 
     def claim(self) -> Job | None:
         """`claim_next` (the name the worker used before leases)."""

@@ -16,7 +16,8 @@ class SegmentationSettings(ServiceSettings):
     """``ATLASFLOW_SEGMENTATION_*``. ``ensemble``: comma-separated ensemble versions (or JSON
     paths) served by Triton, the first is the default; ``triton_shm``: auto | on | off (see
     `TritonSegmenter`); ``retry_base_s``/``max_backoff_s``/``max_attempts``: requeueing of jobs
-    while Triton is unavailable; ``triton_connect_retries``: quick in-call retries first.
+    while Triton is unavailable (``max_attempts`` also bounds the claims of a job whose lease
+    keeps expiring: then it fails LEASE_EXPIRED); ``triton_connect_retries``: quick in-call retries first.
 
     Triton's transport (`triton_tls`): ``triton_tls_ca_file`` set = TLS to Triton, verified
     against that CA, with the client certificate ``triton_tls_cert_file`` /
