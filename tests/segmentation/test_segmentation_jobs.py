@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from atlasflow.common import sqlite as sq
-from atlasflow.common.db import create_engine, current_revision
+from atlasflow.common.db import create_engine, current_revision, upgrade
 from atlasflow.common.outbox import OUTBOX_MIGRATION, enqueue
 from atlasflow.segmentation.jobs import JobStore
 from atlasflow.segmentation.migrations import MIGRATIONS
@@ -237,3 +237,30 @@ def test_a_job_whose_lease_keeps_expiring_fails(db_url, clock):
     finally:
         for s in stores:
             s.close()
+
+
+def _columns(engine: sa.Engine) -> dict[str, set[tuple[str, bool]]]:
+    insp = sa.inspect(engine)
+    out = {}
+    for t in insp.get_table_names():
+        if t.startswith(("alembic_version", "schema_migrations", "sqlite_")):
+            continue
+        pk = set(insp.get_pk_constraint(t)["constrained_columns"])
+        out[t] = {(c["name"], bool(c["nullable"]) and c["name"] not in pk) for c in insp.get_columns(t)}
+    return out
+
+
+def test_baseline_equals_the_hand_written_schema(tmp_path, db_url):
+    """Revision 0001 makes the tables and columns (same names, same NOT NULL) the hand-written
+    migrations made, on either back-end (what adoption stamps)."""
+    legacy = sq.connect(tmp_path / "legacy.sqlite3")
+    sq.migrate(legacy, LEGACY_MIGRATIONS)
+    legacy.close()
+    old, new = create_engine(tmp_path / "legacy.sqlite3"), create_engine(db_url)
+    try:
+        assert upgrade(new, MIGRATIONS, "0001") == "0001"
+        assert _columns(new) == _columns(old)
+        assert upgrade(new, MIGRATIONS) == "0002"
+    finally:
+        old.dispose()
+        new.dispose()
