@@ -5,6 +5,7 @@ outbox lag metric."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -120,3 +121,27 @@ def test_redelivery_after_a_crash_is_idempotent_and_lag_is_exported(database):
         metrics.registry.get_sample_value("atlasflow_outbox_lag_seconds", {"service": "lag", "outbox": "outbox"}) == 0
     )
     assert survivor.oldest_pending_age(1e10) == 0.0
+
+
+def test_a_stopping_dispatcher_gives_its_claims_back(database):
+    _fill(database, 3)
+    started = threading.Event()
+
+    async def hangs(row: OutboxRow) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    stopping = SqlOutboxStore(database, claimer="stopping")
+    other = SqlOutboxStore(database, claimer="other")
+
+    async def run_then_stop() -> None:
+        task = asyncio.create_task(OutboxDispatcher(stopping, None, {"t": hangs}, Metrics("stop")).run())
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        assert other.due(time.time(), 8) == []  # all three claimed by the stopping replica
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run_then_stop())
+    assert [r.dedupe_key for r in other.due(time.time(), 8)] == ["k000", "k001", "k002"]

@@ -379,10 +379,20 @@ class OutboxDispatcher:
         return delivered
 
     async def run(self) -> None:
-        while True:
-            await self.deliver_due()
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
-            except TimeoutError:
-                pass
+        """Deliver until cancelled; then give back this dispatcher's unexpired claims (stores with
+        ``release()``), so another replica delivers them at once instead of after the expiry."""
+        try:
+            while True:
+                await self.deliver_due()
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.poll_s)
+                except TimeoutError:
+                    pass
+        finally:
+            release = getattr(self.store, "release", None)
+            if release is not None:
+                try:
+                    release()
+                except Exception as exc:  # noqa: BLE001 - stopping anyway; the claims expire
+                    log.warning("outbox claims not released", extra={"fields": {"error": type(exc).__name__}})
