@@ -44,7 +44,8 @@ CONTAINER_PORTS = {
     "segmentation": {"grpc": 50052, "metrics": 9464},
     "ranking": {"grpc": 50053, "metrics": 9464},
     "labels": {"grpc": 50054, "metrics": 9464},
-    "triton": {"http": 8000, "grpc": 8001, "metrics": 8002},
+    # Triton's HTTP binds 127.0.0.1 (in-pod exec probes): no HTTP port on the pod or Service
+    "triton": {"grpc": 8001, "metrics": 8002},
 }
 
 # The values every render needs: the services refuse to start without a token issuer (docs/security.md).
@@ -58,9 +59,6 @@ AUTH_ARGS = (
     f"auth.jwksUrl={AUTH_JWKS}",
     "--set",
     f"auth.serviceToken.existingSecret={AUTH_SECRET}",
-    # Triton's access token: a fixed value (the chart draws none; test_chart_scale.py)
-    "--set",
-    "triton.accessToken.value=test-triton-access-token-0123456789abcdef",
 )
 
 # A values file that switches every optional branch of the templates the other way.
@@ -114,7 +112,6 @@ ALTERNATIVE_VALUES: dict[str, Any] = {
         "replicas": 2,
         # a pre-populated read-only volume: no initContainer, several replicas may share it
         "modelRepository": {"populate": False, "persistence": {"enabled": True}},
-        "accessToken": {"existingSecret": "triton-token"},
         "tracing": {"enabled": True},
         "extraArgs": ["--log-verbose=1"],
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -310,16 +307,18 @@ def test_grpc_probes_on_grpc_port(docs: list[dict[str, Any]], component: str) ->
 
 def test_triton_http_probes_and_startup(docs: list[dict[str, Any]]) -> None:
     container = main_container(deployment(docs, "triton"))
-    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    # exec probes against the loopback HTTP endpoint (it binds 127.0.0.1; test_chart_triton.py runs them)
+    assert "--http-address=127.0.0.1" in container["args"]
+    assert "127.0.0.1:8000/v2/health/ready" in container["readinessProbe"]["exec"]["command"][2]
+    assert "127.0.0.1:8000/v2/health/live" in container["livenessProbe"]["exec"]["command"][2]
     startup = container["startupProbe"]
-    assert startup["httpGet"]["path"] == "/v2/health/ready"
+    assert "127.0.0.1:8000/v2/health/ready" in startup["exec"]["command"][2]
     # Model loading: at least 5 minutes before the liveness probe may restart the container.
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
     assert container["command"] == ["tritonserver"]
     assert "--model-repository=/models" in container["args"]
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert {f"--{n}-port={named[n]}" for n in ("http", "grpc", "metrics")} <= set(container["args"])
+    assert {f"--{n}-port={named[n]}" for n in ("grpc", "metrics")} | {"--http-port=8000"} <= set(container["args"])
     # /dev/shm for the Python backend is a memory-backed emptyDir
     assert mount_path(container, "dshm") == "/dev/shm"
     assert volume(deployment(docs, "triton"), "dshm")["emptyDir"]["medium"] == "Memory"

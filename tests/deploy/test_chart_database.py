@@ -15,7 +15,6 @@ def _labels_env(*sets: str, component: str = "labels") -> dict:
     # the chart refuses to render without authentication (docs/security.md)
     args += ["--set", "auth.issuer=https://issuer.example", "--set", "auth.jwksUrl=https://issuer.example/jwks"]
     args += ["--set", "auth.serviceToken.existingSecret=service-token"]
-    args += ["--set", "triton.accessToken.existingSecret=triton-token"]
     for s in sets:
         args += ["--set", s]
     docs = [d for d in yaml.safe_load_all(subprocess.run(args, check=True, capture_output=True, text=True).stdout) if d]
@@ -39,3 +38,17 @@ def test_ranking_sqlite_by_default_postgres_from_secret():
     env = _labels_env("ranking.database.existingSecret=ranking-pg", component="ranking")
     ref = env["ATLASFLOW_RANKING_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "ranking-pg", "key": "database-url"}
+
+
+def test_segmentation_sqlite_by_default_postgres_from_secret():
+    assert "ATLASFLOW_SEGMENTATION_DATABASE_URL" not in _labels_env(component="segmentation")
+    env = _labels_env("segmentation.database.existingSecret=seg-pg", component="segmentation")
+    ref = env["ATLASFLOW_SEGMENTATION_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "seg-pg", "key": "database-url"}
+
+
+def test_ingest_sqlite_by_default_postgres_from_secret():
+    assert "ATLASFLOW_INGEST_DATABASE_URL" not in _labels_env(component="ingest")
+    env = _labels_env("ingest.database.existingSecret=ingest-pg", component="ingest")
+    ref = env["ATLASFLOW_INGEST_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "ingest-pg", "key": "database-url"}

@@ -22,8 +22,6 @@ AUTH = [
     "auth.jwksUrl=https://issuer.example/jwks",
     "--set",
     "auth.serviceToken.existingSecret=service-token",
-    "--set",
-    "triton.accessToken.existingSecret=triton-token",
 ]
 
 

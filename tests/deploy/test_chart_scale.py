@@ -125,25 +125,20 @@ def test_blob_url_must_be_s3_or_empty() -> None:
 
 
 def test_renders_are_identical(scale_docs: list[dict[str, Any]]) -> None:
-    """No value is drawn at render time (the Triton token was `randAlphaNum` before): two
+    """No value is drawn at render time (the Triton token was `randAlphaNum` once): two
     renders of the same values are byte-identical, so GitOps diffs and upgrades are stable."""
     args = ("template", RELEASE, str(CHART), *AUTH_ARGS, *SCALE)
     first, second = helm(*args), helm(*args)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout
-    secret = by_kind(scale_docs, "Secret")[f"{RELEASE}-atlasflow-triton-access-token"]
-    assert secret["data"]["token"]  # the value given, base64
+    assert f"{RELEASE}-atlasflow-triton-access-token" not in by_kind(scale_docs, "Secret")
 
 
-def test_triton_token_required_without_a_secret() -> None:
-    proc = helm(
-        "template", RELEASE, str(CHART), *AUTH_ARGS, "--set", "triton.accessToken.value=", "--set",
-        "triton.accessToken.existingSecret=",
-    )  # fmt: skip
+@pytest.mark.parametrize("setting", ["triton.accessToken.value=" + "t" * 40, "triton.accessToken.existingSecret=old"])
+def test_the_removed_triton_token_fails_the_render_with_the_way_forward(setting: str) -> None:
+    proc = helm("template", RELEASE, str(CHART), *AUTH_ARGS, "--set", setting)
     assert proc.returncode != 0
-    assert "triton.accessToken.existingSecret or triton.accessToken.value is required" in proc.stderr
-    short = helm("template", RELEASE, str(CHART), *AUTH_ARGS, "--set", "triton.accessToken.value=short")
-    assert short.returncode != 0 and "/triton/accessToken/value" in short.stderr, short.stderr
+    assert "triton.accessToken is removed" in proc.stderr and "mutual TLS" in proc.stderr, proc.stderr
 
 
 def test_pod_disruption_budgets(scale_docs: list[dict[str, Any]]) -> None:
@@ -257,7 +252,7 @@ def test_objects_validate_against_recent_kubernetes(kube_version: str) -> None:
 
     docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "PodDisruptionBudget", "HorizontalPodAutoscaler", "Secret"} <= kinds
+    assert {"Deployment", "PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy"} <= kinds
     for doc in docs:
         if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
             continue

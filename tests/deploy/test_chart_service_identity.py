@@ -17,7 +17,6 @@ SERVICES = ("ingest", "segmentation", "labels", "ranking")
 def _render(*sets: str) -> list[dict]:
     args = [str(ROOT / ".tools" / "helm"), "template", "t", str(ROOT / "charts" / "atlasflow")]
     args += ["--set", "auth.issuer=https://issuer.example", "--set", "auth.jwksUrl=https://issuer.example/jwks"]
-    args += ["--set", "triton.accessToken.existingSecret=triton-token"]
     for s in sets:
         args += ["--set", s]
     out = subprocess.run(args, capture_output=True, text=True)
@@ -59,7 +58,6 @@ def test_a_service_with_no_token_secret_fails_the_render(missing: str) -> None:
     sets = [f"auth.serviceToken.secrets.{s}={s}-token" for s in SERVICES if s != missing]
     args = [str(ROOT / ".tools" / "helm"), "template", "t", str(ROOT / "charts" / "atlasflow")]
     args += ["--set", "auth.issuer=https://issuer.example", "--set", "auth.jwksUrl=https://issuer.example/jwks"]
-    args += ["--set", "triton.accessToken.existingSecret=triton-token"]
     for s in sets:
         args += ["--set", s]
     out = subprocess.run(args, capture_output=True, text=True)

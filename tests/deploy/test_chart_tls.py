@@ -103,9 +103,9 @@ def test_every_service_serves_and_calls_with_mounted_certificates(
 
 def test_cert_manager_certificates_name_the_services_their_callers_dial(tls_docs: list[dict[str, Any]]) -> None:
     certs = by_kind(tls_docs, "Certificate")
-    assert len(certs) == len(ATLASFLOW)
+    assert len(certs) == len(ATLASFLOW) + 1  # + Triton's (its gRPC is mutual TLS)
     services = by_kind(tls_docs, "Service")
-    for component in ATLASFLOW:
+    for component in (*ATLASFLOW, "triton"):
         name = f"{RELEASE}-atlasflow-{component}"
         spec = certs[name]["spec"]
         assert spec["secretName"] == volume(deployment(tls_docs, component), "tls")["secret"]["secretName"]
@@ -122,6 +122,10 @@ def test_cert_manager_certificates_name_the_services_their_callers_dial(tls_docs
             if key.endswith("_TARGET"):
                 host = value.rpartition(":")[0]
                 assert host in certs[host]["spec"]["dnsNames"], key
+        triton_url = env.get(f"ATLASFLOW_{component.upper()}_TRITON_URL")
+        if triton_url:
+            host = triton_url.rpartition(":")[0]
+            assert host in certs[host]["spec"]["dnsNames"]
 
 
 def test_existing_secrets_one_for_all_or_one_per_component(tmp_path: Path) -> None:
@@ -149,7 +153,7 @@ def test_existing_secrets_one_for_all_or_one_per_component(tmp_path: Path) -> No
     # cert-manager for the others, the labels Secret kept
     docs = render(*CERT_MANAGER, "--set", "tls.secrets.labels=labels-tls")
     assert sorted(by_kind(docs, "Certificate")) == [
-        f"{RELEASE}-atlasflow-{c}" for c in ("ingest", "ranking", "segmentation")
+        f"{RELEASE}-atlasflow-{c}" for c in ("ingest", "ranking", "segmentation", "triton")
     ]
 
 

@@ -4,9 +4,13 @@
   -> `atlasflow.segmentation.triton_repo.main`), not compared as a string.
 - The repository volume is the same in both containers and Triton's arguments point at it.
 - The exact initContainer command runs here (`<venv>/bin/atlasflow triton-repo ...`), and the
-  exact Triton arguments of the chart start the stock `tritonserver` binary bundled in the
-  nvidia-pytriton wheel on that output: the probe paths answer 200, the restricted APIs refuse
-  requests without the access token, and an empty repository fails the start.
+  exact Triton arguments of the chart (tls.enabled: mutual TLS with certificate files) start the
+  stock `tritonserver` binary bundled in the nvidia-pytriton wheel on that output: the chart's
+  exec probes succeed against its loopback HTTP, a client with a certificate of the release's
+  CA is served over gRPC, one without is refused in the handshake, and an empty repository
+  fails the start.
+- No container of any workload carries a secret on its command line (issue 13): no secret-like
+  ``name=value`` and no ``$(VAR)`` of a Secret-backed variable in command or args.
 - One NetworkPolicy per component admits exactly the calls the rendered configuration makes
   (derived from the *_TARGET / TRITON_URL settings); the optional ServiceMonitor selects every
   metrics port. kubernetes-validate has no schema for ServiceMonitor (a CRD): it is checked
@@ -22,8 +26,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +52,14 @@ from atlasflow.segmentation.ensemble import load_ensemble, triton_model_name
 
 VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
 COMPONENTS = ("ingest", "segmentation", "ranking", "labels", "triton")
-TOKEN_VAR = "TRITON_ACCESS_TOKEN"
+#: cert-manager certificates for every component (tls.enabled): Triton gets mutual TLS
+TLS_SETS = (
+    "--set", "tls.enabled=true", "--set", "tls.certManager.enabled=true",
+    "--set", "tls.certManager.issuerRef.name=atlasflow-ca",
+)  # fmt: skip
+#: a secret-looking assignment in an argument (a path after "=" is a file name, not a secret)
+SECRETISH = re.compile(r"(?i)(token|password|passwd|secret|credential|api[-_]?key)[^=\s]*=(?!/)")
+WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -95,17 +104,6 @@ def kubelet_expand(arg: str, env: dict[str, str]) -> str:
         lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
         arg,
     )
-
-
-def http(port: int, path: str, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}", data=b"{}" if method == "POST" else None, method=method, headers=headers or {}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -191,23 +189,80 @@ def test_gpu_resources_and_instance_kind_follow_values(
     assert init_container(cpu)["command"][-4:-2] == ["--kind", "cpu"]
 
 
-def test_restricted_apis_need_the_token_from_a_secret(docs: list[dict[str, Any]]) -> None:
+def _pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    spec = doc["spec"]
+    if doc["kind"] == "CronJob":
+        spec = spec["jobTemplate"]["spec"]
+    return dict(spec["template"]["spec"])
+
+
+def test_no_secret_on_any_command_line(docs: list[dict[str, Any]]) -> None:
+    """Issue 13: every container of every workload, with TLS off (default) and on: no argument
+    looks like ``token=...``/``password=...``, and a ``$(VAR)`` in command or args names only a
+    literal or downward-API variable, never one from a Secret (secretKeyRef / envFrom)."""
+    checked = 0
+    for rendered in (docs, render(*TLS_SETS)):
+        for doc in (d for d in rendered if d["kind"] in WORKLOADS):
+            spec = _pod_spec(doc)
+            for c in [*spec.get("initContainers", []), *spec["containers"]]:
+                plain = {e["name"] for e in c.get("env", []) if "value" in e or "fieldRef" in e.get("valueFrom", {})}
+                for arg in [*c.get("command", []), *c.get("args", [])]:
+                    refs = set(re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", arg))
+                    assert refs <= plain, (doc["metadata"]["name"], c["name"], arg)
+                    assert not SECRETISH.search(arg), (doc["metadata"]["name"], c["name"], arg)
+                    checked += 1
+    assert checked > 20
+    # the rule can fail: the removed token's argument
+    assert SECRETISH.search("--grpc-restricted-protocol=model-repository:triton-access-token=$(T)")
     triton = main_container(deployment(docs, "triton"))
-    env = {e["name"]: e for e in triton["env"]}
-    ref = env[TOKEN_VAR]["valueFrom"]["secretKeyRef"]
-    secret = by_kind(docs, "Secret")[ref["name"]]
-    assert len(secret["data"][ref["key"]]) >= 40
-    for flag in ("grpc-restricted-protocol", "http-restricted-api"):
-        (value,) = arg_value(triton["args"], flag)
-        apis, _, header = value.partition(":")
-        assert {"model-repository", "shared-memory"} <= set(apis.split(","))
-        assert "inference" not in apis and "health" not in apis  # segmentation and the probes
-        assert header == f"triton-access-token=$({TOKEN_VAR})"
-    # an existing Secret: referenced, none rendered
-    other = render("--set", "triton.accessToken.existingSecret=mine", "--set", "triton.accessToken.secretKey=k")
-    env = {e["name"]: e for e in main_container(deployment(other, "triton"))["env"]}
-    assert env[TOKEN_VAR]["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": "k"}
-    assert not by_kind(other, "Secret")
+    assert not [e for e in triton.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+    assert not [a for a in triton["args"] if "restricted" in a]
+
+
+def test_triton_mutual_tls_from_certificate_files_and_its_clients() -> None:
+    plain = render()
+    seg_env = literal_env(main_container(deployment(plain, "segmentation")))
+    assert seg_env["ATLASFLOW_SEGMENTATION_TRITON_ALLOW_PLAINTEXT"] == "true"  # the release is plaintext
+    assert not arg_value(main_container(deployment(plain, "triton"))["args"], "grpc-use-ssl")
+
+    docs = render(*TLS_SETS)
+    dep = deployment(docs, "triton")
+    triton = main_container(dep)
+    args = triton["args"]
+    assert arg_value(args, "grpc-use-ssl") == arg_value(args, "grpc-use-ssl-mutual") == ["true"]
+    tls_dir = mount_path(triton, "tls")
+    assert arg_value(args, "grpc-server-cert") == [f"{tls_dir}/tls.crt"]
+    assert arg_value(args, "grpc-server-key") == [f"{tls_dir}/tls.key"]
+    assert arg_value(args, "grpc-root-cert") == [f"{tls_dir}/ca.crt"]
+    # HTTP on loopback only (exec probes), no HTTP port on the pod or the Service
+    assert arg_value(args, "http-address") == ["127.0.0.1"]
+    assert "http" not in [p["name"] for p in triton["ports"]]
+    service = by_kind(docs, "Service")[dep["metadata"]["name"]]
+    assert [p["name"] for p in service["spec"]["ports"]] == ["grpc", "metrics"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert triton[probe]["exec"]["command"][:2] == ["python3", "-c"]
+    # Triton's certificate: cert-manager, for its Service names
+    secret = volume(dep, "tls")["secret"]["secretName"]
+    cert = by_kind(docs, "Certificate")[dep["metadata"]["name"]]
+    assert cert["spec"]["secretName"] == secret
+    svc = dep["metadata"]["name"]
+    assert svc in cert["spec"]["dnsNames"] and "server auth" in cert["spec"]["usages"]
+    # segmentation: TLS with its own certificate (client auth) to the name in Triton's certificate
+    seg = main_container(deployment(docs, "segmentation"))
+    env = literal_env(seg)
+    seg_dir = mount_path(seg, "tls")
+    assert env["ATLASFLOW_SEGMENTATION_TRITON_URL"].split(":")[0] == svc
+    assert env["ATLASFLOW_SEGMENTATION_TRITON_TLS_CA_FILE"] == f"{seg_dir}/ca.crt"
+    assert env["ATLASFLOW_SEGMENTATION_TRITON_TLS_CERT_FILE"] == f"{seg_dir}/tls.crt"
+    assert env["ATLASFLOW_SEGMENTATION_TRITON_TLS_KEY_FILE"] == f"{seg_dir}/tls.key"
+    assert "ATLASFLOW_SEGMENTATION_TRITON_ALLOW_PLAINTEXT" not in env
+    from atlasflow.segmentation.settings import PREFIX, SegmentationSettings
+
+    tls = SegmentationSettings.from_env(PREFIX, env).triton_tls()
+    assert tls.enabled and tls.cert_file == f"{seg_dir}/tls.crt"
+    # a Secret of one's own for Triton
+    own = render(*TLS_SETS, "--set", "tls.secrets.triton=triton-cert")
+    assert volume(deployment(own, "triton"), "tls")["secret"]["secretName"] == "triton-cert"
 
 
 def test_persistence_modes() -> None:
@@ -273,12 +328,15 @@ def test_init_command_runs_here_and_tritonserver_serves_it_with_the_chart_args(
     cpu_docs: list[dict[str, Any]], tmp_path: Path
 ) -> None:
     """The initContainer's exact command through this environment's `atlasflow` script, then the
-    Triton container's exact args (ports and the mount path mapped to this machine, the token
-    expanded as the kubelet does) on the stock tritonserver binary of the nvidia-pytriton wheel."""
+    Triton container's exact args (ports, the repository and certificate mount paths mapped to
+    this machine, metrics on loopback here) on the stock tritonserver binary of the
+    nvidia-pytriton wheel, with certificates of a local CA in the Secret's layout."""
     from atlasflow.common.ports import free_ports
+    from atlasflow.common.tls import ClientTLS, LocalCA
+    from atlasflow.segmentation.triton_client import triton_grpc_client
     from atlasflow.testing.triton import bundled_server_command
 
-    docs = render("--set", "triton.gpu=0")  # one ensemble: the segmentation service's
+    docs = render("--set", "triton.gpu=0", *TLS_SETS)  # one ensemble: the segmentation service's
     dep = deployment(docs, "triton")
     init, triton = init_container(dep), main_container(dep)
     path = mount_path(init, "models")
@@ -315,15 +373,27 @@ def test_init_command_runs_here_and_tritonserver_serves_it_with_the_chart_args(
     base, env = bundled_server_command(
         models, tmp_path / "work", grpc_port=ports["grpc"], http_port=ports["http"], metrics_port=ports["metrics"]
     )
-    token = "test-token-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:16]
+    # the tls Secret's files (tls.crt, tls.key, ca.crt) from a local CA; a client of each kind
+    ca = LocalCA.create_or_load(tmp_path / "ca")
+    server_cert, seg_cert = ca.issue("triton"), ca.issue("segmentation", server=False)
+    secret_dir = tmp_path / "tls"
+    secret_dir.mkdir()
+    for name, src in (("tls.crt", server_cert.cert_file), ("tls.key", server_cert.key_file), ("ca.crt", ca.ca_file)):
+        (secret_dir / name).write_bytes(Path(src).read_bytes())
+    tls_dir = mount_path(triton, "tls")
+    good = ClientTLS(ca_file=str(ca.ca_file), cert_file=str(seg_cert.cert_file), key_file=str(seg_cert.key_file))
     named = {p["name"]: p["containerPort"] for p in triton["ports"]}
+    http_port = VALUES["triton"]["ports"]["http"]
     mapped = {
         f"--model-repository={path}": "--model-repository={repo}",
-        **{f"--{n}-port={named[n]}": f"--{n}-port={ports[n]}" for n in ports},
+        f"--http-port={http_port}": f"--http-port={ports['http']}",
+        "--metrics-address=0.0.0.0": "--metrics-address=127.0.0.1",  # this machine: loopback
+        **{f"--{n}-port={named[n]}": f"--{n}-port={ports[n]}" for n in ("grpc", "metrics")},
     }
     assert set(mapped) <= set(triton["args"]), "the chart's Triton args changed shape"
-    chart_args = [kubelet_expand(mapped.get(a, a), {TOKEN_VAR: token}) for a in triton["args"]]
+    chart_args = [kubelet_expand(mapped.get(a, a), {}).replace(tls_dir + "/", f"{secret_dir}/") for a in triton["args"]]
     assert not [a for a in chart_args if "$(" in a]
+    assert f"--grpc-root-cert={secret_dir}/ca.crt" in chart_args
     local = [
         a
         for a in base[1:]
@@ -340,32 +410,40 @@ def test_init_command_runs_here_and_tritonserver_serves_it_with_the_chart_args(
         return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     assert triton["command"] == ["tritonserver"] and Path(base[0]).name == "tritonserver"
-    ready = triton["readinessProbe"]["httpGet"]["path"]
-    live = triton["livenessProbe"]["httpGet"]["path"]
-    assert triton["readinessProbe"]["httpGet"]["port"] == triton["livenessProbe"]["httpGet"]["port"] == "http"
+
+    def probe(kind: str) -> int:
+        """The chart's exec probe, its loopback port mapped, run by this interpreter."""
+        command = triton[kind]["exec"]["command"]
+        assert command[0] == "python3" and f"127.0.0.1:{http_port}/" in command[2]
+        code = command[2].replace(f"127.0.0.1:{http_port}/", f"127.0.0.1:{ports['http']}/")
+        return subprocess.run([sys.executable, *command[1:2], code], capture_output=True, timeout=30).returncode
+
     server = start(models)
     try:
         t0 = time.perf_counter()
-        while True:
+        while probe("readinessProbe") != 0:
             assert server.poll() is None, (tmp_path / "triton-models.log").read_text()[-3000:]
-            try:
-                if http(ports["http"], ready)[0] == 200:
-                    break
-            except OSError:
-                pass
             assert time.perf_counter() - t0 < 180, "tritonserver not ready in 180 s"
             time.sleep(0.3)
         print(f"\ntritonserver ready with the chart's args in {time.perf_counter() - t0:.1f} s")
-        assert http(ports["http"], live)[0] == 200
-        for name in names:
-            assert http(ports["http"], f"/v2/models/{name}/ready")[0] == 200
-        # explicit mode's repository API: refused without the token, served with it
-        status, body = http(ports["http"], "/v2/repository/index", "POST")
-        assert status == 403 and b"triton-access-token" in body, (status, body)
-        status, body = http(ports["http"], f"/v2/repository/models/{names[0]}/unload", "POST")
-        assert status == 403, (status, body)
-        status, body = http(ports["http"], "/v2/repository/index", "POST", {"triton-access-token": token})
-        assert status == 200 and {m["name"]: m["state"] for m in json.loads(body)} == dict.fromkeys(names, "READY")
+        assert probe("livenessProbe") == 0 and probe("startupProbe") == 0
+        url = f"127.0.0.1:{ports['grpc']}"
+        client = triton_grpc_client(url, good)
+        try:  # a certificate of the release's CA: served, the repository API included
+            assert all(client.is_model_ready(n, client_timeout=10.0) for n in names)
+            index = {m.name: m.state for m in client.get_model_repository_index(client_timeout=10.0).models}
+            assert index == dict.fromkeys(names, "READY")
+        finally:
+            client.close()
+        from tritonclient.utils import InferenceServerException
+
+        for tls in (ClientTLS(ca_file=str(ca.ca_file)), None):  # no client certificate; plaintext
+            other = triton_grpc_client(url, tls)
+            try:
+                with pytest.raises(InferenceServerException):
+                    other.is_server_live(client_timeout=10.0)
+            finally:
+                other.close()
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
@@ -496,6 +574,35 @@ def test_network_policies_admit_exactly_the_calls_the_release_makes() -> None:
         for rule in policy["spec"]["ingress"]:
             assert rule.get("from"), f"{policy['metadata']['name']}: a rule without peers admits everyone"
     assert not by_kind(render("--set", "networkPolicy.enabled=false"), "NetworkPolicy")
+
+
+def test_triton_admits_segmentation_and_training_only_and_reaches_only_dns_and_its_collector(
+    docs: list[dict[str, Any]],
+) -> None:
+    policies = list(by_kind(docs, "NetworkPolicy").values())
+    pods = {c: deployment(docs, c)["spec"]["template"]["metadata"]["labels"] for c in COMPONENTS}
+    training = {**pods["segmentation"], "app.kubernetes.io/component": "training"}
+    for labels, admitted in ((pods["segmentation"], True), (training, True), (pods["ingest"], False)):
+        src = {"labels": labels, "namespace": NAMESPACE, "namespace_labels": {}}
+        assert admits(policies, src, pods["triton"], "grpc") is admitted, labels
+    (policy,) = [p for p in policies if p["metadata"]["labels"]["app.kubernetes.io/component"] == "triton"]
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    ports = [(q["protocol"], q["port"]) for rule in policy["spec"]["egress"] for q in rule["ports"]]
+    assert sorted(ports) == [("TCP", 53), ("UDP", 53)]
+    assert all("to" not in rule for rule in policy["spec"]["egress"])
+    traced = render("--set", "triton.tracing.enabled=true")
+    (policy,) = [
+        p
+        for p in by_kind(traced, "NetworkPolicy").values()
+        if p["metadata"]["labels"]["app.kubernetes.io/component"] == "triton"
+    ]
+    kubernetes_validate.validate(policy, KUBE_VERSION, strict=True)
+    ports = [(q["protocol"], q["port"]) for rule in policy["spec"]["egress"] for q in rule["ports"]]
+    assert ("TCP", 4318) in ports and len(ports) == 3  # the OTLP/HTTP collector of values.yaml
+    # the other components' policies stay ingress-only (their egress is not restricted)
+    assert all(
+        p["spec"]["policyTypes"] == ["Ingress"] for p in by_kind(traced, "NetworkPolicy").values() if p is not policy
+    )
 
 
 # ----------------------------------------------------------------------------- ServiceMonitor

@@ -340,17 +340,41 @@ argv of the model-repository initContainer: `atlasflow triton-repo PATH --ensemb
 {{- end -}}
 
 {{/*
-Value of --grpc-restricted-protocol / --http-restricted-api: the protocols only holders of the
-access token may use (the kubelet expands $(TRITON_ACCESS_TOKEN) from the container's env).
-Health, metadata, model-config and inference stay open to the callers the NetworkPolicy admits.
+A Triton probe: an exec of the image's python3 against Triton's HTTP endpoint on loopback
+(--http-address=127.0.0.1; a non-2xx answer or no answer fails it).
+  (dict "port" 8000 "path" "/v2/health/ready")
 */}}
-{{- define "atlasflow.tritonRestricted" -}}
-model-repository,shared-memory,statistics,trace,logging:triton-access-token=$(TRITON_ACCESS_TOKEN)
+{{- define "atlasflow.tritonProbe" -}}
+exec:
+  command:
+    - python3
+    - -c
+    - {{ printf "import urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%v%s', timeout=4)" .port .path | quote }}
 {{- end -}}
 
-{{/* Name of the Secret holding Triton's access token. */}}
-{{- define "atlasflow.tritonAccessTokenSecret" -}}
-{{- .Values.triton.accessToken.existingSecret | default (printf "%s-access-token" (include "atlasflow.componentName" (dict "ctx" . "component" "triton"))) -}}
+{{/*
+How a service reaches Triton's gRPC endpoint (TRITON_TLS_* / TRITON_ALLOW_PLAINTEXT of the
+segmentation and training settings): with tls.enabled, mutual TLS with the service's own
+certificate (Triton requires a client certificate of the release's CA); without, plaintext,
+which the service accepts to a non-loopback host only with TRITON_ALLOW_PLAINTEXT.
+  (dict "ctx" $ "component" "segmentation")
+*/}}
+{{- define "atlasflow.tritonClientEnv" -}}
+{{- $p := printf "ATLASFLOW_%s_" (upper .component) -}}
+{{- $d := include "atlasflow.tlsDir" .ctx -}}
+{{- if .ctx.Values.tls.enabled -}}
+# Triton: mutual TLS with this service's certificate, Triton's verified against this CA
+- name: {{ $p }}TRITON_TLS_CA_FILE
+  value: {{ printf "%s/ca.crt" $d | quote }}
+- name: {{ $p }}TRITON_TLS_CERT_FILE
+  value: {{ printf "%s/tls.crt" $d | quote }}
+- name: {{ $p }}TRITON_TLS_KEY_FILE
+  value: {{ printf "%s/tls.key" $d | quote }}
+{{- else -}}
+# Triton: plaintext like the whole release (tls.enabled=false), admitted by the NetworkPolicy only
+- name: {{ $p }}TRITON_ALLOW_PLAINTEXT
+  value: "true"
+{{- end -}}
 {{- end -}}
 
 {{/*
