@@ -10,6 +10,9 @@ directories. The executor, run store (SQLite), manifest and trainer are the real
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -146,26 +149,24 @@ def world(store, tmp_path_factory):
     return state, path, digest
 
 
-def _pod(state: Path, blobs: Path, env: dict[str, str] | None = None):
-    """The Job's container: its command after ``-m atlasflow.training.job``, /state and /blobs
-    mapped here, run once per torchrun rank (RANK/WORLD_SIZE from --nproc_per_node)."""
+def _pod(state: Path, blobs: Path, outputs: list[dict]):
+    """The Job's container: its own command line (``torchrun --standalone --nnodes=1
+    --nproc_per_node=2 -m atlasflow.training.job ...``) run as a process with this venv's
+    torchrun, /state and /blobs mapped here, on CPU."""
 
     def run(body) -> None:
         (container,) = body["spec"]["template"]["spec"]["containers"]
         cmd = container["command"]
         assert cmd[0] == "torchrun" and cmd[4:6] == ["-m", "atlasflow.training.job"]
-        world = int(cmd[3].split("=")[1])
-        args = [a.replace("/state", str(state), 1) if a.startswith("/state") else a for a in cmd[6:]]
+        args = [a.replace("/state", str(state), 1) if a.startswith("/state") else a for a in cmd[1:]]
         args = [str(blobs) if a == "/blobs" else a for a in args]
         args[args.index("--device") + 1] = "cpu"
-        for rank in range(world):
-            import os
-
-            os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world)})
-            try:
-                assert job_main.main(args) == 0
-            finally:
-                del os.environ["RANK"], os.environ["WORLD_SIZE"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", *args], env=env, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        outputs.extend(json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
 
     return run
 
@@ -186,7 +187,8 @@ def test_job_succeeds_pod_trains_members_split_over_ranks(store, world) -> None:
     state, _, digest = world
     manifest, _ = load_manifest(world[1])
     cluster = Cluster()
-    cluster.pod = _pod(state, Path(store.blobs.root))
+    outputs: list[dict] = []
+    cluster.pod = _pod(state, Path(store.blobs.root), outputs)
     cluster.script = [PENDING_S, RUNNING_S, DONE_S]
     parent = load_ensemble("abdomen-trio-v1")
     members = [m for m in parent.members if m.name in HP["members"]]
@@ -198,6 +200,7 @@ def test_job_succeeds_pod_trains_members_split_over_ranks(store, world) -> None:
         on_progress=lambda *a: progress.append(a), on_job=jobs.append,
     )  # fmt: skip
     assert [r.member for r in results] == ["unet", "dynunet"] and all(r.steps == 2 for r in results)
+    assert sorted((o["member"], o["rank"]) for o in outputs) == [("dynunet", 1), ("unet", 0)]  # split over ranks
     for r in results:
         doc = json.loads((run_dir / r.member / "result.json").read_text())
         assert doc["digest"] == r.digest and doc["run_id"] == "tr-ok"
@@ -214,8 +217,10 @@ def test_job_succeeds_pod_trains_members_split_over_ranks(store, world) -> None:
     )
     assert [r.digest for r in again] == [r.digest for r in results] and cluster.calls == []
     # the entry point itself skips members already done for this run (a retried pod)
-    cluster.pod(build_job(SETTINGS, digest, "abdomen-trio-v1", run_id="tr-ok"))
-    assert json.loads((run_dir / "unet" / "result.json").read_text())["digest"] == results[0].digest
+    before = {m: (run_dir / m / "result.json").stat().st_mtime_ns for m in ("unet", "dynunet")}
+    args = ["--run-id", "tr-ok", "--manifest", str(world[1]), "--blobs", str(store.blobs.root)]
+    assert job_main.main([*args, "--run-dir", str(run_dir), "--ensemble", "abdomen-trio-v1"]) == 0
+    assert before == {m: (run_dir / m / "result.json").stat().st_mtime_ns for m in ("unet", "dynunet")}
 
 
 def _executor(store, state: Path, runs: RunStore, cluster: Cluster) -> RunExecutor:

@@ -93,12 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for member in members_to_train(ensemble, hp)[rank::world]:
         done = read_result(run_dir, member.name)
         if done is not None and done.get("run_id") == args.run_id:
-            print(json.dumps({**done, "skipped": True}), flush=True)
+            print(json.dumps({**done, "rank": rank, "skipped": True}), flush=True)
             continue
         result = finetune_member(member, manifest, digest, blobs, run_dir, device=device)
         doc = result_doc(result, args.run_id)
         atomic_write(run_dir / member.name / RESULT, (json.dumps(doc) + "\n").encode())
-        print(json.dumps(doc), flush=True)
+        print(json.dumps({**doc, "rank": rank}), flush=True)
     return 0
 
 
