@@ -170,3 +170,33 @@ def test_two_ingest_services_on_one_postgresql_assemble_a_split_series_once(tmp_
     finally:
         for r in replicas:
             r.stop()
+
+
+def test_the_heartbeat_keeps_a_long_assembly_claimed(tmp_path, db_url, ct_files):
+    """An assembly longer than the claim's duration keeps its claim (renewed every third of it):
+    the other replica, trying meanwhile, does not take the version over."""
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    stores = [
+        IngestStore(tmp_path / n, blobs, database=db_url, spool_segment_bytes=1 << 20, spool_spares=1, claim_s=0.6)
+        for n in ("a", "b")
+    ]
+    try:
+        series_id = _receive_split(stores, ct_files)
+        for s in stores:
+            s.spool_drain.drain()
+        slow = CountingAssembler(stores[0], blobs, hold_s=2.0)  # > 3 claim durations
+        (sv,) = stores[0].due_for_assembly(0.0)
+        worker = threading.Thread(target=slow.assemble, args=(sv,))
+        worker.start()
+        while not slow.builds:  # a holds its claim and is building
+            time.sleep(0.01)
+        taken = []
+        while worker.is_alive():
+            taken.append(stores[1].begin_assembly(series_id, 1, 3))
+            time.sleep(0.1)
+        worker.join()
+        assert slow.builds == 1 and len(taken) >= 5 and set(taken) == {None}, taken
+        assert stores[1].get_series(series_id).state == "ASSEMBLED"
+    finally:
+        for s in stores:
+            s.close()
