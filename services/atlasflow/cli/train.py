@@ -54,6 +54,12 @@ def _summary(run: training_pb2.TrainingRun) -> str:
         lines.append(f"  version {run.version}  promoted={run.promoted}  rollout={run.rollout or '-'}")
     if run.HasField("gate"):
         lines.append(f"  gate: {'accepted' if run.gate.accepted else 'rejected'}: {run.gate.reason}")
+    if run.HasField("reinfer"):
+        r = run.reinfer
+        lines.append(
+            f"  re-inference: {r.cases_done}/{r.cases_queued} cases done, {r.cases_failed} failed, "
+            f"{r.cases_cancelled} cancelled{' (run cancelled)' if r.cancelled else ''}"
+        )
     if run.error_reason:
         lines.append(f"  error: {run.error_reason}")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ _STAGE = {
     "evaluate": training_pb2.TRAINING_STAGE_EVALUATE,
     "gate": training_pb2.TRAINING_STAGE_GATE,
     "done": training_pb2.TRAINING_STAGE_DONE,
+    "rollout": training_pb2.TRAINING_STAGE_ROLLOUT,
 }
 _ORGAN_ID = {name: oid for oid, name in ORGANS.items()}
 MAX_STEPS = 100_000
@@ -158,6 +159,18 @@ def run_to_proto(r: RunRecord) -> training_pb2.TrainingRun:
     )
     if res.get("gate"):
         run.gate.CopyFrom(_gate_proto(res["gate"]))
+    if res.get("reinfer"):
+        ri = res["reinfer"]
+        run.reinfer.CopyFrom(
+            training_pb2.ReinferProgress(
+                cases_queued=int(ri.get("cases_queued", 0)),
+                cases_done=int(ri.get("cases_done", 0)),
+                cases_failed=int(ri.get("cases_failed", 0)),
+                cases_cancelled=int(ri.get("cases_cancelled", 0)),
+                unknown_cases=int(ri.get("unknown_cases", 0)),
+                cancelled=bool(ri.get("cancelled", False)),
+            )
+        )
     return run
 
 

@@ -14,9 +14,10 @@ exist that the last round's manifest did not hold (automatic mode); ``stop()`` c
 running round at its next step (the member's checkpoint is kept, a rerun resumes).
 
 The training service (`atlasflow.training.app`) runs rounds as operations (`executor.py`,
-`runs.py`, `servicer.py`); the cluster roll-out is `rollout.py`, the Kubernetes Job runner
-`jobs_k8s.py`. Not done: the segmentation service following a promoted version without a
-restart, re-inference of undecided cases and re-ranking by the service (docs/training.md).
+`runs.py`, `servicer.py`); after a promotion its ``on_promoted`` follow-up (`reinfer.py`) rolls
+the version out (`rollout.py`: segmentation's ActivateEnsembleVersion, or the Triton repository
+load) and re-infers the undecided cases in worklist order, inside the round's span; the
+Kubernetes Job runner is `jobs_k8s.py`.
 """
 
 from __future__ import annotations

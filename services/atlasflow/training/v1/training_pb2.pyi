@@ -20,6 +20,7 @@ class TrainingStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRAINING_STAGE_EVALUATE: _ClassVar[TrainingStage]
     TRAINING_STAGE_GATE: _ClassVar[TrainingStage]
     TRAINING_STAGE_DONE: _ClassVar[TrainingStage]
+    TRAINING_STAGE_ROLLOUT: _ClassVar[TrainingStage]
 TRAINING_STAGE_UNSPECIFIED: TrainingStage
 TRAINING_STAGE_MANIFEST: TrainingStage
 TRAINING_STAGE_FINETUNE: TrainingStage
@@ -27,6 +28,23 @@ TRAINING_STAGE_VERSION: TrainingStage
 TRAINING_STAGE_EVALUATE: TrainingStage
 TRAINING_STAGE_GATE: TrainingStage
 TRAINING_STAGE_DONE: TrainingStage
+TRAINING_STAGE_ROLLOUT: TrainingStage
+
+class ReinferProgress(_message.Message):
+    __slots__ = ("cases_queued", "cases_done", "cases_failed", "cases_cancelled", "unknown_cases", "cancelled")
+    CASES_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    CASES_DONE_FIELD_NUMBER: _ClassVar[int]
+    CASES_FAILED_FIELD_NUMBER: _ClassVar[int]
+    CASES_CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_CASES_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    cases_queued: int
+    cases_done: int
+    cases_failed: int
+    cases_cancelled: int
+    unknown_cases: int
+    cancelled: bool
+    def __init__(self, cases_queued: _Optional[int] = ..., cases_done: _Optional[int] = ..., cases_failed: _Optional[int] = ..., cases_cancelled: _Optional[int] = ..., unknown_cases: _Optional[int] = ..., cancelled: _Optional[bool] = ...) -> None: ...
 
 class Hyperparameters(_message.Message):
     __slots__ = ("steps", "batch_size", "lr", "crop_size", "checkpoint_every", "autocast", "members", "pseudo_weight")
@@ -117,7 +135,7 @@ class GateResult(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., margin: _Optional[float] = ..., organs: _Optional[_Iterable[_Union[OrganDice, _Mapping]]] = ...) -> None: ...
 
 class TrainingRun(_message.Message):
-    __slots__ = ("run_id", "state", "progress", "hyperparameters", "seed", "parent_version", "manifest_digest", "train_cases", "holdout_cases", "version", "version_digest", "promoted", "gate", "losses", "stage_seconds", "error_reason", "requested_by", "create_time", "update_time", "rollout")
+    __slots__ = ("run_id", "state", "progress", "hyperparameters", "seed", "parent_version", "manifest_digest", "train_cases", "holdout_cases", "version", "version_digest", "promoted", "gate", "losses", "stage_seconds", "error_reason", "requested_by", "create_time", "update_time", "rollout", "reinfer")
     class StageSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +163,7 @@ class TrainingRun(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    REINFER_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     state: _common_pb2.OperationState
     progress: TrainingProgress
@@ -165,7 +184,8 @@ class TrainingRun(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     rollout: str
-    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.OperationState, str]] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., seed: _Optional[int] = ..., parent_version: _Optional[str] = ..., manifest_digest: _Optional[str] = ..., train_cases: _Optional[int] = ..., holdout_cases: _Optional[int] = ..., version: _Optional[str] = ..., version_digest: _Optional[str] = ..., promoted: _Optional[bool] = ..., gate: _Optional[_Union[GateResult, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossSummary, _Mapping]]] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., error_reason: _Optional[str] = ..., requested_by: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rollout: _Optional[str] = ...) -> None: ...
+    reinfer: ReinferProgress
+    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.OperationState, str]] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., seed: _Optional[int] = ..., parent_version: _Optional[str] = ..., manifest_digest: _Optional[str] = ..., train_cases: _Optional[int] = ..., holdout_cases: _Optional[int] = ..., version: _Optional[str] = ..., version_digest: _Optional[str] = ..., promoted: _Optional[bool] = ..., gate: _Optional[_Union[GateResult, _Mapping]] = ..., losses: _Optional[_Iterable[_Union[LossSummary, _Mapping]]] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., error_reason: _Optional[str] = ..., requested_by: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rollout: _Optional[str] = ..., reinfer: _Optional[_Union[ReinferProgress, _Mapping]] = ...) -> None: ...
 
 class StartTrainingRunRequest(_message.Message):
     __slots__ = ("hyperparameters", "seed", "holdout_fraction", "holdout_case_ids", "margin", "request_id")
