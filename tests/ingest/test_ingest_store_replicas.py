@@ -200,3 +200,36 @@ def test_the_heartbeat_keeps_a_long_assembly_claimed(tmp_path, db_url, ct_files)
     finally:
         for s in stores:
             s.close()
+
+
+def test_the_same_instances_sent_to_both_replicas_at_once_are_stored_once(tmp_path, db_url):
+    """A sender retrying through the load balancer: both replicas receive the same instances at
+    the same time. One row each, the other reception is a duplicate, nothing fails (the series'
+    lock orders the two transactions; without it PostgreSQL refuses the second primary key)."""
+    _blobs, stores = _replicas(tmp_path, db_url)
+    barrier = threading.Barrier(2)
+    results: list[list] = [[], []]
+    errors: list[BaseException] = []
+
+    def send(i: int) -> None:
+        try:
+            barrier.wait(60)
+            for n in range(20):
+                results[i].append(stores[i].store_instance(b"slice-%d" % n, "st", "se", f"sop-{n}"))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=send, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        firsts = [r for rs in results for r in rs if not r.duplicate]
+        assert len(firsts) == 20 and not any(r.conflict for rs in results for r in rs)
+        sv = stores[0].get_series(firsts[0].series_id)
+        assert (sv.version, sv.instance_count, sv.duplicate_count) == (1, 20, 20)
+    finally:
+        for s in stores:
+            s.close()
