@@ -2,7 +2,7 @@
 every simulator family of `atlasflow.testing.sim_families`, each family judged as held out.
 
     .venv/bin/python benchmarks/bench_ranking.py [--cases 40] [--families a,b] [--strategies x,y] \
-        [--rounds 4] [--boot 1000] [--jobs 2] [--json OUT]
+        [--rounds 4] [--boot 1000] [--jobs 2] [--served-features] [--json OUT]
 
 Per case (a family's ``simulate(seed_offset + i)``, i < --cases): the reference attention of its
 soft predictions (`case_attention`, no organ labelled by the source), its error regions
@@ -22,6 +22,9 @@ tuned on error_sim, seeds 0-99 at full resolution: see the error_sim family).
 Rounds (``learned`` only, --rounds R): per family, its cases in R rounds by seed; for k = 1..R-1
 fit on that family's rounds 1..k (the site's own decisions) and score round k+1 against
 ``reference`` on the same round; below `learned.MIN_DECISIONS` it ranks as reference.
+--served-features: fittable strategies see only the features the segmentation service sends
+(`learned.SERVED_FEATURES`: attention, heatmap, volume, plausibility penalties, FOV cut), i.e.
+what the ranking service's model is fitted on in production.
 
 Prints one table line per (family, strategy) and a JSON summary line (``--json``: also the
 per-case rows).
@@ -41,6 +44,7 @@ import numpy as np
 import torch
 
 from atlasflow.method.attention import case_attention
+from atlasflow.method.learned import SERVED_FEATURES
 from atlasflow.method.prior import PopulationPrior
 from atlasflow.method.strategy import OrganDecision, RankedCase, get_strategy, new_strategy, strategy_names
 from atlasflow.testing.detection import map_cases
@@ -93,18 +97,30 @@ def prepare(work: tuple[str, int, tuple[str, ...]]) -> dict[str, Any]:
     return row
 
 
-def decisions(rows: list[dict[str, Any]], name: str) -> list[OrganDecision]:
-    """Every organ of ``rows`` as a reviewer's decision (revised ml from the error regions)."""
-    return [OrganDecision(f, float(r["revised"].get(k, 0.0))) for r in rows for k, f in r["features"][name].items()]
+def _kept(features: dict[str, float], keep: frozenset[str] | None) -> dict[str, float]:
+    """``features`` with those outside ``keep`` at 0 (None: all kept)."""
+    return features if keep is None else {n: (v if n in keep else 0.0) for n, v in features.items()}
 
 
-def fitted_scores(rows: list[dict[str, Any]], name: str, train: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def decisions(rows: list[dict[str, Any]], name: str, keep: frozenset[str] | None = None) -> list[OrganDecision]:
+    """Every organ of ``rows`` as a reviewer's decision (revised ml from the error regions);
+    ``keep``: the features the decisions carry (None: all)."""
+    return [
+        OrganDecision(_kept(f, keep), float(r["revised"].get(k, 0.0)))
+        for r in rows
+        for k, f in r["features"][name].items()
+    ]
+
+
+def fitted_scores(
+    rows: list[dict[str, Any]], name: str, train: list[dict[str, Any]], keep: frozenset[str] | None = None
+) -> list[dict[str, Any]]:
     """Case score and organ order of a fittable strategy fitted on ``train``, for ``rows``."""
     s: Any = new_strategy(name)
-    s.fit(decisions(train, name))
+    s.fit(decisions(train, name, keep))
     out = []
     for r in rows:
-        score, organ = s.score_organs({int(k): f for k, f in r["features"][name].items()})
+        score, organ = s.score_organs({int(k): _kept(f, keep) for k, f in r["features"][name].items()})
         order = [k for k in sorted(organ, key=lambda k: -organ[k]) if organ[k] > 0]
         out.append({"score": float(score), "order": order, "fitted": bool(s.fitted)})
     return out
@@ -162,6 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     families = tuple(args.families.split(",")) if args.families else family_names()
     strategies = tuple(args.strategies.split(",")) if args.strategies else strategy_names()
+    keep = frozenset(SERVED_FEATURES) if args.served_features else None
     work = [(f, int(get_family(f).params["seed_offset"]) + i, strategies) for f in families for i in range(args.cases)]
     rows = cast(list[dict[str, Any]], map_cases(prepare, work, args.jobs))
     t_sim = time.perf_counter() - t0
@@ -172,7 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         train = [r for g in families if g != f for r in by_family[g]]
         table[f] = {}
         for name in strategies:
-            ranks = fitted_scores(held, name, train) if _fittable(name) else [r["scores"][name] for r in held]
+            ranks = fitted_scores(held, name, train, keep) if _fittable(name) else [r["scores"][name] for r in held]
             table[f][name] = evaluate(ranks, held, args.boot, args.boot_seed)
             if _fittable(name):
                 table[f][name]["fitted"] = all(x["fitted"] for x in ranks)
@@ -188,10 +205,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 test = [held[i] for i in parts[k]]
                 entry: dict[str, Any] = {"fit_rounds": k, "score_round": k + 1, "train_decisions": 0}
                 for name in fittable:
-                    ranks = fitted_scores(test, name, train)
+                    ranks = fitted_scores(test, name, train, keep)
                     entry[name] = evaluate(ranks, test, 0, 0)
                     entry[name]["fitted"] = all(x["fitted"] for x in ranks)
-                    entry["train_decisions"] = len(decisions(train, name))
+                    entry["train_decisions"] = len(decisions(train, name, keep))
                 entry["reference"] = evaluate([r["scores"]["reference"] for r in test], test, 0, 0)
                 rounds[f].append(entry)
     never_worse = {
@@ -211,6 +228,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "families": list(families),
             "strategies": list(strategies),
             "cases_per_family": args.cases,
+            "served_features": bool(args.served_features),
             "boot": args.boot,
             "boot_seed": args.boot_seed,
             "simulate_s": round(t_sim, 1),
@@ -261,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--boot-seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2, help="worker processes")
     ap.add_argument("--json", type=Path, default=None, help="write the summary and per-case rows here")
+    ap.add_argument(
+        "--served-features",
+        action="store_true",
+        help="fittable strategies use only the features the segmentation service sends (learned.SERVED_FEATURES)",
+    )
     args = ap.parse_args(argv)
     result = run(args)
     print(format_table(result))

@@ -17,6 +17,9 @@ from atlasflow.ranking.migrations import MIGRATIONS
 from atlasflow.ranking.schema import LEGACY_MIGRATIONS
 from atlasflow.ranking.worklist import SqlWorklist
 
+#: the newest ranking revision (what a start upgrades to)
+HEAD = MIGRATIONS.script().get_current_head()
+
 
 @pytest.mark.parametrize(
     ("value", "driver"),
@@ -82,9 +85,9 @@ def test_fresh_upgrade_equals_the_legacy_schema(tmp_path, db_url):
     legacy.close()
     old = db.create_engine(tmp_path / "legacy.sqlite3")
     new = db.create_engine(db_url)
-    assert db.upgrade(new, MIGRATIONS) == "0001"
+    assert db.upgrade(new, MIGRATIONS, "0001") == "0001"
     assert _columns(new) == _columns(old)
-    assert db.upgrade(new, MIGRATIONS) == "0001"  # idempotent
+    assert db.upgrade(new, MIGRATIONS, "0001") == "0001"  # idempotent
     old.dispose()
     new.dispose()
 
@@ -111,7 +114,7 @@ def test_a_database_made_by_the_hand_written_code_is_adopted(tmp_path):
         assert (entry.priority, rank) == (4.0, 1)
         assert w.submit("c1", "s", "j", [])[0] == entry  # the legacy submission key still counts
     engine = db.create_engine(path)
-    assert db.current_revision(engine, MIGRATIONS) == "0001"
+    assert db.current_revision(engine, MIGRATIONS) == HEAD
     with engine.connect() as c:  # the legacy version table stays as it was (version 4)
         assert c.exec_driver_sql("SELECT MAX(version) FROM schema_migrations").scalar() == len(LEGACY_MIGRATIONS)
     engine.dispose()
@@ -147,7 +150,7 @@ def test_replicas_upgrading_at_once_apply_each_revision_once(db_url):
     assert not errors
     engine = db.create_engine(db_url)
     with engine.connect() as conn:
-        assert conn.execute(sa.text(f"SELECT version_num FROM {MIGRATIONS.version_table}")).scalars().all() == ["0001"]
+        assert conn.execute(sa.text(f"SELECT version_num FROM {MIGRATIONS.version_table}")).scalars().all() == [HEAD]
     engine.dispose()
 
 
@@ -156,9 +159,9 @@ def test_cli_db_upgrade(tmp_path, capsys):
 
     path = tmp_path / "ranking.sqlite3"
     assert main(["db", "upgrade", "--service", "ranking", "--url", str(path)]) == 0
-    assert "at revision 0001" in capsys.readouterr().out
+    assert f"at revision {HEAD}" in capsys.readouterr().out
     engine = db.create_engine(path)
-    assert db.current_revision(engine, MIGRATIONS) == "0001"
+    assert db.current_revision(engine, MIGRATIONS) == HEAD
     engine.dispose()
 
 
@@ -169,7 +172,7 @@ def test_another_services_legacy_schema_is_not_adopted(db_url):
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT)"))
         conn.execute(sa.text("INSERT INTO schema_migrations VALUES (7, 'x')"))
-    assert db.upgrade(engine, MIGRATIONS) == "0001"
+    assert db.upgrade(engine, MIGRATIONS) == HEAD
     engine.dispose()
     with SqlWorklist(db_url) as w:
         assert w.list()[2] == 0

@@ -1,9 +1,11 @@
 """The worker's per-organ scores sent to ranking (`Worker._organ_attention`): heatmap ml +
 plausibility penalties in reference mode, attention ml + penalties in enhanced mode, and an
-organ the ensemble did not label but the models' attention flags is scored, not dropped."""
+organ the ensemble did not label but the models' attention flags is scored, not dropped; the
+learned mode sends each organ's features."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -14,6 +16,7 @@ from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.metrics import Metrics
 from atlasflow.labels.totalseg import totalseg_to_atlas
 from atlasflow.method.findings import organ_findings
+from atlasflow.method.learned import SERVED_FEATURES
 from atlasflow.method.strategy import get_strategy
 from atlasflow.segmentation.jobs import JobStore
 from atlasflow.segmentation.worker import Worker
@@ -58,3 +61,19 @@ def test_scores_by_mode_and_unlabelled_organ(worker: Worker) -> None:
     # labelled by the source: no score for it even with attention
     lab = {o.organ: o for o in worker._organ_attention(stats, labels, heat, img.affine, [GALL_BLADDER])}
     assert not lab[GALL_BLADDER].HasField("score")
+
+
+def test_the_learned_mode_sends_each_organs_features(worker: Worker) -> None:
+    """With the `learned` strategy every organ carries its served features (what ranking fits the
+    site's model on); the other modes send none."""
+    img = nib.load(REF / "example_seg_fast_force_split.nii.gz")
+    labels = totalseg_to_atlas(np.asanyarray(img.dataobj)).astype(np.uint8)
+    heat = np.zeros(labels.shape, np.uint8)
+    stats = [{"organ": LIVER, "attention_ml": 12.0, "heatmap_ml": 6.0, "volume_ml": 1500.0}]
+    learned = worker._organ_attention(stats, labels, heat, img.affine, [], get_strategy("learned"))[0]
+    assert set(learned.features) == set(SERVED_FEATURES)
+    assert learned.features["ref_attention_ml"] == pytest.approx(math.log1p(12.0))
+    assert learned.features["ref_heat_share"] == pytest.approx(6.0 / 1500.0)
+    assert learned.features["volume_ml"] == pytest.approx(math.log1p(1500.0))
+    reference = worker._organ_attention(stats, labels, heat, img.affine, [], get_strategy("reference"))[0]
+    assert not reference.features

@@ -114,6 +114,36 @@ def features_from(
     return out
 
 
+#: the features the segmentation service can give per organ (Triton returns attention, heatmap
+#: and volume per organ, not the std/entropy/overlap split nor the enhanced ranking): the
+#: others are 0 there, so a site's model is fitted on these alone
+SERVED_FEATURES = (
+    "ref_attention_ml",
+    "ref_heatmap_ml",
+    "ref_heat_share",
+    *(f"pen_{c.lower()}" for c in FINDING_CODES),
+    "fov_cut",
+    "volume_ml",
+)
+
+
+def served_features(
+    attention_ml: float, heatmap_ml: float, volume_ml: float, findings: Sequence[OrganFinding | None] = ()
+) -> dict[str, float]:
+    """`SERVED_FEATURES` of one organ from the segmentation service's statistics and its
+    plausibility finding (transformed as `features_from` does: ``log1p`` of ml)."""
+    f = dict.fromkeys(SERVED_FEATURES, 0.0)
+    f["ref_attention_ml"], f["ref_heatmap_ml"], f["volume_ml"] = attention_ml, heatmap_ml, volume_ml
+    f["ref_heat_share"] = heatmap_ml / volume_ml if volume_ml > 0 else 0.0
+    for organ in findings:
+        for fd in organ.findings if organ is not None else ():
+            if fd.code in FINDING_CODES:
+                f[f"pen_{fd.code.lower()}"] += fd.penalty_ml
+            elif fd.code == "FOV_CUT":
+                f["fov_cut"] = 1.0
+    return {n: (v if n in ("fov_cut", "ref_heat_share") else math.log1p(max(v, 0.0))) for n, v in f.items()}
+
+
 @register_strategy("learned")
 class LearnedStrategy:
     """Calibrated logistic regression on reviewers' decisions (see module doc)."""
@@ -205,7 +235,7 @@ class LearnedStrategy:
             if self.model is None:
                 why = [f"{ORGANS[k]}: learned strategy not fitted yet ({self.n_decisions} decisions): reference order"]
             else:
-                tops = ", ".join(f"{_name(n)} {c:+.2f}" for n, c in self.explain(feats[k]))
+                tops = ", ".join(f"{feature_label(n)} {c:+.2f}" for n, c in self.explain(feats[k]))
                 why = [f"{ORGANS[k]}: revision chance {s:.2f} (learned on {self.n_decisions} decisions; {tops})"]
             if base is None:
                 r = case.organs[k]
@@ -223,7 +253,8 @@ class LearnedStrategy:
         )
 
 
-def _name(feature: str) -> str:
+def feature_label(feature: str) -> str:
+    """A feature's name for people ("std mask", "SIDE_SWAP finding")."""
     if feature.startswith("pen_"):
         return f"{feature[4:]} finding"
     return _LABEL.get(feature, feature)

@@ -3,7 +3,8 @@ leases, reviews, rounds, list filters; and the identifier check the store's oper
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import IntEnum
 
@@ -50,6 +51,7 @@ class OrganAttention:
     [0, 1] times the voxel volume), ml. volume_ml: ensemble mask volume, ml. reasons: short
     human-readable findings ("std mask 12 ml"). pointer: where to look (None: no region).
     score: optional organ priority from the attention library (None: use attention_ml).
+    features: the organ's features for the `learned` strategy (name -> value; empty: none).
     """
 
     organ: int
@@ -59,6 +61,7 @@ class OrganAttention:
     reasons: tuple[str, ...] = ()
     pointer: AttentionPointer | None = None
     score: float | None = None
+    features: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

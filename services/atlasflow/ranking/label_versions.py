@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import sqlalchemy as sa
 
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.common.organs import ORGANS
-from atlasflow.ranking.entries import DOMAIN, WorklistEntry
+from atlasflow.method.strategy import OrganDecision
+from atlasflow.ranking.entries import DOMAIN, OrganAttention, WorklistEntry
 from atlasflow.ranking.prior import OrganSummary
 from atlasflow.ranking.priority import attention_mask, case_priority
-from atlasflow.ranking.schema import organ_of
+from atlasflow.ranking.schema import organ_json, organ_of
 from atlasflow.ranking.store import WorklistStore, one, rows, run
 
 
@@ -43,13 +47,17 @@ class LabelVersions(WorklistStore):
         revised_organs: Iterable[int] = (),
         reviewer: str = "",
         geometry: Iterable[OrganSummary] = (),
+        organ_changes: Mapping[int, float] | None = None,
     ) -> tuple[WorklistEntry, int] | None:
         """Record that `case_id` has label version `label_version_id` (see the module docstring).
 
         version_number: 1-based position in the case's chain (orders late events);
         human_organs: organ ids decided by a human in that version (they leave the priority);
         revised_organs: ids a radiologist revised in that very version; reviewer: its author;
-        geometry: summaries of human-decided organs present in the version (the learned prior).
+        geometry: summaries of human-decided organs present in the version (the learned prior);
+        organ_changes: revised organ id -> ml the revision changed (0 = accepted): each becomes an
+        organ decision (with the organ's current features, when the case's attention has them)
+        for the `learned` strategy, once per (case, organ, version) whatever the event order.
         Returns (entry, rank) after re-ranking, or None while the case has no attention.
         """
         for name, value in (("case_id", case_id), ("label_version_id", label_version_id)):
@@ -73,8 +81,15 @@ class LabelVersions(WorklistStore):
                     field="human_organ_geometry",
                 )
             geoms[g.organ] = g
+        changes = {int(o): float(ml) for o, ml in (organ_changes or {}).items()}
+        if not set(changes) <= set(revised) or not all(math.isfinite(ml) and ml >= 0 for ml in changes.values()):
+            raise invalid_event(
+                "organ_changes must name revised organs once, with finite ml >= 0", field="organ_changes"
+            )
         with self._db.transaction() as conn:
             self._db.lock(conn, f"ranking-case:{case_id}")  # vs submit of the case
+            if changes:
+                self._record_decisions(conn, case_id, label_version_id, changes, reviewer)
             known = one(conn, "SELECT version_number FROM case_labels WHERE case_id = :c", {"c": case_id})
             if known is None or int(known["version_number"]) < int(version_number):
                 run(
@@ -117,6 +132,73 @@ class LabelVersions(WorklistStore):
             if one(conn, "SELECT 1 FROM worklist WHERE case_id = :c", {"c": case_id}) is None:
                 return None
             return self._entry_and_rank(conn, case_id, self._now_us())
+
+    def _record_decisions(
+        self, conn: sa.Connection, case_id: str, label_version_id: str, changes: Mapping[int, float], reviewer: str
+    ) -> None:
+        row = one(conn, "SELECT organs FROM worklist WHERE case_id = :c", {"c": case_id})
+        features = {o.organ: o.features for o in (organ_of(r) for r in json.loads(row["organs"]))} if row else {}
+        now = self._clock().isoformat()
+        for organ, ml in sorted(changes.items()):
+            if not features.get(organ):
+                continue  # the attention carried no features: nothing to learn from
+            run(
+                conn,
+                "INSERT INTO organ_decisions(case_id, organ, label_version_id, changed_ml, features,"
+                " reviewer, record_time) VALUES (:c, :o, :v, :ml, :f, :who, :t)"
+                " ON CONFLICT (case_id, organ, label_version_id) DO NOTHING",
+                {
+                    "c": case_id,
+                    "o": organ,
+                    "v": label_version_id,
+                    "ml": ml,
+                    "f": json.dumps(dict(sorted(features[organ].items()))),
+                    "who": reviewer,
+                    "t": now,
+                },
+            )
+
+    def organ_decisions(self) -> list[OrganDecision]:
+        """Every recorded organ decision, oldest first (what the `learned` strategy fits on)."""
+        with self._db.read() as conn:
+            found = rows(conn, "SELECT features, changed_ml FROM organ_decisions ORDER BY seq")
+        return [OrganDecision(json.loads(r["features"]), float(r["changed_ml"])) for r in found]
+
+    def rescore(self, score: Callable[[Sequence[OrganAttention]], Sequence[OrganAttention]]) -> int:
+        """Score again the organs of every case whose attention carries features (``score``:
+        e.g. `atlasflow.ranking.learned.LearnedScorer.score`); priorities and organ masks follow.
+        Returns the number of cases whose priority changed."""
+        with self._db.read() as conn:
+            ids = [
+                r["case_id"]
+                for r in rows(conn, "SELECT case_id, organs FROM worklist")
+                if any(organ_of(o).features for o in json.loads(r["organs"]))
+            ]
+        changed = 0
+        for case_id in ids:
+            with self._db.transaction() as conn:
+                self._db.lock(conn, f"ranking-case:{case_id}")
+                row = one(conn, "SELECT * FROM worklist WHERE case_id = :c", {"c": case_id})
+                if row is None:
+                    continue
+                organs = [organ_of(o) for o in json.loads(row["organs"])]
+                if not any(o.features for o in organs):
+                    continue
+                scored = list(score(organs))
+                excluded = set(json.loads(row["labelled_organs"])) | set(json.loads(row["human_organs"]))
+                priority = case_priority(scored, excluded)
+                run(
+                    conn,
+                    "UPDATE worklist SET organs = :organs, priority = :p, attention_mask = :mask WHERE case_id = :c",
+                    {
+                        "organs": json.dumps([organ_json(o) for o in scored]),
+                        "p": priority,
+                        "mask": attention_mask(scored, excluded),
+                        "c": case_id,
+                    },
+                )
+                changed += int(priority != float(row["priority"]))
+        return changed
 
     def learned_geometry(self) -> tuple[list[dict[int, OrganSummary]], str]:
         """(per case, the human-decided organ summaries of its latest recorded label version,

@@ -22,6 +22,8 @@ from atlasflow.ranking.entries import DOMAIN, AttentionPointer, OrganAttention
 
 MAX_REASONS = 32
 MAX_REASON_CHARS = 256
+MAX_FEATURES = 64
+MAX_FEATURE_NAME_CHARS = 64
 
 
 def invalid_attention(message: str, **metadata: str) -> InvalidArgument:
@@ -60,7 +62,8 @@ def _validate_pointer(p: AttentionPointer, organ: int) -> AttentionPointer:
 
 def validate_organs(organs: Iterable[OrganAttention]) -> tuple[OrganAttention, ...]:
     """Check organ ids (1..9, no repeats), volumes and scores (finite, >= 0), reasons (at most
-    32, each printable and at most 256 characters) and pointers; return them ordered by
+    32, each printable and at most 256 characters), features (at most 64, names printable and at
+    most 64 characters, values finite) and pointers; return them ordered by
     heatmap_ml descending, ties by organ id. Raises InvalidArgument("INVALID_ATTENTION")."""
     out: list[OrganAttention] = []
     seen: set[int] = set()
@@ -85,7 +88,26 @@ def validate_organs(organs: Iterable[OrganAttention]) -> tuple[OrganAttention, .
                 f"at most {MAX_REASONS} reasons, each 1-{MAX_REASON_CHARS} printable characters", organ=str(organ)
             )
         pointer = None if oa.pointer is None else _validate_pointer(oa.pointer, organ)
-        out.append(OrganAttention(organ, *values, reasons=reasons, pointer=pointer, score=score))
+        features = dict(oa.features)
+        if len(features) > MAX_FEATURES or any(
+            not (0 < len(k) <= MAX_FEATURE_NAME_CHARS and k.isprintable()) or not math.isfinite(float(x))
+            for k, x in features.items()
+        ):
+            raise invalid_attention(
+                f"at most {MAX_FEATURES} features, names 1-{MAX_FEATURE_NAME_CHARS} printable characters,"
+                " values finite",
+                organ=str(organ),
+            )
+        out.append(
+            OrganAttention(
+                organ,
+                *values,
+                reasons=reasons,
+                pointer=pointer,
+                score=score,
+                features={str(k): float(x) for k, x in features.items()},
+            )
+        )
     return tuple(sorted(out, key=lambda o: (-o.heatmap_ml, o.organ)))
 
 

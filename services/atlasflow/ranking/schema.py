@@ -51,9 +51,19 @@ def organ_of(raw: list[Any]) -> OrganAttention:
     reasons = tuple(raw[4]) if len(raw) > 4 else ()
     pointer = pointer_of(raw[5]) if len(raw) > 5 else None
     score = raw[6] if len(raw) > 6 else None
+    features = {str(k): float(x) for k, x in raw[7].items()} if len(raw) > 7 and raw[7] else {}
     return OrganAttention(
-        int(o), float(a), float(h), float(v), reasons, pointer, None if score is None else float(score)
+        int(o), float(a), float(h), float(v), reasons, pointer, None if score is None else float(score), features
     )
+
+
+def organ_json(o: OrganAttention) -> list[Any]:
+    """The stored form of one organ's attention (`organ_of` reads it back)."""
+    raw: list[Any] = [o.organ, o.attention_ml, o.heatmap_ml, o.volume_ml, list(o.reasons), pointer_json(o.pointer)]
+    raw.append(o.score)
+    if o.features:
+        raw.append(dict(sorted(o.features.items())))
+    return raw
 
 
 # Frozen: the hand-written migrations 1-4 of databases made before Alembic (never append here;

@@ -32,6 +32,7 @@ from atlasflow.ranking.entries import (
     WorklistEntry,
     WorklistFilter,
 )
+from atlasflow.ranking.learned import LearnedScorer
 from atlasflow.ranking.prior import LearnedPriorCache, OrganSummary
 from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from atlasflow.ranking.worklist import SqlWorklist
@@ -111,6 +112,7 @@ def organ_to_proto(o: OrganAttention) -> ranking_pb2.OrganAttention:
         msg.pointer.CopyFrom(pointer_to_proto(o.pointer))
     if o.score is not None:
         msg.score = o.score
+    msg.features.update(o.features)
     return msg
 
 
@@ -123,7 +125,23 @@ def organ_from_proto(o: ranking_pb2.OrganAttention) -> OrganAttention:
         tuple(o.reasons),
         pointer_from_proto(o.pointer) if o.HasField("pointer") else None,
         o.score if o.HasField("score") else None,
+        dict(o.features),
     )
+
+
+def _organ_changes(changes: Iterable[ranking_pb2.OrganChange]) -> dict[int, float]:
+    """organ id -> changed ml; an organ given twice is INVALID_LABEL_VERSION."""
+    out: dict[int, float] = {}
+    for c in changes:
+        if int(c.organ) in out:
+            raise InvalidArgument(
+                "INVALID_LABEL_VERSION",
+                "organ_changes names an organ twice",
+                domain=DOMAIN,
+                metadata={"field": "organ_changes"},
+            )
+        out[int(c.organ)] = c.changed_ml
+    return out
 
 
 def geometry_from_proto(g: ranking_pb2.OrganGeometry) -> OrganSummary:
@@ -199,10 +217,17 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     """Thin transport over `SqlWorklist`; updates the queue-depth gauges after every call:
     `worklist` (all cases) and `worklist_pending` (status PENDING)."""
 
-    def __init__(self, worklist: SqlWorklist, metrics: Metrics) -> None:
+    def __init__(self, worklist: SqlWorklist, metrics: Metrics, learned: LearnedScorer | None = None) -> None:
         self.worklist = worklist
         self.metrics = metrics
         self._prior = LearnedPriorCache(worklist.learned_geometry)
+        self.learned = learned or LearnedScorer()
+
+    def _refit(self, force: bool = False) -> None:
+        """Fit the learned strategy on the decisions so far (`LearnedScorer.refit`) and rescore
+        the worklist when the model changed. Blocking."""
+        if self.learned.refit(self.worklist.organ_decisions(), force=force):
+            self.worklist.rescore(self.learned.score)
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         try:
@@ -224,7 +249,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             request.case_id,
             request.series_id,
             request.source_job_id,
-            [organ_from_proto(o) for o in request.organs],
+            self.learned.score([organ_from_proto(o) for o in request.organs]),
             [int(o) for o in request.labelled_organs],
             request.heatmap.digest,
             request.heatmap.size_bytes,
@@ -245,7 +270,10 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             [int(o) for o in request.revised_organs],
             request.reviewer,
             [geometry_from_proto(g) for g in request.human_organ_geometry],
+            _organ_changes(request.organ_changes),
         )
+        if request.organ_changes:  # new decisions: refit once enough are new
+            await asyncio.to_thread(self._refit)
         self.metrics.observe_stage("ranking_update", time.perf_counter() - t0)
         if result is None:
             return ranking_pb2.RecordLabelVersionResponse()
@@ -325,6 +353,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     async def StartRound(
         self, request: ranking_pb2.StartRoundRequest, context: Context
     ) -> ranking_pb2.StartRoundResponse:
+        await asyncio.to_thread(self._refit, True)  # the round's candidates by the latest model
         rnd = await self._call(
             self.worklist.start_round, request.budget_fraction, principal_of(context), request.request_id
         )

@@ -52,7 +52,7 @@ from atlasflow.ranking.label_versions import LabelVersions
 from atlasflow.ranking.leases import DEFAULT_LEASE_S, Leases, lease_seconds
 from atlasflow.ranking.priority import attention_mask, case_priority, invalid_attention, validate_organs
 from atlasflow.ranking.rounds import Rounds
-from atlasflow.ranking.schema import STATUS_SQL, entry_of, pointer_json
+from atlasflow.ranking.schema import STATUS_SQL, entry_of, organ_json
 from atlasflow.ranking.store import one, rows, run, scalar
 
 
@@ -101,12 +101,7 @@ class SqlWorklist(Leases, Rounds, LabelVersions):
         if heatmap_size < 0:
             raise invalid_attention("heatmap size must be >= 0")
         now = self._clock().isoformat()
-        organs_json = json.dumps(
-            [
-                [o.organ, o.attention_ml, o.heatmap_ml, o.volume_ml, list(o.reasons), pointer_json(o.pointer), o.score]
-                for o in ordered
-            ]
-        )
+        organs_json = json.dumps([organ_json(o) for o in ordered])
         with self._db.transaction() as conn:
             self._db.lock(conn, f"ranking-case:{case_id}")  # vs record_label_version of the case
             known = one(

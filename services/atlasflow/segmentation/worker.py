@@ -27,6 +27,7 @@ from atlasflow.common.telemetry import context_from_traceparent, current_tracepa
 from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.v1 import labels_pb2
 from atlasflow.method.findings import organ_findings
+from atlasflow.method.learned import served_features
 from atlasflow.method.prior import PopulationPrior
 from atlasflow.method.strategy import DEFAULT_STRATEGY, RankingStrategy, get_strategy
 from atlasflow.ranking.v1 import ranking_pb2
@@ -241,18 +242,23 @@ class Worker:
         as `method.strategy.rank_case` scores it) + plausibility penalties. An unlabelled organ with
         attention but no voxel in the ensemble's labels (e.g. a gall bladder only a minority of
         the models sees) has no geometry to assess: it is scored by its attention alone, with a
-        reason saying so (no pointer: the combined heatmap does not separate organs there)."""
+        reason saying so (no pointer: the combined heatmap does not separate organs there).
+        With the `learned` strategy each organ also carries its `served_features`: ranking fits
+        the site's model on them and the reviewers' decisions (atlasflow.ranking.learned)."""
         with tracer.start_as_current_span("segmentation.findings"):
             exact = {o["organ"]: (o["attention_ml"], o["heatmap_ml"]) for o in organs}
             prior = self.prior() if callable(self.prior) else self.prior
             findings = {f.organ: f for f in organ_findings(labels, heatmap, affine, prior, labelled, exact_ml=exact)}
         base = (strategy or get_strategy(DEFAULT_STRATEGY)).score_base
+        learned = strategy is not None and strategy.name == "learned"  # ranking fits it on decisions
         out = []
         for o in organs:
             msg = ranking_pb2.OrganAttention(
                 organ=o["organ"], attention_ml=o["attention_ml"], heatmap_ml=o["heatmap_ml"], volume_ml=o["volume_ml"]
             )
             f = findings.get(o["organ"])
+            if learned:
+                msg.features.update(served_features(o["attention_ml"], o["heatmap_ml"], o["volume_ml"], [f]))
             if f is not None:
                 msg.score = float(o[base] + f.score - f.heatmap_ml)
                 msg.reasons.extend(f.reasons)
