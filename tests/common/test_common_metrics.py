@@ -12,18 +12,22 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 import sqlalchemy as sa
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from atlasflow.common.blobstore import LocalBlobStore
+from atlasflow.common.blobstore import BlobInfo, LocalBlobStore, digest_of
 from atlasflow.common.metrics import GAUGES, Metrics, Reading
 from atlasflow.common.outbox import OutboxDispatcher, enqueue
 from atlasflow.common.ports import free_ports
 from atlasflow.ingest.gauges import series_readings
 from atlasflow.ingest.store import IngestStore
+from atlasflow.labels.events import VersionEventStore
+from atlasflow.labels.repository import Provenance
+from atlasflow.labels.storage import open_repository
 from atlasflow.ranking.entries import OrganAttention
 from atlasflow.ranking.worklist import SqlWorklist, worklist_readings
 from atlasflow.segmentation.gauges import job_readings, triton_readings
@@ -223,3 +227,41 @@ def test_ingest_series_and_claim_gauges(tmp_path, db_url, two_series):
     finally:
         a.close()
         b.close()
+
+
+def test_labels_outbox_depth_and_lag(tmp_path, db_url):
+    url = db_url if db_url.startswith("postgresql://") else ""
+    repo = open_repository(url, tmp_path)
+    try:
+        versions = [
+            repo.create_version(
+                f"case-{i}",
+                BlobInfo(digest_of(f"lm-{i}".encode()), 4),
+                BlobInfo(digest_of(f"ct-{i}".encode()), 4),
+                Provenance("ai", model_version="trio-v1", job_id=f"job-{i}", weights_trained=False),
+                f"req-{i}",
+                "",
+                organs=(5,),
+                shape=(4, 5, 6),
+                affine=tuple(float(a) for a in np.eye(4).ravel()),
+            )
+            for i in range(3)
+        ]
+        store = VersionEventStore(repo)
+        m = Metrics("labels")
+        OutboxDispatcher(store, None, {}, m)
+        # the first version was stored 10 minutes ago and its event delivered; the second 5
+        # minutes ago, not delivered: the lag is 5 minutes
+        long_ago = datetime.now(UTC) - timedelta(minutes=10)
+        with repo._db.write() as tx:  # noqa: SLF001 - backdating needs the repository's own SQL
+            for v, minutes in ((versions[0], 10), (versions[1], 5)):
+                t = repo._db.timestamp(long_ago + timedelta(minutes=10 - minutes))  # noqa: SLF001
+                tx.run("UPDATE label_versions SET create_time = ? WHERE version_id = ?", (t, v.version_id))
+        (first, *_) = store.due(time.time(), 10)
+        store.mark(first.id, "done", "", 0.0)
+        s = scrape(m)
+    finally:
+        repo.close()
+    assert value(s, "atlasflow_queue_depth", service="labels", queue="outbox") == 2
+    lag = value(s, "atlasflow_outbox_lag_seconds", service="labels", outbox="outbox")
+    assert lag is not None and 299 <= lag < 360

@@ -53,6 +53,11 @@ class VersionEventStore:
     def pending(self) -> int:
         return self.repo.version_event_backlog()
 
+    def oldest_pending_age(self, now: float) -> float:
+        """Seconds since the oldest undelivered version was stored (0 when none): the lag."""
+        oldest = self.repo.oldest_pending_version_event()
+        return max(0.0, now - oldest.timestamp()) if oldest is not None else 0.0
+
 
 def human_decided(record: LabelVersionRecord) -> list[int]:
     """Organ ids whose label in `record` a human decided (see the module docstring)."""

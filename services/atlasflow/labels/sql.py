@@ -609,6 +609,16 @@ class SqlLabelRepository:
             row = tx.one("SELECT COUNT(*) AS n FROM version_events WHERE state = 'pending'")
         return int(row["n"]) if row else 0
 
+    def oldest_pending_version_event(self) -> datetime | None:
+        """Creation time of the oldest label version whose event is not delivered yet (None
+        when every event was): the outbox lag (``atlasflow_outbox_lag_seconds``)."""
+        with self._db.read() as tx:
+            row = tx.one(
+                "SELECT MIN(v.create_time) AS t FROM version_events e"
+                " JOIN label_versions v ON v.version_id = e.version_id WHERE e.state = 'pending'"
+            )
+        return as_datetime(row["t"]) if row and row["t"] is not None else None
+
     # ------------------------------------------------------------------ deletion
 
     def purge_study(self, case_id: str) -> tuple[dict[str, int], list[str]]:
