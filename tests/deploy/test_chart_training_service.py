@@ -33,7 +33,14 @@ from atlasflow.training.settings import PREFIX, TrainingSettings
 
 KUBE_VERSIONS = ("1.35.0", "1.36.0", "1.37.0")
 TRAINING = ("--set", "training.enabled=true", "--set", "training.job.gpus=4", "--set", "networkPolicy.enabled=true")
-S3 = ("--set", "blobs.url=s3://atlasflow-blobs/site-a", "--set", "blobs.s3.endpointUrl=https://minio.storage.svc:9000")
+S3 = (
+    "--set",
+    "blobs.url=s3://atlasflow-blobs/site-a",
+    "--set",
+    "blobs.s3.endpointUrl=https://minio.storage.svc:9000",
+    "--set",
+    "blobs.s3.credentials.existingSecret=atlasflow-s3",
+)
 NAME = f"{RELEASE}-atlasflow-training"
 
 
@@ -115,6 +122,11 @@ def test_job_on_s3_blobs_and_its_own_image() -> None:
     js = job_settings(_settings(main_container(deployment(docs, "training"))))
     assert js.blob_url == "s3://atlasflow-blobs/site-a" and not js.blob_pvc
     assert js.env["ATLASFLOW_TRAINING_BLOB_S3_ENDPOINT_URL"] == "https://minio.storage.svc:9000"
+    pod = build_job(js, "sha256:" + "ab" * 32, "abdomen-trio-v1", run_id="tr-1")["spec"]["template"]["spec"]
+    assert {"name": "s3-credentials", "mountPath": "/var/run/secrets/atlasflow/s3", "readOnly": True} in pod[
+        "containers"
+    ][0]["volumeMounts"]
+    assert [v["secret"]["secretName"] for v in pod["volumes"] if v["name"] == "s3-credentials"] == ["atlasflow-s3"]
 
 
 def test_network_policies(docs: list[dict[str, Any]]) -> None:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import kubernetes_validate
@@ -331,10 +332,16 @@ def test_failure_reasons_and_settings(tmp_path) -> None:
         job_node_selector='{"nvidia.com/gpu.present": "true"}',
         job_tolerations='[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]',
     )
-    js = job_settings(s)
+    js = job_settings(replace(s, job_s3_credentials_secret="atlasflow-s3"))
     assert js.blob_url == "s3://bucket/blobs" and js.node_selector == {"nvidia.com/gpu.present": "true"}
     assert js.env["ATLASFLOW_TRAINING_BLOB_S3_ENDPOINT_URL"] == "http://minio:9000"
-    kubernetes_validate.validate(build_job(js, "sha256:" + "ab" * 32, "v", run_id="tr-1"), "1.35.0", strict=True)
+    body = build_job(js, "sha256:" + "ab" * 32, "v", run_id="tr-1")
+    kubernetes_validate.validate(body, "1.35.0", strict=True)
+    pod = body["spec"]["template"]["spec"]
+    (vol,) = [v for v in pod["volumes"] if v["name"] == "s3-credentials"]
+    assert vol["secret"]["secretName"] == "atlasflow-s3"
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    assert env["AWS_SHARED_CREDENTIALS_FILE"] == "/var/run/secrets/atlasflow/s3/credentials"
     with pytest.raises(FailedPrecondition) as exc:
         job_settings(TrainingSettings(**{**s.__dict__, "job_tolerations": "{}"}))
     assert exc.value.reason == "INVALID_JOB_SETTINGS"

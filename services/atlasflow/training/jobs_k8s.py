@@ -41,6 +41,7 @@ STATE_MOUNT = "/state"
 BLOB_MOUNT = "/blobs"
 JOB_LABEL = "atlasflow.io/training-manifest"
 RUN_LABEL = "atlasflow.io/training-run"
+S3_CREDENTIALS_DIR = "/var/run/secrets/atlasflow/s3"
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class JobSettings:
     image_pull_policy: str = "IfNotPresent"
     priority_class: str = ""
     env: Mapping[str, str] = field(default_factory=dict)  # extra variables (e.g. BLOB_S3_*)
+    # with blob_url: the Secret holding an AWS shared-credentials file (boto3's standard chain
+    # reads it through AWS_SHARED_CREDENTIALS_FILE), mounted read-only like the services do
+    s3_credentials_secret: str = ""
+    s3_credentials_key: str = "credentials"
 
     def __post_init__(self) -> None:
         if bool(self.blob_pvc) == bool(self.blob_url):
@@ -146,6 +151,20 @@ def build_job(s: JobSettings, manifest_digest: str, parent_ensemble: str, *, run
         volumes.append({"name": "blobs", "persistentVolumeClaim": {"claimName": s.blob_pvc, "readOnly": True}})
     else:
         env.append({"name": "ATLASFLOW_TRAINING_BLOB_URL", "value": s.blob_url})
+        if s.s3_credentials_secret:
+            key = s.s3_credentials_key
+            env.append({"name": "AWS_SHARED_CREDENTIALS_FILE", "value": f"{S3_CREDENTIALS_DIR}/{key}"})
+            mounts.append({"name": "s3-credentials", "mountPath": S3_CREDENTIALS_DIR, "readOnly": True})
+            volumes.append(
+                {
+                    "name": "s3-credentials",
+                    "secret": {
+                        "secretName": s.s3_credentials_secret,
+                        "defaultMode": 0o440,
+                        "items": [{"key": key, "path": key}],
+                    },
+                }
+            )
     resources = {
         "requests": {"cpu": s.cpu, "memory": s.memory, "nvidia.com/gpu": str(s.gpus)},
         "limits": {"memory": s.memory, "nvidia.com/gpu": str(s.gpus)},

@@ -319,6 +319,8 @@ def job_settings(settings: Any) -> Any:
         service_account=settings.job_service_account,
         priority_class=settings.job_priority_class,
         env=env,
+        s3_credentials_secret=settings.job_s3_credentials_secret if blob_url else "",
+        s3_credentials_key=settings.job_s3_credentials_key,
     )
 
 

@@ -82,3 +82,6 @@ class TrainingSettings(ServiceSettings):
     job_service_account: str = ""
     job_priority_class: str = ""
     job_poll_s: float = 5.0
+    # with an s3:// blob store: the Secret with the AWS credentials file the Job pod mounts
+    job_s3_credentials_secret: str = ""
+    job_s3_credentials_key: str = "credentials"
