@@ -16,8 +16,12 @@ Each round r = 1..N, every step a public gRPC call of the stack:
 2. **train**: the operator starts a training run (StartTrainingRun: a small CPU step budget, the
    held-out boxes named) and follows it until it ends (GetTrainingRun): manifest, fine-tune,
    version, held-out evaluation and gate, promotion, roll-out as the training service does them;
-3. **reinfer / rank**: when the run reports a re-inference of the undecided cases, the demo waits
-   for it, then until ranking holds every case's newest label version;
+3. **roll-out / reinfer / rank**: a promoted version is rolled out by the training service (the
+   stack's ROLLOUT mode: segmentation activates it without a restart and re-segments the cases
+   with undecided organs, highest-ranked first; with ``pointer`` only ``versions/CURRENT``
+   moves and the served labels stay); the run ends after that re-inference (``reinfer`` counts).
+   The demo reads the re-inference seconds from the promoted version's segmentation jobs, then
+   waits until ranking holds every case's newest label version;
 4. **measure**: a row of ``OUT/rounds.json`` (written atomically after each round): the current
    model version, whether the candidate was promoted and the gate's reason, the held-out Dice of
    the current model from the run's gate (organ kinds revised so far / the others), attention
@@ -416,6 +420,15 @@ def run_rounds(
                 run_id=run.run_id,
                 candidate=run.version,
                 rollout=run.rollout,
+                reinfer=(
+                    {
+                        "cases_queued": run.reinfer.cases_queued,
+                        "cases_done": run.reinfer.cases_done,
+                        "cases_failed": run.reinfer.cases_failed,
+                    }
+                    if run.HasField("reinfer")
+                    else None
+                ),
                 revised=[[c, o] for c, o in revised],
             )
         )
@@ -425,6 +438,11 @@ def run_rounds(
             f"({run.gate.reason[:100]}); revised Dice {revised_dice:.3f}, other {other:.3f}, "
             f"attention {total:.1f} ml, {to_review} case(s) to review"
         )
+        if run.promoted:
+            say(
+                f"round {rnd}: roll-out {run.rollout or '-'}; re-inferred {run.reinfer.cases_done} of "
+                f"{run.reinfer.cases_queued} undecided case(s)"
+            )
     print(f"\nThe loop through the services ({path}):")
     print(measure.format_table(rows, ["cases", *STAGES]))
     print()
