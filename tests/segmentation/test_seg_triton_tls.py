@@ -63,7 +63,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         repo,
         root / "work",
         [MODEL],
-        extra_args=["--model-control-mode=explicit", f"--load-model={MODEL}", *tls_args],
+        extra_args=["--model-control-mode=explicit", f"--load-model={MODEL}", "--exit-timeout-secs=5", *tls_args],
         client_tls=good,
     ).start(timeout_s=240)
     try:
@@ -114,23 +114,25 @@ def test_a_client_without_a_certificate_of_the_ca_is_refused(stack: Stack, who: 
         client.close()
 
 
-def test_training_rollout_loads_a_version_over_mutual_tls(stack: Stack, tmp_path: Path) -> None:
+def test_training_rollout_client_uses_the_repository_api_over_mutual_tls(stack: Stack, tmp_path: Path) -> None:
+    """The roll-out's own client (`TritonRepositoryRollout.client`) with the training service's
+    certificate reaches the repository API; with another CA's, a roll-out fails as a load
+    failure (the full write + load + unload flow: test_training_rollout.py)."""
     folder = tmp_path / "versions" / "tiny-a-tls-0123456789ab"
     folder.mkdir(parents=True)
     raw = json.loads(TINY.read_text())
     raw["version"] = folder.name
     (folder / "ensemble.json").write_text(json.dumps(raw))
     version = EnsembleVersion(folder.name, "sha256:" + "0" * 64, folder)
-    refused = TritonRepositoryRollout(stack.server.grpc_url, stack.repo, tls=stack.foreign, ready_timeout_s=30)
+    refused = TritonRepositoryRollout(stack.server.grpc_url, tmp_path / "repo", tls=stack.foreign, ready_timeout_s=30)
     with pytest.raises(Unavailable) as exc:
         refused(version)
     assert exc.value.reason == "TRITON_LOAD_FAILED"
-    rollout = TritonRepositoryRollout(
-        stack.server.grpc_url, stack.repo, tls=stack.good, unload_previous=False, ready_timeout_s=240
-    )
-    new = triton_model_name(version.name)
-    assert rollout(version) == f"triton: loaded {new}"
-    assert rollout.client().is_model_ready(new)
+    client = TritonRepositoryRollout(stack.server.grpc_url, stack.repo, tls=stack.good).client()
+    index = {m.name: m.state for m in client.get_model_repository_index(client_timeout=10.0).models}
+    assert index[MODEL] == "READY"
+    assert client.is_model_ready(MODEL)
+    client.close()
 
 
 def test_plaintext_only_to_loopback_and_no_access_token() -> None:
