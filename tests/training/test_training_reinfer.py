@@ -161,6 +161,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
+    links: dict[str, int] = {}
 
     async def start():
         ranking = await build_ranking(
@@ -177,15 +178,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
             )
         )
         await labels.start()
+        links.update(labels=labels.port, ranking=ranking.port)
+        seg = await start_segmentation(root / "seg")
+        return ranking, labels, seg
+
+    async def start_segmentation(data_dir: Path):
         seg = await build_segmentation(
             SegmentationSettings(
                 grpc_port=0,
-                data_dir=str(root / "seg"),
+                data_dir=str(data_dir),
                 blob_dir=str(blobs.root),
                 triton_url=f"127.0.0.1:{triton.grpc_port}",
                 ensemble=str(TINY),
-                labels_target=f"127.0.0.1:{labels.port}",
-                ranking_target=f"127.0.0.1:{ranking.port}",
+                labels_target=f"127.0.0.1:{links['labels']}",
+                ranking_target=f"127.0.0.1:{links['ranking']}",
                 versions_dir=str(state / "versions"),
                 worker_poll_s=0.2,
                 prior_refresh_s=0,
@@ -193,7 +199,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
             )
         )
         await seg.start()
-        return ranking, labels, seg
+        return seg
 
     apps = asyncio.run_coroutine_threadsafe(start(), loop).result(180)
     ranking, labels, seg = apps
@@ -217,6 +223,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
             good=good,
             corrupt=corrupt,
             triton=triton,
+            state=state,
+            restart=lambda name: asyncio.run_coroutine_threadsafe(start_segmentation(root / name), loop).result(120),
+            stop=lambda app: asyncio.run_coroutine_threadsafe(app.stop(0), loop).result(120),
         )
     finally:
         peers.close()
@@ -390,3 +399,13 @@ def test_wrong_or_missing_token_is_refused(stack, rpc: str) -> None:
         with pytest.raises(grpc.RpcError) as exc:
             call(request, metadata=metadata)
         assert _error(exc) == (grpc.StatusCode.PERMISSION_DENIED, reason)
+
+
+def test_a_restarted_segmentation_serves_the_promoted_version(stack) -> None:
+    (stack.state / "versions" / "CURRENT").write_text(stack.good + "\n")
+    app = stack.restart("seg-restarted")
+    try:
+        assert app.parts["current_version"].done.wait(60)
+        assert app.parts["registry"].state.default == stack.good
+    finally:
+        stack.stop(app)

@@ -19,24 +19,28 @@ with it:
    default, segmenter, members, strategy per version). Jobs are keyed by their ensemble
    version and the worker looks their segmenter up per job, so a job queued or running before
    the swap finishes on the version it was created with; new jobs get the new default.
+
+After a restart, `CurrentVersionActivator` activates the promoted version (``CURRENT``) again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from atlasflow.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from atlasflow.common.errors import AtlasflowError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from atlasflow.method.strategy import RankingStrategy
 from atlasflow.segmentation.ensemble import EnsembleConfig, load_ensemble, triton_model_name
 
 DOMAIN = "atlasflow.segmentation"
 MAX_NAME = 200
+log = logging.getLogger(__name__)
 
 
 def _sha256(path: Path) -> str:
@@ -227,3 +231,65 @@ def activate_via(make_client: Callable[[str], Any], *, timeout_s: float = 600.0)
         return value.decode() if isinstance(value, bytes) else str(value)
 
     return activate
+
+
+class CurrentVersionActivator:
+    """At start: serve the promoted version (``<versions_dir>/CURRENT``, written by training's
+    promotion) again after a restart of segmentation, without waiting for the next round.
+    `run` (a `ThreadLoop` target) tries the activation every ``retry_s`` while Triton or its
+    control model is not there yet (UNAVAILABLE, TRITON_MODEL_NOT_READY), gives up on the
+    version's own errors (unknown, corrupt: logged), then idles until `request_stop`."""
+
+    def __init__(
+        self,
+        registry: EnsembleRegistry,
+        versions_dir: str,
+        loader: Loader,
+        make_segmenter: Callable[[str], Any],
+        *,
+        retry_s: float = 5.0,
+    ) -> None:
+        self.registry, self.versions_dir, self.loader, self.make_segmenter = (
+            registry,
+            versions_dir,
+            loader,
+            make_segmenter,
+        )
+        self.retry_s = retry_s
+        self.stop = threading.Event()
+        self.done = threading.Event()
+
+    def request_stop(self) -> None:
+        self.stop.set()
+
+    def run(self) -> None:
+        if not self.done.is_set():
+            self._activate()
+            self.done.set()
+        self.stop.wait()
+
+    def _activate(self) -> None:
+        pointer = Path(self.versions_dir) / "CURRENT" if self.versions_dir else None
+        if pointer is None or not pointer.is_file():
+            return
+        name = pointer.read_text().strip()
+        warned = False
+        while not self.stop.is_set():
+            try:
+                self.registry.activate(self.versions_dir, name, self.loader, self.make_segmenter)
+                log.info("promoted ensemble version served again", extra={"fields": {"ensemble_version": name}})
+                return
+            except AtlasflowError as exc:
+                if exc.code == "UNAVAILABLE" or exc.reason == "TRITON_MODEL_NOT_READY":
+                    if not warned:
+                        log.warning(
+                            "promoted version not servable yet, retrying",
+                            extra={"fields": {"ensemble_version": name, "reason": exc.reason}},
+                        )
+                        warned = True
+                    self.stop.wait(self.retry_s)
+                    continue
+                log.error(
+                    "promoted version refused", extra={"fields": {"ensemble_version": name, "reason": exc.reason}}
+                )
+                return

@@ -24,6 +24,7 @@ from atlasflow.common.outbox import OutboxDispatcher
 from atlasflow.labels.v1 import labels_pb2_grpc
 from atlasflow.ranking.v1 import ranking_pb2_grpc
 from atlasflow.segmentation.activation import (
+    CurrentVersionActivator,
     EnsembleRegistry,
     Loader,
     PyTritonLoader,
@@ -157,6 +158,8 @@ async def build_app(
     servicer = SegmentationServicer(
         jobs, blobs, worker, versions, Activation(registry, settings.versions_dir, loader, make_segmenter)
     )
+    # after a restart: the promoted version (versions/CURRENT) is served again
+    current = CurrentVersionActivator(registry, settings.versions_dir, loader, make_segmenter)
     # scrape-time gauges (docs/runbooks.md): job queue, oldest running job, Triton, free disk
     metrics.add_source("jobs", lambda: job_readings(jobs))
     metrics.add_source("triton", lambda: triton_readings(registry.state.segmenters.values()), timeout_s=6.0)
@@ -180,6 +183,7 @@ async def build_app(
         background=[
             ThreadLoop("segmentation-worker", worker.run_forever, worker.request_stop, join_s=30.0),
             TaskLoop("segmentation-outbox", dispatcher.run),
+            ThreadLoop("segmentation-current-version", current.run, current.request_stop, join_s=10.0),
         ],
         # closed in reverse order: channels and prior source, segmenters, then the job store
         closers=[jobs.close, close_segmenters, prior.close, ranking_channel.close, labels_channel.close],
@@ -190,6 +194,7 @@ async def build_app(
             "dispatcher": dispatcher,
             "segmenters": segmenters,
             "registry": registry,
+            "current_version": current,
         },
         ready_fields={"ensemble": settings.ensemble},
         metrics=metrics,
