@@ -12,6 +12,10 @@ inputs   ``volume`` int16 [-1, -1, -1] (X, Y, Z) HU; ``affine`` float64 [4, 4] v
 outputs  ``labels`` uint8 [-1, -1, -1]; ``heatmap`` uint8 [-1, -1, -1] (0..255 = 0..1);
          ``organ_stats`` float64 [9, 4] (`outputs.STATS_COLUMNS`); ``weights_trained`` uint8 [1].
 
+With ``--versions-dir DIR`` (promoted ensemble versions, the training state's ``versions/``)
+the control model ``atlasflow_activate`` (`Activations`) binds a verified version from DIR into
+the running server on request: segmentation's ActivateEnsembleVersion (no restart).
+
 Request parameters ``traceparent``/``tracestate`` (W3C) are extracted with
 ``opentelemetry.propagate`` and the pipeline runs in a span ``segmentation.pipeline`` of that
 context (SDK/exporter configuration is the caller's business: OTEL_* or the lead's setup).
