@@ -17,6 +17,8 @@ if [ $want_test = 1 ]; then
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql-15)
   # The review app's browser test: Debian's Chromium and its driver (Selenium uses /usr/bin/chromedriver).
   command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium chromium-driver)
+  # promtool checks the chart's PrometheusRule (tests/deploy/test_chart_monitoring.py).
+  command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "[bootstrap] apt-get install ${need_apt[*]}"
@@ -31,14 +33,15 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.atlasflow-installed
-extras=""
-# The tests also need the third-party model formats (nnunetv2 as the equality reference).
-[ $want_test = 1 ] && extras="[test,models]"
-if [ ! -f "$stamp$extras" ] || [ pyproject.toml -nt "$stamp$extras" ]; then
-  echo "[bootstrap] pip install -e .$extras"
+# The demo serves on a local PyTriton (the local-triton extra); the tests also need the
+# third-party model formats (nnunetv2 as the equality reference).
+extras="[local-triton]"
+[ $want_test = 1 ] && extras="[test,models,local-triton]"
+if [ ! -f "$stamp$extras" ] || [ pyproject.toml -nt "$stamp$extras" ] || [ constraints.txt -nt "$stamp$extras" ]; then
+  echo "[bootstrap] pip install -c constraints.txt -e .$extras"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  # torch==2.13.0 is the CPU build on this machine's local index; see DESIGN.md.
-  .venv/bin/python -m pip install -q -e ".$extras"
+  # Exact versions from constraints.txt (torch 2.13.0 is the CPU build on this machine's local index; see DESIGN.md).
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".$extras"
   # timm (via nnunetv2's dynamic-network-architectures) pulls a torchvision built against the
   # CUDA torch; with the CPU torch it cannot be imported, and nothing here needs it.
   if .venv/bin/python -m pip show -q torchvision >/dev/null 2>&1 && ! .venv/bin/python -c "import torchvision" >/dev/null 2>&1; then
