@@ -51,10 +51,13 @@ from atlasflow.segmentation.settings import SegmentationSettings
 from atlasflow.segmentation.v1 import segmentation_pb2 as pb
 from atlasflow.segmentation.v1 import segmentation_pb2_grpc
 from atlasflow.testing import auth
+from atlasflow.training.app import build_app as build_training
 from atlasflow.training.dataset import collect_decisions
 from atlasflow.training.labels_source import LabelsDecisionSource
 from atlasflow.training.peers import ServicePeers
 from atlasflow.training.reinfer import reinfer_undecided, undecided_in_order
+from atlasflow.training.settings import TrainingSettings
+from atlasflow.training.v1 import training_pb2, training_pb2_grpc
 from atlasflow.training.versions import write_version
 
 TINY = Path(__file__).resolve().parents[1] / "segmentation" / "tiny_ensembles" / "tiny-a-v1.json"
@@ -180,7 +183,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
         await labels.start()
         links.update(labels=labels.port, ranking=ranking.port)
         seg = await start_segmentation(root / "seg")
+        links["segmentation"] = seg.port
         return ranking, labels, seg
+
+    async def start_training():
+        app = await build_training(
+            TrainingSettings(
+                grpc_port=0,
+                data_dir=str(root / "training"),
+                blob_dir=str(blobs.root),
+                state_dir=str(state),
+                labels_target=f"127.0.0.1:{links['labels']}",
+                segmentation_target=f"127.0.0.1:{links['segmentation']}",
+                ranking_target=f"127.0.0.1:{links['ranking']}",
+                rollout="segmentation",
+                n_boot=50,
+                **auth.auth_settings("training"),
+            )
+        )
+        await app.start()
+        return app
 
     async def start_segmentation(data_dir: Path):
         seg = await build_segmentation(
@@ -224,6 +246,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
             corrupt=corrupt,
             triton=triton,
             state=state,
+            start_training=lambda: asyncio.run_coroutine_threadsafe(start_training(), loop).result(120),
             restart=lambda name: asyncio.run_coroutine_threadsafe(start_segmentation(root / name), loop).result(120),
             stop=lambda app: asyncio.run_coroutine_threadsafe(app.stop(0), loop).result(120),
         )
@@ -409,3 +432,53 @@ def test_a_restarted_segmentation_serves_the_promoted_version(stack) -> None:
         assert app.parts["registry"].state.default == stack.good
     finally:
         stack.stop(app)
+
+
+def test_a_round_through_the_training_service_rolls_out_and_reinfers(stack, before) -> None:
+    """The whole loop through the API, tiny budget: StartTrainingRun (2 steps, one member of the
+    promoted tiny version, margin 1 so the gate promotes) -> activation in segmentation ->
+    re-inference of the undecided cases -> the run's result says so."""
+    (stack.state / "versions" / "CURRENT").write_text(stack.good + "\n")
+    # a second human decision, held out for the gate
+    head = _head(stack, "case-u")
+    labels, aff = from_nifti_bytes(stack.blobs.get(head.label_map.digest))
+    mask = np.zeros(labels.shape, np.uint8)
+    mask[8:20, 8:18, 6:14] = LIVER
+    lm = stack.blobs.put(to_nifti_bytes(mask, aff))
+    stack.labels.CreateLabelVersion(
+        labels_pb2.CreateLabelVersionRequest(
+            case_id="case-u",
+            label_map=common_pb2.BlobRef(digest=lm.digest, size_bytes=lm.size_bytes),
+            ct=head.ct,
+            provenance=labels_pb2.Provenance(source=labels_pb2.LABEL_SOURCE_ORIGINAL),
+            request_id=uuid.uuid4().hex,
+            labelled_organs=[LIVER],
+        ),
+        metadata=ADMIN,
+    )
+    training = stack.start_training()
+    channel = raw_channel(f"127.0.0.1:{training.port}", PLAINTEXT)
+    try:
+        stub = training_pb2_grpc.TrainingServiceStub(channel)
+        hp = training_pb2.Hyperparameters(steps=2, checkpoint_every=1, crop_size=[32, 32, 32], members=["unet_a"])
+        run = stub.StartTrainingRun(
+            training_pb2.StartTrainingRunRequest(hyperparameters=hp, holdout_case_ids=["case-u"], margin=1.0),
+            metadata=ADMIN,
+        ).run
+        deadline = time.monotonic() + 600
+        while run.state not in DONE:
+            assert time.monotonic() < deadline, run
+            time.sleep(0.5)
+            run = stub.GetTrainingRun(training_pb2.GetTrainingRunRequest(run_id=run.run_id), metadata=ADMIN).run
+    finally:
+        channel.close()
+        stack.stop(training)
+    assert run.state == common_pb2.OPERATION_STATE_SUCCEEDED, run.error_reason
+    assert run.promoted and run.parent_version == stack.good, run.gate.reason
+    assert run.rollout.startswith(f"segmentation: activated {run.version}"), run.rollout
+    assert stack.seg_app.parts["registry"].state.default == run.version
+    r = run.reinfer
+    assert r.cases_queued >= 2 and r.cases_done == r.cases_queued and not r.cancelled, r
+    assert "rollout" in run.stage_seconds
+    jobs = stack.seg_app.parts["jobs"].list(1000, "")[0]
+    assert {j.case_id for j in jobs if j.ensemble_version == run.version} >= {"case-h", "case-u"}
