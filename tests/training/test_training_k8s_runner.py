@@ -44,6 +44,7 @@ from atlasflow.training.finetune import TrainingCancelled
 from atlasflow.training.jobs_k8s import RUN_LABEL, JobFailed, JobSettings, KubernetesJobRunner, build_job
 from atlasflow.training.k8s_runner import KubernetesFinetune, failure_reason, from_settings, job_settings
 from atlasflow.training.runs import CANCELLED, FAILED, RUNNING, RunStore
+from atlasflow.training.servicer import run_to_proto
 from atlasflow.training.settings import TrainingSettings
 
 HP = {"steps": 2, "checkpoint_every": 1, "crop_size": [16, 16, 16], "members": ["unet", "dynunet"], "lr": 1e-3}
@@ -269,6 +270,10 @@ def test_restart_reattaches_and_backoff_fails_the_run(store, tmp_path) -> None:
     done = runs.get(run.run_id)
     assert (done.state, done.error_reason) == (FAILED, "JOB_BACKOFF_LIMIT_EXCEEDED")
     assert done.progress["job"]["state"] == "failed" and done.progress["job"]["failed_pods"] == 3
+    job = run_to_proto(done).progress.job  # what GetTrainingRun answers
+    assert (job.name, job.state, job.failed_pods) == (name, "failed", 3)
+    assert [(p.phase, p.reason) for p in job.pods] == [("Pending", "ImagePullBackOff")]
+    assert not run_to_proto(runs.create({}, "dr-admin")).progress.HasField("job")
     runs.close()
 
 

@@ -115,6 +115,21 @@ def _gate_proto(g: Mapping[str, Any]) -> training_pb2.GateResult:
     )
 
 
+def _job_proto(job: Any) -> training_pb2.TrainingJob | None:
+    """``progress.job`` of a run (RUNNER=kubernetes, `k8s_runner`), None when absent."""
+    if not job:
+        return None
+    return training_pb2.TrainingJob(
+        name=str(job.get("name", "")),
+        state=str(job.get("state", "")),
+        failed_pods=int(job.get("failed_pods", 0)),
+        pods=[
+            training_pb2.TrainingJobPod(name=str(p["name"]), phase=str(p["phase"]), reason=str(p["reason"]))
+            for p in job.get("pods", [])
+        ],
+    )
+
+
 def run_to_proto(r: RunRecord) -> training_pb2.TrainingRun:
     req, prog, res = r.request, r.progress, r.result
     run = training_pb2.TrainingRun(
@@ -129,6 +144,7 @@ def run_to_proto(r: RunRecord) -> training_pb2.TrainingRun:
                 )
                 for m in prog.get("members", [])
             ],
+            job=_job_proto(prog.get("job")),
         ),
         hyperparameters=_hp_proto(req.get("hyperparameters", {})),
         seed=int(req.get("seed", 0)),

@@ -26,7 +26,7 @@ from atlasflow.common.v1 import common_pb2 as atlasflow_dot_common_dot_v1_dot_co
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$atlasflow/training/v1/training.proto\x12\x15\x61tlasflow.training.v1\x1a atlasflow/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x94\x01\n\x0fReinferProgress\x12\x14\n\x0c\x63\x61ses_queued\x18\x01 \x01(\x05\x12\x12\n\ncases_done\x18\x02 \x01(\x05\x12\x14\n\x0c\x63\x61ses_failed\x18\x03 \x01(\x05\x12\x17\n\x0f\x63\x61ses_cancelled\x18\x04 \x01(\x05\x12\x15\n\runknown_cases\x18\x05 \x01(\x05\x12\x11\n\tcancelled\x18\x06 \x01(\x08\"\xa7\x01\n\x0fHyperparameters\x12\r\n\x05steps\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x11\n\tcrop_size\x18\x04 \x03(\x05\x12\x18\n\x10\x63heckpoint_every\x18\x05 \x01(\x05\x12\x10\n\x08\x61utocast\x18\x06 \x01(\t\x12\x0f\n\x07members\x18\x07 \x03(\t\x12\x15\n\rpseudo_weight\x18\x08 \x01(\x01\"K\n\x0eMemberProgress\x12\x0e\n\x06member\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x0c\n\x04loss\x18\x04 \x01(\x01\"\x91\x01\n\x10TrainingProgress\x12\x33\n\x05stage\x18\x01 \x01(\x0e\x32$.atlasflow.training.v1.TrainingStage\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\x12\x36\n\x07members\x18\x03 \x03(\x0b\x32%.atlasflow.training.v1.MemberProgress\"w\n\x0bLossSummary\x12\x0e\n\x06member\x18\x01 \x01(\t\x12\x12\n\nfirst_loss\x18\x02 \x01(\x01\x12\x12\n\nfinal_loss\x18\x03 \x01(\x01\x12\x10\n\x08min_loss\x18\x04 \x01(\x01\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"\x9a\x01\n\tOrganDice\x12)\n\x05organ\x18\x01 \x01(\x0e\x32\x1a.atlasflow.common.v1.Organ\x12\x0f\n\x07\x63urrent\x18\x02 \x01(\x01\x12\x11\n\tcandidate\x18\x03 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x04 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x05 \x01(\x01\x12\r\n\x05\x63\x61ses\x18\x06 \x01(\x05\x12\x0e\n\x06passed\x18\x07 \x01(\x08\"p\n\nGateResult\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06margin\x18\x03 \x01(\x01\x12\x30\n\x06organs\x18\x04 \x03(\x0b\x32 .atlasflow.training.v1.OrganDice\"\xb2\x06\n\x0bTrainingRun\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x32\n\x05state\x18\x02 \x01(\x0e\x32#.atlasflow.common.v1.OperationState\x12\x39\n\x08progress\x18\x03 \x01(\x0b\x32\'.atlasflow.training.v1.TrainingProgress\x12?\n\x0fhyperparameters\x18\x04 \x01(\x0b\x32&.atlasflow.training.v1.Hyperparameters\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x16\n\x0eparent_version\x18\x06 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x07 \x01(\t\x12\x13\n\x0btrain_cases\x18\x08 \x01(\x05\x12\x15\n\rholdout_cases\x18\t \x01(\x05\x12\x0f\n\x07version\x18\n \x01(\t\x12\x16\n\x0eversion_digest\x18\x0b \x01(\t\x12\x10\n\x08promoted\x18\x0c \x01(\x08\x12/\n\x04gate\x18\r \x01(\x0b\x32!.atlasflow.training.v1.GateResult\x12\x32\n\x06losses\x18\x0e \x03(\x0b\x32\".atlasflow.training.v1.LossSummary\x12K\n\rstage_seconds\x18\x0f \x03(\x0b\x32\x34.atlasflow.training.v1.TrainingRun.StageSecondsEntry\x12\x14\n\x0c\x65rror_reason\x18\x10 \x01(\t\x12\x14\n\x0crequested_by\x18\x11 \x01(\t\x12/\n\x0b\x63reate_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07rollout\x18\x14 \x01(\t\x12\x37\n\x07reinfer\x18\x15 \x01(\x0b\x32&.atlasflow.training.v1.ReinferProgress\x1a\x33\n\x11StageSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc0\x01\n\x17StartTrainingRunRequest\x12?\n\x0fhyperparameters\x18\x01 \x01(\x0b\x32&.atlasflow.training.v1.Hyperparameters\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\x18\n\x10holdout_fraction\x18\x03 \x01(\x01\x12\x18\n\x10holdout_case_ids\x18\x04 \x03(\t\x12\x0e\n\x06margin\x18\x05 \x01(\x01\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"K\n\x18StartTrainingRunResponse\x12/\n\x03run\x18\x01 \x01(\x0b\x32\".atlasflow.training.v1.TrainingRun\"\'\n\x15GetTrainingRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"I\n\x16GetTrainingRunResponse\x12/\n\x03run\x18\x01 \x01(\x0b\x32\".atlasflow.training.v1.TrainingRun\"@\n\x17ListTrainingRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"e\n\x18ListTrainingRunsResponse\x12\x30\n\x04runs\x18\x01 \x03(\x0b\x32\".atlasflow.training.v1.TrainingRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x18\x43\x61ncelTrainingRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"L\n\x19\x43\x61ncelTrainingRunResponse\x12/\n\x03run\x18\x01 \x01(\x0b\x32\".atlasflow.training.v1.TrainingRun*\xf0\x01\n\rTrainingStage\x12\x1e\n\x1aTRAINING_STAGE_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRAINING_STAGE_MANIFEST\x10\x01\x12\x1b\n\x17TRAINING_STAGE_FINETUNE\x10\x02\x12\x1a\n\x16TRAINING_STAGE_VERSION\x10\x03\x12\x1b\n\x17TRAINING_STAGE_EVALUATE\x10\x04\x12\x17\n\x13TRAINING_STAGE_GATE\x10\x05\x12\x17\n\x13TRAINING_STAGE_DONE\x10\x06\x12\x1a\n\x16TRAINING_STAGE_ROLLOUT\x10\x07\x32\xe2\x03\n\x0fTrainingService\x12s\n\x10StartTrainingRun\x12..atlasflow.training.v1.StartTrainingRunRequest\x1a/.atlasflow.training.v1.StartTrainingRunResponse\x12m\n\x0eGetTrainingRun\x12,.atlasflow.training.v1.GetTrainingRunRequest\x1a-.atlasflow.training.v1.GetTrainingRunResponse\x12s\n\x10ListTrainingRuns\x12..atlasflow.training.v1.ListTrainingRunsRequest\x1a/.atlasflow.training.v1.ListTrainingRunsResponse\x12v\n\x11\x43\x61ncelTrainingRun\x12/.atlasflow.training.v1.CancelTrainingRunRequest\x1a\x30.atlasflow.training.v1.CancelTrainingRunResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$atlasflow/training/v1/training.proto\x12\x15\x61tlasflow.training.v1\x1a atlasflow/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x94\x01\n\x0fReinferProgress\x12\x14\n\x0c\x63\x61ses_queued\x18\x01 \x01(\x05\x12\x12\n\ncases_done\x18\x02 \x01(\x05\x12\x14\n\x0c\x63\x61ses_failed\x18\x03 \x01(\x05\x12\x17\n\x0f\x63\x61ses_cancelled\x18\x04 \x01(\x05\x12\x15\n\runknown_cases\x18\x05 \x01(\x05\x12\x11\n\tcancelled\x18\x06 \x01(\x08\"\xa7\x01\n\x0fHyperparameters\x12\r\n\x05steps\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x11\n\tcrop_size\x18\x04 \x03(\x05\x12\x18\n\x10\x63heckpoint_every\x18\x05 \x01(\x05\x12\x10\n\x08\x61utocast\x18\x06 \x01(\t\x12\x0f\n\x07members\x18\x07 \x03(\t\x12\x15\n\rpseudo_weight\x18\x08 \x01(\x01\"K\n\x0eMemberProgress\x12\x0e\n\x06member\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x0c\n\x04loss\x18\x04 \x01(\x01\"\xc2\x01\n\x10TrainingProgress\x12\x33\n\x05stage\x18\x01 \x01(\x0e\x32$.atlasflow.training.v1.TrainingStage\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\x12\x36\n\x07members\x18\x03 \x03(\x0b\x32%.atlasflow.training.v1.MemberProgress\x12/\n\x03job\x18\x04 \x01(\x0b\x32\".atlasflow.training.v1.TrainingJob\"t\n\x0bTrainingJob\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0b\x66\x61iled_pods\x18\x03 \x01(\x05\x12\x33\n\x04pods\x18\x04 \x03(\x0b\x32%.atlasflow.training.v1.TrainingJobPod\"=\n\x0eTrainingJobPod\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"w\n\x0bLossSummary\x12\x0e\n\x06member\x18\x01 \x01(\t\x12\x12\n\nfirst_loss\x18\x02 \x01(\x01\x12\x12\n\nfinal_loss\x18\x03 \x01(\x01\x12\x10\n\x08min_loss\x18\x04 \x01(\x01\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"\x9a\x01\n\tOrganDice\x12)\n\x05organ\x18\x01 \x01(\x0e\x32\x1a.atlasflow.common.v1.Organ\x12\x0f\n\x07\x63urrent\x18\x02 \x01(\x01\x12\x11\n\tcandidate\x18\x03 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x04 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x05 \x01(\x01\x12\r\n\x05\x63\x61ses\x18\x06 \x01(\x05\x12\x0e\n\x06passed\x18\x07 \x01(\x08\"p\n\nGateResult\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06margin\x18\x03 \x01(\x01\x12\x30\n\x06organs\x18\x04 \x03(\x0b\x32 .atlasflow.training.v1.OrganDice\"\xb2\x06\n\x0bTrainingRun\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x32\n\x05state\x18\x02 \x01(\x0e\x32#.atlasflow.common.v1.OperationState\x12\x39\n\x08progress\x18\x03 \x01(\x0b\x32\'.atlasflow.training.v1.TrainingProgress\x12?\n\x0fhyperparameters\x18\x04 \x01(\x0b\x32&.atlasflow.training.v1.Hyperparameters\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x16\n\x0eparent_version\x18\x06 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x07 \x01(\t\x12\x13\n\x0btrain_cases\x18\x08 \x01(\x05\x12\x15\n\rholdout_cases\x18\t \x01(\x05\x12\x0f\n\x07version\x18\n \x01(\t\x12\x16\n\x0eversion_digest\x18\x0b \x01(\t\x12\x10\n\x08promoted\x18\x0c \x01(\x08\x12/\n\x04gate\x18\r \x01(\x0b\x32!.atlasflow.training.v1.GateResult\x12\x32\n\x06losses\x18\x0e \x03(\x0b\x32\".atlasflow.training.v1.LossSummary\x12K\n\rstage_seconds\x18\x0f \x03(\x0b\x32\x34.atlasflow.training.v1.TrainingRun.StageSecondsEntry\x12\x14\n\x0c\x65rror_reason\x18\x10 \x01(\t\x12\x14\n\x0crequested_by\x18\x11 \x01(\t\x12/\n\x0b\x63reate_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07rollout\x18\x14 \x01(\t\x12\x37\n\x07reinfer\x18\x15 \x01(\x0b\x32&.atlasflow.training.v1.ReinferProgress\x1a\x33\n\x11StageSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc0\x01\n\x17StartTrainingRunRequest\x12?\n\x0fhyperparameters\x18\x01 \x01(\x0b\x32&.atlasflow.training.v1.Hyperparameters\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\x18\n\x10holdout_fraction\x18\x03 \x01(\x01\x12\x18\n\x10holdout_case_ids\x18\x04 \x03(\t\x12\x0e\n\x06margin\x18\x05 \x01(\x01\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"K\n\x18StartTrainingRunResponse\x12/\n\x03run\x18\x01 \x01(\x0b\x32\".atlasflow.training.v1.TrainingRun\"\'\n\x15GetTrainingRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"I\n\x16GetTrainingRunResponse\x12/\n\x03run\x18\x01 \x01(\x0b\x32\".atlasflow.training.v1.TrainingRun\"@\n\x17ListTrainingRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"e\n\x18ListTrainingRunsResponse\x12\x30\n\x04runs\x18\x01 \x03(\x0b\x32\".atlasflow.training.v1.TrainingRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x18\x43\x61ncelTrainingRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"L\n\x19\x43\x61ncelTrainingRunResponse\x12/\n\x03run\x18\x01 \x01(\x0b\x32\".atlasflow.training.v1.TrainingRun*\xf0\x01\n\rTrainingStage\x12\x1e\n\x1aTRAINING_STAGE_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRAINING_STAGE_MANIFEST\x10\x01\x12\x1b\n\x17TRAINING_STAGE_FINETUNE\x10\x02\x12\x1a\n\x16TRAINING_STAGE_VERSION\x10\x03\x12\x1b\n\x17TRAINING_STAGE_EVALUATE\x10\x04\x12\x17\n\x13TRAINING_STAGE_GATE\x10\x05\x12\x17\n\x13TRAINING_STAGE_DONE\x10\x06\x12\x1a\n\x16TRAINING_STAGE_ROLLOUT\x10\x07\x32\xe2\x03\n\x0fTrainingService\x12s\n\x10StartTrainingRun\x12..atlasflow.training.v1.StartTrainingRunRequest\x1a/.atlasflow.training.v1.StartTrainingRunResponse\x12m\n\x0eGetTrainingRun\x12,.atlasflow.training.v1.GetTrainingRunRequest\x1a-.atlasflow.training.v1.GetTrainingRunResponse\x12s\n\x10ListTrainingRuns\x12..atlasflow.training.v1.ListTrainingRunsRequest\x1a/.atlasflow.training.v1.ListTrainingRunsResponse\x12v\n\x11\x43\x61ncelTrainingRun\x12/.atlasflow.training.v1.CancelTrainingRunRequest\x1a\x30.atlasflow.training.v1.CancelTrainingRunResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRAININGRUN_STAGESECONDSENTRY']._loaded_options = None
   _globals['_TRAININGRUN_STAGESECONDSENTRY']._serialized_options = b'8\001'
-  _globals['_TRAININGSTAGE']._serialized_start=2569
-  _globals['_TRAININGSTAGE']._serialized_end=2809
+  _globals['_TRAININGSTAGE']._serialized_start=2799
+  _globals['_TRAININGSTAGE']._serialized_end=3039
   _globals['_REINFERPROGRESS']._serialized_start=131
   _globals['_REINFERPROGRESS']._serialized_end=279
   _globals['_HYPERPARAMETERS']._serialized_start=282
@@ -44,33 +44,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEMBERPROGRESS']._serialized_start=451
   _globals['_MEMBERPROGRESS']._serialized_end=526
   _globals['_TRAININGPROGRESS']._serialized_start=529
-  _globals['_TRAININGPROGRESS']._serialized_end=674
-  _globals['_LOSSSUMMARY']._serialized_start=676
-  _globals['_LOSSSUMMARY']._serialized_end=795
-  _globals['_ORGANDICE']._serialized_start=798
-  _globals['_ORGANDICE']._serialized_end=952
-  _globals['_GATERESULT']._serialized_start=954
-  _globals['_GATERESULT']._serialized_end=1066
-  _globals['_TRAININGRUN']._serialized_start=1069
-  _globals['_TRAININGRUN']._serialized_end=1887
-  _globals['_TRAININGRUN_STAGESECONDSENTRY']._serialized_start=1836
-  _globals['_TRAININGRUN_STAGESECONDSENTRY']._serialized_end=1887
-  _globals['_STARTTRAININGRUNREQUEST']._serialized_start=1890
-  _globals['_STARTTRAININGRUNREQUEST']._serialized_end=2082
-  _globals['_STARTTRAININGRUNRESPONSE']._serialized_start=2084
-  _globals['_STARTTRAININGRUNRESPONSE']._serialized_end=2159
-  _globals['_GETTRAININGRUNREQUEST']._serialized_start=2161
-  _globals['_GETTRAININGRUNREQUEST']._serialized_end=2200
-  _globals['_GETTRAININGRUNRESPONSE']._serialized_start=2202
-  _globals['_GETTRAININGRUNRESPONSE']._serialized_end=2275
-  _globals['_LISTTRAININGRUNSREQUEST']._serialized_start=2277
-  _globals['_LISTTRAININGRUNSREQUEST']._serialized_end=2341
-  _globals['_LISTTRAININGRUNSRESPONSE']._serialized_start=2343
-  _globals['_LISTTRAININGRUNSRESPONSE']._serialized_end=2444
-  _globals['_CANCELTRAININGRUNREQUEST']._serialized_start=2446
-  _globals['_CANCELTRAININGRUNREQUEST']._serialized_end=2488
-  _globals['_CANCELTRAININGRUNRESPONSE']._serialized_start=2490
-  _globals['_CANCELTRAININGRUNRESPONSE']._serialized_end=2566
-  _globals['_TRAININGSERVICE']._serialized_start=2812
-  _globals['_TRAININGSERVICE']._serialized_end=3294
+  _globals['_TRAININGPROGRESS']._serialized_end=723
+  _globals['_TRAININGJOB']._serialized_start=725
+  _globals['_TRAININGJOB']._serialized_end=841
+  _globals['_TRAININGJOBPOD']._serialized_start=843
+  _globals['_TRAININGJOBPOD']._serialized_end=904
+  _globals['_LOSSSUMMARY']._serialized_start=906
+  _globals['_LOSSSUMMARY']._serialized_end=1025
+  _globals['_ORGANDICE']._serialized_start=1028
+  _globals['_ORGANDICE']._serialized_end=1182
+  _globals['_GATERESULT']._serialized_start=1184
+  _globals['_GATERESULT']._serialized_end=1296
+  _globals['_TRAININGRUN']._serialized_start=1299
+  _globals['_TRAININGRUN']._serialized_end=2117
+  _globals['_TRAININGRUN_STAGESECONDSENTRY']._serialized_start=2066
+  _globals['_TRAININGRUN_STAGESECONDSENTRY']._serialized_end=2117
+  _globals['_STARTTRAININGRUNREQUEST']._serialized_start=2120
+  _globals['_STARTTRAININGRUNREQUEST']._serialized_end=2312
+  _globals['_STARTTRAININGRUNRESPONSE']._serialized_start=2314
+  _globals['_STARTTRAININGRUNRESPONSE']._serialized_end=2389
+  _globals['_GETTRAININGRUNREQUEST']._serialized_start=2391
+  _globals['_GETTRAININGRUNREQUEST']._serialized_end=2430
+  _globals['_GETTRAININGRUNRESPONSE']._serialized_start=2432
+  _globals['_GETTRAININGRUNRESPONSE']._serialized_end=2505
+  _globals['_LISTTRAININGRUNSREQUEST']._serialized_start=2507
+  _globals['_LISTTRAININGRUNSREQUEST']._serialized_end=2571
+  _globals['_LISTTRAININGRUNSRESPONSE']._serialized_start=2573
+  _globals['_LISTTRAININGRUNSRESPONSE']._serialized_end=2674
+  _globals['_CANCELTRAININGRUNREQUEST']._serialized_start=2676
+  _globals['_CANCELTRAININGRUNREQUEST']._serialized_end=2718
+  _globals['_CANCELTRAININGRUNRESPONSE']._serialized_start=2720
+  _globals['_CANCELTRAININGRUNRESPONSE']._serialized_end=2796
+  _globals['_TRAININGSERVICE']._serialized_start=3042
+  _globals['_TRAININGSERVICE']._serialized_end=3524
 # @@protoc_insertion_point(module_scope)

@@ -79,14 +79,38 @@ class MemberProgress(_message.Message):
     def __init__(self, member: _Optional[str] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class TrainingProgress(_message.Message):
-    __slots__ = ("stage", "fraction", "members")
+    __slots__ = ("stage", "fraction", "members", "job")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     FRACTION_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
     stage: TrainingStage
     fraction: float
     members: _containers.RepeatedCompositeFieldContainer[MemberProgress]
-    def __init__(self, stage: _Optional[_Union[TrainingStage, str]] = ..., fraction: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberProgress, _Mapping]]] = ...) -> None: ...
+    job: TrainingJob
+    def __init__(self, stage: _Optional[_Union[TrainingStage, str]] = ..., fraction: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberProgress, _Mapping]]] = ..., job: _Optional[_Union[TrainingJob, _Mapping]] = ...) -> None: ...
+
+class TrainingJob(_message.Message):
+    __slots__ = ("name", "state", "failed_pods", "pods")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    FAILED_PODS_FIELD_NUMBER: _ClassVar[int]
+    PODS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: str
+    failed_pods: int
+    pods: _containers.RepeatedCompositeFieldContainer[TrainingJobPod]
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., failed_pods: _Optional[int] = ..., pods: _Optional[_Iterable[_Union[TrainingJobPod, _Mapping]]] = ...) -> None: ...
+
+class TrainingJobPod(_message.Message):
+    __slots__ = ("name", "phase", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    phase: str
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., phase: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class LossSummary(_message.Message):
     __slots__ = ("member", "first_loss", "final_loss", "min_loss", "steps", "seconds")
