@@ -37,6 +37,7 @@ from atlasflow.training.versions import EnsembleVersion
 
 _tracer = trace.get_tracer("atlasflow.training")
 DONE = ("SUCCEEDED", "FAILED", "CANCELLED")
+POLL_WINDOW = 64
 
 
 class Peers(Protocol):
@@ -133,7 +134,8 @@ def reinfer_undecided(
             _count(progress, states)
             progress.cases_cancelled += sum(1 for j in pending if states.get(j) not in DONE)
             break
-        states = peers.job_states(pending)
+        # jobs run in creation order: the first POLL_WINDOW pending ones are the ones moving
+        states = peers.job_states(pending[:POLL_WINDOW])
         _count(progress, states)
         pending = [j for j in pending if states.get(j) not in DONE]
         on_progress(progress)
