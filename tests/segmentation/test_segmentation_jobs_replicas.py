@@ -9,9 +9,15 @@ import threading
 import time
 from collections import Counter
 
+import numpy as np
 import sqlalchemy as sa
 
+from atlasflow.common.blobstore import LocalBlobStore
+from atlasflow.common.metrics import Metrics
+from atlasflow.common.nifti import to_nifti_bytes
 from atlasflow.segmentation.jobs import JobStore
+from atlasflow.segmentation.outputs import PipelineOutput
+from atlasflow.segmentation.worker import Worker
 
 JOBS = 24
 
@@ -85,3 +91,71 @@ def test_replicas_never_run_the_same_job_and_take_over_a_killed_ones(db_url):
     finally:
         for s in stores:
             s.close()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Segmenter:
+    """Stands in for Triton: labels the whole grid liver; `during` runs inside the call."""
+
+    def __init__(self, during=lambda: None) -> None:
+        self.during = during
+
+    def segment(self, volume_hu, affine, labelled_organs=()):
+        self.during()
+        stats = np.zeros((9, 4))
+        stats[4] = (1.0, 0.0, 0.0, 1.0)
+        return PipelineOutput(np.full(volume_hu.shape, 5, np.uint8), np.zeros(volume_hu.shape, np.uint8), stats, False)
+
+
+def test_a_worker_that_lost_its_lease_hands_nothing_off(db_url, tmp_path):
+    """Replica A's inference outlives its lease; replica B takes the job over meanwhile. A's
+    result is discarded (counted as a lost lease), B's is the one committed and handed off."""
+    clock = _Clock()
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    volume = blobs.put(to_nifti_bytes(np.zeros((4, 4, 3), np.int16), np.eye(4)))
+    a = JobStore(db_url, lease_s=30.0, holder="a", clock=clock)
+    b = JobStore(db_url, lease_s=30.0, holder="b", clock=clock)
+    try:
+        job, _ = a.submit(
+            case_id="case-1",
+            series_id="ser-1",
+            series_version=1,
+            ensemble_version="v",
+            volume_digest=volume.digest,
+            volume_size=volume.size_bytes,
+            labelled_organs=[],
+            traceparent="",
+        )
+        taken: list = []
+
+        def a_stalls() -> None:
+            clock.now += 31  # A's lease runs out during inference ...
+            taken.append(b.claim_next())  # ... and B takes the job over
+
+        metrics_a, metrics_b = Metrics("seg-a"), Metrics("seg-b")
+        worker_a = Worker(a, blobs, _Segmenter(a_stalls), metrics_a, members=[])
+        worker_b = Worker(b, blobs, _Segmenter(), metrics_b, members=[])
+        worker_a.run_one(a.claim_next())
+        assert taken[0].job_id == job.job_id and taken[0].lease_holder == "b"
+        events = {"service": "seg-a", "event": "jobs_lease_lost"}
+        assert metrics_a.registry.get_sample_value("atlasflow_events_total", events) == 1
+        assert b.get(job.job_id).state == "RUNNING"
+        with a.db.read() as conn:
+            assert conn.execute(sa.text("SELECT COUNT(*) FROM outbox")).scalar_one() == 0
+        worker_b.run_one(taken[0])
+        done = b.get(job.job_id)
+        assert done.state == "SUCCEEDED" and done.attempts == 2
+        assert sorted(r.dedupe_key for r in b.outbox.due(clock.now + 1, 8)) == [
+            f"{job.job_id}:labels",
+            f"{job.job_id}:ranking",
+        ]
+    finally:
+        a.close()
+        b.close()

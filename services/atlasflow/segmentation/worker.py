@@ -349,11 +349,19 @@ class Worker:
             current_traceparent(),
         )
         if not handed:
+            # cancelled during inference, purged, or this replica's lease was lost (another
+            # replica took the job over after it expired and commits its own result)
+            try:
+                lost = self.jobs.get(job.job_id).state != "CANCELLED"
+            except AtlasflowError:  # purged (JOB_NOT_FOUND): its study was deleted
+                lost = False
             log.info(
-                "segmentation job cancelled during inference; result discarded",
+                "segmentation job lease lost; result discarded"
+                if lost
+                else "segmentation job cancelled during inference; result discarded",
                 extra={"fields": {"job_id": job.job_id}},
             )
-            self.metrics.count("jobs_cancelled")
+            self.metrics.count("jobs_lease_lost" if lost else "jobs_cancelled")
             return
         log.info(
             "segmentation job finished",
