@@ -45,6 +45,8 @@ GATEWAY = (
     "gateway.ingress.tlsSecret=atlasflow-public-tls",
     "--set",
     "gateway.oidc.clientSecret.existingSecret=gateway-oidc",
+    "--set",
+    "labels.database.existingSecret=atlasflow-labels-db",
 )
 TLS = (
     "--set",
@@ -126,7 +128,9 @@ def test_env_matches_gateway_settings(gw_docs: list[dict[str, Any]]) -> None:
     # the client secret is a file of the mounted Secret, never an env value
     assert s.oidc_client_secret_file.startswith(mount_path(container, "oidc-client-secret") + "/")
     assert volume(dep, "oidc-client-secret")["secret"]["secretName"] == "gateway-oidc"
-    assert not [e for e in container["env"] if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]]
+    # (the only Secret in env: the audit database's URL, as every service gets its own)
+    secret_env = [e["name"] for e in container["env"] if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]]
+    assert secret_env == [f"{PREFIX}DATABASE_URL"]
     # no service token: the gateway calls the services as the user
     assert not any(k.endswith("TOKEN_FILE") for k in env)
     assert s.verifier() is not None  # the settings check tokens (AUTH_* complete)
@@ -211,3 +215,24 @@ def test_network_policies(gw_docs: list[dict[str, Any]]) -> None:
     plain = by_kind(render(), "NetworkPolicy")
     for name in GRPC_PORTS:
         assert "gateway" not in str(plain[_name(name)]["spec"])
+
+
+def test_the_audit_log_is_on_postgresql(gw_docs: list[dict[str, Any]]) -> None:
+    """The gateway's audit log is one PostgreSQL log for every replica: labels' database Secret by
+    default, its own when named; no database at all fails the render (a file in the pod would
+    lose the audit with the pod)."""
+    from test_chart import AUTH_ARGS
+
+    def db_env(docs: list[dict[str, Any]]) -> dict[str, Any]:
+        env = {e["name"]: e for e in main_container(deployment(docs, "gateway"))["env"]}
+        return env[f"{PREFIX}DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+
+    assert db_env(gw_docs) == {"name": "atlasflow-labels-db", "key": "database-url"}
+    own = render(
+        *GATEWAY, "--set", "gateway.database.existingSecret=gw-audit", "--set", "gateway.database.secretKey=url"
+    )
+    assert db_env(own) == {"name": "gw-audit", "key": "url"}
+    assert GATEWAY[-1] == "labels.database.existingSecret=atlasflow-labels-db"
+    no_db = GATEWAY[:-2]
+    proc = helm("template", RELEASE, str(CHART), "-n", NAMESPACE, *AUTH_ARGS, *no_db)
+    assert proc.returncode != 0 and "gateway.database.existingSecret" in proc.stderr

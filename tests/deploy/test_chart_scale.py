@@ -35,6 +35,8 @@ GATEWAY = (
     "gateway.oidc.clientId=atlasflow-review",
     "--set",
     "gateway.ingress.host=atlasflow.hospital.example",
+    "--set",
+    "gateway.database.existingSecret=atlasflow-gateway-db",
 )
 S3 = (
     "--set",
