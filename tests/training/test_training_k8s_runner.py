@@ -35,7 +35,7 @@ from kubernetes.client import (
 )
 from kubernetes.client.exceptions import ApiException
 
-from atlasflow.common.errors import FailedPrecondition
+from atlasflow.common.errors import FailedPrecondition, Unavailable
 from atlasflow.segmentation.ensemble import load_ensemble
 from atlasflow.training import job as job_main
 from atlasflow.training.dataset import build_manifest, collect_decisions, load_manifest, write_manifest
@@ -93,6 +93,8 @@ class FakeBatch:
             if job is None:
                 raise ApiException(status=404, reason="NotFound")
             status = job["script"].pop(0) if len(job["script"]) > 1 else job["script"][0]
+        if isinstance(status, ApiException):
+            raise status
         labels = job["body"]["metadata"]["labels"]
         return V1Job(metadata=V1ObjectMeta(name=name, labels=labels), status=status)
 
@@ -350,3 +352,23 @@ def test_failure_reasons_and_settings(tmp_path) -> None:
     with pytest.raises(FailedPrecondition) as exc:
         job_settings(TrainingSettings(**{**s.__dict__, "job_tolerations": "{}"}))
     assert exc.value.reason == "INVALID_JOB_SETTINGS"
+
+
+def test_an_unreachable_api_is_waited_for_then_fails(world) -> None:
+    state, path, digest = world
+    manifest, _ = load_manifest(path)
+    parent = load_ensemble("abdomen-trio-v1")
+    blip = ApiException(status=503, reason="ServiceUnavailable")
+    cluster = Cluster()
+    cluster.script = [RUNNING_S, blip, blip, BACKOFF_S]
+    kw = {"cancel_requested": lambda: False, "stopping": lambda: False}
+    with pytest.raises(JobFailed) as exc:  # two failed reads, then the Job's real outcome
+        _stage(cluster, state).run("tr-blip", parent, parent.members[:1], manifest, digest, state / "r", **kw)
+    assert exc.value.reason == "JOB_BACKOFF_LIMIT_EXCEEDED"
+    cluster = Cluster()
+    cluster.script = [blip]
+    stage = _stage(cluster, state)
+    stage.api_grace_s = 0.0
+    with pytest.raises(Unavailable) as exc2:
+        stage.run("tr-down", parent, parent.members[:1], manifest, digest, state / "r", **kw)
+    assert exc2.value.reason == "KUBERNETES_UNAVAILABLE" and len(cluster.jobs) == 1  # the Job is left running

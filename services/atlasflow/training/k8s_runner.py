@@ -17,7 +17,9 @@ stage that, for run ``run_id``:
    from their ``log.jsonl`` on the state volume, written to the run's progress;
 4. on success reads each member's ``result.json`` and checks the weights' digest; on failure
    raises `JobFailed` with a reason the run keeps (``JOB_BACKOFF_LIMIT_EXCEEDED``,
-   ``JOB_DEADLINE_EXCEEDED``, ``JOB_FAILED``, ``JOB_GONE``, ``JOB_RESULT_MISSING``);
+   ``JOB_DEADLINE_EXCEEDED``, ``JOB_FAILED``, ``JOB_GONE``, ``JOB_RESULT_MISSING``); an API
+   server that does not answer is waited for up to ``api_grace_s`` (then
+   ``KUBERNETES_UNAVAILABLE``; the Job keeps running and a restart re-attaches);
 5. on a cancel of the run deletes the Job (propagation Background: the API removes the Job at
    once and the garbage collector its pods) and raises `TrainingCancelled` (the run becomes
    CANCELLED); when the service itself stops it leaves the Job running and raises
@@ -43,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atlasflow.common.errors import FailedPrecondition
+from atlasflow.common.errors import FailedPrecondition, Unavailable
 from atlasflow.segmentation.ensemble import ENSEMBLE_DIR, EnsembleConfig, MemberConfig
 from atlasflow.training.dataset import DOMAIN, Manifest
 from atlasflow.training.finetune import Hyperparameters, MemberResult, TrainingCancelled
@@ -90,6 +92,9 @@ class KubernetesFinetune:
     poll_s: float = 5.0
     state_mount: str = STATE_MOUNT
     sleep: Callable[[float], None] = time.sleep
+    # how long the API may stay unreachable while a Job is watched before the run fails
+    # (KUBERNETES_UNAVAILABLE); the Job itself keeps running meanwhile
+    api_grace_s: float = 300.0
 
     def job_path(self, path: Path) -> str:
         """``path`` (under the service's state_dir) as the Job pod sees it."""
@@ -169,6 +174,7 @@ class KubernetesFinetune:
             if other != name:  # the same run, an older manifest: its result would be stale
                 self.runner.delete(other)
         last_seen: dict[str, Any] = {}
+        unreachable_since = 0.0
         progress_seen: dict[str, int] = {}
         while True:
             if cancel_requested():
@@ -176,7 +182,16 @@ class KubernetesFinetune:
                 raise TrainingCancelled("", 0)
             if stopping():
                 raise TrainingCancelled("", 0)  # the Job keeps running; the next start re-attaches
-            job = self.runner.read(name)
+            try:
+                job = self.runner.read(name)
+                pods = self.runner.pods(name)
+            except Unavailable:
+                if time.monotonic() - (unreachable_since or time.monotonic()) > self.api_grace_s:
+                    raise
+                unreachable_since = unreachable_since or time.monotonic()
+                self.sleep(self.poll_s)
+                continue
+            unreachable_since = 0.0
             if job is None:
                 results = self._results(run_dir, names, run_id)
                 if results is not None:
@@ -194,7 +209,7 @@ class KubernetesFinetune:
                 state = "retrying"
             seen: dict[str, Any] = {"name": name, "state": state, "failed_pods": failed}
             if state in ("pending", "retrying", "failed"):
-                seen["pods"] = self.runner.pods(name)
+                seen["pods"] = pods
             if seen != last_seen:
                 last_seen = seen
                 if on_job is not None:
