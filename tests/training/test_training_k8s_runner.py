@@ -372,3 +372,36 @@ def test_an_unreachable_api_is_waited_for_then_fails(world) -> None:
     with pytest.raises(Unavailable) as exc2:
         stage.run("tr-down", parent, parent.members[:1], manifest, digest, state / "r", **kw)
     assert exc2.value.reason == "KUBERNETES_UNAVAILABLE" and len(cluster.jobs) == 1  # the Job is left running
+
+
+def test_job_entry_point_reads_an_s3_blob_store(store, tmp_path, monkeypatch) -> None:
+    """The Job's URL form (``--blobs s3://...``, options from the ATLASFLOW_TRAINING_BLOB_S3_*
+    variables the runner puts in the pod): moto's S3 server, a real HTTP peer on loopback."""
+    from atlasflow.common.s3blobs import S3BlobStore
+    from atlasflow.testing.s3 import CREDENTIALS, MotoS3
+
+    m = build_manifest(
+        collect_decisions(store.repo),
+        parent_version="abdomen-trio-v1",
+        seed=3,
+        hyperparameters={**HP, "members": ["unet"]},
+        holdout_cases={"case-d"},
+    )
+    path, digest = write_manifest(m, tmp_path / "manifests")
+    for k, v in CREDENTIALS.items():
+        monkeypatch.setenv(k, v)
+    with MotoS3() as server:
+        server.create_bucket("site")
+        s3 = S3BlobStore("site", "blobs", server.options())
+        for case in m.train:
+            for d in (case.ct_digest, case.label_map_digest):
+                s3.put(store.blobs.get(d))
+        opts = server.options()
+        monkeypatch.setenv("ATLASFLOW_TRAINING_BLOB_S3_ENDPOINT_URL", opts.endpoint_url)
+        monkeypatch.setenv("ATLASFLOW_TRAINING_BLOB_S3_REGION", opts.region)
+        monkeypatch.setenv("ATLASFLOW_TRAINING_BLOB_S3_ADDRESSING_STYLE", opts.addressing_style)
+        run_dir = tmp_path / "run"
+        args = ["--run-id", "tr-s3", "--manifest", str(path), "--blobs", "s3://site/blobs", "--run-dir", str(run_dir)]
+        assert job_main.main([*args, "--ensemble", "abdomen-trio-v1"]) == 0
+    doc = job_main.read_result(run_dir, "unet")
+    assert doc is not None and doc["run_id"] == "tr-s3" and doc["steps"] == 2
