@@ -35,6 +35,7 @@ from kubernetes.client import (
 )
 from kubernetes.client.exceptions import ApiException
 
+from atlasflow.cli.train import _summary
 from atlasflow.common.errors import FailedPrecondition, Unavailable
 from atlasflow.segmentation.ensemble import load_ensemble
 from atlasflow.training import job as job_main
@@ -276,6 +277,7 @@ def test_restart_reattaches_and_backoff_fails_the_run(store, tmp_path) -> None:
     assert (job.name, job.state, job.failed_pods) == (name, "failed", 3)
     assert [(p.phase, p.reason) for p in job.pods] == [("Pending", "ImagePullBackOff")]
     assert not run_to_proto(runs.create({}, "dr-admin")).progress.HasField("job")
+    assert f"job {name}  failed  failed_pods=3  {name}-abcde: Pending ImagePullBackOff" in _summary(run_to_proto(done))
     runs.close()
 
 

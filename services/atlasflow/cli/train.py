@@ -46,6 +46,10 @@ def _summary(run: training_pb2.TrainingRun) -> str:
     lines = [f"{run.run_id}  {_state(run)}  stage={stage}  requested_by={run.requested_by}"]
     if run.manifest_digest:
         lines.append(f"  manifest {run.manifest_digest}  train={run.train_cases} holdout={run.holdout_cases}")
+    if run.progress.HasField("job"):  # RUNNER=kubernetes: the fine-tune Job
+        j = run.progress.job
+        pods = "".join(f"  {p.name}: {p.phase} {p.reason}".rstrip() for p in j.pods)
+        lines.append(f"  job {j.name}  {j.state}  failed_pods={j.failed_pods}{pods}")
     for m in run.losses:
         lines.append(
             f"  {m.member}: loss {m.first_loss:.4f} -> {m.final_loss:.4f} (min {m.min_loss:.4f}, {m.steps} steps)"
