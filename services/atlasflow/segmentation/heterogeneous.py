@@ -165,16 +165,30 @@ def ensemble_labels(grid: CommonGrid) -> npt.NDArray[np.uint8]:
     return labels.numpy()
 
 
-def model_member(ct_path: str | Path, name: str, state_dir: str | Path, *, device: str = "cpu") -> MemberOutput:
+def model_member(
+    ct_path: str | Path, name: str, state_dir: str | Path, *, device: str = "cpu", triton_url: str | None = None
+) -> MemberOutput:
     """A registered model (`atlasflow.models.registry`: nnU-Net v2, MONAI bundle) run on a NIfTI CT
     by the `atlasflow segment` path, as an ensemble member: its label ids on the CT's grid, its
-    manifest's label map."""
+    manifest's label map. ``triton_url``: its network on that Triton (`atlasflow.models.segment.
+    served_model`; the stack's ``triton_server --model NAME``); None: in this process."""
+    import contextlib
+
     import nibabel as nib
 
-    from atlasflow.models.segment import load_model
+    from atlasflow.models.segment import load_model, served_model
 
     img: Any = nib.load(str(ct_path))  # a NIfTI image (nibabel types it as FileBasedImage)
-    model = load_model(state_dir, name, device=device)
+    with contextlib.ExitStack() as stack:
+        model = (
+            stack.enter_context(served_model(state_dir, name, triton_url=triton_url))
+            if triton_url
+            else load_model(state_dir, name, device=device)
+        )
+        return _run_member(model, img, name)
+
+
+def _run_member(model: Any, img: Any, name: str) -> MemberOutput:
     volume = np.asanyarray(img.dataobj)
     spacing = [float(z) for z in img.header.get_zooms()[:3]]
     if getattr(model, "needs_affine", False):

@@ -11,10 +11,9 @@ Served model: ``triton/1/model.pt`` + ``triton/config.pbtxt`` written at import
 INT64 ``[1]``, the fold) -> ``OUTPUT__0`` FP32 ``[N, K, *window]``.
 
 - Locally: PyTriton (the ``local-triton`` extra) binds the TorchScript file with
-  `bind_imported_model` (CPU or CUDA), either in a Triton the caller starts for one command
-  (`local_triton`, what ``atlasflow segment`` does without ``--triton-url``) or in the
-  segmentation stack's Triton (``python -m atlasflow.segmentation.triton_server --model NAME
-  --state-dir DIR``).
+  `bind_imported_model` (CPU or CUDA) in ``python -m atlasflow.segmentation.triton_server
+  --model NAME --state-dir DIR``: the segmentation stack's Triton, or one started for one
+  command (`local_triton`, what ``atlasflow segment`` does without ``--triton-url``).
 - In a cluster: the stock Triton image serves the model's ``triton/`` folder with the PyTorch
   (libtorch) backend; the client is the same.
 """
@@ -22,7 +21,11 @@ INT64 ``[1]``, the fold) -> ``OUTPUT__0`` FP32 ``[N, K, *window]``.
 from __future__ import annotations
 
 import logging
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,38 +95,57 @@ def bind_imported_model(triton: Any, state_dir: str | Path, name: str, device: s
 
 
 @contextmanager
-def local_triton(state_dir: str | Path, names: Sequence[str], device: str = "cpu") -> Iterator[str]:
+def local_triton(
+    state_dir: str | Path, names: Sequence[str], device: str = "cpu", *, timeout_s: float = 600
+) -> Iterator[str]:
     """A PyTriton server on loopback serving the registered models ``names`` for the duration
-    of the block; yields its gRPC ``host:port``."""
+    of the block; yields its gRPC ``host:port``.
+
+    The server is the stack's own ``python -m atlasflow.segmentation.triton_server --model
+    NAME --state-dir DIR`` as a child process (its log in a temporary file, not on the
+    caller's stdout): the network's torch runs in that process, never in the caller's (a
+    PyTriton bound in the calling process ran the TorchScript module in a proxy thread that
+    hung after nnUNetPredictor had run in the same process)."""
     require_pytriton()
-    from pytriton.triton import Triton, TritonConfig
-
     from atlasflow.common.ports import free_ports
-    from atlasflow.segmentation.triton_server import ensure_libpython_on_ld_path
+    from atlasflow.segmentation.triton_server import READY_LINE
 
-    ensure_libpython_on_ld_path()
     grpc_port, http_port, metrics_port = free_ports(3)
-    logs = tempfile.TemporaryDirectory(prefix="atlasflow-triton-")
-    config = TritonConfig(
-        log_file=Path(logs.name) / "tritonserver.log",  # not on the command's stdout
-        grpc_address="127.0.0.1",
-        http_address="127.0.0.1",
-        metrics_address="127.0.0.1",
-        grpc_port=grpc_port,
-        http_port=http_port,
-        metrics_port=metrics_port,
-        exit_on_error=True,
-        strict_readiness=True,
-    )
-    triton = Triton(config=config)
-    try:
-        for name in names:
-            bind_imported_model(triton, state_dir, name, device)
-        triton.run()
-        yield f"127.0.0.1:{grpc_port}"
-    finally:
-        triton.stop()
-        logs.cleanup()
+    argv = [
+        sys.executable,
+        "-m",
+        "atlasflow.segmentation.triton_server",
+        f"--grpc-port={grpc_port}",
+        f"--http-port={http_port}",
+        f"--metrics-port={metrics_port}",
+        f"--device={device}",
+        f"--state-dir={Path(state_dir).resolve()}",
+        *[f"--model={n}" for n in names],
+    ]
+    with tempfile.TemporaryDirectory(prefix="atlasflow-triton-") as tmp:
+        log_path = Path(tmp) / "triton.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while READY_LINE not in log_path.read_text(errors="replace"):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = log_path.read_text(errors="replace")[-2000:]
+                    raise Unavailable(
+                        "LOCAL_TRITON_FAILED",
+                        f"the local Triton did not start (exit {proc.poll()}): {tail}",
+                        domain=DOMAIN,
+                    )
+                time.sleep(0.2)
+            yield f"127.0.0.1:{grpc_port}"
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=90)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 class TritonNetwork:
