@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from atlasflow.common.errors import Unavailable
+from atlasflow.segmentation.activation import EnsembleRegistry, ReadyCheckLoader, RegistryState
 from atlasflow.segmentation.ensemble import triton_model_name
 from atlasflow.segmentation.triton_client import TritonSegmenter
 from atlasflow.segmentation.triton_repo import write_repository
 from atlasflow.testing.triton import BundledTriton
 from atlasflow.training.rollout import TritonRepositoryRollout
-from atlasflow.training.versions import EnsembleVersion
+from atlasflow.training.versions import EnsembleVersion, write_version
 
 TINY = Path(__file__).resolve().parents[1] / "segmentation" / "tiny_ensembles" / "tiny-a-v1.json"
 
@@ -31,6 +33,35 @@ def _version(root: Path, name: str) -> EnsembleVersion:
     return EnsembleVersion(name, "sha256:" + "0" * 64, folder)
 
 
+def _trained_version(state: Path, bump: float = 0.01) -> EnsembleVersion:
+    """A version as training writes it (weights + model card) of tiny-a-v1."""
+    import torch
+
+    from atlasflow.segmentation.ensemble import load_ensemble
+    from atlasflow.segmentation.models import build_member
+
+    parent = load_ensemble(TINY)
+    state.mkdir(parents=True, exist_ok=True)
+    weights = {}
+    for m in parent.members:
+        net = build_member(m)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(bump)
+        weights[m.name] = state / f"{m.name}-{bump}.pt"
+        torch.save(net.state_dict(), weights[m.name])
+    return write_version(
+        state,
+        parent,
+        weights,
+        manifest_digest="sha256:" + "1" * 64,
+        hyperparameters={"bump": bump},
+        train_cases=1,
+        holdout_cases=0,
+        metrics={},
+    )
+
+
 def test_promoted_version_is_loaded_into_a_running_triton(tmp_path: Path) -> None:
     repo = tmp_path / "models"
     write_repository(repo, TINY)
@@ -39,7 +70,7 @@ def test_promoted_version_is_loaded_into_a_running_triton(tmp_path: Path) -> Non
         repo, tmp_path / "work", [old], extra_args=["--model-control-mode=explicit", f"--load-model={old}"]
     ).start()
     try:
-        new_version = _version(tmp_path, "tiny-a-ft-0123456789ab")
+        new_version = _trained_version(tmp_path / "state")
         rollout = TritonRepositoryRollout(server.grpc_url, repo, previous=old, ready_timeout_s=240)
         client = rollout.client()
         assert not client.is_model_ready(triton_model_name(new_version.name))
@@ -59,6 +90,31 @@ def test_promoted_version_is_loaded_into_a_running_triton(tmp_path: Path) -> Non
             assert out.labels.shape == vol.shape
         finally:
             seg.close()
+        # segmentation in cluster mode (ACTIVATION=repository) then activates it: the weights
+        # are checked against the model card, the model must be ready, the default swaps
+        promoted = new_version
+        registry = EnsembleRegistry(RegistryState(("tiny-a-v1",), {"tiny-a-v1": object()}))
+
+        def ready(model: str) -> bool:
+            probe = TritonSegmenter(server.grpc_url, model, shm="off")
+            try:
+                return probe.ready()
+            finally:
+                probe.close()
+
+        made: list[str] = []
+        _, after, model = registry.activate(
+            tmp_path / "state" / "versions", promoted.name, ReadyCheckLoader(ready), made.append
+        )
+        assert after.default == promoted.name and model == triton_model_name(promoted.name) and made == [model]
+        with pytest.raises(Unavailable) as exc:  # a version Triton was never told to load
+            registry.activate(
+                tmp_path / "state" / "versions",
+                _trained_version(tmp_path / "state", 0.03).name,
+                ReadyCheckLoader(ready),
+                made.append,
+            )
+        assert exc.value.reason == "TRITON_LOAD_FAILED"
     except Exception:
         print(server.log_tail(80))
         raise
@@ -73,8 +129,6 @@ def test_a_refused_load_is_a_clear_error(tmp_path: Path) -> None:
 
     version = _version(tmp_path, "tiny-a-ft-refused00000")
     rollout = TritonRepositoryRollout("unused:1", tmp_path / "models", client=Refusing())
-    from atlasflow.common.errors import Unavailable
-
     with pytest.raises(Unavailable) as exc:
         rollout(version)
     assert exc.value.reason == "TRITON_LOAD_FAILED"
