@@ -134,6 +134,8 @@ def test_attempts_column_is_added_to_an_existing_database(tmp_path, files):
     with db.transaction(conn):
         for column in ("claim_expire_at", "claim_holder", "assembly_attempts"):
             conn.execute(f"ALTER TABLE series_versions DROP COLUMN {column}")
+        for column in ("claimed_by", "claim_expires_at", "create_time"):  # Alembic's outbox claims
+            conn.execute(f"ALTER TABLE outbox DROP COLUMN {column}")
         for table in ("alembic_version_ingest", "deletion_steps", "deletions"):  # later steps' tables
             conn.execute(f"DROP TABLE {table}")
         conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
