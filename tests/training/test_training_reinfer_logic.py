@@ -79,3 +79,10 @@ def test_a_stop_request_cancels_the_jobs_not_done() -> None:
     result = reinfer_undecided(peers, "v2", DECISIONS, poll_s=0, should_stop=stop)
     assert result.cancelled and sorted(peers.cancelled) == ["job-case-a", "job-case-b", "job-case-z"]
     assert (result.cases_done, result.cases_cancelled) == (0, 3)
+
+
+def test_the_service_stopping_stops_following_but_cancels_nothing() -> None:
+    peers = Scripted([], rounds=10**6)
+    result = reinfer_undecided(peers, "v2", DECISIONS, poll_s=0, stopping=lambda: True)
+    assert result.interrupted and not result.cancelled and not peers.cancelled
+    assert result.cases_queued == 3

@@ -216,7 +216,7 @@ class RunExecutor:
                 should_stop=should_stop,
                 on_stage=on_stage,
                 finetune_stage=self._remote_stage(run_id, on_progress),
-                on_promoted=self._follow_up(run_id, should_stop),
+                on_promoted=self._follow_up(run_id),
                 **request_to_round_kwargs(request),
             )
         except TrainingCancelled:
@@ -246,9 +246,7 @@ class RunExecutor:
             return
         self.store.finish(run_id, SUCCEEDED, progress={"stage": "done", "fraction": 1.0}, result=doc)
 
-    def _follow_up(
-        self, run_id: str, should_stop: Callable[[], bool]
-    ) -> Callable[[EnsembleVersion, list[CaseDecisions]], dict[str, Any]]:
+    def _follow_up(self, run_id: str) -> Callable[[EnsembleVersion, list[CaseDecisions]], dict[str, Any]]:
         """`run_round`'s on_promoted: the roll-out, then (with peers) the re-inference, its
         counts written into the run's result while it runs (`reinfer.FollowUp`)."""
 
@@ -258,8 +256,11 @@ class RunExecutor:
                 return FollowUp(
                     self.rollout,
                     peers,
-                    should_stop=should_stop,
+                    # a cancel of the run cancels the jobs; the service stopping only stops
+                    # following them (they run on in segmentation)
+                    should_stop=lambda: self.store.cancel_requested(run_id),
                     on_progress=lambda p: self.store.update(run_id, result={"reinfer": p.to_dict()}),
+                    stopping=self._stop.is_set,
                 )(version, decisions)
             except AtlasflowError as exc:
                 # the version stays promoted (versions/CURRENT); serving it failed

@@ -90,6 +90,7 @@ class ReinferProgress:
     cases_cancelled: int = 0
     unknown_cases: int = 0
     cancelled: bool = False
+    interrupted: bool = False
     job_ids: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,6 +101,7 @@ class ReinferProgress:
             "cases_cancelled": self.cases_cancelled,
             "unknown_cases": self.unknown_cases,
             "cancelled": self.cancelled,
+            "interrupted": self.interrupted,
         }
 
 
@@ -112,8 +114,11 @@ def reinfer_undecided(
     on_progress: Callable[[ReinferProgress], None] = lambda _p: None,
     poll_s: float = 1.0,
     timeout_s: float = 24 * 3600.0,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> ReinferProgress:
-    """Queue and follow the re-inference (module docstring); returns the final counts."""
+    """Queue and follow the re-inference (module docstring); returns the final counts.
+    ``should_stop``: the run was cancelled (the jobs not done are cancelled); ``stopping``: the
+    training service is stopping (following ends, the jobs run on: ``interrupted``)."""
     progress = ReinferProgress()
     cases = undecided_in_order(list(decisions), peers.worklist_order())
     if not cases:
@@ -127,6 +132,9 @@ def reinfer_undecided(
     deadline = time.monotonic() + timeout_s
     pending = list(progress.job_ids)
     while pending:
+        if stopping():
+            progress.interrupted = True
+            break
         if should_stop() or time.monotonic() > deadline:
             peers.cancel(pending)
             progress.cancelled = True
@@ -166,6 +174,7 @@ class FollowUp:
     should_stop: Callable[[], bool] = lambda: False
     on_progress: Callable[[ReinferProgress], None] = lambda _p: None
     poll_s: float = 1.0
+    stopping: Callable[[], bool] = lambda: False
 
     def __call__(self, version: EnsembleVersion, decisions: Iterable[CaseDecisions]) -> dict[str, Any]:
         with _tracer.start_as_current_span("training.rollout") as span:
@@ -183,6 +192,7 @@ class FollowUp:
                 should_stop=self.should_stop,
                 on_progress=self.on_progress,
                 poll_s=self.poll_s,
+                stopping=self.stopping,
             )
             for k, v in result.to_dict().items():
                 span.set_attribute(f"atlasflow.reinfer.{k}", v)
