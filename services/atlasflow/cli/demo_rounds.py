@@ -377,7 +377,7 @@ def run_rounds(
         run = stack.training.StartTrainingRun(
             training_pb2.StartTrainingRunRequest(
                 hyperparameters=training_pb2.Hyperparameters(
-                    steps=steps, checkpoint_every=steps, lr=1e-3, crop_size=[32, 32, 32], members=["unet"]
+                    steps=steps, checkpoint_every=steps, crop_size=[32, 32, 32], members=["unet"]
                 ),
                 seed=rnd,
                 holdout_case_ids=holdout,
