@@ -26,9 +26,13 @@ from test_chart import (
     main_container,
     render,
 )
+from test_chart_triton import admits
 
+from atlasflow.segmentation.settings import PREFIX as SEG_PREFIX
+from atlasflow.segmentation.settings import SegmentationSettings
 from atlasflow.training.jobs_k8s import build_job
 from atlasflow.training.k8s_runner import job_settings
+from atlasflow.training.rollout import TritonRepositoryRollout, build_rollout, rollout_mode
 from atlasflow.training.settings import PREFIX, TrainingSettings
 
 KUBE_VERSIONS = ("1.35.0", "1.36.0", "1.37.0")
@@ -49,15 +53,15 @@ def docs() -> list[dict[str, Any]]:
     return render(*TRAINING)
 
 
-def _settings(container: dict[str, Any]) -> TrainingSettings:
+def _settings(container: dict[str, Any], cls: Any = TrainingSettings, prefix: str = PREFIX) -> Any:
     env = literal_env(container)
-    env = {k: v for k, v in env.items() if k.startswith(PREFIX)}
+    env = {k: v for k, v in env.items() if k.startswith(prefix)}
     import os
 
     saved = dict(os.environ)
     try:
         os.environ.update(env)
-        return TrainingSettings.from_env(PREFIX)
+        return cls.from_env(prefix)
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -165,6 +169,8 @@ def test_runner_local_has_no_api_access() -> None:
         (("--set", "training.replicas=2"), "/training/replicas"),
         (("--set", "training.runner=slurm"), "/training/runner"),
         (("--set", "training.persistence.enabled=false"), "/training/persistence/enabled"),
+        # the embedded stack's PyTriton activation does not exist in the cluster
+        (("--set", "training.rollout.mode=segmentation"), "/training/rollout/mode"),
     ],
 )
 def test_schema_refuses(args: tuple[str, ...], path: str) -> None:
@@ -193,3 +199,163 @@ def test_objects_validate_against_recent_kubernetes(kube_version: str) -> None:
             kubernetes_validate.validate(doc, kube_version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{kube_version} {doc['kind']}/{doc['metadata']['name']}: {exc.message}")
+
+
+# ------------------------------------------------------------------ roll-out of a promoted version
+
+# Triton's model repository on a ReadWriteMany PVC that the training pod writes too (populate
+# rewrites the base ensembles at Triton's start: one replica, Recreate).
+ROLLOUT = (
+    "--set",
+    "triton.modelRepository.persistence.enabled=true",
+    "--set-json",
+    'triton.modelRepository.persistence.accessModes=["ReadWriteMany"]',
+    "--set-json",
+    'triton.strategy={"type":"Recreate"}',
+)
+TLS = ("--set", "tls.enabled=true", "--set", "tls.existingSecret=atlasflow-tls")
+PODS = ("ingest", "segmentation", "ranking", "labels", "triton", "training")
+
+
+def _mounts(container: dict[str, Any], pod: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """mount path -> (PVC claim, read-only) of the container's PVC-backed mounts."""
+    vols = {v["name"]: v for v in pod["volumes"]}
+    return {
+        m["mountPath"]: (vols[m["name"]]["persistentVolumeClaim"]["claimName"], bool(m.get("readOnly")))
+        for m in container["volumeMounts"]
+        if "persistentVolumeClaim" in vols[m["name"]]
+    }
+
+
+def _grpc_calls(docs: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """(caller, callee) of every host:port value in the rendered env that names a gRPC port."""
+    services = by_kind(docs, "Service")
+    out = set()
+    for caller in PODS:
+        for value in literal_env(main_container(deployment(docs, caller))).values():
+            host, _, port = value.partition(":")
+            if host in services and port.isdigit():
+                svc = services[host]
+                (target,) = [p["targetPort"] for p in svc["spec"]["ports"] if p["port"] == int(port)]
+                if target == "grpc":
+                    out.add((caller, svc["spec"]["selector"]["app.kubernetes.io/component"]))
+    return out
+
+
+def _admitted(docs: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    policies = list(by_kind(docs, "NetworkPolicy").values())
+    labels = {c: deployment(docs, c)["spec"]["template"]["metadata"]["labels"] for c in PODS}
+    return {
+        (src, dst)
+        for src in PODS
+        for dst in PODS
+        if src != dst
+        and admits(
+            policies, {"labels": labels[src], "namespace": NAMESPACE, "namespace_labels": {}}, labels[dst], "grpc"
+        )
+    }
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "mtls"])
+def test_cluster_rollout_triton_repository(tls: bool) -> None:
+    """auto -> triton-repository: the env parses into the product's roll-out (repository load on
+    the PVC Triton serves, then segmentation's activation and the re-inference), segmentation
+    activates in repository mode from the training state, read-only; the policies admit exactly
+    the calls the env makes."""
+    docs = render(*TRAINING, *ROLLOUT, *(TLS if tls else ()))
+    dep = deployment(docs, "training")
+    pod, c = dep["spec"]["template"]["spec"], main_container(dep)
+    settings = _settings(c)
+    assert rollout_mode(settings) == "triton-repository"
+    assert settings.triton_url == f"{RELEASE}-atlasflow-triton:8001"
+    assert settings.segmentation_target == f"{RELEASE}-atlasflow-segmentation:50052"
+    assert settings.ranking_target == f"{RELEASE}-atlasflow-ranking:50053"
+    assert settings.triton_unload_previous is False
+    models_claim = f"{RELEASE}-atlasflow-triton-models"
+    assert _mounts(c, pod)[settings.triton_model_repository] == (models_claim, False)
+    triton = deployment(docs, "triton")
+    assert (models_claim, True) in _mounts(main_container(triton), triton["spec"]["template"]["spec"]).values()
+    # what app.py builds from these settings: the repository load, then the activation
+    rollout = build_rollout(settings, lambda: pytest.fail("not called while building"))
+    assert rollout.__name__ == "load_then_activate"
+    (repo,) = [
+        cell.cell_contents for cell in rollout.__closure__ if isinstance(cell.cell_contents, TritonRepositoryRollout)
+    ]
+    assert str(repo.repository) == settings.triton_model_repository and repo.unload_previous is False
+    if tls:
+        tls_dir = "/var/run/secrets/atlasflow/tls"
+        assert (repo.tls.ca_file, repo.tls.cert_file, repo.tls.key_file) == (
+            f"{tls_dir}/ca.crt",
+            f"{tls_dir}/tls.crt",
+            f"{tls_dir}/tls.key",
+        )
+        assert any(m["mountPath"] == tls_dir for m in c["volumeMounts"]) and not repo.allow_plaintext
+        assert settings.client_tls().ca_file == f"{tls_dir}/ca.crt"  # to segmentation and ranking
+    else:
+        assert repo.allow_plaintext
+    assert settings.token_file  # its service token, as every other caller
+    # segmentation: repository activation from the training state volume, read-only
+    seg = deployment(docs, "segmentation")
+    seg_settings = _settings(main_container(seg), SegmentationSettings, SEG_PREFIX)
+    assert seg_settings.activation == "repository"
+    root = seg_settings.versions_dir.rsplit("/versions", 1)[0]
+    assert _mounts(main_container(seg), seg["spec"]["template"]["spec"])[root] == (f"{NAME}-data", True)
+    # NetworkPolicies: exactly the gRPC calls the rendered env makes
+    calls = _grpc_calls(docs)
+    assert {
+        ("training", "segmentation"),
+        ("training", "ranking"),
+        ("training", "triton"),
+        ("training", "labels"),
+    } <= calls
+    assert _admitted(docs) == calls
+    if tls:
+        for doc in docs:
+            if doc["kind"] in ("Deployment", "NetworkPolicy"):
+                kubernetes_validate.validate(doc, KUBE_VERSIONS[-1], strict=True)
+
+
+def test_pointer_without_a_shared_repository(docs: list[dict[str, Any]]) -> None:
+    """auto with Triton's emptyDir repository -> pointer: no Triton, segmentation or ranking
+    target, segmentation keeps its own activation, the policies admit training to labels (and
+    Triton, as before) only."""
+    settings = _settings(main_container(deployment(docs, "training")))
+    assert rollout_mode(settings) == "pointer" and settings.rollout == "pointer"
+    assert not (settings.triton_url or settings.segmentation_target or settings.ranking_target)
+    seg_env = literal_env(main_container(deployment(docs, "segmentation")))
+    assert "ATLASFLOW_SEGMENTATION_VERSIONS_DIR" not in seg_env and "ATLASFLOW_SEGMENTATION_ACTIVATION" not in seg_env
+    admitted = {(s, d) for s, d in _admitted(docs) if s == "training"}
+    assert admitted == {("training", "labels"), ("training", "triton")}
+    assert _grpc_calls(docs) >= {("training", "labels")}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--set", "training.rollout.mode=triton-repository"), "triton.modelRepository.persistence.enabled"),
+        (
+            (
+                "--set",
+                "training.rollout.mode=triton-repository",
+                "--set",
+                "triton.modelRepository.persistence.enabled=true",
+                "--set-json",
+                'triton.strategy={"type":"Recreate"}',
+                "--set-json",
+                'triton.modelRepository.persistence.accessModes=["ReadWriteOnce"]',
+            ),
+            "must include ReadWriteMany",
+        ),
+    ],
+)
+def test_triton_repository_rollout_needs_a_shared_repository(args: tuple[str, ...], message: str) -> None:
+    proc = helm("template", RELEASE, str(CHART), *AUTH_ARGS, *TRAINING, *args)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+def test_rollout_lint_strict_and_byte_stable() -> None:
+    proc = helm("lint", "--strict", str(CHART), *AUTH_ARGS, *TRAINING, *ROLLOUT, *TLS)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    args = ("template", RELEASE, str(CHART), *AUTH_ARGS, *TRAINING, *ROLLOUT, *TLS)
+    first, second = helm(*args), helm(*args)
+    assert first.returncode == 0 and first.stdout == second.stdout

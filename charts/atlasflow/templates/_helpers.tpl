@@ -617,3 +617,22 @@ the S3 settings (no volume); "" sets BLOB_DIR to the blob volume.
         path: {{ $b.s3.credentials.key | quote }}
 {{- end }}
 {{- end -}}
+
+{{/*
+The training service's roll-out of a promoted version (ATLASFLOW_TRAINING_ROLLOUT, docs/training.md
+"The chart: roll-out"): training.rollout.mode, "auto" resolved to "triton-repository" when the
+release's Triton has a model repository on a ReadWriteMany PVC that training can write, else
+"pointer". "pointer" also when training is off. Used by the training and segmentation
+Deployments and the NetworkPolicies, so that the env and the policies agree.
+*/}}
+{{- define "atlasflow.trainingRollout" -}}
+{{- $t := .Values.training -}}
+{{- $p := .Values.triton.modelRepository.persistence -}}
+{{- if not $t.enabled -}}
+pointer
+{{- else if eq $t.rollout.mode "auto" -}}
+{{- ternary "triton-repository" "pointer" (and .Values.triton.enabled $p.enabled (has "ReadWriteMany" $p.accessModes) $t.persistence.enabled) -}}
+{{- else -}}
+{{- $t.rollout.mode -}}
+{{- end -}}
+{{- end -}}
