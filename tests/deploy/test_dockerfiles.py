@@ -77,7 +77,7 @@ def ignored(patterns: list[str], rel: str) -> bool:
     return result
 
 
-@pytest.mark.parametrize("component", (*SERVICES, "gateway", "triton"))
+@pytest.mark.parametrize("component", (*SERVICES, "gateway", "triton", "training"))
 def test_dockerfile_matches_chart(component: str) -> None:
     path = DEPLOY / component / "Dockerfile"
     ins = instructions(path)
@@ -130,7 +130,7 @@ def test_dockerfile_matches_chart(component: str) -> None:
         assert "ATLASFLOW_GATEWAY_WEB_DIR=/srv/web" in envs
 
 
-@pytest.mark.parametrize("component", (*SERVICES, "gateway", "triton"))
+@pytest.mark.parametrize("component", (*SERVICES, "gateway", "triton", "training"))
 def test_build_context_inputs_exist_and_are_not_ignored(component: str) -> None:
     path = DEPLOY / component / "Dockerfile"
     ignore = [
@@ -151,3 +151,41 @@ def test_build_context_inputs_exist_and_are_not_ignored(component: str) -> None:
     assert ignored(ignore, ".venv/bin/python") and ignored(ignore, ".tools/helm")
     # the wheel needs every package in pyproject's package-dir
     assert "services/" in sources or "services" in sources
+
+
+def test_training_image_runs_the_service_and_the_jobs_trainer() -> None:
+    """The chart's training image (training.image, and the Job's by default) holds the service
+    (the ENTRYPOINT, checked above) and the fine-tune Job's trainer: the Job's container command
+    (the product's own `build_job`) replaces the ENTRYPOINT with torchrun, which the build checks
+    along with both entry points' imports; CPU torch by default, the CUDA index by build arg."""
+    from atlasflow.training.jobs_k8s import JobSettings, build_job
+
+    assert VALUES["training"]["image"]["repository"] == "atlasflow/training"
+    ins = instructions(DEPLOY / "training" / "Dockerfile")
+    final = final_stage(ins)
+    args = build_args(final)
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert (
+        build_args(instructions(DEPLOY / "segmentation" / "Dockerfile"))["TORCH_INDEX_URL"] == args["TORCH_INDEX_URL"]
+    )
+    (install,) = [a for op, a in final if op == "RUN" and "pip install" in a]
+    assert '--extra-index-url "$TORCH_INDEX_URL"' in install
+    assert "[cluster]" in install  # the kubernetes client of the runner (pyproject's extra)
+    job = build_job(
+        JobSettings(namespace="ns", image="atlasflow/training:0.1.0", state_pvc="state", blob_pvc="blobs", gpus=2),
+        "sha256:" + "ab" * 32,
+        "abdomen-trio-v1",
+        run_id="tr-1",
+    )
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    command = container["command"]
+    module = command[command.index("-m") + 1]
+    assert command[0] == "torchrun" and module == "atlasflow.training.job"
+    assert f"{command[0]} --help" in install
+    assert "atlasflow.training.job" in install and "import kubernetes" in install
+    assert "atlasflow.training.app" in install and "atlasflow.training.k8s_runner" in install
+    # a GPU pod gets libcuda only with the "compute" driver capability (the slim base sets none)
+    envs = " ".join(a for op, a in final if op == "ENV")
+    assert "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in envs
+    # the Job pod runs as the image's user (uid 10001 owns nothing else it needs)
+    assert job["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 10001
