@@ -260,6 +260,9 @@ TRAINING_MAY_USE = {
     "atlasflow.segmentation.triton_repo",
     # the public API of labels (generated modules): the decisions a round trains on
     "atlasflow.labels.v1",
+    # the public APIs the roll-out calls (training/peers.py): activation, re-inference, worklist order
+    "atlasflow.segmentation.v1",
+    "atlasflow.ranking.v1",
 }
 
 
