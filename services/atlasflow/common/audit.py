@@ -101,6 +101,10 @@ AUDITED: Mapping[str, str | None] = {
     f"/{_SEG}/WaitSegmentationJob": None,
     f"/{_SEG}/CancelSegmentationJob": None,
     f"/{_SEG}/PurgeStudy": DELETE,
+    # re-inference reads the cases' CT volumes, as SegmentSeries does
+    f"/{_SEG}/ReinferCases": PIXEL_READ,
+    # no patient data: which model version labels next (the training run records who promoted it)
+    f"/{_SEG}/ActivateEnsembleVersion": None,
     # labels
     f"/{_LABELS}/CreateLabelVersion": LABEL_WRITE,
     f"/{_LABELS}/GetLabelVersion": LABEL_READ,
