@@ -244,7 +244,7 @@ def follow_run(stack: LoopStack, run_id: str, timeout_s: float) -> training_pb2.
     def fetch() -> training_pb2.TrainingRun:
         run = stack.training.GetTrainingRun(training_pb2.GetTrainingRunRequest(run_id=run_id), timeout=30).run
         stage = training_pb2.TrainingStage.Name(run.progress.stage).removeprefix("TRAINING_STAGE_").lower()
-        if stage != last[0]:
+        if stage != last[0] and stage != "unspecified":
             say(f"  training run {run_id[:12]}: {stage} ({run.progress.fraction:.0%})")
             last[0] = stage
         return run
