@@ -73,3 +73,21 @@ def test_perfect_prediction_has_low_loss_and_shapes_are_checked():
     assert float(loss_fn(perfect, target, weights)) < 0.01
     with pytest.raises(ValueError):
         loss_fn(torch.zeros(2, 10, 6, 5, 4), target, weights)
+
+
+def test_softmax_background_is_a_class_not_masked():
+    """Background is never masked out of the softmax: a perfect softmax prediction has a low loss
+    and uniform logits cost about log(classes). (Background's logit was once masked like an
+    undecided organ's, which put every background voxel's CE at ~1e4 and gave the background
+    logit no gradient: loss ~9442 on the benchmark's dry run.)"""
+    loss_fn = MaskedDiceCELoss("softmax")
+    _, target, weights = _inputs("softmax")
+    # perfect in the loss's view: the undecided organ's voxels are background among the decided
+    decided = target * (weights > 0).float()[:, :, None, None, None]
+    labels = torch.cat([1.0 - decided.amax(1, keepdim=True), decided], 1)  # one-hot over 10 classes
+    perfect = (labels * 2 - 1) * 20.0
+    assert float(loss_fn(perfect, target, weights)) < 0.01
+    uniform = torch.zeros(2, 10, 6, 5, 4)
+    loss, grad = _grad(loss_fn, uniform, target, weights)
+    assert float(loss) < 1.0 + torch.log(torch.tensor(10.0)).item()
+    assert torch.count_nonzero(grad[:, 0]) > 0

@@ -63,7 +63,8 @@ class MaskedDiceCELoss(torch.nn.Module):
             ce_term = (bce * w).sum() / denom
             return self.lambda_dice * dice_term + self.lambda_ce * ce_term
         # softmax over background + decided organs
-        undecided = torch.cat([torch.zeros_like(w[:, :1]), w], dim=1) <= 0  # (N, C)
+        # background (channel 0) is always a class: its column is 1, never masked
+        undecided = torch.cat([torch.ones_like(w[:, :1]), w], dim=1) <= 0  # (N, C)
         masked = logits.masked_fill(undecided.view(n, c, *spatial), _MASKED_LOGIT)
         decided_target = target * (w > 0).to(target.dtype).view(n, organs, *spatial)
         background = 1.0 - decided_target.amax(dim=1, keepdim=True)
