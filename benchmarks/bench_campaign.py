@@ -129,7 +129,7 @@ class Campaign:
     def __init__(self, args: argparse.Namespace, state: Path, db_urls: dict[str, str], s3: S3Target) -> None:
         self.args = args
         self.state = state
-        self.quiet = args.json
+        self.quiet = args.quiet
         self.base = LocalDeployment.create(
             state, auto_ports=True, quiet_period_s=args.quiet_period, accepted_aets=(AE,), extra_env=dict(s3.env)
         )
@@ -407,7 +407,7 @@ def stage_latencies(raw: dict[str, Any], cases: set[str]) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     state = Path(tempfile.mkdtemp(prefix="bench-campaign-"))
-    quiet = args.json
+    quiet = args.quiet
     stack: list[Any] = []
     try:
         if args.postgres_admin_url:
@@ -505,7 +505,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"completed {len(acc.completed)}, duplicated {acc.duplicated}",
                 quiet,
             )
-            if args.kill and not killed and sent_all and 1 <= len(acc.completed) < args.studies:
+            started = len(jobs) if args.kill_at == "first-job" else len(acc.completed)
+            if args.kill and not killed and sent_all and started >= 1 and len(acc.completed) < args.studies:
                 log("SIGKILL replica 0 of every service, restarting it", quiet)
                 killed = c.kill_and_restart(0)
                 log(f"killed and restarted: {', '.join(killed)}", quiet)
@@ -550,11 +551,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "duplicates": acc.duplicates,
                 "failed_jobs": acc.failed_jobs,
                 "segmentation_jobs": len(jobs),
+                # jobs run more than once (a killed replica's lease taken over, or a retry)
+                "segmentation_jobs_retried": sum(1 for j in raw["jobs"] if j.attempts > 1),
                 "ai_label_versions": sum(v.source == "ai" for v in versions),
                 "studies_per_hour": round(len(acc.completed) / wall * 3600, 1) if wall > 0 else 0.0,
                 "wall_s": round(wall, 1),
                 "replicas": {s: c.replica_count(s) for s in SERVICES} | {"triton": 1},
                 "killed": killed,
+                "kill_at": args.kill_at if args.kill else "",
                 "send_retries": resent,
                 "send_errors": send_errors,
                 "study": {"voxels": voxels, "slices": min(args.slices, 112), "instances": len(studies[0][1])},
@@ -600,7 +604,7 @@ def print_text(res: dict[str, Any]) -> None:
     )
     print(
         f"  segmentation jobs {m['segmentation_jobs']}, AI label versions {m['ai_label_versions']}, "
-        f"send retries {m['send_retries']}"
+        f"jobs run more than once {m['segmentation_jobs_retried']}, send retries {m['send_retries']}"
     )
     print(f"  wall {m['wall_s']} s (first send -> last completion), {m['studies_per_hour']} studies/hour")
     print("  stage latency, median s (services' timestamps):")
@@ -629,7 +633,15 @@ def main() -> int:
     ap.add_argument("--replicas", type=int, default=2, help="replicas of ingest, ranking, labels (and segmentation)")
     ap.add_argument("--seg-replicas", type=int, help="segmentation replicas (default --replicas)")
     ap.add_argument("--kill", action="store_true", help="SIGKILL replica 0 of every service mid-flow, restart it")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--kill-at",
+        choices=["first-job", "first-done"],
+        default="first-job",
+        help="kill once every study is sent and the first segmentation job exists (series still assembling, "
+        "jobs running) or the first study completed",
+    )
+    ap.add_argument("--json", action="store_true", help="one JSON object on stdout (progress stays on stderr)")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     ap.add_argument("--slices", type=int, default=48, help="axial slices of each study (the example CT has 112)")
     ap.add_argument("--quiet-period", type=float, default=2.0)
     ap.add_argument("--lease-s", type=float, default=20.0, help="ingest assembly claim and segmentation job lease")
