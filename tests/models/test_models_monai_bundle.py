@@ -4,7 +4,8 @@ Set-up (module scope): a tiny bundle in the standard layout written and briefly 
 MONAI (`monai_bundle_fixture`), two real CTs from tests/data (TotalSegmentator's
 ``example_ct_sm.nii.gz``: 122x101x30, 3 mm, RAS; the 20-slice DICOM series converted by
 dcm2niix: 512x512x20, 0.977x0.977x2 mm, LAS), the real ``python -m monai.bundle run`` as a
-subprocess on both, and ``atlasflow model import monai-bundle`` + ``atlasflow segment`` on both.
+subprocess on both, and ``atlasflow model import monai-bundle`` + ``atlasflow segment`` on both
+(the network on a local PyTriton: the product path).
 Per-label Dice >= 0.99 and voxel agreement >= 99.9 % (figures printed; run with -s).
 """
 
@@ -29,6 +30,7 @@ from nnunet_fixture import dicom_ct  # noqa: E402
 from atlasflow.cli.main import cli  # noqa: E402
 from atlasflow.models.monai_bundle import BundleImportError, import_monai_bundle  # noqa: E402
 from atlasflow.models.registry import ModelRegistry  # noqa: E402
+from atlasflow.segmentation.model_serving import local_triton  # noqa: E402
 
 CASES = ("ct_sm", "dicom_ct")
 
@@ -71,22 +73,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     assert result.exit_code == 0, result.output
     out = root / "out"
-    for case in CASES:
-        result = CliRunner().invoke(
-            cli,
-            [
-                "segment",
-                str(cts / f"{case}.nii.gz"),
-                "--model",
-                "tiny-abdomen",
-                "--out",
-                str(out / case),
-                "--state-dir",
-                str(state),
-            ],
-        )
-        assert result.exit_code == 0, result.output
-    return {"root": root, "bundle": bundle, "cts": cts, "ref": ref, "state": state, "out": out}
+    # ct_sm: `atlasflow segment` starts its own local PyTriton; dicom_ct: --triton-url of a Triton
+    # that serves the model (as the stack's triton_server --model does)
+    with local_triton(state, ["tiny-abdomen"]) as url:
+        for case, extra in zip(CASES, ([], ["--triton-url", url])):
+            result = CliRunner().invoke(
+                cli,
+                [
+                    "segment",
+                    str(cts / f"{case}.nii.gz"),
+                    "--model",
+                    "tiny-abdomen",
+                    "--out",
+                    str(out / case),
+                    "--state-dir",
+                    str(state),
+                    *extra,
+                ],
+            )
+            assert result.exit_code == 0, result.output
+    return {"root": root, "bundle": bundle, "cts": cts, "ref": ref, "state": state, "out": out, "url": Path(url)}
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -122,7 +128,19 @@ def test_manifest_and_listing(stack: dict[str, Path]) -> None:
     assert m.format == "monai-bundle"
     assert m.labels == {int(k): v for k, v in CHANNELS.items()}
     assert m.details["dropped"] == ["SaveImaged"]
-    assert set(m.files) == {"configs/inference.json", "configs/metadata.json", "models/model.pt"}
+    assert set(m.files) == {
+        "configs/inference.json",
+        "configs/metadata.json",
+        "models/model.pt",
+        "triton/config.pbtxt",
+        "triton/1/model.pt",
+    }
+    assert m.details["triton"]["backend"] == "pytorch" and m.details["triton"]["export"] == "script"
+    # atlasflow segment ran the network on a local PyTriton (the product path)
+    for case in CASES:
+        summary = json.loads((stack["out"] / case / "segment.json").read_text())
+        where = "local PyTriton" if case == "ct_sm" else str(stack["url"])
+        assert summary["network"] == f"triton {where}" and summary["digest"] == m.digest
     result = CliRunner().invoke(cli, ["model", "list", "--state-dir", str(stack["state"]), "--json"])
     assert result.exit_code == 0, result.output
     listed = json.loads(result.output)
