@@ -211,7 +211,7 @@ ROLLOUT = (
     "--set-json",
     'triton.modelRepository.persistence.accessModes=["ReadWriteMany"]',
     "--set-json",
-    'triton.strategy={"type":"Recreate"}',
+    'triton.strategy={"type":"Recreate","rollingUpdate":null}',  # null: drop the default's rollingUpdate
 )
 TLS = ("--set", "tls.enabled=true", "--set", "tls.existingSecret=atlasflow-tls")
 PODS = ("ingest", "segmentation", "ranking", "labels", "triton", "training")
@@ -274,6 +274,7 @@ def test_cluster_rollout_triton_repository(tls: bool) -> None:
     models_claim = f"{RELEASE}-atlasflow-triton-models"
     assert _mounts(c, pod)[settings.triton_model_repository] == (models_claim, False)
     triton = deployment(docs, "triton")
+    assert triton["spec"]["strategy"] == {"type": "Recreate"}
     assert (models_claim, True) in _mounts(main_container(triton), triton["spec"]["template"]["spec"]).values()
     # what app.py builds from these settings: the repository load, then the activation
     rollout = build_rollout(settings, lambda: pytest.fail("not called while building"))
