@@ -8,10 +8,12 @@ Builds the tiny bundle of tests/models/monai_bundle_fixture.py, registers it, an
 - ``monai.bundle run``: ``monai.bundle.run`` in this process (config parse, network + weights
   via CheckpointLoader, LoadImaged from the file, inference, postprocessing, SaveImaged of the
   label file), one CT per run;
-- atlasflow: ``atlasflow.models.segment.segment_file`` (model load with digest check, NIfTI
-  read, inference, postprocessing, ``labels.nii.gz`` written);
+- atlasflow in-process: ``atlasflow.models.segment.segment_file(in_process=True)`` (model load
+  with digest check, NIfTI read, inference, postprocessing, ``labels.nii.gz`` written);
+- atlasflow triton: the same with the network on a local PyTriton (``--triton-url`` of one
+  started once; its start-up printed separately): the product path of ``atlasflow segment``;
 
-and prints the ratio (atlasflow / monai.bundle run; < 1 = atlasflow faster) and the label
+and prints the ratios (atlasflow / monai.bundle run; < 1 = atlasflow faster) and the label
 agreement. The ``python -m monai.bundle run`` subprocess (interpreter start + imports) is
 timed once per CT for reference.
 """
@@ -36,6 +38,7 @@ from tests.models import nnunet_fixture as nfx  # noqa: E402
 
 from atlasflow.models.monai_bundle import import_monai_bundle  # noqa: E402
 from atlasflow.models.segment import segment_file  # noqa: E402
+from atlasflow.segmentation.model_serving import local_triton  # noqa: E402
 
 
 def main() -> int:
@@ -49,6 +52,10 @@ def main() -> int:
     bundle = fx.make_bundle(root)
     cts = [fx.CT_SM, nfx.dicom_ct(root / "cts")]
     import_monai_bundle(bundle, "tiny", root / "state")
+    t0 = time.perf_counter()
+    triton = local_triton(root / "state", ["tiny"], args.device)
+    url = triton.__enter__()
+    print(f"local PyTriton start-up (model bound): {time.perf_counter() - t0:.2f} s")
     cfg, meta = bundle / "configs" / "inference.json", bundle / "configs" / "metadata.json"
     device = f"$torch.device('{args.device}')"
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
@@ -56,7 +63,7 @@ def main() -> int:
         one = root / "one" / ct.name.split(".")[0]
         one.mkdir(parents=True)
         shutil.copyfile(ct, one / "ct.nii.gz")
-        t_ref, t_ours = [], []
+        t_ref, t_ours, t_triton = [], [], []
         for r in range(args.repeats):
             out = root / "ref" / f"{one.name}-{r}"
             t0 = time.perf_counter()
@@ -70,8 +77,13 @@ def main() -> int:
             )
             t_ref.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            segment_file(ct, "tiny", root / "ours" / f"{one.name}-{r}", root / "state", device=args.device)
+            segment_file(
+                ct, "tiny", root / "ours" / f"{one.name}-{r}", root / "state", device=args.device, in_process=True
+            )
             t_ours.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            segment_file(ct, "tiny", root / "triton" / f"{one.name}-{r}", root / "state", triton_url=url)
+            t_triton.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         subprocess.run(
             [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(cfg), "--meta_file", str(meta)]
@@ -83,12 +95,15 @@ def main() -> int:
         t_sub = time.perf_counter() - t0
         ref = np.asanyarray(nib.load(str(out / "ct_trans.nii.gz")).dataobj)
         ours = np.asanyarray(nib.load(str(root / "ours" / f"{one.name}-0" / "labels.nii.gz")).dataobj)
+        served = np.asanyarray(nib.load(str(root / "triton" / f"{one.name}-0" / "labels.nii.gz")).dataobj)
         shape = nib.load(str(ct)).shape
         print(
             f"{ct.name} {shape}: monai.bundle run {min(t_ref):.2f} s (subprocess {t_sub:.2f} s), "
-            f"atlasflow segment {min(t_ours):.2f} s, ratio {min(t_ours) / min(t_ref):.2f}, "
-            f"agreement {(ref == ours).mean():.6f}"
+            f"atlasflow in-process {min(t_ours):.2f} s (ratio {min(t_ours) / min(t_ref):.2f}, "
+            f"agreement {(ref == ours).mean():.6f}), atlasflow triton {min(t_triton):.2f} s "
+            f"(ratio {min(t_triton) / min(t_ref):.2f}, agreement {(ref == served).mean():.6f})"
         )
+    triton.__exit__(None, None, None)
     return 0
 
 
