@@ -100,3 +100,93 @@ def test_projection_cpu_bound_names_the_largest_stage_and_scale_applies() -> Non
 def test_projection_rejects_no_nodes() -> None:
     with pytest.raises(ValueError):
         project({"ingest": 1.0}, nodes=0)
+
+
+def _bench():  # the benchmark script's own helpers (benchmarks/ is not a package)
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_campaign.py"
+    spec = importlib.util.spec_from_file_location("bench_campaign", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_campaign", mod)  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_reads_the_services_lists_and_timestamps() -> None:
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from atlasflow.common.v1 import common_pb2
+    from atlasflow.ingest.v1 import ingest_pb2
+    from atlasflow.labels.v1 import labels_pb2
+    from atlasflow.ranking.v1 import ranking_pb2
+    from atlasflow.segmentation.v1 import segmentation_pb2
+
+    bench = _bench()
+    t = lambda s: Timestamp(seconds=s)  # noqa: E731
+    raw = {
+        "series": [
+            ingest_pb2.Series(
+                series_id="ser-a",
+                case_id="a",
+                version=1,
+                state=ingest_pb2.SERIES_STATE_DISPATCHED,
+                create_time=t(100),
+                update_time=t(106),
+            )
+        ],
+        "jobs": [
+            segmentation_pb2.SegmentationJob(
+                job_id="j1",
+                case_id="a",
+                series_id="ser-a",
+                series_version=1,
+                ensemble_version="abdomen-trio-v1",
+                state=common_pb2.OPERATION_STATE_SUCCEEDED,
+                create_time=t(110),
+                update_time=t(130),
+                attempts=2,
+                result=segmentation_pb2.SegmentationResult(inference_seconds=12.5),
+            )
+        ],
+        "versions": [
+            labels_pb2.LabelVersion(
+                version_id="v1",
+                case_id="a",
+                create_time=t(131),
+                provenance=labels_pb2.Provenance(
+                    source=labels_pb2.LABEL_SOURCE_AI, model_version="abdomen-trio-v1", job_id="j1"
+                ),
+            )
+        ],
+        "worklist": {"a": ranking_pb2.WorklistItem(case_id="a", source_job_id="j1", update_time=t(133))},
+    }
+    jobs, versions = bench.records(raw)
+    assert jobs == [JobRecord("j1", "a", "ser-a", 1, "abdomen-trio-v1", "SUCCEEDED")]
+    assert versions == [VersionRecord("v1", "a", "ai", "abdomen-trio-v1", "j1")]
+    assert account(["a"], jobs, versions, raw["worklist"]).completed == ["a"]
+    lat = bench.stage_latencies(raw, {"a"})
+    assert lat == {
+        "ingest_to_assembled_s": 6.0,
+        "segmentation_job_s": 20.0,
+        "segmentation_inference_s": 12.5,
+        "labels_after_job_s": 1.0,
+        "ranking_after_job_s": 3.0,
+    }
+
+
+def test_bench_studies_have_their_own_uids(tmp_path) -> None:
+    from pydicom import dcmread
+
+    from atlasflow.ingest.identity import atlas_id
+
+    studies, voxels = _bench().make_studies(2, 4, tmp_path / "dicom")
+    assert len({case for case, _ in studies}) == 2
+    for case, files in studies:
+        assert len(files) == 4
+        ds = dcmread(files[0])
+        assert atlas_id("case", ds.StudyInstanceUID) == case
+    assert voxels == 122 * 101 * 4
