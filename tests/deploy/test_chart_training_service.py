@@ -360,3 +360,25 @@ def test_rollout_lint_strict_and_byte_stable() -> None:
     args = ("template", RELEASE, str(CHART), *AUTH_ARGS, *TRAINING, *ROLLOUT, *TLS)
     first, second = helm(*args), helm(*args)
     assert first.returncode == 0 and first.stdout == second.stdout
+
+
+def test_cert_manager_issues_trainings_certificate() -> None:
+    """With cert-manager TLS the training pod's TLS Secret (server + the client identity it
+    presents to labels, segmentation, ranking and Triton) is one the release's Certificate
+    writes, naming training's Service, for server and client auth."""
+    docs = render(
+        *TRAINING,
+        *ROLLOUT,
+        "--set",
+        "tls.enabled=true",
+        "--set",
+        "tls.certManager.enabled=true",
+        "--set",
+        "tls.certManager.issuerRef.name=atlasflow-ca",
+    )
+    pod = deployment(docs, "training")["spec"]["template"]["spec"]
+    (secret,) = [v["secret"]["secretName"] for v in pod["volumes"] if v["name"] == "tls"]
+    cert = by_kind(docs, "Certificate")[NAME]["spec"]
+    assert cert["secretName"] == secret and NAME in cert["dnsNames"]
+    assert {"server auth", "client auth"} <= set(cert["usages"])
+    assert cert["uris"] == ["spiffe://atlasflow/training"]
