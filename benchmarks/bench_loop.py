@@ -1,6 +1,6 @@
 """Rounds of the active-learning loop on the bundled example CT, with a simulated radiologist.
 
-Cases are 64^3-voxel boxes of the bundled example CT (`atlasflow.training.rounds.BOXES`, 3 mm;
+Cases are 64^3-voxel boxes of the bundled example CT (`atlasflow.cli.rounds.BOXES`, 3 mm;
 reference = its TotalSegmentator `--fast` labels mapped to the nine AbdomenAtlas organs,
 `rounds.REFERENCE_LABELS`: model output, not manual). Round 0: the current ensemble labels every case (AI versions in a real SQLite labels
 store); the held-out cases get every present organ decided by the radiologist (reference).
@@ -17,7 +17,7 @@ printed:
     stage.
 
 The measuring code (boxes, reference, Dice split, attention, rows, rounds.json, table) is
-`atlasflow.training.rounds`, shared with `atlasflow demo --rounds N`, which runs the same loop
+`atlasflow.cli.rounds`, shared with `atlasflow demo --rounds N`, which runs the same loop
 through the services of the demo's stack. CPU-sized defaults: a few fine-tune steps on 32^3
 crops; the figures show the loop's plumbing, not what a real epoch budget gives. ``--out DIR``
 writes DIR/rounds.json (after each round).
@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from atlasflow.cli import rounds as measure
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.nifti import to_nifti_bytes
 from atlasflow.common.organs import ORGANS
@@ -44,7 +45,6 @@ from atlasflow.labels.repository import Provenance
 from atlasflow.labels.sqlite import SqliteLabelRepository
 from atlasflow.labels.writer import LabelWriter, MaskRevision
 from atlasflow.segmentation.pipeline import EnsemblePipeline
-from atlasflow.training import rounds as measure
 from atlasflow.training.finetune import Hyperparameters
 from atlasflow.training.versions import current_ensemble
 from atlasflow.training.worker import run_round

@@ -1,7 +1,7 @@
 """`atlasflow demo --rounds N`: the active-learning loop through the services of the demo's stack.
 
 Round 0 is the demo itself (the bundled CT: ingest -> segmentation -> ranking). Then the loop's
-cases, the 64^3 boxes of the same CT (`atlasflow.training.rounds.BOXES`), are sent as their own
+cases, the 64^3 boxes of the same CT (`atlasflow.cli.rounds.BOXES`), are sent as their own
 DICOM series by C-STORE and follow the same path. The two held-out boxes are decided in full by
 the simulated radiologist (every organ set to the reference labels: the gate's cases); round 0's
 row measures the served ensemble's Dice on them before that.
@@ -45,6 +45,7 @@ import grpc
 import nibabel as nib
 import numpy as np
 
+from atlasflow.cli import rounds as measure
 from atlasflow.cli.demo_series import write_demo_series
 from atlasflow.cli.local import LocalDeployment
 from atlasflow.cli.review import head_version, submit_review
@@ -56,7 +57,6 @@ from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from atlasflow.labels.v1 import labels_pb2, labels_pb2_grpc
 from atlasflow.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
-from atlasflow.training import rounds as measure
 from atlasflow.training.v1 import training_pb2, training_pb2_grpc
 
 REVIEWER = "dr.loop"

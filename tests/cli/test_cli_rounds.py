@@ -1,4 +1,4 @@
-"""The per-round measurements of the loop (`atlasflow.training.rounds`, shared by bench_loop and
+"""The per-round measurements of the loop (`atlasflow.cli.rounds`, shared by bench_loop and
 `atlasflow demo --rounds N`): the bundled reference, the reference on another grid, Dice per
 organ and its revised/other split, attention, rows with the issue's keys, rounds.json written
 atomically, the table."""
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from atlasflow.cli import rounds
 from atlasflow.common.organs import ORGANS
 from atlasflow.labels.totalseg import totalseg_to_atlas
-from atlasflow.training import rounds
 
 REF = Path(__file__).resolve().parents[1] / "data/totalsegmentator/tests/reference_files"
 

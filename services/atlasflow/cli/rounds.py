@@ -1,7 +1,9 @@
 """Measuring rounds of the active-learning loop (no grpc): the per-round table of issue 15.
 
 Shared by `benchmarks/bench_loop.py` (the loop in-process) and `atlasflow demo --rounds N`
-(the loop through the services of the embedded stack, `atlasflow.cli.demo_rounds`):
+(the loop through the services of the embedded stack, `atlasflow.cli.demo_rounds`). It lives in
+the CLI package, which may import only the services' public surfaces
+(tests/architecture/test_boundaries.py): no training internals here.
 
 * the cases: 64^3-voxel boxes (`BOXES`) of the bundled example CT, two of them held out for the
   gate (`HOLDOUT`); the simulated radiologist's reference is `REFERENCE_LABELS`, TotalSegmentator
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,10 +31,8 @@ import nibabel as nib
 import numpy as np
 
 from atlasflow.common.organs import ORGANS
-from atlasflow.training.dataset import atomic_write
-from atlasflow.training.gate import dice
 
-_DATA = Path(__file__).resolve().parents[1] / "cli" / "data"
+_DATA = Path(__file__).resolve().parent / "data"
 #: The bundled demo CT (also `atlasflow.cli.demo_series.DEFAULT_DEMO_NIFTI` unless overridden).
 EXAMPLE_CT = _DATA / "example_ct.nii.gz"
 #: Its reference labels in AbdomenAtlas ids 0..9, same grid (cli/data/README.md).
@@ -94,6 +96,13 @@ def reference_on_grid(
     out = np.zeros(idx.shape[1], dtype=np.uint8)
     out[inside] = np.asarray(reference)[ijk[0, inside], ijk[1, inside], ijk[2, inside]]
     return out.reshape(shape)
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean masks; 1.0 when both are empty (as the training gate counts it)."""
+    p, t = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
+    s = int(p.sum()) + int(t.sum())
+    return 1.0 if s == 0 else 2.0 * int(np.logical_and(p, t).sum()) / s
 
 
 def organ_dice(labels: np.ndarray, reference: np.ndarray, organs: Iterable[int] | None = None) -> dict[int, float]:
@@ -179,8 +188,23 @@ def write_rounds(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """Write ``rows`` as a JSON list to ``path`` atomically (temp file, fsync, rename): a reader
     or a killed writer never sees a half-written file."""
     path = Path(path)
+    data = (json.dumps(list(rows), indent=2, allow_nan=False) + "\n").encode()
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, (json.dumps(list(rows), indent=2, allow_nan=False) + "\n").encode())
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], stages: Sequence[str] | None = None) -> str:
