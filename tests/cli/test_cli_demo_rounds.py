@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -47,3 +48,24 @@ def test_help_names_rounds_json() -> None:
     result = CliRunner().invoke(cli, ["demo", "--help"])
     assert result.exit_code == 0
     assert "--rounds" in result.output and "rounds.json" in result.output
+
+
+def test_reference_on_a_case_geometry_and_box_centres() -> None:
+    """The demo samples the reference on the grid the labels service reports (a VolumeGeometry:
+    shape + row-major affine) and matches series to boxes by their centre in patient space,
+    which does not depend on the voxel order a reader chose."""
+    from atlasflow.cli import rounds
+    from atlasflow.cli.demo_rounds import Reference, _centre
+    from atlasflow.common.v1 import common_pb2
+
+    ref = Reference()
+    origin = rounds.BOXES["case-5"]
+    box, affine = rounds.crop_box(ref.labels, ref.affine, origin)
+    geometry = common_pb2.VolumeGeometry(shape=list(box.shape), affine=affine.ravel().tolist())
+    assert np.array_equal(ref.on(geometry), box) and box.any()
+    flipped = affine.copy()
+    flipped[:3, 0] *= -1
+    flipped[:3, 3] = affine[:3, 3] + affine[:3, 0] * (box.shape[0] - 1)
+    assert np.allclose(_centre(box.shape, flipped), _centre(box.shape, affine))
+    centres = [_centre(box.shape, rounds.crop_box(ref.labels, ref.affine, o)[1]) for o in rounds.BOXES.values()]
+    assert min(np.linalg.norm(a - b) for i, a in enumerate(centres) for b in centres[i + 1 :]) > 1.0
