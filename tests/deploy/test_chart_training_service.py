@@ -210,8 +210,8 @@ ROLLOUT = (
     "triton.modelRepository.persistence.enabled=true",
     "--set-json",
     'triton.modelRepository.persistence.accessModes=["ReadWriteMany"]',
-    "--set-json",
-    'triton.strategy={"type":"Recreate","rollingUpdate":null}',  # null: drop the default's rollingUpdate
+    "--set",
+    "triton.strategy.type=Recreate",  # the default's rollingUpdate is dropped (the API refuses both)
 )
 TLS = ("--set", "tls.enabled=true", "--set", "tls.existingSecret=atlasflow-tls")
 PODS = ("ingest", "segmentation", "ranking", "labels", "triton", "training")
