@@ -355,6 +355,37 @@ def collect(c: Campaign, cases: list[str], r: int) -> dict[str, Any]:
     return {"series": series, "jobs": jobs, "versions": versions, "worklist": worklist}
 
 
+def progress(c: Campaign, cases: list[str], done: set[str], r: int) -> tuple[int, int, set[str]]:
+    """A cheap look while the campaign runs (its RPCs cost the polled replicas CPU): one paged list
+    of the jobs, then labels and ranking only for the cases whose job succeeded and that are not yet
+    complete. Returns (jobs of the campaign, succeeded jobs, newly completed cases)."""
+    seg = c.stub(segmentation_pb2_grpc.SegmentationServiceStub, "segmentation", r % c.args.seg_replicas)
+    labels = c.stub(labels_pb2_grpc.LabelServiceStub, "labels", r)
+    ranking = c.stub(ranking_pb2_grpc.RankingServiceStub, "ranking", r)
+    ours, jobs, token = set(cases), [], ""
+    while True:
+        req = segmentation_pb2.ListSegmentationJobsRequest(page_size=100, page_token=token)
+        resp = seg.ListSegmentationJobs(req, timeout=30)
+        jobs += [j for j in resp.jobs if j.case_id in ours]
+        token = resp.next_page_token
+        if not token:
+            break
+    succeeded = {j.case_id for j in jobs if j.state == common_pb2.OPERATION_STATE_SUCCEEDED}
+    new = set()
+    for case in sorted(succeeded - done):
+        versions = labels.ListLabelVersions(labels_pb2.ListLabelVersionsRequest(case_id=case), timeout=30).versions
+        if not any(v.provenance.source == labels_pb2.LABEL_SOURCE_AI for v in versions):
+            continue
+        try:
+            ranking.GetWorklistItem(ranking_pb2.GetWorklistItemRequest(case_id=case), timeout=30)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            continue
+        new.add(case)
+    return len(jobs), len(succeeded), new
+
+
 def records(raw: dict[str, Any]) -> tuple[list[JobRecord], list[VersionRecord]]:
     jobs = [
         JobRecord(
@@ -483,34 +514,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         deadline = time.monotonic() + args.timeout
         done_at: dict[str, float] = {}
         poll_r = args.replicas - 1
-        acc = None
-        raw: dict[str, Any] = {}
         while time.monotonic() < deadline:
             time.sleep(args.poll)
             c.sample_cpu()
             try:
-                raw = collect(c, cases, poll_r)
+                n_jobs, n_ok, new = progress(c, cases, set(done_at), poll_r)
             except grpc.RpcError as e:
                 log(f"poll failed ({e.code().name}); retrying", quiet)
                 continue
-            jobs, versions = records(raw)
-            acc = account(cases, jobs, versions, raw["worklist"].keys())
             now = time.monotonic()
-            for case in acc.completed:
+            for case in new:
                 done_at.setdefault(case, now)
             sent_all = all(f.done() for f in sends)
             log(
-                f"sent {sum(f.done() for f in sends)}/{args.studies}, series {len(raw['series'])}, "
-                f"jobs {len(jobs)}, AI versions {sum(v.source == 'ai' for v in versions)}, "
-                f"completed {len(acc.completed)}, duplicated {acc.duplicated}",
+                f"sent {sum(f.done() for f in sends)}/{args.studies}, jobs {n_jobs} ({n_ok} succeeded), "
+                f"completed {len(done_at)}",
                 quiet,
             )
-            started = len(jobs) if args.kill_at == "first-job" else len(acc.completed)
-            if args.kill and not killed and sent_all and started >= 1 and len(acc.completed) < args.studies:
+            started = n_jobs if args.kill_at == "first-job" else len(done_at)
+            if args.kill and not killed and sent_all and started >= 1 and len(done_at) < args.studies:
                 log("SIGKILL replica 0 of every service, restarting it", quiet)
                 killed = c.kill_and_restart(0)
                 log(f"killed and restarted: {', '.join(killed)}", quiet)
-            if sent_all and not acc.lost and (killed or not args.kill):
+            if sent_all and len(done_at) == len(cases) and (killed or not args.kill):
                 break
         for f in sends:
             if f.done() and f.exception():
@@ -625,6 +651,7 @@ def print_text(res: dict[str, Any]) -> None:
             f"  {row['gpu_nodes']:3d} GPU nodes: {row['hours']:7.2f} h  (GPU stage {row['gpu_stage_hours']} h, "
             f"CPU stages {row['cpu_stages_hours']} h) bottleneck: {row['bottleneck']}"
         )
+        print(f"        cores each non-GPU stage needs to keep pace with the GPUs: {row['cores_to_keep_pace']}")
 
 
 def main() -> int:
