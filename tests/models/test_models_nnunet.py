@@ -1,12 +1,14 @@
 """nnU-Net v2 import + inference equal to nnUNetPredictor (its own code, defaults, CPU) on two
 real CTs with different spacing and orientation: TotalSegmentator's example_ct_sm (122x101x30,
 3 mm, RAS) and its DICOM series converted by dcm2niix (512x512x20, 0.98x0.98x2 mm, LAS). The
-model is a tiny nnU-Net folder made in the set-up (`nnunet_fixture`)."""
+model is a tiny nnU-Net folder made in the set-up (`nnunet_fixture`). ``atlasflow segment``
+runs the exported network on a local PyTriton (the product path)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -51,11 +53,18 @@ def test_segment_equals_nnunet_predictor(folder: Path, cts: list[Path], tmp_path
     manifest = ModelRegistry(state).get("tiny")
     assert "tiny" in listing and manifest.digest[:16] in listing and "1=liver" in listing
     assert manifest.format == "nnunet-v2" and manifest.labels == {0: "background", 1: "liver", 2: "spleen", 3: "kidney"}
+    # the Triton export is part of the registered content (digested like the weights)
+    assert {"triton/config.pbtxt", "triton/1/model.pt"} <= set(manifest.files)
+    config = (ModelRegistry(state).path("tiny") / "triton" / "config.pbtxt").read_text()
+    assert 'backend: "pytorch"' in config and "INPUT__1" in config and "dims: [ -1, 4, 8, 48, 48 ]" in config
     figures = []
     for ct in cts:
         ref = _predictor(folder, ct, tmp_path / "ref" / ct.name)
         out = tmp_path / "ours" / ct.name
+        # the product path: the network on a local PyTriton, tiling and pre/post-processing here
         assert cli(["segment", str(ct), "--model", "tiny", "--out", str(out), "--state-dir", str(state)]) == 0
+        summary = json.loads((out / "segment.json").read_text())
+        assert summary["network"] == "triton local PyTriton" and summary["digest"] == manifest.digest
         ours_img = nib.load(str(out / "labels.nii.gz"))
         ct_img = nib.load(str(ct))
         assert ours_img.shape == ct_img.shape and np.allclose(ours_img.affine, ct_img.affine)
@@ -108,3 +117,13 @@ def test_import_refuses_unsupported_trainer_and_plans_field(folder: Path, tmp_pa
     assert err.value.reason == "UNSUPPORTED_PLANS_FIELD" and "previous_stage" in err.value.message
     assert cli(["model", "import", "nnunet", str(plans_field), "--name", "x", "--state-dir", str(tmp_path / "s")]) == 6
     assert ModelRegistry(tmp_path / "state").names() == []
+
+
+def test_local_triton_without_the_extra_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from atlasflow.common.errors import FailedPrecondition
+    from atlasflow.segmentation.model_serving import require_pytriton
+
+    monkeypatch.setitem(sys.modules, "pytriton", None)  # what a venv without the local-triton extra gives
+    with pytest.raises(FailedPrecondition) as err:
+        require_pytriton()
+    assert err.value.reason == "LOCAL_TRITON_NOT_INSTALLED" and "local-triton" in err.value.message
