@@ -99,6 +99,24 @@ def monai_bundle(bundle: Path, name: str, replace: bool, state_dir: Path) -> int
     return 0
 
 
+@model.command(
+    "triton-export",
+    epilog="\b\nExample:\n  atlasflow model triton-export abdomen --repository /models --state-dir .atlasflow\n",
+)
+@click.argument("name")
+@click.option("--repository", required=True, type=click.Path(file_okay=False, path_type=Path))
+@state_dir_option()
+def triton_export(name: str, repository: Path, state_dir: Path) -> int:
+    """Copy a model's Triton export (config.pbtxt, 1/model.pt; PyTorch backend) into a stock
+    Triton's model repository as REPOSITORY/<name>_<digest12>/."""
+    from atlasflow.models.export import write_repository_entry
+
+    with _domain_errors():
+        target = write_repository_entry(state_dir, name, repository)
+    click.echo(f"wrote {target}")
+    return 0
+
+
 @model.command("list", epilog="\b\nExample:\n  atlasflow model list --state-dir .atlasflow --json\n")
 @state_dir_option()
 @click.option("--json", "as_json", is_flag=True, help="the manifests as JSON")

@@ -231,3 +231,23 @@ def load_served(model_dir: Path, manifest: Manifest, device: str = "cpu") -> tor
         )
     module: torch.jit.ScriptModule = torch.jit.load(str(model_dir / str(info["model_file"])), map_location=device)
     return module.eval()
+
+
+def write_repository_entry(state_dir: str | Path, name: str, repository: str | Path) -> Path:
+    """Copy the registered model's verified ``triton/`` folder to
+    ``<repository>/<triton_model_name>/`` (a stock Triton's model repository); returns it."""
+    import shutil
+
+    from atlasflow.models.registry import ModelRegistry
+
+    registry = ModelRegistry(state_dir)
+    manifest = registry.verify(name)
+    if not isinstance(manifest.details.get("triton"), dict):
+        load_served(registry.path(name), manifest)  # raises MODEL_NOT_EXPORTED
+    target = Path(repository) / triton_model_name(manifest)
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(registry.path(name) / TRITON_DIR, staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
