@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from atlasflow.common.disk import atomic_write
 from atlasflow.common.organs import ORGANS
 
 _DATA = Path(__file__).resolve().parent / "data"
@@ -187,24 +186,7 @@ def round_row(
 def write_rounds(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """Write ``rows`` as a JSON list to ``path`` atomically (temp file, fsync, rename): a reader
     or a killed writer never sees a half-written file."""
-    path = Path(path)
-    data = (json.dumps(list(rows), indent=2, allow_nan=False) + "\n").encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(Path(path), (json.dumps(list(rows), indent=2, allow_nan=False) + "\n").encode())
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], stages: Sequence[str] | None = None) -> str:

@@ -22,13 +22,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 from urllib.parse import unquote, urlparse
 
+from atlasflow.common.disk import write_atomically
 from atlasflow.common.errors import DataLoss, InvalidArgument, NotFound
 
 DOMAIN = "atlasflow.blobs"
@@ -223,22 +223,7 @@ class LocalBlobStore:
 
     @staticmethod
     def _write(dest: Path, write: Callable[[IO[bytes]], object]) -> None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dfd = os.open(dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomically(dest, write)
 
     def get(self, digest: str) -> bytes:
         p = self.path(digest)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ import numpy as np
 import numpy.typing as npt
 
 from atlasflow.common.blobstore import BlobStore
+from atlasflow.common.disk import atomic_write
 from atlasflow.common.errors import DataLoss, FailedPrecondition, InvalidArgument
 from atlasflow.common.nifti import from_nifti_bytes
 from atlasflow.common.organs import ORGANS
@@ -303,25 +303,6 @@ def write_manifest(manifest: Manifest, directory: str | os.PathLike[str]) -> tup
     if not path.is_file():
         atomic_write(path, data)
     return path, digest
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def load_manifest(path: str | os.PathLike[str]) -> tuple[Manifest, str]:
