@@ -206,15 +206,31 @@ class _RotatingCallable:
         return getattr(self._target(), name)
 
 
-def _multicallable_kwargs(request_serializer: Any, response_deserializer: Any, registered: Any) -> dict[str, Any]:
-    return {
-        "request_serializer": request_serializer,
-        "response_deserializer": response_deserializer,
-        "_registered_method": registered,
-    }
+class _RotatingFactories:
+    """The multicallable factories of a rotating channel (both kinds): each returns a
+    `_RotatingCallable` over the channel's ``_current``."""
+
+    def _current(self) -> Any:
+        raise NotImplementedError
+
+    def _rotating(self, kind: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        names = ("request_serializer", "response_deserializer", "_registered_method")
+        return _RotatingCallable(self._current, kind, method, {**dict(zip(names, args)), **kwargs})
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._rotating("unary_unary", method, *args, **kwargs)
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._rotating("unary_stream", method, *args, **kwargs)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._rotating("stream_unary", method, *args, **kwargs)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._rotating("stream_stream", method, *args, **kwargs)
 
 
-class _RotatingAioChannel(grpc.aio.Channel):
+class _RotatingAioChannel(_RotatingFactories, grpc.aio.Channel):
     """An async channel that follows its TLS files (see the module docstring)."""
 
     def __init__(self, rotation: _Rotation[grpc.aio.Channel]) -> None:
@@ -256,57 +272,8 @@ class _RotatingAioChannel(grpc.aio.Channel):
     async def channel_ready(self) -> None:
         await self._current().channel_ready()
 
-    def _rotating(self, kind: str, method: str, kwargs: dict[str, Any]) -> Any:
-        return _RotatingCallable(self._current, kind, method, kwargs)
 
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: Any = False,
-    ) -> Any:
-        return self._rotating(
-            "unary_unary", method, _multicallable_kwargs(request_serializer, response_deserializer, _registered_method)
-        )
-
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: Any = False,
-    ) -> Any:
-        return self._rotating(
-            "unary_stream", method, _multicallable_kwargs(request_serializer, response_deserializer, _registered_method)
-        )
-
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: Any = False,
-    ) -> Any:
-        return self._rotating(
-            "stream_unary", method, _multicallable_kwargs(request_serializer, response_deserializer, _registered_method)
-        )
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: Any = False,
-    ) -> Any:
-        return self._rotating(
-            "stream_stream",
-            method,
-            _multicallable_kwargs(request_serializer, response_deserializer, _registered_method),
-        )
-
-
-class _RotatingChannel(grpc.Channel):
+class _RotatingChannel(_RotatingFactories, grpc.Channel):
     """A blocking channel that follows its TLS files (see the module docstring)."""
 
     def __init__(self, rotation: _Rotation[grpc.Channel]) -> None:
@@ -335,55 +302,6 @@ class _RotatingChannel(grpc.Channel):
 
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
         self.close()
-
-    def _rotating(self, kind: str, method: str, kwargs: dict[str, Any]) -> Any:
-        return _RotatingCallable(self._current, kind, method, kwargs)
-
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: Any = False,
-    ) -> Any:
-        return self._rotating(
-            "unary_unary", method, _multicallable_kwargs(request_serializer, response_deserializer, _registered_method)
-        )
-
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: Any = False,
-    ) -> Any:
-        return self._rotating(
-            "unary_stream", method, _multicallable_kwargs(request_serializer, response_deserializer, _registered_method)
-        )
-
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: Any = False,
-    ) -> Any:
-        return self._rotating(
-            "stream_unary", method, _multicallable_kwargs(request_serializer, response_deserializer, _registered_method)
-        )
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: Any = False,
-    ) -> Any:
-        return self._rotating(
-            "stream_stream",
-            method,
-            _multicallable_kwargs(request_serializer, response_deserializer, _registered_method),
-        )
 
 
 def aio_channel(
