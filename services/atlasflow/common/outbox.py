@@ -61,6 +61,9 @@ DbLock = AbstractContextManager[Any]
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
+# The hand-written outbox table, FROZEN: the legacy schemas of ingest and segmentation apply it
+# to databases made before Alembic (adopted, then `add_outbox_claim_columns`). New tables come
+# from `create_outbox_table`; never change this one.
 OUTBOX_MIGRATION = """
 CREATE TABLE outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -9,21 +9,7 @@ Alembic revision instead). Tables: series_versions, instances, instance_conflict
 
 from __future__ import annotations
 
-# Frozen copy of atlasflow.common.outbox.OUTBOX_MIGRATION as legacy step 2 applied it.
-_LEGACY_OUTBOX = """
-CREATE TABLE outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    topic TEXT NOT NULL,
-    dedupe_key TEXT NOT NULL UNIQUE,
-    payload BLOB NOT NULL,
-    traceparent TEXT NOT NULL DEFAULT '',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    last_error TEXT NOT NULL DEFAULT '',
-    state TEXT NOT NULL DEFAULT 'pending'   -- pending | done | dead
-);
-CREATE INDEX outbox_due ON outbox(state, next_attempt_at);
-"""
+from atlasflow.common.outbox import OUTBOX_MIGRATION
 
 LEGACY_MIGRATIONS: tuple[str, ...] = (
     """
@@ -62,7 +48,7 @@ LEGACY_MIGRATIONS: tuple[str, ...] = (
         received_at REAL NOT NULL
     );
     """,
-    _LEGACY_OUTBOX,
+    OUTBOX_MIGRATION,  # legacy step 2: the hand-written outbox table (frozen)
     """
     ALTER TABLE series_versions ADD COLUMN duplicate_count INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE series_versions ADD COLUMN conflict_count INTEGER NOT NULL DEFAULT 0;

@@ -4,21 +4,7 @@ change is a new Alembic revision in ``segmentation/migrations/versions/``."""
 
 from __future__ import annotations
 
-# Frozen copy of atlasflow.common.outbox.OUTBOX_MIGRATION as legacy step 2 applied it.
-_LEGACY_OUTBOX = """
-CREATE TABLE outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    topic TEXT NOT NULL,
-    dedupe_key TEXT NOT NULL UNIQUE,
-    payload BLOB NOT NULL,
-    traceparent TEXT NOT NULL DEFAULT '',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    last_error TEXT NOT NULL DEFAULT '',
-    state TEXT NOT NULL DEFAULT 'pending'   -- pending | done | dead
-);
-CREATE INDEX outbox_due ON outbox(state, next_attempt_at);
-"""
+from atlasflow.common.outbox import OUTBOX_MIGRATION
 
 LEGACY_MIGRATIONS: tuple[str, ...] = (
     """
@@ -46,5 +32,5 @@ LEGACY_MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX jobs_due ON jobs(state, next_attempt_at);
     """,
-    _LEGACY_OUTBOX,
+    OUTBOX_MIGRATION,  # legacy step 2: the hand-written outbox table (frozen)
 )
