@@ -362,26 +362,39 @@ def members_to_train(ensemble: EnsembleConfig, hp: Hyperparameters) -> list[Memb
     return chosen
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m atlasflow.training.finetune", description=__doc__.split("\n")[0])
+def trainer_arguments(prog: str, blobs_help: str, description: str) -> argparse.ArgumentParser:
+    """The command line of a trainer process (this module's `main`, `atlasflow.training.job`)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--manifest", required=True, help="manifest file (<sha256 hex>.json)")
-    parser.add_argument("--blobs", required=True, help="blob store directory")
+    parser.add_argument("--blobs", required=True, help=blobs_help)
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--ensemble", required=True, help="parent ensemble version or JSON path")
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def this_ranks_share(args: argparse.Namespace) -> tuple[Manifest, str, list[MemberConfig], str]:
+    """(manifest, its digest, the members this process trains, its device) of a trainer.
+
+    Under torchrun (the Kubernetes Job: --nproc_per_node = the node's GPUs) each rank trains its
+    share of the members (rank r: members r, r + world, ...) on cuda:<LOCAL_RANK>;
+    member-parallel, no gradient exchange (each member is its own model)."""
     manifest, digest = load_manifest(args.manifest)
-    ensemble = load_ensemble(args.ensemble)
     hp = Hyperparameters.from_dict(manifest.hyperparameters)
-    blobs = LocalBlobStore(args.blobs)
-    # Under torchrun (the Kubernetes Job: --nproc_per_node = the node's GPUs) each rank trains
-    # its share of the members (rank r: members r, r + world, ...) on cuda:<LOCAL_RANK>;
-    # member-parallel, no gradient exchange (each member is its own model).
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = args.device
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    for member in members_to_train(ensemble, hp)[rank::world]:
+    return manifest, digest, members_to_train(load_ensemble(args.ensemble), hp)[rank::world], device
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = trainer_arguments(
+        "python -m atlasflow.training.finetune", "blob store directory", __doc__.split("\n")[0]
+    ).parse_args(argv)
+    manifest, digest, members, device = this_ranks_share(args)
+    blobs = LocalBlobStore(args.blobs)
+    for member in members:
         result = finetune_member(member, manifest, digest, blobs, Path(args.run_dir), device=device)
         print(
             json.dumps({"member": result.member, "digest": result.digest, "final_loss": result.final_loss}), flush=True

@@ -20,7 +20,6 @@ and addressing style from ``ATLASFLOW_TRAINING_BLOB_S3_*``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -29,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from atlasflow.common.blobstore import S3Options, open_blob_store
-from atlasflow.segmentation.ensemble import load_ensemble
-from atlasflow.training.dataset import atomic_write, load_manifest
-from atlasflow.training.finetune import Hyperparameters, MemberResult, finetune_member, members_to_train, sha256_file
+from atlasflow.training.dataset import atomic_write
+from atlasflow.training.finetune import MemberResult, finetune_member, sha256_file, this_ranks_share, trainer_arguments
 
 RESULT = "result.json"
 
@@ -73,24 +71,16 @@ def _s3_from_env() -> S3Options:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m atlasflow.training.job", description=__doc__.split("\n")[0])
+    parser = trainer_arguments(
+        "python -m atlasflow.training.job", "blob store directory or s3:// URL", __doc__.split("\n")[0]
+    )
     parser.add_argument("--run-id", required=True, help="the training service's run id")
-    parser.add_argument("--manifest", required=True, help="manifest file (<sha256 hex>.json)")
-    parser.add_argument("--blobs", required=True, help="blob store directory or s3:// URL")
-    parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--ensemble", required=True, help="parent ensemble version or JSON path")
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    manifest, digest = load_manifest(args.manifest)
-    ensemble = load_ensemble(args.ensemble)
-    hp = Hyperparameters.from_dict(manifest.hyperparameters)
+    manifest, digest, members, device = this_ranks_share(args)
     blobs = open_blob_store(args.blobs, _s3_from_env())
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    device = args.device
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    rank = int(os.environ.get("RANK", "0"))
     run_dir = Path(args.run_dir)
-    for member in members_to_train(ensemble, hp)[rank::world]:
+    for member in members:
         done = read_result(run_dir, member.name)
         if done is not None and done.get("run_id") == args.run_id:
             print(json.dumps({**done, "rank": rank, "skipped": True}), flush=True)
