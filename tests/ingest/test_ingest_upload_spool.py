@@ -106,7 +106,7 @@ def test_large_resumable_upload_becomes_the_blob(ingest, big):
 
 
 def test_instance_over_the_limit_is_refused_mid_stream(ingest, tmp_path):
-    over = write_large_ct_instance(tmp_path / "over.dcm", (LIMIT_MB + 20) * 1024 * 1024, seed="spool-over")
+    over = write_large_ct_instance(tmp_path / "over.dcm", (LIMIT_MB + 40) * 1024 * 1024, seed="spool-over")
     data = over.read_bytes()
     pulled: list[int] = []
     with sync_channel(ingest.target) as channel:
@@ -118,10 +118,12 @@ def test_instance_over_the_limit_is_refused_mid_stream(ingest, tmp_path):
         info = error_info_of(err.value)
         assert info is not None and info.reason == "INSTANCE_TOO_LARGE"
         assert info.metadata["limit_bytes"] == str(LIMIT_MB * 1024 * 1024)
-        # refused at the limit: the rest of the stream was not read (flow control lets ~10
-        # chunks be in flight past the point of refusal)
+        # refused at the limit: the rest of the stream was not read. HTTP/2 flow control lets
+        # some chunks be in flight past the point of refusal: gRPC's BDP probing grows the
+        # window, up to ~5 MiB (21 chunks) seen in CI under load, so allow 8 MiB (32 chunks)
+        # of a stream that goes on for 40 MiB (160 chunks) past the limit
         limit_chunks = LIMIT_MB * 1024 * 1024 // CHUNK
-        assert len(pulled) <= limit_chunks + 20 < -(-len(data) // CHUNK), (len(pulled), limit_chunks)
+        assert len(pulled) <= limit_chunks + 32 < -(-len(data) // CHUNK) - 100, (len(pulled), limit_chunks)
         # nothing acknowledged, nothing stored, nothing left on disk
         after = stub.ListSeries(ingest_pb2.ListSeriesRequest(page_size=100), timeout=10).series
         assert [s.series_id for s in after] == [s.series_id for s in before]
