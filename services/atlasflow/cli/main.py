@@ -407,13 +407,17 @@ Example:
 @click.option(
     "--url",
     default="",
-    help="database URL or SQLite path (default: $ATLASFLOW_<SERVICE>_DATABASE_URL, which keeps a password off argv)",
+    help="database URL or SQLite path (default: $ATLASFLOW_<SERVICE>_DATABASE_URL, or the file "
+    "$ATLASFLOW_<SERVICE>_DATABASE_URL_FILE names, which keep a password off argv)",
 )
 def db_upgrade(service: str, url: str) -> int:
     """Apply a service's pending schema migrations (adopting a database made before Alembic)."""
-    url = url or os.environ.get(f"ATLASFLOW_{service.upper()}_DATABASE_URL", "")
+    from atlasflow.common.settings import read_secret_setting
+
+    key = f"ATLASFLOW_{service.upper()}_DATABASE_URL"
+    url = url or read_secret_setting(key, os.environ) or ""
     if not url:
-        raise click.UsageError(f"give --url or set ATLASFLOW_{service.upper()}_DATABASE_URL")
+        raise click.UsageError(f"give --url or set {key} (or {key}_FILE)")
     upgrade_database = importlib.import_module(f"atlasflow.{service}.app").upgrade_database
     click.echo(f"{service}: at revision {upgrade_database(url)}")
     return 0

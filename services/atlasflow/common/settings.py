@@ -6,6 +6,13 @@
 
     IngestSettings.from_env("ATLASFLOW_INGEST_")   # reads ATLASFLOW_INGEST_DICOM_PORT, ...
 
+A secret setting (FILE_SETTINGS: the database URL, which may hold a password) may instead be
+read from a file: ATLASFLOW_INGEST_DATABASE_URL_FILE=/var/run/secrets/.../database-url (a
+Secret mounted read-only; the chart does this, so the URL is never an environment value of the
+pod spec). The file is read once at start, surrounding whitespace stripped; both variables set,
+an unreadable file or an empty one is an InvalidArgument naming the variable and the path, never
+the value. The value's repr() is redacted (`SecretStr`), so a logged settings object shows no URL.
+
 OpenTelemetry reads its own OTEL_* variables; they are not duplicated here.
 """
 
@@ -25,6 +32,9 @@ from atlasflow.common.errors import InvalidArgument
 from atlasflow.common.tls import PLAINTEXT, ClientTLS, ServerTLS
 
 S = TypeVar("S", bound="ServiceSettings")
+
+# Settings that may come from a file named by <PREFIX><FIELD>_FILE (module docstring).
+FILE_SETTINGS = frozenset({"database_url"})
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -53,6 +63,48 @@ def _convert(name: str, raw: str, typ: Any) -> Any:
         domain="atlasflow.settings",
         metadata={"variable": name},
     )
+
+
+class SecretStr(str):
+    """A str whose repr() hides the value (a settings object in a log shows no password)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'<redacted>'" if self else "''"
+
+
+def _settings_error(reason: str, message: str, variable: str, path: str = "") -> InvalidArgument:
+    metadata = {"variable": variable}
+    if path:
+        metadata["path"] = path
+    return InvalidArgument(reason, message, domain="atlasflow.settings", metadata=metadata)
+
+
+def read_secret_setting(key: str, env: Mapping[str, str]) -> str | None:
+    """The value of secret setting `key` (e.g. ATLASFLOW_RANKING_DATABASE_URL) from the
+    variable itself or from the file `key`_FILE names; None when neither is set.
+
+    Raises InvalidArgument SETTING_CONFLICT (both set), SETTING_FILE_UNREADABLE or
+    SETTING_FILE_EMPTY; the messages name the variable and the path, never the value."""
+    file_key = key + "_FILE"
+    if file_key not in env:
+        return SecretStr(env[key]) if key in env else None
+    if key in env:
+        raise _settings_error("SETTING_CONFLICT", f"set {key} or {file_key}, not both", key)
+    path = env[file_key]
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise _settings_error(
+            "SETTING_FILE_UNREADABLE", f"{file_key}: cannot read {path}: {reason}", file_key, path
+        ) from None
+    if not value:
+        # an empty mounted Secret must not fall back silently to the embedded SQLite default
+        raise _settings_error("SETTING_FILE_EMPTY", f"{file_key}: {path} is empty", file_key, path)
+    return SecretStr(value)
 
 
 @dataclass(frozen=True)
@@ -193,6 +245,10 @@ class ServiceSettings:
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             key = prefix + field.name.upper()
-            if key in env:
+            if field.name in FILE_SETTINGS:
+                secret = read_secret_setting(key, env)
+                if secret is not None:
+                    values[field.name] = secret
+            elif key in env:
                 values[field.name] = _convert(key, env[key], hints[field.name])
         return cls(**values)
