@@ -612,7 +612,7 @@ def test_auth_env_and_service_token_file(any_docs: list[dict[str, Any]], compone
     # secrets as files only
     for c in all_containers(dep):
         for e in c.get("env", []):
-            assert "secretKeyRef" not in e.get("valueFrom", {}) or e["name"] == "ATLASFLOW_LABELS_DATABASE_URL", e
+            assert "secretKeyRef" not in e.get("valueFrom", {}), e
         assert not any(AUTH_SECRET in a for a in c.get("args", []) + c.get("command", []))
 
 

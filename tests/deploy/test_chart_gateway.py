@@ -29,6 +29,7 @@ from test_chart import (
     volume,
 )
 
+from atlasflow.common.settings import FILE_SETTINGS
 from atlasflow.gateway.settings import PREFIX, GatewaySettings
 
 HOST = "atlasflow.hospital.example"
@@ -110,9 +111,11 @@ def test_env_matches_gateway_settings(gw_docs: list[dict[str, Any]]) -> None:
     container = main_container(dep)
     env = literal_env(container)
     fields = {f.name.upper() for f in dataclasses.fields(GatewaySettings)}
-    unknown = sorted(k for k in env if k.startswith(PREFIX) and k[len(PREFIX) :] not in fields)
+    # a secret setting's <FIELD>_FILE (common.settings.FILE_SETTINGS) names a file of a mounted Secret
+    from_file = {f"{PREFIX}{name.upper()}_FILE" for name in FILE_SETTINGS}
+    unknown = sorted(k for k in env if k.startswith(PREFIX) and k[len(PREFIX) :] not in fields and k not in from_file)
     assert not unknown, f"GatewaySettings has no field for {unknown}"
-    s = GatewaySettings.from_env(PREFIX, env)
+    s = GatewaySettings.from_env(PREFIX, {k: v for k, v in env.items() if k not in from_file})
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert s.http_host == "0.0.0.0" and s.http_port == ports["http"] and s.metrics_port == ports["metrics"]
     assert s.blob_dir == mount_path(container, "blobs")
@@ -128,9 +131,10 @@ def test_env_matches_gateway_settings(gw_docs: list[dict[str, Any]]) -> None:
     # the client secret is a file of the mounted Secret, never an env value
     assert s.oidc_client_secret_file.startswith(mount_path(container, "oidc-client-secret") + "/")
     assert volume(dep, "oidc-client-secret")["secret"]["secretName"] == "gateway-oidc"
-    # (the only Secret in env: the audit database's URL, as every service gets its own)
+    # no Secret in env: the audit database's URL too is a file of its mounted Secret
     secret_env = [e["name"] for e in container["env"] if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]]
-    assert secret_env == [f"{PREFIX}DATABASE_URL"]
+    assert secret_env == []
+    assert s.database_url == "" and env[f"{PREFIX}DATABASE_URL_FILE"].startswith(mount_path(container, "database-url"))
     # no service token: the gateway calls the services as the user
     assert not any(k.endswith("TOKEN_FILE") for k in env)
     assert s.verifier() is not None  # the settings check tokens (AUTH_* complete)
@@ -183,7 +187,8 @@ def test_ingress_host_or_redirect_uri_required() -> None:
 def test_tls_like_the_other_components(gw_tls_docs: list[dict[str, Any]]) -> None:
     dep = deployment(gw_tls_docs, "gateway")
     c = main_container(dep)
-    s = GatewaySettings.from_env(PREFIX, literal_env(c))
+    # (the database URL file exists only in the pod: leave it out)
+    s = GatewaySettings.from_env(PREFIX, {k: v for k, v in literal_env(c).items() if k != f"{PREFIX}DATABASE_URL_FILE"})
     tls_dir = mount_path(c, "tls")
     assert (s.tls_cert_file, s.tls_key_file, s.tls_ca_file) == (
         f"{tls_dir}/tls.crt",
@@ -224,8 +229,13 @@ def test_the_audit_log_is_on_postgresql(gw_docs: list[dict[str, Any]]) -> None:
     from test_chart import AUTH_ARGS
 
     def db_env(docs: list[dict[str, Any]]) -> dict[str, Any]:
-        env = {e["name"]: e for e in main_container(deployment(docs, "gateway"))["env"]}
-        return env[f"{PREFIX}DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+        dep = deployment(docs, "gateway")
+        env = {e["name"]: e for e in main_container(dep)["env"]}
+        assert env[f"{PREFIX}DATABASE_URL_FILE"]["value"] == "/var/run/secrets/atlasflow/database/database-url"
+        (source,) = volume(dep, "database-url")["projected"]["sources"]
+        (item,) = source["secret"]["items"]
+        assert item["path"] == "database-url"
+        return {"name": source["secret"]["name"], "key": item["key"]}
 
     assert db_env(gw_docs) == {"name": "atlasflow-labels-db", "key": "database-url"}
     own = render(

@@ -636,3 +636,77 @@ pointer
 {{- $t.rollout.mode -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+The PostgreSQL Secret of a component, "<secret>/<key>", or "" (the embedded SQLite):
+<component>.database.existingSecret under <component>.database.secretKey; else, with
+postgresql.enabled (the in-cluster PostgreSQL for trials), postgresql.auth.existingSecret under
+<component>-database-url; the gateway's audit log falls back to labels' (one audit_log table keeps
+each service's records apart). Neither a Secret name nor a key can hold "/".
+  (dict "ctx" $ "component" "ingest")
+*/}}
+{{- define "atlasflow.databaseSecret" -}}
+{{- $v := index .ctx.Values .component -}}
+{{- $pg := .ctx.Values.postgresql | default dict -}}
+{{- if $v.database.existingSecret -}}
+{{- printf "%s/%s" $v.database.existingSecret $v.database.secretKey -}}
+{{- else if eq .component "gateway" -}}
+{{- include "atlasflow.databaseSecret" (dict "ctx" .ctx "component" "labels") -}}
+{{- else if $pg.enabled -}}
+{{- printf "%s/%s-database-url" (include "atlasflow.postgresqlSecret" .ctx) .component -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Directory where a component's database Secret is mounted (DATABASE_URL_FILE is in it). */}}
+{{- define "atlasflow.databaseDir" -}}
+/var/run/secrets/atlasflow/database
+{{- end -}}
+
+{{/*
+DATABASE_URL_FILE of a component with a PostgreSQL Secret (atlasflow.databaseSecret): the URL
+is a file of the mounted Secret, read once at start (common/settings.py), never an environment
+value of the pod spec. Nothing without a Secret (SQLite on the data volume).
+  (dict "ctx" $ "component" "ingest")
+*/}}
+{{- define "atlasflow.databaseEnv" -}}
+{{- if include "atlasflow.databaseSecret" . -}}
+# PostgreSQL: the URL (postgresql://...) is a file of the mounted Secret, never an env value
+- name: {{ printf "ATLASFLOW_%s_DATABASE_URL_FILE" (upper .component) }}
+  value: {{ printf "%s/database-url" (include "atlasflow.databaseDir" .ctx) | quote }}
+{{- end -}}
+{{- end -}}
+
+{{/* volumeMount of a component's database Secret (read-only), if it has one. */}}
+{{- define "atlasflow.databaseMount" -}}
+{{- if include "atlasflow.databaseSecret" . -}}
+- name: database-url
+  mountPath: {{ include "atlasflow.databaseDir" .ctx }}
+  readOnly: true
+{{- end -}}
+{{- end -}}
+
+{{/*
+Pod volume of a component's database Secret: only its URL key, as the file database-url,
+mode 0400. The kubelet gives a read-only Secret volume's files to the pod's fsGroup with group
+read (0440, root:fsGroup), so the service's user (podSecurityContext: fsGroup = runAsGroup)
+reads it and nobody else in the pod's other groups does.
+*/}}
+{{- define "atlasflow.databaseVolume" -}}
+{{- with include "atlasflow.databaseSecret" . -}}
+{{- $ref := splitList "/" . -}}
+- name: database-url
+  projected:
+    defaultMode: 0400
+    sources:
+      - secret:
+          name: {{ index $ref 0 | quote }}
+          items:
+            - key: {{ index $ref 1 | quote }}
+              path: database-url
+{{- end -}}
+{{- end -}}
+
+{{/* Name of the Secret of the in-cluster PostgreSQL (postgresql.auth.existingSecret), required. */}}
+{{- define "atlasflow.postgresqlSecret" -}}
+{{- required "postgresql.auth.existingSecret is required with postgresql.enabled: an existing Secret holding the PostgreSQL password (key password) and each service's URL (keys ingest-database-url, segmentation-database-url, ranking-database-url, labels-database-url, training-database-url; deploy/README.md \"PostgreSQL for trials\"). The chart never generates it, so nothing changes across helm template/upgrade" .Values.postgresql.auth.existingSecret -}}
+{{- end -}}
