@@ -205,12 +205,15 @@ class Database:
             return ""
         return " FOR UPDATE SKIP LOCKED" if skip_locked else " FOR UPDATE"
 
-    def lock(self, conn: sa.Connection, name: str) -> None:
+    def lock(self, conn: sa.Connection, name: str, *, shared: bool = False) -> None:
         """Serialise the transactions of `conn`'s kind that name the same key (e.g. one case):
         ``pg_advisory_xact_lock`` on PostgreSQL (released at commit/rollback); nothing on SQLite,
-        whose writers are serialised by BEGIN IMMEDIATE."""
+        whose writers are serialised by BEGIN IMMEDIATE. ``shared``: a shared lock
+        (``pg_advisory_xact_lock_shared``): shared holders run together, an exclusive holder of
+        the key waits for them all and they for it."""
         if self.is_postgresql:
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(name)})
+            fn = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+            conn.execute(sa.text(f"SELECT {fn}(:k)"), {"k": _lock_key(name)})
 
     def close(self) -> None:
         """Close every pooled connection."""

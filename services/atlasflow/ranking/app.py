@@ -1,7 +1,9 @@
 """`atlasflow serve ranking`: the worklist store behind the RankingService gRPC API.
 
 `build_app` wires the worklist store, the servicer and the gRPC server; ranking has no
-background loop of its own (labels and segmentation push to it).
+background loop of its own (labels and segmentation push to it). Replicas: any number may
+serve one PostgreSQL database; what each keeps in memory is listed in
+`atlasflow.ranking.store` ("Per-process state").
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ async def build_app(
         )
     )
     servicer = RankingServicer(store, metrics)
+    # the learned model in force, and any rescoring a killed replica left unfinished
+    await asyncio.to_thread(servicer.learned.refit)
     metrics.add_source("worklist", lambda: worklist_readings(store))
     metrics.add_disk("state", settings.data_dir)
 

@@ -167,6 +167,28 @@ class WorklistFilter:
         )
 
 
+@dataclass(frozen=True)
+class ModelState:
+    """The learned model every replica scores with (table ``learned_model``): fitted on the
+    organ decisions with ``seq <= fitted_seq`` (in seq order, so any replica refits the same
+    model from the same rows); ``generation`` changes whenever scores may change; ``fitted``:
+    the decisions were enough for a model (else organs keep segmentation's scores)."""
+
+    fitted_seq: int = 0
+    generation: int = 0
+    fitted: bool = False
+
+
+class ModelChanged(Exception):
+    """A submission was scored with another generation of the learned model than the one now in
+    force (another replica published a newer one): score it again and retry. Internal (never
+    reaches a caller)."""
+
+    def __init__(self, state: ModelState) -> None:
+        super().__init__(f"learned model generation is now {state.generation}")
+        self.state = state
+
+
 def check_id(name: str, value: str) -> None:
     if not value or len(value) > 256 or not value.isprintable():
         raise InvalidArgument(

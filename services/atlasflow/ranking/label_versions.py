@@ -23,11 +23,14 @@ import sqlalchemy as sa
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.common.organs import ORGANS
 from atlasflow.method.strategy import OrganDecision
-from atlasflow.ranking.entries import DOMAIN, OrganAttention, WorklistEntry
+from atlasflow.ranking.entries import DOMAIN, ModelState, OrganAttention, WorklistEntry
 from atlasflow.ranking.prior import OrganSummary
 from atlasflow.ranking.priority import attention_mask, case_priority
 from atlasflow.ranking.schema import organ_json, organ_of
-from atlasflow.ranking.store import WorklistStore, one, rows, run
+from atlasflow.ranking.store import WorklistStore, one, rows, run, scalar
+
+#: advisory lock: recording decisions (shared) vs reading the decision horizon (exclusive)
+DECISIONS_LOCK = "ranking-organ-decisions"
 
 
 def invalid_event(message: str, **metadata: str) -> InvalidArgument:
@@ -139,6 +142,9 @@ class LabelVersions(WorklistStore):
         row = one(conn, "SELECT organs FROM worklist WHERE case_id = :c", {"c": case_id})
         features = {o.organ: o.features for o in (organ_of(r) for r in json.loads(row["organs"]))} if row else {}
         now = self._clock().isoformat()
+        if any(features.get(organ) for organ in changes):
+            # vs `decision_horizon`: a decision's seq is visible before a model is fitted past it
+            self._db.lock(conn, DECISIONS_LOCK, shared=True)
         for organ, ml in sorted(changes.items()):
             if not features.get(organ):
                 continue  # the attention carried no features: nothing to learn from
@@ -158,42 +164,91 @@ class LabelVersions(WorklistStore):
                 },
             )
 
-    def organ_decisions(self) -> list[OrganDecision]:
-        """Every recorded organ decision, oldest first (what the `learned` strategy fits on)."""
+    def organ_decisions(self, through_seq: int | None = None) -> list[OrganDecision]:
+        """The recorded organ decisions (those with ``seq <= through_seq``; None: all), oldest
+        first (what the `learned` strategy fits on)."""
         with self._db.read() as conn:
-            found = rows(conn, "SELECT features, changed_ml FROM organ_decisions ORDER BY seq")
+            found = rows(
+                conn,
+                "SELECT features, changed_ml FROM organ_decisions WHERE seq <= :s ORDER BY seq",
+                {"s": 2**62 if through_seq is None else int(through_seq)},
+            )
         return [OrganDecision(json.loads(r["features"]), float(r["changed_ml"])) for r in found]
 
-    def rescore(self, score: Callable[[Sequence[OrganAttention]], Sequence[OrganAttention]]) -> int:
-        """Score again the organs of every case whose attention carries features (``score``:
-        e.g. `atlasflow.ranking.learned.LearnedScorer.score`); priorities and organ masks follow.
+    def model_state(self) -> ModelState:
+        """The learned model in force (table ``learned_model``; `atlasflow.ranking.learned`)."""
+        with self._db.read() as conn:
+            return self._model_state(conn)
+
+    def decision_horizon(self) -> tuple[int, int]:
+        """(the highest decision seq, the number of decisions newer than the model in force).
+
+        Every decision up to that seq is committed and no later one gets a lower seq (the read
+        waits for decisions being recorded: an exclusive lock against their shared one), so the
+        decisions ``seq <= horizon`` are a fixed set any replica can fit the same model on."""
+        with self._db.transaction() as conn:
+            self._db.lock(conn, DECISIONS_LOCK)
+            state = self._model_state(conn)
+            top = int(scalar(conn, "SELECT COALESCE(MAX(seq), 0) FROM organ_decisions"))
+            new = int(scalar(conn, "SELECT COUNT(*) FROM organ_decisions WHERE seq > :s", {"s": state.fitted_seq}))
+        return top, new
+
+    def publish_model(self, fitted_seq: int, fitted: bool) -> ModelState:
+        """Make the model fitted on the decisions ``seq <= fitted_seq`` the one in force, unless
+        one fitted on as many or more already is (a replica that refitted at the same time);
+        its generation is bumped when scores may change (the new or the old one is fitted).
+        Returns the model in force afterwards (ours or the newer one)."""
+        with self._db.transaction() as conn:
+            row = one(conn, "SELECT * FROM learned_model WHERE id = 1" + self._db.for_update())
+            if row is None:
+                raise RuntimeError("learned_model has no row (migration 0003 inserts it)")
+            if int(row["fitted_seq"]) >= fitted_seq:
+                return ModelState(int(row["fitted_seq"]), int(row["generation"]), bool(row["fitted"]))
+            generation = int(row["generation"]) + int(fitted or bool(row["fitted"]))
+            run(
+                conn,
+                "UPDATE learned_model SET fitted_seq = :s, generation = :g, fitted = :f, update_time = :t WHERE id = 1",
+                {"s": fitted_seq, "g": generation, "f": int(fitted), "t": self._clock().isoformat()},
+            )
+            return ModelState(fitted_seq, generation, fitted)
+
+    def rescore(self, score: Callable[[Sequence[OrganAttention]], Sequence[OrganAttention]], generation: int) -> int:
+        """Score again, with ``score`` (the learned model of `generation`, e.g.
+        `atlasflow.ranking.learned.LearnedScorer.score`), the organs of every case whose
+        attention carries features and was scored with an older generation; priorities and
+        organ masks follow. Stops when another generation is in force (whoever published it
+        rescores); a rescore cut short (the replica was killed) is finished by the next one.
         Returns the number of cases whose priority changed."""
         with self._db.read() as conn:
             ids = [
                 r["case_id"]
-                for r in rows(conn, "SELECT case_id, organs FROM worklist")
+                for r in rows(
+                    conn, "SELECT case_id, organs FROM worklist WHERE scored_generation < :g", {"g": generation}
+                )
                 if any(organ_of(o).features for o in json.loads(r["organs"]))
             ]
         changed = 0
         for case_id in ids:
             with self._db.transaction() as conn:
                 self._db.lock(conn, f"ranking-case:{case_id}")
+                if self._model_state(conn, share=True).generation != generation:
+                    break  # superseded
                 row = one(conn, "SELECT * FROM worklist WHERE case_id = :c", {"c": case_id})
-                if row is None:
+                if row is None or int(row["scored_generation"]) >= generation:
                     continue
                 organs = [organ_of(o) for o in json.loads(row["organs"])]
-                if not any(o.features for o in organs):
-                    continue
                 scored = list(score(organs))
                 excluded = set(json.loads(row["labelled_organs"])) | set(json.loads(row["human_organs"]))
                 priority = case_priority(scored, excluded)
                 run(
                     conn,
-                    "UPDATE worklist SET organs = :organs, priority = :p, attention_mask = :mask WHERE case_id = :c",
+                    "UPDATE worklist SET organs = :organs, priority = :p, attention_mask = :mask,"
+                    " scored_generation = :g WHERE case_id = :c",
                     {
                         "organs": json.dumps([organ_json(o) for o in scored]),
                         "p": priority,
                         "mask": attention_mask(scored, excluded),
+                        "g": generation,
                         "c": case_id,
                     },
                 )

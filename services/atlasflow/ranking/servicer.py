@@ -19,13 +19,14 @@ from typing import TypeVar, cast
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from atlasflow.common.errors import InvalidArgument
+from atlasflow.common.errors import Aborted, InvalidArgument
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.server import Context, principal_of
 from atlasflow.common.v1 import common_pb2
 from atlasflow.ranking.entries import (
     DOMAIN,
     AttentionPointer,
+    ModelChanged,
     OrganAttention,
     Round,
     Status,
@@ -44,6 +45,8 @@ _OUTCOME_TO_STATUS = {
     ranking_pb2.REVIEW_OUTCOME_REVISED: Status.REVISED,
 }
 _STATUS_TO_OUTCOME = {v: k for k, v in _OUTCOME_TO_STATUS.items()}
+#: a submission scored again this often when newer learned models keep appearing meanwhile
+_SUBMIT_TRIES = 5
 
 
 def _organ(organ: int) -> common_pb2.Organ:
@@ -221,13 +224,34 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         self.worklist = worklist
         self.metrics = metrics
         self._prior = LearnedPriorCache(worklist.learned_geometry)
-        self.learned = learned or LearnedScorer()
+        self.learned = learned or LearnedScorer(worklist)
 
     def _refit(self, force: bool = False) -> None:
-        """Fit the learned strategy on the decisions so far (`LearnedScorer.refit`) and rescore
-        the worklist when the model changed. Blocking."""
-        if self.learned.refit(self.worklist.organ_decisions(), force=force):
-            self.worklist.rescore(self.learned.score)
+        """Refit the learned strategy when enough decisions are new, adopt the model in force and
+        rescore the cases scored with an older one (`LearnedScorer.refit`). Blocking."""
+        self.learned.refit(force=force)
+
+    def _submit(self, request: ranking_pb2.SubmitAttentionRequest) -> tuple[WorklistEntry, int]:
+        """Score the attention with the learned model in force and store it; when another
+        replica published a newer model meanwhile (`ModelChanged`), adopt it and score again.
+        Blocking."""
+        organs = [organ_from_proto(o) for o in request.organs]
+        for _ in range(_SUBMIT_TRIES):
+            scored, generation = self.learned.score(organs)
+            try:
+                return self.worklist.submit(
+                    request.case_id,
+                    request.series_id,
+                    request.source_job_id,
+                    scored,
+                    [int(o) for o in request.labelled_organs],
+                    request.heatmap.digest,
+                    request.heatmap.size_bytes,
+                    model_generation=generation,
+                )
+            except ModelChanged as changed:
+                self.learned.adopt(changed.state)
+        raise Aborted("MODEL_CHANGING", "the learned model kept changing; retry", domain=DOMAIN)
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         try:
@@ -244,16 +268,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         self, request: ranking_pb2.SubmitAttentionRequest, context: Context
     ) -> ranking_pb2.SubmitAttentionResponse:
         t0 = time.perf_counter()
-        entry, rank = await self._call(
-            self.worklist.submit,
-            request.case_id,
-            request.series_id,
-            request.source_job_id,
-            self.learned.score([organ_from_proto(o) for o in request.organs]),
-            [int(o) for o in request.labelled_organs],
-            request.heatmap.digest,
-            request.heatmap.size_bytes,
-        )
+        entry, rank = await self._call(self._submit, request)
         self.metrics.observe_stage("ranking_update", time.perf_counter() - t0)
         return ranking_pb2.SubmitAttentionResponse(item=item_to_proto(entry, rank))
 

@@ -12,6 +12,35 @@ run in one snapshot (`Database.read`).
 `atlasflow.ranking.worklist.SqlWorklist` is this store with its operations: attention and lists
 (worklist.py), leases and reviews (leases.py), rounds (rounds.py), label versions and the
 learned prior's geometry (label_versions.py).
+
+Per-process state (replicas)
+----------------------------
+Any number of ranking processes may serve one PostgreSQL database (SQLite: one process; the
+chart allows several replicas only with PostgreSQL). What one process keeps in memory, and why
+that is safe:
+
+- the connection pool (`atlasflow.common.db.PoolSettings`): per process, nothing shared;
+- the learned model (`atlasflow.ranking.learned.LearnedScorer`): SHARED THROUGH THE DATABASE.
+  The model in force is a row (``learned_model``: the decisions it was fitted on and its
+  generation); a process fits that same model again when its copy is of another generation,
+  a submission is stored only when it was scored with the generation in force (checked in
+  its transaction), rescoring checks it case by case and any replica finishes a rescore a
+  killed one left (``worklist.scored_generation``); decisions are counted in the database;
+- the learned population prior (`atlasflow.ranking.prior.LearnedPriorCache`): HARMLESS, a cache
+  keyed by a tag read from the database on every call; every process derives the same prior
+  from the same rows;
+- metrics (`atlasflow.common.metrics.Metrics`): counters and latencies are per process (sum
+  them over replicas); the queue-depth and lease gauges are read from the shared database, so
+  every replica reports the same whole-worklist value (take ``max``, not ``sum``);
+- background loops: NONE. Lease expiry is computed at read time from stored expiries (no
+  sweeper); labels (RecordLabelVersion, from its outbox) and segmentation (SubmitAttention)
+  push to whichever replica the Service picks, and both are idempotent in the database
+  (per-case advisory lock; a version is kept only when newer, a decision once per (case,
+  organ, version), a submission once per (case, job)). At start a process adopts the model in
+  force and finishes any stale rescoring (`atlasflow.ranking.app.build_app`);
+- settings (default lease length) and the clock: each process uses its own clock for lease
+  expiry, so replicas need synchronised clocks (NTP; skew well below a lease's minutes);
+  page tokens are self-contained cursors, valid on any replica.
 """
 
 from __future__ import annotations
@@ -26,7 +55,7 @@ import sqlalchemy as sa
 from atlasflow.common import sqlite as sq
 from atlasflow.common.db import Database, PoolSettings, open_database
 from atlasflow.common.errors import NotFound
-from atlasflow.ranking.entries import DOMAIN, WorklistEntry
+from atlasflow.ranking.entries import DOMAIN, ModelChanged, ModelState, WorklistEntry
 from atlasflow.ranking.migrations import MIGRATIONS
 from atlasflow.ranking.schema import entry_of, to_us
 
@@ -106,6 +135,27 @@ class WorklistStore:
             {"p": priority, "c": case_id},
         )
         return int(ahead) + 1
+
+    def _model_state(self, conn: sa.Connection, *, share: bool = False) -> ModelState:
+        """The learned model in force (``share``: row-locked FOR SHARE on PostgreSQL until the
+        transaction ends, so a newer model is not published meanwhile)."""
+        row = one(
+            conn,
+            "SELECT fitted_seq, generation, fitted FROM learned_model WHERE id = 1"
+            + (" FOR SHARE" if share and self._db.is_postgresql else ""),
+        )
+        if row is None:  # the migration inserts the row; never deleted
+            return ModelState()
+        return ModelState(int(row["fitted_seq"]), int(row["generation"]), bool(row["fitted"]))
+
+    def _check_generation(self, conn: sa.Connection, generation: int | None) -> None:
+        """ModelChanged unless `generation` (None: any) is the learned model's in force; the
+        model row stays share-locked until the transaction ends (`_model_state`)."""
+        if generation is None:
+            return
+        state = self._model_state(conn, share=True)
+        if state.generation != generation:
+            raise ModelChanged(state)
 
     def _open_round_number(self, conn: sa.Connection) -> int | None:
         number = scalar(

@@ -84,12 +84,16 @@ class SqlWorklist(Leases, Rounds, LabelVersions):
         labelled_organs: Sequence[int] = (),
         heatmap_digest: str = "",
         heatmap_size: int = 0,
+        model_generation: int | None = None,
     ) -> tuple[WorklistEntry, int]:
         """Record the attention summary of `case_id` from segmentation job `source_job_id`.
 
         Returns (the case's entry after re-ranking, its 1-based rank). Idempotent by
         (case_id, source_job_id); see the module docstring for replacement. Review status,
-        lease and rounds of the case are kept.
+        lease and rounds of the case are kept. model_generation: the learned model generation
+        `organs` were scored with (`atlasflow.ranking.learned`); raises `ModelChanged` when
+        another one is in force (score again, retry); None: unscored (generation 0, rescored
+        by the next refit once a model is fitted).
         """
         check_id("case_id", case_id)
         check_id("series_id", series_id)
@@ -104,6 +108,7 @@ class SqlWorklist(Leases, Rounds, LabelVersions):
         organs_json = json.dumps([organ_json(o) for o in ordered])
         with self._db.transaction() as conn:
             self._db.lock(conn, f"ranking-case:{case_id}")  # vs record_label_version of the case
+            self._check_generation(conn, model_generation)  # vs a newer model's publication
             known = one(
                 conn, "SELECT label_version_id, human_organs FROM case_labels WHERE case_id = :c", {"c": case_id}
             )
@@ -123,8 +128,8 @@ class SqlWorklist(Leases, Rounds, LabelVersions):
                     conn,
                     "INSERT INTO worklist(case_id, series_id, source_job_id, priority, organs,"
                     " labelled_organs, heatmap_digest, heatmap_size, update_time, attention_mask,"
-                    " latest_label_version_id, human_organs)"
-                    " VALUES (:c, :s, :j, :p, :organs, :labelled, :digest, :size, :t, :mask, :v, :human)"
+                    " latest_label_version_id, human_organs, scored_generation)"
+                    " VALUES (:c, :s, :j, :p, :organs, :labelled, :digest, :size, :t, :mask, :v, :human, :g)"
                     " ON CONFLICT(case_id) DO UPDATE SET series_id = excluded.series_id,"
                     " source_job_id = excluded.source_job_id, priority = excluded.priority,"
                     " organs = excluded.organs, labelled_organs = excluded.labelled_organs,"
@@ -132,7 +137,7 @@ class SqlWorklist(Leases, Rounds, LabelVersions):
                     " heatmap_size = excluded.heatmap_size, update_time = excluded.update_time,"
                     " attention_mask = excluded.attention_mask,"
                     " latest_label_version_id = excluded.latest_label_version_id,"
-                    " human_organs = excluded.human_organs",
+                    " human_organs = excluded.human_organs, scored_generation = excluded.scored_generation",
                     {
                         "c": case_id,
                         "s": series_id,
@@ -146,6 +151,7 @@ class SqlWorklist(Leases, Rounds, LabelVersions):
                         "mask": mask,
                         "v": version_id,
                         "human": human,
+                        "g": model_generation or 0,
                     },
                 )
             return self._entry_and_rank(conn, case_id, self._now_us())
