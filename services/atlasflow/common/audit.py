@@ -16,7 +16,10 @@ identity when there is one, the target ids read from the request (``*_id``, ``*_
 refusal's cause) and, for aggregated refusals, how many were not recorded one by one.
 
 Storage (`AuditLog`): one table ``audit_log`` in SQLite (``<data_dir>/audit.sqlite3``) or
-PostgreSQL (the service's database URL), append-only: an UPDATE or DELETE raises (SQLite:
+PostgreSQL (the service's database URL), on the one database layer (`atlasflow.common.db`:
+SQLAlchemy Core, Alembic schema ``audit`` in `atlasflow.common.audit_migrations` with its own
+version table ``alembic_version_audit``; a log the hand-written code made is adopted with its
+rows), append-only: an UPDATE or DELETE raises (SQLite:
 triggers that RAISE(ABORT); PostgreSQL: a BEFORE UPDATE OR DELETE trigger, and TRUNCATE too).
 Each row carries the SHA-256 of the previous row's hash and its own canonical content
 (``prev_hash``, ``hash``): `AuditLog.verify_chain` finds a row edited or removed behind the
@@ -34,30 +37,23 @@ of refused calls therefore writes at most ~limit + 1 rows per peer per minute.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import sqlite3
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from google.protobuf.message import Message
 
+from atlasflow.common.audit_migrations import LEGACY_PG_LOCK, MIGRATIONS
+from atlasflow.common.db import PoolSettings, open_database
 from atlasflow.common.errors import InvalidArgument, Unavailable
-from atlasflow.common.sqlite import (
-    clamp_page_size,
-    connect,
-    decode_page_token,
-    encode_page_token,
-    migrate,
-    transaction,
-)
+from atlasflow.common.sqlite import clamp_page_size, decode_page_token, encode_page_token
 
 DOMAIN = "atlasflow.audit"
 
@@ -259,20 +255,21 @@ class AuditQuery:
             )
         return self
 
-    def where(self) -> tuple[str, list[Any]]:
+    def where(self) -> tuple[str, dict[str, Any]]:
+        """The SQL condition (named ``:params``) and its parameters."""
         clauses: list[str] = []
-        args: list[Any] = []
+        args: dict[str, Any] = {}
         if self.since is not None:
-            clauses.append("time >= ?")
-            args.append(_iso(self.since))
+            clauses.append("time >= :since")
+            args["since"] = _iso(self.since)
         if self.until is not None:
-            clauses.append("time < ?")
-            args.append(_iso(self.until))
+            clauses.append("time < :until")
+            args["until"] = _iso(self.until)
         for col in ("principal", "action", "outcome"):
             value = getattr(self, col)
             if value:
-                clauses.append(f"{col} = ?")
-                args.append(value)
+                clauses.append(f"{col} = :{col}")
+                args[col] = value
         return (" AND ".join(clauses) or "1=1"), args
 
     def scope(self) -> str:
@@ -288,77 +285,16 @@ _COLUMNS = (
     "record_id, time, service, action, method, principal, roles, peer, client_identity, targets, "
     "outcome, reason, cause, suppressed, prev_hash, hash"
 )
-
-SQLITE_MIGRATIONS = [
-    """
-    CREATE TABLE audit_log (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        record_id TEXT NOT NULL UNIQUE,
-        time TEXT NOT NULL,
-        service TEXT NOT NULL,
-        action TEXT NOT NULL,
-        method TEXT NOT NULL,
-        principal TEXT NOT NULL,
-        roles TEXT NOT NULL,
-        peer TEXT NOT NULL,
-        client_identity TEXT NOT NULL,
-        targets TEXT NOT NULL,
-        outcome TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        cause TEXT NOT NULL,
-        suppressed INTEGER NOT NULL,
-        prev_hash TEXT NOT NULL,
-        hash TEXT NOT NULL
-    );
-    CREATE INDEX audit_log_by_time ON audit_log(time);
-    CREATE INDEX audit_log_by_principal ON audit_log(principal, seq);
-    CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
-    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
-    CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
-    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
-    """,
-]
-
-# PostgreSQL: its own migrations table (the service's database may hold the service's own
-# `schema_migrations`, e.g. labels'), applied under an advisory lock.
-PG_SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit_log (
-    seq BIGSERIAL PRIMARY KEY,
-    record_id TEXT NOT NULL UNIQUE,
-    time TEXT NOT NULL,
-    service TEXT NOT NULL,
-    action TEXT NOT NULL,
-    method TEXT NOT NULL,
-    principal TEXT NOT NULL,
-    roles TEXT NOT NULL,
-    peer TEXT NOT NULL,
-    client_identity TEXT NOT NULL,
-    targets TEXT NOT NULL,
-    outcome TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    cause TEXT NOT NULL,
-    suppressed INTEGER NOT NULL,
-    prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_log_by_time ON audit_log(time);
-CREATE INDEX IF NOT EXISTS audit_log_by_principal ON audit_log(principal, seq);
-CREATE OR REPLACE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'audit records are append-only';
-END;
-$$;
-DROP TRIGGER IF EXISTS audit_log_append_only ON audit_log;
-CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log
-    FOR EACH ROW EXECUTE FUNCTION audit_log_append_only();
-DROP TRIGGER IF EXISTS audit_log_no_truncate ON audit_log;
-CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
-    FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only();
-"""
-_PG_LOCK = 0x61756469_745F6C67 & 0x7FFFFFFFFFFFFFFF  # "audit_lg"
+_INSERT = sa.text(
+    f"INSERT INTO audit_log ({_COLUMNS}) VALUES ("
+    + ", ".join(f":{c.strip()}" for c in _COLUMNS.split(","))
+    + ") RETURNING seq"
+)
+#: PostgreSQL pool of one audit log: appends are serialised anyway (one advisory lock)
+AUDIT_POOL = PoolSettings(size=2, max_overflow=3)
 
 
-def _row_to_record(row: Mapping[str, Any]) -> AuditRecord:
+def _row_to_record(row: Mapping[str, Any] | sa.RowMapping) -> AuditRecord:
     return AuditRecord(
         service=row["service"],
         action=row["action"],
@@ -380,109 +316,67 @@ def _row_to_record(row: Mapping[str, Any]) -> AuditRecord:
     )
 
 
-def _values(r: AuditRecord) -> tuple[Any, ...]:
-    return (
-        r.record_id,
-        _iso(r.time),
-        r.service,
-        r.action,
-        r.method,
-        r.principal,
-        ",".join(r.roles),
-        r.peer,
-        r.client_identity,
-        json.dumps([list(t) for t in r.targets]),
-        r.outcome,
-        r.reason,
-        r.cause,
-        r.suppressed,
-        r.prev_hash,
-        r.hash,
-    )
+def _values(r: AuditRecord) -> dict[str, Any]:
+    return {
+        "record_id": r.record_id,
+        "time": _iso(r.time),
+        "service": r.service,
+        "action": r.action,
+        "method": r.method,
+        "principal": r.principal,
+        "roles": ",".join(r.roles),
+        "peer": r.peer,
+        "client_identity": r.client_identity,
+        "targets": json.dumps([list(t) for t in r.targets]),
+        "outcome": r.outcome,
+        "reason": r.reason,
+        "cause": r.cause,
+        "suppressed": r.suppressed,
+        "prev_hash": r.prev_hash,
+        "hash": r.hash,
+    }
 
 
 class AuditLog:
     """The append-only audit log of one service (see the module docstring).
 
-    ``location``: a SQLite file path, or a ``postgresql://`` URL. Thread-safe; blocking."""
+    ``location``: a SQLite file path, or a ``sqlite:///`` / ``postgresql://`` URL
+    (`atlasflow.common.db.database_url`); the schema is migrated on open (schema ``audit``,
+    `atlasflow.common.audit_migrations`). Thread-safe (one pooled connection per call);
+    blocking. Raises Unavailable("AUDIT_UNAVAILABLE") when the database cannot be reached."""
 
     def __init__(self, location: str | Path) -> None:
         self.location = str(location)
-        self.postgres = self.location.startswith(("postgresql://", "postgres://"))
-        self._lock = threading.Lock()
-        self._sqlite: sqlite3.Connection | None = None
-        self._pg: Any = None
-        if self.postgres:
-            import psycopg
-            from psycopg.rows import dict_row
-
-            self._psycopg = psycopg
-            try:
-                self._pg = psycopg.connect(self.location, autocommit=True, row_factory=dict_row, connect_timeout=10)
-            except psycopg.OperationalError:
-                raise self._unavailable() from None
-            with self._pg.transaction():
-                self._pg.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
-                self._pg.execute(PG_SCHEMA)
-        else:
-            self._sqlite = connect(self.location)
-            migrate(self._sqlite, SQLITE_MIGRATIONS)
+        try:
+            self._db = open_database(location, MIGRATIONS, pool=AUDIT_POOL)
+        except sa.exc.DBAPIError:
+            raise self._unavailable() from None
+        self.postgres = self._db.is_postgresql
 
     @staticmethod
     def _unavailable() -> Unavailable:
         return Unavailable("AUDIT_UNAVAILABLE", "the audit log cannot be written", domain=DOMAIN)
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[Any]:
-        """A write transaction; yields an ``execute(sql, args) -> cursor`` with ``?`` placeholders."""
-        with self._lock:
-            if self._sqlite is not None:
-                with transaction(self._sqlite) as conn:
-                    yield conn.execute
-                return
-            conn = self._pg
-            try:
-                with conn.transaction():
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
-                    yield lambda sql, args=(): conn.execute(sql.replace("?", "%s"), tuple(args))
-            except self._psycopg.OperationalError:
-                self._reconnect()
-                raise self._unavailable() from None
-
-    def _reconnect(self) -> None:
-        with contextlib.suppress(Exception):
-            self._pg.close()
+    def _read(self, sql: str, args: Mapping[str, Any]) -> list[sa.RowMapping]:
         try:
-            from psycopg.rows import dict_row
-
-            self._pg = self._psycopg.connect(self.location, autocommit=True, row_factory=dict_row, connect_timeout=10)
-        except self._psycopg.OperationalError:
-            pass
-
-    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Mapping[str, Any]]:
-        with self._lock:
-            if self._sqlite is not None:
-                return [dict(r) for r in self._sqlite.execute(sql, tuple(args)).fetchall()]
-            try:
-                return list(self._pg.execute(sql.replace("?", "%s"), tuple(args)).fetchall())
-            except self._psycopg.OperationalError:
-                self._reconnect()
-                raise self._unavailable() from None
+            with self._db.read() as conn:
+                return list(conn.execute(sa.text(sql), dict(args)).mappings().all())
+        except sa.exc.DBAPIError:
+            raise self._unavailable() from None
 
     def append(self, record: AuditRecord) -> AuditRecord:
         """Store ``record`` at the end of the chain; returns it with seq and hashes. Raises
         Unavailable("AUDIT_UNAVAILABLE") when it cannot be stored."""
         try:
-            with self._tx() as execute:
-                last = execute("SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
-                prev = (last["hash"] if last else None) or GENESIS
+            with self._db.transaction() as conn:
+                if self.postgres:  # the lock every version's appends take: one linear chain
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": LEGACY_PG_LOCK})
+                last = conn.execute(sa.text("SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1")).scalar()
+                prev = last or GENESIS
                 stored = replace(record, prev_hash=prev, hash=chain_hash(prev, record))
-                row = execute(
-                    f"INSERT INTO audit_log ({_COLUMNS}) VALUES ({', '.join('?' * 16)}) RETURNING seq",
-                    _values(stored),
-                ).fetchone()
-                return replace(stored, seq=int(row["seq"]))
-        except sqlite3.Error:
+                seq = conn.execute(_INSERT, _values(stored)).scalar_one()
+                return replace(stored, seq=int(seq))
+        except sa.exc.DBAPIError:
             raise self._unavailable() from None
 
     def list(self, query: AuditQuery, page_size: int = 0, page_token: str = "") -> tuple[list[AuditRecord], str]:
@@ -492,10 +386,11 @@ class AuditLog:
         cursor = decode_page_token(page_token, "audit", scope=scope, domain=DOMAIN)
         where, args = query.where()
         if cursor is not None:
-            where += " AND seq < ?"
-            args.append(int(cursor.get("seq", 0)))
+            where += " AND seq < :before"
+            args["before"] = int(cursor.get("seq", 0))
         rows = self._read(
-            f"SELECT seq, {_COLUMNS} FROM audit_log WHERE {where} ORDER BY seq DESC LIMIT ?", [*args, size + 1]
+            f"SELECT seq, {_COLUMNS} FROM audit_log WHERE {where} ORDER BY seq DESC LIMIT :limit",
+            args | {"limit": size + 1},
         )
         records = [_row_to_record(r) for r in rows[:size]]
         token = encode_page_token("audit", {"seq": records[-1].seq}, scope=scope) if len(rows) > size else ""
@@ -508,8 +403,8 @@ class AuditLog:
         while True:
             where, args = query.where()
             rows = self._read(
-                f"SELECT seq, {_COLUMNS} FROM audit_log WHERE {where} AND seq > ? ORDER BY seq LIMIT ?",
-                [*args, after, batch],
+                f"SELECT seq, {_COLUMNS} FROM audit_log WHERE {where} AND seq > :after ORDER BY seq LIMIT :limit",
+                args | {"after": after, "limit": batch},
             )
             for row in rows:
                 yield _row_to_record(row)
@@ -528,13 +423,7 @@ class AuditLog:
         return None
 
     def close(self) -> None:
-        with self._lock:
-            if self._sqlite is not None:
-                self._sqlite.close()
-                self._sqlite = None
-            if self._pg is not None:
-                self._pg.close()
-                self._pg = None
+        self._db.close()
 
 
 # ------------------------------------------------------------------------------- refusal floods
