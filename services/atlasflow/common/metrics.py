@@ -43,6 +43,15 @@ GAUGES: dict[str, tuple[str, str]] = {
     "atlasflow_disk_free_bytes": ("Free bytes of a directory's file system.", "dir"),
     "atlasflow_disk_floor_bytes": ("The free-disk floor below which new data is refused (0: off).", "dir"),
     "atlasflow_triton_up": ("Triton live with the model ready, as this segmentation replica sees it (1/0).", ""),
+    "atlasflow_ensemble_version_served": (
+        "The ensemble version this segmentation replica serves as its default for new jobs (value 1).",
+        "version",
+    ),
+    "atlasflow_ensemble_version_in_step": (
+        "1 when this segmentation replica serves the activated ensemble version recorded in the database"
+        " (or none is recorded), 0 when it cannot and claims no jobs.",
+        "",
+    ),
     "atlasflow_gauge_source_up": ("1 when a scrape-time source answered in this scrape, 0 when it failed.", "source"),
 }
 

@@ -20,7 +20,11 @@ with it:
    version and the worker looks their segmenter up per job, so a job queued or running before
    the swap finishes on the version it was created with; new jobs get the new default.
 
-After a restart, `CurrentVersionActivator` activates the promoted version (``CURRENT``) again.
+Several replicas: the activation is recorded in segmentation's database in the same step
+(`EnsembleRegistry.activate` ``record``; table ``served_version``) and every replica follows the
+record (`ServedVersionFollower`: polled, verified and loaded with the same checks; a replica
+that cannot serve it claims no jobs). After a restart the record is served again; without one,
+`CurrentVersionActivator` activates the promoted version (``CURRENT``).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any, Protocol
 from atlasflow.common.errors import AtlasflowError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from atlasflow.method.strategy import RankingStrategy
 from atlasflow.segmentation.ensemble import EnsembleConfig, load_ensemble, triton_model_name
+from atlasflow.segmentation.jobs import ServedVersion
 
 DOMAIN = "atlasflow.segmentation"
 MAX_NAME = 200
@@ -54,6 +59,13 @@ def _sha256(path: Path) -> str:
 def verify_version(versions_dir: str | Path, name: str) -> EnsembleConfig:
     """The version's ensemble after checking its weights against its model card (module
     docstring, step 1); raises the specific error otherwise."""
+    return verify_version_card(versions_dir, name)[0]
+
+
+def verify_version_card(versions_dir: str | Path, name: str, expect_card: str = "") -> tuple[EnsembleConfig, str]:
+    """`verify_version`, and the SHA-256 of the version's ``model_card.json`` (``sha256:<hex>``);
+    with ``expect_card``, a card with another digest is ``VERSION_CARD_MISMATCH``
+    (FAILED_PRECONDITION): this replica's copy of the version is not the one activated."""
     if not versions_dir:
         raise FailedPrecondition("VERSIONS_NOT_CONFIGURED", "this service has no versions directory", domain=DOMAIN)
     if not name or len(name) > MAX_NAME or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
@@ -78,10 +90,19 @@ def verify_version(versions_dir: str | Path, name: str) -> EnsembleConfig:
         )
 
     try:
-        card = json.loads((folder / "model_card.json").read_text())
+        card_bytes = (folder / "model_card.json").read_bytes()
+        card = json.loads(card_bytes)
         digests = dict(card["weights"])
     except (OSError, ValueError, KeyError, TypeError):
         raise corrupt("model_card.json") from None
+    card_digest = "sha256:" + hashlib.sha256(card_bytes).hexdigest()
+    if expect_card and card_digest != expect_card:
+        raise FailedPrecondition(
+            "VERSION_CARD_MISMATCH",
+            "this replica's copy of the ensemble version is not the one that was activated (model card digest)",
+            domain=DOMAIN,
+            metadata={"ensemble_version": name, "expected": expect_card[:80], "found": card_digest[:80]},
+        )
     try:
         config = load_ensemble(folder / "ensemble.json")
     except Exception:  # noqa: BLE001 - any unreadable ensemble file is the version's corruption
@@ -101,7 +122,7 @@ def verify_version(versions_dir: str | Path, name: str) -> EnsembleConfig:
                 domain=DOMAIN,
                 metadata={"ensemble_version": name, "member": member.name},
             )
-    return config
+    return config, card_digest
 
 
 class Loader(Protocol):
@@ -150,6 +171,8 @@ class RegistryState:
     segmenters: Mapping[str, Any] = field(default_factory=dict)
     members: Mapping[str, list[str]] = field(default_factory=dict)
     strategies: Mapping[str, RankingStrategy] = field(default_factory=dict)
+    #: model card digest per activated version (`verify_version_card`)
+    cards: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def default(self) -> str:
@@ -173,22 +196,36 @@ class EnsembleRegistry:
         name: str,
         loader: Loader,
         make_segmenter: Callable[[str], Any],
+        *,
+        expect_card: str = "",
+        record: Callable[[str, str], object] | None = None,
     ) -> tuple[RegistryState, RegistryState, str]:
         """Verify, load and make ``name`` the default; returns (before, after, model name).
-        Activating the default again loads nothing."""
+        Activating the default again loads nothing.
+
+        ``expect_card``: the model card digest the version must have (a follower: the recorded
+        one, `verify_version_card`). ``record(name, card digest)``: called after the version
+        verified and loaded and before the swap (ActivateEnsembleVersion: the database record
+        every replica follows); when it raises, nothing is swapped."""
         with self._lock:
             before = self._state
-            if before.default == name and name in before.segmenters:
+            card = before.cards.get(name, "")
+            if before.default == name and name in before.segmenters and (not expect_card or card == expect_card):
+                if record is not None:
+                    record(name, card or verify_version_card(versions_dir, name)[1])
                 return before, before, triton_model_name(name)
-            config = verify_version(versions_dir, name)
+            config, card = verify_version_card(versions_dir, name, expect_card)
             model = loader.load(config)
             segmenter = before.segmenters.get(name) or make_segmenter(model)
+            if record is not None:
+                record(name, card)
             after = replace(
                 before,
                 versions=(name, *[v for v in before.versions if v != name]),
                 segmenters={**before.segmenters, name: segmenter},
                 members={**before.members, name: [m.name for m in config.members]},
                 strategies={**before.strategies, name: config.strategy},
+                cards={**before.cards, name: card},
             )
             self._state = after  # one reference assignment: readers see before or after
             return before, after, model
@@ -258,6 +295,7 @@ class CurrentVersionActivator:
         self.retry_s = retry_s
         self.stop = threading.Event()
         self.done = threading.Event()
+        self._warned = False
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -269,27 +307,174 @@ class CurrentVersionActivator:
         self.stop.wait()
 
     def _activate(self) -> None:
+        while not self.stop.is_set() and not self.try_once():
+            self.stop.wait(self.retry_s)
+
+    def try_once(self) -> bool:
+        """One try; True when finished (served, refused, or nothing to serve), False when Triton
+        is not there yet (try again later)."""
         pointer = Path(self.versions_dir) / "CURRENT" if self.versions_dir else None
         if pointer is None or not pointer.is_file():
-            return
+            return True
         name = pointer.read_text().strip()
+        try:
+            self.registry.activate(self.versions_dir, name, self.loader, self.make_segmenter)
+            log.info("promoted ensemble version served again", extra={"fields": {"ensemble_version": name}})
+            return True
+        except AtlasflowError as exc:
+            if _transient(exc):
+                if not self._warned:
+                    log.warning(
+                        "promoted version not servable yet, retrying",
+                        extra={"fields": {"ensemble_version": name, "reason": exc.reason}},
+                    )
+                    self._warned = True
+                return False
+            log.error("promoted version refused", extra={"fields": {"ensemble_version": name, "reason": exc.reason}})
+            return True
+
+
+def _transient(exc: AtlasflowError) -> bool:
+    """Triton or its model not there yet (worth retrying), as opposed to the version's own errors."""
+    return exc.code == "UNAVAILABLE" or exc.reason == "TRITON_MODEL_NOT_READY"
+
+
+class ServedVersionSource(Protocol):
+    """Where the activated version is recorded (`atlasflow.segmentation.jobs.JobStore`)."""
+
+    def served_version(self) -> ServedVersion | None: ...
+
+
+class ServedVersionFollower:
+    """Every replica serves the ensemble version recorded in the database (several replicas).
+
+    ActivateEnsembleVersion reaches ONE replica (the Service picks it): that replica verifies,
+    loads, records the version in segmentation's database (``served_version``, migration 0003:
+    version, model card digest, when, by whom) and swaps its registry, in one step
+    (`EnsembleRegistry.activate` with ``record``). Every replica (that one included) runs this
+    follower (a `ThreadLoop` target): every ``poll_s`` it reads the record (one row, read only)
+    and, when this replica does not serve it as its default yet, activates it with the same
+    checks as the RPC (`verify_version_card`: name, files, each member's weights against the
+    model card, and the card's digest against the recorded one; then the `Loader`: Triton
+    binds it or has it ready). After a restart the record wins over a stale ``versions/CURRENT``;
+    with no record (no activation yet) ``versions/CURRENT`` is activated as before
+    (`CurrentVersionActivator`).
+
+    **A replica that cannot serve the recorded version claims no jobs** (decision): the worker
+    asks `may_claim` before every claim, which reads the record and answers False while this
+    replica's default is not the recorded version with the recorded card (not followed yet,
+    missing or corrupt weights, another copy of the version, Triton without the model). The
+    reason is logged (once per version and reason, at ERROR for the version's own errors) and
+    exported (``atlasflow_ensemble_version_in_step`` 0, `atlasflow.segmentation.gauges`), and
+    the follower keeps trying every ``poll_s`` (a volume mounted late, Triton loading it).
+    Claiming under the old version instead would give a hospital labels from a version that is
+    no longer the activated one, with nothing but a log line to tell; the jobs wait in the
+    shared queue for a replica that serves the version (an SRE sees the gauge, the queue depth
+    and the log). New jobs get the recorded version as their default on every replica
+    (`SegmentationServicer`), whichever replica the caller reached. Jobs keep the version they
+    were created with.
+    """
+
+    def __init__(
+        self,
+        registry: EnsembleRegistry,
+        store: ServedVersionSource,
+        versions_dir: str,
+        loader: Loader,
+        make_segmenter: Callable[[str], Any],
+        *,
+        poll_s: float = 5.0,
+        current: CurrentVersionActivator | None = None,
+    ) -> None:
+        self.registry, self.store, self.versions_dir, self.loader, self.make_segmenter = (
+            registry,
+            store,
+            versions_dir,
+            loader,
+            make_segmenter,
+        )
+        self.poll_s = poll_s
+        self.current = current or CurrentVersionActivator(registry, versions_dir, loader, make_segmenter)
+        self._current_done = False
+        self.stop = threading.Event()
+        #: set after the first sync that left this replica in step (the record or CURRENT served)
+        self.done = threading.Event()
+        #: the last answer: this replica serves the recorded version (or none is recorded)
+        self.in_step = True
+        #: why it does not ("" when in step): (version, error reason)
+        self.blocked: tuple[str, str] = ("", "")
+        self._lock = threading.Lock()  # one sync at a time (the loop and the worker's gate)
+
+    def request_stop(self) -> None:
+        self.stop.set()
+
+    def run(self) -> None:
         warned = False
         while not self.stop.is_set():
             try:
-                self.registry.activate(self.versions_dir, name, self.loader, self.make_segmenter)
-                log.info("promoted ensemble version served again", extra={"fields": {"ensemble_version": name}})
-                return
-            except AtlasflowError as exc:
-                if exc.code == "UNAVAILABLE" or exc.reason == "TRITON_MODEL_NOT_READY":
-                    if not warned:
-                        log.warning(
-                            "promoted version not servable yet, retrying",
-                            extra={"fields": {"ensemble_version": name, "reason": exc.reason}},
-                        )
-                        warned = True
-                    self.stop.wait(self.retry_s)
-                    continue
-                log.error(
-                    "promoted version refused", extra={"fields": {"ensemble_version": name, "reason": exc.reason}}
+                if self.sync():
+                    self.done.set()
+                warned = False
+            except Exception as exc:  # noqa: BLE001 - the database unreachable: keep what is served, retry
+                if not warned:
+                    log.warning(
+                        "served ensemble version not readable, retrying",
+                        extra={"fields": {"exc_type": type(exc).__name__}},
+                    )
+                    warned = True
+            self.stop.wait(self.poll_s)
+
+    @property
+    def served_default(self) -> str:
+        """The version this replica serves as its default."""
+        return self.registry.state.default
+
+    def _matches(self, record: ServedVersion) -> bool:
+        state = self.registry.state
+        return state.default == record.version and state.cards.get(record.version) == record.card_digest
+
+    def may_claim(self) -> bool:
+        """The worker's gate before a claim: reads the record; True when none is recorded or this
+        replica serves it (it does not activate: `run` does)."""
+        record = self.store.served_version()
+        ok = record is None or self._matches(record)
+        self.in_step = ok
+        return ok
+
+    def sync(self) -> bool:
+        """Read the record and serve it (activating it when needed); True when in step."""
+        with self._lock:
+            record = self.store.served_version()
+            if record is None:
+                if not self._current_done:
+                    self._current_done = self.current.try_once()
+                self.in_step, self.blocked = True, ("", "")
+                return self._current_done
+            if self._matches(record):
+                self.in_step, self.blocked = True, ("", "")
+                return True
+            try:
+                self.registry.activate(
+                    self.versions_dir, record.version, self.loader, self.make_segmenter, expect_card=record.card_digest
                 )
-                return
+            except AtlasflowError as exc:
+                self.in_step = False
+                if self.blocked != (record.version, exc.reason):
+                    self.blocked = (record.version, exc.reason)
+                    (log.warning if _transient(exc) else log.error)(
+                        "cannot serve the activated ensemble version; this replica claims no jobs until it can",
+                        extra={
+                            "fields": {
+                                "ensemble_version": record.version,
+                                "reason": exc.reason,
+                                "activated_by": record.activated_by,
+                            }
+                        },
+                    )
+                return False
+            self.in_step, self.blocked = True, ("", "")
+            log.info(
+                "following the activated ensemble version",
+                extra={"fields": {"ensemble_version": record.version, "activated_by": record.activated_by}},
+            )
+            return True

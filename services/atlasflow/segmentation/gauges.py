@@ -1,6 +1,6 @@
 """The segmentation service's scrape-time gauges (`atlasflow.common.metrics.Metrics.add_source`;
-no grpc): the job queue and its oldest running job, and Triton's availability as this replica
-sees it. docs/runbooks.md says what an SRE does with them."""
+no grpc): the job queue and its oldest running job, Triton's availability as this replica
+sees it, and the ensemble version it serves. docs/runbooks.md says what an SRE does with them."""
 
 from __future__ import annotations
 
@@ -40,3 +40,23 @@ def triton_readings(segmenters: Iterable[object]) -> list[Reading]:
     if not answers:
         return []
     return [Reading("atlasflow_triton_up", "", 1.0 if all(answers) else 0.0)]
+
+
+class VersionGauges(Protocol):
+    """What `version_readings` needs (`activation.ServedVersionFollower`)."""
+
+    in_step: bool
+
+    @property
+    def served_default(self) -> str: ...
+
+
+def version_readings(follower: VersionGauges) -> list[Reading]:
+    """``atlasflow_ensemble_version_served{version=<this replica's default>}`` 1, and
+    ``atlasflow_ensemble_version_in_step`` 1/0: 0 = the activated version recorded in the
+    database is not served here (missing or corrupt weights, Triton without its model), so this
+    replica claims no jobs (`activation.ServedVersionFollower`); as of the last check."""
+    return [
+        Reading("atlasflow_ensemble_version_served", follower.served_default, 1.0),
+        Reading("atlasflow_ensemble_version_in_step", "", 1.0 if follower.in_step else 0.0),
+    ]

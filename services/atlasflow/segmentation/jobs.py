@@ -30,6 +30,10 @@ A job's result and its two hand-offs (label version, attention summary) are comm
 transaction with the outbox rows (`atlasflow.common.outbox.SqlOutboxStore`, table ``outbox``),
 so a crash after inference never loses the result and a replay never duplicates it (the callees
 are idempotent by job id).
+
+The served ensemble version (table ``served_version``, one row): `record_served_version` is
+what ActivateEnsembleVersion writes on the replica that got the call, `served_version` what
+every replica reads (`atlasflow.segmentation.activation.ServedVersionFollower`).
 """
 
 from __future__ import annotations
@@ -83,6 +87,17 @@ class Job:
     next_attempt_at: float = 0.0
     lease_holder: str = ""
     lease_expires_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """The activated ensemble version as recorded in the database (migration 0003)."""
+
+    version: str
+    card_digest: str
+    activated_at: float
+    activated_by: str = ""
+    replica: str = ""
 
 
 def _job(r: Row) -> Job:
@@ -516,6 +531,33 @@ class JobStore:
             for i in range(0, len(wanted), 500):
                 found.update(r[0] for r in conn.execute(query, {"chunk": wanted[i : i + 500]}))
         return sorted(found)
+
+    def served_version(self) -> ServedVersion | None:
+        """The ensemble version the last activation recorded (None: none yet); one row read."""
+        with self.db.read() as conn:
+            r = _one(conn, "SELECT * FROM served_version WHERE slot = 1", {})
+        if r is None:
+            return None
+        return ServedVersion(r["version"], r["card_digest"], float(r["activated_at"]), r["activated_by"], r["replica"])
+
+    def record_served_version(self, version: str, card_digest: str, activated_by: str = "") -> ServedVersion:
+        """Make `version` (its model card's digest `card_digest`) the recorded served version;
+        the last call wins. Recording the version already recorded with the same digest keeps
+        its row (time and caller of the first activation)."""
+        now = self.clock()
+        with self.db.transaction() as conn:
+            _run(
+                conn,
+                "INSERT INTO served_version(slot, version, card_digest, activated_at, activated_by, replica)"
+                " VALUES (1, :v, :d, :now, :by, :me) ON CONFLICT (slot) DO UPDATE SET version = excluded.version,"
+                " card_digest = excluded.card_digest, activated_at = excluded.activated_at,"
+                " activated_by = excluded.activated_by, replica = excluded.replica"
+                " WHERE served_version.version <> excluded.version OR served_version.card_digest <> excluded.card_digest",
+                {"v": version, "d": card_digest, "now": now, "by": activated_by, "me": self.holder},
+            )
+        served = self.served_version()
+        assert served is not None
+        return served
 
     def queued_count(self) -> int:
         """Jobs waiting or running (the ``segmentation_jobs`` queue depth)."""

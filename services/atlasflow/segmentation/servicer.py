@@ -2,6 +2,10 @@
 
 Job store calls (SQLite) and blob look-ups (files) run in a worker thread (`asyncio.to_thread`),
 never on the event loop; the store serialises them itself. The jobs run in `worker.Worker`.
+
+ActivateEnsembleVersion records the version in the database before this replica swaps to it
+(every replica follows the record: `activation.ServedVersionFollower`); new jobs default to the
+recorded version on every replica (`served_now`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from opentelemetry import trace
 from atlasflow.common.blobstore import BlobStore
 from atlasflow.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from atlasflow.common.organs import ORGANS
-from atlasflow.common.server import Context
+from atlasflow.common.server import Context, author_of
 from atlasflow.common.telemetry import current_traceparent
 from atlasflow.common.v1 import common_pb2
 from atlasflow.segmentation.activation import EnsembleRegistry, Loader
@@ -143,6 +147,17 @@ class SegmentationServicer(segmentation_pb2_grpc.SegmentationServiceServicer):
             return list(self.activation.registry.state.versions)
         return self._ensembles
 
+    def served_now(self) -> list[str]:
+        """The versions a new job may name, the default first (blocking: reads the database).
+        With several replicas the default is the activated version recorded in the database
+        (`activation.ServedVersionFollower`), even while this replica does not serve it yet:
+        the job waits for a replica that does, and no replica labels it with an older version."""
+        served = self.ensembles
+        record = self.jobs.served_version() if self.activation is not None else None
+        if record is None:
+            return served
+        return [record.version, *[v for v in served if v != record.version]]
+
     def _job_changed(self, job_id: str) -> None:  # any thread
         loop = self._loop
         if loop is not None and job_id in self._waits:
@@ -182,7 +197,7 @@ class SegmentationServicer(segmentation_pb2_grpc.SegmentationServiceServicer):
             raise InvalidArgument(
                 "INVALID_REQUEST", "case_id, series_id and series_version >= 1 are required", domain=DOMAIN
             )
-        served = self.ensembles  # one snapshot: the default and the check agree
+        served = await asyncio.to_thread(self.served_now)  # one snapshot: the default and the check agree
         ensemble = request.ensemble_version or served[0]
         self._check_served(ensemble, served)
         if not await asyncio.to_thread(self.blobs.exists, request.volume.digest):
@@ -260,10 +275,18 @@ class SegmentationServicer(segmentation_pb2_grpc.SegmentationServiceServicer):
         act = self.activation
         if act is None or not act.versions_dir:
             raise FailedPrecondition("VERSIONS_NOT_CONFIGURED", "this service has no versions directory", domain=DOMAIN)
+        caller = author_of(context)
+
+        def record(name: str, card: str) -> None:
+            # the database record every replica follows, before this replica's swap
+            self.jobs.record_served_version(name, card, caller)
+
         with tracer.start_as_current_span("segmentation.activate") as span:
             span.set_attribute("atlasflow.ensemble_version", request.ensemble_version[:200])
             before, after, model = await asyncio.to_thread(
-                act.registry.activate, act.versions_dir, request.ensemble_version, act.loader, act.make_segmenter
+                lambda: act.registry.activate(
+                    act.versions_dir, request.ensemble_version, act.loader, act.make_segmenter, record=record
+                )
             )
         log.info(
             "ensemble version activated",
@@ -287,7 +310,7 @@ class SegmentationServicer(segmentation_pb2_grpc.SegmentationServiceServicer):
                 domain=DOMAIN,
                 metadata={"field": "case_ids"},
             )
-        self._check_served(request.ensemble_version, self.ensembles)
+        self._check_served(request.ensemble_version, await asyncio.to_thread(self.served_now))
         traceparent = current_traceparent()
 
         def submit() -> tuple[list[Job], list[str]]:

@@ -95,7 +95,8 @@ class Worker:
     goes back to QUEUED in the work table with ``error_reason`` set and is tried again after
     ``min(max_backoff_s, retry_base_s * 2**(attempts - 1))`` seconds; after ``max_attempts``
     claims it FAILS with that reason (e.g. ``TRITON_UNAVAILABLE``). Other domain errors fail
-    at once. ``poll_s``: how often an idle worker looks for due jobs.
+    at once. ``poll_s``: how often an idle worker looks for due jobs. ``claim_gate``: asked
+    before every claim; False = wait (`activation.ServedVersionFollower.may_claim`).
     """
 
     def __init__(
@@ -114,8 +115,12 @@ class Worker:
         prior: PopulationPrior | Callable[[], PopulationPrior] | None = None,
         strategies: Mapping[str, RankingStrategy] | None = None,
         registry: EnsembleRegistry | None = None,
+        claim_gate: Callable[[], bool] | None = None,
     ) -> None:
         self.jobs = jobs
+        # Asked before every claim: False = claim nothing now (this replica does not serve the
+        # activated ensemble version: `activation.ServedVersionFollower.may_claim`).
+        self.claim_gate = claim_gate
         # The served versions after ActivateEnsembleVersion (`activation.EnsembleRegistry`):
         # looked up per job, so a job keeps the version it was created with.
         self.registry = registry
@@ -173,7 +178,7 @@ class Worker:
 
     def run_forever(self) -> None:
         while not self.stopping.is_set():
-            job = self.jobs.claim()
+            job = self.jobs.claim() if self._may_claim() else None
             if job is None:
                 self.metrics.set_queue_depth("segmentation_jobs", self.jobs.queued_count())
                 self.wake.wait(self.poll_s)
@@ -181,6 +186,15 @@ class Worker:
                 continue
             with self.jobs.keep_alive(job.job_id):  # renews the job's lease while it runs (replicas)
                 self.run_one(job)
+
+    def _may_claim(self) -> bool:
+        if self.claim_gate is None:
+            return True
+        try:
+            return self.claim_gate()
+        except Exception as exc:  # noqa: BLE001 - the database unreachable: claim nothing, retry
+            log.warning("claim gate failed", extra={"fields": {"exc_type": type(exc).__name__}})
+            return False
 
     def run_one(self, job: Job) -> None:
         token = otel_context.attach(context_from_traceparent(job.traceparent))

@@ -4,7 +4,8 @@ Revisions live in ``versions/``; the version table is ``alembic_version_segmenta
 Revision 0001 is the baseline: the job table and the outbox as the hand-written migrations
 (`atlasflow.segmentation.schema.LEGACY_MIGRATIONS`) left them; a database those made is adopted
 (its legacy migrations finished by `adopt_legacy`, 0001 stamped). 0002 adds the claim leases
-(jobs and outbox rows) that let several replicas share one database.
+(jobs and outbox rows) that let several replicas share one database; 0003 the served ensemble
+version every replica follows (``served_version``).
 
 Adding a change: a new file ``versions/000N_<what>.py`` with ``revision = "000N"``,
 ``down_revision = "000N-1"`` and ``upgrade()`` written with `alembic.op` in SQL both SQLite and
