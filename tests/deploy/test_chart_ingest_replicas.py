@@ -36,7 +36,9 @@ def docs() -> list[dict[str, Any]]:
 
 def ingest_objects(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
     return {
-        n: d for n, d in by_kind(docs, kind).items() if d["metadata"]["labels"]["app.kubernetes.io/component"] == "ingest"
+        n: d
+        for n, d in by_kind(docs, kind).items()
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "ingest"
     }
 
 

@@ -233,3 +233,76 @@ def test_the_same_instances_sent_to_both_replicas_at_once_are_stored_once(tmp_pa
     finally:
         for s in stores:
             s.close()
+
+
+def test_a_deletion_on_one_replica_is_not_undone_by_the_others_drain_or_recovery(tmp_path, db_url):
+    """Replica b acknowledged instances of a study (spooled, not drained; one more in a spool a
+    crash left behind), then the study is deleted through replica a: b's later drain and its
+    start-up recovery drop those records (neither a blob nor a row comes back), while another
+    study's instances in the same spool are drained as usual."""
+    from atlasflow.common.errors import FailedPrecondition
+    from atlasflow.ingest.deletion import Deletions
+    from atlasflow.ingest.identity import atlas_id
+
+    blobs, (a, b) = _replicas(tmp_path, db_url)
+    crashed = IngestStore(tmp_path / "replica-c", blobs, database=db_url, spool_segment_bytes=1 << 20, spool_spares=1)
+    case = atlas_id("case", "del-study")
+    try:
+        gone = [b.store_instance(b"deleted-%d" % i, "del-study", "del-series", f"del-{i}") for i in range(3)]
+        kept = b.store_instance(b"other-study", "keep-study", "keep-series", "keep-1")
+        crashed.store_instance(b"deleted-crash", "del-study", "del-series-2", "del-c")
+        crashed.close()  # killed before its drain: the record waits in its spool
+        deletion, created = Deletions(a, blobs, grace_s=0.0).start(case, "consent withdrawn", "admin-1")
+        assert created and gone[0].case_id == case
+        assert b.spool_drain.drain() == 1 and b.spool_drain.dropped_deleted == 3
+        assert not any(blobs.exists(d) for d in _digests(b"deleted-0", b"deleted-1", b"deleted-2"))
+        assert blobs.exists(_digests(b"other-study")[0]) and b.get_series(kept.series_id).instance_count == 1
+        # the crashed replica restarts: its recovery drops the record, no row is re-created
+        crashed = IngestStore(
+            tmp_path / "replica-c", blobs, database=db_url, spool_segment_bytes=1 << 20, spool_spares=1
+        )
+        assert crashed.spool_drain.dropped_deleted == 1 and not blobs.exists(_digests(b"deleted-crash")[0])
+        assert [s.case_id for s in crashed.list_series(100, "")[0]] == [kept.case_id]
+        # and no replica takes new instances of the study
+        with pytest.raises(FailedPrecondition) as e:
+            b.store_instance(b"deleted-9", "del-study", "del-series", "del-9")
+        assert e.value.reason == "STUDY_DELETED" and e.value.metadata["deletion_id"] == deletion.deletion_id
+    finally:
+        for s in (a, b, crashed):
+            s.close()
+
+
+def _digests(*data: bytes) -> list[str]:
+    from atlasflow.common.blobstore import digest_of
+
+    return [digest_of(d) for d in data]
+
+
+def test_a_stopped_replica_drains_its_spool(tmp_path):
+    """A replica stopped gracefully (a rolling update, a scale-down) drains its spool into the
+    shared blob store before it exits: no acknowledged instance waits on a volume that no pod
+    may mount again, and the other replicas can assemble its series at once."""
+    import asyncio
+
+    from atlasflow.ingest.app import build_app
+    from atlasflow.ingest.settings import IngestSettings
+
+    settings = IngestSettings(
+        data_dir=str(tmp_path / "data"), blob_dir=str(tmp_path / "blobs"), grpc_port=0, dicom_port=0, auth_disabled=True
+    )
+
+    async def run() -> IngestStore:
+        app = await build_app(settings)
+        store: IngestStore = app.parts["store"]
+        store.spool_drain.drain_if_idle = lambda *_a, **_k: 0  # type: ignore[method-assign]  # only the stop drains
+        await app.start()
+        try:
+            await asyncio.to_thread(store.store_instance, b"acknowledged", "st-stop", "se-stop", "sop-stop")
+            assert store.spool.segments() and not store.blobs.exists(_digests(b"acknowledged")[0])
+        finally:
+            await app.stop()
+        return store
+
+    store = asyncio.run(run())
+    assert store.blobs.exists(_digests(b"acknowledged")[0])
+    assert not store.spool.segments()

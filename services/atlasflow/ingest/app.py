@@ -185,6 +185,19 @@ async def build_app(
     built.on_stop.append(stop_scp_then_flush)
     ready_fields: dict[str, Any] = {"dicom_port": settings.dicom_port, "ae_title": settings.ae_title}
 
+    async def drain_spool() -> None:
+        # a stopped replica leaves no acknowledged instance in its spool: the other replicas
+        # assemble its series at once, and a StatefulSet scaled down leaves an empty volume
+        # (what a kill leaves is replayed when the pod, with its volume, starts again)
+        try:
+            moved = await asyncio.to_thread(store.spool_drain.drain)
+            log.info("spool drained at stop", extra={"fields": {"records": moved}})
+        except Exception as exc:  # noqa: BLE001 - the records stay in the spool: replayed at the next start
+            log.error(
+                "spool not drained at stop; replayed at the next start",
+                extra={"fields": {"error": type(exc).__name__}},
+            )
+
     def release_outbox() -> None:  # another replica delivers them now, not after the claim expires
         try:
             store.outbox.release()
@@ -200,8 +213,9 @@ async def build_app(
             TaskLoop("outbox", dispatcher.run),
             TaskLoop("upload-purge", purge_uploads),
         ],
-        # reverse order: the channels, this replica's outbox claims given back, then the store
-        closers=[store.close, release_outbox, channel.close, *(c.close for c in peer_channels)],
+        # reverse order: the channels, this replica's outbox claims given back, its spool
+        # drained into the blob store, then the store
+        closers=[store.close, drain_spool, release_outbox, channel.close, *(c.close for c in peer_channels)],
         parts={"store": store, "reception": reception, "scp": scp, "assembler": assembler, "servicer": servicer},
         ready_fields=ready_fields,
         metrics=metrics,

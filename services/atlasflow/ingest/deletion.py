@@ -116,8 +116,11 @@ def check_reason(reason: str) -> str:
 class Deletions:
     """The deletion operations in ingest's database (the store's `atlasflow.common.db.Database`).
 
-    Tombstones are loaded at start and set by this process's deletions (another replica's
-    deletion is seen by this one after its restart: not yet replica-safe)."""
+    Tombstones are loaded at start and set by this process's deletions (the fast check of
+    `IngestStore.check_not_deleted`); another replica's deletion is a row of ``deletions`` that
+    every replica checks under the study's lock: `IngestStore._record` refuses the study's new
+    instances, and each spooled record a replica drains or recovers later is dropped
+    (`IngestStore._drain_guard`), so a deletion is never undone by another replica's spool."""
 
     def __init__(
         self, store: IngestStore, blobs: SweptBlobStore, *, refuse_days: float = 30.0, grace_s: float = 300.0

@@ -7,6 +7,14 @@ process left: each complete record becomes a blob and, if its row never committe
 again (the store's ``replay`` callback). A segment goes only after every record in it is a
 durable blob and the rows it could re-create are flushed (the store's ``sync_rows``); a
 corrupt segment is kept as ``*.corrupt`` for inspection.
+
+Deleted studies: each record is moved under the store's ``guard(header)``, which holds the
+study's lock in the database and says whether the study was deleted meanwhile (by any replica:
+the tombstone is a row of ``deletions``). A record of a deleted study is dropped, neither put
+into the blob store nor replayed: a DeleteStudy served by another replica is not undone by this
+replica's later drain or start-up recovery. The lock orders the put and the deletion's purge: a
+put before the purge is a blob the deletion's sweep finds (and deletes after its grace period);
+after the purge the tombstone is seen and nothing is put.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +37,9 @@ log = logging.getLogger(__name__)
 class SpoolDrain:
     """Drains `spool` into `blobs`. `lock` is the store's lock (it serialises the spool's
     writers and the rows); `replay(header, data)` re-creates a spooled record's row (called
-    under `lock`, recovery only); `sync_rows()` makes every committed row durable (under `lock`).
-    Thread-safe: one drain at a time."""
+    under `lock`, recovery only); `sync_rows()` makes every committed row durable (under `lock`);
+    `guard(header)` is entered around each record's move and yields False when the record's study
+    was deleted (the record is then dropped; see the module doc). Thread-safe: one drain at a time."""
 
     def __init__(
         self,
@@ -38,12 +48,16 @@ class SpoolDrain:
         lock: threading.RLock,
         replay: Callable[[dict[str, Any], bytes], object],
         sync_rows: Callable[[], None],
+        guard: Callable[[dict[str, Any]], AbstractContextManager[bool]] | None = None,
     ) -> None:
         self.spool = spool
         self.blobs = blobs
         self.lock = lock
         self._replay = replay
         self._sync_rows = sync_rows
+        self._guard = guard
+        #: records of deleted studies dropped by this process's drains (not put, not replayed)
+        self.dropped_deleted = 0
         self._drain_lock = threading.Lock()
 
     def drain(self) -> int:
@@ -90,15 +104,21 @@ class SpoolDrain:
         moved = 0
         try:
             for header, data in InstanceSpool.read_segment(seg):
-                info = self.blobs.put(data)
-                if info.digest != header["digest"]:
-                    raise DataLoss(
-                        "SPOOL_CORRUPT",
-                        "spooled bytes do not match their digest",
-                        domain="atlasflow.ingest",
-                        metadata={"segment": seg.name},
-                    )
-                if recovering:
+                if self._guard is None:
+                    self._put(seg, header, data)
+                    if recovering:
+                        with self.lock:
+                            self._replay(header, data)
+                    moved += 1
+                    continue
+                with self._guard(header) as live:
+                    if live:
+                        self._put(seg, header, data)
+                if not live:  # its study was deleted (by any replica): dropped
+                    self.dropped_deleted += 1
+                    log.info("spooled instance of a deleted study dropped", extra={"fields": {"segment": seg.name}})
+                    continue
+                if recovering:  # outside the guard: the replay takes the study's lock itself
                     with self.lock:
                         self._replay(header, data)
                 moved += 1
@@ -115,3 +135,14 @@ class SpoolDrain:
             self._sync_rows()  # rows replayable from this segment are durable before it goes
             self.spool.recycle(seg)
         return moved
+
+    def _put(self, seg: Path, header: dict[str, Any], data: bytes) -> None:
+        """One record's bytes into the blob store (DataLoss when they do not match its digest)."""
+        info = self.blobs.put(data)
+        if info.digest != header["digest"]:
+            raise DataLoss(
+                "SPOOL_CORRUPT",
+                "spooled bytes do not match their digest",
+                domain="atlasflow.ingest",
+                metadata={"segment": seg.name},
+            )

@@ -27,8 +27,13 @@ counted). A version that got another instance while it was assembled is not mark
 (`mark_assembled` checks the instance count) and is assembled again after a new quiet period.
 The rows of one series are written under a per-series lock (`Database.lock`), so two replicas
 receiving the same instance or opening the same version do not collide. Spooled bytes live in
-the receiving replica's spool until it drains them into the shared blob store: an assembler
-that finds an instance's blob missing gives the claim back and waits (`missing_blobs`).
+the receiving replica's spool until it drains them into the shared blob store: an instance's
+row is committed after its spool record is durable and before its blob exists, so an assembler
+that finds an instance's blob missing (`missing_blobs`: still in another replica's spool) gives
+the claim and the attempt back and waits; the version is assembled, by any replica, once that
+replica drained (when idle, and when it stops). A DeleteStudy on one replica is a row of
+``deletions`` every replica checks: in `_record` (new instances refused) and for each spooled
+record it drains or recovers (`_drain_guard`: the record is dropped).
 
 Duplicates: the same SOP Instance UID with the same content is stored once (reported
 duplicate, counted in the version's `duplicate_count`); with different content the first is kept
@@ -206,6 +211,7 @@ class IngestStore:
             self.lock,
             lambda header, data: self._record(header, data, recovering=True),
             self._sync_db,
+            self._drain_guard,
         )
         #: resumable gRPC uploads (same database)
         self.uploads = UploadStore(self.db, self.data_dir / "uploads")
@@ -802,6 +808,19 @@ class IngestStore:
             {"c": case_id, "t": time.time() - self.refuse_deleted_s},
         )
         return None if r is None else (r["deletion_id"], float(r["create_time"]))
+
+    @contextlib.contextmanager
+    def _drain_guard(self, header: dict[str, Any]) -> Iterator[bool]:
+        """Around the move of one spooled record into the blob store (`SpoolDrain`): holds the
+        study's lock (the one `purge_study` and `_record` take) and yields False when the study
+        was deleted, by any replica, while its tombstone lasts (the record is then dropped: a
+        DeleteStudy is never undone by a later drain or recovery). A tombstone refuses every
+        instance from its deletion on, so a spooled record of a study with a live tombstone
+        was received before the deletion, whatever the replicas' clocks say."""
+        case_id = atlas_id("case", header["study_uid"])
+        with self.db.transaction() as conn:
+            self.db.lock(conn, f"ingest-case:{case_id}")
+            yield self._deletion_of(conn, case_id) is None
 
     def _receipt_series_sql(self) -> str:
         """SQL of an upload receipt's series id (``receipt_json`` is JSON text)."""
