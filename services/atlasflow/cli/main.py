@@ -386,7 +386,8 @@ def delete_study(
 
 # ----------------------------------------------------------------------------- databases
 
-DB_SERVICES = ("ranking", "ingest", "segmentation")  # services whose store runs on atlasflow.common.db (Alembic)
+#: services whose store runs on atlasflow.common.db (Alembic)
+DB_SERVICES = ("ranking", "ingest", "segmentation", "labels", "training")
 
 
 @cli.group(

@@ -16,12 +16,14 @@ from typing import Any
 
 import grpc
 
+from atlasflow.common import db
 from atlasflow.common.app import ServiceApp, ThreadLoop, build_service_server, run_service
 from atlasflow.common.metrics import Metrics
 from atlasflow.training import k8s_runner
 from atlasflow.training.dataset import DecisionSource
 from atlasflow.training.executor import ExecutorConfig, Rollout, RunExecutor
 from atlasflow.training.labels_source import LabelsDecisionSource
+from atlasflow.training.migrations import MIGRATIONS
 from atlasflow.training.peers import ServicePeers
 from atlasflow.training.reinfer import Peers
 from atlasflow.training.runs import RunStore
@@ -42,6 +44,16 @@ def open_store(settings: TrainingSettings) -> RunStore:
     if settings.database_url:
         return RunStore(settings.database_url)
     return RunStore(Path(settings.data_dir) / "training.sqlite3")
+
+
+def upgrade_database(database: str) -> str:
+    """Apply training's schema migrations to `database` (URL or SQLite path; what the service
+    does on start); return the database's revision. `atlasflow db upgrade --service training`."""
+    engine = db.create_engine(database)
+    try:
+        return db.upgrade(engine, MIGRATIONS)
+    finally:
+        engine.dispose()
 
 
 async def build_app(

@@ -1,79 +1,42 @@
 """The training service's run store: one table ``training_runs`` in SQLite
-(``<data_dir>/training.sqlite3``) or PostgreSQL (``ATLASFLOW_TRAINING_DATABASE_URL``), with the
-same SQL on both (``?`` placeholders, rewritten to ``%s`` for psycopg). No grpc.
+(``<data_dir>/training.sqlite3``) or PostgreSQL (``ATLASFLOW_TRAINING_DATABASE_URL``), on the one
+database layer (`atlasflow.common.db`: SQLAlchemy Core, the same SQL on both; Alembic schema
+``training`` in `atlasflow.training.migrations`, a database the hand-written code made is
+adopted with its runs). No grpc.
 
 A run (`RunRecord`) is an operation: ``state`` (the `OperationState` names QUEUED, RUNNING,
 SUCCEEDED, FAILED, CANCELLED), ``cancel_requested``, and a JSON document holding the request
 (hyperparameters, seed, holdout, margin), the progress (stage, per-member step/steps/loss) and
 the result (manifest digest, version, gate, loss summaries, per-stage seconds, roll-out).
 Transitions are guarded in SQL (``WHERE state = ...``), so a cancel racing the worker's claim or
-finish never resurrects a terminal run. Runs are idempotent by ``request_id``.
+finish never resurrects a terminal run. Runs are idempotent by ``request_id``. Writes are
+serialised (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: one transaction-scoped advisory lock, the
+key the hand-written code took, so replicas of either version never claim one run twice).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
-import threading
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
+import sqlalchemy as sa
+
+from atlasflow.common.db import Database, PoolSettings, open_database
 from atlasflow.common.errors import NotFound, Unavailable
-from atlasflow.common.sqlite import (
-    clamp_page_size,
-    connect,
-    decode_page_token,
-    encode_page_token,
-    migrate,
-    transaction,
-    utc_now,
-)
+from atlasflow.common.sqlite import clamp_page_size, decode_page_token, encode_page_token, utc_now
+from atlasflow.training.migrations import LEGACY_PG_LOCK, MIGRATIONS
 
 DOMAIN = "atlasflow.training"
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 _COLUMNS = "run_id, request_id, state, cancel_requested, requested_by, doc, error_reason, create_time, update_time"
-
-SQLITE_MIGRATIONS = [
-    """
-    CREATE TABLE training_runs (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        run_id TEXT NOT NULL UNIQUE,
-        request_id TEXT UNIQUE,
-        state TEXT NOT NULL,
-        cancel_requested INTEGER NOT NULL DEFAULT 0,
-        requested_by TEXT NOT NULL,
-        doc TEXT NOT NULL,
-        error_reason TEXT NOT NULL DEFAULT '',
-        create_time TEXT NOT NULL,
-        update_time TEXT NOT NULL
-    );
-    CREATE INDEX training_runs_state ON training_runs (state, seq);
-    """
-]
-
-PG_SCHEMA = """
-CREATE TABLE IF NOT EXISTS training_runs (
-    seq BIGSERIAL PRIMARY KEY,
-    run_id TEXT NOT NULL UNIQUE,
-    request_id TEXT UNIQUE,
-    state TEXT NOT NULL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    requested_by TEXT NOT NULL,
-    doc TEXT NOT NULL,
-    error_reason TEXT NOT NULL DEFAULT '',
-    create_time TEXT NOT NULL,
-    update_time TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS training_runs_state ON training_runs (state, seq);
-"""
-_PG_LOCK = 0x74726169_6E696E67 & 0x7FFFFFFFFFFFFFFF  # "training"
 
 
 @dataclass(frozen=True)
@@ -104,14 +67,7 @@ class RunRecord:
         return dict(self.doc.get("result", {}))
 
 
-@dataclass
-class _Conn:
-    sqlite: sqlite3.Connection | None = None
-    pg: Any = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _row(r: Mapping[str, Any]) -> RunRecord:
+def _row(r: Mapping[str, Any] | sa.RowMapping) -> RunRecord:
     return RunRecord(
         run_id=str(r["run_id"]),
         request_id=r["request_id"],
@@ -128,57 +84,39 @@ def _row(r: Mapping[str, Any]) -> RunRecord:
 
 class RunStore:
     """Training runs on SQLite or PostgreSQL (module docstring). ``location``: a SQLite file
-    path or a ``postgresql://`` URL. Thread-safe; blocking (callers run it off the event loop)."""
+    path or a ``sqlite:///`` / ``postgresql://`` URL (`atlasflow.common.db.database_url`);
+    migrated on open. Thread-safe (one pooled connection per call); blocking (callers run it off
+    the event loop). Raises Unavailable("STORE_UNAVAILABLE") when the database cannot be reached."""
 
-    def __init__(self, location: str | Path) -> None:
+    def __init__(self, location: str | Path, *, pool: PoolSettings | None = None) -> None:
         self.location = str(location)
-        self.postgres = self.location.startswith(("postgresql://", "postgres://"))
-        self._c = _Conn()
-        if self.postgres:
-            import psycopg
-            from psycopg.rows import dict_row
-
-            self._psycopg = psycopg
-            try:
-                self._c.pg = psycopg.connect(self.location, autocommit=True, row_factory=dict_row, connect_timeout=10)
-            except psycopg.OperationalError:
-                raise self._unavailable() from None
-            with self._c.pg.transaction():
-                self._c.pg.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
-                self._c.pg.execute(PG_SCHEMA)
-        else:
-            Path(self.location).parent.mkdir(parents=True, exist_ok=True)
-            self._c.sqlite = connect(self.location)
-            migrate(self._c.sqlite, SQLITE_MIGRATIONS)
+        try:
+            self._db: Database = open_database(location, MIGRATIONS, pool=pool)
+        except sa.exc.DBAPIError:
+            raise self._unavailable() from None
+        self.postgres = self._db.is_postgresql
 
     @staticmethod
     def _unavailable() -> Unavailable:
         return Unavailable("STORE_UNAVAILABLE", "the training run store cannot be reached", domain=DOMAIN)
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[Any]:
-        """A write transaction; yields ``execute(sql, args) -> cursor`` (``?`` placeholders)."""
-        with self._c.lock:
-            if self._c.sqlite is not None:
-                with transaction(self._c.sqlite) as conn:
-                    yield conn.execute
-                return
-            conn = self._c.pg
-            try:
-                with conn.transaction():
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
-                    yield lambda sql, args=(): conn.execute(sql.replace("?", "%s"), tuple(args))
-            except self._psycopg.OperationalError:
-                raise self._unavailable() from None
+    def _tx(self) -> Iterator[Callable[..., sa.CursorResult[Any]]]:
+        """A write transaction; yields ``execute(sql, params) -> result`` (named ``:params``)."""
+        try:
+            with self._db.transaction() as conn:
+                if self.postgres:
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": LEGACY_PG_LOCK})
+                yield lambda sql, params=None: conn.execute(sa.text(sql), dict(params or {}))
+        except sa.exc.DBAPIError:
+            raise self._unavailable() from None
 
-    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Mapping[str, Any]]:
-        with self._c.lock:
-            if self._c.sqlite is not None:
-                return [dict(r) for r in self._c.sqlite.execute(sql, tuple(args)).fetchall()]
-            try:
-                return list(self._c.pg.execute(sql.replace("?", "%s"), tuple(args)).fetchall())
-            except self._psycopg.OperationalError:
-                raise self._unavailable() from None
+    def _read(self, sql: str, params: Mapping[str, Any] | None = None) -> list[sa.RowMapping]:
+        try:
+            with self._db.read() as conn:
+                return list(conn.execute(sa.text(sql), dict(params or {})).mappings().all())
+        except sa.exc.DBAPIError:
+            raise self._unavailable() from None
 
     # ------------------------------------------------------------------ runs
     def create(self, request: Mapping[str, Any], requested_by: str, request_id: str | None = None) -> RunRecord:
@@ -188,25 +126,35 @@ class RunStore:
         doc = {"request": dict(request), "progress": {"stage": "", "members": []}, "result": {}}
         with self._tx() as execute:
             if request_id:
-                existing = execute(
-                    f"SELECT seq, {_COLUMNS} FROM training_runs WHERE request_id = ?", (request_id,)
-                ).fetchone()
+                existing = (
+                    execute(f"SELECT seq, {_COLUMNS} FROM training_runs WHERE request_id = :r", {"r": request_id})
+                    .mappings()
+                    .first()
+                )
                 if existing is not None:
                     return _row(existing)
             execute(
-                f"INSERT INTO training_runs ({_COLUMNS}) VALUES (?, ?, ?, 0, ?, ?, '', ?, ?)",
-                (run_id, request_id or None, QUEUED, requested_by, json.dumps(doc), now, now),
+                f"INSERT INTO training_runs ({_COLUMNS})"
+                " VALUES (:run_id, :request_id, :state, 0, :by, :doc, '', :now, :now)",
+                {
+                    "run_id": run_id,
+                    "request_id": request_id or None,
+                    "state": QUEUED,
+                    "by": requested_by,
+                    "doc": json.dumps(doc),
+                    "now": now,
+                },
             )
         return self.get(run_id)
 
     def get(self, run_id: str) -> RunRecord:
-        rows = self._read(f"SELECT seq, {_COLUMNS} FROM training_runs WHERE run_id = ?", (run_id,))
+        rows = self._read(f"SELECT seq, {_COLUMNS} FROM training_runs WHERE run_id = :r", {"r": run_id})
         if not rows:
             raise NotFound("RUN_NOT_FOUND", "no training run with this id", domain=DOMAIN, metadata={"run_id": run_id})
         return _row(rows[0])
 
     def find_request(self, request_id: str) -> RunRecord | None:
-        rows = self._read(f"SELECT seq, {_COLUMNS} FROM training_runs WHERE request_id = ?", (request_id,))
+        rows = self._read(f"SELECT seq, {_COLUMNS} FROM training_runs WHERE request_id = :r", {"r": request_id})
         return _row(rows[0]) if rows else None
 
     def list(self, page_size: int = 0, page_token: str = "") -> tuple[list[RunRecord], str]:
@@ -214,9 +162,10 @@ class RunStore:
         size = clamp_page_size(page_size, domain=DOMAIN)
         cursor = decode_page_token(page_token, "training_runs", domain=DOMAIN)
         before = int(cursor.get("seq", 0)) if cursor else 0
-        where, args = ("WHERE seq < ?", [before]) if before else ("", [])
+        where = "WHERE seq < :before" if before else ""
         rows = self._read(
-            f"SELECT seq, {_COLUMNS} FROM training_runs {where} ORDER BY seq DESC LIMIT ?", [*args, size + 1]
+            f"SELECT seq, {_COLUMNS} FROM training_runs {where} ORDER BY seq DESC LIMIT :limit",
+            {"before": before, "limit": size + 1} if before else {"limit": size + 1},
         )
         runs = [_row(r) for r in rows[:size]]
         token = encode_page_token("training_runs", {"seq": runs[-1].seq}) if len(rows) > size else ""
@@ -225,21 +174,26 @@ class RunStore:
     def active(self) -> RunRecord | None:
         """The oldest QUEUED or RUNNING run."""
         rows = self._read(
-            f"SELECT seq, {_COLUMNS} FROM training_runs WHERE state IN (?, ?) ORDER BY seq LIMIT 1", (QUEUED, RUNNING)
+            f"SELECT seq, {_COLUMNS} FROM training_runs WHERE state IN (:q, :r) ORDER BY seq LIMIT 1",
+            {"q": QUEUED, "r": RUNNING},
         )
         return _row(rows[0]) if rows else None
 
     def claim(self) -> RunRecord | None:
         """QUEUED -> RUNNING for the oldest queued run; None when none is queued."""
         with self._tx() as execute:
-            row = execute(
-                f"SELECT seq, {_COLUMNS} FROM training_runs WHERE state = ? ORDER BY seq LIMIT 1", (QUEUED,)
-            ).fetchone()
+            row = (
+                execute(
+                    f"SELECT seq, {_COLUMNS} FROM training_runs WHERE state = :q ORDER BY seq LIMIT 1", {"q": QUEUED}
+                )
+                .mappings()
+                .first()
+            )
             if row is None:
                 return None
             execute(
-                "UPDATE training_runs SET state = ?, update_time = ? WHERE run_id = ? AND state = ?",
-                (RUNNING, utc_now().isoformat(), row["run_id"], QUEUED),
+                "UPDATE training_runs SET state = :r, update_time = :now WHERE run_id = :id AND state = :q",
+                {"r": RUNNING, "now": utc_now().isoformat(), "id": row["run_id"], "q": QUEUED},
             )
         return self.get(str(row["run_id"]))
 
@@ -247,8 +201,8 @@ class RunStore:
         """RUNNING -> QUEUED for runs a dead process left (called at start); how many."""
         with self._tx() as execute:
             cur = execute(
-                "UPDATE training_runs SET state = ?, update_time = ? WHERE state = ?",
-                (QUEUED, utc_now().isoformat(), RUNNING),
+                "UPDATE training_runs SET state = :q, update_time = :now WHERE state = :r",
+                {"q": QUEUED, "now": utc_now().isoformat(), "r": RUNNING},
             )
             return int(cur.rowcount or 0)
 
@@ -256,15 +210,15 @@ class RunStore:
         """Merge ``progress=...`` / ``result=...`` into a run's document (any state but a
         terminal one)."""
         with self._tx() as execute:
-            row = execute("SELECT doc, state FROM training_runs WHERE run_id = ?", (run_id,)).fetchone()
+            row = execute("SELECT doc, state FROM training_runs WHERE run_id = :id", {"id": run_id}).mappings().first()
             if row is None or row["state"] in TERMINAL:
                 return
             doc = json.loads(row["doc"])
             for key, value in doc_fields.items():
                 doc[key] = {**doc.get(key, {}), **value}
             execute(
-                "UPDATE training_runs SET doc = ?, update_time = ? WHERE run_id = ?",
-                (json.dumps(doc), utc_now().isoformat(), run_id),
+                "UPDATE training_runs SET doc = :doc, update_time = :now WHERE run_id = :id",
+                {"doc": json.dumps(doc), "now": utc_now().isoformat(), "id": run_id},
             )
 
     def finish(self, run_id: str, state: str, error_reason: str = "", **doc_fields: Mapping[str, Any]) -> None:
@@ -272,8 +226,9 @@ class RunStore:
         self.update(run_id, **doc_fields)
         with self._tx() as execute:
             execute(
-                "UPDATE training_runs SET state = ?, error_reason = ?, update_time = ? WHERE run_id = ? AND state = ?",
-                (state, error_reason, utc_now().isoformat(), run_id, RUNNING),
+                "UPDATE training_runs SET state = :s, error_reason = :e, update_time = :now"
+                " WHERE run_id = :id AND state = :r",
+                {"s": state, "e": error_reason, "now": utc_now().isoformat(), "id": run_id, "r": RUNNING},
             )
 
     def cancel(self, run_id: str) -> RunRecord:
@@ -283,26 +238,25 @@ class RunStore:
         now = utc_now().isoformat()
         with self._tx() as execute:
             execute(
-                "UPDATE training_runs SET state = ?, cancel_requested = 1, update_time = ? "
-                "WHERE run_id = ? AND state = ?",
-                (CANCELLED, now, run_id, QUEUED),
+                "UPDATE training_runs SET state = :c, cancel_requested = 1, update_time = :now"
+                " WHERE run_id = :id AND state = :q",
+                {"c": CANCELLED, "now": now, "id": run_id, "q": QUEUED},
             )
             execute(
-                "UPDATE training_runs SET cancel_requested = 1, update_time = ? WHERE run_id = ? AND state = ?",
-                (now, run_id, RUNNING),
+                "UPDATE training_runs SET cancel_requested = 1, update_time = :now WHERE run_id = :id AND state = :r",
+                {"now": now, "id": run_id, "r": RUNNING},
             )
         return self.get(run_id)
 
     def cancel_requested(self, run_id: str) -> bool:
-        rows = self._read("SELECT cancel_requested FROM training_runs WHERE run_id = ?", (run_id,))
+        rows = self._read("SELECT cancel_requested FROM training_runs WHERE run_id = :id", {"id": run_id})
         return bool(rows and rows[0]["cancel_requested"])
 
     def close(self) -> None:
-        with self._c.lock:
-            if self._c.sqlite is not None:
-                self._c.sqlite.close()
-                self._c.sqlite = None
-            if self._c.pg is not None:
-                with contextlib.suppress(Exception):
-                    self._c.pg.close()
-                self._c.pg = None
+        self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
