@@ -6,6 +6,7 @@ PostgreSQL 15 (the ``db_url`` fixture); the audit's version table lives beside a
 from __future__ import annotations
 
 import sqlite3
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -139,3 +140,33 @@ def test_the_audit_schema_shares_a_database_with_a_service(db_url: str) -> None:
     assert db.current_revision(engine, MIGRATIONS) == HEAD
     assert db.upgrade(engine, RANKING) == RANKING.script().get_current_head()
     engine.dispose()
+
+
+def test_replicas_appending_at_once_keep_one_linear_chain(db_url: str) -> None:
+    """Two logs on one database (two replicas), four threads appending together: every record
+    links to the one before it (without the serialised append, two would share a prev_hash)."""
+    logs = [AuditLog(db_url), AuditLog(db_url)]
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def append(log: AuditLog, n: int) -> None:
+        try:
+            barrier.wait(60)
+            for i in range(10):
+                log.append(
+                    AuditRecord(service="s", action="label-read", method="/m", principal=f"{n}-{i}", outcome="OK")
+                )
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=append, args=(logs[n % 2], n)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors
+    records = list(logs[0].scan(AuditQuery()))
+    assert len(records) == 40 and len({r.prev_hash for r in records}) == 40
+    assert logs[1].verify_chain() is None
+    for log in logs:
+        log.close()
