@@ -262,3 +262,97 @@ def test_objects_validate_against_recent_kubernetes(kube_version: str) -> None:
             kubernetes_validate.validate(doc, kube_version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{kube_version} {doc['kind']}/{doc['metadata']['name']}: {exc.message}")
+
+
+RANKING_PG = ("--set", "ranking.database.existingSecret=atlasflow-ranking-db", "--set", "ranking.replicas=3")
+
+
+def test_ranking_replicas_need_postgresql_and_roll() -> None:
+    docs = render(*RANKING_PG)
+    dep = deployment(docs, "ranking")
+    assert dep["spec"]["replicas"] == 3
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    assert "emptyDir" in volumes(dep)["data"]  # nothing durable on the pod, no ReadWriteOnce claim
+    assert not [p for p in by_kind(docs, "PersistentVolumeClaim") if "ranking" in p]
+    (pdb,) = [p for p in by_kind(docs, "PodDisruptionBudget").values() if "ranking" in p["metadata"]["name"]]
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels(dep).items()
+    # SQLite (the default): one replica, Recreate, its PVC
+    sqlite = render()
+    dep = deployment(sqlite, "ranking")
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert [p for p in by_kind(sqlite, "PersistentVolumeClaim") if "ranking" in p]
+
+
+def test_ranking_autoscaler_on_postgresql_only() -> None:
+    docs = render(*RANKING_PG, "--set", "ranking.autoscaling.enabled=true")
+    dep = deployment(docs, "ranking")
+    (hpa,) = [h for h in by_kind(docs, "HorizontalPodAutoscaler").values() if "ranking" in h["metadata"]["name"]]
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": dep["metadata"]["name"],
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 4)
+    assert "replicas" not in dep["spec"]  # the HPA owns it
+    for doc in (dep, hpa):
+        kubernetes_validate.validate(doc, KUBE_VERSIONS[-1], strict=True)
+    # SQLite: refused by the schema (replicas, autoscaling) with a clear message
+    for setting in ("ranking.replicas=2", "ranking.autoscaling.enabled=true"):
+        proc = helm("template", RELEASE, str(CHART), *AUTH_ARGS, "--set", setting)
+        assert proc.returncode != 0 and "/ranking/" in proc.stderr, proc.stderr
+
+
+# segmentation on PostgreSQL: several replicas follow the activated ensemble version recorded in
+# the database (segmentation/activation.py); nothing durable on the pod, no ReadWriteMany of its own
+SEG_PG = ("--set", "segmentation.database.existingSecret=seg-pg", "--set", "segmentation.replicas=3")
+SEG_ROLLOUT = (
+    "--set", "training.enabled=true",
+    "--set", "triton.modelRepository.persistence.enabled=true",
+    "--set-json", 'triton.modelRepository.persistence.accessModes=["ReadWriteMany"]',
+    "--set", "triton.strategy.type=Recreate",
+)  # fmt: skip
+
+
+def test_segmentation_replicas_on_postgresql() -> None:
+    docs = render(*S3, *SEG_PG, *SEG_ROLLOUT)
+    dep = deployment(docs, "segmentation")
+    assert dep["spec"]["replicas"] == 3
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    vols = volumes(dep)
+    assert vols["data"] == {"name": "data", "emptyDir": {"sizeLimit": "1Gi"}}  # a per-pod scratch
+    claims = by_kind(docs, "PersistentVolumeClaim")
+    assert not [c for c in claims.values() if c["metadata"]["labels"]["app.kubernetes.io/component"] == "segmentation"]
+    # the promoted versions: the training state volume (ReadWriteMany for training's own Job
+    # pods), mounted read-only by every segmentation replica; segmentation writes nothing there
+    assert vols["training-state"]["persistentVolumeClaim"]["readOnly"] is True
+    container = main_container(dep)
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "training-state"]
+    assert mount["readOnly"] is True
+    env = literal_env(container)
+    assert env["ATLASFLOW_SEGMENTATION_VERSIONS_DIR"] == "/training-state/versions"
+    assert env["ATLASFLOW_SEGMENTATION_ACTIVATION"] == "repository"
+    assert "ATLASFLOW_SEGMENTATION_DATABASE_URL_FILE" in env
+    pdb = by_kind(docs, "PodDisruptionBudget")[dep["metadata"]["name"]]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels(dep).items()
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) not in CRD_KINDS:
+            kubernetes_validate.validate(doc, KUBE_VERSIONS[-1], strict=True)
+    auto = render(*S3, *SEG_PG, "--set", "segmentation.autoscaling.enabled=true")
+    dep = deployment(auto, "segmentation")
+    assert "replicas" not in dep["spec"]  # the HPA owns it
+    hpa = by_kind(auto, "HorizontalPodAutoscaler")[dep["metadata"]["name"]]
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", dep["metadata"]["name"])
+    # SQLite stays one replica, Recreate, on its PVC
+    dep = deployment(render(), "segmentation")
+    assert dep["spec"]["strategy"] == {"type": "Recreate"} and "persistentVolumeClaim" in volumes(dep)["data"]
+
+
+@pytest.mark.parametrize("setting", ["segmentation.replicas=2", "segmentation.autoscaling.enabled=true"])
+def test_segmentation_replicas_need_postgresql(setting: str) -> None:
+    proc = helm("template", RELEASE, str(CHART), *AUTH_ARGS, "--set", setting)
+    assert proc.returncode != 0 and "/segmentation/" in proc.stderr, proc.stderr
+    # the template refuses it too (a render that skips the schema)
+    proc = helm("template", RELEASE, str(CHART), "--skip-schema-validation", *AUTH_ARGS, "--set", setting)
+    assert proc.returncode != 0 and "needs PostgreSQL (segmentation.database.existingSecret" in proc.stderr, proc.stderr
