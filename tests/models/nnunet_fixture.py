@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -179,6 +180,18 @@ def make_model_folder(root: Path, folds: tuple[int, ...] = (0, 1), steps: int = 
             },
             folder / f"fold_{fold}" / "checkpoint_final.pth",
         )
+    return folder
+
+
+def shared_model_folder(tmp_path_factory: Any) -> Path:
+    """`make_model_folder` once per test session (pytest's ``tmp_path_factory``): every test
+    module that needs the tiny nnU-Net model gets the same folder, trained once (~40 s)."""
+    root = tmp_path_factory.getbasetemp() / "nnunet-shared"
+    folder = root / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    done = root / "DONE"
+    if not done.exists():
+        make_model_folder(root)
+        done.write_text("ok\n")
     return folder
 
 

@@ -24,7 +24,7 @@ from atlasflow.models.registry import ModelRegistry
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return fx.make_model_folder(tmp_path_factory.mktemp("nnunet"))
+    return fx.shared_model_folder(tmp_path_factory)  # trained once per session (tests/segmentation too)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ are ``(M, X, Y, Z)``. See `atlasflow.method.attention` for the recipe, its exact
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +40,7 @@ def strategy_attention(
     *,
     strategy: RankingStrategy,
     prior: PopulationPrior | None = None,
+    available: Mapping[int, Sequence[bool]] | None = None,
 ) -> dict[int, StrategyOrgan]:
     """The strategy's attention of one case, per unlabelled organ.
 
@@ -49,8 +50,10 @@ def strategy_attention(
     Exactly `atlasflow.method.attention.case_attention` followed by ``strategy.rank``: its
     ``attention`` and ``heatmap`` crops, nothing recomputed here. ``prior`` only changes
     findings that are reasons and penalties, not the attention (default: the bundled prior).
+    ``available``: organ id -> per-member flags of a heterogeneous ensemble (imported members
+    without an opinion on an organ; `case_attention`).
     """
-    case = case_attention(probs, labelled_organs)
+    case = case_attention(probs, labelled_organs, available=available)
     ranked = strategy.rank(case, affine, prior=prior)
     return {
         k: StrategyOrgan(box, np.asarray(ranked.attention[k][1], dtype=bool), np.asarray(heat, dtype=np.float32))

@@ -67,9 +67,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -90,8 +91,11 @@ from atlasflow.segmentation.ensemble import (
     MemberConfig,
     Preprocessing,
     load_ensemble,
+    triton_model_name,
 )
 from atlasflow.segmentation.grid import model_grid, resample
+from atlasflow.segmentation.heterogeneous import CommonGrid, MemberOutput, common_grid
+from atlasflow.segmentation.imported import ImportedMember, served_model_name
 from atlasflow.segmentation.models import load_member
 from atlasflow.segmentation.outputs import STATS_COLUMNS, PipelineOutput
 
@@ -148,13 +152,26 @@ class _NativeStacks(Mapping[int, torch.Tensor]):
         member_probs: list[tuple[torch.Tensor, np.ndarray]],
         aff: np.ndarray,
         shape: tuple[int, int, int],
+        imported: CommonGrid | None = None,
     ) -> None:
         self._pipeline, self._probs, self._aff, self._shape = pipeline, member_probs, aff, shape
+        self._imported = imported
 
     def __getitem__(self, organ: int) -> torch.Tensor:
         if not 1 <= int(organ) <= NUM_ORGANS:
             raise KeyError(organ)
-        return self._pipeline._native_u8(self._probs, int(organ) - 1, self._aff, self._shape)
+        u8 = self._pipeline._native_u8(self._probs, int(organ) - 1, self._aff, self._shape)
+        if self._imported is None:
+            return u8
+        # every imported row (zeros where it has no opinion: `available` leaves them out)
+        return torch.cat([u8, self._imported.probs[int(organ)].to(u8.device)])
+
+    def available(self) -> dict[int, list[bool]] | None:
+        """Organ id -> per-row flags (the trio predicts every organ; `CommonGrid.available`)."""
+        if self._imported is None:
+            return None
+        n = len(self._probs)
+        return {o: [True] * n + list(self._imported.available[o]) for o in range(1, NUM_ORGANS + 1)}
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(1, NUM_ORGANS + 1))
@@ -176,12 +193,20 @@ class EnsemblePipeline:
         overlap: float | None = None,
         foreground_crop: ForegroundCrop | bool | None = None,
         attention_mode: str | None = None,
+        imported: Sequence[str] = (),
+        models_state_dir: str | Path = "",
+        imported_triton_url: str | None = None,
     ) -> None:
         """``autocast`` (``none``/``bf16``), ``sw_batch_size``, ``overlap``,
         ``foreground_crop`` (a `ForegroundCrop`, True = defaults, False = off) and
         ``attention_mode`` (a registered ranking strategy's name,
         `atlasflow.method.strategy.strategy_names`) override the ensemble file; None keeps the
-        file's setting."""
+        file's setting.
+
+        ``imported``: registered models of ``models_state_dir`` (`atlasflow.models.registry`)
+        added as members (`_imported_grid`); their networks run on the Triton at
+        ``imported_triton_url`` (model `atlasflow.models.export.triton_model_name`, e.g. the
+        server this pipeline is bound in), or in this process when it is None."""
         config: EnsembleConfig = load_ensemble(ensemble_cfg_path_or_version)
         if attention_mode is not None:
             if attention_mode not in strategy_names():
@@ -214,10 +239,47 @@ class EnsemblePipeline:
         ]
         self.weights_trained: bool = self.config.weights_trained
         self._prior: PopulationPrior | None = None
+        self.imported: list[tuple[ImportedMember, Any]] = self._load_imported(
+            imported, models_state_dir, imported_triton_url
+        )
+
+    def _load_imported(
+        self, names: Sequence[str], state_dir: str | Path, triton_url: str | None
+    ) -> list[tuple[ImportedMember, Any]]:
+        """The imported members, each with its model (`atlasflow.models.segment.load_model`:
+        the same pre/post-processing and tiling as ``atlasflow segment``)."""
+        if not names:
+            return []
+        from atlasflow.models.export import triton_model_name as served_name
+        from atlasflow.models.registry import ModelRegistry
+        from atlasflow.models.segment import load_model
+
+        registry = ModelRegistry(state_dir)
+        out: list[tuple[ImportedMember, Any]] = []
+        for name in names:
+            network = None
+            if triton_url:
+                from atlasflow.segmentation.model_serving import TritonNetwork
+
+                network = TritonNetwork(triton_url, served_name(registry.get(name)))
+            model = load_model(state_dir, name, device=str(self.device), network=network)
+            out.append((ImportedMember(name, model.manifest.digest), model))
+        return out
 
     @property
     def version(self) -> str:
         return self.config.version
+
+    @property
+    def model_name(self) -> str:
+        """The Triton model name of this pipeline: the ensemble's, with the imported members'
+        digest appended when there are any (`atlasflow.segmentation.imported.served_model_name`)."""
+        return served_model_name(triton_model_name(self.version), [m for m, _ in self.imported])
+
+    @property
+    def member_names(self) -> list[str]:
+        """The members as jobs list them: the ensemble's names, then ``<name>@<digest12>``."""
+        return [m.name for m in self.config.members] + [m.label for m, _ in self.imported]
 
     @property
     def attention_mode(self) -> str:
@@ -290,19 +352,59 @@ class EnsemblePipeline:
         """
         vol, aff, flags = self._check(volume_hu, affine, labelled_organs)
         t0 = time.perf_counter()
+        imported_timings: dict[str, float] = {}
+        extra = self._imported_grid(vol, aff, imported_timings)
+        t1 = time.perf_counter()
         box, sub_aff = self._crop_box(vol, aff)
         if box is None:
-            return self._segment(vol, aff, flags)
-        t_crop = time.perf_counter() - t0
-        sub = self._segment(np.ascontiguousarray(vol[box]), sub_aff, flags)
+            out = self._segment(vol, aff, flags, extra)
+            out.timings_s.update(imported_timings)
+            out.timings_s["total"] = time.perf_counter() - t0
+            return out
+        t_crop = time.perf_counter() - t1
+        if extra is not None:
+            extra = CommonGrid(
+                {o: p[(slice(None), *box)].contiguous() for o, p in extra.probs.items()},
+                extra.available,
+                extra.members,
+            )
+        sub = self._segment(np.ascontiguousarray(vol[box]), sub_aff, flags, extra)
         labels = np.zeros(vol.shape, dtype=np.uint8)
         heat = np.zeros(vol.shape, dtype=np.uint8)
         labels[box] = sub.labels
         heat[box] = sub.heatmap
-        timings = dict(sub.timings_s)
+        timings = {**sub.timings_s, **imported_timings}
         timings["foreground_crop"] = t_crop
         timings["total"] = time.perf_counter() - t0
         return PipelineOutput(labels, heat, sub.organ_stats, sub.weights_trained, timings)
+
+    def imported_outputs(self, vol: np.ndarray, aff: np.ndarray, timings: dict[str, float]) -> list[MemberOutput]:
+        """Each imported member on the whole native CT, exactly as ``atlasflow segment`` runs
+        it (its own pre-processing, tiling and post-processing; the network on Triton): a
+        label map of its own label ids on the CT's grid. Adds ``infer_<name>`` timings."""
+        spacing = [float(v) for v in np.linalg.norm(aff[:3, :3], axis=0)]
+        outs = []
+        for member, model in self.imported:
+            ts = time.perf_counter()
+            if getattr(model, "needs_affine", False):
+                label_map = model(vol, spacing, affine=aff)
+            else:
+                label_map = model(vol, spacing)
+            timings[f"infer_{member.name}"] = time.perf_counter() - ts
+            outs.append(MemberOutput(member.label, dict(model.manifest.labels), aff, label_map=label_map))
+        return outs
+
+    def _imported_grid(self, vol: np.ndarray, aff: np.ndarray, timings: dict[str, float]) -> CommonGrid | None:
+        """The imported members' organs on the case grid (`heterogeneous.common_grid`: mapped
+        by organ name, 255 inside / 0 outside, ``available`` False for an organ a member does
+        not predict); None without imported members."""
+        if not self.imported:
+            return None
+        outs = self.imported_outputs(vol, aff, timings)
+        ts = time.perf_counter()
+        grid = common_grid(outs, aff, (int(vol.shape[0]), int(vol.shape[1]), int(vol.shape[2])))
+        timings["imported_to_grid"] = time.perf_counter() - ts
+        return grid
 
     def _crop_box(self, vol: np.ndarray, aff: np.ndarray) -> tuple[tuple[slice, slice, slice] | None, np.ndarray]:
         """The configured foreground crop's box and the affine of the cropped grid, or
@@ -372,8 +474,12 @@ class EnsemblePipeline:
             out[k + 1] = u8
         return out
 
-    def _segment(self, vol: np.ndarray, aff: np.ndarray, flags: np.ndarray) -> PipelineOutput:
-        """`__call__` without checks and cropping (arguments already validated)."""
+    def _segment(
+        self, vol: np.ndarray, aff: np.ndarray, flags: np.ndarray, extra: CommonGrid | None = None
+    ) -> PipelineOutput:
+        """`__call__` without checks and cropping (arguments already validated). ``extra``:
+        the imported members' organs on this grid: per organ, the rows of the members that
+        predict it join the stack (vote and attention over the members with an opinion)."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         shape = (int(vol.shape[0]), int(vol.shape[1]), int(vol.shape[2]))
@@ -385,9 +491,11 @@ class EnsemblePipeline:
 
         # 3. per organ: back to native grid, member + ensemble masks, overlap resolution
         ts = time.perf_counter()
-        n_models = len(member_probs)
         labels = torch.zeros(shape, dtype=torch.uint8, device=self.device)
         best = torch.zeros(shape, dtype=torch.int16, device=self.device)
+        # with imported members the organs' stacks differ in height: compare means, i.e.
+        # sum_a * n_b > sum_b * n_a (exact integers); best_n = the stack height of `best`
+        best_n = torch.ones(shape, dtype=torch.int16, device=self.device) if extra is not None else None
         mask_count = torch.zeros(shape, dtype=torch.uint8, device=self.device)
         stats = np.zeros((NUM_ORGANS, len(STATS_COLUMNS)), dtype=np.float64)
         work: dict[int, _OrganWork] = {}
@@ -395,11 +503,21 @@ class EnsemblePipeline:
         whole_case = strategy.needs_whole_case
         for k in range(NUM_ORGANS):
             u8 = self._native_u8(member_probs, k, aff, shape)
+            if extra is not None:
+                rows = [m for m, flag in enumerate(extra.available[k + 1]) if flag]
+                if rows:
+                    u8 = torch.cat([u8, extra.probs[k + 1][rows].to(self.device)])
+            n_models = int(u8.shape[0])
             ens_sum = u8.sum(dim=0, dtype=torch.int16)
             ens_mask, n_comp = largest_component(ens_sum.to(torch.int32) * 2 > 255 * n_models)
             stats[k, 3] = n_comp
             mask_count += ens_mask.to(torch.uint8)
-            take = ens_mask & ((labels == 0) | (ens_sum > best))
+            if best_n is None:
+                take = ens_mask & ((labels == 0) | (ens_sum > best))
+            else:
+                better = ens_sum.to(torch.int32) * best_n.to(torch.int32) > best.to(torch.int32) * n_models
+                take = ens_mask & ((labels == 0) | better)
+                best_n[take] = n_models
             labels[take] = k + 1
             best[take] = ens_sum[take]
             if whole_case:  # the strategy takes it from here (step 4)
@@ -425,12 +543,14 @@ class EnsemblePipeline:
         if whole_case:
             if self._prior is None:
                 self._prior = PopulationPrior.load()  # bundled; the strategy scores findings with it
+            stacks = _NativeStacks(self, member_probs, aff, shape, extra)
             organs = strategy_attention(
-                _NativeStacks(self, member_probs, aff, shape),
+                stacks,
                 aff,
                 [k + 1 for k in range(NUM_ORGANS) if flags[k]],
                 strategy=strategy,
                 prior=self._prior,
+                available=stacks.available(),
             )
             del member_probs
             for organ, o in organs.items():

@@ -3,9 +3,12 @@
     python -m atlasflow.segmentation.triton_server --ensemble abdomen-trio-v1 \\
         --grpc-port 8001 --http-port 8000 --metrics-port 8002 [--device cpu] \\
         [--model NAME --state-dir DIR]   (imported models' networks: `model_serving`)
+        [--member NAME --state-dir DIR]  (imported models as ensemble members: `imported`)
 
 One Triton model per ensemble version, named `triton_model_name(version)`
-(``abdomen-trio-v1`` -> ``abdomen_trio_v1``), ``batching=False``:
+(``abdomen-trio-v1`` -> ``abdomen_trio_v1``; with ``--member``:
+``abdomen_trio_v1__with_<sha12>``, `atlasflow.segmentation.imported.served_model_name`),
+``batching=False``:
 
 inputs   ``volume`` int16 [-1, -1, -1] (X, Y, Z) HU; ``affine`` float64 [4, 4] voxel -> RAS mm;
          ``labelled_organs`` uint8 [9] flags, flag k = organ id k+1.
@@ -61,7 +64,6 @@ import numpy as np
 import numpy.typing as npt
 
 from atlasflow.common.errors import AtlasflowError, Unavailable
-from atlasflow.segmentation.ensemble import triton_model_name
 from atlasflow.segmentation.pipeline import EnsemblePipeline
 
 LOG = logging.getLogger("atlasflow.segmentation.triton_server")
@@ -108,7 +110,7 @@ def make_infer_func(
     from pytriton.exceptions import PyTritonBadParameterError
 
     tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
-    model_name = triton_model_name(pipeline.version)
+    model_name = pipeline.model_name
 
     def infer(requests: list[Any]) -> list[dict[str, npt.NDArray[Any]]]:
         responses = []
@@ -153,10 +155,11 @@ def make_infer_func(
 
 
 def bind_pipeline(triton: Any, pipeline: EnsemblePipeline) -> str:
-    """Bind one pipeline to a `pytriton.triton.Triton`; returns the Triton model name."""
+    """Bind one pipeline to a `pytriton.triton.Triton`; returns the Triton model name
+    (`EnsemblePipeline.model_name`: the ensemble's, with its imported members' digest)."""
     from pytriton.model_config import ModelConfig, Tensor
 
-    name = triton_model_name(pipeline.version)
+    name = pipeline.model_name
     triton.bind(
         model_name=name,
         infer_func=make_infer_func(pipeline),
@@ -186,9 +189,11 @@ class Activations:
     bytes [1]). The binding runs on the serving thread (`process`), the infer callable waits
     for it. Models already bound stay bound: jobs created for them keep working."""
 
-    def __init__(self, versions_dir: str, device: str) -> None:
+    def __init__(self, versions_dir: str, device: str, imported: dict[str, Any] | None = None) -> None:
         self.versions_dir = versions_dir
         self.device = device
+        #: the imported members' `EnsemblePipeline` keyword arguments (every version gets them)
+        self.imported = dict(imported or {})
         self.bound: dict[str, str] = {}
         self._queue: queue.Queue[tuple[str, concurrent.futures.Future[str]]] = queue.Queue()
 
@@ -220,7 +225,7 @@ class Activations:
             try:
                 if name not in self.bound:
                     config = verify_version(self.versions_dir, name)
-                    pipeline = EnsemblePipeline(str(config.source), device=self.device)
+                    pipeline = EnsemblePipeline(str(config.source), device=self.device, **self.imported)
                     self.bound[name] = bind_pipeline(triton, pipeline)
                     LOG.info("activated ensemble version %s as model %s", name, self.bound[name])
                 done.set_result(self.bound[name])
@@ -260,12 +265,16 @@ def serve(
     versions_dir: str = "",
     models: Sequence[str] = (),
     state_dir: str = "",
+    members: Sequence[str] = (),
 ) -> None:
     """Load the pipelines, start Triton, print READY_LINE, block until SIGTERM/SIGINT or
     ``stop_event``, then stop Triton cleanly. ``versions_dir``: where promoted ensemble
     versions live (the training state's ``versions/``): binds the control model
     ``ACTIVATE_MODEL`` (`Activations`). ``models``: registered imported models of
-    ``state_dir`` whose networks are bound too (`atlasflow.segmentation.model_serving`)."""
+    ``state_dir`` whose networks are bound too (`atlasflow.segmentation.model_serving`).
+    ``members``: registered models of ``state_dir`` added to every ensemble as members
+    (`atlasflow.segmentation.imported`): their networks are bound, and the pipelines call them
+    on this server (loopback gRPC) through the models' own pre/post-processing."""
     from atlasflow.segmentation.model_serving import bind_imported_model, require_pytriton
 
     require_pytriton()
@@ -280,7 +289,16 @@ def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     t0 = time.perf_counter()
-    pipelines = [EnsemblePipeline(e, device=device) for e in ensembles]
+    imported: dict[str, Any] = (
+        {
+            "imported": list(members),
+            "models_state_dir": state_dir,
+            "imported_triton_url": f"127.0.0.1:{grpc_port}",
+        }
+        if members
+        else {}
+    )
+    pipelines = [EnsemblePipeline(e, device=device, **imported) for e in ensembles]
     t_models = time.perf_counter() - t0
     # Loopback only: the local Triton serves the co-located segmentation service and nobody else
     # (PyTriton's default is every interface). In a cluster the stock Triton image is used and a
@@ -299,8 +317,9 @@ def serve(
     triton = Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=[]))
     try:
         names = [bind_pipeline(triton, p) for p in pipelines]
-        names += [bind_imported_model(triton, state_dir, m, device) for m in models]
-        activations = Activations(versions_dir, device) if versions_dir else None
+        networks = list(dict.fromkeys([*models, *members]))  # each imported network bound once
+        names += [bind_imported_model(triton, state_dir, m, device) for m in networks]
+        activations = Activations(versions_dir, device, imported) if versions_dir else None
         if activations is not None:
             activations.bound.update({p.version: n for p, n in zip(pipelines, names)})
             names.append(bind_activations(triton, activations))
@@ -325,7 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ensemble", action="append", default=[], help="ensemble version or JSON path (repeatable)")
     parser.add_argument("--model", action="append", default=[], help="a registered imported model (repeatable)")
-    parser.add_argument("--state-dir", default="", help="the model registry's state dir (with --model)")
+    parser.add_argument(
+        "--member", action="append", default=[], help="a registered imported model added to every ensemble (repeatable)"
+    )
+    parser.add_argument("--state-dir", default="", help="the model registry's state dir (with --model / --member)")
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
@@ -346,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         versions_dir=args.versions_dir,
         models=args.model,
         state_dir=args.state_dir,
+        members=args.member,
     )
     return 0
 
