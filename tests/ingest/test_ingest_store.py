@@ -159,7 +159,7 @@ def test_a_legacy_database_is_adopted_and_its_volume_look_up_uses_its_index(tmp_
     try:
         versions = [r[0] for r in _sql(s, "SELECT version FROM schema_migrations")]
         assert versions == list(range(1, len(LEGACY_MIGRATIONS) + 1))  # 6 and every later one
-        assert current_revision(s.db.engine, ALEMBIC) == "0003"
+        assert current_revision(s.db.engine, ALEMBIC) == "0004"
         old = s.series_by_volume("sha256:old")
         assert (old.series_id, old.state, old.assembly_attempts) == ("ser-old", "ASSEMBLED", 0)
         # its pending hand-off is delivered by the claiming outbox (created when it was due)
@@ -255,7 +255,7 @@ def test_cli_db_upgrade_ingest(tmp_path, db_url, capsys):
     from atlasflow.cli.main import main
 
     assert main(["db", "upgrade", "--service", "ingest", "--url", db_url]) == 0
-    assert "ingest: at revision 0003" in capsys.readouterr().out
+    assert "ingest: at revision 0004" in capsys.readouterr().out
     s = IngestStore(tmp_path / "data", LocalBlobStore(tmp_path / "blobs"), database=db_url, spool_segment_bytes=SEG)
     try:
         assert s.store_instance(b"A", "st", "se", "sop").version == 1

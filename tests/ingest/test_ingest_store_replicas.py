@@ -306,3 +306,44 @@ def test_a_stopped_replica_drains_its_spool(tmp_path):
     store = asyncio.run(run())
     assert store.blobs.exists(_digests(b"acknowledged")[0])
     assert not store.spool.segments()
+
+
+def test_a_resumable_upload_continued_on_another_replica_is_refused_and_kept(tmp_path, db_url):
+    """The partial bytes of a resumable upload are on the replica that received them: a chunk
+    or the last chunk reaching another replica is refused with UPLOAD_ON_OTHER_REPLICA naming the
+    holder (nothing written there, nothing discarded); the holder completes it. A first chunk
+    (offset 0) on another replica starts the upload over there, and the old holder then refuses."""
+    import hashlib
+
+    from atlasflow.common.errors import Unavailable
+    from atlasflow.common.metrics import Metrics
+    from atlasflow.ingest.reception import Reception
+
+    _blobs, (a, b) = _replicas(tmp_path, db_url)
+    data = peers.build_ct_series(tmp_path / "one", 1, seed="upload-replica")[0].read_bytes()
+    half, sha = len(data) // 2, hashlib.sha256(data).hexdigest()
+    try:
+        a.uploads.write("up-1", 0, data[:half])
+        for attempt in (
+            lambda: b.uploads.write("up-1", half, data[half:]),
+            lambda: Reception(b, Metrics("ingest-b")).finish_resumable("up-1", "ref", sha),
+        ):
+            with pytest.raises(Unavailable) as e:
+                attempt()
+            assert e.value.reason == "UPLOAD_ON_OTHER_REPLICA"
+            assert e.value.metadata == {"upload_id": "up-1", "replica": a.holder}
+        assert not any(b.uploads.dir.iterdir())  # nothing written on b
+        assert (a.uploads.status("up-1").committed_offset, a.uploads.status("up-1").owner) == (half, a.holder)
+        a.uploads.write("up-1", half, data[half:])
+        receipt = Reception(a, Metrics("ingest-a")).finish_resumable("up-1", "ref", sha)
+        assert not receipt.duplicate and a.get_series(receipt.series_id).instance_count == 1
+        # offset 0 on another replica: the upload starts over there
+        a.uploads.write("up-2", 0, b"first half")
+        b.uploads.write("up-2", 0, b"again")
+        assert (b.uploads.status("up-2").committed_offset, b.uploads.status("up-2").owner) == (5, b.holder)
+        with pytest.raises(Unavailable) as e:
+            a.uploads.write("up-2", 10, b"second half")
+        assert e.value.metadata["replica"] == b.holder
+    finally:
+        for s in (a, b):
+            s.close()

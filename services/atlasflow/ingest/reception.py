@@ -222,7 +222,8 @@ class Reception:
         """Last chunk of a resumable upload: verify the committed bytes against ``sha256``,
         `receive` them, record the receipt (idempotent: a completed upload answers its receipt
         again). InvalidArgument UPLOAD_ID_REUSED when a completed upload id comes with other
-        bytes; CHECKSUM_MISMATCH (and a rejected instance) discard the upload."""
+        bytes; CHECKSUM_MISMATCH (and a rejected instance) discard the upload; Unavailable
+        UPLOAD_ON_OTHER_REPLICA (nothing discarded) when another replica holds its bytes."""
         state = self.uploads.state(upload_id)
         if state.complete:
             if sha256 != state.sha256:
@@ -233,6 +234,7 @@ class Reception:
                     metadata={"upload_id": public_upload_id(upload_id)[:128]},
                 )
             return Receipt(**state.receipt)
+        self.uploads.check_here(state)  # UPLOAD_ON_OTHER_REPLICA: its bytes are on another replica
         path = self.uploads.path(upload_id)
         if state.committed_offset and not path.exists():
             # the file became a blob but the process died before the upload was completed

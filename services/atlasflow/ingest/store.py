@@ -214,7 +214,7 @@ class IngestStore:
             self._drain_guard,
         )
         #: resumable gRPC uploads (same database)
-        self.uploads = UploadStore(self.db, self.data_dir / "uploads")
+        self.uploads = UploadStore(self.db, self.data_dir / "uploads", replica=self.holder)
         #: the outbox table, as the dispatchers of every replica claim and deliver it
         self.outbox = SqlOutboxStore(self.db)
         #: deleted studies whose new instances are refused: case id -> (deletion id, time of

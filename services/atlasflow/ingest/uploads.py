@@ -19,7 +19,13 @@ process that died, and partial files untouched for the upload TTL, are removed b
 The table lives in the ingest database (`atlasflow.ingest.migrations`); `IngestStore` opens it
 and shares its `atlasflow.common.db.Database`. The partial files are local to the process's data
 directory: a resumed upload must reach the replica that holds its partial file (the row is
-shared; the bytes are not).
+shared; the bytes are not). The row names that replica (``owner_replica``, migration 0004); a
+chunk or the last chunk of the upload that reaches another replica is refused with Unavailable
+UPLOAD_ON_OTHER_REPLICA (ErrorInfo metadata ``replica``: the holder, its pod name before the
+``:``), never written after a hole or checked against bytes that are not there. The client
+continues on that replica (a StatefulSet pod: ``<pod>.<headless Service>``), or sends the
+upload again from offset 0 here: a first chunk takes the upload over (the old partial file is
+purged with the TTL on its replica).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import sqlalchemy as sa
 
 from atlasflow.common.db import Database
 from atlasflow.common.disk import DiskFloor
-from atlasflow.common.errors import Aborted, InvalidArgument, NotFound
+from atlasflow.common.errors import Aborted, InvalidArgument, NotFound, Unavailable
 
 #: an instance up to this size is kept in memory while it arrives (then the spool path of the store)
 MEMORY_MAX_BYTES = 8 * 1024 * 1024
@@ -145,6 +151,18 @@ class UploadState:
     complete: bool
     sha256: str
     receipt: dict[str, Any]
+    owner: str = ""  # the replica holding the partial bytes ('' = any: a row of an older version)
+
+
+def on_other_replica(upload_id: str, owner: str) -> Unavailable:
+    """Unavailable UPLOAD_ON_OTHER_REPLICA: the upload's partial bytes are on replica `owner`."""
+    return Unavailable(
+        "UPLOAD_ON_OTHER_REPLICA",
+        "this upload's committed bytes are on another ingest replica: continue it there, or send"
+        " it again from offset 0",
+        domain="atlasflow.ingest",
+        metadata={"upload_id": public_upload_id(upload_id)[:128], "replica": owner[:200]},
+    )
 
 
 _UPLOAD_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -160,8 +178,10 @@ def public_upload_id(key: str) -> str:
 class UploadStore:
     """The uploads table and partial files (thread-safe: one pooled connection per call)."""
 
-    def __init__(self, db: Database, directory: Path) -> None:
+    def __init__(self, db: Database, directory: Path, replica: str = "") -> None:
+        """`replica`: this replica's name in ``owner_replica`` ('' = a single replica)."""
         self.db = db
+        self.replica = replica
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -192,7 +212,14 @@ class UploadStore:
             bool(r["complete"]),
             r["sha256"],
             json.loads(r["receipt_json"]) if r["receipt_json"] else {},
+            r["owner_replica"],
         )
+
+    def check_here(self, state: UploadState) -> None:
+        """Unavailable UPLOAD_ON_OTHER_REPLICA when the incomplete upload's committed bytes are
+        on another replica (see the module doc)."""
+        if not state.complete and state.committed_offset and state.owner not in ("", self.replica):
+            raise on_other_replica(state.upload_id, state.owner)
 
     def state(self, upload_id: str) -> UploadState:
         """`status`, or the empty state (offset 0) of an upload nothing of which was committed."""
@@ -217,7 +244,10 @@ class UploadStore:
         unchanged (chunks re-sent after completion are ignored: idempotent). `max_bytes` (0: no
         limit): InvalidArgument INSTANCE_TOO_LARGE, nothing written, when the chunk would take
         the upload past it. `floor`: checked (DISK_FULL) on an upload's first chunk and every
-        `FLOOR_CHECK_BYTES`."""
+        `FLOOR_CHECK_BYTES`. Replicas: Unavailable UPLOAD_ON_OTHER_REPLICA when another replica
+        holds the committed bytes (a chunk at offset 0 starts the upload again here instead);
+        the row is moved on only if it is still as read (another stream's chunk meanwhile:
+        OFFSET_MISMATCH or UPLOAD_ON_OTHER_REPLICA)."""
         state = self.state(upload_id)
         if state.complete:
             return state
@@ -227,7 +257,11 @@ class UploadStore:
             offset == 0 or offset // FLOOR_CHECK_BYTES != (offset + len(chunk)) // FLOOR_CHECK_BYTES
         ):
             floor.check()
-        if offset != state.committed_offset:
+        # a first chunk (offset 0) of an upload another replica holds starts it again here
+        takeover = offset == 0 and state.committed_offset > 0 and state.owner not in ("", self.replica)
+        if offset:
+            self.check_here(state)
+        if offset != state.committed_offset and not takeover:
             raise Aborted(
                 "OFFSET_MISMATCH",
                 "chunk offset is not the upload's committed offset",
@@ -257,15 +291,40 @@ class UploadStore:
                 os.close(dfd)
         now = time.time()
         with self.db.transaction() as conn:
-            conn.execute(
+            # another replica's chunk committed meanwhile (two streams of one upload): not ours
+            # to move on; the re-read below says why
+            changed = conn.execute(
                 sa.text(
-                    "INSERT INTO uploads(upload_id, committed_offset, create_time, update_time)"
-                    " VALUES (:u, :o, :t, :t) ON CONFLICT(upload_id) DO UPDATE SET"
-                    " committed_offset = excluded.committed_offset, update_time = excluded.update_time"
+                    "INSERT INTO uploads(upload_id, committed_offset, create_time, update_time, owner_replica)"
+                    " VALUES (:u, :o, :t, :t, :me) ON CONFLICT(upload_id) DO UPDATE SET"
+                    " committed_offset = excluded.committed_offset, update_time = excluded.update_time,"
+                    " owner_replica = excluded.owner_replica"
+                    " WHERE uploads.complete = 0 AND uploads.committed_offset = :seen"
+                    " AND uploads.owner_replica = :seen_owner"
                 ),
-                {"u": upload_id, "o": offset + len(chunk), "t": now},
+                {
+                    "u": upload_id,
+                    "o": offset + len(chunk),
+                    "t": now,
+                    "me": self.replica,
+                    "seen": state.committed_offset,
+                    "seen_owner": state.owner,
+                },
+            ).rowcount
+        if not changed:
+            now_state = self.state(upload_id)
+            self.check_here(now_state)
+            raise Aborted(
+                "OFFSET_MISMATCH",
+                "chunk offset is not the upload's committed offset",
+                domain="atlasflow.ingest",
+                metadata={
+                    "upload_id": public_upload_id(upload_id)[:128],
+                    "expected_offset": str(now_state.committed_offset),
+                    "offset": str(offset),
+                },
             )
-        return UploadState(upload_id, offset + len(chunk), False, "", {})
+        return UploadState(upload_id, offset + len(chunk), False, "", {}, self.replica)
 
     def read(self, upload_id: str) -> bytes:
         """The committed bytes of an incomplete upload."""

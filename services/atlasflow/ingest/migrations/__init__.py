@@ -4,7 +4,7 @@ Revisions live in ``versions/``; the version table is ``alembic_version_ingest``
 is the baseline: the schema the hand-written SQLite migrations
 (`atlasflow.ingest.schema.LEGACY_MIGRATIONS`, steps 1-8) left. A database those made is adopted:
 its legacy migrations are finished (`adopt_legacy`) and 0001 is stamped, then 0002 (assembly
-claims) and 0003 (outbox claims) apply.
+claims), 0003 (outbox claims) and 0004 (the replica holding an upload's partial bytes) apply.
 
 Adding a change: a new file ``versions/000N_<what>.py`` with ``revision = "000N"``,
 ``down_revision = "000N-1"`` and ``upgrade()`` written with `alembic.op` in SQL both SQLite and
