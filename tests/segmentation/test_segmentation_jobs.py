@@ -203,9 +203,9 @@ def test_adopts_a_database_made_by_the_hand_written_schema(tmp_path):
 
     result = CliRunner().invoke(cli, ["db", "upgrade", "--service", "segmentation", "--url", str(path)])
     assert result.exit_code == 0, result.output
-    assert "segmentation: at revision 0002" in result.output
+    assert "segmentation: at revision 0003" in result.output
     engine = create_engine(path)
-    assert current_revision(engine, MIGRATIONS) == "0002"
+    assert current_revision(engine, MIGRATIONS) == "0003"
     engine.dispose()
 
     jobs = JobStore(tmp_path, holder="new")  # the data directory: its segmentation.sqlite3
@@ -260,7 +260,7 @@ def test_baseline_equals_the_hand_written_schema(tmp_path, db_url):
     try:
         assert upgrade(new, MIGRATIONS, "0001") == "0001"
         assert _columns(new) == _columns(old)
-        assert upgrade(new, MIGRATIONS) == "0002"
+        assert upgrade(new, MIGRATIONS) == "0003"
     finally:
         old.dispose()
         new.dispose()
