@@ -24,7 +24,9 @@ from test_chart import (
     helm,
     literal_env,
     main_container,
+    mount_path,
     render,
+    volume,
 )
 from test_chart_triton import admits
 
@@ -72,8 +74,16 @@ def test_training_deployment(docs: list[dict[str, Any]]) -> None:
     spec = dep["spec"]
     assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
     pod = spec["template"]["spec"]
-    assert pod["serviceAccountName"] == NAME and pod["automountServiceAccountToken"] is True
+    # no automount: the training container alone mounts the API token (a bound, renewed token,
+    # the cluster CA, the namespace: what the in-cluster client reads)
+    assert pod["serviceAccountName"] == NAME and pod["automountServiceAccountToken"] is False
     c = main_container(dep)
+    assert mount_path(c, "kube-api-access") == "/var/run/secrets/kubernetes.io/serviceaccount"
+    sources = volume(dep, "kube-api-access")["projected"]["sources"]
+    assert sources[0]["serviceAccountToken"] == {"path": "token", "expirationSeconds": 3600}
+    assert sources[1]["configMap"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    assert sources[2]["downwardAPI"]["items"][0]["path"] == "namespace"
+    assert by_kind(docs, "ServiceAccount")[NAME]["automountServiceAccountToken"] is False
     assert c["command"] == ["atlasflow", "serve", "training"]
     assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(c) and c["resources"]["limits"]["memory"]
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
@@ -159,6 +169,7 @@ def test_runner_local_has_no_api_access() -> None:
     docs = render(*TRAINING, "--set", "training.runner=local")
     pod = deployment(docs, "training")["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
+    assert "kube-api-access" not in {v["name"] for v in pod["volumes"]}
     assert not [n for n in by_kind(docs, "Role") if "training" in n]
     assert not [k for k in literal_env(pod["containers"][0]) if "_JOB_" in k]
 

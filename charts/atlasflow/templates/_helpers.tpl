@@ -67,18 +67,27 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{/*
 Image reference of a component: [registry/]repository:tag, where the tag falls back to
 image.tag, then the chart's appVersion. "latest" is refused (values.schema.json refuses it too).
+With <component>.image.digest (sha256:...): [registry/]repository@digest, the image pinned by
+content (the tag is then not used).
 */}}
 {{- define "atlasflow.image" -}}
 {{- $img := index .ctx.Values .component "image" -}}
-{{- $registry := default .ctx.Values.global.imageRegistry $img.registry -}}
-{{- $tag := default .ctx.Chart.AppVersion (default .ctx.Values.image.tag $img.tag) | toString -}}
+{{- include "atlasflow.imageRef" (dict "ctx" .ctx "component" .component "registry" $img.registry "repository" $img.repository "tag" (default .ctx.Values.image.tag $img.tag) "digest" $img.digest) -}}
+{{- end -}}
+
+{{/* [registry/]repository@digest, else [registry/]repository:tag (tag "" = appVersion).
+  (dict "ctx" $ "component" "training" "registry" "" "repository" "r" "tag" "" "digest" "") */}}
+{{- define "atlasflow.imageRef" -}}
+{{- $registry := default .ctx.Values.global.imageRegistry .registry -}}
+{{- $tag := default .ctx.Chart.AppVersion .tag | toString -}}
 {{- if eq $tag "latest" -}}
 {{- fail (printf "%s: the image tag must be a fixed version, not \"latest\"" .component) -}}
 {{- end -}}
-{{- if $registry -}}
-{{- printf "%s/%s:%s" $registry $img.repository $tag -}}
+{{- $repo := ternary (printf "%s/%s" $registry .repository) .repository (ne $registry "") -}}
+{{- if .digest -}}
+{{- printf "%s@%s" $repo .digest -}}
 {{- else -}}
-{{- printf "%s:%s" $img.repository $tag -}}
+{{- printf "%s:%s" $repo $tag -}}
 {{- end -}}
 {{- end -}}
 
