@@ -478,7 +478,7 @@ def test_stop_gap_export_jobs_get_their_options_on_upgrade(backend, tmp_path, re
     now = "2026-01-01T00:00:00+00:00"
     if backend == "sqlite":
         from atlasflow.common import sqlite as sq
-        from atlasflow.labels.schema import MIGRATIONS
+        from atlasflow.labels.schema import LEGACY_MIGRATIONS as MIGRATIONS
 
         conn = sq.connect(tmp_path / "labels.sqlite")
         sq.migrate(conn, MIGRATIONS[:3])
@@ -490,8 +490,8 @@ def test_stop_gap_export_jobs_get_their_options_on_upgrade(backend, tmp_path, re
         import psycopg
         from psycopg.rows import dict_row
 
-        from atlasflow.labels.postgres import migrate
-        from atlasflow.labels.schema import PG_MIGRATIONS
+        from atlasflow.labels.schema import LEGACY_PG_MIGRATIONS as PG_MIGRATIONS
+        from atlasflow.labels.schema import migrate_postgres as migrate
 
         url = request.getfixturevalue("pg_database")()
         with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
@@ -521,7 +521,9 @@ def _raw(factory, tmp_path):
         return repo, (lambda sql, args=(): conn.execute(sql, args).fetchall()), sqlite3.DatabaseError
     import psycopg
 
-    conn = psycopg.connect(repo._db.url, autocommit=True)
+    conn = psycopg.connect(
+        repo.database.engine.url.render_as_string(hide_password=False).replace("+psycopg", ""), autocommit=True
+    )
     return (
         repo,
         (
@@ -563,19 +565,23 @@ def test_database_refuses_a_fork_on_every_backend(factory, tmp_path):
 
 
 def test_migrations_are_versioned(factory, tmp_path):
+    """The schema is under Alembic (atlasflow.labels.migrations): stamped with the head
+    revision on open; reopening applies nothing twice."""
+    from atlasflow.labels.migrations import MIGRATIONS as ALEMBIC
+
+    head = ALEMBIC.script().get_current_head()
     repo, sql, _ = _raw(factory, tmp_path)
-    versions = [r[0] for r in sql("SELECT version FROM schema_migrations ORDER BY version")]
-    assert versions == [1, 2, 3, 4, 5, 6]
+    assert [r[0] for r in sql("SELECT version_num FROM alembic_version_labels")] == [head]
     repo.close()
-    factory()  # reopening applies nothing twice
-    assert [r[0] for r in sql("SELECT version FROM schema_migrations ORDER BY version")] == [1, 2, 3, 4, 5, 6]
+    factory()
+    assert [r[0] for r in sql("SELECT version_num FROM alembic_version_labels")] == [head]
 
 
 def test_sqlite_v1_database_is_upgraded_in_place(tmp_path):
     """A database written by the first schema keeps its versions; their organs get the
     version's own provenance."""
     from atlasflow.common import sqlite as sq
-    from atlasflow.labels.schema import MIGRATIONS
+    from atlasflow.labels.schema import LEGACY_MIGRATIONS as MIGRATIONS
 
     conn = sq.connect(tmp_path / "labels.sqlite")
     sq.migrate(conn, MIGRATIONS[:1])
@@ -886,7 +892,7 @@ def test_a_database_before_migration_5_is_upgraded_in_place(backend, tmp_path, r
     args = (blob("a").digest, blob("b").digest, json.dumps(AFFINE))
     if backend == "sqlite":
         from atlasflow.common import sqlite as sq
-        from atlasflow.labels.schema import MIGRATIONS
+        from atlasflow.labels.schema import LEGACY_MIGRATIONS as MIGRATIONS
 
         conn = sq.connect(tmp_path / "labels.sqlite")
         sq.migrate(conn, MIGRATIONS[:4])
@@ -898,8 +904,8 @@ def test_a_database_before_migration_5_is_upgraded_in_place(backend, tmp_path, r
         import psycopg
         from psycopg.rows import dict_row
 
-        from atlasflow.labels.postgres import migrate
-        from atlasflow.labels.schema import PG_MIGRATIONS
+        from atlasflow.labels.schema import LEGACY_PG_MIGRATIONS as PG_MIGRATIONS
+        from atlasflow.labels.schema import migrate_postgres as migrate
 
         url = request.getfixturevalue("pg_database")()
         with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:

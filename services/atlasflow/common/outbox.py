@@ -41,7 +41,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -197,26 +197,42 @@ class SqlOutboxStore:
     `due` claims up to ``min(limit, batch)`` due rows for ``claim_s`` seconds (module
     docstring); `mark` records an attempt and releases the claim. A row marked ``done`` stays
     done whoever marks it; a retry or a ``dead`` mark only applies while this store still holds
-    the row's claim (another replica may have taken an expired one)."""
+    the row's claim (another replica may have taken an expired one).
+
+    A service's own outbox table with other columns (labels' ``version_events``) needs the claim
+    columns and ``create_time`` (seconds since the epoch) and names the rest: `key` (the row id
+    column), `columns` (the SELECT list of a row) and `row_of` (that row -> `OutboxRow`)."""
 
     def __init__(
-        self, db: Database, *, claimer: str | None = None, claim_s: float = 600.0, batch: int = 8, table: str = "outbox"
+        self,
+        db: Database,
+        *,
+        claimer: str | None = None,
+        claim_s: float = 600.0,
+        batch: int = 8,
+        table: str = "outbox",
+        key: str = "id",
+        columns: str = "id, topic, dedupe_key, payload, traceparent, attempts",
+        row_of: Callable[[Sequence[Any]], OutboxRow] | None = None,
     ) -> None:
         self.db = db
         self.claimer = claimer or replica_id()
         self.claim_s = claim_s
         self.batch = batch
         self.table = table
+        self.key = key
+        self.columns = columns
+        self.row_of = row_of or _outbox_row
 
     def due(self, now: float, limit: int) -> list[OutboxRow]:
-        t = self.table
+        t, k = self.table, self.key
         with self.db.transaction() as conn:
             ids = [
                 int(r[0])
                 for r in conn.execute(
                     sa.text(
-                        f"SELECT id FROM {t} WHERE state = 'pending' AND next_attempt_at <= :now"
-                        " AND claim_expires_at <= :now ORDER BY id LIMIT :n" + self.db.for_update(skip_locked=True)
+                        f"SELECT {k} FROM {t} WHERE state = 'pending' AND next_attempt_at <= :now"
+                        f" AND claim_expires_at <= :now ORDER BY {k} LIMIT :n" + self.db.for_update(skip_locked=True)
                     ),
                     {"now": now, "n": min(limit, self.batch)},
                 )
@@ -226,18 +242,17 @@ class SqlOutboxStore:
             conn.execute(
                 sa.text(
                     f"UPDATE {t} SET claimed_by = :me, claim_expires_at = :until"
-                    " WHERE id IN :ids AND state = 'pending' AND claim_expires_at <= :now"
+                    f" WHERE {k} IN :ids AND state = 'pending' AND claim_expires_at <= :now"
                 ).bindparams(sa.bindparam("ids", expanding=True)),
                 {"me": self.claimer, "until": now + self.claim_s, "ids": ids, "now": now},
             )
             rows = conn.execute(
                 sa.text(
-                    f"SELECT id, topic, dedupe_key, payload, traceparent, attempts FROM {t}"
-                    " WHERE id IN :ids AND claimed_by = :me ORDER BY id"
+                    f"SELECT {self.columns} FROM {t} WHERE {k} IN :ids AND claimed_by = :me ORDER BY {k}"
                 ).bindparams(sa.bindparam("ids", expanding=True)),
                 {"ids": ids, "me": self.claimer},
             ).all()
-        return [OutboxRow(int(r[0]), r[1], r[2], bytes(r[3]), r[4], int(r[5])) for r in rows]
+        return [self.row_of(r) for r in rows]
 
     def mark(self, row_id: int, state: str, error: str, next_attempt_at: float) -> None:
         mine = "" if state == "done" else " AND claimed_by = :me"
@@ -246,7 +261,7 @@ class SqlOutboxStore:
                 sa.text(
                     f"UPDATE {self.table} SET state = :state, attempts = attempts + 1, last_error = :error,"
                     " next_attempt_at = :next, claimed_by = '', claim_expires_at = 0"
-                    " WHERE id = :id AND state = 'pending'" + mine
+                    f" WHERE {self.key} = :id AND state = 'pending'" + mine
                 ),
                 {"state": state, "error": error, "next": next_attempt_at, "id": row_id, "me": self.claimer},
             )
@@ -275,6 +290,10 @@ class SqlOutboxStore:
                 sa.text(f"SELECT MIN(create_time) FROM {self.table} WHERE state = 'pending'")
             ).scalar_one()
         return max(0.0, now - float(oldest)) if oldest is not None else 0.0
+
+
+def _outbox_row(r: Sequence[Any]) -> OutboxRow:
+    return OutboxRow(int(r[0]), r[1], r[2], bytes(r[3]), r[4], int(r[5]))
 
 
 class SqliteOutboxStore:

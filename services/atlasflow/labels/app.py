@@ -17,12 +17,14 @@ from typing import Any
 
 import grpc
 
+from atlasflow.common import db
 from atlasflow.common.app import Closer, ServiceApp, TaskLoop, build_service_server, run_service
 from atlasflow.common.clients import aio_channel
 from atlasflow.common.metrics import Metrics
 from atlasflow.labels.deid import Pseudonymizer, ensure_key_file
 from atlasflow.labels.export_jobs import parse_pacs_destinations
 from atlasflow.labels.ingest_sources import IngestSourceInstances
+from atlasflow.labels.migrations import MIGRATIONS
 from atlasflow.labels.ranking_leases import RankingLeases
 from atlasflow.labels.repository import LabelRepository
 from atlasflow.labels.servicer import LabelServicer, review_seconds_histogram
@@ -105,6 +107,17 @@ async def build_app(
         parts={"repository": repo, "blobs": blobs, "exporter": exporter, "events": events, "servicer": servicer},
         metrics=metrics,
     )
+
+
+def upgrade_database(database: str) -> str:
+    """Apply the labels schema's migrations to `database` (URL or SQLite path; what the service
+    does on start, adopting a database the hand-written migrations made); return the
+    database's revision. `atlasflow db upgrade --service labels`."""
+    engine = db.create_engine(database)
+    try:
+        return db.upgrade(engine, MIGRATIONS)
+    finally:
+        engine.dispose()
 
 
 def main() -> None:

@@ -2,10 +2,13 @@
 
 Every version stored also gets a `version_events` row, written by the repository's SQL
 (atlasflow.labels.sql, `SqlLabelRepository`) in the same transaction as the version itself
-(the contract: atlasflow.labels.repository). `VersionEventStore` exposes those rows to the common
-`OutboxDispatcher` (run by atlasflow.labels.worker); `version_request` turns a stored version
-into `RecordLabelVersion` (`ranking_request`), which ranking applies idempotently and in
-version order, so at-least-once delivery in any order is safe.
+(the contract: atlasflow.labels.repository). The repository's `events` (an
+`atlasflow.common.outbox.SqlOutboxStore` over those rows: claimed with a lease, so any replica
+may deliver any of them), as `VersionEventStore`, feeds the common `OutboxDispatcher` (run by
+atlasflow.labels.worker);
+`version_request` turns a stored version into `RecordLabelVersion` (`ranking_request`), which
+ranking applies idempotently and in version order, so at-least-once delivery in any order (and
+by several replicas) is exactly once in effect.
 
 Human-decided organs of a version: organs whose label a radiologist decided (revised, also
 to empty, in this version or an ancestor) plus organs an original (source dataset) label
@@ -27,28 +30,32 @@ from atlasflow.common.blobstore import BlobStore
 from atlasflow.common.nifti import from_nifti_bytes
 from atlasflow.common.outbox import OutboxRow
 from atlasflow.common.v1 import common_pb2
-from atlasflow.labels.repository import LabelRepository, LabelVersionRecord
+from atlasflow.labels.repository import VERSION_EVENT_TOPIC, LabelRepository, LabelVersionRecord
 from atlasflow.method.geometry import measure_labels
 from atlasflow.ranking.v1 import ranking_pb2
 
-TOPIC = "ranking.record_label_version"
+TOPIC = VERSION_EVENT_TOPIC
 
 
 class VersionEventStore:
-    """`atlasflow.common.outbox.OutboxStore` over a repository's version events (row id = seq,
-    dedupe key = version id, empty payload: the handler reads the version)."""
+    """The `atlasflow.common.outbox.OutboxStore` the labels dispatcher reads: the repository's
+    claiming store (`LabelRepository.events`: row id = seq, dedupe key = version id, payload =
+    the version's number; the handler reads the version), with the lag measured from the
+    oldest undelivered version's creation time."""
 
     def __init__(self, repo: LabelRepository) -> None:
         self.repo = repo
 
     def due(self, now: float, limit: int) -> list[OutboxRow]:
-        return [
-            OutboxRow(e.seq, TOPIC, e.version_id, str(e.version_number).encode(), e.traceparent, e.attempts)
-            for e in self.repo.due_version_events(now, limit)
-        ]
+        return self.repo.events.due(now, limit)
 
     def mark(self, row_id: int, state: str, error: str, next_attempt_at: float) -> None:
-        self.repo.mark_version_event(row_id, state, error=error, next_attempt_at=next_attempt_at)
+        self.repo.events.mark(row_id, state, error, next_attempt_at)
+
+    def release(self) -> int:
+        """Give back this replica's unexpired claims (a clean stop)."""
+        release = getattr(self.repo.events, "release", None)
+        return int(release()) if release is not None else 0
 
     def pending(self) -> int:
         return self.repo.version_event_backlog()

@@ -2,16 +2,18 @@
 export jobs and the audit trail (the `LabelRepository` protocol and its value types; no grpc,
 no SQL).
 
-Two backends implement it and pass one contract test suite
-(tests/labels/test_labels_repository.py): `SqliteLabelRepository` (embedded default,
-atlasflow.labels.sqlite) and `PostgresLabelRepository` (production, atlasflow.labels.postgres).
-Both share the SQL in `atlasflow.labels.sql.SqlLabelRepository` and the pure row and argument
-logic in `atlasflow.labels.rows`; a small `Backend` adapter hides the driver (placeholders,
-transactions, per-case write locks, timestamps). `atlasflow.labels.storage.open_repository`
-opens the one a deployment is configured for; the schema is `atlasflow.labels.schema`.
+One implementation, `atlasflow.labels.sql.SqlLabelRepository`, on the one database layer
+(atlasflow.common.db: a SQLite file, the embedded default, or PostgreSQL, production), passes
+the contract test suite on both (tests/labels/test_labels_repository.py);
+`SqliteLabelRepository` (atlasflow.labels.sqlite) and `PostgresLabelRepository`
+(atlasflow.labels.postgres) are its constructors by back-end. The pure row and argument logic
+lives in `atlasflow.labels.rows`; `atlasflow.labels.storage.open_repository` opens the database
+a deployment is configured for; the schema is the Alembic revisions of
+`atlasflow.labels.migrations` (`atlasflow.labels.schema`: the frozen hand-written migrations a
+database made before them is adopted from).
 
 Import graph (no cycle): repository <- rows <- sql <- {sqlite, postgres} <- storage;
-schema <- {sqlite, postgres}.
+schema <- migrations <- sql.
 
 Every label version of a case is an immutable row; a case's history is a single chain
 (first version -> ... -> head). The chain is enforced by the database itself: one root per
@@ -42,10 +44,14 @@ Version events (a transactional outbox): every new version also writes a `versio
 in its own transaction, with its 1-based position in the case's chain and the writer's W3C
 traceparent. The labels service delivers them to ranking (atlasflow.labels.events) and marks
 them done only after ranking acknowledged, so a crash between commit and delivery loses nothing.
-Migration 3 queued one event per version that existed before it.
+Several replicas deliver them through `events` (an `atlasflow.common.outbox.SqlOutboxStore`:
+rows claimed with a lease, a dead claimer's rows redelivered after it expired; ranking's
+RecordLabelVersion is idempotent, so delivery is exactly once in effect). Hand-written
+migration 3 queued one event per version that existed before it.
 
-Schema migrations are versioned (one list per backend, append-only, atlasflow.labels.schema)
-and run on open.
+Export jobs and replicas: a replica runs a job only while it holds the job's lease
+(`claim_export_job`, renewed by `renew_export_claim`, given back by `release_export_claim`);
+a replica that died leaves its job to another once the lease expired.
 """
 
 from __future__ import annotations
@@ -59,8 +65,11 @@ import numpy.typing as npt
 
 from atlasflow.common.blobstore import BlobInfo
 from atlasflow.common.errors import InvalidArgument
+from atlasflow.common.outbox import OutboxStore
 
 DOMAIN = "atlasflow.labels"
+#: the outbox topic of version events (labels -> ranking RecordLabelVersion)
+VERSION_EVENT_TOPIC = "ranking.record_label_version"
 SOURCES = ("ai", "radiologist", "original")
 EXPORT_STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 
@@ -311,6 +320,15 @@ class LabelRepository(Protocol):
     def version_event_backlog(self) -> int: ...
 
     def oldest_pending_version_event(self) -> datetime | None: ...
+
+    @property
+    def events(self) -> OutboxStore: ...
+
+    def claim_export_job(self, now: float | None = None) -> ExportJobRecord | None: ...
+
+    def renew_export_claim(self, job_id: str, now: float | None = None) -> bool: ...
+
+    def release_export_claim(self, job_id: str) -> None: ...
 
     def purge_study(self, case_id: str) -> tuple[dict[str, int], list[str]]: ...
 

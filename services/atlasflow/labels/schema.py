@@ -1,10 +1,14 @@
-"""The label repository's database schema: versioned migrations, one list per dialect.
+"""The label repository's hand-written schema, FROZEN: what databases made before Alembic hold.
 
-`MIGRATIONS` (SQLite, applied by atlasflow.common.sqlite.migrate) and `PG_MIGRATIONS`
-(PostgreSQL, applied by atlasflow.labels.postgres.migrate) hold the same numbers and the same
-tables, columns, indexes and triggers, each in its own dialect; they sit side by side so that
-a reader can check one against the other. Both lists are append-only: a released migration is
-never changed, a schema change is a new entry in both.
+The schema now lives in Alembic revisions (atlasflow.labels.migrations, via
+atlasflow.common.db). These lists stay only for adopting a database the hand-written code
+made (`atlasflow.labels.migrations.adopt_legacy` finishes them, then the baseline revision 0001
+is stamped): never change them, never append to them; a schema change is a new Alembic
+revision.
+
+`LEGACY_MIGRATIONS` (SQLite, applied by atlasflow.common.sqlite.migrate) and
+`LEGACY_PG_MIGRATIONS` (PostgreSQL, applied by `migrate_postgres`) hold the same numbers and the
+same tables, columns, indexes and triggers, each in its own dialect:
 
 1. label_versions (the immutable chain: one root per case, one child per version), case_heads,
    export_jobs;
@@ -19,6 +23,10 @@ never changed, a schema change is a new entry in both.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 
 def legacy_export_options_sql(dialect: str) -> str:
@@ -79,8 +87,8 @@ def legacy_export_options_sql(dialect: str) -> str:
     """
 
 
-# SQLite
-MIGRATIONS: tuple[str, ...] = (
+# SQLite (FROZEN)
+LEGACY_MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE label_versions (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -199,8 +207,8 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-# PostgreSQL: the same migrations in its dialect.
-PG_MIGRATIONS: tuple[str, ...] = (
+# PostgreSQL: the same migrations in its dialect (FROZEN).
+LEGACY_PG_MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE label_versions (
         seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -309,3 +317,29 @@ PG_MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE label_versions ADD COLUMN organ_changed_ml TEXT NOT NULL DEFAULT '{}';
     """,
 )
+
+
+_MIGRATION_LOCK = 0x61746C61_7366_6C6F & 0x7FFFFFFFFFFFFFFF  # "atlasflo": the hand-written code's lock
+
+
+def migrate_postgres(conn: Any, migrations: Sequence[str]) -> int:
+    """Apply the missing hand-written PostgreSQL migrations in order, each in its own
+    transaction, as the hand-written code did (FROZEN; adoption and tests only); return the
+    version. conn: a psycopg 3 connection in autocommit mode. Concurrent callers serialise on
+    the hand-written code's advisory lock."""
+    with conn.transaction():  # IF NOT EXISTS alone races between concurrent starters
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ( version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)"
+        )
+    for version, script in enumerate(migrations, start=1):
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            if conn.execute("SELECT 1 FROM schema_migrations WHERE version = %s", (version,)).fetchone():
+                continue
+            conn.execute(script)
+            conn.execute(
+                "INSERT INTO schema_migrations(version, applied_at) VALUES (%s, %s)", (version, datetime.now(UTC))
+            )
+    row = conn.execute("SELECT COALESCE(MAX(version), 0) AS v FROM schema_migrations").fetchone()
+    return int(row["v"] if isinstance(row, dict) else row[0])

@@ -1,33 +1,55 @@
-"""The SQL of the label repository, shared by its SQLite and PostgreSQL backends (no grpc).
+"""The SQL of the label repository on the one database layer (atlasflow.common.db; no grpc).
 
 `SqlLabelRepository` implements `atlasflow.labels.repository.LabelRepository` (see that module
 for the contract: the version chain, idempotency, export jobs, the audit trail, version
-events) over a `Backend`, the small driver adapter each backend provides
-(atlasflow.labels.sqlite, atlasflow.labels.postgres): `?` placeholders, transactions, per-case
-write locks, timestamps. The checks and conversions that need no database live in
-atlasflow.labels.rows.
+events) on an `atlasflow.common.db.Database`: a SQLite file (the embedded default) or
+PostgreSQL (production), its schema the Alembic revisions of atlasflow.labels.migrations
+(upgraded on open; a database the hand-written code made is adopted). The checks and
+conversions that need no database live in atlasflow.labels.rows.
+
+Concurrency (several threads, processes or replicas on one database): every change is one
+write transaction (`Database.transaction`: SQLite ``BEGIN IMMEDIATE``, writers serialised;
+PostgreSQL READ COMMITTED). A version write takes the case's advisory lock (`Database.lock`,
+``pg_advisory_xact_lock``) before it reads the case head, and ``SELECT ... FOR UPDATE`` on
+the head row, so writers of one case serialise while other cases proceed in parallel; the
+partial UNIQUE indexes (one root per case, one child per version) and UNIQUE request_id are the
+backstop: a violation is retried and then decided by the committed state. Reads run in one
+snapshot (`Database.read`: REPEATABLE READ, read only). The version-event outbox is claimed
+with leases (atlasflow.common.outbox.SqlOutboxStore over ``version_events``,
+`version_event_store`) and export jobs are run by one replica at a time (`claim_export_job`,
+`renew_export_claim`).
+
+The statements are written once with ``?`` placeholders (SQLite's; PostgreSQL gets psycopg's
+``%s``) and run with the driver's own SQL (`Connection.exec_driver_sql`).
 
 Longer than ~500 lines on purpose: every statement of the repository against one schema, one
-method per contract operation, so that both backends provably run the same SQL.
+method per contract operation.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, Self, cast
 
 import numpy.typing as npt
+import sqlalchemy as sa
 
 from atlasflow.common import sqlite as sq
 from atlasflow.common.blobstore import BlobInfo
-from atlasflow.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from atlasflow.common.db import Database, PoolSettings, open_database
+from atlasflow.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from atlasflow.common.outbox import OutboxRow, SqlOutboxStore, replica_id
 from atlasflow.common.telemetry import current_traceparent
+from atlasflow.labels.migrations import MIGRATIONS
 from atlasflow.labels.repository import (
     DOMAIN,
+    VERSION_EVENT_TOPIC,
     AuditEvent,
     AuditRecord,
     ExportCaseOutcome,
@@ -52,36 +74,126 @@ from atlasflow.labels.rows import (
 
 
 class Tx(Protocol):
-    """One statement runner inside a transaction (reads: a single statement)."""
+    """One statement runner inside a transaction."""
 
     def one(self, sql: str, args: Sequence[Any] = ()) -> Mapping[str, Any] | None: ...
     def all(self, sql: str, args: Sequence[Any] = ()) -> list[Mapping[str, Any]]: ...
     def run(self, sql: str, args: Sequence[Any] = ()) -> None: ...
 
 
-class Backend(Protocol):
-    """What SqlLabelRepository needs from a driver. SQL uses `?` placeholders."""
+class _Tx:
+    """`Tx` on a SQLAlchemy connection: ``?`` SQL run with the driver's own paramstyle."""
 
-    for_update: str  # " FOR UPDATE" where row locks exist, else ""
-    integrity_errors: tuple[type[BaseException], ...]
+    def __init__(self, conn: sa.Connection, pg: bool) -> None:
+        self.conn = conn
+        self.pg = pg
 
-    def write(self) -> contextlib.AbstractContextManager[Tx]: ...
-    def read(self) -> contextlib.AbstractContextManager[Tx]: ...
-    def lock_case(self, tx: Tx, case_id: str) -> None: ...
-    def timestamp(self, dt: datetime) -> Any: ...
-    def close(self) -> None: ...
+    def _exec(self, sql: str, args: Sequence[Any]) -> sa.CursorResult[Any]:
+        if self.pg:  # psycopg: %s placeholders (our SQL holds no literal `?` or `%`)
+            sql = sql.replace("%", "%%").replace("?", "%s")
+        return self.conn.exec_driver_sql(sql, tuple(args))
+
+    def one(self, sql: str, args: Sequence[Any] = ()) -> Mapping[str, Any] | None:
+        return cast("Mapping[str, Any] | None", self._exec(sql, args).mappings().first())
+
+    def all(self, sql: str, args: Sequence[Any] = ()) -> list[Mapping[str, Any]]:
+        return cast("list[Mapping[str, Any]]", list(self._exec(sql, args).mappings().all()))
+
+    def run(self, sql: str, args: Sequence[Any] = ()) -> None:
+        self._exec(sql, args)
+
+
+class _Backend:
+    """The repository's view of its `Database`: transactions as `Tx`, the per-case lock, the
+    row-lock suffix, timestamps in the schema's type (ISO text on SQLite, TIMESTAMPTZ)."""
+
+    integrity_errors: tuple[type[BaseException], ...] = (sa.exc.IntegrityError,)
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.pg = db.is_postgresql
+        self.for_update = db.for_update()
+
+    @contextlib.contextmanager
+    def _unavailable(self) -> Iterator[None]:
+        try:
+            yield
+        except sa.exc.OperationalError as exc:
+            if not self.pg:
+                raise
+            raise Unavailable("DATABASE_UNAVAILABLE", "the labels database failed", domain=DOMAIN) from exc
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Tx]:
+        with self._unavailable(), self.db.transaction() as conn:
+            yield _Tx(conn, self.pg)
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Tx]:
+        with self._unavailable(), self.db.read() as conn:
+            yield _Tx(conn, self.pg)
+
+    def lock_case(self, tx: Tx, case_id: str) -> None:
+        assert isinstance(tx, _Tx)
+        self.db.lock(tx.conn, f"labels-case:{case_id}")
+
+    def timestamp(self, dt: datetime) -> Any:
+        return dt if self.pg else dt.isoformat()
+
+    def close(self) -> None:
+        self.db.close()
+
+
+_RUNNABLE = ("QUEUED", "RUNNING")
+
+
+def _event_row(r: Sequence[Any]) -> OutboxRow:
+    """A claimed ``version_events`` row as an outbox row: id = seq, dedupe key = version id,
+    payload = the version's number (the handler reads the version itself)."""
+    return OutboxRow(int(r[0]), VERSION_EVENT_TOPIC, str(r[1]), str(r[2]).encode(), str(r[3]), int(r[4]))
 
 
 class SqlLabelRepository:
-    """`LabelRepository` over a `Backend` (shared SQL of the SQLite and PostgreSQL stores)."""
+    """`LabelRepository` on a SQLite file or PostgreSQL (atlasflow.common.db), migrated on open.
 
-    def __init__(self, backend: Backend) -> None:
-        self._db = backend
+    database: a file path (SQLite) or a ``sqlite:///`` / ``postgresql://`` URL
+    (atlasflow.common.db.database_url); pool: PostgreSQL pool settings; claimer: this
+    replica's name in outbox claims and export-job leases (default: host, pid, random);
+    event_claim_s: how long a claimed version event is left to its claimer; export_lease_s: how
+    long an export job's lease lasts without a heartbeat (`renew_export_claim`).
+    Thread-safe (one pooled connection per call); any number of repositories (threads,
+    processes, replicas) may share one database."""
+
+    def __init__(
+        self,
+        database: str | Path | sa.URL,
+        *,
+        pool: PoolSettings | None = None,
+        claimer: str | None = None,
+        event_claim_s: float = 120.0,
+        export_lease_s: float = 60.0,
+    ) -> None:
+        try:
+            self.database = open_database(database, MIGRATIONS, pool=pool)
+        except sa.exc.OperationalError as exc:
+            raise Unavailable("DATABASE_UNAVAILABLE", "the labels database is not reachable", domain=DOMAIN) from exc
+        self._db = _Backend(self.database)
+        self.claimer = claimer or replica_id()
+        self.export_lease_s = export_lease_s
+        self.events = SqlOutboxStore(
+            self.database,
+            claimer=self.claimer,
+            claim_s=event_claim_s,
+            table="version_events",
+            key="seq",
+            columns="seq, version_id, version_number, traceparent, attempts",
+            row_of=_event_row,
+        )
 
     def close(self) -> None:
         self._db.close()
 
-    def __enter__(self) -> SqlLabelRepository:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -223,8 +335,9 @@ class SqlLabelRepository:
                 )
             number = int(head_row["version_count"]) + 1 if head_row is not None else 1
             tx.run(
-                "INSERT INTO version_events(version_id, case_id, version_number, traceparent) VALUES (?, ?, ?, ?)",
-                (version_id, case_id, number, current_traceparent()),
+                "INSERT INTO version_events(version_id, case_id, version_number, traceparent, create_time)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (version_id, case_id, number, current_traceparent(), time.time()),
             )
             if audit is not None:
                 self._insert_audit(tx, with_versions(audit, version_id))
@@ -442,6 +555,8 @@ class SqlLabelRepository:
                 "UPDATE export_jobs SET state = ?, cases_done = ?, error_reason = ?, update_time = ? WHERE job_id = ?",
                 (new_state, done, reason, self._db.timestamp(sq.utc_now()), job_id),
             )
+            if new_state not in _RUNNABLE:  # a finished job is nobody's any more
+                tx.run("UPDATE export_jobs SET claimed_by = '', claim_expires_at = 0 WHERE job_id = ?", (job_id,))
             row = tx.one("SELECT * FROM export_jobs WHERE job_id = ?", (job_id,))
             assert row is not None
             return job_of(row)
@@ -458,6 +573,61 @@ class SqlLabelRepository:
             else:
                 rows = tx.all("SELECT * FROM export_jobs ORDER BY create_time, job_id")
         return [job_of(r) for r in rows]
+
+    def claim_export_job(self, now: float | None = None) -> ExportJobRecord | None:
+        """Take the oldest QUEUED or RUNNING job no replica holds (never claimed, released, or its
+        holder's lease expired: a replica that died) for `export_lease_s` seconds; None when
+        there is none. Replicas claim different jobs (PostgreSQL: ``FOR UPDATE SKIP LOCKED``;
+        SQLite: one writer at a time). The holder keeps the job with `renew_export_claim`
+        (its heartbeat) and gives it back with `release_export_claim`; a job that reaches a
+        terminal state is released. now: seconds since the epoch (default: the clock)."""
+        t = time.time() if now is None else float(now)
+        with self._db.write() as tx:
+            row = tx.one(
+                "SELECT job_id FROM export_jobs WHERE state IN ('QUEUED', 'RUNNING') AND claim_expires_at <= ?"
+                " ORDER BY create_time, job_id LIMIT 1" + self.database.for_update(skip_locked=True),
+                (t,),
+            )
+            if row is None:
+                return None
+            tx.run(
+                "UPDATE export_jobs SET claimed_by = ?, claim_expires_at = ?, claims = claims + 1 WHERE job_id = ?",
+                (self.claimer, t + self.export_lease_s, row["job_id"]),
+            )
+            job = tx.one("SELECT * FROM export_jobs WHERE job_id = ?", (row["job_id"],))
+        assert job is not None
+        return job_of(job)
+
+    def renew_export_claim(self, job_id: str, now: float | None = None) -> bool:
+        """Extend this replica's lease of `job_id` by `export_lease_s` from `now`; False when
+        it no longer holds it (expired and taken over, released, or the job finished or was
+        cancelled): the holder must stop working on it."""
+        t = time.time() if now is None else float(now)
+        with self._db.write() as tx:
+            row = tx.one(
+                "SELECT claimed_by FROM export_jobs WHERE job_id = ? AND state IN ('QUEUED', 'RUNNING')"
+                + self._db.for_update,
+                (job_id,),
+            )
+            if row is None or row["claimed_by"] != self.claimer:
+                return False
+            tx.run("UPDATE export_jobs SET claim_expires_at = ? WHERE job_id = ?", (t + self.export_lease_s, job_id))
+        return True
+
+    def release_export_claim(self, job_id: str) -> None:
+        """Give back this replica's lease of `job_id` (a replica stopping cleanly): another
+        replica may take the job at once."""
+        with self._db.write() as tx:
+            tx.run(
+                "UPDATE export_jobs SET claimed_by = '', claim_expires_at = 0 WHERE job_id = ? AND claimed_by = ?",
+                (job_id, self.claimer),
+            )
+
+    def export_job_holder(self, job_id: str) -> tuple[str, float]:
+        """(replica holding `job_id`, until when in seconds since the epoch); ("", 0) when none."""
+        with self._db.read() as tx:
+            row = tx.one("SELECT claimed_by, claim_expires_at FROM export_jobs WHERE job_id = ?", (job_id,))
+        return ("", 0.0) if row is None else (str(row["claimed_by"]), float(row["claim_expires_at"]))
 
     def record_export_outcome(self, job_id: str, case_id: str, outcome: Mapping[str, Any]) -> ExportCaseOutcome:
         """Record (commit) the outcome of one case of a job; a case recorded again gets the
@@ -599,7 +769,7 @@ class SqlLabelRepository:
         with self._db.write() as tx:
             tx.run(
                 "UPDATE version_events SET state = ?, attempts = attempts + 1,"
-                " last_error = ?, next_attempt_at = ? WHERE seq = ?",
+                " last_error = ?, next_attempt_at = ?, claimed_by = '', claim_expires_at = 0 WHERE seq = ?",
                 (state, error[:500], float(next_attempt_at), int(seq)),
             )
 

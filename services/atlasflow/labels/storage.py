@@ -1,8 +1,8 @@
 """Which label repository a deployment uses (no grpc).
 
-`open_repository` picks the backend from the labels service's database URL setting
-(`ATLASFLOW_LABELS_DATABASE_URL`): SQLite (atlasflow.labels.sqlite) when it is empty,
-PostgreSQL (atlasflow.labels.postgres, imported only then: psycopg is needed only there).
+`open_repository` opens the database named by the labels service's database URL setting
+(`ATLASFLOW_LABELS_DATABASE_URL`): a SQLite file under the data directory when it is empty,
+PostgreSQL otherwise; both through the one database layer (atlasflow.common.db).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from atlasflow.common.errors import InvalidArgument
+from atlasflow.labels.postgres import PostgresLabelRepository
 from atlasflow.labels.repository import DOMAIN
 from atlasflow.labels.sql import SqlLabelRepository
 from atlasflow.labels.sqlite import SqliteLabelRepository
@@ -24,8 +25,6 @@ def open_repository(database_url: str, data_dir: str | Path) -> SqlLabelReposito
     if not database_url:
         return SqliteLabelRepository(Path(data_dir) / "labels.sqlite3")
     if database_url.startswith(("postgresql://", "postgres://")):
-        from atlasflow.labels.postgres import PostgresLabelRepository
-
         return PostgresLabelRepository(database_url)
     raise InvalidArgument(
         "INVALID_SETTING",

@@ -1,7 +1,12 @@
 """The labels service's background loops: the export job runner and the version-event outbox.
 
 `Exporter` runs export jobs one at a time (`run`, a coroutine on the service's event loop that
-does all its work in a thread; `run_job` exports one job). The DICOM SEG of a case is built with
+does all its work in a thread; `run_job` exports one job). With several replicas on one
+database, a replica runs a job only while it holds the job's lease
+(`LabelRepository.claim_export_job`), renewed by a heartbeat thread (`Heartbeat`) every third of
+the lease; a replica that loses the lease (it stalled past the expiry and another replica took
+the job over, or the job was cancelled) stops at the next case without touching the job, and a
+replica that died leaves its job to the others once the lease expired. The DICOM SEG of a case is built with
 `atlasflow.labels.case_seg.build_case_seg` from the source instances `sources` fetches
 (`atlasflow.labels.ingest_sources.IngestSourceInstances` in the service), written with the
 case, C-STOREd to the job's PACS destination, and its outcome committed to the label
@@ -10,13 +15,14 @@ repository (`record_export_outcome`). The job's SEG options live in the job's ro
 
 `version_events` is the common `OutboxDispatcher` over the repository's version events
 (atlasflow.labels.events): each new label version is told to ranking
-(RankingService.RecordLabelVersion), at least once.
+(RankingService.RecordLabelVersion), at least once, by whichever replica claimed the event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -48,6 +54,48 @@ tracer = trace.get_tracer(__name__)
 
 
 SourceFetcher = Callable[[str], Sequence[pydicom.Dataset]]
+
+
+class LeaseLost(Exception):
+    """This replica no longer holds the export job's lease: stop without touching the job."""
+
+
+class Heartbeat:
+    """Renews this replica's lease of one export job every `interval_s` seconds in a thread
+    (`LabelRepository.renew_export_claim`); `lost` is set once the lease is gone. A renewal
+    that fails (database briefly unavailable) is tried again at the next beat."""
+
+    def __init__(self, repo: LabelRepository, job_id: str, interval_s: float) -> None:
+        self.repo = repo
+        self.job_id = job_id
+        self.interval_s = interval_s
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"export-lease-{job_id[:8]}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                held = self.repo.renew_export_claim(self.job_id)
+            except Exception as exc:  # noqa: BLE001 - try again at the next beat; the lease may expire
+                log.warning("export lease not renewed", extra={"fields": {"error": type(exc).__name__}})
+                continue
+            if not held:
+                self.lost.set()
+                return
+
+    def check(self) -> None:
+        """Raise LeaseLost when the lease is gone."""
+        if self.lost.is_set():
+            raise LeaseLost(self.job_id)
 
 
 class Exporter:
@@ -117,10 +165,13 @@ class Exporter:
             return
         self._send(seg, pacs, outcome)
 
-    def run_job(self, job: ExportJobRecord) -> None:
+    def run_job(self, job: ExportJobRecord, lease: Heartbeat | None = None) -> None:
         """Export `job` (blocking): each case's files (and SEG, sent to the job's PACS when it
         names one), its outcome committed as it is done, then the manifest; the job ends
-        SUCCEEDED, or FAILED with the error's reason (DESTINATION_WRITE_FAILED for an OSError)."""
+        SUCCEEDED, or FAILED with the error's reason (DESTINATION_WRITE_FAILED for an OSError).
+        lease: the heartbeat of this replica's lease of the job (`run`); when it is lost the
+        export stops before the next case (and before finishing) and leaves the job as it is."""
+        check = lease.check if lease is not None else (lambda: None)
         with tracer.start_as_current_span("labels.export") as span:
             span.set_attribute("atlasflow.export_job_id", job.job_id)
             span.set_attribute("atlasflow.cases_total", job.cases_total)
@@ -142,6 +193,7 @@ class Exporter:
                 deid = (pseudo, options.deid) if pseudo is not None else None
                 entries = []
                 for done, (case_id, version_id) in enumerate(job.versions, start=1):
+                    check()
                     record = self.repo.get_version(version_id)
                     label_map = self.blobs.get(record.label_map_digest)
                     organ_provenance = {o: op.provenance for o, op in record.organ_provenance.items()}
@@ -202,9 +254,13 @@ class Exporter:
                             )
                     entries.append(entry)
                     self.repo.update_export_job(job.job_id, cases_done=done)
+                check()
                 write_manifest(out, entries, deidentification=deid_manifest(options))
                 self.repo.update_export_job(job.job_id, state="SUCCEEDED")
                 self.metrics.count("exports_succeeded")
+            except LeaseLost:
+                log.warning("export stopped: the job's lease was lost", extra={"fields": {"job_id": job.job_id}})
+                span.set_attribute("atlasflow.lease_lost", True)
             except AtlasflowError as exc:
                 log.error("export failed", extra={"fields": {"job_id": job.job_id, "reason": exc.reason}})
                 self.repo.update_export_job(job.job_id, state="FAILED", error_reason=exc.reason)
@@ -212,12 +268,26 @@ class Exporter:
                 log.error("export failed", extra={"fields": {"job_id": job.job_id, "exc_type": type(exc).__name__}})
                 self.repo.update_export_job(job.job_id, state="FAILED", error_reason="DESTINATION_WRITE_FAILED")
 
+    def run_claimed(self, job: ExportJobRecord) -> None:
+        """Run `job`, claimed by this replica, under a heartbeat of its lease (blocking); the
+        lease is given back at the end whatever happened (a finished job was released already)."""
+        lease_s = float(getattr(self.repo, "export_lease_s", 60.0))
+        try:
+            with Heartbeat(self.repo, job.job_id, max(0.05, lease_s / 3)) as lease:
+                self.run_job(job, lease)
+        finally:
+            try:
+                self.repo.release_export_claim(job.job_id)
+            except Exception as exc:  # noqa: BLE001 - the lease expires anyway
+                log.warning("export lease not released", extra={"fields": {"error": type(exc).__name__}})
+
     async def run(self) -> None:
-        """The worker loop: run every QUEUED or RUNNING job, oldest first, then wait up to 2 s
-        for `wake` (set when a job is created). Repository and job work run in a thread."""
+        """The worker loop: claim the oldest QUEUED or RUNNING job no replica holds and run it,
+        until none is left; then wait up to 2 s for `wake` (set when a job is created).
+        Repository and job work run in a thread."""
         while True:
-            for job in await asyncio.to_thread(self.repo.list_export_jobs, ("QUEUED", "RUNNING")):
-                await asyncio.to_thread(self.run_job, job)
+            while (job := await asyncio.to_thread(self.repo.claim_export_job)) is not None:
+                await asyncio.to_thread(self.run_claimed, job)
             self.wake.clear()
             try:
                 await asyncio.wait_for(self.wake.wait(), 2.0)
