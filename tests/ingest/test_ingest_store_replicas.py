@@ -167,9 +167,41 @@ def test_two_ingest_services_on_one_postgresql_assemble_a_split_series_once(tmp_
         assert handoffs == [f"{series_id}:1"]
         logs = [r.log_text() for r in replicas]
         assert sum(log.count('"series assembled"') for log in logs) == 1, logs
+        _upload_moved_between_replicas(replicas, tmp_path)
     finally:
         for r in replicas:
             r.stop()
+
+
+def _upload_moved_between_replicas(replicas: list, tmp_path: Path) -> None:
+    """Over gRPC: half of a resumable upload committed on replica a; its continuation on b is
+    UNAVAILABLE UPLOAD_ON_OTHER_REPLICA naming a; the client (`send_files` through b) then sends
+    it again from offset 0 on b and gets its receipt."""
+    import grpc
+
+    from atlasflow.common.clients import sync_channel
+    from atlasflow.common.server import error_info_of
+    from atlasflow.ingest.client import UploadStats, resumable_requests, send_files, upload_id_of
+    from atlasflow.ingest.v1 import ingest_pb2_grpc
+
+    (path,) = peers.build_ct_series(tmp_path / "moved", 1, seed="moved-upload")
+    data = path.read_bytes()
+    uid, chunk = upload_id_of(data), 16 * 1024
+    msgs = list(resumable_requests(path.name, data, uid, 0, chunk))
+    with sync_channel(replicas[0].target) as channel:
+        with pytest.raises(grpc.RpcError) as err:  # cut before the last chunk: two chunks committed
+            ingest_pb2_grpc.IngestServiceStub(channel).UploadInstances(iter(msgs[:2]), timeout=30)
+        assert error_info_of(err.value).reason == "INCOMPLETE_INSTANCE"
+    with sync_channel(replicas[1].target) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            ingest_pb2_grpc.IngestServiceStub(channel).UploadInstances(iter(msgs[2:]), timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    info = error_info_of(err.value)
+    assert info.reason == "UPLOAD_ON_OTHER_REPLICA" and info.metadata["upload_id"] == uid
+    assert info.metadata["replica"].endswith(str((tmp_path / "a" / "data").resolve())), info.metadata
+    stats = UploadStats()
+    (receipt,) = send_files([path], replicas[1].target, chunk_bytes=chunk, stats=stats, retry_wait_s=0.05)
+    assert receipt.upload_id == uid and stats.errors == ["UPLOAD_ON_OTHER_REPLICA"] and stats.streams == 2
 
 
 def test_the_heartbeat_keeps_a_long_assembly_claimed(tmp_path, db_url, ct_files):

@@ -195,7 +195,9 @@ def send_files(
 
     Resumable (default): on a retryable failure (UNAVAILABLE, CANCELLED, ABORTED e.g.
     OFFSET_MISMATCH, ...) up to `max_attempts` streams are opened, each continuing every
-    unfinished instance at the server's committed offset. A refusal (INVALID_ARGUMENT: e.g.
+    unfinished instance at the server's committed offset (from offset 0, starting it over on
+    the replica this channel reaches, when the committed bytes are on another ingest replica:
+    UPLOAD_ON_OTHER_REPLICA). A refusal (INVALID_ARGUMENT: e.g.
     MISSING_UID, NOT_CT) raises `UploadError` at once. `commit`: CommitSeries each series
     afterwards. `load`: reads a file's bytes (default `Path.read_bytes`, after `derive_uids`
     when `assign_uids`). `token`: the caller's bearer token (role connector or admin); default
@@ -232,6 +234,9 @@ def _send_resumable(
 ) -> list[ingest_pb2.InstanceReceipt]:
     done: dict[int, ingest_pb2.InstanceReceipt] = {}
     ids: dict[int, str] = {}
+    # uploads whose committed bytes are on another ingest replica than the one this channel
+    # reaches (UPLOAD_ON_OTHER_REPLICA): sent again from offset 0, which starts them over here
+    elsewhere: set[str] = set()
 
     def committed(i: int) -> int | None:
         """The server's committed offset for instance i; None when it is complete (its
@@ -256,6 +261,9 @@ def _send_resumable(
             start = committed(i)  # one round trip per instance: resume where the server is
             if start is None:
                 continue
+            if ids[i] in elsewhere:
+                elsewhere.discard(ids[i])
+                start = 0
             for msg in resumable_requests(paths[i].name, data, ids[i], start, chunk_bytes):
                 stats.bytes_sent += len(msg.chunk)
                 yield msg
@@ -272,6 +280,8 @@ def _send_resumable(
         except grpc.RpcError as exc:
             err = _error(exc)
             stats.errors.append(err.reason)
+            if err.reason == "UPLOAD_ON_OTHER_REPLICA":
+                elsewhere.add(err.metadata.get("upload_id", ""))
             if exc.code() not in _RETRYABLE or attempt == max_attempts - 1:
                 raise err from None
             continue
