@@ -356,3 +356,43 @@ def test_segmentation_replicas_need_postgresql(setting: str) -> None:
     # the template refuses it too (a render that skips the schema)
     proc = helm("template", RELEASE, str(CHART), "--skip-schema-validation", *AUTH_ARGS, "--set", setting)
     assert proc.returncode != 0 and "needs PostgreSQL (segmentation.database.existingSecret" in proc.stderr, proc.stderr
+
+
+LABELS_PG = (
+    "--set", "labels.database.existingSecret=atlasflow-labels-db",
+    "--set", "labels.deid.existingSecret=atlasflow-deid",
+    "--set", "labels.exports.persistence.accessModes={ReadWriteMany}",
+    "--set", "labels.replicas=3",
+)  # fmt: skip
+
+
+def test_labels_replicas_need_postgresql_the_deid_secret_and_shared_exports() -> None:
+    """labels on PostgreSQL (version events claimed with leases, export jobs leased to one
+    replica) with the key in a Secret and a ReadWriteMany exports volume: several replicas,
+    RollingUpdate, no data claim. SQLite, or a missing key Secret or shared exports volume:
+    refused with the way forward."""
+    docs = render(*LABELS_PG)
+    dep = deployment(docs, "labels")
+    assert dep["spec"]["replicas"] == 3
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    assert "emptyDir" in volumes(dep)["data"] and "persistentVolumeClaim" in volumes(dep)["exports"]
+    claims = [c for c in by_kind(docs, "PersistentVolumeClaim").values() if "labels" in c["metadata"]["name"]]
+    assert [c["spec"]["accessModes"] for c in claims] == [["ReadWriteMany"]]  # the exports claim only
+    kubernetes_validate.validate(dep, KUBE_VERSIONS[-1], strict=True)
+    # SQLite (the default): one replica, Recreate, its data claim
+    sqlite = deployment(render(), "labels")
+    assert sqlite["spec"]["replicas"] == 1 and sqlite["spec"]["strategy"] == {"type": "Recreate"}
+    assert "persistentVolumeClaim" in volumes(sqlite)["data"]
+    # PostgreSQL with a ReadWriteOnce exports claim: one pod mounts it at a time -> Recreate
+    one = deployment(render(*LABELS_PG[:4]), "labels")
+    assert one["spec"]["replicas"] == 1 and one["spec"]["strategy"] == {"type": "Recreate"}
+    refusals = {
+        ("--set", "labels.replicas=2"): "/labels/replicas",  # the schema: SQLite
+        (*LABELS_PG[:2], "--set", "labels.replicas=2"): "needs labels.deid.existingSecret",
+        (*LABELS_PG[:4], "--set", "labels.replicas=2"): "accessModes [ReadWriteMany]",
+    }
+    for args, message in refusals.items():
+        proc = helm("template", RELEASE, str(CHART), *AUTH_ARGS, *args)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    proc = helm("template", RELEASE, str(CHART), "--skip-schema-validation", *AUTH_ARGS, "--set", "labels.replicas=2")
+    assert proc.returncode != 0 and "labels.replicas > 1 needs PostgreSQL" in proc.stderr, proc.stderr
