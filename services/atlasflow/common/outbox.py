@@ -10,10 +10,10 @@ Each row keeps the W3C traceparent of the step that wrote it, so the delivery co
 study's trace across the asynchronous gap.
 
 The dispatcher reads rows through an `OutboxStore`: `SqlOutboxStore` for an `outbox` table in a
-service's `atlasflow.common.db` database (SQLite or PostgreSQL), `SqliteOutboxStore` for the
-hand-written SQLite table of a service not yet moved onto common/db, or a service's own table in
-its own database (labels keeps its version events next to the versions, in SQLite or
-PostgreSQL; atlasflow.labels.events).
+service's `atlasflow.common.db` database (SQLite or PostgreSQL; also a service's own outbox
+table with other columns: labels' ``version_events``, next to the versions, atlasflow.labels.sql),
+or `SqliteOutboxStore` for the hand-written SQLite table of a service not yet moved onto
+common/db.
 
 Replicas (`SqlOutboxStore`): several dispatchers on one database claim due rows with a lease
 (``claimed_by``, ``claim_expires_at``): on PostgreSQL the claiming SELECT is ``FOR UPDATE SKIP
