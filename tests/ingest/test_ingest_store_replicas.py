@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from atlasflow.common.blobstore import LocalBlobStore
+from atlasflow.common.errors import Unavailable
 from atlasflow.common.metrics import Metrics
 from atlasflow.ingest.store import IngestStore
 from atlasflow.ingest.worker import Assembler
@@ -62,6 +63,23 @@ def _receive_split(stores: list[IngestStore], files: list[Path]) -> str:
         )
         series_id = stored.series_id
     return series_id
+
+
+def _stream_instances(assembler: Assembler, series_id: str) -> list:
+    """StreamSeriesInstances of the servicer of `assembler`'s replica, called in-process."""
+    import asyncio
+
+    from atlasflow.ingest.reception import Reception
+    from atlasflow.ingest.servicer import IngestServicer
+    from atlasflow.ingest.v1 import ingest_pb2
+
+    servicer = IngestServicer(assembler.store, Reception(assembler.store, Metrics("ingest-replica-test")), assembler)
+    request = ingest_pb2.StreamSeriesInstancesRequest(series_id=series_id)
+
+    async def collect() -> list:
+        return [m async for m in servicer.StreamSeriesInstances(request, None)]  # type: ignore[arg-type]  # unused context
+
+    return asyncio.run(collect())
 
 
 def _outbox_keys(store: IngestStore) -> list[str]:
@@ -117,7 +135,12 @@ def test_instances_still_in_the_other_replicas_spool_make_the_assembly_wait(tmp_
         second.assemble(sv)  # replica a has not drained its spool yet: b gives the claim back
         waiting = stores[1].get_series(series_id)
         assert (second.builds, waiting.state, waiting.assembly_attempts) == (0, "RECEIVING", 0)
+        # nor does b stream the version's instances meanwhile: a clear, retryable refusal
+        with pytest.raises(Unavailable) as e:
+            _stream_instances(second, series_id)
+        assert e.value.reason == "INSTANCES_ON_OTHER_REPLICA" and e.value.metadata["missing"] == str(SLICES // 2)
         stores[0].spool_drain.drain()  # a's idle drain
+        assert len(_stream_instances(second, series_id)) >= SLICES
         (sv,) = second.store.due_for_assembly(0.0)
         second.assemble(sv)
         assert second.builds == 1 and stores[0].get_series(series_id).state == "ASSEMBLED"

@@ -239,6 +239,16 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             resolve_series_version, self.store, request.series_id, request.series_version, request.volume_digest
         )
         digests = await asyncio.to_thread(self.store.instance_digests, sv.series_id, sv.version)
+        if sv.state == "RECEIVING":  # acknowledged instances may still be in another replica's spool
+            missing = await asyncio.to_thread(self.store.missing_blobs, digests)
+            if missing:
+                raise Unavailable(
+                    "INSTANCES_ON_OTHER_REPLICA",
+                    "instances of this series version are still in another ingest replica's spool;"
+                    " retry in a few seconds",
+                    domain=DOMAIN,
+                    metadata={"series_id": sv.series_id[:80], "missing": str(len(missing))},
+                )
         # A span, not the current context: the generator is suspended between messages.
         span = tracer.start_span("ingest.stream_instances")
         span.set_attribute("atlasflow.series_id", sv.series_id)
