@@ -111,8 +111,8 @@ class LearnedScorer:
             strategy.fit(self.store.organ_decisions(horizon))
             state = self.store.publish_model(horizon, strategy.fitted)
             with self._lock:
-                if state.fitted_seq == horizon and state.generation != self._current[1].generation:
-                    self._current = (strategy, state)  # ours: no second fit
+                if state.fitted_seq == horizon and state.generation > self._current[1].generation:
+                    self._current = (strategy, state)  # ours (and newer than the copy): no second fit
             log.info(
                 "learned ranking refitted",
                 extra={

@@ -49,7 +49,9 @@ class RankingServiceStub:
     PRINCIPAL_REQUIRED (UNAUTHENTICATED, only with authentication disabled);
     LEASE_HELD_BY_OTHER (FAILED_PRECONDITION when leasing, PERMISSION_DENIED when renewing,
     releasing or completing another reviewer's lease); LEASE_EXPIRED, LEASE_REQUIRED,
-    CASE_ALREADY_REVIEWED, NO_OPEN_ROUND, NO_UNREVIEWED_CASES (FAILED_PRECONDITION).
+    CASE_ALREADY_REVIEWED, NO_OPEN_ROUND, NO_UNREVIEWED_CASES (FAILED_PRECONDITION);
+    MODEL_CHANGING (ABORTED, SubmitAttention: other replicas kept publishing newer learned models
+    while it was scored; nothing was stored, retry).
     """
 
     def __init__(self, channel):
@@ -154,7 +156,9 @@ class RankingServiceServicer:
     PRINCIPAL_REQUIRED (UNAUTHENTICATED, only with authentication disabled);
     LEASE_HELD_BY_OTHER (FAILED_PRECONDITION when leasing, PERMISSION_DENIED when renewing,
     releasing or completing another reviewer's lease); LEASE_EXPIRED, LEASE_REQUIRED,
-    CASE_ALREADY_REVIEWED, NO_OPEN_ROUND, NO_UNREVIEWED_CASES (FAILED_PRECONDITION).
+    CASE_ALREADY_REVIEWED, NO_OPEN_ROUND, NO_UNREVIEWED_CASES (FAILED_PRECONDITION);
+    MODEL_CHANGING (ABORTED, SubmitAttention: other replicas kept publishing newer learned models
+    while it was scored; nothing was stored, retry).
     """
 
     def SubmitAttention(self, request, context):
@@ -383,7 +387,9 @@ class RankingService:
     PRINCIPAL_REQUIRED (UNAUTHENTICATED, only with authentication disabled);
     LEASE_HELD_BY_OTHER (FAILED_PRECONDITION when leasing, PERMISSION_DENIED when renewing,
     releasing or completing another reviewer's lease); LEASE_EXPIRED, LEASE_REQUIRED,
-    CASE_ALREADY_REVIEWED, NO_OPEN_ROUND, NO_UNREVIEWED_CASES (FAILED_PRECONDITION).
+    CASE_ALREADY_REVIEWED, NO_OPEN_ROUND, NO_UNREVIEWED_CASES (FAILED_PRECONDITION);
+    MODEL_CHANGING (ABORTED, SubmitAttention: other replicas kept publishing newer learned models
+    while it was scored; nothing was stored, retry).
     """
 
     @staticmethod
