@@ -32,7 +32,8 @@ class IngestServiceStub:
 
     Errors carry a google.rpc.Status with one google.rpc.ErrorInfo, domain "atlasflow.ingest",
     e.g. reason NOT_DICOM, NOT_CT, CORRUPT_DICOM, MISSING_UID, CHECKSUM_MISMATCH, SERIES_NOT_FOUND,
-    OFFSET_MISMATCH, UPLOAD_NOT_FOUND, INVALID_UPLOAD_ID, UPLOAD_ID_REUSED, SERIES_VERSION_NOT_FOUND,
+    OFFSET_MISMATCH, UPLOAD_NOT_FOUND, INVALID_UPLOAD_ID, UPLOAD_ID_REUSED, UPLOAD_ON_OTHER_REPLICA,
+    SERIES_VERSION_NOT_FOUND,
     VOLUME_NOT_FOUND (blob errors: domain "atlasflow.blobs", BLOB_NOT_FOUND, BLOB_CORRUPT).
 
     Authentication: every RPC needs "authorization: Bearer <JWT>" from the configured issuer;
@@ -96,7 +97,8 @@ class IngestServiceServicer:
 
     Errors carry a google.rpc.Status with one google.rpc.ErrorInfo, domain "atlasflow.ingest",
     e.g. reason NOT_DICOM, NOT_CT, CORRUPT_DICOM, MISSING_UID, CHECKSUM_MISMATCH, SERIES_NOT_FOUND,
-    OFFSET_MISMATCH, UPLOAD_NOT_FOUND, INVALID_UPLOAD_ID, UPLOAD_ID_REUSED, SERIES_VERSION_NOT_FOUND,
+    OFFSET_MISMATCH, UPLOAD_NOT_FOUND, INVALID_UPLOAD_ID, UPLOAD_ID_REUSED, UPLOAD_ON_OTHER_REPLICA,
+    SERIES_VERSION_NOT_FOUND,
     VOLUME_NOT_FOUND (blob errors: domain "atlasflow.blobs", BLOB_NOT_FOUND, BLOB_CORRUPT).
 
     Authentication: every RPC needs "authorization: Bearer <JWT>" from the configured issuer;
@@ -122,6 +124,11 @@ class IngestServiceServicer:
         upload_id are not stored again, and the last chunk (same `sha256`, else INVALID_ARGUMENT
         UPLOAD_ID_REUSED) returns the original receipt. Without `upload_id` an instance is
         buffered in memory and lost with the stream (the original, non-resumable mode).
+        Several ingest replicas: an upload's committed bytes stay on the replica that received
+        them; a chunk (offset > 0) or last chunk reaching another replica fails with UNAVAILABLE,
+        reason UPLOAD_ON_OTHER_REPLICA, ErrorInfo metadata `upload_id` and `replica` (the holder;
+        its pod name before the ":"), nothing written: continue on that replica, or send the
+        upload again from offset 0 (which starts it over on the replica it reaches).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,7 +171,9 @@ class IngestServiceServicer:
         (headers_only). The first message carries the Series and the instance count. Errors
         (before the first message): INVALID_ARGUMENT (reason INVALID_ARGUMENT, metadata "field"),
         NOT_FOUND SERIES_NOT_FOUND, SERIES_VERSION_NOT_FOUND (metadata "series_id", "version"),
-        VOLUME_NOT_FOUND (metadata "volume_digest"); a stored instance missing from or corrupt in
+        VOLUME_NOT_FOUND (metadata "volume_digest"), UNAVAILABLE INSTANCES_ON_OTHER_REPLICA
+        (metadata "series_id", "missing": a RECEIVING version's acknowledged instances still in
+        another ingest replica's spool; retry shortly); a stored instance missing from or corrupt in
         the blob store ends the stream with NOT_FOUND BLOB_NOT_FOUND / DATA_LOSS BLOB_CORRUPT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -255,7 +264,8 @@ class IngestService:
 
     Errors carry a google.rpc.Status with one google.rpc.ErrorInfo, domain "atlasflow.ingest",
     e.g. reason NOT_DICOM, NOT_CT, CORRUPT_DICOM, MISSING_UID, CHECKSUM_MISMATCH, SERIES_NOT_FOUND,
-    OFFSET_MISMATCH, UPLOAD_NOT_FOUND, INVALID_UPLOAD_ID, UPLOAD_ID_REUSED, SERIES_VERSION_NOT_FOUND,
+    OFFSET_MISMATCH, UPLOAD_NOT_FOUND, INVALID_UPLOAD_ID, UPLOAD_ID_REUSED, UPLOAD_ON_OTHER_REPLICA,
+    SERIES_VERSION_NOT_FOUND,
     VOLUME_NOT_FOUND (blob errors: domain "atlasflow.blobs", BLOB_NOT_FOUND, BLOB_CORRUPT).
 
     Authentication: every RPC needs "authorization: Bearer <JWT>" from the configured issuer;
