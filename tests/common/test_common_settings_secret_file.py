@@ -94,3 +94,16 @@ def test_every_service_with_a_database_reads_the_file(tmp_path, cls, prefix):
     s = cls.from_env(prefix, {prefix + "DATABASE_URL_FILE": str(f)})
     assert s.database_url == URL
     assert "s3cr" not in repr(s)
+
+
+def test_cli_db_upgrade_reads_the_url_file(tmp_path, monkeypatch, capsys):
+    """`atlasflow db upgrade` (a Job or a shell in the pod) finds the URL where the service does."""
+    from atlasflow.cli.main import main
+
+    db_path = tmp_path / "ranking.sqlite3"
+    (tmp_path / "database-url").write_text(f"{db_path}\n")
+    monkeypatch.delenv("ATLASFLOW_RANKING_DATABASE_URL", raising=False)
+    monkeypatch.setenv("ATLASFLOW_RANKING_DATABASE_URL_FILE", str(tmp_path / "database-url"))
+    assert main(["db", "upgrade", "--service", "ranking"]) == 0
+    assert "ranking: at revision" in capsys.readouterr().out
+    assert db_path.is_file()
