@@ -159,3 +159,18 @@ def test_statefulset_validates_against_recent_kubernetes(kube_version: str) -> N
         d["kind"] for d in docs if d["metadata"]["labels"].get("app.kubernetes.io/component") == "ingest"
     }
     assert checked >= 6
+
+
+def test_the_in_cluster_postgresql_also_makes_a_statefulset() -> None:
+    docs = render(
+        "--set",
+        "postgresql.enabled=true",
+        "--set",
+        "postgresql.auth.existingSecret=pg-auth",
+        "--set",
+        "ingest.replicas=2",
+    )
+    sts = ingest_objects(docs, "StatefulSet")[NAME]
+    assert sts["spec"]["replicas"] == 2 and not ingest_objects(docs, "Deployment")
+    env = {e["name"] for e in main_container(sts)["env"]}
+    assert "ATLASFLOW_INGEST_DATABASE_URL_FILE" in env
