@@ -136,6 +136,7 @@ def test_attempts_column_is_added_to_an_existing_database(tmp_path, files):
             conn.execute(f"ALTER TABLE series_versions DROP COLUMN {column}")
         for column in ("claimed_by", "claim_expires_at", "create_time"):  # Alembic's outbox claims
             conn.execute(f"ALTER TABLE outbox DROP COLUMN {column}")
+        conn.execute("ALTER TABLE uploads DROP COLUMN owner_replica")  # Alembic's 0004
         for table in ("alembic_version_ingest", "deletion_steps", "deletions"):  # later steps' tables
             conn.execute(f"DROP TABLE {table}")
         conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
