@@ -10,7 +10,8 @@ written as training writes them (`tests/training/test_training_reinfer.py` ``_ve
   gets the recorded version;
 - a replica whose copy of the version is corrupt claims no job (gauge ``in_step`` 0, the job
   stays QUEUED) until its copy is repaired, then follows and runs the job on the new version;
-- a restart serves the recorded version, not a stale ``versions/CURRENT``.
+- a restart serves the recorded version, not a stale ``versions/CURRENT``; a job created for
+  another version keeps it (the replica binds that version for the job).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from atlasflow.testing.postgres import PostgresCluster
 Q = common_pb2.OPERATION_STATE_QUEUED
 
 
-def _until(check: Callable[[], bool], timeout_s: float, what: str) -> float:
+def _until(check: Callable[[], object], timeout_s: float, what: str) -> float:
     """Seconds until ``check()`` holds (fails after ``timeout_s``: a loaded machine is slow)."""
     t0 = time.monotonic()
     while not check():
@@ -127,6 +128,12 @@ def _submit(app: Any, root: Path, case_id: str) -> pb.SegmentationJob:
     return app.stub.SegmentSeries(req, metadata=ADMIN).job
 
 
+def _done(app: Any, get: pb.GetSegmentationJobRequest) -> pb.SegmentationJob | None:
+    """The job once it is done (None while QUEUED or RUNNING)."""
+    job = app.stub.GetSegmentationJob(get, metadata=ADMIN).job
+    return None if job.state in (Q, common_pb2.OPERATION_STATE_RUNNING) else job
+
+
 def test_a_version_activated_on_one_replica_is_served_by_the_other(world: SimpleNamespace) -> None:
     a, b = world.start("a", world.db), world.start("b", world.db)
     try:
@@ -186,11 +193,8 @@ def test_a_replica_that_cannot_serve_the_version_claims_nothing(world: SimpleNam
         assert c.stub.GetSegmentationJob(get, metadata=ADMIN).job.state == Q  # not claimed under tiny-a-v1
         shutil.copyfile(world.state / "versions" / world.good / "unet_a.pt", weights)  # repaired
         _until(lambda: c.parts["registry"].state.default == world.good, 60, "C did not follow after the repair")
-        _until(
-            lambda: c.stub.GetSegmentationJob(get, metadata=ADMIN).job.state == common_pb2.OPERATION_STATE_SUCCEEDED,
-            120,
-            "the job did not run on the followed version",
-        )
+        _until(lambda: _done(c, get), 120, "the job did not run on the followed version")
+        assert _done(c, get).state == common_pb2.OPERATION_STATE_SUCCEEDED, _done(c, get)
         assert follower.in_step and follower.blocked == ("", "")
     finally:
         world.stop(c)
@@ -210,6 +214,26 @@ def test_a_restart_serves_the_recorded_version_over_a_stale_current(world: Simpl
         assert d.parts["current_version"].done.wait(60)
         state = d.parts["registry"].state
         assert state.default == world.good and world.stale not in state.versions
+        if backend == "postgresql":
+            # a job created for another version (on another replica, while it was activated)
+            # keeps it: this replica serves it for the job, its default unchanged
+            old = _submit(d, world.root, "case-d")
+            job, _ = d.parts["jobs"].submit(
+                case_id="case-d",
+                series_id=old.series_id,
+                series_version=2,
+                ensemble_version=world.stale,
+                volume_digest=d.parts["jobs"].get(old.job_id).volume_digest,
+                volume_size=1,
+                labelled_organs=[],
+                traceparent="",
+            )
+            d.parts["worker"].wake.set()
+            get = pb.GetSegmentationJobRequest(job_id=job.job_id)
+            _until(lambda: _done(d, get), 120, "the job of the other version did not run")
+            assert _done(d, get).state == common_pb2.OPERATION_STATE_SUCCEEDED, _done(d, get)
+            state = d.parts["registry"].state
+            assert state.default == world.good and world.stale in state.versions
     finally:
         world.stop(d)
         (world.state / "versions" / "CURRENT").unlink()

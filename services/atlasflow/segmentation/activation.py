@@ -230,6 +230,25 @@ class EnsembleRegistry:
             self._state = after  # one reference assignment: readers see before or after
             return before, after, model
 
+    def bind(self, versions_dir: str | Path, name: str, loader: Loader, make_segmenter: Callable[[str], Any]) -> None:
+        """Serve ``name`` too, for the jobs created for it, without changing the default (a
+        replica that never activated it, or restarted since: `Worker` asks for it when such a
+        job is claimed); the same checks as `activate`. Nothing when it is served already."""
+        with self._lock:
+            before = self._state
+            if name in before.segmenters:
+                return
+            config, card = verify_version_card(versions_dir, name)
+            model = loader.load(config)
+            self._state = replace(
+                before,
+                versions=(*before.versions, name),
+                segmenters={**before.segmenters, name: make_segmenter(model)},
+                members={**before.members, name: [m.name for m in config.members]},
+                strategies={**before.strategies, name: config.strategy},
+                cards={**before.cards, name: card},
+            )
+
 
 ACTIVATE_MODEL = "atlasflow_activate"  # = atlasflow.segmentation.triton_server.ACTIVATE_MODEL
 

@@ -30,10 +30,13 @@ from atlasflow.segmentation.activation import (
     PyTritonLoader,
     ReadyCheckLoader,
     RegistryState,
+    ServedVersionFollower,
     activate_via,
 )
 from atlasflow.segmentation.ensemble import load_ensemble
-from atlasflow.segmentation.gauges import job_readings, triton_readings
+from atlasflow.segmentation.gauges import job_readings, triton_readings, version_readings
+from atlasflow.segmentation.imported import resolve as resolve_imported
+from atlasflow.segmentation.imported import served_model_name
 from atlasflow.segmentation.jobs import DEFAULT_FILE, JobStore
 from atlasflow.segmentation.migrations import MIGRATIONS
 from atlasflow.segmentation.prior_source import RankingPrior
@@ -83,6 +86,10 @@ async def build_app(
     )
     configs = [load_ensemble(e) for e in settings.ensembles()]
     versions = [c.version for c in configs]
+    # imported models added to every ensemble (atlasflow.segmentation.imported): another
+    # Triton model name, and the jobs list them as members
+    imported = resolve_imported(settings.models_state_dir, settings.imported())
+    member_names = {c.version: [m.name for m in c.members] + [m.label for m in imported] for c in configs}
 
     def make_segmenter(model_name: str) -> TritonSegmenter:
         return TritonSegmenter(
@@ -96,14 +103,14 @@ async def build_app(
         )
 
     if segmenters is None:
-        segmenters = {c.version: make_segmenter(c.model_name) for c in configs}
+        segmenters = {c.version: make_segmenter(served_model_name(c.model_name, imported)) for c in configs}
     segmenters = dict(segmenters)
     # The served versions; ActivateEnsembleVersion swaps it (`activation.EnsembleRegistry`).
     registry = EnsembleRegistry(
         RegistryState(
             tuple(versions),
             dict(segmenters),
-            {c.version: [m.name for m in c.members] for c in configs},
+            member_names,
             {c.version: c.strategy for c in configs},
         )
     )
@@ -140,6 +147,18 @@ async def build_app(
     prior = RankingPrior(
         settings.ranking_target, settings.prior_refresh_s, settings.max_message_bytes, token=token, tls=tls
     )
+    # after a restart: the activated version recorded in the database (else versions/CURRENT) is
+    # served again; with several replicas every one follows the record (activation.py)
+    current = CurrentVersionActivator(registry, settings.versions_dir, loader, make_segmenter)
+    follower = ServedVersionFollower(
+        registry,
+        jobs,
+        settings.versions_dir,
+        loader,
+        make_segmenter,
+        poll_s=settings.version_poll_s,
+        current=current,
+    )
     worker = Worker(
         jobs,
         blobs,
@@ -147,23 +166,28 @@ async def build_app(
         metrics,
         prior=prior,
         strategies={c.version: c.strategy for c in configs},
-        members={c.version: [m.name for m in c.members] for c in configs},
+        members=member_names,
         max_attempts=settings.max_attempts,
         max_backoff_s=settings.max_backoff_s,
         retry_base_s=settings.retry_base_s,
         poll_s=settings.worker_poll_s,
         on_handoff=wake_dispatcher,
         registry=registry,
+        claim_gate=follower.may_claim,
+        bind_version=(
+            (lambda name: registry.bind(settings.versions_dir, name, loader, make_segmenter))
+            if settings.versions_dir
+            else None
+        ),
     )
     servicer = SegmentationServicer(
         jobs, blobs, worker, versions, Activation(registry, settings.versions_dir, loader, make_segmenter)
     )
-    # after a restart: the promoted version (versions/CURRENT) is served again
-    current = CurrentVersionActivator(registry, settings.versions_dir, loader, make_segmenter)
     # scrape-time gauges (docs/runbooks.md): job queue, oldest running job, Triton, free disk
     metrics.add_source("jobs", lambda: job_readings(jobs))
     metrics.add_source("triton", lambda: triton_readings(registry.state.segmenters.values()), timeout_s=6.0)
     metrics.add_disk("state", settings.data_dir)
+    metrics.add_source("ensemble_version", lambda: version_readings(follower))
 
     def register(server: grpc.aio.Server) -> list[str]:
         _add_servicer(servicer, server)
@@ -183,7 +207,7 @@ async def build_app(
         background=[
             ThreadLoop("segmentation-worker", worker.run_forever, worker.request_stop, join_s=30.0),
             TaskLoop("segmentation-outbox", dispatcher.run),
-            ThreadLoop("segmentation-current-version", current.run, current.request_stop, join_s=10.0),
+            ThreadLoop("segmentation-served-version", follower.run, follower.request_stop, join_s=10.0),
         ],
         # closed in reverse order: channels and prior source, segmenters, then the job store
         closers=[jobs.close, close_segmenters, prior.close, ranking_channel.close, labels_channel.close],
@@ -194,7 +218,7 @@ async def build_app(
             "dispatcher": dispatcher,
             "segmenters": segmenters,
             "registry": registry,
-            "current_version": current,
+            "current_version": follower,
         },
         ready_fields={"ensemble": settings.ensemble},
         metrics=metrics,

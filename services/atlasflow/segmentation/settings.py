@@ -64,6 +64,14 @@ class SegmentationSettings(ServiceSettings):
     # `atlasflow.segmentation.triton_server --versions-dir`) or "repository" (stock Triton with
     # explicit model control: the training service loaded it; this only checks it is ready).
     activation: str = "pytriton"
+    # How often (s) every replica reads the activated version recorded in the database and
+    # follows it (`activation.ServedVersionFollower`; the worker also checks before each claim).
+    version_poll_s: float = 5.0
+    # Imported models (`atlasflow model import ...`) added to every served ensemble as members
+    # (atlasflow.segmentation.imported): registry names, comma-separated, and the registry's
+    # state dir; the Triton server must be started with the same (--member NAME --state-dir DIR).
+    imported_models: str = ""
+    models_state_dir: str = ""
 
     def triton_tls(self) -> ClientTLS:
         """TLS of the calls to Triton (`PLAINTEXT` without ``triton_tls_ca_file``)."""
@@ -89,6 +97,12 @@ class SegmentationSettings(ServiceSettings):
             key_file=self.triton_tls_key_file or self.tls_client_key_file or self.tls_key_file,
             server_name=self.triton_tls_server_name,
         )
+
+    def imported(self) -> list[str]:
+        """The imported members' registry names (`atlasflow.segmentation.imported`)."""
+        from atlasflow.segmentation.imported import parse_names
+
+        return parse_names(self.imported_models)
 
     def ensembles(self) -> list[str]:
         """The configured ensemble versions (or JSON paths), the default first."""

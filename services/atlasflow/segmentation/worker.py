@@ -97,6 +97,8 @@ class Worker:
     claims it FAILS with that reason (e.g. ``TRITON_UNAVAILABLE``). Other domain errors fail
     at once. ``poll_s``: how often an idle worker looks for due jobs. ``claim_gate``: asked
     before every claim; False = wait (`activation.ServedVersionFollower.may_claim`).
+    ``bind_version``: serves a claimed job's ensemble version this replica does not serve yet
+    (`activation.EnsembleRegistry.bind`).
     """
 
     def __init__(
@@ -116,11 +118,16 @@ class Worker:
         strategies: Mapping[str, RankingStrategy] | None = None,
         registry: EnsembleRegistry | None = None,
         claim_gate: Callable[[], bool] | None = None,
+        bind_version: Callable[[str], None] | None = None,
     ) -> None:
         self.jobs = jobs
         # Asked before every claim: False = claim nothing now (this replica does not serve the
         # activated ensemble version: `activation.ServedVersionFollower.may_claim`).
         self.claim_gate = claim_gate
+        # Serves a job's ensemble version that the registry does not have (a version activated
+        # before this replica started or followed it; `activation.EnsembleRegistry.bind`), so a
+        # job keeps the version it was created with on any replica.
+        self.bind_version = bind_version
         # The served versions after ActivateEnsembleVersion (`activation.EnsembleRegistry`):
         # looked up per job, so a job keeps the version it was created with.
         self.registry = registry
@@ -147,6 +154,10 @@ class Worker:
 
     def _segmenter_for(self, ensemble: str) -> Segmenter:
         if self.registry is not None and ensemble in self.registry.state.segmenters:
+            return cast("Segmenter", self.registry.state.segmenters[ensemble])
+        known = isinstance(self.segmenter, Mapping) and ensemble in self.segmenter
+        if self.registry is not None and self.bind_version is not None and not known:
+            self.bind_version(ensemble)  # the version's own errors fail the job; UNAVAILABLE retries it
             return cast("Segmenter", self.registry.state.segmenters[ensemble])
         if isinstance(self.segmenter, Mapping):
             if ensemble not in self.segmenter:
