@@ -127,6 +127,24 @@ def test_an_export_job_is_held_by_one_replica_and_taken_over_after_expiry(pg_url
         b.close()
 
 
+def test_an_export_job_that_keeps_killing_its_replica_fails(pg_url):
+    """A job whose holder's lease expired after `max_export_claims` takes is FAILED
+    LEASE_EXPIRED instead of going round for ever; a clean release does not count as a death."""
+    r = PostgresLabelRepository(pg_url, claimer="r", export_lease_s=10.0, max_export_claims=2)
+    try:
+        r.create_version("case-1", blob("lm"), blob("ct"), AI, "req-1")
+        job = r.create_export_job([], "file:///tmp/x")
+        now = time.time()
+        assert r.claim_export_job(now) is not None  # take 1
+        r.release_export_claim(job.job_id)  # a clean stop (a rolling update)
+        assert r.claim_export_job(now + 1) is not None  # take 2
+        assert r.claim_export_job(now + 12) is None  # take 2's holder died: failed, not taken again
+        failed = r.get_export_job(job.job_id)
+        assert (failed.state, failed.error_reason) == ("FAILED", "LEASE_EXPIRED")
+    finally:
+        r.close()
+
+
 def test_two_export_workers_never_run_one_job_at_once(pg_url, tmp_path):
     """Two replicas' export loops on four queued jobs: each job runs on exactly one of them
     (never two at once), all succeed."""

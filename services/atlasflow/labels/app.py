@@ -57,7 +57,14 @@ async def build_app(
     repo = (
         repository
         if repository is not None
-        else await asyncio.to_thread(open_repository, settings.database_url, settings.data_dir)
+        else await asyncio.to_thread(
+            open_repository,
+            settings.database_url,
+            settings.data_dir,
+            export_lease_s=settings.export_lease_s,
+            max_export_claims=settings.export_max_claims,
+            event_claim_s=settings.event_claim_s,
+        )
     )
     sources = IngestSourceInstances(
         settings.ingest_target, settings.max_message_bytes, token=settings.token_source(), tls=settings.client_tls()

@@ -30,6 +30,16 @@ class LabelsSettings(ServiceSettings):
     # ATLASFLOW_LABELS_DATABASE_URL: empty = SQLite at <data_dir>/labels.sqlite3 (embedded);
     # "postgresql://user@host:5432/db" = PostgreSQL (cluster). Migrations run on start.
     database_url: str = ""
+    # ATLASFLOW_LABELS_EXPORT_LEASE_S: an export job is run by the replica holding its lease,
+    # renewed every third of this while it runs; a replica that died leaves the job to another
+    # after this long (seconds).
+    export_lease_s: float = 60.0
+    # ATLASFLOW_LABELS_EXPORT_MAX_CLAIMS: an export job whose replica died this many times (its
+    # lease expired) is FAILED with LEASE_EXPIRED instead of taken again (0: no limit).
+    export_max_claims: int = 3
+    # ATLASFLOW_LABELS_EVENT_CLAIM_S: a version event claimed by a replica's outbox dispatcher
+    # is left to it this long (seconds); a dead replica's events are delivered by another after.
+    event_claim_s: float = 120.0
     # ATLASFLOW_LABELS_INGEST_TARGET: host:port of the ingest service's gRPC API, from which
     # DICOM SEG exports fetch the source CT instances (IngestService.StreamSeriesInstances).
     ingest_target: str = "127.0.0.1:50051"

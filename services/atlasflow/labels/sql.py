@@ -160,7 +160,9 @@ class SqlLabelRepository:
     (atlasflow.common.db.database_url); pool: PostgreSQL pool settings; claimer: this
     replica's name in outbox claims and export-job leases (default: host, pid, random);
     event_claim_s: how long a claimed version event is left to its claimer; export_lease_s: how
-    long an export job's lease lasts without a heartbeat (`renew_export_claim`).
+    long an export job's lease lasts without a heartbeat (`renew_export_claim`);
+    max_export_claims: a job whose holder's lease expired (the holder died, not a clean release)
+    after this many takes is FAILED with LEASE_EXPIRED instead of taken again (0: no limit).
     Thread-safe (one pooled connection per call); any number of repositories (threads,
     processes, replicas) may share one database."""
 
@@ -172,6 +174,7 @@ class SqlLabelRepository:
         claimer: str | None = None,
         event_claim_s: float = 120.0,
         export_lease_s: float = 60.0,
+        max_export_claims: int = 0,
     ) -> None:
         try:
             self.database = open_database(database, MIGRATIONS, pool=pool)
@@ -180,6 +183,7 @@ class SqlLabelRepository:
         self._db = _Backend(self.database)
         self.claimer = claimer or replica_id()
         self.export_lease_s = export_lease_s
+        self.max_export_claims = max_export_claims
         self.events = SqlOutboxStore(
             self.database,
             claimer=self.claimer,
@@ -577,12 +581,23 @@ class SqlLabelRepository:
     def claim_export_job(self, now: float | None = None) -> ExportJobRecord | None:
         """Take the oldest QUEUED or RUNNING job no replica holds (never claimed, released, or its
         holder's lease expired: a replica that died) for `export_lease_s` seconds; None when
-        there is none. Replicas claim different jobs (PostgreSQL: ``FOR UPDATE SKIP LOCKED``;
+        there is none (jobs past `max_export_claims` are failed first, LEASE_EXPIRED). Replicas claim different jobs (PostgreSQL: ``FOR UPDATE SKIP LOCKED``;
         SQLite: one writer at a time). The holder keeps the job with `renew_export_claim`
         (its heartbeat) and gives it back with `release_export_claim`; a job that reaches a
         terminal state is released. now: seconds since the epoch (default: the clock)."""
         t = time.time() if now is None else float(now)
         with self._db.write() as tx:
+            if self.max_export_claims > 0:  # a job that killed every replica running it
+                for gone in tx.all(
+                    "SELECT job_id FROM export_jobs WHERE state IN ('QUEUED', 'RUNNING') AND claimed_by <> ''"
+                    " AND claim_expires_at <= ? AND claims >= ?" + self.database.for_update(skip_locked=True),
+                    (t, self.max_export_claims),
+                ):
+                    tx.run(
+                        "UPDATE export_jobs SET state = 'FAILED', error_reason = 'LEASE_EXPIRED', update_time = ?,"
+                        " claimed_by = '', claim_expires_at = 0 WHERE job_id = ?",
+                        (self._db.timestamp(sq.utc_now()), gone["job_id"]),
+                    )
             row = tx.one(
                 "SELECT job_id FROM export_jobs WHERE state IN ('QUEUED', 'RUNNING') AND claim_expires_at <= ?"
                 " ORDER BY create_time, job_id LIMIT 1" + self.database.for_update(skip_locked=True),

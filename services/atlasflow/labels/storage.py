@@ -8,6 +8,7 @@ PostgreSQL otherwise; both through the one database layer (atlasflow.common.db).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.labels.postgres import PostgresLabelRepository
@@ -16,16 +17,17 @@ from atlasflow.labels.sql import SqlLabelRepository
 from atlasflow.labels.sqlite import SqliteLabelRepository
 
 
-def open_repository(database_url: str, data_dir: str | Path) -> SqlLabelRepository:
+def open_repository(database_url: str, data_dir: str | Path, **options: Any) -> SqlLabelRepository:
     """The repository a deployment is configured for.
 
     database_url: "" -> SQLite at `<data_dir>/labels.sqlite3`; "postgresql://..." (or
     "postgres://...") -> PostgreSQL. Anything else: InvalidArgument("INVALID_SETTING").
+    options: `SqlLabelRepository`'s keyword arguments (leases and claims).
     """
     if not database_url:
-        return SqliteLabelRepository(Path(data_dir) / "labels.sqlite3")
+        return SqliteLabelRepository(Path(data_dir) / "labels.sqlite3", **options)
     if database_url.startswith(("postgresql://", "postgres://")):
-        return PostgresLabelRepository(database_url)
+        return PostgresLabelRepository(database_url, **options)
     raise InvalidArgument(
         "INVALID_SETTING",
         "labels database URL must be empty (SQLite) or postgresql://...",
