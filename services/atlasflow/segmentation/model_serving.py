@@ -211,3 +211,42 @@ class TritonNetwork:
             raise DataLoss("TRITON_BAD_RESPONSE", "Triton returned an unexpected output", domain=DOMAIN, metadata=meta)
         self.calls += 1
         return torch.from_numpy(np.array(out, copy=True)).to(x.device)
+
+
+class BlsNetwork:
+    """The served network of one registered model called from inside a stock Triton's Python
+    backend (the ensemble model of `atlasflow.segmentation.triton_repo`): a Business Logic
+    Scripting request (``pb_utils.InferenceRequest(...).exec()``) to the model's PyTorch-backend
+    entry in the same server, with the tensors of `TritonNetwork`. ``pb_utils`` is Triton's
+    ``triton_python_backend_utils``."""
+
+    def __init__(self, pb_utils: Any, model_name: str) -> None:
+        self.pb_utils = pb_utils
+        self.model_name = model_name
+        self.calls = 0
+
+    def __call__(self, x: Any, fold: int | None = None) -> Any:
+        import torch
+
+        pb = self.pb_utils
+        meta = {"model": self.model_name}
+        arr = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        inputs = [pb.Tensor(INPUT, arr)]
+        if fold is not None:
+            inputs.append(pb.Tensor(FOLD_INPUT, np.array([fold], dtype=np.int64)))
+        response = pb.InferenceRequest(
+            model_name=self.model_name, requested_output_names=[OUTPUT], inputs=inputs
+        ).exec()
+        if response.has_error():
+            raise AtlasflowError(
+                "TRITON_INFERENCE_FAILED",
+                f"{self.model_name}: {response.error().message()}",
+                domain=DOMAIN,
+                metadata=meta,
+            )
+        tensor = pb.get_output_tensor_by_name(response, OUTPUT)
+        out = None if tensor is None else tensor.as_numpy()
+        if out is None or out.ndim != arr.ndim or out.shape[0] != arr.shape[0]:
+            raise DataLoss("TRITON_BAD_RESPONSE", "Triton returned an unexpected output", domain=DOMAIN, metadata=meta)
+        self.calls += 1
+        return torch.from_numpy(np.array(out, copy=True)).to(x.device)

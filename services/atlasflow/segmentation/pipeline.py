@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,6 +196,7 @@ class EnsemblePipeline:
         imported: Sequence[str] = (),
         models_state_dir: str | Path = "",
         imported_triton_url: str | None = None,
+        imported_network: Callable[[str], Any] | None = None,
     ) -> None:
         """``autocast`` (``none``/``bf16``), ``sw_batch_size``, ``overlap``,
         ``foreground_crop`` (a `ForegroundCrop`, True = defaults, False = off) and
@@ -206,7 +207,9 @@ class EnsemblePipeline:
         ``imported``: registered models of ``models_state_dir`` (`atlasflow.models.registry`)
         added as members (`_imported_grid`); their networks run on the Triton at
         ``imported_triton_url`` (model `atlasflow.models.export.triton_model_name`, e.g. the
-        server this pipeline is bound in), or in this process when it is None."""
+        server this pipeline is bound in), or what ``imported_network`` makes of that model
+        name (a stock Triton's Python backend: `atlasflow.segmentation.model_serving.BlsNetwork`),
+        or in this process when both are None."""
         config: EnsembleConfig = load_ensemble(ensemble_cfg_path_or_version)
         if attention_mode is not None:
             if attention_mode not in strategy_names():
@@ -239,12 +242,20 @@ class EnsemblePipeline:
         ]
         self.weights_trained: bool = self.config.weights_trained
         self._prior: PopulationPrior | None = None
+        if imported_triton_url and imported_network is None:
+            from atlasflow.segmentation.model_serving import TritonNetwork
+
+            url = imported_triton_url
+
+            def imported_network(model_name: str) -> Any:
+                return TritonNetwork(url, model_name)
+
         self.imported: list[tuple[ImportedMember, Any]] = self._load_imported(
-            imported, models_state_dir, imported_triton_url
+            imported, models_state_dir, imported_network
         )
 
     def _load_imported(
-        self, names: Sequence[str], state_dir: str | Path, triton_url: str | None
+        self, names: Sequence[str], state_dir: str | Path, make_network: Callable[[str], Any] | None
     ) -> list[tuple[ImportedMember, Any]]:
         """The imported members, each with its model (`atlasflow.models.segment.load_model`:
         the same pre/post-processing and tiling as ``atlasflow segment``)."""
@@ -257,11 +268,7 @@ class EnsemblePipeline:
         registry = ModelRegistry(state_dir)
         out: list[tuple[ImportedMember, Any]] = []
         for name in names:
-            network = None
-            if triton_url:
-                from atlasflow.segmentation.model_serving import TritonNetwork
-
-                network = TritonNetwork(triton_url, served_name(registry.get(name)))
+            network = make_network(served_name(registry.get(name))) if make_network is not None else None
             model = load_model(state_dir, name, device=str(self.device), network=network)
             out.append((ImportedMember(name, model.manifest.digest), model))
         return out

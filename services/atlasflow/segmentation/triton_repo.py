@@ -13,6 +13,19 @@ writes::
 ``<model_name>`` is `triton_model_name(version)` (``abdomen-trio-v1`` -> ``abdomen_trio_v1``),
 the same name PyTriton serves locally, so `TritonSegmenter` talks to either unchanged.
 
+Imported ensemble members (``--member NAME --models-state-dir DIR``: registered models of
+`atlasflow.models.registry`, `atlasflow.segmentation.imported`) add::
+
+    OUT_DIR/<name>_<digest12>/config.pbtxt     backend "pytorch" (the model's Triton export)
+    OUT_DIR/<name>_<digest12>/1/model.pt       TorchScript (libtorch runs it, CPU or GPU)
+    OUT_DIR/<model_name>/1/ensemble/models/<name>/   the registered model (manifest, plans,
+                                               weights: the client side's pre/post-processing)
+
+and the ensemble model is named `imported.served_model_name` (``<model_name>__with_<sha12>``)
+with the parameter ``atlasflow_imported_models`` (the names): its Python backend runs each
+member's pre/post-processing in process and calls its network by BLS
+(`atlasflow.segmentation.model_serving.BlsNetwork`) on the PyTorch-backend entry.
+
 Tensors (identical to `triton_server.bind_pipeline`, ``max_batch_size: 0``):
 inputs ``volume`` INT16 [-1, -1, -1] (X, Y, Z) HU, ``affine`` FP64 [4, 4] voxel -> RAS mm,
 ``labelled_organs`` UINT8 [9]; outputs ``labels`` UINT8 [-1, -1, -1], ``heatmap`` UINT8
@@ -45,6 +58,8 @@ import numpy as np
 
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.segmentation.ensemble import DOMAIN, EnsembleConfig, load_ensemble
+from atlasflow.segmentation.imported import resolve as resolve_imported
+from atlasflow.segmentation.imported import served_model_name
 
 VERSION_DIR = "1"
 ENSEMBLE_SUBDIR = "ensemble"
@@ -81,7 +96,13 @@ class TritonPythonModel(PythonBackendModel):
 
 
 def config_pbtxt(
-    model_name: str, ensemble_file: str, *, instances: int = 1, kind: str = "cpu", gpus: Sequence[int] = ()
+    model_name: str,
+    ensemble_file: str,
+    *,
+    instances: int = 1,
+    kind: str = "cpu",
+    gpus: Sequence[int] = (),
+    imported: Sequence[str] = (),
 ) -> str:
     """Text of ``config.pbtxt`` (Triton model configuration, protobuf text format)."""
     if kind not in KINDS:
@@ -109,6 +130,12 @@ def config_pbtxt(
         f"instance_group [\n  {{\n{group}\n  }}\n]\n"
         'parameters: {\n  key: "atlasflow_ensemble_file"\n'
         f'  value: {{ string_value: "{ensemble_file}" }}\n}}\n'
+        + (
+            'parameters: {\n  key: "atlasflow_imported_models"\n'
+            f'  value: {{ string_value: "{",".join(imported)}" }}\n}}\n'
+            if imported
+            else ""
+        )
     )
 
 
@@ -127,21 +154,39 @@ def write_repository(
     instances: int = 1,
     kind: str = "cpu",
     gpus: Sequence[int] = (),
+    members: Sequence[str] = (),
+    models_state_dir: str | Path = "",
 ) -> Path:
     """Write (or replace) the model directory for ``ensemble`` under ``out_dir``; returns it.
 
     ``ensemble``: version name (``ensembles/<version>.json``) or a JSON path. Checkpoints are
     copied into ``1/ensemble/weights/`` and the copied JSON refers to them relatively; members
     without a checkpoint keep their seeded initialisation (bit-identical everywhere).
+    ``members``: registered models of ``models_state_dir`` added as imported members (module
+    docstring): their verified files are copied, their networks written as PyTorch-backend
+    entries next to the ensemble (`atlasflow.models.export.write_repository_entry`).
     """
     cfg: EnsembleConfig = load_ensemble(ensemble)
     assert cfg.source is not None
     raw: dict[str, Any] = json.loads(cfg.source.read_text())
-    model_dir = Path(out_dir) / cfg.model_name
+    imported = resolve_imported(models_state_dir, list(members))
+    model_dir = Path(out_dir) / served_model_name(cfg.model_name, imported)
     if model_dir.exists():
         shutil.rmtree(model_dir)
     bundle = model_dir / VERSION_DIR / ENSEMBLE_SUBDIR
     (bundle / "weights").mkdir(parents=True)
+    if imported:
+        from atlasflow.models.export import write_repository_entry
+        from atlasflow.models.registry import ModelRegistry
+
+        registry = ModelRegistry(models_state_dir)
+        for imp in imported:
+            if registry.verify(imp.name).digest != imp.digest:  # re-imported meanwhile
+                raise InvalidArgument(
+                    "MODEL_CHANGED", "the model changed while the repository was written", domain=DOMAIN
+                )
+            shutil.copytree(registry.path(imp.name), bundle / "models" / imp.name)
+            write_repository_entry(models_state_dir, imp.name, out_dir)
     for member_raw, member in zip(raw["members"], cfg.members):
         if member.checkpoint is None:
             member_raw["checkpoint"] = None
@@ -160,12 +205,20 @@ def write_repository(
     (model_dir / VERSION_DIR / ensemble_file).write_text(json.dumps(raw, indent=2) + "\n")
     (model_dir / VERSION_DIR / "model.py").write_text(MODEL_PY.format(version=cfg.version))
     (model_dir / "config.pbtxt").write_text(
-        config_pbtxt(cfg.model_name, ensemble_file, instances=instances, kind=kind, gpus=gpus)
+        config_pbtxt(
+            model_dir.name,
+            ensemble_file,
+            instances=instances,
+            kind=kind,
+            gpus=gpus,
+            imported=[m.name for m in imported],
+        )
     )
     files = sorted(p for p in model_dir.rglob("*") if p.is_file())
     manifest = {
         "ensemble_version": cfg.version,
-        "model_name": cfg.model_name,
+        "model_name": model_dir.name,
+        "imported_members": [m.label for m in imported],
         "files": {str(p.relative_to(model_dir)): {"sha256": _sha256(p), "size_bytes": p.stat().st_size} for p in files},
     }
     (model_dir / VERSION_DIR / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -191,7 +244,22 @@ class PythonBackendModel:
         kind = str(args.get("model_instance_kind", "CPU")).upper()
         device = f"cuda:{int(args.get('model_instance_device_id', 0))}" if kind == "GPU" else "cpu"
         self.model_name = str(args.get("model_name", config.get("name", "")))
-        self.pipeline = EnsemblePipeline(str(version_dir / rel), device=device)
+        imported = config["parameters"].get("atlasflow_imported_models", {}).get("string_value", "")
+        names = [n for n in str(imported).split(",") if n]
+        pb = self.pb_utils
+
+        def bls(model_name: str) -> Any:
+            from atlasflow.segmentation.model_serving import BlsNetwork
+
+            return BlsNetwork(pb, model_name)
+
+        self.pipeline = EnsemblePipeline(
+            str(version_dir / rel),
+            device=device,
+            imported=names,
+            models_state_dir=version_dir / ENSEMBLE_SUBDIR,
+            imported_network=bls if names else None,
+        )
 
     def _one(self, request: Any) -> Any:
         from opentelemetry import propagate, trace
@@ -267,9 +335,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--kind", choices=sorted(KINDS), default="gpu", help="KIND_GPU (default, cluster) or KIND_CPU")
     parser.add_argument("--gpus", type=int, nargs="*", default=[], help="GPU ids for KIND_GPU (default: all)")
+    parser.add_argument(
+        "--member", action="append", default=[], help="a registered imported model added to every ensemble (repeatable)"
+    )
+    parser.add_argument("--models-state-dir", default="", help="the model registry's state dir (with --member)")
     args = parser.parse_args(argv)
     for ensemble in args.ensemble or ["abdomen-trio-v1"]:
-        path = write_repository(args.out_dir, ensemble, instances=args.instances, kind=args.kind, gpus=args.gpus)
+        path = write_repository(
+            args.out_dir,
+            ensemble,
+            instances=args.instances,
+            kind=args.kind,
+            gpus=args.gpus,
+            members=args.member,
+            models_state_dir=args.models_state_dir,
+        )
         print(f"wrote {path}")
     return 0
 
