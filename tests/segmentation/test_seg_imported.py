@@ -1,0 +1,295 @@
+"""An imported nnU-Net v2 model as a member of the served ensemble, through the service path.
+
+The tiny nnU-Net model of `tests.models.nnunet_fixture` (trained once per test session, shared
+with tests/models) predicts liver, spleen and "kidney" (both kidneys in one label, which maps
+to no atlasflow organ): on atlasflow's nine organs it has an opinion on liver and spleen only.
+It is imported into a registry, a real local Triton (PyTriton, `triton_server --ensemble
+abdomen-trio-v1 --member tiny`) serves the demo trio's pipeline with it as a fourth member
+and its exported network, and the segmentation service (in-process, real gRPC, real worker,
+``IMPORTED_MODELS=tiny``) segments one small CT. The job's output is compared with the
+library's heterogeneous computation (`atlasflow.segmentation.heterogeneous`) of the trio's
+soft predictions and the imported model's label map (`atlasflow segment`'s path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from tests.models import nnunet_fixture as fx
+
+from atlasflow.common.blobstore import LocalBlobStore
+from atlasflow.common.clients import sync_channel
+from atlasflow.common.errors import InvalidArgument, NotFound
+from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
+from atlasflow.common.organs import ORGAN_IDS, ORGANS
+from atlasflow.common.ports import free_ports
+from atlasflow.common.v1 import common_pb2
+from atlasflow.models.export import triton_model_name
+from atlasflow.models.nnunet import import_nnunet
+from atlasflow.models.registry import Manifest, ModelRegistry
+from atlasflow.models.segment import served_model
+from atlasflow.segmentation.app import build_app
+from atlasflow.segmentation.heterogeneous import (
+    CommonGrid,
+    MemberOutput,
+    common_grid,
+    ensemble_labels,
+    heterogeneous_attention,
+)
+from atlasflow.segmentation.imported import ImportedMember, parse_names, resolve, served_model_name
+from atlasflow.segmentation.pipeline import EnsemblePipeline
+from atlasflow.segmentation.settings import SegmentationSettings
+from atlasflow.segmentation.triton_client import TritonSegmenter
+from atlasflow.segmentation.triton_repo import write_repository
+from atlasflow.segmentation.v1 import segmentation_pb2 as pb
+from atlasflow.segmentation.v1 import segmentation_pb2_grpc
+from atlasflow.testing import auth
+
+S = common_pb2
+ENSEMBLE = "abdomen-trio-v1"
+PREDICTED = {ORGAN_IDS["liver"], ORGAN_IDS["spleen"]}  # the tiny model's organs among atlasflow's
+
+
+def _start_triton(state: Path) -> tuple[subprocess.Popen, str, list[str]]:
+    grpc_port, http_port, metrics_port = free_ports(3)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "atlasflow.segmentation.triton_server",
+            f"--ensemble={ENSEMBLE}",
+            "--member=tiny",
+            f"--state-dir={state}",
+            f"--grpc-port={grpc_port}",
+            f"--http-port={http_port}",
+            f"--metrics-port={metrics_port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if line.startswith("TRITON READY"):
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + 300
+    while not ready.is_set() and proc.poll() is None and time.monotonic() < deadline:
+        ready.wait(0.2)
+    if not ready.is_set():
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("Triton did not become ready:\n" + "\n".join(lines[-40:]))
+    return proc, f"127.0.0.1:{grpc_port}", lines
+
+
+class AppThread:
+    """The segmentation ServiceApp on its own event loop in a thread, plus a sync gRPC stub."""
+
+    def __init__(self, settings: SegmentationSettings) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.app = self._run(self._build(settings))
+        self.channel = sync_channel(f"127.0.0.1:{self.app.port}")
+        self.stub = segmentation_pb2_grpc.SegmentationServiceStub(self.channel)
+
+    async def _build(self, settings: SegmentationSettings):
+        app = await build_app(settings)
+        await app.start()
+        return app
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(120)
+
+    def wait(self, job_id: str, pred: Callable[[pb.SegmentationJob], bool], timeout: float) -> pb.SegmentationJob:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.stub.GetSegmentationJob(pb.GetSegmentationJobRequest(job_id=job_id)).job
+            if pred(job):
+                return job
+            assert time.monotonic() < deadline, f"timed out; job is {job}"
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self.channel.close()
+        self._run(self.app.stop(0.5))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manifest]:
+    """A registry with the session's tiny nnU-Net model imported as ``tiny``."""
+    state = tmp_path_factory.mktemp("seg-imported-registry")
+    return state, import_nnunet(fx.shared_model_folder(tmp_path_factory), "tiny", state)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, registry: tuple[Path, Manifest]) -> Iterator[SimpleNamespace]:
+    tmp = tmp_path_factory.mktemp("seg-imported")
+    state, manifest = registry
+    proc, url, lines = _start_triton(state)
+    dead = free_ports(2)
+    settings = SegmentationSettings(
+        grpc_port=0,
+        data_dir=str(tmp / "data"),
+        blob_dir=str(tmp / "blobs"),
+        triton_url=url,
+        ensemble=ENSEMBLE,
+        imported_models="tiny",
+        models_state_dir=str(state),
+        labels_target=f"127.0.0.1:{dead[0]}",
+        ranking_target=f"127.0.0.1:{dead[1]}",
+        worker_poll_s=0.05,
+        triton_timeout_s=600.0,
+        **auth.auth_settings("segmentation"),
+    )
+    app = AppThread(settings)
+    img = nib.load(str(fx.CT_SM))
+    vol = np.asanyarray(img.dataobj).astype(np.int16)
+    aff = np.asarray(img.affine, dtype=np.float64)
+    blobs = LocalBlobStore(settings.blob_dir)
+    yield SimpleNamespace(
+        app=app, url=url, state=state, manifest=manifest, vol=vol, aff=aff, blobs=blobs, lines=lines, tmp=tmp
+    )
+    app.close()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_imported_member_votes_where_it_predicts_and_has_no_opinion_elsewhere(stack: SimpleNamespace) -> None:
+    blob = stack.blobs.put(to_nifti_bytes(stack.vol, stack.aff))
+    job = stack.app.stub.SegmentSeries(
+        pb.SegmentSeriesRequest(
+            case_id="case-imported",
+            series_id="ser-1",
+            series_version=1,
+            volume=S.BlobRef(digest=blob.digest, size_bytes=blob.size_bytes),
+        )
+    ).job
+    done = stack.app.wait(job.job_id, lambda j: j.state in (S.OPERATION_STATE_SUCCEEDED, S.OPERATION_STATE_FAILED), 900)
+    assert done.state == S.OPERATION_STATE_SUCCEEDED, (done.error_reason, stack.lines[-20:])
+    assert done.ensemble_version == ENSEMBLE
+    assert list(done.result.members) == ["unet", "swin_unetr", "dynunet", f"tiny@{stack.manifest.digest[:12]}"]
+    labels, affine = from_nifti_bytes(stack.blobs.get(done.result.label_map.digest))
+    heat, _ = from_nifti_bytes(stack.blobs.get(done.result.heatmap.digest))
+    assert labels.shape == heat.shape == stack.vol.shape  # geometry exact: the CT's grid
+    np.testing.assert_array_equal(affine, stack.aff)
+    assert set(np.unique(labels).tolist()) <= set(range(10))  # atlasflow's organ ids
+    voxel_ml = abs(float(np.linalg.det(stack.aff[:3, :3]))) / 1000.0
+    job_attention = {k + 1: round(o.attention_ml / voxel_ml) for k, o in enumerate(done.result.organs)}
+
+    # the reference: the trio's soft predictions (in process) + the imported model's label map
+    # (`atlasflow segment`'s path, its network on the same Triton), mapped by organ name
+    trio = EnsemblePipeline(ENSEMBLE).soft_predictions(stack.vol, stack.aff)
+    spacing = [float(v) for v in np.linalg.norm(stack.aff[:3, :3], axis=0)]
+    with served_model(stack.state, "tiny", triton_url=stack.url) as model:
+        tiny_map = model(stack.vol, spacing)
+    tiny = common_grid(
+        [MemberOutput("tiny", dict(stack.manifest.labels), stack.aff, label_map=tiny_map)],
+        stack.aff,
+        stack.vol.shape,
+    )
+    assert {o for o in ORGANS if tiny.available[o][0]} == PREDICTED
+    grid = CommonGrid(
+        {o: torch.cat([trio[o], tiny.probs[o]]) for o in ORGANS},
+        {o: [True, True, True, tiny.available[o][0]] for o in ORGANS},
+        ["unet", "swin_unetr", "dynunet", "tiny"],
+    )
+    np.testing.assert_array_equal(labels, ensemble_labels(grid))
+    case = heterogeneous_attention(grid)
+    assert job_attention == {o: case.organs[o].attention_voxels() for o in ORGANS}
+    assert heat.max() > 0
+
+    # the organs the tiny model does not predict: attention from the trio alone ...
+    trio_only = CommonGrid(trio, {o: [True, True, True] for o in ORGANS}, grid.members[:3])
+    trio_case = heterogeneous_attention(trio_only)
+    for o in set(ORGANS) - PREDICTED:
+        assert job_attention[o] == trio_case.organs[o].attention_voxels(), ORGANS[o]
+    # ... which is not what counting its silence as background would give
+    as_background = CommonGrid(grid.probs, {o: [True] * 4 for o in ORGANS}, grid.members)
+    assert (ensemble_labels(as_background) != labels).any()
+    # where it predicts, its votes change the result
+    trio_labels = ensemble_labels(trio_only)
+    assert any(job_attention[o] != trio_case.organs[o].attention_voxels() for o in PREDICTED)
+    liver = ORGAN_IDS["liver"]
+    assert ((labels == liver) != (trio_labels == liver)).any()
+
+
+def test_imported_members_are_named_by_digest(tmp_path: Path, stack: SimpleNamespace) -> None:
+    members = resolve(stack.state, ["tiny"])
+    assert members == [ImportedMember("tiny", stack.manifest.digest)]
+    name = served_model_name("abdomen_trio_v1", members)
+    assert name.startswith("abdomen_trio_v1__with_") and served_model_name("abdomen_trio_v1", []) == "abdomen_trio_v1"
+    assert served_model_name("abdomen_trio_v1", [ImportedMember("tiny", "0" * 64)]) != name  # other weights
+    # the Triton server binds exactly that name
+    with TritonSegmenter(stack.url, name) as seg:
+        assert seg.ready()
+    with pytest.raises(NotFound) as err:
+        resolve(stack.state, ["nope"])
+    assert err.value.reason == "MODEL_NOT_FOUND"
+    with pytest.raises(InvalidArgument) as bad:
+        parse_names("tiny, tiny")
+    assert bad.value.reason == "INVALID_IMPORTED_MODELS"
+    with pytest.raises(InvalidArgument) as no_dir:
+        resolve("", ["tiny"])
+    assert no_dir.value.reason == "MODELS_STATE_DIR_NOT_CONFIGURED"
+
+
+def test_cluster_repository_has_the_members_and_their_pytorch_backend_entries(
+    tmp_path: Path, registry: tuple[Path, Manifest]
+) -> None:
+    """`atlasflow triton-repo --member`: the layout and configs a stock Triton loads (its
+    PyTorch backend cannot run here: the wheel-bundled tritonserver has the Python backend only)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    state, manifest = registry
+    out = tmp_path / "repo"
+    model_dir = write_repository(out, ENSEMBLE, kind="gpu", members=["tiny"], models_state_dir=state)
+    name = served_model_name("abdomen_trio_v1", [ImportedMember("tiny", manifest.digest)])
+    net_dir = out / triton_model_name(manifest)
+    assert sorted(p.name for p in out.iterdir()) == sorted([name, net_dir.name])
+    # the ensemble: Python backend, named with its members, the member's registry copied and intact
+    ens = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert model_dir == out / name and ens.name == name and ens.backend == "python"
+    assert ens.parameters["atlasflow_imported_models"].string_value == "tiny"
+    assert ModelRegistry(model_dir / "1" / "ensemble").verify("tiny").digest == manifest.digest
+    # the member's network: what Triton's PyTorch backend expects (model.pt in version 1,
+    # INPUT__i / OUTPUT__i names, no model name in the config: the folder names it)
+    net = text_format.Parse((net_dir / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert net.backend == "pytorch" and net.name == "" and net.max_batch_size == 0
+    assert [(t.name, t.data_type) for t in net.input] == [("INPUT__0", mc.TYPE_FP32), ("INPUT__1", mc.TYPE_INT64)]
+    assert [(t.name, t.data_type) for t in net.output] == [("OUTPUT__0", mc.TYPE_FP32)]
+    assert sorted(str(p.relative_to(net_dir)) for p in net_dir.rglob("*") if p.is_file()) == [
+        "1/model.pt",
+        "config.pbtxt",
+    ]
+    window = [int(d) for d in net.input[0].dims[2:]]
+    module = torch.jit.load(str(net_dir / "1" / "model.pt"))  # what libtorch loads
+    with torch.inference_mode():
+        y = module(torch.zeros((2, 1, *window)), torch.tensor([1]))
+    assert tuple(y.shape) == (2, *[int(d) for d in net.output[0].dims[1:]])
