@@ -311,8 +311,20 @@ class LocalDeployment:
                 # promoted ensemble versions it may bind while running (ActivateEnsembleVersion)
                 "--versions-dir",
                 str(self.state_dir / "models" / "versions"),
+                *self._imported_members(),
             ]
         return [sys.executable, "-m", "atlasflow.cli.main", "serve", name]
+
+    def _imported_members(self) -> list[str]:
+        """``--member NAME --state-dir DIR`` for Triton when segmentation's environment adds
+        imported models to the ensemble (IMPORTED_MODELS / MODELS_STATE_DIR, docs/models.md)."""
+        env = {**os.environ, **self.extra_env}
+        # the service itself checks the names (atlasflow.segmentation.imported.parse_names)
+        names = [n.strip() for n in env.get("ATLASFLOW_SEGMENTATION_IMPORTED_MODELS", "").split(",") if n.strip()]
+        if not names:
+            return []
+        state = env.get("ATLASFLOW_SEGMENTATION_MODELS_STATE_DIR", "")
+        return [*(f"--member={n}" for n in names), f"--state-dir={state}"]
 
     def start(self, names: list[str] | None = None) -> dict[str, int]:
         run = self.state_dir / "run"
