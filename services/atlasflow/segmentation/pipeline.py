@@ -46,6 +46,16 @@ Steps (DESIGN.md, "The method"):
    stacks, whatever its definition. ``attention_ml`` / ``heatmap_ml`` are the strategy's attention
    volume and heatmap sum. Labels and ``component_count`` do not depend on the strategy.
 
+Imported members (``imported=``: registered nnU-Net v2 / MONAI-bundle models,
+`atlasflow.segmentation.imported`, docs/models.md) run before step 1 on the whole native CT by
+the models package's own path (`atlasflow.models.segment.load_model`, the network on Triton:
+`imported_triton_url` or ``imported_network``) and answer label maps of their own ids, which
+`atlasflow.segmentation.heterogeneous.common_grid` maps by organ name onto the case grid. In
+step 3 an organ's stack gets the rows of the imported members that predict it (255/0), and the
+vote (mean > 0.5; overlaps by the larger mean) and step 4's attention use only those rows:
+a member without an opinion on an organ is left out, never counted as background
+(``available``). `soft_predictions` returns the ensemble file's members only.
+
 Every heavy array op runs in torch on ``device``; the connected-component labelling runs in
 scipy on bounding-box crops (CPU).
 
