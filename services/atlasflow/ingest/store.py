@@ -818,9 +818,10 @@ class IngestStore:
         instance from its deletion on, so a spooled record of a study with a live tombstone
         was received before the deletion, whatever the replicas' clocks say.
 
-        SQLite: a read (no write lock: a write transaction per record made the drain ~4x slower,
-        benchmarks/bench_spool_drain.py). SQLite is one process in production, where drains and
-        `purge_study` (which drains first) are serialised by the drain's own lock."""
+        SQLite: a read, no write lock (a BEGIN IMMEDIATE per record drained 124 instead of 561
+        records/s in one run of benchmarks/bench_spool_drain.py on a loaded machine). SQLite is
+        one process in production, where drains and `purge_study` (which drains first) are
+        serialised by the drain's own lock."""
         case_id = atlas_id("case", header["study_uid"])
         if not self.db.is_postgresql:
             with self.db.read() as conn:
