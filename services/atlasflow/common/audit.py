@@ -349,7 +349,7 @@ class AuditLog:
         self.location = str(location)
         try:
             self._db = open_database(location, MIGRATIONS, pool=AUDIT_POOL)
-        except sa.exc.DBAPIError:
+        except sa.exc.SQLAlchemyError:  # a driver error or no pooled connection in time
             raise self._unavailable() from None
         self.postgres = self._db.is_postgresql
 
@@ -361,7 +361,7 @@ class AuditLog:
         try:
             with self._db.read() as conn:
                 return list(conn.execute(sa.text(sql), dict(args)).mappings().all())
-        except sa.exc.DBAPIError:
+        except sa.exc.SQLAlchemyError:  # a driver error or no pooled connection in time
             raise self._unavailable() from None
 
     def append(self, record: AuditRecord) -> AuditRecord:
@@ -376,7 +376,7 @@ class AuditLog:
                 stored = replace(record, prev_hash=prev, hash=chain_hash(prev, record))
                 seq = conn.execute(_INSERT, _values(stored)).scalar_one()
                 return replace(stored, seq=int(seq))
-        except sa.exc.DBAPIError:
+        except sa.exc.SQLAlchemyError:  # a driver error or no pooled connection in time
             raise self._unavailable() from None
 
     def list(self, query: AuditQuery, page_size: int = 0, page_token: str = "") -> tuple[list[AuditRecord], str]:

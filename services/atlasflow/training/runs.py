@@ -92,7 +92,7 @@ class RunStore:
         self.location = str(location)
         try:
             self._db: Database = open_database(location, MIGRATIONS, pool=pool)
-        except sa.exc.DBAPIError:
+        except sa.exc.SQLAlchemyError:  # a driver error or no pooled connection in time
             raise self._unavailable() from None
         self.postgres = self._db.is_postgresql
 
@@ -108,14 +108,14 @@ class RunStore:
                 if self.postgres:
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": LEGACY_PG_LOCK})
                 yield lambda sql, params=None: conn.execute(sa.text(sql), dict(params or {}))
-        except sa.exc.DBAPIError:
+        except sa.exc.SQLAlchemyError:  # a driver error or no pooled connection in time
             raise self._unavailable() from None
 
     def _read(self, sql: str, params: Mapping[str, Any] | None = None) -> list[sa.RowMapping]:
         try:
             with self._db.read() as conn:
                 return list(conn.execute(sa.text(sql), dict(params or {})).mappings().all())
-        except sa.exc.DBAPIError:
+        except sa.exc.SQLAlchemyError:  # a driver error or no pooled connection in time
             raise self._unavailable() from None
 
     # ------------------------------------------------------------------ runs
