@@ -211,8 +211,8 @@ class EnsembleRegistry:
             before = self._state
             card = before.cards.get(name, "")
             if before.default == name and name in before.segmenters and (not expect_card or card == expect_card):
-                if record is not None:
-                    record(name, card or verify_version_card(versions_dir, name)[1])
+                if record is not None and card:  # a configured ensemble (no card) is not recorded
+                    record(name, card)
                 return before, before, triton_model_name(name)
             config, card = verify_version_card(versions_dir, name, expect_card)
             model = loader.load(config)
