@@ -387,9 +387,22 @@ def test_a_resumable_upload_continued_on_another_replica_is_refused_and_kept(tmp
                 attempt()
             assert e.value.reason == "UPLOAD_ON_OTHER_REPLICA"
             assert e.value.metadata == {"upload_id": "up-1", "replica": a.holder}
+        a_id = a.uploads.replica
         assert not any(b.uploads.dir.iterdir())  # nothing written on b
         assert (a.uploads.status("up-1").committed_offset, a.uploads.status("up-1").owner) == (half, a.holder)
+        # a restarted single replica (a Deployment's new pod: another host name, same volume)
+        # finds the bytes in its data directory and continues
+        a.close()
+        a = IngestStore(
+            tmp_path / "replica-a",
+            _blobs,
+            database=db_url,
+            spool_segment_bytes=1 << 20,
+            spool_spares=1,
+            holder="new-pod",
+        )
         a.uploads.write("up-1", half, data[half:])
+        assert a.uploads.replica == a_id != b.uploads.replica
         receipt = Reception(a, Metrics("ingest-a")).finish_resumable("up-1", "ref", sha)
         assert not receipt.duplicate and a.get_series(receipt.series_id).instance_count == 1
         # offset 0 on another replica: the upload starts over there

@@ -78,7 +78,7 @@ from atlasflow.ingest.identity import atlas_id, content_key_of_bytes
 from atlasflow.ingest.migrations import MIGRATIONS
 from atlasflow.ingest.spool import InstanceSpool
 from atlasflow.ingest.spool_drain import SpoolDrain
-from atlasflow.ingest.uploads import UploadStore
+from atlasflow.ingest.uploads import UploadStore, volume_replica_id
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,9 @@ class IngestStore:
             self._drain_guard,
         )
         #: resumable gRPC uploads (same database)
-        self.uploads = UploadStore(self.db, self.data_dir / "uploads", replica=self.holder)
+        self.uploads = UploadStore(
+            self.db, self.data_dir / "uploads", replica=volume_replica_id(self.data_dir, self.holder)
+        )
         #: the outbox table, as the dispatchers of every replica claim and deliver it
         self.outbox = SqlOutboxStore(self.db)
         #: deleted studies whose new instances are refused: case id -> (deletion id, time of

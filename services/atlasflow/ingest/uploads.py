@@ -19,7 +19,8 @@ process that died, and partial files untouched for the upload TTL, are removed b
 The table lives in the ingest database (`atlasflow.ingest.migrations`); `IngestStore` opens it
 and shares its `atlasflow.common.db.Database`. The partial files are local to the process's data
 directory: a resumed upload must reach the replica that holds its partial file (the row is
-shared; the bytes are not). The row names that replica (``owner_replica``, migration 0004); a
+shared; the bytes are not). The row names that replica (``owner_replica``, migration 0004; `volume_replica_id`: it follows
+the volume, not the process); a
 chunk or the last chunk of the upload that reaches another replica is refused with Unavailable
 UPLOAD_ON_OTHER_REPLICA (ErrorInfo metadata ``replica``: the holder, its pod name before the
 ``:``), never written after a hole or checked against bytes that are not there. The client
@@ -42,7 +43,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from atlasflow.common.db import Database
-from atlasflow.common.disk import DiskFloor
+from atlasflow.common.disk import DiskFloor, atomic_write
 from atlasflow.common.errors import Aborted, InvalidArgument, NotFound, Unavailable
 
 #: an instance up to this size is kept in memory while it arrives (then the spool path of the store)
@@ -165,6 +166,21 @@ def on_other_replica(upload_id: str, owner: str) -> Unavailable:
     )
 
 
+def volume_replica_id(data_dir: Path, name: str) -> str:
+    """The replica id of a data directory: `name` (host name and directory) as it was when the
+    directory was first used, kept in ``<data_dir>/replica-id``. It follows the volume that holds
+    the partial files, not the process: a Deployment's restarted pod (another host name, the same
+    volume) is the same replica; each StatefulSet pod's volume is its own."""
+    path = Path(data_dir) / "replica-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, name.encode())
+    return name
+
+
 _UPLOAD_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _OWNER_TAG = re.compile(r"[0-9a-f]{16}\.")
 
@@ -179,7 +195,8 @@ class UploadStore:
     """The uploads table and partial files (thread-safe: one pooled connection per call)."""
 
     def __init__(self, db: Database, directory: Path, replica: str = "") -> None:
-        """`replica`: this replica's name in ``owner_replica`` ('' = a single replica)."""
+        """`replica`: this replica's name in ``owner_replica`` ('' = a single replica); it must
+        follow the directory, not the process (`volume_replica_id`)."""
         self.db = db
         self.replica = replica
         self.dir = Path(directory)
