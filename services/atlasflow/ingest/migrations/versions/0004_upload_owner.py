@@ -2,7 +2,8 @@
 
 A resumable upload's committed bytes are a file in the data directory of the replica that
 received them (`atlasflow.ingest.uploads`); the row, shared in the database, now names that
-replica (``owner_replica``, `atlasflow.ingest.store.IngestStore.holder`), so that a chunk that
+replica (``owner_replica``, the id of its data directory:
+`atlasflow.ingest.uploads.volume_replica_id`), so that a chunk that
 reaches another replica is refused with UPLOAD_ON_OTHER_REPLICA instead of being written after a
 hole. '' (rows of older versions): any replica (the behaviour before).
 
