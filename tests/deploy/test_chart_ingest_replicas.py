@@ -12,7 +12,18 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from test_chart import AUTH_ARGS, CHART, KUBE_VERSION, NAMESPACE, RELEASE, by_kind, helm, main_container, render
+from test_chart import (
+    AUTH_ARGS,
+    CHART,
+    KUBE_VERSION,
+    NAMESPACE,
+    RELEASE,
+    by_kind,
+    helm,
+    literal_env,
+    main_container,
+    render,
+)
 from test_chart_scale import KUBE_VERSIONS, S3
 
 NAME = f"{RELEASE}-atlasflow-ingest"
@@ -111,6 +122,8 @@ def test_sqlite_keeps_the_single_replica_deployment() -> None:
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
     assert set(ingest_objects(docs, "PersistentVolumeClaim")) == {f"{NAME}-data"}
     assert f"{NAME}-headless" not in ingest_objects(docs, "Service")
+    # the stop leaves a third of the 30 s grace (at most 15 s) to drain the spool after the RPCs
+    assert literal_env(main_container(dep))["ATLASFLOW_INGEST_SHUTDOWN_GRACE_S"] == "20"
 
 
 @pytest.mark.parametrize(
