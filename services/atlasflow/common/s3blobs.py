@@ -62,6 +62,37 @@ if TYPE_CHECKING:
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 
 
+def s3_client(opts: S3Options) -> tuple[S3Client, TransferConfig]:
+    """A boto3 S3 client for ``opts`` (endpoint, region, addressing style; standard retries
+    with backoff and jitter, ``max_attempts`` per request) and the transfer settings of its
+    multipart uploads (``multipart_threshold_mb`` / ``multipart_chunk_mb``). Credentials: boto3's
+    standard chain. Shared by the blob store and the labels service's S3 exports."""
+    config = Config(
+        retries={"mode": "standard", "total_max_attempts": opts.max_attempts},
+        s3={"addressing_style": _addressing_style(opts.addressing_style)},
+        connect_timeout=10,
+        read_timeout=60,
+        # send a checksum only when the operation needs one, so that stores without the
+        # newer flexible checksums (older MinIO / Ceph) accept our requests; puts send
+        # their own SHA-256 explicitly.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    session = boto3.session.Session()
+    client: S3Client = session.client(
+        "s3",
+        endpoint_url=opts.endpoint_url or None,
+        region_name=opts.region or None,
+        config=config,
+    )
+    transfer = TransferConfig(
+        multipart_threshold=opts.multipart_threshold_mb * 1024 * 1024,
+        multipart_chunksize=opts.multipart_chunk_mb * 1024 * 1024,
+        max_concurrency=4,
+    )
+    return client, transfer
+
+
 class S3BlobStore:
     """Blobs as objects ``<prefix>/sha256/<aa>/<hex>`` in ``bucket``."""
 
@@ -70,29 +101,7 @@ class S3BlobStore:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        config = Config(
-            retries={"mode": "standard", "total_max_attempts": opts.max_attempts},
-            s3={"addressing_style": _addressing_style(opts.addressing_style)},
-            connect_timeout=10,
-            read_timeout=60,
-            # send a checksum only when the operation needs one, so that stores without the
-            # newer flexible checksums (older MinIO / Ceph) accept our requests; put() sends
-            # its own SHA-256 explicitly.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        session = boto3.session.Session()
-        self.client: S3Client = session.client(
-            "s3",
-            endpoint_url=opts.endpoint_url or None,
-            region_name=opts.region or None,
-            config=config,
-        )
-        self.transfer = TransferConfig(
-            multipart_threshold=opts.multipart_threshold_mb * 1024 * 1024,
-            multipart_chunksize=opts.multipart_chunk_mb * 1024 * 1024,
-            max_concurrency=4,
-        )
+        self.client, self.transfer = s3_client(opts)
 
     def key(self, digest: str) -> str:
         hexpart = check_digest(digest)
@@ -111,7 +120,7 @@ class S3BlobStore:
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ChecksumSHA256=sha)
             else:
                 self.client.upload_fileobj(
-                    io.BytesIO(data), self.bucket, key, ExtraArgs=_UPLOAD_ARGS, Config=self.transfer
+                    io.BytesIO(data), self.bucket, key, ExtraArgs=UPLOAD_ARGS, Config=self.transfer
                 )
         except (ClientError, BotoCoreError) as exc:
             self._unavailable("put", exc)
@@ -124,7 +133,7 @@ class S3BlobStore:
         if self._touch(key):
             return BlobInfo(digest, size)
         try:
-            self.client.upload_file(str(path), self.bucket, key, ExtraArgs=_UPLOAD_ARGS, Config=self.transfer)
+            self.client.upload_file(str(path), self.bucket, key, ExtraArgs=UPLOAD_ARGS, Config=self.transfer)
         except (ClientError, BotoCoreError) as exc:
             self._unavailable("put", exc)
         return BlobInfo(digest, size)
@@ -212,7 +221,7 @@ class S3BlobStore:
 
 
 #: multipart parts carry a client-computed SHA-256 the server checks per part
-_UPLOAD_ARGS: dict[str, Any] = {"ChecksumAlgorithm": "SHA256"}
+UPLOAD_ARGS: dict[str, Any] = {"ChecksumAlgorithm": "SHA256"}
 
 
 def _addressing_style(style: str) -> Literal["auto", "virtual", "path"]:
@@ -253,4 +262,4 @@ class _Body:
         self._body.close()
 
 
-__all__ = ["S3BlobStore"]
+__all__ = ["UPLOAD_ARGS", "S3BlobStore", "s3_client"]

@@ -19,10 +19,12 @@ import grpc
 
 from atlasflow.common import db
 from atlasflow.common.app import Closer, ServiceApp, TaskLoop, build_service_server, run_service
+from atlasflow.common.blobstore import S3Options
 from atlasflow.common.clients import aio_channel
 from atlasflow.common.metrics import Metrics
 from atlasflow.labels.deid import Pseudonymizer, ensure_key_file
 from atlasflow.labels.export_jobs import parse_pacs_destinations
+from atlasflow.labels.export_store import parse_s3_prefixes
 from atlasflow.labels.ingest_sources import IngestSourceInstances
 from atlasflow.labels.migrations import MIGRATIONS
 from atlasflow.labels.ranking_leases import RankingLeases
@@ -70,6 +72,14 @@ async def build_app(
         settings.ingest_target, settings.max_message_bytes, token=settings.token_source(), tls=settings.client_tls()
     )
     destinations = parse_pacs_destinations(settings.export_pacs_destinations)
+    export_s3 = parse_s3_prefixes(
+        settings.export_s3_prefixes,
+        S3Options(
+            endpoint_url=settings.blob_s3_endpoint_url,
+            region=settings.blob_s3_region,
+            addressing_style=settings.blob_s3_addressing_style,
+        ),
+    )
     key_file = (
         Path(settings.deid_key_file)
         if settings.deid_key_file
@@ -82,9 +92,10 @@ async def build_app(
         sources=sources,
         pseudonymizer=Pseudonymizer.from_file(key_file),
         pacs_destinations=destinations,
+        export_s3=export_s3,
     )
     export_root = Path(settings.export_dir).resolve() if settings.export_dir else None
-    servicer = LabelServicer(repo, blobs, exporter, export_root, destinations)
+    servicer = LabelServicer(repo, blobs, exporter, export_root, destinations, export_s3=export_s3)
     servicer.review_histogram = review_seconds_histogram(metrics.registry)
     servicer.metrics = metrics
     metrics.add_disk("state", settings.data_dir)

@@ -1,6 +1,6 @@
 """Dataset export in the AbdomenAtlas-8K layout (no grpc).
 
-    <out_root>/manifest.json
+    <out_root>/manifest.json                       written last (the dataset is complete)
     <out_root>/<case>/ct.nii.gz                    the CT as stored (int16 HU), affine unchanged
     <out_root>/<case>/combined_labels.nii.gz       uint8, ids 0..9, the CT's affine
     <out_root>/<case>/segmentations/<organ>.nii.gz uint8 0/1 for ALL nine organs (even empty)
@@ -10,10 +10,13 @@
 <case> is the case's pseudonym in a de-identified export (the worker chooses it,
 atlasflow.labels.deid), the CT is then written with a fresh header (`rewrite_ct_header`).
 
-A case directory is written into a temporary sibling and renamed into place, so a crash never
-leaves a half-written case and re-exporting a case replaces it whole (idempotent).
-`split_organs` is the array logic; `export_case` the I/O around it; `write_manifest` writes
-the manifest. `destination_path` checks where a job may write. The case's DICOM SEG file is
+The files are written through an `atlasflow.labels.export_store.ExportDestination`: a local
+directory (a case is written into a temporary sibling and renamed into place, so a crash never
+leaves a half-written case) or an S3 prefix (one object per file); re-exporting a case
+replaces it whole (idempotent), and the manifest is written last, so a dataset is complete
+exactly when its manifest exists. `split_organs` is the array logic; `export_case` the I/O
+around it; `manifest_bytes` / `write_manifest` the manifest. `destination_path` (from
+export_store) checks where a job may write. The case's DICOM SEG file is
 built by atlasflow.labels.case_seg; a job's options and per-case SEG outcomes are
 atlasflow.labels.export_jobs. The export worker (atlasflow.labels.worker.Exporter) runs the jobs.
 """
@@ -23,14 +26,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +37,7 @@ import numpy.typing as npt
 from atlasflow.common.errors import InvalidArgument
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.organs import ORGANS
+from atlasflow.labels.export_store import MANIFEST, ExportDestination, LocalDestination, destination_path
 from atlasflow.labels.repository import LabelVersionRecord, Provenance
 from atlasflow.labels.validate import validate_label_map
 
@@ -50,38 +50,16 @@ LAYOUT = "AbdomenAtlas-8K v1.0"
 _CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SEG_FILE = "dicom_seg/seg.dcm"
 
-
-def destination_path(uri: str, export_root: Path | None = None) -> Path:
-    """The local directory of a file:// destination; inside `export_root` when one is set.
-
-    InvalidArgument("INVALID_DESTINATION") unless `uri` is file:///absolute/dir without a
-    query or fragment (labels.proto, ExportDatasetRequest.destination_uri);
-    InvalidArgument("DESTINATION_NOT_ALLOWED") outside `export_root`.
-    """
-    parsed = urlparse(uri)
-    if parsed.scheme != "file" or parsed.netloc not in ("", "localhost") or not parsed.path:
-        raise InvalidArgument(
-            "INVALID_DESTINATION",
-            "destination_uri must be file:///absolute/dir in this deployment",
-            domain=DOMAIN,
-            metadata={"scheme": parsed.scheme[:20]},
-        )
-    if parsed.query or parsed.fragment or "?" in uri or "#" in uri:
-        raise InvalidArgument(
-            "INVALID_DESTINATION",
-            "destination_uri must not carry a query or fragment",
-            domain=DOMAIN,
-            metadata={"field": "destination_uri"},
-        )
-    path = Path(unquote(parsed.path)).resolve()
-    if export_root is not None and not path.is_relative_to(export_root):
-        raise InvalidArgument(
-            "DESTINATION_NOT_ALLOWED",
-            "destination must lie inside the service's export directory",
-            domain=DOMAIN,
-            metadata={"export_dir": str(export_root)},
-        )
-    return path
+__all__ = [
+    "AI_MARKING",
+    "SEG_FILE",
+    "destination_path",
+    "export_case",
+    "manifest_bytes",
+    "review_entry",
+    "split_organs",
+    "write_manifest",
+]
 
 
 def split_organs(combined: npt.NDArray[np.integer[Any]]) -> dict[int, npt.NDArray[np.uint8]]:
@@ -97,25 +75,12 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _write(path: Path, data: bytes) -> dict[str, Any]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"sha256": _sha256(data), "size_bytes": len(data)}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _as_destination(out: Path | ExportDestination) -> ExportDestination:
+    return LocalDestination(out) if isinstance(out, (str, Path)) else out
 
 
 def export_case(
-    out_root: Path,
+    out_root: Path | ExportDestination,
     case_name: str,
     ct_nifti: bytes,
     label_map_nifti: bytes,
@@ -129,8 +94,9 @@ def export_case(
     dicom_seg_outcome: Mapping[str, Any] | None = None,
     rewrite_ct_header: bool = False,
 ) -> dict[str, Any]:
-    """Write one case in the AbdomenAtlas layout under `out_root/case_name`; return its
-    manifest entry.
+    """Write one case in the AbdomenAtlas layout under `out_root/case_name` (a directory, or
+    any `atlasflow.labels.export_store.ExportDestination`: an S3 prefix); return its manifest
+    entry.
 
     ct_nifti: the CT blob's bytes (NIfTI, gzip or not; int16 HU expected), written as stored
     (gzip-compressed if it was not). label_map_nifti: combined label map NIfTI on the CT grid,
@@ -162,37 +128,17 @@ def export_case(
     combined = np.asarray(labels).astype(np.uint8)
     masks = split_organs(combined)
 
-    out_root = Path(out_root)
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_root, prefix=f".{case_name}.tmp-"))
-    files: dict[str, dict[str, Any]] = {}
-    try:
-        if rewrite_ct_header:
-            ct_bytes = to_nifti_bytes(np.asarray(ct), ct_affine)
-        else:
-            ct_bytes = ct_nifti if ct_nifti[:2] == b"\x1f\x8b" else gzip.compress(ct_nifti, 6, mtime=0)
-        files["ct.nii.gz"] = _write(tmp / "ct.nii.gz", ct_bytes)
-        files["combined_labels.nii.gz"] = _write(tmp / "combined_labels.nii.gz", to_nifti_bytes(combined, ct_affine))
-        for oid, mask in masks.items():
-            rel = f"segmentations/{ORGANS[oid]}.nii.gz"
-            files[rel] = _write(tmp / rel, to_nifti_bytes(mask, ct_affine))
-        _fsync_dir(tmp / "segmentations")
-        if dicom_seg is not None:
-            files[SEG_FILE] = _write(tmp / SEG_FILE, dicom_seg)
-            _fsync_dir(tmp / "dicom_seg")
-        _fsync_dir(tmp)
-        final = out_root / case_name
-        if final.exists():
-            old = Path(tempfile.mkdtemp(dir=out_root, prefix=f".{case_name}.old-"))
-            os.replace(final, old / "case")
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(out_root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if rewrite_ct_header:
+        ct_bytes = to_nifti_bytes(np.asarray(ct), ct_affine)
+    else:
+        ct_bytes = ct_nifti if ct_nifti[:2] == b"\x1f\x8b" else gzip.compress(ct_nifti, 6, mtime=0)
+    data: dict[str, bytes] = {"ct.nii.gz": ct_bytes, "combined_labels.nii.gz": to_nifti_bytes(combined, ct_affine)}
+    for oid, mask in masks.items():
+        data[f"segmentations/{ORGANS[oid]}.nii.gz"] = to_nifti_bytes(mask, ct_affine)
+    if dicom_seg is not None:
+        data[SEG_FILE] = dicom_seg
+    _as_destination(out_root).write_case(case_name, data)
+    files = {rel: {"sha256": _sha256(b), "size_bytes": len(b)} for rel, b in data.items()}
 
     voxel_ml = float(abs(np.linalg.det(ct_affine[:3, :3]))) / 1000.0
     organ_prov = dict(organ_provenance or {})
@@ -266,17 +212,12 @@ def review_entry(chain: Sequence[LabelVersionRecord], version_id: str) -> dict[s
     }
 
 
-def write_manifest(
-    out_root: Path, entries: Sequence[Mapping[str, Any]], *, deidentification: Mapping[str, Any] | None = None
-) -> Path:
-    """Write `out_root/manifest.json` (atomically) listing `entries` sorted by case name.
+def manifest_bytes(entries: Sequence[Mapping[str, Any]], *, deidentification: Mapping[str, Any] | None = None) -> bytes:
+    """The manifest.json document listing `entries` sorted by case name.
 
     Top-level keys: layout, organs ({id: name}), deidentification (when given: how the export
     treats patient identity, atlasflow.labels.export_jobs.deid_manifest), marking (when any
-    case carries one), cases. Returns the manifest's path.
-    """
-    out_root = Path(out_root)
-    out_root.mkdir(parents=True, exist_ok=True)
+    case carries one), cases."""
     cases = sorted((dict(e) for e in entries), key=lambda e: str(e.get("case", "")))
     doc: dict[str, Any] = {
         "layout": LAYOUT,
@@ -287,16 +228,12 @@ def write_manifest(
     doc["cases"] = cases
     if any("marking" in c for c in cases):
         doc["marking"] = AI_MARKING
-    data = (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
-    fd, tmp = tempfile.mkstemp(dir=out_root, prefix=".manifest.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_root / "manifest.json")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(out_root)
-    return out_root / "manifest.json"
+    return (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
+
+
+def write_manifest(
+    out_root: Path, entries: Sequence[Mapping[str, Any]], *, deidentification: Mapping[str, Any] | None = None
+) -> Path:
+    """Write `out_root/manifest.json` (atomically, `manifest_bytes`); return its path."""
+    LocalDestination(Path(out_root)).write_manifest(manifest_bytes(entries, deidentification=deidentification))
+    return Path(out_root) / MANIFEST

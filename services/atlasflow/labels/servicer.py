@@ -36,8 +36,8 @@ from atlasflow.common.v1 import common_pb2
 from atlasflow.labels.audit import audited, require_principal
 from atlasflow.labels.case_seg import build_case_seg
 from atlasflow.labels.deid import DATES_FULL, DATES_MODIFIED, DATES_REMOVED, DeidOptions
-from atlasflow.labels.export import destination_path
 from atlasflow.labels.export_jobs import SEG_REFUSED, ExportOptions, PacsDestination, SegOutcome, job_seg_outcomes
+from atlasflow.labels.export_store import S3Exports, check_destination
 from atlasflow.labels.repository import (
     DOMAIN,
     AuditEvent,
@@ -270,12 +270,16 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
         exporter: Exporter,
         export_root: Path | None = None,
         pacs_destinations: Mapping[str, PacsDestination] | None = None,
+        *,
+        export_s3: S3Exports | None = None,
     ) -> None:
         self.repo = repo
         self.blobs = blobs
         self.exporter = exporter
-        # no export root: exports are refused (EXPORT_NOT_CONFIGURED)
+        # no export root: file:// exports are refused; no export_s3: s3:// ones (neither: none;
+        # EXPORT_NOT_CONFIGURED)
         self.export_root = export_root
+        self.export_s3 = export_s3
         self.pacs_destinations = dict(pacs_destinations or {})
         self.writer = LabelWriter(repo, blobs)
         # ReviseLabels only from the reviewer holding the case's lease (labels/ranking_leases.py;
@@ -410,13 +414,13 @@ class LabelServicer(labels_pb2_grpc.LabelServiceServicer):
         identified = request.identity == labels_pb2.EXPORT_IDENTITY_IDENTIFIED
 
         def work(audit: AuditEvent) -> ExportJobRecord:
-            if self.export_root is None:
+            if self.export_root is None and self.export_s3 is None:
                 raise FailedPrecondition(
                     "EXPORT_NOT_CONFIGURED",
-                    "exports are not configured on this server (labels EXPORT_DIR)",
+                    "exports are not configured on this server (labels EXPORT_DIR, EXPORT_S3_PREFIXES)",
                     domain=DOMAIN,
                 )
-            destination_path(request.destination_uri, self.export_root)
+            check_destination(request.destination_uri, self.export_root, self.export_s3)
             options = export_options_of(request, self.pacs_destinations)
             check_export_allowed(options, roles)
             return self.repo.create_export_job(

@@ -18,6 +18,12 @@ class LabelsSettings(ServiceSettings):
     # cluster mounts a volume here; `atlasflow up`: <state-dir>/exports). Empty: exports are
     # refused (FAILED_PRECONDITION, EXPORT_NOT_CONFIGURED).
     export_dir: str = ""
+    # ATLASFLOW_LABELS_EXPORT_S3_PREFIXES: the object-store prefixes exports may write to
+    # (destination_uri s3://bucket/prefix at or below one of them), comma-separated
+    # "s3://bucket[/prefix]"; the store is the blob store's (BLOB_S3_ENDPOINT_URL, _REGION,
+    # _ADDRESSING_STYLE; credentials from boto3's standard chain). Empty: s3:// destinations are
+    # refused (EXPORT_NOT_CONFIGURED). With it, EXPORT_DIR may stay empty (no file:// exports).
+    export_s3_prefixes: str = ""
     # ATLASFLOW_LABELS_EXPORT_PACS_DESTINATIONS: the PACS an export may send its DICOM SEGs to,
     # by id: a JSON object {"<id>": {"host", "port", "called_ae", "calling_ae"}} or the path of
     # a file holding one (export_jobs.parse_pacs_destinations). Empty: none.

@@ -37,7 +37,7 @@ from atlasflow.labels.case_seg import build_case_seg
 from atlasflow.labels.deid import Pseudonymizer
 from atlasflow.labels.dicom_seg import send_c_store
 from atlasflow.labels.events import TOPIC, VersionEventStore, version_request
-from atlasflow.labels.export import destination_path, export_case, review_entry, write_manifest
+from atlasflow.labels.export import export_case, manifest_bytes, review_entry
 from atlasflow.labels.export_jobs import (
     SEG_FAILED,
     SEG_SEND_FAILED,
@@ -47,6 +47,7 @@ from atlasflow.labels.export_jobs import (
     SegOutcome,
     deid_manifest,
 )
+from atlasflow.labels.export_store import S3Exports, open_destination
 from atlasflow.labels.repository import DOMAIN, ExportJobRecord, LabelRepository
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,14 @@ class Heartbeat:
         if self.lost.is_set():
             raise LeaseLost(self.job_id)
 
+    def confirm(self) -> None:
+        """Renew the lease now and raise LeaseLost unless it is still held: the last word
+        before the manifest, so a job cancelled or taken over since the last beat writes none."""
+        self.check()
+        if not self.repo.renew_export_claim(self.job_id):
+            self.lost.set()
+            raise LeaseLost(self.job_id)
+
 
 class Exporter:
     """Runs export jobs one at a time; a restart resumes QUEUED/RUNNING ones from the start
@@ -112,7 +121,12 @@ class Exporter:
     without one a de-identified job FAILS with DEID_NOT_CONFIGURED). A de-identified job
     names each case folder (and manifest "case"/"case_id") by the case's pseudonym, rewrites
     the CT's NIfTI header, and de-identifies the SEG (PS3.15 E, the job's options).
-    pacs_destinations: the configured PACS by id (a job names one by id)."""
+    pacs_destinations: the configured PACS by id (a job names one by id).
+    export_s3: the server's S3 export prefixes and store (s3:// destinations; without it such a
+    job FAILS with EXPORT_NOT_CONFIGURED). Files go through the destination's writer
+    (atlasflow.labels.export_store.open_destination): a job first removes a manifest an earlier
+    export left at its destination and writes its own last, so a cancelled, failed or
+    taken-over job leaves none."""
 
     def __init__(
         self,
@@ -123,6 +137,7 @@ class Exporter:
         *,
         pseudonymizer: Pseudonymizer | None = None,
         pacs_destinations: Mapping[str, PacsDestination] | None = None,
+        export_s3: S3Exports | None = None,
     ) -> None:
         self.repo = repo
         self.blobs = blobs
@@ -130,6 +145,7 @@ class Exporter:
         self.sources = sources
         self.pseudonymizer = pseudonymizer
         self.pacs_destinations = dict(pacs_destinations or {})
+        self.export_s3 = export_s3
         self.wake = asyncio.Event()
 
     def _fetch_sources(self, volume_digest: str) -> Sequence[pydicom.Dataset]:
@@ -168,10 +184,12 @@ class Exporter:
     def run_job(self, job: ExportJobRecord, lease: Heartbeat | None = None) -> None:
         """Export `job` (blocking): each case's files (and SEG, sent to the job's PACS when it
         names one), its outcome committed as it is done, then the manifest; the job ends
-        SUCCEEDED, or FAILED with the error's reason (DESTINATION_WRITE_FAILED for an OSError).
+        SUCCEEDED, or FAILED with the error's reason (DESTINATION_WRITE_FAILED for an OSError or
+        an object store that refused the writes after its retries).
         lease: the heartbeat of this replica's lease of the job (`run`); when it is lost the
         export stops before the next case (and before finishing) and leaves the job as it is."""
         check = lease.check if lease is not None else (lambda: None)
+        confirm = lease.confirm if lease is not None else (lambda: None)
         with tracer.start_as_current_span("labels.export") as span:
             span.set_attribute("atlasflow.export_job_id", job.job_id)
             span.set_attribute("atlasflow.cases_total", job.cases_total)
@@ -179,10 +197,10 @@ class Exporter:
                 options = ExportOptions.from_dict(job.options)
                 span.set_attribute("atlasflow.include_dicom_seg", options.include_dicom_seg)
                 span.set_attribute("atlasflow.identified", options.identified)
-                out = destination_path(job.destination_uri)
-                out.mkdir(parents=True, exist_ok=True)
                 if job.state == "QUEUED":
                     self.repo.update_export_job(job.job_id, state="RUNNING", cases_done=0)
+                out = open_destination(job.destination_uri, self.export_s3)
+                out.prepare()
                 pseudo = None
                 if not options.identified:
                     pseudo = self.pseudonymizer
@@ -254,14 +272,19 @@ class Exporter:
                             )
                     entries.append(entry)
                     self.repo.update_export_job(job.job_id, cases_done=done)
-                check()
-                write_manifest(out, entries, deidentification=deid_manifest(options))
+                confirm()
+                out.write_manifest(manifest_bytes(entries, deidentification=deid_manifest(options)))
                 self.repo.update_export_job(job.job_id, state="SUCCEEDED")
                 self.metrics.count("exports_succeeded")
             except LeaseLost:
                 log.warning("export stopped: the job's lease was lost", extra={"fields": {"job_id": job.job_id}})
                 span.set_attribute("atlasflow.lease_lost", True)
             except AtlasflowError as exc:
+                if exc.reason == "INVALID_STATE_TRANSITION":
+                    # the job ended meanwhile (cancelled): its progress can no longer be recorded
+                    log.warning("export stopped: the job was ended meanwhile", extra={"fields": {"job_id": job.job_id}})
+                    span.set_attribute("atlasflow.lease_lost", True)
+                    return
                 log.error("export failed", extra={"fields": {"job_id": job.job_id, "reason": exc.reason}})
                 self.repo.update_export_job(job.job_id, state="FAILED", error_reason=exc.reason)
             except OSError as exc:
