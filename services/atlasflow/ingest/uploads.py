@@ -19,11 +19,11 @@ process that died, and partial files untouched for the upload TTL, are removed b
 The table lives in the ingest database (`atlasflow.ingest.migrations`); `IngestStore` opens it
 and shares its `atlasflow.common.db.Database`. The partial files are local to the process's data
 directory: a resumed upload must reach the replica that holds its partial file (the row is
-shared; the bytes are not). The row names that replica (``owner_replica``, migration 0004; `volume_replica_id`: it follows
-the volume, not the process); a
-chunk or the last chunk of the upload that reaches another replica is refused with Unavailable
-UPLOAD_ON_OTHER_REPLICA (ErrorInfo metadata ``replica``: the holder, its pod name before the
-``:``), never written after a hole or checked against bytes that are not there. The client
+shared; the bytes are not). The row names that replica (``owner_replica``, migration 0004;
+`volume_replica_id`: it follows the volume, not the process); a chunk or the last chunk of the
+upload that reaches another replica is refused with Unavailable UPLOAD_ON_OTHER_REPLICA
+(ErrorInfo metadata ``replica``: the holder, its pod name before the ``:``), never written after
+a hole or checked against bytes that are not there. The client
 continues on that replica (a StatefulSet pod: ``<pod>.<headless Service>``), or sends the
 upload again from offset 0 here: a first chunk takes the upload over (the old partial file is
 purged with the TTL on its replica).
