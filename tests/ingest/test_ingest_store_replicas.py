@@ -415,3 +415,33 @@ def test_a_resumable_upload_continued_on_another_replica_is_refused_and_kept(tmp
     finally:
         for s in (a, b):
             s.close()
+
+
+def test_two_replicas_asked_to_delete_one_study_at_once_make_one_deletion(tmp_path, db_url):
+    """Replica b's DeleteStudy read "no deletion yet" just before replica a's committed (forced
+    here: b's first look is blind): under the study's lock b sees a's and returns it."""
+    from atlasflow.ingest.deletion import Deletions
+    from atlasflow.ingest.identity import atlas_id
+
+    class LateDeletions(Deletions):
+        looks = 0
+
+        def _existing(self, conn, case_id):  # noqa: ANN001, ANN202 - the parent's signature
+            self.looks += 1
+            return None if self.looks == 1 else super()._existing(conn, case_id)
+
+    blobs, (a, b) = _replicas(tmp_path, db_url)
+    case = atlas_id("case", "race-study")
+    try:
+        b.store_instance(b"race-1", "race-study", "race-series", "race-1")
+        first, created = Deletions(a, blobs).start(case, "consent withdrawn", "admin-1")
+        late = LateDeletions(b, blobs)
+        second, created_again = late.start(case, "again", "admin-2")
+        assert created and not created_again and late.looks == 2
+        assert second.deletion_id == first.deletion_id and second.reason == "consent withdrawn"
+        with a.db.read() as conn:
+            assert conn.execute(sa.text("SELECT COUNT(*) FROM deletions")).scalar() == 1
+            assert conn.execute(sa.text("SELECT COUNT(*) FROM outbox")).scalar() == 3  # one PurgeStudy per peer
+    finally:
+        for s in (a, b):
+            s.close()

@@ -25,7 +25,9 @@ not committed its row yet: the sweep then waits (retried later) until the grace 
 Tombstone: new instances of a deleted study are refused (FailedPrecondition STUDY_DELETED,
 C-STORE 0x0124) for ``refuse_days`` after the deletion (`IngestStore.check_not_deleted`);
 afterwards the same StudyInstanceUID is received as a new study, and a new DeleteStudy starts a
-new operation. Within that time DeleteStudy is idempotent: it returns the existing operation.
+new operation. Within that time DeleteStudy is idempotent: it returns the existing operation,
+also when two replicas are asked at the same moment (the purge's transaction looks again under
+the study's lock and the later one returns the first one's operation).
 
 Not recalled: datasets already exported (the labels service's export directory, a PACS);
 audit records (the labels service's trail, these operations) stay.
@@ -148,14 +150,9 @@ class Deletions:
         reason = check_reason(reason)
         with self.lock:
             with self.db.read() as conn:
-                existing = one(
-                    conn,
-                    "SELECT deletion_id FROM deletions WHERE case_id = :c AND create_time >= :t"
-                    " ORDER BY create_time DESC LIMIT 1",
-                    {"c": case_id, "t": time.time() - self.store.refuse_deleted_s},
-                )
+                existing = self._existing(conn, case_id)
             if existing is not None:
-                return self.get(existing["deletion_id"]), False
+                return self.get(existing), False
             deletion_id = "del-" + uuid.uuid4().hex[:20]
             now = time.time()
             # the tombstone first: from now on no instance of the study is recorded
@@ -164,7 +161,10 @@ class Deletions:
 
         def record(
             conn: sa.Connection, counts: dict[str, int], released: list[str]
-        ) -> None:  # in the purge's transaction
+        ) -> None:  # in the purge's transaction, under the study's lock
+            raced = self._existing(conn, case_id)
+            if raced is not None:  # another replica's DeleteStudy of the study committed meanwhile
+                raise _AlreadyDeleted(raced)
             run(
                 conn,
                 "INSERT INTO deletions(deletion_id, case_id, reason, requested_by, state, create_time, update_time)"
@@ -193,6 +193,10 @@ class Deletions:
 
         try:
             self.store.purge_study(case_id, record)
+        except _AlreadyDeleted as raced:  # rolled back: that deletion is the study's
+            with self.lock:
+                self.store.tombstones[case_id] = (raced.deletion_id, now)
+            return self.get(raced.deletion_id), False
         except BaseException:
             with self.lock:
                 if previous is None:
@@ -202,6 +206,16 @@ class Deletions:
             raise
         log.info("study deletion started", extra={"fields": {"deletion_id": deletion_id, "case_id": case_id}})
         return self.get(deletion_id), True
+
+    def _existing(self, conn: sa.Connection, case_id: str) -> str | None:
+        """The id of the study's deletion whose tombstone still lasts, or None."""
+        r = one(
+            conn,
+            "SELECT deletion_id FROM deletions WHERE case_id = :c AND create_time >= :t"
+            " ORDER BY create_time DESC LIMIT 1",
+            {"c": case_id, "t": time.time() - self.store.refuse_deleted_s},
+        )
+        return None if r is None else str(r["deletion_id"])
 
     def get(self, deletion_id: str) -> Deletion:
         with self.db.read() as conn:
@@ -319,6 +333,15 @@ class Deletions:
                 )
             gone.append(digest)
         return gone, sum(1 for d in candidates if d in referenced)
+
+
+class _AlreadyDeleted(Exception):
+    """Raised in the purge's transaction (rolling it back) when another replica's deletion of
+    the study committed first: `Deletions.start` returns that one."""
+
+    def __init__(self, deletion_id: str) -> None:
+        super().__init__(deletion_id)
+        self.deletion_id = deletion_id
 
 
 def purge_handler(deletions: Deletions, purge: Purge) -> Callable[[OutboxRow], Awaitable[None]]:
