@@ -66,7 +66,8 @@ class LabelServiceStub:
     INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN (INVALID_ARGUMENT)
     INVALID_DESTINATION / DESTINATION_NOT_ALLOWED (INVALID_ARGUMENT), NOTHING_TO_EXPORT
     (FAILED_PRECONDITION)
-    EXPORT_NOT_CONFIGURED (FAILED_PRECONDITION) the service has no EXPORT_DIR: no export at all
+    EXPORT_NOT_CONFIGURED (FAILED_PRECONDITION) the service has no EXPORT_DIR (file://) or no
+    EXPORT_S3_PREFIXES (s3://)
     INVALID_PACS_DESTINATION (INVALID_ARGUMENT) pacs_destination_id given without
     include_dicom_seg; metadata "field"
     UNKNOWN_PACS_DESTINATION (INVALID_ARGUMENT) pacs_destination_id is not one of the server's
@@ -187,7 +188,8 @@ class LabelServiceServicer:
     INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN (INVALID_ARGUMENT)
     INVALID_DESTINATION / DESTINATION_NOT_ALLOWED (INVALID_ARGUMENT), NOTHING_TO_EXPORT
     (FAILED_PRECONDITION)
-    EXPORT_NOT_CONFIGURED (FAILED_PRECONDITION) the service has no EXPORT_DIR: no export at all
+    EXPORT_NOT_CONFIGURED (FAILED_PRECONDITION) the service has no EXPORT_DIR (file://) or no
+    EXPORT_S3_PREFIXES (s3://)
     INVALID_PACS_DESTINATION (INVALID_ARGUMENT) pacs_destination_id given without
     include_dicom_seg; metadata "field"
     UNKNOWN_PACS_DESTINATION (INVALID_ARGUMENT) pacs_destination_id is not one of the server's
@@ -395,7 +397,8 @@ class LabelService:
     INVALID_PAGE_SIZE / INVALID_PAGE_TOKEN (INVALID_ARGUMENT)
     INVALID_DESTINATION / DESTINATION_NOT_ALLOWED (INVALID_ARGUMENT), NOTHING_TO_EXPORT
     (FAILED_PRECONDITION)
-    EXPORT_NOT_CONFIGURED (FAILED_PRECONDITION) the service has no EXPORT_DIR: no export at all
+    EXPORT_NOT_CONFIGURED (FAILED_PRECONDITION) the service has no EXPORT_DIR (file://) or no
+    EXPORT_S3_PREFIXES (s3://)
     INVALID_PACS_DESTINATION (INVALID_ARGUMENT) pacs_destination_id given without
     include_dicom_seg; metadata "field"
     UNKNOWN_PACS_DESTINATION (INVALID_ARGUMENT) pacs_destination_id is not one of the server's
