@@ -396,3 +396,33 @@ def test_labels_replicas_need_postgresql_the_deid_secret_and_shared_exports() ->
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
     proc = helm("template", RELEASE, str(CHART), "--skip-schema-validation", *AUTH_ARGS, "--set", "labels.replicas=2")
     assert proc.returncode != 0 and "labels.replicas > 1 needs PostgreSQL" in proc.stderr, proc.stderr
+
+
+EXPORTS_S3 = (
+    "--set",
+    "labels.exports.objectStore.bucket=atlasflow-exports",
+    "--set",
+    "labels.exports.objectStore.prefix=site-a/",
+)
+
+
+def test_labels_replicas_with_exports_on_the_object_store_need_no_shared_volume() -> None:
+    """Exports to the object store (labels.exports.objectStore): several labels replicas,
+    RollingUpdate, no exports volume or claim (no ReadWriteMany volume at all), the allowed
+    prefix and the blob store's credentials in the pod; without blobs.url s3:// refused."""
+    docs = render(*S3, *LABELS_PG[:4], *EXPORTS_S3, "--set", "labels.replicas=3")
+    dep = deployment(docs, "labels")
+    assert dep["spec"]["replicas"] == 3 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert "exports" not in volumes(dep) and "s3-credentials" in volumes(dep)
+    container = main_container(dep)
+    env = literal_env(container)
+    assert env["ATLASFLOW_LABELS_EXPORT_S3_PREFIXES"] == "s3://atlasflow-exports/site-a"
+    assert "ATLASFLOW_LABELS_EXPORT_DIR" not in env and "AWS_SHARED_CREDENTIALS_FILE" in env
+    assert "exports" not in {m["name"] for m in container["volumeMounts"]}
+    claims = by_kind(docs, "PersistentVolumeClaim")
+    assert not [n for n in claims if "labels" in n], sorted(claims)
+    kubernetes_validate.validate(dep, KUBE_VERSIONS[-1], strict=True)
+    proc = helm("template", RELEASE, str(CHART), *AUTH_ARGS, *EXPORTS_S3)
+    assert proc.returncode != 0 and "/blobs/url" in proc.stderr, proc.stderr  # the schema
+    proc = helm("template", RELEASE, str(CHART), "--skip-schema-validation", *AUTH_ARGS, *EXPORTS_S3)
+    assert proc.returncode != 0 and "needs blobs.url s3://" in proc.stderr, proc.stderr
