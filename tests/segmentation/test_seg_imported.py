@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -37,11 +38,15 @@ from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.organs import ORGAN_IDS, ORGANS
 from atlasflow.common.ports import free_ports
 from atlasflow.common.v1 import common_pb2
+from atlasflow.method.prior import PopulationPrior
+from atlasflow.method.strategy import get_strategy
 from atlasflow.models.export import triton_model_name
 from atlasflow.models.nnunet import import_nnunet
 from atlasflow.models.registry import Manifest, ModelRegistry
 from atlasflow.models.segment import served_model
 from atlasflow.segmentation.app import build_app
+from atlasflow.segmentation.attention import strategy_attention
+from atlasflow.segmentation.ensemble import ForegroundCrop
 from atlasflow.segmentation.heterogeneous import (
     CommonGrid,
     MemberOutput,
@@ -50,7 +55,7 @@ from atlasflow.segmentation.heterogeneous import (
     heterogeneous_attention,
 )
 from atlasflow.segmentation.imported import ImportedMember, parse_names, resolve, served_model_name
-from atlasflow.segmentation.pipeline import EnsemblePipeline
+from atlasflow.segmentation.pipeline import EnsemblePipeline, foreground_box
 from atlasflow.segmentation.settings import SegmentationSettings
 from atlasflow.segmentation.triton_client import TritonSegmenter
 from atlasflow.segmentation.triton_repo import write_repository
@@ -60,6 +65,7 @@ from atlasflow.testing import auth
 
 S = common_pb2
 ENSEMBLE = "abdomen-trio-v1"
+TINY_A = Path(__file__).parent / "tiny_ensembles" / "tiny-a-v1.json"
 PREDICTED = {ORGAN_IDS["liver"], ORGAN_IDS["spleen"]}  # the tiny model's organs among atlasflow's
 
 
@@ -293,3 +299,59 @@ def test_cluster_repository_has_the_members_and_their_pytorch_backend_entries(
     with torch.inference_mode():
         y = module(torch.zeros((2, 1, *window)), torch.tensor([1]))
     assert tuple(y.shape) == (2, *[int(d) for d in net.output[0].dims[1:]])
+
+
+class Recorder:
+    """The real imported model, its answers kept for the test's reference."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.manifest = model, model.manifest
+        self.needs_affine = bool(getattr(model, "needs_affine", False))
+        self.answers: list[np.ndarray] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        self.answers.append(self.model(*args, **kwargs))
+        return self.answers[-1]
+
+
+def test_pipeline_with_foreground_crop_and_a_whole_case_strategy(registry: tuple[Path, Manifest]) -> None:
+    """In process (cheap test ensemble, the member's network in process): the foreground crop
+    and a whole-case strategy (``enhanced``: `strategy_attention` with ``available``) with an
+    imported member equal the library on the cropped grid."""
+    state, _ = registry
+    img = nib.load(str(fx.CT_SM))
+    vol = np.asanyarray(img.dataobj).astype(np.int16)
+    aff = np.asarray(img.affine, dtype=np.float64)
+    pipe = EnsemblePipeline(
+        str(TINY_A), foreground_crop=True, attention_mode="enhanced", imported=["tiny"], models_state_dir=state
+    )
+    imported, model = pipe.imported[0]
+    recorder = Recorder(model)
+    pipe.imported[0] = (imported, recorder)
+    out = pipe(vol, aff)
+    box = foreground_box(vol, aff, ForegroundCrop())
+    assert box is not None and tuple(b.stop - b.start for b in box) != vol.shape
+    sub_aff = aff.copy()
+    sub_aff[:3, 3] = aff[:3, :3] @ np.array([b.start for b in box], dtype=np.float64) + aff[:3, 3]
+
+    (label_map,) = recorder.answers  # the member ran once, on the whole CT (before the crop)
+    assert label_map.shape == vol.shape
+    mapped = common_grid([MemberOutput("tiny", dict(model.manifest.labels), aff, label_map=label_map)], aff, vol.shape)
+    soft = pipe.soft_predictions(vol, aff)  # the test ensemble's two members (zeros outside the box)
+    probs = {o: torch.cat([soft[o], mapped.probs[o]])[(slice(None), *box)].contiguous() for o in ORGANS}
+    available = {o: [True, True, mapped.available[o][0]] for o in ORGANS}
+    expected = np.zeros(vol.shape, dtype=np.uint8)
+    expected[box] = ensemble_labels(CommonGrid(probs, available, ["unet_a", "unet_b", "tiny"]))
+    np.testing.assert_array_equal(out.labels, expected)
+    assert {int(v) for v in np.unique(out.labels)} & PREDICTED  # the member's organs are in the vote
+
+    organs = strategy_attention(
+        probs, sub_aff, [], strategy=get_strategy("enhanced"), prior=PopulationPrior.load(), available=available
+    )
+    voxel_ml = abs(float(np.linalg.det(aff[:3, :3]))) / 1000.0
+    got = {o: round(out.organ_stats[o - 1, 1] / voxel_ml) for o in ORGANS}
+    assert got == {o: int(organs[o].attention.sum()) if o in organs else 0 for o in ORGANS}
+    heat = torch.zeros(tuple(b.stop - b.start for b in box), dtype=torch.float32)
+    for o in organs.values():
+        heat[o.box] = torch.maximum(heat[o.box], torch.from_numpy(o.heatmap))
+    np.testing.assert_array_equal(out.heatmap[box], (heat.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).numpy())
