@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
+from test_labels_deid import _labels_on, _sources  # the 3 real CT instances, labels on their grid
 
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.errors import AtlasflowError
 from atlasflow.common.metrics import Metrics
 from atlasflow.common.nifti import to_nifti_bytes
 from atlasflow.labels.deid import Pseudonymizer
+from atlasflow.labels.export_jobs import ExportOptions
 from atlasflow.labels.export_store import MANIFEST, S3Destination, check_destination, parse_s3_prefixes
 from atlasflow.labels.repository import Provenance
 from atlasflow.labels.servicer import LabelServicer
@@ -88,20 +93,50 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_s3_export_writes_the_same_files_as_a_file_export(stack, tmp_path, moto):
-    repo, _, exporter, s3 = stack
+    """De-identified, with DICOM SEGs (a third case on the grid of real CT instances; the two
+    small ones get none: their grid differs from the source images)."""
+    repo, blobs, exporter, s3 = stack
+    labels, affine = _labels_on(_sources())
+    repo.create_version(
+        "case-seg",
+        blobs.put(to_nifti_bytes(labels, affine)),
+        blobs.put(to_nifti_bytes(np.zeros(labels.shape, np.int16), affine)),
+        AI,
+        "req-seg",
+        organs=(5, 8),
+        shape=labels.shape,
+        affine=tuple(float(a) for a in affine.ravel()),
+    )
+    exporter.sources = lambda _d: _sources()
+    options = ExportOptions(include_dicom_seg=True).to_dict()
     uri = f"s3://{BUCKET}/team-a/ds-1"
     dest = S3Destination(BUCKET, "team-a/ds-1", s3.options)
     # an object an earlier export of case-0 left (not written now: removed with the case's rewrite)
     case0 = exporter.pseudonymizer.case("case-0")
     dest.put(dest.key(f"{case0}/dicom_seg/seg.dcm"), b"stale")
     for target in ((tmp_path / "out").as_uri(), uri):
-        job = repo.create_export_job([], target)
+        job = repo.create_export_job([], target, options=options)
         exporter.run_job(job)
         done = repo.get_export_job(job.job_id)
         assert (done.state, done.error_reason) == ("SUCCEEDED", "")
     local, remote = _files(tmp_path / "out"), _objects(dest)
-    assert sorted(remote) == sorted(local) and MANIFEST in remote and len(remote) == 1 + 2 * 11
-    assert all(remote[name] == local[name] for name in local)  # same bytes, manifest included
+    seg = f"{exporter.pseudonymizer.case('case-seg')}/dicom_seg/seg.dcm"
+    assert sorted(remote) == sorted(local) and MANIFEST in remote and seg in remote and len(remote) == 1 + 3 * 11 + 1
+    assert [name for name in local if remote[name] != local[name] and name not in (seg, MANIFEST)] == []
+    # the SEG: highdicom draws a new Dimension Organization UID for every SEG it builds (so two
+    # exports of a case differ there, file:// or s3://); everything else is the same
+    segs = [pydicom.dcmread(io.BytesIO(files[seg])) for files in (local, remote)]
+    for ds in segs:
+        ds.DimensionOrganizationSequence[0].DimensionOrganizationUID = "1.2.3"
+        for item in ds.DimensionIndexSequence:
+            item.DimensionOrganizationUID = "1.2.3"
+    assert segs[0] == segs[1]
+    manifests = [json.loads(files[MANIFEST]) for files in (local, remote)]
+    for m, files in zip(manifests, (local, remote), strict=True):
+        entry = next(c for c in m["cases"] if c["case_id"] == exporter.pseudonymizer.case("case-seg"))
+        assert entry["files"]["dicom_seg/seg.dcm"]["sha256"] == hashlib.sha256(files[seg]).hexdigest()
+        del entry["files"]["dicom_seg/seg.dcm"], entry["dicom_seg"]["sha256"]
+    assert manifests[0] == manifests[1]
     head = dest.client.head_object(Bucket=BUCKET, Key=dest.key(f"{case0}/ct.nii.gz"))
     assert head["Metadata"]["sha256"] == hashlib.sha256(local[f"{case0}/ct.nii.gz"]).hexdigest()
 
