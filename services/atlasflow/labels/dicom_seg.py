@@ -196,8 +196,9 @@ def export_dicom_seg(
     as algorithm identification, radiologist / original ones MANUAL; organ_versions names the
     deciding version (in TrackingID). Segment numbers are 1..N in ascending organ order.
     uid_seed: when given (e.g. the label version id), the SEG's SeriesInstanceUID,
-    SOPInstanceUID and segment TrackingUIDs are derived from it (`derived_uid`), so exporting
-    the same labels again yields the same SOP Instance; empty: fresh random UIDs.
+    SOPInstanceUID, segment TrackingUIDs and Dimension Organization UID are derived from it
+    (`derived_uid`), so exporting the same labels again yields the same bytes; empty: fresh
+    random UIDs.
 
     Raises FailedPrecondition("GRID_DIFFERS_FROM_SOURCE") (see `frames_from_volume`),
     InvalidArgument("INVALID_ARGUMENT") for a source without UIDs or an empty selection.
@@ -250,6 +251,10 @@ def export_dicom_seg(
         content_description="AbdomenAtlas organs",
         omit_empty_frames=True,
     )
+    if uid_seed:  # highdicom draws the Dimension Organization UID itself: derive it too
+        dimension_uid = uid("dimension-organization")
+        for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
+            item.DimensionOrganizationUID = dimension_uid
     return seg
 
 
