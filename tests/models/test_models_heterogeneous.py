@@ -27,6 +27,7 @@ from atlasflow.segmentation.heterogeneous import (
     common_grid,
     ensemble_labels,
     heterogeneous_attention,
+    native_label_maps,
     resample_nearest,
 )
 
@@ -164,3 +165,16 @@ def test_missing_organ_is_no_opinion_in_the_vote_and_the_attention(members) -> N
     only_b = common_grid([b], aff, shape)
     assert heterogeneous_attention(only_b).organs[pancreas].attention is None
     assert not (ensemble_labels(only_b) == pancreas).any()
+
+
+def test_native_label_maps_make_the_planes_of_common_grid(members) -> None:
+    a, b, aff, shape = members
+    grid = common_grid([a, b], aff, shape)
+    lazy = native_label_maps([a, b], aff, shape)  # B resampled (nearest), A taken as is
+    assert lazy.available == grid.available
+    pancreas, liver = ORGAN_IDS["pancreas"], ORGAN_IDS["liver"]
+    for o in ORGANS:
+        assert torch.equal(lazy.planes(o), grid.probs[o]), ORGANS[o]
+    assert torch.equal(lazy.planes(pancreas, only_available=True), grid.probs[pancreas][:1])  # B: no opinion
+    box = (slice(5, 40), slice(3, 30), slice(2, 9))
+    assert torch.equal(lazy.crop(box).planes(liver), grid.probs[liver][(slice(None), *box)])

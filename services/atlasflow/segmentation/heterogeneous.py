@@ -14,6 +14,10 @@ field of view). `common_grid` brings every member onto the case grid:
 
 Case voxels outside a member's grid get 0 (background) from that member.
 
+`native_label_maps` keeps label-map members as one label volume each on the case grid and
+makes an organ's plane when asked for (`NativeLabelMaps.planes`, the same values as
+`common_grid`'s): what the segmentation pipeline holds for its imported members.
+
 Organs are matched by class name (`atlasflow.models.class_maps.organ_of`: ``gallbladder`` ->
 ``gall_bladder``, ``inferior_vena_cava`` -> ``postcava``, ...). A member whose label map does
 not contain an organ has **no opinion** on it: ``available[organ][m]`` is False, and
@@ -143,6 +147,57 @@ def common_grid(
                 probs[organ][m] = (p.clamp_(0.0, 1.0) * 255.0).round_().to(torch.uint8)
                 available[organ][m] = True
     return CommonGrid(probs=probs, available=available, members=[mb.name for mb in members])
+
+
+@dataclass
+class NativeLabelMaps:
+    """Label-map members on the case grid, their per-organ planes made on demand: one label
+    volume per member instead of `CommonGrid`'s nine uint8 planes (what the segmentation
+    pipeline holds for its imported members). ``maps``: ``(X, Y, Z)`` label ids on the case
+    grid; ``organs``: per member, organ id -> its label id (the organs it predicts)."""
+
+    maps: list[npt.NDArray[np.integer]]
+    organs: list[dict[int, int]]
+    members: list[str]
+    shape: tuple[int, int, int]
+
+    @property
+    def available(self) -> dict[int, list[bool]]:
+        """Organ id -> ``(M,)`` flags (False = no opinion), as `CommonGrid.available`."""
+        return {o: [o in org for org in self.organs] for o in ORGANS}
+
+    def planes(self, organ: int, *, only_available: bool = False) -> torch.Tensor:
+        """uint8 ``(M, X, Y, Z)`` (255 inside, 0 outside) of ``organ``: a zero row for a member
+        without an opinion, or (``only_available``) only the rows of the members with one."""
+        rows = []
+        for label_map, org in zip(self.maps, self.organs):
+            if organ in org:
+                rows.append(torch.from_numpy(label_map == org[organ]).to(torch.uint8) * 255)
+            elif not only_available:
+                rows.append(torch.zeros(self.shape, dtype=torch.uint8))
+        return torch.stack(rows) if rows else torch.zeros((0, *self.shape), dtype=torch.uint8)
+
+    def crop(self, box: tuple[slice, slice, slice]) -> NativeLabelMaps:
+        """The same members on the crop ``box`` of the case grid."""
+        maps = [np.ascontiguousarray(m[box]) for m in self.maps]
+        shape = (int(maps[0].shape[0]), int(maps[0].shape[1]), int(maps[0].shape[2])) if maps else self.shape
+        return NativeLabelMaps(maps, self.organs, self.members, shape)
+
+
+def native_label_maps(
+    members: Sequence[MemberOutput], affine: npt.NDArray[np.float64], shape: tuple[int, int, int]
+) -> NativeLabelMaps:
+    """Label-map members on the case grid (affine, shape): nearest neighbour as `common_grid`
+    (a member already on the case grid is taken as is), organs matched by name."""
+    aff = np.asarray(affine, dtype=np.float64)
+    maps = []
+    for member in members:
+        if member.label_map is None:
+            raise ValueError(f"member {member.name} has no label map")
+        lm = np.asarray(member.label_map)
+        same = tuple(lm.shape) == tuple(shape) and np.array_equal(np.asarray(member.affine, dtype=np.float64), aff)
+        maps.append(lm if same else resample_nearest(lm, member.affine, aff, shape))
+    return NativeLabelMaps(maps, [m.organs for m in members], [m.name for m in members], shape)
 
 
 def ensemble_labels(grid: CommonGrid) -> npt.NDArray[np.uint8]:

@@ -50,7 +50,8 @@ Imported members (``imported=``: registered nnU-Net v2 / MONAI-bundle models,
 `atlasflow.segmentation.imported`, docs/models.md) run before step 1 on the whole native CT by
 the models package's own path (`atlasflow.models.segment.load_model`, the network on Triton:
 `imported_triton_url` or ``imported_network``) and answer label maps of their own ids, which
-`atlasflow.segmentation.heterogeneous.common_grid` maps by organ name onto the case grid. In
+`atlasflow.segmentation.heterogeneous.native_label_maps` maps by organ name onto the case grid
+(one label volume per member; an organ's 255/0 plane is made when the organ is processed). In
 step 3 an organ's stack gets the rows of the imported members that predict it (255/0), and the
 vote (mean > 0.5; overlaps by the larger mean) and step 4's attention use only those rows:
 a member without an opinion on an organ is left out, never counted as background
@@ -104,7 +105,7 @@ from atlasflow.segmentation.ensemble import (
     triton_model_name,
 )
 from atlasflow.segmentation.grid import model_grid, resample
-from atlasflow.segmentation.heterogeneous import CommonGrid, MemberOutput, common_grid
+from atlasflow.segmentation.heterogeneous import MemberOutput, NativeLabelMaps, native_label_maps
 from atlasflow.segmentation.imported import ImportedMember, served_model_name
 from atlasflow.segmentation.models import load_member
 from atlasflow.segmentation.outputs import STATS_COLUMNS, PipelineOutput
@@ -162,7 +163,7 @@ class _NativeStacks(Mapping[int, torch.Tensor]):
         member_probs: list[tuple[torch.Tensor, np.ndarray]],
         aff: np.ndarray,
         shape: tuple[int, int, int],
-        imported: CommonGrid | None = None,
+        imported: NativeLabelMaps | None = None,
     ) -> None:
         self._pipeline, self._probs, self._aff, self._shape = pipeline, member_probs, aff, shape
         self._imported = imported
@@ -174,14 +175,15 @@ class _NativeStacks(Mapping[int, torch.Tensor]):
         if self._imported is None:
             return u8
         # every imported row (zeros where it has no opinion: `available` leaves them out)
-        return torch.cat([u8, self._imported.probs[int(organ)].to(u8.device)])
+        return torch.cat([u8, self._imported.planes(int(organ)).to(u8.device)])
 
     def available(self) -> dict[int, list[bool]] | None:
-        """Organ id -> per-row flags (the trio predicts every organ; `CommonGrid.available`)."""
+        """Organ id -> per-row flags (the ensemble file's members predict every organ;
+        `NativeLabelMaps.available`)."""
         if self._imported is None:
             return None
         n = len(self._probs)
-        return {o: [True] * n + list(self._imported.available[o]) for o in range(1, NUM_ORGANS + 1)}
+        return {o: [True] * n + flags for o, flags in self._imported.available.items()}
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(1, NUM_ORGANS + 1))
@@ -294,11 +296,6 @@ class EnsemblePipeline:
         return served_model_name(triton_model_name(self.version), [m for m, _ in self.imported])
 
     @property
-    def member_names(self) -> list[str]:
-        """The members as jobs list them: the ensemble's names, then ``<name>@<digest12>``."""
-        return [m.name for m in self.config.members] + [m.label for m, _ in self.imported]
-
-    @property
     def attention_mode(self) -> str:
         """The name of the ensemble's ranking strategy (``reference``, ``enhanced``, ...)."""
         return self.config.attention_mode
@@ -380,11 +377,7 @@ class EnsemblePipeline:
             return out
         t_crop = time.perf_counter() - t1
         if extra is not None:
-            extra = CommonGrid(
-                {o: p[(slice(None), *box)].contiguous() for o, p in extra.probs.items()},
-                extra.available,
-                extra.members,
-            )
+            extra = extra.crop(box)
         sub = self._segment(np.ascontiguousarray(vol[box]), sub_aff, flags, extra)
         labels = np.zeros(vol.shape, dtype=np.uint8)
         heat = np.zeros(vol.shape, dtype=np.uint8)
@@ -411,15 +404,16 @@ class EnsemblePipeline:
             outs.append(MemberOutput(member.label, dict(model.manifest.labels), aff, label_map=label_map))
         return outs
 
-    def _imported_grid(self, vol: np.ndarray, aff: np.ndarray, timings: dict[str, float]) -> CommonGrid | None:
-        """The imported members' organs on the case grid (`heterogeneous.common_grid`: mapped
-        by organ name, 255 inside / 0 outside, ``available`` False for an organ a member does
+    def _imported_grid(self, vol: np.ndarray, aff: np.ndarray, timings: dict[str, float]) -> NativeLabelMaps | None:
+        """The imported members' label maps on the case grid, mapped by organ name
+        (`heterogeneous.native_label_maps`: the planes of `common_grid`, 255 inside / 0
+        outside, made per organ when asked for; ``available`` False for an organ a member does
         not predict); None without imported members."""
         if not self.imported:
             return None
         outs = self.imported_outputs(vol, aff, timings)
         ts = time.perf_counter()
-        grid = common_grid(outs, aff, (int(vol.shape[0]), int(vol.shape[1]), int(vol.shape[2])))
+        grid = native_label_maps(outs, aff, (int(vol.shape[0]), int(vol.shape[1]), int(vol.shape[2])))
         timings["imported_to_grid"] = time.perf_counter() - ts
         return grid
 
@@ -492,7 +486,7 @@ class EnsemblePipeline:
         return out
 
     def _segment(
-        self, vol: np.ndarray, aff: np.ndarray, flags: np.ndarray, extra: CommonGrid | None = None
+        self, vol: np.ndarray, aff: np.ndarray, flags: np.ndarray, extra: NativeLabelMaps | None = None
     ) -> PipelineOutput:
         """`__call__` without checks and cropping (arguments already validated). ``extra``:
         the imported members' organs on this grid: per organ, the rows of the members that
@@ -521,9 +515,7 @@ class EnsemblePipeline:
         for k in range(NUM_ORGANS):
             u8 = self._native_u8(member_probs, k, aff, shape)
             if extra is not None:
-                rows = [m for m, flag in enumerate(extra.available[k + 1]) if flag]
-                if rows:
-                    u8 = torch.cat([u8, extra.probs[k + 1][rows].to(self.device)])
+                u8 = torch.cat([u8, extra.planes(k + 1, only_available=True).to(self.device)])
             n_models = int(u8.shape[0])
             ens_sum = u8.sum(dim=0, dtype=torch.int16)
             ens_mask, n_comp = largest_component(ens_sum.to(torch.int32) * 2 > 255 * n_models)
