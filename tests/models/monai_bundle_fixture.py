@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -170,6 +171,17 @@ def metadata() -> dict:
             },
         },
     }
+
+
+def shared_bundle(tmp_path_factory: Any) -> Path:
+    """`make_bundle` once per test session (pytest's ``tmp_path_factory``): every test module
+    that needs the tiny bundle gets the same folder (read only), trained once."""
+    root = tmp_path_factory.getbasetemp() / "monai-bundle-shared"
+    done = root / "DONE"
+    if not done.exists():
+        make_bundle(root)
+        done.write_text("ok\n")
+    return root / "tiny_abdomen"
 
 
 def make_bundle(root: Path, steps: int = 30, seed: int = 0) -> Path:

@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from monai_bundle_fixture import CHANNELS, CT_SM, make_bundle  # noqa: E402
+from monai_bundle_fixture import CHANNELS, CT_SM, shared_bundle  # noqa: E402
 from nnunet_fixture import dicom_ct  # noqa: E402
 
 from atlasflow.cli.main import cli  # noqa: E402
@@ -38,7 +38,7 @@ CASES = ("ct_sm", "dicom_ct")
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("monai_bundle")
-    bundle = make_bundle(root)
+    bundle = shared_bundle(tmp_path_factory)  # trained once per session (tests/segmentation too)
     cts = root / "cts"
     dicom_ct(cts)
     shutil.copyfile(CT_SM, cts / "ct_sm.nii.gz")

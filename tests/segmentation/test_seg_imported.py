@@ -29,6 +29,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from tests.models import monai_bundle_fixture as mb
 from tests.models import nnunet_fixture as fx
 
 from atlasflow.common.blobstore import LocalBlobStore
@@ -41,6 +42,7 @@ from atlasflow.common.v1 import common_pb2
 from atlasflow.method.prior import PopulationPrior
 from atlasflow.method.strategy import get_strategy
 from atlasflow.models.export import triton_model_name
+from atlasflow.models.monai_bundle import import_monai_bundle
 from atlasflow.models.nnunet import import_nnunet
 from atlasflow.models.registry import Manifest, ModelRegistry
 from atlasflow.models.segment import served_model
@@ -314,36 +316,52 @@ class Recorder:
         return self.answers[-1]
 
 
-def test_pipeline_with_foreground_crop_and_a_whole_case_strategy(registry: tuple[Path, Manifest]) -> None:
-    """In process (cheap test ensemble, the member's network in process): the foreground crop
-    and a whole-case strategy (``enhanced``: `strategy_attention` with ``available``) with an
-    imported member equal the library on the cropped grid."""
+def test_pipeline_with_foreground_crop_and_a_whole_case_strategy(
+    tmp_path_factory: pytest.TempPathFactory, registry: tuple[Path, Manifest]
+) -> None:
+    """In process (cheap test ensemble, the members' networks in process): the foreground crop
+    and a whole-case strategy (``enhanced``: `strategy_attention` with ``available``) with two
+    imported members of different label sets, the nnU-Net model (liver, spleen) and a MONAI
+    bundle (liver, spleen, both kidneys: its inference needs the affine), equal the library on
+    the cropped grid."""
     state, _ = registry
+    import_monai_bundle(mb.shared_bundle(tmp_path_factory), "bundle", state, replace=True)
     img = nib.load(str(fx.CT_SM))
     vol = np.asanyarray(img.dataobj).astype(np.int16)
     aff = np.asarray(img.affine, dtype=np.float64)
     pipe = EnsemblePipeline(
-        str(TINY_A), foreground_crop=True, attention_mode="enhanced", imported=["tiny"], models_state_dir=state
+        str(TINY_A),
+        foreground_crop=True,
+        attention_mode="enhanced",
+        imported=["tiny", "bundle"],
+        models_state_dir=state,
     )
-    imported, model = pipe.imported[0]
-    recorder = Recorder(model)
-    pipe.imported[0] = (imported, recorder)
+    recorders = [Recorder(model) for _, model in pipe.imported]
+    pipe.imported = [(member, rec) for (member, _), rec in zip(pipe.imported, recorders)]
     out = pipe(vol, aff)
     box = foreground_box(vol, aff, ForegroundCrop())
     assert box is not None and tuple(b.stop - b.start for b in box) != vol.shape
     sub_aff = aff.copy()
     sub_aff[:3, 3] = aff[:3, :3] @ np.array([b.start for b in box], dtype=np.float64) + aff[:3, 3]
 
-    (label_map,) = recorder.answers  # the member ran once, on the whole CT (before the crop)
-    assert label_map.shape == vol.shape
-    mapped = common_grid([MemberOutput("tiny", dict(model.manifest.labels), aff, label_map=label_map)], aff, vol.shape)
+    outputs = []
+    for name, rec in zip(["tiny", "bundle"], recorders):
+        (label_map,) = rec.answers  # each member ran once, on the whole CT (before the crop)
+        assert label_map.shape == vol.shape
+        outputs.append(MemberOutput(name, dict(rec.manifest.labels), aff, label_map=label_map))
+    assert recorders[1].needs_affine and not recorders[0].needs_affine
+    mapped = common_grid(outputs, aff, vol.shape)
+    assert {o for o in ORGANS if mapped.available[o][1]} == {
+        *PREDICTED,
+        *(ORGAN_IDS[k] for k in ("kidney_left", "kidney_right")),
+    }
     soft = pipe.soft_predictions(vol, aff)  # the test ensemble's two members (zeros outside the box)
     probs = {o: torch.cat([soft[o], mapped.probs[o]])[(slice(None), *box)].contiguous() for o in ORGANS}
-    available = {o: [True, True, mapped.available[o][0]] for o in ORGANS}
+    available = {o: [True, True, *mapped.available[o]] for o in ORGANS}
     expected = np.zeros(vol.shape, dtype=np.uint8)
-    expected[box] = ensemble_labels(CommonGrid(probs, available, ["unet_a", "unet_b", "tiny"]))
+    expected[box] = ensemble_labels(CommonGrid(probs, available, ["unet_a", "unet_b", "tiny", "bundle"]))
     np.testing.assert_array_equal(out.labels, expected)
-    assert {int(v) for v in np.unique(out.labels)} & PREDICTED  # the member's organs are in the vote
+    assert {int(v) for v in np.unique(out.labels)} & PREDICTED  # the members' organs are in the vote
 
     organs = strategy_attention(
         probs, sub_aff, [], strategy=get_strategy("enhanced"), prior=PopulationPrior.load(), available=available
