@@ -14,6 +14,7 @@ soft predictions and the imported model's label map (`atlasflow segment`'s path)
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -64,6 +65,7 @@ from atlasflow.segmentation.triton_repo import write_repository
 from atlasflow.segmentation.v1 import segmentation_pb2 as pb
 from atlasflow.segmentation.v1 import segmentation_pb2_grpc
 from atlasflow.testing import auth
+from atlasflow.testing.triton import BundledTriton
 
 S = common_pb2
 ENSEMBLE = "abdomen-trio-v1"
@@ -316,29 +318,40 @@ class Recorder:
         return self.answers[-1]
 
 
-def test_pipeline_with_foreground_crop_and_a_whole_case_strategy(
-    tmp_path_factory: pytest.TempPathFactory, registry: tuple[Path, Manifest]
-) -> None:
-    """In process (cheap test ensemble, the members' networks in process): the foreground crop
-    and a whole-case strategy (``enhanced``: `strategy_attention` with ``available``) with two
-    imported members of different label sets, the nnU-Net model (liver, spleen) and a MONAI
-    bundle (liver, spleen, both kidneys: its inference needs the affine), equal the library on
-    the cropped grid."""
+@pytest.fixture(scope="module")
+def cropped(tmp_path_factory: pytest.TempPathFactory, registry: tuple[Path, Manifest]) -> SimpleNamespace:
+    """A cheap test ensemble (tiny-a: two seeded 1-level U-Nets) with the foreground crop and
+    the ``enhanced`` (whole-case) strategy, plus two imported members of different label sets:
+    the nnU-Net model (liver, spleen) and a MONAI bundle (liver, spleen, both kidneys; its
+    inference needs the affine), run in process on the small CT; the members' answers kept."""
     state, _ = registry
+    tmp = tmp_path_factory.mktemp("seg-imported-crop")
     import_monai_bundle(mb.shared_bundle(tmp_path_factory), "bundle", state, replace=True)
+    raw = json.loads(TINY_A.read_text())
+    raw.update(
+        format=2,
+        version="tiny-crop-v1",
+        attention={"mode": "enhanced"},
+        foreground_crop={"threshold_hu": -500, "margin_mm": 10},
+    )
+    ensemble = tmp / "tiny-crop-v1.json"
+    ensemble.write_text(json.dumps(raw))
     img = nib.load(str(fx.CT_SM))
     vol = np.asanyarray(img.dataobj).astype(np.int16)
     aff = np.asarray(img.affine, dtype=np.float64)
-    pipe = EnsemblePipeline(
-        str(TINY_A),
-        foreground_crop=True,
-        attention_mode="enhanced",
-        imported=["tiny", "bundle"],
-        models_state_dir=state,
-    )
+    pipe = EnsemblePipeline(str(ensemble), imported=["tiny", "bundle"], models_state_dir=state)
     recorders = [Recorder(model) for _, model in pipe.imported]
     pipe.imported = [(member, rec) for (member, _), rec in zip(pipe.imported, recorders)]
     out = pipe(vol, aff)
+    return SimpleNamespace(
+        state=state, tmp=tmp, ensemble=ensemble, pipe=pipe, recorders=recorders, vol=vol, aff=aff, out=out
+    )
+
+
+def test_pipeline_with_foreground_crop_and_a_whole_case_strategy(cropped: SimpleNamespace) -> None:
+    """In process: the crop and the whole-case strategy (`strategy_attention` with
+    ``available``) with the two imported members equal the library on the cropped grid."""
+    pipe, recorders, vol, aff, out = cropped.pipe, cropped.recorders, cropped.vol, cropped.aff, cropped.out
     box = foreground_box(vol, aff, ForegroundCrop())
     assert box is not None and tuple(b.stop - b.start for b in box) != vol.shape
     sub_aff = aff.copy()
@@ -373,3 +386,59 @@ def test_pipeline_with_foreground_crop_and_a_whole_case_strategy(
     for o in organs.values():
         heat[o.box] = torch.maximum(heat[o.box], torch.from_numpy(o.heatmap))
     np.testing.assert_array_equal(out.heatmap[box], (heat.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).numpy())
+
+
+# A stand-in for Triton's PyTorch backend (absent from the wheel-bundled tritonserver): the
+# Python backend running the same exported TorchScript file with the same tensors.
+TORCHSCRIPT_STANDIN = """
+from pathlib import Path
+
+import torch
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        path = Path(args["model_repository"]) / str(args["model_version"]) / "model.pt"
+        self.module = torch.jit.load(str(path)).eval()
+
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            args = [torch.from_numpy(pb_utils.get_input_tensor_by_name(request, "INPUT__0").as_numpy().copy())]
+            fold = pb_utils.get_input_tensor_by_name(request, "INPUT__1")
+            if fold is not None:
+                args.append(torch.from_numpy(fold.as_numpy().copy()))
+            with torch.inference_mode():
+                y = self.module(*args)
+            out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT__0", y.float().numpy())]))
+        return out
+"""
+
+
+def test_cluster_repository_served_by_tritonserver_equals_in_process(cropped: SimpleNamespace) -> None:
+    """`atlasflow triton-repo --member` served by the real (wheel-bundled) tritonserver: the
+    Python-backend ensemble runs the members' pre/post-processing and calls their networks by
+    BLS (`model_serving.BlsNetwork`); the members' entries run their ``model.pt`` through a
+    Python-backend stand-in for the PyTorch backend (the only part not the cluster's). The
+    answer equals the in-process pipeline exactly."""
+    out_dir = cropped.tmp / "repo"
+    model_dir = write_repository(
+        out_dir, cropped.ensemble, kind="cpu", members=["tiny", "bundle"], models_state_dir=cropped.state
+    )
+    registry = ModelRegistry(cropped.state)
+    nets = [triton_model_name(registry.get(n)) for n in ("tiny", "bundle")]
+    for net in nets:
+        config = out_dir / net / "config.pbtxt"
+        assert 'backend: "pytorch"' in config.read_text()
+        config.write_text(config.read_text().replace('backend: "pytorch"', 'backend: "python"'))
+        (out_dir / net / "1" / "model.py").write_text(TORCHSCRIPT_STANDIN)
+    server = BundledTriton(out_dir, cropped.tmp / "work", [model_dir.name, *nets]).start(timeout_s=300)
+    try:
+        with TritonSegmenter(server.grpc_url, model_dir.name, shm="off", timeout_s=600) as client:
+            remote = client.segment(cropped.vol, cropped.aff)
+    finally:
+        assert server.stop() == 0, server.log_tail()
+    np.testing.assert_array_equal(remote.labels, cropped.out.labels)
+    np.testing.assert_array_equal(remote.heatmap, cropped.out.heatmap)
+    np.testing.assert_array_equal(remote.organ_stats, cropped.out.organ_stats)
