@@ -288,6 +288,8 @@ def serve(
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+    if (members or models) and not state_dir:
+        raise RuntimeError("--member / --model need --state-dir (the model registry's state dir)")
     t0 = time.perf_counter()
     imported: dict[str, Any] = (
         {
