@@ -442,3 +442,17 @@ def test_cluster_repository_served_by_tritonserver_equals_in_process(cropped: Si
     np.testing.assert_array_equal(remote.labels, cropped.out.labels)
     np.testing.assert_array_equal(remote.heatmap, cropped.out.heatmap)
     np.testing.assert_array_equal(remote.organ_stats, cropped.out.organ_stats)
+
+
+def test_local_stack_starts_its_triton_with_the_members(tmp_path: Path) -> None:
+    from atlasflow.cli.local import LocalDeployment
+
+    env = {
+        "ATLASFLOW_SEGMENTATION_IMPORTED_MODELS": "tiny, bundle",
+        "ATLASFLOW_SEGMENTATION_MODELS_STATE_DIR": str(tmp_path / "state"),
+    }
+    stack = LocalDeployment.create(tmp_path, auto_ports=True, extra_env=env)
+    argv = stack._command("triton")
+    assert argv[-3:] == ["--member=tiny", "--member=bundle", f"--state-dir={tmp_path / 'state'}"]
+    plain = LocalDeployment.create(tmp_path, auto_ports=True, extra_env={"ATLASFLOW_SEGMENTATION_IMPORTED_MODELS": ""})
+    assert not any(a.startswith("--member") for a in plain._command("triton"))
