@@ -41,6 +41,24 @@ host is refused at construction (InvalidArgument ``TRITON_TLS_REQUIRED``) unless
 ``allow_plaintext`` says the whole deployment is knowingly plaintext (the chart with
 ``tls.enabled=false``). `triton_grpc_client` builds the same channel for the training roll-out.
 
+Several Triton replicas (issue 17): client-side round-robin. Every channel runs gRPC's own
+``round_robin`` load-balancing policy (channel arg ``grpc.lb_policy_name``): it connects to
+EVERY address the target resolves to and sends each call to the next ready one. ``url`` may
+be ``host:port`` / ``grpc://host:port`` or a gRPC target URI: ``dns:///<headless
+Service>:8001`` (the chart: a headless Service resolves to one address per ready Triton pod;
+a ClusterIP Service would resolve to one virtual IP, and kube-proxy pins the one long-lived
+HTTP/2 connection to ONE pod) or ``ipv4:10.0.0.5:8001,10.0.0.6:8001`` (a fixed list). gRPC
+re-resolves the name when a connection is lost (a pod gone); it does not poll, so a replica
+added later receives calls once any connection of the channel drops or the channel is rebuilt
+(docs/architecture.md, "Several Triton replicas"). A call that hits a pod going away is
+retried (``connect_retries``) and goes to another. With TLS the certificate is checked against
+the name in the target (the chart's Triton certificate carries the headless Service's names)
+or ``tls.server_name``. Shared memory needs the registering and the inferring call to reach
+the same server, so a target that may spread (several addresses, ``dns:``) never uses it.
+`target_addresses` lists the addresses behind a target (`socket.getaddrinfo`), and
+`address_clients` builds one client per address (TLS checked against the target's name):
+what the roll-out and the readiness check of an activated version use to reach EVERY replica.
+
 Message size: gRPC payloads need ``max_message_bytes`` above the largest request/response:
 a 512x512x600 int16 CT is 315 MB in and 2 x 157 MB (uint8 labels + heatmap) out; the
 default 1 GiB covers it (Triton's own gRPC limit is 2 GiB - 1).
@@ -48,10 +66,12 @@ default 1 GiB covers it (Triton's own gRPC limit is 2 GiB - 1).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
 import re
+import socket
 import time
 import uuid
 from collections.abc import Sequence
@@ -86,20 +106,144 @@ _CODE_CLASSES: dict[str, type[AtlasflowError]] = {
 }
 
 
+#: gRPC's load-balancing policy on every Triton channel (module docstring)
+LB_POLICY = ("grpc.lb_policy_name", "round_robin")
+
+
 def _url_target(url: str) -> str:
-    """Accept ``host:port`` or ``grpc://host:port``."""
-    return url.split("://", 1)[1] if "://" in url else url
+    """Accept ``host:port``, ``grpc://host:port`` or a gRPC target URI (``dns:///h:p``,
+    ``ipv4:a:p,b:p``, ``ipv6:[a]:p,...``, ``unix:path``), returned as gRPC's target."""
+    url = url.strip()
+    return url[len("grpc://") :] if url.startswith("grpc://") else url
+
+
+def _split_target(target: str) -> tuple[str, list[str]]:
+    """(scheme, ``host:port`` entries) of a gRPC target: ``("ipv4", [...])`` for an address
+    list, ``("dns", [name:port])``, ``("unix", [])``, ``("", [target])`` for plain host:port."""
+    for scheme in ("ipv4", "ipv6"):
+        if target.startswith(scheme + ":"):
+            rest = target[len(scheme) + 1 :].lstrip("/")
+            return scheme, [a.strip() for a in rest.split(",") if a.strip()]
+    if target.startswith("dns:"):
+        rest = target[4:]
+        if rest.startswith("//"):  # dns://[authority]/host:port
+            rest = rest[2:].split("/", 1)[1] if "/" in rest[2:] else ""
+        return "dns", [rest]
+    if target.startswith(("unix:", "unix-abstract:")):
+        return "unix", []
+    return "", [target]
+
+
+def _host_port(entry: str, default_port: int = 8001) -> tuple[str, int]:
+    """``host:port`` / ``[v6]:port`` / ``host`` -> (host, port)."""
+    if entry.startswith("["):
+        host, _, tail = entry[1:].partition("]")
+        return host, int(tail[1:]) if tail.startswith(":") and tail[1:] else default_port
+    if entry.count(":") == 1:
+        host, port = entry.split(":")
+        return host, int(port) if port else default_port
+    return entry, default_port  # a bare host or a bare IPv6 address
 
 
 def is_loopback(target: str) -> bool:
-    """True when ``host:port`` names this machine (localhost, 127.0.0.0/8, ::1)."""
-    host = target.rsplit(":", 1)[0].strip("[]") if ":" in target else target
-    if host in ("localhost", "ip6-localhost") or host.startswith("unix"):
+    """True when every address of the target names this machine (localhost, 127.0.0.0/8, ::1,
+    a Unix socket)."""
+    scheme, entries = _split_target(_url_target(target))
+    if scheme == "unix":
         return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
+    if not entries:
         return False
+    for entry in entries:
+        host = _host_port(entry)[0]
+        if host in ("localhost", "ip6-localhost"):
+            continue
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                return False
+        except ValueError:
+            return False
+    return True
+
+
+def spreads(target: str) -> bool:
+    """True when the target may stand for several servers (an address list, a ``dns:`` URI)."""
+    scheme, entries = _split_target(_url_target(target))
+    return scheme == "dns" or len(entries) > 1
+
+
+def target_name(target: str) -> str:
+    """The DNS name in the target (``dns:///name:port`` or ``name:port``; "" for an address
+    list or an IP): the name a per-address client checks Triton's certificate against."""
+    scheme, entries = _split_target(_url_target(target))
+    if scheme not in ("dns", "") or len(entries) != 1:
+        return ""
+    host = _host_port(entries[0])[0]
+    try:
+        ipaddress.ip_address(host)
+        return ""
+    except ValueError:
+        return host
+
+
+def target_addresses(url: str, *, domain: str = DOMAIN) -> list[str]:
+    """Every ``ip:port`` (``[v6]:port``) behind ``url``: an address list as given, a name
+    through `socket.getaddrinfo` (a headless Service: one address per ready pod), in a stable
+    order. Unavailable ``TRITON_UNRESOLVED`` when the name resolves to nothing."""
+    scheme, entries = _split_target(_url_target(url))
+    if scheme == "unix":
+        return [_url_target(url)]
+    out: list[str] = []
+    for entry in entries:
+        host, port = _host_port(entry)
+        try:
+            ipaddress.ip_address(host)
+            found = [host]
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError:
+                infos = []
+            found = sorted({str(info[4][0]) for info in infos})
+            if not found:
+                raise Unavailable(
+                    "TRITON_UNRESOLVED",
+                    "the Triton address resolves to no server (no ready Triton pod behind the Service?)",
+                    domain=domain,
+                    metadata={"target": entry[:200]},
+                ) from None
+        for ip in found:
+            addr = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+            if addr not in out:
+                out.append(addr)
+    return out
+
+
+def address_clients(
+    url: str,
+    tls: ClientTLS | None = None,
+    *,
+    allow_plaintext: bool = False,
+    channel_args: Sequence[tuple[str, Any]] = (),
+    domain: str = DOMAIN,
+) -> list[tuple[str, Any]]:
+    """(address, client) for EVERY server behind ``url`` (`target_addresses`): one client per
+    address. With TLS, Triton's certificate is checked against ``tls.server_name`` or else the
+    name in ``url`` (`target_name`; an address has no name of its own). The caller closes them."""
+    addresses = target_addresses(url, domain=domain)
+    if tls is not None and tls.enabled and not tls.server_name and target_name(url):
+        tls = dataclasses.replace(tls, server_name=target_name(url))
+    if tls is None or not tls.enabled:
+        _check_plaintext(_url_target(url), allow_plaintext, domain)  # decided on the url, not its IPs
+    built: list[tuple[str, Any]] = []
+    try:
+        for addr in addresses:
+            client = triton_grpc_client(addr, tls, allow_plaintext=True, channel_args=channel_args, domain=domain)
+            built.append((addr, client))
+    except BaseException:
+        for _, client in built:
+            client.close()
+        raise
+    return built
 
 
 def triton_grpc_client(
@@ -110,26 +254,56 @@ def triton_grpc_client(
     channel_args: Sequence[tuple[str, Any]] = (),
     domain: str = DOMAIN,
 ) -> Any:
-    """A ``tritonclient.grpc.InferenceServerClient`` for Triton's gRPC endpoint at ``url``:
-    TLS (+ client certificate) when ``tls`` is enabled, plaintext only to a loopback host
-    (or with ``allow_plaintext``), else InvalidArgument ``TRITON_TLS_REQUIRED``."""
+    """A ``tritonclient.grpc.InferenceServerClient`` for Triton's gRPC endpoint at ``url``
+    (``host:port`` or a gRPC target URI; calls spread round-robin over every address it
+    resolves to): TLS (+ client certificate) when ``tls`` is enabled, plaintext only to a
+    loopback host (or with ``allow_plaintext``), else InvalidArgument ``TRITON_TLS_REQUIRED``."""
     import tritonclient.grpc as grpcclient
 
     target = _url_target(url)
-    args = list(channel_args)
+    args = [*channel_args, LB_POLICY]
     if tls is not None and tls.enabled:
         return grpcclient.InferenceServerClient(
-            target, ssl=True, creds=tls.credentials(), channel_args=args + tls.options() or None
+            target, ssl=True, creds=tls.credentials(), channel_args=args + tls.options()
         )
+    _check_plaintext(target, allow_plaintext, domain)
+    return grpcclient.InferenceServerClient(target, channel_args=args)
+
+
+def _check_plaintext(target: str, allow_plaintext: bool, domain: str) -> None:
     if not (is_loopback(target) or allow_plaintext):
         raise InvalidArgument(
             "TRITON_TLS_REQUIRED",
             "Triton on another host needs TLS: set the TRITON_TLS_CA_FILE / TRITON_TLS_CERT_FILE / "
             "TRITON_TLS_KEY_FILE settings (or TRITON_ALLOW_PLAINTEXT for a knowingly plaintext deployment)",
             domain=domain,
-            metadata={"target": target},
+            metadata={"target": target[:200]},
         )
-    return grpcclient.InferenceServerClient(target, channel_args=args or None)
+
+
+def unready_addresses(
+    url: str,
+    model_name: str,
+    tls: ClientTLS | None = None,
+    *,
+    allow_plaintext: bool = False,
+    timeout_s: float = 5.0,
+) -> list[str]:
+    """``"<address>: <why>"`` for every server behind ``url`` (`address_clients`) on which
+    ``model_name`` is not ready (empty: ready on every replica). Raises Unavailable
+    ``TRITON_UNRESOLVED`` when the name resolves to nothing."""
+    from tritonclient.utils import InferenceServerException
+
+    missing: list[str] = []
+    for addr, client in address_clients(url, tls, allow_plaintext=allow_plaintext):
+        try:
+            if not client.is_model_ready(model_name, client_timeout=timeout_s):
+                missing.append(f"{addr}: model not ready")
+        except InferenceServerException as exc:
+            missing.append(f"{addr}: {str(exc.status() or 'unreachable')[:80]}")
+        finally:
+            client.close()
+    return missing
 
 
 class TritonSegmenter:
@@ -150,7 +324,8 @@ class TritonSegmenter:
         allow_plaintext: bool = False,
         access_token: str | None = None,
     ) -> None:
-        """``url``: ``host:port`` of Triton's gRPC endpoint; ``timeout_s``: per-call deadline;
+        """``url``: Triton's gRPC endpoint, ``host:port`` or a gRPC target URI whose addresses
+        the calls spread over (module docstring); ``timeout_s``: per-call deadline;
         ``tracer_provider``: optional OpenTelemetry TracerProvider (default: the global one);
         ``shm``: ``auto``/``on``/``off`` (default: ``ATLASFLOW_SEGMENTATION_TRITON_SHM`` or
         ``auto``); ``connect_retries``/``retry_backoff_s``: retries of an unreachable server;
@@ -172,7 +347,8 @@ class TritonSegmenter:
         if mode not in SHM_MODES:
             raise ValueError(f"shm must be one of {SHM_MODES}, got {mode!r}")
         self.shm_mode = mode
-        self._shm_usable = mode == "on" or (mode == "auto" and is_loopback(self.url))
+        # shared memory needs the register and the infer call on one server: never when spreading
+        self._shm_usable = not spreads(self.url) and (mode == "on" or (mode == "auto" and is_loopback(self.url)))
         self.connect_retries = max(0, int(connect_retries))
         self.retry_backoff_s = float(retry_backoff_s)
         self.last_transport = ""  # "shm" or "grpc": how the last successful call moved tensors

@@ -13,6 +13,11 @@ one model version directory ``1/`` and ``version_policy: latest 1`` (the default
 3. optionally unloads the previous version's model (``unload_previous``) once the new one is
    ready, so in-flight requests on the old model finish first (Triton drains them).
 
+Steps 2 and 3 reach EVERY Triton replica: ``url`` is resolved to its addresses (the chart's
+headless Service: one per ready Triton pod, `socket.getaddrinfo`) and each gets its own client
+(TLS checked against the Service name); the loads run in parallel, and one replica that does
+not load the model fails the roll-out (``TRITON_LOAD_FAILED`` with its ``address``).
+
 Transport: ``tls`` (`atlasflow.common.tls.ClientTLS`) = gRPC over TLS with this service's
 client certificate (the chart's Triton requires mutual TLS); plaintext only to a loopback
 Triton unless ``allow_plaintext`` (`atlasflow.segmentation.triton_client.triton_grpc_client`).
@@ -93,10 +98,17 @@ class TritonRepositoryRollout:
         shutil.rmtree(staging, ignore_errors=True)
         return final
 
-    def __call__(self, version: EnsembleVersion) -> str:
-        name = triton_model_name(version.name)
-        self.write(version)
-        client = self.client()
+    def clients(self) -> list[tuple[str, Any]]:
+        """(address, client) of EVERY Triton replica behind ``url`` (a headless Service's name
+        resolves to each ready pod: `atlasflow.segmentation.triton_client.address_clients`);
+        the given ``client`` alone when one was passed."""
+        if self._client is not None:
+            return [(self.url, self._client)]
+        from atlasflow.segmentation.triton_client import address_clients
+
+        return address_clients(self.url, self.tls, allow_plaintext=self.allow_plaintext, domain=DOMAIN)
+
+    def _load_on(self, address: str, client: Any, name: str) -> None:
         try:
             client.load_model(name)
             deadline = time.monotonic() + self.ready_timeout_s
@@ -107,19 +119,41 @@ class TritonRepositoryRollout:
         except Exception as exc:  # noqa: BLE001 - tritonclient raises its own exception type
             raise Unavailable(
                 "TRITON_LOAD_FAILED",
-                "Triton did not load the new ensemble version",
+                f"Triton at {address} did not load the new ensemble version",
                 domain=DOMAIN,
-                metadata={"model": name, "error": type(exc).__name__},
+                metadata={"model": name, "address": address, "error": type(exc).__name__},
             ) from None
-        unloaded = ""
-        if self.unload_previous and self.previous and self.previous != name:
-            try:
-                client.unload_model(self.previous)
-                unloaded = f", unloaded {self.previous}"
-            except Exception:  # noqa: BLE001 - the new model serves; the old one stays loaded
-                unloaded = f", {self.previous} still loaded"
+
+    def __call__(self, version: EnsembleVersion) -> str:
+        """Write the model, load it on every replica (in parallel) and wait until it is ready
+        on each; one replica that fails fails the roll-out (Unavailable ``TRITON_LOAD_FAILED``
+        naming its address). Then unload the previous version's model on each."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        name = triton_model_name(version.name)
+        self.write(version)
+        clients = self.clients()
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, min(16, len(clients)))) as pool:
+                futures = [pool.submit(self._load_on, addr, client, name) for addr, client in clients]
+                for future in futures:
+                    future.result()  # the first failed address, in address order
+            unloaded = ""
+            if self.unload_previous and self.previous and self.previous != name:
+                failed = 0
+                for _, client in clients:
+                    try:
+                        client.unload_model(self.previous)
+                    except Exception:  # noqa: BLE001 - the new model serves; the old one stays loaded
+                        failed += 1
+                unloaded = f", {self.previous} still loaded" if failed else f", unloaded {self.previous}"
+        finally:
+            if self._client is None:
+                for _, client in clients:
+                    client.close()
         self.previous = name
-        return f"triton: loaded {name}{unloaded}"
+        where = f" on {len(clients)} Triton servers" if len(clients) > 1 else ""
+        return f"triton: loaded {name}{where}{unloaded}"
 
 
 def from_settings(settings: Any) -> TritonRepositoryRollout | None:
