@@ -14,6 +14,7 @@ soft predictions and the imported model's label map (`atlasflow segment`'s path)
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -35,7 +36,7 @@ from tests.models import nnunet_fixture as fx
 
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.clients import sync_channel
-from atlasflow.common.errors import InvalidArgument, NotFound
+from atlasflow.common.errors import InvalidArgument, NotFound, Unavailable
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
 from atlasflow.common.organs import ORGAN_IDS, ORGANS
 from atlasflow.common.ports import free_ports
@@ -47,9 +48,10 @@ from atlasflow.models.monai_bundle import import_monai_bundle
 from atlasflow.models.nnunet import import_nnunet
 from atlasflow.models.registry import Manifest, ModelRegistry
 from atlasflow.models.segment import served_model
+from atlasflow.segmentation.activation import EnsembleRegistry, ReadyCheckLoader, RegistryState
 from atlasflow.segmentation.app import build_app
 from atlasflow.segmentation.attention import strategy_attention
-from atlasflow.segmentation.ensemble import ForegroundCrop
+from atlasflow.segmentation.ensemble import ForegroundCrop, load_ensemble
 from atlasflow.segmentation.heterogeneous import (
     CommonGrid,
     MemberOutput,
@@ -267,6 +269,49 @@ def test_imported_members_are_named_by_digest(tmp_path: Path, stack: SimpleNames
     with pytest.raises(InvalidArgument) as no_dir:
         resolve("", ["tiny"])
     assert no_dir.value.reason == "MODELS_STATE_DIR_NOT_CONFIGURED"
+
+
+def _version_of(ensemble: Path, versions_dir: Path) -> str:
+    """``ensemble`` as a promoted version in ``versions_dir`` (weights + model card, the layout
+    `activation.verify_version_card` checks) under its own version name."""
+    raw = json.loads(ensemble.read_text())
+    folder = versions_dir / raw["version"]
+    folder.mkdir(parents=True)
+    digests = {}
+    for member in raw["members"]:
+        src = (ensemble.parent / member["checkpoint"]).resolve()
+        member["checkpoint"] = str(src)
+        digests[member["name"]] = "sha256:" + hashlib.sha256(src.read_bytes()).hexdigest()
+    (folder / "ensemble.json").write_text(json.dumps(raw))
+    (folder / "model_card.json").write_text(json.dumps({"weights": digests}))
+    return str(raw["version"])
+
+
+def test_an_activated_version_is_served_with_the_imported_members(tmp_path: Path, stack: SimpleNamespace) -> None:
+    """Cluster mode (ACTIVATION=repository): the version's Triton model is its `__with_` name
+    (the stack's Triton serves only that one) and its member list ends with the imported ones."""
+    versions = tmp_path / "versions"
+    source = load_ensemble(ENSEMBLE).source
+    assert source is not None
+    name = _version_of(source, versions)
+    members = resolve(stack.state, ["tiny"])
+
+    def ready(model: str) -> bool:
+        with TritonSegmenter(stack.url, model) as probe:
+            return probe.ready()
+
+    registry = EnsembleRegistry(RegistryState(("other-v1",), {"other-v1": object()}), members)
+    made: list[str] = []
+    _, after, model = registry.activate(versions, name, ReadyCheckLoader(ready, members), made.append)
+    assert model == served_model_name("abdomen_trio_v1", members) and made == [model]
+    assert after.default == name
+    assert after.members[name] == ["unet", "swin_unetr", "dynunet", f"tiny@{stack.manifest.digest[:12]}"]
+    # again: nothing loaded, the same name
+    assert registry.activate(versions, name, ReadyCheckLoader(ready, members), made.append)[2] == model
+    # without the members the bare model is checked, which this Triton does not serve
+    with pytest.raises(Unavailable) as bare:
+        ReadyCheckLoader(ready).load(load_ensemble(versions / name / "ensemble.json"))
+    assert bare.value.reason == "TRITON_LOAD_FAILED" and bare.value.metadata["model"] == "abdomen_trio_v1"
 
 
 def test_cluster_repository_has_the_members_and_their_pytorch_backend_entries(

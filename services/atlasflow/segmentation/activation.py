@@ -33,7 +33,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,6 +41,7 @@ from typing import Any, Protocol
 from atlasflow.common.errors import AtlasflowError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from atlasflow.method.strategy import RankingStrategy
 from atlasflow.segmentation.ensemble import EnsembleConfig, load_ensemble, triton_model_name
+from atlasflow.segmentation.imported import ImportedMember, served_model_name
 from atlasflow.segmentation.jobs import ServedVersion
 
 DOMAIN = "atlasflow.segmentation"
@@ -146,12 +147,15 @@ class PyTritonLoader:
 class ReadyCheckLoader:
     """Cluster mode: the model was loaded through Triton's repository API by the training
     service (`atlasflow.training.rollout.TritonRepositoryRollout`); this checks it is ready
-    (``is_ready(model name)``)."""
+    (``is_ready(model name)``). With imported members (``imported``: the service's
+    IMPORTED_MODELS) the model is ``<model>__with_<sha12>`` (`imported.served_model_name`), the
+    name the repository writer gives a version written with ``--member``."""
 
     is_ready: Callable[[str], bool]
+    imported: Sequence[ImportedMember] = ()
 
     def load(self, config: EnsembleConfig) -> str:
-        name = triton_model_name(config.version)
+        name = served_model_name(config.model_name, self.imported)
         if not self.is_ready(name):
             raise Unavailable(
                 "TRITON_LOAD_FAILED",
@@ -180,10 +184,14 @@ class RegistryState:
 
 
 class EnsembleRegistry:
-    """The served ensemble versions, swapped atomically by `activate` (module docstring)."""
+    """The served ensemble versions, swapped atomically by `activate` (module docstring).
+    ``imported``: the imported members every version is served with (IMPORTED_MODELS): an
+    activated version's member list ends with their ``<name>@<digest12>`` like the configured
+    ensembles'."""
 
-    def __init__(self, state: RegistryState) -> None:
+    def __init__(self, state: RegistryState, imported: Sequence[ImportedMember] = ()) -> None:
         self._state = state
+        self._imported = tuple(imported)
         self._lock = threading.Lock()  # serialises activations (loading is slow)
 
     @property
@@ -213,7 +221,7 @@ class EnsembleRegistry:
             if before.default == name and name in before.segmenters and (not expect_card or card == expect_card):
                 if record is not None and card:  # a configured ensemble (no card) is not recorded
                     record(name, card)
-                return before, before, triton_model_name(name)
+                return before, before, served_model_name(triton_model_name(name), self._imported)
             config, card = verify_version_card(versions_dir, name, expect_card)
             model = loader.load(config)
             segmenter = before.segmenters.get(name) or make_segmenter(model)
@@ -223,12 +231,15 @@ class EnsembleRegistry:
                 before,
                 versions=(name, *[v for v in before.versions if v != name]),
                 segmenters={**before.segmenters, name: segmenter},
-                members={**before.members, name: [m.name for m in config.members]},
+                members={**before.members, name: self._members(config)},
                 strategies={**before.strategies, name: config.strategy},
                 cards={**before.cards, name: card},
             )
             self._state = after  # one reference assignment: readers see before or after
             return before, after, model
+
+    def _members(self, config: EnsembleConfig) -> list[str]:
+        return [m.name for m in config.members] + [m.label for m in self._imported]
 
     def bind(self, versions_dir: str | Path, name: str, loader: Loader, make_segmenter: Callable[[str], Any]) -> None:
         """Serve ``name`` too, for the jobs created for it, without changing the default (a
@@ -244,7 +255,7 @@ class EnsembleRegistry:
                 before,
                 versions=(*before.versions, name),
                 segmenters={**before.segmenters, name: make_segmenter(model)},
-                members={**before.members, name: [m.name for m in config.members]},
+                members={**before.members, name: self._members(config)},
                 strategies={**before.strategies, name: config.strategy},
                 cards={**before.cards, name: card},
             )

@@ -112,7 +112,8 @@ async def build_app(
             dict(segmenters),
             member_names,
             {c.version: c.strategy for c in configs},
-        )
+        ),
+        imported,  # activated versions are served with the same members
     )
     loader: Loader
     if settings.activation == "repository":
@@ -124,7 +125,7 @@ async def build_app(
             finally:
                 probe.close()
 
-        loader = ReadyCheckLoader(is_ready)
+        loader = ReadyCheckLoader(is_ready, imported)  # the version's `__with_` model with members
     else:
         loader = PyTritonLoader(activate_via(make_segmenter, timeout_s=settings.triton_timeout_s))
     token, tls = settings.token_source(), settings.client_tls()
