@@ -25,6 +25,8 @@ and the ensemble model is named `imported.served_model_name` (``<model_name>__wi
 with the parameter ``atlasflow_imported_models`` (the names): its Python backend runs each
 member's pre/post-processing in process and calls its network by BLS
 (`atlasflow.segmentation.model_serving.BlsNetwork`) on the PyTorch-backend entry.
+``--load-list FILE`` writes the names of the models this run wrote (ensembles, then the member
+entries), one a line: the Helm chart's Triton container loads exactly those (`write_load_list`).
 
 Tensors (identical to `triton_server.bind_pipeline`, ``max_batch_size: 0``):
 inputs ``volume`` INT16 [-1, -1, -1] (X, Y, Z) HU, ``affine`` FP64 [4, 4] voxel -> RAS mm,
@@ -339,7 +341,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--member", action="append", default=[], help="a registered imported model added to every ensemble (repeatable)"
     )
     parser.add_argument("--models-state-dir", default="", help="the model registry's state dir (with --member)")
+    parser.add_argument(
+        "--load-list",
+        type=Path,
+        help="write the Triton model names this run wrote, one a line (the chart's --load-model list)",
+    )
     args = parser.parse_args(argv)
+    written: list[str] = []
     for ensemble in args.ensemble or ["abdomen-trio-v1"]:
         path = write_repository(
             args.out_dir,
@@ -351,7 +359,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             models_state_dir=args.models_state_dir,
         )
         print(f"wrote {path}")
+        written.append(path.name)
+    if args.load_list is not None:
+        write_load_list(args.load_list, written, args.member, args.models_state_dir)
     return 0
+
+
+def write_load_list(path: Path, ensembles: Sequence[str], members: Sequence[str], models_state_dir: str | Path) -> None:
+    """``path``: the model names to load (ensemble models, then each member's PyTorch-backend
+    entry ``<name>_<digest12>``), one a line, replaced atomically. The names carry registry
+    digests, so a Helm chart cannot compute them: its Triton container passes each line as
+    ``--load-model=`` (explicit model control keeps loading exactly these, whatever else the
+    volume holds)."""
+    names = list(dict.fromkeys(ensembles))
+    if members:
+        from atlasflow.models.export import triton_model_name as entry_name
+        from atlasflow.models.registry import ModelRegistry
+
+        registry = ModelRegistry(models_state_dir)
+        names += [entry_name(registry.get(m)) for m in dict.fromkeys(members)]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{n}\n" for n in names))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
