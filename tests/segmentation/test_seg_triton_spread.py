@@ -29,6 +29,7 @@ from atlasflow.segmentation.ensemble import triton_model_name
 from atlasflow.segmentation.triton_client import (
     TritonSegmenter,
     address_clients,
+    ready_on_every_replica,
     triton_grpc_client,
     unready_addresses,
 )
@@ -157,6 +158,9 @@ def test_rollout_loads_on_every_replica_and_readiness_checks_every_one(pair: Pai
         finally:
             client.close()
     assert unready_addresses(pair.target, model, pair.tls) == []
+    # segmentation's readiness check of the activated version (ACTIVATION=repository, app.py)
+    is_ready = ready_on_every_replica(pair.target, pair.tls)
+    assert is_ready(model)
     # a server that unloaded it is named by the readiness check
     client = triton_grpc_client(pair.servers[1].grpc_url, pair.tls)
     try:
@@ -165,6 +169,10 @@ def test_rollout_loads_on_every_replica_and_readiness_checks_every_one(pair: Pai
         client.close()
     missing = unready_addresses(pair.target, model, pair.tls)
     assert len(missing) == 1 and missing[0].startswith(pair.servers[1].grpc_url), missing
+    with pytest.raises(Unavailable) as exc:
+        is_ready(model)
+    assert exc.value.reason == "TRITON_LOAD_FAILED"
+    assert exc.value.metadata["addresses"].startswith(pair.servers[1].grpc_url), exc.value.metadata
 
 
 def test_one_server_stopped_calls_go_on_and_the_rollout_names_it(pair: Pair, tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ from atlasflow.segmentation.migrations import MIGRATIONS
 from atlasflow.segmentation.prior_source import RankingPrior
 from atlasflow.segmentation.servicer import Activation, SegmentationServicer
 from atlasflow.segmentation.settings import PREFIX, SegmentationSettings
-from atlasflow.segmentation.triton_client import TritonSegmenter
+from atlasflow.segmentation.triton_client import TritonSegmenter, ready_on_every_replica
 from atlasflow.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from atlasflow.segmentation.worker import (
     LABELS_TOPIC,
@@ -117,14 +117,10 @@ async def build_app(
     )
     loader: Loader
     if settings.activation == "repository":
-
-        def is_ready(model_name: str) -> bool:
-            probe = make_segmenter(model_name)
-            try:
-                return probe.ready()
-            finally:
-                probe.close()
-
+        # on EVERY Triton replica behind the URL (the chart's headless Service: each pod)
+        is_ready = ready_on_every_replica(
+            settings.triton_url, settings.triton_tls(), allow_plaintext=settings.triton_allow_plaintext
+        )
         loader = ReadyCheckLoader(is_ready, imported)  # the version's `__with_` model with members
     else:
         loader = PyTritonLoader(activate_via(make_segmenter, timeout_s=settings.triton_timeout_s))

@@ -74,7 +74,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -304,6 +304,29 @@ def unready_addresses(
         finally:
             client.close()
     return missing
+
+
+def ready_on_every_replica(
+    url: str, tls: ClientTLS | None = None, *, allow_plaintext: bool = False
+) -> Callable[[str], bool]:
+    """The readiness check of an activated version in repository mode
+    (`atlasflow.segmentation.activation.ReadyCheckLoader`): True when the model is ready on
+    EVERY server behind ``url`` (`unready_addresses`), else Unavailable ``TRITON_LOAD_FAILED``
+    naming the addresses that lack it (the follower retries it)."""
+
+    def is_ready(model_name: str) -> bool:
+        missing = unready_addresses(url, model_name, tls, allow_plaintext=allow_plaintext)
+        if missing:
+            raise Unavailable(
+                "TRITON_LOAD_FAILED",
+                f"{len(missing)} Triton server(s) do not serve the version's model "
+                "(load it through the repository API on every replica first)",
+                domain=DOMAIN,
+                metadata={"model": model_name, "addresses": "; ".join(missing)[:500]},
+            )
+        return True
+
+    return is_ready
 
 
 class TritonSegmenter:
