@@ -14,7 +14,9 @@ DataLoss(``TRITON_BAD_RESPONSE``). Messages never carry the server's stack trace
 
 Retries: a call that finds Triton unreachable (gRPC UNAVAILABLE before any work was done) is
 retried ``connect_retries`` times with exponential backoff (``retry_backoff_s``, doubling)
-before Unavailable(``TRITON_UNAVAILABLE``) is raised; deadlines are never retried here (the
+before Unavailable(``TRITON_UNAVAILABLE``) is raised; with a target that spreads (below) a
+"model not ready" answer is retried the same way (round-robin sends it to the next replica: one
+started after a roll-out lacks the rolled-out model); deadlines are never retried here (the
 job layer requeues the series durably, see `worker.Worker`).
 
 Transport (``shm``, setting ``ATLASFLOW_SEGMENTATION_TRITON_SHM``):
@@ -371,7 +373,8 @@ class TritonSegmenter:
             raise ValueError(f"shm must be one of {SHM_MODES}, got {mode!r}")
         self.shm_mode = mode
         # shared memory needs the register and the infer call on one server: never when spreading
-        self._shm_usable = not spreads(self.url) and (mode == "on" or (mode == "auto" and is_loopback(self.url)))
+        self._spreads = spreads(self.url)
+        self._shm_usable = not self._spreads and (mode == "on" or (mode == "auto" and is_loopback(self.url)))
         self.connect_retries = max(0, int(connect_retries))
         self.retry_backoff_s = float(retry_backoff_s)
         self.last_transport = ""  # "shm" or "grpc": how the last successful call moved tensors
@@ -522,9 +525,11 @@ class TritonSegmenter:
             except InferenceServerException as exc:
                 mapped = self._map_error(exc)
                 unreachable = mapped.reason == "TRITON_UNAVAILABLE" and "UNAVAILABLE" in str(exc.status() or "")
-                if not unreachable or attempt >= self.connect_retries:
+                # spreading: a replica without the model (started after a roll-out) -> the next one
+                elsewhere = self._spreads and mapped.reason == "TRITON_MODEL_NOT_READY"
+                if not (unreachable or elsewhere) or attempt >= self.connect_retries:
                     raise mapped from None
-                time.sleep(self.retry_backoff_s * (2**attempt))
+                time.sleep(self.retry_backoff_s * (2**attempt))  # also lets a new channel reach the others
                 attempt += 1
 
     def _inputs(self) -> list[Any]:
