@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,26 @@ def test_calls_spread_round_robin_over_every_address(pair: Pair) -> None:
         assert seg.last_transport == "grpc"
     assert sum(delta) == n, delta
     assert all(d >= 2 for d in delta), f"round_robin should reach both servers: {delta}"
+
+
+def test_a_spreading_channel_is_rebuilt_so_new_replicas_are_resolved(pair: Pair) -> None:
+    """gRPC's DNS resolver does not poll: the client rebuilds a spreading channel every
+    ``reresolve_s`` (a scaled-up Triton pod is then resolved); calls go on across the swap and
+    the replaced channel is closed once its calls are over (``timeout_s`` later)."""
+    vol, affine = _ct()
+    with TritonSegmenter(pair.target, MODEL, tls=pair.tls, shm="off", reresolve_s=0.3, timeout_s=1.0) as seg:
+        first = seg._client
+        seg.segment(vol, affine)
+        time.sleep(0.4)
+        seg.segment(vol, affine)
+        assert seg._client is not first and [c for _, c in seg._retired] == [first]
+        time.sleep(2.1)  # > timeout_s + 1 s: no call can still run on the first channel
+        seg.segment(vol, affine)
+        assert first not in [c for _, c in seg._retired]
+        with pytest.raises(ValueError):  # closed: grpc refuses a call on a closed channel
+            first.is_server_live(client_timeout=2.0)
+    with TritonSegmenter(pair.servers[0].grpc_url, MODEL, tls=pair.tls) as one:
+        assert not one._spreads  # one address: one channel for good
 
 
 def _version(tmp_path: Path, name: str) -> EnsembleVersion:

@@ -50,9 +50,10 @@ be ``host:port`` / ``grpc://host:port`` or a gRPC target URI: ``dns:///<headless
 Service>:8001`` (the chart: a headless Service resolves to one address per ready Triton pod;
 a ClusterIP Service would resolve to one virtual IP, and kube-proxy pins the one long-lived
 HTTP/2 connection to ONE pod) or ``ipv4:10.0.0.5:8001,10.0.0.6:8001`` (a fixed list). gRPC
-re-resolves the name when a connection is lost (a pod gone); it does not poll, so a replica
-added later receives calls once any connection of the channel drops or the channel is rebuilt
-(docs/architecture.md, "Several Triton replicas"). A call that hits a pod going away is
+re-resolves the name when a connection is lost (a pod gone); it does not poll, so
+`TritonSegmenter` rebuilds a spreading channel every ``reresolve_s`` (300 s): a replica added
+by a scale-up receives calls within that time (docs/architecture.md, "Several Triton
+replicas"). A call that hits a pod going away is
 retried (``connect_retries``) and goes to another. With TLS the certificate is checked against
 the name in the target (the chart's Triton certificate carries the headless Service's names)
 or ``tls.server_name``. Shared memory needs the registering and the inferring call to reach
@@ -74,6 +75,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -348,6 +350,7 @@ class TritonSegmenter:
         tls: ClientTLS | None = None,
         allow_plaintext: bool = False,
         access_token: str | None = None,
+        reresolve_s: float = 300.0,
     ) -> None:
         """``url``: Triton's gRPC endpoint, ``host:port`` or a gRPC target URI whose addresses
         the calls spread over (module docstring); ``timeout_s``: per-call deadline;
@@ -356,7 +359,11 @@ class TritonSegmenter:
         ``auto``); ``connect_retries``/``retry_backoff_s``: retries of an unreachable server;
         ``tls``: the channel's TLS and client certificate (None / disabled: plaintext, loopback
         only unless ``allow_plaintext``, see `triton_grpc_client`); ``access_token``: no longer
-        supported (Triton has no access token any more; a value raises InvalidArgument)."""
+        supported (Triton has no access token any more; a value raises InvalidArgument);
+        ``reresolve_s``: with a target that spreads, the channel is rebuilt for the calls after
+        this many seconds, so Triton replicas added since are resolved and reached (gRPC's DNS
+        resolver does not poll); 0 = never. A replaced channel is closed once no call started
+        on it can still run (``timeout_s`` later)."""
         if access_token:
             raise InvalidArgument(
                 "TRITON_ACCESS_TOKEN_UNSUPPORTED",
@@ -378,17 +385,46 @@ class TritonSegmenter:
         self.connect_retries = max(0, int(connect_retries))
         self.retry_backoff_s = float(retry_backoff_s)
         self.last_transport = ""  # "shm" or "grpc": how the last successful call moved tensors
-        self._client = triton_grpc_client(
-            self.url,
-            tls,
-            allow_plaintext=allow_plaintext,
-            channel_args=[
-                ("grpc.max_send_message_length", int(max_message_bytes)),
-                ("grpc.max_receive_message_length", int(max_message_bytes)),
-            ],
-        )
+        args = [
+            ("grpc.max_send_message_length", int(max_message_bytes)),
+            ("grpc.max_receive_message_length", int(max_message_bytes)),
+        ]
+
+        def build() -> Any:
+            return triton_grpc_client(self.url, tls, allow_plaintext=allow_plaintext, channel_args=args)
+
+        self._build = build
+        self._client = build()
+        self.reresolve_s = float(reresolve_s)
+        self._built_at = time.monotonic()
+        self._retired: list[tuple[float, Any]] = []  # (replaced at, client) still closing
+        self._lock = threading.Lock()
+
+    def _current(self) -> Any:
+        """The client of the next inference: rebuilt every ``reresolve_s`` with a target that
+        spreads; replaced ones are closed ``timeout_s`` (+1 s) after, when their calls are over."""
+        if not (self._spreads and self.reresolve_s > 0):
+            return self._client
+        now = time.monotonic()
+        with self._lock:
+            if now - self._built_at >= self.reresolve_s:
+                self._retired.append((now, self._client))
+                self._client = self._build()
+                self._built_at = now
+            keep = []
+            for since, old in self._retired:
+                if now - since > self.timeout_s + 1.0:
+                    old.close()
+                else:
+                    keep.append((since, old))
+            self._retired = keep
+            return self._client
 
     def close(self) -> None:
+        with self._lock:
+            for _, old in self._retired:
+                old.close()
+            self._retired = []
         self._client.close()
 
     def __enter__(self) -> TritonSegmenter:
@@ -542,7 +578,7 @@ class TritonSegmenter:
         ]
 
     def _call(self, inputs: list[Any], outputs: list[Any], carrier: dict[str, str]) -> Any:
-        return self._client.infer(
+        return self._current().infer(
             self.model_name,
             inputs,
             outputs=outputs,
