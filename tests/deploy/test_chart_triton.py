@@ -251,7 +251,8 @@ def test_triton_mutual_tls_from_certificate_files_and_its_clients() -> None:
     seg = main_container(deployment(docs, "segmentation"))
     env = literal_env(seg)
     seg_dir = mount_path(seg, "tls")
-    assert env["ATLASFLOW_SEGMENTATION_TRITON_URL"].split(":")[0] == svc
+    assert env["ATLASFLOW_SEGMENTATION_TRITON_URL"] == f"dns:///{svc}-headless.{NAMESPACE}.svc:8001"
+    assert env["ATLASFLOW_SEGMENTATION_TRITON_TLS_SERVER_NAME"] == svc
     assert env["ATLASFLOW_SEGMENTATION_TRITON_TLS_CA_FILE"] == f"{seg_dir}/ca.crt"
     assert env["ATLASFLOW_SEGMENTATION_TRITON_TLS_CERT_FILE"] == f"{seg_dir}/tls.crt"
     assert env["ATLASFLOW_SEGMENTATION_TRITON_TLS_KEY_FILE"] == f"{seg_dir}/tls.key"
@@ -461,6 +462,137 @@ def test_init_command_runs_here_and_tritonserver_serves_it_with_the_chart_args(
     assert "not found" in (tmp_path / "triton-empty.log").read_text()
 
 
+# ----------------------------------------------------------------------------- imported members
+
+#: two imported members from the registry on a PVC (segmentation.importedModels)
+MEMBER_SETS = (
+    "--set", "segmentation.importedModels={tiny,bundle}",
+    "--set", "segmentation.modelsRegistry.existingClaim=models-registry",
+)  # fmt: skip
+
+
+def test_imported_members_are_wired_into_the_writer_triton_and_segmentation(monkeypatch: pytest.MonkeyPatch) -> None:
+    import atlasflow.segmentation.triton_repo as triton_repo
+
+    docs = render(*MEMBER_SETS)
+    dep, seg = deployment(docs, "triton"), main_container(deployment(docs, "segmentation"))
+    for d in (dep, deployment(docs, "segmentation")):
+        kubernetes_validate.validate(d, KUBE_VERSION, strict=True)
+    init, triton = init_container(dep), main_container(dep)
+    registry = VALUES["segmentation"]["modelsRegistry"]["path"]
+    lists: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(triton_repo, "write_load_list", lambda *a: lists.append(a))
+    (call,) = parse_init_command(init["command"], monkeypatch)  # the real CLI parses it
+    assert call["members"] == ["tiny", "bundle"] and call["models_state_dir"] == registry
+    load_list = f"{mount_path(init, 'models')}/.atlasflow-load-models"
+    assert [(Path(a[0]), list(a[1]), list(a[2]), a[3]) for a in lists] == [
+        (Path(load_list), [triton_model_name(VALUES["segmentation"]["ensemble"])], ["tiny", "bundle"], registry)
+    ]
+    # the registry: one PVC, read-only in the writer and in segmentation, not in Triton itself
+    for c, d in ((init, dep), (seg, deployment(docs, "segmentation"))):
+        (m,) = [m for m in c["volumeMounts"] if m["name"] == "models-registry"]
+        assert m["mountPath"] == registry and m["readOnly"] is True
+        assert volume(d, "models-registry")["persistentVolumeClaim"] == {
+            "claimName": "models-registry",
+            "readOnly": True,
+        }
+    assert "models-registry" not in {m["name"] for m in triton["volumeMounts"]}
+    env = literal_env(seg)
+    assert env["ATLASFLOW_SEGMENTATION_IMPORTED_MODELS"] == "tiny,bundle"
+    assert env["ATLASFLOW_SEGMENTATION_MODELS_STATE_DIR"] == registry
+    # Triton: the names carry digests, so the writer's list is loaded (a shell reads it)
+    assert triton["command"][:2] == ["/bin/sh", "-c"] and triton["command"][3] == load_list
+    assert arg_value(triton["args"], "load-model") == [] and arg_value(triton["args"], "model-control-mode") == [
+        "explicit"
+    ]
+    # without members nothing of it
+    plain = render()
+    assert main_container(deployment(plain, "triton"))["command"] == ["tritonserver"]
+    assert "ATLASFLOW_SEGMENTATION_IMPORTED_MODELS" not in literal_env(
+        main_container(deployment(plain, "segmentation"))
+    )
+    with_subpath = render(*MEMBER_SETS, "--set", "segmentation.modelsRegistry.subPath=state")
+    (m,) = [
+        m for m in init_container(deployment(with_subpath, "triton"))["volumeMounts"] if m["name"] == "models-registry"
+    ]
+    assert m["subPath"] == "state"
+    for bad, message in (
+        (("--set", "segmentation.importedModels={tiny}"), "modelsRegistry.existingClaim"),
+        ((*MEMBER_SETS, "--set", "segmentation.importedModels={tiny,tiny}"), "twice"),
+        ((*MEMBER_SETS, "--set", "segmentation.importedModels={Tiny}"), "importedModels"),
+        (
+            (*MEMBER_SETS, "--set", "training.enabled=true", "--set", "training.rollout.mode=triton-repository"),
+            "not supported yet",
+        ),
+    ):
+        proc = helm("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION, *AUTH_ARGS, *bad)
+        assert proc.returncode != 0 and message in proc.stderr, (bad, proc.stderr)
+
+
+def test_init_command_with_a_member_writes_what_triton_loads_and_segmentation_names(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The initContainer's exact command on a registry holding the session's tiny nnU-Net model
+    (``tiny``), then the Triton container's exact command line through /bin/sh with
+    ``tritonserver`` a recorder on PATH: the --load-model list is exactly the written models,
+    the ensemble under the name the segmentation service computes from its env."""
+    from tests.models import nnunet_fixture as fx
+
+    from atlasflow.models.nnunet import import_nnunet
+    from atlasflow.segmentation.imported import parse_names, resolve, served_model_name
+
+    state = tmp_path / "registry"
+    manifest = import_nnunet(fx.shared_model_folder(tmp_path_factory), "tiny", state)
+    docs = render(
+        "--set", "triton.gpu=0",
+        "--set", "segmentation.importedModels={tiny}",
+        "--set", "segmentation.modelsRegistry.existingClaim=models-registry",
+    )  # fmt: skip
+    dep = deployment(docs, "triton")
+    init, triton = init_container(dep), main_container(dep)
+    path, registry = mount_path(init, "models"), mount_path(init, "models-registry")
+    models = tmp_path / "models"
+    (models / "lost+found").mkdir(parents=True)  # a PVC's root: never loaded
+    here = {path: str(models), registry: str(state)}
+    script = Path(sys.prefix) / "bin" / init["command"][0]
+
+    def mapped(a: str) -> str:
+        for k, v in here.items():
+            a = a.replace(k, v) if a == k or a.startswith(k + "/") or a.endswith("=" + k) else a
+        return a
+
+    proc = subprocess.run(
+        [str(script), *map(mapped, init["command"][1:])], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    seg_env = literal_env(main_container(deployment(docs, "segmentation")))
+    members = resolve(state, parse_names(seg_env["ATLASFLOW_SEGMENTATION_IMPORTED_MODELS"]))
+    ensemble = served_model_name(triton_model_name(seg_env["ATLASFLOW_SEGMENTATION_ENSEMBLE"]), members)
+    entry = f"tiny_{manifest.digest[:12]}"
+    assert sorted(p.name for p in models.iterdir() if p.is_dir()) == sorted([ensemble, entry, "lost+found"])
+    assert 'backend: "pytorch"' in (models / entry / "config.pbtxt").read_text()
+    assert f'name: "{ensemble}"' in (models / ensemble / "config.pbtxt").read_text()
+
+    # the Triton container's command line, tritonserver recording its argv
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    recorder = bin_dir / "tritonserver"
+    recorder.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGV_OUT"\n')
+    recorder.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "ARGV_OUT": str(tmp_path / "argv")}
+    command = [mapped(a) for a in triton["command"]]
+    run = subprocess.run([*command, *map(mapped, triton["args"])], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert arg_value(argv, "load-model") == [ensemble, entry]
+    assert argv[: len(triton["args"])] == [mapped(a) for a in triton["args"]]
+    # no list (a pre-populated volume without one): the container fails, Triton never starts
+    (models / ".atlasflow-load-models").unlink()
+    (tmp_path / "argv").unlink()
+    run = subprocess.run([*command, *triton["args"]], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "no model list" in run.stderr and not (tmp_path / "argv").exists()
+
+
 # ----------------------------------------------------------------------------- NetworkPolicy
 
 
@@ -502,7 +634,8 @@ def calls(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
     out = set()
     for caller in COMPONENTS:
         for value in literal_env(main_container(deployment(docs, caller))).values():
-            m = re.fullmatch(r"([a-z0-9-]+):(\d+)", value)
+            # host:port, or gRPC's dns:///<service>.<namespace>.svc:port (Triton's headless Service)
+            m = re.fullmatch(rf"(?:dns:///)?([a-z0-9-]+)(?:\.{NAMESPACE}\.svc)?:(\d+)", value)
             if m and m.group(1) in services:
                 svc = services[m.group(1)]
                 (port,) = [p["targetPort"] for p in svc["spec"]["ports"] if p["port"] == int(m.group(2))]
@@ -659,3 +792,43 @@ def test_service_monitor_optional_and_selects_every_metrics_port(docs: list[dict
         "labels": ["/prom"],
         "triton": ["/metrics"],
     }
+
+
+# ----------------------------------------------------------------------------- several replicas
+
+
+@pytest.mark.parametrize("kube_version", ["1.35.0", "1.36.0", "1.37.0"])
+def test_several_triton_replicas_behind_a_headless_service_the_clients_spread_over(kube_version: str) -> None:
+    """Issue 17: Triton's headless Service (one address per ready pod, gRPC port only, the
+    Deployment's selector) is what segmentation and training dial, as gRPC's dns:/// URI, for
+    any replica count (an autoscaler may add pods); with TLS the clients check Triton's
+    certificate against its Service name, which cert-manager's certificate carries along with the
+    headless names. The product code parses the rendered values (round-robin target, roll-out
+    fan-out name). Whether the pods are reached: tests/segmentation/test_seg_triton_spread.py."""
+    from atlasflow.segmentation.settings import PREFIX, SegmentationSettings
+    from atlasflow.segmentation.triton_client import spreads, target_name
+
+    docs = render(*TLS_SETS, "--set", "triton.replicas=3")
+    triton = deployment(docs, "triton")
+    name = triton["metadata"]["name"]
+    services = by_kind(docs, "Service")
+    headless = services[f"{name}-headless"]
+    kubernetes_validate.validate(headless, kube_version, strict=True)
+    spec = headless["spec"]
+    assert spec["clusterIP"] == "None" and spec["publishNotReadyAddresses"] is False
+    assert spec["selector"] == services[name]["spec"]["selector"]
+    assert set(spec["selector"].items()) <= set(triton["spec"]["template"]["metadata"]["labels"].items())
+    assert [(p["name"], p["port"], p["targetPort"]) for p in spec["ports"]] == [("grpc", 8001, "grpc")]
+    assert services[name]["spec"]["type"] == "ClusterIP" and "clusterIP" not in services[name]["spec"]
+    url = f"dns:///{name}-headless.{NAMESPACE}.svc:8001"
+    env = literal_env(main_container(deployment(docs, "segmentation")))
+    assert env["ATLASFLOW_SEGMENTATION_TRITON_URL"] == url
+    settings = SegmentationSettings.from_env(PREFIX, env)
+    assert spreads(settings.triton_url) and settings.triton_tls().server_name == name
+    cert = by_kind(docs, "Certificate")[name]
+    assert {name, target_name(url)} <= set(cert["spec"]["dnsNames"])
+    # one replica: the same target (nothing to change when Triton scales); an own URL wins
+    one = render()
+    assert literal_env(main_container(deployment(one, "segmentation")))["ATLASFLOW_SEGMENTATION_TRITON_URL"] == url
+    own = render("--set", "segmentation.tritonUrl=triton.gpu.svc:8001", "--set", "triton.enabled=false")
+    assert not [s for s in by_kind(own, "Service") if "triton" in s]

@@ -345,7 +345,63 @@ argv of the model-repository initContainer: `atlasflow triton-repo PATH --ensemb
 {{- $argv = concat $argv (list "--ensemble" .) -}}
 {{- end -}}
 {{- $argv = concat $argv (list "--kind" (ternary "gpu" "cpu" (gt (int .Values.triton.gpu) 0)) "--instances" (toString (int $repo.instances))) -}}
+{{- with .Values.segmentation.importedModels -}}
+{{- range . -}}
+{{- $argv = concat $argv (list "--member" .) -}}
+{{- end -}}
+{{- $argv = concat $argv (list "--models-state-dir" $.Values.segmentation.modelsRegistry.path "--load-list" (include "atlasflow.tritonLoadList" $)) -}}
+{{- end -}}
 {{- toYaml $argv -}}
+{{- end -}}
+
+{{/*
+The file in the model repository listing the Triton models to load, one a line (`atlasflow
+triton-repo --load-list`): with imported members the names carry registry digests, which the
+chart cannot compute.
+*/}}
+{{- define "atlasflow.tritonLoadList" -}}
+{{- printf "%s/.atlasflow-load-models" (trimSuffix "/" .Values.triton.modelRepository.path) -}}
+{{- end -}}
+
+{{/*
+Imported ensemble members (segmentation.importedModels): checks, and the read-only mount and
+volume of the model registry (segmentation.modelsRegistry) in the segmentation pods and Triton's
+repository writer. Each renders nothing without imported models.
+*/}}
+{{- define "atlasflow.importedModelsCheck" -}}
+{{- $v := .Values.segmentation -}}
+{{- if $v.importedModels -}}
+{{- if not $v.modelsRegistry.existingClaim -}}
+{{- fail "segmentation.importedModels needs segmentation.modelsRegistry.existingClaim: a PVC holding the model registry (the state dir `atlasflow model import --state-dir` wrote)" -}}
+{{- end -}}
+{{- if ne (len (uniq $v.importedModels)) (len $v.importedModels) -}}
+{{- fail (printf "segmentation.importedModels lists a model twice: %v" $v.importedModels) -}}
+{{- end -}}
+{{- if eq (include "atlasflow.trainingRollout" .) "triton-repository" -}}
+{{- fail "segmentation.importedModels with training.rollout triton-repository is not supported yet: training writes a promoted version into Triton without the imported members, and segmentation would wait for its `__with_` model (use training.rollout.mode=pointer)" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "atlasflow.modelsRegistryMount" -}}
+{{- $r := .Values.segmentation.modelsRegistry -}}
+{{- if .Values.segmentation.importedModels }}
+- name: models-registry
+  mountPath: {{ $r.path }}
+  {{- with $r.subPath }}
+  subPath: {{ . }}
+  {{- end }}
+  readOnly: true
+{{- end -}}
+{{- end -}}
+
+{{- define "atlasflow.modelsRegistryVolume" -}}
+{{- if .Values.segmentation.importedModels }}
+- name: models-registry
+  persistentVolumeClaim:
+    claimName: {{ .Values.segmentation.modelsRegistry.existingClaim }}
+    readOnly: true
+{{- end -}}
 {{- end -}}
 
 {{/*
@@ -368,6 +424,21 @@ certificate (Triton requires a client certificate of the release's CA); without,
 which the service accepts to a non-loopback host only with TRITON_ALLOW_PLAINTEXT.
   (dict "ctx" $ "component" "segmentation")
 */}}
+{{/*
+Triton's gRPC target of segmentation and training: segmentation.tritonUrl, else this release's
+headless Triton Service as a gRPC dns:/// URI, whatever triton.replicas (an autoscaler or
+`kubectl scale` may add pods at any time): it resolves to one address per ready Triton pod, the
+clients spread their calls over them with gRPC's round_robin policy and the roll-out loads on
+each (docs/architecture.md, "Several Triton replicas").
+*/}}
+{{- define "atlasflow.tritonUrl" -}}
+{{- if .Values.segmentation.tritonUrl -}}
+{{- .Values.segmentation.tritonUrl -}}
+{{- else -}}
+{{- printf "dns:///%s-headless.%s.svc:%v" (include "atlasflow.componentName" (dict "ctx" . "component" "triton")) .Release.Namespace .Values.triton.ports.grpc -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "atlasflow.tritonClientEnv" -}}
 {{- $p := printf "ATLASFLOW_%s_" (upper .component) -}}
 {{- $d := include "atlasflow.tlsDir" .ctx -}}
@@ -379,6 +450,11 @@ which the service accepts to a non-loopback host only with TRITON_ALLOW_PLAINTEX
   value: {{ printf "%s/tls.crt" $d | quote }}
 - name: {{ $p }}TRITON_TLS_KEY_FILE
   value: {{ printf "%s/tls.key" $d | quote }}
+{{- if not .ctx.Values.segmentation.tritonUrl }}
+# Triton's certificate is checked against its Service's name (a pod address has none of its own)
+- name: {{ $p }}TRITON_TLS_SERVER_NAME
+  value: {{ include "atlasflow.componentName" (dict "ctx" .ctx "component" "triton") | quote }}
+{{- end }}
 {{- else -}}
 # Triton: plaintext like the whole release (tls.enabled=false), admitted by the NetworkPolicy only
 - name: {{ $p }}TRITON_ALLOW_PLAINTEXT
