@@ -244,8 +244,8 @@ def test_rendered_object_inventory(docs: list[dict[str, Any]]) -> None:
     assert kinds.count("ServiceAccount") == 1
     # data PVC per stateful component + blobs + label exports
     assert kinds.count("PersistentVolumeClaim") == len(STATEFUL) + 2
-    # one per component + the DICOM-only Service of ingest
-    assert kinds.count("Service") == len(COMPONENTS) + 1
+    # one per component + the DICOM-only Service of ingest + Triton's headless Service
+    assert kinds.count("Service") == len(COMPONENTS) + 2
     for doc in docs:
         meta = doc["metadata"]
         assert meta["namespace"] == NAMESPACE, meta["name"]
@@ -563,7 +563,10 @@ def test_env_matches_service_settings(docs: list[dict[str, Any]], component: str
     services = by_kind(docs, "Service")
     for field in dataclasses.fields(cls):
         if field.name.endswith("_target") or field.name == "triton_url":
-            host, _, port = getattr(settings, field.name).rpartition(":")
+            value = getattr(settings, field.name)
+            if field.name == "triton_url":  # dns:///<Triton's headless Service>.<namespace>.svc:<port>
+                value = value.removeprefix("dns:///").replace(f".{NAMESPACE}.svc:", ":")
+            host, _, port = value.rpartition(":")
             assert host in services, f"{field.name}={host} is no Service of the release"
             assert int(port) == {p["name"]: p["port"] for p in services[host]["spec"]["ports"]}["grpc"]
     if component == "ingest":

@@ -30,6 +30,7 @@ from test_chart import (
 )
 
 from atlasflow.common.settings import ServiceSettings
+from atlasflow.segmentation.triton_client import target_name
 
 ATLASFLOW = ("ingest", "segmentation", "ranking", "labels")
 CERT_MANAGER = (
@@ -123,9 +124,10 @@ def test_cert_manager_certificates_name_the_services_their_callers_dial(tls_docs
                 host = value.rpartition(":")[0]
                 assert host in certs[host]["spec"]["dnsNames"], key
         triton_url = env.get(f"ATLASFLOW_{component.upper()}_TRITON_URL")
-        if triton_url:
-            host = triton_url.rpartition(":")[0]
-            assert host in certs[host]["spec"]["dnsNames"]
+        if triton_url:  # dns:///<Triton's headless Service>.<ns>.svc:<port> (round-robin)
+            host = target_name(triton_url)
+            server_name = env[f"ATLASFLOW_{component.upper()}_TRITON_TLS_SERVER_NAME"]
+            assert {host, server_name} <= set(certs[server_name]["spec"]["dnsNames"]), triton_url
 
 
 def test_existing_secrets_one_for_all_or_one_per_component(tmp_path: Path) -> None:

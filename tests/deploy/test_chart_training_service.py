@@ -244,7 +244,8 @@ def _grpc_calls(docs: list[dict[str, Any]]) -> set[tuple[str, str]]:
     out = set()
     for caller in PODS:
         for value in literal_env(main_container(deployment(docs, caller))).values():
-            host, _, port = value.partition(":")
+            # dns:///<service>.<namespace>.svc:<port>: Triton's headless Service (round-robin)
+            host, _, port = value.removeprefix("dns:///").replace(f".{NAMESPACE}.svc:", ":").partition(":")
             if host in services and port.isdigit():
                 svc = services[host]
                 (target,) = [p["targetPort"] for p in svc["spec"]["ports"] if p["port"] == int(port)]
@@ -278,7 +279,8 @@ def test_cluster_rollout_triton_repository(tls: bool) -> None:
     pod, c = dep["spec"]["template"]["spec"], main_container(dep)
     settings = _settings(c)
     assert rollout_mode(settings) == "triton-repository"
-    assert settings.triton_url == f"{RELEASE}-atlasflow-triton:8001"
+    # every Triton replica: the headless Service, round-robin (test_chart_triton.py)
+    assert settings.triton_url == f"dns:///{RELEASE}-atlasflow-triton-headless.{NAMESPACE}.svc:8001"
     assert settings.segmentation_target == f"{RELEASE}-atlasflow-segmentation:50052"
     assert settings.ranking_target == f"{RELEASE}-atlasflow-ranking:50053"
     assert settings.triton_unload_previous is False
