@@ -89,3 +89,23 @@ def test_notes_warn_when_the_key_is_in_the_data_volume(secret: str, warned: bool
     assert proc.returncode == 0, proc.stderr
     notes = proc.stdout.split("NOTES:", 1)[1]
     assert ("labels.deid.existingSecret is empty" in notes) is warned
+
+
+@pytest.mark.parametrize(("database", "warned"), [("", True), ("ranking-db", False)])
+def test_notes_warn_of_an_emptydir_only_for_a_service_on_sqlite(database: str, warned: bool) -> None:
+    """persistence off loses a SQLite service's state with the pod; on PostgreSQL the pod keeps
+    none (ranking then runs its replicas on an emptyDir on purpose), so no warning."""
+    proc = helm(
+        "install",
+        "t",
+        str(CHART),
+        "--dry-run=client",
+        *AUTH,
+        "--set",
+        "ranking.persistence.enabled=false",
+        "--set",
+        f"ranking.database.existingSecret={database}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert ("ranking.persistence.enabled=false on SQLite" in notes) is warned
