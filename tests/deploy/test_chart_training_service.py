@@ -395,3 +395,50 @@ def test_cert_manager_issues_trainings_certificate() -> None:
     assert cert["secretName"] == secret and NAME in cert["dnsNames"]
     assert {"server auth", "client auth"} <= set(cert["usages"])
     assert cert["uris"] == ["spiffe://atlasflow/training"]
+
+
+PG_URL = "postgresql://training:pw-7c1@db.example:5432/training"
+
+
+@pytest.mark.parametrize(
+    ("args", "secret", "key"),
+    [
+        (("--set", "training.database.existingSecret=training-pg"), "training-pg", "database-url"),
+        (
+            ("--set", "training.database.existingSecret=training-pg", "--set", "training.database.secretKey=url"),
+            "training-pg",
+            "url",
+        ),
+        (
+            ("--set", "postgresql.enabled=true", "--set", "postgresql.auth.existingSecret=atlasflow-pg"),
+            "atlasflow-pg",
+            "training-database-url",
+        ),
+    ],
+    ids=["existing-secret", "secret-key", "in-cluster-postgresql"],
+)
+def test_run_store_on_postgresql(args: tuple[str, ...], secret: str, key: str, tmp_path: Any) -> None:
+    """training.database (or postgresql.enabled): the run store's URL is a file of the mounted
+    Secret; the whole rendered env read back through TrainingSettings names that file and gives
+    the PostgreSQL URL (the mount directory stood in by tmp_path). Still one replica, Recreate:
+    the executor runs one training run at a time whatever the store."""
+    dep = deployment(render(*TRAINING, *args), "training")
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    c = main_container(dep)
+    env = {k: v for k, v in literal_env(c).items() if k.startswith(PREFIX)}
+    assert PREFIX + "DATABASE_URL" not in env
+    path = env[PREFIX + "DATABASE_URL_FILE"]
+    assert path == f"{mount_path(c, 'database-url')}/database-url"
+    (source,) = volume(dep, "database-url")["projected"]["sources"]
+    assert source["secret"] == {"name": secret, "items": [{"key": key, "path": "database-url"}]}
+    (tmp_path / "database-url").write_text(PG_URL + "\n")
+    settings = TrainingSettings.from_env(PREFIX, {**env, PREFIX + "DATABASE_URL_FILE": str(tmp_path / "database-url")})
+    assert settings.database_url == PG_URL and "pw-7c1" not in repr(settings)
+    assert settings.state_dir == "/state"  # the fine-tune Jobs' shared volume stays
+
+
+def test_run_store_without_a_secret_is_sqlite_on_the_state_volume(docs: list[dict[str, Any]]) -> None:
+    c = main_container(deployment(docs, "training"))
+    settings = _settings(c)
+    assert settings.database_url == "" and settings.data_dir == "/state/service"
+    assert not any(m["name"] == "database-url" for m in c["volumeMounts"])
