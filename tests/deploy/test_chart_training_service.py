@@ -442,3 +442,34 @@ def test_run_store_without_a_secret_is_sqlite_on_the_state_volume(docs: list[dic
     settings = _settings(c)
     assert settings.database_url == "" and settings.data_dir == "/state/service"
     assert not any(m["name"] == "database-url" for m in c["volumeMounts"])
+
+
+def test_triton_repository_rollout_with_imported_members() -> None:
+    """segmentation.importedModels with the triton-repository roll-out: training gets the same
+    members and registry (read-only, the same claim and path as segmentation's), read back
+    through TrainingSettings into the roll-out the service builds; without members nothing of it."""
+    members = (
+        "--set", "segmentation.importedModels={tiny,bundle}",
+        "--set", "segmentation.modelsRegistry.existingClaim=models-registry",
+    )  # fmt: skip
+    docs = render(*TRAINING, *ROLLOUT, *members)
+    dep = deployment(docs, "training")
+    pod, c = dep["spec"]["template"]["spec"], main_container(dep)
+    settings = _settings(c)
+    seg = deployment(docs, "segmentation")
+    seg_settings = _settings(main_container(seg), SegmentationSettings, SEG_PREFIX)
+    assert settings.imported_models == seg_settings.imported_models == "tiny,bundle"
+    assert settings.models_state_dir == seg_settings.models_state_dir != ""
+    assert _mounts(c, pod)[settings.models_state_dir] == ("models-registry", True)
+    assert _mounts(main_container(seg), seg["spec"]["template"]["spec"])[settings.models_state_dir] == (
+        "models-registry",
+        True,
+    )
+    built = build_rollout(settings, None)  # what app.py builds (the repository load alone here)
+    assert isinstance(built, TritonRepositoryRollout) and built.members == ("tiny", "bundle")
+    assert str(built.models_state_dir) == settings.models_state_dir
+    kubernetes_validate.validate(dep, KUBE_VERSIONS[-1], strict=True)
+    # pointer roll-out with members: training mounts no registry
+    pointer = deployment(render(*TRAINING, *members), "training")
+    assert not _settings(main_container(pointer)).imported_models
+    assert "models-registry" not in {v["name"] for v in pointer["spec"]["template"]["spec"]["volumes"]}

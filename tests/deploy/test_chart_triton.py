@@ -520,10 +520,6 @@ def test_imported_members_are_wired_into_the_writer_triton_and_segmentation(monk
         (("--set", "segmentation.importedModels={tiny}"), "modelsRegistry.existingClaim"),
         ((*MEMBER_SETS, "--set", "segmentation.importedModels={tiny,tiny}"), "twice"),
         ((*MEMBER_SETS, "--set", "segmentation.importedModels={Tiny}"), "importedModels"),
-        (
-            (*MEMBER_SETS, "--set", "training.enabled=true", "--set", "training.rollout.mode=triton-repository"),
-            "not supported yet",
-        ),
     ):
         proc = helm("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION, *AUTH_ARGS, *bad)
         assert proc.returncode != 0 and message in proc.stderr, (bad, proc.stderr)

@@ -133,3 +133,66 @@ def test_a_refused_load_is_a_clear_error(tmp_path: Path) -> None:
         rollout(version)
     assert exc.value.reason == "TRITON_LOAD_FAILED"
     assert (tmp_path / "models" / triton_model_name(version.name) / "config.pbtxt").is_file()
+
+
+def test_a_version_with_imported_members_is_written_and_loaded_under_segmentations_name(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """With segmentation's IMPORTED_MODELS (here the session's tiny nnU-Net model): the promoted
+    version's model is `<model>__with_<sha12>`, the name segmentation's repository activation
+    waits for; the member's PyTorch-backend entry is moved into the repository (kept when already
+    there) and loaded before the ensemble on every replica. Triton here is a recording client:
+    the test tritonserver has the Python backend only, no libtorch for the member's entry."""
+    from tests.models import nnunet_fixture as fx
+
+    from atlasflow.models.export import triton_model_name as entry_name
+    from atlasflow.models.nnunet import import_nnunet
+    from atlasflow.segmentation.imported import resolve, served_model_name
+    from atlasflow.training.rollout import from_settings
+    from atlasflow.training.settings import PREFIX, TrainingSettings
+
+    registry = tmp_path / "registry"
+    manifest = import_nnunet(fx.shared_model_folder(tmp_path_factory), "tiny", registry)
+    repo = tmp_path / "models"
+
+    class Recording:
+        def __init__(self) -> None:
+            self.loaded: list[str] = []
+
+        def load_model(self, name: str) -> None:
+            self.loaded.append(name)
+
+        def is_model_ready(self, name: str) -> bool:
+            return name in self.loaded
+
+    settings = TrainingSettings.from_env(
+        PREFIX,
+        {
+            PREFIX + "TRITON_URL": "triton:8001",
+            PREFIX + "TRITON_MODEL_REPOSITORY": str(repo),
+            PREFIX + "IMPORTED_MODELS": "tiny",
+            PREFIX + "MODELS_STATE_DIR": str(registry),
+        },
+    )
+    rollout = from_settings(settings)
+    assert rollout is not None and rollout.members == ("tiny",)
+    rollout._client = client = Recording()  # what clients() uses in place of every replica
+    version = _version(tmp_path / "state", "tiny-a-ft-members0000000")
+    outcome = rollout(version)
+    # the name segmentation computes (activation.py: served_model_name over IMPORTED_MODELS)
+    expected = served_model_name(triton_model_name(version.name), resolve(registry, ["tiny"]))
+    entry = entry_name(manifest)
+    assert expected.startswith(triton_model_name(version.name) + "__with_")
+    assert client.loaded == [entry, expected] and outcome == f"triton: loaded {expected}"
+    assert (repo / expected / "config.pbtxt").is_file() and (repo / entry / "config.pbtxt").is_file()
+    card = json.loads((repo / expected / "1" / "MANIFEST.json").read_text())
+    assert card["imported_members"] == [f"tiny@{manifest.digest[:12]}"]
+    assert not list(repo.glob(".staging-*"))
+    # the next version: the entry already in the repository and served is kept, not reloaded
+    marker = repo / entry / "kept"
+    marker.write_text("x")
+    second = _version(tmp_path / "state2", "tiny-a-ft-members0000001")
+    client.loaded = [entry]
+    rollout(second)
+    assert marker.is_file()
+    assert client.loaded == [entry, served_model_name(triton_model_name(second.name), resolve(registry, ["tiny"]))]

@@ -365,8 +365,9 @@ chart cannot compute.
 
 {{/*
 Imported ensemble members (segmentation.importedModels): checks, and the read-only mount and
-volume of the model registry (segmentation.modelsRegistry) in the segmentation pods and Triton's
-repository writer. Each renders nothing without imported models.
+volume of the model registry (segmentation.modelsRegistry) in the segmentation pods, Triton's
+repository writer and (roll-out triton-repository) the training pod, which writes and loads each
+promoted version with the same members. Each renders nothing without imported models.
 */}}
 {{- define "atlasflow.importedModelsCheck" -}}
 {{- $v := .Values.segmentation -}}
@@ -376,9 +377,6 @@ repository writer. Each renders nothing without imported models.
 {{- end -}}
 {{- if ne (len (uniq $v.importedModels)) (len $v.importedModels) -}}
 {{- fail (printf "segmentation.importedModels lists a model twice: %v" $v.importedModels) -}}
-{{- end -}}
-{{- if eq (include "atlasflow.trainingRollout" .) "triton-repository" -}}
-{{- fail "segmentation.importedModels with training.rollout triton-repository is not supported yet: training writes a promoted version into Triton without the imported members, and segmentation would wait for its `__with_` model (use training.rollout.mode=pointer)" -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}

@@ -13,6 +13,15 @@ one model version directory ``1/`` and ``version_policy: latest 1`` (the default
 3. optionally unloads the previous version's model (``unload_previous``) once the new one is
    ready, so in-flight requests on the old model finish first (Triton drains them).
 
+Imported ensemble members (``members`` + ``models_state_dir``: segmentation's IMPORTED_MODELS
+and MODELS_STATE_DIR, the same values): the version is written with them
+(`write_repository` ``members=``), so its model is `imported.served_model_name`
+(``<model>__with_<sha12>``), the name segmentation's activation waits for; each member's
+PyTorch-backend entry (``<name>_<digest12>``, named by its registry digest, so never changed in
+place) is moved into the repository when it is not there yet, and loaded before the ensemble
+(its Python backend calls the member by BLS). A member re-imported with other weights gives
+other entry and ensemble names; the registry is verified while writing (``MODEL_CHANGED``).
+
 Steps 2 and 3 reach EVERY Triton replica: ``url`` is resolved to its addresses (the chart's
 headless Service: one per ready Triton pod, `socket.getaddrinfo`) and each gets its own client
 (TLS checked against the Service name); the loads run in parallel, and one replica that does
@@ -35,13 +44,14 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from atlasflow.common.errors import InvalidArgument, Unavailable
 from atlasflow.common.tls import PLAINTEXT, ClientTLS
 from atlasflow.segmentation.ensemble import triton_model_name
+from atlasflow.segmentation.imported import parse_names
 from atlasflow.segmentation.triton_repo import write_repository
 from atlasflow.training.dataset import DOMAIN
 from atlasflow.training.executor import Rollout
@@ -65,8 +75,12 @@ class TritonRepositoryRollout:
         client: Any = None,
         tls: ClientTLS | None = None,
         allow_plaintext: bool = False,
+        members: Sequence[str] = (),
+        models_state_dir: str | Path = "",
     ) -> None:
         self.url = url
+        self.members = tuple(members)
+        self.models_state_dir = models_state_dir
         self.repository = Path(repository)
         self.previous = previous
         self.unload_previous = unload_previous
@@ -84,19 +98,38 @@ class TritonRepositoryRollout:
         return self._client
 
     def write(self, version: EnsembleVersion) -> Path:
-        """Write the version's model directory into the repository (staging + rename)."""
-        name = triton_model_name(version.name)
-        staging = self.repository / f".staging-{name}"
+        """Write the version's model directory into the repository (staging + rename), with the
+        imported members' entries (module docstring); returns the model directory."""
+        staging = self.repository / f".staging-{triton_model_name(version.name)}"
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
-        written = write_repository(staging, version.ensemble_path, kind=self.kind)
-        final = self.repository / name
+        written = write_repository(
+            staging,
+            version.ensemble_path,
+            kind=self.kind,
+            members=self.members,
+            models_state_dir=self.models_state_dir,
+        )
+        for entry in sorted(p for p in staging.iterdir() if p != written and p.is_dir()):
+            if not (self.repository / entry.name).exists():  # digest-named: present = identical
+                os.replace(entry, self.repository / entry.name)
+        final = self.repository / written.name
         if final.exists():
             shutil.rmtree(final)
         os.replace(written, final)
         shutil.rmtree(staging, ignore_errors=True)
         return final
+
+    def member_entries(self) -> list[str]:
+        """The Triton names of the imported members' PyTorch-backend entries (load order)."""
+        if not self.members:
+            return []
+        from atlasflow.models.export import triton_model_name as entry_name
+        from atlasflow.models.registry import ModelRegistry
+
+        registry = ModelRegistry(self.models_state_dir)
+        return [entry_name(registry.get(m)) for m in dict.fromkeys(self.members)]
 
     def clients(self) -> list[tuple[str, Any]]:
         """(address, client) of EVERY Triton replica behind ``url`` (a headless Service's name
@@ -108,14 +141,19 @@ class TritonRepositoryRollout:
 
         return address_clients(self.url, self.tls, allow_plaintext=self.allow_plaintext, domain=DOMAIN)
 
-    def _load_on(self, address: str, client: Any, name: str) -> None:
+    def _load_on(self, address: str, client: Any, names: Sequence[str]) -> None:
+        """Load ``names`` in order (members' entries, then the ensemble) on one replica."""
+        name = names[-1]
         try:
-            client.load_model(name)
-            deadline = time.monotonic() + self.ready_timeout_s
-            while not client.is_model_ready(name):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(name)
-                time.sleep(0.5)
+            for name in names:
+                if name != names[-1] and client.is_model_ready(name):
+                    continue  # a member entry already served (the chart's Triton loads it at start)
+                client.load_model(name)
+                deadline = time.monotonic() + self.ready_timeout_s
+                while not client.is_model_ready(name):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(name)
+                    time.sleep(0.5)
         except Exception as exc:  # noqa: BLE001 - tritonclient raises its own exception type
             raise Unavailable(
                 "TRITON_LOAD_FAILED",
@@ -130,12 +168,12 @@ class TritonRepositoryRollout:
         naming its address). Then unload the previous version's model on each."""
         from concurrent.futures import ThreadPoolExecutor
 
-        name = triton_model_name(version.name)
-        self.write(version)
+        name = self.write(version).name
+        names = [*self.member_entries(), name]
         clients = self.clients()
         try:
             with ThreadPoolExecutor(max_workers=max(1, min(16, len(clients)))) as pool:
-                futures = [pool.submit(self._load_on, addr, client, name) for addr, client in clients]
+                futures = [pool.submit(self._load_on, addr, client, names) for addr, client in clients]
                 for future in futures:
                     future.result()  # the first failed address, in address order
             unloaded = ""
@@ -173,6 +211,8 @@ def from_settings(settings: Any) -> TritonRepositoryRollout | None:
             unload_previous=settings.triton_unload_previous,
             tls=tls,
             allow_plaintext=settings.triton_allow_plaintext,
+            members=parse_names(settings.imported_models),
+            models_state_dir=settings.models_state_dir,
         )
     return None
 

@@ -46,6 +46,11 @@ class TrainingSettings(ServiceSettings):
     triton_url: str = ""
     triton_model_repository: str = ""
     triton_unload_previous: bool = True
+    # Imported ensemble members (segmentation's IMPORTED_MODELS and MODELS_STATE_DIR, the same
+    # values): the triton-repository roll-out writes and loads every promoted version with them,
+    # so Triton serves `<model>__with_<sha12>`, the name segmentation activates.
+    imported_models: str = ""
+    models_state_dir: str = ""
     # The roll-out of a promoted version (docs/training.md "Roll-out without restart"):
     # "segmentation" (embedded stack: segmentation's ActivateEnsembleVersion binds it into the
     # running PyTriton, then the undecided cases are re-inferred in worklist order),
