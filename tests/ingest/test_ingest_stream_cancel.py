@@ -6,13 +6,19 @@ the ended call's peer: ingest died with a segfault in grpc's cygrpc."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import hashlib
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import grpc
 import pytest
 
+from atlasflow.common.audit import AuditLog, AuditQuery
+from atlasflow.common.audit_server import AuditInterceptor, AuditRecorder
 from atlasflow.common.v1 import audit_pb2, audit_pb2_grpc
 from atlasflow.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from atlasflow.testing import auth, peers
@@ -82,3 +88,65 @@ def test_cancelled_streams_leave_ingest_running(ingest, tmp_path):
     assert len(records) == 5, records
     assert {r.outcome for r in records} <= {"CANCELLED", "OK"}, records
     assert all(r.peer for r in records)
+
+
+class _Context:
+    """The parts of a grpc.aio servicer context the audit interceptor reads."""
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:50000"
+
+    def peer_identities(self) -> None:
+        return None
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    def code(self) -> None:
+        return None
+
+
+def test_a_cancel_during_the_audit_write_loses_no_record(tmp_path):
+    """The client's cancel can reach the call while its record is being written (the handler has
+    sent everything; the status is not sent yet). Under load the write can still be queued for a
+    worker thread then: the cancellation withdrew it and the record of a PHI read was lost. Here the
+    worker threads are held busy so the write is queued when the cancel comes, every time."""
+    log = AuditLog(tmp_path / "audit.sqlite3")
+    recorder = AuditRecorder(log, "ingest")
+
+    async def handler(request, context):
+        yield b"instance"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        pool = ThreadPoolExecutor(max_workers=1)
+        loop.set_default_executor(pool)
+        details = SimpleNamespace(method=STREAM)
+
+        async def continuation(_details):
+            return grpc.unary_stream_rpc_method_handler(handler)
+
+        wrapped = await AuditInterceptor(recorder).intercept_service(continuation, details)
+        assert wrapped is not None and wrapped.unary_stream is not None
+        sent = asyncio.Event()
+        release = threading.Event()
+
+        async def call() -> None:
+            async for _ in wrapped.unary_stream(None, _Context()):
+                sent.set()
+                pool.submit(release.wait, 30)  # the worker is busy when the record is written
+
+        task = asyncio.create_task(call())
+        await sent.wait()
+        for _ in range(20):  # let the call reach the (queued) write of its record
+            await asyncio.sleep(0)
+        task.cancel()  # the client's cancel arrives now
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.to_thread(lambda: None)  # the queue is drained
+
+    asyncio.run(main())
+    records, _ = log.list(AuditQuery(), 10)
+    log.close()
+    assert [(r.method, r.outcome) for r in records] == [(STREAM, "OK")]

@@ -17,6 +17,8 @@ Writes run off the event loop (``asyncio.to_thread``). Failure policy (docs/secu
   log can be written (no data leaves otherwise), and is recorded when it ends; a write failure
   then ends the call UNAVAILABLE ``AUDIT_UNAVAILABLE`` (the data already sent is logged at
   ERROR). A failed call whose record cannot be written keeps its own status (nothing left).
+  A cancellation (the client's, mid-write) never withdraws a record being written
+  (`AuditRecorder.write` finishes it, then the cancellation goes on).
 - fail open for refusals: the call is refused anyway; a refusal that cannot be recorded is
   logged at ERROR (a flood must not turn an audit outage into a denial of service).
 """
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
+_T = TypeVar("_T")
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 _UnaryBehavior: TypeAlias = Callable[[Any, Context], Awaitable[Any]]
 _StreamBehavior: TypeAlias = Callable[[Any, Context], AsyncIterator[Any]]
@@ -89,6 +92,23 @@ def outcome_of(exc: BaseException | None, context: Context) -> tuple[str, str, s
         code: grpc.StatusCode | int | None = context.code()
         return (code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"), "", ""
     return "INTERNAL", "", ""
+
+
+async def _uncancellable(aw: Awaitable[_T]) -> _T:
+    """Await ``aw`` to its end even when the awaiting task is cancelled (once or again), then
+    raise the cancellation (a failure of ``aw`` meanwhile is logged: the caller is gone)."""
+    task = asyncio.ensure_future(aw)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("audit record of a cancelled call not written", exc_info=task.exception())
+        raise asyncio.CancelledError
+    return task.result()
 
 
 class AuditRecorder:
@@ -129,9 +149,14 @@ class AuditRecorder:
         )
 
     async def write(self, record: AuditRecord) -> None:
-        """Append ``record``; raises Unavailable("AUDIT_UNAVAILABLE") when it cannot."""
+        """Append ``record``; raises Unavailable("AUDIT_UNAVAILABLE") when it cannot.
+
+        A cancellation (the client cancels while the record of its call is being written, the
+        server stops) never withdraws the write: it is shielded and awaited to its end, and the
+        cancellation is raised after it. Unshielded, a write still queued for a worker thread
+        (a loaded machine) was dropped with the cancellation, and the call had no record."""
         try:
-            await asyncio.to_thread(self.log.append, record)
+            await _uncancellable(asyncio.to_thread(self.log.append, record))
         except AtlasflowError:
             raise
         except Exception:  # noqa: BLE001 - any store failure is an audit outage
@@ -245,10 +270,11 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
             async def wrapper(request_or_iterator: Any, context: Context) -> AsyncIterator[Any]:
                 targets: list[tuple[str, str]] = []
                 who = caller(context)
-                await recorder.check_writable()  # no data leaves while the log is down
                 sent = 0
-                stream = behavior(noted(request_or_iterator, targets), context)
                 try:
+                    # no data leaves while the log is down (a call cancelled here is recorded too)
+                    await recorder.check_writable()
+                    stream = behavior(noted(request_or_iterator, targets), context)
                     try:
                         async for item in stream:
                             sent += 1
