@@ -25,7 +25,7 @@ from atlasflow.common.metrics import Metrics
 from atlasflow.common.tls import LocalCA
 from atlasflow.ingest.reception import Reception
 from atlasflow.ingest.scp import ScpConfig, StoreScp
-from atlasflow.ingest.scp_audit import METHOD, ScpAudit
+from atlasflow.ingest.scp_audit import METHOD, AssociationAudit, ScpAudit
 from atlasflow.ingest.store import IngestStore
 from atlasflow.testing import peers
 
@@ -101,11 +101,21 @@ def test_an_unlisted_calling_ae_leaves_a_rejection_record(
     assert dict(rec.targets)["instances_stored"] == "0"
 
 
-def test_a_flood_of_rejected_associations_is_aggregated(audited: tuple[StoreScp, AuditLog, ScpAudit]) -> None:
+def test_a_flood_of_rejected_associations_is_aggregated(
+    audited: tuple[StoreScp, AuditLog, ScpAudit], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Throttle limit 2 per peer and minute here: 6 rejected associations from one address
     (each with another calling AE title) are at most 2 records per minute one by one, and the
     rest one aggregate record each minute, written at the latest when the SCP closes."""
     scp, log, audit = audited
+    ended: list[str] = []
+    recorded = audit.ended
+
+    def counted(association: AssociationAudit) -> None:
+        recorded(association)
+        ended.append(association.called_ae)
+
+    monkeypatch.setattr(audit, "ended", counted)
     newest = log.list(AuditQuery(), 1)[0]
     start = newest[0].seq if newest else 0
     ae = AE()
@@ -114,7 +124,10 @@ def test_a_flood_of_rejected_associations_is_aggregated(audited: tuple[StoreScp,
     for i in range(6):
         assoc = ae.associate("127.0.0.1", scp.port, ae_title=f"FLOOD{i}", max_pdu=16384)
         assert assoc.is_rejected
-    time.sleep(1.0)  # the connections' close handlers
+    # the connections' close handlers record them (their threads; a loaded machine took > 1 s)
+    deadline = time.monotonic() + 30
+    while len(ended) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
     audit.close()  # the pending aggregate (as when the service stops)
     flood = [r for r in log.scan(AuditQuery()) if r.seq > start]
     single = [r for r in flood if r.reason == "CALLING_AE_NOT_ALLOWED"]

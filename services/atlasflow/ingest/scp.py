@@ -716,6 +716,11 @@ class StoreScp:
         audited: AssociationAudit | None = getattr(event.assoc, "_atlasflow_audit", None)
         if self.audit is not None and audited is not None:
             _replace(event.assoc, "_atlasflow_audit", None)  # one record per association
+            if audited.requested and not (audited.accepted or audited.rejected or audited.aborted):
+                # The DUL thread closes the connection as soon as the peer has the A-ASSOCIATE-RJ
+                # and drops it; the association thread triggers EVT_REJECTED only after its send,
+                # so under load this close comes first: the rejection was recorded as OK.
+                audited.rejected = self._rejection_of(audited)
             self.audit.ended(audited)
 
     def _on_accepted(self, event: evt.Event) -> None:
@@ -728,14 +733,17 @@ class StoreScp:
         audited: AssociationAudit | None = getattr(event.assoc, "_atlasflow_audit", None)
         if audited is None or audited.rejected:
             return
+        audited.rejected = self._rejection_of(audited) or "other"
+
+    def _rejection_of(self, audited: AssociationAudit) -> str:
+        """Why pynetdicom rejects this A-ASSOCIATE-RQ (a key of `REJECTIONS`), '' if it would not."""
         ae = self.ae
         allowed = [t.strip() for t in ae.require_calling_aet]
         if ae.require_calling_aet and audited.calling_ae not in allowed:
-            audited.rejected = "calling_ae"
-        elif ae.require_called_aet and audited.called_ae != self.config.ae_title.strip():
-            audited.rejected = "called_ae"
-        else:
-            audited.rejected = "other"
+            return "calling_ae"
+        if ae.require_called_aet and audited.called_ae != self.config.ae_title.strip():
+            return "called_ae"
+        return ""
 
     def _on_aborted(self, event: evt.Event) -> None:
         audited: AssociationAudit | None = getattr(event.assoc, "_atlasflow_audit", None)
