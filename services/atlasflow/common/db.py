@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -234,17 +234,21 @@ class Migrations:
     another service's legacy tables in a shared database do not count); adopt_legacy: called
     with the raw DB-API connection (sqlite3 or psycopg) of a legacy database before the baseline
     is stamped; it must bring it to the baseline schema (idempotently: it may run again after a
-    crash)."""
+    crash); legacy_unversioned: the legacy code kept no ``schema_migrations`` (it re-applied
+    idempotent DDL at every start: the audit log, training's runs), so its tables alone mark a
+    legacy database."""
 
     service: str
     directory: Path
     baseline: str = ""
     legacy_tables: tuple[str, ...] = ()
     adopt_legacy: Callable[[Any], None] | None = None
+    legacy_unversioned: bool = False
 
     def is_legacy(self, tables: set[str]) -> bool:
         """Whether a database with `tables` (and no version table) holds this service's legacy schema."""
-        return LEGACY_VERSION_TABLE in tables and bool(self.legacy_tables) and set(self.legacy_tables) <= tables
+        marked = self.legacy_unversioned or LEGACY_VERSION_TABLE in tables
+        return marked and bool(self.legacy_tables) and set(self.legacy_tables) <= tables
 
     @property
     def version_table(self) -> str:
@@ -254,6 +258,34 @@ class Migrations:
         cfg = Config()
         cfg.set_main_option("script_location", str(self.directory))
         return ScriptDirectory.from_config(cfg)
+
+
+def adopt_idempotently(dbapi_conn: Any, *, pg_lock: int, pg_script: str, sqlite_statements: Sequence[str]) -> None:
+    """An `adopt_legacy` for schemas whose legacy code re-applied idempotent DDL at every start:
+    on PostgreSQL (psycopg, outside autocommit) `pg_script` in one transaction under the legacy
+    code's advisory lock `pg_lock`; on SQLite (sqlite3 in autocommit, as `create_engine` sets it)
+    `sqlite_statements` in one ``BEGIN IMMEDIATE`` transaction. Missing indexes or triggers are
+    made again; rows are never touched."""
+    postgres = type(dbapi_conn).__module__.startswith("psycopg")
+    cur = dbapi_conn.cursor()
+    try:
+        if postgres:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (pg_lock,))
+            cur.execute(pg_script)
+            dbapi_conn.commit()
+            return
+        cur.execute("BEGIN IMMEDIATE")
+        for sql in sqlite_statements:
+            cur.execute(sql)
+        cur.execute("COMMIT")
+    except BaseException:
+        if postgres:
+            dbapi_conn.rollback()
+        else:
+            cur.execute("ROLLBACK")
+        raise
+    finally:
+        cur.close()
 
 
 def current_revision(engine: sa.Engine, migrations: Migrations) -> str | None:

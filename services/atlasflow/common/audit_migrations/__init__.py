@@ -27,11 +27,10 @@ DELETE of ``audit_log`` rows (the triggers refuse it: the log is append-only).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atlasflow.common.db import Migrations
+from atlasflow.common.db import Migrations, adopt_idempotently
 
 #: The hand-written SQLite schema (atlasflow.common.sqlite.migrate, version 1). Frozen.
 LEGACY_SQLITE_MIGRATIONS = [
@@ -119,42 +118,16 @@ _SQLITE_ADOPT = [
 def adopt_legacy(dbapi_conn: Any) -> None:
     """Bring a legacy audit database (sqlite3 or psycopg connection) to the baseline: its
     indexes and append-only triggers, made again where missing; rows untouched."""
-    postgres = type(dbapi_conn).__module__.startswith("psycopg")
-    cur = dbapi_conn.cursor()
-    try:
-        if postgres:  # psycopg outside autocommit: the statements run in one transaction
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (LEGACY_PG_LOCK,))
-            cur.execute(LEGACY_PG_SCHEMA)
-            dbapi_conn.commit()
-            return
-        cur.execute("BEGIN IMMEDIATE")  # sqlite3 in autocommit mode (atlasflow.common.db)
-        for sql in _SQLITE_ADOPT:
-            cur.execute(sql)
-        cur.execute("COMMIT")
-    except BaseException:
-        if postgres:
-            dbapi_conn.rollback()
-        else:
-            cur.execute("ROLLBACK")
-        raise
-    finally:
-        cur.close()
+    adopt_idempotently(dbapi_conn, pg_lock=LEGACY_PG_LOCK, pg_script=LEGACY_PG_SCHEMA, sqlite_statements=_SQLITE_ADOPT)
 
 
-@dataclass(frozen=True)
-class AuditMigrations(Migrations):
-    """`Migrations` whose legacy mark is the ``audit_log`` table alone: the hand-written
-    PostgreSQL code kept no version table, and on SQLite ``schema_migrations`` may be another
-    service's."""
-
-    def is_legacy(self, tables: set[str]) -> bool:
-        return "audit_log" in tables
-
-
-MIGRATIONS = AuditMigrations(
+# The hand-written PostgreSQL code kept no version table, and on SQLite ``schema_migrations``
+# may be another service's: ``audit_log`` alone marks a legacy audit database.
+MIGRATIONS = Migrations(
     service="audit",
     directory=Path(__file__).resolve().parent,
     baseline="0001",
     legacy_tables=("audit_log",),
     adopt_legacy=adopt_legacy,
+    legacy_unversioned=True,
 )

@@ -19,11 +19,10 @@ edit a released revision.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atlasflow.common.db import Migrations
+from atlasflow.common.db import Migrations, adopt_idempotently
 
 #: The hand-written SQLite schema (atlasflow.common.sqlite.migrate, version 1). Frozen.
 LEGACY_SQLITE_MIGRATIONS = [
@@ -69,40 +68,21 @@ LEGACY_PG_LOCK = 0x74726169_6E696E67 & 0x7FFFFFFFFFFFFFFF  # "training"
 def adopt_legacy(dbapi_conn: Any) -> None:
     """Bring a legacy run database (sqlite3 or psycopg connection) to the baseline: its index,
     made again where missing; rows untouched."""
-    postgres = type(dbapi_conn).__module__.startswith("psycopg")
-    cur = dbapi_conn.cursor()
-    try:
-        if postgres:  # psycopg outside autocommit: the statements run in one transaction
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (LEGACY_PG_LOCK,))
-            cur.execute(LEGACY_PG_SCHEMA)
-            dbapi_conn.commit()
-            return
-        cur.execute("BEGIN IMMEDIATE")  # sqlite3 in autocommit mode (atlasflow.common.db)
-        cur.execute("CREATE INDEX IF NOT EXISTS training_runs_state ON training_runs (state, seq)")
-        cur.execute("COMMIT")
-    except BaseException:
-        if postgres:
-            dbapi_conn.rollback()
-        else:
-            cur.execute("ROLLBACK")
-        raise
-    finally:
-        cur.close()
+    adopt_idempotently(
+        dbapi_conn,
+        pg_lock=LEGACY_PG_LOCK,
+        pg_script=LEGACY_PG_SCHEMA,
+        sqlite_statements=["CREATE INDEX IF NOT EXISTS training_runs_state ON training_runs (state, seq)"],
+    )
 
 
-@dataclass(frozen=True)
-class TrainingMigrations(Migrations):
-    """`Migrations` whose legacy mark is ``training_runs`` alone: the hand-written PostgreSQL
-    code kept no version table."""
-
-    def is_legacy(self, tables: set[str]) -> bool:
-        return "training_runs" in tables
-
-
-MIGRATIONS = TrainingMigrations(
+# The hand-written PostgreSQL code kept no version table: ``training_runs`` alone marks a legacy
+# run database.
+MIGRATIONS = Migrations(
     service="training",
     directory=Path(__file__).resolve().parent,
     baseline="0001",
     legacy_tables=("training_runs",),
     adopt_legacy=adopt_legacy,
+    legacy_unversioned=True,
 )
