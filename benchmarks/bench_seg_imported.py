@@ -14,11 +14,8 @@ pipeline's own stage timings from the server's log (``infer_<member>`` and, with
 from __future__ import annotations
 
 import argparse
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,56 +25,35 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.models import nnunet_fixture as fx  # noqa: E402
 
-from atlasflow.common.ports import free_ports  # noqa: E402
 from atlasflow.models.nnunet import import_nnunet  # noqa: E402
 from atlasflow.segmentation.ensemble import load_ensemble  # noqa: E402
 from atlasflow.segmentation.imported import resolve, served_model_name  # noqa: E402
 from atlasflow.segmentation.triton_client import TritonSegmenter  # noqa: E402
+from atlasflow.testing.triton import LocalTriton  # noqa: E402
 
 
 def serve_and_time(
     ensemble: str, members: list[str], state: Path, device: str, repeats: int, vol: np.ndarray, aff: np.ndarray
 ) -> None:
-    grpc_port, http_port, metrics_port = free_ports(3)
-    argv = [
-        sys.executable,
-        "-m",
-        "atlasflow.segmentation.triton_server",
-        f"--ensemble={ensemble}",
-        f"--grpc-port={grpc_port}",
-        f"--http-port={http_port}",
-        f"--metrics-port={metrics_port}",
-        f"--device={device}",
-        *[f"--member={m}" for m in members],
-        *([f"--state-dir={state}"] if members else []),
-    ]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            if line.startswith("TRITON READY"):
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(600):
-        proc.kill()
-        raise SystemExit("Triton did not start:\n" + "\n".join(lines[-30:]))
+    triton = LocalTriton(
+        [
+            f"--ensemble={ensemble}",
+            f"--device={device}",
+            *[f"--member={m}" for m in members],
+            *([f"--state-dir={state}"] if members else []),
+        ]
+    ).start(timeout_s=600)
     name = served_model_name(load_ensemble(ensemble).model_name, resolve(state, members))
-    print(f"\n{name}: Triton start-up {time.perf_counter() - t0:.2f} s")
+    print(f"\n{name}: Triton start-up {triton.startup_s:.2f} s")
     try:
-        with TritonSegmenter(f"127.0.0.1:{grpc_port}", name, shm="off", timeout_s=900) as client:
+        with TritonSegmenter(triton.url, name, shm="off", timeout_s=900) as client:
             for i in range(repeats):
                 t = time.perf_counter()
                 client.segment(vol, aff)
                 print(f"  call {i + 1}: {time.perf_counter() - t:.2f} s")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(90)
+        triton.stop()
+    lines = triton.lines
     for line in lines:
         if " pipeline " in line:
             print("  server:", line.split(" pipeline ", 1)[1])

@@ -13,11 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 
@@ -34,6 +29,7 @@ from atlasflow.segmentation.outputs import PipelineOutput
 from atlasflow.segmentation.pipeline import EnsemblePipeline
 from atlasflow.segmentation.triton_client import TritonSegmenter
 from atlasflow.testing.data import TEST_DATA
+from atlasflow.testing.triton import LocalTriton
 
 CT_SM = TEST_DATA / "totalsegmentator/tests/reference_files/example_ct_sm.nii.gz"
 LABELLED = [5]  # the source labels the liver: no attention for it, its mask still counts
@@ -157,16 +153,6 @@ def test_attention_mode_defaults_to_reference_and_is_read() -> None:
 # ----------------------------------------------------------------------------- Triton
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def triton_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Triton (PyTriton) serving an enhanced-mode copy of abdomen-trio-v1 (version
@@ -177,57 +163,17 @@ def triton_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         m["checkpoint"] = str((ENSEMBLE_DIR / m["checkpoint"]).resolve())
     path = tmp_path_factory.mktemp("ens") / "h7-enhanced-v1.json"
     path.write_text(json.dumps(raw))
-    grpc_port, http_port, metrics_port = _free_ports(3)
     env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "atlasflow.segmentation.triton_server",
-            "--ensemble",
-            str(path),
-            "--grpc-port",
-            str(grpc_port),
-            "--http-port",
-            str(http_port),
-            "--metrics-port",
-            str(metrics_port),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            if line.startswith("TRITON READY"):
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
+    triton = LocalTriton(["--ensemble", str(path)], env=env).start(timeout_s=240)
     deadline = time.monotonic() + 240
-    while not ready.is_set() and proc.poll() is None and time.monotonic() < deadline:
-        ready.wait(0.2)
     try:
-        if not ready.is_set():
-            pytest.fail("Triton did not become ready:\n" + "\n".join(lines[-40:]))
-        url = f"127.0.0.1:{grpc_port}"
-        with TritonSegmenter(url, "h7_enhanced_v1") as probe:
+        with TritonSegmenter(triton.url, "h7_enhanced_v1") as probe:
             while not probe.ready() and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert probe.ready()
-        yield url
+        yield triton.url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        triton.stop()
 
 
 def test_triton_enhanced_equals_in_process(case: Case, triton_url: str) -> None:

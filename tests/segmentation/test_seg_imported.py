@@ -16,10 +16,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -67,51 +63,12 @@ from atlasflow.segmentation.triton_repo import write_repository
 from atlasflow.segmentation.v1 import segmentation_pb2 as pb
 from atlasflow.segmentation.v1 import segmentation_pb2_grpc
 from atlasflow.testing import auth
-from atlasflow.testing.triton import BundledTriton
+from atlasflow.testing.triton import BundledTriton, LocalTriton
 
 S = common_pb2
 ENSEMBLE = "abdomen-trio-v1"
 TINY_A = Path(__file__).parent / "tiny_ensembles" / "tiny-a-v1.json"
 PREDICTED = {ORGAN_IDS["liver"], ORGAN_IDS["spleen"]}  # the tiny model's organs among atlasflow's
-
-
-def _start_triton(state: Path) -> tuple[subprocess.Popen, str, list[str]]:
-    grpc_port, http_port, metrics_port = free_ports(3)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "atlasflow.segmentation.triton_server",
-            f"--ensemble={ENSEMBLE}",
-            "--member=tiny",
-            f"--state-dir={state}",
-            f"--grpc-port={grpc_port}",
-            f"--http-port={http_port}",
-            f"--metrics-port={metrics_port}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            if line.startswith("TRITON READY"):
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + 300
-    while not ready.is_set() and proc.poll() is None and time.monotonic() < deadline:
-        ready.wait(0.2)
-    if not ready.is_set():
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("Triton did not become ready:\n" + "\n".join(lines[-40:]))
-    return proc, f"127.0.0.1:{grpc_port}", lines
 
 
 class AppThread:
@@ -160,7 +117,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manifest]:
 def stack(tmp_path_factory: pytest.TempPathFactory, registry: tuple[Path, Manifest]) -> Iterator[SimpleNamespace]:
     tmp = tmp_path_factory.mktemp("seg-imported")
     state, manifest = registry
-    proc, url, lines = _start_triton(state)
+    triton = LocalTriton([f"--ensemble={ENSEMBLE}", "--member=tiny", f"--state-dir={state}"]).start()
+    url, lines = triton.url, triton.lines
     dead = free_ports(2)
     settings = SegmentationSettings(
         grpc_port=0,
@@ -185,11 +143,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, registry: tuple[Path, Manife
         app=app, url=url, state=state, manifest=manifest, vol=vol, aff=aff, blobs=blobs, lines=lines, tmp=tmp
     )
     app.close()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    triton.stop()
 
 
 def test_imported_member_votes_where_it_predicts_and_has_no_opinion_elsewhere(stack: SimpleNamespace) -> None:

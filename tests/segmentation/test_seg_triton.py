@@ -12,9 +12,7 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import sysconfig
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,24 +27,14 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from atlasflow.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from atlasflow.common.ports import free_ports
 from atlasflow.segmentation.pipeline import EnsemblePipeline
 from atlasflow.segmentation.triton_client import TritonSegmenter
 from atlasflow.testing.data import TEST_DATA
+from atlasflow.testing.triton import LocalTriton
 
 DEMO_CT = TEST_DATA / "totalsegmentator/tests/reference_files/example_ct.nii.gz"
 MODEL = "abdomen_trio_v1"
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @dataclass
@@ -59,47 +47,11 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    grpc_port, http_port, metrics_port = _free_ports(3)
     env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "atlasflow.segmentation.triton_server",
-            "--ensemble",
-            "abdomen-trio-v1",
-            "--grpc-port",
-            str(grpc_port),
-            "--http-port",
-            str(http_port),
-            "--metrics-port",
-            str(metrics_port),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            if line.startswith("TRITON READY"):
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
+    triton = LocalTriton(["--ensemble", "abdomen-trio-v1"], env=env).start(timeout_s=240)
+    proc, lines, url = triton.proc, triton.lines, triton.url
     deadline = time.monotonic() + 240
-    while not ready.is_set() and proc.poll() is None and time.monotonic() < deadline:
-        ready.wait(0.2)
-    if not ready.is_set():
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("Triton did not become ready:\n" + "\n".join(lines[-40:]))
-    url = f"127.0.0.1:{grpc_port}"
     with TritonSegmenter(url, MODEL) as probe:
         while not probe.ready() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -295,7 +247,7 @@ def test_unknown_model_is_failed_precondition(server: Server) -> None:
 
 
 def test_unreachable_triton_is_unavailable() -> None:
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     with TritonSegmenter(f"127.0.0.1:{port}", MODEL, timeout_s=5) as client:
         assert not client.ready()
         with pytest.raises(Unavailable) as err:

@@ -15,9 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -35,7 +32,6 @@ from atlasflow.common.auth import TokenSource, service_subject
 from atlasflow.common.blobstore import LocalBlobStore
 from atlasflow.common.clients import raw_channel
 from atlasflow.common.nifti import from_nifti_bytes, to_nifti_bytes
-from atlasflow.common.ports import free_ports
 from atlasflow.common.server import error_info_of
 from atlasflow.common.tls import PLAINTEXT
 from atlasflow.common.v1 import common_pb2
@@ -51,6 +47,7 @@ from atlasflow.segmentation.settings import SegmentationSettings
 from atlasflow.segmentation.v1 import segmentation_pb2 as pb
 from atlasflow.segmentation.v1 import segmentation_pb2_grpc
 from atlasflow.testing import auth
+from atlasflow.testing.triton import LocalTriton
 from atlasflow.training.app import build_app as build_training
 from atlasflow.training.dataset import collect_decisions
 from atlasflow.training.labels_source import LabelsDecisionSource
@@ -99,58 +96,6 @@ def _version(state: Path, bump: float) -> str:
     return version.name
 
 
-class _Triton:
-    def __init__(self, versions_dir: Path) -> None:
-        self.grpc_port, http, metrics = free_ports(3)
-        env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "atlasflow.segmentation.triton_server",
-                "--ensemble",
-                str(TINY),
-                "--grpc-port",
-                str(self.grpc_port),
-                "--http-port",
-                str(http),
-                "--metrics-port",
-                str(metrics),
-                "--versions-dir",
-                str(versions_dir),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            start_new_session=True,
-        )
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        threading.Thread(target=self._pump, daemon=True).start()
-        deadline = time.monotonic() + 300
-        while not self.ready.is_set() and self.proc.poll() is None and time.monotonic() < deadline:
-            self.ready.wait(0.2)
-        if not self.ready.is_set():
-            self.stop()
-            pytest.fail("Triton did not become ready:\n" + "\n".join(self.lines[-40:]))
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-            if line.startswith("TRITON READY"):
-                self.ready.set()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     root = tmp_path_factory.mktemp("reinfer")
@@ -160,7 +105,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
     corrupt = _version(state, 0.02)
     (state / "versions" / corrupt / "unet_a.pt").write_bytes(b"not the weights")
     blobs = LocalBlobStore(root / "blobs")
-    triton = _Triton(state / "versions")
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    triton = LocalTriton(["--ensemble", str(TINY), "--versions-dir", str(state / "versions")], env=env).start()
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -210,7 +156,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
                 grpc_port=0,
                 data_dir=str(data_dir),
                 blob_dir=str(blobs.root),
-                triton_url=f"127.0.0.1:{triton.grpc_port}",
+                triton_url=triton.url,
                 ensemble=str(TINY),
                 labels_target=f"127.0.0.1:{links['labels']}",
                 ranking_target=f"127.0.0.1:{links['ranking']}",

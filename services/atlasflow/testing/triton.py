@@ -3,7 +3,8 @@
 writes the atlasflow ones) as a child process.
 
 `bundled_server_command` builds its argv and environment; `BundledTriton` runs it (start blocks
-until the named models are ready, stop sends SIGTERM).
+until the named models are ready, stop sends SIGTERM). `LocalTriton` runs atlasflow's own local
+server instead (``atlasflow.segmentation.triton_server``, PyTriton) until it says it is ready.
 """
 
 from __future__ import annotations
@@ -168,3 +169,74 @@ class BundledTriton:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+
+class LocalTriton:
+    """``python -m atlasflow.segmentation.triton_server ARGS`` (local PyTriton) on free loopback
+    ports, as a child process in its own session: `start()` blocks until it prints
+    ``TRITON READY`` (or raises RuntimeError with the log tail when it exits or times out; the
+    process group is then killed); `stop()` sends SIGTERM, waits, and kills the group after
+    `timeout_s`. ``lines``: its output so far; ``url``: ``127.0.0.1:<grpc port>``.
+    ``env``: the child's environment (default: this one)."""
+
+    def __init__(self, args: Sequence[str], *, env: dict[str, str] | None = None) -> None:
+        self.grpc_port, http_port, metrics_port = free_ports(3)
+        self.argv = [
+            sys.executable,
+            "-m",
+            "atlasflow.segmentation.triton_server",
+            *args,
+            f"--grpc-port={self.grpc_port}",
+            f"--http-port={http_port}",
+            f"--metrics-port={metrics_port}",
+        ]
+        self.env = env
+        self.lines: list[str] = []
+        self.proc: Any = None
+        self.startup_s = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self, timeout_s: float = 300.0) -> LocalTriton:
+        import signal
+        import subprocess
+        import threading
+        import time
+
+        t0 = time.perf_counter()
+        ready = threading.Event()
+        self.proc = subprocess.Popen(
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env, start_new_session=True
+        )
+
+        def pump() -> None:
+            for line in self.proc.stdout:
+                self.lines.append(line.rstrip())
+                if line.startswith("TRITON READY"):
+                    ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        while not ready.is_set() and self.proc.poll() is None and time.monotonic() < deadline:
+            ready.wait(0.2)
+        if not ready.is_set():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise RuntimeError("Triton did not become ready:\n" + "\n".join(self.lines[-40:]))
+        self.startup_s = time.perf_counter() - t0
+        return self
+
+    def stop(self, timeout_s: float = 90.0) -> None:
+        import signal
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
