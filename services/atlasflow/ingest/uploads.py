@@ -77,6 +77,21 @@ def sha256_of_file(path: Path, length: int | None = None) -> str:
     return h.hexdigest()
 
 
+def offset_mismatch(upload_id: str, expected: int, offset: int) -> Aborted:
+    """Aborted("OFFSET_MISMATCH"): a chunk whose offset is not the upload's committed offset
+    (the client resumes from ``expected_offset``)."""
+    return Aborted(
+        "OFFSET_MISMATCH",
+        "chunk offset is not the upload's committed offset",
+        domain="atlasflow.ingest",
+        metadata={
+            "upload_id": public_upload_id(upload_id)[:128],
+            "expected_offset": str(expected),
+            "offset": str(offset),
+        },
+    )
+
+
 class StreamedInstance:
     """One instance of a non-resumable upload stream as its chunks arrive (see module doc).
 
@@ -279,16 +294,7 @@ class UploadStore:
         if offset:
             self.check_here(state)
         if offset != state.committed_offset and not takeover:
-            raise Aborted(
-                "OFFSET_MISMATCH",
-                "chunk offset is not the upload's committed offset",
-                domain="atlasflow.ingest",
-                metadata={
-                    "upload_id": public_upload_id(upload_id)[:128],
-                    "expected_offset": str(state.committed_offset),
-                    "offset": str(offset),
-                },
-            )
+            raise offset_mismatch(upload_id, state.committed_offset, offset)
         path = self._path(upload_id)
         created = not path.exists()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -331,16 +337,7 @@ class UploadStore:
         if not changed:
             now_state = self.state(upload_id)
             self.check_here(now_state)
-            raise Aborted(
-                "OFFSET_MISMATCH",
-                "chunk offset is not the upload's committed offset",
-                domain="atlasflow.ingest",
-                metadata={
-                    "upload_id": public_upload_id(upload_id)[:128],
-                    "expected_offset": str(now_state.committed_offset),
-                    "offset": str(offset),
-                },
-            )
+            raise offset_mismatch(upload_id, now_state.committed_offset, offset)
         return UploadState(upload_id, offset + len(chunk), False, "", {}, self.replica)
 
     def read(self, upload_id: str) -> bytes:
