@@ -17,6 +17,7 @@ written as training writes them (`tests/training/test_training_reinfer.py` ``_ve
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import threading
 import time
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tests.training.test_training_reinfer import ADMIN, TINY, TRAINING, _Triton, _version
+from tests.training.test_training_reinfer import ADMIN, TINY, TRAINING, _version
 
 from atlasflow.common.clients import raw_channel
 from atlasflow.common.nifti import to_nifti_bytes
@@ -42,6 +43,7 @@ from atlasflow.segmentation.v1 import segmentation_pb2 as pb
 from atlasflow.segmentation.v1 import segmentation_pb2_grpc
 from atlasflow.testing import auth
 from atlasflow.testing.postgres import PostgresCluster
+from atlasflow.testing.triton import LocalTriton
 
 Q = common_pb2.OPERATION_STATE_QUEUED
 
@@ -61,7 +63,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, postgres: PostgresCluster) -
     state = root / "state"
     (state / "versions").mkdir(parents=True)
     good, stale = _version(state, 0.01), _version(state, 0.04)
-    triton = _Triton(state / "versions")
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    triton = LocalTriton(["--ensemble", str(TINY), "--versions-dir", str(state / "versions")], env=env).start()
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -73,7 +76,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, postgres: PostgresCluster) -
             data_dir=str(root / name),
             blob_dir=str(root / "blobs"),
             database_url=database,
-            triton_url=f"127.0.0.1:{triton.grpc_port}",
+            triton_url=triton.url,
             ensemble=str(TINY),
             labels_target="127.0.0.1:9",  # hand-offs stay in the outbox: not what this tests
             ranking_target="127.0.0.1:9",
