@@ -260,6 +260,8 @@ TRAINING_MAY_USE = {
     "atlasflow.segmentation.triton_repo",
     # ... and loads it through Triton's repository API on segmentation's Triton channel (mTLS)
     "atlasflow.segmentation.triton_client",
+    # ... with segmentation's imported members (the same names and digests segmentation serves)
+    "atlasflow.segmentation.imported",
     # the public API of labels (generated modules): the decisions a round trains on
     "atlasflow.labels.v1",
     # the public APIs the roll-out calls (training/peers.py): activation, re-inference, worklist order
