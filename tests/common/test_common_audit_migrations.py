@@ -16,23 +16,17 @@ import pytest
 import sqlalchemy as sa
 
 from atlasflow.common import db
-from atlasflow.common import sqlite as sq
 from atlasflow.common.audit import GENESIS, AuditLog, AuditQuery, AuditRecord, _values, chain_hash
 from atlasflow.common.audit_migrations import LEGACY_PG_SCHEMA, LEGACY_SQLITE_MIGRATIONS, MIGRATIONS
 from atlasflow.ranking.migrations import MIGRATIONS as RANKING
+from atlasflow.testing.postgres import make_legacy_schema
 
 HEAD = MIGRATIONS.script().get_current_head()
 
 
 def _make_legacy(url: str) -> None:
     """The schema as the hand-written AuditLog made it (SQLite: common.sqlite.migrate)."""
-    if url.startswith("postgresql://"):
-        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
-            conn.execute(LEGACY_PG_SCHEMA)
-    else:
-        conn = sq.connect(url)
-        sq.migrate(conn, LEGACY_SQLITE_MIGRATIONS)
-        conn.close()
+    make_legacy_schema(url, LEGACY_PG_SCHEMA, LEGACY_SQLITE_MIGRATIONS)
 
 
 def _schema(engine: sa.Engine) -> dict[str, Any]:

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 import sqlalchemy as sa
 
 from atlasflow.common import db
-from atlasflow.common import sqlite as sq
 from atlasflow.common.errors import InvalidArgument, NotFound
+from atlasflow.testing.postgres import make_legacy_schema
 from atlasflow.training.migrations import LEGACY_PG_SCHEMA, LEGACY_SQLITE_MIGRATIONS, MIGRATIONS
 from atlasflow.training.runs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, RunStore
 
@@ -97,13 +96,7 @@ def test_unknown_run(store: RunStore) -> None:
 
 def _make_legacy(url: str) -> None:
     """The schema as the hand-written RunStore made it."""
-    if url.startswith("postgresql://"):
-        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
-            conn.execute(LEGACY_PG_SCHEMA)
-    else:
-        conn = sq.connect(url)
-        sq.migrate(conn, LEGACY_SQLITE_MIGRATIONS)
-        conn.close()
+    make_legacy_schema(url, LEGACY_PG_SCHEMA, LEGACY_SQLITE_MIGRATIONS)
 
 
 def _schema(engine: sa.Engine) -> dict:

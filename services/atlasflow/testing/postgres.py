@@ -117,3 +117,20 @@ class PostgresCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def make_legacy_schema(url: str, pg_schema: str, sqlite_migrations: list[str]) -> None:
+    """A database as a store's hand-written code made it, for adoption tests: on PostgreSQL
+    (``postgresql://``) ``pg_schema`` in one transaction; else the SQLite file ``url`` (a path
+    or ``sqlite:///``) through ``atlasflow.common.sqlite.migrate``."""
+    if url.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+            conn.execute(pg_schema)
+        return
+    from atlasflow.common import sqlite as sq
+
+    db = sq.connect(url)
+    sq.migrate(db, sqlite_migrations)
+    db.close()
